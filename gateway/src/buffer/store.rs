@@ -1,0 +1,370 @@
+//! The redb file behind the buffer: synchronous, single-owner, one fsync per [`Batch`].
+//!
+//! Only the store thread ([`super::worker`]) and offline CLI commands touch a [`Store`]; the
+//! async pipeline never calls into redb directly.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+/// Records by `(priority, seq)`: per priority, key order is FIFO order.
+pub(crate) const EVENTS: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("events");
+/// Counters kept in the same transactions as the records they describe.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+pub const N_PRIORITIES: usize = 10;
+const FILE_NAME: &str = "buffer.redb";
+/// A drained file larger than this is compacted so the disk space comes back.
+const COMPACT_ABOVE_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The bytes a stored record counts for: its encoded value plus its 9-byte key and
+/// B-tree entry overhead, rounded to 16.
+pub fn stored_size(value_len: usize) -> u64 {
+    value_len as u64 + 16
+}
+
+/// A record's position in the queue: `(priority, seq)`.
+pub type Key = (u8, u64);
+
+/// Failures of the buffer file.
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    #[error(
+        "buffer file {} is locked by another process; is another outpost running with the same data dir?",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot create data dir {}: {source}", path.display())]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot move unreadable buffer file {} aside: {source}", path.display())]
+    MoveAside { path: PathBuf, source: std::io::Error },
+    #[error("buffer file {}: {source}", path.display())]
+    Database { path: PathBuf, source: redb::Error },
+    #[error("buffer record {key:?} is undecodable: {message}")]
+    Record { key: Key, message: String },
+}
+
+impl BufferError {
+    /// Whether retrying later can help (a full disk can be freed; corruption cannot).
+    pub fn is_io(&self) -> bool {
+        matches!(self, BufferError::Database { source: redb::Error::Io(_), .. })
+    }
+}
+
+/// One buffered event. `priority` and `seq` form the key; the rest is the stored value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(skip)]
+    pub priority: u8,
+    #[serde(skip)]
+    pub seq: u64,
+    pub event_id: u64,
+    pub enqueued_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub topic: String,
+    pub qos: u8,
+    pub payload: Bytes,
+}
+
+impl Record {
+    pub fn key(&self) -> Key {
+        (self.priority, self.seq)
+    }
+
+    /// What a record counts against `max_bytes` while it is only in memory: payload, topic
+    /// and an estimate of the encoding overhead. On disk the exact [`stored_size`] counts.
+    pub fn size(&self) -> u64 {
+        (self.payload.len() + self.topic.len() + 48) as u64
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.payload.len() + self.topic.len() + 32);
+        ciborium::into_writer(self, &mut out).expect("writing CBOR into a Vec cannot fail");
+        out
+    }
+
+    pub(crate) fn decode(key: Key, bytes: &[u8]) -> Result<Record, BufferError> {
+        let mut record: Record =
+            ciborium::from_reader(bytes).map_err(|e| BufferError::Record { key, message: e.to_string() })?;
+        record.priority = key.0;
+        record.seq = key.1;
+        Ok(record)
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|at| at <= now_ms)
+    }
+}
+
+/// Events and bytes stored for one priority.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LaneStats {
+    pub events: u64,
+    pub bytes: u64,
+}
+
+/// Oldest-first removal: drop records until at least this many events and bytes are gone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropRequest {
+    pub events: u64,
+    pub bytes: u64,
+}
+
+/// Everything one transaction does.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub inserts: Vec<Record>,
+    /// Keys acknowledged upstream; a key that is no longer stored is ignored.
+    pub deletes: Vec<Key>,
+    /// Overflow: drop the oldest records of the least urgent priority first.
+    pub drop_oldest: DropRequest,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.inserts.is_empty() && self.deletes.is_empty() && self.drop_oldest == DropRequest::default()
+    }
+}
+
+/// What a transaction did beyond its inserts and deletes.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Keys removed by the drop request.
+    pub dropped: Vec<Key>,
+    pub lanes: [LaneStats; N_PRIORITIES],
+}
+
+/// What happened when the file was opened.
+#[derive(Debug)]
+pub struct OpenReport {
+    /// Set when the existing file could not be read and was renamed to this path.
+    pub moved_aside: Option<(PathBuf, String)>,
+    pub epoch: u64,
+}
+
+/// The open buffer file.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+    lanes: [LaneStats; N_PRIORITIES],
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).field("lanes", &self.lanes).finish()
+    }
+}
+
+fn db_err(path: &Path, e: impl Into<redb::Error>) -> BufferError {
+    match e.into() {
+        redb::Error::DatabaseAlreadyOpen => BufferError::Locked { path: path.to_owned() },
+        source => BufferError::Database { path: path.to_owned(), source },
+    }
+}
+
+fn meta_key(kind: &str, priority: usize) -> String {
+    format!("{kind}.{priority}")
+}
+
+pub fn file_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE_NAME)
+}
+
+impl Store {
+    /// Opens (or creates) the buffer in `data_dir` and starts a new boot epoch. A file that
+    /// cannot be read is renamed to `buffer.redb.corrupt-<unix seconds>` and replaced by an
+    /// empty one; a file locked by another process is an error.
+    pub fn open(data_dir: &Path) -> Result<(Store, OpenReport), BufferError> {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|source| BufferError::DataDir { path: data_dir.to_owned(), source })?;
+        let path = file_path(data_dir);
+        match Store::try_open(&path) {
+            Ok((store, epoch)) => Ok((store, OpenReport { moved_aside: None, epoch })),
+            Err(e @ (BufferError::Locked { .. } | BufferError::DataDir { .. })) => Err(e),
+            Err(e) => {
+                let reason = e.to_string();
+                let aside = path.with_extension(format!("redb.corrupt-{}", crate::event::now_ms() / 1000));
+                std::fs::rename(&path, &aside)
+                    .map_err(|source| BufferError::MoveAside { path: path.clone(), source })?;
+                let (store, epoch) = Store::try_open(&path)?;
+                Ok((store, OpenReport { moved_aside: Some((aside, reason)), epoch }))
+            }
+        }
+    }
+
+    fn try_open(path: &Path) -> Result<(Store, u64), BufferError> {
+        let db = Database::create(path).map_err(|e| db_err(path, e))?;
+        let mut store = Store { db, path: path.to_owned(), lanes: Default::default() };
+        let epoch = store.start_epoch()?;
+        Ok((store, epoch))
+    }
+
+    /// Reads the counters and bumps the boot epoch in one durable transaction. Also proves the
+    /// file is readable: a corrupt file fails here, not later in the pipeline.
+    fn start_epoch(&mut self) -> Result<u64, BufferError> {
+        let path = self.path.clone();
+        let txn = self.db.begin_write().map_err(|e| db_err(&path, e))?;
+        let epoch;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| db_err(&path, e))?;
+            let events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
+            epoch = meta.get("epoch").map_err(|e| db_err(&path, e))?.map_or(0, |v| v.value()) + 1;
+            meta.insert("epoch", epoch).map_err(|e| db_err(&path, e))?;
+            let mut counted = 0;
+            for (p, lane) in self.lanes.iter_mut().enumerate() {
+                let get = |kind: &str| -> Result<u64, BufferError> {
+                    Ok(meta
+                        .get(meta_key(kind, p).as_str())
+                        .map_err(|e| db_err(&path, e))?
+                        .map_or(0, |v| v.value()))
+                };
+                lane.events = get("events")?;
+                lane.bytes = get("bytes")?;
+                counted += lane.events;
+            }
+            let actual = events.len().map_err(|e| db_err(&path, e))?;
+            if actual != counted {
+                return Err(BufferError::Record {
+                    key: (0, 0),
+                    message: format!("counters say {counted} events but the table holds {actual}"),
+                });
+            }
+        }
+        txn.commit().map_err(|e| db_err(&path, e))?;
+        Ok(epoch)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn lanes(&self) -> [LaneStats; N_PRIORITIES] {
+        self.lanes
+    }
+
+    pub fn total(&self) -> LaneStats {
+        self.lanes.iter().fold(LaneStats::default(), |acc, l| LaneStats {
+            events: acc.events + l.events,
+            bytes: acc.bytes + l.bytes,
+        })
+    }
+
+    /// Applies one batch in one durable transaction (one fsync). On error nothing of the
+    /// batch is applied and the counters are unchanged.
+    pub fn apply(&mut self, batch: &Batch) -> Result<Applied, BufferError> {
+        let path = self.path.clone();
+        let mut lanes = self.lanes;
+        let mut applied = Applied::default();
+        let txn = self.db.begin_write().map_err(|e| db_err(&path, e))?;
+        {
+            let mut events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
+            for record in &batch.inserts {
+                let value = record.encode();
+                let old = events.insert(record.key(), value.as_slice()).map_err(|e| db_err(&path, e))?;
+                let lane = &mut lanes[usize::from(record.priority)];
+                match old {
+                    None => lane.events += 1,
+                    Some(old) => lane.bytes -= stored_size(old.value().len()),
+                }
+                lane.bytes += stored_size(value.len());
+            }
+            for key in &batch.deletes {
+                if let Some(old) = events.remove(*key).map_err(|e| db_err(&path, e))? {
+                    let size = stored_size(old.value().len());
+                    let lane = &mut lanes[usize::from(key.0)];
+                    lane.events -= 1;
+                    lane.bytes -= size;
+                }
+            }
+            let DropRequest { events: mut drop_events, bytes: mut drop_bytes } = batch.drop_oldest;
+            'lanes: for p in (0..N_PRIORITIES as u8).rev() {
+                while drop_events > 0 || drop_bytes > 0 {
+                    let Some(key) = events
+                        .range((p, 0)..=(p, u64::MAX))
+                        .map_err(|e| db_err(&path, e))?
+                        .next()
+                        .transpose()
+                        .map_err(|e| db_err(&path, e))?
+                        .map(|(k, _)| k.value())
+                    else {
+                        continue 'lanes;
+                    };
+                    let old = events.remove(key).map_err(|e| db_err(&path, e))?;
+                    let size = old.map_or(0, |old| stored_size(old.value().len()));
+                    let lane = &mut lanes[usize::from(p)];
+                    lane.events -= 1;
+                    lane.bytes -= size;
+                    drop_events = drop_events.saturating_sub(1);
+                    drop_bytes = drop_bytes.saturating_sub(size);
+                    applied.dropped.push(key);
+                }
+                break;
+            }
+            let mut meta = txn.open_table(META).map_err(|e| db_err(&path, e))?;
+            for (p, lane) in lanes.iter().enumerate() {
+                if lane != &self.lanes[p] {
+                    meta.insert(meta_key("events", p).as_str(), lane.events).map_err(|e| db_err(&path, e))?;
+                    meta.insert(meta_key("bytes", p).as_str(), lane.bytes).map_err(|e| db_err(&path, e))?;
+                }
+            }
+        }
+        txn.commit().map_err(|e| db_err(&path, e))?;
+        self.lanes = lanes;
+        applied.lanes = lanes;
+        Ok(applied)
+    }
+
+    /// Up to `limit` records of `priority` with `seq >= from_seq`, in order.
+    pub fn read(&self, priority: u8, from_seq: u64, limit: usize) -> Result<Vec<Record>, BufferError> {
+        let path = &self.path;
+        let txn = self.db.begin_read().map_err(|e| db_err(path, e))?;
+        let events = txn.open_table(EVENTS).map_err(|e| db_err(path, e))?;
+        let mut out = Vec::with_capacity(limit.min(4096));
+        for entry in events.range((priority, from_seq)..=(priority, u64::MAX)).map_err(|e| db_err(path, e))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = entry.map_err(|e| db_err(path, e))?;
+            out.push(Record::decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The oldest record of each priority, for `buffer stats`.
+    pub fn oldest(&self) -> Result<[Option<Record>; N_PRIORITIES], BufferError> {
+        let mut out: [Option<Record>; N_PRIORITIES] = Default::default();
+        for (p, slot) in out.iter_mut().enumerate() {
+            *slot = self.read(p as u8, 0, 1)?.pop();
+        }
+        Ok(out)
+    }
+
+    /// Returns the file's disk space once the queue is empty. redb keeps freed pages for
+    /// reuse, so without this a file stays at its high-water mark after a large backlog.
+    pub fn compact_if_drained(&mut self) -> Result<bool, BufferError> {
+        if self.total().events != 0 {
+            return Ok(false);
+        }
+        let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        if size < COMPACT_ABOVE_BYTES {
+            return Ok(false);
+        }
+        let path = self.path.clone();
+        self.db.compact().map_err(|e| db_err(&path, e))?;
+        Ok(true)
+    }
+
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Decodes a stored value (for read-only tools).
+pub(crate) fn decode(key: Key, bytes: &[u8]) -> Result<Record, BufferError> {
+    Record::decode(key, bytes)
+}
+
+#[cfg(test)]
+mod tests;

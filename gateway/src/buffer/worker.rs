@@ -1,0 +1,93 @@
+//! The store thread: the only place redb runs while the gateway is up.
+//!
+//! redb calls block (fsync), so they run on this dedicated thread and never on the async
+//! runtime. The relay sends [`Command`]s and receives [`Reply`]s in the same order, which is
+//! what makes "a read sent after a commit sees it" hold without any locking.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::store::{Applied, Batch, BufferError, Record, Store};
+
+pub enum Command {
+    Apply(Batch),
+    Read { priority: u8, from_seq: u64, limit: usize },
+}
+
+pub enum Reply {
+    /// The batch comes back on failure so the relay can retry it.
+    Applied {
+        result: Result<Applied, (BufferError, Batch)>,
+        took: Duration,
+        inserted: usize,
+    },
+    Read {
+        priority: u8,
+        from_seq: u64,
+        result: Result<Vec<Record>, BufferError>,
+    },
+}
+
+/// Handle to the store thread. Dropping the command sender stops the thread after it has
+/// finished what was queued.
+pub struct Worker {
+    pub commands: mpsc::Sender<Command>,
+    pub replies: mpsc::Receiver<Reply>,
+    thread: Option<std::thread::JoinHandle<Store>>,
+}
+
+impl Worker {
+    pub fn spawn(store: Store) -> std::io::Result<Worker> {
+        // Two commands can be outstanding at once (one commit, one read); a little slack
+        // keeps the relay from ever waiting on the channel itself.
+        let (commands, mut rx) = mpsc::channel::<Command>(8);
+        let (tx, replies) = mpsc::channel::<Reply>(8);
+        let thread = std::thread::Builder::new().name("outpost-store".into()).spawn(move || {
+            let mut store = store;
+            while let Some(command) = rx.blocking_recv() {
+                let reply = match command {
+                    Command::Apply(batch) => {
+                        let started = Instant::now();
+                        let inserted = batch.inserts.len();
+                        let result = store.apply(&batch).map_err(|e| (e, batch));
+                        if result.is_ok() {
+                            compact(&mut store);
+                        }
+                        Reply::Applied { result, took: started.elapsed(), inserted }
+                    }
+                    Command::Read { priority, from_seq, limit } => {
+                        Reply::Read { priority, from_seq, result: store.read(priority, from_seq, limit) }
+                    }
+                };
+                if tx.blocking_send(reply).is_err() {
+                    break;
+                }
+            }
+            store
+        })?;
+        Ok(Worker { commands, replies, thread: Some(thread) })
+    }
+
+    /// Stops the thread and hands the store back (for tests and tools).
+    pub fn join(mut self) -> Option<Store> {
+        drop(self.commands);
+        self.thread.take().and_then(|t| t.join().ok())
+    }
+}
+
+fn compact(store: &mut Store) {
+    let before = store.file_bytes();
+    match store.compact_if_drained() {
+        Ok(true) => info!(
+            message = "buffer drained; compacted the file to return disk space",
+            bytes_before = before,
+            bytes_after = store.file_bytes()
+        ),
+        Ok(false) => {}
+        Err(error) => {
+            warn!(message = "compacting the drained buffer failed; will retry after the next drain", %error)
+        }
+    }
+}

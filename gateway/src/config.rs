@@ -1,0 +1,625 @@
+//! The gateway's typed configuration.
+//!
+//! Every struct denies unknown keys, so a typo fails start-up instead of silently falling back
+//! to a default. Durations and sizes are written in human units (`"500ms"`, `"64MiB"`). The
+//! whole config is validated once, by [`GatewayConfig::load`] / [`GatewayConfig::validate`];
+//! after that the pipeline trusts it. Operators never see `rumqttd::Config`: the
+//! [`crate::ingest`] stage maps [`BrokerConfig`] onto it in one place.
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use outpost_rules::TopicFilter;
+use serde::{Deserialize, Deserializer};
+
+/// Everything that can be wrong with a configuration. Each message names the file (when
+/// there is one), the key, the bad value and what would be valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source} (pass an existing file with --config, or omit --config to use the built-in defaults)", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: `{key}` = {value:?} is invalid: {reason}")]
+    Invalid { origin: String, key: String, value: String, reason: String },
+}
+
+/// The whole configuration of one gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Where the durable buffer and other state live. Must be on persistent storage.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// A rules file; without one the gateway is a transparent bridge.
+    #[serde(default)]
+    pub rules: Option<PathBuf>,
+    #[serde(default)]
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub upstream: Option<UpstreamConfig>,
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    /// Routes used while no rules file is given: which local topics go upstream, and with
+    /// what priority and time-to-live. Empty means one route for every topic (`#`).
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    #[serde(default)]
+    pub log: LogConfig,
+    /// How long a graceful stop may take before the process exits anyway. Committed events
+    /// are safe regardless; this bounds how long in-flight upstream acks are awaited.
+    #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+}
+
+/// The embedded MQTT broker that sensors connect to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// The MQTT 3.1.1 listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// An optional MQTT 5 listener (rumqttd serves each protocol version on its own port).
+    #[serde(default)]
+    pub listen_v5: Option<SocketAddr>,
+    #[serde(default = "default_max_connections")]
+    pub max_connections: NonZeroUsize,
+    /// The largest PUBLISH payload a sensor may send; larger packets close the connection.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: ByteSize,
+    /// How long a new TCP connection may take to send its CONNECT.
+    #[serde(default = "default_connection_timeout", with = "humantime_serde")]
+    pub connection_timeout: Duration,
+    /// Size of one segment of the broker's in-memory ring per topic filter.
+    #[serde(default = "default_ring_segment_size")]
+    pub ring_segment_size: ByteSize,
+    /// Segments kept per filter before the oldest is dropped. Ingest must stay within
+    /// `ring_segment_size × (ring_segments + 1)` of the newest event or it loses events;
+    /// that loss is detected and counted.
+    #[serde(default = "default_ring_segments")]
+    pub ring_segments: NonZeroUsize,
+}
+
+/// The upstream MQTT broker that events are relayed to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `mqtt://host:port`.
+    pub url: UpstreamUrl,
+    #[serde(default = "default_client_id")]
+    pub client_id: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default = "default_keepalive", with = "humantime_serde")]
+    pub keepalive: Duration,
+    /// How long to wait for TCP connect plus CONNACK before giving up on an attempt.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Prepended to every upstream topic, e.g. `"site-7/"`.
+    #[serde(default)]
+    pub topic_prefix: String,
+    /// How many publishes may await their PUBACK at once (MQTT receive maximum, ≤ 65535).
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    /// Optional caps for metered links.
+    #[serde(default)]
+    pub max_events_per_sec: Option<NonZeroU32>,
+    #[serde(default)]
+    pub max_bytes_per_sec: Option<ByteSize>,
+    /// How the stable event id travels upstream so consumers can drop resends.
+    #[serde(default)]
+    pub event_id: EventIdMode,
+}
+
+/// How the event id is attached to upstream messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventIdMode {
+    /// The payload goes upstream unchanged; no id is attached.
+    #[default]
+    None,
+    /// The payload is wrapped: `{"id":"<16 hex>","topic":"…","ts":<ms>,"payload":<JSON or string>}`.
+    Envelope,
+}
+
+/// The durable store-and-forward buffer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    /// At most this many events are kept; beyond it `overflow` decides.
+    #[serde(default = "default_max_events")]
+    pub max_events: u64,
+    /// At most this many bytes of events (topic + payload + record overhead) are kept.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    #[serde(default)]
+    pub overflow: OverflowPolicy,
+    /// An event not acknowledged upstream within this time is committed to disk.
+    #[serde(default = "default_commit_interval", with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// A commit starts at once when this many events wait to be written. Together with
+    /// `commit_interval` it bounds the events that are accepted but not yet on disk.
+    #[serde(default = "default_commit_max_events")]
+    pub commit_max_events: NonZeroUsize,
+}
+
+/// What happens when the buffer is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicy {
+    /// Drop the oldest event of the lowest priority to make room (counted, logged).
+    #[default]
+    DropOldest,
+    /// Refuse the new event (counted, logged).
+    RejectNew,
+}
+
+/// A bridge route: local topics matching `filter` go upstream with these properties.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    #[serde(deserialize_with = "deserialize_filter")]
+    pub filter: TopicFilter,
+    /// 0 is the most urgent, 9 the least. Priorities share the uplink by weighted round
+    /// robin (weight 10 − priority), so none starves.
+    #[serde(default = "default_priority")]
+    pub priority: u8,
+    /// Events older than this are discarded instead of being sent.
+    #[serde(default, with = "humantime_serde")]
+    pub ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `outpost=debug,info`; `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A validated `mqtt://host:port` address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "mqtt://{}:{}", self.host, self.port)
+    }
+}
+
+impl std::str::FromStr for UpstreamUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<UpstreamUrl, String> {
+        let url = url::Url::parse(s)
+            .map_err(|e| format!("{e}; expected mqtt://host:port, e.g. mqtt://10.0.0.5:1883"))?;
+        match url.scheme() {
+            "mqtt" | "tcp" => {}
+            "mqtts" | "ssl" => {
+                return Err("TLS upstreams (mqtts://) are not supported yet; use mqtt://host:port".into());
+            }
+            other => return Err(format!("unknown scheme `{other}`; expected mqtt://host:port")),
+        }
+        let host = url.host_str().filter(|h| !h.is_empty()).ok_or("no host; expected mqtt://host:port")?;
+        if url.path() != "" && url.path() != "/" {
+            return Err(format!("unexpected path `{}`; expected mqtt://host:port", url.path()));
+        }
+        Ok(UpstreamUrl {
+            host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            port: url.port().unwrap_or(1883),
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for UpstreamUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<UpstreamUrl, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(|e: String| serde::de::Error::custom(format!("{s:?}: {e}")))
+    }
+}
+
+fn deserialize_filter<'de, D: Deserializer<'de>>(d: D) -> Result<TopicFilter, D::Error> {
+    let s = String::deserialize(d)?;
+    TopicFilter::new(s).map_err(serde::de::Error::custom)
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./outpost-data")
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 1883))
+}
+fn default_max_connections() -> NonZeroUsize {
+    NonZeroUsize::new(1000).expect("non-zero literal")
+}
+fn default_max_payload() -> ByteSize {
+    ByteSize::kib(256)
+}
+fn default_connection_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_ring_segment_size() -> ByteSize {
+    ByteSize::mib(1)
+}
+fn default_ring_segments() -> NonZeroUsize {
+    NonZeroUsize::new(4).expect("non-zero literal")
+}
+fn default_client_id() -> String {
+    "outpost".to_owned()
+}
+fn default_keepalive() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_inflight() -> u16 {
+    100
+}
+fn default_max_events() -> u64 {
+    10_000_000
+}
+fn default_max_bytes() -> ByteSize {
+    ByteSize::gib(2)
+}
+fn default_commit_interval() -> Duration {
+    Duration::from_millis(10)
+}
+fn default_commit_max_events() -> NonZeroUsize {
+    NonZeroUsize::new(1000).expect("non-zero literal")
+}
+fn default_priority() -> u8 {
+    5
+}
+fn default_log_level() -> String {
+    "info".to_owned()
+}
+
+impl Default for BrokerConfig {
+    fn default() -> BrokerConfig {
+        BrokerConfig {
+            listen: default_listen(),
+            listen_v5: None,
+            max_connections: default_max_connections(),
+            max_payload: default_max_payload(),
+            connection_timeout: default_connection_timeout(),
+            ring_segment_size: default_ring_segment_size(),
+            ring_segments: default_ring_segments(),
+        }
+    }
+}
+
+impl Default for BufferConfig {
+    fn default() -> BufferConfig {
+        BufferConfig {
+            max_events: default_max_events(),
+            max_bytes: default_max_bytes(),
+            overflow: OverflowPolicy::default(),
+            commit_interval: default_commit_interval(),
+            commit_max_events: default_commit_max_events(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig { format: LogFormat::default(), level: default_log_level() }
+    }
+}
+
+impl Default for GatewayConfig {
+    fn default() -> GatewayConfig {
+        GatewayConfig {
+            data_dir: default_data_dir(),
+            rules: None,
+            broker: BrokerConfig::default(),
+            upstream: None,
+            buffer: BufferConfig::default(),
+            routes: Vec::new(),
+            log: LogConfig::default(),
+            shutdown_timeout: default_shutdown_timeout(),
+        }
+    }
+}
+
+/// Per-device values given on the command line or in the environment; they win over the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub upstream: Option<UpstreamUrl>,
+    pub data_dir: Option<PathBuf>,
+    pub rules: Option<PathBuf>,
+}
+
+impl GatewayConfig {
+    /// Reads and validates a config file, or the built-in defaults when `path` is `None`,
+    /// then applies `overrides` and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<GatewayConfig, ConfigError> {
+        let (mut config, origin) = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+                (GatewayConfig::parse(&text, path)?, path.display().to_string())
+            }
+            None => (GatewayConfig::default(), "built-in defaults".to_owned()),
+        };
+        config.apply(overrides);
+        config.validate(&origin)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `path` only names the source in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
+        toml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: describe_toml_error(&e, text) })
+    }
+
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if let Some(listen) = overrides.listen {
+            self.broker.listen = listen;
+        }
+        if let Some(url) = &overrides.upstream {
+            match &mut self.upstream {
+                Some(upstream) => upstream.url = url.clone(),
+                None => {
+                    self.upstream = Some(UpstreamConfig::with_url(url.clone()));
+                }
+            }
+        }
+        if let Some(dir) = &overrides.data_dir {
+            self.data_dir = dir.clone();
+        }
+        if let Some(rules) = &overrides.rules {
+            self.rules = Some(rules.clone());
+        }
+    }
+
+    /// Checks that span more than one field, or that the types cannot express.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, value: String, reason: &str| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            value,
+            reason: reason.to_owned(),
+        };
+        if self.broker.listen_v5 == Some(self.broker.listen) {
+            return Err(invalid(
+                "broker.listen_v5",
+                self.broker.listen.to_string(),
+                "it is the same address as broker.listen; MQTT 5 needs its own port, e.g. 0.0.0.0:1884",
+            ));
+        }
+        if self.broker.max_payload.as_u64() < 16 || self.broker.max_payload.as_u64() > 256 * 1024 * 1024 {
+            return Err(invalid(
+                "broker.max_payload",
+                self.broker.max_payload.to_string(),
+                "must be between 16B and 256MiB (the MQTT limit)",
+            ));
+        }
+        if self.broker.ring_segment_size.as_u64() < self.broker.max_payload.as_u64() {
+            return Err(invalid(
+                "broker.ring_segment_size",
+                self.broker.ring_segment_size.to_string(),
+                "must be at least broker.max_payload, or one large message fills a whole segment",
+            ));
+        }
+        if let Some(up) = &self.upstream {
+            if up.client_id.is_empty() || up.client_id.len() > 23 * 8 {
+                return Err(invalid(
+                    "upstream.client_id",
+                    up.client_id.clone(),
+                    "must be 1 to 184 characters",
+                ));
+            }
+            if up.inflight == 0 {
+                return Err(invalid("upstream.inflight", "0".into(), "must be between 1 and 65535"));
+            }
+            if up.reconnect_min.is_zero() || up.reconnect_min > up.reconnect_max {
+                return Err(invalid(
+                    "upstream.reconnect_min",
+                    humantime::format_duration(up.reconnect_min).to_string(),
+                    "must be above zero and at most upstream.reconnect_max",
+                ));
+            }
+            if up.keepalive < Duration::from_secs(1) {
+                return Err(invalid(
+                    "upstream.keepalive",
+                    humantime::format_duration(up.keepalive).to_string(),
+                    "must be at least 1s",
+                ));
+            }
+            if up.connect_timeout < Duration::from_secs(1) {
+                return Err(invalid(
+                    "upstream.connect_timeout",
+                    humantime::format_duration(up.connect_timeout).to_string(),
+                    "must be at least 1s",
+                ));
+            }
+            if up.topic_prefix.contains(['+', '#', '\0']) {
+                return Err(invalid(
+                    "upstream.topic_prefix",
+                    up.topic_prefix.clone(),
+                    "must not contain `+`, `#` or NUL; use a plain prefix such as \"site-7/\"",
+                ));
+            }
+        }
+        if self.buffer.max_events == 0 {
+            return Err(invalid("buffer.max_events", "0".into(), "must be at least 1"));
+        }
+        if self.buffer.commit_interval.is_zero() || self.buffer.commit_interval > Duration::from_secs(10) {
+            return Err(invalid(
+                "buffer.commit_interval",
+                humantime::format_duration(self.buffer.commit_interval).to_string(),
+                "must be between 1ms and 10s; it bounds how long an accepted event stays only in memory",
+            ));
+        }
+        for (idx, route) in self.routes.iter().enumerate() {
+            if route.priority > 9 {
+                return Err(invalid(
+                    &format!("route[{idx}].priority"),
+                    route.priority.to_string(),
+                    "must be 0 (most urgent) to 9 (least urgent)",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    /// An upstream with every setting at its default.
+    pub fn with_url(url: UpstreamUrl) -> UpstreamConfig {
+        UpstreamConfig {
+            url,
+            client_id: default_client_id(),
+            username: None,
+            password: None,
+            keepalive: default_keepalive(),
+            connect_timeout: default_connect_timeout(),
+            reconnect_min: default_reconnect_min(),
+            reconnect_max: default_reconnect_max(),
+            topic_prefix: String::new(),
+            inflight: default_inflight(),
+            max_events_per_sec: None,
+            max_bytes_per_sec: None,
+            event_id: EventIdMode::default(),
+        }
+    }
+}
+
+/// Turns a toml error into "line L, column C: `key`: message" plus the offending line, so
+/// the operator sees where and what without counting characters.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let message = e.message().trim_end().to_owned();
+    let Some(span) = e.span() else {
+        return message;
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line_no = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    format!("line {line_no}, column {col}: {message}\n  | {line}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[track_caller]
+    fn parse_err(text: &str) -> String {
+        GatewayConfig::parse(text, Path::new("outpost.toml"))
+            .and_then(|c| c.validate("outpost.toml").map(|_| c))
+            .expect_err("config should be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = GatewayConfig::parse("", Path::new("x.toml")).expect("empty config parses");
+        assert_eq!(c.broker.listen, "0.0.0.0:1883".parse().expect("addr"));
+        assert_eq!(c.data_dir, PathBuf::from("./outpost-data"));
+        assert!(c.upstream.is_none());
+        assert_eq!(c.buffer.commit_interval, Duration::from_millis(10));
+    }
+
+    #[test]
+    fn human_units_parse() {
+        let c = GatewayConfig::parse(
+            "[broker]\nmax_payload = \"64KiB\"\n[buffer]\ncommit_interval = \"500ms\"\nmax_bytes = \"1GiB\"\n",
+            Path::new("x.toml"),
+        )
+        .expect("parses");
+        assert_eq!(c.broker.max_payload, ByteSize::kib(64));
+        assert_eq!(c.buffer.commit_interval, Duration::from_millis(500));
+        assert_eq!(c.buffer.max_bytes, ByteSize::gib(1));
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_valid_ones() {
+        let err = parse_err("[broker]\nlisten = \"0.0.0.0:1883\"\nmax_conections = 5\n");
+        assert!(
+            err.starts_with(
+                "outpost.toml: line 3, column 1: unknown field `max_conections`, expected one of"
+            ),
+            "{err}"
+        );
+        assert!(err.contains("`max_connections`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_says_what_was_expected() {
+        let err = parse_err("[broker]\nmax_connections = \"many\"\n");
+        assert!(err.contains("line 2, column 19"), "{err}");
+        assert!(err.contains("invalid type: string \"many\""), "{err}");
+    }
+
+    #[test]
+    fn bad_address_and_url_are_explained() {
+        let err = parse_err("[broker]\nlisten = \"localhost:99999\"\n");
+        assert!(err.contains("invalid socket address syntax"), "{err}");
+        let err = parse_err("[upstream]\nurl = \"http://x:1\"\n");
+        assert!(err.contains("unknown scheme `http`; expected mqtt://host:port"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_checks_name_the_key() {
+        let err = parse_err("[broker]\nlisten = \"0.0.0.0:1883\"\nlisten_v5 = \"0.0.0.0:1883\"\n");
+        assert!(err.starts_with("outpost.toml: `broker.listen_v5` = \"0.0.0.0:1883\" is invalid"), "{err}");
+        let err = parse_err("[[route]]\nfilter = \"a/#\"\npriority = 12\n");
+        assert!(err.contains("`route[0].priority` = \"12\""), "{err}");
+        let err = parse_err("[[route]]\nfilter = \"a/#/b\"\n");
+        assert!(err.contains("`#` must be the last level"), "{err}");
+    }
+
+    #[test]
+    fn overrides_win_and_create_an_upstream() {
+        let overrides = Overrides {
+            upstream: Some("mqtt://10.0.0.5:1884".parse().expect("url")),
+            listen: Some("127.0.0.1:2000".parse().expect("addr")),
+            ..Overrides::default()
+        };
+        let c = GatewayConfig::load(None, &overrides).expect("defaults are valid");
+        let up = c.upstream.expect("upstream from override");
+        assert_eq!(up.url, UpstreamUrl { host: "10.0.0.5".into(), port: 1884 });
+        assert_eq!(c.broker.listen.port(), 2000);
+    }
+
+    #[test]
+    fn missing_file_says_how_to_fix() {
+        let err = GatewayConfig::load(Some(Path::new("/nonexistent/outpost.toml")), &Overrides::default())
+            .expect_err("missing file")
+            .to_string();
+        assert!(err.starts_with("cannot read config file /nonexistent/outpost.toml: No such file"), "{err}");
+    }
+}

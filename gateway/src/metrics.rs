@@ -1,0 +1,83 @@
+//! Counters every stage updates and operators read.
+//!
+//! Stages share one [`Metrics`] handle (an `Arc` of atomics): counting never blocks and never
+//! takes a lock. Nothing else is shared between stages. Each counter says what happened to
+//! events, so "nothing lost" can be checked as arithmetic: ingested = forwarded + buffered +
+//! every counted drop.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Monotonic counters since start-up.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// A point-in-time copy, as `(name, value)` pairs in declaration order.
+            pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Events read from the embedded broker.
+    ingested,
+    /// Events the broker dropped because ingest fell behind its ring (detected by cursor gaps).
+    ingest_lost,
+    /// Events that matched no route and were not sent upstream.
+    unrouted,
+    /// Events accepted into the store-and-forward path.
+    accepted,
+    /// Events acknowledged by the upstream broker (PUBACK).
+    upstream_acked,
+    /// Publishes sent upstream, resends included.
+    upstream_sent,
+    /// Publishes sent again after a reconnect or restart (possible duplicates upstream).
+    upstream_resent,
+    /// Upstream connections established.
+    upstream_connects,
+    /// Upstream connection attempts or sessions that failed.
+    upstream_failures,
+    /// Events acknowledged upstream before they had to be written: never touched the disk.
+    acked_before_commit,
+    /// Events written to the buffer file.
+    committed,
+    /// Buffer transactions (one fsync each).
+    commits,
+    /// Buffer transactions that failed (disk full, I/O error); retried.
+    commit_failures,
+    /// Events discarded because the buffer was full and the policy is drop_oldest.
+    dropped_overflow,
+    /// Events refused because the buffer was full and the policy is reject_new.
+    rejected_full,
+    /// Events discarded because their route's TTL passed before they could be sent.
+    expired,
+    /// Buffer files found unreadable at start-up and moved aside.
+    buffer_corrupt,
+}
+
+/// A shareable handle to the gateway's counters.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    inner: Arc<Counters>,
+}
+
+impl Metrics {
+    pub fn counters(&self) -> &Counters {
+        &self.inner
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}

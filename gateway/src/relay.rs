@@ -1,0 +1,864 @@
+//! Stage 3: the relay — store-and-forward between the routes and the upstream connection.
+//!
+//! The relay owns every buffered event's state. It forwards an event upstream as soon as it is
+//! accepted **and** schedules it for the disk; whichever finishes first decides:
+//! - upstream PUBACK before the event was due for a commit → it is never written (no flash
+//!   wear, no fsync on the latency path);
+//! - the event waited `commit_interval` without a PUBACK (or `commit_max_events` are waiting)
+//!   → it is committed, and deleted from the file once the PUBACK arrives.
+//!
+//! The buffer file is the source of truth for everything older than the commit window: after a
+//! reconnect or a restart the relay resends from it, in order.
+//!
+//! # Invariants
+//! - An event is removed from the buffer only after the upstream acknowledged it, its TTL
+//!   passed, or the overflow policy dropped it; each is counted.
+//! - **Crash window:** at most `2 × commit_max_events` accepted events are in memory and not
+//!   on disk (one batch being written, at most one batch filling), and none of them has been
+//!   waiting longer than `commit_interval` plus one fsync. When both batches are full, the
+//!   relay stops taking input; the bounded channels before it (2 × 1024 events) then fill and
+//!   ingest stops reading the broker link.
+//! - All on-disk records have lower sequence numbers than all in-memory ones of the same
+//!   priority, because a commit always takes *every* unsaved event.
+//! - Per priority, events are sent in sequence order; after a reconnect, sending restarts at
+//!   the oldest unacknowledged event. Priorities share the link by smooth weighted round robin
+//!   (weight `10 − priority`): urgent events go first, but no priority starves.
+//! - Packet ids are matched only within one uplink generation (see [`crate::uplink`]).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::buffer::worker::{Command, Reply, Worker};
+use crate::buffer::{Batch, DropRequest, Key, LaneStats, N_PRIORITIES, Record};
+use crate::config::{BufferConfig, EventIdMode, OverflowPolicy, UpstreamConfig};
+use crate::event::{IdGen, Outbound, format_event_id, now_ms};
+use crate::metrics::Metrics;
+use crate::uplink::UplinkEvent;
+
+/// Acked events still in the file are deleted at least this often; after a crash, at most this
+/// much acknowledged traffic is sent again (as duplicates the event id lets consumers drop).
+const DELETE_INTERVAL: Duration = Duration::from_secs(1);
+/// How many records one disk read fetches for the send window.
+const READ_BATCH: usize = 1024;
+/// How many input events are taken per wake-up, to amortise the loop's overhead.
+const ACCEPT_BATCH: usize = 256;
+
+/// The relay's settings, derived from the config once.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub window: usize,
+    pub commit_interval: Duration,
+    pub commit_max_events: usize,
+    pub max_events: u64,
+    pub max_bytes: u64,
+    pub overflow: OverflowPolicy,
+    pub event_id: EventIdMode,
+    pub max_events_per_sec: Option<u32>,
+    pub max_bytes_per_sec: Option<u64>,
+    /// How long, after input closed, to wait for in-flight acks before stopping.
+    pub drain_grace: Duration,
+}
+
+impl RelaySettings {
+    pub fn new(
+        buffer: &BufferConfig,
+        upstream: Option<&UpstreamConfig>,
+        drain_grace: Duration,
+    ) -> RelaySettings {
+        RelaySettings {
+            window: upstream.map_or(100, |u| usize::from(u.inflight)),
+            commit_interval: buffer.commit_interval,
+            commit_max_events: buffer.commit_max_events.get(),
+            max_events: buffer.max_events,
+            max_bytes: buffer.max_bytes.as_u64(),
+            overflow: buffer.overflow,
+            event_id: upstream.map_or(EventIdMode::None, |u| u.event_id),
+            max_events_per_sec: upstream.and_then(|u| u.max_events_per_sec.map(|n| n.get())),
+            max_bytes_per_sec: upstream.and_then(|u| u.max_bytes_per_sec.map(|b| b.as_u64())),
+            drain_grace,
+        }
+    }
+}
+
+/// An event accepted but not yet on disk.
+#[derive(Debug, Clone)]
+struct Pending {
+    record: Arc<Record>,
+    since: Instant,
+}
+
+/// Per-priority send state.
+#[derive(Debug, Default)]
+struct Lane {
+    /// Next sequence number to send: everything below it is in flight, acked or discarded.
+    cursor: u64,
+    /// The file may hold records at or above `cursor` that are not in `prefetched`.
+    disk_unread: bool,
+    prefetched: VecDeque<Arc<Record>>,
+    reading: bool,
+    /// Smooth weighted round robin state.
+    current_weight: i64,
+    /// Highest sequence ever sent, to count resends.
+    sent_high: u64,
+    /// Accepted, not acked, not on disk, not being committed.
+    unsaved: BTreeMap<u64, Pending>,
+    /// Handed to the store thread in the commit now running.
+    committing: BTreeMap<u64, Pending>,
+}
+
+impl Lane {
+    fn weight(priority: usize) -> i64 {
+        (N_PRIORITIES - priority) as i64
+    }
+}
+
+/// The live upstream connection of one generation.
+#[derive(Debug)]
+struct Conn {
+    generation: u64,
+    client: AsyncClient,
+    /// Handed to rumqttc, packet id not yet known, in request order.
+    requested: VecDeque<Key>,
+    inflight: HashMap<u16, Key>,
+}
+
+impl Conn {
+    fn outstanding(&self) -> usize {
+        self.requested.len() + self.inflight.len()
+    }
+}
+
+/// A token bucket for one limit.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64) -> Bucket {
+        Bucket { rate, tokens: rate, at: Instant::now() }
+    }
+
+    /// Takes `n` tokens, or says when enough will be there. A single item larger than the
+    /// bucket may pass once the bucket is full, so huge events cannot block the link forever.
+    fn take(&mut self, n: f64, now: Instant) -> Result<(), Instant> {
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.rate);
+        self.at = now;
+        let need = n.min(self.rate);
+        if self.tokens >= need {
+            self.tokens -= n;
+            Ok(())
+        } else {
+            Err(now + Duration::from_secs_f64((need - self.tokens) / self.rate))
+        }
+    }
+}
+
+/// Logs at most once per interval, with how many occurrences were folded in.
+#[derive(Debug, Default)]
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    fn ready(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// The relay's whole state. Owned by one task; nothing in it is shared.
+pub struct Relay {
+    settings: RelaySettings,
+    metrics: Metrics,
+    seqs: IdGen,
+    lanes: [Lane; N_PRIORITIES],
+    unsaved_len: usize,
+    /// Events and bytes held in memory only (unsaved and committing).
+    mem: LaneStats,
+    commit_running: bool,
+    commit_retry_at: Option<Instant>,
+    commit_failures_in_row: u32,
+    /// Acked while their commit ran: on disk once it finishes, then to be deleted.
+    acked_while_committing: HashSet<Key>,
+    /// Acked or expired records that are on disk and not yet deleted.
+    to_delete: HashSet<Key>,
+    to_delete_since: Option<Instant>,
+    /// Deletes in the commit now running.
+    deleting: HashSet<Key>,
+    pending_drop: DropRequest,
+    dropping: DropRequest,
+    /// Stored per priority, as of the last commit.
+    disk: [LaneStats; N_PRIORITIES],
+    conn: Option<Conn>,
+    event_bucket: Option<Bucket>,
+    byte_bucket: Option<Bucket>,
+    rate_wait: Option<Instant>,
+    read_retry_at: Option<Instant>,
+    overflow_log: Throttle,
+    expiry_log: Throttle,
+}
+
+impl Relay {
+    pub fn new(
+        settings: RelaySettings,
+        metrics: Metrics,
+        seqs: IdGen,
+        disk: [LaneStats; N_PRIORITIES],
+    ) -> Relay {
+        let mut lanes: [Lane; N_PRIORITIES] = Default::default();
+        for (p, lane) in lanes.iter_mut().enumerate() {
+            lane.disk_unread = disk[p].events > 0;
+        }
+        Relay {
+            event_bucket: settings.max_events_per_sec.map(|r| Bucket::new(f64::from(r))),
+            byte_bucket: settings.max_bytes_per_sec.map(|r| Bucket::new(r as f64)),
+            settings,
+            metrics,
+            seqs,
+            lanes,
+            unsaved_len: 0,
+            mem: LaneStats::default(),
+            commit_running: false,
+            commit_retry_at: None,
+            commit_failures_in_row: 0,
+            acked_while_committing: HashSet::new(),
+            to_delete: HashSet::new(),
+            to_delete_since: None,
+            deleting: HashSet::new(),
+            pending_drop: DropRequest::default(),
+            dropping: DropRequest::default(),
+            disk,
+            conn: None,
+            rate_wait: None,
+            read_retry_at: None,
+            overflow_log: Throttle::default(),
+            expiry_log: Throttle::default(),
+        }
+    }
+
+    /// Events stored or pending, as counted against the capacity limits.
+    fn stored(&self) -> LaneStats {
+        let mut total = self.mem;
+        for lane in &self.disk {
+            total.events += lane.events;
+            total.bytes += lane.bytes;
+        }
+        let gone = (self.to_delete.len() + self.deleting.len()) as u64
+            + self.pending_drop.events
+            + self.dropping.events;
+        total.events = total.events.saturating_sub(gone);
+        total.bytes = total.bytes.saturating_sub(self.pending_drop.bytes + self.dropping.bytes);
+        total
+    }
+
+    fn can_accept(&self) -> bool {
+        self.unsaved_len < self.settings.commit_max_events
+    }
+
+    /// Takes one routed event into the buffer.
+    pub fn accept(&mut self, outbound: Outbound, now: Instant) {
+        let metrics = self.metrics.clone();
+        let counters = metrics.counters();
+        let record = Record {
+            priority: outbound.priority.min(N_PRIORITIES as u8 - 1),
+            seq: self.seqs.next_id(),
+            event_id: outbound.event_id,
+            enqueued_ms: now_ms(),
+            expires_ms: outbound.expires_ms,
+            topic: outbound.topic,
+            qos: outbound.qos,
+            payload: outbound.payload,
+        };
+        let size = record.size();
+        let stored = self.stored();
+        let over_events = (stored.events + 1).saturating_sub(self.settings.max_events);
+        let over_bytes = (stored.bytes + size).saturating_sub(self.settings.max_bytes);
+        if over_events > 0 || over_bytes > 0 {
+            match self.settings.overflow {
+                OverflowPolicy::RejectNew => {
+                    Metrics::add(&counters.rejected_full, 1);
+                    if let Some(folded) = self.overflow_log.ready(now) {
+                        warn!(
+                            message = "buffer full: refusing new events (overflow = reject_new); raise buffer.max_events/max_bytes or restore the uplink",
+                            stored_events = stored.events,
+                            stored_bytes = stored.bytes,
+                            similar_since_last_log = folded,
+                            rejected_total = Metrics::get(&counters.rejected_full)
+                        );
+                    }
+                    return;
+                }
+                OverflowPolicy::DropOldest => self.make_room(over_events, over_bytes, now),
+            }
+        }
+        Metrics::add(&counters.accepted, 1);
+        self.mem.events += 1;
+        self.mem.bytes += size;
+        let lane = &mut self.lanes[usize::from(record.priority)];
+        lane.unsaved.insert(record.seq, Pending { record: Arc::new(record), since: now });
+        self.unsaved_len += 1;
+    }
+
+    /// Frees space for the overflow policy: oldest records of the least urgent priority go
+    /// first. Records on disk are dropped by the next commit; otherwise unsaved ones now.
+    fn make_room(&mut self, mut events: u64, mut bytes: u64, now: Instant) {
+        let metrics = self.metrics.clone();
+        let counters = metrics.counters();
+        let disk_live: u64 = self.disk.iter().map(|l| l.events).sum::<u64>().saturating_sub(
+            (self.to_delete.len() + self.deleting.len()) as u64
+                + self.pending_drop.events
+                + self.dropping.events,
+        );
+        if disk_live > 0 {
+            self.pending_drop.events += events;
+            self.pending_drop.bytes += bytes;
+            return;
+        }
+        for p in (0..N_PRIORITIES).rev() {
+            while events > 0 || bytes > 0 {
+                let Some((_, pending)) = self.lanes[p].unsaved.pop_first() else { break };
+                self.forget_unsaved(&pending);
+                events = events.saturating_sub(1);
+                bytes = bytes.saturating_sub(pending.record.size());
+                Metrics::add(&counters.dropped_overflow, 1);
+            }
+        }
+        if let Some(folded) = self.overflow_log.ready(now) {
+            warn!(
+                message = "buffer full: dropping the oldest events (overflow = drop_oldest); raise buffer.max_events/max_bytes or restore the uplink",
+                similar_since_last_log = folded,
+                dropped_total = Metrics::get(&counters.dropped_overflow)
+            );
+        }
+    }
+
+    fn forget_unsaved(&mut self, pending: &Pending) {
+        self.unsaved_len -= 1;
+        self.mem.events -= 1;
+        self.mem.bytes -= pending.record.size();
+    }
+
+    fn on_acked(&mut self, key: Key, now: Instant) {
+        let (p, seq) = (usize::from(key.0), key.1);
+        let lane = &mut self.lanes[p];
+        if let Some(pending) = lane.unsaved.remove(&seq) {
+            self.forget_unsaved(&pending);
+            Metrics::add(&self.metrics.counters().acked_before_commit, 1);
+        } else if lane.committing.contains_key(&seq) {
+            self.acked_while_committing.insert(key);
+        } else {
+            self.to_delete.insert(key);
+            self.to_delete_since.get_or_insert(now);
+        }
+    }
+
+    pub fn on_uplink(&mut self, event: UplinkEvent, now: Instant) {
+        let metrics = self.metrics.clone();
+        let counters = metrics.counters();
+        match event {
+            UplinkEvent::Connected { generation, client } => {
+                let stored = self.stored();
+                info!(
+                    message = "relay resuming from the buffer",
+                    generation,
+                    buffered_events = stored.events,
+                    buffered_bytes = stored.bytes
+                );
+                self.conn =
+                    Some(Conn { generation, client, requested: VecDeque::new(), inflight: HashMap::new() });
+            }
+            UplinkEvent::Published { generation, pkid } => {
+                let Some(conn) = self.conn.as_mut().filter(|c| c.generation == generation) else { return };
+                match conn.requested.pop_front() {
+                    Some(key) => {
+                        conn.inflight.insert(pkid, key);
+                    }
+                    None => {
+                        error!(message = "bug: rumqttc reported a publish the relay did not request", pkid)
+                    }
+                }
+            }
+            UplinkEvent::Acked { generation, pkid } => {
+                let Some(conn) = self.conn.as_mut().filter(|c| c.generation == generation) else { return };
+                if let Some(key) = conn.inflight.remove(&pkid) {
+                    Metrics::add(&counters.upstream_acked, 1);
+                    self.on_acked(key, now);
+                }
+            }
+            UplinkEvent::Disconnected { generation } => {
+                let Some(conn) = self.conn.take_if(|c| c.generation == generation) else { return };
+                // Everything unacknowledged is sent again from the buffer, in order.
+                for key in conn.requested.iter().chain(conn.inflight.values()) {
+                    let lane = &mut self.lanes[usize::from(key.0)];
+                    lane.cursor = lane.cursor.min(key.1);
+                }
+                for (p, lane) in self.lanes.iter_mut().enumerate() {
+                    lane.prefetched.clear();
+                    lane.disk_unread = self.disk[p].events > 0 || lane.reading;
+                }
+            }
+        }
+    }
+
+    /// Smooth weighted round robin over the lanes that can send now.
+    fn pick_lane(&mut self, commands: &mpsc::Sender<Command>) -> Option<usize> {
+        let mut total = 0;
+        let mut best: Option<usize> = None;
+        for p in 0..N_PRIORITIES {
+            if !self.lane_ready(p, commands) {
+                continue;
+            }
+            let lane = &mut self.lanes[p];
+            lane.current_weight += Lane::weight(p);
+            total += Lane::weight(p);
+            if best.is_none_or(|b| self.lanes[b].current_weight < self.lanes[p].current_weight) {
+                best = Some(p);
+            }
+        }
+        let best = best?;
+        self.lanes[best].current_weight -= total;
+        Some(best)
+    }
+
+    /// Whether lane `p` has a record to send now; starts a disk read when it needs one.
+    fn lane_ready(&mut self, p: usize, commands: &mpsc::Sender<Command>) -> bool {
+        let lane = &mut self.lanes[p];
+        if !lane.prefetched.is_empty() {
+            return true;
+        }
+        if lane.disk_unread {
+            let retry_wait = self.read_retry_at.is_some_and(|t| Instant::now() < t);
+            if !lane.reading && !retry_wait {
+                let command = Command::Read { priority: p as u8, from_seq: lane.cursor, limit: READ_BATCH };
+                if commands.try_send(command).is_ok() {
+                    lane.reading = true;
+                }
+            }
+            return false;
+        }
+        lane.unsaved.range(lane.cursor..).next().is_some()
+            || lane.committing.range(lane.cursor..).next().is_some()
+    }
+
+    /// The next record of lane `p` in sequence order, skipping acked and expired ones.
+    fn next_record(&mut self, p: usize, now: Instant) -> Option<Arc<Record>> {
+        loop {
+            let lane = &mut self.lanes[p];
+            let record = if let Some(r) = lane.prefetched.pop_front() {
+                r
+            } else if lane.disk_unread {
+                return None;
+            } else {
+                let a = lane.unsaved.range(lane.cursor..).next().map(|(_, p)| &p.record);
+                let b = lane.committing.range(lane.cursor..).next().map(|(_, p)| &p.record);
+                match (a, b) {
+                    (Some(a), Some(b)) => Arc::clone(if a.seq < b.seq { a } else { b }),
+                    (Some(r), None) | (None, Some(r)) => Arc::clone(r),
+                    (None, None) => return None,
+                }
+            };
+            if record.seq < lane.cursor {
+                continue;
+            }
+            lane.cursor = record.seq + 1;
+            let key = record.key();
+            if self.to_delete.contains(&key)
+                || self.deleting.contains(&key)
+                || self.acked_while_committing.contains(&key)
+            {
+                continue;
+            }
+            if record.is_expired(now_ms()) {
+                let metrics = self.metrics.clone();
+                let counters = metrics.counters();
+                Metrics::add(&counters.expired, 1);
+                if let Some(folded) = self.expiry_log.ready(now) {
+                    warn!(message = "discarding events whose route TTL passed before they could be sent", topic = %record.topic, similar_since_last_log = folded, expired_total = Metrics::get(&counters.expired));
+                }
+                self.on_acked(key, now);
+                continue;
+            }
+            return Some(record);
+        }
+    }
+
+    fn upstream_payload(&self, record: &Record) -> Vec<u8> {
+        match self.settings.event_id {
+            EventIdMode::None => record.payload.to_vec(),
+            EventIdMode::Envelope => envelope(record),
+        }
+    }
+
+    /// Fills the send window.
+    fn pump(&mut self, commands: &mpsc::Sender<Command>, now: Instant) {
+        if self.rate_wait.is_some_and(|t| now < t) {
+            return;
+        }
+        self.rate_wait = None;
+        let metrics = self.metrics.clone();
+        let counters = metrics.counters();
+        while self.conn.as_ref().is_some_and(|c| c.outstanding() < self.settings.window) {
+            let Some(p) = self.pick_lane(commands) else { break };
+            let Some(record) = self.next_record(p, now) else { continue };
+            if let Err(at) = self.rate_limit(&record, now) {
+                // Not sent: rewind so it goes first once the bucket refills.
+                self.lanes[p].cursor = record.seq;
+                self.lanes[p].prefetched.push_front(record);
+                self.rate_wait = Some(at);
+                break;
+            }
+            let payload = self.upstream_payload(&record);
+            let Some(conn) = self.conn.as_mut() else { break };
+            let qos = if record.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
+            if let Err(error) = conn.client.try_publish(record.topic.clone(), qos, false, payload) {
+                // The event loop is gone; its Disconnected report rewinds the cursor.
+                warn!(message = "upstream client refused a publish; waiting for the reconnect", %error);
+                self.lanes[p].cursor = record.seq;
+                self.lanes[p].prefetched.push_front(record);
+                break;
+            }
+            if qos == QoS::AtMostOnce {
+                // QoS 0 routes get no PUBACK; handing the publish over is all there is.
+                self.on_acked(record.key(), now);
+            } else {
+                conn.requested.push_back(record.key());
+            }
+            Metrics::add(&counters.upstream_sent, 1);
+            let lane = &mut self.lanes[p];
+            if record.seq < lane.sent_high {
+                Metrics::add(&counters.upstream_resent, 1);
+            } else {
+                lane.sent_high = record.seq + 1;
+            }
+        }
+    }
+
+    fn rate_limit(&mut self, record: &Record, now: Instant) -> Result<(), Instant> {
+        if let Some(b) = &mut self.event_bucket {
+            b.take(1.0, now)?;
+        }
+        if let Some(b) = &mut self.byte_bucket {
+            if let Err(at) = b.take(record.payload.len() as f64, now) {
+                if let Some(e) = &mut self.event_bucket {
+                    e.tokens += 1.0;
+                }
+                return Err(at);
+            }
+        }
+        Ok(())
+    }
+
+    fn oldest_unsaved(&self) -> Option<Instant> {
+        self.lanes.iter().filter_map(|l| l.unsaved.first_key_value().map(|(_, p)| p.since)).min()
+    }
+
+    /// Starts a commit when one is due and none is running.
+    fn maybe_commit(&mut self, commands: &mpsc::Sender<Command>, force: bool, now: Instant) {
+        if self.commit_running || self.commit_retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        let interval = self.settings.commit_interval;
+        let max = self.settings.commit_max_events;
+        let due = self.unsaved_len >= max
+            || self.oldest_unsaved().is_some_and(|t| now.duration_since(t) >= interval)
+            || self.to_delete.len() >= max
+            || self.to_delete_since.is_some_and(|t| now.duration_since(t) >= DELETE_INTERVAL)
+            || self.pending_drop != DropRequest::default()
+            || (force && (self.unsaved_len > 0 || !self.to_delete.is_empty()));
+        if !due {
+            return;
+        }
+        // Everything when forced or full; otherwise only events that waited `interval`. Either
+        // way a commit takes a sequence prefix of each lane, which keeps every on-disk record
+        // older than every in-memory one.
+        let take_all = force || self.unsaved_len >= max;
+        let mut batch = Batch::default();
+        for lane in &mut self.lanes {
+            let due = if take_all {
+                std::mem::take(&mut lane.unsaved)
+            } else {
+                let first_fresh = lane
+                    .unsaved
+                    .iter()
+                    .find(|(_, p)| now.duration_since(p.since) < interval)
+                    .map(|(seq, _)| *seq);
+                match first_fresh {
+                    Some(seq) => {
+                        let fresh = lane.unsaved.split_off(&seq);
+                        std::mem::replace(&mut lane.unsaved, fresh)
+                    }
+                    None => std::mem::take(&mut lane.unsaved),
+                }
+            };
+            self.unsaved_len -= due.len();
+            batch.inserts.extend(due.values().map(|p| Record::clone(&p.record)));
+            lane.committing = due;
+        }
+        self.deleting = std::mem::take(&mut self.to_delete);
+        self.to_delete_since = None;
+        batch.deletes = self.deleting.iter().copied().collect();
+        batch.drop_oldest = std::mem::take(&mut self.pending_drop);
+        self.dropping = batch.drop_oldest;
+        if batch.is_empty() {
+            return;
+        }
+        match commands.try_send(Command::Apply(batch)) {
+            Ok(()) => self.commit_running = true,
+            Err(
+                mpsc::error::TrySendError::Full(Command::Apply(batch))
+                | mpsc::error::TrySendError::Closed(Command::Apply(batch)),
+            ) => {
+                self.restore(batch, now);
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Puts a batch that could not be written back into memory, to be retried.
+    fn restore(&mut self, batch: Batch, _now: Instant) {
+        for lane in &mut self.lanes {
+            let committing = std::mem::take(&mut lane.committing);
+            self.unsaved_len += committing.len();
+            lane.unsaved.extend(committing);
+        }
+        // Acked during the failed commit: never reached the disk, so nothing to delete.
+        for key in std::mem::take(&mut self.acked_while_committing) {
+            if let Some(pending) = self.lanes[usize::from(key.0)].unsaved.remove(&key.1) {
+                self.forget_unsaved(&pending);
+            }
+        }
+        self.to_delete.extend(batch.deletes);
+        if !self.to_delete.is_empty() {
+            self.to_delete_since.get_or_insert(Instant::now());
+        }
+        self.deleting.clear();
+        self.pending_drop.events += batch.drop_oldest.events;
+        self.pending_drop.bytes += batch.drop_oldest.bytes;
+        self.dropping = DropRequest::default();
+    }
+
+    pub fn on_reply(&mut self, reply: Reply, data_dir: &std::path::Path, now: Instant) {
+        let metrics = self.metrics.clone();
+        let counters = metrics.counters();
+        match reply {
+            Reply::Applied { result: Ok(applied), inserted, took } => {
+                self.commit_running = false;
+                self.commit_failures_in_row = 0;
+                self.commit_retry_at = None;
+                Metrics::add(&counters.commits, 1);
+                Metrics::add(&counters.committed, inserted as u64);
+                if took > Duration::from_millis(500) {
+                    warn!(message = "buffer commit was slow; the disk may be failing or overloaded", took = ?took);
+                }
+                self.disk = applied.lanes;
+                for lane in &mut self.lanes {
+                    let committing = std::mem::take(&mut lane.committing);
+                    if committing.range(lane.cursor..).next().is_some() {
+                        lane.disk_unread = true;
+                    }
+                    for pending in committing.values() {
+                        self.mem.events -= 1;
+                        self.mem.bytes -= pending.record.size();
+                    }
+                }
+                for key in std::mem::take(&mut self.acked_while_committing) {
+                    self.to_delete.insert(key);
+                    self.to_delete_since.get_or_insert(now);
+                }
+                self.deleting.clear();
+                self.dropping = DropRequest::default();
+                if !applied.dropped.is_empty() {
+                    Metrics::add(&counters.dropped_overflow, applied.dropped.len() as u64);
+                    let dropped: HashSet<Key> = applied.dropped.into_iter().collect();
+                    for lane in &mut self.lanes {
+                        lane.prefetched.retain(|r| !dropped.contains(&r.key()));
+                    }
+                    if let Some(folded) = self.overflow_log.ready(now) {
+                        warn!(
+                            message = "buffer full: dropped the oldest events (overflow = drop_oldest); raise buffer.max_events/max_bytes or restore the uplink",
+                            similar_since_last_log = folded,
+                            dropped_total = Metrics::get(&counters.dropped_overflow)
+                        );
+                    }
+                }
+            }
+            Reply::Applied { result: Err((error, batch)), .. } => {
+                self.commit_running = false;
+                self.commit_failures_in_row += 1;
+                Metrics::add(&counters.commit_failures, 1);
+                let delay = Duration::from_millis(100 * 2u64.pow(self.commit_failures_in_row.min(6)));
+                self.commit_retry_at = Some(now + delay);
+                let hint = if error.is_io() {
+                    format!(
+                        "free disk space in {} or check the storage; events stay in memory, ingest slows once {} are waiting",
+                        data_dir.display(),
+                        self.settings.commit_max_events
+                    )
+                } else {
+                    "stop outpost and move the buffer file aside if this repeats".to_owned()
+                };
+                error!(message = "buffer commit failed; retrying", %error, hint, retry_in = ?delay, failures_in_row = self.commit_failures_in_row);
+                self.restore(batch, now);
+            }
+            Reply::Read { priority, from_seq, result } => {
+                let lane = &mut self.lanes[usize::from(priority)];
+                lane.reading = false;
+                match result {
+                    // The cursor moved back (a reconnect rewound it) while this read ran:
+                    // its records start too late. Read again from the cursor.
+                    Ok(_) if from_seq != lane.cursor => lane.disk_unread = true,
+                    Ok(records) => {
+                        if records.len() < READ_BATCH {
+                            lane.disk_unread = false;
+                        }
+                        let cursor = lane.cursor;
+                        let last = lane.prefetched.back().map(|r| r.seq);
+                        lane.prefetched.extend(
+                            records
+                                .into_iter()
+                                .filter(|r| r.seq >= cursor && last.is_none_or(|l| r.seq > l))
+                                .map(Arc::new),
+                        );
+                    }
+                    Err(error) => {
+                        error!(message = "reading the buffer failed; retrying in 1s", %error);
+                        self.read_retry_at = Some(now + Duration::from_secs(1));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next time something is due without any input.
+    fn next_deadline(&self) -> Option<Instant> {
+        let commit = if self.commit_running {
+            None
+        } else {
+            let unsaved = self.oldest_unsaved().map(|t| t + self.settings.commit_interval);
+            let deletes = self.to_delete_since.map(|t| t + DELETE_INTERVAL);
+            let due = [unsaved, deletes].into_iter().flatten().min();
+            match (due, self.commit_retry_at) {
+                (Some(d), Some(r)) => Some(d.max(r)),
+                (d, None) => d,
+                (None, Some(_)) => None,
+            }
+        };
+        [commit, self.rate_wait, self.read_retry_at].into_iter().flatten().min()
+    }
+
+    fn idle_for_shutdown(&self) -> bool {
+        self.unsaved_len == 0
+            && !self.commit_running
+            && self.to_delete.is_empty()
+            && self.acked_while_committing.is_empty()
+            && self.conn.as_ref().is_none_or(|c| c.outstanding() == 0)
+    }
+
+    fn flushed(&self) -> bool {
+        self.unsaved_len == 0 && !self.commit_running && self.lanes.iter().all(|l| l.committing.is_empty())
+    }
+}
+
+/// Wraps the payload with its event id so upstream consumers can drop resends.
+fn envelope(record: &Record) -> Vec<u8> {
+    let payload = match serde_json::from_slice::<serde_json::Value>(&record.payload) {
+        Ok(value) => value,
+        Err(_) => match std::str::from_utf8(&record.payload) {
+            Ok(s) => serde_json::Value::String(s.to_owned()),
+            Err(_) => serde_json::Value::String(record.payload.iter().map(|b| format!("{b:02x}")).collect()),
+        },
+    };
+    let body = serde_json::json!({
+        "id": format_event_id(record.event_id),
+        "ts": record.enqueued_ms,
+        "payload": payload,
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// Runs the relay until its input closes and everything accepted is on disk or acknowledged
+/// (or `drain_grace` passed), then stops the uplink.
+pub async fn run(
+    mut relay: Relay,
+    mut input: mpsc::Receiver<Outbound>,
+    mut uplink: mpsc::Receiver<UplinkEvent>,
+    mut worker: Worker,
+    data_dir: std::path::PathBuf,
+    uplink_cancel: tokio_util::sync::CancellationToken,
+) {
+    let mut input_open = true;
+    let mut grace_until: Option<Instant> = None;
+    loop {
+        let now = Instant::now();
+        if input_open {
+            relay.pump(&worker.commands, now);
+        }
+        relay.maybe_commit(&worker.commands, !input_open, now);
+        if !input_open {
+            if relay.idle_for_shutdown() {
+                break;
+            }
+            if relay.flushed() && grace_until.is_some_and(|t| now >= t) {
+                warn!(
+                    message = "stopping before every in-flight publish was acknowledged; they are on disk and will be resent"
+                );
+                break;
+            }
+        }
+        let deadline = [relay.next_deadline(), grace_until].into_iter().flatten().min();
+        let accept = input_open && relay.can_accept();
+        tokio::select! {
+            biased;
+            Some(reply) = worker.replies.recv() => relay.on_reply(reply, &data_dir, Instant::now()),
+            Some(event) = uplink.recv() => relay.on_uplink(event, Instant::now()),
+            received = input.recv(), if accept => match received {
+                Some(outbound) => {
+                    let now = Instant::now();
+                    relay.accept(outbound, now);
+                    for _ in 1..ACCEPT_BATCH {
+                        if !relay.can_accept() {
+                            break;
+                        }
+                        match input.try_recv() {
+                            Ok(outbound) => relay.accept(outbound, now),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                None => {
+                    input_open = false;
+                    grace_until = Some(Instant::now() + relay.settings.drain_grace);
+                    info!(message = "relay flushing: committing everything not yet acknowledged");
+                }
+            },
+            _ = sleep_until_opt(deadline) => {}
+        }
+    }
+    uplink_cancel.cancel();
+    let stored = relay.stored();
+    info!(message = "relay stopped", buffered_events = stored.events);
+    drop(worker.commands);
+    // Let the store thread finish anything queued before the process exits.
+    while worker.replies.recv().await.is_some() {}
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
