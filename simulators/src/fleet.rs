@@ -1,0 +1,508 @@
+//! A fleet of simulated sensors, one MQTT connection each, seeded and rate-limited.
+//!
+//! The fleet's `FleetSummary` is the ground truth the verifier checks a run against, so its one
+//! invariant is: **a reading is counted as acknowledged only when the broker acknowledged it**
+//! (PUBACK for QoS 1, PUBCOMP for QoS 2; for QoS 0, when rumqttc wrote it to the socket).
+//!
+//! rumqttc does not return a packet id from `publish()`, so acks are matched by order: each
+//! sensor is one task that both hands readings to rumqttc and polls its event loop, and it keeps
+//! the sequence numbers it handed over in a FIFO. Each `Outgoing::Publish(pkid)` pops the oldest
+//! one and files it under `pkid`; `Incoming::PubAck(pkid)` then acknowledges it. When an
+//! established connection fails, rumqttc moves everything queued or in flight to its pending
+//! list and, because sessions are clean, drops it on reconnect; the sensor therefore forgets
+//! those readings too (they stay unacknowledged), after handling the events rumqttc buffered
+//! before the failure. The event-loop future is never dropped while the task runs, so no event
+//! is lost between a publish and its bookkeeping.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::payload::SensorReading;
+
+/// What a fleet does and where it sends it.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// The broker address, `HOST:PORT`.
+    pub broker: String,
+    /// How many sensors (and MQTT connections) to run.
+    pub sensors: usize,
+    /// Readings per second per sensor.
+    pub rate_per_sensor: f64,
+    /// Stop each sensor after this many readings were handed to its MQTT client.
+    pub count_per_sensor: Option<u64>,
+    /// Stop publishing after this long.
+    pub duration: Option<Duration>,
+    /// The QoS of every publish.
+    pub qos: QoS,
+    /// The topic of each reading; `{id}` becomes the device id and `{metric}` the metric.
+    pub topic_template: String,
+    /// The metric name written into each reading and topic.
+    pub metric: String,
+    /// Client ids (and device ids) are this prefix plus a 1-based, 4-digit index.
+    pub client_prefix: String,
+    /// The target JSON payload size in bytes, reached by padding.
+    pub payload_size: usize,
+    /// Sensor `i` draws its values from a generator seeded with `seed + i`.
+    pub seed: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig {
+            broker: "127.0.0.1:1883".to_string(),
+            sensors: 1,
+            rate_per_sensor: 1.0,
+            count_per_sensor: None,
+            duration: None,
+            qos: QoS::AtLeastOnce,
+            topic_template: "sensors/{id}/{metric}".to_string(),
+            metric: "temp".to_string(),
+            client_prefix: "sim-".to_string(),
+            payload_size: 200,
+            seed: 1,
+        }
+    }
+}
+
+/// The highest rate a sensor supports; the publish interval must stay above zero.
+const MAX_RATE_PER_SENSOR: f64 = 100_000.0;
+
+impl FleetConfig {
+    /// Checks the fields that rumqttc, rumqttd or tokio would otherwise reject late (or panic on).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        crate::parse_broker(&self.broker).context("invalid `broker`")?;
+        if !(self.rate_per_sensor > 0.0 && self.rate_per_sensor <= MAX_RATE_PER_SENSOR) {
+            anyhow::bail!(
+                "`rate_per_sensor` must be above 0 and at most {MAX_RATE_PER_SENSOR}, got {}",
+                self.rate_per_sensor
+            );
+        }
+        if self.payload_size > MAX_PAYLOAD_SIZE {
+            anyhow::bail!(
+                "`payload_size` must be at most {MAX_PAYLOAD_SIZE} bytes, got {}",
+                self.payload_size
+            );
+        }
+        // rumqttd refuses such client ids, and a second attempt with one panics its listener.
+        if let Some(bad) = self.client_prefix.chars().find(|c| matches!(c, '/' | '+' | '#' | '$')) {
+            anyhow::bail!(
+                "`client_prefix` '{}' contains '{bad}', which brokers refuse in client ids",
+                self.client_prefix
+            );
+        }
+        let topic = self.topic_for("x");
+        if topic.is_empty() || topic.contains(['+', '#']) {
+            anyhow::bail!(
+                "`topic_template` '{}' must give a non-empty topic without '+' or '#'",
+                self.topic_template
+            );
+        }
+        Ok(())
+    }
+
+    /// The device (and client) id of sensor `index` (0-based).
+    pub fn device_id(&self, index: usize) -> String {
+        format!("{}{:04}", self.client_prefix, index + 1)
+    }
+
+    /// The topic a device publishes to.
+    pub fn topic_for(&self, device: &str) -> String {
+        self.topic_template.replace("{id}", device).replace("{metric}", &self.metric)
+    }
+}
+
+/// What a fleet sent and what the broker acknowledged.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct FleetSummary {
+    /// Readings handed to the MQTT clients.
+    pub sent: u64,
+    /// Readings the broker acknowledged.
+    pub acked: u64,
+    /// The same, per device id.
+    pub per_device: BTreeMap<String, DeviceSummary>,
+}
+
+/// What one sensor sent and what the broker acknowledged.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq)]
+pub struct DeviceSummary {
+    /// Readings handed to the MQTT client (seqs 1..=sent).
+    pub sent: u64,
+    /// Readings the broker acknowledged.
+    pub acked: u64,
+    /// The acknowledged seqs, sorted ascending.
+    pub acked_seqs: Vec<u64>,
+}
+
+/// Live counters for a running fleet, for progress output.
+#[derive(Debug, Default)]
+pub struct FleetProgress {
+    sent: AtomicU64,
+    acked: AtomicU64,
+}
+
+impl FleetProgress {
+    /// Readings handed to the MQTT clients so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Readings acknowledged so far.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs a fleet until every sensor reached its count, the duration elapsed or `cancel` fires.
+pub async fn run_fleet(cfg: FleetConfig, cancel: CancellationToken) -> anyhow::Result<FleetSummary> {
+    run_fleet_with_progress(cfg, cancel, Arc::new(FleetProgress::default())).await
+}
+
+/// Like [`run_fleet`], updating `progress` as readings are sent and acknowledged.
+pub async fn run_fleet_with_progress(
+    cfg: FleetConfig,
+    cancel: CancellationToken,
+    progress: Arc<FleetProgress>,
+) -> anyhow::Result<FleetSummary> {
+    cfg.validate()?;
+    let (host, port) = crate::parse_broker(&cfg.broker)?;
+    let cfg = Arc::new(cfg);
+    let start = Instant::now();
+    let mut sensors = JoinSet::new();
+    for index in 0..cfg.sensors {
+        let sensor = Sensor::new(&cfg, index, Arc::clone(&progress));
+        let options = sensor.mqtt_options(&host, port);
+        sensors.spawn(sensor.run(options, Arc::clone(&cfg), start, cancel.clone()));
+    }
+    let mut summary = FleetSummary::default();
+    while let Some(joined) = sensors.join_next().await {
+        let (device, device_summary) = joined.context("a sensor task panicked")?;
+        summary.sent += device_summary.sent;
+        summary.acked += device_summary.acked;
+        summary.per_device.insert(device, device_summary);
+    }
+    Ok(summary)
+}
+
+/// How long a sensor waits for outstanding acks after its last publish.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// How long a sensor waits for its DISCONNECT to be written.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(1);
+/// Reconnect backoff: first delay, and the cap it doubles up to.
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Readings a sensor may queue in rumqttc while disconnected or with a full in-flight window;
+/// a tick that finds the queue full skips its reading (the seq is not used).
+const REQUEST_CAPACITY: usize = 1_000;
+/// rumqttc's maximum packet size, both ways.
+const MAX_PACKET_SIZE: usize = 1024 * 1024;
+/// The largest payload that fits in a packet with room for any reasonable topic.
+const MAX_PAYLOAD_SIZE: usize = MAX_PACKET_SIZE - 64 * 1024;
+
+/// One simulated sensor: its reading generator and its ack bookkeeping.
+struct Sensor {
+    /// The 0-based index in the fleet.
+    index: usize,
+    device: String,
+    topic: String,
+    metric: String,
+    qos: QoS,
+    payload_size: usize,
+    rng: StdRng,
+    value: f64,
+    /// The seq of the next reading.
+    next_seq: u64,
+    /// Seqs handed to rumqttc whose `Outgoing::Publish` has not been seen yet, oldest first.
+    submitted: VecDeque<u64>,
+    /// Seqs written on the current connection and awaiting their ack, by packet id.
+    inflight: HashMap<u16, u64>,
+    summary: DeviceSummary,
+    progress: Arc<FleetProgress>,
+}
+
+/// Why a sensor's event-loop wait ended.
+enum Wake {
+    Polled(Result<Event, ConnectionError>),
+    BackoffOver,
+    Stop,
+}
+
+impl Sensor {
+    fn new(cfg: &FleetConfig, index: usize, progress: Arc<FleetProgress>) -> Sensor {
+        let device = cfg.device_id(index);
+        let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_add(index as u64));
+        let value = 20.0 + rng.random_range(-5.0..5.0);
+        Sensor {
+            index,
+            topic: cfg.topic_for(&device),
+            device,
+            metric: cfg.metric.clone(),
+            qos: cfg.qos,
+            payload_size: cfg.payload_size,
+            rng,
+            value,
+            next_seq: 1,
+            submitted: VecDeque::new(),
+            inflight: HashMap::new(),
+            summary: DeviceSummary::default(),
+            progress,
+        }
+    }
+
+    fn mqtt_options(&self, host: &str, port: u16) -> MqttOptions {
+        let mut options = MqttOptions::new(self.device.clone(), host, port);
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
+        options
+    }
+
+    async fn run(
+        mut self,
+        options: MqttOptions,
+        cfg: Arc<FleetConfig>,
+        start: Instant,
+        cancel: CancellationToken,
+    ) -> (String, DeviceSummary) {
+        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+
+        // Spread the sensors' ticks evenly over one period.
+        let period = Duration::from_secs_f64(1.0 / cfg.rate_per_sensor).max(Duration::from_micros(1));
+        let offset = period.mul_f64(self.index as f64 / cfg.sensors.max(1) as f64);
+        let mut ticker = tokio::time::interval_at(start + offset, period);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let publish_until = cfg.duration.map(|duration| start + duration);
+
+        let mut publishing = cfg.count_per_sensor != Some(0);
+        let mut ack_deadline = Instant::now() + ACK_WAIT;
+        let mut connected = false;
+        let mut backoff: Option<Duration> = None;
+        let mut next_backoff = BACKOFF_MIN;
+
+        loop {
+            if !publishing && self.outstanding() == 0 {
+                break;
+            }
+            let wake = {
+                let backoff_now = backoff.take();
+                let next = async {
+                    match backoff_now {
+                        Some(delay) => {
+                            tokio::time::sleep(delay).await;
+                            Wake::BackoffOver
+                        }
+                        None => Wake::Polled(eventloop.poll().await),
+                    }
+                };
+                tokio::pin!(next);
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => break Wake::Stop,
+                        () = sleep_until(publish_until), if publishing => {
+                            publishing = false;
+                            ack_deadline = Instant::now() + ACK_WAIT;
+                            if self.outstanding() == 0 {
+                                break Wake::Stop;
+                            }
+                        }
+                        () = tokio::time::sleep_until(ack_deadline), if !publishing => break Wake::Stop,
+                        wake = &mut next => break wake,
+                        _ = ticker.tick(), if publishing => {
+                            self.publish_next(&client);
+                            if cfg.count_per_sensor.is_some_and(|count| self.summary.sent >= count) {
+                                publishing = false;
+                                ack_deadline = Instant::now() + ACK_WAIT;
+                            }
+                        }
+                    }
+                }
+            };
+            match wake {
+                Wake::Stop => break,
+                Wake::BackoffOver => {}
+                Wake::Polled(Ok(event)) => {
+                    if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
+                        debug!(device = %self.device, "connected");
+                        connected = true;
+                        next_backoff = BACKOFF_MIN;
+                    }
+                    self.on_event(event, true);
+                }
+                Wake::Polled(Err(error)) => {
+                    if connected {
+                        warn!(device = %self.device, %error, "connection lost; reconnecting");
+                        connected = false;
+                        self.on_connection_lost(&mut eventloop);
+                    } else {
+                        debug!(device = %self.device, %error, "connect failed; retrying");
+                    }
+                    backoff = Some(next_backoff);
+                    next_backoff = (next_backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+
+        if connected && !cancel.is_cancelled() {
+            disconnect(&client, &mut eventloop).await;
+        }
+        self.summary.acked_seqs.sort_unstable();
+        (self.device, self.summary)
+    }
+
+    /// Readings handed to rumqttc that are neither acknowledged nor known to be lost.
+    fn outstanding(&self) -> usize {
+        self.submitted.len() + self.inflight.len()
+    }
+
+    /// Generates the next reading and hands it to rumqttc, unless its request queue is full.
+    fn publish_next(&mut self, client: &AsyncClient) {
+        let seq = self.next_seq;
+        let value = self.value + self.rng.random_range(-0.5..0.5);
+        let mut reading = SensorReading {
+            device: self.device.clone(),
+            seq,
+            ts_ms: crate::now_ms(),
+            metric: self.metric.clone(),
+            value,
+            pad: String::new(),
+        };
+        reading.pad_to(self.payload_size);
+        match client.try_publish(self.topic.as_str(), self.qos, false, reading.to_json()) {
+            Ok(()) => {
+                self.value = value;
+                self.next_seq += 1;
+                self.submitted.push_back(seq);
+                self.summary.sent += 1;
+                self.progress.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                debug!(device = %self.device, %error, "request queue full; reading skipped");
+            }
+        }
+    }
+
+    /// Updates the ack bookkeeping for one event. `written` is false for an `Outgoing::Publish`
+    /// whose connection failed before the packet was flushed.
+    fn on_event(&mut self, event: Event, written: bool) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                let Some(seq) = self.submitted.pop_front() else {
+                    warn!(device = %self.device, pkid, "publish written that was never submitted");
+                    return;
+                };
+                if !written {
+                    return;
+                }
+                if self.qos == QoS::AtMostOnce {
+                    self.acknowledge(seq);
+                } else if let Some(replaced) = self.inflight.insert(pkid, seq) {
+                    debug!(device = %self.device, pkid, replaced, "packet id reused before its ack");
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) if self.qos == QoS::AtLeastOnce => {
+                self.on_ack(ack.pkid);
+            }
+            Event::Incoming(Packet::PubComp(comp)) if self.qos == QoS::ExactlyOnce => {
+                self.on_ack(comp.pkid);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_ack(&mut self, pkid: u16) {
+        match self.inflight.remove(&pkid) {
+            Some(seq) => self.acknowledge(seq),
+            None => debug!(device = %self.device, pkid, "ack for an unknown packet id"),
+        }
+    }
+
+    fn acknowledge(&mut self, seq: u64) {
+        self.summary.acked += 1;
+        self.summary.acked_seqs.push(seq);
+        self.progress.acked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Called when an established connection failed. rumqttc has already moved every queued and
+    /// in-flight publish to its pending list, which the clean-session reconnect clears.
+    fn on_connection_lost(&mut self, eventloop: &mut EventLoop) {
+        // Acks read before the failure still count; a publish whose flush failed does not.
+        let buffered: Vec<Event> = eventloop.state.events.drain(..).collect();
+        for event in buffered {
+            self.on_event(event, false);
+        }
+        let lost = self.outstanding();
+        if lost > 0 {
+            debug!(device = %self.device, lost, "unacknowledged readings dropped with the session");
+        }
+        self.submitted.clear();
+        self.inflight.clear();
+    }
+}
+
+/// Sleeps until `deadline`, or forever if there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends a DISCONNECT and polls until it is written, the connection fails or time runs out.
+async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
+    if client.try_disconnect().is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(DISCONNECT_WAIT, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid() {
+        assert!(FleetConfig::default().validate().is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        let bad = [
+            FleetConfig { rate_per_sensor: 0.0, ..FleetConfig::default() },
+            FleetConfig { rate_per_sensor: f64::NAN, ..FleetConfig::default() },
+            FleetConfig { client_prefix: "a/b".to_string(), ..FleetConfig::default() },
+            FleetConfig { topic_template: "sensors/#".to_string(), ..FleetConfig::default() },
+            FleetConfig { broker: "nowhere".to_string(), ..FleetConfig::default() },
+        ];
+        for cfg in bad {
+            assert!(cfg.validate().is_err(), "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn names_devices_and_topics() {
+        let cfg = FleetConfig::default();
+        assert_eq!(cfg.device_id(0), "sim-0001");
+        assert_eq!(cfg.topic_for("sim-0001"), "sensors/sim-0001/temp");
+    }
+}

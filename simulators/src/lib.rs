@@ -1,0 +1,64 @@
+//! `outpost-sim`: the tools that exercise an Outpost gateway from the outside.
+//!
+//! The gateway promises at-least-once delivery of every reading it acknowledged. These tools
+//! produce load, break the network and check that promise, so they must never be the reason a
+//! run looks better or worse than it was: a reading counts as acknowledged only when the broker
+//! really acknowledged it.
+//!
+//! # Layout
+//!
+//! - [`payload`]: `SensorReading`, the JSON body every simulated sensor publishes.
+//! - [`fleet`]: many sensors, one MQTT connection each, seeded and rate-limited; returns a
+//!   `FleetSummary` of what was sent and what the broker acknowledged.
+//! - [`verify`]: a subscriber plus `Verifier`, which compares what arrived with a
+//!   `FleetSummary` (missing, duplicates, reordering, latency).
+//! - [`broker`]: a plain rumqttd broker, used as an independent upstream that tests can kill.
+//! - [`flaky`]: a TCP proxy that cuts every connection on a schedule.
+//!
+//! **Invariant:** nothing here depends on the gateway crate; the simulators speak only MQTT and
+//! TCP, so they test the gateway as a black box.
+
+pub mod broker;
+pub mod flaky;
+pub mod fleet;
+pub mod payload;
+pub mod verify;
+
+/// Splits a `host:port` broker address into its parts.
+///
+/// Shared by `fleet` and `verify`, which both hand the parts to rumqttc.
+pub(crate) fn parse_broker(broker: &str) -> anyhow::Result<(String, u16)> {
+    let (host, port) = broker.rsplit_once(':').ok_or_else(|| {
+        anyhow::anyhow!("invalid broker address '{broker}': expected HOST:PORT, e.g. 127.0.0.1:1883")
+    })?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|error| anyhow::anyhow!("invalid port in broker address '{broker}': {error}"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        anyhow::bail!("invalid broker address '{broker}': the host is empty");
+    }
+    Ok((host.to_string(), port))
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock (0 if the clock is before 1970).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_broker_addresses() {
+        assert_eq!(parse_broker("127.0.0.1:1883").ok(), Some(("127.0.0.1".to_string(), 1883)));
+        assert_eq!(parse_broker("[::1]:1884").ok(), Some(("::1".to_string(), 1884)));
+        assert!(parse_broker("localhost").is_err());
+        assert!(parse_broker("localhost:x").is_err());
+        assert!(parse_broker(":1883").is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! End-to-end checks of the simulators against a real rumqttd: a fleet's acknowledged readings
+//! all reach a subscriber, directly and through a flaky link.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use outpost_sim::broker::spawn_broker;
+use outpost_sim::flaky::{FlakySchedule, run_flaky_link};
+use outpost_sim::fleet::{FleetConfig, run_fleet};
+use outpost_sim::verify::start_subscriber;
+use rumqttc::QoS;
+use tokio_util::sync::CancellationToken;
+
+/// Starts a broker on a free port and returns its address.
+fn start_broker() -> SocketAddr {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let addr = probe.local_addr().expect("probe address");
+    drop(probe);
+    spawn_broker(addr, None).expect("start the broker");
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acked_reading_arrives() {
+    let broker = start_broker();
+    let mut subscriber = start_subscriber(&broker.to_string(), "sensors/#").await.expect("subscribe");
+
+    let cfg = FleetConfig {
+        broker: broker.to_string(),
+        sensors: 3,
+        rate_per_sensor: 500.0,
+        count_per_sensor: Some(50),
+        client_prefix: "direct-".to_string(),
+        ..FleetConfig::default()
+    };
+    let summary = run_fleet(cfg, CancellationToken::new()).await.expect("run the fleet");
+    assert_eq!(summary.sent, 150);
+    assert_eq!(summary.acked, 150);
+    for device in summary.per_device.values() {
+        assert_eq!(device.acked_seqs, (1..=50).collect::<Vec<u64>>());
+    }
+
+    let report = subscriber.wait_for_expected(&summary, Duration::from_secs(10)).await.expect("all arrive");
+    assert_eq!((report.unique, report.duplicates, report.reordered, report.malformed), (150, 0, 0, 0));
+    let messages = subscriber.received_messages();
+    assert!(
+        messages.iter().all(|(topic, _)| topic.starts_with("sensors/direct-0")),
+        "{:?}",
+        messages.first()
+    );
+    assert!(messages.iter().all(|(_, payload)| payload.len() == 200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_counts_written_publishes() {
+    let broker = start_broker();
+    let cfg = FleetConfig {
+        broker: broker.to_string(),
+        sensors: 2,
+        rate_per_sensor: 500.0,
+        count_per_sensor: Some(20),
+        qos: QoS::AtMostOnce,
+        client_prefix: "qos0-".to_string(),
+        ..FleetConfig::default()
+    };
+    let summary = run_fleet(cfg, CancellationToken::new()).await.expect("run the fleet");
+    assert_eq!((summary.sent, summary.acked), (40, 40));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_readings_survive_a_flaky_link() {
+    let broker = start_broker();
+    let mut subscriber = start_subscriber(&broker.to_string(), "sensors/#").await.expect("subscribe");
+
+    let cancel = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the link");
+    let link = listener.local_addr().expect("link address");
+    let schedule = FlakySchedule {
+        up_for: Duration::from_millis(400),
+        down_for: Duration::from_millis(150),
+        extra_latency: Duration::from_millis(2),
+    };
+    let link_task = tokio::spawn(run_flaky_link(listener, broker, schedule, cancel.clone()));
+
+    let cfg = FleetConfig {
+        broker: link.to_string(),
+        sensors: 4,
+        rate_per_sensor: 200.0,
+        duration: Some(Duration::from_secs(2)),
+        client_prefix: "flaky-".to_string(),
+        ..FleetConfig::default()
+    };
+    let summary = run_fleet(cfg, cancel.clone()).await.expect("run the fleet");
+    cancel.cancel();
+    link_task.await.expect("the link task ends");
+
+    assert!(summary.acked > 0 && summary.acked <= summary.sent, "{} of {}", summary.acked, summary.sent);
+    let report =
+        subscriber.wait_for_expected(&summary, Duration::from_secs(10)).await.expect("all acked arrive");
+    assert_eq!(report.malformed, 0);
+    eprintln!("sent {} acked {} report {report:?}", summary.sent, summary.acked);
+}
+
+#[tokio::test]
+async fn waiting_reports_how_many_arrived() {
+    let broker = start_broker();
+    let mut subscriber = start_subscriber(&broker.to_string(), "nothing/#").await.expect("subscribe");
+    let error = subscriber.wait_for(1, Duration::from_millis(50)).await.expect_err("nothing is published");
+    assert!(error.to_string().contains("0 arrived"), "{error}");
+}
