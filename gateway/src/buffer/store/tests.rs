@@ -1,0 +1,193 @@
+//! The store against an in-memory model: every action is applied to both, and they must agree
+//! after every step (contents, FIFO reads, per-priority counters), across restarts.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+#[derive(Debug, Clone)]
+enum Action {
+    /// Append records: (priority, payload length, ttl in ms if any).
+    Append(Vec<(u8, usize, Option<u64>)>),
+    /// Read a batch of one priority from the `from_idx`-th key of that priority.
+    ReadBatch { priority: u8, from_idx: usize, limit: usize },
+    /// Acknowledge (delete) the records at these positions, plus one key that is not stored.
+    Ack(Vec<usize>),
+    /// Delete everything whose expiry is at or before `now`.
+    Expire { now: u64 },
+    /// Drop oldest, least urgent first, until this many events and bytes are gone.
+    Overflow { events: u64, bytes: u64 },
+    /// Close and reopen the file.
+    Restart,
+}
+
+fn arb_action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        4 => prop::collection::vec((0u8..10, 0usize..300, prop::option::of(0u64..1000)), 1..20).prop_map(Action::Append),
+        2 => (0u8..10, 0usize..20, 1usize..10).prop_map(|(priority, from_idx, limit)| Action::ReadBatch { priority, from_idx, limit }),
+        2 => prop::collection::vec(0usize..1000, 0..8).prop_map(Action::Ack),
+        1 => (0u64..1000).prop_map(|now| Action::Expire { now }),
+        1 => (0u64..5, 0u64..600).prop_map(|(events, bytes)| Action::Overflow { events, bytes }),
+        1 => Just(Action::Restart),
+    ]
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    records: BTreeMap<Key, Record>,
+    next_seq: u64,
+}
+
+impl Model {
+    fn lanes(&self) -> [LaneStats; N_PRIORITIES] {
+        let mut lanes = [LaneStats::default(); N_PRIORITIES];
+        for r in self.records.values() {
+            let lane = &mut lanes[usize::from(r.priority)];
+            lane.events += 1;
+            lane.bytes += stored_size(r.encode().len());
+        }
+        lanes
+    }
+
+    fn drop_oldest(&mut self, mut events: u64, mut bytes: u64) -> Vec<Key> {
+        let mut dropped = Vec::new();
+        for p in (0..N_PRIORITIES as u8).rev() {
+            while events > 0 || bytes > 0 {
+                let Some(key) = self.records.range((p, 0)..=(p, u64::MAX)).next().map(|(k, _)| *k) else {
+                    break;
+                };
+                let r = self.records.remove(&key).expect("key just found");
+                events = events.saturating_sub(1);
+                bytes = bytes.saturating_sub(stored_size(r.encode().len()));
+                dropped.push(key);
+            }
+        }
+        dropped
+    }
+}
+
+fn record(priority: u8, seq: u64, len: usize, expires_ms: Option<u64>) -> Record {
+    Record {
+        priority,
+        seq,
+        event_id: seq ^ 0xabcd,
+        enqueued_ms: 1_700_000_000_000 + seq,
+        expires_ms,
+        topic: format!("sensors/{}/temp", seq % 7),
+        qos: 1,
+        payload: Bytes::from(vec![b'x'; len]),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn store_agrees_with_model(actions in prop::collection::vec(arb_action(), 1..40)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut store, report) = Store::open(dir.path()).expect("open");
+        prop_assert_eq!(report.epoch, 1);
+        let mut epoch = 1;
+        let mut model = Model::default();
+        for action in actions {
+            match action {
+                Action::Append(specs) => {
+                    let inserts: Vec<Record> = specs.iter().map(|(p, len, ttl)| {
+                        model.next_seq += 1;
+                        record(*p, model.next_seq, *len, *ttl)
+                    }).collect();
+                    for r in &inserts {
+                        model.records.insert(r.key(), r.clone());
+                    }
+                    store.apply(&Batch { inserts, ..Batch::default() }).expect("append");
+                }
+                Action::ReadBatch { priority, from_idx, limit } => {
+                    let keys: Vec<Key> = model.records.range((priority, 0)..=(priority, u64::MAX)).map(|(k, _)| *k).collect();
+                    let from_seq = keys.get(from_idx).map_or(u64::MAX, |k| k.1);
+                    let got = store.read(priority, from_seq, limit).expect("read");
+                    let want: Vec<Record> = model.records.range((priority, from_seq)..=(priority, u64::MAX)).take(limit).map(|(_, r)| r.clone()).collect();
+                    prop_assert_eq!(got, want);
+                }
+                Action::Ack(positions) => {
+                    let keys: Vec<Key> = model.records.keys().copied().collect();
+                    let mut deletes: Vec<Key> = positions.iter().filter_map(|i| keys.get(i % keys.len().max(1)).copied()).collect();
+                    deletes.push((3, u64::MAX));
+                    for k in &deletes {
+                        model.records.remove(k);
+                    }
+                    store.apply(&Batch { deletes, ..Batch::default() }).expect("ack");
+                }
+                Action::Expire { now } => {
+                    let deletes: Vec<Key> = model.records.values().filter(|r| r.is_expired(now)).map(Record::key).collect();
+                    for k in &deletes {
+                        model.records.remove(k);
+                    }
+                    store.apply(&Batch { deletes, ..Batch::default() }).expect("expire");
+                }
+                Action::Overflow { events, bytes } => {
+                    let want = model.drop_oldest(events, bytes);
+                    let drop_oldest = DropRequest { events, bytes };
+                    let applied = store.apply(&Batch { drop_oldest, ..Batch::default() }).expect("overflow");
+                    prop_assert_eq!(applied.dropped, want);
+                }
+                Action::Restart => {
+                    drop(store);
+                    let (reopened, report) = Store::open(dir.path()).expect("reopen");
+                    epoch += 1;
+                    prop_assert_eq!(report.epoch, epoch);
+                    prop_assert!(report.moved_aside.is_none());
+                    store = reopened;
+                }
+            }
+            prop_assert_eq!(store.lanes(), model.lanes());
+            let all: Vec<Record> = (0..N_PRIORITIES as u8).flat_map(|p| store.read(p, 0, usize::MAX).expect("read all")).collect();
+            let want: Vec<Record> = model.records.values().cloned().collect();
+            prop_assert_eq!(all, want);
+        }
+    }
+}
+
+#[test]
+fn corrupt_file_is_moved_aside_and_replaced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(file_path(dir.path()), b"this is not a redb file, it is what a power cut left behind")
+        .expect("write garbage");
+    let (store, report) = Store::open(dir.path()).expect("recovers");
+    let (aside, reason) = report.moved_aside.expect("moved aside");
+    assert!(aside.exists(), "the unreadable file is kept for inspection");
+    assert!(aside.file_name().is_some_and(|n| n.to_string_lossy().starts_with("buffer.redb.corrupt-")));
+    assert!(!reason.is_empty());
+    assert_eq!(store.total(), LaneStats::default());
+}
+
+#[test]
+fn second_open_is_refused_as_locked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_store, _) = Store::open(dir.path()).expect("first open");
+    let err = Store::open(dir.path()).expect_err("locked");
+    assert!(matches!(err, BufferError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("is another outpost running"), "{err}");
+}
+
+#[test]
+fn draining_a_large_backlog_returns_disk_space() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, _) = Store::open(dir.path()).expect("open");
+    let mut keys = Vec::new();
+    for chunk in 0..20u64 {
+        let inserts: Vec<Record> = (0..2_000).map(|i| record(5, chunk * 2_000 + i, 200, None)).collect();
+        keys.extend(inserts.iter().map(Record::key));
+        store.apply(&Batch { inserts, ..Batch::default() }).expect("fill");
+    }
+    let full = store.file_bytes();
+    assert!(full > COMPACT_ABOVE_BYTES, "backlog file is {full} bytes");
+    for chunk in keys.chunks(5_000) {
+        store.apply(&Batch { deletes: chunk.to_vec(), ..Batch::default() }).expect("drain");
+    }
+    assert_eq!(store.file_bytes(), full, "redb keeps freed pages: the file stays at its high-water mark");
+    assert!(store.compact_if_drained().expect("compact"));
+    let compacted = store.file_bytes();
+    assert!(compacted < full / 4, "compacted to {compacted} bytes from {full}");
+}
