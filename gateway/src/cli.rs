@@ -160,7 +160,14 @@ fn run(config: GatewayConfig) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
         let gateway = crate::Gateway::start(config).await.context("cannot start the gateway")?;
-        gateway.run_until(crate::shutdown::signal()).await;
+        // Type=notify units start dependants only once the broker accepts sensors. Outside
+        // systemd NOTIFY_SOCKET is unset and this does nothing.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+        let stop = async {
+            crate::shutdown::signal().await;
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+        };
+        gateway.run_until(stop).await;
         Ok(())
     })
 }

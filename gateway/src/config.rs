@@ -518,8 +518,8 @@ impl UpstreamConfig {
     }
 }
 
-/// Turns a toml error into "line L, column C: `key`: message" plus the offending line, so
-/// the operator sees where and what without counting characters.
+/// Turns a toml error into "line L, column C: `table.key`: message" plus the offending line,
+/// so the operator sees where and what without counting characters.
 fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     let message = e.message().trim_end().to_owned();
     let Some(span) = e.span() else {
@@ -529,7 +529,29 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     let line_no = before.matches('\n').count() + 1;
     let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     let line = text.lines().nth(line_no - 1).unwrap_or("");
-    format!("line {line_no}, column {col}: {message}\n  | {line}")
+    let key = key_at(text, line_no, line).map(|k| format!("`{k}`: ")).unwrap_or_default();
+    let hint = if message.contains("socket address") {
+        "; expected IP:PORT such as \"0.0.0.0:1883\" (host names are not accepted here)"
+    } else {
+        ""
+    };
+    format!("line {line_no}, column {col}: {key}{message}{hint}\n  | {line}")
+}
+
+/// The dotted key assigned on `line` (1-based `line_no`), qualified by the table it is in.
+fn key_at(text: &str, line_no: usize, line: &str) -> Option<String> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    let table = text
+        .lines()
+        .take(line_no - 1)
+        .filter_map(|l| l.trim().strip_prefix('[').and_then(|l| l.split(']').next()))
+        .last()
+        .map(|t| t.trim_start_matches('[').trim());
+    Some(match table {
+        Some(table) if !table.is_empty() => format!("{table}.{key}"),
+        _ => key.to_owned(),
+    })
 }
 
 #[cfg(test)]
@@ -570,7 +592,7 @@ mod tests {
         let err = parse_err("[broker]\nlisten = \"0.0.0.0:1883\"\nmax_conections = 5\n");
         assert!(
             err.starts_with(
-                "outpost.toml: line 3, column 1: unknown field `max_conections`, expected one of"
+                "outpost.toml: line 3, column 1: `broker.max_conections`: unknown field `max_conections`, expected one of"
             ),
             "{err}"
         );
@@ -587,7 +609,10 @@ mod tests {
     #[test]
     fn bad_address_and_url_are_explained() {
         let err = parse_err("[broker]\nlisten = \"localhost:99999\"\n");
-        assert!(err.contains("invalid socket address syntax"), "{err}");
+        assert!(
+            err.contains("`broker.listen`: invalid socket address syntax; expected IP:PORT such as"),
+            "{err}"
+        );
         let err = parse_err("[upstream]\nurl = \"http://x:1\"\n");
         assert!(err.contains("unknown scheme `http`; expected mqtt://host:port"), "{err}");
     }
