@@ -115,9 +115,23 @@ pub struct UpstreamConfig {
     pub max_events_per_sec: Option<NonZeroU32>,
     #[serde(default)]
     pub max_bytes_per_sec: Option<ByteSize>,
-    /// How the stable event id travels upstream so consumers can drop resends.
+    /// The protocol spoken upstream. With MQTT 5 every message carries its stable event id
+    /// as the `outpost-event-id` user property.
+    #[serde(default)]
+    pub mqtt_version: MqttVersion,
+    /// Whether the payload is also wrapped in a JSON envelope with the event id.
     #[serde(default)]
     pub event_id: EventIdMode,
+}
+
+/// The MQTT protocol version of the upstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum MqttVersion {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
 }
 
 /// How the event id is attached to upstream messages.
@@ -513,6 +527,7 @@ impl UpstreamConfig {
             inflight: default_inflight(),
             max_events_per_sec: None,
             max_bytes_per_sec: None,
+            mqtt_version: MqttVersion::default(),
             event_id: EventIdMode::default(),
         }
     }
@@ -638,6 +653,19 @@ mod tests {
         let up = c.upstream.expect("upstream from override");
         assert_eq!(up.url, UpstreamUrl { host: "10.0.0.5".into(), port: 1884 });
         assert_eq!(c.broker.listen.port(), 2000);
+    }
+
+    #[test]
+    fn mqtt_version_is_spelled_as_in_the_spec() {
+        let c =
+            GatewayConfig::parse("[upstream]\nurl = \"mqtt://h:1\"\nmqtt_version = \"5\"\n", Path::new("x"))
+                .expect("parses");
+        assert_eq!(c.upstream.expect("upstream").mqtt_version, MqttVersion::V5);
+        let err = parse_err("[upstream]\nurl = \"mqtt://h:1\"\nmqtt_version = \"4\"\n");
+        assert!(
+            err.contains("`upstream.mqtt_version`: unknown variant `4`, expected `3.1.1` or `5`"),
+            "{err}"
+        );
     }
 
     #[test]

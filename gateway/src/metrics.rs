@@ -36,6 +36,8 @@ counters! {
     accepted,
     /// Events acknowledged by the upstream broker (PUBACK).
     upstream_acked,
+    /// Events the upstream refused with an MQTT 5 PUBACK reason code; discarded.
+    upstream_rejected,
     /// Publishes sent upstream, resends included.
     upstream_sent,
     /// Publishes sent again after a reconnect or restart (possible duplicates upstream).

@@ -29,7 +29,6 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -39,7 +38,7 @@ use crate::buffer::{Batch, DropRequest, Key, LaneStats, N_PRIORITIES, Record};
 use crate::config::{BufferConfig, EventIdMode, OverflowPolicy, UpstreamConfig};
 use crate::event::{IdGen, Outbound, format_event_id, now_ms};
 use crate::metrics::Metrics;
-use crate::uplink::UplinkEvent;
+use crate::uplink::{UplinkClient, UplinkEvent};
 
 /// Acked events still in the file are deleted at least this often; after a crash, at most this
 /// much acknowledged traffic is sent again (as duplicates the event id lets consumers drop).
@@ -122,7 +121,7 @@ impl Lane {
 #[derive(Debug)]
 struct Conn {
     generation: u64,
-    client: AsyncClient,
+    client: UplinkClient,
     /// Handed to rumqttc, packet id not yet known, in request order.
     requested: VecDeque<Key>,
     inflight: HashMap<u16, Key>,
@@ -210,6 +209,7 @@ pub struct Relay {
     read_retry_at: Option<Instant>,
     overflow_log: Throttle,
     expiry_log: Throttle,
+    reject_log: Throttle,
 }
 
 impl Relay {
@@ -247,6 +247,7 @@ impl Relay {
             read_retry_at: None,
             overflow_log: Throttle::default(),
             expiry_log: Throttle::default(),
+            reject_log: Throttle::default(),
         }
     }
 
@@ -392,10 +393,20 @@ impl Relay {
                     }
                 }
             }
-            UplinkEvent::Acked { generation, pkid } => {
+            UplinkEvent::Acked { generation, pkid, rejected } => {
                 let Some(conn) = self.conn.as_mut().filter(|c| c.generation == generation) else { return };
                 if let Some(key) = conn.inflight.remove(&pkid) {
-                    Metrics::add(&counters.upstream_acked, 1);
+                    match rejected {
+                        None => Metrics::add(&counters.upstream_acked, 1),
+                        Some(reason) => {
+                            // Resending what the upstream refused (not authorised, quota,
+                            // invalid topic) would block the queue forever: count, log, move on.
+                            Metrics::add(&counters.upstream_rejected, 1);
+                            if let Some(folded) = self.reject_log.ready(now) {
+                                warn!(message = "the upstream refused an event (MQTT 5 PUBACK reason); it is discarded, check the upstream's ACLs and quotas", %reason, similar_since_last_log = folded, rejected_total = Metrics::get(&counters.upstream_rejected));
+                            }
+                        }
+                    }
                     self.on_acked(key, now);
                 }
             }
@@ -523,15 +534,16 @@ impl Relay {
             }
             let payload = self.upstream_payload(&record);
             let Some(conn) = self.conn.as_mut() else { break };
-            let qos = if record.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce };
-            if let Err(error) = conn.client.try_publish(record.topic.clone(), qos, false, payload) {
+            if let Err(error) =
+                conn.client.try_publish(record.topic.clone(), record.qos, payload, record.event_id)
+            {
                 // The event loop is gone; its Disconnected report rewinds the cursor.
                 warn!(message = "upstream client refused a publish; waiting for the reconnect", %error);
                 self.lanes[p].cursor = record.seq;
                 self.lanes[p].prefetched.push_front(record);
                 break;
             }
-            if qos == QoS::AtMostOnce {
+            if record.qos == 0 {
                 // QoS 0 routes get no PUBACK; handing the publish over is all there is.
                 self.on_acked(record.key(), now);
             } else {

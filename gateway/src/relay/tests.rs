@@ -7,7 +7,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use proptest::prelude::*;
-use rumqttc::{EventLoop, MqttOptions, Request};
+use rumqttc::{AsyncClient, EventLoop, MqttOptions, Request};
 
 use super::*;
 use crate::buffer::Store;
@@ -161,7 +161,10 @@ impl Harness {
                     self.generation += 1;
                     let (client, el) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), WINDOW + 16);
                     self.relay.on_uplink(
-                        UplinkEvent::Connected { generation: self.generation, client },
+                        UplinkEvent::Connected {
+                            generation: self.generation,
+                            client: UplinkClient::V311(client),
+                        },
                         self.clock,
                     );
                     self.eventloop = Some(el);
@@ -180,8 +183,10 @@ impl Harness {
             Action::Ack(n) => {
                 if !self.inflight.is_empty() {
                     let (pkid, id) = self.inflight.remove(n % self.inflight.len());
-                    self.relay
-                        .on_uplink(UplinkEvent::Acked { generation: self.generation, pkid }, self.clock);
+                    self.relay.on_uplink(
+                        UplinkEvent::Acked { generation: self.generation, pkid, rejected: None },
+                        self.clock,
+                    );
                     self.acked.insert(id);
                 }
             }
