@@ -49,7 +49,7 @@ pub enum BufferError {
 impl BufferError {
     /// Whether retrying later can help (a full disk can be freed; corruption cannot).
     pub fn is_io(&self) -> bool {
-        matches!(self, BufferError::Database { source: redb::Error::Io(_), .. })
+        matches!(self, BufferError::Database { source: redb::Error::Io(_) | redb::Error::PreviousIo, .. })
     }
 }
 
@@ -146,7 +146,9 @@ pub struct OpenReport {
 
 /// The open buffer file.
 pub struct Store {
-    db: Database,
+    /// `None` after an I/O error: redb refuses all work with `PreviousIo` until the file is
+    /// closed and reopened, so the next operation reopens it (see [`Store::database`]).
+    db: Option<Database>,
     path: PathBuf,
     lanes: [LaneStats; N_PRIORITIES],
 }
@@ -196,7 +198,7 @@ impl Store {
 
     fn try_open(path: &Path) -> Result<(Store, u64), BufferError> {
         let db = Database::create(path).map_err(|e| db_err(path, e))?;
-        let mut store = Store { db, path: path.to_owned(), lanes: Default::default() };
+        let mut store = Store { db: Some(db), path: path.to_owned(), lanes: Default::default() };
         let epoch = store.start_epoch()?;
         Ok((store, epoch))
     }
@@ -205,7 +207,7 @@ impl Store {
     /// file is readable: a corrupt file fails here, not later in the pipeline.
     fn start_epoch(&mut self) -> Result<u64, BufferError> {
         let path = self.path.clone();
-        let txn = self.db.begin_write().map_err(|e| db_err(&path, e))?;
+        let txn = self.database()?.begin_write().map_err(|e| db_err(&path, e))?;
         let epoch;
         {
             let mut meta = txn.open_table(META).map_err(|e| db_err(&path, e))?;
@@ -236,6 +238,40 @@ impl Store {
         Ok(epoch)
     }
 
+    /// The open database, reopening it first if an I/O error closed it. Reopening runs redb's
+    /// repair, which restores the last committed state; the counters are reloaded from it.
+    fn database(&mut self) -> Result<&Database, BufferError> {
+        if self.db.is_none() {
+            let db = Database::create(&self.path).map_err(|e| db_err(&self.path, e))?;
+            let txn = db.begin_read().map_err(|e| db_err(&self.path, e))?;
+            let meta = txn.open_table(META).map_err(|e| db_err(&self.path, e))?;
+            let mut lanes = [LaneStats::default(); N_PRIORITIES];
+            for (p, lane) in lanes.iter_mut().enumerate() {
+                let get = |kind: &str| -> Result<u64, BufferError> {
+                    Ok(meta
+                        .get(meta_key(kind, p).as_str())
+                        .map_err(|e| db_err(&self.path, e))?
+                        .map_or(0, |v| v.value()))
+                };
+                lane.events = get("events")?;
+                lane.bytes = get("bytes")?;
+            }
+            drop(meta);
+            drop(txn);
+            self.lanes = lanes;
+            self.db = Some(db);
+        }
+        self.db.as_ref().ok_or_else(|| BufferError::Locked { path: self.path.clone() })
+    }
+
+    /// Closes the file after an I/O error so the next operation reopens it.
+    fn forget_on_io_error<T>(&mut self, result: Result<T, BufferError>) -> Result<T, BufferError> {
+        if result.as_ref().is_err_and(BufferError::is_io) {
+            self.db = None;
+        }
+        result
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -254,10 +290,16 @@ impl Store {
     /// Applies one batch in one durable transaction (one fsync). On error nothing of the
     /// batch is applied and the counters are unchanged.
     pub fn apply(&mut self, batch: &Batch) -> Result<Applied, BufferError> {
+        let result = self.apply_inner(batch);
+        self.forget_on_io_error(result)
+    }
+
+    fn apply_inner(&mut self, batch: &Batch) -> Result<Applied, BufferError> {
         let path = self.path.clone();
-        let mut lanes = self.lanes;
         let mut applied = Applied::default();
-        let txn = self.db.begin_write().map_err(|e| db_err(&path, e))?;
+        // redb's default durability is Immediate: the commit below is one fdatasync.
+        let txn = self.database()?.begin_write().map_err(|e| db_err(&path, e))?;
+        let mut lanes = self.lanes;
         {
             let mut events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
             for record in &batch.inserts {
@@ -317,9 +359,15 @@ impl Store {
     }
 
     /// Up to `limit` records of `priority` with `seq >= from_seq`, in order.
-    pub fn read(&self, priority: u8, from_seq: u64, limit: usize) -> Result<Vec<Record>, BufferError> {
-        let path = &self.path;
-        let txn = self.db.begin_read().map_err(|e| db_err(path, e))?;
+    pub fn read(&mut self, priority: u8, from_seq: u64, limit: usize) -> Result<Vec<Record>, BufferError> {
+        let result = self.read_inner(priority, from_seq, limit);
+        self.forget_on_io_error(result)
+    }
+
+    fn read_inner(&mut self, priority: u8, from_seq: u64, limit: usize) -> Result<Vec<Record>, BufferError> {
+        let path = self.path.clone();
+        let path = &path;
+        let txn = self.database()?.begin_read().map_err(|e| db_err(path, e))?;
         let events = txn.open_table(EVENTS).map_err(|e| db_err(path, e))?;
         let mut out = Vec::with_capacity(limit.min(4096));
         for entry in events.range((priority, from_seq)..=(priority, u64::MAX)).map_err(|e| db_err(path, e))? {
@@ -333,7 +381,7 @@ impl Store {
     }
 
     /// The oldest record of each priority, for `buffer stats`.
-    pub fn oldest(&self) -> Result<[Option<Record>; N_PRIORITIES], BufferError> {
+    pub fn oldest(&mut self) -> Result<[Option<Record>; N_PRIORITIES], BufferError> {
         let mut out: [Option<Record>; N_PRIORITIES] = Default::default();
         for (p, slot) in out.iter_mut().enumerate() {
             *slot = self.read(p as u8, 0, 1)?.pop();
@@ -352,8 +400,12 @@ impl Store {
             return Ok(false);
         }
         let path = self.path.clone();
-        self.db.compact().map_err(|e| db_err(&path, e))?;
-        Ok(true)
+        self.database()?;
+        let result = match self.db.as_mut() {
+            Some(db) => db.compact().map(|_| true).map_err(|e| db_err(&path, e)),
+            None => Ok(false),
+        };
+        self.forget_on_io_error(result)
     }
 
     pub fn file_bytes(&self) -> u64 {

@@ -1,0 +1,140 @@
+//! A full disk: the buffer's file system runs out of space while sensors publish, then space
+//! comes back. The gateway must keep running, count the failed commits, and once space is
+//! back commit everything it accepted; whatever could not be taken in is counted, so
+//! published = stored + ingest_lost holds exactly.
+//!
+//! Needs root to mount a small tmpfs (CI runs as root; elsewhere it says so and returns).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use outpost::buffer::Store;
+use outpost::config::GatewayConfig;
+use outpost::metrics::Metrics;
+use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+
+/// Unmounts on drop, even when an assertion fails.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("create mount point");
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path));
+        Tmpfs(path.to_owned())
+    }
+
+    fn resize(&self, size: &str) {
+        run(Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0));
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().expect("run mount");
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Whether the effective uid is 0, from /proc (no unsafe FFI needed).
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Polls a condition on the gateway's counters, bounded by `timeout`.
+async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes `n` QoS 1 messages of `size` bytes and waits for every PUBACK.
+async fn publish(port: u16, n: usize, size: usize) {
+    let mut opts = MqttOptions::new("disk-full-sensor", "127.0.0.1", port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            let payload = format!("{{\"seq\":{i},\"pad\":\"{}\"}}", "x".repeat(size.saturating_sub(24)));
+            client
+                .publish("sensors/disk/temp", QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("queue publish");
+        }
+        client
+    });
+    let mut acked = 0;
+    while acked < n {
+        match eventloop.poll().await.expect("sensor connection") {
+            Event::Incoming(Packet::PubAck(_)) => acked += 1,
+            Event::Outgoing(Outgoing::Disconnect) => break,
+            _ => {}
+        }
+    }
+    drop(sender.await);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn full_disk_is_survived_counted_and_recovered() {
+    outpost::telemetry::init(outpost::config::LogFormat::Text, "warn");
+    if !is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "this test needs root (to mount a tmpfs) and CI runs as root"
+        );
+        eprintln!("skipping: mounting a tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let fs = Tmpfs::mount(&data, "1m");
+
+    let mut config = GatewayConfig::default();
+    config.data_dir = data.clone();
+    let port = free_port();
+    config.broker.listen = format!("127.0.0.1:{port}").parse().expect("addr");
+    config.buffer.commit_max_events = std::num::NonZeroUsize::new(200).expect("non-zero");
+    let gateway = outpost::Gateway::start(config).await.expect("gateway starts");
+    let counters = gateway.metrics().counters();
+
+    // ~4 MB of events into a 1 MiB file system, with no upstream: everything must go to disk.
+    let n = 20_000;
+    publish(port, n, 200).await;
+    wait_until("a commit failed for lack of space", Duration::from_secs(30), || {
+        Metrics::get(&counters.commit_failures) > 0
+    })
+    .await;
+    let failures = Metrics::get(&counters.commit_failures);
+
+    // Space comes back: the store reopens the file (redb refuses all work after an I/O error
+    // until then) and the retried commits succeed.
+    fs.resize("256m");
+    wait_until("every ingested event is committed", Duration::from_secs(60), || {
+        let ingested = Metrics::get(&counters.ingested);
+        ingested + Metrics::get(&counters.ingest_lost) == n as u64
+            && Metrics::get(&counters.committed) >= Metrics::get(&counters.accepted)
+            && Metrics::get(&counters.accepted) == ingested
+    })
+    .await;
+    let lost = Metrics::get(&counters.ingest_lost);
+    assert!(gateway.shutdown().await, "clean shutdown after the disk recovered");
+
+    let (store, _) = Store::open(&data).expect("reopen the buffer");
+    let stored = store.total().events;
+    eprintln!("published {n}, stored {stored}, ingest_lost {lost}, commit failures while full {failures}");
+    assert_eq!(stored + lost, n as u64, "every published event is either stored or counted as lost");
+    assert!(stored > 0);
+}
