@@ -8,14 +8,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::buffer::inspect;
+use crate::config::{ConfigError, GatewayConfig, LogFormat, Overrides, UpstreamUrl};
+use crate::event::now_ms;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use redb::{ReadableDatabase, ReadableTable};
-use serde::Serialize;
-
-use crate::buffer::{N_PRIORITIES, Record};
-use crate::config::{ConfigError, GatewayConfig, LogFormat, Overrides, UpstreamUrl};
-use crate::event::{format_event_id, now_ms};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,9 +41,11 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BufferCommand {
-    /// Events, bytes and oldest age per priority. Works while the daemon runs (read-only).
+    /// Events, bytes and oldest age per priority. Works while the daemon runs (through its
+    /// admin socket, <data_dir>/outpost.sock) and when it is stopped (reads the file).
     Stats(BufferArgs),
-    /// Print the next N events the relay will send, as JSON lines. Works while the daemon runs.
+    /// Print the next N events the relay will send, as JSON lines. Works while the daemon runs
+    /// (through its admin socket) and when it is stopped.
     Peek {
         #[arg(default_value_t = 10)]
         n: usize,
@@ -54,7 +53,8 @@ pub enum BufferCommand {
         args: BufferArgs,
     },
     /// Write every buffered event to FILE as JSON lines (payload as UTF-8 text, or hex when it
-    /// is not). Works while the daemon runs; the export is a consistent snapshot.
+    /// is not). Works while the daemon runs (through its admin socket; events acknowledged
+    /// during the export may or may not appear).
     Export {
         file: PathBuf,
         #[command(flatten)]
@@ -180,57 +180,57 @@ fn data_dir(args: &BufferArgs) -> anyhow::Result<PathBuf> {
     Ok(config.data_dir)
 }
 
-/// Read-only view of the buffer file, safe next to a running daemon.
-fn open_read_only(dir: &Path) -> anyhow::Result<redb::ReadOnlyDatabase> {
+/// Where `outpost buffer …` gets its answers: the file itself when no daemon holds it, or
+/// the daemon's admin socket when one does (redb's writer lock excludes all other openers).
+enum Source {
+    File(redb::ReadOnlyDatabase, PathBuf),
+    Daemon(PathBuf),
+}
+
+fn open_source(dir: &Path) -> anyhow::Result<Source> {
     let path = crate::buffer::store::file_path(dir);
     anyhow::ensure!(path.exists(), "no buffer at {} (is --data-dir right?)", path.display());
-    redb::ReadOnlyDatabase::open(&path).with_context(|| format!("cannot open {} read-only", path.display()))
+    match redb::ReadOnlyDatabase::open(&path) {
+        Ok(db) => Ok(Source::File(db, path)),
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Ok(Source::Daemon(crate::admin::socket_path(dir))),
+        Err(e) => Err(e).with_context(|| format!("cannot open {} read-only", path.display())),
+    }
 }
 
-#[derive(Serialize)]
-struct ExportedRecord<'a> {
-    priority: u8,
-    seq: u64,
-    event_id: String,
-    enqueued_ms: u64,
-    expires_ms: Option<u64>,
-    topic: &'a str,
-    qos: u8,
-    payload: String,
-    payload_encoding: &'static str,
+/// Sends one request line to the daemon and returns its answer.
+fn ask_daemon(socket: &Path, request: &str) -> anyhow::Result<String> {
+    use std::io::Read;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+        format!(
+            "the buffer is locked by a running outpost, but its admin socket {} does not answer",
+            socket.display()
+        )
+    })?;
+    stream.write_all(format!("{request}\n").as_bytes())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    if let Some(error) = answer.strip_prefix("error: ") {
+        anyhow::bail!("the daemon answered: {}", error.trim());
+    }
+    Ok(answer)
 }
 
-fn export_line(record: &Record) -> anyhow::Result<String> {
-    let (payload, payload_encoding) = match std::str::from_utf8(&record.payload) {
-        Ok(s) => (s.to_owned(), "utf8"),
-        Err(_) => (record.payload.iter().map(|b| format!("{b:02x}")).collect(), "hex"),
-    };
-    Ok(serde_json::to_string(&ExportedRecord {
-        priority: record.priority,
-        seq: record.seq,
-        event_id: format_event_id(record.event_id),
-        enqueued_ms: record.enqueued_ms,
-        expires_ms: record.expires_ms,
-        topic: &record.topic,
-        qos: record.qos,
-        payload,
-        payload_encoding,
-    })?)
-}
-
-/// Calls `f` for buffered records in send order per priority (priority 0 first), until it
-/// returns `false`.
-fn each_record(
+/// Records from the file, in send order, as JSON lines; at most `limit`.
+fn file_lines(
     db: &redb::ReadOnlyDatabase,
-    mut f: impl FnMut(Record) -> anyhow::Result<bool>,
+    path: &Path,
+    limit: usize,
+    mut f: impl FnMut(&str) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let txn = db.begin_read()?;
-    let table = txn.open_table(crate::buffer::store::EVENTS)?;
-    for entry in table.iter()? {
-        let (k, v) = entry?;
-        let record = crate::buffer::store::decode(k.value(), v.value())?;
-        if !f(record)? {
-            break;
+    let mut after = None;
+    let mut left = limit;
+    while left > 0 {
+        let records = inspect::records_after(db, path, after, left.min(1000))?;
+        let Some(last) = records.last() else { break };
+        after = Some(last.key());
+        left -= records.len();
+        for record in &records {
+            f(&inspect::export_line(record))?;
         }
     }
     Ok(())
@@ -240,62 +240,34 @@ fn buffer(command: BufferCommand) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     match command {
         BufferCommand::Stats(args) => {
-            let dir = data_dir(&args)?;
-            let db = open_read_only(&dir)?;
-            let txn = db.begin_read()?;
-            let meta = txn.open_table(crate::buffer::store::META)?;
-            let events = txn.open_table(crate::buffer::store::EVENTS)?;
-            let now = now_ms();
-            let mut priorities = Vec::new();
-            let (mut total_events, mut total_bytes) = (0, 0);
-            for p in 0..N_PRIORITIES {
-                let get = |kind: &str| -> anyhow::Result<u64> {
-                    Ok(meta.get(format!("{kind}.{p}").as_str())?.map_or(0, |v| v.value()))
-                };
-                let (n, bytes) = (get("events")?, get("bytes")?);
-                if n == 0 {
-                    continue;
-                }
-                let oldest = events.range((p as u8, 0)..=(p as u8, u64::MAX))?.next().transpose()?;
-                let oldest_age_s = match oldest {
-                    Some((k, v)) => Some(
-                        now.saturating_sub(crate::buffer::store::decode(k.value(), v.value())?.enqueued_ms)
-                            as f64
-                            / 1000.0,
-                    ),
-                    None => None,
-                };
-                total_events += n;
-                total_bytes += bytes;
-                priorities.push(serde_json::json!({"priority": p, "events": n, "bytes": bytes, "oldest_age_s": oldest_age_s}));
-            }
-            let file_bytes = std::fs::metadata(crate::buffer::store::file_path(&dir)).map_or(0, |m| m.len());
-            let stats = serde_json::json!({"events": total_events, "bytes": total_bytes, "file_bytes": file_bytes, "priorities": priorities});
+            let stats: inspect::StatsReport = match open_source(&data_dir(&args)?)? {
+                Source::File(db, path) => inspect::stats(&db, &path, now_ms())?,
+                Source::Daemon(socket) => serde_json::from_str(ask_daemon(&socket, "stats")?.trim())
+                    .context("the daemon's stats answer is not valid JSON")?,
+            };
             writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
         }
-        BufferCommand::Peek { n, args } => {
-            let db = open_read_only(&data_dir(&args)?)?;
-            let mut left = n;
-            each_record(&db, |record| {
-                if left == 0 {
-                    return Ok(false);
-                }
-                left -= 1;
-                writeln!(out, "{}", export_line(&record)?)?;
-                Ok(true)
-            })?;
-        }
+        BufferCommand::Peek { n, args } => match open_source(&data_dir(&args)?)? {
+            Source::File(db, path) => file_lines(&db, &path, n, |line| Ok(writeln!(out, "{line}")?))?,
+            Source::Daemon(socket) => write!(out, "{}", ask_daemon(&socket, &format!("peek {n}"))?)?,
+        },
         BufferCommand::Export { file, args } => {
-            let db = open_read_only(&data_dir(&args)?)?;
+            let source = open_source(&data_dir(&args)?)?;
             let f =
                 std::fs::File::create(&file).with_context(|| format!("cannot create {}", file.display()))?;
             let mut w = std::io::BufWriter::new(f);
             let mut n = 0u64;
-            each_record(&db, |record| {
-                writeln!(w, "{}", export_line(&record)?)?;
-                n += 1;
-                Ok(true)
-            })?;
+            match source {
+                Source::File(db, path) => file_lines(&db, &path, usize::MAX, |line| {
+                    n += 1;
+                    Ok(writeln!(w, "{line}")?)
+                })?,
+                Source::Daemon(socket) => {
+                    let answer = ask_daemon(&socket, "export")?;
+                    n = answer.lines().count() as u64;
+                    w.write_all(answer.as_bytes())?;
+                }
+            }
             w.flush()?;
             writeln!(out, "exported {n} events to {}", file.display())?;
         }

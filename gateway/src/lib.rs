@@ -18,11 +18,13 @@
 //! - [`relay`]: stage 3, store-and-forward: commit scheduling, send window, resend on reconnect.
 //! - [`buffer`]: the redb file and the thread that owns it.
 //! - [`uplink`]: stage 4, the upstream MQTT connection.
+//! - [`admin`]: the admin socket that answers `outpost buffer …` while the daemon runs.
 //! - [`metrics`]: counters.
 //! - [`shutdown`]: signals to cancellation.
 //! - [`telemetry`]: logging set-up.
 //! - [`cli`]: the `outpost` command line (the binary only parses and calls in).
 
+pub mod admin;
 pub mod buffer;
 pub mod cli;
 pub mod config;
@@ -100,6 +102,9 @@ impl Gateway {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
+        if let Some(listener) = admin::bind(&config.data_dir) {
+            tracker.spawn(admin::serve(listener, worker.commands.clone(), cancel.clone()));
+        }
         let ids = IdGen::new(report.epoch);
         // Sequence numbers share the epoch scheme with event ids but count separately.
         let seqs = IdGen::new(report.epoch);

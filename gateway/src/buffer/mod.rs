@@ -20,6 +20,7 @@
 //! - A file that cannot be opened or whose counters disagree with its contents is moved aside
 //!   (`buffer.redb.corrupt-<unix seconds>`), never deleted, and a new file is started.
 
+pub mod inspect;
 pub mod store;
 pub mod worker;
 

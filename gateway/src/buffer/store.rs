@@ -380,15 +380,6 @@ impl Store {
         Ok(out)
     }
 
-    /// The oldest record of each priority, for `buffer stats`.
-    pub fn oldest(&mut self) -> Result<[Option<Record>; N_PRIORITIES], BufferError> {
-        let mut out: [Option<Record>; N_PRIORITIES] = Default::default();
-        for (p, slot) in out.iter_mut().enumerate() {
-            *slot = self.read(p as u8, 0, 1)?.pop();
-        }
-        Ok(out)
-    }
-
     /// Returns the file's disk space once the queue is empty. redb keeps freed pages for
     /// reuse, so without this a file stays at its high-water mark after a large backlog.
     pub fn compact_if_drained(&mut self) -> Result<bool, BufferError> {
@@ -405,6 +396,20 @@ impl Store {
             Some(db) => db.compact().map(|_| true).map_err(|e| db_err(&path, e)),
             None => Ok(false),
         };
+        self.forget_on_io_error(result)
+    }
+
+    /// Statistics for `outpost buffer stats`.
+    pub fn inspect_stats(&mut self) -> Result<super::inspect::StatsReport, BufferError> {
+        let path = self.path.clone();
+        let result = super::inspect::stats(self.database()?, &path, crate::event::now_ms());
+        self.forget_on_io_error(result)
+    }
+
+    /// Records in send order after `after`, for `outpost buffer peek|export`.
+    pub fn inspect_records(&mut self, after: Option<Key>, limit: usize) -> Result<Vec<Record>, BufferError> {
+        let path = self.path.clone();
+        let result = super::inspect::records_after(self.database()?, &path, after, limit);
         self.forget_on_io_error(result)
     }
 

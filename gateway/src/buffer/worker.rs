@@ -6,14 +6,36 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::store::{Applied, Batch, BufferError, Record, Store};
+use super::inspect::StatsReport;
+use super::store::{Applied, Batch, BufferError, Key, Record, Store};
 
 pub enum Command {
     Apply(Batch),
-    Read { priority: u8, from_seq: u64, limit: usize },
+    Read {
+        priority: u8,
+        from_seq: u64,
+        limit: usize,
+    },
+    /// An operator's read-only question (admin socket); answered on its own channel.
+    Inspect {
+        request: InspectRequest,
+        reply: oneshot::Sender<Result<Inspected, String>>,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum InspectRequest {
+    Stats,
+    Records { after: Option<Key>, limit: usize },
+}
+
+#[derive(Debug)]
+pub enum Inspected {
+    Stats(StatsReport),
+    Records(Vec<Record>),
 }
 
 pub enum Reply {
@@ -56,6 +78,16 @@ impl Worker {
                             compact(&mut store);
                         }
                         Reply::Applied { result, took: started.elapsed(), inserted }
+                    }
+                    Command::Inspect { request, reply } => {
+                        let answer = match request {
+                            InspectRequest::Stats => store.inspect_stats().map(Inspected::Stats),
+                            InspectRequest::Records { after, limit } => {
+                                store.inspect_records(after, limit).map(Inspected::Records)
+                            }
+                        };
+                        let _ = reply.send(answer.map_err(|e| e.to_string()));
+                        continue;
                     }
                     Command::Read { priority, from_seq, limit } => {
                         Reply::Read { priority, from_seq, result: store.read(priority, from_seq, limit) }

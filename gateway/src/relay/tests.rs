@@ -328,3 +328,134 @@ fn outage_commits_everything_and_drains_in_order_after_reconnect() {
         assert_eq!(Metrics::get(&c.upstream_acked), 50);
     });
 }
+
+/// A harness with custom settings, for policy tests.
+fn harness_with(settings: RelaySettings) -> Harness {
+    let mut h = Harness::new();
+    h.relay.settings = settings;
+    h
+}
+
+fn accept_with(h: &mut Harness, priority: u8, expires_ms: Option<u64>) {
+    h.next_id += 1;
+    let id = h.next_id;
+    h.relay.accept(
+        Outbound {
+            event_id: id,
+            topic: format!("t/{priority}"),
+            payload: id.to_string().into(),
+            qos: 1,
+            priority,
+            expires_ms,
+            received_ms: 0,
+        },
+        h.clock,
+    );
+    h.accepted.push(id);
+}
+
+#[test]
+fn expired_events_are_counted_and_never_sent() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        accept_with(&mut h, 5, Some(1)); // expired long ago
+        accept_with(&mut h, 5, None);
+        h.step(Action::Tick(20)).await; // both committed: no uplink
+        h.step(Action::Connect).await;
+        h.step(Action::ServeStore).await;
+        h.step(Action::Write(WINDOW)).await;
+        let sent: Vec<u64> = h.published.iter().map(|(_, _, id)| *id).collect();
+        assert_eq!(sent, vec![2], "the expired event is not sent");
+        assert_eq!(Metrics::get(&h.relay.metrics.counters().expired), 1);
+        h.step(Action::Ack(0)).await;
+        h.relay.maybe_commit(&h.worker.commands, true, h.clock);
+        h.settle().await;
+        assert_eq!(h.relay.disk.iter().map(|l| l.events).sum::<u64>(), 0, "the expired event left the file");
+    });
+}
+
+#[test]
+fn drop_oldest_discards_the_least_urgent_oldest_first() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = harness_with(RelaySettings { max_events: 4, ..settings() });
+        accept_with(&mut h, 0, None); // id 1, urgent
+        accept_with(&mut h, 9, None); // id 2, least urgent: first to go
+        accept_with(&mut h, 9, None); // id 3
+        accept_with(&mut h, 0, None); // id 4
+        h.step(Action::Tick(20)).await; // all on disk
+        accept_with(&mut h, 5, None); // id 5: over capacity by one
+        h.step(Action::Tick(20)).await;
+        h.step(Action::ServeStore).await;
+        assert_eq!(Metrics::get(&h.relay.metrics.counters().dropped_overflow), 1);
+        h.lost_in_crashes.insert(2); // dropped by policy, counted above
+        h.drain().await;
+        assert!(!h.acked.contains(&2), "the oldest least urgent event was dropped");
+        for id in [1, 3, 4, 5] {
+            assert!(h.acked.contains(&id), "event {id} kept");
+        }
+    });
+}
+
+#[test]
+fn reject_new_refuses_and_counts() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h =
+            harness_with(RelaySettings { max_events: 3, overflow: OverflowPolicy::RejectNew, ..settings() });
+        for _ in 0..5 {
+            accept_with(&mut h, 5, None);
+        }
+        assert_eq!(Metrics::get(&h.relay.metrics.counters().rejected_full), 2);
+        h.lost_in_crashes.extend([4, 5]);
+        h.drain().await;
+        assert_eq!(h.acked, HashSet::from([1, 2, 3]));
+    });
+}
+
+#[test]
+fn priorities_share_the_link_without_starving() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        // A backlog of routine events, then a burst of urgent ones.
+        for _ in 0..40 {
+            accept_with(&mut h, 9, None);
+        }
+        for _ in 0..40 {
+            accept_with(&mut h, 0, None);
+        }
+        h.step(Action::Tick(20)).await;
+        h.step(Action::Connect).await;
+        for _ in 0..20 {
+            h.step(Action::ServeStore).await;
+            h.step(Action::Write(1)).await;
+            h.step(Action::Ack(0)).await;
+        }
+        let first: Vec<u8> = h.published.iter().take(22).map(|(_, p, _)| *p).collect();
+        let urgent = first.iter().filter(|p| **p == 0).count();
+        let routine = first.len() - urgent;
+        // Weights 10 (priority 0) and 1 (priority 9): urgent events dominate, routine ones
+        // still get their share.
+        assert!(urgent >= 18, "urgent events first: {first:?}");
+        assert!(routine >= 1, "routine events are not starved: {first:?}");
+        h.drain().await;
+        assert_eq!(h.acked.len(), 80);
+    });
+}
+
+#[test]
+fn rate_limit_paces_the_link() {
+    let now = Instant::now();
+    let mut bucket = Bucket::new(10.0);
+    for _ in 0..10 {
+        assert!(bucket.take(1.0, now).is_ok());
+    }
+    let ready_at = bucket.take(1.0, now).expect_err("empty bucket");
+    assert!(ready_at > now && ready_at <= now + Duration::from_millis(101), "{:?}", ready_at - now);
+    assert!(bucket.take(1.0, now + Duration::from_millis(100)).is_ok(), "refilled after 1/rate");
+    // An item larger than the bucket passes once the bucket is full, so it cannot block forever.
+    let mut bytes = Bucket::new(100.0);
+    assert!(bytes.take(500.0, now).is_ok());
+}
