@@ -30,6 +30,7 @@ use tracing::{debug, error, info, warn};
 use crate::config::BrokerConfig;
 use crate::event::{Event, IdGen, now_ms};
 use crate::metrics::Metrics;
+use crate::telemetry::LogThrottle;
 
 fn link_id() -> String {
     format!("outpost-ingest-{:016x}", rand::random::<u64>())
@@ -178,6 +179,7 @@ async fn drain_link(
 ) {
     let counters = metrics.counters();
     let mut gaps = GapDetector::default();
+    let mut gap_log = LogThrottle::default();
     loop {
         let notification = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -189,11 +191,14 @@ async fn drain_link(
                     let lost = gaps.observe(offset);
                     if lost > 0 {
                         Metrics::add(&counters.ingest_lost, lost);
-                        error!(
-                            message = "ingest fell behind the broker's ring and the broker dropped events; raise broker.ring_segment_size/ring_segments or reduce the load",
-                            lost,
-                            lost_total = Metrics::get(&counters.ingest_lost)
-                        );
+                        if let Some(folded) = gap_log.ready(tokio::time::Instant::now()) {
+                            error!(
+                                message = "ingest fell behind the broker's ring and the broker dropped events; raise broker.ring_segment_size/ring_segments or reduce the load",
+                                lost,
+                                similar_since_last_log = folded,
+                                lost_total = Metrics::get(&counters.ingest_lost)
+                            );
+                        }
                     }
                 }
                 let publish = forward.publish;

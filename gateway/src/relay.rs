@@ -38,6 +38,7 @@ use crate::buffer::{Batch, DropRequest, Key, LaneStats, N_PRIORITIES, Record};
 use crate::config::{BufferConfig, EventIdMode, OverflowPolicy, UpstreamConfig};
 use crate::event::{IdGen, Outbound, format_event_id, now_ms};
 use crate::metrics::Metrics;
+use crate::telemetry::LogThrottle;
 use crate::uplink::{UplinkClient, UplinkEvent};
 
 /// Acked events still in the file are deleted at least this often; after a crash, at most this
@@ -161,24 +162,6 @@ impl Bucket {
     }
 }
 
-/// Logs at most once per interval, with how many occurrences were folded in.
-#[derive(Debug, Default)]
-struct Throttle {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl Throttle {
-    fn ready(&mut self, now: Instant) -> Option<u64> {
-        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
 /// The relay's whole state. Owned by one task; nothing in it is shared.
 pub struct Relay {
     settings: RelaySettings,
@@ -207,9 +190,9 @@ pub struct Relay {
     byte_bucket: Option<Bucket>,
     rate_wait: Option<Instant>,
     read_retry_at: Option<Instant>,
-    overflow_log: Throttle,
-    expiry_log: Throttle,
-    reject_log: Throttle,
+    overflow_log: LogThrottle,
+    expiry_log: LogThrottle,
+    reject_log: LogThrottle,
 }
 
 impl Relay {
@@ -245,9 +228,9 @@ impl Relay {
             conn: None,
             rate_wait: None,
             read_retry_at: None,
-            overflow_log: Throttle::default(),
-            expiry_log: Throttle::default(),
-            reject_log: Throttle::default(),
+            overflow_log: LogThrottle::default(),
+            expiry_log: LogThrottle::default(),
+            reject_log: LogThrottle::default(),
         }
     }
 

@@ -1,9 +1,13 @@
 //! Logging set-up: human-readable text on stderr by default, JSON lines on request.
 //!
-//! rumqttd 0.20.0 logs every ordinary client disconnect at ERROR level. Those events are recognised by their source line (the version is
+//! rumqttd 0.20.0 logs every ordinary client disconnect at ERROR level, and every cursor jump
+//! over dropped data at WARN. Those events are recognised by their source line (the version is
 //! pinned) and dropped, so an ERROR in Outpost's log always means something needs attention.
 //! Listener failures from the same file are kept.
 
+use std::time::Duration;
+
+use tokio::time::Instant;
 use tracing::Metadata;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
@@ -13,17 +17,23 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
-/// Source lines in rumqttd 0.20.0 that report an ordinary client going away at ERROR level:
-/// in `server/broker.rs` connect-packet errors, link errors, "connection-stop", "router-drop",
-/// "disconnected"; in `router/routing.rs` "no-connection id … is already gone" and
-/// "Connection is already disconnected".
-const RUMQTTD_DISCONNECT_NOISE: [(&str, &[u32]); 2] = [
+/// Source lines in rumqttd 0.20.0 that are noise for an Outpost operator:
+/// - an ordinary client going away, logged at ERROR: in `server/broker.rs` connect-packet
+///   errors, link errors, "connection-stop", "router-drop", "disconnected"; in
+///   `router/routing.rs` "no-connection id … is already gone", "Connection is already
+///   disconnected";
+/// - a reader's cursor jumping over dropped segments, logged at WARN for every jump:
+///   `segments/mod.rs` "jumping to head"/"jumping" and `router/routing.rs` "Read cursor start
+///   jumped". Outpost detects the same gaps itself, counts them as `ingest_lost` and logs one
+///   throttled ERROR that says what to do.
+const RUMQTTD_NOISE: [(&str, &[u32]); 3] = [
     ("rumqttd::server::broker", &[512, 566, 577, 581, 592]),
-    ("rumqttd::router::routing", &[416, 436, 539, 1006]),
+    ("rumqttd::router::routing", &[416, 436, 539, 1006, 1516]),
+    ("rumqttd::segments", &[188, 200]),
 ];
 
-fn is_disconnect_noise(meta: &Metadata<'_>) -> bool {
-    RUMQTTD_DISCONNECT_NOISE
+fn is_rumqttd_noise(meta: &Metadata<'_>) -> bool {
+    RUMQTTD_NOISE
         .iter()
         .any(|(target, lines)| meta.target() == *target && meta.line().is_some_and(|l| lines.contains(&l)))
 }
@@ -33,7 +43,7 @@ fn is_disconnect_noise(meta: &Metadata<'_>) -> bool {
 pub fn init(format: LogFormat, level: &str) {
     let default = format!("{level},rumqttd=warn");
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let noise = filter_fn(|meta| !is_disconnect_noise(meta));
+    let noise = filter_fn(|meta| !is_rumqttd_noise(meta));
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Text => registry
@@ -51,4 +61,25 @@ pub fn init(format: LogFormat, level: &str) {
     };
     // A subscriber is already installed (tests): keep it.
     drop(result);
+}
+
+/// Lets a repeated warning through at most once per 10 s, and says how many were folded in,
+/// so a sustained problem (overflow, expiry, a refusing upstream) cannot flood the log.
+#[derive(Debug, Default)]
+pub struct LogThrottle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    /// `Some(folded)` when this occurrence should be logged, `folded` being how many were
+    /// suppressed since the last one; `None` when it should not.
+    pub fn ready(&mut self, now: Instant) -> Option<u64> {
+        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.suppressed))
+    }
 }
