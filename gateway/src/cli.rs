@@ -37,6 +37,39 @@ pub enum Command {
     /// Inspect the durable buffer.
     #[command(subcommand)]
     Buffer(BufferCommand),
+    /// Check rules files, try them on events, read the dead-letter store.
+    #[command(subcommand)]
+    Rules(RulesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RulesCommand {
+    /// Compile a rules file (and the table files it names): exit 0, or 1 with every problem.
+    Check { file: PathBuf },
+    /// Dry run: show what each rule does with an event, without a running gateway.
+    Test {
+        file: PathBuf,
+        /// Topic of a single test event.
+        #[arg(long, required_unless_present = "events")]
+        topic: Option<String>,
+        /// Payload of the single test event (any text; JSON for most rules).
+        #[arg(long, default_value = "")]
+        payload: String,
+        #[arg(long)]
+        clientid: Option<String>,
+        /// Replay recorded events: JSON lines with "topic", "payload" (a JSON value, or a
+        /// string used as is) and optionally "clientid".
+        #[arg(long, conflicts_with = "topic")]
+        events: Option<PathBuf>,
+    },
+    /// Print the last N dead letters (events a rule failed on), oldest first, as JSON lines.
+    /// Works while the daemon runs.
+    DeadLetters {
+        #[arg(short = 'n', long, default_value_t = 20)]
+        n: usize,
+        #[command(flatten)]
+        args: BufferArgs,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -138,7 +171,130 @@ pub fn main(cli: Cli) -> ExitCode {
             report(run(config))
         }
         Command::Buffer(command) => report(buffer(command)),
+        Command::Rules(RulesCommand::Check { file }) => match crate::rules::load(&file) {
+            Ok(rules) => {
+                println!(
+                    "{}: ok ({} rules: {})",
+                    file.display(),
+                    rules.len(),
+                    rules.rule_names().collect::<Vec<_>>().join(", ")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("outpost: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Rules(RulesCommand::Test { file, topic, payload, clientid, events }) => {
+            match crate::rules::load(&file) {
+                Ok(rules) => report(rules_test(&rules, topic, payload, clientid, events)),
+                Err(e) => {
+                    eprintln!("outpost: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Rules(RulesCommand::DeadLetters { n, args }) => report((|| {
+            let dir = data_dir(&args)?;
+            let mut out = std::io::stdout().lock();
+            for line in crate::deadletter::tail(&dir, n)? {
+                writeln!(out, "{line}")?;
+            }
+            Ok(())
+        })()),
     }
+}
+
+/// One recorded event for `rules test --events`.
+#[derive(serde::Deserialize)]
+struct RecordedEvent {
+    topic: String,
+    #[serde(default)]
+    payload: serde_json::Value,
+    #[serde(default)]
+    clientid: Option<String>,
+}
+
+fn rules_test(
+    rules: &outpost_rules::RuleSet,
+    topic: Option<String>,
+    payload: String,
+    clientid: Option<String>,
+    events: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let mut cases: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
+    match (topic, events) {
+        (Some(topic), _) => cases.push((topic, payload.into_bytes(), clientid)),
+        (None, Some(path)) => {
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            for (idx, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let e: RecordedEvent = serde_json::from_str(line).with_context(|| {
+                    format!("{}:{}: expected {{\"topic\": …, \"payload\": …}}", path.display(), idx + 1)
+                })?;
+                let payload = match e.payload {
+                    serde_json::Value::String(s) => s.into_bytes(),
+                    serde_json::Value::Null => Vec::new(),
+                    other => serde_json::to_vec(&other)?,
+                };
+                cases.push((e.topic, payload, e.clientid));
+            }
+        }
+        (None, None) => anyhow::bail!("give --topic (and --payload) or --events FILE"),
+    }
+    for (topic, payload, clientid) in &cases {
+        let context = outpost_rules::EventContext {
+            topic,
+            payload,
+            clientid: clientid.as_deref(),
+            username: None,
+            qos: 1,
+            timestamp_ms: now_ms(),
+            event_id: 0,
+            hops: 0,
+        };
+        writeln!(out, "event {topic} {}", String::from_utf8_lossy(payload))?;
+        let traces = rules.explain(&context);
+        if traces.is_empty() {
+            writeln!(out, "  no rule's FROM matches this topic")?;
+        }
+        for trace in traces {
+            match &trace.outcome {
+                outpost_rules::Outcome::Filtered => {
+                    writeln!(out, "  rule {}: filtered out by WHERE", trace.rule)?
+                }
+                outpost_rules::Outcome::Selected { row } => {
+                    writeln!(out, "  rule {}: selected {row}", trace.rule)?
+                }
+                outpost_rules::Outcome::Failed { reason } => {
+                    writeln!(out, "  rule {}: failed, dead letter: {reason}", trace.rule)?
+                }
+            }
+            for output in &trace.outputs {
+                match output {
+                    outpost_rules::Output::Forward { topic, payload, qos, priority, ttl, .. } => writeln!(
+                        out,
+                        "    forward {topic} qos={qos} priority={priority}{} {}",
+                        ttl.map(|t| format!(" ttl={}", humantime::format_duration(t))).unwrap_or_default(),
+                        String::from_utf8_lossy(payload)
+                    )?,
+                    outpost_rules::Output::Republish { topic, payload, hops, .. } => writeln!(
+                        out,
+                        "    republish {topic} hops={hops} {}",
+                        String::from_utf8_lossy(payload)
+                    )?,
+                    outpost_rules::Output::Dropped { .. } => writeln!(out, "    drop")?,
+                    outpost_rules::Output::LoopPrevented { topic, hops, .. } => {
+                        writeln!(out, "    republish {topic} refused: hop limit reached ({hops})")?
+                    }
+                    outpost_rules::Output::DeadLetter { .. } => {}
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn report(result: anyhow::Result<()>) -> ExitCode {

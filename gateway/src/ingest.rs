@@ -31,8 +31,24 @@ use crate::event::{Event, IdGen, now_ms};
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
 
-fn link_id() -> String {
-    format!("outpost-ingest-{:016x}", rand::random::<u64>())
+fn link_id(role: &str) -> String {
+    format!("outpost-{role}-{:016x}", rand::random::<u64>())
+}
+
+/// Publishes into the local broker for rules' `republish` actions (event chains, actuators).
+/// Sensors subscribed to the topic receive it like any publish.
+pub struct Republisher {
+    link: rumqttd::local::LinkTx,
+}
+
+impl Republisher {
+    /// Hands the publish to the broker without waiting; refuses when the link is full.
+    pub fn try_publish(&mut self, topic: &str, payload: &[u8]) -> Result<(), String> {
+        self.link
+            .try_publish(topic.to_owned(), payload.to_vec())
+            .map(drop)
+            .map_err(|e| format!("local broker link: {e}"))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -99,14 +115,17 @@ pub async fn start(
     metrics: Metrics,
     cancel: CancellationToken,
     tracker: &tokio_util::task::TaskTracker,
-) -> Result<(), IngestError> {
+) -> Result<Republisher, IngestError> {
     probe_bind("broker.listen", cfg.listen)?;
     if let Some(addr) = cfg.listen_v5 {
         probe_bind("broker.listen_v5", addr)?;
     }
     let mut broker = Broker::new(rumqttd_config(cfg));
-    let (mut link_tx, link_rx) = broker.link(&link_id()).map_err(|e| IngestError::Link(e.to_string()))?;
+    let (mut link_tx, link_rx) =
+        broker.link(&link_id("ingest")).map_err(|e| IngestError::Link(e.to_string()))?;
     link_tx.subscribe("#").map_err(|e| IngestError::Link(e.to_string()))?;
+    let (republish_tx, republish_rx) =
+        broker.link(&link_id("republish")).map_err(|e| IngestError::Link(e.to_string()))?;
     // rumqttd has no stop API: the broker thread lives as long as the process.
     std::thread::Builder::new()
         .name("outpost-broker".into())
@@ -120,8 +139,29 @@ pub async fn start(
         wait_listening(addr).await?;
         info!(message = "embedded broker listening", %addr);
     }
-    tracker.spawn(drain_link(link_tx, link_rx, ids, out, metrics, cancel));
-    Ok(())
+    tracker.spawn(drain_link(link_tx, link_rx, ids, out, metrics, cancel.clone()));
+    tracker.spawn(idle_link(republish_rx, cancel));
+    Ok(Republisher { link: republish_tx })
+}
+
+/// Keeps the publish-only link serviced: it subscribes to nothing, but rumqttd still
+/// schedules it and stalls a link whose `Unschedule` goes unanswered.
+async fn idle_link(mut link_rx: rumqttd::local::LinkRx, cancel: CancellationToken) {
+    loop {
+        let notification = tokio::select! {
+            _ = cancel.cancelled() => break,
+            n = link_rx.next() => n,
+        };
+        match notification {
+            Ok(Some(Notification::Unschedule)) => {
+                if link_rx.wake().await.is_err() {
+                    break;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
 }
 
 /// Waits until `addr` accepts TCP connections: the readiness signal rumqttd does not give.

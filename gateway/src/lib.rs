@@ -14,7 +14,9 @@
 //! - [`config`]: typed, validated configuration.
 //! - [`event`]: the values passed between stages, and id generation.
 //! - [`ingest`]: stage 1, the embedded broker and its drain link.
-//! - [`route`]: stage 2, which events go upstream and how.
+//! - [`route`]: stage 2, bridge routes or the rule engine: forward, republish, drop, dead-letter.
+//! - [`rules`]: loading the rules file and its tables; hot reload on SIGHUP and file change.
+//! - [`deadletter`]: the dead-letter store (events a rule failed on).
 //! - [`relay`]: stage 3, store-and-forward: commit scheduling, send window, resend on reconnect.
 //! - [`buffer`]: the redb file and the thread that owns it.
 //! - [`uplink`]: stage 4, the upstream MQTT connection.
@@ -28,11 +30,13 @@ pub mod admin;
 pub mod buffer;
 pub mod cli;
 pub mod config;
+pub mod deadletter;
 pub mod event;
 pub mod ingest;
 pub mod metrics;
 pub mod relay;
 pub mod route;
+pub mod rules;
 pub mod shutdown;
 pub mod telemetry;
 pub mod uplink;
@@ -62,10 +66,8 @@ pub enum StartError {
     Ingest(#[from] ingest::IngestError),
     #[error("cannot start the store thread: {0}")]
     Thread(std::io::Error),
-    #[error(
-        "a rules file was given ({0}), but the rule engine is not part of this build yet; remove `rules`/--rules to run as a transparent bridge"
-    )]
-    RulesUnsupported(std::path::PathBuf),
+    #[error(transparent)]
+    Rules(#[from] rules::LoadError),
 }
 
 /// A running gateway: its counters, and the handle that stops it.
@@ -79,9 +81,20 @@ pub struct Gateway {
 impl Gateway {
     /// Starts every stage. Returns once the broker accepts connections.
     pub async fn start(config: GatewayConfig) -> Result<Gateway, StartError> {
-        if let Some(rules) = &config.rules {
-            return Err(StartError::RulesUnsupported(rules.clone()));
-        }
+        let routing = match &config.rules {
+            Some(path) => {
+                let path = path.clone();
+                let rules = tokio::task::spawn_blocking(move || rules::load(&path))
+                    .await
+                    .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
+                if !config.routes.is_empty() {
+                    warn!(message = "[[route]] sections are ignored while a rules file is loaded");
+                }
+                info!(message = "rules loaded", rules = rules.len());
+                route::Routing::Rules(rules)
+            }
+            None => route::Routing::Bridge(route::Bridge::new(&config.routes)),
+        };
         let metrics = Metrics::default();
         let data_dir = config.data_dir.clone();
         let (store, report) = tokio::task::spawn_blocking(move || Store::open(&data_dir))
@@ -114,9 +127,12 @@ impl Gateway {
         let (uplink_tx, uplink_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
         let uplink_cancel = CancellationToken::new();
 
-        let prefix = config.upstream.as_ref().map_or("", |u| u.topic_prefix.as_str());
-        let bridge = route::Bridge::new(&config.routes, prefix);
-        tracker.spawn(route::run(bridge, event_rx, outbound_tx, metrics.clone()));
+        let (routing_tx, routing_rx) = tokio::sync::watch::channel(std::sync::Arc::new(routing));
+        if let Some(path) = &config.rules {
+            tracker.spawn(rules::watch(path.clone(), routing_tx, metrics.clone(), cancel.clone()));
+        }
+        let (dead_tx, dead_rx) = mpsc::channel(deadletter::CHANNEL_CAPACITY);
+        tracker.spawn(deadletter::run(config.data_dir.clone(), dead_rx));
 
         let settings =
             relay::RelaySettings::new(&config.buffer, config.upstream.as_ref(), config.shutdown_timeout / 2);
@@ -139,12 +155,31 @@ impl Gateway {
             ),
         }
 
-        if let Err(e) =
-            ingest::start(&config.broker, ids, event_tx, metrics.clone(), cancel.clone(), &tracker).await
+        let republisher = match ingest::start(
+            &config.broker,
+            ids.clone(),
+            event_tx,
+            metrics.clone(),
+            cancel.clone(),
+            &tracker,
+        )
+        .await
         {
-            cancel.cancel();
-            return Err(e.into());
-        }
+            Ok(republisher) => republisher,
+            Err(e) => {
+                cancel.cancel();
+                return Err(e.into());
+            }
+        };
+        let stage = route::RouteStage {
+            routing: routing_rx,
+            topic_prefix: config.upstream.as_ref().map_or(String::new(), |u| u.topic_prefix.clone()),
+            republisher: Some(republisher),
+            dead_letters: dead_tx,
+            ids,
+            metrics: metrics.clone(),
+        };
+        tracker.spawn(route::run(stage, event_rx, outbound_tx));
         tracker.close();
         Ok(Gateway { metrics, cancel, tracker, shutdown_timeout: config.shutdown_timeout })
     }

@@ -30,8 +30,24 @@ counters! {
     ingested,
     /// Events the broker dropped because ingest fell behind its ring (detected by cursor gaps).
     ingest_lost,
-    /// Events that matched no route and were not sent upstream.
+    /// Events that matched no route (bridge) or no rule produced anything for (rules).
     unrouted,
+    /// Events consumed on purpose by a rule's `drop` action.
+    rules_dropped,
+    /// Events a rule failed on (decode or evaluation error), sent to the dead-letter store.
+    dead_letters,
+    /// Dead letters counted but not kept because the dead-letter store fell behind.
+    dead_letters_unsaved,
+    /// Rule `republish` actions published into the local broker.
+    republished,
+    /// Republishes the local broker link refused (full).
+    republish_failed,
+    /// Republishes refused because the event reached the rules' hop limit.
+    loops_prevented,
+    /// Successful rule reloads (SIGHUP or file change).
+    rules_reloads,
+    /// Rejected rule reloads; the running rules stayed.
+    rules_reload_failures,
     /// Events accepted into the store-and-forward path.
     accepted,
     /// Events acknowledged by the upstream broker (PUBACK).

@@ -1,73 +1,244 @@
-//! Stage 2: decides which events go upstream, and how.
+//! Stage 2: decides what happens to each event.
 //!
-//! Until the rule engine lands, and whenever no rules file is given, this is a transparent
-//! bridge: an event goes upstream under its own topic (plus `upstream.topic_prefix`) if it
-//! matches a `[[route]]` filter, with that route's priority and TTL. With no `[[route]]`
-//! sections, one route `#` sends everything at the default priority.
+//! Two modes ([`Routing`]):
+//! - **Bridge** (no rules file): an event goes upstream under its own topic (plus
+//!   `upstream.topic_prefix`) if it matches a `[[route]]` filter, with that route's priority
+//!   and TTL; without `[[route]]` sections one route `#` sends everything at priority 5.
+//! - **Rules**: the rule engine (`outpost_rules`) evaluates the event; its outputs are
+//!   forwarded upstream, republished into the local broker, dropped, or dead-lettered.
+//!
+//! The mode can change while running: the rules watcher ([`crate::rules`]) replaces the
+//! [`Routing`] through a `watch` channel, and the next event uses the new one.
 //!
 //! # Invariants
-//! - Routing is pure: no I/O, no waiting except on the bounded output channel.
+//! - Routing never blocks on anything but the bounded output channel to the relay: republish
+//!   and dead letters are handed over without waiting, and counted if refused.
+//! - Republish loops are cut: an event this stage republished is recognised when it comes
+//!   back through ingest (by topic and payload, within [`REPUBLISH_MEMORY`]) and carries its
+//!   hop count, which the rule engine refuses to push past the rules file's `max_hops`.
 //! - Topics starting with `$` (broker-internal) never match `#` and are not bridged.
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
-use outpost_rules::TopicFilter;
-use tokio::sync::mpsc;
-use tracing::info;
+use bytes::Bytes;
+use outpost_rules::{EventContext, Output, RuleSet, TopicFilter};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{info, warn};
 
 use crate::config::RouteConfig;
-use crate::event::{Event, Outbound};
+use crate::deadletter::DeadLetter;
+use crate::event::{Event, IdGen, Outbound};
+use crate::ingest::Republisher;
 use crate::metrics::Metrics;
+use crate::telemetry::LogThrottle;
+
+/// How many recent republishes are remembered to recognise them when they come back.
+const REPUBLISH_MEMORY: usize = 10_000;
+/// How long a republish is remembered; it comes back through the local broker in far less.
+const REPUBLISH_TTL: Duration = Duration::from_secs(10);
+
+/// What the route stage does with events right now.
+#[derive(Debug)]
+pub enum Routing {
+    Bridge(Bridge),
+    Rules(RuleSet),
+}
 
 /// The compiled bridge: the first route whose filter matches wins.
 #[derive(Debug, Clone)]
 pub struct Bridge {
     routes: Vec<(TopicFilter, u8, Option<Duration>)>,
-    topic_prefix: String,
 }
 
 impl Bridge {
-    pub fn new(routes: &[RouteConfig], topic_prefix: &str) -> Bridge {
+    pub fn new(routes: &[RouteConfig]) -> Bridge {
         let routes = if routes.is_empty() {
             vec![(TopicFilter::new("#").expect("`#` is a valid filter"), 5, None)]
         } else {
             routes.iter().map(|r| (r.filter.clone(), r.priority, r.ttl)).collect()
         };
-        Bridge { routes, topic_prefix: topic_prefix.to_owned() }
+        Bridge { routes }
     }
 
-    pub fn route(&self, event: &Event) -> Option<Outbound> {
-        let (_, priority, ttl) = self.routes.iter().find(|(filter, _, _)| filter.matches(&event.topic))?;
-        Some(Outbound {
-            event_id: event.id,
-            topic: format!("{}{}", self.topic_prefix, event.topic),
-            payload: event.payload.clone(),
-            qos: 1,
-            priority: *priority,
-            expires_ms: ttl.map(|ttl| event.received_ms + u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)),
-            received_ms: event.received_ms,
-        })
+    /// The priority and TTL of the first matching route, if any.
+    fn route(&self, topic: &str) -> Option<(u8, Option<Duration>)> {
+        self.routes.iter().find(|(filter, _, _)| filter.matches(topic)).map(|(_, p, ttl)| (*p, *ttl))
     }
+}
+
+fn expiry(received_ms: u64, ttl: Option<Duration>) -> Option<u64> {
+    ttl.map(|ttl| received_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)))
+}
+
+/// Remembers what this stage republished, to give it its hop count when it comes back.
+#[derive(Debug, Default)]
+struct Republished {
+    hops: HashMap<u64, (u8, Instant)>,
+    order: VecDeque<u64>,
+}
+
+impl Republished {
+    fn key(topic: &str, payload: &[u8]) -> u64 {
+        let mut h = DefaultHasher::new();
+        topic.hash(&mut h);
+        payload.hash(&mut h);
+        h.finish()
+    }
+
+    fn remember(&mut self, topic: &str, payload: &[u8], hops: u8, now: Instant) {
+        let key = Republished::key(topic, payload);
+        if self.hops.insert(key, (hops, now)).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > REPUBLISH_MEMORY {
+            if let Some(old) = self.order.pop_front() {
+                self.hops.remove(&old);
+            }
+        }
+    }
+
+    /// The hop count of an incoming event: that of a matching recent republish, else 0.
+    fn take(&mut self, topic: &str, payload: &[u8], now: Instant) -> u8 {
+        if self.hops.is_empty() {
+            return 0;
+        }
+        match self.hops.remove(&Republished::key(topic, payload)) {
+            Some((hops, at)) if now.duration_since(at) <= REPUBLISH_TTL => hops,
+            _ => 0,
+        }
+    }
+}
+
+/// The route stage's fixed wiring.
+pub struct RouteStage {
+    pub routing: watch::Receiver<Arc<Routing>>,
+    pub topic_prefix: String,
+    pub republisher: Option<Republisher>,
+    pub dead_letters: mpsc::Sender<DeadLetter>,
+    /// For the ids of a rule's second and later forwards of one event (each upstream message
+    /// needs its own id, or deduplication would drop legitimate outputs).
+    pub ids: IdGen,
+    pub metrics: Metrics,
 }
 
 /// Runs until its input closes (ingest stopped), then closes its output so the relay can
 /// finish. It never selects on cancellation itself: stopping upstream of it is what ends it,
 /// so nothing already ingested is dropped on the floor.
-pub async fn run(
-    bridge: Bridge,
-    mut input: mpsc::Receiver<Event>,
-    out: mpsc::Sender<Outbound>,
-    metrics: Metrics,
-) {
+pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: mpsc::Sender<Outbound>) {
+    let metrics = stage.metrics.clone();
     let counters = metrics.counters();
+    let mut republished = Republished::default();
+    let mut republish_log = LogThrottle::default();
+    let mut dead_log = LogThrottle::default();
+    let mut routing = stage.routing.borrow_and_update().clone();
     while let Some(event) = input.recv().await {
-        match bridge.route(&event) {
-            Some(outbound) => {
-                if out.send(outbound).await.is_err() {
-                    break;
+        if stage.routing.has_changed().unwrap_or(false) {
+            routing = stage.routing.borrow_and_update().clone();
+        }
+        let now = Instant::now();
+        let outbound: Vec<Outbound> = match &*routing {
+            Routing::Bridge(bridge) => match bridge.route(&event.topic) {
+                Some((priority, ttl)) => vec![Outbound {
+                    event_id: event.id,
+                    topic: format!("{}{}", stage.topic_prefix, event.topic),
+                    payload: event.payload.clone(),
+                    qos: 1,
+                    priority,
+                    expires_ms: expiry(event.received_ms, ttl),
+                    received_ms: event.received_ms,
+                }],
+                None => {
+                    Metrics::add(&counters.unrouted, 1);
+                    Vec::new()
                 }
+            },
+            Routing::Rules(rules) => {
+                let hops = republished.take(&event.topic, &event.payload, now);
+                let context = EventContext {
+                    topic: &event.topic,
+                    payload: &event.payload,
+                    clientid: event.client_id.as_deref(),
+                    username: None,
+                    qos: event.qos.unwrap_or(0),
+                    timestamp_ms: event.received_ms,
+                    event_id: event.id,
+                    hops,
+                };
+                let outputs = rules.evaluate(&context);
+                if outputs.is_empty() {
+                    Metrics::add(&counters.unrouted, 1);
+                }
+                let mut forwards = Vec::new();
+                for output in outputs {
+                    match output {
+                        Output::Forward { topic, payload, qos, priority, ttl, .. } => {
+                            let event_id = if forwards.is_empty() { event.id } else { stage.ids.next_id() };
+                            forwards.push(Outbound {
+                                event_id,
+                                topic: format!("{}{topic}", stage.topic_prefix),
+                                payload: Bytes::from(payload),
+                                qos,
+                                priority,
+                                expires_ms: expiry(event.received_ms, ttl),
+                                received_ms: event.received_ms,
+                            });
+                        }
+                        Output::Republish { rule, topic, payload, hops, .. } => {
+                            let sent = match stage.republisher.as_mut() {
+                                Some(r) => r.try_publish(&topic, &payload),
+                                None => Err("no local broker link".to_owned()),
+                            };
+                            match sent {
+                                Ok(()) => {
+                                    republished.remember(&topic, &payload, hops, now);
+                                    Metrics::add(&counters.republished, 1);
+                                }
+                                Err(reason) => {
+                                    Metrics::add(&counters.republish_failed, 1);
+                                    if let Some(folded) = republish_log.ready(now) {
+                                        warn!(message = "republish into the local broker failed; the event is not republished", %rule, %topic, %reason, similar_since_last_log = folded);
+                                    }
+                                }
+                            }
+                        }
+                        Output::Dropped { .. } => Metrics::add(&counters.rules_dropped, 1),
+                        Output::LoopPrevented { rule, topic, hops } => {
+                            Metrics::add(&counters.loops_prevented, 1);
+                            if let Some(folded) = republish_log.ready(now) {
+                                warn!(message = "republish refused: the event reached the hop limit (max_hops in the rules file); check the rules for a loop", %rule, %topic, hops, similar_since_last_log = folded);
+                            }
+                        }
+                        Output::DeadLetter { rule, reason, topic, payload } => {
+                            Metrics::add(&counters.dead_letters, 1);
+                            if let Some(folded) = dead_log.ready(now) {
+                                warn!(message = "an event failed in a rule and went to the dead-letter store; see `outpost rules dead-letters`", %rule, %reason, %topic, similar_since_last_log = folded);
+                            }
+                            let letter = DeadLetter {
+                                ts_ms: event.received_ms,
+                                event_id: event.id,
+                                rule: rule.to_string(),
+                                reason,
+                                topic,
+                                payload,
+                            };
+                            if stage.dead_letters.try_send(letter).is_err() {
+                                Metrics::add(&counters.dead_letters_unsaved, 1);
+                            }
+                        }
+                    }
+                }
+                forwards
             }
-            None => Metrics::add(&counters.unrouted, 1),
+        };
+        for outbound in outbound {
+            if out.send(outbound).await.is_err() {
+                return;
+            }
         }
     }
     info!(message = "router stopped");
@@ -76,26 +247,6 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
-
-    fn event(topic: &str) -> Event {
-        Event {
-            id: 7,
-            topic: topic.into(),
-            payload: Bytes::from_static(b"{}"),
-            qos: None,
-            received_ms: 1000,
-            client_id: None,
-        }
-    }
-
-    #[test]
-    fn default_bridge_forwards_everything_with_prefix() {
-        let b = Bridge::new(&[], "site-7/");
-        let out = b.route(&event("sensors/a/temp")).expect("routed");
-        assert_eq!(out.topic, "site-7/sensors/a/temp");
-        assert_eq!((out.priority, out.expires_ms, out.event_id), (5, None, 7));
-    }
 
     #[test]
     fn first_matching_route_sets_priority_and_ttl() {
@@ -107,10 +258,28 @@ mod tests {
             },
             RouteConfig { filter: TopicFilter::new("sensors/+/temp").expect("f"), priority: 7, ttl: None },
         ];
-        let b = Bridge::new(&routes, "");
-        let alert = b.route(&event("alerts/fire")).expect("routed");
-        assert_eq!((alert.priority, alert.expires_ms), (0, Some(61_000)));
-        assert_eq!(b.route(&event("sensors/x/temp")).expect("routed").priority, 7);
-        assert!(b.route(&event("sensors/x/humidity")).is_none());
+        let b = Bridge::new(&routes);
+        assert_eq!(b.route("alerts/fire"), Some((0, Some(Duration::from_secs(60)))));
+        assert_eq!(b.route("sensors/x/temp"), Some((7, None)));
+        assert_eq!(b.route("sensors/x/humidity"), None);
+        assert_eq!(Bridge::new(&[]).route("anything/at/all"), Some((5, None)));
+        assert_eq!(Bridge::new(&[]).route("$SYS/x"), None);
+        assert_eq!(expiry(1_000, Some(Duration::from_secs(60))), Some(61_000));
+    }
+
+    #[test]
+    fn republished_events_are_recognised_once_and_forgotten() {
+        let now = Instant::now();
+        let mut r = Republished::default();
+        r.remember("actuators/fan", b"on", 2, now);
+        assert_eq!(r.take("actuators/fan", b"off", now), 0, "different payload: a sensor's own publish");
+        assert_eq!(r.take("actuators/fan", b"on", now), 2);
+        assert_eq!(r.take("actuators/fan", b"on", now), 0, "recognised once");
+        r.remember("a", b"x", 1, now);
+        assert_eq!(r.take("a", b"x", now + REPUBLISH_TTL + Duration::from_secs(1)), 0, "too old");
+        for i in 0..(REPUBLISH_MEMORY + 10) {
+            r.remember(&format!("t/{i}"), b"p", 1, now);
+        }
+        assert!(r.hops.len() <= REPUBLISH_MEMORY, "bounded");
     }
 }

@@ -1,15 +1,149 @@
-//! Outpost's rule engine.
+//! Outpost's rule engine: EMQX-style rule SQL over MQTT events.
 //!
 //! **Architecture Invariant:** this crate is pure. It knows nothing about tokio, sockets,
 //! files or the gateway's pipeline; it takes values in and gives values out, so it can be
-//! tested exhaustively and can never block or crash the gateway.
+//! tested exhaustively and can never block or crash the gateway. It never panics on any
+//! input: rules text, table text, topics and payloads are all outside input.
 //!
-//! Today it holds the MQTT topic model that every rule's `FROM` clause and every bridge
-//! route is built on ([`TopicFilter`], [`Topic`]). The SQL rule language lands on top of it.
+//! ```text
+//! rules.toml ──toml──▶ RulesFile ──sqlparser──▶ AST ──compile──▶ RuleSet (plans + TopicIndex)
+//!                                                                  │
+//! EventContext ──▶ TopicIndex ──▶ matching rules ──▶ WHERE ──▶ SELECT row ──▶ actions ──▶ Vec<Output>
+//!                    (payload decoded once, lazily, shared by all rules)
+//! ```
+//!
+//! # API
+//! - [`RuleSet::compile`]`(rules_toml, &TableSources) -> Result<RuleSet, RulesError>`;
+//!   [`RuleSet::table_files`] lists the table files the caller must read first.
+//! - [`RuleSet::evaluate`]`(&EventContext) -> Vec<Output>`; [`RuleSet::explain`] returns a
+//!   [`Trace`] per matching rule for dry runs (`outpost rules test`).
+//! - [`RuleSet::empty`]: no rules, no outputs (the gateway stays a transparent bridge).
+//! - [`Table`] parsers for CSV and TOML text; [`Value`], the data model.
+//!
+//! The language reference (every function, formats, actions, differences from EMQX) is
+//! `rules/README.md`.
 //!
 //! # Layout
 //! - [`topic`]: validated topic names and topic filters, and filter matching.
+//! - `config`: the rules file format (serde, `deny_unknown_fields`).
+//! - `compile`: SQL → plan; name resolution, did-you-mean, carets.
+//! - `expr`: the plan ([`expr::Expr`]) and its evaluation; NULL and type rules.
+//! - `functions`: the builtin function table.
+//! - `index`: the topic trie that picks candidate rules per event.
+//! - `action`: forward/republish/drop, topic templates, output encoding.
+//! - `engine`: [`RuleSet`], payload decoding cache, dead letters, hop limit.
+//! - `table`: enrichment tables from CSV/TOML text.
+//! - `time`: calendar arithmetic for the time functions (no clock, no time zones).
+//! - `value`: [`Value`] and its JSON/CBOR (de)serialization.
+//! - `error`: [`RulesError`] and caret rendering.
 
+mod action;
+mod compile;
+mod config;
+mod engine;
+mod error;
+pub(crate) mod expr;
+mod functions;
+mod index;
+mod table;
+mod time;
 pub mod topic;
+mod value;
 
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use engine::{Outcome, RuleSet, Trace};
+pub use error::{Problem, RulesError, SqlLocation};
+pub use table::{Table, TableError, TableSources};
 pub use topic::{Topic, TopicError, TopicFilter};
+pub use value::Value;
+
+/// One event as a rule sees it. The caller (the gateway's route stage) builds it from the
+/// publish it received; nothing here is decoded yet.
+#[derive(Debug, Clone, Copy)]
+pub struct EventContext<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub clientid: Option<&'a str>,
+    pub username: Option<&'a str>,
+    pub qos: u8,
+    /// Receive time, Unix milliseconds. Also what `now_timestamp()` returns.
+    pub timestamp_ms: u64,
+    pub event_id: u64,
+    /// How many times rules have already republished this event (0 for a sensor's
+    /// publish). A republish at `hops >= max_hops` is refused.
+    pub hops: u8,
+}
+
+/// What the rules want done with an event. Several per event are normal (several rules,
+/// several actions each).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Send upstream through the store-and-forward buffer.
+    Forward {
+        rule: Arc<str>,
+        topic: String,
+        payload: Vec<u8>,
+        qos: u8,
+        /// 0 (most urgent) to 9.
+        priority: u8,
+        ttl: Option<Duration>,
+    },
+    /// Publish into the local broker; `hops` is the event's hop count plus one and must be
+    /// carried to the republished event's [`EventContext::hops`].
+    Republish { rule: Arc<str>, topic: String, payload: Vec<u8>, qos: u8, hops: u8 },
+    /// A `drop` action ran: the event is consumed on purpose (count it).
+    Dropped { rule: Arc<str> },
+    /// A republish was refused because the event reached the hop limit (count it).
+    LoopPrevented { rule: Arc<str>, topic: String, hops: u8 },
+    /// The rule failed on this event (payload not decodable, type error, bad topic
+    /// template). Carries the original topic and payload so it can be kept or inspected.
+    DeadLetter { rule: Arc<str>, reason: String, topic: String, payload: Vec<u8> },
+}
+
+impl Output {
+    /// The rule that produced this output.
+    pub fn rule(&self) -> &str {
+        match self {
+            Output::Forward { rule, .. }
+            | Output::Republish { rule, .. }
+            | Output::Dropped { rule }
+            | Output::LoopPrevented { rule, .. }
+            | Output::DeadLetter { rule, .. } => rule,
+        }
+    }
+}
+
+/// How a rule reads the payload (`payload = ".."` in a rule).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// CBOR if it starts like a CBOR map or array, else JSON if it parses, else raw.
+    #[default]
+    Auto,
+    /// JSON; anything else is a dead letter.
+    Json,
+    /// CBOR; anything else is a dead letter.
+    Cbor,
+    /// No decoding: `payload` is the text (or bytes, if not UTF-8).
+    Raw,
+}
+
+/// How an action encodes its output (`format = ".."` in an action).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    /// The selected row as a JSON object.
+    #[default]
+    Json,
+    /// The selected row as a CBOR map.
+    Cbor,
+    /// The original payload bytes, unchanged.
+    Raw,
+}

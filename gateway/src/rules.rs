@@ -1,0 +1,131 @@
+//! Loading the rules file, and reloading it while the gateway runs.
+//!
+//! A rules file may name table files (`[[table]] file = "devices.csv"`, relative to the rules
+//! file); they are read here and handed to the pure `outpost_rules` compiler as text, so the
+//! rule engine itself never touches the file system.
+//!
+//! # Invariants
+//! - A reload that fails (unreadable file, any rule or table error) changes nothing: the
+//!   running rules stay, the error is logged with every problem and counted.
+//! - Reloads happen on SIGHUP and when the rules file or one of its table files changes
+//!   (checked every 2 s by size and modification time: cheap, and works on every file
+//!   system, including the SD cards and overlays edge devices use).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use outpost_rules::{RuleSet, RulesError, TableSources};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::metrics::Metrics;
+use crate::route::Routing;
+
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read rules file {}: {source}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read table file {} (named in {}): {source}", path.display(), rules.display())]
+    ReadTable { path: PathBuf, rules: PathBuf, source: std::io::Error },
+    #[error("{}: {source}", path.display())]
+    Rules { path: PathBuf, source: RulesError },
+}
+
+/// The table files a rules file names, resolved against the rules file's directory.
+fn table_paths(rules_path: &Path, text: &str) -> Result<Vec<(String, PathBuf)>, LoadError> {
+    let names = RuleSet::table_files(text)
+        .map_err(|source| LoadError::Rules { path: rules_path.to_owned(), source })?;
+    let dir = rules_path.parent().unwrap_or_else(|| Path::new("."));
+    Ok(names.into_iter().map(|name| (name.clone(), dir.join(name))).collect())
+}
+
+/// Reads and compiles a rules file and the table files it names.
+pub fn load(path: &Path) -> Result<RuleSet, LoadError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+    let mut sources = TableSources::new();
+    for (name, table_path) in table_paths(path, &text)? {
+        let table_text = std::fs::read_to_string(&table_path).map_err(|source| LoadError::ReadTable {
+            path: table_path.clone(),
+            rules: path.to_owned(),
+            source,
+        })?;
+        sources = sources.with_text(name, table_text);
+    }
+    RuleSet::compile(&text, &sources).map_err(|source| LoadError::Rules { path: path.to_owned(), source })
+}
+
+/// What identifies the current version of the rules and their tables on disk.
+fn fingerprint(path: &Path) -> Vec<(PathBuf, Option<(u64, SystemTime)>)> {
+    let stamp = |p: &Path| std::fs::metadata(p).ok().and_then(|m| Some((m.len(), m.modified().ok()?)));
+    let mut files = vec![(path.to_owned(), stamp(path))];
+    if let Ok(text) = std::fs::read_to_string(path) {
+        if let Ok(tables) = table_paths(path, &text) {
+            files.extend(tables.into_iter().map(|(_, p)| {
+                let s = stamp(&p);
+                (p, s)
+            }));
+        }
+    }
+    files
+}
+
+/// Reloads on SIGHUP and on file change until `cancel`.
+pub async fn watch(
+    path: PathBuf,
+    routing: watch::Sender<Arc<Routing>>,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = signal(SignalKind::hangup()).ok();
+    let mut seen = tokio::task::spawn_blocking({
+        let path = path.clone();
+        move || fingerprint(&path)
+    })
+    .await
+    .unwrap_or_default();
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let reason = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(()) = async { hangup.as_mut()?.recv().await } => "SIGHUP",
+            _ = poll.tick() => {
+                let now = tokio::task::spawn_blocking({
+                    let path = path.clone();
+                    move || fingerprint(&path)
+                })
+                .await
+                .unwrap_or_default();
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                "file changed"
+            }
+        };
+        let loaded = tokio::task::spawn_blocking({
+            let path = path.clone();
+            move || load(&path)
+        })
+        .await;
+        let counters = metrics.counters();
+        match loaded {
+            Ok(Ok(rules)) => {
+                Metrics::add(&counters.rules_reloads, 1);
+                info!(message = "rules reloaded", path = %path.display(), reason, rules = rules.len());
+                routing.send_replace(Arc::new(Routing::Rules(rules)));
+            }
+            Ok(Err(e)) => {
+                Metrics::add(&counters.rules_reload_failures, 1);
+                error!(message = "rules file rejected; the running rules stay. Fix the file and save it again (or send SIGHUP)", reason, error = %e);
+            }
+            Err(e) => error!(message = "rules reload task failed", error = %e),
+        }
+    }
+}

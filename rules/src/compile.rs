@@ -1,0 +1,743 @@
+//! SQL text → plan. Parses one rule's SQL with `sqlparser` (GenericDialect, which reads
+//! double-quoted topic filters in FROM as quoted identifiers) and resolves every name:
+//! fields, payload paths, functions, tables, aliases. All problems it finds carry the
+//! span of the offending SQL, for a caret.
+//!
+//! **Invariant:** nothing here runs per event. What it returns ([`CompiledSql`]) holds no
+//! AST; evaluation walks only [`crate::expr::Expr`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use sqlparser::ast::{
+    self, BinaryOperator, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, SelectItem,
+    SetExpr, Spanned, Statement, TableFactor, UnaryOperator,
+};
+use sqlparser::dialect::GenericDialect;
+use sqlparser::keywords::Keyword;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::{Span, Token, Tokenizer};
+
+use crate::error::{SqlError, did_you_mean};
+use crate::expr::{ArithOp, CmpOp, Expr, Field, PathSeg};
+use crate::functions::{BUILTINS, find_builtin};
+use crate::table::Table;
+use crate::topic::TopicFilter;
+use crate::value::Value;
+
+/// Deep nesting is refused by the parser before it can exhaust the stack.
+const RECURSION_LIMIT: usize = 32;
+
+/// sqlparser builds operator chains (`a + b + c ...`) iteratively but as a left-deep tree,
+/// which compiling, evaluating and dropping then walk recursively. Capping the number of
+/// operators bounds that depth, so no rule text can overflow the stack.
+const MAX_OPERATORS: usize = 100;
+
+/// The names a rule can read, besides aliases: (name, field). `payload` is separate.
+const FIELDS: &[(&str, Field)] = &[
+    ("topic", Field::Topic),
+    ("clientid", Field::ClientId),
+    ("username", Field::Username),
+    ("qos", Field::Qos),
+    ("timestamp", Field::Timestamp),
+    ("ts", Field::Timestamp),
+    ("publish_received_at", Field::Timestamp),
+    ("id", Field::EventId),
+    ("event_id", Field::EventId),
+    ("hops", Field::Hops),
+];
+
+/// The columns `SELECT *` produces, in order.
+pub(crate) const STAR_COLUMNS: &[&str] =
+    &["id", "topic", "clientid", "username", "qos", "timestamp", "payload"];
+
+/// One compiled `SELECT` statement.
+#[derive(Debug)]
+pub(crate) struct CompiledSql {
+    pub filters: Vec<TopicFilter>,
+    /// `SELECT *` was given: the output starts with [`STAR_COLUMNS`].
+    pub star: bool,
+    pub columns: Vec<Column>,
+    pub condition: Option<Expr>,
+    /// Whether any expression reads the payload; if not, it is never decoded.
+    pub uses_payload: bool,
+    /// The top-level payload fields the rule reads; `None` if it may read any (`payload`,
+    /// `*`, a top-level index).
+    pub payload_keys: Option<HashSet<String>>,
+}
+
+/// An output column: where it goes in the output object, and how it is computed.
+#[derive(Debug)]
+pub(crate) struct Column {
+    /// `["alias"]`, or a nested path for an unaliased `payload.a.b` (as EMQX nests it).
+    pub path: Vec<String>,
+    pub expr: Expr,
+}
+
+impl CompiledSql {
+    /// The top-level names in the output object, for checking `${..}` templates.
+    pub(crate) fn output_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = if self.star { STAR_COLUMNS.to_vec() } else { Vec::new() };
+        names.extend(self.columns.iter().filter_map(|c| c.path.first().map(String::as_str)));
+        names
+    }
+}
+
+pub(crate) fn compile_sql(
+    sql: &str,
+    tables: &HashMap<String, Arc<Table>>,
+) -> Result<CompiledSql, Vec<SqlError>> {
+    let tokens = Tokenizer::new(&GenericDialect {}, sql)
+        .tokenize_with_location()
+        .map_err(|e| vec![parser_error(&e.to_string(), sql)])?;
+    let operators = tokens.iter().filter(|t| is_operator(&t.token)).count();
+    if operators > MAX_OPERATORS {
+        return Err(vec![SqlError::unplaced(format!(
+            "the statement has {operators} operators; at most {MAX_OPERATORS} are allowed (split the rule)"
+        ))]);
+    }
+    let statements = Parser::new(&GenericDialect {})
+        .with_recursion_limit(RECURSION_LIMIT)
+        .try_with_sql(sql)
+        .and_then(|mut parser| parser.parse_statements())
+        .map_err(|e| vec![parser_error(&e.to_string(), sql)])?;
+    let mut statements = statements.into_iter();
+    let (Some(statement), None) = (statements.next(), statements.next()) else {
+        return Err(vec![SqlError::unplaced(
+            "expected exactly one `SELECT ... FROM \"topic/filter\"` statement",
+        )]);
+    };
+    let Statement::Query(query) = statement else {
+        return Err(vec![SqlError::new("only SELECT statements are rules", statement.span())]);
+    };
+    if query.with.is_some()
+        || query.order_by.is_some()
+        || query.limit_clause.is_some()
+        || query.fetch.is_some()
+    {
+        return Err(vec![SqlError::new(
+            "WITH, ORDER BY, LIMIT and FETCH do not apply to single events",
+            query.span(),
+        )]);
+    }
+    let SetExpr::Select(select) = *query.body else {
+        return Err(vec![SqlError::new(
+            "expected a plain `SELECT ... FROM ... WHERE ...`",
+            query.body.span(),
+        )]);
+    };
+    let mut compiler = Compiler {
+        tables,
+        aliases: HashMap::new(),
+        uses_payload: false,
+        payload_keys: Some(HashSet::new()),
+        errors: Vec::new(),
+    };
+    let unsupported = [
+        (select.distinct.is_some(), "DISTINCT"),
+        (select.top.is_some(), "TOP"),
+        (select.into.is_some(), "INTO"),
+        (
+            !matches!(&select.group_by, GroupByExpr::Expressions(v, m) if v.is_empty() && m.is_empty()),
+            "GROUP BY",
+        ),
+        (select.having.is_some(), "HAVING"),
+        (
+            !select.sort_by.is_empty() || !select.cluster_by.is_empty() || !select.distribute_by.is_empty(),
+            "SORT BY",
+        ),
+        (!select.lateral_views.is_empty(), "LATERAL VIEW"),
+        (select.qualify.is_some() || select.prewhere.is_some(), "QUALIFY/PREWHERE"),
+        (!select.named_window.is_empty(), "WINDOW"),
+    ];
+    for (present, clause) in unsupported {
+        if present {
+            compiler.errors.push(SqlError::new(format!("{clause} is not supported in rules"), select.span()));
+        }
+    }
+
+    let filters = compiler.topic_filters(&select.from, select.select_token.0.span);
+
+    let mut star = false;
+    let mut columns = Vec::new();
+    for item in &select.projection {
+        match item {
+            SelectItem::Wildcard(_) => {
+                star = true;
+                compiler.uses_payload = true;
+                compiler.payload_keys = None;
+            }
+            SelectItem::QualifiedWildcard(_, _) | SelectItem::ExprWithAliases { .. } => {
+                compiler.errors.push(SqlError::new("expected `*`, `expr` or `expr AS name`", item.span()));
+            }
+            SelectItem::UnnamedExpr(expr) => {
+                if let Some(compiled) = compiler.expr_or_record(expr) {
+                    columns.push(Column { path: column_path(expr), expr: compiled });
+                }
+            }
+            SelectItem::ExprWithAlias { expr, alias } => match compiler.expr_or_record(expr) {
+                Some(compiled) => {
+                    compiler.aliases.insert(alias.value.clone(), compiled.clone());
+                    columns.push(Column { path: vec![alias.value.clone()], expr: compiled });
+                }
+                // The error is recorded; a placeholder keeps later uses from adding more.
+                None => {
+                    compiler.aliases.insert(alias.value.clone(), Expr::Const(Value::Null));
+                }
+            },
+        }
+    }
+    let condition = select.selection.as_ref().and_then(|e| compiler.expr_or_record(e));
+
+    if compiler.errors.is_empty() {
+        Ok(CompiledSql {
+            filters,
+            star,
+            columns,
+            condition,
+            uses_payload: compiler.uses_payload,
+            payload_keys: compiler.payload_keys,
+        })
+    } else {
+        Err(compiler.errors)
+    }
+}
+
+fn is_operator(token: &Token) -> bool {
+    match token {
+        Token::Word(word) => matches!(word.keyword, Keyword::AND | Keyword::OR | Keyword::NOT),
+        Token::LParen | Token::RParen | Token::Comma | Token::Period | Token::LBracket | Token::RBracket => {
+            false
+        }
+        Token::Whitespace(_)
+        | Token::Number(..)
+        | Token::SingleQuotedString(_)
+        | Token::DoubleQuotedString(_) => false,
+        Token::EOF => false,
+        _ => true,
+    }
+}
+
+/// sqlparser reports "… at Line: L, Column: C" at the end of its message, except at the
+/// end of input, where the caret goes just past the last character.
+fn parser_error(message: &str, sql: &str) -> SqlError {
+    let message = message.strip_prefix("sql parser error: ").unwrap_or(message);
+    if let Some(at) = message.rfind(" at Line: ") {
+        let (text, place) = message.split_at(at);
+        let mut numbers = place.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty());
+        if let (Some(Ok(line)), Some(Ok(column))) =
+            (numbers.next().map(str::parse::<u64>), numbers.next().map(str::parse::<u64>))
+        {
+            return SqlError { message: format!("syntax error: {text}"), span: Some((line, column, 1)) };
+        }
+    }
+    if message.ends_with("found: EOF") {
+        let line = u64::try_from(sql.lines().count().max(1)).unwrap_or(1);
+        let column = u64::try_from(sql.lines().last().map_or(0, |l| l.chars().count())).unwrap_or(0) + 1;
+        return SqlError { message: format!("syntax error: {message}"), span: Some((line, column, 1)) };
+    }
+    SqlError::unplaced(format!("syntax error: {message}"))
+}
+
+/// Unaliased columns are named as EMQX names them: `payload.a.b` nests, a plain field
+/// keeps its name, anything else is named by its SQL text.
+fn column_path(expr: &ast::Expr) -> Vec<String> {
+    match expr {
+        ast::Expr::Identifier(ident) => vec![ident.value.clone()],
+        ast::Expr::CompoundIdentifier(idents) => idents.iter().map(|i| i.value.clone()).collect(),
+        other => vec![other.to_string()],
+    }
+}
+
+struct Compiler<'t> {
+    tables: &'t HashMap<String, Arc<Table>>,
+    /// Aliases defined so far in SELECT; later columns and WHERE may use them.
+    aliases: HashMap<String, Expr>,
+    uses_payload: bool,
+    payload_keys: Option<HashSet<String>>,
+    errors: Vec<SqlError>,
+}
+
+type Compiled = Result<Expr, SqlError>;
+
+impl Compiler<'_> {
+    fn expr_or_record(&mut self, expr: &ast::Expr) -> Option<Expr> {
+        match self.expr(expr) {
+            Ok(e) if !e.within_limits(0, &mut crate::expr::MAX_NODES.clone()) => {
+                self.errors.push(SqlError::new(
+                    format!(
+                        "expression too large (more than {} nodes or {} levels deep after expanding aliases)",
+                        crate::expr::MAX_NODES,
+                        crate::expr::MAX_DEPTH
+                    ),
+                    expr.span(),
+                ));
+                None
+            }
+            Ok(e) => Some(e),
+            Err(e) => {
+                self.errors.push(e);
+                None
+            }
+        }
+    }
+
+    fn topic_filters(&mut self, from: &[ast::TableWithJoins], select_span: Span) -> Vec<TopicFilter> {
+        if from.is_empty() {
+            self.errors.push(SqlError::new("missing `FROM \"topic/filter\"`", select_span));
+        }
+        let mut filters = Vec::new();
+        for item in from {
+            if !item.joins.is_empty() {
+                self.errors.push(SqlError::new(
+                    "JOIN is not supported; use lookup(table, key) to enrich",
+                    item.span(),
+                ));
+            }
+            let TableFactor::Table { name, alias: None, args: None, .. } = &item.relation else {
+                self.errors
+                    .push(SqlError::new("FROM takes double-quoted topic filters", item.relation.span()));
+                continue;
+            };
+            let idents: Vec<&Ident> = name.0.iter().filter_map(|part| part.as_ident()).collect();
+            let [ident] = idents.as_slice() else {
+                self.errors.push(SqlError::new(
+                    "write the topic filter in double quotes, e.g. FROM \"sensors/+/temp\"",
+                    name.span(),
+                ));
+                continue;
+            };
+            if ident.quote_style != Some('"') {
+                self.errors.push(SqlError::new(
+                    format!("write the topic filter in double quotes: FROM \"{}\"", ident.value),
+                    ident.span,
+                ));
+                continue;
+            }
+            match TopicFilter::new(ident.value.clone()) {
+                Ok(filter) => filters.push(filter),
+                Err(e) => self.errors.push(SqlError::new(e.to_string(), ident.span)),
+            }
+        }
+        filters
+    }
+
+    fn payload(&mut self, path: Vec<PathSeg>) -> Expr {
+        self.uses_payload = true;
+        Expr::Payload(path)
+    }
+
+    /// Records which top-level payload field a finished payload path reads.
+    fn note_payload_path(&mut self, expr: &Expr) {
+        if let Expr::Payload(path) = expr {
+            match (path.first(), &mut self.payload_keys) {
+                (Some(PathSeg::Key(key)), Some(keys)) => {
+                    keys.insert(key.clone());
+                }
+                (_, keys) => *keys = None,
+            }
+        }
+    }
+
+    /// A bare name: an alias, a field or `payload`.
+    fn name(&mut self, ident: &Ident) -> Compiled {
+        if ident.quote_style == Some('"') || ident.quote_style == Some('\'') {
+            // EMQX reads "text" in an expression as a string.
+            return Ok(Expr::Const(Value::Str(ident.value.clone())));
+        }
+        let name = ident.value.as_str();
+        if let Some(expr) = self.aliases.get(name) {
+            return Ok(expr.clone());
+        }
+        if name.eq_ignore_ascii_case("payload") {
+            return Ok(self.payload(Vec::new()));
+        }
+        if let Some((_, field)) = FIELDS.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            return Ok(Expr::Field(*field));
+        }
+        let candidates =
+            FIELDS.iter().map(|(n, _)| *n).chain(["payload"]).chain(self.aliases.keys().map(String::as_str));
+        Err(SqlError::new(format!("unknown field `{name}`{}", did_you_mean(name, candidates)), ident.span))
+    }
+
+    /// `root.a.b` and `root[1].c`: a payload path, or a path into an alias or a value.
+    fn path(&mut self, root: Expr, segs: Vec<PathSeg>) -> Expr {
+        if segs.is_empty() {
+            return root;
+        }
+        match root {
+            Expr::Payload(mut path) => {
+                path.extend(segs);
+                Expr::Payload(path)
+            }
+            Expr::Get(inner, mut path) => {
+                path.extend(segs);
+                Expr::Get(inner, path)
+            }
+            other => Expr::Get(Box::new(other), segs),
+        }
+    }
+
+    fn expr(&mut self, expr: &ast::Expr) -> Compiled {
+        let compiled = self.expr_inner(expr)?;
+        self.note_payload_path(&compiled);
+        Ok(compiled)
+    }
+
+    fn expr_inner(&mut self, expr: &ast::Expr) -> Compiled {
+        use ast::Expr as E;
+        match expr {
+            E::Identifier(ident) => self.name(ident),
+            E::CompoundIdentifier(idents) => {
+                let Some((root, rest)) = idents.split_first() else {
+                    return Err(SqlError::new("empty name", expr.span()));
+                };
+                let root_expr = self.name(root)?;
+                if let Expr::Field(_) = root_expr {
+                    return Err(SqlError::new(format!("`{}` has no fields", root.value), expr.span()));
+                }
+                let segs = rest.iter().map(|i| PathSeg::Key(i.value.clone())).collect();
+                Ok(self.path(root_expr, segs))
+            }
+            E::CompoundFieldAccess { root, access_chain } => {
+                let root_expr = self.expr_inner(root)?;
+                let mut segs = Vec::new();
+                for access in access_chain {
+                    match access {
+                        ast::AccessExpr::Dot(E::Identifier(ident)) => {
+                            segs.push(PathSeg::Key(ident.value.clone()))
+                        }
+                        ast::AccessExpr::Subscript(ast::Subscript::Index { index }) => {
+                            segs.push(PathSeg::Index(index_literal(index)?));
+                        }
+                        other => {
+                            return Err(SqlError::new("expected `.name` or `[index]`", other.span()));
+                        }
+                    }
+                }
+                Ok(self.path(root_expr, segs))
+            }
+            E::Value(value) => literal(&value.value, value.span),
+            E::Nested(inner) => self.expr(inner),
+            E::UnaryOp { op, expr: inner } => match op {
+                UnaryOperator::Not => Ok(Expr::Not(Box::new(self.expr(inner)?))),
+                UnaryOperator::Plus => self.expr(inner),
+                UnaryOperator::Minus => match self.expr(inner)? {
+                    Expr::Const(Value::Int(i)) => {
+                        Ok(Expr::Const(i.checked_neg().map(Value::Int).unwrap_or(Value::Float(-(i as f64)))))
+                    }
+                    Expr::Const(Value::Float(f)) => Ok(Expr::Const(Value::Float(-f))),
+                    other => Ok(Expr::Neg(Box::new(other))),
+                },
+                other => Err(SqlError::new(format!("operator `{other}` is not supported"), expr.span())),
+            },
+            E::BinaryOp { left, op, right } => {
+                let (l, r) = (self.expr(left)?, self.expr(right)?);
+                let (l, r) = (Box::new(l), Box::new(r));
+                Ok(match op {
+                    BinaryOperator::Plus => Expr::Arith(ArithOp::Add, l, r),
+                    BinaryOperator::Minus => Expr::Arith(ArithOp::Sub, l, r),
+                    BinaryOperator::Multiply => Expr::Arith(ArithOp::Mul, l, r),
+                    BinaryOperator::Divide => Expr::Arith(ArithOp::Div, l, r),
+                    BinaryOperator::Modulo => Expr::Arith(ArithOp::Rem, l, r),
+                    BinaryOperator::Eq => Expr::Compare(CmpOp::Eq, l, r),
+                    BinaryOperator::NotEq => Expr::Compare(CmpOp::NotEq, l, r),
+                    BinaryOperator::Lt => Expr::Compare(CmpOp::Lt, l, r),
+                    BinaryOperator::LtEq => Expr::Compare(CmpOp::LtEq, l, r),
+                    BinaryOperator::Gt => Expr::Compare(CmpOp::Gt, l, r),
+                    BinaryOperator::GtEq => Expr::Compare(CmpOp::GtEq, l, r),
+                    BinaryOperator::And => Expr::And(l, r),
+                    BinaryOperator::Or => Expr::Or(l, r),
+                    BinaryOperator::StringConcat => builtin_call("concat", vec![*l, *r]),
+                    other => {
+                        return Err(SqlError::new(
+                            format!("operator `{other}` is not supported"),
+                            expr.span(),
+                        ));
+                    }
+                })
+            }
+            E::IsNull(inner) => Ok(Expr::IsNull(Box::new(self.expr(inner)?), false)),
+            E::IsNotNull(inner) => Ok(Expr::IsNull(Box::new(self.expr(inner)?), true)),
+            E::In { expr: inner, target: ast::InTarget::List(list), negated, global: false } => {
+                let inner = Box::new(self.expr(inner)?);
+                let list = list.iter().map(|e| self.expr(e)).collect::<Result<_, _>>()?;
+                Ok(Expr::In { expr: inner, list, negated: *negated })
+            }
+            E::Between { expr: inner, negated, low, high } => {
+                let inner = self.expr(inner)?;
+                let low = Expr::Compare(CmpOp::GtEq, Box::new(inner.clone()), Box::new(self.expr(low)?));
+                let high = Expr::Compare(CmpOp::LtEq, Box::new(inner), Box::new(self.expr(high)?));
+                let between = Expr::And(Box::new(low), Box::new(high));
+                Ok(if *negated { Expr::Not(Box::new(between)) } else { between })
+            }
+            E::Like { negated, any: false, expr: inner, pattern, escape_char: None } => {
+                self.like(inner, pattern, *negated, false)
+            }
+            E::ILike { negated, any: false, expr: inner, pattern, escape_char: None } => {
+                self.like(inner, pattern, *negated, true)
+            }
+            E::Case { operand, conditions, else_result, .. } => {
+                let operand = operand.as_ref().map(|o| self.expr(o).map(Box::new)).transpose()?;
+                let mut branches = Vec::with_capacity(conditions.len());
+                for when in conditions {
+                    branches.push((self.expr(&when.condition)?, self.expr(&when.result)?));
+                }
+                let otherwise = else_result.as_ref().map(|e| self.expr(e).map(Box::new)).transpose()?;
+                Ok(Expr::Case { operand, branches, otherwise })
+            }
+            E::Function(function) => self.function(function),
+            E::Array(array) => {
+                Ok(Expr::Array(array.elem.iter().map(|e| self.expr(e)).collect::<Result<_, _>>()?))
+            }
+            // sqlparser gives these SQL-standard functions their own syntax nodes.
+            E::Ceil {
+                expr: inner,
+                field: ast::CeilFloorKind::DateTimeField(ast::DateTimeField::NoDateTime),
+            } => Ok(builtin_call("ceil", vec![self.expr(inner)?])),
+            E::Floor {
+                expr: inner,
+                field: ast::CeilFloorKind::DateTimeField(ast::DateTimeField::NoDateTime),
+            } => Ok(builtin_call("floor", vec![self.expr(inner)?])),
+            E::Trim { trim_where: None, trim_what: None, expr: inner, trim_characters: None } => {
+                Ok(builtin_call("trim", vec![self.expr(inner)?]))
+            }
+            E::Substring { expr: inner, substring_from: Some(from), substring_for, .. } => {
+                let mut args = vec![self.expr(inner)?, self.expr(from)?];
+                if let Some(length) = substring_for {
+                    args.push(self.expr(length)?);
+                }
+                Ok(builtin_call("substr", args))
+            }
+            other => Err(SqlError::new(
+                format!("this kind of expression is not supported: `{other}`"),
+                other.span(),
+            )),
+        }
+    }
+
+    fn like(
+        &mut self,
+        subject: &ast::Expr,
+        pattern: &ast::Expr,
+        negated: bool,
+        case_insensitive: bool,
+    ) -> Compiled {
+        let Some(text) = string_literal(pattern) else {
+            return Err(SqlError::new("the LIKE pattern must be a string literal", pattern.span()));
+        };
+        let mut regex = String::from(if case_insensitive { "(?is)^" } else { "(?s)^" });
+        for c in text.chars() {
+            match c {
+                '%' => regex.push_str(".*"),
+                '_' => regex.push('.'),
+                c => regex.push_str(&regex::escape(c.encode_utf8(&mut [0; 4]))),
+            }
+        }
+        regex.push('$');
+        let regex = regex::Regex::new(&regex).map_err(|e| SqlError::new(e.to_string(), pattern.span()))?;
+        Ok(Expr::Matches { expr: Box::new(self.expr(subject)?), regex, negated })
+    }
+
+    fn function(&mut self, function: &ast::Function) -> Compiled {
+        let span = function.name.span();
+        let idents: Vec<&Ident> = function.name.0.iter().filter_map(|p| p.as_ident()).collect();
+        let [ident] = idents.as_slice() else {
+            return Err(SqlError::new("qualified function names are not supported", span));
+        };
+        let name = ident.value.to_ascii_lowercase();
+        if function.filter.is_some() || function.over.is_some() || !function.within_group.is_empty() {
+            return Err(SqlError::new("FILTER, OVER and WITHIN GROUP are not supported", function.span()));
+        }
+        let arg_exprs: Vec<&ast::Expr> = match &function.args {
+            FunctionArguments::None => Vec::new(),
+            FunctionArguments::List(list) => {
+                if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
+                    return Err(SqlError::new(
+                        "DISTINCT/ORDER BY in arguments is not supported",
+                        function.span(),
+                    ));
+                }
+                let mut exprs = Vec::with_capacity(list.args.len());
+                for arg in &list.args {
+                    match arg {
+                        FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => exprs.push(e),
+                        other => return Err(SqlError::new("expected a plain argument", other.span())),
+                    }
+                }
+                exprs
+            }
+            FunctionArguments::Subquery(q) => {
+                return Err(SqlError::new("subqueries are not supported", q.span()));
+            }
+        };
+        match name.as_str() {
+            "topic" => return self.topic_level(&arg_exprs, function.span()),
+            "lookup" => return self.lookup(&arg_exprs, function.span()),
+            _ => {}
+        }
+        let Some(builtin) = find_builtin(&name) else {
+            let candidates = BUILTINS.iter().map(|b| b.name).chain(["topic", "lookup"]);
+            return Err(SqlError::new(
+                format!("unknown function `{}`{}", ident.value, did_you_mean(&name, candidates)),
+                span,
+            ));
+        };
+        let n_args = arg_exprs.len();
+        if n_args < builtin.min_args || n_args > builtin.max_args {
+            let expected = match (builtin.min_args, builtin.max_args) {
+                (min, max) if min == max => format!("{min}"),
+                (min, usize::MAX) => format!("at least {min}"),
+                (min, max) => format!("{min} to {max}"),
+            };
+            return Err(SqlError::new(
+                format!("`{name}` takes {expected} argument(s), got {n_args}"),
+                function.span(),
+            ));
+        }
+        // Literal patterns are compiled once, here; invalid ones are compile errors.
+        if let ("regex_match" | "regex_replace", Some(pattern)) =
+            (name.as_str(), arg_exprs.get(1).and_then(|p| string_literal(p)))
+        {
+            let pattern_span = arg_exprs.get(1).map(|p| p.span()).unwrap_or(span);
+            let regex = regex::Regex::new(&pattern)
+                .map_err(|e| SqlError::new(format!("invalid regular expression: {e}"), pattern_span))?;
+            let subject = Box::new(
+                self.expr(arg_exprs.first().copied().unwrap_or(&ast::Expr::value(ast::Value::Null)))?,
+            );
+            if name == "regex_match" {
+                return Ok(Expr::Matches { expr: subject, regex, negated: false });
+            }
+            let replacement =
+                arg_exprs.get(2).map(|r| self.expr(r)).transpose()?.unwrap_or(Expr::Const(Value::Null));
+            return Ok(Expr::RegexReplace { expr: subject, regex, replacement: Box::new(replacement) });
+        }
+        let args = arg_exprs.iter().map(|e| self.expr(e)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Expr::Call { func: builtin, args })
+    }
+
+    /// `topic(N)`: level N (1-based) of the topic; `topic()` is the whole topic.
+    fn topic_level(&mut self, args: &[&ast::Expr], span: Span) -> Compiled {
+        match args {
+            [] => Ok(Expr::Field(Field::Topic)),
+            [level] => match index_literal(level) {
+                Ok(n) if n >= 1 => Ok(Expr::TopicLevel(usize::try_from(n).unwrap_or(usize::MAX))),
+                _ => Err(SqlError::new(
+                    "topic(N) takes an integer literal N >= 1: topic(1) is the first level",
+                    level.span(),
+                )),
+            },
+            _ => Err(SqlError::new("`topic` takes 0 or 1 argument(s)", span)),
+        }
+    }
+
+    /// `lookup('table', key[, 'field'])`: the table and field are checked now.
+    fn lookup(&mut self, args: &[&ast::Expr], span: Span) -> Compiled {
+        let (table_arg, key_arg, field_arg) = match args {
+            [t, k] => (*t, *k, None),
+            [t, k, f] => (*t, *k, Some(*f)),
+            _ => {
+                return Err(SqlError::new(
+                    "`lookup` takes 2 or 3 arguments: lookup('table', key[, 'field'])",
+                    span,
+                ));
+            }
+        };
+        let Some(table_name) = string_literal(table_arg) else {
+            return Err(SqlError::new(
+                "the table name must be a string literal, e.g. lookup('devices', ..)",
+                table_arg.span(),
+            ));
+        };
+        let Some(table) = self.tables.get(&table_name).cloned() else {
+            let known = if self.tables.is_empty() {
+                "; no tables are declared (add a [[table]])".to_owned()
+            } else {
+                did_you_mean(&table_name, self.tables.keys().map(String::as_str))
+            };
+            return Err(SqlError::new(format!("unknown table `{table_name}`{known}"), table_arg.span()));
+        };
+        let field = match field_arg {
+            None => None,
+            Some(f) => {
+                let Some(field) = string_literal(f) else {
+                    return Err(SqlError::new("the field must be a string literal", f.span()));
+                };
+                if !table.columns().contains(&field) {
+                    return Err(SqlError::new(
+                        format!(
+                            "table `{table_name}` has no column `{field}`{}",
+                            did_you_mean(&field, table.columns().iter().map(String::as_str))
+                        ),
+                        f.span(),
+                    ));
+                }
+                Some(field)
+            }
+        };
+        let key = Box::new(self.expr(key_arg)?);
+        Ok(Expr::Lookup { table, key, field })
+    }
+}
+
+fn builtin_call(name: &str, args: Vec<Expr>) -> Expr {
+    match find_builtin(name) {
+        Some(func) => Expr::Call { func, args },
+        None => Expr::Const(Value::Null),
+    }
+}
+
+fn literal(value: &ast::Value, span: Span) -> Compiled {
+    match value {
+        ast::Value::Number(text, _) => match text.parse::<i64>() {
+            Ok(i) => Ok(Expr::Const(Value::Int(i))),
+            Err(_) => match text.parse::<f64>() {
+                Ok(f) if f.is_finite() => Ok(Expr::Const(Value::Float(f))),
+                _ => Err(SqlError::new(format!("number `{text}` is out of range"), span)),
+            },
+        },
+        ast::Value::SingleQuotedString(s) | ast::Value::DoubleQuotedString(s) => {
+            Ok(Expr::Const(Value::Str(s.clone())))
+        }
+        ast::Value::Boolean(b) => Ok(Expr::Const(Value::Bool(*b))),
+        ast::Value::Null => Ok(Expr::Const(Value::Null)),
+        other => Err(SqlError::new(format!("unsupported literal `{other}`"), span)),
+    }
+}
+
+fn string_literal(expr: &ast::Expr) -> Option<String> {
+    match expr {
+        ast::Expr::Value(v) => match &v.value {
+            ast::Value::SingleQuotedString(s) | ast::Value::DoubleQuotedString(s) => Some(s.clone()),
+            _ => None,
+        },
+        ast::Expr::Identifier(ident) if ident.quote_style == Some('"') => Some(ident.value.clone()),
+        _ => None,
+    }
+}
+
+/// An integer literal (possibly negative) used as an index; 0 is refused with a hint.
+fn index_literal(expr: &ast::Expr) -> Result<i64, SqlError> {
+    let value = match expr {
+        ast::Expr::Value(v) => match &v.value {
+            ast::Value::Number(text, _) => text.parse::<i64>().ok(),
+            _ => None,
+        },
+        ast::Expr::UnaryOp { op: UnaryOperator::Minus, expr: inner } => match &**inner {
+            ast::Expr::Value(v) => match &v.value {
+                ast::Value::Number(text, _) => text.parse::<i64>().ok().and_then(i64::checked_neg),
+                _ => None,
+            },
+            _ => None,
+        },
+        _ => None,
+    };
+    match value {
+        Some(0) => Err(SqlError::new(
+            "indexes start at 1, as in EMQX: [1] is the first element, [-1] the last",
+            expr.span(),
+        )),
+        Some(i) => Ok(i),
+        None => Err(SqlError::new("an index must be an integer literal", expr.span())),
+    }
+}

@@ -1,0 +1,117 @@
+//! The rules file format (TOML), as serde types. Every struct denies unknown fields, so a
+//! mistyped key fails compilation instead of being ignored.
+//!
+//! ```toml
+//! max_hops = 3                     # republish loop protection (default 3)
+//!
+//! [[table]]
+//! name = "devices"
+//! key = "device"                   # key column (CSV default: the first column)
+//! file = "devices.csv"             # text supplied by the caller via TableSources
+//!
+//! [[rule]]
+//! name = "hot"
+//! sql = "SELECT ... FROM \"sensors/+/temp\" WHERE ..."
+//! payload = "auto"                 # auto | json | cbor | raw
+//! [[rule.action]]
+//! type = "forward"                 # forward | republish | drop
+//! topic = "sites/${site}/alerts"
+//! qos = 1
+//! priority = 2
+//! ttl = "1h"
+//! format = "json"                  # json | cbor | raw
+//! ```
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RulesFile {
+    /// A republish is refused (and counted) when the event already went through this many
+    /// republishes.
+    #[serde(default = "default_max_hops")]
+    pub max_hops: u8,
+    #[serde(default)]
+    pub table: Vec<TableConfig>,
+    #[serde(default)]
+    pub rule: Vec<RuleConfig>,
+}
+
+fn default_max_hops() -> u8 {
+    3
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TableConfig {
+    pub name: String,
+    /// The key column. Default: the first CSV column, or `key` for TOML rows.
+    pub key: Option<String>,
+    /// A file whose text the caller supplies through `TableSources::with_text`.
+    pub file: Option<String>,
+    /// The file's format; default: from the file extension.
+    pub format: Option<TableFormat>,
+    /// Rows declared inline: `[table.rows.dev-001]` / `site = "a"`.
+    pub rows: Option<BTreeMap<String, toml::Table>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum TableFormat {
+    Csv,
+    Toml,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RuleConfig {
+    pub name: String,
+    pub sql: String,
+    #[serde(default = "default_enabled")]
+    pub enabled: bool,
+    #[serde(default)]
+    pub payload: crate::PayloadFormat,
+    #[serde(default)]
+    pub action: Vec<ActionConfig>,
+}
+
+fn default_enabled() -> bool {
+    true
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub(crate) enum ActionConfig {
+    Forward {
+        /// Upstream topic template; default: the event's own topic.
+        topic: Option<String>,
+        #[serde(default = "default_qos")]
+        qos: u8,
+        /// 0 is the most urgent, 9 the least (as for bridge routes).
+        #[serde(default = "default_priority")]
+        priority: u8,
+        #[serde(default, with = "humantime_serde")]
+        ttl: Option<Duration>,
+        #[serde(default)]
+        format: crate::OutputFormat,
+    },
+    Republish {
+        topic: String,
+        #[serde(default = "default_qos")]
+        qos: u8,
+        #[serde(default)]
+        format: crate::OutputFormat,
+    },
+    Drop {},
+}
+
+fn default_qos() -> u8 {
+    1
+}
+
+fn default_priority() -> u8 {
+    5
+}

@@ -1,0 +1,481 @@
+//! [`RuleSet`]: compiling a rules file and evaluating events against it.
+//!
+//! Per event: the [`TopicIndex`] picks the rules whose FROM matches; the payload is
+//! decoded at most once per format and shared by those rules ([`Decoded`]); each rule
+//! filters (WHERE), projects (SELECT) and runs its actions. A rule that fails on an event
+//! yields an [`Output::DeadLetter`]; it never stops the other rules.
+
+use std::cell::OnceCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::action::{Action, Template, encode};
+use crate::compile::{CompiledSql, STAR_COLUMNS, compile_sql};
+use crate::config::{ActionConfig, RulesFile, TableConfig, TableFormat};
+use crate::error::{Problem, RulesError};
+use crate::expr::{Env, EvalError, Field, field_value};
+use crate::index::TopicIndex;
+use crate::table::{Table, TableSources};
+use crate::value::Value;
+use crate::{EventContext, Output, PayloadFormat};
+
+/// A compiled, immutable set of rules. Cheap to share behind an `Arc`; swapping in a new
+/// one is how the gateway reloads rules.
+#[derive(Debug, Default)]
+pub struct RuleSet {
+    /// Enabled rules, in file order; outputs come out in this order.
+    rules: Vec<Rule>,
+    index: TopicIndex,
+    max_hops: u8,
+    /// The top-level payload fields any rule reads; `None` if some rule may read any field.
+    /// JSON decoding builds only these.
+    payload_keys: Option<HashSet<String>>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    name: Arc<str>,
+    sql: CompiledSql,
+    payload: PayloadFormat,
+    actions: Vec<Action>,
+}
+
+/// What one rule did with one event, for `outpost rules test`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Trace {
+    pub rule: Arc<str>,
+    pub outcome: Outcome,
+    /// The outputs this rule produced (also part of [`RuleSet::evaluate`]'s result).
+    pub outputs: Vec<Output>,
+}
+
+/// How a matching rule's evaluation ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// WHERE was FALSE or NULL: no outputs.
+    Filtered,
+    /// WHERE held; `row` is the SELECT output the actions saw.
+    Selected { row: Value },
+    /// Decoding or evaluation failed; a dead letter was produced.
+    Failed { reason: String },
+}
+
+impl RuleSet {
+    /// Compiles a rules file. `tables` supplies the text of every `[[table]] file = ".."`
+    /// (see [`RuleSet::table_files`]) and any tables built by the caller. All problems are
+    /// reported at once, each naming its rule or table, SQL problems with a caret.
+    pub fn compile(rules_toml: &str, tables: &TableSources) -> Result<RuleSet, RulesError> {
+        let file: RulesFile = toml::from_str(rules_toml)?;
+        let mut problems = Vec::new();
+        let tables = build_tables(&file.table, tables, &mut problems);
+
+        let mut rules = Vec::new();
+        let mut names_seen: HashMap<&str, usize> = HashMap::new();
+        for config in &file.rule {
+            let context = format!("rule `{}`", config.name);
+            if config.name.trim().is_empty() {
+                problems.push(plain(&context, "`name` must not be empty"));
+            }
+            if names_seen.insert(&config.name, 0).is_some() {
+                problems.push(plain(&context, "another rule has the same name; names must be unique"));
+            }
+            let sql = match compile_sql(&config.sql, &tables) {
+                Ok(sql) => sql,
+                Err(errors) => {
+                    problems.extend(errors.into_iter().map(|e| e.into_problem(&context, &config.sql)));
+                    continue;
+                }
+            };
+            let actions = build_actions(&config.action, &sql, &context, &mut problems);
+            if config.enabled {
+                rules.push(Rule {
+                    name: Arc::from(config.name.as_str()),
+                    sql,
+                    payload: config.payload,
+                    actions,
+                });
+            }
+        }
+        if !problems.is_empty() {
+            return Err(RulesError::Invalid(problems));
+        }
+        let mut index = TopicIndex::default();
+        let mut payload_keys = Some(HashSet::new());
+        for (rule_idx, rule) in rules.iter().enumerate() {
+            for filter in &rule.sql.filters {
+                index.insert(filter, rule_idx);
+            }
+            match (&rule.sql.payload_keys, &mut payload_keys) {
+                (Some(keys), Some(all)) => all.extend(keys.iter().cloned()),
+                (None, all) if rule.sql.uses_payload => *all = None,
+                _ => {}
+            }
+        }
+        Ok(RuleSet { rules, index, max_hops: file.max_hops, payload_keys })
+    }
+
+    /// The files named by `[[table]] file = ".."` in a rules file: the caller reads them
+    /// and passes their text to [`RuleSet::compile`] through [`TableSources::with_text`].
+    pub fn table_files(rules_toml: &str) -> Result<Vec<String>, RulesError> {
+        let file: RulesFile = toml::from_str(rules_toml)?;
+        Ok(file.table.into_iter().filter_map(|t| t.file).collect())
+    }
+
+    /// A rule set with no rules: every event produces no outputs.
+    pub fn empty() -> RuleSet {
+        RuleSet::default()
+    }
+
+    /// The number of enabled rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// The names of the enabled rules, in file order.
+    pub fn rule_names(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().map(|r| &*r.name)
+    }
+
+    /// The republish hop limit (`max_hops` in the rules file).
+    pub fn max_hops(&self) -> u8 {
+        self.max_hops
+    }
+
+    /// Runs every rule whose FROM matches the event's topic, in file order, and returns
+    /// their outputs. Never fails: problems become [`Output::DeadLetter`]s.
+    pub fn evaluate(&self, event: &EventContext<'_>) -> Vec<Output> {
+        let mut outputs = Vec::new();
+        let mut matched = Vec::new();
+        self.index.matches(event.topic, &mut matched);
+        let decoded = Decoded::new(event.payload, self.payload_keys.as_ref());
+        for rule_idx in matched {
+            if let Some(rule) = self.rules.get(rule_idx) {
+                self.run(rule, event, &decoded, &mut outputs);
+            }
+        }
+        outputs
+    }
+
+    /// Like [`RuleSet::evaluate`], but reports per matching rule what happened: filtered
+    /// out, the selected row, or the failure. Rules whose FROM does not match are absent.
+    pub fn explain(&self, event: &EventContext<'_>) -> Vec<Trace> {
+        let mut matched = Vec::new();
+        self.index.matches(event.topic, &mut matched);
+        let decoded = Decoded::new(event.payload, self.payload_keys.as_ref());
+        let mut traces = Vec::new();
+        for rule_idx in matched {
+            let Some(rule) = self.rules.get(rule_idx) else { continue };
+            let mut outputs = Vec::new();
+            let outcome = self.run(rule, event, &decoded, &mut outputs);
+            traces.push(Trace { rule: rule.name.clone(), outcome, outputs });
+        }
+        traces
+    }
+
+    fn run(
+        &self,
+        rule: &Rule,
+        event: &EventContext<'_>,
+        decoded: &Decoded<'_>,
+        out: &mut Vec<Output>,
+    ) -> Outcome {
+        let dead = |out: &mut Vec<Output>, reason: String| {
+            out.push(Output::DeadLetter {
+                rule: rule.name.clone(),
+                reason: reason.clone(),
+                topic: event.topic.to_owned(),
+                payload: event.payload.to_vec(),
+            });
+            Outcome::Failed { reason }
+        };
+        let payload = if rule.sql.uses_payload {
+            match decoded.get(rule.payload) {
+                Ok(payload) => payload,
+                Err(reason) => return dead(out, reason.to_owned()),
+            }
+        } else {
+            &Value::Null
+        };
+        let env = Env { event, payload };
+        let row = match select(rule, &env) {
+            Ok(Some(row)) => row,
+            Ok(None) => return Outcome::Filtered,
+            Err(EvalError(reason)) => return dead(out, reason),
+        };
+        for action in &rule.actions {
+            let output = match action {
+                Action::Drop => Output::Dropped { rule: rule.name.clone() },
+                Action::Forward { topic, qos, priority, ttl, format } => {
+                    let topic = match topic {
+                        Some(template) => template.render(&row),
+                        None => Ok(event.topic.to_owned()),
+                    };
+                    match topic {
+                        Ok(topic) => Output::Forward {
+                            rule: rule.name.clone(),
+                            topic,
+                            payload: encode(*format, &row, event.payload),
+                            qos: *qos,
+                            priority: *priority,
+                            ttl: *ttl,
+                        },
+                        Err(reason) => {
+                            dead(out, reason);
+                            continue;
+                        }
+                    }
+                }
+                Action::Republish { topic, qos, format } => match topic.render(&row) {
+                    Err(reason) => {
+                        dead(out, reason);
+                        continue;
+                    }
+                    Ok(topic) if event.hops >= self.max_hops => {
+                        Output::LoopPrevented { rule: rule.name.clone(), topic, hops: event.hops }
+                    }
+                    Ok(topic) => Output::Republish {
+                        rule: rule.name.clone(),
+                        topic,
+                        payload: encode(*format, &row, event.payload),
+                        qos: *qos,
+                        hops: event.hops.saturating_add(1),
+                    },
+                },
+            };
+            out.push(output);
+        }
+        Outcome::Selected { row }
+    }
+}
+
+/// WHERE, then SELECT. `None` when the condition is not TRUE.
+fn select(rule: &Rule, env: &Env<'_>) -> Result<Option<Value>, EvalError> {
+    if let Some(condition) = &rule.sql.condition {
+        if condition.truth(env)? != Some(true) {
+            return Ok(None);
+        }
+    }
+    let mut row = Value::Object(Vec::with_capacity(rule.sql.columns.len() + 7));
+    if rule.sql.star {
+        for name in STAR_COLUMNS {
+            let value = match *name {
+                "id" => field_value(Field::EventId, env.event),
+                "topic" => field_value(Field::Topic, env.event),
+                "clientid" => field_value(Field::ClientId, env.event),
+                "username" => field_value(Field::Username, env.event),
+                "qos" => field_value(Field::Qos, env.event),
+                "timestamp" => field_value(Field::Timestamp, env.event),
+                _ => env.payload.clone(),
+            };
+            row.insert(name, value);
+        }
+    }
+    for column in &rule.sql.columns {
+        let value = column.expr.eval(env)?.into_owned();
+        row.insert_path(&column.path, value);
+    }
+    Ok(Some(row))
+}
+
+/// The event's payload, decoded lazily and at most once per format, shared by all rules.
+struct Decoded<'e> {
+    bytes: &'e [u8],
+    /// Build only these top-level JSON fields (`None`: all).
+    keys: Option<&'e HashSet<String>>,
+    /// Which of the other cells `auto` resolved to.
+    auto: OnceCell<PayloadFormat>,
+    json: OnceCell<Result<Value, String>>,
+    cbor: OnceCell<Result<Value, String>>,
+    raw: OnceCell<Value>,
+}
+
+impl<'e> Decoded<'e> {
+    fn new(bytes: &'e [u8], keys: Option<&'e HashSet<String>>) -> Decoded<'e> {
+        Decoded {
+            bytes,
+            keys,
+            auto: OnceCell::new(),
+            json: OnceCell::new(),
+            cbor: OnceCell::new(),
+            raw: OnceCell::new(),
+        }
+    }
+
+    fn get(&self, format: PayloadFormat) -> Result<&Value, &str> {
+        match format {
+            PayloadFormat::Auto => match *self.auto.get_or_init(|| self.detect()) {
+                PayloadFormat::Cbor => self.get(PayloadFormat::Cbor),
+                PayloadFormat::Json => self.get(PayloadFormat::Json),
+                _ => self.get(PayloadFormat::Raw),
+            },
+            PayloadFormat::Raw => Ok(self.raw.get_or_init(|| raw_value(self.bytes))),
+            PayloadFormat::Json => self.json().as_ref().map_err(String::as_str),
+            PayloadFormat::Cbor => self.cbor().as_ref().map_err(String::as_str),
+        }
+    }
+
+    fn json(&self) -> &Result<Value, String> {
+        self.json.get_or_init(|| {
+            match self.keys {
+                Some(keys) => Value::from_json_projected(self.bytes, keys),
+                None => Value::from_json(self.bytes),
+            }
+            .map_err(|e| format!("payload is not valid JSON: {e}"))
+        })
+    }
+
+    fn cbor(&self) -> &Result<Value, String> {
+        self.cbor.get_or_init(|| {
+            Value::from_cbor(self.bytes).map_err(|e| format!("payload is not valid CBOR: {e}"))
+        })
+    }
+
+    /// Auto-detection: a first byte of 0x80–0xBF (a CBOR array or map; never the start of
+    /// UTF-8 text) or the CBOR self-describe tag means CBOR; otherwise JSON if it parses;
+    /// otherwise the raw payload (a string if UTF-8, else bytes).
+    fn detect(&self) -> PayloadFormat {
+        let looks_cbor =
+            matches!(self.bytes.first(), Some(0x80..=0xbf)) || self.bytes.starts_with(&[0xd9, 0xd9, 0xf7]);
+        if looks_cbor && self.cbor().is_ok() {
+            PayloadFormat::Cbor
+        } else if self.json().is_ok() {
+            PayloadFormat::Json
+        } else {
+            PayloadFormat::Raw
+        }
+    }
+}
+
+fn raw_value(bytes: &[u8]) -> Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Value::Str(text.to_owned()),
+        Err(_) => Value::Bytes(bytes.to_vec()),
+    }
+}
+
+fn plain(context: &str, message: impl Into<String>) -> Problem {
+    Problem { context: context.to_owned(), message: message.into(), location: None }
+}
+
+fn build_tables(
+    configs: &[TableConfig],
+    sources: &TableSources,
+    problems: &mut Vec<Problem>,
+) -> HashMap<String, Arc<Table>> {
+    let mut tables: HashMap<String, Arc<Table>> = HashMap::new();
+    for table in sources.tables() {
+        tables.insert(table.name().to_owned(), Arc::new(table.clone()));
+    }
+    for config in configs {
+        let context = format!("table `{}`", config.name);
+        let built = match (&config.file, &config.rows) {
+            (Some(_), Some(_)) => Err("give either `file` or `rows`, not both".to_owned()),
+            (None, None) => Err("give `file = \"devices.csv\"` or inline `[table.rows]`".to_owned()),
+            (None, Some(rows)) => {
+                let key = config.key.as_deref().unwrap_or("key");
+                Table::from_toml_rows(&config.name, key, rows.clone()).map_err(|e| e.to_string())
+            }
+            (Some(file), None) => match sources.text(file) {
+                None => Err(format!("the text of `{file}` was not supplied (TableSources::with_text)")),
+                Some(text) => {
+                    let format = config.format.or_else(|| {
+                        let lower = file.to_ascii_lowercase();
+                        if lower.ends_with(".csv") {
+                            Some(TableFormat::Csv)
+                        } else if lower.ends_with(".toml") {
+                            Some(TableFormat::Toml)
+                        } else {
+                            None
+                        }
+                    });
+                    match format {
+                        Some(TableFormat::Csv) => Table::from_csv(&config.name, text, config.key.as_deref())
+                            .map_err(|e| format!("`{file}`: {e}")),
+                        Some(TableFormat::Toml) => {
+                            Table::from_toml(&config.name, text, config.key.as_deref().unwrap_or("key"))
+                                .map_err(|e| format!("`{file}`: {e}"))
+                        }
+                        None => Err(format!(
+                            "cannot tell the format of `{file}`; add `format = \"csv\"` or \"toml\""
+                        )),
+                    }
+                }
+            },
+        };
+        match built {
+            Ok(table) => {
+                if tables.insert(config.name.clone(), Arc::new(table)).is_some() {
+                    problems.push(plain(&context, "another table has the same name"));
+                }
+            }
+            Err(message) => problems.push(plain(&context, message)),
+        }
+    }
+    tables
+}
+
+fn build_actions(
+    configs: &[ActionConfig],
+    sql: &CompiledSql,
+    context: &str,
+    problems: &mut Vec<Problem>,
+) -> Vec<Action> {
+    if configs.is_empty() {
+        problems.push(plain(
+            context,
+            "no actions; add `[[rule.action]]` with `type = \"forward\"`, \"republish\" or \"drop\"",
+        ));
+    }
+    let columns = sql.output_names();
+    let mut template = |text: &str| match Template::parse(text, &columns) {
+        Ok(t) => Some(t),
+        Err(message) => {
+            problems.push(plain(context, message));
+            None
+        }
+    };
+    let mut actions = Vec::new();
+    let mut invalid = Vec::new();
+    for (action_idx, config) in configs.iter().enumerate() {
+        match config {
+            ActionConfig::Drop {} => actions.push(Action::Drop),
+            ActionConfig::Forward { topic, qos, priority, ttl, format } => {
+                if *qos > 2 {
+                    invalid.push(format!("action[{action_idx}].qos = {qos}: QoS is 0, 1 or 2"));
+                }
+                if *priority > 9 {
+                    invalid.push(format!(
+                        "action[{action_idx}].priority = {priority}: priorities are 0 (most urgent) to 9"
+                    ));
+                }
+                let topic = match topic {
+                    Some(text) => match template(text) {
+                        Some(t) => Some(t),
+                        None => continue,
+                    },
+                    None => None,
+                };
+                actions.push(Action::Forward {
+                    topic,
+                    qos: *qos,
+                    priority: *priority,
+                    ttl: *ttl,
+                    format: *format,
+                });
+            }
+            ActionConfig::Republish { topic, qos, format } => {
+                if *qos > 2 {
+                    invalid.push(format!("action[{action_idx}].qos = {qos}: QoS is 0, 1 or 2"));
+                }
+                let Some(topic) = template(topic) else { continue };
+                actions.push(Action::Republish { topic, qos: *qos, format: *format });
+            }
+        }
+    }
+    problems.extend(invalid.into_iter().map(|m| plain(context, m)));
+    actions
+}

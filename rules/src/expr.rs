@@ -1,0 +1,590 @@
+//! The compiled plan of one rule's expressions and how it evaluates against an event.
+//!
+//! An [`Expr`] has resolved everything the SQL named: fields are [`Field`]s or payload
+//! paths, functions are pointers into the builtin table, tables are shared handles, and
+//! literal patterns (LIKE, `regex_match`) are compiled regexes. Evaluating it walks only
+//! this tree; the SQL AST is gone after compilation.
+//!
+//! **NULL and type rules** (the README's "Semantics" section is the user-facing copy):
+//! - A missing field, a JSON `null` and an out-of-range index are NULL.
+//! - Comparisons with NULL are NULL; AND/OR/NOT use three-valued logic; WHERE keeps an
+//!   event only if the condition is TRUE.
+//! - Arithmetic, `||` and most functions return NULL if an argument is NULL.
+//! - Numbers compare numerically (integer vs float included); a string compared with a
+//!   number is converted to a number first (as in EMQX). If it is not numeric, `=` is
+//!   false, `!=` true, and `<`, `<=`, `>`, `>=` are a type error.
+//! - A type error (e.g. `'abc' * 2`, `sqrt(-1)`, a non-boolean in WHERE) fails the rule
+//!   for this event: the engine emits a dead letter and the other rules still run.
+//!
+//! Evaluation returns `Cow`: a payload path borrows from the decoded payload, so a filter
+//! like `payload.temp > 30` allocates nothing.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+use std::sync::Arc;
+
+use regex::Regex;
+
+use crate::functions::Builtin;
+use crate::table::Table;
+use crate::value::Value;
+
+/// What a rule failed with on one event; becomes the `reason` of a dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EvalError(pub String);
+
+impl EvalError {
+    pub(crate) fn new(message: impl Into<String>) -> EvalError {
+        EvalError(message.into())
+    }
+}
+
+pub(crate) type EvalResult<'a> = Result<Cow<'a, Value>, EvalError>;
+
+/// Event metadata a rule can read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Field {
+    Topic,
+    ClientId,
+    Username,
+    Qos,
+    Timestamp,
+    EventId,
+    Hops,
+}
+
+/// One step of a path: `.key` or `[index]` (1-based; negative from the end).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum PathSeg {
+    Key(String),
+    Index(i64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CmpOp {
+    Eq,
+    NotEq,
+    Lt,
+    LtEq,
+    Gt,
+    GtEq,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ArithOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Rem,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum Expr {
+    Const(Value),
+    Field(Field),
+    /// A path into the decoded payload; empty means the whole payload.
+    Payload(Vec<PathSeg>),
+    /// `topic(N)`: level N (1-based) of the event's topic.
+    TopicLevel(usize),
+    /// A path into a computed value, e.g. `lookup('devices', payload.id).site`.
+    Get(Box<Expr>, Vec<PathSeg>),
+    Neg(Box<Expr>),
+    Not(Box<Expr>),
+    And(Box<Expr>, Box<Expr>),
+    Or(Box<Expr>, Box<Expr>),
+    Compare(CmpOp, Box<Expr>, Box<Expr>),
+    Arith(ArithOp, Box<Expr>, Box<Expr>),
+    IsNull(Box<Expr>, bool),
+    In {
+        expr: Box<Expr>,
+        list: Vec<Expr>,
+        negated: bool,
+    },
+    /// LIKE, and `regex_match` with a literal pattern.
+    Matches {
+        expr: Box<Expr>,
+        regex: Regex,
+        negated: bool,
+    },
+    /// `regex_replace` with a literal pattern.
+    RegexReplace {
+        expr: Box<Expr>,
+        regex: Regex,
+        replacement: Box<Expr>,
+    },
+    Case {
+        operand: Option<Box<Expr>>,
+        branches: Vec<(Expr, Expr)>,
+        otherwise: Option<Box<Expr>>,
+    },
+    Call {
+        func: &'static Builtin,
+        args: Vec<Expr>,
+    },
+    /// An array literal, `[a, b]`.
+    Array(Vec<Expr>),
+    Lookup {
+        table: Arc<Table>,
+        key: Box<Expr>,
+        field: Option<String>,
+    },
+}
+
+/// What an expression can see: the event and the payload decoded for this rule.
+pub(crate) struct Env<'a> {
+    pub event: &'a crate::EventContext<'a>,
+    pub payload: &'a Value,
+}
+
+/// Limits on one compiled expression (after aliases are expanded), so that evaluation's
+/// recursion stays shallow and alias chains (`a+a AS b, b+b AS c, ...`) cannot blow up.
+pub(crate) const MAX_DEPTH: usize = 160;
+pub(crate) const MAX_NODES: usize = 20_000;
+
+impl Expr {
+    /// Whether this expression is within [`MAX_DEPTH`] and the node budget. Stops as soon as
+    /// a limit is hit, so it never recurses deeper than `MAX_DEPTH` itself.
+    pub(crate) fn within_limits(&self, depth: usize, budget: &mut usize) -> bool {
+        if depth > MAX_DEPTH || *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
+        let children: Vec<&Expr> = match self {
+            Expr::Const(_) | Expr::Field(_) | Expr::Payload(_) | Expr::TopicLevel(_) => Vec::new(),
+            Expr::Get(e, _)
+            | Expr::Neg(e)
+            | Expr::Not(e)
+            | Expr::IsNull(e, _)
+            | Expr::Matches { expr: e, .. } => {
+                vec![e]
+            }
+            Expr::Lookup { key, .. } => vec![key],
+            Expr::And(a, b) | Expr::Or(a, b) | Expr::Compare(_, a, b) | Expr::Arith(_, a, b) => vec![a, b],
+            Expr::RegexReplace { expr, replacement, .. } => vec![expr, replacement],
+            Expr::In { expr, list, .. } => std::iter::once(&**expr).chain(list).collect(),
+            Expr::Case { operand, branches, otherwise } => operand
+                .iter()
+                .map(|e| &**e)
+                .chain(branches.iter().flat_map(|(w, t)| [w, t]))
+                .chain(otherwise.iter().map(|e| &**e))
+                .collect(),
+            Expr::Call { args, .. } | Expr::Array(args) => args.iter().collect(),
+        };
+        children.into_iter().all(|child| child.within_limits(depth + 1, budget))
+    }
+
+    pub(crate) fn eval<'a>(&'a self, env: &Env<'a>) -> EvalResult<'a> {
+        let owned = |v: Value| Ok(Cow::Owned(v));
+        match self {
+            Expr::Const(v) => Ok(Cow::Borrowed(v)),
+            Expr::Field(field) => owned(field_value(*field, env.event)),
+            Expr::Payload(path) => Ok(Cow::Borrowed(walk(env.payload, path).unwrap_or(&NULL))),
+            Expr::TopicLevel(level) => owned(
+                env.event
+                    .topic
+                    .split('/')
+                    .nth(level.saturating_sub(1))
+                    .map(|l| Value::Str(l.to_owned()))
+                    .unwrap_or(Value::Null),
+            ),
+            Expr::Get(inner, path) => match inner.eval(env)? {
+                Cow::Borrowed(v) => Ok(Cow::Borrowed(walk(v, path).unwrap_or(&NULL))),
+                Cow::Owned(v) => owned(walk(&v, path).cloned().unwrap_or(Value::Null)),
+            },
+            Expr::Neg(inner) => match &*inner.eval(env)? {
+                Value::Null => owned(Value::Null),
+                Value::Int(i) => owned(i.checked_neg().map(Value::Int).unwrap_or(Value::Float(-(*i as f64)))),
+                Value::Float(f) => owned(Value::Float(-f)),
+                other => match number(other) {
+                    Some(Num::Int(i)) => {
+                        owned(i.checked_neg().map(Value::Int).unwrap_or(Value::Float(-(i as f64))))
+                    }
+                    Some(Num::Float(f)) => owned(Value::Float(-f)),
+                    None => Err(EvalError::new(format!("cannot negate {}", describe(other)))),
+                },
+            },
+            Expr::Not(inner) => owned(tri(inner.truth(env)?.map(|b| !b))),
+            Expr::And(..) | Expr::Or(..) | Expr::IsNull(..) | Expr::In { .. } | Expr::Matches { .. } => {
+                owned(tri(self.truth(env)?))
+            }
+            Expr::Compare(op, left, right) => {
+                let (left, right) = (left.eval(env)?, right.eval(env)?);
+                owned(tri(compare(*op, &left, &right)?))
+            }
+            Expr::Arith(op, left, right) => owned(arith(*op, &*left.eval(env)?, &*right.eval(env)?)?),
+            Expr::Case { operand, branches, otherwise } => {
+                let operand = operand.as_ref().map(|o| o.eval(env)).transpose()?;
+                for (when, then) in branches {
+                    let hit = match &operand {
+                        Some(operand) => {
+                            let candidate = when.eval(env)?;
+                            !operand.is_null() && !candidate.is_null() && equal(operand, &candidate)
+                        }
+                        None => when.truth(env)? == Some(true),
+                    };
+                    if hit {
+                        return then.eval(env);
+                    }
+                }
+                match otherwise {
+                    Some(e) => e.eval(env),
+                    None => owned(Value::Null),
+                }
+            }
+            Expr::Call { func, args } => {
+                let mut values = Vec::with_capacity(args.len());
+                for arg in args {
+                    values.push(arg.eval(env)?.into_owned());
+                }
+                if func.null_in_null_out && values.iter().any(Value::is_null) {
+                    return owned(Value::Null);
+                }
+                (func.eval)(&values, env).map(Cow::Owned)
+            }
+            Expr::RegexReplace { expr, regex, replacement } => {
+                let (subject, replacement) = (expr.eval(env)?, replacement.eval(env)?);
+                if subject.is_null() || replacement.is_null() {
+                    return owned(Value::Null);
+                }
+                let (Some(text), Some(with)) = (text_of(&subject), text_of(&replacement)) else {
+                    return Err(EvalError::new(format!(
+                        "regex_replace: expected strings, got {} and {}",
+                        describe(&subject),
+                        describe(&replacement)
+                    )));
+                };
+                let with = crate::functions::translate_replacement(with);
+                owned(Value::Str(regex.replace_all(text, with.as_str()).into_owned()))
+            }
+            Expr::Array(items) => {
+                let mut values = Vec::with_capacity(items.len());
+                for item in items {
+                    values.push(item.eval(env)?.into_owned());
+                }
+                owned(Value::Array(values))
+            }
+            Expr::Lookup { table, key, field } => {
+                let key = key.eval(env)?;
+                let key = match &*key {
+                    Value::Null => return owned(Value::Null),
+                    Value::Str(s) => Cow::Borrowed(s.as_str()),
+                    other => match other.to_text() {
+                        Some(text) if !matches!(other, Value::Array(_) | Value::Object(_)) => text,
+                        _ => {
+                            return Err(EvalError::new(format!(
+                                "lookup key must be a string or number, got {}",
+                                describe(other)
+                            )));
+                        }
+                    },
+                };
+                let Some(row) = table.get(&key) else { return owned(Value::Null) };
+                let found = match field {
+                    Some(field) => row.get(field).unwrap_or(&NULL),
+                    None => row,
+                };
+                owned(found.clone())
+            }
+        }
+    }
+
+    /// Evaluates in a boolean context: `Some(b)` for TRUE/FALSE, `None` for NULL. Any other
+    /// type is an error: WHERE does not guess what `1` or `'yes'` means.
+    pub(crate) fn truth(&self, env: &Env<'_>) -> Result<Option<bool>, EvalError> {
+        match self {
+            Expr::And(left, right) => {
+                let left = left.truth(env)?;
+                if left == Some(false) {
+                    return Ok(Some(false));
+                }
+                Ok(match (left, right.truth(env)?) {
+                    (_, Some(false)) => Some(false),
+                    (Some(true), Some(true)) => Some(true),
+                    _ => None,
+                })
+            }
+            Expr::Or(left, right) => {
+                let left = left.truth(env)?;
+                if left == Some(true) {
+                    return Ok(Some(true));
+                }
+                Ok(match (left, right.truth(env)?) {
+                    (_, Some(true)) => Some(true),
+                    (Some(false), Some(false)) => Some(false),
+                    _ => None,
+                })
+            }
+            Expr::Not(inner) => Ok(inner.truth(env)?.map(|b| !b)),
+            Expr::IsNull(inner, negated) => Ok(Some(inner.eval(env)?.is_null() != *negated)),
+            Expr::Compare(op, left, right) => compare(*op, &*left.eval(env)?, &*right.eval(env)?),
+            Expr::In { expr, list, negated } => {
+                let needle = expr.eval(env)?;
+                if needle.is_null() {
+                    return Ok(None);
+                }
+                let mut saw_null = false;
+                for item in list {
+                    let item = item.eval(env)?;
+                    if item.is_null() {
+                        saw_null = true;
+                    } else if equal(&needle, &item) {
+                        return Ok(Some(!negated));
+                    }
+                }
+                Ok(if saw_null { None } else { Some(*negated) })
+            }
+            Expr::Matches { expr, regex, negated } => {
+                let subject = expr.eval(env)?;
+                match text_of(&subject) {
+                    None if subject.is_null() => Ok(None),
+                    None => Err(EvalError::new(format!(
+                        "pattern match needs a string, got {}",
+                        describe(&subject)
+                    ))),
+                    Some(text) => Ok(Some(regex.is_match(text) != *negated)),
+                }
+            }
+            other => match &*other.eval(env)? {
+                Value::Bool(b) => Ok(Some(*b)),
+                Value::Null => Ok(None),
+                v => Err(EvalError::new(format!("expected a boolean condition, got {}", describe(v)))),
+            },
+        }
+    }
+}
+
+static NULL: Value = Value::Null;
+
+fn tri(b: Option<bool>) -> Value {
+    b.map(Value::Bool).unwrap_or(Value::Null)
+}
+
+pub(crate) fn field_value(field: Field, event: &crate::EventContext<'_>) -> Value {
+    let opt = |s: Option<&str>| s.map(|s| Value::Str(s.to_owned())).unwrap_or(Value::Null);
+    match field {
+        Field::Topic => Value::Str(event.topic.to_owned()),
+        Field::ClientId => opt(event.clientid),
+        Field::Username => opt(event.username),
+        Field::Qos => Value::Int(i64::from(event.qos)),
+        Field::Timestamp => Value::from_meta_u64(event.timestamp_ms),
+        Field::EventId => Value::from_meta_u64(event.event_id),
+        Field::Hops => Value::Int(i64::from(event.hops)),
+    }
+}
+
+pub(crate) fn walk<'v>(mut value: &'v Value, path: &[PathSeg]) -> Option<&'v Value> {
+    for seg in path {
+        value = match seg {
+            PathSeg::Key(key) => value.get(key)?,
+            PathSeg::Index(index) => value.index(*index)?,
+        };
+    }
+    Some(value)
+}
+
+/// "string 'abc'", "integer 3", "object" — for error messages; long values are cut.
+pub(crate) fn describe(value: &Value) -> String {
+    match value {
+        Value::Null | Value::Array(_) | Value::Object(_) | Value::Bytes(_) => value.type_name().to_owned(),
+        other => {
+            let mut text = other.to_string();
+            if text.len() > 40 {
+                let cut = (0..=37).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+                text.truncate(cut);
+                text.push_str("...");
+            }
+            format!("{} {text}", other.type_name())
+        }
+    }
+}
+
+/// The text of a string or of UTF-8 bytes.
+pub(crate) fn text_of(value: &Value) -> Option<&str> {
+    match value {
+        Value::Str(s) => Some(s),
+        Value::Bytes(b) => std::str::from_utf8(b).ok(),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Num {
+    Int(i64),
+    Float(f64),
+}
+
+impl Num {
+    pub(crate) fn as_f64(self) -> f64 {
+        match self {
+            Num::Int(i) => i as f64,
+            Num::Float(f) => f,
+        }
+    }
+}
+
+/// A number, or a string spelling one (`"42"`, `"-1.5e3"`; no `inf`/`nan`, no spaces).
+pub(crate) fn number(value: &Value) -> Option<Num> {
+    match value {
+        Value::Int(i) => Some(Num::Int(*i)),
+        Value::Float(f) => Some(Num::Float(*f)),
+        Value::Str(_) | Value::Bytes(_) => parse_number(text_of(value)?),
+        _ => None,
+    }
+}
+
+pub(crate) fn parse_number(text: &str) -> Option<Num> {
+    if text.is_empty()
+        || !text.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.' | b'e' | b'E'))
+    {
+        return None;
+    }
+    if let Ok(i) = text.parse::<i64>() {
+        return Some(Num::Int(i));
+    }
+    text.parse::<f64>().ok().filter(|f| f.is_finite()).map(Num::Float)
+}
+
+fn compare_nums(a: Num, b: Num) -> Option<Ordering> {
+    match (a, b) {
+        (Num::Int(a), Num::Int(b)) => Some(a.cmp(&b)),
+        (a, b) => a.as_f64().partial_cmp(&b.as_f64()),
+    }
+}
+
+/// Equality for `=`, IN and CASE. Both sides are non-NULL.
+pub(crate) fn equal(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Int(_) | Value::Float(_), _) | (_, Value::Int(_) | Value::Float(_)) => {
+            match (number(a), number(b)) {
+                (Some(x), Some(y)) => compare_nums(x, y) == Some(Ordering::Equal),
+                _ => false,
+            }
+        }
+        (Value::Bool(x), Value::Str(s)) | (Value::Str(s), Value::Bool(x)) => {
+            s == if *x { "true" } else { "false" }
+        }
+        (Value::Str(_) | Value::Bytes(_), Value::Str(_) | Value::Bytes(_)) => {
+            match (text_of(a), text_of(b)) {
+                (Some(x), Some(y)) => x == y,
+                _ => a == b,
+            }
+        }
+        _ => a == b,
+    }
+}
+
+/// Ordering for `<`, `>`, `greatest`, `least`. Both sides are non-NULL.
+pub(crate) fn order(a: &Value, b: &Value) -> Result<Ordering, EvalError> {
+    let mismatch = || EvalError::new(format!("cannot compare {} with {}", describe(a), describe(b)));
+    match (a, b) {
+        (Value::Str(x), Value::Str(y)) => Ok(x.cmp(y)),
+        (Value::Bool(x), Value::Bool(y)) => Ok(x.cmp(y)),
+        (
+            Value::Int(_) | Value::Float(_) | Value::Str(_),
+            Value::Int(_) | Value::Float(_) | Value::Str(_),
+        ) => match (number(a), number(b)) {
+            (Some(x), Some(y)) => compare_nums(x, y).ok_or_else(mismatch),
+            _ => Err(mismatch()),
+        },
+        _ => Err(mismatch()),
+    }
+}
+
+pub(crate) fn compare(op: CmpOp, a: &Value, b: &Value) -> Result<Option<bool>, EvalError> {
+    if a.is_null() || b.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(match op {
+        CmpOp::Eq => equal(a, b),
+        CmpOp::NotEq => !equal(a, b),
+        CmpOp::Lt => order(a, b)? == Ordering::Less,
+        CmpOp::LtEq => order(a, b)? != Ordering::Greater,
+        CmpOp::Gt => order(a, b)? == Ordering::Greater,
+        CmpOp::GtEq => order(a, b)? != Ordering::Less,
+    }))
+}
+
+/// Arithmetic as EMQX does it: integers stay integers (overflow falls back to float),
+/// `/` always divides as floats, `+` on two strings concatenates, numeric strings count
+/// as numbers. Division or remainder by zero is an error.
+pub(crate) fn arith(op: ArithOp, a: &Value, b: &Value) -> Result<Value, EvalError> {
+    if a.is_null() || b.is_null() {
+        return Ok(Value::Null);
+    }
+    if let (ArithOp::Add, Value::Str(x), Value::Str(y)) = (op, a, b) {
+        return Ok(Value::Str(format!("{x}{y}")));
+    }
+    let (Some(x), Some(y)) = (number(a), number(b)) else {
+        let verb = match op {
+            ArithOp::Add => "add",
+            ArithOp::Sub => "subtract",
+            ArithOp::Mul => "multiply",
+            ArithOp::Div => "divide",
+            ArithOp::Rem => "take the remainder of",
+        };
+        return Err(EvalError::new(format!("cannot {verb} {} and {}", describe(a), describe(b))));
+    };
+    let float = |f: f64| {
+        if f.is_finite() {
+            Ok(Value::Float(f))
+        } else {
+            Err(EvalError::new("arithmetic result is not a finite number"))
+        }
+    };
+    match (op, x, y) {
+        (ArithOp::Div | ArithOp::Rem, _, y) if y.as_f64() == 0.0 => Err(EvalError::new("division by zero")),
+        (ArithOp::Div, x, y) => float(x.as_f64() / y.as_f64()),
+        (op, Num::Int(x), Num::Int(y)) => {
+            let exact = match op {
+                ArithOp::Add => x.checked_add(y),
+                ArithOp::Sub => x.checked_sub(y),
+                ArithOp::Mul => x.checked_mul(y),
+                _ => x.checked_rem(y),
+            };
+            match exact {
+                Some(i) => Ok(Value::Int(i)),
+                None => arith_float(op, x as f64, y as f64).and_then(float),
+            }
+        }
+        (op, x, y) => arith_float(op, x.as_f64(), y.as_f64()).and_then(float),
+    }
+}
+
+fn arith_float(op: ArithOp, x: f64, y: f64) -> Result<f64, EvalError> {
+    Ok(match op {
+        ArithOp::Add => x + y,
+        ArithOp::Sub => x - y,
+        ArithOp::Mul => x * y,
+        ArithOp::Div => x / y,
+        ArithOp::Rem => x % y,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equality_coerces_numeric_strings_only() {
+        assert!(equal(&Value::Int(5), &Value::Str("5".into())));
+        assert!(equal(&Value::Int(5), &Value::Float(5.0)));
+        assert!(!equal(&Value::Int(5), &Value::Str("five".into())));
+        assert!(equal(&Value::Bool(true), &Value::Str("true".into())));
+        assert!(order(&Value::Int(5), &Value::Str("five".into())).is_err());
+        assert_eq!(order(&Value::Str("10".into()), &Value::Int(9)).unwrap(), Ordering::Greater);
+        assert_eq!(order(&Value::Str("10".into()), &Value::Str("9".into())).unwrap(), Ordering::Less);
+    }
+
+    #[test]
+    fn arithmetic_never_overflows() {
+        assert_eq!(
+            arith(ArithOp::Add, &Value::Int(i64::MAX), &Value::Int(1)).unwrap(),
+            Value::Float(i64::MAX as f64 + 1.0)
+        );
+        assert_eq!(arith(ArithOp::Rem, &Value::Int(i64::MIN), &Value::Int(-1)).unwrap(), Value::Float(-0.0));
+        assert!(arith(ArithOp::Div, &Value::Int(1), &Value::Int(0)).is_err());
+        assert_eq!(arith(ArithOp::Div, &Value::Int(1), &Value::Int(2)).unwrap(), Value::Float(0.5));
+        assert!(arith(ArithOp::Mul, &Value::Float(f64::MAX), &Value::Int(2)).is_err());
+    }
+}

@@ -1,0 +1,532 @@
+//! The builtin functions: one table, [`BUILTINS`], that the compiler resolves names
+//! against and the README documents one by one.
+//!
+//! Names and semantics follow EMQX where EMQX has the function; Outpost's additions and
+//! aliases are marked in the README. Arity is checked at compile time. A function with
+//! `null_in_null_out` returns NULL when any argument is NULL, without being called.
+//! A wrong argument type or an out-of-domain value is an [`EvalError`] (the rule's dead
+//! letter names the function), never a panic.
+//!
+//! `topic(N)`, `lookup(..)`, and `regex_match`/`regex_replace` with literal patterns are
+//! resolved by the compiler into dedicated plan nodes; the entries here handle the rest.
+
+use std::borrow::Cow;
+use std::cmp::Ordering;
+
+use base64::Engine as _;
+
+use crate::expr::{Env, EvalError, Num, describe, equal, number, order, text_of};
+use crate::time::{self, DateTime, Unit};
+use crate::value::Value;
+
+pub(crate) type Eval = fn(&[Value], &Env<'_>) -> Result<Value, EvalError>;
+
+/// A builtin function.
+#[derive(Debug)]
+pub(crate) struct Builtin {
+    pub name: &'static str,
+    pub min_args: usize,
+    /// `usize::MAX` for variadic functions.
+    pub max_args: usize,
+    pub null_in_null_out: bool,
+    pub eval: Eval,
+}
+
+const fn f(name: &'static str, min_args: usize, max_args: usize, eval: Eval) -> Builtin {
+    Builtin { name, min_args, max_args, null_in_null_out: true, eval }
+}
+
+/// Functions that look at NULL arguments themselves.
+const fn n(name: &'static str, min_args: usize, max_args: usize, eval: Eval) -> Builtin {
+    Builtin { name, min_args, max_args, null_in_null_out: false, eval }
+}
+
+const MANY: usize = usize::MAX;
+
+/// Every builtin, by name. Aliases are separate entries sharing an implementation.
+pub(crate) static BUILTINS: &[Builtin] = &[
+    // Math.
+    f("abs", 1, 1, abs),
+    f("ceil", 1, 1, |a, _| to_int_fn(a, "ceil", f64::ceil)),
+    f("floor", 1, 1, |a, _| to_int_fn(a, "floor", f64::floor)),
+    f("round", 1, 1, |a, _| to_int_fn(a, "round", f64::round)),
+    f("sqrt", 1, 1, |a, _| float_fn(a, "sqrt", f64::sqrt)),
+    f("exp", 1, 1, |a, _| float_fn(a, "exp", f64::exp)),
+    f("log", 1, 1, |a, _| float_fn(a, "log", f64::ln)),
+    f("log10", 1, 1, |a, _| float_fn(a, "log10", f64::log10)),
+    f("log2", 1, 1, |a, _| float_fn(a, "log2", f64::log2)),
+    f("sin", 1, 1, |a, _| float_fn(a, "sin", f64::sin)),
+    f("cos", 1, 1, |a, _| float_fn(a, "cos", f64::cos)),
+    f("tan", 1, 1, |a, _| float_fn(a, "tan", f64::tan)),
+    f("asin", 1, 1, |a, _| float_fn(a, "asin", f64::asin)),
+    f("acos", 1, 1, |a, _| float_fn(a, "acos", f64::acos)),
+    f("atan", 1, 1, |a, _| float_fn(a, "atan", f64::atan)),
+    f("sinh", 1, 1, |a, _| float_fn(a, "sinh", f64::sinh)),
+    f("cosh", 1, 1, |a, _| float_fn(a, "cosh", f64::cosh)),
+    f("tanh", 1, 1, |a, _| float_fn(a, "tanh", f64::tanh)),
+    f("power", 2, 2, |a, _| power(a, "power")),
+    f("pow", 2, 2, |a, _| power(a, "pow")),
+    f("fmod", 2, 2, fmod),
+    n("greatest", 1, MANY, |a, _| extreme(a, Ordering::Greater)),
+    n("least", 1, MANY, |a, _| extreme(a, Ordering::Less)),
+    // Type checks and conversion.
+    n("is_null", 1, 1, |a, _| Ok(Value::Bool(arg(a, 0).is_null()))),
+    n("is_not_null", 1, 1, |a, _| Ok(Value::Bool(!arg(a, 0).is_null()))),
+    n("is_str", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Str(_))))),
+    n("is_num", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Int(_) | Value::Float(_))))),
+    n("is_int", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Int(_))))),
+    n("is_float", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Float(_))))),
+    n("is_bool", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Bool(_))))),
+    n("is_map", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Object(_))))),
+    n("is_array", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Array(_))))),
+    f("int", 1, 1, int),
+    f("float", 1, 2, float),
+    f("str", 1, 1, |a, _| str_of(arg(a, 0), "str").map(Value::Str)),
+    f("bool", 1, 1, bool_fn),
+    n("coalesce", 1, MANY, |a, _| Ok(a.iter().find(|v| !v.is_null()).cloned().unwrap_or(Value::Null))),
+    // Strings.
+    f("lower", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "lower")?.to_lowercase()))),
+    f("upper", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "upper")?.to_uppercase()))),
+    f("trim", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "trim")?.trim().to_owned()))),
+    f("ltrim", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "ltrim")?.trim_start().to_owned()))),
+    f("rtrim", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "rtrim")?.trim_end().to_owned()))),
+    f("reverse", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "reverse")?.chars().rev().collect()))),
+    f("strlen", 1, 1, |a, _| Ok(Value::Int(count(want_str(a, 0, "strlen")?.chars().count())))),
+    f("concat", 1, MANY, concat),
+    f("substr", 2, 3, substr),
+    f("substring", 2, 3, substr),
+    f("split", 2, 3, split),
+    f("replace", 3, 4, replace),
+    f("find", 2, 3, find),
+    f("regex_match", 2, 2, regex_match),
+    f("regex_replace", 3, 3, regex_replace),
+    // Arrays.
+    f("length", 1, 1, length),
+    f("nth", 2, 2, nth),
+    f("contains", 2, 2, |a, _| match arg(a, 1) {
+        Value::Array(items) => Ok(Value::Bool(items.iter().any(|i| !i.is_null() && equal(i, arg(a, 0))))),
+        other => Err(EvalError::new(format!("contains: expected an array, got {}", describe(other)))),
+    }),
+    // Time.
+    f("now_timestamp", 0, 1, now_timestamp),
+    f("now", 0, 1, now_timestamp),
+    f("unix_ts_to_rfc3339", 1, 2, unix_ts_to_rfc3339),
+    f("rfc3339_to_unix_ts", 1, 2, rfc3339_to_unix_ts),
+    f("format_date", 4, 4, format_date),
+    f("format_time", 1, 1, |a, _| {
+        let ts = want_int(a, 0, "format_time")?;
+        Ok(Value::Str(
+            DateTime::from_unix(ts, Unit::Millisecond, 0)
+                .map_err(fail("format_time"))?
+                .rfc3339(Unit::Millisecond),
+        ))
+    }),
+    f("parse_time", 1, 1, |a, _| {
+        let text = want_str(a, 0, "parse_time")?;
+        let dt = time::parse_rfc3339(text).map_err(fail("parse_time"))?;
+        dt.to_unix(Unit::Millisecond)
+            .map(Value::Int)
+            .ok_or_else(|| EvalError::new("parse_time: out of range"))
+    }),
+    // Encoding.
+    f("base64_encode", 1, 1, |a, _| {
+        Ok(Value::Str(base64::engine::general_purpose::STANDARD.encode(bytes_of(a, 0, "base64_encode")?)))
+    }),
+    f("base64_decode", 1, 1, |a, _| {
+        let text = want_str(a, 0, "base64_decode")?;
+        let bytes =
+            base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(fail("base64_decode"))?;
+        Ok(bytes_value(bytes))
+    }),
+    f("bin2hexstr", 1, 1, |a, _| Ok(Value::Str(hex::encode_upper(bytes_of(a, 0, "bin2hexstr")?)))),
+    f("hex_encode", 1, 1, |a, _| Ok(Value::Str(hex::encode_upper(bytes_of(a, 0, "hex_encode")?)))),
+    f("hexstr2bin", 1, 1, |a, _| hex_decode(a, "hexstr2bin")),
+    f("hex_decode", 1, 1, |a, _| hex_decode(a, "hex_decode")),
+    n("json_encode", 1, 1, |a, _| Ok(Value::Str(arg(a, 0).to_json_string()))),
+    f("json_decode", 1, 1, |a, _| {
+        let text = want_str(a, 0, "json_decode")?;
+        Value::from_json(text.as_bytes()).map_err(fail("json_decode"))
+    }),
+];
+
+pub(crate) fn find_builtin(name: &str) -> Option<&'static Builtin> {
+    BUILTINS.iter().find(|b| b.name == name)
+}
+
+static NULL: Value = Value::Null;
+
+fn arg(args: &[Value], idx: usize) -> &Value {
+    args.get(idx).unwrap_or(&NULL)
+}
+
+fn fail<E: std::fmt::Display>(name: &'static str) -> impl Fn(E) -> EvalError {
+    move |e| EvalError::new(format!("{name}: {e}"))
+}
+
+fn count(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn want_num(args: &[Value], idx: usize, name: &str) -> Result<Num, EvalError> {
+    let value = arg(args, idx);
+    number(value).ok_or_else(|| EvalError::new(format!("{name}: expected a number, got {}", describe(value))))
+}
+
+fn want_int(args: &[Value], idx: usize, name: &str) -> Result<i64, EvalError> {
+    match want_num(args, idx, name)? {
+        Num::Int(i) => Ok(i),
+        Num::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(f as i64),
+        Num::Float(f) => Err(EvalError::new(format!("{name}: expected an integer, got float {f}"))),
+    }
+}
+
+fn want_str<'v>(args: &'v [Value], idx: usize, name: &str) -> Result<&'v str, EvalError> {
+    let value = arg(args, idx);
+    text_of(value)
+        .ok_or_else(|| EvalError::new(format!("{name}: expected a string, got {}", describe(value))))
+}
+
+/// The bytes of a string or byte string.
+fn bytes_of<'v>(args: &'v [Value], idx: usize, name: &str) -> Result<&'v [u8], EvalError> {
+    match arg(args, idx) {
+        Value::Str(s) => Ok(s.as_bytes()),
+        Value::Bytes(b) => Ok(b),
+        other => Err(EvalError::new(format!("{name}: expected a string or bytes, got {}", describe(other)))),
+    }
+}
+
+/// Decoded bytes are a string when they are UTF-8 (as EMQX binaries print), bytes otherwise.
+fn bytes_value(bytes: Vec<u8>) -> Value {
+    match String::from_utf8(bytes) {
+        Ok(s) => Value::Str(s),
+        Err(e) => Value::Bytes(e.into_bytes()),
+    }
+}
+
+fn finite(f: f64, name: &str) -> Result<Value, EvalError> {
+    if f.is_finite() {
+        Ok(Value::Float(f))
+    } else {
+        Err(EvalError::new(format!("{name}: argument out of domain (result is {f})")))
+    }
+}
+
+fn abs(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    Ok(match want_num(args, 0, "abs")? {
+        Num::Int(i) => i.checked_abs().map(Value::Int).unwrap_or(Value::Float((i as f64).abs())),
+        Num::Float(f) => Value::Float(f.abs()),
+    })
+}
+
+fn float_fn(args: &[Value], name: &str, op: fn(f64) -> f64) -> Result<Value, EvalError> {
+    finite(op(want_num(args, 0, name)?.as_f64()), name)
+}
+
+/// `ceil`, `floor`, `round`: an integer result, as in EMQX.
+fn to_int_fn(args: &[Value], name: &str, op: fn(f64) -> f64) -> Result<Value, EvalError> {
+    match want_num(args, 0, name)? {
+        Num::Int(i) => Ok(Value::Int(i)),
+        Num::Float(f) => float_to_int(op(f), name),
+    }
+}
+
+fn float_to_int(f: f64, name: &str) -> Result<Value, EvalError> {
+    if f.is_finite() && (-9.223_372_036_854_775e18..=9.223_372_036_854_775e18).contains(&f) {
+        Ok(Value::Int(f as i64))
+    } else {
+        Err(EvalError::new(format!("{name}: {f} does not fit in an integer")))
+    }
+}
+
+fn power(args: &[Value], name: &str) -> Result<Value, EvalError> {
+    let (x, y) = (want_num(args, 0, name)?.as_f64(), want_num(args, 1, name)?.as_f64());
+    finite(x.powf(y), name)
+}
+
+fn fmod(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let (x, y) = (want_num(args, 0, "fmod")?.as_f64(), want_num(args, 1, "fmod")?.as_f64());
+    if y == 0.0 {
+        return Err(EvalError::new("fmod: division by zero"));
+    }
+    finite(x % y, "fmod")
+}
+
+/// `greatest`/`least`: NULL arguments are skipped (as in PostgreSQL); all NULL gives NULL.
+fn extreme(args: &[Value], want: Ordering) -> Result<Value, EvalError> {
+    let mut best: Option<&Value> = None;
+    for value in args.iter().filter(|v| !v.is_null()) {
+        best = match best {
+            Some(current) if order(value, current)? != want => Some(current),
+            _ => Some(value),
+        };
+    }
+    Ok(best.cloned().unwrap_or(Value::Null))
+}
+
+/// `int`: floats are floored (EMQX), numeric strings parsed, booleans are 1/0.
+fn int(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    match arg(args, 0) {
+        Value::Bool(b) => Ok(Value::Int(i64::from(*b))),
+        other => match number(other) {
+            Some(Num::Int(i)) => Ok(Value::Int(i)),
+            Some(Num::Float(f)) => float_to_int(f.floor(), "int"),
+            None => Err(EvalError::new(format!("int: cannot convert {}", describe(other)))),
+        },
+    }
+}
+
+/// `float(x[, decimals])`: numbers and numeric strings; with `decimals`, rounded to that
+/// many places (EMQX 5's two-argument form).
+fn float(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let value = want_num(args, 0, "float")?.as_f64();
+    if args.len() < 2 {
+        return Ok(Value::Float(value));
+    }
+    let decimals = want_int(args, 1, "float")?;
+    if !(0..=15).contains(&decimals) {
+        return Err(EvalError::new(format!("float: decimals must be 0..=15, got {decimals}")));
+    }
+    let scale = 10f64.powi(i32::try_from(decimals).unwrap_or(0));
+    finite((value * scale).round() / scale, "float")
+}
+
+fn str_of(value: &Value, name: &str) -> Result<String, EvalError> {
+    value
+        .to_text()
+        .map(Cow::into_owned)
+        .ok_or_else(|| EvalError::new(format!("{name}: cannot convert {} to a string", describe(value))))
+}
+
+/// `bool`: booleans, `'true'`/`'false'`, and the integers 1/0 (EMQX).
+fn bool_fn(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    match arg(args, 0) {
+        Value::Bool(b) => Ok(Value::Bool(*b)),
+        Value::Int(1) => Ok(Value::Bool(true)),
+        Value::Int(0) => Ok(Value::Bool(false)),
+        value => match text_of(value) {
+            Some("true") => Ok(Value::Bool(true)),
+            Some("false") => Ok(Value::Bool(false)),
+            _ => Err(EvalError::new(format!("bool: cannot convert {}", describe(value)))),
+        },
+    }
+}
+
+/// `concat(a, b, ...)`: non-strings are converted as by `str`.
+fn concat(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let mut out = String::new();
+    for value in args {
+        out.push_str(
+            &value
+                .to_text()
+                .ok_or_else(|| EvalError::new(format!("concat: cannot convert {}", describe(value))))?,
+        );
+    }
+    Ok(Value::Str(out))
+}
+
+/// `substr(s, start[, length])`: `start` is 0-based, in characters (EMQX).
+fn substr(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let text = want_str(args, 0, "substr")?;
+    let start = want_int(args, 1, "substr")?;
+    let start = usize::try_from(start)
+        .map_err(|_| EvalError::new(format!("substr: start must be >= 0, got {start}")))?;
+    let chars = text.chars().skip(start);
+    let out: String = if args.len() > 2 {
+        let length = want_int(args, 2, "substr")?;
+        let length = usize::try_from(length)
+            .map_err(|_| EvalError::new(format!("substr: length must be >= 0, got {length}")))?;
+        chars.take(length).collect()
+    } else {
+        chars.collect()
+    };
+    Ok(Value::Str(out))
+}
+
+/// The optional `'all' | 'leading' | 'trailing'` argument of `split`, `replace`, `find`.
+fn direction<'v>(args: &'v [Value], idx: usize, name: &str, default: &'v str) -> Result<&'v str, EvalError> {
+    let dir = if args.len() > idx { want_str(args, idx, name)? } else { default };
+    match dir {
+        "all" | "leading" | "trailing" => Ok(dir),
+        other => {
+            Err(EvalError::new(format!("{name}: expected 'all', 'leading' or 'trailing', got '{other}'")))
+        }
+    }
+}
+
+/// `split(s, sep[, 'leading'|'trailing'])`: empty parts are dropped (EMQX).
+fn split(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let text = want_str(args, 0, "split")?;
+    let sep = want_str(args, 1, "split")?;
+    let parts: Vec<&str> = if sep.is_empty() {
+        vec![text]
+    } else {
+        match direction(args, 2, "split", "all")? {
+            "leading" => text.splitn(2, sep).collect(),
+            "trailing" => {
+                let mut parts: Vec<&str> = text.rsplitn(2, sep).collect();
+                parts.reverse();
+                parts
+            }
+            _ => text.split(sep).collect(),
+        }
+    };
+    Ok(Value::Array(parts.into_iter().filter(|p| !p.is_empty()).map(|p| Value::Str(p.to_owned())).collect()))
+}
+
+/// `replace(s, from, to[, 'all'|'leading'|'trailing'])`.
+fn replace(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let text = want_str(args, 0, "replace")?;
+    let from = want_str(args, 1, "replace")?;
+    let to = want_str(args, 2, "replace")?;
+    if from.is_empty() {
+        return Ok(Value::Str(text.to_owned()));
+    }
+    let out = match direction(args, 3, "replace", "all")? {
+        "leading" => text.replacen(from, to, 1),
+        "trailing" => match text.rfind(from) {
+            Some(at) => {
+                let (head, tail) = (text.get(..at).unwrap_or(""), text.get(at + from.len()..).unwrap_or(""));
+                format!("{head}{to}{tail}")
+            }
+            None => text.to_owned(),
+        },
+        _ => text.replace(from, to),
+    };
+    Ok(Value::Str(out))
+}
+
+/// `find(s, sub[, 'leading'|'trailing'])`: the rest of `s` from the first (or last)
+/// occurrence of `sub`, or `''` if there is none (EMQX).
+fn find(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let text = want_str(args, 0, "find")?;
+    let sub = want_str(args, 1, "find")?;
+    let at = match direction(args, 2, "find", "leading")? {
+        "trailing" => text.rfind(sub),
+        _ => text.find(sub),
+    };
+    Ok(Value::Str(at.and_then(|at| text.get(at..)).unwrap_or("").to_owned()))
+}
+
+/// Compiles a pattern that only became known at run time, with a size limit so that a
+/// payload cannot make the engine build a huge automaton.
+pub(crate) fn runtime_regex(pattern: &str, name: &str) -> Result<regex::Regex, EvalError> {
+    regex::RegexBuilder::new(pattern)
+        .size_limit(1 << 20)
+        .build()
+        .map_err(|e| EvalError::new(format!("{name}: invalid regular expression: {e}")))
+}
+
+fn regex_match(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let text = want_str(args, 0, "regex_match")?;
+    let regex = runtime_regex(want_str(args, 1, "regex_match")?, "regex_match")?;
+    Ok(Value::Bool(regex.is_match(text)))
+}
+
+fn regex_replace(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let text = want_str(args, 0, "regex_replace")?;
+    let regex = runtime_regex(want_str(args, 1, "regex_replace")?, "regex_replace")?;
+    let replacement = translate_replacement(want_str(args, 2, "regex_replace")?);
+    Ok(Value::Str(regex.replace_all(text, replacement.as_str()).into_owned()))
+}
+
+/// EMQX (Erlang `re`) writes group references as `\1`; the `regex` crate as `${1}`. Both
+/// are accepted: `\N` is rewritten, `$N` and `${name}` pass through.
+pub(crate) fn translate_replacement(replacement: &str) -> String {
+    let mut out = String::with_capacity(replacement.len());
+    let mut chars = replacement.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, chars.peek()) {
+            ('\\', Some(d)) if d.is_ascii_digit() => {
+                let mut digits = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    digits.push(*d);
+                    chars.next();
+                }
+                out.push_str(&format!("${{{digits}}}"));
+            }
+            ('\\', Some('\\')) => {
+                chars.next();
+                out.push('\\');
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn length(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    match arg(args, 0) {
+        Value::Array(items) => Ok(Value::Int(count(items.len()))),
+        Value::Object(pairs) => Ok(Value::Int(count(pairs.len()))),
+        other => Err(EvalError::new(format!("length: expected an array or object, got {}", describe(other)))),
+    }
+}
+
+/// `nth(n, array)`: 1-based (EMQX); out of range is NULL.
+fn nth(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let index = want_int(args, 0, "nth")?;
+    match arg(args, 1) {
+        array @ Value::Array(_) => Ok(array.index(index).cloned().unwrap_or(Value::Null)),
+        other => Err(EvalError::new(format!("nth: expected an array, got {}", describe(other)))),
+    }
+}
+
+fn unit_arg(args: &[Value], idx: usize, name: &str) -> Result<Unit, EvalError> {
+    if args.len() <= idx {
+        return Ok(Unit::Second);
+    }
+    let unit = want_str(args, idx, name)?;
+    Unit::parse(unit).ok_or_else(|| {
+        EvalError::new(format!(
+            "{name}: unknown unit '{unit}'; use second, millisecond, microsecond or nanosecond"
+        ))
+    })
+}
+
+/// `now_timestamp([unit])`: the event's receive time (not the wall clock), in seconds by
+/// default, as in EMQX.
+fn now_timestamp(args: &[Value], env: &Env<'_>) -> Result<Value, EvalError> {
+    let unit = unit_arg(args, 0, "now_timestamp")?;
+    let ms = i64::try_from(env.event.timestamp_ms).unwrap_or(i64::MAX);
+    let value = match unit {
+        Unit::Second => ms / 1000,
+        Unit::Millisecond => ms,
+        Unit::Microsecond => ms.saturating_mul(1_000),
+        Unit::Nanosecond => ms.saturating_mul(1_000_000),
+    };
+    Ok(Value::Int(value))
+}
+
+/// `unix_ts_to_rfc3339(ts[, unit])`, in UTC.
+fn unix_ts_to_rfc3339(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let ts = want_int(args, 0, "unix_ts_to_rfc3339")?;
+    let unit = unit_arg(args, 1, "unix_ts_to_rfc3339")?;
+    let dt = DateTime::from_unix(ts, unit, 0).map_err(fail("unix_ts_to_rfc3339"))?;
+    Ok(Value::Str(dt.rfc3339(unit)))
+}
+
+fn rfc3339_to_unix_ts(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let text = want_str(args, 0, "rfc3339_to_unix_ts")?;
+    let unit = unit_arg(args, 1, "rfc3339_to_unix_ts")?;
+    let dt = time::parse_rfc3339(text).map_err(fail("rfc3339_to_unix_ts"))?;
+    dt.to_unix(unit).map(Value::Int).ok_or_else(|| EvalError::new("rfc3339_to_unix_ts: out of range"))
+}
+
+/// `format_date(unit, offset, format, ts)` (EMQX's argument order).
+fn format_date(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let unit = unit_arg(args, 0, "format_date")?;
+    let offset = match arg(args, 1) {
+        Value::Int(seconds) => time::parse_offset(&seconds.to_string()),
+        _ => time::parse_offset(want_str(args, 1, "format_date")?),
+    }
+    .map_err(fail("format_date"))?;
+    let format = want_str(args, 2, "format_date")?;
+    let ts = want_int(args, 3, "format_date")?;
+    let dt = DateTime::from_unix(ts, unit, offset).map_err(fail("format_date"))?;
+    dt.strftime(format).map(Value::Str).map_err(fail("format_date"))
+}
+
+fn hex_decode(args: &[Value], name: &'static str) -> Result<Value, EvalError> {
+    let text = want_str(args, 0, name)?;
+    hex::decode(text).map(bytes_value).map_err(fail(name))
+}

@@ -1,0 +1,1636 @@
+//! Table-driven tests of the whole engine: rules text + one event in, rendered outputs (or
+//! the compile error) out. Every case goes through [`check`]; update expectations with
+//! `UPDATE_EXPECT=1 cargo test -p outpost-rules`.
+
+use expect_test::{Expect, expect};
+
+use crate::{EventContext, Output, RuleSet, TableSources, Value};
+
+const DEVICES_CSV: &str = "device,site,line,max_temp\nd1,plant-a,1,80\nd2,plant-b,2,72.5\n";
+const DEVICES_TOML: &str = "[d1]\nsite = \"plant-a\"\n[d2]\nsite = \"plant-b\"\n";
+
+/// Compiles `rules_toml` (with `devices.csv` and `devices.toml` available as table files),
+/// evaluates one event and renders the outputs, one per line, or the compile error.
+///
+/// - `topic` may start with `hops=N ` to set the event's hop count.
+/// - `payload` is sent as is, except: `cbor:<json>` sends the JSON value encoded as CBOR,
+///   `hex:<hex>` sends raw bytes.
+#[track_caller]
+fn check(rules_toml: &str, topic: &str, payload: &str, expect: Expect) {
+    let sources =
+        TableSources::new().with_text("devices.csv", DEVICES_CSV).with_text("devices.toml", DEVICES_TOML);
+    let rules = match RuleSet::compile(rules_toml, &sources) {
+        Ok(rules) => rules,
+        Err(e) => return expect.assert_eq(&format!("error: {e}\n")),
+    };
+    let (hops, topic) = match topic.split_once(' ') {
+        Some((hops, topic)) => (hops.trim_start_matches("hops=").parse().unwrap(), topic),
+        None => (0, topic),
+    };
+    let bytes = if let Some(json) = payload.strip_prefix("cbor:") {
+        Value::from_json(json.as_bytes()).unwrap().to_cbor()
+    } else if let Some(hex) = payload.strip_prefix("hex:") {
+        hex::decode(hex).unwrap()
+    } else {
+        payload.as_bytes().to_vec()
+    };
+    let event = EventContext {
+        topic,
+        payload: &bytes,
+        clientid: Some("c1"),
+        username: None,
+        qos: 1,
+        timestamp_ms: 1_708_671_600_123,
+        event_id: 42,
+        hops,
+    };
+    let mut text = String::new();
+    for output in rules.evaluate(&event) {
+        text.push_str(&render(&output));
+        text.push('\n');
+    }
+    expect.assert_eq(&text);
+}
+
+fn render(output: &Output) -> String {
+    let body = |payload: &[u8]| match Value::from_cbor(payload) {
+        Ok(v) if payload.first().is_some_and(|b| *b >= 0x80) => format!("cbor:{}", v.to_json_string()),
+        _ => String::from_utf8_lossy(payload).into_owned(),
+    };
+    match output {
+        Output::Forward { rule, topic, payload, qos, priority, ttl } => {
+            let ttl = ttl.map(|t| format!(" ttl={}s", t.as_secs())).unwrap_or_default();
+            format!("forward[{rule}] {topic} qos={qos} prio={priority}{ttl} {}", body(payload))
+        }
+        Output::Republish { rule, topic, payload, qos, hops } => {
+            format!("republish[{rule}] {topic} qos={qos} hops={hops} {}", body(payload))
+        }
+        Output::Dropped { rule } => format!("dropped[{rule}]"),
+        Output::LoopPrevented { rule, topic, hops } => format!("loop-prevented[{rule}] {topic} hops={hops}"),
+        Output::DeadLetter { rule, reason, topic, .. } => format!("dead-letter[{rule}] {topic}: {reason}"),
+    }
+}
+
+/// One rule named `r` with a plain forward action and the device table declared.
+fn one(sql: &str) -> String {
+    format!(
+        "[[table]]\nname = \"devices\"\nfile = \"devices.csv\"\n\n[[rule]]\nname = \"r\"\nsql = '''{sql}'''\n[[rule.action]]\ntype = \"forward\"\n"
+    )
+}
+
+/// Evaluates `SELECT <expr> AS v FROM "t"` on `payload` and renders the output.
+#[track_caller]
+fn check_expr(expr: &str, payload: &str, expect: Expect) {
+    check(&one(&format!("SELECT {expr} AS v FROM \"t\"")), "t", payload, expect);
+}
+
+const P: &str = r#"{"temp": 31.5, "n": 7, "s": "Hello", "neg": -3, "arr": [10, 20, {"x": "deep"}], "obj": {"a": {"b": true}}, "nul": null, "num_str": "12", "device": "d1"}"#;
+
+#[test]
+fn select_paths_metadata_and_star() {
+    check(
+        &one(
+            r#"SELECT payload.temp, payload.obj.a.b, payload.arr[1] AS first, payload.arr[-1].x AS last, payload.arr[9] AS none, topic, clientid, username, qos, timestamp, ts, id, event_id FROM "sensors/+/temp""#,
+        ),
+        "sensors/d1/temp",
+        P,
+        expect![[r#"
+            forward[r] sensors/d1/temp qos=1 prio=5 {"payload":{"temp":31.5,"obj":{"a":{"b":true}}},"first":10,"last":"deep","none":null,"topic":"sensors/d1/temp","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"ts":1708671600123,"id":42,"event_id":42}
+        "#]],
+    );
+    check(
+        &one(r#"SELECT * FROM "t""#),
+        "t",
+        r#"{"a":1}"#,
+        expect![[r#"
+            forward[r] t qos=1 prio=5 {"id":42,"topic":"t","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"payload":{"a":1}}
+        "#]],
+    );
+    check(
+        &one(r#"SELECT payload FROM "t""#),
+        "t",
+        "not json",
+        expect![[r#"
+            forward[r] t qos=1 prio=5 {"payload":"not json"}
+        "#]],
+    );
+}
+
+#[test]
+fn topic_levels_are_one_based() {
+    check(
+        &one(
+            r##"SELECT topic(1) AS a, topic(2) AS b, topic(4) AS missing, topic() AS whole FROM "sensors/#""##,
+        ),
+        "sensors/d1/temp",
+        "{}",
+        expect![[r#"
+            forward[r] sensors/d1/temp qos=1 prio=5 {"a":"sensors","b":"d1","missing":null,"whole":"sensors/d1/temp"}
+        "#]],
+    );
+    check(
+        &one(r#"SELECT topic(0) AS a FROM "t""#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: topic(N) takes an integer literal N >= 1: topic(1) is the first level
+          |
+        1 | SELECT topic(0) AS a FROM "t"
+          |              ^
+    "#]],
+    );
+}
+
+#[test]
+fn where_filters_with_three_valued_logic() {
+    let cases = [
+        ("payload.temp > 30", "pass"),
+        ("payload.temp > 40", "fail"),
+        ("payload.missing > 1", "NULL comparison"),
+        ("NOT (payload.missing > 1)", "NOT NULL is NULL"),
+        ("payload.missing > 1 OR payload.n = 7", "NULL OR TRUE"),
+        ("payload.missing > 1 AND payload.n = 8", "NULL AND FALSE"),
+        ("payload.nul IS NULL AND payload.missing IS NULL AND payload.n IS NOT NULL", "IS NULL"),
+        ("payload.n IN (1, 7, 9)", "IN"),
+        ("payload.n NOT IN (1, 2)", "NOT IN"),
+        ("payload.n IN (1, NULL)", "IN with NULL is NULL"),
+        ("payload.s LIKE 'He%o'", "LIKE"),
+        ("payload.s LIKE 'h%'", "LIKE is case-sensitive"),
+        ("payload.s ILIKE 'h_llo'", "ILIKE"),
+        ("payload.s NOT LIKE '%x%'", "NOT LIKE"),
+        ("regex_match(payload.s, '^H.l+o$')", "regex_match"),
+        ("payload.num_str = 12 AND payload.num_str > 9", "numeric string vs number"),
+        ("payload.s = 12", "non-numeric string = number is false"),
+        ("payload.n BETWEEN 5 AND 7", "BETWEEN"),
+        ("payload.obj.a.b", "boolean field as condition"),
+        ("payload.device = \"d1\"", "double-quoted string literal"),
+    ];
+    let mut text = String::new();
+    for (condition, label) in cases {
+        let rules =
+            RuleSet::compile(&one(&format!("SELECT 1 AS one FROM \"t\" WHERE {condition}")), &tables())
+                .unwrap();
+        let outputs = rules.evaluate(&event("t", P.as_bytes()));
+        let verdict = match outputs.as_slice() {
+            [] => "filtered".to_owned(),
+            [Output::Forward { .. }] => "kept".to_owned(),
+            other => format!("{other:?}"),
+        };
+        text.push_str(&format!("{label}: {verdict}\n"));
+    }
+    expect![[r#"
+        pass: kept
+        fail: filtered
+        NULL comparison: filtered
+        NOT NULL is NULL: filtered
+        NULL OR TRUE: kept
+        NULL AND FALSE: filtered
+        IS NULL: kept
+        IN: kept
+        NOT IN: kept
+        IN with NULL is NULL: filtered
+        LIKE: kept
+        LIKE is case-sensitive: filtered
+        ILIKE: kept
+        NOT LIKE: kept
+        regex_match: kept
+        numeric string vs number: kept
+        non-numeric string = number is false: filtered
+        BETWEEN: kept
+        boolean field as condition: kept
+        double-quoted string literal: kept
+    "#]]
+    .assert_eq(&text);
+}
+
+fn tables() -> TableSources {
+    TableSources::new().with_text("devices.csv", DEVICES_CSV)
+}
+
+fn event<'a>(topic: &'a str, payload: &'a [u8]) -> EventContext<'a> {
+    EventContext {
+        topic,
+        payload,
+        clientid: Some("c1"),
+        username: None,
+        qos: 1,
+        timestamp_ms: 1_708_671_600_123,
+        event_id: 42,
+        hops: 0,
+    }
+}
+
+#[test]
+fn aliases_are_usable_in_where_and_later_columns() {
+    check(
+        &one(
+            r#"SELECT payload.temp AS t, t * 2 AS double, clientid AS cid FROM "t" WHERE t > 30 AND cid = 'c1'"#,
+        ),
+        "t",
+        P,
+        expect![[r#"
+            forward[r] t qos=1 prio=5 {"t":31.5,"double":63.0,"cid":"c1"}
+        "#]],
+    );
+    check(&one(r#"SELECT payload.temp AS t FROM "t" WHERE t > 40"#), "t", P, expect![[""]]);
+}
+
+#[test]
+fn arithmetic_and_concatenation() {
+    check_expr(
+        "payload.n + 1",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":8}
+    "#]],
+    );
+    check_expr(
+        "payload.n - 10",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":-3}
+    "#]],
+    );
+    check_expr(
+        "payload.n * payload.temp",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":220.5}
+    "#]],
+    );
+    check_expr(
+        "payload.n / 2",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3.5}
+    "#]],
+    );
+    check_expr(
+        "payload.n % 4",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3}
+    "#]],
+    );
+    check_expr(
+        "-payload.neg",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3}
+    "#]],
+    );
+    check_expr(
+        "payload.num_str + 1",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":13}
+    "#]],
+    );
+    check_expr(
+        "'a' + 'b'",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"ab"}
+    "#]],
+    );
+    check_expr(
+        "payload.s || '-' || payload.n",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"Hello-7"}
+    "#]],
+    );
+    check_expr(
+        "payload.s || payload.missing",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":null}
+    "#]],
+    );
+    check_expr(
+        "payload.missing + 1",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":null}
+    "#]],
+    );
+    check_expr(
+        "9223372036854775807 + 1",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":9.223372036854776e+18}
+    "#]],
+    );
+}
+
+#[test]
+fn case_when() {
+    let sql = r#"SELECT CASE WHEN payload.temp > 40 THEN 'hot' WHEN payload.temp > 30 THEN 'warm' ELSE 'ok' END AS level,
+                        CASE payload.n WHEN 1 THEN 'one' WHEN 7 THEN 'seven' END AS name,
+                        CASE WHEN payload.missing > 1 THEN 'x' END AS none
+                 FROM "t""#;
+    check(
+        &one(sql),
+        "t",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"level":"warm","name":"seven","none":null}
+    "#]],
+    );
+}
+
+#[test]
+fn type_mismatches_are_dead_letters() {
+    check_expr(
+        "payload.s * 2",
+        P,
+        expect![[r#"
+        dead-letter[r] t: cannot multiply string 'Hello' and integer 2
+    "#]],
+    );
+    check(
+        &one(r#"SELECT 1 AS one FROM "t" WHERE payload.s > 3"#),
+        "t",
+        P,
+        expect![[r#"
+        dead-letter[r] t: cannot compare string 'Hello' with integer 3
+    "#]],
+    );
+    check(
+        &one(r#"SELECT 1 AS one FROM "t" WHERE payload.n"#),
+        "t",
+        P,
+        expect![[r#"
+        dead-letter[r] t: expected a boolean condition, got integer 7
+    "#]],
+    );
+    check_expr(
+        "payload.n / 0",
+        P,
+        expect![[r#"
+        dead-letter[r] t: division by zero
+    "#]],
+    );
+    check_expr(
+        "sqrt(payload.neg)",
+        P,
+        expect![[r#"
+        dead-letter[r] t: sqrt: argument out of domain (result is NaN)
+    "#]],
+    );
+    check_expr(
+        "upper(payload.n)",
+        P,
+        expect![[r#"
+        dead-letter[r] t: upper: expected a string, got integer 7
+    "#]],
+    );
+}
+
+#[test]
+fn math_functions() {
+    check_expr(
+        "abs(payload.neg)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3}
+    "#]],
+    );
+    check_expr(
+        "abs(-1.5)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1.5}
+    "#]],
+    );
+    check_expr(
+        "round(2.5)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3}
+    "#]],
+    );
+    check_expr(
+        "round(-2.5)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":-3}
+    "#]],
+    );
+    check_expr(
+        "floor(payload.temp)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":31}
+    "#]],
+    );
+    check_expr(
+        "ceil(payload.temp)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":32}
+    "#]],
+    );
+    check_expr(
+        "sqrt(16)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":4.0}
+    "#]],
+    );
+    check_expr(
+        "power(2, 10)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1024.0}
+    "#]],
+    );
+    check_expr(
+        "pow(9, 0.5)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3.0}
+    "#]],
+    );
+    check_expr(
+        "greatest(3, payload.n, 5.5, payload.missing)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":7}
+    "#]],
+    );
+    check_expr(
+        "least(3, payload.n, 'x')",
+        P,
+        expect![[r#"
+        dead-letter[r] t: cannot compare string 'x' with integer 3
+    "#]],
+    );
+    check_expr(
+        "least('b', 'a')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"a"}
+    "#]],
+    );
+    check_expr(
+        "fmod(7.5, 2)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1.5}
+    "#]],
+    );
+    check_expr(
+        "exp(1)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":2.718281828459045}
+    "#]],
+    );
+    check_expr(
+        "log(exp(2))",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":2.0}
+    "#]],
+    );
+    check_expr(
+        "log10(1000)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3.0}
+    "#]],
+    );
+    check_expr(
+        "log2(8)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3.0}
+    "#]],
+    );
+    check_expr(
+        "log(0)",
+        P,
+        expect![[r#"
+        dead-letter[r] t: log: argument out of domain (result is -inf)
+    "#]],
+    );
+    check_expr(
+        "sin(0) + cos(0) + tan(0) + asin(0) + acos(1) + atan(0) + sinh(0) + cosh(0) + tanh(0)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":2.0}
+    "#]],
+    );
+}
+
+#[test]
+fn conversion_and_type_functions() {
+    check_expr(
+        "int(payload.temp)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":31}
+    "#]],
+    );
+    check_expr(
+        "int(-1.5)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":-2}
+    "#]],
+    );
+    check_expr(
+        "int('42')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":42}
+    "#]],
+    );
+    check_expr(
+        "int(true)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1}
+    "#]],
+    );
+    check_expr(
+        "int('abc')",
+        P,
+        expect![[r#"
+        dead-letter[r] t: int: cannot convert string 'abc'
+    "#]],
+    );
+    check_expr(
+        "float(payload.n)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":7.0}
+    "#]],
+    );
+    check_expr(
+        "float('3.14159', 2)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3.14}
+    "#]],
+    );
+    check_expr(
+        "str(payload.temp)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"31.5"}
+    "#]],
+    );
+    check_expr(
+        "str(payload.obj)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"{\"a\":{\"b\":true}}"}
+    "#]],
+    );
+    check_expr(
+        "str(1.0)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"1.0"}
+    "#]],
+    );
+    check_expr(
+        "bool('true')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":true}
+    "#]],
+    );
+    check_expr(
+        "bool(0)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":false}
+    "#]],
+    );
+    check_expr(
+        "bool('yes')",
+        P,
+        expect![[r#"
+        dead-letter[r] t: bool: cannot convert string 'yes'
+    "#]],
+    );
+    check_expr(
+        "coalesce(payload.missing, payload.nul, 'fallback')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"fallback"}
+    "#]],
+    );
+    check_expr(
+        "is_null(payload.missing)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":true}
+    "#]],
+    );
+    check_expr(
+        "is_not_null(payload.n)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":true}
+    "#]],
+    );
+    check_expr(
+        "[is_str(payload.s), is_num(payload.n), is_int(payload.temp), is_float(payload.temp), is_bool(true), is_map(payload.obj), is_array(payload.arr)]",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":[true,true,false,true,true,true,true]}
+    "#]],
+    );
+}
+
+#[test]
+fn string_functions() {
+    check_expr(
+        "lower(payload.s)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"hello"}
+    "#]],
+    );
+    check_expr(
+        "upper(payload.s)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"HELLO"}
+    "#]],
+    );
+    check_expr(
+        "concat(payload.s, ' ', payload.n, ' ', true)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"Hello 7 true"}
+    "#]],
+    );
+    check_expr(
+        "concat(payload.s, payload.missing)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":null}
+    "#]],
+    );
+    check_expr(
+        "substr(payload.s, 1)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"ello"}
+    "#]],
+    );
+    check_expr(
+        "substr(payload.s, 1, 3)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"ell"}
+    "#]],
+    );
+    check_expr(
+        "substr('héllo', 1, 2)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"él"}
+    "#]],
+    );
+    check_expr(
+        "substr(payload.s, 10)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":""}
+    "#]],
+    );
+    check_expr(
+        "split('a/b//c', '/')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":["a","b","c"]}
+    "#]],
+    );
+    check_expr(
+        "split('a/b/c', '/', 'leading')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":["a","b/c"]}
+    "#]],
+    );
+    check_expr(
+        "split('a/b/c', '/', 'trailing')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":["a/b","c"]}
+    "#]],
+    );
+    check_expr(
+        "replace('a-b-c', '-', '+')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"a+b+c"}
+    "#]],
+    );
+    check_expr(
+        "replace('a-b-c', '-', '+', 'trailing')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"a-b+c"}
+    "#]],
+    );
+    check_expr(
+        "trim('  x  ') || '|' || ltrim('  x  ') || '|' || rtrim('  x  ') || '|'",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"x|x  |  x|"}
+    "#]],
+    );
+    check_expr(
+        "regex_match(payload.s, 'l+')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":true}
+    "#]],
+    );
+    check_expr(
+        "regex_replace(payload.s, '(l+)', '[\\1]')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"He[ll]o"}
+    "#]],
+    );
+    check_expr(
+        "regex_replace(payload.s, '[aeiou]', '*')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"H*ll*"}
+    "#]],
+    );
+    check_expr(
+        "regex_match(payload.s, payload.pattern)",
+        r#"{"s":"abc","pattern":"^a"}"#,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":true}
+    "#]],
+    );
+    check_expr(
+        "regex_match(payload.s, payload.pattern)",
+        r#"{"s":"abc","pattern":"("}"#,
+        expect![[r#"
+        dead-letter[r] t: regex_match: invalid regular expression: regex parse error:
+            (
+            ^
+        error: unclosed group
+    "#]],
+    );
+    check_expr(
+        "strlen('héllo')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":5}
+    "#]],
+    );
+    check_expr(
+        "find('a/b/c', '/')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"/b/c"}
+    "#]],
+    );
+    check_expr(
+        "find('a/b/c', '/', 'trailing')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"/c"}
+    "#]],
+    );
+    check_expr(
+        "find('abc', 'x')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":""}
+    "#]],
+    );
+    check_expr(
+        "reverse('abc')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"cba"}
+    "#]],
+    );
+    check_expr(
+        "length(payload.arr)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":3}
+    "#]],
+    );
+    check_expr(
+        "nth(2, payload.arr)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":20}
+    "#]],
+    );
+    check_expr(
+        "contains(20, payload.arr)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":true}
+    "#]],
+    );
+}
+
+#[test]
+fn time_functions() {
+    check_expr(
+        "now_timestamp()",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1708671600}
+    "#]],
+    );
+    check_expr(
+        "now_timestamp('millisecond')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1708671600123}
+    "#]],
+    );
+    check_expr(
+        "now('millisecond')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1708671600123}
+    "#]],
+    );
+    check_expr(
+        "unix_ts_to_rfc3339(1708671600)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"2024-02-23T07:00:00Z"}
+    "#]],
+    );
+    check_expr(
+        "unix_ts_to_rfc3339(timestamp, 'millisecond')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"2024-02-23T07:00:00.123Z"}
+    "#]],
+    );
+    check_expr(
+        "rfc3339_to_unix_ts('2024-02-23T15:00:00+08:00')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1708671600}
+    "#]],
+    );
+    check_expr(
+        "rfc3339_to_unix_ts('2024-02-23T07:00:00.5Z', 'millisecond')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1708671600500}
+    "#]],
+    );
+    check_expr(
+        "rfc3339_to_unix_ts('yesterday')",
+        P,
+        expect![[r#"
+        dead-letter[r] t: rfc3339_to_unix_ts: `yesterday` is not an RFC 3339 timestamp (e.g. `2024-02-23T07:00:00Z`)
+    "#]],
+    );
+    check_expr(
+        "format_date('millisecond', '+08:00', '%Y-%m-%d %H:%M:%S.%3N%:z', timestamp)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"2024-02-23 15:00:00.123+08:00"}
+    "#]],
+    );
+    check_expr(
+        "format_time(timestamp)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"2024-02-23T07:00:00.123Z"}
+    "#]],
+    );
+    check_expr(
+        "parse_time('2024-02-23T07:00:00.123Z')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":1708671600123}
+    "#]],
+    );
+}
+
+#[test]
+fn encoding_functions() {
+    check_expr(
+        "base64_encode('hello')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"aGVsbG8="}
+    "#]],
+    );
+    check_expr(
+        "base64_decode('aGVsbG8=')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"hello"}
+    "#]],
+    );
+    check_expr(
+        "base64_decode('not base64!')",
+        P,
+        expect![[r#"
+        dead-letter[r] t: base64_decode: Invalid symbol 32, offset 3.
+    "#]],
+    );
+    check_expr(
+        "bin2hexstr('AB')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"4142"}
+    "#]],
+    );
+    check_expr(
+        "hex_encode('AB')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"4142"}
+    "#]],
+    );
+    check_expr(
+        "hexstr2bin('4142')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"AB"}
+    "#]],
+    );
+    check_expr(
+        "hex_decode('4142')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"AB"}
+    "#]],
+    );
+    check_expr(
+        "base64_encode(hexstr2bin('FF00'))",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"/wA="}
+    "#]],
+    );
+    check_expr(
+        "json_encode(payload.obj)",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":"{\"a\":{\"b\":true}}"}
+    "#]],
+    );
+    check_expr(
+        "json_decode('{\"k\": [1, 2]}')",
+        P,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":{"k":[1,2]}}
+    "#]],
+    );
+    check_expr(
+        "json_decode(payload.s)",
+        P,
+        expect![[r#"
+        dead-letter[r] t: json_decode: expected value at line 1 column 1
+    "#]],
+    );
+}
+
+#[test]
+fn lookup_enriches_from_tables() {
+    check(
+        &one(r#"SELECT payload.device AS device, lookup('devices', payload.device, 'site') AS site,
+                       lookup('devices', payload.device).max_temp AS max_temp,
+                       lookup('devices', 'nope', 'site') AS unknown
+                FROM "t" WHERE payload.temp < lookup('devices', payload.device, 'max_temp')"#),
+        "t",
+        P,
+        expect![[r#"
+            forward[r] t qos=1 prio=5 {"device":"d1","site":"plant-a","max_temp":80,"unknown":null}
+        "#]],
+    );
+    let toml_table = "[[table]]\nname = \"reg\"\nfile = \"devices.toml\"\nkey = \"device\"\n\n[[table]]\nname = \"inline\"\n[table.rows.d1]\nline = 4\n\n[[rule]]\nname = \"r\"\nsql = '''SELECT lookup('reg', topic(2), 'site') AS site, lookup('inline', topic(2), 'line') AS line FROM \"s/+\"'''\n[[rule.action]]\ntype = \"forward\"\n";
+    check(
+        toml_table,
+        "s/d1",
+        "{}",
+        expect![[r#"
+        forward[r] s/d1 qos=1 prio=5 {"site":"plant-a","line":4}
+    "#]],
+    );
+}
+
+#[test]
+fn actions_templates_and_formats() {
+    let rules = r##"
+[[table]]
+name = "devices"
+file = "devices.csv"
+
+[[rule]]
+name = "hot"
+sql = '''SELECT topic(2) AS device, lookup('devices', topic(2), 'site') AS site, payload.temp AS temp
+         FROM "sensors/+/temp" WHERE payload.temp > 30'''
+
+[[rule.action]]
+type = "forward"
+topic = "sites/${site}/alerts/${device}"
+qos = 2
+priority = 1
+ttl = "1h"
+
+[[rule.action]]
+type = "forward"
+topic = "raw/${device}"
+format = "raw"
+
+[[rule.action]]
+type = "forward"
+format = "cbor"
+qos = 0
+
+[[rule.action]]
+type = "republish"
+topic = "local/${device}/hot"
+
+[[rule.action]]
+type = "drop"
+
+[[rule]]
+name = "all"
+sql = 'SELECT payload.temp AS temp FROM "sensors/#"'
+[[rule.action]]
+type = "forward"
+
+[[rule]]
+name = "off"
+enabled = false
+sql = 'SELECT * FROM "#"'
+[[rule.action]]
+type = "forward"
+"##;
+    check(
+        rules,
+        "sensors/d1/temp",
+        r#"{"temp":31.5}"#,
+        expect![[r#"
+            forward[hot] sites/plant-a/alerts/d1 qos=2 prio=1 ttl=3600s {"device":"d1","site":"plant-a","temp":31.5}
+            forward[hot] raw/d1 qos=1 prio=5 {"temp":31.5}
+            forward[hot] sensors/d1/temp qos=0 prio=5 cbor:{"device":"d1","site":"plant-a","temp":31.5}
+            republish[hot] local/d1/hot qos=1 hops=1 {"device":"d1","site":"plant-a","temp":31.5}
+            dropped[hot]
+            forward[all] sensors/d1/temp qos=1 prio=5 {"temp":31.5}
+        "#]],
+    );
+    check(
+        rules,
+        "sensors/d9/temp",
+        r#"{"temp":31.5}"#,
+        expect![[r#"
+        dead-letter[hot] sensors/d9/temp: topic template: `${site}` is NULL
+        forward[hot] raw/d9 qos=1 prio=5 {"temp":31.5}
+        forward[hot] sensors/d9/temp qos=0 prio=5 cbor:{"device":"d9","site":null,"temp":31.5}
+        republish[hot] local/d9/hot qos=1 hops=1 {"device":"d9","site":null,"temp":31.5}
+        dropped[hot]
+        forward[all] sensors/d9/temp qos=1 prio=5 {"temp":31.5}
+    "#]],
+    );
+    check(rules, "other", r#"{"temp":31.5}"#, expect![[""]]);
+}
+
+#[test]
+fn hop_limit_stops_republish_loops() {
+    let rules = "max_hops = 2\n[[rule]]\nname = \"echo\"\nsql = 'SELECT payload FROM \"loop/#\"'\n[[rule.action]]\ntype = \"republish\"\ntopic = \"loop/again\"\nqos = 0\n";
+    check(
+        rules,
+        "loop/a",
+        "{}",
+        expect![[r#"
+        republish[echo] loop/again qos=0 hops=1 {"payload":{}}
+    "#]],
+    );
+    check(
+        rules,
+        "hops=1 loop/a",
+        "{}",
+        expect![[r#"
+        republish[echo] loop/again qos=0 hops=2 {"payload":{}}
+    "#]],
+    );
+    check(
+        rules,
+        "hops=2 loop/a",
+        "{}",
+        expect![[r#"
+        loop-prevented[echo] loop/again hops=2
+    "#]],
+    );
+}
+
+#[test]
+fn failures_are_dead_letters_and_other_rules_still_run() {
+    let rules = r#"
+[[rule]]
+name = "strict"
+payload = "json"
+sql = 'SELECT payload.a AS a FROM "t"'
+[[rule.action]]
+type = "forward"
+
+[[rule]]
+name = "lenient"
+sql = 'SELECT payload AS p FROM "t"'
+[[rule.action]]
+type = "forward"
+
+[[rule]]
+name = "meta-only"
+payload = "cbor"
+sql = 'SELECT clientid FROM "t"'
+[[rule.action]]
+type = "forward"
+
+[[rule]]
+name = "template"
+sql = 'SELECT payload.missing AS site FROM "t"'
+[[rule.action]]
+type = "forward"
+topic = "x/${site}"
+[[rule.action]]
+type = "drop"
+"#;
+    check(
+        rules,
+        "t",
+        "{broken",
+        expect![[r#"
+        dead-letter[strict] t: payload is not valid JSON: key must be a string at line 1 column 2
+        forward[lenient] t qos=1 prio=5 {"p":"{broken"}
+        forward[meta-only] t qos=1 prio=5 {"clientid":"c1"}
+        dead-letter[template] t: topic template: `${site}` is NULL
+        dropped[template]
+    "#]],
+    );
+}
+
+#[test]
+fn cbor_and_raw_payloads() {
+    let rules = r#"
+[[rule]]
+name = "cbor"
+payload = "cbor"
+sql = 'SELECT payload.temp AS temp, payload.bin AS bin FROM "t"'
+[[rule.action]]
+type = "forward"
+format = "cbor"
+"#;
+    check(
+        rules,
+        "t",
+        r#"cbor:{"temp": 21.5, "bin": "x"}"#,
+        expect![[r#"
+        forward[cbor] t qos=1 prio=5 cbor:{"temp":21.5,"bin":"x"}
+    "#]],
+    );
+    check(
+        rules,
+        "t",
+        r#"{"temp": 21.5}"#,
+        expect![[r#"
+        dead-letter[cbor] t: payload is not valid CBOR: unexpected end of data
+    "#]],
+    );
+    // Auto-detection: CBOR by its first byte, JSON if it parses, otherwise raw text or bytes.
+    let auto = &one(r#"SELECT payload AS p, is_str(payload) AS text FROM "t""#);
+    check(
+        auto,
+        "t",
+        r#"cbor:{"a": [1, 2]}"#,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"p":{"a":[1,2]},"text":false}
+    "#]],
+    );
+    check(
+        auto,
+        "t",
+        "42",
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"p":42,"text":false}
+    "#]],
+    );
+    check(
+        auto,
+        "t",
+        "plain text",
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"p":"plain text","text":true}
+    "#]],
+    );
+    check(
+        auto,
+        "t",
+        "hex:fffe00",
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"p":"//4A","text":false}
+    "#]],
+    );
+    let raw = "[[rule]]\nname = \"raw\"\npayload = \"raw\"\nsql = 'SELECT payload AS p FROM \"t\"'\n[[rule.action]]\ntype = \"forward\"\n";
+    check(
+        raw,
+        "t",
+        r#"{"a":1}"#,
+        expect![[r#"
+        forward[raw] t qos=1 prio=5 {"p":"{\"a\":1}"}
+    "#]],
+    );
+}
+
+#[test]
+fn empty_rule_set_is_valid() {
+    check("", "t", "{}", expect![[""]]);
+    assert!(RuleSet::empty().is_empty());
+}
+
+#[test]
+fn compile_errors_point_at_the_sql() {
+    check(
+        &one(r#"SELECT payload.temp FROM "t" WHERE"#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: syntax error: Expected: an expression, found: EOF
+          |
+        1 | SELECT payload.temp FROM "t" WHERE
+          |                                   ^
+    "#]],
+    );
+    check(
+        &one(r#"SELECT rond(payload.temp) AS r FROM "t""#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: unknown function `rond`; did you mean `round`?
+          |
+        1 | SELECT rond(payload.temp) AS r FROM "t"
+          |        ^^^^
+    "#]],
+    );
+    check(
+        &one(r#"SELECT topik AS t FROM "t""#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: unknown field `topik`; did you mean `topic`?
+          |
+        1 | SELECT topik AS t FROM "t"
+          |        ^^^^^
+    "#]],
+    );
+    check(
+        &one(r##"SELECT 1 AS one FROM "sensors/#/temp""##),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: topic filter `sensors/#/temp`: `#` must be the last level and stand alone (e.g. `sensors/#`)
+          |
+        1 | SELECT 1 AS one FROM "sensors/#/temp"
+          |                      ^^^^^^^^^^^^^^^^
+    "#]],
+    );
+    check(
+        &one(r#"SELECT 1 AS one FROM sensors"#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: write the topic filter in double quotes: FROM "sensors"
+          |
+        1 | SELECT 1 AS one FROM sensors
+          |                      ^^^^^^^
+    "#]],
+    );
+    check(
+        &one(r#"SELECT lookup('device', clientid) AS d FROM "t""#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: unknown table `device`; did you mean `devices`?
+          |
+        1 | SELECT lookup('device', clientid) AS d FROM "t"
+          |               ^^^^^^^^
+    "#]],
+    );
+    check(
+        &one(r#"SELECT lookup('devices', clientid, 'sit') AS d FROM "t""#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: table `devices` has no column `sit`; did you mean `site`?
+          |
+        1 | SELECT lookup('devices', clientid, 'sit') AS d FROM "t"
+          |                                    ^^^^^
+    "#]],
+    );
+    check(
+        &one(r#"SELECT payload.arr[0] AS d FROM "t""#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: indexes start at 1, as in EMQX: [1] is the first element, [-1] the last
+          |
+        1 | SELECT payload.arr[0] AS d FROM "t"
+          |                    ^
+    "#]],
+    );
+    check(
+        &one(r#"SELECT round(1, 2, 3) AS d FROM "t""#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: `round` takes 1 argument(s), got 3
+          |
+        1 | SELECT round(1, 2, 3) AS d FROM "t"
+          |        ^^^^^^^^^^^^^
+    "#]],
+    );
+    check(
+        &one(r#"SELECT regex_match(payload.s, '(') AS d FROM "t""#),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: invalid regular expression: regex parse error:
+            (
+            ^
+        error: unclosed group
+          |
+        1 | SELECT regex_match(payload.s, '(') AS d FROM "t"
+          |                               ^^^
+    "#]],
+    );
+    check(
+        &one("SELECT payload.a AS a,\n       uper(payload.b) AS b\nFROM \"t\"\nWHERE clientd = 'x'"),
+        "t",
+        "{}",
+        expect![[r#"
+            error: rule `r`: unknown function `uper`; did you mean `upper`?
+              |
+            2 |        uper(payload.b) AS b
+              |        ^^^^
+            rule `r`: unknown field `clientd`; did you mean `clientid`?
+              |
+            4 | WHERE clientd = 'x'
+              |       ^^^^^^^
+        "#]],
+    );
+}
+
+#[test]
+fn long_operator_chains_are_refused_not_overflowed() {
+    let chain = vec!["1"; 5000].join(" + ");
+    check(
+        &one(&format!("SELECT {chain} AS v FROM \"t\"")),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: the statement has 4999 operators; at most 100 are allowed (split the rule)
+    "#]],
+    );
+    let chain = vec!["payload.a = 1"; 3000].join(" AND ");
+    check(
+        &one(&format!("SELECT 1 AS v FROM \"t\" WHERE {chain}")),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: the statement has 5999 operators; at most 100 are allowed (split the rule)
+    "#]],
+    );
+    let nested = format!("{}1{}", "(".repeat(5000), ")".repeat(5000));
+    check(
+        &one(&format!("SELECT {nested} AS v FROM \"t\"")),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: syntax error: recursion limit exceeded
+    "#]],
+    );
+    let mut doubling = String::from("SELECT payload.x AS a0");
+    for idx in 1..40 {
+        doubling.push_str(&format!(", a{} + a{} AS a{idx}", idx - 1, idx - 1));
+    }
+    check(
+        &one(&format!("{doubling} FROM \"t\"")),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: expression too large (more than 20000 nodes or 160 levels deep after expanding aliases)
+          |
+        1 | SELECT payload.x AS a0, a0 + a0 AS a1, a1 + a1 AS a2, a2 + a2 AS a3, a3 + a3 AS a4, a4 + a4 AS a5, a5 + a5 AS a6, a6 + a6 AS a7, a7 + a7 AS a8, a8 + a8 AS a9, a9 + a9 AS a10, a10 + a10 AS a11, a11 + a11 AS a12, a12 + a12 AS a13, a13 + a13 AS a14, a14 + a14 AS a15, a15 + a15 AS a16, a16 + a16 AS a17, a17 + a17 AS a18, a18 + a18 AS a19, a19 + a19 AS a20, a20 + a20 AS a21, a21 + a21 AS a22, a22 + a22 AS a23, a23 + a23 AS a24, a24 + a24 AS a25, a25 + a25 AS a26, a26 + a26 AS a27, a27 + a27 AS a28, a28 + a28 AS a29, a29 + a29 AS a30, a30 + a30 AS a31, a31 + a31 AS a32, a32 + a32 AS a33, a33 + a33 AS a34, a34 + a34 AS a35, a35 + a35 AS a36, a36 + a36 AS a37, a37 + a37 AS a38, a38 + a38 AS a39 FROM "t"
+          |                                                                                                                                                                                                                                      ^^^^^^^^^
+        rule `r`: expression too large (more than 20000 nodes or 160 levels deep after expanding aliases)
+          |
+        1 | SELECT payload.x AS a0, a0 + a0 AS a1, a1 + a1 AS a2, a2 + a2 AS a3, a3 + a3 AS a4, a4 + a4 AS a5, a5 + a5 AS a6, a6 + a6 AS a7, a7 + a7 AS a8, a8 + a8 AS a9, a9 + a9 AS a10, a10 + a10 AS a11, a11 + a11 AS a12, a12 + a12 AS a13, a13 + a13 AS a14, a14 + a14 AS a15, a15 + a15 AS a16, a16 + a16 AS a17, a17 + a17 AS a18, a18 + a18 AS a19, a19 + a19 AS a20, a20 + a20 AS a21, a21 + a21 AS a22, a22 + a22 AS a23, a23 + a23 AS a24, a24 + a24 AS a25, a25 + a25 AS a26, a26 + a26 AS a27, a27 + a27 AS a28, a28 + a28 AS a29, a29 + a29 AS a30, a30 + a30 AS a31, a31 + a31 AS a32, a32 + a32 AS a33, a33 + a33 AS a34, a34 + a34 AS a35, a35 + a35 AS a36, a36 + a36 AS a37, a37 + a37 AS a38, a38 + a38 AS a39 FROM "t"
+          |                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                  ^^^^^^^^^
+    "#]],
+    );
+    // A chain near the operator limit inside deep nesting, on a 2 MiB (debug) test stack.
+    let chain = vec!["payload.n"; 99].join(" + ");
+    let nested = format!("{}{chain}{}", "abs(".repeat(14), ")".repeat(14));
+    check(
+        &one(&format!("SELECT {nested} AS v FROM \"t\" WHERE v > 0")),
+        "t",
+        r#"{"n": 1}"#,
+        expect![[r#"
+        forward[r] t qos=1 prio=5 {"v":99}
+    "#]],
+    );
+}
+
+#[test]
+fn rules_file_errors_name_the_rule_and_key() {
+    check(
+        "[[rule]]\nname = \"a\"\nsql = 'SELECT 1 AS x FROM \"t\"'\nsqll = 1\n",
+        "t",
+        "{}",
+        expect![[r#"
+        error: invalid rules file: TOML parse error at line 4, column 1
+          |
+        4 | sqll = 1
+          | ^^^^
+        unknown field `sqll`, expected one of `name`, `sql`, `enabled`, `payload`, `action`
+    "#]],
+    );
+    check(
+        "[[rule]]\nname = \"a\"\nsql = 'SELECT 1 AS x FROM \"t\"'\n[[rule.action]]\ntype = \"forward\"\ntopic = \"x/${y}\"\npriority = 12\nqos = 3\n",
+        "t",
+        "{}",
+        expect![[r#"
+            error: rule `a`: template `x/${y}`: `${y}` is not a column of the rule's SELECT (columns: x); did you mean `x`?
+            rule `a`: action[0].qos = 3: QoS is 0, 1 or 2
+            rule `a`: action[0].priority = 12: priorities are 0 (most urgent) to 9
+        "#]],
+    );
+    check(
+        "[[rule]]\nname = \"a\"\nsql = 'SELECT 1 AS x FROM \"t\"'\n",
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `a`: no actions; add `[[rule.action]]` with `type = "forward"`, "republish" or "drop"
+    "#]],
+    );
+    check(
+        "[[rule]]\nname = \"a\"\nsql = 'SELECT 1 AS x FROM \"t\"'\n[[rule.action]]\ntype = \"forwrd\"\n",
+        "t",
+        "{}",
+        expect![[r#"
+            error: invalid rules file: TOML parse error at line 5, column 8
+              |
+            5 | type = "forwrd"
+              |        ^^^^^^^^
+            unknown variant `forwrd`, expected one of `forward`, `republish`, `drop`
+        "#]],
+    );
+    check(
+        "[[table]]\nname = \"t1\"\nfile = \"missing.csv\"\n[[rule]]\nname = \"a\"\nsql = 'SELECT 1 AS x FROM \"t\"'\n[[rule.action]]\ntype = \"drop\"\n[[rule]]\nname = \"a\"\nsql = 'SELECT 1 AS x FROM \"t\"'\n[[rule.action]]\ntype = \"drop\"\n",
+        "t",
+        "{}",
+        expect![[r#"
+            error: table `t1`: the text of `missing.csv` was not supplied (TableSources::with_text)
+            rule `a`: another rule has the same name; names must be unique
+        "#]],
+    );
+}
+
+#[test]
+fn explain_reports_each_matching_rule() {
+    let rules = RuleSet::compile(&one(r#"SELECT payload.n AS n FROM "t" WHERE n > 5"#), &tables()).unwrap();
+    let show = |payload: &[u8]| {
+        let mut text = String::new();
+        for trace in rules.explain(&event("t", payload)) {
+            let outcome = match &trace.outcome {
+                crate::Outcome::Selected { row } => format!("selected {}", row.to_json_string()),
+                other => format!("{other:?}"),
+            };
+            text.push_str(&format!("{}: {outcome}\n", trace.rule));
+            for output in &trace.outputs {
+                text.push_str(&format!("  {}\n", render(output)));
+            }
+        }
+        text
+    };
+    expect![[r#"
+        r: selected {"n":7}
+          forward[r] t qos=1 prio=5 {"n":7}
+    "#]]
+    .assert_eq(&show(br#"{"n": 7}"#));
+    expect![[r#"
+        r: Filtered
+    "#]]
+    .assert_eq(&show(br#"{"n": 1}"#));
+    expect![[r#"
+        r: Failed { reason: "cannot compare string 'x' with integer 5" }
+          dead-letter[r] t: cannot compare string 'x' with integer 5
+    "#]]
+    .assert_eq(&show(br#"{"n": "x"}"#));
+    assert!(rules.explain(&event("other", b"{}")).is_empty());
+    assert_eq!(rules.rule_names().collect::<Vec<_>>(), ["r"]);
+    assert_eq!(RuleSet::table_files(&one("x")).unwrap(), ["devices.csv"]);
+}
+
+#[test]
+fn the_topic_index_evaluates_only_matching_rules() {
+    let mut text = String::new();
+    for idx in 0..1000 {
+        text.push_str(&format!(
+            "[[rule]]\nname = \"r{idx}\"\nsql = 'SELECT {idx} AS n FROM \"site/{idx}/+\"'\n[[rule.action]]\ntype = \"drop\"\n"
+        ));
+    }
+    let rules = RuleSet::compile(&text, &TableSources::new()).unwrap();
+    assert_eq!(rules.len(), 1000);
+    let outputs = rules.evaluate(&event("site/517/x", b"{}"));
+    assert_eq!(outputs, [Output::Dropped { rule: "r517".into() }]);
+}
+
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn arb_json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<i64>().prop_map(|i| serde_json::json!(i)),
+            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(|f| serde_json::json!(f)),
+            ".{0,8}".prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(4, 32, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map("[a-z]{1,3}|temp|n|s|arr", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A rule that touches every function with payload fields as arguments.
+    fn kitchen_sink() -> RuleSet {
+        let mut columns = Vec::new();
+        for (idx, builtin) in crate::functions::BUILTINS.iter().enumerate() {
+            let n_args = builtin.min_args.max(1).min(builtin.max_args);
+            let args: Vec<String> = ["payload.a", "payload.temp", "payload.s", "payload.arr[1]"]
+                .iter()
+                .cycle()
+                .skip(idx % 4)
+                .take(n_args)
+                .map(|s| s.to_string())
+                .collect();
+            let args = if builtin.max_args == 0 { String::new() } else { args.join(", ") };
+            columns.push(format!("{}({args}) AS c{idx}", builtin.name));
+        }
+        let sql = format!(
+            "SELECT {}, payload.a + payload.temp AS sum, payload.s || payload.n AS cat, lookup('devices', payload.s) AS row FROM \"#\" WHERE payload.temp > 1 OR payload.a IS NULL OR payload.s LIKE 'a%'",
+            columns.join(", ")
+        );
+        let rules = format!("{}[[rule.action]]\ntype = \"forward\"\ntopic = \"x/${{c0}}\"\n", one(&sql));
+        match RuleSet::compile(&rules, &tables()) {
+            Ok(rules) => rules,
+            Err(e) => panic!("{}", e.problems().join("\n").chars().take(2000).collect::<String>()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn evaluation_never_panics_on_json(json in arb_json()) {
+            let rules = kitchen_sink();
+            let bytes = serde_json::to_vec(&json).unwrap();
+            let _ = rules.evaluate(&event("a/b", &bytes));
+            let cbor = Value::from(json).to_cbor();
+            let _ = rules.evaluate(&event("a/b", &cbor));
+        }
+
+        #[test]
+        fn evaluation_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..64), topic in "[a-z$/+#]{0,8}") {
+            let _ = kitchen_sink().evaluate(&event(&topic, &bytes));
+        }
+
+        #[test]
+        fn compile_never_panics(text in ".{0,200}") {
+            let _ = RuleSet::compile(&text, &tables());
+        }
+
+        #[test]
+        fn compile_never_panics_on_sql(sql in "(SELECT|FROM|WHERE|payload|\\.|\\[|\\]|-?[0-9]|'[a-z%]*'|\"[a-z/+#]*\"|[a-z_]+|\\(|\\)|,| |=|<|>|\\+|\\*|/|\\|\\||AND|OR|NOT|CASE|WHEN|THEN|END|IN|LIKE|AS|IS|NULL){0,40}") {
+            let _ = RuleSet::compile(&one(&sql), &tables());
+        }
+    }
+}
