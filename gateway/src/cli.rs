@@ -339,16 +339,42 @@ fn data_dir(args: &BufferArgs) -> anyhow::Result<PathBuf> {
 /// Where `outpost buffer …` gets its answers: the file itself when no daemon holds it, or
 /// the daemon's admin socket when one does (redb's writer lock excludes all other openers).
 enum Source {
-    File(redb::ReadOnlyDatabase, PathBuf),
+    File(FileDb, PathBuf),
     Daemon(PathBuf),
+}
+
+/// The file opened by the CLI: read-only, or read-write when it needed repair.
+enum FileDb {
+    ReadOnly(redb::ReadOnlyDatabase),
+    Repaired(redb::Database),
+}
+
+/// Runs `$body` with `$db` bound to whichever database `$file` holds.
+macro_rules! with_db {
+    ($file:expr, $db:ident => $body:expr) => {
+        match $file {
+            FileDb::ReadOnly($db) => $body,
+            FileDb::Repaired($db) => $body,
+        }
+    };
 }
 
 fn open_source(dir: &Path) -> anyhow::Result<Source> {
     let path = crate::buffer::store::file_path(dir);
     anyhow::ensure!(path.exists(), "no buffer at {} (is --data-dir right?)", path.display());
     match redb::ReadOnlyDatabase::open(&path) {
-        Ok(db) => Ok(Source::File(db, path)),
+        Ok(db) => Ok(Source::File(FileDb::ReadOnly(db), path)),
         Err(redb::DatabaseError::DatabaseAlreadyOpen) => Ok(Source::Daemon(crate::admin::socket_path(dir))),
+        // Not closed cleanly (a crash or power cut): repair it, as the daemon does at start.
+        Err(redb::DatabaseError::RepairAborted) => {
+            eprintln!(
+                "note: {} was not closed cleanly; repairing it (the daemon would do the same at start)",
+                path.display()
+            );
+            let db =
+                redb::Database::open(&path).with_context(|| format!("cannot repair {}", path.display()))?;
+            Ok(Source::File(FileDb::Repaired(db), path))
+        }
         Err(e) => Err(e).with_context(|| format!("cannot open {} read-only", path.display())),
     }
 }
@@ -373,7 +399,7 @@ fn ask_daemon(socket: &Path, request: &str) -> anyhow::Result<String> {
 
 /// Records from the file, in send order, as JSON lines; at most `limit`.
 fn file_lines(
-    db: &redb::ReadOnlyDatabase,
+    db: &impl redb::ReadableDatabase,
     path: &Path,
     limit: usize,
     mut f: impl FnMut(&str) -> anyhow::Result<()>,
@@ -397,14 +423,16 @@ fn buffer(command: BufferCommand) -> anyhow::Result<()> {
     match command {
         BufferCommand::Stats(args) => {
             let stats: inspect::StatsReport = match open_source(&data_dir(&args)?)? {
-                Source::File(db, path) => inspect::stats(&db, &path, now_ms())?,
+                Source::File(db, path) => with_db!(&db, d => inspect::stats(d, &path, now_ms())?),
                 Source::Daemon(socket) => serde_json::from_str(ask_daemon(&socket, "stats")?.trim())
                     .context("the daemon's stats answer is not valid JSON")?,
             };
             writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
         }
         BufferCommand::Peek { n, args } => match open_source(&data_dir(&args)?)? {
-            Source::File(db, path) => file_lines(&db, &path, n, |line| Ok(writeln!(out, "{line}")?))?,
+            Source::File(db, path) => {
+                with_db!(&db, d => file_lines(d, &path, n, |line| Ok(writeln!(out, "{line}")?))?)
+            }
             Source::Daemon(socket) => write!(out, "{}", ask_daemon(&socket, &format!("peek {n}"))?)?,
         },
         BufferCommand::Export { file, args } => {
@@ -414,10 +442,10 @@ fn buffer(command: BufferCommand) -> anyhow::Result<()> {
             let mut w = std::io::BufWriter::new(f);
             let mut n = 0u64;
             match source {
-                Source::File(db, path) => file_lines(&db, &path, usize::MAX, |line| {
+                Source::File(db, path) => with_db!(&db, d => file_lines(d, &path, usize::MAX, |line| {
                     n += 1;
                     Ok(writeln!(w, "{line}")?)
-                })?,
+                })?),
                 Source::Daemon(socket) => {
                     let answer = ask_daemon(&socket, "export")?;
                     n = answer.lines().count() as u64;

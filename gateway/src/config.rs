@@ -293,10 +293,12 @@ fn default_connect_timeout() -> Duration {
     Duration::from_secs(10)
 }
 fn default_reconnect_min() -> Duration {
-    Duration::from_millis(100)
+    Duration::from_millis(50)
 }
+/// Bounds how late the first delivery after an upstream outage can be: with jitter a retry
+/// comes every 0.25–0.5 s. A refused or unanswered attempt costs one TCP handshake.
 fn default_reconnect_max() -> Duration {
-    Duration::from_secs(30)
+    Duration::from_millis(500)
 }
 fn default_inflight() -> u16 {
     100
@@ -307,8 +309,12 @@ fn default_max_events() -> u64 {
 fn default_max_bytes() -> ByteSize {
     ByteSize::gib(2)
 }
+/// Measured (`cargo bench -p outpost --bench buffer`): a redb commit costs a fixed ~37 KB of
+/// writes plus ~320 B per 200-byte event, so during an outage at 10k events/s, 25 ms batches
+/// (~250 events) write ~2.4× the payload where 10 ms batches wrote ~3.5×. With a healthy
+/// uplink nearly every event is acknowledged long before 25 ms and never written.
 fn default_commit_interval() -> Duration {
-    Duration::from_millis(10)
+    Duration::from_millis(25)
 }
 fn default_commit_max_events() -> NonZeroUsize {
     NonZeroUsize::new(1000).expect("non-zero literal")
@@ -587,7 +593,7 @@ mod tests {
         assert_eq!(c.broker.listen, "0.0.0.0:1883".parse().expect("addr"));
         assert_eq!(c.data_dir, PathBuf::from("./outpost-data"));
         assert!(c.upstream.is_none());
-        assert_eq!(c.buffer.commit_interval, Duration::from_millis(10));
+        assert_eq!(c.buffer.commit_interval, Duration::from_millis(25));
     }
 
     #[test]

@@ -13,6 +13,9 @@
 //!   only logs a warning; every forward carries its absolute offset in the filter's log, so a
 //!   jump in offsets is exactly the number of events lost. It is counted (`ingest_lost`) and
 //!   logged.
+//! - On shutdown, ingest keeps draining the link until it is quiet (at most 2 s): rumqttd
+//!   acknowledged those events to sensors already. It cannot stop its listener, so sensors
+//!   that keep publishing during shutdown are acknowledged and then lost (issue #5).
 //! - The link's client id ends in 64 random bits chosen at start-up, so no sensor can guess it
 //!   and take over the gateway's own session (rumqttd's router refuses ids with `$` or `/`,
 //!   even for in-process links, so a reserved prefix is not available).
@@ -30,6 +33,11 @@ use crate::config::BrokerConfig;
 use crate::event::{Event, IdGen, now_ms};
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
+
+/// On shutdown, ingest stops once the broker link has been quiet this long…
+const DRAIN_IDLE: Duration = Duration::from_millis(100);
+/// …or after this long at most (sensors may keep publishing: rumqttd cannot stop accepting).
+const DRAIN_MAX: Duration = Duration::from_secs(2);
 
 fn link_id(role: &str) -> String {
     format!("outpost-{role}-{:016x}", rand::random::<u64>())
@@ -219,10 +227,28 @@ async fn drain_link(
     let counters = metrics.counters();
     let mut gaps = GapDetector::default();
     let mut gap_log = LogThrottle::default();
+    // Set once shutdown is requested: rumqttd has already acknowledged whatever sits in its
+    // ring, so ingest keeps reading until the link has been quiet for `DRAIN_IDLE` (or
+    // `DRAIN_MAX` passed), instead of dropping acknowledged events on the floor.
+    let mut draining_until: Option<tokio::time::Instant> = None;
     loop {
-        let notification = tokio::select! {
-            _ = cancel.cancelled() => break,
-            n = link_rx.next() => n,
+        let notification = match draining_until {
+            None => tokio::select! {
+                biased;
+                _ = cancel.cancelled() => {
+                    draining_until = Some(tokio::time::Instant::now() + DRAIN_MAX);
+                    info!(message = "draining events the broker already acknowledged before stopping");
+                    continue;
+                }
+                n = link_rx.next() => n,
+            },
+            Some(deadline) => {
+                let idle = DRAIN_IDLE.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                match tokio::time::timeout(idle, link_rx.next()).await {
+                    Ok(n) => n,
+                    Err(_) => break,
+                }
+            }
         };
         match notification {
             Ok(Some(Notification::Forward(forward))) => {
@@ -252,12 +278,10 @@ async fn drain_link(
                 };
                 Metrics::add(&counters.ingested, 1);
                 // Waiting here is backpressure into the broker's ring; losing it there is
-                // detected above.
-                let sent = tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    r = out.send(event) => r,
-                };
-                if sent.is_err() {
+                // detected above. The event in hand is always delivered: the stages after
+                // ingest run until ingest closes its channel, so this ends (or the shutdown
+                // timeout ends the process).
+                if out.send(event).await.is_err() {
                     break;
                 }
             }

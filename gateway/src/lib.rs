@@ -11,20 +11,20 @@
 //!  (rumqttd link)    (bridge/rules)     │  ▲ (store thread: redb)  (rumqttc, per generation)
 //!                                       └──┴── UplinkEvent (connected, pkid, ack, lost)
 //! ```
-//! - [`config`]: typed, validated configuration.
-//! - [`event`]: the values passed between stages, and id generation.
-//! - [`ingest`]: stage 1, the embedded broker and its drain link.
-//! - [`route`]: stage 2, bridge routes or the rule engine: forward, republish, drop, dead-letter.
-//! - [`rules`]: loading the rules file and its tables; hot reload on SIGHUP and file change.
-//! - [`deadletter`]: the dead-letter store (events a rule failed on).
-//! - [`relay`]: stage 3, store-and-forward: commit scheduling, send window, resend on reconnect.
-//! - [`buffer`]: the redb file and the thread that owns it.
-//! - [`uplink`]: stage 4, the upstream MQTT connection.
-//! - [`admin`]: the admin socket that answers `outpost buffer …` while the daemon runs.
-//! - [`metrics`]: counters.
-//! - [`shutdown`]: signals to cancellation.
-//! - [`telemetry`]: logging set-up.
-//! - [`cli`]: the `outpost` command line (the binary only parses and calls in).
+//! - [`config`] — typed, validated configuration.
+//! - [`event`] — the values passed between stages, and id generation.
+//! - [`ingest`] — stage 1, the embedded broker and its drain link.
+//! - [`route`] — stage 2, bridge routes or the rule engine: forward, republish, drop, dead-letter.
+//! - [`rules`] — loading the rules file and its tables; hot reload on SIGHUP and file change.
+//! - [`deadletter`] — the dead-letter store (events a rule failed on).
+//! - [`relay`] — stage 3, store-and-forward: commit scheduling, send window, resend on reconnect.
+//! - [`buffer`] — the redb file and the thread that owns it.
+//! - [`uplink`] — stage 4, the upstream MQTT connection.
+//! - [`admin`] — the admin socket that answers `outpost buffer …` while the daemon runs.
+//! - [`metrics`] — counters.
+//! - [`shutdown`] — signals to cancellation.
+//! - [`telemetry`] — logging set-up.
+//! - [`cli`] — the `outpost` command line (the binary only parses and calls in).
 
 pub mod admin;
 pub mod buffer;

@@ -112,8 +112,8 @@ enum Polled {
 
 /// One connection attempt: a fresh client and event loop of the configured protocol.
 enum Session {
-    V311(rumqttc::AsyncClient, rumqttc::EventLoop),
-    V5(rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop),
+    V311(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
 }
 
 impl Session {
@@ -134,7 +134,7 @@ impl Session {
                 }
                 let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, capacity);
                 eventloop.network_options.set_connection_timeout(connect_timeout_secs);
-                Session::V311(client, eventloop)
+                Session::V311(client, Box::new(eventloop))
             }
             MqttVersion::V5 => {
                 let mut opts =
@@ -147,7 +147,7 @@ impl Session {
                     opts.set_credentials(user.clone(), pass.clone());
                 }
                 let (client, eventloop) = rumqttc::v5::AsyncClient::new(opts, capacity);
-                Session::V5(client, eventloop)
+                Session::V5(client, Box::new(eventloop))
             }
         }
     }

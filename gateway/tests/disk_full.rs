@@ -98,8 +98,7 @@ fn can_mount() -> bool {
 }
 
 fn config(data: &Path) -> GatewayConfig {
-    let mut config = GatewayConfig::default();
-    config.data_dir = data.to_owned();
+    let mut config = GatewayConfig { data_dir: data.to_owned(), ..Default::default() };
     config.broker.listen = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     config.buffer.commit_max_events = std::num::NonZeroUsize::new(200).expect("non-zero");
     config

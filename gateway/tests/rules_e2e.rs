@@ -77,8 +77,7 @@ async fn start(rules: PathBuf) -> Setup {
     let upstream = start_subscriber(&upstream_addr.to_string(), "#").await.expect("upstream subscriber");
     let data = tempfile::tempdir().expect("tempdir");
     let listen = free_addr();
-    let mut config = GatewayConfig::default();
-    config.data_dir = data.path().to_owned();
+    let mut config = GatewayConfig { data_dir: data.path().to_owned(), ..Default::default() };
     config.broker.listen = listen;
     config.rules = Some(rules);
     config.upstream =

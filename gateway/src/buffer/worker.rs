@@ -57,7 +57,7 @@ pub enum Reply {
 pub struct Worker {
     pub commands: mpsc::Sender<Command>,
     pub replies: mpsc::Receiver<Reply>,
-    thread: Option<std::thread::JoinHandle<Store>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Worker {
@@ -97,15 +97,21 @@ impl Worker {
                     break;
                 }
             }
-            store
+            // Close the file before the thread ends, so joining the thread means the file is
+            // closed and its lock released.
+            drop(store);
         })?;
         Ok(Worker { commands, replies, thread: Some(thread) })
     }
 
-    /// Stops the thread and hands the store back (for tests and tools).
-    pub fn join(mut self) -> Option<Store> {
+    /// Stops the thread once it has finished what was queued; when this returns, the file is
+    /// closed. Blocks: call it from a blocking context.
+    pub fn join(mut self) {
         drop(self.commands);
-        self.thread.take().and_then(|t| t.join().ok())
+        drop(self.replies);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 

@@ -222,12 +222,11 @@ impl Harness {
         self.lost_in_crashes.extend(in_memory);
         let fresh = Harness::new();
         let old_worker = std::mem::replace(&mut self.worker, fresh.worker);
-        drop(old_worker.join());
+        old_worker.join();
         drop(fresh.relay);
         let (store, report) = Store::open(self.dir.path()).expect("reopen");
         let lanes = store.lanes();
-        let old_fresh_worker = std::mem::replace(&mut self.worker, Worker::spawn(store).expect("worker"));
-        drop(old_fresh_worker.join());
+        std::mem::replace(&mut self.worker, Worker::spawn(store).expect("worker")).join();
         self.relay = Relay::new(settings(), Metrics::default(), IdGen::new(report.epoch), lanes);
         self.eventloop = None;
         self.requested.clear();
