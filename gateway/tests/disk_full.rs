@@ -61,6 +61,17 @@ async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> boo
     }
 }
 
+/// Waits until each of `n` published events is committed or counted as lost by ingest.
+async fn all_stored_or_lost(counters: &outpost::metrics::Counters, n: u64) {
+    wait_until("every event is committed or counted lost", Duration::from_secs(60), || {
+        let ingested = Metrics::get(&counters.ingested);
+        ingested + Metrics::get(&counters.ingest_lost) == n
+            && Metrics::get(&counters.committed) >= Metrics::get(&counters.accepted)
+            && Metrics::get(&counters.accepted) == ingested
+    })
+    .await;
+}
+
 /// Publishes `n` QoS 1 messages of `size` bytes and waits for every PUBACK.
 async fn publish(port: u16, n: usize, size: usize) {
     let mut opts = MqttOptions::new("disk-full-sensor", "127.0.0.1", port);
@@ -130,13 +141,7 @@ async fn full_disk_is_survived_counted_and_recovered() {
     // Space comes back: the store reopens the file (redb refuses all work after an I/O error
     // until then) and the retried commits succeed.
     fs.resize("256m");
-    wait_until("every ingested event is committed", Duration::from_secs(60), || {
-        let ingested = Metrics::get(&counters.ingested);
-        ingested + Metrics::get(&counters.ingest_lost) == n as u64
-            && Metrics::get(&counters.committed) >= Metrics::get(&counters.accepted)
-            && Metrics::get(&counters.accepted) == ingested
-    })
-    .await;
+    all_stored_or_lost(counters, n as u64).await;
     let lost = Metrics::get(&counters.ingest_lost);
     assert!(gateway.shutdown().await, "clean shutdown after the disk recovered");
 
@@ -171,13 +176,7 @@ async fn broker_ring_overflow_is_counted_never_silent() {
     let n = 20_000;
     publish(port, n, 200).await;
     fs.resize("256m");
-    wait_until("every event is stored or counted lost", Duration::from_secs(60), || {
-        let ingested = Metrics::get(&counters.ingested);
-        ingested + Metrics::get(&counters.ingest_lost) == n as u64
-            && Metrics::get(&counters.committed) >= Metrics::get(&counters.accepted)
-            && Metrics::get(&counters.accepted) == ingested
-    })
-    .await;
+    all_stored_or_lost(counters, n as u64).await;
     let lost = Metrics::get(&counters.ingest_lost);
     assert!(gateway.shutdown().await);
     let (store, _) = Store::open(&data).expect("reopen the buffer");

@@ -139,21 +139,7 @@ impl Harness {
                     self.settle().await;
                 }
                 if self.relay.can_accept() {
-                    self.next_id += 1;
-                    let id = self.next_id;
-                    self.relay.accept(
-                        Outbound {
-                            event_id: id,
-                            topic: format!("t/{priority}"),
-                            payload: id.to_string().into(),
-                            qos: 1,
-                            priority,
-                            expires_ms: None,
-                            received_ms: 0,
-                        },
-                        self.clock,
-                    );
-                    self.accepted.push(id);
+                    accept_with(self, priority, None);
                 }
             }
             Action::Connect => {
