@@ -6,7 +6,11 @@
 //! **Invariant:** nothing here runs per event. What it returns ([`CompiledSql`]) holds no
 //! AST; evaluation walks only [`crate::expr::Expr`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
+
+use crate::value::KeySet;
 use std::sync::Arc;
 
 use sqlparser::ast::{
@@ -63,7 +67,7 @@ pub(crate) struct CompiledSql {
     pub uses_payload: bool,
     /// The top-level payload fields the rule reads; `None` if it may read any (`payload`,
     /// `*`, a top-level index).
-    pub payload_keys: Option<HashSet<String>>,
+    pub payload_keys: Option<KeySet>,
 }
 
 /// An output column: where it goes in the output object, and how it is computed.
@@ -85,7 +89,7 @@ impl CompiledSql {
 
 pub(crate) fn compile_sql(
     sql: &str,
-    tables: &HashMap<String, Arc<Table>>,
+    tables: &FxHashMap<String, Arc<Table>>,
 ) -> Result<CompiledSql, Vec<SqlError>> {
     let tokens = Tokenizer::new(&GenericDialect {}, sql)
         .tokenize_with_location()
@@ -130,7 +134,7 @@ pub(crate) fn compile_sql(
         tables,
         aliases: HashMap::new(),
         uses_payload: false,
-        payload_keys: Some(HashSet::new()),
+        payload_keys: Some(KeySet::default()),
         errors: Vec::new(),
     };
     let unsupported = [
@@ -250,11 +254,11 @@ fn column_path(expr: &ast::Expr) -> Vec<String> {
 }
 
 struct Compiler<'t> {
-    tables: &'t HashMap<String, Arc<Table>>,
+    tables: &'t FxHashMap<String, Arc<Table>>,
     /// Aliases defined so far in SELECT; later columns and WHERE may use them.
     aliases: HashMap<String, Expr>,
     uses_payload: bool,
-    payload_keys: Option<HashSet<String>>,
+    payload_keys: Option<KeySet>,
     errors: Vec<SqlError>,
 }
 

@@ -6,7 +6,11 @@
 //! yields an [`Output::DeadLetter`]; it never stops the other rules.
 
 use std::cell::OnceCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
+
+use crate::value::KeySet;
 use std::sync::Arc;
 
 use crate::action::{Action, Template, encode};
@@ -29,7 +33,7 @@ pub struct RuleSet {
     max_hops: u8,
     /// The top-level payload fields any rule reads; `None` if some rule may read any field.
     /// JSON decoding builds only these.
-    payload_keys: Option<HashSet<String>>,
+    payload_keys: Option<KeySet>,
 }
 
 #[derive(Debug)]
@@ -100,7 +104,7 @@ impl RuleSet {
             return Err(RulesError::Invalid(problems));
         }
         let mut index = TopicIndex::default();
-        let mut payload_keys = Some(HashSet::new());
+        let mut payload_keys = Some(KeySet::default());
         for (rule_idx, rule) in rules.iter().enumerate() {
             for filter in &rule.sql.filters {
                 index.insert(filter, rule_idx);
@@ -285,7 +289,7 @@ fn select(rule: &Rule, env: &Env<'_>) -> Result<Option<Value>, EvalError> {
 struct Decoded<'e> {
     bytes: &'e [u8],
     /// Build only these top-level JSON fields (`None`: all).
-    keys: Option<&'e HashSet<String>>,
+    keys: Option<&'e KeySet>,
     /// Which of the other cells `auto` resolved to.
     auto: OnceCell<PayloadFormat>,
     json: OnceCell<Result<Value, String>>,
@@ -294,7 +298,7 @@ struct Decoded<'e> {
 }
 
 impl<'e> Decoded<'e> {
-    fn new(bytes: &'e [u8], keys: Option<&'e HashSet<String>>) -> Decoded<'e> {
+    fn new(bytes: &'e [u8], keys: Option<&'e KeySet>) -> Decoded<'e> {
         Decoded {
             bytes,
             keys,
@@ -365,8 +369,8 @@ fn build_tables(
     configs: &[TableConfig],
     sources: &TableSources,
     problems: &mut Vec<Problem>,
-) -> HashMap<String, Arc<Table>> {
-    let mut tables: HashMap<String, Arc<Table>> = HashMap::new();
+) -> FxHashMap<String, Arc<Table>> {
+    let mut tables: FxHashMap<String, Arc<Table>> = FxHashMap::default();
     for table in sources.tables() {
         tables.insert(table.name().to_owned(), Arc::new(table.clone()));
     }

@@ -6,8 +6,6 @@
 //! of rules. Filters starting with a wildcard do not match `$`-topics (MQTT §4.7.2), as
 //! in [`crate::TopicFilter::matches`].
 
-use std::collections::HashMap;
-
 use crate::topic::TopicFilter;
 
 #[derive(Debug, Default)]
@@ -17,7 +15,7 @@ pub(crate) struct TopicIndex {
 
 #[derive(Debug, Default)]
 struct Node {
-    literal: HashMap<String, Node>,
+    literal: rustc_hash::FxHashMap<String, Node>,
     plus: Option<Box<Node>>,
     /// Rules whose filter ends in `#` right below this node.
     hash: Vec<usize>,

@@ -17,7 +17,7 @@ pub struct Table {
     key_column: String,
     /// Column names in first-seen order, the key column first.
     columns: Vec<String>,
-    rows: HashMap<String, Value>,
+    rows: rustc_hash::FxHashMap<String, Value>,
 }
 
 /// Why table text was refused.
@@ -45,7 +45,7 @@ impl Table {
             name: name.to_owned(),
             key_column: key_column.to_owned(),
             columns: vec![key_column.to_owned()],
-            rows: HashMap::new(),
+            rows: rustc_hash::FxHashMap::default(),
         };
         for (key, fields) in rows {
             let mut row = Value::Object(vec![(key_column.to_owned(), Value::Str(key.clone()))]);

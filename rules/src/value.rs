@@ -10,11 +10,14 @@
 //! walked or dropped.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
+
+/// A set of top-level payload field names. Fx hashing: the keys come from the rules file,
+/// and SipHash's DoS resistance costs ~10% of a typical rule's time for nothing here.
+pub type KeySet = rustc_hash::FxHashSet<String>;
 
 /// A value in the rule language. `Null` is SQL's NULL and EMQX's `undefined`: a missing
 /// field, a JSON `null`, or the result of an operation on NULL.
@@ -131,7 +134,7 @@ impl Value {
     /// Parses JSON text keeping, of a top-level object, only the fields named in `keys`; the
     /// others are checked for syntax and skipped without being built. Rules that read only a
     /// few fields of a large payload then pay for those fields alone.
-    pub fn from_json_projected(bytes: &[u8], keys: &HashSet<String>) -> Result<Value, serde_json::Error> {
+    pub fn from_json_projected(bytes: &[u8], keys: &KeySet) -> Result<Value, serde_json::Error> {
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
         let value = deserializer.deserialize_any(ProjectVisitor { keys })?;
         deserializer.end()?;
@@ -324,7 +327,7 @@ impl<'de> Visitor<'de> for ValueVisitor {
 
 /// A top-level JSON value where only some object fields are built.
 struct ProjectVisitor<'k> {
-    keys: &'k HashSet<String>,
+    keys: &'k KeySet,
 }
 
 impl<'de> Visitor<'de> for ProjectVisitor<'_> {
@@ -410,7 +413,7 @@ mod tests {
 
     #[test]
     fn projection_keeps_only_the_named_fields_and_still_validates() {
-        let keys: HashSet<String> = ["a".to_owned(), "c\"d".to_owned()].into_iter().collect();
+        let keys: KeySet = ["a".to_owned(), "c\"d".to_owned()].into_iter().collect();
         let v = Value::from_json_projected(br#"{"a":1,"b":{"x":[1,2]},"c\"d":3}"#, &keys).unwrap();
         assert_eq!(v.to_json_string(), r#"{"a":1,"c\"d":3}"#);
         assert!(Value::from_json_projected(br#"{"a":1,"b":[}"#, &keys).is_err());
