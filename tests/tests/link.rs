@@ -69,7 +69,8 @@ async fn flapping_link_loses_nothing() {
     let upstream = Mosquitto::start().await.expect("start mosquitto");
     let mut subscriber =
         Subscriber::start(upstream.addr(), "sensors/#", Session::Clean).await.expect("subscribe");
-    // Up 2 s, down 2 s, for as long as the test runs; the subscriber connects directly.
+    // Up 2 s, down 2 s, for the 30 s the fleet runs (the flapping scenario); the
+    // subscriber connects to the upstream directly.
     let link = FlakyLink::start(upstream.addr(), Duration::from_secs(2), Duration::from_secs(2))
         .await
         .expect("start the flaky link");
@@ -82,7 +83,7 @@ async fn flapping_link_loses_nothing() {
         broker: gateway.listen().to_string(),
         sensors: 10,
         rate_per_sensor: 50.0,
-        duration: Some(Duration::from_secs(20)),
+        duration: Some(Duration::from_secs(30)),
         qos: QoS::AtLeastOnce,
         client_prefix: "flap-".to_owned(),
         ..FleetConfig::default()
@@ -101,7 +102,7 @@ async fn flapping_link_loses_nothing() {
         "flapping link: {cuts} connections cut; fleet acked {}; upstream received {} (unique {}, duplicates {}, reordered {})",
         summary.acked, report.received, report.unique, report.duplicates, report.reordered
     );
-    assert!(cuts >= 3, "the link really flapped: {cuts} cut connections");
+    assert!(cuts >= 5, "the link really flapped: {cuts} cut connections");
     assert_eq!(report.missing, 0, "{report:?}");
     assert_eq!(
         report.reordered, 0,
