@@ -29,7 +29,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::payload::SensorReading;
+use crate::payload::{PayloadFormat, SensorReading};
 
 /// What a fleet does and where it sends it.
 #[derive(Debug, Clone)]
@@ -56,6 +56,50 @@ pub struct FleetConfig {
     pub payload_size: usize,
     /// Sensor `i` draws its values from a generator seeded with `seed + i`.
     pub seed: u64,
+    /// How readings are encoded.
+    pub format: PayloadFormat,
+    /// How each sensor's values evolve.
+    pub values: ValueModel,
+    /// MQTT username and password, if the broker wants them.
+    pub credentials: Option<(String, String)>,
+    /// If set, every sensor closes its connection and reconnects after about this long (±50 %,
+    /// seeded), again and again; readings not yet acknowledged then are dropped uncounted.
+    pub churn: Option<Duration>,
+}
+
+/// How a sensor's values evolve from one reading to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ValueModel {
+    /// Always the sensor's starting value.
+    Constant,
+    /// The previous value plus uniform noise in ±0.5.
+    #[default]
+    RandomWalk,
+    /// A sine of amplitude 5 and period 60 s (phase per sensor) plus noise in ±0.2.
+    SineNoise,
+    /// A random walk with, in 1 % of readings, a spike 50 above it.
+    Spikes,
+    /// A random walk that freezes for good at a seeded point between readings 50 and 200.
+    Stuck,
+    /// Sensor `i` uses the `i % 5`-th of the models above.
+    Mixed,
+}
+
+impl ValueModel {
+    /// The concrete model of sensor `index`.
+    fn for_sensor(self, index: usize) -> ValueModel {
+        const ALL: [ValueModel; 5] = [
+            ValueModel::Constant,
+            ValueModel::RandomWalk,
+            ValueModel::SineNoise,
+            ValueModel::Spikes,
+            ValueModel::Stuck,
+        ];
+        match self {
+            ValueModel::Mixed => ALL[index % ALL.len()],
+            model => model,
+        }
+    }
 }
 
 impl Default for FleetConfig {
@@ -72,6 +116,10 @@ impl Default for FleetConfig {
             client_prefix: "sim-".to_string(),
             payload_size: 200,
             seed: 1,
+            format: PayloadFormat::Json,
+            values: ValueModel::RandomWalk,
+            credentials: None,
+            churn: None,
         }
     }
 }
@@ -182,7 +230,7 @@ pub async fn run_fleet_with_progress(
     let mut sensors = JoinSet::new();
     for index in 0..cfg.sensors {
         let sensor = Sensor::new(&cfg, index, Arc::clone(&progress));
-        let options = sensor.mqtt_options(&host, port);
+        let options = sensor.mqtt_options(&host, port, cfg.credentials.as_ref());
         sensors.spawn(sensor.run(options, Arc::clone(&cfg), start, cancel.clone()));
     }
     let mut summary = FleetSummary::default();
@@ -219,6 +267,14 @@ struct Sensor {
     metric: String,
     qos: QoS,
     payload_size: usize,
+    format: PayloadFormat,
+    model: ValueModel,
+    /// For `ValueModel::Stuck`: the seq from which the value no longer changes.
+    stuck_from: u64,
+    /// For `ValueModel::SineNoise`: the sensor's phase, in radians.
+    phase: f64,
+    /// When the fleet started, for time-based models.
+    started: std::time::Instant,
     rng: StdRng,
     value: f64,
     /// The seq of the next reading.
@@ -235,6 +291,7 @@ struct Sensor {
 enum Wake {
     Polled(Result<Event, ConnectionError>),
     BackoffOver,
+    Churn,
     Stop,
 }
 
@@ -243,6 +300,8 @@ impl Sensor {
         let device = cfg.device_id(index);
         let mut rng = StdRng::seed_from_u64(cfg.seed.wrapping_add(index as u64));
         let value = 20.0 + rng.random_range(-5.0..5.0);
+        let stuck_from = rng.random_range(50..=200);
+        let phase = rng.random_range(0.0..std::f64::consts::TAU);
         Sensor {
             index,
             topic: cfg.topic_for(&device),
@@ -250,6 +309,11 @@ impl Sensor {
             metric: cfg.metric.clone(),
             qos: cfg.qos,
             payload_size: cfg.payload_size,
+            format: cfg.format,
+            model: cfg.values.for_sensor(index),
+            stuck_from,
+            phase,
+            started: std::time::Instant::now(),
             rng,
             value,
             next_seq: 1,
@@ -260,12 +324,15 @@ impl Sensor {
         }
     }
 
-    fn mqtt_options(&self, host: &str, port: u16) -> MqttOptions {
+    fn mqtt_options(&self, host: &str, port: u16, credentials: Option<&(String, String)>) -> MqttOptions {
         let mut options = MqttOptions::new(self.device.clone(), host, port);
         options
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)
             .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
+        if let Some((username, password)) = credentials {
+            options.set_credentials(username.clone(), password.clone());
+        }
         options
     }
 
@@ -276,13 +343,15 @@ impl Sensor {
         start: Instant,
         cancel: CancellationToken,
     ) -> (String, DeviceSummary) {
-        let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+        let (mut client, mut eventloop) = AsyncClient::new(options.clone(), REQUEST_CAPACITY);
 
         // Spread the sensors' ticks evenly over one period.
         let period = Duration::from_secs_f64(1.0 / cfg.rate_per_sensor).max(Duration::from_micros(1));
         let offset = period.mul_f64(self.index as f64 / cfg.sensors.max(1) as f64);
         let mut ticker = tokio::time::interval_at(start + offset, period);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // A load generator must hold its average rate: ticks missed while the machine was busy
+        // are made up at once instead of silently lowering the offered load.
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Burst);
         let publish_until = cfg.duration.map(|duration| start + duration);
 
         let mut publishing = cfg.count_per_sensor != Some(0);
@@ -290,6 +359,7 @@ impl Sensor {
         let mut connected = false;
         let mut backoff: Option<Duration> = None;
         let mut next_backoff = BACKOFF_MIN;
+        let mut churn_at = cfg.churn.map(|every| Instant::now() + self.churn_delay(every));
 
         loop {
             if !publishing && self.outstanding() == 0 {
@@ -319,6 +389,7 @@ impl Sensor {
                             }
                         }
                         () = tokio::time::sleep_until(ack_deadline), if !publishing => break Wake::Stop,
+                        () = sleep_until(churn_at), if churn_at.is_some() => break Wake::Churn,
                         wake = &mut next => break wake,
                         _ = ticker.tick(), if publishing => {
                             self.publish_next(&client);
@@ -332,6 +403,17 @@ impl Sensor {
             };
             match wake {
                 Wake::Stop => break,
+                Wake::Churn => {
+                    debug!(device = %self.device, "churn: reconnecting");
+                    if connected {
+                        self.disconnect(&client, &mut eventloop).await;
+                    }
+                    self.on_connection_lost(&mut eventloop);
+                    (client, eventloop) = AsyncClient::new(options.clone(), REQUEST_CAPACITY);
+                    connected = false;
+                    next_backoff = BACKOFF_MIN;
+                    churn_at = cfg.churn.map(|every| Instant::now() + self.churn_delay(every));
+                }
                 Wake::BackoffOver => {}
                 Wake::Polled(Ok(event)) => {
                     if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
@@ -356,10 +438,32 @@ impl Sensor {
         }
 
         if connected && !cancel.is_cancelled() {
-            disconnect(&client, &mut eventloop).await;
+            self.disconnect(&client, &mut eventloop).await;
         }
         self.summary.acked_seqs.sort_unstable();
         (self.device, self.summary)
+    }
+
+    /// Sends a DISCONNECT and polls until it is written, the connection fails or time runs out;
+    /// acks that arrive meanwhile still count.
+    async fn disconnect(&mut self, client: &AsyncClient, eventloop: &mut EventLoop) {
+        if client.try_disconnect().is_err() {
+            return;
+        }
+        let _ = tokio::time::timeout(DISCONNECT_WAIT, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(event) => self.on_event(event, true),
+                }
+            }
+        })
+        .await;
+    }
+
+    /// A seeded delay of `every` ± 50 % until the next churn.
+    fn churn_delay(&mut self, every: Duration) -> Duration {
+        every.mul_f64(self.rng.random_range(0.5..1.5)).max(Duration::from_millis(1))
     }
 
     /// Readings handed to rumqttc that are neither acknowledged nor known to be lost.
@@ -370,19 +474,21 @@ impl Sensor {
     /// Generates the next reading and hands it to rumqttc, unless its request queue is full.
     fn publish_next(&mut self, client: &AsyncClient) {
         let seq = self.next_seq;
-        let value = self.value + self.rng.random_range(-0.5..0.5);
+        let (state, value) = self.next_value(seq);
+        let ts_us = crate::now_us();
         let mut reading = SensorReading {
             device: self.device.clone(),
             seq,
-            ts_ms: crate::now_ms(),
+            ts_ms: ts_us / 1000,
+            ts_us,
             metric: self.metric.clone(),
             value,
             pad: String::new(),
         };
-        reading.pad_to(self.payload_size);
-        match client.try_publish(self.topic.as_str(), self.qos, false, reading.to_json()) {
+        reading.pad_to_format(self.payload_size, self.format);
+        match client.try_publish(self.topic.as_str(), self.qos, false, reading.encode(self.format)) {
             Ok(()) => {
-                self.value = value;
+                self.value = state;
                 self.next_seq += 1;
                 self.submitted.push_back(seq);
                 self.summary.sent += 1;
@@ -391,6 +497,27 @@ impl Sensor {
             Err(error) => {
                 debug!(device = %self.device, %error, "request queue full; reading skipped");
             }
+        }
+    }
+
+    /// The model's next state and the value to publish for reading `seq` (they differ only for
+    /// a spike, which does not move the walk).
+    fn next_value(&mut self, seq: u64) -> (f64, f64) {
+        let walk = self.value + self.rng.random_range(-0.5..0.5);
+        match self.model {
+            ValueModel::Constant => (self.value, self.value),
+            ValueModel::RandomWalk | ValueModel::Mixed => (walk, walk),
+            ValueModel::SineNoise => {
+                let t = self.started.elapsed().as_secs_f64();
+                let sine = 5.0 * (std::f64::consts::TAU * t / 60.0 + self.phase).sin();
+                (self.value, self.value + sine + self.rng.random_range(-0.2..0.2))
+            }
+            ValueModel::Spikes => {
+                let spike = self.rng.random_bool(0.01);
+                (walk, if spike { walk + 50.0 } else { walk })
+            }
+            ValueModel::Stuck if seq >= self.stuck_from => (self.value, self.value),
+            ValueModel::Stuck => (walk, walk),
         }
     }
 
@@ -458,22 +585,6 @@ async fn sleep_until(deadline: Option<Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
-}
-
-/// Sends a DISCONNECT and polls until it is written, the connection fails or time runs out.
-async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) {
-    if client.try_disconnect().is_err() {
-        return;
-    }
-    let _ = tokio::time::timeout(DISCONNECT_WAIT, async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
 }
 
 #[cfg(test)]

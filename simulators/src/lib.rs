@@ -7,21 +7,31 @@
 //!
 //! # Layout
 //!
-//! - [`payload`]: `SensorReading`, the JSON body every simulated sensor publishes.
+//! - [`payload`]: `SensorReading`, the JSON or CBOR body every simulated sensor publishes.
 //! - [`fleet`]: many sensors, one MQTT connection each, seeded and rate-limited; returns a
 //!   `FleetSummary` of what was sent and what the broker acknowledged.
 //! - [`verify`]: a subscriber plus `Verifier`, which compares what arrived with a
 //!   `FleetSummary` (missing, duplicates, reordering, latency).
 //! - [`broker`]: a plain rumqttd broker, used as an independent upstream that tests can kill.
-//! - [`flaky`]: a TCP proxy that cuts every connection on a schedule.
+//! - [`flaky`]: a TCP proxy that cuts every connection on a schedule or on command, adds
+//!   latency and caps bandwidth.
+//! - [`process`]: child processes that die with their owner, measured through `/proc`.
+//! - [`systems`]: the gateways under test (Outpost, a Mosquitto bridge) and an upstream
+//!   Mosquitto, as child processes.
+//! - [`compare`]: the same workload through Outpost and a Mosquitto bridge, one table.
+//! - [`demo`]: upstream, gateway, fleet and a flaky link in one command, with a live backlog.
 //!
 //! **Invariant:** nothing here depends on the gateway crate; the simulators speak only MQTT and
 //! TCP, so they test the gateway as a black box.
 
 pub mod broker;
+pub mod compare;
+pub mod demo;
 pub mod flaky;
 pub mod fleet;
 pub mod payload;
+pub mod process;
+pub mod systems;
 pub mod verify;
 
 /// Splits a `host:port` broker address into its parts.
@@ -41,11 +51,11 @@ pub(crate) fn parse_broker(broker: &str) -> anyhow::Result<(String, u16)> {
     Ok((host.to_string(), port))
 }
 
-/// Milliseconds since the Unix epoch, by the wall clock (0 if the clock is before 1970).
-pub(crate) fn now_ms() -> u64 {
+/// Microseconds since the Unix epoch, by the wall clock (0 if the clock is before 1970).
+pub(crate) fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .map(|elapsed| u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 

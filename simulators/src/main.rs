@@ -4,16 +4,19 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::{Args, Parser, Subcommand};
-use outpost_sim::fleet::{FleetConfig, FleetProgress, FleetSummary};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use outpost_sim::fleet::{FleetConfig, FleetProgress, FleetSummary, ValueModel};
+use outpost_sim::payload::PayloadFormat;
+use outpost_sim::systems::GatewayKind;
 use outpost_sim::verify::VerifyReport;
-use outpost_sim::{broker, flaky, fleet, verify};
+use outpost_sim::{broker, compare, demo, flaky, fleet, systems, verify};
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -39,6 +42,104 @@ enum Command {
     Broker(BrokerArgs),
     /// Proxy TCP to an upstream, taking the link down on a schedule.
     FlakyLink(FlakyLinkArgs),
+    /// Run the same workload through Outpost and a Mosquitto bridge and print one table.
+    Compare(CompareArgs),
+    /// Upstream broker, outpost, fleet and a flaky link: watch the backlog grow during an
+    /// outage and drain after it, then the verifier's table.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// The `outpost` executable; default: next to this one.
+    #[arg(long)]
+    outpost: Option<PathBuf>,
+    /// The gateway's config file; default: examples/outpost.toml (--listen, --upstream and
+    /// --data-dir are overridden).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Rules file, passed to the gateway as --rules.
+    #[arg(long)]
+    rules: Option<PathBuf>,
+    /// Number of sensors.
+    #[arg(long, default_value_t = 20)]
+    sensors: usize,
+    /// Readings per second per sensor.
+    #[arg(long, default_value_t = 50.0)]
+    rate: f64,
+    /// Publishing before the outage.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    before: Duration,
+    /// How long the upstream link is down.
+    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    outage: Duration,
+    /// Publishing after the outage.
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    after: Duration,
+    /// The longest wait for the backlog to drain after publishing stopped.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// The `outpost` executable; default: next to this one.
+    #[arg(long)]
+    outpost: Option<PathBuf>,
+    /// The `mosquitto` executable (edge bridge and upstream).
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    mosquitto: PathBuf,
+    /// A config file for Outpost instead of the generated one (defaults, 1 s reconnect cap).
+    #[arg(long)]
+    outpost_config: Option<PathBuf>,
+    /// Which gateways to run, comma-separated: outpost, bridge.
+    #[arg(long, value_delimiter = ',', default_value = "outpost,bridge")]
+    systems: Vec<SystemArg>,
+    /// Sensors (MQTT connections).
+    #[arg(long, default_value_t = 100)]
+    sensors: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 200)]
+    payload_size: usize,
+    /// Total rates of the rate steps, events/s, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2000,5000,10000,20000")]
+    rates: Vec<u32>,
+    /// Length of each rate step.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    step: Duration,
+    /// Rate during the outage phases, events/s.
+    #[arg(long, default_value_t = 2000)]
+    outage_rate: u32,
+    /// Steady publishing before the upstream link goes down.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    lead_in: Duration,
+    /// How long the upstream link stays down (the documented run uses 30s).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    outage: Duration,
+    /// How long to wait for every acknowledged reading after publishing stopped.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Mosquitto's autosave_interval (whole seconds).
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    autosave: Duration,
+    /// Skip the outage and crash phases.
+    #[arg(long)]
+    no_outage: bool,
+    /// A smoke run of about a minute: rates 2000,10000, 4 s steps, 2 s lead-in, 6 s outage.
+    #[arg(long)]
+    quick: bool,
+    /// Keep logs, configs and data here instead of a temporary directory.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Also write the full report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SystemArg {
+    Outpost,
+    Bridge,
 }
 
 #[derive(Args)]
@@ -76,9 +177,41 @@ struct FleetArgs {
     /// Seed of the value generators.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Payload encoding.
+    #[arg(long, value_enum, default_value_t = FormatArg::Json)]
+    format: FormatArg,
+    /// How values evolve: constant, walk, sine (+ noise), spikes, stuck, or mixed (sensor i
+    /// gets the i % 5-th model).
+    #[arg(long, value_enum, default_value_t = ValuesArg::Walk)]
+    values: ValuesArg,
+    /// MQTT username (with --password).
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    /// MQTT password (with --username).
+    #[arg(long, requires = "username", env = "OUTPOST_SIM_PASSWORD", hide_env_values = true)]
+    password: Option<String>,
+    /// Each sensor reconnects after about this long (±50 %), again and again (e.g. 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    churn: Option<Duration>,
     /// Write the full summary (with acknowledged seqs) to this file.
     #[arg(long)]
     summary: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FormatArg {
+    Json,
+    Cbor,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ValuesArg {
+    Constant,
+    Walk,
+    Sine,
+    Spikes,
+    Stuck,
+    Mixed,
 }
 
 #[derive(Args)]
@@ -124,14 +257,25 @@ struct FlakyLinkArgs {
     /// Extra one-way latency (e.g. 20ms).
     #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
     latency: Duration,
+    /// Bandwidth cap in bytes per second, each direction, over all connections.
+    #[arg(long)]
+    bandwidth: Option<NonZeroU64>,
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // `compare` and `demo` print their own progress; the sensors' reconnect warnings during a
+    // crash would drown it.
+    let default_level = if matches!(cli.command, Command::Compare(_) | Command::Demo(_)) {
+        "error,rumqttd=off"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
         .with_writer(std::io::stderr)
         .init();
-    match run(Cli::parse()) {
+    match run(cli) {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
@@ -154,6 +298,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Fleet(args) => run_fleet(args, cancel).await,
             Command::Verify(args) => run_verify(args, cancel).await,
             Command::FlakyLink(args) => run_flaky_link(args, cancel).await,
+            Command::Compare(args) => run_compare(args, cancel).await,
+            Command::Demo(args) => run_demo(args, cancel).await,
             Command::Broker(_) => Ok(ExitCode::SUCCESS),
         }
     })
@@ -177,6 +323,20 @@ async fn run_fleet(args: FleetArgs, cancel: CancellationToken) -> anyhow::Result
         client_prefix: args.client_prefix,
         payload_size: args.payload_size,
         seed: args.seed,
+        format: match args.format {
+            FormatArg::Json => PayloadFormat::Json,
+            FormatArg::Cbor => PayloadFormat::Cbor,
+        },
+        values: match args.values {
+            ValuesArg::Constant => ValueModel::Constant,
+            ValuesArg::Walk => ValueModel::RandomWalk,
+            ValuesArg::Sine => ValueModel::SineNoise,
+            ValuesArg::Spikes => ValueModel::Spikes,
+            ValuesArg::Stuck => ValueModel::Stuck,
+            ValuesArg::Mixed => ValueModel::Mixed,
+        },
+        credentials: args.username.zip(args.password),
+        churn: args.churn,
     };
     let progress = Arc::new(FleetProgress::default());
     let done = CancellationToken::new();
@@ -249,26 +409,7 @@ async fn run_verify(args: VerifyArgs, cancel: CancellationToken) -> anyhow::Resu
 
 /// Prints the report's counts as a small table on stderr.
 fn print_table(report: &VerifyReport) {
-    let latency = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.0}"));
-    eprintln!(
-        "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
-        "received", "unique", "duplicate", "reordered", "missing", "malformed", "p50 ms", "p99 ms", "max ms"
-    );
-    eprintln!(
-        "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
-        report.received,
-        report.unique,
-        report.duplicates,
-        report.reordered,
-        report.missing,
-        report.malformed,
-        latency(report.latency_ms_p50),
-        latency(report.latency_ms_p99),
-        latency(report.latency_ms_max)
-    );
-    for (device, seqs) in &report.missing_by_device {
-        eprintln!("missing from {device}: {seqs:?}");
-    }
+    eprint!("{}", report.table());
 }
 
 async fn run_flaky_link(args: FlakyLinkArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
@@ -278,7 +419,75 @@ async fn run_flaky_link(args: FlakyLinkArgs, cancel: CancellationToken) -> anyho
     let local = listener.local_addr().context("cannot read the listening address")?;
     println!("listening on {local}");
     let schedule = flaky::FlakySchedule { up_for: args.up, down_for: args.down, extra_latency: args.latency };
-    flaky::run_flaky_link(listener, args.upstream, schedule, cancel).await;
+    flaky::run_shaped_flaky_link(listener, args.upstream, schedule, args.bandwidth, cancel).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_demo(args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
+    let outpost = match args.outpost {
+        Some(path) => path,
+        None => systems::sibling_binary("outpost")?,
+    };
+    let cfg = demo::DemoConfig {
+        outpost,
+        config: args.config.or_else(demo::example_config),
+        rules: args.rules,
+        sensors: args.sensors,
+        rate_per_sensor: args.rate,
+        before: args.before,
+        outage: args.outage,
+        after: args.after,
+        drain_timeout: args.drain_timeout,
+    };
+    let report = demo::run_demo(cfg, cancel).await?;
+    Ok(if report.missing > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+async fn run_compare(args: CompareArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
+    let outpost = match args.outpost {
+        Some(path) => path,
+        None if args.systems.iter().any(|system| matches!(system, SystemArg::Outpost)) => {
+            systems::sibling_binary("outpost")?
+        }
+        None => PathBuf::from("outpost"),
+    };
+    let mut cfg = compare::CompareConfig {
+        kinds: args
+            .systems
+            .iter()
+            .map(|system| match system {
+                SystemArg::Outpost => GatewayKind::Outpost,
+                SystemArg::Bridge => GatewayKind::MosquittoBridge,
+            })
+            .collect(),
+        outpost,
+        mosquitto: args.mosquitto,
+        outpost_config: args.outpost_config,
+        sensors: args.sensors,
+        payload_size: args.payload_size,
+        rates: args.rates,
+        step: args.step,
+        outage_rate: args.outage_rate,
+        lead_in: args.lead_in,
+        outage: args.outage,
+        drain_timeout: args.drain_timeout,
+        autosave: args.autosave,
+        outage_phases: !args.no_outage,
+        work_dir: args.work_dir,
+    };
+    if args.quick {
+        cfg.rates = vec![2000, 10_000];
+        cfg.step = Duration::from_secs(4);
+        cfg.lead_in = Duration::from_secs(2);
+        cfg.outage = Duration::from_secs(6);
+        cfg.drain_timeout = Duration::from_secs(30);
+    }
+    let report = compare::run_compare(cfg, cancel).await?;
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report).context("cannot encode the report")?;
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    print!("{}", report.table());
     Ok(ExitCode::SUCCESS)
 }
 

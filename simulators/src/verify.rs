@@ -2,7 +2,9 @@
 //!
 //! `Verifier` is pure bookkeeping over `(topic, payload, arrival time)` so it can be unit-tested
 //! without a network; `Subscriber` feeds it from a live MQTT subscription. A reading is
-//! identified by `(device, seq)`, so the verifier needs no side channel to the fleet.
+//! identified by `(device, seq)`, so the verifier needs no side channel to the fleet. Payloads
+//! may be JSON or CBOR, told apart per message (`SensorReading::decode`). Latency is measured
+//! in microseconds when the reading carries `ts_us`, else in milliseconds.
 //!
 //! **Invariant:** `missing` only counts readings the fleet reports as acknowledged; a reading
 //! the broker never acknowledged may be lost without being a failure of the system under test.
@@ -32,9 +34,10 @@ pub struct Verifier {
     malformed: u64,
     duplicates: u64,
     reordered: u64,
+    unique: u64,
     devices: HashMap<String, DeviceSeen>,
-    /// Latency of each reading's first arrival, in ms.
-    latencies_ms: Vec<u64>,
+    /// Latency of each reading's first arrival, in µs.
+    latencies_us: Vec<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -74,12 +77,18 @@ impl Verifier {
 
     /// Records one received message. The topic is not checked: a gateway may rewrite topics,
     /// and the reading itself names its device.
-    pub fn record(&mut self, _topic: &str, payload: &[u8], received_at_ms: u64) {
+    pub fn record(&mut self, topic: &str, payload: &[u8], received_at_ms: u64) {
+        self.record_at_us(topic, payload, received_at_ms.saturating_mul(1000));
+    }
+
+    /// Like [`Verifier::record`], with the arrival time in µs since the Unix epoch.
+    pub fn record_at_us(&mut self, _topic: &str, payload: &[u8], received_at_us: u64) {
         self.received += 1;
-        let Ok(reading) = SensorReading::from_json(payload) else {
+        let Ok(reading) = SensorReading::decode(payload) else {
             self.malformed += 1;
             return;
         };
+        let sent_at_us = if reading.ts_us > 0 { reading.ts_us } else { reading.ts_ms.saturating_mul(1000) };
         let device = self.devices.entry(reading.device).or_default();
         if !device.seqs.insert(reading.seq) {
             self.duplicates += 1;
@@ -89,7 +98,13 @@ impl Verifier {
             self.reordered += 1;
         }
         device.max_seq = device.max_seq.max(reading.seq);
-        self.latencies_ms.push(received_at_ms.saturating_sub(reading.ts_ms));
+        self.unique += 1;
+        self.latencies_us.push(received_at_us.saturating_sub(sent_at_us));
+    }
+
+    /// Distinct `(device, seq)` readings recorded so far.
+    pub fn unique(&self) -> u64 {
+        self.unique
     }
 
     /// Messages recorded so far, malformed ones included.
@@ -116,27 +131,63 @@ impl Verifier {
             }
         }
 
-        let mut latencies = self.latencies_ms.clone();
+        let mut latencies = self.latencies_us.clone();
         latencies.sort_unstable();
+        let ms = |us: u64| us as f64 / 1000.0;
         VerifyReport {
             received: self.received,
-            unique: self.devices.values().map(|seen| seen.seqs.len() as u64).sum(),
+            unique: self.unique,
             duplicates: self.duplicates,
             reordered: self.reordered,
             missing,
             missing_by_device,
             malformed: self.malformed,
-            latency_ms_p50: percentile(&latencies, 0.50),
-            latency_ms_p99: percentile(&latencies, 0.99),
-            latency_ms_max: latencies.last().map(|&max| max as f64),
+            latency_ms_p50: percentile(&latencies, 0.50).map(ms),
+            latency_ms_p99: percentile(&latencies, 0.99).map(ms),
+            latency_ms_max: latencies.last().copied().map(ms),
         }
     }
 }
 
+impl VerifyReport {
+    /// The counts as a small text table, plus the missing seqs per device.
+    pub fn table(&self) -> String {
+        let latency = |value: Option<f64>| value.map_or_else(|| "-".to_string(), |ms| format!("{ms:.1}"));
+        let mut out = format!(
+            "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}\n",
+            "received",
+            "unique",
+            "duplicate",
+            "reordered",
+            "missing",
+            "malformed",
+            "p50 ms",
+            "p99 ms",
+            "max ms"
+        );
+        out.push_str(&format!(
+            "{:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}\n",
+            self.received,
+            self.unique,
+            self.duplicates,
+            self.reordered,
+            self.missing,
+            self.malformed,
+            latency(self.latency_ms_p50),
+            latency(self.latency_ms_p99),
+            latency(self.latency_ms_max)
+        ));
+        for (device, seqs) in &self.missing_by_device {
+            out.push_str(&format!("missing from {device}: {seqs:?}\n"));
+        }
+        out
+    }
+}
+
 /// The nearest-rank percentile of sorted values.
-fn percentile(sorted: &[u64], fraction: f64) -> Option<f64> {
+fn percentile(sorted: &[u64], fraction: f64) -> Option<u64> {
     let rank = (fraction * sorted.len() as f64).ceil() as usize;
-    sorted.get(rank.saturating_sub(1)).map(|&value| value as f64)
+    sorted.get(rank.saturating_sub(1)).copied()
 }
 
 /// At most this many raw messages are kept for `received_messages`; the verifier counts all.
@@ -264,6 +315,16 @@ impl Subscriber {
         self.lock().verifier.clone()
     }
 
+    /// The current report against `expected`, computed without copying the verifier.
+    pub fn report(&self, expected: Option<&FleetSummary>) -> VerifyReport {
+        self.lock().verifier.report(expected)
+    }
+
+    /// Distinct readings recorded so far.
+    pub fn unique_count(&self) -> u64 {
+        self.lock().verifier.unique()
+    }
+
     /// The first `MAX_KEPT_MESSAGES` messages as `(topic, payload)`, in arrival order.
     pub fn received_messages(&self) -> Vec<(String, Vec<u8>)> {
         self.lock().messages.clone()
@@ -315,10 +376,10 @@ async fn run_subscription(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let now = crate::now_ms();
+                let now = crate::now_us();
                 let total = {
                     let mut received = received.lock().unwrap_or_else(PoisonError::into_inner);
-                    received.verifier.record(&publish.topic, &publish.payload, now);
+                    received.verifier.record_at_us(&publish.topic, &publish.payload, now);
                     if received.messages.len() < MAX_KEPT_MESSAGES {
                         received.messages.push((publish.topic, publish.payload.to_vec()));
                     }
@@ -366,6 +427,7 @@ mod tests {
             device: device.to_string(),
             seq,
             ts_ms,
+            ts_us: 0,
             metric: "temp".to_string(),
             value: 1.0,
             pad: String::new(),
@@ -447,5 +509,23 @@ mod tests {
         assert_eq!(report.latency_ms_p99, Some(99.0));
         assert_eq!(report.latency_ms_max, Some(100.0));
         assert_eq!(Verifier::new().report(None).latency_ms_p50, None);
+    }
+
+    #[test]
+    fn measures_microseconds_and_reads_cbor() {
+        let mut verifier = Verifier::new();
+        let reading = SensorReading {
+            device: "a".to_string(),
+            seq: 1,
+            ts_ms: 1_000,
+            ts_us: 1_000_250,
+            metric: "temp".to_string(),
+            value: 1.0,
+            pad: String::new(),
+        };
+        verifier.record_at_us("t", &reading.to_cbor(), 1_001_750);
+        let report = verifier.report(None);
+        assert_eq!((report.unique, report.malformed), (1, 0));
+        assert_eq!(report.latency_ms_p50, Some(1.5));
     }
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use outpost_sim::broker::spawn_broker;
 use outpost_sim::flaky::{FlakySchedule, run_flaky_link};
-use outpost_sim::fleet::{FleetConfig, run_fleet};
+use outpost_sim::fleet::{FleetConfig, ValueModel, run_fleet};
+use outpost_sim::payload::PayloadFormat;
 use outpost_sim::verify::start_subscriber;
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
@@ -107,4 +108,47 @@ async fn waiting_reports_how_many_arrived() {
     let mut subscriber = start_subscriber(&broker.to_string(), "nothing/#").await.expect("subscribe");
     let error = subscriber.wait_for(1, Duration::from_millis(50)).await.expect_err("nothing is published");
     assert!(error.to_string().contains("0 arrived"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cbor_readings_with_mixed_values_are_verified() {
+    let broker = start_broker();
+    let mut subscriber = start_subscriber(&broker.to_string(), "sensors/#").await.expect("subscribe");
+    let cfg = FleetConfig {
+        broker: broker.to_string(),
+        sensors: 5,
+        rate_per_sensor: 500.0,
+        count_per_sensor: Some(30),
+        client_prefix: "cbor-".to_string(),
+        format: PayloadFormat::Cbor,
+        values: ValueModel::Mixed,
+        ..FleetConfig::default()
+    };
+    let summary = run_fleet(cfg, CancellationToken::new()).await.expect("run the fleet");
+    assert_eq!(summary.acked, 150);
+    let report = subscriber.wait_for_expected(&summary, Duration::from_secs(10)).await.expect("all arrive");
+    assert_eq!((report.unique, report.malformed), (150, 0));
+    let messages = subscriber.received_messages();
+    assert!(messages.iter().all(|(_, payload)| payload.first().is_some_and(|b| (0xa0..=0xbf).contains(b))));
+    assert!(messages.iter().all(|(_, payload)| payload.len() <= 200 && payload.len() >= 196));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_readings_survive_connection_churn() {
+    let broker = start_broker();
+    let mut subscriber = start_subscriber(&broker.to_string(), "sensors/#").await.expect("subscribe");
+    let cfg = FleetConfig {
+        broker: broker.to_string(),
+        sensors: 3,
+        rate_per_sensor: 200.0,
+        count_per_sensor: Some(300),
+        client_prefix: "churn-".to_string(),
+        churn: Some(Duration::from_millis(200)),
+        ..FleetConfig::default()
+    };
+    let summary = run_fleet(cfg, CancellationToken::new()).await.expect("run the fleet");
+    assert!(summary.acked > 0 && summary.acked <= summary.sent, "{} of {}", summary.acked, summary.sent);
+    let report =
+        subscriber.wait_for_expected(&summary, Duration::from_secs(10)).await.expect("all acked arrive");
+    assert_eq!(report.malformed, 0);
 }
