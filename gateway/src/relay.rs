@@ -46,7 +46,8 @@ use crate::uplink::{UplinkClient, UplinkEvent};
 const DELETE_INTERVAL: Duration = Duration::from_secs(1);
 /// How many records one disk read fetches for the send window.
 const READ_BATCH: usize = 1024;
-/// How many input events are taken per wake-up, to amortise the loop's overhead.
+/// How many input events (or uplink reports) are taken per wake-up, to amortise the loop's
+/// overhead.
 const ACCEPT_BATCH: usize = 256;
 
 /// The relay's settings, derived from the config once.
@@ -834,7 +835,18 @@ pub async fn run(
         tokio::select! {
             biased;
             Some(reply) = worker.replies.recv() => relay.on_reply(reply, &data_dir, Instant::now()),
-            Some(event) = uplink.recv() => relay.on_uplink(event, Instant::now()),
+            Some(event) = uplink.recv() => {
+                // Two reports per event (written, acknowledged): take what is queued in one
+                // wake-up rather than one loop turn each.
+                let now = Instant::now();
+                relay.on_uplink(event, now);
+                for _ in 1..ACCEPT_BATCH {
+                    match uplink.try_recv() {
+                        Ok(event) => relay.on_uplink(event, now),
+                        Err(_) => break,
+                    }
+                }
+            }
             received = input.recv(), if accept => match received {
                 Some(outbound) => {
                     let now = Instant::now();
