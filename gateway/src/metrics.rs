@@ -19,7 +19,11 @@ macro_rules! counters {
         impl Counters {
             /// A point-in-time copy, as `(name, value)` pairs in declaration order.
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+                vec![
+                    $((stringify!($name), self.$name.load(Ordering::Relaxed)),)*
+                    // Process-wide: seen in rumqttd's log events (see `telemetry`).
+                    ("oversize_disconnects", crate::telemetry::OVERSIZE_DISCONNECTS.load(Ordering::Relaxed)),
+                ]
             }
         }
     };

@@ -5,13 +5,15 @@
 //! pinned) and dropped, so an ERROR in Outpost's log always means something needs attention.
 //! Listener failures from the same file are kept.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::Metadata;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Metadata, Subscriber, warn};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
-use tracing_subscriber::filter::filter_fn;
+use tracing_subscriber::layer::Context;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -38,29 +40,88 @@ fn is_rumqttd_noise(meta: &Metadata<'_>) -> bool {
         .any(|(target, lines)| meta.target() == *target && meta.line().is_some_and(|l| lines.contains(&l)))
 }
 
+/// Sensor connections rumqttd closed because a packet exceeded `broker.max_payload`. Process-
+/// wide: rumqttd reports it only as a log event, which [`RumqttdWatch`] recognises; the gateway
+/// turns increases into a warning ([`warn_on_oversize`]).
+pub static OVERSIZE_DISCONNECTS: AtomicU64 = AtomicU64::new(0);
+
+/// The one global layer in front of every output: drops rumqttd's noise (see
+/// [`RUMQTTD_NOISE`]) and its per-publish spans for all layers, and counts what matters in
+/// the events it drops. It sees each event's fields (`event_enabled`), which a metadata-only
+/// filter cannot, and it never logs itself: tracing discards events emitted from inside a
+/// subscriber callback.
+struct RumqttdWatch;
+
+#[derive(Default)]
+struct ErrorField(String);
+
+impl Visit for ErrorField {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "error" {
+            self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for RumqttdWatch {
+    fn enabled(&self, meta: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
+        // rumqttd opens an ERROR-level span for every publish it routes (measured: ~3% of the
+        // gateway's CPU at 10k events/s spent formatting topics into spans nobody reads).
+        !(meta.is_span() && meta.target().starts_with("rumqttd"))
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
+        let meta = event.metadata();
+        if !is_rumqttd_noise(meta) {
+            return true;
+        }
+        let mut error = ErrorField::default();
+        event.record(&mut error);
+        if error.0.contains("PayloadSizeLimitExceeded") {
+            OVERSIZE_DISCONNECTS.fetch_add(1, Ordering::Relaxed);
+        }
+        false
+    }
+}
+
+/// Logs a throttled warning whenever rumqttd closed a sensor's connection for an oversize
+/// packet, until `cancel`.
+pub async fn warn_on_oversize(cancel: tokio_util::sync::CancellationToken) {
+    let mut seen = OVERSIZE_DISCONNECTS.load(Ordering::Relaxed);
+    let mut log = LogThrottle::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = OVERSIZE_DISCONNECTS.load(Ordering::Relaxed);
+        if now > seen {
+            if let Some(folded) = log.ready(Instant::now()) {
+                warn!(
+                    message = "a sensor sent a packet larger than broker.max_payload and its connection was closed; raise broker.max_payload or fix the sensor",
+                    new = now - seen,
+                    similar_since_last_log = folded,
+                    oversize_disconnects = now
+                );
+            }
+            seen = now;
+        }
+    }
+}
+
 /// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`. rumqttd's own
 /// chatter is capped at WARN unless the filter names it.
 pub fn init(format: LogFormat, level: &str) {
     let default = format!("{level},rumqttd=warn");
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let noise = filter_fn(|meta| !is_rumqttd_noise(meta));
-    // rumqttd opens an ERROR-level span for every publish it routes (measured: ~3% of the
-    // gateway's CPU at 10k events/s spent formatting topics into spans nobody reads). A global
-    // filter on static metadata disables those callsites once, so they then cost nothing.
-    let no_rumqttd_spans = filter_fn(|meta| !(meta.is_span() && meta.target().starts_with("rumqttd")));
-    let registry = tracing_subscriber::registry().with(no_rumqttd_spans).with(filter);
+    let registry = tracing_subscriber::registry().with(RumqttdWatch).with(filter);
     let result = match format {
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(noise))
-            .try_init(),
+        LogFormat::Text => {
+            registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
+        }
         LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_writer(std::io::stderr)
-                    .with_filter(noise),
-            )
+            .with(tracing_subscriber::fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
             .try_init(),
     };
     // A subscriber is already installed (tests): keep it.
