@@ -172,6 +172,12 @@ impl GatewayProcess {
         self.logs().into_iter().filter(|log| message_starts_with(log, prefix)).collect()
     }
 
+    /// Sends a signal to the process (e.g. SIGSTOP/SIGCONT to freeze it while the test
+    /// rearranges the world around it).
+    pub fn signal(&self, signal: libc::c_int) -> anyhow::Result<()> {
+        self.process.signal(signal)
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
         self.process.terminate(STOP_TIMEOUT).await

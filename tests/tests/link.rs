@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use outpost_e2e::gateway::GatewaySpec;
-use outpost_e2e::mqtt::{Session, Subscriber, publish_qos1, unique_client_id};
+use outpost_e2e::mqtt::{Session, Subscriber, publish_qos1};
 use outpost_e2e::require_mosquitto;
 use outpost_e2e::upstream::{FlakyLink, Mosquitto, SilentUpstream};
 use outpost_sim::fleet::{FleetConfig, run_fleet};
@@ -26,13 +26,8 @@ async fn upstream_down_at_boot_gets_everything_once_it_starts() {
         return;
     }
     const N: usize = 500;
-    // Create the subscriber's persistent session, then take the upstream down: mosquitto saves
-    // the session and queues for it whatever arrives while the subscriber reconnects.
-    let mut upstream = Mosquitto::start().await.expect("start mosquitto");
-    let session = Session::Persistent(unique_client_id("boot-sub"));
-    let mut subscriber = Subscriber::start(upstream.addr(), "sensors/#", session).await.expect("subscribe");
-    upstream.stop().await.expect("stop mosquitto");
-
+    // The upstream's port is reserved, but nothing listens: the gateway starts with it down.
+    let mut upstream = Mosquitto::not_started().expect("prepare mosquitto");
     let data = tempfile::tempdir().expect("tempdir");
     let config = format!("[upstream]\nurl = \"{}\"\nreconnect_max = \"1s\"\n", upstream.url());
     let mut gateway =
@@ -48,7 +43,13 @@ async fn upstream_down_at_boot_gets_everything_once_it_starts() {
     let bytes = payloads.iter().map(|p| p.clone().into_bytes());
     publish_qos1(gateway.listen(), "boot-1", "sensors/boot-1/temp", bytes, TIMEOUT).await.expect("acked");
 
+    // Freeze the gateway while the upstream comes up and the subscriber connects, so the
+    // subscriber is certainly there before the gateway's next reconnect attempt.
+    gateway.signal(libc::SIGSTOP).expect("stop the gateway");
     upstream.start_again().await.expect("start mosquitto");
+    let subscribed = Subscriber::start(upstream.addr(), "sensors/#", Session::Clean).await;
+    gateway.signal(libc::SIGCONT).expect("resume the gateway");
+    let mut subscriber = subscribed.expect("subscribe");
     subscriber
         .wait_for_count(N as u64, TIMEOUT)
         .await

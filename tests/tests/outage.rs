@@ -67,7 +67,20 @@ async fn upstream_outage_loses_nothing_and_keeps_order() {
     // The schedule is part of the scenario: the upstream stays down until this point of the
     // fleet's run, while the fleet keeps publishing.
     tokio::time::sleep_until(fleet_started + UPSTREAM_BACK_AT).await;
+    // Freeze the gateway while the upstream restarts and the subscriber reconnects to its saved
+    // session, so deliveries never race that reconnect (mosquitto's redelivery to a resuming
+    // session is not what this test is about). The fleet just waits a moment for its acks.
+    let connects_before = subscriber.connects();
+    gateway.signal(libc::SIGSTOP).expect("freeze the gateway");
     upstream.start_again().await.expect("start mosquitto again on the same port");
+    let reconnected = tokio::time::timeout(TIMEOUT, async {
+        while subscriber.connects() <= connects_before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    gateway.signal(libc::SIGCONT).expect("resume the gateway");
+    reconnected.expect("the subscriber reconnects to the returned upstream");
     let back_at = fleet_started.elapsed();
     gateway
         .wait_for_log("a reconnect to the returned upstream", TIMEOUT, |log| {
