@@ -115,15 +115,21 @@ fn config(data: &Path) -> GatewayConfig {
     config
 }
 
-#[tokio::test(flavor = "current_thread")]
-async fn full_disk_is_survived_counted_and_recovered() {
+/// A data dir on a fresh 1 MiB tmpfs (logs on), or `None` where mounting is not possible.
+fn small_data_dir() -> Option<(tempfile::TempDir, PathBuf, Tmpfs)> {
     outpost::telemetry::init(outpost::config::LogFormat::Text, "warn");
     if !can_mount() {
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let fs = Tmpfs::mount(&data, "1m");
+    Some((dir, data, fs))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn full_disk_is_survived_counted_and_recovered() {
+    let Some((_dir, data, fs)) = small_data_dir() else { return };
     let config = config(&data);
     let port = config.broker.listen.port();
     let gateway = outpost::Gateway::start(config).await.expect("gateway starts");
@@ -157,13 +163,7 @@ async fn full_disk_is_survived_counted_and_recovered() {
 /// link with only a warning of its own. Outpost must see every such gap, count it and log it.
 #[tokio::test(flavor = "current_thread")]
 async fn broker_ring_overflow_is_counted_never_silent() {
-    outpost::telemetry::init(outpost::config::LogFormat::Text, "warn");
-    if !can_mount() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("data");
-    let fs = Tmpfs::mount(&data, "1m");
+    let Some((_dir, data, fs)) = small_data_dir() else { return };
     let mut config = config(&data);
     // A ring of 2 × 8 KiB holds about 70 events of this size.
     config.broker.max_payload = bytesize::ByteSize::kib(1);
