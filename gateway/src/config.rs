@@ -62,9 +62,22 @@ pub struct BrokerConfig {
     /// The MQTT 3.1.1 listener.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// An optional MQTT 5 listener (rumqttd serves each protocol version on its own port).
+    /// An optional second listener. Both listeners speak MQTT 3.1.1 and 5 (the version is
+    /// read from each CONNECT); this one exists for deployments that give MQTT 5 its own port.
     #[serde(default)]
     pub listen_v5: Option<SocketAddr>,
+    /// When a sensor's QoS 1/2 publish is acknowledged.
+    #[serde(default)]
+    pub ack: AckMode,
+    /// Sensor credentials, `username = "password"`. Empty: anonymous sensors are accepted.
+    #[serde(default)]
+    pub users: std::collections::BTreeMap<String, String>,
+    /// How often `$SYS/outpost/…` status topics are refreshed.
+    #[serde(default = "default_sys_interval", with = "humantime_serde")]
+    pub sys_interval: Duration,
+    /// Retained topics held at most; retained publishes for new topics beyond it are not kept.
+    #[serde(default = "default_max_retained")]
+    pub max_retained: usize,
     #[serde(default = "default_max_connections")]
     pub max_connections: NonZeroUsize,
     /// The largest PUBLISH payload a sensor may send; larger packets close the connection.
@@ -164,6 +177,19 @@ pub struct BufferConfig {
     /// `commit_interval` it bounds the events that are accepted but not yet on disk.
     #[serde(default = "default_commit_max_events")]
     pub commit_max_events: NonZeroUsize,
+}
+
+/// When a sensor's QoS 1/2 publish is acknowledged (PUBACK, or PUBREC for QoS 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// Once the event is committed to the buffer or acknowledged upstream: a PUBACK means the
+    /// event survives a crash or power cut.
+    #[default]
+    AfterCommit,
+    /// As soon as the publish is read: lower latency, but events acknowledged in the last
+    /// moments before a crash are lost.
+    OnReceipt,
 }
 
 /// What happens when the buffer is full.
@@ -271,6 +297,12 @@ fn default_listen() -> SocketAddr {
 fn default_max_connections() -> NonZeroUsize {
     NonZeroUsize::new(1000).expect("non-zero literal")
 }
+fn default_sys_interval() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_max_retained() -> usize {
+    10_000
+}
 fn default_max_payload() -> ByteSize {
     ByteSize::kib(256)
 }
@@ -331,6 +363,10 @@ impl Default for BrokerConfig {
         BrokerConfig {
             listen: default_listen(),
             listen_v5: None,
+            ack: AckMode::default(),
+            users: std::collections::BTreeMap::new(),
+            sys_interval: default_sys_interval(),
+            max_retained: default_max_retained(),
             max_connections: default_max_connections(),
             max_payload: default_max_payload(),
             connection_timeout: default_connection_timeout(),
@@ -445,6 +481,13 @@ impl GatewayConfig {
                 "broker.max_payload",
                 self.broker.max_payload.to_string(),
                 "must be between 16B and 256MiB (the MQTT limit)",
+            ));
+        }
+        if self.broker.sys_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "broker.sys_interval",
+                humantime::format_duration(self.broker.sys_interval).to_string(),
+                "must be at least 1s",
             ));
         }
         if self.broker.ring_segment_size.as_u64() < self.broker.max_payload.as_u64() {

@@ -11,6 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
+use crate::ingest::acks::Ticket;
+
 /// Bits of an id that count within one boot; the boot epoch fills the rest.
 pub const EPOCH_SHIFT: u32 = 40;
 
@@ -52,12 +54,14 @@ pub struct Event {
     pub id: u64,
     pub topic: String,
     pub payload: Bytes,
-    /// The publisher's QoS, when the ingest path can observe it. rumqttd's router rewrites
-    /// it to the subscription's QoS, so the embedded-broker path reports `None`.
+    /// The publisher's QoS (`None` for events the gateway made itself, such as rule chains).
     pub qos: Option<u8>,
     pub received_ms: u64,
-    /// The publisher's client id, when the ingest path can observe it.
+    /// The publisher's client id.
     pub client_id: Option<String>,
+    /// The sensor's held acknowledgement: dropped once the event is safe (see
+    /// [`crate::ingest::acks`]). `None` for QoS 0 and for `broker.ack = "on_receipt"`.
+    pub ticket: Option<Ticket>,
 }
 
 /// An event bound upstream, as decided by a route.
@@ -72,4 +76,6 @@ pub struct Outbound {
     /// Absolute expiry in Unix ms, if the route has a TTL.
     pub expires_ms: Option<u64>,
     pub received_ms: u64,
+    /// The source event's held acknowledgement; every copy a rule makes carries a clone.
+    pub ticket: Option<Ticket>,
 }

@@ -115,7 +115,6 @@ impl Gateway {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(telemetry::warn_on_oversize(cancel.clone()));
         if let Some(listener) = admin::bind(&config.data_dir) {
             tracker.spawn(admin::serve(listener, worker.commands.clone(), cancel.clone()));
         }

@@ -21,8 +21,6 @@ macro_rules! counters {
             pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
                 vec![
                     $((stringify!($name), self.$name.load(Ordering::Relaxed)),)*
-                    // Process-wide: seen in rumqttd's log events (see `telemetry`).
-                    ("oversize_disconnects", crate::telemetry::OVERSIZE_DISCONNECTS.load(Ordering::Relaxed)),
                 ]
             }
         }
@@ -30,10 +28,23 @@ macro_rules! counters {
 }
 
 counters! {
-    /// Events read from the embedded broker.
+    /// Publishes read from sensor connections (and wills) and handed to the route stage.
     ingested,
-    /// Events the broker dropped because ingest fell behind its ring (detected by cursor gaps).
-    ingest_lost,
+    /// Sensor connections accepted (CONNACK success).
+    sensor_connects,
+    /// CONNECTs refused with a reason code (credentials, id, server busy).
+    sensor_refused,
+    /// Connections closed because the same client id connected again.
+    sensor_takeovers,
+    /// Connections closed for a malformed packet or a protocol violation.
+    protocol_errors,
+    /// Connections closed for a packet over `broker.max_payload`.
+    oversize_disconnects,
+    /// Connections closed because the client stayed silent past 1.5 × its keepalive.
+    keepalive_timeouts,
+    wills_published,
+    /// Retained messages refused because `broker.max_retained` topics are held.
+    retained_refused,
     /// Events that matched no route (bridge) or no rule produced anything for (rules).
     unrouted,
     /// Events consumed on purpose by a rule's `drop` action.
@@ -85,14 +96,32 @@ counters! {
 }
 
 /// A shareable handle to the gateway's counters.
+/// Values that go up and down; read by `$SYS/outpost/…` and the admin socket.
+#[derive(Debug, Default)]
+pub struct Gauges {
+    pub sensors_connected: AtomicU64,
+    /// Events held by the relay (memory and disk) as of its last loop turn.
+    pub buffered_events: AtomicU64,
+    /// 1 while an upstream connection is up.
+    pub upstream_connected: AtomicU64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    inner: Arc<Counters>,
+    inner: Arc<(Counters, Gauges)>,
 }
 
 impl Metrics {
     pub fn counters(&self) -> &Counters {
-        &self.inner
+        &self.inner.0
+    }
+
+    pub fn gauges(&self) -> &Gauges {
+        &self.inner.1
+    }
+
+    pub fn set(gauge: &AtomicU64, v: u64) {
+        gauge.store(v, Ordering::Relaxed);
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {

@@ -37,6 +37,7 @@ use crate::buffer::worker::{Command, Reply, Worker};
 use crate::buffer::{Batch, DropRequest, Key, LaneStats, N_PRIORITIES, Record};
 use crate::config::{BufferConfig, EventIdMode, OverflowPolicy, UpstreamConfig};
 use crate::event::{IdGen, Outbound, format_event_id, now_ms};
+use crate::ingest::acks::Ticket;
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
 use crate::uplink::{UplinkClient, UplinkEvent};
@@ -92,6 +93,9 @@ impl RelaySettings {
 struct Pending {
     record: Arc<Record>,
     since: Instant,
+    /// The sensor's held acknowledgement: released when this is dropped — once the event is
+    /// acknowledged upstream or its commit finished (or a stated policy dropped it).
+    _ticket: Option<Ticket>,
 }
 
 /// Per-priority send state.
@@ -257,9 +261,10 @@ impl Relay {
     }
 
     /// Takes one routed event into the buffer.
-    pub fn accept(&mut self, outbound: Outbound, now: Instant) {
+    pub fn accept(&mut self, mut outbound: Outbound, now: Instant) {
         let metrics = self.metrics.clone();
         let counters = metrics.counters();
+        let ticket = outbound.ticket.take();
         let record = Record {
             priority: outbound.priority.min(N_PRIORITIES as u8 - 1),
             seq: self.seqs.next_id(),
@@ -277,6 +282,9 @@ impl Relay {
         if over_events > 0 || over_bytes > 0 {
             match self.settings.overflow {
                 OverflowPolicy::RejectNew => {
+                    if let Some(ticket) = &ticket {
+                        ticket.reject();
+                    }
                     Metrics::add(&counters.rejected_full, 1);
                     if let Some(folded) = self.overflow_log.ready(now) {
                         warn!(
@@ -296,7 +304,7 @@ impl Relay {
         self.mem.events += 1;
         self.mem.bytes += size;
         let lane = &mut self.lanes[usize::from(record.priority)];
-        lane.unsaved.insert(record.seq, Pending { record: Arc::new(record), since: now });
+        lane.unsaved.insert(record.seq, Pending { record: Arc::new(record), since: now, _ticket: ticket });
         self.unsaved_len += 1;
     }
 
@@ -830,6 +838,7 @@ pub async fn run(
                 break;
             }
         }
+        Metrics::set(&relay.metrics.gauges().buffered_events, relay.stored().events);
         let deadline = [relay.next_deadline(), grace_until].into_iter().flatten().min();
         let accept = input_open && relay.can_accept();
         tokio::select! {

@@ -13,14 +13,16 @@
 //! # Invariants
 //! - Routing never blocks on anything but the bounded output channel to the relay: republish
 //!   and dead letters are handed over without waiting, and counted if refused.
-//! - Republish loops are cut: an event this stage republished is recognised when it comes
-//!   back through ingest (by topic and payload, within [`REPUBLISH_MEMORY`]) and carries its
-//!   hop count, which the rule engine refuses to push past the rules file's `max_hops`.
+//! - Republish goes two ways: to local subscribers through the broker, and straight back into
+//!   this stage as a new event carrying its hop count (event chains), evaluated before the
+//!   next input. The rule engine refuses to push the count past the rules file's `max_hops`,
+//!   which bounds every chain.
+//! - Every upstream copy of an event carries a clone of the sensor's held acknowledgement
+//!   (its [`Ticket`](crate::ingest::acks::Ticket)); the sensor is acknowledged once all of them
+//!   are safe, or right after routing when nothing goes upstream.
 //! - Topics starting with `$` (broker-internal) never match `#` and are not bridged.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{HashMap, VecDeque};
-use std::hash::{Hash, Hasher};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,11 +38,6 @@ use crate::event::{Event, IdGen, Outbound};
 use crate::ingest::Republisher;
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
-
-/// How many recent republishes are remembered to recognise them when they come back.
-const REPUBLISH_MEMORY: usize = 10_000;
-/// How long a republish is remembered; it comes back through the local broker in far less.
-const REPUBLISH_TTL: Duration = Duration::from_secs(10);
 
 /// What the route stage does with events right now.
 #[derive(Debug)]
@@ -75,45 +72,6 @@ fn expiry(received_ms: u64, ttl: Option<Duration>) -> Option<u64> {
     ttl.map(|ttl| received_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)))
 }
 
-/// Remembers what this stage republished, to give it its hop count when it comes back.
-#[derive(Debug, Default)]
-struct Republished {
-    hops: HashMap<u64, (u8, Instant)>,
-    order: VecDeque<u64>,
-}
-
-impl Republished {
-    fn key(topic: &str, payload: &[u8]) -> u64 {
-        let mut h = DefaultHasher::new();
-        topic.hash(&mut h);
-        payload.hash(&mut h);
-        h.finish()
-    }
-
-    fn remember(&mut self, topic: &str, payload: &[u8], hops: u8, now: Instant) {
-        let key = Republished::key(topic, payload);
-        if self.hops.insert(key, (hops, now)).is_none() {
-            self.order.push_back(key);
-        }
-        while self.order.len() > REPUBLISH_MEMORY {
-            if let Some(old) = self.order.pop_front() {
-                self.hops.remove(&old);
-            }
-        }
-    }
-
-    /// The hop count of an incoming event: that of a matching recent republish, else 0.
-    fn take(&mut self, topic: &str, payload: &[u8], now: Instant) -> u8 {
-        if self.hops.is_empty() {
-            return 0;
-        }
-        match self.hops.remove(&Republished::key(topic, payload)) {
-            Some((hops, at)) if now.duration_since(at) <= REPUBLISH_TTL => hops,
-            _ => 0,
-        }
-    }
-}
-
 /// The route stage's fixed wiring.
 pub struct RouteStage {
     pub routing: watch::Receiver<Arc<Routing>>,
@@ -132,11 +90,19 @@ pub struct RouteStage {
 pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: mpsc::Sender<Outbound>) {
     let metrics = stage.metrics.clone();
     let counters = metrics.counters();
-    let mut republished = Republished::default();
+    // Republished events waiting to be evaluated again, with their hop count.
+    let mut chain: VecDeque<(Event, u8)> = VecDeque::new();
     let mut republish_log = LogThrottle::default();
     let mut dead_log = LogThrottle::default();
     let mut routing = stage.routing.borrow_and_update().clone();
-    while let Some(event) = input.recv().await {
+    loop {
+        let (event, hops) = match chain.pop_front() {
+            Some(next) => next,
+            None => match input.recv().await {
+                Some(event) => (event, 0),
+                None => break,
+            },
+        };
         if stage.routing.has_changed().unwrap_or(false) {
             routing = stage.routing.borrow_and_update().clone();
         }
@@ -151,6 +117,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                     priority,
                     expires_ms: expiry(event.received_ms, ttl),
                     received_ms: event.received_ms,
+                    ticket: event.ticket.clone(),
                 }],
                 None => {
                     Metrics::add(&counters.unrouted, 1);
@@ -158,7 +125,6 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 }
             },
             Routing::Rules(rules) => {
-                let hops = republished.take(&event.topic, &event.payload, now);
                 let context = EventContext {
                     topic: &event.topic,
                     payload: &event.payload,
@@ -186,6 +152,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                                 priority,
                                 expires_ms: expiry(event.received_ms, ttl),
                                 received_ms: event.received_ms,
+                                ticket: event.ticket.clone(),
                             });
                         }
                         Output::Republish { rule, topic, payload, hops, .. } => {
@@ -195,8 +162,17 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                             };
                             match sent {
                                 Ok(()) => {
-                                    republished.remember(&topic, &payload, hops, now);
                                     Metrics::add(&counters.republished, 1);
+                                    let next = Event {
+                                        id: stage.ids.next_id(),
+                                        topic,
+                                        payload: Bytes::from(payload),
+                                        qos: None,
+                                        received_ms: event.received_ms,
+                                        client_id: None,
+                                        ticket: None,
+                                    };
+                                    chain.push_back((next, hops));
                                 }
                                 Err(reason) => {
                                     Metrics::add(&counters.republish_failed, 1);
@@ -265,21 +241,5 @@ mod tests {
         assert_eq!(Bridge::new(&[]).route("anything/at/all"), Some((5, None)));
         assert_eq!(Bridge::new(&[]).route("$SYS/x"), None);
         assert_eq!(expiry(1_000, Some(Duration::from_secs(60))), Some(61_000));
-    }
-
-    #[test]
-    fn republished_events_are_recognised_once_and_forgotten() {
-        let now = Instant::now();
-        let mut r = Republished::default();
-        r.remember("actuators/fan", b"on", 2, now);
-        assert_eq!(r.take("actuators/fan", b"off", now), 0, "different payload: a sensor's own publish");
-        assert_eq!(r.take("actuators/fan", b"on", now), 2);
-        assert_eq!(r.take("actuators/fan", b"on", now), 0, "recognised once");
-        r.remember("a", b"x", 1, now);
-        assert_eq!(r.take("a", b"x", now + REPUBLISH_TTL + Duration::from_secs(1)), 0, "too old");
-        for i in 0..(REPUBLISH_MEMORY + 10) {
-            r.remember(&format!("t/{i}"), b"p", 1, now);
-        }
-        assert!(r.hops.len() <= REPUBLISH_MEMORY, "bounded");
     }
 }

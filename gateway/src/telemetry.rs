@@ -5,12 +5,10 @@
 //! pinned) and dropped, so an ERROR in Outpost's log always means something needs attention.
 //! Listener failures from the same file are kept.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tracing::field::{Field, Visit};
-use tracing::{Event, Metadata, Subscriber, warn};
+use tracing::{Event, Metadata, Subscriber};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
@@ -26,8 +24,8 @@ use crate::config::LogFormat;
 ///   disconnected";
 /// - a reader's cursor jumping over dropped segments, logged at WARN for every jump:
 ///   `segments/mod.rs` "jumping to head"/"jumping" and `router/routing.rs` "Read cursor start
-///   jumped". Outpost detects the same gaps itself, counts them as `ingest_lost` and logs one
-///   throttled ERROR that says what to do.
+///   jumped". Only local subscribers read the router's rings now (see ARCHITECTURE.md,
+///   known limits).
 const RUMQTTD_NOISE: [(&str, &[u32]); 3] = [
     ("rumqttd::server::broker", &[512, 566, 577, 581, 592]),
     ("rumqttd::router::routing", &[416, 436, 539, 1006, 1516]),
@@ -40,28 +38,10 @@ fn is_rumqttd_noise(meta: &Metadata<'_>) -> bool {
         .any(|(target, lines)| meta.target() == *target && meta.line().is_some_and(|l| lines.contains(&l)))
 }
 
-/// Sensor connections rumqttd closed because a packet exceeded `broker.max_payload`. Process-
-/// wide: rumqttd reports it only as a log event, which [`RumqttdWatch`] recognises; the gateway
-/// turns increases into a warning ([`warn_on_oversize`]).
-pub static OVERSIZE_DISCONNECTS: AtomicU64 = AtomicU64::new(0);
-
 /// The one global layer in front of every output: drops rumqttd's noise (see
 /// [`RUMQTTD_NOISE`]) and its per-publish spans for all layers, and counts what matters in
-/// the events it drops. It sees each event's fields (`event_enabled`), which a metadata-only
-/// filter cannot, and it never logs itself: tracing discards events emitted from inside a
-/// subscriber callback.
+/// the events it drops.
 struct RumqttdWatch;
-
-#[derive(Default)]
-struct ErrorField(String);
-
-impl Visit for ErrorField {
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        if field.name() == "error" {
-            self.0 = format!("{value:?}");
-        }
-    }
-}
 
 impl<S: Subscriber> Layer<S> for RumqttdWatch {
     fn enabled(&self, meta: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
@@ -71,42 +51,7 @@ impl<S: Subscriber> Layer<S> for RumqttdWatch {
     }
 
     fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
-        let meta = event.metadata();
-        if !is_rumqttd_noise(meta) {
-            return true;
-        }
-        let mut error = ErrorField::default();
-        event.record(&mut error);
-        if error.0.contains("PayloadSizeLimitExceeded") {
-            OVERSIZE_DISCONNECTS.fetch_add(1, Ordering::Relaxed);
-        }
-        false
-    }
-}
-
-/// Logs a throttled warning whenever rumqttd closed a sensor's connection for an oversize
-/// packet, until `cancel`.
-pub async fn warn_on_oversize(cancel: tokio_util::sync::CancellationToken) {
-    let mut seen = OVERSIZE_DISCONNECTS.load(Ordering::Relaxed);
-    let mut log = LogThrottle::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let now = OVERSIZE_DISCONNECTS.load(Ordering::Relaxed);
-        if now > seen {
-            if let Some(folded) = log.ready(Instant::now()) {
-                warn!(
-                    message = "a sensor sent a packet larger than broker.max_payload and its connection was closed; raise broker.max_payload or fix the sensor",
-                    new = now - seen,
-                    similar_since_last_log = folded,
-                    oversize_disconnects = now
-                );
-            }
-            seen = now;
-        }
+        !is_rumqttd_noise(event.metadata())
     }
 }
 

@@ -276,6 +276,7 @@ pub async fn run(
                     connected = true;
                     backoff.reset();
                     Metrics::add(&counters.upstream_connects, 1);
+                    Metrics::set(&metrics.gauges().upstream_connected, 1);
                     info!(message = "connected upstream", upstream = %cfg.url, generation);
                     Some(UplinkEvent::Connected { generation, client: session.client() })
                 }
@@ -300,6 +301,7 @@ pub async fn run(
                 }
             }
         }
+        Metrics::set(&metrics.gauges().upstream_connected, 0);
         if connected && events.send(UplinkEvent::Disconnected { generation }).await.is_err() {
             return;
         }

@@ -2,7 +2,9 @@
 //! queue read back directly (no network): random accepts, writes, acks, disconnects, commit
 //! ticks and crashes, then a final drain. Checked: every accepted event is acknowledged
 //! upstream unless a crash lost it from the stated in-memory window; within one connection
-//! and one priority, publishes go out in sequence order; the buffer ends empty.
+//! and one priority, publishes go out in sequence order; the buffer ends empty; and **no
+//! event whose sensor acknowledgement was released is ever lost in a crash** (every event
+//! carries a ticket from a simulated sensor connection).
 
 use std::collections::{HashSet, VecDeque};
 
@@ -11,6 +13,7 @@ use rumqttc::{AsyncClient, EventLoop, MqttOptions, Request};
 
 use super::*;
 use crate::buffer::Store;
+use crate::ingest::acks::{AckQueue, Outcome};
 
 const WINDOW: usize = 4;
 const COMMIT_MAX: usize = 5;
@@ -63,6 +66,13 @@ struct Harness {
     /// (generation, priority, id) in publish order.
     published: Vec<(u64, u8, u64)>,
     next_id: u64,
+    /// The simulated sensor connection's held acknowledgements, and the ids they belong to.
+    sensor: Arc<AckQueue>,
+    awaiting: VecDeque<u64>,
+    /// Ids whose acknowledgement the sensor received, and ids it was refused.
+    released: HashSet<u64>,
+    refused: HashSet<u64>,
+    held_at_crash: HashSet<u64>,
 }
 
 fn settings() -> RelaySettings {
@@ -102,6 +112,24 @@ impl Harness {
             lost_in_crashes: HashSet::new(),
             published: Vec::new(),
             next_id: 0,
+            sensor: AckQueue::new(),
+            awaiting: VecDeque::new(),
+            released: HashSet::new(),
+            refused: HashSet::new(),
+            held_at_crash: HashSet::new(),
+        }
+    }
+
+    /// Reads what the sensor connection would acknowledge now.
+    fn collect_released(&mut self) {
+        let mut outcomes = Vec::new();
+        self.sensor.take_ready(&mut outcomes);
+        for outcome in outcomes {
+            let id = self.awaiting.pop_front().expect("one ticket per accepted event");
+            match outcome {
+                Outcome::Safe => self.released.insert(id),
+                Outcome::Rejected => self.refused.insert(id),
+            };
         }
     }
 
@@ -193,6 +221,7 @@ impl Harness {
             Action::Crash => self.crash().await,
         }
         self.pump();
+        self.collect_released();
     }
 
     async fn crash(&mut self) {
@@ -205,7 +234,18 @@ impl Harness {
             .filter(|id| !self.acked.contains(id))
             .collect();
         assert!(in_memory.len() <= 2 * COMMIT_MAX, "crash window {} exceeds the bound", in_memory.len());
+        self.collect_released();
+        let acknowledged_but_lost: Vec<&u64> = in_memory.intersection(&self.released).collect();
+        assert!(
+            acknowledged_but_lost.is_empty(),
+            "sensor was acknowledged, then lost in a crash: {acknowledged_but_lost:?}"
+        );
         self.lost_in_crashes.extend(in_memory);
+        // The connection dies with the process: tickets dropped by the dead relay reach nobody.
+        // Events acknowledged upstream but held behind a lost one are never acknowledged to the
+        // sensor: it resends them (a duplicate, never a loss).
+        self.sensor = AckQueue::new();
+        self.held_at_crash.extend(self.awaiting.drain(..));
         let fresh = Harness::new();
         let old_worker = std::mem::replace(&mut self.worker, fresh.worker);
         old_worker.join();
@@ -226,9 +266,12 @@ impl Harness {
         for _ in 0..10_000 {
             let must: Vec<u64> =
                 self.accepted.iter().copied().filter(|id| !self.lost_in_crashes.contains(id)).collect();
+            // An event acknowledged before a crash whose delete was not yet committed is still
+            // in the file: it is resent (a duplicate) and must be acknowledged again.
             if must.iter().all(|id| self.acked.contains(id))
                 && self.requested.is_empty()
                 && self.inflight.is_empty()
+                && self.relay.stored().events == 0
             {
                 break;
             }
@@ -257,11 +300,17 @@ proptest! {
                 h.step(action).await;
             }
             h.drain().await;
+            h.collect_released();
             for id in &h.accepted {
                 if !h.lost_in_crashes.contains(id) {
                     assert!(h.acked.contains(id), "event {id} was accepted but never acknowledged upstream");
+                    assert!(
+                        h.released.contains(id) || h.held_at_crash.contains(id),
+                        "event {id} is safe but its sensor was never acknowledged"
+                    );
                 }
             }
+            assert!(h.awaiting.is_empty(), "acknowledgements still held after the drain: {:?}", h.awaiting);
             // Within one connection and priority, publishes are in sequence (= id) order.
             let mut last: HashMap<(u64, u8), u64> = HashMap::new();
             for (generation, priority, id) in &h.published {
@@ -333,9 +382,11 @@ fn accept_with(h: &mut Harness, priority: u8, expires_ms: Option<u64>) {
             priority,
             expires_ms,
             received_ms: 0,
+            ticket: Some(h.sensor.ticket()),
         },
         h.clock,
     );
+    h.awaiting.push_back(id);
     h.accepted.push(id);
 }
 
@@ -396,6 +447,9 @@ fn reject_new_refuses_and_counts() {
         h.lost_in_crashes.extend([4, 5]);
         h.drain().await;
         assert_eq!(h.acked, HashSet::from([1, 2, 3]));
+        h.collect_released();
+        assert_eq!(h.refused, HashSet::from([4, 5]), "the sensor is told, not acknowledged");
+        assert_eq!(h.released, HashSet::from([1, 2, 3]));
     });
 }
 

@@ -1,0 +1,206 @@
+//! The wire: rumqttd's MQTT 3.1.1 and 5 codecs, plus the few facts they keep private.
+//!
+//! rumqttd's `Publish` keeps its QoS and packet id crate-private, so the connection reads them
+//! from the raw bytes ([`peek_publish`]) before the codec consumes a packet, and builds
+//! publishes with a chosen QoS and packet id through `Publish::deserialize`, the crate's own
+//! MQTT-independent encoding ([`publish_with`]).
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttd::protocol::{self, Packet, Protocol, Publish, QoS};
+
+/// The protocol a connection speaks, chosen from its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V4,
+    V5,
+}
+
+/// Either codec.
+pub enum Codec {
+    V4(protocol::v4::V4),
+    V5(protocol::v5::V5),
+}
+
+impl Codec {
+    pub fn new(version: Version) -> Codec {
+        match version {
+            Version::V4 => Codec::V4(protocol::v4::V4),
+            Version::V5 => Codec::V5(protocol::v5::V5),
+        }
+    }
+
+    pub fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, protocol::Error> {
+        match self {
+            Codec::V4(c) => c.read_mut(buf, max),
+            Codec::V5(c) => c.read_mut(buf, max),
+        }
+    }
+
+    pub fn write(&self, packet: Packet, buf: &mut BytesMut) -> Result<usize, protocol::Error> {
+        match self {
+            Codec::V4(c) => c.write(packet, buf),
+            Codec::V5(c) => c.write(packet, buf),
+        }
+    }
+}
+
+/// Reads an MQTT variable-length integer: `(value, bytes used)`.
+fn varint(buf: &[u8]) -> Option<(usize, usize)> {
+    let mut value = 0usize;
+    for (i, byte) in buf.iter().take(4).enumerate() {
+        value |= usize::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            return Some((value, i + 1));
+        }
+    }
+    None
+}
+
+/// Whether `buf` holds the start of a CONNECT, and if so which protocol version it asks for.
+/// `Ok(None)`: not enough bytes yet. `Err(level)`: a version Outpost does not speak.
+pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, u8> {
+    let Some(&first) = buf.first() else { return Ok(None) };
+    if first >> 4 != 1 {
+        return Err(0);
+    }
+    let Some((_, used)) = varint(&buf[1..]) else {
+        return if buf.len() >= 5 { Err(0) } else { Ok(None) };
+    };
+    // Protocol name (u16 length + "MQTT"), then the level byte.
+    let at = 1 + used;
+    let Some(name_len) = buf.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else {
+        return Ok(None);
+    };
+    match buf.get(at + 2 + name_len) {
+        None => Ok(None),
+        Some(4) => Ok(Some(Version::V4)),
+        Some(5) => Ok(Some(Version::V5)),
+        Some(&other) => Err(other),
+    }
+}
+
+/// QoS and packet id of the PUBLISH at the start of `buf`, if it starts with a complete
+/// PUBLISH header. QoS 0 publishes carry no packet id (0 is returned).
+pub fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
+    let first = *buf.first()?;
+    if first >> 4 != 3 {
+        return None;
+    }
+    let qos = (first >> 1) & 0b11;
+    let (_, used) = varint(&buf[1..])?;
+    let at = 1 + used;
+    let topic_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
+    if qos == 0 {
+        return Some((0, 0));
+    }
+    let p = at + 2 + topic_len;
+    Some((qos, u16::from_be_bytes([*buf.get(p)?, *buf.get(p + 1)?])))
+}
+
+/// `publish` with its QoS, packet id and retain flag replaced.
+pub fn publish_with(publish: &Publish, qos: u8, pkid: u16, retain: bool) -> Publish {
+    let mut raw = BytesMut::with_capacity(5 + publish.topic.len() + publish.payload.len());
+    raw.put_u8(0b0011_0000 | u8::from(retain) | (qos.min(2) << 1));
+    raw.put_u16(pkid);
+    raw.put_u16(u16::try_from(publish.topic.len()).unwrap_or(u16::MAX));
+    raw.extend_from_slice(&publish.topic);
+    raw.extend_from_slice(&publish.payload);
+    Publish::deserialize(raw.freeze())
+}
+
+/// A publish built from parts.
+pub fn publish_from(topic: Bytes, payload: Bytes, qos: u8, retain: bool) -> Publish {
+    publish_with(&Publish::new(topic, payload, false), qos, if qos > 0 { 1 } else { 0 }, retain)
+}
+
+/// QoS of a publish rumqttd built (its field is crate-private; its own encoding exposes it).
+pub fn qos_of(publish: &Publish) -> u8 {
+    // Only the header byte is needed, but `serialize` is the public way to reach it; deliveries
+    // to local subscribers are not the hot path.
+    publish.serialize().first().map_or(0, |b| (b >> 1) & 0b11)
+}
+
+pub fn qos(n: u8) -> QoS {
+    match n {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// The id a client is known by inside rumqttd's router.
+///
+/// The router refuses client ids containing `+`, `$`, `#` or `/` (and its listener then
+/// panics on a second attempt). Sensors use `/` freely, so ids are escaped, injectively and
+/// stably (a returning client must find its persistent session): `%` and the four refused
+/// characters become `%XX`.
+pub fn router_id(client_id: &str) -> String {
+    let mut out = String::with_capacity(client_id.len() + 8);
+    for c in client_id.chars() {
+        match c {
+            '%' | '+' | '$' | '#' | '/' => out.push_str(&format!("%{:02X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(version: Version, packet: Packet) -> BytesMut {
+        let mut buf = BytesMut::new();
+        Codec::new(version).write(packet, &mut buf).expect("encodes");
+        buf
+    }
+
+    #[test]
+    fn peeks_qos_and_packet_id_in_both_versions() {
+        for version in [Version::V4, Version::V5] {
+            let p = publish_with(&Publish::new("a/b", "xyz", false), 1, 4242, false);
+            let buf = encode(version, Packet::Publish(p, None));
+            assert_eq!(peek_publish(&buf), Some((1, 4242)), "{version:?}");
+            let p0 = Publish::new("a/b", "xyz", false);
+            let buf = encode(version, Packet::Publish(p0, None));
+            assert_eq!(peek_publish(&buf), Some((0, 0)));
+            assert_eq!(peek_publish(&buf[..2]), None, "incomplete header");
+        }
+    }
+
+    #[test]
+    fn rebuilt_publishes_round_trip_through_the_codec() {
+        let p = publish_with(&Publish::new("t", "payload", false), 1, 7, true);
+        assert_eq!(qos_of(&p), 1);
+        let mut buf = encode(Version::V4, Packet::Publish(p.clone(), None));
+        match Codec::new(Version::V4).read(&mut buf, 1024).expect("decodes") {
+            Packet::Publish(back, _) => {
+                assert_eq!(back, p);
+                assert!(back.retain);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn connect_version_reads_the_protocol_level() {
+        let connect = |level: u8| {
+            let mut b = vec![0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', level, 2, 0, 60];
+            b.truncate(12);
+            b
+        };
+        assert_eq!(connect_version(&connect(4)), Ok(Some(Version::V4)));
+        assert_eq!(connect_version(&connect(5)), Ok(Some(Version::V5)));
+        assert_eq!(connect_version(&connect(3)), Err(3));
+        assert_eq!(connect_version(&connect(4)[..5]), Ok(None));
+        assert_eq!(connect_version(&[0x30, 0]), Err(0), "not a CONNECT");
+    }
+
+    #[test]
+    fn router_ids_escape_what_the_router_refuses() {
+        assert_eq!(router_id("dev/1"), "dev%2F1");
+        assert_eq!(router_id("a+b#c$d%e"), "a%2Bb%23c%24d%25e");
+        assert_eq!(router_id("plant-3:gw.1"), "plant-3:gw.1");
+        assert_ne!(router_id("a/b"), router_id("a%2Fb"), "injective");
+    }
+}
