@@ -60,18 +60,33 @@ pub struct Worker {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// Fault injection for tests and demos: `OUTPOST_FAULT_COMMIT_DELAY_MS` makes every commit
+/// take that much longer, as a slow or worn flash card would. Logged loudly when set.
+fn fault_commit_delay() -> Option<std::time::Duration> {
+    let ms: u64 = std::env::var("OUTPOST_FAULT_COMMIT_DELAY_MS").ok()?.parse().ok()?;
+    tracing::warn!(
+        message = "fault injection: every buffer commit is delayed (OUTPOST_FAULT_COMMIT_DELAY_MS); unset it outside tests",
+        delay_ms = ms
+    );
+    Some(std::time::Duration::from_millis(ms))
+}
+
 impl Worker {
     pub fn spawn(store: Store) -> std::io::Result<Worker> {
         // Two commands can be outstanding at once (one commit, one read); a little slack
         // keeps the relay from ever waiting on the channel itself.
         let (commands, mut rx) = mpsc::channel::<Command>(8);
         let (tx, replies) = mpsc::channel::<Reply>(8);
+        let slow_commits = fault_commit_delay();
         let thread = std::thread::Builder::new().name("outpost-store".into()).spawn(move || {
             let mut store = store;
             while let Some(command) = rx.blocking_recv() {
                 let reply = match command {
                     Command::Apply(batch) => {
                         let started = Instant::now();
+                        if let Some(delay) = slow_commits {
+                            std::thread::sleep(delay);
+                        }
                         let inserted = batch.inserts.len();
                         let result = store.apply(&batch).map_err(|e| (e, batch));
                         if result.is_ok() {

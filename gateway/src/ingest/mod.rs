@@ -108,13 +108,23 @@ impl SubIndex {
     }
 }
 
-/// MQTT topic matching, with the rule rumqttd's `matches` lacks: topics starting with `$`
-/// are not matched by a leading wildcard.
+/// MQTT topic matching. (rumqttd's `matches` never matches a `$` topic, not even with
+/// `$SYS/#`; the spec only keeps leading wildcards away from them.)
 pub fn topic_matches(topic: &str, filter: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('#') || filter.starts_with('+')) {
         return false;
     }
-    rumqttd::protocol::matches(topic, filter)
+    let mut levels = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match levels.next() {
+            Some(level) if f == "+" || f == level => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
 }
 
 /// A retained message as stored: the publish (its QoS inside) and its MQTT 5 properties.
@@ -306,7 +316,7 @@ pub async fn start(
     tracker.spawn(status(Arc::clone(&shared), status_tx, cancel.clone()));
     for listener in listeners {
         let addr = listener.local_addr().unwrap_or(cfg.listen);
-        info!(message = "accepting sensor connections (MQTT 3.1.1 and 5)", %addr);
+        info!(message = "embedded broker listening", %addr, protocols = "MQTT 3.1.1 and 5");
         tracker.spawn(accept(listener, Arc::clone(&shared), cancel.clone(), tracker.clone()));
     }
     Ok(Republisher { local: local_tx, subs })
@@ -413,5 +423,15 @@ mod tests {
         assert!(!idx.matches("a/b"));
         idx.add("#");
         assert!(!idx.matches("$SYS/x"), "leading wildcards skip $ topics");
+        for (topic, filter, want) in [
+            ("$SYS/outpost/clients", "$SYS/#", true),
+            ("$SYS/outpost/clients", "$SYS/+/clients", true),
+            ("a/b/c", "a/b/c/#", true),
+            ("a/b", "a/+/c", false),
+            ("a//b", "a/+/b", true),
+            ("a/b/c", "a/b", false),
+        ] {
+            assert_eq!(topic_matches(topic, filter), want, "{topic} vs {filter}");
+        }
     }
 }
