@@ -24,6 +24,7 @@
 //! - Binaries are never built here: they come from the same `target/` directory as the test
 //!   (or from `$OUTPOST_E2E_BIN_DIR`), and [`binary`] refuses one that is older than its sources.
 
+pub mod conformance;
 pub mod gateway;
 pub mod mqtt;
 pub mod process;

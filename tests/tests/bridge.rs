@@ -134,7 +134,6 @@ async fn in_process_gateway_relays_and_shuts_down_cleanly() {
         "ingested, accepted, upstream_acked: {:?}",
         counters.snapshot()
     );
-    assert_eq!(Metrics::get(&counters.ingest_lost), 0);
     assert_eq!(subscriber.count(), N, "no duplicates without a reconnect");
 }
 

@@ -1,0 +1,747 @@
+//! Conformance harness: one MQTT scenario, two brokers, observations compared with `assert_eq!`.
+//!
+//! The reference is Debian's mosquitto; the broker under test is Outpost's embedded broker (the
+//! `outpost` binary). A [`Target`] is either one, started from the same [`BrokerSetup`] translated
+//! into each one's own configuration. A scenario talks to a target's [`Addrs`] with real MQTT
+//! clients over TCP ([`Client4`] and [`Client5`] wrap rumqttc 3.1.1 and 5 clients, [`RawV5`]
+//! writes MQTT 5 packets by hand where rumqttc refuses to) and returns a plain value.
+//!
+//! # Invariants
+//! - Nothing a broker does makes a helper panic: a refused or dropped connection, a missing
+//!   CONNACK, SUBACK or PUBACK is returned as a value ([`ConnectOutcome`], [`PublishOutcome`],
+//!   [`SubscribeFailure`]), so a broker that misbehaves shows up as a difference between two
+//!   observations, not as a panic halfway through a scenario. Harness failures (a port that cannot
+//!   be bound, a broker that does not start) are errors.
+//! - Every wait is on an MQTT event (a packet, or the connection closing) and bounded by a
+//!   timeout; nothing sleeps.
+//! - A rumqttc event loop is never polled after its connection failed: polling again would
+//!   reconnect and hide the failure from the observation.
+//! - A target owns its process and its temporary directory; dropping it kills the process.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{SubscribeReasonCode, v5};
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::timeout;
+use tokio_util::sync::{CancellationToken, DropGuard};
+
+use crate::gateway::{GatewayProcess, GatewaySpec, READY_MESSAGE, START_TIMEOUT, message_starts_with};
+use crate::mqtt::unique_client_id;
+use crate::process::{ChildProcess, run_to_completion};
+use crate::upstream::MOSQUITTO;
+
+/// Where Debian installs the password-file tool (package `mosquitto`).
+pub const MOSQUITTO_PASSWD: &str = "/usr/bin/mosquitto_passwd";
+
+/// The largest packet both brokers accept: mosquitto's `max_packet_size` and Outpost's
+/// `broker.max_payload` ("1KiB"). Every scenario but the over-limit one stays far below it.
+pub const MAX_PACKET_BYTES: usize = 1024;
+
+/// How long a client waits for its CONNACK.
+pub const CONNACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for a PUBACK or SUBACK, or a recorder for a message.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a client waits for the broker to close its connection (after a DISCONNECT, a
+/// takeover, an over-limit packet).
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long mosquitto may take to start listening.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What both targets are configured with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerSetup {
+    /// `(username, password)` pairs. Empty: anonymous clients are allowed. Otherwise mosquitto
+    /// gets a password file (and refuses anonymous clients) and Outpost a `[broker.users]` table.
+    pub users: Vec<(String, String)>,
+    /// Outpost's `broker.max_connections`; mosquitto is left unlimited (it would only close the
+    /// socket of a client over the limit, with no CONNACK to compare).
+    pub max_connections: usize,
+}
+
+impl BrokerSetup {
+    /// Anonymous clients, 1000 connections.
+    pub fn anonymous() -> BrokerSetup {
+        BrokerSetup { users: Vec::new(), max_connections: 1000 }
+    }
+
+    /// Adds a user; anonymous clients are then refused by mosquitto.
+    pub fn with_user(mut self, username: &str, password: &str) -> BrokerSetup {
+        self.users.push((username.to_owned(), password.to_owned()));
+        self
+    }
+
+    pub fn with_max_connections(mut self, max_connections: usize) -> BrokerSetup {
+        self.max_connections = max_connections;
+        self
+    }
+}
+
+/// Where a target listens. Mosquitto serves MQTT 3.1.1 and 5 on one port; Outpost has a
+/// listener per protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Addrs {
+    /// MQTT 3.1.1.
+    pub v4: SocketAddr,
+    /// MQTT 5.
+    pub v5: SocketAddr,
+}
+
+/// A broker the scenarios run against. Dropping it kills it.
+pub struct Target {
+    name: &'static str,
+    addrs: Addrs,
+    running: Running,
+}
+
+enum Running {
+    /// Field order matters: the process is killed before its directory is removed.
+    Mosquitto {
+        process: ChildProcess,
+        _dir: TempDir,
+    },
+    Outpost {
+        gateway: GatewayProcess,
+        _data_dir: TempDir,
+    },
+}
+
+impl Target {
+    /// Starts Debian's mosquitto on a free port with a config generated from `setup`, and returns
+    /// once it accepts connections.
+    pub async fn mosquitto(setup: &BrokerSetup) -> anyhow::Result<Target> {
+        let port = crate::free_port();
+        let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let mut config = format!(
+            "listener {port} 127.0.0.1\n\
+             max_packet_size {MAX_PACKET_BYTES}\n\
+             persistence false\n\
+             log_dest stderr\n\
+             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
+             connection_messages true\n"
+        );
+        if setup.users.is_empty() {
+            config.push_str("allow_anonymous true\n");
+        } else {
+            let password_file = dir.path().join("passwords");
+            for (index, (username, password)) in setup.users.iter().enumerate() {
+                let mut command = Command::new(MOSQUITTO_PASSWD);
+                // `-c` creates the file for the first user; the others are added to it.
+                command.args(if index == 0 { &["-c", "-b"][..] } else { &["-b"][..] });
+                command.arg(&password_file).args([username, password]);
+                let output = run_to_completion(command)?;
+                anyhow::ensure!(
+                    output.status.success(),
+                    "mosquitto_passwd failed ({}): {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            config.push_str(&format!("allow_anonymous false\npassword_file {}\n", password_file.display()));
+        }
+        let config_path = dir.path().join("mosquitto.conf");
+        std::fs::write(&config_path, config).context("cannot write mosquitto.conf")?;
+        let mut command = Command::new(MOSQUITTO);
+        command.arg("-c").arg(&config_path);
+        let process = ChildProcess::spawn(format!("mosquitto :{port}"), command)?;
+        // mosquitto logs "mosquitto version X running" after its listeners are open.
+        process
+            .wait_for_line("its `running` notice", BROKER_TIMEOUT, |line| {
+                line.contains("mosquitto version") && line.ends_with(" running")
+            })
+            .await?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        Ok(Target {
+            name: "mosquitto",
+            addrs: Addrs { v4: addr, v5: addr },
+            running: Running::Mosquitto { process, _dir: dir },
+        })
+    }
+
+    /// Starts the `outpost` binary with a 3.1.1 and a 5 listener on free ports, no upstream, and
+    /// the limits and users of `setup`; returns once both listeners accept connections.
+    pub async fn outpost(setup: &BrokerSetup) -> anyhow::Result<Target> {
+        let addrs = Addrs { v4: crate::free_addr(), v5: crate::free_addr() };
+        let mut config = format!(
+            "[broker]\n\
+             listen = \"{}\"\n\
+             listen_v5 = \"{}\"\n\
+             max_payload = \"1KiB\"\n\
+             max_connections = {}\n",
+            addrs.v4, addrs.v5, setup.max_connections
+        );
+        if !setup.users.is_empty() {
+            config.push_str("[broker.users]\n");
+            for (username, password) in &setup.users {
+                config.push_str(&format!("{} = {}\n", toml_string(username), toml_string(password)));
+            }
+        }
+        let data_dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let mut spec = GatewaySpec::new(data_dir.path()).config_toml(config);
+        spec.listen = addrs.v4;
+        let gateway = spec.start().await?;
+        // The readiness line is written per listener; wait for the one naming the v5 address too.
+        let v5 = addrs.v5.to_string();
+        gateway
+            .wait_for_log("the MQTT 5 listener's readiness line", START_TIMEOUT, |log| {
+                message_starts_with(log, READY_MESSAGE) && log.to_string().contains(&v5)
+            })
+            .await?;
+        Ok(Target { name: "outpost", addrs, running: Running::Outpost { gateway, _data_dir: data_dir } })
+    }
+
+    /// `mosquitto` or `outpost`, for messages.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
+    }
+
+    /// The broker's recent output, for failure messages.
+    pub fn tail(&self) -> String {
+        match &self.running {
+            Running::Mosquitto { process, .. } => process.tail(),
+            Running::Outpost { gateway, .. } => gateway.tail(),
+        }
+    }
+}
+
+/// A TOML basic string holding `text`.
+fn toml_string(text: &str) -> String {
+    // JSON string escapes are valid TOML basic-string escapes.
+    Value::String(text.to_owned()).to_string()
+}
+
+/// A CONNACK return code (3.1.1) or reason code (5), shown in hex as the specs list them.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Code(pub u8);
+
+impl fmt::Debug for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#04x}", self.0)
+    }
+}
+
+/// What came back for a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ConnectOutcome {
+    /// A CONNACK with return/reason code 0.
+    Accepted,
+    /// A CONNACK with this code.
+    Refused(Code),
+    /// The connection closed (or failed) without a CONNACK.
+    Closed,
+    /// Nothing within [`CONNACK_TIMEOUT`].
+    NoConnack,
+}
+
+/// What came back for a PUBLISH.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PublishOutcome {
+    /// QoS 1: the PUBACK arrived.
+    Acked,
+    /// QoS 0: the packet was written (there is no acknowledgement to wait for).
+    Sent,
+    /// The connection closed before the acknowledgement.
+    Closed,
+    /// No PUBACK within [`ACK_TIMEOUT`].
+    NoAck,
+}
+
+/// Why a [`Recorder`] has no subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeFailure {
+    /// The connection was not accepted.
+    Connect(ConnectOutcome),
+    /// The connection closed before the SUBACK.
+    ClosedBeforeSuback,
+    /// No SUBACK within [`ACK_TIMEOUT`].
+    NoSuback,
+}
+
+/// A message as a subscriber saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub topic: String,
+    /// The payload as text (every scenario publishes text).
+    pub payload: String,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+impl Received {
+    pub fn new(topic: &str, payload: &str, qos: u8, retain: bool) -> Received {
+        Received { topic: topic.to_owned(), payload: payload.to_owned(), qos, retain }
+    }
+}
+
+/// The wire value of a QoS.
+pub fn qos_number(qos: QoS) -> u8 {
+    match qos {
+        QoS::AtMostOnce => 0,
+        QoS::AtLeastOnce => 1,
+        QoS::ExactlyOnce => 2,
+    }
+}
+
+/// MQTT 3.1.1 client options as a sensor uses them: clean session, 30 s keepalive.
+pub fn options4(addr: SocketAddr, client_id: &str) -> MqttOptions {
+    let mut options = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30)).set_clean_session(true);
+    options
+}
+
+/// MQTT 5 client options: clean start, 30 s keepalive.
+pub fn options5(addr: SocketAddr, client_id: &str) -> v5::MqttOptions {
+    let mut options = v5::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
+    options
+}
+
+/// Maps a rumqttc 3.1.1 connection failure onto what the broker did.
+fn connect_failure4(error: &ConnectionError) -> ConnectOutcome {
+    match error {
+        ConnectionError::ConnectionRefused(code) => ConnectOutcome::Refused(Code(*code as u8)),
+        ConnectionError::NetworkTimeout => ConnectOutcome::NoConnack,
+        _ => ConnectOutcome::Closed,
+    }
+}
+
+/// An MQTT 3.1.1 client driven inline: each call polls the event loop until its answer arrives.
+pub struct Client4 {
+    /// Kept alive: dropping it ends the event loop with `RequestsDone`.
+    client: AsyncClient,
+    eventloop: EventLoop,
+    /// Set once the connection failed; the event loop is not polled again.
+    failed: bool,
+}
+
+impl Client4 {
+    /// Connects and waits for the CONNACK.
+    pub async fn connect(options: MqttOptions) -> Result<Client4, ConnectOutcome> {
+        let client_id = options.client_id();
+        let (client, mut eventloop) = AsyncClient::new(options, 16);
+        // The first poll connects: it yields the CONNACK or the reason there is none.
+        match timeout(CONNACK_TIMEOUT, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => Ok(Client4 { client, eventloop, failed: false }),
+            Ok(Ok(event)) => {
+                eprintln!("client {client_id}: expected a CONNACK, got {event:?}");
+                Err(ConnectOutcome::Closed)
+            }
+            Ok(Err(error)) => {
+                eprintln!("client {client_id}: no connection: {error}");
+                Err(connect_failure4(&error))
+            }
+            Err(_) => Err(ConnectOutcome::NoConnack),
+        }
+    }
+
+    /// Publishes and waits for the PUBACK (QoS 1) or until the packet is written (QoS 0).
+    pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) -> PublishOutcome {
+        if self.failed || self.client.try_publish(topic, qos, retain, payload.to_vec()).is_err() {
+            return PublishOutcome::Closed;
+        }
+        let answered = timeout(ACK_TIMEOUT, async {
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) if qos == QoS::AtLeastOnce => {
+                        return PublishOutcome::Acked;
+                    }
+                    Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
+                        return PublishOutcome::Sent;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return PublishOutcome::Closed,
+                }
+            }
+        })
+        .await
+        .unwrap_or(PublishOutcome::NoAck);
+        self.failed |= answered == PublishOutcome::Closed;
+        answered
+    }
+
+    /// Waits until the broker closes the connection; `false` if it is still open after `within`.
+    pub async fn wait_closed(&mut self, within: Duration) -> bool {
+        if self.failed {
+            return true;
+        }
+        let closed = timeout(within, async { while self.eventloop.poll().await.is_ok() {} }).await.is_ok();
+        self.failed |= closed;
+        closed
+    }
+
+    /// Sends DISCONNECT and waits (up to [`CLOSE_TIMEOUT`]) for the broker to close the
+    /// connection; returns whether it did.
+    pub async fn disconnect(mut self) -> bool {
+        if self.failed || self.client.try_disconnect().is_err() {
+            return self.failed;
+        }
+        self.wait_closed(CLOSE_TIMEOUT).await
+    }
+}
+
+/// The wire value of an MQTT 5 CONNACK reason code (rumqttc keeps its own table private).
+pub fn reason_code5(code: v5::mqttbytes::v5::ConnectReturnCode) -> u8 {
+    use v5::mqttbytes::v5::ConnectReturnCode as C;
+    match code {
+        C::Success => 0x00,
+        C::RefusedProtocolVersion => 0x01,
+        C::BadClientId => 0x02,
+        C::ServiceUnavailable => 0x03,
+        C::UnspecifiedError => 0x80,
+        C::MalformedPacket => 0x81,
+        C::ProtocolError => 0x82,
+        C::ImplementationSpecificError => 0x83,
+        C::UnsupportedProtocolVersion => 0x84,
+        C::ClientIdentifierNotValid => 0x85,
+        C::BadUserNamePassword => 0x86,
+        C::NotAuthorized => 0x87,
+        C::ServerUnavailable => 0x88,
+        C::ServerBusy => 0x89,
+        C::Banned => 0x8a,
+        C::BadAuthenticationMethod => 0x8c,
+        C::TopicNameInvalid => 0x90,
+        C::PacketTooLarge => 0x95,
+        C::QuotaExceeded => 0x97,
+        C::PayloadFormatInvalid => 0x99,
+        C::RetainNotSupported => 0x9a,
+        C::QoSNotSupported => 0x9b,
+        C::UseAnotherServer => 0x9c,
+        C::ServerMoved => 0x9d,
+        C::ConnectionRateExceeded => 0x9f,
+    }
+}
+
+/// An MQTT 5 client driven inline, like [`Client4`].
+pub struct Client5 {
+    /// Kept alive: dropping it ends the event loop with `RequestsDone`.
+    client: v5::AsyncClient,
+    eventloop: v5::EventLoop,
+    failed: bool,
+}
+
+impl Client5 {
+    /// Connects and waits for the CONNACK.
+    pub async fn connect(options: v5::MqttOptions) -> Result<Client5, ConnectOutcome> {
+        let client_id = options.client_id();
+        let (client, mut eventloop) = v5::AsyncClient::new(options, 16);
+        match timeout(CONNACK_TIMEOUT, eventloop.poll()).await {
+            Ok(Ok(v5::Event::Incoming(v5::mqttbytes::v5::Packet::ConnAck(_)))) => {
+                Ok(Client5 { client, eventloop, failed: false })
+            }
+            Ok(Ok(event)) => {
+                eprintln!("client {client_id}: expected a CONNACK, got {event:?}");
+                Err(ConnectOutcome::Closed)
+            }
+            Ok(Err(v5::ConnectionError::ConnectionRefused(code))) => {
+                Err(ConnectOutcome::Refused(Code(reason_code5(code))))
+            }
+            Ok(Err(v5::ConnectionError::Timeout(_))) | Err(_) => Err(ConnectOutcome::NoConnack),
+            Ok(Err(error)) => {
+                eprintln!("client {client_id}: no connection: {error}");
+                Err(ConnectOutcome::Closed)
+            }
+        }
+    }
+
+    /// Sends DISCONNECT (reason 0x00, normal disconnection) and waits (up to
+    /// [`CLOSE_TIMEOUT`]) for the broker to close the connection; returns whether it did.
+    pub async fn disconnect(mut self) -> bool {
+        if self.failed || self.client.try_disconnect().is_err() {
+            return self.failed;
+        }
+        let closed =
+            timeout(CLOSE_TIMEOUT, async { while self.eventloop.poll().await.is_ok() {} }).await.is_ok();
+        self.failed |= closed;
+        closed
+    }
+
+    /// Closes the TCP connection without a DISCONNECT, as a sensor that loses power does.
+    pub fn drop_connection(self) {
+        // Dropping the event loop drops its socket, which closes the connection.
+        drop(self);
+    }
+}
+
+/// What a [`Recorder`] has seen so far.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    messages: Vec<Received>,
+    /// The connection ended.
+    closed: bool,
+}
+
+/// An MQTT 3.1.1 subscriber that records every message in a task of its own. It never
+/// reconnects: a dropped subscription stays dropped. Dropping the recorder stops the task and
+/// closes the connection.
+pub struct Recorder {
+    granted: Vec<SubscribeReasonCode>,
+    seen: watch::Receiver<Seen>,
+    _stop: DropGuard,
+}
+
+impl Recorder {
+    /// Connects, subscribes to `filter` at `qos` and returns once the SUBACK arrived, with
+    /// whatever codes it granted (a refusal is a granted code, not an error).
+    pub async fn start(addr: SocketAddr, filter: &str, qos: QoS) -> Result<Recorder, SubscribeFailure> {
+        let options = options4(addr, &unique_client_id("recorder"));
+        let Client4 { client, mut eventloop, .. } =
+            Client4::connect(options).await.map_err(SubscribeFailure::Connect)?;
+        if client.try_subscribe(filter, qos).is_err() {
+            return Err(SubscribeFailure::ClosedBeforeSuback);
+        }
+        // Messages may come before the SUBACK (nothing forbids it); they are kept.
+        let mut early = Vec::new();
+        let granted = timeout(ACK_TIMEOUT, async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => return Ok(ack.return_codes),
+                    Ok(Event::Incoming(Packet::Publish(publish))) => early.push(received4(&publish)),
+                    Ok(_) => {}
+                    Err(error) => {
+                        eprintln!("recorder for `{filter}`: closed before the SUBACK: {error}");
+                        return Err(SubscribeFailure::ClosedBeforeSuback);
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or(Err(SubscribeFailure::NoSuback))?;
+        let (seen_tx, seen) = watch::channel(Seen { messages: early, closed: false });
+        let cancel = CancellationToken::new();
+        tokio::spawn(record(client, eventloop, seen_tx, cancel.clone()));
+        Ok(Recorder { granted, seen, _stop: cancel.drop_guard() })
+    }
+
+    /// The SUBACK's codes.
+    pub fn granted(&self) -> &[SubscribeReasonCode] {
+        &self.granted
+    }
+
+    /// Whether the SUBACK granted every filter (any QoS, no failure).
+    pub fn all_granted(&self) -> bool {
+        self.granted.iter().all(|code| matches!(code, SubscribeReasonCode::Success(_)))
+    }
+
+    /// Every message so far, in arrival order.
+    pub fn messages(&self) -> Vec<Received> {
+        self.seen.borrow().messages.clone()
+    }
+
+    /// Waits until `done` holds for the messages so far, the connection ends or `within`
+    /// passes, and returns the messages at that point.
+    pub async fn wait_until(
+        &mut self,
+        within: Duration,
+        done: impl Fn(&[Received]) -> bool,
+    ) -> Vec<Received> {
+        let _ = timeout(within, self.seen.wait_for(|seen| seen.closed || done(&seen.messages))).await;
+        self.messages()
+    }
+}
+
+fn received4(publish: &rumqttc::Publish) -> Received {
+    Received {
+        topic: publish.topic.clone(),
+        payload: String::from_utf8_lossy(&publish.payload).into_owned(),
+        qos: qos_number(publish.qos),
+        retain: publish.retain,
+    }
+}
+
+/// The recorder's task: polls until cancelled or the connection ends, never reconnecting.
+async fn record(
+    _client: AsyncClient,
+    mut eventloop: EventLoop,
+    seen: watch::Sender<Seen>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let polled = tokio::select! {
+            biased;
+            () = cancel.cancelled() => break,
+            polled = eventloop.poll() => polled,
+        };
+        match polled {
+            Ok(Event::Incoming(Packet::Publish(publish))) => {
+                seen.send_modify(|seen| seen.messages.push(received4(&publish)));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                seen.send_modify(|seen| seen.closed = true);
+                break;
+            }
+        }
+    }
+}
+
+/// MQTT 5 control packet types (the high nibble of the first byte).
+pub mod packet_type {
+    pub const CONNACK: u8 = 2;
+    pub const PUBACK: u8 = 4;
+    pub const DISCONNECT: u8 = 14;
+}
+
+/// What a raw connection read next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawRead {
+    /// A whole packet: its first byte and the rest after the remaining length.
+    Packet { first_byte: u8, body: Vec<u8> },
+    /// The connection closed (end of file, or reset).
+    Closed,
+    /// Nothing within the timeout.
+    Silent,
+}
+
+/// A hand-written MQTT 5 client for what rumqttc will not send: a keepalive of 0 (its setter
+/// insists on at least 5 s) and a packet over the broker's advertised maximum (its event loop
+/// refuses to write one).
+pub struct RawV5 {
+    stream: TcpStream,
+}
+
+impl RawV5 {
+    /// Connects with a clean start, no properties and no credentials, and waits for the
+    /// CONNACK.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        keep_alive_secs: u16,
+    ) -> Result<RawV5, ConnectOutcome> {
+        let stream = match timeout(CONNACK_TIMEOUT, TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(error)) => {
+                eprintln!("raw client {client_id}: cannot connect to {addr}: {error}");
+                return Err(ConnectOutcome::Closed);
+            }
+            Err(_) => return Err(ConnectOutcome::NoConnack),
+        };
+        let mut raw = RawV5 { stream };
+        let mut variable = Vec::new();
+        put_str(&mut variable, "MQTT");
+        variable.push(5); // Protocol level: MQTT 5.
+        variable.push(0b0000_0010); // Clean start; no will, no username, no password.
+        variable.extend_from_slice(&keep_alive_secs.to_be_bytes());
+        variable.push(0); // No properties.
+        put_str(&mut variable, client_id);
+        if raw.write_packet(0x10, &variable).await.is_err() {
+            return Err(ConnectOutcome::Closed);
+        }
+        match raw.read(CONNACK_TIMEOUT).await {
+            RawRead::Packet { first_byte, body } if first_byte >> 4 == packet_type::CONNACK => {
+                match body.get(1) {
+                    Some(0) => Ok(raw),
+                    Some(&code) => Err(ConnectOutcome::Refused(Code(code))),
+                    None => Err(ConnectOutcome::Closed),
+                }
+            }
+            RawRead::Packet { first_byte, .. } => {
+                eprintln!("raw client {client_id}: expected a CONNACK, got packet {first_byte:#04x}");
+                Err(ConnectOutcome::Closed)
+            }
+            RawRead::Closed => Err(ConnectOutcome::Closed),
+            RawRead::Silent => Err(ConnectOutcome::NoConnack),
+        }
+    }
+
+    /// Writes a QoS 1 PUBLISH (packet id 1, no properties); `Err` if the write failed.
+    pub async fn publish_qos1(&mut self, topic: &str, payload: &[u8]) -> std::io::Result<()> {
+        let mut variable = Vec::with_capacity(topic.len() + payload.len() + 8);
+        put_str(&mut variable, topic);
+        variable.extend_from_slice(&1u16.to_be_bytes()); // Packet id.
+        variable.push(0); // No properties.
+        variable.extend_from_slice(payload);
+        self.write_packet(0x32, &variable).await
+    }
+
+    /// Reads the next packet, waiting up to `within`.
+    pub async fn read(&mut self, within: Duration) -> RawRead {
+        match timeout(within, self.read_packet()).await {
+            Ok(Ok(Some((first_byte, body)))) => RawRead::Packet { first_byte, body },
+            Ok(Ok(None) | Err(_)) => RawRead::Closed,
+            Err(_) => RawRead::Silent,
+        }
+    }
+
+    async fn write_packet(&mut self, first_byte: u8, rest: &[u8]) -> std::io::Result<()> {
+        let mut packet = vec![first_byte];
+        put_remaining_length(&mut packet, rest.len());
+        packet.extend_from_slice(rest);
+        self.stream.write_all(&packet).await?;
+        self.stream.flush().await
+    }
+
+    /// `None` at end of file before a packet starts.
+    async fn read_packet(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
+        let mut first = [0u8; 1];
+        if self.stream.read(&mut first).await? == 0 {
+            return Ok(None);
+        }
+        let mut length = 0usize;
+        for shift in [0, 7, 14, 21] {
+            let byte = self.stream.read_u8().await?;
+            length |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                let mut body = vec![0u8; length];
+                self.stream.read_exact(&mut body).await?;
+                return Ok(Some((first[0], body)));
+            }
+        }
+        Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "remaining length over 4 bytes"))
+    }
+}
+
+/// Appends an MQTT UTF-8 string: a two-byte length, then the bytes.
+fn put_str(buffer: &mut Vec<u8>, text: &str) {
+    let length = u16::try_from(text.len()).expect("test strings are short");
+    buffer.extend_from_slice(&length.to_be_bytes());
+    buffer.extend_from_slice(text.as_bytes());
+}
+
+/// Appends MQTT's variable-length "remaining length".
+fn put_remaining_length(buffer: &mut Vec<u8>, mut length: usize) {
+    loop {
+        let byte = u8::try_from(length % 128).expect("below 128");
+        length /= 128;
+        if length == 0 {
+            buffer.push(byte);
+            return;
+        }
+        buffer.push(byte | 0x80);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remaining_length_uses_seven_bits_per_byte() {
+        let encode = |length| {
+            let mut buffer = Vec::new();
+            put_remaining_length(&mut buffer, length);
+            buffer
+        };
+        assert_eq!(encode(0), [0x00]);
+        assert_eq!(encode(127), [0x7f]);
+        assert_eq!(encode(128), [0x80, 0x01]);
+        assert_eq!(encode(4106), [0x8a, 0x20]);
+        assert_eq!(encode(16_384), [0x80, 0x80, 0x01]);
+    }
+
+    #[test]
+    fn codes_print_in_hex() {
+        assert_eq!(format!("{:?}", ConnectOutcome::Refused(Code(0x86))), "Refused(0x86)");
+    }
+}
