@@ -371,8 +371,8 @@ async fn run_outage(
 const QUIET_PERIOD: Duration = Duration::from_secs(15);
 
 /// How a wait for the acknowledged readings ended.
-struct Delivered {
-    report: VerifyReport,
+pub(crate) struct Delivered {
+    pub(crate) report: VerifyReport,
     /// When the first and the last new reading arrived (to within the 20 ms poll), if any did.
     first_arrival: Option<Instant>,
     last_arrival: Option<Instant>,
@@ -382,7 +382,7 @@ struct Delivered {
 
 /// Waits until every reading `expected` acknowledged arrived, or nothing new arrived for
 /// `QUIET_PERIOD`, or `timeout` passed.
-async fn wait_delivered(
+pub(crate) async fn wait_delivered(
     subscriber: &mut Subscriber,
     expected: &FleetSummary,
     timeout: Duration,
@@ -435,7 +435,7 @@ fn fleet_config(
     }
 }
 
-fn cpu_per_event(before: &ProcessStats, after: &ProcessStats, events: u64) -> Option<f64> {
+pub(crate) fn cpu_per_event(before: &ProcessStats, after: &ProcessStats, events: u64) -> Option<f64> {
     (events > 0).then(|| after.cpu.saturating_sub(before.cpu).as_secs_f64() * 1e6 / events as f64)
 }
 

@@ -19,6 +19,9 @@
 //! - [`systems`]: the gateways under test (Outpost, a Mosquitto bridge) and an upstream
 //!   Mosquitto, as child processes.
 //! - [`compare`]: the same workload through Outpost and a Mosquitto bridge, one table.
+//! - [`ingest_bench`]: the gateway's sensor side alone: CPU per event and PUBACK latency per
+//!   ack mode, saturation rate, memory per idle connection.
+//! - [`latency`]: the fixed log-bucket histogram behind the fleet's ack latencies.
 //! - [`demo`]: upstream, gateway, fleet and a flaky link in one command, with a live backlog.
 //!
 //! **Invariant:** nothing here depends on the gateway crate; the simulators speak only MQTT and
@@ -29,6 +32,8 @@ pub mod compare;
 pub mod demo;
 pub mod flaky;
 pub mod fleet;
+pub mod ingest_bench;
+pub mod latency;
 pub mod payload;
 pub mod process;
 pub mod systems;

@@ -13,10 +13,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outpost_sim::fleet::{FleetConfig, FleetProgress, FleetSummary, ValueModel};
+use outpost_sim::ingest_bench::AckMode;
 use outpost_sim::payload::PayloadFormat;
 use outpost_sim::systems::GatewayKind;
 use outpost_sim::verify::VerifyReport;
-use outpost_sim::{broker, compare, demo, flaky, fleet, systems, verify};
+use outpost_sim::{broker, compare, demo, flaky, fleet, ingest_bench, systems, verify};
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -47,6 +48,70 @@ enum Command {
     /// Upstream broker, outpost, fleet and a flaky link: watch the backlog grow during an
     /// outage and drain after it, then the verifier's table.
     Demo(DemoArgs),
+    /// Measure the gateway's sensor side: CPU per event and PUBACK latency per ack mode at a
+    /// fixed rate, the rate at saturation and memory per idle connection; print one table.
+    IngestBench(IngestBenchArgs),
+}
+
+#[derive(Args)]
+struct IngestBenchArgs {
+    /// The `outpost` executable; default: next to this one.
+    #[arg(long)]
+    outpost: Option<PathBuf>,
+    /// The `mosquitto` executable (the upstream).
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    mosquitto: PathBuf,
+    /// Ack modes of the fixed-rate phases, comma-separated: after_commit, on_receipt.
+    #[arg(long, value_delimiter = ',', default_value = "after_commit,on_receipt")]
+    ack_modes: Vec<AckModeArg>,
+    /// Write `broker.ack` into the gateway's config (needs a gateway that knows the key);
+    /// without it every phase runs the gateway's default.
+    #[arg(long)]
+    set_ack_key: bool,
+    /// Sensors (MQTT connections).
+    #[arg(long, default_value_t = 100)]
+    sensors: usize,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 200)]
+    payload_size: usize,
+    /// Total offered rate of the fixed-rate phases, events/s.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u32,
+    /// The measured window of each load phase.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Publishing before each measured window.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Saturation: readings each sensor may have unacknowledged.
+    #[arg(long, default_value_t = 100)]
+    window: usize,
+    /// Skip the saturation phase.
+    #[arg(long)]
+    no_saturation: bool,
+    /// Idle clients of the memory phase; 0 skips it.
+    #[arg(long, default_value_t = 1000)]
+    idle_connections: usize,
+    /// Do not check the fixed-rate phases for lost events.
+    #[arg(long)]
+    no_verify: bool,
+    /// How long to wait for every acknowledged event at the upstream.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+    /// Keep logs, configs and data here instead of a temporary directory.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Also write the full report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AckModeArg {
+    #[value(name = "after_commit")]
+    AfterCommit,
+    #[value(name = "on_receipt")]
+    OnReceipt,
 }
 
 #[derive(Args)]
@@ -193,6 +258,10 @@ struct FleetArgs {
     /// Each sensor reconnects after about this long (±50 %), again and again (e.g. 10s).
     #[arg(long, value_parser = humantime::parse_duration)]
     churn: Option<Duration>,
+    /// Closed loop: each sensor publishes whenever fewer than N of its readings are
+    /// unacknowledged, as fast as the broker acks (--rate is ignored).
+    #[arg(long)]
+    max_outstanding: Option<usize>,
     /// Write the full summary (with acknowledged seqs) to this file.
     #[arg(long)]
     summary: Option<PathBuf>,
@@ -266,11 +335,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // `compare` and `demo` print their own progress; the sensors' reconnect warnings during a
     // crash would drown it.
-    let default_level = if matches!(cli.command, Command::Compare(_) | Command::Demo(_)) {
-        "error,rumqttd=off"
-    } else {
-        "info"
-    };
+    let default_level =
+        if matches!(cli.command, Command::Compare(_) | Command::Demo(_) | Command::IngestBench(_)) {
+            "error,rumqttd=off"
+        } else {
+            "info"
+        };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
         .with_writer(std::io::stderr)
@@ -300,6 +370,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::FlakyLink(args) => run_flaky_link(args, cancel).await,
             Command::Compare(args) => run_compare(args, cancel).await,
             Command::Demo(args) => run_demo(args, cancel).await,
+            Command::IngestBench(args) => run_ingest_bench(args, cancel).await,
             Command::Broker(_) => Ok(ExitCode::SUCCESS),
         }
     })
@@ -337,6 +408,7 @@ async fn run_fleet(args: FleetArgs, cancel: CancellationToken) -> anyhow::Result
         },
         credentials: args.username.zip(args.password),
         churn: args.churn,
+        max_outstanding: args.max_outstanding,
     };
     let progress = Arc::new(FleetProgress::default());
     let done = CancellationToken::new();
@@ -364,7 +436,14 @@ fn counts_only(summary: &FleetSummary) -> serde_json::Value {
             (device.clone(), serde_json::json!({ "sent": counts.sent, "acked": counts.acked }))
         })
         .collect();
-    serde_json::json!({ "sent": summary.sent, "acked": summary.acked, "per_device": per_device })
+    serde_json::json!({
+        "sent": summary.sent,
+        "acked": summary.acked,
+        "ack_latency_ms_p50": summary.ack_latency_ms_p50,
+        "ack_latency_ms_p99": summary.ack_latency_ms_p99,
+        "ack_latency_ms_max": summary.ack_latency_ms_max,
+        "per_device": per_device,
+    })
 }
 
 /// Prints sent and acknowledged readings per second to stderr until `done`.
@@ -489,6 +568,59 @@ async fn run_compare(args: CompareArgs, cancel: CancellationToken) -> anyhow::Re
     }
     print!("{}", report.table());
     Ok(ExitCode::SUCCESS)
+}
+
+async fn run_ingest_bench(args: IngestBenchArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
+    let outpost = match args.outpost {
+        Some(path) => path,
+        None => systems::sibling_binary("outpost")?,
+    };
+    let cfg = ingest_bench::IngestBenchConfig {
+        command: command_line(),
+        outpost,
+        mosquitto: args.mosquitto,
+        modes: args
+            .ack_modes
+            .iter()
+            .map(|mode| match mode {
+                AckModeArg::AfterCommit => AckMode::AfterCommit,
+                AckModeArg::OnReceipt => AckMode::OnReceipt,
+            })
+            .collect(),
+        set_ack_key: args.set_ack_key,
+        sensors: args.sensors,
+        payload_size: args.payload_size,
+        rate: args.rate,
+        warmup: args.warmup,
+        duration: args.duration,
+        saturation: !args.no_saturation,
+        window: args.window,
+        idle_connections: args.idle_connections,
+        verify: !args.no_verify,
+        drain_timeout: args.drain_timeout,
+        work_dir: args.work_dir,
+    };
+    let report = ingest_bench::run_ingest_bench(cfg, cancel).await?;
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report).context("cannot encode the report")?;
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    print!("{}", report.table());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// This process's command line, with arguments that need it quoted, for reports.
+fn command_line() -> String {
+    std::env::args()
+        .map(|arg| {
+            if !arg.is_empty() && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@".contains(c)) {
+                arg
+            } else {
+                format!("'{}'", arg.replace('\'', "'\\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {

@@ -40,6 +40,9 @@ async fn every_acked_reading_arrives() {
     for device in summary.per_device.values() {
         assert_eq!(device.acked_seqs, (1..=50).collect::<Vec<u64>>());
     }
+    let (p50, p99, max) =
+        (summary.ack_latency_ms_p50, summary.ack_latency_ms_p99, summary.ack_latency_ms_max);
+    assert!(p50.is_some_and(|p50| p50 >= 0.0) && p50 <= p99 && p99 <= max, "{p50:?} {p99:?} {max:?}");
 
     let report = subscriber.wait_for_expected(&summary, Duration::from_secs(10)).await.expect("all arrive");
     assert_eq!((report.unique, report.duplicates, report.reordered, report.malformed), (150, 0, 0, 0));
@@ -66,6 +69,31 @@ async fn qos0_counts_written_publishes() {
     };
     let summary = run_fleet(cfg, CancellationToken::new()).await.expect("run the fleet");
     assert_eq!((summary.sent, summary.acked), (40, 40));
+    assert_eq!(summary.ack_latency_ms_p50, None, "QoS 0 has no acks to time");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_publishes_as_fast_as_acks_return() {
+    let broker = start_broker();
+    let mut subscriber = start_subscriber(&broker.to_string(), "sensors/#").await.expect("subscribe");
+    // A rate that alone would take 1000 s: only the closed loop can finish in time.
+    let cfg = FleetConfig {
+        broker: broker.to_string(),
+        sensors: 2,
+        rate_per_sensor: 1.0,
+        count_per_sensor: Some(1000),
+        max_outstanding: Some(8),
+        client_prefix: "closed-".to_string(),
+        ..FleetConfig::default()
+    };
+    let summary = tokio::time::timeout(Duration::from_secs(30), run_fleet(cfg, CancellationToken::new()))
+        .await
+        .expect("the closed loop is not paced by the rate")
+        .expect("run the fleet");
+    assert_eq!((summary.sent, summary.acked), (2000, 2000));
+    assert!(summary.ack_latency_ms_p99.is_some());
+    let report = subscriber.wait_for_expected(&summary, Duration::from_secs(10)).await.expect("all arrive");
+    assert_eq!((report.unique, report.duplicates, report.reordered), (2000, 0, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,0 +1,667 @@
+//! `ingest-bench`: what the gateway's sensor side costs (issue #5): CPU per event and PUBACK
+//! latency with `broker.ack` = `after_commit` and `on_receipt` at a fixed rate, the sustained
+//! rate at saturation, and memory per idle connection.
+//!
+//! One upstream Mosquitto serves the whole run; every phase gets a fresh `outpost` process and
+//! data directory, all started through [`Gateway`]:
+//!
+//! 1. **Idle connections** (first, on a quiet machine). The gateway's RSS with no client, then
+//!    with `idle_connections` MQTT clients that connected (CONNECT, keepalive 60 s, CONNACK)
+//!    and then stay silent; the difference divided by the count is the memory per connection.
+//! 2. **Fixed rate**, once per ack mode. The fleet (100 sensors, QoS 1, 200-byte JSON) offers
+//!    `rate` events/s. After `warmup`, one window of `duration` is measured: events acknowledged
+//!    (PUBACK) in it, the gateway's CPU time (`utime + stime`, all threads) over it, and the
+//!    PUBACK latency of the acks in it (publish written → PUBACK seen, `fleet` module docs).
+//! 3. **Saturation**, ack mode `after_commit`. The fleet runs closed loop: each sensor keeps up
+//!    to `window` readings unacknowledged and publishes whenever one is acknowledged, so the
+//!    gateway sets the pace; measured like 2.
+//!
+//! In 2 and 3 a verifier subscribed at the upstream (unless `verify` is off) counts what
+//! arrived in the window and, after the fleet stopped, checks that every acknowledged event
+//! arrived. A gateway that acknowledges before it has the event (the one before issue #5) can
+//! ack faster than it forwards and drop the rest; only `lost` and `delivered/s` show that.
+//!
+//! **Invariant:** the `broker.ack` key is written into the gateway's config only when
+//! `set_ack_key` is set; otherwise every phase runs the gateway's default and the table says so,
+//! because gateways from before issue #5 refuse the key.
+//!
+//! The load generator, the verifier and Mosquitto share the machine with the gateway; the table
+//! shows their CPU use too, so a saturated machine is visible.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rumqttc::QoS;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::compare::{cpu_per_event, machine_description, wait_delivered};
+use crate::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
+use crate::process::{ChildProcess, ProcessStats, free_addr};
+use crate::systems::{Gateway, GatewayKind, GatewaySpec, outpost_config, start_upstream_mosquitto};
+use crate::verify::{Subscriber, start_subscriber};
+
+/// When the gateway sends a sensor's PUBACK (`broker.ack`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// Once the event is committed to the buffer or acknowledged upstream (the default).
+    AfterCommit,
+    /// At once.
+    OnReceipt,
+}
+
+impl AckMode {
+    /// The config value.
+    pub fn name(self) -> &'static str {
+        match self {
+            AckMode::AfterCommit => "after_commit",
+            AckMode::OnReceipt => "on_receipt",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct IngestBenchConfig {
+    /// The command line, printed with the table.
+    pub command: String,
+    /// The `outpost` executable.
+    pub outpost: PathBuf,
+    /// The `mosquitto` executable (the upstream).
+    pub mosquitto: PathBuf,
+    /// One fixed-rate phase per mode, in order.
+    pub modes: Vec<AckMode>,
+    /// Write `broker.ack` into the gateway's config.
+    pub set_ack_key: bool,
+    /// Sensors (MQTT connections) of the fleet.
+    pub sensors: usize,
+    /// Payload size in bytes (JSON).
+    pub payload_size: usize,
+    /// Total offered rate of the fixed-rate phases, events/s.
+    pub rate: u32,
+    /// Publishing before the measured window.
+    pub warmup: Duration,
+    /// The measured window of each load phase.
+    pub duration: Duration,
+    /// Run the saturation phase.
+    pub saturation: bool,
+    /// Saturation: readings each sensor may have unacknowledged.
+    pub window: usize,
+    /// Idle clients of the memory phase; 0 skips it.
+    pub idle_connections: usize,
+    /// Count deliveries and check for lost events with a verifier on the upstream.
+    pub verify: bool,
+    /// How long to wait for every acknowledged event at the upstream.
+    pub drain_timeout: Duration,
+    /// Where logs, configs and data go; a temporary directory if unset.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// The outcome of one load phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct LoadResult {
+    /// `after_commit`, `on_receipt` or `saturation`.
+    pub phase: String,
+    /// The `broker.ack` written into the config; `None` if the key was not set.
+    pub ack: Option<AckMode>,
+    /// The offered rate, events/s; `None` for the closed loop.
+    pub target_rate: Option<u32>,
+    /// Readings handed to the fleet's MQTT clients in the window, per second.
+    pub offered_per_s: f64,
+    /// Readings the gateway acknowledged in the window, per second.
+    pub acked_per_s: f64,
+    /// Distinct readings that reached the verifier at the upstream in the window, per second;
+    /// `None` without the verifier.
+    pub delivered_per_s: Option<f64>,
+    /// Gateway CPU time per acknowledged reading in the window, µs.
+    pub cpu_us_per_event: Option<f64>,
+    /// CPU use in the window, % of one core: the gateway, this process (fleet and verifier),
+    /// the upstream Mosquitto.
+    pub gateway_cpu_percent: f64,
+    pub sim_cpu_percent: f64,
+    pub upstream_cpu_percent: f64,
+    /// PUBACK latency of the acks in the window, ms.
+    pub puback_ms_p50: Option<f64>,
+    pub puback_ms_p99: Option<f64>,
+    pub puback_ms_max: Option<f64>,
+    /// Readings acknowledged over the whole phase.
+    pub acked_total: u64,
+    /// Acknowledged readings that never reached the upstream; `None` if not checked.
+    pub lost: Option<u64>,
+    /// Gateway resident memory at the end of the window, KiB.
+    pub rss_kib: u64,
+}
+
+/// The outcome of the idle-connection phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdleResult {
+    pub connections: usize,
+    /// Gateway RSS without clients and with all idle clients connected, KiB.
+    pub rss_before_kib: u64,
+    pub rss_after_kib: u64,
+}
+
+impl IdleResult {
+    /// The RSS growth per connection, KiB.
+    pub fn per_connection_kib(&self) -> f64 {
+        (self.rss_after_kib as f64 - self.rss_before_kib as f64) / self.connections.max(1) as f64
+    }
+}
+
+/// Everything measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestBenchReport {
+    pub command: String,
+    pub machine: String,
+    pub outpost: String,
+    pub ack_key_set: bool,
+    pub sensors: usize,
+    pub payload_size: usize,
+    pub warmup_s: f64,
+    pub duration_s: f64,
+    pub window: usize,
+    pub idle: Option<IdleResult>,
+    pub loads: Vec<LoadResult>,
+}
+
+/// Publishing continues this long after the measured window, so the window never sees the
+/// fleet stop.
+const TAIL: Duration = Duration::from_secs(1);
+/// How long the gateway's memory gets to settle before RSS is read.
+const SETTLE: Duration = Duration::from_secs(2);
+/// Idle clients connecting at once.
+const CONNECT_CONCURRENCY: usize = 50;
+/// How long an idle client waits for its CONNACK.
+const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the benchmark, printing progress to stderr.
+pub async fn run_ingest_bench(
+    cfg: IngestBenchConfig,
+    cancel: CancellationToken,
+) -> anyhow::Result<IngestBenchReport> {
+    if cfg.sensors == 0 || cfg.rate == 0 || cfg.window == 0 || cfg.duration.is_zero() {
+        anyhow::bail!("`sensors`, `rate`, `window` and `duration` must be above 0");
+    }
+    let temp;
+    let work_dir = match &cfg.work_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("outpost-ingest-bench-")
+                .tempdir()
+                .context("cannot create a temporary directory")?;
+            temp.path().to_path_buf()
+        }
+    };
+    std::fs::create_dir_all(&work_dir).with_context(|| format!("cannot create {}", work_dir.display()))?;
+    let run = run_phases(&cfg, &work_dir);
+    tokio::select! {
+        () = cancel.cancelled() => anyhow::bail!("interrupted"),
+        report = run => report.with_context(|| format!("ingest-bench failed (logs in {})", work_dir.display())),
+    }
+}
+
+async fn run_phases(cfg: &IngestBenchConfig, work_dir: &Path) -> anyhow::Result<IngestBenchReport> {
+    let upstream_addr = free_addr()?;
+    let upstream = start_upstream_mosquitto(&cfg.mosquitto, upstream_addr, work_dir).await?;
+    let mut report = IngestBenchReport {
+        command: cfg.command.clone(),
+        machine: machine_description(),
+        outpost: cfg.outpost.display().to_string(),
+        ack_key_set: cfg.set_ack_key,
+        sensors: cfg.sensors,
+        payload_size: cfg.payload_size,
+        warmup_s: cfg.warmup.as_secs_f64(),
+        duration_s: cfg.duration.as_secs_f64(),
+        window: cfg.window,
+        idle: None,
+        loads: Vec::new(),
+    };
+
+    if cfg.idle_connections > 0 {
+        eprintln!("== idle connections: {}", cfg.idle_connections);
+        let ack = cfg.set_ack_key.then_some(AckMode::AfterCommit);
+        let gateway = start_gateway(cfg, work_dir, "idle", upstream_addr, ack).await?;
+        let idle = run_idle(&gateway, cfg.idle_connections).await?;
+        eprintln!(
+            "   RSS {:.1} MiB without clients, {:.1} MiB with {}: {:.1} KiB per connection",
+            idle.rss_before_kib as f64 / 1024.0,
+            idle.rss_after_kib as f64 / 1024.0,
+            idle.connections,
+            idle.per_connection_kib()
+        );
+        report.idle = Some(idle);
+    }
+
+    let mut phases: Vec<(String, AckMode, Option<u32>)> =
+        cfg.modes.iter().map(|&mode| (mode.name().to_string(), mode, Some(cfg.rate))).collect();
+    if cfg.saturation {
+        phases.push(("saturation".to_string(), AckMode::AfterCommit, None));
+    }
+    for (phase, mode, rate) in phases {
+        eprintln!(
+            "== {phase}: {}",
+            rate.map_or_else(
+                || format!("closed loop, {} in flight per sensor", cfg.window),
+                |r| format!("{r} events/s")
+            )
+        );
+        let ack = cfg.set_ack_key.then_some(mode);
+        let mut gateway = start_gateway(cfg, work_dir, &phase, upstream_addr, ack).await?;
+        let load = run_load(cfg, &mut gateway, &upstream, upstream_addr, &phase, ack, rate).await?;
+        eprintln!(
+            "   offered {:.0}/s acked {:.0}/s, {} µs/event, CPU % core gateway {:.0} sim {:.0} upstream {:.0}, PUBACK p50 {} p99 {} max {} ms, lost {}",
+            load.offered_per_s,
+            load.acked_per_s,
+            fmt(load.cpu_us_per_event, 1),
+            load.gateway_cpu_percent,
+            load.sim_cpu_percent,
+            load.upstream_cpu_percent,
+            fmt(load.puback_ms_p50, 2),
+            fmt(load.puback_ms_p99, 2),
+            fmt(load.puback_ms_max, 1),
+            load.lost.map_or_else(|| "not checked".to_string(), |lost| lost.to_string()),
+        );
+        report.loads.push(load);
+    }
+    Ok(report)
+}
+
+/// Starts a fresh gateway in `<work_dir>/<phase>` with the benchmark config.
+async fn start_gateway(
+    cfg: &IngestBenchConfig,
+    work_dir: &Path,
+    phase: &str,
+    upstream: SocketAddr,
+    ack: Option<AckMode>,
+) -> anyhow::Result<Gateway> {
+    let dir = work_dir.join(phase);
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let config_path = dir.join("outpost.toml");
+    let config = gateway_config(upstream, ack, cfg.idle_connections.max(cfg.sensors));
+    std::fs::write(&config_path, config)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
+    let spec = GatewaySpec {
+        kind: GatewayKind::Outpost,
+        binary: cfg.outpost.clone(),
+        listen: free_addr()?,
+        upstream,
+        dir,
+        outpost_config: Some(config_path),
+        rules: None,
+        autosave: Duration::from_secs(1),
+    };
+    let hint = if ack.is_some() {
+        " (a gateway from before issue #5 refuses `broker.ack`: drop --set-ack-key)"
+    } else {
+        ""
+    };
+    Gateway::start(spec).await.with_context(|| format!("cannot start the gateway for {phase}{hint}"))
+}
+
+/// The benchmark's gateway config: `compare`'s (defaults, 1 s reconnect cap), room for
+/// `clients` connections, and `broker.ack` if given.
+pub fn gateway_config(upstream: SocketAddr, ack: Option<AckMode>, clients: usize) -> String {
+    let mut config = outpost_config(upstream);
+    config.push_str("\n[broker]\n");
+    // The default (1000) counts every connection; leave room for the verifier and stragglers.
+    config.push_str(&format!("max_connections = {}\n", (clients + 100).max(1000)));
+    if let Some(ack) = ack {
+        config.push_str(&format!("ack = \"{}\"\n", ack.name()));
+    }
+    config
+}
+
+/// One load phase on a running gateway.
+async fn run_load(
+    cfg: &IngestBenchConfig,
+    gateway: &mut Gateway,
+    upstream: &ChildProcess,
+    upstream_addr: SocketAddr,
+    phase: &str,
+    ack: Option<AckMode>,
+    rate: Option<u32>,
+) -> anyhow::Result<LoadResult> {
+    let mut subscriber =
+        if cfg.verify { Some(start_subscriber(&upstream_addr.to_string(), "#").await?) } else { None };
+    let fleet = FleetConfig {
+        broker: gateway.spec().listen.to_string(),
+        sensors: cfg.sensors,
+        rate_per_sensor: f64::from(rate.unwrap_or(1)) / cfg.sensors as f64,
+        duration: Some(cfg.warmup + cfg.duration + TAIL),
+        qos: QoS::AtLeastOnce,
+        client_prefix: format!("{phase}-"),
+        payload_size: cfg.payload_size,
+        max_outstanding: rate.is_none().then_some(cfg.window),
+        ..FleetConfig::default()
+    };
+    let progress = Arc::new(FleetProgress::default());
+    let fleet = tokio::spawn(run_fleet_with_progress(fleet, CancellationToken::new(), Arc::clone(&progress)));
+
+    // Pacing the measurement window, not waiting for an event.
+    tokio::time::sleep(cfg.warmup).await;
+    let start = Snapshot::take(gateway, upstream, &progress, subscriber.as_ref())?;
+    tokio::time::sleep(cfg.duration).await;
+    let end = Snapshot::take(gateway, upstream, &progress, subscriber.as_ref())?;
+
+    let summary = fleet.await.context("the fleet task panicked")??;
+    gateway.check_running()?;
+    let lost = match &mut subscriber {
+        Some(subscriber) => {
+            Some(wait_delivered(subscriber, &summary, cfg.drain_timeout).await.report.missing)
+        }
+        None => None,
+    };
+
+    let secs = end.at.duration_since(start.at).as_secs_f64();
+    let percent = |before: &ProcessStats, after: &ProcessStats| {
+        after.cpu.saturating_sub(before.cpu).as_secs_f64() / secs * 100.0
+    };
+    let acked = end.acked - start.acked;
+    let latency = end.latency.since(&start.latency);
+    Ok(LoadResult {
+        phase: phase.to_string(),
+        ack,
+        target_rate: rate,
+        offered_per_s: (end.sent - start.sent) as f64 / secs,
+        acked_per_s: acked as f64 / secs,
+        delivered_per_s: end.delivered.zip(start.delivered).map(|(end, start)| (end - start) as f64 / secs),
+        cpu_us_per_event: cpu_per_event(&start.gateway, &end.gateway, acked),
+        gateway_cpu_percent: percent(&start.gateway, &end.gateway),
+        sim_cpu_percent: percent(&start.sim, &end.sim),
+        upstream_cpu_percent: percent(&start.upstream, &end.upstream),
+        puback_ms_p50: latency.percentile_ms(0.50),
+        puback_ms_p99: latency.percentile_ms(0.99),
+        puback_ms_max: latency.max_ms(),
+        acked_total: summary.acked,
+        lost,
+        rss_kib: end.gateway.rss_kib,
+    })
+}
+
+/// The counters at one edge of the measured window.
+struct Snapshot {
+    at: Instant,
+    sent: u64,
+    acked: u64,
+    /// Distinct readings at the verifier, if there is one.
+    delivered: Option<u64>,
+    latency: crate::latency::Histogram,
+    gateway: ProcessStats,
+    sim: ProcessStats,
+    upstream: ProcessStats,
+}
+
+impl Snapshot {
+    fn take(
+        gateway: &Gateway,
+        upstream: &ChildProcess,
+        progress: &FleetProgress,
+        subscriber: Option<&Subscriber>,
+    ) -> anyhow::Result<Snapshot> {
+        Ok(Snapshot {
+            at: Instant::now(),
+            sent: progress.sent(),
+            acked: progress.acked(),
+            delivered: subscriber.map(Subscriber::unique_count),
+            latency: progress.ack_latency(),
+            gateway: gateway.stats()?,
+            sim: ProcessStats::read(std::process::id())?,
+            upstream: upstream.stats()?,
+        })
+    }
+}
+
+/// RSS without clients, then with `count` idle clients connected.
+async fn run_idle(gateway: &Gateway, count: usize) -> anyhow::Result<IdleResult> {
+    tokio::time::sleep(SETTLE).await;
+    let rss_before_kib = gateway.stats()?.rss_kib;
+    let listen = gateway.spec().listen;
+    let mut clients = Vec::with_capacity(count);
+    let mut next = 0;
+    while next < count {
+        let mut batch = JoinSet::new();
+        for index in next..(next + CONNECT_CONCURRENCY).min(count) {
+            batch.spawn(connect_idle(listen, format!("idle-{:05}", index + 1)));
+        }
+        next = (next + CONNECT_CONCURRENCY).min(count);
+        while let Some(joined) = batch.join_next().await {
+            clients.push(joined.context("an idle client task panicked")??);
+        }
+    }
+    // A poll of RSS after the connections' buffers were allocated, not a synchronisation.
+    tokio::time::sleep(SETTLE).await;
+    let rss_after_kib = gateway.stats()?.rss_kib;
+    // Every client must still be connected: a broker that closed them would look cheap.
+    let mut probe = [0_u8; 1];
+    for stream in &clients {
+        if let Ok(0) = stream.try_read(&mut probe) {
+            anyhow::bail!("the gateway closed an idle connection during the measurement");
+        }
+    }
+    drop(clients);
+    Ok(IdleResult { connections: count, rss_before_kib, rss_after_kib })
+}
+
+/// Connects one MQTT 3.1.1 client (clean session, keepalive 60 s) and returns its socket once
+/// the broker accepted it.
+async fn connect_idle(addr: SocketAddr, client_id: String) -> anyhow::Result<TcpStream> {
+    let connect = async {
+        let mut stream =
+            TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
+        stream.set_nodelay(true).context("cannot set TCP_NODELAY")?;
+        stream.write_all(&connect_packet(&client_id, 60)).await.context("cannot send CONNECT")?;
+        let mut connack = [0_u8; 4];
+        stream.read_exact(&mut connack).await.context("no CONNACK")?;
+        if connack[0] != 0x20 || connack[1] != 0x02 || connack[3] != 0x00 {
+            anyhow::bail!("the gateway refused {client_id}: CONNACK {connack:02x?}");
+        }
+        Ok(stream)
+    };
+    tokio::time::timeout(CONNACK_TIMEOUT, connect)
+        .await
+        .with_context(|| format!("no CONNACK for {client_id} within {CONNACK_TIMEOUT:?}"))?
+}
+
+/// An MQTT 3.1.1 CONNECT packet: clean session, no will, no credentials.
+fn connect_packet(client_id: &str, keepalive_s: u16) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    // Protocol name, level, flags, keepalive; then the client id with its length.
+    let remaining = 10 + 2 + id.len();
+    let mut packet = vec![0x10];
+    let mut length = remaining;
+    loop {
+        let mut byte = (length % 128) as u8;
+        length /= 128;
+        if length > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if length == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02]);
+    packet.extend_from_slice(&keepalive_s.to_be_bytes());
+    packet.extend_from_slice(&(id.len() as u16).to_be_bytes());
+    packet.extend_from_slice(id);
+    packet
+}
+
+fn fmt(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
+}
+
+impl IngestBenchReport {
+    /// The header lines and one two-column table.
+    pub fn table(&self) -> String {
+        let mut rows: Vec<(String, String)> = Vec::new();
+        if let Some(idle) = &self.idle {
+            rows.push((
+                format!("idle: gateway RSS MiB, no clients / {} clients", idle.connections),
+                format!(
+                    "{:.1} / {:.1}",
+                    idle.rss_before_kib as f64 / 1024.0,
+                    idle.rss_after_kib as f64 / 1024.0
+                ),
+            ));
+            rows.push((
+                "idle: RSS per connection KiB".to_string(),
+                format!("{:.1}", idle.per_connection_kib()),
+            ));
+        }
+        for load in &self.loads {
+            let label = match (load.target_rate, self.ack_key_set) {
+                (Some(rate), _) => format!("{} at {rate}/s", load.phase),
+                (None, true) => format!("saturation (after_commit, {} in flight/sensor)", self.window),
+                (None, false) => format!("saturation ({} in flight/sensor)", self.window),
+            };
+            rows.push((
+                format!("{label}: acked/s (offered)"),
+                format!("{:.0} ({:.0})", load.acked_per_s, load.offered_per_s),
+            ));
+            rows.push((
+                format!("{label}: delivered/s at the upstream"),
+                load.delivered_per_s.map_or_else(|| "not checked".to_string(), |per_s| format!("{per_s:.0}")),
+            ));
+            rows.push((
+                format!("{label}: gateway CPU µs/event (% core)"),
+                format!("{} ({:.0} %)", fmt(load.cpu_us_per_event, 1), load.gateway_cpu_percent),
+            ));
+            rows.push((
+                format!("{label}: PUBACK p50 / p99 / max ms"),
+                format!(
+                    "{} / {} / {}",
+                    fmt(load.puback_ms_p50, 2),
+                    fmt(load.puback_ms_p99, 2),
+                    fmt(load.puback_ms_max, 1)
+                ),
+            ));
+            rows.push((
+                format!("{label}: lost (of acked)"),
+                match load.lost {
+                    Some(lost) => format!("{lost} (of {})", load.acked_total),
+                    None => "not checked".to_string(),
+                },
+            ));
+            rows.push((format!("{label}: gateway RSS MiB"), format!("{:.1}", load.rss_kib as f64 / 1024.0)));
+            rows.push((
+                format!("{label}: CPU % core sim / upstream"),
+                format!("{:.0} / {:.0}", load.sim_cpu_percent, load.upstream_cpu_percent),
+            ));
+        }
+
+        let mut out = format!("command: {}\nmachine: {}\n", self.command, self.machine);
+        out.push_str(&format!(
+            "gateway: {}; broker.ack {}\n",
+            self.outpost,
+            if self.ack_key_set {
+                "set per phase"
+            } else {
+                "not set (every phase runs the gateway's default; the mode names are labels only)"
+            }
+        ));
+        out.push_str(&format!(
+            "load: {} sensors, QoS 1, {}-byte JSON; each phase measured over {:.0} s after {:.0} s of warm-up\n",
+            self.sensors, self.payload_size, self.duration_s, self.warmup_s
+        ));
+        let label_width = rows.iter().map(|(label, _)| label.chars().count()).max().unwrap_or(0);
+        let value_width = rows.iter().map(|(_, value)| value.chars().count()).max().unwrap_or(0).max(5);
+        let pad_left =
+            |text: &str, width: usize| format!("{}{text}", " ".repeat(width - text.chars().count()));
+        let pad_right =
+            |text: &str, width: usize| format!("{text}{}", " ".repeat(width - text.chars().count()));
+        out.push_str(&format!("| {} | {} |\n", pad_right("", label_width), pad_left("value", value_width)));
+        out.push_str(&format!("| {} | {}: |\n", "-".repeat(label_width), "-".repeat(value_width - 1)));
+        for (label, value) in &rows {
+            out.push_str(&format!(
+                "| {} | {} |\n",
+                pad_right(label, label_width),
+                pad_left(value, value_width)
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_connect() {
+        let packet = connect_packet("idle-00001", 60);
+        assert_eq!(packet[0], 0x10);
+        assert_eq!(usize::from(packet[1]), packet.len() - 2);
+        assert_eq!(&packet[2..12], &[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 60]);
+        assert_eq!(&packet[12..14], &[0x00, 10]);
+        assert_eq!(&packet[14..], b"idle-00001");
+        let long = connect_packet(&"x".repeat(200), 60);
+        assert_eq!(&long[1..3], &[(212 % 128) as u8 | 0x80, 1]);
+    }
+
+    #[test]
+    fn writes_the_ack_key_only_when_asked() {
+        let upstream: SocketAddr = "127.0.0.1:1884".parse().expect("addr");
+        let without = gateway_config(upstream, None, 1000);
+        assert!(!without.contains("ack ="), "{without}");
+        assert!(without.contains("max_connections = 1100"), "{without}");
+        let with = gateway_config(upstream, Some(AckMode::OnReceipt), 100);
+        assert!(with.lines().any(|line| line == "ack = \"on_receipt\""), "{with}");
+        assert!(with.contains("max_connections = 1000"), "{with}");
+        assert_eq!(with.matches("[broker]").count(), 1);
+    }
+
+    #[test]
+    fn table_rows_line_up() {
+        let load = LoadResult {
+            phase: "after_commit".to_string(),
+            ack: None,
+            target_rate: Some(10_000),
+            offered_per_s: 10_000.0,
+            acked_per_s: 9_990.0,
+            delivered_per_s: Some(9_990.0),
+            cpu_us_per_event: Some(50.0),
+            gateway_cpu_percent: 50.0,
+            sim_cpu_percent: 30.0,
+            upstream_cpu_percent: 10.0,
+            puback_ms_p50: Some(0.4),
+            puback_ms_p99: Some(3.0),
+            puback_ms_max: Some(12.0),
+            acked_total: 220_000,
+            lost: Some(0),
+            rss_kib: 30_000,
+        };
+        let report = IngestBenchReport {
+            command: "outpost-sim ingest-bench".to_string(),
+            machine: "test".to_string(),
+            outpost: "outpost".to_string(),
+            ack_key_set: false,
+            sensors: 100,
+            payload_size: 200,
+            warmup_s: 2.0,
+            duration_s: 20.0,
+            window: 100,
+            idle: Some(IdleResult { connections: 1000, rss_before_kib: 20_480, rss_after_kib: 28_672 }),
+            loads: vec![
+                load.clone(),
+                LoadResult { target_rate: None, lost: None, delivered_per_s: None, ..load },
+            ],
+        };
+        let table = report.table();
+        let lines: Vec<&str> = table.lines().filter(|line| line.starts_with('|')).collect();
+        assert!(lines.iter().all(|line| line.chars().count() == lines[0].chars().count()), "{table}");
+        assert!(table.contains("| idle: RSS per connection KiB"), "{table}");
+        assert!(table.contains("8.2 |"), "{table}");
+        assert!(table.contains("saturation (100 in flight/sensor): lost (of acked)"), "{table}");
+        assert!(table.contains("not checked |"), "{table}");
+    }
+}
