@@ -416,7 +416,13 @@ impl Session {
             if let Err(end) = self.on_acks_ready() {
                 return end;
             }
-            if let Err(end) = self.io.flush().await {
+            // A client that stops reading blocks this write; shutdown and takeover still end it.
+            let flushed = tokio::select! {
+                r = self.io.flush() => r,
+                _ = cancel.cancelled() => Err(End::Shutdown),
+                _ = takeover.cancelled() => Err(End::Takeover),
+            };
+            if let Err(end) = flushed {
                 return end;
             }
             let idle_deadline = keepalive.map(|k| last_read + k);
