@@ -30,6 +30,8 @@ macro_rules! counters {
 counters! {
     /// Publishes read from sensor connections (and wills) and handed to the route stage.
     ingested,
+    /// Publishes that had to wait for room in the pipeline (their sensor was slowed down).
+    ingest_throttled,
     /// Sensor connections accepted (CONNACK success).
     sensor_connects,
     /// CONNECTs refused with a reason code (credentials, id, server busy).

@@ -145,6 +145,11 @@ pub struct OpenReport {
 }
 
 /// The open buffer file.
+/// redb's page cache. Its default is 1 GiB: the gateway's memory then grew with the file
+/// (measured: +52 MiB RSS for a 71 MB backlog, kept after the file was compacted). The relay
+/// reads and writes sequentially per priority, so a small cache costs little.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 pub struct Store {
     /// `None` after an I/O error: redb refuses all work with `PreviousIo` until the file is
     /// closed and reopened, so the next operation reopens it (see [`Store::database`]).
@@ -196,8 +201,12 @@ impl Store {
         }
     }
 
+    fn create(path: &Path) -> Result<Database, BufferError> {
+        redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(|e| db_err(path, e))
+    }
+
     fn try_open(path: &Path) -> Result<(Store, u64), BufferError> {
-        let db = Database::create(path).map_err(|e| db_err(path, e))?;
+        let db = Store::create(path)?;
         let mut store = Store { db: Some(db), path: path.to_owned(), lanes: Default::default() };
         let epoch = store.start_epoch()?;
         Ok((store, epoch))
@@ -242,7 +251,7 @@ impl Store {
     /// repair, which restores the last committed state; the counters are reloaded from it.
     fn database(&mut self) -> Result<&Database, BufferError> {
         if self.db.is_none() {
-            let db = Database::create(&self.path).map_err(|e| db_err(&self.path, e))?;
+            let db = Store::create(&self.path)?;
             let txn = db.begin_read().map_err(|e| db_err(&self.path, e))?;
             let meta = txn.open_table(META).map_err(|e| db_err(&self.path, e))?;
             let mut lanes = [LaneStats::default(); N_PRIORITIES];

@@ -217,10 +217,27 @@ impl Shared {
             .collect()
     }
 
-    /// Hands an event to the route stage; waits while it is full.
+    /// Hands an event to the route stage; waits while it is full, which is what slows the
+    /// sensor down (its socket is not read meanwhile). Waiting is counted and logged, so an
+    /// operator sees sensors being throttled.
     pub async fn ingest(&self, event: Event) -> bool {
-        Metrics::add(&self.metrics.counters().ingested, 1);
-        self.events.send(event).await.is_ok()
+        let counters = self.metrics.counters();
+        Metrics::add(&counters.ingested, 1);
+        match self.events.try_send(event) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                Metrics::add(&counters.ingest_throttled, 1);
+                if let Some(folded) = self.log_ready("throttled") {
+                    warn!(
+                        message = "sensors are being slowed down: the pipeline is full because the buffer cannot commit fast enough (slow or full disk, see commit warnings) or the rules are too slow",
+                        similar_since_last_log = folded,
+                        throttled_total = Metrics::get(&counters.ingest_throttled)
+                    );
+                }
+                self.events.send(event).await.is_ok()
+            }
+        }
     }
 
     pub fn new_event(&self, topic: String, payload: Bytes, qos: u8, client_id: &str) -> Event {
