@@ -28,7 +28,7 @@ use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgo
 use rumqttc::{SubscribeReasonCode, v5};
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::timeout;
@@ -37,6 +37,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use crate::gateway::{GatewayProcess, GatewaySpec, READY_MESSAGE, START_TIMEOUT, message_starts_with};
 use crate::mqtt::unique_client_id;
 use crate::process::{ChildProcess, run_to_completion};
+use crate::raw;
 use crate::upstream::MOSQUITTO;
 
 /// Where Debian installs the password-file tool (package `mosquitto`).
@@ -628,14 +629,7 @@ impl RawV5 {
             Err(_) => return Err(ConnectOutcome::NoConnack),
         };
         let mut raw = RawV5 { stream };
-        let mut variable = Vec::new();
-        put_str(&mut variable, "MQTT");
-        variable.push(5); // Protocol level: MQTT 5.
-        variable.push(0b0000_0010); // Clean start; no will, no username, no password.
-        variable.extend_from_slice(&keep_alive_secs.to_be_bytes());
-        variable.push(0); // No properties.
-        put_str(&mut variable, client_id);
-        if raw.write_packet(0x10, &variable).await.is_err() {
+        if raw.write(&raw::connect_v5(client_id, keep_alive_secs)).await.is_err() {
             return Err(ConnectOutcome::Closed);
         }
         match raw.read(CONNACK_TIMEOUT).await {
@@ -658,87 +652,31 @@ impl RawV5 {
     /// Writes a QoS 1 PUBLISH (packet id 1, no properties); `Err` if the write failed.
     pub async fn publish_qos1(&mut self, topic: &str, payload: &[u8]) -> std::io::Result<()> {
         let mut variable = Vec::with_capacity(topic.len() + payload.len() + 8);
-        put_str(&mut variable, topic);
+        raw::put_str(&mut variable, topic);
         variable.extend_from_slice(&1u16.to_be_bytes()); // Packet id.
         variable.push(0); // No properties.
         variable.extend_from_slice(payload);
-        self.write_packet(0x32, &variable).await
+        self.write(&raw::packet(0x32, &variable)).await
     }
 
     /// Reads the next packet, waiting up to `within`.
     pub async fn read(&mut self, within: Duration) -> RawRead {
-        match timeout(within, self.read_packet()).await {
-            Ok(Ok(Some((first_byte, body)))) => RawRead::Packet { first_byte, body },
-            Ok(Ok(None) | Err(_)) => RawRead::Closed,
+        match timeout(within, raw::read_packet(&mut self.stream)).await {
+            Ok(Ok((first_byte, body))) => RawRead::Packet { first_byte, body },
+            Ok(Err(_)) => RawRead::Closed,
             Err(_) => RawRead::Silent,
         }
     }
 
-    async fn write_packet(&mut self, first_byte: u8, rest: &[u8]) -> std::io::Result<()> {
-        let mut packet = vec![first_byte];
-        put_remaining_length(&mut packet, rest.len());
-        packet.extend_from_slice(rest);
-        self.stream.write_all(&packet).await?;
+    async fn write(&mut self, packet: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(packet).await?;
         self.stream.flush().await
-    }
-
-    /// `None` at end of file before a packet starts.
-    async fn read_packet(&mut self) -> std::io::Result<Option<(u8, Vec<u8>)>> {
-        let mut first = [0u8; 1];
-        if self.stream.read(&mut first).await? == 0 {
-            return Ok(None);
-        }
-        let mut length = 0usize;
-        for shift in [0, 7, 14, 21] {
-            let byte = self.stream.read_u8().await?;
-            length |= usize::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                let mut body = vec![0u8; length];
-                self.stream.read_exact(&mut body).await?;
-                return Ok(Some((first[0], body)));
-            }
-        }
-        Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "remaining length over 4 bytes"))
-    }
-}
-
-/// Appends an MQTT UTF-8 string: a two-byte length, then the bytes.
-fn put_str(buffer: &mut Vec<u8>, text: &str) {
-    let length = u16::try_from(text.len()).expect("test strings are short");
-    buffer.extend_from_slice(&length.to_be_bytes());
-    buffer.extend_from_slice(text.as_bytes());
-}
-
-/// Appends MQTT's variable-length "remaining length".
-fn put_remaining_length(buffer: &mut Vec<u8>, mut length: usize) {
-    loop {
-        let byte = u8::try_from(length % 128).expect("below 128");
-        length /= 128;
-        if length == 0 {
-            buffer.push(byte);
-            return;
-        }
-        buffer.push(byte | 0x80);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn remaining_length_uses_seven_bits_per_byte() {
-        let encode = |length| {
-            let mut buffer = Vec::new();
-            put_remaining_length(&mut buffer, length);
-            buffer
-        };
-        assert_eq!(encode(0), [0x00]);
-        assert_eq!(encode(127), [0x7f]);
-        assert_eq!(encode(128), [0x80, 0x01]);
-        assert_eq!(encode(4106), [0x8a, 0x20]);
-        assert_eq!(encode(16_384), [0x80, 0x80, 0x01]);
-    }
 
     #[test]
     fn codes_print_in_hex() {

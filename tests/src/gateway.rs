@@ -7,7 +7,8 @@
 //!
 //! # Invariants
 //! - The child's environment carries no `OUTPOST_*` or `RUST_LOG` from the test's environment,
-//!   so only what the test passes configures the gateway.
+//!   so only what the test passes (arguments, a config file, [`GatewaySpec::env`]) configures the
+//!   gateway.
 //! - The data directory is owned by the caller (a `TempDir`), so it outlives a killed gateway
 //!   and can be handed to the next one.
 
@@ -31,13 +32,19 @@ pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const READY_MESSAGE: &str = "embedded broker listening";
 
 /// Environment variables the gateway reads; cleared so the test alone decides.
-const GATEWAY_ENV: [&str; 7] = [
+///
+/// This includes the fault injection (`OUTPOST_FAULT_COMMIT_DELAY_MS`): a value left in a
+/// developer's shell would otherwise slow every commit of every gateway a test starts, and
+/// make unrelated tests fail on timeouts. A test that wants it sets it with
+/// [`GatewaySpec::env`].
+const GATEWAY_ENV: [&str; 8] = [
     "OUTPOST_CONFIG",
     "OUTPOST_LISTEN",
     "OUTPOST_UPSTREAM",
     "OUTPOST_DATA_DIR",
     "OUTPOST_RULES",
     "OUTPOST_LOG_FORMAT",
+    "OUTPOST_FAULT_COMMIT_DELAY_MS",
     "RUST_LOG",
 ];
 
@@ -64,6 +71,9 @@ pub struct GatewaySpec {
     pub config_toml: Option<String>,
     /// Passed as `--config` as is, when set (wins over `config_toml`).
     pub config_file: Option<PathBuf>,
+    /// Extra environment variables for the child, set after the gateway's own were cleared:
+    /// how a test turns on what only the environment controls (fault injection).
+    pub env: Vec<(String, String)>,
 }
 
 impl GatewaySpec {
@@ -74,6 +84,7 @@ impl GatewaySpec {
             upstream: None,
             config_toml: None,
             config_file: None,
+            env: Vec::new(),
         }
     }
 
@@ -89,6 +100,12 @@ impl GatewaySpec {
 
     pub fn config_file(mut self, path: impl Into<PathBuf>) -> GatewaySpec {
         self.config_file = Some(path.into());
+        self
+    }
+
+    /// Sets `name=value` in the child's environment (see the `env` field).
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> GatewaySpec {
+        self.env.push((name.into(), value.into()));
         self
     }
 
@@ -110,6 +127,11 @@ impl GatewayProcess {
     /// Spawns `outpost --log-format json run …` and waits for the readiness line.
     pub async fn start(spec: GatewaySpec) -> anyhow::Result<GatewayProcess> {
         let mut command = outpost_command()?;
+        // Set after `outpost_command` cleared the inherited variables, so that a test can set one
+        // of those (the fault injection) and nothing else can.
+        for (name, value) in &spec.env {
+            command.env(name, value);
+        }
         command.args(["--log-format", "json", "run", "--listen"]).arg(spec.listen.to_string());
         command.arg("--data-dir").arg(&spec.data_dir);
         if let Some(url) = &spec.upstream {
@@ -138,6 +160,20 @@ impl GatewayProcess {
 
     pub fn data_dir(&self) -> &Path {
         &self.spec.data_dir
+    }
+
+    /// The operating-system process id, for what the harness does not wrap (a sampler task
+    /// reading [`rss_kib`](crate::process::rss_kib) while the test drives the gateway). It names
+    /// this gateway only until [`kill`](Self::kill) or [`terminate`](Self::terminate) reaped it.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// The gateway's resident memory (`VmRSS`), in KiB: what a test that bounds its memory
+    /// measures. Fails once the gateway was reaped, as its pid may name another process then.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        anyhow::ensure!(!self.process.has_exited(), "{} already exited; no RSS to read", self.process.name());
+        crate::process::rss_kib(self.pid())
     }
 
     /// Waits for a JSON log line for which `predicate` holds, and returns it parsed.

@@ -8,13 +8,14 @@
 //!
 //! # Layout
 //! - [`process`]: [`process::ChildProcess`], a spawned program whose output is captured line by
-//!   line and that is killed (SIGKILL, then reaped) when dropped; signals.
+//!   line and that is killed (SIGKILL, then reaped) when dropped; signals; [`process::rss_kib`].
 //! - [`upstream`]: the brokers and links the gateway relays to: [`upstream::Mosquitto`] (Debian's
 //!   broker, restartable on the same port), [`upstream::RumqttdUpstream`] (`outpost-sim broker`),
 //!   [`upstream::SilentUpstream`] (accepts TCP, never answers) and [`upstream::FlakyLink`].
 //! - [`gateway`]: [`gateway::GatewayProcess`], the `outpost` binary under test, and the one-shot
 //!   commands (`outpost check`, `outpost buffer stats`).
 //! - [`mqtt`]: [`mqtt::Subscriber`] and [`mqtt::publish_qos1`], the two ends of a test.
+//! - [`raw`]: hand-encoded MQTT packets, for clients that do what rumqttc will not.
 //!
 //! # Invariants
 //! - Every port comes from [`free_port`]; nothing uses a fixed port.
@@ -28,6 +29,7 @@ pub mod conformance;
 pub mod gateway;
 pub mod mqtt;
 pub mod process;
+pub mod raw;
 pub mod upstream;
 
 use std::collections::BTreeMap;

@@ -1,4 +1,5 @@
-//! Spawned programs: output captured line by line, waits on lines and on exit, signals.
+//! Spawned programs: output captured line by line, waits on lines and on exit, signals, and
+//! their resident memory.
 //!
 //! # Invariants
 //! - A [`ChildProcess`] never outlives its value: dropping it sends SIGKILL and reaps the
@@ -229,6 +230,23 @@ fn send_signal(pid: u32, signal: libc::c_int) -> std::io::Result<()> {
     // pid of a child they have not reaped, so it still names that child.
     let result = unsafe { libc::kill(pid, signal) };
     if result == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// The resident memory (`VmRSS` in `/proc/<pid>/status`) of process `pid`, in KiB.
+///
+/// A free function rather than a [`ChildProcess`] method so that a sampler task can poll it
+/// while the test owns the process; the caller stops sampling before it reaps the process.
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .with_context(|| format!("no `VmRSS` line in {path}"))?;
+    line.split_whitespace()
+        .nth(1)
+        .and_then(|kib| kib.parse().ok())
+        .with_context(|| format!("bad `VmRSS` line in {path}: {line}"))
 }
 
 /// Runs a command to completion and returns its output; for short one-shot commands.

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use outpost_e2e::gateway::GatewaySpec;
 use outpost_e2e::mqtt::{Session, Subscriber, publish_qos1};
+use outpost_e2e::raw;
 use outpost_e2e::require_mosquitto;
 use outpost_e2e::upstream::Mosquitto;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 const PUBLISHERS: usize = 4;
@@ -19,67 +20,19 @@ const PAYLOAD: usize = 1_000;
 const TIMEOUT: Duration = Duration::from_secs(60);
 const MARKER: &str = "sensors/marker";
 
-/// An MQTT 3.1.1 remaining length.
-fn remaining_length(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![header];
-    remaining_length(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(s: &str, out: &mut Vec<u8>) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-/// Reads one whole packet: (first byte, body).
-async fn read_packet(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
-    let first = stream.read_u8().await?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let b = stream.read_u8().await?;
-        len |= usize::from(b & 0x7f) << shift;
-        shift += 7;
-        if b & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0; len];
-    stream.read_exact(&mut body).await?;
-    Ok((first, body))
-}
-
 /// Connects a QoS 0 subscriber to `sensors/#` with a small receive buffer, then stops reading.
 async fn stalled_subscriber(gateway: std::net::SocketAddr) -> TcpStream {
     let socket = TcpSocket::new_v4().expect("socket");
     socket.set_recv_buffer_size(4096).expect("small receive buffer");
     let mut stream = socket.connect(gateway).await.expect("connect");
-    let mut connect = Vec::new();
-    string("MQTT", &mut connect);
-    connect.extend_from_slice(&[4, 0x02, 0, 60]);
-    string("stalled/dashboard", &mut connect);
-    stream.write_all(&packet(0x10, &connect)).await.expect("CONNECT");
+    stream.write_all(&raw::connect_v311("stalled/dashboard", 60)).await.expect("CONNECT");
     let mut subscribe = vec![0, 1];
-    string("sensors/#", &mut subscribe);
+    raw::put_str(&mut subscribe, "sensors/#");
     subscribe.push(0);
-    stream.write_all(&packet(0x82, &subscribe)).await.expect("SUBSCRIBE");
-    let (connack, body) = read_packet(&mut stream).await.expect("CONNACK");
+    stream.write_all(&raw::packet(0x82, &subscribe)).await.expect("SUBSCRIBE");
+    let (connack, body) = raw::read_packet(&mut stream).await.expect("CONNACK");
     assert_eq!((connack, body), (0x20, vec![0, 0]), "connection accepted");
-    let (suback, _) = read_packet(&mut stream).await.expect("SUBACK");
+    let (suback, _) = raw::read_packet(&mut stream).await.expect("SUBACK");
     assert_eq!(suback, 0x90);
     stream
 }
@@ -128,7 +81,7 @@ async fn a_stalled_local_subscriber_does_not_hold_up_or_lose_upstream_events() {
     tokio::time::timeout(TIMEOUT, async {
         loop {
             let (first, body) =
-                read_packet(&mut stalled).await.expect("the stalled subscriber is still connected");
+                raw::read_packet(&mut stalled).await.expect("the stalled subscriber is still connected");
             if first >> 4 != 3 {
                 continue;
             }
