@@ -57,8 +57,8 @@ pub struct Event {
     /// The publisher's QoS (`None` for events the gateway made itself, such as rule chains).
     pub qos: Option<u8>,
     pub received_ms: u64,
-    /// The publisher's client id.
-    pub client_id: Option<String>,
+    /// The publisher's client id (shared with its connection: no copy per event).
+    pub client_id: Option<Arc<str>>,
     /// The sensor's held acknowledgement: dropped once the event is safe (see
     /// [`crate::ingest::acks`]). `None` for QoS 0 and for `broker.ack = "on_receipt"`.
     pub ticket: Option<Ticket>,

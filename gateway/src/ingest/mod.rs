@@ -138,7 +138,8 @@ pub struct Retained {
 /// A client id's live connection, for takeover.
 struct Live {
     serial: u64,
-    takeover: CancellationToken,
+    stop: CancellationToken,
+    taken: Arc<std::sync::atomic::AtomicBool>,
     finished: CancellationToken,
 }
 
@@ -240,14 +241,14 @@ impl Shared {
         }
     }
 
-    pub fn new_event(&self, topic: String, payload: Bytes, qos: u8, client_id: &str) -> Event {
+    pub fn new_event(&self, topic: String, payload: Bytes, qos: u8, client_id: &Arc<str>) -> Event {
         Event {
             id: self.ids.next_id(),
             topic,
             payload,
             qos: Some(qos),
             received_ms: now_ms(),
-            client_id: Some(client_id.to_owned()),
+            client_id: Some(Arc::clone(client_id)),
             ticket: None,
         }
     }
