@@ -21,9 +21,9 @@
 //! arrived. A gateway that acknowledges before it has the event (the one before issue #5) can
 //! ack faster than it forwards and drop the rest; only `lost` and `delivered/s` show that.
 //!
-//! **Invariant:** the `broker.ack` key is written into the gateway's config only when
-//! `set_ack_key` is set; otherwise every phase runs the gateway's default and the table says so,
-//! because gateways from before issue #5 refuse the key.
+//! **Invariant:** the `broker.ack` key is written into the gateway's config unless
+//! `--no-ack-key` is given (gateways from before issue #5 refuse the key); without it every
+//! phase runs the gateway's default and the table says so.
 //!
 //! The load generator, the verifier and Mosquitto share the machine with the gateway; the table
 //! shows their CPU use too, so a saturated machine is visible.
@@ -300,7 +300,7 @@ async fn start_gateway(
         autosave: Duration::from_secs(1),
     };
     let hint = if ack.is_some() {
-        " (a gateway from before issue #5 refuses `broker.ack`: drop --set-ack-key)"
+        " (a gateway from before issue #5 refuses `broker.ack`: pass --no-ack-key)"
     } else {
         ""
     };

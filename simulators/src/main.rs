@@ -64,10 +64,10 @@ struct IngestBenchArgs {
     /// Ack modes of the fixed-rate phases, comma-separated: after_commit, on_receipt.
     #[arg(long, value_delimiter = ',', default_value = "after_commit,on_receipt")]
     ack_modes: Vec<AckModeArg>,
-    /// Write `broker.ack` into the gateway's config (needs a gateway that knows the key);
-    /// without it every phase runs the gateway's default.
+    /// Do not write `broker.ack` into the gateway's config (for a gateway from before the key
+    /// existed); every phase then runs the gateway's default and the mode names are labels.
     #[arg(long)]
-    set_ack_key: bool,
+    no_ack_key: bool,
     /// Sensors (MQTT connections).
     #[arg(long, default_value_t = 100)]
     sensors: usize,
@@ -587,7 +587,7 @@ async fn run_ingest_bench(args: IngestBenchArgs, cancel: CancellationToken) -> a
                 AckModeArg::OnReceipt => AckMode::OnReceipt,
             })
             .collect(),
-        set_ack_key: args.set_ack_key,
+        set_ack_key: !args.no_ack_key,
         sensors: args.sensors,
         payload_size: args.payload_size,
         rate: args.rate,
