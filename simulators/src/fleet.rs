@@ -14,6 +14,13 @@
 //! before the failure. The event-loop future is never dropped while the task runs, so no event
 //! is lost between a publish and its bookkeeping.
 //!
+//! Sensors speak MQTT 3.1.1 or 5, over TCP or TLS, through `mqtt::Publisher` and
+//! `mqtt::Connection`, which turn either rumqttc client's events into the few a sensor needs;
+//! the loop below is the same for both versions. An MQTT 5 ack with a failure reason code is a
+//! refusal, never an acknowledgement. A connection failure that rustls reported (the broker's
+//! certificate does not verify, the broker refused our client certificate) ends the fleet with
+//! that error instead of retrying: the same settings would fail again.
+//!
 //! The same bookkeeping measures each acknowledgement's latency: from the moment rumqttc
 //! reports the publish written and flushed (`Outgoing::Publish`) to the moment the sensor task
 //! sees its PUBACK (PUBCOMP for QoS 2). Queueing inside the fleet before the write is therefore
@@ -28,7 +35,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::QoS;
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -36,6 +43,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::latency::{AtomicHistogram, Histogram};
+use crate::mqtt::{
+    AckKind, ClientEvent, ClientOptions, Connection, ConnectionFailure, MqttVersion, Publisher, TlsOptions,
+};
 use crate::payload::{PayloadFormat, SensorReading};
 
 /// What a fleet does and where it sends it.
@@ -43,6 +53,10 @@ use crate::payload::{PayloadFormat, SensorReading};
 pub struct FleetConfig {
     /// The broker address, `HOST:PORT`.
     pub broker: String,
+    /// The MQTT version every sensor speaks.
+    pub mqtt_version: MqttVersion,
+    /// If set, sensors connect over TLS, verifying the broker's certificate against `HOST`.
+    pub tls: Option<TlsOptions>,
     /// How many sensors (and MQTT connections) to run.
     pub sensors: usize,
     /// Readings per second per sensor.
@@ -117,6 +131,8 @@ impl Default for FleetConfig {
     fn default() -> Self {
         FleetConfig {
             broker: "127.0.0.1:1883".to_string(),
+            mqtt_version: MqttVersion::V311,
+            tls: None,
             sensors: 1,
             rate_per_sensor: 1.0,
             count_per_sensor: None,
@@ -193,6 +209,9 @@ pub struct FleetSummary {
     pub sent: u64,
     /// Readings the broker acknowledged.
     pub acked: u64,
+    /// Readings the broker refused (MQTT 5 reason code ≥ 0x80); never counted as acknowledged.
+    #[serde(default)]
+    pub refused: u64,
     /// The same, per device id.
     pub per_device: BTreeMap<String, DeviceSummary>,
     /// Acknowledgement latency over the run (publish written → PUBACK, or PUBCOMP for QoS 2),
@@ -213,6 +232,9 @@ pub struct DeviceSummary {
     pub sent: u64,
     /// Readings the broker acknowledged.
     pub acked: u64,
+    /// Readings the broker refused (MQTT 5 reason code ≥ 0x80).
+    #[serde(default)]
+    pub refused: u64,
     /// The acknowledged seqs, sorted ascending.
     pub acked_seqs: Vec<u64>,
 }
@@ -259,20 +281,40 @@ pub async fn run_fleet_with_progress(
 ) -> anyhow::Result<FleetSummary> {
     cfg.validate()?;
     let (host, port) = crate::parse_broker(&cfg.broker)?;
+    let tls = cfg.tls.as_ref().map(TlsOptions::client_config).transpose().context("invalid TLS settings")?;
     let cfg = Arc::new(cfg);
     let latency_before = progress.ack_latency();
     let start = Instant::now();
     let mut sensors = JoinSet::new();
     for index in 0..cfg.sensors {
         let sensor = Sensor::new(&cfg, index, Arc::clone(&progress));
-        let options = sensor.mqtt_options(&host, port, cfg.credentials.as_ref());
+        let options = ClientOptions {
+            version: cfg.mqtt_version,
+            client_id: sensor.device.clone(),
+            host: host.clone(),
+            port,
+            credentials: cfg.credentials.clone(),
+            tls: tls.clone(),
+            keep_alive: KEEP_ALIVE,
+            max_packet_size: MAX_PACKET_SIZE,
+            request_capacity: REQUEST_CAPACITY,
+            max_inflight: MAX_INFLIGHT,
+        };
         sensors.spawn(sensor.run(options, Arc::clone(&cfg), start, cancel.clone()));
     }
     let mut summary = FleetSummary::default();
     while let Some(joined) = sensors.join_next().await {
-        let (device, device_summary) = joined.context("a sensor task panicked")?;
+        let (device, device_summary) = match joined.context("a sensor task panicked").and_then(|ran| ran) {
+            Ok(ran) => ran,
+            Err(error) => {
+                // The other sensors would fail the same way; stop them rather than wait.
+                sensors.shutdown().await;
+                return Err(error);
+            }
+        };
         summary.sent += device_summary.sent;
         summary.acked += device_summary.acked;
+        summary.refused += device_summary.refused;
         summary.per_device.insert(device, device_summary);
     }
     let latency = progress.ack_latency().since(&latency_before);
@@ -282,6 +324,11 @@ pub async fn run_fleet_with_progress(
     Ok(summary)
 }
 
+/// The keep-alive interval each sensor announces.
+const KEEP_ALIVE: Duration = Duration::from_secs(30);
+/// Publishes a sensor keeps in flight at most (rumqttc's MQTT 3.1.1 default; an MQTT 5 broker's
+/// receive maximum may lower it).
+const MAX_INFLIGHT: u16 = 100;
 /// How long a sensor waits for outstanding acks after its last publish.
 const ACK_WAIT: Duration = Duration::from_secs(10);
 /// How long a sensor waits for its DISCONNECT to be written.
@@ -329,7 +376,7 @@ struct Sensor {
 
 /// Why a sensor's event-loop wait ended.
 enum Wake {
-    Polled(Result<Event, ConnectionError>),
+    Polled(Result<ClientEvent, ConnectionFailure>),
     BackoffOver,
     Churn,
     Stop,
@@ -364,26 +411,15 @@ impl Sensor {
         }
     }
 
-    fn mqtt_options(&self, host: &str, port: u16, credentials: Option<&(String, String)>) -> MqttOptions {
-        let mut options = MqttOptions::new(self.device.clone(), host, port);
-        options
-            .set_keep_alive(Duration::from_secs(30))
-            .set_clean_session(true)
-            .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
-        if let Some((username, password)) = credentials {
-            options.set_credentials(username.clone(), password.clone());
-        }
-        options
-    }
-
+    /// Publishes and polls until done; fails only if rustls rejected the connection.
     async fn run(
         mut self,
-        options: MqttOptions,
+        options: ClientOptions,
         cfg: Arc<FleetConfig>,
         start: Instant,
         cancel: CancellationToken,
-    ) -> (String, DeviceSummary) {
-        let (mut client, mut eventloop) = AsyncClient::new(options.clone(), REQUEST_CAPACITY);
+    ) -> anyhow::Result<(String, DeviceSummary)> {
+        let (mut client, mut connection) = options.connect();
 
         // Spread the sensors' ticks evenly over one period.
         let period = Duration::from_secs_f64(1.0 / cfg.rate_per_sensor).max(Duration::from_micros(1));
@@ -413,7 +449,7 @@ impl Sensor {
                             tokio::time::sleep(delay).await;
                             Wake::BackoffOver
                         }
-                        None => Wake::Polled(eventloop.poll().await),
+                        None => Wake::Polled(connection.poll().await),
                     }
                 };
                 tokio::pin!(next);
@@ -456,28 +492,37 @@ impl Sensor {
                 Wake::Churn => {
                     debug!(device = %self.device, "churn: reconnecting");
                     if connected {
-                        self.disconnect(&client, &mut eventloop).await;
+                        self.disconnect(&client, &mut connection).await;
                     }
-                    self.on_connection_lost(&mut eventloop);
-                    (client, eventloop) = AsyncClient::new(options.clone(), REQUEST_CAPACITY);
+                    self.on_connection_lost(&mut connection);
+                    (client, connection) = options.connect();
                     connected = false;
                     next_backoff = BACKOFF_MIN;
                     churn_at = cfg.churn.map(|every| Instant::now() + self.churn_delay(every));
                 }
                 Wake::BackoffOver => {}
                 Wake::Polled(Ok(event)) => {
-                    if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
+                    if event == ClientEvent::Connected {
                         debug!(device = %self.device, "connected");
                         connected = true;
                         next_backoff = BACKOFF_MIN;
                     }
                     self.on_event(event, true);
                 }
-                Wake::Polled(Err(error)) => {
+                Wake::Polled(Err(ConnectionFailure { message, tls_rejected: true })) => {
+                    anyhow::bail!(
+                        "sensor {} cannot connect to {} over TLS: {message} (check the CA file, \
+                         the client certificate and that the broker's certificate names {host})",
+                        self.device,
+                        cfg.broker,
+                        host = options.host,
+                    );
+                }
+                Wake::Polled(Err(ConnectionFailure { message: error, tls_rejected: false })) => {
                     if connected {
                         warn!(device = %self.device, %error, "connection lost; reconnecting");
                         connected = false;
-                        self.on_connection_lost(&mut eventloop);
+                        self.on_connection_lost(&mut connection);
                     } else {
                         debug!(device = %self.device, %error, "connect failed; retrying");
                     }
@@ -488,22 +533,22 @@ impl Sensor {
         }
 
         if connected && !cancel.is_cancelled() {
-            self.disconnect(&client, &mut eventloop).await;
+            self.disconnect(&client, &mut connection).await;
         }
         self.summary.acked_seqs.sort_unstable();
-        (self.device, self.summary)
+        Ok((self.device, self.summary))
     }
 
     /// Sends a DISCONNECT and polls until it is written, the connection fails or time runs out;
     /// acks that arrive meanwhile still count.
-    async fn disconnect(&mut self, client: &AsyncClient, eventloop: &mut EventLoop) {
+    async fn disconnect(&mut self, client: &Publisher, connection: &mut Connection) {
         if client.try_disconnect().is_err() {
             return;
         }
         let _ = tokio::time::timeout(DISCONNECT_WAIT, async {
             loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                match connection.poll().await {
+                    Ok(ClientEvent::DisconnectWritten) | Err(_) => break,
                     Ok(event) => self.on_event(event, true),
                 }
             }
@@ -522,7 +567,7 @@ impl Sensor {
     }
 
     /// Generates the next reading and hands it to rumqttc, unless its request queue is full.
-    fn publish_next(&mut self, client: &AsyncClient) {
+    fn publish_next(&mut self, client: &Publisher) {
         let seq = self.next_seq;
         let (state, value) = self.next_value(seq);
         let ts_us = crate::now_us();
@@ -536,7 +581,7 @@ impl Sensor {
             pad: String::new(),
         };
         reading.pad_to_format(self.payload_size, self.format);
-        match client.try_publish(self.topic.as_str(), self.qos, false, reading.encode(self.format)) {
+        match client.try_publish(&self.topic, self.qos, reading.encode(self.format)) {
             Ok(()) => {
                 self.value = state;
                 self.next_seq += 1;
@@ -573,9 +618,9 @@ impl Sensor {
 
     /// Updates the ack bookkeeping for one event. `written` is false for an `Outgoing::Publish`
     /// whose connection failed before the packet was flushed.
-    fn on_event(&mut self, event: Event, written: bool) {
+    fn on_event(&mut self, event: ClientEvent, written: bool) {
         match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+            ClientEvent::PublishWritten(pkid) => {
                 let Some(seq) = self.submitted.pop_front() else {
                     warn!(device = %self.device, pkid, "publish written that was never submitted");
                     return;
@@ -591,22 +636,29 @@ impl Sensor {
                     debug!(device = %self.device, pkid, replaced, "packet id reused before its ack");
                 }
             }
-            Event::Incoming(Packet::PubAck(ack)) if self.qos == QoS::AtLeastOnce => {
-                self.on_ack(ack.pkid);
-            }
-            Event::Incoming(Packet::PubComp(comp)) if self.qos == QoS::ExactlyOnce => {
-                self.on_ack(comp.pkid);
-            }
-            _ => {}
+            ClientEvent::Ack { pkid, kind, accepted } => match (self.qos, kind) {
+                (QoS::AtLeastOnce, AckKind::PubAck) | (QoS::ExactlyOnce, AckKind::PubComp) => {
+                    self.on_ack(pkid, accepted);
+                }
+                // A refused PUBREC ends the QoS 2 exchange: no PUBCOMP follows.
+                (QoS::ExactlyOnce, AckKind::PubRec) if !accepted => self.on_ack(pkid, false),
+                _ => {}
+            },
+            ClientEvent::Connected | ClientEvent::DisconnectWritten | ClientEvent::Other => {}
         }
     }
 
-    fn on_ack(&mut self, pkid: u16) {
+    /// The final answer to the publish with `pkid`: acknowledged, or refused by the broker.
+    fn on_ack(&mut self, pkid: u16, accepted: bool) {
         match self.inflight.remove(&pkid) {
-            Some((seq, written)) => {
+            Some((seq, written)) if accepted => {
                 let latency_us = u64::try_from(written.elapsed().as_micros()).unwrap_or(u64::MAX);
                 self.progress.ack_latency.record(latency_us);
                 self.acknowledge(seq);
+            }
+            Some((seq, _)) => {
+                debug!(device = %self.device, pkid, seq, "the broker refused the reading");
+                self.summary.refused += 1;
             }
             None => debug!(device = %self.device, pkid, "ack for an unknown packet id"),
         }
@@ -620,10 +672,9 @@ impl Sensor {
 
     /// Called when an established connection failed. rumqttc has already moved every queued and
     /// in-flight publish to its pending list, which the clean-session reconnect clears.
-    fn on_connection_lost(&mut self, eventloop: &mut EventLoop) {
+    fn on_connection_lost(&mut self, connection: &mut Connection) {
         // Acks read before the failure still count; a publish whose flush failed does not.
-        let buffered: Vec<Event> = eventloop.state.events.drain(..).collect();
-        for event in buffered {
+        for event in connection.take_buffered() {
             self.on_event(event, false);
         }
         let lost = self.outstanding();

@@ -10,6 +10,8 @@
 //! - [`payload`]: `SensorReading`, the JSON or CBOR body every simulated sensor publishes.
 //! - [`fleet`]: many sensors, one MQTT connection each, seeded and rate-limited; returns a
 //!   `FleetSummary` of what was sent and what the broker acknowledged.
+//! - [`mqtt`]: one sensor's MQTT client for MQTT 3.1.1 or 5, over TCP or TLS (rustls with
+//!   `ring`), reduced to the events a sensor needs, so `fleet` has one loop for both versions.
 //! - [`verify`]: a subscriber plus `Verifier`, which compares what arrived with a
 //!   `FleetSummary` (missing, duplicates, reordering, latency).
 //! - [`broker`]: a plain rumqttd broker, used as an independent upstream that tests can kill.
@@ -34,6 +36,7 @@ pub mod flaky;
 pub mod fleet;
 pub mod ingest_bench;
 pub mod latency;
+pub mod mqtt;
 pub mod payload;
 pub mod process;
 pub mod systems;

@@ -14,6 +14,7 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outpost_sim::fleet::{FleetConfig, FleetProgress, FleetSummary, ValueModel};
 use outpost_sim::ingest_bench::AckMode;
+use outpost_sim::mqtt::{ClientAuth, MqttVersion, TlsOptions};
 use outpost_sim::payload::PayloadFormat;
 use outpost_sim::systems::GatewayKind;
 use outpost_sim::verify::VerifyReport;
@@ -212,6 +213,21 @@ struct FleetArgs {
     /// Broker address, HOST:PORT.
     #[arg(long, default_value = "127.0.0.1:1883")]
     broker: String,
+    /// MQTT version of every sensor: 3.1.1 or 5.
+    #[arg(long, value_enum, default_value_t = MqttVersionArg::V311)]
+    mqtt_version: MqttVersionArg,
+    /// Connect over TLS; the broker's certificate must name the --broker host.
+    #[arg(long)]
+    tls: bool,
+    /// With --tls: trust the CA certificates in this PEM file instead of the system roots.
+    #[arg(long, requires = "tls")]
+    ca_file: Option<PathBuf>,
+    /// With --tls: a client certificate chain (PEM) for mutual TLS (with --client-key).
+    #[arg(long, requires_all = ["tls", "client_key"])]
+    client_cert: Option<PathBuf>,
+    /// With --tls: the client certificate's private key (PEM; with --client-cert).
+    #[arg(long, requires_all = ["tls", "client_cert"])]
+    client_key: Option<PathBuf>,
     /// Number of sensors (MQTT connections).
     #[arg(long, default_value_t = 10)]
     sensors: usize,
@@ -265,6 +281,14 @@ struct FleetArgs {
     /// Write the full summary (with acknowledged seqs) to this file.
     #[arg(long)]
     summary: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum MqttVersionArg {
+    #[value(name = "3.1.1")]
+    V311,
+    #[value(name = "5")]
+    V5,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -382,8 +406,20 @@ async fn run_fleet(args: FleetArgs, cancel: CancellationToken) -> anyhow::Result
         1 => QoS::AtLeastOnce,
         _ => QoS::ExactlyOnce,
     };
+    let tls = args.tls.then(|| TlsOptions {
+        ca_file: args.ca_file,
+        client_auth: args
+            .client_cert
+            .zip(args.client_key)
+            .map(|(cert_file, key_file)| ClientAuth { cert_file, key_file }),
+    });
     let cfg = FleetConfig {
         broker: args.broker,
+        mqtt_version: match args.mqtt_version {
+            MqttVersionArg::V311 => MqttVersion::V311,
+            MqttVersionArg::V5 => MqttVersion::V5,
+        },
+        tls,
         sensors: args.sensors,
         rate_per_sensor: args.rate,
         count_per_sensor: args.count,
@@ -439,6 +475,7 @@ fn counts_only(summary: &FleetSummary) -> serde_json::Value {
     serde_json::json!({
         "sent": summary.sent,
         "acked": summary.acked,
+        "refused": summary.refused,
         "ack_latency_ms_p50": summary.ack_latency_ms_p50,
         "ack_latency_ms_p99": summary.ack_latency_ms_p99,
         "ack_latency_ms_max": summary.ack_latency_ms_max,

@@ -447,6 +447,7 @@ mod tests {
             let summary = DeviceSummary {
                 sent: acked.len() as u64,
                 acked: acked.len() as u64,
+                refused: 0,
                 acked_seqs: acked.to_vec(),
             };
             fleet.sent += summary.sent;
