@@ -307,7 +307,21 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// A panic anywhere ends the process. Tokio would catch a task's panic and keep running, and
+/// the events the task held would drop their tickets — which acknowledges them to sensors
+/// (dropping is the success path, see `ingest::acks`). Dying instead means the sensors resend
+/// and systemd restarts the gateway from its buffer.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        eprintln!("outpost: a bug stopped the gateway (see above); the buffer is intact, restart it");
+        std::process::abort();
+    }));
+}
+
 fn run(config: GatewayConfig) -> anyhow::Result<()> {
+    abort_on_panic();
     // One thread runs the pipeline: measured, a current-thread runtime beat two workers on two
     // cores (less CPU per event, better p99). redb and rumqttd have threads of their own.
     let runtime = tokio::runtime::Builder::new_current_thread()

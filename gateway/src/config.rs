@@ -78,6 +78,9 @@ pub struct BrokerConfig {
     /// Retained topics held at most; retained publishes for new topics beyond it are not kept.
     #[serde(default = "default_max_retained")]
     pub max_retained: usize,
+    /// Bytes (topics + payloads) retained messages may hold in all.
+    #[serde(default = "default_max_retained_bytes")]
+    pub max_retained_bytes: ByteSize,
     #[serde(default = "default_max_connections")]
     pub max_connections: NonZeroUsize,
     /// The largest PUBLISH payload a sensor may send; larger packets close the connection.
@@ -303,6 +306,9 @@ fn default_sys_interval() -> Duration {
 fn default_max_retained() -> usize {
     10_000
 }
+fn default_max_retained_bytes() -> ByteSize {
+    ByteSize::mib(64)
+}
 fn default_max_payload() -> ByteSize {
     ByteSize::kib(256)
 }
@@ -367,6 +373,7 @@ impl Default for BrokerConfig {
             users: std::collections::BTreeMap::new(),
             sys_interval: default_sys_interval(),
             max_retained: default_max_retained(),
+            max_retained_bytes: default_max_retained_bytes(),
             max_connections: default_max_connections(),
             max_payload: default_max_payload(),
             connection_timeout: default_connection_timeout(),

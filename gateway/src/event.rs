@@ -38,6 +38,23 @@ pub fn format_event_id(id: u64) -> String {
     format!("{id:016x}")
 }
 
+/// Why `topic` cannot be published to, if it cannot (MQTT: non-empty, no wildcards, no
+/// U+0000, at most 65,535 bytes). Brokers drop the connection of a client that publishes such a
+/// topic, so one of them in the buffer would block the upstream link for good.
+pub fn invalid_topic(topic: &str) -> Option<&'static str> {
+    if topic.is_empty() {
+        Some("empty (topic aliases are not offered)")
+    } else if topic.contains(['+', '#']) {
+        Some("wildcards are not allowed in a topic name")
+    } else if topic.contains('\0') {
+        Some("U+0000 is not allowed in a topic name")
+    } else if topic.len() > usize::from(u16::MAX) {
+        Some("longer than 65,535 bytes")
+    } else {
+        None
+    }
+}
+
 /// Milliseconds since the Unix epoch, the time unit used in records and envelopes.
 pub fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

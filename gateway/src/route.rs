@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::config::RouteConfig;
 use crate::deadletter::DeadLetter;
-use crate::event::{Event, IdGen, Outbound};
+use crate::event::{Event, IdGen, Outbound, invalid_topic};
 use crate::ingest::Republisher;
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
@@ -142,11 +142,32 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 let mut forwards = Vec::new();
                 for output in outputs {
                     match output {
-                        Output::Forward { topic, payload, qos, priority, ttl, .. } => {
+                        Output::Forward { rule, topic, payload, qos, priority, ttl } => {
+                            let topic = format!("{}{topic}", stage.topic_prefix);
+                            if let Some(why) = invalid_topic(&topic) {
+                                // A topic template filled from payload data can produce what
+                                // no broker accepts; queued, it would block the uplink.
+                                Metrics::add(&counters.dead_letters, 1);
+                                if let Some(folded) = dead_log.ready(now) {
+                                    warn!(message = "a rule produced an invalid upstream topic; the output went to the dead-letter store, fix the rule's topic template", %rule, %topic, reason = why, similar_since_last_log = folded);
+                                }
+                                let letter = DeadLetter {
+                                    ts_ms: event.received_ms,
+                                    event_id: event.id,
+                                    rule: rule.to_string(),
+                                    reason: format!("invalid upstream topic: {why}"),
+                                    topic,
+                                    payload,
+                                };
+                                if stage.dead_letters.try_send(letter).is_err() {
+                                    Metrics::add(&counters.dead_letters_unsaved, 1);
+                                }
+                                continue;
+                            }
                             let event_id = if forwards.is_empty() { event.id } else { stage.ids.next_id() };
                             forwards.push(Outbound {
                                 event_id,
-                                topic: format!("{}{topic}", stage.topic_prefix),
+                                topic,
                                 payload: Bytes::from(payload),
                                 qos,
                                 priority,
@@ -170,7 +191,9 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                                         qos: None,
                                         received_ms: event.received_ms,
                                         client_id: None,
-                                        ticket: None,
+                                        // What the chain forwards is part of what the sensor
+                                        // is acknowledged for.
+                                        ticket: event.ticket.clone(),
                                     };
                                     chain.push_back((next, hops));
                                 }

@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 use super::acks::{AckQueue, Outcome};
 use super::codec::{self, Codec, Version};
 use super::{Live, Retained, Shared, Status, lock};
+use crate::event::invalid_topic;
 use crate::metrics::Metrics;
 
 /// User property that marks a QoS 0 publish on its way through the router: rumqttd delivers
@@ -37,6 +38,13 @@ const HEADER_ROOM: usize = 4096;
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
 /// Deliveries queued from the router for one connection.
 const DELIVERY_QUEUE: usize = 256;
+/// Outgoing QoS 1 deliveries awaiting the client's PUBACK, at most; beyond it deliveries go
+/// at QoS 0. The router itself keeps 100 in flight per link; the rest is retained replays.
+const MAX_OUT_INFLIGHT: usize = 1_000;
+/// Output buffered while handling one read, before it is written out.
+const OUT_HIGH_WATER: usize = 64 * 1024;
+/// Topic filters one client may hold.
+const MAX_FILTERS: usize = 1_000;
 
 /// A publish for the router with its QoS 0 origin marked.
 pub(super) fn tag_qos0(publish: Publish, properties: Option<PublishProperties>) -> Packet {
@@ -201,14 +209,26 @@ pub(super) async fn serve(
             return;
         }
     };
-    let Packet::Connect(connect, _props, will, _will_props, login) = packet else {
+    let Packet::Connect(connect, props, will, _will_props, login) = packet else {
         debug!(message = "first packet is not CONNECT; closing", %peer);
         return;
     };
     let v5 = version == Version::V5;
     let mut session = Session::new(Arc::clone(&shared), codec, version, io, will);
 
-    let refusal = if !shared.cfg.users.is_empty()
+    let bad_will = session.will.as_ref().and_then(|w| match std::str::from_utf8(&w.topic) {
+        Ok(t) => invalid_topic(t),
+        Err(_) => Some("not UTF-8"),
+    });
+    let refusal = if let Some(why) = bad_will {
+        if !v5 {
+            // 3.1.1 has no code for it: the spec says close the connection.
+            debug!(message = "CONNECT with an invalid will topic; closing", %peer, reason = why);
+            Metrics::add(&shared.metrics.counters().protocol_errors, 1);
+            return;
+        }
+        Some((ConnectReturnCode::TopicNameInvalid, "invalid will topic"))
+    } else if !shared.cfg.users.is_empty()
         && login.as_ref().is_none_or(|l| shared.cfg.users.get(&l.username) != Some(&l.password))
     {
         Some((ConnectReturnCode::BadUserNamePassword, "bad username or password"))
@@ -236,7 +256,7 @@ pub(super) async fn serve(
     // says which); polling one long-lived future per loop turn instead of two fresh ones
     // measured ~1.5 % of the gateway's CPU.
     let stop = cancel.child_token();
-    let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let taken = Arc::new(AtomicBool::new(false));
     let finished = CancellationToken::new();
     let _registration = Registration {
         shared: Arc::clone(&shared),
@@ -259,11 +279,17 @@ pub(super) async fn serve(
         }
     }
     session.client_id = client_id;
-    session.clean = connect.clean_session;
+    // A session outlives its connection only when asked to: 3.1.1 clean session = false; MQTT 5
+    // clean start = false *and* a session expiry above 0 (absent means 0). An id Outpost
+    // assigned cannot be resumed by anyone, so its session would only leak.
+    let expiry = props.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0);
+    session.clean = connect.clean_session || assigned || (v5 && expiry == 0);
     let session_present = match session.restore().await {
         Ok(present) => present,
         Err(why) => {
-            session.refuse(ConnectReturnCode::ServiceUnavailable, &why, peer).await;
+            let code =
+                if v5 { ConnectReturnCode::ServerUnavailable } else { ConnectReturnCode::ServiceUnavailable };
+            session.refuse(code, &why, peer).await;
             return;
         }
     };
@@ -288,7 +314,9 @@ pub(super) async fn serve(
     let keepalive =
         (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     session.shared_id = Arc::from(session.client_id.as_str());
-    let end = session.run(max, keepalive, stop, taken).await;
+    session.stop = stop;
+    session.taken = taken;
+    let end = session.run(max, keepalive).await;
     session.close(end).await;
 }
 
@@ -299,6 +327,9 @@ struct Session {
     version: Version,
     io: Io,
     client_id: String,
+    /// Ends the connection: shutdown (child of the gateway's token) or takeover (`taken`).
+    stop: CancellationToken,
+    taken: Arc<AtomicBool>,
     /// `client_id`, shared by every event of this connection.
     shared_id: Arc<str>,
     clean: bool,
@@ -332,6 +363,8 @@ impl Session {
             version,
             io,
             client_id: String::new(),
+            stop: CancellationToken::new(),
+            taken: Arc::new(AtomicBool::new(false)),
             shared_id: Arc::from(""),
             clean: true,
             will,
@@ -374,8 +407,12 @@ impl Session {
     async fn restore(&mut self) -> Result<bool, String> {
         let previous = lock(&self.shared.offline).remove(&self.client_id);
         if self.clean {
-            for filter in previous.unwrap_or_default() {
-                self.shared.subs.remove(&filter);
+            if let Some(filters) = previous {
+                for filter in filters {
+                    self.shared.subs.remove(&filter);
+                }
+                // The router still holds the old session; a clean link for the id clears it.
+                self.open_link().await?;
             }
             return Ok(false);
         }
@@ -398,17 +435,10 @@ impl Session {
         Ok(())
     }
 
-    async fn run(
-        &mut self,
-        max: usize,
-        keepalive: Option<Duration>,
-        stop: CancellationToken,
-        taken: Arc<std::sync::atomic::AtomicBool>,
-    ) -> End {
+    async fn run(&mut self, max: usize, keepalive: Option<Duration>) -> End {
         let acks = Arc::clone(&self.acks);
-        let stopped = stop.cancelled_owned();
+        let stopped = self.stop.clone().cancelled_owned();
         tokio::pin!(stopped);
-        let why_stopped = || if taken.load(Ordering::Relaxed) { End::Takeover } else { End::Shutdown };
         let mut last_read = Instant::now();
         loop {
             // Everything complete in the input buffer first.
@@ -418,6 +448,17 @@ impl Session {
                     Ok(packet) => {
                         if let Err(end) = self.on_packet(packet, peek).await {
                             return end;
+                        }
+                        // Many packets in one read (SUBSCRIBEs replaying retained messages)
+                        // must not pile up output without bound.
+                        if self.io.outbuf.len() > OUT_HIGH_WATER {
+                            let flushed = tokio::select! {
+                                r = self.io.flush() => r,
+                                _ = &mut stopped => Err(self.why_stopped()),
+                            };
+                            if let Err(end) = flushed {
+                                return end;
+                            }
                         }
                     }
                     Err(protocol::Error::InsufficientBytes(_)) => break,
@@ -431,7 +472,7 @@ impl Session {
             // A client that stops reading blocks this write; shutdown and takeover still end it.
             let flushed = tokio::select! {
                 r = self.io.flush() => r,
-                _ = &mut stopped => Err(why_stopped()),
+                _ = &mut stopped => Err(self.why_stopped()),
             };
             if let Err(end) = flushed {
                 return end;
@@ -439,10 +480,14 @@ impl Session {
             let idle_deadline = keepalive.map(|k| last_read + k);
             tokio::select! {
                 biased;
-                _ = &mut stopped => return why_stopped(),
+                _ = &mut stopped => return self.why_stopped(),
                 _ = acks.ready() => {}
                 d = recv_opt(&mut self.deliveries) => match d {
-                    Some(Delivery::Forward(f)) => self.on_forward(*f),
+                    Some(Delivery::Forward(f)) => {
+                        self.on_forward(*f);
+                        // Deliveries downgraded to QoS 0 are due to the router now.
+                        self.release_router_acks().await;
+                    }
                     Some(Delivery::Disconnected) | None => {
                         return End::Protocol("the local broker closed this client's link".to_owned());
                     }
@@ -508,17 +553,44 @@ impl Session {
             return Err(End::Oversize(publish.payload.len()));
         }
         let topic = match std::str::from_utf8(&publish.topic) {
-            Ok("") => return Err(End::Protocol("empty topic (topic aliases are not offered)".to_owned())),
-            Ok(t) if t.contains(['+', '#']) => {
-                return Err(End::Protocol(format!("wildcard in a publish topic: {t}")));
-            }
-            Ok(t) => t.to_owned(),
+            Ok(t) => match invalid_topic(t) {
+                None => t.to_owned(),
+                Some(why) => return Err(End::Protocol(format!("publish topic {t:?}: {why}"))),
+            },
             Err(_) => return Err(End::Protocol("topic is not UTF-8".to_owned())),
         };
+        if qos == 2 && self.v5() {
+            return Err(End::Protocol("QoS 2 publish after CONNACK announced maximum QoS 1".to_owned()));
+        }
+        let properties = match properties {
+            // rumqttd's router disconnects the link that carries either of these, and that is
+            // the one internal link every local delivery goes through.
+            Some(p) if p.topic_alias.is_some() => {
+                return Err(End::Protocol(
+                    "topic alias used; CONNACK announced topic alias maximum 0".to_owned(),
+                ));
+            }
+            Some(p) if !p.subscription_identifiers.is_empty() => {
+                return Err(End::Protocol("subscription identifier in a PUBLISH".to_owned()));
+            }
+            // Nobody else may mark a publish as QoS 0 for the delivery side.
+            Some(mut p) => {
+                p.user_properties.retain(|(k, _)| k != QOS0_TAG);
+                Some(p)
+            }
+            None => None,
+        };
         if qos == 2 && self.qos2.contains(&pkid) {
-            // A resend of a QoS 2 publish already taken: answer again, do not take it twice.
-            drop(self.acks.ticket());
-            self.held.push_back((pkid, 2));
+            // A resend of a QoS 2 publish already taken: answer again, never take it twice. If
+            // its PUBREC is still held, that one answer covers the resend too.
+            if !self.held.iter().any(|&(p, q)| p == pkid && q == 2) {
+                if self.shared.ack_after_commit() {
+                    drop(self.acks.ticket());
+                    self.held.push_back((pkid, 2));
+                } else {
+                    self.acknowledge(pkid, 2, Outcome::Safe)?;
+                }
+            }
             return Ok(());
         }
         let local_qos = qos.min(1);
@@ -546,10 +618,16 @@ impl Session {
                 self.acknowledge(pkid, qos, Outcome::Safe)?;
             }
         }
-        if !self.shared.ingest(event).await {
-            return Err(End::Shutdown);
+        // A takeover or shutdown must not wait behind a full pipeline: the event not handed
+        // over is not acknowledged either (the connection ends before its slot is answered).
+        tokio::select! {
+            handed = self.shared.ingest(event) => if handed { Ok(()) } else { Err(End::Shutdown) },
+            _ = self.stop.cancelled() => Err(self.why_stopped()),
         }
-        Ok(())
+    }
+
+    fn why_stopped(&self) -> End {
+        if self.taken.load(Ordering::Relaxed) { End::Takeover } else { End::Shutdown }
     }
 
     fn acknowledge(&mut self, pkid: u16, qos: u8, outcome: Outcome) -> Result<(), End> {
@@ -596,9 +674,19 @@ impl Session {
                 } else {
                     SubscribeReasonCode::Failure
                 });
+            } else if self.filters.len() + self.sys_filters.len() + router.len() >= MAX_FILTERS
+                && !self.filters.contains(&filter.path)
+            {
+                codes.push(if v5 {
+                    SubscribeReasonCode::QuotaExceeded
+                } else {
+                    SubscribeReasonCode::Failure
+                });
             } else if filter.path.starts_with("$SYS") {
                 codes.push(SubscribeReasonCode::Success(codec::qos(0)));
-                new_sys.push(filter.path);
+                if !self.sys_filters.contains(&filter.path) {
+                    new_sys.push(filter.path);
+                }
             } else if filter.path.starts_with('$') && !filter.path.starts_with("$share/") {
                 // Nothing publishes there; rumqttd would drop the connection for it.
                 codes.push(SubscribeReasonCode::Success(codec::qos(qos)));
@@ -626,7 +714,8 @@ impl Session {
             }
         }
         self.write(Packet::SubAck(SubAck { pkid: subscribe.pkid, return_codes: codes }, None));
-        for (filter, qos) in granted {
+        // Shared subscriptions get no retained messages (MQTT 5, 4.8.2).
+        for (filter, qos) in granted.into_iter().filter(|(f, _)| !f.starts_with("$share/")) {
             for (_, retained) in self.shared.retained_for(&filter) {
                 self.deliver(&retained.publish, retained.qos.min(qos), true, retained.properties, None);
             }
@@ -705,6 +794,18 @@ impl Session {
         properties: Option<PublishProperties>,
         router_pkid: Option<u16>,
     ) {
+        // A client that never acknowledges cannot exhaust the packet ids: past the cap it gets
+        // QoS 0 (and the router's ack, if any, is due at once).
+        let qos = if qos > 0 && self.out_inflight.len() >= MAX_OUT_INFLIGHT {
+            if let Some(r) = router_pkid
+                && let Some(entry) = self.router_acks.iter_mut().find(|(p, done)| *p == r && !done)
+            {
+                entry.1 = true;
+            }
+            0
+        } else {
+            qos
+        };
         let pkid = if qos > 0 { self.alloc_pkid(router_pkid) } else { 0 };
         let out = codec::publish_with(publish, qos, pkid, retain);
         let properties = if self.v5() { properties } else { None };
@@ -810,9 +911,24 @@ impl Session {
                 self.shared.subs.remove(&filter);
             }
         } else {
-            lock(&self.shared.offline).insert(self.client_id.clone(), filters);
+            // Merge, never overwrite: a connection taken over may close after its successor
+            // has already saved (or restored) the session; every filter stays counted once.
+            let mut offline = lock(&self.shared.offline);
+            let saved = offline.entry(self.client_id.clone()).or_default();
+            for filter in filters {
+                if !saved.insert(filter.clone()) {
+                    self.shared.subs.remove(&filter);
+                }
+            }
         }
         debug!(message = "sensor disconnected", client_id = %self.client_id, reason = ?end);
+    }
+}
+
+impl Drop for Session {
+    /// The link pump must end with the connection, however it ends (a panic included).
+    fn drop(&mut self) {
+        self.link_stop.cancel();
     }
 }
 

@@ -135,6 +135,20 @@ pub struct Retained {
     pub properties: Option<PublishProperties>,
 }
 
+/// Retained messages by topic, and the bytes they hold (bounded by `broker.max_retained` and
+/// `broker.max_retained_bytes`).
+#[derive(Debug, Default)]
+struct RetainedStore {
+    by_topic: HashMap<String, Retained>,
+    bytes: u64,
+}
+
+impl RetainedStore {
+    fn size(topic: &str, r: &Retained) -> u64 {
+        (topic.len() + r.publish.payload.len()) as u64
+    }
+}
+
 /// A client id's live connection, for takeover.
 struct Live {
     serial: u64,
@@ -150,7 +164,7 @@ pub struct Shared {
     pub ids: IdGen,
     pub events: mpsc::Sender<Event>,
     pub subs: Arc<SubIndex>,
-    retained: Mutex<HashMap<String, Retained>>,
+    retained: Mutex<RetainedStore>,
     live: Mutex<HashMap<String, Live>>,
     /// Filters of persistent (clean session = false) sessions whose client is offline; the
     /// router keeps queueing for them, so they stay in [`SubIndex`].
@@ -194,16 +208,24 @@ impl Shared {
 
     /// Stores, replaces or clears (empty payload) a retained message.
     pub fn retain(&self, topic: &str, message: Retained) {
-        let mut retained = lock(&self.retained);
+        let mut store = lock(&self.retained);
+        let freed = store.by_topic.get(topic).map_or(0, |old| RetainedStore::size(topic, old));
         if message.publish.payload.is_empty() {
-            retained.remove(topic);
-        } else if retained.len() < self.cfg.max_retained || retained.contains_key(topic) {
-            retained.insert(topic.to_owned(), message);
+            store.by_topic.remove(topic);
+            store.bytes -= freed;
+            return;
+        }
+        let size = RetainedStore::size(topic, &message);
+        let fits_count = store.by_topic.len() < self.cfg.max_retained || freed > 0;
+        let fits_bytes = store.bytes - freed + size <= self.cfg.max_retained_bytes.as_u64();
+        if fits_count && fits_bytes {
+            store.by_topic.insert(topic.to_owned(), message);
+            store.bytes = store.bytes - freed + size;
         } else {
-            drop(retained);
+            drop(store);
             Metrics::add(&self.metrics.counters().retained_refused, 1);
             if let Some(folded) = self.log_ready("retained") {
-                warn!(message = "retained message not kept: broker.max_retained topics are held already; raise it or clear retained topics with an empty retained publish", %topic, similar_since_last_log = folded);
+                warn!(message = "retained message not kept: broker.max_retained topics or broker.max_retained_bytes are held already; raise them or clear retained topics with an empty retained publish", %topic, similar_since_last_log = folded);
             }
         }
     }
@@ -212,6 +234,7 @@ impl Shared {
     pub fn retained_for(&self, filter: &str) -> Vec<(String, Retained)> {
         let filter = SubIndex::matching_part(filter);
         lock(&self.retained)
+            .by_topic
             .iter()
             .filter(|(topic, _)| topic_matches(topic, filter))
             .map(|(t, r)| (t.clone(), r.clone()))
