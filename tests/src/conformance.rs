@@ -4,7 +4,8 @@
 //! `outpost` binary). A [`Target`] is either one, started from the same [`BrokerSetup`] translated
 //! into each one's own configuration. A scenario talks to a target's [`Addrs`] with real MQTT
 //! clients over TCP ([`Client4`] and [`Client5`] wrap rumqttc 3.1.1 and 5 clients, [`RawV5`]
-//! writes MQTT 5 packets by hand where rumqttc refuses to) and returns a plain value.
+//! writes MQTT 5 packets by hand where rumqttc refuses to, and [`RawClient`] sends any packet
+//! bytes, 3.1.1 or 5, for clients that misbehave on purpose) and returns a plain value.
 //!
 //! # Invariants
 //! - Nothing a broker does makes a helper panic: a refused or dropped connection, a missing
@@ -587,10 +588,12 @@ async fn record(
     }
 }
 
-/// MQTT 5 control packet types (the high nibble of the first byte).
+/// MQTT control packet types (the high nibble of the first byte).
 pub mod packet_type {
     pub const CONNACK: u8 = 2;
+    pub const PUBLISH: u8 = 3;
     pub const PUBACK: u8 = 4;
+    pub const SUBACK: u8 = 9;
     pub const DISCONNECT: u8 = 14;
 }
 
@@ -605,43 +608,59 @@ pub enum RawRead {
     Silent,
 }
 
-/// A hand-written MQTT 5 client for what rumqttc will not send: a keepalive of 0 (its setter
-/// insists on at least 5 s) and a packet over the broker's advertised maximum (its event loop
-/// refuses to write one).
-pub struct RawV5 {
-    stream: TcpStream,
+/// How a broker answered a packet (the first thing it sent back afterwards).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Answer {
+    /// An MQTT 5 DISCONNECT with this reason code; then whether the broker closed the
+    /// connection.
+    Disconnect { reason: Code, then_closed: bool },
+    /// Another packet, by type (e.g. [`packet_type::PUBACK`]: the broker took the publish).
+    Packet { packet_type: u8 },
+    /// The connection closed without a packet.
+    Closed,
+    /// Nothing within the timeout.
+    Silent,
 }
 
-impl RawV5 {
-    /// Connects with a clean start, no properties and no credentials, and waits for the
-    /// CONNACK.
-    pub async fn connect(
-        addr: SocketAddr,
-        client_id: &str,
-        keep_alive_secs: u16,
-    ) -> Result<RawV5, ConnectOutcome> {
+/// A hand-written MQTT client, 3.1.1 or 5 alike: it sends whatever bytes it is given, for what
+/// no client library sends on purpose (a topic with U+0000, a topic alias the broker did not
+/// offer, a subscription identifier in a PUBLISH). Dropping it closes the connection.
+pub struct RawClient {
+    stream: TcpStream,
+    /// The CONNACK's body (after the remaining length).
+    connack: Vec<u8>,
+}
+
+impl RawClient {
+    /// Connects, sends `connect` (a whole CONNECT packet, see [`raw`]) and waits for the
+    /// CONNACK; `name` labels the client in messages. A CONNACK with a non-zero code is
+    /// [`ConnectOutcome::Refused`].
+    pub async fn connect(addr: SocketAddr, name: &str, connect: &[u8]) -> Result<RawClient, ConnectOutcome> {
         let stream = match timeout(CONNACK_TIMEOUT, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
-                eprintln!("raw client {client_id}: cannot connect to {addr}: {error}");
+                eprintln!("raw client {name}: cannot connect to {addr}: {error}");
                 return Err(ConnectOutcome::Closed);
             }
             Err(_) => return Err(ConnectOutcome::NoConnack),
         };
-        let mut raw = RawV5 { stream };
-        if raw.write(&raw::connect_v5(client_id, keep_alive_secs)).await.is_err() {
+        let mut client = RawClient { stream, connack: Vec::new() };
+        if client.send(connect).await.is_err() {
             return Err(ConnectOutcome::Closed);
         }
-        match raw.read(CONNACK_TIMEOUT).await {
+        match client.read(CONNACK_TIMEOUT).await {
             RawRead::Packet { first_byte, body } if first_byte >> 4 == packet_type::CONNACK => {
                 match body.get(1) {
-                    Some(0) => Ok(raw),
+                    Some(0) => {
+                        client.connack = body;
+                        Ok(client)
+                    }
                     Some(&code) => Err(ConnectOutcome::Refused(Code(code))),
                     None => Err(ConnectOutcome::Closed),
                 }
             }
             RawRead::Packet { first_byte, .. } => {
-                eprintln!("raw client {client_id}: expected a CONNACK, got packet {first_byte:#04x}");
+                eprintln!("raw client {name}: expected a CONNACK, got packet {first_byte:#04x}");
                 Err(ConnectOutcome::Closed)
             }
             RawRead::Closed => Err(ConnectOutcome::Closed),
@@ -649,14 +668,16 @@ impl RawV5 {
         }
     }
 
-    /// Writes a QoS 1 PUBLISH (packet id 1, no properties); `Err` if the write failed.
-    pub async fn publish_qos1(&mut self, topic: &str, payload: &[u8]) -> std::io::Result<()> {
-        let mut variable = Vec::with_capacity(topic.len() + payload.len() + 8);
-        raw::put_str(&mut variable, topic);
-        variable.extend_from_slice(&1u16.to_be_bytes()); // Packet id.
-        variable.push(0); // No properties.
-        variable.extend_from_slice(payload);
-        self.write(&raw::packet(0x32, &variable)).await
+    /// The body of the CONNACK that accepted this client (flags, code and, in MQTT 5, its
+    /// properties; see [`raw::connack_properties`]).
+    pub fn connack(&self) -> &[u8] {
+        &self.connack
+    }
+
+    /// Writes `packet` (or several packets back to back) and flushes.
+    pub async fn send(&mut self, packet: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(packet).await?;
+        self.stream.flush().await
     }
 
     /// Reads the next packet, waiting up to `within`.
@@ -668,9 +689,62 @@ impl RawV5 {
         }
     }
 
-    async fn write(&mut self, packet: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(packet).await?;
-        self.stream.flush().await
+    /// Reads the broker's answer to what was just sent, waiting up to [`ACK_TIMEOUT`]; after a
+    /// DISCONNECT, up to [`CLOSE_TIMEOUT`] more for the connection to close.
+    pub async fn answer(&mut self) -> Answer {
+        match self.read(ACK_TIMEOUT).await {
+            RawRead::Packet { first_byte, body } if first_byte >> 4 == packet_type::DISCONNECT => {
+                // A DISCONNECT without a body means reason 0x00.
+                let reason = Code(body.first().copied().unwrap_or(0));
+                let then_closed = self.read(CLOSE_TIMEOUT).await == RawRead::Closed;
+                Answer::Disconnect { reason, then_closed }
+            }
+            RawRead::Packet { first_byte, .. } => Answer::Packet { packet_type: first_byte >> 4 },
+            RawRead::Closed => Answer::Closed,
+            RawRead::Silent => Answer::Silent,
+        }
+    }
+
+    /// Splits the connection into halves that a reader task and a writer task can own.
+    pub fn into_split(self) -> (tokio::net::tcp::OwnedReadHalf, tokio::net::tcp::OwnedWriteHalf) {
+        self.stream.into_split()
+    }
+}
+
+/// Connects a raw client with the CONNECT `connect` and returns what the broker did: a CONNACK
+/// code, or the connection closing (or staying silent) without one. The connection is closed
+/// afterwards, without a DISCONNECT (a will, if accepted, is then due).
+pub async fn raw_connect_outcome(addr: SocketAddr, name: &str, connect: &[u8]) -> ConnectOutcome {
+    RawClient::connect(addr, name, connect).await.map_or_else(|outcome| outcome, |_| ConnectOutcome::Accepted)
+}
+
+/// A hand-written MQTT 5 client for what rumqttc will not send: a keepalive of 0 (its setter
+/// insists on at least 5 s) and a packet over the broker's advertised maximum (its event loop
+/// refuses to write one).
+pub struct RawV5 {
+    client: RawClient,
+}
+
+impl RawV5 {
+    /// Connects with a clean start, no properties and no credentials, and waits for the
+    /// CONNACK.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: &str,
+        keep_alive_secs: u16,
+    ) -> Result<RawV5, ConnectOutcome> {
+        let connect = raw::connect_v5(client_id, keep_alive_secs);
+        Ok(RawV5 { client: RawClient::connect(addr, client_id, &connect).await? })
+    }
+
+    /// Writes a QoS 1 PUBLISH (packet id 1, no properties); `Err` if the write failed.
+    pub async fn publish_qos1(&mut self, topic: &str, payload: &[u8]) -> std::io::Result<()> {
+        self.client.send(&raw::publish_v5(topic, 1, 1, &[], payload)).await
+    }
+
+    /// Reads the next packet, waiting up to `within`.
+    pub async fn read(&mut self, within: Duration) -> RawRead {
+        self.client.read(within).await
     }
 }
 

@@ -15,6 +15,11 @@
 //! wrong password with "not authorized" (5 / 0x87), Outpost with "bad user name or password"
 //! (4 / 0x86); everything else about it must match.
 //!
+//! Two scenarios guard against a client hurting the broker for everyone: QoS 0 publishes keep
+//! reaching a QoS 1 subscriber past the first 100 (Outpost once stopped there: deliveries
+//! downgraded to QoS 0 never released the router's in-flight slots), and a publish to a topic
+//! with U+0000 costs its sender the connection and nobody else anything.
+//!
 //! One test has no reference: `a_full_broker_answers_server_busy`. Mosquitto closes the socket
 //! of a client over its `max_connections` without any CONNACK, so there is nothing to compare;
 //! Outpost's answer is checked against the specification alone.
@@ -24,11 +29,11 @@ use std::fmt::Debug;
 use std::time::Duration;
 
 use outpost_e2e::conformance::{
-    ACK_TIMEOUT, Addrs, BrokerSetup, CLOSE_TIMEOUT, Client4, Client5, Code, ConnectOutcome, MAX_PACKET_BYTES,
-    PublishOutcome, RawRead, RawV5, Received, Recorder, SubscribeFailure, Target, options4, options5,
-    packet_type, qos_number,
+    ACK_TIMEOUT, Addrs, Answer, BrokerSetup, CLOSE_TIMEOUT, Client4, Client5, Code, ConnectOutcome,
+    MAX_PACKET_BYTES, PublishOutcome, RawClient, RawRead, RawV5, Received, Recorder, SubscribeFailure,
+    Target, options4, options5, packet_type, qos_number,
 };
-use outpost_e2e::require_mosquitto;
+use outpost_e2e::{raw, require_mosquitto};
 use rumqttc::QoS;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::v5::mqttbytes::v5::LastWill;
@@ -696,4 +701,183 @@ async fn a_full_broker_answers_server_busy() {
         "scenario server busy, MQTT 5: Outpost (left)\n{}",
         for_v5.tail()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// QoS 0 publishes to a QoS 1 subscriber: delivered at QoS 0, all of them, however many.
+
+/// Three times the router's 100 in-flight slots per link, which Outpost once never released
+/// for deliveries it downgraded to QoS 0.
+const QOS0_MESSAGES: usize = 300;
+
+#[derive(Debug, PartialEq)]
+struct Qos0ToQos1 {
+    subscriber: Result<(), SubscribeFailure>,
+    /// How the publishes went: outcome → count.
+    published: BTreeMap<PublishOutcome, usize>,
+    received: usize,
+    /// The QoS levels the messages arrived at.
+    delivered_qos: BTreeSet<u8>,
+    /// Whether the payloads arrived once each and in the order they were published.
+    in_order: bool,
+}
+
+async fn qos0_to_qos1(addrs: Addrs) -> Qos0ToQos1 {
+    let mut recorder = Recorder::start(addrs.v4, "t/#", QoS::AtLeastOnce).await;
+    let mut published = BTreeMap::new();
+    match Client4::connect(options4(addrs.v4, "qos0-publisher")).await {
+        Ok(mut publisher) => {
+            for index in 0..QOS0_MESSAGES {
+                let sent =
+                    publisher.publish("t/qos0", QoS::AtMostOnce, false, index.to_string().as_bytes()).await;
+                *published.entry(sent).or_insert(0) += 1;
+            }
+            publisher.disconnect().await;
+        }
+        Err(outcome) => {
+            published.insert(PublishOutcome::Closed, QOS0_MESSAGES);
+            eprintln!("the QoS 0 publisher was not accepted: {outcome:?}");
+        }
+    }
+    let messages = match &mut recorder {
+        Ok(recorder) => recorder.wait_until(MANY_TIMEOUT, |messages| messages.len() >= QOS0_MESSAGES).await,
+        Err(_) => Vec::new(),
+    };
+    let payloads: Vec<String> = messages.iter().map(|message| message.payload.clone()).collect();
+    let expected: Vec<String> = (0..QOS0_MESSAGES).map(|index| index.to_string()).collect();
+    Qos0ToQos1 {
+        subscriber: recorder.map(drop),
+        published,
+        received: messages.len(),
+        delivered_qos: messages.iter().map(|message| message.qos).collect(),
+        in_order: payloads == expected,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_subscriber_keeps_receiving_qos0_publishes_past_100() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = Qos0ToQos1 {
+        subscriber: Ok(()),
+        published: BTreeMap::from([(PublishOutcome::Sent, QOS0_MESSAGES)]),
+        received: QOS0_MESSAGES,
+        delivered_qos: BTreeSet::from([0]),
+        in_order: true,
+    };
+    conform("QoS 0 to a QoS 1 subscriber", BrokerSetup::anonymous(), expected, qos0_to_qos1).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A publish to a topic with U+0000 (forbidden in every MQTT string): the sender's connection
+// is closed, and everyone else carries on.
+
+/// A topic with U+0000 in the middle, under the subscribers' filter.
+const NUL_TOPIC: &str = "t/bad\u{0}topic";
+/// Published by a well-behaved client once the poisoner was dealt with.
+const AFTER_TOPIC: &str = "t/after";
+
+#[derive(Debug, PartialEq)]
+struct NulTopic {
+    /// A `t/#` subscriber connected before the poisoner.
+    watcher: Result<(), SubscribeFailure>,
+    /// The MQTT 3.1.1 client that publishes to the topic with U+0000 (QoS 1).
+    poisoner_v311: ConnectOutcome,
+    answer_v311: Option<Answer>,
+    /// The same from an MQTT 5 client.
+    poisoner_v5: ConnectOutcome,
+    answer_v5: Option<Answer>,
+    /// A `t/#` subscriber connected afterwards.
+    newcomer: Result<(), SubscribeFailure>,
+    /// A well-behaved client's QoS 1 publish to [`AFTER_TOPIC`] afterwards.
+    after: Option<PublishOutcome>,
+    /// What each subscriber received, up to the well-behaved publish.
+    watcher_received: Vec<Received>,
+    newcomer_received: Vec<Received>,
+}
+
+/// Connects with `connect`, sends `publish`, and returns the CONNACK and the answer.
+async fn poison(
+    addr: std::net::SocketAddr,
+    connect: &[u8],
+    publish: &[u8],
+) -> (ConnectOutcome, Option<Answer>) {
+    match RawClient::connect(addr, "poisoner", connect).await {
+        Ok(mut client) => {
+            // A failed write (the broker may close early) still leaves its answer to be read.
+            let _ = client.send(publish).await;
+            (ConnectOutcome::Accepted, Some(client.answer().await))
+        }
+        Err(outcome) => (outcome, None),
+    }
+}
+
+async fn nul_topic(addrs: Addrs) -> NulTopic {
+    let mut watcher = Recorder::start(addrs.v4, "t/#", QoS::AtLeastOnce).await;
+    let (poisoner_v311, answer_v311) = poison(
+        addrs.v4,
+        &raw::connect_v311("poisoner-311", 30),
+        &raw::publish_v311(NUL_TOPIC, 1, 1, false, b"poison"),
+    )
+    .await;
+    let (poisoner_v5, answer_v5) = poison(
+        addrs.v5,
+        &raw::connect_v5("poisoner-5", 30),
+        &raw::publish_v5(NUL_TOPIC, 1, 1, &[], b"poison"),
+    )
+    .await;
+    let mut newcomer = Recorder::start(addrs.v4, "t/#", QoS::AtLeastOnce).await;
+    let after = match Client4::connect(options4(addrs.v4, "well-behaved")).await {
+        Ok(mut client) => {
+            let published = client.publish(AFTER_TOPIC, QoS::AtLeastOnce, false, b"fine").await;
+            client.disconnect().await;
+            Some(published)
+        }
+        Err(_) => None,
+    };
+    let until_after = async |recorder: &mut Result<Recorder, SubscribeFailure>| match recorder {
+        Ok(recorder) => {
+            recorder
+                .wait_until(ACK_TIMEOUT, |messages| {
+                    messages.iter().any(|message| message.topic == AFTER_TOPIC)
+                })
+                .await
+        }
+        Err(_) => Vec::new(),
+    };
+    let watcher_received = until_after(&mut watcher).await;
+    let newcomer_received = until_after(&mut newcomer).await;
+    NulTopic {
+        watcher: watcher.map(drop),
+        poisoner_v311,
+        answer_v311,
+        poisoner_v5,
+        answer_v5,
+        newcomer: newcomer.map(drop),
+        after,
+        watcher_received,
+        newcomer_received,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_to_a_topic_with_nul_closes_only_that_connection() {
+    if !require_mosquitto() {
+        return;
+    }
+    let fine = vec![Received::new(AFTER_TOPIC, "fine", 1, false)];
+    let expected = NulTopic {
+        watcher: Ok(()),
+        poisoner_v311: ConnectOutcome::Accepted,
+        answer_v311: Some(Answer::Closed),
+        poisoner_v5: ConnectOutcome::Accepted,
+        // U+0000 makes the packet malformed (MQTT 5, [MQTT-1.5.4-2]): DISCONNECT 0x81.
+        answer_v5: Some(Answer::Disconnect { reason: Code(0x81), then_closed: true }),
+        newcomer: Ok(()),
+        after: Some(PublishOutcome::Acked),
+        watcher_received: fine.clone(),
+        newcomer_received: fine,
+    };
+    conform("topic with U+0000", BrokerSetup::anonymous(), expected, nul_topic).await;
 }

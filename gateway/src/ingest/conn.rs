@@ -76,6 +76,8 @@ enum End {
     Eof,
     Io(std::io::Error),
     Protocol(String),
+    /// A packet that breaks MQTT's encoding rules (MQTT 5 reason 0x81, not 0x82).
+    Malformed(String),
     Oversize(usize),
     Keepalive,
     Takeover,
@@ -92,6 +94,7 @@ impl End {
     fn reason(&self) -> Option<DisconnectReasonCode> {
         Some(match self {
             End::Protocol(_) => DisconnectReasonCode::ProtocolError,
+            End::Malformed(_) => DisconnectReasonCode::MalformedPacket,
             End::Oversize(_) => DisconnectReasonCode::PacketTooLarge,
             End::Keepalive => DisconnectReasonCode::KeepAliveTimeout,
             End::Takeover => DisconnectReasonCode::SessionTakenOver,
@@ -463,7 +466,7 @@ impl Session {
                     }
                     Err(protocol::Error::InsufficientBytes(_)) => break,
                     Err(protocol::Error::PayloadSizeLimitExceeded(n)) => return End::Oversize(n),
-                    Err(e) => return End::Protocol(format!("malformed packet: {e:?}")),
+                    Err(e) => return End::Malformed(format!("malformed packet: {e:?}")),
                 }
             }
             if let Err(end) = self.on_acks_ready() {
@@ -553,11 +556,15 @@ impl Session {
             return Err(End::Oversize(publish.payload.len()));
         }
         let topic = match std::str::from_utf8(&publish.topic) {
+            // U+0000 and invalid UTF-8 break the encoding itself ([MQTT-1.5.4-1/2]).
+            Ok(t) if t.contains('\0') => {
+                return Err(End::Malformed(format!("publish topic {t:?} contains U+0000")));
+            }
             Ok(t) => match invalid_topic(t) {
                 None => t.to_owned(),
                 Some(why) => return Err(End::Protocol(format!("publish topic {t:?}: {why}"))),
             },
-            Err(_) => return Err(End::Protocol("topic is not UTF-8".to_owned())),
+            Err(_) => return Err(End::Malformed("topic is not UTF-8".to_owned())),
         };
         if qos == 2 && self.v5() {
             return Err(End::Protocol("QoS 2 publish after CONNACK announced maximum QoS 1".to_owned()));
@@ -873,7 +880,7 @@ impl Session {
                     warn!(message = "a sensor sent a packet larger than broker.max_payload and its connection was closed; raise broker.max_payload or fix the sensor", client_id = %self.client_id, size, similar_since_last_log = folded);
                 }
             }
-            End::Protocol(why) => {
+            End::Protocol(why) | End::Malformed(why) => {
                 Metrics::add(&counters.protocol_errors, 1);
                 if let Some(folded) = self.shared.log_ready("protocol") {
                     warn!(message = "a sensor broke the MQTT protocol and its connection was closed; fix the sensor's MQTT client", client_id = %self.client_id, reason = %why, similar_since_last_log = folded);

@@ -1,0 +1,413 @@
+//! Hostile clients: one sensor (or actuator) that misbehaves on purpose must cost only its own
+//! connection, never the gateway's uplink, its local fan-out or its ability to stop.
+//!
+//! These are Outpost-only, not conformance scenarios against mosquitto: what they check lives
+//! behind the broker (the store-and-forward uplink and its counters, the rumqttd router link
+//! every local delivery shares, the gateway's single pipeline thread and its shutdown), which
+//! mosquitto has no counterpart of. What a client can see of the same misbehaviour — the broker
+//! closing the connection of a client that publishes to a topic with U+0000, QoS 0 publishes
+//! reaching a QoS 1 subscriber past the router's 100 in-flight slots — is compared with
+//! mosquitto in `conformance.rs`.
+//!
+//! The misbehaving clients are hand-written ([`RawClient`], `outpost_e2e::raw`): rumqttc will
+//! not publish to a wildcard or U+0000 topic, use a topic alias the broker did not offer, put a
+//! subscription identifier in a PUBLISH, or withhold every PUBACK.
+//!
+//! Every wait is on an event (a packet, the connection closing, a message arriving, a log
+//! line, the process exiting) and bounded; a healthy run of each test takes one to two seconds.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use outpost_e2e::conformance::{
+    Answer, CONNACK_TIMEOUT, Client4, Code, ConnectOutcome, PublishOutcome, RawClient, Received, Recorder,
+    options4, packet_type, raw_connect_outcome,
+};
+use outpost_e2e::gateway::GatewaySpec;
+use outpost_e2e::mqtt::{Session, Subscriber, publish_qos1};
+use outpost_e2e::raw;
+use outpost_e2e::require_mosquitto;
+use outpost_e2e::upstream::Mosquitto;
+use rumqttc::QoS;
+use tokio::io::AsyncWriteExt as _;
+use tokio::sync::watch;
+
+/// Bound for anything a healthy gateway does in well under a second.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A topic with U+0000 in the middle: valid UTF-8, forbidden in every MQTT string.
+const NUL_TOPIC: &str = "sensors/bad\u{0}topic";
+
+// ---------------------------------------------------------------------------------------------
+// A poison topic never reaches the uplink.
+
+/// Events published after the poison attempts; all of them must arrive upstream.
+const AFTER_POISON: usize = 50;
+
+/// How a broker refused a publish, its reason code left out (`conformance.rs` compares that
+/// with mosquitto).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// The connection closed (MQTT 3.1.1 has no other way).
+    Closed,
+    /// An MQTT 5 DISCONNECT with an error code (0x80 or above), then the connection closed.
+    ErrorDisconnect,
+    /// Anything else, e.g. a PUBACK: not refused.
+    Not(Answer),
+}
+
+impl From<Answer> for Refusal {
+    fn from(answer: Answer) -> Refusal {
+        match answer {
+            Answer::Closed => Refusal::Closed,
+            Answer::Disconnect { reason: Code(0x80..), then_closed: true } => Refusal::ErrorDisconnect,
+            other => Refusal::Not(other),
+        }
+    }
+}
+
+/// What [`a_poison_topic_never_reaches_the_uplink`] observed.
+#[derive(Debug, PartialEq)]
+struct Poisoned {
+    /// A QoS 1 publish to [`NUL_TOPIC`], over MQTT 3.1.1 and 5.
+    publish_v311: Refusal,
+    publish_v5: Refusal,
+    /// A CONNECT with a will on `w/#`, over MQTT 3.1.1 and 5.
+    will_v311: ConnectOutcome,
+    will_v5: ConnectOutcome,
+    /// Whether every well-formed event published afterwards was acknowledged.
+    after_acked: bool,
+    /// What arrived upstream, as `(topic, payload)`.
+    upstream: Vec<(String, String)>,
+    /// Whether the gateway exited 0 after SIGTERM.
+    clean_exit: bool,
+    /// Final counters: publishes and wills that entered the pipeline, wills published, uplink
+    /// connections and their failures.
+    ingested: u64,
+    wills_published: u64,
+    upstream_connects: u64,
+    upstream_failures: u64,
+}
+
+/// A publish to a topic with U+0000 and a will on a wildcard topic would, once in the buffer,
+/// be sent upstream, where the broker closes the uplink for it — again after every reconnect,
+/// so nothing behind it would ever be delivered. The gateway refuses both at the door.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poison_topic_never_reaches_the_uplink() {
+    if !require_mosquitto() {
+        return;
+    }
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let mut subscriber =
+        Subscriber::start(upstream.addr(), "#", Session::Clean).await.expect("subscribe upstream");
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway =
+        GatewaySpec::new(data.path()).upstream(upstream.url()).start().await.expect("start the gateway");
+    gateway.wait_for_message("connected upstream", TIMEOUT).await.expect("the uplink connects");
+    let listen = gateway.listen();
+
+    let publish_v311 = poison(
+        listen,
+        &raw::connect_v311("poisoner-311", 30),
+        &raw::publish_v311(NUL_TOPIC, 1, 1, false, b"p"),
+    )
+    .await;
+    let publish_v5 =
+        poison(listen, &raw::connect_v5("poisoner-5", 30), &raw::publish_v5(NUL_TOPIC, 1, 1, &[], b"p"))
+            .await;
+    // Each will client goes away without a DISCONNECT (the raw client is dropped), which is
+    // when an accepted will would be published.
+    let will_v311 =
+        raw_connect_outcome(listen, "will-311", &raw::connect_v311_with_will("will-311", 30, "w/#", b"gone"))
+            .await;
+    let will_v5 =
+        raw_connect_outcome(listen, "will-5", &raw::connect_v5_with_will("will-5", 30, "w/#", b"gone")).await;
+
+    let payloads: Vec<String> = (0..AFTER_POISON).map(|n| format!("{{\"n\":{n}}}")).collect();
+    let bytes = payloads.iter().map(|p| p.clone().into_bytes());
+    let after = publish_qos1(listen, "sensor-after", "sensors/after", bytes, TIMEOUT).await;
+    if let Err(error) = &after {
+        eprintln!("the events after the poison: {error:#}");
+    }
+    // Ends as soon as they all arrived; a failure shows in the comparison below.
+    if let Err(error) = subscriber.wait_for_count(AFTER_POISON as u64, TIMEOUT).await {
+        eprintln!("upstream: {error:#}\n{}", upstream.tail());
+    }
+
+    let exit = gateway.terminate().await;
+    let counters = gateway.final_counters().unwrap_or_default();
+    // The `stopped` line lists the counters that are not 0.
+    let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
+    let observed = Poisoned {
+        publish_v311: publish_v311.into(),
+        publish_v5: publish_v5.into(),
+        will_v311,
+        will_v5,
+        after_acked: after.is_ok(),
+        upstream: subscriber
+            .messages()
+            .into_iter()
+            .map(|(topic, payload)| (topic, String::from_utf8_lossy(&payload).into_owned()))
+            .collect(),
+        clean_exit: exit.is_ok_and(|status| status.success()),
+        ingested: counter("ingested"),
+        wills_published: counter("wills_published"),
+        upstream_connects: counter("upstream_connects"),
+        upstream_failures: counter("upstream_failures"),
+    };
+    let expected = Poisoned {
+        publish_v311: Refusal::Closed,
+        publish_v5: Refusal::ErrorDisconnect,
+        // MQTT 3.1.1 has no CONNACK code for an invalid will topic: the connection is closed.
+        will_v311: ConnectOutcome::Closed,
+        // MQTT 5: 0x90 "topic name invalid".
+        will_v5: ConnectOutcome::Refused(Code(0x90)),
+        after_acked: true,
+        // Exactly the well-formed events, in order.
+        upstream: payloads.into_iter().map(|p| ("sensors/after".to_owned(), p)).collect(),
+        clean_exit: true,
+        // Nothing poisoned entered the pipeline.
+        ingested: AFTER_POISON as u64,
+        wills_published: 0,
+        // One uplink connection, never lost: no reconnect loop.
+        upstream_connects: 1,
+        upstream_failures: 0,
+    };
+    assert_eq!(observed, expected, "final counters: {counters:?}\n{}", gateway.tail());
+    // At least the two refused publishes (the refused wills may be counted too).
+    assert!(counter("protocol_errors") >= 2, "the refused publishes are counted: {counters:?}");
+}
+
+/// Connects a raw client with `connect`, sends `publish` and returns the gateway's answer.
+async fn poison(addr: SocketAddr, connect: &[u8], publish: &[u8]) -> Answer {
+    let mut client = RawClient::connect(addr, "poisoner", connect).await.expect("the poisoner is accepted");
+    // A failed write (the gateway may close early) still leaves its answer to be read.
+    let _ = client.send(publish).await;
+    client.answer().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packet-id exhaustion cannot hang the gateway.
+
+/// SUBSCRIBE packets the hoarder sends. Each one makes the broker send the retained message
+/// again (MQTT-3.8.4-3), at QoS 1 while it can: more than the 65,535 packet ids there are,
+/// none of them ever acknowledged.
+const SUBSCRIBES: usize = 70_000;
+/// QoS 1 publishes the second client sends while the hoarder holds its deliveries.
+const BYSTANDER_PUBLISHES: usize = 10;
+
+/// What the hoarder's reader has seen so far.
+#[derive(Debug, Clone, Default)]
+struct Hoard {
+    subacks: usize,
+    qos0: usize,
+    qos1: usize,
+    /// QoS 1 deliveries that reused a packet id still unacknowledged (all of them are).
+    reused_ids: usize,
+    /// Packets other than SUBACK and well-formed PUBLISH, by first byte.
+    other: Vec<u8>,
+    closed: bool,
+}
+
+/// Reads everything the gateway sends the hoarder and never acknowledges any of it.
+async fn read_hoard(mut read: tokio::net::tcp::OwnedReadHalf, hoard: watch::Sender<Hoard>) {
+    let mut unacked = HashSet::new();
+    loop {
+        let Ok((first_byte, body)) = raw::read_packet(&mut read).await else {
+            hoard.send_modify(|hoard| hoard.closed = true);
+            return;
+        };
+        hoard.send_modify(|hoard| match first_byte >> 4 {
+            packet_type::SUBACK => hoard.subacks += 1,
+            packet_type::PUBLISH if (first_byte >> 1) & 0b11 == 0 => hoard.qos0 += 1,
+            packet_type::PUBLISH => match packet_id(&body) {
+                Some(id) => {
+                    hoard.qos1 += 1;
+                    if !unacked.insert(id) {
+                        hoard.reused_ids += 1;
+                    }
+                }
+                None => hoard.other.push(first_byte),
+            },
+            _ => hoard.other.push(first_byte),
+        });
+    }
+}
+
+/// The packet id of a QoS 1 or 2 PUBLISH `body`; `None` if it is too short to hold one.
+fn packet_id(body: &[u8]) -> Option<u16> {
+    let topic_length = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let id = body.get(2 + topic_length..4 + topic_length)?;
+    Some(u16::from_be_bytes([id[0], id[1]]))
+}
+
+/// A client that subscribes to a retained QoS 1 message over and over and never sends a
+/// PUBACK must not be able to exhaust its packet ids into a hang: the gateway keeps serving
+/// others, and stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_id_exhaustion_cannot_hang_the_gateway() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path()).start().await.expect("start the gateway");
+    let listen = gateway.listen();
+
+    let mut retainer = Client4::connect(options4(listen, "retainer")).await.expect("the retainer connects");
+    let retained = retainer.publish("r/x", QoS::AtLeastOnce, true, b"kept").await;
+    assert_eq!(retained, PublishOutcome::Acked, "the retained publish\n{}", gateway.tail());
+    retainer.disconnect().await;
+
+    let hoarder = RawClient::connect(listen, "hoarder", &raw::connect_v311("hoarder", 0))
+        .await
+        .unwrap_or_else(|outcome| panic!("the hoarder is accepted: {outcome:?}\n{}", gateway.tail()));
+    let (read, mut write) = hoarder.into_split();
+    let (hoard_tx, mut hoard) = watch::channel(Hoard::default());
+    let reader = tokio::spawn(read_hoard(read, hoard_tx));
+    let flood: Vec<u8> = (0..SUBSCRIBES)
+        .flat_map(|n| raw::subscribe_v311(u16::try_from(n % 65_535 + 1).expect("below 65,536"), "r/#", 1))
+        .collect();
+    let started = Instant::now();
+    // Written from a task of its own: the reader must keep reading while the flood goes out.
+    let writer = tokio::spawn(async move {
+        write.write_all(&flood).await?;
+        write.flush().await?;
+        // Kept open (no FIN) until the test ends: the hoarder just stops talking.
+        std::future::pending::<std::io::Result<()>>().await
+    });
+
+    // The gateway answers every SUBSCRIBE and sends the retained message for each.
+    let flooded =
+        tokio::time::timeout(TIMEOUT, hoard.wait_for(|h| h.closed || h.qos0 + h.qos1 >= SUBSCRIBES))
+            .await
+            .is_ok_and(|waited| waited.is_ok());
+    let seen = hoard.borrow().clone();
+    assert!(
+        flooded && !seen.closed,
+        "the hoarder got {} SUBACKs and {} retained deliveries of {SUBSCRIBES} within {TIMEOUT:?} (closed: {})\n{}",
+        seen.subacks,
+        seen.qos0 + seen.qos1,
+        seen.closed,
+        gateway.tail()
+    );
+    println!(
+        "hoarder: {SUBSCRIBES} SUBSCRIBEs answered in {:?}: {} retained deliveries at QoS 1, {} at QoS 0",
+        started.elapsed(),
+        seen.qos1,
+        seen.qos0
+    );
+    assert_eq!(seen.subacks, SUBSCRIBES, "one SUBACK per SUBSCRIBE: {seen:?}");
+    assert_eq!(seen.reused_ids, 0, "no packet id reused while its delivery is unacknowledged: {seen:?}");
+    assert!(seen.other.is_empty(), "only SUBACKs and PUBLISHes: {seen:?}");
+
+    // Someone else connects, publishes and is acknowledged while the hoarder holds everything.
+    let connecting = Instant::now();
+    let mut bystander = Client4::connect(options4(listen, "bystander")).await.unwrap_or_else(|outcome| {
+        panic!("the bystander gets a CONNACK within {CONNACK_TIMEOUT:?}: {outcome:?}\n{}", gateway.tail())
+    });
+    for n in 0..BYSTANDER_PUBLISHES {
+        let published =
+            bystander.publish("sensors/bystander", QoS::AtLeastOnce, false, n.to_string().as_bytes()).await;
+        assert_eq!(published, PublishOutcome::Acked, "bystander publish {n}\n{}", gateway.tail());
+    }
+    println!("bystander: connected and {BYSTANDER_PUBLISHES} PUBACKs in {:?}", connecting.elapsed());
+    bystander.disconnect().await;
+
+    // SIGTERM with the hoarder still connected and still owed every PUBACK.
+    let stopping = Instant::now();
+    let status = gateway.terminate().await.unwrap_or_else(|e| panic!("the gateway stops on SIGTERM: {e:#}"));
+    println!("gateway: stopped in {:?}", stopping.elapsed());
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    writer.abort();
+    reader.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A topic alias or a subscription identifier in a PUBLISH costs only the sender's connection.
+
+/// Messages the well-behaved client publishes afterwards.
+const AFTER_REFUSED: usize = 10;
+
+/// What [`a_v5_publish_with_topic_alias_or_subscription_identifier_is_refused_and_fan_out_goes_on`]
+/// observed.
+#[derive(Debug, PartialEq)]
+struct FanOut {
+    /// The answers to a PUBLISH with a topic alias, and to one with a subscription identifier.
+    aliased: Answer,
+    identified: Answer,
+    /// Whether the well-behaved client's publishes were all acknowledged.
+    after_acked: bool,
+    /// What a local subscriber from before and one from after received.
+    before: Vec<Received>,
+    after: Vec<Received>,
+    /// Whether the gateway exited 0 after SIGTERM.
+    clean_exit: bool,
+    protocol_errors: u64,
+}
+
+/// rumqttd's router disconnects the link a PUBLISH with a topic alias or a subscription
+/// identifier arrives on, and all local fan-out goes through one internal link; the gateway
+/// must refuse such a publish itself, so that delivery keeps working for everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_v5_publish_with_topic_alias_or_subscription_identifier_is_refused_and_fan_out_goes_on() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path()).start().await.expect("start the gateway");
+    let listen = gateway.listen();
+    let mut before = Recorder::start(listen, "a/#", QoS::AtLeastOnce).await.expect("the local subscriber");
+
+    // Topic alias 1 (QoS 1), although the CONNACK offered none.
+    let mut aliaser = RawClient::connect(listen, "aliaser", &raw::connect_v5("aliaser", 30))
+        .await
+        .unwrap_or_else(|outcome| panic!("the aliaser is accepted: {outcome:?}\n{}", gateway.tail()));
+    let properties = raw::connack_properties(aliaser.connack()).expect("well-formed CONNACK properties");
+    let alias_maximum = properties.iter().find(|(id, _)| *id == raw::property::TOPIC_ALIAS_MAXIMUM);
+    assert!(
+        alias_maximum.is_none_or(|(_, value)| value == &[0, 0]),
+        "the CONNACK offers no topic aliases (maximum absent or 0): {properties:?}"
+    );
+    let _ = aliaser.send(&raw::publish_v5("a/b", 1, 1, &raw::topic_alias(1), b"aliased")).await;
+    let aliased = aliaser.answer().await;
+
+    // A subscription identifier, which only a server may put in a PUBLISH (QoS 0 this time).
+    let mut identifier = RawClient::connect(listen, "identifier", &raw::connect_v5("identifier", 30))
+        .await
+        .unwrap_or_else(|outcome| panic!("the second client is accepted: {outcome:?}\n{}", gateway.tail()));
+    let _ =
+        identifier.send(&raw::publish_v5("a/b", 0, 0, &raw::subscription_identifier(1), b"identified")).await;
+    let identified = identifier.answer().await;
+
+    // Local fan-out goes on, for a subscriber from before and one from after.
+    let mut after = Recorder::start(listen, "a/#", QoS::AtLeastOnce).await.expect("a new local subscriber");
+    let payloads: Vec<String> = (0..AFTER_REFUSED).map(|n| n.to_string()).collect();
+    let bytes = payloads.iter().map(|p| p.clone().into_bytes());
+    let published = publish_qos1(listen, "well-behaved", "a/c", bytes, TIMEOUT).await;
+    if let Err(error) = &published {
+        eprintln!("the well-behaved client: {error:#}");
+    }
+    let all = |messages: &[Received]| messages.len() >= AFTER_REFUSED;
+    let (before_received, after_received) =
+        tokio::join!(before.wait_until(TIMEOUT, all), after.wait_until(TIMEOUT, all));
+
+    let exit = gateway.terminate().await;
+    let counters = gateway.final_counters().unwrap_or_default();
+    let observed = FanOut {
+        aliased,
+        identified,
+        after_acked: published.is_ok(),
+        before: before_received,
+        after: after_received,
+        clean_exit: exit.is_ok_and(|status| status.success()),
+        protocol_errors: counters.get("protocol_errors").copied().unwrap_or(0),
+    };
+    let refused = Answer::Disconnect { reason: Code(0x82), then_closed: true };
+    let delivered: Vec<Received> = payloads.iter().map(|p| Received::new("a/c", p, 1, false)).collect();
+    let expected = FanOut {
+        aliased: refused,
+        identified: refused,
+        after_acked: true,
+        // Every message to a/c, and nothing else.
+        before: delivered.clone(),
+        after: delivered,
+        clean_exit: true,
+        protocol_errors: 2,
+    };
+    assert_eq!(observed, expected, "final counters: {counters:?}\n{}", gateway.tail());
+}
