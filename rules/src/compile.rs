@@ -7,12 +7,9 @@
 //! AST; evaluation walks only [`crate::expr::Expr`].
 
 use std::collections::HashMap;
-
-use rustc_hash::FxHashMap;
-
-use crate::value::KeySet;
 use std::sync::Arc;
 
+use rustc_hash::FxHashMap;
 use sqlparser::ast::{
     self, BinaryOperator, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, SelectItem,
     SetExpr, Spanned, Statement, TableFactor, UnaryOperator,
@@ -65,9 +62,46 @@ pub(crate) struct CompiledSql {
     pub condition: Option<Expr>,
     /// Whether any expression reads the payload; if not, it is never decoded.
     pub uses_payload: bool,
-    /// The top-level payload fields the rule reads; `None` if it may read any (`payload`,
-    /// `*`, a top-level index).
-    pub payload_keys: Option<KeySet>,
+    /// Where each column goes in a flat output row; `None` when some column nests.
+    pub layout: Option<RowLayout>,
+}
+
+/// The output row of a statement whose columns all have one-level names (`expr AS name`,
+/// an unaliased field or function call; `*` too): the row's names in output order, each
+/// once, and where each column writes. Worked out here so that building a row per event
+/// copies no names and compares none. A later column with the same name replaces the
+/// earlier value in its place, as [`Value::insert`] does.
+#[derive(Debug)]
+pub(crate) struct RowLayout {
+    pub names: Vec<String>,
+    /// Per column of [`CompiledSql::columns`], its index in `names`.
+    pub slots: Vec<usize>,
+    /// Each name as a JSON object key, escaped and followed by `:`, for encoding rows.
+    pub json_keys: Vec<String>,
+}
+
+impl RowLayout {
+    /// `None` if a column nests (an unaliased `payload.a.b`): such rows are built as EMQX
+    /// nests them, with [`Value::insert_path`].
+    pub(crate) fn new(star: bool, columns: &[Column]) -> Option<RowLayout> {
+        let mut names: Vec<String> =
+            if star { STAR_COLUMNS.iter().map(|n| (*n).to_owned()).collect() } else { Vec::new() };
+        let mut slots = Vec::with_capacity(columns.len());
+        for column in columns {
+            let [name] = column.path.as_slice() else { return None };
+            let slot = match names.iter().position(|n| n == name) {
+                Some(slot) => slot,
+                None => {
+                    names.push(name.clone());
+                    names.len() - 1
+                }
+            };
+            slots.push(slot);
+        }
+        let json_keys =
+            names.iter().map(|name| format!("{}:", Value::Str(name.clone()).to_json_string())).collect();
+        Some(RowLayout { names, slots, json_keys })
+    }
 }
 
 /// An output column: where it goes in the output object, and how it is computed.
@@ -79,6 +113,11 @@ pub(crate) struct Column {
 }
 
 impl CompiledSql {
+    /// Every expression of the statement (columns, then WHERE), for passes over the plan.
+    pub(crate) fn exprs_mut(&mut self) -> impl Iterator<Item = &mut Expr> {
+        self.columns.iter_mut().map(|c| &mut c.expr).chain(self.condition.as_mut())
+    }
+
     /// The top-level names in the output object, for checking `${..}` templates.
     pub(crate) fn output_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = if self.star { STAR_COLUMNS.to_vec() } else { Vec::new() };
@@ -130,13 +169,7 @@ pub(crate) fn compile_sql(
             query.body.span(),
         )]);
     };
-    let mut compiler = Compiler {
-        tables,
-        aliases: HashMap::new(),
-        uses_payload: false,
-        payload_keys: Some(KeySet::default()),
-        errors: Vec::new(),
-    };
+    let mut compiler = Compiler { tables, aliases: HashMap::new(), uses_payload: false, errors: Vec::new() };
     let unsupported = [
         (select.distinct.is_some(), "DISTINCT"),
         (select.top.is_some(), "TOP"),
@@ -169,7 +202,6 @@ pub(crate) fn compile_sql(
             SelectItem::Wildcard(_) => {
                 star = true;
                 compiler.uses_payload = true;
-                compiler.payload_keys = None;
             }
             SelectItem::QualifiedWildcard(_, _) | SelectItem::ExprWithAliases { .. } => {
                 compiler.errors.push(SqlError::new("expected `*`, `expr` or `expr AS name`", item.span()));
@@ -194,14 +226,8 @@ pub(crate) fn compile_sql(
     let condition = select.selection.as_ref().and_then(|e| compiler.expr_or_record(e));
 
     if compiler.errors.is_empty() {
-        Ok(CompiledSql {
-            filters,
-            star,
-            columns,
-            condition,
-            uses_payload: compiler.uses_payload,
-            payload_keys: compiler.payload_keys,
-        })
+        let layout = RowLayout::new(star, &columns);
+        Ok(CompiledSql { filters, star, columns, condition, uses_payload: compiler.uses_payload, layout })
     } else {
         Err(compiler.errors)
     }
@@ -258,7 +284,6 @@ struct Compiler<'t> {
     /// Aliases defined so far in SELECT; later columns and WHERE may use them.
     aliases: HashMap<String, Expr>,
     uses_payload: bool,
-    payload_keys: Option<KeySet>,
     errors: Vec<SqlError>,
 }
 
@@ -328,19 +353,7 @@ impl Compiler<'_> {
 
     fn payload(&mut self, path: Vec<PathSeg>) -> Expr {
         self.uses_payload = true;
-        Expr::Payload(path)
-    }
-
-    /// Records which top-level payload field a finished payload path reads.
-    fn note_payload_path(&mut self, expr: &Expr) {
-        if let Expr::Payload(path) = expr {
-            match (path.first(), &mut self.payload_keys) {
-                (Some(PathSeg::Key(key)), Some(keys)) => {
-                    keys.insert(key.clone());
-                }
-                (_, keys) => *keys = None,
-            }
-        }
+        Expr::Payload { path, slot: None }
     }
 
     /// A bare name: an alias, a field or `payload`.
@@ -370,9 +383,9 @@ impl Compiler<'_> {
             return root;
         }
         match root {
-            Expr::Payload(mut path) => {
+            Expr::Payload { mut path, slot } => {
                 path.extend(segs);
-                Expr::Payload(path)
+                Expr::Payload { path, slot }
             }
             Expr::Get(inner, mut path) => {
                 path.extend(segs);
@@ -383,12 +396,6 @@ impl Compiler<'_> {
     }
 
     fn expr(&mut self, expr: &ast::Expr) -> Compiled {
-        let compiled = self.expr_inner(expr)?;
-        self.note_payload_path(&compiled);
-        Ok(compiled)
-    }
-
-    fn expr_inner(&mut self, expr: &ast::Expr) -> Compiled {
         use ast::Expr as E;
         match expr {
             E::Identifier(ident) => self.name(ident),
@@ -404,7 +411,7 @@ impl Compiler<'_> {
                 Ok(self.path(root_expr, segs))
             }
             E::CompoundFieldAccess { root, access_chain } => {
-                let root_expr = self.expr_inner(root)?;
+                let root_expr = self.expr(root)?;
                 let mut segs = Vec::new();
                 for access in access_chain {
                     match access {

@@ -2,23 +2,26 @@
 //!
 //! Per event: the [`TopicIndex`] picks the rules whose FROM matches; the payload is
 //! decoded at most once per format and shared by those rules ([`Decoded`]); each rule
-//! filters (WHERE), projects (SELECT) and runs its actions. A rule that fails on an event
-//! yields an [`Output::DeadLetter`]; it never stops the other rules.
+//! filters (WHERE), projects (SELECT) into a [`Row`] and runs its actions. A rule that
+//! fails on an event yields an [`Output::DeadLetter`]; it never stops the other rules.
+//!
+//! The per-event path allocates only what it hands back (output topics and payloads, the
+//! output list) plus a few small buffers: the row borrows its names from the plan and its
+//! values from the payload, tables and constants wherever it can.
 
-use std::cell::OnceCell;
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use crate::value::KeySet;
-use std::sync::Arc;
-
-use crate::action::{Action, Template, encode};
+use crate::action::{Action, Row, Template, encode};
 use crate::compile::{CompiledSql, STAR_COLUMNS, compile_sql};
 use crate::config::{ActionConfig, RulesFile, TableConfig, TableFormat};
 use crate::error::{Problem, RulesError};
-use crate::expr::{Env, EvalError, Field, field_value};
+use crate::expr::{Env, EvalError, Field, NULL, PathSeg, field_value};
 use crate::index::TopicIndex;
+use crate::payload::{Decoded, FieldSlots, PayloadView};
 use crate::table::{Table, TableSources};
 use crate::value::Value;
 use crate::{EventContext, Output, PayloadFormat};
@@ -31,9 +34,9 @@ pub struct RuleSet {
     rules: Vec<Rule>,
     index: TopicIndex,
     max_hops: u8,
-    /// The top-level payload fields any rule reads; `None` if some rule may read any field.
-    /// JSON decoding builds only these.
-    payload_keys: Option<KeySet>,
+    /// The top-level payload fields the rules read, by slot, when that is all they read:
+    /// JSON decoding then builds only these. `None` if some rule reads the payload whole.
+    fields: Option<FieldSlots>,
 }
 
 #[derive(Debug)]
@@ -104,18 +107,13 @@ impl RuleSet {
             return Err(RulesError::Invalid(problems));
         }
         let mut index = TopicIndex::default();
-        let mut payload_keys = Some(KeySet::default());
         for (rule_idx, rule) in rules.iter().enumerate() {
             for filter in &rule.sql.filters {
                 index.insert(filter, rule_idx);
             }
-            match (&rule.sql.payload_keys, &mut payload_keys) {
-                (Some(keys), Some(all)) => all.extend(keys.iter().cloned()),
-                (None, all) if rule.sql.uses_payload => *all = None,
-                _ => {}
-            }
         }
-        Ok(RuleSet { rules, index, max_hops: file.max_hops, payload_keys })
+        let fields = number_payload_fields(&mut rules);
+        Ok(RuleSet { rules, index, max_hops: file.max_hops, fields })
     }
 
     /// The files named by `[[table]] file = ".."` in a rules file: the caller reads them
@@ -155,7 +153,7 @@ impl RuleSet {
         let mut outputs = Vec::new();
         let mut matched = Vec::new();
         self.index.matches(event.topic, &mut matched);
-        let decoded = Decoded::new(event.payload, self.payload_keys.as_ref());
+        let decoded = Decoded::new(event.payload, self.fields.as_ref());
         for rule_idx in matched {
             if let Some(rule) = self.rules.get(rule_idx) {
                 self.run(rule, event, &decoded, &mut outputs);
@@ -169,24 +167,28 @@ impl RuleSet {
     pub fn explain(&self, event: &EventContext<'_>) -> Vec<Trace> {
         let mut matched = Vec::new();
         self.index.matches(event.topic, &mut matched);
-        let decoded = Decoded::new(event.payload, self.payload_keys.as_ref());
+        let decoded = Decoded::new(event.payload, self.fields.as_ref());
         let mut traces = Vec::new();
         for rule_idx in matched {
             let Some(rule) = self.rules.get(rule_idx) else { continue };
             let mut outputs = Vec::new();
-            let outcome = self.run(rule, event, &decoded, &mut outputs);
+            let outcome = match self.run(rule, event, &decoded, &mut outputs) {
+                Ran::Filtered => Outcome::Filtered,
+                Ran::Selected(row) => Outcome::Selected { row: row.into_value() },
+                Ran::Failed(reason) => Outcome::Failed { reason },
+            };
             traces.push(Trace { rule: rule.name.clone(), outcome, outputs });
         }
         traces
     }
 
-    fn run(
+    fn run<'a>(
         &self,
-        rule: &Rule,
-        event: &EventContext<'_>,
-        decoded: &Decoded<'_>,
+        rule: &'a Rule,
+        event: &'a EventContext<'a>,
+        decoded: &'a Decoded<'a>,
         out: &mut Vec<Output>,
-    ) -> Outcome {
+    ) -> Ran<'a> {
         let dead = |out: &mut Vec<Output>, reason: String| {
             out.push(Output::DeadLetter {
                 rule: rule.name.clone(),
@@ -194,7 +196,7 @@ impl RuleSet {
                 topic: event.topic.to_owned(),
                 payload: event.payload.to_vec(),
             });
-            Outcome::Failed { reason }
+            Ran::Failed(reason)
         };
         let payload = if rule.sql.uses_payload {
             match decoded.get(rule.payload) {
@@ -202,12 +204,12 @@ impl RuleSet {
                 Err(reason) => return dead(out, reason.to_owned()),
             }
         } else {
-            &Value::Null
+            PayloadView::Whole(&NULL)
         };
         let env = Env { event, payload };
         let row = match select(rule, &env) {
             Ok(Some(row)) => row,
-            Ok(None) => return Outcome::Filtered,
+            Ok(None) => return Ran::Filtered,
             Err(EvalError(reason)) => return dead(out, reason),
         };
         for action in &rule.actions {
@@ -252,113 +254,81 @@ impl RuleSet {
             };
             out.push(output);
         }
-        Outcome::Selected { row }
+        Ran::Selected(row)
     }
 }
 
+/// How one rule's run on one event ended; [`Outcome`] without copying the row.
+enum Ran<'a> {
+    Filtered,
+    Selected(Row<'a>),
+    Failed(String),
+}
+
+/// Numbers the top-level payload fields the rules read and records each payload path's
+/// slot ([`FieldSlots`]). Returns them if they are all the rules read: every payload path
+/// starts with a key and no rule has `SELECT *`. Otherwise the payload is decoded whole.
+fn number_payload_fields(rules: &mut [Rule]) -> Option<FieldSlots> {
+    let mut fields = FieldSlots::default();
+    let mut whole = false;
+    for rule in rules {
+        whole |= rule.sql.star;
+        for expr in rule.sql.exprs_mut() {
+            expr.for_each_payload_path(&mut |path, slot| match path.first() {
+                Some(PathSeg::Key(key)) => *slot = Some(fields.intern(key)),
+                _ => whole = true,
+            });
+        }
+    }
+    (!whole).then_some(fields)
+}
+
 /// WHERE, then SELECT. `None` when the condition is not TRUE.
-fn select(rule: &Rule, env: &Env<'_>) -> Result<Option<Value>, EvalError> {
+fn select<'a>(rule: &'a Rule, env: &Env<'a>) -> Result<Option<Row<'a>>, EvalError> {
     if let Some(condition) = &rule.sql.condition {
         if condition.truth(env)? != Some(true) {
             return Ok(None);
         }
     }
-    let mut row = Value::Object(Vec::with_capacity(rule.sql.columns.len() + 7));
-    if rule.sql.star {
-        for name in STAR_COLUMNS {
-            let value = match *name {
-                "id" => field_value(Field::EventId, env.event),
-                "topic" => field_value(Field::Topic, env.event),
-                "clientid" => field_value(Field::ClientId, env.event),
-                "username" => field_value(Field::Username, env.event),
-                "qos" => field_value(Field::Qos, env.event),
-                "timestamp" => field_value(Field::Timestamp, env.event),
-                _ => env.payload.clone(),
-            };
-            row.insert(name, value);
-        }
-    }
-    for column in &rule.sql.columns {
-        let value = column.expr.eval(env)?.into_owned();
-        row.insert_path(&column.path, value);
-    }
-    Ok(Some(row))
-}
-
-/// The event's payload, decoded lazily and at most once per format, shared by all rules.
-struct Decoded<'e> {
-    bytes: &'e [u8],
-    /// Build only these top-level JSON fields (`None`: all).
-    keys: Option<&'e KeySet>,
-    /// Which of the other cells `auto` resolved to.
-    auto: OnceCell<PayloadFormat>,
-    json: OnceCell<Result<Value, String>>,
-    cbor: OnceCell<Result<Value, String>>,
-    raw: OnceCell<Value>,
-}
-
-impl<'e> Decoded<'e> {
-    fn new(bytes: &'e [u8], keys: Option<&'e KeySet>) -> Decoded<'e> {
-        Decoded {
-            bytes,
-            keys,
-            auto: OnceCell::new(),
-            json: OnceCell::new(),
-            cbor: OnceCell::new(),
-            raw: OnceCell::new(),
-        }
-    }
-
-    fn get(&self, format: PayloadFormat) -> Result<&Value, &str> {
-        match format {
-            PayloadFormat::Auto => match *self.auto.get_or_init(|| self.detect()) {
-                PayloadFormat::Cbor => self.get(PayloadFormat::Cbor),
-                PayloadFormat::Json => self.get(PayloadFormat::Json),
-                _ => self.get(PayloadFormat::Raw),
-            },
-            PayloadFormat::Raw => Ok(self.raw.get_or_init(|| raw_value(self.bytes))),
-            PayloadFormat::Json => self.json().as_ref().map_err(String::as_str),
-            PayloadFormat::Cbor => self.cbor().as_ref().map_err(String::as_str),
-        }
-    }
-
-    fn json(&self) -> &Result<Value, String> {
-        self.json.get_or_init(|| {
-            match self.keys {
-                Some(keys) => Value::from_json_projected(self.bytes, keys),
-                None => Value::from_json(self.bytes),
+    let star_value = |name: &str| match name {
+        "id" => field_value(Field::EventId, env.event),
+        "topic" => field_value(Field::Topic, env.event),
+        "clientid" => field_value(Field::ClientId, env.event),
+        "username" => field_value(Field::Username, env.event),
+        "qos" => field_value(Field::Qos, env.event),
+        "timestamp" => field_value(Field::Timestamp, env.event),
+        _ => env.payload.whole().clone(),
+    };
+    let Some(layout) = &rule.sql.layout else {
+        let mut row = Value::Object(Vec::with_capacity(rule.sql.columns.len() + 7));
+        if rule.sql.star {
+            for name in STAR_COLUMNS {
+                row.insert(name, star_value(name));
             }
-            .map_err(|e| format!("payload is not valid JSON: {e}"))
-        })
-    }
-
-    fn cbor(&self) -> &Result<Value, String> {
-        self.cbor.get_or_init(|| {
-            Value::from_cbor(self.bytes).map_err(|e| format!("payload is not valid CBOR: {e}"))
-        })
-    }
-
-    /// Auto-detection: a first byte of 0x80–0xBF (a CBOR array or map; never the start of
-    /// UTF-8 text) or the CBOR self-describe tag means CBOR; otherwise JSON if it parses;
-    /// otherwise the raw payload (a string if UTF-8, else bytes).
-    fn detect(&self) -> PayloadFormat {
-        let looks_cbor =
-            matches!(self.bytes.first(), Some(0x80..=0xbf)) || self.bytes.starts_with(&[0xd9, 0xd9, 0xf7]);
-        if looks_cbor && self.cbor().is_ok() {
-            PayloadFormat::Cbor
-        } else if self.json().is_ok() {
-            PayloadFormat::Json
-        } else {
-            PayloadFormat::Raw
+        }
+        for column in &rule.sql.columns {
+            let value = column.expr.eval(env)?.into_owned();
+            row.insert_path(&column.path, value);
+        }
+        return Ok(Some(Row::Nested(row)));
+    };
+    let mut values: Vec<Cow<'a, Value>> = vec![Cow::Borrowed(&NULL); layout.names.len()];
+    if rule.sql.star {
+        // The layout starts with the star columns, in order.
+        for (name, value) in STAR_COLUMNS.iter().zip(values.iter_mut()) {
+            *value = match *name {
+                "payload" => Cow::Borrowed(env.payload.whole()),
+                other => Cow::Owned(star_value(other)),
+            };
         }
     }
-}
-
-fn raw_value(bytes: &[u8]) -> Value {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => Value::Str(text.to_owned()),
-        Err(_) => Value::Bytes(bytes.to_vec()),
+    for (column, slot) in rule.sql.columns.iter().zip(&layout.slots) {
+        let value = column.expr.eval(env)?;
+        if let Some(target) = values.get_mut(*slot) {
+            *target = value;
+        }
     }
+    Ok(Some(Row::Flat { layout, values }))
 }
 
 fn plain(context: &str, message: impl Into<String>) -> Problem {
@@ -435,7 +405,8 @@ fn build_actions(
         ));
     }
     let columns = sql.output_names();
-    let mut template = |text: &str| match Template::parse(text, &columns) {
+    let flat_names = sql.layout.as_ref().map(|layout| layout.names.as_slice());
+    let mut template = |text: &str| match Template::parse(text, &columns, flat_names) {
         Ok(t) => Some(t),
         Err(message) => {
             problems.push(plain(context, message));

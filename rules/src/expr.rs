@@ -16,8 +16,9 @@
 //! - A type error (e.g. `'abc' * 2`, `sqrt(-1)`, a non-boolean in WHERE) fails the rule
 //!   for this event: the engine emits a dead letter and the other rules still run.
 //!
-//! Evaluation returns `Cow`: a payload path borrows from the decoded payload, so a filter
-//! like `payload.temp > 30` allocates nothing.
+//! Evaluation returns `Cow`: a payload path borrows from the decoded payload and a
+//! `lookup` from its table, so a filter like `payload.temp > 30` allocates nothing and an
+//! enrichment copies nothing.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use regex::Regex;
 
 use crate::functions::Builtin;
+use crate::payload::PayloadView;
 use crate::table::Table;
 use crate::value::Value;
 
@@ -83,8 +85,13 @@ pub(crate) enum ArithOp {
 pub(crate) enum Expr {
     Const(Value),
     Field(Field),
-    /// A path into the decoded payload; empty means the whole payload.
-    Payload(Vec<PathSeg>),
+    /// A path into the decoded payload; empty means the whole payload. `slot` is the rule
+    /// set's [`FieldSlots`](crate::payload::FieldSlots) number of the path's first key,
+    /// assigned when the rule set is built; it lets a rule read a field decoded on its own.
+    Payload {
+        path: Vec<PathSeg>,
+        slot: Option<usize>,
+    },
     /// `topic(N)`: level N (1-based) of the event's topic.
     TopicLevel(usize),
     /// A path into a computed value, e.g. `lookup('devices', payload.id).site`.
@@ -134,7 +141,7 @@ pub(crate) enum Expr {
 /// What an expression can see: the event and the payload decoded for this rule.
 pub(crate) struct Env<'a> {
     pub event: &'a crate::EventContext<'a>,
-    pub payload: &'a Value,
+    pub payload: PayloadView<'a>,
 }
 
 /// Limits on one compiled expression (after aliases are expanded), so that evaluation's
@@ -150,8 +157,25 @@ impl Expr {
             return false;
         }
         *budget -= 1;
-        let children: Vec<&Expr> = match self {
-            Expr::Const(_) | Expr::Field(_) | Expr::Payload(_) | Expr::TopicLevel(_) => Vec::new(),
+        self.children().into_iter().all(|child| child.within_limits(depth + 1, budget))
+    }
+
+    /// Calls `f` with every payload path in this expression and its slot, so the rule set
+    /// can number the fields its rules read. Recursion is bounded by [`MAX_DEPTH`]: only
+    /// expressions that passed [`Expr::within_limits`] are compiled into rules.
+    pub(crate) fn for_each_payload_path(&mut self, f: &mut dyn FnMut(&[PathSeg], &mut Option<usize>)) {
+        if let Expr::Payload { path, slot } = self {
+            f(path, slot);
+        }
+        for child in self.children_mut() {
+            child.for_each_payload_path(f);
+        }
+    }
+
+    /// The direct subexpressions, for walks over the plan.
+    fn children(&self) -> Vec<&Expr> {
+        match self {
+            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) => Vec::new(),
             Expr::Get(e, _)
             | Expr::Neg(e)
             | Expr::Not(e)
@@ -170,8 +194,32 @@ impl Expr {
                 .chain(otherwise.iter().map(|e| &**e))
                 .collect(),
             Expr::Call { args, .. } | Expr::Array(args) => args.iter().collect(),
-        };
-        children.into_iter().all(|child| child.within_limits(depth + 1, budget))
+        }
+    }
+
+    /// The same list as [`Expr::children`], mutably.
+    fn children_mut(&mut self) -> Vec<&mut Expr> {
+        match self {
+            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) => Vec::new(),
+            Expr::Get(e, _)
+            | Expr::Neg(e)
+            | Expr::Not(e)
+            | Expr::IsNull(e, _)
+            | Expr::Matches { expr: e, .. } => {
+                vec![e]
+            }
+            Expr::Lookup { key, .. } => vec![key],
+            Expr::And(a, b) | Expr::Or(a, b) | Expr::Compare(_, a, b) | Expr::Arith(_, a, b) => vec![a, b],
+            Expr::RegexReplace { expr, replacement, .. } => vec![expr, replacement],
+            Expr::In { expr, list, .. } => std::iter::once(&mut **expr).chain(list).collect(),
+            Expr::Case { operand, branches, otherwise } => operand
+                .iter_mut()
+                .map(|e| &mut **e)
+                .chain(branches.iter_mut().flat_map(|(w, t)| [w, t]))
+                .chain(otherwise.iter_mut().map(|e| &mut **e))
+                .collect(),
+            Expr::Call { args, .. } | Expr::Array(args) => args.iter_mut().collect(),
+        }
     }
 
     pub(crate) fn eval<'a>(&'a self, env: &Env<'a>) -> EvalResult<'a> {
@@ -179,7 +227,7 @@ impl Expr {
         match self {
             Expr::Const(v) => Ok(Cow::Borrowed(v)),
             Expr::Field(field) => owned(field_value(*field, env.event)),
-            Expr::Payload(path) => Ok(Cow::Borrowed(walk(env.payload, path).unwrap_or(&NULL))),
+            Expr::Payload { path, slot } => Ok(Cow::Borrowed(env.payload.walk(path, *slot).unwrap_or(&NULL))),
             Expr::TopicLevel(level) => owned(
                 env.event
                     .topic
@@ -280,11 +328,11 @@ impl Expr {
                     },
                 };
                 let Some(row) = table.get(&key) else { return owned(Value::Null) };
-                let found = match field {
+                // Borrowed from the table, which the plan owns: enriching copies nothing.
+                Ok(Cow::Borrowed(match field {
                     Some(field) => row.get(field).unwrap_or(&NULL),
                     None => row,
-                };
-                owned(found.clone())
+                }))
             }
         }
     }
@@ -354,7 +402,8 @@ impl Expr {
     }
 }
 
-static NULL: Value = Value::Null;
+/// A NULL to borrow where a value is missing.
+pub(crate) static NULL: Value = Value::Null;
 
 fn tri(b: Option<bool>) -> Value {
     b.map(Value::Bool).unwrap_or(Value::Null)

@@ -42,24 +42,34 @@ impl TopicIndex {
     /// The indexes of matching rules, ascending and without duplicates, into `out`.
     pub(crate) fn matches(&self, topic: &str, out: &mut Vec<usize>) {
         out.clear();
-        let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
-        collect(&self.root, &levels, !dollar, out);
+        collect(&self.root, Some(topic), !dollar, out);
         out.sort_unstable();
         out.dedup();
     }
 }
 
-fn collect(node: &Node, levels: &[&str], wildcards: bool, out: &mut Vec<usize>) {
+/// `levels` is the rest of the topic, `None` once every level was consumed. Splitting as
+/// it goes (rather than collecting the levels first) keeps the lookup allocation-free.
+fn collect(node: &Node, levels: Option<&str>, wildcards: bool, out: &mut Vec<usize>) {
     if wildcards {
         out.extend_from_slice(&node.hash);
     }
-    let Some((level, rest)) = levels.split_first() else {
+    let Some(levels) = levels else {
         out.extend_from_slice(&node.exact);
         return;
     };
-    if let Some(child) = node.literal.get(*level) {
-        collect(child, rest, true, out);
+    // A byte search: levels are short, and `split_once` sets up a general searcher.
+    let (level, rest) = match levels.bytes().position(|b| b == b'/') {
+        Some(slash) => (levels.get(..slash).unwrap_or(""), levels.get(slash + 1..)),
+        None => (levels, None),
+    };
+    // Hashing the level is the main cost of a step, and many nodes have no literal
+    // children to look it up in (`sensors` in `sensors/+/temp`).
+    if !node.literal.is_empty() {
+        if let Some(child) = node.literal.get(level) {
+            collect(child, rest, true, out);
+        }
     }
     if wildcards {
         if let Some(child) = &node.plus {

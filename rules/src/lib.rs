@@ -12,6 +12,11 @@
 //!                    (payload decoded once, lazily, shared by all rules)
 //! ```
 //!
+//! Per event, the engine copies as little as it can: when the rules read only top-level
+//! payload fields, JSON decoding builds just those (numbered at load time, so a rule reads
+//! a field by index); output rows borrow their names from the plan and their values from
+//! the payload, tables and constants; JSON output is written straight from the row.
+//!
 //! # API
 //! - [`RuleSet::compile`]`(rules_toml, &TableSources) -> Result<RuleSet, RulesError>`;
 //!   [`RuleSet::table_files`] lists the table files the caller must read first.
@@ -30,8 +35,10 @@
 //! - `expr`: the plan ([`expr::Expr`]) and its evaluation; NULL and type rules.
 //! - `functions`: the builtin function table.
 //! - `index`: the topic trie that picks candidate rules per event.
-//! - `action`: forward/republish/drop, topic templates, output encoding.
-//! - `engine`: [`RuleSet`], payload decoding cache, dead letters, hop limit.
+//! - `action`: forward/republish/drop, topic templates, output rows and their encoding.
+//! - `engine`: [`RuleSet`], running rules on an event, dead letters, hop limit.
+//! - `payload`: the payload decoded once per event and shared: formats, auto-detection,
+//!   decoding only the fields the rules read (with a fast JSON scanner).
 //! - `table`: enrichment tables from CSV/TOML text.
 //! - `time`: calendar arithmetic for the time functions (no clock, no time zones).
 //! - `value`: [`Value`] and its JSON/CBOR (de)serialization.
@@ -45,6 +52,7 @@ mod error;
 pub(crate) mod expr;
 mod functions;
 mod index;
+mod payload;
 mod table;
 mod time;
 pub mod topic;

@@ -1509,6 +1509,87 @@ fn rules_file_errors_name_the_rule_and_key() {
 }
 
 #[test]
+fn flat_rows_replace_repeated_names_in_place() {
+    // Rows of one-level columns are built from a layout worked out at compile time; a
+    // repeated name keeps its first place and takes the last value, as `Value::insert` does.
+    check(
+        &format!(
+            "{}[[rule.action]]\ntype = \"republish\"\ntopic = \"out/${{topic}}/${{a}}\"\nformat = \"cbor\"\n",
+            one(
+                r#"SELECT *, 'x' AS topic, 1 AS a, payload.n AS a, lookup('devices', payload.device) AS row FROM "t""#
+            )
+        ),
+        "t",
+        r#"{"n": 7, "device": "d1"}"#,
+        expect![[r#"
+            forward[r] t qos=1 prio=5 {"id":42,"topic":"x","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"payload":{"n":7,"device":"d1"},"a":7,"row":{"device":"d1","site":"plant-a","line":1,"max_temp":80}}
+            republish[r] out/x/7 qos=1 hops=1 cbor:{"id":42,"topic":"x","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"payload":{"n":7,"device":"d1"},"a":7,"row":{"device":"d1","site":"plant-a","line":1,"max_temp":80}}
+        "#]],
+    );
+    // A nested column makes the row an object built column by column, as before.
+    check(
+        &one(r#"SELECT payload.obj.a AS payload, payload.obj.a.b, 2 AS n, 3 AS n FROM "t""#),
+        "t",
+        r#"{"obj": {"a": {"b": true, "c": 1}}}"#,
+        expect![[r#"
+            forward[r] t qos=1 prio=5 {"payload":{"b":true,"c":1,"obj":{"a":{"b":null}}},"n":3}
+        "#]],
+    );
+}
+
+#[test]
+fn field_decoding_matches_whole_decoding() {
+    // Rule `r` alone reads only top-level fields, so the rule set decodes just those; next
+    // to a rule that reads the whole payload, it decodes whole values. `r` must not notice.
+    let r = r#"SELECT payload.a AS a, payload.b.c AS c, payload.l[-1] AS last, payload.d AS d, payload.é AS e FROM "t" WHERE payload.a IS NOT NULL OR payload.b IS NULL"#;
+    let alone = RuleSet::compile(&one(r), &tables()).unwrap();
+    let whole_rule = "[[rule]]\nname = \"whole\"\nsql = 'SELECT payload AS p FROM \"t\"'\n[[rule.action]]\ntype = \"drop\"\n";
+    let with_whole = RuleSet::compile(&format!("{}{whole_rule}", one(r)), &tables()).unwrap();
+    let payloads: &[&[u8]] = &[
+        br#"{"a": 1, "b": {"c": [1, {"x": "y"}]}, "l": [1, 2, 3], "d": "text", "z": {"deep": [[[]]]}}"#,
+        br#"{"a": 1, "a": {"twice": true}, "d": null, "d": "last wins"}"#,
+        br#"{"\u0061": "escaped key", "d": "\u00e9\n\"", "\u00e9": 1, "a\"b": 2}"#,
+        "{\"é\": \"unescaped\", \"a\": -0.0, \"b\": 12345678901234567890123}".as_bytes(),
+        br#"  {  "a" : [ ] , "b" : { } }  "#,
+        br#"{}"#,
+        br#"[{"a": 1}]"#,
+        br#"42"#,
+        br#""a""#,
+        br#"null"#,
+        br#"{"a": 1,}"#,
+        br#"{"a": 1} trailing"#,
+        b"{\"a\": \"\xff\"}",
+        b"not json at all",
+        b"",
+    ];
+    for payload in payloads {
+        let outputs = |rules: &RuleSet| {
+            let outputs: Vec<String> =
+                rules.evaluate(&event("t", payload)).iter().filter(|o| o.rule() == "r").map(render).collect();
+            outputs.join("\n")
+        };
+        assert_eq!(outputs(&alone), outputs(&with_whole), "{}", String::from_utf8_lossy(payload));
+    }
+}
+
+#[test]
+fn a_raw_rule_beside_field_decoding_sees_the_raw_payload() {
+    let rules = format!(
+        "{}[[rule]]\nname = \"raw\"\npayload = \"raw\"\nsql = 'SELECT payload.a AS a, 1 AS one FROM \"t\"'\n[[rule.action]]\ntype = \"forward\"\n",
+        one(r#"SELECT payload.a AS a FROM "t""#)
+    );
+    check(
+        &rules,
+        "t",
+        r#"{"a": 5}"#,
+        expect![[r#"
+            forward[r] t qos=1 prio=5 {"a":5}
+            forward[raw] t qos=1 prio=5 {"a":null,"one":1}
+        "#]],
+    );
+}
+
+#[test]
 fn explain_reports_each_matching_rule() {
     let rules = RuleSet::compile(&one(r#"SELECT payload.n AS n FROM "t" WHERE n > 5"#), &tables()).unwrap();
     let show = |payload: &[u8]| {

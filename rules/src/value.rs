@@ -15,10 +15,6 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
-/// A set of top-level payload field names. Fx hashing: the keys come from the rules file,
-/// and SipHash's DoS resistance costs ~10% of a typical rule's time for nothing here.
-pub type KeySet = rustc_hash::FxHashSet<String>;
-
 /// A value in the rule language. `Null` is SQL's NULL and EMQX's `undefined`: a missing
 /// field, a JSON `null`, or the result of an operation on NULL.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -129,16 +125,6 @@ impl Value {
     /// Parses JSON text. Errors carry serde_json's line and column.
     pub fn from_json(bytes: &[u8]) -> Result<Value, serde_json::Error> {
         serde_json::from_slice(bytes)
-    }
-
-    /// Parses JSON text keeping, of a top-level object, only the fields named in `keys`; the
-    /// others are checked for syntax and skipped without being built. Rules that read only a
-    /// few fields of a large payload then pay for those fields alone.
-    pub fn from_json_projected(bytes: &[u8], keys: &KeySet) -> Result<Value, serde_json::Error> {
-        let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-        let value = deserializer.deserialize_any(ProjectVisitor { keys })?;
-        deserializer.end()?;
-        Ok(value)
     }
 
     /// Parses one complete CBOR item; trailing bytes are an error.
@@ -325,80 +311,6 @@ impl<'de> Visitor<'de> for ValueVisitor {
     }
 }
 
-/// A top-level JSON value where only some object fields are built.
-struct ProjectVisitor<'k> {
-    keys: &'k KeySet,
-}
-
-impl<'de> Visitor<'de> for ProjectVisitor<'_> {
-    type Value = Value;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
-    }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::Int(v))
-    }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from_meta_u64(v))
-    }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(Value::Float(v))
-    }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::Str(v.to_owned()))
-    }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::Str(v))
-    }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
-        ValueVisitor.visit_seq(seq)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut pairs = Vec::with_capacity(self.keys.len().min(64));
-        while let Some(key) = map.next_key::<Key<'de>>()? {
-            let key = key.0;
-            if self.keys.contains(key.as_ref()) {
-                pairs.push((key.into_owned(), map.next_value::<Value>()?));
-            } else {
-                map.next_value::<de::IgnoredAny>()?;
-            }
-        }
-        Ok(Value::Object(pairs))
-    }
-}
-
-/// An object key, borrowed from the input when it has no escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Key<'de>, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v)))
-            }
-        }
-        deserializer.deserialize_str(KeyVisitor)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,16 +321,6 @@ mod tests {
         assert_eq!(v.to_json_string(), r#"{"a":[1,2.5,"x",null,true],"b":{"c":-3}}"#);
         assert_eq!(Value::from_cbor(&v.to_cbor()).unwrap(), v);
         assert!(Value::from_cbor(&[0xa0, 0x00]).is_err(), "trailing bytes are refused");
-    }
-
-    #[test]
-    fn projection_keeps_only_the_named_fields_and_still_validates() {
-        let keys: KeySet = ["a".to_owned(), "c\"d".to_owned()].into_iter().collect();
-        let v = Value::from_json_projected(br#"{"a":1,"b":{"x":[1,2]},"c\"d":3}"#, &keys).unwrap();
-        assert_eq!(v.to_json_string(), r#"{"a":1,"c\"d":3}"#);
-        assert!(Value::from_json_projected(br#"{"a":1,"b":[}"#, &keys).is_err());
-        assert!(Value::from_json_projected(br#"{"a":1} x"#, &keys).is_err());
-        assert_eq!(Value::from_json_projected(b"[1]", &keys).unwrap().to_json_string(), "[1]");
     }
 
     #[test]
