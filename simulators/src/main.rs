@@ -96,8 +96,10 @@ struct IngestBenchArgs {
     /// Do not check the fixed-rate phases for lost events.
     #[arg(long)]
     no_verify: bool,
-    /// How long to wait for every acknowledged event at the upstream.
-    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    /// How long to wait for every acknowledged event at the upstream. Saturation acknowledges
+    /// far faster than one upstream takes (everything is committed first): 20 s at ~100k/s
+    /// leaves ~2M events to drain, which a shorter wait would report as lost.
+    #[arg(long, default_value = "300s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
     /// Keep logs, configs and data here instead of a temporary directory.
     #[arg(long)]

@@ -31,7 +31,7 @@ use std::time::Duration;
 use outpost_e2e::conformance::{
     ACK_TIMEOUT, Addrs, Answer, BrokerSetup, CLOSE_TIMEOUT, Client4, Client5, Code, ConnectOutcome,
     MAX_PACKET_BYTES, PublishOutcome, RawClient, RawRead, RawV5, Received, Recorder, SubscribeFailure,
-    Target, options4, options5, packet_type, qos_number,
+    Target, options4, options5, packet_type, qos_number, raw_connect_outcome,
 };
 use outpost_e2e::{raw, require_mosquitto};
 use rumqttc::QoS;
@@ -294,6 +294,36 @@ async fn keepalive_zero_is_accepted() {
     }
     let expected = KeepaliveZero { v311: ConnectOutcome::Accepted, v5: ConnectOutcome::Accepted };
     conform("keepalive 0", BrokerSetup::anonymous(), expected, keepalive_zero).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// An invalid client id gets a CONNACK that says so: MQTT 3.1.1 allows an empty id only with a
+// clean session ([MQTT-3.1.3-8]: return code 2, "identifier rejected").
+
+#[derive(Debug, PartialEq)]
+struct EmptyId {
+    persistent: ConnectOutcome,
+    clean: ConnectOutcome,
+}
+
+async fn empty_id(addrs: Addrs) -> EmptyId {
+    let clean = raw::connect_v311("", 60);
+    let mut persistent = clean.clone();
+    // Fixed header (2) + "MQTT" (6) + level (1): byte 9 holds the flags; clear clean session.
+    persistent[9] &= !0x02;
+    EmptyId {
+        persistent: raw_connect_outcome(addrs.v4, "empty-id-persistent", &persistent).await,
+        clean: raw_connect_outcome(addrs.v4, "empty-id-clean", &clean).await,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_id_without_clean_session_is_rejected_with_a_code() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = EmptyId { persistent: ConnectOutcome::Refused(Code(2)), clean: ConnectOutcome::Accepted };
+    conform("empty client id", BrokerSetup::anonymous(), expected, empty_id).await;
 }
 
 // ---------------------------------------------------------------------------------------------
