@@ -1,19 +1,23 @@
 //! Outpost: an IoT edge event gateway.
 //!
-//! Sensors publish to an embedded MQTT broker; Outpost routes their events and relays them to
-//! an upstream broker through a durable store-and-forward buffer.
+//! Sensors publish to Outpost's own MQTT server; Outpost routes their events and relays them to
+//! an upstream broker through a durable store-and-forward buffer, and acknowledges a sensor's
+//! publish only once its event is safe.
 //!
 //! # Layout
 //! The pipeline is four stages, each one module and one task, joined by bounded channels:
 //!
 //! ```text
 //! ingest ──Event──▶ route ──Outbound──▶ relay ──publish──▶ uplink ──▶ upstream broker
-//!  (rumqttd link)    (bridge/rules)     │  ▲ (store thread: redb)  (rumqttc, per generation)
-//!                                       └──┴── UplinkEvent (connected, pkid, ack, lost)
+//! (sensor conns,    (bridge/rules)     │  ▲ (store thread: redb)  (rumqttc, per generation)
+//!  one task each)                      └──┴── UplinkEvent (connected, pkid, ack, lost)
+//!    ▲                                    │
+//!    └──── PUBACK once the event's Ticket drops (committed or acknowledged upstream)
 //! ```
 //! - [`config`] — typed, validated configuration.
 //! - [`event`] — the values passed between stages, and id generation.
-//! - [`ingest`] — stage 1, the embedded broker and its drain link.
+//! - [`ingest`] — stage 1, sensor connections (MQTT 3.1.1/5), held acknowledgements, and
+//!   rumqttd's router for local fan-out.
 //! - [`route`] — stage 2, bridge routes or the rule engine: forward, republish, drop, dead-letter.
 //! - [`rules`] — loading the rules file and its tables; hot reload on SIGHUP and file change.
 //! - [`deadletter`] — the dead-letter store (events a rule failed on).
@@ -21,7 +25,7 @@
 //! - [`buffer`] — the redb file and the thread that owns it.
 //! - [`uplink`] — stage 4, the upstream MQTT connection.
 //! - [`admin`] — the admin socket that answers `outpost buffer …` while the daemon runs.
-//! - [`metrics`] — counters.
+//! - [`metrics`] — counters and gauges.
 //! - [`shutdown`] — signals to cancellation.
 //! - [`telemetry`] — logging set-up.
 //! - [`cli`] — the `outpost` command line (the binary only parses and calls in).
