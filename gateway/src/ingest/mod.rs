@@ -2,7 +2,7 @@
 //!
 //! Outpost accepts sensor TCP connections itself and speaks MQTT 3.1.1 and 5 with rumqttd's
 //! codecs ([`codec`]); rumqttd's router is used only for local fan-out (subscriptions between
-//! sensors and actuators). Each connection ([`conn`]) hands its publishes straight to the route
+//! sensors and actuators). Each connection (`conn`) hands its publishes straight to the route
 //! stage through a bounded channel, and holds the sensor's PUBACK until the event is safe —
 //! committed to the buffer or acknowledged upstream ([`acks`]). rumqttd's listener is not used:
 //! it acknowledges publishes from RAM before anyone read them, loses events for a reader that
