@@ -91,7 +91,8 @@ impl AckQueue {
     }
 
     /// Publishes still waiting to be acknowledged.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.lock().slots.len()
     }
 }

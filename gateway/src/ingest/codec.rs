@@ -113,13 +113,6 @@ pub fn publish_from(topic: Bytes, payload: Bytes, qos: u8, retain: bool) -> Publ
     publish_with(&Publish::new(topic, payload, false), qos, if qos > 0 { 1 } else { 0 }, retain)
 }
 
-/// QoS of a publish rumqttd built (its field is crate-private; its own encoding exposes it).
-pub fn qos_of(publish: &Publish) -> u8 {
-    // Only the header byte is needed, but `serialize` is the public way to reach it; deliveries
-    // to local subscribers are not the hot path.
-    publish.serialize().first().map_or(0, |b| (b >> 1) & 0b11)
-}
-
 pub fn qos(n: u8) -> QoS {
     match n {
         0 => QoS::AtMostOnce,
@@ -171,7 +164,6 @@ mod tests {
     #[test]
     fn rebuilt_publishes_round_trip_through_the_codec() {
         let p = publish_with(&Publish::new("t", "payload", false), 1, 7, true);
-        assert_eq!(qos_of(&p), 1);
         let mut buf = encode(Version::V4, Packet::Publish(p.clone(), None));
         match Codec::new(Version::V4).read(&mut buf, 1024).expect("decodes") {
             Packet::Publish(back, _) => {
