@@ -8,9 +8,9 @@
 //! The pipeline is four stages, each one module and one task, joined by bounded channels:
 //!
 //! ```text
-//! ingest ──Event──▶ route ──Outbound──▶ relay ──publish──▶ uplink ──▶ upstream broker
-//! (sensor conns,    (bridge/rules)     │  ▲ (store thread: redb)  (rumqttc, per generation)
-//!  one task each)                      └──┴── UplinkEvent (connected, pkid, ack, lost)
+//! ingest ──Event──▶ route ──Outbound──▶ relay ══ PUBLISH ⇄ PUBACK ══▶ upstream broker
+//! (sensor conns,    (bridge/rules)     │  ▲ (store thread: redb)
+//!  one task each)                      │  └── Link ── uplink (connects, reconnects)
 //!    ▲                                    │
 //!    └──── PUBACK once the event's Ticket drops (committed or acknowledged upstream)
 //! ```
@@ -128,7 +128,7 @@ impl Gateway {
 
         let (event_tx, event_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
         let (outbound_tx, outbound_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
-        let (uplink_tx, uplink_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
+        let (link_tx, link_rx) = mpsc::channel(1);
         let uplink_cancel = CancellationToken::new();
 
         let (routing_tx, routing_rx) = tokio::sync::watch::channel(std::sync::Arc::new(routing));
@@ -144,7 +144,7 @@ impl Gateway {
         tracker.spawn(relay::run(
             relay,
             outbound_rx,
-            uplink_rx,
+            link_rx,
             worker,
             config.data_dir.clone(),
             uplink_cancel.clone(),
@@ -152,7 +152,7 @@ impl Gateway {
 
         match &config.upstream {
             Some(upstream) => {
-                tracker.spawn(uplink::run(upstream.clone(), uplink_tx, metrics.clone(), uplink_cancel));
+                tracker.spawn(uplink::run(upstream.clone(), link_tx, metrics.clone(), uplink_cancel));
             }
             None => warn!(
                 message = "no upstream configured: events are kept in the buffer until one is; set [upstream] url in the config or pass --upstream mqtt://host:port"

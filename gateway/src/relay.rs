@@ -23,12 +23,17 @@
 //! - Per priority, events are sent in sequence order; after a reconnect, sending restarts at
 //!   the oldest unacknowledged event. Priorities share the link by smooth weighted round robin
 //!   (weight `10 − priority`): urgent events go first, but no priority starves.
-//! - Packet ids are matched only within one uplink generation (see [`crate::uplink`]).
+//! - Packet ids are the relay's, per connection: a lost connection takes its packet ids with it
+//!   and everything it had in flight is sent again (see [`crate::uplink`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWrite;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -40,14 +45,14 @@ use crate::event::{IdGen, Outbound, format_event_id, now_ms};
 use crate::ingest::acks::Ticket;
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
-use crate::uplink::{UplinkClient, UplinkEvent};
+use crate::uplink::{Incoming, Link, LinkParams, encode_pingreq, encode_publish, parse_incoming};
 
 /// Acked events still in the file are deleted at least this often; after a crash, at most this
 /// much acknowledged traffic is sent again (as duplicates the event id lets consumers drop).
 const DELETE_INTERVAL: Duration = Duration::from_secs(1);
 /// How many records one disk read fetches for the send window.
 const READ_BATCH: usize = 1024;
-/// How many input events (or uplink reports) are taken per wake-up, to amortise the loop's
+/// How many input events are taken per wake-up, to amortise the loop's
 /// overhead.
 const ACCEPT_BATCH: usize = 256;
 
@@ -125,19 +130,29 @@ impl Lane {
     }
 }
 
-/// The live upstream connection of one generation.
+/// The relay's view of the live upstream connection (the socket itself is in [`run`]).
 #[derive(Debug)]
 struct Conn {
-    generation: u64,
-    client: UplinkClient,
-    /// Handed to rumqttc, packet id not yet known, in request order.
-    requested: VecDeque<Key>,
+    params: LinkParams,
+    /// Encoded and awaiting their PUBACK, by packet id.
     inflight: HashMap<u16, Key>,
+    next_pkid: u16,
 }
 
 impl Conn {
     fn outstanding(&self) -> usize {
-        self.requested.len() + self.inflight.len()
+        self.inflight.len()
+    }
+
+    /// The next packet id not awaiting a PUBACK. One exists: fewer than 65,535 are in flight.
+    fn next_free_pkid(&mut self) -> u16 {
+        loop {
+            let pkid = self.next_pkid;
+            self.next_pkid = self.next_pkid % u16::MAX + 1;
+            if !self.inflight.contains_key(&pkid) {
+                return pkid;
+            }
+        }
     }
 }
 
@@ -361,62 +376,50 @@ impl Relay {
         }
     }
 
-    pub fn on_uplink(&mut self, event: UplinkEvent, now: Instant) {
+    /// A new upstream connection: sending starts from the oldest unacknowledged event.
+    pub fn on_connected(&mut self, generation: u64, params: LinkParams) {
+        let stored = self.stored();
+        info!(
+            message = "relay resuming from the buffer",
+            generation,
+            buffered_events = stored.events,
+            buffered_bytes = stored.bytes
+        );
+        self.conn = Some(Conn { params, inflight: HashMap::new(), next_pkid: 1 });
+    }
+
+    /// A PUBACK from the upstream.
+    pub fn on_puback(&mut self, pkid: u16, rejected: Option<String>, now: Instant) {
         let metrics = self.metrics.clone();
         let counters = metrics.counters();
-        match event {
-            UplinkEvent::Connected { generation, client } => {
-                let stored = self.stored();
-                info!(
-                    message = "relay resuming from the buffer",
-                    generation,
-                    buffered_events = stored.events,
-                    buffered_bytes = stored.bytes
-                );
-                self.conn =
-                    Some(Conn { generation, client, requested: VecDeque::new(), inflight: HashMap::new() });
-            }
-            UplinkEvent::Published { generation, pkid } => {
-                let Some(conn) = self.conn.as_mut().filter(|c| c.generation == generation) else { return };
-                match conn.requested.pop_front() {
-                    Some(key) => {
-                        conn.inflight.insert(pkid, key);
-                    }
-                    None => {
-                        error!(message = "bug: rumqttc reported a publish the relay did not request", pkid)
-                    }
+        let Some(conn) = self.conn.as_mut() else { return };
+        let Some(key) = conn.inflight.remove(&pkid) else { return };
+        match rejected {
+            None => Metrics::add(&counters.upstream_acked, 1),
+            Some(reason) => {
+                // Resending what the upstream refused (not authorised, quota, invalid topic)
+                // would block the queue forever: count, log, move on.
+                Metrics::add(&counters.upstream_rejected, 1);
+                if let Some(folded) = self.reject_log.ready(now) {
+                    warn!(message = "the upstream refused an event (MQTT 5 PUBACK reason); it is discarded, check the upstream's ACLs and quotas", %reason, similar_since_last_log = folded, rejected_total = Metrics::get(&counters.upstream_rejected));
                 }
             }
-            UplinkEvent::Acked { generation, pkid, rejected } => {
-                let Some(conn) = self.conn.as_mut().filter(|c| c.generation == generation) else { return };
-                if let Some(key) = conn.inflight.remove(&pkid) {
-                    match rejected {
-                        None => Metrics::add(&counters.upstream_acked, 1),
-                        Some(reason) => {
-                            // Resending what the upstream refused (not authorised, quota,
-                            // invalid topic) would block the queue forever: count, log, move on.
-                            Metrics::add(&counters.upstream_rejected, 1);
-                            if let Some(folded) = self.reject_log.ready(now) {
-                                warn!(message = "the upstream refused an event (MQTT 5 PUBACK reason); it is discarded, check the upstream's ACLs and quotas", %reason, similar_since_last_log = folded, rejected_total = Metrics::get(&counters.upstream_rejected));
-                            }
-                        }
-                    }
-                    self.on_acked(key, now);
-                }
-            }
-            UplinkEvent::Disconnected { generation } => {
-                let Some(conn) = self.conn.take_if(|c| c.generation == generation) else { return };
-                // Everything unacknowledged is sent again from the buffer, in order.
-                for key in conn.requested.iter().chain(conn.inflight.values()) {
-                    let lane = &mut self.lanes[usize::from(key.0)];
-                    lane.cursor = lane.cursor.min(key.1);
-                }
-                for (p, lane) in self.lanes.iter_mut().enumerate() {
-                    lane.prefetched.clear();
-                    lane.read_from = None;
-                    lane.disk_unread = self.disk[p].events > 0 || lane.reading;
-                }
-            }
+        }
+        self.on_acked(key, now);
+    }
+
+    /// The connection is gone: everything unacknowledged is sent again from the buffer, in
+    /// order, on the next one.
+    pub fn on_link_lost(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        for key in conn.inflight.values() {
+            let lane = &mut self.lanes[usize::from(key.0)];
+            lane.cursor = lane.cursor.min(key.1);
+        }
+        for (p, lane) in self.lanes.iter_mut().enumerate() {
+            lane.prefetched.clear();
+            lane.read_from = None;
+            lane.disk_unread = self.disk[p].events > 0 || lane.reading;
         }
     }
 
@@ -507,22 +510,21 @@ impl Relay {
         }
     }
 
-    fn upstream_payload(&self, record: &Record) -> Vec<u8> {
-        match self.settings.event_id {
-            EventIdMode::None => record.payload.to_vec(),
-            EventIdMode::Envelope => envelope(record),
-        }
+    /// The send window of the current connection.
+    fn window(&self) -> usize {
+        self.conn.as_ref().map_or(0, |c| self.settings.window.min(usize::from(c.params.receive_max)))
     }
 
-    /// Fills the send window.
-    fn pump(&mut self, commands: &mpsc::Sender<Command>, now: Instant) {
+    /// Fills the send window: encodes publishes into `out`, which [`run`] writes to the socket.
+    fn pump(&mut self, commands: &mpsc::Sender<Command>, now: Instant, out: &mut BytesMut) {
         if self.rate_wait.is_some_and(|t| now < t) {
             return;
         }
         self.rate_wait = None;
         let metrics = self.metrics.clone();
         let counters = metrics.counters();
-        while self.conn.as_ref().is_some_and(|c| c.outstanding() < self.settings.window) {
+        let window = self.window();
+        while self.conn.as_ref().is_some_and(|c| c.outstanding() < window) {
             let Some(p) = self.pick_lane(commands) else { break };
             let Some(record) = self.next_record(p, now) else { continue };
             if let Err(at) = self.rate_limit(&record, now) {
@@ -532,22 +534,33 @@ impl Relay {
                 self.rate_wait = Some(at);
                 break;
             }
-            let payload = self.upstream_payload(&record);
+            let envelope;
+            let payload: &[u8] = match self.settings.event_id {
+                EventIdMode::None => &record.payload,
+                EventIdMode::Envelope => {
+                    envelope = self::envelope(&record);
+                    &envelope
+                }
+            };
             let Some(conn) = self.conn.as_mut() else { break };
-            if let Err(error) =
-                conn.client.try_publish(record.topic.clone(), record.qos, payload, record.event_id)
-            {
-                // The event loop is gone; its Disconnected report rewinds the cursor.
-                warn!(message = "upstream client refused a publish; waiting for the reconnect", %error);
-                self.lanes[p].cursor = record.seq;
-                self.lanes[p].prefetched.push_front(record);
-                break;
+            let pkid = if record.qos == 0 { 0 } else { conn.next_free_pkid() };
+            let encoded =
+                encode_publish(out, &conn.params, &record.topic, record.qos, pkid, payload, record.event_id);
+            if let Err(too_large) = encoded {
+                // The upstream would drop the connection over it, and it would come first
+                // again after every reconnect: count it as refused, like a PUBACK refusal.
+                Metrics::add(&counters.upstream_rejected, 1);
+                if let Some(folded) = self.reject_log.ready(now) {
+                    warn!(message = "an event is larger than the upstream accepts (its maximum packet size); it is discarded, raise the upstream's limit or lower broker.max_payload", topic = %record.topic, size = too_large.size, max = too_large.max, similar_since_last_log = folded, rejected_total = Metrics::get(&counters.upstream_rejected));
+                }
+                self.on_acked(record.key(), now);
+                continue;
             }
             if record.qos == 0 {
                 // QoS 0 routes get no PUBACK; handing the publish over is all there is.
                 self.on_acked(record.key(), now);
             } else {
-                conn.requested.push_back(record.key());
+                conn.inflight.insert(pkid, record.key());
             }
             Metrics::add(&counters.upstream_sent, 1);
             let lane = &mut self.lanes[p];
@@ -809,24 +822,136 @@ fn envelope(record: &Record) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
+/// The socket side of the upstream connection: the relay encodes into `out`, this writes it
+/// and reads what comes back.
+struct LinkIo {
+    link: Link,
+    out: BytesMut,
+    next_ping: Option<Instant>,
+    ping_outstanding: bool,
+}
+
+impl LinkIo {
+    fn new(link: Link, now: Instant) -> LinkIo {
+        let keepalive = link.params.keepalive;
+        LinkIo {
+            link,
+            out: BytesMut::new(),
+            next_ping: (!keepalive.is_zero()).then(|| now + keepalive),
+            ping_outstanding: false,
+        }
+    }
+
+    /// Writes as much of `out` as the socket takes without waiting: one `send()` for
+    /// everything a loop turn encoded.
+    fn flush(&mut self) -> Result<(), String> {
+        while !self.out.is_empty() {
+            match self.link.stream.try_write(&self.out) {
+                Ok(0) => return Err("the upstream connection closed".to_owned()),
+                Ok(n) => self.out.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(format!("writing to the upstream failed: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Ready once bytes arrived; meanwhile writes what the socket did not take before.
+    /// Cancel-safe: whatever is read or written within a poll is recorded in a buffer.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+        while !self.out.is_empty() {
+            match Pin::new(&mut self.link.stream).poll_write(cx, &self.out) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err("the upstream connection closed".to_owned())),
+                Poll::Ready(Ok(n)) => self.out.advance(n),
+                Poll::Ready(Err(e)) => {
+                    return Poll::Ready(Err(format!("writing to the upstream failed: {e}")));
+                }
+                Poll::Pending => break,
+            }
+        }
+        let inbuf = &mut self.link.inbuf;
+        if inbuf.capacity() - inbuf.len() < 1024 {
+            inbuf.reserve(16 * 1024);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.link.stream), cx, inbuf) {
+            Poll::Ready(Ok(0)) => Poll::Ready(Err("the upstream closed the connection".to_owned())),
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(format!("reading from the upstream failed: {e}"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Hands every complete packet read to the relay.
+    fn deliver(&mut self, relay: &mut Relay, now: Instant) -> Result<(), String> {
+        while let Some(incoming) = parse_incoming(&mut self.link.inbuf, self.link.params.version)? {
+            match incoming {
+                Incoming::PubAck { pkid, rejected } => relay.on_puback(pkid, rejected, now),
+                Incoming::PingResp => self.ping_outstanding = false,
+            }
+        }
+        Ok(())
+    }
+
+    /// At `next_ping`: a PINGREQ, or the verdict that the last one went unanswered. Pings go
+    /// out regardless of traffic, so a silently dead (half-open) link is noticed while
+    /// publishes are still being written into it.
+    fn keepalive(&mut self, now: Instant) -> Result<(), String> {
+        if self.next_ping.is_none_or(|t| now < t) {
+            return Ok(());
+        }
+        if self.ping_outstanding {
+            return Err("no PINGRESP within upstream.keepalive: the link is dead".to_owned());
+        }
+        encode_pingreq(&mut self.out);
+        self.ping_outstanding = true;
+        self.next_ping = Some(now + self.link.params.keepalive);
+        Ok(())
+    }
+
+    /// Sends DISCONNECT and gives the socket a moment to take it.
+    async fn close(mut self) {
+        use tokio::io::AsyncWriteExt;
+        self.out.extend_from_slice(&[0xE0, 0x00]);
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.link.stream.write_all(&self.out)).await;
+        info!(message = "upstream connection closed", generation = self.link.generation);
+    }
+}
+
+/// Drops the connection (the uplink task reconnects) and rewinds the relay.
+fn lose(link: &mut Option<LinkIo>, relay: &mut Relay, error: String) {
+    if let Some(io) = link.take() {
+        relay.on_link_lost();
+        io.link.lost(error);
+    }
+}
+
 /// Runs the relay until its input closes and everything accepted is on disk or acknowledged
-/// (or `drain_grace` passed), then stops the uplink.
+/// (or `drain_grace` passed), then closes the upstream connection and stops the uplink.
 pub async fn run(
     mut relay: Relay,
     mut input: mpsc::Receiver<Outbound>,
-    mut uplink: mpsc::Receiver<UplinkEvent>,
+    mut links: mpsc::Receiver<Link>,
     mut worker: Worker,
     data_dir: std::path::PathBuf,
     uplink_cancel: tokio_util::sync::CancellationToken,
 ) {
     let mut input_open = true;
     let mut grace_until: Option<Instant> = None;
+    let mut link: Option<LinkIo> = None;
+    // One timer, moved only when a deadline comes earlier than the one armed: resetting it
+    // on every turn (every ack moves the commit deadline) cost a timer-wheel update per event.
+    // A timer that fires early just runs one more turn.
+    let mut timer = Box::pin(tokio::time::sleep_until(Instant::now()));
+    let mut armed: Option<Instant> = None;
     loop {
         let now = Instant::now();
-        if input_open {
-            relay.pump(&worker.commands, now);
+        if let (true, Some(io)) = (input_open, &mut link) {
+            relay.pump(&worker.commands, now, &mut io.out);
         }
         relay.maybe_commit(&worker.commands, !input_open, now);
+        if let Some(Err(error)) = link.as_mut().map(LinkIo::flush) {
+            lose(&mut link, &mut relay, error);
+        }
         if !input_open {
             if relay.idle_for_shutdown() {
                 break;
@@ -839,22 +964,31 @@ pub async fn run(
             }
         }
         Metrics::set(&relay.metrics.gauges().buffered_events, relay.stored().events);
-        let deadline = [relay.next_deadline(), grace_until].into_iter().flatten().min();
+        let ping = link.as_ref().and_then(|l| l.next_ping);
+        let deadline = [relay.next_deadline(), grace_until, ping].into_iter().flatten().min();
+        if let Some(d) = deadline {
+            if armed.is_none_or(|a| d < a) {
+                timer.as_mut().reset(d);
+                armed = Some(d);
+            }
+        }
         let accept = input_open && relay.can_accept();
         tokio::select! {
             biased;
             Some(reply) = worker.replies.recv() => relay.on_reply(reply, &data_dir, Instant::now()),
-            Some(event) = uplink.recv() => {
-                // Two reports per event (written, acknowledged): take what is queued in one
-                // wake-up rather than one loop turn each.
-                let now = Instant::now();
-                relay.on_uplink(event, now);
-                for _ in 1..ACCEPT_BATCH {
-                    match uplink.try_recv() {
-                        Ok(event) => relay.on_uplink(event, now),
-                        Err(_) => break,
-                    }
+            io = std::future::poll_fn(|cx| link.as_mut().map_or(Poll::Pending, |l| l.poll_io(cx))), if link.is_some() => {
+                let delivered = io.and_then(|()| match link.as_mut() {
+                    Some(l) => l.deliver(&mut relay, Instant::now()),
+                    None => Ok(()),
+                });
+                if let Err(error) = delivered {
+                    lose(&mut link, &mut relay, error);
                 }
+            }
+            Some(new) = links.recv() => {
+                lose(&mut link, &mut relay, "replaced by a new connection".to_owned());
+                relay.on_connected(new.generation, new.params);
+                link = Some(LinkIo::new(new, Instant::now()));
             }
             received = input.recv(), if accept => match received {
                 Some(outbound) => {
@@ -876,8 +1010,16 @@ pub async fn run(
                     info!(message = "relay flushing: committing everything not yet acknowledged");
                 }
             },
-            _ = sleep_until_opt(deadline) => {}
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                if let Some(Err(error)) = link.as_mut().map(|l| l.keepalive(Instant::now())) {
+                    lose(&mut link, &mut relay, error);
+                }
+            }
         }
+    }
+    if let Some(io) = link.take() {
+        io.close().await;
     }
     uplink_cancel.cancel();
     let stored = relay.stored();
@@ -885,13 +1027,6 @@ pub async fn run(
     // Let the store thread finish anything queued and close the file before the process
     // exits: `Gateway::shutdown` returning means the buffer file is closed.
     let _ = tokio::task::spawn_blocking(move || worker.join()).await;
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

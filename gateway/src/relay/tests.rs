@@ -1,5 +1,5 @@
-//! The relay's state machine driven step by step against a real store, with rumqttc's request
-//! queue read back directly (no network): random accepts, writes, acks, disconnects, commit
+//! The relay's state machine driven step by step against a real store, with the publishes it
+//! encodes decoded back by rumqttc (no network): random accepts, writes, acks, disconnects, commit
 //! ticks and crashes, then a final drain. Checked: every accepted event is acknowledged
 //! upstream unless a crash lost it from the stated in-memory window; within one connection
 //! and one priority, publishes go out in sequence order; the buffer ends empty; and **no
@@ -8,8 +8,8 @@
 
 use std::collections::{HashSet, VecDeque};
 
+use crate::config::MqttVersion;
 use proptest::prelude::*;
-use rumqttc::{AsyncClient, EventLoop, MqttOptions, Request};
 
 use super::*;
 use crate::buffer::Store;
@@ -23,7 +23,7 @@ const INTERVAL: Duration = Duration::from_millis(10);
 enum Action {
     Accept(u8),
     Connect,
-    /// rumqttc writes up to this many requested publishes (reports their packet ids).
+    /// Up to this many encoded publishes reach the upstream.
     Write(usize),
     /// The upstream acknowledges the n-th in-flight publish (acks may come out of order).
     Ack(usize),
@@ -55,10 +55,11 @@ struct Harness {
     worker: Worker,
     clock: Instant,
     generation: u64,
-    eventloop: Option<EventLoop>,
-    next_pkid: u16,
-    /// Drained from rumqttc, not yet reported as written: (priority, id).
-    requested: VecDeque<(u8, u64)>,
+    connected: bool,
+    /// What the relay encoded for the socket.
+    out: BytesMut,
+    /// Encoded, not yet at the upstream: (packet id, priority, id).
+    requested: VecDeque<(u16, u8, u64)>,
     inflight: Vec<(u16, u64)>,
     accepted: Vec<u64>,
     acked: HashSet<u64>,
@@ -103,8 +104,8 @@ impl Harness {
             worker,
             clock: Instant::now(),
             generation: 0,
-            eventloop: None,
-            next_pkid: 0,
+            connected: false,
+            out: BytesMut::new(),
             requested: VecDeque::new(),
             inflight: Vec::new(),
             accepted: Vec::new(),
@@ -141,21 +142,23 @@ impl Harness {
         }
     }
 
-    /// Fills the send window and collects what reached rumqttc. Disk reads it starts stay in
+    /// Fills the send window and decodes what the relay encoded. Disk reads it starts stay in
     /// flight until a `ServeStore` step, so they can race with disconnects and acks.
     fn pump(&mut self) {
-        self.relay.pump(&self.worker.commands, self.clock);
-        if let Some(el) = self.eventloop.as_mut() {
-            el.clean();
-            for request in el.pending.drain(..) {
-                if let Request::Publish(p) = request {
-                    let priority: u8 = p.topic.trim_start_matches("t/").parse().expect("test topic");
-                    let id: u64 =
-                        std::str::from_utf8(&p.payload).expect("utf8").parse().expect("test payload");
-                    self.requested.push_back((priority, id));
-                    self.published.push((self.generation, priority, id));
-                }
-            }
+        if !self.connected {
+            return;
+        }
+        self.relay.pump(&self.worker.commands, self.clock, &mut self.out);
+        while !self.out.is_empty() {
+            let Ok(rumqttc::Packet::Publish(p)) =
+                rumqttc::mqttbytes::v4::Packet::read(&mut self.out, usize::MAX)
+            else {
+                panic!("the relay encoded something other than a publish")
+            };
+            let priority: u8 = p.topic.trim_start_matches("t/").parse().expect("test topic");
+            let id: u64 = std::str::from_utf8(&p.payload).expect("utf8").parse().expect("test payload");
+            self.requested.push_back((p.pkid, priority, id));
+            self.published.push((self.generation, priority, id));
         }
     }
 
@@ -171,43 +174,40 @@ impl Harness {
                 }
             }
             Action::Connect => {
-                if self.eventloop.is_none() {
+                if !self.connected {
                     self.generation += 1;
-                    let (client, el) = AsyncClient::new(MqttOptions::new("t", "127.0.0.1", 1), WINDOW + 16);
-                    self.relay.on_uplink(
-                        UplinkEvent::Connected {
-                            generation: self.generation,
-                            client: UplinkClient::V311(client),
-                        },
-                        self.clock,
-                    );
-                    self.eventloop = Some(el);
+                    let params = LinkParams {
+                        version: MqttVersion::V311,
+                        receive_max: u16::MAX,
+                        max_packet: usize::MAX,
+                        keepalive: Duration::ZERO,
+                    };
+                    self.relay.on_connected(self.generation, params);
+                    self.connected = true;
                 }
             }
             Action::Write(n) => {
                 for _ in 0..n {
-                    let Some((_, id)) = self.requested.pop_front() else { break };
-                    self.next_pkid = self.next_pkid % 60_000 + 1;
-                    let pkid = self.next_pkid;
-                    self.relay
-                        .on_uplink(UplinkEvent::Published { generation: self.generation, pkid }, self.clock);
+                    let Some((pkid, _, id)) = self.requested.pop_front() else { break };
+                    assert!(
+                        self.inflight.iter().all(|(p, _)| *p != pkid),
+                        "packet id {pkid} reused while in flight"
+                    );
                     self.inflight.push((pkid, id));
                 }
             }
             Action::Ack(n) => {
                 if !self.inflight.is_empty() {
                     let (pkid, id) = self.inflight.remove(n % self.inflight.len());
-                    self.relay.on_uplink(
-                        UplinkEvent::Acked { generation: self.generation, pkid, rejected: None },
-                        self.clock,
-                    );
+                    self.relay.on_puback(pkid, None, self.clock);
                     self.acked.insert(id);
                 }
             }
             Action::Disconnect => {
-                if self.eventloop.take().is_some() {
-                    self.relay
-                        .on_uplink(UplinkEvent::Disconnected { generation: self.generation }, self.clock);
+                if self.connected {
+                    self.connected = false;
+                    self.relay.on_link_lost();
+                    self.out.clear();
                     self.requested.clear();
                     self.inflight.clear();
                 }
@@ -254,7 +254,8 @@ impl Harness {
         let lanes = store.lanes();
         std::mem::replace(&mut self.worker, Worker::spawn(store).expect("worker")).join();
         self.relay = Relay::new(settings(), Metrics::default(), IdGen::new(report.epoch), lanes);
-        self.eventloop = None;
+        self.connected = false;
+        self.out.clear();
         self.requested.clear();
         self.inflight.clear();
         self.generation += 1;
