@@ -297,6 +297,65 @@ async fn keepalive_zero_is_accepted() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// A client silent for one and a half keepalives is closed ([MQTT-3.1.2-24]); one that keeps
+// talking is not, however long it stays.
+
+#[derive(Debug, PartialEq)]
+struct KeepaliveEnforced {
+    /// What the silent client read within its first second, then within ten more (mosquitto
+    /// 2.0.11 checks keepalives coarsely: it closed a 1 s-keepalive client after ~5.4 s;
+    /// Outpost closes at 1.5 s).
+    silent: (RawRead, RawRead),
+    /// For each PINGREQ the chatty client sent (every 0.4 s for 3.2 s, with a 1 s keepalive):
+    /// the answer, then what arrived in the following 0.4 s.
+    chatty: Vec<(RawRead, RawRead)>,
+}
+
+async fn keepalive_enforced(addrs: Addrs) -> KeepaliveEnforced {
+    const PINGREQ: [u8; 2] = [0xC0, 0x00];
+    let silent = async {
+        let connect = raw::connect_v311("keepalive-silent", 1);
+        let Ok(mut client) = RawClient::connect(addrs.v4, "keepalive-silent", &connect).await else {
+            return (RawRead::Closed, RawRead::Closed);
+        };
+        let first = client.read(Duration::from_secs(1)).await;
+        (first, client.read(Duration::from_secs(10)).await)
+    };
+    let chatty = async {
+        let connect = raw::connect_v311("keepalive-chatty", 1);
+        let Ok(mut client) = RawClient::connect(addrs.v4, "keepalive-chatty", &connect).await else {
+            return Vec::new();
+        };
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            if client.send(&PINGREQ).await.is_err() {
+                seen.push((RawRead::Closed, RawRead::Closed));
+                break;
+            }
+            let answer = client.read(Duration::from_secs(2)).await;
+            // Waiting for nothing to arrive is also the pacing between pings.
+            seen.push((answer, client.read(Duration::from_millis(400)).await));
+        }
+        seen
+    };
+    let (silent, chatty) = tokio::join!(silent, chatty);
+    KeepaliveEnforced { silent, chatty }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_closes_silent_clients_only() {
+    if !require_mosquitto() {
+        return;
+    }
+    let pingresp = RawRead::Packet { first_byte: 0xD0, body: Vec::new() };
+    let expected = KeepaliveEnforced {
+        silent: (RawRead::Silent, RawRead::Closed),
+        chatty: vec![(pingresp, RawRead::Silent); 8],
+    };
+    conform("keepalive", BrokerSetup::anonymous(), expected, keepalive_enforced).await;
+}
+
+// ---------------------------------------------------------------------------------------------
 // An invalid client id gets a CONNACK that says so: MQTT 3.1.1 allows an empty id only with a
 // clean session ([MQTT-3.1.3-8]: return code 2, "identifier rejected").
 

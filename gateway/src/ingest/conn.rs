@@ -443,6 +443,10 @@ impl Session {
         let stopped = self.stop.clone().cancelled_owned();
         tokio::pin!(stopped);
         let mut last_read = Instant::now();
+        // One keepalive timer for the connection, moved only when it fires: re-arming it after
+        // every read cost a timer-wheel insert and removal per publish.
+        let idle = tokio::time::sleep_until(keepalive.map_or(last_read, |k| last_read + k));
+        tokio::pin!(idle);
         loop {
             // Everything complete in the input buffer first.
             while !self.io.inbuf.is_empty() {
@@ -474,13 +478,13 @@ impl Session {
             }
             // A client that stops reading blocks this write; shutdown and takeover still end it.
             let flushed = tokio::select! {
+                biased;
                 r = self.io.flush() => r,
                 _ = &mut stopped => Err(self.why_stopped()),
             };
             if let Err(end) = flushed {
                 return end;
             }
-            let idle_deadline = keepalive.map(|k| last_read + k);
             tokio::select! {
                 biased;
                 _ = &mut stopped => return self.why_stopped(),
@@ -501,7 +505,14 @@ impl Session {
                     Ok(_) => last_read = Instant::now(),
                     Err(e) => return End::Io(e),
                 },
-                _ = sleep_opt(idle_deadline) => return End::Keepalive,
+                () = &mut idle, if keepalive.is_some() => {
+                    if let Some(k) = keepalive {
+                        if last_read.elapsed() >= k {
+                            return End::Keepalive;
+                        }
+                        idle.as_mut().reset(last_read + k);
+                    }
+                }
             }
         }
     }
@@ -627,7 +638,10 @@ impl Session {
         }
         // A takeover or shutdown must not wait behind a full pipeline: the event not handed
         // over is not acknowledged either (the connection ends before its slot is answered).
+        // Biased: the hand-over almost always succeeds at once, and then the stop signal is
+        // never polled (registering with it per event cost more than the hand-over).
         tokio::select! {
+            biased;
             handed = self.shared.ingest(event) => if handed { Ok(()) } else { Err(End::Shutdown) },
             _ = self.stop.cancelled() => Err(self.why_stopped()),
         }
@@ -981,13 +995,6 @@ async fn changed_opt(rx: &mut Option<watch::Receiver<Status>>) {
                 std::future::pending::<()>().await;
             }
         }
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
 }
