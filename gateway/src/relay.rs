@@ -215,6 +215,7 @@ pub struct Relay {
     overflow_log: LogThrottle,
     expiry_log: LogThrottle,
     reject_log: LogThrottle,
+    size_log: LogThrottle,
 }
 
 impl Relay {
@@ -253,6 +254,7 @@ impl Relay {
             overflow_log: LogThrottle::default(),
             expiry_log: LogThrottle::default(),
             reject_log: LogThrottle::default(),
+            size_log: LogThrottle::default(),
         }
     }
 
@@ -550,7 +552,7 @@ impl Relay {
                 // The upstream would drop the connection over it, and it would come first
                 // again after every reconnect: count it as refused, like a PUBACK refusal.
                 Metrics::add(&counters.upstream_rejected, 1);
-                if let Some(folded) = self.reject_log.ready(now) {
+                if let Some(folded) = self.size_log.ready(now) {
                     warn!(message = "an event is larger than the upstream accepts (its maximum packet size); it is discarded, raise the upstream's limit or lower broker.max_payload", topic = %record.topic, size = too_large.size, max = too_large.max, similar_since_last_log = folded, rejected_total = Metrics::get(&counters.upstream_rejected));
                 }
                 self.on_acked(record.key(), now);

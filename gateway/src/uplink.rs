@@ -246,6 +246,8 @@ fn reason_name(code: u8) -> String {
         0x97 => "QuotaExceeded",
         0x98 => "AdministrativeAction",
         0x99 => "PayloadFormatInvalid",
+        0x9A => "RetainNotSupported",
+        0x9B => "QoSNotSupported",
         0x9C => "UseAnotherServer",
         0x9D => "ServerMoved",
         0x9F => "ConnectionRateExceeded",
@@ -272,11 +274,17 @@ fn encode_connect(cfg: &UpstreamConfig, out: &mut BytesMut) -> Result<(), String
                 .map_err(|e| format!("cannot encode CONNECT: {e:?}"))
         }
         MqttVersion::V5 => {
+            // Announcing our maximum lets a compliant upstream shorten what it sends us (reason
+            // strings) instead of tripping the limit `parse_incoming` enforces.
+            let properties = mqtt5::ConnectProperties {
+                max_packet_size: Some(MAX_INCOMING as u32),
+                ..mqtt5::ConnectProperties::new()
+            };
             let connect = mqtt5::Connect {
                 keep_alive,
                 client_id: cfg.client_id.clone(),
                 clean_start: true,
-                properties: None,
+                properties: Some(properties),
             };
             let login = match (&cfg.username, &cfg.password) {
                 (Some(user), Some(pass)) => Some(mqtt5::Login::new(user.clone(), pass.clone())),
@@ -322,6 +330,12 @@ fn parse_connack(buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<Option<Link
                 Err(Error::InsufficientBytes(_)) => Ok(None),
                 Ok(mqtt5::Packet::ConnAck(ack)) if ack.code == mqtt5::ConnectReturnCode::Success => {
                     if let Some(p) = ack.properties {
+                        if p.max_qos == Some(0) {
+                            return Err("the upstream accepts only QoS 0 (its CONNACK's Maximum QoS), and \
+                                        Outpost relays at QoS 1 so that nothing is lost: allow QoS 1 on the \
+                                        upstream broker (mosquitto: max_qos)"
+                                .to_owned());
+                        }
                         if let Some(max) = p.receive_max {
                             params.receive_max = params.receive_max.min(max.max(1));
                         }
@@ -380,6 +394,12 @@ async fn connect(cfg: &UpstreamConfig) -> Result<(TcpStream, LinkParams, BytesMu
     }
 }
 
+/// A connection that lasted this long was healthy: the next attempt starts from
+/// `reconnect_min` again. One that dropped sooner (an upstream that closes right after its
+/// CONNACK, or refuses what we publish by disconnecting) keeps the backoff growing, so it is
+/// not hammered with a connection every `reconnect_min`.
+const HEALTHY_CONNECTION: Duration = Duration::from_secs(5);
+
 /// Capped exponential backoff with full jitter over the upper half, so a fleet of gateways
 /// does not reconnect in lockstep after an upstream restart.
 #[derive(Debug)]
@@ -424,7 +444,7 @@ pub async fn run(
         };
         match attempt {
             Ok((stream, params, inbuf)) => {
-                backoff.reset();
+                let since = tokio::time::Instant::now();
                 Metrics::add(&counters.upstream_connects, 1);
                 Metrics::set(&metrics.gauges().upstream_connected, 1);
                 info!(message = "connected upstream", upstream = %cfg.url, generation, receive_max = params.receive_max);
@@ -438,6 +458,9 @@ pub async fn run(
                     end = end => end,
                 };
                 Metrics::set(&metrics.gauges().upstream_connected, 0);
+                if since.elapsed() >= HEALTHY_CONNECTION {
+                    backoff.reset();
+                }
                 match end {
                     Ok(error) => {
                         Metrics::add(&counters.upstream_failures, 1);

@@ -46,7 +46,14 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Starts a broker on a free port and returns once it accepts connections.
     pub async fn start() -> anyhow::Result<Mosquitto> {
-        let mut broker = Mosquitto::not_started()?;
+        Mosquitto::start_with("").await
+    }
+
+    /// Like [`start`](Self::start), with `extra_config` (whole `mosquitto.conf` lines, e.g.
+    /// `"max_packet_size 2000\n"`) appended to the generated config: how a test gives the
+    /// upstream limits or an `acl_file`.
+    pub async fn start_with(extra_config: &str) -> anyhow::Result<Mosquitto> {
+        let mut broker = Mosquitto::not_started_with(extra_config)?;
         broker.start_again().await?;
         Ok(broker)
     }
@@ -54,11 +61,17 @@ impl Mosquitto {
     /// Reserves a port and writes the config without starting the broker, for tests where the
     /// upstream is down at first. [`start_again`](Self::start_again) starts it.
     pub fn not_started() -> anyhow::Result<Mosquitto> {
+        Mosquitto::not_started_with("")
+    }
+
+    /// Like [`not_started`](Self::not_started), with `extra_config` appended to the config
+    /// (see [`start_with`](Self::start_with)).
+    pub fn not_started_with(extra_config: &str) -> anyhow::Result<Mosquitto> {
         let port = crate::free_port();
         let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
         // max_queued_messages 0: no per-client queue limit. The default (1000) silently drops
         // messages queued for a slow or offline subscriber, which a test would count as lost.
-        let config = format!(
+        let mut config = format!(
             "listener {port} 127.0.0.1\n\
              allow_anonymous true\n\
              persistence true\n\
@@ -69,6 +82,10 @@ impl Mosquitto {
              connection_messages true\n",
             dir.path().display()
         );
+        config.push_str(extra_config);
+        if !config.ends_with('\n') {
+            config.push('\n');
+        }
         std::fs::write(dir.path().join("mosquitto.conf"), config).context("cannot write mosquitto.conf")?;
         Ok(Mosquitto { port, process: None, dir })
     }
