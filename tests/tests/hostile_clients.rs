@@ -76,6 +76,11 @@ struct Poisoned {
     /// A CONNECT with a will on `w/#`, over MQTT 3.1.1 and 5.
     will_v311: ConnectOutcome,
     will_v5: ConnectOutcome,
+    /// Packets only a server sends, from an MQTT 5 client: an UNSUBACK (the six bytes the
+    /// `sensor_wire` fuzzer found; rumqttd's decoder panicked on them, which aborted the
+    /// gateway) and a CONNACK.
+    unsuback_v5: Refusal,
+    connack_v5: Refusal,
     /// Whether every well-formed event published afterwards was acknowledged.
     after_acked: bool,
     /// What arrived upstream, as `(topic, payload)`.
@@ -124,6 +129,10 @@ async fn a_poison_topic_never_reaches_the_uplink() {
     let will_v5 =
         raw_connect_outcome(listen, "will-5", &raw::connect_v5_with_will("will-5", 30, "w/#", b"gone")).await;
 
+    let unsuback_v5 =
+        poison(listen, &raw::connect_v5("unsuback-5", 30), &[0xB2, 0x02, 0x17, 0xC7, 0x0A, 0x02]).await;
+    let connack_v5 = poison(listen, &raw::connect_v5("connack-5", 30), &[0x20, 0x03, 0x00, 0x00, 0x00]).await;
+
     let payloads: Vec<String> = (0..AFTER_POISON).map(|n| format!("{{\"n\":{n}}}")).collect();
     let bytes = payloads.iter().map(|p| p.clone().into_bytes());
     let after = publish_qos1(listen, "sensor-after", "sensors/after", bytes, TIMEOUT).await;
@@ -144,6 +153,8 @@ async fn a_poison_topic_never_reaches_the_uplink() {
         publish_v5: publish_v5.into(),
         will_v311,
         will_v5,
+        unsuback_v5: unsuback_v5.into(),
+        connack_v5: connack_v5.into(),
         after_acked: after.is_ok(),
         upstream: subscriber
             .messages()
@@ -163,6 +174,8 @@ async fn a_poison_topic_never_reaches_the_uplink() {
         will_v311: ConnectOutcome::Closed,
         // MQTT 5: 0x90 "topic name invalid".
         will_v5: ConnectOutcome::Refused(Code(0x90)),
+        unsuback_v5: Refusal::ErrorDisconnect,
+        connack_v5: Refusal::ErrorDisconnect,
         after_acked: true,
         // Exactly the well-formed events, in order.
         upstream: payloads.into_iter().map(|p| ("sensors/after".to_owned(), p)).collect(),
