@@ -52,6 +52,10 @@ use crate::uplink::{Incoming, Link, LinkParams, encode_pingreq, encode_publish, 
 const DELETE_INTERVAL: Duration = Duration::from_secs(1);
 /// How many records one disk read fetches for the send window.
 const READ_BATCH: usize = 1024;
+/// Encoding stops while this much is waiting for the socket. The send window bounds QoS 1
+/// publishes, but not QoS 0 ones (no PUBACK) nor a window of large payloads; this bounds the
+/// memory and what a lost connection takes with it.
+const OUT_HIGH_WATER: usize = 256 * 1024;
 /// How many input events are taken per wake-up, to amortise the loop's
 /// overhead.
 const ACCEPT_BATCH: usize = 256;
@@ -526,7 +530,7 @@ impl Relay {
         let metrics = self.metrics.clone();
         let counters = metrics.counters();
         let window = self.window();
-        while self.conn.as_ref().is_some_and(|c| c.outstanding() < window) {
+        while self.conn.as_ref().is_some_and(|c| c.outstanding() < window) && out.len() < OUT_HIGH_WATER {
             let Some(p) = self.pick_lane(commands) else { break };
             let Some(record) = self.next_record(p, now) else { continue };
             if let Err(at) = self.rate_limit(&record, now) {
@@ -777,6 +781,18 @@ impl Relay {
         }
     }
 
+    /// Forgets "not before" times that have passed. Left in place, a past one would be a
+    /// deadline that is always due: the loop would spin (a rate limit hit just before the link
+    /// dropped, a failed disk read).
+    fn clear_elapsed_waits(&mut self, now: Instant) {
+        if self.rate_wait.is_some_and(|t| t <= now) {
+            self.rate_wait = None;
+        }
+        if self.read_retry_at.is_some_and(|t| t <= now) {
+            self.read_retry_at = None;
+        }
+    }
+
     /// The next time something is due without any input.
     fn next_deadline(&self) -> Option<Instant> {
         let commit = if self.commit_running {
@@ -858,9 +874,11 @@ impl LinkIo {
         Ok(())
     }
 
-    /// Ready once bytes arrived; meanwhile writes what the socket did not take before.
+    /// Ready once bytes arrived, or the unwritten output fell below [`OUT_HIGH_WATER`];
+    /// meanwhile writes what the socket did not take before.
     /// Cancel-safe: whatever is read or written within a poll is recorded in a buffer.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+        let was_full = self.out.len() >= OUT_HIGH_WATER;
         while !self.out.is_empty() {
             match Pin::new(&mut self.link.stream).poll_write(cx, &self.out) {
                 Poll::Ready(Ok(0)) => return Poll::Ready(Err("the upstream connection closed".to_owned())),
@@ -870,6 +888,10 @@ impl LinkIo {
                 }
                 Poll::Pending => break,
             }
+        }
+        if was_full && self.out.len() < OUT_HIGH_WATER {
+            // Room again: the relay may encode more.
+            return Poll::Ready(Ok(()));
         }
         let inbuf = &mut self.link.inbuf;
         if inbuf.capacity() - inbuf.len() < 1024 {
@@ -886,9 +908,11 @@ impl LinkIo {
     /// Hands every complete packet read to the relay.
     fn deliver(&mut self, relay: &mut Relay, now: Instant) -> Result<(), String> {
         while let Some(incoming) = parse_incoming(&mut self.link.inbuf, self.link.params.version)? {
-            match incoming {
-                Incoming::PubAck { pkid, rejected } => relay.on_puback(pkid, rejected, now),
-                Incoming::PingResp => self.ping_outstanding = false,
+            // Any packet proves the link alive: a PINGREQ queued behind a slow link's backlog
+            // may be answered long after the acks that came before it.
+            self.ping_outstanding = false;
+            if let Incoming::PubAck { pkid, rejected } = incoming {
+                relay.on_puback(pkid, rejected, now);
             }
         }
         Ok(())
@@ -951,9 +975,15 @@ pub async fn run(
             relay.pump(&worker.commands, now, &mut io.out);
         }
         relay.maybe_commit(&worker.commands, !input_open, now);
+        // Checked every turn, not only when the timer fires: a busy input branch would
+        // otherwise starve the timer branch, and with it the dead-link verdict.
+        if let Some(Err(error)) = link.as_mut().map(|l| l.keepalive(now)) {
+            lose(&mut link, &mut relay, error);
+        }
         if let Some(Err(error)) = link.as_mut().map(LinkIo::flush) {
             lose(&mut link, &mut relay, error);
         }
+        relay.clear_elapsed_waits(now);
         if !input_open {
             if relay.idle_for_shutdown() {
                 break;
@@ -967,7 +997,10 @@ pub async fn run(
         }
         Metrics::set(&relay.metrics.gauges().buffered_events, relay.stored().events);
         let ping = link.as_ref().and_then(|l| l.next_ping);
-        let deadline = [relay.next_deadline(), grace_until, ping].into_iter().flatten().min();
+        // A grace period that ended while a commit still runs is waited out by the commit's
+        // reply, not by a timer that is always due.
+        let grace = grace_until.filter(|&t| t > now);
+        let deadline = [relay.next_deadline(), grace, ping].into_iter().flatten().min();
         if let Some(d) = deadline {
             if armed.is_none_or(|a| d < a) {
                 timer.as_mut().reset(d);
@@ -990,7 +1023,15 @@ pub async fn run(
             Some(new) = links.recv() => {
                 lose(&mut link, &mut relay, "replaced by a new connection".to_owned());
                 relay.on_connected(new.generation, new.params);
-                link = Some(LinkIo::new(new, Instant::now()));
+                let mut io = LinkIo::new(new, Instant::now());
+                // The upstream may have sent more right behind its CONNACK (a DISCONNECT).
+                match io.deliver(&mut relay, Instant::now()) {
+                    Ok(()) => link = Some(io),
+                    Err(error) => {
+                        relay.on_link_lost();
+                        io.link.lost(error);
+                    }
+                }
             }
             received = input.recv(), if accept => match received {
                 Some(outbound) => {
@@ -1012,12 +1053,8 @@ pub async fn run(
                     info!(message = "relay flushing: committing everything not yet acknowledged");
                 }
             },
-            () = &mut timer, if armed.is_some() => {
-                armed = None;
-                if let Some(Err(error)) = link.as_mut().map(|l| l.keepalive(Instant::now())) {
-                    lose(&mut link, &mut relay, error);
-                }
-            }
+            // Only wakes the loop: whatever fell due is handled at the top.
+            () = &mut timer, if armed.is_some() => armed = None,
         }
     }
     if let Some(io) = link.take() {

@@ -311,6 +311,20 @@ fn parse_connack(buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<Option<Link
     };
     let malformed =
         |e: &dyn std::fmt::Debug| format!("the upstream did not answer with a valid CONNACK: {e:?}");
+    // Only a complete frame is decoded: the decoders answer "need more bytes" also for a frame
+    // that is complete but too short inside, which would then wait for the connect timeout.
+    let Some((_, header, remaining)) = fixed_header(buf)? else { return Ok(None) };
+    if buf.len() < header + remaining {
+        return Ok(None);
+    }
+    if cfg.mqtt_version == MqttVersion::V5 && remaining == 2 && buf[0] == 0x20 && buf[header + 1] != 0 {
+        // A broker that speaks only MQTT 3.1.1 answers an MQTT 5 CONNECT with a 3.1.1 CONNACK,
+        // return code 1: unacceptable protocol version.
+        return Err(format!(
+            "the upstream refused MQTT 5 (an MQTT 3.1.1 CONNACK, return code {}): it speaks only 3.1.1; set upstream.mqtt_version = \"3.1.1\"",
+            buf[header + 1]
+        ));
+    }
     match cfg.mqtt_version {
         MqttVersion::V311 => {
             use rumqttc::mqttbytes::{Error, v4};
@@ -340,6 +354,11 @@ fn parse_connack(buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<Option<Link
                             params.receive_max = params.receive_max.min(max.max(1));
                         }
                         if let Some(max) = p.max_packet_size {
+                            // 0 is a protocol error; taken at its word, every event would be
+                            // "too large" and discarded.
+                            if max == 0 {
+                                return Err(malformed(&"Maximum Packet Size 0"));
+                            }
                             params.max_packet = max as usize;
                         }
                         if let Some(secs) = p.server_keep_alive {
@@ -450,14 +469,17 @@ pub async fn run(
                 info!(message = "connected upstream", upstream = %cfg.url, generation, receive_max = params.receive_max);
                 let (ended, end) = oneshot::channel();
                 let link = Link { generation, stream, params, inbuf, ended: Some(ended) };
-                if links.send(link).await.is_err() {
-                    return;
-                }
-                let end = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    end = end => end,
+                let sent = links.send(link).await.is_ok();
+                let end = match sent {
+                    true => tokio::select! {
+                        biased;
+                        end = end => Some(end),
+                        _ = cancel.cancelled() => None,
+                    },
+                    false => None,
                 };
                 Metrics::set(&metrics.gauges().upstream_connected, 0);
+                let Some(end) = end else { return };
                 if since.elapsed() >= HEALTHY_CONNECTION {
                     backoff.reset();
                 }
@@ -586,6 +608,105 @@ mod tests {
             parse_incoming(&mut buf, MqttVersion::V5).expect("valid"),
             Some(Incoming::PubAck { pkid: 10, rejected: None })
         );
+    }
+
+    proptest::proptest! {
+        /// Whatever an upstream sends, parsing returns packets, "need more" or an error; it
+        /// never panics and never consumes an incomplete packet.
+        #[test]
+        fn arbitrary_upstream_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..64), v5: bool) {
+            let version = if v5 { MqttVersion::V5 } else { MqttVersion::V311 };
+            let mut buf = BytesMut::from(&bytes[..]);
+            loop {
+                let before = buf.len();
+                match parse_incoming(&mut buf, version) {
+                    Ok(Some(_)) => proptest::prop_assert!(buf.len() < before),
+                    Ok(None) => {
+                        proptest::prop_assert_eq!(buf.len(), before);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+
+        /// A stream of acks parses the same however TCP splits it.
+        #[test]
+        fn acks_parse_the_same_however_split(
+            pkids in proptest::collection::vec(1u16.., 1..20),
+            cuts in proptest::collection::vec(0usize..200, 0..10),
+        ) {
+            let mut wire = BytesMut::new();
+            for pkid in &pkids {
+                rumqttc::mqttbytes::v4::PubAck::new(*pkid).write(&mut wire).expect("write");
+                wire.put_slice(&[0xD0, 0x00]);
+            }
+            let wire = wire.freeze();
+            let mut cuts: Vec<usize> = cuts.into_iter().map(|c| c.min(wire.len())).collect();
+            cuts.push(wire.len());
+            cuts.sort_unstable();
+            let (mut buf, mut seen, mut from) = (BytesMut::new(), Vec::new(), 0);
+            for cut in cuts {
+                buf.put_slice(&wire[from..cut]);
+                from = cut;
+                while let Some(incoming) = parse_incoming(&mut buf, MqttVersion::V5).expect("valid") {
+                    seen.push(incoming);
+                }
+            }
+            let expected: Vec<Incoming> = pkids
+                .iter()
+                .flat_map(|&pkid| [Incoming::PubAck { pkid, rejected: None }, Incoming::PingResp])
+                .collect();
+            proptest::prop_assert_eq!(seen, expected);
+        }
+
+        /// Any publish we encode is one rumqttc decodes back to what went in.
+        #[test]
+        fn any_publish_round_trips(
+            topic in "[a-z/]{1,40}",
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+            qos in 0u8..2,
+            pkid in 1u16..,
+            event_id: u64,
+        ) {
+            let mut out = BytesMut::new();
+            encode_publish(&mut out, &params(MqttVersion::V5), &topic, qos, pkid, &payload, event_id).expect("fits");
+            let Ok(mqtt5::Packet::Publish(p)) = mqtt5::Packet::read(&mut out, None) else {
+                return Err(proptest::test_runner::TestCaseError::fail("not a publish"));
+            };
+            proptest::prop_assert_eq!(&p.topic[..], topic.as_bytes());
+            proptest::prop_assert_eq!(&p.payload[..], &payload[..]);
+            proptest::prop_assert_eq!(p.pkid, if qos == 1 { pkid } else { 0 });
+            proptest::prop_assert!(out.is_empty());
+        }
+    }
+
+    fn v5_config() -> UpstreamConfig {
+        let mut cfg = UpstreamConfig::with_url("mqtt://127.0.0.1:1883".parse().expect("url"));
+        cfg.mqtt_version = MqttVersion::V5;
+        cfg
+    }
+
+    /// A 3.1.1-only broker answers an MQTT 5 CONNECT with a 3.1.1 CONNACK (no properties):
+    /// that is a refusal to name, not "more bytes to come" until the connect timeout.
+    #[test]
+    fn a_311_connack_to_an_mqtt5_connect_says_so() {
+        let mut buf = BytesMut::from(&[0x20u8, 0x02, 0x00, 0x01][..]);
+        let err = parse_connack(&mut buf, &v5_config()).expect_err("refused");
+        assert!(err.contains("mqtt_version = \"3.1.1\""), "{err}");
+        let mut buf = BytesMut::from(&[0x20u8, 0x03, 0x00][..]);
+        assert_eq!(parse_connack(&mut buf, &v5_config()), Ok(None), "incomplete: wait");
+    }
+
+    #[test]
+    fn a_maximum_packet_size_of_zero_is_refused() {
+        // CONNACK, success, properties: Maximum Packet Size (0x27) = 0.
+        let mut buf = BytesMut::from(&[0x20u8, 0x08, 0x00, 0x00, 0x05, 0x27, 0, 0, 0, 0][..]);
+        let err = parse_connack(&mut buf, &v5_config()).expect_err("protocol error");
+        assert!(err.contains("Maximum Packet Size 0"), "{err}");
+        let mut buf = BytesMut::from(&[0x20u8, 0x08, 0x00, 0x00, 0x05, 0x27, 0, 0, 0x07, 0xD0][..]);
+        let params = parse_connack(&mut buf, &v5_config()).expect("valid").expect("complete");
+        assert_eq!(params.max_packet, 2000);
     }
 
     #[test]

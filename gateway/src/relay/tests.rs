@@ -499,3 +499,67 @@ fn rate_limit_paces_the_link() {
     let mut bytes = Bucket::new(100.0);
     assert!(bytes.take(500.0, now).is_ok());
 }
+
+/// QoS 0 publishes get no PUBACK, so the send window never stops them: the output waiting for
+/// the socket must stop growing by itself (before, every turn encoded everything, without
+/// bound, while a slow link took nothing).
+#[test]
+fn output_waiting_for_the_socket_is_bounded_for_qos0() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        let mut settings = settings();
+        settings.commit_max_events = 100_000;
+        h.relay.settings = settings;
+        h.step(Action::Connect).await;
+        let payload = bytes::Bytes::from(vec![b'x'; 200]);
+        let mut out = BytesMut::new();
+        for turn in 0..20u64 {
+            for i in 0..1000 {
+                h.relay.accept(
+                    Outbound {
+                        event_id: turn * 1000 + i,
+                        topic: "t/0".to_owned(),
+                        payload: payload.clone(),
+                        qos: 0,
+                        priority: 0,
+                        expires_ms: None,
+                        received_ms: 0,
+                        ticket: None,
+                    },
+                    h.clock,
+                );
+            }
+            // The socket takes nothing.
+            h.relay.pump(&h.worker.commands, h.clock, &mut out);
+        }
+        assert!(out.len() < OUT_HIGH_WATER + 300, "unwritten output grew to {} bytes", out.len());
+        let sent = Metrics::get(&h.relay.metrics.counters().upstream_sent);
+        assert!(sent < 2000, "only what fits was handed over: {sent} of 20,000");
+        // Once the socket took it, encoding goes on.
+        out.clear();
+        h.relay.pump(&h.worker.commands, h.clock, &mut out);
+        assert!(Metrics::get(&h.relay.metrics.counters().upstream_sent) > sent);
+    });
+}
+
+/// A "not before" time that has passed is no deadline: left in place it made the run loop's
+/// timer always due (a spin while the link was down after a rate limit was hit, or forever
+/// after one failed disk read).
+#[test]
+fn passed_waits_are_not_deadlines() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        let now = h.clock;
+        h.relay.rate_wait = Some(now - Duration::from_millis(5));
+        h.relay.read_retry_at = Some(now - Duration::from_millis(5));
+        assert!(h.relay.next_deadline().is_some_and(|d| d <= now), "the set-up has past deadlines");
+        h.relay.clear_elapsed_waits(now);
+        assert!(h.relay.next_deadline().is_none_or(|d| d > now), "{:?}", h.relay.next_deadline());
+        // A wait still ahead stays.
+        h.relay.rate_wait = Some(now + Duration::from_millis(5));
+        h.relay.clear_elapsed_waits(now);
+        assert_eq!(h.relay.next_deadline(), Some(now + Duration::from_millis(5)));
+    });
+}
