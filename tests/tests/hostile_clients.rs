@@ -424,3 +424,57 @@ async fn a_v5_publish_with_topic_alias_or_subscription_identifier_is_refused_and
     };
     assert_eq!(observed, expected, "final counters: {counters:?}\n{}", gateway.tail());
 }
+
+// ---------------------------------------------------------------------------------------------
+// A subscriber that stops reading, and sends nothing, is dropped after its keepalive — also
+// while the gateway is blocked writing to it.
+
+/// QoS 0 publishes of [`FLOOD_PAYLOAD`] bytes sent at the stalled subscriber: far more than the
+/// socket buffers between the gateway and it hold, so the gateway's write to it blocks.
+const FLOOD: usize = 2_000;
+const FLOOD_PAYLOAD: usize = 16 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_stops_reading_is_dropped_after_its_keepalive() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path())
+        .config_toml("[broker]\nsys_interval = \"1s\"\n")
+        .start()
+        .await
+        .expect("start the gateway");
+    let listen = gateway.listen();
+    let mut monitor = Recorder::start(listen, "$SYS/outpost/clients", QoS::AtMostOnce)
+        .await
+        .expect("the monitor subscribes");
+
+    // Keepalive 1 s: the gateway drops it 1.5 s after the last byte it read from it.
+    let mut stalled =
+        RawClient::connect(listen, "stalled", &raw::connect_v311("stalled", 1)).await.expect("accepted");
+    stalled.send(&raw::subscribe_v311(1, "flood/#", 0)).await.expect("subscribe");
+    assert_eq!(stalled.answer().await, Answer::Packet { packet_type: packet_type::SUBACK });
+    // From here on it reads nothing and sends nothing.
+    let (_stalled_read, _stalled_write) = stalled.into_split();
+
+    let mut flooder =
+        RawClient::connect(listen, "flooder", &raw::connect_v311("flooder", 30)).await.expect("accepted");
+    let publish = raw::publish_v311("flood/x", 0, 0, false, &vec![b'x'; FLOOD_PAYLOAD]);
+    for _ in 0..FLOOD {
+        flooder.send(&publish).await.expect("the gateway reads the flood");
+    }
+    drop(flooder);
+
+    // The monitor is the only client left once the stalled one is dropped: a count of 1 after
+    // one that included the stalled client.
+    let dropped = |messages: &[Received]| {
+        let count = |m: &Received| m.payload.parse::<u64>().unwrap_or(0);
+        messages.iter().skip_while(|m| count(m) < 2).any(|m| count(m) == 1)
+    };
+    let seen = monitor.wait_until(Duration::from_secs(15), dropped).await;
+    let counts: Vec<&str> = seen.iter().map(|m| m.payload.as_str()).collect();
+    assert!(dropped(&seen), "the stalled subscriber is still connected: clients {counts:?}");
+
+    let status = gateway.terminate().await.expect("the gateway stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    let counters = gateway.final_counters().expect("final counters");
+    assert_eq!(counters.get("keepalive_timeouts").copied(), Some(1), "{counters:?}");
+}

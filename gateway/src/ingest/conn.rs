@@ -3,11 +3,12 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rumqttd::Forward;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
@@ -43,6 +44,9 @@ const DELIVERY_QUEUE: usize = 256;
 const MAX_OUT_INFLIGHT: usize = 1_000;
 /// Output buffered while handling one read, before it is written out.
 const OUT_HIGH_WATER: usize = 64 * 1024;
+/// Input read (and kept) while output waits for a client that is slow to read. Beyond it the
+/// connection stops reading: TCP slows a client that sends without reading.
+const READ_WHILE_WRITING: usize = 64 * 1024;
 /// Topic filters one client may hold.
 const MAX_FILTERS: usize = 1_000;
 
@@ -152,6 +156,45 @@ impl Io {
         if !self.outbuf.is_empty() {
             self.wr.write_all(&self.outbuf).await.map_err(End::Io)?;
             self.outbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Writes all pending output, and meanwhile reads what the client sends (up to
+    /// [`READ_WHILE_WRITING`] bytes, kept for later): a live client's PINGREQs still count
+    /// while it is slow to read, and a client that sends nothing and reads nothing for its
+    /// keepalive is dropped. Before, a half-open subscriber blocked its connection here until
+    /// TCP gave up, minutes later.
+    async fn flush_reading(
+        &mut self,
+        mut idle: Pin<&mut tokio::time::Sleep>,
+        keepalive: Option<Duration>,
+        last_read: &mut Instant,
+    ) -> Result<(), End> {
+        while !self.outbuf.is_empty() {
+            let can_read = self.inbuf.len() < READ_WHILE_WRITING;
+            tokio::select! {
+                biased;
+                // `write` and `read_buf` are cancel-safe: a branch that loses did nothing.
+                w = self.wr.write(&self.outbuf) => match w {
+                    Ok(0) => return Err(End::Eof),
+                    Ok(n) => self.outbuf.advance(n),
+                    Err(e) => return Err(End::Io(e)),
+                },
+                r = self.rd.read_buf(&mut self.inbuf), if can_read => match r {
+                    Ok(0) => return Err(End::Eof),
+                    Ok(_) => *last_read = Instant::now(),
+                    Err(e) => return Err(End::Io(e)),
+                },
+                () = idle.as_mut(), if keepalive.is_some() => {
+                    if let Some(k) = keepalive {
+                        if last_read.elapsed() >= k {
+                            return Err(End::Keepalive);
+                        }
+                        idle.as_mut().reset(*last_read + k);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -460,7 +503,8 @@ impl Session {
                         // must not pile up output without bound.
                         if self.io.outbuf.len() > OUT_HIGH_WATER {
                             let flushed = tokio::select! {
-                                r = self.io.flush() => r,
+                                biased;
+                                r = self.io.flush_reading(idle.as_mut(), keepalive, &mut last_read) => r,
                                 _ = &mut stopped => Err(self.why_stopped()),
                             };
                             if let Err(end) = flushed {
@@ -476,10 +520,11 @@ impl Session {
             if let Err(end) = self.on_acks_ready() {
                 return end;
             }
-            // A client that stops reading blocks this write; shutdown and takeover still end it.
+            // A client that stops reading blocks this write; shutdown, takeover and its keepalive
+            // still end it.
             let flushed = tokio::select! {
                 biased;
-                r = self.io.flush() => r,
+                r = self.io.flush_reading(idle.as_mut(), keepalive, &mut last_read) => r,
                 _ = &mut stopped => Err(self.why_stopped()),
             };
             if let Err(end) = flushed {
