@@ -56,8 +56,7 @@ const READ_BATCH: usize = 1024;
 /// publishes, but not QoS 0 ones (no PUBACK) nor a window of large payloads; this bounds the
 /// memory and what a lost connection takes with it.
 const OUT_HIGH_WATER: usize = 256 * 1024;
-/// How many input events are taken per wake-up, to amortise the loop's
-/// overhead.
+/// How many input events are taken per wake-up, to amortise the loop's overhead.
 const ACCEPT_BATCH: usize = 256;
 
 /// The relay's settings, derived from the config once.
