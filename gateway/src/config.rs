@@ -126,6 +126,13 @@ pub struct UpstreamConfig {
     /// How many publishes may await their PUBACK at once (MQTT receive maximum, ≤ 65535).
     #[serde(default = "default_inflight")]
     pub inflight: u16,
+    /// The largest packet the upstream accepts. An MQTT 5 upstream announces its own; an MQTT
+    /// 3.1.1 one cannot, and if it drops the connection over a larger packet (mosquitto's
+    /// `max_packet_size`, cloud brokers' message size limits) that event would come first
+    /// again after every reconnect and block the link. Larger events are counted
+    /// `upstream_rejected` and skipped.
+    #[serde(default)]
+    pub max_packet_size: Option<ByteSize>,
     /// Optional caps for metered links.
     #[serde(default)]
     pub max_events_per_sec: Option<NonZeroU32>,
@@ -536,6 +543,15 @@ impl GatewayConfig {
                     "must be at least 1s",
                 ));
             }
+            if let Some(max) = up.max_packet_size {
+                if max.as_u64() < 128 || max.as_u64() > 268_435_460 {
+                    return Err(invalid(
+                        "upstream.max_packet_size",
+                        max.to_string(),
+                        "must be between 128B and 256MiB (MQTT's largest packet); set it to the upstream broker's limit",
+                    ));
+                }
+            }
             if up.topic_prefix.contains(['+', '#', '\0']) {
                 return Err(invalid(
                     "upstream.topic_prefix",
@@ -581,6 +597,7 @@ impl UpstreamConfig {
             reconnect_max: default_reconnect_max(),
             topic_prefix: String::new(),
             inflight: default_inflight(),
+            max_packet_size: None,
             max_events_per_sec: None,
             max_bytes_per_sec: None,
             mqtt_version: MqttVersion::default(),
@@ -696,6 +713,19 @@ mod tests {
         assert!(err.contains("`route[0].priority` = \"12\""), "{err}");
         let err = parse_err("[[route]]\nfilter = \"a/#/b\"\n");
         assert!(err.contains("`#` must be the last level"), "{err}");
+    }
+
+    #[test]
+    fn upstream_max_packet_size_is_checked() {
+        let err = parse_err("[upstream]\nurl = \"mqtt://h:1\"\nmax_packet_size = \"64B\"\n");
+        assert!(err.contains("upstream.max_packet_size") && err.contains("between 128B and 256MiB"), "{err}");
+        let c = GatewayConfig::parse(
+            "[upstream]\nurl = \"mqtt://h:1\"\nmax_packet_size = \"128KiB\"\n",
+            Path::new("x"),
+        )
+        .expect("valid");
+        c.validate("x").expect("valid");
+        assert_eq!(c.upstream.and_then(|u| u.max_packet_size).map(|b| b.as_u64()), Some(128 * 1024));
     }
 
     #[test]

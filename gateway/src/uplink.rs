@@ -303,10 +303,11 @@ fn parse_connack(buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<Option<Link
     let refused = |code: &dyn std::fmt::Debug| {
         format!("the upstream refused the connection ({code:?}): check upstream.client_id and credentials")
     };
+    let configured_max = cfg.max_packet_size.map_or(MAX_REMAINING + 5, |b| b.as_u64() as usize);
     let mut params = LinkParams {
         version: cfg.mqtt_version,
         receive_max: cfg.inflight,
-        max_packet: MAX_REMAINING + 5,
+        max_packet: configured_max,
         keepalive: cfg.keepalive,
     };
     let malformed =
@@ -359,7 +360,7 @@ fn parse_connack(buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<Option<Link
                             if max == 0 {
                                 return Err(malformed(&"Maximum Packet Size 0"));
                             }
-                            params.max_packet = max as usize;
+                            params.max_packet = configured_max.min(max as usize);
                         }
                         if let Some(secs) = p.server_keep_alive {
                             params.keepalive = Duration::from_secs(u64::from(secs));
@@ -696,6 +697,26 @@ mod tests {
         assert!(err.contains("mqtt_version = \"3.1.1\""), "{err}");
         let mut buf = BytesMut::from(&[0x20u8, 0x03, 0x00][..]);
         assert_eq!(parse_connack(&mut buf, &v5_config()), Ok(None), "incomplete: wait");
+    }
+
+    /// The configured limit applies to MQTT 3.1.1 (whose CONNACK says nothing), and the lower
+    /// of it and an MQTT 5 upstream's own applies to MQTT 5.
+    #[test]
+    fn the_configured_maximum_packet_size_applies() {
+        let mut cfg = UpstreamConfig::with_url("mqtt://127.0.0.1:1883".parse().expect("url"));
+        cfg.max_packet_size = Some(bytesize::ByteSize::b(2000));
+        let mut buf = BytesMut::from(&[0x20u8, 0x02, 0x00, 0x00][..]);
+        let params = parse_connack(&mut buf, &cfg).expect("valid").expect("complete");
+        assert_eq!(params.max_packet, 2000);
+        cfg.mqtt_version = MqttVersion::V5;
+        // Maximum Packet Size 5000 from the upstream.
+        let mut buf = BytesMut::from(&[0x20u8, 0x08, 0x00, 0x00, 0x05, 0x27, 0, 0, 0x13, 0x88][..]);
+        let params = parse_connack(&mut buf, &cfg).expect("valid").expect("complete");
+        assert_eq!(params.max_packet, 2000);
+        cfg.max_packet_size = Some(bytesize::ByteSize::b(9000));
+        let mut buf = BytesMut::from(&[0x20u8, 0x08, 0x00, 0x00, 0x05, 0x27, 0, 0, 0x13, 0x88][..]);
+        let params = parse_connack(&mut buf, &cfg).expect("valid").expect("complete");
+        assert_eq!(params.max_packet, 5000);
     }
 
     #[test]

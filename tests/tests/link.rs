@@ -142,3 +142,47 @@ async fn upstream_that_never_answers_is_reported_and_events_are_kept() {
     let stopped = gateway.messages("relay stopped").pop().expect("a `relay stopped` line");
     assert_eq!(stopped["buffered_events"], N, "all {N} events stay buffered: {stopped}");
 }
+
+/// An MQTT 3.1.1 upstream cannot refuse one event; mosquitto closes the connection over a
+/// packet above its `max_packet_size`, and that event would come first again after every
+/// reconnect. With the limit stated in `upstream.max_packet_size`, the oversize event is
+/// counted and skipped, and the link never drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_stated_upstream_limit_is_skipped_not_resent_forever() {
+    if !require_mosquitto() {
+        return;
+    }
+    const N: usize = 200;
+    let upstream = Mosquitto::start_with("max_packet_size 2000\n").await.expect("start mosquitto");
+    let mut subscriber =
+        Subscriber::start(upstream.addr(), "sensors/#", Session::Clean).await.expect("subscribe upstream");
+    let data = tempfile::tempdir().expect("tempdir");
+    let config = format!("[upstream]\nurl = \"{}\"\nmax_packet_size = \"2000B\"\n", upstream.url());
+    let mut gateway =
+        GatewaySpec::new(data.path()).config_toml(config).start().await.expect("start the gateway");
+    gateway.wait_for_message("connected upstream", TIMEOUT).await.expect("the uplink connects");
+    let payloads: Vec<Vec<u8>> = (0..N)
+        .map(|n| if n == N / 2 { vec![b'x'; 5000] } else { format!("reading {n}").into_bytes() })
+        .collect();
+    publish_qos1(gateway.listen(), "big-1", "sensors/big-1/temp", payloads.clone(), TIMEOUT)
+        .await
+        .expect("acked");
+    subscriber
+        .wait_for_count(N as u64 - 1, TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}\n{}", gateway.tail(), upstream.tail()));
+    let status = gateway.terminate().await.expect("the gateway stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+
+    let received: Vec<Vec<u8>> = subscriber.messages().into_iter().map(|(_, payload)| payload).collect();
+    let expected: Vec<Vec<u8>> = payloads.into_iter().filter(|p| p.len() < 5000).collect();
+    assert!(received == expected, "every small event once, in order: got {} messages", received.len());
+    let counters = gateway.final_counters().expect("final counters");
+    let count = |name: &str| counters.get(name).copied().unwrap_or(0);
+    assert_eq!(
+        (count("upstream_rejected"), count("upstream_failures"), count("upstream_connects")),
+        (1, 0, 1),
+        "the oversize event was skipped and the link never dropped: {counters:?}"
+    );
+    assert!(!gateway.messages("an event is larger than the upstream accepts").is_empty());
+}
