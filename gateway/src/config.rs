@@ -138,9 +138,9 @@ pub struct UpstreamConfig {
     pub inflight: u16,
     /// The largest packet the upstream accepts. An MQTT 5 upstream announces its own; an MQTT
     /// 3.1.1 one cannot, and if it drops the connection over a larger packet (mosquitto's
-    /// `max_packet_size`, cloud brokers' message size limits) that event would come first
-    /// again after every reconnect and block the link. Larger events are counted
-    /// `upstream_rejected` and skipped.
+    /// `max_packet_size`, cloud brokers' message size limits) that event costs
+    /// `poison_after` reconnects before it is dead-lettered. Larger events are counted
+    /// `upstream_rejected` and skipped at once.
     #[serde(default)]
     pub max_packet_size: Option<ByteSize>,
     /// When the upstream closes the link right after the same event this many times in a row,
