@@ -466,11 +466,13 @@ impl GatewayConfig {
                 let parsed = parse_all(&text, path);
                 let Some(mut config) = parsed.config else { return (None, parsed.problems) };
                 let dir = path.parent().unwrap_or_else(|| Path::new(""));
+                // `components` drops the `.` of "./outpost-data" so messages show a plain path.
+                let resolve = |path: &Path| dir.join(path).components().collect::<PathBuf>();
                 if parsed.positions.contains_key("data_dir") {
-                    config.data_dir = dir.join(&config.data_dir);
+                    config.data_dir = resolve(&config.data_dir);
                 }
                 if parsed.positions.contains_key("rules") {
-                    config.rules = config.rules.map(|rules| dir.join(rules));
+                    config.rules = config.rules.map(|rules| resolve(&rules));
                 }
                 (config, parsed.problems, parsed.positions, path.display().to_string())
             }
