@@ -149,24 +149,14 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Run(args) => {
             let config = match args.load() {
                 Ok(config) => config,
-                Err(ConfigErrors(problems)) => {
-                    for problem in problems {
-                        eprintln!("outpost: {problem}");
-                    }
-                    return ExitCode::from(1);
-                }
+                Err(ConfigErrors(problems)) => return refuse(problems),
             };
             crate::telemetry::init(cli.log_format.unwrap_or(config.log.format), &config.log.level);
             match run(config) {
                 Ok(()) => ExitCode::SUCCESS,
                 // Broken rules are invalid configuration, as for `check`: one line a problem.
                 Err(e) => match e.downcast_ref::<crate::StartError>() {
-                    Some(crate::StartError::Rules(load)) => {
-                        for problem in load.problems() {
-                            eprintln!("outpost: {problem}");
-                        }
-                        ExitCode::from(1)
-                    }
+                    Some(crate::StartError::Rules(load)) => refuse(load.problems()),
                     _ => report(Err(e)),
                 },
             }
@@ -182,10 +172,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("outpost: {e}");
-                ExitCode::from(1)
-            }
+            Err(e) => refuse(e.problems()),
         },
         Command::Rules(RulesCommand::Test { file, topic, payload, clientid, events }) => {
             match crate::rules::load(&file) {
@@ -351,13 +338,16 @@ fn check(args: &ConfigArgs) -> ExitCode {
             );
             ExitCode::SUCCESS
         }
-        _ => {
-            for problem in &problems {
-                eprintln!("outpost: {problem}");
-            }
-            ExitCode::from(1)
-        }
+        _ => refuse(problems),
     }
+}
+
+/// Invalid configuration (config, rules, tables): one `outpost: ` line per problem, exit 1.
+fn refuse<P: std::fmt::Display>(problems: impl IntoIterator<Item = P>) -> ExitCode {
+    for problem in problems {
+        eprintln!("outpost: {problem}");
+    }
+    ExitCode::from(1)
 }
 
 /// What `run` needs of `data_dir`: a directory it can write (or one it can create, in the
