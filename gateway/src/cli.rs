@@ -413,12 +413,22 @@ fn run(config: GatewayConfig) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Polled once here so that the handlers are installed before the broker says it is
+        // listening: a SIGTERM from then on stops the gateway gracefully (it used to kill it
+        // with the default action until the gateway reached its run loop).
+        let signal = crate::shutdown::signal();
+        tokio::pin!(signal);
+        tokio::select! {
+            biased;
+            () = &mut signal => return Ok(()),
+            () = std::future::ready(()) => {}
+        }
         let gateway = crate::Gateway::start(config).await.context("cannot start the gateway")?;
         // Type=notify units start dependants only once the broker accepts sensors. Outside
         // systemd NOTIFY_SOCKET is unset and this does nothing.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let stop = async {
-            crate::shutdown::signal().await;
+            signal.await;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         };
         gateway.run_until(stop).await;

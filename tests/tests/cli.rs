@@ -1,5 +1,6 @@
 //! What the `outpost` binary writes where an operator reads it: logs without terminal colour
-//! codes when stderr is a file or journald, and JSON logs whose counters are numbers.
+//! codes when stderr is a file or journald, and JSON logs whose counters are numbers; and a
+//! SIGTERM right after start-up is a graceful stop.
 
 use std::time::Duration;
 
@@ -21,7 +22,9 @@ async fn text_logs_into_a_pipe_carry_no_colour_codes() {
         .wait_for_line("the readiness line", START_TIMEOUT, |line| line.contains(READY_MESSAGE))
         .await
         .expect("outpost starts");
-    gateway.terminate(STOP_TIMEOUT).await.expect("outpost stops");
+    // At once after the readiness line: the signal handlers are installed by then.
+    let status = gateway.terminate(STOP_TIMEOUT).await.expect("outpost stops");
+    assert!(status.success(), "a graceful stop: {status:?}\n{}", gateway.tail());
     let lines = gateway.lines();
     assert!(lines.iter().any(|l| l.contains(" INFO ")), "text logs were written:\n{}", gateway.tail());
     let coloured: Vec<&String> = lines.iter().filter(|l| l.contains('\u{1b}')).collect();
