@@ -1,7 +1,8 @@
 //! The `outpost` command line: argument parsing and the commands behind it.
 //!
-//! Exit codes: 0 success, 1 an invalid config (`check`, and `run` refusing to start on one),
-//! 2 any other error.
+//! Exit codes: 0 success, 1 invalid configuration — the config file, the rules file or its
+//! tables (`check`, `rules check`, and `run` refusing to start on one), one `outpost: ` line a
+//! problem — 2 any other error.
 
 use std::io::Write;
 use std::net::SocketAddr;
