@@ -1,7 +1,8 @@
 //! The `outpost` command line: argument parsing and the commands behind it.
 //!
-//! Exit codes: 0 success, 1 an invalid config (`check`, and `run` refusing to start on one),
-//! 2 any other error.
+//! Exit codes: 0 success, 1 invalid configuration — the config file, the rules file or its
+//! tables (`check`, `rules check`, and `run` refusing to start on one), one `outpost: ` line a
+//! problem — 2 any other error.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -9,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use crate::buffer::inspect;
-use crate::config::{ConfigError, GatewayConfig, LogFormat, Overrides, UpstreamUrl};
+use crate::config::{ConfigErrors, GatewayConfig, LogFormat, Overrides, UpstreamUrl};
 use crate::event::now_ms;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -32,7 +33,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gateway until SIGTERM or SIGINT.
     Run(ConfigArgs),
-    /// Validate a config file and exit: 0 if valid, 1 with the problem if not.
+    /// Check everything `run` needs without starting: the config, the rules file and its
+    /// tables, the data directory. Exit 0 if all is well, 1 with every problem if not.
     Check(ConfigArgs),
     /// Inspect the durable buffer.
     #[command(subcommand)]
@@ -97,10 +99,12 @@ pub enum BufferCommand {
 
 #[derive(Debug, Args)]
 pub struct ConfigArgs {
-    /// TOML config file; without it the built-in defaults apply.
+    /// TOML config file; without it the built-in defaults apply. Paths in the file are
+    /// relative to the file; paths given as flags or environment variables are relative to
+    /// the working directory.
     #[arg(long, short = 'c', env = "OUTPOST_CONFIG")]
     pub config: Option<PathBuf>,
-    /// MQTT 3.1.1 listen address for sensors, e.g. 0.0.0.0:1883.
+    /// Listen address for sensors (MQTT 3.1.1 and 5), e.g. 0.0.0.0:1883.
     #[arg(long, env = "OUTPOST_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// Upstream broker, mqtt://host:port.
@@ -134,7 +138,7 @@ impl ConfigArgs {
         }
     }
 
-    fn load(&self) -> Result<GatewayConfig, ConfigError> {
+    fn load(&self) -> Result<GatewayConfig, ConfigErrors> {
         GatewayConfig::load(self.config.as_deref(), &self.overrides())
     }
 }
@@ -142,33 +146,21 @@ impl ConfigArgs {
 /// Runs a parsed command line and returns the process exit code.
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Check(args) => match args.load() {
-            Ok(config) => {
-                let origin =
-                    args.config.as_ref().map_or("built-in defaults".to_owned(), |p| p.display().to_string());
-                println!(
-                    "{origin}: ok (broker on {}, data in {}, upstream {})",
-                    config.broker.listen,
-                    config.data_dir.display(),
-                    config.upstream.as_ref().map_or("none".to_owned(), |u| u.url.to_string())
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("outpost: {e}");
-                ExitCode::from(1)
-            }
-        },
+        Command::Check(args) => check(&args),
         Command::Run(args) => {
             let config = match args.load() {
                 Ok(config) => config,
-                Err(e) => {
-                    eprintln!("outpost: {e}");
-                    return ExitCode::from(1);
-                }
+                Err(ConfigErrors(problems)) => return refuse(problems),
             };
             crate::telemetry::init(cli.log_format.unwrap_or(config.log.format), &config.log.level);
-            report(run(config))
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                // Broken rules are invalid configuration, as for `check`: one line a problem.
+                Err(e) => match e.downcast_ref::<crate::StartError>() {
+                    Some(crate::StartError::Rules(load)) => refuse(load.problems()),
+                    _ => report(Err(e)),
+                },
+            }
         }
         Command::Buffer(command) => report(buffer(command)),
         Command::Rules(RulesCommand::Check { file }) => match crate::rules::load(&file) {
@@ -181,10 +173,7 @@ pub fn main(cli: Cli) -> ExitCode {
                 );
                 ExitCode::SUCCESS
             }
-            Err(e) => {
-                eprintln!("outpost: {e}");
-                ExitCode::from(1)
-            }
+            Err(e) => refuse(e.problems()),
         },
         Command::Rules(RulesCommand::Test { file, topic, payload, clientid, events }) => {
             match crate::rules::load(&file) {
@@ -301,8 +290,104 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("outpost: {e:#}");
+            eprintln!("outpost: {}", error_chain(&e));
             ExitCode::from(2)
+        }
+    }
+}
+
+/// An error and its causes joined by ": ", leaving out a cause that an outer message already
+/// quotes (`cannot create /x: Read-only file system (os error 30)` and its `io::Error`).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// `outpost check`: everything `run` reads before it binds a port — the config, the rules
+/// file and its tables, the data directory — with every problem found, one a line.
+fn check(args: &ConfigArgs) -> ExitCode {
+    let (config, problems) = GatewayConfig::load_all(args.config.as_deref(), &args.overrides());
+    let mut problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    if let Some(config) = &config {
+        if let Some(rules) = &config.rules {
+            if let Err(e) = crate::rules::load(rules) {
+                problems.extend(e.problems());
+            }
+        }
+        problems.extend(check_data_dir(&config.data_dir));
+    }
+    match config {
+        Some(config) if problems.is_empty() => {
+            let origin =
+                args.config.as_ref().map_or("built-in defaults".to_owned(), |p| p.display().to_string());
+            println!(
+                "{origin}: ok (broker on {}, data in {}, upstream {}, rules {})",
+                config.broker.listen,
+                config.data_dir.display(),
+                config.upstream.as_ref().map_or("none".to_owned(), |u| u.url.to_string()),
+                config.rules.as_ref().map_or("none".to_owned(), |r| r.display().to_string()),
+            );
+            ExitCode::SUCCESS
+        }
+        _ => refuse(problems),
+    }
+}
+
+/// Invalid configuration (config, rules, tables): one `outpost: ` line per problem, exit 1.
+fn refuse<P: std::fmt::Display>(problems: impl IntoIterator<Item = P>) -> ExitCode {
+    for problem in problems {
+        eprintln!("outpost: {problem}");
+    }
+    ExitCode::from(1)
+}
+
+/// What `run` needs of `data_dir`: a directory it can write (or one it can create, in the
+/// nearest existing parent), and a buffer file it can open for writing. Creates nothing but
+/// a probe file that it removes at once.
+fn check_data_dir(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let fix = "set data_dir (or --data-dir) to a directory the user running outpost can write";
+    let existing = dir.ancestors().find(|p| p.as_os_str().is_empty() || p.exists())?;
+    let existing = if existing.as_os_str().is_empty() { Path::new(".") } else { existing };
+    if !existing.is_dir() {
+        return Some(format!("data_dir {}: {} is not a directory; {fix}", dir.display(), existing.display()));
+    }
+    let probe = existing.join(format!(".outpost-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) => {
+            let what = if existing == dir {
+                format!("cannot write in {}", dir.display())
+            } else {
+                format!("{} does not exist and cannot be created in {}", dir.display(), existing.display())
+            };
+            return Some(format!("data_dir {what}: {e}; {fix}"));
+        }
+    }
+    let buffer = crate::buffer::store::file_path(dir);
+    match std::fs::OpenOptions::new().read(true).write(true).open(&buffer) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            let owner = std::fs::metadata(&buffer)
+                .map(|m| format!(" (owner uid {}, mode {:o})", m.uid(), m.mode() & 0o7777))
+                .unwrap_or_default();
+            Some(format!(
+                "cannot open the buffer file {} for writing{owner}: {e}; run outpost as the file's owner, or give the file to the user running outpost (chown)",
+                buffer.display()
+            ))
         }
     }
 }
@@ -329,12 +414,22 @@ fn run(config: GatewayConfig) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // Polled once here so that the handlers are installed before the broker says it is
+        // listening: a SIGTERM from then on stops the gateway gracefully (it used to kill it
+        // with the default action until the gateway reached its run loop).
+        let signal = crate::shutdown::signal();
+        tokio::pin!(signal);
+        tokio::select! {
+            biased;
+            () = &mut signal => return Ok(()),
+            () = std::future::ready(()) => {}
+        }
         let gateway = crate::Gateway::start(config).await.context("cannot start the gateway")?;
         // Type=notify units start dependants only once the broker accepts sensors. Outside
         // systemd NOTIFY_SOCKET is unset and this does nothing.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
         let stop = async {
-            crate::shutdown::signal().await;
+            signal.await;
             let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
         };
         gateway.run_until(stop).await;

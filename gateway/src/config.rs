@@ -6,28 +6,37 @@
 //! after that the pipeline trusts it. Operators never see `rumqttd::Config`: the
 //! [`crate::ingest`] stage maps [`BrokerConfig`] onto it in one place.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytesize::ByteSize;
 use outpost_rules::TopicFilter;
+use serde::de::IntoDeserializer;
 use serde::{Deserialize, Deserializer};
+use toml::de::{DeTable, DeValue};
 
 use crate::event::TopicPolicy;
 
 /// Everything that can be wrong with a configuration. Each message names the file (when
-/// there is one), the key, the bad value and what would be valid.
+/// there is one), the line, the key, the bad value and what would be valid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {}: {source} (pass an existing file with --config, or omit --config to use the built-in defaults)", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     #[error("{}: {message}", path.display())]
     Parse { path: PathBuf, message: String },
-    #[error("{origin}: `{key}` = {value:?} is invalid: {reason}")]
-    Invalid { origin: String, key: String, value: String, reason: String },
+    #[error("{origin}: {}`{key}` = {value:?} is invalid: {reason}", position.map(|(line, column)| format!("line {line}, column {column}: ")).unwrap_or_default())]
+    Invalid { origin: String, position: Option<(usize, usize)>, key: String, value: String, reason: String },
 }
+
+/// Every problem found in one configuration, in file order; never empty. One problem a line.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
 
 /// The whole configuration of one gateway.
 #[derive(Debug, Clone, Deserialize)]
@@ -460,24 +469,70 @@ pub struct Overrides {
 impl GatewayConfig {
     /// Reads and validates a config file, or the built-in defaults when `path` is `None`,
     /// then applies `overrides` and validates the result.
-    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<GatewayConfig, ConfigError> {
-        let (mut config, origin) = match path {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-                (GatewayConfig::parse(&text, path)?, path.display().to_string())
-            }
-            None => (GatewayConfig::default(), "built-in defaults".to_owned()),
-        };
-        config.apply(overrides);
-        config.validate(&origin)?;
-        Ok(config)
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<GatewayConfig, ConfigErrors> {
+        match GatewayConfig::load_all(path, overrides) {
+            (Some(config), problems) if problems.is_empty() => Ok(config),
+            (_, problems) => Err(ConfigErrors(problems)),
+        }
     }
 
-    /// Parses TOML text; `path` only names the source in error messages.
-    pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigError> {
-        toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: describe_toml_error(&e, text) })
+    /// Like [`GatewayConfig::load`], but goes on after a problem to find every other one
+    /// (`outpost check`). The config comes back whenever the file could be parsed at all,
+    /// with defaults in place of refused values, so callers can check what it points to.
+    /// Paths written in the file are resolved from the file's directory; overrides (flags,
+    /// environment) stay relative to the working directory.
+    pub fn load_all(path: Option<&Path>, overrides: &Overrides) -> (Option<GatewayConfig>, Vec<ConfigError>) {
+        let (mut config, mut problems, mut positions, origin) = match path {
+            Some(path) => {
+                let text = match std::fs::read_to_string(path) {
+                    Ok(text) => text,
+                    Err(source) => return (None, vec![ConfigError::Read { path: path.to_owned(), source }]),
+                };
+                let parsed = parse_all(&text, path);
+                let Some(mut config) = parsed.config else { return (None, parsed.problems) };
+                let dir = path.parent().unwrap_or_else(|| Path::new(""));
+                // `components` drops the `.` of "./outpost-data" so messages show a plain path.
+                let resolve = |path: &Path| dir.join(path).components().collect::<PathBuf>();
+                if parsed.positions.contains_key("data_dir") {
+                    config.data_dir = resolve(&config.data_dir);
+                }
+                if parsed.positions.contains_key("rules") {
+                    config.rules = config.rules.map(|rules| resolve(&rules));
+                }
+                (config, parsed.problems, parsed.positions, path.display().to_string())
+            }
+            None => (GatewayConfig::default(), Vec::new(), BTreeMap::new(), "built-in defaults".to_owned()),
+        };
+        config.apply(overrides);
+        // A value from a flag or the environment has no line in the file.
+        for (given, key) in [
+            (overrides.listen.is_some(), "broker.listen"),
+            (overrides.upstream.is_some(), "upstream.url"),
+            (overrides.data_dir.is_some(), "data_dir"),
+            (overrides.rules.is_some(), "rules"),
+        ] {
+            if given {
+                positions.remove(key);
+            }
+        }
+        if let Err(ConfigErrors(invalid)) = config.validate(&origin) {
+            problems.extend(invalid.into_iter().map(|mut e| {
+                if let ConfigError::Invalid { key, position, .. } = &mut e {
+                    *position = positions.get(key.as_str()).copied();
+                }
+                e
+            }));
+        }
+        (Some(config), problems)
+    }
+
+    /// Parses TOML text; `path` only names the source in error messages. Reports every
+    /// unknown key and every refused value, not just the first.
+    pub fn parse(text: &str, path: &Path) -> Result<GatewayConfig, ConfigErrors> {
+        match parse_all(text, path) {
+            Parsed { config: Some(config), problems, .. } if problems.is_empty() => Ok(config),
+            Parsed { problems, .. } => Err(ConfigErrors(problems)),
+        }
     }
 
     pub fn apply(&mut self, overrides: &Overrides) {
@@ -501,40 +556,44 @@ impl GatewayConfig {
     }
 
     /// Checks that span more than one field, or that the types cannot express.
-    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |key: &str, value: String, reason: &str| ConfigError::Invalid {
-            origin: origin.to_owned(),
-            key: key.to_owned(),
-            value,
-            reason: reason.to_owned(),
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigErrors> {
+        let mut problems = Vec::new();
+        let mut invalid = |key: &str, value: String, reason: &str| {
+            problems.push(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                position: None,
+                key: key.to_owned(),
+                value,
+                reason: reason.to_owned(),
+            })
         };
         if self.broker.listen_v5 == Some(self.broker.listen) {
-            return Err(invalid(
+            invalid(
                 "broker.listen_v5",
                 self.broker.listen.to_string(),
                 "it is the same address as broker.listen; MQTT 5 needs its own port, e.g. 0.0.0.0:1884",
-            ));
+            );
         }
         if self.broker.max_payload.as_u64() < 16 || self.broker.max_payload.as_u64() > 256 * 1024 * 1024 {
-            return Err(invalid(
+            invalid(
                 "broker.max_payload",
                 self.broker.max_payload.to_string(),
                 "must be between 16B and 256MiB (the MQTT limit)",
-            ));
+            );
         }
         if self.broker.sys_interval < Duration::from_secs(1) {
-            return Err(invalid(
+            invalid(
                 "broker.sys_interval",
                 humantime::format_duration(self.broker.sys_interval).to_string(),
                 "must be at least 1s",
-            ));
+            );
         }
         if self.broker.ring_segment_size.as_u64() < self.broker.max_payload.as_u64() {
-            return Err(invalid(
+            invalid(
                 "broker.ring_segment_size",
                 self.broker.ring_segment_size.to_string(),
                 "must be at least broker.max_payload, or one large message fills a whole segment",
-            ));
+            );
         }
         if self.broker.max_topic_levels == 0 || self.broker.max_topic_levels > 32_768 {
             return Err(invalid(
@@ -559,73 +618,69 @@ impl GatewayConfig {
                 ));
             }
             if up.client_id.is_empty() || up.client_id.len() > 23 * 8 {
-                return Err(invalid(
-                    "upstream.client_id",
-                    up.client_id.clone(),
-                    "must be 1 to 184 characters",
-                ));
+                invalid("upstream.client_id", up.client_id.clone(), "must be 1 to 184 characters");
             }
             if up.inflight == 0 {
-                return Err(invalid("upstream.inflight", "0".into(), "must be between 1 and 65535"));
+                invalid("upstream.inflight", "0".into(), "must be between 1 and 65535");
             }
             if up.reconnect_min.is_zero() || up.reconnect_min > up.reconnect_max {
-                return Err(invalid(
+                invalid(
                     "upstream.reconnect_min",
                     humantime::format_duration(up.reconnect_min).to_string(),
                     "must be above zero and at most upstream.reconnect_max",
-                ));
+                );
             }
             if up.keepalive < Duration::from_secs(1) {
-                return Err(invalid(
+                invalid(
                     "upstream.keepalive",
                     humantime::format_duration(up.keepalive).to_string(),
                     "must be at least 1s",
-                ));
+                );
             }
             if up.connect_timeout < Duration::from_secs(1) {
-                return Err(invalid(
+                invalid(
                     "upstream.connect_timeout",
                     humantime::format_duration(up.connect_timeout).to_string(),
                     "must be at least 1s",
-                ));
+                );
             }
             if let Some(max) = up.max_packet_size {
                 if max.as_u64() < 128 || max.as_u64() > 268_435_460 {
-                    return Err(invalid(
+                    invalid(
                         "upstream.max_packet_size",
                         max.to_string(),
                         "must be between 128B and 256MiB (MQTT's largest packet); set it to the upstream broker's limit",
-                    ));
+                    );
                 }
             }
             if up.topic_prefix.contains(['+', '#', '\0']) {
-                return Err(invalid(
+                invalid(
                     "upstream.topic_prefix",
                     up.topic_prefix.clone(),
                     "must not contain `+`, `#` or NUL; use a plain prefix such as \"site-7/\"",
-                ));
+                );
             }
         }
         if self.buffer.max_events == 0 {
-            return Err(invalid("buffer.max_events", "0".into(), "must be at least 1"));
+            invalid("buffer.max_events", "0".into(), "must be at least 1");
         }
         if self.buffer.commit_interval.is_zero() || self.buffer.commit_interval > Duration::from_secs(10) {
-            return Err(invalid(
+            invalid(
                 "buffer.commit_interval",
                 humantime::format_duration(self.buffer.commit_interval).to_string(),
                 "must be between 1ms and 10s; it bounds how long an accepted event stays only in memory",
-            ));
+            );
         }
         for (idx, route) in self.routes.iter().enumerate() {
             if route.priority > 9 {
-                return Err(invalid(
+                invalid(
                     &format!("route[{idx}].priority"),
                     route.priority.to_string(),
                     "must be 0 (most urgent) to 9 (least urgent)",
-                ));
+                );
             }
         }
-        Ok(())
+        if problems.is_empty() { Ok(()) } else { Err(ConfigErrors(problems)) }
     }
 }
 
@@ -659,40 +714,156 @@ impl UpstreamConfig {
     }
 }
 
-/// Turns a toml error into "line L, column C: `table.key`: message" plus the offending line,
-/// so the operator sees where and what without counting characters.
-fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+/// What [`parse_all`] found in one file.
+struct Parsed {
+    /// `None` only when the file is not TOML at all, or a problem could not be set aside.
+    config: Option<GatewayConfig>,
+    problems: Vec<ConfigError>,
+    /// Line and column of every key the file sets, by dotted path (`upstream.url`,
+    /// `route[1].priority`), for messages about values that parsed but are invalid.
+    positions: BTreeMap<String, (usize, usize)>,
+}
+
+/// serde stops at the first error, so each error's key is set aside (its default applies)
+/// and the document is deserialized again, until it parses: one run reports every unknown
+/// key and refused value, each with its line.
+fn parse_all(text: &str, path: &Path) -> Parsed {
+    let problem = |e: &toml::de::Error, key: Option<&str>| ConfigError::Parse {
+        path: path.to_owned(),
+        message: describe_toml_error(e, text, key),
+    };
+    let (mut doc, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        let problems = syntax.iter().map(|e| problem(e, None)).collect();
+        return Parsed { config: None, problems, positions: BTreeMap::new() };
+    }
+    let mut found = Vec::new();
+    let config = loop {
+        let error = match GatewayConfig::deserialize(doc.clone().into_deserializer()) {
+            Ok(config) => break Some(config),
+            Err(error) => error,
+        };
+        // Each round removes one entry, so this ends.
+        let removed = error.span().and_then(|span| remove_entry(doc.get_mut(), &span, ""));
+        found.push((error.span().map_or(usize::MAX, |s| s.start), problem(&error, removed.as_deref())));
+        if removed.is_none() {
+            break None;
+        }
+    };
+    // serde visits keys in its own order; the operator reads the file top down.
+    found.sort_by_key(|(start, _)| *start);
+    let problems = found.into_iter().map(|(_, problem)| problem).collect();
+    let mut positions = BTreeMap::new();
+    record_positions(doc.get_ref(), "", text, &mut positions);
+    Parsed { config, problems, positions }
+}
+
+fn join_key(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() { key.to_owned() } else { format!("{prefix}.{key}") }
+}
+
+/// Removes the innermost entry whose key or value holds `span` (a table of an array of
+/// tables counts as an entry); returns its dotted path.
+fn remove_entry(table: &mut DeTable<'_>, span: &Range<usize>, prefix: &str) -> Option<String> {
+    let holds = |r: Range<usize>| r.start <= span.start && span.end <= r.end;
+    let keys: Vec<String> = table.keys().map(|k| k.get_ref().to_string()).collect();
+    for key in &keys {
+        let path = join_key(prefix, key);
+        let Some(value) = table.get_mut(key.as_str()) else { continue };
+        match value.get_mut() {
+            DeValue::Table(inner) => {
+                if let Some(found) = remove_entry(inner, span, &path) {
+                    return Some(found);
+                }
+            }
+            DeValue::Array(items) => {
+                for (idx, item) in items.iter_mut().enumerate() {
+                    let item_path = format!("{path}[{idx}]");
+                    let item_span = item.span();
+                    let DeValue::Table(inner) = item.get_mut() else { continue };
+                    if let Some(found) = remove_entry(inner, span, &item_path) {
+                        return Some(found);
+                    }
+                    if holds(item_span) {
+                        let kept = std::mem::replace(items, toml::de::DeArray::new())
+                            .into_iter()
+                            .enumerate()
+                            .filter(|(i, _)| *i != idx);
+                        *items = kept.map(|(_, item)| item).collect();
+                        return Some(item_path);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let key = keys.into_iter().find(|key| {
+        table.get_key_value(key.as_str()).is_some_and(|(k, v)| holds(k.span()) || holds(v.span()))
+    })?;
+    table.remove(key.as_str());
+    Some(join_key(prefix, &key))
+}
+
+fn record_positions(
+    table: &DeTable<'_>,
+    prefix: &str,
+    text: &str,
+    positions: &mut BTreeMap<String, (usize, usize)>,
+) {
+    for (key, value) in table.iter() {
+        let path = join_key(prefix, key.get_ref());
+        positions.insert(path.clone(), line_column(text, value.span().start));
+        match value.get_ref() {
+            DeValue::Table(inner) => record_positions(inner, &path, text, positions),
+            DeValue::Array(items) => {
+                for (idx, item) in items.iter().enumerate() {
+                    if let DeValue::Table(inner) = item.get_ref() {
+                        record_positions(inner, &format!("{path}[{idx}]"), text, positions);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset.min(text.len())).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (before.matches('\n').count() + 1, before[line_start..].chars().count() + 1)
+}
+
+/// Turns a toml error into "line L, column C: `table.key`: message; did you mean …" plus
+/// the offending line, so the operator sees where and what without counting characters.
+fn describe_toml_error(e: &toml::de::Error, text: &str, key: Option<&str>) -> String {
     let message = e.message().trim_end().to_owned();
-    let Some(span) = e.span() else {
-        return message;
-    };
-    let before = &text[..span.start.min(text.len())];
-    let line_no = before.matches('\n').count() + 1;
-    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    let line = text.lines().nth(line_no - 1).unwrap_or("");
-    let key = key_at(text, line_no, line).map(|k| format!("`{k}`: ")).unwrap_or_default();
     let hint = if message.contains("socket address") {
-        "; expected IP:PORT such as \"0.0.0.0:1883\" (host names are not accepted here)"
+        "; expected IP:PORT such as \"0.0.0.0:1883\" (host names are not accepted here)".to_owned()
     } else {
-        ""
+        did_you_mean(&message)
     };
+    let Some(span) = e.span() else {
+        return format!("{message}{hint}");
+    };
+    let (line_no, col) = line_column(text, span.start);
+    let line = text.lines().nth(line_no - 1).unwrap_or("");
+    let key = key.map(|k| format!("`{k}`: ")).unwrap_or_default();
     format!("line {line_no}, column {col}: {key}{message}{hint}\n  | {line}")
 }
 
-/// The dotted key assigned on `line` (1-based `line_no`), qualified by the table it is in.
-fn key_at(text: &str, line_no: usize, line: &str) -> Option<String> {
-    let (key, _) = line.split_once('=')?;
-    let key = key.trim().trim_matches('"');
-    let table = text
-        .lines()
-        .take(line_no - 1)
-        .filter_map(|l| l.trim().strip_prefix('[').and_then(|l| l.split(']').next()))
-        .last()
-        .map(|t| t.trim_start_matches('[').trim());
-    Some(match table {
-        Some(table) if !table.is_empty() => format!("{table}.{key}"),
-        _ => key.to_owned(),
-    })
+/// "; did you mean `x`?" for serde's "unknown field/variant `y`, expected `x`, …" messages,
+/// whose wording serde fixes for every format.
+fn did_you_mean(message: &str) -> String {
+    let Some(rest) =
+        message.strip_prefix("unknown field `").or_else(|| message.strip_prefix("unknown variant `"))
+    else {
+        return String::new();
+    };
+    let Some((wrong, expected)) = rest.split_once('`') else {
+        return String::new();
+    };
+    outpost_rules::did_you_mean(wrong, expected.split('`').skip(1).step_by(2))
 }
 
 #[cfg(test)]
@@ -825,6 +996,91 @@ mod tests {
             err.contains("`upstream.mqtt_version`: unknown variant `4`, expected `3.1.1` or `5`"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn every_problem_is_reported_in_file_order_with_a_suggestion() {
+        let text = "[broker]\nmax_conections = 5\nack = \"after_comit\"\n[upstream]\nurl = \"mqtt://h:1\"\nreconect_max = \"1s\"\nreconnect_min = \"0s\"\n[[route]]\npriority = 1\n[[route]]\nfilter = \"a/#\"\npriority = 12\n";
+        let (config, problems) = parse_and_validate(text);
+        assert!(config.is_some(), "what parsed is still checked");
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let expected = [
+            "outpost.toml: line 2, column 1: `broker.max_conections`: unknown field `max_conections`",
+            "outpost.toml: line 3, column 7: `broker.ack`: unknown variant `after_comit`",
+            "outpost.toml: line 6, column 1: `upstream.reconect_max`: unknown field `reconect_max`",
+            "outpost.toml: line 8, column 1: `route[0]`: missing field `filter`",
+            "outpost.toml: line 7, column 17: `upstream.reconnect_min` = \"0s\" is invalid",
+            // route[0] was set aside, so the second [[route]] is the first one left.
+            "outpost.toml: line 12, column 12: `route[0].priority` = \"12\" is invalid",
+        ];
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+        for (problem, start) in problems.iter().zip(expected) {
+            assert!(problem.starts_with(start), "{problem:?} should start with {start:?}");
+        }
+        assert!(
+            problems[0].ends_with("; did you mean `max_connections`?\n  | max_conections = 5"),
+            "{}",
+            problems[0]
+        );
+        assert!(problems[1].contains("; did you mean `after_commit`?"), "{}", problems[1]);
+        assert!(problems[2].contains("; did you mean `reconnect_max`?"), "{}", problems[2]);
+    }
+
+    #[test]
+    fn a_syntax_error_stops_the_check_and_names_its_place() {
+        let (config, problems) = parse_and_validate("[broker\nlisten = 1\n");
+        assert!(config.is_none());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(problems[0].to_string().starts_with("outpost.toml: line 1, column 8: "), "{}", problems[0]);
+    }
+
+    #[track_caller]
+    fn parse_and_validate(text: &str) -> (Option<GatewayConfig>, Vec<ConfigError>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("outpost.toml");
+        std::fs::write(&path, text).expect("write");
+        let (config, problems) = GatewayConfig::load_all(Some(&path), &Overrides::default());
+        let prefix = path.display().to_string();
+        let problems = problems
+            .into_iter()
+            .map(|mut e| {
+                // Name the file as the expectations do.
+                match &mut e {
+                    ConfigError::Parse { path, .. } => *path = PathBuf::from("outpost.toml"),
+                    ConfigError::Invalid { origin, .. } => *origin = origin.replace(&prefix, "outpost.toml"),
+                    ConfigError::Read { .. } => {}
+                }
+                e
+            })
+            .collect();
+        (config, problems)
+    }
+
+    #[test]
+    fn paths_in_a_file_are_relative_to_it_and_overrides_to_the_working_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("outpost.toml");
+        std::fs::write(&path, "data_dir = \"state\"\nrules = \"rules/site.toml\"\n").expect("write");
+        let config = GatewayConfig::load(Some(&path), &Overrides::default()).expect("valid");
+        assert_eq!(config.data_dir, dir.path().join("state"));
+        assert_eq!(config.rules, Some(dir.path().join("rules/site.toml")));
+
+        let overrides = Overrides {
+            data_dir: Some(PathBuf::from("here")),
+            rules: Some(PathBuf::from("r.toml")),
+            ..Overrides::default()
+        };
+        let config = GatewayConfig::load(Some(&path), &overrides).expect("valid");
+        assert_eq!(config.data_dir, PathBuf::from("here"));
+        assert_eq!(config.rules, Some(PathBuf::from("r.toml")));
+
+        // Absolute paths stay; an unset data_dir keeps its default.
+        std::fs::write(&path, "data_dir = \"/var/lib/outpost\"\n").expect("write");
+        let config = GatewayConfig::load(Some(&path), &Overrides::default()).expect("valid");
+        assert_eq!(config.data_dir, PathBuf::from("/var/lib/outpost"));
+        std::fs::write(&path, "").expect("write");
+        let config = GatewayConfig::load(Some(&path), &Overrides::default()).expect("valid");
+        assert_eq!(config.data_dir, PathBuf::from("./outpost-data"));
     }
 
     #[test]

@@ -27,12 +27,24 @@ const POLL_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("cannot read rules file {}: {source}", path.display())]
+    #[error("cannot read rules file {}: {source} (`rules` in a config file is relative to that file; --rules and OUTPOST_RULES to the working directory)", path.display())]
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot read table file {} (named in {}): {source}", path.display(), rules.display())]
     ReadTable { path: PathBuf, rules: PathBuf, source: std::io::Error },
     #[error("{}: {source}", path.display())]
     Rules { path: PathBuf, source: RulesError },
+}
+
+impl LoadError {
+    /// Every problem, one line each (a SQL caret adds lines), each naming the file.
+    pub fn problems(&self) -> Vec<String> {
+        match self {
+            LoadError::Rules { path, source } => {
+                source.problems().into_iter().map(|p| format!("{}: {p}", path.display())).collect()
+            }
+            other => vec![other.to_string()],
+        }
+    }
 }
 
 /// The table files a rules file names, resolved against the rules file's directory.

@@ -258,13 +258,21 @@ fn parser_error(message: &str, sql: &str) -> SqlError {
         if let (Some(Ok(line)), Some(Ok(column))) =
             (numbers.next().map(str::parse::<u64>), numbers.next().map(str::parse::<u64>))
         {
-            return SqlError { message: format!("syntax error: {text}"), span: Some((line, column, 1)) };
+            return SqlError {
+                message: format!("syntax error: {text}"),
+                span: Some((line, column, 1)),
+                unknown_table: None,
+            };
         }
     }
     if message.ends_with("found: EOF") {
         let line = u64::try_from(sql.lines().count().max(1)).unwrap_or(1);
         let column = u64::try_from(sql.lines().last().map_or(0, |l| l.chars().count())).unwrap_or(0) + 1;
-        return SqlError { message: format!("syntax error: {message}"), span: Some((line, column, 1)) };
+        return SqlError {
+            message: format!("syntax error: {message}"),
+            span: Some((line, column, 1)),
+            unknown_table: None,
+        };
     }
     SqlError::unplaced(format!("syntax error: {message}"))
 }
@@ -666,7 +674,9 @@ impl Compiler<'_> {
             } else {
                 did_you_mean(&table_name, self.tables.keys().map(String::as_str))
             };
-            return Err(SqlError::new(format!("unknown table `{table_name}`{known}"), table_arg.span()));
+            let mut error = SqlError::new(format!("unknown table `{table_name}`{known}"), table_arg.span());
+            error.unknown_table = Some(table_name);
+            return Err(error);
         };
         let field = match field_arg {
             None => None,

@@ -69,7 +69,8 @@ pub(crate) enum TableFormat {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RuleConfig {
     pub name: String,
-    pub sql: String,
+    /// Spanned so that errors can point at the rules file's line, not the SQL's.
+    pub sql: toml::Spanned<String>,
     #[serde(default = "default_enabled")]
     pub enabled: bool,
     #[serde(default)]

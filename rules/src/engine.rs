@@ -13,16 +13,16 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::action::{Action, Row, Template, encode};
 use crate::compile::{CompiledSql, STAR_COLUMNS, compile_sql};
 use crate::config::{ActionConfig, RulesFile, TableConfig, TableFormat};
-use crate::error::{Problem, RulesError};
+use crate::error::{Problem, RulesError, SqlOrigin};
 use crate::expr::{Env, EvalError, Field, NULL, PathSeg, field_value};
 use crate::index::TopicIndex;
 use crate::payload::{Decoded, FieldSlots, PayloadView};
-use crate::table::{Table, TableSources};
+use crate::table::{Table, TableError, TableSources};
 use crate::value::Value;
 use crate::{EventContext, Output, PayloadFormat};
 
@@ -74,7 +74,8 @@ impl RuleSet {
     pub fn compile(rules_toml: &str, tables: &TableSources) -> Result<RuleSet, RulesError> {
         let file: RulesFile = toml::from_str(rules_toml)?;
         let mut problems = Vec::new();
-        let tables = build_tables(&file.table, tables, &mut problems);
+        let mut broken_tables = FxHashSet::default();
+        let tables = build_tables(&file.table, tables, &mut problems, &mut broken_tables);
 
         let mut rules = Vec::new();
         let mut names_seen: HashMap<&str, usize> = HashMap::new();
@@ -86,10 +87,15 @@ impl RuleSet {
             if names_seen.insert(&config.name, 0).is_some() {
                 problems.push(plain(&context, "another rule has the same name; names must be unique"));
             }
-            let sql = match compile_sql(&config.sql, &tables) {
+            let sql = match compile_sql(config.sql.get_ref(), &tables) {
                 Ok(sql) => sql,
                 Err(errors) => {
-                    problems.extend(errors.into_iter().map(|e| e.into_problem(&context, &config.sql)));
+                    let origin = SqlOrigin::locate(rules_toml, config.sql.span());
+                    // A table that failed to load is reported once, not again by every lookup.
+                    let errors = errors
+                        .into_iter()
+                        .filter(|e| !e.unknown_table.as_ref().is_some_and(|t| broken_tables.contains(t)));
+                    problems.extend(errors.map(|e| e.into_problem(&context, config.sql.get_ref(), origin)));
                     continue;
                 }
             };
@@ -339,6 +345,7 @@ fn build_tables(
     configs: &[TableConfig],
     sources: &TableSources,
     problems: &mut Vec<Problem>,
+    broken: &mut FxHashSet<String>,
 ) -> FxHashMap<String, Arc<Table>> {
     let mut tables: FxHashMap<String, Arc<Table>> = FxHashMap::default();
     for table in sources.tables() {
@@ -368,7 +375,10 @@ fn build_tables(
                     });
                     match format {
                         Some(TableFormat::Csv) => Table::from_csv(&config.name, text, config.key.as_deref())
-                            .map_err(|e| format!("`{file}`: {e}")),
+                            .map_err(|e| match e {
+                                TableError::Csv { line, message } => format!("{file}:{line}: {message}"),
+                                other => format!("`{file}`: {other}"),
+                            }),
                         Some(TableFormat::Toml) => {
                             Table::from_toml(&config.name, text, config.key.as_deref().unwrap_or("key"))
                                 .map_err(|e| format!("`{file}`: {e}"))
@@ -386,7 +396,10 @@ fn build_tables(
                     problems.push(plain(&context, "another table has the same name"));
                 }
             }
-            Err(message) => problems.push(plain(&context, message)),
+            Err(message) => {
+                broken.insert(config.name.clone());
+                problems.push(plain(&context, message));
+            }
         }
     }
     tables

@@ -67,7 +67,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use engine::{Outcome, RuleSet, Trace};
-pub use error::{Problem, RulesError, SqlLocation};
+pub use error::{Problem, RulesError, SqlLocation, did_you_mean};
 pub use table::{Table, TableError, TableSources};
 pub use topic::{Topic, TopicError, TopicFilter};
 pub use value::Value;

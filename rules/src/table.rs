@@ -79,7 +79,11 @@ impl Table {
             if record.len() != header.len() {
                 return Err(TableError::Csv {
                     line,
-                    message: format!("{} fields, but the header has {}", record.len(), header.len()),
+                    message: format!(
+                        "{} fields, but the header has {}; every line needs one field per column (quote a field that holds a comma)",
+                        record.len(),
+                        header.len()
+                    ),
                 });
             }
             let key = record.get(key_idx).cloned().unwrap_or_default();
@@ -293,7 +297,7 @@ mod tests {
     #[test]
     fn csv_errors_name_the_line() {
         let err = Table::from_csv("t", "a,b\n1,2\n3\n", None).unwrap_err();
-        assert_eq!(err.to_string(), "CSV line 3: 1 fields, but the header has 2");
+        assert!(err.to_string().starts_with("CSV line 3: 1 fields, but the header has 2; "), "{err}");
         let err = Table::from_csv("t", "a,b\n1,\"2\n", None).unwrap_err();
         assert_eq!(err.to_string(), "CSV line 3: unterminated quoted field");
         let err = Table::from_csv("t", "a,b\n1,2\n1,3\n", None).unwrap_err();

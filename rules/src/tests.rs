@@ -133,9 +133,9 @@ fn topic_levels_are_one_based() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: topic(N) takes an integer literal N >= 1: topic(1) is the first level
+        error: line 7, column 23: rule `r`: topic(N) takes an integer literal N >= 1: topic(1) is the first level
           |
-        1 | SELECT topic(0) AS a FROM "t"
+        7 | SELECT topic(0) AS a FROM "t"
           |              ^
     "#]],
     );
@@ -1267,9 +1267,9 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: syntax error: Expected: an expression, found: EOF
+        error: line 7, column 44: rule `r`: syntax error: Expected: an expression, found: EOF
           |
-        1 | SELECT payload.temp FROM "t" WHERE
+        7 | SELECT payload.temp FROM "t" WHERE
           |                                   ^
     "#]],
     );
@@ -1278,9 +1278,9 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: unknown function `rond`; did you mean `round`?
+        error: line 7, column 17: rule `r`: unknown function `rond`; did you mean `round`?
           |
-        1 | SELECT rond(payload.temp) AS r FROM "t"
+        7 | SELECT rond(payload.temp) AS r FROM "t"
           |        ^^^^
     "#]],
     );
@@ -1289,9 +1289,9 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: unknown field `topik`; did you mean `topic`?
+        error: line 7, column 17: rule `r`: unknown field `topik`; did you mean `topic`?
           |
-        1 | SELECT topik AS t FROM "t"
+        7 | SELECT topik AS t FROM "t"
           |        ^^^^^
     "#]],
     );
@@ -1300,9 +1300,9 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: topic filter `sensors/#/temp`: `#` must be the last level and stand alone (e.g. `sensors/#`)
+        error: line 7, column 31: rule `r`: topic filter `sensors/#/temp`: `#` must be the last level and stand alone (e.g. `sensors/#`)
           |
-        1 | SELECT 1 AS one FROM "sensors/#/temp"
+        7 | SELECT 1 AS one FROM "sensors/#/temp"
           |                      ^^^^^^^^^^^^^^^^
     "#]],
     );
@@ -1311,9 +1311,9 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: write the topic filter in double quotes: FROM "sensors"
+        error: line 7, column 31: rule `r`: write the topic filter in double quotes: FROM "sensors"
           |
-        1 | SELECT 1 AS one FROM sensors
+        7 | SELECT 1 AS one FROM sensors
           |                      ^^^^^^^
     "#]],
     );
@@ -1322,9 +1322,9 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: unknown table `device`; did you mean `devices`?
+        error: line 7, column 24: rule `r`: unknown table `device`; did you mean `devices`?
           |
-        1 | SELECT lookup('device', clientid) AS d FROM "t"
+        7 | SELECT lookup('device', clientid) AS d FROM "t"
           |               ^^^^^^^^
     "#]],
     );
@@ -1333,9 +1333,9 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: table `devices` has no column `sit`; did you mean `site`?
+        error: line 7, column 45: rule `r`: table `devices` has no column `sit`; did you mean `site`?
           |
-        1 | SELECT lookup('devices', clientid, 'sit') AS d FROM "t"
+        7 | SELECT lookup('devices', clientid, 'sit') AS d FROM "t"
           |                                    ^^^^^
     "#]],
     );
@@ -1344,9 +1344,9 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: indexes start at 1, as in EMQX: [1] is the first element, [-1] the last
+        error: line 7, column 29: rule `r`: indexes start at 1, as in EMQX: [1] is the first element, [-1] the last
           |
-        1 | SELECT payload.arr[0] AS d FROM "t"
+        7 | SELECT payload.arr[0] AS d FROM "t"
           |                    ^
     "#]],
     );
@@ -1355,9 +1355,9 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: `round` takes 1 argument(s), got 3
+        error: line 7, column 17: rule `r`: `round` takes 1 argument(s), got 3
           |
-        1 | SELECT round(1, 2, 3) AS d FROM "t"
+        7 | SELECT round(1, 2, 3) AS d FROM "t"
           |        ^^^^^^^^^^^^^
     "#]],
     );
@@ -1366,12 +1366,12 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: invalid regular expression: regex parse error:
+        error: line 7, column 40: rule `r`: invalid regular expression: regex parse error:
             (
             ^
         error: unclosed group
           |
-        1 | SELECT regex_match(payload.s, '(') AS d FROM "t"
+        7 | SELECT regex_match(payload.s, '(') AS d FROM "t"
           |                               ^^^
     "#]],
     );
@@ -1380,15 +1380,15 @@ fn compile_errors_point_at_the_sql() {
         "t",
         "{}",
         expect![[r#"
-            error: rule `r`: unknown function `uper`; did you mean `upper`?
-              |
-            2 |        uper(payload.b) AS b
-              |        ^^^^
-            rule `r`: unknown field `clientd`; did you mean `clientid`?
-              |
-            4 | WHERE clientd = 'x'
-              |       ^^^^^^^
-        "#]],
+        error: line 8, column 8: rule `r`: unknown function `uper`; did you mean `upper`?
+          |
+        8 |        uper(payload.b) AS b
+          |        ^^^^
+        line 10, column 7: rule `r`: unknown field `clientd`; did you mean `clientid`?
+           |
+        10 | WHERE clientd = 'x'
+           |       ^^^^^^^
+    "#]],
     );
 }
 
@@ -1430,13 +1430,13 @@ fn long_operator_chains_are_refused_not_overflowed() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: expression too large (more than 20000 nodes or 160 levels deep after expanding aliases)
+        error: line 7, column 239: rule `r`: expression too large (more than 20000 nodes or 160 levels deep after expanding aliases)
           |
-        1 | SELECT payload.x AS a0, a0 + a0 AS a1, a1 + a1 AS a2, a2 + a2 AS a3, a3 + a3 AS a4, a4 + a4 AS a5, a5 + a5 AS a6, a6 + a6 AS a7, a7 + a7 AS a8, a8 + a8 AS a9, a9 + a9 AS a10, a10 + a10 AS a11, a11 + a11 AS a12, a12 + a12 AS a13, a13 + a13 AS a14, a14 + a14 AS a15, a15 + a15 AS a16, a16 + a16 AS a17, a17 + a17 AS a18, a18 + a18 AS a19, a19 + a19 AS a20, a20 + a20 AS a21, a21 + a21 AS a22, a22 + a22 AS a23, a23 + a23 AS a24, a24 + a24 AS a25, a25 + a25 AS a26, a26 + a26 AS a27, a27 + a27 AS a28, a28 + a28 AS a29, a29 + a29 AS a30, a30 + a30 AS a31, a31 + a31 AS a32, a32 + a32 AS a33, a33 + a33 AS a34, a34 + a34 AS a35, a35 + a35 AS a36, a36 + a36 AS a37, a37 + a37 AS a38, a38 + a38 AS a39 FROM "t"
+        7 | SELECT payload.x AS a0, a0 + a0 AS a1, a1 + a1 AS a2, a2 + a2 AS a3, a3 + a3 AS a4, a4 + a4 AS a5, a5 + a5 AS a6, a6 + a6 AS a7, a7 + a7 AS a8, a8 + a8 AS a9, a9 + a9 AS a10, a10 + a10 AS a11, a11 + a11 AS a12, a12 + a12 AS a13, a13 + a13 AS a14, a14 + a14 AS a15, a15 + a15 AS a16, a16 + a16 AS a17, a17 + a17 AS a18, a18 + a18 AS a19, a19 + a19 AS a20, a20 + a20 AS a21, a21 + a21 AS a22, a22 + a22 AS a23, a23 + a23 AS a24, a24 + a24 AS a25, a25 + a25 AS a26, a26 + a26 AS a27, a27 + a27 AS a28, a28 + a28 AS a29, a29 + a29 AS a30, a30 + a30 AS a31, a31 + a31 AS a32, a32 + a32 AS a33, a33 + a33 AS a34, a34 + a34 AS a35, a35 + a35 AS a36, a36 + a36 AS a37, a37 + a37 AS a38, a38 + a38 AS a39 FROM "t"
           |                                                                                                                                                                                                                                      ^^^^^^^^^
-        rule `r`: expression too large (more than 20000 nodes or 160 levels deep after expanding aliases)
+        line 7, column 491: rule `r`: expression too large (more than 20000 nodes or 160 levels deep after expanding aliases)
           |
-        1 | SELECT payload.x AS a0, a0 + a0 AS a1, a1 + a1 AS a2, a2 + a2 AS a3, a3 + a3 AS a4, a4 + a4 AS a5, a5 + a5 AS a6, a6 + a6 AS a7, a7 + a7 AS a8, a8 + a8 AS a9, a9 + a9 AS a10, a10 + a10 AS a11, a11 + a11 AS a12, a12 + a12 AS a13, a13 + a13 AS a14, a14 + a14 AS a15, a15 + a15 AS a16, a16 + a16 AS a17, a17 + a17 AS a18, a18 + a18 AS a19, a19 + a19 AS a20, a20 + a20 AS a21, a21 + a21 AS a22, a22 + a22 AS a23, a23 + a23 AS a24, a24 + a24 AS a25, a25 + a25 AS a26, a26 + a26 AS a27, a27 + a27 AS a28, a28 + a28 AS a29, a29 + a29 AS a30, a30 + a30 AS a31, a31 + a31 AS a32, a32 + a32 AS a33, a33 + a33 AS a34, a34 + a34 AS a35, a35 + a35 AS a36, a36 + a36 AS a37, a37 + a37 AS a38, a38 + a38 AS a39 FROM "t"
+        7 | SELECT payload.x AS a0, a0 + a0 AS a1, a1 + a1 AS a2, a2 + a2 AS a3, a3 + a3 AS a4, a4 + a4 AS a5, a5 + a5 AS a6, a6 + a6 AS a7, a7 + a7 AS a8, a8 + a8 AS a9, a9 + a9 AS a10, a10 + a10 AS a11, a11 + a11 AS a12, a12 + a12 AS a13, a13 + a13 AS a14, a14 + a14 AS a15, a15 + a15 AS a16, a16 + a16 AS a17, a17 + a17 AS a18, a18 + a18 AS a19, a19 + a19 AS a20, a20 + a20 AS a21, a21 + a21 AS a22, a22 + a22 AS a23, a23 + a23 AS a24, a24 + a24 AS a25, a25 + a25 AS a26, a26 + a26 AS a27, a27 + a27 AS a28, a28 + a28 AS a29, a29 + a29 AS a30, a30 + a30 AS a31, a31 + a31 AS a32, a32 + a32 AS a33, a33 + a33 AS a34, a34 + a34 AS a35, a35 + a35 AS a36, a36 + a36 AS a37, a37 + a37 AS a38, a38 + a38 AS a39 FROM "t"
           |                                                                                                                                                                                                                                                                                                                                                                                                                                                                                                  ^^^^^^^^^
     "#]],
     );

@@ -50,12 +50,25 @@ pub struct DemoConfig {
 }
 
 /// Runs the demo, printing a status line every second; returns the verifier's final report.
+/// The temporary directory (the gateway's log and data) is removed when the demo succeeds and
+/// kept, with its path printed, when it fails or misses readings.
 pub async fn run_demo(cfg: DemoConfig, cancel: CancellationToken) -> anyhow::Result<VerifyReport> {
     let dir = tempfile::Builder::new()
         .prefix("outpost-demo-")
         .tempdir()
         .context("cannot create a temporary directory")?;
+    let result = demo_in(cfg, &dir, cancel).await;
+    if result.as_ref().map_or(true, |report| report.missing > 0) {
+        println!("kept the gateway's log and data for inspection in {}", dir.keep().display());
+    }
+    result
+}
 
+async fn demo_in(
+    cfg: DemoConfig,
+    dir: &tempfile::TempDir,
+    cancel: CancellationToken,
+) -> anyhow::Result<VerifyReport> {
     let upstream = free_addr()?;
     // rumqttd runs on its own threads until the process exits; it has no stop API.
     crate::broker::spawn_broker(upstream, None).context("cannot start the upstream broker")?;
@@ -81,10 +94,9 @@ pub async fn run_demo(cfg: DemoConfig, cancel: CancellationToken) -> anyhow::Res
     };
     let gateway = Gateway::start(spec).await?;
     println!(
-        "outpost on {} (config {}, data in {}, log in {})",
+        "outpost on {} (config {}, data and log in {}, removed at the end unless the demo fails)",
         gateway.spec().listen,
         cfg.config.as_ref().map_or("generated".to_string(), |path| path.display().to_string()),
-        gateway.data_dir().display(),
         dir.path().display()
     );
 

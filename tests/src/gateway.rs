@@ -234,12 +234,13 @@ impl GatewayProcess {
     pub fn final_counters(&self) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
         let stopped =
             self.messages("stopped").pop().with_context(|| format!("no `stopped` line\n{}", self.tail()))?;
-        let counters = stopped.get("counters").and_then(Value::as_str).unwrap_or_default();
+        let counters = stopped.get("counters").and_then(Value::as_object).cloned().unwrap_or_default();
         counters
-            .split_whitespace()
-            .map(|pair| {
-                let (name, value) = pair.split_once('=').with_context(|| format!("bad counter `{pair}`"))?;
-                Ok((name.to_owned(), value.parse().with_context(|| format!("bad counter `{pair}`"))?))
+            .into_iter()
+            .map(|(name, value)| {
+                let n =
+                    value.as_u64().with_context(|| format!("counter `{name}` is not a number: {value}"))?;
+                Ok((name, n))
             })
             .collect()
     }

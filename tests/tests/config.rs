@@ -115,3 +115,181 @@ fn shipped_example_is_valid() {
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
     assert!(outcome.stdout.contains(": ok"), "{outcome:?}");
 }
+
+/// Runs `outpost ARGS…` and returns its stderr lines that start a problem (`outpost: …`).
+#[track_caller]
+fn problems(outcome: &CommandOutcome) -> Vec<&str> {
+    outcome.stderr.lines().filter(|l| l.starts_with("outpost: ")).collect()
+}
+
+#[test]
+fn every_unknown_key_is_reported_in_one_run_with_a_suggestion() {
+    let (outcome, path, _dir) = check_text(
+        "[broker]\nmax_conections = 5\n[upstream]\nurl = \"mqtt://10.0.0.5:1883\"\nreconect_max = \"1s\"\n",
+    );
+    assert_eq!(outcome.code, Some(1), "{outcome:?}");
+    let found = problems(&outcome);
+    assert_eq!(found.len(), 2, "{}", outcome.stderr);
+    let file = path.display();
+    assert!(
+        found[0].starts_with(&format!(
+            "outpost: {file}: line 2, column 1: `broker.max_conections`: unknown field"
+        )),
+        "{}",
+        outcome.stderr
+    );
+    assert!(found[0].ends_with("; did you mean `max_connections`?"), "{}", outcome.stderr);
+    assert!(
+        found[1].starts_with(&format!(
+            "outpost: {file}: line 5, column 1: `upstream.reconect_max`: unknown field"
+        )),
+        "{}",
+        outcome.stderr
+    );
+    assert!(found[1].ends_with("; did you mean `reconnect_max`?"), "{}", outcome.stderr);
+}
+
+#[test]
+fn a_missing_rules_file_fails_the_check() {
+    let (outcome, path, _dir) = check_text("rules = \"typo.toml\"\n");
+    assert_eq!(outcome.code, Some(1), "{outcome:?}");
+    let expected = path.with_file_name("typo.toml");
+    assert!(
+        outcome.stderr.starts_with(&format!("outpost: cannot read rules file {}: ", expected.display())),
+        "the path is resolved from the config file: {}",
+        outcome.stderr
+    );
+
+    let outcome = outpost(&["check", "--rules", "typo.toml"]).expect("run outpost check");
+    assert_eq!(outcome.code, Some(1), "{outcome:?}");
+    assert!(outcome.stderr.starts_with("outpost: cannot read rules file typo.toml: "), "{}", outcome.stderr);
+}
+
+/// A rules file whose table has a ragged CSV line, next to `outpost.toml` in `dir`.
+fn write_broken_rules(dir: &std::path::Path) {
+    std::fs::write(dir.join("devices.csv"), "device,site\nd1,plant-a\nd2\n").expect("write the table");
+    std::fs::write(
+        dir.join("rules.toml"),
+        "[[table]]\nname = \"devices\"\nfile = \"devices.csv\"\n\n[[rule]]\nname = \"site\"\nsql = '''\nSELECT lookup('devices', topic(2), 'site') AS site\nFROM \"sensors/+/temp\"\nWHERE lookup('devices', topic(2), 'site') = 'plant-a'\n'''\n[[rule.action]]\ntype = \"forward\"\n",
+    )
+    .expect("write the rules");
+}
+
+#[test]
+fn check_compiles_the_rules_and_reports_a_broken_table_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_broken_rules(dir.path());
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(&config, "rules = \"rules.toml\"\ndata_dir = \"state\"\n").expect("write the config");
+    let outcome =
+        outpost(&["check", "--config", config.to_str().expect("utf-8")]).expect("run outpost check");
+    assert_eq!(outcome.code, Some(1), "{outcome:?}");
+    let rules = dir.path().join("rules.toml");
+    assert_eq!(
+        problems(&outcome),
+        [format!(
+            "outpost: {}: table `devices`: devices.csv:3: 1 fields, but the header has 2; every line needs one field per column (quote a field that holds a comma)",
+            rules.display()
+        )],
+        "one problem, at the CSV line, and no follow-up errors"
+    );
+}
+
+#[test]
+fn sql_errors_give_the_rules_files_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"hot\"\nsql = '''\nSELECT payload.temp AS temp\nFROM \"sensors/+/temp\"\nWHERE temp > lookup('devices', topic(2), 'max')\n'''\n[[rule.action]]\ntype = \"forward\"\n",
+    )
+    .expect("write the rules");
+    let outcome =
+        outpost(&["rules", "check", rules.to_str().expect("utf-8")]).expect("run outpost rules check");
+    assert_eq!(outcome.code, Some(1), "{outcome:?}");
+    assert!(
+        outcome.stderr.starts_with(&format!(
+            "outpost: {}: line 6, column 21: rule `hot`: unknown table `devices`",
+            rules.display()
+        )),
+        "{}",
+        outcome.stderr
+    );
+    assert!(outcome.stderr.contains("\n6 | WHERE temp > lookup("), "{}", outcome.stderr);
+}
+
+#[test]
+fn check_refuses_a_data_dir_that_cannot_be_created() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "").expect("write a file");
+    let data_dir = file.join("data");
+    let outcome =
+        outpost(&["check", "--data-dir", data_dir.to_str().expect("utf-8")]).expect("run outpost check");
+    assert_eq!(outcome.code, Some(1), "{outcome:?}");
+    assert_eq!(
+        problems(&outcome),
+        [format!(
+            "outpost: data_dir {}: {} is not a directory; set data_dir (or --data-dir) to a directory the user running outpost can write",
+            data_dir.display(),
+            file.display()
+        )]
+    );
+    assert!(!data_dir.exists());
+}
+
+#[test]
+fn paths_in_a_config_file_are_relative_to_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let site = dir.path().join("site");
+    std::fs::create_dir(&site).expect("mkdir");
+    std::fs::write(site.join("devices.csv"), "device,site\nd1,plant-a\n").expect("write the table");
+    std::fs::write(
+        site.join("rules.toml"),
+        "[[table]]\nname = \"devices\"\nfile = \"devices.csv\"\n[[rule]]\nname = \"all\"\nsql = 'SELECT * FROM \"#\"'\n[[rule.action]]\ntype = \"forward\"\n",
+    )
+    .expect("write the rules");
+    let config = site.join("outpost.toml");
+    std::fs::write(&config, "rules = \"rules.toml\"\ndata_dir = \"state\"\n").expect("write the config");
+    // The working directory is the test's, not `site`.
+    let outcome =
+        outpost(&["check", "--config", config.to_str().expect("utf-8")]).expect("run outpost check");
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    assert!(outcome.stdout.contains(&format!("data in {}", site.join("state").display())), "{outcome:?}");
+    assert!(outcome.stdout.contains(&format!("rules {}", site.join("rules.toml").display())), "{outcome:?}");
+    assert!(!site.join("state").exists(), "check creates nothing");
+}
+
+#[test]
+fn run_with_broken_rules_exits_1_and_says_each_problem_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_broken_rules(dir.path());
+    let rules = dir.path().join("rules.toml");
+    let data_dir = dir.path().join("data");
+    let outcome = outpost(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8"),
+        "--rules",
+        rules.to_str().expect("utf-8"),
+    ])
+    .expect("run outpost run");
+    assert_eq!(outcome.code, Some(1), "invalid rules are invalid configuration: {outcome:?}");
+    assert_eq!(outcome.stderr.matches("devices.csv:3").count(), 1, "{}", outcome.stderr);
+    assert!(!outcome.stderr.contains("unknown table"), "{}", outcome.stderr);
+}
+
+#[test]
+fn an_os_error_is_said_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "").expect("write a file");
+    let data_dir = file.join("data");
+    let outcome =
+        outpost(&["run", "--listen", "127.0.0.1:0", "--data-dir", data_dir.to_str().expect("utf-8")])
+            .expect("run outpost run");
+    assert_eq!(outcome.code, Some(2), "{outcome:?}");
+    assert_eq!(outcome.stderr.matches("Not a directory").count(), 1, "{}", outcome.stderr);
+}
