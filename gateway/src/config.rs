@@ -596,26 +596,26 @@ impl GatewayConfig {
             );
         }
         if self.broker.max_topic_levels == 0 || self.broker.max_topic_levels > 32_768 {
-            return Err(invalid(
+            invalid(
                 "broker.max_topic_levels",
                 self.broker.max_topic_levels.to_string(),
                 "must be between 1 and 32768 (a 65,535-byte topic has at most that many levels); set it to the upstream broker's limit (EMQX 128, mosquitto 201)",
-            ));
+            );
         }
         if self.broker.max_topic_length == 0 || self.broker.max_topic_length > 65_535 {
-            return Err(invalid(
+            invalid(
                 "broker.max_topic_length",
                 self.broker.max_topic_length.to_string(),
                 "must be between 1 and 65535 (MQTT's limit, in bytes); set it to the upstream broker's limit",
-            ));
+            );
         }
         if let Some(up) = &self.upstream {
             if !(1..=100).contains(&up.poison_after) {
-                return Err(invalid(
+                invalid(
                     "upstream.poison_after",
                     up.poison_after.to_string(),
                     "must be between 1 and 100; 3 tells an event the upstream refuses from a flapping link",
-                ));
+                );
             }
             if up.client_id.is_empty() || up.client_id.len() > 23 * 8 {
                 invalid("upstream.client_id", up.client_id.clone(), "must be 1 to 184 characters");
