@@ -93,6 +93,14 @@ pub enum BufferCommand {
         #[command(flatten)]
         args: BufferArgs,
     },
+    /// Merge the events of another buffer file (one moved aside as corrupt, or another
+    /// gateway's) into this buffer: per priority in their order, behind the events already
+    /// there, never twice. Works while the daemon runs (through its admin socket).
+    Import {
+        file: PathBuf,
+        #[command(flatten)]
+        args: BufferArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -468,6 +476,9 @@ fn buffer(command: BufferCommand) -> anyhow::Result<()> {
             }
             w.flush()?;
             writeln!(out, "exported {n} events to {}", file.display())?;
+        }
+        BufferCommand::Import { file, args } => {
+            writeln!(out, "{}", crate::buffer::import::command(&file, &data_dir(&args)?)?)?;
         }
     }
     Ok(())

@@ -93,8 +93,10 @@ counters! {
     rejected_full,
     /// Events discarded because their route's TTL passed before they could be sent.
     expired,
-    /// Buffer files found unreadable at start-up and moved aside.
+    /// Buffer files whose contents were found corrupt at start-up and moved aside.
     buffer_corrupt,
+    /// Events merged into the buffer by `outpost buffer import` while the gateway ran.
+    buffer_imported,
 }
 
 /// A shareable handle to the gateway's counters.
