@@ -97,6 +97,7 @@ pub enum BufferCommand {
     /// gateway's) into this buffer: per priority in their order, behind the events already
     /// there, never twice. Works while the daemon runs (through its admin socket).
     Import {
+        /// The buffer file to merge in, e.g. DATA_DIR/buffer.redb.corrupt-<unix seconds>.
         file: PathBuf,
         #[command(flatten)]
         args: BufferArgs,

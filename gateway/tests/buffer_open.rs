@@ -25,22 +25,15 @@ struct Outcome {
     stderr: String,
 }
 
-/// `outpost run` on `data`, as `uid` (via setpriv) or as the test's user; killed after 20 s.
-fn run_gateway(data: &Path, uid: Option<u32>) -> Outcome {
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+/// `outpost ARGS…` as `uid` (via setpriv) or as the test's user; killed after 20 s.
+fn outpost_as(uid: Option<u32>, args: &[&std::ffi::OsStr]) -> Outcome {
     let mut command = Command::new("timeout");
     command.arg("20");
     if let Some(uid) = uid {
         let id = uid.to_string();
         command.args(["setpriv", "--reuid", &id, "--regid", &id, "--clear-groups"]);
     }
-    command.arg(env!("CARGO_BIN_EXE_outpost")).args([
-        "run",
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-        "--data-dir",
-    ]);
-    command.arg(data);
+    command.arg(env!("CARGO_BIN_EXE_outpost")).args(args);
     for name in [
         "OUTPOST_CONFIG",
         "OUTPOST_LISTEN",
@@ -53,6 +46,16 @@ fn run_gateway(data: &Path, uid: Option<u32>) -> Outcome {
     }
     let out = command.output().expect("run outpost");
     Outcome { code: out.status.code(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+}
+
+/// `outpost run` on `data`, as `uid` or as the test's user.
+fn run_gateway(data: &Path, uid: Option<u32>) -> Outcome {
+    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let listen = format!("127.0.0.1:{port}");
+    outpost_as(
+        uid,
+        &["run".as_ref(), "--listen".as_ref(), listen.as_ref(), "--data-dir".as_ref(), data.as_os_str()],
+    )
 }
 
 /// A buffer in `data` holding `n` events, closed.
@@ -206,4 +209,30 @@ fn a_newer_format_is_refused_by_the_binary_and_left_byte_identical() {
     assert!(out.stderr.contains(&needle), "missing {needle:?} in\n{}", out.stderr);
     assert_eq!(std::fs::read(&file).expect("read"), before, "byte-identical");
     assert_eq!(entries(&data), vec!["buffer.redb"]);
+}
+
+#[test]
+fn an_import_source_the_user_may_not_read_is_refused_precisely() {
+    if !is_root() {
+        eprintln!("skipping: needs root to run outpost as another user");
+        return;
+    }
+    let (dir, data) = shared_tempdir();
+    let source = buffer_with_events(&dir.path().join("other"), 2);
+    std::fs::set_permissions(&source, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::create_dir(&data).expect("mkdir");
+    std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let out = outpost_as(
+        Some(NOBODY),
+        &["buffer".as_ref(), "import".as_ref(), source.as_os_str(), "--data-dir".as_ref(), data.as_os_str()],
+    );
+    assert_eq!(out.code, Some(2), "{}", out.stderr);
+    for needle in [
+        format!("cannot read {}: Permission denied", source.display()),
+        format!("{} is owned by root (uid 0), mode 0600", source.display()),
+        "outpost runs as nobody (uid 65534)".to_owned(),
+    ] {
+        assert!(out.stderr.contains(&needle), "missing {needle:?} in\n{}", out.stderr);
+    }
+    assert!(entries(&data).is_empty(), "nothing was created before the source was readable");
 }

@@ -65,9 +65,10 @@ pub fn hint(path: &Path, dir: &Path, error: &io::Error) -> String {
                 format!("{} is {}; ", path.display(), describe(path))
             };
             format!(
-                "{file}{} is {}; outpost runs as {user} and may not use them. Give the data dir to that user (`{chown}`) or run outpost as its owner. Nothing was changed",
+                "{file}{} is {}; outpost runs as {user} and may not use them. Give {} to that user (`{chown}`) or run outpost as the owner. Nothing was changed",
                 dir.display(),
-                describe(dir)
+                describe(dir),
+                dir.display()
             )
         }
         io::ErrorKind::ReadOnlyFilesystem => format!(

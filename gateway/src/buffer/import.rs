@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 
 use super::inspect::hex;
 use super::store::{
-    BufferError, EVENTS, ImportSeqs, N_PRIORITIES, Record, Store, decode, file_path, is_content_error,
+    BufferError, EVENTS, FORMAT_VERSION, ImportSeqs, N_PRIORITIES, Record, Store, decode, file_path,
+    format_version, is_content_error,
 };
 
 /// Records read from the source, and handed on, per step.
@@ -37,6 +38,11 @@ pub enum ImportError {
     SourceAccess { path: PathBuf, error: std::io::Error, hint: String },
     #[error("{} cannot be opened as a buffer file ({error}); nothing in it can be imported", path.display())]
     SourceUnreadable { path: PathBuf, error: redb::Error },
+    #[error(
+        "{} has buffer format version {found}, but this outpost reads versions up to {supported}: import it with the release that wrote it, or a newer one",
+        path.display()
+    )]
+    SourceNewer { path: PathBuf, found: u64, supported: u64 },
     #[error(
         "{} is open in a running outpost (it is that gateway's buffer); import into that gateway instead, or stop it first",
         path.display()
@@ -154,8 +160,8 @@ impl Source {
         if let Err(error) = std::fs::metadata(path) {
             return Err(err(redb::DatabaseError::Storage(redb::StorageError::Io(error))));
         }
-        match redb::ReadOnlyDatabase::open(path) {
-            Ok(db) => Ok(Source { path: path.to_owned(), db: SourceDb::ReadOnly(db), _copy: None }),
+        let source = match redb::ReadOnlyDatabase::open(path) {
+            Ok(db) => Source { path: path.to_owned(), db: SourceDb::ReadOnly(db), _copy: None },
             // Left unclean (a crash): redb must repair it before reading, which writes. Repair
             // a copy so the file handed to us stays exactly as it was.
             Err(redb::DatabaseError::RepairAborted) => {
@@ -167,9 +173,21 @@ impl Source {
                 )));
                 std::fs::copy(path, &copy.0).map_err(copy_err)?;
                 let db = redb::Database::open(&copy.0).map_err(err)?;
-                Ok(Source { path: path.to_owned(), db: SourceDb::Repaired(db), _copy: Some(copy) })
+                Source { path: path.to_owned(), db: SourceDb::Repaired(db), _copy: Some(copy) }
             }
-            Err(e) => Err(err(e)),
+            Err(e) => return Err(err(e)),
+        };
+        // A newer release may encode records differently: refuse rather than count every
+        // record as undecodable.
+        let found = match &source.db {
+            SourceDb::ReadOnly(db) => format_version(db, path),
+            SourceDb::Repaired(db) => format_version(db, path),
+        };
+        match found {
+            Ok(found) if found > FORMAT_VERSION => {
+                Err(ImportError::SourceNewer { path: path.to_owned(), found, supported: FORMAT_VERSION })
+            }
+            _ => Ok(source),
         }
     }
 
@@ -423,6 +441,29 @@ mod tests {
         drop(Store::open(&data).expect("create"));
         let err = command(&file_path(&data), &data).expect_err("itself").to_string();
         assert!(err.contains("this data dir's own buffer"), "{err}");
+    }
+
+    #[test]
+    fn a_source_from_a_newer_release_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        drop(Store::open(&src).expect("source"));
+        {
+            let db = redb::Database::open(file_path(&src)).expect("open");
+            let txn = db.begin_write().expect("txn");
+            txn.open_table(crate::buffer::store::META)
+                .expect("meta")
+                .insert("format_version", 9)
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        let err = command(&file_path(&src), &dir.path().join("dst")).expect_err("newer").to_string();
+        assert!(
+            err.contains(&format!(
+                "has buffer format version 9, but this outpost reads versions up to {FORMAT_VERSION}"
+            )),
+            "{err}"
+        );
     }
 
     #[test]
