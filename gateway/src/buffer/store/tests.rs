@@ -264,3 +264,25 @@ fn a_file_moved_aside_does_not_hand_its_ids_to_the_new_one() {
         report.epoch
     );
 }
+
+#[test]
+fn imported_records_sort_after_stored_ones_and_before_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, opened) = Store::open(dir.path()).expect("open");
+    store
+        .apply(&Batch { inserts: vec![record(5, opened.epoch << 40, 10, None)], ..Batch::default() })
+        .expect("own");
+    let mut seqs = ImportSeqs::default();
+    let foreign: Vec<Record> = (0..3).map(|i| record(5, i, 20, None)).collect();
+    assert_eq!(store.import(&mut seqs, &foreign[..2]).expect("first chunk"), (2, 0));
+    assert_eq!(store.import(&mut seqs, &foreign).expect("second chunk"), (1, 2), "the first two are known");
+    let keys: Vec<u64> = store.read(5, 0, 10).expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(keys.len(), 4);
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "own event first, then the imports in order: {keys:?}");
+    drop(store);
+    // The relay's in-memory events get `epoch << 40 | n`: all of them must sort after what
+    // is on disk, imports included.
+    let (store, reopened) = Store::open(dir.path()).expect("reopen");
+    assert!(keys.iter().all(|&seq| seq < reopened.epoch << 40), "{keys:?} vs epoch {}", reopened.epoch);
+    assert_eq!(store.total().events, 4);
+}
