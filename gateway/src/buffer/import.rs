@@ -206,23 +206,25 @@ impl Source {
                     SourceDb::ReadOnly(db) => lane_chunk(db, &self.path, priority, from),
                     SourceDb::Repaired(db) => lane_chunk(db, &self.path, priority, from),
                 };
-                match chunk {
-                    Ok(chunk) => {
-                        summary.unreadable += chunk.unreadable;
-                        if !chunk.records.is_empty() {
-                            f(chunk.records)?;
-                        }
-                        match chunk.next {
-                            Some(next) => from = next,
-                            None => break,
-                        }
-                    }
+                let chunk = match chunk {
+                    Ok(chunk) => chunk,
                     Err(error) => {
-                        summary.problems.push(format!(
-                            "priority {priority}: {error}; the rest of this priority could not be read"
-                        ));
-                        break;
+                        Chunk { records: Vec::new(), unreadable: 0, next: None, error: Some(error) }
                     }
+                };
+                summary.unreadable += chunk.unreadable;
+                if !chunk.records.is_empty() {
+                    f(chunk.records)?;
+                }
+                if let Some(error) = chunk.error {
+                    summary.problems.push(format!(
+                        "priority {priority}: {error}; the rest of this priority could not be read"
+                    ));
+                    break;
+                }
+                match chunk.next {
+                    Some(next) => from = next,
+                    None => break,
                 }
             }
         }
@@ -235,6 +237,8 @@ struct Chunk {
     unreadable: u64,
     /// Where the next chunk of this priority starts; `None` when the priority is done.
     next: Option<u64>,
+    /// redb failed part-way: the records before the failure are in `records`.
+    error: Option<BufferError>,
 }
 
 fn lane_chunk(
@@ -248,13 +252,19 @@ fn lane_chunk(
     let events = match txn.open_table(EVENTS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => {
-            return Ok(Chunk { records: vec![], unreadable: 0, next: None });
+            return Ok(Chunk { records: vec![], unreadable: 0, next: None, error: None });
         }
         Err(x) => return Err(e(x.into())),
     };
-    let mut chunk = Chunk { records: Vec::new(), unreadable: 0, next: None };
+    let mut chunk = Chunk { records: Vec::new(), unreadable: 0, next: None, error: None };
     for entry in events.range((priority, from)..=(priority, u64::MAX)).map_err(|x| e(x.into()))? {
-        let (k, v) = entry.map_err(|x| e(x.into()))?;
+        let (k, v) = match entry {
+            Ok(entry) => entry,
+            Err(x) => {
+                chunk.error = Some(e(x.into()));
+                break;
+            }
+        };
         let key = k.value();
         if chunk.records.len() + chunk.unreadable as usize >= CHUNK {
             chunk.next = Some(key.1);
@@ -441,6 +451,29 @@ mod tests {
         drop(Store::open(&data).expect("create"));
         let err = command(&file_path(&data), &data).expect_err("itself").to_string();
         assert!(err.contains("this data dir's own buffer"), "{err}");
+    }
+
+    #[test]
+    fn undecodable_records_are_counted_and_the_rest_imported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src");
+        {
+            let (mut store, _) = Store::open(&src).expect("source");
+            let inserts = vec![record(5, 1, 1, b"a"), record(5, 3, 3, b"c")];
+            store.apply(&Batch { inserts, ..Batch::default() }).expect("fill");
+        }
+        {
+            let db = redb::Database::open(file_path(&src)).expect("open");
+            let txn = db.begin_write().expect("txn");
+            txn.open_table(EVENTS)
+                .expect("events")
+                .insert((5, 2), b"\xff not CBOR".as_slice())
+                .expect("insert");
+            txn.commit().expect("commit");
+        }
+        let out = command(&file_path(&src), &dir.path().join("dst")).expect("import");
+        assert!(out.starts_with("imported 2 events"), "{out}");
+        assert!(out.ends_with("; 1 records in the file could not be decoded and were skipped"), "{out}");
     }
 
     #[test]
