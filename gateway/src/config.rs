@@ -15,6 +15,8 @@ use bytesize::ByteSize;
 use outpost_rules::TopicFilter;
 use serde::{Deserialize, Deserializer};
 
+use crate::event::TopicPolicy;
+
 /// Everything that can be wrong with a configuration. Each message names the file (when
 /// there is one), the key, the bad value and what would be valid.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +99,14 @@ pub struct BrokerConfig {
     /// that loss is detected and counted.
     #[serde(default = "default_ring_segments")]
     pub ring_segments: NonZeroUsize,
+    /// Topics with more levels are refused at ingest (MQTT 5: PUBACK 0x90; 3.1.1: the
+    /// connection is closed, as mosquitto does). The default is EMQX's; mosquitto takes 201.
+    /// Set it to the upstream broker's limit: a topic it refuses would cost that event.
+    #[serde(default = "default_max_topic_levels")]
+    pub max_topic_levels: usize,
+    /// Topics longer than this (bytes) are refused at ingest, like `max_topic_levels`.
+    #[serde(default = "default_max_topic_length")]
+    pub max_topic_length: usize,
 }
 
 /// The upstream MQTT broker that events are relayed to.
@@ -128,11 +138,15 @@ pub struct UpstreamConfig {
     pub inflight: u16,
     /// The largest packet the upstream accepts. An MQTT 5 upstream announces its own; an MQTT
     /// 3.1.1 one cannot, and if it drops the connection over a larger packet (mosquitto's
-    /// `max_packet_size`, cloud brokers' message size limits) that event would come first
-    /// again after every reconnect and block the link. Larger events are counted
-    /// `upstream_rejected` and skipped.
+    /// `max_packet_size`, cloud brokers' message size limits) that event costs
+    /// `poison_after` reconnects before it is dead-lettered. Larger events are counted
+    /// `upstream_rejected` and skipped at once.
     #[serde(default)]
     pub max_packet_size: Option<ByteSize>,
+    /// When the upstream closes the link right after the same event this many times in a row,
+    /// that event goes to the dead-letter store and the link moves on (see ARCHITECTURE.md).
+    #[serde(default = "default_poison_after")]
+    pub poison_after: u32,
     /// Optional caps for metered links.
     #[serde(default)]
     pub max_events_per_sec: Option<NonZeroU32>,
@@ -348,6 +362,15 @@ fn default_reconnect_max() -> Duration {
 fn default_inflight() -> u16 {
     100
 }
+fn default_max_topic_levels() -> usize {
+    128
+}
+fn default_max_topic_length() -> usize {
+    65_535
+}
+fn default_poison_after() -> u32 {
+    3
+}
 fn default_max_events() -> u64 {
     10_000_000
 }
@@ -386,6 +409,8 @@ impl Default for BrokerConfig {
             connection_timeout: default_connection_timeout(),
             ring_segment_size: default_ring_segment_size(),
             ring_segments: default_ring_segments(),
+            max_topic_levels: default_max_topic_levels(),
+            max_topic_length: default_max_topic_length(),
         }
     }
 }
@@ -511,7 +536,28 @@ impl GatewayConfig {
                 "must be at least broker.max_payload, or one large message fills a whole segment",
             ));
         }
+        if self.broker.max_topic_levels == 0 || self.broker.max_topic_levels > 32_768 {
+            return Err(invalid(
+                "broker.max_topic_levels",
+                self.broker.max_topic_levels.to_string(),
+                "must be between 1 and 32768 (a 65,535-byte topic has at most that many levels); set it to the upstream broker's limit (EMQX 128, mosquitto 201)",
+            ));
+        }
+        if self.broker.max_topic_length == 0 || self.broker.max_topic_length > 65_535 {
+            return Err(invalid(
+                "broker.max_topic_length",
+                self.broker.max_topic_length.to_string(),
+                "must be between 1 and 65535 (MQTT's limit, in bytes); set it to the upstream broker's limit",
+            ));
+        }
         if let Some(up) = &self.upstream {
+            if !(1..=100).contains(&up.poison_after) {
+                return Err(invalid(
+                    "upstream.poison_after",
+                    up.poison_after.to_string(),
+                    "must be between 1 and 100; 3 tells an event the upstream refuses from a flapping link",
+                ));
+            }
             if up.client_id.is_empty() || up.client_id.len() > 23 * 8 {
                 return Err(invalid(
                     "upstream.client_id",
@@ -583,6 +629,12 @@ impl GatewayConfig {
     }
 }
 
+impl BrokerConfig {
+    pub fn topic_policy(&self) -> TopicPolicy {
+        TopicPolicy { max_levels: self.max_topic_levels, max_length: self.max_topic_length }
+    }
+}
+
 impl UpstreamConfig {
     /// An upstream with every setting at its default.
     pub fn with_url(url: UpstreamUrl) -> UpstreamConfig {
@@ -598,6 +650,7 @@ impl UpstreamConfig {
             topic_prefix: String::new(),
             inflight: default_inflight(),
             max_packet_size: None,
+            poison_after: default_poison_after(),
             max_events_per_sec: None,
             max_bytes_per_sec: None,
             mqtt_version: MqttVersion::default(),
@@ -713,6 +766,26 @@ mod tests {
         assert!(err.contains("`route[0].priority` = \"12\""), "{err}");
         let err = parse_err("[[route]]\nfilter = \"a/#/b\"\n");
         assert!(err.contains("`#` must be the last level"), "{err}");
+    }
+
+    #[test]
+    fn topic_limits_and_poison_after_are_checked() {
+        let c = GatewayConfig::parse("", Path::new("x.toml")).expect("parses");
+        assert_eq!(c.broker.topic_policy(), TopicPolicy { max_levels: 128, max_length: 65_535 });
+        let err = parse_err("[broker]\nmax_topic_levels = 0\n");
+        assert!(err.contains("broker.max_topic_levels") && err.contains("between 1 and 32768"), "{err}");
+        let err = parse_err("[broker]\nmax_topic_length = 70000\n");
+        assert!(err.contains("broker.max_topic_length") && err.contains("70000"), "{err}");
+        let err = parse_err("[upstream]\nurl = \"mqtt://h:1\"\npoison_after = 0\n");
+        assert!(err.contains("upstream.poison_after") && err.contains("between 1 and 100"), "{err}");
+        let c = GatewayConfig::parse(
+            "[broker]\nmax_topic_levels = 201\nmax_topic_length = 256\n[upstream]\nurl = \"mqtt://h:1\"\npoison_after = 5\n",
+            Path::new("x.toml"),
+        )
+        .expect("parses");
+        c.validate("x.toml").expect("valid");
+        assert_eq!(c.broker.topic_policy(), TopicPolicy { max_levels: 201, max_length: 256 });
+        assert_eq!(c.upstream.map(|u| u.poison_after), Some(5));
     }
 
     #[test]

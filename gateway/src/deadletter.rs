@@ -1,15 +1,19 @@
-//! The dead-letter store: events a rule could not process, with the rule and the reason.
+//! The dead-letter store: events a rule could not process, with the rule and the reason, and
+//! events the upstream refused by closing the link (the relay's poison events, `rule` empty).
 //!
 //! A JSON-lines file, `<data_dir>/dead-letters.jsonl`, rotated to `dead-letters.jsonl.1` at
-//! [`MAX_FILE_BYTES`], read with `outpost rules dead-letters`. It is a diagnostic record, not
-//! part of the delivery guarantee: writes are batched and not fsynced, and when the store
-//! cannot keep up, letters are counted (`dead_letters_unsaved`) instead of slowing routing.
+//! [`MAX_FILE_BYTES`], read with `outpost rules dead-letters`. A rule's letter is a diagnostic
+//! record, not part of the delivery guarantee: writes are batched and not fsynced, and when the
+//! store cannot keep up, letters are counted (`dead_letters_unsaved`) instead of slowing
+//! routing. A [`DurableLetter`] (the relay's) is different: it replaces the event's buffer
+//! record, so it is answered only once written and `fdatasync`ed, and the relay deletes the
+//! record only then.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 
 use crate::telemetry::LogThrottle;
@@ -42,35 +46,85 @@ fn payload_text<S: serde::Serializer>(payload: &[u8], s: S) -> Result<S::Ok, S::
     }
 }
 
-fn append(path: &Path, lines: &[u8]) -> std::io::Result<()> {
+/// A letter whose event is deleted from the buffer only once the letter is on disk: `written`
+/// is answered after the write and its `fdatasync`, with the error if either failed.
+#[derive(Debug)]
+pub struct DurableLetter {
+    pub letter: DeadLetter,
+    pub written: oneshot::Sender<Result<(), String>>,
+}
+
+fn append(path: &Path, lines: &[u8], sync: bool) -> std::io::Result<()> {
     if std::fs::metadata(path).is_ok_and(|m| m.len() + lines.len() as u64 > MAX_FILE_BYTES) {
         std::fs::rename(path, path.with_extension("jsonl.1"))?;
     }
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    file.write_all(lines)
+    file.write_all(lines)?;
+    if sync {
+        file.sync_data()?;
+    }
+    Ok(())
 }
 
-/// Writes letters until every sender is gone.
-pub async fn run(data_dir: PathBuf, mut letters: mpsc::Receiver<DeadLetter>) {
+fn push_line(lines: &mut Vec<u8>, letter: &DeadLetter) {
+    if let Ok(line) = serde_json::to_vec(letter) {
+        lines.extend_from_slice(&line);
+        lines.push(b'\n');
+    }
+}
+
+/// Writes letters until every sender of both kinds is gone. One writer for both, so the file
+/// is appended to and rotated by one task only.
+pub async fn run(
+    data_dir: PathBuf,
+    mut letters: mpsc::Receiver<DeadLetter>,
+    mut durable: mpsc::Receiver<DurableLetter>,
+) {
     let path = file_path(&data_dir);
     let mut log = LogThrottle::default();
-    while let Some(first) = letters.recv().await {
+    let (mut letters_open, mut durable_open) = (true, true);
+    while letters_open || durable_open {
         let mut lines = Vec::new();
-        let mut next = Some(first);
-        while let Some(letter) = next {
-            if let Ok(line) = serde_json::to_vec(&letter) {
-                lines.extend_from_slice(&line);
-                lines.push(b'\n');
-            }
-            next = if lines.len() < 256 * 1024 { letters.try_recv().ok() } else { None };
+        let mut answers = Vec::new();
+        tokio::select! {
+            biased;
+            received = durable.recv(), if durable_open => match received {
+                Some(d) => {
+                    push_line(&mut lines, &d.letter);
+                    answers.push(d.written);
+                    while let Ok(d) = durable.try_recv() {
+                        push_line(&mut lines, &d.letter);
+                        answers.push(d.written);
+                    }
+                }
+                None => durable_open = false,
+            },
+            received = letters.recv(), if letters_open => match received {
+                Some(first) => {
+                    let mut next = Some(first);
+                    while let Some(letter) = next {
+                        push_line(&mut lines, &letter);
+                        next = if lines.len() < 256 * 1024 { letters.try_recv().ok() } else { None };
+                    }
+                }
+                None => letters_open = false,
+            },
+        }
+        if lines.is_empty() {
+            continue;
         }
         let target = path.clone();
-        let written = tokio::task::spawn_blocking(move || append(&target, &lines)).await;
-        if let Some(error) = match written {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(e.to_string()),
-        } {
+        let sync = !answers.is_empty();
+        let written = tokio::task::spawn_blocking(move || append(&target, &lines, sync)).await;
+        let result = match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        for answer in answers {
+            let _ = answer.send(result.clone());
+        }
+        if let Err(error) = result {
             if let Some(folded) = log.ready(tokio::time::Instant::now()) {
                 warn!(message = "cannot write the dead-letter file", path = %path.display(), %error, similar_since_last_log = folded);
             }
@@ -101,7 +155,8 @@ mod tests {
     async fn letters_are_appended_and_tailed() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (tx, rx) = mpsc::channel(8);
-        let writer = tokio::spawn(run(dir.path().to_owned(), rx));
+        let (_durable_tx, durable_rx) = mpsc::channel(1);
+        let writer = tokio::spawn(run(dir.path().to_owned(), rx, durable_rx));
         for i in 0..3u8 {
             let letter = DeadLetter {
                 ts_ms: 1,
@@ -114,11 +169,47 @@ mod tests {
             tx.send(letter).await.expect("send");
         }
         drop(tx);
+        drop(_durable_tx);
         writer.await.expect("writer");
         let tail = tail(dir.path(), 2).expect("tail");
         assert_eq!(tail.len(), 2);
         let last: serde_json::Value = serde_json::from_str(&tail[1]).expect("json");
         assert_eq!(last["payload"], "ff02");
         assert_eq!(last["event_id"], 2);
+    }
+}
+
+#[cfg(test)]
+mod durable_tests {
+    use super::*;
+
+    /// A durable letter is answered only once it is in the file, and a write that fails is
+    /// answered with the error (its event then stays in the buffer).
+    #[tokio::test]
+    async fn durable_letters_are_answered_after_the_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_tx, rx) = mpsc::channel(1);
+        let (durable_tx, durable_rx) = mpsc::channel(4);
+        let writer = tokio::spawn(run(dir.path().to_owned(), rx, durable_rx));
+        let letter = DeadLetter {
+            ts_ms: 1,
+            event_id: 7,
+            rule: String::new(),
+            reason: "upstream".into(),
+            topic: "a/b".into(),
+            payload: b"{}".to_vec(),
+        };
+        let (written, answer) = oneshot::channel();
+        durable_tx.send(DurableLetter { letter: letter.clone(), written }).await.expect("send");
+        assert_eq!(answer.await.expect("answered"), Ok(()));
+        let lines = tail(dir.path(), 5).expect("tail");
+        assert_eq!(lines.len(), 1, "the letter is in the file when the answer comes");
+        // A data directory that is gone: the write fails and says so.
+        std::fs::remove_dir_all(dir.path()).expect("rm");
+        let (written, answer) = oneshot::channel();
+        durable_tx.send(DurableLetter { letter, written }).await.expect("send");
+        assert!(answer.await.expect("answered").is_err());
+        drop((durable_tx, _tx));
+        writer.await.expect("writer");
     }
 }

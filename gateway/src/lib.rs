@@ -148,7 +148,8 @@ impl Gateway {
             tracker.spawn(rules::watch(path.clone(), routing_tx, metrics.clone(), cancel.clone()));
         }
         let (dead_tx, dead_rx) = mpsc::channel(deadletter::CHANNEL_CAPACITY);
-        tracker.spawn(deadletter::run(config.data_dir.clone(), dead_rx));
+        let (durable_tx, durable_rx) = mpsc::channel(deadletter::CHANNEL_CAPACITY);
+        tracker.spawn(deadletter::run(config.data_dir.clone(), dead_rx, durable_rx));
 
         let settings =
             relay::RelaySettings::new(&config.buffer, config.upstream.as_ref(), config.shutdown_timeout / 2);
@@ -159,6 +160,7 @@ impl Gateway {
             link_rx,
             worker,
             config.data_dir.clone(),
+            durable_tx,
             uplink_cancel.clone(),
         ));
 
@@ -192,6 +194,7 @@ impl Gateway {
             topic_prefix: config.upstream.as_ref().map_or(String::new(), |u| u.topic_prefix.clone()),
             republisher: Some(republisher),
             dead_letters: dead_tx,
+            topic_policy: config.broker.topic_policy(),
             ids,
             metrics: metrics.clone(),
         };

@@ -97,6 +97,18 @@ counters! {
     buffer_corrupt,
     /// Events merged into the buffer by `outpost buffer import` while the gateway ran.
     buffer_imported,
+    /// Publishes refused because their topic holds a control character (U+0001–U+001F,
+    /// U+007F–U+009F): MQTT 5 got PUBACK 0x90, MQTT 3.1.1 its connection closed.
+    topics_refused_control,
+    /// Publishes refused because their topic holds a Unicode non-character.
+    topics_refused_noncharacter,
+    /// Publishes refused because their topic has more than `broker.max_topic_levels` levels.
+    topics_refused_levels,
+    /// Publishes refused because their topic is longer than `broker.max_topic_length`.
+    topics_refused_length,
+    /// Events the upstream closed the link over `upstream.poison_after` times in a row: moved
+    /// to the dead-letter store and deleted from the buffer, so the events behind them go on.
+    upstream_poison,
 }
 
 /// A shareable handle to the gateway's counters.

@@ -25,8 +25,22 @@
 //!   (weight `10 − priority`): urgent events go first, but no priority starves.
 //! - Packet ids are the relay's, per connection: a lost connection takes its packet ids with it
 //!   and everything it had in flight is sent again (see [`crate::uplink`]).
+//! - **No single event stalls the link.** An upstream that refuses an event by closing the
+//!   connection would get it first again after every reconnect. After the upstream closed a
+//!   connection (EOF, reset, DISCONNECT) with QoS 1 publishes unacknowledged, the next
+//!   connections *isolate* the first of them written (the suspect): a PINGREQ first, and only
+//!   once its PINGRESP proved the connection working, the suspect alone, nothing after it until
+//!   its PUBACK. A strike is counted when such a connection is then closed by the upstream
+//!   within [`POISON_CLOSE_WITHIN`] of the suspect being written, with no PUBACK for it.
+//!   `upstream.poison_after` strikes in a row for the same event, and it is written to the
+//!   dead-letter store (fdatasync'd), then deleted from the buffer like an acknowledged one,
+//!   counted `upstream_poison`. A PUBACK for the suspect ends the isolation and clears its
+//!   strikes; a loss we caused (keepalive verdict, a garbled packet) neither adds nor clears.
+//!   Every other event keeps at-least-once: only the blamed event leaves the buffer without a
+//!   PUBACK, and it leaves only once its letter is on disk.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,14 +48,15 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWrite;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::buffer::worker::{Command, Reply, Worker};
 use crate::buffer::{Batch, DropRequest, Key, LaneStats, N_PRIORITIES, Record};
 use crate::config::{BufferConfig, EventIdMode, OverflowPolicy, UpstreamConfig};
-use crate::event::{IdGen, Outbound, format_event_id, now_ms};
+use crate::deadletter::{DeadLetter, DurableLetter};
+use crate::event::{IdGen, Outbound, escape_topic, format_event_id, now_ms};
 use crate::ingest::acks::Ticket;
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
@@ -58,6 +73,11 @@ const READ_BATCH: usize = 1024;
 const OUT_HIGH_WATER: usize = 256 * 1024;
 /// How many input events are taken per wake-up, to amortise the loop's overhead.
 const ACCEPT_BATCH: usize = 256;
+/// A close counts against the isolated suspect only this soon after it was written. Brokers
+/// close over a packet they refuse at once (mosquitto: within milliseconds); a cluster that
+/// holds a publish while it elects a leader and then drops the connection (NATS: ~4 s,
+/// FIELD-NOTES) is not refusing the event.
+pub const POISON_CLOSE_WITHIN: Duration = Duration::from_secs(2);
 
 /// The relay's settings, derived from the config once.
 #[derive(Debug, Clone)]
@@ -73,6 +93,8 @@ pub struct RelaySettings {
     pub max_bytes_per_sec: Option<u64>,
     /// How long, after input closed, to wait for in-flight acks before stopping.
     pub drain_grace: Duration,
+    /// Strikes in a row that move an event the upstream closes the link over to the dead letters.
+    pub poison_after: u32,
 }
 
 impl RelaySettings {
@@ -92,6 +114,7 @@ impl RelaySettings {
             max_events_per_sec: upstream.and_then(|u| u.max_events_per_sec.map(|n| n.get())),
             max_bytes_per_sec: upstream.and_then(|u| u.max_bytes_per_sec.map(|b| b.as_u64())),
             drain_grace,
+            poison_after: upstream.map_or(3, |u| u.poison_after),
         }
     }
 }
@@ -133,18 +156,46 @@ impl Lane {
     }
 }
 
+/// Why a connection ended, as far as blaming an event goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkLoss {
+    /// The upstream ended it: EOF, a reset, a failed write, or its DISCONNECT.
+    PeerClosed,
+    /// We ended it: keepalive verdict, a garbled packet, a newer connection, shutdown.
+    Local,
+}
+
+/// A QoS 1 publish encoded on this connection and awaiting its PUBACK.
+#[derive(Debug)]
+struct Sent {
+    record: Arc<Record>,
+    /// Position in the connection's publishes, to find the first one written.
+    order: u64,
+    at: Instant,
+}
+
 /// The relay's view of the live upstream connection (the socket itself is in [`run`]).
 #[derive(Debug)]
 struct Conn {
     params: LinkParams,
     /// Encoded and awaiting their PUBACK, by packet id.
-    inflight: HashMap<u16, Key>,
+    inflight: HashMap<u16, Sent>,
     next_pkid: u16,
+    sent: u64,
+    /// This connection isolates the suspect (see the module docs).
+    isolating: bool,
+    /// The upstream answered something (a PINGRESP or a PUBACK) on this connection.
+    answered: bool,
 }
 
 impl Conn {
     fn outstanding(&self) -> usize {
         self.inflight.len()
+    }
+
+    /// The first publish written on this connection that is still unacknowledged.
+    fn first_unacked(&self) -> Option<&Sent> {
+        self.inflight.values().min_by_key(|s| s.order)
     }
 
     /// The next packet id not awaiting a PUBACK. One exists: fewer than 65,535 are in flight.
@@ -219,6 +270,15 @@ pub struct Relay {
     expiry_log: LogThrottle,
     reject_log: LogThrottle,
     size_log: LogThrottle,
+    /// The event the next connections isolate (see the module docs).
+    suspect: Option<Key>,
+    /// Consecutive strikes against one event.
+    strikes: Option<(Key, u32)>,
+    /// Blamed events whose letters are being written: never sent, still in the buffer.
+    quarantined: HashSet<Key>,
+    /// Letters for [`run`] to hand to the dead-letter writer.
+    poisoned: Vec<(Key, DeadLetter)>,
+    poison_log: LogThrottle,
 }
 
 impl Relay {
@@ -258,6 +318,11 @@ impl Relay {
             expiry_log: LogThrottle::default(),
             reject_log: LogThrottle::default(),
             size_log: LogThrottle::default(),
+            suspect: None,
+            strikes: None,
+            quarantined: HashSet::new(),
+            poisoned: Vec::new(),
+            poison_log: LogThrottle::default(),
         }
     }
 
@@ -390,7 +455,26 @@ impl Relay {
             buffered_events = stored.events,
             buffered_bytes = stored.bytes
         );
-        self.conn = Some(Conn { params, inflight: HashMap::new(), next_pkid: 1 });
+        self.conn = Some(Conn {
+            params,
+            inflight: HashMap::new(),
+            next_pkid: 1,
+            sent: 0,
+            isolating: self.suspect.is_some(),
+            answered: false,
+        });
+    }
+
+    /// Whether the new connection must prove itself with a PINGREQ before the suspect is sent.
+    pub fn wants_probe(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.isolating)
+    }
+
+    /// A PINGRESP: the connection works.
+    pub fn on_pingresp(&mut self) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.answered = true;
+        }
     }
 
     /// A PUBACK from the upstream.
@@ -398,7 +482,16 @@ impl Relay {
         let metrics = self.metrics.clone();
         let counters = metrics.counters();
         let Some(conn) = self.conn.as_mut() else { return };
-        let Some(key) = conn.inflight.remove(&pkid) else { return };
+        let Some(sent) = conn.inflight.remove(&pkid) else { return };
+        conn.answered = true;
+        let key = sent.record.key();
+        if conn.isolating || self.strikes.is_some_and(|(k, _)| k == key) {
+            // The isolated publish (the suspect, or what replaced it at the head of its lane)
+            // went through: whatever closed the link before, it was not this.
+            conn.isolating = false;
+            self.suspect = None;
+            self.strikes = None;
+        }
         match rejected {
             None => Metrics::add(&counters.upstream_acked, 1),
             Some(reason) => {
@@ -414,17 +507,104 @@ impl Relay {
     }
 
     /// The connection is gone: everything unacknowledged is sent again from the buffer, in
-    /// order, on the next one.
-    pub fn on_link_lost(&mut self) {
+    /// order, on the next one. If the upstream closed it right after an isolated suspect, that
+    /// is a strike against the suspect (see the module docs).
+    pub fn on_link_lost(&mut self, loss: LinkLoss, reason: &str, now: Instant) {
         let Some(conn) = self.conn.take() else { return };
-        for key in conn.inflight.values() {
-            let lane = &mut self.lanes[usize::from(key.0)];
-            lane.cursor = lane.cursor.min(key.1);
+        if loss == LinkLoss::PeerClosed {
+            if let Some(first) = conn.first_unacked() {
+                let key = first.record.key();
+                let blamed = conn.isolating
+                    && conn.answered
+                    && conn.inflight.len() == 1
+                    && now.saturating_duration_since(first.at) <= POISON_CLOSE_WITHIN;
+                if blamed {
+                    self.strike(&first.record, reason, now);
+                }
+                if !self.quarantined.contains(&key) {
+                    self.suspect = Some(key);
+                }
+            }
         }
+        for sent in conn.inflight.values() {
+            let lane = &mut self.lanes[usize::from(sent.record.priority)];
+            lane.cursor = lane.cursor.min(sent.record.seq);
+        }
+        self.rewind_all();
+    }
+
+    /// Forgets what was read ahead: sending resumes at each lane's cursor, from the file.
+    fn rewind_all(&mut self) {
         for (p, lane) in self.lanes.iter_mut().enumerate() {
             lane.prefetched.clear();
             lane.read_from = None;
             lane.disk_unread = self.disk[p].events > 0 || lane.reading;
+        }
+    }
+
+    /// One more close right after `record`; at `poison_after` in a row it is quarantined and
+    /// its letter queued for the dead-letter store.
+    fn strike(&mut self, record: &Arc<Record>, reason: &str, now: Instant) {
+        let key = record.key();
+        let n = match self.strikes {
+            Some((k, n)) if k == key => n + 1,
+            _ => 1,
+        };
+        if n < self.settings.poison_after {
+            self.strikes = Some((key, n));
+            return;
+        }
+        self.strikes = None;
+        self.suspect = None;
+        self.quarantined.insert(key);
+        if let Some(folded) = self.poison_log.ready(now) {
+            warn!(
+                message = "the upstream closed the connection right after the same event several times in a row; it goes to the dead-letter store (`outpost rules dead-letters`) so the events behind it can go on. Check the upstream broker's log for why it refuses it (topic, size, ACL)",
+                event_id = %format_event_id(record.event_id),
+                topic = %escape_topic(&record.topic),
+                size = record.payload.len(),
+                closes_in_row = n,
+                last_close = reason,
+                similar_since_last_log = folded,
+            );
+        }
+        self.poisoned.push((
+            key,
+            DeadLetter {
+                ts_ms: now_ms(),
+                event_id: record.event_id,
+                rule: String::new(),
+                reason: format!(
+                    "the upstream closed the connection right after this event {n} times in a row (last: {reason})"
+                ),
+                topic: record.topic.clone(),
+                payload: record.payload.to_vec(),
+            },
+        ));
+    }
+
+    /// Letters of blamed events, for the dead-letter writer.
+    pub fn take_poisoned(&mut self) -> Vec<(Key, DeadLetter)> {
+        std::mem::take(&mut self.poisoned)
+    }
+
+    /// The dead-letter writer's answer for a blamed event. Written: the event leaves the buffer
+    /// like an acknowledged one. Not written: it is sent again (and blamed again if it must).
+    pub fn on_dead_lettered(&mut self, key: Key, result: Result<(), String>, now: Instant) {
+        if !self.quarantined.remove(&key) {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                Metrics::add(&self.metrics.counters().upstream_poison, 1);
+                self.on_acked(key, now);
+            }
+            Err(error) => {
+                error!(message = "cannot write a blamed event to the dead-letter store; it stays in the buffer and is sent again", %error);
+                let lane = &mut self.lanes[usize::from(key.0)];
+                lane.cursor = lane.cursor.min(key.1);
+                self.rewind_all();
+            }
         }
     }
 
@@ -498,6 +678,7 @@ impl Relay {
             if self.to_delete.contains(&key)
                 || self.deleting.contains(&key)
                 || self.acked_while_committing.contains(&key)
+                || self.quarantined.contains(&key)
             {
                 continue;
             }
@@ -515,9 +696,14 @@ impl Relay {
         }
     }
 
-    /// The send window of the current connection.
+    /// The send window of the current connection: one publish while isolating the suspect,
+    /// none before the upstream proved the connection working.
     fn window(&self) -> usize {
-        self.conn.as_ref().map_or(0, |c| self.settings.window.min(usize::from(c.params.receive_max)))
+        self.conn.as_ref().map_or(0, |c| match (c.isolating, c.answered) {
+            (true, true) => 1,
+            (true, false) => 0,
+            (false, _) => self.settings.window.min(usize::from(c.params.receive_max)),
+        })
     }
 
     /// Fills the send window: encodes publishes into `out`, which [`run`] writes to the socket.
@@ -530,7 +716,30 @@ impl Relay {
         let counters = metrics.counters();
         let window = self.window();
         while self.conn.as_ref().is_some_and(|c| c.outstanding() < window) && out.len() < OUT_HIGH_WATER {
-            let Some(p) = self.pick_lane(commands) else { break };
+            let isolated = self.suspect.filter(|_| self.conn.as_ref().is_some_and(|c| c.isolating));
+            let p = match isolated {
+                Some((p, _)) => {
+                    let p = usize::from(p);
+                    if !self.lane_ready(p, commands) {
+                        let lane = &self.lanes[p];
+                        if lane.reading || lane.disk_unread {
+                            break;
+                        }
+                        // Nothing left in its lane (acknowledged, expired, dropped): nothing
+                        // to isolate any more.
+                        self.suspect = None;
+                        if let Some(c) = self.conn.as_mut() {
+                            c.isolating = false;
+                        }
+                        continue;
+                    }
+                    p
+                }
+                None => match self.pick_lane(commands) {
+                    Some(p) => p,
+                    None => break,
+                },
+            };
             let Some(record) = self.next_record(p, now) else { continue };
             if let Err(at) = self.rate_limit(&record, now) {
                 // Not sent: rewind so it goes first once the bucket refills.
@@ -565,7 +774,9 @@ impl Relay {
                 // QoS 0 routes get no PUBACK; handing the publish over is all there is.
                 self.on_acked(record.key(), now);
             } else {
-                conn.inflight.insert(pkid, record.key());
+                conn.sent += 1;
+                let order = conn.sent;
+                conn.inflight.insert(pkid, Sent { record: Arc::clone(&record), order, at: now });
             }
             Metrics::add(&counters.upstream_sent, 1);
             let lane = &mut self.lanes[p];
@@ -848,26 +1059,38 @@ struct LinkIo {
     ping_outstanding: bool,
 }
 
+/// Why the link cannot go on.
+type Lost = (LinkLoss, String);
+
+fn peer(reason: String) -> Lost {
+    (LinkLoss::PeerClosed, reason)
+}
+
 impl LinkIo {
-    fn new(link: Link, now: Instant) -> LinkIo {
+    /// `probe`: the relay isolates a suspect on this connection and needs a PINGRESP first.
+    fn new(link: Link, now: Instant, probe: bool) -> LinkIo {
         let keepalive = link.params.keepalive;
+        let mut out = BytesMut::new();
+        if probe {
+            encode_pingreq(&mut out);
+        }
         LinkIo {
             link,
-            out: BytesMut::new(),
+            out,
             next_ping: (!keepalive.is_zero()).then(|| now + keepalive),
-            ping_outstanding: false,
+            ping_outstanding: probe,
         }
     }
 
     /// Writes as much of `out` as the socket takes without waiting: one `send()` for
     /// everything a loop turn encoded.
-    fn flush(&mut self) -> Result<(), String> {
+    fn flush(&mut self) -> Result<(), Lost> {
         while !self.out.is_empty() {
             match self.link.stream.try_write(&self.out) {
-                Ok(0) => return Err("the upstream connection closed".to_owned()),
+                Ok(0) => return Err(peer("the upstream connection closed".to_owned())),
                 Ok(n) => self.out.advance(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(format!("writing to the upstream failed: {e}")),
+                Err(e) => return Err(peer(format!("writing to the upstream failed: {e}"))),
             }
         }
         Ok(())
@@ -876,14 +1099,16 @@ impl LinkIo {
     /// Ready once bytes arrived, or the unwritten output fell below [`OUT_HIGH_WATER`];
     /// meanwhile writes what the socket did not take before.
     /// Cancel-safe: whatever is read or written within a poll is recorded in a buffer.
-    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Lost>> {
         let was_full = self.out.len() >= OUT_HIGH_WATER;
         while !self.out.is_empty() {
             match Pin::new(&mut self.link.stream).poll_write(cx, &self.out) {
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err("the upstream connection closed".to_owned())),
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(peer("the upstream connection closed".to_owned())));
+                }
                 Poll::Ready(Ok(n)) => self.out.advance(n),
                 Poll::Ready(Err(e)) => {
-                    return Poll::Ready(Err(format!("writing to the upstream failed: {e}")));
+                    return Poll::Ready(Err(peer(format!("writing to the upstream failed: {e}"))));
                 }
                 Poll::Pending => break,
             }
@@ -897,21 +1122,26 @@ impl LinkIo {
             inbuf.reserve(16 * 1024);
         }
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.link.stream), cx, inbuf) {
-            Poll::Ready(Ok(0)) => Poll::Ready(Err("the upstream closed the connection".to_owned())),
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(peer("the upstream closed the connection".to_owned()))),
             Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
-            Poll::Ready(Err(e)) => Poll::Ready(Err(format!("reading from the upstream failed: {e}"))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(peer(format!("reading from the upstream failed: {e}")))),
             Poll::Pending => Poll::Pending,
         }
     }
 
     /// Hands every complete packet read to the relay.
-    fn deliver(&mut self, relay: &mut Relay, now: Instant) -> Result<(), String> {
-        while let Some(incoming) = parse_incoming(&mut self.link.inbuf, self.link.params.version)? {
+    fn deliver(&mut self, relay: &mut Relay, now: Instant) -> Result<(), Lost> {
+        let version = self.link.params.version;
+        while let Some(incoming) =
+            parse_incoming(&mut self.link.inbuf, version).map_err(|e| (LinkLoss::Local, e))?
+        {
             // Any packet proves the link alive: a PINGREQ queued behind a slow link's backlog
             // may be answered long after the acks that came before it.
             self.ping_outstanding = false;
-            if let Incoming::PubAck { pkid, rejected } = incoming {
-                relay.on_puback(pkid, rejected, now);
+            match incoming {
+                Incoming::PubAck { pkid, rejected } => relay.on_puback(pkid, rejected, now),
+                Incoming::PingResp => relay.on_pingresp(),
+                Incoming::Disconnect(reason) => return Err(peer(reason)),
             }
         }
         Ok(())
@@ -920,12 +1150,15 @@ impl LinkIo {
     /// At `next_ping`: a PINGREQ, or the verdict that the last one went unanswered. Pings go
     /// out regardless of traffic, so a silently dead (half-open) link is noticed while
     /// publishes are still being written into it.
-    fn keepalive(&mut self, now: Instant) -> Result<(), String> {
+    fn keepalive(&mut self, now: Instant) -> Result<(), Lost> {
         if self.next_ping.is_none_or(|t| now < t) {
             return Ok(());
         }
         if self.ping_outstanding {
-            return Err("no PINGRESP within upstream.keepalive: the link is dead".to_owned());
+            return Err((
+                LinkLoss::Local,
+                "no PINGRESP within upstream.keepalive: the link is dead".to_owned(),
+            ));
         }
         encode_pingreq(&mut self.out);
         self.ping_outstanding = true;
@@ -943,11 +1176,28 @@ impl LinkIo {
 }
 
 /// Drops the connection (the uplink task reconnects) and rewinds the relay.
-fn lose(link: &mut Option<LinkIo>, relay: &mut Relay, error: String) {
+fn lose(link: &mut Option<LinkIo>, relay: &mut Relay, (loss, error): Lost) {
     if let Some(io) = link.take() {
-        relay.on_link_lost();
+        relay.on_link_lost(loss, &error, Instant::now());
         io.link.lost(error);
     }
+}
+
+/// The first dead-letter write that finished, if any.
+fn poll_letters(
+    pending: &mut Vec<(Key, oneshot::Receiver<Result<(), String>>)>,
+    cx: &mut Context<'_>,
+) -> Poll<(Key, Result<(), String>)> {
+    for i in 0..pending.len() {
+        if let Poll::Ready(result) = Pin::new(&mut pending[i].1).poll(cx) {
+            let (key, _) = pending.swap_remove(i);
+            return Poll::Ready((
+                key,
+                result.unwrap_or_else(|_| Err("the dead-letter writer stopped".to_owned())),
+            ));
+        }
+    }
+    Poll::Pending
 }
 
 /// Runs the relay until its input closes and everything accepted is on disk or acknowledged
@@ -958,8 +1208,10 @@ pub async fn run(
     mut links: mpsc::Receiver<Link>,
     mut worker: Worker,
     data_dir: std::path::PathBuf,
+    dead_letters: mpsc::Sender<DurableLetter>,
     uplink_cancel: tokio_util::sync::CancellationToken,
 ) {
+    let mut letters: Vec<(Key, oneshot::Receiver<Result<(), String>>)> = Vec::new();
     let mut input_open = true;
     let mut grace_until: Option<Instant> = None;
     let mut link: Option<LinkIo> = None;
@@ -981,6 +1233,17 @@ pub async fn run(
         }
         if let Some(Err(error)) = link.as_mut().map(LinkIo::flush) {
             lose(&mut link, &mut relay, error);
+        }
+        for (key, letter) in relay.take_poisoned() {
+            let (written, answer) = oneshot::channel();
+            match dead_letters.try_send(DurableLetter { letter, written }) {
+                Ok(()) => letters.push((key, answer)),
+                Err(_) => relay.on_dead_lettered(
+                    key,
+                    Err("the dead-letter writer is busy or stopped".to_owned()),
+                    now,
+                ),
+            }
         }
         relay.clear_elapsed_waits(now);
         if !input_open {
@@ -1020,17 +1283,20 @@ pub async fn run(
                 }
             }
             Some(new) = links.recv() => {
-                lose(&mut link, &mut relay, "replaced by a new connection".to_owned());
+                lose(&mut link, &mut relay, (LinkLoss::Local, "replaced by a new connection".to_owned()));
                 relay.on_connected(new.generation, new.params);
-                let mut io = LinkIo::new(new, Instant::now());
+                let mut io = LinkIo::new(new, Instant::now(), relay.wants_probe());
                 // The upstream may have sent more right behind its CONNACK (a DISCONNECT).
                 match io.deliver(&mut relay, Instant::now()) {
                     Ok(()) => link = Some(io),
-                    Err(error) => {
-                        relay.on_link_lost();
+                    Err((loss, error)) => {
+                        relay.on_link_lost(loss, &error, Instant::now());
                         io.link.lost(error);
                     }
                 }
+            }
+            (key, result) = std::future::poll_fn(|cx| poll_letters(&mut letters, cx)), if !letters.is_empty() => {
+                relay.on_dead_lettered(key, result, Instant::now());
             }
             received = input.recv(), if accept => match received {
                 Some(outbound) => {

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::config::RouteConfig;
 use crate::deadletter::DeadLetter;
-use crate::event::{Event, IdGen, Outbound, invalid_topic};
+use crate::event::{Event, IdGen, Outbound, TopicError, TopicPolicy, invalid_topic};
 use crate::ingest::Republisher;
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
@@ -78,6 +78,8 @@ pub struct RouteStage {
     pub topic_prefix: String,
     pub republisher: Option<Republisher>,
     pub dead_letters: mpsc::Sender<DeadLetter>,
+    /// What rule outputs' topics must satisfy (the broker's, so both paths agree).
+    pub topic_policy: TopicPolicy,
     /// For the ids of a rule's second and later forwards of one event (each upstream message
     /// needs its own id, or deduplication would drop legitimate outputs).
     pub ids: IdGen,
@@ -144,7 +146,9 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                     match output {
                         Output::Forward { rule, topic, payload, qos, priority, ttl } => {
                             let topic = format!("{}{topic}", stage.topic_prefix);
-                            if let Some(why) = invalid_topic(&topic) {
+                            if let Some(why) =
+                                invalid_topic(&topic, &stage.topic_policy).map(TopicError::as_str)
+                            {
                                 // A topic template filled from payload data can produce what
                                 // no broker accepts; queued, it would block the uplink.
                                 Metrics::add(&counters.dead_letters, 1);

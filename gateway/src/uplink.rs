@@ -88,6 +88,8 @@ pub enum Incoming {
         rejected: Option<String>,
     },
     PingResp,
+    /// The upstream ended the connection with a DISCONNECT (with its reason, if MQTT 5).
+    Disconnect(String),
 }
 
 /// A publish the upstream's maximum packet size does not allow.
@@ -188,7 +190,8 @@ fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, String> {
 }
 
 /// Takes the next complete packet off `buf`. `Ok(None)`: wait for more bytes. An error means
-/// the connection cannot go on (a malformed or unexpected packet, or a DISCONNECT).
+/// the connection cannot go on (a malformed or unexpected packet); so does a DISCONNECT, which
+/// is returned as a packet because the relay needs to know that the upstream chose to end it.
 pub fn parse_incoming(buf: &mut BytesMut, version: MqttVersion) -> Result<Option<Incoming>, String> {
     let Some((byte1, header, remaining)) = fixed_header(buf)? else { return Ok(None) };
     if remaining > MAX_INCOMING {
@@ -212,12 +215,12 @@ pub fn parse_incoming(buf: &mut BytesMut, version: MqttVersion) -> Result<Option
             Ok(Some(Incoming::PubAck { pkid, rejected }))
         }
         0xD0 if remaining == 0 => Ok(Some(Incoming::PingResp)),
-        0xE0 => match body.first() {
+        0xE0 => Ok(Some(Incoming::Disconnect(match body.first() {
             Some(&code) if version == MqttVersion::V5 => {
-                Err(format!("the upstream disconnected us: {}", reason_name(code)))
+                format!("the upstream disconnected us: {}", reason_name(code))
             }
-            _ => Err("the upstream disconnected us".to_owned()),
-        },
+            _ => "the upstream disconnected us".to_owned(),
+        }))),
         _ => Err(format!("unexpected packet type {} from the upstream", byte1 >> 4)),
     }
 }
@@ -733,8 +736,10 @@ mod tests {
     #[test]
     fn disconnects_and_garbage_end_the_link() {
         let mut buf = BytesMut::from(&[0xE0u8, 0x01, 0x97][..]);
-        let err = parse_incoming(&mut buf, MqttVersion::V5).expect_err("disconnect");
-        assert!(err.contains("QuotaExceeded"), "{err}");
+        let Ok(Some(Incoming::Disconnect(reason))) = parse_incoming(&mut buf, MqttVersion::V5) else {
+            panic!("a DISCONNECT")
+        };
+        assert!(reason.contains("QuotaExceeded"), "{reason}");
         let mut buf = BytesMut::from(&[0x30u8, 0x03, 0x00, 0x01, b't'][..]);
         assert!(parse_incoming(&mut buf, MqttVersion::V311).is_err());
         let mut buf = BytesMut::from(&[0x40u8, 0xFF, 0xFF, 0xFF, 0xFF][..]);

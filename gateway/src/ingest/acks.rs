@@ -26,6 +26,8 @@ pub enum Outcome {
     Safe,
     /// Refused by the buffer's `reject_new` policy: not stored, the sensor must resend.
     Rejected,
+    /// Refused at ingest for its topic (MQTT 5 PUBACK 0x90): never entered the pipeline.
+    TopicInvalid,
 }
 
 #[derive(Debug, Default)]
@@ -60,6 +62,19 @@ impl AckQueue {
             s.base + s.slots.len() as u64 - 1
         };
         Ticket(Arc::new(TicketInner { queue: Arc::clone(self), n, rejected: AtomicBool::new(false) }))
+    }
+
+    /// A publish answered without entering the pipeline: its answer waits behind the ones
+    /// still held, so acknowledgements keep their arrival order.
+    pub fn answered(&self, outcome: Outcome) {
+        let wake = {
+            let mut s = self.lock();
+            s.slots.push_back(Some(outcome));
+            s.slots.len() == 1
+        };
+        if wake {
+            self.ready.notify_one();
+        }
     }
 
     fn complete(&self, n: u64, outcome: Outcome) {
@@ -146,6 +161,18 @@ mod tests {
         drop(b);
         assert_eq!(ready(&q), vec![Outcome::Rejected, Outcome::Safe]);
         assert_eq!(q.held(), 0);
+    }
+
+    #[test]
+    fn an_answered_publish_waits_behind_held_ones() {
+        let q = AckQueue::new();
+        let a = q.ticket();
+        q.answered(Outcome::TopicInvalid);
+        assert!(ready(&q).is_empty(), "the refusal waits for a");
+        drop(a);
+        assert_eq!(ready(&q), vec![Outcome::Safe, Outcome::TopicInvalid]);
+        q.answered(Outcome::TopicInvalid);
+        assert_eq!(ready(&q), vec![Outcome::TopicInvalid]);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use tracing::{debug, info, warn};
 use super::acks::{AckQueue, Outcome};
 use super::codec::{self, Codec, Version};
 use super::{Live, Retained, Shared, Status, lock};
-use crate::event::invalid_topic;
+use crate::event::{TopicError, escape_topic, invalid_topic};
 use crate::metrics::Metrics;
 
 /// User property that marks a QoS 0 publish on its way through the router: rumqttd delivers
@@ -263,7 +263,7 @@ pub(super) async fn serve(
     let mut session = Session::new(Arc::clone(&shared), codec, version, io, will);
 
     let bad_will = session.will.as_ref().and_then(|w| match std::str::from_utf8(&w.topic) {
-        Ok(t) => invalid_topic(t),
+        Ok(t) => invalid_topic(t, &shared.cfg.topic_policy()).map(TopicError::as_str),
         Err(_) => Some("not UTF-8"),
     });
     let refusal = if let Some(why) = bad_will {
@@ -616,9 +616,26 @@ impl Session {
             Ok(t) if t.contains('\0') => {
                 return Err(End::Malformed(format!("publish topic {t:?} contains U+0000")));
             }
-            Ok(t) => match invalid_topic(t) {
+            Ok(t) => match invalid_topic(t, &self.shared.cfg.topic_policy()) {
                 None => t.to_owned(),
-                Some(why) => return Err(End::Protocol(format!("publish topic {t:?}: {why}"))),
+                Some(why) if why.is_protocol_violation() || !self.v5() || qos == 2 => {
+                    // MQTT 3.1.1 cannot refuse one publish: close, as mosquitto 2.0.11 does.
+                    why.count(&self.shared.metrics);
+                    return Err(End::Protocol(format!("publish topic \"{}\": {why}", escape_topic(t))));
+                }
+                Some(why) => {
+                    why.count(&self.shared.metrics);
+                    if let Some(folded) = self.shared.log_ready("topic") {
+                        warn!(message = "refused a publish whose topic the upstream brokers refuse (MQTT 5 PUBACK 0x90 for QoS 1, QoS 0 discarded); fix the sensor's topic, or raise broker.max_topic_levels/max_topic_length if the upstream accepts it", client_id = %self.client_id, topic = %escape_topic(t), reason = %why, similar_since_last_log = folded);
+                    }
+                    if qos == 1 && self.held.is_empty() {
+                        self.acknowledge(pkid, 1, Outcome::TopicInvalid)?;
+                    } else if qos == 1 {
+                        self.acks.answered(Outcome::TopicInvalid);
+                        self.held.push_back((pkid, 1));
+                    }
+                    return Ok(());
+                }
             },
             Err(_) => return Err(End::Malformed("topic is not UTF-8".to_owned())),
         };
@@ -711,6 +728,9 @@ impl Session {
             (Outcome::Rejected, _) => {
                 self.qos2.remove(&pkid);
                 self.write(Packet::PubRec(PubRec { pkid, reason: PubRecReason::QuotaExceeded }, None));
+            }
+            (Outcome::TopicInvalid, _) => {
+                self.write(Packet::PubAck(PubAck { pkid, reason: PubAckReason::TopicNameInvalid }, None))
             }
         }
         Ok(())

@@ -5,6 +5,12 @@
 //! and one priority, publishes go out in sequence order; the buffer ends empty; and **no
 //! event whose sensor acknowledgement was released is ever lost in a crash** (every event
 //! carries a ticket from a simulated sensor connection).
+//!
+//! Poison events: the model upstream closes the connection as soon as one reaches it, every
+//! time, and also closes it at random (a flapping upstream, at most `POISON_AFTER - 1` times in
+//! a row without acknowledging anything in between). Checked: every poison event that was not
+//! lost in a crash ends in the dead letters, nothing else ever does, and every other event is
+//! acknowledged upstream as before — no event is lost for a poison in front of it.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -18,16 +24,21 @@ use crate::ingest::acks::{AckQueue, Outcome};
 const WINDOW: usize = 4;
 const COMMIT_MAX: usize = 5;
 const INTERVAL: Duration = Duration::from_millis(10);
+const POISON_AFTER: u32 = 3;
 
 #[derive(Debug, Clone)]
 enum Action {
     Accept(u8),
+    /// An event the upstream closes the connection over, every time it receives it.
+    AcceptPoison(u8),
     Connect,
     /// Up to this many encoded publishes reach the upstream.
     Write(usize),
     /// The upstream acknowledges the n-th in-flight publish (acks may come out of order).
     Ack(usize),
     Disconnect,
+    /// The upstream closes the connection (a flap: nothing to do with what it received).
+    Flap,
     /// Time passes by this many ms; due commits run.
     Tick(u64),
     /// The store thread's replies (commits, reads) are delivered.
@@ -39,10 +50,12 @@ enum Action {
 fn arb_action() -> impl Strategy<Value = Action> {
     prop_oneof![
         6 => (0u8..3).prop_map(Action::Accept),
+        1 => (0u8..3).prop_map(Action::AcceptPoison),
         1 => Just(Action::Connect),
         3 => (1usize..6).prop_map(Action::Write),
         3 => (0usize..8).prop_map(Action::Ack),
         1 => Just(Action::Disconnect),
+        1 => Just(Action::Flap),
         2 => (1u64..25).prop_map(Action::Tick),
         2 => Just(Action::ServeStore),
         1 => Just(Action::Crash),
@@ -74,6 +87,13 @@ struct Harness {
     released: HashSet<u64>,
     refused: HashSet<u64>,
     held_at_crash: HashSet<u64>,
+    /// Ids the model upstream closes the connection over.
+    poison: HashSet<u64>,
+    /// Letters handed to the dead-letter writer and not yet answered; answered by `ServeStore`.
+    letters: Vec<(Key, u64)>,
+    dead_lettered: HashSet<u64>,
+    /// Upstream-initiated closes since the last PUBACK (flaps are kept below `POISON_AFTER`).
+    closes_since_ack: u32,
 }
 
 fn settings() -> RelaySettings {
@@ -88,6 +108,7 @@ fn settings() -> RelaySettings {
         max_events_per_sec: None,
         max_bytes_per_sec: None,
         drain_grace: Duration::from_secs(1),
+        poison_after: POISON_AFTER,
     }
 }
 
@@ -118,6 +139,10 @@ impl Harness {
             released: HashSet::new(),
             refused: HashSet::new(),
             held_at_crash: HashSet::new(),
+            poison: HashSet::new(),
+            letters: Vec::new(),
+            dead_lettered: HashSet::new(),
+            closes_since_ack: 0,
         }
     }
 
@@ -130,7 +155,28 @@ impl Harness {
             match outcome {
                 Outcome::Safe => self.released.insert(id),
                 Outcome::Rejected => self.refused.insert(id),
+                Outcome::TopicInvalid => panic!("the relay never refuses for a topic"),
             };
+        }
+    }
+
+    /// The link ends; `loss` says who ended it.
+    fn lose(&mut self, loss: LinkLoss) {
+        if self.connected {
+            self.connected = false;
+            self.relay.on_link_lost(loss, "model", self.clock);
+            self.out.clear();
+            self.requested.clear();
+            self.inflight.clear();
+        }
+    }
+
+    /// Answers the letters of blamed events, as the dead-letter writer would once they are on
+    /// disk.
+    fn write_letters(&mut self) {
+        for (key, id) in std::mem::take(&mut self.letters) {
+            self.dead_lettered.insert(id);
+            self.relay.on_dead_lettered(key, Ok(()), self.clock);
         }
     }
 
@@ -173,6 +219,12 @@ impl Harness {
                     accept_with(self, priority, None);
                 }
             }
+            Action::AcceptPoison(priority) => {
+                if self.relay.can_accept() {
+                    accept_with(self, priority, None);
+                    self.poison.insert(self.next_id);
+                }
+            }
             Action::Connect => {
                 if !self.connected {
                     self.generation += 1;
@@ -184,6 +236,10 @@ impl Harness {
                     };
                     self.relay.on_connected(self.generation, params);
                     self.connected = true;
+                    if self.relay.wants_probe() {
+                        // The model upstream answers the PINGREQ at once.
+                        self.relay.on_pingresp();
+                    }
                 }
             }
             Action::Write(n) => {
@@ -194,6 +250,12 @@ impl Harness {
                         "packet id {pkid} reused while in flight"
                     );
                     self.inflight.push((pkid, id));
+                    if self.poison.contains(&id) {
+                        // The upstream refuses it by closing the connection.
+                        self.closes_since_ack += 1;
+                        self.lose(LinkLoss::PeerClosed);
+                        break;
+                    }
                 }
             }
             Action::Ack(n) => {
@@ -201,15 +263,14 @@ impl Harness {
                     let (pkid, id) = self.inflight.remove(n % self.inflight.len());
                     self.relay.on_puback(pkid, None, self.clock);
                     self.acked.insert(id);
+                    self.closes_since_ack = 0;
                 }
             }
-            Action::Disconnect => {
-                if self.connected {
-                    self.connected = false;
-                    self.relay.on_link_lost();
-                    self.out.clear();
-                    self.requested.clear();
-                    self.inflight.clear();
+            Action::Disconnect => self.lose(LinkLoss::Local),
+            Action::Flap => {
+                if self.connected && self.closes_since_ack + 1 < POISON_AFTER {
+                    self.closes_since_ack += 1;
+                    self.lose(LinkLoss::PeerClosed);
                 }
             }
             Action::Tick(ms) => {
@@ -217,10 +278,17 @@ impl Harness {
                 self.relay.maybe_commit(&self.worker.commands, false, self.clock);
                 self.settle().await;
             }
-            Action::ServeStore => self.settle().await,
+            Action::ServeStore => {
+                self.write_letters();
+                self.settle().await;
+            }
             Action::Crash => self.crash().await,
         }
         self.pump();
+        for (key, letter) in self.relay.take_poisoned() {
+            assert!(self.poison.contains(&letter.event_id), "blamed an innocent event: {}", letter.event_id);
+            self.letters.push((key, letter.event_id));
+        }
         self.collect_released();
     }
 
@@ -254,6 +322,9 @@ impl Harness {
         let lanes = store.lanes();
         std::mem::replace(&mut self.worker, Worker::spawn(store).expect("worker")).join();
         self.relay = Relay::new(settings(), Metrics::default(), IdGen::new(report.epoch), lanes);
+        // Letters not yet answered were not written: their events are still in the buffer
+        // (or were only in memory, with their sensors not acknowledged).
+        self.letters.clear();
         self.connected = false;
         self.out.clear();
         self.requested.clear();
@@ -261,15 +332,16 @@ impl Harness {
         self.generation += 1;
     }
 
-    /// Connects and runs until everything that must arrive has been acknowledged.
+    /// Connects and runs until everything that must arrive has been acknowledged, and every
+    /// poison event is in the dead letters.
     async fn drain(&mut self) {
-        self.step(Action::Connect).await;
         for _ in 0..10_000 {
+            self.step(Action::Connect).await;
             let must: Vec<u64> =
                 self.accepted.iter().copied().filter(|id| !self.lost_in_crashes.contains(id)).collect();
             // An event acknowledged before a crash whose delete was not yet committed is still
             // in the file: it is resent (a duplicate) and must be acknowledged again.
-            if must.iter().all(|id| self.acked.contains(id))
+            if must.iter().all(|id| self.acked.contains(id) || self.dead_lettered.contains(id))
                 && self.requested.is_empty()
                 && self.inflight.is_empty()
                 && self.relay.stored().events == 0
@@ -303,8 +375,22 @@ proptest! {
             h.drain().await;
             h.collect_released();
             for id in &h.accepted {
+                if h.poison.contains(id) {
+                    assert!(!h.acked.contains(id), "the model upstream never acknowledges poison");
+                    assert!(
+                        h.dead_lettered.contains(id) || h.lost_in_crashes.contains(id),
+                        "poison event {id} neither dead-lettered nor lost in a crash"
+                    );
+                }
+                assert!(
+                    !h.dead_lettered.contains(id) || h.poison.contains(id),
+                    "event {id} was dead-lettered, but the upstream never refused it"
+                );
                 if !h.lost_in_crashes.contains(id) {
-                    assert!(h.acked.contains(id), "event {id} was accepted but never acknowledged upstream");
+                    assert!(
+                        h.acked.contains(id) || h.dead_lettered.contains(id),
+                        "event {id} was accepted but never acknowledged upstream"
+                    );
                     assert!(
                         h.released.contains(id) || h.held_at_crash.contains(id),
                         "event {id} is safe but its sensor was never acknowledged"
@@ -561,5 +647,148 @@ fn passed_waits_are_not_deadlines() {
         h.relay.rate_wait = Some(now + Duration::from_millis(5));
         h.relay.clear_elapsed_waits(now);
         assert_eq!(h.relay.next_deadline(), Some(now + Duration::from_millis(5)));
+    });
+}
+
+/// Accepts `n` events (one of them poison, at `poison_at`), all committed, then connected.
+async fn backlog_with_poison(n: usize, poison_at: usize) -> Harness {
+    let mut h = Harness::new();
+    for i in 0..n {
+        accept_with(&mut h, 5, None);
+        if i == poison_at {
+            h.poison.insert(h.next_id);
+        }
+    }
+    h.step(Action::Tick(20)).await;
+    h
+}
+
+/// One connection: the upstream acknowledges everything it receives until the poison, and
+/// closes the connection on the poison.
+async fn one_connection(h: &mut Harness) {
+    h.step(Action::Connect).await;
+    for _ in 0..20 {
+        h.step(Action::ServeStore).await;
+        h.step(Action::Write(WINDOW)).await;
+        if !h.connected {
+            return;
+        }
+        while !h.inflight.is_empty() {
+            h.step(Action::Ack(0)).await;
+        }
+    }
+}
+
+#[test]
+fn a_poison_event_is_dead_lettered_and_the_events_behind_it_go_on() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = backlog_with_poison(10, 0).await;
+        // The first connection sends a full window; the upstream closes on the poison.
+        one_connection(&mut h).await;
+        assert!(!h.connected && h.relay.suspect.is_some(), "the poison is now the suspect");
+        // Each following connection sends the suspect alone after a PINGRESP: strikes 1..=3.
+        for strike in 1..=POISON_AFTER {
+            one_connection(&mut h).await;
+            let sent_last = h.published.iter().filter(|(g, _, _)| *g == h.generation).count();
+            assert_eq!(sent_last, 1, "connection {} isolated the suspect", h.generation);
+            if strike < POISON_AFTER {
+                assert_eq!(h.relay.strikes.map(|(_, n)| n), Some(strike));
+            }
+        }
+        assert_eq!(h.letters.len(), 1, "blamed after {POISON_AFTER} closes in a row");
+        assert!(h.dead_lettered.is_empty(), "the event stays until its letter is written");
+        h.step(Action::ServeStore).await;
+        assert_eq!(h.dead_lettered, HashSet::from([1]));
+        let c = h.relay.metrics.counters();
+        assert_eq!(Metrics::get(&c.upstream_poison), 1);
+        h.drain().await;
+        for id in 2..=10 {
+            assert!(h.acked.contains(&id), "event {id} behind the poison arrived");
+        }
+        h.relay.maybe_commit(&h.worker.commands, true, h.clock);
+        h.settle().await;
+        assert_eq!(h.relay.disk.iter().map(|l| l.events).sum::<u64>(), 0, "the poison left the file");
+    });
+}
+
+/// A flapping upstream closes the connection right after the isolated suspect, but fewer times
+/// in a row than `poison_after`, or later than `POISON_CLOSE_WITHIN`, or we end the connection
+/// ourselves: nothing is blamed.
+#[test]
+fn flaps_slow_closes_and_our_own_losses_blame_nothing() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        for _ in 0..5 {
+            accept_with(&mut h, 5, None);
+        }
+        h.step(Action::Connect).await;
+        h.step(Action::Write(WINDOW)).await;
+        h.step(Action::Flap).await;
+        let suspect = h.relay.suspect.expect("the first unacknowledged publish is the suspect");
+        // Two quick closes right after the isolated suspect: two strikes.
+        for _ in 0..2 {
+            h.closes_since_ack = 0;
+            h.step(Action::Connect).await;
+            h.step(Action::Write(WINDOW)).await;
+            h.step(Action::Flap).await;
+        }
+        assert_eq!(h.relay.strikes, Some((suspect, 2)));
+        // Closes after POISON_CLOSE_WITHIN, and losses we cause, never count.
+        for i in 0..6 {
+            h.step(Action::Connect).await;
+            h.step(Action::Write(WINDOW)).await;
+            assert_eq!(h.inflight.len(), 1, "only the suspect is sent");
+            if i % 2 == 0 {
+                h.clock += POISON_CLOSE_WITHIN + Duration::from_millis(1);
+                h.closes_since_ack = 0;
+                h.step(Action::Flap).await;
+            } else {
+                h.step(Action::Disconnect).await;
+            }
+        }
+        assert_eq!(h.relay.strikes, Some((suspect, 2)));
+        // Its PUBACK clears the strikes and ends the isolation.
+        h.step(Action::Connect).await;
+        h.step(Action::Write(WINDOW)).await;
+        h.step(Action::Ack(0)).await;
+        assert_eq!((h.relay.strikes, h.relay.suspect), (None, None));
+        assert_eq!(h.relay.window(), WINDOW, "the full window again");
+        h.drain().await;
+        assert!(h.dead_lettered.is_empty() && h.letters.is_empty());
+        assert_eq!(h.acked.len(), 5);
+    });
+}
+
+/// An upstream that closes every connection before answering anything (a broker that is
+/// shutting down) never gets the suspect, so it cannot blame it however often it closes.
+#[test]
+fn closes_before_the_pingresp_blame_nothing() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        accept_with(&mut h, 5, None);
+        h.step(Action::Connect).await;
+        h.step(Action::Write(WINDOW)).await;
+        h.step(Action::Flap).await;
+        for _ in 0..10 {
+            h.generation += 1;
+            let params = LinkParams {
+                version: MqttVersion::V311,
+                receive_max: u16::MAX,
+                max_packet: usize::MAX,
+                keepalive: Duration::ZERO,
+            };
+            h.relay.on_connected(h.generation, params);
+            assert!(h.relay.wants_probe());
+            let mut out = BytesMut::new();
+            h.relay.pump(&h.worker.commands, h.clock, &mut out);
+            assert!(out.is_empty(), "nothing is sent before the PINGRESP");
+            h.relay.on_link_lost(LinkLoss::PeerClosed, "closed", h.clock);
+        }
+        assert_eq!(h.relay.strikes, None);
+        h.drain().await;
+        assert_eq!(h.acked.len(), 1);
     });
 }
