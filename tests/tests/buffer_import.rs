@@ -3,16 +3,19 @@
 //! runs; a file from another data dir, imported while it is stopped; and a buffer file in
 //! format 1 (committed fixture, written by the release before format versions) opened as is.
 //! Every event must arrive at a real mosquitto, per priority in its original order; importing
-//! again adds nothing.
+//! again adds nothing. Through the daemon, only root and the daemon's user may import.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
 use outpost::buffer::{Batch, Record, Store};
-use outpost_e2e::gateway::{GatewaySpec, outpost};
+use outpost_e2e::gateway::{GatewaySpec, buffered_events, outpost};
 use outpost_e2e::mqtt::{Session, Subscriber};
+use outpost_e2e::process::run_to_completion;
 use outpost_e2e::require_mosquitto;
 use outpost_e2e::upstream::Mosquitto;
 use serde_json::Value;
@@ -200,4 +203,37 @@ async fn a_foreign_file_imported_while_stopped_is_relayed_behind_the_own_events(
         own.iter().map(|r| (r.priority, r.topic.clone(), r.payload.to_vec())).collect();
     expected.extend(fixture_events());
     assert_relayed(&subscriber.messages(), &expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_root_or_the_gateways_user_may_import_through_the_daemon() {
+    if outpost::buffer::access::running_as().map(|id| id.uid) != Some(0) {
+        eprintln!("skipping: needs root to run the import as another user");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let other = dir.path().join("other");
+    {
+        let (mut store, _) = Store::open(&other).expect("open");
+        store.apply(&Batch { inserts: stranded_events(2), ..Batch::default() }).expect("fill");
+    }
+    let data = dir.path().join("data");
+    let _gateway = GatewaySpec::new(&data).start().await.expect("gateway");
+    // Let the other user reach the socket: the refusal under test is the daemon's own.
+    let socket = data.join("outpost.sock");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).expect("chmod socket");
+
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+    command.arg(outpost_e2e::binary("outpost").expect("binary"));
+    command.args(["buffer", "import"]).arg(other.join("buffer.redb")).arg("--data-dir").arg(&data);
+    let out = run_to_completion(command).expect("run the import");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the running outpost refused the import: only root or the gateway's own user (root (uid 0)) may import"),
+        "{stderr}"
+    );
+    assert_eq!(buffered_events(&data).expect("stats"), 0, "nothing was imported");
 }
