@@ -1,10 +1,18 @@
-//! The admin socket, `<data_dir>/outpost.sock`: lets `outpost buffer stats|peek|export` read
-//! the buffer while the daemon holds it (redb's writer lock keeps every other process out).
+//! The admin socket, `<data_dir>/outpost.sock`: lets `outpost buffer stats|peek|export|import`
+//! reach the buffer while the daemon holds it (redb's writer lock keeps every other process
+//! out).
 //!
 //! Protocol: one request line (`stats`, `peek N`, `export`), answered with JSON lines, then the
-//! daemon closes the connection. Requests go through the store thread's command queue, so an
+//! daemon closes the connection. Reads go through the store thread's command queue, so an
 //! operator's read never races a commit. The socket is created with the data dir's
 //! permissions; anyone who can read the buffer file can ask.
+//!
+//! `import` is followed by one JSON line per event ([`WireRecord`]) until the client ends its
+//! input; the answer is one JSON [`ImportSummary`] line. Only root and the daemon's own user
+//! may import (checked with the peer's credentials): it adds events that go upstream. Imported
+//! events enter the relay's input as if just routed, each with a ticket, so the relay commits
+//! or relays them under its usual invariants; their fingerprints are stored (store thread)
+//! once every ticket of a chunk is released.
 
 use std::path::{Path, PathBuf};
 
@@ -14,12 +22,28 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::buffer::Record;
+use crate::buffer::import::{CHUNK as IMPORT_CHUNK, ImportSummary, WireRecord};
 use crate::buffer::inspect::export_line;
-use crate::buffer::worker::{Command, InspectRequest, Inspected};
+use crate::buffer::worker::{Command, ImportRequest, InspectRequest, Inspected};
+use crate::event::Outbound;
+use crate::ingest::acks::{AckQueue, Outcome};
+use crate::metrics::Metrics;
 
 /// Records per store-thread request while exporting, so a large export never holds the
 /// store thread for long.
 const EXPORT_CHUNK: usize = 1000;
+/// Longest import line accepted: a record with the largest MQTT payload (256 MiB) in hex.
+const MAX_IMPORT_LINE: u64 = 600 * 1024 * 1024;
+
+/// What the admin socket needs from the running gateway.
+pub struct Handles {
+    /// The store thread's queue.
+    pub commands: mpsc::Sender<Command>,
+    /// The relay's input, for imported events.
+    pub relay_input: mpsc::Sender<Outbound>,
+    pub metrics: Metrics,
+}
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("outpost.sock")
@@ -39,7 +63,7 @@ pub fn bind(data_dir: &Path) -> Option<UnixListener> {
     }
 }
 
-pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>, cancel: CancellationToken) {
+pub async fn serve(listener: UnixListener, handles: Handles, cancel: CancellationToken) {
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -52,7 +76,7 @@ pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>, canc
             },
         };
         // One request at a time: operator traffic is rare and must not compete with commits.
-        if let Err(error) = handle(stream, &commands).await {
+        if let Err(error) = handle(stream, &handles, &cancel).await {
             debug!(message = "admin request failed", %error);
         }
     }
@@ -64,22 +88,37 @@ pub async fn serve(listener: UnixListener, commands: mpsc::Sender<Command>, canc
     info!(message = "admin socket closed");
 }
 
-async fn ask(commands: &mpsc::Sender<Command>, request: InspectRequest) -> Result<Inspected, String> {
+/// Sends the command `make` builds around a reply channel to the store thread, and awaits
+/// the answer.
+async fn ask_store<T>(
+    commands: &mpsc::Sender<Command>,
+    make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+) -> Result<T, String> {
     let (reply, answer) = oneshot::channel();
-    commands
-        .send(Command::Inspect { request, reply })
-        .await
-        .map_err(|_| "the store thread has stopped".to_owned())?;
+    commands.send(make(reply)).await.map_err(|_| "the store thread has stopped".to_owned())?;
     answer.await.map_err(|_| "the store thread has stopped".to_owned())?
 }
 
-async fn handle(stream: UnixStream, commands: &mpsc::Sender<Command>) -> std::io::Result<()> {
+async fn ask(commands: &mpsc::Sender<Command>, request: InspectRequest) -> Result<Inspected, String> {
+    ask_store(commands, |reply| Command::Inspect { request, reply }).await
+}
+
+async fn handle(stream: UnixStream, handles: &Handles, cancel: &CancellationToken) -> std::io::Result<()> {
+    let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
     let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
     let mut line = String::new();
-    BufReader::new(read.take(256)).read_line(&mut line).await?;
+    (&mut reader).take(256).read_line(&mut line).await?;
     let mut words = line.split_whitespace();
     let mut out = String::new();
+    let commands = &handles.commands;
     match (words.next(), words.next()) {
+        (Some("import"), None) => {
+            out = match import(&mut reader, peer_uid, handles, cancel).await {
+                Ok(summary) => serde_json::to_string(&summary).unwrap_or_default() + "\n",
+                Err(e) => format!("error: {e}\n"),
+            }
+        }
         (Some("stats"), None) => match ask(commands, InspectRequest::Stats).await {
             Ok(Inspected::Stats(stats)) => out = serde_json::to_string(&stats).unwrap_or_default() + "\n",
             Ok(_) => out = "error: unexpected answer\n".into(),
@@ -120,4 +159,115 @@ async fn handle(stream: UnixStream, commands: &mpsc::Sender<Command>) -> std::io
     }
     write.write_all(out.as_bytes()).await?;
     write.shutdown().await
+}
+
+async fn ask_import(commands: &mpsc::Sender<Command>, request: ImportRequest) -> Result<Vec<bool>, String> {
+    ask_store(commands, |reply| Command::Import { request, reply }).await
+}
+
+const STOPPING: &str =
+    "the gateway is stopping; run the import again once it runs (events already imported are skipped)";
+
+/// Reads an import's records in chunks and merges each (see the module docs).
+async fn import(
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    peer_uid: Option<u32>,
+    handles: &Handles,
+    cancel: &CancellationToken,
+) -> Result<ImportSummary, String> {
+    let me = crate::buffer::access::running_as().map(|id| id.uid);
+    if !peer_uid.is_some_and(|uid| uid == 0 || Some(uid) == me) {
+        return Err(format!(
+            "only root or the gateway's own user ({}) may import; run the command as one of them",
+            me.map_or("unknown".to_owned(), crate::buffer::access::user_label)
+        ));
+    }
+    let mut summary = ImportSummary::default();
+    let mut line = String::new();
+    let mut line_no = 1;
+    loop {
+        let mut records = Vec::new();
+        let mut end = false;
+        while records.len() < IMPORT_CHUNK {
+            line.clear();
+            let mut limited = (&mut *reader).take(MAX_IMPORT_LINE);
+            let read = tokio::select! {
+                read = limited.read_line(&mut line) => read.map_err(|e| e.to_string())?,
+                () = cancel.cancelled() => return Err(STOPPING.to_owned()),
+            };
+            if read == 0 {
+                end = true;
+                break;
+            }
+            line_no += 1;
+            let wire: WireRecord =
+                serde_json::from_str(line.trim()).map_err(|e| format!("import line {line_no}: {e}"))?;
+            records.push(wire.into_record().map_err(|e| format!("import line {line_no}: {e}"))?);
+        }
+        if !records.is_empty() {
+            import_chunk(records, handles, cancel, &mut summary).await?;
+        }
+        if end {
+            break;
+        }
+    }
+    info!(
+        message = "events imported into the buffer (outpost buffer import)",
+        imported = summary.imported,
+        already_imported = summary.already_imported,
+        refused = summary.refused
+    );
+    Ok(summary)
+}
+
+async fn import_chunk(
+    records: Vec<Record>,
+    handles: &Handles,
+    cancel: &CancellationToken,
+    summary: &mut ImportSummary,
+) -> Result<(), String> {
+    let prints: Vec<(u64, u64)> = records.iter().map(Record::fingerprint).collect();
+    let seen = ask_import(&handles.commands, ImportRequest::AlreadyImported(prints.clone())).await?;
+    let queue = AckQueue::new();
+    let mut sent = Vec::new();
+    for ((record, print), seen) in records.into_iter().zip(prints).zip(seen) {
+        if seen {
+            summary.already_imported += 1;
+            continue;
+        }
+        let outbound = Outbound {
+            event_id: record.event_id,
+            topic: record.topic,
+            payload: record.payload,
+            qos: record.qos,
+            priority: record.priority,
+            expires_ms: record.expires_ms,
+            received_ms: record.enqueued_ms,
+            ticket: Some(queue.ticket()),
+        };
+        tokio::select! {
+            sent = handles.relay_input.send(outbound) => sent.map_err(|_| STOPPING.to_owned())?,
+            () = cancel.cancelled() => return Err(STOPPING.to_owned()),
+        }
+        sent.push(print);
+    }
+    // Each ticket is released once the relay committed its event or the upstream acked it.
+    let mut outcomes = Vec::with_capacity(sent.len());
+    loop {
+        queue.take_ready(&mut outcomes);
+        if outcomes.len() >= sent.len() {
+            break;
+        }
+        tokio::select! {
+            () = queue.ready() => {}
+            () = cancel.cancelled() => return Err(STOPPING.to_owned()),
+        }
+    }
+    let safe: Vec<(u64, u64)> =
+        sent.iter().zip(&outcomes).filter(|(_, o)| **o == Outcome::Safe).map(|(p, _)| *p).collect();
+    summary.refused += (sent.len() - safe.len()) as u64;
+    summary.imported += safe.len() as u64;
+    Metrics::add(&handles.metrics.counters().buffer_imported, safe.len() as u64);
+    ask_import(&handles.commands, ImportRequest::MarkImported(safe)).await?;
+    Ok(())
 }

@@ -95,6 +95,15 @@ pub enum BufferCommand {
         #[command(flatten)]
         args: BufferArgs,
     },
+    /// Merge the events of another buffer file (one moved aside as corrupt, or another
+    /// gateway's) into this buffer: per priority in their order, behind the events already
+    /// there, never twice. Works while the daemon runs (through its admin socket).
+    Import {
+        /// The buffer file to merge in, e.g. DATA_DIR/buffer.redb.corrupt-<unix seconds>.
+        file: PathBuf,
+        #[command(flatten)]
+        args: BufferArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -563,6 +572,9 @@ fn buffer(command: BufferCommand) -> anyhow::Result<()> {
             }
             w.flush()?;
             writeln!(out, "exported {n} events to {}", file.display())?;
+        }
+        BufferCommand::Import { file, args } => {
+            writeln!(out, "{}", crate::buffer::import::command(&file, &data_dir(&args)?)?)?;
         }
     }
     Ok(())

@@ -107,10 +107,17 @@ impl Gateway {
         if let Some((aside, reason)) = &report.moved_aside {
             Metrics::add(&metrics.counters().buffer_corrupt, 1);
             error!(
-                message = "the buffer file could not be read and was moved aside; starting with an empty buffer. Events in the old file are not relayed: inspect it with `outpost buffer export --data-dir` after renaming it back, or delete it",
+                message = format!(
+                    "the buffer file's contents are corrupt; it was moved aside and a new, empty buffer started. Its readable events are not relayed until you import them (also while the gateway runs): `outpost buffer import {} --data-dir {}`",
+                    aside.display(),
+                    config.data_dir.display()
+                ),
                 moved_to = %aside.display(),
                 reason = %reason
             );
+        }
+        if let Some(from) = report.migrated_from {
+            info!(message = "buffer file format migrated", from, to = buffer::store::FORMAT_VERSION);
         }
         let total = store.total();
         info!(message = "buffer opened", path = %store.path().display(), buffered_events = total.events, buffered_bytes = total.bytes, epoch = report.epoch);
@@ -119,15 +126,20 @@ impl Gateway {
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        if let Some(listener) = admin::bind(&config.data_dir) {
-            tracker.spawn(admin::serve(listener, worker.commands.clone(), cancel.clone()));
-        }
         let ids = IdGen::new(report.epoch);
         // Sequence numbers share the epoch scheme with event ids but count separately.
         let seqs = IdGen::new(report.epoch);
 
         let (event_tx, event_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
         let (outbound_tx, outbound_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
+        if let Some(listener) = admin::bind(&config.data_dir) {
+            let handles = admin::Handles {
+                commands: worker.commands.clone(),
+                relay_input: outbound_tx.clone(),
+                metrics: metrics.clone(),
+            };
+            tracker.spawn(admin::serve(listener, handles, cancel.clone()));
+        }
         let (link_tx, link_rx) = mpsc::channel(1);
         let uplink_cancel = CancellationToken::new();
 

@@ -93,8 +93,10 @@ counters! {
     rejected_full,
     /// Events discarded because their route's TTL passed before they could be sent.
     expired,
-    /// Buffer files found unreadable at start-up and moved aside.
+    /// Buffer files whose contents were found corrupt at start-up and moved aside.
     buffer_corrupt,
+    /// Events merged into the buffer by `outpost buffer import` while the gateway ran.
+    buffer_imported,
     /// Publishes refused because their topic holds a control character (U+0001–U+001F,
     /// U+007F–U+009F): MQTT 5 got PUBACK 0x90, MQTT 3.1.1 its connection closed.
     topics_refused_control,

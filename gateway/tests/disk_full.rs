@@ -7,7 +7,6 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,39 +15,9 @@ use outpost::buffer::Store;
 use outpost::config::GatewayConfig;
 use outpost::metrics::Metrics;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use support::{Tmpfs, can_mount};
 
-/// Unmounts on drop, even when an assertion fails.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(path: &Path, size: &str) -> Tmpfs {
-        std::fs::create_dir_all(path).expect("create mount point");
-        run(Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(path));
-        Tmpfs(path.to_owned())
-    }
-
-    fn resize(&self, size: &str) {
-        run(Command::new("mount").args(["-o", &format!("remount,size={size}")]).arg(&self.0));
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("run mount");
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// Whether the effective uid is 0, from /proc (no unsafe FFI needed).
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
-        status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-    })
-}
+mod support;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
@@ -86,16 +55,6 @@ fn publish(port: u16, n: usize, size: usize, acked: Arc<AtomicU64>) -> tokio::ta
         }
         drop(sender.await);
     })
-}
-
-/// Whether this machine can run these tests; in CI it must.
-fn can_mount() -> bool {
-    if is_root() {
-        return true;
-    }
-    assert!(std::env::var_os("CI").is_none(), "this test needs root (to mount a tmpfs) and CI runs as root");
-    eprintln!("skipping: mounting a tmpfs needs root");
-    false
 }
 
 fn config(data: &Path) -> GatewayConfig {

@@ -29,7 +29,7 @@ pub struct PriorityStats {
 }
 
 fn err(path: &std::path::Path, e: impl Into<redb::Error>) -> BufferError {
-    BufferError::Database { path: path.to_owned(), source: e.into() }
+    BufferError::Database { path: path.to_owned(), error: e.into() }
 }
 
 pub fn stats(
@@ -121,11 +121,16 @@ struct ExportedRecord<'a> {
     payload_encoding: &'static str,
 }
 
+/// Lowercase hex, two digits per byte.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// One record as a JSON line: the payload as UTF-8 text, or hex when it is not.
 pub fn export_line(record: &Record) -> String {
     let (payload, payload_encoding) = match std::str::from_utf8(&record.payload) {
         Ok(s) => (s.to_owned(), "utf8"),
-        Err(_) => (record.payload.iter().map(|b| format!("{b:02x}")).collect(), "hex"),
+        Err(_) => (hex(&record.payload), "hex"),
     };
     serde_json::to_string(&ExportedRecord {
         priority: record.priority,

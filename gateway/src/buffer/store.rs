@@ -13,6 +13,15 @@ use serde::{Deserialize, Serialize};
 pub(crate) const EVENTS: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("events");
 /// Counters kept in the same transactions as the records they describe.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Events merged in by `outpost buffer import`, by [`Record::fingerprint`], so importing the
+/// same file again adds nothing. Entries stay after the events are relayed.
+pub(crate) const IMPORTED: TableDefinition<(u64, u64), ()> = TableDefinition::new("imported");
+
+/// The buffer file's format, kept in `meta` as `format_version`. 1: no such key (releases up
+/// to commit 568ebea); 2: the key and the `imported` table. A file with a higher version
+/// was written by a newer release and is refused untouched.
+pub const FORMAT_VERSION: u64 = 2;
+const FORMAT_KEY: &str = "format_version";
 
 pub const N_PRIORITIES: usize = 10;
 const FILE_NAME: &str = "buffer.redb";
@@ -36,12 +45,30 @@ pub enum BufferError {
         path.display()
     )]
     Locked { path: PathBuf },
-    #[error("cannot create data dir {}: {source}", path.display())]
-    DataDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot move unreadable buffer file {} aside: {source}", path.display())]
-    MoveAside { path: PathBuf, source: std::io::Error },
-    #[error("buffer file {}: {source}", path.display())]
-    Database { path: PathBuf, source: redb::Error },
+    #[error("cannot create data dir {}: {error}; {hint}", path.display())]
+    DataDir { path: PathBuf, error: std::io::Error, hint: String },
+    /// The file could not be opened or written for a reason outside its contents
+    /// (permissions, a read-only or full file system, an I/O error): the gateway refuses to
+    /// start and leaves the file alone.
+    #[error("cannot open buffer file {}: {error}; {hint}", path.display())]
+    Access { path: PathBuf, error: std::io::Error, hint: String },
+    #[error(
+        "buffer file {} has format version {found}, but this outpost reads versions up to {supported}: a newer release wrote it. Run that release (or a newer one) on this data dir; the file was left untouched",
+        path.display()
+    )]
+    NewerFormat { path: PathBuf, found: u64, supported: u64 },
+    #[error(
+        "buffer file {} is in a redb file format this build cannot read ({detail}); run the release that wrote it, or a newer one. The file was left untouched",
+        path.display()
+    )]
+    RedbFormat { path: PathBuf, detail: String },
+    #[error("cannot move corrupt buffer file {} aside: {error}", path.display())]
+    MoveAside { path: PathBuf, error: std::io::Error },
+    // The underlying errors are printed in the messages, so no field is named `source`:
+    // thiserror would make it the error's `source()` too, and a chain printed with `{:#}`
+    // (as `main` does) would repeat it.
+    #[error("buffer file {}: {error}", path.display())]
+    Database { path: PathBuf, error: redb::Error },
     #[error("buffer record {key:?} is undecodable: {message}")]
     Record { key: Key, message: String },
 }
@@ -49,7 +76,33 @@ pub enum BufferError {
 impl BufferError {
     /// Whether retrying later can help (a full disk can be freed; corruption cannot).
     pub fn is_io(&self) -> bool {
-        matches!(self, BufferError::Database { source: redb::Error::Io(_) | redb::Error::PreviousIo, .. })
+        matches!(self, BufferError::Database { error: redb::Error::Io(_) | redb::Error::PreviousIo, .. })
+    }
+
+    /// Whether this error proves the file's *contents* are bad: redb's own corruption
+    /// verdicts (including "not a redb database" and a file cut short, which redb reports as
+    /// I/O errors, see [`is_content_error`]), undecodable records, counters that disagree with
+    /// the records. Only then may a file be moved aside; anything else (permissions, a
+    /// read-only or full disk, a format too new) leaves it where it is.
+    pub fn proves_corruption(&self) -> bool {
+        match self {
+            BufferError::Database { error: redb::Error::Corrupted(_), .. } | BufferError::Record { .. } => {
+                true
+            }
+            BufferError::Database { error: redb::Error::Io(e), .. } => is_content_error(e),
+            _ => false,
+        }
+    }
+
+    /// Turns an I/O failure into [`BufferError::Access`], naming owner, mode, user and fix.
+    fn explained(self, data_dir: &Path) -> BufferError {
+        match self {
+            BufferError::Database { path, error: redb::Error::Io(error) } => {
+                let hint = super::access::hint(&path, data_dir, &error);
+                BufferError::Access { path, error, hint }
+            }
+            other => other,
+        }
     }
 }
 
@@ -91,6 +144,28 @@ impl Record {
         record.priority = key.0;
         record.seq = key.1;
         Ok(record)
+    }
+
+    /// What makes two records the same event for `buffer import`: the event id, and a
+    /// 64-bit FNV-1a hash of everything the upstream would see (priority, QoS, expiry, topic,
+    /// payload). The id alone is not enough: a file started after a move-aside reused ids
+    /// before ids were seeded from the clock. The hash is fixed here, not `std`'s hasher, so
+    /// it stays the same across builds (it is stored in the file).
+    pub fn fingerprint(&self) -> (u64, u64) {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0100_0000_01b3;
+        let mut hash = OFFSET;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                hash = (hash ^ u64::from(*b)).wrapping_mul(PRIME);
+            }
+        };
+        feed(&[self.priority, self.qos]);
+        feed(&self.expires_ms.map_or([0xff; 8], u64::to_le_bytes));
+        feed(&(self.topic.len() as u64).to_le_bytes());
+        feed(self.topic.as_bytes());
+        feed(&self.payload);
+        (self.event_id, hash)
     }
 
     pub fn is_expired(&self, now_ms: u64) -> bool {
@@ -139,9 +214,11 @@ pub struct Applied {
 /// What happened when the file was opened.
 #[derive(Debug)]
 pub struct OpenReport {
-    /// Set when the existing file could not be read and was renamed to this path.
+    /// Set when the existing file's contents were corrupt and it was renamed to this path.
     pub moved_aside: Option<(PathBuf, String)>,
     pub epoch: u64,
+    /// The format version the file had, when it was older and has been migrated.
+    pub migrated_from: Option<u64>,
 }
 
 /// The open buffer file.
@@ -167,12 +244,41 @@ impl std::fmt::Debug for Store {
 fn db_err(path: &Path, e: impl Into<redb::Error>) -> BufferError {
     match e.into() {
         redb::Error::DatabaseAlreadyOpen => BufferError::Locked { path: path.to_owned() },
-        source => BufferError::Database { path: path.to_owned(), source },
+        error => BufferError::Database { path: path.to_owned(), error },
     }
+}
+
+/// The two I/O error kinds redb uses for a verdict on a file's contents: `InvalidData` ("Not a
+/// redb database", redb's `StorageError::not_a_database`) and `UnexpectedEof` (a structure
+/// reaching past the end of the file). Every other I/O error is about access or the device.
+pub(crate) fn is_content_error(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof)
 }
 
 fn meta_key(kind: &str, priority: usize) -> String {
     format!("{kind}.{priority}")
+}
+
+/// Writes the counters of the lanes that changed, inside the caller's transaction.
+fn write_counters(
+    meta: &mut redb::Table<&str, u64>,
+    before: &[LaneStats; N_PRIORITIES],
+    after: &[LaneStats; N_PRIORITIES],
+    path: &Path,
+) -> Result<(), BufferError> {
+    for (p, lane) in after.iter().enumerate() {
+        if lane != &before[p] {
+            meta.insert(meta_key("events", p).as_str(), lane.events).map_err(|e| db_err(path, e))?;
+            meta.insert(meta_key("bytes", p).as_str(), lane.bytes).map_err(|e| db_err(path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// The sequence numbers of one offline import (see [`Store::import`]).
+#[derive(Debug, Default)]
+pub struct ImportSeqs {
+    next: Option<u64>,
 }
 
 pub fn file_path(data_dir: &Path) -> PathBuf {
@@ -180,24 +286,37 @@ pub fn file_path(data_dir: &Path) -> PathBuf {
 }
 
 impl Store {
-    /// Opens (or creates) the buffer in `data_dir` and starts a new boot epoch. A file that
-    /// cannot be read is renamed to `buffer.redb.corrupt-<unix seconds>` and replaced by an
-    /// empty one; a file locked by another process is an error.
+    /// Opens (or creates) the buffer in `data_dir` and starts a new boot epoch.
+    ///
+    /// A file whose contents are proven corrupt ([`BufferError::proves_corruption`]) is
+    /// renamed to `buffer.redb.corrupt-<unix seconds>` and replaced by an empty one. Every
+    /// other failure — locked by another process, permissions, a read-only or full file
+    /// system, a format newer than this build — is an error and leaves the file untouched.
     pub fn open(data_dir: &Path) -> Result<(Store, OpenReport), BufferError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|source| BufferError::DataDir { path: data_dir.to_owned(), source })?;
+        std::fs::create_dir_all(data_dir).map_err(|error| BufferError::DataDir {
+            path: data_dir.to_owned(),
+            hint: super::access::hint(data_dir, data_dir, &error),
+            error,
+        })?;
         let path = file_path(data_dir);
-        match Store::try_open(&path) {
-            Ok((store, epoch)) => Ok((store, OpenReport { moved_aside: None, epoch })),
-            Err(e @ (BufferError::Locked { .. } | BufferError::DataDir { .. })) => Err(e),
-            Err(e) => {
+        check_format(&path)?;
+        match Store::try_open(&path, 1) {
+            Ok((store, epoch, migrated_from)) => {
+                Ok((store, OpenReport { moved_aside: None, epoch, migrated_from }))
+            }
+            Err(e) if e.proves_corruption() => {
                 let reason = e.to_string();
                 let aside = path.with_extension(format!("redb.corrupt-{}", crate::event::now_ms() / 1000));
                 std::fs::rename(&path, &aside)
-                    .map_err(|source| BufferError::MoveAside { path: path.clone(), source })?;
-                let (store, epoch) = Store::try_open(&path)?;
-                Ok((store, OpenReport { moved_aside: Some((aside, reason)), epoch }))
+                    .map_err(|error| BufferError::MoveAside { path: path.clone(), error })?;
+                // The new file's ids must not repeat the old file's (an upstream deduplicates
+                // by id, and `buffer import` may bring the old events back): start its epochs
+                // at the hours since the Unix epoch, above any count of restarts so far.
+                let (store, epoch, _) = Store::try_open(&path, crate::event::now_ms() / 3_600_000)
+                    .map_err(|e| e.explained(data_dir))?;
+                Ok((store, OpenReport { moved_aside: Some((aside, reason)), epoch, migrated_from: None }))
             }
+            Err(e) => Err(e.explained(data_dir)),
         }
     }
 
@@ -205,23 +324,38 @@ impl Store {
         redb::Builder::new().set_cache_size(CACHE_BYTES).create(path).map_err(|e| db_err(path, e))
     }
 
-    fn try_open(path: &Path) -> Result<(Store, u64), BufferError> {
+    fn try_open(path: &Path, min_epoch: u64) -> Result<(Store, u64, Option<u64>), BufferError> {
         let db = Store::create(path)?;
         let mut store = Store { db: Some(db), path: path.to_owned(), lanes: Default::default() };
-        let epoch = store.start_epoch()?;
-        Ok((store, epoch))
+        let (epoch, migrated_from) = store.start_epoch(min_epoch)?;
+        Ok((store, epoch, migrated_from))
     }
 
-    /// Reads the counters and bumps the boot epoch in one durable transaction. Also proves the
-    /// file is readable: a corrupt file fails here, not later in the pipeline.
-    fn start_epoch(&mut self) -> Result<u64, BufferError> {
+    /// Reads the counters, migrates an older format and bumps the boot epoch in one durable
+    /// transaction. Also proves the file is readable: a corrupt file fails here, not later in
+    /// the pipeline.
+    fn start_epoch(&mut self, min_epoch: u64) -> Result<(u64, Option<u64>), BufferError> {
         let path = self.path.clone();
         let txn = self.database()?.begin_write().map_err(|e| db_err(&path, e))?;
         let epoch;
+        let mut migrated_from = None;
         {
             let mut meta = txn.open_table(META).map_err(|e| db_err(&path, e))?;
+            let version = meta.get(FORMAT_KEY).map_err(|e| db_err(&path, e))?.map_or(1, |v| v.value());
+            if version > FORMAT_VERSION {
+                // Reached only when the read-only check could not run (a file left unclean
+                // needs redb's repair first); the transaction is dropped, not committed.
+                return Err(BufferError::NewerFormat { path, found: version, supported: FORMAT_VERSION });
+            }
+            if version < FORMAT_VERSION {
+                // 1 → 2: the `imported` table and the version key; records are unchanged.
+                txn.open_table(IMPORTED).map_err(|e| db_err(&path, e))?;
+                meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
+                migrated_from = Some(version);
+            }
             let events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
-            epoch = meta.get("epoch").map_err(|e| db_err(&path, e))?.map_or(0, |v| v.value()) + 1;
+            epoch = (meta.get("epoch").map_err(|e| db_err(&path, e))?.map_or(0, |v| v.value()) + 1)
+                .max(min_epoch);
             meta.insert("epoch", epoch).map_err(|e| db_err(&path, e))?;
             let mut counted = 0;
             for (p, lane) in self.lanes.iter_mut().enumerate() {
@@ -244,7 +378,7 @@ impl Store {
             }
         }
         txn.commit().map_err(|e| db_err(&path, e))?;
-        Ok(epoch)
+        Ok((epoch, migrated_from))
     }
 
     /// The open database, reopening it first if an I/O error closed it. Reopening runs redb's
@@ -354,17 +488,96 @@ impl Store {
                 break;
             }
             let mut meta = txn.open_table(META).map_err(|e| db_err(&path, e))?;
-            for (p, lane) in lanes.iter().enumerate() {
-                if lane != &self.lanes[p] {
-                    meta.insert(meta_key("events", p).as_str(), lane.events).map_err(|e| db_err(&path, e))?;
-                    meta.insert(meta_key("bytes", p).as_str(), lane.bytes).map_err(|e| db_err(&path, e))?;
-                }
-            }
+            write_counters(&mut meta, &self.lanes, &lanes, &path)?;
         }
         txn.commit().map_err(|e| db_err(&path, e))?;
         self.lanes = lanes;
         applied.lanes = lanes;
         Ok(applied)
+    }
+
+    /// Fingerprints (see [`Record::fingerprint`]) of these events that an earlier import
+    /// already brought in.
+    pub fn already_imported(&mut self, prints: &[(u64, u64)]) -> Result<Vec<bool>, BufferError> {
+        let result = self.already_imported_inner(prints);
+        self.forget_on_io_error(result)
+    }
+
+    fn already_imported_inner(&mut self, prints: &[(u64, u64)]) -> Result<Vec<bool>, BufferError> {
+        let path = self.path.clone();
+        let txn = self.database()?.begin_read().map_err(|e| db_err(&path, e))?;
+        let imported = match txn.open_table(IMPORTED) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(vec![false; prints.len()]),
+            Err(e) => return Err(db_err(&path, e)),
+        };
+        prints.iter().map(|p| Ok(imported.get(*p).map_err(|e| db_err(&path, e))?.is_some())).collect()
+    }
+
+    /// Remembers events as imported (the daemon's path: the relay has made them safe).
+    pub fn mark_imported(&mut self, prints: &[(u64, u64)]) -> Result<(), BufferError> {
+        let result = self.mark_imported_inner(prints);
+        self.forget_on_io_error(result)
+    }
+
+    fn mark_imported_inner(&mut self, prints: &[(u64, u64)]) -> Result<(), BufferError> {
+        let path = self.path.clone();
+        let txn = self.database()?.begin_write().map_err(|e| db_err(&path, e))?;
+        {
+            let mut imported = txn.open_table(IMPORTED).map_err(|e| db_err(&path, e))?;
+            for print in prints {
+                imported.insert(*print, ()).map_err(|e| db_err(&path, e))?;
+            }
+        }
+        txn.commit().map_err(|e| db_err(&path, e))
+    }
+
+    /// Offline import: appends the records not imported before behind everything stored, in
+    /// the order given, and remembers them, in one durable transaction. Their sequence
+    /// numbers come from a fresh boot epoch (taken by the first call with `seqs`), so they
+    /// sort after every stored record and before everything the next start accepts. Returns
+    /// how many were added and how many were already imported.
+    pub fn import(&mut self, seqs: &mut ImportSeqs, records: &[Record]) -> Result<(u64, u64), BufferError> {
+        let result = self.import_inner(seqs, records);
+        self.forget_on_io_error(result)
+    }
+
+    fn import_inner(&mut self, seqs: &mut ImportSeqs, records: &[Record]) -> Result<(u64, u64), BufferError> {
+        let path = self.path.clone();
+        let txn = self.database()?.begin_write().map_err(|e| db_err(&path, e))?;
+        let mut lanes = self.lanes;
+        let mut next = seqs.next;
+        let (mut added, mut skipped) = (0, 0);
+        {
+            let mut meta = txn.open_table(META).map_err(|e| db_err(&path, e))?;
+            if next.is_none() {
+                let epoch = meta.get("epoch").map_err(|e| db_err(&path, e))?.map_or(0, |v| v.value()) + 1;
+                meta.insert("epoch", epoch).map_err(|e| db_err(&path, e))?;
+                next = Some(epoch << crate::event::EPOCH_SHIFT);
+            }
+            let mut imported = txn.open_table(IMPORTED).map_err(|e| db_err(&path, e))?;
+            let mut events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
+            for record in records {
+                if imported.insert(record.fingerprint(), ()).map_err(|e| db_err(&path, e))?.is_some() {
+                    skipped += 1;
+                    continue;
+                }
+                let seq = next.unwrap_or_default();
+                next = Some(seq + 1);
+                let priority = record.priority.min(N_PRIORITIES as u8 - 1);
+                let value = record.encode();
+                events.insert((priority, seq), value.as_slice()).map_err(|e| db_err(&path, e))?;
+                let lane = &mut lanes[usize::from(priority)];
+                lane.events += 1;
+                lane.bytes += stored_size(value.len());
+                added += 1;
+            }
+            write_counters(&mut meta, &self.lanes, &lanes, &path)?;
+        }
+        txn.commit().map_err(|e| db_err(&path, e))?;
+        self.lanes = lanes;
+        seqs.next = next;
+        Ok((added, skipped))
     }
 
     /// Up to `limit` records of `priority` with `seq >= from_seq`, in order.
@@ -424,6 +637,50 @@ impl Store {
 
     pub fn file_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// Refuses, without writing to it, a file this build must not open for writing: one whose
+/// format version is newer than [`FORMAT_VERSION`], or whose redb file format this redb
+/// cannot read. Opening read-write would already change the file (redb marks it open and may
+/// repair it), so this looks first through a read-only open. Anything this cannot check (no
+/// file yet, a file left unclean, no read permission) is left to the read-write open.
+fn check_format(path: &Path) -> Result<(), BufferError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let db = match redb::ReadOnlyDatabase::open(path) {
+        Ok(db) => db,
+        Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+            return Err(BufferError::Locked { path: path.to_owned() });
+        }
+        Err(redb::DatabaseError::UpgradeRequired(version)) => {
+            return Err(BufferError::RedbFormat {
+                path: path.to_owned(),
+                detail: format!("redb file format {version} is older than this redb supports"),
+            });
+        }
+        Err(redb::DatabaseError::Storage(redb::StorageError::Corrupted(detail)))
+            if detail.contains("file format version") =>
+        {
+            return Err(BufferError::RedbFormat { path: path.to_owned(), detail });
+        }
+        Err(_) => return Ok(()),
+    };
+    let found = format_version(&db, path)?;
+    if found > FORMAT_VERSION {
+        return Err(BufferError::NewerFormat { path: path.to_owned(), found, supported: FORMAT_VERSION });
+    }
+    Ok(())
+}
+
+/// The `format_version` of an open file: 1 when the key (or the whole `meta` table) is absent.
+pub(crate) fn format_version(db: &impl ReadableDatabase, path: &Path) -> Result<u64, BufferError> {
+    let txn = db.begin_read().map_err(|e| db_err(path, e))?;
+    match txn.open_table(META) {
+        Ok(meta) => Ok(meta.get(FORMAT_KEY).map_err(|e| db_err(path, e))?.map_or(1, |v| v.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(1),
+        Err(e) => Err(db_err(path, e)),
     }
 }
 

@@ -24,6 +24,20 @@ pub enum Command {
         request: InspectRequest,
         reply: oneshot::Sender<Result<Inspected, String>>,
     },
+    /// An operator's import (admin socket); answered on its own channel with, for
+    /// `AlreadyImported`, one flag per fingerprint (empty for `MarkImported`).
+    Import {
+        request: ImportRequest,
+        reply: oneshot::Sender<Result<Vec<bool>, String>>,
+    },
+}
+
+/// `outpost buffer import` through the daemon: which events were imported before, and
+/// remembering the ones the relay has made safe.
+#[derive(Debug)]
+pub enum ImportRequest {
+    AlreadyImported(Vec<(u64, u64)>),
+    MarkImported(Vec<(u64, u64)>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -99,6 +113,16 @@ impl Worker {
                             InspectRequest::Stats => store.inspect_stats().map(Inspected::Stats),
                             InspectRequest::Records { after, limit } => {
                                 store.inspect_records(after, limit).map(Inspected::Records)
+                            }
+                        };
+                        let _ = reply.send(answer.map_err(|e| e.to_string()));
+                        continue;
+                    }
+                    Command::Import { request, reply } => {
+                        let answer = match request {
+                            ImportRequest::AlreadyImported(prints) => store.already_imported(&prints),
+                            ImportRequest::MarkImported(prints) => {
+                                store.mark_imported(&prints).map(|()| Vec::new())
                             }
                         };
                         let _ = reply.send(answer.map_err(|e| e.to_string()));

@@ -191,3 +191,98 @@ fn draining_a_large_backlog_returns_disk_space() {
     let compacted = store.file_bytes();
     assert!(compacted < full / 4, "compacted to {compacted} bytes from {full}");
 }
+
+/// Writes `version` as the file's format version, as a newer release would.
+fn set_format_version(data_dir: &Path, version: u64) {
+    let db = Database::open(file_path(data_dir)).expect("open");
+    let txn = db.begin_write().expect("txn");
+    txn.open_table(META).expect("meta").insert(FORMAT_KEY, version).expect("insert");
+    txn.commit().expect("commit");
+}
+
+#[test]
+fn a_newer_format_is_refused_and_left_byte_identical() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut store, _) = Store::open(dir.path()).expect("open");
+        store.apply(&Batch { inserts: vec![record(5, 1, 10, None)], ..Batch::default() }).expect("fill");
+    }
+    set_format_version(dir.path(), FORMAT_VERSION + 1);
+    let before = std::fs::read(file_path(dir.path())).expect("read");
+    let err = Store::open(dir.path()).expect_err("refused");
+    assert!(
+        matches!(err, BufferError::NewerFormat { found, supported, .. } if found == FORMAT_VERSION + 1 && supported == FORMAT_VERSION),
+        "{err}"
+    );
+    let message = err.to_string();
+    assert!(message.contains(&format!("format version {}", FORMAT_VERSION + 1)), "{message}");
+    assert!(message.contains(&format!("reads versions up to {FORMAT_VERSION}")), "{message}");
+    assert!(!err.proves_corruption(), "a newer file is not a corrupt one");
+    assert_eq!(std::fs::read(file_path(dir.path())).expect("read"), before, "the file is untouched");
+    let names: Vec<_> =
+        std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("entry").file_name()).collect();
+    assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)], "nothing was moved aside");
+}
+
+#[test]
+fn an_older_format_is_migrated_with_its_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut store, _) = Store::open(dir.path()).expect("open");
+        store
+            .apply(&Batch {
+                inserts: vec![record(5, 1, 10, None), record(0, 2, 3, None)],
+                ..Batch::default()
+            })
+            .expect("fill");
+    }
+    // Format 1 had no version key.
+    {
+        let db = Database::open(file_path(dir.path())).expect("open");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(META).expect("meta").remove(FORMAT_KEY).expect("remove");
+        txn.commit().expect("commit");
+    }
+    let (mut store, report) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(report.migrated_from, Some(1));
+    assert_eq!(store.total().events, 2);
+    assert_eq!(store.read(0, 0, 10).expect("read").len(), 1);
+    drop(store);
+    let (_, report) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(report.migrated_from, None, "migrated once");
+}
+
+#[test]
+fn a_file_moved_aside_does_not_hand_its_ids_to_the_new_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(file_path(dir.path()), vec![0u8; 8192]).expect("write garbage");
+    let (_, report) = Store::open(dir.path()).expect("recovers");
+    assert!(report.moved_aside.is_some());
+    assert!(
+        report.epoch >= crate::event::now_ms() / 3_600_000,
+        "epoch {} restarts from the clock",
+        report.epoch
+    );
+}
+
+#[test]
+fn imported_records_sort_after_stored_ones_and_before_the_next_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, opened) = Store::open(dir.path()).expect("open");
+    store
+        .apply(&Batch { inserts: vec![record(5, opened.epoch << 40, 10, None)], ..Batch::default() })
+        .expect("own");
+    let mut seqs = ImportSeqs::default();
+    let foreign: Vec<Record> = (0..3).map(|i| record(5, i, 20, None)).collect();
+    assert_eq!(store.import(&mut seqs, &foreign[..2]).expect("first chunk"), (2, 0));
+    assert_eq!(store.import(&mut seqs, &foreign).expect("second chunk"), (1, 2), "the first two are known");
+    let keys: Vec<u64> = store.read(5, 0, 10).expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(keys.len(), 4);
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "own event first, then the imports in order: {keys:?}");
+    drop(store);
+    // The relay's in-memory events get `epoch << 40 | n`: all of them must sort after what
+    // is on disk, imports included.
+    let (store, reopened) = Store::open(dir.path()).expect("reopen");
+    assert!(keys.iter().all(|&seq| seq < reopened.epoch << 40), "{keys:?} vs epoch {}", reopened.epoch);
+    assert_eq!(store.total().events, 4);
+}
