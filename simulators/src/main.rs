@@ -75,7 +75,7 @@ struct SessionFuzzArgs {
     /// Start no round after this long (the long mode, e.g. 30m).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    /// How long the fuzzed clients run in each round.
+    /// How long the fuzzed clients run in each round (in two halves, each followed by --settle).
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     round_duration: Duration,
     /// Concurrent fuzzed clients.
@@ -93,9 +93,9 @@ struct SessionFuzzArgs {
     /// How long the gateway runs without fuzzed clients before its memory is measured.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     settle: Duration,
-    /// A memory finding: VmRSS after the settle phase exceeds the one before the clients by
-    /// more than this many MiB.
-    #[arg(long, default_value_t = 16)]
+    /// A memory finding: VmRSS after the second half's settle phase exceeds the one after the
+    /// first half's by more than this many MiB.
+    #[arg(long, default_value_t = 8)]
     rss_growth_limit_mib: u64,
     /// Leave these kinds of input out, comma-separated (to look past a known bug):
     /// non-ascii, control-chars, shared-subscriptions.

@@ -45,6 +45,10 @@ pub struct SentPacket {
     /// The packet's full length.
     pub len: usize,
     pub hostile: bool,
+    /// A PUBLISH's QoS and packet id.
+    pub publish: Option<(u8, u16)>,
+    /// A QoS 1 or 2 PUBLISH the broker accepted (PUBACK or PUBREC with success).
+    pub acked: bool,
 }
 
 /// What one connection sent, for reports.
@@ -117,6 +121,11 @@ impl Recorder {
             bytes: bytes[..bytes.len().min(BYTES_KEPT)].to_vec(),
             len: bytes.len(),
             hostile,
+            publish: match packet {
+                Packet::Publish(publish) => Some((publish.qos, publish.pkid)),
+                _ => None,
+            },
+            acked: false,
         };
         let mut inner = self.lock();
         if let Some(log) = inner.open.get_mut(&id) {
@@ -126,6 +135,17 @@ impl Recorder {
             }
             log.packets.push(sent);
             log.last_write = Some(now);
+        }
+    }
+
+    /// Marks connection `id`'s latest QoS 1 or 2 PUBLISH with `pkid` as accepted.
+    fn mark_acked(&self, id: u64, pkid: u16) {
+        let mut inner = self.lock();
+        let Some(log) = inner.open.get_mut(&id) else { return };
+        let latest =
+            log.packets.iter_mut().rev().find(|p| p.publish.is_some_and(|(qos, id)| qos > 0 && id == pkid));
+        if let Some(packet) = latest {
+            packet.acked = true;
         }
     }
 
@@ -193,6 +213,13 @@ pub async fn run_session(
         let mut answerer = Answerer::new(session.deliveries, session.releases);
         // Ends when the broker closes the connection or sends something unreadable.
         while let Ok(Some(frame)) = read_frame(&mut reader, MAX_INCOMING).await {
+            // PUBACK or PUBREC; an MQTT 5 reason code of 0x80 or more refuses the publish.
+            if matches!(frame.packet_type(), 4 | 5)
+                && frame.body.get(2).is_none_or(|&reason| reason < 0x80)
+                && let Some(pkid) = frame.ack_pkid()
+            {
+                recorder.mark_acked(id, pkid);
+            }
             for packet in answerer.answer(&frame) {
                 if !conn.send(&packet, false).await {
                     return;

@@ -412,6 +412,10 @@ impl Generator {
                 let topic = ["$SYS/x", "$share/g/t", "$outpost/x", "$", "$SYS/outpost/clients"]
                     .choose(&mut self.rng)
                     .unwrap_or(&"$");
+                // Filters are drawn from topics too.
+                if topic.starts_with("$share/") && !self.allows(Class::SharedSubscriptions) {
+                    return ("$share".to_string(), true);
+                }
                 (topic.to_string(), true)
             }
             87..94 => {

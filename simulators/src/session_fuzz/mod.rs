@@ -1,16 +1,17 @@
 //! `outpost-sim session-fuzz`: a grammar-based fuzzer of the MQTT session over real TCP
 //! against the real `outpost` binary, with Debian's mosquitto as its upstream.
 //!
-//! Each round starts a fresh upstream and a fresh gateway (its own data directory), runs
-//! `clients` concurrent fuzzed sessions ([`grammar`]) for `round_duration`, then lets the
-//! gateway settle with no fuzzed client connected. Throughout, it watches for three kinds of
-//! finding:
+//! Each round starts a fresh upstream and a fresh gateway (its own data directory), then twice
+//! runs `clients` concurrent fuzzed sessions ([`grammar`]) for half of `round_duration` and
+//! lets the gateway settle with no fuzzed client connected. Throughout, it watches for three
+//! kinds of finding:
 //! - **crash**: the gateway process exited (the report carries the end of its output, where a
 //!   panic message is);
 //! - **stall**: the [`canary`] publisher's PUBACK did not come within `ack_bound`, or an
 //!   acknowledged canary did not reach the upstream subscriber within `relay_bound`;
-//! - **memory**: the gateway's `VmRSS` after the settle phase exceeds the one measured before
-//!   the fuzzed clients started by more than `rss_growth_limit`.
+//! - **memory**: the gateway's `VmRSS` after the second settle phase exceeds the one after the
+//!   first by more than `rss_growth_limit` (the first half takes the allocator to its
+//!   high-water mark, so what the second adds and keeps is state the gateway does not free).
 //!
 //! A finding names its round's seed and the packets that led to it: for a crash, the full
 //! recorded sessions of the connections active last, each replayed alone against a fresh
@@ -75,8 +76,8 @@ pub struct FuzzConfig {
     pub relay_bound: Duration,
     /// How long the gateway runs without fuzzed clients before the end of a round is measured.
     pub settle: Duration,
-    /// The largest allowed growth of `VmRSS` from before the clients to after the settle
-    /// phase, in KiB.
+    /// The largest allowed growth of `VmRSS` from after the first half's settle phase to after
+    /// the second's, in KiB.
     pub rss_growth_limit_kib: u64,
     /// Kinds of input to leave out (to look past a known bug).
     pub without: Vec<grammar::Class>,
@@ -102,7 +103,7 @@ impl FuzzConfig {
             ack_bound: Duration::from_secs(5),
             relay_bound: Duration::from_secs(10),
             settle: Duration::from_secs(3),
-            rss_growth_limit_kib: 16 * 1024,
+            rss_growth_limit_kib: 8 * 1024,
             without: Vec::new(),
             replay: true,
             work_dir: None,
@@ -214,9 +215,14 @@ pub struct RoundReport {
     pub bytes: u64,
     pub closed_by_gateway: u64,
     pub connect_failures: u64,
+    /// `VmRSS` before any fuzzed client.
     pub rss_start_kib: u64,
+    /// The highest `VmRSS` seen (and `VmHWM`).
     pub rss_peak_kib: u64,
-    pub rss_end_kib: u64,
+    /// `VmRSS` after the first half and its settle phase (null if the round ended before).
+    pub rss_mid_kib: Option<u64>,
+    /// `VmRSS` at the end, after the second half and its settle phase.
+    pub rss_end_kib: Option<u64>,
     pub canary_sent: u64,
     pub canary_acked: u64,
     pub canary_relayed: u64,
@@ -273,12 +279,14 @@ pub async fn run(cfg: &FuzzConfig, cancel: CancellationToken) -> anyhow::Result<
         for finding in &report.findings {
             eprint!("{}", finding.report());
         }
+        let kib = |value: Option<u64>| value.map_or("-".to_string(), |v| v.to_string());
         eprintln!(
-            "round {round} (seed {seed}): {} connections, {} packets, RSS {} → {} KiB (peak {}), canary {}/{} relayed, {} finding(s)",
+            "round {round} (seed {seed}): {} connections, {} packets, RSS {} → {} → {} KiB (peak {}), canary {}/{} relayed, {} finding(s)",
             report.connections,
             report.packets,
             report.rss_start_kib,
-            report.rss_end_kib,
+            kib(report.rss_mid_kib),
+            kib(report.rss_end_kib),
             report.rss_peak_kib,
             report.canary_relayed,
             report.canary_acked,
@@ -343,6 +351,11 @@ async fn start_system(cfg: &FuzzConfig, dir: &Path, nonce: u64) -> anyhow::Resul
     Ok(RoundSystem { upstream, gateway, listen, canary, stop, tasks })
 }
 
+/// The gateway's `VmRSS` now, in KiB; 0 once it exited.
+fn rss_now(system: &RoundSystem) -> u64 {
+    system.gateway.stats().map(|stats| stats.rss_kib).unwrap_or(0)
+}
+
 /// A crash or a stall, if there is one now.
 fn check(system: &mut RoundSystem, cfg: &FuzzConfig) -> Option<(FindingKind, String, Option<Instant>)> {
     if let Err(error) = system.gateway.check_running() {
@@ -398,7 +411,7 @@ async fn run_round(
         suspects: match kind {
             FindingKind::Crash => {
                 suspect_logs = crash_logs(recorder.logs());
-                suspect_logs.iter().map(suspect).collect()
+                suspect_logs.iter().take(MAX_SUSPECTS).map(suspect).collect()
             }
             FindingKind::Stall => {
                 stalled_since.map(|since| stall_suspects(&recorder.logs(), since)).unwrap_or_default()
@@ -433,10 +446,17 @@ async fn run_round(
         }
         tokio::time::sleep(MONITOR_TICK).await;
     }
-    let rss_start_kib = system.gateway.stats().map(|s| s.rss_kib).unwrap_or(0);
-    let mut rss_end_kib = rss_start_kib;
+    let rss_start_kib = rss_now(&system);
+    // `VmRSS` after each half of the fuzzing, once its clients are gone; `None` if not reached.
+    let mut rss_after: [Option<u64>; 2] = [None, None];
+    let mut rss_peak_kib = rss_start_kib;
 
-    if findings.is_empty() {
+    // Two halves, each followed by a settle phase: the first takes the allocator to its
+    // high-water mark, so growth that stays after the second is state the gateway keeps.
+    for half in 0..2u64 {
+        if !findings.is_empty() || cancel.is_cancelled() {
+            break;
+        }
         let clients_stop = CancellationToken::new();
         let mut clients = JoinSet::new();
         for slot in 0..cfg.clients {
@@ -446,7 +466,9 @@ async fn run_round(
             let without = cfg.without.clone();
             let pacing = cfg.pacing;
             clients.spawn(async move {
-                let mut index = 0u64;
+                // Session indexes of the second half start at 2^32, so both halves are fixed
+                // by the round's seed.
+                let mut index = half << 32;
                 while !stop.is_cancelled() {
                     let session =
                         grammar::session_without(grammar::session_seed(seed, slot, index), &without);
@@ -455,12 +477,13 @@ async fn run_round(
                 }
             });
         }
-        let fuzz_end = Instant::now() + cfg.round_duration;
+        let fuzz_end = Instant::now() + cfg.round_duration / 2;
         while Instant::now() < fuzz_end && !cancel.is_cancelled() {
             if let Some((kind, detail, since)) = check(&mut system, cfg) {
                 findings.push(finding(kind, detail, since, &system));
                 break;
             }
+            rss_peak_kib = rss_peak_kib.max(rss_now(&system));
             tokio::time::sleep(MONITOR_TICK).await;
         }
         clients_stop.cancel();
@@ -470,9 +493,9 @@ async fn run_round(
         {
             clients.abort_all();
         }
-    }
-
-    if findings.is_empty() {
+        if !findings.is_empty() {
+            break;
+        }
         // Settle: no fuzzed client is connected; the canary keeps going and every acknowledged
         // one must arrive.
         let settle_end = Instant::now() + cfg.settle;
@@ -482,21 +505,25 @@ async fn run_round(
                 break;
             }
             if Instant::now() >= settle_end && system.canary.state().unrelayed.is_empty() {
+                rss_after[half as usize] = Some(rss_now(&system));
                 break;
             }
             tokio::time::sleep(MONITOR_TICK).await;
         }
-        rss_end_kib = system.gateway.stats().map(|s| s.rss_kib).unwrap_or(0);
-        let growth = rss_end_kib.saturating_sub(rss_start_kib);
-        if findings.is_empty() && growth > cfg.rss_growth_limit_kib {
+    }
+    if let [Some(mid), Some(end)] = rss_after {
+        let growth = end.saturating_sub(mid);
+        if growth > cfg.rss_growth_limit_kib {
             let detail = format!(
-                "VmRSS grew by {growth} KiB ({rss_start_kib} → {rss_end_kib} KiB) and stayed after every fuzzed client was gone (bound {} KiB)",
+                "VmRSS grew by {growth} KiB during the second half of the round ({mid} → {end} KiB, {rss_start_kib} KiB before any client) and stayed after every fuzzed client was gone (bound {} KiB)",
                 cfg.rss_growth_limit_kib
             );
             findings.push(finding(FindingKind::Memory, detail, None, &system));
         }
     }
-    let rss_peak_kib = system.gateway.stats().map(|s| s.peak_rss_kib).unwrap_or(rss_end_kib);
+    if let Ok(stats) = system.gateway.stats() {
+        rss_peak_kib = rss_peak_kib.max(stats.peak_rss_kib);
+    }
 
     system.stop.cancel();
     while system.tasks.join_next().await.is_some() {}
@@ -505,10 +532,12 @@ async fn run_round(
 
     if cfg.replay
         && let Some(finding) = findings.iter_mut().find(|f| f.kind == FindingKind::Crash)
-        && let Some(confirmed) = replay::confirm_crash(cfg, &dir.join("replay"), &suspect_logs).await?
+        && let Some(confirmed) =
+            replay::confirm_crash(cfg, &dir.join("replay"), &suspect_logs, panic_place(&finding.detail))
+                .await?
     {
         // The confirmed reproducer replaces the guesses.
-        finding.suspects = vec![confirmed];
+        finding.suspects = confirmed;
     }
 
     let state = system.canary.state();
@@ -522,7 +551,8 @@ async fn run_round(
         connect_failures: recorder.connect_failures.load(Ordering::Relaxed),
         rss_start_kib,
         rss_peak_kib,
-        rss_end_kib,
+        rss_mid_kib: rss_after[0],
+        rss_end_kib: rss_after[1],
         canary_sent: state.sent,
         canary_acked: state.acked,
         canary_relayed: state.relayed,
@@ -533,13 +563,26 @@ async fn run_round(
     })
 }
 
-/// The connections that wrote or closed last before a crash, most recent first.
+/// The connections that wrote or closed last before a crash, most recent first, then the
+/// connections still open, or persistent, with a subscription (a delivery may be what crashed
+/// the gateway),
+/// [`MAX_REPLAYED`] in all.
 fn crash_logs(logs: Vec<ConnectionLog>) -> Vec<ConnectionLog> {
     let mut logs: Vec<ConnectionLog> = logs.into_iter().filter(|log| !log.packets.is_empty()).collect();
     logs.sort_by_key(|log| std::cmp::Reverse(log.last_event()));
-    logs.truncate(MAX_SUSPECTS);
+    let rest = logs.split_off(MAX_SUSPECTS.min(logs.len()));
+    // Open connections, and persistent sessions whose subscriptions outlive them.
+    let persistent = |log: &ConnectionLog| log.packets.first().is_some_and(|p| p.what.contains(" clean 0 "));
+    let subscribers = rest.into_iter().filter(|log| {
+        (log.closed_at.is_none() || persistent(log))
+            && log.packets.iter().any(|p| p.what.starts_with("SUBSCRIBE"))
+    });
+    logs.extend(subscribers.take(MAX_REPLAYED - MAX_SUSPECTS));
     logs
 }
+
+/// Connections a crash replay may include.
+const MAX_REPLAYED: usize = 16;
 
 /// The `outpost-sim` command line that runs the round with `seed` again.
 fn reproduce_command(cfg: &FuzzConfig, seed: u64) -> String {
@@ -565,9 +608,15 @@ fn reproduce_command(cfg: &FuzzConfig, seed: u64) -> String {
     command
 }
 
+/// Where a panic quoted in `detail` happened: `file:line:column` after "panicked at ".
+fn panic_place(detail: &str) -> Option<&str> {
+    let (_, rest) = detail.split_once("panicked at ")?;
+    rest.split_whitespace().next().map(|place| place.trim_end_matches(':'))
+}
+
 /// The panic message in the gateway's output in `dir` (the line naming the thread and place,
 /// and the message after it), which the backtrace pushes out of the log's tail.
-fn panic_message(dir: &Path) -> Option<String> {
+pub(crate) fn panic_message(dir: &Path) -> Option<String> {
     let entries = std::fs::read_dir(dir).ok()?;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -619,17 +668,22 @@ fn shorten_lines(text: &str) -> String {
 const LOG_LINE_SHOWN: usize = 300;
 
 /// Hostile publishes written in the [`STALL_WINDOW`] before `since` (when the stuck canary
-/// was sent), each with its connection's first packet, most recent first.
+/// was sent), each with its connection's first packet: the ones the gateway acknowledged first
+/// (an accepted event is what can block the uplink), most recent first.
 fn stall_suspects(logs: &[ConnectionLog], since: Instant) -> Vec<Suspect> {
     let from = since.checked_sub(STALL_WINDOW).unwrap_or(since);
-    let mut found: Vec<(Instant, Suspect)> = Vec::new();
+    let mut found: Vec<(bool, Instant, Suspect)> = Vec::new();
     for log in logs {
         let Some(first) = log.packets.first() else { continue };
         for packet in log.packets.iter().skip(1) {
-            if packet.hostile && packet.what.starts_with("PUBLISH") && packet.at >= from && packet.at <= since
-            {
-                let packets = [first, packet].into_iter().map(ReproPacket::from).collect();
+            if packet.hostile && packet.publish.is_some() && packet.at >= from && packet.at <= since {
+                let mut publish = ReproPacket::from(packet);
+                if packet.acked {
+                    publish.what.push_str(", acknowledged");
+                }
+                let packets = vec![ReproPacket::from(first), publish];
                 found.push((
+                    packet.acked,
                     packet.at,
                     Suspect {
                         client_id: log.client_id.clone(),
@@ -641,6 +695,18 @@ fn stall_suspects(logs: &[ConnectionLog], since: Instant) -> Vec<Suspect> {
             }
         }
     }
-    found.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
-    found.into_iter().take(MAX_SUSPECTS).map(|(_, suspect)| suspect).collect()
+    found.sort_by_key(|(acked, at, _)| std::cmp::Reverse((*acked, *at)));
+    found.into_iter().take(MAX_SUSPECTS).map(|(_, _, suspect)| suspect).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_panic_place() {
+        let detail = "outpost exited (signal: 6 (SIGABRT)): thread 'router-0' (5560) panicked at /r/rumqttd-0.20.0/src/router/routing.rs:512:30: group must exists";
+        assert_eq!(panic_place(detail), Some("/r/rumqttd-0.20.0/src/router/routing.rs:512:30"));
+        assert_eq!(panic_place("outpost exited (exit status: 1)"), None);
+    }
 }
