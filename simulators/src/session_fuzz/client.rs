@@ -28,8 +28,9 @@ pub const PACKETS_KEPT: usize = 64;
 /// Bytes of one packet kept for reports and replays; the grammar's packets are all shorter,
 /// so only a packet over this is kept cut (and its `len` says so).
 const BYTES_KEPT: usize = 32 * 1024;
-/// Closed connections kept for reports.
-const CLOSED_KEPT: usize = 256;
+/// Closed connections kept for reports and replays: about 20 s of a round's connections, so a
+/// stall found 10 s after the event that caused it still has that event's connection.
+const CLOSED_KEPT: usize = 1024;
 /// A write that blocks this long (the broker stopped reading) ends the session.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The largest packet read from the broker.
@@ -49,6 +50,8 @@ pub struct SentPacket {
     pub publish: Option<(u8, u16)>,
     /// A QoS 1 or 2 PUBLISH the broker accepted (PUBACK or PUBREC with success).
     pub acked: bool,
+    /// A CONNECT with a will.
+    pub will: bool,
 }
 
 /// What one connection sent, for reports.
@@ -126,6 +129,7 @@ impl Recorder {
                 _ => None,
             },
             acked: false,
+            will: matches!(packet, Packet::Connect(connect) if connect.will.is_some()),
         };
         let mut inner = self.lock();
         if let Some(log) = inner.open.get_mut(&id) {

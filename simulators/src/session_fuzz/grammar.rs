@@ -81,6 +81,15 @@ pub enum Class {
     SharedSubscriptions,
 }
 
+/// Whether `topic` is anything but a few short levels of letters and digits (what the grammar's
+/// ordinary topics are).
+pub fn unusual_topic(topic: &str) -> bool {
+    topic.is_empty()
+        || topic.len() > 100
+        || topic.split('/').count() > 8
+        || !topic.chars().all(|c| c.is_ascii_alphanumeric() || c == '/')
+}
+
 /// The seed of session `index` of `slot` in a round with `round_seed`.
 pub fn session_seed(round_seed: u64, slot: u32, index: u64) -> u64 {
     splitmix(round_seed ^ splitmix((u64::from(slot) << 40) ^ index))
@@ -143,7 +152,12 @@ impl Generator {
             2..5 => steps.push(Step::Send { packet: self.bad_connect(&client_id), hostile: true }),
             _ => {
                 let connect = self.connect(version, client_id.clone());
-                steps.push(Step::Send { packet: Packet::Connect(connect), hostile: false });
+                // The gateway publishes the will upstream when the connection ends abruptly.
+                let hostile = connect
+                    .will
+                    .as_ref()
+                    .is_some_and(|will| unusual_topic(&will.topic) || !will.properties.is_empty());
+                steps.push(Step::Send { packet: Packet::Connect(connect), hostile });
             }
         }
         let n_steps = self.rng.random_range(0..=25);
@@ -514,6 +528,8 @@ impl Generator {
             payload: self.payload(),
             properties,
         };
+        // Properties are passed on upstream, where a broker may refuse what a client chose.
+        let hostile = hostile || !publish.properties.is_empty();
         (Packet::Publish(publish), hostile)
     }
 

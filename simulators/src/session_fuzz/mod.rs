@@ -13,10 +13,11 @@
 //!   first by more than `rss_growth_limit` (the first half takes the allocator to its
 //!   high-water mark, so what the second adds and keeps is state the gateway does not free).
 //!
-//! A finding names its round's seed and the packets that led to it: for a crash, the full
-//! recorded sessions of the connections active last, each replayed alone against a fresh
-//! gateway and, if that alone crashes it, cut down to a minimal sequence ([`replay`]); for a
-//! stall, the hostile publishes sent shortly before the canary that stuck.
+//! A finding names its round's seed and the packets that led to it: for a crash, the recorded
+//! sessions of the connections active last, replayed against a fresh gateway alone and then
+//! together (with the open and persistent subscribers) and, if that makes it panic at the same
+//! place, cut down to a minimal sequence ([`replay`]); for a stall, the publishes sent around
+//! the time of the canary that stuck, hostile and acknowledged ones first.
 //!
 //! # Invariants
 //! - Round `n` of a run with seed `s` has seed `s + n`, and every byte a round's sessions send
@@ -149,7 +150,8 @@ pub struct Suspect {
     pub client_id: String,
     pub version: wire::Version,
     pub packets: Vec<ReproPacket>,
-    /// Replayed alone against a fresh gateway, these packets reproduced the finding.
+    /// Replayed against a fresh gateway (with the other confirmed suspects of the finding), these
+    /// packets reproduced it.
     pub confirmed: bool,
 }
 
@@ -186,8 +188,8 @@ impl Finding {
         for suspect in &self.suspects {
             text.push_str(&format!(
                 "  {} client {:?} (MQTT {}):\n",
-                if suspect.confirmed { "reproducer (confirmed alone)" } else { "suspect" },
-                suspect.client_id,
+                if suspect.confirmed { "reproducer (confirmed by replay)" } else { "suspect" },
+                wire::shorten(&suspect.client_id),
                 match suspect.version {
                     wire::Version::V311 => "3.1.1",
                     wire::Version::V5 => "5",
@@ -217,8 +219,8 @@ pub struct RoundReport {
     pub connect_failures: u64,
     /// `VmRSS` before any fuzzed client.
     pub rss_start_kib: u64,
-    /// The highest `VmRSS` seen (and `VmHWM`).
-    pub rss_peak_kib: u64,
+    /// The highest `VmRSS` seen (and `VmHWM`); null in a round that crashed.
+    pub rss_peak_kib: Option<u64>,
     /// `VmRSS` after the first half and its settle phase (null if the round ended before).
     pub rss_mid_kib: Option<u64>,
     /// `VmRSS` at the end, after the second half and its settle phase.
@@ -287,7 +289,7 @@ pub async fn run(cfg: &FuzzConfig, cancel: CancellationToken) -> anyhow::Result<
             report.rss_start_kib,
             kib(report.rss_mid_kib),
             kib(report.rss_end_kib),
-            report.rss_peak_kib,
+            kib(report.rss_peak_kib),
             report.canary_relayed,
             report.canary_acked,
             report.findings.len()
@@ -311,7 +313,7 @@ pub async fn run(cfg: &FuzzConfig, cancel: CancellationToken) -> anyhow::Result<
 const MONITOR_TICK: Duration = Duration::from_millis(100);
 /// How long fuzzed sessions get to end after the round cancels them.
 const CLIENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
-/// Hostile publishes written this long before a stuck canary are stall suspects.
+/// Publishes written this long before or after a stuck canary are stall suspects.
 const STALL_WINDOW: Duration = Duration::from_secs(3);
 /// Suspects listed per finding.
 const MAX_SUSPECTS: usize = 5;
@@ -524,6 +526,9 @@ async fn run_round(
     if let Ok(stats) = system.gateway.stats() {
         rss_peak_kib = rss_peak_kib.max(stats.peak_rss_kib);
     }
+    // A gateway that panics prints a backtrace first, and resolving its symbols takes far
+    // more memory than the gateway ever used: no peak is reported for a crashed round.
+    let rss_peak_kib = (!findings.iter().any(|f| f.kind == FindingKind::Crash)).then_some(rss_peak_kib);
 
     system.stop.cancel();
     while system.tasks.join_next().await.is_some() {}
@@ -667,24 +672,48 @@ fn shorten_lines(text: &str) -> String {
 
 const LOG_LINE_SHOWN: usize = 300;
 
-/// Hostile publishes written in the [`STALL_WINDOW`] before `since` (when the stuck canary
-/// was sent), each with its connection's first packet: the ones the gateway acknowledged first
-/// (an accepted event is what can block the uplink), most recent first.
+/// Publishes written, and connections with a will closed, within [`STALL_WINDOW`] of `since`
+/// (when the stuck canary was sent; the event that blocks the uplink may have reached the
+/// relay's send window after it), each with its connection's first packet: hostile ones first,
+/// of those the ones the gateway acknowledged (an accepted event is what can block the
+/// uplink), most recent first.
 fn stall_suspects(logs: &[ConnectionLog], since: Instant) -> Vec<Suspect> {
     let from = since.checked_sub(STALL_WINDOW).unwrap_or(since);
-    let mut found: Vec<(bool, Instant, Suspect)> = Vec::new();
+    let to = since + STALL_WINDOW;
+    let mut found: Vec<((bool, bool, Instant), Suspect)> = Vec::new();
     for log in logs {
         let Some(first) = log.packets.first() else { continue };
+        // A connection with a will that closed in the window: the gateway may have published
+        // the will.
+        if first.will
+            && let Some(closed) = log.closed_at
+            && closed >= from
+            && closed <= to
+        {
+            let note = ReproPacket {
+                what: "(the connection closed; unless it sent DISCONNECT, its will is published)".to_string(),
+                hex: String::new(),
+                len: 0,
+            };
+            found.push((
+                (first.hostile, false, closed),
+                Suspect {
+                    client_id: log.client_id.clone(),
+                    version: log.version,
+                    packets: vec![ReproPacket::from(first), note],
+                    confirmed: false,
+                },
+            ));
+        }
         for packet in log.packets.iter().skip(1) {
-            if packet.hostile && packet.publish.is_some() && packet.at >= from && packet.at <= since {
+            if packet.publish.is_some() && packet.at >= from && packet.at <= to {
                 let mut publish = ReproPacket::from(packet);
                 if packet.acked {
                     publish.what.push_str(", acknowledged");
                 }
                 let packets = vec![ReproPacket::from(first), publish];
                 found.push((
-                    packet.acked,
-                    packet.at,
+                    (packet.hostile, packet.acked, packet.at),
                     Suspect {
                         client_id: log.client_id.clone(),
                         version: log.version,
@@ -695,18 +724,6 @@ fn stall_suspects(logs: &[ConnectionLog], since: Instant) -> Vec<Suspect> {
             }
         }
     }
-    found.sort_by_key(|(acked, at, _)| std::cmp::Reverse((*acked, *at)));
-    found.into_iter().take(MAX_SUSPECTS).map(|(_, _, suspect)| suspect).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_the_panic_place() {
-        let detail = "outpost exited (signal: 6 (SIGABRT)): thread 'router-0' (5560) panicked at /r/rumqttd-0.20.0/src/router/routing.rs:512:30: group must exists";
-        assert_eq!(panic_place(detail), Some("/r/rumqttd-0.20.0/src/router/routing.rs:512:30"));
-        assert_eq!(panic_place("outpost exited (exit status: 1)"), None);
-    }
+    found.sort_by_key(|(rank, _)| std::cmp::Reverse(*rank));
+    found.into_iter().take(MAX_SUSPECTS).map(|(_, suspect)| suspect).collect()
 }

@@ -155,8 +155,25 @@ impl Replayer<'_> {
         Ok(crashed)
     }
 
-    /// Delta debugging: removes chunks of packets, ever smaller, while the rest still crashes.
+    /// Removes whole connections, one at a time, while the rest still crashes; then delta
+    /// debugging removes chunks of packets, ever smaller, while the rest still crashes.
     async fn minimise(&mut self, mut items: Vec<Item>) -> anyhow::Result<Vec<Item>> {
+        let mut connections: Vec<usize> = items.iter().map(|item| item.connection).collect();
+        connections.dedup();
+        connections.sort_unstable();
+        connections.dedup();
+        if connections.len() > 1 {
+            for connection in connections {
+                if self.runs >= MAX_REPLAYS {
+                    break;
+                }
+                let candidate: Vec<Item> =
+                    items.iter().filter(|item| item.connection != connection).cloned().collect();
+                if !candidate.is_empty() && self.crashes(&candidate).await? {
+                    items = candidate;
+                }
+            }
+        }
         let mut parts = 2usize;
         while items.len() >= 2 && self.runs < MAX_REPLAYS {
             let chunk = items.len().div_ceil(parts);

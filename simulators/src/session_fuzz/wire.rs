@@ -252,7 +252,7 @@ impl Packet {
 }
 
 /// The first 60 characters of `text`, for one-line descriptions of long topics and ids.
-fn shorten(text: &str) -> String {
+pub fn shorten(text: &str) -> String {
     if text.chars().count() <= 60 {
         return text.to_string();
     }
