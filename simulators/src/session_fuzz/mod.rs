@@ -313,6 +313,8 @@ pub async fn run(cfg: &FuzzConfig, cancel: CancellationToken) -> anyhow::Result<
 const MONITOR_TICK: Duration = Duration::from_millis(100);
 /// How long fuzzed sessions get to end after the round cancels them.
 const CLIENT_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a settle phase waits past its end for the canary to drain.
+const SETTLE_DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// Publishes written this long before or after a stuck canary are stall suspects.
 const STALL_WINDOW: Duration = Duration::from_secs(3);
 /// Suspects listed per finding.
@@ -506,7 +508,11 @@ async fn run_round(
                 findings.push(finding(kind, detail, since, &system));
                 break;
             }
-            if Instant::now() >= settle_end && system.canary.state().unrelayed.is_empty() {
+            // With the stall bounds raised (to measure memory past a known stall), the canary
+            // may never drain; the settle phase then ends anyway.
+            let drained = system.canary.state().unrelayed.is_empty();
+            if Instant::now() >= settle_end && (drained || Instant::now() >= settle_end + SETTLE_DRAIN_LIMIT)
+            {
                 rss_after[half as usize] = Some(rss_now(&system));
                 break;
             }
