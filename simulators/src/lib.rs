@@ -25,6 +25,8 @@
 //!   ack mode, saturation rate, memory per idle connection.
 //! - [`latency`]: the fixed log-bucket histogram behind the fleet's ack latencies.
 //! - [`demo`]: upstream, gateway, fleet and a flaky link in one command, with a live backlog.
+//! - [`session_fuzz`]: a grammar-based fuzzer of MQTT sessions against the real gateway; finds
+//!   crashes, stalls (canaries) and memory that is not given back.
 //!
 //! **Invariant:** nothing here depends on the gateway crate; the simulators speak only MQTT and
 //! TCP, so they test the gateway as a black box.
@@ -39,6 +41,7 @@ pub mod latency;
 pub mod mqtt;
 pub mod payload;
 pub mod process;
+pub mod session_fuzz;
 pub mod systems;
 pub mod verify;
 

@@ -142,6 +142,11 @@ impl Gateway {
         }
     }
 
+    /// The last lines of the running (or last started) process's output.
+    pub fn log_tail(&self) -> String {
+        self.process.as_ref().map(ChildProcess::log_tail).unwrap_or_default()
+    }
+
     fn running(&self) -> anyhow::Result<&ChildProcess> {
         self.process.as_ref().with_context(|| format!("{} is not running", self.spec.kind.name()))
     }
