@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 
-use crate::action::{Action, Row, Template, encode};
-use crate::compile::{CompiledSql, STAR_COLUMNS, compile_sql};
+use crate::action::{Action, Body, Row, Template, TemplateError};
+use crate::compile::{CompiledSql, STAR_COLUMNS, compile_expr, compile_sql};
 use crate::config::{ActionConfig, RulesFile, TableConfig, TableFormat};
 use crate::error::{Problem, RulesError};
 use crate::expr::{Env, EvalError, Field, NULL, PathSeg, field_value};
@@ -24,7 +24,7 @@ use crate::index::TopicIndex;
 use crate::payload::{Decoded, FieldSlots, PayloadView};
 use crate::table::{Table, TableSources};
 use crate::value::Value;
-use crate::{EventContext, Output, PayloadFormat};
+use crate::{EventContext, Output, OutputFormat, PayloadFormat};
 
 /// A compiled, immutable set of rules. Cheap to share behind an `Arc`; swapping in a new
 /// one is how the gateway reloads rules.
@@ -86,14 +86,25 @@ impl RuleSet {
             if names_seen.insert(&config.name, 0).is_some() {
                 problems.push(plain(&context, "another rule has the same name; names must be unique"));
             }
-            let sql = match compile_sql(&config.sql, &tables) {
+            let mut sql = match compile_sql(&config.sql, &tables) {
                 Ok(sql) => sql,
                 Err(errors) => {
                     problems.extend(errors.into_iter().map(|e| e.into_problem(&context, &config.sql)));
                     continue;
                 }
             };
-            let actions = build_actions(&config.action, &sql, &context, &mut problems);
+            let mut templates_read_payload = false;
+            let actions = build_actions(
+                &config.action,
+                &sql,
+                &tables,
+                &context,
+                &mut templates_read_payload,
+                &mut problems,
+            );
+            sql.uses_payload |= templates_read_payload;
+            // Only the actions' expressions needed them.
+            sql.aliases = HashMap::new();
             if config.enabled {
                 rules.push(Rule {
                     name: Arc::from(config.name.as_str()),
@@ -195,6 +206,7 @@ impl RuleSet {
                 reason: reason.clone(),
                 topic: event.topic.to_owned(),
                 payload: event.payload.to_vec(),
+                deliberate: false,
             });
             Ran::Failed(reason)
         };
@@ -214,49 +226,66 @@ impl RuleSet {
         };
         for action in &rule.actions {
             let output = match action {
-                Action::Drop => Output::Dropped { rule: rule.name.clone() },
-                Action::Forward { topic, qos, priority, ttl, format } => {
+                Action::Drop => Ok(Output::Dropped { rule: rule.name.clone() }),
+                Action::Forward { topic, qos, priority, ttl, body } => {
                     let topic = match topic {
-                        Some(template) => template.render(&row),
+                        Some(template) => template.render(&row, &env),
                         None => Ok(event.topic.to_owned()),
                     };
-                    match topic {
-                        Ok(topic) => Output::Forward {
+                    topic.and_then(|topic| {
+                        Ok(Output::Forward {
                             rule: rule.name.clone(),
                             topic,
-                            payload: encode(*format, &row, event.payload),
+                            payload: body.render(&row, &env, event.payload)?,
                             qos: *qos,
                             priority: *priority,
                             ttl: *ttl,
-                        },
-                        Err(reason) => {
-                            dead(out, reason);
-                            continue;
-                        }
-                    }
+                        })
+                    })
                 }
-                Action::Republish { topic, qos, format } => match topic.render(&row) {
-                    Err(reason) => {
-                        dead(out, reason);
-                        continue;
-                    }
+                Action::Republish { topic, qos, body } => match topic.render(&row, &env) {
+                    Err(reason) => Err(reason),
                     Ok(topic) if event.hops >= self.max_hops => {
-                        Output::LoopPrevented { rule: rule.name.clone(), topic, hops: event.hops }
+                        Ok(Output::LoopPrevented { rule: rule.name.clone(), topic, hops: event.hops })
                     }
-                    Ok(topic) => Output::Republish {
+                    Ok(topic) => body.render(&row, &env, event.payload).map(|payload| Output::Republish {
                         rule: rule.name.clone(),
                         topic,
-                        payload: encode(*format, &row, event.payload),
+                        payload,
                         qos: *qos,
                         hops: event.hops.saturating_add(1),
-                    },
+                    }),
                 },
+                Action::DeadLetter { reason } => {
+                    let reason = match reason {
+                        Some(template) => template
+                            .render_text(&row, &env, "reason template")
+                            .map(|text| String::from_utf8_lossy(&text).into_owned()),
+                        None => Ok(DEFAULT_DEAD_LETTER_REASON.to_owned()),
+                    };
+                    reason.map(|reason| Output::DeadLetter {
+                        rule: rule.name.clone(),
+                        reason,
+                        topic: event.topic.to_owned(),
+                        payload: event.payload.to_vec(),
+                        deliberate: true,
+                    })
+                }
             };
-            out.push(output);
+            match output {
+                Ok(output) => out.push(output),
+                // The action fails on its own; the rule's other actions still run.
+                Err(reason) => {
+                    dead(out, reason);
+                }
+            }
         }
         Ran::Selected(row)
     }
 }
+
+/// The reason a `dead_letter` action gives when its rule sets none.
+pub const DEFAULT_DEAD_LETTER_REASON: &str = "dead_letter action";
 
 /// How one rule's run on one event ended; [`Outcome`] without copying the row.
 enum Ran<'a> {
@@ -273,7 +302,8 @@ fn number_payload_fields(rules: &mut [Rule]) -> Option<FieldSlots> {
     let mut whole = false;
     for rule in rules {
         whole |= rule.sql.star;
-        for expr in rule.sql.exprs_mut() {
+        let templates = rule.actions.iter_mut().flat_map(Action::templates_mut).flat_map(Template::exprs_mut);
+        for expr in rule.sql.exprs_mut().chain(templates) {
             expr.for_each_payload_path(&mut |path, slot| match path.first() {
                 Some(PathSeg::Key(key)) => *slot = Some(fields.intern(key)),
                 _ => whole = true,
@@ -395,30 +425,58 @@ fn build_tables(
 fn build_actions(
     configs: &[ActionConfig],
     sql: &CompiledSql,
+    tables: &FxHashMap<String, Arc<Table>>,
     context: &str,
+    reads_payload: &mut bool,
     problems: &mut Vec<Problem>,
 ) -> Vec<Action> {
     if configs.is_empty() {
         problems.push(plain(
             context,
-            "no actions; add `[[rule.action]]` with `type = \"forward\"`, \"republish\" or \"drop\"",
+            "no actions; add `[[rule.action]]` with `type = \"forward\"`, \"republish\", \"drop\" or \"dead_letter\"",
         ));
     }
     let columns = sql.output_names();
     let flat_names = sql.layout.as_ref().map(|layout| layout.names.as_slice());
-    let mut template = |text: &str| match Template::parse(text, &columns, flat_names) {
-        Ok(t) => Some(t),
-        Err(message) => {
-            problems.push(plain(context, message));
-            None
-        }
+    let mut compile = |text: &str| {
+        compile_expr(text, sql, tables).map(|(expr, reads)| {
+            *reads_payload |= reads;
+            expr
+        })
     };
+    let mut template =
+        |key: String, text: &str| match Template::parse(text, &columns, flat_names, &mut compile) {
+            Ok(t) => Some(t),
+            Err(TemplateError::Plain(message)) => {
+                problems.push(plain(context, format!("{key}: {message}")));
+                None
+            }
+            Err(TemplateError::Sql(errors)) => {
+                for error in errors {
+                    let mut problem = error.into_problem(context, text);
+                    problem.message = format!("{key} `{}`: {}", one_line(text), problem.message);
+                    problems.push(problem);
+                }
+                None
+            }
+        };
     let mut actions = Vec::new();
     let mut invalid = Vec::new();
     for (action_idx, config) in configs.iter().enumerate() {
+        let key = |name: &str| format!("action[{action_idx}].{name}");
         match config {
             ActionConfig::Drop {} => actions.push(Action::Drop),
-            ActionConfig::Forward { topic, qos, priority, ttl, format } => {
+            ActionConfig::DeadLetter { reason } => {
+                let reason = match reason {
+                    Some(text) => match template(key("reason"), text) {
+                        Some(t) => Some(t),
+                        None => continue,
+                    },
+                    None => None,
+                };
+                actions.push(Action::DeadLetter { reason });
+            }
+            ActionConfig::Forward { topic, qos, priority, ttl, format, payload } => {
                 if *qos > 2 {
                     invalid.push(format!("action[{action_idx}].qos = {qos}: QoS is 0, 1 or 2"));
                 }
@@ -428,29 +486,61 @@ fn build_actions(
                     ));
                 }
                 let topic = match topic {
-                    Some(text) => match template(text) {
+                    Some(text) => match template(key("topic"), text) {
                         Some(t) => Some(t),
                         None => continue,
                     },
                     None => None,
                 };
-                actions.push(Action::Forward {
-                    topic,
-                    qos: *qos,
-                    priority: *priority,
-                    ttl: *ttl,
-                    format: *format,
-                });
+                let Some(body) = body(*format, payload.as_deref(), action_idx, &mut invalid, &mut template)
+                else {
+                    continue;
+                };
+                actions.push(Action::Forward { topic, qos: *qos, priority: *priority, ttl: *ttl, body });
             }
-            ActionConfig::Republish { topic, qos, format } => {
+            ActionConfig::Republish { topic, qos, format, payload } => {
                 if *qos > 2 {
                     invalid.push(format!("action[{action_idx}].qos = {qos}: QoS is 0, 1 or 2"));
                 }
-                let Some(topic) = template(topic) else { continue };
-                actions.push(Action::Republish { topic, qos: *qos, format: *format });
+                let Some(topic) = template(key("topic"), topic) else { continue };
+                let Some(body) = body(*format, payload.as_deref(), action_idx, &mut invalid, &mut template)
+                else {
+                    continue;
+                };
+                actions.push(Action::Republish { topic, qos: *qos, body });
             }
         }
     }
     problems.extend(invalid.into_iter().map(|m| plain(context, m)));
     actions
+}
+
+/// An action's payload: `format` or a `payload` template, not both.
+fn body(
+    format: Option<OutputFormat>,
+    payload: Option<&str>,
+    action_idx: usize,
+    invalid: &mut Vec<String>,
+    template: &mut impl FnMut(String, &str) -> Option<Template>,
+) -> Option<Body> {
+    match (format, payload) {
+        (Some(_), Some(_)) => {
+            invalid.push(format!(
+                "action[{action_idx}]: give `format` or a `payload` template, not both (a template is sent as written)"
+            ));
+            None
+        }
+        (format, None) => Some(Body::Encode(format.unwrap_or_default())),
+        (None, Some(text)) => template(format!("action[{action_idx}].payload"), text).map(Body::Template),
+    }
+}
+
+/// A template quoted in a message: its first line, shortened.
+fn one_line(text: &str) -> String {
+    let first = text.lines().next().unwrap_or("");
+    if first.chars().count() > 60 || text.contains('\n') {
+        format!("{}…", first.chars().take(60).collect::<String>())
+    } else {
+        first.to_owned()
+    }
 }
