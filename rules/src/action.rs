@@ -151,8 +151,19 @@ enum Part {
     /// resolve as in WHERE: aliases, fields, `payload`).
     Expr {
         text: String,
-        expr: Expr,
+        expr: Box<Expr>,
     },
+}
+
+impl Part {
+    /// What the hole says, for error messages.
+    fn name(&self) -> Cow<'_, str> {
+        match self {
+            Part::Text(text) => Cow::Borrowed(text),
+            Part::Column { path, .. } => Cow::Owned(path.join(".")),
+            Part::Expr { text, .. } => Cow::Borrowed(text),
+        }
+    }
 }
 
 /// Why a template was refused when the rules loaded.
@@ -207,7 +218,7 @@ impl Template {
                     return Err(TemplateError::Plain(format!("template `{text}`: empty `${{}}`")));
                 }
                 match compile(inner) {
-                    Ok(expr) => parts.push(Part::Expr { text: name.to_owned(), expr }),
+                    Ok(expr) => parts.push(Part::Expr { text: name.to_owned(), expr: Box::new(expr) }),
                     Err(errors) => {
                         let place = |e: SqlError| place_in_template(e, text, inner_start, len);
                         return Err(TemplateError::Sql(errors.into_iter().map(place).collect()));
@@ -227,7 +238,7 @@ impl Template {
     /// The template's expressions, for passes over the plan (payload field numbering).
     pub(crate) fn exprs_mut(&mut self) -> impl Iterator<Item = &mut Expr> {
         self.parts.iter_mut().filter_map(|part| match part {
-            Part::Expr { expr, .. } => Some(expr),
+            Part::Expr { expr, .. } => Some(&mut **expr),
             _ => None,
         })
     }
@@ -237,27 +248,16 @@ impl Template {
     pub(crate) fn render(&self, row: &Row<'_>, env: &Env<'_>) -> Result<String, String> {
         let mut out = String::with_capacity(self.text_len + 32);
         for part in &self.parts {
-            let (name, value) = match part {
-                Part::Text(text) => {
-                    out.push_str(text);
-                    continue;
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::Column { path, slot } => {
+                    push_topic_level(&mut out, column_value(row, path, *slot), part)?
                 }
-                Part::Column { path, slot } => (Cow::Owned(path.join(".")), column_value(row, path, *slot)),
                 Part::Expr { text, expr } => {
                     let value =
                         expr.eval(env).map_err(|e| format!("topic template: `${{{text}}}`: {}", e.0))?;
-                    (Cow::Borrowed(text.as_str()), value)
+                    push_topic_level(&mut out, &value, part)?;
                 }
-            };
-            match &*value {
-                Value::Null => return Err(format!("topic template: `${{{name}}}` is NULL")),
-                Value::Array(_) | Value::Object(_) => {
-                    return Err(format!("topic template: `${{{name}}}` is {}", describe(&value)));
-                }
-                other => match other.to_text() {
-                    Some(text) => out.push_str(&text),
-                    None => return Err(format!("topic template: `${{{name}}}` is not text")),
-                },
             }
         }
         Topic::new(out).map(Topic::into_string).map_err(|e| format!("topic template: {e}"))
@@ -274,7 +274,7 @@ impl Template {
                     out.extend_from_slice(text.as_bytes());
                     continue;
                 }
-                Part::Column { path, slot } => column_value(row, path, *slot),
+                Part::Column { path, slot } => Cow::Borrowed(column_value(row, path, *slot)),
                 Part::Expr { text, expr } => {
                     expr.eval(env).map_err(|e| format!("{label}: `${{{text}}}`: {}", e.0))?
                 }
@@ -289,8 +289,27 @@ impl Template {
     }
 }
 
+/// Writes one hole's value into a topic: text, never NULL, an object or an array.
+#[inline(always)]
+fn push_topic_level(out: &mut String, value: &Value, part: &Part) -> Result<(), String> {
+    match value {
+        Value::Null => Err(format!("topic template: `${{{}}}` is NULL", part.name())),
+        Value::Array(_) | Value::Object(_) => {
+            Err(format!("topic template: `${{{}}}` is {}", part.name(), describe(value)))
+        }
+        other => match other.to_text() {
+            Some(text) => {
+                out.push_str(&text);
+                Ok(())
+            }
+            None => Err(format!("topic template: `${{{}}}` is not text", part.name())),
+        },
+    }
+}
+
 /// The value at a column path of the row; NULL where it is missing.
-fn column_value<'r>(row: &'r Row<'_>, path: &[String], slot: Option<usize>) -> Cow<'r, Value> {
+#[inline(always)]
+fn column_value<'r>(row: &'r Row<'_>, path: &[String], slot: Option<usize>) -> &'r Value {
     let (root, rest) = path.split_first().map_or(("", &[][..]), |(r, rest)| (r.as_str(), rest));
     let root_value = match (row, slot) {
         (Row::Flat { values, .. }, Some(slot)) => values.get(slot).map(|v| &**v),
@@ -300,7 +319,7 @@ fn column_value<'r>(row: &'r Row<'_>, path: &[String], slot: Option<usize>) -> C
     for key in rest {
         value = value.get(key).unwrap_or(&NULL);
     }
-    Cow::Borrowed(value)
+    value
 }
 
 /// The length of a `${..}`'s inside: up to the first `}` that is not in a quoted string,

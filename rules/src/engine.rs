@@ -200,16 +200,7 @@ impl RuleSet {
         decoded: &'a Decoded<'a>,
         out: &mut Vec<Output>,
     ) -> Ran<'a> {
-        let dead = |out: &mut Vec<Output>, reason: String| {
-            out.push(Output::DeadLetter {
-                rule: rule.name.clone(),
-                reason: reason.clone(),
-                topic: event.topic.to_owned(),
-                payload: event.payload.to_vec(),
-                deliberate: false,
-            });
-            Ran::Failed(reason)
-        };
+        let dead = |out: &mut Vec<Output>, reason: String| dead_letter(out, rule, event, reason);
         let payload = if rule.sql.uses_payload {
             match decoded.get(rule.payload) {
                 Ok(payload) => payload,
@@ -225,63 +216,93 @@ impl RuleSet {
             Err(EvalError(reason)) => return dead(out, reason),
         };
         for action in &rule.actions {
+            // An action that fails fails on its own: a dead letter, and the rule's other
+            // actions still run.
             let output = match action {
-                Action::Drop => Ok(Output::Dropped { rule: rule.name.clone() }),
+                Action::Drop => Output::Dropped { rule: rule.name.clone() },
                 Action::Forward { topic, qos, priority, ttl, body } => {
                     let topic = match topic {
                         Some(template) => template.render(&row, &env),
                         None => Ok(event.topic.to_owned()),
                     };
-                    topic.and_then(|topic| {
-                        Ok(Output::Forward {
+                    let rendered =
+                        topic.and_then(|topic| Ok((topic, body.render(&row, &env, event.payload)?)));
+                    match rendered {
+                        Ok((topic, payload)) => Output::Forward {
                             rule: rule.name.clone(),
                             topic,
-                            payload: body.render(&row, &env, event.payload)?,
+                            payload,
                             qos: *qos,
                             priority: *priority,
                             ttl: *ttl,
-                        })
-                    })
+                        },
+                        Err(reason) => {
+                            dead(out, reason);
+                            continue;
+                        }
+                    }
                 }
                 Action::Republish { topic, qos, body } => match topic.render(&row, &env) {
-                    Err(reason) => Err(reason),
-                    Ok(topic) if event.hops >= self.max_hops => {
-                        Ok(Output::LoopPrevented { rule: rule.name.clone(), topic, hops: event.hops })
+                    Err(reason) => {
+                        dead(out, reason);
+                        continue;
                     }
-                    Ok(topic) => body.render(&row, &env, event.payload).map(|payload| Output::Republish {
-                        rule: rule.name.clone(),
-                        topic,
-                        payload,
-                        qos: *qos,
-                        hops: event.hops.saturating_add(1),
-                    }),
+                    Ok(topic) if event.hops >= self.max_hops => {
+                        Output::LoopPrevented { rule: rule.name.clone(), topic, hops: event.hops }
+                    }
+                    Ok(topic) => match body.render(&row, &env, event.payload) {
+                        Ok(payload) => Output::Republish {
+                            rule: rule.name.clone(),
+                            topic,
+                            payload,
+                            qos: *qos,
+                            hops: event.hops.saturating_add(1),
+                        },
+                        Err(reason) => {
+                            dead(out, reason);
+                            continue;
+                        }
+                    },
                 },
                 Action::DeadLetter { reason } => {
                     let reason = match reason {
-                        Some(template) => template
-                            .render_text(&row, &env, "reason template")
-                            .map(|text| String::from_utf8_lossy(&text).into_owned()),
-                        None => Ok(DEFAULT_DEAD_LETTER_REASON.to_owned()),
+                        Some(template) => match template.render_text(&row, &env, "reason template") {
+                            Ok(text) => String::from_utf8_lossy(&text).into_owned(),
+                            Err(reason) => {
+                                dead(out, reason);
+                                continue;
+                            }
+                        },
+                        None => DEFAULT_DEAD_LETTER_REASON.to_owned(),
                     };
-                    reason.map(|reason| Output::DeadLetter {
+                    Output::DeadLetter {
                         rule: rule.name.clone(),
                         reason,
                         topic: event.topic.to_owned(),
                         payload: event.payload.to_vec(),
                         deliberate: true,
-                    })
+                    }
                 }
             };
-            match output {
-                Ok(output) => out.push(output),
-                // The action fails on its own; the rule's other actions still run.
-                Err(reason) => {
-                    dead(out, reason);
-                }
-            }
+            out.push(output);
         }
         Ran::Selected(row)
     }
+}
+
+/// A rule failed on an event: its dead letter. Out of line, to keep the rule's common
+/// path (`RuleSet::run`) small.
+#[cold]
+#[inline(never)]
+fn dead_letter<'a>(out: &mut Vec<Output>, rule: &Rule, event: &EventContext<'_>, reason: String) -> Ran<'a> {
+    out.push(Output::DeadLetter {
+        rule: rule.name.clone(),
+        reason: reason.clone(),
+        topic: event.topic.to_owned(),
+        payload: event.payload.to_vec(),
+        deliberate: false,
+    });
+    Ran::Failed(reason)
 }
 
 /// The reason a `dead_letter` action gives when its rule sets none.

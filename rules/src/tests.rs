@@ -1912,6 +1912,21 @@ mod properties {
         }
 
         #[test]
+        fn templates_never_panic(
+            template in "([a-z/ ]|\\$\\{|\\}|'|\"|\\(|\\)|\\+|\\*|\\.|,|[0-9]|one|payload|topic|upper|\n){0,30}",
+            payload in "[a-z{}\":0-9]{0,12}",
+        ) {
+            let toml = |key: &str| {
+                format!("[[rule]]\nname = \"r\"\nsql = 'SELECT 1 AS one FROM \"#\"'\n[[rule.action]]\ntype = \"forward\"\n{key} = '''{template}'''\n")
+            };
+            for key in ["topic", "payload"] {
+                if let Ok(rules) = RuleSet::compile(&toml(key), &tables()) {
+                    let _ = rules.evaluate(&event("a/b", payload.as_bytes()));
+                }
+            }
+        }
+
+        #[test]
         fn compile_never_panics(text in ".{0,200}") {
             let _ = RuleSet::compile(&text, &tables());
         }
