@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use crate::buffer::inspect;
 use crate::config::{ConfigErrors, GatewayConfig, LogFormat, Overrides, UpstreamUrl};
-use crate::event::now_ms;
+use crate::event::{invalid_topic, now_ms};
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
@@ -48,10 +48,12 @@ pub enum Command {
 pub enum RulesCommand {
     /// Compile a rules file (and the table files it names): exit 0, or 1 with every problem.
     Check { file: PathBuf },
-    /// Dry run: show what each rule does with an event, without a running gateway.
+    /// Dry run: show what each rule does with an event and what the gateway would do with
+    /// each output (forward, republish, drop, dead letter), without a running gateway.
     Test {
         file: PathBuf,
-        /// Topic of a single test event.
+        /// Topic of a single test event (a topic name: `+` and `#` are refused, as the
+        /// gateway refuses a publish to them).
         #[arg(long, required_unless_present = "events")]
         topic: Option<String>,
         /// Payload of the single test event (any text; JSON for most rules).
@@ -63,6 +65,9 @@ pub enum RulesCommand {
         /// string used as is) and optionally "clientid".
         #[arg(long, conflicts_with = "topic")]
         events: Option<PathBuf>,
+        /// Gateway config whose `upstream.topic_prefix` forwarded topics get, as in `run`.
+        #[arg(long, short = 'c')]
+        config: Option<PathBuf>,
     },
     /// Print the last N dead letters (events a rule failed on), oldest first, as JSON lines.
     /// Works while the daemon runs.
@@ -184,9 +189,21 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             Err(e) => refuse(e.problems()),
         },
-        Command::Rules(RulesCommand::Test { file, topic, payload, clientid, events }) => {
+        Command::Rules(RulesCommand::Test { file, topic, payload, clientid, events, config }) => {
+            // Forwarded topics get the config's prefix and are checked against its topic limits,
+            // as in `run`; without a config, the defaults.
+            let (topic_prefix, policy) = match config.map(|c| GatewayConfig::load(Some(&c), &Overrides::default())) {
+                None => (String::new(), crate::config::BrokerConfig::default().topic_policy()),
+                Some(Ok(config)) => {
+                    (config.upstream.map(|u| u.topic_prefix).unwrap_or_default(), config.broker.topic_policy())
+                }
+                Some(Err(e)) => {
+                    eprintln!("outpost: {e}");
+                    return ExitCode::from(1);
+                }
+            };
             match crate::rules::load(&file) {
-                Ok(rules) => report(rules_test(&rules, topic, payload, clientid, events)),
+                Ok(rules) => report(rules_test(rules, &topic_prefix, &policy, topic, payload, clientid, events)),
                 Err(e) => {
                     eprintln!("outpost: {e}");
                     ExitCode::from(1)
@@ -214,17 +231,32 @@ struct RecordedEvent {
     clientid: Option<String>,
 }
 
+/// How many events one input may lead to through republish chains before the dry run stops
+/// showing them (each chain ends at `max_hops`, but a rule that republishes twice doubles
+/// the count at every hop).
+const MAX_CHAIN_EVENTS: usize = 100;
+
 fn rules_test(
-    rules: &outpost_rules::RuleSet,
+    rules: outpost_rules::RuleSet,
+    topic_prefix: &str,
+    policy: &crate::event::TopicPolicy,
     topic: Option<String>,
     payload: String,
     clientid: Option<String>,
     events: Option<PathBuf>,
 ) -> anyhow::Result<()> {
+    use crate::route::{DeadCause, Fate};
     let mut out = std::io::stdout().lock();
     let mut cases: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
     match (topic, events) {
-        (Some(topic), _) => cases.push((topic, payload.into_bytes(), clientid)),
+        (Some(topic), _) => {
+            if let Some(why) = invalid_topic(&topic, policy) {
+                anyhow::bail!(
+                    "--topic {topic:?}: {why}; the gateway refuses such a publish, so no rule ever sees it"
+                );
+            }
+            cases.push((topic, payload.into_bytes(), clientid));
+        }
         (None, Some(path)) => {
             let text =
                 std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
@@ -232,6 +264,14 @@ fn rules_test(
                 let e: RecordedEvent = serde_json::from_str(line).with_context(|| {
                     format!("{}:{}: expected {{\"topic\": …, \"payload\": …}}", path.display(), idx + 1)
                 })?;
+                if let Some(why) = invalid_topic(&e.topic, policy) {
+                    anyhow::bail!(
+                        "{}:{}: topic {:?}: {why}; the gateway refuses such a publish",
+                        path.display(),
+                        idx + 1,
+                        e.topic
+                    );
+                }
                 let payload = match e.payload {
                     serde_json::Value::String(s) => s.into_bytes(),
                     serde_json::Value::Null => Vec::new(),
@@ -242,52 +282,98 @@ fn rules_test(
         }
         (None, None) => anyhow::bail!("give --topic (and --payload) or --events FILE"),
     }
-    for (topic, payload, clientid) in &cases {
-        let context = outpost_rules::EventContext {
+    let routing = crate::route::Routing::Rules(rules);
+    let ids = crate::event::IdGen::new(0);
+    for (topic, payload, clientid) in cases {
+        let event = crate::event::Event {
+            id: ids.next_id(),
             topic,
-            payload,
-            clientid: clientid.as_deref(),
-            username: None,
-            qos: 1,
-            timestamp_ms: now_ms(),
-            event_id: 0,
-            hops: 0,
+            payload: payload.into(),
+            qos: Some(1),
+            received_ms: now_ms(),
+            client_id: clientid.map(Into::into),
+            ticket: None,
         };
-        writeln!(out, "event {topic} {}", String::from_utf8_lossy(payload))?;
-        let traces = rules.explain(&context);
-        if traces.is_empty() {
-            writeln!(out, "  no rule's FROM matches this topic")?;
-        }
-        for trace in traces {
-            match &trace.outcome {
-                outpost_rules::Outcome::Filtered => {
-                    writeln!(out, "  rule {}: filtered out by WHERE", trace.rule)?
-                }
-                outpost_rules::Outcome::Selected { row } => {
-                    writeln!(out, "  rule {}: selected {row}", trace.rule)?
-                }
-                outpost_rules::Outcome::Failed { reason } => {
-                    writeln!(out, "  rule {}: failed, dead letter: {reason}", trace.rule)?
+        // The event, then what its republishes feed back, in the route stage's order.
+        let mut queue = std::collections::VecDeque::from([(event, 0u8, None)]);
+        let mut shown = 0;
+        while let Some((event, hops, via)) = queue.pop_front() {
+            shown += 1;
+            if shown > MAX_CHAIN_EVENTS {
+                writeln!(
+                    out,
+                    "  … republish chain cut after {MAX_CHAIN_EVENTS} events ({} more waiting)",
+                    queue.len() + 1
+                )?;
+                break;
+            }
+            let payload_text = if event.payload.is_empty() {
+                "(empty payload)".into()
+            } else {
+                String::from_utf8_lossy(&event.payload)
+            };
+            match &via {
+                None => writeln!(out, "event {} {payload_text}", event.topic)?,
+                Some(rule) => writeln!(
+                    out,
+                    "event {} {payload_text} (republished by rule {rule}, hop {hops})",
+                    event.topic
+                )?,
+            }
+            let traces = crate::route::explain(&routing, &event, hops);
+            if traces.is_empty() {
+                writeln!(out, "  no rule's FROM matches this topic")?;
+            }
+            for trace in traces {
+                match &trace.outcome {
+                    outpost_rules::Outcome::Filtered => {
+                        writeln!(out, "  rule {}: filtered out by WHERE", trace.rule)?
+                    }
+                    outpost_rules::Outcome::Selected { row } => {
+                        writeln!(out, "  rule {}: selected {row}", trace.rule)?
+                    }
+                    outpost_rules::Outcome::Failed { reason } => {
+                        writeln!(out, "  rule {}: failed: {reason}", trace.rule)?
+                    }
                 }
             }
-            for output in &trace.outputs {
-                match output {
-                    outpost_rules::Output::Forward { topic, payload, qos, priority, ttl, .. } => writeln!(
+            let fates = crate::route::decide(&routing, &event, hops, topic_prefix, policy);
+            if fates.is_empty() {
+                writeln!(out, "  => unrouted: nothing goes upstream (counted as unrouted)")?;
+            }
+            for fate in fates {
+                match fate {
+                    Fate::Forward { rule, topic, payload, qos, priority, ttl } => writeln!(
                         out,
-                        "    forward {topic} qos={qos} priority={priority}{} {}",
+                        "  => forward {topic} qos={qos} priority={priority}{} (rule {}): {}",
                         ttl.map(|t| format!(" ttl={}", humantime::format_duration(t))).unwrap_or_default(),
-                        String::from_utf8_lossy(payload)
+                        rule.as_deref().unwrap_or("-"),
+                        String::from_utf8_lossy(&payload)
                     )?,
-                    outpost_rules::Output::Republish { topic, payload, hops, .. } => writeln!(
-                        out,
-                        "    republish {topic} hops={hops} {}",
-                        String::from_utf8_lossy(payload)
-                    )?,
-                    outpost_rules::Output::Dropped { .. } => writeln!(out, "    drop")?,
-                    outpost_rules::Output::LoopPrevented { topic, hops, .. } => {
-                        writeln!(out, "    republish {topic} refused: hop limit reached ({hops})")?
+                    Fate::Republish { rule, topic, payload, qos, hops } => {
+                        writeln!(
+                            out,
+                            "  => republish {topic} qos={qos} hops={hops} (rule {rule}): {}",
+                            String::from_utf8_lossy(&payload)
+                        )?;
+                        let next = crate::route::republished_event(&event, ids.next_id(), topic, payload);
+                        queue.push_back((next, hops, Some(rule)));
                     }
-                    outpost_rules::Output::DeadLetter { .. } => {}
+                    Fate::Drop { rule } => writeln!(out, "  => drop (rule {rule})")?,
+                    Fate::LoopPrevented { rule, topic, hops } => writeln!(
+                        out,
+                        "  => republish {topic} refused: hop limit (max_hops) reached after {hops} republish(es) (rule {rule})"
+                    )?,
+                    Fate::DeadLetter { entries } => {
+                        writeln!(out, "  => dead letter (one record for the event):")?;
+                        for entry in entries {
+                            let how = match entry.cause {
+                                DeadCause::Failed | DeadCause::InvalidTopic => "failed",
+                                DeadCause::Deliberate => "dead_letter action",
+                            };
+                            writeln!(out, "       rule {} ({how}): {}", entry.rule, entry.reason)?;
+                        }
+                    }
                 }
             }
         }

@@ -1,5 +1,6 @@
-//! The dead-letter store: events a rule could not process, with the rule and the reason, and
-//! events the upstream refused by closing the link (the relay's poison events, `rule` empty).
+//! The dead-letter store: events rules could not process (or sent here with a
+//! `dead_letter` action), one record per event with every rule and its reason; and events the
+//! upstream refused by closing the link (the relay's poison events, `rule` empty).
 //!
 //! A JSON-lines file, `<data_dir>/dead-letters.jsonl`, rotated to `dead-letters.jsonl.1` at
 //! [`MAX_FILE_BYTES`], read with `outpost rules dead-letters`. A rule's letter is a diagnostic
@@ -26,17 +27,32 @@ pub fn file_path(data_dir: &Path) -> PathBuf {
     data_dir.join("dead-letters.jsonl")
 }
 
-/// One event a rule failed on.
+/// One event that rules failed on or sent here on purpose: one record per event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub ts_ms: u64,
     pub event_id: u64,
+    /// The first of `rules` (what a reader of one-rule records looks at).
     pub rule: String,
+    /// The first rule's reason.
     pub reason: String,
     pub topic: String,
     /// The original payload, as UTF-8 text or hex when it is not.
     #[serde(serialize_with = "payload_text")]
     pub payload: Vec<u8>,
+    /// Every rule that sent the event here, in rule order, with its reason.
+    #[serde(default)]
+    pub rules: Vec<RuleReason>,
+}
+
+/// One rule's reason for a dead letter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RuleReason {
+    pub rule: String,
+    pub reason: String,
+    /// A `dead_letter` action sent it (rather than a failure).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deliberate: bool,
 }
 
 fn payload_text<S: serde::Serializer>(payload: &[u8], s: S) -> Result<S::Ok, S::Error> {
@@ -165,6 +181,7 @@ mod tests {
                 reason: "bad".into(),
                 topic: "t".into(),
                 payload: vec![0xff, i],
+                rules: vec![RuleReason { rule: "r".into(), reason: "bad".into(), deliberate: i == 2 }],
             };
             tx.send(letter).await.expect("send");
         }
@@ -176,6 +193,7 @@ mod tests {
         let last: serde_json::Value = serde_json::from_str(&tail[1]).expect("json");
         assert_eq!(last["payload"], "ff02");
         assert_eq!(last["event_id"], 2);
+        assert_eq!(last["rules"], serde_json::json!([{"rule": "r", "reason": "bad", "deliberate": true}]));
     }
 }
 
@@ -198,6 +216,7 @@ mod durable_tests {
             reason: "upstream".into(),
             topic: "a/b".into(),
             payload: b"{}".to_vec(),
+            rules: Vec::new(),
         };
         let (written, answer) = oneshot::channel();
         durable_tx.send(DurableLetter { letter: letter.clone(), written }).await.expect("send");

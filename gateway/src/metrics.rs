@@ -51,7 +51,8 @@ counters! {
     unrouted,
     /// Events consumed on purpose by a rule's `drop` action.
     rules_dropped,
-    /// Events a rule failed on (decode or evaluation error), sent to the dead-letter store.
+    /// Events sent to the dead-letter store (a rule failed on them, or a `dead_letter` action
+    /// sent them): one per event, however many rules.
     dead_letters,
     /// Dead letters counted but not kept because the dead-letter store fell behind.
     dead_letters_unsaved,

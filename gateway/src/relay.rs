@@ -579,6 +579,7 @@ impl Relay {
                 ),
                 topic: record.topic.clone(),
                 payload: record.payload.to_vec(),
+                rules: Vec::new(),
             },
         ));
     }

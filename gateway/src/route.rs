@@ -1,4 +1,4 @@
-//! Stage 2: decides what happens to each event.
+//! Stage 2: decides what happens to each event, then does it.
 //!
 //! Two modes ([`Routing`]):
 //! - **Bridge** (no rules file): an event goes upstream under its own topic (plus
@@ -6,6 +6,11 @@
 //!   and TTL; without `[[route]]` sections one route `#` sends everything at priority 5.
 //! - **Rules**: the rule engine (`outpost_rules`) evaluates the event; its outputs are
 //!   forwarded upstream, republished into the local broker, dropped, or dead-lettered.
+//!
+//! The decision and its effects are apart: [`decide`] turns an event into its [`Fate`]s
+//! and touches nothing; [`run`] carries them out (relay channel, local broker, dead-letter
+//! store, counters, logs). `outpost rules test` prints what [`decide`] returns, so the dry
+//! run cannot drift from what the gateway does.
 //!
 //! The mode can change while running: the rules watcher ([`crate::rules`]) replaces the
 //! [`Routing`] through a `watch` channel, and the next event uses the new one.
@@ -20,6 +25,8 @@
 //! - Every upstream copy of an event carries a clone of the sensor's held acknowledgement
 //!   (its [`Ticket`](crate::ingest::acks::Ticket)); the sensor is acknowledged once all of them
 //!   are safe, or right after routing when nothing goes upstream.
+//! - An event makes at most one dead-letter record, however many rules failed on it; the
+//!   record lists each rule and its reason.
 //! - Topics starting with `$` (broker-internal) never match `#` and are not bridged.
 
 use std::collections::VecDeque;
@@ -27,13 +34,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use outpost_rules::{EventContext, Output, RuleSet, TopicFilter};
+use outpost_rules::{EventContext, Output, RuleSet, TopicFilter, Trace};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::config::RouteConfig;
-use crate::deadletter::DeadLetter;
+use crate::deadletter::{DeadLetter, RuleReason};
 use crate::event::{Event, IdGen, Outbound, TopicError, TopicPolicy, invalid_topic};
 use crate::ingest::Republisher;
 use crate::metrics::Metrics;
@@ -72,6 +79,173 @@ fn expiry(received_ms: u64, ttl: Option<Duration>) -> Option<u64> {
     ttl.map(|ttl| received_ms.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX)))
 }
 
+/// What happens to an event, as [`decide`] rules it: one entry per output, in rule order.
+/// An empty list means the event is unrouted (no route matched, or no rule produced
+/// anything). The route stage carries fates out; `outpost rules test` prints them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fate {
+    /// Upstream through the store-and-forward buffer. `rule` is `None` for a bridge route.
+    Forward {
+        rule: Option<Arc<str>>,
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        priority: u8,
+        ttl: Option<Duration>,
+    },
+    /// Into the local broker, and back into the route stage as an event with `hops`.
+    Republish { rule: Arc<str>, topic: String, payload: Bytes, qos: u8, hops: u8 },
+    /// Consumed on purpose by a `drop` action.
+    Drop { rule: Arc<str> },
+    /// A republish refused because the event reached the hop limit.
+    LoopPrevented { rule: Arc<str>, topic: String, hops: u8 },
+    /// One dead-letter record for the event, naming every rule that sent it there (at most
+    /// one such fate per event, where the first rule did).
+    DeadLetter { entries: Vec<DeadEntry> },
+}
+
+/// One rule's part in an event's dead letter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadEntry {
+    pub rule: Arc<str>,
+    pub reason: String,
+    pub cause: DeadCause,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadCause {
+    /// The rule failed on the event (decoding, evaluation, a template).
+    Failed,
+    /// A forward's topic, with `upstream.topic_prefix`, is no valid topic name.
+    InvalidTopic,
+    /// A `dead_letter` action sent it.
+    Deliberate,
+}
+
+/// The event as the rule engine sees it.
+pub fn context(event: &Event, hops: u8) -> EventContext<'_> {
+    EventContext {
+        topic: &event.topic,
+        payload: &event.payload,
+        clientid: event.client_id.as_deref(),
+        username: None,
+        qos: event.qos.unwrap_or(0),
+        timestamp_ms: event.received_ms,
+        event_id: event.id,
+        hops,
+    }
+}
+
+/// Decides what happens to `event` (which went through `hops` republishes), without doing
+/// any of it: no channel, no counter, no log. The route stage and `outpost rules test`
+/// both call this, so a dry run shows exactly what the gateway does.
+pub fn decide(routing: &Routing, event: &Event, hops: u8, topic_prefix: &str, policy: &TopicPolicy) -> Vec<Fate> {
+    match routing {
+        Routing::Bridge(bridge) => bridge
+            .route(&event.topic)
+            .map(|(priority, ttl)| Fate::Forward {
+                rule: None,
+                topic: format!("{topic_prefix}{}", event.topic),
+                payload: event.payload.clone(),
+                qos: 1,
+                priority,
+                ttl,
+            })
+            .into_iter()
+            .collect(),
+        Routing::Rules(rules) => fates(rules.evaluate(&context(event, hops)), topic_prefix, policy),
+    }
+}
+
+/// Per rule whose FROM matches, how its evaluation of `event` ended (for dry runs; the
+/// outputs are those [`decide`] turns into fates). Nothing for a bridge.
+pub fn explain(routing: &Routing, event: &Event, hops: u8) -> Vec<Trace> {
+    match routing {
+        Routing::Bridge(_) => Vec::new(),
+        Routing::Rules(rules) => rules.explain(&context(event, hops)),
+    }
+}
+
+/// The rule engine's outputs as fates: forward topics get the prefix and are checked,
+/// and every dead letter of the event is folded into one.
+fn fates(outputs: Vec<Output>, topic_prefix: &str, policy: &TopicPolicy) -> Vec<Fate> {
+    let mut fates = Vec::with_capacity(outputs.len());
+    let mut dead_letter: Option<usize> = None;
+    let mut dead = |fates: &mut Vec<Fate>, entry: DeadEntry| {
+        if let Some(Fate::DeadLetter { entries }) = dead_letter.and_then(|idx| fates.get_mut(idx)) {
+            entries.push(entry);
+        } else {
+            dead_letter = Some(fates.len());
+            fates.push(Fate::DeadLetter { entries: vec![entry] });
+        }
+    };
+    for output in outputs {
+        match output {
+            Output::Forward { rule, topic, payload, qos, priority, ttl } => {
+                let topic = format!("{topic_prefix}{topic}");
+                if let Some(why) = invalid_topic(&topic, policy).map(TopicError::as_str) {
+                    // A topic template filled from payload data can produce what no broker
+                    // accepts; queued, it would block the uplink.
+                    let reason = format!("invalid upstream topic {topic:?}: {why}");
+                    dead(&mut fates, DeadEntry { rule, reason, cause: DeadCause::InvalidTopic });
+                    continue;
+                }
+                let payload = Bytes::from(payload);
+                fates.push(Fate::Forward { rule: Some(rule), topic, payload, qos, priority, ttl });
+            }
+            Output::Republish { rule, topic, payload, qos, hops } => {
+                fates.push(Fate::Republish { rule, topic, payload: Bytes::from(payload), qos, hops });
+            }
+            Output::Dropped { rule } => fates.push(Fate::Drop { rule }),
+            Output::LoopPrevented { rule, topic, hops } => {
+                fates.push(Fate::LoopPrevented { rule, topic, hops })
+            }
+            Output::DeadLetter { rule, reason, deliberate, .. } => {
+                let cause = if deliberate { DeadCause::Deliberate } else { DeadCause::Failed };
+                dead(&mut fates, DeadEntry { rule, reason, cause });
+            }
+        }
+    }
+    fates
+}
+
+/// The event a republish feeds back into the route stage: the republished topic and
+/// payload, the parent's receive time and held acknowledgement (what the chain forwards is
+/// part of what the sensor is acknowledged for), no publisher.
+pub fn republished_event(parent: &Event, id: u64, topic: String, payload: Bytes) -> Event {
+    Event {
+        id,
+        topic,
+        payload,
+        qos: None,
+        received_ms: parent.received_ms,
+        client_id: None,
+        ticket: parent.ticket.clone(),
+    }
+}
+
+/// The dead-letter record of an event.
+pub fn dead_letter(event: &Event, entries: &[DeadEntry]) -> DeadLetter {
+    let rules: Vec<RuleReason> = entries
+        .iter()
+        .map(|entry| RuleReason {
+            rule: entry.rule.to_string(),
+            reason: entry.reason.clone(),
+            deliberate: entry.cause == DeadCause::Deliberate,
+        })
+        .collect();
+    let first = rules.first();
+    DeadLetter {
+        ts_ms: event.received_ms,
+        event_id: event.id,
+        rule: first.map(|r| r.rule.clone()).unwrap_or_default(),
+        reason: first.map(|r| r.reason.clone()).unwrap_or_default(),
+        topic: event.topic.clone(),
+        payload: event.payload.to_vec(),
+        rules,
+    }
+}
+
 /// The route stage's fixed wiring.
 pub struct RouteStage {
     pub routing: watch::Receiver<Arc<Routing>>,
@@ -90,12 +264,9 @@ pub struct RouteStage {
 /// finish. It never selects on cancellation itself: stopping upstream of it is what ends it,
 /// so nothing already ingested is dropped on the floor.
 pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: mpsc::Sender<Outbound>) {
-    let metrics = stage.metrics.clone();
-    let counters = metrics.counters();
     // Republished events waiting to be evaluated again, with their hop count.
     let mut chain: VecDeque<(Event, u8)> = VecDeque::new();
-    let mut republish_log = LogThrottle::default();
-    let mut dead_log = LogThrottle::default();
+    let mut logs = Logs::default();
     let mut routing = stage.routing.borrow_and_update().clone();
     loop {
         let (event, hops) = match chain.pop_front() {
@@ -108,136 +279,8 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         if stage.routing.has_changed().unwrap_or(false) {
             routing = stage.routing.borrow_and_update().clone();
         }
-        let now = Instant::now();
-        let outbound: Vec<Outbound> = match &*routing {
-            Routing::Bridge(bridge) => match bridge.route(&event.topic) {
-                Some((priority, ttl)) => vec![Outbound {
-                    event_id: event.id,
-                    topic: format!("{}{}", stage.topic_prefix, event.topic),
-                    payload: event.payload.clone(),
-                    qos: 1,
-                    priority,
-                    expires_ms: expiry(event.received_ms, ttl),
-                    received_ms: event.received_ms,
-                    ticket: event.ticket.clone(),
-                }],
-                None => {
-                    Metrics::add(&counters.unrouted, 1);
-                    Vec::new()
-                }
-            },
-            Routing::Rules(rules) => {
-                let context = EventContext {
-                    topic: &event.topic,
-                    payload: &event.payload,
-                    clientid: event.client_id.as_deref(),
-                    username: None,
-                    qos: event.qos.unwrap_or(0),
-                    timestamp_ms: event.received_ms,
-                    event_id: event.id,
-                    hops,
-                };
-                let outputs = rules.evaluate(&context);
-                if outputs.is_empty() {
-                    Metrics::add(&counters.unrouted, 1);
-                }
-                let mut forwards = Vec::new();
-                for output in outputs {
-                    match output {
-                        Output::Forward { rule, topic, payload, qos, priority, ttl } => {
-                            let topic = format!("{}{topic}", stage.topic_prefix);
-                            if let Some(why) =
-                                invalid_topic(&topic, &stage.topic_policy).map(TopicError::as_str)
-                            {
-                                // A topic template filled from payload data can produce what
-                                // no broker accepts; queued, it would block the uplink.
-                                Metrics::add(&counters.dead_letters, 1);
-                                if let Some(folded) = dead_log.ready(now) {
-                                    warn!(message = "a rule produced an invalid upstream topic; the output went to the dead-letter store, fix the rule's topic template", %rule, %topic, reason = why, similar_since_last_log = folded);
-                                }
-                                let letter = DeadLetter {
-                                    ts_ms: event.received_ms,
-                                    event_id: event.id,
-                                    rule: rule.to_string(),
-                                    reason: format!("invalid upstream topic: {why}"),
-                                    topic,
-                                    payload,
-                                };
-                                if stage.dead_letters.try_send(letter).is_err() {
-                                    Metrics::add(&counters.dead_letters_unsaved, 1);
-                                }
-                                continue;
-                            }
-                            let event_id = if forwards.is_empty() { event.id } else { stage.ids.next_id() };
-                            forwards.push(Outbound {
-                                event_id,
-                                topic,
-                                payload: Bytes::from(payload),
-                                qos,
-                                priority,
-                                expires_ms: expiry(event.received_ms, ttl),
-                                received_ms: event.received_ms,
-                                ticket: event.ticket.clone(),
-                            });
-                        }
-                        Output::Republish { rule, topic, payload, hops, .. } => {
-                            let sent = match stage.republisher.as_mut() {
-                                Some(r) => r.try_publish(&topic, &payload),
-                                None => Err("no local broker link".to_owned()),
-                            };
-                            match sent {
-                                Ok(()) => {
-                                    Metrics::add(&counters.republished, 1);
-                                    let next = Event {
-                                        id: stage.ids.next_id(),
-                                        topic,
-                                        payload: Bytes::from(payload),
-                                        qos: None,
-                                        received_ms: event.received_ms,
-                                        client_id: None,
-                                        // What the chain forwards is part of what the sensor
-                                        // is acknowledged for.
-                                        ticket: event.ticket.clone(),
-                                    };
-                                    chain.push_back((next, hops));
-                                }
-                                Err(reason) => {
-                                    Metrics::add(&counters.republish_failed, 1);
-                                    if let Some(folded) = republish_log.ready(now) {
-                                        warn!(message = "republish into the local broker failed; the event is not republished", %rule, %topic, %reason, similar_since_last_log = folded);
-                                    }
-                                }
-                            }
-                        }
-                        Output::Dropped { .. } => Metrics::add(&counters.rules_dropped, 1),
-                        Output::LoopPrevented { rule, topic, hops } => {
-                            Metrics::add(&counters.loops_prevented, 1);
-                            if let Some(folded) = republish_log.ready(now) {
-                                warn!(message = "republish refused: the event reached the hop limit (max_hops in the rules file); check the rules for a loop", %rule, %topic, hops, similar_since_last_log = folded);
-                            }
-                        }
-                        Output::DeadLetter { rule, reason, topic, payload } => {
-                            Metrics::add(&counters.dead_letters, 1);
-                            if let Some(folded) = dead_log.ready(now) {
-                                warn!(message = "an event failed in a rule and went to the dead-letter store; see `outpost rules dead-letters`", %rule, %reason, %topic, similar_since_last_log = folded);
-                            }
-                            let letter = DeadLetter {
-                                ts_ms: event.received_ms,
-                                event_id: event.id,
-                                rule: rule.to_string(),
-                                reason,
-                                topic,
-                                payload,
-                            };
-                            if stage.dead_letters.try_send(letter).is_err() {
-                                Metrics::add(&counters.dead_letters_unsaved, 1);
-                            }
-                        }
-                    }
-                }
-                forwards
-            }
-        };
+        let fates = decide(&routing, &event, hops, &stage.topic_prefix, &stage.topic_policy);
+        let outbound = stage.carry_out(&event, fates, &mut chain, &mut logs, Instant::now());
         for outbound in outbound {
             if out.send(outbound).await.is_err() {
                 return;
@@ -245,6 +288,96 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         }
     }
     info!(message = "router stopped");
+}
+
+/// The route stage's rate-limited warnings.
+#[derive(Default)]
+struct Logs {
+    republish: LogThrottle,
+    dead: LogThrottle,
+}
+
+impl RouteStage {
+    /// Does what `fates` say for `event`: counts, logs, republishes, hands dead letters to
+    /// their store. Returns what goes to the relay, for the caller to send (the one wait).
+    fn carry_out(
+        &mut self,
+        event: &Event,
+        fates: Vec<Fate>,
+        chain: &mut VecDeque<(Event, u8)>,
+        logs: &mut Logs,
+        now: Instant,
+    ) -> Vec<Outbound> {
+        let counters = self.metrics.counters();
+        if fates.is_empty() {
+            Metrics::add(&counters.unrouted, 1);
+        }
+        let mut forwards = Vec::new();
+        for fate in fates {
+            match fate {
+                Fate::Forward { topic, payload, qos, priority, ttl, .. } => {
+                    let event_id = if forwards.is_empty() { event.id } else { self.ids.next_id() };
+                    forwards.push(Outbound {
+                        event_id,
+                        topic,
+                        payload,
+                        qos,
+                        priority,
+                        expires_ms: expiry(event.received_ms, ttl),
+                        received_ms: event.received_ms,
+                        ticket: event.ticket.clone(),
+                    });
+                }
+                Fate::Republish { rule, topic, payload, hops, .. } => {
+                    let sent = match self.republisher.as_mut() {
+                        Some(r) => r.try_publish(&topic, &payload),
+                        None => Err("no local broker link".to_owned()),
+                    };
+                    match sent {
+                        Ok(()) => {
+                            Metrics::add(&counters.republished, 1);
+                            chain.push_back((
+                                republished_event(event, self.ids.next_id(), topic, payload),
+                                hops,
+                            ));
+                        }
+                        Err(reason) => {
+                            Metrics::add(&counters.republish_failed, 1);
+                            if let Some(folded) = logs.republish.ready(now) {
+                                warn!(message = "republish into the local broker failed; the event is not republished", %rule, %topic, %reason, similar_since_last_log = folded);
+                            }
+                        }
+                    }
+                }
+                Fate::Drop { .. } => Metrics::add(&counters.rules_dropped, 1),
+                Fate::LoopPrevented { rule, topic, hops } => {
+                    Metrics::add(&counters.loops_prevented, 1);
+                    if let Some(folded) = logs.republish.ready(now) {
+                        warn!(message = "republish refused: the event reached the hop limit (max_hops in the rules file); check the rules for a loop", %rule, %topic, hops, similar_since_last_log = folded);
+                    }
+                }
+                Fate::DeadLetter { entries } => {
+                    Metrics::add(&counters.dead_letters, 1);
+                    // A deliberate dead letter is what its rule asked for: nothing to warn about.
+                    let failure = entries.iter().find(|e| e.cause != DeadCause::Deliberate);
+                    if let Some(entry) = failure {
+                        if let Some(folded) = logs.dead.ready(now) {
+                            let (rule, reason, rules) = (&entry.rule, &entry.reason, entries.len());
+                            if entry.cause == DeadCause::InvalidTopic {
+                                warn!(message = "a rule produced an invalid upstream topic; the event went to the dead-letter store, fix the rule's topic template", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
+                            } else {
+                                warn!(message = "an event failed in a rule and went to the dead-letter store; see `outpost rules dead-letters`", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
+                            }
+                        }
+                    }
+                    if self.dead_letters.try_send(dead_letter(event, &entries)).is_err() {
+                        Metrics::add(&counters.dead_letters_unsaved, 1);
+                    }
+                }
+            }
+        }
+        forwards
+    }
 }
 
 #[cfg(test)]
@@ -268,5 +401,174 @@ mod tests {
         assert_eq!(Bridge::new(&[]).route("anything/at/all"), Some((5, None)));
         assert_eq!(Bridge::new(&[]).route("$SYS/x"), None);
         assert_eq!(expiry(1_000, Some(Duration::from_secs(60))), Some(61_000));
+    }
+
+    fn event(topic: &str, payload: &str) -> Event {
+        Event {
+            id: 7,
+            topic: topic.to_owned(),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+            qos: Some(1),
+            received_ms: 1_000,
+            client_id: Some("c1".into()),
+            ticket: None,
+        }
+    }
+
+    fn policy() -> TopicPolicy {
+        crate::config::BrokerConfig::default().topic_policy()
+    }
+
+    fn rules(text: &str) -> Routing {
+        Routing::Rules(RuleSet::compile(text, &outpost_rules::TableSources::new()).expect("rules compile"))
+    }
+
+    /// Three strict rules fail on one malformed payload; a fourth forwards, a fifth sends the
+    /// event to the dead letters on purpose.
+    const FAILING: &str = r#"
+[[rule]]
+name = "a"
+payload = "json"
+sql = 'SELECT payload.x AS x FROM "in/#"'
+[[rule.action]]
+type = "forward"
+[[rule]]
+name = "b"
+payload = "json"
+sql = 'SELECT payload.y AS y FROM "in/#"'
+[[rule.action]]
+type = "forward"
+[[rule]]
+name = "copy"
+sql = 'SELECT topic(2) AS level FROM "in/#"'
+[[rule.action]]
+type = "forward"
+topic = "copy/${level}"
+ttl = "1m"
+priority = 2
+[[rule]]
+name = "c"
+payload = "json"
+sql = 'SELECT payload.z AS z FROM "in/#"'
+[[rule.action]]
+type = "forward"
+[[rule]]
+name = "park"
+sql = 'SELECT 1 AS one FROM "in/#"'
+[[rule.action]]
+type = "dead_letter"
+reason = "parked"
+"#;
+
+    #[test]
+    fn every_dead_letter_of_an_event_is_one_record() {
+        let bad = event("in/a", "{bad");
+        let fates = decide(&rules(FAILING), &bad, 0, "site/", &policy());
+        let [Fate::DeadLetter { entries }, forward] = fates.as_slice() else { panic!("{fates:#?}") };
+        assert_eq!(
+            forward,
+            &Fate::Forward {
+                rule: Some("copy".into()),
+                topic: "site/copy/a".into(),
+                payload: Bytes::from_static(br#"{"level":"a"}"#),
+                qos: 1,
+                priority: 2,
+                ttl: Some(Duration::from_secs(60)),
+            }
+        );
+        let summary: Vec<(&str, DeadCause)> = entries.iter().map(|e| (&*e.rule, e.cause)).collect();
+        let expected = [
+            ("a", DeadCause::Failed),
+            ("b", DeadCause::Failed),
+            ("c", DeadCause::Failed),
+            ("park", DeadCause::Deliberate),
+        ];
+        assert_eq!(summary, expected);
+        assert!(entries.iter().take(3).all(|e| e.reason.contains("not valid JSON")), "{entries:?}");
+
+        let record = dead_letter(&bad, entries);
+        assert_eq!((record.rule.as_str(), record.topic.as_str()), ("a", "in/a"));
+        assert_eq!((record.event_id, record.payload.as_slice()), (7, &b"{bad"[..]));
+        let rules: Vec<(&str, &str, bool)> =
+            record.rules.iter().map(|r| (r.rule.as_str(), r.reason.as_str(), r.deliberate)).collect();
+        assert_eq!(rules[3], ("park", "parked", true));
+        assert_eq!(rules.len(), 4);
+    }
+
+    #[test]
+    fn forwards_republishes_drops_and_refusals_are_fates() {
+        let routing = rules(
+            r#"
+max_hops = 1
+[[rule]]
+name = "r"
+sql = 'SELECT payload AS p FROM "t/#"'
+[[rule.action]]
+type = "forward"
+topic = "${p}"
+[[rule.action]]
+type = "republish"
+topic = "t/again"
+payload = "once more"
+[[rule.action]]
+type = "drop"
+"#,
+        );
+        let republish = Fate::Republish {
+            rule: "r".into(),
+            topic: "t/again".into(),
+            payload: Bytes::from_static(b"once more"),
+            qos: 1,
+            hops: 1,
+        };
+        let fates = decide(&routing, &event("t/x", "up/x"), 0, "", &policy());
+        assert_eq!(fates.get(1..), Some(&[republish, Fate::Drop { rule: "r".into() }][..]));
+        assert!(matches!(fates.first(), Some(Fate::Forward { topic, .. }) if topic == "up/x"), "{fates:?}");
+
+        let fates = decide(&routing, &event("t/again", "up/x"), 1, "", &policy());
+        let refused = Fate::LoopPrevented { rule: "r".into(), topic: "t/again".into(), hops: 1 };
+        assert_eq!(fates.get(1), Some(&refused));
+
+        // Only the prefix makes this topic too long: the gateway's own check refuses it.
+        let long = "x".repeat(usize::from(u16::MAX));
+        assert!(matches!(decide(&routing, &event("t/x", &long), 0, "", &policy()).first(), Some(Fate::Forward { .. })));
+        let fates = decide(&routing, &event("t/x", &long), 0, "site/", &policy());
+        let Some(Fate::DeadLetter { entries }) = fates.first() else { panic!("{fates:?}") };
+        assert_eq!(entries.first().map(|e| e.cause), Some(DeadCause::InvalidTopic));
+
+        assert_eq!(decide(&routing, &event("other", ""), 0, "", &policy()), []);
+        let bridge = Routing::Bridge(Bridge::new(&[]));
+        let fates = decide(&bridge, &event("a/b", ""), 0, "p/", &policy());
+        let [Fate::Forward { rule: None, topic, .. }] = fates.as_slice() else { panic!("{fates:?}") };
+        assert_eq!(topic, "p/a/b");
+    }
+
+    #[tokio::test]
+    async fn the_stage_writes_one_dead_letter_record_per_event() {
+        let (routing_tx, routing_rx) = watch::channel(Arc::new(rules(FAILING)));
+        let (dead_tx, mut dead_rx) = mpsc::channel(8);
+        let (in_tx, in_rx) = mpsc::channel(8);
+        let (out_tx, mut out_rx) = mpsc::channel(8);
+        let metrics = Metrics::default();
+        let stage = RouteStage {
+            routing: routing_rx,
+            topic_prefix: String::new(),
+            topic_policy: policy(),
+            republisher: None,
+            dead_letters: dead_tx,
+            ids: IdGen::new(1),
+            metrics: metrics.clone(),
+        };
+        let route = tokio::spawn(run(stage, in_rx, out_tx));
+        in_tx.send(event("in/a", "{bad")).await.expect("send");
+        drop(in_tx);
+        let forwarded = out_rx.recv().await.expect("the copy");
+        assert_eq!((forwarded.topic.as_str(), forwarded.event_id), ("copy/a", 7));
+        route.await.expect("route stage");
+        drop(routing_tx);
+        let record = dead_rx.recv().await.expect("one record");
+        assert_eq!(record.rules.len(), 4);
+        assert!(dead_rx.recv().await.is_none(), "no second record");
+        assert_eq!(Metrics::get(&metrics.counters().dead_letters), 1);
     }
 }

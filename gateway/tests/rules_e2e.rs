@@ -1,7 +1,8 @@
 //! The rule engine inside the running gateway, over real TCP: a rules file filters, enriches
 //! and routes events to a real upstream broker (a second rumqttd); a republish reaches an
 //! actuator subscribed on the gateway's own broker; a broken rules file is rejected while the
-//! running rules stay, and a fixed one is picked up without a restart.
+//! running rules stay, and a fixed one is picked up without a restart. `outpost rules test` (the
+//! dry run) prints what the route stage would do with each output.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -206,4 +207,152 @@ format = "raw"
     assert_eq!(letter["payload"], "definitely { not json");
     assert!(letter["reason"].as_str().is_some_and(|r| !r.is_empty()));
     assert!(s.gateway.shutdown().await);
+}
+
+/// The rules of the dry-run tests: every kind of fate, a table, a republish chain.
+const DRY_RUN_RULES: &str = r#"
+max_hops = 1
+
+[[table]]
+name = "devices"
+file = "devices.csv"
+
+[[rule]]
+name = "alerts"
+sql = '''SELECT topic(2) AS device, lookup('devices', topic(2), 'site') AS site, payload.temp AS temp
+         FROM "sensors/+/temp" WHERE payload.temp > 30'''
+[[rule.action]]
+type = "forward"
+topic = "sites/${site}/alerts/${device}"
+priority = 0
+ttl = "1h"
+[[rule.action]]
+type = "republish"
+topic = "actuators/${device}/fan"
+payload = '{"cmd":"fan_on"}'
+
+[[rule]]
+name = "strict"
+payload = "json"
+sql = 'SELECT payload.temp AS temp FROM "sensors/#"'
+[[rule.action]]
+type = "forward"
+
+[[rule]]
+name = "no-temp"
+sql = 'SELECT topic(2) AS device FROM "sensors/+/temp" WHERE payload.temp IS NULL'
+[[rule.action]]
+type = "dead_letter"
+reason = "no temperature from ${device}"
+
+[[rule]]
+name = "fan-echo"
+sql = 'SELECT payload.cmd AS cmd FROM "actuators/#"'
+[[rule.action]]
+type = "republish"
+topic = "actuators/echo"
+[[rule.action]]
+type = "drop"
+"#;
+
+/// `outpost rules test ARGS…` in a directory holding `rules.toml` (with `devices.csv`),
+/// `outpost.toml` (`topic_prefix = "site-7/"`) and `events.jsonl`: (exit code, stdout, stderr).
+fn dry_run(events: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("rules.toml"), DRY_RUN_RULES).expect("write rules");
+    std::fs::write(dir.path().join("devices.csv"), "device,site,max_temp\nd1,plant-a,30\n")
+        .expect("write table");
+    std::fs::write(
+        dir.path().join("outpost.toml"),
+        "[upstream]\nurl = \"mqtt://127.0.0.1:1\"\ntopic_prefix = \"site-7/\"\n",
+    )
+    .expect("write config");
+    std::fs::write(dir.path().join("events.jsonl"), events).expect("write events");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .current_dir(dir.path())
+        .args(["rules", "test", "rules.toml"])
+        .args(args)
+        .output()
+        .expect("run outpost");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_dry_run_shows_a_null_topic_template_as_the_dead_letter_the_gateway_writes() {
+    let (code, stdout, stderr) =
+        dry_run("", &["-c", "outpost.toml", "--topic", "sensors/d9/temp", "--payload", r#"{"temp":31.5}"#]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stdout,
+        r#"event sensors/d9/temp {"temp":31.5}
+  rule alerts: selected {"device":"d9","site":null,"temp":31.5}
+  rule strict: selected {"temp":31.5}
+  rule no-temp: filtered out by WHERE
+  => dead letter (one record for the event):
+       rule alerts (failed): topic template: `${site}` is NULL
+  => republish actuators/d9/fan qos=1 hops=1 (rule alerts): {"cmd":"fan_on"}
+  => forward site-7/sensors/d9/temp qos=1 priority=5 (rule strict): {"temp":31.5}
+event actuators/d9/fan {"cmd":"fan_on"} (republished by rule alerts, hop 1)
+  rule fan-echo: selected {"cmd":"fan_on"}
+  => republish actuators/echo refused: hop limit (max_hops) reached after 1 republish(es) (rule fan-echo)
+  => drop (rule fan-echo)
+"#
+    );
+}
+
+#[test]
+fn the_dry_run_replays_recorded_events_with_every_fate() {
+    let events = concat!(
+        r#"{"topic":"sensors/d1/temp","payload":{"temp":31.5}}"#,
+        "\n",
+        r#"{"topic":"sensors/d1/temp","payload":"not json","clientid":"c9"}"#,
+        "\n\n",
+        r#"{"topic":"other/x","payload":null}"#,
+        "\n"
+    );
+    let (code, stdout, stderr) = dry_run(events, &["--events", "events.jsonl"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stdout,
+        r#"event sensors/d1/temp {"temp":31.5}
+  rule alerts: selected {"device":"d1","site":"plant-a","temp":31.5}
+  rule strict: selected {"temp":31.5}
+  rule no-temp: filtered out by WHERE
+  => forward sites/plant-a/alerts/d1 qos=1 priority=0 ttl=1h (rule alerts): {"device":"d1","site":"plant-a","temp":31.5}
+  => republish actuators/d1/fan qos=1 hops=1 (rule alerts): {"cmd":"fan_on"}
+  => forward sensors/d1/temp qos=1 priority=5 (rule strict): {"temp":31.5}
+event actuators/d1/fan {"cmd":"fan_on"} (republished by rule alerts, hop 1)
+  rule fan-echo: selected {"cmd":"fan_on"}
+  => republish actuators/echo refused: hop limit (max_hops) reached after 1 republish(es) (rule fan-echo)
+  => drop (rule fan-echo)
+event sensors/d1/temp not json
+  rule alerts: filtered out by WHERE
+  rule strict: failed: payload is not valid JSON: expected ident at line 1 column 2
+  rule no-temp: selected {"device":"d1"}
+  => dead letter (one record for the event):
+       rule strict (failed): payload is not valid JSON: expected ident at line 1 column 2
+       rule no-temp (dead_letter action): no temperature from d1
+event other/x (empty payload)
+  no rule's FROM matches this topic
+  => unrouted: nothing goes upstream (counted as unrouted)
+"#
+    );
+}
+
+#[test]
+fn the_dry_run_refuses_a_topic_no_sensor_can_publish_to() {
+    let (code, stdout, stderr) = dry_run("", &["--topic", "sensors/+/temp"]);
+    assert_eq!((code, stdout.as_str()), (Some(2), ""));
+    assert!(
+        stderr.contains(r#"--topic "sensors/+/temp": wildcards are not allowed in a topic name"#),
+        "{stderr}"
+    );
+    let (code, _, stderr) =
+        dry_run("{\"topic\":\"ok\"}\n{\"topic\":\"a/#\"}\n", &["--events", "events.jsonl"]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains(r#"events.jsonl:2: topic "a/#": wildcards are not allowed"#), "{stderr}");
 }

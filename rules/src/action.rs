@@ -1,10 +1,11 @@
-//! What a rule does with its output row: [`Action`]s, topic templates and output
-//! encodings.
+//! What a rule does with its output row: [`Action`]s, templates and output encodings.
 //!
-//! A template such as `sites/${site}/alerts/${device}` is parsed and checked at compile
-//! time: every `${name}` must be a column of the rule's output (did-you-mean otherwise).
-//! At run time a NULL or missing value, or a rendered topic that is not a valid MQTT
-//! topic name (empty, `+`, `#`, NUL), fails the action with a dead letter.
+//! A template such as `sites/${site}/alerts/${topic(2)}` is parsed and checked at compile
+//! time: a `${name}` whose root is a column of the rule's output reads the row; anything
+//! else is an expression of the rule language, compiled once (errors with a caret under
+//! the template). At run time a topic template fails the action with a dead letter on a
+//! NULL, object or array value, or when the rendered topic is not a valid MQTT topic name
+//! (empty, `+`, `#`, NUL); payload and reason templates render every value as text.
 //!
 //! The row a rule's SELECT produces is a [`Row`]: for the usual one-level column names it
 //! holds the plan's names and values borrowed from the payload, tables and constants,
@@ -15,11 +16,12 @@ use std::time::Duration;
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 
+use crate::OutputFormat;
 use crate::compile::RowLayout;
-use crate::error::did_you_mean;
+use crate::error::SqlError;
+use crate::expr::{Env, Expr, NULL, describe};
 use crate::topic::Topic;
 use crate::value::Value;
-use crate::{OutputFormat, expr::describe};
 
 /// One event's output row for one rule.
 #[derive(Debug)]
@@ -72,12 +74,63 @@ impl Serialize for Row<'_> {
 
 #[derive(Debug)]
 pub(crate) enum Action {
-    Forward { topic: Option<Template>, qos: u8, priority: u8, ttl: Option<Duration>, format: OutputFormat },
-    Republish { topic: Template, qos: u8, format: OutputFormat },
+    Forward {
+        topic: Option<Template>,
+        qos: u8,
+        priority: u8,
+        ttl: Option<Duration>,
+        body: Body,
+    },
+    Republish {
+        topic: Template,
+        qos: u8,
+        body: Body,
+    },
     Drop,
+    /// `dead_letter`: the event goes to the dead-letter store on purpose, with this reason.
+    DeadLetter {
+        reason: Option<Template>,
+    },
 }
 
-/// A parsed topic template.
+impl Action {
+    /// The action's templates, for passes over the plan.
+    pub(crate) fn templates_mut(&mut self) -> Vec<&mut Template> {
+        fn body(body: &mut Body) -> Option<&mut Template> {
+            match body {
+                Body::Template(template) => Some(template),
+                Body::Encode(_) => None,
+            }
+        }
+        match self {
+            Action::Forward { topic, body: b, .. } => topic.iter_mut().chain(body(b)).collect(),
+            Action::Republish { topic, body: b, .. } => std::iter::once(topic).chain(body(b)).collect(),
+            Action::Drop => Vec::new(),
+            Action::DeadLetter { reason } => reason.iter_mut().collect(),
+        }
+    }
+}
+
+/// What an action sends as its payload.
+#[derive(Debug)]
+pub(crate) enum Body {
+    /// The row in a format, or the original payload (`format = ".."`).
+    Encode(OutputFormat),
+    /// `payload = '..'`: a text template.
+    Template(Template),
+}
+
+impl Body {
+    pub(crate) fn render(&self, row: &Row<'_>, env: &Env<'_>, original: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Body::Encode(format) => Ok(encode(*format, row, original)),
+            Body::Template(template) => template.render_text(row, env, "payload template"),
+        }
+    }
+}
+
+/// A parsed template: text with `${..}` holes, each a column of the output row (or a path
+/// into one) or any expression of the rule language, compiled once here.
 #[derive(Debug)]
 pub(crate) struct Template {
     parts: Vec<Part>,
@@ -88,97 +141,219 @@ pub(crate) struct Template {
 #[derive(Debug)]
 enum Part {
     Text(String),
-    /// `${a.b}`: a path into the output row. `slot` is the root's index in a flat row
-    /// (see `compile::RowLayout`), so rendering need not look the name up.
+    /// `${a.b}` where `a` is a column: a path into the output row. `slot` is the root's
+    /// index in a flat row (see `compile::RowLayout`), so rendering need not look the name up.
     Column {
         path: Vec<String>,
         slot: Option<usize>,
     },
+    /// `${topic(2)}`, `${upper(site)}`: an expression, evaluated against the event (names
+    /// resolve as in WHERE: aliases, fields, `payload`).
+    Expr {
+        text: String,
+        expr: Box<Expr>,
+    },
+}
+
+impl Part {
+    /// What the hole says, for error messages.
+    fn name(&self) -> Cow<'_, str> {
+        match self {
+            Part::Text(text) => Cow::Borrowed(text),
+            Part::Column { path, .. } => Cow::Owned(path.join(".")),
+            Part::Expr { text, .. } => Cow::Borrowed(text),
+        }
+    }
+}
+
+/// Why a template was refused when the rules loaded.
+#[derive(Debug)]
+pub(crate) enum TemplateError {
+    Plain(String),
+    /// A `${..}` expression did not compile; spans count from the start of the template.
+    Sql(Vec<SqlError>),
 }
 
 impl Template {
-    /// Parses `text`, checking each `${..}` against `columns` (the output's top-level names).
-    /// `flat_names` are the names of the rule's flat rows, if its rows are flat.
+    /// Parses `text`. A `${..}` whose root name is one of `columns` (the output's top-level
+    /// names) reads the row; anything else goes to `compile`, which compiles an expression
+    /// of the rule language. `flat_names` are the names of the rule's flat rows, if its rows
+    /// are flat.
     pub(crate) fn parse(
         text: &str,
         columns: &[&str],
         flat_names: Option<&[String]>,
-    ) -> Result<Template, String> {
+        compile: &mut dyn FnMut(&str) -> Result<Expr, Vec<SqlError>>,
+    ) -> Result<Template, TemplateError> {
         let mut parts = Vec::new();
-        let mut rest = text;
-        while let Some(start) = rest.find("${") {
-            let (before, after) = rest.split_at(start);
-            if !before.is_empty() {
-                parts.push(Part::Text(before.to_owned()));
+        let mut pos = 0;
+        while let Some(found) = text.get(pos..).and_then(|rest| rest.find("${")) {
+            let start = pos + found;
+            if found > 0 {
+                parts.push(Part::Text(text.get(pos..start).unwrap_or("").to_owned()));
             }
-            let inner = after.get(2..).unwrap_or("");
-            let Some(end) = inner.find('}') else {
-                return Err(format!("template `{text}`: `${{` without a closing `}}`"));
+            let inner_start = start + 2;
+            let after = text.get(inner_start..).unwrap_or("");
+            // A column reference ends at the first `}` (column names may hold quotes); an
+            // expression at the first `}` outside its string literals.
+            let column = after.find('}').and_then(|len| {
+                let name = after.get(..len).unwrap_or("").trim();
+                let path: Vec<String> = name.split('.').map(str::to_owned).collect();
+                let root = path.first().map(String::as_str).unwrap_or("");
+                (columns.contains(&root) && !path.iter().any(String::is_empty)).then_some((len, path))
+            });
+            let inner_len = if let Some((len, path)) = column {
+                let slot = flat_names.and_then(|names| names.iter().position(|n| Some(n) == path.first()));
+                parts.push(Part::Column { path, slot });
+                len
+            } else {
+                let Some(len) = closing_brace(after) else {
+                    return Err(TemplateError::Plain(format!(
+                        "template `{text}`: `${{` without a closing `}}`"
+                    )));
+                };
+                let inner = after.get(..len).unwrap_or("");
+                let name = inner.trim();
+                if name.is_empty() {
+                    return Err(TemplateError::Plain(format!("template `{text}`: empty `${{}}`")));
+                }
+                match compile(inner) {
+                    Ok(expr) => parts.push(Part::Expr { text: name.to_owned(), expr: Box::new(expr) }),
+                    Err(errors) => {
+                        let place = |e: SqlError| place_in_template(e, text, inner_start, len);
+                        return Err(TemplateError::Sql(errors.into_iter().map(place).collect()));
+                    }
+                }
+                len
             };
-            let name = inner.get(..end).unwrap_or("").trim();
-            let path: Vec<String> = name.split('.').map(str::to_owned).collect();
-            let root = path.first().map(String::as_str).unwrap_or("");
-            if name.is_empty() || path.iter().any(String::is_empty) {
-                return Err(format!("template `{text}`: empty or malformed `${{{name}}}`"));
-            }
-            if !columns.contains(&root) {
-                let listing = if columns.is_empty() { "none".to_owned() } else { columns.join(", ") };
-                return Err(format!(
-                    "template `{text}`: `${{{name}}}` is not a column of the rule's SELECT (columns: {listing}){}",
-                    did_you_mean(root, columns.iter().copied())
-                ));
-            }
-            let slot = flat_names.and_then(|names| names.iter().position(|n| n == root));
-            parts.push(Part::Column { path, slot });
-            rest = inner.get(end + 1..).unwrap_or("");
+            pos = inner_start + inner_len + 1;
         }
-        if !rest.is_empty() {
+        if let Some(rest) = text.get(pos..).filter(|rest| !rest.is_empty()) {
             parts.push(Part::Text(rest.to_owned()));
         }
         let text_len = parts.iter().map(|p| if let Part::Text(text) = p { text.len() } else { 0 }).sum();
         Ok(Template { parts, text_len })
     }
 
-    /// Renders the template against an output row into a valid MQTT topic name.
-    pub(crate) fn render(&self, row: &Row<'_>) -> Result<String, String> {
+    /// The template's expressions, for passes over the plan (payload field numbering).
+    pub(crate) fn exprs_mut(&mut self) -> impl Iterator<Item = &mut Expr> {
+        self.parts.iter_mut().filter_map(|part| match part {
+            Part::Expr { expr, .. } => Some(&mut **expr),
+            _ => None,
+        })
+    }
+
+    /// Renders the template into a valid MQTT topic name. A NULL, object or array value
+    /// fails, as does a result that is not a topic name.
+    pub(crate) fn render(&self, row: &Row<'_>, env: &Env<'_>) -> Result<String, String> {
         let mut out = String::with_capacity(self.text_len + 32);
         for part in &self.parts {
             match part {
                 Part::Text(text) => out.push_str(text),
                 Part::Column { path, slot } => {
-                    let (root, rest) =
-                        path.split_first().map_or(("", &[][..]), |(r, rest)| (r.as_str(), rest));
-                    let root_value = match (row, slot) {
-                        (Row::Flat { values, .. }, Some(slot)) => values.get(*slot).map(|v| &**v),
-                        _ => row.get(root),
-                    };
-                    let mut value = root_value.unwrap_or(&Value::Null);
-                    for key in rest {
-                        value = value.get(key).unwrap_or(&Value::Null);
-                    }
-                    match value {
-                        Value::Null => {
-                            return Err(format!("topic template: `${{{}}}` is NULL", path.join(".")));
-                        }
-                        Value::Array(_) | Value::Object(_) => {
-                            return Err(format!(
-                                "topic template: `${{{}}}` is {}",
-                                path.join("."),
-                                describe(value)
-                            ));
-                        }
-                        other => match other.to_text() {
-                            Some(text) => out.push_str(&text),
-                            None => {
-                                return Err(format!("topic template: `${{{}}}` is not text", path.join(".")));
-                            }
-                        },
-                    }
+                    push_topic_level(&mut out, column_value(row, path, *slot), part)?
+                }
+                Part::Expr { text, expr } => {
+                    let value =
+                        expr.eval(env).map_err(|e| format!("topic template: `${{{text}}}`: {}", e.0))?;
+                    push_topic_level(&mut out, &value, part)?;
                 }
             }
         }
         Topic::new(out).map(Topic::into_string).map_err(|e| format!("topic template: {e}"))
     }
+
+    /// Renders the template as a payload or a reason: strings as their text, bytes as they
+    /// are, objects and arrays as JSON, NULL as `null` (so a JSON template stays JSON).
+    /// `label` names the template in an evaluation error.
+    pub(crate) fn render_text(&self, row: &Row<'_>, env: &Env<'_>, label: &str) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(self.text_len + 32);
+        for part in &self.parts {
+            let value = match part {
+                Part::Text(text) => {
+                    out.extend_from_slice(text.as_bytes());
+                    continue;
+                }
+                Part::Column { path, slot } => Cow::Borrowed(column_value(row, path, *slot)),
+                Part::Expr { text, expr } => {
+                    expr.eval(env).map_err(|e| format!("{label}: `${{{text}}}`: {}", e.0))?
+                }
+            };
+            match &*value {
+                Value::Null => out.extend_from_slice(b"null"),
+                Value::Bytes(bytes) => out.extend_from_slice(bytes),
+                other => out.extend_from_slice(other.to_text().unwrap_or_default().as_bytes()),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Writes one hole's value into a topic: text, never NULL, an object or an array.
+#[inline(always)]
+fn push_topic_level(out: &mut String, value: &Value, part: &Part) -> Result<(), String> {
+    match value {
+        Value::Null => Err(format!("topic template: `${{{}}}` is NULL", part.name())),
+        Value::Array(_) | Value::Object(_) => {
+            Err(format!("topic template: `${{{}}}` is {}", part.name(), describe(value)))
+        }
+        other => match other.to_text() {
+            Some(text) => {
+                out.push_str(&text);
+                Ok(())
+            }
+            None => Err(format!("topic template: `${{{}}}` is not text", part.name())),
+        },
+    }
+}
+
+/// The value at a column path of the row; NULL where it is missing.
+#[inline(always)]
+fn column_value<'r>(row: &'r Row<'_>, path: &[String], slot: Option<usize>) -> &'r Value {
+    let (root, rest) = path.split_first().map_or(("", &[][..]), |(r, rest)| (r.as_str(), rest));
+    let root_value = match (row, slot) {
+        (Row::Flat { values, .. }, Some(slot)) => values.get(slot).map(|v| &**v),
+        _ => row.get(root),
+    };
+    let mut value = root_value.unwrap_or(&NULL);
+    for key in rest {
+        value = value.get(key).unwrap_or(&NULL);
+    }
+    value
+}
+
+/// The length of a `${..}`'s inside: up to the first `}` that is not in a quoted string,
+/// so `${'}'}` and `${concat("a}", x)}` work.
+fn closing_brace(text: &str) -> Option<usize> {
+    let mut quote: Option<char> = None;
+    for (idx, c) in text.char_indices() {
+        match (quote, c) {
+            (None, '}') => return Some(idx),
+            (None, '\'' | '"') => quote = Some(c),
+            // A doubled quote inside a string is an escaped quote: leaving and re-entering
+            // the string gives the same result.
+            (Some(q), c) if c == q => quote = None,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Moves an expression's error span (relative to the `${..}` inside, which starts at byte
+/// `inner_start` of `template`) to where it is in the template; an error without a place
+/// underlines the whole `${..}`.
+fn place_in_template(error: SqlError, template: &str, inner_start: usize, inner_len: usize) -> SqlError {
+    let before = template.get(..inner_start).unwrap_or("");
+    let line = u64::try_from(before.matches('\n').count()).unwrap_or(0) + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    // 1-based column of the inside's first character, in characters.
+    let column = u64::try_from(before.get(line_start..).unwrap_or("").chars().count()).unwrap_or(0) + 1;
+    let span = match error.span {
+        Some((1, col, width)) => Some((line, (column + col).saturating_sub(1), width)),
+        Some((l, col, width)) => Some((line + l - 1, col, width)),
+        None => Some((line, column.saturating_sub(2), u64::try_from(inner_len).unwrap_or(0) + 3)),
+    };
+    SqlError { span, ..error }
 }
 
 /// Compact JSON, as `serde_json::to_writer(out, row)` writes it. A flat row writes its
@@ -222,21 +397,57 @@ pub(crate) fn encode(format: OutputFormat, row: &Row<'_>, original: &[u8]) -> Ve
 mod tests {
     use super::*;
 
+    /// Compiles nothing: every `${..}` in these tests must be a column.
+    fn columns_only(_: &str) -> Result<Expr, Vec<SqlError>> {
+        Err(vec![SqlError::unplaced("not a column")])
+    }
+
+    fn parse(text: &str, columns: &[&str], flat_names: Option<&[String]>) -> Result<Template, TemplateError> {
+        Template::parse(text, columns, flat_names, &mut columns_only)
+    }
+
+    /// Runs `f` with an environment for an event on topic `a/b` (templates with
+    /// expressions read it; column templates do not).
+    fn with_env<T>(f: impl FnOnce(&Env<'_>) -> T) -> T {
+        let event = crate::EventContext {
+            topic: "a/b",
+            payload: b"",
+            clientid: None,
+            username: None,
+            qos: 0,
+            timestamp_ms: 0,
+            event_id: 0,
+            hops: 0,
+        };
+        f(&Env { event: &event, payload: crate::payload::PayloadView::Whole(&NULL) })
+    }
+
     #[test]
     fn templates_render_columns_and_refuse_bad_topics() {
         let row = Row::Nested(Value::from_json(br#"{"site":"a","n":3,"p":{"x":"y"},"w":"x/+"}"#).unwrap());
         let columns = ["site", "n", "p", "w"];
-        let t = Template::parse("s/${site}/${n}/${p.x}", &columns, None).unwrap();
-        assert_eq!(t.render(&row).unwrap(), "s/a/3/y");
-        let err = Template::parse("s/${sit}", &columns, None).unwrap_err();
-        assert!(err.ends_with("did you mean `site`?"), "{err}");
-        assert!(Template::parse("s/${site", &columns, None).is_err());
-        assert!(
-            Template::parse("s/${w}", &columns, None).unwrap().render(&row).unwrap_err().contains("wildcard")
-        );
-        assert!(
-            Template::parse("${p.z}", &columns, None).unwrap().render(&row).unwrap_err().contains("NULL")
-        );
+        with_env(|env| {
+            let t = parse("s/${site}/${n}/${p.x}", &columns, None).unwrap();
+            assert_eq!(t.render(&row, env).unwrap(), "s/a/3/y");
+            assert!(matches!(parse("s/${sit}", &columns, None), Err(TemplateError::Sql(_))));
+            assert!(matches!(parse("s/${site", &columns, None), Err(TemplateError::Plain(_))));
+            let wildcard = parse("s/${w}", &columns, None).unwrap().render(&row, env).unwrap_err();
+            assert!(wildcard.contains("wildcard"), "{wildcard}");
+            let null = parse("${p.z}", &columns, None).unwrap().render(&row, env).unwrap_err();
+            assert!(null.contains("NULL"), "{null}");
+            let text = parse(r#"{"s":"${site}","p":${p},"z":${p.z}}"#, &columns, None).unwrap();
+            assert_eq!(
+                text.render_text(&row, env, "payload template").unwrap(),
+                br#"{"s":"a","p":{"x":"y"},"z":null}"#
+            );
+        });
+    }
+
+    #[test]
+    fn closing_braces_inside_strings_do_not_end_a_hole() {
+        assert_eq!(closing_brace("'}'} rest"), Some(3));
+        assert_eq!(closing_brace(r#"concat("a}", 'it''s}') }"#), Some(23));
+        assert_eq!(closing_brace("'never closed}"), None);
     }
 
     #[test]
@@ -260,10 +471,12 @@ mod tests {
         assert_eq!(text, r#"{"a":{"x":[-1,null]},"q\"uo\\te":"s/\"\u0001","é\n":"/wA=","f":null}"#);
 
         let names: Vec<&str> = layout.names.iter().map(String::as_str).collect();
-        let template = Template::parse("t/${q\"uo\\te}/${a.x}", &names, Some(&layout.names)).unwrap();
-        assert_eq!(template.render(&row), template.render(&object));
-        let without_slots = Template::parse("${f}/${a}", &names, None).unwrap();
-        assert_eq!(without_slots.render(&row), without_slots.render(&object));
+        let template = parse("t/${q\"uo\\te}/${a.x}", &names, Some(&layout.names)).unwrap();
+        let without_slots = parse("${f}/${a}", &names, None).unwrap();
+        with_env(|env| {
+            assert_eq!(template.render(&row, env), template.render(&object, env));
+            assert_eq!(without_slots.render(&row, env), without_slots.render(&object, env));
+        });
     }
 
     fn row_value(row: &Row<'_>) -> Value {

@@ -64,6 +64,8 @@ pub(crate) struct CompiledSql {
     pub uses_payload: bool,
     /// Where each column goes in a flat output row; `None` when some column nests.
     pub layout: Option<RowLayout>,
+    /// The SELECT aliases, compiled: what a name means in an action's `${..}` expression.
+    pub aliases: HashMap<String, Expr>,
 }
 
 /// The output row of a statement whose columns all have one-level names (`expr AS name`,
@@ -130,15 +132,7 @@ pub(crate) fn compile_sql(
     sql: &str,
     tables: &FxHashMap<String, Arc<Table>>,
 ) -> Result<CompiledSql, Vec<SqlError>> {
-    let tokens = Tokenizer::new(&GenericDialect {}, sql)
-        .tokenize_with_location()
-        .map_err(|e| vec![parser_error(&e.to_string(), sql)])?;
-    let operators = tokens.iter().filter(|t| is_operator(&t.token)).count();
-    if operators > MAX_OPERATORS {
-        return Err(vec![SqlError::unplaced(format!(
-            "the statement has {operators} operators; at most {MAX_OPERATORS} are allowed (split the rule)"
-        ))]);
-    }
+    check_operators(sql, "statement", "split the rule")?;
     let statements = Parser::new(&GenericDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .try_with_sql(sql)
@@ -227,9 +221,61 @@ pub(crate) fn compile_sql(
 
     if compiler.errors.is_empty() {
         let layout = RowLayout::new(star, &columns);
-        Ok(CompiledSql { filters, star, columns, condition, uses_payload: compiler.uses_payload, layout })
+        Ok(CompiledSql {
+            filters,
+            star,
+            columns,
+            condition,
+            uses_payload: compiler.uses_payload,
+            layout,
+            aliases: compiler.aliases,
+        })
     } else {
         Err(compiler.errors)
+    }
+}
+
+/// Refuses text with more than [`MAX_OPERATORS`] operators before it reaches the parser.
+fn check_operators(text: &str, what: &str, fix: &str) -> Result<(), Vec<SqlError>> {
+    let tokens = Tokenizer::new(&GenericDialect {}, text)
+        .tokenize_with_location()
+        .map_err(|e| vec![parser_error(&e.to_string(), text)])?;
+    let operators = tokens.iter().filter(|t| is_operator(&t.token)).count();
+    if operators > MAX_OPERATORS {
+        return Err(vec![SqlError::unplaced(format!(
+            "the {what} has {operators} operators; at most {MAX_OPERATORS} are allowed ({fix})"
+        ))]);
+    }
+    Ok(())
+}
+
+/// Compiles one expression of the rule language outside the statement: the `${..}` of an
+/// action's template. Names resolve as in the statement's WHERE (aliases of `sql`, fields,
+/// `payload`); spans count from the start of `text`. The second value says whether the
+/// expression reads the payload.
+pub(crate) fn compile_expr(
+    text: &str,
+    sql: &CompiledSql,
+    tables: &FxHashMap<String, Arc<Table>>,
+) -> Result<(Expr, bool), Vec<SqlError>> {
+    check_operators(text, "expression", "move the computation into the SELECT")?;
+    let mut parser = Parser::new(&GenericDialect {})
+        .with_recursion_limit(RECURSION_LIMIT)
+        .try_with_sql(text)
+        .map_err(|e| vec![parser_error(&e.to_string(), text)])?;
+    let parsed = parser.parse_expr().map_err(|e| vec![parser_error(&e.to_string(), text)])?;
+    let next = parser.peek_token();
+    if next.token != Token::EOF {
+        return Err(vec![SqlError::new(
+            format!("expected one expression, found `{}` after it", next.token),
+            next.span,
+        )]);
+    }
+    let mut compiler =
+        Compiler { tables, aliases: sql.aliases.clone(), uses_payload: false, errors: Vec::new() };
+    match compiler.expr_or_record(&parsed) {
+        Some(expr) if compiler.errors.is_empty() => Ok((expr, compiler.uses_payload)),
+        _ => Err(compiler.errors),
     }
 }
 

@@ -14,12 +14,16 @@
 //! sql = "SELECT ... FROM \"sensors/+/temp\" WHERE ..."
 //! payload = "auto"                 # auto | json | cbor | raw
 //! [[rule.action]]
-//! type = "forward"                 # forward | republish | drop
+//! type = "forward"                 # forward | republish | drop | dead_letter
 //! topic = "sites/${site}/alerts"
 //! qos = 1
 //! priority = 2
 //! ttl = "1h"
-//! format = "json"                  # json | cbor | raw
+//! format = "json"                  # json | cbor | raw, or instead:
+//! # payload = '{"alert":"${site}"}'  # a payload template
+//! [[rule.action]]
+//! type = "dead_letter"
+//! reason = "no reading from ${topic(2)}"   # optional text template
 //! ```
 
 use std::collections::BTreeMap;
@@ -96,17 +100,25 @@ pub(crate) enum ActionConfig {
         priority: u8,
         #[serde(default, with = "humantime_serde")]
         ttl: Option<Duration>,
-        #[serde(default)]
-        format: crate::OutputFormat,
+        /// Default `json`; not together with `payload`.
+        format: Option<crate::OutputFormat>,
+        /// A payload template; not together with `format`.
+        payload: Option<String>,
     },
     Republish {
         topic: String,
         #[serde(default = "default_qos")]
         qos: u8,
-        #[serde(default)]
-        format: crate::OutputFormat,
+        format: Option<crate::OutputFormat>,
+        payload: Option<String>,
     },
     Drop {},
+    /// The event goes to the dead-letter store on purpose.
+    #[serde(rename = "dead_letter")]
+    DeadLetter {
+        /// A text template; default: says which rule sent it.
+        reason: Option<String>,
+    },
 }
 
 fn default_qos() -> u8 {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 
-use crate::action::{Action, Row, Template, encode};
-use crate::compile::{CompiledSql, STAR_COLUMNS, compile_sql};
+use crate::action::{Action, Body, Row, Template, TemplateError};
+use crate::compile::{CompiledSql, STAR_COLUMNS, compile_expr, compile_sql};
 use crate::config::{ActionConfig, RulesFile, TableConfig, TableFormat};
 use crate::error::{Problem, RulesError, SqlOrigin};
 use crate::expr::{Env, EvalError, Field, NULL, PathSeg, field_value};
@@ -24,7 +24,7 @@ use crate::index::TopicIndex;
 use crate::payload::{Decoded, FieldSlots, PayloadView};
 use crate::table::{Table, TableError, TableSources};
 use crate::value::Value;
-use crate::{EventContext, Output, PayloadFormat};
+use crate::{EventContext, Output, OutputFormat, PayloadFormat};
 
 /// A compiled, immutable set of rules. Cheap to share behind an `Arc`; swapping in a new
 /// one is how the gateway reloads rules.
@@ -87,7 +87,7 @@ impl RuleSet {
             if names_seen.insert(&config.name, 0).is_some() {
                 problems.push(plain(&context, "another rule has the same name; names must be unique"));
             }
-            let sql = match compile_sql(config.sql.get_ref(), &tables) {
+            let mut sql = match compile_sql(config.sql.get_ref(), &tables) {
                 Ok(sql) => sql,
                 Err(errors) => {
                     let origin = SqlOrigin::locate(rules_toml, config.sql.span());
@@ -99,7 +99,19 @@ impl RuleSet {
                     continue;
                 }
             };
-            let actions = build_actions(&config.action, &sql, &context, &mut problems);
+            let mut templates_read_payload = false;
+            let actions = build_actions(
+                &config.action,
+                rules_toml,
+                &sql,
+                &tables,
+                &context,
+                &mut templates_read_payload,
+                &mut problems,
+            );
+            sql.uses_payload |= templates_read_payload;
+            // Only the actions' expressions needed them.
+            sql.aliases = HashMap::new();
             if config.enabled {
                 rules.push(Rule {
                     name: Arc::from(config.name.as_str()),
@@ -195,15 +207,7 @@ impl RuleSet {
         decoded: &'a Decoded<'a>,
         out: &mut Vec<Output>,
     ) -> Ran<'a> {
-        let dead = |out: &mut Vec<Output>, reason: String| {
-            out.push(Output::DeadLetter {
-                rule: rule.name.clone(),
-                reason: reason.clone(),
-                topic: event.topic.to_owned(),
-                payload: event.payload.to_vec(),
-            });
-            Ran::Failed(reason)
-        };
+        let dead = |out: &mut Vec<Output>, reason: String| dead_letter(out, rule, event, reason);
         let payload = if rule.sql.uses_payload {
             match decoded.get(rule.payload) {
                 Ok(payload) => payload,
@@ -219,18 +223,22 @@ impl RuleSet {
             Err(EvalError(reason)) => return dead(out, reason),
         };
         for action in &rule.actions {
+            // An action that fails fails on its own: a dead letter, and the rule's other
+            // actions still run.
             let output = match action {
                 Action::Drop => Output::Dropped { rule: rule.name.clone() },
-                Action::Forward { topic, qos, priority, ttl, format } => {
+                Action::Forward { topic, qos, priority, ttl, body } => {
                     let topic = match topic {
-                        Some(template) => template.render(&row),
+                        Some(template) => template.render(&row, &env),
                         None => Ok(event.topic.to_owned()),
                     };
-                    match topic {
-                        Ok(topic) => Output::Forward {
+                    let rendered =
+                        topic.and_then(|topic| Ok((topic, body.render(&row, &env, event.payload)?)));
+                    match rendered {
+                        Ok((topic, payload)) => Output::Forward {
                             rule: rule.name.clone(),
                             topic,
-                            payload: encode(*format, &row, event.payload),
+                            payload,
                             qos: *qos,
                             priority: *priority,
                             ttl: *ttl,
@@ -241,7 +249,7 @@ impl RuleSet {
                         }
                     }
                 }
-                Action::Republish { topic, qos, format } => match topic.render(&row) {
+                Action::Republish { topic, qos, body } => match topic.render(&row, &env) {
                     Err(reason) => {
                         dead(out, reason);
                         continue;
@@ -249,20 +257,63 @@ impl RuleSet {
                     Ok(topic) if event.hops >= self.max_hops => {
                         Output::LoopPrevented { rule: rule.name.clone(), topic, hops: event.hops }
                     }
-                    Ok(topic) => Output::Republish {
-                        rule: rule.name.clone(),
-                        topic,
-                        payload: encode(*format, &row, event.payload),
-                        qos: *qos,
-                        hops: event.hops.saturating_add(1),
+                    Ok(topic) => match body.render(&row, &env, event.payload) {
+                        Ok(payload) => Output::Republish {
+                            rule: rule.name.clone(),
+                            topic,
+                            payload,
+                            qos: *qos,
+                            hops: event.hops.saturating_add(1),
+                        },
+                        Err(reason) => {
+                            dead(out, reason);
+                            continue;
+                        }
                     },
                 },
+                Action::DeadLetter { reason } => {
+                    let reason = match reason {
+                        Some(template) => match template.render_text(&row, &env, "reason template") {
+                            Ok(text) => String::from_utf8_lossy(&text).into_owned(),
+                            Err(reason) => {
+                                dead(out, reason);
+                                continue;
+                            }
+                        },
+                        None => DEFAULT_DEAD_LETTER_REASON.to_owned(),
+                    };
+                    Output::DeadLetter {
+                        rule: rule.name.clone(),
+                        reason,
+                        topic: event.topic.to_owned(),
+                        payload: event.payload.to_vec(),
+                        deliberate: true,
+                    }
+                }
             };
             out.push(output);
         }
         Ran::Selected(row)
     }
 }
+
+/// A rule failed on an event: its dead letter. Out of line, to keep the rule's common
+/// path (`RuleSet::run`) small.
+#[cold]
+#[inline(never)]
+fn dead_letter<'a>(out: &mut Vec<Output>, rule: &Rule, event: &EventContext<'_>, reason: String) -> Ran<'a> {
+    out.push(Output::DeadLetter {
+        rule: rule.name.clone(),
+        reason: reason.clone(),
+        topic: event.topic.to_owned(),
+        payload: event.payload.to_vec(),
+        deliberate: false,
+    });
+    Ran::Failed(reason)
+}
+
+/// The reason a `dead_letter` action gives when its rule sets none.
+pub const DEFAULT_DEAD_LETTER_REASON: &str = "dead_letter action";
 
 /// How one rule's run on one event ended; [`Outcome`] without copying the row.
 enum Ran<'a> {
@@ -279,7 +330,8 @@ fn number_payload_fields(rules: &mut [Rule]) -> Option<FieldSlots> {
     let mut whole = false;
     for rule in rules {
         whole |= rule.sql.star;
-        for expr in rule.sql.exprs_mut() {
+        let templates = rule.actions.iter_mut().flat_map(Action::templates_mut).flat_map(Template::exprs_mut);
+        for expr in rule.sql.exprs_mut().chain(templates) {
             expr.for_each_payload_path(&mut |path, slot| match path.first() {
                 Some(PathSeg::Key(key)) => *slot = Some(fields.intern(key)),
                 _ => whole = true,
@@ -407,31 +459,60 @@ fn build_tables(
 
 fn build_actions(
     configs: &[ActionConfig],
+    rules_toml: &str,
     sql: &CompiledSql,
+    tables: &FxHashMap<String, Arc<Table>>,
     context: &str,
+    reads_payload: &mut bool,
     problems: &mut Vec<Problem>,
 ) -> Vec<Action> {
     if configs.is_empty() {
         problems.push(plain(
             context,
-            "no actions; add `[[rule.action]]` with `type = \"forward\"`, \"republish\" or \"drop\"",
+            "no actions; add `[[rule.action]]` with `type = \"forward\"`, \"republish\", \"drop\" or \"dead_letter\"",
         ));
     }
     let columns = sql.output_names();
     let flat_names = sql.layout.as_ref().map(|layout| layout.names.as_slice());
-    let mut template = |text: &str| match Template::parse(text, &columns, flat_names) {
-        Ok(t) => Some(t),
-        Err(message) => {
-            problems.push(plain(context, message));
-            None
-        }
+    let mut compile = |text: &str| {
+        compile_expr(text, sql, tables).map(|(expr, reads)| {
+            *reads_payload |= reads;
+            expr
+        })
     };
+    let mut template =
+        |key: String, text: &str| match Template::parse(text, &columns, flat_names, &mut compile) {
+            Ok(t) => Some(t),
+            Err(TemplateError::Plain(message)) => {
+                problems.push(plain(context, format!("{key}: {message}")));
+                None
+            }
+            Err(TemplateError::Sql(errors)) => {
+                for error in errors {
+                    let mut problem = error.into_problem(context, text, SqlOrigin::find(rules_toml, text));
+                    problem.message = format!("{key} `{}`: {}", one_line(text), problem.message);
+                    problems.push(problem);
+                }
+                None
+            }
+        };
     let mut actions = Vec::new();
     let mut invalid = Vec::new();
     for (action_idx, config) in configs.iter().enumerate() {
+        let key = |name: &str| format!("action[{action_idx}].{name}");
         match config {
             ActionConfig::Drop {} => actions.push(Action::Drop),
-            ActionConfig::Forward { topic, qos, priority, ttl, format } => {
+            ActionConfig::DeadLetter { reason } => {
+                let reason = match reason {
+                    Some(text) => match template(key("reason"), text) {
+                        Some(t) => Some(t),
+                        None => continue,
+                    },
+                    None => None,
+                };
+                actions.push(Action::DeadLetter { reason });
+            }
+            ActionConfig::Forward { topic, qos, priority, ttl, format, payload } => {
                 if *qos > 2 {
                     invalid.push(format!("action[{action_idx}].qos = {qos}: QoS is 0, 1 or 2"));
                 }
@@ -441,29 +522,61 @@ fn build_actions(
                     ));
                 }
                 let topic = match topic {
-                    Some(text) => match template(text) {
+                    Some(text) => match template(key("topic"), text) {
                         Some(t) => Some(t),
                         None => continue,
                     },
                     None => None,
                 };
-                actions.push(Action::Forward {
-                    topic,
-                    qos: *qos,
-                    priority: *priority,
-                    ttl: *ttl,
-                    format: *format,
-                });
+                let Some(body) = body(*format, payload.as_deref(), action_idx, &mut invalid, &mut template)
+                else {
+                    continue;
+                };
+                actions.push(Action::Forward { topic, qos: *qos, priority: *priority, ttl: *ttl, body });
             }
-            ActionConfig::Republish { topic, qos, format } => {
+            ActionConfig::Republish { topic, qos, format, payload } => {
                 if *qos > 2 {
                     invalid.push(format!("action[{action_idx}].qos = {qos}: QoS is 0, 1 or 2"));
                 }
-                let Some(topic) = template(topic) else { continue };
-                actions.push(Action::Republish { topic, qos: *qos, format: *format });
+                let Some(topic) = template(key("topic"), topic) else { continue };
+                let Some(body) = body(*format, payload.as_deref(), action_idx, &mut invalid, &mut template)
+                else {
+                    continue;
+                };
+                actions.push(Action::Republish { topic, qos: *qos, body });
             }
         }
     }
     problems.extend(invalid.into_iter().map(|m| plain(context, m)));
     actions
+}
+
+/// An action's payload: `format` or a `payload` template, not both.
+fn body(
+    format: Option<OutputFormat>,
+    payload: Option<&str>,
+    action_idx: usize,
+    invalid: &mut Vec<String>,
+    template: &mut impl FnMut(String, &str) -> Option<Template>,
+) -> Option<Body> {
+    match (format, payload) {
+        (Some(_), Some(_)) => {
+            invalid.push(format!(
+                "action[{action_idx}]: give `format` or a `payload` template, not both (a template is sent as written)"
+            ));
+            None
+        }
+        (format, None) => Some(Body::Encode(format.unwrap_or_default())),
+        (None, Some(text)) => template(format!("action[{action_idx}].payload"), text).map(Body::Template),
+    }
+}
+
+/// A template quoted in a message: its first line, shortened.
+fn one_line(text: &str) -> String {
+    let first = text.lines().next().unwrap_or("");
+    if first.chars().count() > 60 || text.contains('\n') {
+        format!("{}…", first.chars().take(60).collect::<String>())
+    } else {
+        first.to_owned()
+    }
 }

@@ -76,6 +76,23 @@ pub(crate) struct SqlOrigin {
 }
 
 impl SqlOrigin {
+    /// Where `text` (a template, which is not spanned by the TOML parser) first stands in the
+    /// file; when it is not there verbatim (escapes), line 1 of the file, without columns.
+    pub(crate) fn find(file: &str, text: &str) -> SqlOrigin {
+        match file.find(text).filter(|_| !text.is_empty()) {
+            Some(start) => {
+                let before = &file[..start];
+                let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+                SqlOrigin {
+                    line: before.matches('\n').count() as u64 + 1,
+                    column: before[line_start..].chars().count() as u64 + 1,
+                    exact_columns: true,
+                }
+            }
+            None => SqlOrigin { line: 1, column: 1, exact_columns: false },
+        }
+    }
+
     pub(crate) fn locate(file: &str, span: std::ops::Range<usize>) -> SqlOrigin {
         let raw = file.get(span.clone()).unwrap_or("");
         let multi_line = raw.starts_with("\"\"\"") || raw.starts_with("'''");

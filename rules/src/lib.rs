@@ -35,7 +35,8 @@
 //! - `expr`: the plan ([`expr::Expr`]) and its evaluation; NULL and type rules.
 //! - `functions`: the builtin function table.
 //! - `index`: the topic trie that picks candidate rules per event.
-//! - `action`: forward/republish/drop, topic templates, output rows and their encoding.
+//! - `action`: forward/republish/drop/dead_letter, templates (topic, payload, reason) with
+//!   `${..}` expressions, output rows and their encoding.
 //! - `engine`: [`RuleSet`], running rules on an event, dead letters, hop limit.
 //! - `payload`: the payload decoded once per event and shared: formats, auto-detection,
 //!   decoding only the fields the rules read (with a fast JSON scanner).
@@ -66,7 +67,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use engine::{Outcome, RuleSet, Trace};
+pub use engine::{DEFAULT_DEAD_LETTER_REASON, Outcome, RuleSet, Trace};
 pub use error::{Problem, RulesError, SqlLocation, did_you_mean};
 pub use table::{Table, TableError, TableSources};
 pub use topic::{Topic, TopicError, TopicFilter};
@@ -110,9 +111,11 @@ pub enum Output {
     Dropped { rule: Arc<str> },
     /// A republish was refused because the event reached the hop limit (count it).
     LoopPrevented { rule: Arc<str>, topic: String, hops: u8 },
-    /// The rule failed on this event (payload not decodable, type error, bad topic
-    /// template). Carries the original topic and payload so it can be kept or inspected.
-    DeadLetter { rule: Arc<str>, reason: String, topic: String, payload: Vec<u8> },
+    /// The event goes to the dead-letter store: the rule failed on it (payload not
+    /// decodable, type error, bad topic template), or, with `deliberate`, a `dead_letter`
+    /// action sent it there with its `reason`. Carries the original topic and payload so it
+    /// can be kept or inspected.
+    DeadLetter { rule: Arc<str>, reason: String, topic: String, payload: Vec<u8>, deliberate: bool },
 }
 
 impl Output {

@@ -67,7 +67,12 @@ fn render(output: &Output) -> String {
         }
         Output::Dropped { rule } => format!("dropped[{rule}]"),
         Output::LoopPrevented { rule, topic, hops } => format!("loop-prevented[{rule}] {topic} hops={hops}"),
-        Output::DeadLetter { rule, reason, topic, .. } => format!("dead-letter[{rule}] {topic}: {reason}"),
+        Output::DeadLetter { rule, reason, topic, deliberate: false, .. } => {
+            format!("dead-letter[{rule}] {topic}: {reason}")
+        }
+        Output::DeadLetter { rule, reason, topic, deliberate: true, .. } => {
+            format!("dead-letter-action[{rule}] {topic}: {reason}")
+        }
     }
 }
 
@@ -1108,6 +1113,205 @@ type = "forward"
 }
 
 #[test]
+fn dead_letter_actions_send_events_there_on_purpose() {
+    let rules = r#"
+[[rule]]
+name = "no-temp"
+sql = 'SELECT topic(2) AS device FROM "sensors/+/temp" WHERE payload.temp IS NULL'
+[[rule.action]]
+type = "dead_letter"
+reason = "no temperature from ${device} (${clientid}, ${length(payload)} fields)"
+
+[[rule]]
+name = "quarantine"
+sql = 'SELECT 1 AS one FROM "sensors/quarantined/#"'
+[[rule.action]]
+type = "dead_letter"
+[[rule.action]]
+type = "forward"
+topic = "audit/quarantine"
+"#;
+    check(
+        rules,
+        "sensors/d1/temp",
+        r#"{"humidity":3,"x":1}"#,
+        expect![[r#"
+        dead-letter-action[no-temp] sensors/d1/temp: no temperature from d1 (c1, 2 fields)
+    "#]],
+    );
+    check(rules, "sensors/d1/temp", r#"{"temp":3}"#, expect![[""]]);
+    check(
+        rules,
+        "sensors/quarantined/temp",
+        "{}",
+        expect![[r#"
+        dead-letter-action[no-temp] sensors/quarantined/temp: no temperature from quarantined (c1, 0 fields)
+        dead-letter-action[quarantine] sensors/quarantined/temp: dead_letter action
+        forward[quarantine] audit/quarantine qos=1 prio=5 {"one":1}
+    "#]],
+    );
+    // A reason that cannot be rendered is a failure of its own.
+    let failing_reason = "[[rule]]\nname = \"r\"\nsql = 'SELECT 1 AS one FROM \"t\"'\n[[rule.action]]\ntype = \"dead_letter\"\nreason = '${sqrt(-1)}'\n";
+    check(
+        failing_reason,
+        "t",
+        "{}",
+        expect![[r#"
+        dead-letter[r] t: reason template: `${sqrt(-1)}`: sqrt: argument out of domain (result is NaN)
+    "#]],
+    );
+    check(
+        "[[rule]]\nname = \"r\"\nsql = 'SELECT 1 AS one FROM \"t\"'\n[[rule.action]]\ntype = \"dead_letter\"\ntopic = \"x\"\n",
+        "t",
+        "{}",
+        expect![[r#"
+            error: invalid rules file: TOML parse error at line 4, column 1
+              |
+            4 | [[rule.action]]
+              | ^^^^^^^^^^^^^^^
+            unknown field `topic`, expected `reason`
+        "#]],
+    );
+}
+
+#[test]
+fn payload_templates_write_the_payload_as_given() {
+    let rules = r#"
+[[table]]
+name = "devices"
+file = "devices.csv"
+
+[[rule]]
+name = "fan"
+sql = 'SELECT topic(2) AS device, payload.temp AS temp FROM "sensors/+/temp" WHERE payload.temp > 30'
+[[rule.action]]
+type = "republish"
+topic = "actuators/${device}/fan"
+payload = '{"cmd":"fan_on"}'
+[[rule.action]]
+type = "forward"
+topic = "alerts/${lookup('devices', device, 'site')}/${upper(device)}"
+payload = '''{"device":"${device}","temp":${temp},"f":${temp * 1.8 + 32},"site":${lookup('devices', device)},"missing":${payload.missing},"who":"${clientid}"}'''
+[[rule.action]]
+type = "forward"
+topic = "text/${device}"
+payload = '''${device} is at ${temp} °C
+since ${format_time(timestamp)}'''
+"#;
+    check(
+        rules,
+        "sensors/d1/temp",
+        r#"{"temp":31.5}"#,
+        expect![[r#"
+        republish[fan] actuators/d1/fan qos=1 hops=1 {"cmd":"fan_on"}
+        forward[fan] alerts/plant-a/D1 qos=1 prio=5 {"device":"d1","temp":31.5,"f":88.7,"site":{"device":"d1","site":"plant-a","line":1,"max_temp":80},"missing":null,"who":"c1"}
+        forward[fan] text/d1 qos=1 prio=5 d1 is at 31.5 °C
+        since 2024-02-23T07:00:00.123Z
+    "#]],
+    );
+    // An expression that fails fails its action only.
+    check(
+        rules,
+        "sensors/d9/temp",
+        r#"{"temp":31.5}"#,
+        expect![[r#"
+        republish[fan] actuators/d9/fan qos=1 hops=1 {"cmd":"fan_on"}
+        dead-letter[fan] sensors/d9/temp: topic template: `${lookup('devices', device, 'site')}` is NULL
+        forward[fan] text/d9 qos=1 prio=5 d9 is at 31.5 °C
+        since 2024-02-23T07:00:00.123Z
+    "#]],
+    );
+    let both = "[[rule]]\nname = \"r\"\nsql = 'SELECT 1 AS one FROM \"t\"'\n[[rule.action]]\ntype = \"forward\"\npayload = 'x'\nformat = \"raw\"\n";
+    check(
+        both,
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: action[0]: give `format` or a `payload` template, not both (a template is sent as written)
+    "#]],
+    );
+}
+
+#[test]
+fn template_expressions_read_the_event_and_compile_once_with_carets() {
+    // Only a template reads the payload: it is decoded for it, field by field.
+    let rules = "[[rule]]\nname = \"r\"\nsql = 'SELECT 1 AS one FROM \"s/#\"'\n[[rule.action]]\ntype = \"forward\"\ntopic = \"by-device/${payload.dev}/${topic(2)}/${hops}\"\n";
+    check(
+        rules,
+        "s/x",
+        r#"{"dev":"d7","other":[1,2]}"#,
+        expect![[r#"
+        forward[r] by-device/d7/x/0 qos=1 prio=5 {"one":1}
+    "#]],
+    );
+    check(
+        rules,
+        "s",
+        r#"{"dev":"d7"}"#,
+        expect![[r#"
+        dead-letter[r] s: topic template: `${topic(2)}` is NULL
+    "#]],
+    );
+    let bad = |topic: &str| {
+        format!(
+            "[[rule]]\nname = \"r\"\nsql = 'SELECT 1 AS one FROM \"t\"'\n[[rule.action]]\ntype = \"forward\"\ntopic = '''{topic}'''\n"
+        )
+    };
+    check(
+        &bad("a/${topik(2)}/${one}"),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: action[0].topic `a/${topik(2)}/${one}`: unknown function `topik`; did you mean `topic`?
+          |
+        1 | a/${topik(2)}/${one}
+          |     ^^^^^
+    "#]],
+    );
+    check(
+        &bad("a/${1 +}/${one two}/${'}'}"),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: action[0].topic `a/${1 +}/${one two}/${'}'}`: syntax error: Expected: an expression, found: EOF
+          |
+        1 | a/${1 +}/${one two}/${'}'}
+          |        ^
+    "#]],
+    );
+    check(
+        &bad("${one two}"),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: action[0].topic `${one two}`: expected one expression, found `two` after it
+          |
+        1 | ${one two}
+          |       ^^^
+    "#]],
+    );
+    check(
+        &bad("${one"),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: action[0].topic: template `${one`: `${` without a closing `}`
+    "#]],
+    );
+    check(
+        &bad("x/${one}\n${\n  upper(nope)}"),
+        "t",
+        "{}",
+        expect![[r#"
+        error: rule `r`: action[0].topic `x/${one}…`: unknown field `nope`; did you mean `hops`?
+          |
+        3 |   upper(nope)}
+          |         ^^^^
+    "#]],
+    );
+}
+
+#[test]
 fn hop_limit_stops_republish_loops() {
     let rules = "max_hops = 2\n[[rule]]\nname = \"echo\"\nsql = 'SELECT payload FROM \"loop/#\"'\n[[rule.action]]\ntype = \"republish\"\ntopic = \"loop/again\"\nqos = 0\n";
     check(
@@ -1472,7 +1676,10 @@ fn rules_file_errors_name_the_rule_and_key() {
         "t",
         "{}",
         expect![[r#"
-            error: rule `a`: template `x/${y}`: `${y}` is not a column of the rule's SELECT (columns: x); did you mean `x`?
+            error: rule `a`: action[0].topic `x/${y}`: unknown field `y`; did you mean `x`?
+              |
+            1 | x/${y}
+              |     ^
             rule `a`: action[0].qos = 3: QoS is 0, 1 or 2
             rule `a`: action[0].priority = 12: priorities are 0 (most urgent) to 9
         "#]],
@@ -1482,8 +1689,8 @@ fn rules_file_errors_name_the_rule_and_key() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `a`: no actions; add `[[rule.action]]` with `type = "forward"`, "republish" or "drop"
-    "#]],
+            error: rule `a`: no actions; add `[[rule.action]]` with `type = "forward"`, "republish", "drop" or "dead_letter"
+        "#]],
     );
     check(
         "[[rule]]\nname = \"a\"\nsql = 'SELECT 1 AS x FROM \"t\"'\n[[rule.action]]\ntype = \"forwrd\"\n",
@@ -1494,7 +1701,7 @@ fn rules_file_errors_name_the_rule_and_key() {
               |
             5 | type = "forwrd"
               |        ^^^^^^^^
-            unknown variant `forwrd`, expected one of `forward`, `republish`, `drop`
+            unknown variant `forwrd`, expected one of `forward`, `republish`, `drop`, `dead_letter`
         "#]],
     );
     check(
@@ -1702,6 +1909,21 @@ mod properties {
         #[test]
         fn evaluation_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..64), topic in "[a-z$/+#]{0,8}") {
             let _ = kitchen_sink().evaluate(&event(&topic, &bytes));
+        }
+
+        #[test]
+        fn templates_never_panic(
+            template in "([a-z/ ]|\\$\\{|\\}|'|\"|\\(|\\)|\\+|\\*|\\.|,|[0-9]|one|payload|topic|upper|\n){0,30}",
+            payload in "[a-z{}\":0-9]{0,12}",
+        ) {
+            let toml = |key: &str| {
+                format!("[[rule]]\nname = \"r\"\nsql = 'SELECT 1 AS one FROM \"#\"'\n[[rule.action]]\ntype = \"forward\"\n{key} = '''{template}'''\n")
+            };
+            for key in ["topic", "payload"] {
+                if let Ok(rules) = RuleSet::compile(&toml(key), &tables()) {
+                    let _ = rules.evaluate(&event("a/b", payload.as_bytes()));
+                }
+            }
         }
 
         #[test]
