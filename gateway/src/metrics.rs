@@ -95,6 +95,16 @@ counters! {
     expired,
     /// Buffer files found unreadable at start-up and moved aside.
     buffer_corrupt,
+    // Local fan-out (`ingest::local`).
+    /// Deliveries written to local subscribers (QoS 1 resends included).
+    local_delivered,
+    /// Deliveries to local subscribers dropped because the subscriber's queue was full
+    /// (`broker.max_queued_messages`): it read too slowly, or was offline.
+    local_dropped,
+    /// Persistent sessions ended because `broker.max_offline_sessions` were offline already.
+    sessions_evicted,
+    /// Persistent sessions ended because their MQTT 5 session expiry passed.
+    sessions_expired,
 }
 
 /// A shareable handle to the gateway's counters.
@@ -106,6 +116,11 @@ pub struct Gauges {
     pub buffered_events: AtomicU64,
     /// 1 while an upstream connection is up.
     pub upstream_connected: AtomicU64,
+    // Local fan-out (`ingest::local`).
+    /// Subscriptions held by local sessions (connected and offline).
+    pub local_subscriptions: AtomicU64,
+    /// Persistent sessions whose client is offline.
+    pub offline_sessions: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default)]
