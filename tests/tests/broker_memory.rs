@@ -51,7 +51,7 @@ impl Rss {
 }
 
 async fn gateway(upstream: &Mosquitto, data: &std::path::Path) -> GatewayProcess {
-    let mut gateway = GatewaySpec::new(data)
+    let gateway = GatewaySpec::new(data)
         .upstream(upstream.url())
         .config_toml("[broker]\nmax_connections = 2000\n")
         .start()
