@@ -121,6 +121,9 @@ pub struct Gauges {
     pub local_subscriptions: AtomicU64,
     /// Persistent sessions whose client is offline.
     pub offline_sessions: AtomicU64,
+    /// Signalled whenever `upstream_connected` changes, so `$SYS/outpost/upstream` follows at
+    /// once instead of at the next `broker.sys_interval`.
+    pub upstream_changed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -135,6 +138,12 @@ impl Metrics {
 
     pub fn gauges(&self) -> &Gauges {
         &self.inner.1
+    }
+
+    /// Sets `upstream_connected` and wakes whoever shows it (`$SYS/outpost/upstream`).
+    pub fn set_upstream_connected(&self, connected: bool) {
+        Metrics::set(&self.gauges().upstream_connected, u64::from(connected));
+        self.gauges().upstream_changed.notify_one();
     }
 
     pub fn set(gauge: &AtomicU64, v: u64) {

@@ -681,3 +681,46 @@ async fn a_persistent_shared_subscriber_leaving_a_delivery_unacknowledged_gets_i
         panic!("{failure}\n{}", gateway.tail());
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A sensor disconnected for a protocol error is named in the log: client id, peer and reason,
+// once per 10 s however often it happens (issue #19 §4; mosquitto logs the same facts).
+
+const PROTOCOL_LOG: &str = "a sensor broke the MQTT protocol";
+
+/// Connects as `client_id`, publishes to `topic` (an invalid one) and waits until the gateway
+/// closes the connection. Returns the client's address, as the gateway sees it.
+async fn break_the_protocol(addr: SocketAddr, client_id: &str, topic: &str) -> SocketAddr {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let local = stream.local_addr().expect("local address");
+    stream.write_all(&raw::connect_v311(client_id, 30)).await.expect("CONNECT");
+    stream.write_all(&raw::publish_v311(topic, 0, 0, false, b"x")).await.expect("PUBLISH");
+    let closed =
+        tokio::time::timeout(TIMEOUT, async { while raw::read_packet(&mut stream).await.is_ok() {} }).await;
+    assert!(closed.is_ok(), "the gateway closes {client_id}'s connection");
+    local
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_error_is_logged_once_with_client_id_peer_and_reason() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path()).start().await.expect("start the gateway");
+    let listen = gateway.listen();
+
+    let peer = break_the_protocol(listen, "plant-3/sensor-7", "plant-3/+/temperature").await;
+    let logged = gateway.wait_for_message(PROTOCOL_LOG, TIMEOUT).await.expect("the protocol error is logged");
+    let field = |name: &str| logged.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    assert_eq!(field("client_id"), "plant-3/sensor-7", "{logged}");
+    assert_eq!(field("peer"), peer.to_string(), "{logged}");
+    assert!(field("reason").contains("wildcards are not allowed"), "{logged}");
+    assert_eq!(field("level"), "WARN", "{logged}");
+
+    // Again, and with an empty topic: counted, folded into the next line rather than logged.
+    break_the_protocol(listen, "plant-3/sensor-8", "plant-3/#").await;
+    break_the_protocol(listen, "plant-3/sensor-9", "").await;
+    let status = gateway.terminate().await.expect("the gateway stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    assert_eq!(gateway.messages(PROTOCOL_LOG).len(), 1, "rate-limited to one line per 10 s");
+    let counters = gateway.final_counters().expect("final counters");
+    assert_eq!(counters.get("protocol_errors").copied(), Some(3), "{counters:?}");
+}

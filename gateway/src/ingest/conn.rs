@@ -227,6 +227,7 @@ pub(super) async fn serve(
     };
     let v5 = version == Version::V5;
     let mut session = Session::new(Arc::clone(&shared), codec, version, io, will);
+    session.peer = Some(peer);
 
     let bad_will = session.will.as_ref().and_then(|w| match std::str::from_utf8(&w.topic) {
         Ok(t) => invalid_topic(t),
@@ -346,6 +347,8 @@ struct Session {
     held: VecDeque<(u16, u8)>,
     /// QoS 2 packet ids acknowledged with PUBREC or waiting for it, until PUBREL.
     qos2: HashSet<u16>,
+    /// The client's address, for log lines about it.
+    peer: Option<SocketAddr>,
     /// This connection's serial (its claim on the session, see `local::Local::detach`).
     serial: u64,
     /// The session's delivery queue, once attached.
@@ -375,6 +378,7 @@ impl Session {
             acks: AckQueue::new(),
             held: VecDeque::new(),
             qos2: HashSet::new(),
+            peer: None,
             serial: 0,
             mailbox: None,
             sys_filters: Vec::new(),
@@ -817,13 +821,15 @@ impl Session {
             End::Oversize(size) => {
                 Metrics::add(&counters.oversize_disconnects, 1);
                 if let Some(folded) = self.shared.log_ready("oversize") {
-                    warn!(message = "a sensor sent a packet larger than broker.max_payload and its connection was closed; raise broker.max_payload or fix the sensor", client_id = %self.client_id, size, similar_since_last_log = folded);
+                    let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+                    warn!(message = "a sensor sent a packet larger than broker.max_payload and its connection was closed; raise broker.max_payload or fix the sensor", client_id = %self.client_id, %peer, size, similar_since_last_log = folded);
                 }
             }
             End::Protocol(why) | End::Malformed(why) => {
                 Metrics::add(&counters.protocol_errors, 1);
                 if let Some(folded) = self.shared.log_ready("protocol") {
-                    warn!(message = "a sensor broke the MQTT protocol and its connection was closed; fix the sensor's MQTT client", client_id = %self.client_id, reason = %why, similar_since_last_log = folded);
+                    let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+                    warn!(message = "a sensor broke the MQTT protocol and its connection was closed; fix the sensor's MQTT client", client_id = %self.client_id, %peer, reason = %why, similar_since_last_log = folded);
                 }
             }
             End::Keepalive => Metrics::add(&counters.keepalive_timeouts, 1),

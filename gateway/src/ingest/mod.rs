@@ -315,7 +315,8 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, cancel: Cancellation
     drop(shared);
 }
 
-/// Refreshes the `$SYS/outpost/…` topics every `broker.sys_interval`.
+/// Refreshes the `$SYS/outpost/…` topics every `broker.sys_interval`, and at once when the
+/// uplink goes up or down.
 async fn status(shared: Arc<Shared>, tx: watch::Sender<Status>, cancel: CancellationToken) {
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(shared.cfg.sys_interval);
@@ -335,6 +336,8 @@ async fn status(shared: Arc<Shared>, tx: watch::Sender<Status>, cancel: Cancella
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
+            // The uplink went up or down: `$SYS/outpost/upstream` must not wait for the tick.
+            () = g.upstream_changed.notified() => {}
         }
     }
     drop(shared);
