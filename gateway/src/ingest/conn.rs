@@ -293,15 +293,17 @@ pub(super) async fn serve(
     }
     session.client_id = client_id;
     // A session outlives its connection only when asked to: 3.1.1 clean session = false; MQTT 5
-    // clean start = false *and* a session expiry above 0 (absent means 0). An id Outpost
-    // assigned cannot be resumed by anyone, so its session would only leak.
+    // a session expiry above 0 (absent means 0), whatever clean start says (clean start only
+    // discards what was there before). An id Outpost assigned cannot be resumed by anyone, so
+    // its session would only leak.
     let expiry = props.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0);
-    session.clean = connect.clean_session || assigned || (v5 && expiry == 0);
+    session.clean = assigned || if v5 { expiry == 0 } else { connect.clean_session };
+    let clean_start = connect.clean_session || assigned;
     // MQTT 5: 0xFFFFFFFF means the session never expires.
     let session_expiry =
         if v5 && expiry != u32::MAX { Some(Duration::from_secs(u64::from(expiry))) } else { None };
     session.shared_id = Arc::from(session.client_id.as_str());
-    let session_present = session.attach(serial, session_expiry);
+    let session_present = session.attach(serial, clean_start, session_expiry);
     let props = v5.then(|| ConnAckProperties {
         max_qos: Some(1),
         retain_available: Some(1),
@@ -410,9 +412,9 @@ impl Session {
 
     /// Claims the client id's session (resumed if persistent and present); returns whether a
     /// session was present.
-    fn attach(&mut self, serial: u64, expiry: Option<Duration>) -> bool {
+    fn attach(&mut self, serial: u64, clean_start: bool, expiry: Option<Duration>) -> bool {
         self.serial = serial;
-        let attached = self.shared.local.attach(&self.shared_id, serial, !self.clean, expiry);
+        let attached = self.shared.local.attach(&self.shared_id, serial, clean_start, !self.clean, expiry);
         self.mailbox = Some(attached.mailbox);
         attached.present
     }

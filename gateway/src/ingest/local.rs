@@ -253,18 +253,25 @@ impl Local {
         Metrics::set(&g.offline_sessions, state.offline as u64);
     }
 
-    /// Claims `id`'s session for the connection `serial`: a clean one replaces whatever was
-    /// there; a persistent one resumes the session if there is one (with its queue and its
-    /// unacknowledged deliveries first).
-    pub fn attach(&self, id: &Arc<str>, serial: u64, persistent: bool, expiry: Option<Duration>) -> Attached {
+    /// Claims `id`'s session for the connection `serial`: a clean start ends whatever was
+    /// there; otherwise the session is resumed if there is one (with its queue and its
+    /// unacknowledged deliveries first). `persistent`: it outlives the connection.
+    pub fn attach(
+        &self,
+        id: &Arc<str>,
+        serial: u64,
+        clean_start: bool,
+        persistent: bool,
+        expiry: Option<Duration>,
+    ) -> Attached {
         let mut state = lock(&self.state);
-        if !persistent {
+        if clean_start {
             state.end_session(id);
         }
         if let Some(s) = state.sessions.get_mut(id) {
             let was_offline = s.owner.is_none();
             s.owner = Some(serial);
-            s.persistent = true;
+            s.persistent = persistent;
             s.expiry = expiry;
             s.offline_since = None;
             s.mailbox.set_online(true, Vec::new());
@@ -520,7 +527,7 @@ mod tests {
     async fn a_full_queue_makes_the_publisher_wait_once_then_drops_and_counts() {
         let l = local(2, 10);
         let id: Arc<str> = Arc::from("s");
-        let a = l.attach(&id, 1, false, None);
+        let a = l.attach(&id, 1, true, false, None);
         l.subscribe(&id, "t", 1).expect("subscribe");
         for n in 0..2 {
             assert_eq!(l.publish("t", &publish("t", &n.to_string()), 1, None, true).await, 1);
@@ -541,7 +548,7 @@ mod tests {
     async fn a_waiting_publisher_goes_on_when_the_reader_takes() {
         let l = Arc::new(local(1, 10));
         let id: Arc<str> = Arc::from("s");
-        let a = l.attach(&id, 1, false, None);
+        let a = l.attach(&id, 1, true, false, None);
         l.subscribe(&id, "t", 1).expect("subscribe");
         l.publish("t", &publish("t", "0"), 1, None, true).await;
         let publisher = {
@@ -559,7 +566,7 @@ mod tests {
     async fn a_persistent_session_keeps_its_subscriptions_and_qos1_queue_and_resends_first() {
         let l = local(10, 10);
         let id: Arc<str> = Arc::from("p");
-        let a = l.attach(&id, 1, true, None);
+        let a = l.attach(&id, 1, false, true, None);
         l.subscribe(&id, "$share/g/t", 1).expect("subscribe");
         l.publish("t", &publish("t", "sent"), 1, None, true).await;
         let mut inflight = Vec::new();
@@ -568,12 +575,12 @@ mod tests {
         l.detach(&id, 1, &a.mailbox, inflight);
         assert_eq!(l.publish("t", &publish("t", "q1"), 1, None, true).await, 1, "queued while offline");
         assert_eq!(l.publish("t", &publish("t", "q0"), 0, None, true).await, 0, "QoS 0 is not kept offline");
-        let b = l.attach(&id, 2, true, None);
+        let b = l.attach(&id, 2, false, true, None);
         assert!(b.present);
         assert_eq!(b.filters, ["$share/g/t"]);
         assert_eq!(drain(&b.mailbox), [("sent".to_owned(), 1, Some(7)), ("q1".to_owned(), 1, None)]);
         // A clean connect ends it: subscriptions and queue.
-        let c = l.attach(&id, 3, false, None);
+        let c = l.attach(&id, 3, true, false, None);
         assert!(!c.present);
         assert!(l.filters("p").is_empty());
         assert_eq!(l.publish("t", &publish("t", "x"), 1, None, true).await, 0);
@@ -583,11 +590,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_clean_start_discards_the_old_session_but_may_start_a_persistent_one() {
+        let l = local(10, 10);
+        let id: Arc<str> = Arc::from("p");
+        let a = l.attach(&id, 1, false, true, None);
+        l.subscribe(&id, "old", 1).expect("subscribe");
+        l.detach(&id, 1, &a.mailbox, Vec::new());
+        // MQTT 5 clean start 1 with a session expiry: a new session that outlives the connection.
+        let b = l.attach(&id, 2, true, true, Some(Duration::from_secs(60)));
+        assert!(!b.present);
+        assert!(l.filters("p").is_empty(), "the old session's subscriptions are gone");
+        l.subscribe(&id, "new", 1).expect("subscribe");
+        l.detach(&id, 2, &b.mailbox, Vec::new());
+        let c = l.attach(&id, 3, false, false, None);
+        assert!(c.present);
+        assert_eq!(c.filters, ["new"]);
+        // Resumed with session expiry 0: it ends with this connection.
+        l.detach(&id, 3, &c.mailbox, Vec::new());
+        assert!(l.filters("p").is_empty());
+        assert_eq!(lock(&l.state).offline, 0);
+    }
+
+    #[tokio::test]
     async fn offline_sessions_are_bounded_and_expire() {
         let l = local(10, 2);
         for (n, expiry) in [(1, None), (2, Some(Duration::from_secs(5))), (3, None)] {
             let id: Arc<str> = Arc::from(format!("p{n}"));
-            let a = l.attach(&id, n, true, expiry);
+            let a = l.attach(&id, n, false, true, expiry);
             l.subscribe(&id, "t", 1).expect("subscribe");
             l.detach(&id, n, &a.mailbox, Vec::new());
         }
@@ -604,8 +633,8 @@ mod tests {
         let l = local(10, 10);
         let on: Arc<str> = Arc::from("on");
         let off: Arc<str> = Arc::from("off");
-        let a = l.attach(&on, 1, false, None);
-        let b = l.attach(&off, 2, true, None);
+        let a = l.attach(&on, 1, true, false, None);
+        let b = l.attach(&off, 2, false, true, None);
         l.subscribe(&on, "$share/g/t", 1).expect("subscribe");
         l.subscribe(&off, "$share/g/t", 1).expect("subscribe");
         l.detach(&off, 2, &b.mailbox, Vec::new());
@@ -620,7 +649,7 @@ mod tests {
     fn a_session_holds_at_most_max_filters() {
         let l = local(10, 10);
         let id: Arc<str> = Arc::from("s");
-        l.attach(&id, 1, false, None);
+        l.attach(&id, 1, true, false, None);
         for n in 0..10 {
             l.subscribe(&id, &format!("f/{n}"), 0).expect("within the limit");
         }
