@@ -3,8 +3,8 @@
 //! Every struct denies unknown keys, so a typo fails start-up instead of silently falling back
 //! to a default. Durations and sizes are written in human units (`"500ms"`, `"64MiB"`). The
 //! whole config is validated once, by [`GatewayConfig::load`] / [`GatewayConfig::validate`];
-//! after that the pipeline trusts it. Operators never see `rumqttd::Config`: the
-//! [`crate::ingest`] stage maps [`BrokerConfig`] onto it in one place.
+//! after that the pipeline trusts it. Keys that were removed are refused with an error that
+//! says what replaced them, rather than as unknown.
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};

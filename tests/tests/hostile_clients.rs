@@ -2,12 +2,13 @@
 //! connection, never the gateway's uplink, its local fan-out or its ability to stop.
 //!
 //! These are Outpost-only, not conformance scenarios against mosquitto: what they check lives
-//! behind the broker (the store-and-forward uplink and its counters, the rumqttd router link
-//! every local delivery shares, the gateway's single pipeline thread and its shutdown), which
+//! behind the broker (the store-and-forward uplink and its counters, the local fan-out every
+//! delivery goes through, the gateway's single pipeline thread and its shutdown, its log), which
 //! mosquitto has no counterpart of. What a client can see of the same misbehaviour — the broker
 //! closing the connection of a client that publishes to a topic with U+0000, QoS 0 publishes
-//! reaching a QoS 1 subscriber past the router's 100 in-flight slots — is compared with
-//! mosquitto in `conformance.rs`.
+//! reaching a QoS 1 subscriber past 100 in-flight deliveries — is compared with mosquitto in
+//! `conformance.rs`. The reproducers of issue #20's crashes (rumqttd's router, since replaced)
+//! are here byte for byte.
 //!
 //! The misbehaving clients are hand-written ([`RawClient`], `outpost_e2e::raw`): rumqttc will
 //! not publish to a wildcard or U+0000 topic, use a topic alias the broker did not offer, put a
@@ -356,9 +357,10 @@ struct FanOut {
     protocol_errors: u64,
 }
 
-/// rumqttd's router disconnects the link a PUBLISH with a topic alias or a subscription
-/// identifier arrives on, and all local fan-out goes through one internal link; the gateway
-/// must refuse such a publish itself, so that delivery keeps working for everyone else.
+/// A PUBLISH with a topic alias the CONNACK did not offer, or with a subscription identifier
+/// (only a server may send one), is a protocol error: the sender's connection is closed, and
+/// delivery keeps working for everyone else. (rumqttd's router, which Outpost used for local
+/// fan-out until issue #20, disconnected the one internal link all deliveries shared for it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v5_publish_with_topic_alias_or_subscription_identifier_is_refused_and_fan_out_goes_on() {
     let data = tempfile::tempdir().expect("tempdir");
