@@ -256,3 +256,63 @@ async fn final_counters(mut gateway: GatewayProcess) -> std::collections::BTreeM
     assert!(status.success(), "exit status {status}\n{}", gateway.tail());
     gateway.final_counters().expect("final counters")
 }
+
+/// `n` distinct persistent (clean session 0) clients (`n` a multiple of `parallel`), `parallel`
+/// at a time, each subscribing and disconnecting: each leaves an offline session behind.
+async fn persistent_clients(addr: SocketAddr, prefix: &'static str, n: usize, parallel: usize) {
+    let per_worker = n / parallel;
+    let mut workers = Vec::new();
+    for w in 0..parallel {
+        workers.push(tokio::spawn(async move {
+            for i in 0..per_worker {
+                let id = format!("{prefix}-{w}-{i}");
+                // CONNECT 3.1.1 with clean session 0: the flags byte after the keepalive.
+                let mut connect = raw::connect_v311(&id, 60);
+                connect[9] = 0x00;
+                let mut client = RawClient::connect(addr, "persistent", &connect).await.expect("accepted");
+                client
+                    .send(&raw::subscribe_v311(1, &format!("persistent/{id}/#"), 1))
+                    .await
+                    .expect("SUBSCRIBE");
+                let suback = client.read(TIMEOUT).await;
+                assert!(matches!(suback, RawRead::Packet { first_byte: 0x90, .. }), "{suback:?}");
+                client.send(&[0xe0, 0x00]).await.expect("DISCONNECT");
+                let _ = client.read(TIMEOUT).await;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.expect("worker");
+    }
+}
+
+/// Persistent sessions outlive their connections, so they are bounded by
+/// `broker.max_offline_sessions`: beyond it the one offline longest is ended and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_persistent_sessions_are_bounded_by_config() {
+    if !require_mosquitto() {
+        return;
+    }
+    const KEPT: usize = 100;
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path())
+        .upstream(upstream.url())
+        .config_toml(format!("[broker]\nmax_offline_sessions = {KEPT}\n"))
+        .start()
+        .await
+        .expect("start the gateway");
+    gateway.wait_for_message("connected upstream", TIMEOUT).await.expect("the uplink connects");
+    let listen = gateway.listen();
+    persistent_clients(listen, "warm", 2_000, 16).await;
+    let start = gateway.rss_kib().expect("RSS");
+    persistent_clients(listen, "many", 4_800, 16).await;
+    let end = gateway.rss_kib().expect("RSS");
+    Rss { start, peak: end, end }.check("4,800 persistent sessions (100 kept)", &gateway);
+    let status = gateway.terminate().await.expect("the gateway stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    let counters = gateway.final_counters().expect("final counters");
+    assert_eq!(counters.get("sessions_evicted").copied(), Some((6_800 - KEPT) as u64), "{counters:?}");
+    let warned = gateway.messages("a persistent session was ended");
+    assert!(!warned.is_empty() && warned.len() < 10, "logged, rate-limited: {} lines", warned.len());
+}
