@@ -688,18 +688,14 @@ impl Session {
             if !protocol::valid_filter(&filter.path) {
                 codes.push(refused(false));
             } else if filter.path.starts_with("$SYS") {
-                if !self.sys_filters.contains(&filter.path) {
-                    if self.sys_filters.len() >= super::MAX_FILTERS {
+                if !self.sys_filters.contains(&filter.path) && !new_sys.contains(&filter.path) {
+                    if self.sys_filters.len() + new_sys.len() >= super::MAX_FILTERS {
                         codes.push(refused(true));
                         continue;
                     }
                     new_sys.push(filter.path);
                 }
                 codes.push(SubscribeReasonCode::Success(codec::qos(0)));
-            } else if filter.path.starts_with('$') && !filter.path.starts_with("$share/") {
-                // Nothing publishes there (publishes to `$` topics are local only, and none
-                // is made); granted, as mosquitto does.
-                codes.push(SubscribeReasonCode::Success(codec::qos(qos)));
             } else {
                 match self.shared.local.subscribe(&self.shared_id, &filter.path, qos) {
                     Ok(()) => {
