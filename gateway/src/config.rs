@@ -3,8 +3,8 @@
 //! Every struct denies unknown keys, so a typo fails start-up instead of silently falling back
 //! to a default. Durations and sizes are written in human units (`"500ms"`, `"64MiB"`). The
 //! whole config is validated once, by [`GatewayConfig::load`] / [`GatewayConfig::validate`];
-//! after that the pipeline trusts it. Operators never see `rumqttd::Config`: the
-//! [`crate::ingest`] stage maps [`BrokerConfig`] onto it in one place.
+//! after that the pipeline trusts it. Keys that were removed are refused with an error that
+//! says what replaced them, rather than as unknown.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -100,14 +100,6 @@ pub struct BrokerConfig {
     /// How long a new TCP connection may take to send its CONNECT.
     #[serde(default = "default_connection_timeout", with = "humantime_serde")]
     pub connection_timeout: Duration,
-    /// Size of one segment of the broker's in-memory ring per topic filter.
-    #[serde(default = "default_ring_segment_size")]
-    pub ring_segment_size: ByteSize,
-    /// Segments kept per filter before the oldest is dropped. Ingest must stay within
-    /// `ring_segment_size × (ring_segments + 1)` of the newest event or it loses events;
-    /// that loss is detected and counted.
-    #[serde(default = "default_ring_segments")]
-    pub ring_segments: NonZeroUsize,
     /// Topics with more levels are refused at ingest (MQTT 5: PUBACK 0x90; 3.1.1: the
     /// connection is closed, as mosquitto does). The default is EMQX's; mosquitto takes 201.
     /// Set it to the upstream broker's limit: a topic it refuses would cost that event.
@@ -116,6 +108,23 @@ pub struct BrokerConfig {
     /// Topics longer than this (bytes) are refused at ingest, like `max_topic_levels`.
     #[serde(default = "default_max_topic_length")]
     pub max_topic_length: usize,
+    /// Deliveries queued per local session (connected or offline) at most. A connected
+    /// subscriber whose queue is full slows its publishers down briefly, then misses
+    /// deliveries (counted `local_dropped`); an offline persistent session misses QoS ≥ 1
+    /// deliveries beyond it (QoS 0 is not queued offline).
+    #[serde(default = "default_max_queued_messages")]
+    pub max_queued_messages: NonZeroUsize,
+    /// Persistent sessions (3.1.1 clean session 0, MQTT 5 session expiry > 0) kept while their
+    /// client is offline, at most; beyond it the one offline longest is ended (counted
+    /// `sessions_evicted`).
+    #[serde(default = "default_max_offline_sessions")]
+    pub max_offline_sessions: usize,
+    /// Removed with rumqttd's router (refused with an error that says so).
+    #[serde(default)]
+    pub ring_segment_size: Option<toml::Value>,
+    /// Removed with rumqttd's router (refused with an error that says so).
+    #[serde(default)]
+    pub ring_segments: Option<toml::Value>,
 }
 
 /// The upstream MQTT broker that events are relayed to.
@@ -345,11 +354,11 @@ fn default_max_payload() -> ByteSize {
 fn default_connection_timeout() -> Duration {
     Duration::from_secs(5)
 }
-fn default_ring_segment_size() -> ByteSize {
-    ByteSize::mib(1)
+fn default_max_queued_messages() -> NonZeroUsize {
+    NonZeroUsize::new(1000).expect("non-zero literal")
 }
-fn default_ring_segments() -> NonZeroUsize {
-    NonZeroUsize::new(4).expect("non-zero literal")
+fn default_max_offline_sessions() -> usize {
+    1000
 }
 fn default_client_id() -> String {
     "outpost".to_owned()
@@ -416,10 +425,12 @@ impl Default for BrokerConfig {
             max_connections: default_max_connections(),
             max_payload: default_max_payload(),
             connection_timeout: default_connection_timeout(),
-            ring_segment_size: default_ring_segment_size(),
-            ring_segments: default_ring_segments(),
             max_topic_levels: default_max_topic_levels(),
             max_topic_length: default_max_topic_length(),
+            max_queued_messages: default_max_queued_messages(),
+            max_offline_sessions: default_max_offline_sessions(),
+            ring_segment_size: None,
+            ring_segments: None,
         }
     }
 }
@@ -588,13 +599,6 @@ impl GatewayConfig {
                 "must be at least 1s",
             );
         }
-        if self.broker.ring_segment_size.as_u64() < self.broker.max_payload.as_u64() {
-            invalid(
-                "broker.ring_segment_size",
-                self.broker.ring_segment_size.to_string(),
-                "must be at least broker.max_payload, or one large message fills a whole segment",
-            );
-        }
         if self.broker.max_topic_levels == 0 || self.broker.max_topic_levels > 32_768 {
             invalid(
                 "broker.max_topic_levels",
@@ -608,6 +612,19 @@ impl GatewayConfig {
                 self.broker.max_topic_length.to_string(),
                 "must be between 1 and 65535 (MQTT's limit, in bytes); set it to the upstream broker's limit",
             );
+        }
+        for (key, value) in [
+            ("broker.ring_segment_size", &self.broker.ring_segment_size),
+            ("broker.ring_segments", &self.broker.ring_segments),
+        ] {
+            if let Some(value) = value {
+                invalid(
+                    key,
+                    value.to_string(),
+                    "this key was removed with rumqttd's router: local subscribers now have a queue of \
+                     broker.max_queued_messages deliveries each (default 1000); delete the key",
+                );
+            }
         }
         if let Some(up) = &self.upstream {
             if !(1..=100).contains(&up.poison_after) {
@@ -927,6 +944,21 @@ mod tests {
         );
         let err = parse_err("[upstream]\nurl = \"http://x:1\"\n");
         assert!(err.contains("unknown scheme `http`; expected mqtt://host:port"), "{err}");
+    }
+
+    #[test]
+    fn the_router_ring_keys_are_refused_with_what_replaced_them() {
+        for (text, key) in [
+            ("[broker]\nring_segment_size = \"1MiB\"\n", "`broker.ring_segment_size` = \"\\\"1MiB\\\"\""),
+            ("[broker]\nring_segments = 4\n", "`broker.ring_segments` = \"4\""),
+        ] {
+            let err = parse_err(text);
+            assert!(
+                err.starts_with(&format!("outpost.toml: {key} is invalid: this key was removed")),
+                "{err}"
+            );
+            assert!(err.contains("broker.max_queued_messages"), "{err}");
+        }
     }
 
     #[test]

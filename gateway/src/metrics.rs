@@ -110,6 +110,16 @@ counters! {
     /// Events the upstream closed the link over `upstream.poison_after` times in a row: moved
     /// to the dead-letter store and deleted from the buffer, so the events behind them go on.
     upstream_poison,
+    // Local fan-out (`ingest::local`).
+    /// Deliveries written to local subscribers (QoS 1 resends included).
+    local_delivered,
+    /// Deliveries to local subscribers dropped because the subscriber's queue was full
+    /// (`broker.max_queued_messages`): it read too slowly, or was offline.
+    local_dropped,
+    /// Persistent sessions ended because `broker.max_offline_sessions` were offline already.
+    sessions_evicted,
+    /// Persistent sessions ended because their MQTT 5 session expiry passed.
+    sessions_expired,
 }
 
 /// A shareable handle to the gateway's counters.
@@ -121,6 +131,14 @@ pub struct Gauges {
     pub buffered_events: AtomicU64,
     /// 1 while an upstream connection is up.
     pub upstream_connected: AtomicU64,
+    // Local fan-out (`ingest::local`).
+    /// Subscriptions held by local sessions (connected and offline).
+    pub local_subscriptions: AtomicU64,
+    /// Persistent sessions whose client is offline.
+    pub offline_sessions: AtomicU64,
+    /// Signalled whenever `upstream_connected` changes, so `$SYS/outpost/upstream` follows at
+    /// once instead of at the next `broker.sys_interval`.
+    pub upstream_changed: tokio::sync::Notify,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -135,6 +153,12 @@ impl Metrics {
 
     pub fn gauges(&self) -> &Gauges {
         &self.inner.1
+    }
+
+    /// Sets `upstream_connected` and wakes whoever shows it (`$SYS/outpost/upstream`).
+    pub fn set_upstream_connected(&self, connected: bool) {
+        Metrics::set(&self.gauges().upstream_connected, u64::from(connected));
+        self.gauges().upstream_changed.notify_one();
     }
 
     pub fn set(gauge: &AtomicU64, v: u64) {

@@ -3,11 +3,6 @@
 //! Text is coloured only when stderr is a terminal: a file or journald gets plain text. In
 //! JSON, the `counters` summary (`name=value …`) becomes an object of numbers, so a log
 //! pipeline can read `counters.upstream_failures` without parsing a string.
-//!
-//! rumqttd 0.20.0 logs every ordinary client disconnect at ERROR level, and every cursor jump
-//! over dropped data at WARN. Those events are recognised by their source line (the version is
-//! pinned) and dropped, so an ERROR in Outpost's log always means something needs attention.
-//! Listener failures from the same file are kept.
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -15,63 +10,21 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::field::{Field, Visit};
-use tracing::{Event, Metadata, Subscriber};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::Layer;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
-use tracing_subscriber::layer::Context;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 
 use crate::config::LogFormat;
 
-/// Source lines in rumqttd 0.20.0 that are noise for an Outpost operator:
-/// - an ordinary client going away, logged at ERROR: in `server/broker.rs` connect-packet
-///   errors, link errors, "connection-stop", "router-drop", "disconnected"; in
-///   `router/routing.rs` "no-connection id … is already gone", "Connection is already
-///   disconnected";
-/// - a reader's cursor jumping over dropped segments, logged at WARN for every jump:
-///   `segments/mod.rs` "jumping to head"/"jumping" and `router/routing.rs` "Read cursor start
-///   jumped". Only local subscribers read the router's rings now (see ARCHITECTURE.md,
-///   known limits).
-const RUMQTTD_NOISE: [(&str, &[u32]); 3] = [
-    ("rumqttd::server::broker", &[512, 566, 577, 581, 592]),
-    ("rumqttd::router::routing", &[416, 436, 539, 1006, 1516]),
-    ("rumqttd::segments", &[188, 200]),
-];
-
-fn is_rumqttd_noise(meta: &Metadata<'_>) -> bool {
-    RUMQTTD_NOISE
-        .iter()
-        .any(|(target, lines)| meta.target() == *target && meta.line().is_some_and(|l| lines.contains(&l)))
-}
-
-/// The one global layer in front of every output: drops rumqttd's noise (see
-/// [`RUMQTTD_NOISE`]) and its per-publish spans for all layers, and counts what matters in
-/// the events it drops.
-struct RumqttdWatch;
-
-impl<S: Subscriber> Layer<S> for RumqttdWatch {
-    fn enabled(&self, meta: &Metadata<'_>, _ctx: Context<'_, S>) -> bool {
-        // rumqttd opens an ERROR-level span for every publish it routes (measured: ~3% of the
-        // gateway's CPU at 10k events/s spent formatting topics into spans nobody reads).
-        !(meta.is_span() && meta.target().starts_with("rumqttd"))
-    }
-
-    fn event_enabled(&self, event: &Event<'_>, _ctx: Context<'_, S>) -> bool {
-        !is_rumqttd_noise(event.metadata())
-    }
-}
-
-/// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`. rumqttd's own
-/// chatter is capped at WARN unless the filter names it.
+/// Installs the global subscriber. `RUST_LOG`, when set, overrides `level`.
 pub fn init(format: LogFormat, level: &str) {
-    let default = format!("{level},rumqttd=warn");
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let registry = tracing_subscriber::registry().with(RumqttdWatch).with(filter);
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Text => registry
             .with(

@@ -469,7 +469,7 @@ pub async fn run(
             Ok((stream, params, inbuf)) => {
                 let since = tokio::time::Instant::now();
                 Metrics::add(&counters.upstream_connects, 1);
-                Metrics::set(&metrics.gauges().upstream_connected, 1);
+                metrics.set_upstream_connected(true);
                 info!(message = "connected upstream", upstream = %cfg.url, generation, receive_max = params.receive_max);
                 let (ended, end) = oneshot::channel();
                 let link = Link { generation, stream, params, inbuf, ended: Some(ended) };
@@ -482,7 +482,7 @@ pub async fn run(
                     },
                     false => None,
                 };
-                Metrics::set(&metrics.gauges().upstream_connected, 0);
+                metrics.set_upstream_connected(false);
                 let Some(end) = end else { return };
                 if since.elapsed() >= HEALTHY_CONNECTION {
                     backoff.reset();

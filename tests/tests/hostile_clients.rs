@@ -2,12 +2,13 @@
 //! connection, never the gateway's uplink, its local fan-out or its ability to stop.
 //!
 //! These are Outpost-only, not conformance scenarios against mosquitto: what they check lives
-//! behind the broker (the store-and-forward uplink and its counters, the rumqttd router link
-//! every local delivery shares, the gateway's single pipeline thread and its shutdown), which
+//! behind the broker (the store-and-forward uplink and its counters, the local fan-out every
+//! delivery goes through, the gateway's single pipeline thread and its shutdown, its log), which
 //! mosquitto has no counterpart of. What a client can see of the same misbehaviour — the broker
 //! closing the connection of a client that publishes to a topic with U+0000, QoS 0 publishes
-//! reaching a QoS 1 subscriber past the router's 100 in-flight slots — is compared with
-//! mosquitto in `conformance.rs`.
+//! reaching a QoS 1 subscriber past 100 in-flight deliveries — is compared with mosquitto in
+//! `conformance.rs`. The reproducers of issue #20's crashes (rumqttd's router, since replaced)
+//! are here byte for byte.
 //!
 //! The misbehaving clients are hand-written ([`RawClient`], `outpost_e2e::raw`): rumqttc will
 //! not publish to a wildcard or U+0000 topic, use a topic alias the broker did not offer, put a
@@ -356,9 +357,10 @@ struct FanOut {
     protocol_errors: u64,
 }
 
-/// rumqttd's router disconnects the link a PUBLISH with a topic alias or a subscription
-/// identifier arrives on, and all local fan-out goes through one internal link; the gateway
-/// must refuse such a publish itself, so that delivery keeps working for everyone else.
+/// A PUBLISH with a topic alias the CONNACK did not offer, or with a subscription identifier
+/// (only a server may send one), is a protocol error: the sender's connection is closed, and
+/// delivery keeps working for everyone else. (rumqttd's router, which Outpost used for local
+/// fan-out until issue #20, disconnected the one internal link all deliveries shared for it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_v5_publish_with_topic_alias_or_subscription_identifier_is_refused_and_fan_out_goes_on() {
     let data = tempfile::tempdir().expect("tempdir");
@@ -477,4 +479,250 @@ async fn a_subscriber_that_stops_reading_is_dropped_after_its_keepalive() {
     assert!(status.success(), "exit status {status}\n{}", gateway.tail());
     let counters = gateway.final_counters().expect("final counters");
     assert_eq!(counters.get("keepalive_timeouts").copied(), Some(1), "{counters:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue #20's crashes: each reproducer, byte for byte, then the gateway must still acknowledge
+// and relay, and stop cleanly. (With rumqttd's router, each aborted the gateway.)
+
+/// Events published after a reproducer; all must be acknowledged and arrive upstream.
+const AFTER_CRASH: usize = 20;
+
+/// CONNECT 3.1.1, clean session, keepalive 60 s, client id "r".
+const CONNECT_R: [u8; 15] =
+    [0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x02, 0x00, 0x3c, 0x00, 0x01, b'r'];
+/// SUBSCRIBE packet id 1, "#" at QoS 0.
+const SUBSCRIBE_ALL: [u8; 8] = [0x82, 0x06, 0x00, 0x01, 0x00, 0x01, b'#', 0x00];
+/// PUBLISH QoS 0 to "ü" (U+00FC, two bytes in UTF-8), empty payload.
+const PUBLISH_U_UMLAUT: [u8; 6] = [0x30, 0x04, 0x00, 0x02, 0xc3, 0xbc];
+/// CONNECT 3.1.1, clean session 0 (persistent), keepalive 60 s, client id "p".
+const CONNECT_P: [u8; 15] =
+    [0x10, 0x0d, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0x00, 0x00, 0x3c, 0x00, 0x01, b'p'];
+/// SUBSCRIBE packet id 1, "$share/g/t" at QoS 1.
+const SUBSCRIBE_SHARED: [u8; 17] =
+    [0x82, 0x0f, 0x00, 0x01, 0x00, 0x0a, b'$', b's', b'h', b'a', b'r', b'e', b'/', b'g', b'/', b't', 0x01];
+/// PUBLISH QoS 1, packet id 1, topic "t", empty payload.
+const PUBLISH_T_QOS1: [u8; 7] = [0x32, 0x05, 0x00, 0x01, b't', 0x00, 0x01];
+
+/// A PUBLISH as a raw client read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RawPublish {
+    topic: String,
+    qos: u8,
+    dup: bool,
+    packet_id: Option<u16>,
+    payload: Vec<u8>,
+}
+
+impl RawPublish {
+    fn parse(first_byte: u8, body: &[u8]) -> Option<RawPublish> {
+        if first_byte >> 4 != packet_type::PUBLISH {
+            return None;
+        }
+        let qos = (first_byte >> 1) & 0b11;
+        let topic_length = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+        let topic = String::from_utf8(body.get(2..2 + topic_length)?.to_vec()).ok()?;
+        let (packet_id, rest) =
+            if qos > 0 { (packet_id(body), 4 + topic_length) } else { (None, 2 + topic_length) };
+        Some(RawPublish {
+            topic,
+            qos,
+            dup: first_byte & 0x08 != 0,
+            packet_id,
+            payload: body.get(rest..)?.to_vec(),
+        })
+    }
+}
+
+/// Reads until a PUBLISH arrives (other packets, e.g. PUBACKs, are skipped); `None` if the
+/// connection closed or nothing came within [`TIMEOUT`].
+async fn next_publish(client: &mut RawClient) -> Option<RawPublish> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match client.read(deadline.saturating_duration_since(Instant::now())).await {
+            outpost_e2e::conformance::RawRead::Packet { first_byte, body } => {
+                if let Some(publish) = RawPublish::parse(first_byte, &body) {
+                    return Some(publish);
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// After a reproducer: a fresh sensor's QoS 1 events are all acknowledged and arrive upstream
+/// in order, and the gateway exits 0 on SIGTERM. Returns what failed, if anything.
+async fn still_serving(
+    gateway: &mut outpost_e2e::gateway::GatewayProcess,
+    upstream: &mut Subscriber,
+    topic: &str,
+) -> Result<(), String> {
+    let payloads: Vec<String> = (0..AFTER_CRASH).map(|n| format!("{{\"n\":{n}}}")).collect();
+    let bytes = payloads.iter().map(|p| p.clone().into_bytes());
+    publish_qos1(gateway.listen(), "after-crash", topic, bytes, TIMEOUT)
+        .await
+        .map_err(|e| format!("the events after the reproducer: {e:#}"))?;
+    upstream.wait_for_count(AFTER_CRASH as u64, TIMEOUT).await.map_err(|e| format!("upstream: {e:#}"))?;
+    let arrived: Vec<(String, String)> =
+        upstream.messages().into_iter().map(|(t, p)| (t, String::from_utf8_lossy(&p).into_owned())).collect();
+    let expected: Vec<(String, String)> = payloads.into_iter().map(|p| (topic.to_owned(), p)).collect();
+    if arrived != expected {
+        return Err(format!("upstream got {arrived:?}, expected {expected:?}"));
+    }
+    let status = gateway.terminate().await.map_err(|e| format!("SIGTERM: {e:#}"))?;
+    if !status.success() {
+        return Err(format!("exit status {status}"));
+    }
+    Ok(())
+}
+
+/// Issue #20, crash 1: rumqttd's `matches()` sliced `topic[..1]`, which panics on a topic whose
+/// first character is not ASCII, as soon as a `#` subscription existed. Non-ASCII topics under
+/// every kind of wildcard are delivered like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_ascii_topic_under_a_wildcard_subscription_is_delivered_and_the_gateway_stays_up() {
+    if !require_mosquitto() {
+        return;
+    }
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let mut upstream_sub =
+        Subscriber::start(upstream.addr(), "after/#", Session::Clean).await.expect("subscribe upstream");
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway =
+        GatewaySpec::new(data.path()).upstream(upstream.url()).start().await.expect("start the gateway");
+    gateway.wait_for_message("connected upstream", TIMEOUT).await.expect("the uplink connects");
+    let listen = gateway.listen();
+
+    let mut plus = Recorder::start(listen, "+/salon", QoS::AtLeastOnce).await.expect("subscribe +/salon");
+    let mut deep = Recorder::start(listen, "site/+/#", QoS::AtMostOnce).await.expect("subscribe site/+/#");
+    let mut client = RawClient::connect(listen, "r", &CONNECT_R)
+        .await
+        .unwrap_or_else(|outcome| panic!("r is accepted: {outcome:?}\n{}", gateway.tail()));
+    client.send(&SUBSCRIBE_ALL).await.expect("SUBSCRIBE #");
+    assert_eq!(client.answer().await, Answer::Packet { packet_type: packet_type::SUBACK });
+    client.send(&PUBLISH_U_UMLAUT).await.expect("PUBLISH ü");
+    let echoed = next_publish(&mut client).await;
+    assert_eq!(
+        echoed,
+        Some(RawPublish { topic: "ü".to_owned(), qos: 0, dup: false, packet_id: None, payload: Vec::new() }),
+        "the `#` subscriber gets its own publish to ü\n{}",
+        gateway.tail()
+    );
+    for (topic, payload) in [("température/salon", "21.5"), ("site/温度/1", "22"), ("€", "x")] {
+        publish_qos1(listen, "non-ascii", topic, [payload.as_bytes().to_vec()], TIMEOUT)
+            .await
+            .unwrap_or_else(|e| panic!("publish to {topic}: {e:#}\n{}", gateway.tail()));
+    }
+    let mut under_all = Vec::new();
+    while under_all.len() < 3 {
+        match next_publish(&mut client).await {
+            Some(p) => under_all.push(p.topic),
+            None => break,
+        }
+    }
+    assert_eq!(under_all, ["température/salon", "site/温度/1", "€"], "`#` matches non-ASCII topics");
+    let got = plus.wait_until(TIMEOUT, |m| !m.is_empty()).await;
+    assert_eq!(got, [Received::new("température/salon", "21.5", 1, false)]);
+    let got = deep.wait_until(TIMEOUT, |m| !m.is_empty()).await;
+    assert_eq!(got, [Received::new("site/温度/1", "22", 0, false)]);
+
+    if let Err(failure) = still_serving(&mut gateway, &mut upstream_sub, "after/umlaut").await {
+        panic!("{failure}\n{}", gateway.tail());
+    }
+}
+
+/// Issue #20, crash 2: a persistent session alone in a shared-subscription group that left
+/// with a delivery unacknowledged made rumqttd's router panic ("group must exists"). Its
+/// session is kept: on reconnect the delivery comes again (DUP), and the group goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_persistent_shared_subscriber_leaving_a_delivery_unacknowledged_gets_it_again() {
+    if !require_mosquitto() {
+        return;
+    }
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let mut upstream_sub =
+        Subscriber::start(upstream.addr(), "after/#", Session::Clean).await.expect("subscribe upstream");
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway =
+        GatewaySpec::new(data.path()).upstream(upstream.url()).start().await.expect("start the gateway");
+    gateway.wait_for_message("connected upstream", TIMEOUT).await.expect("the uplink connects");
+    let listen = gateway.listen();
+
+    let mut client = RawClient::connect(listen, "p", &CONNECT_P)
+        .await
+        .unwrap_or_else(|outcome| panic!("p is accepted: {outcome:?}\n{}", gateway.tail()));
+    client.send(&SUBSCRIBE_SHARED).await.expect("SUBSCRIBE $share/g/t");
+    assert_eq!(client.answer().await, Answer::Packet { packet_type: packet_type::SUBACK });
+    client.send(&PUBLISH_T_QOS1).await.expect("PUBLISH t");
+    let first = next_publish(&mut client).await.expect("the delivery to the group's one member");
+    assert_eq!((first.topic.as_str(), first.qos, first.dup), ("t", 1, false), "{first:?}");
+    // Never acknowledged: the socket closes with the delivery in flight.
+    drop(client);
+
+    // The router's abort happened here; the gateway now keeps the session.
+    let mut client = RawClient::connect(listen, "p", &CONNECT_P)
+        .await
+        .unwrap_or_else(|outcome| panic!("p reconnects: {outcome:?}\n{}", gateway.tail()));
+    assert_eq!(client.connack().first(), Some(&1), "session present\n{}", gateway.tail());
+    let again = next_publish(&mut client).await.expect("the unacknowledged delivery again");
+    assert_eq!(
+        (again.topic.as_str(), again.qos, again.dup, again.packet_id),
+        ("t", 1, true, first.packet_id),
+        "redelivered with DUP and its packet id: {again:?}"
+    );
+    let mut puback = vec![0x40, 0x02];
+    puback.extend_from_slice(&again.packet_id.unwrap_or(0).to_be_bytes());
+    client.send(&puback).await.expect("PUBACK");
+    // The group still has its member: a publish from someone else reaches it.
+    publish_qos1(listen, "group-feeder", "t", [b"next".to_vec()], TIMEOUT).await.expect("publish to t");
+    let next = next_publish(&mut client).await.expect("the next delivery to the group");
+    assert_eq!((next.topic.as_str(), next.payload.as_slice(), next.dup), ("t", &b"next"[..], false));
+    drop(client);
+
+    if let Err(failure) = still_serving(&mut gateway, &mut upstream_sub, "after/shared").await {
+        panic!("{failure}\n{}", gateway.tail());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A sensor disconnected for a protocol error is named in the log: client id, peer and reason,
+// once per 10 s however often it happens (issue #19 §4; mosquitto logs the same facts).
+
+const PROTOCOL_LOG: &str = "a sensor broke the MQTT protocol";
+
+/// Connects as `client_id`, publishes to `topic` (an invalid one) and waits until the gateway
+/// closes the connection. Returns the client's address, as the gateway sees it.
+async fn break_the_protocol(addr: SocketAddr, client_id: &str, topic: &str) -> SocketAddr {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let local = stream.local_addr().expect("local address");
+    stream.write_all(&raw::connect_v311(client_id, 30)).await.expect("CONNECT");
+    stream.write_all(&raw::publish_v311(topic, 0, 0, false, b"x")).await.expect("PUBLISH");
+    let closed =
+        tokio::time::timeout(TIMEOUT, async { while raw::read_packet(&mut stream).await.is_ok() {} }).await;
+    assert!(closed.is_ok(), "the gateway closes {client_id}'s connection");
+    local
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protocol_error_is_logged_once_with_client_id_peer_and_reason() {
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path()).start().await.expect("start the gateway");
+    let listen = gateway.listen();
+
+    let peer = break_the_protocol(listen, "plant-3/sensor-7", "plant-3/+/temperature").await;
+    let logged = gateway.wait_for_message(PROTOCOL_LOG, TIMEOUT).await.expect("the protocol error is logged");
+    let field = |name: &str| logged.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    assert_eq!(field("client_id"), "plant-3/sensor-7", "{logged}");
+    assert_eq!(field("peer"), peer.to_string(), "{logged}");
+    assert!(field("reason").contains("wildcards are not allowed"), "{logged}");
+    assert_eq!(field("level"), "WARN", "{logged}");
+
+    // Again, and with an empty topic: counted, folded into the next line rather than logged.
+    break_the_protocol(listen, "plant-3/sensor-8", "plant-3/#").await;
+    break_the_protocol(listen, "plant-3/sensor-9", "").await;
+    let status = gateway.terminate().await.expect("the gateway stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    assert_eq!(gateway.messages(PROTOCOL_LOG).len(), 1, "rate-limited to one line per 10 s");
+    let counters = gateway.final_counters().expect("final counters");
+    assert_eq!(counters.get("protocol_errors").copied(), Some(3), "{counters:?}");
 }

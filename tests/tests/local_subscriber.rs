@@ -1,8 +1,9 @@
-//! A documented limit (ARCHITECTURE.md, "Known limits"): rumqttd's router, which Outpost uses
-//! for local fan-out, skips a local subscriber ahead when it falls behind its ring, so that
-//! subscriber loses deliveries. What Outpost guarantees around it, and this test checks: the
-//! upstream path is unaffected — every acknowledged event arrives upstream while a local
-//! subscriber has stopped reading — and the stalled subscriber still gets the newest message.
+//! A local subscriber that stops reading (ARCHITECTURE.md, "Local fan-out"): its queue of
+//! `broker.max_queued_messages` fills, its publishers wait once for a bounded time, then its
+//! deliveries are dropped and counted (`local_dropped`) — never skipped silently. What this
+//! checks: the upstream path is unaffected (every acknowledged event arrives upstream while the
+//! subscriber has stopped), what the subscriber does get arrives in order without duplicates,
+//! every delivery it missed is counted, and once it reads again it gets new messages.
 
 use std::time::Duration;
 
@@ -13,12 +14,17 @@ use outpost_e2e::require_mosquitto;
 use outpost_e2e::upstream::Mosquitto;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
 
 const PUBLISHERS: usize = 4;
 const PER_PUBLISHER: usize = 2_500;
 const PAYLOAD: usize = 1_000;
+const MAX_QUEUED: usize = 100;
 const TIMEOUT: Duration = Duration::from_secs(60);
 const MARKER: &str = "sensors/marker";
+/// Markers published at most, one after another, until the subscriber has drained its backlog
+/// and one gets through.
+const MARKERS: usize = 30;
 
 /// Connects a QoS 0 subscriber to `sensors/#` with a small receive buffer, then stops reading.
 async fn stalled_subscriber(gateway: std::net::SocketAddr) -> TcpStream {
@@ -26,10 +32,7 @@ async fn stalled_subscriber(gateway: std::net::SocketAddr) -> TcpStream {
     socket.set_recv_buffer_size(4096).expect("small receive buffer");
     let mut stream = socket.connect(gateway).await.expect("connect");
     stream.write_all(&raw::connect_v311("stalled/dashboard", 60)).await.expect("CONNECT");
-    let mut subscribe = vec![0, 1];
-    raw::put_str(&mut subscribe, "sensors/#");
-    subscribe.push(0);
-    stream.write_all(&raw::packet(0x82, &subscribe)).await.expect("SUBSCRIBE");
+    stream.write_all(&raw::subscribe_v311(1, "sensors/#", 0)).await.expect("SUBSCRIBE");
     let (connack, body) = raw::read_packet(&mut stream).await.expect("CONNACK");
     assert_eq!((connack, body), (0x20, vec![0, 0]), "connection accepted");
     let (suback, _) = raw::read_packet(&mut stream).await.expect("SUBACK");
@@ -37,23 +40,37 @@ async fn stalled_subscriber(gateway: std::net::SocketAddr) -> TcpStream {
     stream
 }
 
+/// Every PUBLISH the subscriber reads, as `(topic, payload)`, in order.
+async fn read_all(mut stream: TcpStream, seen: watch::Sender<Vec<(String, String)>>) {
+    while let Ok((first, body)) = raw::read_packet(&mut stream).await {
+        if first >> 4 != 3 || body.len() < 2 {
+            continue;
+        }
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let Some(topic) = body.get(2..2 + topic_len) else { continue };
+        // QoS 0 deliveries: no packet id.
+        let payload = String::from_utf8_lossy(&body[2 + topic_len..]).into_owned();
+        seen.send_modify(|s| s.push((String::from_utf8_lossy(topic).into_owned(), payload)));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_local_subscriber_does_not_hold_up_or_lose_upstream_events() {
+async fn a_stalled_local_subscriber_loses_only_counted_deliveries_and_never_holds_up_upstream_events() {
     if !require_mosquitto() {
         return;
     }
     let upstream = Mosquitto::start().await.expect("start mosquitto");
     let mut upstream_sub = Subscriber::start(upstream.addr(), "#", Session::Clean).await.expect("subscribe");
     let data = tempfile::tempdir().expect("tempdir");
-    // A ring of 2 × 16 KiB per filter against 10 MB of publishes: the stalled reader must fall
-    // behind it, whatever the kernel's socket buffers absorb.
+    // A queue of 100 deliveries against 10 MB of publishes: the stalled reader must fall behind
+    // it, whatever the kernel's socket buffers absorb.
     let mut gateway = GatewaySpec::new(data.path())
         .upstream(upstream.url())
-        .config_toml("[broker]\nmax_payload = \"2KiB\"\nring_segment_size = \"16KiB\"\nring_segments = 1\n")
+        .config_toml(format!("[broker]\nmax_payload = \"2KiB\"\nmax_queued_messages = {MAX_QUEUED}\n"))
         .start()
         .await
         .expect("start the gateway");
-    let mut stalled = stalled_subscriber(gateway.listen()).await;
+    let stalled = stalled_subscriber(gateway.listen()).await;
 
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|p| {
@@ -68,40 +85,60 @@ async fn a_stalled_local_subscriber_does_not_hold_up_or_lose_upstream_events() {
     for publisher in publishers {
         publisher.await.expect("publisher task").expect("every publish is acknowledged");
     }
-    let n = (PUBLISHERS * PER_PUBLISHER) as u64;
+    let n = PUBLISHERS * PER_PUBLISHER;
     upstream_sub
-        .wait_for_count(n, TIMEOUT)
+        .wait_for_count(n as u64, TIMEOUT)
         .await
         .unwrap_or_else(|e| panic!("every event reaches the upstream: {e:#}\n{}", gateway.tail()));
 
-    // Now the dashboard reads again: it gets the newest message, after fewer than all of the
-    // others (the router skipped it ahead).
-    publish_qos1(gateway.listen(), "marker", MARKER, [b"end".to_vec()], TIMEOUT).await.expect("marker");
-    let mut before_marker = 0u64;
-    tokio::time::timeout(TIMEOUT, async {
-        loop {
-            let (first, body) =
-                raw::read_packet(&mut stalled).await.expect("the stalled subscriber is still connected");
-            if first >> 4 != 3 {
-                continue;
-            }
-            let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-            if &body[2..2 + topic_len] == MARKER.as_bytes() {
-                break;
-            }
-            before_marker += 1;
-        }
-    })
-    .await
-    .expect("the marker reaches the stalled subscriber");
-    println!(
-        "stalled local subscriber: {before_marker} of {n} delivered before the marker; upstream: all {n}"
-    );
-    assert!(
-        before_marker < n,
-        "the router delivered everything to a stalled subscriber; if rumqttd gained flow control, \
-         update ARCHITECTURE.md's known limits and this test"
-    );
+    // Now the dashboard reads again. Markers go out one at a time until one arrives: those
+    // published while its backlog was still full are dropped (and counted) like the rest.
+    let (seen_tx, mut seen) = watch::channel(Vec::new());
+    let reader = tokio::spawn(read_all(stalled, seen_tx));
+    let mut markers = 0;
+    let mut marker_seen = false;
+    while markers < MARKERS && !marker_seen {
+        publish_qos1(gateway.listen(), "marker", MARKER, [format!("m{markers}").into_bytes()], TIMEOUT)
+            .await
+            .expect("marker");
+        markers += 1;
+        let arrived = seen.wait_for(|s| s.iter().any(|(topic, _)| topic == MARKER));
+        marker_seen = tokio::time::timeout(Duration::from_secs(2), arrived).await.is_ok_and(|r| r.is_ok());
+    }
+    let received = seen.borrow().clone();
+    reader.abort();
     let status = gateway.terminate().await.expect("the gateway stops");
     assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    let counters = gateway.final_counters().expect("final counters");
+    let dropped = counters.get("local_dropped").copied().unwrap_or(0);
+
+    assert!(marker_seen, "no marker reached the subscriber once it read again\n{}", gateway.tail());
+    let (marker_at, first_marker) = received
+        .iter()
+        .enumerate()
+        .find(|(_, (topic, _))| topic == MARKER)
+        .map(|(i, (_, payload))| (i, payload.clone()))
+        .expect("a marker");
+    assert_eq!(first_marker, format!("m{}", markers - 1), "markers arrive in order: only the last one");
+    let readings = &received[..marker_at];
+    for p in 0..PUBLISHERS {
+        let topic = format!("sensors/p{p}");
+        let sequence: Vec<u64> = readings
+            .iter()
+            .filter(|(t, _)| *t == topic)
+            .filter_map(|(_, payload)| payload.parse().ok())
+            .collect();
+        assert!(sequence.windows(2).all(|w| w[0] < w[1]), "{topic}: in order, no duplicates");
+    }
+    println!(
+        "stalled local subscriber: {} of {n} delivered, local_dropped = {dropped} ({} markers); upstream: all {n}",
+        readings.len(),
+        markers - 1
+    );
+    assert!(readings.len() < n, "the stalled subscriber fell behind (else this test proves nothing)");
+    assert_eq!(
+        dropped,
+        (n - readings.len() + markers - 1) as u64,
+        "every delivery the subscriber missed is counted: {counters:?}"
+    );
 }

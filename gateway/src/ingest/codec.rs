@@ -112,8 +112,13 @@ pub fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
 
 /// `publish` with its QoS, packet id and retain flag replaced.
 pub fn publish_with(publish: &Publish, qos: u8, pkid: u16, retain: bool) -> Publish {
+    publish_out(publish, qos, pkid, retain, false)
+}
+
+/// `publish` as it goes out: QoS, packet id, retain and DUP (a resend) set.
+pub fn publish_out(publish: &Publish, qos: u8, pkid: u16, retain: bool, dup: bool) -> Publish {
     let mut raw = BytesMut::with_capacity(5 + publish.topic.len() + publish.payload.len());
-    raw.put_u8(0b0011_0000 | u8::from(retain) | (qos.min(2) << 1));
+    raw.put_u8(0b0011_0000 | u8::from(retain) | (qos.min(2) << 1) | (u8::from(dup) << 3));
     raw.put_u16(pkid);
     raw.put_u16(u16::try_from(publish.topic.len()).unwrap_or(u16::MAX));
     raw.extend_from_slice(&publish.topic);
@@ -132,23 +137,6 @@ pub fn qos(n: u8) -> QoS {
         1 => QoS::AtLeastOnce,
         _ => QoS::ExactlyOnce,
     }
-}
-
-/// The id a client is known by inside rumqttd's router.
-///
-/// The router refuses client ids containing `+`, `$`, `#` or `/` (and its listener then
-/// panics on a second attempt). Sensors use `/` freely, so ids are escaped, injectively and
-/// stably (a returning client must find its persistent session): `%` and the four refused
-/// characters become `%XX`.
-pub fn router_id(client_id: &str) -> String {
-    let mut out = String::with_capacity(client_id.len() + 8);
-    for c in client_id.chars() {
-        match c {
-            '%' | '+' | '$' | '#' | '/' => out.push_str(&format!("%{:02X}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -194,6 +182,14 @@ mod tests {
     }
 
     #[test]
+    fn a_resend_carries_the_dup_flag() {
+        let p = publish_out(&Publish::new("t", "x", false), 1, 9, false, true);
+        let buf = encode(Version::V4, Packet::Publish(p, None));
+        assert_eq!(buf[0], 0x3a, "PUBLISH, DUP, QoS 1");
+        assert_eq!(peek_publish(&buf), Some((1, 9)));
+    }
+
+    #[test]
     fn rebuilt_publishes_round_trip_through_the_codec() {
         let p = publish_with(&Publish::new("t", "payload", false), 1, 7, true);
         let mut buf = encode(Version::V4, Packet::Publish(p.clone(), None));
@@ -218,13 +214,5 @@ mod tests {
         assert_eq!(connect_version(&connect(3)), Err(3));
         assert_eq!(connect_version(&connect(4)[..5]), Ok(None));
         assert_eq!(connect_version(&[0x30, 0]), Err(0), "not a CONNECT");
-    }
-
-    #[test]
-    fn router_ids_escape_what_the_router_refuses() {
-        assert_eq!(router_id("dev/1"), "dev%2F1");
-        assert_eq!(router_id("a+b#c$d%e"), "a%2Bb%23c%24d%25e");
-        assert_eq!(router_id("plant-3:gw.1"), "plant-3:gw.1");
-        assert_ne!(router_id("a/b"), router_id("a%2Fb"), "injective");
     }
 }

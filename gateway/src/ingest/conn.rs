@@ -9,66 +9,38 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use rumqttd::Forward;
-use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, Filter, LastWill,
-    Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
-    PublishProperties, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+    self, ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill, Packet,
+    PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish, PublishProperties,
+    SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::acks::{AckQueue, Outcome};
 use super::codec::{self, Codec, Version};
+use super::local::{Mailbox, Message};
 use super::{Live, Retained, Shared, Status, lock};
 use crate::event::{TopicError, escape_topic, invalid_topic};
 use crate::metrics::Metrics;
 
-/// User property that marks a QoS 0 publish on its way through the router: rumqttd delivers
-/// at the subscription's QoS, MQTT says min(publish, subscription). Stripped on delivery.
-const QOS0_TAG: &str = "$outpost-qos0";
 /// Headroom over `broker.max_payload` for the topic and properties of one packet.
 const HEADER_ROOM: usize = 4096;
 /// How long a new connection waits for the connection it takes over to finish.
 const TAKEOVER_WAIT: Duration = Duration::from_secs(5);
-/// Deliveries queued from the router for one connection.
-const DELIVERY_QUEUE: usize = 256;
-/// Outgoing QoS 1 deliveries awaiting the client's PUBACK, at most; beyond it deliveries go
-/// at QoS 0. The router itself keeps 100 in flight per link; the rest is retained replays.
+/// Outgoing QoS 1 deliveries awaiting the client's PUBACK, at most. Beyond it the session's
+/// queued deliveries wait (and its queue fills); retained replays go at QoS 0.
 const MAX_OUT_INFLIGHT: usize = 1_000;
 /// Output buffered while handling one read, before it is written out.
 const OUT_HIGH_WATER: usize = 64 * 1024;
 /// Input read (and kept) while output waits for a client that is slow to read. Beyond it the
 /// connection stops reading: TCP slows a client that sends without reading.
 const READ_WHILE_WRITING: usize = 64 * 1024;
-/// Topic filters one client may hold.
-const MAX_FILTERS: usize = 1_000;
-
-/// A publish for the router with its QoS 0 origin marked.
-pub(super) fn tag_qos0(publish: Publish, properties: Option<PublishProperties>) -> Packet {
-    let mut properties = properties.unwrap_or_default();
-    properties.user_properties.push((QOS0_TAG.to_owned(), String::new()));
-    Packet::Publish(publish, Some(properties))
-}
-
-/// Removes the QoS 0 mark; returns whether it was there.
-fn untag(properties: Option<PublishProperties>) -> (Option<PublishProperties>, bool) {
-    let Some(mut p) = properties else { return (None, false) };
-    match p.user_properties.iter().rposition(|(k, _)| k == QOS0_TAG) {
-        Some(i) => {
-            p.user_properties.remove(i);
-            let p = if p == PublishProperties::default() { None } else { Some(p) };
-            (p, true)
-        }
-        None => (Some(p), false),
-    }
-}
 
 /// Why a connection ended.
 #[derive(Debug)]
@@ -107,12 +79,6 @@ impl End {
             _ => return None,
         })
     }
-}
-
-/// A delivery from the router to this connection.
-enum Delivery {
-    Forward(Box<Forward>),
-    Disconnected,
 }
 
 /// Keeps the gateway's books when a connection ends, however it ends.
@@ -261,6 +227,7 @@ pub(super) async fn serve(
     };
     let v5 = version == Version::V5;
     let mut session = Session::new(Arc::clone(&shared), codec, version, io, will);
+    session.peer = Some(peer);
 
     let bad_will = session.will.as_ref().and_then(|w| match std::str::from_utf8(&w.topic) {
         Ok(t) => invalid_topic(t, &shared.cfg.topic_policy()).map(TopicError::as_str),
@@ -326,19 +293,17 @@ pub(super) async fn serve(
     }
     session.client_id = client_id;
     // A session outlives its connection only when asked to: 3.1.1 clean session = false; MQTT 5
-    // clean start = false *and* a session expiry above 0 (absent means 0). An id Outpost
-    // assigned cannot be resumed by anyone, so its session would only leak.
+    // a session expiry above 0 (absent means 0), whatever clean start says (clean start only
+    // discards what was there before). An id Outpost assigned cannot be resumed by anyone, so
+    // its session would only leak.
     let expiry = props.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0);
-    session.clean = connect.clean_session || assigned || (v5 && expiry == 0);
-    let session_present = match session.restore().await {
-        Ok(present) => present,
-        Err(why) => {
-            let code =
-                if v5 { ConnectReturnCode::ServerUnavailable } else { ConnectReturnCode::ServiceUnavailable };
-            session.refuse(code, &why, peer).await;
-            return;
-        }
-    };
+    session.clean = assigned || if v5 { expiry == 0 } else { connect.clean_session };
+    let clean_start = connect.clean_session || assigned;
+    // MQTT 5: 0xFFFFFFFF means the session never expires.
+    let session_expiry =
+        if v5 && expiry != u32::MAX { Some(Duration::from_secs(u64::from(expiry))) } else { None };
+    session.shared_id = Arc::from(session.client_id.as_str());
+    let session_present = session.attach(serial, clean_start, session_expiry);
     let props = v5.then(|| ConnAckProperties {
         max_qos: Some(1),
         retain_available: Some(1),
@@ -359,7 +324,6 @@ pub(super) async fn serve(
     debug!(message = "sensor connected", client_id = %session.client_id, %peer, ?version, clean = session.clean);
     let keepalive =
         (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
-    session.shared_id = Arc::from(session.client_id.as_str());
     session.stop = stop;
     session.taken = taken;
     let end = session.run(max, keepalive).await;
@@ -385,20 +349,19 @@ struct Session {
     held: VecDeque<(u16, u8)>,
     /// QoS 2 packet ids acknowledged with PUBREC or waiting for it, until PUBREL.
     qos2: HashSet<u16>,
-    /// The router link, once this client subscribes (or resumes a persistent session).
-    link: Option<LinkTx>,
-    link_stop: CancellationToken,
-    deliveries: Option<mpsc::Receiver<Delivery>>,
-    /// Router filters this session holds (counted in the shared index).
-    filters: HashSet<String>,
+    /// The client's address, for log lines about it.
+    peer: Option<SocketAddr>,
+    /// This connection's serial (its claim on the session, see `local::Local::detach`).
+    serial: u64,
+    /// The session's delivery queue, once attached.
+    mailbox: Option<Arc<Mailbox>>,
     sys_filters: Vec<String>,
     sys: Option<watch::Receiver<Status>>,
-    /// Outgoing QoS 1 deliveries by our packet id → the router's packet id, if it has one.
-    out_inflight: HashMap<u16, Option<u16>>,
+    /// Outgoing QoS 1 deliveries awaiting the client's PUBACK, by packet id, with their send
+    /// order (a persistent session gets them again in that order after a reconnect).
+    out_inflight: HashMap<u16, (u64, Message)>,
+    sent: u64,
     next_pkid: u16,
-    /// Router packet ids in delivery order, and whether each may be acknowledged to the
-    /// router yet (rumqttd requires its acks in order).
-    router_acks: VecDeque<(u16, bool)>,
 }
 
 impl Session {
@@ -417,15 +380,14 @@ impl Session {
             acks: AckQueue::new(),
             held: VecDeque::new(),
             qos2: HashSet::new(),
-            link: None,
-            link_stop: CancellationToken::new(),
-            deliveries: None,
-            filters: HashSet::new(),
+            peer: None,
+            serial: 0,
+            mailbox: None,
             sys_filters: Vec::new(),
             sys: None,
             out_inflight: HashMap::new(),
+            sent: 0,
             next_pkid: 0,
-            router_acks: VecDeque::new(),
         }
     }
 
@@ -448,37 +410,36 @@ impl Session {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.io.flush()).await;
     }
 
-    /// Takes over a persistent session's filters (or drops a clean session's). Returns
-    /// whether a session was present.
-    async fn restore(&mut self) -> Result<bool, String> {
-        let previous = lock(&self.shared.offline).remove(&self.client_id);
-        if self.clean {
-            if let Some(filters) = previous {
-                for filter in filters {
-                    self.shared.subs.remove(&filter);
-                }
-                // The router still holds the old session; a clean link for the id clears it.
-                self.open_link().await?;
-            }
-            return Ok(false);
-        }
-        let present = previous.is_some();
-        self.filters = previous.unwrap_or_default();
-        // A persistent session needs its router link now: the router queued deliveries for it.
-        self.open_link().await?;
-        Ok(present)
+    /// Claims the client id's session (resumed if persistent and present); returns whether a
+    /// session was present.
+    fn attach(&mut self, serial: u64, clean_start: bool, expiry: Option<Duration>) -> bool {
+        self.serial = serial;
+        let attached = self.shared.local.attach(&self.shared_id, serial, clean_start, !self.clean, expiry);
+        self.mailbox = Some(attached.mailbox);
+        attached.present
     }
 
-    async fn open_link(&mut self) -> Result<(), String> {
-        if self.link.is_some() {
-            return Ok(());
+    /// Writes what the session's queue holds, as far as the QoS 1 window allows, in order.
+    fn pull_deliveries(&mut self) {
+        let Some(mailbox) = self.mailbox.clone() else { return };
+        let mut room = MAX_OUT_INFLIGHT.saturating_sub(self.out_inflight.len());
+        let mut taken = Vec::new();
+        mailbox.take(
+            |m| {
+                if m.qos == 0 {
+                    return true;
+                }
+                if room == 0 {
+                    return false;
+                }
+                room -= 1;
+                true
+            },
+            &mut taken,
+        );
+        for message in taken {
+            self.send_message(message);
         }
-        let (tx, rx, _) = self.shared.link(&self.client_id, self.clean).await?;
-        let (dtx, drx) = mpsc::channel(DELIVERY_QUEUE);
-        tokio::spawn(pump(rx, dtx, self.link_stop.clone()));
-        self.link = Some(tx);
-        self.deliveries = Some(drx);
-        Ok(())
     }
 
     async fn run(&mut self, max: usize, keepalive: Option<Duration>) -> End {
@@ -520,6 +481,8 @@ impl Session {
             if let Err(end) = self.on_acks_ready() {
                 return end;
             }
+            // PUBACKs just read may have opened the QoS 1 window.
+            self.pull_deliveries();
             // A client that stops reading blocks this write; shutdown, takeover and its keepalive
             // still end it.
             let flushed = tokio::select! {
@@ -534,16 +497,7 @@ impl Session {
                 biased;
                 _ = &mut stopped => return self.why_stopped(),
                 _ = acks.ready() => {}
-                d = recv_opt(&mut self.deliveries) => match d {
-                    Some(Delivery::Forward(f)) => {
-                        self.on_forward(*f);
-                        // Deliveries downgraded to QoS 0 are due to the router now.
-                        self.release_router_acks().await;
-                    }
-                    Some(Delivery::Disconnected) | None => {
-                        return End::Protocol("the local broker closed this client's link".to_owned());
-                    }
-                },
+                () = ready_opt(self.mailbox.as_deref()) => self.pull_deliveries(),
                 _ = changed_opt(&mut self.sys) => self.on_status(false, None),
                 r = self.io.rd.read_buf(&mut self.io.inbuf) => match r {
                     Ok(0) => return End::Eof,
@@ -566,7 +520,7 @@ impl Session {
         match packet {
             Packet::Publish(publish, properties) => self.on_publish(publish, properties, peek).await,
             Packet::PubAck(ack, _) => {
-                self.on_client_ack(ack.pkid).await;
+                self.out_inflight.remove(&ack.pkid);
                 Ok(())
             }
             Packet::PubRel(rel, _) => {
@@ -578,9 +532,12 @@ impl Session {
                 self.write(Packet::PubComp(PubComp { pkid: rel.pkid, reason }, None));
                 Ok(())
             }
-            Packet::Subscribe(subscribe, _) => self.on_subscribe(subscribe).await,
+            Packet::Subscribe(subscribe, _) => {
+                self.on_subscribe(subscribe);
+                Ok(())
+            }
             Packet::Unsubscribe(unsubscribe, _) => {
-                self.on_unsubscribe(unsubscribe).await;
+                self.on_unsubscribe(unsubscribe);
                 Ok(())
             }
             Packet::PingReq(_) => {
@@ -642,24 +599,18 @@ impl Session {
         if qos == 2 && self.v5() {
             return Err(End::Protocol("QoS 2 publish after CONNACK announced maximum QoS 1".to_owned()));
         }
-        let properties = match properties {
-            // rumqttd's router disconnects the link that carries either of these, and that is
-            // the one internal link every local delivery goes through.
+        match &properties {
             Some(p) if p.topic_alias.is_some() => {
                 return Err(End::Protocol(
                     "topic alias used; CONNACK announced topic alias maximum 0".to_owned(),
                 ));
             }
+            // Only a server may send one (MQTT 5, 3.3.4).
             Some(p) if !p.subscription_identifiers.is_empty() => {
                 return Err(End::Protocol("subscription identifier in a PUBLISH".to_owned()));
             }
-            // Nobody else may mark a publish as QoS 0 for the delivery side.
-            Some(mut p) => {
-                p.user_properties.retain(|(k, _)| k != QOS0_TAG);
-                Some(p)
-            }
-            None => None,
-        };
+            _ => {}
+        }
         if qos == 2 && self.qos2.contains(&pkid) {
             // A resend of a QoS 2 publish already taken: answer again, never take it twice. If
             // its PUBREC is still held, that one answer covers the resend too.
@@ -680,12 +631,8 @@ impl Session {
                 .retain(&topic, Retained { publish: stored, qos: local_qos, properties: properties.clone() });
         }
         let payload = publish.payload.clone();
-        self.shared
-            .fan_out(&topic, || match qos {
-                0 => tag_qos0(codec::publish_with(&publish, 0, 0, false), properties),
-                _ => Packet::Publish(codec::publish_with(&publish, 1, pkid.max(1), false), properties),
-            })
-            .await;
+        // A full subscriber queue slows this sensor down for a bounded time at most.
+        self.shared.local.publish(&topic, &publish, local_qos, properties.as_ref(), true).await;
         let mut event = self.shared.new_event(topic, payload, qos, &self.shared_id);
         if qos > 0 {
             if qos == 2 {
@@ -746,56 +693,36 @@ impl Session {
         Ok(())
     }
 
-    async fn on_subscribe(&mut self, subscribe: Subscribe) -> Result<(), End> {
+    fn on_subscribe(&mut self, subscribe: Subscribe) {
         let v5 = self.v5();
+        let refused = |quota: bool| match (v5, quota) {
+            (false, _) => SubscribeReasonCode::Failure,
+            (true, true) => SubscribeReasonCode::QuotaExceeded,
+            (true, false) => SubscribeReasonCode::TopicFilterInvalid,
+        };
         let mut codes = Vec::with_capacity(subscribe.filters.len());
-        let mut router = Vec::new();
         let mut granted = Vec::new();
         let mut new_sys = Vec::new();
         for filter in subscribe.filters {
             let qos = (filter.qos as u8).min(1);
             if !protocol::valid_filter(&filter.path) {
-                codes.push(if v5 {
-                    SubscribeReasonCode::TopicFilterInvalid
-                } else {
-                    SubscribeReasonCode::Failure
-                });
-            } else if self.filters.len() + self.sys_filters.len() + router.len() >= MAX_FILTERS
-                && !self.filters.contains(&filter.path)
-            {
-                codes.push(if v5 {
-                    SubscribeReasonCode::QuotaExceeded
-                } else {
-                    SubscribeReasonCode::Failure
-                });
+                codes.push(refused(false));
             } else if filter.path.starts_with("$SYS") {
-                codes.push(SubscribeReasonCode::Success(codec::qos(0)));
-                if !self.sys_filters.contains(&filter.path) {
+                if !self.sys_filters.contains(&filter.path) && !new_sys.contains(&filter.path) {
+                    if self.sys_filters.len() + new_sys.len() >= super::MAX_FILTERS {
+                        codes.push(refused(true));
+                        continue;
+                    }
                     new_sys.push(filter.path);
                 }
-            } else if filter.path.starts_with('$') && !filter.path.starts_with("$share/") {
-                // Nothing publishes there; rumqttd would drop the connection for it.
-                codes.push(SubscribeReasonCode::Success(codec::qos(qos)));
+                codes.push(SubscribeReasonCode::Success(codec::qos(0)));
             } else {
-                codes.push(SubscribeReasonCode::Success(codec::qos(qos)));
-                granted.push((filter.path.clone(), qos));
-                router.push(Filter { qos: codec::qos(qos), ..filter });
-            }
-        }
-        if !router.is_empty() {
-            if let Err(why) = self.open_link().await {
-                warn!(message = "cannot open a local broker link for a subscriber; closing it", %why, client_id = %self.client_id);
-                return Err(End::Protocol(why));
-            }
-            for f in &router {
-                if self.filters.insert(f.path.clone()) {
-                    self.shared.subs.add(&f.path);
-                }
-            }
-            if let Some(link) = self.link.as_mut() {
-                let packet = Packet::Subscribe(Subscribe { pkid: subscribe.pkid, filters: router }, None);
-                if let Err(e) = link.send(packet).await {
-                    return Err(End::Protocol(format!("local broker link: {e}")));
+                match self.shared.local.subscribe(&self.shared_id, &filter.path, qos) {
+                    Ok(()) => {
+                        codes.push(SubscribeReasonCode::Success(codec::qos(qos)));
+                        granted.push((filter.path, qos));
+                    }
+                    Err(super::local::SubscribeError::TooMany) => codes.push(refused(true)),
                 }
             }
         }
@@ -803,7 +730,14 @@ impl Session {
         // Shared subscriptions get no retained messages (MQTT 5, 4.8.2).
         for (filter, qos) in granted.into_iter().filter(|(f, _)| !f.starts_with("$share/")) {
             for (_, retained) in self.shared.retained_for(&filter) {
-                self.deliver(&retained.publish, retained.qos.min(qos), true, retained.properties, None);
+                let message = Message {
+                    qos: retained.qos.min(qos),
+                    publish: retained.publish,
+                    retain: true,
+                    properties: retained.properties,
+                    resend: None,
+                };
+                self.deliver(message);
             }
         }
         if !new_sys.is_empty() {
@@ -817,31 +751,18 @@ impl Session {
             }
             self.sys_filters.extend(new_sys);
         }
-        Ok(())
     }
 
-    async fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
-        let mut router = Vec::new();
+    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
         let mut reasons = Vec::new();
         for filter in unsubscribe.filters {
             let before = self.sys_filters.len();
             self.sys_filters.retain(|f| f != &filter);
-            if self.filters.remove(&filter) {
-                self.shared.subs.remove(&filter);
-                router.push(filter);
-                reasons.push(UnsubAckReason::Success);
-            } else if before != self.sys_filters.len() {
+            if self.shared.local.unsubscribe(&self.shared_id, &filter) || before != self.sys_filters.len() {
                 reasons.push(UnsubAckReason::Success);
             } else {
                 reasons.push(UnsubAckReason::NoSubscriptionExisted);
             }
-        }
-        if !router.is_empty()
-            && let Some(link) = self.link.as_mut()
-        {
-            let _ = link
-                .send(Packet::Unsubscribe(Unsubscribe { pkid: unsubscribe.pkid, filters: router }, None))
-                .await;
         }
         self.write(Packet::UnsubAck(UnsubAck { pkid: unsubscribe.pkid, reasons }, None));
     }
@@ -857,76 +778,43 @@ impl Session {
             };
             if wanted {
                 let publish = Publish::new(Bytes::from(topic.clone()), payload.clone(), retained);
-                self.deliver(&publish, 0, retained, None, None);
+                self.deliver(Message { publish, qos: 0, retain: retained, properties: None, resend: None });
             }
         }
     }
 
-    fn alloc_pkid(&mut self, router_pkid: Option<u16>) -> u16 {
+    fn alloc_pkid(&mut self) -> u16 {
         loop {
             self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
             if !self.out_inflight.contains_key(&self.next_pkid) {
-                self.out_inflight.insert(self.next_pkid, router_pkid);
                 return self.next_pkid;
             }
         }
     }
 
-    fn deliver(
-        &mut self,
-        publish: &Publish,
-        qos: u8,
-        retain: bool,
-        properties: Option<PublishProperties>,
-        router_pkid: Option<u16>,
-    ) {
-        // A client that never acknowledges cannot exhaust the packet ids: past the cap it gets
-        // QoS 0 (and the router's ack, if any, is due at once).
-        let qos = if qos > 0 && self.out_inflight.len() >= MAX_OUT_INFLIGHT {
-            if let Some(r) = router_pkid
-                && let Some(entry) = self.router_acks.iter_mut().find(|(p, done)| *p == r && !done)
-            {
-                entry.1 = true;
-            }
-            0
-        } else {
-            qos
+    /// Writes a retained or `$SYS` delivery. A client that never acknowledges cannot exhaust
+    /// the packet ids: past the window it gets QoS 0.
+    fn deliver(&mut self, mut message: Message) {
+        if message.qos > 0 && self.out_inflight.len() >= MAX_OUT_INFLIGHT {
+            message.qos = 0;
+        }
+        self.send_message(message);
+    }
+
+    /// Writes one delivery; a QoS 1 one is kept until the client's PUBACK.
+    fn send_message(&mut self, message: Message) {
+        let (pkid, dup) = match (message.qos, message.resend) {
+            (0, _) => (0, false),
+            (_, Some(p)) if !self.out_inflight.contains_key(&p) && p != 0 => (p, true),
+            _ => (self.alloc_pkid(), false),
         };
-        let pkid = if qos > 0 { self.alloc_pkid(router_pkid) } else { 0 };
-        let out = codec::publish_with(publish, qos, pkid, retain);
-        let properties = if self.v5() { properties } else { None };
+        let out = codec::publish_out(&message.publish, message.qos, pkid, message.retain, dup);
+        let properties = if self.v5() { message.properties.clone() } else { None };
         self.write(Packet::Publish(out, properties));
-    }
-
-    fn on_forward(&mut self, forward: Forward) {
-        let raw = forward.publish.serialize();
-        let router_qos = raw.first().map_or(0, |b| (b >> 1) & 0b11);
-        let router_pkid = raw.get(1..3).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
-        let (properties, was_qos0) = untag(forward.properties);
-        let qos = if was_qos0 { 0 } else { router_qos.min(1) };
-        if router_qos > 0 {
-            // Delivered at QoS 0: nothing to wait for, the router's ack is due now (in order).
-            self.router_acks.push_back((router_pkid, qos == 0));
-        }
-        let via_router = (qos > 0).then_some(router_pkid);
-        self.deliver(&forward.publish, qos, false, properties, via_router);
-    }
-
-    async fn on_client_ack(&mut self, pkid: u16) {
-        let Some(Some(router_pkid)) = self.out_inflight.remove(&pkid) else { return };
-        if let Some(entry) = self.router_acks.iter_mut().find(|(p, done)| *p == router_pkid && !done) {
-            entry.1 = true;
-        }
-        self.release_router_acks().await;
-    }
-
-    async fn release_router_acks(&mut self) {
-        while let Some((pkid, true)) = self.router_acks.front().copied() {
-            self.router_acks.pop_front();
-            if let Some(link) = self.link.as_mut() {
-                let ack = Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None);
-                let _ = link.send(ack).await;
-            }
+        Metrics::add(&self.shared.metrics.counters().local_delivered, 1);
+        if message.qos > 0 {
+            self.sent += 1;
+            self.out_inflight.insert(pkid, (self.sent, Message { resend: Some(pkid), ..message }));
         }
     }
 
@@ -939,12 +827,7 @@ impl Session {
             let stored = codec::publish_with(&publish, qos, 0, true);
             self.shared.retain(&topic, Retained { publish: stored, qos, properties: None });
         }
-        self.shared
-            .fan_out(&topic, || match qos {
-                0 => tag_qos0(publish.clone(), None),
-                _ => Packet::Publish(publish.clone(), None),
-            })
-            .await;
+        self.shared.local.publish(&topic, &publish, qos, None, true).await;
         Metrics::add(&self.shared.metrics.counters().wills_published, 1);
         let event = self.shared.new_event(topic, will.message, qos, &self.shared_id);
         self.shared.ingest(event).await;
@@ -956,13 +839,15 @@ impl Session {
             End::Oversize(size) => {
                 Metrics::add(&counters.oversize_disconnects, 1);
                 if let Some(folded) = self.shared.log_ready("oversize") {
-                    warn!(message = "a sensor sent a packet larger than broker.max_payload and its connection was closed; raise broker.max_payload or fix the sensor", client_id = %self.client_id, size, similar_since_last_log = folded);
+                    let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+                    warn!(message = "a sensor sent a packet larger than broker.max_payload and its connection was closed; raise broker.max_payload or fix the sensor", client_id = %self.client_id, %peer, size, similar_since_last_log = folded);
                 }
             }
             End::Protocol(why) | End::Malformed(why) => {
                 Metrics::add(&counters.protocol_errors, 1);
                 if let Some(folded) = self.shared.log_ready("protocol") {
-                    warn!(message = "a sensor broke the MQTT protocol and its connection was closed; fix the sensor's MQTT client", client_id = %self.client_id, reason = %why, similar_since_last_log = folded);
+                    let peer = self.peer.map(|p| p.to_string()).unwrap_or_default();
+                    warn!(message = "a sensor broke the MQTT protocol and its connection was closed; fix the sensor's MQTT client", client_id = %self.client_id, %peer, reason = %why, similar_since_last_log = folded);
                 }
             }
             End::Keepalive => Metrics::add(&counters.keepalive_timeouts, 1),
@@ -986,69 +871,20 @@ impl Session {
         if end.publishes_will() && !self.client_id.is_empty() {
             self.publish_will().await;
         }
-        if let Some(mut link) = self.link.take() {
-            let bye = Disconnect { reason_code: DisconnectReasonCode::NormalDisconnection };
-            let _ = link.send(Packet::Disconnect(bye, None)).await;
-        }
-        self.link_stop.cancel();
-        let filters = std::mem::take(&mut self.filters);
-        if self.clean || self.client_id.is_empty() {
-            for filter in filters {
-                self.shared.subs.remove(&filter);
-            }
-        } else {
-            // Merge, never overwrite: a connection taken over may close after its successor
-            // has already saved (or restored) the session; every filter stays counted once.
-            let mut offline = lock(&self.shared.offline);
-            let saved = offline.entry(self.client_id.clone()).or_default();
-            for filter in filters {
-                if !saved.insert(filter.clone()) {
-                    self.shared.subs.remove(&filter);
-                }
-            }
+        if let Some(mailbox) = self.mailbox.take() {
+            let mut inflight: Vec<(u64, Message)> = self.out_inflight.drain().map(|(_, m)| m).collect();
+            inflight.sort_unstable_by_key(|(sent, _)| *sent);
+            let inflight = inflight.into_iter().map(|(_, m)| m).collect();
+            self.shared.local.detach(&self.shared_id, self.serial, &mailbox, inflight);
         }
         debug!(message = "sensor disconnected", client_id = %self.client_id, reason = ?end);
     }
 }
 
-impl Drop for Session {
-    /// The link pump must end with the connection, however it ends (a panic included).
-    fn drop(&mut self) {
-        self.link_stop.cancel();
-    }
-}
-
-/// Moves the router's notifications for one link into the connection's queue, and answers
-/// `Unschedule` (rumqttd stalls a link for good otherwise).
-async fn pump(mut rx: LinkRx, tx: mpsc::Sender<Delivery>, stop: CancellationToken) {
-    loop {
-        let n = tokio::select! {
-            _ = stop.cancelled() => break,
-            n = rx.next() => n,
-        };
-        match n {
-            Ok(Some(rumqttd::Notification::Forward(f))) => {
-                if tx.send(Delivery::Forward(Box::new(f))).await.is_err() {
-                    break;
-                }
-            }
-            Ok(Some(rumqttd::Notification::Unschedule)) => {
-                if rx.wake().await.is_err() {
-                    break;
-                }
-            }
-            Ok(Some(rumqttd::Notification::Disconnect(..))) | Err(_) => {
-                let _ = tx.send(Delivery::Disconnected).await;
-                break;
-            }
-            Ok(_) => {}
-        }
-    }
-}
-
-async fn recv_opt(rx: &mut Option<mpsc::Receiver<Delivery>>) -> Option<Delivery> {
-    match rx {
-        Some(rx) => rx.recv().await,
+/// Resolves when the session's mailbox may hold deliveries; never without a mailbox.
+async fn ready_opt(mailbox: Option<&Mailbox>) {
+    match mailbox {
+        Some(m) => m.ready().await,
         None => std::future::pending().await,
     }
 }
@@ -1061,25 +897,5 @@ async fn changed_opt(rx: &mut Option<watch::Receiver<Status>>) {
             }
         }
         None => std::future::pending().await,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_qos0_mark_is_removed_and_leaves_properties_as_they_were() {
-        let Packet::Publish(_, props) = tag_qos0(Publish::new("t", "p", false), None) else { panic!() };
-        assert_eq!(untag(props), (None, true));
-        let mine = PublishProperties {
-            user_properties: vec![("k".into(), "v".into())],
-            ..PublishProperties::default()
-        };
-        let Packet::Publish(_, props) = tag_qos0(Publish::new("t", "p", false), Some(mine.clone())) else {
-            panic!()
-        };
-        assert_eq!(untag(props), (Some(mine.clone()), true));
-        assert_eq!(untag(Some(mine.clone())), (Some(mine), false));
     }
 }

@@ -1,12 +1,16 @@
-//! Stage 1: sensor connections.
+//! Stage 1: sensor connections and the local broker.
 //!
 //! Outpost accepts sensor TCP connections itself and speaks MQTT 3.1.1 and 5 with rumqttd's
-//! codecs ([`codec`]); rumqttd's router is used only for local fan-out (subscriptions between
-//! sensors and actuators). Each connection (`conn`) hands its publishes straight to the route
-//! stage through a bounded channel, and holds the sensor's PUBACK until the event is safe —
-//! committed to the buffer or acknowledged upstream ([`acks`]). rumqttd's listener is not used:
-//! it acknowledges publishes from RAM before anyone read them, loses events for a reader that
-//! falls behind its ring, and a client id with `/` connecting twice breaks its accept loop.
+//! codecs ([`codec`]; nothing else of rumqttd is used). Each connection (`conn`) hands its
+//! publishes straight to the route stage through a bounded channel, and holds the sensor's
+//! PUBACK until the event is safe — committed to the buffer or acknowledged upstream
+//! ([`acks`]). Local fan-out (subscriptions between sensors, actuators and dashboards) is
+//! Outpost's own too: a subscription trie ([`subs`]) and a bounded queue per session
+//! ([`local`]). rumqttd's listener and router are not used: the listener acknowledged
+//! publishes from RAM before anyone read them; the router lost deliveries for a reader that
+//! fell behind its ring, aborted the gateway on a non-ASCII topic under `#` and on a shared
+//! subscription of a persistent session, and kept memory for every filter and topic ever
+//! seen (issue #20).
 //!
 //! # Invariants
 //! - **A PUBACK (or PUBREC) means the event is safe** (`broker.ack = "after_commit"`, the
@@ -14,29 +18,28 @@
 //!   in the order the publishes arrived on that connection.
 //! - **Backpressure, not loss:** a connection that cannot hand an event to the route stage
 //!   stops reading its socket; TCP then slows the sensor. Nothing is dropped on the way in.
-//! - The router sees a publish only if some local subscription matches it ([`SubIndex`]), so
-//!   sensor traffic nobody local subscribes to costs no router work and no ring memory.
-//! - Retained messages and `$SYS/outpost/…` status are served here, not by the router
-//!   (rumqttd clears a retained message on any empty publish and has no `$SYS`).
+//! - Local deliveries are bounded per subscriber, and a delivery that does not fit is counted
+//!   and logged, never skipped silently ([`local`]).
+//! - Retained messages and `$SYS/outpost/…` status are served here, alongside the fan-out.
 //! - Wills are published here, only when a connection ends without a DISCONNECT (or with
-//!   MQTT 5 reason 0x04); rumqttd would also publish them after a normal DISCONNECT.
+//!   MQTT 5 reason 0x04).
 //! - One connection per client id: a second CONNECT with the same id closes the first
 //!   (session takeover) and waits for it to finish before the new one proceeds.
 
 pub mod acks;
 pub mod codec;
 mod conn;
+pub mod local;
+pub mod subs;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish, PublishProperties};
-use rumqttd::{Notification, Router, RouterConfig};
+use rumqttd::protocol::{Publish, PublishProperties};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -46,70 +49,23 @@ use tracing::{error, info, warn};
 use crate::config::{AckMode, BrokerConfig};
 use crate::event::{Event, IdGen, now_ms};
 use crate::metrics::Metrics;
-use crate::telemetry::LogThrottle;
 
-/// Bound of the channel into the local publisher task.
-const LOCAL_CHANNEL: usize = 1024;
+/// Topic filters one session may hold.
+pub const MAX_FILTERS: usize = 1_000;
+/// How often offline sessions are checked for an expired MQTT 5 session expiry.
+const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("cannot listen on {addr} (`{key}`): {source}; pick a free address or stop what holds it")]
     Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
-    #[error("the embedded broker refused an internal link: {0}")]
-    Link(String),
 }
 
-type LinkParts = (LinkTx, LinkRx, Notification);
-type LinkFactory = dyn Fn(&str, bool) -> Result<LinkParts, String> + Send + Sync;
 /// The current `$SYS/outpost/…` topics and their payloads.
 pub type Status = Arc<Vec<(String, Bytes)>>;
 
-/// Filters some local client subscribes to, counted; decides whether the router sees a
-/// publish at all.
-#[derive(Debug, Default)]
-pub struct SubIndex {
-    filters: RwLock<HashMap<String, usize>>,
-    total: AtomicUsize,
-}
-
-impl SubIndex {
-    /// The part of a filter that topics are matched against (`$share/group/` stripped).
-    fn matching_part(filter: &str) -> &str {
-        match filter.strip_prefix("$share/").and_then(|rest| rest.split_once('/')) {
-            Some((_, f)) => f,
-            None => filter,
-        }
-    }
-
-    pub fn add(&self, filter: &str) {
-        let mut f = self.filters.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *f.entry(SubIndex::matching_part(filter).to_owned()).or_default() += 1;
-        self.total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn remove(&self, filter: &str) {
-        let mut f = self.filters.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = SubIndex::matching_part(filter);
-        if let Some(n) = f.get_mut(key) {
-            *n -= 1;
-            if *n == 0 {
-                f.remove(key);
-            }
-            self.total.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-
-    pub fn matches(&self, topic: &str) -> bool {
-        if self.total.load(Ordering::Relaxed) == 0 {
-            return false;
-        }
-        let f = self.filters.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        f.keys().any(|filter| topic_matches(topic, filter))
-    }
-}
-
-/// MQTT topic matching. (rumqttd's `matches` never matches a `$` topic, not even with
-/// `$SYS/#`; the spec only keeps leading wildcards away from them.)
+/// MQTT topic matching of one topic against one filter (`$SYS` status, retained messages, and
+/// the model the trie is tested against). Leading wildcards never match a `$` topic.
 pub fn topic_matches(topic: &str, filter: &str) -> bool {
     if topic.starts_with('$') && (filter.starts_with('#') || filter.starts_with('+')) {
         return false;
@@ -163,18 +119,12 @@ pub struct Shared {
     pub metrics: Metrics,
     pub ids: IdGen,
     pub events: mpsc::Sender<Event>,
-    pub subs: Arc<SubIndex>,
+    pub local: Arc<local::Local>,
     retained: Mutex<RetainedStore>,
     live: Mutex<HashMap<String, Live>>,
-    /// Filters of persistent (clean session = false) sessions whose client is offline; the
-    /// router keeps queueing for them, so they stay in [`SubIndex`].
-    offline: Mutex<HashMap<String, HashSet<String>>>,
     serial: AtomicU64,
     connections: AtomicUsize,
-    local: mpsc::Sender<Packet>,
-    links: Box<LinkFactory>,
     pub status: watch::Receiver<Status>,
-    logs: Mutex<BTreeMap<&'static str, LogThrottle>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -188,22 +138,7 @@ impl Shared {
 
     /// Logging gate for warnings that can repeat per packet: at most one per kind per 10 s.
     pub fn log_ready(&self, kind: &'static str) -> Option<u64> {
-        lock(&self.logs).entry(kind).or_default().ready(tokio::time::Instant::now())
-    }
-
-    /// Builds a router link for a client (blocking: it waits for the router's answer).
-    async fn link(self: &Arc<Self>, client_id: &str, clean: bool) -> Result<LinkParts, String> {
-        let shared = Arc::clone(self);
-        let id = codec::router_id(client_id);
-        tokio::task::spawn_blocking(move || (shared.links)(&id, clean)).await.map_err(|e| e.to_string())?
-    }
-
-    /// Hands a publish to the router for local subscribers, if any subscription matches.
-    /// Waits when the router is behind (backpressure on the publishing connection).
-    pub async fn fan_out(&self, topic: &str, packet: impl FnOnce() -> Packet) {
-        if self.subs.matches(topic) && self.local.send(packet()).await.is_err() {
-            warn!(message = "local broker stopped; publish not delivered to local subscribers", %topic);
-        }
+        self.local.log_ready(kind)
     }
 
     /// Stores, replaces or clears (empty payload) a retained message.
@@ -232,7 +167,7 @@ impl Shared {
 
     /// Retained messages matching `filter`.
     pub fn retained_for(&self, filter: &str) -> Vec<(String, Retained)> {
-        let filter = SubIndex::matching_part(filter);
+        let filter = subs::split_shared(filter).1;
         lock(&self.retained)
             .by_topic
             .iter()
@@ -280,36 +215,22 @@ impl Shared {
 /// Publishes into the local broker for rules' `republish` actions (actuators). It holds no
 /// sender of events: the route stage owns it and must see its input close at shutdown.
 pub struct Republisher {
-    local: mpsc::Sender<Packet>,
-    subs: Arc<SubIndex>,
+    local: Arc<local::Local>,
 }
 
 impl Republisher {
-    /// Hands the publish to local subscribers without waiting; refuses when the link is full.
+    /// Queues the publish (QoS 0) for local subscribers without waiting: a subscriber whose
+    /// queue is full misses it, counted as `local_dropped`. Never fails.
     pub fn try_publish(&mut self, topic: &str, payload: &[u8]) -> Result<(), String> {
-        if !self.subs.matches(topic) {
-            return Ok(());
-        }
         let publish =
             Publish::new(Bytes::copy_from_slice(topic.as_bytes()), Bytes::copy_from_slice(payload), false);
-        self.local.try_send(conn::tag_qos0(publish, None)).map_err(|e| format!("local broker link: {e}"))
+        self.local.publish_now(topic, &publish, None);
+        Ok(())
     }
 }
 
-/// Maps our typed broker config onto rumqttd's router config, in this one place.
-fn router_config(cfg: &BrokerConfig) -> RouterConfig {
-    RouterConfig {
-        // Room for the internal link and for takeovers that overlap briefly.
-        max_connections: cfg.max_connections.get() + 16,
-        max_outgoing_packet_count: 200,
-        max_segment_size: usize::try_from(cfg.ring_segment_size.as_u64()).unwrap_or(usize::MAX),
-        max_segment_count: cfg.ring_segments.get(),
-        ..RouterConfig::default()
-    }
-}
-
-/// Starts the router, the local publisher and the listeners. Returns once the listeners are
-/// bound, so callers (and tests) can connect sensors right away.
+/// Starts the local broker and the listeners. Returns once the listeners are bound, so
+/// callers (and tests) can connect sensors right away.
 pub async fn start(
     cfg: &BrokerConfig,
     ids: IdGen,
@@ -322,45 +243,47 @@ pub async fn start(
     if let Some(addr) = cfg.listen_v5 {
         listeners.push(bind("broker.listen_v5", addr).await?);
     }
-    let router_tx = Router::new(0, router_config(cfg)).spawn();
-    let links: Box<LinkFactory> = Box::new(move |id: &str, clean: bool| {
-        LinkBuilder::new(id, router_tx.clone())
-            .clean_session(clean)
-            .dynamic_filters(true)
-            .build()
-            .map_err(|e| e.to_string())
-    });
-    // The internal link every fan-out publish goes through. Dynamic filters: a publish that
-    // races an unsubscribe and matches nothing must not get the link disconnected.
-    let internal_id = format!("outpost-local-{:016x}", rand::random::<u64>());
-    let (link_tx, link_rx, _) = links(&internal_id, true).map_err(IngestError::Link)?;
-    let (local_tx, local_rx) = mpsc::channel(LOCAL_CHANNEL);
+    let limits = local::Limits {
+        max_queued: cfg.max_queued_messages.get(),
+        max_offline: cfg.max_offline_sessions,
+        max_filters: MAX_FILTERS,
+    };
+    let local = Arc::new(local::Local::new(limits, metrics.clone()));
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::new()));
-    let subs = Arc::new(SubIndex::default());
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         metrics: metrics.clone(),
         ids,
         events: out,
-        subs: Arc::clone(&subs),
+        local: Arc::clone(&local),
         retained: Mutex::default(),
         live: Mutex::default(),
-        offline: Mutex::default(),
         serial: AtomicU64::new(0),
         connections: AtomicUsize::new(0),
-        local: local_tx.clone(),
-        links,
         status: status_rx,
-        logs: Mutex::default(),
     });
-    tracker.spawn(local_publisher(link_tx, link_rx, local_rx));
     tracker.spawn(status(Arc::clone(&shared), status_tx, cancel.clone()));
+    tracker.spawn(expire_sessions(Arc::clone(&local), cancel.clone()));
     for listener in listeners {
         let addr = listener.local_addr().unwrap_or(cfg.listen);
         info!(message = "embedded broker listening", %addr, protocols = "MQTT 3.1.1 and 5");
         tracker.spawn(accept(listener, Arc::clone(&shared), cancel.clone(), tracker.clone()));
     }
-    Ok(Republisher { local: local_tx, subs })
+    Ok(Republisher { local })
+}
+
+/// Ends offline persistent sessions whose MQTT 5 session expiry has passed.
+async fn expire_sessions(local: Arc<local::Local>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(EXPIRY_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tick.tick() => {
+                local.expire(tokio::time::Instant::now());
+            }
+        }
+    }
 }
 
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, IngestError> {
@@ -392,34 +315,8 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, cancel: Cancellation
     drop(shared);
 }
 
-/// Owns the internal router link: forwards fan-out publishes, and services the link
-/// (answers `Unschedule`, discards the router's acks for those publishes).
-async fn local_publisher(mut tx: LinkTx, mut rx: LinkRx, mut input: mpsc::Receiver<Packet>) {
-    loop {
-        tokio::select! {
-            packet = input.recv() => match packet {
-                Some(packet) => {
-                    if let Err(error) = tx.send(packet).await {
-                        error!(message = "local broker link failed; local subscribers stop receiving", %error);
-                        break;
-                    }
-                }
-                None => break,
-            },
-            n = rx.next() => match n {
-                Ok(Some(Notification::Unschedule)) => {
-                    if rx.wake().await.is_err() {
-                        break;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => break,
-            },
-        }
-    }
-}
-
-/// Refreshes the `$SYS/outpost/…` topics every `broker.sys_interval`.
+/// Refreshes the `$SYS/outpost/…` topics every `broker.sys_interval`, and at once when the
+/// uplink goes up or down.
 async fn status(shared: Arc<Shared>, tx: watch::Sender<Status>, cancel: CancellationToken) {
     let started = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(shared.cfg.sys_interval);
@@ -439,6 +336,8 @@ async fn status(shared: Arc<Shared>, tx: watch::Sender<Status>, cancel: Cancella
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {}
+            // The uplink went up or down: `$SYS/outpost/upstream` must not wait for the tick.
+            () = g.upstream_changed.notified() => {}
         }
     }
     drop(shared);
@@ -449,28 +348,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_index_counts_subscriptions_and_matches_like_mqtt() {
-        let idx = SubIndex::default();
-        assert!(!idx.matches("a/b"));
-        idx.add("a/+");
-        idx.add("$share/g/c/#");
-        idx.add("a/+");
-        assert!(idx.matches("a/b"));
-        assert!(idx.matches("c/d/e"));
-        assert!(!idx.matches("b/a"));
-        idx.remove("a/+");
-        assert!(idx.matches("a/b"), "one subscription left");
-        idx.remove("a/+");
-        assert!(!idx.matches("a/b"));
-        idx.add("#");
-        assert!(!idx.matches("$SYS/x"), "leading wildcards skip $ topics");
+    fn topics_match_filters_like_mqtt() {
         for (topic, filter, want) in [
             ("$SYS/outpost/clients", "$SYS/#", true),
             ("$SYS/outpost/clients", "$SYS/+/clients", true),
+            ("$SYS/x", "#", false),
+            ("$SYS/x", "+/x", false),
             ("a/b/c", "a/b/c/#", true),
             ("a/b", "a/+/c", false),
             ("a//b", "a/+/b", true),
             ("a/b/c", "a/b", false),
+            ("ü/x", "#", true),
         ] {
             assert_eq!(topic_matches(topic, filter), want, "{topic} vs {filter}");
         }

@@ -1,0 +1,402 @@
+//! The subscription trie: which local sessions a topic goes to.
+//!
+//! One node per filter level; `+` and `#` are children like any other level, so a topic walks
+//! at most three children per level (its own level, `+`, `#`). Plain subscriptions end at a
+//! node as `session → QoS`; shared subscriptions (`$share/group/filter`) end at the node of
+//! `filter` as groups, and each matching group yields one member per topic, round robin,
+//! preferring members whose session is connected.
+//!
+//! # Invariants
+//! - A node exists only while a subscription ends at it or below it: unsubscribing prunes every
+//!   node it leaves empty, so the trie's size is the size of the live subscriptions, whatever
+//!   topics and filters came and went (issue #20: rumqttd's router kept 5.85 KiB per filter
+//!   ever used, and state per topic ever published).
+//! - Nothing is kept per published topic: matching only reads the trie (and advances the
+//!   round-robin position of the groups it matched).
+//! - Leading wildcards (`#`, `+` at the first level) never match a topic that starts with `$`
+//!   (MQTT 4.7.2); a filter that starts with `$` matches such topics as usual.
+//! - Matching works on `&str` levels, never on byte offsets, so any UTF-8 topic is safe.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::Hash;
+
+/// A filter split into its shared-subscription group (if any) and the part topics are matched
+/// against. `$share/group/filter` with an empty group or no filter is not shared (and not a
+/// valid filter; the connection refuses those before they get here).
+pub fn split_shared(filter: &str) -> (Option<&str>, &str) {
+    match filter.strip_prefix("$share/").and_then(|rest| rest.split_once('/')) {
+        Some((group, f)) if !group.is_empty() && !f.is_empty() => (Some(group), f),
+        _ => (None, filter),
+    }
+}
+
+#[derive(Debug)]
+struct Group<K> {
+    /// Members in subscription order, with their QoS.
+    members: Vec<(K, u8)>,
+    /// Index of the member that gets the next message (if it is eligible). A `Cell`, so that
+    /// matching reads the trie through `&self` and hands out shared references only.
+    next: Cell<usize>,
+}
+
+#[derive(Debug)]
+struct Node<K> {
+    children: HashMap<Box<str>, Node<K>>,
+    plain: HashMap<K, u8>,
+    groups: BTreeMap<Box<str>, Group<K>>,
+}
+
+impl<K> Default for Node<K> {
+    fn default() -> Self {
+        Node { children: HashMap::new(), plain: HashMap::new(), groups: BTreeMap::new() }
+    }
+}
+
+impl<K> Node<K> {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.plain.is_empty() && self.groups.is_empty()
+    }
+}
+
+/// A delivery target: the session and the subscription's QoS.
+pub type Target<K> = (K, u8);
+
+/// The subscriptions of all local sessions, keyed by session `K`.
+#[derive(Debug)]
+pub struct SubTrie<K> {
+    root: Node<K>,
+    subscriptions: usize,
+    nodes: usize,
+}
+
+impl<K> Default for SubTrie<K> {
+    fn default() -> Self {
+        SubTrie { root: Node::default(), subscriptions: 0, nodes: 0 }
+    }
+}
+
+impl<K: Clone + Eq + Hash> SubTrie<K> {
+    /// Subscriptions held (a session's filter counts once, whatever its QoS).
+    pub fn len(&self) -> usize {
+        self.subscriptions
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.subscriptions == 0
+    }
+
+    /// Trie nodes below the root (for tests: pruning).
+    pub fn nodes(&self) -> usize {
+        self.nodes
+    }
+
+    /// Adds or updates `key`'s subscription to `filter` (a valid filter). Returns whether it is
+    /// new (false: only its QoS changed).
+    pub fn subscribe(&mut self, key: &K, filter: &str, qos: u8) -> bool {
+        let (group, f) = split_shared(filter);
+        let mut node = &mut self.root;
+        for level in f.split('/') {
+            node = node.children.entry(Box::from(level)).or_insert_with(|| {
+                self.nodes += 1;
+                Node::default()
+            });
+        }
+        let new = match group {
+            None => node.plain.insert(key.clone(), qos).is_none(),
+            Some(g) => {
+                let group = node
+                    .groups
+                    .entry(Box::from(g))
+                    .or_insert(Group { members: Vec::new(), next: Cell::new(0) });
+                match group.members.iter_mut().find(|(k, _)| k == key) {
+                    Some(member) => {
+                        member.1 = qos;
+                        false
+                    }
+                    None => {
+                        group.members.push((key.clone(), qos));
+                        true
+                    }
+                }
+            }
+        };
+        self.subscriptions += usize::from(new);
+        new
+    }
+
+    /// Removes `key`'s subscription to `filter`; returns whether there was one. Nodes left
+    /// empty are removed.
+    pub fn unsubscribe(&mut self, key: &K, filter: &str) -> bool {
+        let (group, f) = split_shared(filter);
+        let levels: Vec<&str> = f.split('/').collect();
+        let mut pruned = 0;
+        let removed = remove(&mut self.root, &levels, group, key, &mut pruned);
+        self.nodes -= pruned;
+        self.subscriptions -= usize::from(removed);
+        removed
+    }
+
+    /// The sessions `topic` goes to: each plain subscriber once, at the highest QoS of its
+    /// matching subscriptions, then one member per matching shared group (round robin over
+    /// the members `eligible` accepts; over all of them if it accepts none).
+    pub fn matches(&self, topic: &str, eligible: impl Fn(&K) -> bool, out: &mut Vec<Target<K>>) {
+        let levels: Vec<&str> = topic.split('/').collect();
+        let dollar = topic.starts_with('$');
+        let mut groups = Vec::new();
+        collect(&self.root, &levels, 0, dollar, out, &mut groups);
+        // Overlapping plain subscriptions of one session: one delivery, the highest QoS.
+        if out.len() > 1 {
+            let mut best: HashMap<K, u8> = HashMap::with_capacity(out.len());
+            let mut order = Vec::with_capacity(out.len());
+            for (k, q) in out.drain(..) {
+                match best.get_mut(&k) {
+                    Some(b) => *b = (*b).max(q),
+                    None => {
+                        best.insert(k.clone(), q);
+                        order.push(k);
+                    }
+                }
+            }
+            out.extend(order.into_iter().map(|k| {
+                let q = best[&k];
+                (k, q)
+            }));
+        }
+        for group in groups {
+            let n = group.members.len();
+            if n == 0 {
+                continue;
+            }
+            let start = group.next.get() % n;
+            let pick =
+                (0..n).map(|i| (start + i) % n).find(|&i| eligible(&group.members[i].0)).unwrap_or(start);
+            group.next.set((pick + 1) % n);
+            out.push(group.members[pick].clone());
+        }
+    }
+}
+
+fn collect<'a, K: Clone>(
+    node: &'a Node<K>,
+    levels: &[&str],
+    depth: usize,
+    dollar: bool,
+    out: &mut Vec<Target<K>>,
+    groups: &mut Vec<&'a Group<K>>,
+) {
+    let Some(level) = levels.get(depth) else {
+        // The topic ends here: subscriptions ending at this node, and `…/#` below it (a
+        // filter `a/#` matches `a` too).
+        out.extend(node.plain.iter().map(|(k, q)| (k.clone(), *q)));
+        groups.extend(node.groups.values());
+        if let Some(hash) = node.children.get("#") {
+            out.extend(hash.plain.iter().map(|(k, q)| (k.clone(), *q)));
+            groups.extend(hash.groups.values());
+        }
+        return;
+    };
+    // Leading wildcards skip `$` topics.
+    if !(dollar && depth == 0) {
+        if let Some(hash) = node.children.get("#") {
+            out.extend(hash.plain.iter().map(|(k, q)| (k.clone(), *q)));
+            groups.extend(hash.groups.values());
+        }
+        if let Some(plus) = node.children.get("+") {
+            collect(plus, levels, depth + 1, dollar, out, groups);
+        }
+    }
+    // Topic levels are never wildcards (topics are validated); never visit a child twice.
+    if *level != "+" && *level != "#" {
+        if let Some(child) = node.children.get(*level) {
+            collect(child, levels, depth + 1, dollar, out, groups);
+        }
+    }
+}
+
+fn remove<K: Eq + Hash>(
+    node: &mut Node<K>,
+    levels: &[&str],
+    group: Option<&str>,
+    key: &K,
+    pruned: &mut usize,
+) -> bool {
+    let Some((first, rest)) = levels.split_first() else {
+        return match group {
+            None => node.plain.remove(key).is_some(),
+            Some(g) => {
+                let Some(members) = node.groups.get_mut(g) else { return false };
+                let Some(i) = members.members.iter().position(|(k, _)| k == key) else { return false };
+                members.members.remove(i);
+                if members.members.is_empty() {
+                    node.groups.remove(g);
+                }
+                true
+            }
+        };
+    };
+    let Some(child) = node.children.get_mut(*first) else { return false };
+    let removed = remove(child, rest, group, key, pruned);
+    if child.is_empty() {
+        node.children.remove(*first);
+        *pruned += 1;
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ingest::topic_matches;
+    use proptest::prelude::*;
+
+    fn plain(trie: &SubTrie<u32>, topic: &str) -> Vec<(u32, u8)> {
+        let mut out = Vec::new();
+        trie.matches(topic, |_| true, &mut out);
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn wildcards_match_like_mqtt_and_dollar_topics_skip_leading_ones() {
+        let mut t = SubTrie::default();
+        t.subscribe(&1, "#", 0);
+        t.subscribe(&2, "a/+", 1);
+        t.subscribe(&3, "a/#", 1);
+        t.subscribe(&4, "$SYS/#", 0);
+        t.subscribe(&5, "+/+", 0);
+        assert_eq!(plain(&t, "a/b"), [(1, 0), (2, 1), (3, 1), (5, 0)]);
+        assert_eq!(plain(&t, "a"), [(1, 0), (3, 1)], "a/# matches its parent level");
+        assert_eq!(plain(&t, "$SYS/x"), [(4, 0)]);
+        assert_eq!(plain(&t, "ü"), [(1, 0)], "a non-ASCII first character");
+        assert_eq!(plain(&t, "température/salon"), [(1, 0), (5, 0)]);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_give_one_delivery_at_the_highest_qos() {
+        let mut t = SubTrie::default();
+        t.subscribe(&1, "a/#", 0);
+        t.subscribe(&1, "a/b", 1);
+        assert_eq!(plain(&t, "a/b"), [(1, 1)]);
+        assert!(!t.subscribe(&1, "a/b", 0), "a QoS change is not a new subscription");
+        assert_eq!(plain(&t, "a/b"), [(1, 0)]);
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn unsubscribing_prunes_every_node_it_empties() {
+        let mut t = SubTrie::default();
+        for n in 0..1_000 {
+            t.subscribe(&1, &format!("f/{n}/x/#"), 1);
+        }
+        t.subscribe(&2, "f/keep", 0);
+        assert_eq!(t.nodes(), 1 + 3 * 1_000 + 1);
+        for n in 0..1_000 {
+            assert!(t.unsubscribe(&1, &format!("f/{n}/x/#")));
+        }
+        assert!(!t.unsubscribe(&1, "f/0/x/#"), "already gone");
+        assert_eq!((t.len(), t.nodes()), (1, 2));
+        t.unsubscribe(&2, "f/keep");
+        assert_eq!((t.len(), t.nodes()), (0, 0));
+        t.subscribe(&3, "$share/g/s/t", 1);
+        t.unsubscribe(&3, "$share/g/s/t");
+        assert_eq!((t.len(), t.nodes()), (0, 0), "shared groups are pruned too");
+    }
+
+    #[test]
+    fn a_shared_group_delivers_to_one_member_round_robin_preferring_eligible_ones() {
+        let mut t = SubTrie::default();
+        t.subscribe(&1, "$share/g/s/+", 1);
+        t.subscribe(&2, "$share/g/s/#", 1);
+        t.subscribe(&3, "$share/g/s/+", 0);
+        t.subscribe(&9, "$share/h/s/+", 1);
+        let mut picks = Vec::new();
+        for _ in 0..4 {
+            let mut out = Vec::new();
+            t.matches("s/x", |_| true, &mut out);
+            out.sort_unstable();
+            picks.push(out);
+        }
+        // Group g at s/+ (1, 3) and group g at s/# (2) are distinct nodes: each delivers.
+        assert_eq!(
+            picks,
+            [
+                vec![(1, 1), (2, 1), (9, 1)],
+                vec![(2, 1), (3, 0), (9, 1)],
+                vec![(1, 1), (2, 1), (9, 1)],
+                vec![(2, 1), (3, 0), (9, 1)]
+            ]
+        );
+        let mut out = Vec::new();
+        t.matches("s/x", |k| *k == 3, &mut out);
+        assert!(out.contains(&(3, 0)), "the eligible member is chosen: {out:?}");
+        out.clear();
+        t.matches("s/x", |_| false, &mut out);
+        assert_eq!(out.len(), 3, "nobody eligible: still one member per group");
+    }
+
+    fn level() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("a".to_owned()),
+            Just("b".to_owned()),
+            Just("ü".to_owned()),
+            Just(String::new()),
+            Just("$x".to_owned())
+        ]
+    }
+
+    fn filter() -> impl Strategy<Value = String> {
+        (prop::collection::vec(prop_oneof![4 => level(), 1 => Just("+".to_owned())], 1..4), any::<bool>())
+            .prop_map(|(mut levels, hash)| {
+                if hash {
+                    levels.push("#".to_owned());
+                }
+                levels.join("/")
+            })
+    }
+
+    fn topic() -> impl Strategy<Value = String> {
+        prop::collection::vec(level(), 1..5).prop_map(|levels| levels.join("/"))
+    }
+
+    proptest! {
+        /// The trie agrees with the naive matcher for plain subscriptions, and unsubscribing
+        /// everything leaves no node behind.
+        #[test]
+        fn the_trie_agrees_with_a_naive_matcher(
+            subs in prop::collection::vec((0u32..6, filter(), 0u8..2), 0..24),
+            unsubs in prop::collection::vec(0usize..24, 0..12),
+            topics in prop::collection::vec(topic(), 1..12),
+        ) {
+            let mut t = SubTrie::default();
+            let mut model: HashMap<(u32, String), u8> = HashMap::new();
+            for (k, f, q) in &subs {
+                t.subscribe(k, f, *q);
+                model.insert((*k, f.clone()), *q);
+            }
+            for i in unsubs {
+                if let Some((k, f, _)) = subs.get(i) {
+                    t.unsubscribe(k, f);
+                    model.remove(&(*k, f.clone()));
+                }
+            }
+            prop_assert_eq!(t.len(), model.len());
+            for topic in &topics {
+                let mut want: HashMap<u32, u8> = HashMap::new();
+                for ((k, f), q) in &model {
+                    if topic_matches(topic, f) {
+                        let e = want.entry(*k).or_insert(*q);
+                        *e = (*e).max(*q);
+                    }
+                }
+                let mut want: Vec<(u32, u8)> = want.into_iter().collect();
+                want.sort_unstable();
+                prop_assert_eq!(plain(&t, topic), want, "topic {:?}", topic);
+            }
+            for (k, f) in model.keys().cloned().collect::<Vec<_>>() {
+                t.unsubscribe(&k, &f);
+            }
+            prop_assert_eq!((t.len(), t.nodes()), (0, 0));
+        }
+    }
+}
