@@ -355,6 +355,10 @@ struct Session {
     serial: u64,
     /// The session's delivery queue, once attached.
     mailbox: Option<Arc<Mailbox>>,
+    /// Whether anything can arrive in the mailbox (a subscription was made, or a session
+    /// resumed). Until then the loop does not wait on it: most sensors only publish, and a
+    /// wake-up registration per loop turn is their per-publish cost otherwise.
+    listening: bool,
     sys_filters: Vec<String>,
     sys: Option<watch::Receiver<Status>>,
     /// Outgoing QoS 1 deliveries awaiting the client's PUBACK, by packet id, with their send
@@ -383,6 +387,7 @@ impl Session {
             peer: None,
             serial: 0,
             mailbox: None,
+            listening: false,
             sys_filters: Vec::new(),
             sys: None,
             out_inflight: HashMap::new(),
@@ -416,6 +421,7 @@ impl Session {
         self.serial = serial;
         let attached = self.shared.local.attach(&self.shared_id, serial, clean_start, !self.clean, expiry);
         self.mailbox = Some(attached.mailbox);
+        self.listening = attached.present;
         attached.present
     }
 
@@ -497,7 +503,7 @@ impl Session {
                 biased;
                 _ = &mut stopped => return self.why_stopped(),
                 _ = acks.ready() => {}
-                () = ready_opt(self.mailbox.as_deref()) => self.pull_deliveries(),
+                () = ready_opt(self.mailbox.as_deref().filter(|_| self.listening)) => self.pull_deliveries(),
                 _ = changed_opt(&mut self.sys) => self.on_status(false, None),
                 r = self.io.rd.read_buf(&mut self.io.inbuf) => match r {
                     Ok(0) => return End::Eof,
@@ -719,6 +725,7 @@ impl Session {
             } else {
                 match self.shared.local.subscribe(&self.shared_id, &filter.path, qos) {
                     Ok(()) => {
+                        self.listening = true;
                         codes.push(SubscribeReasonCode::Success(codec::qos(qos)));
                         granted.push((filter.path, qos));
                     }
