@@ -192,18 +192,22 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Rules(RulesCommand::Test { file, topic, payload, clientid, events, config }) => {
             // Forwarded topics get the config's prefix and are checked against its topic limits,
             // as in `run`; without a config, the defaults.
-            let (topic_prefix, policy) = match config.map(|c| GatewayConfig::load(Some(&c), &Overrides::default())) {
-                None => (String::new(), crate::config::BrokerConfig::default().topic_policy()),
-                Some(Ok(config)) => {
-                    (config.upstream.map(|u| u.topic_prefix).unwrap_or_default(), config.broker.topic_policy())
-                }
-                Some(Err(e)) => {
-                    eprintln!("outpost: {e}");
-                    return ExitCode::from(1);
-                }
-            };
+            let (topic_prefix, policy) =
+                match config.map(|c| GatewayConfig::load(Some(&c), &Overrides::default())) {
+                    None => (String::new(), crate::config::BrokerConfig::default().topic_policy()),
+                    Some(Ok(config)) => (
+                        config.upstream.map(|u| u.topic_prefix).unwrap_or_default(),
+                        config.broker.topic_policy(),
+                    ),
+                    Some(Err(e)) => {
+                        eprintln!("outpost: {e}");
+                        return ExitCode::from(1);
+                    }
+                };
             match crate::rules::load(&file) {
-                Ok(rules) => report(rules_test(rules, &topic_prefix, &policy, topic, payload, clientid, events)),
+                Ok(rules) => {
+                    report(rules_test(rules, &topic_prefix, &policy, topic, payload, clientid, events))
+                }
                 Err(e) => {
                     eprintln!("outpost: {e}");
                     ExitCode::from(1)

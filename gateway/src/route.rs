@@ -139,7 +139,13 @@ pub fn context(event: &Event, hops: u8) -> EventContext<'_> {
 /// Decides what happens to `event` (which went through `hops` republishes), without doing
 /// any of it: no channel, no counter, no log. The route stage and `outpost rules test`
 /// both call this, so a dry run shows exactly what the gateway does.
-pub fn decide(routing: &Routing, event: &Event, hops: u8, topic_prefix: &str, policy: &TopicPolicy) -> Vec<Fate> {
+pub fn decide(
+    routing: &Routing,
+    event: &Event,
+    hops: u8,
+    topic_prefix: &str,
+    policy: &TopicPolicy,
+) -> Vec<Fate> {
     match routing {
         Routing::Bridge(bridge) => bridge
             .route(&event.topic)
@@ -531,7 +537,10 @@ type = "drop"
 
         // Only the prefix makes this topic too long: the gateway's own check refuses it.
         let long = "x".repeat(usize::from(u16::MAX));
-        assert!(matches!(decide(&routing, &event("t/x", &long), 0, "", &policy()).first(), Some(Fate::Forward { .. })));
+        assert!(matches!(
+            decide(&routing, &event("t/x", &long), 0, "", &policy()).first(),
+            Some(Fate::Forward { .. })
+        ));
         let fates = decide(&routing, &event("t/x", &long), 0, "site/", &policy());
         let Some(Fate::DeadLetter { entries }) = fates.first() else { panic!("{fates:?}") };
         assert_eq!(entries.first().map(|e| e.cause), Some(DeadCause::InvalidTopic));
