@@ -1262,33 +1262,33 @@ fn template_expressions_read_the_event_and_compile_once_with_carets() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: action[0].topic `a/${topik(2)}/${one}`: unknown function `topik`; did you mean `topic`?
-          |
-        1 | a/${topik(2)}/${one}
-          |     ^^^^^
-    "#]],
+            error: line 6, column 16: rule `r`: action[0].topic `a/${topik(2)}/${one}`: unknown function `topik`; did you mean `topic`?
+              |
+            6 | a/${topik(2)}/${one}
+              |     ^^^^^
+        "#]],
     );
     check(
         &bad("a/${1 +}/${one two}/${'}'}"),
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: action[0].topic `a/${1 +}/${one two}/${'}'}`: syntax error: Expected: an expression, found: EOF
-          |
-        1 | a/${1 +}/${one two}/${'}'}
-          |        ^
-    "#]],
+            error: line 6, column 19: rule `r`: action[0].topic `a/${1 +}/${one two}/${'}'}`: syntax error: Expected: an expression, found: EOF
+              |
+            6 | a/${1 +}/${one two}/${'}'}
+              |        ^
+        "#]],
     );
     check(
         &bad("${one two}"),
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: action[0].topic `${one two}`: expected one expression, found `two` after it
-          |
-        1 | ${one two}
-          |       ^^^
-    "#]],
+            error: line 6, column 18: rule `r`: action[0].topic `${one two}`: expected one expression, found `two` after it
+              |
+            6 | ${one two}
+              |       ^^^
+        "#]],
     );
     check(
         &bad("${one"),
@@ -1303,11 +1303,11 @@ fn template_expressions_read_the_event_and_compile_once_with_carets() {
         "t",
         "{}",
         expect![[r#"
-        error: rule `r`: action[0].topic `x/${one}…`: unknown field `nope`; did you mean `hops`?
-          |
-        3 |   upper(nope)}
-          |         ^^^^
-    "#]],
+            error: line 8, column 9: rule `r`: action[0].topic `x/${one}…`: unknown field `nope`; did you mean `hops`?
+              |
+            8 |   upper(nope)}
+              |         ^^^^
+        "#]],
     );
 }
 
@@ -1676,9 +1676,9 @@ fn rules_file_errors_name_the_rule_and_key() {
         "t",
         "{}",
         expect![[r#"
-            error: rule `a`: action[0].topic `x/${y}`: unknown field `y`; did you mean `x`?
+            error: line 6, column 14: rule `a`: action[0].topic `x/${y}`: unknown field `y`; did you mean `x`?
               |
-            1 | x/${y}
+            6 | x/${y}
               |     ^
             rule `a`: action[0].qos = 3: QoS is 0, 1 or 2
             rule `a`: action[0].priority = 12: priorities are 0 (most urgent) to 9
