@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::task::JoinSet;
 use tokio::time::timeout;
 
@@ -274,23 +274,10 @@ async fn clear_retained(addr: SocketAddr, topics: &[String], released: &mut Rele
     }
 }
 
-async fn connect_cleaner(addr: SocketAddr) -> Option<(OwnedReadHalf, tokio::net::tcp::OwnedWriteHalf)> {
+async fn connect_cleaner(addr: SocketAddr) -> Option<(OwnedReadHalf, OwnedWriteHalf)> {
     debug_assert!(CLEANER_ID.starts_with(RESERVED_ID_PREFIX));
-    let mut stream = timeout(ANSWER_TIMEOUT, TcpStream::connect(addr)).await.ok()?.ok()?;
-    let _ = stream.set_nodelay(true);
-    let connect = Packet::Connect(Connect {
-        version: Version::V5,
-        client_id: CLEANER_ID.to_string(),
-        clean: true,
-        keep_alive: 0,
-        will: None,
-        username: None,
-        password: None,
-        properties: Vec::new(),
-    });
-    stream.write_all(&encode(&connect, Version::V5)).await.ok()?;
-    let connack = timeout(ANSWER_TIMEOUT, read_frame(&mut stream, 1 << 20)).await.ok()?.ok()??;
-    (connack.packet_type() == 2 && connack.body.get(1) == Some(&0)).then(|| stream.into_split())
+    let stream = super::canary::connect(addr, CLEANER_ID, Version::V5).await?;
+    Some(stream.into_split())
 }
 
 #[cfg(test)]
