@@ -47,4 +47,12 @@ async fn a_fuzzed_round_finds_nothing() {
     assert!(round.connections >= 200 && round.packets >= 5_000, "too little fuzzing: {round:?}");
     assert!(round.canary_acked >= 20, "the canary barely ran: {round:?}");
     assert_eq!(round.canary_relayed, round.canary_acked, "every acknowledged canary arrives upstream");
+    // Both memory measurements came after the clients' retained topics and persistent sessions
+    // were released, and the gateway answered for every one of them.
+    assert_eq!(round.released.len(), 2, "a release before each measurement: {round:?}");
+    assert!(
+        round.released.iter().all(|r| r.unanswered == 0 && r.retained_cleared > 0 && r.sessions_ended > 0),
+        "the releases cleared retained topics and ended sessions: {:?}",
+        round.released
+    );
 }

@@ -74,12 +74,13 @@ fn parse_payload(nonce: u64, payload: &[u8]) -> Option<u64> {
     rest.parse().ok()
 }
 
-/// Connects, sends CONNECT (3.1.1, clean session) and waits for a successful CONNACK.
-async fn connect(addr: SocketAddr, client_id: &str) -> Option<TcpStream> {
+/// Connects, sends CONNECT (clean session, and on MQTT 5 a session that ends with the
+/// connection) and waits for a successful CONNACK.
+pub(super) async fn connect(addr: SocketAddr, client_id: &str, version: Version) -> Option<TcpStream> {
     let mut stream = timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr)).await.ok()?.ok()?;
     let _ = stream.set_nodelay(true);
     let connect = Packet::Connect(Connect {
-        version: Version::V311,
+        version,
         client_id: client_id.to_string(),
         clean: true,
         keep_alive: 0,
@@ -88,7 +89,7 @@ async fn connect(addr: SocketAddr, client_id: &str) -> Option<TcpStream> {
         password: None,
         properties: Vec::new(),
     });
-    stream.write_all(&encode(&connect, Version::V311)).await.ok()?;
+    stream.write_all(&encode(&connect, version)).await.ok()?;
     let connack = timeout(HANDSHAKE_TIMEOUT, read_frame(&mut stream, 1 << 20)).await.ok()?.ok()??;
     (connack.packet_type() == 2 && connack.body.get(1) == Some(&0)).then_some(stream)
 }
@@ -107,7 +108,7 @@ pub async fn publish(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     'connection: while !cancel.is_cancelled() {
         let connected = tokio::select! {
-            stream = connect(addr, PUBLISHER_ID) => stream,
+            stream = connect(addr, PUBLISHER_ID, Version::V311) => stream,
             () = cancel.cancelled() => return,
         };
         let Some(mut stream) = connected else {
@@ -182,7 +183,7 @@ impl Subscriber {
     /// Connects to the upstream at `addr` and subscribes at QoS 1; returns after the SUBACK, so
     /// nothing published afterwards is missed.
     pub async fn subscribe(addr: SocketAddr) -> anyhow::Result<Subscriber> {
-        let mut stream = connect(addr, SUBSCRIBER_ID).await.ok_or_else(|| {
+        let mut stream = connect(addr, SUBSCRIBER_ID, Version::V311).await.ok_or_else(|| {
             anyhow::anyhow!("the canary subscriber cannot connect to the upstream at {addr}")
         })?;
         let subscribe = Packet::Subscribe {

@@ -2,6 +2,7 @@
 //! name the packets that led to it.
 //!
 //! # Invariants
+//! - Every packet written is noted in [`Recorder::leftovers`] before it is written.
 //! - Every byte written is recorded (per connection: its first packet and the latest
 //!   [`PACKETS_KEPT`] − 1) before it is written, so a crash report includes the packet that
 //!   was being written when the broker died.
@@ -20,6 +21,7 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 
+use super::cleanup::Tracker;
 use super::grammar::{AckPolicy, Session, Step};
 use super::wire::{AckKind, Packet, Version, encode, read_frame};
 
@@ -83,6 +85,8 @@ pub struct Recorder {
     pub closed_by_broker: AtomicU64,
     /// TCP connects that failed.
     pub connect_failures: AtomicU64,
+    /// What the connections may have left in the broker.
+    pub leftovers: Tracker,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +119,7 @@ impl Recorder {
     }
 
     fn record(&self, id: u64, packet: &Packet, bytes: &[u8], hostile: bool) {
+        self.leftovers.note(packet);
         self.packets.fetch_add(1, Ordering::Relaxed);
         self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let now = Instant::now();

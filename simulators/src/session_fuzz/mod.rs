@@ -12,6 +12,9 @@
 //! - **memory**: the gateway's `VmRSS` after the second settle phase exceeds the one after the
 //!   first by more than `rss_growth_limit` (the first half takes the allocator to its
 //!   high-water mark, so what the second adds and keeps is state the gateway does not free).
+//!   Each settle phase first releases the state the fuzzed clients were allowed to leave
+//!   (retained topics, persistent sessions: [`cleanup`]), so that state, bounded only by the
+//!   broker's limits, is not mistaken for a leak.
 //!
 //! A finding names its round's seed and the packets that led to it: for a crash, the recorded
 //! sessions of the connections active last, replayed against a fresh gateway alone and then
@@ -28,6 +31,7 @@
 //!   `/proc` status and what the canaries see over MQTT.
 
 pub mod canary;
+pub mod cleanup;
 pub mod client;
 pub mod grammar;
 pub mod replay;
@@ -225,6 +229,8 @@ pub struct RoundReport {
     pub rss_mid_kib: Option<u64>,
     /// `VmRSS` at the end, after the second half and its settle phase.
     pub rss_end_kib: Option<u64>,
+    /// What each settle phase released before its measurement.
+    pub released: Vec<cleanup::Released>,
     pub canary_sent: u64,
     pub canary_acked: u64,
     pub canary_relayed: u64,
@@ -454,6 +460,7 @@ async fn run_round(
     // `VmRSS` after each half of the fuzzing, once its clients are gone; `None` if not reached.
     let mut rss_after: [Option<u64>; 2] = [None, None];
     let mut rss_peak_kib = rss_start_kib;
+    let mut released = Vec::new();
 
     // Two halves, each followed by a settle phase: the first takes the allocator to its
     // high-water mark, so growth that stays after the second is state the gateway keeps.
@@ -501,8 +508,10 @@ async fn run_round(
             break;
         }
         // Settle: no fuzzed client is connected; the canary keeps going and every acknowledged
-        // one must arrive.
+        // one must arrive. Meanwhile the retained topics and persistent sessions the clients
+        // left are released, and the measurement waits until the broker has answered for all.
         let settle_end = Instant::now() + cfg.settle;
+        let mut release = Some(tokio::spawn(cleanup::release(system.listen, recorder.leftovers.take())));
         loop {
             if let Some((kind, detail, since)) = check(&mut system, cfg) {
                 findings.push(finding(kind, detail, since, &system));
@@ -511,20 +520,29 @@ async fn run_round(
             // With the stall bounds raised (to measure memory past a known stall), the canary
             // may never drain; the settle phase then ends anyway.
             let drained = system.canary.state().unrelayed.is_empty();
-            if Instant::now() >= settle_end && (drained || Instant::now() >= settle_end + SETTLE_DRAIN_LIMIT)
+            if let Some(task) = release.take_if(|task| task.is_finished()) {
+                released.push(task.await.unwrap_or_default());
+            }
+            if release.is_none()
+                && Instant::now() >= settle_end
+                && (drained || Instant::now() >= settle_end + SETTLE_DRAIN_LIMIT)
             {
                 rss_after[half as usize] = Some(rss_now(&system));
                 break;
             }
             tokio::time::sleep(MONITOR_TICK).await;
         }
+        // A finding ended the settle phase: the round is over, the release with it.
+        if let Some(task) = release {
+            task.abort();
+        }
     }
     if let [Some(mid), Some(end)] = rss_after {
         let growth = end.saturating_sub(mid);
         if growth > cfg.rss_growth_limit_kib {
             let detail = format!(
-                "VmRSS grew by {growth} KiB during the second half of the round ({mid} → {end} KiB, {rss_start_kib} KiB before any client) and stayed after every fuzzed client was gone (bound {} KiB)",
-                cfg.rss_growth_limit_kib
+                "VmRSS grew by {growth} KiB during the second half of the round ({mid} → {end} KiB, {rss_start_kib} KiB before any client) and stayed after every fuzzed client was gone and their retained topics and persistent sessions were released (bound {} KiB; released {:?})",
+                cfg.rss_growth_limit_kib, released
             );
             findings.push(finding(FindingKind::Memory, detail, None, &system));
         }
@@ -564,6 +582,7 @@ async fn run_round(
         rss_peak_kib,
         rss_mid_kib: rss_after[0],
         rss_end_kib: rss_after[1],
+        released,
         canary_sent: state.sent,
         canary_acked: state.acked,
         canary_relayed: state.relayed,

@@ -17,7 +17,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
 /// The MQTT protocol version of a session; fixed by its CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub enum Version {
     #[serde(rename = "3.1.1")]
     V311,
