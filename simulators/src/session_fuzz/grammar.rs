@@ -908,15 +908,7 @@ mod tests {
         /// codec for the session's version.
         #[test]
         fn well_formed_packets_decode(seed in any::<u64>()) {
-            let session = session(seed);
-            for step in &session.steps {
-                let Step::Send { packet, .. } = step else { continue };
-                if !packet.is_well_formed() {
-                    continue;
-                }
-                let bytes = encode(packet, session.version);
-                prop_assert_eq!(decoded(&bytes, session.version), Ok(expected(packet, session.version)));
-            }
+            prop_assert_eq!(undecodable(seed), None);
         }
 
         /// The same seed gives the same session; the grammar draws nothing from elsewhere.
@@ -930,6 +922,28 @@ mod tests {
         fn client_ids_avoid_the_canaries(seed in any::<u64>()) {
             prop_assert!(!session(seed).client_id.starts_with(RESERVED_ID_PREFIX));
         }
+    }
+
+    /// The first well-formed packet of session `seed` that rumqttc does not decode to what
+    /// [`expected`] says, with both descriptions.
+    fn undecodable(seed: u64) -> Option<(Result<String, String>, String)> {
+        let session = session(seed);
+        session.steps.iter().find_map(|step| {
+            let Step::Send { packet, .. } = step else { return None };
+            if !packet.is_well_formed() {
+                return None;
+            }
+            let got = decoded(&encode(packet, session.version), session.version);
+            let want = expected(packet, session.version);
+            (got.as_ref() != Ok(&want)).then_some((got, want))
+        })
+    }
+
+    /// Found by the proptest: a PUBLISH with a two-byte Subscription Identifier, which a
+    /// client may not send and rumqttc's decoder misreads.
+    #[test]
+    fn a_publish_with_a_subscription_id_is_not_counted_well_formed() {
+        assert_eq!(undecodable(8_074_719_735_127_874_226), None);
     }
 
     #[test]

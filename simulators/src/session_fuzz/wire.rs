@@ -188,7 +188,15 @@ impl Packet {
     pub fn is_well_formed(&self) -> bool {
         match self {
             Packet::Connect(connect) => connect.will.as_ref().is_none_or(|will| will.qos <= 2),
-            Packet::Publish(publish) => publish.qos <= 2 && (publish.qos == 0 || publish.pkid != 0),
+            // A client must not send a Subscription Identifier in a PUBLISH (MQTT 5
+            // [MQTT-3.3.4-6]); the grammar sends it to the gateway on purpose, but it is not
+            // well formed (and rumqttc's decoder miscounts a multi-byte one, taking bytes of the
+            // payload as properties).
+            Packet::Publish(publish) => {
+                publish.qos <= 2
+                    && (publish.qos == 0 || publish.pkid != 0)
+                    && !publish.properties.iter().any(|p| matches!(p, Property::SubscriptionId(_)))
+            }
             Packet::Ack { kind, reason, .. } => kind.allows_reason(*reason),
             Packet::PingReq | Packet::Disconnect { .. } => true,
             Packet::Subscribe { pkid, subscriptions, .. } => {
