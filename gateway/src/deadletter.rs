@@ -2,13 +2,18 @@
 //! `dead_letter` action), one record per event with every rule and its reason; and events the
 //! upstream refused by closing the link (the relay's poison events, `rule` empty).
 //!
-//! A JSON-lines file, `<data_dir>/dead-letters.jsonl`, rotated to `dead-letters.jsonl.1` at
-//! [`MAX_FILE_BYTES`], read with `outpost rules dead-letters`. A rule's letter is a diagnostic
-//! record, not part of the delivery guarantee: writes are batched and not fsynced, and when the
-//! store cannot keep up, letters are counted (`dead_letters_unsaved`) instead of slowing
-//! routing. A [`DurableLetter`] (the relay's) is different: it replaces the event's buffer
-//! record, so it is answered only once written and `fdatasync`ed, and the relay deletes the
-//! record only then.
+//! Two JSON-lines files, both read with `outpost rules dead-letters`:
+//! - `<data_dir>/dead-letters.jsonl`, rules' letters, rotated to `dead-letters.jsonl.1` at
+//!   [`MAX_FILE_BYTES`] (the older `.1` is then overwritten). A rule's letter is a diagnostic
+//!   record, not part of the delivery guarantee: writes are batched and not fsynced, and when
+//!   the store cannot keep up, letters are counted (`dead_letters_unsaved`) instead of slowing
+//!   routing.
+//! - `<data_dir>/dead-letters-upstream.jsonl`, the relay's [`DurableLetter`]s. Each replaces an
+//!   acknowledged event's buffer record, so it is the event's only copy: answered only once
+//!   written and `fdatasync`ed (and, when the file was just created, its directory synced), and
+//!   this file is **never rotated or truncated** by Outpost. A poison event takes at least
+//!   three upstream disconnects, so the file grows slowly; the operator removes it once the
+//!   events are dealt with (the README says so).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -25,6 +30,11 @@ pub const CHANNEL_CAPACITY: usize = 1024;
 
 pub fn file_path(data_dir: &Path) -> PathBuf {
     data_dir.join("dead-letters.jsonl")
+}
+
+/// Where the relay's durable letters go (never rotated: see the module docs).
+pub fn durable_file_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("dead-letters-upstream.jsonl")
 }
 
 /// One event that rules failed on or sent here on purpose: one record per event.
@@ -70,14 +80,27 @@ pub struct DurableLetter {
     pub written: oneshot::Sender<Result<(), String>>,
 }
 
-fn append(path: &Path, lines: &[u8], sync: bool) -> std::io::Result<()> {
+/// Appends rules' letters, rotating first when the file would pass [`MAX_FILE_BYTES`].
+fn append(path: &Path, lines: &[u8]) -> std::io::Result<()> {
     if std::fs::metadata(path).is_ok_and(|m| m.len() + lines.len() as u64 > MAX_FILE_BYTES) {
         std::fs::rename(path, path.with_extension("jsonl.1"))?;
     }
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    file.write_all(lines)
+}
+
+/// Appends durable letters and makes them survive a power cut before returning: the data is
+/// `fdatasync`ed, and a file created by this call has its directory entry synced too (without
+/// it a crash could leave a letter written into a file that no directory names).
+fn append_durable(path: &Path, lines: &[u8]) -> std::io::Result<()> {
+    let created = !path.exists();
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
     file.write_all(lines)?;
-    if sync {
-        file.sync_data()?;
+    file.sync_data()?;
+    if created {
+        if let Some(dir) = path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
     }
     Ok(())
 }
@@ -97,6 +120,7 @@ pub async fn run(
     mut durable: mpsc::Receiver<DurableLetter>,
 ) {
     let path = file_path(&data_dir);
+    let durable_path = durable_file_path(&data_dir);
     let mut log = LogThrottle::default();
     let (mut letters_open, mut durable_open) = (true, true);
     while letters_open || durable_open {
@@ -129,9 +153,12 @@ pub async fn run(
         if lines.is_empty() {
             continue;
         }
-        let target = path.clone();
-        let sync = !answers.is_empty();
-        let written = tokio::task::spawn_blocking(move || append(&target, &lines, sync)).await;
+        let durable = !answers.is_empty();
+        let target = if durable { durable_path.clone() } else { path.clone() };
+        let written = tokio::task::spawn_blocking(move || {
+            if durable { append_durable(&target, &lines) } else { append(&target, &lines) }
+        })
+        .await;
         let result = match written {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -142,25 +169,33 @@ pub async fn run(
         }
         if let Err(error) = result {
             if let Some(folded) = log.ready(tokio::time::Instant::now()) {
-                warn!(message = "cannot write the dead-letter file", path = %path.display(), %error, similar_since_last_log = folded);
+                let file = if durable { &durable_path } else { &path };
+                warn!(message = "cannot write the dead-letter file; check the data directory's free space and permissions", path = %file.display(), %error, similar_since_last_log = folded);
             }
         }
     }
 }
 
-/// The last `n` letters, oldest first (for the CLI).
+/// The last `n` letters of both files, oldest first by their time stamp (for the CLI).
 pub fn tail(data_dir: &Path, n: usize) -> std::io::Result<Vec<String>> {
     let path = file_path(data_dir);
-    let mut lines: Vec<String> = Vec::new();
-    for p in [path.with_extension("jsonl.1"), path] {
+    let mut lines: Vec<(u64, String)> = Vec::new();
+    for p in [path.with_extension("jsonl.1"), path, durable_file_path(data_dir)] {
         match std::fs::read_to_string(&p) {
-            Ok(text) => lines.extend(text.lines().map(str::to_owned)),
+            Ok(text) => lines.extend(text.lines().map(|l| (time_stamp(l), l.to_owned()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
     }
+    // Stable: letters with equal time stamps keep their file order.
+    lines.sort_by_key(|(ts, _)| *ts);
     let skip = lines.len().saturating_sub(n);
-    Ok(lines.split_off(skip))
+    Ok(lines.split_off(skip).into_iter().map(|(_, l)| l).collect())
+}
+
+/// A line's `ts_ms`, or 0 for a line that is not a letter (shown first rather than hidden).
+fn time_stamp(line: &str) -> u64 {
+    serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v["ts_ms"].as_u64()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -230,5 +265,45 @@ mod durable_tests {
         assert!(answer.await.expect("answered").is_err());
         drop((durable_tx, _tx));
         writer.await.expect("writer");
+    }
+
+    /// A durable letter is its event's only copy: rules' letters rotating their file any number
+    /// of times never take it with them, and `tail` shows both kinds in time order.
+    #[tokio::test]
+    async fn durable_letters_outlive_any_number_of_rotations() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (tx, rx) = mpsc::channel(8);
+        let (durable_tx, durable_rx) = mpsc::channel(1);
+        let writer = tokio::spawn(run(dir.path().to_owned(), rx, durable_rx));
+        let letter = |ts_ms, event_id, payload: Vec<u8>| DeadLetter {
+            ts_ms,
+            event_id,
+            rule: "r".into(),
+            reason: "bad".into(),
+            topic: "t".into(),
+            payload,
+            rules: Vec::new(),
+        };
+        let (written, answer) = oneshot::channel();
+        durable_tx
+            .send(DurableLetter { letter: letter(5, 1, b"poison".to_vec()), written })
+            .await
+            .expect("send");
+        assert_eq!(answer.await.expect("answered"), Ok(()));
+        // Three rotations' worth of rules' letters, each after the durable one.
+        let big = vec![b'x'; 256 * 1024];
+        let rounds = 3 * MAX_FILE_BYTES as usize / big.len() + 1;
+        for i in 0..rounds {
+            tx.send(letter(10 + i as u64, 100 + i as u64, big.clone())).await.expect("send");
+        }
+        drop((tx, durable_tx));
+        writer.await.expect("writer");
+        let durable = std::fs::read_to_string(durable_file_path(dir.path())).expect("durable file");
+        assert_eq!(durable.lines().count(), 1);
+        assert!(durable.contains("\"payload\":\"poison\""), "{durable}");
+        assert!(std::fs::metadata(file_path(dir.path())).expect("rules' file").len() <= MAX_FILE_BYTES);
+        let all = tail(dir.path(), usize::MAX).expect("tail");
+        let first: serde_json::Value = serde_json::from_str(&all[0]).expect("json");
+        assert_eq!(first["payload"], "poison", "oldest first, across both files");
     }
 }
