@@ -22,12 +22,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::ack::{AckQueue, Outcome};
 use crate::buffer::Record;
 use crate::buffer::import::{CHUNK as IMPORT_CHUNK, ImportSummary, WireRecord};
 use crate::buffer::inspect::export_line;
 use crate::buffer::worker::{Command, ImportRequest, InspectRequest, Inspected};
 use crate::event::Outbound;
-use crate::ingest::acks::{AckQueue, Outcome};
 use crate::metrics::Metrics;
 
 /// Records per store-thread request while exporting, so a large export never holds the

@@ -493,7 +493,7 @@ fn check_data_dir(dir: &Path) -> Option<String> {
 
 /// A panic anywhere ends the process. Tokio would catch a task's panic and keep running, and
 /// the events the task held would drop their tickets — which acknowledges them to sensors
-/// (dropping is the success path, see `ingest::acks`). Dying instead means the sensors resend
+/// (dropping is the success path, see `ack`). Dying instead means the sensors resend
 /// and systemd restarts the gateway from its buffer.
 fn abort_on_panic() {
     let report = std::panic::take_hook();

@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use crate::ingest::acks::Ticket;
+use crate::ack::Ticket;
 use crate::metrics::Metrics;
 
 /// Bits of an id that count within one boot; the boot epoch fills the rest.
@@ -190,7 +190,7 @@ pub struct Event {
     /// The publisher's client id (shared with its connection: no copy per event).
     pub client_id: Option<Arc<str>>,
     /// The sensor's held acknowledgement: dropped once the event is safe (see
-    /// [`crate::ingest::acks`]). `None` for QoS 0 and for `broker.ack = "on_receipt"`.
+    /// [`crate::ack`]). `None` for QoS 0 and for `broker.ack = "on_receipt"`.
     pub ticket: Option<Ticket>,
 }
 

@@ -16,8 +16,11 @@
 //! ```
 //! - [`config`] — typed, validated configuration.
 //! - [`event`] — the values passed between stages, and id generation.
-//! - [`ingest`] — stage 1, sensor connections (MQTT 3.1.1/5), held acknowledgements, and
-//!   rumqttd's router for local fan-out.
+//! - [`broker`] — stage 1, the sensor side: connections (MQTT 3.1.1/5), sessions, local
+//!   fan-out, retained messages, `$SYS`.
+//! - [`ack`] — the ticket contract every stage shares: a publish is acknowledged once every
+//!   copy of its event is safe.
+//! - [`mqtt`] — the MQTT wire apart from any policy: codecs for both directions.
 //! - [`route`] — stage 2, bridge routes or the rule engine: forward, republish, drop, dead-letter.
 //! - [`rules`] — loading the rules file and its tables; hot reload on SIGHUP and file change.
 //! - [`deadletter`] — the dead-letter store (events a rule failed on).
@@ -30,14 +33,16 @@
 //! - [`telemetry`] — logging set-up.
 //! - [`cli`] — the `outpost` command line (the binary only parses and calls in).
 
+pub mod ack;
 pub mod admin;
+pub mod broker;
 pub mod buffer;
 pub mod cli;
 pub mod config;
 pub mod deadletter;
 pub mod event;
-pub mod ingest;
 pub mod metrics;
+pub mod mqtt;
 pub mod relay;
 pub mod route;
 pub mod rules;
@@ -67,7 +72,7 @@ pub enum StartError {
     #[error(transparent)]
     Buffer(#[from] buffer::BufferError),
     #[error(transparent)]
-    Ingest(#[from] ingest::IngestError),
+    Broker(#[from] broker::BrokerError),
     #[error("cannot start the store thread: {0}")]
     Thread(std::io::Error),
     #[error(transparent)]
@@ -173,7 +178,7 @@ impl Gateway {
             ),
         }
 
-        let republisher = match ingest::start(
+        let republisher = match broker::start(
             &config.broker,
             ids.clone(),
             event_tx,

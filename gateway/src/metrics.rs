@@ -110,7 +110,7 @@ counters! {
     /// Events the upstream closed the link over `upstream.poison_after` times in a row: moved
     /// to the dead-letter store and deleted from the buffer, so the events behind them go on.
     upstream_poison,
-    // Local fan-out (`ingest::local`).
+    // Local fan-out (`broker::local`).
     /// Deliveries written to local subscribers (QoS 1 resends included).
     local_delivered,
     /// Deliveries to local subscribers dropped because the subscriber's queue was full
@@ -131,7 +131,7 @@ pub struct Gauges {
     pub buffered_events: AtomicU64,
     /// 1 while an upstream connection is up.
     pub upstream_connected: AtomicU64,
-    // Local fan-out (`ingest::local`).
+    // Local fan-out (`broker::local`).
     /// Subscriptions held by local sessions (connected and offline).
     pub local_subscriptions: AtomicU64,
     /// Persistent sessions whose client is offline.

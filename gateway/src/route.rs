@@ -23,7 +23,7 @@
 //!   next input. The rule engine refuses to push the count past the rules file's `max_hops`,
 //!   which bounds every chain.
 //! - Every upstream copy of an event carries a clone of the sensor's held acknowledgement
-//!   (its [`Ticket`](crate::ingest::acks::Ticket)); the sensor is acknowledged once all of them
+//!   (its [`Ticket`](crate::ack::Ticket)); the sensor is acknowledged once all of them
 //!   are safe, or right after routing when nothing goes upstream.
 //! - An event makes at most one dead-letter record, however many rules failed on it; the
 //!   record lists each rule and its reason.
@@ -39,10 +39,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::broker::Republisher;
 use crate::config::RouteConfig;
 use crate::deadletter::{DeadLetter, RuleReason};
 use crate::event::{Event, IdGen, Outbound, TopicError, TopicPolicy, invalid_topic};
-use crate::ingest::Republisher;
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
 

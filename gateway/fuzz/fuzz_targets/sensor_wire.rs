@@ -10,7 +10,7 @@
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use outpost::ingest::codec::{self, Codec, Version};
+use outpost::mqtt::codec::{self, Codec, Version};
 
 fuzz_target!(|data: &[u8]| {
     let _ = codec::connect_version(data);

@@ -18,8 +18,8 @@ use crate::config::MqttVersion;
 use proptest::prelude::*;
 
 use super::*;
+use crate::ack::{AckQueue, Outcome};
 use crate::buffer::Store;
-use crate::ingest::acks::{AckQueue, Outcome};
 
 const WINDOW: usize = 4;
 const COMMIT_MAX: usize = 5;

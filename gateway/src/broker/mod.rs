@@ -26,8 +26,6 @@
 //! - One connection per client id: a second CONNECT with the same id closes the first
 //!   (session takeover) and waits for it to finish before the new one proceeds.
 
-pub mod acks;
-pub mod codec;
 mod conn;
 pub mod local;
 pub mod subs;
@@ -56,7 +54,7 @@ pub const MAX_FILTERS: usize = 1_000;
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
-pub enum IngestError {
+pub enum BrokerError {
     #[error("cannot listen on {addr} (`{key}`): {source}; pick a free address or stop what holds it")]
     Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
 }
@@ -238,7 +236,7 @@ pub async fn start(
     metrics: Metrics,
     cancel: CancellationToken,
     tracker: &TaskTracker,
-) -> Result<Republisher, IngestError> {
+) -> Result<Republisher, BrokerError> {
     let mut listeners = vec![bind("broker.listen", cfg.listen).await?];
     if let Some(addr) = cfg.listen_v5 {
         listeners.push(bind("broker.listen_v5", addr).await?);
@@ -286,8 +284,8 @@ async fn expire_sessions(local: Arc<local::Local>, cancel: CancellationToken) {
     }
 }
 
-async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, IngestError> {
-    TcpListener::bind(addr).await.map_err(|source| IngestError::Bind { key, addr, source })
+async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BrokerError> {
+    TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { key, addr, source })
 }
 
 async fn accept(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken, tracker: TaskTracker) {

@@ -22,12 +22,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::acks::{AckQueue, Outcome};
-use super::codec::{self, Codec, Version};
 use super::local::{Mailbox, Message};
 use super::{Live, Retained, Shared, Status, lock};
+use crate::ack::{AckQueue, Outcome};
 use crate::event::{TopicError, escape_topic, invalid_topic};
 use crate::metrics::Metrics;
+use crate::mqtt::codec::{self, Codec, Version};
 
 /// Headroom over `broker.max_payload` for the topic and properties of one packet.
 const HEADER_ROOM: usize = 4096;

@@ -247,7 +247,7 @@ fn remove<K: Eq + Hash>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::topic_matches;
+    use crate::broker::topic_matches;
     use proptest::prelude::*;
 
     fn plain(trie: &SubTrie<u32>, topic: &str) -> Vec<(u32, u8)> {

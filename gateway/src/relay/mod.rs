@@ -52,12 +52,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use crate::ack::Ticket;
 use crate::buffer::worker::{Command, Reply, Worker};
 use crate::buffer::{Batch, DropRequest, Key, LaneStats, N_PRIORITIES, Record};
 use crate::config::{BufferConfig, EventIdMode, OverflowPolicy, UpstreamConfig};
 use crate::deadletter::{DeadLetter, DurableLetter};
 use crate::event::{IdGen, Outbound, escape_topic, format_event_id, now_ms};
-use crate::ingest::acks::Ticket;
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
 use crate::uplink::{Incoming, Link, LinkParams, encode_pingreq, encode_publish, parse_incoming};
