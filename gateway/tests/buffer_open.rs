@@ -7,7 +7,6 @@
 //! the tests run as root, which bypasses file permissions. Under `timeout`, so a gateway that
 //! wrongly starts is killed (exit 124) and the test fails instead of hanging.
 
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -50,7 +49,7 @@ fn outpost_as(uid: Option<u32>, args: &[&std::ffi::OsStr]) -> Outcome {
 
 /// `outpost run` on `data`, as `uid` or as the test's user.
 fn run_gateway(data: &Path, uid: Option<u32>) -> Outcome {
-    let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = outpost_sim::harness::free_port().expect("a free port");
     let listen = format!("127.0.0.1:{port}");
     outpost_as(
         uid,

@@ -85,7 +85,7 @@ async fn buffer_commands_work_with_and_without_the_daemon() {
     let offline = tokio::task::spawn_blocking(move || check_commands(&d, &s)).await.expect("offline run");
 
     // A running gateway holds the file: the CLI asks it over the admin socket.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = outpost_sim::harness::free_port().expect("a free port");
     let mut config = outpost::config::GatewayConfig { data_dir: data.clone(), ..Default::default() };
     config.broker.listen = format!("127.0.0.1:{port}").parse().expect("addr");
     let gateway = outpost::Gateway::start(config).await.expect("gateway starts");

@@ -5,7 +5,6 @@
 //!
 //! Needs root to mount a small tmpfs (CI runs as root; elsewhere it says so and returns).
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,23 +13,11 @@ use std::time::Duration;
 use outpost::buffer::Store;
 use outpost::config::GatewayConfig;
 use outpost::metrics::Metrics;
+use outpost_sim::harness::{free_port, wait_until};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use support::{Tmpfs, can_mount};
 
 mod support;
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// Polls a condition on the gateway's counters, bounded by `timeout`.
-async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// Publishes `n` QoS 1 messages of `size` bytes in the background; `acked` counts PUBACKs.
 fn publish(port: u16, n: usize, size: usize, acked: Arc<AtomicU64>) -> tokio::task::JoinHandle<()> {
@@ -59,7 +46,7 @@ fn publish(port: u16, n: usize, size: usize, acked: Arc<AtomicU64>) -> tokio::ta
 
 fn config(data: &Path) -> GatewayConfig {
     let mut config = GatewayConfig { data_dir: data.to_owned(), ..Default::default() };
-    config.broker.listen = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    config.broker.listen = format!("127.0.0.1:{}", free_port().expect("a free port")).parse().expect("addr");
     config.buffer.commit_max_events = std::num::NonZeroUsize::new(200).expect("non-zero");
     config
 }
@@ -91,7 +78,8 @@ async fn full_disk_slows_the_sensor_and_loses_nothing() {
     wait_until("a commit failed for lack of space", Duration::from_secs(60), || {
         Metrics::get(&counters.commit_failures) > 0
     })
-    .await;
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let failures = Metrics::get(&counters.commit_failures);
     let acked_while_full = acked.load(Ordering::Relaxed);
     let committed_while_full = Metrics::get(&counters.committed);

@@ -4,20 +4,17 @@
 //! running rules stay, and a fixed one is picked up without a restart. `outpost rules test` (the
 //! dry run) prints what the route stage would do with each output.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use outpost::config::{GatewayConfig, UpstreamConfig, UpstreamUrl};
 use outpost::metrics::Metrics;
+use outpost_sim::harness::{free_addr, wait_until};
 use outpost_sim::verify::{Subscriber, start_subscriber};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
-
-fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
-}
 
 fn examples() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -39,19 +36,10 @@ async fn publish(addr: SocketAddr, messages: &[(&str, &str)]) {
     }
 }
 
-/// Polls a condition on the gateway's counters, bounded by `timeout`.
-async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The upstream messages as (topic, JSON with the volatile `ts` removed), sorted.
 fn upstream_messages(sub: &Subscriber) -> Vec<(String, serde_json::Value)> {
     let mut messages: Vec<(String, serde_json::Value)> = sub
-        .received_messages()
+        .messages()
         .into_iter()
         .map(|(topic, payload)| {
             let mut json: serde_json::Value = serde_json::from_slice(&payload).expect("JSON upstream");
@@ -73,11 +61,11 @@ struct Setup {
 }
 
 async fn start(rules: PathBuf) -> Setup {
-    let upstream_addr = free_addr();
+    let upstream_addr = free_addr().expect("a free port");
     outpost_sim::broker::spawn_broker(upstream_addr, None).expect("upstream rumqttd");
     let upstream = start_subscriber(&upstream_addr.to_string(), "#").await.expect("upstream subscriber");
     let data = tempfile::tempdir().expect("tempdir");
-    let listen = free_addr();
+    let listen = free_addr().expect("a free port");
     let mut config = GatewayConfig { data_dir: data.path().to_owned(), ..Default::default() };
     config.broker.listen = listen;
     config.rules = Some(rules);
@@ -101,10 +89,12 @@ async fn rules_filter_enrich_route_and_republish() {
         ],
     )
     .await;
-    s.upstream.wait_for(3, TIMEOUT).await.expect("three upstream messages");
-    actuator.wait_for(1, TIMEOUT).await.expect("the fan command");
+    s.upstream.wait_for_count(3, TIMEOUT).await.expect("three upstream messages");
+    actuator.wait_for_count(1, TIMEOUT).await.expect("the fan command");
     let counters = s.gateway.metrics().counters();
-    wait_until("the debug event is dropped", || Metrics::get(&counters.rules_dropped) == 1).await;
+    wait_until("the debug event is dropped", TIMEOUT, || Metrics::get(&counters.rules_dropped) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
 
     let site_a = |device: &str, temp: serde_json::Value| serde_json::json!({"device": device, "site": "plant-a", "line": "l1", "temp": temp});
     assert_eq!(
@@ -118,7 +108,7 @@ async fn rules_filter_enrich_route_and_republish() {
             ("sites/plant-a/telemetry/s-0001".to_owned(), site_a("s-0001", serde_json::json!(31.5))),
         ]
     );
-    let fan = actuator.received_messages();
+    let fan = actuator.messages();
     assert_eq!(fan.len(), 1);
     assert_eq!(fan[0].0, "actuators/s-0001/fan");
     assert_eq!(Metrics::get(&counters.republished), 1);
@@ -139,19 +129,23 @@ async fn a_broken_rules_file_is_rejected_and_a_fixed_one_is_applied_live() {
     let counters = s.gateway.metrics().counters();
 
     publish(s.listen, &[("in/a", r#"{"v":1}"#)]).await;
-    s.upstream.wait_for(1, TIMEOUT).await.expect("v1 output");
+    s.upstream.wait_for_count(1, TIMEOUT).await.expect("v1 output");
 
     std::fs::write(&rules, "[[rule]]\nname = \"fwd\"\nsql = 'SELECT FROM WHERE'\n").expect("break rules");
-    wait_until("the broken file is rejected", || Metrics::get(&counters.rules_reload_failures) >= 1).await;
+    wait_until("the broken file is rejected", TIMEOUT, || Metrics::get(&counters.rules_reload_failures) >= 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     publish(s.listen, &[("in/a", r#"{"v":2}"#)]).await;
-    s.upstream.wait_for(2, TIMEOUT).await.expect("the running rules stayed");
+    s.upstream.wait_for_count(2, TIMEOUT).await.expect("the running rules stayed");
 
     std::fs::write(&rules, version("out/v2")).expect("fix rules");
-    wait_until("the fixed file is applied", || Metrics::get(&counters.rules_reloads) >= 1).await;
+    wait_until("the fixed file is applied", TIMEOUT, || Metrics::get(&counters.rules_reloads) >= 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     publish(s.listen, &[("in/a", r#"{"v":3}"#)]).await;
-    s.upstream.wait_for(3, TIMEOUT).await.expect("v2 output");
+    s.upstream.wait_for_count(3, TIMEOUT).await.expect("v2 output");
 
-    let topics: Vec<String> = s.upstream.received_messages().into_iter().map(|(t, _)| t).collect();
+    let topics: Vec<String> = s.upstream.messages().into_iter().map(|(t, _)| t).collect();
     assert_eq!(topics, vec!["out/v1", "out/v1", "out/v2"]);
     assert!(s.gateway.shutdown().await);
 }
@@ -183,16 +177,18 @@ format = "raw"
     .expect("write rules");
     let mut s = start(rules).await;
     publish(s.listen, &[("in/a", "definitely { not json")]).await;
-    s.upstream.wait_for(1, TIMEOUT).await.expect("the other rule still ran");
+    s.upstream.wait_for_count(1, TIMEOUT).await.expect("the other rule still ran");
     let counters = s.gateway.metrics().counters();
-    wait_until("the failure is counted", || Metrics::get(&counters.dead_letters) == 1).await;
-    let received = s.upstream.received_messages();
+    wait_until("the failure is counted", TIMEOUT, || Metrics::get(&counters.dead_letters) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let received = s.upstream.messages();
     assert_eq!(received, vec![("out/raw".to_owned(), b"definitely { not json".to_vec())]);
 
     // Visible through the CLI while the gateway runs (the writer is asynchronous).
     let data_dir = s._data.path().to_str().expect("utf8").to_owned();
     let mut letters = String::new();
-    wait_until("the dead letter is on disk", || {
+    wait_until("the dead letter is on disk", TIMEOUT, || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
             .args(["rules", "dead-letters", "--data-dir", &data_dir])
             .output()
@@ -200,7 +196,8 @@ format = "raw"
         letters = String::from_utf8_lossy(&out.stdout).into_owned();
         !letters.is_empty()
     })
-    .await;
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
     let letter: serde_json::Value = serde_json::from_str(letters.trim()).expect("one JSON line");
     assert_eq!(letter["rule"], "strict-json");
     assert_eq!(letter["topic"], "in/a");

@@ -33,7 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::flaky::{LinkShaping, run_switched_link};
 use crate::fleet::{FleetConfig, FleetProgress, FleetSummary, run_fleet_with_progress};
-use crate::process::{ProcessStats, free_addr};
+use crate::harness::free_addr;
+use crate::process::ProcessStats;
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, start_upstream_mosquitto};
 use crate::verify::{Subscriber, VerifyReport, start_subscriber};
 

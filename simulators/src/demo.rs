@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::flaky::{LinkShaping, run_switched_link};
 use crate::fleet::{FleetConfig, FleetProgress, FleetSummary, run_fleet_with_progress};
-use crate::process::free_addr;
+use crate::harness::free_addr;
 use crate::systems::{Gateway, GatewayKind, GatewaySpec};
 use crate::verify::{Subscriber, VerifyReport, start_subscriber};
 

@@ -44,7 +44,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::compare::{cpu_per_event, machine_description, wait_delivered};
 use crate::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
-use crate::process::{ChildProcess, ProcessStats, free_addr};
+use crate::harness::free_addr;
+use crate::process::{ChildProcess, ProcessStats};
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, outpost_config, start_upstream_mosquitto};
 use crate::verify::{Subscriber, start_subscriber};
 

@@ -17,7 +17,10 @@
 //! - [`broker`]: a plain rumqttd broker, used as an independent upstream that tests can kill.
 //! - [`flaky`]: a TCP proxy that cuts every connection on a schedule or on command, adds
 //!   latency and caps bandwidth.
-//! - [`process`]: child processes that die with their owner, measured through `/proc`.
+//! - [`process`]: child processes that die with their owner, their output captured or logged,
+//!   measured through `/proc`.
+//! - [`harness`]: what tests and benches share besides: Debian's mosquitto, raw MQTT packets,
+//!   free ports, condition waits.
 //! - [`systems`]: the gateways under test (Outpost, a Mosquitto bridge) and an upstream
 //!   Mosquitto, as child processes.
 //! - [`compare`]: the same workload through Outpost and a Mosquitto bridge, one table.
@@ -36,6 +39,7 @@ pub mod compare;
 pub mod demo;
 pub mod flaky;
 pub mod fleet;
+pub mod harness;
 pub mod ingest_bench;
 pub mod latency;
 pub mod mqtt;

@@ -118,7 +118,7 @@ impl Gateway {
                 command
             }
         };
-        let mut process = ChildProcess::spawn(self.spec.kind.name(), command, &log)?;
+        let mut process = ChildProcess::spawn_logged(self.spec.kind.name(), command, &log)?;
         process.wait_accepting(self.spec.listen, START_TIMEOUT).await?;
         self.process = Some(process);
         Ok(())
@@ -144,7 +144,7 @@ impl Gateway {
 
     /// The last lines of the running (or last started) process's output.
     pub fn log_tail(&self) -> String {
-        self.process.as_ref().map(ChildProcess::log_tail).unwrap_or_default()
+        self.process.as_ref().map(ChildProcess::tail).unwrap_or_default()
     }
 
     fn running(&self) -> anyhow::Result<&ChildProcess> {
@@ -267,7 +267,7 @@ pub async fn start_upstream_mosquitto(
     let mut command = Command::new(binary);
     command.arg("-c").arg(&path);
     let log = dir.join(format!("mosquitto-upstream-{}.log", listen.port()));
-    let mut process = ChildProcess::spawn("mosquitto (upstream)", command, &log)?;
+    let mut process = ChildProcess::spawn_logged("mosquitto (upstream)", command, &log)?;
     process.wait_accepting(listen, START_TIMEOUT).await?;
     Ok(process)
 }

@@ -1,7 +1,9 @@
 //! Checks what arrived downstream against what a fleet says the broker acknowledged.
 //!
 //! `Verifier` is pure bookkeeping over `(topic, payload, arrival time)` so it can be unit-tested
-//! without a network; `Subscriber` feeds it from a live MQTT subscription. A reading is
+//! without a network; `Subscriber` feeds it from a live MQTT subscription. `Subscriber` is also
+//! the harness's one subscriber recorder (MQTT 3.1.1 or 5, clean or persistent session), which
+//! the end-to-end tests, the gateway's tests and its benches use. A reading is
 //! identified by `(device, seq)`, so the verifier needs no side channel to the fleet. Payloads
 //! may be JSON or CBOR, told apart per message (`SensorReading::decode`). Latency is measured
 //! in microseconds when the reading carries `ts_us`, else in milliseconds.
@@ -10,18 +12,20 @@
 //! the broker never acknowledged may be lost without being a failure of the system under test.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
+use rumqttc::{Event, Packet, QoS, SubscribeReasonCode};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, warn};
 
 use crate::fleet::FleetSummary;
+use crate::mqtt::MqttVersion;
 use crate::payload::SensorReading;
 
 /// At most this many missing seqs are listed per device in a report.
@@ -190,124 +194,257 @@ fn percentile(sorted: &[u64], fraction: f64) -> Option<u64> {
     sorted.get(rank.saturating_sub(1)).copied()
 }
 
-/// At most this many raw messages are kept for `received_messages`; the verifier counts all.
+/// At most this many raw messages [`start_subscriber`] keeps; the verifier counts all.
 pub const MAX_KEPT_MESSAGES: usize = 100_000;
-/// How long `start_subscriber` waits for the broker's SUBACK.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
-/// Delay between reconnect attempts.
-const RECONNECT_DELAY: Duration = Duration::from_millis(100);
+/// How long a subscriber waits for the broker's SUBACK.
+const SUBACK_TIMEOUT: Duration = Duration::from_secs(20);
+/// Pause between reconnect attempts: a bounded back-off, not a wait.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+/// Largest packet a subscriber accepts or sends.
+const MAX_PACKET: usize = 16 * 1024 * 1024;
 
-/// A running QoS 1 subscription that records every message. Dropping it stops its task.
+/// Which MQTT session a subscriber uses.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Session {
+    /// A clean session (MQTT 5: clean start): nothing survives a disconnect, and messages
+    /// published while it reconnects are not seen.
+    #[default]
+    Clean,
+    /// A persistent session under this client id: the broker queues QoS 1 messages while the
+    /// subscriber is away (and Mosquitto persists them across its restarts) and delivers them
+    /// when it is back. MQTT 5: clean start 0 with a session that never expires.
+    Persistent(String),
+}
+
+/// Observes every message as it arrives, on the subscriber's task: for a bench that counts what
+/// it needs without keeping the messages. It must be quick; it delays the next read.
+pub type OnMessage = Arc<dyn Fn(&Message) + Send + Sync>;
+
+/// How a [`Subscriber`] connects and what it keeps.
+#[derive(Clone)]
+pub struct SubscriberOptions {
+    pub version: MqttVersion,
+    pub session: Session,
+    /// At most this many messages are kept for [`Subscriber::messages`]; all are counted.
+    pub keep: usize,
+    /// Called for every message, before it is recorded.
+    pub on_message: Option<OnMessage>,
+    /// Feed every message to the [`Verifier`] (which decodes it as a `SensorReading`); off for
+    /// a bench whose payloads are not readings and whose subscriber's CPU is measured.
+    pub verify: bool,
+}
+
+impl Default for SubscriberOptions {
+    /// MQTT 3.1.1, a clean session, every message kept and verified.
+    fn default() -> SubscriberOptions {
+        SubscriberOptions {
+            version: MqttVersion::V311,
+            session: Session::Clean,
+            keep: usize::MAX,
+            on_message: None,
+            verify: true,
+        }
+    }
+}
+
+/// One message as the subscriber saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    /// MQTT 5 user properties, in order (always empty over 3.1.1).
+    pub user_properties: Vec<(String, String)>,
+}
+
+/// A running QoS 1 subscription that records every message and feeds a [`Verifier`]. It
+/// reconnects (and subscribes again) whenever the connection drops. Dropping it stops its task.
+///
+/// # Invariants
+/// - [`Subscriber::start`] returns only after the broker granted the subscription (SUBACK), so
+///   anything published afterwards is recorded (with a persistent session, also what is
+///   published while it reconnects).
+/// - Every message is recorded exactly as it arrived, duplicates included.
 pub struct Subscriber {
-    received: Arc<Mutex<Received>>,
+    broker: SocketAddr,
+    recorded: Arc<Mutex<Recorded>>,
     count: watch::Receiver<u64>,
     _stop: DropGuard,
 }
 
 /// What the subscription task has recorded; locked only for short, non-async sections.
 #[derive(Default)]
-struct Received {
+struct Recorded {
     verifier: Verifier,
-    messages: Vec<(String, Vec<u8>)>,
+    messages: Vec<Message>,
+    /// The last connection error, for timeout messages.
     last_error: Option<String>,
+    /// Successful CONNACKs.
+    connects: u64,
 }
 
-/// Distinguishes the client ids of subscribers in one process.
-static SUBSCRIBER_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Connects to `broker` (`HOST:PORT`), subscribes to `filter` at QoS 1 and returns once the
-/// broker granted the subscription. Reconnects (and resubscribes) if the connection drops;
-/// messages published while it is down are not seen.
+/// Connects to `broker` (`HOST:PORT`), subscribes to `filter` at QoS 1 with a clean session
+/// and returns once the broker granted the subscription; keeps the first
+/// [`MAX_KEPT_MESSAGES`] messages.
 pub async fn start_subscriber(broker: &str, filter: &str) -> anyhow::Result<Subscriber> {
     let (host, port) = crate::parse_broker(broker)?;
-    let client_id = format!(
-        "outpost-sim-verify-{}-{}",
-        std::process::id(),
-        SUBSCRIBER_COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    let mut options = MqttOptions::new(client_id, host, port);
-    options
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_session(true)
-        .set_max_packet_size(16 * 1024 * 1024, 1024 * 1024);
-    let (client, eventloop) = AsyncClient::new(options, 64);
-
-    let received = Arc::new(Mutex::new(Received::default()));
-    let (count_tx, count_rx) = watch::channel(0);
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let cancel = CancellationToken::new();
-    tokio::spawn(run_subscription(
-        client,
-        eventloop,
-        filter.to_string(),
-        Arc::clone(&received),
-        count_tx,
-        ready_tx,
-        cancel.clone(),
-    ));
-    let subscriber = Subscriber { received, count: count_rx, _stop: cancel.drop_guard() };
-
-    match tokio::time::timeout(READY_TIMEOUT, ready_rx).await {
-        Ok(Ok(Ok(()))) => Ok(subscriber),
-        Ok(Ok(Err(refused))) => Err(anyhow::anyhow!(refused)),
-        Ok(Err(_)) => anyhow::bail!("the subscription task for '{filter}' on {broker} ended"),
-        Err(_) => {
-            let last_error = subscriber.lock().last_error.clone().unwrap_or_else(|| "none".to_string());
-            anyhow::bail!(
-                "no SUBACK for '{filter}' from {broker} within {READY_TIMEOUT:?} (last error: {last_error})"
-            )
-        }
-    }
+    let ip = match host.parse() {
+        Ok(ip) => ip,
+        Err(_) => tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .with_context(|| format!("cannot resolve {host}"))?
+            .next()
+            .with_context(|| format!("{host} has no address"))?
+            .ip(),
+    };
+    let options = SubscriberOptions { keep: MAX_KEPT_MESSAGES, ..SubscriberOptions::default() };
+    Subscriber::start_with(SocketAddr::new(ip, port), filter, options).await
 }
 
 impl Subscriber {
-    /// Waits until at least `n_received` messages have been recorded.
-    pub async fn wait_for(&mut self, n_received: u64, timeout: Duration) -> anyhow::Result<()> {
-        let waited = tokio::time::timeout(timeout, self.count.wait_for(|&count| count >= n_received))
+    /// An MQTT 3.1.1 subscriber to `filter` at QoS 1 on `broker` with `session`, keeping every
+    /// message; see [`start_with`](Self::start_with).
+    pub async fn start(broker: SocketAddr, filter: &str, session: Session) -> anyhow::Result<Subscriber> {
+        Subscriber::start_with(broker, filter, SubscriberOptions { session, ..SubscriberOptions::default() })
             .await
-            .map(|outcome| outcome.is_ok());
-        match waited {
-            Ok(true) => Ok(()),
-            Ok(false) => anyhow::bail!(
-                "the subscription task ended after {} of {n_received} messages",
-                self.received_count()
-            ),
+    }
+
+    /// Connects to `broker`, subscribes to `filter` at QoS 1 and returns once the broker sent
+    /// its SUBACK granting it.
+    pub async fn start_with(
+        broker: SocketAddr,
+        filter: &str,
+        options: SubscriberOptions,
+    ) -> anyhow::Result<Subscriber> {
+        let client = SubscriberClient::new(broker, &options);
+        let recorded = Arc::new(Mutex::new(Recorded::default()));
+        let (count_tx, count) = watch::channel(0);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let cancel = CancellationToken::new();
+        let task = Task {
+            filter: filter.to_owned(),
+            recorded: Arc::clone(&recorded),
+            count: count_tx,
+            keep: options.keep,
+            on_message: options.on_message,
+            verify: options.verify,
+        };
+        tokio::spawn(task.run(client, ready_tx, cancel.clone()));
+        let subscriber = Subscriber { broker, recorded, count, _stop: cancel.drop_guard() };
+        match tokio::time::timeout(SUBACK_TIMEOUT, ready_rx).await {
+            Ok(Ok(Ok(()))) => Ok(subscriber),
+            Ok(Ok(Err(refused))) => Err(anyhow::anyhow!(refused)),
+            Ok(Err(_)) => anyhow::bail!("the subscription task for `{filter}` on {broker} ended"),
             Err(_) => anyhow::bail!(
-                "timed out after {timeout:?} waiting for {n_received} messages; {} arrived",
-                self.received_count()
+                "no SUBACK for `{filter}` from {broker} within {SUBACK_TIMEOUT:?} (last error: {})",
+                subscriber.lock().last_error.as_deref().unwrap_or("none")
             ),
         }
     }
 
-    /// Waits until every reading `expected` reports as acknowledged has arrived, and returns the
-    /// report; on timeout, the error includes the report.
-    pub async fn wait_for_expected(
-        &mut self,
-        expected: &FleetSummary,
-        timeout: Duration,
-    ) -> anyhow::Result<VerifyReport> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let seen = self.received_count();
-            let report = self.snapshot().report(Some(expected));
-            if report.missing == 0 {
-                return Ok(report);
-            }
-            let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-            if self.wait_for(seen + 1, remaining).await.is_err() {
-                let report = self.snapshot().report(Some(expected));
-                let json = serde_json::to_string(&report).unwrap_or_default();
+    /// Messages recorded so far, duplicates included.
+    pub fn count(&self) -> u64 {
+        *self.count.borrow()
+    }
+
+    /// Waits until at least `n` messages were recorded.
+    pub async fn wait_for_count(&mut self, n: u64, timeout: Duration) -> anyhow::Result<()> {
+        let reached =
+            tokio::time::timeout(timeout, self.count.wait_for(|&count| count >= n)).await.map(|r| r.is_ok());
+        match reached {
+            Ok(true) => Ok(()),
+            Ok(false) => anyhow::bail!("the subscription task ended after {} of {n} messages", self.count()),
+            Err(_) => {
+                let (connects, last_error) = {
+                    let recorded = self.lock();
+                    (recorded.connects, recorded.last_error.clone().unwrap_or_else(|| "none".to_owned()))
+                };
                 anyhow::bail!(
-                    "{} acknowledged readings still missing after {timeout:?}: {json}",
-                    report.missing
+                    "timed out after {timeout:?} waiting for {n} messages at {}; {} arrived (subscriber connects: {connects}, last error: {last_error})",
+                    self.broker,
+                    self.count(),
+                )
+            }
+        }
+    }
+
+    /// Waits until `predicate` holds for the kept messages; `what` names it in the error.
+    pub async fn wait_for_messages(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        predicate: impl Fn(&[Message]) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.count.borrow_and_update();
+            if predicate(&self.lock().messages) {
+                return Ok(());
+            }
+            let changed = tokio::time::timeout_at(deadline, self.count.changed()).await;
+            if !changed.is_ok_and(|changed| changed.is_ok()) {
+                let recorded = self.lock();
+                anyhow::bail!(
+                    "no {what} within {timeout:?}: {} messages arrived (subscriber connects: {}, last error: {:?})",
+                    recorded.messages.len(),
+                    recorded.connects,
+                    recorded.last_error
                 );
             }
         }
     }
 
-    /// Messages recorded so far.
-    pub fn received_count(&self) -> u64 {
-        *self.count.borrow()
+    /// Waits until at least `n` distinct readings (by device and seq) were recorded.
+    pub async fn wait_for_unique(&mut self, n: u64, timeout: Duration) -> anyhow::Result<VerifyReport> {
+        self.wait_for_report(None, timeout, |report| n.saturating_sub(report.unique))
+            .await
+            .with_context(|| format!("waiting for {n} distinct readings"))
+    }
+
+    /// Waits until every reading `expected` reports as acknowledged has arrived, and returns the
+    /// report; on timeout the error carries the report.
+    pub async fn wait_for_expected(
+        &mut self,
+        expected: &FleetSummary,
+        timeout: Duration,
+    ) -> anyhow::Result<VerifyReport> {
+        self.wait_for_report(Some(expected), timeout, |report| report.missing)
+            .await
+            .context("waiting for every acknowledged reading")
+    }
+
+    /// Waits until `still_needed(report)` is 0 and returns that report. `still_needed` must be a
+    /// lower bound on the messages that have to arrive before it can reach 0 (each message
+    /// changes `unique` or `missing` by at most one). A report walks every reading, so it is
+    /// computed again only once that many more messages arrived, not on every message.
+    async fn wait_for_report(
+        &mut self,
+        expected: Option<&FleetSummary>,
+        timeout: Duration,
+        still_needed: impl Fn(&VerifyReport) -> u64,
+    ) -> anyhow::Result<VerifyReport> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = self.count();
+            let report = self.report(expected);
+            let needed = still_needed(&report);
+            if needed == 0 {
+                return Ok(report);
+            }
+            let arrived =
+                tokio::time::timeout_at(deadline, self.count.wait_for(|&count| count >= seen + needed))
+                    .await
+                    .is_ok_and(|waited| waited.is_ok());
+            if !arrived {
+                let report = self.report(expected);
+                anyhow::bail!(
+                    "still {} short after {timeout:?} ({} messages, subscriber connects: {}): {}",
+                    still_needed(&report),
+                    self.count(),
+                    self.connects(),
+                    serde_json::to_string(&report).unwrap_or_default()
+                );
+            }
+        }
     }
 
     /// A copy of the verifier's current state.
@@ -315,7 +452,7 @@ impl Subscriber {
         self.lock().verifier.clone()
     }
 
-    /// The current report against `expected`, computed without copying the verifier.
+    /// The verifier's report on what arrived, against `expected` when given.
     pub fn report(&self, expected: Option<&FleetSummary>) -> VerifyReport {
         self.lock().verifier.report(expected)
     }
@@ -325,75 +462,193 @@ impl Subscriber {
         self.lock().verifier.unique()
     }
 
-    /// The first `MAX_KEPT_MESSAGES` messages as `(topic, payload)`, in arrival order.
-    pub fn received_messages(&self) -> Vec<(String, Vec<u8>)> {
+    /// The kept messages as `(topic, payload)`, in arrival order.
+    pub fn messages(&self) -> Vec<(String, Vec<u8>)> {
+        self.lock().messages.iter().map(|m| (m.topic.clone(), m.payload.clone())).collect()
+    }
+
+    /// The kept messages with their MQTT 5 user properties, in arrival order.
+    pub fn full_messages(&self) -> Vec<Message> {
         self.lock().messages.clone()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Received> {
+    /// Successful connections so far (1 + reconnects).
+    pub fn connects(&self) -> u64 {
+        self.lock().connects
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Recorded> {
         // The task never panics while holding the lock; if it did, the data is still usable.
-        self.received.lock().unwrap_or_else(PoisonError::into_inner)
+        self.recorded.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// The subscription task: polls the event loop and records messages until cancelled.
-async fn run_subscription(
-    client: AsyncClient,
-    mut eventloop: rumqttc::EventLoop,
-    filter: String,
-    received: Arc<Mutex<Received>>,
-    count: watch::Sender<u64>,
-    ready: oneshot::Sender<Result<(), String>>,
-    cancel: CancellationToken,
-) {
-    let mut ready = Some(ready);
-    loop {
-        let polled = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            polled = eventloop.poll() => polled,
+/// A subscriber's rumqttc client and event loop, 3.1.1 or 5.
+enum SubscriberClient {
+    V311(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
+}
+
+/// What the subscription task learns from one poll, whichever the protocol version.
+enum Polled {
+    ConnAck,
+    /// Whether the SUBACK granted the filter, and the packet for a refusal's message.
+    SubAck(bool, String),
+    Publish(Message),
+    Other,
+    Failed(String),
+}
+
+impl SubscriberClient {
+    fn new(broker: SocketAddr, options: &SubscriberOptions) -> SubscriberClient {
+        let (client_id, clean) = match &options.session {
+            Session::Clean => (crate::harness::unique_client_id("verify"), true),
+            Session::Persistent(id) => (id.clone(), false),
         };
-        match polled {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                // Sessions are clean, so every connection needs the subscription again.
-                if let Err(error) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
-                    warn!(%error, filter, "subscribe request failed");
+        let (host, port) = (broker.ip().to_string(), broker.port());
+        match options.version {
+            MqttVersion::V311 => {
+                let mut mqtt = rumqttc::MqttOptions::new(client_id, host, port);
+                mqtt.set_keep_alive(Duration::from_secs(30))
+                    .set_clean_session(clean)
+                    .set_max_packet_size(MAX_PACKET, MAX_PACKET);
+                let (client, eventloop) = rumqttc::AsyncClient::new(mqtt, 64);
+                SubscriberClient::V311(client, Box::new(eventloop))
+            }
+            MqttVersion::V5 => {
+                let mut mqtt = rumqttc::v5::MqttOptions::new(client_id, host, port);
+                mqtt.set_keep_alive(Duration::from_secs(30))
+                    .set_clean_start(clean)
+                    .set_max_packet_size(Some(MAX_PACKET as u32));
+                if !clean {
+                    mqtt.set_session_expiry_interval(Some(u32::MAX));
+                }
+                let (client, eventloop) = rumqttc::v5::AsyncClient::new(mqtt, 64);
+                SubscriberClient::V5(client, Box::new(eventloop))
+            }
+        }
+    }
+
+    /// Asks for the subscription at QoS 1 (sent by the next polls).
+    fn subscribe(&self, filter: &str) -> Result<(), String> {
+        match self {
+            SubscriberClient::V311(client, _) => {
+                client.try_subscribe(filter, QoS::AtLeastOnce).map_err(|e| e.to_string())
+            }
+            SubscriberClient::V5(client, _) => client
+                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    async fn poll(&mut self) -> Polled {
+        match self {
+            SubscriberClient::V311(_, eventloop) => match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => Polled::ConnAck,
+                Ok(Event::Incoming(Packet::SubAck(ack))) => Polled::SubAck(
+                    ack.return_codes.iter().all(|code| matches!(code, SubscribeReasonCode::Success(_))),
+                    format!("{ack:?}"),
+                ),
+                Ok(Event::Incoming(Packet::Publish(publish))) => Polled::Publish(Message {
+                    topic: publish.topic,
+                    payload: publish.payload.to_vec(),
+                    user_properties: Vec::new(),
+                }),
+                Ok(_) => Polled::Other,
+                Err(error) => Polled::Failed(error.to_string()),
+            },
+            SubscriberClient::V5(_, eventloop) => {
+                use rumqttc::v5::Event as Event5;
+                use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, SubscribeReasonCode as Code5};
+                match eventloop.poll().await {
+                    Ok(Event5::Incoming(Packet5::ConnAck(_))) => Polled::ConnAck,
+                    Ok(Event5::Incoming(Packet5::SubAck(ack))) => Polled::SubAck(
+                        ack.return_codes.iter().all(|code| matches!(code, Code5::Success(_))),
+                        format!("{ack:?}"),
+                    ),
+                    Ok(Event5::Incoming(Packet5::Publish(publish))) => Polled::Publish(Message {
+                        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                        payload: publish.payload.to_vec(),
+                        user_properties: publish.properties.map(|p| p.user_properties).unwrap_or_default(),
+                    }),
+                    Ok(_) => Polled::Other,
+                    Err(error) => Polled::Failed(error.to_string()),
                 }
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let granted =
-                    ack.return_codes.iter().all(|code| matches!(code, SubscribeReasonCode::Success(_)));
-                let outcome = if granted {
-                    Ok(())
-                } else {
-                    Err(format!("the broker refused the subscription to '{filter}'"))
-                };
-                if !granted {
-                    warn!(filter, "subscription refused");
-                }
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(outcome);
-                }
-            }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
-                let now = crate::now_us();
-                let total = {
-                    let mut received = received.lock().unwrap_or_else(PoisonError::into_inner);
-                    received.verifier.record_at_us(&publish.topic, &publish.payload, now);
-                    if received.messages.len() < MAX_KEPT_MESSAGES {
-                        received.messages.push((publish.topic, publish.payload.to_vec()));
+        }
+    }
+}
+
+/// The subscription task's state: what it records into and how.
+struct Task {
+    filter: String,
+    recorded: Arc<Mutex<Recorded>>,
+    count: watch::Sender<u64>,
+    keep: usize,
+    on_message: Option<OnMessage>,
+    verify: bool,
+}
+
+impl Task {
+    /// Polls the event loop and records messages until cancelled.
+    async fn run(
+        self,
+        mut client: SubscriberClient,
+        ready: oneshot::Sender<Result<(), String>>,
+        cancel: CancellationToken,
+    ) {
+        let lock = || self.recorded.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ready = Some(ready);
+        loop {
+            let polled = tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                polled = client.poll() => polled,
+            };
+            match polled {
+                Polled::ConnAck => {
+                    lock().connects += 1;
+                    // Subscribing again is harmless for a resumed session and needed for a new one.
+                    if let Err(error) = client.subscribe(&self.filter) {
+                        lock().last_error = Some(format!("subscribe request failed: {error}"));
                     }
-                    received.verifier.received()
-                };
-                count.send_replace(total);
-            }
-            Ok(_) => {}
-            Err(error) => {
-                debug!(%error, "subscriber connection failed; retrying");
-                received.lock().unwrap_or_else(PoisonError::into_inner).last_error = Some(error.to_string());
-                tokio::select! {
-                    () = cancel.cancelled() => break,
-                    () = tokio::time::sleep(RECONNECT_DELAY) => {}
+                }
+                Polled::SubAck(granted, ack) => {
+                    if !granted {
+                        warn!(filter = self.filter, ack, "subscription refused");
+                    }
+                    if let Some(ready) = ready.take() {
+                        let _ = ready.send(if granted {
+                            Ok(())
+                        } else {
+                            Err(format!("the broker refused the subscription to `{}`: {ack}", self.filter))
+                        });
+                    }
+                }
+                Polled::Publish(message) => {
+                    if let Some(on_message) = &self.on_message {
+                        on_message(&message);
+                    }
+                    let now = crate::now_us();
+                    {
+                        let mut recorded = lock();
+                        if self.verify {
+                            recorded.verifier.record_at_us(&message.topic, &message.payload, now);
+                        }
+                        if recorded.messages.len() < self.keep {
+                            recorded.messages.push(message);
+                        }
+                    }
+                    self.count.send_modify(|count| *count += 1);
+                }
+                Polled::Other => {}
+                Polled::Failed(error) => {
+                    debug!(%error, "subscriber connection failed; retrying");
+                    lock().last_error = Some(error);
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(RECONNECT_PAUSE) => {}
+                    }
                 }
             }
         }

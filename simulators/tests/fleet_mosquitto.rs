@@ -3,30 +3,26 @@
 //! with a CA and certificates made by the `openssl` CLI in a temporary directory. The verifier
 //! always subscribes with MQTT 3.1.1 on a plain listener of the same broker.
 //!
-//! Brokers run as child processes that are killed when dropped; readiness is Mosquitto's own
-//! `running` notice, read from its stderr.
+//! Brokers are the harness's `Mosquitto`: child processes that are killed when dropped, ready
+//! once Mosquitto's own `running` notice is in their output.
 
-use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_sim::fleet::{FleetConfig, FleetSummary, run_fleet};
+use outpost_sim::harness::mosquitto::{MOSQUITTO, MosquittoConfig};
+use outpost_sim::harness::{free_port, require_tool};
 use outpost_sim::mqtt::{ClientAuth, MqttVersion, TlsOptions};
 use outpost_sim::process::running_as_root;
 use outpost_sim::verify::{Subscriber, VerifyReport, start_subscriber};
 use rumqttc::QoS;
 use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio_util::sync::CancellationToken;
 
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 const OPENSSL: &str = "/usr/bin/openssl";
-/// How long Mosquitto may take to start, and a fleet or verifier to finish.
+/// How long a fleet or verifier may take to finish.
 const TIMEOUT: Duration = Duration::from_secs(30);
-/// Lines of Mosquitto's output kept for failure messages.
-const LOG_LINES: usize = 200;
 
 // ---- MQTT 5 ----
 
@@ -212,35 +208,15 @@ async fn fleet_error(cfg: FleetConfig) -> String {
     format!("{:#}", outcome.expect_err("the connection must fail"))
 }
 
-/// Whether the environment says this is a CI run, where missing tools are failures.
-fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|value| !value.is_empty())
-}
-
-/// Checks that a program a test needs is installed. Under CI (`CI` set) a missing one fails
-/// the test, since `.ci/run` installs it; elsewhere the test prints a notice and is skipped.
-#[track_caller]
-fn require_tool(path: &str, package: &str) -> bool {
-    if Path::new(path).exists() {
-        return true;
-    }
-    assert!(!in_ci(), "{path} is missing and CI is set: install the Debian package `{package}`");
-    eprintln!("notice: {path} is missing; skipping this test (install the Debian package `{package}`)");
-    false
-}
-
-/// A Mosquitto child process with a plain listener (for the verifier and plain fleets) and,
-/// for TLS tests, a TLS listener and a TLS listener that requires a client certificate.
+/// The harness's Mosquitto with a plain listener (for the verifier and plain fleets) and, for
+/// TLS tests, a TLS listener and a TLS listener that requires a client certificate.
 struct Mosquitto {
-    /// Killed on drop (`kill_on_drop`); declared before `dir`, which holds its files.
-    _child: tokio::process::Child,
-    /// The last lines of Mosquitto's stderr, collected by a task that ends when the process does.
-    log: Arc<Mutex<VecDeque<String>>>,
-    plain_port: u16,
+    /// Killed on drop; declared before `_pki_dir`, which holds the files its TLS listeners read.
+    broker: outpost_sim::harness::mosquitto::Mosquitto,
     tls_port: u16,
     mtls_port: u16,
     pki: Option<Pki>,
-    _dir: TempDir,
+    _pki_dir: TempDir,
 }
 
 impl Mosquitto {
@@ -261,18 +237,13 @@ impl Mosquitto {
     }
 
     async fn start(tls: bool) -> Mosquitto {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let [plain_port, tls_port, mtls_port] = free_ports();
-        // `max_queued_messages 0`: no per-client queue limit, which would silently drop messages
+        let pki_dir = tempfile::tempdir().expect("a temporary directory");
+        let (tls_port, mtls_port) = (free_port().expect("a free port"), free_port().expect("a free port"));
+        // The harness's default: no per-client queue limit, which would silently drop messages
         // queued for the verifier. As root, Mosquitto would switch to a user that cannot read
-        // the temporary directory.
-        let mut config = format!(
-            "{}per_listener_settings false\nallow_anonymous true\nmax_queued_messages 0\n\
-             log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-             listener {plain_port} 127.0.0.1\n",
-            if running_as_root() { "user root\n" } else { "" }
-        );
-        let pki = if tls { Some(Pki::create(dir.path()).await) } else { None };
+        // the temporary directories.
+        let mut extra = String::from(if running_as_root() { "user root\n" } else { "" });
+        let pki = if tls { Some(Pki::create(pki_dir.path()).await) } else { None };
         if let Some(pki) = &pki {
             let certificates = format!(
                 "cafile {}\ncertfile {}\nkeyfile {}\n",
@@ -280,61 +251,33 @@ impl Mosquitto {
                 pki.server_cert.display(),
                 pki.server_key.display()
             );
-            config.push_str(&format!("listener {tls_port} 127.0.0.1\n{certificates}"));
-            config.push_str(&format!(
+            extra.push_str(&format!("listener {tls_port} 127.0.0.1\n{certificates}"));
+            extra.push_str(&format!(
                 "listener {mtls_port} 127.0.0.1\n{certificates}require_certificate true\n"
             ));
         }
-        let path = dir.path().join("mosquitto.conf");
-        std::fs::write(&path, config).expect("write mosquitto.conf");
-
-        let mut child = tokio::process::Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start mosquitto");
-        let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
-        let log = Arc::new(Mutex::new(VecDeque::new()));
-        // Mosquitto logs "mosquitto version X running" once all its listeners are open.
-        let running = tokio::time::timeout(TIMEOUT, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let running = line.contains("mosquitto version") && line.ends_with(" running");
-                keep_line(&log, line);
-                if running {
-                    return true;
-                }
-            }
-            false
+        let broker = outpost_sim::harness::mosquitto::Mosquitto::start_configured(&MosquittoConfig {
+            extra,
+            ..MosquittoConfig::default()
         })
-        .await;
-        let broker = Mosquitto { _child: child, log, plain_port, tls_port, mtls_port, pki, _dir: dir };
-        assert!(matches!(running, Ok(true)), "mosquitto did not start:\n{}", broker.output());
-        // Keep reading, so a full pipe never blocks the broker; ends when the broker exits.
-        let log = Arc::clone(&broker.log);
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                keep_line(&log, line);
-            }
-        });
-        broker
+        .await
+        .unwrap_or_else(|error| panic!("mosquitto did not start: {error:#}"));
+        Mosquitto { broker, tls_port, mtls_port, pki, _pki_dir: pki_dir }
+    }
+
+    /// The plain listener, as a fleet's or verifier's `HOST:PORT`.
+    fn plain(&self) -> String {
+        self.broker.addr().to_string()
     }
 
     /// A fleet config for the plain listener.
     fn fleet(&self, mqtt_version: MqttVersion) -> FleetConfig {
-        FleetConfig {
-            broker: format!("127.0.0.1:{}", self.plain_port),
-            mqtt_version,
-            ..FleetConfig::default()
-        }
+        FleetConfig { broker: self.plain(), mqtt_version, ..FleetConfig::default() }
     }
 
     /// A verifier subscribed to every reading, on the plain listener.
     async fn subscribe(&self) -> Subscriber {
-        start_subscriber(&format!("127.0.0.1:{}", self.plain_port), "sensors/#")
+        start_subscriber(&self.plain(), "sensors/#")
             .await
             .unwrap_or_else(|error| panic!("subscribe: {error:#}\n{}", self.output()))
     }
@@ -349,25 +292,8 @@ impl Mosquitto {
 
     /// Mosquitto's last lines of output, for failure messages.
     fn output(&self) -> String {
-        let log = self.log.lock().expect("log lock");
-        log.iter().map(String::as_str).collect::<Vec<_>>().join("\n")
+        self.broker.tail()
     }
-}
-
-/// Appends a line of Mosquitto's output, keeping the last [`LOG_LINES`].
-fn keep_line(log: &Mutex<VecDeque<String>>, line: String) {
-    let mut log = log.lock().expect("log lock");
-    if log.len() == LOG_LINES {
-        log.pop_front();
-    }
-    log.push_back(line);
-}
-
-/// Three distinct free ports: all are bound at once, then released for Mosquitto.
-fn free_ports() -> [u16; 3] {
-    let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    let probes = [bind(), bind(), bind()];
-    probes.map(|probe| probe.local_addr().expect("probe address").port())
 }
 
 /// A CA, a server certificate for 127.0.0.1 and a client certificate it signed, and a second,

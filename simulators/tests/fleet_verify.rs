@@ -46,7 +46,7 @@ async fn every_acked_reading_arrives() {
 
     let report = subscriber.wait_for_expected(&summary, Duration::from_secs(10)).await.expect("all arrive");
     assert_eq!((report.unique, report.duplicates, report.reordered, report.malformed), (150, 0, 0, 0));
-    let messages = subscriber.received_messages();
+    let messages = subscriber.messages();
     assert!(
         messages.iter().all(|(topic, _)| topic.starts_with("sensors/direct-0")),
         "{:?}",
@@ -134,7 +134,8 @@ async fn acked_readings_survive_a_flaky_link() {
 async fn waiting_reports_how_many_arrived() {
     let broker = start_broker();
     let mut subscriber = start_subscriber(&broker.to_string(), "nothing/#").await.expect("subscribe");
-    let error = subscriber.wait_for(1, Duration::from_millis(50)).await.expect_err("nothing is published");
+    let error =
+        subscriber.wait_for_count(1, Duration::from_millis(50)).await.expect_err("nothing is published");
     assert!(error.to_string().contains("0 arrived"), "{error}");
 }
 
@@ -156,7 +157,7 @@ async fn cbor_readings_with_mixed_values_are_verified() {
     assert_eq!(summary.acked, 150);
     let report = subscriber.wait_for_expected(&summary, Duration::from_secs(10)).await.expect("all arrive");
     assert_eq!((report.unique, report.malformed), (150, 0));
-    let messages = subscriber.received_messages();
+    let messages = subscriber.messages();
     assert!(messages.iter().all(|(_, payload)| payload.first().is_some_and(|b| (0xa0..=0xbf).contains(b))));
     assert!(messages.iter().all(|(_, payload)| payload.len() <= 200 && payload.len() >= 196));
 }

@@ -21,7 +21,6 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -37,12 +36,9 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::gateway::{GatewayProcess, GatewaySpec, READY_MESSAGE, START_TIMEOUT, message_starts_with};
 use crate::mqtt::unique_client_id;
-use crate::process::{ChildProcess, run_to_completion};
 use crate::raw;
-use crate::upstream::MOSQUITTO;
-
-/// Where Debian installs the password-file tool (package `mosquitto`).
-pub const MOSQUITTO_PASSWD: &str = "/usr/bin/mosquitto_passwd";
+use crate::upstream::Mosquitto;
+pub use crate::upstream::MosquittoConfig;
 
 /// The largest packet both brokers accept: mosquitto's `max_packet_size` and Outpost's
 /// `broker.max_payload` ("1KiB"). Every scenario but the over-limit one stays far below it.
@@ -55,8 +51,6 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client waits for the broker to close its connection (after a DISCONNECT, a
 /// takeover, an over-limit packet).
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long mosquitto may take to start listening.
-const BROKER_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// What both targets are configured with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,66 +99,27 @@ pub struct Target {
 }
 
 enum Running {
-    /// Field order matters: the process is killed before its directory is removed.
-    Mosquitto {
-        process: ChildProcess,
-        _dir: TempDir,
-    },
-    Outpost {
-        gateway: GatewayProcess,
-        _data_dir: TempDir,
-    },
+    Mosquitto(Mosquitto),
+    Outpost { gateway: GatewayProcess, _data_dir: TempDir },
 }
 
 impl Target {
     /// Starts Debian's mosquitto on a free port with a config generated from `setup`, and returns
     /// once it accepts connections.
     pub async fn mosquitto(setup: &BrokerSetup) -> anyhow::Result<Target> {
-        let port = crate::free_port();
-        let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-        let mut config = format!(
-            "listener {port} 127.0.0.1\n\
-             max_packet_size {MAX_PACKET_BYTES}\n\
-             persistence false\n\
-             log_dest stderr\n\
-             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-             connection_messages true\n"
-        );
-        if setup.users.is_empty() {
-            config.push_str("allow_anonymous true\n");
-        } else {
-            let password_file = dir.path().join("passwords");
-            for (index, (username, password)) in setup.users.iter().enumerate() {
-                let mut command = Command::new(MOSQUITTO_PASSWD);
-                // `-c` creates the file for the first user; the others are added to it.
-                command.args(if index == 0 { &["-c", "-b"][..] } else { &["-b"][..] });
-                command.arg(&password_file).args([username, password]);
-                let output = run_to_completion(command)?;
-                anyhow::ensure!(
-                    output.status.success(),
-                    "mosquitto_passwd failed ({}): {}",
-                    output.status,
-                    String::from_utf8_lossy(&output.stderr)
-                );
-            }
-            config.push_str(&format!("allow_anonymous false\npassword_file {}\n", password_file.display()));
-        }
-        let config_path = dir.path().join("mosquitto.conf");
-        std::fs::write(&config_path, config).context("cannot write mosquitto.conf")?;
-        let mut command = Command::new(MOSQUITTO);
-        command.arg("-c").arg(&config_path);
-        let process = ChildProcess::spawn(format!("mosquitto :{port}"), command)?;
-        // mosquitto logs "mosquitto version X running" after its listeners are open.
-        process
-            .wait_for_line("its `running` notice", BROKER_TIMEOUT, |line| {
-                line.contains("mosquitto version") && line.ends_with(" running")
-            })
-            .await?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let config = MosquittoConfig {
+            persistence: false,
+            max_queued_messages: None,
+            users: setup.users.clone(),
+            directory_for_any_user: false,
+            extra: format!("max_packet_size {MAX_PACKET_BYTES}\n"),
+        };
+        let broker = Mosquitto::start_configured(&config).await?;
+        let addr = broker.addr();
         Ok(Target {
             name: "mosquitto",
             addrs: Addrs { v4: addr, v5: addr },
-            running: Running::Mosquitto { process, _dir: dir },
+            running: Running::Mosquitto(broker),
         })
     }
 
@@ -212,7 +167,7 @@ impl Target {
     /// The broker's recent output, for failure messages.
     pub fn tail(&self) -> String {
         match &self.running {
-            Running::Mosquitto { process, .. } => process.tail(),
+            Running::Mosquitto(broker) => broker.tail(),
             Running::Outpost { gateway, .. } => gateway.tail(),
         }
     }

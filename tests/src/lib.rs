@@ -6,19 +6,26 @@
 //! (a log line, a SUBACK, a process closing its output, the last PUBACK) and fails with a
 //! message that says what it waited for and what it saw instead.
 //!
+//! The harness itself (child processes, mosquitto, the subscriber recorder, raw packets, free
+//! ports, condition waits) lives in `outpost_sim::harness`, shared with the gateway's tests and
+//! benches; this crate re-exports it and adds what is specific to driving the `outpost` binary.
+//!
 //! # Layout
-//! - [`process`]: [`process::ChildProcess`], a spawned program whose output is captured line by
-//!   line and that is killed (SIGKILL, then reaped) when dropped; signals; [`process::rss_kib`].
-//! - [`upstream`]: the brokers and links the gateway relays to: [`upstream::Mosquitto`] (Debian's
-//!   broker, restartable on the same port), [`upstream::RumqttdUpstream`] (`outpost-sim broker`),
+//! - [`process`]: `outpost_sim::process`, re-exported: [`process::ChildProcess`], a spawned
+//!   program whose output is captured line by line and that is killed (SIGKILL, then reaped)
+//!   when dropped; signals; [`process::rss_kib`].
+//! - [`upstream`]: the brokers and links the gateway relays to: [`upstream::Mosquitto`] (the
+//!   harness's), [`upstream::RumqttdUpstream`] (`outpost-sim broker`),
 //!   [`upstream::SilentUpstream`] (accepts TCP, never answers) and [`upstream::FlakyLink`].
 //! - [`gateway`]: [`gateway::GatewayProcess`], the `outpost` binary under test, and the one-shot
 //!   commands (`outpost check`, `outpost buffer stats`).
-//! - [`mqtt`]: [`mqtt::Subscriber`] and [`mqtt::publish_qos1`], the two ends of a test.
-//! - [`raw`]: hand-encoded MQTT packets, for clients that do what rumqttc will not.
+//! - [`mqtt`]: the harness's [`mqtt::Subscriber`] and [`mqtt::publish_qos1`], the two ends of
+//!   a test.
+//! - [`raw`]: `outpost_sim::harness::raw`, re-exported: hand-encoded MQTT packets, for clients
+//!   that do what rumqttc will not.
 //!
 //! # Invariants
-//! - Every port comes from [`free_port`]; nothing uses a fixed port.
+//! - Every port comes from [`free_addr`]; nothing uses a fixed port.
 //! - Every file lives in a `tempfile::TempDir` owned by the value that uses it.
 //! - No helper sleeps to let something happen. The only timed loops are bounded, commented
 //!   back-offs between retries of something that has no readiness event (a TCP connect).
@@ -28,29 +35,23 @@
 pub mod conformance;
 pub mod gateway;
 pub mod mqtt;
-pub mod process;
-pub mod raw;
 pub mod upstream;
 
+pub use outpost_sim::harness::raw;
+pub use outpost_sim::harness::{in_ci, require_tool, wait_until};
+pub use outpost_sim::process;
+
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::Context as _;
 
-/// Picks a free TCP port on 127.0.0.1 by binding port 0 and releasing it.
-///
-/// Another process could take the port between this call and its use; on a test machine that
-/// window is small enough, and a bind failure is reported by whoever binds.
-pub fn free_port() -> u16 {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("cannot bind 127.0.0.1:0");
-    listener.local_addr().expect("a bound listener has an address").port()
-}
-
-/// A free address on 127.0.0.1; see [`free_port`].
+/// A free address on 127.0.0.1 (`outpost_sim::harness::free_addr`); panics if the machine has
+/// none, which no test could survive anyway.
 pub fn free_addr() -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()))
+    outpost_sim::harness::free_addr().expect("a free port on 127.0.0.1")
 }
 
 /// The workspace root (the parent of this crate).
@@ -134,26 +135,6 @@ fn check_binary(name: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(path)
-}
-
-/// Whether the environment says this is a CI run, where missing tools are failures.
-pub fn in_ci() -> bool {
-    std::env::var_os("CI").is_some_and(|v| !v.is_empty())
-}
-
-/// Checks that an external tool a test needs is installed.
-///
-/// Under CI (`CI` set) a missing tool fails the test: CI installs it (`.ci/run`), so its absence
-/// is a broken set-up, not a reason to skip. Elsewhere the test prints a notice and the caller
-/// returns early.
-#[track_caller]
-pub fn require_tool(path: &str, package: &str) -> bool {
-    if Path::new(path).exists() {
-        return true;
-    }
-    assert!(!in_ci(), "{path} is missing and CI is set: install the Debian package `{package}`");
-    eprintln!("notice: {path} is missing; skipping this test (install the Debian package `{package}`)");
-    false
 }
 
 /// Whether Debian's `mosquitto` broker is installed; see [`require_tool`].

@@ -8,137 +8,25 @@
 //! - A broker value owns its process and its temporary directory; dropping it kills the process.
 //! - A restarted broker listens on the same port as before, so the gateway's configured
 //!   upstream URL stays valid.
-//! - [`Mosquitto`] persists sessions to its directory and is stopped with SIGTERM, which saves
-//!   them: a subscriber with a persistent session misses nothing across a restart, so
-//!   "missing" always means the gateway lost it.
+//! - [`Mosquitto`] (the harness's, `outpost_sim::harness::mosquitto`) persists sessions to its
+//!   directory and is stopped with SIGTERM, which saves them: a subscriber with a persistent
+//!   session misses nothing across a restart, so "missing" always means the gateway lost it.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Command, ExitStatus};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use outpost_sim::flaky::{FlakySchedule, run_flaky_link};
-use tempfile::TempDir;
+pub use outpost_sim::harness::mosquitto::{MOSQUITTO, MOSQUITTO_PUB, Mosquitto, MosquittoConfig};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::process::ChildProcess;
 
-/// Where Debian installs the broker.
-pub const MOSQUITTO: &str = "/usr/sbin/mosquitto";
-/// Where Debian installs the command-line publisher.
-pub const MOSQUITTO_PUB: &str = "/usr/bin/mosquitto_pub";
-
-/// How long a broker may take to start listening or to stop.
+/// How long a broker may take to start listening.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// Debian's mosquitto on 127.0.0.1, configured for loss-free testing.
-pub struct Mosquitto {
-    port: u16,
-    /// Declared before `dir`, so the broker is killed before its directory is removed.
-    process: Option<ChildProcess>,
-    /// Holds `mosquitto.conf` and the persistence file.
-    dir: TempDir,
-}
-
-impl Mosquitto {
-    /// Starts a broker on a free port and returns once it accepts connections.
-    pub async fn start() -> anyhow::Result<Mosquitto> {
-        Mosquitto::start_with("").await
-    }
-
-    /// Like [`start`](Self::start), with `extra_config` (whole `mosquitto.conf` lines, e.g.
-    /// `"max_packet_size 2000\n"`) appended to the generated config: how a test gives the
-    /// upstream limits or an `acl_file`.
-    pub async fn start_with(extra_config: &str) -> anyhow::Result<Mosquitto> {
-        let mut broker = Mosquitto::not_started_with(extra_config)?;
-        broker.start_again().await?;
-        Ok(broker)
-    }
-
-    /// Reserves a port and writes the config without starting the broker, for tests where the
-    /// upstream is down at first. [`start_again`](Self::start_again) starts it.
-    pub fn not_started() -> anyhow::Result<Mosquitto> {
-        Mosquitto::not_started_with("")
-    }
-
-    /// Like [`not_started`](Self::not_started), with `extra_config` appended to the config
-    /// (see [`start_with`](Self::start_with)).
-    pub fn not_started_with(extra_config: &str) -> anyhow::Result<Mosquitto> {
-        let port = crate::free_port();
-        let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-        // max_queued_messages 0: no per-client queue limit. The default (1000) silently drops
-        // messages queued for a slow or offline subscriber, which a test would count as lost.
-        let mut config = format!(
-            "listener {port} 127.0.0.1\n\
-             allow_anonymous true\n\
-             persistence true\n\
-             persistence_location {}/\n\
-             max_queued_messages 0\n\
-             log_dest stderr\n\
-             log_type error\nlog_type warning\nlog_type notice\nlog_type information\n\
-             connection_messages true\n",
-            dir.path().display()
-        );
-        config.push_str(extra_config);
-        if !config.ends_with('\n') {
-            config.push('\n');
-        }
-        std::fs::write(dir.path().join("mosquitto.conf"), config).context("cannot write mosquitto.conf")?;
-        Ok(Mosquitto { port, process: None, dir })
-    }
-
-    /// The listener address.
-    pub fn addr(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    /// The address as the gateway's `upstream.url`.
-    pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.dir.path().join("mosquitto.conf")
-    }
-
-    /// Starts the broker (again) on its port, with the sessions saved by the last
-    /// [`stop`](Self::stop), and returns once it accepts connections.
-    pub async fn start_again(&mut self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.process.is_none(), "mosquitto on port {} is already running", self.port);
-        let mut command = Command::new(MOSQUITTO);
-        command.arg("-c").arg(self.config_path());
-        let process = ChildProcess::spawn(format!("mosquitto :{}", self.port), command)?;
-        // mosquitto logs "mosquitto version X running" after its listeners are open.
-        process
-            .wait_for_line("its `running` notice", BROKER_TIMEOUT, |line| {
-                line.contains("mosquitto version") && line.ends_with(" running")
-            })
-            .await?;
-        self.process = Some(process);
-        Ok(())
-    }
-
-    /// Stops the broker with SIGTERM, which makes it save its sessions and queued messages, and
-    /// waits for it to exit.
-    pub async fn stop(&mut self) -> anyhow::Result<ExitStatus> {
-        let mut process = self.process.take().context("mosquitto is not running")?;
-        process.terminate(BROKER_TIMEOUT).await
-    }
-
-    /// Kills the broker with SIGKILL: whatever it held in memory is lost.
-    pub fn kill(&mut self) -> anyhow::Result<ExitStatus> {
-        let mut process = self.process.take().context("mosquitto is not running")?;
-        process.kill()
-    }
-
-    /// The broker's recent output, for failure messages.
-    pub fn tail(&self) -> String {
-        self.process.as_ref().map_or_else(|| "mosquitto is not running".to_owned(), ChildProcess::tail)
-    }
-}
 
 /// A plain rumqttd broker in its own process (`outpost-sim broker`), as an independent upstream.
 pub struct RumqttdUpstream {

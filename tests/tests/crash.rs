@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use outpost_e2e::gateway::{GatewaySpec, buffered_events};
 use outpost_e2e::mqtt::{Session, Subscriber};
-use outpost_e2e::require_mosquitto;
 use outpost_e2e::upstream::Mosquitto;
+use outpost_e2e::{require_mosquitto, wait_until};
 use outpost_sim::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
@@ -28,17 +28,6 @@ const RATE_PER_SENSOR: f64 = 60.0;
 /// The kill comes once this many readings are acknowledged (about a third of the run).
 const KILL_AFTER_ACKED: u64 = 20_000;
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Polls `cond` every 20 ms until it holds, bounded by `timeout`. The fleet's progress is plain
-/// atomics (no notification on its hot path), and this only picks the moment of the kill: the
-/// test's verdict does not depend on when exactly that is.
-async fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_no_acknowledged_reading() {
@@ -65,7 +54,11 @@ async fn sigkill_mid_stream_loses_no_acknowledged_reading() {
     let fleet =
         tokio::spawn(run_fleet_with_progress(fleet_config, CancellationToken::new(), Arc::clone(&progress)));
 
-    wait_until("the sensors are mid-stream", TIMEOUT, || progress.acked() >= KILL_AFTER_ACKED).await;
+    // The fleet's progress is plain atomics (no notification on its hot path), and this only
+    // picks the moment of the kill: the verdict does not depend on when exactly that is.
+    wait_until("the sensors are mid-stream", TIMEOUT, || progress.acked() >= KILL_AFTER_ACKED)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
     gateway.kill().expect("SIGKILL the gateway");
     let acked_at_kill = progress.acked();
 

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use outpost_e2e::gateway::GatewaySpec;
 use outpost_e2e::mqtt::{Session, Subscriber, unique_client_id};
-use outpost_e2e::require_mosquitto;
 use outpost_e2e::upstream::Mosquitto;
+use outpost_e2e::{require_mosquitto, wait_until};
 use outpost_sim::fleet::{FleetConfig, run_fleet};
 use rumqttc::QoS;
 use tokio::time::Instant;
@@ -73,14 +73,10 @@ async fn upstream_outage_loses_nothing_and_keeps_order() {
     let connects_before = subscriber.connects();
     gateway.signal(libc::SIGSTOP).expect("freeze the gateway");
     upstream.start_again().await.expect("start mosquitto again on the same port");
-    let reconnected = tokio::time::timeout(TIMEOUT, async {
-        while subscriber.connects() <= connects_before {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    let reconnected =
+        wait_until("the subscriber reconnected", TIMEOUT, || subscriber.connects() > connects_before).await;
     gateway.signal(libc::SIGCONT).expect("resume the gateway");
-    reconnected.expect("the subscriber reconnects to the returned upstream");
+    reconnected.unwrap_or_else(|e| panic!("the subscriber reconnects to the returned upstream: {e:#}"));
     let back_at = fleet_started.elapsed();
     gateway
         .wait_for_log("a reconnect to the returned upstream", TIMEOUT, |log| {

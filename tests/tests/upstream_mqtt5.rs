@@ -32,15 +32,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use outpost_e2e::gateway::{GatewayProcess, GatewaySpec};
-use outpost_e2e::mqtt::{publish_qos1, unique_client_id};
+use outpost_e2e::mqtt::{Subscriber, SubscriberOptions, publish_each_qos1, publish_qos1, unique_client_id};
+use outpost_e2e::raw::{MalformedHeader, fixed_header};
 use outpost_e2e::require_mosquitto;
 use outpost_e2e::upstream::Mosquitto;
-use rumqttc::v5::mqttbytes::QoS as QoS5;
-use rumqttc::v5::mqttbytes::v5::{Packet as Packet5, SubscribeReasonCode};
+use outpost_sim::mqtt::MqttVersion;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// Generous bound for every wait; each test takes a few seconds when healthy.
@@ -66,7 +66,7 @@ async fn mqtt5_upstream_gets_event_ids_and_its_limits_are_honoured() {
     ))
     .await
     .expect("start mosquitto");
-    let mut subscriber = Subscriber5::start(upstream.addr(), "sensors/#").await.expect("subscribe upstream");
+    let mut subscriber = subscribe_v5(upstream.addr(), "sensors/#").await.expect("subscribe upstream");
     let probe = WireProbe::start(upstream.addr()).await.expect("start the wire probe");
     let data = tempfile::tempdir().expect("tempdir");
     // The probe holds the gateway's first connection until released; connect_timeout is long
@@ -127,7 +127,7 @@ async fn mqtt5_upstream_gets_event_ids_and_its_limits_are_honoured() {
     assert!(status.success(), "exit status {status}\n{}", gateway.tail());
 
     // What arrived: every small event once, in order, each with a unique 16-hex-digit id.
-    let received = subscriber.messages();
+    let received = subscriber.full_messages();
     let payloads: Vec<Vec<u8>> = received.iter().map(|m| m.payload.clone()).collect();
     assert!(
         payloads == expected,
@@ -345,7 +345,7 @@ async fn run_acl_scenario(extra_mosquitto_config: &str, extra_upstream_config: &
     let upstream = Mosquitto::start_with(&format!("acl_file {}\n{extra_mosquitto_config}", acl.display()))
         .await
         .expect("start mosquitto");
-    let mut subscriber = Subscriber5::start(upstream.addr(), "sensors/#").await.expect("subscribe upstream");
+    let mut subscriber = subscribe_v5(upstream.addr(), "sensors/#").await.expect("subscribe upstream");
     let probe = WireProbe::start(upstream.addr()).await.expect("start the wire probe");
     probe.release();
     let data = tempfile::tempdir().expect("tempdir");
@@ -372,7 +372,7 @@ async fn run_acl_scenario(extra_mosquitto_config: &str, extra_upstream_config: &
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
     subscriber
-        .wait_for("the last `ok` event", TIMEOUT, |messages| {
+        .wait_for_messages("the last `ok` event", TIMEOUT, |messages| {
             messages.iter().any(|m| (&m.topic, &m.payload) == (&last.0, &last.1))
         })
         .await
@@ -388,7 +388,7 @@ async fn run_acl_scenario(extra_mosquitto_config: &str, extra_upstream_config: &
     assert_eq!(warning["reason"], "NotAuthorized (0x87)", "{warning}");
 
     let counters = gateway.final_counters().expect("final counters");
-    let received = subscriber.messages().into_iter().map(|m| (m.topic, m.payload)).collect();
+    let received = subscriber.messages();
     let wire = probe.wire();
     println!("acl upstream: {wire:?}; gateway counters: {counters:?}");
     AclOutcome { expected, received, counters, wire }
@@ -415,209 +415,11 @@ fn first_difference<T: std::fmt::Debug + PartialEq>(got: &[T], expected: &[T]) -
     }
 }
 
-/// Publishes each `(topic, payload)` at QoS 1, in order, from one clean-session MQTT 3.1.1
-/// client, and returns once every PUBACK arrived: [`publish_qos1`] for more than one topic.
-async fn publish_each_qos1(
-    broker: SocketAddr,
-    client_id: &str,
-    events: &[(String, Vec<u8>)],
-    timeout: Duration,
-) -> anyhow::Result<()> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let mut options = MqttOptions::new(client_id, broker.ip().to_string(), broker.port());
-    options.set_keep_alive(Duration::from_secs(30)).set_clean_session(true);
-    // Room for every request at once, so queueing never blocks.
-    let (client, mut eventloop) = AsyncClient::new(options, events.len() + 8);
-    for (topic, payload) in events {
-        client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload.clone())
-            .context("cannot queue a publish")?;
-    }
-    let n = events.len();
-    let mut acked = 0;
-    let all_acked = tokio::time::timeout(timeout, async {
-        while acked < n {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
-                Ok(_) => {}
-                Err(error) => {
-                    anyhow::bail!("connection to {broker} failed after {acked} of {n} PUBACKs: {error}")
-                }
-            }
-        }
-        Ok(())
-    })
-    .await;
-    match all_acked {
-        Ok(result) => result,
-        Err(_) => anyhow::bail!("only {acked} of {n} PUBACKs from {broker} within {timeout:?}"),
-    }
-}
-
-/// One message as an MQTT 5 subscriber saw it.
-#[derive(Debug, Clone)]
-struct Message5 {
-    topic: String,
-    payload: Vec<u8>,
-    user_properties: Vec<(String, String)>,
-}
-
-/// What the subscription task recorded; locked only for short, non-async sections.
-#[derive(Debug, Default)]
-struct Recorded5 {
-    messages: Vec<Message5>,
-    connects: u64,
-    last_error: Option<String>,
-}
-
-/// An MQTT 5 QoS 1 subscription that records every message with its user properties (the
-/// harness's `Subscriber` speaks 3.1.1, which has none). Dropping it stops its task.
-struct Subscriber5 {
-    recorded: Arc<Mutex<Recorded5>>,
-    count: watch::Receiver<u64>,
-    _stop: DropGuard,
-}
-
-impl Subscriber5 {
-    /// Connects with a clean start, subscribes to `filter` at QoS 1 and returns once the broker
-    /// granted it (SUBACK), so everything published afterwards is recorded.
-    async fn start(broker: SocketAddr, filter: &str) -> anyhow::Result<Subscriber5> {
-        use rumqttc::v5::{AsyncClient, MqttOptions};
-        let mut options = MqttOptions::new(unique_client_id("sub5"), broker.ip().to_string(), broker.port());
-        options.set_keep_alive(Duration::from_secs(30)).set_clean_start(true);
-        let (client, eventloop) = AsyncClient::new(options, 64);
-        let recorded = Arc::new(Mutex::new(Recorded5::default()));
-        let (count_tx, count) = watch::channel(0);
-        let (ready_tx, ready_rx) = oneshot::channel();
-        let cancel = CancellationToken::new();
-        tokio::spawn(record5(
-            client,
-            eventloop,
-            filter.to_owned(),
-            Arc::clone(&recorded),
-            count_tx,
-            ready_tx,
-            cancel.clone(),
-        ));
-        let subscriber = Subscriber5 { recorded, count, _stop: cancel.drop_guard() };
-        match tokio::time::timeout(TIMEOUT, ready_rx).await {
-            Ok(Ok(Ok(()))) => Ok(subscriber),
-            Ok(Ok(Err(refused))) => Err(anyhow::anyhow!(refused)),
-            Ok(Err(_)) => anyhow::bail!("the subscription task for `{filter}` on {broker} ended"),
-            Err(_) => anyhow::bail!(
-                "no SUBACK for `{filter}` from {broker} within {TIMEOUT:?} (last error: {:?})",
-                subscriber.lock().last_error
-            ),
-        }
-    }
-
-    /// Waits until at least `n` messages were recorded.
-    async fn wait_for_count(&mut self, n: u64, timeout: Duration) -> anyhow::Result<()> {
-        self.wait_for(&format!("{n} messages"), timeout, |messages| messages.len() as u64 >= n).await
-    }
-
-    /// Waits until `predicate` holds for the messages recorded so far; `what` names it in the
-    /// error.
-    async fn wait_for(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        predicate: impl Fn(&[Message5]) -> bool,
-    ) -> anyhow::Result<()> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            self.count.borrow_and_update();
-            if predicate(&self.lock().messages) {
-                return Ok(());
-            }
-            let changed = tokio::time::timeout_at(deadline, self.count.changed()).await;
-            if !changed.is_ok_and(|changed| changed.is_ok()) {
-                let recorded = self.lock();
-                anyhow::bail!(
-                    "no {what} within {timeout:?}: {} messages arrived (subscriber connects: {}, last error: {:?})",
-                    recorded.messages.len(),
-                    recorded.connects,
-                    recorded.last_error
-                );
-            }
-        }
-    }
-
-    fn messages(&self) -> Vec<Message5> {
-        self.lock().messages.clone()
-    }
-
-    fn connects(&self) -> u64 {
-        self.lock().connects
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Recorded5> {
-        self.recorded.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
-/// The subscription task: polls the MQTT 5 event loop and records messages until cancelled.
-async fn record5(
-    client: rumqttc::v5::AsyncClient,
-    mut eventloop: rumqttc::v5::EventLoop,
-    filter: String,
-    recorded: Arc<Mutex<Recorded5>>,
-    count: watch::Sender<u64>,
-    ready: oneshot::Sender<Result<(), String>>,
-    cancel: CancellationToken,
-) {
-    use rumqttc::v5::Event;
-    let lock = || recorded.lock().unwrap_or_else(PoisonError::into_inner);
-    let mut ready = Some(ready);
-    loop {
-        let polled = tokio::select! {
-            biased;
-            () = cancel.cancelled() => break,
-            polled = eventloop.poll() => polled,
-        };
-        match polled {
-            Ok(Event::Incoming(Packet5::ConnAck(_))) => {
-                lock().connects += 1;
-                if let Err(error) = client.try_subscribe(filter.as_str(), QoS5::AtLeastOnce) {
-                    lock().last_error = Some(format!("subscribe request failed: {error}"));
-                }
-            }
-            Ok(Event::Incoming(Packet5::SubAck(ack))) => {
-                let granted =
-                    ack.return_codes.iter().all(|code| matches!(code, SubscribeReasonCode::Success(_)));
-                if let Some(ready) = ready.take() {
-                    let _ = ready.send(if granted {
-                        Ok(())
-                    } else {
-                        Err(format!("the broker refused the subscription to `{filter}`: {ack:?}"))
-                    });
-                }
-            }
-            Ok(Event::Incoming(Packet5::Publish(publish))) => {
-                let message = Message5 {
-                    topic: String::from_utf8_lossy(&publish.topic).into_owned(),
-                    payload: publish.payload.to_vec(),
-                    user_properties: publish.properties.map(|p| p.user_properties).unwrap_or_default(),
-                };
-                let total = {
-                    let mut recorded = lock();
-                    recorded.messages.push(message);
-                    recorded.messages.len() as u64
-                };
-                count.send_replace(total);
-            }
-            Ok(_) => {}
-            Err(error) => {
-                lock().last_error = Some(error.to_string());
-                // A bounded back-off before the event loop reconnects, not a wait for an event;
-                // the tests assert there was a single connection.
-                tokio::select! {
-                    () = cancel.cancelled() => break,
-                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
-                }
-            }
-        }
-    }
+/// The harness's recorder over MQTT 5 with a clean start: it keeps each message's user
+/// properties (3.1.1 has none), and returns once the broker granted `filter` at QoS 1.
+async fn subscribe_v5(broker: SocketAddr, filter: &str) -> anyhow::Result<Subscriber> {
+    let options = SubscriberOptions { version: MqttVersion::V5, ..SubscriberOptions::default() };
+    Subscriber::start_with(broker, filter, options).await
 }
 
 /// What [`WireProbe`] saw on the MQTT stream between the gateway and the upstream.
@@ -755,7 +557,7 @@ async fn forward(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, to_upstream: b
                         pending.drain(..header + remaining);
                     }
                     Ok(_) => break,
-                    Err(()) => {
+                    Err(MalformedHeader) => {
                         wire.malformed += 1;
                         pending.clear();
                         break;
@@ -768,21 +570,6 @@ async fn forward(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, to_upstream: b
         }
     }
     let _ = to.shutdown().await;
-}
-
-/// The fixed header at the start of `buf`: first byte, header length, remaining length.
-/// `Ok(None)` until enough bytes are there.
-fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, ()> {
-    let Some(&byte1) = buf.first() else { return Ok(None) };
-    let mut remaining = 0usize;
-    for i in 0..4 {
-        let Some(&b) = buf.get(1 + i) else { return Ok(None) };
-        remaining += usize::from(b & 0x7F) << (7 * i);
-        if b & 0x80 == 0 {
-            return Ok(Some((byte1, 2 + i, remaining)));
-        }
-    }
-    Err(())
 }
 
 fn observe_from_gateway(wire: &mut Wire, byte1: u8, size: usize, body: &[u8]) {

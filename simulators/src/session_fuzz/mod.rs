@@ -49,7 +49,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{ChildProcess, free_addr};
+use crate::harness::free_addr;
+use crate::process::ChildProcess;
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, start_upstream_mosquitto};
 use canary::Canary;
 use client::{ConnectionLog, Recorder};
@@ -430,7 +431,7 @@ async fn run_round(
         },
         reproduce: reproduce_command(cfg, seed),
         log_tail: shorten_lines(&match kind {
-            FindingKind::Stall => format!("{}\n{}", system.gateway.log_tail(), system.upstream.log_tail()),
+            FindingKind::Stall => format!("{}\n{}", system.gateway.log_tail(), system.upstream.tail()),
             _ => system.gateway.log_tail(),
         }),
         detail,

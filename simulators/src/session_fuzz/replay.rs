@@ -28,7 +28,7 @@ use tokio::time::{Instant, timeout};
 use super::client::{ConnectionLog, SentPacket};
 use super::{FuzzConfig, ReproPacket, Suspect};
 
-use crate::process::free_addr;
+use crate::harness::free_addr;
 use crate::systems::{Gateway, GatewayKind, GatewaySpec};
 
 /// Gateways started per crash, confirmation and minimisation together.

@@ -16,6 +16,8 @@ use std::io;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _};
 
+use crate::harness::raw::read_varint;
+
 /// The MQTT protocol version of a session; fixed by its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub enum Version {
@@ -500,18 +502,6 @@ impl Frame {
         }
         Some((topic, self.body.get(at..)?))
     }
-}
-
-/// A variable byte integer at the start of `bytes`: its value and how many bytes it took.
-fn read_varint(bytes: &[u8]) -> Option<(usize, usize)> {
-    let mut value = 0usize;
-    for (index, byte) in bytes.iter().take(4).enumerate() {
-        value |= usize::from(byte & 0x7f) << (7 * index);
-        if byte & 0x80 == 0 {
-            return Some((value, index + 1));
-        }
-    }
-    None
 }
 
 /// Reads one packet; `Ok(None)` at a clean end of stream. A packet longer than `max` or a

@@ -8,6 +8,10 @@
 //! clients send (topic alias, subscription identifier) and reading one packet back, or the
 //! properties of a CONNACK. Each client builds any other packet from these pieces.
 //!
+//! This is the harness's one copy of MQTT's framing ([`read_varint`], [`fixed_header`]); the
+//! gateway has its own in `outpost::mqtt`, which the harness does not depend on (it tests the
+//! gateway as a black box).
+//!
 //! # Invariants
 //! - Nothing here waits on the clock: a read waits on the socket, and the caller bounds it.
 
@@ -174,8 +178,9 @@ pub fn subscription_identifier(id: usize) -> Vec<u8> {
 }
 
 /// Reads a variable byte integer (the remaining length's encoding) at the start of `bytes`:
-/// the value and how many bytes it took.
-fn variable_int(bytes: &[u8]) -> Option<(usize, usize)> {
+/// the value and how many bytes it took. `None` if `bytes` ends first or the integer runs over
+/// four bytes.
+pub fn read_varint(bytes: &[u8]) -> Option<(usize, usize)> {
     let mut value = 0usize;
     for (index, byte) in bytes.iter().take(4).enumerate() {
         value |= usize::from(byte & 0x7f) << (7 * index);
@@ -186,12 +191,27 @@ fn variable_int(bytes: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
+/// A fixed header that cannot be one: its remaining length runs over four bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MalformedHeader;
+
+/// The fixed header at the start of `buf`: first byte, header length, remaining length.
+/// `Ok(None)` until enough bytes are there.
+pub fn fixed_header(buf: &[u8]) -> Result<Option<(u8, usize, usize)>, MalformedHeader> {
+    let Some((&first_byte, rest)) = buf.split_first() else { return Ok(None) };
+    match read_varint(rest) {
+        Some((remaining, used)) => Ok(Some((first_byte, 1 + used, remaining))),
+        None if rest.len() >= 4 => Err(MalformedHeader),
+        None => Ok(None),
+    }
+}
+
 /// The properties of an MQTT 5 CONNACK `body` (as [`read_packet`] returns it) as
 /// `(identifier, value bytes)` pairs in order; `None` if they are malformed or the identifier
 /// is not one the specification allows.
 pub fn connack_properties(body: &[u8]) -> Option<Vec<(u8, Vec<u8>)>> {
     // Acknowledge flags and reason code, then the property length.
-    let (length, used) = variable_int(body.get(2..)?)?;
+    let (length, used) = read_varint(body.get(2..)?)?;
     let mut rest = body.get(2 + used..2 + used + length)?;
     let mut properties = Vec::new();
     while let Some((&id, after_id)) = rest.split_first() {
@@ -213,7 +233,7 @@ pub fn connack_properties(body: &[u8]) -> Option<Vec<(u8, Vec<u8>)>> {
                 key + 2 + usize::from(u16::from_be_bytes([value[0], value[1]]))
             }
             // Subscription identifier: a variable byte integer.
-            0x0b => variable_int(after_id)?.1,
+            0x0b => read_varint(after_id)?.1,
             _ => return None,
         };
         properties.push((id, after_id.get(..size)?.to_vec()));
@@ -226,15 +246,18 @@ pub fn connack_properties(body: &[u8]) -> Option<Vec<(u8, Vec<u8>)>> {
 /// even before a packet starts, is an `UnexpectedEof` error, so a closed connection needs no
 /// case of its own.
 pub async fn read_packet(stream: &mut (impl AsyncRead + Unpin)) -> io::Result<(u8, Vec<u8>)> {
-    let first_byte = stream.read_u8().await?;
-    let mut length = 0usize;
-    for shift in [0, 7, 14, 21] {
-        let byte = stream.read_u8().await?;
-        length |= usize::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            let mut rest = vec![0u8; length];
-            stream.read_exact(&mut rest).await?;
-            return Ok((first_byte, rest));
+    let mut header = [0u8; 5];
+    header[0] = stream.read_u8().await?;
+    for end in 2..=5 {
+        header[end - 1] = stream.read_u8().await?;
+        match fixed_header(&header[..end]) {
+            Ok(Some((first_byte, _, remaining))) => {
+                let mut rest = vec![0u8; remaining];
+                stream.read_exact(&mut rest).await?;
+                return Ok((first_byte, rest));
+            }
+            Ok(None) => {}
+            Err(MalformedHeader) => break,
         }
     }
     Err(io::Error::new(io::ErrorKind::InvalidData, "remaining length over 4 bytes"))
@@ -312,5 +335,18 @@ mod tests {
         assert_eq!(read_packet(&mut written.as_slice()).await.expect("a packet"), (0x32, rest));
         let closed = read_packet(&mut [].as_slice()).await.expect_err("end of file");
         assert_eq!(closed.kind(), io::ErrorKind::UnexpectedEof);
+        let endless = [0x30, 0xff, 0xff, 0xff, 0xff, 0x01];
+        let malformed = read_packet(&mut endless.as_slice()).await.expect_err("too long");
+        assert_eq!(malformed.kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn fixed_header_waits_for_its_bytes_and_refuses_five_length_bytes() {
+        assert_eq!(fixed_header(&[]), Ok(None));
+        assert_eq!(fixed_header(&[0x32]), Ok(None));
+        assert_eq!(fixed_header(&[0x32, 0x80]), Ok(None));
+        assert_eq!(fixed_header(&[0x32, 0x8a, 0x20, 0xff]), Ok(Some((0x32, 3, 4106))));
+        assert_eq!(fixed_header(&[0x32, 0xff, 0xff, 0xff, 0xff]), Err(MalformedHeader));
+        assert_eq!(read_varint(&[0x80, 0x80, 0x01]), Some((16_384, 3)));
     }
 }
