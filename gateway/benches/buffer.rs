@@ -20,9 +20,8 @@
 //!
 //! Run without `--bench` (as `cargo test --all-targets` does), the binary does nothing.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
@@ -32,13 +31,16 @@ use bytes::Bytes;
 use outpost::buffer::{Batch, Record, Store};
 use outpost::config::{BrokerConfig, GatewayConfig, UpstreamConfig, UpstreamUrl};
 use outpost::metrics::{Counters, Metrics};
+use outpost_sim::harness::free_port;
+use outpost_sim::harness::mosquitto::{Mosquitto, MosquittoConfig};
+use outpost_sim::process::{ProcessStats, clock_ticks_per_second, thread_cpu_times};
+use outpost_sim::verify::{Message, Session, Subscriber, SubscriberOptions};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::runtime::Runtime;
 use tokio_util::sync::CancellationToken;
 
 /// Payload size of every benchmark event.
 const PAYLOAD_LEN: usize = 200;
-const MOSQUITTO: &str = "/usr/sbin/mosquitto";
 /// Priority of prefilled records (the default route's priority).
 const PRIORITY: u8 = 5;
 const EPOCH_SHIFT: u32 = outpost::event::EPOCH_SHIFT;
@@ -137,12 +139,7 @@ impl Bench {
         } else {
             (tmp, tmp_fs)
         };
-        let clk_tck = Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<f64>().ok())
-            .unwrap_or(100.0);
+        let clk_tck = clock_ticks_per_second() as f64;
         let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
         Ok(Bench { rt, root, root_fs, clk_tck, ncpu })
     }
@@ -155,8 +152,10 @@ impl Bench {
         CpuSnap::take()
     }
 
-    fn cpu_secs(&self, ticks: u64) -> f64 {
-        ticks as f64 / self.clk_tck
+    /// Waits (the harness's `wait_until`) until `done` holds or `timeout` passes; returns
+    /// whether it held.
+    fn wait_until(&self, what: &str, timeout: Duration, done: impl FnMut() -> bool) -> bool {
+        self.rt.block_on(outpost_sim::harness::wait_until(what, timeout, done)).is_ok()
     }
 }
 
@@ -185,79 +184,31 @@ fn write_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-/// `(comm, utime + stime)` from a `/proc/.../stat` file.
-fn stat_ticks(path: &Path) -> Option<(String, u64)> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let open = text.find('(')?;
-    let close = text.rfind(')')?;
-    let comm = text.get(open + 1..close)?.to_owned();
-    let fields: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
-    // Field 3 (state) is index 0, so utime (14) and stime (15) are 11 and 12.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((comm, utime + stime))
-}
-
-/// CPU ticks of the whole process, and of the bench's own threads (clients and main thread).
+/// CPU time of the whole process, and of the bench's own threads (clients and main thread).
 #[derive(Debug, Clone, Copy)]
 struct CpuSnap {
-    total: u64,
-    bench: u64,
+    total: Duration,
+    bench: Duration,
 }
 
 impl CpuSnap {
     fn take() -> CpuSnap {
-        let total = stat_ticks(Path::new("/proc/self/stat")).map_or(0, |(_, t)| t);
-        let pid = std::process::id().to_string();
-        let mut bench = 0;
-        if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
-            for task in tasks.flatten() {
-                let is_main = task.file_name().to_str() == Some(pid.as_str());
-                if let Some((comm, ticks)) = stat_ticks(&task.path().join("stat")) {
-                    if is_main || comm.starts_with("bench-client") {
-                        bench += ticks;
-                    }
-                }
-            }
-        }
+        let pid = std::process::id();
+        let total = ProcessStats::read(pid).map_or(Duration::ZERO, |stats| stats.cpu);
+        let bench = thread_cpu_times(pid)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(tid, comm, _)| *tid == pid || comm.starts_with("bench-client"))
+            .map(|(_, _, cpu)| cpu)
+            .sum();
         CpuSnap { total, bench }
     }
 
-    /// (process ticks, gateway ticks) since `earlier`.
-    fn since(self, earlier: CpuSnap) -> (u64, u64) {
+    /// (process CPU, gateway CPU) in seconds since `earlier`.
+    fn since(self, earlier: CpuSnap) -> (f64, f64) {
         let total = self.total.saturating_sub(earlier.total);
         let bench = self.bench.saturating_sub(earlier.bench);
-        (total, total.saturating_sub(bench))
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0").context("bind a free port")?.local_addr()?.port())
-}
-
-fn wait_listening(port: u16, timeout: Duration) -> anyhow::Result<()> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + timeout;
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on {addr} after {timeout:?}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    Ok(())
-}
-
-/// Polls `done` every millisecond until it holds or `timeout` passes; returns whether it held.
-fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if done() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(1));
+        (total.as_secs_f64(), total.saturating_sub(bench).as_secs_f64())
     }
 }
 
@@ -420,73 +371,26 @@ fn fill(
 // mosquitto, the upstream
 // ---------------------------------------------------------------------------------------------
 
-struct Mosquitto {
-    child: Child,
+/// Starts the upstream mosquitto with its config and persistence in a new directory under the
+/// bench's root. `persistent` keeps sessions across a graceful restart.
+fn start_mosquitto(bench: &Bench, persistent: bool) -> anyhow::Result<Mosquitto> {
+    let config = MosquittoConfig {
+        persistence: persistent,
+        // The bench subscriber must not lose messages to mosquitto's per-client limits.
+        max_queued_messages: Some(10_000_000),
+        users: Vec::new(),
+        // As root, mosquitto drops to its own user, which must still write its persistence file.
+        directory_for_any_user: true,
+        extra: "max_inflight_messages 1000\n".to_owned(),
+    };
+    let mut mosquitto = Mosquitto::prepare_in(&config, Some(&bench.root))?;
+    bench.rt.block_on(mosquitto.start_again()).context("mosquitto did not start")?;
+    Ok(mosquitto)
 }
 
-impl Mosquitto {
-    /// Starts mosquitto on `127.0.0.1:port` with its config and persistence in `dir`, and waits
-    /// until it accepts connections. `persistent` keeps sessions across a graceful restart.
-    fn start(port: u16, dir: &Path, persistent: bool) -> anyhow::Result<Mosquitto> {
-        use std::os::unix::fs::PermissionsExt;
-        // mosquitto drops root privileges to its own user; let it write its persistence file.
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).context("chmod")?;
-        let conf = dir.join("mosquitto.conf");
-        let mut text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\n\
-             # The bench subscriber must not lose messages to mosquitto's per-client limits.\n\
-             max_inflight_messages 1000\nmax_queued_messages 10000000\n"
-        );
-        if persistent {
-            text.push_str(&format!("persistence true\npersistence_location {}/\n", dir.display()));
-        }
-        std::fs::write(&conf, text).context("write mosquitto.conf")?;
-        std::fs::set_permissions(&conf, std::fs::Permissions::from_mode(0o644)).context("chmod")?;
-        let child = Command::new(MOSQUITTO)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("start {MOSQUITTO}"))?;
-        let mut m = Mosquitto { child };
-        if let Err(e) = wait_listening(port, Duration::from_secs(5)) {
-            m.kill();
-            return Err(e.context("mosquitto did not start"));
-        }
-        Ok(m)
-    }
-
-    /// Graceful stop (SIGTERM), so a persistent mosquitto saves its sessions.
-    fn stop(mut self) {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.kill();
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn cpu_ticks(&self) -> u64 {
-        stat_ticks(&PathBuf::from(format!("/proc/{}/stat", self.child.id()))).map_or(0, |(_, t)| t)
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.kill();
-        }
-    }
+/// The CPU time mosquitto has used so far (zero once it stopped).
+fn mosquitto_cpu(mosquitto: &Mosquitto) -> Duration {
+    mosquitto.process().and_then(|process| process.stats().ok()).map_or(Duration::ZERO, |stats| stats.cpu)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -510,7 +414,6 @@ struct SinkState {
 #[derive(Default)]
 struct Sink {
     state: Mutex<SinkState>,
-    subacks: AtomicU64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -572,54 +475,33 @@ impl Sink {
     }
 }
 
-/// Subscribes to `#` at QoS 1 on the upstream, re-subscribing after every CONNACK, until
-/// `stop`. With `persistent`, the session survives a graceful mosquitto restart.
-async fn subscriber(port: u16, sink: Arc<Sink>, persistent: bool, stop: CancellationToken) {
-    let mut opts = MqttOptions::new(format!("bench-sub-{port}"), "127.0.0.1", port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(!persistent);
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
-    loop {
-        let polled = tokio::select! {
-            _ = stop.cancelled() => break,
-            polled = eventloop.poll() => polled,
-        };
-        match polled {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                let _ = client.try_subscribe("#", QoS::AtLeastOnce);
-            }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                sink.subacks.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(Event::Incoming(Packet::Publish(p))) => sink.on_publish(&p.payload),
-            Ok(_) => {}
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    }
-    let _ = client.try_disconnect();
-}
-
+/// The harness's subscriber to `#` at QoS 1 on the upstream, feeding a [`Sink`]; with
+/// `persistent`, its session survives a graceful mosquitto restart. Dropping it stops it.
 struct Subscription {
     sink: Arc<Sink>,
-    stop: CancellationToken,
+    _subscriber: Subscriber,
 }
 
 impl Subscription {
-    fn start(bench: &Bench, port: u16, persistent: bool) -> anyhow::Result<Subscription> {
+    fn start(bench: &Bench, upstream: SocketAddr, persistent: bool) -> anyhow::Result<Subscription> {
         let sink = Arc::new(Sink::default());
-        let stop = CancellationToken::new();
-        bench.rt.spawn(subscriber(port, Arc::clone(&sink), persistent, stop.clone()));
-        if !wait_until(Duration::from_secs(5), || sink.subacks.load(Ordering::Relaxed) > 0) {
-            bail!("the upstream subscriber got no SUBACK");
-        }
-        Ok(Subscription { sink, stop })
-    }
-}
-
-impl Drop for Subscription {
-    fn drop(&mut self) {
-        self.stop.cancel();
+        let fed = Arc::clone(&sink);
+        let options = SubscriberOptions {
+            session: if persistent {
+                Session::Persistent(format!("bench-sub-{}", upstream.port()))
+            } else {
+                Session::Clean
+            },
+            keep: 0,
+            on_message: Some(Arc::new(move |message: &Message| fed.on_publish(&message.payload))),
+            verify: false,
+            ..SubscriberOptions::default()
+        };
+        let subscriber = bench
+            .rt
+            .block_on(Subscriber::start_with(upstream, "#", options))
+            .context("the upstream subscriber got no SUBACK")?;
+        Ok(Subscription { sink, _subscriber: subscriber })
     }
 }
 
@@ -663,7 +545,9 @@ impl Publishers {
                     }
                 }
             });
-            if !wait_until(Duration::from_secs(5), || connected.load(Ordering::Relaxed) > 0) {
+            if !bench
+                .wait_until("a CONNACK", Duration::from_secs(5), || connected.load(Ordering::Relaxed) > 0)
+            {
                 bail!("publisher {j} got no CONNACK from the gateway");
             }
             clients.push((client, acked));
@@ -705,7 +589,7 @@ impl Publishers {
         }
         let sent = started.elapsed().as_secs_f64();
         let acked = || self.clients.iter().map(|(_, a)| a.load(Ordering::Relaxed)).sum::<u64>() - acked0;
-        wait_until(Duration::from_secs(30), || acked() >= n);
+        bench.wait_until("every PUBACK", Duration::from_secs(30), || acked() >= n);
         Ok((sent, acked()))
     }
 }
@@ -910,9 +794,7 @@ struct Rig {
     publishers: Publishers,
     sub: Subscription,
     gw: Option<Gw>,
-    mosquitto: Option<Mosquitto>,
-    upstream_port: u16,
-    mosq_dir: tempfile::TempDir,
+    mosquitto: Mosquitto,
     data_dir: tempfile::TempDir,
 }
 
@@ -925,8 +807,9 @@ struct PhaseResult {
     deliver_secs: f64,
     view: SinkView,
     written: u64,
-    cpu_total: u64,
-    cpu_gw: u64,
+    /// CPU seconds of the whole process, and of the gateway alone.
+    cpu_total: f64,
+    cpu_gw: f64,
     d: Snap,
     latency: Option<(f64, f64, f64)>,
 }
@@ -937,28 +820,20 @@ impl Rig {
     }
 
     fn start_with_rules(bench: &Bench, publishers: usize, rules: Option<PathBuf>) -> anyhow::Result<Rig> {
-        let mosq_dir = bench.tempdir("outpost-bench-mosq-")?;
         let data_dir = bench.tempdir("outpost-bench-live-")?;
-        let upstream_port = free_port()?;
-        let mosquitto = Mosquitto::start(upstream_port, mosq_dir.path(), true)?;
-        let sub = Subscription::start(bench, upstream_port, true)?;
+        let mosquitto = start_mosquitto(bench, true)?;
+        let sub = Subscription::start(bench, mosquitto.addr(), true)?;
         let listen = free_port()?;
-        let mut config = gw_config(data_dir.path(), listen, upstream_port, 100);
+        let mut config = gw_config(data_dir.path(), listen, mosquitto.addr().port(), 100);
         config.rules = rules;
         let gw = Gw::start(config)?;
-        if !wait_until(Duration::from_secs(5), || gw.get(|c| &c.upstream_connects) > 0) {
+        if !bench.wait_until("the gateway connected upstream", Duration::from_secs(5), || {
+            gw.get(|c| &c.upstream_connects) > 0
+        }) {
             bail!("the gateway did not connect upstream");
         }
         let publishers = Publishers::connect(bench, listen, publishers)?;
-        Ok(Rig {
-            publishers,
-            sub,
-            gw: Some(gw),
-            mosquitto: Some(mosquitto),
-            upstream_port,
-            mosq_dir,
-            data_dir,
-        })
+        Ok(Rig { publishers, sub, gw: Some(gw), mosquitto, data_dir })
     }
 
     fn gw(&self) -> &Gw {
@@ -983,7 +858,7 @@ impl Rig {
         let progress = |s: &Snap| s.minus(s0);
         if delivered {
             let mut last = (0, Instant::now());
-            wait_until(Duration::from_secs(60), || {
+            bench.wait_until("every event delivered", Duration::from_secs(60), || {
                 let v = self.sub.sink.view();
                 if v.unique != last.0 {
                     last = (v.unique, Instant::now());
@@ -992,7 +867,7 @@ impl Rig {
             });
             settle(gw, Duration::from_millis(1500), Duration::from_secs(6));
         } else {
-            wait_until(Duration::from_secs(30), || {
+            bench.wait_until("every event committed", Duration::from_secs(30), || {
                 let d = progress(&Snap::take(gw));
                 d.ingested >= n && d.committed >= d.accepted
             });
@@ -1141,20 +1016,18 @@ fn drain_once(bench: &Bench, backlog: u64, window: u16) -> anyhow::Result<DrainR
     drop(store);
     let file_before = std::fs::metadata(&path).map_or(0, |m| m.len());
 
-    let mosq_dir = bench.tempdir("outpost-bench-mosq-")?;
-    let upstream_port = free_port()?;
-    let mosquitto = Mosquitto::start(upstream_port, mosq_dir.path(), false)?;
-    let sub = Subscription::start(bench, upstream_port, false)?;
+    let mosquitto = start_mosquitto(bench, false)?;
+    let sub = Subscription::start(bench, mosquitto.addr(), false)?;
     sub.sink.reset(backlog, false);
     let listen = free_port()?;
 
-    let (w0, c0, m0) = (write_bytes(), bench.cpu(), mosquitto.cpu_ticks());
+    let (w0, c0, m0) = (write_bytes(), bench.cpu(), mosquitto_cpu(&mosquitto));
     let t0 = Instant::now();
-    let gw = Gw::start(gw_config(data.path(), listen, upstream_port, window))?;
+    let gw = Gw::start(gw_config(data.path(), listen, mosquitto.addr().port(), window))?;
     let start_secs = t0.elapsed().as_secs_f64();
     let mut connect_secs = None;
     let mut progress = (0, Instant::now());
-    wait_until(Duration::from_secs(120), || {
+    bench.wait_until("the backlog drained", Duration::from_secs(120), || {
         if connect_secs.is_none() && gw.get(|c| &c.upstream_connects) > 0 {
             connect_secs = Some(t0.elapsed().as_secs_f64());
         }
@@ -1167,11 +1040,11 @@ fn drain_once(bench: &Bench, backlog: u64, window: u16) -> anyhow::Result<DrainR
     let view = sub.sink.view();
     let (cpu_total, cpu_gw) = bench.cpu().since(c0);
     let busy_secs = t0.elapsed().as_secs_f64();
-    let cpu_mosq = mosquitto.cpu_ticks().saturating_sub(m0);
+    let cpu_mosq = mosquitto_cpu(&mosquitto).saturating_sub(m0).as_secs_f64();
     let file_drained = std::fs::metadata(&path).map_or(0, |m| m.len());
     // The last deletes commit within the relay's 1 s delete interval; compaction follows it.
     let drained_at = Instant::now();
-    let compacted = wait_until(Duration::from_secs(5), || {
+    let compacted = bench.wait_until("the file compacted", Duration::from_secs(5), || {
         std::fs::metadata(&path).map_or(0, |m| m.len()) < file_before / 2
     });
     let compact_secs = compacted.then(|| drained_at.elapsed().as_secs_f64());
@@ -1199,10 +1072,10 @@ fn drain_once(bench: &Bench, backlog: u64, window: u16) -> anyhow::Result<DrainR
         file_after,
         compact_secs,
         written_per_event: written as f64 / backlog as f64,
-        cpu_gw_us: bench.cpu_secs(cpu_gw) * 1e6 / view.unique.max(1) as f64,
-        cpu_bench_us: bench.cpu_secs(cpu_total - cpu_gw) * 1e6 / view.unique.max(1) as f64,
-        cpu_mosq_us: bench.cpu_secs(cpu_mosq) * 1e6 / view.unique.max(1) as f64,
-        busy: bench.cpu_secs(cpu_total + cpu_mosq) / (busy_secs * bench.ncpu as f64),
+        cpu_gw_us: cpu_gw * 1e6 / view.unique.max(1) as f64,
+        cpu_bench_us: (cpu_total - cpu_gw) * 1e6 / view.unique.max(1) as f64,
+        cpu_mosq_us: cpu_mosq * 1e6 / view.unique.max(1) as f64,
+        busy: (cpu_total + cpu_mosq) / (busy_secs * bench.ncpu as f64),
         shutdown_ok,
         left: left_in_buffer(data.path()),
         d,
@@ -1216,13 +1089,11 @@ fn drain_acked(bench: &Bench, backlog: u64, window: u16) -> anyhow::Result<(f64,
     let (mut store, report) = Store::open(data.path()).context("Store::open")?;
     fill(&mut store, report.epoch, backlog, 5000, true, None)?;
     drop(store);
-    let mosq_dir = bench.tempdir("outpost-bench-mosq-")?;
-    let upstream_port = free_port()?;
-    let mosquitto = Mosquitto::start(upstream_port, mosq_dir.path(), false)?;
-    let (c0, m0) = (bench.cpu(), mosquitto.cpu_ticks());
-    let gw = Gw::start(gw_config(data.path(), free_port()?, upstream_port, window))?;
+    let mosquitto = start_mosquitto(bench, false)?;
+    let (c0, m0) = (bench.cpu(), mosquitto_cpu(&mosquitto));
+    let gw = Gw::start(gw_config(data.path(), free_port()?, mosquitto.addr().port(), window))?;
     let mut first: Option<Instant> = None;
-    let done = wait_until(Duration::from_secs(120), || {
+    let done = bench.wait_until("every event acknowledged", Duration::from_secs(120), || {
         let acked = gw.get(|c| &c.upstream_acked);
         if first.is_none() && acked > 0 {
             first = Some(Instant::now());
@@ -1231,17 +1102,13 @@ fn drain_acked(bench: &Bench, backlog: u64, window: u16) -> anyhow::Result<(f64,
     });
     let secs = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
     let (_, cpu_gw) = bench.cpu().since(c0);
-    let cpu_mosq = mosquitto.cpu_ticks().saturating_sub(m0);
+    let cpu_mosq = mosquitto_cpu(&mosquitto).saturating_sub(m0).as_secs_f64();
     let acked = gw.get(|c| &c.upstream_acked);
     gw.shutdown();
     if !done {
         bail!("only {acked} of {backlog} acknowledged within 120 s");
     }
-    Ok((
-        ratio(backlog, secs),
-        bench.cpu_secs(cpu_gw) * 1e6 / backlog as f64,
-        bench.cpu_secs(cpu_mosq) * 1e6 / backlog as f64,
-    ))
+    Ok((ratio(backlog, secs), cpu_gw * 1e6 / backlog as f64, cpu_mosq * 1e6 / backlog as f64))
 }
 
 fn drain(bench: &Bench) -> anyhow::Result<()> {
@@ -1412,11 +1279,7 @@ fn live(bench: &Bench) -> anyhow::Result<()> {
         &mut t,
         "healthy",
         "CPU per event: process / gateway",
-        format!(
-            "{:.1} / {:.1} µs",
-            bench.cpu_secs(h.cpu_total) * 1e6 / N as f64,
-            bench.cpu_secs(h.cpu_gw) * 1e6 / N as f64
-        ),
+        format!("{:.1} / {:.1} µs", h.cpu_total * 1e6 / N as f64, h.cpu_gw * 1e6 / N as f64),
         "",
         None,
     );
@@ -1424,10 +1287,14 @@ fn live(bench: &Bench) -> anyhow::Result<()> {
 
     // Outage: the upstream is stopped; everything goes to disk.
     let failures0 = rig.gw().get(|c| &c.upstream_failures);
-    if let Some(m) = rig.mosquitto.take() {
-        m.stop();
+    // Graceful (SIGTERM), so the persistent mosquitto saves the subscriber's session.
+    if let Err(e) = bench.rt.block_on(rig.mosquitto.stop()) {
+        // The broker was killed instead; its sessions are lost, which the rows below show.
+        t.note(format!("outage: mosquitto did not stop gracefully: {e:#}"));
     }
-    let noticed = wait_until(Duration::from_secs(5), || rig.gw().get(|c| &c.upstream_failures) > failures0);
+    let noticed = bench.wait_until("the gateway noticed", Duration::from_secs(5), || {
+        rig.gw().get(|c| &c.upstream_failures) > failures0
+    });
     if !noticed {
         t.note("outage: the gateway did not report the upstream loss within 5 s");
     }
@@ -1460,11 +1327,7 @@ fn live(bench: &Bench) -> anyhow::Result<()> {
         &mut t,
         "outage",
         "CPU per event: process / gateway",
-        format!(
-            "{:.1} / {:.1} µs",
-            bench.cpu_secs(o.cpu_total) * 1e6 / N as f64,
-            bench.cpu_secs(o.cpu_gw) * 1e6 / N as f64
-        ),
+        format!("{:.1} / {:.1} µs", o.cpu_total * 1e6 / N as f64, o.cpu_gw * 1e6 / N as f64),
         "",
         None,
     );
@@ -1478,11 +1341,11 @@ fn live(bench: &Bench) -> anyhow::Result<()> {
     let s0 = Snap::take(rig.gw());
     let outage_len = o.send_secs;
     let (w0, c0) = (write_bytes(), bench.cpu());
-    rig.mosquitto = Some(Mosquitto::start(rig.upstream_port, rig.mosq_dir.path(), true)?);
+    bench.rt.block_on(rig.mosquitto.start_again()).context("start mosquitto again")?;
     let back = Instant::now();
     let (mut connected, mut first_ack) = (None, None);
     let mut progress = (0, Instant::now());
-    wait_until(Duration::from_secs(90), || {
+    bench.wait_until("the backlog drained", Duration::from_secs(90), || {
         let s = Snap::take(rig.gw()).minus(s0);
         if connected.is_none() && s.upstream_connects > 0 {
             connected = Some(back.elapsed().as_secs_f64());
@@ -1546,7 +1409,7 @@ fn live(bench: &Bench) -> anyhow::Result<()> {
         &mut t,
         "return",
         "gateway CPU per drained event",
-        format!("{:.1} µs", bench.cpu_secs(cpu_gw) * 1e6 / v.unique.max(1) as f64),
+        format!("{:.1} µs", cpu_gw * 1e6 / v.unique.max(1) as f64),
         "",
         None,
     );
@@ -1631,7 +1494,7 @@ fn rules(bench: &Bench) -> anyhow::Result<()> {
             if n_rules == 0 { "bridge".to_owned() } else { format!("{n_rules} rules") },
             format!("{} / {N}", r.view.unique),
             fmt_rate(ratio(r.view.unique, r.deliver_secs)),
-            format!("{:.1}", bench.cpu_secs(r.cpu_gw) * 1e6 / N as f64),
+            format!("{:.1}", r.cpu_gw * 1e6 / N as f64),
             latency,
             verdict(r.view.unique == N && finished),
         ]);
