@@ -23,12 +23,12 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::task::JoinSet;
-use tokio::time::{Instant, timeout};
+use tokio::time::timeout;
 
 use super::client::{ConnectionLog, SentPacket};
 use super::{FuzzConfig, ReproPacket, Suspect};
 
-use crate::harness::free_addr;
+use crate::harness::{free_addr, wait_until};
 use crate::systems::{Gateway, GatewayKind, GatewaySpec};
 
 /// Gateways started per crash, confirmation and minimisation together.
@@ -137,20 +137,14 @@ impl Replayer<'_> {
         })
         .await?;
         write_items(listen, items).await;
-        let deadline = Instant::now() + EXIT_WAIT;
-        let crashed = loop {
-            if gateway.check_running().is_err() {
-                break match self.panic_at {
-                    Some(place) => super::panic_message(&dir).is_some_and(|message| message.contains(place)),
-                    None => true,
-                };
-            }
-            if Instant::now() >= deadline {
-                break false;
-            }
-            // Polls for the process's exit, which has no readiness event to wait on.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        // The process's exit has no readiness event to wait on: the harness polls for it.
+        let exited =
+            wait_until("the gateway exited", EXIT_WAIT, || gateway.check_running().is_err()).await.is_ok();
+        let crashed = exited
+            && match self.panic_at {
+                Some(place) => super::panic_message(&dir).is_some_and(|message| message.contains(place)),
+                None => true,
+            };
         let _ = gateway.kill();
         Ok(crashed)
     }
