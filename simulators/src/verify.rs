@@ -265,7 +265,8 @@ pub struct Message {
 ///   published while it reconnects).
 /// - Every message is recorded exactly as it arrived, duplicates included.
 pub struct Subscriber {
-    broker: SocketAddr,
+    /// `HOST:PORT`, for messages.
+    broker: String,
     recorded: Arc<Mutex<Recorded>>,
     count: watch::Receiver<u64>,
     _stop: DropGuard,
@@ -287,17 +288,9 @@ struct Recorded {
 /// [`MAX_KEPT_MESSAGES`] messages.
 pub async fn start_subscriber(broker: &str, filter: &str) -> anyhow::Result<Subscriber> {
     let (host, port) = crate::parse_broker(broker)?;
-    let ip = match host.parse() {
-        Ok(ip) => ip,
-        Err(_) => tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .with_context(|| format!("cannot resolve {host}"))?
-            .next()
-            .with_context(|| format!("{host} has no address"))?
-            .ip(),
-    };
     let options = SubscriberOptions { keep: MAX_KEPT_MESSAGES, ..SubscriberOptions::default() };
-    Subscriber::start_with(SocketAddr::new(ip, port), filter, options).await
+    // The host goes to rumqttc as given, which resolves it (and tries each address) itself.
+    Subscriber::start_at(host, port, filter, options).await
 }
 
 impl Subscriber {
@@ -315,7 +308,17 @@ impl Subscriber {
         filter: &str,
         options: SubscriberOptions,
     ) -> anyhow::Result<Subscriber> {
-        let client = SubscriberClient::new(broker, &options);
+        Subscriber::start_at(broker.ip().to_string(), broker.port(), filter, options).await
+    }
+
+    async fn start_at(
+        host: String,
+        port: u16,
+        filter: &str,
+        options: SubscriberOptions,
+    ) -> anyhow::Result<Subscriber> {
+        let broker = format!("{host}:{port}");
+        let client = SubscriberClient::new(host, port, &options);
         let recorded = Arc::new(Mutex::new(Recorded::default()));
         let (count_tx, count) = watch::channel(0);
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -333,9 +336,12 @@ impl Subscriber {
         match tokio::time::timeout(SUBACK_TIMEOUT, ready_rx).await {
             Ok(Ok(Ok(()))) => Ok(subscriber),
             Ok(Ok(Err(refused))) => Err(anyhow::anyhow!(refused)),
-            Ok(Err(_)) => anyhow::bail!("the subscription task for `{filter}` on {broker} ended"),
+            Ok(Err(_)) => {
+                anyhow::bail!("the subscription task for `{filter}` on {} ended", subscriber.broker)
+            }
             Err(_) => anyhow::bail!(
-                "no SUBACK for `{filter}` from {broker} within {SUBACK_TIMEOUT:?} (last error: {})",
+                "no SUBACK for `{filter}` from {} within {SUBACK_TIMEOUT:?} (last error: {})",
+                subscriber.broker,
                 subscriber.lock().last_error.as_deref().unwrap_or("none")
             ),
         }
@@ -500,12 +506,11 @@ enum Polled {
 }
 
 impl SubscriberClient {
-    fn new(broker: SocketAddr, options: &SubscriberOptions) -> SubscriberClient {
+    fn new(host: String, port: u16, options: &SubscriberOptions) -> SubscriberClient {
         let (client_id, clean) = match &options.session {
             Session::Clean => (crate::harness::unique_client_id("verify"), true),
             Session::Persistent(id) => (id.clone(), false),
         };
-        let (host, port) = (broker.ip().to_string(), broker.port());
         match options.version {
             MqttVersion::V311 => {
                 let mut mqtt = rumqttc::MqttOptions::new(client_id, host, port);
