@@ -196,7 +196,8 @@ pub enum EventIdMode {
     /// The payload goes upstream unchanged; no id is attached.
     #[default]
     None,
-    /// The payload is wrapped: `{"id":"<16 hex>","topic":"…","ts":<ms>,"payload":<JSON or string>}`.
+    /// The payload is wrapped: `{"id":"<16 hex>","ts":<enqueue ms>,"payload":<…>}`, the payload
+    /// as JSON when it parses as JSON, else as a string (its text, or hex when not UTF-8).
     Envelope,
 }
 
