@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::buffer::inspect;
+use crate::admin::client::Reader;
 use crate::config::{ConfigErrors, GatewayConfig, LogFormat, Overrides, UpstreamUrl};
 use crate::event::{invalid_topic, now_ms};
 use anyhow::Context;
@@ -507,7 +507,7 @@ fn abort_on_panic() {
 fn run(config: GatewayConfig) -> anyhow::Result<()> {
     abort_on_panic();
     // One thread runs the pipeline: measured, a current-thread runtime beat two workers on two
-    // cores (less CPU per event, better p99). redb and rumqttd have threads of their own.
+    // cores (less CPU per event, better p99). redb runs on a thread of its own (the store thread).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -544,127 +544,39 @@ fn data_dir(args: &BufferArgs) -> anyhow::Result<PathBuf> {
     Ok(config.data_dir)
 }
 
-/// Where `outpost buffer …` gets its answers: the file itself when no daemon holds it, or
-/// the daemon's admin socket when one does (redb's writer lock excludes all other openers).
-enum Source {
-    File(FileDb, PathBuf),
-    Daemon(PathBuf),
-}
-
-/// The file opened by the CLI: read-only, or read-write when it needed repair.
-enum FileDb {
-    ReadOnly(redb::ReadOnlyDatabase),
-    Repaired(redb::Database),
-}
-
-/// Runs `$body` with `$db` bound to whichever database `$file` holds.
-macro_rules! with_db {
-    ($file:expr, $db:ident => $body:expr) => {
-        match $file {
-            FileDb::ReadOnly($db) => $body,
-            FileDb::Repaired($db) => $body,
-        }
-    };
-}
-
-fn open_source(dir: &Path) -> anyhow::Result<Source> {
-    let path = crate::buffer::store::file_path(dir);
-    anyhow::ensure!(path.exists(), "no buffer at {} (is --data-dir right?)", path.display());
-    match redb::ReadOnlyDatabase::open(&path) {
-        Ok(db) => Ok(Source::File(FileDb::ReadOnly(db), path)),
-        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Ok(Source::Daemon(crate::admin::socket_path(dir))),
-        // Not closed cleanly (a crash or power cut): repair it, as the daemon does at start.
-        Err(redb::DatabaseError::RepairAborted) => {
-            eprintln!(
-                "note: {} was not closed cleanly; repairing it (the daemon would do the same at start)",
-                path.display()
-            );
-            let db =
-                redb::Database::open(&path).with_context(|| format!("cannot repair {}", path.display()))?;
-            Ok(Source::File(FileDb::Repaired(db), path))
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot open {} read-only", path.display())),
-    }
-}
-
-/// Sends one request line to the daemon and returns its answer.
-fn ask_daemon(socket: &Path, request: &str) -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
-        format!(
-            "the buffer is locked by a running outpost, but its admin socket {} does not answer",
-            socket.display()
-        )
-    })?;
-    stream.write_all(format!("{request}\n").as_bytes())?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    if let Some(error) = answer.strip_prefix("error: ") {
-        anyhow::bail!("the daemon answered: {}", error.trim());
-    }
-    Ok(answer)
-}
-
-/// Records from the file, in send order, as JSON lines; at most `limit`.
-fn file_lines(
-    db: &impl redb::ReadableDatabase,
-    path: &Path,
-    limit: usize,
-    mut f: impl FnMut(&str) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let mut after = None;
-    let mut left = limit;
-    while left > 0 {
-        let records = inspect::records_after(db, path, after, left.min(1000))?;
-        let Some(last) = records.last() else { break };
-        after = Some(last.key());
-        left -= records.len();
-        for record in &records {
-            f(&inspect::export_line(record))?;
-        }
-    }
-    Ok(())
-}
-
 fn buffer(command: BufferCommand) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
+    let open = |args: &BufferArgs| -> anyhow::Result<Reader> {
+        let reader = Reader::open(&data_dir(args)?)?;
+        if let Reader::File(view) = &reader {
+            if view.repaired() {
+                eprintln!(
+                    "note: {} was not closed cleanly; it was repaired (the daemon would do the same at start)",
+                    view.path().display()
+                );
+            }
+        }
+        Ok(reader)
+    };
     match command {
         BufferCommand::Stats(args) => {
-            let stats: inspect::StatsReport = match open_source(&data_dir(&args)?)? {
-                Source::File(db, path) => with_db!(&db, d => inspect::stats(d, &path, now_ms())?),
-                Source::Daemon(socket) => serde_json::from_str(ask_daemon(&socket, "stats")?.trim())
-                    .context("the daemon's stats answer is not valid JSON")?,
-            };
+            let stats = open(&args)?.stats()?;
             writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
         }
-        BufferCommand::Peek { n, args } => match open_source(&data_dir(&args)?)? {
-            Source::File(db, path) => {
-                with_db!(&db, d => file_lines(d, &path, n, |line| Ok(writeln!(out, "{line}")?))?)
-            }
-            Source::Daemon(socket) => write!(out, "{}", ask_daemon(&socket, &format!("peek {n}"))?)?,
-        },
+        BufferCommand::Peek { n, args } => {
+            open(&args)?.records(Some(n), |line| writeln!(out, "{line}"))?;
+        }
         BufferCommand::Export { file, args } => {
-            let source = open_source(&data_dir(&args)?)?;
+            let reader = open(&args)?;
             let f =
                 std::fs::File::create(&file).with_context(|| format!("cannot create {}", file.display()))?;
             let mut w = std::io::BufWriter::new(f);
-            let mut n = 0u64;
-            match source {
-                Source::File(db, path) => with_db!(&db, d => file_lines(d, &path, usize::MAX, |line| {
-                    n += 1;
-                    Ok(writeln!(w, "{line}")?)
-                })?),
-                Source::Daemon(socket) => {
-                    let answer = ask_daemon(&socket, "export")?;
-                    n = answer.lines().count() as u64;
-                    w.write_all(answer.as_bytes())?;
-                }
-            }
+            let n = reader.records(None, |line| writeln!(w, "{line}"))?;
             w.flush()?;
             writeln!(out, "exported {n} events to {}", file.display())?;
         }
         BufferCommand::Import { file, args } => {
-            writeln!(out, "{}", crate::buffer::import::command(&file, &data_dir(&args)?)?)?;
+            writeln!(out, "{}", crate::admin::client::import(&file, &data_dir(&args)?)?)?;
         }
     }
     Ok(())

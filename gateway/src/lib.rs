@@ -137,13 +137,13 @@ impl Gateway {
 
         let (event_tx, event_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
         let (outbound_tx, outbound_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
-        if let Some(listener) = admin::bind(&config.data_dir) {
-            let handles = admin::Handles {
+        if let Some(listener) = admin::server::bind(&config.data_dir) {
+            let handles = admin::server::Handles {
                 commands: worker.commands.clone(),
                 relay_input: outbound_tx.clone(),
                 metrics: metrics.clone(),
             };
-            tracker.spawn(admin::serve(listener, handles, cancel.clone()));
+            tracker.spawn(admin::server::serve(listener, handles, cancel.clone()));
         }
         let (link_tx, link_rx) = mpsc::channel(1);
         let uplink_cancel = CancellationToken::new();
