@@ -314,14 +314,15 @@ impl RouteStage {
         logs: &mut Logs,
         now: Instant,
     ) -> Vec<Outbound> {
-        let counters = self.metrics.counters();
         if fates.is_empty() {
-            Metrics::add(&counters.unrouted, 1);
+            Metrics::add(&self.metrics.counters().unrouted, 1);
         }
         let mut forwards = Vec::new();
         for fate in fates {
             match fate {
                 Fate::Forward { topic, payload, qos, priority, ttl, .. } => {
+                    // Each upstream message needs its own id, or deduplication would drop
+                    // legitimate outputs: the first keeps the event's.
                     let event_id = if forwards.is_empty() { event.id } else { self.ids.next_id() };
                     forwards.push(Outbound {
                         event_id,
@@ -335,54 +336,75 @@ impl RouteStage {
                     });
                 }
                 Fate::Republish { rule, topic, payload, hops, .. } => {
-                    let sent = match self.republisher.as_mut() {
-                        Some(r) => r.try_publish(&topic, &payload),
-                        None => Err("no local broker link".to_owned()),
-                    };
-                    match sent {
-                        Ok(()) => {
-                            Metrics::add(&counters.republished, 1);
-                            chain.push_back((
-                                republished_event(event, self.ids.next_id(), topic, payload),
-                                hops,
-                            ));
-                        }
-                        Err(reason) => {
-                            Metrics::add(&counters.republish_failed, 1);
-                            if let Some(folded) = logs.republish.ready(now) {
-                                warn!(message = "republish into the local broker failed; the event is not republished", %rule, %topic, %reason, similar_since_last_log = folded);
-                            }
-                        }
+                    if let Some(next) = self.republish(event, &rule, topic, payload, &mut logs.republish, now)
+                    {
+                        chain.push_back((next, hops));
                     }
                 }
-                Fate::Drop { .. } => Metrics::add(&counters.rules_dropped, 1),
+                Fate::Drop { .. } => Metrics::add(&self.metrics.counters().rules_dropped, 1),
                 Fate::LoopPrevented { rule, topic, hops } => {
-                    Metrics::add(&counters.loops_prevented, 1);
+                    Metrics::add(&self.metrics.counters().loops_prevented, 1);
                     if let Some(folded) = logs.republish.ready(now) {
                         warn!(message = "republish refused: the event reached the hop limit (max_hops in the rules file); check the rules for a loop", %rule, %topic, hops, similar_since_last_log = folded);
                     }
                 }
-                Fate::DeadLetter { entries } => {
-                    Metrics::add(&counters.dead_letters, 1);
-                    // A deliberate dead letter is what its rule asked for: nothing to warn about.
-                    let failure = entries.iter().find(|e| e.cause != DeadCause::Deliberate);
-                    if let Some(entry) = failure {
-                        if let Some(folded) = logs.dead.ready(now) {
-                            let (rule, reason, rules) = (&entry.rule, &entry.reason, entries.len());
-                            if entry.cause == DeadCause::InvalidTopic {
-                                warn!(message = "a rule produced an invalid upstream topic; the event went to the dead-letter store, fix the rule's topic template", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
-                            } else {
-                                warn!(message = "an event failed in a rule and went to the dead-letter store; see `outpost rules dead-letters`", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
-                            }
-                        }
-                    }
-                    if self.dead_letters.try_send(dead_letter(event, &entries)).is_err() {
-                        Metrics::add(&counters.dead_letters_unsaved, 1);
-                    }
-                }
+                Fate::DeadLetter { entries } => self.dead_letter(event, &entries, &mut logs.dead, now),
             }
         }
         forwards
+    }
+
+    /// Publishes into the local broker; returns the event the republish feeds back into this
+    /// stage, or `None` (counted, logged) when the broker did not take it.
+    fn republish(
+        &mut self,
+        event: &Event,
+        rule: &str,
+        topic: String,
+        payload: Bytes,
+        log: &mut LogThrottle,
+        now: Instant,
+    ) -> Option<Event> {
+        let counters = self.metrics.counters();
+        let sent = match self.republisher.as_mut() {
+            Some(r) => r.try_publish(&topic, &payload),
+            None => Err("no local broker link".to_owned()),
+        };
+        match sent {
+            Ok(()) => {
+                Metrics::add(&counters.republished, 1);
+                Some(republished_event(event, self.ids.next_id(), topic, payload))
+            }
+            Err(reason) => {
+                Metrics::add(&counters.republish_failed, 1);
+                if let Some(folded) = log.ready(now) {
+                    warn!(message = "republish into the local broker failed; the event is not republished", %rule, %topic, %reason, similar_since_last_log = folded);
+                }
+                None
+            }
+        }
+    }
+
+    /// Counts the event's one dead letter, warns (rate-limited) unless every rule sent it there
+    /// on purpose, and hands the record to the dead-letter store without waiting.
+    fn dead_letter(&self, event: &Event, entries: &[DeadEntry], log: &mut LogThrottle, now: Instant) {
+        let counters = self.metrics.counters();
+        Metrics::add(&counters.dead_letters, 1);
+        // A deliberate dead letter is what its rule asked for: nothing to warn about.
+        let failure = entries.iter().find(|e| e.cause != DeadCause::Deliberate);
+        if let Some(entry) = failure {
+            if let Some(folded) = log.ready(now) {
+                let (rule, reason, rules) = (&entry.rule, &entry.reason, entries.len());
+                if entry.cause == DeadCause::InvalidTopic {
+                    warn!(message = "a rule produced an invalid upstream topic; the event went to the dead-letter store, fix the rule's topic template", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
+                } else {
+                    warn!(message = "an event failed in a rule and went to the dead-letter store; see `outpost rules dead-letters`", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
+                }
+            }
+        }
+        if self.dead_letters.try_send(dead_letter(event, entries)).is_err() {
+            Metrics::add(&counters.dead_letters_unsaved, 1);
+        }
     }
 }
 
