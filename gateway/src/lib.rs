@@ -35,6 +35,8 @@
 
 pub mod ack;
 pub mod admin;
+#[cfg(test)]
+mod architecture;
 pub mod broker;
 pub mod buffer;
 pub mod cli;

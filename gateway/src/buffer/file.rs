@@ -11,6 +11,13 @@ use bytes::Bytes;
 use redb::{ReadTransaction, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+pub(super) const FILE_NAME: &str = "buffer.redb";
+
+/// The buffer file of a data dir.
+pub fn file_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE_NAME)
+}
+
 /// Records by `(priority, seq)`: per priority, key order is FIFO order.
 pub(crate) const EVENTS: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("events");
 /// Counters kept in the same transactions as the records they describe.

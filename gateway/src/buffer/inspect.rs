@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use redb::ReadTransaction;
 use serde::{Deserialize, Serialize};
 
-use super::file::{BufferError, EVENTS, Key, META, N_PRIORITIES, ReadDb, Record, db_err, meta_key};
+use super::file::{
+    BufferError, EVENTS, Key, META, N_PRIORITIES, ReadDb, Record, db_err, file_path, meta_key,
+};
 use crate::event::format_event_id;
 
 /// `outpost buffer stats`.
@@ -63,7 +65,7 @@ impl FileView {
     /// Opens `data_dir`'s buffer file read-only. A file left unclean (a crash or power cut) is
     /// repaired first, as the daemon would do at start; [`FileView::repaired`] says so.
     pub fn open(data_dir: &Path) -> Result<Opened, OpenError> {
-        let path = super::store::file_path(data_dir);
+        let path = file_path(data_dir);
         if !path.exists() {
             return Err(OpenError::Missing { path });
         }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::Serialize;
 
+pub use super::file::file_path;
 use super::file::{
     BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, Record, db_err, meta_key, stored_size,
 };
@@ -19,7 +20,6 @@ use super::inspect::{self, StatsReport};
 pub const FORMAT_VERSION: u64 = 2;
 const FORMAT_KEY: &str = "format_version";
 
-const FILE_NAME: &str = "buffer.redb";
 /// A drained file larger than this is compacted so the disk space comes back.
 const COMPACT_ABOVE_BYTES: u64 = 8 * 1024 * 1024;
 
@@ -111,10 +111,6 @@ fn write_counters(
 #[derive(Debug, Default)]
 pub struct ImportSeqs {
     next: Option<u64>,
-}
-
-pub fn file_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(FILE_NAME)
 }
 
 impl Store {

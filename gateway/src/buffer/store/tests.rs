@@ -7,6 +7,7 @@ use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::*;
+use crate::buffer::file::FILE_NAME;
 
 #[derive(Debug, Clone)]
 enum Action {
