@@ -240,6 +240,9 @@ struct RecordedEvent {
 /// the count at every hop).
 const MAX_CHAIN_EVENTS: usize = 100;
 
+/// One test event for `rules test`: topic, payload, client id.
+type Case = (String, Vec<u8>, Option<String>);
+
 fn rules_test(
     rules: outpost_rules::RuleSet,
     topic_prefix: &str,
@@ -249,43 +252,19 @@ fn rules_test(
     clientid: Option<String>,
     events: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    use crate::route::{DeadCause, Fate};
-    let mut out = std::io::stdout().lock();
-    let mut cases: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
-    match (topic, events) {
+    let cases = match (topic, events) {
         (Some(topic), _) => {
             if let Some(why) = invalid_topic(&topic, policy) {
                 anyhow::bail!(
                     "--topic {topic:?}: {why}; the gateway refuses such a publish, so no rule ever sees it"
                 );
             }
-            cases.push((topic, payload.into_bytes(), clientid));
+            vec![(topic, payload.into_bytes(), clientid)]
         }
-        (None, Some(path)) => {
-            let text =
-                std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            for (idx, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let e: RecordedEvent = serde_json::from_str(line).with_context(|| {
-                    format!("{}:{}: expected {{\"topic\": …, \"payload\": …}}", path.display(), idx + 1)
-                })?;
-                if let Some(why) = invalid_topic(&e.topic, policy) {
-                    anyhow::bail!(
-                        "{}:{}: topic {:?}: {why}; the gateway refuses such a publish",
-                        path.display(),
-                        idx + 1,
-                        e.topic
-                    );
-                }
-                let payload = match e.payload {
-                    serde_json::Value::String(s) => s.into_bytes(),
-                    serde_json::Value::Null => Vec::new(),
-                    other => serde_json::to_vec(&other)?,
-                };
-                cases.push((e.topic, payload, e.clientid));
-            }
-        }
+        (None, Some(path)) => recorded_cases(&path, policy)?,
         (None, None) => anyhow::bail!("give --topic (and --payload) or --events FILE"),
-    }
+    };
+    let mut out = std::io::stdout().lock();
     let routing = crate::route::Routing::Rules(rules);
     let ids = crate::event::IdGen::new(0);
     for (topic, payload, clientid) in cases {
@@ -298,86 +277,110 @@ fn rules_test(
             client_id: clientid.map(Into::into),
             ticket: None,
         };
-        // The event, then what its republishes feed back, in the route stage's order.
-        let mut queue = std::collections::VecDeque::from([(event, 0u8, None)]);
-        let mut shown = 0;
-        while let Some((event, hops, via)) = queue.pop_front() {
-            shown += 1;
-            if shown > MAX_CHAIN_EVENTS {
-                writeln!(
-                    out,
-                    "  … republish chain cut after {MAX_CHAIN_EVENTS} events ({} more waiting)",
-                    queue.len() + 1
-                )?;
-                break;
+        let run = crate::route::dry_run(&routing, event, &ids, topic_prefix, policy, MAX_CHAIN_EVENTS);
+        for step in &run.steps {
+            print_step(&mut out, step)?;
+        }
+        if run.waiting > 0 {
+            writeln!(
+                out,
+                "  … republish chain cut after {MAX_CHAIN_EVENTS} events ({} more waiting)",
+                run.waiting
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The events of a `--events` file: JSON lines with "topic", "payload" and "clientid".
+fn recorded_cases(path: &Path, policy: &crate::event::TopicPolicy) -> anyhow::Result<Vec<Case>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut cases = Vec::new();
+    for (idx, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let e: RecordedEvent = serde_json::from_str(line).with_context(|| {
+            format!("{}:{}: expected {{\"topic\": …, \"payload\": …}}", path.display(), idx + 1)
+        })?;
+        if let Some(why) = invalid_topic(&e.topic, policy) {
+            anyhow::bail!(
+                "{}:{}: topic {:?}: {why}; the gateway refuses such a publish",
+                path.display(),
+                idx + 1,
+                e.topic
+            );
+        }
+        let payload = match e.payload {
+            serde_json::Value::String(s) => s.into_bytes(),
+            serde_json::Value::Null => Vec::new(),
+            other => serde_json::to_vec(&other)?,
+        };
+        cases.push((e.topic, payload, e.clientid));
+    }
+    Ok(cases)
+}
+
+/// One event of a dry run: the event, each rule's verdict, and each fate.
+fn print_step(out: &mut impl Write, step: &crate::route::DryStep) -> std::io::Result<()> {
+    use crate::route::{DeadCause, Fate};
+    let event = &step.event;
+    let payload_text = if event.payload.is_empty() {
+        "(empty payload)".into()
+    } else {
+        String::from_utf8_lossy(&event.payload)
+    };
+    match &step.via {
+        None => writeln!(out, "event {} {payload_text}", event.topic)?,
+        Some(rule) => writeln!(
+            out,
+            "event {} {payload_text} (republished by rule {rule}, hop {})",
+            event.topic, step.hops
+        )?,
+    }
+    if step.traces.is_empty() {
+        writeln!(out, "  no rule's FROM matches this topic")?;
+    }
+    for trace in &step.traces {
+        match &trace.outcome {
+            outpost_rules::Outcome::Filtered => {
+                writeln!(out, "  rule {}: filtered out by WHERE", trace.rule)?
             }
-            let payload_text = if event.payload.is_empty() {
-                "(empty payload)".into()
-            } else {
-                String::from_utf8_lossy(&event.payload)
-            };
-            match &via {
-                None => writeln!(out, "event {} {payload_text}", event.topic)?,
-                Some(rule) => writeln!(
-                    out,
-                    "event {} {payload_text} (republished by rule {rule}, hop {hops})",
-                    event.topic
-                )?,
+            outpost_rules::Outcome::Selected { row } => {
+                writeln!(out, "  rule {}: selected {row}", trace.rule)?
             }
-            let traces = crate::route::explain(&routing, &event, hops);
-            if traces.is_empty() {
-                writeln!(out, "  no rule's FROM matches this topic")?;
+            outpost_rules::Outcome::Failed { reason } => {
+                writeln!(out, "  rule {}: failed: {reason}", trace.rule)?
             }
-            for trace in traces {
-                match &trace.outcome {
-                    outpost_rules::Outcome::Filtered => {
-                        writeln!(out, "  rule {}: filtered out by WHERE", trace.rule)?
-                    }
-                    outpost_rules::Outcome::Selected { row } => {
-                        writeln!(out, "  rule {}: selected {row}", trace.rule)?
-                    }
-                    outpost_rules::Outcome::Failed { reason } => {
-                        writeln!(out, "  rule {}: failed: {reason}", trace.rule)?
-                    }
-                }
-            }
-            let fates = crate::route::decide(&routing, &event, hops, topic_prefix, policy);
-            if fates.is_empty() {
-                writeln!(out, "  => unrouted: nothing goes upstream (counted as unrouted)")?;
-            }
-            for fate in fates {
-                match fate {
-                    Fate::Forward { rule, topic, payload, qos, priority, ttl } => writeln!(
-                        out,
-                        "  => forward {topic} qos={qos} priority={priority}{} (rule {}): {}",
-                        ttl.map(|t| format!(" ttl={}", humantime::format_duration(t))).unwrap_or_default(),
-                        rule.as_deref().unwrap_or("-"),
-                        String::from_utf8_lossy(&payload)
-                    )?,
-                    Fate::Republish { rule, topic, payload, qos, hops } => {
-                        writeln!(
-                            out,
-                            "  => republish {topic} qos={qos} hops={hops} (rule {rule}): {}",
-                            String::from_utf8_lossy(&payload)
-                        )?;
-                        let next = crate::route::republished_event(&event, ids.next_id(), topic, payload);
-                        queue.push_back((next, hops, Some(rule)));
-                    }
-                    Fate::Drop { rule } => writeln!(out, "  => drop (rule {rule})")?,
-                    Fate::LoopPrevented { rule, topic, hops } => writeln!(
-                        out,
-                        "  => republish {topic} refused: hop limit (max_hops) reached after {hops} republish(es) (rule {rule})"
-                    )?,
-                    Fate::DeadLetter { entries } => {
-                        writeln!(out, "  => dead letter (one record for the event):")?;
-                        for entry in entries {
-                            let how = match entry.cause {
-                                DeadCause::Failed | DeadCause::InvalidTopic => "failed",
-                                DeadCause::Deliberate => "dead_letter action",
-                            };
-                            writeln!(out, "       rule {} ({how}): {}", entry.rule, entry.reason)?;
-                        }
-                    }
+        }
+    }
+    if step.fates.is_empty() {
+        writeln!(out, "  => unrouted: nothing goes upstream (counted as unrouted)")?;
+    }
+    for fate in &step.fates {
+        match fate {
+            Fate::Forward { rule, topic, payload, qos, priority, ttl } => writeln!(
+                out,
+                "  => forward {topic} qos={qos} priority={priority}{} (rule {}): {}",
+                ttl.map(|t| format!(" ttl={}", humantime::format_duration(t))).unwrap_or_default(),
+                rule.as_deref().unwrap_or("-"),
+                String::from_utf8_lossy(payload)
+            )?,
+            Fate::Republish { rule, topic, payload, qos, hops } => writeln!(
+                out,
+                "  => republish {topic} qos={qos} hops={hops} (rule {rule}): {}",
+                String::from_utf8_lossy(payload)
+            )?,
+            Fate::Drop { rule } => writeln!(out, "  => drop (rule {rule})")?,
+            Fate::LoopPrevented { rule, topic, hops } => writeln!(
+                out,
+                "  => republish {topic} refused: hop limit (max_hops) reached after {hops} republish(es) (rule {rule})"
+            )?,
+            Fate::DeadLetter { entries } => {
+                writeln!(out, "  => dead letter (one record for the event):")?;
+                for entry in entries {
+                    let how = match entry.cause {
+                        DeadCause::Failed | DeadCause::InvalidTopic => "failed",
+                        DeadCause::Deliberate => "dead_letter action",
+                    };
+                    writeln!(out, "       rule {} ({how}): {}", entry.rule, entry.reason)?;
                 }
             }
         }
@@ -423,7 +426,7 @@ fn check(args: &ConfigArgs) -> ExitCode {
                 problems.extend(e.problems());
             }
         }
-        problems.extend(check_data_dir(&config.data_dir));
+        problems.extend(crate::buffer::store::check_data_dir(&config.data_dir));
     }
     match config {
         Some(config) if problems.is_empty() => {
@@ -448,47 +451,6 @@ fn refuse<P: std::fmt::Display>(problems: impl IntoIterator<Item = P>) -> ExitCo
         eprintln!("outpost: {problem}");
     }
     ExitCode::from(1)
-}
-
-/// What `run` needs of `data_dir`: a directory it can write (or one it can create, in the
-/// nearest existing parent), and a buffer file it can open for writing. Creates nothing but
-/// a probe file that it removes at once.
-fn check_data_dir(dir: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let fix = "set data_dir (or --data-dir) to a directory the user running outpost can write";
-    let existing = dir.ancestors().find(|p| p.as_os_str().is_empty() || p.exists())?;
-    let existing = if existing.as_os_str().is_empty() { Path::new(".") } else { existing };
-    if !existing.is_dir() {
-        return Some(format!("data_dir {}: {} is not a directory; {fix}", dir.display(), existing.display()));
-    }
-    let probe = existing.join(format!(".outpost-check-{}", std::process::id()));
-    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-        }
-        Err(e) => {
-            let what = if existing == dir {
-                format!("cannot write in {}", dir.display())
-            } else {
-                format!("{} does not exist and cannot be created in {}", dir.display(), existing.display())
-            };
-            return Some(format!("data_dir {what}: {e}; {fix}"));
-        }
-    }
-    let buffer = crate::buffer::store::file_path(dir);
-    match std::fs::OpenOptions::new().read(true).write(true).open(&buffer) {
-        Ok(_) => None,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            let owner = std::fs::metadata(&buffer)
-                .map(|m| format!(" (owner uid {}, mode {:o})", m.uid(), m.mode() & 0o7777))
-                .unwrap_or_default();
-            Some(format!(
-                "cannot open the buffer file {} for writing{owner}: {e}; run outpost as the file's owner, or give the file to the user running outpost (chown)",
-                buffer.display()
-            ))
-        }
-    }
 }
 
 /// A panic anywhere ends the process. Tokio would catch a task's panic and keep running, and

@@ -9,8 +9,8 @@
 //!
 //! The decision and its effects are apart: [`decide`] turns an event into its [`Fate`]s
 //! and touches nothing; [`run`] carries them out (relay channel, local broker, dead-letter
-//! store, counters, logs). `outpost rules test` prints what [`decide`] returns, so the dry
-//! run cannot drift from what the gateway does.
+//! store, counters, logs). `outpost rules test` prints what [`dry_run`] makes of [`decide`],
+//! so the dry run cannot drift from what the gateway does.
 //!
 //! The mode can change while running: the rules watcher ([`crate::rules`]) replaces the
 //! [`Routing`] through a `watch` channel, and the next event uses the new one.
@@ -228,6 +228,56 @@ pub fn republished_event(parent: &Event, id: u64, topic: String, payload: Bytes)
         client_id: None,
         ticket: parent.ticket.clone(),
     }
+}
+
+/// One event of a [`dry_run`]: the event (the input, or one a republish fed back), each
+/// matching rule's verdict, and its fates.
+#[derive(Debug)]
+pub struct DryStep {
+    pub event: Event,
+    pub hops: u8,
+    /// The rule whose republish produced this event; `None` for the input.
+    pub via: Option<Arc<str>>,
+    pub traces: Vec<Trace>,
+    pub fates: Vec<Fate>,
+}
+
+/// What [`dry_run`] saw.
+#[derive(Debug)]
+pub struct DryRun {
+    pub steps: Vec<DryStep>,
+    /// Events of republish chains not shown because `max_events` were reached.
+    pub waiting: usize,
+}
+
+/// Follows `event` through `routing` as the route stage would, republish chains included and
+/// in the stage's order, doing nothing (`outpost rules test`). Shows at most `max_events`
+/// events: a rule that republishes twice doubles the events at every hop.
+pub fn dry_run(
+    routing: &Routing,
+    event: Event,
+    ids: &IdGen,
+    topic_prefix: &str,
+    policy: &TopicPolicy,
+    max_events: usize,
+) -> DryRun {
+    let mut queue = VecDeque::from([(event, 0u8, None)]);
+    let mut steps = Vec::new();
+    while let Some((event, hops, via)) = queue.pop_front() {
+        if steps.len() == max_events {
+            return DryRun { steps, waiting: queue.len() + 1 };
+        }
+        let traces = explain(routing, &event, hops);
+        let fates = decide(routing, &event, hops, topic_prefix, policy);
+        for fate in &fates {
+            if let Fate::Republish { rule, topic, payload, hops, .. } = fate {
+                let next = republished_event(&event, ids.next_id(), topic.clone(), payload.clone());
+                queue.push_back((next, *hops, Some(rule.clone())));
+            }
+        }
+        steps.push(DryStep { event, hops, via, traces, fates });
+    }
+    DryRun { steps, waiting: 0 }
 }
 
 /// The dead-letter record of an event.
@@ -572,6 +622,45 @@ type = "drop"
         let fates = decide(&bridge, &event("a/b", ""), 0, "p/", &policy());
         let [Fate::Forward { rule: None, topic, .. }] = fates.as_slice() else { panic!("{fates:?}") };
         assert_eq!(topic, "p/a/b");
+    }
+
+    #[test]
+    fn a_dry_run_follows_republish_chains_in_the_stages_order_and_cuts_a_growing_one() {
+        let routing = rules(
+            r#"
+max_hops = 8
+[[rule]]
+name = "twice"
+sql = 'SELECT payload AS p FROM "t/#"'
+[[rule.action]]
+type = "republish"
+topic = "t/a"
+[[rule.action]]
+type = "republish"
+topic = "t/b"
+"#,
+        );
+        let ids = IdGen::new(1);
+        let run = dry_run(&routing, event("t/x", "1"), &ids, "", &policy(), 7);
+        let shown: Vec<(&str, u8, Option<&str>)> =
+            run.steps.iter().map(|s| (s.event.topic.as_str(), s.hops, s.via.as_deref())).collect();
+        assert_eq!(
+            shown,
+            [
+                ("t/x", 0, None),
+                ("t/a", 1, Some("twice")),
+                ("t/b", 1, Some("twice")),
+                ("t/a", 2, Some("twice")),
+                ("t/b", 2, Some("twice")),
+                ("t/a", 2, Some("twice")),
+                ("t/b", 2, Some("twice")),
+            ]
+        );
+        // Each of the four hop-2 events shown queued two more.
+        assert_eq!(run.waiting, 8);
+
+        let whole = dry_run(&routing, event("t/x", "1"), &ids, "", &policy(), 1000);
+        assert_eq!((whole.steps.len(), whole.waiting), ((1 << 9) - 1, 0), "hop limit 8 ends every chain");
     }
 
     #[tokio::test]

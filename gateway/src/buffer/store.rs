@@ -472,6 +472,47 @@ impl Store {
     }
 }
 
+/// What `outpost run` needs of `data_dir`, for `outpost check`: a directory it can write (or
+/// one it can create, in the nearest existing parent), and a buffer file it can open for
+/// writing. Creates nothing but a probe file that it removes at once.
+pub fn check_data_dir(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let fix = "set data_dir (or --data-dir) to a directory the user running outpost can write";
+    let existing = dir.ancestors().find(|p| p.as_os_str().is_empty() || p.exists())?;
+    let existing = if existing.as_os_str().is_empty() { Path::new(".") } else { existing };
+    if !existing.is_dir() {
+        return Some(format!("data_dir {}: {} is not a directory; {fix}", dir.display(), existing.display()));
+    }
+    let probe = existing.join(format!(".outpost-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) => {
+            let what = if existing == dir {
+                format!("cannot write in {}", dir.display())
+            } else {
+                format!("{} does not exist and cannot be created in {}", dir.display(), existing.display())
+            };
+            return Some(format!("data_dir {what}: {e}; {fix}"));
+        }
+    }
+    let buffer = file_path(dir);
+    match std::fs::OpenOptions::new().read(true).write(true).open(&buffer) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            let owner = std::fs::metadata(&buffer)
+                .map(|m| format!(" (owner uid {}, mode {:o})", m.uid(), m.mode() & 0o7777))
+                .unwrap_or_default();
+            Some(format!(
+                "cannot open the buffer file {} for writing{owner}: {e}; run outpost as the file's owner, or give the file to the user running outpost (chown)",
+                buffer.display()
+            ))
+        }
+    }
+}
+
 /// Refuses, without writing to it, a file this build must not open for writing: one whose
 /// format version is newer than [`FORMAT_VERSION`], or whose redb file format this redb
 /// cannot read. Opening read-write would already change the file (redb marks it open and may
