@@ -81,7 +81,7 @@ impl BufferError {
 
     /// Whether this error proves the file's *contents* are bad: redb's own corruption
     /// verdicts (including "not a redb database" and a file cut short, which redb reports as
-    /// I/O errors, see [`is_content_error`]), undecodable records, counters that disagree with
+    /// I/O errors, see `is_content_error`), undecodable records, counters that disagree with
     /// the records. Only then may a file be moved aside; anything else (permissions, a
     /// read-only or full disk, a format too new) leaves it where it is.
     pub fn proves_corruption(&self) -> bool {

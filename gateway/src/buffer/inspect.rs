@@ -94,7 +94,7 @@ impl FileView {
         stats(&self.db.begin_read(&self.path)?, &self.path, now_ms)
     }
 
-    /// See [`records_after`].
+    /// Up to `limit` records after `after` (or from the start), in send order.
     pub fn records_after(&self, after: Option<Key>, limit: usize) -> Result<Vec<Record>, BufferError> {
         records_after(&self.db.begin_read(&self.path)?, &self.path, after, limit)
     }

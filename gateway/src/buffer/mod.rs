@@ -49,7 +49,7 @@
 //!   message naming the path, its owner and mode, the user running and the fix ([`access`]).
 
 pub mod access;
-mod file;
+pub mod file;
 pub mod import;
 pub mod inspect;
 pub mod store;
