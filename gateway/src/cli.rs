@@ -161,21 +161,7 @@ impl ConfigArgs {
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check(args) => check(&args),
-        Command::Run(args) => {
-            let config = match args.load() {
-                Ok(config) => config,
-                Err(ConfigErrors(problems)) => return refuse(problems),
-            };
-            crate::telemetry::init(cli.log_format.unwrap_or(config.log.format), &config.log.level);
-            match run(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                // Broken rules are invalid configuration, as for `check`: one line a problem.
-                Err(e) => match e.downcast_ref::<crate::StartError>() {
-                    Some(crate::StartError::Rules(load)) => refuse(load.problems()),
-                    _ => report(Err(e)),
-                },
-            }
-        }
+        Command::Run(args) => run_command(&args, cli.log_format),
         Command::Buffer(command) => report(buffer(command)),
         Command::Rules(RulesCommand::Check { file }) => match crate::rules::load(&file) {
             Ok(rules) => {
@@ -190,29 +176,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Err(e) => refuse(e.problems()),
         },
         Command::Rules(RulesCommand::Test { file, topic, payload, clientid, events, config }) => {
-            // Forwarded topics get the config's prefix and are checked against its topic limits,
-            // as in `run`; without a config, the defaults.
-            let (topic_prefix, policy) =
-                match config.map(|c| GatewayConfig::load(Some(&c), &Overrides::default())) {
-                    None => (String::new(), crate::config::BrokerConfig::default().topic_policy()),
-                    Some(Ok(config)) => (
-                        config.upstream.map(|u| u.topic_prefix).unwrap_or_default(),
-                        config.broker.topic_policy(),
-                    ),
-                    Some(Err(e)) => {
-                        eprintln!("outpost: {e}");
-                        return ExitCode::from(1);
-                    }
-                };
-            match crate::rules::load(&file) {
-                Ok(rules) => {
-                    report(rules_test(rules, &topic_prefix, &policy, topic, payload, clientid, events))
-                }
-                Err(e) => {
-                    eprintln!("outpost: {e}");
-                    ExitCode::from(1)
-                }
-            }
+            rules_test_command(&file, config.as_deref(), topic, payload, clientid, events)
         }
         Command::Rules(RulesCommand::DeadLetters { n, args }) => report((|| {
             let dir = data_dir(&args)?;
@@ -222,6 +186,54 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             Ok(())
         })()),
+    }
+}
+
+/// `outpost run`: loads the config, starts logging, runs the gateway until a signal.
+fn run_command(args: &ConfigArgs, log_format: Option<LogFormat>) -> ExitCode {
+    let config = match args.load() {
+        Ok(config) => config,
+        Err(ConfigErrors(problems)) => return refuse(problems),
+    };
+    crate::telemetry::init(log_format.unwrap_or(config.log.format), &config.log.level);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        // Broken rules are invalid configuration, as for `check`: one line a problem.
+        Err(e) => match e.downcast_ref::<crate::StartError>() {
+            Some(crate::StartError::Rules(load)) => refuse(load.problems()),
+            _ => report(Err(e)),
+        },
+    }
+}
+
+/// `outpost rules test`: loads the rules (and the config whose prefix and topic limits apply),
+/// then runs the dry run.
+fn rules_test_command(
+    file: &Path,
+    config: Option<&Path>,
+    topic: Option<String>,
+    payload: String,
+    clientid: Option<String>,
+    events: Option<PathBuf>,
+) -> ExitCode {
+    // Forwarded topics get the config's prefix and are checked against its topic limits,
+    // as in `run`; without a config, the defaults.
+    let (topic_prefix, policy) = match config.map(|c| GatewayConfig::load(Some(c), &Overrides::default())) {
+        None => (String::new(), crate::config::BrokerConfig::default().topic_policy()),
+        Some(Ok(config)) => {
+            (config.upstream.map(|u| u.topic_prefix).unwrap_or_default(), config.broker.topic_policy())
+        }
+        Some(Err(e)) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match crate::rules::load(file) {
+        Ok(rules) => report(rules_test(rules, &topic_prefix, &policy, topic, payload, clientid, events)),
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
