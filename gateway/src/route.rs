@@ -316,7 +316,7 @@ pub struct RouteStage {
     pub metrics: Metrics,
 }
 
-/// Runs until its input closes (ingest stopped), then closes its output so the relay can
+/// Runs until its input closes (the broker stopped), then closes its output so the relay can
 /// finish. It never selects on cancellation itself: stopping upstream of it is what ends it,
 /// so nothing already ingested is dropped on the floor.
 pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: mpsc::Sender<Outbound>) {
