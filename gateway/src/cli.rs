@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::buffer::inspect;
+use crate::admin::client::Reader;
 use crate::config::{ConfigErrors, GatewayConfig, LogFormat, Overrides, UpstreamUrl};
 use crate::event::{invalid_topic, now_ms};
 use anyhow::Context;
@@ -161,21 +161,7 @@ impl ConfigArgs {
 pub fn main(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check(args) => check(&args),
-        Command::Run(args) => {
-            let config = match args.load() {
-                Ok(config) => config,
-                Err(ConfigErrors(problems)) => return refuse(problems),
-            };
-            crate::telemetry::init(cli.log_format.unwrap_or(config.log.format), &config.log.level);
-            match run(config) {
-                Ok(()) => ExitCode::SUCCESS,
-                // Broken rules are invalid configuration, as for `check`: one line a problem.
-                Err(e) => match e.downcast_ref::<crate::StartError>() {
-                    Some(crate::StartError::Rules(load)) => refuse(load.problems()),
-                    _ => report(Err(e)),
-                },
-            }
-        }
+        Command::Run(args) => run_command(&args, cli.log_format),
         Command::Buffer(command) => report(buffer(command)),
         Command::Rules(RulesCommand::Check { file }) => match crate::rules::load(&file) {
             Ok(rules) => {
@@ -190,29 +176,7 @@ pub fn main(cli: Cli) -> ExitCode {
             Err(e) => refuse(e.problems()),
         },
         Command::Rules(RulesCommand::Test { file, topic, payload, clientid, events, config }) => {
-            // Forwarded topics get the config's prefix and are checked against its topic limits,
-            // as in `run`; without a config, the defaults.
-            let (topic_prefix, policy) =
-                match config.map(|c| GatewayConfig::load(Some(&c), &Overrides::default())) {
-                    None => (String::new(), crate::config::BrokerConfig::default().topic_policy()),
-                    Some(Ok(config)) => (
-                        config.upstream.map(|u| u.topic_prefix).unwrap_or_default(),
-                        config.broker.topic_policy(),
-                    ),
-                    Some(Err(e)) => {
-                        eprintln!("outpost: {e}");
-                        return ExitCode::from(1);
-                    }
-                };
-            match crate::rules::load(&file) {
-                Ok(rules) => {
-                    report(rules_test(rules, &topic_prefix, &policy, topic, payload, clientid, events))
-                }
-                Err(e) => {
-                    eprintln!("outpost: {e}");
-                    ExitCode::from(1)
-                }
-            }
+            rules_test_command(&file, config.as_deref(), topic, payload, clientid, events)
         }
         Command::Rules(RulesCommand::DeadLetters { n, args }) => report((|| {
             let dir = data_dir(&args)?;
@@ -222,6 +186,54 @@ pub fn main(cli: Cli) -> ExitCode {
             }
             Ok(())
         })()),
+    }
+}
+
+/// `outpost run`: loads the config, starts logging, runs the gateway until a signal.
+fn run_command(args: &ConfigArgs, log_format: Option<LogFormat>) -> ExitCode {
+    let config = match args.load() {
+        Ok(config) => config,
+        Err(ConfigErrors(problems)) => return refuse(problems),
+    };
+    crate::telemetry::init(log_format.unwrap_or(config.log.format), &config.log.level);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        // Broken rules are invalid configuration, as for `check`: one line a problem.
+        Err(e) => match e.downcast_ref::<crate::StartError>() {
+            Some(crate::StartError::Rules(load)) => refuse(load.problems()),
+            _ => report(Err(e)),
+        },
+    }
+}
+
+/// `outpost rules test`: loads the rules (and the config whose prefix and topic limits apply),
+/// then runs the dry run.
+fn rules_test_command(
+    file: &Path,
+    config: Option<&Path>,
+    topic: Option<String>,
+    payload: String,
+    clientid: Option<String>,
+    events: Option<PathBuf>,
+) -> ExitCode {
+    // Forwarded topics get the config's prefix and are checked against its topic limits,
+    // as in `run`; without a config, the defaults.
+    let (topic_prefix, policy) = match config.map(|c| GatewayConfig::load(Some(c), &Overrides::default())) {
+        None => (String::new(), crate::config::BrokerConfig::default().topic_policy()),
+        Some(Ok(config)) => {
+            (config.upstream.map(|u| u.topic_prefix).unwrap_or_default(), config.broker.topic_policy())
+        }
+        Some(Err(e)) => {
+            eprintln!("outpost: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match crate::rules::load(file) {
+        Ok(rules) => report(rules_test(rules, &topic_prefix, &policy, topic, payload, clientid, events)),
+        Err(e) => {
+            eprintln!("outpost: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -240,6 +252,9 @@ struct RecordedEvent {
 /// the count at every hop).
 const MAX_CHAIN_EVENTS: usize = 100;
 
+/// One test event for `rules test`: topic, payload, client id.
+type Case = (String, Vec<u8>, Option<String>);
+
 fn rules_test(
     rules: outpost_rules::RuleSet,
     topic_prefix: &str,
@@ -249,43 +264,19 @@ fn rules_test(
     clientid: Option<String>,
     events: Option<PathBuf>,
 ) -> anyhow::Result<()> {
-    use crate::route::{DeadCause, Fate};
-    let mut out = std::io::stdout().lock();
-    let mut cases: Vec<(String, Vec<u8>, Option<String>)> = Vec::new();
-    match (topic, events) {
+    let cases = match (topic, events) {
         (Some(topic), _) => {
             if let Some(why) = invalid_topic(&topic, policy) {
                 anyhow::bail!(
                     "--topic {topic:?}: {why}; the gateway refuses such a publish, so no rule ever sees it"
                 );
             }
-            cases.push((topic, payload.into_bytes(), clientid));
+            vec![(topic, payload.into_bytes(), clientid)]
         }
-        (None, Some(path)) => {
-            let text =
-                std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            for (idx, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let e: RecordedEvent = serde_json::from_str(line).with_context(|| {
-                    format!("{}:{}: expected {{\"topic\": …, \"payload\": …}}", path.display(), idx + 1)
-                })?;
-                if let Some(why) = invalid_topic(&e.topic, policy) {
-                    anyhow::bail!(
-                        "{}:{}: topic {:?}: {why}; the gateway refuses such a publish",
-                        path.display(),
-                        idx + 1,
-                        e.topic
-                    );
-                }
-                let payload = match e.payload {
-                    serde_json::Value::String(s) => s.into_bytes(),
-                    serde_json::Value::Null => Vec::new(),
-                    other => serde_json::to_vec(&other)?,
-                };
-                cases.push((e.topic, payload, e.clientid));
-            }
-        }
+        (None, Some(path)) => recorded_cases(&path, policy)?,
         (None, None) => anyhow::bail!("give --topic (and --payload) or --events FILE"),
-    }
+    };
+    let mut out = std::io::stdout().lock();
     let routing = crate::route::Routing::Rules(rules);
     let ids = crate::event::IdGen::new(0);
     for (topic, payload, clientid) in cases {
@@ -298,86 +289,110 @@ fn rules_test(
             client_id: clientid.map(Into::into),
             ticket: None,
         };
-        // The event, then what its republishes feed back, in the route stage's order.
-        let mut queue = std::collections::VecDeque::from([(event, 0u8, None)]);
-        let mut shown = 0;
-        while let Some((event, hops, via)) = queue.pop_front() {
-            shown += 1;
-            if shown > MAX_CHAIN_EVENTS {
-                writeln!(
-                    out,
-                    "  … republish chain cut after {MAX_CHAIN_EVENTS} events ({} more waiting)",
-                    queue.len() + 1
-                )?;
-                break;
+        let run = crate::route::dry_run(&routing, event, &ids, topic_prefix, policy, MAX_CHAIN_EVENTS);
+        for step in &run.steps {
+            print_step(&mut out, step)?;
+        }
+        if run.waiting > 0 {
+            writeln!(
+                out,
+                "  … republish chain cut after {MAX_CHAIN_EVENTS} events ({} more waiting)",
+                run.waiting
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The events of a `--events` file: JSON lines with "topic", "payload" and "clientid".
+fn recorded_cases(path: &Path, policy: &crate::event::TopicPolicy) -> anyhow::Result<Vec<Case>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut cases = Vec::new();
+    for (idx, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let e: RecordedEvent = serde_json::from_str(line).with_context(|| {
+            format!("{}:{}: expected {{\"topic\": …, \"payload\": …}}", path.display(), idx + 1)
+        })?;
+        if let Some(why) = invalid_topic(&e.topic, policy) {
+            anyhow::bail!(
+                "{}:{}: topic {:?}: {why}; the gateway refuses such a publish",
+                path.display(),
+                idx + 1,
+                e.topic
+            );
+        }
+        let payload = match e.payload {
+            serde_json::Value::String(s) => s.into_bytes(),
+            serde_json::Value::Null => Vec::new(),
+            other => serde_json::to_vec(&other)?,
+        };
+        cases.push((e.topic, payload, e.clientid));
+    }
+    Ok(cases)
+}
+
+/// One event of a dry run: the event, each rule's verdict, and each fate.
+fn print_step(out: &mut impl Write, step: &crate::route::DryStep) -> std::io::Result<()> {
+    use crate::route::{DeadCause, Fate};
+    let event = &step.event;
+    let payload_text = if event.payload.is_empty() {
+        "(empty payload)".into()
+    } else {
+        String::from_utf8_lossy(&event.payload)
+    };
+    match &step.via {
+        None => writeln!(out, "event {} {payload_text}", event.topic)?,
+        Some(rule) => writeln!(
+            out,
+            "event {} {payload_text} (republished by rule {rule}, hop {})",
+            event.topic, step.hops
+        )?,
+    }
+    if step.traces.is_empty() {
+        writeln!(out, "  no rule's FROM matches this topic")?;
+    }
+    for trace in &step.traces {
+        match &trace.outcome {
+            outpost_rules::Outcome::Filtered => {
+                writeln!(out, "  rule {}: filtered out by WHERE", trace.rule)?
             }
-            let payload_text = if event.payload.is_empty() {
-                "(empty payload)".into()
-            } else {
-                String::from_utf8_lossy(&event.payload)
-            };
-            match &via {
-                None => writeln!(out, "event {} {payload_text}", event.topic)?,
-                Some(rule) => writeln!(
-                    out,
-                    "event {} {payload_text} (republished by rule {rule}, hop {hops})",
-                    event.topic
-                )?,
+            outpost_rules::Outcome::Selected { row } => {
+                writeln!(out, "  rule {}: selected {row}", trace.rule)?
             }
-            let traces = crate::route::explain(&routing, &event, hops);
-            if traces.is_empty() {
-                writeln!(out, "  no rule's FROM matches this topic")?;
+            outpost_rules::Outcome::Failed { reason } => {
+                writeln!(out, "  rule {}: failed: {reason}", trace.rule)?
             }
-            for trace in traces {
-                match &trace.outcome {
-                    outpost_rules::Outcome::Filtered => {
-                        writeln!(out, "  rule {}: filtered out by WHERE", trace.rule)?
-                    }
-                    outpost_rules::Outcome::Selected { row } => {
-                        writeln!(out, "  rule {}: selected {row}", trace.rule)?
-                    }
-                    outpost_rules::Outcome::Failed { reason } => {
-                        writeln!(out, "  rule {}: failed: {reason}", trace.rule)?
-                    }
-                }
-            }
-            let fates = crate::route::decide(&routing, &event, hops, topic_prefix, policy);
-            if fates.is_empty() {
-                writeln!(out, "  => unrouted: nothing goes upstream (counted as unrouted)")?;
-            }
-            for fate in fates {
-                match fate {
-                    Fate::Forward { rule, topic, payload, qos, priority, ttl } => writeln!(
-                        out,
-                        "  => forward {topic} qos={qos} priority={priority}{} (rule {}): {}",
-                        ttl.map(|t| format!(" ttl={}", humantime::format_duration(t))).unwrap_or_default(),
-                        rule.as_deref().unwrap_or("-"),
-                        String::from_utf8_lossy(&payload)
-                    )?,
-                    Fate::Republish { rule, topic, payload, qos, hops } => {
-                        writeln!(
-                            out,
-                            "  => republish {topic} qos={qos} hops={hops} (rule {rule}): {}",
-                            String::from_utf8_lossy(&payload)
-                        )?;
-                        let next = crate::route::republished_event(&event, ids.next_id(), topic, payload);
-                        queue.push_back((next, hops, Some(rule)));
-                    }
-                    Fate::Drop { rule } => writeln!(out, "  => drop (rule {rule})")?,
-                    Fate::LoopPrevented { rule, topic, hops } => writeln!(
-                        out,
-                        "  => republish {topic} refused: hop limit (max_hops) reached after {hops} republish(es) (rule {rule})"
-                    )?,
-                    Fate::DeadLetter { entries } => {
-                        writeln!(out, "  => dead letter (one record for the event):")?;
-                        for entry in entries {
-                            let how = match entry.cause {
-                                DeadCause::Failed | DeadCause::InvalidTopic => "failed",
-                                DeadCause::Deliberate => "dead_letter action",
-                            };
-                            writeln!(out, "       rule {} ({how}): {}", entry.rule, entry.reason)?;
-                        }
-                    }
+        }
+    }
+    if step.fates.is_empty() {
+        writeln!(out, "  => unrouted: nothing goes upstream (counted as unrouted)")?;
+    }
+    for fate in &step.fates {
+        match fate {
+            Fate::Forward { rule, topic, payload, qos, priority, ttl } => writeln!(
+                out,
+                "  => forward {topic} qos={qos} priority={priority}{} (rule {}): {}",
+                ttl.map(|t| format!(" ttl={}", humantime::format_duration(t))).unwrap_or_default(),
+                rule.as_deref().unwrap_or("-"),
+                String::from_utf8_lossy(payload)
+            )?,
+            Fate::Republish { rule, topic, payload, qos, hops } => writeln!(
+                out,
+                "  => republish {topic} qos={qos} hops={hops} (rule {rule}): {}",
+                String::from_utf8_lossy(payload)
+            )?,
+            Fate::Drop { rule } => writeln!(out, "  => drop (rule {rule})")?,
+            Fate::LoopPrevented { rule, topic, hops } => writeln!(
+                out,
+                "  => republish {topic} refused: hop limit (max_hops) reached after {hops} republish(es) (rule {rule})"
+            )?,
+            Fate::DeadLetter { entries } => {
+                writeln!(out, "  => dead letter (one record for the event):")?;
+                for entry in entries {
+                    let how = match entry.cause {
+                        DeadCause::Failed | DeadCause::InvalidTopic => "failed",
+                        DeadCause::Deliberate => "dead_letter action",
+                    };
+                    writeln!(out, "       rule {} ({how}): {}", entry.rule, entry.reason)?;
                 }
             }
         }
@@ -423,7 +438,7 @@ fn check(args: &ConfigArgs) -> ExitCode {
                 problems.extend(e.problems());
             }
         }
-        problems.extend(check_data_dir(&config.data_dir));
+        problems.extend(crate::buffer::store::check_data_dir(&config.data_dir));
     }
     match config {
         Some(config) if problems.is_empty() => {
@@ -450,47 +465,6 @@ fn refuse<P: std::fmt::Display>(problems: impl IntoIterator<Item = P>) -> ExitCo
     ExitCode::from(1)
 }
 
-/// What `run` needs of `data_dir`: a directory it can write (or one it can create, in the
-/// nearest existing parent), and a buffer file it can open for writing. Creates nothing but
-/// a probe file that it removes at once.
-fn check_data_dir(dir: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let fix = "set data_dir (or --data-dir) to a directory the user running outpost can write";
-    let existing = dir.ancestors().find(|p| p.as_os_str().is_empty() || p.exists())?;
-    let existing = if existing.as_os_str().is_empty() { Path::new(".") } else { existing };
-    if !existing.is_dir() {
-        return Some(format!("data_dir {}: {} is not a directory; {fix}", dir.display(), existing.display()));
-    }
-    let probe = existing.join(format!(".outpost-check-{}", std::process::id()));
-    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
-        Ok(_) => {
-            let _ = std::fs::remove_file(&probe);
-        }
-        Err(e) => {
-            let what = if existing == dir {
-                format!("cannot write in {}", dir.display())
-            } else {
-                format!("{} does not exist and cannot be created in {}", dir.display(), existing.display())
-            };
-            return Some(format!("data_dir {what}: {e}; {fix}"));
-        }
-    }
-    let buffer = crate::buffer::store::file_path(dir);
-    match std::fs::OpenOptions::new().read(true).write(true).open(&buffer) {
-        Ok(_) => None,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Err(e) => {
-            let owner = std::fs::metadata(&buffer)
-                .map(|m| format!(" (owner uid {}, mode {:o})", m.uid(), m.mode() & 0o7777))
-                .unwrap_or_default();
-            Some(format!(
-                "cannot open the buffer file {} for writing{owner}: {e}; run outpost as the file's owner, or give the file to the user running outpost (chown)",
-                buffer.display()
-            ))
-        }
-    }
-}
-
 /// A panic anywhere ends the process. Tokio would catch a task's panic and keep running, and
 /// the events the task held would drop their tickets — which acknowledges them to sensors
 /// (dropping is the success path, see `ack`). Dying instead means the sensors resend
@@ -507,7 +481,7 @@ fn abort_on_panic() {
 fn run(config: GatewayConfig) -> anyhow::Result<()> {
     abort_on_panic();
     // One thread runs the pipeline: measured, a current-thread runtime beat two workers on two
-    // cores (less CPU per event, better p99). redb and rumqttd have threads of their own.
+    // cores (less CPU per event, better p99). redb runs on a thread of its own (the store thread).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -544,127 +518,39 @@ fn data_dir(args: &BufferArgs) -> anyhow::Result<PathBuf> {
     Ok(config.data_dir)
 }
 
-/// Where `outpost buffer …` gets its answers: the file itself when no daemon holds it, or
-/// the daemon's admin socket when one does (redb's writer lock excludes all other openers).
-enum Source {
-    File(FileDb, PathBuf),
-    Daemon(PathBuf),
-}
-
-/// The file opened by the CLI: read-only, or read-write when it needed repair.
-enum FileDb {
-    ReadOnly(redb::ReadOnlyDatabase),
-    Repaired(redb::Database),
-}
-
-/// Runs `$body` with `$db` bound to whichever database `$file` holds.
-macro_rules! with_db {
-    ($file:expr, $db:ident => $body:expr) => {
-        match $file {
-            FileDb::ReadOnly($db) => $body,
-            FileDb::Repaired($db) => $body,
-        }
-    };
-}
-
-fn open_source(dir: &Path) -> anyhow::Result<Source> {
-    let path = crate::buffer::store::file_path(dir);
-    anyhow::ensure!(path.exists(), "no buffer at {} (is --data-dir right?)", path.display());
-    match redb::ReadOnlyDatabase::open(&path) {
-        Ok(db) => Ok(Source::File(FileDb::ReadOnly(db), path)),
-        Err(redb::DatabaseError::DatabaseAlreadyOpen) => Ok(Source::Daemon(crate::admin::socket_path(dir))),
-        // Not closed cleanly (a crash or power cut): repair it, as the daemon does at start.
-        Err(redb::DatabaseError::RepairAborted) => {
-            eprintln!(
-                "note: {} was not closed cleanly; repairing it (the daemon would do the same at start)",
-                path.display()
-            );
-            let db =
-                redb::Database::open(&path).with_context(|| format!("cannot repair {}", path.display()))?;
-            Ok(Source::File(FileDb::Repaired(db), path))
-        }
-        Err(e) => Err(e).with_context(|| format!("cannot open {} read-only", path.display())),
-    }
-}
-
-/// Sends one request line to the daemon and returns its answer.
-fn ask_daemon(socket: &Path, request: &str) -> anyhow::Result<String> {
-    use std::io::Read;
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
-        format!(
-            "the buffer is locked by a running outpost, but its admin socket {} does not answer",
-            socket.display()
-        )
-    })?;
-    stream.write_all(format!("{request}\n").as_bytes())?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    if let Some(error) = answer.strip_prefix("error: ") {
-        anyhow::bail!("the daemon answered: {}", error.trim());
-    }
-    Ok(answer)
-}
-
-/// Records from the file, in send order, as JSON lines; at most `limit`.
-fn file_lines(
-    db: &impl redb::ReadableDatabase,
-    path: &Path,
-    limit: usize,
-    mut f: impl FnMut(&str) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let mut after = None;
-    let mut left = limit;
-    while left > 0 {
-        let records = inspect::records_after(db, path, after, left.min(1000))?;
-        let Some(last) = records.last() else { break };
-        after = Some(last.key());
-        left -= records.len();
-        for record in &records {
-            f(&inspect::export_line(record))?;
-        }
-    }
-    Ok(())
-}
-
 fn buffer(command: BufferCommand) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
+    let open = |args: &BufferArgs| -> anyhow::Result<Reader> {
+        let reader = Reader::open(&data_dir(args)?)?;
+        if let Reader::File(view) = &reader {
+            if view.repaired() {
+                eprintln!(
+                    "note: {} was not closed cleanly; it was repaired (the daemon would do the same at start)",
+                    view.path().display()
+                );
+            }
+        }
+        Ok(reader)
+    };
     match command {
         BufferCommand::Stats(args) => {
-            let stats: inspect::StatsReport = match open_source(&data_dir(&args)?)? {
-                Source::File(db, path) => with_db!(&db, d => inspect::stats(d, &path, now_ms())?),
-                Source::Daemon(socket) => serde_json::from_str(ask_daemon(&socket, "stats")?.trim())
-                    .context("the daemon's stats answer is not valid JSON")?,
-            };
+            let stats = open(&args)?.stats()?;
             writeln!(out, "{}", serde_json::to_string_pretty(&stats)?)?;
         }
-        BufferCommand::Peek { n, args } => match open_source(&data_dir(&args)?)? {
-            Source::File(db, path) => {
-                with_db!(&db, d => file_lines(d, &path, n, |line| Ok(writeln!(out, "{line}")?))?)
-            }
-            Source::Daemon(socket) => write!(out, "{}", ask_daemon(&socket, &format!("peek {n}"))?)?,
-        },
+        BufferCommand::Peek { n, args } => {
+            open(&args)?.records(Some(n), |line| writeln!(out, "{line}"))?;
+        }
         BufferCommand::Export { file, args } => {
-            let source = open_source(&data_dir(&args)?)?;
+            let reader = open(&args)?;
             let f =
                 std::fs::File::create(&file).with_context(|| format!("cannot create {}", file.display()))?;
             let mut w = std::io::BufWriter::new(f);
-            let mut n = 0u64;
-            match source {
-                Source::File(db, path) => with_db!(&db, d => file_lines(d, &path, usize::MAX, |line| {
-                    n += 1;
-                    Ok(writeln!(w, "{line}")?)
-                })?),
-                Source::Daemon(socket) => {
-                    let answer = ask_daemon(&socket, "export")?;
-                    n = answer.lines().count() as u64;
-                    w.write_all(answer.as_bytes())?;
-                }
-            }
+            let n = reader.records(None, |line| writeln!(w, "{line}"))?;
             w.flush()?;
             writeln!(out, "exported {n} events to {}", file.display())?;
         }
         BufferCommand::Import { file, args } => {
-            writeln!(out, "{}", crate::buffer::import::command(&file, &data_dir(&args)?)?)?;
+            writeln!(out, "{}", crate::admin::client::import(&file, &data_dir(&args)?)?)?;
         }
     }
     Ok(())

@@ -196,7 +196,8 @@ pub enum EventIdMode {
     /// The payload goes upstream unchanged; no id is attached.
     #[default]
     None,
-    /// The payload is wrapped: `{"id":"<16 hex>","topic":"…","ts":<ms>,"payload":<JSON or string>}`.
+    /// The payload is wrapped: `{"id":"<16 hex>","ts":<enqueue ms>,"payload":<…>}`, the payload
+    /// as JSON when it parses as JSON, else as a string (its text, or hex when not UTF-8).
     Envelope,
 }
 
@@ -578,116 +579,11 @@ impl GatewayConfig {
                 reason: reason.to_owned(),
             })
         };
-        if self.broker.listen_v5 == Some(self.broker.listen) {
-            invalid(
-                "broker.listen_v5",
-                self.broker.listen.to_string(),
-                "it is the same address as broker.listen; MQTT 5 needs its own port, e.g. 0.0.0.0:1884",
-            );
+        self.broker.check(&mut invalid);
+        if let Some(upstream) = &self.upstream {
+            upstream.check(&mut invalid);
         }
-        if self.broker.max_payload.as_u64() < 16 || self.broker.max_payload.as_u64() > 256 * 1024 * 1024 {
-            invalid(
-                "broker.max_payload",
-                self.broker.max_payload.to_string(),
-                "must be between 16B and 256MiB (the MQTT limit)",
-            );
-        }
-        if self.broker.sys_interval < Duration::from_secs(1) {
-            invalid(
-                "broker.sys_interval",
-                humantime::format_duration(self.broker.sys_interval).to_string(),
-                "must be at least 1s",
-            );
-        }
-        if self.broker.max_topic_levels == 0 || self.broker.max_topic_levels > 32_768 {
-            invalid(
-                "broker.max_topic_levels",
-                self.broker.max_topic_levels.to_string(),
-                "must be between 1 and 32768 (a 65,535-byte topic has at most that many levels); set it to the upstream broker's limit (EMQX 128, mosquitto 201)",
-            );
-        }
-        if self.broker.max_topic_length == 0 || self.broker.max_topic_length > 65_535 {
-            invalid(
-                "broker.max_topic_length",
-                self.broker.max_topic_length.to_string(),
-                "must be between 1 and 65535 (MQTT's limit, in bytes); set it to the upstream broker's limit",
-            );
-        }
-        for (key, value) in [
-            ("broker.ring_segment_size", &self.broker.ring_segment_size),
-            ("broker.ring_segments", &self.broker.ring_segments),
-        ] {
-            if let Some(value) = value {
-                invalid(
-                    key,
-                    value.to_string(),
-                    "this key was removed with rumqttd's router: local subscribers now have a queue of \
-                     broker.max_queued_messages deliveries each (default 1000); delete the key",
-                );
-            }
-        }
-        if let Some(up) = &self.upstream {
-            if !(1..=100).contains(&up.poison_after) {
-                invalid(
-                    "upstream.poison_after",
-                    up.poison_after.to_string(),
-                    "must be between 1 and 100; 3 tells an event the upstream refuses from a flapping link",
-                );
-            }
-            if up.client_id.is_empty() || up.client_id.len() > 23 * 8 {
-                invalid("upstream.client_id", up.client_id.clone(), "must be 1 to 184 characters");
-            }
-            if up.inflight == 0 {
-                invalid("upstream.inflight", "0".into(), "must be between 1 and 65535");
-            }
-            if up.reconnect_min.is_zero() || up.reconnect_min > up.reconnect_max {
-                invalid(
-                    "upstream.reconnect_min",
-                    humantime::format_duration(up.reconnect_min).to_string(),
-                    "must be above zero and at most upstream.reconnect_max",
-                );
-            }
-            if up.keepalive < Duration::from_secs(1) {
-                invalid(
-                    "upstream.keepalive",
-                    humantime::format_duration(up.keepalive).to_string(),
-                    "must be at least 1s",
-                );
-            }
-            if up.connect_timeout < Duration::from_secs(1) {
-                invalid(
-                    "upstream.connect_timeout",
-                    humantime::format_duration(up.connect_timeout).to_string(),
-                    "must be at least 1s",
-                );
-            }
-            if let Some(max) = up.max_packet_size {
-                if max.as_u64() < 128 || max.as_u64() > 268_435_460 {
-                    invalid(
-                        "upstream.max_packet_size",
-                        max.to_string(),
-                        "must be between 128B and 256MiB (MQTT's largest packet); set it to the upstream broker's limit",
-                    );
-                }
-            }
-            if up.topic_prefix.contains(['+', '#', '\0']) {
-                invalid(
-                    "upstream.topic_prefix",
-                    up.topic_prefix.clone(),
-                    "must not contain `+`, `#` or NUL; use a plain prefix such as \"site-7/\"",
-                );
-            }
-        }
-        if self.buffer.max_events == 0 {
-            invalid("buffer.max_events", "0".into(), "must be at least 1");
-        }
-        if self.buffer.commit_interval.is_zero() || self.buffer.commit_interval > Duration::from_secs(10) {
-            invalid(
-                "buffer.commit_interval",
-                humantime::format_duration(self.buffer.commit_interval).to_string(),
-                "must be between 1ms and 10s; it bounds how long an accepted event stays only in memory",
-            );
-        }
+        self.buffer.check(&mut invalid);
         for (idx, route) in self.routes.iter().enumerate() {
             if route.priority > 9 {
                 invalid(
@@ -698,6 +594,132 @@ impl GatewayConfig {
             }
         }
         if problems.is_empty() { Ok(()) } else { Err(ConfigErrors(problems)) }
+    }
+}
+
+impl BrokerConfig {
+    /// The checks of `[broker]` that its types cannot make.
+    fn check(&self, invalid: &mut impl FnMut(&str, String, &str)) {
+        if self.listen_v5 == Some(self.listen) {
+            invalid(
+                "broker.listen_v5",
+                self.listen.to_string(),
+                "it is the same address as broker.listen; MQTT 5 needs its own port, e.g. 0.0.0.0:1884",
+            );
+        }
+        if self.max_payload.as_u64() < 16 || self.max_payload.as_u64() > 256 * 1024 * 1024 {
+            invalid(
+                "broker.max_payload",
+                self.max_payload.to_string(),
+                "must be between 16B and 256MiB (the MQTT limit)",
+            );
+        }
+        if self.sys_interval < Duration::from_secs(1) {
+            invalid(
+                "broker.sys_interval",
+                humantime::format_duration(self.sys_interval).to_string(),
+                "must be at least 1s",
+            );
+        }
+        if self.max_topic_levels == 0 || self.max_topic_levels > 32_768 {
+            invalid(
+                "broker.max_topic_levels",
+                self.max_topic_levels.to_string(),
+                "must be between 1 and 32768 (a 65,535-byte topic has at most that many levels); set it to the upstream broker's limit (EMQX 128, mosquitto 201)",
+            );
+        }
+        if self.max_topic_length == 0 || self.max_topic_length > 65_535 {
+            invalid(
+                "broker.max_topic_length",
+                self.max_topic_length.to_string(),
+                "must be between 1 and 65535 (MQTT's limit, in bytes); set it to the upstream broker's limit",
+            );
+        }
+        for (key, value) in [
+            ("broker.ring_segment_size", &self.ring_segment_size),
+            ("broker.ring_segments", &self.ring_segments),
+        ] {
+            if let Some(value) = value {
+                invalid(
+                    key,
+                    value.to_string(),
+                    "this key was removed with rumqttd's router: local subscribers now have a queue of \
+                     broker.max_queued_messages deliveries each (default 1000); delete the key",
+                );
+            }
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// The checks of `[upstream]` that its types cannot make.
+    fn check(&self, invalid: &mut impl FnMut(&str, String, &str)) {
+        if !(1..=100).contains(&self.poison_after) {
+            invalid(
+                "upstream.poison_after",
+                self.poison_after.to_string(),
+                "must be between 1 and 100; 3 tells an event the upstream refuses from a flapping link",
+            );
+        }
+        if self.client_id.is_empty() || self.client_id.len() > 23 * 8 {
+            invalid("upstream.client_id", self.client_id.clone(), "must be 1 to 184 characters");
+        }
+        if self.inflight == 0 {
+            invalid("upstream.inflight", "0".into(), "must be between 1 and 65535");
+        }
+        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+            invalid(
+                "upstream.reconnect_min",
+                humantime::format_duration(self.reconnect_min).to_string(),
+                "must be above zero and at most upstream.reconnect_max",
+            );
+        }
+        if self.keepalive < Duration::from_secs(1) {
+            invalid(
+                "upstream.keepalive",
+                humantime::format_duration(self.keepalive).to_string(),
+                "must be at least 1s",
+            );
+        }
+        if self.connect_timeout < Duration::from_secs(1) {
+            invalid(
+                "upstream.connect_timeout",
+                humantime::format_duration(self.connect_timeout).to_string(),
+                "must be at least 1s",
+            );
+        }
+        if let Some(max) = self.max_packet_size {
+            if max.as_u64() < 128 || max.as_u64() > 268_435_460 {
+                invalid(
+                    "upstream.max_packet_size",
+                    max.to_string(),
+                    "must be between 128B and 256MiB (MQTT's largest packet); set it to the upstream broker's limit",
+                );
+            }
+        }
+        if self.topic_prefix.contains(['+', '#', '\0']) {
+            invalid(
+                "upstream.topic_prefix",
+                self.topic_prefix.clone(),
+                "must not contain `+`, `#` or NUL; use a plain prefix such as \"site-7/\"",
+            );
+        }
+    }
+}
+
+impl BufferConfig {
+    /// The checks of `[buffer]` that its types cannot make.
+    fn check(&self, invalid: &mut impl FnMut(&str, String, &str)) {
+        if self.max_events == 0 {
+            invalid("buffer.max_events", "0".into(), "must be at least 1");
+        }
+        if self.commit_interval.is_zero() || self.commit_interval > Duration::from_secs(10) {
+            invalid(
+                "buffer.commit_interval",
+                humantime::format_duration(self.commit_interval).to_string(),
+                "must be between 1ms and 10s; it bounds how long an accepted event stays only in memory",
+            );
+        }
     }
 }
 

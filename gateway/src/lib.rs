@@ -5,29 +5,33 @@
 //! publish only once its event is safe.
 //!
 //! # Layout
-//! The pipeline is four stages, each one module and one task, joined by bounded channels:
+//! The pipeline is three stages joined by bounded channels: the broker (one task per sensor
+//! connection, plus its accept loop, `$SYS` status and session expiry), the route stage and the
+//! relay (one task each). The relay drives the upstream connection the uplink task opens; the
+//! store thread owns the buffer file. ARCHITECTURE.md has the codemap and the stage order.
 //!
 //! ```text
-//! ingest ──Event──▶ route ──Outbound──▶ relay ══ PUBLISH ⇄ PUBACK ══▶ upstream broker
+//! broker ──Event──▶ route ──Outbound──▶ relay ══ PUBLISH ⇄ PUBACK ══▶ upstream broker
 //! (sensor conns,    (bridge/rules)     │  ▲ (store thread: redb)
 //!  one task each)                      │  └── Link ── uplink (connects, reconnects)
 //!    ▲                                    │
 //!    └──── PUBACK once the event's Ticket drops (committed or acknowledged upstream)
 //! ```
-//! - [`config`] — typed, validated configuration.
-//! - [`event`] — the values passed between stages, and id generation.
-//! - [`broker`] — stage 1, the sensor side: connections (MQTT 3.1.1/5), sessions, local
-//!   fan-out, retained messages, `$SYS`.
+//! - [`mqtt`] — the MQTT wire apart from any policy: topics, codecs for both directions.
 //! - [`ack`] — the ticket contract every stage shares: a publish is acknowledged once every
 //!   copy of its event is safe.
-//! - [`mqtt`] — the MQTT wire apart from any policy: codecs for both directions.
+//! - [`event`] — the values passed between stages, and id generation.
+//! - [`config`] — typed, validated configuration.
+//! - [`broker`] — stage 1, the sensor side: connections (MQTT 3.1.1/5), sessions, local
+//!   fan-out, retained messages, `$SYS`.
 //! - [`route`] — stage 2, bridge routes or the rule engine: forward, republish, drop, dead-letter.
 //! - [`rules`] — loading the rules file and its tables; hot reload on SIGHUP and file change.
-//! - [`deadletter`] — the dead-letter store (events a rule failed on).
+//! - [`deadletter`] — the dead-letter store (events a rule failed on, the relay's poison events).
 //! - [`relay`] — stage 3, store-and-forward: commit scheduling, send window, resend on reconnect.
-//! - [`buffer`] — the redb file and the thread that owns it.
-//! - [`uplink`] — stage 4, the upstream MQTT connection.
-//! - [`admin`] — the admin socket that answers `outpost buffer …` while the daemon runs.
+//! - [`buffer`] — every access to the redb file: the store thread, operators' read-only views,
+//!   import.
+//! - [`uplink`] — the upstream MQTT connection: connect and reconnect; the relay drives it.
+//! - [`admin`] — the admin socket, both ends: the daemon answers `outpost buffer …` through it.
 //! - [`metrics`] — counters and gauges.
 //! - [`shutdown`] — signals to cancellation.
 //! - [`telemetry`] — logging set-up.
@@ -35,6 +39,8 @@
 
 pub mod ack;
 pub mod admin;
+#[cfg(test)]
+mod architecture;
 pub mod broker;
 pub mod buffer;
 pub mod cli;
@@ -137,13 +143,13 @@ impl Gateway {
 
         let (event_tx, event_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
         let (outbound_tx, outbound_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
-        if let Some(listener) = admin::bind(&config.data_dir) {
-            let handles = admin::Handles {
+        if let Some(listener) = admin::server::bind(&config.data_dir) {
+            let handles = admin::server::Handles {
                 commands: worker.commands.clone(),
                 relay_input: outbound_tx.clone(),
                 metrics: metrics.clone(),
             };
-            tracker.spawn(admin::serve(listener, handles, cancel.clone()));
+            tracker.spawn(admin::server::serve(listener, handles, cancel.clone()));
         }
         let (link_tx, link_rx) = mpsc::channel(1);
         let uplink_cancel = CancellationToken::new();

@@ -9,8 +9,8 @@
 //!
 //! The decision and its effects are apart: [`decide`] turns an event into its [`Fate`]s
 //! and touches nothing; [`run`] carries them out (relay channel, local broker, dead-letter
-//! store, counters, logs). `outpost rules test` prints what [`decide`] returns, so the dry
-//! run cannot drift from what the gateway does.
+//! store, counters, logs). `outpost rules test` prints what [`dry_run`] makes of [`decide`],
+//! so the dry run cannot drift from what the gateway does.
 //!
 //! The mode can change while running: the rules watcher ([`crate::rules`]) replaces the
 //! [`Routing`] through a `watch` channel, and the next event uses the new one.
@@ -230,6 +230,56 @@ pub fn republished_event(parent: &Event, id: u64, topic: String, payload: Bytes)
     }
 }
 
+/// One event of a [`dry_run`]: the event (the input, or one a republish fed back), each
+/// matching rule's verdict, and its fates.
+#[derive(Debug)]
+pub struct DryStep {
+    pub event: Event,
+    pub hops: u8,
+    /// The rule whose republish produced this event; `None` for the input.
+    pub via: Option<Arc<str>>,
+    pub traces: Vec<Trace>,
+    pub fates: Vec<Fate>,
+}
+
+/// What [`dry_run`] saw.
+#[derive(Debug)]
+pub struct DryRun {
+    pub steps: Vec<DryStep>,
+    /// Events of republish chains not shown because `max_events` were reached.
+    pub waiting: usize,
+}
+
+/// Follows `event` through `routing` as the route stage would, republish chains included and
+/// in the stage's order, doing nothing (`outpost rules test`). Shows at most `max_events`
+/// events: a rule that republishes twice doubles the events at every hop.
+pub fn dry_run(
+    routing: &Routing,
+    event: Event,
+    ids: &IdGen,
+    topic_prefix: &str,
+    policy: &TopicPolicy,
+    max_events: usize,
+) -> DryRun {
+    let mut queue = VecDeque::from([(event, 0u8, None)]);
+    let mut steps = Vec::new();
+    while let Some((event, hops, via)) = queue.pop_front() {
+        if steps.len() == max_events {
+            return DryRun { steps, waiting: queue.len() + 1 };
+        }
+        let traces = explain(routing, &event, hops);
+        let fates = decide(routing, &event, hops, topic_prefix, policy);
+        for fate in &fates {
+            if let Fate::Republish { rule, topic, payload, hops, .. } = fate {
+                let next = republished_event(&event, ids.next_id(), topic.clone(), payload.clone());
+                queue.push_back((next, *hops, Some(rule.clone())));
+            }
+        }
+        steps.push(DryStep { event, hops, via, traces, fates });
+    }
+    DryRun { steps, waiting: 0 }
+}
+
 /// The dead-letter record of an event.
 pub fn dead_letter(event: &Event, entries: &[DeadEntry]) -> DeadLetter {
     let rules: Vec<RuleReason> = entries
@@ -266,7 +316,7 @@ pub struct RouteStage {
     pub metrics: Metrics,
 }
 
-/// Runs until its input closes (ingest stopped), then closes its output so the relay can
+/// Runs until its input closes (the broker stopped), then closes its output so the relay can
 /// finish. It never selects on cancellation itself: stopping upstream of it is what ends it,
 /// so nothing already ingested is dropped on the floor.
 pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: mpsc::Sender<Outbound>) {
@@ -314,14 +364,15 @@ impl RouteStage {
         logs: &mut Logs,
         now: Instant,
     ) -> Vec<Outbound> {
-        let counters = self.metrics.counters();
         if fates.is_empty() {
-            Metrics::add(&counters.unrouted, 1);
+            Metrics::add(&self.metrics.counters().unrouted, 1);
         }
         let mut forwards = Vec::new();
         for fate in fates {
             match fate {
                 Fate::Forward { topic, payload, qos, priority, ttl, .. } => {
+                    // Each upstream message needs its own id, or deduplication would drop
+                    // legitimate outputs: the first keeps the event's.
                     let event_id = if forwards.is_empty() { event.id } else { self.ids.next_id() };
                     forwards.push(Outbound {
                         event_id,
@@ -335,54 +386,75 @@ impl RouteStage {
                     });
                 }
                 Fate::Republish { rule, topic, payload, hops, .. } => {
-                    let sent = match self.republisher.as_mut() {
-                        Some(r) => r.try_publish(&topic, &payload),
-                        None => Err("no local broker link".to_owned()),
-                    };
-                    match sent {
-                        Ok(()) => {
-                            Metrics::add(&counters.republished, 1);
-                            chain.push_back((
-                                republished_event(event, self.ids.next_id(), topic, payload),
-                                hops,
-                            ));
-                        }
-                        Err(reason) => {
-                            Metrics::add(&counters.republish_failed, 1);
-                            if let Some(folded) = logs.republish.ready(now) {
-                                warn!(message = "republish into the local broker failed; the event is not republished", %rule, %topic, %reason, similar_since_last_log = folded);
-                            }
-                        }
+                    if let Some(next) = self.republish(event, &rule, topic, payload, &mut logs.republish, now)
+                    {
+                        chain.push_back((next, hops));
                     }
                 }
-                Fate::Drop { .. } => Metrics::add(&counters.rules_dropped, 1),
+                Fate::Drop { .. } => Metrics::add(&self.metrics.counters().rules_dropped, 1),
                 Fate::LoopPrevented { rule, topic, hops } => {
-                    Metrics::add(&counters.loops_prevented, 1);
+                    Metrics::add(&self.metrics.counters().loops_prevented, 1);
                     if let Some(folded) = logs.republish.ready(now) {
                         warn!(message = "republish refused: the event reached the hop limit (max_hops in the rules file); check the rules for a loop", %rule, %topic, hops, similar_since_last_log = folded);
                     }
                 }
-                Fate::DeadLetter { entries } => {
-                    Metrics::add(&counters.dead_letters, 1);
-                    // A deliberate dead letter is what its rule asked for: nothing to warn about.
-                    let failure = entries.iter().find(|e| e.cause != DeadCause::Deliberate);
-                    if let Some(entry) = failure {
-                        if let Some(folded) = logs.dead.ready(now) {
-                            let (rule, reason, rules) = (&entry.rule, &entry.reason, entries.len());
-                            if entry.cause == DeadCause::InvalidTopic {
-                                warn!(message = "a rule produced an invalid upstream topic; the event went to the dead-letter store, fix the rule's topic template", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
-                            } else {
-                                warn!(message = "an event failed in a rule and went to the dead-letter store; see `outpost rules dead-letters`", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
-                            }
-                        }
-                    }
-                    if self.dead_letters.try_send(dead_letter(event, &entries)).is_err() {
-                        Metrics::add(&counters.dead_letters_unsaved, 1);
-                    }
-                }
+                Fate::DeadLetter { entries } => self.dead_letter(event, &entries, &mut logs.dead, now),
             }
         }
         forwards
+    }
+
+    /// Publishes into the local broker; returns the event the republish feeds back into this
+    /// stage, or `None` (counted, logged) when the broker did not take it.
+    fn republish(
+        &mut self,
+        event: &Event,
+        rule: &str,
+        topic: String,
+        payload: Bytes,
+        log: &mut LogThrottle,
+        now: Instant,
+    ) -> Option<Event> {
+        let counters = self.metrics.counters();
+        let sent = match self.republisher.as_mut() {
+            Some(r) => r.try_publish(&topic, &payload),
+            None => Err("no local broker link".to_owned()),
+        };
+        match sent {
+            Ok(()) => {
+                Metrics::add(&counters.republished, 1);
+                Some(republished_event(event, self.ids.next_id(), topic, payload))
+            }
+            Err(reason) => {
+                Metrics::add(&counters.republish_failed, 1);
+                if let Some(folded) = log.ready(now) {
+                    warn!(message = "republish into the local broker failed; the event is not republished", %rule, %topic, %reason, similar_since_last_log = folded);
+                }
+                None
+            }
+        }
+    }
+
+    /// Counts the event's one dead letter, warns (rate-limited) unless every rule sent it there
+    /// on purpose, and hands the record to the dead-letter store without waiting.
+    fn dead_letter(&self, event: &Event, entries: &[DeadEntry], log: &mut LogThrottle, now: Instant) {
+        let counters = self.metrics.counters();
+        Metrics::add(&counters.dead_letters, 1);
+        // A deliberate dead letter is what its rule asked for: nothing to warn about.
+        let failure = entries.iter().find(|e| e.cause != DeadCause::Deliberate);
+        if let Some(entry) = failure {
+            if let Some(folded) = log.ready(now) {
+                let (rule, reason, rules) = (&entry.rule, &entry.reason, entries.len());
+                if entry.cause == DeadCause::InvalidTopic {
+                    warn!(message = "a rule produced an invalid upstream topic; the event went to the dead-letter store, fix the rule's topic template", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
+                } else {
+                    warn!(message = "an event failed in a rule and went to the dead-letter store; see `outpost rules dead-letters`", %rule, %reason, topic = %event.topic, rules, similar_since_last_log = folded);
+                }
+            }
+        }
+        if self.dead_letters.try_send(dead_letter(event, entries)).is_err() {
+            Metrics::add(&counters.dead_letters_unsaved, 1);
+        }
     }
 }
 
@@ -550,6 +622,45 @@ type = "drop"
         let fates = decide(&bridge, &event("a/b", ""), 0, "p/", &policy());
         let [Fate::Forward { rule: None, topic, .. }] = fates.as_slice() else { panic!("{fates:?}") };
         assert_eq!(topic, "p/a/b");
+    }
+
+    #[test]
+    fn a_dry_run_follows_republish_chains_in_the_stages_order_and_cuts_a_growing_one() {
+        let routing = rules(
+            r#"
+max_hops = 8
+[[rule]]
+name = "twice"
+sql = 'SELECT payload AS p FROM "t/#"'
+[[rule.action]]
+type = "republish"
+topic = "t/a"
+[[rule.action]]
+type = "republish"
+topic = "t/b"
+"#,
+        );
+        let ids = IdGen::new(1);
+        let run = dry_run(&routing, event("t/x", "1"), &ids, "", &policy(), 7);
+        let shown: Vec<(&str, u8, Option<&str>)> =
+            run.steps.iter().map(|s| (s.event.topic.as_str(), s.hops, s.via.as_deref())).collect();
+        assert_eq!(
+            shown,
+            [
+                ("t/x", 0, None),
+                ("t/a", 1, Some("twice")),
+                ("t/b", 1, Some("twice")),
+                ("t/a", 2, Some("twice")),
+                ("t/b", 2, Some("twice")),
+                ("t/a", 2, Some("twice")),
+                ("t/b", 2, Some("twice")),
+            ]
+        );
+        // Each of the four hop-2 events shown queued two more.
+        assert_eq!(run.waiting, 8);
+
+        let whole = dry_run(&routing, event("t/x", "1"), &ids, "", &policy(), 1000);
+        assert_eq!((whole.steps.len(), whole.waiting), ((1 << 9) - 1, 0), "hop limit 8 ends every chain");
     }
 
     #[tokio::test]

@@ -15,18 +15,12 @@
 //! - What cannot be read from the source (undecodable records, a damaged part of the tree) is
 //!   counted and reported; everything readable is imported.
 
-use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
-use redb::ReadableDatabase;
 use serde::{Deserialize, Serialize};
 
-use super::inspect::hex;
-use super::store::{
-    BufferError, EVENTS, FORMAT_VERSION, ImportSeqs, N_PRIORITIES, Record, Store, decode, file_path,
-    format_version, is_content_error,
-};
+use super::file::{BufferError, EVENTS, N_PRIORITIES, ReadDb, Record, is_content_error};
+use super::store::{FORMAT_VERSION, ImportSeqs, Store, file_path, format_version};
 
 /// Records read from the source, and handed on, per step.
 pub const CHUNK: usize = 1000;
@@ -73,58 +67,10 @@ pub struct ImportSummary {
     pub problems: Vec<String>,
 }
 
-/// One event on the admin socket: a JSON line, the payload in hex.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct WireRecord {
-    pub priority: u8,
-    pub event_id: u64,
-    pub enqueued_ms: u64,
-    pub expires_ms: Option<u64>,
-    pub topic: String,
-    pub qos: u8,
-    pub payload: String,
-}
-
-impl WireRecord {
-    pub fn new(record: &Record) -> WireRecord {
-        WireRecord {
-            priority: record.priority,
-            event_id: record.event_id,
-            enqueued_ms: record.enqueued_ms,
-            expires_ms: record.expires_ms,
-            topic: record.topic.clone(),
-            qos: record.qos,
-            payload: hex(&record.payload),
-        }
-    }
-
-    /// The record (without a sequence number: the importing side assigns it).
-    pub fn into_record(self) -> Result<Record, String> {
-        let payload = unhex(&self.payload).ok_or("payload is not hex")?;
-        Ok(Record {
-            priority: self.priority.min(N_PRIORITIES as u8 - 1),
-            seq: 0,
-            event_id: self.event_id,
-            enqueued_ms: self.enqueued_ms,
-            expires_ms: self.expires_ms,
-            topic: self.topic,
-            qos: self.qos,
-            payload: Bytes::from(payload),
-        })
-    }
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
-}
-
 /// The source file, opened without writing to it.
 pub struct Source {
     path: PathBuf,
-    db: SourceDb,
+    db: ReadDb,
     /// The repaired copy of an unclean source, removed on drop.
     _copy: Option<TempCopy>,
 }
@@ -136,11 +82,6 @@ impl Drop for TempCopy {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
     }
-}
-
-enum SourceDb {
-    ReadOnly(redb::ReadOnlyDatabase),
-    Repaired(redb::Database),
 }
 
 impl Source {
@@ -161,7 +102,7 @@ impl Source {
             return Err(err(redb::DatabaseError::Storage(redb::StorageError::Io(error))));
         }
         let source = match redb::ReadOnlyDatabase::open(path) {
-            Ok(db) => Source { path: path.to_owned(), db: SourceDb::ReadOnly(db), _copy: None },
+            Ok(db) => Source { path: path.to_owned(), db: ReadDb::ReadOnly(db), _copy: None },
             // Left unclean (a crash): redb must repair it before reading, which writes. Repair
             // a copy so the file handed to us stays exactly as it was.
             Err(redb::DatabaseError::RepairAborted) => {
@@ -173,16 +114,13 @@ impl Source {
                 )));
                 std::fs::copy(path, &copy.0).map_err(copy_err)?;
                 let db = redb::Database::open(&copy.0).map_err(err)?;
-                Source { path: path.to_owned(), db: SourceDb::Repaired(db), _copy: Some(copy) }
+                Source { path: path.to_owned(), db: ReadDb::Repaired(db), _copy: Some(copy) }
             }
             Err(e) => return Err(err(e)),
         };
         // A newer release may encode records differently: refuse rather than count every
         // record as undecodable.
-        let found = match &source.db {
-            SourceDb::ReadOnly(db) => format_version(db, path),
-            SourceDb::Repaired(db) => format_version(db, path),
-        };
+        let found = source.db.begin_read(path).and_then(|txn| format_version(&txn, path));
         match found {
             Ok(found) if found > FORMAT_VERSION => {
                 Err(ImportError::SourceNewer { path: path.to_owned(), found, supported: FORMAT_VERSION })
@@ -202,11 +140,7 @@ impl Source {
         for priority in 0..N_PRIORITIES as u8 {
             let mut from = 0;
             loop {
-                let chunk = match &self.db {
-                    SourceDb::ReadOnly(db) => lane_chunk(db, &self.path, priority, from),
-                    SourceDb::Repaired(db) => lane_chunk(db, &self.path, priority, from),
-                };
-                let chunk = match chunk {
+                let chunk = match lane_chunk(&self.db, &self.path, priority, from) {
                     Ok(chunk) => chunk,
                     Err(error) => {
                         Chunk { records: Vec::new(), unreadable: 0, next: None, error: Some(error) }
@@ -241,14 +175,9 @@ struct Chunk {
     error: Option<BufferError>,
 }
 
-fn lane_chunk(
-    db: &impl ReadableDatabase,
-    path: &Path,
-    priority: u8,
-    from: u64,
-) -> Result<Chunk, BufferError> {
+fn lane_chunk(db: &ReadDb, path: &Path, priority: u8, from: u64) -> Result<Chunk, BufferError> {
     let e = |e: redb::Error| BufferError::Database { path: path.to_owned(), error: e };
-    let txn = db.begin_read().map_err(|x| e(x.into()))?;
+    let txn = db.begin_read(path)?;
     let events = match txn.open_table(EVENTS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => {
@@ -270,7 +199,7 @@ fn lane_chunk(
             chunk.next = Some(key.1);
             break;
         }
-        match decode(key, v.value()) {
+        match Record::decode(key, v.value()) {
             Ok(record) => chunk.records.push(record),
             Err(_) => chunk.unreadable += 1,
         }
@@ -278,105 +207,47 @@ fn lane_chunk(
     Ok(chunk)
 }
 
-/// The whole command: imports `file` into the buffer in `data_dir`, directly or through the
-/// running daemon, and says what it did.
-pub fn command(file: &Path, data_dir: &Path) -> Result<String, ImportError> {
-    let target = file_path(data_dir);
-    if let (Ok(a), Ok(b)) = (file.canonicalize(), target.canonicalize()) {
-        if a == b {
-            return Err(ImportError::SameFile { path: file.to_owned() });
-        }
+/// Imports `source` into the buffer in `data_dir`, opening the store itself: each chunk one
+/// transaction. Returns the buffer file's path, or [`BufferError::Locked`] (as
+/// [`ImportError::Target`]) when a running gateway holds it: then the import goes through its
+/// admin socket ([`crate::admin::client::import`]).
+pub fn into_store(
+    source: &Source,
+    data_dir: &Path,
+    summary: &mut ImportSummary,
+) -> Result<PathBuf, ImportError> {
+    let (mut store, report) = Store::open(data_dir)?;
+    let mut seqs = ImportSeqs::default();
+    let (mut added, mut skipped) = (0, 0);
+    source.for_each_chunk(summary, |records| {
+        let (a, s) = store.import(&mut seqs, &records)?;
+        added += a;
+        skipped += s;
+        Ok(())
+    })?;
+    summary.imported = added;
+    summary.already_imported = skipped;
+    if let Some((aside, reason)) = report.moved_aside {
+        summary.problems.push(format!(
+            "note: this data dir's own buffer was corrupt ({reason}) and was moved to {}; import it too",
+            aside.display()
+        ));
     }
-    let source = Source::open(file)?;
-    let mut summary = ImportSummary::default();
-    let mut notes = Vec::new();
-    let how = match Store::open(data_dir) {
-        Ok((mut store, report)) => {
-            if let Some((aside, reason)) = report.moved_aside {
-                notes.push(format!(
-                    "note: this data dir's own buffer was corrupt ({reason}) and was moved to {}; import it too",
-                    aside.display()
-                ));
-            }
-            let mut seqs = ImportSeqs::default();
-            let mut added = 0;
-            let mut skipped = 0;
-            source.for_each_chunk(&mut summary, |records| {
-                let (a, s) = store.import(&mut seqs, &records)?;
-                added += a;
-                skipped += s;
-                Ok(())
-            })?;
-            summary.imported = added;
-            summary.already_imported = skipped;
-            format!("into {}", store.path().display())
-        }
-        Err(BufferError::Locked { .. }) => {
-            let socket = crate::admin::socket_path(data_dir);
-            let answer = through_daemon(&socket, &source, &mut summary)?;
-            summary.imported = answer.imported;
-            summary.already_imported = answer.already_imported;
-            summary.refused = answer.refused;
-            format!("into the running outpost's buffer ({})", target.display())
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let mut out = format!(
-        "imported {} events from {} {how}; {} were already imported",
-        summary.imported,
-        file.display(),
-        summary.already_imported
-    );
-    if summary.refused > 0 {
-        out += &format!(
-            "; {} refused: the buffer is full (overflow = reject_new), run the import again once it drains",
-            summary.refused
-        );
-    }
-    if summary.unreadable > 0 {
-        out += &format!("; {} records in the file could not be decoded and were skipped", summary.unreadable);
-    }
-    for problem in summary.problems.iter().chain(&notes) {
-        out += &format!("\n{problem}");
-    }
-    Ok(out)
+    Ok(store.path().to_owned())
 }
 
-/// Streams the source's records to the daemon's admin socket (`import`, then one JSON line
-/// per record, then end of input) and returns its answer.
-fn through_daemon(
-    socket: &Path,
-    source: &Source,
-    summary: &mut ImportSummary,
-) -> Result<ImportSummary, ImportError> {
-    let io = |error| ImportError::Socket { socket: socket.to_owned(), error };
-    let stream = std::os::unix::net::UnixStream::connect(socket).map_err(io)?;
-    let mut writer = std::io::BufWriter::new(stream.try_clone().map_err(io)?);
-    let sent = writer.write_all(b"import\n").map_err(io).and_then(|()| {
-        source.for_each_chunk(summary, |records| {
-            for record in &records {
-                let line = serde_json::to_string(&WireRecord::new(record)).unwrap_or_default();
-                writer.write_all(line.as_bytes()).and_then(|()| writer.write_all(b"\n")).map_err(io)?;
-            }
-            Ok(())
-        })?;
-        writer.flush().map_err(io)
-    });
-    // The daemon may have stopped reading to answer with an error: read it either way.
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let mut answer = String::new();
-    let read = BufReader::new(&stream).take(1 << 20).read_line(&mut answer);
-    if let Some(error) = answer.strip_prefix("error: ") {
-        return Err(ImportError::Daemon(error.trim().to_owned()));
-    }
-    sent?;
-    read.map_err(io)?;
-    serde_json::from_str(answer.trim())
-        .map_err(|e| ImportError::Daemon(format!("unexpected answer {answer:?}: {e}")))
+/// Whether `source` is the buffer file of `data_dir` itself.
+pub fn is_own_buffer(source: &Path, data_dir: &Path) -> bool {
+    matches!(
+        (source.canonicalize(), file_path(data_dir).canonicalize()),
+        (Ok(a), Ok(b)) if a == b
+    )
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
     use crate::buffer::Batch;
 
@@ -395,6 +266,14 @@ mod tests {
 
     fn all(store: &mut Store) -> Vec<Record> {
         (0..N_PRIORITIES as u8).flat_map(|p| store.read(p, 0, usize::MAX).expect("read")).collect()
+    }
+
+    /// The offline import of `file` into `data_dir`.
+    fn import(file: &Path, data_dir: &Path) -> Result<ImportSummary, ImportError> {
+        let source = Source::open(file)?;
+        let mut summary = ImportSummary::default();
+        into_store(&source, data_dir, &mut summary)?;
+        Ok(summary)
     }
 
     #[test]
@@ -417,11 +296,10 @@ mod tests {
                 .expect("fill");
         }
         let file = file_path(&src_dir);
-        let first = command(&file, &dst_dir).expect("import");
-        assert!(first.starts_with("imported 4 events from"), "{first}");
-        let second = command(&file, &dst_dir).expect("import again");
-        assert!(second.starts_with("imported 0 events from"), "{second}");
-        assert!(second.contains("4 were already imported"), "{second}");
+        let first = import(&file, &dst_dir).expect("import");
+        assert_eq!((first.imported, first.already_imported), (4, 0));
+        let second = import(&file, &dst_dir).expect("import again");
+        assert_eq!((second.imported, second.already_imported), (0, 4));
 
         let (mut dst, _) = Store::open(&dst_dir).expect("reopen");
         let got: Vec<(u8, u64, Bytes)> =
@@ -441,16 +319,16 @@ mod tests {
     fn a_missing_or_foreign_source_is_refused_precisely() {
         let dir = tempfile::tempdir().expect("tempdir");
         let missing = dir.path().join("nope.redb");
-        let err = command(&missing, &dir.path().join("data")).expect_err("missing").to_string();
+        let err = import(&missing, &dir.path().join("data")).expect_err("missing").to_string();
         assert!(err.starts_with(&format!("cannot read {}: No such file", missing.display())), "{err}");
         let garbage = dir.path().join("garbage.redb");
         std::fs::write(&garbage, vec![7u8; 4096]).expect("write");
-        let err = command(&garbage, &dir.path().join("data")).expect_err("garbage").to_string();
+        let err = import(&garbage, &dir.path().join("data")).expect_err("garbage").to_string();
         assert!(err.contains("cannot be opened as a buffer file"), "{err}");
         let data = dir.path().join("data");
         drop(Store::open(&data).expect("create"));
-        let err = command(&file_path(&data), &data).expect_err("itself").to_string();
-        assert!(err.contains("this data dir's own buffer"), "{err}");
+        assert!(is_own_buffer(&file_path(&data), &data));
+        assert!(!is_own_buffer(&garbage, &data));
     }
 
     #[test]
@@ -471,9 +349,9 @@ mod tests {
                 .expect("insert");
             txn.commit().expect("commit");
         }
-        let out = command(&file_path(&src), &dir.path().join("dst")).expect("import");
-        assert!(out.starts_with("imported 2 events"), "{out}");
-        assert!(out.ends_with("; 1 records in the file could not be decoded and were skipped"), "{out}");
+        let summary = import(&file_path(&src), &dir.path().join("dst")).expect("import");
+        assert_eq!((summary.imported, summary.unreadable), (2, 1));
+        assert!(summary.problems.is_empty(), "{:?}", summary.problems);
     }
 
     #[test]
@@ -484,29 +362,18 @@ mod tests {
         {
             let db = redb::Database::open(file_path(&src)).expect("open");
             let txn = db.begin_write().expect("txn");
-            txn.open_table(crate::buffer::store::META)
+            txn.open_table(crate::buffer::file::META)
                 .expect("meta")
                 .insert("format_version", 9)
                 .expect("insert");
             txn.commit().expect("commit");
         }
-        let err = command(&file_path(&src), &dir.path().join("dst")).expect_err("newer").to_string();
+        let err = import(&file_path(&src), &dir.path().join("dst")).expect_err("newer").to_string();
         assert!(
             err.contains(&format!(
                 "has buffer format version 9, but this outpost reads versions up to {FORMAT_VERSION}"
             )),
             "{err}"
         );
-    }
-
-    #[test]
-    fn wire_records_round_trip() {
-        let r = record(3, 7, 99, &[0, 1, 0xfe, b'x']);
-        let line = serde_json::to_string(&WireRecord::new(&r)).expect("json");
-        let back: WireRecord = serde_json::from_str(&line).expect("parse");
-        let back = back.into_record().expect("valid");
-        assert_eq!(back.fingerprint(), r.fingerprint());
-        assert_eq!((back.enqueued_ms, back.payload), (r.enqueued_ms, r.payload));
-        assert!(unhex("abc").is_none() && unhex("zz").is_none());
     }
 }

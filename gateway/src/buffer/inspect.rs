@@ -1,13 +1,20 @@
 //! Read-only views of the buffer for operators: statistics and records as JSON lines.
 //!
-//! The same functions serve both paths of `outpost buffer …`: the CLI opening the file itself
-//! when no daemon holds it, and the daemon's store thread answering over the admin socket
-//! when it does (redb's writer lock excludes every other opener).
+//! The same functions serve both paths of `outpost buffer …`: a [`FileView`], the CLI's own
+//! read-only open when no daemon holds the file, and the daemon's store thread answering over
+//! the admin socket when one does (redb's writer lock excludes every other opener).
+//!
+//! Invariant: nothing here writes to the file, except redb's repair of a file left unclean
+//! (which the daemon would do at its next start anyway).
 
-use redb::ReadableDatabase;
+use std::path::{Path, PathBuf};
+
+use redb::ReadTransaction;
 use serde::{Deserialize, Serialize};
 
-use super::store::{BufferError, EVENTS, Key, META, N_PRIORITIES, Record, decode};
+use super::file::{
+    BufferError, EVENTS, Key, META, N_PRIORITIES, ReadDb, Record, db_err, file_path, meta_key,
+};
 use crate::event::format_event_id;
 
 /// `outpost buffer stats`.
@@ -28,39 +35,98 @@ pub struct PriorityStats {
     pub oldest_age_s: Option<f64>,
 }
 
-fn err(path: &std::path::Path, e: impl Into<redb::Error>) -> BufferError {
-    BufferError::Database { path: path.to_owned(), error: e.into() }
+/// Why `outpost buffer …` cannot read a data dir's buffer file itself.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("no buffer at {} (is --data-dir right?)", path.display())]
+    Missing { path: PathBuf },
+    #[error("cannot repair {}: {error}", path.display())]
+    Repair { path: PathBuf, error: redb::DatabaseError },
+    #[error("cannot open {} read-only: {error}", path.display())]
+    ReadOnly { path: PathBuf, error: redb::DatabaseError },
 }
 
-pub fn stats(
-    db: &impl ReadableDatabase,
-    path: &std::path::Path,
-    now_ms: u64,
-) -> Result<StatsReport, BufferError> {
-    let txn = db.begin_read().map_err(|e| err(path, e))?;
+/// Where a data dir's buffer can be read from.
+pub enum Opened {
+    /// No process holds the file: read it directly.
+    File(FileView),
+    /// A running gateway holds the file (redb's writer lock): ask it over its admin socket.
+    HeldByDaemon,
+}
+
+/// A buffer file opened by a process that is not the gateway, to read it.
+pub struct FileView {
+    db: ReadDb,
+    path: PathBuf,
+    repaired: bool,
+}
+
+impl FileView {
+    /// Opens `data_dir`'s buffer file read-only. A file left unclean (a crash or power cut) is
+    /// repaired first, as the daemon would do at start; [`FileView::repaired`] says so.
+    pub fn open(data_dir: &Path) -> Result<Opened, OpenError> {
+        let path = file_path(data_dir);
+        if !path.exists() {
+            return Err(OpenError::Missing { path });
+        }
+        let (db, repaired) = match redb::ReadOnlyDatabase::open(&path) {
+            Ok(db) => (ReadDb::ReadOnly(db), false),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Ok(Opened::HeldByDaemon),
+            Err(redb::DatabaseError::RepairAborted) => match redb::Database::open(&path) {
+                Ok(db) => (ReadDb::Repaired(db), true),
+                Err(error) => return Err(OpenError::Repair { path, error }),
+            },
+            Err(error) => return Err(OpenError::ReadOnly { path, error }),
+        };
+        Ok(Opened::File(FileView { db, path, repaired }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether the file had not been closed cleanly and was repaired when opened.
+    pub fn repaired(&self) -> bool {
+        self.repaired
+    }
+
+    pub fn stats(&self, now_ms: u64) -> Result<StatsReport, BufferError> {
+        stats(&self.db.begin_read(&self.path)?, &self.path, now_ms)
+    }
+
+    /// Up to `limit` records after `after` (or from the start), in send order.
+    pub fn records_after(&self, after: Option<Key>, limit: usize) -> Result<Vec<Record>, BufferError> {
+        records_after(&self.db.begin_read(&self.path)?, &self.path, after, limit)
+    }
+}
+
+pub(super) fn stats(txn: &ReadTransaction, path: &Path, now_ms: u64) -> Result<StatsReport, BufferError> {
     let events = match txn.open_table(EVENTS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => {
             return Ok(StatsReport { events: 0, bytes: 0, file_bytes: file_bytes(path), priorities: vec![] });
         }
-        Err(e) => return Err(err(path, e)),
+        Err(e) => return Err(db_err(path, e)),
     };
-    let meta = txn.open_table(META).map_err(|e| err(path, e))?;
+    let meta = txn.open_table(META).map_err(|e| db_err(path, e))?;
     let mut report =
         StatsReport { events: 0, bytes: 0, file_bytes: file_bytes(path), priorities: Vec::new() };
     for p in 0..N_PRIORITIES as u8 {
         let get = |kind: &str| -> Result<u64, BufferError> {
-            Ok(meta.get(format!("{kind}.{p}").as_str()).map_err(|e| err(path, e))?.map_or(0, |v| v.value()))
+            Ok(meta
+                .get(meta_key(kind, usize::from(p)).as_str())
+                .map_err(|e| db_err(path, e))?
+                .map_or(0, |v| v.value()))
         };
         let (n, bytes) = (get("events")?, get("bytes")?);
         if n == 0 {
             continue;
         }
-        let oldest = events.range((p, 0)..=(p, u64::MAX)).map_err(|e| err(path, e))?.next();
+        let oldest = events.range((p, 0)..=(p, u64::MAX)).map_err(|e| db_err(path, e))?.next();
         let oldest_age_s = match oldest {
             Some(entry) => {
-                let (k, v) = entry.map_err(|e| err(path, e))?;
-                let record = decode(k.value(), v.value())?;
+                let (k, v) = entry.map_err(|e| db_err(path, e))?;
+                let record = Record::decode(k.value(), v.value())?;
                 Some(now_ms.saturating_sub(record.enqueued_ms) as f64 / 1000.0)
             }
             None => None,
@@ -74,37 +140,36 @@ pub fn stats(
 
 /// Up to `limit` records after `after` (or from the start), in send order: priority 0 first,
 /// FIFO within a priority.
-pub fn records_after(
-    db: &impl ReadableDatabase,
-    path: &std::path::Path,
+pub(super) fn records_after(
+    txn: &ReadTransaction,
+    path: &Path,
     after: Option<Key>,
     limit: usize,
 ) -> Result<Vec<Record>, BufferError> {
-    let txn = db.begin_read().map_err(|e| err(path, e))?;
     let events = match txn.open_table(EVENTS) {
         Ok(t) => t,
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(err(path, e)),
+        Err(e) => return Err(db_err(path, e)),
     };
     let range = match after {
-        Some(key) => events.range(key..).map_err(|e| err(path, e))?,
-        None => events.range::<Key>(..).map_err(|e| err(path, e))?,
+        Some(key) => events.range(key..).map_err(|e| db_err(path, e))?,
+        None => events.range::<Key>(..).map_err(|e| db_err(path, e))?,
     };
     let mut out = Vec::new();
     for entry in range {
-        let (k, v) = entry.map_err(|e| err(path, e))?;
+        let (k, v) = entry.map_err(|e| db_err(path, e))?;
         if Some(k.value()) == after {
             continue;
         }
         if out.len() >= limit {
             break;
         }
-        out.push(decode(k.value(), v.value())?);
+        out.push(Record::decode(k.value(), v.value())?);
     }
     Ok(out)
 }
 
-fn file_bytes(path: &std::path::Path) -> u64 {
+fn file_bytes(path: &Path) -> u64 {
     std::fs::metadata(path).map_or(0, |m| m.len())
 }
 

@@ -30,7 +30,7 @@
 //! new file with the new redb, as `buffer import` does per event), shipped before the release
 //! that drops it. Both redb-format failures — a file older than this redb, and a newer one
 //! (which redb reports as corrupt) — are refused here with the file untouched
-//! ([`store::BufferError::RedbFormat`]), never moved aside.
+//! ([`BufferError::RedbFormat`]), never moved aside.
 //!
 //! # Invariants
 //! - Every [`store::Batch`] is one redb transaction with `Durability::Immediate`: one fsync.
@@ -42,16 +42,18 @@
 //!   sees that commit.
 //! - A file is moved aside (`buffer.redb.corrupt-<unix seconds>`, never deleted) only when its
 //!   contents are proven corrupt: redb's own corruption verdicts, or counters that disagree
-//!   with the records ([`store::BufferError::proves_corruption`]). The new file's epoch starts
+//!   with the records ([`BufferError::proves_corruption`]). The new file's epoch starts
 //!   at the hours since the Unix epoch, so its ids do not repeat the old file's. Any other
 //!   failure — another process holds the file, permissions, a read-only or full file system,
 //!   an I/O error, a newer format — refuses to start and leaves the file as it is, with a
 //!   message naming the path, its owner and mode, the user running and the fix ([`access`]).
 
 pub mod access;
+pub mod file;
 pub mod import;
 pub mod inspect;
 pub mod store;
 pub mod worker;
 
-pub use store::{Batch, BufferError, DropRequest, Key, LaneStats, N_PRIORITIES, OpenReport, Record, Store};
+pub use file::{BufferError, Key, N_PRIORITIES, Record};
+pub use store::{Batch, DropRequest, LaneStats, OpenReport, Store};

@@ -5,17 +5,14 @@
 
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Deserialize, Serialize};
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use serde::Serialize;
 
-/// Records by `(priority, seq)`: per priority, key order is FIFO order.
-pub(crate) const EVENTS: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("events");
-/// Counters kept in the same transactions as the records they describe.
-pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
-/// Events merged in by `outpost buffer import`, by [`Record::fingerprint`], so importing the
-/// same file again adds nothing. Entries stay after the events are relayed.
-pub(crate) const IMPORTED: TableDefinition<(u64, u64), ()> = TableDefinition::new("imported");
+pub use super::file::file_path;
+use super::file::{
+    BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, Record, db_err, meta_key, stored_size,
+};
+use super::inspect::{self, StatsReport};
 
 /// The buffer file's format, kept in `meta` as `format_version`. 1: no such key (releases up
 /// to commit 568ebea); 2: the key and the `imported` table. A file with a higher version
@@ -23,155 +20,8 @@ pub(crate) const IMPORTED: TableDefinition<(u64, u64), ()> = TableDefinition::ne
 pub const FORMAT_VERSION: u64 = 2;
 const FORMAT_KEY: &str = "format_version";
 
-pub const N_PRIORITIES: usize = 10;
-const FILE_NAME: &str = "buffer.redb";
 /// A drained file larger than this is compacted so the disk space comes back.
 const COMPACT_ABOVE_BYTES: u64 = 8 * 1024 * 1024;
-
-/// The bytes a stored record counts for: its encoded value plus its 9-byte key and
-/// B-tree entry overhead, rounded to 16.
-pub fn stored_size(value_len: usize) -> u64 {
-    value_len as u64 + 16
-}
-
-/// A record's position in the queue: `(priority, seq)`.
-pub type Key = (u8, u64);
-
-/// Failures of the buffer file.
-#[derive(Debug, thiserror::Error)]
-pub enum BufferError {
-    #[error(
-        "buffer file {} is locked by another process; is another outpost running with the same data dir?",
-        path.display()
-    )]
-    Locked { path: PathBuf },
-    #[error("cannot create data dir {}: {error}; {hint}", path.display())]
-    DataDir { path: PathBuf, error: std::io::Error, hint: String },
-    /// The file could not be opened or written for a reason outside its contents
-    /// (permissions, a read-only or full file system, an I/O error): the gateway refuses to
-    /// start and leaves the file alone.
-    #[error("cannot open buffer file {}: {error}; {hint}", path.display())]
-    Access { path: PathBuf, error: std::io::Error, hint: String },
-    #[error(
-        "buffer file {} has format version {found}, but this outpost reads versions up to {supported}: a newer release wrote it. Run that release (or a newer one) on this data dir; the file was left untouched",
-        path.display()
-    )]
-    NewerFormat { path: PathBuf, found: u64, supported: u64 },
-    #[error(
-        "buffer file {} is in a redb file format this build cannot read ({detail}); run the release that wrote it, or a newer one. The file was left untouched",
-        path.display()
-    )]
-    RedbFormat { path: PathBuf, detail: String },
-    #[error("cannot move corrupt buffer file {} aside: {error}", path.display())]
-    MoveAside { path: PathBuf, error: std::io::Error },
-    // The underlying errors are printed in the messages, so no field is named `source`:
-    // thiserror would make it the error's `source()` too, and a chain printed with `{:#}`
-    // (as `main` does) would repeat it.
-    #[error("buffer file {}: {error}", path.display())]
-    Database { path: PathBuf, error: redb::Error },
-    #[error("buffer record {key:?} is undecodable: {message}")]
-    Record { key: Key, message: String },
-}
-
-impl BufferError {
-    /// Whether retrying later can help (a full disk can be freed; corruption cannot).
-    pub fn is_io(&self) -> bool {
-        matches!(self, BufferError::Database { error: redb::Error::Io(_) | redb::Error::PreviousIo, .. })
-    }
-
-    /// Whether this error proves the file's *contents* are bad: redb's own corruption
-    /// verdicts (including "not a redb database" and a file cut short, which redb reports as
-    /// I/O errors, see [`is_content_error`]), undecodable records, counters that disagree with
-    /// the records. Only then may a file be moved aside; anything else (permissions, a
-    /// read-only or full disk, a format too new) leaves it where it is.
-    pub fn proves_corruption(&self) -> bool {
-        match self {
-            BufferError::Database { error: redb::Error::Corrupted(_), .. } | BufferError::Record { .. } => {
-                true
-            }
-            BufferError::Database { error: redb::Error::Io(e), .. } => is_content_error(e),
-            _ => false,
-        }
-    }
-
-    /// Turns an I/O failure into [`BufferError::Access`], naming owner, mode, user and fix.
-    fn explained(self, data_dir: &Path) -> BufferError {
-        match self {
-            BufferError::Database { path, error: redb::Error::Io(error) } => {
-                let hint = super::access::hint(&path, data_dir, &error);
-                BufferError::Access { path, error, hint }
-            }
-            other => other,
-        }
-    }
-}
-
-/// One buffered event. `priority` and `seq` form the key; the rest is the stored value.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Record {
-    #[serde(skip)]
-    pub priority: u8,
-    #[serde(skip)]
-    pub seq: u64,
-    pub event_id: u64,
-    pub enqueued_ms: u64,
-    pub expires_ms: Option<u64>,
-    pub topic: String,
-    pub qos: u8,
-    pub payload: Bytes,
-}
-
-impl Record {
-    pub fn key(&self) -> Key {
-        (self.priority, self.seq)
-    }
-
-    /// What a record counts against `max_bytes` while it is only in memory: payload, topic
-    /// and an estimate of the encoding overhead. On disk the exact [`stored_size`] counts.
-    pub fn size(&self) -> u64 {
-        (self.payload.len() + self.topic.len() + 48) as u64
-    }
-
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.payload.len() + self.topic.len() + 32);
-        ciborium::into_writer(self, &mut out).expect("writing CBOR into a Vec cannot fail");
-        out
-    }
-
-    pub(crate) fn decode(key: Key, bytes: &[u8]) -> Result<Record, BufferError> {
-        let mut record: Record =
-            ciborium::from_reader(bytes).map_err(|e| BufferError::Record { key, message: e.to_string() })?;
-        record.priority = key.0;
-        record.seq = key.1;
-        Ok(record)
-    }
-
-    /// What makes two records the same event for `buffer import`: the event id, and a
-    /// 64-bit FNV-1a hash of everything the upstream would see (priority, QoS, expiry, topic,
-    /// payload). The id alone is not enough: a file started after a move-aside reused ids
-    /// before ids were seeded from the clock. The hash is fixed here, not `std`'s hasher, so
-    /// it stays the same across builds (it is stored in the file).
-    pub fn fingerprint(&self) -> (u64, u64) {
-        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-        const PRIME: u64 = 0x0100_0000_01b3;
-        let mut hash = OFFSET;
-        let mut feed = |bytes: &[u8]| {
-            for b in bytes {
-                hash = (hash ^ u64::from(*b)).wrapping_mul(PRIME);
-            }
-        };
-        feed(&[self.priority, self.qos]);
-        feed(&self.expires_ms.map_or([0xff; 8], u64::to_le_bytes));
-        feed(&(self.topic.len() as u64).to_le_bytes());
-        feed(self.topic.as_bytes());
-        feed(&self.payload);
-        (self.event_id, hash)
-    }
-
-    pub fn is_expired(&self, now_ms: u64) -> bool {
-        self.expires_ms.is_some_and(|at| at <= now_ms)
-    }
-}
 
 /// Events and bytes stored for one priority.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -221,12 +71,12 @@ pub struct OpenReport {
     pub migrated_from: Option<u64>,
 }
 
-/// The open buffer file.
 /// redb's page cache. Its default is 1 GiB: the gateway's memory then grew with the file
 /// (measured: +52 MiB RSS for a 71 MB backlog, kept after the file was compacted). The relay
 /// reads and writes sequentially per priority, so a small cache costs little.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
+/// The open buffer file.
 pub struct Store {
     /// `None` after an I/O error: redb refuses all work with `PreviousIo` until the file is
     /// closed and reopened, so the next operation reopens it (see [`Store::database`]).
@@ -239,24 +89,6 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").field("path", &self.path).field("lanes", &self.lanes).finish()
     }
-}
-
-fn db_err(path: &Path, e: impl Into<redb::Error>) -> BufferError {
-    match e.into() {
-        redb::Error::DatabaseAlreadyOpen => BufferError::Locked { path: path.to_owned() },
-        error => BufferError::Database { path: path.to_owned(), error },
-    }
-}
-
-/// The two I/O error kinds redb uses for a verdict on a file's contents: `InvalidData` ("Not a
-/// redb database", redb's `StorageError::not_a_database`) and `UnexpectedEof` (a structure
-/// reaching past the end of the file). Every other I/O error is about access or the device.
-pub(crate) fn is_content_error(e: &std::io::Error) -> bool {
-    matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof)
-}
-
-fn meta_key(kind: &str, priority: usize) -> String {
-    format!("{kind}.{priority}")
 }
 
 /// Writes the counters of the lanes that changed, inside the caller's transaction.
@@ -279,10 +111,6 @@ fn write_counters(
 #[derive(Debug, Default)]
 pub struct ImportSeqs {
     next: Option<u64>,
-}
-
-pub fn file_path(data_dir: &Path) -> PathBuf {
-    data_dir.join(FILE_NAME)
 }
 
 impl Store {
@@ -622,21 +450,66 @@ impl Store {
     }
 
     /// Statistics for `outpost buffer stats`.
-    pub fn inspect_stats(&mut self) -> Result<super::inspect::StatsReport, BufferError> {
-        let path = self.path.clone();
-        let result = super::inspect::stats(self.database()?, &path, crate::event::now_ms());
+    pub fn inspect_stats(&mut self) -> Result<StatsReport, BufferError> {
+        let result =
+            self.begin_read().and_then(|txn| inspect::stats(&txn, &self.path, crate::event::now_ms()));
         self.forget_on_io_error(result)
     }
 
     /// Records in send order after `after`, for `outpost buffer peek|export`.
     pub fn inspect_records(&mut self, after: Option<Key>, limit: usize) -> Result<Vec<Record>, BufferError> {
-        let path = self.path.clone();
-        let result = super::inspect::records_after(self.database()?, &path, after, limit);
+        let result = self.begin_read().and_then(|txn| inspect::records_after(&txn, &self.path, after, limit));
         self.forget_on_io_error(result)
+    }
+
+    fn begin_read(&mut self) -> Result<ReadTransaction, BufferError> {
+        let path = self.path.clone();
+        self.database()?.begin_read().map_err(|e| db_err(&path, e))
     }
 
     pub fn file_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+/// What `outpost run` needs of `data_dir`, for `outpost check`: a directory it can write (or
+/// one it can create, in the nearest existing parent), and a buffer file it can open for
+/// writing. Creates nothing but a probe file that it removes at once.
+pub fn check_data_dir(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let fix = "set data_dir (or --data-dir) to a directory the user running outpost can write";
+    let existing = dir.ancestors().find(|p| p.as_os_str().is_empty() || p.exists())?;
+    let existing = if existing.as_os_str().is_empty() { Path::new(".") } else { existing };
+    if !existing.is_dir() {
+        return Some(format!("data_dir {}: {} is not a directory; {fix}", dir.display(), existing.display()));
+    }
+    let probe = existing.join(format!(".outpost-check-{}", std::process::id()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+        }
+        Err(e) => {
+            let what = if existing == dir {
+                format!("cannot write in {}", dir.display())
+            } else {
+                format!("{} does not exist and cannot be created in {}", dir.display(), existing.display())
+            };
+            return Some(format!("data_dir {what}: {e}; {fix}"));
+        }
+    }
+    let buffer = file_path(dir);
+    match std::fs::OpenOptions::new().read(true).write(true).open(&buffer) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            let owner = std::fs::metadata(&buffer)
+                .map(|m| format!(" (owner uid {}, mode {:o})", m.uid(), m.mode() & 0o7777))
+                .unwrap_or_default();
+            Some(format!(
+                "cannot open the buffer file {} for writing{owner}: {e}; run outpost as the file's owner, or give the file to the user running outpost (chown)",
+                buffer.display()
+            ))
+        }
     }
 }
 
@@ -667,7 +540,8 @@ fn check_format(path: &Path) -> Result<(), BufferError> {
         }
         Err(_) => return Ok(()),
     };
-    let found = format_version(&db, path)?;
+    let txn = db.begin_read().map_err(|e| db_err(path, e))?;
+    let found = format_version(&txn, path)?;
     if found > FORMAT_VERSION {
         return Err(BufferError::NewerFormat { path: path.to_owned(), found, supported: FORMAT_VERSION });
     }
@@ -675,18 +549,12 @@ fn check_format(path: &Path) -> Result<(), BufferError> {
 }
 
 /// The `format_version` of an open file: 1 when the key (or the whole `meta` table) is absent.
-pub(crate) fn format_version(db: &impl ReadableDatabase, path: &Path) -> Result<u64, BufferError> {
-    let txn = db.begin_read().map_err(|e| db_err(path, e))?;
+pub(crate) fn format_version(txn: &ReadTransaction, path: &Path) -> Result<u64, BufferError> {
     match txn.open_table(META) {
         Ok(meta) => Ok(meta.get(FORMAT_KEY).map_err(|e| db_err(path, e))?.map_or(1, |v| v.value())),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(1),
         Err(e) => Err(db_err(path, e)),
     }
-}
-
-/// Decodes a stored value (for read-only tools).
-pub(crate) fn decode(key: Key, bytes: &[u8]) -> Result<Record, BufferError> {
-    Record::decode(key, bytes)
 }
 
 #[cfg(test)]

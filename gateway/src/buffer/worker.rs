@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use super::file::{BufferError, Key, Record};
 use super::inspect::StatsReport;
-use super::store::{Applied, Batch, BufferError, Key, Record, Store};
+use super::store::{Applied, Batch, Store};
 
 pub enum Command {
     Apply(Batch),

@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use bytes::Bytes;
 use proptest::prelude::*;
 
 use super::*;
+use crate::buffer::file::FILE_NAME;
 
 #[derive(Debug, Clone)]
 enum Action {

@@ -1,30 +1,26 @@
-//! The admin socket, `<data_dir>/outpost.sock`: lets `outpost buffer stats|peek|export|import`
-//! reach the buffer while the daemon holds it (redb's writer lock keeps every other process
-//! out).
+//! The daemon's end of the admin socket (protocol: [`super`]).
 //!
-//! Protocol: one request line (`stats`, `peek N`, `export`), answered with JSON lines, then the
-//! daemon closes the connection. Reads go through the store thread's command queue, so an
-//! operator's read never races a commit. The socket is created with the data dir's
-//! permissions; anyone who can read the buffer file can ask.
-//!
-//! `import` is followed by one JSON line per event ([`WireRecord`]) until the client ends its
-//! input; the answer is one JSON [`ImportSummary`] line. Only root and the daemon's own user
-//! may import (checked with the peer's credentials): it adds events that go upstream. Imported
-//! events enter the relay's input as if just routed, each with a ticket, so the relay commits
-//! or relays them under its usual invariants; their fingerprints are stored (store thread)
-//! once every ticket of a chunk is released.
+//! Reads go through the store thread's command queue, so an operator's read never races a
+//! commit. The socket is created with the data dir's permissions; anyone who can read the
+//! buffer file can ask. Only root and the daemon's own user may import (checked with the
+//! peer's credentials): it adds events that go upstream. Imported events enter the relay's
+//! input as if just routed, each with a ticket, so the relay commits or relays them under its
+//! usual invariants; their fingerprints are stored (store thread) once every ticket of a chunk
+//! is released.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::{ERROR_PREFIX, Request, WireRecord, socket_path};
 use crate::ack::{AckQueue, Outcome};
 use crate::buffer::Record;
-use crate::buffer::import::{CHUNK as IMPORT_CHUNK, ImportSummary, WireRecord};
+use crate::buffer::import::{CHUNK as IMPORT_CHUNK, ImportSummary};
 use crate::buffer::inspect::export_line;
 use crate::buffer::worker::{Command, ImportRequest, InspectRequest, Inspected};
 use crate::event::Outbound;
@@ -43,10 +39,6 @@ pub struct Handles {
     /// The relay's input, for imported events.
     pub relay_input: mpsc::Sender<Outbound>,
     pub metrics: Metrics,
-}
-
-pub fn socket_path(data_dir: &Path) -> PathBuf {
-    data_dir.join("outpost.sock")
 }
 
 /// Binds the socket. A stale socket file from a crashed run is removed first: the buffer
@@ -109,56 +101,52 @@ async fn handle(stream: UnixStream, handles: &Handles, cancel: &CancellationToke
     let mut reader = BufReader::new(read);
     let mut line = String::new();
     (&mut reader).take(256).read_line(&mut line).await?;
-    let mut words = line.split_whitespace();
-    let mut out = String::new();
-    let commands = &handles.commands;
-    match (words.next(), words.next()) {
-        (Some("import"), None) => {
-            out = match import(&mut reader, peer_uid, handles, cancel).await {
-                Ok(summary) => serde_json::to_string(&summary).unwrap_or_default() + "\n",
-                Err(e) => format!("error: {e}\n"),
-            }
-        }
-        (Some("stats"), None) => match ask(commands, InspectRequest::Stats).await {
-            Ok(Inspected::Stats(stats)) => out = serde_json::to_string(&stats).unwrap_or_default() + "\n",
-            Ok(_) => out = "error: unexpected answer\n".into(),
-            Err(e) => out = format!("error: {e}\n"),
+    let answer = match Request::parse(&line) {
+        Ok(Request::Import) => match import(&mut reader, peer_uid, handles, cancel).await {
+            Ok(summary) => Ok(serde_json::to_string(&summary).unwrap_or_default() + "\n"),
+            Err(e) => Err(e),
         },
-        (Some(cmd @ ("peek" | "export")), n) => {
-            let mut left = match (cmd, n.map(str::parse::<usize>)) {
-                ("peek", Some(Ok(n))) => n,
-                ("export", None) => usize::MAX,
-                _ => {
-                    write.write_all(b"error: expected `peek N` or `export`\n").await?;
-                    return Ok(());
-                }
-            };
-            let mut after = None;
-            while left > 0 {
-                let limit = left.min(EXPORT_CHUNK);
-                let records = match ask(commands, InspectRequest::Records { after, limit }).await {
-                    Ok(Inspected::Records(records)) => records,
-                    Ok(_) => break,
-                    Err(e) => {
-                        write.write_all(format!("error: {e}\n").as_bytes()).await?;
-                        return Ok(());
-                    }
-                };
-                let Some(last) = records.last() else { break };
-                after = Some(last.key());
-                left -= records.len();
-                let mut chunk = String::new();
-                for record in &records {
-                    chunk.push_str(&export_line(record));
-                    chunk.push('\n');
-                }
-                write.write_all(chunk.as_bytes()).await?;
-            }
-        }
-        _ => out = "error: expected `stats`, `peek N` or `export`\n".into(),
-    }
+        Ok(Request::Stats) => match ask(&handles.commands, InspectRequest::Stats).await {
+            Ok(Inspected::Stats(stats)) => Ok(serde_json::to_string(&stats).unwrap_or_default() + "\n"),
+            Ok(_) => Err("unexpected answer".to_owned()),
+            Err(e) => Err(e),
+        },
+        Ok(Request::Peek(n)) => records(&mut write, &handles.commands, n).await?,
+        Ok(Request::Export) => records(&mut write, &handles.commands, usize::MAX).await?,
+        Err(expected) => Err(expected.to_owned()),
+    };
+    let out = answer.unwrap_or_else(|e| format!("{ERROR_PREFIX}{e}\n"));
     write.write_all(out.as_bytes()).await?;
     write.shutdown().await
+}
+
+/// Writes up to `limit` records as JSON lines, a chunk per store-thread request. Returns what
+/// is left to answer: nothing, or the error that cut the records short.
+async fn records(
+    write: &mut OwnedWriteHalf,
+    commands: &mpsc::Sender<Command>,
+    limit: usize,
+) -> std::io::Result<Result<String, String>> {
+    let mut left = limit;
+    let mut after = None;
+    while left > 0 {
+        let limit = left.min(EXPORT_CHUNK);
+        let records = match ask(commands, InspectRequest::Records { after, limit }).await {
+            Ok(Inspected::Records(records)) => records,
+            Ok(_) => break,
+            Err(e) => return Ok(Err(e)),
+        };
+        let Some(last) = records.last() else { break };
+        after = Some(last.key());
+        left -= records.len();
+        let mut chunk = String::new();
+        for record in &records {
+            chunk.push_str(&export_line(record));
+            chunk.push('\n');
+        }
+        write.write_all(chunk.as_bytes()).await?;
+    }
+    Ok(Ok(String::new()))
 }
 
 async fn ask_import(commands: &mpsc::Sender<Command>, request: ImportRequest) -> Result<Vec<bool>, String> {

@@ -1,0 +1,153 @@
+//! The admin socket, `<data_dir>/outpost.sock`: lets `outpost buffer stats|peek|export|import`
+//! reach the buffer while the daemon holds it (redb's writer lock keeps every other process
+//! out). Both ends are here: [`server`] runs in the daemon, [`client`] in the `outpost`
+//! command; this module is the protocol between them, defined once.
+//!
+//! Protocol: one [`Request`] line (`stats`, `peek N`, `export`), answered with JSON lines
+//! ([`StatsReport`](crate::buffer::inspect::StatsReport), or one record a line), then the
+//! daemon closes the connection. A failure is answered with one line starting with `error: `.
+//!
+//! `import` is followed by one JSON line per event ([`WireRecord`]) until the client ends its
+//! input; the answer is one JSON [`ImportSummary`](crate::buffer::import::ImportSummary) line.
+
+pub mod client;
+pub mod server;
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::buffer::inspect::hex;
+use crate::buffer::{N_PRIORITIES, Record};
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("outpost.sock")
+}
+
+/// What an answer line that reports a failure starts with.
+const ERROR_PREFIX: &str = "error: ";
+
+/// One request line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Stats,
+    /// The next N records the relay will send.
+    Peek(usize),
+    /// Every record.
+    Export,
+    /// Records follow, one [`WireRecord`] a line.
+    Import,
+}
+
+impl Request {
+    /// Reads a request line; `Err` is the answer that says what is expected.
+    pub fn parse(line: &str) -> Result<Request, &'static str> {
+        let mut words = line.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("stats"), None) => Ok(Request::Stats),
+            (Some("import"), None) => Ok(Request::Import),
+            (Some("export"), None) => Ok(Request::Export),
+            (Some("peek"), Some(n)) => n.parse().map(Request::Peek).map_err(|_| PEEK_OR_EXPORT),
+            (Some("peek" | "export"), _) => Err(PEEK_OR_EXPORT),
+            _ => Err("expected `stats`, `peek N` or `export`"),
+        }
+    }
+
+    /// The request as the client sends it, newline included.
+    pub fn line(self) -> String {
+        match self {
+            Request::Stats => "stats\n".to_owned(),
+            Request::Peek(n) => format!("peek {n}\n"),
+            Request::Export => "export\n".to_owned(),
+            Request::Import => "import\n".to_owned(),
+        }
+    }
+}
+
+const PEEK_OR_EXPORT: &str = "expected `peek N` or `export`";
+
+/// One event on the admin socket: a JSON line, the payload in hex.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WireRecord {
+    pub priority: u8,
+    pub event_id: u64,
+    pub enqueued_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub topic: String,
+    pub qos: u8,
+    pub payload: String,
+}
+
+impl WireRecord {
+    pub fn new(record: &Record) -> WireRecord {
+        WireRecord {
+            priority: record.priority,
+            event_id: record.event_id,
+            enqueued_ms: record.enqueued_ms,
+            expires_ms: record.expires_ms,
+            topic: record.topic.clone(),
+            qos: record.qos,
+            payload: hex(&record.payload),
+        }
+    }
+
+    /// The record (without a sequence number: the importing side assigns it).
+    pub fn into_record(self) -> Result<Record, String> {
+        let payload = unhex(&self.payload).ok_or("payload is not hex")?;
+        Ok(Record {
+            priority: self.priority.min(N_PRIORITIES as u8 - 1),
+            seq: 0,
+            event_id: self.event_id,
+            enqueued_ms: self.enqueued_ms,
+            expires_ms: self.expires_ms,
+            topic: self.topic,
+            qos: self.qos,
+            payload: Bytes::from(payload),
+        })
+    }
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_records_round_trip() {
+        let r = Record {
+            priority: 3,
+            seq: 7,
+            event_id: 99,
+            enqueued_ms: 1_700_000_000_007,
+            expires_ms: None,
+            topic: "sensors/7".into(),
+            qos: 1,
+            payload: Bytes::from_static(&[0, 1, 0xfe, b'x']),
+        };
+        let line = serde_json::to_string(&WireRecord::new(&r)).expect("json");
+        let back: WireRecord = serde_json::from_str(&line).expect("parse");
+        let back = back.into_record().expect("valid");
+        assert_eq!(back.fingerprint(), r.fingerprint());
+        assert_eq!((back.enqueued_ms, back.payload), (r.enqueued_ms, r.payload));
+        assert!(unhex("abc").is_none() && unhex("zz").is_none());
+    }
+
+    #[test]
+    fn requests_round_trip_and_bad_lines_say_what_is_expected() {
+        for request in [Request::Stats, Request::Peek(12), Request::Export, Request::Import] {
+            assert_eq!(Request::parse(&request.line()), Ok(request));
+        }
+        assert_eq!(Request::parse("peek"), Err(PEEK_OR_EXPORT));
+        assert_eq!(Request::parse("peek x"), Err(PEEK_OR_EXPORT));
+        assert_eq!(Request::parse("export 3"), Err(PEEK_OR_EXPORT));
+        assert_eq!(Request::parse("stats 3"), Err("expected `stats`, `peek N` or `export`"));
+        assert_eq!(Request::parse(""), Err("expected `stats`, `peek N` or `export`"));
+    }
+}

@@ -1,0 +1,210 @@
+//! The buffer file's vocabulary, shared by its one writer ([`super::store`]) and its
+//! read-only readers ([`super::inspect`], [`super::import`]): the tables, the record and its
+//! encoding, the failures, and a read-only open.
+//!
+//! Invariant: nothing here writes to a file. It sits below every other buffer module and
+//! imports none of them except [`super::access`] (which only describes the file system).
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use redb::{ReadTransaction, ReadableDatabase, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+pub(super) const FILE_NAME: &str = "buffer.redb";
+
+/// The buffer file of a data dir.
+pub fn file_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(FILE_NAME)
+}
+
+/// Records by `(priority, seq)`: per priority, key order is FIFO order.
+pub(crate) const EVENTS: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("events");
+/// Counters kept in the same transactions as the records they describe.
+pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Events merged in by `outpost buffer import`, by [`Record::fingerprint`], so importing the
+/// same file again adds nothing. Entries stay after the events are relayed.
+pub(crate) const IMPORTED: TableDefinition<(u64, u64), ()> = TableDefinition::new("imported");
+
+pub const N_PRIORITIES: usize = 10;
+
+/// The bytes a stored record counts for: its encoded value plus its 9-byte key and
+/// B-tree entry overhead, rounded to 16.
+pub fn stored_size(value_len: usize) -> u64 {
+    value_len as u64 + 16
+}
+
+/// A record's position in the queue: `(priority, seq)`.
+pub type Key = (u8, u64);
+
+/// Failures of the buffer file.
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    #[error(
+        "buffer file {} is locked by another process; is another outpost running with the same data dir?",
+        path.display()
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot create data dir {}: {error}; {hint}", path.display())]
+    DataDir { path: PathBuf, error: std::io::Error, hint: String },
+    /// The file could not be opened or written for a reason outside its contents
+    /// (permissions, a read-only or full file system, an I/O error): the gateway refuses to
+    /// start and leaves the file alone.
+    #[error("cannot open buffer file {}: {error}; {hint}", path.display())]
+    Access { path: PathBuf, error: std::io::Error, hint: String },
+    #[error(
+        "buffer file {} has format version {found}, but this outpost reads versions up to {supported}: a newer release wrote it. Run that release (or a newer one) on this data dir; the file was left untouched",
+        path.display()
+    )]
+    NewerFormat { path: PathBuf, found: u64, supported: u64 },
+    #[error(
+        "buffer file {} is in a redb file format this build cannot read ({detail}); run the release that wrote it, or a newer one. The file was left untouched",
+        path.display()
+    )]
+    RedbFormat { path: PathBuf, detail: String },
+    #[error("cannot move corrupt buffer file {} aside: {error}", path.display())]
+    MoveAside { path: PathBuf, error: std::io::Error },
+    // The underlying errors are printed in the messages, so no field is named `source`:
+    // thiserror would make it the error's `source()` too, and a chain printed with `{:#}`
+    // (as `main` does) would repeat it.
+    #[error("buffer file {}: {error}", path.display())]
+    Database { path: PathBuf, error: redb::Error },
+    #[error("buffer record {key:?} is undecodable: {message}")]
+    Record { key: Key, message: String },
+}
+
+impl BufferError {
+    /// Whether retrying later can help (a full disk can be freed; corruption cannot).
+    pub fn is_io(&self) -> bool {
+        matches!(self, BufferError::Database { error: redb::Error::Io(_) | redb::Error::PreviousIo, .. })
+    }
+
+    /// Whether this error proves the file's *contents* are bad: redb's own corruption
+    /// verdicts (including "not a redb database" and a file cut short, which redb reports as
+    /// I/O errors, see `is_content_error`), undecodable records, counters that disagree with
+    /// the records. Only then may a file be moved aside; anything else (permissions, a
+    /// read-only or full disk, a format too new) leaves it where it is.
+    pub fn proves_corruption(&self) -> bool {
+        match self {
+            BufferError::Database { error: redb::Error::Corrupted(_), .. } | BufferError::Record { .. } => {
+                true
+            }
+            BufferError::Database { error: redb::Error::Io(e), .. } => is_content_error(e),
+            _ => false,
+        }
+    }
+
+    /// Turns an I/O failure into [`BufferError::Access`], naming owner, mode, user and fix.
+    pub(super) fn explained(self, data_dir: &Path) -> BufferError {
+        match self {
+            BufferError::Database { path, error: redb::Error::Io(error) } => {
+                let hint = super::access::hint(&path, data_dir, &error);
+                BufferError::Access { path, error, hint }
+            }
+            other => other,
+        }
+    }
+}
+
+/// One buffered event. `priority` and `seq` form the key; the rest is the stored value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(skip)]
+    pub priority: u8,
+    #[serde(skip)]
+    pub seq: u64,
+    pub event_id: u64,
+    pub enqueued_ms: u64,
+    pub expires_ms: Option<u64>,
+    pub topic: String,
+    pub qos: u8,
+    pub payload: Bytes,
+}
+
+impl Record {
+    pub fn key(&self) -> Key {
+        (self.priority, self.seq)
+    }
+
+    /// What a record counts against `max_bytes` while it is only in memory: payload, topic
+    /// and an estimate of the encoding overhead. On disk the exact [`stored_size`] counts.
+    pub fn size(&self) -> u64 {
+        (self.payload.len() + self.topic.len() + 48) as u64
+    }
+
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.payload.len() + self.topic.len() + 32);
+        ciborium::into_writer(self, &mut out).expect("writing CBOR into a Vec cannot fail");
+        out
+    }
+
+    pub(crate) fn decode(key: Key, bytes: &[u8]) -> Result<Record, BufferError> {
+        let mut record: Record =
+            ciborium::from_reader(bytes).map_err(|e| BufferError::Record { key, message: e.to_string() })?;
+        record.priority = key.0;
+        record.seq = key.1;
+        Ok(record)
+    }
+
+    /// What makes two records the same event for `buffer import`: the event id, and a
+    /// 64-bit FNV-1a hash of everything the upstream would see (priority, QoS, expiry, topic,
+    /// payload). The id alone is not enough: a file started after a move-aside reused ids
+    /// before ids were seeded from the clock. The hash is fixed here, not `std`'s hasher, so
+    /// it stays the same across builds (it is stored in the file).
+    pub fn fingerprint(&self) -> (u64, u64) {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0100_0000_01b3;
+        let mut hash = OFFSET;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                hash = (hash ^ u64::from(*b)).wrapping_mul(PRIME);
+            }
+        };
+        feed(&[self.priority, self.qos]);
+        feed(&self.expires_ms.map_or([0xff; 8], u64::to_le_bytes));
+        feed(&(self.topic.len() as u64).to_le_bytes());
+        feed(self.topic.as_bytes());
+        feed(&self.payload);
+        (self.event_id, hash)
+    }
+
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|at| at <= now_ms)
+    }
+}
+
+pub(super) fn db_err(path: &Path, e: impl Into<redb::Error>) -> BufferError {
+    match e.into() {
+        redb::Error::DatabaseAlreadyOpen => BufferError::Locked { path: path.to_owned() },
+        error => BufferError::Database { path: path.to_owned(), error },
+    }
+}
+
+/// The two I/O error kinds redb uses for a verdict on a file's contents: `InvalidData` ("Not a
+/// redb database", redb's `StorageError::not_a_database`) and `UnexpectedEof` (a structure
+/// reaching past the end of the file). Every other I/O error is about access or the device.
+pub(crate) fn is_content_error(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof)
+}
+
+pub(super) fn meta_key(kind: &str, priority: usize) -> String {
+    format!("{kind}.{priority}")
+}
+
+/// A buffer file opened only to be read, by a process that is not its writer: read-only, or
+/// read-write when it had not been closed cleanly and redb had to repair it before reading
+/// (redb's read-only open refuses such a file).
+pub(crate) enum ReadDb {
+    ReadOnly(redb::ReadOnlyDatabase),
+    Repaired(redb::Database),
+}
+
+impl ReadDb {
+    pub(crate) fn begin_read(&self, path: &Path) -> Result<ReadTransaction, BufferError> {
+        match self {
+            ReadDb::ReadOnly(db) => db.begin_read(),
+            ReadDb::Repaired(db) => db.begin_read(),
+        }
+        .map_err(|e| db_err(path, e))
+    }
+}
