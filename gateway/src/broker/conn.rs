@@ -712,7 +712,7 @@ impl Session {
         let mut new_sys = Vec::new();
         for filter in subscribe.filters {
             let qos = (filter.qos as u8).min(1);
-            if !protocol::valid_filter(&filter.path) {
+            if topic::invalid_filter(&filter.path).is_some() {
                 codes.push(refused(false));
             } else if filter.path.starts_with("$SYS") {
                 if !self.sys_filters.contains(&filter.path) && !new_sys.contains(&filter.path) {
