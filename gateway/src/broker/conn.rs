@@ -27,8 +27,9 @@ use super::{Live, Retained, Shared, Status, lock};
 use crate::ack::{AckQueue, Outcome};
 use crate::event::escape_topic;
 use crate::metrics::Metrics;
-use crate::mqtt::codec::{self, Codec, Version};
+use crate::mqtt::codec::{self, Codec};
 use crate::mqtt::topic::{self, NameError, invalid_topic};
+use crate::mqtt::wire::{self, Version};
 
 /// Headroom over `broker.max_payload` for the topic and properties of one packet.
 const HEADER_ROOM: usize = 4096;
@@ -170,7 +171,7 @@ impl Io {
 /// Reads the CONNECT: picks the codec from its protocol level.
 async fn read_connect(io: &mut Io, max: usize) -> Result<(Codec, Version, Packet), End> {
     let version = loop {
-        match codec::connect_version(&io.inbuf) {
+        match wire::connect_version(&io.inbuf) {
             Ok(Some(v)) => break v,
             Ok(None) => io.read_more().await?,
             Err(level) => {
@@ -461,7 +462,7 @@ impl Session {
         loop {
             // Everything complete in the input buffer first.
             while !self.io.inbuf.is_empty() {
-                let peek = codec::peek_publish(&self.io.inbuf);
+                let peek = wire::peek_publish(&self.io.inbuf);
                 match self.codec.read(&mut self.io.inbuf, max) {
                     Ok(packet) => {
                         if let Err(end) = self.on_packet(packet, peek).await {
