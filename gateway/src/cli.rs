@@ -11,7 +11,8 @@ use std::process::ExitCode;
 
 use crate::admin::client::Reader;
 use crate::config::{ConfigErrors, GatewayConfig, LogFormat, Overrides, UpstreamUrl};
-use crate::event::{invalid_topic, now_ms};
+use crate::event::now_ms;
+use crate::mqtt::topic::invalid_topic;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
@@ -258,7 +259,7 @@ type Case = (String, Vec<u8>, Option<String>);
 fn rules_test(
     rules: outpost_rules::RuleSet,
     topic_prefix: &str,
-    policy: &crate::event::TopicPolicy,
+    policy: &crate::mqtt::topic::TopicPolicy,
     topic: Option<String>,
     payload: String,
     clientid: Option<String>,

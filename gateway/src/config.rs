@@ -19,7 +19,7 @@ use serde::de::IntoDeserializer;
 use serde::{Deserialize, Deserializer};
 use toml::de::{DeTable, DeValue};
 
-use crate::event::TopicPolicy;
+use crate::mqtt::topic::TopicPolicy;
 
 /// Everything that can be wrong with a configuration. Each message names the file (when
 /// there is one), the line, the key, the bad value and what would be valid.

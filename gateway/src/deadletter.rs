@@ -68,7 +68,7 @@ pub struct RuleReason {
 fn payload_text<S: serde::Serializer>(payload: &[u8], s: S) -> Result<S::Ok, S::Error> {
     match std::str::from_utf8(payload) {
         Ok(text) => s.serialize_str(text),
-        Err(_) => s.serialize_str(&payload.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+        Err(_) => s.serialize_str(&hex::encode(payload)),
     }
 }
 

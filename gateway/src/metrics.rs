@@ -8,6 +8,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::mqtt::topic::NameError;
+
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
         /// Monotonic counters since start-up.
@@ -171,5 +173,19 @@ impl Metrics {
 
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Counts one publish refused for its topic; protocol violations are counted where the
+    /// connection is closed (`protocol_errors`).
+    pub fn count_topic_refusal(&self, why: NameError) {
+        let c = self.counters();
+        let counter = match why {
+            NameError::Control => &c.topics_refused_control,
+            NameError::NonCharacter => &c.topics_refused_noncharacter,
+            NameError::TooManyLevels => &c.topics_refused_levels,
+            NameError::TooLong => &c.topics_refused_length,
+            NameError::Empty | NameError::Wildcard | NameError::Nul => return,
+        };
+        Metrics::add(counter, 1);
     }
 }

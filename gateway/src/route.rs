@@ -42,8 +42,9 @@ use tracing::{info, warn};
 use crate::broker::Republisher;
 use crate::config::RouteConfig;
 use crate::deadletter::{DeadLetter, RuleReason};
-use crate::event::{Event, IdGen, Outbound, TopicError, TopicPolicy, invalid_topic};
+use crate::event::{Event, IdGen, Outbound};
 use crate::metrics::Metrics;
+use crate::mqtt::topic::{NameError, TopicPolicy, invalid_topic};
 use crate::telemetry::LogThrottle;
 
 /// What the route stage does with events right now.
@@ -189,7 +190,7 @@ fn fates(outputs: Vec<Output>, topic_prefix: &str, policy: &TopicPolicy) -> Vec<
         match output {
             Output::Forward { rule, topic, payload, qos, priority, ttl } => {
                 let topic = format!("{topic_prefix}{topic}");
-                if let Some(why) = invalid_topic(&topic, policy).map(TopicError::as_str) {
+                if let Some(why) = invalid_topic(&topic, policy).map(NameError::as_str) {
                     // A topic template filled from payload data can produce what no broker
                     // accepts; queued, it would block the uplink.
                     let reason = format!("invalid upstream topic {topic:?}: {why}");

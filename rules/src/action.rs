@@ -20,8 +20,8 @@ use crate::OutputFormat;
 use crate::compile::RowLayout;
 use crate::error::SqlError;
 use crate::expr::{Env, Expr, NULL, describe};
-use crate::topic::Topic;
 use crate::value::Value;
+use outpost_topic::Topic;
 
 /// One event's output row for one rule.
 #[derive(Debug)]

@@ -23,8 +23,8 @@ use crate::error::{SqlError, did_you_mean};
 use crate::expr::{ArithOp, CmpOp, Expr, Field, PathSeg};
 use crate::functions::{BUILTINS, find_builtin};
 use crate::table::Table;
-use crate::topic::TopicFilter;
 use crate::value::Value;
+use outpost_topic::TopicFilter;
 
 /// Deep nesting is refused by the parser before it can exhaust the stack.
 const RECURSION_LIMIT: usize = 32;

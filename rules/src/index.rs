@@ -4,9 +4,9 @@
 //! as a list of rules ending at a node. A lookup walks at most (levels × branching on
 //! `+`) nodes, so the cost depends on the filters that could match, not on the number
 //! of rules. Filters starting with a wildcard do not match `$`-topics (MQTT §4.7.2), as
-//! in [`crate::TopicFilter::matches`].
+//! in [`TopicFilter::matches`].
 
-use crate::topic::TopicFilter;
+use outpost_topic::TopicFilter;
 
 #[derive(Debug, Default)]
 pub(crate) struct TopicIndex {

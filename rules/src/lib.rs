@@ -29,7 +29,8 @@
 //! `rules/README.md`.
 //!
 //! # Layout
-//! - [`topic`]: validated topic names and topic filters, and filter matching.
+//! - [`Topic`], [`TopicFilter`], [`TopicError`]: validated topic names and filters, and filter
+//!   matching, from the `outpost-topic` crate the gateway's broker and routes use too.
 //! - `config`: the rules file format (serde, `deny_unknown_fields`).
 //! - `compile`: SQL → plan; name resolution, did-you-mean, carets.
 //! - `expr`: the plan ([`expr::Expr`]) and its evaluation; NULL and type rules.
@@ -56,7 +57,6 @@ mod index;
 mod payload;
 mod table;
 mod time;
-pub mod topic;
 mod value;
 
 #[cfg(test)]
@@ -69,8 +69,8 @@ use serde::Deserialize;
 
 pub use engine::{DEFAULT_DEAD_LETTER_REASON, Outcome, RuleSet, Trace};
 pub use error::{Problem, RulesError, SqlLocation, did_you_mean};
+pub use outpost_topic::{Topic, TopicError, TopicFilter};
 pub use table::{Table, TableError, TableSources};
-pub use topic::{Topic, TopicError, TopicFilter};
 pub use value::Value;
 
 /// One event as a rule sees it. The caller (the gateway's route stage) builds it from the

@@ -25,9 +25,11 @@ use tracing::{debug, info, warn};
 use super::local::{Mailbox, Message};
 use super::{Live, Retained, Shared, Status, lock};
 use crate::ack::{AckQueue, Outcome};
-use crate::event::{TopicError, escape_topic, invalid_topic};
+use crate::event::escape_topic;
 use crate::metrics::Metrics;
-use crate::mqtt::codec::{self, Codec, Version};
+use crate::mqtt::codec::{self, Codec};
+use crate::mqtt::topic::{self, NameError, invalid_topic};
+use crate::mqtt::wire::{self, Version};
 
 /// Headroom over `broker.max_payload` for the topic and properties of one packet.
 const HEADER_ROOM: usize = 4096;
@@ -169,7 +171,7 @@ impl Io {
 /// Reads the CONNECT: picks the codec from its protocol level.
 async fn read_connect(io: &mut Io, max: usize) -> Result<(Codec, Version, Packet), End> {
     let version = loop {
-        match codec::connect_version(&io.inbuf) {
+        match wire::connect_version(&io.inbuf) {
             Ok(Some(v)) => break v,
             Ok(None) => io.read_more().await?,
             Err(level) => {
@@ -230,7 +232,7 @@ pub(super) async fn serve(
     session.peer = Some(peer);
 
     let bad_will = session.will.as_ref().and_then(|w| match std::str::from_utf8(&w.topic) {
-        Ok(t) => invalid_topic(t, &shared.cfg.topic_policy()).map(TopicError::as_str),
+        Ok(t) => invalid_topic(t, &shared.cfg.topic_policy()).map(NameError::as_str),
         Err(_) => Some("not UTF-8"),
     });
     let refusal = if let Some(why) = bad_will {
@@ -460,7 +462,7 @@ impl Session {
         loop {
             // Everything complete in the input buffer first.
             while !self.io.inbuf.is_empty() {
-                let peek = codec::peek_publish(&self.io.inbuf);
+                let peek = wire::peek_publish(&self.io.inbuf);
                 match self.codec.read(&mut self.io.inbuf, max) {
                     Ok(packet) => {
                         if let Err(end) = self.on_packet(packet, peek).await {
@@ -583,11 +585,11 @@ impl Session {
                 None => t.to_owned(),
                 Some(why) if why.is_protocol_violation() || !self.v5() || qos == 2 => {
                     // MQTT 3.1.1 cannot refuse one publish: close, as mosquitto 2.0.11 does.
-                    why.count(&self.shared.metrics);
+                    self.shared.metrics.count_topic_refusal(why);
                     return Err(End::Protocol(format!("publish topic \"{}\": {why}", escape_topic(t))));
                 }
                 Some(why) => {
-                    why.count(&self.shared.metrics);
+                    self.shared.metrics.count_topic_refusal(why);
                     if let Some(folded) = self.shared.log_ready("topic") {
                         warn!(message = "refused a publish whose topic the upstream brokers refuse (MQTT 5 PUBACK 0x90 for QoS 1, QoS 0 discarded); fix the sensor's topic, or raise broker.max_topic_levels/max_topic_length if the upstream accepts it", client_id = %self.client_id, topic = %escape_topic(t), reason = %why, similar_since_last_log = folded);
                     }
@@ -711,7 +713,7 @@ impl Session {
         let mut new_sys = Vec::new();
         for filter in subscribe.filters {
             let qos = (filter.qos as u8).min(1);
-            if !protocol::valid_filter(&filter.path) {
+            if topic::invalid_filter(&filter.path).is_some() {
                 codes.push(refused(false));
             } else if filter.path.starts_with("$SYS") {
                 if !self.sys_filters.contains(&filter.path) && !new_sys.contains(&filter.path) {
@@ -780,8 +782,8 @@ impl Session {
         let status = Arc::clone(&rx.borrow_and_update());
         for (topic, payload) in status.iter() {
             let wanted = match only {
-                Some(f) => super::topic_matches(topic, f),
-                None => self.sys_filters.iter().any(|f| super::topic_matches(topic, f)),
+                Some(f) => topic::filter_matches(f, topic),
+                None => self.sys_filters.iter().any(|f| topic::filter_matches(f, topic)),
             };
             if wanted {
                 let publish = Publish::new(Bytes::from(topic.clone()), payload.clone(), retained);

@@ -47,6 +47,7 @@ use tracing::{error, info, warn};
 use crate::config::{AckMode, BrokerConfig};
 use crate::event::{Event, IdGen, now_ms};
 use crate::metrics::Metrics;
+use crate::mqtt::topic;
 
 /// Topic filters one session may hold.
 pub const MAX_FILTERS: usize = 1_000;
@@ -61,25 +62,6 @@ pub enum BrokerError {
 
 /// The current `$SYS/outpost/…` topics and their payloads.
 pub type Status = Arc<Vec<(String, Bytes)>>;
-
-/// MQTT topic matching of one topic against one filter (`$SYS` status, retained messages, and
-/// the model the trie is tested against). Leading wildcards never match a `$` topic.
-pub fn topic_matches(topic: &str, filter: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('#') || filter.starts_with('+')) {
-        return false;
-    }
-    let mut levels = topic.split('/');
-    for f in filter.split('/') {
-        if f == "#" {
-            return true;
-        }
-        match levels.next() {
-            Some(level) if f == "+" || f == level => {}
-            _ => return false,
-        }
-    }
-    levels.next().is_none()
-}
 
 /// A retained message as stored: the publish (its QoS inside) and its MQTT 5 properties.
 #[derive(Debug, Clone)]
@@ -165,11 +147,11 @@ impl Shared {
 
     /// Retained messages matching `filter`.
     pub fn retained_for(&self, filter: &str) -> Vec<(String, Retained)> {
-        let filter = subs::split_shared(filter).1;
+        let filter = topic::split_shared(filter).1;
         lock(&self.retained)
             .by_topic
             .iter()
-            .filter(|(topic, _)| topic_matches(topic, filter))
+            .filter(|(name, _)| topic::filter_matches(filter, name))
             .map(|(t, r)| (t.clone(), r.clone()))
             .collect()
     }
@@ -339,26 +321,4 @@ async fn status(shared: Arc<Shared>, tx: watch::Sender<Status>, cancel: Cancella
         }
     }
     drop(shared);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn topics_match_filters_like_mqtt() {
-        for (topic, filter, want) in [
-            ("$SYS/outpost/clients", "$SYS/#", true),
-            ("$SYS/outpost/clients", "$SYS/+/clients", true),
-            ("$SYS/x", "#", false),
-            ("$SYS/x", "+/x", false),
-            ("a/b/c", "a/b/c/#", true),
-            ("a/b", "a/+/c", false),
-            ("a//b", "a/+/b", true),
-            ("a/b/c", "a/b", false),
-            ("ü/x", "#", true),
-        ] {
-            assert_eq!(topic_matches(topic, filter), want, "{topic} vs {filter}");
-        }
-    }
 }

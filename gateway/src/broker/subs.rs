@@ -21,15 +21,7 @@ use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
-/// A filter split into its shared-subscription group (if any) and the part topics are matched
-/// against. `$share/group/filter` with an empty group or no filter is not shared (and not a
-/// valid filter; the connection refuses those before they get here).
-pub fn split_shared(filter: &str) -> (Option<&str>, &str) {
-    match filter.strip_prefix("$share/").and_then(|rest| rest.split_once('/')) {
-        Some((group, f)) if !group.is_empty() && !f.is_empty() => (Some(group), f),
-        _ => (None, filter),
-    }
-}
+use crate::mqtt::topic::split_shared;
 
 #[derive(Debug)]
 struct Group<K> {
@@ -247,7 +239,7 @@ fn remove<K: Eq + Hash>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::topic_matches;
+    use crate::mqtt::topic::filter_matches;
     use proptest::prelude::*;
 
     fn plain(trie: &SubTrie<u32>, topic: &str) -> Vec<(u32, u8)> {
@@ -384,7 +376,7 @@ mod tests {
             for topic in &topics {
                 let mut want: HashMap<u32, u8> = HashMap::new();
                 for ((k, f), q) in &model {
-                    if topic_matches(topic, f) {
+                    if filter_matches(f, topic) {
                         let e = want.entry(*k).or_insert(*q);
                         *e = (*e).max(*q);
                     }

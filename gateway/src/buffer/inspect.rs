@@ -188,7 +188,7 @@ struct ExportedRecord<'a> {
 
 /// Lowercase hex, two digits per byte.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(bytes)
 }
 
 /// One record as a JSON line: the payload as UTF-8 text, or hex when it is not.

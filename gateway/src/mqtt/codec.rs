@@ -1,19 +1,14 @@
 //! The wire: rumqttd's MQTT 3.1.1 and 5 codecs, plus the few facts they keep private.
 //!
 //! rumqttd's `Publish` keeps its QoS and packet id crate-private, so the connection reads them
-//! from the raw bytes ([`peek_publish`]) before the codec consumes a packet, and builds
+//! from the raw bytes ([`super::wire::peek_publish`]) before the codec consumes a packet, and builds
 //! publishes with a chosen QoS and packet id through `Publish::deserialize`, the crate's own
 //! MQTT-independent encoding ([`publish_with`]).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::protocol::{self, Packet, Protocol, Publish, QoS};
 
-/// The protocol a connection speaks, chosen from its CONNECT.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
-    V4,
-    V5,
-}
+use super::wire::Version;
 
 /// Either codec.
 pub enum Codec {
@@ -57,59 +52,6 @@ impl Codec {
 /// CONNACK, SUBACK, UNSUBACK, PINGRESP: packet types a client never sends.
 const SERVER_ONLY: [u8; 4] = [2, 9, 11, 13];
 
-/// Reads an MQTT variable-length integer: `(value, bytes used)`.
-fn varint(buf: &[u8]) -> Option<(usize, usize)> {
-    let mut value = 0usize;
-    for (i, byte) in buf.iter().take(4).enumerate() {
-        value |= usize::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some((value, i + 1));
-        }
-    }
-    None
-}
-
-/// Whether `buf` holds the start of a CONNECT, and if so which protocol version it asks for.
-/// `Ok(None)`: not enough bytes yet. `Err(level)`: a version Outpost does not speak.
-pub fn connect_version(buf: &[u8]) -> Result<Option<Version>, u8> {
-    let Some(&first) = buf.first() else { return Ok(None) };
-    if first >> 4 != 1 {
-        return Err(0);
-    }
-    let Some((_, used)) = varint(&buf[1..]) else {
-        return if buf.len() >= 5 { Err(0) } else { Ok(None) };
-    };
-    // Protocol name (u16 length + "MQTT"), then the level byte.
-    let at = 1 + used;
-    let Some(name_len) = buf.get(at..at + 2).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else {
-        return Ok(None);
-    };
-    match buf.get(at + 2 + name_len) {
-        None => Ok(None),
-        Some(4) => Ok(Some(Version::V4)),
-        Some(5) => Ok(Some(Version::V5)),
-        Some(&other) => Err(other),
-    }
-}
-
-/// QoS and packet id of the PUBLISH at the start of `buf`, if it starts with a complete
-/// PUBLISH header. QoS 0 publishes carry no packet id (0 is returned).
-pub fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
-    let first = *buf.first()?;
-    if first >> 4 != 3 {
-        return None;
-    }
-    let qos = (first >> 1) & 0b11;
-    let (_, used) = varint(&buf[1..])?;
-    let at = 1 + used;
-    let topic_len = usize::from(u16::from_be_bytes([*buf.get(at)?, *buf.get(at + 1)?]));
-    if qos == 0 {
-        return Some((0, 0));
-    }
-    let p = at + 2 + topic_len;
-    Some((qos, u16::from_be_bytes([*buf.get(p)?, *buf.get(p + 1)?])))
-}
-
 /// `publish` with its QoS, packet id and retain flag replaced.
 pub fn publish_with(publish: &Publish, qos: u8, pkid: u16, retain: bool) -> Publish {
     publish_out(publish, qos, pkid, retain, false)
@@ -142,6 +84,7 @@ pub fn qos(n: u8) -> QoS {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt::wire;
 
     fn encode(version: Version, packet: Packet) -> BytesMut {
         let mut buf = BytesMut::new();
@@ -169,24 +112,11 @@ mod tests {
     }
 
     #[test]
-    fn peeks_qos_and_packet_id_in_both_versions() {
-        for version in [Version::V4, Version::V5] {
-            let p = publish_with(&Publish::new("a/b", "xyz", false), 1, 4242, false);
-            let buf = encode(version, Packet::Publish(p, None));
-            assert_eq!(peek_publish(&buf), Some((1, 4242)), "{version:?}");
-            let p0 = Publish::new("a/b", "xyz", false);
-            let buf = encode(version, Packet::Publish(p0, None));
-            assert_eq!(peek_publish(&buf), Some((0, 0)));
-            assert_eq!(peek_publish(&buf[..2]), None, "incomplete header");
-        }
-    }
-
-    #[test]
     fn a_resend_carries_the_dup_flag() {
         let p = publish_out(&Publish::new("t", "x", false), 1, 9, false, true);
         let buf = encode(Version::V4, Packet::Publish(p, None));
         assert_eq!(buf[0], 0x3a, "PUBLISH, DUP, QoS 1");
-        assert_eq!(peek_publish(&buf), Some((1, 9)));
+        assert_eq!(wire::peek_publish(&buf), Some((1, 9)));
     }
 
     #[test]
@@ -200,19 +130,5 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-    }
-
-    #[test]
-    fn connect_version_reads_the_protocol_level() {
-        let connect = |level: u8| {
-            let mut b = vec![0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', level, 2, 0, 60];
-            b.truncate(12);
-            b
-        };
-        assert_eq!(connect_version(&connect(4)), Ok(Some(Version::V4)));
-        assert_eq!(connect_version(&connect(5)), Ok(Some(Version::V5)));
-        assert_eq!(connect_version(&connect(3)), Err(3));
-        assert_eq!(connect_version(&connect(4)[..5]), Ok(None));
-        assert_eq!(connect_version(&[0x30, 0]), Err(0), "not a CONNECT");
     }
 }
