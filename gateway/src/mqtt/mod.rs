@@ -2,3 +2,4 @@
 //! the pipeline, tokio or the buffer.
 
 pub mod codec;
+pub mod upstream;
