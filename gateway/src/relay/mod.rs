@@ -19,12 +19,14 @@
 //!   relay stops taking input; the bounded channels before it (2 × 1024 events) then fill and
 //!   ingest stops reading the broker link.
 //! - All on-disk records have lower sequence numbers than all in-memory ones of the same
-//!   priority, because a commit always takes *every* unsaved event.
+//!   priority, because a commit always takes a sequence prefix of each priority's unsaved
+//!   events (all of them, or all but the youngest).
 //! - Per priority, events are sent in sequence order; after a reconnect, sending restarts at
 //!   the oldest unacknowledged event. Priorities share the link by smooth weighted round robin
 //!   (weight `10 − priority`): urgent events go first, but no priority starves.
-//! - Packet ids are the relay's, per connection: a lost connection takes its packet ids with it
-//!   and everything it had in flight is sent again (see [`crate::uplink::session`]).
+//! - Packet ids belong to the connection's session, which the relay owns: a lost connection
+//!   takes its packet ids with it and everything it had in flight is sent again (see
+//!   [`crate::uplink::session`]).
 //! - **No single event stalls the link.** An upstream that refuses an event by closing the
 //!   connection would get it first again after every reconnect. After the upstream closed a
 //!   connection (EOF, reset, DISCONNECT) with QoS 1 publishes unacknowledged, the next

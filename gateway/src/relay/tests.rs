@@ -4,7 +4,9 @@
 //! upstream unless a crash lost it from the stated in-memory window; within one connection
 //! and one priority, publishes go out in sequence order; the buffer ends empty; and **no
 //! event whose sensor acknowledgement was released is ever lost in a crash** (every event
-//! carries a ticket from a simulated sensor connection).
+//! carries a ticket from a simulated sensor connection). The model upstream's PUBACKs and
+//! PINGRESPs are real packets, read through the connection's session by the run loop's own
+//! `deliver`.
 //!
 //! Poison events: the model upstream closes the connection as soon as one reaches it, every
 //! time, and also closes it at random (a flapping upstream, at most `POISON_AFTER - 1` times in
