@@ -1,4 +1,4 @@
-//! Feeds arbitrary bytes to what reads the upstream's socket (`uplink::parse_incoming`), for
+//! Feeds arbitrary bytes to what reads the upstream's socket (`mqtt::upstream::parse_incoming`), for
 //! MQTT 3.1.1 and 5. It must return a packet, ask for more, or fail; never panic, and never
 //! consume a packet it did not return.
 //!
@@ -9,7 +9,7 @@
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use outpost::config::MqttVersion;
-use outpost::uplink::parse_incoming;
+use outpost::mqtt::upstream::parse_incoming;
 
 fuzz_target!(|data: &[u8]| {
     for version in [MqttVersion::V311, MqttVersion::V5] {

@@ -4,7 +4,9 @@
 //! upstream unless a crash lost it from the stated in-memory window; within one connection
 //! and one priority, publishes go out in sequence order; the buffer ends empty; and **no
 //! event whose sensor acknowledgement was released is ever lost in a crash** (every event
-//! carries a ticket from a simulated sensor connection).
+//! carries a ticket from a simulated sensor connection). The model upstream's PUBACKs and
+//! PINGRESPs are real packets, read through the connection's session by the run loop's own
+//! `deliver`.
 //!
 //! Poison events: the model upstream closes the connection as soon as one reaches it, every
 //! time, and also closes it at random (a flapping upstream, at most `POISON_AFTER - 1` times in
@@ -12,14 +14,20 @@
 //! lost in a crash ends in the dead letters, nothing else ever does, and every other event is
 //! acknowledged upstream as before — no event is lost for a poison in front of it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::config::MqttVersion;
+use bytes::BytesMut;
 use proptest::prelude::*;
 
+use super::lanes::Bucket;
+use super::run::deliver;
 use super::*;
 use crate::ack::{AckQueue, Outcome};
-use crate::buffer::Store;
+use crate::buffer::worker::Worker;
+use crate::buffer::{Key, Store};
+use crate::config::MqttVersion;
+use crate::event::Outbound;
+use crate::uplink::{LinkLoss, LinkParams, OUT_HIGH_WATER};
 
 const WINDOW: usize = 4;
 const COMMIT_MAX: usize = 5;
@@ -171,6 +179,12 @@ impl Harness {
         }
     }
 
+    /// What the model upstream sends reaches the relay as the run loop hands it over.
+    fn upstream_sends(&mut self, mut bytes: BytesMut) {
+        deliver(&mut self.relay, &mut bytes, self.clock).expect("the model upstream sends valid packets");
+        assert!(bytes.is_empty(), "every packet the model upstream sent was read");
+    }
+
     /// Answers the letters of blamed events, as the dead-letter writer would once they are on
     /// disk.
     fn write_letters(&mut self) {
@@ -182,7 +196,7 @@ impl Harness {
 
     /// Waits for every outstanding store reply, as the run loop would.
     async fn settle(&mut self) {
-        while self.relay.commit_running || self.relay.lanes.iter().any(|l| l.reading) {
+        while self.relay.commits.running || self.relay.lanes.iter().any(|l| l.reading) {
             let reply = self.worker.replies.recv().await.expect("store thread alive");
             self.relay.on_reply(reply, self.dir.path(), self.clock);
         }
@@ -196,10 +210,11 @@ impl Harness {
         }
         self.relay.pump(&self.worker.commands, self.clock, &mut self.out);
         while !self.out.is_empty() {
-            let Ok(rumqttc::Packet::Publish(p)) =
-                rumqttc::mqttbytes::v4::Packet::read(&mut self.out, usize::MAX)
-            else {
-                panic!("the relay encoded something other than a publish")
+            let p = match rumqttc::mqttbytes::v4::Packet::read(&mut self.out, usize::MAX) {
+                Ok(rumqttc::Packet::Publish(p)) => p,
+                // The probe of a connection that isolates the suspect.
+                Ok(rumqttc::Packet::PingReq) => continue,
+                _ => panic!("the relay encoded something other than a publish or a PINGREQ"),
             };
             let priority: u8 = p.topic.trim_start_matches("t/").parse().expect("test topic");
             let id: u64 = std::str::from_utf8(&p.payload).expect("utf8").parse().expect("test payload");
@@ -234,11 +249,11 @@ impl Harness {
                         max_packet: usize::MAX,
                         keepalive: Duration::ZERO,
                     };
-                    self.relay.on_connected(self.generation, params);
+                    self.relay.on_connected(self.generation, params, self.clock, &mut self.out);
                     self.connected = true;
                     if self.relay.wants_probe() {
                         // The model upstream answers the PINGREQ at once.
-                        self.relay.on_pingresp();
+                        self.upstream_sends(BytesMut::from(&[0xD0u8, 0x00][..]));
                     }
                 }
             }
@@ -261,7 +276,9 @@ impl Harness {
             Action::Ack(n) => {
                 if !self.inflight.is_empty() {
                     let (pkid, id) = self.inflight.remove(n % self.inflight.len());
-                    self.relay.on_puback(pkid, None, self.clock);
+                    let mut puback = BytesMut::new();
+                    rumqttc::mqttbytes::v4::PubAck::new(pkid).write(&mut puback).expect("write");
+                    self.upstream_sends(puback);
                     self.acked.insert(id);
                     self.closes_since_ack = 0;
                 }
@@ -405,8 +422,8 @@ proptest! {
                     assert!(prev < *id, "generation {generation} priority {priority}: {id} sent after {prev}");
                 }
             }
-            assert_eq!(h.relay.unsaved_len, 0);
-            let stored: u64 = h.relay.disk.iter().map(|l| l.events).sum();
+            assert_eq!(h.relay.commits.unsaved_len, 0);
+            let stored: u64 = h.relay.commits.disk.iter().map(|l| l.events).sum();
             assert_eq!(stored, 0, "acknowledged events must be deleted from the file");
         });
     }
@@ -494,7 +511,11 @@ fn expired_events_are_counted_and_never_sent() {
         h.step(Action::Ack(0)).await;
         h.relay.maybe_commit(&h.worker.commands, true, h.clock);
         h.settle().await;
-        assert_eq!(h.relay.disk.iter().map(|l| l.events).sum::<u64>(), 0, "the expired event left the file");
+        assert_eq!(
+            h.relay.commits.disk.iter().map(|l| l.events).sum::<u64>(),
+            0,
+            "the expired event left the file"
+        );
     });
 }
 
@@ -638,14 +659,14 @@ fn passed_waits_are_not_deadlines() {
     rt.block_on(async {
         let mut h = Harness::new();
         let now = h.clock;
-        h.relay.rate_wait = Some(now - Duration::from_millis(5));
-        h.relay.read_retry_at = Some(now - Duration::from_millis(5));
+        h.relay.pacing.rate_wait = Some(now - Duration::from_millis(5));
+        h.relay.pacing.read_retry_at = Some(now - Duration::from_millis(5));
         assert!(h.relay.next_deadline().is_some_and(|d| d <= now), "the set-up has past deadlines");
-        h.relay.clear_elapsed_waits(now);
+        h.relay.pacing.clear_elapsed(now);
         assert!(h.relay.next_deadline().is_none_or(|d| d > now), "{:?}", h.relay.next_deadline());
         // A wait still ahead stays.
-        h.relay.rate_wait = Some(now + Duration::from_millis(5));
-        h.relay.clear_elapsed_waits(now);
+        h.relay.pacing.rate_wait = Some(now + Duration::from_millis(5));
+        h.relay.pacing.clear_elapsed(now);
         assert_eq!(h.relay.next_deadline(), Some(now + Duration::from_millis(5)));
     });
 }
@@ -686,14 +707,14 @@ fn a_poison_event_is_dead_lettered_and_the_events_behind_it_go_on() {
         let mut h = backlog_with_poison(10, 0).await;
         // The first connection sends a full window; the upstream closes on the poison.
         one_connection(&mut h).await;
-        assert!(!h.connected && h.relay.suspect.is_some(), "the poison is now the suspect");
+        assert!(!h.connected && h.relay.isolation.suspect.is_some(), "the poison is now the suspect");
         // Each following connection sends the suspect alone after a PINGRESP: strikes 1..=3.
         for strike in 1..=POISON_AFTER {
             one_connection(&mut h).await;
             let sent_last = h.published.iter().filter(|(g, _, _)| *g == h.generation).count();
             assert_eq!(sent_last, 1, "connection {} isolated the suspect", h.generation);
             if strike < POISON_AFTER {
-                assert_eq!(h.relay.strikes.map(|(_, n)| n), Some(strike));
+                assert_eq!(h.relay.isolation.strikes.map(|(_, n)| n), Some(strike));
             }
         }
         assert_eq!(h.letters.len(), 1, "blamed after {POISON_AFTER} closes in a row");
@@ -708,7 +729,7 @@ fn a_poison_event_is_dead_lettered_and_the_events_behind_it_go_on() {
         }
         h.relay.maybe_commit(&h.worker.commands, true, h.clock);
         h.settle().await;
-        assert_eq!(h.relay.disk.iter().map(|l| l.events).sum::<u64>(), 0, "the poison left the file");
+        assert_eq!(h.relay.commits.disk.iter().map(|l| l.events).sum::<u64>(), 0, "the poison left the file");
     });
 }
 
@@ -726,7 +747,7 @@ fn flaps_slow_closes_and_our_own_losses_blame_nothing() {
         h.step(Action::Connect).await;
         h.step(Action::Write(WINDOW)).await;
         h.step(Action::Flap).await;
-        let suspect = h.relay.suspect.expect("the first unacknowledged publish is the suspect");
+        let suspect = h.relay.isolation.suspect.expect("the first unacknowledged publish is the suspect");
         // Two quick closes right after the isolated suspect: two strikes.
         for _ in 0..2 {
             h.closes_since_ack = 0;
@@ -734,7 +755,7 @@ fn flaps_slow_closes_and_our_own_losses_blame_nothing() {
             h.step(Action::Write(WINDOW)).await;
             h.step(Action::Flap).await;
         }
-        assert_eq!(h.relay.strikes, Some((suspect, 2)));
+        assert_eq!(h.relay.isolation.strikes, Some((suspect, 2)));
         // Closes after POISON_CLOSE_WITHIN, and losses we cause, never count.
         for i in 0..6 {
             h.step(Action::Connect).await;
@@ -748,12 +769,12 @@ fn flaps_slow_closes_and_our_own_losses_blame_nothing() {
                 h.step(Action::Disconnect).await;
             }
         }
-        assert_eq!(h.relay.strikes, Some((suspect, 2)));
+        assert_eq!(h.relay.isolation.strikes, Some((suspect, 2)));
         // Its PUBACK clears the strikes and ends the isolation.
         h.step(Action::Connect).await;
         h.step(Action::Write(WINDOW)).await;
         h.step(Action::Ack(0)).await;
-        assert_eq!((h.relay.strikes, h.relay.suspect), (None, None));
+        assert_eq!((h.relay.isolation.strikes, h.relay.isolation.suspect), (None, None));
         assert_eq!(h.relay.window(), WINDOW, "the full window again");
         h.drain().await;
         assert!(h.dead_lettered.is_empty() && h.letters.is_empty());
@@ -780,14 +801,16 @@ fn closes_before_the_pingresp_blame_nothing() {
                 max_packet: usize::MAX,
                 keepalive: Duration::ZERO,
             };
-            h.relay.on_connected(h.generation, params);
+            let mut probe = BytesMut::new();
+            h.relay.on_connected(h.generation, params, h.clock, &mut probe);
             assert!(h.relay.wants_probe());
+            assert_eq!(&probe[..], &[0xC0, 0x00], "a PINGREQ first");
             let mut out = BytesMut::new();
             h.relay.pump(&h.worker.commands, h.clock, &mut out);
             assert!(out.is_empty(), "nothing is sent before the PINGRESP");
             h.relay.on_link_lost(LinkLoss::PeerClosed, "closed", h.clock);
         }
-        assert_eq!(h.relay.strikes, None);
+        assert_eq!(h.relay.isolation.strikes, None);
         h.drain().await;
         assert_eq!(h.acked.len(), 1);
     });
