@@ -18,8 +18,8 @@ use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
 
 /// The broker's end of the channel into the route stage. The route stage ends when every
-/// sender is gone, so the broker drops its last one (with [`super::Shared`]) when it stops
-/// accepting.
+/// sender is gone: this one goes with [`super::Shared`], once the accept loops and every
+/// connection have ended.
 pub struct Intake {
     ids: IdGen,
     events: mpsc::Sender<Event>,

@@ -24,7 +24,7 @@ use super::io::Io;
 use super::publish_in::Inbound;
 use super::{Client, Connection, End};
 use crate::broker::Shared;
-use crate::broker::live::Full;
+use crate::broker::live::{Full, Registration};
 use crate::event::{TopicError, invalid_topic};
 use crate::metrics::Metrics;
 use crate::mqtt::codec;
@@ -47,17 +47,8 @@ pub(super) async fn connect(
         debug!(message = "first packet is not CONNECT; closing", %peer);
         return None;
     };
-    match policy(&shared, &connect, login.as_ref(), will.as_ref(), io.v5()) {
-        Verdict::Accept => {}
-        Verdict::Refuse(code, why) => {
-            refuse(&mut io, &shared, code, why).await;
-            return None;
-        }
-        Verdict::Close(why) => {
-            debug!(message = "CONNECT with an invalid will topic; closing", %peer, reason = why);
-            Metrics::add(&shared.metrics.counters().protocol_errors, 1);
-            return None;
-        }
+    if !admit(&mut io, &shared, &connect, login.as_ref(), will.as_ref()).await {
+        return None;
     }
     let terms = Terms::of(&connect, props.as_ref(), io.v5());
     let client_id = if terms.assigned {
@@ -65,19 +56,7 @@ pub(super) async fn connect(
     } else {
         connect.client_id.clone()
     };
-    let (registration, previous) = match shared.live.register(&client_id, cancel) {
-        Ok(registered) => registered,
-        Err(Full) => {
-            // 3.1.1 has no "busy"; its "server unavailable" is the closest code.
-            let code =
-                if io.v5() { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
-            refuse(&mut io, &shared, code, "broker.max_connections reached").await;
-            return None;
-        }
-    };
-    if let Some(previous) = previous {
-        previous.take_over(&client_id, &shared.metrics).await;
-    }
+    let registration = register(&mut io, &shared, &client_id, cancel).await?;
     let id: Arc<str> = Arc::from(client_id);
     let attached =
         shared.local.attach(&id, registration.serial(), terms.clean_start, !terms.clean, terms.expiry);
@@ -99,6 +78,52 @@ pub(super) async fn connect(
     Metrics::add(&connection.client.shared.metrics.counters().sensor_connects, 1);
     debug!(message = "sensor connected", client_id = %connection.client.id, %peer, version = ?connection.io.version(), clean = terms.clean);
     Some(connection)
+}
+
+/// Applies the CONNECT policy; `false`: refused (answered, counted, logged).
+async fn admit(
+    io: &mut Io,
+    shared: &Shared,
+    connect: &Connect,
+    login: Option<&Login>,
+    will: Option<&LastWill>,
+) -> bool {
+    match policy(shared, connect, login, will, io.v5()) {
+        Verdict::Accept => true,
+        Verdict::Refuse(code, why) => {
+            refuse(io, shared, code, why).await;
+            false
+        }
+        Verdict::Close(why) => {
+            debug!(message = "CONNECT with an invalid will topic; closing", peer = %io.peer(), reason = why);
+            Metrics::add(&shared.metrics.counters().protocol_errors, 1);
+            false
+        }
+    }
+}
+
+/// Registers the connection as `client_id`'s live one, once the connection it takes over (if
+/// any) finished; `None`: refused at `broker.max_connections`.
+async fn register(
+    io: &mut Io,
+    shared: &Shared,
+    client_id: &str,
+    cancel: &CancellationToken,
+) -> Option<Registration> {
+    let (registration, previous) = match shared.live.register(client_id, cancel) {
+        Ok(registered) => registered,
+        Err(Full) => {
+            // 3.1.1 has no "busy"; its "server unavailable" is the closest code.
+            let code =
+                if io.v5() { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
+            refuse(io, shared, code, "broker.max_connections reached").await;
+            return None;
+        }
+    };
+    if let Some(previous) = previous {
+        previous.take_over(client_id, &shared.metrics).await;
+    }
+    Some(registration)
 }
 
 /// The CONNECT within `broker.connection_timeout`, unless the gateway stops first.
