@@ -31,8 +31,9 @@
 //!   never the other way; `RetainedStore`'s, `LiveConnections`' and the log throttles' are
 //!   leaves (nothing is locked under them). None is held across an `.await`, and the runtime
 //!   has one thread, so none is ever contended.
-//! - A publish costs one trie walk under one lock (none while nobody subscribes) and, only if
-//!   retained, the retained store's lock.
+//! - A publish costs one trie walk under one lock (none while nobody subscribes), one mailbox
+//!   lock per session it is queued for, and, only if retained, the retained store's lock.
+//!   The intake's log throttle is locked only while the route stage's channel is full.
 //! - `cfg` and `metrics` are read-only / atomics; `$SYS` status is a `watch` snapshot; the
 //!   intake is a channel.
 //! - Who calls what: connections call every part; the `Republisher` only
