@@ -306,7 +306,7 @@ fn rules_test(
 }
 
 /// The events of a `--events` file: JSON lines with "topic", "payload" and "clientid".
-fn recorded_cases(path: &Path, policy: &crate::event::TopicPolicy) -> anyhow::Result<Vec<Case>> {
+fn recorded_cases(path: &Path, policy: &crate::mqtt::topic::TopicPolicy) -> anyhow::Result<Vec<Case>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut cases = Vec::new();
     for (idx, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {

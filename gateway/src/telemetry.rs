@@ -4,8 +4,10 @@
 //! JSON, the `counters` summary (`name=value …`) becomes an object of numbers, so a log
 //! pipeline can read `counters.upstream_failures` without parsing a string.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::IsTerminal;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -148,6 +150,19 @@ impl LogThrottle {
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// One [`LogThrottle`] per kind of warning, for a part shared by many tasks that logs several
+/// kinds. Its lock guards only the throttles and is never held across an `.await`.
+#[derive(Debug, Default)]
+pub struct LogThrottles(Mutex<BTreeMap<&'static str, LogThrottle>>);
+
+impl LogThrottles {
+    /// [`LogThrottle::ready`] for the warnings of `kind`.
+    pub fn ready(&self, kind: &'static str) -> Option<u64> {
+        let mut throttles = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        throttles.entry(kind).or_default().ready(Instant::now())
     }
 }
 

@@ -22,7 +22,7 @@
 //!   queue and are sent again with DUP and their packet id.
 //! - The publisher never holds a lock while it waits, and no lock is held across an `.await`.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -34,7 +34,7 @@ use tracing::warn;
 
 use super::subs::SubTrie;
 use crate::metrics::Metrics;
-use crate::telemetry::LogThrottle;
+use crate::telemetry::LogThrottles;
 
 /// How long a publisher waits for room in a connected subscriber's full queue before the
 /// delivery is dropped (once per episode: see the module invariants).
@@ -227,7 +227,7 @@ pub struct Local {
     state: Mutex<State>,
     /// Subscriptions held, readable without the lock (the no-subscriber fast path).
     subscriptions: AtomicUsize,
-    logs: Mutex<BTreeMap<&'static str, LogThrottle>>,
+    logs: LogThrottles,
 }
 
 impl Local {
@@ -237,13 +237,8 @@ impl Local {
             metrics,
             state: Mutex::default(),
             subscriptions: AtomicUsize::new(0),
-            logs: Mutex::default(),
+            logs: LogThrottles::default(),
         }
-    }
-
-    /// Logging gate for warnings that can repeat per packet: at most one per kind per 10 s.
-    pub fn log_ready(&self, kind: &'static str) -> Option<u64> {
-        lock(&self.logs).entry(kind).or_default().ready(Instant::now())
     }
 
     fn publish_gauges(&self, state: &State) {
@@ -334,7 +329,7 @@ impl Local {
             if let Some(victim) = oldest {
                 state.end_session(&victim);
                 Metrics::add(&self.metrics.counters().sessions_evicted, 1);
-                if let Some(folded) = self.log_ready("evicted") {
+                if let Some(folded) = self.logs.ready("evicted") {
                     warn!(message = "a persistent session was ended: broker.max_offline_sessions offline sessions are kept already; raise it, or have clients that do not return use clean sessions", client_id = %victim, similar_since_last_log = folded);
                 }
             }
@@ -497,7 +492,7 @@ impl Local {
 
     fn dropped(&self, id: &str, topic: &str) {
         Metrics::add(&self.metrics.counters().local_dropped, 1);
-        if let Some(folded) = self.log_ready("local-dropped") {
+        if let Some(folded) = self.logs.ready("local-dropped") {
             warn!(message = "a local subscriber's queue is full (broker.max_queued_messages): a delivery to it was dropped and counted (local_dropped); it reads too slowly or is offline — fix or reconnect it, or raise broker.max_queued_messages", client_id = %id, %topic, similar_since_last_log = folded);
         }
     }

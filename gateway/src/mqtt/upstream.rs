@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::{BufMut, BytesMut};
 use rumqttc::v5::mqttbytes::v5 as mqtt5;
 
-use super::wire::{describe_reason, fixed_header, put_varint, varint_len, FixedHeader, MAX_VARINT};
+use super::wire::{FixedHeader, MAX_VARINT, describe_reason, fixed_header, put_varint, varint_len};
 use crate::config::{MqttVersion, UpstreamConfig};
 use crate::event::format_event_id;
 

@@ -1,0 +1,262 @@
+//! The subscribing side of a connection: its subscriptions, and deliveries to the client —
+//! from its session's mailbox, retained messages and `$SYS` status — with the QoS 1 window,
+//! packet ids and DUP resends.
+//!
+//! # Invariants
+//! - At most [`MAX_OUT_INFLIGHT`] QoS 1 deliveries await the client's PUBACK; the mailbox is
+//!   taken from only as far as the window allows, so its queue (bounded) holds the rest.
+//!   Retained and `$SYS` deliveries past the window go at QoS 0: a client that never
+//!   acknowledges cannot exhaust the packet ids.
+//! - A packet id is never used twice while in flight. Deliveries left unacknowledged go back
+//!   to the session, in the order they were sent, when the connection ends.
+//! - `$SYS` filters are this connection's alone ([`SysSubscription`]); every other filter is
+//!   the session's, in the trie.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rumqttd::protocol::{
+    Filter, Packet, Publish, SubAck, Subscribe, SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
+};
+
+use super::Client;
+use super::io::Io;
+use crate::broker::Shared;
+use crate::broker::local::{Attached, Mailbox, Message, SubscribeError};
+use crate::broker::sys::{self, SysSubscription};
+use crate::metrics::Metrics;
+use crate::mqtt::codec;
+use crate::mqtt::topic;
+
+/// Outgoing QoS 1 deliveries awaiting the client's PUBACK, at most. Beyond it the session's
+/// queued deliveries wait (and its queue fills); retained replays go at QoS 0.
+const MAX_OUT_INFLIGHT: usize = 1_000;
+
+pub(super) struct Outbound {
+    pub(super) queue: SessionQueue,
+    pub(super) sys: SysSubscription,
+    /// Outgoing QoS 1 deliveries awaiting the client's PUBACK, by packet id, with their send
+    /// order (a persistent session gets them again in that order after a reconnect).
+    inflight: HashMap<u16, (u64, Message)>,
+    sent: u64,
+    next_pkid: u16,
+}
+
+/// The session's delivery queue, as the connection waits on it.
+pub(super) struct SessionQueue {
+    mailbox: Arc<Mailbox>,
+    /// Whether anything can arrive in the mailbox (a subscription was made, or a session
+    /// resumed). Until then the loop does not wait on it: most sensors only publish, and a
+    /// wake-up registration per loop turn is their per-publish cost otherwise.
+    listening: bool,
+}
+
+impl SessionQueue {
+    /// Resolves when the mailbox may hold deliveries; never while not listening.
+    pub(super) async fn ready(&self) {
+        if self.listening {
+            self.mailbox.ready().await;
+        } else {
+            std::future::pending().await
+        }
+    }
+}
+
+/// What one SUBSCRIBE's filters got.
+struct Granted {
+    codes: Vec<SubscribeReasonCode>,
+    /// Filters in the trie, with their granted QoS.
+    local: Vec<(String, u8)>,
+    /// `$SYS` filters this connection did not hold yet.
+    sys: Vec<String>,
+}
+
+impl Outbound {
+    pub(super) fn new(attached: Attached) -> Outbound {
+        Outbound {
+            queue: SessionQueue { mailbox: attached.mailbox, listening: attached.present },
+            sys: SysSubscription::default(),
+            inflight: HashMap::new(),
+            sent: 0,
+            next_pkid: 0,
+        }
+    }
+
+    pub(super) fn on_puback(&mut self, pkid: u16) {
+        self.inflight.remove(&pkid);
+    }
+
+    /// Writes what the session's queue holds, as far as the QoS 1 window allows, in order.
+    pub(super) fn pull(&mut self, io: &mut Io, shared: &Shared) {
+        let mut room = MAX_OUT_INFLIGHT.saturating_sub(self.inflight.len());
+        let mut taken = Vec::new();
+        self.queue.mailbox.take(
+            |m| {
+                if m.qos == 0 {
+                    return true;
+                }
+                if room == 0 {
+                    return false;
+                }
+                room -= 1;
+                true
+            },
+            &mut taken,
+        );
+        for message in taken {
+            self.send(io, shared, message);
+        }
+    }
+
+    /// Subscribes, answers with SUBACK, then sends the retained messages and current `$SYS`
+    /// status the new filters match.
+    pub(super) fn on_subscribe(&mut self, io: &mut Io, client: &Client, subscribe: Subscribe) {
+        let granted = self.grant(client, io.v5(), subscribe.filters);
+        io.write(Packet::SubAck(SubAck { pkid: subscribe.pkid, return_codes: granted.codes }, None));
+        self.replay_retained(io, &client.shared, granted.local);
+        if !granted.sys.is_empty() {
+            self.start_sys(io, &client.shared, granted.sys);
+        }
+    }
+
+    /// Adds each filter to the session (or to this connection's `$SYS` filters).
+    fn grant(&mut self, client: &Client, v5: bool, filters: Vec<Filter>) -> Granted {
+        let refused = |quota: bool| match (v5, quota) {
+            (false, _) => SubscribeReasonCode::Failure,
+            (true, true) => SubscribeReasonCode::QuotaExceeded,
+            (true, false) => SubscribeReasonCode::TopicFilterInvalid,
+        };
+        let mut granted =
+            Granted { codes: Vec::with_capacity(filters.len()), local: Vec::new(), sys: Vec::new() };
+        for filter in filters {
+            let qos = (filter.qos as u8).min(1);
+            if topic::invalid_filter(&filter.path).is_some() {
+                granted.codes.push(refused(false));
+            } else if sys::is_sys(&filter.path) {
+                if !self.sys.holds(&filter.path) && !granted.sys.contains(&filter.path) {
+                    if !self.sys.has_room(&granted.sys) {
+                        granted.codes.push(refused(true));
+                        continue;
+                    }
+                    granted.sys.push(filter.path);
+                }
+                granted.codes.push(SubscribeReasonCode::Success(codec::qos(0)));
+            } else {
+                match client.shared.local.subscribe(&client.id, &filter.path, qos) {
+                    Ok(()) => {
+                        self.queue.listening = true;
+                        granted.codes.push(SubscribeReasonCode::Success(codec::qos(qos)));
+                        granted.local.push((filter.path, qos));
+                    }
+                    Err(SubscribeError::TooMany) => granted.codes.push(refused(true)),
+                }
+            }
+        }
+        granted
+    }
+
+    /// Sends the retained messages matching new filters. Shared subscriptions get none (MQTT 5,
+    /// 4.8.2).
+    fn replay_retained(&mut self, io: &mut Io, shared: &Shared, filters: Vec<(String, u8)>) {
+        for (filter, qos) in filters.into_iter().filter(|(f, _)| !f.starts_with("$share/")) {
+            for retained in shared.retained.matching(&filter) {
+                let message = Message {
+                    qos: retained.qos.min(qos),
+                    publish: retained.publish,
+                    retain: true,
+                    properties: retained.properties,
+                    resend: None,
+                };
+                self.deliver(io, shared, message);
+            }
+        }
+    }
+
+    /// Adds new `$SYS` filters and sends each the current status it matches, as retained.
+    fn start_sys(&mut self, io: &mut Io, shared: &Shared, filters: Vec<String>) {
+        let status = self.sys.follow(&shared.status);
+        for filter in &filters {
+            for (topic, payload) in status.iter().filter(|(name, _)| topic::filter_matches(filter, name)) {
+                self.send_status(io, shared, topic, payload, true);
+            }
+        }
+        self.sys.extend(filters);
+    }
+
+    /// The status changed: sends the topics this connection's `$SYS` filters match.
+    pub(super) fn on_status(&mut self, io: &mut Io, shared: &Shared) {
+        let Some(status) = self.sys.current() else { return };
+        for (topic, payload) in status.iter() {
+            if self.sys.wants(topic) {
+                self.send_status(io, shared, topic, payload, false);
+            }
+        }
+    }
+
+    fn send_status(&mut self, io: &mut Io, shared: &Shared, topic: &str, payload: &Bytes, retained: bool) {
+        let publish = Publish::new(Bytes::from(topic.to_owned()), payload.clone(), retained);
+        self.deliver(
+            io,
+            shared,
+            Message { publish, qos: 0, retain: retained, properties: None, resend: None },
+        );
+    }
+
+    pub(super) fn on_unsubscribe(&mut self, io: &mut Io, client: &Client, unsubscribe: Unsubscribe) {
+        let mut reasons = Vec::new();
+        for filter in unsubscribe.filters {
+            let was_sys = self.sys.remove(&filter);
+            if client.shared.local.unsubscribe(&client.id, &filter) || was_sys {
+                reasons.push(UnsubAckReason::Success);
+            } else {
+                reasons.push(UnsubAckReason::NoSubscriptionExisted);
+            }
+        }
+        io.write(Packet::UnsubAck(UnsubAck { pkid: unsubscribe.pkid, reasons }, None));
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    /// Writes a retained or `$SYS` delivery. A client that never acknowledges cannot exhaust
+    /// the packet ids: past the window it gets QoS 0.
+    fn deliver(&mut self, io: &mut Io, shared: &Shared, mut message: Message) {
+        if message.qos > 0 && self.inflight.len() >= MAX_OUT_INFLIGHT {
+            message.qos = 0;
+        }
+        self.send(io, shared, message);
+    }
+
+    /// Writes one delivery; a QoS 1 one is kept until the client's PUBACK.
+    fn send(&mut self, io: &mut Io, shared: &Shared, message: Message) {
+        let (pkid, dup) = match (message.qos, message.resend) {
+            (0, _) => (0, false),
+            (_, Some(p)) if !self.inflight.contains_key(&p) && p != 0 => (p, true),
+            _ => (self.alloc_pkid(), false),
+        };
+        let out = codec::publish_out(&message.publish, message.qos, pkid, message.retain, dup);
+        let properties = if io.v5() { message.properties.clone() } else { None };
+        io.write(Packet::Publish(out, properties));
+        Metrics::add(&shared.metrics.counters().local_delivered, 1);
+        if message.qos > 0 {
+            self.sent += 1;
+            self.inflight.insert(pkid, (self.sent, Message { resend: Some(pkid), ..message }));
+        }
+    }
+
+    /// The connection ends: the session gets its unacknowledged deliveries back, in the order
+    /// they were sent (see `Local::detach`).
+    pub(super) fn detach(&mut self, client: &Client) {
+        let mut inflight: Vec<(u64, Message)> = self.inflight.drain().map(|(_, m)| m).collect();
+        inflight.sort_unstable_by_key(|(sent, _)| *sent);
+        let inflight = inflight.into_iter().map(|(_, m)| m).collect();
+        client.shared.local.detach(&client.id, client.registration.serial(), &self.queue.mailbox, inflight);
+    }
+}

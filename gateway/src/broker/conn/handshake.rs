@@ -1,0 +1,279 @@
+//! From an accepted socket to a running connection: the CONNECT, Outpost's policy on it,
+//! registration (the connection limit, takeover), the session's restore, the CONNACK.
+//!
+//! # Invariants
+//! - A refused client gets the protocol's refusal (a CONNACK code; 3.1.1 without a code for
+//!   it: the connection is closed) and holds nothing: no registration, no session.
+//! - A connection that takes over another proceeds only once the other finished (or the
+//!   takeover's wait passed), so the session it restores holds everything the other handed
+//!   back.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::protocol::{
+    self, ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill, Login, Packet,
+};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::deliver_out::Outbound;
+use super::io::Io;
+use super::publish_in::Inbound;
+use super::{Client, Connection, End};
+use crate::broker::Shared;
+use crate::broker::live::{Full, Registration};
+use crate::metrics::Metrics;
+use crate::mqtt::topic::{NameError, invalid_topic};
+use crate::mqtt::wire;
+
+/// Headroom over `broker.max_payload` for the topic and properties of one packet.
+const HEADER_ROOM: usize = 4096;
+
+/// Runs the handshake. `None`: the connection ended in it (refused, gone, shut down).
+pub(super) async fn connect(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    cancel: &CancellationToken,
+) -> Option<Connection> {
+    let mut io = Io::new(stream, peer);
+    let max = usize::try_from(shared.cfg.max_payload.as_u64()).unwrap_or(usize::MAX) + HEADER_ROOM;
+    let Packet::Connect(connect, props, will, _will_props, login) =
+        read_connect_in_time(&mut io, &shared, cancel, max).await?
+    else {
+        debug!(message = "first packet is not CONNECT; closing", %peer);
+        return None;
+    };
+    if !admit(&mut io, &shared, &connect, login.as_ref(), will.as_ref()).await {
+        return None;
+    }
+    let terms = Terms::of(&connect, props.as_ref(), io.v5());
+    let client_id = if terms.assigned {
+        format!("outpost-{:016x}", rand::random::<u64>())
+    } else {
+        connect.client_id.clone()
+    };
+    let registration = register(&mut io, &shared, &client_id, cancel).await?;
+    let id: Arc<str> = Arc::from(client_id);
+    let attached =
+        shared.local.attach(&id, registration.serial(), terms.clean_start, !terms.clean, terms.expiry);
+    io.write(connack(&terms, &id, attached.present, max, io.v5()));
+    let keepalive =
+        (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let mut connection = Connection {
+        io,
+        inbound: Inbound::new(will),
+        outbound: Outbound::new(attached),
+        client: Client { shared, id, peer, registration },
+        max,
+        keepalive,
+    };
+    if connection.io.flush().await.is_err() {
+        connection.close(End::Eof).await;
+        return None;
+    }
+    Metrics::add(&connection.client.shared.metrics.counters().sensor_connects, 1);
+    debug!(message = "sensor connected", client_id = %connection.client.id, %peer, version = ?connection.io.version(), clean = terms.clean);
+    Some(connection)
+}
+
+/// Applies the CONNECT policy; `false`: refused (answered, counted, logged).
+async fn admit(
+    io: &mut Io,
+    shared: &Shared,
+    connect: &Connect,
+    login: Option<&Login>,
+    will: Option<&LastWill>,
+) -> bool {
+    match policy(shared, connect, login, will, io.v5()) {
+        Verdict::Accept => true,
+        Verdict::Refuse(code, why) => {
+            refuse(io, shared, code, why).await;
+            false
+        }
+        Verdict::Close(why) => {
+            debug!(message = "CONNECT with an invalid will topic; closing", peer = %io.peer(), reason = why);
+            Metrics::add(&shared.metrics.counters().protocol_errors, 1);
+            false
+        }
+    }
+}
+
+/// Registers the connection as `client_id`'s live one, once the connection it takes over (if
+/// any) finished; `None`: refused at `broker.max_connections`.
+async fn register(
+    io: &mut Io,
+    shared: &Shared,
+    client_id: &str,
+    cancel: &CancellationToken,
+) -> Option<Registration> {
+    let (registration, previous) = match shared.live.register(client_id, cancel) {
+        Ok(registered) => registered,
+        Err(Full) => {
+            // 3.1.1 has no "busy"; its "server unavailable" is the closest code.
+            let code =
+                if io.v5() { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
+            refuse(io, shared, code, "broker.max_connections reached").await;
+            return None;
+        }
+    };
+    if let Some(previous) = previous {
+        previous.take_over(client_id, &shared.metrics).await;
+    }
+    Some(registration)
+}
+
+/// The CONNECT within `broker.connection_timeout`, unless the gateway stops first.
+async fn read_connect_in_time(
+    io: &mut Io,
+    shared: &Shared,
+    cancel: &CancellationToken,
+    max: usize,
+) -> Option<Packet> {
+    let peer = io.peer();
+    let handshake = tokio::time::timeout(shared.cfg.connection_timeout, read_connect(io, max));
+    let connect = tokio::select! {
+        _ = cancel.cancelled() => return None,
+        r = handshake => r,
+    };
+    match connect {
+        Ok(Ok(packet)) => Some(packet),
+        Ok(Err(end)) => {
+            debug!(message = "connection closed before CONNECT", %peer, reason = ?end);
+            None
+        }
+        Err(_) => {
+            debug!(message = "no CONNECT within broker.connection_timeout; closing", %peer);
+            None
+        }
+    }
+}
+
+/// Reads the CONNECT: picks the codec from its protocol level.
+async fn read_connect(io: &mut Io, max: usize) -> Result<Packet, End> {
+    let version = loop {
+        match wire::connect_version(&io.inbuf) {
+            Ok(Some(v)) => break v,
+            Ok(None) => io.read_more().await?,
+            Err(level) => {
+                if level > 0 {
+                    // 3.1.1's "unacceptable protocol version": understood by 3.1 clients too.
+                    io.outbuf.extend_from_slice(&[0x20, 2, 0, 1]);
+                    io.flush().await?;
+                }
+                return Err(End::Protocol(format!(
+                    "not an MQTT 3.1.1 or 5 CONNECT (protocol level {level})"
+                )));
+            }
+        }
+    };
+    io.set_version(version);
+    loop {
+        match io.decode(max) {
+            Ok(packet) => return Ok(packet),
+            Err(protocol::Error::InsufficientBytes(_)) => io.read_more().await?,
+            Err(protocol::Error::PayloadSizeLimitExceeded(n)) => return Err(End::Oversize(n)),
+            Err(e) => return Err(End::Protocol(format!("malformed CONNECT: {e:?}"))),
+        }
+    }
+}
+
+/// What Outpost's policy says to a CONNECT.
+enum Verdict {
+    Accept,
+    /// A CONNACK with this code, then close.
+    Refuse(ConnectReturnCode, &'static str),
+    /// Close without a CONNACK: 3.1.1 has no code for it.
+    Close(&'static str),
+}
+
+/// The CONNECT policy: the will's topic, credentials, the client id.
+fn policy(
+    shared: &Shared,
+    connect: &Connect,
+    login: Option<&Login>,
+    will: Option<&LastWill>,
+    v5: bool,
+) -> Verdict {
+    let bad_will = will.and_then(|w| match std::str::from_utf8(&w.topic) {
+        Ok(t) => invalid_topic(t, &shared.cfg.topic_policy()).map(NameError::as_str),
+        Err(_) => Some("not UTF-8"),
+    });
+    if let Some(why) = bad_will {
+        if !v5 {
+            // 3.1.1 has no code for it: the spec says close the connection.
+            return Verdict::Close(why);
+        }
+        Verdict::Refuse(ConnectReturnCode::TopicNameInvalid, "invalid will topic")
+    } else if !shared.cfg.users.is_empty()
+        && login.is_none_or(|l| shared.cfg.users.get(&l.username) != Some(&l.password))
+    {
+        Verdict::Refuse(ConnectReturnCode::BadUserNamePassword, "bad username or password")
+    } else if connect.client_id.is_empty() && !connect.clean_session && !v5 {
+        Verdict::Refuse(ConnectReturnCode::ClientIdentifierNotValid, "an empty client id needs clean session")
+    } else {
+        Verdict::Accept
+    }
+}
+
+async fn refuse(io: &mut Io, shared: &Shared, code: ConnectReturnCode, why: &str) {
+    Metrics::add(&shared.metrics.counters().sensor_refused, 1);
+    if let Some(folded) = shared.logs.ready("refused") {
+        info!(message = "sensor connection refused", reason = why, peer = %io.peer(), similar_since_last_log = folded);
+    }
+    io.write(Packet::ConnAck(ConnAck { session_present: false, code }, None));
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.flush()).await;
+}
+
+/// The session a CONNECT asks for.
+struct Terms {
+    /// The client sent no id: Outpost assigns one.
+    assigned: bool,
+    /// The session ends with the connection.
+    clean: bool,
+    /// Whatever session the id had is discarded first.
+    clean_start: bool,
+    /// How long the session outlives the connection (`None`: until evicted).
+    expiry: Option<Duration>,
+}
+
+impl Terms {
+    fn of(connect: &Connect, props: Option<&ConnectProperties>, v5: bool) -> Terms {
+        let assigned = connect.client_id.is_empty();
+        // A session outlives its connection only when asked to: 3.1.1 clean session = false;
+        // MQTT 5 a session expiry above 0 (absent means 0), whatever clean start says (clean
+        // start only discards what was there before). An id Outpost assigned cannot be resumed
+        // by anyone, so its session would only leak.
+        let expiry = props.and_then(|p| p.session_expiry_interval).unwrap_or(0);
+        Terms {
+            assigned,
+            clean: assigned || if v5 { expiry == 0 } else { connect.clean_session },
+            clean_start: connect.clean_session || assigned,
+            // MQTT 5: 0xFFFFFFFF means the session never expires.
+            expiry: if v5 && expiry != u32::MAX {
+                Some(Duration::from_secs(u64::from(expiry)))
+            } else {
+                None
+            },
+        }
+    }
+}
+
+/// The CONNACK: what Outpost offers an MQTT 5 client is in its properties.
+fn connack(terms: &Terms, id: &str, session_present: bool, max: usize, v5: bool) -> Packet {
+    let props = v5.then(|| ConnAckProperties {
+        max_qos: Some(1),
+        retain_available: Some(1),
+        max_packet_size: u32::try_from(max).ok(),
+        assigned_client_identifier: terms.assigned.then(|| id.to_owned()),
+        topic_alias_max: Some(0),
+        wildcard_subscription_available: Some(1),
+        subscription_identifiers_available: Some(0),
+        shared_subscription_available: Some(1),
+        ..ConnAckProperties::default()
+    });
+    Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, props)
+}

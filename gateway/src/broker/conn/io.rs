@@ -1,0 +1,141 @@
+//! A connection's socket and codec: bytes in, packets out, and writing that never stops
+//! reading.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use rumqttd::protocol::{self, Packet};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::End;
+use crate::mqtt::codec::Codec;
+use crate::mqtt::wire::Version;
+
+/// Input read (and kept) while output waits for a client that is slow to read. Beyond it the
+/// connection stops reading: TCP slows a client that sends without reading.
+const READ_WHILE_WRITING: usize = 64 * 1024;
+
+pub(super) struct Io {
+    rd: OwnedReadHalf,
+    wr: OwnedWriteHalf,
+    /// Bytes read and not decoded yet.
+    pub(super) inbuf: BytesMut,
+    /// Packets encoded and not written yet.
+    pub(super) outbuf: BytesMut,
+    /// Set from the CONNECT's protocol level; until then a 3.1.1 codec.
+    codec: Codec,
+    version: Version,
+    peer: SocketAddr,
+}
+
+impl Io {
+    pub(super) fn new(stream: TcpStream, peer: SocketAddr) -> Io {
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        Io {
+            rd,
+            wr,
+            inbuf: BytesMut::with_capacity(4096),
+            outbuf: BytesMut::with_capacity(4096),
+            codec: Codec::new(Version::V4),
+            version: Version::V4,
+            peer,
+        }
+    }
+
+    pub(super) fn set_version(&mut self, version: Version) {
+        self.codec = Codec::new(version);
+        self.version = version;
+    }
+
+    pub(super) fn version(&self) -> Version {
+        self.version
+    }
+
+    pub(super) fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub(super) fn v5(&self) -> bool {
+        self.version == Version::V5
+    }
+
+    /// The next complete packet in the input buffer (`InsufficientBytes`: none yet).
+    pub(super) fn decode(&mut self, max: usize) -> Result<Packet, protocol::Error> {
+        self.codec.read(&mut self.inbuf, max)
+    }
+
+    /// Encodes a packet into the output buffer.
+    pub(super) fn write(&mut self, packet: Packet) {
+        if let Err(error) = self.codec.write(packet, &mut self.outbuf) {
+            warn!(message = "bug: a packet could not be encoded", ?error, peer = %self.peer);
+        }
+    }
+
+    pub(super) async fn read_more(&mut self) -> Result<(), End> {
+        match self.rd.read_buf(&mut self.inbuf).await {
+            Ok(0) => Err(End::Eof),
+            Ok(_) => Ok(()),
+            Err(e) => Err(End::Io(e)),
+        }
+    }
+
+    pub(super) async fn flush(&mut self) -> Result<(), End> {
+        if !self.outbuf.is_empty() {
+            self.wr.write_all(&self.outbuf).await.map_err(End::Io)?;
+            self.outbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Flushes what is left (bounded by `wait`) and closes the writing half.
+    pub(super) async fn shut_down(&mut self, wait: Duration) {
+        let _ = tokio::time::timeout(wait, self.flush()).await;
+        let _ = self.wr.shutdown().await;
+    }
+
+    /// Writes all pending output, and meanwhile reads what the client sends (up to
+    /// [`READ_WHILE_WRITING`] bytes, kept for later): a live client's PINGREQs still count
+    /// while it is slow to read, and a client that sends nothing and reads nothing for its
+    /// keepalive is dropped. Before, a half-open subscriber blocked its connection here until
+    /// TCP gave up, minutes later.
+    pub(super) async fn flush_reading(
+        &mut self,
+        mut idle: Pin<&mut tokio::time::Sleep>,
+        keepalive: Option<Duration>,
+        last_read: &mut Instant,
+    ) -> Result<(), End> {
+        while !self.outbuf.is_empty() {
+            let can_read = self.inbuf.len() < READ_WHILE_WRITING;
+            tokio::select! {
+                biased;
+                // `write` and `read_buf` are cancel-safe: a branch that loses did nothing.
+                w = self.wr.write(&self.outbuf) => match w {
+                    Ok(0) => return Err(End::Eof),
+                    Ok(n) => self.outbuf.advance(n),
+                    Err(e) => return Err(End::Io(e)),
+                },
+                r = self.rd.read_buf(&mut self.inbuf), if can_read => match r {
+                    Ok(0) => return Err(End::Eof),
+                    Ok(_) => *last_read = Instant::now(),
+                    Err(e) => return Err(End::Io(e)),
+                },
+                () = idle.as_mut(), if keepalive.is_some() => {
+                    if let Some(k) = keepalive {
+                        if last_read.elapsed() >= k {
+                            return Err(End::Keepalive);
+                        }
+                        idle.as_mut().reset(*last_read + k);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

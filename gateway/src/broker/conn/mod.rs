@@ -1,0 +1,288 @@
+//! One sensor connection: one task that owns the socket and both sides of the session.
+//!
+//! Split by job: [`handshake`] (CONNECT to CONNACK), [`publish_in`] (the publishing side,
+//! `Inbound`: publishes in, held acknowledgements out, the will) and [`deliver_out`] (the
+//! subscribing side, `Outbound`: subscriptions, deliveries out). This file holds the loop that
+//! drives them, keepalive, and how a connection ends ([`End`], `Connection::close`).
+//!
+//! # Invariants
+//! - Nothing of a connection is shared but its `AckQueue` (with the tickets of its events)
+//!   and its session's `Mailbox` (with publishers); the sides touch the broker's shared state
+//!   only through its parts' methods.
+//! - Input is decoded completely before the loop waits again; output from one read is
+//!   written before the next wait, and while it is written the client is still read (up to a
+//!   bound) so its keepalive counts.
+//! - Shutdown, takeover and keepalive end a connection wherever it waits: on its socket, on a
+//!   full pipeline, on a slow reader.
+
+mod deliver_out;
+mod handshake;
+mod io;
+mod publish_in;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttd::protocol::{self, Disconnect, DisconnectReasonCode, Packet, PingResp};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tracing::{debug, warn};
+
+use self::deliver_out::Outbound;
+use self::io::Io;
+use self::publish_in::Inbound;
+use super::Shared;
+use super::live::Registration;
+use crate::metrics::Metrics;
+use crate::mqtt::wire;
+
+/// Output buffered while handling one read, before it is written out.
+const OUT_HIGH_WATER: usize = 64 * 1024;
+
+/// Why a connection ended.
+#[derive(Debug)]
+enum End {
+    /// DISCONNECT: no will.
+    Normal,
+    /// MQTT 5 DISCONNECT with reason 0x04: publish the will.
+    NormalWithWill,
+    Eof,
+    Io(std::io::Error),
+    Protocol(String),
+    /// A packet that breaks MQTT's encoding rules (MQTT 5 reason 0x81, not 0x82).
+    Malformed(String),
+    Oversize(usize),
+    Keepalive,
+    Takeover,
+    Shutdown,
+    /// 3.1.1 only: the buffer refused an event (`reject_new`) and 3.1.1 has no way to say so.
+    Rejected,
+}
+
+impl End {
+    fn publishes_will(&self) -> bool {
+        !matches!(self, End::Normal | End::Shutdown)
+    }
+
+    fn reason(&self) -> Option<DisconnectReasonCode> {
+        Some(match self {
+            End::Protocol(_) => DisconnectReasonCode::ProtocolError,
+            End::Malformed(_) => DisconnectReasonCode::MalformedPacket,
+            End::Oversize(_) => DisconnectReasonCode::PacketTooLarge,
+            End::Keepalive => DisconnectReasonCode::KeepAliveTimeout,
+            End::Takeover => DisconnectReasonCode::SessionTakenOver,
+            End::Shutdown => DisconnectReasonCode::ServerShuttingDown,
+            End::Rejected => DisconnectReasonCode::QuotaExceeded,
+            _ => return None,
+        })
+    }
+}
+
+/// Serves one accepted socket until the connection ends.
+pub(super) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let Some(mut connection) = handshake::connect(stream, peer, shared, &cancel).await else { return };
+    let end = connection.run().await;
+    connection.close(end).await;
+}
+
+/// Who is connected, for both sides: the broker's parts and the client's identity.
+struct Client {
+    shared: Arc<Shared>,
+    /// The client id, shared by every event of this connection.
+    id: Arc<str>,
+    /// The client's address, for log lines about it.
+    peer: SocketAddr,
+    /// The claim on the client id; dropped last, when the connection has finished.
+    registration: Registration,
+}
+
+impl Client {
+    fn why_stopped(&self) -> End {
+        if self.registration.stop().taken_over() { End::Takeover } else { End::Shutdown }
+    }
+}
+
+/// A connection past its CONNACK.
+struct Connection {
+    io: Io,
+    inbound: Inbound,
+    outbound: Outbound,
+    client: Client,
+    /// The largest packet accepted (`broker.max_payload` plus headroom).
+    max: usize,
+    /// 1.5 × the client's keepalive: silence this long ends the connection.
+    keepalive: Option<Duration>,
+}
+
+impl Connection {
+    async fn run(&mut self) -> End {
+        let acks = self.inbound.acks();
+        let stopped = self.client.registration.stop().token().clone().cancelled_owned();
+        tokio::pin!(stopped);
+        let keepalive = self.keepalive;
+        let mut last_read = Instant::now();
+        // One keepalive timer for the connection, moved only when it fires: re-arming it after
+        // every read cost a timer-wheel insert and removal per publish.
+        let idle = tokio::time::sleep_until(keepalive.map_or(last_read, |k| last_read + k));
+        tokio::pin!(idle);
+        loop {
+            // Everything complete in the input buffer first.
+            while !self.io.inbuf.is_empty() {
+                let peek = wire::peek_publish(&self.io.inbuf);
+                match self.io.decode(self.max) {
+                    Ok(packet) => {
+                        if let Err(end) = self.on_packet(packet, peek).await {
+                            return end;
+                        }
+                        // Many packets in one read (SUBSCRIBEs replaying retained messages)
+                        // must not pile up output without bound.
+                        if self.io.outbuf.len() > OUT_HIGH_WATER
+                            && let Err(end) =
+                                self.flush(idle.as_mut(), &mut last_read, stopped.as_mut()).await
+                        {
+                            return end;
+                        }
+                    }
+                    Err(protocol::Error::InsufficientBytes(_)) => break,
+                    Err(protocol::Error::PayloadSizeLimitExceeded(n)) => return End::Oversize(n),
+                    Err(e) => return End::Malformed(format!("malformed packet: {e:?}")),
+                }
+            }
+            if let Err(end) = self.inbound.on_acks_ready(&mut self.io) {
+                return end;
+            }
+            // PUBACKs just read may have opened the QoS 1 window.
+            self.outbound.pull(&mut self.io, &self.client.shared);
+            if let Err(end) = self.flush(idle.as_mut(), &mut last_read, stopped.as_mut()).await {
+                return end;
+            }
+            tokio::select! {
+                biased;
+                _ = &mut stopped => return self.client.why_stopped(),
+                _ = acks.ready() => {}
+                () = self.outbound.queue.ready() => self.outbound.pull(&mut self.io, &self.client.shared),
+                () = self.outbound.sys.changed() => self.outbound.on_status(&mut self.io, &self.client.shared),
+                r = self.io.read_more() => match r {
+                    Ok(()) => last_read = Instant::now(),
+                    Err(end) => return end,
+                },
+                () = &mut idle, if keepalive.is_some() => {
+                    if let Some(k) = keepalive {
+                        if last_read.elapsed() >= k {
+                            return End::Keepalive;
+                        }
+                        idle.as_mut().reset(last_read + k);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the pending output. A client that stops reading blocks this write; shutdown,
+    /// takeover and its keepalive still end it.
+    async fn flush(
+        &mut self,
+        idle: Pin<&mut Sleep>,
+        last_read: &mut Instant,
+        stopped: Pin<&mut WaitForCancellationFutureOwned>,
+    ) -> Result<(), End> {
+        tokio::select! {
+            biased;
+            r = self.io.flush_reading(idle, self.keepalive, last_read) => r,
+            _ = stopped => Err(self.client.why_stopped()),
+        }
+    }
+
+    async fn on_packet(&mut self, packet: Packet, peek: Option<(u8, u16)>) -> Result<(), End> {
+        match packet {
+            Packet::Publish(publish, properties) => {
+                self.inbound.on_publish(&mut self.io, &self.client, publish, properties, peek).await
+            }
+            Packet::PubAck(ack, _) => {
+                self.outbound.on_puback(ack.pkid);
+                Ok(())
+            }
+            Packet::PubRel(rel, _) => {
+                self.inbound.on_pubrel(&mut self.io, rel.pkid);
+                Ok(())
+            }
+            Packet::Subscribe(subscribe, _) => {
+                self.outbound.on_subscribe(&mut self.io, &self.client, subscribe);
+                Ok(())
+            }
+            Packet::Unsubscribe(unsubscribe, _) => {
+                self.outbound.on_unsubscribe(&mut self.io, &self.client, unsubscribe);
+                Ok(())
+            }
+            Packet::PingReq(_) => {
+                self.io.write(Packet::PingResp(PingResp));
+                Ok(())
+            }
+            Packet::Disconnect(d, _) => {
+                Err(if self.io.v5() && d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
+                    End::NormalWithWill
+                } else {
+                    End::Normal
+                })
+            }
+            Packet::Connect(..) => Err(End::Protocol("a second CONNECT".to_owned())),
+            // QoS 2 deliveries are not offered (maximum QoS 1), so PUBREC/PUBCOMP from a client
+            // answer nothing of ours.
+            _ => Ok(()),
+        }
+    }
+
+    /// Ends the connection: counts and logs why, tells an MQTT 5 client why, publishes the will
+    /// if it is due, and hands the session back. The registration goes last, with `self`.
+    async fn close(mut self, end: End) {
+        self.count_end(&end);
+        if self.io.v5()
+            && let Some(reason_code) = end.reason()
+        {
+            self.io.write(Packet::Disconnect(Disconnect { reason_code }, None));
+        }
+        self.io.shut_down(Duration::from_secs(1)).await;
+        if end.publishes_will() {
+            self.inbound.publish_will(&self.client).await;
+        }
+        self.outbound.detach(&self.client);
+        debug!(message = "sensor disconnected", client_id = %self.client.id, reason = ?end);
+    }
+
+    fn count_end(&self, end: &End) {
+        let shared = &self.client.shared;
+        let counters = shared.metrics.counters();
+        let client_id = &self.client.id;
+        let peer = self.client.peer;
+        match end {
+            End::Oversize(size) => {
+                Metrics::add(&counters.oversize_disconnects, 1);
+                if let Some(folded) = shared.logs.ready("oversize") {
+                    warn!(message = "a sensor sent a packet larger than broker.max_payload and its connection was closed; raise broker.max_payload or fix the sensor", %client_id, %peer, size, similar_since_last_log = folded);
+                }
+            }
+            End::Protocol(why) | End::Malformed(why) => {
+                Metrics::add(&counters.protocol_errors, 1);
+                if let Some(folded) = shared.logs.ready("protocol") {
+                    warn!(message = "a sensor broke the MQTT protocol and its connection was closed; fix the sensor's MQTT client", %client_id, %peer, reason = %why, similar_since_last_log = folded);
+                }
+            }
+            End::Keepalive => Metrics::add(&counters.keepalive_timeouts, 1),
+            End::Io(error) => debug!(message = "sensor connection failed", %client_id, %error),
+            End::Rejected => {
+                if let Some(folded) = shared.logs.ready("rejected") {
+                    warn!(message = "buffer full (overflow = reject_new): closed an MQTT 3.1.1 sensor's connection instead of acknowledging; it resends after reconnecting", %client_id, similar_since_last_log = folded);
+                }
+            }
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The publishing side of a connection: publishes from the client into the local fan-out and
+//! the pipeline, their acknowledgements held until the events are safe and written in arrival
+//! order, QoS 2's PUBREC/PUBREL, and the will.
+//!
+//! # Invariants
+//! - `held` and the `AckQueue` match one to one: every QoS ≥ 1 publish taken has a slot in
+//!   both, in arrival order, and its answer is written only when the slots before it were.
+//! - A QoS 2 publish is taken once: a resend of a packet id between PUBREC and PUBREL is
+//!   answered again, never handed over again.
+//! - A publish is checked completely (size, topic, properties) before it reaches a subscriber,
+//!   the retained store or the pipeline.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use rumqttd::protocol::{
+    LastWill, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
+    PublishProperties,
+};
+use tracing::warn;
+
+use super::io::Io;
+use super::{Client, End};
+use crate::ack::{AckQueue, Outcome};
+use crate::broker::Shared;
+use crate::broker::retained::Retained;
+use crate::event::escape_topic;
+use crate::metrics::Metrics;
+use crate::mqtt::codec;
+use crate::mqtt::topic::{NameError, invalid_topic};
+
+pub(super) struct Inbound {
+    acks: Arc<AckQueue>,
+    /// Held acknowledgements: packet id and QoS, in arrival order (matches `acks`).
+    held: VecDeque<(u16, u8)>,
+    /// QoS 2 packet ids acknowledged with PUBREC or waiting for it, until PUBREL.
+    qos2: HashSet<u16>,
+    will: Option<LastWill>,
+}
+
+impl Inbound {
+    pub(super) fn new(will: Option<LastWill>) -> Inbound {
+        Inbound { acks: AckQueue::new(), held: VecDeque::new(), qos2: HashSet::new(), will }
+    }
+
+    /// The queue whose `ready()` says held acknowledgements may be written.
+    pub(super) fn acks(&self) -> Arc<AckQueue> {
+        Arc::clone(&self.acks)
+    }
+
+    /// Takes one publish: checks it, queues it for local subscribers (and the retained store),
+    /// holds or writes its acknowledgement, and hands its event to the route stage.
+    pub(super) async fn on_publish(
+        &mut self,
+        io: &mut Io,
+        client: &Client,
+        publish: Publish,
+        properties: Option<PublishProperties>,
+        peek: Option<(u8, u16)>,
+    ) -> Result<(), End> {
+        let shared = &*client.shared;
+        let (qos, pkid) = peek.unwrap_or((0, 0));
+        if publish.payload.len() as u64 > shared.cfg.max_payload.as_u64() {
+            return Err(End::Oversize(publish.payload.len()));
+        }
+        let Some(topic) = self.topic(io, client, &publish, qos, pkid)? else { return Ok(()) };
+        if qos == 2 && io.v5() {
+            return Err(End::Protocol("QoS 2 publish after CONNACK announced maximum QoS 1".to_owned()));
+        }
+        check_properties(properties.as_ref())?;
+        if qos == 2 && self.qos2.contains(&pkid) {
+            return self.on_qos2_resend(io, shared, pkid);
+        }
+        let local_qos = qos.min(1);
+        // A full subscriber queue slows this sensor down for a bounded time at most.
+        fan_out(shared, &topic, &publish, publish.retain, local_qos, properties.as_ref()).await;
+        let mut event = shared.intake.new_event(topic, publish.payload, qos, &client.id);
+        if qos > 0 {
+            if qos == 2 {
+                self.qos2.insert(pkid);
+            }
+            if shared.ack_after_commit() {
+                event.ticket = Some(self.acks.ticket());
+                self.held.push_back((pkid, qos));
+            } else {
+                acknowledge(io, &mut self.qos2, pkid, qos, Outcome::Safe)?;
+            }
+        }
+        // A takeover or shutdown must not wait behind a full pipeline: the event not handed
+        // over is not acknowledged either (the connection ends before its slot is answered).
+        // Biased: the hand-over almost always succeeds at once, and then the stop signal is
+        // never polled (registering with it per event cost more than the hand-over).
+        tokio::select! {
+            biased;
+            handed = shared.intake.hand_over(event) => if handed { Ok(()) } else { Err(End::Shutdown) },
+            _ = client.registration.stop().token().cancelled() => Err(client.why_stopped()),
+        }
+    }
+
+    /// The publish's topic if it may be taken; `None`: refused by Outpost's topic policy and
+    /// answered (MQTT 5 QoS 1: PUBACK 0x90 in its turn; QoS 0: discarded).
+    fn topic(
+        &mut self,
+        io: &mut Io,
+        client: &Client,
+        publish: &Publish,
+        qos: u8,
+        pkid: u16,
+    ) -> Result<Option<String>, End> {
+        let shared = &*client.shared;
+        let t = match std::str::from_utf8(&publish.topic) {
+            // U+0000 and invalid UTF-8 break the encoding itself ([MQTT-1.5.4-1/2]).
+            Ok(t) if t.contains('\0') => {
+                return Err(End::Malformed(format!("publish topic {t:?} contains U+0000")));
+            }
+            Ok(t) => t,
+            Err(_) => return Err(End::Malformed("topic is not UTF-8".to_owned())),
+        };
+        let why = match invalid_topic(t, &shared.cfg.topic_policy()) {
+            None => return Ok(Some(t.to_owned())),
+            Some(why) => why,
+        };
+        shared.metrics.count_topic_refusal(why);
+        if why.is_protocol_violation() || !io.v5() || qos == 2 {
+            // MQTT 3.1.1 cannot refuse one publish: close, as mosquitto 2.0.11 does.
+            return Err(End::Protocol(format!("publish topic \"{}\": {why}", escape_topic(t))));
+        }
+        self.refuse_topic(io, client, t, why, qos, pkid)?;
+        Ok(None)
+    }
+
+    fn refuse_topic(
+        &mut self,
+        io: &mut Io,
+        client: &Client,
+        topic: &str,
+        why: NameError,
+        qos: u8,
+        pkid: u16,
+    ) -> Result<(), End> {
+        if let Some(folded) = client.shared.logs.ready("topic") {
+            warn!(message = "refused a publish whose topic the upstream brokers refuse (MQTT 5 PUBACK 0x90 for QoS 1, QoS 0 discarded); fix the sensor's topic, or raise broker.max_topic_levels/max_topic_length if the upstream accepts it", client_id = %client.id, topic = %escape_topic(topic), reason = %why, similar_since_last_log = folded);
+        }
+        if qos == 1 && self.held.is_empty() {
+            acknowledge(io, &mut self.qos2, pkid, 1, Outcome::TopicInvalid)?;
+        } else if qos == 1 {
+            self.acks.answered(Outcome::TopicInvalid);
+            self.held.push_back((pkid, 1));
+        }
+        Ok(())
+    }
+
+    /// A resend of a QoS 2 publish already taken: answered again, never taken twice. If its
+    /// PUBREC is still held, that one answer covers the resend too.
+    fn on_qos2_resend(&mut self, io: &mut Io, shared: &Shared, pkid: u16) -> Result<(), End> {
+        if !self.held.iter().any(|&(p, q)| p == pkid && q == 2) {
+            if shared.ack_after_commit() {
+                drop(self.acks.ticket());
+                self.held.push_back((pkid, 2));
+            } else {
+                acknowledge(io, &mut self.qos2, pkid, 2, Outcome::Safe)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_pubrel(&mut self, io: &mut Io, pkid: u16) {
+        let reason = if self.qos2.remove(&pkid) {
+            PubCompReason::Success
+        } else {
+            PubCompReason::PacketIdentifierNotFound
+        };
+        io.write(Packet::PubComp(PubComp { pkid, reason }, None));
+    }
+
+    /// Writes the held acknowledgements whose events are safe now, in arrival order.
+    pub(super) fn on_acks_ready(&mut self, io: &mut Io) -> Result<(), End> {
+        let mut outcomes = Vec::new();
+        self.acks.take_ready(&mut outcomes);
+        for outcome in outcomes {
+            let Some((pkid, qos)) = self.held.pop_front() else { break };
+            acknowledge(io, &mut self.qos2, pkid, qos, outcome)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the will (at most once): locally, retained if asked, and into the pipeline.
+    pub(super) async fn publish_will(&mut self, client: &Client) {
+        let Some(will) = self.will.take() else { return };
+        let shared = &*client.shared;
+        let qos = (will.qos as u8).min(1);
+        let Ok(topic) = std::str::from_utf8(&will.topic).map(str::to_owned) else { return };
+        let publish = codec::publish_from(will.topic.clone(), will.message.clone(), qos, false);
+        fan_out(shared, &topic, &publish, will.retain, qos, None).await;
+        Metrics::add(&shared.metrics.counters().wills_published, 1);
+        let event = shared.intake.new_event(topic, will.message, qos, &client.id);
+        shared.intake.hand_over(event).await;
+    }
+}
+
+/// MQTT 5 properties a client may not send, given what CONNACK offered.
+fn check_properties(properties: Option<&PublishProperties>) -> Result<(), End> {
+    match properties {
+        Some(p) if p.topic_alias.is_some() => {
+            Err(End::Protocol("topic alias used; CONNACK announced topic alias maximum 0".to_owned()))
+        }
+        // Only a server may send one (MQTT 5, 3.3.4).
+        Some(p) if !p.subscription_identifiers.is_empty() => {
+            Err(End::Protocol("subscription identifier in a PUBLISH".to_owned()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Keeps the publish if `retain`, and queues it for local subscribers (at `qos`, the most
+/// they get).
+async fn fan_out(
+    shared: &Shared,
+    topic: &str,
+    publish: &Publish,
+    retain: bool,
+    qos: u8,
+    properties: Option<&PublishProperties>,
+) {
+    if retain {
+        let stored = codec::publish_with(publish, qos, 0, true);
+        shared.retained.retain(topic, Retained { publish: stored, qos, properties: properties.cloned() });
+    }
+    shared.local.publish(topic, publish, qos, properties, true).await;
+}
+
+/// Writes the answer to one publish.
+fn acknowledge(
+    io: &mut Io,
+    qos2: &mut HashSet<u16>,
+    pkid: u16,
+    qos: u8,
+    outcome: Outcome,
+) -> Result<(), End> {
+    match (outcome, qos) {
+        (Outcome::Safe, 1) => io.write(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)),
+        (Outcome::Safe, _) => io.write(Packet::PubRec(PubRec { pkid, reason: PubRecReason::Success }, None)),
+        (Outcome::Rejected, _) if !io.v5() => return Err(End::Rejected),
+        (Outcome::Rejected, 1) => {
+            io.write(Packet::PubAck(PubAck { pkid, reason: PubAckReason::QuotaExceeded }, None));
+        }
+        (Outcome::Rejected, _) => {
+            qos2.remove(&pkid);
+            io.write(Packet::PubRec(PubRec { pkid, reason: PubRecReason::QuotaExceeded }, None));
+        }
+        (Outcome::TopicInvalid, _) => {
+            io.write(Packet::PubAck(PubAck { pkid, reason: PubAckReason::TopicNameInvalid }, None))
+        }
+    }
+    Ok(())
+}
