@@ -608,6 +608,23 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_table_is_this_table() {
+        let readme = include_str!("../../../README.md");
+        let rows: Vec<&str> =
+            readme.lines().filter(|l| l.starts_with("| `") && l.contains("` | `outpost_")).collect();
+        let expected: Vec<String> = COUNTERS
+            .iter()
+            .map(|m| {
+                let labels: Vec<String> = m.labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+                let labels =
+                    if labels.is_empty() { String::new() } else { format!("{{{}}}", labels.join(",")) };
+                format!("| `{}` | `{}{labels}` |", m.counter, m.metric)
+            })
+            .collect();
+        assert_eq!(rows, expected, "README.md's \"Metrics and health\" table differs from COUNTERS");
+    }
+
+    #[test]
     fn vm_rss_is_read_in_bytes() {
         assert_eq!(vm_rss_bytes("Name:\toutpost\nVmRSS:\t    1234 kB\nThreads: 3\n"), Some(1234 * 1024));
         assert_eq!(vm_rss_bytes("Name:\toutpost\n"), None);
