@@ -161,8 +161,12 @@ async fn accept(listener: TcpListener, state: Arc<State>, cancel: CancellationTo
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
-                    // Out of file descriptors, most likely; the next accept may succeed.
-                    debug!(message = "http accept failed", %error);
+                    // EMFILE and friends: keep the listener, back off briefly so the loop does
+                    // not spin while descriptors are exhausted.
+                    if let Some(folded) = log_ready(&state.refused_log) {
+                        warn!(message = "http endpoint: accepting a connection failed; check the process's file descriptor limit (LimitNOFILE)", %error, similar_since_last_log = folded);
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
@@ -320,5 +324,86 @@ async fn metrics(state: &State) -> Response<Full<Bytes>> {
             "text/plain",
             format!("cannot encode metrics: {error}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// An endpoint whose store never answers and that probes no listener.
+    async fn endpoint(
+        metrics: &Metrics,
+    ) -> (SocketAddr, CancellationToken, TaskTracker, mpsc::Receiver<Command>) {
+        let (store, store_rx) = mpsc::channel(8);
+        let handles = Handles {
+            metrics: metrics.clone(),
+            store,
+            upstream_endpoint: None,
+            capacity: (1, 1),
+            listeners: Vec::new(),
+            credentials: None,
+        };
+        let cfg = HttpConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            bearer_token_file: None,
+            allow_unauthenticated: false,
+        };
+        let (cancel, tracker) = (CancellationToken::new(), TaskTracker::new());
+        let addr = start(&cfg, handles, cancel.clone(), &tracker).await.expect("start");
+        (addr, cancel, tracker, store_rx)
+    }
+
+    /// Sends one keep-alive GET and reads the whole response (no body beyond Content-Length).
+    async fn get_live(stream: &mut TcpStream) -> String {
+        stream.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let mut response = Vec::new();
+        let mut chunk = [0u8; 512];
+        while !response.ends_with(b"{\"live\":true}") {
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&response));
+            response.extend_from_slice(&chunk[..n]);
+        }
+        String::from_utf8_lossy(&response).into_owned()
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_limit_are_closed_at_once_and_counted() {
+        let metrics = Metrics::default();
+        let (addr, cancel, tracker, _store) = endpoint(&metrics).await;
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            // An answer proves the connection was accepted and holds a permit.
+            assert!(get_live(&mut stream).await.starts_with("HTTP/1.1 200 OK"));
+            held.push(stream);
+        }
+        let mut extra = TcpStream::connect(addr).await.expect("connect");
+        let mut buf = [0u8; 64];
+        assert_eq!(extra.read(&mut buf).await.expect("read"), 0, "closed without an answer");
+        assert_eq!(Metrics::get(&metrics.http().connections_refused), 1);
+        assert_eq!(Metrics::get(&metrics.http().requests), MAX_CONNECTIONS as u64);
+        // Cancellation ends every task, open connections included.
+        cancel.cancel();
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("every task stops");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_finishes_its_headers_is_dropped_after_the_header_timeout() {
+        let metrics = Metrics::default();
+        let (addr, _cancel, _tracker, _store) = endpoint(&metrics).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let started = tokio::time::Instant::now();
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+        let mut rest = Vec::new();
+        // hyper may answer 408 before closing; either way the connection ends.
+        let _ = stream.read_to_end(&mut rest).await;
+        let waited = started.elapsed();
+        // hyper's own default is 30 s, the connection lifetime 60 s: only ours ends it here.
+        assert!(waited >= HEADER_TIMEOUT && waited < 2 * HEADER_TIMEOUT, "closed after {waited:?}");
+        assert!(rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"), "{}", String::from_utf8_lossy(&rest));
     }
 }
