@@ -30,6 +30,7 @@ const RANKS: &[(&str, u8)] = &[
     // Operators' access to a running gateway, the wiring (`lib.rs`'s own items, such as
     // `Gateway`), then the command line.
     ("admin", 6),
+    ("http", 6),
     ("lib", 7),
     ("cli", 8),
 ];

@@ -6,6 +6,8 @@
 //! after that the pipeline trusts it. Keys that were removed are refused with an error that
 //! says what replaced them, rather than as unknown.
 
+pub mod http;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroUsize};
@@ -64,6 +66,9 @@ pub struct GatewayConfig {
     /// are safe regardless; this bounds how long in-flight upstream acks are awaited.
     #[serde(default = "default_shutdown_timeout", with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// The operations endpoint (`/metrics`, `/health/*`, `/status`); off without the table.
+    #[serde(default)]
+    pub http: Option<http::HttpConfig>,
 }
 
 /// The embedded MQTT broker that sensors connect to.
@@ -465,6 +470,7 @@ impl Default for GatewayConfig {
             routes: Vec::new(),
             log: LogConfig::default(),
             shutdown_timeout: default_shutdown_timeout(),
+            http: None,
         }
     }
 }
@@ -510,6 +516,9 @@ impl GatewayConfig {
                 }
                 if parsed.positions.contains_key("rules") {
                     config.rules = config.rules.map(|rules| resolve(&rules));
+                }
+                if let Some(http) = &mut config.http {
+                    http.bearer_token_file = http.bearer_token_file.as_deref().map(resolve);
                 }
                 (config, parsed.problems, parsed.positions, path.display().to_string())
             }
@@ -591,6 +600,11 @@ impl GatewayConfig {
                     route.priority.to_string(),
                     "must be 0 (most urgent) to 9 (least urgent)",
                 );
+            }
+        }
+        if let Some(http) = &self.http {
+            for (key, value, reason) in http.problems(&self.broker) {
+                invalid(&key, value, &reason);
             }
         }
         if problems.is_empty() { Ok(()) } else { Err(ConfigErrors(problems)) }

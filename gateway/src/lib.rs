@@ -32,7 +32,8 @@
 //!   import.
 //! - [`uplink`] — the upstream MQTT connection: connect and reconnect; the relay drives it.
 //! - [`admin`] — the admin socket, both ends: the daemon answers `outpost buffer …` through it.
-//! - [`metrics`] — counters and gauges.
+//! - [`metrics`] — counters, gauges and histograms.
+//! - [`http`] — `[http]`: `/metrics`, `/health/live`, `/health/ready`, `/status`.
 //! - [`shutdown`] — signals to cancellation.
 //! - [`telemetry`] — logging set-up.
 //! - [`cli`] — the `outpost` command line (the binary only parses and calls in).
@@ -47,6 +48,7 @@ pub mod cli;
 pub mod config;
 pub mod deadletter;
 pub mod event;
+pub mod http;
 pub mod metrics;
 pub mod mqtt;
 pub mod relay;
@@ -83,6 +85,8 @@ pub enum StartError {
     Thread(std::io::Error),
     #[error(transparent)]
     Rules(#[from] rules::LoadError),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
 }
 
 /// A running gateway: its counters, and the handle that stops it.
@@ -150,6 +154,14 @@ impl Gateway {
                 metrics: metrics.clone(),
             };
             tracker.spawn(admin::server::serve(listener, handles, cancel.clone()));
+        }
+        // Before the broker, so probes see "not ready" until its listeners answer.
+        if let Some(http_config) = &config.http {
+            let handles = http::Handles::new(&config, metrics.clone(), worker.commands.clone());
+            if let Err(e) = http::start(http_config, handles, cancel.clone(), &tracker).await {
+                cancel.cancel();
+                return Err(e.into());
+            }
         }
         let (link_tx, link_rx) = mpsc::channel(1);
         let uplink_cancel = CancellationToken::new();

@@ -17,7 +17,6 @@ Needs Debian's mosquitto, mosquitto_pub and mosquitto_sub. Standard library only
 """
 
 import argparse
-import os
 import socket
 import struct
 import subprocess
@@ -25,38 +24,7 @@ import sys
 import tempfile
 import time
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, deadline=10.0):
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+from benchlib import cpu_seconds, free_port, mosquitto, rss_kib, wait_port
 
 
 class Gateway:
@@ -73,17 +41,6 @@ class Gateway:
         self.proc.terminate()
         self.proc.wait(timeout=20)
         self.dir.cleanup()
-
-
-def mosquitto():
-    d = tempfile.TemporaryDirectory()
-    port = free_port()
-    conf = os.path.join(d.name, "mosquitto.conf")
-    with open(conf, "w") as f:
-        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
-    proc = subprocess.Popen(["mosquitto", "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_port(port)
-    return proc, port, d
 
 
 def fan_out_run(binary, upstream_port, k, rate, seconds):
