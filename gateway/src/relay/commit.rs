@@ -273,6 +273,8 @@ impl Relay {
         let counters = self.metrics.counters();
         Metrics::add(&counters.commits, 1);
         Metrics::add(&counters.committed, inserted as u64);
+        // Measured on the store thread around the transaction (fsync included).
+        self.metrics.histograms().commit_duration.observe_duration(took);
         if took > Duration::from_millis(500) {
             warn!(message = "buffer commit was slow; the disk may be failing or overloaded", took = ?took);
         }

@@ -202,6 +202,8 @@ impl Relay {
     pub(super) fn on_puback(&mut self, sent: Sent, rejected: Option<String>, now: Instant) {
         let key = sent.record.key();
         self.isolation_passed(key);
+        // Written (encoded into the link's buffer, sent the same turn) → its PUBACK read.
+        self.metrics.histograms().upstream_round_trip.observe_duration(now.duration_since(sent.at));
         let counters = self.metrics.counters();
         match rejected {
             None => Metrics::add(&counters.upstream_acked, 1),
