@@ -12,12 +12,19 @@
 //! `drop_oldest`) — is a decision the gateway made about an event it holds, and the sensor must
 //! not resend it. The one refusal, a full buffer under `reject_new`, calls [`Ticket::reject`]
 //! first, so the sensor is told (MQTT 5 reason code) or disconnected (3.1.1) instead.
+//!
+//! A sensor's ticket ([`AckQueue::timed_ticket`]) also measures how long the PUBACK was held:
+//! from the publish read to its last copy dropped, observed into `outpost_puback_hold_seconds`
+//! (wait-free: two clock reads and the histogram's atomics, no lock).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
 
 /// What became of one held publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +49,8 @@ struct Slots {
 pub struct AckQueue {
     slots: Mutex<Slots>,
     ready: Notify,
+    /// Where timed tickets observe their hold time; set by the first one.
+    metrics: OnceLock<Metrics>,
 }
 
 impl AckQueue {
@@ -56,12 +65,28 @@ impl AckQueue {
 
     /// Issues the ticket for the next held publish.
     pub fn ticket(self: &Arc<AckQueue>) -> Ticket {
+        self.issue(None)
+    }
+
+    /// Issues the ticket for a sensor's publish read just now: when its last copy drops, the
+    /// time it was held is observed into `metrics`' `puback_hold` histogram.
+    pub fn timed_ticket(self: &Arc<AckQueue>, metrics: &Metrics) -> Ticket {
+        self.metrics.get_or_init(|| metrics.clone());
+        self.issue(Some(Instant::now()))
+    }
+
+    fn issue(self: &Arc<AckQueue>, received: Option<Instant>) -> Ticket {
         let n = {
             let mut s = self.lock();
             s.slots.push_back(None);
             s.base + s.slots.len() as u64 - 1
         };
-        Ticket(Arc::new(TicketInner { queue: Arc::clone(self), n, rejected: AtomicBool::new(false) }))
+        Ticket(Arc::new(TicketInner {
+            queue: Arc::clone(self),
+            n,
+            rejected: AtomicBool::new(false),
+            received,
+        }))
     }
 
     /// A publish answered without entering the pipeline: its answer waits behind the ones
@@ -117,12 +142,17 @@ struct TicketInner {
     queue: Arc<AckQueue>,
     n: u64,
     rejected: AtomicBool,
+    /// When the publish was read, for a timed ticket.
+    received: Option<Instant>,
 }
 
 impl Drop for TicketInner {
     fn drop(&mut self) {
         let outcome = if self.rejected.load(Ordering::Relaxed) { Outcome::Rejected } else { Outcome::Safe };
         self.queue.complete(self.n, outcome);
+        if let (Some(received), Some(metrics)) = (self.received, self.queue.metrics.get()) {
+            metrics.histograms().puback_hold.observe_duration(received.elapsed());
+        }
     }
 }
 
@@ -184,6 +214,21 @@ mod tests {
         assert!(ready(&q).is_empty());
         drop(copy);
         assert_eq!(ready(&q), vec![Outcome::Safe]);
+    }
+
+    #[test]
+    fn a_timed_ticket_observes_its_hold_time_when_its_last_copy_drops() {
+        let metrics = Metrics::default();
+        let q = AckQueue::new();
+        let t = q.timed_ticket(&metrics);
+        let copy = t.clone();
+        drop(t);
+        assert_eq!(metrics.histograms().puback_hold.snapshot().count, 0, "a copy is still held");
+        drop(copy);
+        assert_eq!(metrics.histograms().puback_hold.snapshot().count, 1);
+        drop(q.ticket());
+        assert_eq!(metrics.histograms().puback_hold.snapshot().count, 1, "untimed tickets are not observed");
+        assert_eq!(ready(&q), vec![Outcome::Safe, Outcome::Safe]);
     }
 
     #[tokio::test]

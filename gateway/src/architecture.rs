@@ -18,6 +18,8 @@ const RANKS: &[(&str, u8)] = &[
     ("config", BOTTOM),
     ("shutdown", BOTTOM),
     ("telemetry", 1),
+    // The stages' heartbeats and the systemd watchdog: every stage holds a heartbeat.
+    ("watchdog", 1),
     // What the stages hand work to: the redb file (below the relay), the dead-letter store.
     ("buffer", 2),
     ("deadletter", 2),

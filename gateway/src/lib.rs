@@ -35,7 +35,8 @@
 //! - [`metrics`] — counters, gauges and histograms.
 //! - [`http`] — `[http]`: `/metrics`, `/health/live`, `/health/ready`, `/status`.
 //! - [`shutdown`] — signals to cancellation.
-//! - [`telemetry`] — logging set-up.
+//! - [`telemetry`] — logging set-up; the cadence of repeating warnings.
+//! - [`watchdog`] — the stages' heartbeats, the systemd watchdog and `STATUS=` line.
 //! - [`cli`] — the `outpost` command line (the binary only parses and calls in).
 
 pub mod ack;
@@ -57,6 +58,7 @@ pub mod rules;
 pub mod shutdown;
 pub mod telemetry;
 pub mod uplink;
+pub mod watchdog;
 
 use std::time::Duration;
 
@@ -70,6 +72,7 @@ use crate::buffer::worker::Worker;
 use crate::config::GatewayConfig;
 use crate::event::IdGen;
 use crate::metrics::Metrics;
+use crate::watchdog::{Stage, Watchdog};
 
 /// Capacity of each channel between stages, in events.
 pub const STAGE_CHANNEL_CAPACITY: usize = 1024;
@@ -137,7 +140,10 @@ impl Gateway {
         let total = store.total();
         info!(message = "buffer opened", path = %store.path().display(), buffered_events = total.events, buffered_bytes = total.bytes, epoch = report.epoch);
         let lanes = store.lanes();
-        let worker = Worker::spawn(store).map_err(StartError::Thread)?;
+        // Every stage reports a heartbeat; the supervisor (below) pings systemd only while
+        // none of them is stuck.
+        let watchdog = std::sync::Arc::new(Watchdog::default());
+        let worker = Worker::spawn(store, watchdog.heartbeat(Stage::Store)).map_err(StartError::Thread)?;
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -185,6 +191,7 @@ impl Gateway {
             config.data_dir.clone(),
             durable_tx,
             uplink_cancel.clone(),
+            watchdog.heartbeat(Stage::Relay),
         ));
 
         match &config.upstream {
@@ -203,6 +210,7 @@ impl Gateway {
             metrics.clone(),
             cancel.clone(),
             &tracker,
+            watchdog.heartbeat(Stage::Broker),
         )
         .await
         {
@@ -220,8 +228,14 @@ impl Gateway {
             topic_policy: config.broker.topic_policy(),
             ids,
             metrics: metrics.clone(),
+            heartbeat: watchdog.heartbeat(Stage::Route),
         };
         tracker.spawn(route::run(stage, event_rx, outbound_tx));
+        // Under systemd (Type=notify): `WATCHDOG=1` while the stages turn, `STATUS=` lines.
+        if watchdog::notify_socket_set() {
+            let settings = watchdog::Settings::from_env(config.upstream.as_ref().map(|u| u.url.to_string()));
+            tracker.spawn(watchdog::run(watchdog, settings, metrics.clone(), cancel.clone()));
+        }
         tracker.close();
         Ok(Gateway { metrics, cancel, tracker, shutdown_timeout: config.shutdown_timeout })
     }

@@ -253,8 +253,8 @@ impl Histogram {
     }
 }
 
-/// The latencies the issue asks to see as distributions. Observed where the lead wires them
-/// (see the `http` module's docs for the exact points).
+/// The latencies operators see as distributions at `/metrics`, observed by the stages (see
+/// the `http` module's docs for the exact points).
 #[derive(Debug, Default)]
 pub struct Histograms {
     /// A sensor's QoS ≥ 1 publish read → its PUBACK released (the event is safe).

@@ -46,6 +46,7 @@ use crate::event::{Event, IdGen, Outbound};
 use crate::metrics::Metrics;
 use crate::mqtt::topic::{NameError, TopicPolicy, invalid_topic};
 use crate::telemetry::LogThrottle;
+use crate::watchdog::Heartbeat;
 
 /// What the route stage does with events right now.
 #[derive(Debug)]
@@ -315,6 +316,9 @@ pub struct RouteStage {
     /// needs its own id, or deduplication would drop legitimate outputs).
     pub ids: IdGen,
     pub metrics: Metrics,
+    /// The stage's heartbeat (the watchdog): busy from taking an event until it waits for the
+    /// next, or for room in the relay's channel (the relay's own heartbeat covers that wait).
+    pub heartbeat: Heartbeat,
 }
 
 /// Runs until its input closes (the broker stopped), then closes its output so the relay can
@@ -325,22 +329,42 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
     let mut chain: VecDeque<(Event, u8)> = VecDeque::new();
     let mut logs = Logs::default();
     let mut routing = stage.routing.borrow_and_update().clone();
+    // Its own holder: `carry_out` borrows the whole stage.
+    let heartbeat = stage.heartbeat.clone();
+    // Every turn ends where the stage waits; the first one begins here.
+    heartbeat.begin();
     loop {
         let (event, hops) = match chain.pop_front() {
             Some(next) => next,
-            None => match input.recv().await {
-                Some(event) => (event, 0),
-                None => break,
-            },
+            None => {
+                heartbeat.end();
+                let received = input.recv().await;
+                heartbeat.begin();
+                match received {
+                    Some(event) => (event, 0),
+                    None => break,
+                }
+            }
         };
+        heartbeat.wedge_if_asked().await;
         if stage.routing.has_changed().unwrap_or(false) {
             routing = stage.routing.borrow_and_update().clone();
         }
         let fates = decide(&routing, &event, hops, &stage.topic_prefix, &stage.topic_policy);
         let outbound = stage.carry_out(&event, fates, &mut chain, &mut logs, Instant::now());
         for outbound in outbound {
-            if out.send(outbound).await.is_err() {
-                return;
+            match out.try_send(outbound) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(outbound)) => {
+                    // Waiting on the relay, not working: the turn ends until there is room.
+                    heartbeat.end();
+                    let sent = out.send(outbound).await;
+                    heartbeat.begin();
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
             }
         }
     }
@@ -679,6 +703,7 @@ topic = "t/b"
             dead_letters: dead_tx,
             ids: IdGen::new(1),
             metrics: metrics.clone(),
+            heartbeat: Heartbeat::unwatched(),
         };
         let route = tokio::spawn(run(stage, in_rx, out_tx));
         in_tx.send(event("in/a", "{bad")).await.expect("send");

@@ -3,6 +3,21 @@
 //! Text is coloured only when stderr is a terminal: a file or journald gets plain text. In
 //! JSON, the `counters` summary (`name=value …`) becomes an object of numbers, so a log
 //! pipeline can read `counters.upstream_failures` without parsing a string.
+//!
+//! # Log cadence
+//! A gateway runs unattended for weeks, often offline, on flash that wears; its log must stay
+//! readable after a week of the same problem. So nothing that can repeat per event or per
+//! retry is logged each time:
+//! - a problem that lasts across retries (the upstream unreachable, buffer commits failing) is
+//!   an [`Episode`]: one line when it starts (with its reason), a reminder every
+//!   [`reminder_every`] with the attempts so far, one line when it ends (after how long);
+//! - a warning that can fire per event or per client ([`LogThrottle`]) is logged the first
+//!   time, then at most once per [`reminder_every`] with how many were folded in.
+//!
+//! [`reminder_every`] is 10 minutes: a week-long outage costs about a thousand lines per
+//! problem instead of one per attempt (the upstream's reconnects alone were ~200,000 a day),
+//! and `journalctl --since -15min` still shows every problem that holds. Exact numbers are in
+//! the counters (`/metrics`, the `counters` line every minute).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -132,25 +147,136 @@ fn counters_object(text: &str) -> Option<serde_json::Value> {
         .map(serde_json::Value::Object)
 }
 
-/// Lets a repeated warning through at most once per 10 s, and says how many were folded in,
-/// so a sustained problem (overflow, expiry, a refusing upstream) cannot flood the log.
-#[derive(Debug, Default)]
+/// How often a lasting problem is logged again (see "Log cadence" in the module docs).
+pub const REMINDER_EVERY: Duration = Duration::from_secs(600);
+
+/// Hidden setting for tests: the reminder cadence in milliseconds, so a test can run an
+/// hour-long outage's worth of reminders in seconds. Not a config key: operators have no
+/// reason to make the log noisier, and the counters carry the detail.
+pub const REMINDER_ENV: &str = "OUTPOST_LOG_REMINDER_MS";
+
+/// [`REMINDER_EVERY`], or `OUTPOST_LOG_REMINDER_MS` when set (read once).
+pub fn reminder_every() -> Duration {
+    static EVERY: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *EVERY.get_or_init(|| {
+        std::env::var(REMINDER_ENV)
+            .ok()
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+            .map_or(REMINDER_EVERY, Duration::from_millis)
+    })
+}
+
+/// Lets a repeated warning through the first time, then at most once per
+/// [`reminder_every`], saying how many were folded in, so a sustained problem (overflow,
+/// expiry, a refusing upstream, throttled sensors, refused clients) cannot flood the log.
+#[derive(Debug)]
 pub struct LogThrottle {
     last: Option<Instant>,
     suppressed: u64,
+    every: Duration,
+}
+
+impl Default for LogThrottle {
+    fn default() -> LogThrottle {
+        LogThrottle::every(reminder_every())
+    }
 }
 
 impl LogThrottle {
+    pub fn every(every: Duration) -> LogThrottle {
+        LogThrottle { last: None, suppressed: 0, every }
+    }
+
     /// `Some(folded)` when this occurrence should be logged, `folded` being how many were
     /// suppressed since the last one; `None` when it should not.
     pub fn ready(&mut self, now: Instant) -> Option<u64> {
-        if self.last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(10)) {
+        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
             self.suppressed += 1;
             return None;
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.suppressed))
     }
+}
+
+/// A problem that lasts across retries: logged when it starts, reminded every
+/// [`reminder_every`] with the failed attempts so far, logged when it ends. The clock is
+/// passed in; the caller writes the lines, with what it knows (reason, backlog).
+#[derive(Debug)]
+pub struct Episode {
+    /// When the problem started, while it lasts.
+    since: Option<Instant>,
+    /// Failed attempts since it started (the first included).
+    attempts: u64,
+    next_reminder: Option<Instant>,
+    every: Duration,
+}
+
+/// What one failed attempt asks the caller to log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The problem starts now: log it with its reason.
+    Started,
+    /// It still holds: log a reminder.
+    Remind { lasted: Duration, attempts: u64 },
+    /// Nothing to log (debug level at most).
+    Quiet,
+}
+
+impl Default for Episode {
+    fn default() -> Episode {
+        Episode::every(reminder_every())
+    }
+}
+
+impl Episode {
+    pub fn every(every: Duration) -> Episode {
+        Episode { since: None, attempts: 0, next_reminder: None, every }
+    }
+
+    /// Whether the problem holds.
+    pub fn ongoing(&self) -> bool {
+        self.since.is_some()
+    }
+
+    /// One more failed attempt at `now`.
+    pub fn failed(&mut self, now: Instant) -> Failure {
+        self.attempts += 1;
+        let Some(since) = self.since else {
+            self.since = Some(now);
+            self.attempts = 1;
+            self.next_reminder = Some(now + self.every);
+            return Failure::Started;
+        };
+        match self.next_reminder {
+            Some(at) if now >= at => {
+                // From `now`, not `at`: after a long gap (a suspended device) one reminder,
+                // not a burst of the ones missed.
+                self.next_reminder = Some(now + self.every);
+                Failure::Remind { lasted: now.duration_since(since), attempts: self.attempts }
+            }
+            _ => Failure::Quiet,
+        }
+    }
+
+    /// The problem is over: `Some((how long it lasted, failed attempts))` if it held.
+    pub fn ended(&mut self, now: Instant) -> Option<(Duration, u64)> {
+        let since = self.since.take()?;
+        self.next_reminder = None;
+        Some((now.duration_since(since), std::mem::take(&mut self.attempts)))
+    }
+}
+
+/// A duration as an operator reads it in a log line: whole seconds above a minute
+/// (`1h 2m 3s`), milliseconds below.
+pub fn readable(d: Duration) -> String {
+    let d = if d >= Duration::from_secs(60) {
+        Duration::from_secs(d.as_secs())
+    } else {
+        Duration::from_millis(d.as_millis() as u64)
+    };
+    humantime::format_duration(d).to_string()
 }
 
 /// One [`LogThrottle`] per kind of warning, for a part shared by many tasks that logs several
@@ -214,6 +340,59 @@ mod tests {
         assert_eq!(line["path"], "a \"b\"");
         assert!(line["timestamp"].as_str().is_some_and(|t| t.contains('T')), "{text}");
         assert!(text.starts_with("{\"timestamp\":"), "tracing-subscriber's field order: {text}");
+    }
+
+    #[test]
+    fn a_throttle_logs_the_first_then_once_per_period_with_the_folded_count() {
+        let start = Instant::now();
+        let mut t = LogThrottle::every(Duration::from_secs(600));
+        assert_eq!(t.ready(start), Some(0));
+        let mut lines = 1;
+        // An event a second for an hour.
+        for s in 1..3600 {
+            if let Some(folded) = t.ready(start + Duration::from_secs(s)) {
+                assert_eq!(folded, 599, "every occurrence in between is counted");
+                lines += 1;
+            }
+        }
+        assert_eq!(lines, 6);
+    }
+
+    /// An hour of an upstream outage with the default backoff (a retry every 0.25–0.5 s):
+    /// about 10,000 attempts, seven lines (the start, five reminders, the end).
+    #[test]
+    fn an_hour_long_episode_is_one_line_five_reminders_and_one_end() {
+        let start = Instant::now();
+        let mut e = Episode::every(REMINDER_EVERY);
+        let mut now = start;
+        let mut lines = Vec::new();
+        let mut attempts = 0;
+        while now < start + Duration::from_secs(3600) {
+            attempts += 1;
+            match e.failed(now) {
+                Failure::Quiet => {}
+                line => lines.push(line),
+            }
+            now += Duration::from_millis(250 + (attempts % 250));
+        }
+        assert!(attempts > 7_000, "{attempts}");
+        assert_eq!(lines[0], Failure::Started);
+        assert_eq!(lines.len(), 6, "{lines:?}");
+        let Failure::Remind { lasted, attempts: so_far } = lines[5] else { panic!("{lines:?}") };
+        assert!(lasted >= Duration::from_secs(3000), "{lasted:?}");
+        assert!(so_far > 6_000, "{so_far}");
+        assert!(e.ongoing());
+        let (lasted, n) = e.ended(now).expect("it held");
+        assert_eq!(n, attempts);
+        assert!(lasted >= Duration::from_secs(3600));
+        assert_eq!(e.ended(now), None, "ended once");
+        assert_eq!(e.failed(now), Failure::Started, "a new problem starts a new episode");
+    }
+
+    #[test]
+    fn durations_read_as_an_operator_expects() {
+        assert_eq!(readable(Duration::from_millis(1234)), "1s 234ms");
+        assert_eq!(readable(Duration::from_secs_f64(3723.7)), "1h 2m 3s");
     }
 
     #[test]

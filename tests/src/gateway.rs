@@ -33,11 +33,12 @@ pub const READY_MESSAGE: &str = "embedded broker listening";
 
 /// Environment variables the gateway reads; cleared so the test alone decides.
 ///
-/// This includes the fault injection (`OUTPOST_FAULT_COMMIT_DELAY_MS`): a value left in a
-/// developer's shell would otherwise slow every commit of every gateway a test starts, and
-/// make unrelated tests fail on timeouts. A test that wants it sets it with
-/// [`GatewaySpec::env`].
-const GATEWAY_ENV: [&str; 8] = [
+/// This includes the fault injection (`OUTPOST_FAULT_COMMIT_DELAY_MS`, `OUTPOST_FAULT_WEDGE`)
+/// and the log reminder cadence: a value left in a developer's shell would otherwise slow or
+/// wedge every gateway a test starts, and make unrelated tests fail on timeouts. The same goes
+/// for systemd's `NOTIFY_SOCKET` and `WATCHDOG_USEC` when the tests themselves run under
+/// systemd. A test that wants one sets it with [`GatewaySpec::env`].
+const GATEWAY_ENV: [&str; 13] = [
     "OUTPOST_CONFIG",
     "OUTPOST_LISTEN",
     "OUTPOST_UPSTREAM",
@@ -45,6 +46,11 @@ const GATEWAY_ENV: [&str; 8] = [
     "OUTPOST_RULES",
     "OUTPOST_LOG_FORMAT",
     "OUTPOST_FAULT_COMMIT_DELAY_MS",
+    "OUTPOST_FAULT_WEDGE",
+    "OUTPOST_LOG_REMINDER_MS",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
     "RUST_LOG",
 ];
 

@@ -21,6 +21,8 @@
 //!   commands (`outpost check`, `outpost buffer stats`).
 //! - [`mqtt`]: the harness's [`mqtt::Subscriber`] and [`mqtt::publish_qos1`], the two ends of
 //!   a test.
+//! - [`notify`]: [`notify::NotifySocket`], systemd's end of `sd_notify` (`NOTIFY_SOCKET`):
+//!   what the gateway tells its service manager (READY, watchdog pings, STATUS).
 //! - [`raw`]: `outpost_sim::harness::raw`, re-exported: hand-encoded MQTT packets, for clients
 //!   that do what rumqttc will not.
 //!
@@ -35,6 +37,7 @@
 pub mod conformance;
 pub mod gateway;
 pub mod mqtt;
+pub mod notify;
 pub mod upstream;
 
 pub use outpost_sim::harness::raw;

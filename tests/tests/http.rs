@@ -79,6 +79,20 @@ fn value(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     }
 }
 
+/// How many observations the histogram `name` holds (its `+Inf` bucket).
+fn histogram_count(scrape: &Scrape, name: &str) -> f64 {
+    let sample =
+        scrape.samples.iter().find(|s| s.metric == name).unwrap_or_else(|| panic!("{name} is missing"));
+    match &sample.value {
+        Value::Histogram(buckets) => buckets
+            .iter()
+            .find(|b| b.less_than == f64::INFINITY)
+            .map(|b| b.count)
+            .unwrap_or_else(|| panic!("{name} has no +Inf bucket")),
+        other => panic!("{name} is {other:?}, not a histogram"),
+    }
+}
+
 /// Polls `condition` until it returns `Some`, or fails after [`TIMEOUT`] saying `what`.
 async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
     what: &str,
@@ -159,6 +173,14 @@ async fn metrics_count_known_traffic() {
         }
         other => panic!("the commit duration is {other:?}, not a histogram"),
     }
+    // Every publish held its PUBACK until safe (here: acknowledged upstream), and every
+    // upstream PUBACK matched a publish written on the link.
+    assert_eq!(histogram_count(&metrics, "outpost_puback_hold_seconds"), n);
+    assert_eq!(histogram_count(&metrics, "outpost_upstream_round_trip_seconds"), n);
+    assert_eq!(
+        histogram_count(&metrics, "outpost_buffer_commit_duration_seconds"),
+        v("outpost_buffer_fsyncs_total", &[])
+    );
     assert!(
         !metrics
             .samples
@@ -222,9 +244,12 @@ async fn status_across_an_upstream_outage() {
         &format!("[upstream]\nurl = \"{}\"\nreconnect_max = \"1s\"\n", upstream.url()),
     )
     .await;
+    // Connected, and sampled since (the sampler's `since_ms` has a 1 s resolution): an outage
+    // within the first sample period would otherwise leave `since_ms` where it was.
     let connected = eventually("upstream connected", || async {
         let (_, status) = get_json(http, "/status", None).await;
-        (status["upstream"]["connected"] == true).then_some(status)
+        let sampled = status["uptime_s"].as_f64().is_some_and(|up| up >= 1.5);
+        (status["upstream"]["connected"] == true && sampled).then_some(status)
     })
     .await;
     assert_eq!(connected["version"], env!("CARGO_PKG_VERSION"));
@@ -274,6 +299,13 @@ async fn status_across_an_upstream_outage() {
     let metrics = scrape(http, None).await;
     assert_eq!(value(&metrics, "outpost_upstream_acknowledged_total", &[]), Some(N as f64));
     assert!(value(&metrics, "outpost_buffer_committed_total", &[]).unwrap_or(0.0) >= N as f64);
+    // The outage's events were committed before they were acknowledged: each transaction is
+    // one observation of the commit duration.
+    let commits = value(&metrics, "outpost_buffer_fsyncs_total", &[]).expect("fsyncs");
+    assert!(commits >= 1.0);
+    assert_eq!(histogram_count(&metrics, "outpost_buffer_commit_duration_seconds"), commits);
+    assert_eq!(histogram_count(&metrics, "outpost_puback_hold_seconds"), N as f64);
+    assert_eq!(histogram_count(&metrics, "outpost_upstream_round_trip_seconds"), N as f64);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,7 @@ use tracing::warn;
 use crate::event::{Event, IdGen, now_ms};
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottle;
+use crate::watchdog::Heartbeat;
 
 /// The broker's end of the channel into the route stage. The route stage ends when every
 /// sender is gone: this one goes with [`super::Shared`], once the accept loops and every
@@ -26,11 +27,19 @@ pub struct Intake {
     metrics: Metrics,
     /// Locked only while the channel is full.
     throttled_log: Mutex<LogThrottle>,
+    /// The broker's heartbeat (the watchdog), shared with the accept loops: a hand-over is a
+    /// turn, and waiting for room in the route stage's channel is not (its heartbeat covers it).
+    heartbeat: Heartbeat,
 }
 
 impl Intake {
-    pub fn new(ids: IdGen, events: mpsc::Sender<Event>, metrics: Metrics) -> Intake {
-        Intake { ids, events, metrics, throttled_log: Mutex::default() }
+    pub fn new(ids: IdGen, events: mpsc::Sender<Event>, metrics: Metrics, heartbeat: Heartbeat) -> Intake {
+        Intake { ids, events, metrics, throttled_log: Mutex::default(), heartbeat }
+    }
+
+    /// The broker's heartbeat, for the accept loops.
+    pub fn heartbeat(&self) -> &Heartbeat {
+        &self.heartbeat
     }
 
     /// An event for a publish of `client_id`, with a new id, received now.
@@ -52,7 +61,11 @@ impl Intake {
     pub async fn hand_over(&self, event: Event) -> bool {
         let counters = self.metrics.counters();
         Metrics::add(&counters.ingested, 1);
-        match self.events.try_send(event) {
+        self.heartbeat.begin();
+        self.heartbeat.wedge_if_asked().await;
+        let handed = self.events.try_send(event);
+        self.heartbeat.end();
+        match handed {
             Ok(()) => true,
             Err(mpsc::error::TrySendError::Closed(_)) => false,
             Err(mpsc::error::TrySendError::Full(event)) => {

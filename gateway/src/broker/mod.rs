@@ -83,6 +83,7 @@ use crate::config::{AckMode, BrokerConfig};
 use crate::event::{Event, IdGen};
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottles;
+use crate::watchdog::Heartbeat;
 
 /// Topic filters one session may hold.
 pub const MAX_FILTERS: usize = 1_000;
@@ -116,7 +117,8 @@ impl Shared {
 }
 
 /// Starts the local broker and the listeners. Returns once the listeners are bound, so
-/// callers (and tests) can connect sensors right away.
+/// callers (and tests) can connect sensors right away. `heartbeat` is the broker's (the
+/// watchdog): the accept loops and the hand-over to the route stage report on it.
 pub async fn start(
     cfg: &BrokerConfig,
     ids: IdGen,
@@ -124,6 +126,7 @@ pub async fn start(
     metrics: Metrics,
     cancel: CancellationToken,
     tracker: &TaskTracker,
+    heartbeat: Heartbeat,
 ) -> Result<Republisher, BrokerError> {
     let mut listeners = vec![bind("broker.listen", cfg.listen).await?];
     if let Some(addr) = cfg.listen_v5 {
@@ -139,7 +142,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         metrics: metrics.clone(),
-        intake: Intake::new(ids, out, metrics.clone()),
+        intake: Intake::new(ids, out, metrics.clone(), heartbeat),
         local: Arc::clone(&local),
         retained: RetainedStore::new(cfg.max_retained, cfg.max_retained_bytes.as_u64(), metrics.clone()),
         live: Arc::new(LiveConnections::new(cfg.max_connections.get(), metrics.clone())),
@@ -175,14 +178,18 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, Broker
 }
 
 async fn accept(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken, tracker: TaskTracker) {
+    // Taking a connection in hand is a turn; waiting for the next one is not.
+    let heartbeat = shared.intake.heartbeat().clone();
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
             a = listener.accept() => a,
         };
-        match accepted {
+        heartbeat.begin();
+        let turn = match accepted {
             Ok((stream, peer)) => {
                 tracker.spawn(conn::serve(stream, peer, Arc::clone(&shared), cancel.clone()));
+                None
             }
             Err(error) => {
                 // EMFILE and friends: keep the listener, back off briefly so the loop does not
@@ -190,8 +197,12 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, cancel: Cancellation
                 if let Some(folded) = shared.logs.ready("accept") {
                     error!(message = "accepting a sensor connection failed; check the process's file descriptor limit (LimitNOFILE)", %error, similar_since_last_log = folded);
                 }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                Some(Duration::from_millis(50))
             }
+        };
+        heartbeat.end();
+        if let Some(pause) = turn {
+            tokio::time::sleep(pause).await;
         }
     }
     // The route stage ends when every sender of events is gone; the listener holds one

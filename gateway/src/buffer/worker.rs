@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use super::file::{BufferError, Key, Record};
 use super::inspect::StatsReport;
 use super::store::{Applied, Batch, Store};
+use crate::watchdog::Heartbeat;
 
 pub enum Command {
     Apply(Batch),
@@ -87,7 +88,10 @@ fn fault_commit_delay() -> Option<std::time::Duration> {
 }
 
 impl Worker {
-    pub fn spawn(store: Store) -> std::io::Result<Worker> {
+    /// Starts the store thread. It reports a turn per command on `heartbeat` (the watchdog):
+    /// busy from taking a command until its reply is ready, idle while it waits for the next
+    /// command or for room in the reply queue (the relay's to empty).
+    pub fn spawn(store: Store, heartbeat: Heartbeat) -> std::io::Result<Worker> {
         // Two commands can be outstanding at once (one commit, one read); a little slack
         // keeps the relay from ever waiting on the channel itself.
         let (commands, mut rx) = mpsc::channel::<Command>(8);
@@ -96,45 +100,16 @@ impl Worker {
         let thread = std::thread::Builder::new().name("outpost-store".into()).spawn(move || {
             let mut store = store;
             while let Some(command) = rx.blocking_recv() {
-                let reply = match command {
-                    Command::Apply(batch) => {
-                        let started = Instant::now();
-                        if let Some(delay) = slow_commits {
-                            std::thread::sleep(delay);
-                        }
-                        let inserted = batch.inserts.len();
-                        let result = store.apply(&batch).map_err(|e| (e, batch));
-                        if result.is_ok() {
-                            compact(&mut store);
-                        }
-                        Reply::Applied { result, took: started.elapsed(), inserted }
+                heartbeat.begin();
+                if heartbeat.wedged() {
+                    wedge(&rx);
+                }
+                let reply = execute(&mut store, command, slow_commits);
+                heartbeat.end();
+                if let Some(reply) = reply {
+                    if tx.blocking_send(reply).is_err() {
+                        break;
                     }
-                    Command::Inspect { request, reply } => {
-                        let answer = match request {
-                            InspectRequest::Stats => store.inspect_stats().map(Inspected::Stats),
-                            InspectRequest::Records { after, limit } => {
-                                store.inspect_records(after, limit).map(Inspected::Records)
-                            }
-                        };
-                        let _ = reply.send(answer.map_err(|e| e.to_string()));
-                        continue;
-                    }
-                    Command::Import { request, reply } => {
-                        let answer = match request {
-                            ImportRequest::AlreadyImported(prints) => store.already_imported(&prints),
-                            ImportRequest::MarkImported(prints) => {
-                                store.mark_imported(&prints).map(|()| Vec::new())
-                            }
-                        };
-                        let _ = reply.send(answer.map_err(|e| e.to_string()));
-                        continue;
-                    }
-                    Command::Read { priority, from_seq, limit } => {
-                        Reply::Read { priority, from_seq, result: store.read(priority, from_seq, limit) }
-                    }
-                };
-                if tx.blocking_send(reply).is_err() {
-                    break;
                 }
             }
             // Close the file before the thread ends, so joining the thread means the file is
@@ -152,6 +127,54 @@ impl Worker {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Runs one command; `Some` is the reply for the relay's queue (operators' commands answer
+/// on their own channel).
+fn execute(store: &mut Store, command: Command, slow_commits: Option<Duration>) -> Option<Reply> {
+    match command {
+        Command::Apply(batch) => {
+            let started = Instant::now();
+            if let Some(delay) = slow_commits {
+                std::thread::sleep(delay);
+            }
+            let inserted = batch.inserts.len();
+            let result = store.apply(&batch).map_err(|e| (e, batch));
+            if result.is_ok() {
+                compact(store);
+            }
+            Some(Reply::Applied { result, took: started.elapsed(), inserted })
+        }
+        Command::Inspect { request, reply } => {
+            let answer = match request {
+                InspectRequest::Stats => store.inspect_stats().map(Inspected::Stats),
+                InspectRequest::Records { after, limit } => {
+                    store.inspect_records(after, limit).map(Inspected::Records)
+                }
+            };
+            let _ = reply.send(answer.map_err(|e| e.to_string()));
+            None
+        }
+        Command::Import { request, reply } => {
+            let answer = match request {
+                ImportRequest::AlreadyImported(prints) => store.already_imported(&prints),
+                ImportRequest::MarkImported(prints) => store.mark_imported(&prints).map(|()| Vec::new()),
+            };
+            let _ = reply.send(answer.map_err(|e| e.to_string()));
+            None
+        }
+        Command::Read { priority, from_seq, limit } => {
+            Some(Reply::Read { priority, from_seq, result: store.read(priority, from_seq, limit) })
+        }
+    }
+}
+
+/// Fault injection (`OUTPOST_FAULT_WEDGE=store`): holds the command in hand, as a hung disk
+/// would, until the relay lets go of the thread at shutdown.
+fn wedge(rx: &mpsc::Receiver<Command>) {
+    while !rx.is_closed() {
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 

@@ -19,13 +19,13 @@
 //!   the token is never logged. Supervisors probe `/health/*` without it.
 //! - Every task stops on the gateway's cancellation token; open connections are dropped.
 //!
-//! # Observation points the histograms wait for
-//! `metrics::Histograms` is exposed here but observed by the stages (wired after issue #11's
-//! refactor): `puback_hold` where a connection releases a held PUBACK (the `Ticket`'s publish
-//! read time → the PUBACK written, `broker/conn.rs`); `commit_duration` where the relay gets
-//! `Reply::Applied { took, .. }` (`relay/mod.rs`, next to the "buffer commit was slow" check);
-//! `upstream_round_trip` where the relay matches an upstream PUBACK to its in-flight publish
-//! (the time it was written → now).
+//! # Where the histograms are observed
+//! `metrics::Histograms` is exposed here and observed by the stages, wait-free:
+//! `puback_hold` when a sensor's timed `Ticket` loses its last copy (`ack.rs`: the publish read
+//! → the event safe); `commit_duration` when the relay gets `Reply::Applied { took, .. }`
+//! (`relay/commit.rs`; `took` is measured on the store thread around the transaction);
+//! `upstream_round_trip` when the relay matches an upstream PUBACK to its in-flight publish
+//! (`relay/lanes.rs`: the turn it was written → the turn its PUBACK was read).
 
 pub mod exposition;
 pub mod health;
@@ -108,7 +108,8 @@ struct State {
     started: Instant,
     upstream_endpoint: Option<String>,
     capacity: (u64, u64),
-    /// Refused connections and requests are logged at most every 10 s.
+    /// Refused connections and requests are logged the first time, then at most every
+    /// `telemetry::reminder_every` (10 min).
     refused_log: Mutex<LogThrottle>,
     unauthorized_log: Mutex<LogThrottle>,
 }

@@ -13,13 +13,14 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 
 use super::{Lane, Pending, Relay};
 use crate::buffer::store::Applied;
 use crate::buffer::worker::{Command, Reply};
 use crate::buffer::{Batch, BufferError, DropRequest, Key, LaneStats, N_PRIORITIES, Record};
 use crate::metrics::Metrics;
+use crate::telemetry::{Failure, readable};
 
 /// Acked events still in the file are deleted at least this often; after a crash, at most this
 /// much acknowledged traffic is sent again (as duplicates the event id lets consumers drop).
@@ -273,8 +274,15 @@ impl Relay {
         let counters = self.metrics.counters();
         Metrics::add(&counters.commits, 1);
         Metrics::add(&counters.committed, inserted as u64);
+        // Measured on the store thread around the transaction (fsync included).
+        self.metrics.histograms().commit_duration.observe_duration(took);
         if took > Duration::from_millis(500) {
-            warn!(message = "buffer commit was slow; the disk may be failing or overloaded", took = ?took);
+            if let Some(folded) = self.logs.slow_commit.ready(now) {
+                warn!(message = "buffer commit was slow; the disk may be failing or overloaded (see outpost_buffer_commit_duration_seconds)", took = ?took, similar_since_last_log = folded);
+            }
+        }
+        if let Some((lasted, failed)) = self.logs.commits_failing.ended(now) {
+            info!(message = "buffer commits work again; the events held in memory meanwhile are on disk", failing_for = %readable(lasted), failed_attempts = failed);
         }
         let c = &mut self.commits;
         c.running = false;
@@ -341,7 +349,18 @@ impl Relay {
         } else {
             "stop outpost and move the buffer file aside if this repeats".to_owned()
         };
-        error!(message = "buffer commit failed; retrying", %error, hint, retry_in = ?delay, failures_in_row = c.failures_in_row);
+        let failures_in_row = c.failures_in_row;
+        match self.logs.commits_failing.failed(now) {
+            Failure::Started => {
+                error!(message = "buffer commit failed; retrying with backoff (a reminder follows while it lasts)", %error, hint, retry_in = ?delay)
+            }
+            Failure::Remind { lasted, attempts } => {
+                error!(message = "buffer commits still failing; retrying", %error, hint, failing_for = %readable(lasted), failed_attempts = attempts)
+            }
+            Failure::Quiet => {
+                tracing::debug!(message = "buffer commit failed again", %error, failures_in_row)
+            }
+        }
         self.restore(batch);
     }
 }

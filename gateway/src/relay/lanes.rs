@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::{error, info, warn};
+use tracing::{debug, error, warn};
 
 use super::{Pending, Relay, RelaySettings};
 use crate::buffer::worker::Command;
@@ -163,7 +163,9 @@ impl Relay {
     /// isolates the suspect, its PINGREQ probe goes into `out` first.
     pub fn on_connected(&mut self, generation: u64, params: LinkParams, now: Instant, out: &mut BytesMut) {
         let stored = self.stored();
-        info!(
+        // Debug: a flapping upstream would write it per connection (the uplink logs the
+        // upstream's state changes, with the backlog).
+        debug!(
             message = "relay resuming from the buffer",
             generation,
             buffered_events = stored.events,
@@ -202,6 +204,8 @@ impl Relay {
     pub(super) fn on_puback(&mut self, sent: Sent, rejected: Option<String>, now: Instant) {
         let key = sent.record.key();
         self.isolation_passed(key);
+        // Written (encoded into the link's buffer, sent the same turn) → its PUBACK read.
+        self.metrics.histograms().upstream_round_trip.observe_duration(now.duration_since(sent.at));
         let counters = self.metrics.counters();
         match rejected {
             None => Metrics::add(&counters.upstream_acked, 1),
@@ -453,7 +457,9 @@ impl Relay {
                 );
             }
             Err(error) => {
-                error!(message = "reading the buffer failed; retrying in 1s", %error);
+                if let Some(folded) = self.logs.read_failed.ready(now) {
+                    error!(message = "reading the buffer failed; retrying every second", %error, similar_since_last_log = folded);
+                }
                 self.pacing.read_retry_at = Some(now + Duration::from_secs(1));
             }
         }

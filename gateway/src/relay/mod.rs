@@ -68,7 +68,7 @@ use crate::buffer::{LaneStats, N_PRIORITIES, Record};
 use crate::config::{BufferConfig, EventIdMode, OverflowPolicy, UpstreamConfig};
 use crate::event::IdGen;
 use crate::metrics::Metrics;
-use crate::telemetry::LogThrottle;
+use crate::telemetry::{Episode, LogThrottle};
 
 use commit::Commits;
 use lanes::{Conn, Lane, Pacing};
@@ -126,7 +126,8 @@ struct Pending {
     _ticket: Option<Ticket>,
 }
 
-/// Warnings that could repeat per event, each logged at most once per period.
+/// Warnings that could repeat per event or per retry, each logged when it starts and then at
+/// the reminder cadence (`telemetry`'s "Log cadence").
 #[derive(Debug, Default)]
 struct Logs {
     overflow: LogThrottle,
@@ -134,6 +135,10 @@ struct Logs {
     reject: LogThrottle,
     size: LogThrottle,
     poison: LogThrottle,
+    slow_commit: LogThrottle,
+    read_failed: LogThrottle,
+    /// Commits failing (a full disk): retried with backoff until one succeeds.
+    commits_failing: Episode,
 }
 
 /// The relay's whole state. Owned by one task; nothing in it is shared.

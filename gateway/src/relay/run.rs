@@ -23,6 +23,7 @@ use crate::deadletter::DurableLetter;
 use crate::event::Outbound;
 use crate::metrics::Metrics;
 use crate::uplink::{Link, LinkLoss, Lost, Received};
+use crate::watchdog::Heartbeat;
 
 /// How many input events are taken per wake-up, to amortise the loop's overhead.
 const ACCEPT_BATCH: usize = 256;
@@ -32,6 +33,10 @@ type Letters = Vec<(Key, oneshot::Receiver<Result<(), String>>)>;
 
 /// Runs the relay until its input closes and everything accepted is on disk or acknowledged
 /// (or `drain_grace` passed), then closes the upstream connection and stops the uplink.
+///
+/// Each loop turn is a heartbeat turn (the watchdog): busy from waking until the `select!`,
+/// where every branch is something the loop waits for (the store thread, the socket, input).
+#[allow(clippy::too_many_arguments)]
 pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     mut relay: Relay,
     mut input: mpsc::Receiver<Outbound>,
@@ -40,6 +45,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     data_dir: PathBuf,
     dead_letters: mpsc::Sender<DurableLetter>,
     uplink_cancel: CancellationToken,
+    heartbeat: Heartbeat,
 ) {
     let mut letters: Letters = Vec::new();
     let mut input_open = true;
@@ -47,6 +53,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
     let mut link: Option<Link<S>> = None;
     let mut timer = Timer::new();
     loop {
+        heartbeat.begin();
+        heartbeat.wedge_if_asked().await;
         let now = Instant::now();
         work(&mut relay, &mut link, &worker, input_open, now);
         hand_letters(&mut relay, &dead_letters, &mut letters, now);
@@ -61,6 +69,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         let grace = grace_until.filter(|&t| t > now);
         timer.arm([relay.next_deadline(), grace, ping].into_iter().flatten().min());
         let accept = input_open && relay.can_accept();
+        heartbeat.end();
         tokio::select! {
             biased;
             Some(reply) = worker.replies.recv() => relay.on_reply(reply, &data_dir, Instant::now()),

@@ -125,7 +125,7 @@ impl Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, report) = Store::open(dir.path()).expect("open");
         let lanes = store.lanes();
-        let worker = Worker::spawn(store).expect("worker");
+        let worker = Worker::spawn(store, crate::watchdog::Heartbeat::unwatched()).expect("worker");
         let relay = Relay::new(settings(), Metrics::default(), IdGen::new(report.epoch), lanes);
         Harness {
             dir,
@@ -337,7 +337,11 @@ impl Harness {
         drop(fresh.relay);
         let (store, report) = Store::open(self.dir.path()).expect("reopen");
         let lanes = store.lanes();
-        std::mem::replace(&mut self.worker, Worker::spawn(store).expect("worker")).join();
+        std::mem::replace(
+            &mut self.worker,
+            Worker::spawn(store, crate::watchdog::Heartbeat::unwatched()).expect("worker"),
+        )
+        .join();
         self.relay = Relay::new(settings(), Metrics::default(), IdGen::new(report.epoch), lanes);
         // Letters not yet answered were not written: their events are still in the buffer
         // (or were only in memory, with their sensors not acknowledged).

@@ -1,6 +1,13 @@
 //! Connecting to the upstream broker: TCP, CONNECT, CONNACK with the upstream's limits,
 //! capped exponential backoff between attempts, and the task that reconnects whenever the
 //! relay drops a [`Link`].
+//!
+//! The log follows the upstream's *state*, not the attempts ([`Health`]): one line when it is
+//! lost (or cannot be reached at start) with the reason, a reminder every
+//! [`reminder_every`] with the attempts and the backlog, one line when it is back (after how
+//! long, how much was buffered meanwhile). Back means a connection that lasted
+//! [`HEALTHY_CONNECTION`]: an upstream that accepts and drops every connection is still down.
+//! Every attempt and every connection is logged at debug level.
 
 use std::time::Duration;
 
@@ -9,13 +16,15 @@ use rand::Rng;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Link;
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::mqtt::upstream::{LinkParams, encode_connect, parse_connack};
+use crate::telemetry::{Episode, Failure, readable, reminder_every};
 
 fn describe_io(error: &std::io::Error) -> String {
     if error.kind() == std::io::ErrorKind::ConnectionRefused {
@@ -87,6 +96,112 @@ impl Backoff {
     }
 }
 
+/// What the log says about the upstream, from the attempts and connections it is told about:
+/// a line per change of state, reminders while it is down (see the module docs). Pure: the
+/// clock is passed in, and it returns what to log.
+#[derive(Debug, Default)]
+struct Health {
+    /// The upstream is down (lost, or never reached), since when, and how many attempts failed.
+    outage: Episode,
+    /// A connection was announced as up ("connected upstream") and not lost since.
+    announced: bool,
+}
+
+/// A line [`Health`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Note {
+    /// The first connection, or one that lasted through an outage's end: `back_after` holds
+    /// the outage's length and failed attempts.
+    Connected { back_after: Option<(Duration, u64)> },
+    /// An announced connection was lost.
+    Lost,
+    /// No connection could be made, and none was up before.
+    Unreachable,
+    /// Still down.
+    Reminder { down_for: Duration, attempts: u64 },
+}
+
+impl Health {
+    /// A connection was made. Announced at once unless an outage holds: then only once it
+    /// proved healthy ([`Health::healthy`]).
+    fn connected(&mut self) -> Option<Note> {
+        if self.outage.ongoing() {
+            return None;
+        }
+        self.announced = true;
+        Some(Note::Connected { back_after: None })
+    }
+
+    /// The connection lasted [`HEALTHY_CONNECTION`]: an outage ends here.
+    fn healthy(&mut self, now: Instant) -> Option<Note> {
+        let back_after = self.outage.ended(now)?;
+        self.announced = true;
+        Some(Note::Connected { back_after: Some(back_after) })
+    }
+
+    /// An attempt failed, or a connection was lost.
+    fn failed(&mut self, now: Instant) -> Option<Note> {
+        let lost = std::mem::take(&mut self.announced);
+        match self.outage.failed(now) {
+            Failure::Started if lost => Some(Note::Lost),
+            Failure::Started => Some(Note::Unreachable),
+            Failure::Remind { lasted, attempts } => Some(Note::Reminder { down_for: lasted, attempts }),
+            Failure::Quiet => None,
+        }
+    }
+}
+
+/// Writes what [`Health`] asked for, with what the counters say about the buffer.
+#[derive(Debug)]
+struct HealthLog<'a> {
+    cfg: &'a UpstreamConfig,
+    metrics: &'a Metrics,
+    /// `accepted` when the outage began: what came in meanwhile is buffered.
+    accepted_at_outage: u64,
+}
+
+impl HealthLog<'_> {
+    fn write(&mut self, note: Option<Note>, generation: u64, error: &str, receive_max: u16) {
+        let Some(note) = note else { return };
+        let accepted = Metrics::get(&self.metrics.counters().accepted);
+        let backlog = Metrics::get(&self.metrics.gauges().buffered_events);
+        let upstream = &self.cfg.url;
+        let reminders = readable(reminder_every());
+        match note {
+            Note::Connected { back_after: None } => {
+                info!(message = "connected upstream", %upstream, generation, receive_max);
+            }
+            Note::Connected { back_after: Some((down_for, attempts)) } => info!(
+                message = "connected upstream",
+                %upstream,
+                generation,
+                receive_max,
+                down_for = %readable(down_for),
+                failed_attempts = attempts,
+                buffered_while_down = accepted.saturating_sub(self.accepted_at_outage),
+                backlog_events = backlog
+            ),
+            Note::Lost => {
+                self.accepted_at_outage = accepted;
+                warn!(message = "upstream connection lost; events are kept in the buffer and resent after reconnecting (retrying with backoff; a reminder follows while it lasts)", %upstream, generation, %error, reminder_every = %reminders, backlog_events = backlog);
+            }
+            Note::Unreachable => {
+                self.accepted_at_outage = accepted;
+                warn!(message = "cannot connect upstream; events are kept in the buffer (retrying with backoff; a reminder follows while it lasts)", %upstream, generation, %error, reminder_every = %reminders, backlog_events = backlog);
+            }
+            Note::Reminder { down_for, attempts } => warn!(
+                message = "upstream still unreachable; events are kept in the buffer",
+                %upstream,
+                down_for = %readable(down_for),
+                failed_attempts = attempts,
+                last_error = %error,
+                buffered_while_down = accepted.saturating_sub(self.accepted_at_outage),
+                backlog_events = backlog
+            ),
+        }
+    }
+}
+
 /// Runs until `cancel`: connects, hands each connection to the relay over `links`, waits for
 /// the relay to drop it, reconnects after a backoff. When the relay is gone, stops.
 pub async fn run(
@@ -97,34 +212,66 @@ pub async fn run(
 ) {
     let counters = metrics.counters();
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+    let mut health = Health::default();
+    let mut log = HealthLog { cfg: &cfg, metrics: &metrics, accepted_at_outage: 0 };
     for generation in 1.. {
-        info!(message = "connecting upstream", upstream = %cfg.url, version = ?cfg.mqtt_version, generation);
+        if generation == 1 {
+            info!(message = "connecting upstream", upstream = %cfg.url, version = ?cfg.mqtt_version, generation);
+        } else {
+            debug!(message = "connecting upstream", upstream = %cfg.url, generation);
+        }
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return,
             attempt = connect(&cfg) => attempt,
         };
         match attempt {
             Ok((stream, params, inbuf)) => {
-                let since = tokio::time::Instant::now();
+                let since = Instant::now();
                 Metrics::add(&counters.upstream_connects, 1);
                 metrics.set_upstream_connected(true);
-                info!(message = "connected upstream", upstream = %cfg.url, generation, receive_max = params.receive_max);
-                let lost = lend(generation, stream, params, inbuf, &links, &cancel).await;
+                debug!(message = "upstream connection made", upstream = %cfg.url, generation, receive_max = params.receive_max);
+                log.write(health.connected(), generation, "", params.receive_max);
+                let receive_max = params.receive_max;
+                let (ended, mut end) = oneshot::channel();
+                let link =
+                    Link { generation, stream, params, inbuf, out: BytesMut::new(), ended: Some(ended) };
+                let lost = match links.send(link).await {
+                    Ok(()) => {
+                        let healthy = tokio::time::sleep_until(since + HEALTHY_CONNECTION);
+                        tokio::pin!(healthy);
+                        let mut proven = false;
+                        loop {
+                            tokio::select! {
+                                biased;
+                                // Dropped without a reason: the relay is stopping.
+                                end = &mut end => break end.ok(),
+                                _ = cancel.cancelled() => break None,
+                                () = &mut healthy, if !proven => {
+                                    proven = true;
+                                    log.write(health.healthy(Instant::now()), generation, "", receive_max);
+                                }
+                            }
+                        }
+                    }
+                    Err(_) => None,
+                };
                 metrics.set_upstream_connected(false);
                 let Some(error) = lost else { return };
                 if since.elapsed() >= HEALTHY_CONNECTION {
                     backoff.reset();
                 }
                 Metrics::add(&counters.upstream_failures, 1);
-                warn!(message = "upstream connection lost; events are kept in the buffer and resent after reconnecting", upstream = %cfg.url, generation, %error);
+                debug!(message = "upstream connection ended", upstream = %cfg.url, generation, lasted = ?since.elapsed(), %error);
+                log.write(health.failed(Instant::now()), generation, &error, receive_max);
             }
             Err(error) => {
                 Metrics::add(&counters.upstream_failures, 1);
-                warn!(message = "cannot connect upstream; events are kept in the buffer", upstream = %cfg.url, generation, %error);
+                debug!(message = "upstream connection attempt failed", upstream = %cfg.url, generation, %error);
+                log.write(health.failed(Instant::now()), generation, &error, 0);
             }
         }
         let delay = backoff.next_delay();
-        info!(message = "reconnecting upstream after backoff", delay = ?delay);
+        debug!(message = "reconnecting upstream after backoff", delay = ?delay);
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
@@ -132,30 +279,60 @@ pub async fn run(
     }
 }
 
-/// Hands one connection to the relay and waits until the relay drops it. `Some`: it was lost,
-/// and why; `None`: stop (cancelled, the relay is gone, or it closed the link to stop).
-async fn lend(
-    generation: u64,
-    stream: TcpStream,
-    params: LinkParams,
-    inbuf: BytesMut,
-    links: &mpsc::Sender<Link>,
-    cancel: &CancellationToken,
-) -> Option<String> {
-    let (ended, end) = oneshot::channel();
-    let link = Link { generation, stream, params, inbuf, out: BytesMut::new(), ended: Some(ended) };
-    links.send(link).await.ok()?;
-    tokio::select! {
-        biased;
-        // Dropped without a reason: the relay is stopping.
-        end = end => end.ok(),
-        _ = cancel.cancelled() => None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An hour of an upstream that refuses connections, then one that accepts and drops each
+    /// connection at once: the lines are the state changes and the reminders, not the
+    /// thousands of attempts.
+    #[test]
+    fn health_logs_state_changes_and_reminders_not_attempts() {
+        let start = Instant::now();
+        let mut h = Health { outage: Episode::every(Duration::from_secs(600)), announced: false };
+        assert_eq!(h.connected(), Some(Note::Connected { back_after: None }));
+        assert_eq!(h.healthy(start + HEALTHY_CONNECTION), None, "no outage to end");
+        let mut now = start + Duration::from_secs(60);
+        let mut notes = vec![h.failed(now)];
+        let mut attempts = 1;
+        // An hour after the loss (at 60 s), short of the seventh reminder.
+        while now < start + Duration::from_secs(3659) {
+            now += Duration::from_millis(400);
+            attempts += 1;
+            notes.push(h.failed(now));
+            // Every tenth attempt connects and is dropped before it proved healthy.
+            if attempts % 10 == 0 {
+                notes.push(h.connected());
+                attempts += 1;
+                notes.push(h.failed(now));
+            }
+        }
+        let notes: Vec<Note> = notes.into_iter().flatten().collect();
+        assert!(attempts > 8_000, "{attempts}");
+        assert_eq!(notes[0], Note::Lost);
+        assert_eq!(notes.len(), 6, "the loss and a reminder every 10 minutes: {notes:?}");
+        assert!(notes[1..].iter().all(|n| matches!(n, Note::Reminder { .. })), "{notes:?}");
+        // Back: a connection that lasts.
+        assert_eq!(h.connected(), None, "not yet: it must last");
+        let Some(Note::Connected { back_after: Some((down_for, failed)) }) = h.healthy(now) else {
+            panic!("back")
+        };
+        assert!(down_for >= Duration::from_secs(3590), "{down_for:?}");
+        assert_eq!(failed, attempts);
+        // Lost again: a new outage, announced.
+        assert_eq!(h.failed(now), Some(Note::Lost));
+    }
+
+    #[test]
+    fn an_upstream_down_at_start_is_unreachable_until_a_connection_lasts() {
+        let start = Instant::now();
+        let mut h = Health { outage: Episode::every(Duration::from_secs(600)), announced: false };
+        assert_eq!(h.failed(start), Some(Note::Unreachable));
+        assert_eq!(h.failed(start + Duration::from_secs(1)), None);
+        assert_eq!(h.connected(), None);
+        let back = h.healthy(start + Duration::from_secs(7));
+        assert_eq!(back, Some(Note::Connected { back_after: Some((Duration::from_secs(7), 2)) }));
+    }
 
     #[test]
     fn backoff_grows_caps_and_resets() {

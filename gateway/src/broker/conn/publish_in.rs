@@ -80,7 +80,7 @@ impl Inbound {
                 self.qos2.insert(pkid);
             }
             if shared.ack_after_commit() {
-                event.ticket = Some(self.acks.ticket());
+                event.ticket = Some(self.acks.timed_ticket(&shared.metrics));
                 self.held.push_back((pkid, qos));
             } else {
                 acknowledge(io, &mut self.qos2, pkid, qos, Outcome::Safe)?;
