@@ -16,6 +16,7 @@ const RANKS: &[(&str, u8)] = &[
     ("metrics", BOTTOM),
     ("event", BOTTOM),
     ("config", BOTTOM),
+    ("auth", BOTTOM),
     ("shutdown", BOTTOM),
     ("telemetry", 1),
     // What the stages hand work to: the redb file (below the relay), the dead-letter store.
