@@ -62,7 +62,7 @@ pub struct PasswdArgs {
     pub delete: bool,
     /// PBKDF2 iterations. 101 is mosquitto_passwd's default: every CONNECT costs this many
     /// rounds, so on a small gateway thousands of sensors reconnecting at once stay cheap.
-    /// Raise it where a stolen file is the bigger risk (checks above 1000 rounds run on
+    /// Raise it where a stolen file is the bigger risk (checks above 200 rounds run on
     /// worker threads, at most 2 at a time).
     #[arg(long, default_value_t = crate::auth::password::DEFAULT_ITERATIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub iterations: u32,
