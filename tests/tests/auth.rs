@@ -249,3 +249,67 @@ fn check_refuses_clear_text_passwords_and_names_bad_lines() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("cannot read") && stderr.contains("missing"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_denial_is_counted_and_logged_with_its_fix() {
+    use outpost_e2e::conformance::{ACK_TIMEOUT, Received, Recorder};
+    use rumqttc::QoS;
+    use rumqttc::v5::mqttbytes::v5::LastWill;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let acl = dir.path().join("acl");
+    // No password file: every client is anonymous, and anonymous clients are allowed.
+    std::fs::write(&acl, "topic readwrite open/#\ntopic read news/#\ntopic write drop/#\n")
+        .expect("write acl");
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path())
+        .config_toml(format!("[broker]\nacl_file = \"{}\"\n", acl.display()))
+        .start()
+        .await
+        .expect("start");
+    let addr = gateway.listen();
+
+    let mut subscriber = Client5::connect(options5(addr, "denied-sub")).await.expect("connect");
+    assert_eq!(subscriber.subscribe("secret/#", QoS5::AtLeastOnce).await, Some(Code(0x87)));
+    gateway.wait_for_message("refused a subscription", RELOAD_TIMEOUT).await.expect("logged");
+
+    let mut recorder = Recorder::start(addr, "#", QoS::AtLeastOnce).await.expect("`#` overlaps open/#");
+    assert!(recorder.all_granted());
+    let mut publisher = Client5::connect(options5(addr, "denied-pub")).await.expect("connect");
+    assert_eq!(
+        publisher.publish("news/x", QoS5::AtLeastOnce, false, b"n").await,
+        PublishOutcome::Refused(Code(0x87))
+    );
+    gateway
+        .wait_for_message("dropped a publish the ACL does not allow", RELOAD_TIMEOUT)
+        .await
+        .expect("logged");
+    assert_eq!(publisher.publish("drop/x", QoS5::AtLeastOnce, false, b"d").await, PublishOutcome::Acked);
+    assert_eq!(publisher.publish("open/x", QoS5::AtLeastOnce, false, b"o").await, PublishOutcome::Acked);
+    let received = recorder.wait_until(ACK_TIMEOUT, |m| m.iter().any(|m| m.topic == "open/x")).await;
+    assert_eq!(received, vec![Received::new("open/x", "o", 1, false)], "drop/x is written, never read");
+    gateway
+        .wait_for_message("withheld deliveries the ACL does not let", RELOAD_TIMEOUT)
+        .await
+        .expect("logged");
+
+    let mut options = options5(addr, "denied-will");
+    options.set_last_will(LastWill::new("news/will", "gone", QoS5::AtLeastOnce, false, None));
+    Client5::connect(options).await.expect("a denied will does not refuse the CONNECT").drop_connection();
+    let log = gateway.wait_for_message("did not publish a will", RELOAD_TIMEOUT).await.expect("logged");
+    assert!(log["message"].as_str().is_some_and(|m| m.contains("broker.acl_file")), "{log}");
+
+    let status = gateway.terminate().await.expect("stop");
+    assert!(status.success(), "{status:?}");
+    let counters = gateway.final_counters().expect("counters");
+    for (counter, n) in [
+        ("acl_subscribe_denied", 1),
+        ("acl_publish_denied", 1),
+        ("acl_delivery_denied", 1),
+        ("acl_will_denied", 1),
+        ("auth_failed", 0),
+    ] {
+        // The stop line leaves out counters that stayed at zero.
+        assert_eq!(counters.get(counter).copied().unwrap_or(0), n, "{counter}");
+    }
+}
