@@ -16,6 +16,7 @@ const RANKS: &[(&str, u8)] = &[
     ("metrics", BOTTOM),
     ("event", BOTTOM),
     ("config", BOTTOM),
+    ("auth", BOTTOM),
     ("shutdown", BOTTOM),
     ("telemetry", 1),
     // The stages' heartbeats and the systemd watchdog: every stage holds a heartbeat.

@@ -43,6 +43,29 @@ pub enum Command {
     /// Check rules files, try them on events, read the dead-letter store.
     #[command(subcommand)]
     Rules(RulesCommand),
+    /// Add or change a user in a Mosquitto password file (`broker.password_file`), or delete
+    /// one. Hashes are mosquitto_passwd's own `$7$` (PBKDF2-HMAC-SHA512), so mosquitto reads the
+    /// file too. The password is asked for twice without echo on a terminal, or read as one
+    /// line from standard input otherwise. A running gateway applies the change on SIGHUP
+    /// (`systemctl reload outpost` or `kill -HUP`).
+    Passwd(PasswdArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PasswdArgs {
+    /// The password file; created (readable by its owner only) if it does not exist.
+    pub file: PathBuf,
+    /// The username (no `:`).
+    pub user: String,
+    /// Delete the user instead.
+    #[arg(long)]
+    pub delete: bool,
+    /// PBKDF2 iterations. 101 is mosquitto_passwd's default: every CONNECT costs this many
+    /// rounds, so on a small gateway thousands of sensors reconnecting at once stay cheap.
+    /// Raise it where a stolen file is the bigger risk (checks above 200 rounds run on
+    /// worker threads, at most 2 at a time).
+    #[arg(long, default_value_t = crate::auth::password::DEFAULT_ITERATIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    pub iterations: u32,
 }
 
 #[derive(Debug, Subcommand)]
@@ -179,6 +202,7 @@ pub fn main(cli: Cli) -> ExitCode {
         Command::Rules(RulesCommand::Test { file, topic, payload, clientid, events, config }) => {
             rules_test_command(&file, config.as_deref(), topic, payload, clientid, events)
         }
+        Command::Passwd(args) => report(passwd(&args)),
         Command::Rules(RulesCommand::DeadLetters { n, args }) => report((|| {
             let dir = data_dir(&args)?;
             let mut out = std::io::stdout().lock();
@@ -188,6 +212,68 @@ pub fn main(cli: Cli) -> ExitCode {
             Ok(())
         })()),
     }
+}
+
+/// `outpost passwd`: reads the password (without echo on a terminal), hashes it, edits the
+/// file.
+fn passwd(args: &PasswdArgs) -> anyhow::Result<()> {
+    use std::io::IsTerminal as _;
+
+    use crate::auth::password::{self, Edited, Hash};
+
+    let hash = if args.delete {
+        None
+    } else {
+        let password = if std::io::stdin().is_terminal() {
+            let first = read_hidden("Password: ")?;
+            let again = read_hidden("Reenter password: ")?;
+            anyhow::ensure!(first == again, "the passwords do not match; nothing changed");
+            first
+        } else {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("cannot read the password from standard input")?;
+            line.trim_end_matches(['\n', '\r']).to_owned()
+        };
+        anyhow::ensure!(!password.is_empty(), "the password is empty; nothing changed");
+        let iterations =
+            std::num::NonZeroU32::new(args.iterations).context("--iterations must be at least 1")?;
+        Some(
+            Hash::pbkdf2(password.as_bytes(), iterations)
+                .map_err(|_| anyhow::anyhow!("no system randomness for the salt"))?,
+        )
+    };
+    let edited = password::edit_file(&args.file, &args.user, hash.as_ref())?;
+    let what = match edited {
+        Edited::Added => "added",
+        Edited::Changed => "changed",
+        Edited::Deleted => "deleted",
+    };
+    eprintln!(
+        "{}: user {:?} {what}; a running gateway applies it on SIGHUP (systemctl reload outpost)",
+        args.file.display(),
+        args.user
+    );
+    Ok(())
+}
+
+/// One line from the terminal on standard input, not echoed.
+fn read_hidden(prompt: &str) -> anyhow::Result<String> {
+    use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+
+    let stdin = std::io::stdin();
+    eprint!("{prompt}");
+    let original = tcgetattr(&stdin).context("cannot read the terminal's settings")?;
+    let mut silent = original.clone();
+    silent.local_modes.remove(LocalModes::ECHO);
+    tcsetattr(&stdin, OptionalActions::Now, &silent).context("cannot turn the terminal's echo off")?;
+    let mut line = String::new();
+    let read = stdin.read_line(&mut line);
+    // Echo comes back whatever the read did.
+    let restored = tcsetattr(&stdin, OptionalActions::Now, &original);
+    eprintln!();
+    read.context("cannot read the password")?;
+    restored.context("cannot turn the terminal's echo back on")?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_owned())
 }
 
 /// `outpost run`: loads the config, starts logging, runs the gateway until a signal.

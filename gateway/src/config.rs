@@ -85,9 +85,34 @@ pub struct BrokerConfig {
     /// When a sensor's QoS 1/2 publish is acknowledged.
     #[serde(default)]
     pub ack: AckMode,
-    /// Sensor credentials, `username = "password"`. Empty: anonymous sensors are accepted.
+    /// Sensor credentials in clear text, `username = "password"`: for tests only, refused
+    /// unless `allow_plaintext_passwords = true`. Sites use `password_file`.
     #[serde(default)]
     pub users: std::collections::BTreeMap<String, String>,
+    /// Lets `users` hold clear-text passwords. Off by default: a config file is copied, backed
+    /// up and shown around far more than a password file, and a leaked one would hand out
+    /// every sensor's password.
+    #[serde(default)]
+    pub allow_plaintext_passwords: bool,
+    /// Mosquitto's password file (`username:hash` lines, `$7$` PBKDF2-SHA512 or `$6$`
+    /// SHA-512 hashes): an existing `mosquitto_passwd` file works unchanged; `outpost passwd
+    /// FILE USER` adds or changes users. Re-read on SIGHUP (an invalid file is refused and the
+    /// one in force stays).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Mosquitto's ACL file (`topic`, `user`, `pattern` lines; see the README's "Users and
+    /// ACLs"): without it any client may publish and subscribe anywhere. Enforced on every
+    /// publish, subscription, delivery (retained ones included) and will; rule republishes are
+    /// trusted. Re-read on SIGHUP like `password_file`.
+    #[serde(default)]
+    pub acl_file: Option<PathBuf>,
+    /// Whether clients may connect without a username. Default: false when a password file
+    /// (or `users`) is configured — a site that sets up passwords means every sensor to use
+    /// one, and an anonymous client would get past them — and true otherwise, since without
+    /// passwords every client is anonymous. Set it to true to let, say, a local dashboard in
+    /// without credentials (the ACL's anonymous entries then say what it may do).
+    #[serde(default)]
+    pub allow_anonymous: Option<bool>,
     /// How often `$SYS/outpost/…` status topics are refreshed.
     #[serde(default = "default_sys_interval", with = "humantime_serde")]
     pub sys_interval: Duration,
@@ -425,6 +450,10 @@ impl Default for BrokerConfig {
             listen_v5: None,
             ack: AckMode::default(),
             users: std::collections::BTreeMap::new(),
+            allow_plaintext_passwords: false,
+            password_file: None,
+            acl_file: None,
+            allow_anonymous: None,
             sys_interval: default_sys_interval(),
             max_retained: default_max_retained(),
             max_retained_bytes: default_max_retained_bytes(),
@@ -517,6 +546,9 @@ impl GatewayConfig {
                 if parsed.positions.contains_key("rules") {
                     config.rules = config.rules.map(|rules| resolve(&rules));
                 }
+                for file in [&mut config.broker.password_file, &mut config.broker.acl_file] {
+                    *file = file.as_deref().map(resolve);
+                }
                 if let Some(http) = &mut config.http {
                     http.bearer_token_file = http.bearer_token_file.as_deref().map(resolve);
                 }
@@ -543,6 +575,17 @@ impl GatewayConfig {
                 }
                 e
             }));
+        }
+        // The files `[broker]` names are read here, so `outpost check` reports what is wrong
+        // inside them too (the broker reads them again when it starts).
+        for (key, problem) in config.broker.auth_file_problems() {
+            problems.push(ConfigError::Invalid {
+                origin: origin.clone(),
+                position: positions.get(key).copied(),
+                key: key.to_owned(),
+                value: problem.0,
+                reason: problem.1,
+            });
         }
         (Some(config), problems)
     }
@@ -649,6 +692,31 @@ impl BrokerConfig {
                 "must be between 1 and 65535 (MQTT's limit, in bytes); set it to the upstream broker's limit",
             );
         }
+        if !self.users.is_empty() && !self.allow_plaintext_passwords {
+            invalid(
+                "broker.users",
+                self.users.keys().cloned().collect::<Vec<_>>().join(", "),
+                "clear-text passwords in the config file are refused: put the users in a password file \
+                 (`outpost passwd /etc/outpost/passwd USER`, or an existing mosquitto_passwd file) and set \
+                 broker.password_file; for tests, set broker.allow_plaintext_passwords = true",
+            );
+        }
+        if !self.users.is_empty() && self.password_file.is_some() {
+            invalid(
+                "broker.users",
+                self.users.keys().cloned().collect::<Vec<_>>().join(", "),
+                "broker.password_file is set too; keep one source of passwords: move these users into the \
+                 file with `outpost passwd FILE USER` and delete broker.users",
+            );
+        }
+        if self.allow_anonymous == Some(false) && !self.has_passwords() {
+            invalid(
+                "broker.allow_anonymous",
+                "false".to_owned(),
+                "no client could connect: without broker.password_file every client is anonymous; set \
+                 broker.password_file, or delete broker.allow_anonymous",
+            );
+        }
         for (key, value) in [
             ("broker.ring_segment_size", &self.ring_segment_size),
             ("broker.ring_segments", &self.ring_segments),
@@ -738,6 +806,32 @@ impl BufferConfig {
 }
 
 impl BrokerConfig {
+    /// Whether clients can log in with a password (`password_file`, or `users` in tests).
+    pub fn has_passwords(&self) -> bool {
+        self.password_file.is_some() || !self.users.is_empty()
+    }
+
+    /// `allow_anonymous` as given, or its default: false when there are passwords.
+    pub fn allow_anonymous(&self) -> bool {
+        self.allow_anonymous.unwrap_or(!self.has_passwords())
+    }
+
+    /// What is wrong with the password and ACL files: `(key, (path, why))`.
+    fn auth_file_problems(&self) -> Vec<(&'static str, (String, String))> {
+        let mut problems = Vec::new();
+        if let Some(path) = &self.password_file {
+            if let Err(e) = crate::auth::password::PasswordFile::load(path) {
+                problems.push(("broker.password_file", (path.display().to_string(), e.to_string())));
+            }
+        }
+        if let Some(path) = &self.acl_file {
+            if let Err(e) = crate::auth::acl::Acl::load(path) {
+                problems.push(("broker.acl_file", (path.display().to_string(), e.to_string())));
+            }
+        }
+        problems
+    }
+
     pub fn topic_policy(&self) -> TopicPolicy {
         TopicPolicy { max_levels: self.max_topic_levels, max_length: self.max_topic_length }
     }
@@ -1149,6 +1243,72 @@ mod tests {
         std::fs::write(&path, "").expect("write");
         let config = GatewayConfig::load(Some(&path), &Overrides::default()).expect("valid");
         assert_eq!(config.data_dir, PathBuf::from("./outpost-data"));
+    }
+
+    #[test]
+    fn clear_text_users_need_the_flag_and_never_show_their_passwords() {
+        let err = parse_err("[broker.users]\nsensor = \"hunter2\"\n");
+        assert!(
+            err.starts_with("outpost.toml: `broker.users` = \"sensor\" is invalid: clear-text passwords"),
+            "{err}"
+        );
+        assert!(err.contains("outpost passwd") && err.contains("allow_plaintext_passwords = true"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let c = GatewayConfig::parse(
+            "[broker]\nallow_plaintext_passwords = true\n[broker.users]\nsensor = \"hunter2\"\n",
+            Path::new("x"),
+        )
+        .expect("parses");
+        c.validate("x").expect("allowed with the flag");
+        assert!(!c.broker.allow_anonymous(), "users mean no anonymous clients by default");
+        let err = parse_err(
+            "[broker]\nallow_plaintext_passwords = true\npassword_file = \"p\"\n[broker.users]\ns = \"x\"\n",
+        );
+        assert!(err.contains("broker.password_file is set too; keep one source of passwords"), "{err}");
+    }
+
+    #[test]
+    fn allow_anonymous_defaults_to_false_with_passwords_and_needs_them_to_be_false() {
+        let c = GatewayConfig::parse("", Path::new("x")).expect("parses");
+        assert!(c.broker.allow_anonymous(), "without passwords every client is anonymous");
+        let c = GatewayConfig::parse("[broker]\npassword_file = \"p\"\n", Path::new("x")).expect("parses");
+        assert!(!c.broker.allow_anonymous());
+        let c =
+            GatewayConfig::parse("[broker]\npassword_file = \"p\"\nallow_anonymous = true\n", Path::new("x"))
+                .expect("parses");
+        assert!(c.broker.allow_anonymous());
+        let err = parse_err("[broker]\nallow_anonymous = false\n");
+        assert!(
+            err.contains("`broker.allow_anonymous` = \"false\" is invalid: no client could connect"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_password_and_acl_files_are_read_from_the_config_directory_and_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("acl"), "topic read a/#\ntopic reed b\n").expect("write");
+        std::fs::write(dir.path().join("passwd"), "").expect("write");
+        let (config, problems) =
+            parse_and_validate_in(dir.path(), "[broker]\npassword_file = \"passwd\"\nacl_file = \"acl\"\n");
+        let config = config.expect("parsed");
+        assert_eq!(config.broker.password_file, Some(dir.path().join("passwd")));
+        assert_eq!(config.broker.acl_file, Some(dir.path().join("acl")));
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(problems.len(), 1, "{problems:#?}");
+        assert!(problems[0].contains("line 3, column 12: `broker.acl_file`"), "{}", problems[0]);
+        assert!(
+            problems[0].contains("acl: line 2: \"topic reed b\": `reed` is not an access"),
+            "{}",
+            problems[0]
+        );
+    }
+
+    #[track_caller]
+    fn parse_and_validate_in(dir: &Path, text: &str) -> (Option<GatewayConfig>, Vec<ConfigError>) {
+        let path = dir.join("outpost.toml");
+        std::fs::write(&path, text).expect("write");
+        GatewayConfig::load_all(Some(&path), &Overrides::default())
     }
 
     #[test]

@@ -22,6 +22,7 @@
 //!   copy of its event is safe.
 //! - [`event`] — the values passed between stages, and id generation.
 //! - [`config`] — typed, validated configuration.
+//! - [`auth`] — Mosquitto's password and ACL files: parsed, hashes checked, topics decided.
 //! - [`broker`] — stage 1, the sensor side: connections (MQTT 3.1.1/5), sessions, local
 //!   fan-out, retained messages, `$SYS`.
 //! - [`route`] — stage 2, bridge routes or the rule engine: forward, republish, drop, dead-letter.
@@ -43,6 +44,7 @@ pub mod ack;
 pub mod admin;
 #[cfg(test)]
 mod architecture;
+pub mod auth;
 pub mod broker;
 pub mod buffer;
 pub mod cli;

@@ -122,6 +122,27 @@ counters! {
     sessions_evicted,
     /// Persistent sessions ended because their MQTT 5 session expiry passed.
     sessions_expired,
+    // Users and ACLs (`broker::access`).
+    /// CONNECTs refused for a wrong username or password (CONNACK 4 / 0x86).
+    auth_failed,
+    /// CONNECTs without a username refused because `broker.allow_anonymous` is false
+    /// (CONNACK 5 / 0x87).
+    auth_anonymous_refused,
+    /// Publishes the ACL does not let their client write: dropped (MQTT 5 PUBACK 0x87, 3.1.1
+    /// acknowledged and dropped, as mosquitto does).
+    acl_publish_denied,
+    /// Subscriptions refused because the ACL lets their client read nothing they match
+    /// (SUBACK 0x80 / 0x87).
+    acl_subscribe_denied,
+    /// Deliveries (retained ones included) not sent because the ACL does not let the
+    /// subscriber read their topic.
+    acl_delivery_denied,
+    /// Wills not published because the ACL does not let their client write the will topic.
+    acl_will_denied,
+    /// Password and ACL files reloaded (SIGHUP).
+    auth_reloads,
+    /// Reloads refused because a file was unreadable or invalid; the files in force stayed.
+    auth_reload_failures,
 }
 
 /// A shareable handle to the gateway's counters.

@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use rumqttc::v5::mqttbytes::QoS as QoS5;
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use rumqttc::{SubscribeReasonCode, v5};
 use serde_json::Value;
@@ -56,8 +57,18 @@ pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerSetup {
     /// `(username, password)` pairs. Empty: anonymous clients are allowed. Otherwise mosquitto
-    /// gets a password file (and refuses anonymous clients) and Outpost a `[broker.users]` table.
+    /// gets a password file (and refuses anonymous clients) and Outpost a `[broker.users]` table
+    /// (with `allow_plaintext_passwords`), or with [`BrokerSetup::password_file`] the same
+    /// password file.
     pub users: Vec<(String, String)>,
+    /// Outpost reads the users from a password file made by Debian's `mosquitto_passwd`, like
+    /// mosquitto, instead of `[broker.users]`.
+    pub password_file: bool,
+    /// An ACL file's text, given to both as `acl_file`.
+    pub acl: Option<String>,
+    /// `allow_anonymous` for both; `None`: each one's default for the rest of the setup
+    /// (mosquitto's harness: true without users, false with them; Outpost's likewise).
+    pub allow_anonymous: Option<bool>,
     /// Outpost's `broker.max_connections`; mosquitto is left unlimited (it would only close the
     /// socket of a client over the limit, with no CONNACK to compare).
     pub max_connections: usize,
@@ -66,7 +77,30 @@ pub struct BrokerSetup {
 impl BrokerSetup {
     /// Anonymous clients, 1000 connections.
     pub fn anonymous() -> BrokerSetup {
-        BrokerSetup { users: Vec::new(), max_connections: 1000 }
+        BrokerSetup {
+            users: Vec::new(),
+            password_file: false,
+            acl: None,
+            allow_anonymous: None,
+            max_connections: 1000,
+        }
+    }
+
+    /// Outpost gets the users in a `mosquitto_passwd` file too (see [`BrokerSetup::password_file`]).
+    pub fn with_password_file(mut self) -> BrokerSetup {
+        self.password_file = true;
+        self
+    }
+
+    /// Both get this ACL file.
+    pub fn with_acl(mut self, acl: &str) -> BrokerSetup {
+        self.acl = Some(acl.to_owned());
+        self
+    }
+
+    pub fn with_allow_anonymous(mut self, allow: bool) -> BrokerSetup {
+        self.allow_anonymous = Some(allow);
+        self
     }
 
     /// Adds a user; anonymous clients are then refused by mosquitto.
@@ -96,6 +130,25 @@ pub struct Target {
     name: &'static str,
     addrs: Addrs,
     running: Running,
+    /// The ACL file (and Outpost's password file), removed after the broker is killed.
+    _files: TempDir,
+}
+
+/// Writes the setup's ACL file (if any) into `dir`; its path.
+fn write_acl(setup: &BrokerSetup, dir: &std::path::Path) -> anyhow::Result<Option<std::path::PathBuf>> {
+    let Some(acl) = &setup.acl else { return Ok(None) };
+    let path = dir.join("acl");
+    std::fs::write(&path, acl).context("cannot write the ACL file")?;
+    Ok(Some(path))
+}
+
+/// A directory mosquitto can read after it dropped root's privileges to its own user.
+fn files_dir() -> anyhow::Result<TempDir> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+        .context("cannot open the directory to the broker's user")?;
+    Ok(dir)
 }
 
 enum Running {
@@ -107,12 +160,26 @@ impl Target {
     /// Starts Debian's mosquitto on a free port with a config generated from `setup`, and returns
     /// once it accepts connections.
     pub async fn mosquitto(setup: &BrokerSetup) -> anyhow::Result<Target> {
+        let files = files_dir()?;
+        let mut extra = format!("max_packet_size {MAX_PACKET_BYTES}\n");
+        if let Some(acl) = write_acl(setup, files.path())? {
+            std::fs::set_permissions(
+                &acl,
+                <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o644),
+            )
+            .context("cannot open the ACL file to the broker's user")?;
+            extra.push_str(&format!("acl_file {}\n", acl.display()));
+        }
+        if let Some(allow) = setup.allow_anonymous {
+            // The last `allow_anonymous` line wins over the harness's own.
+            extra.push_str(&format!("allow_anonymous {allow}\n"));
+        }
         let config = MosquittoConfig {
             persistence: false,
             max_queued_messages: None,
             users: setup.users.clone(),
             directory_for_any_user: false,
-            extra: format!("max_packet_size {MAX_PACKET_BYTES}\n"),
+            extra,
         };
         let broker = Mosquitto::start_configured(&config).await?;
         let addr = broker.addr();
@@ -120,6 +187,7 @@ impl Target {
             name: "mosquitto",
             addrs: Addrs { v4: addr, v5: addr },
             running: Running::Mosquitto(broker),
+            _files: files,
         })
     }
 
@@ -135,8 +203,19 @@ impl Target {
              max_connections = {}\n",
             addrs.v4, addrs.v5, setup.max_connections
         );
-        if !setup.users.is_empty() {
-            config.push_str("[broker.users]\n");
+        let files = files_dir()?;
+        if let Some(acl) = write_acl(setup, files.path())? {
+            config.push_str(&format!("acl_file = {}\n", toml_string(&acl.display().to_string())));
+        }
+        if let Some(allow) = setup.allow_anonymous {
+            config.push_str(&format!("allow_anonymous = {allow}\n"));
+        }
+        if setup.password_file && !setup.users.is_empty() {
+            let path = files.path().join("passwords");
+            outpost_sim::harness::mosquitto::write_password_file(&path, &setup.users)?;
+            config.push_str(&format!("password_file = {}\n", toml_string(&path.display().to_string())));
+        } else if !setup.users.is_empty() {
+            config.push_str("allow_plaintext_passwords = true\n[broker.users]\n");
             for (username, password) in &setup.users {
                 config.push_str(&format!("{} = {}\n", toml_string(username), toml_string(password)));
             }
@@ -152,7 +231,12 @@ impl Target {
                 message_starts_with(log, READY_MESSAGE) && log.to_string().contains(&v5)
             })
             .await?;
-        Ok(Target { name: "outpost", addrs, running: Running::Outpost { gateway, _data_dir: data_dir } })
+        Ok(Target {
+            name: "outpost",
+            addrs,
+            running: Running::Outpost { gateway, _data_dir: data_dir },
+            _files: files,
+        })
     }
 
     /// `mosquitto` or `outpost`, for messages.
@@ -213,6 +297,8 @@ pub enum PublishOutcome {
     Closed,
     /// No PUBACK within [`ACK_TIMEOUT`].
     NoAck,
+    /// MQTT 5: a PUBACK with this failure reason code (e.g. 0x87, not authorized).
+    Refused(Code),
 }
 
 /// Why a [`Recorder`] has no subscription.
@@ -424,6 +510,78 @@ impl Client5 {
         closed
     }
 
+    /// Publishes and waits for the PUBACK (QoS 1: [`PublishOutcome::Refused`] for a failure
+    /// reason code) or until the packet is written (QoS 0).
+    pub async fn publish(&mut self, topic: &str, qos: QoS5, retain: bool, payload: &[u8]) -> PublishOutcome {
+        use v5::mqttbytes::v5::{Packet as P5, PubAckReason};
+        if self.failed || self.client.try_publish(topic, qos, retain, payload.to_vec()).is_err() {
+            return PublishOutcome::Closed;
+        }
+        let answered = timeout(ACK_TIMEOUT, async {
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(v5::Event::Incoming(P5::PubAck(ack))) if qos == QoS5::AtLeastOnce => {
+                        return match ack.reason {
+                            PubAckReason::Success | PubAckReason::NoMatchingSubscribers => {
+                                PublishOutcome::Acked
+                            }
+                            PubAckReason::NotAuthorized => PublishOutcome::Refused(Code(0x87)),
+                            PubAckReason::TopicNameInvalid => PublishOutcome::Refused(Code(0x90)),
+                            PubAckReason::QuotaExceeded => PublishOutcome::Refused(Code(0x97)),
+                            _ => PublishOutcome::Refused(Code(0x80)),
+                        };
+                    }
+                    Ok(v5::Event::Outgoing(Outgoing::Publish(_))) if qos == QoS5::AtMostOnce => {
+                        return PublishOutcome::Sent;
+                    }
+                    Ok(_) => {}
+                    Err(_) => return PublishOutcome::Closed,
+                }
+            }
+        })
+        .await
+        .unwrap_or(PublishOutcome::NoAck);
+        self.failed |= answered == PublishOutcome::Closed;
+        answered
+    }
+
+    /// Subscribes and waits for the SUBACK: its reason code (the granted QoS, or a failure such
+    /// as 0x87), or `None` if the connection closed or nothing came within [`ACK_TIMEOUT`].
+    /// Messages that arrive before it are not kept.
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS5) -> Option<Code> {
+        use v5::mqttbytes::v5::{Packet as P5, SubscribeReasonCode as R};
+        if self.failed || self.client.try_subscribe(filter, qos).is_err() {
+            return None;
+        }
+        let answered = timeout(ACK_TIMEOUT, async {
+            loop {
+                match self.eventloop.poll().await {
+                    Ok(v5::Event::Incoming(P5::SubAck(ack))) => {
+                        return ack.return_codes.first().map(|code| {
+                            Code(match code {
+                                R::Success(qos) => match qos {
+                                    QoS5::AtMostOnce => 0,
+                                    QoS5::AtLeastOnce => 1,
+                                    QoS5::ExactlyOnce => 2,
+                                },
+                                R::NotAuthorized => 0x87,
+                                R::TopicFilterInvalid => 0x8f,
+                                R::QuotaExceeded => 0x97,
+                                _ => 0x80,
+                            })
+                        });
+                    }
+                    Ok(_) => {}
+                    Err(_) => return None,
+                }
+            }
+        })
+        .await
+        .unwrap_or(None);
+        self.failed |= answered.is_none();
+        answered
+    }
+
     /// Closes the TCP connection without a DISCONNECT, as a sensor that loses power does.
     pub fn drop_connection(self) {
         // Dropping the event loop drops its socket, which closes the connection.
@@ -452,7 +610,15 @@ impl Recorder {
     /// Connects, subscribes to `filter` at `qos` and returns once the SUBACK arrived, with
     /// whatever codes it granted (a refusal is a granted code, not an error).
     pub async fn start(addr: SocketAddr, filter: &str, qos: QoS) -> Result<Recorder, SubscribeFailure> {
-        let options = options4(addr, &unique_client_id("recorder"));
+        Recorder::start_with(options4(addr, &unique_client_id("recorder")), filter, qos).await
+    }
+
+    /// [`Recorder::start`] with the client's own options (its client id, credentials).
+    pub async fn start_with(
+        options: MqttOptions,
+        filter: &str,
+        qos: QoS,
+    ) -> Result<Recorder, SubscribeFailure> {
         let Client4 { client, mut eventloop, .. } =
             Client4::connect(options).await.map_err(SubscribeFailure::Connect)?;
         if client.try_subscribe(filter, qos).is_err() {

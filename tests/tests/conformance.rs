@@ -970,3 +970,367 @@ async fn a_publish_to_a_topic_with_nul_closes_only_that_connection() {
     };
     conform("topic with U+0000", BrokerSetup::anonymous(), expected, nul_topic).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Users and ACLs: one password file made by Debian's `mosquitto_passwd` and one ACL file, given
+// to both brokers (`password_file`, `acl_file`). What each client may publish, what each
+// subscriber receives (patterns with `%c` and `%u`, `deny` lines, retained messages), wills.
+
+const ALICE: (&str, &str) = ("alice", "alice-pw");
+const BOB: (&str, &str) = ("bob", "bob-pw");
+
+/// The ACL of every scenario below.
+const ACL: &str = "\
+# Anonymous clients (allow_anonymous = true) read the public topics.
+topic read public/#
+
+user alice
+topic readwrite alice/#
+topic deny alice/secret/#
+topic write clients/#
+topic write users/#
+
+user bob
+topic read alice/#
+topic deny alice/private/#
+topic read will/#
+
+# Every client owns its client id's subtree and reads its username's.
+pattern readwrite clients/%c/#
+pattern read users/%u/#
+";
+
+fn acl_setup() -> BrokerSetup {
+    BrokerSetup::anonymous()
+        .with_user(ALICE.0, ALICE.1)
+        .with_user(BOB.0, BOB.1)
+        .with_password_file()
+        .with_acl(ACL)
+        .with_allow_anonymous(true)
+}
+
+fn login4(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    (user, password): (&str, &str),
+) -> rumqttc::MqttOptions {
+    let mut options = options4(addr, client_id);
+    options.set_credentials(user, password);
+    options
+}
+
+fn login5(
+    addr: std::net::SocketAddr,
+    client_id: &str,
+    (user, password): (&str, &str),
+) -> rumqttc::v5::MqttOptions {
+    let mut options = options5(addr, client_id);
+    options.set_credentials(user, password);
+    options
+}
+
+const END: &str = "end";
+
+#[derive(Debug, PartialEq)]
+struct AclPublishes {
+    /// What alice's 3.1.1 publishes got, by topic.
+    v311: Vec<(&'static str, PublishOutcome)>,
+    /// What alice's MQTT 5 publishes got, by topic.
+    v5: Vec<(&'static str, PublishOutcome)>,
+    /// What bob (client id `bob-sub`, subscribed to `#`) received, until the end marker.
+    bob: Result<Vec<Received>, SubscribeFailure>,
+    /// What an anonymous subscriber to `public/#` received, until bob's end marker.
+    anonymous: Result<Vec<Received>, SubscribeFailure>,
+}
+
+async fn acl_publishes(addrs: Addrs) -> AclPublishes {
+    let bob = Recorder::start_with(login4(addrs.v4, "bob-sub", BOB), "#", QoS::AtLeastOnce).await;
+    let anonymous = Recorder::start(addrs.v4, "public/#", QoS::AtLeastOnce).await;
+    let topics4 = [
+        "alice/a",             // alice writes, bob reads
+        "alice/secret/x",      // a deny line for alice: acknowledged and dropped (3.1.1)
+        "alice/private/p",     // alice writes, bob's deny line keeps it from him
+        "public/news",         // anonymous clients read it, but alice may not write it
+        "clients/bob-sub/cmd", // alice writes clients/#; bob-sub reads it through `%c`
+        "clients/other/cmd",   // ... not another client's
+        "users/bob/note",      // bob reads it through `%u`
+        "users/carol/note",    // ... not another user's
+        "clients/alice-4/own", // alice's own subtree through `%c`: nobody else reads it
+        "nowhere/x",           // no line grants it
+    ];
+    let mut v311 = Vec::new();
+    match Client4::connect(login4(addrs.v4, "alice-4", ALICE)).await {
+        Ok(mut alice) => {
+            for topic in topics4 {
+                v311.push((topic, alice.publish(topic, QoS::AtLeastOnce, false, topic.as_bytes()).await));
+            }
+            alice.disconnect().await;
+        }
+        Err(_) => v311.push(("connect", PublishOutcome::Closed)),
+    }
+    let topics5 = ["alice/v5", "alice/secret/v5", "nowhere/v5"];
+    let mut v5 = Vec::new();
+    match Client5::connect(login5(addrs.v5, "alice-5", ALICE)).await {
+        Ok(mut alice) => {
+            for topic in topics5 {
+                v5.push((topic, alice.publish(topic, QoS5::AtLeastOnce, false, topic.as_bytes()).await));
+            }
+            // The end marker: published last, so everything before it has been decided.
+            alice.publish("alice/end", QoS5::AtLeastOnce, false, END.as_bytes()).await;
+            alice.disconnect().await;
+        }
+        Err(_) => v5.push(("connect", PublishOutcome::Closed)),
+    }
+    let until_end = |messages: &[Received]| messages.iter().any(|m| m.payload == END);
+    let bob = match bob {
+        Ok(mut bob) => Ok(bob.wait_until(ACK_TIMEOUT, until_end).await),
+        Err(e) => Err(e),
+    };
+    let anonymous = match anonymous {
+        Ok(recorder) => Ok(recorder.messages()),
+        Err(e) => Err(e),
+    };
+    AclPublishes { v311, v5, bob, anonymous }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_acl_decides_publishes_and_deliveries_with_patterns() {
+    if !require_mosquitto() {
+        return;
+    }
+    let acked = |topic| (topic, PublishOutcome::Acked);
+    let got = |topic: &str| Received::new(topic, topic, 1, false);
+    let expected = AclPublishes {
+        // MQTT 3.1.1 cannot refuse a publish: every one is acknowledged, the denied ones dropped.
+        v311: vec![
+            acked("alice/a"),
+            acked("alice/secret/x"),
+            acked("alice/private/p"),
+            acked("public/news"),
+            acked("clients/bob-sub/cmd"),
+            acked("clients/other/cmd"),
+            acked("users/bob/note"),
+            acked("users/carol/note"),
+            acked("clients/alice-4/own"),
+            acked("nowhere/x"),
+        ],
+        v5: vec![
+            acked("alice/v5"),
+            ("alice/secret/v5", PublishOutcome::Refused(Code(0x87))),
+            ("nowhere/v5", PublishOutcome::Refused(Code(0x87))),
+        ],
+        bob: Ok(vec![
+            got("alice/a"),
+            got("clients/bob-sub/cmd"),
+            got("users/bob/note"),
+            got("alice/v5"),
+            Received::new("alice/end", END, 1, false),
+        ]),
+        anonymous: Ok(Vec::new()),
+    };
+    conform("ACL publishes and deliveries", acl_setup(), expected, acl_publishes).await;
+}
+
+#[derive(Debug, PartialEq)]
+struct AclSubscriptions {
+    /// MQTT 5 SUBACK reason codes, by filter (alice).
+    v5: Vec<(&'static str, Option<Code>)>,
+    /// MQTT 3.1.1 SUBACK codes, by filter (anonymous): whether it was granted.
+    v311: Vec<(&'static str, Result<bool, SubscribeFailure>)>,
+}
+
+async fn acl_subscriptions(addrs: Addrs) -> AclSubscriptions {
+    let filters5 = ["alice/#", "alice/secret/#", "nowhere/#", "clients/alice-5/#", "#"];
+    let mut v5 = Vec::new();
+    if let Ok(mut alice) = Client5::connect(login5(addrs.v5, "alice-5", ALICE)).await {
+        for filter in filters5 {
+            v5.push((filter, alice.subscribe(filter, QoS5::AtLeastOnce).await));
+        }
+        alice.disconnect().await;
+    }
+    let mut v311 = Vec::new();
+    for filter in ["public/#", "alice/#"] {
+        let granted = Recorder::start(addrs.v4, filter, QoS::AtLeastOnce).await.map(|r| r.all_granted());
+        v311.push((filter, granted));
+    }
+    AclSubscriptions { v5, v311 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_that_could_receive_nothing_is_refused() {
+    if !require_mosquitto() {
+        return;
+    }
+    // Mosquitto 2.0.11 grants every subscription and checks each delivery.
+    let granted = Some(Code(1));
+    let expected = AclSubscriptions {
+        v5: vec![
+            ("alice/#", granted),
+            ("alice/secret/#", granted),
+            ("nowhere/#", granted),
+            ("clients/alice-5/#", granted),
+            ("#", granted),
+        ],
+        v311: vec![("public/#", Ok(true)), ("alice/#", Ok(true))],
+    };
+    // Outpost's deliberate difference: it checks deliveries the same way, and also refuses a
+    // subscription through which nothing could ever be delivered — every topic it matches is
+    // denied (no read line overlaps it, or a deny line covers it) — with SUBACK 0x87 (MQTT 5)
+    // or 0x80 (3.1.1), so a misconfigured client learns it at once. A subscription that
+    // overlaps something readable (`#`) is granted, as by mosquitto.
+    let refuse_the_hopeless = |_mosquitto: AclSubscriptions| AclSubscriptions {
+        v5: vec![
+            ("alice/#", granted),
+            ("alice/secret/#", Some(Code(0x87))),
+            ("nowhere/#", Some(Code(0x87))),
+            ("clients/alice-5/#", granted),
+            ("#", granted),
+        ],
+        v311: vec![("public/#", Ok(true)), ("alice/#", Ok(false))],
+    };
+    conform_with_deviation(
+        "ACL subscriptions",
+        acl_setup(),
+        expected,
+        refuse_the_hopeless,
+        acl_subscriptions,
+    )
+    .await;
+}
+
+#[derive(Debug, PartialEq)]
+struct AclRetained {
+    published: Vec<PublishOutcome>,
+    /// What bob received for `alice/#` (subscribed after the retained publishes), until the
+    /// end marker.
+    bob: Result<Vec<Received>, SubscribeFailure>,
+}
+
+async fn acl_retained(addrs: Addrs) -> AclRetained {
+    let Ok(mut alice) = Client4::connect(login4(addrs.v4, "alice-r", ALICE)).await else {
+        return AclRetained { published: Vec::new(), bob: Err(SubscribeFailure::NoSuback) };
+    };
+    let mut published = Vec::new();
+    for topic in ["alice/private/r", "alice/public/r"] {
+        published.push(alice.publish(topic, QoS::AtLeastOnce, true, topic.as_bytes()).await);
+    }
+    let bob = Recorder::start_with(login4(addrs.v4, "bob-r", BOB), "alice/#", QoS::AtLeastOnce).await;
+    alice.publish("alice/end", QoS::AtLeastOnce, false, END.as_bytes()).await;
+    alice.disconnect().await;
+    let bob = match bob {
+        Ok(mut bob) => Ok(bob.wait_until(ACK_TIMEOUT, |m| m.iter().any(|m| m.payload == END)).await),
+        Err(e) => Err(e),
+    };
+    AclRetained { published, bob }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_on_a_denied_topic_is_not_delivered() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = AclRetained {
+        published: vec![PublishOutcome::Acked, PublishOutcome::Acked],
+        bob: Ok(vec![
+            Received::new("alice/public/r", "alice/public/r", 1, true),
+            Received::new("alice/end", END, 1, false),
+        ]),
+    };
+    conform("ACL and retained messages", acl_setup(), expected, acl_retained).await;
+}
+
+#[derive(Debug, PartialEq)]
+struct AclWills {
+    /// The client whose will topic the ACL denies, and the one whose it allows.
+    denied_will: ConnectOutcome,
+    allowed_will: ConnectOutcome,
+    /// What bob (subscribed to `alice/#` and `will/#`) received until the allowed will.
+    bob: Result<Vec<Received>, SubscribeFailure>,
+}
+
+async fn acl_wills(addrs: Addrs) -> AclWills {
+    let bob = Recorder::start_with(login4(addrs.v4, "bob-w", BOB), "alice/#", QoS::AtLeastOnce).await;
+    let with_will = |client_id: &str, topic: &str| {
+        let mut options = login5(addrs.v5, client_id, ALICE);
+        options.set_last_will(LastWill::new(topic, topic, QoS5::AtLeastOnce, false, None));
+        options
+    };
+    // First the denied one: if it were published, bob would get it before the allowed one.
+    let denied = Client5::connect(with_will("alice-w1", "alice/secret/will")).await;
+    let denied_will = outcome(&denied);
+    if let Ok(client) = denied {
+        client.drop_connection();
+    }
+    let allowed = Client5::connect(with_will("alice-w2", "alice/will")).await;
+    let allowed_will = outcome(&allowed);
+    if let Ok(client) = allowed {
+        client.drop_connection();
+    }
+    let bob = match bob {
+        Ok(mut bob) => Ok(bob.wait_until(ACK_TIMEOUT, |m| m.iter().any(|m| m.topic == "alice/will")).await),
+        Err(e) => Err(e),
+    };
+    AclWills { denied_will, allowed_will, bob }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_to_a_denied_topic_is_not_published() {
+    if !require_mosquitto() {
+        return;
+    }
+    // The connection is accepted (the will is checked when it is due, not at CONNECT).
+    let expected = AclWills {
+        denied_will: ConnectOutcome::Accepted,
+        allowed_will: ConnectOutcome::Accepted,
+        bob: Ok(vec![Received::new("alice/will", "alice/will", 1, false)]),
+    };
+    conform("ACL and wills", acl_setup(), expected, acl_wills).await;
+}
+
+#[derive(Debug, PartialEq)]
+struct PasswordFileLogins {
+    right: ConnectOutcome,
+    wrong: ConnectOutcome,
+    unknown_user: ConnectOutcome,
+    anonymous: ConnectOutcome,
+    v5_right: ConnectOutcome,
+    v5_anonymous: ConnectOutcome,
+}
+
+async fn password_file_logins(addrs: Addrs) -> PasswordFileLogins {
+    PasswordFileLogins {
+        right: connect4(login4(addrs.v4, "pw-1", ALICE)).await,
+        wrong: connect4(login4(addrs.v4, "pw-2", (ALICE.0, "wrong"))).await,
+        unknown_user: connect4(login4(addrs.v4, "pw-3", ("mallory", ALICE.1))).await,
+        anonymous: connect4(options4(addrs.v4, "pw-4")).await,
+        v5_right: connect5(login5(addrs.v5, "pw-5", BOB)).await,
+        v5_anonymous: connect5(options5(addrs.v5, "pw-6")).await,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mosquitto_passwd_file_works_unchanged() {
+    if !require_mosquitto() {
+        return;
+    }
+    // allow_anonymous defaults to false with a password file, for both.
+    let setup =
+        BrokerSetup::anonymous().with_user(ALICE.0, ALICE.1).with_user(BOB.0, BOB.1).with_password_file();
+    let expected = PasswordFileLogins {
+        right: ConnectOutcome::Accepted,
+        wrong: ConnectOutcome::Refused(Code(0x05)),
+        unknown_user: ConnectOutcome::Refused(Code(0x05)),
+        anonymous: ConnectOutcome::Refused(Code(0x05)),
+        v5_right: ConnectOutcome::Accepted,
+        v5_anonymous: ConnectOutcome::Refused(Code(0x87)),
+    };
+    // As in `a_wrong_password_gets_bad_username_or_password`: Outpost answers a refused
+    // password "bad user name or password" (4); a client without credentials gets "not
+    // authorized" from both.
+    let bad_credentials = |reference: PasswordFileLogins| PasswordFileLogins {
+        wrong: ConnectOutcome::Refused(Code(0x04)),
+        unknown_user: ConnectOutcome::Refused(Code(0x04)),
+        ..reference
+    };
+    conform_with_deviation("password file", setup, expected, bad_credentials, password_file_logins).await;
+}

@@ -21,6 +21,8 @@
 //! - [`local`] — sessions (connected and offline), their mailboxes, the fan-out; [`subs`] the
 //!   trie it matches with.
 //! - [`retained`] — retained messages. [`sys`] — `$SYS/outpost/…` status.
+//! - [`access`] — passwords, `allow_anonymous` and the ACL: who may connect, publish,
+//!   subscribe and receive what; reloaded on SIGHUP.
 //! - [`intake`] — the channel into the route stage.
 //! - [`Republisher`] — the route stage's way in (rules' `republish`).
 //!
@@ -28,8 +30,8 @@
 //! [`Shared`] is what every connection holds: each field is one part, and each part owns its
 //! state behind its own methods; connections call those, never reach into a part's fields.
 //! - Locks: `Local`'s (session table and trie) and one per `Mailbox`, taken in that order and
-//!   never the other way; `RetainedStore`'s, `LiveConnections`' and the log throttles' are
-//!   leaves (nothing is locked under them). None is held across an `.await`, and the runtime
+//!   never the other way; `RetainedStore`'s, `LiveConnections`', `Access`'s and the log
+//!   throttles' are leaves (nothing is locked under them). None is held across an `.await`, and the runtime
 //!   has one thread, so none is ever contended.
 //! - A publish costs one trie walk under one lock (none while nobody subscribes), one mailbox
 //!   lock per session it is queued for, and, only if retained, the retained store's lock.
@@ -54,6 +56,7 @@
 //! - One connection per client id: a second CONNECT with the same id closes the first
 //!   (session takeover) and waits for it to finish before the new one proceeds ([`live`]).
 
+pub mod access;
 mod conn;
 mod intake;
 mod live;
@@ -73,6 +76,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
+use self::access::Access;
 use self::intake::Intake;
 use self::live::LiveConnections;
 use self::local::Local;
@@ -94,6 +98,9 @@ const EXPIRY_CHECK: Duration = Duration::from_secs(1);
 pub enum BrokerError {
     #[error("cannot listen on {addr} (`{key}`): {source}; pick a free address or stop what holds it")]
     Bind { key: &'static str, addr: SocketAddr, source: std::io::Error },
+    /// `broker.password_file` or `broker.acl_file` cannot be used.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::AuthFileError),
 }
 
 /// What all connections share: one field per part (see the module docs for its discipline).
@@ -106,6 +113,8 @@ struct Shared {
     retained: RetainedStore,
     live: Arc<LiveConnections>,
     status: watch::Receiver<Status>,
+    /// Passwords, `allow_anonymous` and the ACL.
+    access: Arc<Access>,
     /// Gates for the connections' own warnings, which can repeat per packet.
     logs: LogThrottles,
 }
@@ -128,6 +137,7 @@ pub async fn start(
     tracker: &TaskTracker,
     heartbeat: Heartbeat,
 ) -> Result<Republisher, BrokerError> {
+    let access = Arc::new(Access::load(cfg)?);
     let mut listeners = vec![bind("broker.listen", cfg.listen).await?];
     if let Some(addr) = cfg.listen_v5 {
         listeners.push(bind("broker.listen_v5", addr).await?);
@@ -147,8 +157,12 @@ pub async fn start(
         retained: RetainedStore::new(cfg.max_retained, cfg.max_retained_bytes.as_u64(), metrics.clone()),
         live: Arc::new(LiveConnections::new(cfg.max_connections.get(), metrics.clone())),
         status: status_rx,
+        access: Arc::clone(&access),
         logs: LogThrottles::default(),
     });
+    if access.has_files() {
+        tracker.spawn(access::reload_on_hangup(access, metrics.clone(), cancel.clone()));
+    }
     tracker.spawn(sys::refresh(cfg.sys_interval, metrics, status_tx, cancel.clone()));
     tracker.spawn(expire_sessions(Arc::clone(&local), cancel.clone()));
     for listener in listeners {

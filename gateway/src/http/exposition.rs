@@ -238,6 +238,29 @@ pub const COUNTERS: &[Mapping] = &[
         "Persistent sessions ended by the gateway, by reason.",
     ),
     m("sessions_expired", "outpost_sessions_ended_total", &[("reason", "expired")], ""),
+    m(
+        "auth_failed",
+        "outpost_auth_refused_total",
+        &[("reason", "bad_credentials")],
+        "CONNECTs refused by the password check or allow_anonymous, by reason.",
+    ),
+    m("auth_anonymous_refused", "outpost_auth_refused_total", &[("reason", "anonymous")], ""),
+    m(
+        "acl_publish_denied",
+        "outpost_acl_denied_total",
+        &[("action", "publish")],
+        "Operations the ACL file denied, by action (publish dropped, subscription refused, delivery or will withheld).",
+    ),
+    m("acl_subscribe_denied", "outpost_acl_denied_total", &[("action", "subscribe")], ""),
+    m("acl_delivery_denied", "outpost_acl_denied_total", &[("action", "deliver")], ""),
+    m("acl_will_denied", "outpost_acl_denied_total", &[("action", "will")], ""),
+    m(
+        "auth_reloads",
+        "outpost_auth_reloads_total",
+        &[("result", "ok")],
+        "Reloads of the password and ACL files (SIGHUP), by result; a failed one keeps the files in force.",
+    ),
+    m("auth_reload_failures", "outpost_auth_reloads_total", &[("result", "failed")], ""),
 ];
 
 /// Everything one scrape shows, read before encoding.

@@ -221,9 +221,10 @@ impl Mosquitto {
     }
 }
 
-/// Writes `users` into a mosquitto password file at `path` with `mosquitto_passwd`; nothing
-/// for no users.
-fn write_password_file(path: &Path, users: &[(String, String)]) -> anyhow::Result<()> {
+/// Writes `users` into a mosquitto password file at `path` with Debian's `mosquitto_passwd`
+/// (`-c -b` for the first, `-b` for the others); nothing for no users. Tests give the same file
+/// to mosquitto and to Outpost (`broker.password_file`).
+pub fn write_password_file(path: &Path, users: &[(String, String)]) -> anyhow::Result<()> {
     for (index, (username, password)) in users.iter().enumerate() {
         let mut command = Command::new(MOSQUITTO_PASSWD);
         // `-c` creates the file for the first user; the others are added to it.

@@ -23,11 +23,14 @@ use rumqttd::protocol::{
 use super::Client;
 use super::io::Io;
 use crate::broker::Shared;
+use crate::broker::access::Permissions;
 use crate::broker::local::{Attached, Mailbox, Message, SubscribeError};
 use crate::broker::sys::{self, SysSubscription};
+use crate::event::escape_topic;
 use crate::metrics::Metrics;
 use crate::mqtt::codec;
 use crate::mqtt::topic;
+use tracing::{info, warn};
 
 /// Outgoing QoS 1 deliveries awaiting the client's PUBACK, at most. Beyond it the session's
 /// queued deliveries wait (and its queue fills); retained replays go at QoS 0.
@@ -41,6 +44,8 @@ pub(super) struct Outbound {
     inflight: HashMap<u16, (u64, Message)>,
     sent: u64,
     next_pkid: u16,
+    /// What the ACL lets this client read and subscribe to.
+    permissions: Permissions,
 }
 
 /// The session's delivery queue, as the connection waits on it.
@@ -73,8 +78,9 @@ struct Granted {
 }
 
 impl Outbound {
-    pub(super) fn new(attached: Attached) -> Outbound {
+    pub(super) fn new(attached: Attached, permissions: Permissions) -> Outbound {
         Outbound {
+            permissions,
             queue: SessionQueue { mailbox: attached.mailbox, listening: attached.present },
             sys: SysSubscription::default(),
             inflight: HashMap::new(),
@@ -120,7 +126,8 @@ impl Outbound {
         }
     }
 
-    /// Adds each filter to the session (or to this connection's `$SYS` filters).
+    /// Adds each filter to the session (or to this connection's `$SYS` filters), unless it is
+    /// invalid, the ACL lets the client read nothing it matches, or the session holds too many.
     fn grant(&mut self, client: &Client, v5: bool, filters: Vec<Filter>) -> Granted {
         let refused = |quota: bool| match (v5, quota) {
             (false, _) => SubscribeReasonCode::Failure,
@@ -133,6 +140,16 @@ impl Outbound {
             let qos = (filter.qos as u8).min(1);
             if topic::invalid_filter(&filter.path).is_some() {
                 granted.codes.push(refused(false));
+            } else if !self
+                .permissions
+                .may_subscribe(&client.shared.access, topic::split_shared(&filter.path).1)
+            {
+                self.deny_subscription(client, &filter.path);
+                granted.codes.push(if v5 {
+                    SubscribeReasonCode::NotAuthorized
+                } else {
+                    SubscribeReasonCode::Failure
+                });
             } else if sys::is_sys(&filter.path) {
                 if !self.sys.holds(&filter.path) && !granted.sys.contains(&filter.path) {
                     if !self.sys.has_room(&granted.sys) {
@@ -154,6 +171,15 @@ impl Outbound {
             }
         }
         granted
+    }
+
+    /// Counts and logs a subscription the ACL refused (SUBACK 0x80 / 0x87).
+    fn deny_subscription(&self, client: &Client, filter: &str) {
+        let shared = &client.shared;
+        Metrics::add(&shared.metrics.counters().acl_subscribe_denied, 1);
+        if let Some(folded) = shared.logs.ready("acl subscribe") {
+            warn!(message = "refused a subscription: the ACL lets its client read no topic it matches (SUBACK 0x80 / 0x87; mosquitto would grant it and deliver nothing); grant read in broker.acl_file and send SIGHUP, or fix the client's filter", client_id = %client.id, filter = %escape_topic(filter), similar_since_last_log = folded);
+        }
     }
 
     /// Sends the retained messages matching new filters. Shared subscriptions get none (MQTT 5,
@@ -234,8 +260,18 @@ impl Outbound {
         self.send(io, shared, message);
     }
 
-    /// Writes one delivery; a QoS 1 one is kept until the client's PUBACK.
+    /// Writes one delivery; a QoS 1 one is kept until the client's PUBACK. A delivery the
+    /// ACL does not let the client read is not written (as mosquitto does, at delivery: a
+    /// subscription may match topics the client may not read, and a reload may take a topic
+    /// away from a subscription made before).
     fn send(&mut self, io: &mut Io, shared: &Shared, message: Message) {
+        if !self.permissions.may_read(&shared.access, &message.publish.topic) {
+            Metrics::add(&shared.metrics.counters().acl_delivery_denied, 1);
+            if let Some(folded) = shared.logs.ready("acl deliver") {
+                info!(message = "withheld deliveries the ACL does not let their subscriber read (its subscription matches topics it may not read); grant read in broker.acl_file and send SIGHUP if it should get them", topic = %escape_topic(&String::from_utf8_lossy(&message.publish.topic)), similar_since_last_log = folded);
+            }
+            return;
+        }
         let (pkid, dup) = match (message.qos, message.resend) {
             (0, _) => (0, false),
             (_, Some(p)) if !self.inflight.contains_key(&p) && p != 0 => (p, true),

@@ -24,6 +24,7 @@ use super::io::Io;
 use super::publish_in::Inbound;
 use super::{Client, Connection, End};
 use crate::broker::Shared;
+use crate::broker::access::Refusal;
 use crate::broker::live::{Full, Registration};
 use crate::metrics::Metrics;
 use crate::mqtt::topic::{NameError, invalid_topic};
@@ -47,9 +48,7 @@ pub(super) async fn connect(
         debug!(message = "first packet is not CONNECT; closing", %peer);
         return None;
     };
-    if !admit(&mut io, &shared, &connect, login.as_ref(), will.as_ref()).await {
-        return None;
-    }
+    let username = admit(&mut io, &shared, &connect, login.as_ref(), will.as_ref()).await?;
     let terms = Terms::of(&connect, props.as_ref(), io.v5());
     let client_id = if terms.assigned {
         format!("outpost-{:016x}", rand::random::<u64>())
@@ -58,6 +57,8 @@ pub(super) async fn connect(
     };
     let registration = register(&mut io, &shared, &client_id, cancel).await?;
     let id: Arc<str> = Arc::from(client_id);
+    let permissions = || shared.access.permissions(username.clone(), Arc::clone(&id));
+    let (inbound_permissions, outbound_permissions) = (permissions(), permissions());
     let attached =
         shared.local.attach(&id, registration.serial(), terms.clean_start, !terms.clean, terms.expiry);
     io.write(connack(&terms, &id, attached.present, max, io.v5()));
@@ -65,8 +66,8 @@ pub(super) async fn connect(
         (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
     let mut connection = Connection {
         io,
-        inbound: Inbound::new(will),
-        outbound: Outbound::new(attached),
+        inbound: Inbound::new(will, inbound_permissions),
+        outbound: Outbound::new(attached, outbound_permissions),
         client: Client { shared, id, peer, registration },
         max,
         keepalive,
@@ -80,24 +81,56 @@ pub(super) async fn connect(
     Some(connection)
 }
 
-/// Applies the CONNECT policy; `false`: refused (answered, counted, logged).
+/// Applies the CONNECT policy: the username the ACL knows the client by (`Some(None)`:
+/// anonymous); `None`: refused (answered, counted, logged).
 async fn admit(
     io: &mut Io,
     shared: &Shared,
     connect: &Connect,
     login: Option<&Login>,
     will: Option<&LastWill>,
-) -> bool {
-    match policy(shared, connect, login, will, io.v5()) {
-        Verdict::Accept => true,
+) -> Option<Option<Arc<str>>> {
+    let verdict = match policy(shared, connect, will, io.v5()) {
+        Verdict::Accept => credentials(shared, login).await,
+        refused => refused,
+    };
+    match verdict {
+        Verdict::Accept => Some(None),
+        Verdict::User(username) => Some(Some(username)),
         Verdict::Refuse(code, why) => {
             refuse(io, shared, code, why).await;
-            false
+            None
         }
         Verdict::Close(why) => {
             debug!(message = "CONNECT with an invalid will topic; closing", peer = %io.peer(), reason = why);
             Metrics::add(&shared.metrics.counters().protocol_errors, 1);
-            false
+            None
+        }
+    }
+}
+
+/// The credentials part of the policy: `broker.allow_anonymous`, the password check.
+async fn credentials(shared: &Shared, login: Option<&Login>) -> Verdict {
+    let login = login.map(|l| (l.username.as_str(), l.password.as_str()));
+    let counters = shared.metrics.counters();
+    match shared.access.authenticate(login).await {
+        Ok(None) => Verdict::Accept,
+        Ok(Some(username)) => Verdict::User(username),
+        Err(Refusal::BadCredentials) => {
+            Metrics::add(&counters.auth_failed, 1);
+            // Mosquitto says "not authorized" (5 / 0x87); Outpost names the cause, so an
+            // operator looking at a sensor's log knows what to fix.
+            Verdict::Refuse(
+                ConnectReturnCode::BadUserNamePassword,
+                "bad username or password: check the sensor's credentials, or add the user with `outpost passwd FILE USER` and send SIGHUP",
+            )
+        }
+        Err(Refusal::Anonymous) => {
+            Metrics::add(&counters.auth_anonymous_refused, 1);
+            Verdict::Refuse(
+                ConnectReturnCode::NotAuthorized,
+                "no username and broker.allow_anonymous is false: give the sensor credentials, or set broker.allow_anonymous = true",
+            )
         }
     }
 }
@@ -183,21 +216,18 @@ async fn read_connect(io: &mut Io, max: usize) -> Result<Packet, End> {
 
 /// What Outpost's policy says to a CONNECT.
 enum Verdict {
+    /// Anonymous.
     Accept,
+    /// Its username proved by its password.
+    User(Arc<str>),
     /// A CONNACK with this code, then close.
     Refuse(ConnectReturnCode, &'static str),
     /// Close without a CONNACK: 3.1.1 has no code for it.
     Close(&'static str),
 }
 
-/// The CONNECT policy: the will's topic, credentials, the client id.
-fn policy(
-    shared: &Shared,
-    connect: &Connect,
-    login: Option<&Login>,
-    will: Option<&LastWill>,
-    v5: bool,
-) -> Verdict {
+/// The CONNECT policy but credentials: the will's topic, the client id.
+fn policy(shared: &Shared, connect: &Connect, will: Option<&LastWill>, v5: bool) -> Verdict {
     let bad_will = will.and_then(|w| match std::str::from_utf8(&w.topic) {
         Ok(t) => invalid_topic(t, &shared.cfg.topic_policy()).map(NameError::as_str),
         Err(_) => Some("not UTF-8"),
@@ -208,10 +238,6 @@ fn policy(
             return Verdict::Close(why);
         }
         Verdict::Refuse(ConnectReturnCode::TopicNameInvalid, "invalid will topic")
-    } else if !shared.cfg.users.is_empty()
-        && login.is_none_or(|l| shared.cfg.users.get(&l.username) != Some(&l.password))
-    {
-        Verdict::Refuse(ConnectReturnCode::BadUserNamePassword, "bad username or password")
     } else if connect.client_id.is_empty() && !connect.clean_session && !v5 {
         Verdict::Refuse(ConnectReturnCode::ClientIdentifierNotValid, "an empty client id needs clean session")
     } else {
@@ -221,7 +247,13 @@ fn policy(
 
 async fn refuse(io: &mut Io, shared: &Shared, code: ConnectReturnCode, why: &str) {
     Metrics::add(&shared.metrics.counters().sensor_refused, 1);
-    if let Some(folded) = shared.logs.ready("refused") {
+    // Each kind its own throttle: a sensor with a stale password must not hide the others.
+    let kind = match code {
+        ConnectReturnCode::BadUserNamePassword => "refused credentials",
+        ConnectReturnCode::NotAuthorized => "refused anonymous",
+        _ => "refused",
+    };
+    if let Some(folded) = shared.logs.ready(kind) {
         info!(message = "sensor connection refused", reason = why, peer = %io.peer(), similar_since_last_log = folded);
     }
     io.write(Packet::ConnAck(ConnAck { session_present: false, code }, None));

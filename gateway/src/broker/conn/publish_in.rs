@@ -23,6 +23,7 @@ use super::io::Io;
 use super::{Client, End};
 use crate::ack::{AckQueue, Outcome};
 use crate::broker::Shared;
+use crate::broker::access::Permissions;
 use crate::broker::retained::Retained;
 use crate::event::escape_topic;
 use crate::metrics::Metrics;
@@ -31,16 +32,20 @@ use crate::mqtt::topic::{NameError, invalid_topic};
 
 pub(super) struct Inbound {
     acks: Arc<AckQueue>,
-    /// Held acknowledgements: packet id and QoS, in arrival order (matches `acks`).
-    held: VecDeque<(u16, u8)>,
+    /// Held acknowledgements: packet id, QoS and whether the ACL denied the publish (MQTT 5:
+    /// its answer is "not authorized" whatever its slot says), in arrival order (matches
+    /// `acks`).
+    held: VecDeque<(u16, u8, bool)>,
     /// QoS 2 packet ids acknowledged with PUBREC or waiting for it, until PUBREL.
     qos2: HashSet<u16>,
     will: Option<LastWill>,
+    /// What the ACL lets this client write.
+    permissions: Permissions,
 }
 
 impl Inbound {
-    pub(super) fn new(will: Option<LastWill>) -> Inbound {
-        Inbound { acks: AckQueue::new(), held: VecDeque::new(), qos2: HashSet::new(), will }
+    pub(super) fn new(will: Option<LastWill>, permissions: Permissions) -> Inbound {
+        Inbound { acks: AckQueue::new(), held: VecDeque::new(), qos2: HashSet::new(), will, permissions }
     }
 
     /// The queue whose `ready()` says held acknowledgements may be written.
@@ -71,6 +76,9 @@ impl Inbound {
         if qos == 2 && self.qos2.contains(&pkid) {
             return self.on_qos2_resend(io, shared, pkid);
         }
+        if !self.permissions.may_write(&shared.access, &topic) {
+            return self.deny(io, client, &topic, qos, pkid);
+        }
         let local_qos = qos.min(1);
         // A full subscriber queue slows this sensor down for a bounded time at most.
         fan_out(shared, &topic, &publish, publish.retain, local_qos, properties.as_ref()).await;
@@ -81,7 +89,7 @@ impl Inbound {
             }
             if shared.ack_after_commit() {
                 event.ticket = Some(self.acks.timed_ticket(&shared.metrics));
-                self.held.push_back((pkid, qos));
+                self.held.push_back((pkid, qos, false));
             } else {
                 acknowledge(io, &mut self.qos2, pkid, qos, Outcome::Safe)?;
             }
@@ -145,18 +153,45 @@ impl Inbound {
             acknowledge(io, &mut self.qos2, pkid, 1, Outcome::TopicInvalid)?;
         } else if qos == 1 {
             self.acks.answered(Outcome::TopicInvalid);
-            self.held.push_back((pkid, 1));
+            self.held.push_back((pkid, 1, false));
         }
         Ok(())
+    }
+
+    /// A publish the ACL does not let this client write: dropped — not retained, not
+    /// delivered, not forwarded — and answered in its turn, as mosquitto 2.0 answers it: MQTT 5
+    /// PUBACK 0x87 "not authorized"; 3.1.1, which has no refusal, an ordinary PUBACK (PUBREC
+    /// for QoS 2). QoS 0 is discarded.
+    fn deny(&mut self, io: &mut Io, client: &Client, topic: &str, qos: u8, pkid: u16) -> Result<(), End> {
+        let shared = &*client.shared;
+        Metrics::add(&shared.metrics.counters().acl_publish_denied, 1);
+        if let Some(folded) = shared.logs.ready("acl publish") {
+            warn!(message = "dropped a publish the ACL does not allow its client to write (MQTT 5: PUBACK 0x87; 3.1.1: acknowledged and dropped, as mosquitto does); grant it in broker.acl_file and send SIGHUP, or fix the sensor's topic", client_id = %client.id, topic = %escape_topic(topic), similar_since_last_log = folded);
+        }
+        if qos == 0 {
+            return Ok(());
+        }
+        let v5 = io.v5();
+        if qos == 2 {
+            // 3.1.1 (MQTT 5 has no QoS 2 here): the PUBREL that follows gets its PUBCOMP.
+            self.qos2.insert(pkid);
+        }
+        if self.held.is_empty() {
+            answer_denied(io, &mut self.qos2, pkid, qos, v5)
+        } else {
+            self.acks.answered(Outcome::Safe);
+            self.held.push_back((pkid, qos, true));
+            Ok(())
+        }
     }
 
     /// A resend of a QoS 2 publish already taken: answered again, never taken twice. If its
     /// PUBREC is still held, that one answer covers the resend too.
     fn on_qos2_resend(&mut self, io: &mut Io, shared: &Shared, pkid: u16) -> Result<(), End> {
-        if !self.held.iter().any(|&(p, q)| p == pkid && q == 2) {
+        if !self.held.iter().any(|&(p, q, _)| p == pkid && q == 2) {
             if shared.ack_after_commit() {
                 drop(self.acks.ticket());
-                self.held.push_back((pkid, 2));
+                self.held.push_back((pkid, 2, false));
             } else {
                 acknowledge(io, &mut self.qos2, pkid, 2, Outcome::Safe)?;
             }
@@ -177,9 +212,14 @@ impl Inbound {
     pub(super) fn on_acks_ready(&mut self, io: &mut Io) -> Result<(), End> {
         let mut outcomes = Vec::new();
         self.acks.take_ready(&mut outcomes);
+        let v5 = io.v5();
         for outcome in outcomes {
-            let Some((pkid, qos)) = self.held.pop_front() else { break };
-            acknowledge(io, &mut self.qos2, pkid, qos, outcome)?;
+            let Some((pkid, qos, denied)) = self.held.pop_front() else { break };
+            if denied {
+                answer_denied(io, &mut self.qos2, pkid, qos, v5)?;
+            } else {
+                acknowledge(io, &mut self.qos2, pkid, qos, outcome)?;
+            }
         }
         Ok(())
     }
@@ -190,6 +230,14 @@ impl Inbound {
         let shared = &*client.shared;
         let qos = (will.qos as u8).min(1);
         let Ok(topic) = std::str::from_utf8(&will.topic).map(str::to_owned) else { return };
+        // Checked now, not at CONNECT, as mosquitto does: the ACL may have been reloaded since.
+        if !self.permissions.may_write(&shared.access, &topic) {
+            Metrics::add(&shared.metrics.counters().acl_will_denied, 1);
+            if let Some(folded) = shared.logs.ready("acl will") {
+                warn!(message = "did not publish a will the ACL does not allow its client to write; grant its topic in broker.acl_file and send SIGHUP, or fix the sensor's will topic", client_id = %client.id, topic = %escape_topic(&topic), similar_since_last_log = folded);
+            }
+            return;
+        }
         let publish = codec::publish_from(will.topic.clone(), will.message.clone(), qos, false);
         fan_out(shared, &topic, &publish, will.retain, qos, None).await;
         Metrics::add(&shared.metrics.counters().wills_published, 1);
@@ -227,6 +275,16 @@ async fn fan_out(
         shared.retained.retain(topic, Retained { publish: stored, qos, properties: properties.cloned() });
     }
     shared.local.publish(topic, publish, qos, properties, true).await;
+}
+
+/// Writes the answer to a publish the ACL denied (see `Inbound::deny`).
+fn answer_denied(io: &mut Io, qos2: &mut HashSet<u16>, pkid: u16, qos: u8, v5: bool) -> Result<(), End> {
+    match (v5, qos) {
+        (true, _) => io.write(Packet::PubAck(PubAck { pkid, reason: PubAckReason::NotAuthorized }, None)),
+        (false, 1) => io.write(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)),
+        (false, _) => acknowledge(io, qos2, pkid, qos, Outcome::Safe)?,
+    }
+    Ok(())
 }
 
 /// Writes the answer to one publish.
