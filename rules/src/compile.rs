@@ -21,7 +21,7 @@ use sqlparser::tokenizer::{Span, Token, Tokenizer};
 
 use crate::error::{SqlError, did_you_mean};
 use crate::expr::{ArithOp, CmpOp, Expr, Field, PathSeg};
-use crate::functions::{BUILTINS, find_builtin};
+use crate::functions::{BUILTINS, NOT_SUPPORTED, find_builtin};
 use crate::table::Table;
 use crate::value::Value;
 use outpost_topic::TopicFilter;
@@ -636,10 +636,32 @@ impl Compiler<'_> {
                 return Err(SqlError::new("subqueries are not supported", q.span()));
             }
         };
-        match name.as_str() {
-            "topic" => return self.topic_level(&arg_exprs, function.span()),
-            "lookup" => return self.lookup(&arg_exprs, function.span()),
+        match (name.as_str(), arg_exprs.as_slice()) {
+            ("topic", _) => return self.topic_level(&arg_exprs, function.span()),
+            ("lookup", _) => return self.lookup(&arg_exprs, function.span()),
+            // EMQX's function forms of the metadata fields.
+            ("qos", []) => return Ok(Expr::Field(Field::Qos)),
+            ("clientid", []) => return Ok(Expr::Field(Field::ClientId)),
+            ("username", []) => return Ok(Expr::Field(Field::Username)),
+            ("msgid", []) => return Ok(Expr::Field(Field::EventId)),
+            ("payload", []) => return Ok(self.payload(Vec::new())),
+            // `payload('a.b')`: the dotted path into the payload.
+            ("payload", [path]) => {
+                let Some(path) = string_literal(path) else {
+                    return Err(SqlError::new(
+                        "payload(path) takes a string literal path, e.g. payload('a.b')",
+                        path.span(),
+                    ));
+                };
+                return Ok(self.payload(path.split('.').map(|k| PathSeg::Key(k.to_owned())).collect()));
+            }
             _ => {}
+        }
+        if let Some((_, rewrite)) = NOT_SUPPORTED.iter().find(|(n, _)| *n == name) {
+            return Err(SqlError::new(
+                format!("EMQX's `{name}` is not available in Outpost: {rewrite}"),
+                span,
+            ));
         }
         let Some(builtin) = find_builtin(&name) else {
             let candidates = BUILTINS.iter().map(|b| b.name).chain(["topic", "lookup"]);

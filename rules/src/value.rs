@@ -111,7 +111,7 @@ impl Value {
             Value::Bytes(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
             Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
             Value::Int(i) => Some(Cow::Owned(i.to_string())),
-            Value::Float(f) => Some(Cow::Owned(format_float(*f))),
+            Value::Float(f) => Some(Cow::Owned(float_text(*f))),
             Value::Array(_) | Value::Object(_) => Some(Cow::Owned(self.to_json_string())),
         }
     }
@@ -154,6 +154,12 @@ impl Value {
     pub(crate) fn from_meta_u64(n: u64) -> Value {
         i64::try_from(n).map(Value::Int).unwrap_or(Value::Float(n as f64))
     }
+}
+
+/// A float as EMQX's `str()` writes it (`float_to_binary(F, [{decimals, 10}, compact])`): at
+/// most 10 decimals, trailing zeros dropped but one kept (`31.5`, `2.0`, `0.3333333333`).
+pub(crate) fn float_text(f: f64) -> String {
+    if f.is_finite() { crate::functions::compact_decimals(f, 10) } else { format!("{f}") }
 }
 
 /// Floats print like Rust's `{:?}`: shortest round-trip form, always with a fraction or an
