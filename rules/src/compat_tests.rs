@@ -284,7 +284,8 @@ fn null_and_type_checks() {
         ("funcs_SUITE t_is_num", "is_num(1.1)", P, "true"),
         ("funcs_SUITE t_is_num", "is_num(1)", P, "true"),
         ("funcs_SUITE t_is_num", "is_num('a')", P, "false"),
-        ("funcs_SUITE t_is_map", "is_map(payload)", r#"{"a":1}"#, "true"),
+        ("funcs_SUITE t_is_map", "is_map(json_decode(payload))", r#"{"a":1}"#, "true"),
+        ("rule_runtime.erl (payload stays a binary: not a map)", "is_map(payload)", r#"{"a":1}"#, "false"),
         ("funcs_SUITE t_is_map", "is_map(map_new())", P, "true"),
         ("funcs_SUITE t_is_map", "is_map('a')", P, "false"),
         ("funcs_SUITE t_is_array", "is_array([])", P, "true"),
@@ -682,7 +683,18 @@ fn array_and_map_functions() {
         ("funcs_SUITE t_map_put", "map_put('a', 1, map_new())", P, r#"{"a":1}"#),
         ("funcs_SUITE t_map_put", "map_put('a', 2, payload)", r#"{"a":1}"#, r#"{"a":2}"#),
         ("funcs_SUITE t_map_put", "map_put('a.b', 1, map_new())", P, r#"{"a":{"b":1}}"#),
-        ("funcs_SUITE t_map_put", "map_put('a.c', 1, payload)", r#"{"a":{"b":1}}"#, r#"{"a":{"b":1,"c":1}}"#),
+        (
+            "funcs_SUITE t_map_put",
+            "map_put('a.c', 1, json_decode(payload))",
+            r#"{"a":{"b":1}}"#,
+            r#"{"a":{"b":1,"c":1}}"#,
+        ),
+        (
+            "rule_maps.erl nested_put (a binary is not a map: starts empty)",
+            "map_put('a.c', 1, payload)",
+            r#"{"a":{"b":1}}"#,
+            r#"{"a":{"c":1}}"#,
+        ),
         ("funcs_SUITE t_mget", "mget('a', payload)", r#"{"a":1}"#, "1"),
         ("funcs_SUITE t_mget", "mget('a', '{\"a\" : 1}')", P, "1"),
         ("funcs_SUITE t_mget", "mget('a.b', payload)", r#"{"a.b":1}"#, "1"),
@@ -945,6 +957,36 @@ fn time_functions() {
             P,
             "1708671600",
         ),
+    ]);
+}
+
+#[test]
+fn payload_is_text_until_a_path_reads_it() {
+    check_all(&[
+        (
+            "engine_SUITE t_sqlselect_01 (json_decode(payload), WHERE p.x = 1)",
+            "SELECT json_decode(payload) AS p, payload FROM \"t/#\" WHERE p.x = 1",
+            r#"{"x":1}"#,
+            r#"{"p":{"x":1},"payload":"{\"x\":1}"}"#,
+        ),
+        (
+            "engine_SUITE t_sqlselect_01 (x = 2 is filtered)",
+            "SELECT json_decode(payload) AS p, payload FROM \"t/#\" WHERE p.x = 1",
+            r#"{"x":2}"#,
+            "FILTERED",
+        ),
+        ("rule_runtime.erl (payload is the binary as received)", "payload", r#"{"x": 1}"#, r#""{\"x\": 1}""#),
+        ("rule_runtime.erl maybe_decode_payload (paths decode)", "payload.x", r#"{"x": 1}"#, "1"),
+        ("rule_funcs.erl json_decode/1", "json_decode(payload).a[2]", r#"{"a":[1,2]}"#, "2"),
+        ("rule_funcs.erl is_str (payload is a binary)", "is_str(payload)", r#"{"a":1}"#, "true"),
+        ("rule_funcs.erl map_size (map() decodes JSON text)", "map_size(payload)", r#"{"a":1,"b":2}"#, "2"),
+        (
+            "rule_funcs.erl map_get (nested_get decodes JSON text)",
+            "map_get('a.b', payload)",
+            r#"{"a":{"b":"c"}}"#,
+            r#""c""#,
+        ),
+        ("rule_funcs.erl strlen of the text", "strlen(payload)", "hello", "5"),
     ]);
 }
 

@@ -142,6 +142,20 @@ pub(crate) enum Expr {
 pub(crate) struct Env<'a> {
     pub event: &'a crate::EventContext<'a>,
     pub payload: PayloadView<'a>,
+    /// The payload as text, for a bare `payload` (EMQX keeps the payload as the text it
+    /// arrived as; only paths into it decode). `None` when the payload is CBOR, which EMQX
+    /// does not read, and a bare `payload` is the decoded value.
+    pub text: Option<&'a crate::payload::Decoded<'a>>,
+}
+
+impl<'a> Env<'a> {
+    /// What a bare `payload` (and the `payload` column of `SELECT *`) is.
+    pub(crate) fn payload_whole(&self) -> &'a Value {
+        match self.text {
+            Some(decoded) => decoded.text(),
+            None => self.payload.whole(),
+        }
+    }
 }
 
 /// Limits on one compiled expression (after aliases are expanded), so that evaluation's
@@ -227,6 +241,7 @@ impl Expr {
         match self {
             Expr::Const(v) => Ok(Cow::Borrowed(v)),
             Expr::Field(field) => owned(field_value(*field, env.event)),
+            Expr::Payload { path, .. } if path.is_empty() => Ok(Cow::Borrowed(env.payload_whole())),
             Expr::Payload { path, slot } => Ok(Cow::Borrowed(env.payload.walk(path, *slot).unwrap_or(&NULL))),
             Expr::TopicLevel(level) => owned(
                 env.event
