@@ -1001,3 +1001,240 @@ fn metadata_function_forms() {
         ("funcs_SUITE t_payload", "payload('a.b.c')", r#"{"a":{"b":{"c":"c"}}}"#, r#""c""#),
     ]);
 }
+
+#[test]
+fn emqx_syntax() {
+    check_all(&[
+        (
+            "engine_SUITE t_sqlselect_002 (infix mod)",
+            "SELECT 2 mod 2 AS mod1, mod(3, 2) AS mod2, 4 div 2 AS div1, div(7, 2) AS div2 FROM \"t/#\"",
+            P,
+            r#"{"mod1":0,"mod2":1,"div1":2,"div2":3}"#,
+        ),
+        ("rulesql.yrl scalar_exp 'div' (precedence of * and /)", "1 + 7 div 2", P, "4"),
+        (
+            "rule_runtime.erl do_compare('=~') (topic match)",
+            "SELECT topic FROM \"t/#\" WHERE topic =~ 't/+/b'",
+            P,
+            r#"{"topic":"t/a/b"}"#,
+        ),
+        (
+            "rule_runtime.erl do_compare('=~') (no match)",
+            "SELECT topic FROM \"t/#\" WHERE topic =~ 'x/#'",
+            P,
+            "FILTERED",
+        ),
+        ("rule_runtime.erl do_compare('=~') (in SELECT)", "topic =~ 't/#'", P, "true"),
+        (
+            "engine_SUITE t_sqlparse_both_string_types_in_from",
+            "SELECT topic FROM 't/#'",
+            P,
+            r#"{"topic":"t/a/b"}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_both_string_types_in_from (both kinds)",
+            "SELECT topic FROM 'x/#', \"t/#\"",
+            P,
+            r#"{"topic":"t/a/b"}"#,
+        ),
+        (
+            "sql_lex.xrl (a double-quoted word is a NAME)",
+            "SELECT \"topic\" AS t FROM \"t/#\"",
+            P,
+            r#"{"t":"t/a/b"}"#,
+        ),
+        ("sql_lex.xrl (a double-quoted word is a NAME, in a path)", "\"payload\".x", r#"{"x":5}"#, "5"),
+        (
+            "engine_SUITE t_sqlparse_array_index_2 (a list literal with a NAME)",
+            "SELECT [payload.a, \"topic\", 'c'] AS c FROM \"t/#\"",
+            r#"{"a":11}"#,
+            r#"{"c":[11,"t/a/b","c"]}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_1 (index into an alias)",
+            "SELECT json_decode(payload) AS p, p[1] AS a FROM \"t/#\"",
+            r#"[{"x": 1}]"#,
+            r#"{"p":[{"x":1}],"a":{"x":1}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_1 (no AS: nested)",
+            "SELECT payload.x[2] FROM \"t/#\"",
+            r#"{"x":[1,3,4]}"#,
+            r#"{"payload":{"x":[3]}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_1 (no AS: nested, deeper)",
+            "SELECT payload.x[2].y FROM \"t/#\"",
+            r#"{"x":[1,{"y":3},4]}"#,
+            r#"{"payload":{"x":[{"y":3}]}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_1 (with AS)",
+            "SELECT payload.x[2].y AS b FROM \"t/#\"",
+            r#"{"x":[1,{"y":3},4]}"#,
+            r#"{"b":3}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_2 (negative index)",
+            "SELECT payload.x[-2].y AS b FROM \"t/#\"",
+            r#"{"x":[1,{"y":3},4]}"#,
+            r#"{"b":3}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_2 (AS c[-0] appends, AS c[0] prepends)",
+            "SELECT payload.x AS b, 1 AS c[-0], 2 AS c[-0], b AS c[0] FROM \"t/#\"",
+            r#"{"x":0}"#,
+            r#"{"b":0,"c":[0,1,2]}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_2 (construct from [])",
+            "SELECT [] AS c, 1 AS c[-0], 2 AS c[-0], 0 AS c[0] FROM \"t/#\"",
+            P,
+            r#"{"c":[0,1,2]}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_2 (construct a list)",
+            "SELECT [payload.a, \"topic\", 'c'] AS c, 1 AS c[-0], 2 AS c[-0], 0 AS c[0] FROM \"t/#\"",
+            r#"{"a":11}"#,
+            r#"{"c":[0,11,"t/a/b","c",1,2]}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_3 (payload text decoded by the put)",
+            "SELECT payload, payload.x[2].y FROM \"t/#\"",
+            r#"{"x": [1,{"y": [1,2]},3]}"#,
+            r#"{"payload":{"x":[1,{"y":[1,2]},3]}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_3",
+            "SELECT payload.x[2].y AS b FROM \"t/#\"",
+            r#"{"x": [1,{"y": [1,2]},3]}"#,
+            r#"{"b":[1,2]}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_3 (dotted AS target)",
+            "SELECT payload.x[2].y AS b.c FROM \"t/#\"",
+            r#"{"x": [1,{"y": [1,2]},3]}"#,
+            r#"{"b":{"c":[1,2]}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_4 (indexed AS target into nothing)",
+            "SELECT 0 AS payload.x[2].y FROM \"t/#\"",
+            r#"{"x": [1,{"y": [1,2]},3]}"#,
+            r#"{"payload":{"x":[{"y":0}]}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_4 (indexed AS target into a selected list)",
+            "SELECT payload.x, 0 AS payload.x[2].y FROM \"t/#\"",
+            r#"{"x": [1,{"y": [1,2]},3]}"#,
+            r#"{"payload":{"x":[1,{"y":0},3]}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlselect_as_put",
+            "SELECT payload, 'STEVE' AS payload.data[1].name FROM \"t/#\"",
+            r#"{"f1":"f1","data":[{"name":"n1","idx":1},{"name":"n2","idx":2}]}"#,
+            r#"{"payload":{"f1":"f1","data":[{"name":"STEVE","idx":1},{"name":"n2","idx":2}]}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlselect_0 (AS p.z into a selected map)",
+            "SELECT json_decode(payload) AS p, payload.a AS p.z FROM \"t/#\"",
+            r#"{"a":1,"b":"2"}"#,
+            r#"{"p":{"a":1,"b":"2","z":1}}"#,
+        ),
+        (
+            "rulesql.yrl name_or_path_ref (AS meta.info)",
+            "SELECT clientid AS meta.info FROM \"t/#\"",
+            P,
+            r#"{"meta":{"info":"clientid"}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_array_index_5",
+            "SELECT [1,2,3,4] AS v FROM \"t/#\"",
+            P,
+            r#"{"v":[1,2,3,4]}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_true_false",
+            "SELECT true AS a, false AS b, true = 'true' AS c FROM \"t/#\"",
+            P,
+            r#"{"a":true,"b":false,"c":true}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_new_map",
+            "SELECT map_new() AS a, map_put('b', 1, map_new()) AS c FROM \"t/#\"",
+            P,
+            r#"{"a":{},"c":{"b":1}}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_nested_get",
+            "SELECT payload.a.b.c AS v FROM \"t/#\"",
+            r#"{"a":{"b":{"c":1}}}"#,
+            r#"{"v":1}"#,
+        ),
+    ]);
+}
+
+#[test]
+fn null_logic() {
+    check_all(&[
+        (
+            "engine_SUITE t_sqlparse_undefined_variable (undefined = undefined)",
+            "SELECT payload.a AS a, payload.b AS b FROM \"t/#\" WHERE payload.a = payload.b",
+            P,
+            r#"{"a":null,"b":null}"#,
+        ),
+        (
+            "engine_SUITE t_sqlparse_undefined_variable (undefined > 1 is false)",
+            "SELECT 1 AS x FROM \"t/#\" WHERE payload.a > payload.b",
+            r#"{"b":1}"#,
+            "FILTERED",
+        ),
+        (
+            "engine_SUITE t_sqlparse_undefined_variable (a < b AS c)",
+            "payload.a < payload.b",
+            r#"{"b":1}"#,
+            "false",
+        ),
+        ("rule_runtime.erl compare/3 (undefined != 1 is false)", "payload.a != 1", P, "false"),
+        ("rule_runtime.erl compare/3 (undefined <> 1 is false)", "payload.a <> 1", P, "false"),
+        ("rule_runtime.erl compare/3 (undefined <= undefined)", "payload.a <= payload.b", P, "true"),
+        ("rule_runtime.erl compare/3 (undefined < undefined)", "payload.a < payload.b", P, "false"),
+        (
+            "rule_runtime.erl match_conditions({'not', _}) (not of false)",
+            "SELECT 1 AS x FROM \"t/#\" WHERE NOT (payload.a > 1)",
+            P,
+            r#"{"x":1}"#,
+        ),
+        (
+            "rule_runtime.erl match_conditions (or)",
+            "SELECT 1 AS x FROM \"t/#\" WHERE payload.a > 1 OR payload.n = 7",
+            r#"{"n":7}"#,
+            r#"{"x":1}"#,
+        ),
+        (
+            "rule_runtime.erl match_conditions (and)",
+            "SELECT 1 AS x FROM \"t/#\" WHERE payload.a > 1 AND payload.n = 7",
+            r#"{"n":7}"#,
+            "FILTERED",
+        ),
+        (
+            "rule_runtime.erl match_conditions({in, ..}) (lists:member)",
+            "SELECT 1 AS x FROM \"t/#\" WHERE payload.n IN (1, 7)",
+            r#"{"n":7}"#,
+            r#"{"x":1}"#,
+        ),
+        (
+            "rule_runtime.erl match_conditions({in, ..}) (undefined is a member of [undefined])",
+            "SELECT 1 AS x FROM \"t/#\" WHERE payload.a IN (1, payload.b)",
+            P,
+            r#"{"x":1}"#,
+        ),
+        (
+            "rule_runtime.erl compare/3 (number vs numeric binary)",
+            "SELECT 1 AS x FROM \"t/#\" WHERE payload.s = 12",
+            r#"{"s":"12"}"#,
+            r#"{"x":1}"#,
+        ),
+        ("rule_runtime.erl compare/3 (atom true vs <<\"true\">>)", "true = 'true'", P, "true"),
+        ("rule_runtime.erl do_compare('>') on binaries", "'b' > 'a'", P, "true"),
+    ]);
+}

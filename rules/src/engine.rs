@@ -369,7 +369,7 @@ fn select<'a>(rule: &'a Rule, env: &Env<'a>) -> Result<Option<Row<'a>>, EvalErro
         }
         for column in &rule.sql.columns {
             let value = column.expr.eval(env)?.into_owned();
-            row.insert_path(&column.path, value);
+            row.put_path(&column.path, value);
         }
         return Ok(Some(Row::Nested(row)));
     };

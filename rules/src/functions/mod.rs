@@ -115,6 +115,11 @@ pub(crate) static BUILTINS: &[Builtin] = &[
     f("float2str", 2, 2, text::float2str),
     f("map", 1, 1, data::map),
     f("bool", 1, 1, bool_fn),
+    // `topic =~ 'filter'`: EMQX's compare('=~') is false when either side is undefined.
+    n("topic_match", 2, 2, |a, _| match (text_of(arg(a, 0)), text_of(arg(a, 1))) {
+        (Some(topic), Some(filter)) => Ok(Value::Bool(outpost_topic::filter_matches(filter, topic))),
+        _ => Ok(Value::Bool(false)),
+    }),
     n("coalesce", 1, MANY, |a, _| Ok(a.iter().find(|v| !v.is_null()).cloned().unwrap_or(Value::Null))),
     n("coalesce_ne", 1, MANY, |a, _| {
         let empty = |v: &Value| {
