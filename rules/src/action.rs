@@ -419,7 +419,7 @@ mod tests {
             event_id: 0,
             hops: 0,
         };
-        f(&Env { event: &event, payload: crate::payload::PayloadView::Whole(&NULL) })
+        f(&Env { event: &event, payload: crate::payload::PayloadView::Whole(&NULL), text: None })
     }
 
     #[test]
@@ -454,7 +454,10 @@ mod tests {
     fn flat_rows_encode_and_render_like_the_object_they_stand_for() {
         use crate::compile::Column;
         use crate::expr::Expr;
-        let column = |name: &str| Column { path: vec![name.to_owned()], expr: Expr::Const(Value::Null) };
+        let column = |name: &str| Column {
+            path: vec![crate::expr::PathSeg::Key(name.to_owned())],
+            expr: Expr::Const(Value::Null),
+        };
         let columns = [column("a"), column("q\"uo\\te"), column("é\n"), column("a"), column("f")];
         let layout = RowLayout::new(false, &columns).unwrap();
         let values = vec![

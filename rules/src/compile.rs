@@ -17,11 +17,11 @@ use sqlparser::ast::{
 use sqlparser::dialect::GenericDialect;
 use sqlparser::keywords::Keyword;
 use sqlparser::parser::Parser;
-use sqlparser::tokenizer::{Span, Token, Tokenizer};
+use sqlparser::tokenizer::{Span, Token, TokenWithSpan, Tokenizer, Word};
 
 use crate::error::{SqlError, did_you_mean};
-use crate::expr::{ArithOp, CmpOp, Expr, Field, PathSeg};
-use crate::functions::{BUILTINS, find_builtin};
+use crate::expr::{ArithOp, CmpOp, Expr, Field, PUT_HEAD, PUT_TAIL, PathSeg};
+use crate::functions::{BUILTINS, NOT_SUPPORTED, find_builtin};
 use crate::table::Table;
 use crate::value::Value;
 use outpost_topic::TopicFilter;
@@ -90,7 +90,7 @@ impl RowLayout {
             if star { STAR_COLUMNS.iter().map(|n| (*n).to_owned()).collect() } else { Vec::new() };
         let mut slots = Vec::with_capacity(columns.len());
         for column in columns {
-            let [name] = column.path.as_slice() else { return None };
+            let [PathSeg::Key(name)] = column.path.as_slice() else { return None };
             let slot = match names.iter().position(|n| n == name) {
                 Some(slot) => slot,
                 None => {
@@ -109,8 +109,9 @@ impl RowLayout {
 /// An output column: where it goes in the output object, and how it is computed.
 #[derive(Debug)]
 pub(crate) struct Column {
-    /// `["alias"]`, or a nested path for an unaliased `payload.a.b` (as EMQX nests it).
-    pub path: Vec<String>,
+    /// `["alias"]`, a path target (`AS meta.info`, `AS payload.data[1].name`), or a nested
+    /// path for an unaliased `payload.a.b` (as EMQX nests it).
+    pub path: Vec<PathSeg>,
     pub expr: Expr,
 }
 
@@ -123,7 +124,10 @@ impl CompiledSql {
     /// The top-level names in the output object, for checking `${..}` templates.
     pub(crate) fn output_names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = if self.star { STAR_COLUMNS.to_vec() } else { Vec::new() };
-        names.extend(self.columns.iter().filter_map(|c| c.path.first().map(String::as_str)));
+        names.extend(self.columns.iter().filter_map(|c| match c.path.first() {
+            Some(PathSeg::Key(name)) => Some(name.as_str()),
+            _ => None,
+        }));
         names
     }
 }
@@ -133,10 +137,11 @@ pub(crate) fn compile_sql(
     tables: &FxHashMap<String, Arc<Table>>,
 ) -> Result<CompiledSql, Vec<SqlError>> {
     check_operators(sql, "statement", "split the rule")?;
+    let tokens = emqx_tokens(sql)?;
     let statements = Parser::new(&GenericDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
-        .try_with_sql(sql)
-        .and_then(|mut parser| parser.parse_statements())
+        .with_tokens_with_locations(tokens)
+        .parse_statements()
         .map_err(|e| vec![parser_error(&e.to_string(), sql)])?;
     let mut statements = statements.into_iter();
     let (Some(statement), None) = (statements.next(), statements.next()) else {
@@ -205,10 +210,19 @@ pub(crate) fn compile_sql(
                     columns.push(Column { path: column_path(expr), expr: compiled });
                 }
             }
+            SelectItem::ExprWithAlias { expr, alias } if alias.quote_style == Some(ALIAS_PATH_QUOTE) => {
+                // `AS meta.info`, `AS payload.data[1].name`: the value goes to that place in
+                // the output, as EMQX's nested_put puts it.
+                match (compiler.expr_or_record(expr), parse_alias_path(&alias.value, alias.span)) {
+                    (Some(compiled), Ok(path)) => columns.push(Column { path, expr: compiled }),
+                    (_, Err(e)) => compiler.errors.push(e),
+                    (None, _) => {}
+                }
+            }
             SelectItem::ExprWithAlias { expr, alias } => match compiler.expr_or_record(expr) {
                 Some(compiled) => {
                     compiler.aliases.insert(alias.value.clone(), compiled.clone());
-                    columns.push(Column { path: vec![alias.value.clone()], expr: compiled });
+                    columns.push(Column { path: vec![PathSeg::Key(alias.value.clone())], expr: compiled });
                 }
                 // The error is recorded; a placeholder keeps later uses from adding more.
                 None => {
@@ -259,10 +273,10 @@ pub(crate) fn compile_expr(
     tables: &FxHashMap<String, Arc<Table>>,
 ) -> Result<(Expr, bool), Vec<SqlError>> {
     check_operators(text, "expression", "move the computation into the SELECT")?;
+    let tokens = emqx_tokens(text)?;
     let mut parser = Parser::new(&GenericDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
-        .try_with_sql(text)
-        .map_err(|e| vec![parser_error(&e.to_string(), text)])?;
+        .with_tokens_with_locations(tokens);
     let parsed = parser.parse_expr().map_err(|e| vec![parser_error(&e.to_string(), text)])?;
     let next = parser.peek_token();
     if next.token != Token::EOF {
@@ -325,11 +339,30 @@ fn parser_error(message: &str, sql: &str) -> SqlError {
 
 /// Unaliased columns are named as EMQX names them: `payload.a.b` nests, a plain field
 /// keeps its name, anything else is named by its SQL text.
-fn column_path(expr: &ast::Expr) -> Vec<String> {
+fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
     match expr {
-        ast::Expr::Identifier(ident) => vec![ident.value.clone()],
-        ast::Expr::CompoundIdentifier(idents) => idents.iter().map(|i| i.value.clone()).collect(),
-        other => vec![other.to_string()],
+        ast::Expr::Identifier(ident) => vec![PathSeg::Key(ident.value.clone())],
+        ast::Expr::CompoundIdentifier(idents) => {
+            idents.iter().map(|i| PathSeg::Key(i.value.clone())).collect()
+        }
+        ast::Expr::CompoundFieldAccess { root, access_chain } => {
+            let mut path = column_path(root);
+            for access in access_chain {
+                match access {
+                    ast::AccessExpr::Dot(ast::Expr::Identifier(ident)) => {
+                        path.push(PathSeg::Key(ident.value.clone()))
+                    }
+                    ast::AccessExpr::Subscript(ast::Subscript::Index { index }) => match index_literal(index)
+                    {
+                        Ok(i) => path.push(PathSeg::Index(i)),
+                        Err(_) => return vec![PathSeg::Key(expr.to_string())],
+                    },
+                    _ => return vec![PathSeg::Key(expr.to_string())],
+                }
+            }
+            path
+        }
+        other => vec![PathSeg::Key(other.to_string())],
     }
 }
 
@@ -412,10 +445,11 @@ impl Compiler<'_> {
 
     /// A bare name: an alias, a field or `payload`.
     fn name(&mut self, ident: &Ident) -> Compiled {
-        if ident.quote_style == Some('"') || ident.quote_style == Some('\'') {
-            // EMQX reads "text" in an expression as a string.
+        if ident.quote_style == Some('\'') {
             return Ok(Expr::Const(Value::Str(ident.value.clone())));
         }
+        // EMQX's lexer reads "text" as a NAME (sql_lex.xrl): a double-quoted word in an
+        // expression is a field, alias or path, exactly like the bare word.
         let name = ident.value.as_str();
         if let Some(expr) = self.aliases.get(name) {
             return Ok(expr.clone());
@@ -428,7 +462,15 @@ impl Compiler<'_> {
         }
         let candidates =
             FIELDS.iter().map(|(n, _)| *n).chain(["payload"]).chain(self.aliases.keys().map(String::as_str));
-        Err(SqlError::new(format!("unknown field `{name}`{}", did_you_mean(name, candidates)), ident.span))
+        let hint = if ident.quote_style == Some('"') {
+            "; EMQX reads a double-quoted word as a field name, not a string: write a string in single quotes ('text')"
+        } else {
+            ""
+        };
+        Err(SqlError::new(
+            format!("unknown field `{name}`{}{hint}", did_you_mean(name, candidates)),
+            ident.span,
+        ))
     }
 
     /// `root.a.b` and `root[1].c`: a payload path, or a path into an alias or a value.
@@ -505,6 +547,12 @@ impl Compiler<'_> {
                     BinaryOperator::Multiply => Expr::Arith(ArithOp::Mul, l, r),
                     BinaryOperator::Divide => Expr::Arith(ArithOp::Div, l, r),
                     BinaryOperator::Modulo => Expr::Arith(ArithOp::Rem, l, r),
+                    // `div` (the token pass turns EMQX's infix `div` into `//`).
+                    BinaryOperator::DuckIntegerDivide | BinaryOperator::MyIntegerDivide => {
+                        builtin_call("div", vec![*l, *r])
+                    }
+                    // `=~` (the token pass turns it into `~`): topic name matches filter.
+                    BinaryOperator::PGRegexMatch => builtin_call("topic_match", vec![*l, *r]),
                     BinaryOperator::Eq => Expr::Compare(CmpOp::Eq, l, r),
                     BinaryOperator::NotEq => Expr::Compare(CmpOp::NotEq, l, r),
                     BinaryOperator::Lt => Expr::Compare(CmpOp::Lt, l, r),
@@ -636,10 +684,32 @@ impl Compiler<'_> {
                 return Err(SqlError::new("subqueries are not supported", q.span()));
             }
         };
-        match name.as_str() {
-            "topic" => return self.topic_level(&arg_exprs, function.span()),
-            "lookup" => return self.lookup(&arg_exprs, function.span()),
+        match (name.as_str(), arg_exprs.as_slice()) {
+            ("topic", _) => return self.topic_level(&arg_exprs, function.span()),
+            ("lookup", _) => return self.lookup(&arg_exprs, function.span()),
+            // EMQX's function forms of the metadata fields.
+            ("qos", []) => return Ok(Expr::Field(Field::Qos)),
+            ("clientid", []) => return Ok(Expr::Field(Field::ClientId)),
+            ("username", []) => return Ok(Expr::Field(Field::Username)),
+            ("msgid", []) => return Ok(Expr::Field(Field::EventId)),
+            ("payload", []) => return Ok(self.payload(Vec::new())),
+            // `payload('a.b')`: the dotted path into the payload.
+            ("payload", [path]) => {
+                let Some(path) = string_literal(path) else {
+                    return Err(SqlError::new(
+                        "payload(path) takes a string literal path, e.g. payload('a.b')",
+                        path.span(),
+                    ));
+                };
+                return Ok(self.payload(path.split('.').map(|k| PathSeg::Key(k.to_owned())).collect()));
+            }
             _ => {}
+        }
+        if let Some((_, rewrite)) = NOT_SUPPORTED.iter().find(|(n, _)| *n == name) {
+            return Err(SqlError::new(
+                format!("EMQX's `{name}` is not available in Outpost: {rewrite}"),
+                span,
+            ));
         }
         let Some(builtin) = find_builtin(&name) else {
             let candidates = BUILTINS.iter().map(|b| b.name).chain(["topic", "lookup"]);
@@ -807,4 +877,184 @@ fn index_literal(expr: &ast::Expr) -> Result<i64, SqlError> {
         Some(i) => Ok(i),
         None => Err(SqlError::new("an index must be an integer literal", expr.span())),
     }
+}
+
+/// The quote style the token pass gives an `AS` target that is a path (`AS meta.info`,
+/// `AS payload.data[1].name`): no SQL text can produce it, so the compiler knows the alias
+/// names a path and not one column.
+const ALIAS_PATH_QUOTE: char = '`';
+
+/// Tokenizes rule text and rewrites EMQX's syntax that sqlparser does not know into what it
+/// does (EMQX's grammar is `rulesql.yrl` and `sql_lex.xrl` in emqx/rulesql):
+/// - `=~` (topic match) becomes `~`, which the compiler reads as topic match;
+/// - infix `div` becomes `//` and infix `mod` becomes `%` (followed by `(` they stay calls);
+/// - a single-quoted topic filter in FROM becomes a double-quoted one;
+/// - an `AS` target that is a path becomes one identifier quoted with [`ALIAS_PATH_QUOTE`].
+///
+/// `FOREACH` statements and `[a..b]` ranges are refused here, with a message that says so.
+fn emqx_tokens(text: &str) -> Result<Vec<TokenWithSpan>, Vec<SqlError>> {
+    let tokens = Tokenizer::new(&GenericDialect {}, text)
+        .tokenize_with_location()
+        .map_err(|e| vec![parser_error(&e.to_string(), text)])?;
+    let significant = |t: &TokenWithSpan| !matches!(t.token, Token::Whitespace(_));
+    let mut out: Vec<TokenWithSpan> = Vec::with_capacity(tokens.len());
+    let mut in_from = false;
+    let mut i = 0;
+    while let Some(current) = tokens.get(i) {
+        let next = tokens.get(i + 1..).and_then(|rest| rest.iter().find(|t| significant(t)));
+        let word = match &current.token {
+            Token::Word(w) if w.quote_style.is_none() => Some(w),
+            _ => None,
+        };
+        let keyword = word.map(|w| w.keyword);
+        if out.iter().all(|t| !significant(t))
+            && word.is_some_and(|w| w.value.eq_ignore_ascii_case("foreach"))
+        {
+            return Err(vec![SqlError::new(
+                "FOREACH ... DO ... INCASE is not supported yet: write one rule per element, or send one message per element",
+                current.span,
+            )]);
+        }
+        match (&current.token, next.map(|n| &n.token)) {
+            (Token::Eq, _) if matches!(tokens.get(i + 1).map(|t| &t.token), Some(Token::Tilde)) => {
+                out.push(TokenWithSpan { token: Token::Tilde, span: current.span });
+                i += 2;
+                continue;
+            }
+            (Token::Number(a, _), _)
+                if a.ends_with('.')
+                    && matches!(tokens.get(i + 1).map(|t| &t.token), Some(Token::Number(b, _)) if b.starts_with('.')) =>
+            {
+                return Err(vec![SqlError::new(
+                    "ranges `[a..b]` are not supported yet: use sublist(start, length, array) or nth(n, array)",
+                    current.span,
+                )]);
+            }
+            _ => {}
+        }
+        match keyword {
+            Some(Keyword::DIV) if !matches!(next.map(|n| &n.token), Some(Token::LParen)) => {
+                out.push(TokenWithSpan { token: Token::DuckIntDiv, span: current.span });
+            }
+            Some(Keyword::MOD) if !matches!(next.map(|n| &n.token), Some(Token::LParen)) => {
+                out.push(TokenWithSpan { token: Token::Mod, span: current.span });
+            }
+            Some(Keyword::FROM) => {
+                in_from = true;
+                out.push(current.clone());
+            }
+            Some(Keyword::WHERE) => {
+                in_from = false;
+                out.push(current.clone());
+            }
+            Some(Keyword::AS) => {
+                out.push(current.clone());
+                if let Some((path, end)) = alias_path(&tokens, i + 1) {
+                    let first = tokens.get(i + 1..end).and_then(|t| t.iter().find(|t| significant(t)));
+                    let span = first.map(|t| t.span).unwrap_or(current.span);
+                    let word = Word {
+                        value: path,
+                        quote_style: Some(ALIAS_PATH_QUOTE),
+                        keyword: Keyword::NoKeyword,
+                    };
+                    out.push(TokenWithSpan { token: Token::Word(word), span });
+                    i = end;
+                    continue;
+                }
+            }
+            _ => match &current.token {
+                Token::SingleQuotedString(filter) if in_from => {
+                    let word =
+                        Word { value: filter.clone(), quote_style: Some('"'), keyword: Keyword::NoKeyword };
+                    out.push(TokenWithSpan { token: Token::Word(word), span: current.span });
+                }
+                _ => out.push(current.clone()),
+            },
+        }
+        i += 1;
+    }
+    Ok(out)
+}
+
+/// An `AS` target that is a path, starting at token `start` (after `AS`): a name followed by
+/// at least one `.name` or `[index]`. Returns the path's text (`a.b[1]`, `c[-1]`) and the
+/// index of the first token after it; `None` for a plain name.
+fn alias_path(tokens: &[TokenWithSpan], start: usize) -> Option<(String, usize)> {
+    let mut i = start;
+    while matches!(tokens.get(i).map(|t| &t.token), Some(Token::Whitespace(_))) {
+        i += 1;
+    }
+    let Some(Token::Word(first)) = tokens.get(i).map(|t| &t.token) else { return None };
+    let mut path = first.value.clone();
+    i += 1;
+    let mut steps = 0;
+    loop {
+        match tokens.get(i..).unwrap_or(&[]) {
+            [t1, t2, ..] if t1.token == Token::Period => match &t2.token {
+                Token::Word(w) => {
+                    path.push('.');
+                    path.push_str(&w.value);
+                    i += 2;
+                }
+                _ => return None,
+            },
+            [t1, t2, t3, ..] if t1.token == Token::LBracket && t3.token == Token::RBracket => match &t2.token
+            {
+                Token::Number(n, _) => {
+                    path.push_str(&format!("[{n}]"));
+                    i += 3;
+                }
+                _ => return None,
+            },
+            [t1, t2, t3, t4, ..]
+                if t1.token == Token::LBracket && t2.token == Token::Minus && t4.token == Token::RBracket =>
+            {
+                match &t3.token {
+                    Token::Number(n, _) => {
+                        path.push_str(&format!("[-{n}]"));
+                        i += 4;
+                    }
+                    _ => return None,
+                }
+            }
+            // `AS a.1` tokenizes the `.1` as a number.
+            [t1, ..] if matches!(&t1.token, Token::Number(n, _) if n.starts_with('.')) => {
+                let Token::Number(n, _) = &t1.token else { return None };
+                path.push_str(n);
+                i += 1;
+            }
+            _ => break,
+        }
+        steps += 1;
+    }
+    (steps > 0).then_some((path, i))
+}
+
+/// Reads an `AS` path target (see [`emqx_tokens`]) into its steps.
+fn parse_alias_path(text: &str, span: Span) -> Result<Vec<PathSeg>, SqlError> {
+    let mut segs = Vec::new();
+    for part in text.split('.') {
+        let (key, mut rest) = match part.find('[') {
+            Some(at) => (part.get(..at).unwrap_or(""), part.get(at..).unwrap_or("")),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            segs.push(PathSeg::Key(key.to_owned()));
+        }
+        while let Some(inner) = rest.strip_prefix('[') {
+            let Some(close) = inner.find(']') else { break };
+            let digits = inner.get(..close).unwrap_or("");
+            let index: i64 = digits
+                .parse()
+                .map_err(|_| SqlError::new(format!("`{text}`: an index must be an integer"), span))?;
+            // As a target, EMQX reads `[0]` as "insert at the head" and `[-0]` as "append".
+            segs.push(PathSeg::Index(match (index, digits.starts_with('-')) {
+                (0, false) => PUT_HEAD,
+                (0, true) => PUT_TAIL,
+                (i, _) => i,
+            }));
+            rest = inner.get(close + 1..).unwrap_or("");
+        }
+    }
+    Ok(segs)
 }

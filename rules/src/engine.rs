@@ -216,7 +216,8 @@ impl RuleSet {
         } else {
             PayloadView::Whole(&NULL)
         };
-        let env = Env { event, payload };
+        let text = (!decoded.is_cbor(rule.payload)).then_some(decoded);
+        let env = Env { event, payload, text };
         let row = match select(rule, &env) {
             Ok(Some(row)) => row,
             Ok(None) => return Ran::Filtered,
@@ -324,16 +325,18 @@ enum Ran<'a> {
 
 /// Numbers the top-level payload fields the rules read and records each payload path's
 /// slot ([`FieldSlots`]). Returns them if they are all the rules read: every payload path
-/// starts with a key and no rule has `SELECT *`. Otherwise the payload is decoded whole.
+/// starts with a key, or is the bare `payload` (the text, see [`Env::payload_whole`]; a CBOR
+/// payload is always decoded whole, so it needs no JSON fields). Otherwise the payload is
+/// decoded whole.
 fn number_payload_fields(rules: &mut [Rule]) -> Option<FieldSlots> {
     let mut fields = FieldSlots::default();
     let mut whole = false;
     for rule in rules {
-        whole |= rule.sql.star;
         let templates = rule.actions.iter_mut().flat_map(Action::templates_mut).flat_map(Template::exprs_mut);
         for expr in rule.sql.exprs_mut().chain(templates) {
             expr.for_each_payload_path(&mut |path, slot| match path.first() {
                 Some(PathSeg::Key(key)) => *slot = Some(fields.intern(key)),
+                None => {}
                 _ => whole = true,
             });
         }
@@ -355,7 +358,7 @@ fn select<'a>(rule: &'a Rule, env: &Env<'a>) -> Result<Option<Row<'a>>, EvalErro
         "username" => field_value(Field::Username, env.event),
         "qos" => field_value(Field::Qos, env.event),
         "timestamp" => field_value(Field::Timestamp, env.event),
-        _ => env.payload.whole().clone(),
+        _ => env.payload_whole().clone(),
     };
     let Some(layout) = &rule.sql.layout else {
         let mut row = Value::Object(Vec::with_capacity(rule.sql.columns.len() + 7));
@@ -366,7 +369,7 @@ fn select<'a>(rule: &'a Rule, env: &Env<'a>) -> Result<Option<Row<'a>>, EvalErro
         }
         for column in &rule.sql.columns {
             let value = column.expr.eval(env)?.into_owned();
-            row.insert_path(&column.path, value);
+            row.put_path(&column.path, value);
         }
         return Ok(Some(Row::Nested(row)));
     };
@@ -375,7 +378,7 @@ fn select<'a>(rule: &'a Rule, env: &Env<'a>) -> Result<Option<Row<'a>>, EvalErro
         // The layout starts with the star columns, in order.
         for (name, value) in STAR_COLUMNS.iter().zip(values.iter_mut()) {
             *value = match *name {
-                "payload" => Cow::Borrowed(env.payload.whole()),
+                "payload" => Cow::Borrowed(env.payload_whole()),
                 other => Cow::Owned(star_value(other)),
             };
         }

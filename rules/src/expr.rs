@@ -7,8 +7,11 @@
 //!
 //! **NULL and type rules** (the README's "Semantics" section is the user-facing copy):
 //! - A missing field, a JSON `null` and an out-of-range index are NULL.
-//! - Comparisons with NULL are NULL; AND/OR/NOT use three-valued logic; WHERE keeps an
-//!   event only if the condition is TRUE.
+//! - Comparisons follow EMQX (`emqx_rule_runtime:compare`): with one side NULL they are
+//!   FALSE (`!=` too), NULL = NULL is TRUE; `NOT` of anything but TRUE/FALSE is FALSE; IN
+//!   is list membership (NULL is in a list holding NULL). AND/OR of a bare NULL operand
+//!   (a NULL field used as a condition) are three-valued; WHERE keeps an event only if the
+//!   condition is TRUE.
 //! - Arithmetic, `||` and most functions return NULL if an argument is NULL.
 //! - Numbers compare numerically (integer vs float included); a string compared with a
 //!   number is converted to a number first (as in EMQX). If it is not numeric, `=` is
@@ -55,7 +58,13 @@ pub(crate) enum Field {
     Hops,
 }
 
-/// One step of a path: `.key` or `[index]` (1-based; negative from the end).
+/// In an `AS` target, `[0]`: insert at the head of the array (EMQX's `head`).
+pub(crate) const PUT_HEAD: i64 = 0;
+/// In an `AS` target, `[-0]`: append to the array (EMQX's `tail`).
+pub(crate) const PUT_TAIL: i64 = i64::MIN;
+
+/// One step of a path: `.key` or `[index]` (1-based; negative from the end; in an `AS`
+/// target also [`PUT_HEAD`] and [`PUT_TAIL`]).
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum PathSeg {
     Key(String),
@@ -142,6 +151,20 @@ pub(crate) enum Expr {
 pub(crate) struct Env<'a> {
     pub event: &'a crate::EventContext<'a>,
     pub payload: PayloadView<'a>,
+    /// The payload as text, for a bare `payload` (EMQX keeps the payload as the text it
+    /// arrived as; only paths into it decode). `None` when the payload is CBOR, which EMQX
+    /// does not read, and a bare `payload` is the decoded value.
+    pub text: Option<&'a crate::payload::Decoded<'a>>,
+}
+
+impl<'a> Env<'a> {
+    /// What a bare `payload` (and the `payload` column of `SELECT *`) is.
+    pub(crate) fn payload_whole(&self) -> &'a Value {
+        match self.text {
+            Some(decoded) => decoded.text(),
+            None => self.payload.whole(),
+        }
+    }
 }
 
 /// Limits on one compiled expression (after aliases are expanded), so that evaluation's
@@ -227,6 +250,7 @@ impl Expr {
         match self {
             Expr::Const(v) => Ok(Cow::Borrowed(v)),
             Expr::Field(field) => owned(field_value(*field, env.event)),
+            Expr::Payload { path, .. } if path.is_empty() => Ok(Cow::Borrowed(env.payload_whole())),
             Expr::Payload { path, slot } => Ok(Cow::Borrowed(env.payload.walk(path, *slot).unwrap_or(&NULL))),
             Expr::TopicLevel(level) => owned(
                 env.event
@@ -252,7 +276,7 @@ impl Expr {
                     None => Err(EvalError::new(format!("cannot negate {}", describe(other)))),
                 },
             },
-            Expr::Not(inner) => owned(tri(inner.truth(env)?.map(|b| !b))),
+            Expr::Not(..) => owned(tri(self.truth(env)?)),
             Expr::And(..) | Expr::Or(..) | Expr::IsNull(..) | Expr::In { .. } | Expr::Matches { .. } => {
                 owned(tri(self.truth(env)?))
             }
@@ -363,24 +387,25 @@ impl Expr {
                     _ => None,
                 })
             }
-            Expr::Not(inner) => Ok(inner.truth(env)?.map(|b| !b)),
+            // EMQX: `not` of anything that is not a boolean is false.
+            Expr::Not(inner) => Ok(Some(inner.truth(env)? == Some(false))),
             Expr::IsNull(inner, negated) => Ok(Some(inner.eval(env)?.is_null() != *negated)),
             Expr::Compare(op, left, right) => compare(*op, &*left.eval(env)?, &*right.eval(env)?),
+            // EMQX: `lists:member`, so NULL is in a list that holds NULL, and never NULL.
             Expr::In { expr, list, negated } => {
                 let needle = expr.eval(env)?;
-                if needle.is_null() {
-                    return Ok(None);
-                }
-                let mut saw_null = false;
                 for item in list {
                     let item = item.eval(env)?;
-                    if item.is_null() {
-                        saw_null = true;
-                    } else if equal(&needle, &item) {
+                    let hit = match (needle.is_null(), item.is_null()) {
+                        (true, true) => true,
+                        (false, false) => equal(&needle, &item),
+                        _ => false,
+                    };
+                    if hit {
                         return Ok(Some(!negated));
                     }
                 }
-                Ok(if saw_null { None } else { Some(*negated) })
+                Ok(Some(*negated))
             }
             Expr::Matches { expr, regex, negated } => {
                 let subject = expr.eval(env)?;
@@ -540,9 +565,15 @@ pub(crate) fn order(a: &Value, b: &Value) -> Result<Ordering, EvalError> {
     }
 }
 
+/// A comparison as EMQX makes it (`emqx_rule_runtime:compare`): with one side undefined
+/// (NULL) it is FALSE, whatever the operator (`!=` too); with both undefined, `=`, `<=` and
+/// `>=` are TRUE and the others FALSE. It never gives NULL; the `Option` is for callers
+/// that combine it with other conditions.
 pub(crate) fn compare(op: CmpOp, a: &Value, b: &Value) -> Result<Option<bool>, EvalError> {
-    if a.is_null() || b.is_null() {
-        return Ok(None);
+    match (a.is_null(), b.is_null()) {
+        (true, true) => return Ok(Some(matches!(op, CmpOp::Eq | CmpOp::LtEq | CmpOp::GtEq))),
+        (true, false) | (false, true) => return Ok(Some(false)),
+        (false, false) => {}
     }
     Ok(Some(match op {
         CmpOp::Eq => equal(a, b),

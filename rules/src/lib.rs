@@ -60,6 +60,8 @@ mod time;
 mod value;
 
 #[cfg(test)]
+mod compat_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::Arc;

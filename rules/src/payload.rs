@@ -171,6 +171,20 @@ impl<'e> Decoded<'e> {
         }
     }
 
+    /// The payload as the text it arrived as (bytes if it is not UTF-8), made once.
+    pub(crate) fn text(&self) -> &Value {
+        self.raw.get_or_init(|| raw_value(self.bytes))
+    }
+
+    /// Whether `format` reads this payload as CBOR (after [`Decoded::get`] succeeded).
+    pub(crate) fn is_cbor(&self, format: PayloadFormat) -> bool {
+        match format {
+            PayloadFormat::Cbor => true,
+            PayloadFormat::Auto => self.auto.get() == Some(&PayloadFormat::Cbor),
+            _ => false,
+        }
+    }
+
     /// The payload read as `format`, or why it cannot be.
     pub(crate) fn get(&self, format: PayloadFormat) -> Result<PayloadView<'_>, &str> {
         match format {

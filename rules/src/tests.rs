@@ -108,7 +108,7 @@ fn select_paths_metadata_and_star() {
         "t",
         r#"{"a":1}"#,
         expect![[r#"
-            forward[r] t qos=1 prio=5 {"id":42,"topic":"t","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"payload":{"a":1}}
+            forward[r] t qos=1 prio=5 {"id":42,"topic":"t","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"payload":"{\"a\":1}"}
         "#]],
     );
     check(
@@ -147,18 +147,18 @@ fn topic_levels_are_one_based() {
 }
 
 #[test]
-fn where_filters_with_three_valued_logic() {
+fn where_filters_with_emqx_null_logic() {
     let cases = [
         ("payload.temp > 30", "pass"),
         ("payload.temp > 40", "fail"),
         ("payload.missing > 1", "NULL comparison"),
-        ("NOT (payload.missing > 1)", "NOT NULL is NULL"),
+        ("NOT (payload.missing > 1)", "NOT of a comparison with NULL (EMQX: the comparison is false)"),
         ("payload.missing > 1 OR payload.n = 7", "NULL OR TRUE"),
         ("payload.missing > 1 AND payload.n = 8", "NULL AND FALSE"),
         ("payload.nul IS NULL AND payload.missing IS NULL AND payload.n IS NOT NULL", "IS NULL"),
         ("payload.n IN (1, 7, 9)", "IN"),
         ("payload.n NOT IN (1, 2)", "NOT IN"),
-        ("payload.n IN (1, NULL)", "IN with NULL is NULL"),
+        ("payload.n IN (1, NULL)", "IN with NULL in the list"),
         ("payload.s LIKE 'He%o'", "LIKE"),
         ("payload.s LIKE 'h%'", "LIKE is case-sensitive"),
         ("payload.s ILIKE 'h_llo'", "ILIKE"),
@@ -168,7 +168,10 @@ fn where_filters_with_three_valued_logic() {
         ("payload.s = 12", "non-numeric string = number is false"),
         ("payload.n BETWEEN 5 AND 7", "BETWEEN"),
         ("payload.obj.a.b", "boolean field as condition"),
-        ("payload.device = \"d1\"", "double-quoted string literal"),
+        ("payload.device = 'd1'", "single-quoted string literal"),
+        ("payload.missing != 1", "NULL != 1 is false (EMQX)"),
+        ("payload.missing = payload.other_missing", "NULL = NULL is true (EMQX)"),
+        ("payload.missing IN (1, NULL)", "NULL IN a list with NULL (EMQX lists:member)"),
     ];
     let mut text = String::new();
     for (condition, label) in cases {
@@ -187,13 +190,13 @@ fn where_filters_with_three_valued_logic() {
         pass: kept
         fail: filtered
         NULL comparison: filtered
-        NOT NULL is NULL: filtered
+        NOT of a comparison with NULL (EMQX: the comparison is false): kept
         NULL OR TRUE: kept
         NULL AND FALSE: filtered
         IS NULL: kept
         IN: kept
         NOT IN: kept
-        IN with NULL is NULL: filtered
+        IN with NULL in the list: filtered
         LIKE: kept
         LIKE is case-sensitive: filtered
         ILIKE: kept
@@ -203,7 +206,10 @@ fn where_filters_with_three_valued_logic() {
         non-numeric string = number is false: filtered
         BETWEEN: kept
         boolean field as condition: kept
-        double-quoted string literal: kept
+        single-quoted string literal: kept
+        NULL != 1 is false (EMQX): filtered
+        NULL = NULL is true (EMQX): kept
+        NULL IN a list with NULL (EMQX lists:member): kept
     "#]]
     .assert_eq(&text);
 }
@@ -1120,7 +1126,7 @@ name = "no-temp"
 sql = 'SELECT topic(2) AS device FROM "sensors/+/temp" WHERE payload.temp IS NULL'
 [[rule.action]]
 type = "dead_letter"
-reason = "no temperature from ${device} (${clientid}, ${length(payload)} fields)"
+reason = "no temperature from ${device} (${clientid}, ${map_size(payload)} fields)"
 
 [[rule]]
 name = "quarantine"
@@ -1319,16 +1325,16 @@ fn hop_limit_stops_republish_loops() {
         "loop/a",
         "{}",
         expect![[r#"
-        republish[echo] loop/again qos=0 hops=1 {"payload":{}}
-    "#]],
+            republish[echo] loop/again qos=0 hops=1 {"payload":"{}"}
+        "#]],
     );
     check(
         rules,
         "hops=1 loop/a",
         "{}",
         expect![[r#"
-        republish[echo] loop/again qos=0 hops=2 {"payload":{}}
-    "#]],
+            republish[echo] loop/again qos=0 hops=2 {"payload":"{}"}
+        "#]],
     );
     check(
         rules,
@@ -1428,8 +1434,8 @@ format = "cbor"
         "t",
         "42",
         expect![[r#"
-        forward[r] t qos=1 prio=5 {"p":42,"text":false}
-    "#]],
+            forward[r] t qos=1 prio=5 {"p":"42","text":true}
+        "#]],
     );
     check(
         auto,
@@ -1729,8 +1735,8 @@ fn flat_rows_replace_repeated_names_in_place() {
         "t",
         r#"{"n": 7, "device": "d1"}"#,
         expect![[r#"
-            forward[r] t qos=1 prio=5 {"id":42,"topic":"x","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"payload":{"n":7,"device":"d1"},"a":7,"row":{"device":"d1","site":"plant-a","line":1,"max_temp":80}}
-            republish[r] out/x/7 qos=1 hops=1 cbor:{"id":42,"topic":"x","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"payload":{"n":7,"device":"d1"},"a":7,"row":{"device":"d1","site":"plant-a","line":1,"max_temp":80}}
+            forward[r] t qos=1 prio=5 {"id":42,"topic":"x","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"payload":"{\"n\": 7, \"device\": \"d1\"}","a":7,"row":{"device":"d1","site":"plant-a","line":1,"max_temp":80}}
+            republish[r] out/x/7 qos=1 hops=1 cbor:{"id":42,"topic":"x","clientid":"c1","username":null,"qos":1,"timestamp":1708671600123,"payload":"{\"n\": 7, \"device\": \"d1\"}","a":7,"row":{"device":"d1","site":"plant-a","line":1,"max_temp":80}}
         "#]],
     );
     // A nested column makes the row an object built column by column, as before.
@@ -1932,7 +1938,7 @@ mod properties {
         }
 
         #[test]
-        fn compile_never_panics_on_sql(sql in "(SELECT|FROM|WHERE|payload|\\.|\\[|\\]|-?[0-9]|'[a-z%]*'|\"[a-z/+#]*\"|[a-z_]+|\\(|\\)|,| |=|<|>|\\+|\\*|/|\\|\\||AND|OR|NOT|CASE|WHEN|THEN|END|IN|LIKE|AS|IS|NULL){0,40}") {
+        fn compile_never_panics_on_sql(sql in "(SELECT|FROM|WHERE|payload|\\.|\\[|\\]|-?[0-9]|'[a-z%]*'|\"[a-z/+#]*\"|[a-z_]+|\\(|\\)|,| |=|<|>|\\+|\\*|/|\\|\\||AND|OR|NOT|CASE|WHEN|THEN|END|IN|LIKE|AS|IS|NULL|=~|~| div | mod |FOREACH|DO|INCASE|\\.\\.|\\[-0\\]|\\[0\\]|AS a\\.b|AS c\\[1\\]\\.d|AS x\\[-1\\]){0,40}") {
             let _ = RuleSet::compile(&one(&sql), &tables());
         }
     }

@@ -189,34 +189,158 @@ fn format_offset(offset_s: i64, colon: bool, z_for_utc: bool) -> String {
     if colon { format!("{sign}{hours:02}:{minutes:02}") } else { format!("{sign}{hours:02}{minutes:02}") }
 }
 
-/// Parses an offset as `format_date` takes it: `Z`, `+08:00`, `-0530`, or an integer
-/// number of seconds (EMQX also accepts that). `local` is refused: the engine has no time
-/// zone database.
+/// Parses an offset as EMQX's `emqx_utils_calendar:offset_second` reads text: `Z`/`z`,
+/// `+hh:mm`, `+hh:mm:ss`, `-hhmm` (an integer number of seconds is an integer argument, see
+/// [`offset_seconds`]). `local` is refused: the engine has no time zone database (the error
+/// says so).
 pub(crate) fn parse_offset(text: &str) -> Result<i64, String> {
     if text == "Z" || text == "z" {
         return Ok(0);
     }
-    if let Ok(seconds) = text.parse::<i64>() {
-        if seconds.abs() < 86_400 {
-            return Ok(seconds);
-        }
+    if text == "local" {
+        return Err("offset `local` is not supported: the gateway has no time zone database; give the offset, e.g. '+08:00'".to_owned());
     }
-    let bytes = text.as_bytes();
-    let sign = match bytes.first() {
+    let bad = || format!("offset `{text}` is not `Z`, `+hh:mm`, `+hh:mm:ss`, `-hhmm` or seconds");
+    let sign = match text.as_bytes().first() {
         Some(b'+') => 1,
         Some(b'-') => -1,
-        _ => return Err(format!("offset `{text}` is not `Z`, `+hh:mm`, `-hhmm` or seconds")),
+        _ => return Err(bad()),
     };
-    let digits: String = text.chars().skip(1).filter(|c| *c != ':').collect();
-    if digits.len() != 4 || !digits.chars().all(|c| c.is_ascii_digit()) {
-        return Err(format!("offset `{text}` is not `Z`, `+hh:mm`, `-hhmm` or seconds"));
-    }
-    let hours: i64 = digits.get(..2).and_then(|d| d.parse().ok()).unwrap_or(0);
-    let minutes: i64 = digits.get(2..).and_then(|d| d.parse().ok()).unwrap_or(0);
-    if hours > 23 || minutes > 59 {
+    let rest = text.get(1..).ok_or_else(bad)?;
+    let parts: Vec<&str> = rest.split(':').collect();
+    let (h, m, s) = match parts.as_slice() {
+        [h, m] => (*h, *m, "0"),
+        [h, m, s] => (*h, *m, *s),
+        [hhmm] if hhmm.len() == 4 => (hhmm.get(..2).unwrap_or(""), hhmm.get(2..).unwrap_or(""), "0"),
+        _ => return Err(bad()),
+    };
+    let num = |part: &str| -> Result<i64, String> {
+        if !part.is_empty() && part.len() <= 2 && part.bytes().all(|b| b.is_ascii_digit()) {
+            part.parse().map_err(|_| bad())
+        } else {
+            Err(bad())
+        }
+    };
+    let (hours, minutes, seconds) = (num(h)?, num(m)?, num(s)?);
+    if hours > 23 || minutes > 59 || seconds > 59 {
         return Err(format!("offset `{text}` is out of range"));
     }
-    Ok(sign * (hours * 3600 + minutes * 60))
+    Ok(sign * (hours * 3600 + minutes * 60 + seconds))
+}
+
+/// An offset given as an integer number of seconds (EMQX takes any integer; a day or more
+/// is refused here, as no calendar offset is that large).
+pub(crate) fn offset_seconds(seconds: i64) -> Result<i64, String> {
+    if seconds.abs() < 86_400 {
+        Ok(seconds)
+    } else {
+        Err(format!("offset {seconds} seconds is a day or more"))
+    }
+}
+
+/// `date_to_unix_ts`'s parser, as EMQX's `formatted_datetime_to_system_time` reads a date:
+/// each directive takes a fixed number of characters (`%Y` 4, `%m %d %H %M %S` 2, `%3N` 3,
+/// `%6N` 6, `%N` 9, `%z` 5, `%:z` 6, `%::z` 9) and each literal character of the format
+/// skips one character of the input without comparing it (so `%H-%M-%S` reads
+/// `10:40:12`, as in EMQX). Year, month, day, hour, minute and second are required. The
+/// result is in `unit`, before any offset the caller subtracts.
+pub(crate) fn parse_formatted(format: &str, input: &str, unit: Unit) -> Result<i64, String> {
+    let mut rest = input;
+    let mut parts: [Option<i64>; 6] = [None; 6];
+    let (mut nanos, mut offset) = (0i64, 0i64);
+    let mut chars = format.chars().peekable();
+    let take = |rest: &mut &str, n: usize| -> Result<String, String> {
+        let taken: String = rest.chars().take(n).collect();
+        if taken.chars().count() < n {
+            return Err(format!("`{input}` is shorter than the format `{format}`"));
+        }
+        *rest = rest.get(taken.len()..).unwrap_or("");
+        Ok(taken)
+    };
+    let int = |text: &str| -> Result<i64, String> {
+        let digits = text.strip_prefix('+').unwrap_or(text);
+        if !digits.is_empty()
+            && digits.bytes().enumerate().all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'-'))
+        {
+            digits.parse().map_err(|_| format!("`{text}` in `{input}` is not a number"))
+        } else {
+            Err(format!("`{text}` in `{input}` does not match the format `{format}`"))
+        }
+    };
+    while let Some(c) = chars.next() {
+        if rest.is_empty() {
+            break;
+        }
+        if c != '%' {
+            take(&mut rest, 1)?;
+            continue;
+        }
+        let mut directive = String::from("%");
+        while let Some(d) = chars.next() {
+            directive.push(d);
+            if d != ':' && !d.is_ascii_digit() {
+                break;
+            }
+        }
+        let (slot, width) = match directive.as_str() {
+            "%Y" => (Some(0), 4),
+            "%m" => (Some(1), 2),
+            "%d" => (Some(2), 2),
+            "%H" => (Some(3), 2),
+            "%M" => (Some(4), 2),
+            "%S" => (Some(5), 2),
+            "%3N" => (None, 3),
+            "%6N" => (None, 6),
+            "%N" | "%9N" => (None, 9),
+            "%z" => (None, 5),
+            "%:z" => (None, 6),
+            "%::z" => (None, 9),
+            other => return Err(format!("unsupported format directive `{other}`")),
+        };
+        let text = take(&mut rest, width)?;
+        match (slot, directive.as_str()) {
+            (Some(i), _) => parts[i] = Some(int(&text)?),
+            (None, "%3N") => nanos = int(&text)? * 1_000_000,
+            (None, "%6N") => nanos = int(&text)? * 1_000,
+            (None, "%N" | "%9N") => nanos = int(&text)?,
+            _ => offset = parse_offset(&text)?,
+        }
+    }
+    const NAMES: [&str; 6] = ["year", "month", "day", "hour", "minute", "second"];
+    let mut values = [0i64; 6];
+    for (i, part) in parts.iter().enumerate() {
+        values[i] = part
+            .ok_or_else(|| format!("the format `{format}` has no {} (EMQX: missing_date_part)", NAMES[i]))?;
+    }
+    let [year, month, day, hour, minute, second] = values;
+    let days_in_month = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        _ => 0,
+    };
+    if !(0..=9999).contains(&year)
+        || day < 1
+        || day > days_in_month
+        || !(0..24).contains(&hour)
+        || !(0..60).contains(&minute)
+        || !(0..60).contains(&second)
+    {
+        return Err(format!("`{input}` is not a valid date"));
+    }
+    let small = |v: i64| u32::try_from(v).unwrap_or(0);
+    let dt = DateTime {
+        year,
+        month: small(month),
+        day: small(day),
+        hour: small(hour),
+        minute: small(minute),
+        second: small(second),
+        nanos: small(nanos.clamp(0, 999_999_999)),
+        offset_s: offset,
+    };
+    dt.to_unix(unit).ok_or_else(|| format!("`{input}` does not fit in a timestamp"))
 }
 
 /// Parses an RFC 3339 timestamp such as `2024-02-23T07:00:00.5+08:00` (a space may stand

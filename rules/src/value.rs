@@ -102,6 +102,68 @@ impl Value {
         node.insert(last, value);
     }
 
+    /// Puts `value` at `path` as EMQX's `emqx_rule_maps:nested_put` does: a key step makes
+    /// an object of what is not one (JSON text of an object is decoded first, as EMQX decodes
+    /// binaries on the way); an index step (1-based, negative from the end) goes into an
+    /// existing element, leaves an array unchanged when out of range, and makes a one-element
+    /// array of what is not an array.
+    pub(crate) fn put_path(&mut self, path: &[crate::expr::PathSeg], value: Value) {
+        use crate::expr::PathSeg;
+        let Some((first, rest)) = path.split_first() else {
+            *self = value;
+            return;
+        };
+        if let Value::Str(text) = self {
+            if let Ok(decoded @ (Value::Object(_) | Value::Array(_))) = Value::from_json(text.as_bytes()) {
+                *self = decoded;
+            }
+        }
+        match first {
+            PathSeg::Key(key) => {
+                if !matches!(self, Value::Object(_)) {
+                    *self = Value::Object(Vec::new());
+                }
+                let Value::Object(pairs) = self else { return };
+                let at = match pairs.iter().rposition(|(k, _)| k == key) {
+                    Some(at) => at,
+                    None => {
+                        pairs.push((key.clone(), Value::Null));
+                        pairs.len() - 1
+                    }
+                };
+                if let Some((_, child)) = pairs.get_mut(at) {
+                    child.put_path(rest, value);
+                }
+            }
+            PathSeg::Index(index) => {
+                let Value::Array(items) = self else {
+                    let mut child = Value::Null;
+                    child.put_path(rest, value);
+                    *self = Value::Array(vec![child]);
+                    return;
+                };
+                if matches!(*index, crate::expr::PUT_HEAD | crate::expr::PUT_TAIL) {
+                    let mut child = Value::Null;
+                    child.put_path(rest, value);
+                    if *index == crate::expr::PUT_HEAD {
+                        items.insert(0, child);
+                    } else {
+                        items.push(child);
+                    }
+                    return;
+                }
+                let position = if *index > 0 {
+                    usize::try_from(index - 1).ok()
+                } else {
+                    usize::try_from(index.unsigned_abs()).ok().and_then(|back| items.len().checked_sub(back))
+                };
+                if let Some(child) = position.and_then(|p| items.get_mut(p)) {
+                    child.put_path(rest, value);
+                }
+            }
+        }
+    }
+
     /// The text of a value as `str()` renders it: strings as they are, numbers in decimal,
     /// arrays and objects as JSON. `None` for NULL and for bytes that are not UTF-8.
     pub fn to_text(&self) -> Option<Cow<'_, str>> {
@@ -111,7 +173,7 @@ impl Value {
             Value::Bytes(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
             Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
             Value::Int(i) => Some(Cow::Owned(i.to_string())),
-            Value::Float(f) => Some(Cow::Owned(format_float(*f))),
+            Value::Float(f) => Some(Cow::Owned(float_text(*f))),
             Value::Array(_) | Value::Object(_) => Some(Cow::Owned(self.to_json_string())),
         }
     }
@@ -154,6 +216,12 @@ impl Value {
     pub(crate) fn from_meta_u64(n: u64) -> Value {
         i64::try_from(n).map(Value::Int).unwrap_or(Value::Float(n as f64))
     }
+}
+
+/// A float as EMQX's `str()` writes it (`float_to_binary(F, [{decimals, 10}, compact])`): at
+/// most 10 decimals, trailing zeros dropped but one kept (`31.5`, `2.0`, `0.3333333333`).
+pub(crate) fn float_text(f: f64) -> String {
+    if f.is_finite() { crate::functions::compact_decimals(f, 10) } else { format!("{f}") }
 }
 
 /// Floats print like Rust's `{:?}`: shortest round-trip form, always with a fraction or an

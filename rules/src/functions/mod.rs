@@ -13,11 +13,15 @@
 use std::borrow::Cow;
 use std::cmp::Ordering;
 
-use base64::Engine as _;
-
 use crate::expr::{Env, EvalError, Num, describe, equal, number, order, text_of};
 use crate::time::{self, DateTime, Unit};
 use crate::value::Value;
+
+mod bytes;
+mod data;
+mod text;
+
+pub(crate) use text::compact_decimals;
 
 pub(crate) type Eval = fn(&[Value], &Env<'_>) -> Result<Value, EvalError>;
 
@@ -64,6 +68,22 @@ pub(crate) static BUILTINS: &[Builtin] = &[
     f("sinh", 1, 1, |a, _| float_fn(a, "sinh", f64::sinh)),
     f("cosh", 1, 1, |a, _| float_fn(a, "cosh", f64::cosh)),
     f("tanh", 1, 1, |a, _| float_fn(a, "tanh", f64::tanh)),
+    f("acosh", 1, 1, |a, _| float_fn(a, "acosh", f64::acosh)),
+    f("asinh", 1, 1, |a, _| float_fn(a, "asinh", f64::asinh)),
+    f("atanh", 1, 1, |a, _| float_fn(a, "atanh", f64::atanh)),
+    f("div", 2, 2, |a, _| int_div(a, "div")),
+    f("mod", 2, 2, |a, _| int_div(a, "mod")),
+    f("random", 0, 0, |_, _| Ok(bytes::random())),
+    // Bit operations on integers, and on bytes.
+    f("bitnot", 1, 1, |a, _| bytes::bits(a, "bitnot")),
+    f("bitand", 2, 2, |a, _| bytes::bits(a, "bitand")),
+    f("bitor", 2, 2, |a, _| bytes::bits(a, "bitor")),
+    f("bitxor", 2, 2, |a, _| bytes::bits(a, "bitxor")),
+    f("bitsl", 2, 2, |a, _| bytes::bits(a, "bitsl")),
+    f("bitsr", 2, 2, |a, _| bytes::bits(a, "bitsr")),
+    f("bitsize", 1, 1, bytes::bitsize),
+    f("bytesize", 1, 1, bytes::bytesize),
+    f("subbits", 2, 6, bytes::subbits),
     f("power", 2, 2, |a, _| power(a, "power")),
     f("pow", 2, 2, |a, _| power(a, "pow")),
     f("fmod", 2, 2, fmod),
@@ -79,27 +99,60 @@ pub(crate) static BUILTINS: &[Builtin] = &[
     n("is_bool", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Bool(_))))),
     n("is_map", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Object(_))))),
     n("is_array", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Array(_))))),
+    // JSON `null` and a missing field are both NULL here, so the `_var` forms agree with
+    // `is_null`/`is_not_null`.
+    n("is_null_var", 1, 1, |a, _| Ok(Value::Bool(arg(a, 0).is_null()))),
+    n("is_not_null_var", 1, 1, |a, _| Ok(Value::Bool(!arg(a, 0).is_null()))),
+    n("is_empty", 1, 1, |a, e| match arg(a, 0) {
+        Value::Null => Err(EvalError::new("is_empty: the argument is NULL (EMQX: badarg)")),
+        _ => data::is_empty(a, e),
+    }),
     f("int", 1, 1, int),
     f("float", 1, 2, float),
     f("str", 1, 1, |a, _| str_of(arg(a, 0), "str").map(Value::Str)),
+    f("str_utf8", 1, 1, bytes::str_utf8),
+    f("str_utf16_le", 1, 1, text::str_utf16_le),
+    f("float2str", 2, 2, text::float2str),
+    f("map", 1, 1, data::map),
     f("bool", 1, 1, bool_fn),
+    // `topic =~ 'filter'`: EMQX's compare('=~') is false when either side is undefined.
+    n("topic_match", 2, 2, |a, _| match (text_of(arg(a, 0)), text_of(arg(a, 1))) {
+        (Some(topic), Some(filter)) => Ok(Value::Bool(outpost_topic::filter_matches(filter, topic))),
+        _ => Ok(Value::Bool(false)),
+    }),
     n("coalesce", 1, MANY, |a, _| Ok(a.iter().find(|v| !v.is_null()).cloned().unwrap_or(Value::Null))),
+    n("coalesce_ne", 1, MANY, |a, _| {
+        let empty = |v: &Value| {
+            v.is_null()
+                || matches!(v, Value::Str(s) if s.is_empty())
+                || matches!(v, Value::Bytes(b) if b.is_empty())
+        };
+        Ok(a.iter().find(|v| !empty(v)).cloned().unwrap_or(Value::Null))
+    }),
     // Strings.
-    f("lower", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "lower")?.to_lowercase()))),
-    f("upper", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "upper")?.to_uppercase()))),
-    f("trim", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "trim")?.trim().to_owned()))),
-    f("ltrim", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "ltrim")?.trim_start().to_owned()))),
-    f("rtrim", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "rtrim")?.trim_end().to_owned()))),
-    f("reverse", 1, 1, |a, _| Ok(Value::Str(want_str(a, 0, "reverse")?.chars().rev().collect()))),
-    f("strlen", 1, 1, |a, _| Ok(Value::Int(count(want_str(a, 0, "strlen")?.chars().count())))),
+    n("lower", 1, 1, |a, _| Ok(Value::Str(text::subject(a, "lower")?.to_lowercase()))),
+    n("upper", 1, 1, |a, _| Ok(Value::Str(text::subject(a, "upper")?.to_uppercase()))),
+    n("trim", 1, 1, |a, _| Ok(Value::Str(text::subject(a, "trim")?.trim().to_owned()))),
+    n("ltrim", 1, 1, |a, _| Ok(Value::Str(text::subject(a, "ltrim")?.trim_start().to_owned()))),
+    n("rtrim", 1, 2, text::rtrim),
+    n("reverse", 1, 1, |a, _| Ok(Value::Str(text::subject(a, "reverse")?.chars().rev().collect()))),
+    n("strlen", 1, 1, |a, _| Ok(Value::Int(count(text::subject(a, "strlen")?.chars().count())))),
     f("concat", 1, MANY, concat),
-    f("substr", 2, 3, substr),
-    f("substring", 2, 3, substr),
-    f("split", 2, 3, split),
-    f("replace", 3, 4, replace),
-    f("find", 2, 3, find),
-    f("regex_match", 2, 2, regex_match),
-    f("regex_replace", 3, 3, regex_replace),
+    n("substr", 2, 3, substr),
+    n("substring", 2, 3, substr),
+    n("split", 2, 3, text::split),
+    n("tokens", 2, 3, text::tokens),
+    n("replace", 3, 4, replace),
+    n("find", 2, 3, find),
+    n("regex_match", 2, 2, regex_match),
+    n("regex_replace", 3, 3, regex_replace),
+    n("regex_extract", 2, 2, text::regex_extract),
+    n("pad", 2, 4, text::pad),
+    n("rm_prefix", 2, 2, text::rm_prefix),
+    n("ascii", 1, 1, text::ascii),
+    n("unescape", 1, 1, text::unescape),
+    f("sprintf", 1, MANY, text::sprintf),
+    f("join_to_string", 1, 2, text::join_to_string),
     // Arrays.
     f("length", 1, 1, length),
     f("nth", 2, 2, nth),
@@ -107,12 +160,29 @@ pub(crate) static BUILTINS: &[Builtin] = &[
         Value::Array(items) => Ok(Value::Bool(items.iter().any(|i| !i.is_null() && equal(i, arg(a, 0))))),
         other => Err(EvalError::new(format!("contains: expected an array, got {}", describe(other)))),
     }),
+    f("first", 1, 1, data::first),
+    f("last", 1, 1, data::last),
+    f("sublist", 2, 3, data::sublist),
+    // Maps.
+    f("map_new", 0, 0, |_, _| Ok(Value::Object(Vec::new()))),
+    n("map_get", 2, 3, data::map_get),
+    n("map_put", 3, 3, data::map_put),
+    n("mget", 2, 3, data::mget),
+    n("mput", 3, 3, data::mput),
+    f("map_keys", 1, 1, data::map_keys),
+    f("map_values", 1, 1, data::map_values),
+    f("map_to_entries", 1, 1, data::map_to_entries),
+    f("map_size", 1, 1, data::map_size),
     // Time.
+    f("now_rfc3339", 0, 1, now_rfc3339),
+    f("date_to_unix_ts", 3, 4, date_to_unix_ts),
+    n("timezone_to_offset_seconds", 1, 1, |a, _| timezone_to_offset(a, "timezone_to_offset_seconds")),
+    n("timezone_to_second", 1, 1, |a, _| timezone_to_offset(a, "timezone_to_second")),
     f("now_timestamp", 0, 1, now_timestamp),
     f("now", 0, 1, now_timestamp),
     f("unix_ts_to_rfc3339", 1, 2, unix_ts_to_rfc3339),
     f("rfc3339_to_unix_ts", 1, 2, rfc3339_to_unix_ts),
-    f("format_date", 4, 4, format_date),
+    f("format_date", 3, 4, format_date),
     f("format_time", 1, 1, |a, _| {
         let ts = want_int(a, 0, "format_time")?;
         Ok(Value::Str(
@@ -129,24 +199,60 @@ pub(crate) static BUILTINS: &[Builtin] = &[
             .ok_or_else(|| EvalError::new("parse_time: out of range"))
     }),
     // Encoding.
-    f("base64_encode", 1, 1, |a, _| {
-        Ok(Value::Str(base64::engine::general_purpose::STANDARD.encode(bytes_of(a, 0, "base64_encode")?)))
+    f("base64_encode", 1, 3, bytes::base64_encode),
+    f("base64_decode", 1, 3, bytes::base64_decode),
+    f("bin2hexstr", 1, 2, |a, _| bytes::bin2hexstr(a, "bin2hexstr")),
+    f("hex_encode", 1, 2, |a, _| bytes::bin2hexstr(a, "hex_encode")),
+    f("sqlserver_bin2hexstr", 1, 1, |a, _| {
+        bytes::bin2hexstr(&[arg(a, 0).clone(), Value::Str("0x".to_owned())], "sqlserver_bin2hexstr")
     }),
-    f("base64_decode", 1, 1, |a, _| {
-        let text = want_str(a, 0, "base64_decode")?;
-        let bytes =
-            base64::engine::general_purpose::STANDARD.decode(text.trim()).map_err(fail("base64_decode"))?;
-        Ok(bytes_value(bytes))
-    }),
-    f("bin2hexstr", 1, 1, |a, _| Ok(Value::Str(hex::encode_upper(bytes_of(a, 0, "bin2hexstr")?)))),
-    f("hex_encode", 1, 1, |a, _| Ok(Value::Str(hex::encode_upper(bytes_of(a, 0, "hex_encode")?)))),
-    f("hexstr2bin", 1, 1, |a, _| hex_decode(a, "hexstr2bin")),
-    f("hex_decode", 1, 1, |a, _| hex_decode(a, "hex_decode")),
+    f("hexstr2bin", 1, 2, |a, _| bytes::hexstr2bin(a, "hexstr2bin")),
+    f("hex_decode", 1, 2, |a, _| bytes::hexstr2bin(a, "hex_decode")),
     n("json_encode", 1, 1, |a, _| Ok(Value::Str(arg(a, 0).to_json_string()))),
     f("json_decode", 1, 1, |a, _| {
         let text = want_str(a, 0, "json_decode")?;
         Value::from_json(text.as_bytes()).map_err(fail("json_decode"))
     }),
+    // Hashes and compression.
+    f("md5", 1, 1, bytes::md5),
+    f("sha", 1, 1, bytes::sha),
+    f("sha256", 1, 1, bytes::sha256),
+    f("hash", 2, 2, bytes::hash),
+    f("zip", 1, 1, |a, _| bytes::compress(a, bytes::Codec::Deflate, "zip")),
+    f("unzip", 1, 1, |a, _| bytes::decompress(a, bytes::Codec::Deflate, "unzip")),
+    f("gzip", 1, 1, |a, _| bytes::compress(a, bytes::Codec::Gzip, "gzip")),
+    f("gunzip", 1, 1, |a, _| bytes::decompress(a, bytes::Codec::Gzip, "gunzip")),
+    f("zip_compress", 1, 1, |a, _| bytes::compress(a, bytes::Codec::Zlib, "zip_compress")),
+    f("zip_uncompress", 1, 1, |a, _| bytes::decompress(a, bytes::Codec::Zlib, "zip_uncompress")),
+    // Random and system.
+    f("uuid_v4", 0, 0, |_, _| Ok(bytes::uuid_v4(true))),
+    f("uuid_v4_no_hyphen", 0, 0, |_, _| Ok(bytes::uuid_v4(false))),
+    f("getenv", 1, 1, getenv),
+];
+
+/// EMQX functions Outpost does not have, with what to write instead. The compiler reports
+/// these by name rather than as unknown functions.
+pub(crate) static NOT_SUPPORTED: &[(&str, &str)] = &[
+    ("jq", "jq programs are not supported; read fields with paths (payload.a.b), map_get or json_decode"),
+    ("term_encode", "Erlang terms do not exist outside EMQX; use json_encode"),
+    ("term_decode", "Erlang terms do not exist outside EMQX; use json_decode"),
+    ("proc_dict_get", "rules keep no state between events in Outpost"),
+    ("proc_dict_put", "rules keep no state between events in Outpost"),
+    ("proc_dict_del", "rules keep no state between events in Outpost"),
+    ("kv_store_get", "rules keep no state between events in Outpost; use a lookup table"),
+    ("kv_store_put", "rules keep no state between events in Outpost"),
+    ("kv_store_del", "rules keep no state between events in Outpost"),
+    ("mongo_date", "there is no MongoDB action in Outpost; use format_date or unix_ts_to_rfc3339"),
+    ("peerhost", "the gateway does not pass the client address to rules"),
+    ("clientip", "the gateway does not pass the client address to rules"),
+    ("flags", "the gateway does not pass publish flags to rules"),
+    ("flag", "the gateway does not pass publish flags to rules"),
+    ("schema_decode", "schema registry decoding is not supported; send JSON or CBOR (payload = \"cbor\")"),
+    ("schema_encode", "schema registry encoding is not supported; use an action with format = \"cbor\""),
+    ("spb_decode", "Sparkplug B decoding is not supported"),
+    ("spb_encode", "Sparkplug B encoding is not supported"),
+    ("map_to_redis_hset_args", "there is no Redis action in Outpost"),
+    ("join_to_sql_values_string", "there is no SQL database action in Outpost"),
 ];
 
 pub(crate) fn find_builtin(name: &str) -> Option<&'static Builtin> {
@@ -303,6 +409,9 @@ fn bool_fn(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
         Value::Bool(b) => Ok(Value::Bool(*b)),
         Value::Int(1) => Ok(Value::Bool(true)),
         Value::Int(0) => Ok(Value::Bool(false)),
+        // Erlang's `N == 1` is true for 1.0 too.
+        Value::Float(f) if *f == 1.0 => Ok(Value::Bool(true)),
+        Value::Float(f) if *f == 0.0 => Ok(Value::Bool(false)),
         value => match text_of(value) {
             Some("true") => Ok(Value::Bool(true)),
             Some("false") => Ok(Value::Bool(false)),
@@ -326,7 +435,7 @@ fn concat(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
 
 /// `substr(s, start[, length])`: `start` is 0-based, in characters (EMQX).
 fn substr(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
-    let text = want_str(args, 0, "substr")?;
+    let text = text::subject(args, "substr")?;
     let start = want_int(args, 1, "substr")?;
     let start = usize::try_from(start)
         .map_err(|_| EvalError::new(format!("substr: start must be >= 0, got {start}")))?;
@@ -353,29 +462,9 @@ fn direction<'v>(args: &'v [Value], idx: usize, name: &str, default: &'v str) ->
     }
 }
 
-/// `split(s, sep[, 'leading'|'trailing'])`: empty parts are dropped (EMQX).
-fn split(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
-    let text = want_str(args, 0, "split")?;
-    let sep = want_str(args, 1, "split")?;
-    let parts: Vec<&str> = if sep.is_empty() {
-        vec![text]
-    } else {
-        match direction(args, 2, "split", "all")? {
-            "leading" => text.splitn(2, sep).collect(),
-            "trailing" => {
-                let mut parts: Vec<&str> = text.rsplitn(2, sep).collect();
-                parts.reverse();
-                parts
-            }
-            _ => text.split(sep).collect(),
-        }
-    };
-    Ok(Value::Array(parts.into_iter().filter(|p| !p.is_empty()).map(|p| Value::Str(p.to_owned())).collect()))
-}
-
 /// `replace(s, from, to[, 'all'|'leading'|'trailing'])`.
 fn replace(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
-    let text = want_str(args, 0, "replace")?;
+    let text = text::subject(args, "replace")?;
     let from = want_str(args, 1, "replace")?;
     let to = want_str(args, 2, "replace")?;
     if from.is_empty() {
@@ -398,7 +487,7 @@ fn replace(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
 /// `find(s, sub[, 'leading'|'trailing'])`: the rest of `s` from the first (or last)
 /// occurrence of `sub`, or `''` if there is none (EMQX).
 fn find(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
-    let text = want_str(args, 0, "find")?;
+    let text = text::subject(args, "find")?;
     let sub = want_str(args, 1, "find")?;
     let at = match direction(args, 2, "find", "leading")? {
         "trailing" => text.rfind(sub),
@@ -417,38 +506,65 @@ pub(crate) fn runtime_regex(pattern: &str, name: &str) -> Result<regex::Regex, E
 }
 
 fn regex_match(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
-    let text = want_str(args, 0, "regex_match")?;
+    let text = text::subject(args, "regex_match")?;
     let regex = runtime_regex(want_str(args, 1, "regex_match")?, "regex_match")?;
     Ok(Value::Bool(regex.is_match(text)))
 }
 
 fn regex_replace(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
-    let text = want_str(args, 0, "regex_replace")?;
+    let text = text::subject(args, "regex_replace")?;
     let regex = runtime_regex(want_str(args, 1, "regex_replace")?, "regex_replace")?;
     let replacement = translate_replacement(want_str(args, 2, "regex_replace")?);
     Ok(Value::Str(regex.replace_all(text, replacement.as_str()).into_owned()))
 }
 
-/// EMQX (Erlang `re`) writes group references as `\1`; the `regex` crate as `${1}`. Both
-/// are accepted: `\N` is rewritten, `$N` and `${name}` pass through.
+/// Erlang's `re:replace` replacement syntax, which EMQX's `regex_replace` uses, in the
+/// `regex` crate's: `&` is the whole match, `\N`, `\gN` and `\g{N}` are group N, `\&` and
+/// `\\` are a literal `&` and `\`, and `$` has no special meaning.
 pub(crate) fn translate_replacement(replacement: &str) -> String {
-    let mut out = String::with_capacity(replacement.len());
+    let mut out = String::with_capacity(replacement.len() + 8);
     let mut chars = replacement.chars().peekable();
+    let digits = |chars: &mut std::iter::Peekable<std::str::Chars<'_>>| {
+        let mut n = String::new();
+        while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+            n.push(*d);
+            chars.next();
+        }
+        n
+    };
     while let Some(c) = chars.next() {
-        match (c, chars.peek()) {
-            ('\\', Some(d)) if d.is_ascii_digit() => {
-                let mut digits = String::new();
-                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
-                    digits.push(*d);
+        match c {
+            '&' => out.push_str("${0}"),
+            '$' => out.push_str("$$"),
+            '\\' => match chars.peek().copied() {
+                Some(d) if d.is_ascii_digit() => out.push_str(&format!("${{{}}}", digits(&mut chars))),
+                Some('g') => {
                     chars.next();
+                    let braced = chars.peek() == Some(&'{');
+                    if braced {
+                        chars.next();
+                    }
+                    let n = digits(&mut chars);
+                    if braced && chars.peek() == Some(&'}') {
+                        chars.next();
+                    }
+                    if n.is_empty() {
+                        out.push_str("\\g");
+                    } else {
+                        out.push_str(&format!("${{{n}}}"));
+                    }
                 }
-                out.push_str(&format!("${{{digits}}}"));
-            }
-            ('\\', Some('\\')) => {
-                chars.next();
-                out.push('\\');
-            }
-            _ => out.push(c),
+                Some('&') => {
+                    chars.next();
+                    out.push('&');
+                }
+                Some('\\') => {
+                    chars.next();
+                    out.push('\\');
+                }
+                _ => out.push('\\'),
+            },
+            c => out.push(c),
         }
     }
     out
@@ -462,13 +578,87 @@ fn length(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
     }
 }
 
-/// `nth(n, array)`: 1-based (EMQX); out of range is NULL.
+/// `nth(n, array)`: 1-based; `n` outside `1..=length` is an error, as Erlang's `lists:nth`
+/// makes it in EMQX.
 fn nth(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
     let index = want_int(args, 0, "nth")?;
     match arg(args, 1) {
-        array @ Value::Array(_) => Ok(array.index(index).cloned().unwrap_or(Value::Null)),
+        Value::Array(items) => usize::try_from(index)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .and_then(|i| items.get(i))
+            .cloned()
+            .ok_or_else(|| EvalError::new(format!("nth: index {index} is outside 1..={}", items.len()))),
         other => Err(EvalError::new(format!("nth: expected an array, got {}", describe(other)))),
     }
+}
+
+/// `div(x, y)` and `mod(x, y)` (and the infix forms): integers only; `div` truncates toward
+/// zero and `mod` takes the sign of `x`, as Erlang's `div` and `rem` do.
+fn int_div(args: &[Value], name: &str) -> Result<Value, EvalError> {
+    let (x, y) = (want_strict_int(args, 0, name)?, want_strict_int(args, 1, name)?);
+    if y == 0 {
+        return Err(EvalError::new(format!("{name}: division by zero")));
+    }
+    let result = if name == "div" { x.checked_div(y) } else { x.checked_rem(y) };
+    result.map(Value::Int).ok_or_else(|| EvalError::new(format!("{name}: {x} {name} {y} overflows")))
+}
+
+/// An integer value (EMQX's `is_integer` guard): floats and strings are refused.
+fn want_strict_int(args: &[Value], idx: usize, name: &str) -> Result<i64, EvalError> {
+    match arg(args, idx) {
+        Value::Int(i) => Ok(*i),
+        other => Err(EvalError::new(format!("{name}: expected an integer, got {}", describe(other)))),
+    }
+}
+
+/// `now_rfc3339([unit])`: the event's receive time in RFC 3339, UTC.
+fn now_rfc3339(args: &[Value], env: &Env<'_>) -> Result<Value, EvalError> {
+    let unit = unit_arg(args, 0, "now_rfc3339")?;
+    let ms = i64::try_from(env.event.timestamp_ms).unwrap_or(i64::MAX);
+    let dt = DateTime::from_unix(ms, Unit::Millisecond, 0).map_err(fail("now_rfc3339"))?;
+    Ok(Value::Str(dt.rfc3339(unit)))
+}
+
+/// `date_to_unix_ts(unit, [offset,] format, text)`.
+fn date_to_unix_ts(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let unit = unit_arg(args, 0, "date_to_unix_ts")?;
+    let (offset, format, input) = if args.len() == 4 {
+        (
+            offset_arg(args, 1, "date_to_unix_ts")?,
+            want_str(args, 2, "date_to_unix_ts")?,
+            want_str(args, 3, "date_to_unix_ts")?,
+        )
+    } else {
+        (0, want_str(args, 1, "date_to_unix_ts")?, want_str(args, 2, "date_to_unix_ts")?)
+    };
+    let ts = time::parse_formatted(format, input, unit).map_err(fail("date_to_unix_ts"))?;
+    ts.checked_sub(offset.saturating_mul(unit.per_second()))
+        .map(Value::Int)
+        .ok_or_else(|| EvalError::new("date_to_unix_ts: out of range"))
+}
+
+fn offset_arg(args: &[Value], idx: usize, name: &'static str) -> Result<i64, EvalError> {
+    match arg(args, idx) {
+        Value::Int(seconds) => time::offset_seconds(*seconds),
+        _ => time::parse_offset(want_str(args, idx, name)?),
+    }
+    .map_err(fail(name))
+}
+
+/// `timezone_to_offset_seconds(tz)`: NULL (EMQX: `undefined`) is 0.
+fn timezone_to_offset(args: &[Value], name: &'static str) -> Result<Value, EvalError> {
+    match arg(args, 0) {
+        Value::Null => Ok(Value::Int(0)),
+        _ => offset_arg(args, 0, name).map(Value::Int),
+    }
+}
+
+/// `getenv(name)`: the environment variable `EMQXVAR_<name>` (EMQX's prefix, so that rules
+/// cannot read arbitrary variables), `''` if unset.
+fn getenv(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+    let name = want_str(args, 0, "getenv")?;
+    Ok(Value::Str(std::env::var(format!("EMQXVAR_{name}")).unwrap_or_default()))
 }
 
 fn unit_arg(args: &[Value], idx: usize, name: &str) -> Result<Unit, EvalError> {
@@ -512,21 +702,20 @@ fn rfc3339_to_unix_ts(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
     dt.to_unix(unit).map(Value::Int).ok_or_else(|| EvalError::new("rfc3339_to_unix_ts: out of range"))
 }
 
-/// `format_date(unit, offset, format, ts)` (EMQX's argument order).
-fn format_date(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
+/// `format_date(unit, offset, format[, ts])` (EMQX's argument order); without `ts`, the
+/// event's receive time.
+fn format_date(args: &[Value], env: &Env<'_>) -> Result<Value, EvalError> {
     let unit = unit_arg(args, 0, "format_date")?;
-    let offset = match arg(args, 1) {
-        Value::Int(seconds) => time::parse_offset(&seconds.to_string()),
-        _ => time::parse_offset(want_str(args, 1, "format_date")?),
-    }
-    .map_err(fail("format_date"))?;
+    let offset = offset_arg(args, 1, "format_date")?;
     let format = want_str(args, 2, "format_date")?;
-    let ts = want_int(args, 3, "format_date")?;
+    let ts = if args.len() > 3 {
+        want_int(args, 3, "format_date")?
+    } else {
+        let Value::Int(now) = now_timestamp(&args[..1], env)? else {
+            return Err(EvalError::new("format_date: no time"));
+        };
+        now
+    };
     let dt = DateTime::from_unix(ts, unit, offset).map_err(fail("format_date"))?;
     dt.strftime(format).map(Value::Str).map_err(fail("format_date"))
-}
-
-fn hex_decode(args: &[Value], name: &'static str) -> Result<Value, EvalError> {
-    let text = want_str(args, 0, name)?;
-    hex::decode(text).map(bytes_value).map_err(fail(name))
 }
