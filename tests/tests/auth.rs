@@ -368,3 +368,32 @@ async fn on_a_terminal_the_password_is_asked_twice_and_never_echoed() {
     let passwords = PasswordFile::load(&file).expect("a valid file");
     assert!(passwords.lookup("tty-user").is_some_and(|(hash, known)| known && hash.verify(b"tty-secret")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_check_that_outlasts_the_connection_timeout_gets_server_unavailable() {
+    // 400,000 PBKDF2 rounds: a fraction of a second of CPU, far past a 100 ms timeout. The hash
+    // never verifies; it only has to be expensive.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("passwd");
+    std::fs::write(&file, format!("slow:$7$400000$AAAAAAAAAAAAAAAA${}==\n", "A".repeat(86))).expect("write");
+    let data = tempfile::tempdir().expect("tempdir");
+    let gateway = GatewaySpec::new(data.path())
+        .config_toml(format!(
+            "[broker]\npassword_file = \"{}\"\nconnection_timeout = \"100ms\"\n",
+            file.display()
+        ))
+        .start()
+        .await
+        .expect("start");
+    let started = std::time::Instant::now();
+    let outcome = login4(gateway.listen(), "slow-1", "slow", "anything").await;
+    assert_eq!(outcome, ConnectOutcome::Refused(Code(3)), "3.1.1 server unavailable\n{}", gateway.tail());
+    assert!(started.elapsed() < Duration::from_secs(5), "answered at the timeout, not after the check");
+    gateway
+        .wait_for_message("sensor connection refused", RELOAD_TIMEOUT)
+        .await
+        .map(|log| {
+            assert!(log["reason"].as_str().is_some_and(|r| r.contains("broker.connection_timeout")), "{log}")
+        })
+        .expect("logged with the reason");
+}
