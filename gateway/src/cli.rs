@@ -261,11 +261,12 @@ fn read_hidden(prompt: &str) -> anyhow::Result<String> {
     use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
 
     let stdin = std::io::stdin();
-    eprint!("{prompt}");
     let original = tcgetattr(&stdin).context("cannot read the terminal's settings")?;
     let mut silent = original.clone();
     silent.local_modes.remove(LocalModes::ECHO);
     tcsetattr(&stdin, OptionalActions::Now, &silent).context("cannot turn the terminal's echo off")?;
+    // Only now: what is typed after the prompt is never echoed.
+    eprint!("{prompt}");
     let mut line = String::new();
     let read = stdin.read_line(&mut line);
     // Echo comes back whatever the read did.

@@ -313,3 +313,87 @@ async fn every_kind_of_denial_is_counted_and_logged_with_its_fix() {
         assert_eq!(counters.get(counter).copied().unwrap_or(0), n, "{counter}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_the_password_is_asked_twice_and_never_echoed() {
+    use std::sync::{Arc, Mutex};
+
+    use outpost::auth::password::PasswordFile;
+    use outpost_e2e::wait_until;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    // `script` gives the command a pseudo-terminal, so `outpost passwd` sees a tty on stdin.
+    if !outpost_e2e::require_tool("/usr/bin/script", "bsdutils") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("passwd");
+    let outpost = outpost_command().expect("the outpost binary").get_program().to_owned();
+    let inner = format!("{} passwd {} tty-user", outpost.to_string_lossy(), file.display());
+    let mut child = tokio::process::Command::new("/usr/bin/script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn script");
+    let output = Arc::new(Mutex::new(Vec::new()));
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = tokio::spawn({
+        let output = Arc::clone(&output);
+        async move {
+            let mut chunk = [0u8; 256];
+            while let Ok(n @ 1..) = stdout.read(&mut chunk).await {
+                output.lock().expect("lock").extend_from_slice(&chunk[..n]);
+            }
+        }
+    });
+    let shown =
+        |output: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&output.lock().expect("lock")).into_owned();
+    let mut stdin = child.stdin.take().expect("stdin");
+    for prompt in ["Password: ", "Reenter password: "] {
+        wait_until(&format!("the prompt {prompt:?}"), RELOAD_TIMEOUT, || shown(&output).ends_with(prompt))
+            .await
+            .unwrap_or_else(|e| panic!("{e}: {:?}", shown(&output)));
+        stdin.write_all(b"tty-secret\n").await.expect("type the password");
+        stdin.flush().await.expect("flush");
+    }
+    let status =
+        tokio::time::timeout(RELOAD_TIMEOUT, child.wait()).await.expect("passwd ends").expect("status");
+    reader.await.expect("reader");
+    let shown = shown(&output);
+    assert!(status.success(), "{status:?}: {shown:?}");
+    assert!(!shown.contains("tty-secret"), "the password was echoed: {shown:?}");
+    assert!(shown.contains("user \"tty-user\" added"), "{shown:?}");
+    let passwords = PasswordFile::load(&file).expect("a valid file");
+    assert!(passwords.lookup("tty-user").is_some_and(|(hash, known)| known && hash.verify(b"tty-secret")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_check_that_outlasts_the_connection_timeout_gets_server_unavailable() {
+    // 400,000 PBKDF2 rounds: a fraction of a second of CPU, far past a 100 ms timeout. The hash
+    // never verifies; it only has to be expensive.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("passwd");
+    std::fs::write(&file, format!("slow:$7$400000$AAAAAAAAAAAAAAAA${}==\n", "A".repeat(86))).expect("write");
+    let data = tempfile::tempdir().expect("tempdir");
+    let gateway = GatewaySpec::new(data.path())
+        .config_toml(format!(
+            "[broker]\npassword_file = \"{}\"\nconnection_timeout = \"100ms\"\n",
+            file.display()
+        ))
+        .start()
+        .await
+        .expect("start");
+    let started = std::time::Instant::now();
+    let outcome = login4(gateway.listen(), "slow-1", "slow", "anything").await;
+    assert_eq!(outcome, ConnectOutcome::Refused(Code(3)), "3.1.1 server unavailable\n{}", gateway.tail());
+    assert!(started.elapsed() < Duration::from_secs(5), "answered at the timeout, not after the check");
+    gateway
+        .wait_for_message("sensor connection refused", RELOAD_TIMEOUT)
+        .await
+        .map(|log| {
+            assert!(log["reason"].as_str().is_some_and(|r| r.contains("broker.connection_timeout")), "{log}")
+        })
+        .expect("logged with the reason");
+}

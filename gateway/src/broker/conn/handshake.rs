@@ -91,7 +91,19 @@ async fn admit(
     will: Option<&LastWill>,
 ) -> Option<Option<Arc<str>>> {
     let verdict = match policy(shared, connect, will, io.v5()) {
-        Verdict::Accept => credentials(shared, login).await,
+        // Under the same bound as reading the CONNECT: a flood of logins with expensive hashes
+        // waits for the password checks' permits, and none waits longer than this.
+        Verdict::Accept => tokio::time::timeout(shared.cfg.connection_timeout, credentials(shared, login))
+            .await
+            .unwrap_or_else(|_| {
+                // 3.1.1 has no "busy"; its "server unavailable" is the closest code.
+                let code =
+                    if io.v5() { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
+                Verdict::Refuse(
+                    code,
+                    "password checks backed up past broker.connection_timeout (a CONNECT flood, or a password file with many PBKDF2 iterations on a slow device); the client may retry",
+                )
+            }),
         refused => refused,
     };
     match verdict {
