@@ -265,6 +265,15 @@ pub struct Inputs<'a> {
 
 impl Sampler {
     pub fn status(&self, inputs: Inputs<'_>) -> Status {
+        let connected = Metrics::get(&inputs.metrics.gauges().upstream_connected) == 1;
+        // `connected` is read live but `since_ms` and the last errors come from samples: when
+        // the state changed since the last one, sample now, so the answer does not pair the
+        // new state with the old state's "since". Only then: a sample per request would shrink
+        // the rates' one-minute window.
+        let stale = self.lock().ring.back().is_some_and(|s| s.upstream_connected != connected);
+        if stale {
+            self.sample(inputs.metrics);
+        }
         let history = self.lock();
         let counters = inputs.metrics.counters();
         let last_errors = history.last_errors();
@@ -282,7 +291,7 @@ impl Sampler {
             ready: inputs.ready,
             upstream: Upstream {
                 endpoint: inputs.endpoint,
-                connected: Metrics::get(&inputs.metrics.gauges().upstream_connected) == 1,
+                connected,
                 since_ms: history.upstream_since_ms,
                 connects: Metrics::get(&counters.upstream_connects),
                 failures: Metrics::get(&counters.upstream_failures),
@@ -375,6 +384,37 @@ mod tests {
             Some(StageError { stage: "buffer", kind: "buffer_corrupt", at_ms: 1_000, total: 1 })
         );
         assert_eq!(find("rules"), None);
+    }
+
+    #[test]
+    fn an_answer_never_pairs_the_new_upstream_state_with_the_old_since() {
+        let metrics = Metrics::default();
+        let sampler = Sampler::default();
+        metrics.set_upstream_connected(true);
+        sampler.sample(&metrics);
+        let inputs = |metrics| Inputs {
+            metrics,
+            started: Instant::now(),
+            ready: true,
+            endpoint: None,
+            store: Err("not asked".to_owned()),
+            capacity: (0, 0),
+        };
+        let up = sampler.status(inputs(&metrics)).upstream;
+        assert!(up.connected);
+        let up_since = up.since_ms.expect("since");
+        // Lost between two samples: the next answer already reports it, with its own "since".
+        std::thread::sleep(Duration::from_millis(2));
+        metrics.set_upstream_connected(false);
+        Metrics::add(&metrics.counters().upstream_failures, 1);
+        let down = sampler.status(inputs(&metrics)).upstream;
+        assert!(!down.connected);
+        assert!(down.since_ms.expect("since") > up_since, "{down:?}");
+        assert_eq!(down.last_error.map(|e| e.kind), Some("upstream_failures"));
+        // Unchanged state: no extra sample (the rates' window is not shortened by requests).
+        let samples = sampler.lock().ring.len();
+        sampler.status(inputs(&metrics));
+        assert_eq!(sampler.lock().ring.len(), samples);
     }
 
     #[test]
