@@ -1238,3 +1238,41 @@ fn null_logic() {
         ("rule_runtime.erl do_compare('>') on binaries", "'b' > 'a'", P, "true"),
     ]);
 }
+
+#[test]
+fn undefined_in_functions_and_operators() {
+    check_all(&[
+        (
+            "rule_funcs.erl '+'/2 (a string side concatenates; undefined is written `undefined`)",
+            "'a' + payload.missing",
+            P,
+            r#""aundefined""#,
+        ),
+        ("rule_funcs.erl '*'/2 (numbers only: undefined fails)", "payload.missing * 2", P, "ERROR"),
+        ("rule_funcs.erl '+'/2 (numbers only: undefined fails)", "payload.missing + 1", P, "ERROR"),
+        (
+            "variform_bif.erl concat/1 (any_to_str(undefined))",
+            "concat('a', payload.missing)",
+            P,
+            r#""aundefined""#,
+        ),
+        ("utils_conv.erl bin/1 (atom undefined)", "str(payload.missing)", P, r#""undefined""#),
+        (
+            "rule_runtime.erl compare/3 (number(<<\"abc\">>) fails)",
+            "payload.s = 1",
+            r#"{"s":"abc"}"#,
+            "ERROR",
+        ),
+        (
+            "rule_runtime.erl compare/3 (number(<<\"abc\">>) fails)",
+            "payload.s > 1",
+            r#"{"s":"abc"}"#,
+            "ERROR",
+        ),
+        ("rule_runtime.erl compare/3 (numeric text)", "payload.s > 9", r#"{"s":"10"}"#, "true"),
+        ("rule_funcs.erl float/2 (float_to_list decimals)", "float(3.14159, 2)", P, "3.14"),
+        ("rule_funcs.erl float/2 (float_to_list rounds the exact value)", "float(2.675, 2)", P, "2.67"),
+        ("rule_funcs.erl float/2 (Decimals > 0)", "float(1.5, 0)", P, "ERROR"),
+        ("rule_funcs.erl is_null/1 of a computed undefined", "is_null(map_get('x', map_new()))", P, "true"),
+    ]);
+}
