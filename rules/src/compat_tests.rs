@@ -1276,3 +1276,15 @@ fn undefined_in_functions_and_operators() {
         ("rule_funcs.erl is_null/1 of a computed undefined", "is_null(map_get('x', map_new()))", P, "true"),
     ]);
 }
+
+#[test]
+fn case_when() {
+    let sql = "SELECT CASE WHEN payload.x < 0 THEN 0 WHEN payload.x > 7 THEN 7 ELSE payload.x END AS y FROM \"t/#\"";
+    check_all(&[
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": 1}"#, r#"{"y":1}"#),
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": 0}"#, r#"{"y":0}"#),
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": -1}"#, r#"{"y":0}"#),
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": 7}"#, r#"{"y":7}"#),
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": 8}"#, r#"{"y":7}"#),
+    ]);
+}
