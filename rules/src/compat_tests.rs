@@ -1238,3 +1238,53 @@ fn null_logic() {
         ("rule_runtime.erl do_compare('>') on binaries", "'b' > 'a'", P, "true"),
     ]);
 }
+
+#[test]
+fn undefined_in_functions_and_operators() {
+    check_all(&[
+        (
+            "rule_funcs.erl '+'/2 (a string side concatenates; undefined is written `undefined`)",
+            "'a' + payload.missing",
+            P,
+            r#""aundefined""#,
+        ),
+        ("rule_funcs.erl '*'/2 (numbers only: undefined fails)", "payload.missing * 2", P, "ERROR"),
+        ("rule_funcs.erl '+'/2 (numbers only: undefined fails)", "payload.missing + 1", P, "ERROR"),
+        (
+            "variform_bif.erl concat/1 (any_to_str(undefined))",
+            "concat('a', payload.missing)",
+            P,
+            r#""aundefined""#,
+        ),
+        ("utils_conv.erl bin/1 (atom undefined)", "str(payload.missing)", P, r#""undefined""#),
+        (
+            "rule_runtime.erl compare/3 (number(<<\"abc\">>) fails)",
+            "payload.s = 1",
+            r#"{"s":"abc"}"#,
+            "ERROR",
+        ),
+        (
+            "rule_runtime.erl compare/3 (number(<<\"abc\">>) fails)",
+            "payload.s > 1",
+            r#"{"s":"abc"}"#,
+            "ERROR",
+        ),
+        ("rule_runtime.erl compare/3 (numeric text)", "payload.s > 9", r#"{"s":"10"}"#, "true"),
+        ("rule_funcs.erl float/2 (float_to_list decimals)", "float(3.14159, 2)", P, "3.14"),
+        ("rule_funcs.erl float/2 (float_to_list rounds the exact value)", "float(2.675, 2)", P, "2.67"),
+        ("rule_funcs.erl float/2 (Decimals > 0)", "float(1.5, 0)", P, "ERROR"),
+        ("rule_funcs.erl is_null/1 of a computed undefined", "is_null(map_get('x', map_new()))", P, "true"),
+    ]);
+}
+
+#[test]
+fn case_when() {
+    let sql = "SELECT CASE WHEN payload.x < 0 THEN 0 WHEN payload.x > 7 THEN 7 ELSE payload.x END AS y FROM \"t/#\"";
+    check_all(&[
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": 1}"#, r#"{"y":1}"#),
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": 0}"#, r#"{"y":0}"#),
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": -1}"#, r#"{"y":0}"#),
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": 7}"#, r#"{"y":7}"#),
+        ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": 8}"#, r#"{"y":7}"#),
+    ]);
+}

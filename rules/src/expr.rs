@@ -575,6 +575,17 @@ pub(crate) fn compare(op: CmpOp, a: &Value, b: &Value) -> Result<Option<bool>, E
         (true, false) | (false, true) => return Ok(Some(false)),
         (false, false) => {}
     }
+    // EMQX converts the string of a string-number comparison with binary_to_integer /
+    // binary_to_float, which fails on text that is not a number.
+    let numeric = |v: &Value| matches!(v, Value::Int(_) | Value::Float(_));
+    let text_not_number = |v: &Value| matches!(v, Value::Str(_) | Value::Bytes(_)) && number(v).is_none();
+    if (numeric(a) && text_not_number(b)) || (numeric(b) && text_not_number(a)) {
+        return Err(EvalError::new(format!(
+            "cannot compare {} with {}: the string is not a number (EMQX fails here too)",
+            describe(a),
+            describe(b)
+        )));
+    }
     Ok(Some(match op {
         CmpOp::Eq => equal(a, b),
         CmpOp::NotEq => !equal(a, b),
@@ -590,7 +601,20 @@ pub(crate) fn compare(op: CmpOp, a: &Value, b: &Value) -> Result<Option<bool>, E
 /// as numbers. Division or remainder by zero is an error.
 pub(crate) fn arith(op: ArithOp, a: &Value, b: &Value) -> Result<Value, EvalError> {
     if a.is_null() || b.is_null() {
-        return Ok(Value::Null);
+        // EMQX's `'+'` concatenates when either side is a string, and writes undefined as
+        // `undefined`; every other operator (and `+` on numbers) has no clause for it.
+        if let (ArithOp::Add, Value::Str(_) | Value::Bytes(_), _)
+        | (ArithOp::Add, _, Value::Str(_) | Value::Bytes(_)) = (op, a, b)
+        {
+            let text =
+                |v: &Value| v.to_text().map(|t| t.into_owned()).unwrap_or_else(|| "undefined".to_owned());
+            return Ok(Value::Str(format!("{}{}", text(a), text(b))));
+        }
+        return Err(EvalError::new(format!(
+            "arithmetic on NULL ({} and {}): EMQX fails the rule here too; guard with coalesce(x, 0) or WHERE x IS NOT NULL",
+            describe(a),
+            describe(b)
+        )));
     }
     if let (ArithOp::Add, Value::Str(x), Value::Str(y)) = (op, a, b) {
         return Ok(Value::Str(format!("{x}{y}")));

@@ -3,7 +3,9 @@
 //! **Architecture Invariant:** this crate is pure. It knows nothing about tokio, sockets,
 //! files or the gateway's pipeline; it takes values in and gives values out, so it can be
 //! tested exhaustively and can never block or crash the gateway. It never panics on any
-//! input: rules text, table text, topics and payloads are all outside input.
+//! input: rules text, table text, topics and payloads are all outside input. Three
+//! functions EMQX has read the process rather than the event: `random()` and `uuid_v4()`
+//! (the OS random source) and `getenv()` (`EMQXVAR_*` variables); nothing else does.
 //!
 //! ```text
 //! rules.toml ──toml──▶ RulesFile ──sqlparser──▶ AST ──compile──▶ RuleSet (plans + TopicIndex)
@@ -32,9 +34,13 @@
 //! - [`Topic`], [`TopicFilter`], [`TopicError`]: validated topic names and filters, and filter
 //!   matching, from the `outpost-topic` crate the gateway's broker and routes use too.
 //! - `config`: the rules file format (serde, `deny_unknown_fields`).
-//! - `compile`: SQL → plan; name resolution, did-you-mean, carets.
+//! - `compile`: SQL → plan; a token pass for EMQX's syntax that sqlparser lacks (`=~`,
+//!   infix `div`/`mod`, path `AS` targets, single-quoted FROM), name resolution,
+//!   did-you-mean, carets.
 //! - `expr`: the plan ([`expr::Expr`]) and its evaluation; NULL and type rules.
-//! - `functions`: the builtin function table.
+//! - `functions`: the builtin function table; the EMQX families too large for it live in
+//!   `functions::text` (sprintf, pad, tokens, unescape, ...), `functions::data` (arrays and
+//!   maps) and `functions::bytes` (hashes, compression, bits, base64/hex options).
 //! - `index`: the topic trie that picks candidate rules per event.
 //! - `action`: forward/republish/drop/dead_letter, templates (topic, payload, reason) with
 //!   `${..}` expressions, output rows and their encoding.
@@ -45,6 +51,8 @@
 //! - `time`: calendar arithmetic for the time functions (no clock, no time zones).
 //! - `value`: [`Value`] and its JSON/CBOR (de)serialization.
 //! - `error`: [`RulesError`] and caret rendering.
+//! - `compat_tests` (tests only): EMQX compatibility cases, each naming the EMQX test or
+//!   function its expected value comes from.
 
 mod action;
 mod compile;

@@ -276,7 +276,7 @@ pub(crate) fn parse_formatted(format: &str, input: &str, unit: Unit) -> Result<i
             continue;
         }
         let mut directive = String::from("%");
-        while let Some(d) = chars.next() {
+        for d in chars.by_ref() {
             directive.push(d);
             if d != ':' && !d.is_ascii_digit() {
                 break;

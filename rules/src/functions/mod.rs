@@ -109,7 +109,11 @@ pub(crate) static BUILTINS: &[Builtin] = &[
     }),
     f("int", 1, 1, int),
     f("float", 1, 2, float),
-    f("str", 1, 1, |a, _| str_of(arg(a, 0), "str").map(Value::Str)),
+    // EMQX's str(undefined) is the atom's text, `undefined`.
+    n("str", 1, 1, |a, _| match arg(a, 0) {
+        Value::Null => Ok(Value::Str("undefined".to_owned())),
+        other => str_of(other, "str").map(Value::Str),
+    }),
     f("str_utf8", 1, 1, bytes::str_utf8),
     f("str_utf16_le", 1, 1, text::str_utf16_le),
     f("float2str", 2, 2, text::float2str),
@@ -137,7 +141,7 @@ pub(crate) static BUILTINS: &[Builtin] = &[
     n("rtrim", 1, 2, text::rtrim),
     n("reverse", 1, 1, |a, _| Ok(Value::Str(text::subject(a, "reverse")?.chars().rev().collect()))),
     n("strlen", 1, 1, |a, _| Ok(Value::Int(count(text::subject(a, "strlen")?.chars().count())))),
-    f("concat", 1, MANY, concat),
+    n("concat", 1, MANY, concat),
     n("substr", 2, 3, substr),
     n("substring", 2, 3, substr),
     n("split", 2, 3, text::split),
@@ -389,11 +393,13 @@ fn float(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
         return Ok(Value::Float(value));
     }
     let decimals = want_int(args, 1, "float")?;
-    if !(0..=15).contains(&decimals) {
-        return Err(EvalError::new(format!("float: decimals must be 0..=15, got {decimals}")));
-    }
-    let scale = 10f64.powi(i32::try_from(decimals).unwrap_or(0));
-    finite((value * scale).round() / scale, "float")
+    let decimals = usize::try_from(decimals)
+        .ok()
+        .filter(|d| (1..=253).contains(d))
+        .ok_or_else(|| EvalError::new(format!("float: decimals must be 1..=253, got {decimals}")))?;
+    // Erlang's float_to_list(F, [{decimals, N}]) rounds the exact binary value, as Rust's
+    // formatting does; parsing that text back gives EMQX's float.
+    finite(format!("{value:.decimals$}").parse().unwrap_or(f64::NAN), "float")
 }
 
 fn str_of(value: &Value, name: &str) -> Result<String, EvalError> {
@@ -420,10 +426,15 @@ fn bool_fn(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
     }
 }
 
-/// `concat(a, b, ...)`: non-strings are converted as by `str`.
+/// `concat(a, b, ...)`: non-strings are converted as by `str`, NULL included (EMQX writes
+/// undefined as `undefined`).
 fn concat(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
     let mut out = String::new();
     for value in args {
+        if value.is_null() {
+            out.push_str("undefined");
+            continue;
+        }
         out.push_str(
             &value
                 .to_text()
