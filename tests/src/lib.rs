@@ -19,6 +19,8 @@
 //!   [`upstream::SilentUpstream`] (accepts TCP, never answers) and [`upstream::FlakyLink`].
 //! - [`gateway`]: [`gateway::GatewayProcess`], the `outpost` binary under test, and the one-shot
 //!   commands (`outpost check`, `outpost buffer stats`).
+//! - [`http`]: a GET against the gateway's `[http]` endpoint and `/metrics` parsed with a
+//!   Prometheus text parser, as an operator's scraper reads it.
 //! - [`mqtt`]: the harness's [`mqtt::Subscriber`] and [`mqtt::publish_qos1`], the two ends of
 //!   a test.
 //! - [`raw`]: `outpost_sim::harness::raw`, re-exported: hand-encoded MQTT packets, for clients
@@ -34,6 +36,7 @@
 
 pub mod conformance;
 pub mod gateway;
+pub mod http;
 pub mod mqtt;
 pub mod upstream;
 
