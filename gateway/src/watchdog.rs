@@ -13,9 +13,9 @@
 //! - A stage that waits for input, or for the stage below it (a full channel, the store
 //!   thread's reply), has ended its turn: it is idle, not stuck. So a slow disk shows as the
 //!   store thread stuck, never as the relay or the route stage waiting on it.
-//! - The hot path costs one relaxed-enough `fetch_add` per turn boundary on an `Arc`'d
+//! - The hot path costs one `fetch_add` (release ordering) per turn boundary on an `Arc`'d
 //!   atomic: no lock, no allocation, no clock read. The supervisor remembers when it last saw
-//!   each stage end a turn; the stages keep no time.
+//!   each stage's counts move; the stages keep no time.
 //! - The pinger runs on the gateway's runtime: a runtime that stops turning (a blocking call,
 //!   a busy loop) stops the pings by itself.
 //! - `OUTPOST_FAULT_WEDGE=<stage>[@<n>]` (fault injection for tests, logged loudly) makes that
@@ -213,8 +213,9 @@ pub enum Stuck {
 struct Watched {
     stage: Stage,
     beat: Arc<Beat>,
-    /// The `ended` count last seen, and when it was first seen.
-    last_ended: u64,
+    /// The counts (`begun`, `ended`) last seen, and when they were first seen: a turn that
+    /// began after a long idle time is timed from when the supervisor saw it begin.
+    last: (u64, u64),
     since: Instant,
     /// Reported stuck, until it turns again.
     reported: bool,
@@ -244,7 +245,7 @@ impl Supervisor {
             .map(|(stage, beat)| Watched {
                 stage: *stage,
                 beat: Arc::clone(beat),
-                last_ended: beat.ended.load(Ordering::Acquire),
+                last: (beat.begun.load(Ordering::Acquire), beat.ended.load(Ordering::Acquire)),
                 since: now,
                 reported: false,
             })
@@ -261,8 +262,8 @@ impl Supervisor {
             let ended = w.beat.ended.load(Ordering::Acquire);
             let begun = w.beat.begun.load(Ordering::Acquire);
             let gone = w.beat.issued.load(Ordering::Acquire) && w.beat.holders.load(Ordering::Acquire) == 0;
-            if ended != w.last_ended {
-                w.last_ended = ended;
+            if (begun, ended) != w.last {
+                w.last = (begun, ended);
                 w.since = now;
             }
             let held = now.duration_since(w.since);
@@ -430,6 +431,10 @@ mod tests {
         let mut s = Supervisor::new(&dog, LIMIT, start);
         // Idle for an hour: healthy.
         assert_eq!(check(&mut s, start + Duration::from_secs(3600)), (true, vec![]));
+        // A turn that begins after an hour idle is timed from when it was seen beginning.
+        relay.begin();
+        assert_eq!(check(&mut s, start + Duration::from_secs(3600)), (true, vec![]));
+        relay.end();
         // Busy, but turning: healthy however long.
         for i in 1..20u64 {
             relay.begin();
