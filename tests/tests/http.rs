@@ -10,15 +10,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty};
-use hyper::header::{AUTHORIZATION, HOST};
-use hyper_util::rt::TokioIo;
 use outpost_e2e::gateway::{GatewayProcess, GatewaySpec, outpost};
+use outpost_e2e::http::{self, get};
+use outpost_e2e::http::{Scrape, Value};
 use outpost_e2e::mqtt::{Session, Subscriber, publish_qos1, unique_client_id};
 use outpost_e2e::upstream::Mosquitto;
 use outpost_e2e::{free_addr, raw, require_mosquitto};
-use prometheus_parse::{Scrape, Value};
 use serde_json::Value as Json;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::TcpStream;
@@ -28,27 +25,6 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 /// answers for 1 s, and the relay's gauges follow its loop).
 const POLL: Duration = Duration::from_millis(100);
 
-/// One GET; returns the status and the body.
-async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> anyhow::Result<(u16, String)> {
-    let request = async {
-        let stream = TcpStream::connect(addr).await?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        let connection = tokio::spawn(connection);
-        let mut request = hyper::Request::get(path).header(HOST, addr.to_string());
-        if let Some(token) = token {
-            request = request.header(AUTHORIZATION, format!("Bearer {token}"));
-        }
-        let response = sender.send_request(request.body(Empty::<Bytes>::new())?).await?;
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await?.to_bytes();
-        connection.abort();
-        anyhow::Ok((status, String::from_utf8(body.to_vec())?))
-    };
-    tokio::time::timeout(TIMEOUT, request)
-        .await
-        .map_err(|_| anyhow::anyhow!("GET {path}: no answer within {TIMEOUT:?}"))?
-}
-
 async fn get_json(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, Json) {
     let (status, body) = get(addr, path, token).await.unwrap_or_else(|e| panic!("GET {path}: {e:#}"));
     let json = serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}"));
@@ -57,9 +33,7 @@ async fn get_json(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, Js
 
 /// `/metrics`, parsed.
 async fn scrape(addr: SocketAddr, token: Option<&str>) -> Scrape {
-    let (status, body) = get(addr, "/metrics", token).await.unwrap_or_else(|e| panic!("GET /metrics: {e:#}"));
-    assert_eq!(status, 200, "{body}");
-    Scrape::parse(body.lines().map(|line| Ok(line.to_owned()))).expect("the exposition parses")
+    http::scrape(addr, token).await.unwrap_or_else(|e| panic!("GET /metrics: {e:#}")).1
 }
 
 /// The value of the sample `name{labels}`; `None` if absent. Panics on a sample of a type the
