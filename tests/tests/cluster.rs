@@ -132,13 +132,8 @@ async fn killing_the_connected_node_loses_nothing_the_gateway_acknowledged() {
         .iter()
         .find(|(at, sent_ms)| *at > killed_at && *sent_ms > killed_at_ms)
         .map(|(at, _)| at.duration_since(killed_at));
-    let now_on = gateway
-        .logs()
-        .iter()
-        .rev()
-        .filter(|l| l["message"] == "connected upstream")
-        .find_map(|l| l["upstream"].as_str().map(str::to_owned))
-        .unwrap_or_default();
+    let now_on =
+        seen.last().map(|m| m.payload.trim_start_matches("connected ").to_owned()).unwrap_or_default();
     println!(
         "cluster ready in {cluster_ready:?}; killed {first_url} after {ARRIVED_BEFORE_KILL} arrivals; gateway now on {now_on}; \
          node loss to the gateway connected to another node: {reconnected:?}, to the first event through it: {first_after:?}; fleet sent {} acked {}; subscriber received {} \
