@@ -536,7 +536,7 @@ fn check(args: &ConfigArgs) -> ExitCode {
                 "{origin}: ok (broker on {}, data in {}, upstream {}, rules {})",
                 config.broker.listen,
                 config.data_dir.display(),
-                config.upstream.as_ref().map_or("none".to_owned(), |u| u.url.to_string()),
+                config.upstream.as_ref().map_or("none".to_owned(), |u| u.endpoint_list()),
                 config.rules.as_ref().map_or("none".to_owned(), |r| r.display().to_string()),
             );
             ExitCode::SUCCESS

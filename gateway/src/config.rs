@@ -161,8 +161,19 @@ pub struct BrokerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `mqtt://host:port`.
-    pub url: UpstreamUrl,
+    /// `mqtt://host:port`: the one endpoint. Give either `url` or `urls`; use
+    /// [`UpstreamConfig::endpoints`] to read them.
+    #[serde(default)]
+    pub url: Option<UpstreamUrl>,
+    /// Several endpoints of one upstream (the nodes of a cluster), the preferred first: tried
+    /// in order, the next one when the link is lost, back to the first once it has answered
+    /// probes for `failback_after`.
+    #[serde(default)]
+    pub urls: Vec<UpstreamUrl>,
+    /// How long the preferred endpoint must have answered a probe (TCP, CONNECT, CONNACK)
+    /// without a failure before the link leaves another endpoint for it.
+    #[serde(default = "default_failback_after", with = "humantime_serde")]
+    pub failback_after: Duration,
     #[serde(default = "default_client_id")]
     pub client_id: String,
     #[serde(default)]
@@ -408,6 +419,11 @@ fn default_reconnect_min() -> Duration {
 fn default_reconnect_max() -> Duration {
     Duration::from_millis(500)
 }
+/// Long enough that a node restarting in a rolling upgrade is not chosen between its listener
+/// opening and its cluster catching up; short enough to spread load back within minutes.
+fn default_failback_after() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_inflight() -> u16 {
     100
 }
@@ -605,7 +621,11 @@ impl GatewayConfig {
         }
         if let Some(url) = &overrides.upstream {
             match &mut self.upstream {
-                Some(upstream) => upstream.url = url.clone(),
+                // A device's own address replaces the file's whole list.
+                Some(upstream) => {
+                    upstream.url = Some(url.clone());
+                    upstream.urls.clear();
+                }
                 None => {
                     self.upstream = Some(UpstreamConfig::with_url(url.clone()));
                 }
@@ -736,6 +756,46 @@ impl BrokerConfig {
 impl UpstreamConfig {
     /// The checks of `[upstream]` that its types cannot make.
     fn check(&self, invalid: &mut impl FnMut(&str, String, &str)) {
+        match (&self.url, self.urls.as_slice()) {
+            (Some(url), [_, ..]) => invalid(
+                "upstream.urls",
+                self.urls.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                &format!(
+                    "upstream.url ({url}) is set too; give one endpoint as `url` or several as `urls`, not both"
+                ),
+            ),
+            (None, []) => invalid(
+                "upstream.url",
+                String::new(),
+                "the [upstream] table needs `url = \"mqtt://host:port\"` or `urls = [\"mqtt://node-1:1883\", …]`",
+            ),
+            _ => {}
+        }
+        for (idx, url) in self.urls.iter().enumerate() {
+            if self.urls[..idx].contains(url) {
+                invalid(
+                    "upstream.urls",
+                    url.to_string(),
+                    "is listed twice; list each endpoint once, the preferred first",
+                );
+            }
+        }
+        if self.urls.len() > MAX_ENDPOINTS {
+            invalid(
+                "upstream.urls",
+                format!("{} endpoints", self.urls.len()),
+                &format!(
+                    "at most {MAX_ENDPOINTS} endpoints; list the nodes of one upstream, the preferred first"
+                ),
+            );
+        }
+        if self.failback_after < Duration::from_secs(1) {
+            invalid(
+                "upstream.failback_after",
+                humantime::format_duration(self.failback_after).to_string(),
+                "must be at least 1s (how long the preferred endpoint must answer before the link returns to it)",
+            );
+        }
         if !(1..=100).contains(&self.poison_after) {
             invalid(
                 "upstream.poison_after",
@@ -837,11 +897,26 @@ impl BrokerConfig {
     }
 }
 
+/// The most endpoints `upstream.urls` may list: they label metrics, so their number is bounded.
+pub const MAX_ENDPOINTS: usize = 16;
+
 impl UpstreamConfig {
+    /// The endpoints in order of preference (`url`, or `urls`); never empty once validated.
+    pub fn endpoints(&self) -> Vec<UpstreamUrl> {
+        self.url.iter().chain(&self.urls).cloned().collect()
+    }
+
+    /// The endpoints as one line for logs and status: `mqtt://a:1883, mqtt://b:1883`.
+    pub fn endpoint_list(&self) -> String {
+        self.endpoints().iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+    }
+
     /// An upstream with every setting at its default.
     pub fn with_url(url: UpstreamUrl) -> UpstreamConfig {
         UpstreamConfig {
-            url,
+            url: Some(url),
+            urls: Vec::new(),
+            failback_after: default_failback_after(),
             client_id: default_client_id(),
             username: None,
             password: None,
@@ -1143,8 +1218,41 @@ mod tests {
         };
         let c = GatewayConfig::load(None, &overrides).expect("defaults are valid");
         let up = c.upstream.expect("upstream from override");
-        assert_eq!(up.url, UpstreamUrl { host: "10.0.0.5".into(), port: 1884 });
+        assert_eq!(up.endpoints(), vec![UpstreamUrl { host: "10.0.0.5".into(), port: 1884 }]);
         assert_eq!(c.broker.listen.port(), 2000);
+    }
+
+    #[test]
+    fn urls_list_endpoints_in_order_and_an_override_replaces_them() {
+        let text = "[upstream]\nurls = [\"mqtt://a:1\", \"mqtt://b:2\"]\nfailback_after = \"2s\"\n";
+        let c = GatewayConfig::parse(text, Path::new("x")).expect("valid");
+        c.validate("x").expect("valid");
+        let up = c.upstream.clone().expect("upstream");
+        assert_eq!(up.endpoint_list(), "mqtt://a:1, mqtt://b:2");
+        assert_eq!(up.failback_after, Duration::from_secs(2));
+        let mut c = c;
+        c.apply(&Overrides { upstream: Some("mqtt://c:3".parse().expect("url")), ..Overrides::default() });
+        assert_eq!(c.upstream.expect("upstream").endpoint_list(), "mqtt://c:3");
+    }
+
+    #[test]
+    fn url_and_urls_together_or_neither_are_refused() {
+        let err = parse_err("[upstream]\nurl = \"mqtt://a:1\"\nurls = [\"mqtt://b:2\"]\n");
+        assert!(
+            err.contains("`upstream.urls` = \"mqtt://b:2\" is invalid: upstream.url (mqtt://a:1) is set too"),
+            "{err}"
+        );
+        let err = parse_err("[upstream]\nclient_id = \"x\"\n");
+        assert!(err.contains("`upstream.url`") && err.contains("needs `url = "), "{err}");
+        let err = parse_err("[upstream]\nurls = []\n");
+        assert!(err.contains("`upstream.url`"), "{err}");
+        let err = parse_err("[upstream]\nurls = [\"mqtt://a:1\", \"mqtt://a:1\"]\n");
+        assert!(err.contains("is listed twice"), "{err}");
+        let err = parse_err("[upstream]\nurls = [\"mqtt://a:1\"]\nfailback_after = \"100ms\"\n");
+        assert!(
+            err.contains("`upstream.failback_after` = \"100ms\"") && err.contains("at least 1s"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -235,7 +235,7 @@ impl Gateway {
         tracker.spawn(route::run(stage, event_rx, outbound_tx));
         // Under systemd (Type=notify): `WATCHDOG=1` while the stages turn, `STATUS=` lines.
         if watchdog::notify_socket_set() {
-            let settings = watchdog::Settings::from_env(config.upstream.as_ref().map(|u| u.url.to_string()));
+            let settings = watchdog::Settings::from_env(config.upstream.as_ref().map(|u| u.endpoint_list()));
             tracker.spawn(watchdog::run(watchdog, settings, metrics.clone(), cancel.clone()));
         }
         tracker.close();

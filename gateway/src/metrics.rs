@@ -82,6 +82,8 @@ counters! {
     upstream_connects,
     /// Upstream connection attempts or sessions that failed.
     upstream_failures,
+    /// Times the link left another endpoint for the preferred one (`upstream.failback_after`).
+    upstream_failbacks,
     /// Events acknowledged upstream before they had to be written: never touched the disk.
     acked_before_commit,
     /// Events written to the buffer file.
@@ -297,11 +299,60 @@ pub struct HttpCounters {
     pub connections_refused: AtomicU64,
 }
 
-/// What issue #13 added to the shared handle: the histograms and the HTTP endpoint's counters.
+/// What issue #13 added to the shared handle: the histograms and the HTTP endpoint's counters;
+/// and issue #12: the upstream endpoints.
 #[derive(Debug, Default)]
 pub struct Operations {
     pub histograms: Histograms,
     pub http: HttpCounters,
+    pub endpoints: Endpoints,
+}
+
+/// The configured upstream endpoints (`upstream.url` or `upstream.urls`), each with its own
+/// counters, and which one the link is on. Set once by the uplink task before it connects; the
+/// list is bounded by the config (`config::MAX_ENDPOINTS`), so it can label metrics.
+#[derive(Debug, Default)]
+pub struct Endpoints {
+    list: std::sync::OnceLock<Box<[EndpointStats]>>,
+    /// The index + 1 of the endpoint the link is connected to; 0 while none.
+    current: AtomicU64,
+}
+
+/// One upstream endpoint's counters.
+#[derive(Debug)]
+pub struct EndpointStats {
+    /// `mqtt://host:port`, as configured.
+    pub url: String,
+    /// Connections established to it.
+    pub connects: AtomicU64,
+    /// Attempts (failback probes included) that failed, and connections to it that were lost.
+    pub failures: AtomicU64,
+}
+
+impl Endpoints {
+    /// Names the endpoints; the first call wins (one uplink per gateway).
+    pub fn configure(&self, urls: impl IntoIterator<Item = String>) {
+        let list = urls
+            .into_iter()
+            .map(|url| EndpointStats { url, connects: AtomicU64::new(0), failures: AtomicU64::new(0) })
+            .collect();
+        let _ = self.list.set(list);
+    }
+
+    /// Every configured endpoint, preferred first; empty before the uplink started.
+    pub fn list(&self) -> &[EndpointStats] {
+        self.list.get().map_or(&[], |l| l)
+    }
+
+    pub fn get(&self, idx: usize) -> Option<&EndpointStats> {
+        self.list().get(idx)
+    }
+
+    /// The endpoint the link is connected to.
+    pub fn current(&self) -> Option<&EndpointStats> {
+        let idx = self.current.load(Ordering::Relaxed).checked_sub(1)?;
+        self.get(usize::try_from(idx).ok()?)
+    }
 }
 
 impl Metrics {
@@ -311,6 +362,18 @@ impl Metrics {
 
     pub fn http(&self) -> &HttpCounters {
         &self.inner.2.http
+    }
+
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.inner.2.endpoints
+    }
+
+    /// The link is connected to endpoint `idx`, or to none: sets `upstream_connected` and the
+    /// current endpoint, and wakes whoever shows them (`$SYS/outpost/upstream`).
+    pub fn set_upstream_endpoint(&self, idx: Option<usize>) {
+        let current = idx.map_or(0, |i| i as u64 + 1);
+        self.endpoints().current.store(current, Ordering::Relaxed);
+        self.set_upstream_connected(idx.is_some());
     }
 }
 

@@ -15,8 +15,9 @@ const TOPIC: &str = "$SYS/outpost/upstream";
 /// and reconnects within its backoff (50–500 ms by default).
 const PROMPT: Duration = Duration::from_secs(5);
 
+/// The payload's first word is the state; "connected" names the endpoint after it.
 fn last_is(messages: &[Received], state: &str) -> bool {
-    messages.last().is_some_and(|m| m.payload == state)
+    messages.last().is_some_and(|m| m.payload.split(' ').next() == Some(state))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -36,6 +37,8 @@ async fn the_upstream_status_topic_changes_when_the_uplink_does() {
 
     let seen = dashboard.wait_until(PROMPT, |m| last_is(m, "connected")).await;
     assert!(last_is(&seen, "connected"), "the uplink connected: {seen:?}\n{}", gateway.tail());
+    let named = format!("connected {}", upstream.url());
+    assert_eq!(seen.last().map(|m| m.payload.as_str()), Some(named.as_str()), "names the endpoint");
 
     upstream.stop().await.expect("stop mosquitto");
     let seen = dashboard.wait_until(PROMPT, |m| last_is(m, "disconnected")).await;

@@ -1,4 +1,6 @@
 //! `$SYS/outpost/…`: the gateway's status as topics local clients can subscribe to.
+//! `$SYS/outpost/upstream` is `connected mqtt://host:port` (the endpoint the link is on) or
+//! `disconnected`.
 //!
 //! One task ([`refresh`]) rebuilds the topics every `broker.sys_interval`, and at once when the
 //! uplink goes up or down, into a `watch` channel; each connection that subscribed to a `$SYS`
@@ -35,13 +37,21 @@ pub async fn refresh(
     loop {
         let g = metrics.gauges();
         let c = metrics.counters();
-        let upstream = if Metrics::get(&g.upstream_connected) > 0 { "connected" } else { "disconnected" };
+        // "connected mqtt://host:port" names the endpoint the link is on (issue #12): with
+        // several, a dashboard sees a failover; a reader of the first word sees the state.
+        let upstream = match metrics.endpoints().current() {
+            Some(endpoint) if Metrics::get(&g.upstream_connected) > 0 => {
+                format!("connected {}", endpoint.url)
+            }
+            _ if Metrics::get(&g.upstream_connected) > 0 => "connected".to_owned(),
+            _ => "disconnected".to_owned(),
+        };
         let topics = vec![
             ("$SYS/outpost/version".to_owned(), Bytes::from_static(env!("CARGO_PKG_VERSION").as_bytes())),
             ("$SYS/outpost/uptime".to_owned(), Bytes::from(started.elapsed().as_secs().to_string())),
             ("$SYS/outpost/clients".to_owned(), Bytes::from(Metrics::get(&g.sensors_connected).to_string())),
             ("$SYS/outpost/backlog".to_owned(), Bytes::from(Metrics::get(&g.buffered_events).to_string())),
-            ("$SYS/outpost/upstream".to_owned(), Bytes::from_static(upstream.as_bytes())),
+            ("$SYS/outpost/upstream".to_owned(), Bytes::from(upstream)),
             ("$SYS/outpost/ingested".to_owned(), Bytes::from(Metrics::get(&c.ingested).to_string())),
         ];
         tx.send_replace(Arc::new(topics));

@@ -185,6 +185,12 @@ pub const COUNTERS: &[Mapping] = &[
         "Upstream connection attempts or sessions that failed.",
     ),
     m(
+        "upstream_failbacks",
+        "outpost_upstream_failbacks_total",
+        &[],
+        "Times the link left another endpoint for the preferred one (upstream.failback_after).",
+    ),
+    m(
         "acked_before_commit",
         "outpost_buffer_acked_before_commit_total",
         &[],
@@ -272,8 +278,9 @@ pub struct Scrape {
     pub upstream_connected: u64,
     pub local_subscriptions: u64,
     pub offline_sessions: u64,
-    /// The configured upstream (`mqtt://host:port`), the label of `outpost_upstream_connected`.
-    pub upstream_endpoint: Option<String>,
+    /// The configured upstream endpoints (`mqtt://host:port`), the label of
+    /// `outpost_upstream_connected`: `(endpoint, connected, connects, failures)`.
+    pub upstream_endpoints: Vec<(String, bool, u64, u64)>,
     /// The committed part of the buffer, when the store thread answered.
     pub store: Option<StatsReport>,
     pub capacity_events: u64,
@@ -286,12 +293,7 @@ pub struct Scrape {
 }
 
 impl Scrape {
-    pub fn read(
-        metrics: &Metrics,
-        upstream_endpoint: Option<String>,
-        store: Option<StatsReport>,
-        capacity: (u64, u64),
-    ) -> Scrape {
+    pub fn read(metrics: &Metrics, store: Option<StatsReport>, capacity: (u64, u64)) -> Scrape {
         let g = metrics.gauges();
         let h = metrics.histograms();
         Scrape {
@@ -301,7 +303,7 @@ impl Scrape {
             upstream_connected: Metrics::get(&g.upstream_connected),
             local_subscriptions: Metrics::get(&g.local_subscriptions),
             offline_sessions: Metrics::get(&g.offline_sessions),
-            upstream_endpoint,
+            upstream_endpoints: endpoint_samples(metrics),
             store,
             capacity_events: capacity.0,
             capacity_bytes: capacity.1,
@@ -331,6 +333,21 @@ impl Scrape {
             version: env!("CARGO_PKG_VERSION"),
         }
     }
+}
+
+/// Each configured endpoint: its URL, whether the link is on it, its connects and failures.
+fn endpoint_samples(metrics: &Metrics) -> Vec<(String, bool, u64, u64)> {
+    let endpoints = metrics.endpoints();
+    let current = endpoints.current().map(|c| c.url.as_str());
+    let connected = Metrics::get(&metrics.gauges().upstream_connected) == 1;
+    endpoints
+        .list()
+        .iter()
+        .map(|ep| {
+            let up = connected && current == Some(ep.url.as_str());
+            (ep.url.clone(), up, Metrics::get(&ep.connects), Metrics::get(&ep.failures))
+        })
+        .collect()
 }
 
 /// Writes the scrape in the Prometheus text format.
@@ -435,12 +452,34 @@ impl Collector for Scrape {
             "Persistent sessions whose client is offline.",
             self.offline_sessions as f64,
         )?;
-        let endpoint = self.upstream_endpoint.as_deref().unwrap_or("none");
+        let connected: Vec<(Labels<'_>, f64)> = if self.upstream_endpoints.is_empty() {
+            vec![(vec![("endpoint", "none")], self.upstream_connected as f64)]
+        } else {
+            self.upstream_endpoints
+                .iter()
+                .map(|(url, up, _, _)| (vec![("endpoint", url.as_str())], if *up { 1.0 } else { 0.0 }))
+                .collect()
+        };
         gauge_family(
             e,
             "outpost_upstream_connected",
             "1 while the upstream connection is up, per configured endpoint.",
-            &[(vec![("endpoint", endpoint)], self.upstream_connected as f64)],
+            &connected,
+        )?;
+        let per_endpoint = |pick: fn(&(String, bool, u64, u64)) -> u64| -> Vec<(Labels<'_>, u64)> {
+            self.upstream_endpoints.iter().map(|ep| (vec![("endpoint", ep.0.as_str())], pick(ep))).collect()
+        };
+        counter_family(
+            e,
+            "outpost_upstream_endpoint_connects_total",
+            "Upstream connections established, per configured endpoint.",
+            &per_endpoint(|ep| ep.2),
+        )?;
+        counter_family(
+            e,
+            "outpost_upstream_endpoint_failures_total",
+            "Failed upstream connection attempts (failback probes included) and lost connections, per configured endpoint.",
+            &per_endpoint(|ep| ep.3),
         )?;
 
         gauge(
@@ -581,7 +620,9 @@ mod tests {
         Metrics::add(&metrics.counters().ingested, 7);
         Metrics::add(&metrics.counters().expired, 2);
         Metrics::add(&metrics.counters().dropped_overflow, 3);
-        Metrics::set(&metrics.gauges().upstream_connected, 1);
+        metrics.endpoints().configure(["mqtt://10.0.0.5:1883".to_owned(), "mqtt://10.0.0.6:1883".to_owned()]);
+        metrics.set_upstream_endpoint(Some(0));
+        Metrics::add(&metrics.endpoints().list()[1].failures, 4);
         metrics.histograms().commit_duration.observe(0.003);
         let store = StatsReport {
             events: 5,
@@ -589,7 +630,7 @@ mod tests {
             file_bytes: 4096,
             priorities: vec![PriorityStats { priority: 2, events: 5, bytes: 500, oldest_age_s: Some(1.5) }],
         };
-        Scrape::read(&metrics, Some("mqtt://10.0.0.5:1883".into()), Some(store), (1000, 2048))
+        Scrape::read(&metrics, Some(store), (1000, 2048))
     }
 
     #[test]
@@ -603,6 +644,8 @@ mod tests {
             "outpost_events_discarded_total{reason=\"poison\"} 0",
             "# TYPE outpost_upstream_connected gauge",
             "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.5:1883\"} 1.0",
+            "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.6:1883\"} 0.0",
+            "outpost_upstream_endpoint_failures_total{endpoint=\"mqtt://10.0.0.6:1883\"} 4",
             "outpost_buffer_committed_events{priority=\"2\"} 5.0",
             "outpost_buffer_oldest_event_age_seconds{priority=\"2\"} 1.5",
             "outpost_buffer_capacity_bytes 2048.0",

@@ -77,7 +77,8 @@ pub struct Handles {
     pub metrics: Metrics,
     /// The store thread's queue (read-only `Inspect` requests).
     pub store: mpsc::Sender<Command>,
-    /// The configured upstream, `mqtt://host:port`.
+    /// The preferred upstream endpoint, `mqtt://host:port` (the uplink names them all in
+    /// `Metrics::endpoints`).
     pub upstream_endpoint: Option<String>,
     /// `buffer.max_events`, `buffer.max_bytes`.
     pub capacity: (u64, u64),
@@ -92,7 +93,10 @@ impl Handles {
         Handles {
             metrics,
             store,
-            upstream_endpoint: config.upstream.as_ref().map(|u| u.url.to_string()),
+            upstream_endpoint: config
+                .upstream
+                .as_ref()
+                .and_then(|u| u.endpoints().first().map(ToString::to_string)),
             capacity: (config.buffer.max_events, config.buffer.max_bytes.as_u64()),
             listeners: std::iter::once(config.broker.listen).chain(config.broker.listen_v5).collect(),
             credentials: config.broker.users.iter().next().map(|(u, p)| (u.clone(), p.clone())),
@@ -278,8 +282,9 @@ async fn respond(state: &State, request: Request<Incoming>) -> Response<Full<Byt
 }
 
 fn upstream_json(state: &State) -> serde_json::Value {
+    let current = state.metrics.endpoints().current().map(|c| c.url.clone());
     serde_json::json!({
-        "endpoint": state.upstream_endpoint,
+        "endpoint": current.or_else(|| state.upstream_endpoint.clone()),
         "connected": Metrics::get(&state.metrics.gauges().upstream_connected) == 1,
     })
 }
@@ -315,8 +320,7 @@ async fn status(state: &State) -> Response<Full<Bytes>> {
 
 async fn metrics(state: &State) -> Response<Full<Bytes>> {
     let store = state.checker.store().await.ok();
-    let scrape =
-        exposition::Scrape::read(&state.metrics, state.upstream_endpoint.clone(), store, state.capacity);
+    let scrape = exposition::Scrape::read(&state.metrics, store, state.capacity);
     match exposition::encode(scrape) {
         Ok(text) => reply(StatusCode::OK, exposition::CONTENT_TYPE, text),
         Err(error) => reply(

@@ -215,8 +215,11 @@ pub struct StageError {
 
 #[derive(Debug, Serialize)]
 pub struct Upstream {
-    /// `mqtt://host:port`, or `null` without an upstream.
+    /// `mqtt://host:port`: the endpoint the link is on, else the preferred one; `null` without
+    /// an upstream.
     pub endpoint: Option<String>,
+    /// Every configured endpoint, preferred first (issue #12).
+    pub endpoints: Vec<EndpointStatus>,
     pub connected: bool,
     /// Since when it has been in this state (Unix ms, to within one sample).
     pub since_ms: Option<u64>,
@@ -224,6 +227,16 @@ pub struct Upstream {
     pub failures: u64,
     /// The upstream's last error (kind, when, total), if any.
     pub last_error: Option<StageError>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct EndpointStatus {
+    pub url: String,
+    /// The link is on this endpoint now.
+    pub connected: bool,
+    pub connects: u64,
+    /// Failed attempts (failback probes included) and lost connections.
+    pub failures: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -263,6 +276,21 @@ pub struct Inputs<'a> {
     pub capacity: (u64, u64),
 }
 
+fn endpoints(metrics: &Metrics, connected: bool) -> Vec<EndpointStatus> {
+    let current = metrics.endpoints().current().map(|c| c.url.as_str());
+    metrics
+        .endpoints()
+        .list()
+        .iter()
+        .map(|ep| EndpointStatus {
+            url: ep.url.clone(),
+            connected: connected && current == Some(ep.url.as_str()),
+            connects: Metrics::get(&ep.connects),
+            failures: Metrics::get(&ep.failures),
+        })
+        .collect()
+}
+
 impl Sampler {
     pub fn status(&self, inputs: Inputs<'_>) -> Status {
         let connected = Metrics::get(&inputs.metrics.gauges().upstream_connected) == 1;
@@ -290,7 +318,9 @@ impl Sampler {
             uptime_s: inputs.started.elapsed().as_secs_f64(),
             ready: inputs.ready,
             upstream: Upstream {
-                endpoint: inputs.endpoint,
+                endpoint: (inputs.metrics.endpoints().current().filter(|_| connected).map(|c| c.url.clone()))
+                    .or(inputs.endpoint),
+                endpoints: endpoints(inputs.metrics, connected),
                 connected,
                 since_ms: history.upstream_since_ms,
                 connects: Metrics::get(&counters.upstream_connects),

@@ -7,8 +7,13 @@
 //! [`reminder_every`] with the attempts and the backlog, one line when it is back (after how
 //! long, how much was buffered meanwhile). Back means a connection that lasted
 //! [`HEALTHY_CONNECTION`]: an upstream that accepts and drops every connection is still down.
-//! Every attempt and every connection is logged at debug level.
+//! Every attempt and every connection is logged at debug level. With several endpoints
+//! (`upstream.urls`), each endpoint's own failures are logged the same way (its first failure,
+//! reminders, its return), and [`super::endpoints`] decides which one comes next.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -20,25 +25,29 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::Link;
-use crate::config::UpstreamConfig;
+use super::endpoints::{Endpoints, Next};
+use super::{Link, RETIRED};
+use crate::config::{UpstreamConfig, UpstreamUrl};
 use crate::metrics::Metrics;
-use crate::mqtt::upstream::{LinkParams, encode_connect, parse_connack};
+use crate::mqtt::upstream::{LinkParams, encode_connect, encode_disconnect, parse_connack};
 use crate::telemetry::{Episode, Failure, readable, reminder_every};
 
 fn describe_io(error: &std::io::Error) -> String {
     if error.kind() == std::io::ErrorKind::ConnectionRefused {
-        "connection refused: is the upstream broker running and is upstream.url right?".to_owned()
+        "connection refused: is the upstream broker running and is its address in upstream.url (or upstream.urls) right?".to_owned()
     } else {
         error.to_string()
     }
 }
 
-/// One connection attempt: TCP, CONNECT, CONNACK, all within `connect_timeout`.
-async fn connect(cfg: &UpstreamConfig) -> Result<(TcpStream, LinkParams, BytesMut), String> {
+/// One connection attempt to `endpoint`: TCP, CONNECT, CONNACK, all within `connect_timeout`.
+async fn connect(
+    cfg: &UpstreamConfig,
+    endpoint: &UpstreamUrl,
+) -> Result<(TcpStream, LinkParams, BytesMut), String> {
     let attempt = async {
         let mut stream =
-            TcpStream::connect((cfg.url.host.as_str(), cfg.url.port)).await.map_err(|e| describe_io(&e))?;
+            TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await.map_err(|e| describe_io(&e))?;
         // Publishes are written in batches already; Nagle would only add a round trip of delay.
         stream.set_nodelay(true).map_err(|e| describe_io(&e))?;
         let mut out = BytesMut::new();
@@ -154,18 +163,21 @@ impl Health {
 /// Writes what [`Health`] asked for, with what the counters say about the buffer.
 #[derive(Debug)]
 struct HealthLog<'a> {
-    cfg: &'a UpstreamConfig,
     metrics: &'a Metrics,
+    /// Every endpoint, for the lines about the upstream as a whole while none is connected.
+    all: String,
     /// `accepted` when the outage began: what came in meanwhile is buffered.
     accepted_at_outage: u64,
 }
 
 impl HealthLog<'_> {
-    fn write(&mut self, note: Option<Note>, generation: u64, error: &str, receive_max: u16) {
+    /// `endpoint`: the one connected, lost or just tried.
+    fn write(&mut self, note: Option<Note>, generation: u64, endpoint: &str, error: &str, receive_max: u16) {
         let Some(note) = note else { return };
         let accepted = Metrics::get(&self.metrics.counters().accepted);
         let backlog = Metrics::get(&self.metrics.gauges().buffered_events);
-        let upstream = &self.cfg.url;
+        let upstream = endpoint;
+        let all = self.all.as_str();
         let reminders = readable(reminder_every());
         match note {
             Note::Connected { back_after: None } => {
@@ -187,11 +199,11 @@ impl HealthLog<'_> {
             }
             Note::Unreachable => {
                 self.accepted_at_outage = accepted;
-                warn!(message = "cannot connect upstream; events are kept in the buffer (retrying with backoff; a reminder follows while it lasts)", %upstream, generation, %error, reminder_every = %reminders, backlog_events = backlog);
+                warn!(message = "cannot connect upstream; events are kept in the buffer (retrying with backoff; a reminder follows while it lasts)", upstream = %all, generation, %error, reminder_every = %reminders, backlog_events = backlog);
             }
             Note::Reminder { down_for, attempts } => warn!(
                 message = "upstream still unreachable; events are kept in the buffer",
-                %upstream,
+                upstream = %all,
                 down_for = %readable(down_for),
                 failed_attempts = attempts,
                 last_error = %error,
@@ -202,8 +214,60 @@ impl HealthLog<'_> {
     }
 }
 
-/// Runs until `cancel`: connects, hands each connection to the relay over `links`, waits for
-/// the relay to drop it, reconnects after a backoff. When the relay is gone, stops.
+/// What one endpoint's attempts mean for its own log lines (only with several endpoints: with
+/// one, [`HealthLog`]'s lines say it all).
+fn log_endpoint(note: Failure, endpoint: &str, error: &str) {
+    match note {
+        Failure::Started => warn!(
+            message = "upstream endpoint unreachable; trying the next one (a reminder follows while it lasts)",
+            %endpoint,
+            %error
+        ),
+        Failure::Remind { lasted, attempts } => warn!(
+            message = "upstream endpoint still unreachable",
+            %endpoint,
+            down_for = %readable(lasted),
+            failed_attempts = attempts,
+            last_error = %error
+        ),
+        Failure::Quiet => {}
+    }
+}
+
+fn log_endpoint_back(back: Option<(Duration, u64)>, endpoint: &str) {
+    if let Some((down_for, attempts)) = back {
+        info!(message = "upstream endpoint reachable again", %endpoint, down_for = %readable(down_for), failed_attempts = attempts);
+    }
+}
+
+/// A failback probe: the handshake a connection would make, under another client id (see
+/// [`super::endpoints`] for why), closed at once with a DISCONNECT.
+async fn probe(cfg: &UpstreamConfig, endpoint: &UpstreamUrl) -> Result<(), String> {
+    let mut probe_cfg = cfg.clone();
+    probe_cfg.client_id = format!("{}-probe", cfg.client_id);
+    let (mut stream, _, _) = connect(&probe_cfg, endpoint).await?;
+    let mut out = BytesMut::new();
+    encode_disconnect(&mut out);
+    // The answer was the CONNACK; whether the DISCONNECT arrives changes nothing.
+    let _ = tokio::time::timeout(cfg.connect_timeout, stream.write_all(&out)).await;
+    Ok(())
+}
+
+/// A failback probe under way.
+type ProbeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// How a connection handed to the relay ended.
+enum Ended {
+    /// Lost, with the reason.
+    Lost(String),
+    /// Given back on purpose, to return to the preferred endpoint.
+    FailedBack,
+}
+
+/// Runs until `cancel`: connects to the endpoints in order ([`Endpoints`]), hands each
+/// connection to the relay over `links`, waits for the relay to drop it (probing the preferred
+/// endpoint meanwhile when on another), and reconnects — to the next endpoint at once, or
+/// after a backoff once every endpoint failed. When the relay is gone, stops.
 pub async fn run(
     cfg: UpstreamConfig,
     links: mpsc::Sender<Link>,
@@ -211,70 +275,151 @@ pub async fn run(
     cancel: CancellationToken,
 ) {
     let counters = metrics.counters();
+    let urls = cfg.endpoints();
+    if urls.is_empty() {
+        return;
+    }
+    let names: Vec<String> = urls.iter().map(ToString::to_string).collect();
+    metrics.endpoints().configure(names.iter().cloned());
+    let stats = |idx: usize| metrics.endpoints().get(idx);
+    let many = urls.len() > 1;
+    let mut endpoints = Endpoints::new(urls.len(), cfg.failback_after, reminder_every());
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
     let mut health = Health::default();
-    let mut log = HealthLog { cfg: &cfg, metrics: &metrics, accepted_at_outage: 0 };
+    let mut log = HealthLog { metrics: &metrics, all: cfg.endpoint_list(), accepted_at_outage: 0 };
     for generation in 1.. {
+        let idx = endpoints.current();
+        let endpoint = &names[idx];
         if generation == 1 {
-            info!(message = "connecting upstream", upstream = %cfg.url, version = ?cfg.mqtt_version, generation);
+            info!(message = "connecting upstream", upstream = %log.all, version = ?cfg.mqtt_version, generation);
         } else {
-            debug!(message = "connecting upstream", upstream = %cfg.url, generation);
+            debug!(message = "connecting upstream", upstream = %endpoint, generation);
         }
         let attempt = tokio::select! {
             _ = cancel.cancelled() => return,
-            attempt = connect(&cfg) => attempt,
+            attempt = connect(&cfg, &urls[idx]) => attempt,
         };
-        match attempt {
+        let next = match attempt {
             Ok((stream, params, inbuf)) => {
                 let since = Instant::now();
                 Metrics::add(&counters.upstream_connects, 1);
-                metrics.set_upstream_connected(true);
-                debug!(message = "upstream connection made", upstream = %cfg.url, generation, receive_max = params.receive_max);
-                log.write(health.connected(), generation, "", params.receive_max);
+                stats(idx).inspect(|s| Metrics::add(&s.connects, 1));
+                metrics.set_upstream_endpoint(Some(idx));
+                debug!(message = "upstream connection made", upstream = %endpoint, generation, receive_max = params.receive_max);
+                let back = endpoints.connected(idx, since);
+                if many {
+                    log_endpoint_back(back, endpoint);
+                }
+                log.write(health.connected(), generation, endpoint, "", params.receive_max);
                 let receive_max = params.receive_max;
                 let (ended, mut end) = oneshot::channel();
-                let link =
-                    Link { generation, stream, params, inbuf, out: BytesMut::new(), ended: Some(ended) };
-                let lost = match links.send(link).await {
+                let (retire, retired) = oneshot::channel();
+                let link = Link {
+                    generation,
+                    stream,
+                    params,
+                    inbuf,
+                    out: BytesMut::new(),
+                    ended: Some(ended),
+                    retire: Some(retired),
+                };
+                let outcome = match links.send(link).await {
                     Ok(()) => {
                         let healthy = tokio::time::sleep_until(since + HEALTHY_CONNECTION);
                         tokio::pin!(healthy);
                         let mut proven = false;
+                        let probing = endpoints.probes(idx);
+                        let every = endpoints.probe_every();
+                        let mut probe_tick = tokio::time::interval_at(since + every, every);
+                        probe_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        let mut probe_now: Option<ProbeFuture<'_>> = None;
+                        let mut retire = Some(retire);
                         loop {
                             tokio::select! {
                                 biased;
                                 // Dropped without a reason: the relay is stopping.
-                                end = &mut end => break end.ok(),
+                                end = &mut end => break end.ok().map(|reason| {
+                                    if retire.is_none() && reason == RETIRED { Ended::FailedBack } else { Ended::Lost(reason) }
+                                }),
                                 _ = cancel.cancelled() => break None,
                                 () = &mut healthy, if !proven => {
                                     proven = true;
-                                    log.write(health.healthy(Instant::now()), generation, "", receive_max);
+                                    log.write(health.healthy(Instant::now()), generation, endpoint, "", receive_max);
+                                }
+                                _ = probe_tick.tick(), if probing && probe_now.is_none() && retire.is_some() => {
+                                    probe_now = Some(Box::pin(probe(&cfg, &urls[0])));
+                                }
+                                answer = std::future::poll_fn(|cx| probe_now.as_mut().map_or(Poll::Pending, |p| p.as_mut().poll(cx))), if probe_now.is_some() => {
+                                    probe_now = None;
+                                    let now = Instant::now();
+                                    let preferred = &names[0];
+                                    let (back, failed, answered_again) = endpoints.probed(answer.is_ok(), now);
+                                    log_endpoint_back(answered_again, preferred);
+                                    if let (Some(note), Err(error)) = (failed, &answer) {
+                                        stats(0).inspect(|s| Metrics::add(&s.failures, 1));
+                                        debug!(message = "failback probe failed", upstream = %preferred, %error);
+                                        log_endpoint(note, preferred, error);
+                                    }
+                                    if back {
+                                        info!(message = "returning to the preferred upstream endpoint: it answered for upstream.failback_after; what is in flight here is resent there", from = %endpoint, to = %preferred, failback_after = %readable(cfg.failback_after));
+                                        if let Some(retire) = retire.take() {
+                                            let _ = retire.send(());
+                                        }
+                                    }
                                 }
                             }
                         }
                     }
                     Err(_) => None,
                 };
-                metrics.set_upstream_connected(false);
-                let Some(error) = lost else { return };
-                if since.elapsed() >= HEALTHY_CONNECTION {
-                    backoff.reset();
+                metrics.set_upstream_endpoint(None);
+                match outcome {
+                    None => return,
+                    Some(Ended::FailedBack) => {
+                        Metrics::add(&counters.upstream_failbacks, 1);
+                        endpoints.failing_back();
+                        backoff.reset();
+                        // Announce the connection to the preferred endpoint as a new one.
+                        health = Health::default();
+                        Next::Try(endpoints.current())
+                    }
+                    Some(Ended::Lost(error)) => {
+                        let lasted = since.elapsed();
+                        let proven = lasted >= HEALTHY_CONNECTION;
+                        if proven {
+                            backoff.reset();
+                        }
+                        Metrics::add(&counters.upstream_failures, 1);
+                        stats(idx).inspect(|s| Metrics::add(&s.failures, 1));
+                        debug!(message = "upstream connection ended", upstream = %endpoint, generation, lasted = ?lasted, %error);
+                        let now = Instant::now();
+                        log.write(health.failed(now), generation, endpoint, &error, receive_max);
+                        // The line above named this endpoint; its own episode starts quietly.
+                        endpoints.lost(idx, proven, now).1
+                    }
                 }
-                Metrics::add(&counters.upstream_failures, 1);
-                debug!(message = "upstream connection ended", upstream = %cfg.url, generation, lasted = ?since.elapsed(), %error);
-                log.write(health.failed(Instant::now()), generation, &error, receive_max);
             }
             Err(error) => {
                 Metrics::add(&counters.upstream_failures, 1);
-                debug!(message = "upstream connection attempt failed", upstream = %cfg.url, generation, %error);
-                log.write(health.failed(Instant::now()), generation, &error, 0);
+                stats(idx).inspect(|s| Metrics::add(&s.failures, 1));
+                debug!(message = "upstream connection attempt failed", upstream = %endpoint, generation, %error);
+                let now = Instant::now();
+                let (note, next) = endpoints.attempt_failed(idx, now);
+                if many {
+                    log_endpoint(note, endpoint, &error);
+                }
+                log.write(health.failed(now), generation, endpoint, &error, 0);
+                next
             }
-        }
-        let delay = backoff.next_delay();
-        debug!(message = "reconnecting upstream after backoff", delay = ?delay);
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(delay) => {}
+        };
+        if next == Next::Backoff {
+            let delay = backoff.next_delay();
+            debug!(message = "reconnecting upstream after backoff", delay = ?delay);
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            endpoints.start_round();
         }
     }
 }

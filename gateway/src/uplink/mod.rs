@@ -9,6 +9,8 @@
 //! - [`Link`] is the socket half, generic over the byte stream (`AsyncRead + AsyncWrite +
 //!   Unpin`), so a TLS stream drops in without touching the relay. It writes what the relay
 //!   encoded with one `send()` per loop turn and reads into a buffer; it knows no packet.
+//! - [`endpoints::Endpoints`] is the failover policy over `upstream.urls`, pure: which
+//!   endpoint next, when to back off, when to return to the preferred one.
 //! - [`session::Session`] is the protocol half, sans I/O: packet ids, keepalive, what the
 //!   upstream's packets mean. It reads from and writes to byte buffers and *returns* what
 //!   happened (an acknowledged publish, a dead link); it never calls into the relay.
@@ -30,8 +32,10 @@
 //!   in the session that encoded it.
 
 pub mod connect;
+pub mod endpoints;
 pub mod session;
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -79,7 +83,14 @@ pub struct Link<S = TcpStream> {
     /// Bytes encoded and not yet written.
     pub out: BytesMut,
     ended: Option<oneshot::Sender<String>>,
+    /// Fires when the uplink task wants this connection given back (failback to the preferred
+    /// endpoint): the link then reports itself lost by us, and the relay resends what it had
+    /// in flight on the next connection.
+    retire: Option<oneshot::Receiver<()>>,
 }
+
+/// Why a retired link ended: the uplink task knows it asked for it.
+pub const RETIRED: &str = "leaving this endpoint for the preferred one (upstream.failback_after)";
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
     /// Tells the uplink task the connection failed and why; it reconnects after its backoff.
@@ -115,6 +126,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
     /// meanwhile writes what the socket did not take before.
     /// Cancel-safe: whatever is read or written within a poll is recorded in a buffer.
     pub fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Lost>> {
+        if let Some(retire) = &mut self.retire {
+            match Pin::new(retire).poll(cx) {
+                Poll::Ready(Ok(())) => return Poll::Ready(Err((LinkLoss::Local, RETIRED.to_owned()))),
+                // The uplink task is gone (shutdown): nothing will ask any more.
+                Poll::Ready(Err(_)) => self.retire = None,
+                Poll::Pending => {}
+            }
+        }
         let was_full = self.out.len() >= OUT_HIGH_WATER;
         if let Err(lost) = self.write_out(cx) {
             return Poll::Ready(Err(lost));
