@@ -261,6 +261,34 @@ pub const COUNTERS: &[Mapping] = &[
         "Reloads of the password and ACL files (SIGHUP), by result; a failed one keeps the files in force.",
     ),
     m("auth_reload_failures", "outpost_auth_reloads_total", &[("result", "failed")], ""),
+    m(
+        "inbound_received",
+        "outpost_inbound_messages_total",
+        &[("result", "received")],
+        "Commands from the cloud ([[upstream.subscribe]]): received, delivered into the local broker and rules, or refused (by the topic mapping or the ACL).",
+    ),
+    m("inbound_delivered", "outpost_inbound_messages_total", &[("result", "delivered")], ""),
+    m("inbound_refused_mapping", "outpost_inbound_messages_total", &[("result", "refused_mapping")], ""),
+    m("inbound_refused_acl", "outpost_inbound_messages_total", &[("result", "refused_acl")], ""),
+    m(
+        "inbound_not_forwarded",
+        "outpost_inbound_not_forwarded_total",
+        &[],
+        "Forwards not made because the event came from upstream: nothing from the cloud goes back to it.",
+    ),
+    m(
+        "inbound_connects",
+        "outpost_inbound_connections_total",
+        &[("result", "ok")],
+        "Inbound connection attempts, by result.",
+    ),
+    m("inbound_failures", "outpost_inbound_connections_total", &[("result", "failed")], ""),
+    m(
+        "inbound_subscribe_refused",
+        "outpost_inbound_subscriptions_refused_total",
+        &[],
+        "[[upstream.subscribe]] filters the upstream refused in its SUBACK.",
+    ),
 ];
 
 /// Everything one scrape shows, read before encoding.
