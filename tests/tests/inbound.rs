@@ -158,18 +158,25 @@ strip_prefix = "cloud/"
     mosquitto_pub(upstream.addr(), "cloud/cmd/valve", "during", 1, false).expect("publish during the outage");
     assert_eq!(local.count(), 1, "nothing can arrive while the link is down");
     link.set_up(true);
-    local.wait_for_count(3, TIMEOUT).await.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    let during =
+        |local: &Subscriber| received(local).iter().filter(|(_, payload)| payload == "during").count();
+    outpost_e2e::wait_until("both commands sent during the outage", TIMEOUT, || during(&local) >= 2)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
     let counters = stop(gateway).await;
 
+    // The cut can come before the PUBACK of "before" reached the upstream, which then
+    // delivers it again after the reconnect: at least once, as documented. Nothing else repeats.
+    let before = ("cmd/pump".to_owned(), "before".to_owned());
+    let mut messages = received(&local);
+    let repeats = messages.iter().filter(|m| **m == before).count();
+    assert!((1..=2).contains(&repeats), "{messages:?}");
+    messages.dedup();
     assert_eq!(
-        received(&local),
-        [
-            ("cmd/pump".to_owned(), "before".to_owned()),
-            ("cmd/pump".to_owned(), "during".to_owned()),
-            ("cmd/valve".to_owned(), "during".to_owned())
-        ]
+        messages,
+        [before, ("cmd/pump".to_owned(), "during".to_owned()), ("cmd/valve".to_owned(), "during".to_owned())]
     );
-    assert_eq!(counter(&counters, "inbound_delivered"), 3, "{counters:?}");
+    assert_eq!(counter(&counters, "inbound_delivered"), 2 + repeats as u64, "{counters:?}");
     assert!(counter(&counters, "inbound_connects") >= 2, "{counters:?}");
 }
 
