@@ -300,6 +300,8 @@ pub struct Scrape {
     pub upstream_connected: u64,
     pub local_subscriptions: u64,
     pub offline_sessions: u64,
+    /// 1 while the inbound connection (`[[upstream.subscribe]]`) is up and subscribed.
+    pub inbound_connected: u64,
     /// The configured upstream (`mqtt://host:port`), the label of `outpost_upstream_connected`.
     pub upstream_endpoint: Option<String>,
     /// The committed part of the buffer, when the store thread answered.
@@ -329,6 +331,7 @@ impl Scrape {
             upstream_connected: Metrics::get(&g.upstream_connected),
             local_subscriptions: Metrics::get(&g.local_subscriptions),
             offline_sessions: Metrics::get(&g.offline_sessions),
+            inbound_connected: Metrics::get(&g.inbound_connected),
             upstream_endpoint,
             store,
             capacity_events: capacity.0,
@@ -462,6 +465,12 @@ impl Collector for Scrape {
             "outpost_offline_sessions",
             "Persistent sessions whose client is offline.",
             self.offline_sessions as f64,
+        )?;
+        gauge(
+            e,
+            "outpost_inbound_connected",
+            "1 while the inbound connection (commands from the cloud) is up and subscribed.",
+            self.inbound_connected as f64,
         )?;
         let endpoint = self.upstream_endpoint.as_deref().unwrap_or("none");
         gauge_family(
@@ -610,6 +619,7 @@ mod tests {
         Metrics::add(&metrics.counters().expired, 2);
         Metrics::add(&metrics.counters().dropped_overflow, 3);
         Metrics::set(&metrics.gauges().upstream_connected, 1);
+        Metrics::set(&metrics.gauges().inbound_connected, 1);
         metrics.histograms().commit_duration.observe(0.003);
         let store = StatsReport {
             events: 5,
@@ -629,6 +639,7 @@ mod tests {
             "outpost_events_discarded_total{reason=\"ttl\"} 2",
             "outpost_events_discarded_total{reason=\"overflow\"} 3",
             "outpost_events_discarded_total{reason=\"poison\"} 0",
+            "outpost_inbound_connected 1.0",
             "# TYPE outpost_upstream_connected gauge",
             "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.5:1883\"} 1.0",
             "outpost_buffer_committed_events{priority=\"2\"} 5.0",
