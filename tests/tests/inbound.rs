@@ -2,8 +2,9 @@
 //! publishes with `mosquitto_pub` at Debian's mosquitto (the upstream), and a local QoS 1
 //! subscriber at the real `outpost` binary receives it under the mapped topic — also when it
 //! was published while the link was down — while a topic the ACL or the mapping refuses is
-//! counted and never delivered, a rule reacts to a command, and nothing from the cloud is
-//! relayed back upstream by a `#` bridge route or a forward-everything rule.
+//! counted and never delivered, a rule reacts to a command, a retained command is retained
+//! locally, and nothing from the cloud is relayed back upstream by a `#` bridge route or a
+//! forward-everything rule.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -242,4 +243,34 @@ strip_prefix = "cloud/"
     // The command and the event the rule republished from it: both kept from the forward.
     assert_eq!(counter(&counters, "inbound_not_forwarded"), 2, "{counters:?}");
     assert_eq!(counter(&counters, "republished"), 1, "{counters:?}");
+}
+
+/// A command the cloud sent retained (a setpoint, a configuration) is retained at the site
+/// too: a dashboard that subscribes afterwards gets it from Outpost's retained store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_command_is_retained_locally_as_sent() {
+    if !tools() {
+        return;
+    }
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    // Sent before the gateway ever connected: delivered on its first subscription.
+    mosquitto_pub(upstream.addr(), "cloud/cfg/interval", "30s", 1, true).expect("the retained command");
+    let config = format!(
+        "[upstream]\nurl = \"{}\"\n\n[[upstream.subscribe]]\nfilter = \"cloud/cfg/#\"\nstrip_prefix = \"cloud/\"\n",
+        upstream.url()
+    );
+    let data = tempfile::tempdir().expect("tempdir");
+    let gateway = GatewaySpec::new(data.path()).config_toml(config).start().await.expect("start the gateway");
+    gateway.wait_for_message(INBOUND_CONNECTED, TIMEOUT).await.expect("the inbound connection");
+    let mut first = subscriber(gateway.listen(), "cfg/#").await;
+    first.wait_for_count(1, TIMEOUT).await.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    // Whether `first` got it live or retained, it is in the store now.
+    let mut later = subscriber(gateway.listen(), "cfg/#").await;
+    later.wait_for_count(1, TIMEOUT).await.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    let counters = stop(gateway).await;
+
+    for dashboard in [&first, &later] {
+        assert_eq!(received(dashboard), [("cfg/interval".to_owned(), "30s".to_owned())]);
+    }
+    assert_eq!(counter(&counters, "inbound_delivered"), 1, "{counters:?}");
 }
