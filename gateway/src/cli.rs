@@ -376,6 +376,7 @@ fn rules_test(
             received_ms: now_ms(),
             client_id: clientid.map(Into::into),
             ticket: None,
+            from_upstream: false,
         };
         let run = crate::route::dry_run(&routing, event, &ids, topic_prefix, policy, MAX_CHAIN_EVENTS);
         for step in &run.steps {
@@ -469,6 +470,11 @@ fn print_step(out: &mut impl Write, step: &crate::route::DryStep) -> std::io::Re
                 String::from_utf8_lossy(payload)
             )?,
             Fate::Drop { rule } => writeln!(out, "  => drop (rule {rule})")?,
+            Fate::NotBackUpstream { rule, topic } => writeln!(
+                out,
+                "  => not forwarded to {topic} (rule {}): it came from upstream",
+                rule.as_deref().unwrap_or("bridge route")
+            )?,
             Fate::LoopPrevented { rule, topic, hops } => writeln!(
                 out,
                 "  => republish {topic} refused: hop limit (max_hops) reached after {hops} republish(es) (rule {rule})"

@@ -218,6 +218,63 @@ pub struct UpstreamConfig {
     /// Whether the payload is also wrapped in a JSON envelope with the event id.
     #[serde(default)]
     pub event_id: EventIdMode,
+    /// `[[upstream.subscribe]]`: commands from the cloud, delivered into the local broker and
+    /// the rules over a second upstream connection with a persistent session (see the README's
+    /// "Commands from the cloud"). Empty: the uplink only sends.
+    #[serde(default)]
+    pub subscribe: Vec<SubscribeConfig>,
+    /// The inbound connection's client id; default `<client_id>-in`. It must differ from
+    /// `client_id`, or each connection would take the other over.
+    #[serde(default)]
+    pub inbound_client_id: Option<String>,
+    /// How long the upstream keeps the inbound session (and the commands queued in it) while
+    /// the link is down. MQTT 5 only: an MQTT 3.1.1 session (clean session 0) is kept for as
+    /// long as the upstream broker's own policy says (mosquitto: `persistent_client_expiration`).
+    #[serde(default = "default_inbound_session_expiry", with = "humantime_serde")]
+    pub inbound_session_expiry: Duration,
+    /// The username the ACL (`broker.acl_file`) checks inbound commands under: the mapped local
+    /// topic must be writable by this user's entries (and its `pattern`s, `%c` being the
+    /// inbound client id). Without an ACL file every mapped topic is allowed.
+    #[serde(default = "default_inbound_acl_user")]
+    pub inbound_acl_user: String,
+}
+
+/// One `[[upstream.subscribe]]` entry: an upstream filter, and how the topics it matches map
+/// to local topics: `strip_prefix` is removed, then `local_prefix` is put in front
+/// (both: the prefix is replaced).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscribeConfig {
+    /// The upstream topic filter, e.g. `"cloud/site-7/cmd/#"`.
+    #[serde(deserialize_with = "deserialize_filter")]
+    pub filter: TopicFilter,
+    /// The QoS asked for: 1 (the default: each command acknowledged upstream only once the
+    /// local broker took it) or 0.
+    #[serde(default = "default_subscribe_qos")]
+    pub qos: u8,
+    /// Removed from the front of every upstream topic; a topic that does not start with it
+    /// is refused (counted `inbound_refused_mapping`). Must be a plain start of `filter`.
+    #[serde(default)]
+    pub strip_prefix: String,
+    /// Put in front of what is left, e.g. `"cmd/"`.
+    #[serde(default)]
+    pub local_prefix: String,
+}
+
+impl SubscribeConfig {
+    /// The local topic for an upstream topic this entry's filter matched, or why there is none.
+    pub fn local_topic(&self, upstream: &str) -> Result<String, &'static str> {
+        let rest =
+            upstream.strip_prefix(self.strip_prefix.as_str()).ok_or("does not start with strip_prefix")?;
+        let local = format!("{}{rest}", self.local_prefix);
+        if local.is_empty() {
+            return Err("maps to an empty topic");
+        }
+        if local.starts_with('$') {
+            return Err("maps to a `$` topic, which only the broker itself may publish");
+        }
+        Ok(local)
+    }
 }
 
 /// The MQTT protocol version of the upstream connection.
@@ -404,6 +461,15 @@ fn default_max_offline_sessions() -> usize {
 }
 fn default_client_id() -> String {
     "outpost".to_owned()
+}
+fn default_inbound_session_expiry() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+fn default_inbound_acl_user() -> String {
+    "outpost-inbound".to_owned()
+}
+fn default_subscribe_qos() -> u8 {
+    1
 }
 fn default_keepalive() -> Duration {
     Duration::from_secs(30)
@@ -846,6 +912,76 @@ impl UpstreamConfig {
                 "must not contain `+`, `#` or NUL; use a plain prefix such as \"site-7/\"",
             );
         }
+        self.check_inbound(invalid);
+    }
+
+    /// The checks of `inbound_*` and `[[upstream.subscribe]]`.
+    fn check_inbound(&self, invalid: &mut impl FnMut(&str, String, &str)) {
+        if self.subscribe.is_empty() {
+            return;
+        }
+        let inbound_id = self.inbound_client_id();
+        if inbound_id == self.client_id {
+            invalid(
+                "upstream.inbound_client_id",
+                inbound_id.clone(),
+                "must differ from upstream.client_id: the two connections would take each other over; delete it to use `<client_id>-in`",
+            );
+        }
+        if inbound_id.is_empty() || inbound_id.len() > 23 * 8 {
+            invalid("upstream.inbound_client_id", inbound_id, "must be 1 to 184 characters");
+        }
+        if self.inbound_acl_user.is_empty() {
+            invalid(
+                "upstream.inbound_acl_user",
+                String::new(),
+                "must not be empty; the default is \"outpost-inbound\"",
+            );
+        }
+        for (idx, entry) in self.subscribe.iter().enumerate() {
+            let key = |field: &str| format!("upstream.subscribe[{idx}].{field}");
+            if entry.qos > 1 {
+                invalid(
+                    &key("qos"),
+                    entry.qos.to_string(),
+                    "must be 0 or 1: the local broker delivers at most QoS 1, and QoS 1 already gets each command to it",
+                );
+            }
+            let filter = entry.filter.as_str();
+            let literal = filter.find(['+', '#']).map_or(filter, |at| &filter[..at]);
+            if !literal.starts_with(entry.strip_prefix.as_str()) {
+                invalid(
+                    &key("strip_prefix"),
+                    entry.strip_prefix.clone(),
+                    &format!(
+                        "must be a plain start of the filter {filter:?} (before any `+` or `#`), or no topic it matches could be mapped"
+                    ),
+                );
+            }
+            if entry.local_prefix.contains(['+', '#', '\0']) || entry.local_prefix.starts_with('$') {
+                invalid(
+                    &key("local_prefix"),
+                    entry.local_prefix.clone(),
+                    "must not contain `+`, `#` or NUL nor start with `$`; use a plain prefix such as \"cmd/\"",
+                );
+            }
+            let mapped =
+                format!("{}{}", entry.local_prefix, &literal[entry.strip_prefix.len().min(literal.len())..]);
+            if mapped.starts_with('$') {
+                invalid(
+                    &key("strip_prefix"),
+                    entry.strip_prefix.clone(),
+                    &format!(
+                        "the filter {filter:?} would map to local `$` topics, which only the broker may publish; strip the `$…` levels or set local_prefix"
+                    ),
+                );
+            }
+        }
+    }
+
+    /// The inbound connection's client id: `inbound_client_id`, or `<client_id>-in`.
+    pub fn inbound_client_id(&self) -> String {
+        self.inbound_client_id.clone().unwrap_or_else(|| format!("{}-in", self.client_id))
     }
 }
 
@@ -932,6 +1068,10 @@ impl UpstreamConfig {
             max_bytes_per_sec: None,
             mqtt_version: MqttVersion::default(),
             event_id: EventIdMode::default(),
+            subscribe: Vec::new(),
+            inbound_client_id: None,
+            inbound_session_expiry: default_inbound_session_expiry(),
+            inbound_acl_user: default_inbound_acl_user(),
         }
     }
 }
@@ -1305,6 +1445,46 @@ mod tests {
     }
 
     #[track_caller]
+    #[test]
+    fn inbound_subscriptions_are_checked_with_their_keys() {
+        let (config, problems) = parse_and_validate(
+            r#"
+[upstream]
+url = "mqtt://127.0.0.1:1883"
+client_id = "gw"
+inbound_client_id = "gw"
+
+[[upstream.subscribe]]
+filter = "cloud/site-7/cmd/#"
+strip_prefix = "cloud/site-7/"
+
+[[upstream.subscribe]]
+filter = "$aws/things/gw/#"
+qos = 2
+strip_prefix = "cloud/"
+local_prefix = "a/#"
+"#,
+        );
+        let text: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        let has = |key: &str| text.iter().any(|t| t.contains(&format!("`{key}`")));
+        assert!(has("upstream.inbound_client_id"), "{text:#?}");
+        assert!(has("upstream.subscribe[1].qos"), "{text:#?}");
+        assert!(has("upstream.subscribe[1].strip_prefix"), "{text:#?}");
+        assert!(has("upstream.subscribe[1].local_prefix"), "{text:#?}");
+        assert!(!text.iter().any(|t| t.contains("subscribe[0]")), "{text:#?}");
+        assert!(text.iter().any(|t| t.contains("line 5")), "the position is named: {text:#?}");
+        let upstream = config.and_then(|c| c.upstream).expect("parsed");
+        assert_eq!(upstream.subscribe[0].local_topic("cloud/site-7/cmd/x"), Ok("cmd/x".to_owned()));
+
+        let (config, problems) = parse_and_validate(
+            "[upstream]\nurl = \"mqtt://127.0.0.1:1883\"\n[[upstream.subscribe]]\nfilter = \"$aws/things/gw/#\"\nstrip_prefix = \"$aws/things/\"\n",
+        );
+        assert!(problems.is_empty(), "{problems:?}");
+        let upstream = config.and_then(|c| c.upstream).expect("parsed");
+        assert_eq!(upstream.inbound_client_id(), "outpost-in");
+        assert_eq!(upstream.subscribe[0].qos, 1);
+    }
+
     fn parse_and_validate(text: &str) -> (Option<GatewayConfig>, Vec<ConfigError>) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("outpost.toml");

@@ -73,6 +73,9 @@ pub struct Event {
     /// The sensor's held acknowledgement: dropped once the event is safe (see
     /// [`crate::ack`]). `None` for QoS 0 and for `broker.ack = "on_receipt"`.
     pub ticket: Option<Ticket>,
+    /// A command from the cloud (`[[upstream.subscribe]]`), or an event a rule republished
+    /// from one: never sent back upstream, by a bridge route or a rule (no loops).
+    pub from_upstream: bool,
 }
 
 /// An event bound upstream, as decided by a route.

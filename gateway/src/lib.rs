@@ -205,7 +205,7 @@ impl Gateway {
             ),
         }
 
-        let republisher = match broker::start(
+        let started = match broker::start(
             &config.broker,
             ids.clone(),
             event_tx,
@@ -216,12 +216,20 @@ impl Gateway {
         )
         .await
         {
-            Ok(republisher) => republisher,
+            Ok(started) => started,
             Err(e) => {
                 cancel.cancel();
                 return Err(e.into());
             }
         };
+        // Commands from the cloud: their own connection and task, stopped by `cancel` with
+        // the broker (it holds a sender of the route stage's input, like a connection).
+        if let Some(upstream) = config.upstream.as_ref().filter(|u| !u.subscribe.is_empty()) {
+            let door = started.commands(&upstream.inbound_acl_user, &upstream.inbound_client_id());
+            let settings = uplink::inbound::settings(upstream, config.broker.max_payload.as_u64());
+            tracker.spawn(uplink::inbound::run(settings, door, metrics.clone(), cancel.clone()));
+        }
+        let republisher = started.republisher;
         let stage = route::RouteStage {
             routing: routing_rx,
             topic_prefix: config.upstream.as_ref().map_or(String::new(), |u| u.topic_prefix.clone()),

@@ -141,6 +141,26 @@ counters! {
     acl_delivery_denied,
     /// Wills not published because the ACL does not let their client write the will topic.
     acl_will_denied,
+    // Commands from the cloud (`uplink::inbound`).
+    /// Messages received on the inbound connection (`[[upstream.subscribe]]`).
+    inbound_received,
+    /// Inbound messages published into the local broker and handed to the route stage.
+    inbound_delivered,
+    /// Inbound messages whose upstream topic the mapping refused (not starting with
+    /// `strip_prefix`, a `$` or invalid local topic): acknowledged upstream, not delivered.
+    inbound_refused_mapping,
+    /// Inbound messages the ACL does not let `upstream.inbound_acl_user` write: acknowledged
+    /// upstream, not delivered.
+    inbound_refused_acl,
+    /// Forwards not made because the event came from upstream (a bridge route or a rule would
+    /// have sent a command back to the cloud).
+    inbound_not_forwarded,
+    /// Inbound connections established.
+    inbound_connects,
+    /// Inbound connection attempts or sessions that failed.
+    inbound_failures,
+    /// Subscriptions (`[[upstream.subscribe]]` filters) the upstream refused in its SUBACK.
+    inbound_subscribe_refused,
     /// Password and ACL files reloaded (SIGHUP).
     auth_reloads,
     /// Reloads refused because a file was unreadable or invalid; the files in force stayed.
@@ -156,6 +176,8 @@ pub struct Gauges {
     pub buffered_events: AtomicU64,
     /// 1 while an upstream connection is up.
     pub upstream_connected: AtomicU64,
+    /// 1 while the inbound connection (`[[upstream.subscribe]]`) is up and subscribed.
+    pub inbound_connected: AtomicU64,
     // Local fan-out (`broker::local`).
     /// Subscriptions held by local sessions (connected and offline).
     pub local_subscriptions: AtomicU64,

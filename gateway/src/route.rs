@@ -101,6 +101,10 @@ pub enum Fate {
     Drop { rule: Arc<str> },
     /// A republish refused because the event reached the hop limit.
     LoopPrevented { rule: Arc<str>, topic: String, hops: u8 },
+    /// A forward not made because the event came from upstream (`[[upstream.subscribe]]`,
+    /// or a republish of such a command): what came from the cloud never goes back to it.
+    /// `rule` is `None` for a bridge route.
+    NotBackUpstream { rule: Option<Arc<str>>, topic: String },
     /// One dead-letter record for the event, naming every rule that sent it there (at most
     /// one such fate per event, where the first rule did).
     DeadLetter { entries: Vec<DeadEntry> },
@@ -142,6 +146,27 @@ pub fn context(event: &Event, hops: u8) -> EventContext<'_> {
 /// any of it: no channel, no counter, no log. The route stage and `outpost rules test`
 /// both call this, so a dry run shows exactly what the gateway does.
 pub fn decide(
+    routing: &Routing,
+    event: &Event,
+    hops: u8,
+    topic_prefix: &str,
+    policy: &TopicPolicy,
+) -> Vec<Fate> {
+    let fates = decide_any(routing, event, hops, topic_prefix, policy);
+    if !event.from_upstream {
+        return fates;
+    }
+    fates
+        .into_iter()
+        .map(|fate| match fate {
+            Fate::Forward { rule, topic, .. } => Fate::NotBackUpstream { rule, topic },
+            other => other,
+        })
+        .collect()
+}
+
+/// [`decide`] for an event of any origin.
+fn decide_any(
     routing: &Routing,
     event: &Event,
     hops: u8,
@@ -229,6 +254,7 @@ pub fn republished_event(parent: &Event, id: u64, topic: String, payload: Bytes)
         received_ms: parent.received_ms,
         client_id: None,
         ticket: parent.ticket.clone(),
+        from_upstream: parent.from_upstream,
     }
 }
 
@@ -424,6 +450,9 @@ impl RouteStage {
                     }
                 }
                 Fate::DeadLetter { entries } => self.dead_letter(event, &entries, &mut logs.dead, now),
+                Fate::NotBackUpstream { .. } => {
+                    Metrics::add(&self.metrics.counters().inbound_not_forwarded, 1)
+                }
             }
         }
         forwards
@@ -515,6 +544,7 @@ mod tests {
             received_ms: 1_000,
             client_id: Some("c1".into()),
             ticket: None,
+            from_upstream: false,
         }
     }
 
@@ -647,6 +677,48 @@ type = "drop"
         let fates = decide(&bridge, &event("a/b", ""), 0, "p/", &policy());
         let [Fate::Forward { rule: None, topic, .. }] = fates.as_slice() else { panic!("{fates:?}") };
         assert_eq!(topic, "p/a/b");
+    }
+
+    /// A command from upstream, and what a rule republishes from it, is never forwarded:
+    /// not by a bridge route `#`, not by a rule's forward.
+    #[test]
+    fn nothing_from_upstream_is_forwarded_back() {
+        let mut command = event("cmd/valve", "open");
+        command.from_upstream = true;
+        let bridge = Routing::Bridge(Bridge::new(&[]));
+        assert_eq!(
+            decide(&bridge, &command, 0, "site/", &policy()),
+            [Fate::NotBackUpstream { rule: None, topic: "site/cmd/valve".into() }]
+        );
+        let routing = rules(
+            r##"
+[[rule]]
+name = "all"
+sql = 'SELECT payload AS p FROM "#"'
+[[rule.action]]
+type = "forward"
+[[rule.action]]
+type = "republish"
+topic = "devices/valve/set"
+"##,
+        );
+        let fates = decide(&routing, &command, 0, "", &policy());
+        assert!(
+            matches!(&fates[0], Fate::NotBackUpstream { rule: Some(r), .. } if &**r == "all"),
+            "{fates:?}"
+        );
+        assert!(
+            matches!(&fates[1], Fate::Republish { topic, .. } if topic == "devices/valve/set"),
+            "{fates:?}"
+        );
+        let child = republished_event(&command, 9, "devices/valve/set".into(), Bytes::new());
+        assert!(child.from_upstream, "a republished command stays a command");
+        assert!(matches!(decide(&routing, &child, 1, "", &policy())[0], Fate::NotBackUpstream { .. }));
+        // The same from a sensor is forwarded.
+        assert!(matches!(
+            decide(&bridge, &event("cmd/valve", ""), 0, "", &policy())[0],
+            Fate::Forward { .. }
+        ));
     }
 
     #[test]

@@ -16,7 +16,9 @@
 //!   when dropped; signals; [`process::rss_kib`].
 //! - [`upstream`]: the brokers and links the gateway relays to: [`upstream::Mosquitto`] (the
 //!   harness's), [`upstream::RumqttdUpstream`] (`outpost-sim broker`),
-//!   [`upstream::SilentUpstream`] (accepts TCP, never answers) and [`upstream::FlakyLink`].
+//!   [`upstream::SilentUpstream`] (accepts TCP, never answers), [`upstream::FlakyLink`] and
+//!   [`upstream::SwitchedLink`] (cut and restored by the test); [`upstream::mosquitto_pub`], a
+//!   cloud application's publish.
 //! - [`gateway`]: [`gateway::GatewayProcess`], the `outpost` binary under test, and the one-shot
 //!   commands (`outpost check`, `outpost buffer stats`).
 //! - [`http`]: a GET against the gateway's `[http]` endpoint and `/metrics` parsed with a

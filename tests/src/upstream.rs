@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use outpost_sim::flaky::{FlakySchedule, run_flaky_link};
+use outpost_sim::flaky::{FlakySchedule, LinkShaping, run_flaky_link, run_switched_link};
 pub use outpost_sim::harness::mosquitto::{MOSQUITTO, MOSQUITTO_PUB, Mosquitto, MosquittoConfig};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
-use crate::process::ChildProcess;
+use crate::process::{ChildProcess, run_to_completion};
 
 /// How long a broker may take to start listening.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(15);
@@ -256,4 +256,62 @@ impl NatsCluster {
     pub fn tail(&self) -> String {
         self.nodes.iter().map(|n| format!("--- {}\n{}", n.name, n.tail())).collect::<Vec<_>>().join("\n")
     }
+}
+
+/// A TCP proxy (`outpost_sim::flaky::run_switched_link`) the test switches off and on: off
+/// closes every proxied connection and refuses new ones, on lets them through again. For
+/// outages whose start and end the test decides (a command sent while the link is down).
+pub struct SwitchedLink {
+    addr: SocketAddr,
+    switch: tokio::sync::watch::Sender<bool>,
+    _stop: DropGuard,
+}
+
+impl SwitchedLink {
+    /// Proxies to `upstream`, up.
+    pub async fn start(upstream: SocketAddr) -> anyhow::Result<SwitchedLink> {
+        let listener =
+            tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot bind the switched link")?;
+        let addr = listener.local_addr()?;
+        let (switch, up) = tokio::sync::watch::channel(true);
+        let cancel = CancellationToken::new();
+        tokio::spawn(run_switched_link(listener, upstream, up, LinkShaping::default(), cancel.clone()));
+        Ok(SwitchedLink { addr, switch, _stop: cancel.drop_guard() })
+    }
+
+    /// Cuts (`false`) or restores (`true`) the link.
+    pub fn set_up(&self, up: bool) {
+        self.switch.send_replace(up);
+    }
+
+    /// The address as the gateway's `upstream.url`.
+    pub fn url(&self) -> String {
+        format!("mqtt://{}", self.addr)
+    }
+}
+
+/// `mosquitto_pub -q QOS -t TOPIC -m MESSAGE` against `broker`, as a cloud application would
+/// send a command; returns once the broker acknowledged it (QoS 1) and the tool exited 0.
+pub fn mosquitto_pub(
+    broker: SocketAddr,
+    topic: &str,
+    message: &str,
+    qos: u8,
+    retain: bool,
+) -> anyhow::Result<()> {
+    let mut command = Command::new(MOSQUITTO_PUB);
+    let port = broker.port().to_string();
+    let qos = qos.to_string();
+    command.args(["-h", &broker.ip().to_string(), "-p", &port, "-q", &qos, "-t", topic, "-m", message]);
+    if retain {
+        command.arg("-r");
+    }
+    let output = run_to_completion(command)?;
+    anyhow::ensure!(
+        output.status.success(),
+        "mosquitto_pub to {topic} failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
 }

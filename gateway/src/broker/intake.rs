@@ -52,6 +52,7 @@ impl Intake {
             received_ms: now_ms(),
             client_id: Some(Arc::clone(client_id)),
             ticket: None,
+            from_upstream: false,
         }
     }
 

@@ -25,6 +25,8 @@
 //!   subscribe and receive what; reloaded on SIGHUP.
 //! - [`intake`] — the channel into the route stage.
 //! - [`Republisher`] — the route stage's way in (rules' `republish`).
+//! - [`Commands`] — the inbound connection's way in (commands from the cloud): checked like
+//!   a local client's publish, then fanned out, retained and routed like one.
 //!
 //! # Shared state
 //! [`Shared`] is what every connection holds: each field is one part, and each part owns its
@@ -39,7 +41,8 @@
 //! - `cfg` and `metrics` are read-only / atomics; `$SYS` status is a `watch` snapshot; the
 //!   intake is a channel.
 //! - Who calls what: connections call every part; the `Republisher` only
-//!   `Local::publish_now`; the expiry task only `Local::expire`; the status task only writes
+//!   `Local::publish_now`; `Commands` what a publishing connection calls (access, retained,
+//!   `Local::publish`, the intake); the expiry task only `Local::expire`; the status task only writes
 //!   the `watch`.
 //!
 //! # Invariants
@@ -57,6 +60,7 @@
 //!   (session takeover) and waits for it to finish before the new one proceeds ([`live`]).
 
 pub mod access;
+mod commands;
 mod conn;
 mod intake;
 mod live;
@@ -77,6 +81,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use self::access::Access;
+pub use self::commands::{Commands, Delivery};
 use self::intake::Intake;
 use self::live::LiveConnections;
 use self::local::Local;
@@ -125,6 +130,21 @@ impl Shared {
     }
 }
 
+/// What [`start`] hands the wiring: the route stage's way into the local broker, and what
+/// makes the inbound connection's. Holding it holds a sender of the route stage's input.
+pub struct Started {
+    pub republisher: Republisher,
+    shared: Arc<Shared>,
+}
+
+impl Started {
+    /// The door for commands from the cloud, checked by the ACL as `acl_user` with client id
+    /// `client_id` (see [`Commands`]).
+    pub fn commands(&self, acl_user: &str, client_id: &str) -> Commands {
+        Commands::new(Arc::clone(&self.shared), acl_user, client_id)
+    }
+}
+
 /// Starts the local broker and the listeners. Returns once the listeners are bound, so
 /// callers (and tests) can connect sensors right away. `heartbeat` is the broker's (the
 /// watchdog): the accept loops and the hand-over to the route stage report on it.
@@ -136,7 +156,7 @@ pub async fn start(
     cancel: CancellationToken,
     tracker: &TaskTracker,
     heartbeat: Heartbeat,
-) -> Result<Republisher, BrokerError> {
+) -> Result<Started, BrokerError> {
     let access = Arc::new(Access::load(cfg)?);
     let mut listeners = vec![bind("broker.listen", cfg.listen).await?];
     if let Some(addr) = cfg.listen_v5 {
@@ -170,7 +190,7 @@ pub async fn start(
         info!(message = "embedded broker listening", %addr, protocols = "MQTT 3.1.1 and 5");
         tracker.spawn(accept(listener, Arc::clone(&shared), cancel.clone(), tracker.clone()));
     }
-    Ok(Republisher::new(local))
+    Ok(Started { republisher: Republisher::new(local), shared })
 }
 
 /// Ends offline persistent sessions whose MQTT 5 session expiry has passed.

@@ -267,6 +267,34 @@ pub const COUNTERS: &[Mapping] = &[
         "Reloads of the password and ACL files (SIGHUP), by result; a failed one keeps the files in force.",
     ),
     m("auth_reload_failures", "outpost_auth_reloads_total", &[("result", "failed")], ""),
+    m(
+        "inbound_received",
+        "outpost_inbound_messages_total",
+        &[("result", "received")],
+        "Commands from the cloud ([[upstream.subscribe]]): received, delivered into the local broker and rules, or refused (by the topic mapping or the ACL).",
+    ),
+    m("inbound_delivered", "outpost_inbound_messages_total", &[("result", "delivered")], ""),
+    m("inbound_refused_mapping", "outpost_inbound_messages_total", &[("result", "refused_mapping")], ""),
+    m("inbound_refused_acl", "outpost_inbound_messages_total", &[("result", "refused_acl")], ""),
+    m(
+        "inbound_not_forwarded",
+        "outpost_inbound_not_forwarded_total",
+        &[],
+        "Forwards not made because the event came from upstream: nothing from the cloud goes back to it.",
+    ),
+    m(
+        "inbound_connects",
+        "outpost_inbound_connections_total",
+        &[("result", "ok")],
+        "Inbound connection attempts, by result.",
+    ),
+    m("inbound_failures", "outpost_inbound_connections_total", &[("result", "failed")], ""),
+    m(
+        "inbound_subscribe_refused",
+        "outpost_inbound_subscriptions_refused_total",
+        &[],
+        "[[upstream.subscribe]] filters the upstream refused in its SUBACK.",
+    ),
 ];
 
 /// Everything one scrape shows, read before encoding.
@@ -281,6 +309,8 @@ pub struct Scrape {
     /// The configured upstream endpoints (`mqtt://host:port`), the label of
     /// `outpost_upstream_connected`: `(endpoint, connected, connects, failures)`.
     pub upstream_endpoints: Vec<(String, bool, u64, u64)>,
+    /// 1 while the inbound connection (`[[upstream.subscribe]]`) is up and subscribed.
+    pub inbound_connected: u64,
     /// The committed part of the buffer, when the store thread answered.
     pub store: Option<StatsReport>,
     pub capacity_events: u64,
@@ -304,6 +334,7 @@ impl Scrape {
             local_subscriptions: Metrics::get(&g.local_subscriptions),
             offline_sessions: Metrics::get(&g.offline_sessions),
             upstream_endpoints: endpoint_samples(metrics),
+            inbound_connected: Metrics::get(&g.inbound_connected),
             store,
             capacity_events: capacity.0,
             capacity_bytes: capacity.1,
@@ -451,6 +482,12 @@ impl Collector for Scrape {
             "outpost_offline_sessions",
             "Persistent sessions whose client is offline.",
             self.offline_sessions as f64,
+        )?;
+        gauge(
+            e,
+            "outpost_inbound_connected",
+            "1 while the inbound connection (commands from the cloud) is up and subscribed.",
+            self.inbound_connected as f64,
         )?;
         let connected: Vec<(Labels<'_>, f64)> = if self.upstream_endpoints.is_empty() {
             vec![(vec![("endpoint", "none")], self.upstream_connected as f64)]
@@ -623,6 +660,7 @@ mod tests {
         metrics.endpoints().configure(["mqtt://10.0.0.5:1883".to_owned(), "mqtt://10.0.0.6:1883".to_owned()]);
         metrics.set_upstream_endpoint(Some(0));
         Metrics::add(&metrics.endpoints().list()[1].failures, 4);
+        Metrics::set(&metrics.gauges().inbound_connected, 1);
         metrics.histograms().commit_duration.observe(0.003);
         let store = StatsReport {
             events: 5,
@@ -642,6 +680,7 @@ mod tests {
             "outpost_events_discarded_total{reason=\"ttl\"} 2",
             "outpost_events_discarded_total{reason=\"overflow\"} 3",
             "outpost_events_discarded_total{reason=\"poison\"} 0",
+            "outpost_inbound_connected 1.0",
             "# TYPE outpost_upstream_connected gauge",
             "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.5:1883\"} 1.0",
             "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.6:1883\"} 0.0",

@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::v5::mqttbytes::v5 as mqtt5;
 
 use super::wire::{FixedHeader, MAX_VARINT, describe_reason, fixed_header, put_varint, varint_len};
@@ -151,6 +151,138 @@ pub fn parse_incoming(buf: &mut BytesMut, version: MqttVersion) -> Result<Option
     }
 }
 
+/// A packet on the inbound connection, as the inbound task needs it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum FromUpstream {
+    /// A message for one of our subscriptions. `topic` is the wire bytes (not checked for
+    /// UTF-8 here: a bad topic is the mapping's to refuse, and a QoS 1 one must still be
+    /// acknowledged, or a persistent session would redeliver it forever).
+    Publish {
+        topic: Bytes,
+        payload: Bytes,
+        qos: u8,
+        pkid: u16,
+        retain: bool,
+    },
+    /// The answer to our SUBSCRIBE: one return code per filter (≥ 0x80 refused).
+    SubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
+    PingResp,
+    /// The upstream ended the connection (with its reason, if MQTT 5).
+    Disconnect(String),
+}
+
+/// Takes the next complete packet of the inbound connection off `buf`; `Ok(None)`: wait for
+/// more bytes. Packets over `max` bytes, malformed ones and those a subscriber never gets
+/// (QoS 2, a PUBACK) end the connection.
+pub fn parse_from_upstream(
+    buf: &mut BytesMut,
+    version: MqttVersion,
+    max: usize,
+) -> Result<Option<FromUpstream>, String> {
+    let Some(FixedHeader { byte1, header_len: header, remaining }) =
+        fixed_header(buf).map_err(|_| "malformed remaining length from the upstream".to_owned())?
+    else {
+        return Ok(None);
+    };
+    if header + remaining > max {
+        return Err(format!(
+            "the upstream sent a {}-byte packet, over the {max} bytes the inbound connection takes (broker.max_payload plus the topic); raise broker.max_payload or keep commands smaller",
+            header + remaining
+        ));
+    }
+    if buf.len() < header + remaining {
+        return Ok(None);
+    }
+    let frame = buf.split_to(header + remaining).freeze();
+    let body = frame.slice(header..);
+    let truncated = || format!("a truncated packet (type {}) from the upstream", byte1 >> 4);
+    match byte1 >> 4 {
+        3 => {
+            let qos = (byte1 >> 1) & 0x03;
+            if qos > 1 {
+                return Err(format!(
+                    "a QoS {qos} PUBLISH from the upstream, which was granted at most QoS 1"
+                ));
+            }
+            let topic_len = usize::from(u16::from_be_bytes([
+                *body.first().ok_or_else(truncated)?,
+                *body.get(1).ok_or_else(truncated)?,
+            ]));
+            let mut at = 2 + topic_len;
+            let topic = body.get(2..at).map(|_| body.slice(2..at)).ok_or_else(truncated)?;
+            let mut pkid = 0;
+            if qos > 0 {
+                let id = body.get(at..at + 2).ok_or_else(truncated)?;
+                pkid = u16::from_be_bytes([id[0], id[1]]);
+                at += 2;
+            }
+            if version == MqttVersion::V5 {
+                let (len, used) = super::wire::read_varint(body.get(at..).unwrap_or_default())
+                    .map_err(|_| truncated())?
+                    .ok_or_else(truncated)?;
+                at += used + len;
+                if at > body.len() {
+                    return Err(truncated());
+                }
+            }
+            let payload = body.slice(at..);
+            Ok(Some(FromUpstream::Publish { topic, payload, qos, pkid, retain: byte1 & 0x01 == 1 }))
+        }
+        9 if remaining >= 3 => {
+            let pkid = u16::from_be_bytes([body[0], body[1]]);
+            let mut at = 2;
+            if version == MqttVersion::V5 {
+                let (len, used) =
+                    super::wire::read_varint(&body[at..]).map_err(|_| truncated())?.ok_or_else(truncated)?;
+                at += used + len;
+            }
+            let codes = body.get(at..).ok_or_else(truncated)?.to_vec();
+            Ok(Some(FromUpstream::SubAck { pkid, codes }))
+        }
+        13 if remaining == 0 => Ok(Some(FromUpstream::PingResp)),
+        14 => Ok(Some(FromUpstream::Disconnect(match body.first() {
+            Some(&code) if version == MqttVersion::V5 => {
+                format!("the upstream disconnected us: {}", describe_reason(code))
+            }
+            _ => "the upstream disconnected us".to_owned(),
+        }))),
+        kind => Err(format!("unexpected packet type {kind} on the inbound connection")),
+    }
+}
+
+/// Appends a SUBSCRIBE for `filters` (filter, QoS). MQTT 5 asks for retain as published and
+/// retained messages only for a subscription that is new, so a reconnect does not replay them.
+pub fn encode_subscribe(out: &mut BytesMut, version: MqttVersion, pkid: u16, filters: &[(&str, u8)]) {
+    let v5 = version == MqttVersion::V5;
+    let mut remaining = 2 + usize::from(v5);
+    for (filter, _) in filters {
+        remaining += 2 + filter.len() + 1;
+    }
+    out.reserve(1 + varint_len(remaining) + remaining);
+    out.put_u8(0x82);
+    put_varint(out, remaining);
+    out.put_u16(pkid);
+    if v5 {
+        out.put_u8(0);
+    }
+    for (filter, qos) in filters {
+        out.put_u16(filter.len() as u16);
+        out.put_slice(filter.as_bytes());
+        // MQTT 5: retain as published (0x08), retained messages only if new (0x10).
+        out.put_u8(if v5 { qos | 0x08 | 0x10 } else { *qos });
+    }
+}
+
+/// Appends a PUBACK (success, for both protocol versions).
+pub fn encode_puback(out: &mut BytesMut, pkid: u16) {
+    out.put_u8(0x40);
+    out.put_u8(0x02);
+    out.put_u16(pkid);
+}
+
 /// Appends a DISCONNECT (reason: normal disconnection, for both protocol versions).
 pub fn encode_disconnect(out: &mut BytesMut) {
     out.put_slice(&[0xE0, 0x00]);
@@ -158,13 +290,38 @@ pub fn encode_disconnect(out: &mut BytesMut) {
 
 /// The CONNECT for one attempt: a clean session, credentials if configured.
 pub fn encode_connect(cfg: &UpstreamConfig, out: &mut BytesMut) -> Result<(), String> {
+    encode_connect_as(cfg, &cfg.client_id, None, MAX_INCOMING, out)
+}
+
+/// The CONNECT of the inbound connection: `client_id`, a persistent session (3.1.1: clean
+/// session 0; MQTT 5: clean start 0 and `session_expiry`), and `max_incoming` as the largest
+/// packet we take (MQTT 5 announces it).
+pub fn encode_inbound_connect(
+    cfg: &UpstreamConfig,
+    client_id: &str,
+    session_expiry: Duration,
+    max_incoming: usize,
+    out: &mut BytesMut,
+) -> Result<(), String> {
+    encode_connect_as(cfg, client_id, Some(session_expiry), max_incoming, out)
+}
+
+/// A CONNECT: a clean session when `persistent` is `None`, else a persistent one that an MQTT
+/// 5 upstream keeps for that long.
+fn encode_connect_as(
+    cfg: &UpstreamConfig,
+    client_id: &str,
+    persistent: Option<Duration>,
+    max_incoming: usize,
+    out: &mut BytesMut,
+) -> Result<(), String> {
     let keep_alive = u16::try_from(cfg.keepalive.as_secs()).unwrap_or(u16::MAX);
     match cfg.mqtt_version {
         MqttVersion::V311 => {
             use rumqttc::mqttbytes::v4;
-            let mut connect = v4::Connect::new(cfg.client_id.clone());
+            let mut connect = v4::Connect::new(client_id.to_owned());
             connect.keep_alive = keep_alive;
-            connect.clean_session = true;
+            connect.clean_session = persistent.is_none();
             if let (Some(user), Some(pass)) = (&cfg.username, &cfg.password) {
                 connect.set_login(user.clone(), pass.clone());
             }
@@ -177,13 +334,15 @@ pub fn encode_connect(cfg: &UpstreamConfig, out: &mut BytesMut) -> Result<(), St
             // Announcing our maximum lets a compliant upstream shorten what it sends us (reason
             // strings) instead of tripping the limit `parse_incoming` enforces.
             let properties = mqtt5::ConnectProperties {
-                max_packet_size: Some(MAX_INCOMING as u32),
+                max_packet_size: Some(u32::try_from(max_incoming).unwrap_or(u32::MAX)),
+                session_expiry_interval: persistent
+                    .map(|expiry| u32::try_from(expiry.as_secs()).unwrap_or(u32::MAX)),
                 ..mqtt5::ConnectProperties::new()
             };
             let connect = mqtt5::Connect {
                 keep_alive,
-                client_id: cfg.client_id.clone(),
-                clean_start: true,
+                client_id: client_id.to_owned(),
+                clean_start: persistent.is_none(),
                 properties: Some(properties),
             };
             let login = match (&cfg.username, &cfg.password) {
@@ -200,6 +359,14 @@ pub fn encode_connect(cfg: &UpstreamConfig, out: &mut BytesMut) -> Result<(), St
 
 /// Reads the CONNACK off `buf`, if complete. `Err` is an operator-readable refusal.
 pub fn parse_connack(buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<Option<LinkParams>, String> {
+    Ok(parse_connack_session(buf, cfg)?.map(|(params, _)| params))
+}
+
+/// [`parse_connack`], with the CONNACK's session present flag.
+pub fn parse_connack_session(
+    buf: &mut BytesMut,
+    cfg: &UpstreamConfig,
+) -> Result<Option<(LinkParams, bool)>, String> {
     let refused = |code: &dyn std::fmt::Debug| {
         format!("the upstream refused the connection ({code:?}): check upstream.client_id and credentials")
     };
@@ -233,7 +400,7 @@ pub fn parse_connack(buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<Option<
             match v4::Packet::read(buf, MAX_INCOMING) {
                 Err(Error::InsufficientBytes(_)) => Ok(None),
                 Ok(v4::Packet::ConnAck(ack)) if ack.code == v4::ConnectReturnCode::Success => {
-                    Ok(Some(params))
+                    Ok(Some((params, ack.session_present)))
                 }
                 Ok(v4::Packet::ConnAck(ack)) => Err(refused(&ack.code)),
                 Ok(other) => Err(malformed(&other)),
@@ -248,7 +415,7 @@ pub fn parse_connack(buf: &mut BytesMut, cfg: &UpstreamConfig) -> Result<Option<
                     if let Some(properties) = ack.properties {
                         apply_connack_limits(&properties, &mut params, configured_max)?;
                     }
-                    Ok(Some(params))
+                    Ok(Some((params, ack.session_present)))
                 }
                 Ok(mqtt5::Packet::ConnAck(ack)) => Err(refused(&ack.code)),
                 Ok(other) => Err(malformed(&other)),
@@ -500,6 +667,105 @@ mod tests {
         let mut buf = BytesMut::from(&[0x20u8, 0x08, 0x00, 0x00, 0x05, 0x27, 0, 0, 0x07, 0xD0][..]);
         let params = parse_connack(&mut buf, &v5_config()).expect("valid").expect("complete");
         assert_eq!(params.max_packet, 2000);
+    }
+
+    /// What a subscriber gets, encoded by rumqttc, parsed by ours: publishes of both QoS and
+    /// protocols (MQTT 5 properties skipped), SUBACKs, a QoS 2 publish refused, the size bound.
+    #[test]
+    fn inbound_packets_parse_as_rumqttc_encodes_them() {
+        use rumqttc::mqttbytes::{QoS, v4};
+        let mut buf = BytesMut::new();
+        let mut p = v4::Publish::new("cloud/cmd/a", QoS::AtLeastOnce, "open");
+        p.pkid = 7;
+        p.retain = true;
+        p.write(&mut buf).expect("write");
+        v4::Publish::new("cloud/cmd/b", QoS::AtMostOnce, "x").write(&mut buf).expect("write");
+        v4::SubAck::new(
+            1,
+            vec![v4::SubscribeReasonCode::Success(QoS::AtLeastOnce), v4::SubscribeReasonCode::Failure],
+        )
+        .write(&mut buf)
+        .expect("write");
+        let next = |buf: &mut BytesMut| parse_from_upstream(buf, MqttVersion::V311, 1024).expect("valid");
+        assert_eq!(
+            next(&mut buf),
+            Some(FromUpstream::Publish {
+                topic: Bytes::from_static(b"cloud/cmd/a"),
+                payload: Bytes::from_static(b"open"),
+                qos: 1,
+                pkid: 7,
+                retain: true
+            })
+        );
+        assert!(matches!(next(&mut buf), Some(FromUpstream::Publish { qos: 0, pkid: 0, retain: false, .. })));
+        assert_eq!(next(&mut buf), Some(FromUpstream::SubAck { pkid: 1, codes: vec![1, 0x80] }));
+        assert_eq!(next(&mut buf), None);
+
+        let mut p5 = mqtt5::Publish::new("t/x", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, "v5", None);
+        p5.pkid = 3;
+        p5.properties =
+            Some(mqtt5::PublishProperties { content_type: Some("text/plain".into()), ..Default::default() });
+        let mut buf = BytesMut::new();
+        mqtt5::Packet::Publish(p5).write(&mut buf, None).expect("write");
+        let Ok(Some(FromUpstream::Publish { topic, payload, pkid, .. })) =
+            parse_from_upstream(&mut buf, MqttVersion::V5, 1024)
+        else {
+            panic!("a v5 publish")
+        };
+        assert_eq!((&topic[..], &payload[..], pkid), (&b"t/x"[..], &b"v5"[..], 3));
+
+        let mut buf = BytesMut::new();
+        let mut q2 = v4::Publish::new("t", QoS::ExactlyOnce, "x");
+        q2.pkid = 1;
+        q2.write(&mut buf).expect("write");
+        assert!(parse_from_upstream(&mut buf.clone(), MqttVersion::V311, 1024).is_err(), "QoS 2");
+        let mut buf = BytesMut::new();
+        v4::Publish::new("t", QoS::AtMostOnce, vec![0u8; 2000]).write(&mut buf).expect("write");
+        let err = parse_from_upstream(&mut buf, MqttVersion::V311, 1024).expect_err("too large");
+        assert!(err.contains("broker.max_payload"), "{err}");
+    }
+
+    /// Our SUBSCRIBE, PUBACK and persistent CONNECT, decoded by rumqttc.
+    #[test]
+    fn inbound_subscribe_puback_and_connect_decode_with_rumqttc() {
+        use rumqttc::mqttbytes::v4;
+        let mut out = BytesMut::new();
+        encode_subscribe(&mut out, MqttVersion::V311, 1, &[("a/#", 1), ("b/+", 0)]);
+        encode_puback(&mut out, 9);
+        let Ok(v4::Packet::Subscribe(sub)) = v4::Packet::read(&mut out, usize::MAX) else {
+            panic!("subscribe")
+        };
+        let filters: Vec<(String, u8)> = sub.filters.iter().map(|f| (f.path.clone(), f.qos as u8)).collect();
+        assert_eq!((sub.pkid, filters), (1, vec![("a/#".to_owned(), 1), ("b/+".to_owned(), 0)]));
+        let Ok(v4::Packet::PubAck(ack)) = v4::Packet::read(&mut out, usize::MAX) else { panic!("puback") };
+        assert_eq!(ack.pkid, 9);
+
+        let mut out = BytesMut::new();
+        encode_subscribe(&mut out, MqttVersion::V5, 1, &[("a/#", 1)]);
+        let Ok(mqtt5::Packet::Subscribe(sub)) = mqtt5::Packet::read(&mut out, None) else {
+            panic!("v5 subscribe")
+        };
+        let f = &sub.filters[0];
+        assert!(
+            f.preserve_retain && f.retain_forward_rule == mqtt5::RetainForwardRule::OnNewSubscribe,
+            "{f:?}"
+        );
+
+        let cfg = UpstreamConfig::with_url("mqtt://127.0.0.1:1883".parse().expect("url"));
+        let mut out = BytesMut::new();
+        encode_inbound_connect(&cfg, "outpost-in", Duration::from_secs(60), 4096, &mut out).expect("encode");
+        let Ok(v4::Packet::Connect(c)) = v4::Packet::read(&mut out, usize::MAX) else { panic!("connect") };
+        assert!(!c.clean_session && c.client_id == "outpost-in");
+        let mut v5 = cfg.clone();
+        v5.mqtt_version = MqttVersion::V5;
+        let mut out = BytesMut::new();
+        encode_inbound_connect(&v5, "outpost-in", Duration::from_secs(60), 4096, &mut out).expect("encode");
+        let Ok(mqtt5::Packet::Connect(c, _, _)) = mqtt5::Packet::read(&mut out, None) else {
+            panic!("v5 connect")
+        };
+        let props = c.properties.expect("properties");
+        assert!(!c.clean_start);
+        assert_eq!((props.session_expiry_interval, props.max_packet_size), (Some(60), Some(4096)));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::upstream::{LinkParams, encode_connect, encode_disconnect, parse_connack};
 use crate::telemetry::{Episode, Failure, readable, reminder_every};
 
-fn describe_io(error: &std::io::Error) -> String {
+pub(super) fn describe_io(error: &std::io::Error) -> String {
     if error.kind() == std::io::ErrorKind::ConnectionRefused {
         "connection refused: is the upstream broker running and is its address in upstream.url (or upstream.urls) right?".to_owned()
     } else {

@@ -14,6 +14,10 @@
 //! - [`session::Session`] is the protocol half, sans I/O: packet ids, keepalive, what the
 //!   upstream's packets mean. It reads from and writes to byte buffers and *returns* what
 //!   happened (an acknowledged publish, a dead link); it never calls into the relay.
+//! - [`inbound::run`] is the other direction: commands from the cloud
+//!   (`[[upstream.subscribe]]`) over a second connection with a persistent session, delivered
+//!   into the local broker and the rules through `broker::Commands`. It shares no state with
+//!   the relay's connection.
 //! - The wire format itself (`encode_publish`, `parse_incoming`, CONNECT, CONNACK) is
 //!   [`crate::mqtt::upstream`].
 //!
@@ -26,13 +30,14 @@
 //! pipe with acks.
 //!
 //! # Invariants
-//! - Every connection starts a clean session: nothing from an old connection can reach a new
+//! - Every connection of the relay starts a clean session: nothing from an old connection can reach a new
 //!   one, and the relay resends everything unacknowledged from its buffer.
 //! - A packet id is in use from the moment its publish is encoded until its PUBACK, and only
 //!   in the session that encoded it.
 
 pub mod connect;
 pub mod endpoints;
+pub mod inbound;
 pub mod session;
 
 use std::future::Future;
