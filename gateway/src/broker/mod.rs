@@ -23,6 +23,8 @@
 //! - [`retained`] — retained messages. [`sys`] — `$SYS/outpost/…` status.
 //! - [`access`] — passwords, `allow_anonymous` and the ACL: who may connect, publish,
 //!   subscribe and receive what; reloaded on SIGHUP.
+//! - `tls` — the `[broker.tls]` listener: handshake slots, the handshake under the
+//!   connection's deadline, the client certificate's identity, reloads on SIGHUP.
 //! - [`intake`] — the channel into the route stage.
 //! - [`Republisher`] — the route stage's way in (rules' `republish`).
 //!

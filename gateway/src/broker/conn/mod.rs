@@ -3,7 +3,8 @@
 //! Split by job: [`handshake`] (CONNECT to CONNACK), [`publish_in`] (the publishing side,
 //! `Inbound`: publishes in, held acknowledgements out, the will) and [`deliver_out`] (the
 //! subscribing side, `Outbound`: subscriptions, deliveries out). This file holds the loop that
-//! drives them, keepalive, and how a connection ends ([`End`], `Connection::close`).
+//! drives them, keepalive, the publish rate limit (`rate`), and how a connection ends
+//! ([`End`], `Connection::close`).
 //!
 //! # Invariants
 //! - Nothing of a connection is shared but its `AckQueue` (with the tickets of its events)
@@ -152,8 +153,12 @@ impl Connection {
         tokio::pin!(pause);
         let mut paused_until = None;
         loop {
-            // Everything complete in the input buffer first.
-            while !self.io.inbuf.is_empty() {
+            // Everything complete in the input buffer first, unless the rate limit says wait:
+            // then what was read stays in the buffer, so a burst read at once costs no more
+            // than the limit allows.
+            while !self.io.inbuf.is_empty()
+                && self.rate.as_ref().is_none_or(|r| r.paused_until(Instant::now()).is_none())
+            {
                 let peek = wire::peek_publish(&self.io.inbuf);
                 match self.io.decode(self.max) {
                     Ok(packet) => {

@@ -1,8 +1,8 @@
 //! A connection's publish rate limit (`broker.max_publish_rate`, `max_publish_bytes_rate`):
-//! token buckets that may go into debt. A read can bring many publishes at once; they are all
-//! handled, the buckets go below zero, and the connection reads its socket again only once
-//! they have refilled to zero. So the average rate holds, nothing read is dropped, and the
-//! sensor is slowed by TCP like any other backpressure.
+//! token buckets that may go one publish into debt. While a bucket is in debt the connection
+//! neither decodes what it already read nor reads its socket; once the bucket refilled to zero
+//! it goes on. So the rate holds (bursts of at most a second's worth), nothing read is
+//! dropped, and the sensor is slowed by TCP like any other backpressure.
 
 use std::time::Duration;
 
