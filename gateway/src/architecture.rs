@@ -18,6 +18,7 @@ const RANKS: &[(&str, u8)] = &[
     ("config", BOTTOM),
     ("auth", BOTTOM),
     ("shutdown", BOTTOM),
+    ("tls", BOTTOM),
     ("telemetry", 1),
     // The stages' heartbeats and the systemd watchdog: every stage holds a heartbeat.
     ("watchdog", 1),

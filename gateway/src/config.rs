@@ -7,6 +7,7 @@
 //! says what replaced them, rather than as unknown.
 
 pub mod http;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -113,6 +114,23 @@ pub struct BrokerConfig {
     /// without credentials (the ACL's anonymous entries then say what it may do).
     #[serde(default)]
     pub allow_anonymous: Option<bool>,
+    /// The TLS listener (`[broker.tls]`); none without the table.
+    #[serde(default)]
+    pub tls: Option<tls::TlsConfig>,
+    /// Publishes per second one connection may send (token bucket, a second's worth of
+    /// burst); beyond it Outpost stops reading that connection's socket until the bucket
+    /// refills, so TCP slows the sensor down and nothing is dropped (counted
+    /// `publish_rate_limited`). Unlimited when absent.
+    #[serde(default)]
+    pub max_publish_rate: Option<NonZeroU32>,
+    /// Publish bytes (topic + payload) per second one connection may send, enforced like
+    /// `max_publish_rate`. Unlimited when absent.
+    #[serde(default)]
+    pub max_publish_bytes_rate: Option<ByteSize>,
+    /// Topic filters one client's session may hold; a SUBSCRIBE beyond it is refused
+    /// (SUBACK 0x80 / 0x97).
+    #[serde(default = "default_max_subscriptions")]
+    pub max_subscriptions: NonZeroUsize,
     /// How often `$SYS/outpost/…` status topics are refreshed.
     #[serde(default = "default_sys_interval", with = "humantime_serde")]
     pub sys_interval: Duration,
@@ -453,6 +471,9 @@ fn default_max_payload() -> ByteSize {
 fn default_connection_timeout() -> Duration {
     Duration::from_secs(5)
 }
+fn default_max_subscriptions() -> NonZeroUsize {
+    NonZeroUsize::new(1000).expect("non-zero literal")
+}
 fn default_max_queued_messages() -> NonZeroUsize {
     NonZeroUsize::new(1000).expect("non-zero literal")
 }
@@ -536,6 +557,10 @@ impl Default for BrokerConfig {
             password_file: None,
             acl_file: None,
             allow_anonymous: None,
+            tls: None,
+            max_publish_rate: None,
+            max_publish_bytes_rate: None,
+            max_subscriptions: default_max_subscriptions(),
             sys_interval: default_sys_interval(),
             max_retained: default_max_retained(),
             max_retained_bytes: default_max_retained_bytes(),
@@ -630,6 +655,11 @@ impl GatewayConfig {
                 }
                 for file in [&mut config.broker.password_file, &mut config.broker.acl_file] {
                     *file = file.as_deref().map(resolve);
+                }
+                if let Some(tls) = &mut config.broker.tls {
+                    tls.cert_file = resolve(&tls.cert_file);
+                    tls.key_file = resolve(&tls.key_file);
+                    tls.ca_file = tls.ca_file.as_deref().map(resolve);
                 }
                 if let Some(http) = &mut config.http {
                     http.bearer_token_file = http.bearer_token_file.as_deref().map(resolve);
@@ -736,6 +766,11 @@ impl GatewayConfig {
                 invalid(&key, value, &reason);
             }
         }
+        if let Some(tls) = &self.broker.tls {
+            for (key, value, reason) in tls.problems(&self.broker) {
+                invalid(&key, value, &reason);
+            }
+        }
         if problems.is_empty() { Ok(()) } else { Err(ConfigErrors(problems)) }
     }
 }
@@ -755,6 +790,20 @@ impl BrokerConfig {
                 "broker.max_payload",
                 self.max_payload.to_string(),
                 "must be between 16B and 256MiB (the MQTT limit)",
+            );
+        }
+        if self.max_publish_bytes_rate.is_some_and(|rate| rate.as_u64() < self.max_payload.as_u64()) {
+            invalid(
+                "broker.max_publish_bytes_rate",
+                self.max_publish_bytes_rate.map(|r| r.to_string()).unwrap_or_default(),
+                "must be at least broker.max_payload, or a publish of the largest allowed size could never be read",
+            );
+        }
+        if self.max_subscriptions.get() > 1_000_000 {
+            invalid(
+                "broker.max_subscriptions",
+                self.max_subscriptions.to_string(),
+                "must be between 1 and 1000000; each filter costs about 200 bytes",
             );
         }
         if self.sys_interval < Duration::from_secs(1) {

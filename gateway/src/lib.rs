@@ -59,6 +59,7 @@ pub mod route;
 pub mod rules;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod uplink;
 pub mod watchdog;
 

@@ -165,6 +165,33 @@ counters! {
     auth_reloads,
     /// Reloads refused because a file was unreadable or invalid; the files in force stayed.
     auth_reload_failures,
+    // The TLS listener (`broker::tls`).
+    /// TLS handshakes completed.
+    tls_handshakes,
+    /// TLS handshakes not finished within `broker.connection_timeout` (a slowloris, or a
+    /// client that speaks plain MQTT to the TLS port).
+    tls_handshakes_failed_timeout,
+    /// Connections closed unread because `broker.tls.max_handshakes` were in progress.
+    tls_handshakes_failed_busy,
+    /// TLS handshakes refused over the client certificate: none when one is required, or
+    /// one `broker.tls.ca_file` does not verify (expired, another CA, wrong usage).
+    tls_handshakes_failed_certificate,
+    /// TLS handshakes whose verified client certificate lacks the name
+    /// `use_identity_as_username` asks for.
+    tls_handshakes_failed_identity,
+    /// Other failed TLS handshakes: not TLS, no common version or cipher suite, closed.
+    tls_handshakes_failed_protocol,
+    /// Certificate reloads (SIGHUP).
+    tls_reloads,
+    /// Certificate reloads refused (a file unreadable or invalid); the certificates in force
+    /// stayed.
+    tls_reload_failures,
+    // Per-client limits.
+    /// Times a connection's socket was left unread because it published faster than
+    /// `broker.max_publish_rate` or `max_publish_bytes_rate`.
+    publish_rate_limited,
+    /// Subscriptions refused because their client holds `broker.max_subscriptions` filters.
+    subscriptions_refused_limit,
 }
 
 /// A shareable handle to the gateway's counters.
@@ -183,6 +210,8 @@ pub struct Gauges {
     pub local_subscriptions: AtomicU64,
     /// Persistent sessions whose client is offline.
     pub offline_sessions: AtomicU64,
+    /// TLS handshakes in progress on the sensor side.
+    pub tls_handshakes_in_progress: AtomicU64,
     /// Signalled whenever `upstream_connected` changes, so `$SYS/outpost/upstream` follows at
     /// once instead of at the next `broker.sys_interval`.
     pub upstream_changed: tokio::sync::Notify,

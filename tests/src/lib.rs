@@ -27,6 +27,8 @@
 //!   a test.
 //! - [`notify`]: [`notify::NotifySocket`], systemd's end of `sd_notify` (`NOTIFY_SOCKET`):
 //!   what the gateway tells its service manager (READY, watchdog pings, STATUS).
+//! - [`tls`]: [`tls::Pki`], certificates made in the test with rcgen (CA, servers valid or
+//!   expired, clients by CN) as PEM files, and the `[broker.tls]` table that uses them.
 //! - [`raw`]: `outpost_sim::harness::raw`, re-exported: hand-encoded MQTT packets, for clients
 //!   that do what rumqttc will not.
 //!
@@ -43,6 +45,7 @@ pub mod gateway;
 pub mod http;
 pub mod mqtt;
 pub mod notify;
+pub mod tls;
 pub mod upstream;
 
 pub use outpost_sim::harness::raw;

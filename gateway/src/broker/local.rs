@@ -7,7 +7,7 @@
 //!
 //! # Invariants
 //! - **Every piece of state a client can create is bounded and released.** Per session:
-//!   `broker.max_queued_messages` queued deliveries, [`super::MAX_FILTERS`] filters. Sessions:
+//!   `broker.max_queued_messages` queued deliveries, `broker.max_subscriptions` filters. Sessions:
 //!   one per connection, plus at most `broker.max_offline_sessions` persistent ones offline
 //!   (beyond it the one offline longest is ended, counted and logged). A clean session's
 //!   subscriptions and queue go with its connection; a persistent one's with its expiry. The
@@ -168,7 +168,7 @@ impl Mailbox {
 /// Why a subscription was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubscribeError {
-    /// The session holds [`super::MAX_FILTERS`] filters already.
+    /// The session holds `broker.max_subscriptions` filters already.
     TooMany,
 }
 

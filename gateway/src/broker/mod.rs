@@ -23,6 +23,8 @@
 //! - [`retained`] — retained messages. [`sys`] — `$SYS/outpost/…` status.
 //! - [`access`] — passwords, `allow_anonymous` and the ACL: who may connect, publish,
 //!   subscribe and receive what; reloaded on SIGHUP.
+//! - `tls` — the `[broker.tls]` listener: handshake slots, the handshake under the
+//!   connection's deadline, the client certificate's identity, reloads on SIGHUP.
 //! - [`intake`] — the channel into the route stage.
 //! - [`Republisher`] — the route stage's way in (rules' `republish`).
 //! - [`Commands`] — the inbound connection's way in (commands from the cloud): checked like
@@ -69,6 +71,7 @@ mod republisher;
 mod retained;
 pub mod subs;
 mod sys;
+mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -76,9 +79,10 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use self::access::Access;
 pub use self::commands::{Commands, Delivery};
@@ -88,13 +92,14 @@ use self::local::Local;
 pub use self::republisher::Republisher;
 use self::retained::RetainedStore;
 use self::sys::Status;
+use self::tls::TlsListener;
 use crate::config::{AckMode, BrokerConfig};
 use crate::event::{Event, IdGen};
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottles;
 use crate::watchdog::Heartbeat;
 
-/// Topic filters one session may hold.
+/// `$SYS` filters one connection may hold (its other filters: `broker.max_subscriptions`).
 pub const MAX_FILTERS: usize = 1_000;
 /// How often offline sessions are checked for an expired MQTT 5 session expiry.
 const EXPIRY_CHECK: Duration = Duration::from_secs(1);
@@ -106,6 +111,9 @@ pub enum BrokerError {
     /// `broker.password_file` or `broker.acl_file` cannot be used.
     #[error(transparent)]
     Auth(#[from] crate::auth::AuthFileError),
+    /// `[broker.tls]`'s certificate, key or CA file cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What all connections share: one field per part (see the module docs for its discipline).
@@ -158,14 +166,19 @@ pub async fn start(
     heartbeat: Heartbeat,
 ) -> Result<Started, BrokerError> {
     let access = Arc::new(Access::load(cfg)?);
-    let mut listeners = vec![bind("broker.listen", cfg.listen).await?];
+    let mut listeners = vec![(bind("broker.listen", cfg.listen).await?, None)];
     if let Some(addr) = cfg.listen_v5 {
-        listeners.push(bind("broker.listen_v5", addr).await?);
+        listeners.push((bind("broker.listen_v5", addr).await?, None));
+    }
+    if let Some(tls) = &cfg.tls {
+        let tls = Arc::new(TlsListener::load(tls, metrics.clone())?);
+        listeners.push((bind("broker.tls.listen", tls.listen()).await?, Some(Arc::clone(&tls))));
+        tracker.spawn(tls::reload_on_hangup(tls, cancel.clone()));
     }
     let limits = local::Limits {
         max_queued: cfg.max_queued_messages.get(),
         max_offline: cfg.max_offline_sessions,
-        max_filters: MAX_FILTERS,
+        max_filters: cfg.max_subscriptions.get(),
     };
     let local = Arc::new(Local::new(limits, metrics.clone()));
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::new()));
@@ -185,10 +198,11 @@ pub async fn start(
     }
     tracker.spawn(sys::refresh(cfg.sys_interval, metrics, status_tx, cancel.clone()));
     tracker.spawn(expire_sessions(Arc::clone(&local), cancel.clone()));
-    for listener in listeners {
+    for (listener, tls) in listeners {
         let addr = listener.local_addr().unwrap_or(cfg.listen);
-        info!(message = "embedded broker listening", %addr, protocols = "MQTT 3.1.1 and 5");
-        tracker.spawn(accept(listener, Arc::clone(&shared), cancel.clone(), tracker.clone()));
+        let transport = if tls.is_some() { "TLS" } else { "TCP" };
+        info!(message = "embedded broker listening", %addr, transport, protocols = "MQTT 3.1.1 and 5");
+        tracker.spawn(accept(listener, tls, Arc::clone(&shared), cancel.clone(), tracker.clone()));
     }
     Ok(Started { republisher: Republisher::new(local), shared })
 }
@@ -207,11 +221,37 @@ async fn expire_sessions(local: Arc<Local>, cancel: CancellationToken) {
     }
 }
 
+/// A TLS connection: its handshake (holding a handshake slot), then the MQTT connection.
+async fn serve_tls(
+    tls: Arc<TlsListener>,
+    slot: tls::Slot,
+    stream: tokio::net::TcpStream,
+    mut accepted: conn::Accepted,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let handshake = tls.handshake(stream, accepted.deadline, &cancel).await;
+    drop(slot);
+    match handshake {
+        Ok((stream, identity)) => {
+            accepted.identity = identity;
+            conn::serve(conn::Stream::Tls(Box::new(stream)), accepted, shared, cancel).await;
+        }
+        Err(failure) => tls.log_failure(&failure, accepted.peer, &shared.logs),
+    }
+}
+
 async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, BrokerError> {
     TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { key, addr, source })
 }
 
-async fn accept(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken, tracker: TaskTracker) {
+async fn accept(
+    listener: TcpListener,
+    tls: Option<Arc<TlsListener>>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     // Taking a connection in hand is a turn; waiting for the next one is not.
     let heartbeat = shared.intake.heartbeat().clone();
     loop {
@@ -222,7 +262,39 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, cancel: Cancellation
         heartbeat.begin();
         let turn = match accepted {
             Ok((stream, peer)) => {
-                tracker.spawn(conn::serve(stream, peer, Arc::clone(&shared), cancel.clone()));
+                let accepted = conn::Accepted {
+                    peer,
+                    deadline: Instant::now() + shared.cfg.connection_timeout,
+                    identity: None,
+                };
+                match &tls {
+                    None => {
+                        tracker.spawn(conn::serve(
+                            conn::Stream::Plain(stream),
+                            accepted,
+                            Arc::clone(&shared),
+                            cancel.clone(),
+                        ));
+                    }
+                    // At the handshake limit the socket is closed unread (counted).
+                    Some(tls) => match tls.slot() {
+                        Some(slot) => {
+                            tracker.spawn(serve_tls(
+                                Arc::clone(tls),
+                                slot,
+                                stream,
+                                accepted,
+                                Arc::clone(&shared),
+                                cancel.clone(),
+                            ));
+                        }
+                        None => {
+                            if let Some(folded) = shared.logs.ready("tls busy") {
+                                warn!(message = "broker.tls.max_handshakes TLS handshakes in progress: closed a new connection unread (a reconnect storm or a handshake flood); clients retry", %peer, similar_since_last_log = folded);
+                            }
+                        }
+                    },
+                }
                 None
             }
             Err(error) => {

@@ -295,6 +295,41 @@ pub const COUNTERS: &[Mapping] = &[
         &[],
         "[[upstream.subscribe]] filters the upstream refused in its SUBACK.",
     ),
+    m(
+        "tls_handshakes",
+        "outpost_tls_handshakes_total",
+        &[("result", "ok")],
+        "TLS handshakes on the sensor listener, by result (failed: by reason).",
+    ),
+    m("tls_handshakes_failed_timeout", "outpost_tls_handshakes_total", &[("result", "timeout")], ""),
+    m("tls_handshakes_failed_busy", "outpost_tls_handshakes_total", &[("result", "busy")], ""),
+    m(
+        "tls_handshakes_failed_certificate",
+        "outpost_tls_handshakes_total",
+        &[("result", "bad_certificate")],
+        "",
+    ),
+    m("tls_handshakes_failed_identity", "outpost_tls_handshakes_total", &[("result", "no_identity")], ""),
+    m("tls_handshakes_failed_protocol", "outpost_tls_handshakes_total", &[("result", "protocol")], ""),
+    m(
+        "tls_reloads",
+        "outpost_tls_reloads_total",
+        &[("result", "ok")],
+        "Reloads of the TLS listener's certificates (SIGHUP), by result; a failed one keeps those in force.",
+    ),
+    m("tls_reload_failures", "outpost_tls_reloads_total", &[("result", "failed")], ""),
+    m(
+        "publish_rate_limited",
+        "outpost_publish_rate_limited_total",
+        &[],
+        "Times a sensor's socket was left unread because it published faster than its rate limit.",
+    ),
+    m(
+        "subscriptions_refused_limit",
+        "outpost_subscriptions_refused_total",
+        &[("reason", "max_subscriptions")],
+        "Subscriptions refused because the client holds broker.max_subscriptions filters.",
+    ),
 ];
 
 /// Everything one scrape shows, read before encoding.
@@ -311,6 +346,7 @@ pub struct Scrape {
     pub upstream_endpoints: Vec<(String, bool, u64, u64)>,
     /// 1 while the inbound connection (`[[upstream.subscribe]]`) is up and subscribed.
     pub inbound_connected: u64,
+    pub tls_handshakes_in_progress: u64,
     /// The committed part of the buffer, when the store thread answered.
     pub store: Option<StatsReport>,
     pub capacity_events: u64,
@@ -335,6 +371,7 @@ impl Scrape {
             offline_sessions: Metrics::get(&g.offline_sessions),
             upstream_endpoints: endpoint_samples(metrics),
             inbound_connected: Metrics::get(&g.inbound_connected),
+            tls_handshakes_in_progress: Metrics::get(&g.tls_handshakes_in_progress),
             store,
             capacity_events: capacity.0,
             capacity_bytes: capacity.1,
@@ -482,6 +519,12 @@ impl Collector for Scrape {
             "outpost_offline_sessions",
             "Persistent sessions whose client is offline.",
             self.offline_sessions as f64,
+        )?;
+        gauge(
+            e,
+            "outpost_tls_handshakes_in_progress",
+            "TLS handshakes in progress on the sensor listener.",
+            self.tls_handshakes_in_progress as f64,
         )?;
         gauge(
             e,

@@ -166,7 +166,10 @@ impl Outbound {
                         granted.codes.push(SubscribeReasonCode::Success(codec::qos(qos)));
                         granted.local.push((filter.path, qos));
                     }
-                    Err(SubscribeError::TooMany) => granted.codes.push(refused(true)),
+                    Err(SubscribeError::TooMany) => {
+                        Metrics::add(&client.shared.metrics.counters().subscriptions_refused_limit, 1);
+                        granted.codes.push(refused(true));
+                    }
                 }
             }
         }

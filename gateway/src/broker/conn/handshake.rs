@@ -8,21 +8,20 @@
 //!   takeover's wait passed), so the session it restores holds everything the other handed
 //!   back.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttd::protocol::{
     self, ConnAck, ConnAckProperties, Connect, ConnectProperties, ConnectReturnCode, LastWill, Login, Packet,
 };
-use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use super::deliver_out::Outbound;
-use super::io::Io;
+use super::io::{Io, Stream};
 use super::publish_in::Inbound;
-use super::{Client, Connection, End};
+use super::{Accepted, Client, Connection, End, rate};
 use crate::broker::Shared;
 use crate::broker::access::Refusal;
 use crate::broker::live::{Full, Registration};
@@ -35,20 +34,21 @@ const HEADER_ROOM: usize = 4096;
 
 /// Runs the handshake. `None`: the connection ended in it (refused, gone, shut down).
 pub(super) async fn connect(
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    accepted: Accepted,
     shared: Arc<Shared>,
     cancel: &CancellationToken,
 ) -> Option<Connection> {
+    let Accepted { peer, deadline, identity } = accepted;
     let mut io = Io::new(stream, peer);
     let max = usize::try_from(shared.cfg.max_payload.as_u64()).unwrap_or(usize::MAX) + HEADER_ROOM;
     let Packet::Connect(connect, props, will, _will_props, login) =
-        read_connect_in_time(&mut io, &shared, cancel, max).await?
+        read_connect_in_time(&mut io, deadline, cancel, max).await?
     else {
         debug!(message = "first packet is not CONNECT; closing", %peer);
         return None;
     };
-    let username = admit(&mut io, &shared, &connect, login.as_ref(), will.as_ref()).await?;
+    let username = admit(&mut io, &shared, &connect, login.as_ref(), will.as_ref(), identity).await?;
     let terms = Terms::of(&connect, props.as_ref(), io.v5());
     let client_id = if terms.assigned {
         format!("outpost-{:016x}", rand::random::<u64>())
@@ -64,6 +64,11 @@ pub(super) async fn connect(
     io.write(connack(&terms, &id, attached.present, max, io.v5()));
     let keepalive =
         (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    let rate = rate::RateLimit::new(
+        shared.cfg.max_publish_rate.map(|r| u64::from(r.get())),
+        shared.cfg.max_publish_bytes_rate.map(|r| r.as_u64()),
+        Instant::now(),
+    );
     let mut connection = Connection {
         io,
         inbound: Inbound::new(will, inbound_permissions),
@@ -71,6 +76,7 @@ pub(super) async fn connect(
         client: Client { shared, id, peer, registration },
         max,
         keepalive,
+        rate,
     };
     if connection.io.flush().await.is_err() {
         connection.close(End::Eof).await;
@@ -82,18 +88,22 @@ pub(super) async fn connect(
 }
 
 /// Applies the CONNECT policy: the username the ACL knows the client by (`Some(None)`:
-/// anonymous); `None`: refused (answered, counted, logged).
+/// anonymous); `None`: refused (answered, counted, logged). `identity`: the name a verified
+/// client certificate gave; it is the username, and no password is checked (mosquitto's
+/// `use_identity_as_username`).
 async fn admit(
     io: &mut Io,
     shared: &Shared,
     connect: &Connect,
     login: Option<&Login>,
     will: Option<&LastWill>,
+    identity: Option<Arc<str>>,
 ) -> Option<Option<Arc<str>>> {
-    let verdict = match policy(shared, connect, will, io.v5()) {
+    let verdict = match (policy(shared, connect, will, io.v5()), identity) {
+        (Verdict::Accept, Some(name)) => Verdict::User(name),
         // Under the same bound as reading the CONNECT: a flood of logins with expensive hashes
         // waits for the password checks' permits, and none waits longer than this.
-        Verdict::Accept => tokio::time::timeout(shared.cfg.connection_timeout, credentials(shared, login))
+        (Verdict::Accept, None) => tokio::time::timeout(shared.cfg.connection_timeout, credentials(shared, login))
             .await
             .unwrap_or_else(|_| {
                 // 3.1.1 has no "busy"; its "server unavailable" is the closest code.
@@ -104,7 +114,7 @@ async fn admit(
                     "password checks backed up past broker.connection_timeout (a CONNECT flood, or a password file with many PBKDF2 iterations on a slow device); the client may retry",
                 )
             }),
-        refused => refused,
+        (refused, _) => refused,
     };
     match verdict {
         Verdict::Accept => Some(None),
@@ -171,15 +181,16 @@ async fn register(
     Some(registration)
 }
 
-/// The CONNECT within `broker.connection_timeout`, unless the gateway stops first.
+/// The CONNECT by `deadline` (`broker.connection_timeout` after the accept), unless the
+/// gateway stops first.
 async fn read_connect_in_time(
     io: &mut Io,
-    shared: &Shared,
+    deadline: Instant,
     cancel: &CancellationToken,
     max: usize,
 ) -> Option<Packet> {
     let peer = io.peer();
-    let handshake = tokio::time::timeout(shared.cfg.connection_timeout, read_connect(io, max));
+    let handshake = tokio::time::timeout_at(deadline, read_connect(io, max));
     let connect = tokio::select! {
         _ = cancel.cancelled() => return None,
         r = handshake => r,

@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use rumqttd::protocol::{self, Packet};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
 use super::End;
@@ -21,9 +21,18 @@ use crate::mqtt::wire::Version;
 /// connection stops reading: TCP slows a client that sends without reading.
 const READ_WHILE_WRITING: usize = 64 * 1024;
 
+/// An accepted socket: plain, or TLS after its handshake.
+pub(in crate::broker) enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
 pub(super) struct Io {
-    rd: OwnedReadHalf,
-    wr: OwnedWriteHalf,
+    rd: Reader,
+    wr: Writer,
     /// Bytes read and not decoded yet.
     pub(super) inbuf: BytesMut,
     /// Packets encoded and not written yet.
@@ -35,9 +44,19 @@ pub(super) struct Io {
 }
 
 impl Io {
-    pub(super) fn new(stream: TcpStream, peer: SocketAddr) -> Io {
-        let _ = stream.set_nodelay(true);
-        let (rd, wr) = stream.into_split();
+    pub(super) fn new(stream: Stream, peer: SocketAddr) -> Io {
+        // One virtual call per read or write buys one connection loop for both kinds.
+        let (rd, wr): (Reader, Writer) = match stream {
+            Stream::Plain(stream) => {
+                let _ = stream.set_nodelay(true);
+                let (rd, wr) = stream.into_split();
+                (Box::new(rd), Box::new(wr))
+            }
+            Stream::Tls(stream) => {
+                let (rd, wr) = tokio::io::split(*stream);
+                (Box::new(rd), Box::new(wr))
+            }
+        };
         Io {
             rd,
             wr,
@@ -90,6 +109,8 @@ impl Io {
         if !self.outbuf.is_empty() {
             self.wr.write_all(&self.outbuf).await.map_err(End::Io)?;
             self.outbuf.clear();
+            // TLS keeps records it could not write yet; a plain socket's flush does nothing.
+            self.wr.flush().await.map_err(End::Io)?;
         }
         Ok(())
     }
@@ -111,14 +132,22 @@ impl Io {
         keepalive: Option<Duration>,
         last_read: &mut Instant,
     ) -> Result<(), End> {
-        while !self.outbuf.is_empty() {
+        if self.outbuf.is_empty() {
+            return Ok(());
+        }
+        // After the last byte is taken, TLS may still hold records: flushed under the same
+        // select, so a client that stops reading is still timed by its keepalive.
+        let mut flushed = false;
+        while !flushed {
             let can_read = self.inbuf.len() < READ_WHILE_WRITING;
             tokio::select! {
                 biased;
-                // `write` and `read_buf` are cancel-safe: a branch that loses did nothing.
-                w = self.wr.write(&self.outbuf) => match w {
-                    Ok(0) => return Err(End::Eof),
-                    Ok(n) => self.outbuf.advance(n),
+                // `write`, `flush` and `read_buf` are cancel-safe: a branch that loses did
+                // nothing.
+                w = write_or_flush(&mut self.wr, &self.outbuf) => match w {
+                    Ok(Some(0)) => return Err(End::Eof),
+                    Ok(Some(n)) => self.outbuf.advance(n),
+                    Ok(None) => flushed = true,
                     Err(e) => return Err(End::Io(e)),
                 },
                 r = self.rd.read_buf(&mut self.inbuf), if can_read => match r {
@@ -138,4 +167,9 @@ impl Io {
         }
         Ok(())
     }
+}
+
+/// Writes some of `buf`, or once it is empty flushes (`None`).
+async fn write_or_flush(wr: &mut Writer, buf: &[u8]) -> std::io::Result<Option<usize>> {
+    if buf.is_empty() { wr.flush().await.map(|()| None) } else { wr.write(buf).await.map(Some) }
 }

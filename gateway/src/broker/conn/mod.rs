@@ -3,7 +3,8 @@
 //! Split by job: [`handshake`] (CONNECT to CONNACK), [`publish_in`] (the publishing side,
 //! `Inbound`: publishes in, held acknowledgements out, the will) and [`deliver_out`] (the
 //! subscribing side, `Outbound`: subscriptions, deliveries out). This file holds the loop that
-//! drives them, keepalive, and how a connection ends ([`End`], `Connection::close`).
+//! drives them, keepalive, the publish rate limit (`rate`), and how a connection ends
+//! ([`End`], `Connection::close`).
 //!
 //! # Invariants
 //! - Nothing of a connection is shared but its `AckQueue` (with the tickets of its events)
@@ -19,6 +20,7 @@ mod deliver_out;
 mod handshake;
 mod io;
 mod publish_in;
+mod rate;
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -26,14 +28,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttd::protocol::{self, Disconnect, DisconnectReasonCode, Packet, PingResp};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
 
 use self::deliver_out::Outbound;
 use self::io::Io;
+pub(super) use self::io::Stream;
 use self::publish_in::Inbound;
+use self::rate::RateLimit;
 use super::Shared;
 use super::live::Registration;
 use crate::metrics::Metrics;
@@ -81,14 +84,24 @@ impl End {
     }
 }
 
+/// Where an accepted socket comes from, for the handshake.
+pub(super) struct Accepted {
+    pub(super) peer: SocketAddr,
+    /// `broker.connection_timeout` after the TCP accept: the CONNECT must have arrived by then
+    /// (a TLS handshake counts against it too).
+    pub(super) deadline: Instant,
+    /// The username a verified client certificate names (`use_identity_as_username`).
+    pub(super) identity: Option<Arc<str>>,
+}
+
 /// Serves one accepted socket until the connection ends.
 pub(super) async fn serve(
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: Stream,
+    accepted: Accepted,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    let Some(mut connection) = handshake::connect(stream, peer, shared, &cancel).await else { return };
+    let Some(mut connection) = handshake::connect(stream, accepted, shared, &cancel).await else { return };
     let end = connection.run().await;
     connection.close(end).await;
 }
@@ -120,6 +133,8 @@ struct Connection {
     max: usize,
     /// 1.5 × the client's keepalive: silence this long ends the connection.
     keepalive: Option<Duration>,
+    /// `broker.max_publish_rate` / `max_publish_bytes_rate`; `None` without either.
+    rate: Option<RateLimit>,
 }
 
 impl Connection {
@@ -133,9 +148,17 @@ impl Connection {
         // every read cost a timer-wheel insert and removal per publish.
         let idle = tokio::time::sleep_until(keepalive.map_or(last_read, |k| last_read + k));
         tokio::pin!(idle);
+        // While the rate limit pauses reading: when it ends.
+        let pause = tokio::time::sleep_until(last_read);
+        tokio::pin!(pause);
+        let mut paused_until = None;
         loop {
-            // Everything complete in the input buffer first.
-            while !self.io.inbuf.is_empty() {
+            // Everything complete in the input buffer first, unless the rate limit says wait:
+            // then what was read stays in the buffer, so a burst read at once costs no more
+            // than the limit allows.
+            while !self.io.inbuf.is_empty()
+                && self.rate.as_ref().is_none_or(|r| r.paused_until(Instant::now()).is_none())
+            {
                 let peek = wire::peek_publish(&self.io.inbuf);
                 match self.io.decode(self.max) {
                     Ok(packet) => {
@@ -164,16 +187,28 @@ impl Connection {
             if let Err(end) = self.flush(idle.as_mut(), &mut last_read, stopped.as_mut()).await {
                 return end;
             }
+            let until = self.rate.as_ref().and_then(|r| r.paused_until(Instant::now()));
+            if until.is_some() && until != paused_until {
+                Metrics::add(&self.client.shared.metrics.counters().publish_rate_limited, 1);
+            }
+            if let Some(until) = until {
+                pause.as_mut().reset(until);
+                // Silence the limit imposes is not the client's: its keepalive waits.
+                last_read = last_read.max(until);
+            }
+            paused_until = until;
+            let paused = until.is_some();
             tokio::select! {
                 biased;
                 _ = &mut stopped => return self.client.why_stopped(),
                 _ = acks.ready() => {}
                 () = self.outbound.queue.ready() => self.outbound.pull(&mut self.io, &self.client.shared),
                 () = self.outbound.sys.changed() => self.outbound.on_status(&mut self.io, &self.client.shared),
-                r = self.io.read_more() => match r {
+                r = self.io.read_more(), if !paused => match r {
                     Ok(()) => last_read = Instant::now(),
                     Err(end) => return end,
                 },
+                () = &mut pause, if paused => {}
                 () = &mut idle, if keepalive.is_some() => {
                     if let Some(k) = keepalive {
                         if last_read.elapsed() >= k {
@@ -204,6 +239,9 @@ impl Connection {
     async fn on_packet(&mut self, packet: Packet, peek: Option<(u8, u16)>) -> Result<(), End> {
         match packet {
             Packet::Publish(publish, properties) => {
+                if let Some(rate) = &mut self.rate {
+                    rate.charge(publish.topic.len() + publish.payload.len(), Instant::now());
+                }
                 self.inbound.on_publish(&mut self.io, &self.client, publish, properties, peek).await
             }
             Packet::PubAck(ack, _) => {
