@@ -35,6 +35,8 @@ const RANKS: &[(&str, u8)] = &[
     // `Gateway`), then the command line.
     ("admin", 6),
     ("http", 6),
+    // The fuzz targets' entry functions: they call into any part below.
+    ("fuzz", 6),
     ("lib", 7),
     ("cli", 8),
 ];

@@ -39,6 +39,7 @@
 //! - [`telemetry`] — logging set-up; the cadence of repeating warnings.
 //! - [`watchdog`] — the stages' heartbeats, the systemd watchdog and `STATUS=` line.
 //! - [`cli`] — the `outpost` command line (the binary only parses and calls in).
+//! - [`fuzz`] — the fuzz targets' entry functions, which the test suite replays on their corpus.
 
 pub mod ack;
 pub mod admin;
@@ -51,6 +52,7 @@ pub mod cli;
 pub mod config;
 pub mod deadletter;
 pub mod event;
+pub mod fuzz;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;

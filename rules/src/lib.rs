@@ -51,6 +51,8 @@
 //! - `time`: calendar arithmetic for the time functions (no clock, no time zones).
 //! - `value`: [`Value`] and its JSON/CBOR (de)serialization.
 //! - `error`: [`RulesError`] and caret rendering.
+//! - `fuzz`: the fuzz targets' entry functions (`rules/fuzz/`), replayed on their corpus by
+//!   `tests/fuzz_corpus.rs`; not part of the API.
 //! - `compat_tests` (tests only): EMQX compatibility cases, each naming the EMQX test or
 //!   function its expected value comes from.
 
@@ -61,6 +63,8 @@ mod engine;
 mod error;
 pub(crate) mod expr;
 mod functions;
+#[doc(hidden)]
+pub mod fuzz;
 mod index;
 mod payload;
 mod table;

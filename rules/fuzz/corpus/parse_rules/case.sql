@@ -1,0 +1,1 @@
+SELECT CASE WHEN payload.a = 1 THEN 'x' ELSE nth(1, split(topic, '/')) END AS c, devices.site FROM "#" LEFT JOIN devices ON devices.device = clientid

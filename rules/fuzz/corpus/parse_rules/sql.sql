@@ -1,0 +1,1 @@
+SELECT payload.temp AS t, clientid, lower(topic) FROM "sensors/#" WHERE payload.temp > 30 AND topic =~ '^sensors/(.+)$'
