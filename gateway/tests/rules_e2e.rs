@@ -70,7 +70,7 @@ async fn start(rules: PathBuf) -> Setup {
     config.broker.listen = listen;
     config.rules = Some(rules);
     config.upstream =
-        Some(UpstreamConfig::with_url(UpstreamUrl { host: "127.0.0.1".into(), port: upstream_addr.port() }));
+        Some(UpstreamConfig::with_url(UpstreamUrl::plain("127.0.0.1", upstream_addr.port())));
     let gateway = outpost::Gateway::start(config).await.expect("gateway starts");
     Setup { gateway, listen, upstream, _data: data }
 }

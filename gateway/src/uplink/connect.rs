@@ -1,4 +1,5 @@
-//! Connecting to the upstream broker: TCP, CONNECT, CONNACK with the upstream's limits,
+//! Connecting to the upstream broker: TCP and TLS ([`super::transport`]), CONNECT, CONNACK with
+//! the upstream's limits,
 //! capped exponential backoff between attempts, and the task that reconnects whenever the
 //! relay drops a [`Link`].
 //!
@@ -7,61 +8,98 @@
 //! [`reminder_every`] with the attempts and the backlog, one line when it is back (after how
 //! long, how much was buffered meanwhile). Back means a connection that lasted
 //! [`HEALTHY_CONNECTION`]: an upstream that accepts and drops every connection is still down.
-//! Every attempt and every connection is logged at debug level.
+//! Every attempt and every connection is logged at debug level. A TLS failure whose reason
+//! changes during an outage (the CA was fixed, now the name does not match) is logged once
+//! more, with what to change; every TLS failure is counted by reason.
 
 use std::time::Duration;
 
 use bytes::BytesMut;
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Link;
+use super::transport::{self, ConnectError, Stream, TlsReason};
 use crate::config::UpstreamConfig;
 use crate::metrics::Metrics;
 use crate::mqtt::upstream::{LinkParams, encode_connect, parse_connack};
 use crate::telemetry::{Episode, Failure, readable, reminder_every};
 
-fn describe_io(error: &std::io::Error) -> String {
-    if error.kind() == std::io::ErrorKind::ConnectionRefused {
-        "connection refused: is the upstream broker running and is upstream.url right?".to_owned()
-    } else {
-        error.to_string()
-    }
-}
-
-/// One connection attempt: TCP, CONNECT, CONNACK, all within `connect_timeout`.
-async fn connect(cfg: &UpstreamConfig) -> Result<(TcpStream, LinkParams, BytesMut), String> {
+/// One connection attempt: TCP, TLS, CONNECT, CONNACK, all within `connect_timeout`.
+async fn connect(cfg: &UpstreamConfig) -> Result<(Stream, LinkParams, BytesMut), ConnectError> {
     let attempt = async {
-        let mut stream =
-            TcpStream::connect((cfg.url.host.as_str(), cfg.url.port)).await.map_err(|e| describe_io(&e))?;
-        // Publishes are written in batches already; Nagle would only add a round trip of delay.
-        stream.set_nodelay(true).map_err(|e| describe_io(&e))?;
-        let mut out = BytesMut::new();
-        encode_connect(cfg, &mut out)?;
-        stream.write_all(&out).await.map_err(|e| describe_io(&e))?;
-        let mut buf = BytesMut::with_capacity(4096);
-        loop {
-            if let Some(params) = parse_connack(&mut buf, cfg)? {
-                return Ok((stream, params, buf));
-            }
-            use tokio::io::AsyncReadExt;
-            if stream.read_buf(&mut buf).await.map_err(|e| describe_io(&e))? == 0 {
-                return Err("the upstream closed the connection before its CONNACK".to_owned());
-            }
-        }
+        let stream = transport::open(cfg, &cfg.url).await?;
+        handshake(cfg, stream).await
     };
     match tokio::time::timeout(cfg.connect_timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => {
-            Err("no CONNACK within upstream.connect_timeout: the host accepts TCP but does not answer MQTT"
-                .to_owned())
+        Err(_) => Err(ConnectError::Network(
+            "no CONNACK within upstream.connect_timeout: the host accepts TCP but does not answer MQTT (or TLS)"
+                .to_owned(),
+        )),
+    }
+}
+
+/// CONNECT (with the password as the files say now) and the CONNACK, on a connected stream.
+/// Also `outpost check --connect`'s last step.
+pub async fn handshake(
+    cfg: &UpstreamConfig,
+    mut stream: Stream,
+) -> Result<(Stream, LinkParams, BytesMut), ConnectError> {
+    let io_error = |e: std::io::Error| match transport::classify_io(&e, cfg, &server_name(cfg)) {
+        Some(failure) => ConnectError::Tls(failure),
+        None => ConnectError::Network(transport::describe_io(&e, None)),
+    };
+    let mut out = BytesMut::new();
+    if cfg.password_file.is_some() {
+        let login = UpstreamConfig { password: transport::password(cfg)?, ..cfg.clone() };
+        encode_connect(&login, &mut out).map_err(ConnectError::Mqtt)?;
+    } else {
+        encode_connect(cfg, &mut out).map_err(ConnectError::Mqtt)?;
+    }
+    stream.write_all(&out).await.map_err(io_error)?;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if let Some(params) = parse_connack(&mut buf, cfg).map_err(ConnectError::Mqtt)? {
+            return Ok((stream, params, buf));
+        }
+        if stream.read_buf(&mut buf).await.map_err(io_error)? == 0 {
+            let hint = match (&stream, cfg.tls.as_ref().and_then(|t| t.cert_file.as_ref())) {
+                (Stream::Tls(_), None) => {
+                    " (if it requires a client certificate, set upstream.tls.cert_file and key_file)"
+                }
+                _ => "",
+            };
+            return Err(ConnectError::Mqtt(format!(
+                "the upstream closed the connection before its CONNACK{hint}"
+            )));
         }
     }
+}
+
+/// The name the server's certificate is checked against.
+fn server_name(cfg: &UpstreamConfig) -> String {
+    cfg.tls.as_ref().and_then(|t| t.server_name.clone()).unwrap_or_else(|| cfg.url.host.clone())
+}
+
+/// Counts a failed attempt's TLS reason.
+fn count_tls(metrics: &Metrics, reason: TlsReason) {
+    let c = metrics.counters();
+    let counter = match reason {
+        TlsReason::UnknownCa => &c.upstream_tls_unknown_ca,
+        TlsReason::ServerExpired => &c.upstream_tls_server_expired,
+        TlsReason::ClientExpired => &c.upstream_tls_client_expired,
+        TlsReason::Hostname => &c.upstream_tls_hostname,
+        TlsReason::ClientCertRequired => &c.upstream_tls_client_cert_required,
+        TlsReason::ClientCertRefused => &c.upstream_tls_client_cert_refused,
+        TlsReason::Protocol => &c.upstream_tls_protocol,
+        TlsReason::Other => &c.upstream_tls_other,
+    };
+    Metrics::add(counter, 1);
 }
 
 /// A connection that lasted this long was healthy: the next attempt starts from
@@ -214,6 +252,9 @@ pub async fn run(
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
     let mut health = Health::default();
     let mut log = HealthLog { cfg: &cfg, metrics: &metrics, accepted_at_outage: 0 };
+    // The TLS reason of the outage's failures so far: a new one is logged even between
+    // reminders, since it means something changed (a file was fixed, another one is wrong).
+    let mut tls_reason: Option<TlsReason> = None;
     for generation in 1.. {
         if generation == 1 {
             info!(message = "connecting upstream", upstream = %cfg.url, version = ?cfg.mqtt_version, generation);
@@ -226,6 +267,7 @@ pub async fn run(
         };
         match attempt {
             Ok((stream, params, inbuf)) => {
+                tls_reason = None;
                 let since = Instant::now();
                 Metrics::add(&counters.upstream_connects, 1);
                 metrics.set_upstream_connected(true);
@@ -259,6 +301,7 @@ pub async fn run(
                 let Some(error) = lost else { return };
                 if since.elapsed() >= HEALTHY_CONNECTION {
                     backoff.reset();
+                    tls_reason = None;
                 }
                 Metrics::add(&counters.upstream_failures, 1);
                 debug!(message = "upstream connection ended", upstream = %cfg.url, generation, lasted = ?since.elapsed(), %error);
@@ -267,7 +310,17 @@ pub async fn run(
             Err(error) => {
                 Metrics::add(&counters.upstream_failures, 1);
                 debug!(message = "upstream connection attempt failed", upstream = %cfg.url, generation, %error);
-                log.write(health.failed(Instant::now()), generation, &error, 0);
+                let reason = error.tls_reason();
+                if let Some(reason) = reason {
+                    count_tls(&metrics, reason);
+                }
+                let error = error.to_string();
+                let note = health.failed(Instant::now());
+                if note.is_none() && reason.is_some() && reason != tls_reason {
+                    warn!(message = "upstream TLS handshake fails for another reason now; events are kept in the buffer", upstream = %cfg.url, %error);
+                }
+                tls_reason = reason;
+                log.write(note, generation, &error, 0);
             }
         }
         let delay = backoff.next_delay();
