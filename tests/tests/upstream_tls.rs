@@ -224,6 +224,10 @@ async fn mutual_tls_relays_once_a_refused_client_certificate_is_replaced() {
     // A client certificate the server does not trust.
     let rogue = TestCa::new("rogue CA").expect("ca");
     rogue.issue(&Leaf::client()).expect("issue").write(files.dir.path(), "client").expect("write");
+    // A key others may read: one WARN, not one per attempt.
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(files.path("client.key"), std::fs::Permissions::from_mode(0o644))
+        .expect("chmod");
     let config = files.write_config(&files.config(&upstream.url("localhost"), true));
 
     let mut subscriber =
@@ -240,6 +244,13 @@ async fn mutual_tls_relays_once_a_refused_client_certificate_is_replaced() {
     // The renewed certificate, from the right CA, replaces the files; no restart.
     ca.issue(&Leaf::client()).expect("issue").write(files.dir.path(), "client").expect("write");
     assert_delivered(&gateway, &mut subscriber, data.path()).await;
+    let warnings = gateway.messages("a secret file is readable by other users");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(warnings[0]["key"], "upstream.tls.key_file", "{warnings:?}");
+    let expiry = gateway.messages("upstream client certificate");
+    assert!(expiry.first().is_some_and(|line| line.get("expires_in").is_some()), "{expiry:?}");
+    let logs = gateway.tail();
+    assert!(!logs.contains("PRIVATE KEY"), "no key material in the log");
     let counters = stop(gateway).await;
     assert!(counters.get("upstream_tls_client_cert_refused").is_some_and(|&n| n > 0), "{counters:?}");
 }
