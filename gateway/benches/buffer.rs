@@ -614,8 +614,7 @@ struct Gw {
 }
 
 fn gw_config(data_dir: &Path, listen_port: u16, upstream_port: u16, inflight: u16) -> GatewayConfig {
-    let mut upstream =
-        UpstreamConfig::with_url(UpstreamUrl { host: "127.0.0.1".into(), port: upstream_port });
+    let mut upstream = UpstreamConfig::with_url(UpstreamUrl::plain("127.0.0.1", upstream_port));
     upstream.inflight = inflight;
     upstream.client_id = format!("outpost-bench-{listen_port}");
     GatewayConfig {

@@ -36,7 +36,7 @@ pub enum Command {
     Run(ConfigArgs),
     /// Check everything `run` needs without starting: the config, the rules file and its
     /// tables, the data directory. Exit 0 if all is well, 1 with every problem if not.
-    Check(ConfigArgs),
+    Check(CheckArgs),
     /// Inspect the durable buffer.
     #[command(subcommand)]
     Buffer(BufferCommand),
@@ -145,7 +145,7 @@ pub struct ConfigArgs {
     /// Listen address for sensors (MQTT 3.1.1 and 5), e.g. 0.0.0.0:1883.
     #[arg(long, env = "OUTPOST_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// Upstream broker, mqtt://host:port.
+    /// Upstream broker, mqtt://host:port or mqtts://host:port.
     #[arg(long, env = "OUTPOST_UPSTREAM")]
     pub upstream: Option<UpstreamUrl>,
     /// Where the durable buffer lives.
@@ -154,6 +154,17 @@ pub struct ConfigArgs {
     /// Rules file.
     #[arg(long, env = "OUTPOST_RULES")]
     pub rules: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Then try the upstream once — TCP, TLS, MQTT CONNECT — and print each step's result
+    /// (exit 2 if a step fails). It connects with upstream.client_id: a running gateway with
+    /// the same id is disconnected once (it reconnects and resends what was unacknowledged).
+    #[arg(long)]
+    pub connect: bool,
 }
 
 #[derive(Debug, Args)]
@@ -523,7 +534,8 @@ fn error_chain(e: &anyhow::Error) -> String {
 
 /// `outpost check`: everything `run` reads before it binds a port — the config, the rules
 /// file and its tables, the data directory — with every problem found, one a line.
-fn check(args: &ConfigArgs) -> ExitCode {
+fn check(check_args: &CheckArgs) -> ExitCode {
+    let args = &check_args.config;
     let (config, problems) = GatewayConfig::load_all(args.config.as_deref(), &args.overrides());
     let mut problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
     if let Some(config) = &config {
@@ -533,6 +545,9 @@ fn check(args: &ConfigArgs) -> ExitCode {
             }
         }
         problems.extend(crate::buffer::store::check_data_dir(&config.data_dir));
+        if let Some(upstream) = &config.upstream {
+            problems.extend(tls_file_problems(upstream));
+        }
     }
     match config {
         Some(config) if problems.is_empty() => {
@@ -545,9 +560,150 @@ fn check(args: &ConfigArgs) -> ExitCode {
                 config.upstream.as_ref().map_or("none".to_owned(), |u| u.endpoint_list()),
                 config.rules.as_ref().map_or("none".to_owned(), |r| r.display().to_string()),
             );
-            ExitCode::SUCCESS
+            match &config.upstream {
+                Some(upstream) if check_args.connect => try_upstream(upstream),
+                None if check_args.connect => {
+                    eprintln!("outpost: --connect: no upstream configured (set [upstream] url)");
+                    ExitCode::from(2)
+                }
+                _ => ExitCode::SUCCESS,
+            }
         }
         _ => refuse(problems),
+    }
+}
+
+/// The TLS and password files parsed as a connection would parse them (the config's own
+/// check only opened them).
+fn tls_file_problems(upstream: &crate::config::UpstreamConfig) -> Vec<String> {
+    use crate::uplink::pem;
+    let mut problems = Vec::new();
+    if let Some(tls) = &upstream.tls {
+        for (key, path) in
+            [("upstream.tls.ca_file", &tls.ca_file), ("upstream.tls.cert_file", &tls.cert_file)]
+        {
+            if let Some(Err(e)) = path.as_deref().map(pem::certificates) {
+                problems.push(format!("{key}: {e}"));
+            }
+        }
+        if let Some(Err(e)) = tls.key_file.as_deref().map(pem::private_key) {
+            problems.push(format!("upstream.tls.key_file: {e}"));
+        }
+    }
+    problems
+}
+
+/// `outpost check --connect`: TCP, TLS, CONNECT to every endpoint in order, each step's result
+/// on its own line; fails if any endpoint does.
+fn try_upstream(cfg: &crate::config::UpstreamConfig) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("outpost: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let endpoints = cfg.endpoints();
+    let ok = runtime.block_on(async {
+        let mut all = true;
+        for url in &endpoints {
+            if endpoints.len() > 1 {
+                println!("endpoint {url}:");
+            }
+            all &= try_endpoint(cfg, url).await;
+        }
+        all
+    });
+    if ok { ExitCode::SUCCESS } else { ExitCode::from(2) }
+}
+
+/// One step's line of `outpost check --connect`; true if it succeeded.
+fn step(name: &str, result: Result<String, String>) -> bool {
+    match result {
+        Ok(detail) => {
+            println!("{name}: ok ({detail})");
+            true
+        }
+        Err(why) => {
+            println!("{name}: FAILED: {why}");
+            false
+        }
+    }
+}
+
+/// TCP, TLS and CONNECT to one endpoint, each step printed; true if all succeeded.
+async fn try_endpoint(cfg: &crate::config::UpstreamConfig, url: &crate::config::UpstreamUrl) -> bool {
+    use crate::uplink::{connect, transport};
+    let late = |what: &str| {
+        format!(
+            "no answer within upstream.connect_timeout ({}) at the {what} step",
+            humantime::format_duration(cfg.connect_timeout)
+        )
+    };
+    let started = std::time::Instant::now();
+    let tcp = tokio::time::timeout(cfg.connect_timeout, transport::tcp(url))
+        .await
+        .map_or_else(|_| Err(late("TCP")), |r| r.map_err(|e| e.to_string()));
+    let tcp = match tcp {
+        Ok(tcp) => {
+            let peer = tcp.peer_addr().map_or_else(|_| "?".to_owned(), |a| a.to_string());
+            step(
+                &format!("tcp {}:{}", url.host, url.port),
+                Ok(format!("connected to {peer} in {} ms", started.elapsed().as_millis())),
+            );
+            tcp
+        }
+        Err(e) => return step(&format!("tcp {}:{}", url.host, url.port), Err(e)),
+    };
+    let stream = if url.tls {
+        let started = std::time::Instant::now();
+        let tls = tokio::time::timeout(cfg.connect_timeout, transport::tls(cfg, url, tcp))
+            .await
+            .map_or_else(|_| Err(late("TLS")), |r| r.map_err(|e| e.to_string()));
+        match tls {
+            Ok(stream) => {
+                let detail = format!(
+                    "{}, server certificate verified, in {} ms",
+                    stream.describe(),
+                    started.elapsed().as_millis()
+                );
+                step("tls", Ok(detail));
+                stream
+            }
+            Err(e) => return step("tls", Err(e)),
+        }
+    } else {
+        println!("tls: skipped (the endpoint is mqtt://, plain TCP)");
+        transport::Stream::Plain(tcp)
+    };
+    let started = std::time::Instant::now();
+    let name = format!("mqtt CONNECT as {:?}", cfg.client_id);
+    let done = tokio::time::timeout(cfg.connect_timeout, connect::handshake(cfg, url, stream))
+        .await
+        .map_or_else(|_| Err(late("CONNECT")), |r| r.map_err(|e| e.to_string()));
+    match done {
+        Ok((mut stream, params, _)) => {
+            let detail = format!(
+                "CONNACK accepted in {} ms, MQTT {}, receive maximum {}",
+                started.elapsed().as_millis(),
+                match params.version {
+                    crate::config::MqttVersion::V311 => "3.1.1",
+                    crate::config::MqttVersion::V5 => "5",
+                },
+                params.receive_max
+            );
+            step(&name, Ok(detail));
+            use tokio::io::AsyncWriteExt as _;
+            let mut out = bytes::BytesMut::new();
+            crate::mqtt::upstream::encode_disconnect(&mut out);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+                stream.write_all(&out).await?;
+                stream.shutdown().await
+            })
+            .await;
+            true
+        }
+        Err(e) => step(&name, Err(e)),
     }
 }
 
@@ -661,7 +817,7 @@ mod tests {
                 .expect("parses");
         let Command::Run(args) = cli.command else { panic!("run") };
         assert_eq!(args.listen, Some("127.0.0.1:1999".parse().expect("addr")));
-        assert_eq!(args.upstream, Some(UpstreamUrl { host: "h".into(), port: 1 }));
+        assert_eq!(args.upstream, Some(UpstreamUrl::plain("h", 1)));
     }
 
     #[test]

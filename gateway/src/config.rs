@@ -8,6 +8,7 @@
 
 pub mod http;
 pub mod tls;
+pub mod upstream_tls;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -179,7 +180,8 @@ pub struct BrokerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
-    /// `mqtt://host:port`: the one endpoint. Give either `url` or `urls`; use
+    /// `mqtt://host:port`, or `mqtts://host:port` for TLS (verified against the system's roots
+    /// unless `[upstream.tls]` says otherwise): the one endpoint. Give either `url` or `urls`; use
     /// [`UpstreamConfig::endpoints`] to read them.
     #[serde(default)]
     pub url: Option<UpstreamUrl>,
@@ -198,6 +200,14 @@ pub struct UpstreamConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// A file holding the password (its first line), read at every connect so a rotated
+    /// password needs no restart, and kept out of the config file. Relative paths are resolved
+    /// from the config file.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// How an `mqtts://` upstream is verified, and the client certificate for mutual TLS.
+    #[serde(default)]
+    pub tls: Option<upstream_tls::UpstreamTlsConfig>,
     #[serde(default = "default_keepalive", with = "humantime_serde")]
     pub keepalive: Duration,
     /// How long to wait for TCP connect plus CONNACK before giving up on an attempt.
@@ -395,16 +405,30 @@ pub enum LogFormat {
     Json,
 }
 
-/// A validated `mqtt://host:port` address.
+/// A validated `mqtt://host:port` or `mqtts://host:port` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamUrl {
     pub host: String,
     pub port: u16,
+    /// `mqtts://`: the connection is TLS.
+    pub tls: bool,
+}
+
+impl UpstreamUrl {
+    /// A plain `mqtt://` address.
+    pub fn plain(host: impl Into<String>, port: u16) -> UpstreamUrl {
+        UpstreamUrl { host: host.into(), port, tls: false }
+    }
 }
 
 impl std::fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
     }
 }
 
@@ -414,20 +438,23 @@ impl std::str::FromStr for UpstreamUrl {
     fn from_str(s: &str) -> Result<UpstreamUrl, String> {
         let url = url::Url::parse(s)
             .map_err(|e| format!("{e}; expected mqtt://host:port, e.g. mqtt://10.0.0.5:1883"))?;
-        match url.scheme() {
-            "mqtt" | "tcp" => {}
-            "mqtts" | "ssl" => {
-                return Err("TLS upstreams (mqtts://) are not supported yet; use mqtt://host:port".into());
+        let tls = match url.scheme() {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            other => {
+                return Err(format!(
+                    "unknown scheme `{other}`; expected mqtt://host:port or mqtts://host:port"
+                ));
             }
-            other => return Err(format!("unknown scheme `{other}`; expected mqtt://host:port")),
-        }
+        };
         let host = url.host_str().filter(|h| !h.is_empty()).ok_or("no host; expected mqtt://host:port")?;
         if url.path() != "" && url.path() != "/" {
             return Err(format!("unexpected path `{}`; expected mqtt://host:port", url.path()));
         }
         Ok(UpstreamUrl {
             host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
-            port: url.port().unwrap_or(1883),
+            port: url.port().unwrap_or(if tls { 8883 } else { 1883 }),
+            tls,
         })
     }
 }
@@ -664,6 +691,12 @@ impl GatewayConfig {
                 if let Some(http) = &mut config.http {
                     http.bearer_token_file = http.bearer_token_file.as_deref().map(resolve);
                 }
+                if let Some(upstream) = &mut config.upstream {
+                    upstream.password_file = upstream.password_file.as_deref().map(resolve);
+                    if let Some(tls) = &mut upstream.tls {
+                        tls.resolve(resolve);
+                    }
+                }
                 (config, parsed.problems, parsed.positions, path.display().to_string())
             }
             None => (GatewayConfig::default(), Vec::new(), BTreeMap::new(), "built-in defaults".to_owned()),
@@ -750,6 +783,11 @@ impl GatewayConfig {
         self.broker.check(&mut invalid);
         if let Some(upstream) = &self.upstream {
             upstream.check(&mut invalid);
+            if let Some(tls) = &upstream.tls {
+                for (key, value, reason) in tls.problems(upstream.endpoints().iter().any(|u| u.tls)) {
+                    invalid(&key, value, &reason);
+                }
+            }
         }
         self.buffer.check(&mut invalid);
         for (idx, route) in self.routes.iter().enumerate() {
@@ -954,6 +992,25 @@ impl UpstreamConfig {
                 );
             }
         }
+        if let Some(path) = &self.password_file {
+            if self.password.is_some() {
+                invalid(
+                    "upstream.password_file",
+                    path.display().to_string(),
+                    "upstream.password is set too; keep one: delete upstream.password (the file keeps it out of the config)",
+                );
+            }
+            if self.username.is_none() {
+                invalid(
+                    "upstream.password_file",
+                    path.display().to_string(),
+                    "MQTT sends a password only with a username: set upstream.username",
+                );
+            }
+            if let Err(reason) = upstream_tls::readable(path) {
+                invalid("upstream.password_file", path.display().to_string(), &reason);
+            }
+        }
         if self.topic_prefix.contains(['+', '#', '\0']) {
             invalid(
                 "upstream.topic_prefix",
@@ -1105,6 +1162,8 @@ impl UpstreamConfig {
             client_id: default_client_id(),
             username: None,
             password: None,
+            password_file: None,
+            tls: None,
             keepalive: default_keepalive(),
             connect_timeout: default_connect_timeout(),
             reconnect_min: default_reconnect_min(),
@@ -1407,7 +1466,7 @@ mod tests {
         };
         let c = GatewayConfig::load(None, &overrides).expect("defaults are valid");
         let up = c.upstream.expect("upstream from override");
-        assert_eq!(up.endpoints(), vec![UpstreamUrl { host: "10.0.0.5".into(), port: 1884 }]);
+        assert_eq!(up.endpoints(), vec![UpstreamUrl::plain("10.0.0.5", 1884)]);
         assert_eq!(c.broker.listen.port(), 2000);
     }
 

@@ -84,6 +84,24 @@ counters! {
     upstream_failures,
     /// Times the link left another endpoint for the preferred one (`upstream.failback_after`).
     upstream_failbacks,
+    // Failed upstream TLS handshakes by reason (`uplink::transport::TlsReason`); each is also
+    // an `upstream_failures`.
+    /// The server's certificate is not issued by a trusted CA (`upstream.tls.ca_file`).
+    upstream_tls_unknown_ca,
+    /// The server's certificate is expired or not yet valid.
+    upstream_tls_server_expired,
+    /// The server refused our client certificate as expired.
+    upstream_tls_client_expired,
+    /// The server's certificate is not valid for the name connected to.
+    upstream_tls_hostname,
+    /// The server requires a client certificate and got none.
+    upstream_tls_client_cert_required,
+    /// The server refused our client certificate.
+    upstream_tls_client_cert_refused,
+    /// No TLS version or cipher suite in common.
+    upstream_tls_protocol,
+    /// Any other TLS failure (not a TLS server, a broken record).
+    upstream_tls_other,
     /// Events acknowledged upstream before they had to be written: never touched the disk.
     acked_before_commit,
     /// Events written to the buffer file.

@@ -21,8 +21,7 @@ async fn an_mqtt5_sensor_reaches_the_upstream() {
     config.broker.listen = free_addr().expect("a free port");
     let v5 = free_addr().expect("a free port");
     config.broker.listen_v5 = Some(v5);
-    config.upstream =
-        Some(UpstreamConfig::with_url(UpstreamUrl { host: "127.0.0.1".into(), port: upstream.port() }));
+    config.upstream = Some(UpstreamConfig::with_url(UpstreamUrl::plain("127.0.0.1", upstream.port())));
     let gateway = outpost::Gateway::start(config).await.expect("gateway starts");
 
     let mut opts = MqttOptions::new("sensor-v5", "127.0.0.1", v5.port());

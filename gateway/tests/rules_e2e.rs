@@ -69,8 +69,7 @@ async fn start(rules: PathBuf) -> Setup {
     let mut config = GatewayConfig { data_dir: data.path().to_owned(), ..Default::default() };
     config.broker.listen = listen;
     config.rules = Some(rules);
-    config.upstream =
-        Some(UpstreamConfig::with_url(UpstreamUrl { host: "127.0.0.1".into(), port: upstream_addr.port() }));
+    config.upstream = Some(UpstreamConfig::with_url(UpstreamUrl::plain("127.0.0.1", upstream_addr.port())));
     let gateway = outpost::Gateway::start(config).await.expect("gateway starts");
     Setup { gateway, listen, upstream, _data: data }
 }

@@ -34,8 +34,9 @@ use tokio_util::sync::CancellationToken;
 use crate::flaky::{LinkShaping, run_switched_link};
 use crate::fleet::{FleetConfig, FleetProgress, FleetSummary, run_fleet_with_progress};
 use crate::harness::free_addr;
+use crate::harness::pki::{Leaf, TestCa, mosquitto_tls_listener};
 use crate::process::ProcessStats;
-use crate::systems::{Gateway, GatewayKind, GatewaySpec, start_upstream_mosquitto};
+use crate::systems::{Gateway, GatewayKind, GatewaySpec, start_upstream_mosquitto_with};
 use crate::verify::{Subscriber, VerifyReport, start_subscriber};
 
 /// What to compare and how hard.
@@ -69,6 +70,9 @@ pub struct CompareConfig {
     pub autosave: Duration,
     /// Run phases 2 and 3.
     pub outage_phases: bool,
+    /// Run each gateway twice: over plain TCP to the upstream, then over TLS (a test CA
+    /// made for the run, the upstream mosquitto with a TLS listener).
+    pub tls: bool,
     /// Where logs, configs and data go; a temporary directory if unset.
     pub work_dir: Option<PathBuf>,
 }
@@ -172,14 +176,18 @@ pub async fn run_compare(cfg: CompareConfig, cancel: CancellationToken) -> anyho
         }
     };
     let mut systems = Vec::new();
+    let transports: &[bool] = if cfg.tls { &[false, true] } else { &[false] };
     for &kind in &cfg.kinds {
-        let system_dir = work_dir.join(kind.name());
-        let run = run_system(&cfg, kind, &system_dir);
-        let result = tokio::select! {
-            () = cancel.cancelled() => anyhow::bail!("interrupted"),
-            result = run => result.with_context(|| format!("the {} run failed (logs in {})", kind.name(), work_dir.display()))?,
-        };
-        systems.push(result);
+        for &tls in transports {
+            let name = system_name(kind, tls);
+            let system_dir = work_dir.join(name);
+            let run = run_system(&cfg, kind, tls, &system_dir);
+            let result = tokio::select! {
+                () = cancel.cancelled() => anyhow::bail!("interrupted"),
+                result = run => result.with_context(|| format!("the {name} run failed (logs in {})", work_dir.display()))?,
+            };
+            systems.push(result);
+        }
     }
     Ok(CompareReport {
         machine: machine_description(),
@@ -191,15 +199,40 @@ pub async fn run_compare(cfg: CompareConfig, cancel: CancellationToken) -> anyho
     })
 }
 
-/// All phases for one gateway kind.
+/// A system's name in the table: the gateway, and `+tls` when its upstream link is TLS.
+fn system_name(kind: GatewayKind, tls: bool) -> &'static str {
+    match (kind, tls) {
+        (GatewayKind::Outpost, false) => "outpost",
+        (GatewayKind::Outpost, true) => "outpost+tls",
+        (GatewayKind::MosquittoBridge, false) => "mosquitto-bridge",
+        (GatewayKind::MosquittoBridge, true) => "mosquitto-bridge+tls",
+    }
+}
+
+/// All phases for one gateway kind. With `tls` the upstream mosquitto gets a TLS listener
+/// (a certificate for localhost from a CA made here) and the gateway is pointed at it; the
+/// verifier still reads the plain listener.
 async fn run_system(
     cfg: &CompareConfig,
     kind: GatewayKind,
+    tls: bool,
     dir: &std::path::Path,
 ) -> anyhow::Result<SystemResult> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let upstream_addr = free_addr()?;
-    let _upstream = start_upstream_mosquitto(&cfg.mosquitto, upstream_addr, dir).await?;
+    let (gateway_upstream, tls_ca, extra) = if tls {
+        let ca = TestCa::new("outpost-sim compare CA")?;
+        let ca_file = dir.join("upstream-ca.pem");
+        ca.write_cert(&ca_file)?;
+        let server = ca.issue(&Leaf::server())?.write(dir, "upstream-server")?;
+        let tls_addr = free_addr()?;
+        let listener = mosquitto_tls_listener(tls_addr.port(), &ca_file, &server, false);
+        (tls_addr, Some(ca_file), listener)
+    } else {
+        (upstream_addr, None, String::new())
+    };
+    let _upstream = start_upstream_mosquitto_with(&cfg.mosquitto, upstream_addr, dir, &extra).await?;
+    let name = system_name(kind, tls);
     let spec = |phase: &str, upstream: SocketAddr| -> anyhow::Result<GatewaySpec> {
         Ok(GatewaySpec {
             kind,
@@ -213,11 +246,12 @@ async fn run_system(
             outpost_config: cfg.outpost_config.clone(),
             rules: None,
             autosave: cfg.autosave,
+            tls_ca: tls_ca.clone(),
         })
     };
 
-    eprintln!("== {}: rate steps", kind.name());
-    let mut gateway = Gateway::start(spec("steps", upstream_addr)?).await?;
+    eprintln!("== {name}: rate steps");
+    let mut gateway = Gateway::start(spec("steps", gateway_upstream)?).await?;
     let mut steps = Vec::new();
     for &rate in &cfg.rates {
         let step = run_step(cfg, &mut gateway, upstream_addr, rate).await?;
@@ -241,8 +275,8 @@ async fn run_system(
     if cfg.outage_phases {
         for crash_it in [false, true] {
             let phase = if crash_it { "crash" } else { "outage" };
-            eprintln!("== {}: {phase}", kind.name());
-            let result = run_outage(cfg, upstream_addr, spec(phase, upstream_addr)?, crash_it).await?;
+            eprintln!("== {name}: {phase}");
+            let result = run_outage(cfg, upstream_addr, spec(phase, gateway_upstream)?, crash_it).await?;
             eprintln!(
                 "   acked {} lost {} duplicates {} first after {} drain {} peak RSS {:.1} MiB",
                 result.acked,
@@ -259,7 +293,7 @@ async fn run_system(
             }
         }
     }
-    Ok(SystemResult { gateway: kind.name(), steps, outage, crash })
+    Ok(SystemResult { gateway: name, steps, outage, crash })
 }
 
 /// One rate step on a running gateway.
@@ -306,6 +340,8 @@ async fn run_step(
 
 /// An outage phase on a fresh gateway behind a switched link; with `crash`, the gateway is
 /// SIGKILLed halfway through the outage and started again.
+/// `upstream` is where the verifier subscribes; the link leads to `spec.upstream` (the same
+/// broker, its TLS listener with `--tls`).
 async fn run_outage(
     cfg: &CompareConfig,
     upstream: SocketAddr,
@@ -317,7 +353,7 @@ async fn run_outage(
     let (switch, up) = watch::channel(true);
     let stop_link = CancellationToken::new();
     let _stop_link = stop_link.clone().drop_guard();
-    tokio::spawn(run_switched_link(link_listener, upstream, up, LinkShaping::default(), stop_link));
+    tokio::spawn(run_switched_link(link_listener, spec.upstream, up, LinkShaping::default(), stop_link));
     spec.upstream = link_addr;
     let mut gateway = Gateway::start(spec).await?;
 

@@ -90,6 +90,7 @@ async fn demo_in(
         dir: dir.path().to_path_buf(),
         outpost_config: cfg.config.clone(),
         rules: cfg.rules.clone(),
+        tls_ca: None,
         autosave: Duration::ZERO,
     };
     let gateway = Gateway::start(spec).await?;

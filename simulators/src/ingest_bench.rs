@@ -298,6 +298,7 @@ async fn start_gateway(
         dir,
         outpost_config: Some(config_path),
         rules: None,
+        tls_ca: None,
         autosave: Duration::from_secs(1),
     };
     let hint = if ack.is_some() {

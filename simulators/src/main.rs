@@ -256,6 +256,10 @@ struct CompareArgs {
     /// Skip the outage and crash phases.
     #[arg(long)]
     no_outage: bool,
+    /// Run each system twice, over plain TCP and over TLS to the upstream (certificates made
+    /// for the run; the bridge uses `bridge_cafile`).
+    #[arg(long)]
+    tls: bool,
     /// A smoke run: rates 2000,10000, 4 s steps, 2 s lead-in, 6 s outage; 48 s of publishing
     /// (both systems), plus start-ups and drains.
     #[arg(long)]
@@ -695,6 +699,7 @@ async fn run_compare(args: CompareArgs, cancel: CancellationToken) -> anyhow::Re
         drain_timeout: args.drain_timeout,
         autosave: args.autosave,
         outage_phases: !args.no_outage,
+        tls: args.tls,
         work_dir: args.work_dir,
     };
     if args.quick {

@@ -58,6 +58,10 @@ pub struct GatewaySpec {
     pub outpost_config: Option<PathBuf>,
     /// Outpost only: passed as `--rules`.
     pub rules: Option<PathBuf>,
+    /// TLS to the upstream (`upstream` is then its TLS listener): the CA file its certificate
+    /// is verified against. Outpost gets `mqtts://localhost:PORT` and `upstream.tls.ca_file`,
+    /// the bridge `bridge_cafile`.
+    pub tls_ca: Option<PathBuf>,
     /// Mosquitto only: `autosave_interval`, in whole seconds (0 saves only on exit).
     pub autosave: Duration,
 }
@@ -109,8 +113,19 @@ impl Gateway {
                 let persistence = self.spec.dir.join("persistence");
                 std::fs::create_dir_all(&persistence)
                     .with_context(|| format!("cannot create {}", persistence.display()))?;
-                let config =
+                let mut config =
                     bridge_config(self.spec.listen, self.spec.upstream, &persistence, self.spec.autosave);
+                if let Some(ca) = &self.spec.tls_ca {
+                    // The certificate names localhost; the bridge checks the name it dials.
+                    config = config.replace(
+                        &format!("address {}\n", self.spec.upstream),
+                        &format!(
+                            "address localhost:{}\nbridge_cafile {}\n",
+                            self.spec.upstream.port(),
+                            ca.display()
+                        ),
+                    );
+                }
                 let path = self.spec.dir.join("mosquitto-edge.conf");
                 std::fs::write(&path, config).with_context(|| format!("cannot write {}", path.display()))?;
                 let mut command = Command::new(&self.spec.binary);
@@ -156,8 +171,11 @@ impl Gateway {
             Some(path) => path.clone(),
             None => {
                 let path = self.spec.dir.join("outpost.toml");
-                std::fs::write(&path, outpost_config(self.spec.upstream))
-                    .with_context(|| format!("cannot write {}", path.display()))?;
+                let mut config = outpost_config(self.spec.upstream);
+                if let Some(ca) = &self.spec.tls_ca {
+                    config.push_str(&format!("\n[upstream.tls]\nca_file = \"{}\"\n", ca.display()));
+                }
+                std::fs::write(&path, config).with_context(|| format!("cannot write {}", path.display()))?;
                 path
             }
         };
@@ -174,7 +192,10 @@ impl Gateway {
             .arg("--listen")
             .arg(self.spec.listen.to_string())
             .arg("--upstream")
-            .arg(format!("mqtt://{}", self.spec.upstream))
+            .arg(match &self.spec.tls_ca {
+                Some(_) => format!("mqtts://localhost:{}", self.spec.upstream.port()),
+                None => format!("mqtt://{}", self.spec.upstream),
+            })
             .arg("--data-dir")
             .arg(self.data_dir());
         if let Some(rules) = &self.spec.rules {
@@ -261,8 +282,18 @@ pub async fn start_upstream_mosquitto(
     listen: SocketAddr,
     dir: &Path,
 ) -> anyhow::Result<ChildProcess> {
+    start_upstream_mosquitto_with(binary, listen, dir, "").await
+}
+
+/// Like [`start_upstream_mosquitto`], with `extra` lines (another listener) at the end.
+pub async fn start_upstream_mosquitto_with(
+    binary: &Path,
+    listen: SocketAddr,
+    dir: &Path,
+    extra: &str,
+) -> anyhow::Result<ChildProcess> {
     let path = dir.join(format!("mosquitto-upstream-{}.conf", listen.port()));
-    std::fs::write(&path, upstream_config(listen))
+    std::fs::write(&path, upstream_config(listen) + extra)
         .with_context(|| format!("cannot write {}", path.display()))?;
     let mut command = Command::new(binary);
     command.arg("-c").arg(&path);

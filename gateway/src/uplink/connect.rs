@@ -1,4 +1,5 @@
-//! Connecting to the upstream broker: TCP, CONNECT, CONNACK with the upstream's limits,
+//! Connecting to the upstream broker: TCP and TLS ([`super::transport`]), CONNECT, CONNACK with
+//! the upstream's limits,
 //! capped exponential backoff between attempts, and the task that reconnects whenever the
 //! relay drops a [`Link`].
 //!
@@ -10,6 +11,9 @@
 //! Every attempt and every connection is logged at debug level. With several endpoints
 //! (`upstream.urls`), each endpoint's own failures are logged the same way (its first failure,
 //! reminders, its return), and [`super::endpoints`] decides which one comes next.
+//! Every attempt and every connection is logged at debug level. A TLS failure whose reason
+//! changes during an outage (the CA was fixed, now the name does not match) is logged once
+//! more, with what to change; every TLS failure is counted by reason.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -18,59 +22,96 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::endpoints::{Endpoints, Next};
+use super::transport::{self, ConnectError, Stream, TlsReason};
 use super::{Link, RETIRED};
 use crate::config::{UpstreamConfig, UpstreamUrl};
 use crate::metrics::Metrics;
 use crate::mqtt::upstream::{LinkParams, encode_connect, encode_disconnect, parse_connack};
 use crate::telemetry::{Episode, Failure, readable, reminder_every};
 
-pub(super) fn describe_io(error: &std::io::Error) -> String {
-    if error.kind() == std::io::ErrorKind::ConnectionRefused {
-        "connection refused: is the upstream broker running and is its address in upstream.url (or upstream.urls) right?".to_owned()
-    } else {
-        error.to_string()
-    }
-}
-
-/// One connection attempt to `endpoint`: TCP, CONNECT, CONNACK, all within `connect_timeout`.
+/// One connection attempt to `endpoint`: TCP, TLS, CONNECT, CONNACK, all within
+/// `connect_timeout`.
 async fn connect(
     cfg: &UpstreamConfig,
     endpoint: &UpstreamUrl,
-) -> Result<(TcpStream, LinkParams, BytesMut), String> {
+) -> Result<(Stream, LinkParams, BytesMut), ConnectError> {
     let attempt = async {
-        let mut stream =
-            TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await.map_err(|e| describe_io(&e))?;
-        // Publishes are written in batches already; Nagle would only add a round trip of delay.
-        stream.set_nodelay(true).map_err(|e| describe_io(&e))?;
-        let mut out = BytesMut::new();
-        encode_connect(cfg, &mut out)?;
-        stream.write_all(&out).await.map_err(|e| describe_io(&e))?;
-        let mut buf = BytesMut::with_capacity(4096);
-        loop {
-            if let Some(params) = parse_connack(&mut buf, cfg)? {
-                return Ok((stream, params, buf));
-            }
-            use tokio::io::AsyncReadExt;
-            if stream.read_buf(&mut buf).await.map_err(|e| describe_io(&e))? == 0 {
-                return Err("the upstream closed the connection before its CONNACK".to_owned());
-            }
-        }
+        let stream = transport::open(cfg, endpoint).await?;
+        handshake(cfg, endpoint, stream).await
     };
     match tokio::time::timeout(cfg.connect_timeout, attempt).await {
         Ok(result) => result,
-        Err(_) => {
-            Err("no CONNACK within upstream.connect_timeout: the host accepts TCP but does not answer MQTT"
-                .to_owned())
+        Err(_) => Err(ConnectError::Network(
+            "no CONNACK within upstream.connect_timeout: the host accepts TCP but does not answer MQTT (or TLS)"
+                .to_owned(),
+        )),
+    }
+}
+
+/// CONNECT (with the password as the files say now) and the CONNACK, on a connected stream.
+/// Also `outpost check --connect`'s last step.
+pub async fn handshake(
+    cfg: &UpstreamConfig,
+    endpoint: &UpstreamUrl,
+    mut stream: Stream,
+) -> Result<(Stream, LinkParams, BytesMut), ConnectError> {
+    let io_error = |e: std::io::Error| match transport::classify_io(&e, cfg, &server_name(cfg, endpoint)) {
+        Some(failure) => ConnectError::Tls(failure),
+        None => ConnectError::Network(transport::describe_io(&e, None)),
+    };
+    let mut out = BytesMut::new();
+    if cfg.password_file.is_some() {
+        let login = UpstreamConfig { password: transport::password(cfg)?, ..cfg.clone() };
+        encode_connect(&login, &mut out).map_err(ConnectError::Mqtt)?;
+    } else {
+        encode_connect(cfg, &mut out).map_err(ConnectError::Mqtt)?;
+    }
+    stream.write_all(&out).await.map_err(io_error)?;
+    let mut buf = BytesMut::with_capacity(4096);
+    loop {
+        if let Some(params) = parse_connack(&mut buf, cfg).map_err(ConnectError::Mqtt)? {
+            return Ok((stream, params, buf));
+        }
+        if stream.read_buf(&mut buf).await.map_err(io_error)? == 0 {
+            let hint = match (&stream, cfg.tls.as_ref().and_then(|t| t.cert_file.as_ref())) {
+                (Stream::Tls(_), None) => {
+                    " (if it requires a client certificate, set upstream.tls.cert_file and key_file)"
+                }
+                _ => "",
+            };
+            return Err(ConnectError::Mqtt(format!(
+                "the upstream closed the connection before its CONNACK{hint}"
+            )));
         }
     }
+}
+
+/// The name the server's certificate is checked against.
+fn server_name(cfg: &UpstreamConfig, endpoint: &UpstreamUrl) -> String {
+    cfg.tls.as_ref().and_then(|t| t.server_name.clone()).unwrap_or_else(|| endpoint.host.clone())
+}
+
+/// Counts a failed attempt's TLS reason.
+fn count_tls(metrics: &Metrics, reason: TlsReason) {
+    let c = metrics.counters();
+    let counter = match reason {
+        TlsReason::UnknownCa => &c.upstream_tls_unknown_ca,
+        TlsReason::ServerExpired => &c.upstream_tls_server_expired,
+        TlsReason::ClientExpired => &c.upstream_tls_client_expired,
+        TlsReason::Hostname => &c.upstream_tls_hostname,
+        TlsReason::ClientCertRequired => &c.upstream_tls_client_cert_required,
+        TlsReason::ClientCertRefused => &c.upstream_tls_client_cert_refused,
+        TlsReason::Protocol => &c.upstream_tls_protocol,
+        TlsReason::Other => &c.upstream_tls_other,
+    };
+    Metrics::add(counter, 1);
 }
 
 /// A connection that lasted this long was healthy: the next attempt starts from
@@ -245,7 +286,7 @@ fn log_endpoint_back(back: Option<(Duration, u64)>, endpoint: &str) {
 async fn probe(cfg: &UpstreamConfig, endpoint: &UpstreamUrl) -> Result<(), String> {
     let mut probe_cfg = cfg.clone();
     probe_cfg.client_id = format!("{}-probe", cfg.client_id);
-    let (mut stream, _, _) = connect(&probe_cfg, endpoint).await?;
+    let (mut stream, _, _) = connect(&probe_cfg, endpoint).await.map_err(|e| e.to_string())?;
     let mut out = BytesMut::new();
     encode_disconnect(&mut out);
     // The answer was the CONNACK; whether the DISCONNECT arrives changes nothing.
@@ -287,6 +328,9 @@ pub async fn run(
     let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
     let mut health = Health::default();
     let mut log = HealthLog { metrics: &metrics, all: cfg.endpoint_list(), accepted_at_outage: 0 };
+    // The TLS reason of the outage's failures so far: a new one is logged even between
+    // reminders, since it means something changed (a file was fixed, another one is wrong).
+    let mut tls_reason: Option<TlsReason> = None;
     for generation in 1.. {
         let idx = endpoints.current();
         let endpoint = &names[idx];
@@ -301,6 +345,7 @@ pub async fn run(
         };
         let next = match attempt {
             Ok((stream, params, inbuf)) => {
+                tls_reason = None;
                 let since = Instant::now();
                 Metrics::add(&counters.upstream_connects, 1);
                 stats(idx).inspect(|s| Metrics::add(&s.connects, 1));
@@ -388,6 +433,7 @@ pub async fn run(
                         let proven = lasted >= HEALTHY_CONNECTION;
                         if proven {
                             backoff.reset();
+                            tls_reason = None;
                         }
                         Metrics::add(&counters.upstream_failures, 1);
                         stats(idx).inspect(|s| Metrics::add(&s.failures, 1));
@@ -403,12 +449,22 @@ pub async fn run(
                 Metrics::add(&counters.upstream_failures, 1);
                 stats(idx).inspect(|s| Metrics::add(&s.failures, 1));
                 debug!(message = "upstream connection attempt failed", upstream = %endpoint, generation, %error);
+                let reason = error.tls_reason();
+                if let Some(reason) = reason {
+                    count_tls(&metrics, reason);
+                }
+                let error = error.to_string();
                 let now = Instant::now();
                 let (note, next) = endpoints.attempt_failed(idx, now);
                 if many {
                     log_endpoint(note, endpoint, &error);
                 }
-                log.write(health.failed(now), generation, endpoint, &error, 0);
+                let note = health.failed(now);
+                if note.is_none() && reason.is_some() && reason != tls_reason {
+                    warn!(message = "upstream TLS handshake fails for another reason now; events are kept in the buffer", upstream = %endpoint, %error);
+                }
+                tls_reason = reason;
+                log.write(note, generation, endpoint, &error, 0);
                 next
             }
         };

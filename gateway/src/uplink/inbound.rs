@@ -26,19 +26,19 @@
 //!   at least once, as for events going up.
 //! - The log follows the link's state: one line when it is lost or cannot be reached, a
 //!   reminder every 10 minutes, one when it is back. Attempts are at debug level.
-//! - How a URL becomes a connected stream is [`dial`] alone; the endpoints are tried in order.
+//! - How a URL becomes a connected stream (TCP, or TLS for `mqtts://`) is the outbound link's
+//!   [`transport::open`]; the endpoints are tried in order.
 
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::Backoff;
-use super::connect::describe_io;
+use super::transport::{self, Stream};
 use crate::broker::{Commands, Delivery};
 use crate::config::{SubscribeConfig, UpstreamConfig, UpstreamUrl};
 use crate::event::escape_topic;
@@ -64,43 +64,40 @@ pub struct InboundSettings {
     pub max_incoming: usize,
 }
 
-/// Turns an endpoint into a connected byte stream. The one place that knows the transport.
-pub async fn dial(url: &UpstreamUrl) -> std::io::Result<TcpStream> {
-    let stream = TcpStream::connect((url.host.as_str(), url.port)).await?;
-    // PUBACKs are small and each one lets the upstream send the next command.
-    stream.set_nodelay(true)?;
-    Ok(stream)
-}
-
 /// An established inbound connection.
 struct Connection {
-    stream: TcpStream,
+    stream: Stream,
     params: LinkParams,
     session_present: bool,
     inbuf: BytesMut,
     endpoint: UpstreamUrl,
 }
 
-/// One attempt at one endpoint: TCP, CONNECT with the persistent session, CONNACK.
+/// One attempt at one endpoint: TCP (and TLS, as the outbound link: [`transport::open`]),
+/// CONNECT with the persistent session, CONNACK.
 async fn connect(settings: &InboundSettings, endpoint: &UpstreamUrl) -> Result<Connection, String> {
     let cfg = &settings.upstream;
     let attempt = async {
-        let mut stream = dial(endpoint).await.map_err(|e| describe_io(&e))?;
+        let mut stream = transport::open(cfg, endpoint).await.map_err(|e| e.to_string())?;
+        let describe_io = |e: std::io::Error| transport::describe_io(&e, Some((cfg, endpoint)));
+        // The password as `upstream.password_file` says now, as for the outbound link.
+        let login =
+            UpstreamConfig { password: transport::password(cfg).map_err(|e| e.to_string())?, ..cfg.clone() };
         let mut out = BytesMut::new();
         encode_inbound_connect(
-            cfg,
+            &login,
             &cfg.inbound_client_id(),
             cfg.inbound_session_expiry,
             settings.max_incoming,
             &mut out,
         )?;
-        stream.write_all(&out).await.map_err(|e| describe_io(&e))?;
+        stream.write_all(&out).await.map_err(describe_io)?;
         let mut inbuf = BytesMut::with_capacity(4096);
         loop {
             if let Some((params, session_present)) = parse_connack_session(&mut inbuf, cfg)? {
                 return Ok(Connection { stream, params, session_present, inbuf, endpoint: endpoint.clone() });
             }
-            if stream.read_buf(&mut inbuf).await.map_err(|e| describe_io(&e))? == 0 {
+            if stream.read_buf(&mut inbuf).await.map_err(describe_io)? == 0 {
                 return Err("the upstream closed the connection before its CONNACK".to_owned());
             }
         }

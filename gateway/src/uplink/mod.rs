@@ -3,12 +3,16 @@
 //! the relay task owns each link from its CONNACK on and drives both the socket and the
 //! session, so no channel sits between the relay's policy and the socket.
 //!
-//! - [`connect::run`] connects (TCP, CONNECT, CONNACK), with capped exponential backoff between
-//!   attempts, and hands each established connection to the relay as a [`Link`]. When the
-//!   relay drops the link — lost, refused, or at shutdown — it learns why and reconnects.
+//! - [`connect::run`] connects (TCP, TLS, CONNECT, CONNACK), with capped exponential backoff
+//!   between attempts, and hands each established connection to the relay as a [`Link`]. When
+//!   the relay drops the link — lost, refused, or at shutdown — it learns why and reconnects.
+//! - [`transport`] turns a URL into a connected [`transport::Stream`], plain TCP or TLS (with
+//!   the certificate files read at each attempt), and tells a failed handshake's reason;
+//!   [`pem`] reads the PEM files.
 //! - [`Link`] is the socket half, generic over the byte stream (`AsyncRead + AsyncWrite +
-//!   Unpin`), so a TLS stream drops in without touching the relay. It writes what the relay
-//!   encoded with one `send()` per loop turn and reads into a buffer; it knows no packet.
+//!   Unpin`; [`transport::Stream`] in the gateway, so TLS needs nothing of the relay). It writes
+//!   what the relay encoded with one `write` per loop turn — over TLS, one vectored write of
+//!   the turn's records — and reads into a buffer; it knows no packet.
 //! - [`endpoints::Endpoints`] is the failover policy over `upstream.urls`, pure: which
 //!   endpoint next, when to back off, when to return to the preferred one.
 //! - [`session::Session`] is the protocol half, sans I/O: packet ids, keepalive, what the
@@ -38,7 +42,9 @@
 pub mod connect;
 pub mod endpoints;
 pub mod inbound;
+pub mod pem;
 pub mod session;
+pub mod transport;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,13 +53,13 @@ use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tracing::info;
 
 pub use crate::mqtt::upstream::LinkParams;
 pub use connect::{Backoff, run};
 pub use session::{Received, Session};
+pub use transport::Stream;
 
 /// Encoding stops while this much is waiting for the socket. The send window bounds QoS 1
 /// publishes, but not QoS 0 ones (no PUBACK) nor a window of large payloads; this bounds the
@@ -79,7 +85,7 @@ pub fn peer(reason: String) -> Lost {
 
 /// An established upstream connection's socket half, owned by the relay.
 #[derive(Debug)]
-pub struct Link<S = TcpStream> {
+pub struct Link<S = Stream> {
     pub generation: u64,
     pub params: LinkParams,
     stream: S,
@@ -121,10 +127,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
                 Poll::Ready(Ok(0)) => return Err(peer("the upstream connection closed".to_owned())),
                 Poll::Ready(Ok(n)) => self.out.advance(n),
                 Poll::Ready(Err(e)) => return Err(peer(format!("writing to the upstream failed: {e}"))),
-                Poll::Pending => break,
+                Poll::Pending => return Ok(()),
             }
         }
-        Ok(())
+        // A TLS stream takes bytes into its records before the socket has them all; what
+        // the socket refused waits there, and only a flush writes it (and registers for
+        // writability). For TCP this does nothing.
+        match Pin::new(&mut self.stream).poll_flush(cx) {
+            Poll::Ready(Err(e)) => Err(peer(format!("writing to the upstream failed: {e}"))),
+            Poll::Ready(Ok(())) | Poll::Pending => Ok(()),
+        }
     }
 
     /// Ready once bytes arrived, or the unwritten output fell below [`OUT_HIGH_WATER`];
@@ -162,7 +174,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Link<S> {
     /// Writes what is left in `out` (the session's DISCONNECT last) and gives the socket a
     /// moment to take it.
     pub async fn close(mut self) {
-        let _ = tokio::time::timeout(Duration::from_millis(500), self.stream.write_all(&self.out)).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            self.stream.write_all(&self.out).await?;
+            // Writes what TLS still holds, then its close_notify.
+            self.stream.shutdown().await
+        })
+        .await;
         info!(message = "upstream connection closed", generation = self.generation);
     }
 }

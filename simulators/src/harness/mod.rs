@@ -7,6 +7,7 @@
 //! - [`mosquitto::Mosquitto`]: Debian's broker on a free port, restartable on the same port.
 //! - [`crate::verify::Subscriber`]: the subscriber recorder, MQTT 3.1.1 or 5, clean or
 //!   persistent session, feeding the `Verifier`.
+//! - [`pki`]: a test CA (rcgen) and the certificates it issues, and a TLS listener for mosquitto.
 //! - [`raw`]: hand-encoded MQTT packets, and the one copy of the fixed-header and variable byte
 //!   integer parsing the test clients and probes need.
 //! - [`free_port`], [`free_addr`], [`wait_until`], [`unique_client_id`], [`require_tool`].
@@ -19,6 +20,7 @@
 //! - Nothing here depends on the gateway crate (see the crate's invariant).
 
 pub mod mosquitto;
+pub mod pki;
 pub mod raw;
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};

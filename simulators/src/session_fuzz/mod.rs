@@ -352,6 +352,7 @@ async fn start_system(cfg: &FuzzConfig, dir: &Path, nonce: u64) -> anyhow::Resul
         dir: dir.to_path_buf(),
         outpost_config: None,
         rules: None,
+        tls_ca: None,
         autosave: Duration::ZERO,
     })
     .await?;

@@ -133,6 +133,7 @@ impl Replayer<'_> {
             dir: dir.clone(),
             outpost_config: None,
             rules: None,
+            tls_ca: None,
             autosave: Duration::ZERO,
         })
         .await?;
