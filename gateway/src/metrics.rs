@@ -32,10 +32,18 @@ macro_rules! counters {
 counters! {
     /// Publishes read from sensor connections (and wills) and handed to the route stage.
     ingested,
+    /// `ingested` split by the publisher's QoS (wills by the will's QoS).
+    ingested_qos0,
+    ingested_qos1,
+    ingested_qos2,
     /// Publishes that had to wait for room in the pipeline (their sensor was slowed down).
     ingest_throttled,
     /// Sensor connections accepted (CONNACK success).
     sensor_connects,
+    /// TCP connections accepted, by listener (`broker.listen`, `broker.listen_v5`), before
+    /// their CONNECT.
+    accepted_listen,
+    accepted_listen_v5,
     /// CONNECTs refused with a reason code (credentials, id, server busy).
     sensor_refused,
     /// Connections closed because the same client id connected again.
@@ -143,6 +151,10 @@ counters! {
     auth_reloads,
     /// Reloads refused because a file was unreadable or invalid; the files in force stayed.
     auth_reload_failures,
+    // The tap (`tap.rs`).
+    /// Tap records a viewer (`outpost tap`) missed because it read too slowly: its queue was
+    /// full, and the stage did not wait.
+    tap_missed,
 }
 
 /// A shareable handle to the gateway's counters.
@@ -159,6 +171,8 @@ pub struct Gauges {
     pub local_subscriptions: AtomicU64,
     /// Persistent sessions whose client is offline.
     pub offline_sessions: AtomicU64,
+    /// Viewers attached to the tap (`outpost tap`).
+    pub tap_viewers: AtomicU64,
     /// Signalled whenever `upstream_connected` changes, so `$SYS/outpost/upstream` follows at
     /// once instead of at the next `broker.sys_interval`.
     pub upstream_changed: tokio::sync::Notify,
@@ -297,11 +311,57 @@ pub struct HttpCounters {
     pub connections_refused: AtomicU64,
 }
 
-/// What issue #13 added to the shared handle: the histograms and the HTTP endpoint's counters.
+/// What issue #13 added to the shared handle: the histograms, the HTTP endpoint's counters
+/// and the per-rule counters.
 #[derive(Debug, Default)]
 pub struct Operations {
     pub histograms: Histograms,
     pub http: HttpCounters,
+    pub rules: RuleRegistry,
+}
+
+/// One rule's counters, by its name in the rules file.
+#[derive(Debug, Default)]
+pub struct RuleCounters {
+    /// Events the rule's actions ran on (FROM and WHERE held), once per event.
+    pub matched: AtomicU64,
+    /// Outputs the rule produced: forwards, republishes, drops, deliberate dead letters.
+    pub outputs: AtomicU64,
+    /// Events the rule failed on (decoding, evaluation, an invalid topic it made).
+    pub errors: AtomicU64,
+}
+
+/// The per-rule counters, by rule name. The route stage looks a rule up once and keeps the
+/// `Arc` (so counting is a relaxed `fetch_add`); a scrape reads them all. Names come from the
+/// rules file, so the set is bounded by it; a rule removed by a reload keeps its counters
+/// (counters never go back) until the gateway restarts.
+#[derive(Debug, Default)]
+pub struct RuleRegistry {
+    rules: std::sync::Mutex<std::collections::BTreeMap<Arc<str>, Arc<RuleCounters>>>,
+}
+
+impl RuleRegistry {
+    /// The counters of `rule`, created at zero the first time.
+    pub fn get(&self, rule: &Arc<str>) -> Arc<RuleCounters> {
+        let mut rules = self.rules.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(rules.entry(Arc::clone(rule)).or_default())
+    }
+
+    /// `(rule, matched, outputs, errors)` for every rule seen, by name.
+    pub fn snapshot(&self) -> Vec<(String, u64, u64, u64)> {
+        let rules = self.rules.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        rules
+            .iter()
+            .map(|(name, c)| {
+                (
+                    name.to_string(),
+                    Metrics::get(&c.matched),
+                    Metrics::get(&c.outputs),
+                    Metrics::get(&c.errors),
+                )
+            })
+            .collect()
+    }
 }
 
 impl Metrics {
@@ -311,6 +371,10 @@ impl Metrics {
 
     pub fn http(&self) -> &HttpCounters {
         &self.inner.2.http
+    }
+
+    pub fn rules(&self) -> &RuleRegistry {
+        &self.inner.2.rules
     }
 }
 

@@ -136,11 +136,12 @@ pub async fn start(
     cancel: CancellationToken,
     tracker: &TaskTracker,
     heartbeat: Heartbeat,
+    tap: crate::tap::Tap,
 ) -> Result<Republisher, BrokerError> {
     let access = Arc::new(Access::load(cfg)?);
-    let mut listeners = vec![bind("broker.listen", cfg.listen).await?];
+    let mut listeners = vec![(bind("broker.listen", cfg.listen).await?, Listener::Listen)];
     if let Some(addr) = cfg.listen_v5 {
-        listeners.push(bind("broker.listen_v5", addr).await?);
+        listeners.push((bind("broker.listen_v5", addr).await?, Listener::ListenV5));
     }
     let limits = local::Limits {
         max_queued: cfg.max_queued_messages.get(),
@@ -152,7 +153,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         metrics: metrics.clone(),
-        intake: Intake::new(ids, out, metrics.clone(), heartbeat),
+        intake: Intake::new(ids, out, metrics.clone(), heartbeat, tap),
         local: Arc::clone(&local),
         retained: RetainedStore::new(cfg.max_retained, cfg.max_retained_bytes.as_u64(), metrics.clone()),
         live: Arc::new(LiveConnections::new(cfg.max_connections.get(), metrics.clone())),
@@ -165,10 +166,10 @@ pub async fn start(
     }
     tracker.spawn(sys::refresh(cfg.sys_interval, metrics, status_tx, cancel.clone()));
     tracker.spawn(expire_sessions(Arc::clone(&local), cancel.clone()));
-    for listener in listeners {
+    for (listener, which) in listeners {
         let addr = listener.local_addr().unwrap_or(cfg.listen);
         info!(message = "embedded broker listening", %addr, protocols = "MQTT 3.1.1 and 5");
-        tracker.spawn(accept(listener, Arc::clone(&shared), cancel.clone(), tracker.clone()));
+        tracker.spawn(accept(listener, which, Arc::clone(&shared), cancel.clone(), tracker.clone()));
     }
     Ok(Republisher::new(local))
 }
@@ -191,9 +192,28 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, Broker
     TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { key, addr, source })
 }
 
-async fn accept(listener: TcpListener, shared: Arc<Shared>, cancel: CancellationToken, tracker: TaskTracker) {
+/// Which configured listener a connection came in on (`outpost_connections_accepted_total`'s
+/// `listener` label).
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    Listen,
+    ListenV5,
+}
+
+async fn accept(
+    listener: TcpListener,
+    which: Listener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     // Taking a connection in hand is a turn; waiting for the next one is not.
     let heartbeat = shared.intake.heartbeat().clone();
+    let counters = shared.metrics.counters();
+    let accepted_here = match which {
+        Listener::Listen => &counters.accepted_listen,
+        Listener::ListenV5 => &counters.accepted_listen_v5,
+    };
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -202,6 +222,7 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, cancel: Cancellation
         heartbeat.begin();
         let turn = match accepted {
             Ok((stream, peer)) => {
+                Metrics::add(accepted_here, 1);
                 tracker.spawn(conn::serve(stream, peer, Arc::clone(&shared), cancel.clone()));
                 None
             }

@@ -45,9 +45,8 @@ const fn m(
     Mapping { counter, metric, labels, help }
 }
 
-/// Today's counter names → metric names. Splits the issue asks for that the counters do not
-/// carry yet (QoS, listener, rule name, priority of drops, corrupt events) are listed in the
-/// README under "Metrics and health".
+/// Today's counter names → metric names (the README's "Metrics and health" table). The per-rule
+/// counters are not in this table: they are read from `metrics::RuleRegistry`.
 pub const COUNTERS: &[Mapping] = &[
     m(
         "ingested",
@@ -55,6 +54,14 @@ pub const COUNTERS: &[Mapping] = &[
         &[],
         "Publishes read from sensors (and wills) and handed to routing.",
     ),
+    m(
+        "ingested_qos0",
+        "outpost_messages_received_by_qos_total",
+        &[("qos", "0")],
+        "Publishes read from sensors (and wills), by their QoS; they sum to outpost_messages_received_total.",
+    ),
+    m("ingested_qos1", "outpost_messages_received_by_qos_total", &[("qos", "1")], ""),
+    m("ingested_qos2", "outpost_messages_received_by_qos_total", &[("qos", "2")], ""),
     m(
         "ingest_throttled",
         "outpost_messages_throttled_total",
@@ -67,6 +74,13 @@ pub const COUNTERS: &[Mapping] = &[
         &[],
         "Sensor connections accepted (CONNACK success), readiness probes included.",
     ),
+    m(
+        "accepted_listen",
+        "outpost_connections_accepted_total",
+        &[("listener", "broker.listen")],
+        "TCP connections accepted, by the listener they came in on, before their CONNECT.",
+    ),
+    m("accepted_listen_v5", "outpost_connections_accepted_total", &[("listener", "broker.listen_v5")], ""),
     m(
         "sensor_refused",
         "outpost_connections_refused_total",
@@ -261,6 +275,12 @@ pub const COUNTERS: &[Mapping] = &[
         "Reloads of the password and ACL files (SIGHUP), by result; a failed one keeps the files in force.",
     ),
     m("auth_reload_failures", "outpost_auth_reloads_total", &[("result", "failed")], ""),
+    m(
+        "tap_missed",
+        "outpost_tap_missed_total",
+        &[],
+        "Tap records a viewer (outpost tap) missed because it read too slowly; the pipeline never waits for one.",
+    ),
 ];
 
 /// Everything one scrape shows, read before encoding.
@@ -272,6 +292,9 @@ pub struct Scrape {
     pub upstream_connected: u64,
     pub local_subscriptions: u64,
     pub offline_sessions: u64,
+    pub tap_viewers: u64,
+    /// Per rule name: matched, outputs, errors.
+    pub rules: Vec<(String, u64, u64, u64)>,
     /// The configured upstream (`mqtt://host:port`), the label of `outpost_upstream_connected`.
     pub upstream_endpoint: Option<String>,
     /// The committed part of the buffer, when the store thread answered.
@@ -301,6 +324,8 @@ impl Scrape {
             upstream_connected: Metrics::get(&g.upstream_connected),
             local_subscriptions: Metrics::get(&g.local_subscriptions),
             offline_sessions: Metrics::get(&g.offline_sessions),
+            tap_viewers: Metrics::get(&g.tap_viewers),
+            rules: metrics.rules().snapshot(),
             upstream_endpoint,
             store,
             capacity_events: capacity.0,
@@ -402,6 +427,29 @@ impl Collector for Scrape {
             }
         }
 
+        // Per rule: names come from the rules file, so the label set is bounded by it.
+        let per_rule = |pick: fn(&(String, u64, u64, u64)) -> u64| -> Vec<(Labels<'_>, u64)> {
+            self.rules.iter().map(|r| (vec![("rule", r.0.as_str())], pick(r))).collect()
+        };
+        counter_family(
+            e,
+            "outpost_rule_matched_total",
+            "Events a rule's actions ran on (its FROM and WHERE held), by rule.",
+            &per_rule(|r| r.1),
+        )?;
+        counter_family(
+            e,
+            "outpost_rule_outputs_total",
+            "Outputs a rule produced (forwards, republishes, drops, deliberate dead letters), by rule.",
+            &per_rule(|r| r.2),
+        )?;
+        counter_family(
+            e,
+            "outpost_rule_errors_total",
+            "Events a rule failed on (sent to the dead letters), by rule.",
+            &per_rule(|r| r.3),
+        )?;
+
         let (requests, unauthorized, refused) = self.http;
         counter_family(
             e,
@@ -434,6 +482,12 @@ impl Collector for Scrape {
             "outpost_offline_sessions",
             "Persistent sessions whose client is offline.",
             self.offline_sessions as f64,
+        )?;
+        gauge(
+            e,
+            "outpost_tap_viewers",
+            "Viewers attached to the tap (outpost tap).",
+            self.tap_viewers as f64,
         )?;
         let endpoint = self.upstream_endpoint.as_deref().unwrap_or("none");
         gauge_family(
@@ -581,6 +635,9 @@ mod tests {
         Metrics::add(&metrics.counters().ingested, 7);
         Metrics::add(&metrics.counters().expired, 2);
         Metrics::add(&metrics.counters().dropped_overflow, 3);
+        Metrics::add(&metrics.counters().ingested_qos1, 7);
+        Metrics::add(&metrics.counters().accepted_listen_v5, 2);
+        Metrics::add(&metrics.rules().get(&"to_cloud".into()).errors, 4);
         Metrics::set(&metrics.gauges().upstream_connected, 1);
         metrics.histograms().commit_duration.observe(0.003);
         let store = StatsReport {
@@ -601,6 +658,11 @@ mod tests {
             "outpost_events_discarded_total{reason=\"ttl\"} 2",
             "outpost_events_discarded_total{reason=\"overflow\"} 3",
             "outpost_events_discarded_total{reason=\"poison\"} 0",
+            "outpost_messages_received_by_qos_total{qos=\"1\"} 7",
+            "outpost_connections_accepted_total{listener=\"broker.listen_v5\"} 2",
+            "outpost_rule_errors_total{rule=\"to_cloud\"} 4",
+            "outpost_rule_matched_total{rule=\"to_cloud\"} 0",
+            "outpost_tap_viewers 0.0",
             "# TYPE outpost_upstream_connected gauge",
             "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.5:1883\"} 1.0",
             "outpost_buffer_committed_events{priority=\"2\"} 5.0",
