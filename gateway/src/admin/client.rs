@@ -132,7 +132,7 @@ pub fn status_over_http(
     stream.take(4 << 20).read_to_string(&mut answer)?;
     let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(|| http("no HTTP answer".to_owned()))?;
     let status_line = head.lines().next().unwrap_or_default();
-    if !status_line.split_whitespace().nth(1).is_some_and(|code| code == "200") {
+    if status_line.split_whitespace().nth(1) != Some("200") {
         return Err(http(format!("answered {status_line:?}: {}", body.trim())));
     }
     // hyper answers a small body with Content-Length; a chunked one would carry chunk sizes.

@@ -128,6 +128,8 @@ impl Shared {
 /// Starts the local broker and the listeners. Returns once the listeners are bound, so
 /// callers (and tests) can connect sensors right away. `heartbeat` is the broker's (the
 /// watchdog): the accept loops and the hand-over to the route stage report on it.
+// The stage's wiring, each a handle of its own (as `relay::run`'s).
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     cfg: &BrokerConfig,
     ids: IdGen,
