@@ -22,6 +22,8 @@ const RANKS: &[(&str, u8)] = &[
     ("telemetry", 1),
     // The stages' heartbeats and the systemd watchdog: every stage holds a heartbeat.
     ("watchdog", 1),
+    // The tap's hub: every stage publishes into it, the admin socket attaches its viewers.
+    ("tap", 1),
     // What the stages hand work to: the redb file (below the relay), the dead-letter store.
     ("buffer", 2),
     ("deadletter", 2),

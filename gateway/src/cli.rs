@@ -49,6 +49,53 @@ pub enum Command {
     /// line from standard input otherwise. A running gateway applies the change on SIGHUP
     /// (`systemctl reload outpost` or `kill -HUP`).
     Passwd(PasswdArgs),
+    /// Follow events through the running gateway: each one as it passes ingest (client id,
+    /// topic, QoS), each rule (matched or not, outputs, errors) and the relay (accepted, sent,
+    /// acknowledged, committed, dropped and why), joined by the event id that `buffer peek`,
+    /// the dead letters and the upstream's `outpost-event-id` carry. Until Ctrl-C. A tap never
+    /// slows the gateway: what this viewer cannot keep up with is skipped and counted
+    /// (`missed`).
+    Tap(TapArgs),
+    /// The running gateway's state for a person: upstream, backlog, rates, last errors. Asks
+    /// the `[http]` endpoint's `/status` when the config has one, else the admin socket.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TapArgs {
+    /// Only events whose topic matches this MQTT filter (e.g. `site/+/temperature`).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Only this rule's verdicts, and what the relay does with the events it matched.
+    #[arg(long)]
+    pub rule: Option<String>,
+    /// Only one stage.
+    #[arg(long, value_enum)]
+    pub stage: Option<crate::tap::TapStage>,
+    /// Only one event in N, chosen by event id (an event's whole path is shown or none of it).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub sample: Option<u64>,
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: TapFormat,
+    #[command(flatten)]
+    pub args: BufferArgs,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TapFormat {
+    /// One line a record for a person.
+    Text,
+    /// The daemon's JSON lines as they come.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the JSON object instead.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub args: BufferArgs,
 }
 
 #[derive(Debug, Args)]
@@ -214,6 +261,8 @@ pub fn main(cli: Cli) -> ExitCode {
             rules_test_command(&file, config.as_deref(), topic, payload, clientid, events)
         }
         Command::Passwd(args) => report(passwd(&args)),
+        Command::Tap(args) => report(tap(&args)),
+        Command::Status(args) => report(status(&args)),
         Command::Rules(RulesCommand::DeadLetters { n, args }) => report((|| {
             let dir = data_dir(&args)?;
             let mut out = std::io::stdout().lock();
@@ -223,6 +272,209 @@ pub fn main(cli: Cli) -> ExitCode {
             Ok(())
         })()),
     }
+}
+
+/// `outpost tap`: prints what the daemon's tap sends until it closes or stdout does.
+fn tap(args: &TapArgs) -> anyhow::Result<()> {
+    let dir = data_dir(&args.args)?;
+    let request = crate::admin::TapRequest {
+        topic: args.topic.clone(),
+        rule: args.rule.clone(),
+        stage: args.stage,
+        sample: args.sample,
+    };
+    let mut out = std::io::stdout().lock();
+    let format = args.format;
+    let attached = |stages: &[crate::tap::TapStage]| {
+        let names: Vec<String> = stages.iter().map(|s| format!("{s:?}").to_lowercase()).collect();
+        eprintln!("tapping {} of the gateway in {} (Ctrl-C to stop)", names.join(", "), dir.display());
+    };
+    let printed = crate::admin::client::tap(&dir, &request, attached, |line| {
+        let text = match format {
+            TapFormat::Json => line.to_owned(),
+            TapFormat::Text => tap_text(line),
+        };
+        writeln!(out, "{text}")?;
+        out.flush()
+    });
+    match printed {
+        // The reader went away (`outpost tap | head`): not an error.
+        Err(crate::admin::client::ClientError::Io(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+/// A tap line for a person: a record's text form, or what the viewer missed.
+fn tap_text(line: &str) -> String {
+    if let Ok(record) = serde_json::from_str::<crate::tap::TapRecord>(line) {
+        return record.text();
+    }
+    match serde_json::from_str::<crate::tap::Missed>(line) {
+        Ok(missed) => format!(
+            "… missed {} records: this tap read too slowly (the gateway did not wait); narrow it with --topic, --rule, --stage or --sample",
+            missed.missed
+        ),
+        Err(_) => line.to_owned(),
+    }
+}
+
+/// `outpost status`: `/status` from the `[http]` endpoint, or the admin socket's answer.
+fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let config = GatewayConfig::load(args.args.config.as_deref(), &Overrides::default())?;
+    let value = match (&config.http, &args.args.data_dir) {
+        (Some(http), None) => {
+            let token = http.read_token().map_err(|reason| {
+                anyhow::anyhow!(
+                    "`http.bearer_token_file` {}: {reason}",
+                    http.bearer_token_file.as_deref().unwrap_or(Path::new("")).display()
+                )
+            })?;
+            crate::admin::client::status_over_http(http.listen, token.map(|t| t.authorization()))?
+        }
+        (_, dir) => crate::admin::client::status(dir.as_deref().unwrap_or(&config.data_dir))?,
+    };
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
+    } else {
+        out.write_all(status_text(&value, now_ms()).as_bytes())?;
+    }
+    Ok(())
+}
+
+/// `/status` (or the admin socket's status) for a person.
+fn status_text(status: &serde_json::Value, now_ms: u64) -> String {
+    use serde_json::Value;
+    use std::fmt::Write as _;
+    let num = |v: &Value, key: &str| v.get(key).and_then(Value::as_f64);
+    let int = |v: &Value, key: &str| v.get(key).and_then(Value::as_u64).unwrap_or(0);
+    let ago = |ms: u64| {
+        let secs = now_ms.saturating_sub(ms) / 1000;
+        humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
+    };
+    let mut out = String::new();
+    let version = status.get("version").and_then(Value::as_str).unwrap_or("?");
+    let mut head = format!("outpost {version}");
+    if let Some(up) = num(status, "uptime_s") {
+        head += &format!(", up {}", humantime::format_duration(std::time::Duration::from_secs(up as u64)));
+    }
+    match status.get("ready").and_then(Value::as_bool) {
+        Some(true) => head += ", ready",
+        Some(false) => head += ", NOT READY (see /health/ready)",
+        None => {}
+    }
+    let _ = writeln!(out, "{head}");
+
+    let upstream = status.get("upstream").cloned().unwrap_or_default();
+    let endpoint = upstream.get("endpoint").and_then(Value::as_str).unwrap_or("(configured upstream)");
+    let state = if upstream.get("connected").and_then(Value::as_bool).unwrap_or(false) {
+        "connected"
+    } else {
+        "DISCONNECTED"
+    };
+    let since = upstream.get("since_ms").and_then(Value::as_u64).map(|ms| format!(" for {}", ago(ms)));
+    let _ = writeln!(
+        out,
+        "upstream     {endpoint}: {state}{} ({} connects, {} failures)",
+        since.unwrap_or_default(),
+        int(&upstream, "connects"),
+        int(&upstream, "failures")
+    );
+
+    let backlog = status.get("backlog").cloned().unwrap_or_default();
+    let mut line = format!("backlog      {} events held", int(&backlog, "events"));
+    if let Some(capacity) = backlog.get("capacity_events").and_then(Value::as_u64) {
+        line += &format!(" (capacity {capacity} events, {})", bytes(int(&backlog, "capacity_bytes")));
+    }
+    let _ = writeln!(out, "{line}");
+    match backlog.get("committed").filter(|c| !c.is_null()) {
+        Some(committed) => {
+            let _ = writeln!(
+                out,
+                "buffer file  {} events, {} (file {})",
+                int(committed, "events"),
+                bytes(int(committed, "bytes")),
+                bytes(int(committed, "file_bytes"))
+            );
+            for p in committed.get("priorities").and_then(Value::as_array).into_iter().flatten() {
+                if int(p, "events") == 0 {
+                    continue;
+                }
+                let oldest = num(p, "oldest_age_s")
+                    .map(|s| {
+                        format!(
+                            ", oldest {}",
+                            humantime::format_duration(std::time::Duration::from_secs(s as u64))
+                        )
+                    })
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  priority {}: {} events, {}{oldest}",
+                    int(p, "priority"),
+                    int(p, "events"),
+                    bytes(int(p, "bytes"))
+                );
+            }
+        }
+        None => {
+            let why = backlog.get("store_error").and_then(Value::as_str).unwrap_or("no answer");
+            let _ = writeln!(out, "buffer file  unknown: {why}");
+        }
+    }
+
+    if let Some(rates) = status.get("rates") {
+        let _ = writeln!(
+            out,
+            "rates        over {:.0} s: {:.1} ingested/s, {:.1} forwarded/s, {:.1} acknowledged/s, {:.1} committed/s",
+            num(rates, "window_s").unwrap_or(0.0),
+            num(rates, "ingested").unwrap_or(0.0),
+            num(rates, "forwarded").unwrap_or(0.0),
+            num(rates, "acked").unwrap_or(0.0),
+            num(rates, "committed").unwrap_or(0.0)
+        );
+    }
+    if let Some(sensors) = status.get("sensors_connected").and_then(Value::as_u64) {
+        let _ = writeln!(out, "sensors      {sensors} connected");
+    }
+    match status.get("last_errors").and_then(Value::as_array) {
+        Some(errors) if errors.is_empty() => {
+            let _ = writeln!(out, "last errors  none");
+        }
+        Some(errors) => {
+            let _ = writeln!(out, "last errors  (the log has the text)");
+            for e in errors {
+                let _ = writeln!(
+                    out,
+                    "  {:<10} {} ({} total), {} ago",
+                    e.get("stage").and_then(Value::as_str).unwrap_or("?"),
+                    e.get("kind").and_then(Value::as_str).unwrap_or("?"),
+                    int(e, "total"),
+                    ago(int(e, "at_ms"))
+                );
+            }
+        }
+        None => {}
+    }
+    if let Some(counters) = status.get("counters").and_then(Value::as_object) {
+        let _ = writeln!(out, "counters     (no [http] endpoint: totals since start, no rates)");
+        for (name, value) in counters {
+            let _ = writeln!(out, "  {name} {value}");
+        }
+    }
+    out
+}
+
+/// Bytes for a person: B, KiB, MiB or GiB.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 /// `outpost passwd`: reads the password (without echo on a terminal), hashes it, edits the

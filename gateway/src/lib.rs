@@ -38,6 +38,7 @@
 //! - [`shutdown`] — signals to cancellation.
 //! - [`telemetry`] — logging set-up; the cadence of repeating warnings.
 //! - [`watchdog`] — the stages' heartbeats, the systemd watchdog and `STATUS=` line.
+//! - [`tap`] — the live view of events through the stages (`outpost tap`).
 //! - [`cli`] — the `outpost` command line (the binary only parses and calls in).
 //! - [`fuzz`] — the fuzz targets' entry functions, which the test suite replays on their corpus.
 
@@ -60,6 +61,7 @@ pub mod relay;
 pub mod route;
 pub mod rules;
 pub mod shutdown;
+pub mod tap;
 pub mod telemetry;
 pub mod tls;
 pub mod uplink;
@@ -158,11 +160,15 @@ impl Gateway {
 
         let (event_tx, event_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
         let (outbound_tx, outbound_rx) = mpsc::channel(STAGE_CHANNEL_CAPACITY);
+        // Every stage publishes into it; the admin socket attaches `outpost tap`'s viewers.
+        let tap = tap::Tap::new(metrics.clone());
         if let Some(listener) = admin::server::bind(&config.data_dir) {
             let handles = admin::server::Handles {
                 commands: worker.commands.clone(),
                 relay_input: outbound_tx.clone(),
                 metrics: metrics.clone(),
+                tap: tap.clone(),
+                tracker: tracker.clone(),
             };
             tracker.spawn(admin::server::serve(listener, handles, cancel.clone()));
         }
@@ -187,7 +193,7 @@ impl Gateway {
 
         let settings =
             relay::RelaySettings::new(&config.buffer, config.upstream.as_ref(), config.shutdown_timeout / 2);
-        let relay = relay::Relay::new(settings, metrics.clone(), seqs, lanes);
+        let relay = relay::Relay::new(settings, metrics.clone(), seqs, lanes).with_tap(tap.clone());
         tracker.spawn(relay::run(
             relay,
             outbound_rx,
@@ -216,6 +222,7 @@ impl Gateway {
             cancel.clone(),
             &tracker,
             watchdog.heartbeat(Stage::Broker),
+            tap.clone(),
         )
         .await
         {
@@ -242,6 +249,7 @@ impl Gateway {
             ids,
             metrics: metrics.clone(),
             heartbeat: watchdog.heartbeat(Stage::Route),
+            tap,
         };
         tracker.spawn(route::run(stage, event_rx, outbound_tx));
         // Under systemd (Type=notify): `WATCHDOG=1` while the stages turn, `STATUS=` lines.

@@ -32,10 +32,20 @@ macro_rules! counters {
 counters! {
     /// Publishes read from sensor connections (and wills) and handed to the route stage.
     ingested,
+    /// `ingested` split by the publisher's QoS (wills by the will's QoS).
+    ingested_qos0,
+    ingested_qos1,
+    ingested_qos2,
     /// Publishes that had to wait for room in the pipeline (their sensor was slowed down).
     ingest_throttled,
     /// Sensor connections accepted (CONNACK success).
     sensor_connects,
+    /// TCP connections accepted, by listener (`broker.listen`, `broker.listen_v5`,
+    /// `broker.tls.listen`), before
+    /// their CONNECT.
+    accepted_listen,
+    accepted_listen_v5,
+    accepted_tls,
     /// CONNECTs refused with a reason code (credentials, id, server busy).
     sensor_refused,
     /// Connections closed because the same client id connected again.
@@ -210,6 +220,10 @@ counters! {
     publish_rate_limited,
     /// Subscriptions refused because their client holds `broker.max_subscriptions` filters.
     subscriptions_refused_limit,
+    // The tap (`tap.rs`).
+    /// Tap records a viewer (`outpost tap`) missed because it read too slowly: its queue was
+    /// full, and the stage did not wait.
+    tap_missed,
 }
 
 /// A shareable handle to the gateway's counters.
@@ -230,6 +244,8 @@ pub struct Gauges {
     pub offline_sessions: AtomicU64,
     /// TLS handshakes in progress on the sensor side.
     pub tls_handshakes_in_progress: AtomicU64,
+    /// Viewers attached to the tap (`outpost tap`).
+    pub tap_viewers: AtomicU64,
     /// Signalled whenever `upstream_connected` changes, so `$SYS/outpost/upstream` follows at
     /// once instead of at the next `broker.sys_interval`.
     pub upstream_changed: tokio::sync::Notify,
@@ -368,13 +384,14 @@ pub struct HttpCounters {
     pub connections_refused: AtomicU64,
 }
 
-/// What issue #13 added to the shared handle: the histograms and the HTTP endpoint's counters;
-/// and issue #12: the upstream endpoints.
+/// What issue #13 added to the shared handle: the histograms, the HTTP endpoint's counters
+/// and the per-rule counters; and issue #12: the upstream endpoints.
 #[derive(Debug, Default)]
 pub struct Operations {
     pub histograms: Histograms,
     pub http: HttpCounters,
     pub endpoints: Endpoints,
+    pub rules: RuleRegistry,
 }
 
 /// The configured upstream endpoints (`upstream.url` or `upstream.urls`), each with its own
@@ -424,6 +441,50 @@ impl Endpoints {
     }
 }
 
+/// One rule's counters, by its name in the rules file.
+#[derive(Debug, Default)]
+pub struct RuleCounters {
+    /// Events the rule's actions ran on (FROM and WHERE held), once per event.
+    pub matched: AtomicU64,
+    /// Outputs the rule produced: forwards, republishes, drops, deliberate dead letters.
+    pub outputs: AtomicU64,
+    /// Events the rule failed on (decoding, evaluation, an invalid topic it made).
+    pub errors: AtomicU64,
+}
+
+/// The per-rule counters, by rule name. The route stage looks a rule up once and keeps the
+/// `Arc` (so counting is a relaxed `fetch_add`); a scrape reads them all. Names come from the
+/// rules file, so the set is bounded by it; a rule removed by a reload keeps its counters
+/// (counters never go back) until the gateway restarts.
+#[derive(Debug, Default)]
+pub struct RuleRegistry {
+    rules: std::sync::Mutex<std::collections::BTreeMap<Arc<str>, Arc<RuleCounters>>>,
+}
+
+impl RuleRegistry {
+    /// The counters of `rule`, created at zero the first time.
+    pub fn get(&self, rule: &Arc<str>) -> Arc<RuleCounters> {
+        let mut rules = self.rules.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Arc::clone(rules.entry(Arc::clone(rule)).or_default())
+    }
+
+    /// `(rule, matched, outputs, errors)` for every rule seen, by name.
+    pub fn snapshot(&self) -> Vec<(String, u64, u64, u64)> {
+        let rules = self.rules.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        rules
+            .iter()
+            .map(|(name, c)| {
+                (
+                    name.to_string(),
+                    Metrics::get(&c.matched),
+                    Metrics::get(&c.outputs),
+                    Metrics::get(&c.errors),
+                )
+            })
+            .collect()
+    }
+}
+
 impl Metrics {
     pub fn histograms(&self) -> &Histograms {
         &self.inner.2.histograms
@@ -443,6 +504,10 @@ impl Metrics {
         let current = idx.map_or(0, |i| i as u64 + 1);
         self.endpoints().current.store(current, Ordering::Relaxed);
         self.set_upstream_connected(idx.is_some());
+    }
+
+    pub fn rules(&self) -> &RuleRegistry {
+        &self.inner.2.rules
     }
 }
 

@@ -43,8 +43,9 @@ use crate::broker::Republisher;
 use crate::config::RouteConfig;
 use crate::deadletter::{DeadLetter, RuleReason};
 use crate::event::{Event, IdGen, Outbound};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RuleCounters};
 use crate::mqtt::topic::{NameError, TopicPolicy, invalid_topic};
+use crate::tap::{RuleResult, Tap, TapRecord, TapStage, What};
 use crate::telemetry::LogThrottle;
 use crate::watchdog::Heartbeat;
 
@@ -199,6 +200,70 @@ pub fn explain(routing: &Routing, event: &Event, hops: u8) -> Vec<Trace> {
     }
 }
 
+/// Like [`decide`], and publishes into `tap` what each rule (or the bridge's route) made of
+/// the event. Rules are evaluated once: the fates come from the traces' outputs, which are
+/// what [`decide`]'s evaluation returns.
+pub fn decide_tapped(
+    routing: &Routing,
+    event: &Event,
+    hops: u8,
+    topic_prefix: &str,
+    policy: &TopicPolicy,
+    tap: &Tap,
+) -> Vec<Fate> {
+    let record = |rule: Option<&str>, result, outputs, error| {
+        TapRecord::new(
+            event.id,
+            What::Rules { topic: event.topic.clone(), rule: rule.map(str::to_owned), result, outputs, error },
+        )
+    };
+    let Routing::Rules(rules) = routing else {
+        let fates = decide(routing, event, hops, topic_prefix, policy);
+        let outputs: Vec<String> = fates.iter().map(describe_fate).collect();
+        let result = if fates.is_empty() { RuleResult::Unrouted } else { RuleResult::Matched };
+        tap.publish(record(None, result, outputs, None));
+        return fates;
+    };
+    let traces = rules.explain(&context(event, hops));
+    if traces.is_empty() {
+        tap.publish(record(None, RuleResult::Unrouted, Vec::new(), None));
+    }
+    let mut outputs = Vec::new();
+    for trace in traces {
+        let (result, error) = match trace.outcome {
+            outpost_rules::Outcome::Filtered => (RuleResult::Filtered, None),
+            outpost_rules::Outcome::Selected { .. } => (RuleResult::Matched, None),
+            outpost_rules::Outcome::Failed { reason } => (RuleResult::Failed, Some(reason)),
+        };
+        let described = trace.outputs.iter().map(|o| describe_output(o, topic_prefix)).collect();
+        tap.publish(record(Some(&trace.rule), result, described, error));
+        outputs.extend(trace.outputs);
+    }
+    fates(outputs, topic_prefix, policy)
+}
+
+/// A rule output as the tap shows it.
+fn describe_output(output: &Output, topic_prefix: &str) -> String {
+    match output {
+        Output::Forward { topic, .. } => format!("forward {topic_prefix}{topic}"),
+        Output::Republish { topic, .. } => format!("republish {topic}"),
+        Output::Dropped { .. } => "drop".to_owned(),
+        Output::LoopPrevented { topic, .. } => format!("loop_prevented {topic}"),
+        Output::DeadLetter { .. } => "dead_letter".to_owned(),
+    }
+}
+
+fn describe_fate(fate: &Fate) -> String {
+    match fate {
+        Fate::Forward { topic, .. } => format!("forward {topic}"),
+        Fate::Republish { topic, .. } => format!("republish {topic}"),
+        Fate::Drop { .. } => "drop".to_owned(),
+        Fate::LoopPrevented { topic, .. } => format!("loop_prevented {topic}"),
+        Fate::NotBackUpstream { topic, .. } => format!("not_back_upstream {topic}"),
+        Fate::DeadLetter { .. } => "dead_letter".to_owned(),
+    }
+}
+
 /// The rule engine's outputs as fates: forward topics get the prefix and are checked,
 /// and every dead letter of the event is folded into one.
 fn fates(outputs: Vec<Output>, topic_prefix: &str, policy: &TopicPolicy) -> Vec<Fate> {
@@ -345,6 +410,61 @@ pub struct RouteStage {
     /// The stage's heartbeat (the watchdog): busy from taking an event until it waits for the
     /// next, or for room in the relay's channel (the relay's own heartbeat covers that wait).
     pub heartbeat: Heartbeat,
+    /// Where `outpost tap` sees each rule's verdict.
+    pub tap: Tap,
+}
+
+/// The route stage's handles on the per-rule counters, looked up once per rule name.
+#[derive(Default)]
+struct RuleStats {
+    by_name: std::collections::HashMap<Arc<str>, Arc<RuleCounters>>,
+    /// Rules already counted as matched for the current event.
+    matched: Vec<Arc<str>>,
+}
+
+impl RuleStats {
+    fn of(&mut self, metrics: &Metrics, rule: &Arc<str>) -> &RuleCounters {
+        self.by_name.entry(Arc::clone(rule)).or_insert_with(|| metrics.rules().get(rule))
+    }
+
+    /// Counts, per rule, whether it matched the event, its outputs and its failures.
+    fn count(&mut self, metrics: &Metrics, fates: &[Fate]) {
+        self.matched.clear();
+        for fate in fates {
+            let (rule, failed) = match fate {
+                Fate::Forward { rule: Some(rule), .. }
+                | Fate::Republish { rule, .. }
+                | Fate::Drop { rule }
+                | Fate::LoopPrevented { rule, .. }
+                | Fate::NotBackUpstream { rule: Some(rule), .. } => (rule, false),
+                Fate::Forward { rule: None, .. } | Fate::NotBackUpstream { rule: None, .. } => continue,
+                Fate::DeadLetter { entries } => {
+                    for entry in entries {
+                        let failed = entry.cause != DeadCause::Deliberate;
+                        self.count_one(metrics, &entry.rule, failed);
+                    }
+                    continue;
+                }
+            };
+            self.count_one(metrics, rule, failed);
+        }
+    }
+
+    fn count_one(&mut self, metrics: &Metrics, rule: &Arc<str>, failed: bool) {
+        let first = !self.matched.contains(rule);
+        if first {
+            self.matched.push(Arc::clone(rule));
+        }
+        let counters = self.of(metrics, rule);
+        if failed {
+            Metrics::add(&counters.errors, 1);
+            return;
+        }
+        Metrics::add(&counters.outputs, 1);
+        if first {
+            Metrics::add(&counters.matched, 1);
+        }
+    }
 }
 
 /// Runs until its input closes (the broker stopped), then closes its output so the relay can
@@ -354,6 +474,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
     // Republished events waiting to be evaluated again, with their hop count.
     let mut chain: VecDeque<(Event, u8)> = VecDeque::new();
     let mut logs = Logs::default();
+    let mut rule_stats = RuleStats::default();
     let mut routing = stage.routing.borrow_and_update().clone();
     // Its own holder: `carry_out` borrows the whole stage.
     let heartbeat = stage.heartbeat.clone();
@@ -376,7 +497,14 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         if stage.routing.has_changed().unwrap_or(false) {
             routing = stage.routing.borrow_and_update().clone();
         }
-        let fates = decide(&routing, &event, hops, &stage.topic_prefix, &stage.topic_policy);
+        let fates = if stage.tap.wants(TapStage::Rules) {
+            decide_tapped(&routing, &event, hops, &stage.topic_prefix, &stage.topic_policy, &stage.tap)
+        } else {
+            decide(&routing, &event, hops, &stage.topic_prefix, &stage.topic_policy)
+        };
+        if matches!(*routing, Routing::Rules(_)) {
+            rule_stats.count(&stage.metrics, &fates);
+        }
         let outbound = stage.carry_out(&event, fates, &mut chain, &mut logs, Instant::now());
         for outbound in outbound {
             match out.try_send(outbound) {
@@ -594,6 +722,32 @@ reason = "parked"
 "#;
 
     #[test]
+    fn a_tapped_decision_is_the_same_and_shows_each_rules_verdict() {
+        let routing = rules(FAILING);
+        let bad = event("in/a", "{bad");
+        let tap = Tap::new(Metrics::default());
+        let mut viewer = tap.attach(TapStage::ALL, 64).expect("room");
+        let tapped = decide_tapped(&routing, &bad, 0, "site/", &policy(), &tap);
+        assert_eq!(tapped, decide(&routing, &bad, 0, "site/", &policy()));
+        let mut seen = Vec::new();
+        while let Ok(record) = viewer.records.try_recv() {
+            assert_eq!(record.event_id, "0000000000000007");
+            if let What::Rules { rule, result, outputs, error, .. } = record.what {
+                seen.push((rule.unwrap_or_default(), result, outputs, error.is_some()));
+            }
+        }
+        assert_eq!(seen.len(), 5, "{seen:?}");
+        let copy = ("copy".to_owned(), RuleResult::Matched, vec!["forward site/copy/a".to_owned()], false);
+        assert!(seen.contains(&copy), "{seen:?}");
+        let failed = ("a".to_owned(), RuleResult::Failed, vec!["dead_letter".to_owned()], true);
+        assert!(seen.contains(&failed), "{seen:?}");
+        let unrouted = decide_tapped(&routing, &event("elsewhere", "{}"), 0, "", &policy(), &tap);
+        assert!(unrouted.is_empty());
+        let record = viewer.records.try_recv().expect("the unrouted verdict");
+        assert!(matches!(record.what, What::Rules { rule: None, result: RuleResult::Unrouted, .. }));
+    }
+
+    #[test]
     fn every_dead_letter_of_an_event_is_one_record() {
         let bad = event("in/a", "{bad");
         let fates = decide(&rules(FAILING), &bad, 0, "site/", &policy());
@@ -776,6 +930,7 @@ topic = "t/b"
             ids: IdGen::new(1),
             metrics: metrics.clone(),
             heartbeat: Heartbeat::unwatched(),
+            tap: crate::tap::Tap::new(metrics.clone()),
         };
         let route = tokio::spawn(run(stage, in_rx, out_tx));
         in_tx.send(event("in/a", "{bad")).await.expect("send");
@@ -788,5 +943,9 @@ topic = "t/b"
         assert_eq!(record.rules.len(), 4);
         assert!(dead_rx.recv().await.is_none(), "no second record");
         assert_eq!(Metrics::get(&metrics.counters().dead_letters), 1);
+        let rules = metrics.rules().snapshot();
+        let of = |name: &str| rules.iter().find(|r| r.0 == name).map(|r| (r.1, r.2, r.3));
+        assert_eq!((of("a"), of("b"), of("c")), (Some((0, 0, 1)), Some((0, 0, 1)), Some((0, 0, 1))));
+        assert_eq!(of("copy"), Some((1, 1, 0)), "{rules:?}");
     }
 }

@@ -159,6 +159,18 @@ impl GatewayProcess {
         Ok(gateway)
     }
 
+    /// Runs `outpost tap --format json --data-dir DIR ARGS…` against this gateway, killed on
+    /// drop; returns once the daemon confirmed the tap (its stderr line), so what is published
+    /// afterwards is tapped.
+    pub async fn tap(&self, args: &[&str]) -> anyhow::Result<ChildProcess> {
+        let mut command = outpost_command()?;
+        command.args(["tap", "--format", "json", "--data-dir"]).arg(&self.spec.data_dir).args(args);
+        let tap = ChildProcess::spawn(format!("outpost tap {}", self.spec.listen), command)?;
+        tap.wait_for_line("that the tap attached", START_TIMEOUT, |line| line.starts_with("tapping "))
+            .await?;
+        Ok(tap)
+    }
+
     /// The sensors' MQTT address.
     pub fn listen(&self) -> SocketAddr {
         self.spec.listen

@@ -27,9 +27,16 @@ pub enum ClientError {
         socket.display()
     )]
     NoAnswer { socket: PathBuf, error: std::io::Error },
+    #[error(
+        "no running outpost answers on {}: {error}; is the gateway running with this data dir (--data-dir or the config's data_dir)?",
+        socket.display()
+    )]
+    NotRunning { socket: PathBuf, error: std::io::Error },
+    #[error("the gateway's [http] endpoint {addr} (`http.listen`): {error}")]
+    Http { addr: std::net::SocketAddr, error: String },
     #[error("the daemon answered: {0}")]
     Daemon(String),
-    #[error("the daemon's stats answer is not valid JSON: {0}")]
+    #[error("the daemon's answer is not valid JSON: {0}")]
     BadStats(serde_json::Error),
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -92,6 +99,98 @@ impl Reader {
         }
         Ok(n)
     }
+}
+
+/// `status` over the admin socket: the daemon's state as JSON (`outpost status` without
+/// `[http]`).
+pub fn status(data_dir: &Path) -> Result<serde_json::Value, ClientError> {
+    let socket = socket_path(data_dir);
+    let answer = ask(&socket, Request::Status).map_err(not_running)?;
+    serde_json::from_str(answer.trim()).map_err(ClientError::BadStats)
+}
+
+/// `GET /status` from the gateway's `[http]` endpoint at `addr` (an unspecified address is
+/// asked on loopback), with the bearer token when one is configured.
+pub fn status_over_http(
+    addr: std::net::SocketAddr,
+    authorization: Option<String>,
+) -> Result<serde_json::Value, ClientError> {
+    let mut addr = addr;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let http = |e: String| ClientError::Http { addr, error: e };
+    let timeout = std::time::Duration::from_secs(5);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| http(e.to_string()))?;
+    stream.set_read_timeout(Some(timeout))?;
+    let auth = authorization.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+    write!(stream, "GET /status HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.take(4 << 20).read_to_string(&mut answer)?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or_else(|| http("no HTTP answer".to_owned()))?;
+    let status_line = head.lines().next().unwrap_or_default();
+    if status_line.split_whitespace().nth(1) != Some("200") {
+        return Err(http(format!("answered {status_line:?}: {}", body.trim())));
+    }
+    // hyper answers a small body with Content-Length; a chunked one would carry chunk sizes.
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    serde_json::from_str(body.trim()).map_err(ClientError::BadStats)
+}
+
+/// The payload of a chunked HTTP/1.1 body.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Without a buffer lock to go by, a socket that does not answer means no daemon.
+fn not_running(e: ClientError) -> ClientError {
+    match e {
+        ClientError::NoAnswer { socket, error } => ClientError::NotRunning { socket, error },
+        other => other,
+    }
+}
+
+/// `outpost tap`: attaches to the daemon's tap and hands `record` each record line (and
+/// `{"missed": N}` lines) until the daemon closes the connection or `record` fails. `attached`
+/// is called once the daemon confirmed, with the stages it taps.
+pub fn tap(
+    data_dir: &Path,
+    request: &super::TapRequest,
+    attached: impl FnOnce(&[crate::tap::TapStage]),
+    mut record: impl FnMut(&str) -> std::io::Result<()>,
+) -> Result<(), ClientError> {
+    let socket = socket_path(data_dir);
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket)
+        .map_err(|error| ClientError::NotRunning { socket: socket.clone(), error })?;
+    stream.write_all(request.line_of_tap().as_bytes())?;
+    let mut lines = BufReader::new(stream).lines();
+    let first = lines.next().transpose()?.unwrap_or_default();
+    if let Some(error) = first.strip_prefix(ERROR_PREFIX) {
+        return Err(ClientError::Daemon(error.trim().to_owned()));
+    }
+    let hello: super::Attached = serde_json::from_str(&first)
+        .map_err(|e| ClientError::Daemon(format!("unexpected answer {first:?}: {e}")))?;
+    attached(&hello.attached);
+    for line in lines {
+        record(&line?)?;
+    }
+    Ok(())
 }
 
 /// Sends one request to the daemon and returns its answer.

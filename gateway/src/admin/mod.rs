@@ -9,6 +9,14 @@
 //!
 //! `import` is followed by one JSON line per event ([`WireRecord`]) until the client ends its
 //! input; the answer is one JSON [`ImportSummary`](crate::buffer::import::ImportSummary) line.
+//!
+//! `status` is answered with one JSON [`DaemonStatus`] line (what `outpost status` shows when
+//! the gateway has no `[http]` endpoint).
+//!
+//! `tap {json}` ([`TapRequest`]) attaches a viewer to the tap: the daemon answers one
+//! `{"attached": …}` line, then a JSON line per [`TapRecord`](crate::tap::TapRecord) that passes
+//! the request's filters, and a `{"missed": N}` line whenever the viewer fell behind, until
+//! either side closes the connection.
 
 pub mod client;
 pub mod server;
@@ -29,7 +37,7 @@ pub fn socket_path(data_dir: &Path) -> PathBuf {
 const ERROR_PREFIX: &str = "error: ";
 
 /// One request line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     Stats,
     /// The next N records the relay will send.
@@ -38,25 +46,88 @@ pub enum Request {
     Export,
     /// Records follow, one [`WireRecord`] a line.
     Import,
+    /// The running gateway's state, one [`DaemonStatus`] line.
+    Status,
+    /// Attach a tap viewer.
+    Tap(TapRequest),
+}
+
+/// What `outpost tap` asks to see.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TapRequest {
+    /// Only events whose topic matches this filter (relay records: the upstream topic, or an
+    /// event id seen passing ingest or the rules with a matching topic).
+    pub topic: Option<String>,
+    /// Only this rule's verdicts, and the relay records of the events it matched.
+    pub rule: Option<String>,
+    /// Only this stage's records.
+    pub stage: Option<crate::tap::TapStage>,
+    /// Only one event in N (by event id, so an event's whole path is kept or left out).
+    pub sample: Option<u64>,
+}
+
+impl TapRequest {
+    /// The request line that asks for this tap.
+    pub fn line_of_tap(&self) -> String {
+        Request::Tap(self.clone()).line()
+    }
+}
+
+/// The first answer line of a tap: attached, and to which stages.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attached {
+    pub attached: Vec<crate::tap::TapStage>,
+}
+
+/// `status` without `[http]`: what the daemon knows without its 1 s sampler (no rates, no
+/// "since").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub version: String,
+    pub upstream: DaemonUpstream,
+    pub backlog: DaemonBacklog,
+    pub sensors_connected: u64,
+    /// Every counter that is not zero, by its log name.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonUpstream {
+    pub connected: bool,
+    pub connects: u64,
+    pub failures: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonBacklog {
+    pub events: u64,
+    pub committed: Option<crate::buffer::inspect::StatsReport>,
 }
 
 impl Request {
     /// Reads a request line; `Err` is the answer that says what is expected.
     pub fn parse(line: &str) -> Result<Request, &'static str> {
+        if let Some(json) = line.trim().strip_prefix("tap") {
+            return serde_json::from_str(json.trim()).map(Request::Tap).map_err(|_| TAP);
+        }
         let mut words = line.split_whitespace();
         match (words.next(), words.next()) {
             (Some("stats"), None) => Ok(Request::Stats),
+            (Some("status"), None) => Ok(Request::Status),
             (Some("import"), None) => Ok(Request::Import),
             (Some("export"), None) => Ok(Request::Export),
             (Some("peek"), Some(n)) => n.parse().map(Request::Peek).map_err(|_| PEEK_OR_EXPORT),
             (Some("peek" | "export"), _) => Err(PEEK_OR_EXPORT),
-            _ => Err("expected `stats`, `peek N` or `export`"),
+            _ => Err(EXPECTED),
         }
     }
 
     /// The request as the client sends it, newline included.
-    pub fn line(self) -> String {
+    pub fn line(&self) -> String {
         match self {
+            Request::Status => "status\n".to_owned(),
+            Request::Tap(tap) => format!("tap {}\n", serde_json::to_string(tap).unwrap_or_default()),
             Request::Stats => "stats\n".to_owned(),
             Request::Peek(n) => format!("peek {n}\n"),
             Request::Export => "export\n".to_owned(),
@@ -66,6 +137,8 @@ impl Request {
 }
 
 const PEEK_OR_EXPORT: &str = "expected `peek N` or `export`";
+const EXPECTED: &str = "expected `stats`, `status`, `peek N`, `export`, `import` or `tap {…}`";
+const TAP: &str = "expected `tap` and a JSON object with `topic`, `rule`, `stage`, `sample`";
 
 /// One event on the admin socket: a JSON line, the payload in hex.
 #[derive(Debug, Serialize, Deserialize)]
@@ -141,13 +214,28 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_bad_lines_say_what_is_expected() {
-        for request in [Request::Stats, Request::Peek(12), Request::Export, Request::Import] {
+        let tap = TapRequest {
+            topic: Some("site/+/t".into()),
+            rule: Some("r".into()),
+            stage: Some(crate::tap::TapStage::Rules),
+            sample: Some(10),
+        };
+        for request in [
+            Request::Stats,
+            Request::Status,
+            Request::Peek(12),
+            Request::Export,
+            Request::Import,
+            Request::Tap(tap),
+            Request::Tap(TapRequest::default()),
+        ] {
             assert_eq!(Request::parse(&request.line()), Ok(request));
         }
+        assert_eq!(Request::parse("tap {\"topics\":\"x\"}"), Err(TAP));
         assert_eq!(Request::parse("peek"), Err(PEEK_OR_EXPORT));
         assert_eq!(Request::parse("peek x"), Err(PEEK_OR_EXPORT));
         assert_eq!(Request::parse("export 3"), Err(PEEK_OR_EXPORT));
-        assert_eq!(Request::parse("stats 3"), Err("expected `stats`, `peek N` or `export`"));
-        assert_eq!(Request::parse(""), Err("expected `stats`, `peek N` or `export`"));
+        assert_eq!(Request::parse("stats 3"), Err(EXPECTED));
+        assert_eq!(Request::parse(""), Err(EXPECTED));
     }
 }

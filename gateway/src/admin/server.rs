@@ -17,7 +17,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{ERROR_PREFIX, Request, WireRecord, socket_path};
+use super::{
+    Attached, DaemonBacklog, DaemonStatus, DaemonUpstream, ERROR_PREFIX, Request, TapRequest, WireRecord,
+    socket_path,
+};
 use crate::ack::{AckQueue, Outcome};
 use crate::buffer::Record;
 use crate::buffer::import::{CHUNK as IMPORT_CHUNK, ImportSummary};
@@ -25,12 +28,18 @@ use crate::buffer::inspect::export_line;
 use crate::buffer::worker::{Command, ImportRequest, InspectRequest, Inspected};
 use crate::event::Outbound;
 use crate::metrics::Metrics;
+use crate::mqtt::topic::TopicFilter;
+use crate::tap::{Tap, TapRecord, TapStage, VIEWER_QUEUE, What};
 
 /// Records per store-thread request while exporting, so a large export never holds the
 /// store thread for long.
 const EXPORT_CHUNK: usize = 1000;
 /// Longest import line accepted: a record with the largest MQTT payload (256 MiB) in hex.
 const MAX_IMPORT_LINE: u64 = 600 * 1024 * 1024;
+/// Longest request line (a tap's filters included).
+const MAX_REQUEST_LINE: u64 = 8 * 1024;
+/// Event ids a tap with filters follows from ingest and the rules to the relay.
+const FOLLOWED: usize = 16 * 1024;
 
 /// What the admin socket needs from the running gateway.
 pub struct Handles {
@@ -39,6 +48,10 @@ pub struct Handles {
     /// The relay's input, for imported events.
     pub relay_input: mpsc::Sender<Outbound>,
     pub metrics: Metrics,
+    /// The hub `outpost tap`'s viewers attach to.
+    pub tap: Tap,
+    /// A tap lasts as long as its viewer watches: it runs as a task of its own.
+    pub tracker: tokio_util::task::TaskTracker,
 }
 
 /// Binds the socket. A stale socket file from a crashed run is removed first: the buffer
@@ -100,8 +113,15 @@ async fn handle(stream: UnixStream, handles: &Handles, cancel: &CancellationToke
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = String::new();
-    (&mut reader).take(256).read_line(&mut line).await?;
+    (&mut reader).take(MAX_REQUEST_LINE).read_line(&mut line).await?;
     let answer = match Request::parse(&line) {
+        Ok(Request::Tap(request)) => {
+            handles.tracker.spawn(tap(reader, write, request, handles.tap.clone(), cancel.clone()));
+            return Ok(());
+        }
+        Ok(Request::Status) => {
+            status(handles).await.map(|s| serde_json::to_string(&s).unwrap_or_default() + "\n")
+        }
         Ok(Request::Import) => match import(&mut reader, peer_uid, handles, cancel).await {
             Ok(summary) => Ok(serde_json::to_string(&summary).unwrap_or_default() + "\n"),
             Err(e) => Err(e),
@@ -258,4 +278,191 @@ async fn import_chunk(
     Metrics::add(&handles.metrics.counters().buffer_imported, safe.len() as u64);
     ask_import(&handles.commands, ImportRequest::MarkImported(safe)).await?;
     Ok(())
+}
+
+/// `status`: the counters, gauges and the store's statistics.
+async fn status(handles: &Handles) -> Result<DaemonStatus, String> {
+    let committed = match ask(&handles.commands, InspectRequest::Stats).await {
+        Ok(Inspected::Stats(stats)) => Some(stats),
+        _ => None,
+    };
+    let metrics = &handles.metrics;
+    let counters = metrics.counters();
+    Ok(DaemonStatus {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        upstream: DaemonUpstream {
+            connected: Metrics::get(&metrics.gauges().upstream_connected) == 1,
+            connects: Metrics::get(&counters.upstream_connects),
+            failures: Metrics::get(&counters.upstream_failures),
+        },
+        backlog: DaemonBacklog { events: Metrics::get(&metrics.gauges().buffered_events), committed },
+        sensors_connected: Metrics::get(&metrics.gauges().sensors_connected),
+        counters: counters
+            .snapshot()
+            .into_iter()
+            .filter(|(_, v)| *v > 0)
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+    })
+}
+
+/// Which tap records a viewer is shown (see [`TapRequest`]). With a topic filter, a rule or
+/// sampling, an event is picked where its topic is known (ingest, the rules) and its id is
+/// then followed to the relay, whose records carry the upstream topic.
+struct Follow {
+    topic: Option<TopicFilter>,
+    rule: Option<String>,
+    sample: u64,
+    followed: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Follow {
+    fn new(request: &TapRequest) -> Result<Follow, String> {
+        let topic = match &request.topic {
+            Some(filter) => {
+                Some(TopicFilter::new(filter.as_str()).map_err(|e| format!("--topic {filter:?}: {e}"))?)
+            }
+            None => None,
+        };
+        Ok(Follow {
+            topic,
+            rule: request.rule.clone(),
+            sample: request.sample.unwrap_or(1).max(1),
+            followed: Default::default(),
+            order: Default::default(),
+        })
+    }
+
+    fn filtered(&self) -> bool {
+        self.topic.is_some() || self.rule.is_some() || self.sample > 1
+    }
+
+    fn picked(&self, record: &TapRecord) -> bool {
+        let sampled = u64::from_str_radix(&record.event_id, 16).ok().is_none_or(|id| id % self.sample == 0);
+        sampled && self.topic.as_ref().is_none_or(|f| f.matches(record.topic()))
+    }
+
+    fn follow(&mut self, event_id: &str) {
+        if self.followed.insert(event_id.to_owned()) {
+            self.order.push_back(event_id.to_owned());
+            if self.order.len() > FOLLOWED {
+                if let Some(oldest) = self.order.pop_front() {
+                    self.followed.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    fn pass(&mut self, record: &TapRecord) -> bool {
+        if !self.filtered() {
+            return true;
+        }
+        let followed = self.followed.contains(&record.event_id);
+        match &record.what {
+            What::Ingest { .. } => {
+                let pass = self.rule.is_none() && self.picked(record);
+                if pass {
+                    self.follow(&record.event_id);
+                }
+                pass
+            }
+            What::Rules { rule, .. } => {
+                if self.rule.is_some() && rule != &self.rule {
+                    return false;
+                }
+                let pass = followed || self.picked(record);
+                if pass {
+                    self.follow(&record.event_id);
+                }
+                pass
+            }
+            What::Relay { .. } => followed || (self.rule.is_none() && self.picked(record)),
+        }
+    }
+}
+
+/// One `outpost tap`: attaches a viewer, writes what passes its filters, and what it missed,
+/// until the operator goes away or the gateway stops.
+async fn tap(
+    mut reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: OwnedWriteHalf,
+    request: TapRequest,
+    hub: Tap,
+    cancel: CancellationToken,
+) {
+    let stages: Vec<TapStage> = match (request.stage, &request.rule) {
+        (Some(stage), _) => vec![stage],
+        // A rule's verdict comes after ingest: only what follows it can be attributed to it.
+        (None, Some(_)) => vec![TapStage::Rules, TapStage::Relay],
+        (None, None) => vec![TapStage::Ingest, TapStage::Rules, TapStage::Relay],
+    };
+    let refused = |e: String| format!("{ERROR_PREFIX}{e}\n");
+    let mut follow = match Follow::new(&request) {
+        Ok(follow) => follow,
+        Err(e) => {
+            let _ = write.write_all(refused(e).as_bytes()).await;
+            return;
+        }
+    };
+    let bits = stages.iter().fold(0, |acc, s| acc | s.bit());
+    let Some(mut viewer) = hub.attach(bits, VIEWER_QUEUE) else {
+        let full = format!(
+            "{} taps are attached already, the most the gateway serves; stop one and try again",
+            crate::tap::MAX_VIEWERS
+        );
+        let _ = write.write_all(refused(full).as_bytes()).await;
+        return;
+    };
+    info!(message = "tap attached", stages = ?stages);
+    let hello = serde_json::to_string(&Attached { attached: stages }).unwrap_or_default() + "\n";
+    if write.write_all(hello.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut shown_missed = 0;
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut gone = [0u8; 64];
+    loop {
+        let mut out = String::new();
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            read = reader.read(&mut gone) => {
+                // The operator closed the tap (or wrote something, which ends it too).
+                let _ = read;
+                break;
+            }
+            record = viewer.records.recv() => {
+                let Some(record) = record else { break };
+                if follow.pass(&record) {
+                    out = serde_json::to_string(&record).unwrap_or_default() + "\n";
+                }
+                // Whatever else is queued, in one write.
+                while out.len() < 64 * 1024 {
+                    let Ok(record) = viewer.records.try_recv() else { break };
+                    if follow.pass(&record) {
+                        out += &(serde_json::to_string(&record).unwrap_or_default() + "\n");
+                    }
+                }
+            }
+            _ = tick.tick() => {}
+        }
+        let missed = viewer.missed();
+        if missed > shown_missed {
+            out += &format!("{{\"missed\":{}}}\n", missed - shown_missed);
+            shown_missed = missed;
+        }
+        if out.is_empty() {
+            continue;
+        }
+        // A slow reader holds up only this task; the stages meanwhile fill its queue, and
+        // what does not fit is counted as missed.
+        let written = tokio::select! {
+            () = cancel.cancelled() => break,
+            written = write.write_all(out.as_bytes()) => written,
+        };
+        if written.is_err() {
+            break;
+        }
+    }
+    info!(message = "tap detached", missed = viewer.missed());
 }

@@ -15,6 +15,7 @@ use tracing::warn;
 
 use crate::event::{Event, IdGen, now_ms};
 use crate::metrics::Metrics;
+use crate::tap::{Tap, TapRecord, TapStage, What};
 use crate::telemetry::LogThrottle;
 use crate::watchdog::Heartbeat;
 
@@ -30,11 +31,19 @@ pub struct Intake {
     /// The broker's heartbeat (the watchdog), shared with the accept loops: a hand-over is a
     /// turn, and waiting for room in the route stage's channel is not (its heartbeat covers it).
     heartbeat: Heartbeat,
+    /// Where `outpost tap` sees events enter.
+    tap: Tap,
 }
 
 impl Intake {
-    pub fn new(ids: IdGen, events: mpsc::Sender<Event>, metrics: Metrics, heartbeat: Heartbeat) -> Intake {
-        Intake { ids, events, metrics, throttled_log: Mutex::default(), heartbeat }
+    pub fn new(
+        ids: IdGen,
+        events: mpsc::Sender<Event>,
+        metrics: Metrics,
+        heartbeat: Heartbeat,
+        tap: Tap,
+    ) -> Intake {
+        Intake { ids, events, metrics, throttled_log: Mutex::default(), heartbeat, tap }
     }
 
     /// The broker's heartbeat, for the accept loops.
@@ -62,6 +71,22 @@ impl Intake {
     pub async fn hand_over(&self, event: Event) -> bool {
         let counters = self.metrics.counters();
         Metrics::add(&counters.ingested, 1);
+        let by_qos = match event.qos {
+            Some(2) => &counters.ingested_qos2,
+            Some(1) => &counters.ingested_qos1,
+            _ => &counters.ingested_qos0,
+        };
+        Metrics::add(by_qos, 1);
+        if self.tap.wants(TapStage::Ingest) {
+            self.tap.publish(TapRecord::new(
+                event.id,
+                What::Ingest {
+                    client_id: event.client_id.as_deref().map(str::to_owned),
+                    topic: event.topic.clone(),
+                    qos: event.qos.unwrap_or(0),
+                },
+            ));
+        }
         self.heartbeat.begin();
         self.heartbeat.wedge_if_asked().await;
         let handed = self.events.try_send(event);

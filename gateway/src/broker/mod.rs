@@ -156,6 +156,8 @@ impl Started {
 /// Starts the local broker and the listeners. Returns once the listeners are bound, so
 /// callers (and tests) can connect sensors right away. `heartbeat` is the broker's (the
 /// watchdog): the accept loops and the hand-over to the route stage report on it.
+// The stage's wiring, each a handle of its own (as `relay::run`'s).
+#[allow(clippy::too_many_arguments)]
 pub async fn start(
     cfg: &BrokerConfig,
     ids: IdGen,
@@ -164,15 +166,20 @@ pub async fn start(
     cancel: CancellationToken,
     tracker: &TaskTracker,
     heartbeat: Heartbeat,
+    tap: crate::tap::Tap,
 ) -> Result<Started, BrokerError> {
     let access = Arc::new(Access::load(cfg)?);
-    let mut listeners = vec![(bind("broker.listen", cfg.listen).await?, None)];
+    let mut listeners = vec![(bind("broker.listen", cfg.listen).await?, Listener::Listen, None)];
     if let Some(addr) = cfg.listen_v5 {
-        listeners.push((bind("broker.listen_v5", addr).await?, None));
+        listeners.push((bind("broker.listen_v5", addr).await?, Listener::ListenV5, None));
     }
     if let Some(tls) = &cfg.tls {
         let tls = Arc::new(TlsListener::load(tls, metrics.clone())?);
-        listeners.push((bind("broker.tls.listen", tls.listen()).await?, Some(Arc::clone(&tls))));
+        listeners.push((
+            bind("broker.tls.listen", tls.listen()).await?,
+            Listener::Tls,
+            Some(Arc::clone(&tls)),
+        ));
         tracker.spawn(tls::reload_on_hangup(tls, cancel.clone()));
     }
     let limits = local::Limits {
@@ -185,7 +192,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         metrics: metrics.clone(),
-        intake: Intake::new(ids, out, metrics.clone(), heartbeat),
+        intake: Intake::new(ids, out, metrics.clone(), heartbeat, tap),
         local: Arc::clone(&local),
         retained: RetainedStore::new(cfg.max_retained, cfg.max_retained_bytes.as_u64(), metrics.clone()),
         live: Arc::new(LiveConnections::new(cfg.max_connections.get(), metrics.clone())),
@@ -198,11 +205,11 @@ pub async fn start(
     }
     tracker.spawn(sys::refresh(cfg.sys_interval, metrics, status_tx, cancel.clone()));
     tracker.spawn(expire_sessions(Arc::clone(&local), cancel.clone()));
-    for (listener, tls) in listeners {
+    for (listener, which, tls) in listeners {
         let addr = listener.local_addr().unwrap_or(cfg.listen);
         let transport = if tls.is_some() { "TLS" } else { "TCP" };
         info!(message = "embedded broker listening", %addr, transport, protocols = "MQTT 3.1.1 and 5");
-        tracker.spawn(accept(listener, tls, Arc::clone(&shared), cancel.clone(), tracker.clone()));
+        tracker.spawn(accept(listener, which, tls, Arc::clone(&shared), cancel.clone(), tracker.clone()));
     }
     Ok(Started { republisher: Republisher::new(local), shared })
 }
@@ -245,8 +252,18 @@ async fn bind(key: &'static str, addr: SocketAddr) -> Result<TcpListener, Broker
     TcpListener::bind(addr).await.map_err(|source| BrokerError::Bind { key, addr, source })
 }
 
+/// Which configured listener a connection came in on (`outpost_connections_accepted_total`'s
+/// `listener` label).
+#[derive(Debug, Clone, Copy)]
+enum Listener {
+    Listen,
+    ListenV5,
+    Tls,
+}
+
 async fn accept(
     listener: TcpListener,
+    which: Listener,
     tls: Option<Arc<TlsListener>>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -254,6 +271,12 @@ async fn accept(
 ) {
     // Taking a connection in hand is a turn; waiting for the next one is not.
     let heartbeat = shared.intake.heartbeat().clone();
+    let counters = shared.metrics.counters();
+    let accepted_here = match which {
+        Listener::Listen => &counters.accepted_listen,
+        Listener::ListenV5 => &counters.accepted_listen_v5,
+        Listener::Tls => &counters.accepted_tls,
+    };
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -262,6 +285,7 @@ async fn accept(
         heartbeat.begin();
         let turn = match accepted {
             Ok((stream, peer)) => {
+                Metrics::add(accepted_here, 1);
                 let accepted = conn::Accepted {
                     peer,
                     deadline: Instant::now() + shared.cfg.connection_timeout,

@@ -46,6 +46,11 @@ impl std::fmt::Debug for BearerToken {
 }
 
 impl BearerToken {
+    /// The `Authorization` header value a client (`outpost status`) sends.
+    pub fn authorization(&self) -> String {
+        format!("Bearer {}", self.0)
+    }
+
     /// Whether an `Authorization` header value carries this token. Compares every byte
     /// whatever the first mismatch, so the answer's timing does not leak the token's prefix.
     pub fn admits(&self, authorization: Option<&[u8]>) -> bool {

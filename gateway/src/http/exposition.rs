@@ -45,9 +45,8 @@ const fn m(
     Mapping { counter, metric, labels, help }
 }
 
-/// Today's counter names → metric names. Splits the issue asks for that the counters do not
-/// carry yet (QoS, listener, rule name, priority of drops, corrupt events) are listed in the
-/// README under "Metrics and health".
+/// Today's counter names → metric names (the README's "Metrics and health" table). The per-rule
+/// counters are not in this table: they are read from `metrics::RuleRegistry`.
 pub const COUNTERS: &[Mapping] = &[
     m(
         "ingested",
@@ -55,6 +54,14 @@ pub const COUNTERS: &[Mapping] = &[
         &[],
         "Publishes read from sensors (and wills) and handed to routing.",
     ),
+    m(
+        "ingested_qos0",
+        "outpost_messages_received_by_qos_total",
+        &[("qos", "0")],
+        "Publishes read from sensors (and wills), by their QoS; they sum to outpost_messages_received_total.",
+    ),
+    m("ingested_qos1", "outpost_messages_received_by_qos_total", &[("qos", "1")], ""),
+    m("ingested_qos2", "outpost_messages_received_by_qos_total", &[("qos", "2")], ""),
     m(
         "ingest_throttled",
         "outpost_messages_throttled_total",
@@ -67,6 +74,14 @@ pub const COUNTERS: &[Mapping] = &[
         &[],
         "Sensor connections accepted (CONNACK success), readiness probes included.",
     ),
+    m(
+        "accepted_listen",
+        "outpost_connections_accepted_total",
+        &[("listener", "broker.listen")],
+        "TCP connections accepted, by the listener they came in on, before their CONNECT.",
+    ),
+    m("accepted_listen_v5", "outpost_connections_accepted_total", &[("listener", "broker.listen_v5")], ""),
+    m("accepted_tls", "outpost_connections_accepted_total", &[("listener", "broker.tls.listen")], ""),
     m(
         "sensor_refused",
         "outpost_connections_refused_total",
@@ -363,6 +378,12 @@ pub const COUNTERS: &[Mapping] = &[
         &[("reason", "max_subscriptions")],
         "Subscriptions refused because the client holds broker.max_subscriptions filters.",
     ),
+    m(
+        "tap_missed",
+        "outpost_tap_missed_total",
+        &[],
+        "Tap records a viewer (outpost tap) missed because it read too slowly; the pipeline never waits for one.",
+    ),
 ];
 
 /// Everything one scrape shows, read before encoding.
@@ -380,6 +401,9 @@ pub struct Scrape {
     /// 1 while the inbound connection (`[[upstream.subscribe]]`) is up and subscribed.
     pub inbound_connected: u64,
     pub tls_handshakes_in_progress: u64,
+    pub tap_viewers: u64,
+    /// Per rule name: matched, outputs, errors.
+    pub rules: Vec<(String, u64, u64, u64)>,
     /// The committed part of the buffer, when the store thread answered.
     pub store: Option<StatsReport>,
     pub capacity_events: u64,
@@ -405,6 +429,8 @@ impl Scrape {
             upstream_endpoints: endpoint_samples(metrics),
             inbound_connected: Metrics::get(&g.inbound_connected),
             tls_handshakes_in_progress: Metrics::get(&g.tls_handshakes_in_progress),
+            tap_viewers: Metrics::get(&g.tap_viewers),
+            rules: metrics.rules().snapshot(),
             store,
             capacity_events: capacity.0,
             capacity_bytes: capacity.1,
@@ -520,6 +546,29 @@ impl Collector for Scrape {
             }
         }
 
+        // Per rule: names come from the rules file, so the label set is bounded by it.
+        let per_rule = |pick: fn(&(String, u64, u64, u64)) -> u64| -> Vec<(Labels<'_>, u64)> {
+            self.rules.iter().map(|r| (vec![("rule", r.0.as_str())], pick(r))).collect()
+        };
+        counter_family(
+            e,
+            "outpost_rule_matched_total",
+            "Events a rule's actions ran on (its FROM and WHERE held), by rule.",
+            &per_rule(|r| r.1),
+        )?;
+        counter_family(
+            e,
+            "outpost_rule_outputs_total",
+            "Outputs a rule produced (forwards, republishes, drops, deliberate dead letters), by rule.",
+            &per_rule(|r| r.2),
+        )?;
+        counter_family(
+            e,
+            "outpost_rule_errors_total",
+            "Events a rule failed on (sent to the dead letters), by rule.",
+            &per_rule(|r| r.3),
+        )?;
+
         let (requests, unauthorized, refused) = self.http;
         counter_family(
             e,
@@ -564,6 +613,12 @@ impl Collector for Scrape {
             "outpost_inbound_connected",
             "1 while the inbound connection (commands from the cloud) is up and subscribed.",
             self.inbound_connected as f64,
+        )?;
+        gauge(
+            e,
+            "outpost_tap_viewers",
+            "Viewers attached to the tap (outpost tap).",
+            self.tap_viewers as f64,
         )?;
         let connected: Vec<(Labels<'_>, f64)> = if self.upstream_endpoints.is_empty() {
             vec![(vec![("endpoint", "none")], self.upstream_connected as f64)]
@@ -737,6 +792,9 @@ mod tests {
         metrics.set_upstream_endpoint(Some(0));
         Metrics::add(&metrics.endpoints().list()[1].failures, 4);
         Metrics::set(&metrics.gauges().inbound_connected, 1);
+        Metrics::add(&metrics.counters().ingested_qos1, 7);
+        Metrics::add(&metrics.counters().accepted_listen_v5, 2);
+        Metrics::add(&metrics.rules().get(&"to_cloud".into()).errors, 4);
         metrics.histograms().commit_duration.observe(0.003);
         let store = StatsReport {
             events: 5,
@@ -757,6 +815,11 @@ mod tests {
             "outpost_events_discarded_total{reason=\"overflow\"} 3",
             "outpost_events_discarded_total{reason=\"poison\"} 0",
             "outpost_inbound_connected 1.0",
+            "outpost_messages_received_by_qos_total{qos=\"1\"} 7",
+            "outpost_connections_accepted_total{listener=\"broker.listen_v5\"} 2",
+            "outpost_rule_errors_total{rule=\"to_cloud\"} 4",
+            "outpost_rule_matched_total{rule=\"to_cloud\"} 0",
+            "outpost_tap_viewers 0.0",
             "# TYPE outpost_upstream_connected gauge",
             "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.5:1883\"} 1.0",
             "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.6:1883\"} 0.0",

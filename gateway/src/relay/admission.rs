@@ -17,6 +17,7 @@ use crate::buffer::{N_PRIORITIES, Record};
 use crate::config::OverflowPolicy;
 use crate::event::{Outbound, now_ms};
 use crate::metrics::Metrics;
+use crate::tap::{DropReason, RelayAction};
 
 impl Relay {
     /// Whether the relay takes input now: fewer than `commit_max_events` wait for the disk.
@@ -44,6 +45,7 @@ impl Relay {
         if over_events > 0 || over_bytes > 0 {
             match self.settings.overflow {
                 OverflowPolicy::RejectNew => {
+                    self.tap(&record, RelayAction::Dropped, Some(DropReason::BufferFull));
                     if let Some(ticket) = &ticket {
                         ticket.reject();
                     }
@@ -54,6 +56,7 @@ impl Relay {
             }
         }
         Metrics::add(&self.metrics.counters().accepted, 1);
+        self.tap(&record, RelayAction::Accepted, None);
         self.commits.hold(size);
         let lane = &mut self.lanes[usize::from(record.priority)];
         lane.unsaved.insert(record.seq, Pending { record: Arc::new(record), since: now, _ticket: ticket });
@@ -89,6 +92,7 @@ impl Relay {
                 events = events.saturating_sub(1);
                 bytes = bytes.saturating_sub(pending.record.size());
                 Metrics::add(&counters.dropped_overflow, 1);
+                self.tap(&pending.record, RelayAction::Dropped, Some(DropReason::Overflow));
             }
         }
         if let Some(folded) = self.logs.overflow.ready(now) {

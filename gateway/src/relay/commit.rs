@@ -284,6 +284,11 @@ impl Relay {
         if let Some((lasted, failed)) = self.logs.commits_failing.ended(now) {
             info!(message = "buffer commits work again; the events held in memory meanwhile are on disk", failing_for = %readable(lasted), failed_attempts = failed);
         }
+        if self.tap.wants(crate::tap::TapStage::Relay) {
+            for pending in self.lanes.iter().flat_map(|lane| lane.committing.values()) {
+                self.tap(&pending.record, crate::tap::RelayAction::Committed, None);
+            }
+        }
         let c = &mut self.commits;
         c.running = false;
         c.failures_in_row = 0;

@@ -24,6 +24,7 @@ use crate::buffer::{BufferError, N_PRIORITIES, Record};
 use crate::config::EventIdMode;
 use crate::event::{format_event_id, now_ms};
 use crate::metrics::Metrics;
+use crate::tap::{DropReason, RelayAction};
 use crate::uplink::{LinkLoss, LinkParams, OUT_HIGH_WATER, Session};
 
 /// How many records one disk read fetches for the send window.
@@ -208,8 +209,12 @@ impl Relay {
         self.metrics.histograms().upstream_round_trip.observe_duration(now.duration_since(sent.at));
         let counters = self.metrics.counters();
         match rejected {
-            None => Metrics::add(&counters.upstream_acked, 1),
+            None => {
+                Metrics::add(&counters.upstream_acked, 1);
+                self.tap(&sent.record, RelayAction::Acknowledged, None);
+            }
             Some(reason) => {
+                self.tap(&sent.record, RelayAction::Dropped, Some(DropReason::RejectedUpstream));
                 // Resending what the upstream refused (not authorised, quota, invalid topic)
                 // would block the queue forever: count, log, move on.
                 Metrics::add(&counters.upstream_rejected, 1);
@@ -318,25 +323,32 @@ impl Relay {
             // again after every reconnect: count it as refused, like a PUBACK refusal.
             let counters = self.metrics.counters();
             Metrics::add(&counters.upstream_rejected, 1);
+            self.tap(&record, RelayAction::Dropped, Some(DropReason::TooLarge));
             if let Some(folded) = self.logs.size.ready(now) {
                 warn!(message = "an event is larger than the upstream accepts (its maximum packet size); it is discarded, raise the upstream's limit or lower broker.max_payload", topic = %record.topic, size = too_large.size, max = too_large.max, similar_since_last_log = folded, rejected_total = Metrics::get(&counters.upstream_rejected));
             }
             self.on_acked(record.key(), now);
             return;
         }
-        if record.qos == 0 {
-            // QoS 0 routes get no PUBACK; handing the publish over is all there is.
-            self.on_acked(record.key(), now);
-        } else {
+        let qos0 = record.qos == 0;
+        if !qos0 {
             conn.sent = order;
         }
         let counters = self.metrics.counters();
         Metrics::add(&counters.upstream_sent, 1);
         let lane = &mut self.lanes[p];
-        if record.seq < lane.sent_high {
+        let action = if record.seq < lane.sent_high {
             Metrics::add(&counters.upstream_resent, 1);
+            RelayAction::Resent
         } else {
             lane.sent_high = record.seq + 1;
+            RelayAction::Sent
+        };
+        self.tap(&record, action, None);
+        if qos0 {
+            // QoS 0 routes get no PUBACK; handing the publish over is all there is.
+            self.tap(&record, RelayAction::Acknowledged, None);
+            self.on_acked(record.key(), now);
         }
     }
 
@@ -422,6 +434,7 @@ impl Relay {
     fn expire(&mut self, record: &Record, now: Instant) {
         let counters = self.metrics.counters();
         Metrics::add(&counters.expired, 1);
+        self.tap(record, RelayAction::Dropped, Some(DropReason::Ttl));
         if let Some(folded) = self.logs.expiry.ready(now) {
             warn!(message = "discarding events whose route TTL passed before they could be sent", topic = %record.topic, similar_since_last_log = folded, expired_total = Metrics::get(&counters.expired));
         }

@@ -68,6 +68,7 @@ use crate::buffer::{LaneStats, N_PRIORITIES, Record};
 use crate::config::{BufferConfig, EventIdMode, OverflowPolicy, UpstreamConfig};
 use crate::event::IdGen;
 use crate::metrics::Metrics;
+use crate::tap::{DropReason, RelayAction, Tap, TapRecord, TapStage, What};
 use crate::telemetry::{Episode, LogThrottle};
 
 use commit::Commits;
@@ -158,6 +159,8 @@ pub struct Relay {
     /// The poison rule's state (see the module docs).
     isolation: Isolation,
     logs: Logs,
+    /// Where `outpost tap` sees events accepted, sent, acknowledged, committed and dropped.
+    tap: Tap,
 }
 
 impl Relay {
@@ -171,6 +174,7 @@ impl Relay {
         for (p, lane) in lanes.iter_mut().enumerate() {
             lane.disk_unread = disk[p].events > 0;
         }
+        let metrics_for_tap = metrics.clone();
         Relay {
             pacing: Pacing::new(&settings),
             settings,
@@ -181,6 +185,21 @@ impl Relay {
             conn: None,
             isolation: Isolation::default(),
             logs: Logs::default(),
+            tap: Tap::new(metrics_for_tap),
+        }
+    }
+
+    /// Publishes what happens to events into `tap` (the gateway's hub).
+    pub fn with_tap(mut self, tap: Tap) -> Relay {
+        self.tap = tap;
+        self
+    }
+
+    /// Tells the tap's relay viewers, if any, what happened to `record`.
+    fn tap(&self, record: &Record, action: RelayAction, reason: Option<DropReason>) {
+        if self.tap.wants(TapStage::Relay) {
+            let what = What::Relay { topic: record.topic.clone(), action, reason, priority: record.priority };
+            self.tap.publish(TapRecord::new(record.event_id, what));
         }
     }
 
