@@ -55,81 +55,14 @@ pub fn readable_by_others(path: &Path) -> bool {
 }
 
 /// How long until a certificate expires (`Err` with how long ago it did), from its
-/// `notAfter`. `None` when the DER cannot be read that far.
+/// `notAfter` (read by [`crate::tls::CertInfo`], as the listener's certificates are). `None`
+/// when the DER cannot be parsed.
 pub fn expires_in(cert: &CertificateDer<'_>, now: SystemTime) -> Option<Result<Duration, Duration>> {
-    let not_after = not_after(cert.as_ref())?;
+    let not_after = crate::tls::CertInfo::of(cert)?.not_after;
     Some(match not_after.duration_since(now) {
         Ok(left) => Ok(left),
         Err(past) => Err(past.duration()),
     })
-}
-
-/// A certificate's `notAfter`: Certificate → tbsCertificate → (version) serial, signature,
-/// issuer → validity → notAfter. A dozen lines of DER against an X.509 parser crate for the
-/// one field the log needs.
-fn not_after(der: &[u8]) -> Option<SystemTime> {
-    let (_, cert, _) = tlv(der)?;
-    let (_, mut tbs, _) = tlv(cert)?;
-    let (tag, _, rest) = tlv(tbs)?;
-    if tag == 0xA0 {
-        tbs = rest; // explicit version
-    }
-    for _ in 0..3 {
-        tbs = tlv(tbs)?.2; // serial, signature algorithm, issuer
-    }
-    let (_, validity, _) = tlv(tbs)?;
-    let after = tlv(validity)?.2;
-    let (tag, time, _) = tlv(after)?;
-    asn1_time(tag, time)
-}
-
-/// One DER TLV: (tag, contents, what follows).
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7F);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n].iter().fold(0usize, |acc, &b| acc << 8 | usize::from(b));
-        (len, &rest[n..])
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
-}
-
-/// UTCTime (`YYMMDDHHMMSSZ`, years 1950–2049) or GeneralizedTime (`YYYYMMDDHHMMSSZ`).
-fn asn1_time(tag: u8, text: &[u8]) -> Option<SystemTime> {
-    let text = std::str::from_utf8(text).ok()?.strip_suffix('Z')?;
-    let (year, rest) = match tag {
-        0x17 if text.len() == 12 => {
-            let yy: i64 = text[..2].parse().ok()?;
-            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &text[2..])
-        }
-        0x18 if text.len() == 14 => (text[..4].parse().ok()?, &text[4..]),
-        _ => return None,
-    };
-    let field = |i: usize| -> Option<i64> { rest.get(i..i + 2)?.parse().ok() };
-    let (month, day, hour, minute, second) = (field(0)?, field(2)?, field(4)?, field(6)?, field(8)?);
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
-    let secs = u64::try_from(secs).ok()?;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
@@ -144,31 +77,14 @@ mod tests {
     }
 
     #[test]
-    fn not_after_is_read_from_utc_and_generalized_times() {
-        // rcgen writes UTCTime up to 2049 and GeneralizedTime from 2050, as RFC 5280 says.
-        for (y, m, d) in [(2031, 3, 4), (2049, 12, 31), (2050, 1, 1), (2101, 7, 15)] {
-            let der = cert_valid_until(y, m, d);
-            let expected = SystemTime::UNIX_EPOCH
-                + Duration::from_secs(
-                    u64::try_from(days_from_civil(y.into(), m.into(), d.into())).expect("after 1970")
-                        * 86_400,
-                );
-            assert_eq!(not_after(&der), Some(expected), "{y}-{m}-{d}");
-        }
-        assert_eq!(days_from_civil(1970, 1, 1), 0);
-        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
-        assert_eq!(not_after(b"\x30\x03\x02\x01"), None, "truncated DER");
-    }
-
-    #[test]
     fn expiry_is_told_ahead_and_after() {
         let cert = CertificateDer::from(cert_valid_until(2030, 1, 1));
-        let at = |y, m, d| {
-            SystemTime::UNIX_EPOCH
-                + Duration::from_secs(u64::try_from(days_from_civil(y, m, d)).expect("pos") * 86_400)
-        };
-        assert_eq!(expires_in(&cert, at(2029, 12, 2)), Some(Ok(Duration::from_secs(30 * 86_400))));
-        assert_eq!(expires_in(&cert, at(2030, 1, 3)), Some(Err(Duration::from_secs(2 * 86_400))));
+        // 2030-01-01T00:00:00Z.
+        let not_after = SystemTime::UNIX_EPOCH + Duration::from_secs(1_893_456_000);
+        let day = Duration::from_secs(86_400);
+        assert_eq!(expires_in(&cert, not_after - 30 * day), Some(Ok(30 * day)));
+        assert_eq!(expires_in(&cert, not_after + 2 * day), Some(Err(2 * day)));
+        assert_eq!(expires_in(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01]), not_after), None, "truncated DER");
     }
 
     #[test]
