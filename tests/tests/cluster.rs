@@ -2,7 +2,9 @@
 //! its MQTT listener) on loopback. Outpost is given all three URLs; a persistent QoS 1
 //! subscriber sits on the last node. Mid-stream the node Outpost is connected to is SIGKILLed:
 //! Outpost moves to another node and the subscriber receives every reading the gateway
-//! acknowledged to its sensors, duplicates counted and printed.
+//! acknowledged to its sensors, duplicates counted and printed. Commands come down the same
+//! way (`[[upstream.subscribe]]`): one published at a surviving node while the gateway's
+//! inbound connection was on the killed one reaches a local subscriber after it moved.
 //!
 //! Why NATS and not RabbitMQ (both Debian packages run a real three-node cluster on one
 //! machine, FIELD-NOTES.md): three NATS nodes start in about 2 s with ~70 MB between them;
@@ -18,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use outpost_e2e::conformance::{Received, Recorder};
 use outpost_e2e::gateway::GatewaySpec;
-use outpost_e2e::mqtt::{Message, Session, Subscriber, SubscriberOptions, unique_client_id};
+use outpost_e2e::mqtt::{Message, Session, Subscriber, SubscriberOptions, publish_qos1, unique_client_id};
 use outpost_e2e::require_tool;
 use outpost_e2e::upstream::{NATS_SERVER, NatsCluster};
 use outpost_sim::fleet::{FleetConfig, run_fleet};
@@ -70,7 +72,10 @@ async fn killing_the_connected_node_loses_nothing_the_gateway_acknowledged() {
     let urls: Vec<String> = cluster.nodes.iter().map(|n| format!("\"{}\"", n.url())).collect();
     // NATS speaks MQTT 3.1.1 only. reconnect_max is lowered so that a round of failed
     // attempts (while the stream re-elects its leader) costs at most a second.
-    let config = format!("[upstream]\nurls = [{}]\nreconnect_max = \"1s\"\n", urls.join(", "));
+    let config = format!(
+        "[upstream]\nurls = [{}]\nreconnect_max = \"1s\"\n\n[[upstream.subscribe]]\nfilter = \"cmd/#\"\n",
+        urls.join(", ")
+    );
     let data = tempfile::tempdir().expect("tempdir");
     let mut gateway =
         GatewaySpec::new(data.path()).config_toml(config).start().await.expect("start the gateway");
@@ -82,6 +87,18 @@ async fn killing_the_connected_node_loses_nothing_the_gateway_acknowledged() {
     let victim = cluster.node(&first_url).unwrap_or_else(|| panic!("connected to a node: {connected}"));
     assert_eq!(victim, 0, "the gateway starts on the preferred (first) endpoint");
     assert_ne!(victim, subscriber_node);
+    // The inbound connection (its own persistent session) is on the first node too.
+    gateway
+        .wait_for_log("the inbound connection on the first node", TIMEOUT, |log| {
+            log["message"] == "inbound connected" && log["upstream"] == first_url.as_str()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    let actuator =
+        SubscriberOptions { verify: false, session: Session::Clean, ..SubscriberOptions::default() };
+    let mut actuator = Subscriber::start_with(gateway.listen(), "cmd/#", actuator)
+        .await
+        .expect("a local actuator subscribes");
 
     let fleet_config = FleetConfig {
         broker: gateway.listen().to_string(),
@@ -103,6 +120,18 @@ async fn killing_the_connected_node_loses_nothing_the_gateway_acknowledged() {
         .expect("subscribe $SYS");
     let (killed_at, killed_at_ms) = (Instant::now(), unix_ms());
     cluster.kill(victim).expect("SIGKILL the node the gateway is connected to");
+    // Sent at once, while the inbound connection is still on (or leaving) the dead node: it
+    // waits in the inbound session the cluster replicates, and comes down once the connection
+    // moved to a surviving node.
+    publish_qos1(
+        cluster.nodes[subscriber_node].mqtt,
+        &unique_client_id("cloud"),
+        "cmd/valve/1",
+        [b"open".to_vec()],
+        TIMEOUT,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("a command published at a surviving node: {e:#}\n{}", cluster.tail()));
     let on_another = |m: &[Received]| {
         m.last()
             .is_some_and(|m| m.payload.starts_with("connected ") && !m.payload.ends_with(first_url.as_str()))
@@ -118,6 +147,15 @@ async fn killing_the_connected_node_loses_nothing_the_gateway_acknowledged() {
         })
         .await;
     moved.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+
+    actuator
+        .wait_for_count(1, TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("the command through a surviving node: {e:#}\n{}", gateway.tail()));
+    let command_after = killed_at.elapsed();
+    let commands = actuator.messages();
+    assert_eq!(commands[0].0, "cmd/valve/1");
+    assert_eq!(commands[0].1.as_slice(), b"open");
 
     let summary = fleet.await.expect("the fleet task").expect("the fleet runs");
     let report = subscriber
@@ -136,7 +174,7 @@ async fn killing_the_connected_node_loses_nothing_the_gateway_acknowledged() {
         seen.last().map(|m| m.payload.trim_start_matches("connected ").to_owned()).unwrap_or_default();
     println!(
         "cluster ready in {cluster_ready:?}; killed {first_url} after {ARRIVED_BEFORE_KILL} arrivals; gateway now on {now_on}; \
-         node loss to the gateway connected to another node: {reconnected:?}, to the first event through it: {first_after:?}; fleet sent {} acked {}; subscriber received {} \
+         node loss to the gateway connected to another node: {reconnected:?}, to the first event through it: {first_after:?}, to the command sent at the kill arriving locally: {command_after:?}; fleet sent {} acked {}; subscriber received {} \
          (unique {}, duplicates {}, reordered {}, missing {}); test ran {:?}",
         summary.sent,
         summary.acked,
@@ -156,4 +194,5 @@ async fn killing_the_connected_node_loses_nothing_the_gateway_acknowledged() {
     assert!(status.success(), "exit status {status}\n{}", gateway.tail());
     let counters = gateway.final_counters().expect("final counters");
     assert!(counters.get("upstream_failures").copied().unwrap_or(0) >= 1, "{counters:?}");
+    assert!(counters.get("inbound_delivered").copied().unwrap_or(0) >= 1, "{counters:?}");
 }

@@ -84,7 +84,11 @@ mod tests {
         let day = Duration::from_secs(86_400);
         assert_eq!(expires_in(&cert, not_after - 30 * day), Some(Ok(30 * day)));
         assert_eq!(expires_in(&cert, not_after + 2 * day), Some(Err(2 * day)));
-        assert_eq!(expires_in(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01]), not_after), None, "truncated DER");
+        assert_eq!(
+            expires_in(&CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01]), not_after),
+            None,
+            "truncated DER"
+        );
     }
 
     #[test]
