@@ -136,6 +136,9 @@ pub enum DropReason {
     RejectedUpstream,
     /// Larger than the upstream's maximum packet size.
     TooLarge,
+    /// The upstream closed the connection right after it `upstream.poison_after` times in a
+    /// row: it goes to the dead-letter store.
+    Poison,
 }
 
 /// What a viewer is shown besides records: how many it missed because it read too slowly.

@@ -21,6 +21,7 @@ use crate::buffer::{Key, Record};
 use crate::deadletter::DeadLetter;
 use crate::event::{escape_topic, format_event_id, now_ms};
 use crate::metrics::Metrics;
+use crate::tap::{DropReason, RelayAction};
 
 /// A close counts against the isolated suspect only this soon after it was written. Brokers
 /// close over a packet they refuse at once (mosquitto: within milliseconds); a cluster that
@@ -97,6 +98,7 @@ impl Relay {
         self.isolation.strikes = None;
         self.isolation.suspect = None;
         self.isolation.quarantined.insert(key);
+        self.tap(record, RelayAction::Dropped, Some(DropReason::Poison));
         if let Some(folded) = self.logs.poison.ready(now) {
             warn!(
                 message = "the upstream closed the connection right after the same event several times in a row; it goes to the dead-letter store (`outpost rules dead-letters`) so the events behind it can go on. Check the upstream broker's log for why it refuses it (topic, size, ACL)",

@@ -709,6 +709,7 @@ fn a_poison_event_is_dead_lettered_and_the_events_behind_it_go_on() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
     rt.block_on(async {
         let mut h = backlog_with_poison(10, 0).await;
+        let mut viewer = h.relay.tap.attach(crate::tap::TapStage::Relay.bit(), 4096).expect("a tap viewer");
         // The first connection sends a full window; the upstream closes on the poison.
         one_connection(&mut h).await;
         assert!(!h.connected && h.relay.isolation.suspect.is_some(), "the poison is now the suspect");
@@ -723,6 +724,14 @@ fn a_poison_event_is_dead_lettered_and_the_events_behind_it_go_on() {
         }
         assert_eq!(h.letters.len(), 1, "blamed after {POISON_AFTER} closes in a row");
         assert!(h.dead_lettered.is_empty(), "the event stays until its letter is written");
+        // `outpost tap` shows why it left: dropped as poison, once.
+        let mut poison_drops = Vec::new();
+        while let Ok(record) = viewer.records.try_recv() {
+            if let crate::tap::What::Relay { action: RelayAction::Dropped, reason, .. } = record.what {
+                poison_drops.push((record.event_id, reason));
+            }
+        }
+        assert_eq!(poison_drops, vec![(crate::event::format_event_id(1), Some(DropReason::Poison))]);
         h.step(Action::ServeStore).await;
         assert_eq!(h.dead_lettered, HashSet::from([1]));
         let c = h.relay.metrics.counters();
