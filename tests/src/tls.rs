@@ -1,4 +1,4 @@
-//! Certificates made in the test (rcgen): a CA, server certificates for `127.0.0.1` and
+//! Certificates made in the test (rcgen, through the harness's `pki`): a CA, server certificates for `127.0.0.1` and
 //! `localhost` (valid, expiring soon, expired), client certificates with a chosen CN, and a
 //! second CA whose clients the gateway must refuse. Written as PEM files in a tempdir owned by
 //! the [`Pki`], for the gateway's `[broker.tls]` and for clients' `--cafile`/`--cert`/`--key`.
@@ -8,23 +8,16 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
+use outpost_sim::harness::pki::{Leaf, TestCa};
 use tempfile::TempDir;
 
 /// A certificate and its key, as PEM files.
-#[derive(Debug, Clone)]
-pub struct CertFiles {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+pub type CertFiles = outpost_sim::harness::pki::PemFiles;
 
-/// One CA and the files it issued.
+/// One CA (the harness's [`TestCa`]) and the files it issued, in a tempdir of its own.
 pub struct Pki {
     dir: TempDir,
-    ca: CertifiedIssuer<'static, KeyPair>,
+    ca: TestCa,
     ca_file: PathBuf,
     issued: usize,
 }
@@ -39,13 +32,9 @@ impl Pki {
     /// A new CA named `name`, its certificate in `<name>-ca.pem`.
     pub fn new(name: &str) -> anyhow::Result<Pki> {
         let dir = tempfile::tempdir().context("tempdir for certificates")?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate()?)?;
+        let ca = TestCa::new(&format!("{name} test CA"))?;
         let ca_file = dir.path().join(format!("{name}-ca.pem"));
-        std::fs::write(&ca_file, ca.pem())?;
+        ca.write_cert(&ca_file)?;
         Ok(Pki { dir, ca, ca_file, issued: 0 })
     }
 
@@ -59,41 +48,30 @@ impl Pki {
     }
 
     /// A server certificate for `127.0.0.1` and `localhost`, valid until `valid_for` from now
-    /// (a negative age: already expired by that much, when `expired`).
+    /// (or, when `expired`, expired that long ago).
     pub fn server(&mut self, valid_for: Duration, expired: bool) -> anyhow::Result<CertFiles> {
-        let mut params = CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])?;
-        params.distinguished_name.push(DnType::CommonName, "outpost test server");
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = time::OffsetDateTime::now_utc();
-        if expired {
-            params.not_before = now - time::Duration::days(60);
-            params.not_after = now - valid_for;
-        } else {
-            params.not_before = now - time::Duration::hours(1);
-            params.not_after = now + valid_for;
-        }
-        self.issue("server", params)
+        let leaf = Leaf {
+            valid_for: Some(valid_for),
+            expired,
+            common_name: Some("outpost test server".to_owned()),
+            ..Leaf::server()
+        };
+        self.issue("server", &leaf)
     }
 
     /// A client certificate whose subject CN is `cn` (and, if given, a DNS SAN).
     pub fn client(&mut self, cn: &str, san_dns: Option<&str>) -> anyhow::Result<CertFiles> {
-        let mut params = CertificateParams::new(san_dns.map(str::to_owned).into_iter().collect::<Vec<_>>())?;
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue("client", params)
+        let leaf = Leaf {
+            names: san_dns.map(str::to_owned).into_iter().collect(),
+            common_name: Some(cn.to_owned()),
+            ..Leaf::client()
+        };
+        self.issue("client", &leaf)
     }
 
-    fn issue(&mut self, kind: &str, params: CertificateParams) -> anyhow::Result<CertFiles> {
+    fn issue(&mut self, kind: &str, leaf: &Leaf) -> anyhow::Result<CertFiles> {
         self.issued += 1;
-        let key = KeyPair::generate()?;
-        let cert = params.signed_by(&key, &self.ca)?;
-        let files = CertFiles {
-            cert: self.dir.path().join(format!("{kind}-{}.pem", self.issued)),
-            key: self.dir.path().join(format!("{kind}-{}.key", self.issued)),
-        };
-        std::fs::write(&files.cert, cert.pem())?;
-        std::fs::write(&files.key, key.serialize_pem())?;
-        Ok(files)
+        self.ca.issue(leaf)?.write(self.dir.path(), &format!("{kind}-{}", self.issued))
     }
 }
 

@@ -4,6 +4,7 @@
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use rcgen::{
@@ -23,8 +24,13 @@ pub struct Leaf {
     pub names: Vec<String>,
     /// A client certificate (extended key usage clientAuth) rather than a server one.
     pub client: bool,
-    /// Valid only in 2020: expired long ago.
+    /// Expired: valid only in 2020, or, with `valid_for`, until that long ago.
     pub expired: bool,
+    /// Valid from an hour ago until this long from now (or, when `expired`, until this long
+    /// ago); `None`: until 4096 (or only in 2020).
+    pub valid_for: Option<Duration>,
+    /// The subject's CN; `None`: the first name.
+    pub common_name: Option<String>,
 }
 
 impl Leaf {
@@ -34,12 +40,20 @@ impl Leaf {
             names: vec!["localhost".to_owned(), Ipv4Addr::LOCALHOST.to_string()],
             client: false,
             expired: false,
+            valid_for: None,
+            common_name: None,
         }
     }
 
     /// A client certificate, valid until 4096.
     pub fn client() -> Leaf {
-        Leaf { names: vec!["outpost-gateway".to_owned()], client: true, expired: false }
+        Leaf {
+            names: vec!["outpost-gateway".to_owned()],
+            client: true,
+            expired: false,
+            valid_for: None,
+            common_name: None,
+        }
     }
 }
 
@@ -83,16 +97,29 @@ impl TestCa {
     /// A certificate for `leaf`, signed by this CA.
     pub fn issue(&self, leaf: &Leaf) -> anyhow::Result<Issued> {
         let mut params = CertificateParams::new(leaf.names.clone()).context("certificate parameters")?;
-        params.distinguished_name.push(DnType::CommonName, leaf.names.first().map_or("test", String::as_str));
+        let cn = leaf.common_name.as_deref().or(leaf.names.first().map(String::as_str)).unwrap_or("test");
+        params.distinguished_name.push(DnType::CommonName, cn);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![if leaf.client {
             ExtendedKeyUsagePurpose::ClientAuth
         } else {
             ExtendedKeyUsagePurpose::ServerAuth
         }];
-        if leaf.expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let now = time::OffsetDateTime::now_utc();
+        match (leaf.valid_for, leaf.expired) {
+            (None, false) => {}
+            (None, true) => {
+                params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            }
+            (Some(d), false) => {
+                params.not_before = now - time::Duration::hours(1);
+                params.not_after = now + d;
+            }
+            (Some(d), true) => {
+                params.not_before = now - time::Duration::days(60);
+                params.not_after = now - d;
+            }
         }
         let key = KeyPair::generate().context("certificate key")?;
         let cert = params.signed_by(&key, &self.issuer).context("signing the certificate")?;
