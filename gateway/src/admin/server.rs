@@ -9,11 +9,13 @@
 //! is released.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -38,6 +40,11 @@ const EXPORT_CHUNK: usize = 1000;
 const MAX_IMPORT_LINE: u64 = 600 * 1024 * 1024;
 /// Longest request line (a tap's filters included).
 const MAX_REQUEST_LINE: u64 = 8 * 1024;
+/// Requests served at once. Beyond it a connection is answered "busy" and closed, so a
+/// client that connects and never speaks cannot lock operators out.
+const CONCURRENT_REQUESTS: usize = 4;
+/// How long a connection may take to send its request line.
+const REQUEST_LINE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Event ids a tap with filters follows from ingest and the rules to the relay.
 const FOLLOWED: usize = 16 * 1024;
 
@@ -69,6 +76,11 @@ pub fn bind(data_dir: &Path) -> Option<UnixListener> {
 }
 
 pub async fn serve(listener: UnixListener, handles: Handles, cancel: CancellationToken) {
+    let tracker = handles.tracker.clone();
+    let handles = Arc::new(handles);
+    let slots = Arc::new(Semaphore::new(CONCURRENT_REQUESTS));
+    // Two imports of the same file at once would both find its events new.
+    let import_turn = Arc::new(Mutex::new(()));
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -80,10 +92,21 @@ pub async fn serve(listener: UnixListener, handles: Handles, cancel: Cancellatio
                 }
             },
         };
-        // One request at a time: operator traffic is rare and must not compete with commits.
-        if let Err(error) = handle(stream, &handles, &cancel).await {
-            debug!(message = "admin request failed", %error);
-        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // A short line fits any socket buffer: this never waits on the client.
+            let busy = format!(
+                "{ERROR_PREFIX}the gateway is serving {CONCURRENT_REQUESTS} admin requests; try again\n"
+            );
+            let _ = stream.try_write(busy.as_bytes());
+            continue;
+        };
+        let (handles, cancel, import_turn) = (handles.clone(), cancel.clone(), import_turn.clone());
+        tracker.spawn(async move {
+            if let Err(error) = handle(stream, &handles, &import_turn, &cancel).await {
+                debug!(message = "admin request failed", %error);
+            }
+            drop(slot);
+        });
     }
     if let Ok(addr) = listener.local_addr() {
         if let Some(path) = addr.as_pathname() {
@@ -108,12 +131,31 @@ async fn ask(commands: &mpsc::Sender<Command>, request: InspectRequest) -> Resul
     ask_store(commands, |reply| Command::Inspect { request, reply }).await
 }
 
-async fn handle(stream: UnixStream, handles: &Handles, cancel: &CancellationToken) -> std::io::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    handles: &Handles,
+    import_turn: &Mutex<()>,
+    cancel: &CancellationToken,
+) -> std::io::Result<()> {
     let peer_uid = stream.peer_cred().ok().map(|c| c.uid());
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = String::new();
-    (&mut reader).take(MAX_REQUEST_LINE).read_line(&mut line).await?;
+    let mut limited = (&mut reader).take(MAX_REQUEST_LINE);
+    let request = limited.read_line(&mut line);
+    let read = tokio::select! {
+        () = cancel.cancelled() => return Ok(()),
+        read = tokio::time::timeout(REQUEST_LINE_TIMEOUT, request) => read,
+    };
+    let Ok(read) = read else {
+        let late = format!(
+            "{ERROR_PREFIX}no request line within {} s; send one line such as `stats`\n",
+            REQUEST_LINE_TIMEOUT.as_secs()
+        );
+        write.write_all(late.as_bytes()).await?;
+        return write.shutdown().await;
+    };
+    read?;
     let answer = match Request::parse(&line) {
         Ok(Request::Tap(request)) => {
             handles.tracker.spawn(tap(reader, write, request, handles.tap.clone(), cancel.clone()));
@@ -122,7 +164,7 @@ async fn handle(stream: UnixStream, handles: &Handles, cancel: &CancellationToke
         Ok(Request::Status) => {
             status(handles).await.map(|s| serde_json::to_string(&s).unwrap_or_default() + "\n")
         }
-        Ok(Request::Import) => match import(&mut reader, peer_uid, handles, cancel).await {
+        Ok(Request::Import) => match import(&mut reader, peer_uid, handles, import_turn, cancel).await {
             Ok(summary) => Ok(serde_json::to_string(&summary).unwrap_or_default() + "\n"),
             Err(e) => Err(e),
         },
@@ -181,6 +223,7 @@ async fn import(
     reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
     peer_uid: Option<u32>,
     handles: &Handles,
+    import_turn: &Mutex<()>,
     cancel: &CancellationToken,
 ) -> Result<ImportSummary, String> {
     let me = crate::buffer::access::running_as().map(|id| id.uid);
@@ -190,6 +233,10 @@ async fn import(
             me.map_or("unknown".to_owned(), crate::buffer::access::user_label)
         ));
     }
+    let _turn = tokio::select! {
+        turn = import_turn.lock() => turn,
+        () = cancel.cancelled() => return Err(STOPPING.to_owned()),
+    };
     let mut summary = ImportSummary::default();
     let mut line = String::new();
     let mut line_no = 1;
