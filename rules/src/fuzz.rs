@@ -116,3 +116,29 @@ pub fn payload_cbor(data: &[u8]) {
         decode_every_way(data, fields);
     }
 }
+
+/// Runs `entry` on every committed input of one fuzz target: the files of
+/// `<fuzz_dir>/corpus/<target>/` and `<fuzz_dir>/regressions/<target>/`, in name order. Fails
+/// naming each file that panicked, or when the target has no committed input at all. The
+/// replay tests of this crate and of the gateway share it.
+#[track_caller]
+pub fn replay_corpus(fuzz_dir: &std::path::Path, target: &str, entry: fn(&[u8])) {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let mut ran = 0;
+    let mut failed = Vec::new();
+    for kind in ["corpus", "regressions"] {
+        let dir = fuzz_dir.join(kind).join(target);
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let mut files: Vec<_> = entries.map(|e| e.expect("read a corpus entry").path()).collect();
+        files.sort();
+        for file in files {
+            let data = std::fs::read(&file).expect("read a corpus file");
+            ran += 1;
+            if catch_unwind(AssertUnwindSafe(|| entry(&data))).is_err() {
+                failed.push(file.display().to_string());
+            }
+        }
+    }
+    assert!(ran > 0, "no corpus for fuzz target {target} under {}", fuzz_dir.display());
+    assert!(failed.is_empty(), "fuzz target {target} fails on:\n{}", failed.join("\n"));
+}
