@@ -1,7 +1,10 @@
 """What the benchmark scripts in this folder share: free ports, waiting for a listener, a
-process's CPU time and memory from /proc, and a throwaway local mosquitto. Standard library only.
+process's CPU time and memory from /proc, a throwaway local mosquitto, and a fleet run that
+measures a gateway's CPU per acknowledged event. Standard library only.
 """
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -41,6 +44,41 @@ def rss_kib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+@contextlib.contextmanager
+def upstream():
+    """A local mosquitto on a free port for the length of a `with`: yields its port."""
+    proc, port, d = mosquitto()
+    try:
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait()
+        d.cleanup()
+
+
+def fleet_cpu(sim, pid, listen, rate, sensors, seconds, prefix):
+    """Runs `outpost-sim fleet` (SENSORS QoS 1 sensors, RATE events/s in total) against the
+    gateway `pid` listening on port `listen`, and returns (the gateway's CPU seconds meanwhile,
+    events acknowledged). Raises unless every publish was acknowledged."""
+    cpu0 = cpu_seconds(pid)
+    fleet = subprocess.run(
+        [sim, "fleet", "--broker", f"127.0.0.1:{listen}", "--sensors", str(sensors),
+         "--rate", str(rate / sensors), "--duration", f"{seconds}s", "--qos", "1",
+         "--client-prefix", prefix],
+        capture_output=True, check=True, text=True)
+    cpu = cpu_seconds(pid) - cpu0
+    counts = json.loads(fleet.stdout)
+    if counts["acked"] < counts["sent"]:
+        raise RuntimeError(f"only {counts['acked']} of {counts['sent']} publishes acknowledged")
+    return cpu, counts["acked"]
+
+
+def print_summary(results, width):
+    """One line per variant: its µs/event of every round."""
+    for variant, runs in results.items():
+        print(f"{variant:>{width}}: {', '.join(f'{x:.2f}' for x in runs)} µs/event")
 
 
 def mosquitto():

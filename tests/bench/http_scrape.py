@@ -23,14 +23,13 @@ Needs Debian's mosquitto. Standard library only.
 
 import argparse
 import http.client
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import threading
 
-from benchlib import cpu_seconds, free_port, mosquitto, wait_port
+from benchlib import fleet_cpu, free_port, print_summary, upstream, wait_port
 
 
 class Scraper(threading.Thread):
@@ -72,22 +71,12 @@ def run(outpost, sim, upstream_port, variant, rate, sensors, seconds):
         if variant == "scraped":
             scraper = Scraper(http_port)
             scraper.start()
-        cpu0 = cpu_seconds(gw.pid)
-        fleet = subprocess.run(
-            [sim, "fleet", "--broker", f"127.0.0.1:{listen}", "--sensors", str(sensors),
-             "--rate", str(rate / sensors), "--duration", f"{seconds}s", "--qos", "1",
-             "--client-prefix", f"bench-{variant}-"],
-            capture_output=True, check=True, text=True)
-        cpu = cpu_seconds(gw.pid) - cpu0
-        counts = json.loads(fleet.stdout)
+        cpu, acked = fleet_cpu(sim, gw.pid, listen, rate, sensors, seconds, f"bench-{variant}-")
         if scraper:
             scraper.stop.set()
             scraper.join()
             if scraper.errors:
                 raise RuntimeError(f"scrapes failed: {scraper.errors[:3]}")
-        acked = counts["acked"]
-        if acked < counts["sent"]:
-            raise RuntimeError(f"only {acked} of {counts['sent']} publishes acknowledged")
         return cpu, acked, scraper.scrapes if scraper else 0
     finally:
         gw.terminate()
@@ -106,9 +95,8 @@ def main():
     ap.add_argument("--idle", action="store_true")
     a = ap.parse_args()
     variants = ["none", "scraped"] + (["idle"] if a.idle else [])
-    up, up_port, up_dir = mosquitto()
     results = {v: [] for v in variants}
-    try:
+    with upstream() as up_port:
         for round_no in range(a.rounds):
             for variant in variants:
                 cpu, n, scrapes = run(a.outpost, a.outpost_sim, up_port, variant, a.rate, a.sensors, a.seconds)
@@ -116,13 +104,7 @@ def main():
                 print(f"round {round_no + 1} {variant:>7}: gateway CPU {cpu:.2f} s for {n} events "
                       f"({cpu / n * 1e6:.2f} µs/event, {cpu / a.seconds * 100:.0f} % of a core), "
                       f"{scrapes} scrapes", flush=True)
-        for variant in variants:
-            runs = ", ".join(f"{x:.2f}" for x in results[variant])
-            print(f"{variant:>7}: {runs} µs/event")
-    finally:
-        up.terminate()
-        up.wait()
-        up_dir.cleanup()
+    print_summary(results, 7)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 
-from benchlib import cpu_seconds, free_port, mosquitto, rss_kib, wait_port
+from benchlib import cpu_seconds, free_port, rss_kib, upstream, wait_port
 
 
 class Gateway:
@@ -111,8 +111,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=10)
     ap.add_argument("--subs", default="0,1,10")
     a = ap.parse_args()
-    up, up_port, up_dir = mosquitto()
-    try:
+    with upstream() as up_port:
         runs = {}
         for k in [int(x) for x in a.subs.split(",")]:
             cpu, n = fan_out_run(a.binary, up_port, k, a.rate, a.seconds)
@@ -127,10 +126,6 @@ def main():
         before, after, filters = memory_run(a.binary, up_port)
         print(f"memory: {filters} subscriptions, VmRSS {before} → {after} KiB, "
               f"{(after - before) * 1024 / filters:.0f} bytes per subscription")
-    finally:
-        up.terminate()
-        up.wait()
-        up_dir.cleanup()
 
 
 if __name__ == "__main__":

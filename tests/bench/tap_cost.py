@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 
-from benchlib import cpu_seconds, free_port, mosquitto, wait_port
+from benchlib import fleet_cpu, free_port, print_summary, upstream, wait_port
 
 
 class Viewer(threading.Thread):
@@ -78,17 +78,7 @@ def run(outpost, sim, upstream_port, variant, rate, sensors, seconds):
             wait_file(sock)
             viewer = Viewer(sock)
             viewer.start()
-        cpu0 = cpu_seconds(gw.pid)
-        fleet = subprocess.run(
-            [sim, "fleet", "--broker", f"127.0.0.1:{listen}", "--sensors", str(sensors),
-             "--rate", str(rate / sensors), "--duration", f"{seconds}s", "--qos", "1",
-             "--client-prefix", f"bench-{variant}-"],
-            capture_output=True, check=True, text=True)
-        cpu = cpu_seconds(gw.pid) - cpu0
-        counts = json.loads(fleet.stdout)
-        acked = counts["acked"]
-        if acked < counts["sent"]:
-            raise RuntimeError(f"only {acked} of {counts['sent']} publishes acknowledged")
+        cpu, acked = fleet_cpu(sim, gw.pid, listen, rate, sensors, seconds, f"bench-{variant}-")
         seen = ""
         if viewer:
             viewer.stop()
@@ -114,9 +104,8 @@ def main():
     variants = [("before", a.before), ("after", a.after)]
     if not a.no_tapped:
         variants.append(("tapped", a.after))
-    up, up_port, up_dir = mosquitto()
     results = {v: [] for v, _ in variants}
-    try:
+    with upstream() as up_port:
         for round_no in range(a.rounds):
             for variant, binary in variants:
                 cpu, n, seen = run(binary, a.outpost_sim, up_port, variant, a.rate, a.sensors, a.seconds)
@@ -124,13 +113,7 @@ def main():
                 print(f"round {round_no + 1} {variant:>6}: gateway CPU {cpu:.2f} s for {n} events "
                       f"({cpu / n * 1e6:.2f} µs/event, {cpu / a.seconds * 100:.0f} % of a core){seen}",
                       flush=True)
-        for variant, _ in variants:
-            runs = ", ".join(f"{x:.2f}" for x in results[variant])
-            print(f"{variant:>6}: {runs} µs/event")
-    finally:
-        up.terminate()
-        up.wait()
-        up_dir.cleanup()
+    print_summary(results, 6)
 
 
 if __name__ == "__main__":
