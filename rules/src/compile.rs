@@ -27,7 +27,7 @@ use crate::value::Value;
 use outpost_topic::TopicFilter;
 
 /// Deep nesting is refused by the parser before it can exhaust the stack.
-const RECURSION_LIMIT: usize = 32;
+pub(crate) const RECURSION_LIMIT: usize = 32;
 
 /// sqlparser builds operator chains (`a + b + c ...`) iteratively but as a left-deep tree,
 /// which compiling, evaluating and dropping then walk recursively. Capping the number of
@@ -66,6 +66,8 @@ pub(crate) struct CompiledSql {
     pub layout: Option<RowLayout>,
     /// The SELECT aliases, compiled: what a name means in an action's `${..}` expression.
     pub aliases: HashMap<String, Expr>,
+    /// A `FOREACH` statement: the columns above make one row per element.
+    pub foreach: Option<Box<crate::foreach::Foreach>>,
 }
 
 /// The output row of a statement whose columns all have one-level names (`expr AS name`,
@@ -118,7 +120,12 @@ pub(crate) struct Column {
 impl CompiledSql {
     /// Every expression of the statement (columns, then WHERE), for passes over the plan.
     pub(crate) fn exprs_mut(&mut self) -> impl Iterator<Item = &mut Expr> {
-        self.columns.iter_mut().map(|c| &mut c.expr).chain(self.condition.as_mut())
+        let foreach = self
+            .foreach
+            .as_deref_mut()
+            .into_iter()
+            .flat_map(|f| std::iter::once(&mut f.collection).chain(f.incase.as_mut()));
+        self.columns.iter_mut().map(|c| &mut c.expr).chain(self.condition.as_mut()).chain(foreach)
     }
 
     /// The top-level names in the output object, for checking `${..}` templates.
@@ -138,6 +145,9 @@ pub(crate) fn compile_sql(
 ) -> Result<CompiledSql, Vec<SqlError>> {
     check_operators(sql, "statement", "split the rule")?;
     let tokens = emqx_tokens(sql)?;
+    if crate::foreach::is_foreach(&tokens) {
+        return crate::foreach::compile_foreach(sql, tokens, tables);
+    }
     let statements = Parser::new(&GenericDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .with_tokens_with_locations(tokens)
@@ -243,6 +253,7 @@ pub(crate) fn compile_sql(
             uses_payload: compiler.uses_payload,
             layout,
             aliases: compiler.aliases,
+            foreach: None,
         })
     } else {
         Err(compiler.errors)
@@ -310,7 +321,7 @@ fn is_operator(token: &Token) -> bool {
 
 /// sqlparser reports "… at Line: L, Column: C" at the end of its message, except at the
 /// end of input, where the caret goes just past the last character.
-fn parser_error(message: &str, sql: &str) -> SqlError {
+pub(crate) fn parser_error(message: &str, sql: &str) -> SqlError {
     let message = message.strip_prefix("sql parser error: ").unwrap_or(message);
     if let Some(at) = message.rfind(" at Line: ") {
         let (text, place) = message.split_at(at);
@@ -339,7 +350,7 @@ fn parser_error(message: &str, sql: &str) -> SqlError {
 
 /// Unaliased columns are named as EMQX names them: `payload.a.b` nests, a plain field
 /// keeps its name, anything else is named by its SQL text.
-fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
+pub(crate) fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
     match expr {
         ast::Expr::Identifier(ident) => vec![PathSeg::Key(ident.value.clone())],
         ast::Expr::CompoundIdentifier(idents) => {
@@ -366,18 +377,18 @@ fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
     }
 }
 
-struct Compiler<'t> {
-    tables: &'t FxHashMap<String, Arc<Table>>,
+pub(crate) struct Compiler<'t> {
+    pub(crate) tables: &'t FxHashMap<String, Arc<Table>>,
     /// Aliases defined so far in SELECT; later columns and WHERE may use them.
-    aliases: HashMap<String, Expr>,
-    uses_payload: bool,
-    errors: Vec<SqlError>,
+    pub(crate) aliases: HashMap<String, Expr>,
+    pub(crate) uses_payload: bool,
+    pub(crate) errors: Vec<SqlError>,
 }
 
 type Compiled = Result<Expr, SqlError>;
 
 impl Compiler<'_> {
-    fn expr_or_record(&mut self, expr: &ast::Expr) -> Option<Expr> {
+    pub(crate) fn expr_or_record(&mut self, expr: &ast::Expr) -> Option<Expr> {
         match self.expr(expr) {
             Ok(e) if !e.within_limits(0, &mut crate::expr::MAX_NODES.clone()) => {
                 self.errors.push(SqlError::new(
@@ -398,7 +409,11 @@ impl Compiler<'_> {
         }
     }
 
-    fn topic_filters(&mut self, from: &[ast::TableWithJoins], select_span: Span) -> Vec<TopicFilter> {
+    pub(crate) fn topic_filters(
+        &mut self,
+        from: &[ast::TableWithJoins],
+        select_span: Span,
+    ) -> Vec<TopicFilter> {
         if from.is_empty() {
             self.errors.push(SqlError::new("missing `FROM \"topic/filter\"`", select_span));
         }
@@ -817,7 +832,7 @@ impl Compiler<'_> {
     }
 }
 
-fn builtin_call(name: &str, args: Vec<Expr>) -> Expr {
+pub(crate) fn builtin_call(name: &str, args: Vec<Expr>) -> Expr {
     match find_builtin(name) {
         Some(func) => Expr::Call { func, args },
         None => Expr::Const(Value::Null),
@@ -882,7 +897,7 @@ fn index_literal(expr: &ast::Expr) -> Result<i64, SqlError> {
 /// The quote style the token pass gives an `AS` target that is a path (`AS meta.info`,
 /// `AS payload.data[1].name`): no SQL text can produce it, so the compiler knows the alias
 /// names a path and not one column.
-const ALIAS_PATH_QUOTE: char = '`';
+pub(crate) const ALIAS_PATH_QUOTE: char = '`';
 
 /// Tokenizes rule text and rewrites EMQX's syntax that sqlparser does not know into what it
 /// does (EMQX's grammar is `rulesql.yrl` and `sql_lex.xrl` in emqx/rulesql):
@@ -891,7 +906,8 @@ const ALIAS_PATH_QUOTE: char = '`';
 /// - a single-quoted topic filter in FROM becomes a double-quoted one;
 /// - an `AS` target that is a path becomes one identifier quoted with [`ALIAS_PATH_QUOTE`].
 ///
-/// `FOREACH` statements and `[a..b]` ranges are refused here, with a message that says so.
+/// `[a..b]` ranges are refused here, with a message that says so; a `FOREACH` statement
+/// goes on to [`crate::foreach`].
 fn emqx_tokens(text: &str) -> Result<Vec<TokenWithSpan>, Vec<SqlError>> {
     let tokens = Tokenizer::new(&GenericDialect {}, text)
         .tokenize_with_location()
@@ -907,14 +923,6 @@ fn emqx_tokens(text: &str) -> Result<Vec<TokenWithSpan>, Vec<SqlError>> {
             _ => None,
         };
         let keyword = word.map(|w| w.keyword);
-        if out.iter().all(|t| !significant(t))
-            && word.is_some_and(|w| w.value.eq_ignore_ascii_case("foreach"))
-        {
-            return Err(vec![SqlError::new(
-                "FOREACH ... DO ... INCASE is not supported yet: write one rule per element, or send one message per element",
-                current.span,
-            )]);
-        }
         match (&current.token, next.map(|n| &n.token)) {
             (Token::Eq, _) if matches!(tokens.get(i + 1).map(|t| &t.token), Some(Token::Tilde)) => {
                 out.push(TokenWithSpan { token: Token::Tilde, span: current.span });
@@ -1031,7 +1039,7 @@ fn alias_path(tokens: &[TokenWithSpan], start: usize) -> Option<(String, usize)>
 }
 
 /// Reads an `AS` path target (see [`emqx_tokens`]) into its steps.
-fn parse_alias_path(text: &str, span: Span) -> Result<Vec<PathSeg>, SqlError> {
+pub(crate) fn parse_alias_path(text: &str, span: Span) -> Result<Vec<PathSeg>, SqlError> {
     let mut segs = Vec::new();
     for part in text.split('.') {
         let (key, mut rest) = match part.find('[') {

@@ -37,6 +37,7 @@
 //! - `compile`: SQL → plan; a token pass for EMQX's syntax that sqlparser lacks (`=~`,
 //!   infix `div`/`mod`, path `AS` targets, single-quoted FROM), name resolution,
 //!   did-you-mean, carets.
+//! - `foreach`: `FOREACH ... DO ... INCASE`, one row per array element.
 //! - `expr`: the plan ([`expr::Expr`]) and its evaluation; NULL and type rules.
 //! - `functions`: the builtin function table; the EMQX families too large for it live in
 //!   `functions::text` (sprintf, pad, tokens, unescape, ...), `functions::data` (arrays and
@@ -62,6 +63,7 @@ mod config;
 mod engine;
 mod error;
 pub(crate) mod expr;
+mod foreach;
 mod functions;
 #[doc(hidden)]
 pub mod fuzz;

@@ -1853,6 +1853,60 @@ fn the_topic_index_evaluates_only_matching_rules() {
     assert_eq!(outputs, [Output::Dropped { rule: "r517".into() }]);
 }
 
+#[test]
+fn foreach_each_element_goes_through_the_actions_with_its_own_topic() {
+    let rules = r#"
+[[rule]]
+name = "split"
+sql = '''FOREACH payload.sensors AS s DO s.name AS name, s.v AS v, clientid INCASE s.idx > 1 FROM "plc/#"'''
+[[rule.action]]
+type = "forward"
+topic = "sensors/${s.name}"
+"#;
+    let set = RuleSet::compile(rules, &tables()).unwrap();
+    let payload =
+        br#"{"sensors":[{"idx":1,"name":"a","v":1},{"idx":2,"name":"b","v":2},{"idx":3,"name":"c","v":3}]}"#;
+    let outputs = set.evaluate(&event("plc/1", payload));
+    let got: Vec<(String, String)> = outputs
+        .iter()
+        .map(|o| match o {
+            Output::Forward { topic, payload, .. } => {
+                (topic.clone(), String::from_utf8_lossy(payload).into_owned())
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("sensors/b".to_owned(), r#"{"name":"b","v":2,"clientid":"c1"}"#.to_owned()),
+            ("sensors/c".to_owned(), r#"{"name":"c","v":3,"clientid":"c1"}"#.to_owned()),
+        ]
+    );
+    // The dry run shows every row; none kept is "filtered".
+    let traces = set.explain(&event("plc/1", payload));
+    match &traces[0].outcome {
+        crate::Outcome::Selected { row: Value::Array(rows) } => assert_eq!(rows.len(), 2),
+        other => panic!("unexpected {other:?}"),
+    }
+    let traces = set.explain(&event("plc/1", br#"{"sensors":[]}"#));
+    assert_eq!(traces[0].outcome, crate::Outcome::Filtered);
+}
+
+#[test]
+fn foreach_errors_name_the_clause() {
+    for (sql, needle) in [
+        (r#"FOREACH payload.s INCASE 1 DO x FROM "t""#, "FOREACH clauses go in this order"),
+        (r#"FOREACH payload.s"#, "missing `FROM"),
+        (r#"FOREACH payload.s DO nosuch FROM "t""#, "unknown field `nosuch`"),
+        (r#"FOREACH payload.s DO item INCASE item > FROM "t""#, "Expected"),
+        (r#"FOREACH payload.s AS s FROM "t" WHERE item = 1"#, "unknown field `item`"),
+    ] {
+        let err = RuleSet::compile(&one(sql), &tables()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{sql}: {err}");
+    }
+}
+
 mod properties {
     use proptest::prelude::*;
 
@@ -1936,6 +1990,44 @@ mod properties {
         #[test]
         fn compile_never_panics(text in ".{0,200}") {
             let _ = RuleSet::compile(&text, &tables());
+        }
+
+        #[test]
+        fn foreach_yields_one_row_per_element(
+            arr in arb_json(),
+            alias in prop::option::of("s|item|x"),
+            doeach in prop::option::of("(item|s|x|payload\\.arr|clientid|topic)(\\.n|\\[1\\])?( AS [a-z]{1,3})?"),
+        ) {
+            let name = alias.clone().unwrap_or_else(|| "item".to_owned());
+            let mut sql = "FOREACH payload.arr".to_owned();
+            if let Some(alias) = &alias {
+                sql.push_str(&format!(" AS {alias}"));
+            }
+            if let Some(doeach) = &doeach {
+                sql.push_str(&format!(" DO {}", doeach.replace("item", &name).replace("s.", &format!("{name}.")).replace("x.", &format!("{name}."))));
+            }
+            sql.push_str(" FROM \"#\"");
+            let Ok(rules) = RuleSet::compile(&one(&sql), &tables()) else {
+                // Only a DO naming something that is not bound may fail to compile.
+                prop_assert!(doeach.is_some(), "{sql} did not compile");
+                return Ok(());
+            };
+            let bytes = serde_json::to_vec(&serde_json::json!({ "arr": arr })).unwrap();
+            let outputs = rules.evaluate(&event("a/b", &bytes));
+            let expected = match &arr { serde_json::Value::Array(items) => items.len(), _ => 0 };
+            let forwards = outputs.iter().filter(|o| matches!(o, Output::Forward { .. })).count();
+            prop_assert_eq!(forwards, expected, "{}", sql);
+        }
+
+        #[test]
+        fn compile_never_panics_on_foreach(
+            sql in "FOREACH( |payload|\\.|\\[|\\]|-?[0-9]|item|s|AS|,|DO|INCASE|FROM|WHERE|\"#\"|\\(|\\)|=|>|\\.\\.|json_decode|NOT|AND|'a'){0,30}",
+            json in arb_json(),
+        ) {
+            if let Ok(rules) = RuleSet::compile(&one(&sql), &tables()) {
+                let bytes = serde_json::to_vec(&json).unwrap();
+                let _ = rules.evaluate(&event("a/b", &bytes));
+            }
         }
 
         #[test]
