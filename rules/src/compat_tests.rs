@@ -1392,3 +1392,34 @@ fn foreach_do_incase() {
         failures.join("\n")
     );
 }
+
+#[test]
+fn ranges_and_paths_into_json_text() {
+    let a = r#"{"a":[0,1,2,3,4,5]}"#;
+    #[rustfmt::skip]
+    check_all(&[
+        ("engine_SUITE t_sqlparse_array_range_1", "payload.a[1..4]", a, "[0,1,2,3]"),
+        ("engine_SUITE t_sqlparse_array_range_1 (not a list)", "payload.a[1..4]", r#"{"x":[0,1]}"#, "ERROR"),
+        ("engine_SUITE t_sqlparse_array_range_1 (construct)", r#"SELECT [1..4] AS c, 5 AS c[-0], 6 AS c[-0], 0 AS c[0] FROM "t/#""#, P, r#"{"c":[0,1,2,3,4,5,6]}"#),
+        ("engine_SUITE t_sqlparse_array_range_2 (no AS)", r#"SELECT payload.a[1..4] FROM "t/#""#, a, r#"{"payload":{"a":[0,1,2,3]}}"#),
+        ("engine_SUITE t_sqlparse_invalid_json", "payload.a[1..4]", r#"{"x":[0,1,2,3,}"#, "ERROR"),
+        ("emqx_rule_maps.erl range_get (negative)", "payload.a[-2..-1]", a, "[4,5]"),
+        ("emqx_rule_maps.erl range_get (mixed)", "payload.a[2..-2]", a, "[1,2,3,4]"),
+        ("emqx_rule_maps.erl range_get (past the end: sublist truncates)", "payload.a[5..10]", a, "[4,5]"),
+        ("emqx_rule_maps.erl range_get (start past end+1)", "payload.a[8..9]", a, "ERROR"),
+        ("emqx_rule_maps.erl range_get (end before start-1)", "payload.a[4..2]", a, "ERROR"),
+        ("emqx_rule_maps.erl range_get (empty)", "payload.a[4..3]", a, "[]"),
+        ("emqx_rule_maps.erl range_gen", "[3..5]", P, "[3,4,5]"),
+        ("emqx_rule_maps.erl range_gen (negative)", "[-2..1]", P, "[-2,-1,0,1]"),
+        ("emqx_rule_maps.erl range_gen (empty, lists:seq(2,1))", "[2..1]", P, "[]"),
+        ("emqx_rule_maps.erl range_gen in an expression", "length([1..10])", P, "10"),
+        ("emqx_rule_maps.erl range over an alias", r#"SELECT payload.a AS x, x[2..3] AS y FROM "t/#""#, a, r#"{"x":[0,1,2,3,4,5],"y":[1,2]}"#),
+        ("emqx_rule_maps.erl general_find (JSON text decoded on the way)", "payload.a.b", r#"{"a":"{\"b\":1}"}"#, "1"),
+        ("emqx_rule_maps.erl general_find (array in JSON text)", "payload.a[2]", r#"{"a":"[5,6,7]"}"#, "6"),
+        ("emqx_rule_maps.erl general_find (twice)", "payload.a.b.c", r#"{"a":"{\"b\":\"{\\\"c\\\":true}\"}"}"#, "true"),
+        ("emqx_rule_maps.erl general_find (text that is not JSON)", "payload.a.b", r#"{"a":"plain"}"#, "null"),
+        ("emqx_rule_maps.erl general_find (through a value)", "json_decode(payload.j).a.b", r#"{"j":"{\"a\":\"{\\\"b\\\":2}\"}"}"#, "2"),
+        ("engine_SUITE t_json_payload_decoding (jsonlike)", r#"SELECT payload.jsonlike.a AS v FROM "t/#""#, r#"{"jsonlike":"{\"a\":0}","f":"huh"}"#, r#"{"v":0}"#),
+        ("engine_SUITE t_sqlparse_nested_get", r#"SELECT payload AS p, p.a.b AS c FROM "t/#""#, r#"{"a": {"b": 0}}"#, r#"{"p":"{\"a\": {\"b\": 0}}","c":0}"#),
+    ]);
+}

@@ -368,6 +368,8 @@ pub(crate) fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
                         Ok(i) => path.push(PathSeg::Index(i)),
                         Err(_) => return vec![PathSeg::Key(expr.to_string())],
                     },
+                    // EMQX puts an unaliased `payload.a[1..2]` at `payload.a`.
+                    ast::AccessExpr::Subscript(ast::Subscript::Slice { .. }) => break,
                     _ => return vec![PathSeg::Key(expr.to_string())],
                 }
             }
@@ -532,8 +534,20 @@ impl Compiler<'_> {
                         ast::AccessExpr::Subscript(ast::Subscript::Index { index }) => {
                             segs.push(PathSeg::Index(index_literal(index)?));
                         }
+                        // `x[a..b]` (the token pass made it `x[a:b]`): EMQX's range_get.
+                        ast::AccessExpr::Subscript(ast::Subscript::Slice {
+                            lower_bound: Some(begin),
+                            upper_bound: Some(end),
+                            stride: None,
+                        }) if std::ptr::eq(access, access_chain.last().unwrap_or(access)) => {
+                            let (begin, end) = (index_literal(begin)?, index_literal(end)?);
+                            return Ok(Expr::Slice(Box::new(self.path(root_expr, segs)), begin, end));
+                        }
                         other => {
-                            return Err(SqlError::new("expected `.name` or `[index]`", other.span()));
+                            return Err(SqlError::new(
+                                "expected `.name`, `[index]` or, last, a range `[a..b]`",
+                                other.span(),
+                            ));
                         }
                     }
                 }
@@ -906,8 +920,10 @@ pub(crate) const ALIAS_PATH_QUOTE: char = '`';
 /// - a single-quoted topic filter in FROM becomes a double-quoted one;
 /// - an `AS` target that is a path becomes one identifier quoted with [`ALIAS_PATH_QUOTE`].
 ///
-/// `[a..b]` ranges are refused here, with a message that says so; a `FOREACH` statement
-/// goes on to [`crate::foreach`].
+/// - a range `x[a..b]` becomes the slice `x[a:b]`; a range standing alone, `[1..4]`,
+///   becomes the array literal `[1, 2, 3, 4]`.
+///
+/// A `FOREACH` statement goes on to [`crate::foreach`].
 fn emqx_tokens(text: &str) -> Result<Vec<TokenWithSpan>, Vec<SqlError>> {
     let tokens = Tokenizer::new(&GenericDialect {}, text)
         .tokenize_with_location()
@@ -929,14 +945,24 @@ fn emqx_tokens(text: &str) -> Result<Vec<TokenWithSpan>, Vec<SqlError>> {
                 i += 2;
                 continue;
             }
-            (Token::Number(a, _), _)
-                if a.ends_with('.')
-                    && matches!(tokens.get(i + 1).map(|t| &t.token), Some(Token::Number(b, _)) if b.starts_with('.')) =>
-            {
-                return Err(vec![SqlError::new(
-                    "ranges `[a..b]` are not supported yet: use sublist(start, length, array) or nth(n, array)",
-                    current.span,
-                )]);
+            (Token::LBracket, _) => {
+                if let Some((begin, end, close)) = range_at(&tokens, i) {
+                    // After a name, `)` or `]` it slices; anywhere else it is a literal.
+                    let subscript = match out.iter().rev().find(|t| significant(t)).map(|t| &t.token) {
+                        Some(Token::Word(w)) => {
+                            w.quote_style.is_some()
+                                || !(EXPRESSION_KEYWORDS.contains(&w.keyword)
+                                    || ["do", "incase", "foreach"]
+                                        .iter()
+                                        .any(|k| w.value.eq_ignore_ascii_case(k)))
+                        }
+                        Some(Token::RBracket | Token::RParen) => true,
+                        _ => false,
+                    };
+                    range_tokens(begin, end, subscript, current.span, &mut out)?;
+                    i = close + 1;
+                    continue;
+                }
             }
             _ => {}
         }
@@ -982,6 +1008,104 @@ fn emqx_tokens(text: &str) -> Result<Vec<TokenWithSpan>, Vec<SqlError>> {
         i += 1;
     }
     Ok(out)
+}
+
+/// Keywords after which an expression starts: a `[` there opens a literal, not a subscript.
+const EXPRESSION_KEYWORDS: &[Keyword] = &[
+    Keyword::SELECT,
+    Keyword::WHERE,
+    Keyword::AND,
+    Keyword::OR,
+    Keyword::NOT,
+    Keyword::IN,
+    Keyword::CASE,
+    Keyword::WHEN,
+    Keyword::THEN,
+    Keyword::ELSE,
+    Keyword::BETWEEN,
+    Keyword::LIKE,
+    Keyword::ILIKE,
+    Keyword::IS,
+];
+
+/// The most elements a range literal `[a..b]` may have.
+const MAX_RANGE: i64 = 10_000;
+
+/// A range `[a..b]` whose `[` is token `open`: its bounds and the index of its `]`. The
+/// tokenizer reads `1..4` as the numbers `1.` and `.4`, so the bracket's text is matched.
+fn range_at(tokens: &[TokenWithSpan], open: usize) -> Option<(i64, i64, usize)> {
+    let mut text = String::new();
+    for (at, token) in tokens.iter().enumerate().skip(open + 1) {
+        match &token.token {
+            Token::RBracket => {
+                let (begin, end) = text.split_once("..")?;
+                let bound = |t: &str| {
+                    let digits = t.strip_prefix('-').unwrap_or(t);
+                    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                        .then(|| t.parse().ok())?
+                };
+                return Some((bound(begin)?, bound(end)?, at));
+            }
+            Token::Whitespace(_) => {}
+            Token::Number(n, _) => text.push_str(n),
+            Token::Minus => text.push('-'),
+            Token::Period => text.push('.'),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The tokens a range becomes (see [`emqx_tokens`]). EMQX fails a range literal whose end is
+/// below its start less one (`lists:seq`), and a slice bound of 0, at run time; here they are
+/// compile errors.
+fn range_tokens(
+    begin: i64,
+    end: i64,
+    subscript: bool,
+    span: Span,
+    out: &mut Vec<TokenWithSpan>,
+) -> Result<(), Vec<SqlError>> {
+    let number = |n: i64, out: &mut Vec<TokenWithSpan>| {
+        if n < 0 {
+            out.push(TokenWithSpan { token: Token::Minus, span });
+        }
+        out.push(TokenWithSpan { token: Token::Number(n.unsigned_abs().to_string(), false), span });
+    };
+    out.push(TokenWithSpan { token: Token::LBracket, span });
+    if subscript {
+        if begin == 0 || end == 0 {
+            return Err(vec![SqlError::new(
+                "range bounds start at 1, as in EMQX: [1..2] is the first two elements, [-2..-1] the last two",
+                span,
+            )]);
+        }
+        number(begin, out);
+        out.push(TokenWithSpan { token: Token::Colon, span });
+        number(end, out);
+    } else {
+        let len = end.saturating_sub(begin).saturating_add(1);
+        if len < 0 {
+            return Err(vec![SqlError::new(
+                format!("the range [{begin}..{end}] ends before it starts"),
+                span,
+            )]);
+        }
+        if len > MAX_RANGE {
+            return Err(vec![SqlError::new(
+                format!("the range [{begin}..{end}] has {len} elements; at most {MAX_RANGE} are allowed"),
+                span,
+            )]);
+        }
+        for (k, n) in (begin..=end).enumerate() {
+            if k > 0 {
+                out.push(TokenWithSpan { token: Token::Comma, span });
+            }
+            number(n, out);
+        }
+    }
+    out.push(TokenWithSpan { token: Token::RBracket, span });
+    Ok(())
 }
 
 /// An `AS` target that is a path, starting at token `start` (after `AS`): a name followed by

@@ -2020,6 +2020,37 @@ mod properties {
         }
 
         #[test]
+        fn ranges_slice_as_emqx_range_get(n in 0usize..8, begin in -9i64..9, end in -9i64..9) {
+            let sql = format!("SELECT payload.a[{begin}..{end}] AS v FROM \"#\"");
+            let compiled = RuleSet::compile(&one(&sql), &tables());
+            if begin == 0 || end == 0 {
+                prop_assert!(compiled.is_err(), "{sql} compiled");
+                return Ok(());
+            }
+            let rules = compiled.unwrap();
+            let items: Vec<i64> = (0..n as i64).collect();
+            let bytes = serde_json::to_vec(&serde_json::json!({ "a": items })).unwrap();
+            let outputs = rules.evaluate(&event("a/b", &bytes));
+            // EMQX: index/2 then lists:sublist/3.
+            let len = n as i64;
+            let at = |i: i64| if i < 0 { len + i + 1 } else { i };
+            let (first, count) = (at(begin), at(end) - at(begin) + 1);
+            let expected = if first < 1 || first > len + 1 || count < 0 {
+                None
+            } else {
+                Some(items.iter().skip((first - 1) as usize).take(count as usize).copied().collect::<Vec<_>>())
+            };
+            match (&outputs[..], expected) {
+                ([Output::Forward { payload, .. }], Some(expected)) => {
+                    let row: serde_json::Value = serde_json::from_slice(payload).unwrap();
+                    prop_assert_eq!(&row["v"], &serde_json::json!(expected), "{}", sql);
+                }
+                ([Output::DeadLetter { .. }], None) => {}
+                (other, expected) => prop_assert!(false, "{sql} on {n} elements: {other:?}, expected {expected:?}"),
+            }
+        }
+
+        #[test]
         fn compile_never_panics_on_foreach(
             sql in "FOREACH( |payload|\\.|\\[|\\]|-?[0-9]|item|s|AS|,|DO|INCASE|FROM|WHERE|\"#\"|\\(|\\)|=|>|\\.\\.|json_decode|NOT|AND|'a'){0,30}",
             json in arb_json(),
