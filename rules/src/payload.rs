@@ -135,6 +135,8 @@ impl<'a> PayloadView<'a> {
     /// only tried when `walk` finds nothing.
     pub(crate) fn walk_decoding(self, path: &[PathSeg], slot: Option<usize>) -> Option<Value> {
         match self {
+            // A payload that decoded to text is a `raw` rule's: it asked for no decoding.
+            PayloadView::Whole(Value::Str(_)) => None,
             PayloadView::Whole(value) => crate::expr::walk_decoding(value, path),
             PayloadView::Fields(fields) => crate::expr::walk_decoding(fields.get(slot?)?, path.get(1..)?),
         }
