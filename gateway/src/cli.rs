@@ -253,6 +253,9 @@ pub fn main(cli: Cli) -> ExitCode {
                     rules.len(),
                     rules.rule_names().collect::<Vec<_>>().join(", ")
                 );
+                for warning in rules.warnings() {
+                    println!("warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => refuse(e.problems()),
@@ -628,6 +631,9 @@ fn rules_test(
         (None, None) => anyhow::bail!("give --topic (and --payload) or --events FILE"),
     };
     let mut out = std::io::stdout().lock();
+    for warning in rules.warnings() {
+        writeln!(out, "warning: {warning}")?;
+    }
     let routing = crate::route::Routing::Rules(rules);
     let ids = crate::event::IdGen::new(0);
     for (topic, payload, clientid) in cases {

@@ -46,6 +46,7 @@ struct Rule {
     sql: CompiledSql,
     payload: PayloadFormat,
     actions: Vec<Action>,
+    warnings: Vec<crate::Warning>,
 }
 
 /// What one rule did with one event, for `outpost rules test`.
@@ -112,15 +113,12 @@ impl RuleSet {
                 &mut problems,
             );
             sql.uses_payload |= templates_read_payload;
+            let name: Arc<str> = Arc::from(config.name.as_str());
+            let warnings = crate::warnings::check(&name, &sql);
             // Only the actions' expressions needed them.
             sql.aliases = HashMap::new();
             if config.enabled {
-                rules.push(Rule {
-                    name: Arc::from(config.name.as_str()),
-                    sql,
-                    payload: config.payload,
-                    actions,
-                });
+                rules.push(Rule { name, sql, payload: config.payload, actions, warnings });
             }
         }
         if !problems.is_empty() {
@@ -160,6 +158,13 @@ impl RuleSet {
     /// The names of the enabled rules, in file order.
     pub fn rule_names(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| &*r.name)
+    }
+
+    /// Warnings about rules that load but may not do what was meant: comparisons that never
+    /// hold, and each deliberate difference from EMQX a rule relies on, with its rewrite.
+    /// Enabled rules only (a disabled rule never runs), in file order.
+    pub fn warnings(&self) -> impl Iterator<Item = &crate::Warning> {
+        self.rules.iter().flat_map(|r| &r.warnings)
     }
 
     /// The republish hop limit (`max_hops` in the rules file).

@@ -204,7 +204,7 @@ impl Expr {
     }
 
     /// The direct subexpressions, for walks over the plan.
-    fn children(&self) -> Vec<&Expr> {
+    pub(crate) fn children(&self) -> Vec<&Expr> {
         match self {
             Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) | Expr::Item => {
                 Vec::new()

@@ -52,6 +52,8 @@
 //! - `time`: calendar arithmetic for the time functions (no clock, no time zones).
 //! - `value`: [`Value`] and its JSON/CBOR (de)serialization.
 //! - `error`: [`RulesError`] and caret rendering.
+//! - `warnings`: [`Warning`]s for rules that load but may not do what was meant (ported
+//!   from EMQX): comparisons that never hold, deliberate differences with their rewrites.
 //! - `fuzz`: the fuzz targets' entry functions (`rules/fuzz/`), replayed on their corpus by
 //!   `tests/fuzz_corpus.rs`; not part of the API.
 //! - `compat_tests` (tests only): EMQX compatibility cases, each naming the EMQX test or
@@ -72,6 +74,7 @@ mod payload;
 mod table;
 mod time;
 mod value;
+mod warnings;
 
 #[cfg(test)]
 mod compat_tests;
@@ -88,6 +91,7 @@ pub use error::{Problem, RulesError, SqlLocation, did_you_mean};
 pub use outpost_topic::{Topic, TopicError, TopicFilter};
 pub use table::{Table, TableError, TableSources};
 pub use value::Value;
+pub use warnings::Warning;
 
 /// One event as a rule sees it. The caller (the gateway's route stage) builds it from the
 /// publish it received; nothing here is decoded yet.

@@ -1907,6 +1907,35 @@ fn foreach_errors_name_the_clause() {
     }
 }
 
+#[test]
+fn warnings_name_never_true_comparisons_and_emqx_differences() {
+    let warnings = |sql: &str| -> Vec<String> {
+        RuleSet::compile(&one(sql), &tables()).unwrap().warnings().map(|w| w.to_string()).collect()
+    };
+    assert_eq!(warnings(r#"SELECT payload.t AS t, clientid FROM "s/#" WHERE t > 30"#), Vec::<String>::new());
+    let got = warnings(
+        r#"SELECT *, now_timestamp() AS now, unix_ts_to_rfc3339(timestamp) AS at FROM "s/#" WHERE payload.x > NULL AND is_null(payload.y) AND payload.y = NULL AND payload.z + 1 > 'abc'"#,
+    );
+    let expect = [
+        "`SELECT *` outputs",
+        "`now_timestamp()` is the event's receive time",
+        "`unix_ts_to_rfc3339` writes UTC",
+        "an ordering comparison with NULL",
+        "`is_null` on a payload field is TRUE for a missing field and for JSON null",
+        "`= NULL` / `!= NULL`",
+        "comparing a number with the text 'abc'",
+    ];
+    for needle in expect {
+        assert!(
+            got.iter().any(|w| w.starts_with("rule `r`: ") && w.contains(needle)),
+            "no `{needle}` in {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), expect.len(), "{got:#?}");
+    // Once per rule, however often the rule does it.
+    assert_eq!(warnings(r#"SELECT payload.a AS a FROM "s" WHERE a > NULL OR a < NULL"#).len(), 1);
+}
+
 mod properties {
     use proptest::prelude::*;
 
