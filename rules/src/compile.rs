@@ -224,7 +224,11 @@ pub(crate) fn compile_sql(
                 // `AS meta.info`, `AS payload.data[1].name`: the value goes to that place in
                 // the output, as EMQX's nested_put puts it.
                 match (compiler.expr_or_record(expr), parse_alias_path(&alias.value, alias.span)) {
-                    (Some(compiled), Ok(path)) => columns.push(Column { path, expr: compiled }),
+                    (Some(compiled), Ok(path)) => {
+                        // EMQX's WHERE reads the selected map, so `meta.info` names this value.
+                        compiler.aliases.insert(alias.value.clone(), compiled.clone());
+                        columns.push(Column { path, expr: compiled })
+                    }
                     (_, Err(e)) => compiler.errors.push(e),
                     (None, _) => {}
                 }
@@ -516,6 +520,11 @@ impl Compiler<'_> {
                 let Some((root, rest)) = idents.split_first() else {
                     return Err(SqlError::new("empty name", expr.span()));
                 };
+                // A path `AS` target (`AS meta.info`) read back whole.
+                let joined = idents.iter().map(|i| i.value.as_str()).collect::<Vec<_>>().join(".");
+                if let Some(expr) = self.aliases.get(&joined) {
+                    return Ok(expr.clone());
+                }
                 let root_expr = self.name(root)?;
                 if let Expr::Field(_) = root_expr {
                     return Err(SqlError::new(format!("`{}` has no fields", root.value), expr.span()));
