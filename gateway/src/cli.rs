@@ -254,7 +254,7 @@ pub fn main(cli: Cli) -> ExitCode {
                     rules.rule_names().collect::<Vec<_>>().join(", ")
                 );
                 for warning in rules.warnings() {
-                    println!("warning: {warning}");
+                    eprintln!("warning: {warning}");
                 }
                 ExitCode::SUCCESS
             }
@@ -630,10 +630,11 @@ fn rules_test(
         (None, Some(path)) => recorded_cases(&path, policy)?,
         (None, None) => anyhow::bail!("give --topic (and --payload) or --events FILE"),
     };
-    let mut out = std::io::stdout().lock();
+    // Diagnostics on stderr: stdout stays the dry run, which scripts compare.
     for warning in rules.warnings() {
-        writeln!(out, "warning: {warning}")?;
+        eprintln!("warning: {warning}");
     }
+    let mut out = std::io::stdout().lock();
     let routing = crate::route::Routing::Rules(rules);
     let ids = crate::event::IdGen::new(0);
     for (topic, payload, clientid) in cases {

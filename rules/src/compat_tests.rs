@@ -1421,6 +1421,7 @@ fn ranges_and_paths_into_json_text() {
         ("emqx_rule_maps.erl general_find (through a value)", "json_decode(payload.j).a.b", r#"{"j":"{\"a\":\"{\\\"b\\\":2}\"}"}"#, "2"),
         ("engine_SUITE t_json_payload_decoding (jsonlike)", r#"SELECT payload.jsonlike.a AS v FROM "t/#""#, r#"{"jsonlike":"{\"a\":0}","f":"huh"}"#, r#"{"v":0}"#),
         ("engine_SUITE t_sqlselect_0 (path target read in WHERE)", r#"SELECT payload.cmd AS cmd, cmd.info AS meta.info FROM "t/#" WHERE cmd.info = 'tt' AND meta.info = 'tt'"#, r#"{"cmd": {"info":"tt"}}"#, r#"{"cmd":{"info":"tt"},"meta":{"info":"tt"}}"#),
+        ("emqx_rule_runtime.erl maybe_decode_payload (bare payload needs no JSON)", "payload", "{broken", r#""{broken""#),
         ("engine_SUITE t_sqlparse_nested_get", r#"SELECT payload AS p, p.a.b AS c FROM "t/#""#, r#"{"a": {"b": 0}}"#, r#"{"p":"{\"a\": {\"b\": 0}}","c":0}"#),
     ]);
 }

@@ -1372,7 +1372,7 @@ type = "forward"
 
 [[rule]]
 name = "template"
-sql = 'SELECT payload.missing AS site FROM "t"'
+sql = 'SELECT topic(9) AS site FROM "t"'
 [[rule.action]]
 type = "forward"
 topic = "x/${site}"

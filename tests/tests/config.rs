@@ -306,8 +306,9 @@ fn rules_check_and_test_warn_about_a_ported_emqx_rule() {
     let rules = rules.to_str().expect("utf-8");
     let outcome = outpost(&["rules", "check", rules]).expect("run outpost rules check");
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
-    let warnings: Vec<&str> = outcome.stdout.lines().filter(|l| l.starts_with("warning: ")).collect();
-    assert_eq!(warnings.len(), 2, "{}", outcome.stdout);
+    assert!(outcome.stdout.starts_with(&format!("{rules}: ok (1 rules: ported)")), "{outcome:?}");
+    let warnings: Vec<&str> = outcome.stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 2, "{}", outcome.stderr);
     assert!(
         warnings[0].starts_with("warning: rule `ported`: `unix_ts_to_rfc3339` writes UTC"),
         "{warnings:?}"
@@ -328,7 +329,8 @@ fn rules_check_and_test_warn_about_a_ported_emqx_rule() {
     ])
     .expect("run outpost rules test");
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
-    assert!(outcome.stdout.starts_with("warning: rule `ported`: `unix_ts_to_rfc3339`"), "{}", outcome.stdout);
+    assert!(outcome.stderr.starts_with("warning: rule `ported`: `unix_ts_to_rfc3339`"), "{}", outcome.stderr);
+    assert!(outcome.stdout.starts_with("event plc/7 "), "{}", outcome.stdout);
     // `s.v > NULL` is never TRUE, so FOREACH keeps no element: what the warning said.
     assert!(outcome.stdout.contains("rule ported: filtered out by WHERE"), "{}", outcome.stdout);
 }
