@@ -253,6 +253,9 @@ pub fn main(cli: Cli) -> ExitCode {
                     rules.len(),
                     rules.rule_names().collect::<Vec<_>>().join(", ")
                 );
+                for warning in rules.warnings() {
+                    eprintln!("warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => refuse(e.problems()),
@@ -627,6 +630,10 @@ fn rules_test(
         (None, Some(path)) => recorded_cases(&path, policy)?,
         (None, None) => anyhow::bail!("give --topic (and --payload) or --events FILE"),
     };
+    // Diagnostics on stderr: stdout stays the dry run, which scripts compare.
+    for warning in rules.warnings() {
+        eprintln!("warning: {warning}");
+    }
     let mut out = std::io::stdout().lock();
     let routing = crate::route::Routing::Rules(rules);
     let ids = crate::event::IdGen::new(0);

@@ -1288,3 +1288,140 @@ fn case_when() {
         ("engine_SUITE t_sqlparse_case_when_1", sql, r#"{"x": 8}"#, r#"{"y":7}"#),
     ]);
 }
+
+/// Runs a `FOREACH` statement on one event: the rows of its forwards as a JSON array, each
+/// row cut to `keys` (comma-separated; empty keeps every column), or `ERROR`.
+fn run_each(sql: &str, payload: &str, keys: &str) -> String {
+    let rules = format!("[[rule]]\nname = \"r\"\nsql = '''{sql}'''\n[[rule.action]]\ntype = \"forward\"\n");
+    let set = match RuleSet::compile(&rules, &TableSources::new()) {
+        Ok(set) => set,
+        Err(e) => return format!("COMPILE ERROR: {e}"),
+    };
+    let event = EventContext {
+        topic: "t/a",
+        payload: payload.as_bytes(),
+        clientid: Some("c_a"),
+        username: None,
+        qos: 1,
+        timestamp_ms: 1_708_671_600_123,
+        event_id: 7,
+        hops: 0,
+    };
+    let mut rows = Vec::new();
+    for output in set.evaluate(&event) {
+        match output {
+            Output::Forward { payload, .. } => {
+                let row = Value::from_json(&payload).unwrap_or(Value::Null);
+                rows.push(match (keys.is_empty(), row) {
+                    (false, Value::Object(columns)) => Value::Object(
+                        columns.into_iter().filter(|(k, _)| keys.split(',').any(|want| want == k)).collect(),
+                    ),
+                    (_, row) => row,
+                });
+            }
+            Output::DeadLetter { .. } => return "ERROR".to_owned(),
+            other => return format!("{other:?}"),
+        }
+    }
+    Value::Array(rows).to_json_string()
+}
+
+#[test]
+fn foreach_do_incase() {
+    let sensors = r#"{"sensors": [{"cmd":"1"}, {"cmd":"2"}]}"#;
+    let nested =
+        r#"{"sensors": {"page": 2, "collection": {"info":[{"name":"cmd1", "cmd":"1"}, {"cmd":"2"}]} } }"#;
+    let haha = r#"{"sensors": {"page": 2, "collection": {"info":["haha", {"name":"cmd1", "cmd":"1"}]} } }"#;
+    let ts = r#"[{"ts": 1451649600512, "values": {"heartrate": 130}}]"#;
+    #[rustfmt::skip]
+    let cases: &[(&str, &str, &str, &str, &str)] = &[
+        ("engine_SUITE t_sqlparse_foreach_1", r#"FOREACH payload.sensors AS s FROM "t/#""#, r#"{"sensors": [1, 2]}"#, "s", r#"[{"s":1},{"s":2}]"#),
+        ("engine_SUITE t_sqlparse_foreach_1", r#"FOREACH payload.sensors FROM "t/#""#, r#"{"sensors": [1, 2]}"#, "item", r#"[{"item":1},{"item":2}]"#),
+        ("engine_SUITE t_sqlparse_foreach_1", r#"FOREACH payload.sensors FROM "t/#""#, r#"{"sensors": [{"cmd":"1"}, {"cmd":"2","name":"ct"}]}"#, "item,clientid",
+            r#"[{"clientid":"c_a","item":{"cmd":"1"}},{"clientid":"c_a","item":{"cmd":"2","name":"ct"}}]"#),
+        ("engine_SUITE t_sqlparse_foreach_1 (payload nested as selected)", r#"FOREACH payload.sensors FROM "t/#""#, r#"{"sensors": [1, 2]}"#, "payload",
+            r#"[{"payload":{"sensors":[1,2]}},{"payload":{"sensors":[1,2]}}]"#),
+        ("engine_SUITE t_sqlparse_foreach_2", r#"FOREACH payload.sensors AS s DO s.cmd AS msg_type FROM "t/#""#, sensors, "", r#"[{"msg_type":"1"},{"msg_type":"2"}]"#),
+        ("engine_SUITE t_sqlparse_foreach_2", r#"FOREACH payload.sensors DO item.cmd AS msg_type FROM "t/#""#, sensors, "", r#"[{"msg_type":"1"},{"msg_type":"2"}]"#),
+        ("engine_SUITE t_sqlparse_foreach_2", r#"FOREACH payload.sensors DO item AS item FROM "t/#""#, r#"{"sensors": [1, 2]}"#, "", r#"[{"item":1},{"item":2}]"#),
+        ("engine_SUITE t_sqlparse_foreach_3", r#"FOREACH payload.sensors AS s INCASE s.cmd != 1 FROM "t/#""#, r#"{"sensors": [{"cmd":1}, {"cmd":2}, {"cmd":3}]}"#, "s",
+            r#"[{"s":{"cmd":2}},{"s":{"cmd":3}}]"#),
+        ("engine_SUITE t_sqlparse_foreach_3", r#"FOREACH payload.sensors INCASE item.cmd != 1 FROM "t/#""#, r#"{"sensors": [{"cmd":1}, {"cmd":2}, {"cmd":3}]}"#, "item",
+            r#"[{"item":{"cmd":2}},{"item":{"cmd":3}}]"#),
+        ("engine_SUITE t_sqlparse_foreach_4", r#"FOREACH payload.sensors AS s DO s.cmd AS msg_type, s.name AS name INCASE is_not_null(s.cmd) FROM "t/#""#, sensors, "",
+            r#"[{"msg_type":"1","name":null},{"msg_type":"2","name":null}]"#),
+        ("engine_SUITE t_sqlparse_foreach_4", r#"FOREACH payload.sensors AS s DO s.cmd AS msg_type, s.name AS name INCASE is_not_null(s.cmd) FROM "t/#""#,
+            r#"{"sensors": [{"cmd":"1", "name":"n1"}, {"cmd":"2"}, {"name":"n3"}]}"#, "", r#"[{"msg_type":"1","name":"n1"},{"msg_type":"2","name":null}]"#),
+        ("engine_SUITE t_sqlparse_foreach_4 (elements without fields)", r#"FOREACH payload.sensors AS s DO s.cmd AS msg_type, s.name AS name INCASE is_not_null(s.cmd) FROM "t/#""#,
+            r#"{"sensors": [1, 2]}"#, "", "[]"),
+        ("engine_SUITE t_sqlparse_foreach_5 (not an array)", r#"FOREACH payload.sensors AS s DO s.cmd AS msg_type FROM "t/#""#, r#"{"sensors": 1}"#, "", "[]"),
+        ("engine_SUITE t_sqlparse_foreach_5 (empty array)", r#"FOREACH payload.sensors AS s DO s.cmd AS msg_type FROM "t/#""#, r#"{"sensors": []}"#, "", "[]"),
+        ("engine_SUITE t_sqlparse_foreach_5 (no DO)", r#"FOREACH payload.sensors FROM "t/#""#, r#"{"sensors": 1}"#, "", "[]"),
+        ("emqx_rule_runtime.erl ensure_list (missing field)", r#"FOREACH payload.sensors FROM "t/#""#, r#"{"other": [1]}"#, "", "[]"),
+        ("engine_SUITE t_sqlparse_foreach_6", r#"FOREACH json_decode(payload) DO item.id AS zid, timestamp AS t FROM "t/#""#, r#"[{"id": 5},{"id": 15}]"#, "",
+            r#"[{"zid":5,"t":1708671600123},{"zid":15,"t":1708671600123}]"#),
+        ("engine_SUITE t_sqlparse_foreach_7", r#"FOREACH json_decode(payload) AS p, p.sensors AS s, s.collection AS c, c.info AS info DO info.cmd AS msg_type, info.name AS name INCASE is_not_null(info.cmd) FROM "t/#" WHERE s.page = '2'"#,
+            nested, "", r#"[{"msg_type":"1","name":"cmd1"},{"msg_type":"2","name":null}]"#),
+        ("engine_SUITE t_sqlparse_foreach_7 (WHERE false)", r#"FOREACH json_decode(payload) AS p, p.sensors AS s, s.collection AS c, c.info AS info DO info.cmd AS msg_type FROM "t/#" WHERE s.page = '3'"#,
+            nested, "", "[]"),
+        ("engine_SUITE t_sqlparse_foreach_8", r#"FOREACH json_decode(payload) AS p, p.sensors AS s, s.collection AS c, c.info AS info DO info.cmd AS msg_type, info.name AS name, s, c INCASE is_map(info) FROM "t/#" WHERE s.page = '2'"#,
+            haha, "", r#"[{"msg_type":"1","name":"cmd1","s":{"page":2,"collection":{"info":["haha",{"name":"cmd1","cmd":"1"}]}},"c":{"info":["haha",{"name":"cmd1","cmd":"1"}]}}]"#),
+        ("engine_SUITE t_sqlparse_foreach_8 (sublist)", r#"FOREACH json_decode(payload) AS p, p.sensors AS s, s.collection AS c, sublist(2, 1, c.info) AS info DO info.cmd AS msg_type, info.name AS name FROM "t/#" WHERE s.page = '2'"#,
+            haha, "", r#"[{"msg_type":"1","name":"cmd1"}]"#),
+        ("engine_SUITE t_sqlparse_foreach_9", r#"FOREACH json_decode(payload) AS p DO p.ts AS ts FROM "t/#""#, ts, "", r#"[{"ts":1451649600512}]"#),
+        ("engine_SUITE t_sqlparse_foreach_9 (payload not decoded first)", r#"FOREACH payload AS p DO p.ts AS ts FROM "t/#""#, ts, "", r#"[{"ts":1451649600512}]"#),
+        ("engine_SUITE t_sqlparse_foreach_10", r#"FOREACH payload AS item DO item.data AS next_data FROM "t/#""#, r#"[{"data": "value1"}, {"data": "value2"}]"#, "",
+            r#"[{"next_data":"value1"},{"next_data":"value2"}]"#),
+        ("emqx_rule_runtime.erl maybe_decode_payload (not JSON)", r#"FOREACH payload DO item AS x FROM "t/#""#, "not json", "", "ERROR"),
+        ("engine_SUITE t_sqlparse_foreach_1 (lowercase keywords)", r#"foreach payload.sensors as s do s as v from "t/#""#, r#"{"sensors": [1, 2]}"#, "", r#"[{"v":1},{"v":2}]"#),
+        ("emqx_rule_runtime.erl filter_collection (INCASE fails)", r#"FOREACH payload.sensors AS s INCASE s > 'a' FROM "t/#""#, r#"{"sensors": [1]}"#, "", "ERROR"),
+    ];
+    let mut failures = Vec::new();
+    for (source, sql, payload, keys, expected) in cases {
+        let got = run_each(sql, payload, keys);
+        if got != *expected {
+            failures
+                .push(format!("{source}: `{sql}` on {payload}\n    expected {expected}\n    got      {got}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} FOREACH cases differ from EMQX:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn ranges_and_paths_into_json_text() {
+    let a = r#"{"a":[0,1,2,3,4,5]}"#;
+    #[rustfmt::skip]
+    check_all(&[
+        ("engine_SUITE t_sqlparse_array_range_1", "payload.a[1..4]", a, "[0,1,2,3]"),
+        ("engine_SUITE t_sqlparse_array_range_1 (not a list)", "payload.a[1..4]", r#"{"x":[0,1]}"#, "ERROR"),
+        ("engine_SUITE t_sqlparse_array_range_1 (construct)", r#"SELECT [1..4] AS c, 5 AS c[-0], 6 AS c[-0], 0 AS c[0] FROM "t/#""#, P, r#"{"c":[0,1,2,3,4,5,6]}"#),
+        ("engine_SUITE t_sqlparse_array_range_2 (no AS)", r#"SELECT payload.a[1..4] FROM "t/#""#, a, r#"{"payload":{"a":[0,1,2,3]}}"#),
+        ("engine_SUITE t_sqlparse_invalid_json", "payload.a[1..4]", r#"{"x":[0,1,2,3,}"#, "ERROR"),
+        ("emqx_rule_maps.erl range_get (negative)", "payload.a[-2..-1]", a, "[4,5]"),
+        ("emqx_rule_maps.erl range_get (mixed)", "payload.a[2..-2]", a, "[1,2,3,4]"),
+        ("emqx_rule_maps.erl range_get (past the end: sublist truncates)", "payload.a[5..10]", a, "[4,5]"),
+        ("emqx_rule_maps.erl range_get (start past end+1)", "payload.a[8..9]", a, "ERROR"),
+        ("emqx_rule_maps.erl range_get (end before start-1)", "payload.a[4..2]", a, "ERROR"),
+        ("emqx_rule_maps.erl range_get (empty)", "payload.a[4..3]", a, "[]"),
+        ("emqx_rule_maps.erl range_gen", "[3..5]", P, "[3,4,5]"),
+        ("emqx_rule_maps.erl range_gen (negative)", "[-2..1]", P, "[-2,-1,0,1]"),
+        ("emqx_rule_maps.erl range_gen (empty, lists:seq(2,1))", "[2..1]", P, "[]"),
+        ("emqx_rule_maps.erl range_gen in an expression", "length([1..10])", P, "10"),
+        ("emqx_rule_maps.erl range over an alias", r#"SELECT payload.a AS x, x[2..3] AS y FROM "t/#""#, a, r#"{"x":[0,1,2,3,4,5],"y":[1,2]}"#),
+        ("emqx_rule_maps.erl general_find (JSON text decoded on the way)", "payload.a.b", r#"{"a":"{\"b\":1}"}"#, "1"),
+        ("emqx_rule_maps.erl general_find (array in JSON text)", "payload.a[2]", r#"{"a":"[5,6,7]"}"#, "6"),
+        ("emqx_rule_maps.erl general_find (twice)", "payload.a.b.c", r#"{"a":"{\"b\":\"{\\\"c\\\":true}\"}"}"#, "true"),
+        ("emqx_rule_maps.erl general_find (text that is not JSON)", "payload.a.b", r#"{"a":"plain"}"#, "null"),
+        ("emqx_rule_maps.erl general_find (through a value)", "json_decode(payload.j).a.b", r#"{"j":"{\"a\":\"{\\\"b\\\":2}\"}"}"#, "2"),
+        ("engine_SUITE t_json_payload_decoding (jsonlike)", r#"SELECT payload.jsonlike.a AS v FROM "t/#""#, r#"{"jsonlike":"{\"a\":0}","f":"huh"}"#, r#"{"v":0}"#),
+        ("engine_SUITE t_sqlselect_0 (path target read in WHERE)", r#"SELECT payload.cmd AS cmd, cmd.info AS meta.info FROM "t/#" WHERE cmd.info = 'tt' AND meta.info = 'tt'"#, r#"{"cmd": {"info":"tt"}}"#, r#"{"cmd":{"info":"tt"},"meta":{"info":"tt"}}"#),
+        ("emqx_rule_runtime.erl maybe_decode_payload (bare payload needs no JSON)", "payload", "{broken", r#""{broken""#),
+        ("engine_SUITE t_sqlparse_nested_get", r#"SELECT payload AS p, p.a.b AS c FROM "t/#""#, r#"{"a": {"b": 0}}"#, r#"{"p":"{\"a\": {\"b\": 0}}","c":0}"#),
+    ]);
+}

@@ -27,7 +27,7 @@ use crate::value::Value;
 use outpost_topic::TopicFilter;
 
 /// Deep nesting is refused by the parser before it can exhaust the stack.
-const RECURSION_LIMIT: usize = 32;
+pub(crate) const RECURSION_LIMIT: usize = 32;
 
 /// sqlparser builds operator chains (`a + b + c ...`) iteratively but as a left-deep tree,
 /// which compiling, evaluating and dropping then walk recursively. Capping the number of
@@ -66,6 +66,8 @@ pub(crate) struct CompiledSql {
     pub layout: Option<RowLayout>,
     /// The SELECT aliases, compiled: what a name means in an action's `${..}` expression.
     pub aliases: HashMap<String, Expr>,
+    /// A `FOREACH` statement: the columns above make one row per element.
+    pub foreach: Option<Box<crate::foreach::Foreach>>,
 }
 
 /// The output row of a statement whose columns all have one-level names (`expr AS name`,
@@ -118,7 +120,12 @@ pub(crate) struct Column {
 impl CompiledSql {
     /// Every expression of the statement (columns, then WHERE), for passes over the plan.
     pub(crate) fn exprs_mut(&mut self) -> impl Iterator<Item = &mut Expr> {
-        self.columns.iter_mut().map(|c| &mut c.expr).chain(self.condition.as_mut())
+        let foreach = self
+            .foreach
+            .as_deref_mut()
+            .into_iter()
+            .flat_map(|f| std::iter::once(&mut f.collection).chain(f.incase.as_mut()));
+        self.columns.iter_mut().map(|c| &mut c.expr).chain(self.condition.as_mut()).chain(foreach)
     }
 
     /// The top-level names in the output object, for checking `${..}` templates.
@@ -138,6 +145,9 @@ pub(crate) fn compile_sql(
 ) -> Result<CompiledSql, Vec<SqlError>> {
     check_operators(sql, "statement", "split the rule")?;
     let tokens = emqx_tokens(sql)?;
+    if crate::foreach::is_foreach(&tokens) {
+        return crate::foreach::compile_foreach(sql, tokens, tables);
+    }
     let statements = Parser::new(&GenericDialect {})
         .with_recursion_limit(RECURSION_LIMIT)
         .with_tokens_with_locations(tokens)
@@ -214,7 +224,11 @@ pub(crate) fn compile_sql(
                 // `AS meta.info`, `AS payload.data[1].name`: the value goes to that place in
                 // the output, as EMQX's nested_put puts it.
                 match (compiler.expr_or_record(expr), parse_alias_path(&alias.value, alias.span)) {
-                    (Some(compiled), Ok(path)) => columns.push(Column { path, expr: compiled }),
+                    (Some(compiled), Ok(path)) => {
+                        // EMQX's WHERE reads the selected map, so `meta.info` names this value.
+                        compiler.aliases.insert(alias.value.clone(), compiled.clone());
+                        columns.push(Column { path, expr: compiled })
+                    }
                     (_, Err(e)) => compiler.errors.push(e),
                     (None, _) => {}
                 }
@@ -243,6 +257,7 @@ pub(crate) fn compile_sql(
             uses_payload: compiler.uses_payload,
             layout,
             aliases: compiler.aliases,
+            foreach: None,
         })
     } else {
         Err(compiler.errors)
@@ -310,7 +325,7 @@ fn is_operator(token: &Token) -> bool {
 
 /// sqlparser reports "… at Line: L, Column: C" at the end of its message, except at the
 /// end of input, where the caret goes just past the last character.
-fn parser_error(message: &str, sql: &str) -> SqlError {
+pub(crate) fn parser_error(message: &str, sql: &str) -> SqlError {
     let message = message.strip_prefix("sql parser error: ").unwrap_or(message);
     if let Some(at) = message.rfind(" at Line: ") {
         let (text, place) = message.split_at(at);
@@ -339,7 +354,7 @@ fn parser_error(message: &str, sql: &str) -> SqlError {
 
 /// Unaliased columns are named as EMQX names them: `payload.a.b` nests, a plain field
 /// keeps its name, anything else is named by its SQL text.
-fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
+pub(crate) fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
     match expr {
         ast::Expr::Identifier(ident) => vec![PathSeg::Key(ident.value.clone())],
         ast::Expr::CompoundIdentifier(idents) => {
@@ -357,6 +372,8 @@ fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
                         Ok(i) => path.push(PathSeg::Index(i)),
                         Err(_) => return vec![PathSeg::Key(expr.to_string())],
                     },
+                    // EMQX puts an unaliased `payload.a[1..2]` at `payload.a`.
+                    ast::AccessExpr::Subscript(ast::Subscript::Slice { .. }) => break,
                     _ => return vec![PathSeg::Key(expr.to_string())],
                 }
             }
@@ -366,18 +383,18 @@ fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
     }
 }
 
-struct Compiler<'t> {
-    tables: &'t FxHashMap<String, Arc<Table>>,
+pub(crate) struct Compiler<'t> {
+    pub(crate) tables: &'t FxHashMap<String, Arc<Table>>,
     /// Aliases defined so far in SELECT; later columns and WHERE may use them.
-    aliases: HashMap<String, Expr>,
-    uses_payload: bool,
-    errors: Vec<SqlError>,
+    pub(crate) aliases: HashMap<String, Expr>,
+    pub(crate) uses_payload: bool,
+    pub(crate) errors: Vec<SqlError>,
 }
 
 type Compiled = Result<Expr, SqlError>;
 
 impl Compiler<'_> {
-    fn expr_or_record(&mut self, expr: &ast::Expr) -> Option<Expr> {
+    pub(crate) fn expr_or_record(&mut self, expr: &ast::Expr) -> Option<Expr> {
         match self.expr(expr) {
             Ok(e) if !e.within_limits(0, &mut crate::expr::MAX_NODES.clone()) => {
                 self.errors.push(SqlError::new(
@@ -398,7 +415,11 @@ impl Compiler<'_> {
         }
     }
 
-    fn topic_filters(&mut self, from: &[ast::TableWithJoins], select_span: Span) -> Vec<TopicFilter> {
+    pub(crate) fn topic_filters(
+        &mut self,
+        from: &[ast::TableWithJoins],
+        select_span: Span,
+    ) -> Vec<TopicFilter> {
         if from.is_empty() {
             self.errors.push(SqlError::new("missing `FROM \"topic/filter\"`", select_span));
         }
@@ -499,6 +520,11 @@ impl Compiler<'_> {
                 let Some((root, rest)) = idents.split_first() else {
                     return Err(SqlError::new("empty name", expr.span()));
                 };
+                // A path `AS` target (`AS meta.info`) read back whole.
+                let joined = idents.iter().map(|i| i.value.as_str()).collect::<Vec<_>>().join(".");
+                if let Some(expr) = self.aliases.get(&joined) {
+                    return Ok(expr.clone());
+                }
                 let root_expr = self.name(root)?;
                 if let Expr::Field(_) = root_expr {
                     return Err(SqlError::new(format!("`{}` has no fields", root.value), expr.span()));
@@ -517,8 +543,20 @@ impl Compiler<'_> {
                         ast::AccessExpr::Subscript(ast::Subscript::Index { index }) => {
                             segs.push(PathSeg::Index(index_literal(index)?));
                         }
+                        // `x[a..b]` (the token pass made it `x[a:b]`): EMQX's range_get.
+                        ast::AccessExpr::Subscript(ast::Subscript::Slice {
+                            lower_bound: Some(begin),
+                            upper_bound: Some(end),
+                            stride: None,
+                        }) if std::ptr::eq(access, access_chain.last().unwrap_or(access)) => {
+                            let (begin, end) = (index_literal(begin)?, index_literal(end)?);
+                            return Ok(Expr::Slice(Box::new(self.path(root_expr, segs)), begin, end));
+                        }
                         other => {
-                            return Err(SqlError::new("expected `.name` or `[index]`", other.span()));
+                            return Err(SqlError::new(
+                                "expected `.name`, `[index]` or, last, a range `[a..b]`",
+                                other.span(),
+                            ));
                         }
                     }
                 }
@@ -817,7 +855,7 @@ impl Compiler<'_> {
     }
 }
 
-fn builtin_call(name: &str, args: Vec<Expr>) -> Expr {
+pub(crate) fn builtin_call(name: &str, args: Vec<Expr>) -> Expr {
     match find_builtin(name) {
         Some(func) => Expr::Call { func, args },
         None => Expr::Const(Value::Null),
@@ -882,7 +920,7 @@ fn index_literal(expr: &ast::Expr) -> Result<i64, SqlError> {
 /// The quote style the token pass gives an `AS` target that is a path (`AS meta.info`,
 /// `AS payload.data[1].name`): no SQL text can produce it, so the compiler knows the alias
 /// names a path and not one column.
-const ALIAS_PATH_QUOTE: char = '`';
+pub(crate) const ALIAS_PATH_QUOTE: char = '`';
 
 /// Tokenizes rule text and rewrites EMQX's syntax that sqlparser does not know into what it
 /// does (EMQX's grammar is `rulesql.yrl` and `sql_lex.xrl` in emqx/rulesql):
@@ -891,7 +929,10 @@ const ALIAS_PATH_QUOTE: char = '`';
 /// - a single-quoted topic filter in FROM becomes a double-quoted one;
 /// - an `AS` target that is a path becomes one identifier quoted with [`ALIAS_PATH_QUOTE`].
 ///
-/// `FOREACH` statements and `[a..b]` ranges are refused here, with a message that says so.
+/// - a range `x[a..b]` becomes the slice `x[a:b]`; a range standing alone, `[1..4]`,
+///   becomes the array literal `[1, 2, 3, 4]`.
+///
+/// A `FOREACH` statement goes on to [`crate::foreach`].
 fn emqx_tokens(text: &str) -> Result<Vec<TokenWithSpan>, Vec<SqlError>> {
     let tokens = Tokenizer::new(&GenericDialect {}, text)
         .tokenize_with_location()
@@ -907,28 +948,30 @@ fn emqx_tokens(text: &str) -> Result<Vec<TokenWithSpan>, Vec<SqlError>> {
             _ => None,
         };
         let keyword = word.map(|w| w.keyword);
-        if out.iter().all(|t| !significant(t))
-            && word.is_some_and(|w| w.value.eq_ignore_ascii_case("foreach"))
-        {
-            return Err(vec![SqlError::new(
-                "FOREACH ... DO ... INCASE is not supported yet: write one rule per element, or send one message per element",
-                current.span,
-            )]);
-        }
         match (&current.token, next.map(|n| &n.token)) {
             (Token::Eq, _) if matches!(tokens.get(i + 1).map(|t| &t.token), Some(Token::Tilde)) => {
                 out.push(TokenWithSpan { token: Token::Tilde, span: current.span });
                 i += 2;
                 continue;
             }
-            (Token::Number(a, _), _)
-                if a.ends_with('.')
-                    && matches!(tokens.get(i + 1).map(|t| &t.token), Some(Token::Number(b, _)) if b.starts_with('.')) =>
-            {
-                return Err(vec![SqlError::new(
-                    "ranges `[a..b]` are not supported yet: use sublist(start, length, array) or nth(n, array)",
-                    current.span,
-                )]);
+            (Token::LBracket, _) => {
+                if let Some((begin, end, close)) = range_at(&tokens, i) {
+                    // After a name, `)` or `]` it slices; anywhere else it is a literal.
+                    let subscript = match out.iter().rev().find(|t| significant(t)).map(|t| &t.token) {
+                        Some(Token::Word(w)) => {
+                            w.quote_style.is_some()
+                                || !(EXPRESSION_KEYWORDS.contains(&w.keyword)
+                                    || ["do", "incase", "foreach"]
+                                        .iter()
+                                        .any(|k| w.value.eq_ignore_ascii_case(k)))
+                        }
+                        Some(Token::RBracket | Token::RParen) => true,
+                        _ => false,
+                    };
+                    range_tokens(begin, end, subscript, current.span, &mut out)?;
+                    i = close + 1;
+                    continue;
+                }
             }
             _ => {}
         }
@@ -974,6 +1017,104 @@ fn emqx_tokens(text: &str) -> Result<Vec<TokenWithSpan>, Vec<SqlError>> {
         i += 1;
     }
     Ok(out)
+}
+
+/// Keywords after which an expression starts: a `[` there opens a literal, not a subscript.
+const EXPRESSION_KEYWORDS: &[Keyword] = &[
+    Keyword::SELECT,
+    Keyword::WHERE,
+    Keyword::AND,
+    Keyword::OR,
+    Keyword::NOT,
+    Keyword::IN,
+    Keyword::CASE,
+    Keyword::WHEN,
+    Keyword::THEN,
+    Keyword::ELSE,
+    Keyword::BETWEEN,
+    Keyword::LIKE,
+    Keyword::ILIKE,
+    Keyword::IS,
+];
+
+/// The most elements a range literal `[a..b]` may have.
+const MAX_RANGE: i64 = 10_000;
+
+/// A range `[a..b]` whose `[` is token `open`: its bounds and the index of its `]`. The
+/// tokenizer reads `1..4` as the numbers `1.` and `.4`, so the bracket's text is matched.
+fn range_at(tokens: &[TokenWithSpan], open: usize) -> Option<(i64, i64, usize)> {
+    let mut text = String::new();
+    for (at, token) in tokens.iter().enumerate().skip(open + 1) {
+        match &token.token {
+            Token::RBracket => {
+                let (begin, end) = text.split_once("..")?;
+                let bound = |t: &str| {
+                    let digits = t.strip_prefix('-').unwrap_or(t);
+                    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                        .then(|| t.parse().ok())?
+                };
+                return Some((bound(begin)?, bound(end)?, at));
+            }
+            Token::Whitespace(_) => {}
+            Token::Number(n, _) => text.push_str(n),
+            Token::Minus => text.push('-'),
+            Token::Period => text.push('.'),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// The tokens a range becomes (see [`emqx_tokens`]). EMQX fails a range literal whose end is
+/// below its start less one (`lists:seq`), and a slice bound of 0, at run time; here they are
+/// compile errors.
+fn range_tokens(
+    begin: i64,
+    end: i64,
+    subscript: bool,
+    span: Span,
+    out: &mut Vec<TokenWithSpan>,
+) -> Result<(), Vec<SqlError>> {
+    let number = |n: i64, out: &mut Vec<TokenWithSpan>| {
+        if n < 0 {
+            out.push(TokenWithSpan { token: Token::Minus, span });
+        }
+        out.push(TokenWithSpan { token: Token::Number(n.unsigned_abs().to_string(), false), span });
+    };
+    out.push(TokenWithSpan { token: Token::LBracket, span });
+    if subscript {
+        if begin == 0 || end == 0 {
+            return Err(vec![SqlError::new(
+                "range bounds start at 1, as in EMQX: [1..2] is the first two elements, [-2..-1] the last two",
+                span,
+            )]);
+        }
+        number(begin, out);
+        out.push(TokenWithSpan { token: Token::Colon, span });
+        number(end, out);
+    } else {
+        let len = end.saturating_sub(begin).saturating_add(1);
+        if len < 0 {
+            return Err(vec![SqlError::new(
+                format!("the range [{begin}..{end}] ends before it starts"),
+                span,
+            )]);
+        }
+        if len > MAX_RANGE {
+            return Err(vec![SqlError::new(
+                format!("the range [{begin}..{end}] has {len} elements; at most {MAX_RANGE} are allowed"),
+                span,
+            )]);
+        }
+        for (k, n) in (begin..=end).enumerate() {
+            if k > 0 {
+                out.push(TokenWithSpan { token: Token::Comma, span });
+            }
+            number(n, out);
+        }
+    }
+    out.push(TokenWithSpan { token: Token::RBracket, span });
+    Ok(())
 }
 
 /// An `AS` target that is a path, starting at token `start` (after `AS`): a name followed by
@@ -1031,7 +1172,7 @@ fn alias_path(tokens: &[TokenWithSpan], start: usize) -> Option<(String, usize)>
 }
 
 /// Reads an `AS` path target (see [`emqx_tokens`]) into its steps.
-fn parse_alias_path(text: &str, span: Span) -> Result<Vec<PathSeg>, SqlError> {
+pub(crate) fn parse_alias_path(text: &str, span: Span) -> Result<Vec<PathSeg>, SqlError> {
     let mut segs = Vec::new();
     for part in text.split('.') {
         let (key, mut rest) = match part.find('[') {

@@ -20,6 +20,7 @@ use crate::compile::{CompiledSql, STAR_COLUMNS, compile_expr, compile_sql};
 use crate::config::{ActionConfig, RulesFile, TableConfig, TableFormat};
 use crate::error::{Problem, RulesError, SqlOrigin};
 use crate::expr::{Env, EvalError, Field, NULL, PathSeg, field_value};
+use crate::foreach::Foreach;
 use crate::index::TopicIndex;
 use crate::payload::{Decoded, FieldSlots, PayloadView};
 use crate::table::{Table, TableError, TableSources};
@@ -45,6 +46,7 @@ struct Rule {
     sql: CompiledSql,
     payload: PayloadFormat,
     actions: Vec<Action>,
+    warnings: Vec<crate::Warning>,
 }
 
 /// What one rule did with one event, for `outpost rules test`.
@@ -61,7 +63,8 @@ pub struct Trace {
 pub enum Outcome {
     /// WHERE was FALSE or NULL: no outputs.
     Filtered,
-    /// WHERE held; `row` is the SELECT output the actions saw.
+    /// WHERE held; `row` is the SELECT output the actions saw. For a `FOREACH` rule, an
+    /// array of the rows, one per element kept (no element kept is `Filtered`).
     Selected { row: Value },
     /// Decoding or evaluation failed; a dead letter was produced.
     Failed { reason: String },
@@ -110,15 +113,12 @@ impl RuleSet {
                 &mut problems,
             );
             sql.uses_payload |= templates_read_payload;
+            let name: Arc<str> = Arc::from(config.name.as_str());
+            let warnings = crate::warnings::check(&name, &sql);
             // Only the actions' expressions needed them.
             sql.aliases = HashMap::new();
             if config.enabled {
-                rules.push(Rule {
-                    name: Arc::from(config.name.as_str()),
-                    sql,
-                    payload: config.payload,
-                    actions,
-                });
+                rules.push(Rule { name, sql, payload: config.payload, actions, warnings });
             }
         }
         if !problems.is_empty() {
@@ -160,6 +160,13 @@ impl RuleSet {
         self.rules.iter().map(|r| &*r.name)
     }
 
+    /// Warnings about rules that load but may not do what was meant: comparisons that never
+    /// hold, and each deliberate difference from EMQX a rule relies on, with its rewrite.
+    /// Enabled rules only (a disabled rule never runs), in file order.
+    pub fn warnings(&self) -> impl Iterator<Item = &crate::Warning> {
+        self.rules.iter().flat_map(|r| &r.warnings)
+    }
+
     /// The republish hop limit (`max_hops` in the rules file).
     pub fn max_hops(&self) -> u8 {
         self.max_hops
@@ -193,6 +200,7 @@ impl RuleSet {
             let outcome = match self.run(rule, event, &decoded, &mut outputs) {
                 Ran::Filtered => Outcome::Filtered,
                 Ran::Selected(row) => Outcome::Selected { row: row.into_value() },
+                Ran::Each(rows) => Outcome::Selected { row: Value::Array(rows) },
                 Ran::Failed(reason) => Outcome::Failed { reason },
             };
             traces.push(Trace { rule: rule.name.clone(), outcome, outputs });
@@ -217,12 +225,36 @@ impl RuleSet {
             PayloadView::Whole(&NULL)
         };
         let text = (!decoded.is_cbor(rule.payload)).then_some(decoded);
-        let env = Env { event, payload, text };
+        let env = Env { event, payload, text, item: None };
+        if let Some(foreach) = &rule.sql.foreach {
+            return match select_each(rule, foreach, &env) {
+                Ok(rows) if rows.is_empty() => Ran::Filtered,
+                Ok(rows) => {
+                    let mut selected = Vec::with_capacity(rows.len());
+                    for (row, item) in rows {
+                        let env = Env { item: Some(&item), ..env };
+                        let row = Row::Nested(row);
+                        self.act(rule, &row, &env, out);
+                        selected.push(row.into_value());
+                    }
+                    Ran::Each(selected)
+                }
+                Err(EvalError(reason)) => dead(out, reason),
+            };
+        }
         let row = match select(rule, &env) {
             Ok(Some(row)) => row,
             Ok(None) => return Ran::Filtered,
             Err(EvalError(reason)) => return dead(out, reason),
         };
+        self.act(rule, &row, &env, out);
+        Ran::Selected(row)
+    }
+
+    /// Runs the rule's actions on one selected row.
+    fn act(&self, rule: &Rule, row: &Row<'_>, env: &Env<'_>, out: &mut Vec<Output>) {
+        let event = env.event;
+        let dead = |out: &mut Vec<Output>, reason: String| dead_letter(out, rule, event, reason);
         for action in &rule.actions {
             // An action that fails fails on its own: a dead letter, and the rule's other
             // actions still run.
@@ -230,11 +262,10 @@ impl RuleSet {
                 Action::Drop => Output::Dropped { rule: rule.name.clone() },
                 Action::Forward { topic, qos, priority, ttl, body } => {
                     let topic = match topic {
-                        Some(template) => template.render(&row, &env),
+                        Some(template) => template.render(row, env),
                         None => Ok(event.topic.to_owned()),
                     };
-                    let rendered =
-                        topic.and_then(|topic| Ok((topic, body.render(&row, &env, event.payload)?)));
+                    let rendered = topic.and_then(|topic| Ok((topic, body.render(row, env, event.payload)?)));
                     match rendered {
                         Ok((topic, payload)) => Output::Forward {
                             rule: rule.name.clone(),
@@ -250,7 +281,7 @@ impl RuleSet {
                         }
                     }
                 }
-                Action::Republish { topic, qos, body } => match topic.render(&row, &env) {
+                Action::Republish { topic, qos, body } => match topic.render(row, env) {
                     Err(reason) => {
                         dead(out, reason);
                         continue;
@@ -258,7 +289,7 @@ impl RuleSet {
                     Ok(topic) if event.hops >= self.max_hops => {
                         Output::LoopPrevented { rule: rule.name.clone(), topic, hops: event.hops }
                     }
-                    Ok(topic) => match body.render(&row, &env, event.payload) {
+                    Ok(topic) => match body.render(row, env, event.payload) {
                         Ok(payload) => Output::Republish {
                             rule: rule.name.clone(),
                             topic,
@@ -274,7 +305,7 @@ impl RuleSet {
                 },
                 Action::DeadLetter { reason } => {
                     let reason = match reason {
-                        Some(template) => match template.render_text(&row, &env, "reason template") {
+                        Some(template) => match template.render_text(row, env, "reason template") {
                             Ok(text) => String::from_utf8_lossy(&text).into_owned(),
                             Err(reason) => {
                                 dead(out, reason);
@@ -294,7 +325,6 @@ impl RuleSet {
             };
             out.push(output);
         }
-        Ran::Selected(row)
     }
 }
 
@@ -320,6 +350,8 @@ pub const DEFAULT_DEAD_LETTER_REASON: &str = "dead_letter action";
 enum Ran<'a> {
     Filtered,
     Selected(Row<'a>),
+    /// A FOREACH rule's rows, one per element kept (never empty).
+    Each(Vec<Value>),
     Failed(String),
 }
 
@@ -390,6 +422,67 @@ fn select<'a>(rule: &'a Rule, env: &Env<'a>) -> Result<Option<Row<'a>>, EvalErro
         }
     }
     Ok(Some(Row::Flat { layout, values }))
+}
+
+/// A FOREACH rule: WHERE once, then per element of the collection INCASE and the row.
+/// Returns each row with its element (the actions' templates read the element too).
+fn select_each(rule: &Rule, foreach: &Foreach, env: &Env<'_>) -> Result<Vec<(Value, Value)>, EvalError> {
+    if let Some(condition) = &rule.sql.condition {
+        if condition.truth(env)? != Some(true) {
+            return Ok(Vec::new());
+        }
+    }
+    let collection = foreach.collection.eval(env)?;
+    let decoded;
+    let items = match &*collection {
+        Value::Array(items) => items,
+        // EMQX decodes a bare `payload` to iterate over it (`ensure_list`); a payload that is
+        // not JSON fails the rule there too.
+        Value::Str(_) | Value::Bytes(_) if foreach.bare_payload => {
+            decoded = Value::from_json(env.event.payload)
+                .map_err(|e| EvalError::new(format!("FOREACH payload: the payload is not JSON: {e}")))?;
+            match &decoded {
+                Value::Array(items) => items,
+                _ => return Ok(Vec::new()),
+            }
+        }
+        // Not an array (a missing field included): no element, as in EMQX.
+        _ => return Ok(Vec::new()),
+    };
+    let mut rows = Vec::new();
+    for item in items {
+        let env = Env { item: Some(item), ..*env };
+        if let Some(incase) = &foreach.incase {
+            if incase.truth(&env)? != Some(true) {
+                continue;
+            }
+        }
+        let mut row = Value::Object(Vec::with_capacity(rule.sql.columns.len() + 8));
+        if rule.sql.star {
+            for name in STAR_COLUMNS {
+                row.insert(name, star_value(name, &env));
+            }
+        }
+        for column in &rule.sql.columns {
+            let value = column.expr.eval(&env)?.into_owned();
+            row.put_path(&column.path, value);
+        }
+        rows.push((row, item.clone()));
+    }
+    Ok(rows)
+}
+
+/// A column of `SELECT *`.
+fn star_value(name: &str, env: &Env<'_>) -> Value {
+    match name {
+        "id" => field_value(Field::EventId, env.event),
+        "topic" => field_value(Field::Topic, env.event),
+        "clientid" => field_value(Field::ClientId, env.event),
+        "username" => field_value(Field::Username, env.event),
+        "qos" => field_value(Field::Qos, env.event),
+        "timestamp" => field_value(Field::Timestamp, env.event),
+        _ => env.payload_whole().clone(),
+    }
 }
 
 fn plain(context: &str, message: impl Into<String>) -> Problem {

@@ -145,6 +145,12 @@ pub(crate) enum Expr {
         key: Box<Expr>,
         field: Option<String>,
     },
+    /// `x[a..b]`: elements a to b (1-based, negative from the end) of the array x, as
+    /// EMQX's `range_get`.
+    Slice(Box<Expr>, i64, i64),
+    /// The element a `FOREACH` statement is at (`item`, or the last FOREACH field's alias),
+    /// in its `DO` and `INCASE`.
+    Item,
 }
 
 /// What an expression can see: the event and the payload decoded for this rule.
@@ -155,6 +161,8 @@ pub(crate) struct Env<'a> {
     /// arrived as; only paths into it decode). `None` when the payload is CBOR, which EMQX
     /// does not read, and a bare `payload` is the decoded value.
     pub text: Option<&'a crate::payload::Decoded<'a>>,
+    /// The element a `FOREACH` statement is at; `None` outside `DO` and `INCASE`.
+    pub item: Option<&'a Value>,
 }
 
 impl<'a> Env<'a> {
@@ -196,10 +204,13 @@ impl Expr {
     }
 
     /// The direct subexpressions, for walks over the plan.
-    fn children(&self) -> Vec<&Expr> {
+    pub(crate) fn children(&self) -> Vec<&Expr> {
         match self {
-            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) => Vec::new(),
+            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) | Expr::Item => {
+                Vec::new()
+            }
             Expr::Get(e, _)
+            | Expr::Slice(e, _, _)
             | Expr::Neg(e)
             | Expr::Not(e)
             | Expr::IsNull(e, _)
@@ -223,8 +234,11 @@ impl Expr {
     /// The same list as [`Expr::children`], mutably.
     fn children_mut(&mut self) -> Vec<&mut Expr> {
         match self {
-            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) => Vec::new(),
+            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) | Expr::Item => {
+                Vec::new()
+            }
             Expr::Get(e, _)
+            | Expr::Slice(e, _, _)
             | Expr::Neg(e)
             | Expr::Not(e)
             | Expr::IsNull(e, _)
@@ -249,9 +263,15 @@ impl Expr {
         let owned = |v: Value| Ok(Cow::Owned(v));
         match self {
             Expr::Const(v) => Ok(Cow::Borrowed(v)),
+            Expr::Item => Ok(Cow::Borrowed(env.item.unwrap_or(&NULL))),
             Expr::Field(field) => owned(field_value(*field, env.event)),
             Expr::Payload { path, .. } if path.is_empty() => Ok(Cow::Borrowed(env.payload_whole())),
-            Expr::Payload { path, slot } => Ok(Cow::Borrowed(env.payload.walk(path, *slot).unwrap_or(&NULL))),
+            Expr::Payload { path, slot } => match env.payload.walk(path, *slot) {
+                Some(value) => Ok(Cow::Borrowed(value)),
+                // Missing, or behind a string holding JSON, which EMQX decodes on the way.
+                None => owned(env.payload.walk_decoding(path, *slot).unwrap_or(Value::Null)),
+            },
+            Expr::Slice(inner, begin, end) => owned(slice(&*inner.eval(env)?, *begin, *end)?),
             Expr::TopicLevel(level) => owned(
                 env.event
                     .topic
@@ -261,8 +281,11 @@ impl Expr {
                     .unwrap_or(Value::Null),
             ),
             Expr::Get(inner, path) => match inner.eval(env)? {
-                Cow::Borrowed(v) => Ok(Cow::Borrowed(walk(v, path).unwrap_or(&NULL))),
-                Cow::Owned(v) => owned(walk(&v, path).cloned().unwrap_or(Value::Null)),
+                Cow::Borrowed(v) => match walk(v, path) {
+                    Some(found) => Ok(Cow::Borrowed(found)),
+                    None => owned(walk_decoding(v, path).unwrap_or(Value::Null)),
+                },
+                Cow::Owned(v) => owned(walk_decoding(&v, path).unwrap_or(Value::Null)),
             },
             Expr::Neg(inner) => match &*inner.eval(env)? {
                 Value::Null => owned(Value::Null),
@@ -455,6 +478,43 @@ pub(crate) fn walk<'v>(mut value: &'v Value, path: &[PathSeg]) -> Option<&'v Val
         };
     }
     Some(value)
+}
+
+/// Like [`walk`], but a string met before the path ends is decoded as JSON and walked into,
+/// as EMQX's `general_find` does; a string that is not JSON ends the walk (NULL).
+pub(crate) fn walk_decoding(value: &Value, path: &[PathSeg]) -> Option<Value> {
+    let mut current = value;
+    for (at, seg) in path.iter().enumerate() {
+        if let Value::Str(text) = current {
+            let decoded = Value::from_json(text.as_bytes()).ok()?;
+            // A JSON string holding JSON text is decoded again, as EMQX would; each
+            // round shortens the text, so this ends.
+            return walk_decoding(&decoded, path.get(at..)?);
+        }
+        current = match seg {
+            PathSeg::Key(key) => current.get(key)?,
+            PathSeg::Index(index) => current.index(*index)?,
+        };
+    }
+    Some(current.clone())
+}
+
+/// EMQX's `range_get`: elements `begin` to `end` of an array (1-based; negative counts from
+/// the end). Not an array, or bounds outside it, fail as in EMQX (`lists:sublist`).
+pub(crate) fn slice(value: &Value, begin: i64, end: i64) -> Result<Value, EvalError> {
+    let Value::Array(items) = value else {
+        return Err(EvalError::new(format!("range [{begin}..{end}] of {}: not an array", describe(value))));
+    };
+    let len = i64::try_from(items.len()).unwrap_or(i64::MAX);
+    let at = |i: i64| if i < 0 { len.saturating_add(i).saturating_add(1) } else { i };
+    let (first, last) = (at(begin), at(end));
+    let count = last.saturating_sub(first).saturating_add(1);
+    if first < 1 || first > len.saturating_add(1) || count < 0 {
+        return Err(EvalError::new(format!("range [{begin}..{end}] outside an array of {len} elements")));
+    }
+    let skip = usize::try_from(first - 1).unwrap_or(usize::MAX);
+    let take = usize::try_from(count).unwrap_or(0);
+    Ok(Value::Array(items.iter().skip(skip).take(take).cloned().collect()))
 }
 
 /// "string 'abc'", "integer 3", "object" — for error messages; long values are cut.

@@ -37,6 +37,7 @@
 //! - `compile`: SQL → plan; a token pass for EMQX's syntax that sqlparser lacks (`=~`,
 //!   infix `div`/`mod`, path `AS` targets, single-quoted FROM), name resolution,
 //!   did-you-mean, carets.
+//! - `foreach`: `FOREACH ... DO ... INCASE`, one row per array element.
 //! - `expr`: the plan ([`expr::Expr`]) and its evaluation; NULL and type rules.
 //! - `functions`: the builtin function table; the EMQX families too large for it live in
 //!   `functions::text` (sprintf, pad, tokens, unescape, ...), `functions::data` (arrays and
@@ -51,6 +52,8 @@
 //! - `time`: calendar arithmetic for the time functions (no clock, no time zones).
 //! - `value`: [`Value`] and its JSON/CBOR (de)serialization.
 //! - `error`: [`RulesError`] and caret rendering.
+//! - `warnings`: [`Warning`]s for rules that load but may not do what was meant (ported
+//!   from EMQX): comparisons that never hold, deliberate differences with their rewrites.
 //! - `fuzz`: the fuzz targets' entry functions (`rules/fuzz/`), replayed on their corpus by
 //!   `tests/fuzz_corpus.rs`; not part of the API.
 //! - `compat_tests` (tests only): EMQX compatibility cases, each naming the EMQX test or
@@ -62,6 +65,7 @@ mod config;
 mod engine;
 mod error;
 pub(crate) mod expr;
+mod foreach;
 mod functions;
 #[doc(hidden)]
 pub mod fuzz;
@@ -70,6 +74,7 @@ mod payload;
 mod table;
 mod time;
 mod value;
+mod warnings;
 
 #[cfg(test)]
 mod compat_tests;
@@ -86,6 +91,7 @@ pub use error::{Problem, RulesError, SqlLocation, did_you_mean};
 pub use outpost_topic::{Topic, TopicError, TopicFilter};
 pub use table::{Table, TableError, TableSources};
 pub use value::Value;
+pub use warnings::Warning;
 
 /// One event as a rule sees it. The caller (the gateway's route stage) builds it from the
 /// publish it received; nothing here is decoded yet.

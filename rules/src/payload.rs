@@ -131,6 +131,17 @@ impl<'a> PayloadView<'a> {
         }
     }
 
+    /// [`PayloadView::walk`] through strings holding JSON (see [`crate::expr::walk_decoding`]);
+    /// only tried when `walk` finds nothing.
+    pub(crate) fn walk_decoding(self, path: &[PathSeg], slot: Option<usize>) -> Option<Value> {
+        match self {
+            // A payload that decoded to text is a `raw` rule's: it asked for no decoding.
+            PayloadView::Whole(Value::Str(_)) => None,
+            PayloadView::Whole(value) => crate::expr::walk_decoding(value, path),
+            PayloadView::Fields(fields) => crate::expr::walk_decoding(fields.get(slot?)?, path.get(1..)?),
+        }
+    }
+
     /// The whole payload, for `SELECT *`. A rule set with a `SELECT *` rule always
     /// decodes whole values, so the `Fields` arm is never reached; it gives NULL rather
     /// than a panic.

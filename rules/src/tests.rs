@@ -1372,7 +1372,7 @@ type = "forward"
 
 [[rule]]
 name = "template"
-sql = 'SELECT payload.missing AS site FROM "t"'
+sql = 'SELECT topic(9) AS site FROM "t"'
 [[rule.action]]
 type = "forward"
 topic = "x/${site}"
@@ -1853,6 +1853,89 @@ fn the_topic_index_evaluates_only_matching_rules() {
     assert_eq!(outputs, [Output::Dropped { rule: "r517".into() }]);
 }
 
+#[test]
+fn foreach_each_element_goes_through_the_actions_with_its_own_topic() {
+    let rules = r#"
+[[rule]]
+name = "split"
+sql = '''FOREACH payload.sensors AS s DO s.name AS name, s.v AS v, clientid INCASE s.idx > 1 FROM "plc/#"'''
+[[rule.action]]
+type = "forward"
+topic = "sensors/${s.name}"
+"#;
+    let set = RuleSet::compile(rules, &tables()).unwrap();
+    let payload =
+        br#"{"sensors":[{"idx":1,"name":"a","v":1},{"idx":2,"name":"b","v":2},{"idx":3,"name":"c","v":3}]}"#;
+    let outputs = set.evaluate(&event("plc/1", payload));
+    let got: Vec<(String, String)> = outputs
+        .iter()
+        .map(|o| match o {
+            Output::Forward { topic, payload, .. } => {
+                (topic.clone(), String::from_utf8_lossy(payload).into_owned())
+            }
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("sensors/b".to_owned(), r#"{"name":"b","v":2,"clientid":"c1"}"#.to_owned()),
+            ("sensors/c".to_owned(), r#"{"name":"c","v":3,"clientid":"c1"}"#.to_owned()),
+        ]
+    );
+    // The dry run shows every row; none kept is "filtered".
+    let traces = set.explain(&event("plc/1", payload));
+    match &traces[0].outcome {
+        crate::Outcome::Selected { row: Value::Array(rows) } => assert_eq!(rows.len(), 2),
+        other => panic!("unexpected {other:?}"),
+    }
+    let traces = set.explain(&event("plc/1", br#"{"sensors":[]}"#));
+    assert_eq!(traces[0].outcome, crate::Outcome::Filtered);
+}
+
+#[test]
+fn foreach_errors_name_the_clause() {
+    for (sql, needle) in [
+        (r#"FOREACH payload.s INCASE 1 DO x FROM "t""#, "FOREACH clauses go in this order"),
+        (r#"FOREACH payload.s"#, "missing `FROM"),
+        (r#"FOREACH payload.s DO nosuch FROM "t""#, "unknown field `nosuch`"),
+        (r#"FOREACH payload.s DO item INCASE item > FROM "t""#, "Expected"),
+        (r#"FOREACH payload.s AS s FROM "t" WHERE item = 1"#, "unknown field `item`"),
+    ] {
+        let err = RuleSet::compile(&one(sql), &tables()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{sql}: {err}");
+    }
+}
+
+#[test]
+fn warnings_name_never_true_comparisons_and_emqx_differences() {
+    let warnings = |sql: &str| -> Vec<String> {
+        RuleSet::compile(&one(sql), &tables()).unwrap().warnings().map(|w| w.to_string()).collect()
+    };
+    assert_eq!(warnings(r#"SELECT payload.t AS t, clientid FROM "s/#" WHERE t > 30"#), Vec::<String>::new());
+    let got = warnings(
+        r#"SELECT *, now_timestamp() AS now, unix_ts_to_rfc3339(timestamp) AS at FROM "s/#" WHERE payload.x > NULL AND is_null(payload.y) AND payload.y = NULL AND payload.z + 1 > 'abc'"#,
+    );
+    let expect = [
+        "`SELECT *` outputs",
+        "`now_timestamp()` is the event's receive time",
+        "`unix_ts_to_rfc3339` writes UTC",
+        "an ordering comparison with NULL",
+        "`is_null` on a payload field is TRUE for a missing field and for JSON null",
+        "`= NULL` / `!= NULL`",
+        "comparing a number with the text 'abc'",
+    ];
+    for needle in expect {
+        assert!(
+            got.iter().any(|w| w.starts_with("rule `r`: ") && w.contains(needle)),
+            "no `{needle}` in {got:#?}"
+        );
+    }
+    assert_eq!(got.len(), expect.len(), "{got:#?}");
+    // Once per rule, however often the rule does it.
+    assert_eq!(warnings(r#"SELECT payload.a AS a FROM "s" WHERE a > NULL OR a < NULL"#).len(), 1);
+}
+
 mod properties {
     use proptest::prelude::*;
 
@@ -1936,6 +2019,75 @@ mod properties {
         #[test]
         fn compile_never_panics(text in ".{0,200}") {
             let _ = RuleSet::compile(&text, &tables());
+        }
+
+        #[test]
+        fn foreach_yields_one_row_per_element(
+            arr in arb_json(),
+            alias in prop::option::of("s|item|x"),
+            doeach in prop::option::of("(item|s|x|payload\\.arr|clientid|topic)(\\.n|\\[1\\])?( AS [a-z]{1,3})?"),
+        ) {
+            let name = alias.clone().unwrap_or_else(|| "item".to_owned());
+            let mut sql = "FOREACH payload.arr".to_owned();
+            if let Some(alias) = &alias {
+                sql.push_str(&format!(" AS {alias}"));
+            }
+            if let Some(doeach) = &doeach {
+                sql.push_str(&format!(" DO {}", doeach.replace("item", &name).replace("s.", &format!("{name}.")).replace("x.", &format!("{name}."))));
+            }
+            sql.push_str(" FROM \"#\"");
+            let Ok(rules) = RuleSet::compile(&one(&sql), &tables()) else {
+                // Only a DO naming something that is not bound may fail to compile.
+                prop_assert!(doeach.is_some(), "{sql} did not compile");
+                return Ok(());
+            };
+            let bytes = serde_json::to_vec(&serde_json::json!({ "arr": arr })).unwrap();
+            let outputs = rules.evaluate(&event("a/b", &bytes));
+            let expected = match &arr { serde_json::Value::Array(items) => items.len(), _ => 0 };
+            let forwards = outputs.iter().filter(|o| matches!(o, Output::Forward { .. })).count();
+            prop_assert_eq!(forwards, expected, "{}", sql);
+        }
+
+        #[test]
+        fn ranges_slice_as_emqx_range_get(n in 0usize..8, begin in -9i64..9, end in -9i64..9) {
+            let sql = format!("SELECT payload.a[{begin}..{end}] AS v FROM \"#\"");
+            let compiled = RuleSet::compile(&one(&sql), &tables());
+            if begin == 0 || end == 0 {
+                prop_assert!(compiled.is_err(), "{sql} compiled");
+                return Ok(());
+            }
+            let rules = compiled.unwrap();
+            let items: Vec<i64> = (0..n as i64).collect();
+            let bytes = serde_json::to_vec(&serde_json::json!({ "a": items })).unwrap();
+            let outputs = rules.evaluate(&event("a/b", &bytes));
+            // EMQX: index/2 then lists:sublist/3.
+            let len = n as i64;
+            let at = |i: i64| if i < 0 { len + i + 1 } else { i };
+            let (first, count) = (at(begin), at(end) - at(begin) + 1);
+            let expected = if first < 1 || first > len + 1 || count < 0 {
+                None
+            } else {
+                Some(items.iter().skip((first - 1) as usize).take(count as usize).copied().collect::<Vec<_>>())
+            };
+            match (&outputs[..], expected) {
+                ([Output::Forward { payload, .. }], Some(expected)) => {
+                    let row: serde_json::Value = serde_json::from_slice(payload).unwrap();
+                    prop_assert_eq!(&row["v"], &serde_json::json!(expected), "{}", sql);
+                }
+                ([Output::DeadLetter { .. }], None) => {}
+                (other, expected) => prop_assert!(false, "{sql} on {n} elements: {other:?}, expected {expected:?}"),
+            }
+        }
+
+        #[test]
+        fn compile_never_panics_on_foreach(
+            sql in "FOREACH( |payload|\\.|\\[|\\]|-?[0-9]|item|s|AS|,|DO|INCASE|FROM|WHERE|\"#\"|\\(|\\)|=|>|\\.\\.|json_decode|NOT|AND|'a'){0,30}",
+            json in arb_json(),
+        ) {
+            if let Ok(rules) = RuleSet::compile(&one(&sql), &tables()) {
+                let bytes = serde_json::to_vec(&json).unwrap();
+                let _ = rules.evaluate(&event("a/b", &bytes));
+            }
         }
 
         #[test]

@@ -293,3 +293,44 @@ fn an_os_error_is_said_once() {
     assert_eq!(outcome.code, Some(2), "{outcome:?}");
     assert_eq!(outcome.stderr.matches("Not a directory").count(), 1, "{}", outcome.stderr);
 }
+
+#[test]
+fn rules_check_and_test_warn_about_a_ported_emqx_rule() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"ported\"\nsql = '''\nFOREACH payload.sensors AS s\nDO s.name AS name, unix_ts_to_rfc3339(timestamp) AS at\nINCASE s.v > NULL\nFROM \"plc/+\"\n'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"sensors/${s.name}\"\n",
+    )
+    .expect("write the rules");
+    let rules = rules.to_str().expect("utf-8");
+    let outcome = outpost(&["rules", "check", rules]).expect("run outpost rules check");
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    assert!(outcome.stdout.starts_with(&format!("{rules}: ok (1 rules: ported)")), "{outcome:?}");
+    let warnings: Vec<&str> = outcome.stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 2, "{}", outcome.stderr);
+    assert!(
+        warnings[0].starts_with("warning: rule `ported`: `unix_ts_to_rfc3339` writes UTC"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[1].starts_with("warning: rule `ported`: an ordering comparison with NULL"),
+        "{warnings:?}"
+    );
+
+    let outcome = outpost(&[
+        "rules",
+        "test",
+        rules,
+        "--topic",
+        "plc/7",
+        "--payload",
+        r#"{"sensors":[{"name":"a","v":1},{"name":"b"}]}"#,
+    ])
+    .expect("run outpost rules test");
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    assert!(outcome.stderr.starts_with("warning: rule `ported`: `unix_ts_to_rfc3339`"), "{}", outcome.stderr);
+    assert!(outcome.stdout.starts_with("event plc/7 "), "{}", outcome.stdout);
+    // `s.v > NULL` is never TRUE, so FOREACH keeps no element: what the warning said.
+    assert!(outcome.stdout.contains("rule ported: filtered out by WHERE"), "{}", outcome.stdout);
+}

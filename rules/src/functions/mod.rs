@@ -237,7 +237,10 @@ pub(crate) static BUILTINS: &[Builtin] = &[
 /// EMQX functions Outpost does not have, with what to write instead. The compiler reports
 /// these by name rather than as unknown functions.
 pub(crate) static NOT_SUPPORTED: &[(&str, &str)] = &[
-    ("jq", "jq programs are not supported; read fields with paths (payload.a.b), map_get or json_decode"),
+    (
+        "jq",
+        "jq programs are not supported (EMQX stops them with a timeout; nothing can stop one here): read fields with paths (payload.a.b), ranges (payload.a[1..3]), FOREACH, map_get or json_decode",
+    ),
     ("term_encode", "Erlang terms do not exist outside EMQX; use json_encode"),
     ("term_decode", "Erlang terms do not exist outside EMQX; use json_decode"),
     ("proc_dict_get", "rules keep no state between events in Outpost"),

@@ -1,0 +1,1 @@
+FOREACH json_decode(payload) AS p, p.sensors AS s DO s.name AS name, s.v[1..2] AS v, [1..3] AS r INCASE s.idx > 1 AND s.tags[-2..-1] = [1, 2] FROM "plc/#" WHERE p.page = 2

@@ -1,0 +1,1 @@
+SELECT payload.a[2..-1] AS t, payload.j.x.y AS j, [-2..2] FROM "t/#" WHERE length(payload.a[1..3]) = 3
