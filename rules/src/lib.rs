@@ -70,6 +70,7 @@ mod payload;
 mod table;
 mod time;
 mod value;
+pub mod window;
 
 #[cfg(test)]
 mod compat_tests;
