@@ -24,6 +24,7 @@ use crate::expr::{ArithOp, CmpOp, Expr, Field, PUT_HEAD, PUT_TAIL, PathSeg};
 use crate::functions::{BUILTINS, NOT_SUPPORTED, find_builtin};
 use crate::table::Table;
 use crate::value::Value;
+use crate::window::sql::WindowSql;
 use outpost_topic::TopicFilter;
 
 /// Deep nesting is refused by the parser before it can exhaust the stack.
@@ -66,6 +67,8 @@ pub(crate) struct CompiledSql {
     pub layout: Option<RowLayout>,
     /// The SELECT aliases, compiled: what a name means in an action's `${..}` expression.
     pub aliases: HashMap<String, Expr>,
+    /// A windowed rule's per-event part; its `condition` is then its HAVING.
+    pub window: Option<WindowSql>,
 }
 
 /// The output row of a statement whose columns all have one-level names (`expr AS name`,
@@ -118,7 +121,11 @@ pub(crate) struct Column {
 impl CompiledSql {
     /// Every expression of the statement (columns, then WHERE), for passes over the plan.
     pub(crate) fn exprs_mut(&mut self) -> impl Iterator<Item = &mut Expr> {
-        self.columns.iter_mut().map(|c| &mut c.expr).chain(self.condition.as_mut())
+        self.columns
+            .iter_mut()
+            .map(|c| &mut c.expr)
+            .chain(self.condition.as_mut())
+            .chain(self.window.iter_mut().flat_map(WindowSql::exprs_mut))
     }
 
     /// The top-level names in the output object, for checking `${..}` templates.
@@ -162,13 +169,16 @@ pub(crate) fn compile_sql(
             query.span(),
         )]);
     }
-    let SetExpr::Select(select) = *query.body else {
+    let SetExpr::Select(mut select) = *query.body else {
         return Err(vec![SqlError::new(
             "expected a plain `SELECT ... FROM ... WHERE ...`",
             query.body.span(),
         )]);
     };
     let mut compiler = Compiler { tables, aliases: HashMap::new(), uses_payload: false, errors: Vec::new() };
+    // Takes GROUP BY and HAVING out of the statement when they make a window.
+    // Its errors come alone: the rest of the statement was written for a window.
+    let windowed = crate::window::sql::extract(&mut select)?;
     let unsupported = [
         (select.distinct.is_some(), "DISTINCT"),
         (select.top.is_some(), "TOP"),
@@ -193,6 +203,8 @@ pub(crate) fn compile_sql(
     }
 
     let filters = compiler.topic_filters(&select.from, select.select_token.0.span);
+    let window =
+        windowed.as_ref().map(|(window, _)| crate::window::sql::compile(window, &select, &mut compiler));
 
     let mut star = false;
     let mut columns = Vec::new();
@@ -231,7 +243,10 @@ pub(crate) fn compile_sql(
             },
         }
     }
-    let condition = select.selection.as_ref().and_then(|e| compiler.expr_or_record(e));
+    let condition = match &windowed {
+        Some((_, having)) => having.as_ref().and_then(|e| compiler.expr_or_record(e)),
+        None => select.selection.as_ref().and_then(|e| compiler.expr_or_record(e)),
+    };
 
     if compiler.errors.is_empty() {
         let layout = RowLayout::new(star, &columns);
@@ -243,6 +258,7 @@ pub(crate) fn compile_sql(
             uses_payload: compiler.uses_payload,
             layout,
             aliases: compiler.aliases,
+            window,
         })
     } else {
         Err(compiler.errors)
@@ -366,10 +382,10 @@ fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
     }
 }
 
-struct Compiler<'t> {
+pub(crate) struct Compiler<'t> {
     tables: &'t FxHashMap<String, Arc<Table>>,
     /// Aliases defined so far in SELECT; later columns and WHERE may use them.
-    aliases: HashMap<String, Expr>,
+    pub(crate) aliases: HashMap<String, Expr>,
     uses_payload: bool,
     errors: Vec<SqlError>,
 }
@@ -377,7 +393,7 @@ struct Compiler<'t> {
 type Compiled = Result<Expr, SqlError>;
 
 impl Compiler<'_> {
-    fn expr_or_record(&mut self, expr: &ast::Expr) -> Option<Expr> {
+    pub(crate) fn expr_or_record(&mut self, expr: &ast::Expr) -> Option<Expr> {
         match self.expr(expr) {
             Ok(e) if !e.within_limits(0, &mut crate::expr::MAX_NODES.clone()) => {
                 self.errors.push(SqlError::new(

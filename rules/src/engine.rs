@@ -31,19 +31,19 @@ use crate::{EventContext, Output, OutputFormat, PayloadFormat};
 #[derive(Debug, Default)]
 pub struct RuleSet {
     /// Enabled rules, in file order; outputs come out in this order.
-    rules: Vec<Rule>,
-    index: TopicIndex,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) index: TopicIndex,
     max_hops: u8,
     /// The top-level payload fields the rules read, by slot, when that is all they read:
     /// JSON decoding then builds only these. `None` if some rule reads the payload whole.
-    fields: Option<FieldSlots>,
+    pub(crate) fields: Option<FieldSlots>,
 }
 
 #[derive(Debug)]
-struct Rule {
-    name: Arc<str>,
-    sql: CompiledSql,
-    payload: PayloadFormat,
+pub(crate) struct Rule {
+    pub(crate) name: Arc<str>,
+    pub(crate) sql: CompiledSql,
+    pub(crate) payload: PayloadFormat,
     actions: Vec<Action>,
 }
 
@@ -110,6 +110,7 @@ impl RuleSet {
                 &mut problems,
             );
             sql.uses_payload |= templates_read_payload;
+            check_windowed(config, &mut sql, &context, &mut problems);
             // Only the actions' expressions needed them.
             sql.aliases = HashMap::new();
             if config.enabled {
@@ -173,7 +174,8 @@ impl RuleSet {
         self.index.matches(event.topic, &mut matched);
         let decoded = Decoded::new(event.payload, self.fields.as_ref());
         for rule_idx in matched {
-            if let Some(rule) = self.rules.get(rule_idx) {
+            // Windowed rules need their state: `RuleSet::evaluate_windowed`.
+            if let Some(rule) = self.rules.get(rule_idx).filter(|r| r.sql.window.is_none()) {
                 self.run(rule, event, &decoded, &mut outputs);
             }
         }
@@ -188,7 +190,7 @@ impl RuleSet {
         let decoded = Decoded::new(event.payload, self.fields.as_ref());
         let mut traces = Vec::new();
         for rule_idx in matched {
-            let Some(rule) = self.rules.get(rule_idx) else { continue };
+            let Some(rule) = self.rules.get(rule_idx).filter(|r| r.sql.window.is_none()) else { continue };
             let mut outputs = Vec::new();
             let outcome = match self.run(rule, event, &decoded, &mut outputs) {
                 Ran::Filtered => Outcome::Filtered,
@@ -200,7 +202,7 @@ impl RuleSet {
         traces
     }
 
-    fn run<'a>(
+    pub(crate) fn run<'a>(
         &self,
         rule: &'a Rule,
         event: &'a EventContext<'a>,
@@ -302,7 +304,12 @@ impl RuleSet {
 /// path (`RuleSet::run`) small.
 #[cold]
 #[inline(never)]
-fn dead_letter<'a>(out: &mut Vec<Output>, rule: &Rule, event: &EventContext<'_>, reason: String) -> Ran<'a> {
+pub(crate) fn dead_letter<'a>(
+    out: &mut Vec<Output>,
+    rule: &Rule,
+    event: &EventContext<'_>,
+    reason: String,
+) -> Ran<'a> {
     out.push(Output::DeadLetter {
         rule: rule.name.clone(),
         reason: reason.clone(),
@@ -317,10 +324,46 @@ fn dead_letter<'a>(out: &mut Vec<Output>, rule: &Rule, event: &EventContext<'_>,
 pub const DEFAULT_DEAD_LETTER_REASON: &str = "dead_letter action";
 
 /// How one rule's run on one event ended; [`Outcome`] without copying the row.
-enum Ran<'a> {
+pub(crate) enum Ran<'a> {
     Filtered,
     Selected(Row<'a>),
     Failed(String),
+}
+
+/// A windowed rule's checks that need more than its SQL: its outputs need a topic (a
+/// window is many events, so there is no event topic to reuse), its synthetic row is JSON
+/// or CBOR, and `max_groups` belongs to windowed rules only. A windowed rule's SELECT reads
+/// its closed window from a synthetic payload, so that is always decoded.
+fn check_windowed(
+    config: &crate::config::RuleConfig,
+    sql: &mut CompiledSql,
+    context: &str,
+    problems: &mut Vec<Problem>,
+) {
+    let Some(window) = &mut sql.window else {
+        if config.max_groups.is_some() {
+            problems
+                .push(plain(context, "`max_groups` applies to windowed rules (GROUP BY with a window) only"));
+        }
+        return;
+    };
+    window.reads_payload = sql.uses_payload;
+    sql.uses_payload = true;
+    if let Some(max) = config.max_groups {
+        window.plan.max_groups = max.get();
+    }
+    if config.payload == PayloadFormat::Raw {
+        problems
+            .push(plain(context, "a windowed rule cannot use `payload = \"raw\"`: use auto, json or cbor"));
+    }
+    for action in &config.action {
+        if let ActionConfig::Forward { topic: None, .. } = action {
+            problems.push(plain(
+                context,
+                "a windowed rule's forward action needs a `topic` (a window has no one event topic), e.g. topic = \"agg/${sensor}\"",
+            ));
+        }
+    }
 }
 
 /// Numbers the top-level payload fields the rules read and records each payload path's

@@ -23,8 +23,14 @@
 //! - Output order is deterministic: by window end, then start, then group key.
 
 mod agg;
+mod run;
 pub mod spec;
+pub(crate) mod sql;
 
+pub use run::WindowState;
+
+#[cfg(test)]
+mod sql_tests;
 #[cfg(test)]
 mod tests;
 
