@@ -50,7 +50,7 @@ impl AggKind {
             AggKind::Avg => AggState::Avg { sum: 0.0, n: 0 },
             AggKind::Min | AggKind::Max | AggKind::First | AggKind::Last => AggState::One(None),
             AggKind::Stddev => AggState::Stddev { n: 0, mean: 0.0, m2: 0.0 },
-            AggKind::Percentile(_) => AggState::Percentile(Sketch::default()),
+            AggKind::Percentile(_) => AggState::Percentile(Box::default()),
             AggKind::Collect(_) => AggState::Collect { items: Vec::new(), dropped: 0 },
         }
     }
@@ -78,7 +78,8 @@ pub enum AggState {
         mean: f64,
         m2: f64,
     },
-    Percentile(Sketch),
+    /// Boxed: the sketch is large, and every other state would pay for the largest variant.
+    Percentile(Box<Sketch>),
     Collect {
         items: Vec<Value>,
         dropped: u64,

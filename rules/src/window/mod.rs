@@ -197,7 +197,12 @@ impl Windows {
                 WindowSpec::Count { size, step } if size != step => {
                     GroupState::Kept { events: VecDeque::new(), since_emit: 0 }
                 }
-                _ => GroupState::Open(VecDeque::new()),
+                // Exactly the instances it can hold: most windows hold one at a time, and a
+                // default VecDeque would reserve four.
+                WindowSpec::Hopping { size_ms, hop_ms } => {
+                    GroupState::Open(VecDeque::with_capacity(size_ms.div_ceil(hop_ms) as usize))
+                }
+                _ => GroupState::Open(VecDeque::with_capacity(1)),
             };
             self.groups.insert(key.to_owned(), Group { seq, state });
         }
