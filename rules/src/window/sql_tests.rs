@@ -264,3 +264,32 @@ fn windowed_rule_config_errors() {
         rule `p`: `max_groups` applies to windowed rules (GROUP BY with a window) only
     "#]].assert_eq(&(run(no_topic, "") + &run(groups, "")));
 }
+
+#[test]
+fn the_readme_example() {
+    let toml = r#"
+[[rule]]
+name = "avg-10s"
+sql = '''
+SELECT topic(2) AS sensor,
+       avg(payload.temp) AS temp, min(payload.temp) AS low, max(payload.temp) AS high,
+       count(*) AS n, window_start() AS since, window_end() AS until
+FROM "sensors/+/temp"
+GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)
+'''
+[[rule.action]]
+type = "forward"
+topic = "sites/a/avg/${sensor}"
+"#;
+    expect![[r#"
+        1764763210000: sites/a/avg/s1 {"sensor":"s1","temp":20.5,"low":20,"high":21,"n":2,"since":1764763200000,"until":1764763210000}
+    "#]].assert_eq(&run(
+        toml,
+        r#"
+        1764763201000 sensors/s1/temp {"temp": 20}
+        1764763209999 sensors/s1/temp {"temp": 21}
+        1764763210000 sensors/s1/temp {"temp": 30}
+        advance 1764763210000
+        "#,
+    ));
+}
