@@ -419,7 +419,7 @@ mod tests {
             event_id: 0,
             hops: 0,
         };
-        f(&Env { event: &event, payload: crate::payload::PayloadView::Whole(&NULL), text: None })
+        f(&Env { event: &event, payload: crate::payload::PayloadView::Whole(&NULL), text: None, locals: &[] })
     }
 
     #[test]

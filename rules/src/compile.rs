@@ -69,6 +69,8 @@ pub(crate) struct CompiledSql {
     pub aliases: HashMap<String, Expr>,
     /// A windowed rule's per-event part; its `condition` is then its HAVING.
     pub window: Option<WindowSql>,
+    /// The report-by-exception calls (`deadband`, `lag`, ...), computed before WHERE.
+    pub rbe: Option<crate::rbe::RbeSql>,
 }
 
 /// The output row of a statement whose columns all have one-level names (`expr AS name`,
@@ -126,6 +128,12 @@ impl CompiledSql {
             .map(|c| &mut c.expr)
             .chain(self.condition.as_mut())
             .chain(self.window.iter_mut().flat_map(WindowSql::exprs_mut))
+            .chain(self.rbe.iter_mut().flat_map(crate::rbe::RbeSql::exprs_mut))
+    }
+
+    /// Whether the rule keeps state between events (a window, or `deadband`, `lag` ...).
+    pub(crate) fn is_stateful(&self) -> bool {
+        self.window.is_some() || self.rbe.is_some()
     }
 
     /// The top-level names in the output object, for checking `${..}` templates.
@@ -205,6 +213,7 @@ pub(crate) fn compile_sql(
     let filters = compiler.topic_filters(&select.from, select.select_token.0.span);
     let window =
         windowed.as_ref().map(|(window, _)| crate::window::sql::compile(window, &select, &mut compiler));
+    let rbe = if windowed.is_none() { crate::rbe::extract(&mut select, &mut compiler)? } else { None };
 
     let mut star = false;
     let mut columns = Vec::new();
@@ -259,6 +268,7 @@ pub(crate) fn compile_sql(
             layout,
             aliases: compiler.aliases,
             window,
+            rbe,
         })
     } else {
         Err(compiler.errors)

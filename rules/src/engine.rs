@@ -174,9 +174,9 @@ impl RuleSet {
         self.index.matches(event.topic, &mut matched);
         let decoded = Decoded::new(event.payload, self.fields.as_ref());
         for rule_idx in matched {
-            // Windowed rules need their state: `RuleSet::evaluate_windowed`.
-            if let Some(rule) = self.rules.get(rule_idx).filter(|r| r.sql.window.is_none()) {
-                self.run(rule, event, &decoded, &mut outputs);
+            // Stateful rules need their state: `RuleSet::evaluate_windowed`.
+            if let Some(rule) = self.rules.get(rule_idx).filter(|r| !r.sql.is_stateful()) {
+                self.run(rule, event, &decoded, &mut outputs, &[]);
             }
         }
         outputs
@@ -190,9 +190,9 @@ impl RuleSet {
         let decoded = Decoded::new(event.payload, self.fields.as_ref());
         let mut traces = Vec::new();
         for rule_idx in matched {
-            let Some(rule) = self.rules.get(rule_idx).filter(|r| r.sql.window.is_none()) else { continue };
+            let Some(rule) = self.rules.get(rule_idx).filter(|r| !r.sql.is_stateful()) else { continue };
             let mut outputs = Vec::new();
-            let outcome = match self.run(rule, event, &decoded, &mut outputs) {
+            let outcome = match self.run(rule, event, &decoded, &mut outputs, &[]) {
                 Ran::Filtered => Outcome::Filtered,
                 Ran::Selected(row) => Outcome::Selected { row: row.into_value() },
                 Ran::Failed(reason) => Outcome::Failed { reason },
@@ -208,6 +208,7 @@ impl RuleSet {
         event: &'a EventContext<'a>,
         decoded: &'a Decoded<'a>,
         out: &mut Vec<Output>,
+        locals: &'a [Value],
     ) -> Ran<'a> {
         let dead = |out: &mut Vec<Output>, reason: String| dead_letter(out, rule, event, reason);
         let payload = if rule.sql.uses_payload {
@@ -219,7 +220,7 @@ impl RuleSet {
             PayloadView::Whole(&NULL)
         };
         let text = (!decoded.is_cbor(rule.payload)).then_some(decoded);
-        let env = Env { event, payload, text };
+        let env = Env { event, payload, text, locals };
         let row = match select(rule, &env) {
             Ok(Some(row)) => row,
             Ok(None) => return Ran::Filtered,
@@ -340,10 +341,17 @@ fn check_windowed(
     context: &str,
     problems: &mut Vec<Problem>,
 ) {
+    if let Some(rbe) = &mut sql.rbe {
+        if let Some(max) = config.max_groups {
+            rbe.max_groups = max.get();
+        }
+    }
     let Some(window) = &mut sql.window else {
-        if config.max_groups.is_some() {
-            problems
-                .push(plain(context, "`max_groups` applies to windowed rules (GROUP BY with a window) only"));
+        if config.max_groups.is_some() && sql.rbe.is_none() {
+            problems.push(plain(
+                context,
+                "`max_groups` applies to rules with a window or a stateful function (deadband, lag, ...) only",
+            ));
         }
         return;
     };

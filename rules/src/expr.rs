@@ -103,6 +103,9 @@ pub(crate) enum Expr {
     },
     /// `topic(N)`: level N (1-based) of the event's topic.
     TopicLevel(usize),
+    /// A value computed for this event before the rule runs ([`Env::locals`]): what a
+    /// stateful function (`deadband`, `lag`, ...) returned, see `crate::rbe`.
+    Local(usize),
     /// A path into a computed value, e.g. `lookup('devices', payload.id).site`.
     Get(Box<Expr>, Vec<PathSeg>),
     Neg(Box<Expr>),
@@ -155,6 +158,8 @@ pub(crate) struct Env<'a> {
     /// arrived as; only paths into it decode). `None` when the payload is CBOR, which EMQX
     /// does not read, and a bare `payload` is the decoded value.
     pub text: Option<&'a crate::payload::Decoded<'a>>,
+    /// Values computed for this event before the rule runs, read by [`Expr::Local`].
+    pub locals: &'a [Value],
 }
 
 impl<'a> Env<'a> {
@@ -198,7 +203,9 @@ impl Expr {
     /// The direct subexpressions, for walks over the plan.
     fn children(&self) -> Vec<&Expr> {
         match self {
-            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) => Vec::new(),
+            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) | Expr::Local(_) => {
+                Vec::new()
+            }
             Expr::Get(e, _)
             | Expr::Neg(e)
             | Expr::Not(e)
@@ -223,7 +230,9 @@ impl Expr {
     /// The same list as [`Expr::children`], mutably.
     fn children_mut(&mut self) -> Vec<&mut Expr> {
         match self {
-            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) => Vec::new(),
+            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) | Expr::Local(_) => {
+                Vec::new()
+            }
             Expr::Get(e, _)
             | Expr::Neg(e)
             | Expr::Not(e)
@@ -249,6 +258,7 @@ impl Expr {
         let owned = |v: Value| Ok(Cow::Owned(v));
         match self {
             Expr::Const(v) => Ok(Cow::Borrowed(v)),
+            Expr::Local(i) => Ok(Cow::Borrowed(env.locals.get(*i).unwrap_or(&NULL))),
             Expr::Field(field) => owned(field_value(*field, env.event)),
             Expr::Payload { path, .. } if path.is_empty() => Ok(Cow::Borrowed(env.payload_whole())),
             Expr::Payload { path, slot } => Ok(Cow::Borrowed(env.payload.walk(path, *slot).unwrap_or(&NULL))),

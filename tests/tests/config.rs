@@ -231,11 +231,20 @@ fn windowed_rules_are_refused_until_their_state_is_durable() {
         outpost(&["rules", "check", rules.to_str().expect("utf-8")]).expect("run outpost rules check");
     assert_eq!(outcome.code, Some(1), "{outcome:?}");
     assert!(
-        outcome.stderr.contains(&format!("{}: rule `avg` has a window", rules.display()))
+        outcome.stderr.contains(&format!("{}: rule `avg` keeps state between events", rules.display()))
             && outcome.stderr.contains("does not do that yet (issue #15)"),
         "{}",
         outcome.stderr
     );
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"db\"\nsql = '''SELECT payload.t AS t FROM \"s/+\" WHERE deadband(payload.t, 0.5)'''\n[[rule.action]]\ntype = \"forward\"\n",
+    )
+    .expect("write the rules");
+    let outcome =
+        outpost(&["rules", "check", rules.to_str().expect("utf-8")]).expect("run outpost rules check");
+    assert_eq!(outcome.code, Some(1), "{outcome:?}");
+    assert!(outcome.stderr.contains("rule `db` keeps state between events"), "{}", outcome.stderr);
 }
 
 #[test]

@@ -18,6 +18,7 @@ use super::{Closed, SnapshotError, WindowCounters, Windows};
 use crate::engine::{Rule, RuleSet, dead_letter};
 use crate::expr::{Env, EvalError, NULL};
 use crate::payload::{Decoded, PayloadView};
+use crate::rbe::{RbeSql, RbeState};
 use crate::value::Value;
 use crate::{EventContext, Output, PayloadFormat};
 
@@ -26,6 +27,8 @@ use crate::{EventContext, Output, PayloadFormat};
 pub struct WindowState {
     /// By rule index; `None` for rules without a window.
     rules: Vec<Option<Windows>>,
+    /// By rule index; `None` for rules without report-by-exception functions.
+    rbe: Vec<Option<RbeState>>,
 }
 
 const STATE_VERSION: u32 = 1;
@@ -35,6 +38,8 @@ struct StateSnapshot {
     version: u32,
     /// (rule name, its windows).
     rules: Vec<(String, Windows)>,
+    /// (rule name, its report-by-exception state).
+    rbe: Vec<(String, RbeState)>,
 }
 
 impl WindowState {
@@ -47,6 +52,12 @@ impl WindowState {
                 .iter()
                 .zip(&self.rules)
                 .filter_map(|(rule, w)| w.as_ref().map(|w| (rule.name.to_string(), w.clone())))
+                .collect(),
+            rbe: rules
+                .rules
+                .iter()
+                .zip(&self.rbe)
+                .filter_map(|(rule, r)| r.as_ref().map(|r| (rule.name.to_string(), r.clone())))
                 .collect(),
         };
         let mut bytes = Vec::new();
@@ -71,6 +82,15 @@ impl WindowState {
             snapshot.rules.into_iter().map(|(name, w)| (name, Some(w))).collect();
         let mut state = rules.window_state();
         let mut dropped = Vec::new();
+        for (rule, slot) in rules.rules.iter().zip(&mut state.rbe) {
+            let Some(fresh) = slot.as_mut() else { continue };
+            let Some((_, old)) = snapshot.rbe.iter().find(|(name, _)| **name == *rule.name) else { continue };
+            if old.kinds() == fresh.kinds() {
+                *fresh = old.clone();
+            } else {
+                dropped.push((rule.name.to_string(), SnapshotError::PlanChanged));
+            }
+        }
         for (rule, slot) in rules.rules.iter().zip(&mut state.rules) {
             let (Some(window), Some(fresh)) = (&rule.sql.window, slot.as_mut()) else { continue };
             let Some(old) =
@@ -103,6 +123,13 @@ impl RuleSet {
         self.rules.iter().filter(|r| r.sql.window.is_some()).map(|r| &*r.name)
     }
 
+    /// The names of the rules that keep state between events: a window, or a
+    /// report-by-exception function (`deadband`, `dedupe`, `lag` ...). [`RuleSet::evaluate`]
+    /// skips them; [`RuleSet::evaluate_windowed`] runs them.
+    pub fn stateful_rules(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().filter(|r| r.sql.is_stateful()).map(|r| &*r.name)
+    }
+
     /// Empty windows for every windowed rule of this set.
     pub fn window_state(&self) -> WindowState {
         WindowState {
@@ -110,6 +137,11 @@ impl RuleSet {
                 .rules
                 .iter()
                 .map(|r| r.sql.window.as_ref().map(|w| Windows::new(w.plan.clone())))
+                .collect(),
+            rbe: self
+                .rules
+                .iter()
+                .map(|r| r.sql.rbe.as_ref().map(|rbe| RbeState::new(rbe.kinds(), rbe.max_groups)))
                 .collect(),
         }
     }
@@ -125,9 +157,16 @@ impl RuleSet {
         for rule_idx in matched {
             let Some(rule) = self.rules.get(rule_idx) else { continue };
             match (&rule.sql.window, state.rules.get_mut(rule_idx).and_then(Option::as_mut)) {
-                (None, _) => {
-                    self.run(rule, event, &decoded, &mut outputs);
-                }
+                (None, _) => match (&rule.sql.rbe, state.rbe.get_mut(rule_idx).and_then(Option::as_mut)) {
+                    (Some(rbe), Some(rbe_state)) => {
+                        self.run_rbe(rule, rbe, rbe_state, event, &decoded, &mut outputs);
+                    }
+                    // A state made for another rule set: the caller's bug; nothing to feed.
+                    (Some(_), None) => {}
+                    (None, _) => {
+                        self.run(rule, event, &decoded, &mut outputs, &[]);
+                    }
+                },
                 (Some(window), Some(windows)) => {
                     let mut closed = Vec::new();
                     push(rule, window, windows, event, &decoded, &mut closed, &mut outputs);
@@ -168,6 +207,40 @@ impl RuleSet {
         outputs
     }
 
+    /// A rule with report-by-exception calls: they are computed first (and their state
+    /// updated) for every event FROM matches, then the rule runs reading their values.
+    fn run_rbe(
+        &self,
+        rule: &Rule,
+        rbe: &RbeSql,
+        rbe_state: &mut RbeState,
+        event: &EventContext<'_>,
+        decoded: &Decoded<'_>,
+        out: &mut Vec<Output>,
+    ) {
+        let payload = if rule.sql.uses_payload {
+            match decoded.get(rule.payload) {
+                Ok(payload) => payload,
+                Err(reason) => {
+                    dead_letter(out, rule, event, reason.to_owned());
+                    return;
+                }
+            }
+        } else {
+            PayloadView::Whole(&NULL)
+        };
+        let text = (!decoded.is_cbor(rule.payload)).then_some(decoded);
+        let env = Env { event, payload, text, locals: &[] };
+        match rbe_state.evaluate(rbe, &env) {
+            Ok(locals) => {
+                self.run(rule, event, decoded, out, &locals);
+            }
+            Err(EvalError(reason)) => {
+                dead_letter(out, rule, event, reason);
+            }
+        }
+    }
+
     /// One closed window through the rule's HAVING, SELECT and actions.
     fn emit(&self, rule: &Rule, closed: Closed, out: &mut Vec<Output>) {
         let mut row = Value::Object(Vec::new());
@@ -197,7 +270,7 @@ impl RuleSet {
             hops: 0,
         };
         let decoded = Decoded::new(&payload, self.fields.as_ref());
-        self.run(rule, &event, &decoded, out);
+        self.run(rule, &event, &decoded, out, &[]);
     }
 }
 
@@ -223,7 +296,7 @@ fn push(
         PayloadView::Whole(&NULL)
     };
     let text = (!decoded.is_cbor(rule.payload)).then_some(decoded);
-    let env = Env { event, payload, text };
+    let env = Env { event, payload, text, locals: &[] };
     let inputs = (|| -> Result<Option<(String, Vec<Value>)>, EvalError> {
         for condition in window.where_.iter().chain(&window.filter) {
             if condition.truth(&env)? != Some(true) {

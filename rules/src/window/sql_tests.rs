@@ -261,7 +261,7 @@ fn windowed_rule_config_errors() {
         error: rule `w`: a windowed rule cannot use `payload = "raw"`: use auto, json or cbor
         rule `w`: a windowed rule's forward action needs a `topic` (a window has no one event topic), e.g. topic = "agg/${sensor}"
         error: rule `p`: no actions; add `[[rule.action]]` with `type = "forward"`, "republish", "drop" or "dead_letter"
-        rule `p`: `max_groups` applies to windowed rules (GROUP BY with a window) only
+        rule `p`: `max_groups` applies to rules with a window or a stateful function (deadband, lag, ...) only
     "#]].assert_eq(&(run(no_topic, "") + &run(groups, "")));
 }
 
