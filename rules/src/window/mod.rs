@@ -256,10 +256,12 @@ impl Windows {
 
     fn is_late(&self, at_ms: u64) -> bool {
         match self.plan.spec {
-            WindowSpec::Tumbling { size_ms } => aligned_start(at_ms, size_ms) + size_ms <= self.watermark,
+            WindowSpec::Tumbling { size_ms } => {
+                aligned_start(at_ms, size_ms).saturating_add(size_ms) <= self.watermark
+            }
             // The last window holding `at_ms` starts at its hop boundary.
             WindowSpec::Hopping { size_ms, hop_ms } => {
-                aligned_start(at_ms, hop_ms) + size_ms <= self.watermark
+                aligned_start(at_ms, hop_ms).saturating_add(size_ms) <= self.watermark
             }
             WindowSpec::Session { .. } | WindowSpec::Sliding { .. } => at_ms < self.watermark,
             WindowSpec::Count { .. } => false,
@@ -373,7 +375,8 @@ impl Windows {
     }
 }
 
-/// The epoch-aligned start of the `size`-long window holding `t`.
+/// The epoch-aligned start of the `size`-long window holding `t`. Times are the gateway's
+/// clock in Unix milliseconds; arithmetic on them saturates, so no time can panic.
 fn aligned_start(t: u64, size: u64) -> u64 {
     t - t % size.max(1)
 }
@@ -422,7 +425,7 @@ fn push_open(
         WindowSpec::Tumbling { size_ms } => {
             if instances.is_empty() {
                 let start = aligned_start(at, size_ms);
-                instances.push_back(new_instance(start, start + size_ms));
+                instances.push_back(new_instance(start, start.saturating_add(size_ms)));
             }
         }
         WindowSpec::Hopping { size_ms, hop_ms } => {
@@ -431,24 +434,27 @@ fn push_open(
             let last_start = aligned_start(at, hop_ms);
             let mut start = instances.back().map_or_else(
                 || {
-                    let earliest = (at + 1).saturating_sub(size_ms);
-                    earliest.div_ceil(hop_ms) * hop_ms
+                    let earliest = at.saturating_add(1).saturating_sub(size_ms);
+                    earliest.div_ceil(hop_ms).saturating_mul(hop_ms)
                 },
-                |i| i.start + hop_ms,
+                |i| i.start.saturating_add(hop_ms),
             );
             // Skip windows that already ended (the event is not in them) or were already
             // closed by `advance` (they were emitted without it).
-            while start + size_ms <= at.max(watermark) {
-                start += hop_ms;
+            while start.saturating_add(size_ms) <= at.max(watermark) && start < u64::MAX {
+                start = start.saturating_add(hop_ms);
             }
             while start <= last_start {
-                instances.push_back(new_instance(start, start + size_ms));
-                start += hop_ms;
+                instances.push_back(new_instance(start, start.saturating_add(size_ms)));
+                if instances.len() as u64 >= MAX_OVERLAP {
+                    break;
+                }
+                start = start.saturating_add(hop_ms);
             }
         }
         WindowSpec::Session { max_ms, .. } => {
             if instances.is_empty() {
-                instances.push_back(new_instance(at, aligned_start(at, max_ms) + max_ms));
+                instances.push_back(new_instance(at, aligned_start(at, max_ms).saturating_add(max_ms)));
             }
         }
         WindowSpec::Count { .. } => {

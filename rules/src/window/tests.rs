@@ -382,3 +382,22 @@ proptest! {
         prop_assert_eq!(acked_ids, seen_ids, "every acknowledged event counted");
     }
 }
+
+#[test]
+fn extreme_times_do_not_panic() {
+    for spec in [
+        WindowSpec::Tumbling { size_ms: 10_000 },
+        WindowSpec::Hopping { size_ms: 10_000, hop_ms: 5_000 },
+        WindowSpec::Session { max_ms: 60_000, timeout_ms: 1_000 },
+        WindowSpec::Sliding { size_ms: 10 },
+        WindowSpec::Count { size: 2, step: 1 },
+    ] {
+        let mut w = count_sum(spec);
+        let mut out = Vec::new();
+        for at in [0, u64::MAX - 1, u64::MAX, 5] {
+            w.push(at, "k", &[Value::Int(1), Value::Int(1)], &mut out);
+            out.extend(w.advance(at));
+        }
+        out.extend(w.flush());
+    }
+}
