@@ -293,3 +293,115 @@ topic = "sites/a/avg/${sensor}"
         "#,
     ));
 }
+
+// The model test of `window::tests`, through a compiled rule: outputs parsed back from their
+// JSON, state through `WindowState::snapshot`/`restore`, and the expected windows computed
+// directly from the acknowledged events.
+mod model {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use crate::window::WindowState;
+    use crate::{EventContext, Output, RuleSet, TableSources, Value};
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Event { dt: u64, sensor: u8, value: i8 },
+        Advance { dt: u64 },
+        Checkpoint,
+        Crash,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0..300u64, 0..4u8, any::<i8>()).prop_map(|(dt, sensor, value)| Step::Event { dt, sensor, value }),
+            2 => (0..1_500u64).prop_map(|dt| Step::Advance { dt }),
+            2 => Just(Step::Checkpoint),
+            1 => Just(Step::Crash),
+        ]
+    }
+
+    const RULE: &str = "[[rule]]\nname = \"w\"\nsql = '''SELECT topic(2) AS s, count(*) AS n, sum(payload.v) AS total, window_start() AS ws FROM \"s/+\" GROUP BY topic(2), TUMBLINGWINDOW(ms, 1000)'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"agg/${s}\"\n";
+
+    /// (sensor, window start) → (count, sum) of the forwarded windows.
+    fn add(outputs: Vec<Output>, to: &mut Vec<(String, i64, i64, i64)>) {
+        for output in outputs {
+            let Output::Forward { payload, .. } = output else { panic!("{output:?}") };
+            let row = Value::from_json(&payload).unwrap();
+            let int = |k: &str| match row.get(k) {
+                Some(Value::Int(i)) => *i,
+                other => panic!("{k}: {other:?} in {row}"),
+            };
+            let Some(Value::Str(s)) = row.get("s") else { panic!("{row}") };
+            to.push((s.clone(), int("ws"), int("n"), int("total")));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_acknowledged_reading_is_in_exactly_one_forwarded_average(steps in prop::collection::vec(step(), 1..100)) {
+            let rules = RuleSet::compile(RULE, &TableSources::new()).unwrap();
+            let mut state = rules.window_state();
+            let mut checkpoint = state.snapshot(&rules);
+            let mut now = 1_000u64;
+            let mut pending: Vec<(u8, i8, u64)> = Vec::new();
+            let mut resend: Vec<(u8, i8)> = Vec::new();
+            let mut acked: Vec<(u8, i8, u64)> = Vec::new();
+            let mut since: Vec<(String, i64, i64, i64)> = Vec::new();
+            let mut committed: Vec<(String, i64, i64, i64)> = Vec::new();
+            let push = |state: &mut WindowState, at: u64, sensor: u8, value: i8| {
+                let topic = format!("s/{sensor}");
+                let payload = format!("{{\"v\":{value}}}");
+                let event = EventContext { topic: &topic, payload: payload.as_bytes(), clientid: None, username: None, qos: 1, timestamp_ms: at, event_id: 1, hops: 0 };
+                rules.evaluate_windowed(&event, state)
+            };
+            for step in steps.into_iter().chain([Step::Checkpoint]) {
+                match step {
+                    Step::Event { dt, sensor, value } => {
+                        now += dt;
+                        let (sensor, value) = resend.pop().unwrap_or((sensor, value));
+                        add(push(&mut state, now, sensor, value), &mut since);
+                        pending.push((sensor, value, now));
+                    }
+                    Step::Advance { dt } => {
+                        now += dt;
+                        add(rules.advance_windows(&mut state, now), &mut since);
+                    }
+                    Step::Checkpoint => {
+                        checkpoint = state.snapshot(&rules);
+                        committed.append(&mut since);
+                        acked.append(&mut pending);
+                    }
+                    Step::Crash => {
+                        state = WindowState::restore(&rules, &checkpoint).unwrap().0;
+                        since.clear();
+                        resend.extend(pending.drain(..).map(|(s, v, _)| (s, v)));
+                        now += 5_000;
+                    }
+                }
+            }
+            for (sensor, value) in resend.drain(..) {
+                now += 1;
+                add(push(&mut state, now, sensor, value), &mut since);
+                acked.push((sensor, value, now));
+            }
+            add(rules.flush_windows(&mut state), &mut since);
+            committed.append(&mut since);
+
+            let mut want: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+            for (sensor, value, at) in acked {
+                let e = want.entry((sensor.to_string(), (at - at % 1000) as i64)).or_default();
+                e.0 += 1;
+                e.1 += i64::from(value);
+            }
+            let mut got: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+            for (sensor, start, n, total) in committed {
+                prop_assert!(got.insert((sensor, start), (n, total)).is_none(), "one output per sensor and window");
+            }
+            prop_assert_eq!(got, want);
+        }
+    }
+}
