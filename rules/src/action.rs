@@ -419,7 +419,13 @@ mod tests {
             event_id: 0,
             hops: 0,
         };
-        f(&Env { event: &event, payload: crate::payload::PayloadView::Whole(&NULL), text: None, item: None })
+        f(&Env {
+            event: &event,
+            payload: crate::payload::PayloadView::Whole(&NULL),
+            text: None,
+            item: None,
+            locals: &[],
+        })
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::expr::{ArithOp, CmpOp, Expr, Field, PUT_HEAD, PUT_TAIL, PathSeg};
 use crate::functions::{BUILTINS, NOT_SUPPORTED, find_builtin};
 use crate::table::Table;
 use crate::value::Value;
+use crate::window::sql::WindowSql;
 use outpost_topic::TopicFilter;
 
 /// Deep nesting is refused by the parser before it can exhaust the stack.
@@ -68,6 +69,10 @@ pub(crate) struct CompiledSql {
     pub aliases: HashMap<String, Expr>,
     /// A `FOREACH` statement: the columns above make one row per element.
     pub foreach: Option<Box<crate::foreach::Foreach>>,
+    /// A windowed rule's per-event part; its `condition` is then its HAVING.
+    pub window: Option<WindowSql>,
+    /// The report-by-exception calls (`deadband`, `lag`, ...), computed before WHERE.
+    pub rbe: Option<crate::rbe::RbeSql>,
 }
 
 /// The output row of a statement whose columns all have one-level names (`expr AS name`,
@@ -125,7 +130,18 @@ impl CompiledSql {
             .as_deref_mut()
             .into_iter()
             .flat_map(|f| std::iter::once(&mut f.collection).chain(f.incase.as_mut()));
-        self.columns.iter_mut().map(|c| &mut c.expr).chain(self.condition.as_mut()).chain(foreach)
+        self.columns
+            .iter_mut()
+            .map(|c| &mut c.expr)
+            .chain(self.condition.as_mut())
+            .chain(foreach)
+            .chain(self.window.iter_mut().flat_map(WindowSql::exprs_mut))
+            .chain(self.rbe.iter_mut().flat_map(crate::rbe::RbeSql::exprs_mut))
+    }
+
+    /// Whether the rule keeps state between events (a window, or `deadband`, `lag` ...).
+    pub(crate) fn is_stateful(&self) -> bool {
+        self.window.is_some() || self.rbe.is_some()
     }
 
     /// The top-level names in the output object, for checking `${..}` templates.
@@ -172,13 +188,16 @@ pub(crate) fn compile_sql(
             query.span(),
         )]);
     }
-    let SetExpr::Select(select) = *query.body else {
+    let SetExpr::Select(mut select) = *query.body else {
         return Err(vec![SqlError::new(
             "expected a plain `SELECT ... FROM ... WHERE ...`",
             query.body.span(),
         )]);
     };
     let mut compiler = Compiler { tables, aliases: HashMap::new(), uses_payload: false, errors: Vec::new() };
+    // Takes GROUP BY and HAVING out of the statement when they make a window.
+    // Its errors come alone: the rest of the statement was written for a window.
+    let windowed = crate::window::sql::extract(&mut select)?;
     let unsupported = [
         (select.distinct.is_some(), "DISTINCT"),
         (select.top.is_some(), "TOP"),
@@ -203,6 +222,9 @@ pub(crate) fn compile_sql(
     }
 
     let filters = compiler.topic_filters(&select.from, select.select_token.0.span);
+    let window =
+        windowed.as_ref().map(|(window, _)| crate::window::sql::compile(window, &select, &mut compiler));
+    let rbe = if windowed.is_none() { crate::rbe::extract(&mut select, &mut compiler)? } else { None };
 
     let mut star = false;
     let mut columns = Vec::new();
@@ -245,7 +267,10 @@ pub(crate) fn compile_sql(
             },
         }
     }
-    let condition = select.selection.as_ref().and_then(|e| compiler.expr_or_record(e));
+    let condition = match &windowed {
+        Some((_, having)) => having.as_ref().and_then(|e| compiler.expr_or_record(e)),
+        None => select.selection.as_ref().and_then(|e| compiler.expr_or_record(e)),
+    };
 
     if compiler.errors.is_empty() {
         let layout = RowLayout::new(star, &columns);
@@ -258,6 +283,8 @@ pub(crate) fn compile_sql(
             layout,
             aliases: compiler.aliases,
             foreach: None,
+            window,
+            rbe,
         })
     } else {
         Err(compiler.errors)

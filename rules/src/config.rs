@@ -13,6 +13,7 @@
 //! name = "hot"
 //! sql = "SELECT ... FROM \"sensors/+/temp\" WHERE ..."
 //! payload = "auto"                 # auto | json | cbor | raw
+//! max_groups = 10000               # windowed rules: open groups at most
 //! [[rule.action]]
 //! type = "forward"                 # forward | republish | drop | dead_letter
 //! topic = "sites/${site}/alerts"
@@ -81,6 +82,8 @@ pub(crate) struct RuleConfig {
     pub payload: crate::PayloadFormat,
     #[serde(default)]
     pub action: Vec<ActionConfig>,
+    /// A windowed rule's open groups at most (default `window::DEFAULT_MAX_GROUPS`).
+    pub max_groups: Option<std::num::NonZeroUsize>,
 }
 
 fn default_enabled() -> bool {

@@ -32,19 +32,19 @@ use crate::{EventContext, Output, OutputFormat, PayloadFormat};
 #[derive(Debug, Default)]
 pub struct RuleSet {
     /// Enabled rules, in file order; outputs come out in this order.
-    rules: Vec<Rule>,
-    index: TopicIndex,
+    pub(crate) rules: Vec<Rule>,
+    pub(crate) index: TopicIndex,
     max_hops: u8,
     /// The top-level payload fields the rules read, by slot, when that is all they read:
     /// JSON decoding then builds only these. `None` if some rule reads the payload whole.
-    fields: Option<FieldSlots>,
+    pub(crate) fields: Option<FieldSlots>,
 }
 
 #[derive(Debug)]
-struct Rule {
-    name: Arc<str>,
-    sql: CompiledSql,
-    payload: PayloadFormat,
+pub(crate) struct Rule {
+    pub(crate) name: Arc<str>,
+    pub(crate) sql: CompiledSql,
+    pub(crate) payload: PayloadFormat,
     actions: Vec<Action>,
     warnings: Vec<crate::Warning>,
 }
@@ -115,6 +115,7 @@ impl RuleSet {
             sql.uses_payload |= templates_read_payload;
             let name: Arc<str> = Arc::from(config.name.as_str());
             let warnings = crate::warnings::check(&name, &sql);
+            check_windowed(config, &mut sql, &context, &mut problems);
             // Only the actions' expressions needed them.
             sql.aliases = HashMap::new();
             if config.enabled {
@@ -180,8 +181,9 @@ impl RuleSet {
         self.index.matches(event.topic, &mut matched);
         let decoded = Decoded::new(event.payload, self.fields.as_ref());
         for rule_idx in matched {
-            if let Some(rule) = self.rules.get(rule_idx) {
-                self.run(rule, event, &decoded, &mut outputs);
+            // Stateful rules need their state: `RuleSet::evaluate_windowed`.
+            if let Some(rule) = self.rules.get(rule_idx).filter(|r| !r.sql.is_stateful()) {
+                self.run(rule, event, &decoded, &mut outputs, &[]);
             }
         }
         outputs
@@ -195,9 +197,9 @@ impl RuleSet {
         let decoded = Decoded::new(event.payload, self.fields.as_ref());
         let mut traces = Vec::new();
         for rule_idx in matched {
-            let Some(rule) = self.rules.get(rule_idx) else { continue };
+            let Some(rule) = self.rules.get(rule_idx).filter(|r| !r.sql.is_stateful()) else { continue };
             let mut outputs = Vec::new();
-            let outcome = match self.run(rule, event, &decoded, &mut outputs) {
+            let outcome = match self.run(rule, event, &decoded, &mut outputs, &[]) {
                 Ran::Filtered => Outcome::Filtered,
                 Ran::Selected(row) => Outcome::Selected { row: row.into_value() },
                 Ran::Each(rows) => Outcome::Selected { row: Value::Array(rows) },
@@ -208,12 +210,13 @@ impl RuleSet {
         traces
     }
 
-    fn run<'a>(
+    pub(crate) fn run<'a>(
         &self,
         rule: &'a Rule,
         event: &'a EventContext<'a>,
         decoded: &'a Decoded<'a>,
         out: &mut Vec<Output>,
+        locals: &'a [Value],
     ) -> Ran<'a> {
         let dead = |out: &mut Vec<Output>, reason: String| dead_letter(out, rule, event, reason);
         let payload = if rule.sql.uses_payload {
@@ -225,7 +228,7 @@ impl RuleSet {
             PayloadView::Whole(&NULL)
         };
         let text = (!decoded.is_cbor(rule.payload)).then_some(decoded);
-        let env = Env { event, payload, text, item: None };
+        let env = Env { event, payload, text, item: None, locals };
         if let Some(foreach) = &rule.sql.foreach {
             return match select_each(rule, foreach, &env) {
                 Ok(rows) if rows.is_empty() => Ran::Filtered,
@@ -332,7 +335,12 @@ impl RuleSet {
 /// path (`RuleSet::run`) small.
 #[cold]
 #[inline(never)]
-fn dead_letter<'a>(out: &mut Vec<Output>, rule: &Rule, event: &EventContext<'_>, reason: String) -> Ran<'a> {
+pub(crate) fn dead_letter<'a>(
+    out: &mut Vec<Output>,
+    rule: &Rule,
+    event: &EventContext<'_>,
+    reason: String,
+) -> Ran<'a> {
     out.push(Output::DeadLetter {
         rule: rule.name.clone(),
         reason: reason.clone(),
@@ -347,12 +355,55 @@ fn dead_letter<'a>(out: &mut Vec<Output>, rule: &Rule, event: &EventContext<'_>,
 pub const DEFAULT_DEAD_LETTER_REASON: &str = "dead_letter action";
 
 /// How one rule's run on one event ended; [`Outcome`] without copying the row.
-enum Ran<'a> {
+pub(crate) enum Ran<'a> {
     Filtered,
     Selected(Row<'a>),
     /// A FOREACH rule's rows, one per element kept (never empty).
     Each(Vec<Value>),
     Failed(String),
+}
+
+/// A windowed rule's checks that need more than its SQL: its outputs need a topic (a
+/// window is many events, so there is no event topic to reuse), its synthetic row is JSON
+/// or CBOR, and `max_groups` belongs to windowed rules only. A windowed rule's SELECT reads
+/// its closed window from a synthetic payload, so that is always decoded.
+fn check_windowed(
+    config: &crate::config::RuleConfig,
+    sql: &mut CompiledSql,
+    context: &str,
+    problems: &mut Vec<Problem>,
+) {
+    if let Some(rbe) = &mut sql.rbe {
+        if let Some(max) = config.max_groups {
+            rbe.max_groups = max.get();
+        }
+    }
+    let Some(window) = &mut sql.window else {
+        if config.max_groups.is_some() && sql.rbe.is_none() {
+            problems.push(plain(
+                context,
+                "`max_groups` applies to rules with a window or a stateful function (deadband, lag, ...) only",
+            ));
+        }
+        return;
+    };
+    window.reads_payload = sql.uses_payload;
+    sql.uses_payload = true;
+    if let Some(max) = config.max_groups {
+        window.plan.max_groups = max.get();
+    }
+    if config.payload == PayloadFormat::Raw {
+        problems
+            .push(plain(context, "a windowed rule cannot use `payload = \"raw\"`: use auto, json or cbor"));
+    }
+    for action in &config.action {
+        if let ActionConfig::Forward { topic: None, .. } = action {
+            problems.push(plain(
+                context,
+                "a windowed rule's forward action needs a `topic` (a window has no one event topic), e.g. topic = \"agg/${sensor}\"",
+            ));
+        }
+    }
 }
 
 /// Numbers the top-level payload fields the rules read and records each payload path's

@@ -103,6 +103,9 @@ pub(crate) enum Expr {
     },
     /// `topic(N)`: level N (1-based) of the event's topic.
     TopicLevel(usize),
+    /// A value computed for this event before the rule runs ([`Env::locals`]): what a
+    /// stateful function (`deadband`, `lag`, ...) returned, see `crate::rbe`.
+    Local(usize),
     /// A path into a computed value, e.g. `lookup('devices', payload.id).site`.
     Get(Box<Expr>, Vec<PathSeg>),
     Neg(Box<Expr>),
@@ -163,6 +166,8 @@ pub(crate) struct Env<'a> {
     pub text: Option<&'a crate::payload::Decoded<'a>>,
     /// The element a `FOREACH` statement is at; `None` outside `DO` and `INCASE`.
     pub item: Option<&'a Value>,
+    /// Values computed for this event before the rule runs, read by [`Expr::Local`].
+    pub locals: &'a [Value],
 }
 
 impl<'a> Env<'a> {
@@ -206,9 +211,12 @@ impl Expr {
     /// The direct subexpressions, for walks over the plan.
     pub(crate) fn children(&self) -> Vec<&Expr> {
         match self {
-            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) | Expr::Item => {
-                Vec::new()
-            }
+            Expr::Const(_)
+            | Expr::Field(_)
+            | Expr::Payload { .. }
+            | Expr::TopicLevel(_)
+            | Expr::Item
+            | Expr::Local(_) => Vec::new(),
             Expr::Get(e, _)
             | Expr::Slice(e, _, _)
             | Expr::Neg(e)
@@ -234,9 +242,12 @@ impl Expr {
     /// The same list as [`Expr::children`], mutably.
     fn children_mut(&mut self) -> Vec<&mut Expr> {
         match self {
-            Expr::Const(_) | Expr::Field(_) | Expr::Payload { .. } | Expr::TopicLevel(_) | Expr::Item => {
-                Vec::new()
-            }
+            Expr::Const(_)
+            | Expr::Field(_)
+            | Expr::Payload { .. }
+            | Expr::TopicLevel(_)
+            | Expr::Item
+            | Expr::Local(_) => Vec::new(),
             Expr::Get(e, _)
             | Expr::Slice(e, _, _)
             | Expr::Neg(e)
@@ -264,6 +275,7 @@ impl Expr {
         match self {
             Expr::Const(v) => Ok(Cow::Borrowed(v)),
             Expr::Item => Ok(Cow::Borrowed(env.item.unwrap_or(&NULL))),
+            Expr::Local(i) => Ok(Cow::Borrowed(env.locals.get(*i).unwrap_or(&NULL))),
             Expr::Field(field) => owned(field_value(*field, env.event)),
             Expr::Payload { path, .. } if path.is_empty() => Ok(Cow::Borrowed(env.payload_whole())),
             Expr::Payload { path, slot } => match env.payload.walk(path, *slot) {

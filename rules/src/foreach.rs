@@ -246,6 +246,8 @@ pub(crate) fn compile_foreach(
                 layout,
                 aliases: compiler.aliases,
                 foreach: Some(Box::new(Foreach { collection, bare_payload, incase })),
+                window: None,
+                rbe: None,
             })
         }
         _ if compiler.errors.is_empty() => Err(vec![SqlError::new(

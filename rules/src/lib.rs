@@ -46,6 +46,11 @@
 //! - `action`: forward/republish/drop/dead_letter, templates (topic, payload, reason) with
 //!   `${..}` expressions, output rows and their encoding.
 //! - `engine`: [`RuleSet`], running rules on an event, dead letters, hop limit.
+//! - `window`: windowed rules (`GROUP BY ..., TUMBLINGWINDOW(ss, 10)`): window specs,
+//!   aggregates, the clock-driven engine and its snapshots, the SQL rewrite, and
+//!   [`RuleSet::evaluate_windowed`] / [`RuleSet::advance_windows`].
+//! - `rbe`: report by exception (`deadband`, `dedupe`, `lag`, `latest`, `changed_col`,
+//!   `had_changed`): per-partition state computed before WHERE.
 //! - `payload`: the payload decoded once per event and shared: formats, auto-detection,
 //!   decoding only the fields the rules read (with a fast JSON scanner).
 //! - `table`: enrichment tables from CSV/TOML text.
@@ -71,10 +76,12 @@ mod functions;
 pub mod fuzz;
 mod index;
 mod payload;
+mod rbe;
 mod table;
 mod time;
 mod value;
 mod warnings;
+pub mod window;
 
 #[cfg(test)]
 mod compat_tests;

@@ -1675,7 +1675,7 @@ fn rules_file_errors_name_the_rule_and_key() {
           |
         4 | sqll = 1
           | ^^^^
-        unknown field `sqll`, expected one of `name`, `sql`, `enabled`, `payload`, `action`
+        unknown field `sqll`, expected one of `name`, `sql`, `enabled`, `payload`, `action`, `max_groups`
     "#]],
     );
     check(

@@ -219,6 +219,35 @@ fn sql_errors_give_the_rules_files_line() {
 }
 
 #[test]
+fn windowed_rules_are_refused_until_their_state_is_durable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"avg\"\nsql = '''\nSELECT topic(2) AS s, avg(payload.t) AS t\nFROM \"sensors/+/temp\"\nGROUP BY topic(2), TUMBLINGWINDOW(ss, 10)\n'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"avg/${s}\"\n",
+    )
+    .expect("write the rules");
+    let outcome =
+        outpost(&["rules", "check", rules.to_str().expect("utf-8")]).expect("run outpost rules check");
+    assert_eq!(outcome.code, Some(1), "{outcome:?}");
+    assert!(
+        outcome.stderr.contains(&format!("{}: rule `avg` keeps state between events", rules.display()))
+            && outcome.stderr.contains("does not do that yet (issue #15)"),
+        "{}",
+        outcome.stderr
+    );
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"db\"\nsql = '''SELECT payload.t AS t FROM \"s/+\" WHERE deadband(payload.t, 0.5)'''\n[[rule.action]]\ntype = \"forward\"\n",
+    )
+    .expect("write the rules");
+    let outcome =
+        outpost(&["rules", "check", rules.to_str().expect("utf-8")]).expect("run outpost rules check");
+    assert_eq!(outcome.code, Some(1), "{outcome:?}");
+    assert!(outcome.stderr.contains("rule `db` keeps state between events"), "{}", outcome.stderr);
+}
+
+#[test]
 fn check_refuses_a_data_dir_that_cannot_be_created() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("not-a-dir");

@@ -1,0 +1,1 @@
+SELECT payload.v AS v, lag(payload.v, 2, 0) AS l, had_changed(true, payload.v, payload.w) AS h FROM "s/+" WHERE deadband_percent(payload.v, 2, 0, 100, 60000) OVER (PARTITION BY payload.site) AND dedupe(payload.id, 1000)

@@ -1,0 +1,1 @@
+SELECT topic(2) AS s, avg(payload.t) AS a, percentile(payload.t, 0.9) AS p, collect(payload.t, 5) AS c, window_start() AS ws FROM "s/+/t" WHERE payload.t > 0 GROUP BY topic(2), HOPPINGWINDOW(ss, 10, 5) FILTER (WHERE payload.ok = true) HAVING count(*) > 1

@@ -1,0 +1,532 @@
+//! Windows and aggregates: the state a windowed rule keeps between events, per group key.
+//!
+//! The engine is driven by the caller's clock: [`Windows::push`] takes an event's time,
+//! group key and aggregate inputs; [`Windows::advance`]`(now)` closes every window whose end
+//! is at or before `now` and returns it as a [`Closed`]. Nothing here reads a clock or
+//! sleeps, so tests drive time by hand and a restart replays nothing.
+//!
+//! **Invariants:**
+//! - State is bounded: at most [`WindowPlan::max_groups`] groups; per group at most
+//!   [`spec::MAX_OVERLAP`] open window instances (hopping) or [`spec::MAX_RETAINED`] kept
+//!   events (sliding, overlapping count windows); each aggregate's state is bounded
+//!   (`agg`).
+//! - With a partitioning window (tumbling, session, `COUNTWINDOW(n)`, hopping with
+//!   hop = size) every pushed event is in exactly one [`Closed`] window or still in an open
+//!   one, including across [`Windows::snapshot`] / [`Windows::restore`] and group eviction;
+//!   a late event (its window already closed) is counted in [`WindowCounters::late`] and in
+//!   no window. `window::tests` checks this against a model with random crash points.
+//! - Group eviction: a push for a new group when `max_groups` groups are open first closes
+//!   the group seen least recently (its open windows are emitted at once, marked
+//!   [`Closed::early`]) — no event is dropped, but that group's window is split in two.
+//!   Kept events of sliding and overlapping count windows (already emitted in earlier
+//!   windows) are dropped with the group.
+//! - Output order is deterministic: by window end, then start, then group key.
+
+mod agg;
+mod run;
+pub mod spec;
+pub(crate) mod sql;
+
+pub use run::WindowState;
+
+#[cfg(test)]
+mod sql_tests;
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use agg::AggState;
+pub use agg::{AggKind, DEFAULT_COLLECT_CAP, MAX_COLLECT_CAP, SKETCH_MAX_BUCKETS, SKETCH_RELATIVE_ACCURACY};
+pub use spec::{MAX_OVERLAP, MAX_RETAINED, WindowSpec};
+
+use crate::value::Value;
+
+/// The groups a windowed rule keeps when its rule does not say.
+pub const DEFAULT_MAX_GROUPS: usize = 10_000;
+
+/// What a windowed rule computes: its window and its aggregates, in column order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowPlan {
+    pub spec: WindowSpec,
+    pub aggs: Vec<AggKind>,
+    /// Open groups at most; see the module doc for eviction.
+    pub max_groups: usize,
+}
+
+/// One closed window of one group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Closed {
+    pub key: String,
+    /// `window_start()`: inclusive, Unix milliseconds. For count and session windows the
+    /// time of the first event in it.
+    pub start_ms: u64,
+    /// `window_end()`: exclusive for time windows; for count windows the time of the last
+    /// event in it, for sliding windows the triggering event's time.
+    pub end_ms: u64,
+    /// Events in the window.
+    pub events: u64,
+    /// One value per [`WindowPlan::aggs`], in order.
+    pub values: Vec<Value>,
+    /// Closed before its end because its group was evicted.
+    pub early: bool,
+}
+
+/// What happened to a pushed event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Accepted,
+    /// Its window had already closed: in no window, counted.
+    Late,
+}
+
+/// Counters a caller exports as metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowCounters {
+    pub late: u64,
+    pub groups_evicted: u64,
+    /// Kept events of sliding / overlapping count windows beyond [`MAX_RETAINED`].
+    pub retained_dropped: u64,
+}
+
+/// The state of one windowed rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Windows {
+    plan: WindowPlan,
+    groups: FxHashMap<String, Group>,
+    /// Orders groups by last use, for eviction.
+    next_seq: u64,
+    /// The latest `now` passed to [`Windows::advance`]: windows ending at or before it are
+    /// closed, and an event that belongs only to them is late.
+    watermark: u64,
+    /// No window closes before this; `advance` skips its scan until then.
+    deadline: u64,
+    counters: WindowCounters,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Group {
+    seq: u64,
+    state: GroupState,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+enum GroupState {
+    /// Tumbling (at most one), hopping (at most size / hop), session (at most one), and
+    /// disjoint count windows (one): running aggregates.
+    Open(VecDeque<Instance>),
+    /// Sliding and overlapping count windows: the events themselves (time, inputs), and
+    /// for count windows the events since the last emission.
+    Kept { events: VecDeque<(u64, Vec<Value>)>, since_emit: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Instance {
+    start: u64,
+    /// Time windows: the end (exclusive). Sessions: the maximum end. Count: unused.
+    end: u64,
+    /// The last event's time.
+    last: u64,
+    events: u64,
+    states: Vec<AggState>,
+}
+
+/// Why a snapshot could not be restored.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum SnapshotError {
+    #[error("window snapshot unreadable: {0}")]
+    Decode(String),
+    #[error("window snapshot is of format version {0}, this build reads {SNAPSHOT_VERSION}")]
+    Version(u32),
+    #[error("the rule's window or aggregates changed since the snapshot; its open windows are not restored")]
+    PlanChanged,
+}
+
+const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot<W> {
+    version: u32,
+    windows: W,
+}
+
+impl Windows {
+    pub fn new(plan: WindowPlan) -> Windows {
+        Windows {
+            plan,
+            groups: FxHashMap::default(),
+            next_seq: 0,
+            watermark: 0,
+            deadline: u64::MAX,
+            counters: WindowCounters::default(),
+        }
+    }
+
+    pub fn plan(&self) -> &WindowPlan {
+        &self.plan
+    }
+
+    pub fn counters(&self) -> WindowCounters {
+        self.counters
+    }
+
+    /// Open groups now.
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Takes one event: `at_ms` its time (processing time: when it was received), `key` its
+    /// group, `inputs` one value per aggregate (NULL where the aggregate skips it). Sliding
+    /// and count windows close on events, so closed windows may come out here too.
+    pub fn push(&mut self, at_ms: u64, key: &str, inputs: &[Value], out: &mut Vec<Closed>) -> Pushed {
+        if self.is_late(at_ms) {
+            self.counters.late += 1;
+            return Pushed::Late;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        if !self.groups.contains_key(key) {
+            if self.groups.len() >= self.plan.max_groups.max(1) {
+                self.evict_one(out);
+            }
+            let state = match self.plan.spec {
+                WindowSpec::Sliding { .. } => GroupState::Kept { events: VecDeque::new(), since_emit: 0 },
+                WindowSpec::Count { size, step } if size != step => {
+                    GroupState::Kept { events: VecDeque::new(), since_emit: 0 }
+                }
+                // Exactly the instances it can hold: most windows hold one at a time, and a
+                // default VecDeque would reserve four.
+                WindowSpec::Hopping { size_ms, hop_ms } => {
+                    GroupState::Open(VecDeque::with_capacity(size_ms.div_ceil(hop_ms) as usize))
+                }
+                _ => GroupState::Open(VecDeque::with_capacity(1)),
+            };
+            self.groups.insert(key.to_owned(), Group { seq, state });
+        }
+        let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
+        group.seq = seq;
+        let plan = &self.plan;
+        let mut deadline = self.deadline;
+        let first_out = out.len();
+        match &mut group.state {
+            GroupState::Open(instances) => {
+                push_open(plan, self.watermark, instances, at_ms, inputs, &mut deadline, key, out);
+            }
+            GroupState::Kept { events, since_emit } => {
+                if events.len() >= MAX_RETAINED {
+                    events.pop_front();
+                    self.counters.retained_dropped += 1;
+                }
+                events.push_back((at_ms, inputs.to_vec()));
+                *since_emit += 1;
+                match plan.spec {
+                    WindowSpec::Sliding { size_ms } => {
+                        while events.front().is_some_and(|(t, _)| t.saturating_add(size_ms) <= at_ms) {
+                            events.pop_front();
+                        }
+                        out.push(fold_kept(plan, key, events, at_ms.saturating_sub(size_ms), at_ms));
+                        if let Some((oldest, _)) = events.front() {
+                            deadline = deadline.min(oldest.saturating_add(size_ms));
+                        }
+                    }
+                    WindowSpec::Count { size, step } => {
+                        while events.len() as u64 > size {
+                            events.pop_front();
+                        }
+                        // eKuiper triggers on every `step`-th event, once `size` are there.
+                        if *since_emit >= step {
+                            *since_emit = 0;
+                        }
+                        if *since_emit == 0 && events.len() as u64 >= size {
+                            let start = events.front().map_or(at_ms, |(t, _)| *t);
+                            out.push(fold_kept(plan, key, events, start, at_ms));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.deadline = deadline;
+        sort_closed(&mut out[first_out..]);
+        Pushed::Accepted
+    }
+
+    fn is_late(&self, at_ms: u64) -> bool {
+        match self.plan.spec {
+            WindowSpec::Tumbling { size_ms } => {
+                aligned_start(at_ms, size_ms).saturating_add(size_ms) <= self.watermark
+            }
+            // The last window holding `at_ms` starts at its hop boundary.
+            WindowSpec::Hopping { size_ms, hop_ms } => {
+                aligned_start(at_ms, hop_ms).saturating_add(size_ms) <= self.watermark
+            }
+            WindowSpec::Session { .. } | WindowSpec::Sliding { .. } => at_ms < self.watermark,
+            WindowSpec::Count { .. } => false,
+        }
+    }
+
+    /// Closes every window ending at or before `now` (Unix milliseconds) and returns them
+    /// in order. Groups left with nothing open are dropped. Cheap when nothing is due.
+    pub fn advance(&mut self, now_ms: u64) -> Vec<Closed> {
+        let mut out = Vec::new();
+        self.watermark = self.watermark.max(now_ms);
+        if now_ms < self.deadline {
+            return out;
+        }
+        let plan = &self.plan;
+        let mut deadline = u64::MAX;
+        self.groups.retain(|key, group| match &mut group.state {
+            GroupState::Open(instances) => {
+                while let Some(first) = instances.front() {
+                    match close_time(plan.spec, first) {
+                        Some(at) if at <= now_ms => {
+                            if let Some(instance) = instances.pop_front() {
+                                out.push(instance.close(plan, key, at, false));
+                            }
+                        }
+                        _ => break,
+                    }
+                }
+                for instance in instances.iter() {
+                    if let Some(at) = close_time(plan.spec, instance) {
+                        deadline = deadline.min(at);
+                    }
+                }
+                !instances.is_empty()
+            }
+            GroupState::Kept { events, .. } => {
+                if let WindowSpec::Sliding { size_ms } = plan.spec {
+                    while events.front().is_some_and(|(t, _)| t.saturating_add(size_ms) <= now_ms) {
+                        events.pop_front();
+                    }
+                    if let Some((oldest, _)) = events.front() {
+                        deadline = deadline.min(oldest.saturating_add(size_ms));
+                    }
+                }
+                !events.is_empty()
+            }
+        });
+        self.deadline = deadline;
+        sort_closed(&mut out);
+        out
+    }
+
+    /// Closes every open window now, whatever its end (shutdown with the `flush` policy).
+    pub fn flush(&mut self) -> Vec<Closed> {
+        let mut out = Vec::new();
+        let plan = &self.plan;
+        for (key, group) in self.groups.drain() {
+            if let GroupState::Open(instances) = group.state {
+                for instance in instances {
+                    let at = close_time(plan.spec, &instance).unwrap_or(instance.last);
+                    out.push(instance.close(plan, &key, at, true));
+                }
+            }
+        }
+        self.deadline = u64::MAX;
+        sort_closed(&mut out);
+        out
+    }
+
+    fn evict_one(&mut self, out: &mut Vec<Closed>) {
+        // A scan, not an index kept per event: eviction is the overflow path, and an index
+        // would cost every event an ordered-map update.
+        let Some(oldest) = self.groups.iter().min_by_key(|(_, g)| g.seq).map(|(k, _)| k.clone()) else {
+            return;
+        };
+        if let Some(group) = self.groups.remove(&oldest) {
+            self.counters.groups_evicted += 1;
+            if let GroupState::Open(instances) = group.state {
+                for instance in instances {
+                    let at = close_time(self.plan.spec, &instance).unwrap_or(instance.last);
+                    out.push(instance.close(&self.plan, &oldest, at, true));
+                }
+            }
+        }
+    }
+
+    /// The whole state as CBOR, to be written where it survives a crash.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut bytes = Vec::new();
+        // Writing into a Vec fails only on a serializer bug; an empty snapshot would then
+        // fail to restore and say so.
+        let _ = ciborium::into_writer(&Snapshot { version: SNAPSHOT_VERSION, windows: self }, &mut bytes);
+        bytes
+    }
+
+    /// The state a [`Windows::snapshot`] held, for a rule that still has `plan`. A changed
+    /// plan (the rule was edited) is refused: the caller starts that rule empty.
+    pub fn restore(plan: &WindowPlan, bytes: &[u8]) -> Result<Windows, SnapshotError> {
+        let snapshot: Snapshot<Windows> =
+            ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        if snapshot.version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version(snapshot.version));
+        }
+        let mut windows = snapshot.windows;
+        if windows.plan.spec != plan.spec || windows.plan.aggs != plan.aggs {
+            return Err(SnapshotError::PlanChanged);
+        }
+        // A lowered limit applies from the next new group on.
+        windows.plan.max_groups = plan.max_groups;
+        Ok(windows)
+    }
+}
+
+/// The epoch-aligned start of the `size`-long window holding `t`. Times are the gateway's
+/// clock in Unix milliseconds; arithmetic on them saturates, so no time can panic.
+fn aligned_start(t: u64, size: u64) -> u64 {
+    t - t % size.max(1)
+}
+
+/// When an open instance closes; `None` for count windows (they close on events).
+fn close_time(spec: WindowSpec, instance: &Instance) -> Option<u64> {
+    match spec {
+        WindowSpec::Tumbling { .. } | WindowSpec::Hopping { .. } => Some(instance.end),
+        WindowSpec::Session { timeout_ms, .. } => {
+            Some(instance.end.min(instance.last.saturating_add(timeout_ms)))
+        }
+        WindowSpec::Sliding { .. } | WindowSpec::Count { .. } => None,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push_open(
+    plan: &WindowPlan,
+    watermark: u64,
+    instances: &mut VecDeque<Instance>,
+    at: u64,
+    inputs: &[Value],
+    deadline: &mut u64,
+    key: &str,
+    out: &mut Vec<Closed>,
+) {
+    let new_instance = |start: u64, end: u64| Instance {
+        start,
+        end,
+        last: at,
+        events: 0,
+        states: plan.aggs.iter().map(AggKind::new_state).collect(),
+    };
+    // Windows this event is past have closed, whether or not `advance` saw their end yet.
+    while let Some(first) = instances.front() {
+        match close_time(plan.spec, first) {
+            Some(close) if close <= at => {
+                if let Some(instance) = instances.pop_front() {
+                    out.push(instance.close(plan, key, close, false));
+                }
+            }
+            _ => break,
+        }
+    }
+    match plan.spec {
+        WindowSpec::Tumbling { size_ms } => {
+            if instances.is_empty() {
+                let start = aligned_start(at, size_ms);
+                instances.push_back(new_instance(start, start.saturating_add(size_ms)));
+            }
+        }
+        WindowSpec::Hopping { size_ms, hop_ms } => {
+            // Open every window holding `at` not open yet: starts are hop multiples in
+            // (at − size, at].
+            let last_start = aligned_start(at, hop_ms);
+            let mut start = instances.back().map_or_else(
+                || {
+                    let earliest = at.saturating_add(1).saturating_sub(size_ms);
+                    earliest.div_ceil(hop_ms).saturating_mul(hop_ms)
+                },
+                |i| i.start.saturating_add(hop_ms),
+            );
+            // Skip windows that already ended (the event is not in them) or were already
+            // closed by `advance` (they were emitted without it).
+            while start.saturating_add(size_ms) <= at.max(watermark) && start < u64::MAX {
+                start = start.saturating_add(hop_ms);
+            }
+            while start <= last_start {
+                instances.push_back(new_instance(start, start.saturating_add(size_ms)));
+                if instances.len() as u64 >= MAX_OVERLAP {
+                    break;
+                }
+                start = start.saturating_add(hop_ms);
+            }
+        }
+        WindowSpec::Session { max_ms, .. } => {
+            if instances.is_empty() {
+                instances.push_back(new_instance(at, aligned_start(at, max_ms).saturating_add(max_ms)));
+            }
+        }
+        WindowSpec::Count { .. } => {
+            if instances.is_empty() {
+                instances.push_back(new_instance(at, at));
+            }
+        }
+        WindowSpec::Sliding { .. } => {}
+    }
+    for instance in instances.iter_mut() {
+        // Hopping windows opened earlier may not hold `at`: only those with start <= at.
+        if instance.start > at && !matches!(plan.spec, WindowSpec::Count { .. }) {
+            continue;
+        }
+        instance.last = at;
+        instance.events += 1;
+        for ((state, kind), value) in instance.states.iter_mut().zip(&plan.aggs).zip(inputs) {
+            state.add(kind, value);
+        }
+        if let Some(close) = close_time(plan.spec, instance) {
+            *deadline = (*deadline).min(close);
+        }
+    }
+    if let WindowSpec::Count { size, .. } = plan.spec {
+        if instances.front().is_some_and(|i| i.events >= size) {
+            if let Some(instance) = instances.pop_front() {
+                out.push(instance.close(plan, key, at, false));
+            }
+        }
+    }
+}
+
+impl Instance {
+    fn close(self, plan: &WindowPlan, key: &str, end: u64, early: bool) -> Closed {
+        let end = match plan.spec {
+            WindowSpec::Count { .. } => self.last,
+            _ => end,
+        };
+        Closed {
+            key: key.to_owned(),
+            start_ms: self.start,
+            end_ms: end,
+            events: self.events,
+            values: self.states.iter().zip(&plan.aggs).map(|(s, k)| s.value(k)).collect(),
+            early,
+        }
+    }
+}
+
+fn fold_kept(
+    plan: &WindowPlan,
+    key: &str,
+    events: &VecDeque<(u64, Vec<Value>)>,
+    start: u64,
+    end: u64,
+) -> Closed {
+    let mut states: Vec<AggState> = plan.aggs.iter().map(AggKind::new_state).collect();
+    for (_, inputs) in events {
+        for ((state, kind), value) in states.iter_mut().zip(&plan.aggs).zip(inputs) {
+            state.add(kind, value);
+        }
+    }
+    Closed {
+        key: key.to_owned(),
+        start_ms: start,
+        end_ms: end,
+        events: events.len() as u64,
+        values: states.iter().zip(&plan.aggs).map(|(s, k)| s.value(k)).collect(),
+        early: false,
+    }
+}
+
+fn sort_closed(closed: &mut [Closed]) {
+    closed.sort_by(|a, b| (a.end_ms, a.start_ms, &a.key).cmp(&(b.end_ms, b.start_ms, &b.key)));
+}

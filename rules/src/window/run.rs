@@ -1,0 +1,327 @@
+//! Running windowed rules: [`RuleSet::evaluate_windowed`] feeds events into each windowed
+//! rule's [`Windows`], [`RuleSet::advance_windows`] closes what is due, and each closed
+//! window becomes the rule's outputs through the ordinary engine: its aggregates, keys and
+//! bounds are written into a synthetic payload that the rule's compiled SELECT, HAVING and
+//! actions read (see `window::sql`).
+//!
+//! **Invariant:** [`WindowState`] belongs to the [`RuleSet`] that made it (one slot per
+//! rule, by index); [`WindowState::restore`] matches a snapshot to a rule set by rule name
+//! and plan, so a reload keeps the open windows of every rule whose window and aggregates
+//! are unchanged and starts the others empty (and says which).
+
+use std::borrow::Cow;
+
+use serde::{Deserialize, Serialize};
+
+use super::sql::{AGG_PREFIX, KEY_PREFIX, WINDOW_END, WINDOW_START, WindowSql};
+use super::{Closed, SnapshotError, WindowCounters, Windows};
+use crate::engine::{Rule, RuleSet, dead_letter};
+use crate::expr::{Env, EvalError, NULL};
+use crate::payload::{Decoded, PayloadView};
+use crate::rbe::{RbeSql, RbeState};
+use crate::value::Value;
+use crate::{EventContext, Output, PayloadFormat};
+
+/// The open windows of every windowed rule of one [`RuleSet`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowState {
+    /// By rule index; `None` for rules without a window.
+    rules: Vec<Option<Windows>>,
+    /// By rule index; `None` for rules without report-by-exception functions.
+    rbe: Vec<Option<RbeState>>,
+}
+
+const STATE_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct StateSnapshot {
+    version: u32,
+    /// (rule name, its windows).
+    rules: Vec<(String, Windows)>,
+    /// (rule name, its report-by-exception state).
+    rbe: Vec<(String, RbeState)>,
+}
+
+impl WindowState {
+    /// Every windowed rule's state as CBOR, to be written where it survives a crash.
+    pub fn snapshot(&self, rules: &RuleSet) -> Vec<u8> {
+        let snapshot = StateSnapshot {
+            version: STATE_VERSION,
+            rules: rules
+                .rules
+                .iter()
+                .zip(&self.rules)
+                .filter_map(|(rule, w)| w.as_ref().map(|w| (rule.name.to_string(), w.clone())))
+                .collect(),
+            rbe: rules
+                .rules
+                .iter()
+                .zip(&self.rbe)
+                .filter_map(|(rule, r)| r.as_ref().map(|r| (rule.name.to_string(), r.clone())))
+                .collect(),
+        };
+        let mut bytes = Vec::new();
+        // Writing into a Vec fails only on a serializer bug; restore then says so.
+        let _ = ciborium::into_writer(&snapshot, &mut bytes);
+        bytes
+    }
+
+    /// The state a snapshot held, for `rules` (perhaps reloaded since): the windows of each
+    /// rule with the same name and plan; the others start empty and are named in the
+    /// second value with the reason.
+    pub fn restore(
+        rules: &RuleSet,
+        bytes: &[u8],
+    ) -> Result<(WindowState, Vec<(String, SnapshotError)>), SnapshotError> {
+        let snapshot: StateSnapshot =
+            ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        if snapshot.version != STATE_VERSION {
+            return Err(SnapshotError::Version(snapshot.version));
+        }
+        let mut saved: Vec<(String, Option<Windows>)> =
+            snapshot.rules.into_iter().map(|(name, w)| (name, Some(w))).collect();
+        let mut state = rules.window_state();
+        let mut dropped = Vec::new();
+        for (rule, slot) in rules.rules.iter().zip(&mut state.rbe) {
+            let Some(fresh) = slot.as_mut() else { continue };
+            let Some((_, old)) = snapshot.rbe.iter().find(|(name, _)| **name == *rule.name) else { continue };
+            if old.kinds() == fresh.kinds() {
+                *fresh = old.clone();
+            } else {
+                dropped.push((rule.name.to_string(), SnapshotError::PlanChanged));
+            }
+        }
+        for (rule, slot) in rules.rules.iter().zip(&mut state.rules) {
+            let (Some(window), Some(fresh)) = (&rule.sql.window, slot.as_mut()) else { continue };
+            let Some(old) =
+                saved.iter_mut().find(|(name, _)| **name == *rule.name).and_then(|(_, w)| w.take())
+            else {
+                continue;
+            };
+            match Windows::restore(&window.plan, &old.snapshot()) {
+                Ok(restored) => *fresh = restored,
+                Err(e) => dropped.push((rule.name.to_string(), e)),
+            }
+        }
+        Ok((state, dropped))
+    }
+
+    /// Each windowed rule's counters, by rule name.
+    pub fn counters<'a>(&'a self, rules: &'a RuleSet) -> impl Iterator<Item = (&'a str, WindowCounters)> {
+        rules.rules.iter().zip(&self.rules).filter_map(|(r, w)| w.as_ref().map(|w| (&*r.name, w.counters())))
+    }
+
+    /// Open groups over all windowed rules.
+    pub fn groups(&self) -> usize {
+        self.rules.iter().flatten().map(Windows::groups).sum()
+    }
+}
+
+impl RuleSet {
+    /// The names of the rules with a window.
+    pub fn windowed_rules(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().filter(|r| r.sql.window.is_some()).map(|r| &*r.name)
+    }
+
+    /// The names of the rules that keep state between events: a window, or a
+    /// report-by-exception function (`deadband`, `dedupe`, `lag` ...). [`RuleSet::evaluate`]
+    /// skips them; [`RuleSet::evaluate_windowed`] runs them.
+    pub fn stateful_rules(&self) -> impl Iterator<Item = &str> {
+        self.rules.iter().filter(|r| r.sql.is_stateful()).map(|r| &*r.name)
+    }
+
+    /// Empty windows for every windowed rule of this set.
+    pub fn window_state(&self) -> WindowState {
+        WindowState {
+            rules: self
+                .rules
+                .iter()
+                .map(|r| r.sql.window.as_ref().map(|w| Windows::new(w.plan.clone())))
+                .collect(),
+            rbe: self
+                .rules
+                .iter()
+                .map(|r| r.sql.rbe.as_ref().map(|rbe| RbeState::new(rbe.kinds(), rbe.max_groups)))
+                .collect(),
+        }
+    }
+
+    /// Like [`RuleSet::evaluate`], and windowed rules take the event into `state` (sliding
+    /// and count windows may close and give outputs here). The event's time is its
+    /// `timestamp_ms` (processing time).
+    pub fn evaluate_windowed(&self, event: &EventContext<'_>, state: &mut WindowState) -> Vec<Output> {
+        let mut outputs = Vec::new();
+        let mut matched = Vec::new();
+        self.index.matches(event.topic, &mut matched);
+        let decoded = Decoded::new(event.payload, self.fields.as_ref());
+        for rule_idx in matched {
+            let Some(rule) = self.rules.get(rule_idx) else { continue };
+            match (&rule.sql.window, state.rules.get_mut(rule_idx).and_then(Option::as_mut)) {
+                (None, _) => match (&rule.sql.rbe, state.rbe.get_mut(rule_idx).and_then(Option::as_mut)) {
+                    (Some(rbe), Some(rbe_state)) => {
+                        self.run_rbe(rule, rbe, rbe_state, event, &decoded, &mut outputs);
+                    }
+                    // A state made for another rule set: the caller's bug; nothing to feed.
+                    (Some(_), None) => {}
+                    (None, _) => {
+                        self.run(rule, event, &decoded, &mut outputs, &[]);
+                    }
+                },
+                (Some(window), Some(windows)) => {
+                    let mut closed = Vec::new();
+                    push(rule, window, windows, event, &decoded, &mut closed, &mut outputs);
+                    for c in closed {
+                        self.emit(rule, c, &mut outputs);
+                    }
+                }
+                // A state made for another rule set: the caller's bug; nothing to feed.
+                (Some(_), None) => {}
+            }
+        }
+        outputs
+    }
+
+    /// Closes every window due at `now_ms` (Unix milliseconds) and returns the outputs.
+    pub fn advance_windows(&self, state: &mut WindowState, now_ms: u64) -> Vec<Output> {
+        let mut outputs = Vec::new();
+        for (rule, windows) in self.rules.iter().zip(&mut state.rules) {
+            if let Some(windows) = windows {
+                for c in windows.advance(now_ms) {
+                    self.emit(rule, c, &mut outputs);
+                }
+            }
+        }
+        outputs
+    }
+
+    /// Closes every open window now, due or not (shutdown with the flush policy).
+    pub fn flush_windows(&self, state: &mut WindowState) -> Vec<Output> {
+        let mut outputs = Vec::new();
+        for (rule, windows) in self.rules.iter().zip(&mut state.rules) {
+            if let Some(windows) = windows {
+                for c in windows.flush() {
+                    self.emit(rule, c, &mut outputs);
+                }
+            }
+        }
+        outputs
+    }
+
+    /// A rule with report-by-exception calls: they are computed first (and their state
+    /// updated) for every event FROM matches, then the rule runs reading their values.
+    fn run_rbe(
+        &self,
+        rule: &Rule,
+        rbe: &RbeSql,
+        rbe_state: &mut RbeState,
+        event: &EventContext<'_>,
+        decoded: &Decoded<'_>,
+        out: &mut Vec<Output>,
+    ) {
+        let payload = if rule.sql.uses_payload {
+            match decoded.get(rule.payload) {
+                Ok(payload) => payload,
+                Err(reason) => {
+                    dead_letter(out, rule, event, reason.to_owned());
+                    return;
+                }
+            }
+        } else {
+            PayloadView::Whole(&NULL)
+        };
+        let text = (!decoded.is_cbor(rule.payload)).then_some(decoded);
+        let env = Env { event, payload, text, item: None, locals: &[] };
+        match rbe_state.evaluate(rbe, &env) {
+            Ok(locals) => {
+                self.run(rule, event, decoded, out, &locals);
+            }
+            Err(EvalError(reason)) => {
+                dead_letter(out, rule, event, reason);
+            }
+        }
+    }
+
+    /// One closed window through the rule's HAVING, SELECT and actions.
+    fn emit(&self, rule: &Rule, closed: Closed, out: &mut Vec<Output>) {
+        let mut row = Value::Object(Vec::new());
+        if let Ok(Value::Array(keys)) = Value::from_json(closed.key.as_bytes()) {
+            for (i, key) in keys.into_iter().enumerate() {
+                row.insert(&format!("{KEY_PREFIX}{i}"), key);
+            }
+        }
+        for (i, value) in closed.values.into_iter().enumerate() {
+            row.insert(&format!("{AGG_PREFIX}{i}"), value);
+        }
+        row.insert(WINDOW_START, Value::from_meta_u64(closed.start_ms));
+        row.insert(WINDOW_END, Value::from_meta_u64(closed.end_ms));
+        let payload = match rule.payload {
+            PayloadFormat::Cbor => row.to_cbor(),
+            _ => row.to_json_string().into_bytes(),
+        };
+        let topic = format!("$windows/{}", rule.name);
+        let event = EventContext {
+            topic: &topic,
+            payload: &payload,
+            clientid: None,
+            username: None,
+            qos: 1,
+            timestamp_ms: closed.end_ms,
+            event_id: 0,
+            hops: 0,
+        };
+        let decoded = Decoded::new(&payload, self.fields.as_ref());
+        self.run(rule, &event, &decoded, out, &[]);
+    }
+}
+
+/// One event into one windowed rule: WHERE, FILTER, group key, aggregate inputs.
+fn push(
+    rule: &Rule,
+    window: &WindowSql,
+    windows: &mut Windows,
+    event: &EventContext<'_>,
+    decoded: &Decoded<'_>,
+    closed: &mut Vec<Closed>,
+    out: &mut Vec<Output>,
+) {
+    let payload = if window.reads_payload {
+        match decoded.get(rule.payload) {
+            Ok(payload) => payload,
+            Err(reason) => {
+                dead_letter(out, rule, event, reason.to_owned());
+                return;
+            }
+        }
+    } else {
+        PayloadView::Whole(&NULL)
+    };
+    let text = (!decoded.is_cbor(rule.payload)).then_some(decoded);
+    let env = Env { event, payload, text, item: None, locals: &[] };
+    let inputs = (|| -> Result<Option<(String, Vec<Value>)>, EvalError> {
+        for condition in window.where_.iter().chain(&window.filter) {
+            if condition.truth(&env)? != Some(true) {
+                return Ok(None);
+            }
+        }
+        let keys = window.keys.iter().map(|k| k.eval(&env).map(Cow::into_owned)).collect::<Result<_, _>>()?;
+        let inputs = window
+            .args
+            .iter()
+            .map(|arg| match arg {
+                // count(*): every event counts.
+                None => Ok(Value::Bool(true)),
+                Some(e) => e.eval(&env).map(Cow::into_owned),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Some((Value::Array(keys).to_json_string(), inputs)))
+    })();
+    match inputs {
+        Ok(Some((key, inputs))) => {
+            windows.push(event.timestamp_ms, &key, &inputs, closed);
+        }
+        Ok(None) => {}
+        Err(EvalError(reason)) => {
+            dead_letter(out, rule, event, reason);
+        }
+    }
+}

@@ -1,0 +1,407 @@
+//! Windowed rules end to end through the compiler and engine: SQL in, outputs out, with the
+//! clock moved by the script.
+
+use expect_test::{Expect, expect};
+
+use crate::{EventContext, Output, RuleSet, TableSources};
+
+/// Runs `script` against the rules: `<ms> <topic> <payload>` is an event received at `ms`,
+/// `advance <ms>` the timer, `flush` a shutdown. Prints each output on a line, prefixed by
+/// the step that gave it.
+fn run(rules_toml: &str, script: &str) -> String {
+    let rules = match RuleSet::compile(rules_toml, &TableSources::new()) {
+        Ok(rules) => rules,
+        Err(e) => return format!("error: {e}\n"),
+    };
+    let mut state = rules.window_state();
+    let mut text = String::new();
+    for line in script.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let outputs = if let Some(now) = line.strip_prefix("advance ") {
+            rules.advance_windows(&mut state, now.parse().unwrap())
+        } else if line == "flush" {
+            rules.flush_windows(&mut state)
+        } else {
+            let mut parts = line.splitn(3, ' ');
+            let (at, topic, payload) =
+                (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap_or(""));
+            let event = EventContext {
+                topic,
+                payload: payload.as_bytes(),
+                clientid: Some("c1"),
+                username: None,
+                qos: 1,
+                timestamp_ms: at.parse().unwrap(),
+                event_id: 1,
+                hops: 0,
+            };
+            rules.evaluate_windowed(&event, &mut state)
+        };
+        for output in outputs {
+            let shown = match output {
+                Output::Forward { topic, payload, .. } => {
+                    format!("{topic} {}", String::from_utf8_lossy(&payload))
+                }
+                Output::DeadLetter { topic, reason, .. } => format!("dead letter {topic}: {reason}"),
+                other => format!("{other:?}"),
+            };
+            text.push_str(&format!("{}: {shown}\n", line.split(' ').next().unwrap()));
+        }
+    }
+    text
+}
+
+fn rule(sql: &str) -> String {
+    format!(
+        "[[rule]]\nname = \"w\"\nsql = '''{sql}'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"agg/${{sensor}}\"\n"
+    )
+}
+
+#[track_caller]
+fn check(sql: &str, script: &str, expect: Expect) {
+    expect.assert_eq(&run(&rule(sql), script));
+}
+
+#[test]
+fn tumbling_average_per_sensor() {
+    check(
+        "SELECT topic(2) AS sensor, avg(payload.t) AS t, count(*) AS n, window_start() AS ws, window_end() AS we
+         FROM \"s/+/t\" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)",
+        r#"
+        1000 s/a/t {"t": 20}
+        2000 s/b/t {"t": 5}
+        9999 s/a/t {"t": 21}
+        advance 9999
+        advance 10000
+        10001 s/a/t {"t": 1}
+        advance 30000
+        "#,
+        expect![[r#"
+            advance: agg/a {"sensor":"a","t":20.5,"n":2,"ws":0,"we":10000}
+            advance: agg/b {"sensor":"b","t":5.0,"n":1,"ws":0,"we":10000}
+            advance: agg/a {"sensor":"a","t":1.0,"n":1,"ws":10000,"we":20000}
+        "#]],
+    );
+}
+
+#[test]
+fn filter_having_and_expressions_of_aggregates() {
+    check(
+        "SELECT topic(2) AS sensor, max(payload.t) - min(payload.t) AS spread, collect(payload.t, 2) AS first_two
+         FROM \"s/+/t\" WHERE payload.t > 0
+         GROUP BY topic(2), TUMBLINGWINDOW(ms, 100) FILTER (WHERE payload.ok = true)
+         HAVING count(*) >= 2",
+        r#"
+        1 s/a/t {"t": 3, "ok": true}
+        2 s/a/t {"t": 9, "ok": false}
+        3 s/a/t {"t": -1, "ok": true}
+        4 s/a/t {"t": 7, "ok": true}
+        5 s/a/t {"t": 8, "ok": true}
+        6 s/b/t {"t": 1, "ok": true}
+        advance 100
+        "#,
+        expect![[r#"
+            advance: agg/a {"sensor":"a","spread":5,"first_two":[3,7]}
+        "#]],
+    );
+}
+
+#[test]
+fn count_and_sliding_windows_emit_on_events() {
+    check(
+        "SELECT 'all' AS sensor, sum(payload.v) AS s FROM \"x\" GROUP BY COUNTWINDOW(2)",
+        "1 x {\"v\":1}\n2 x {\"v\":2}\n3 x {\"v\":3}\n4 x {\"v\":4}",
+        expect![[r#"
+            2: agg/all {"sensor":"all","s":3}
+            4: agg/all {"sensor":"all","s":7}
+        "#]],
+    );
+    check(
+        "SELECT 'all' AS sensor, count(*) AS n FROM \"x\" GROUP BY SLIDINGWINDOW(ms, 10)",
+        "1 x {}\n5 x {}\n11 x {}",
+        expect![[r#"
+            1: agg/all {"sensor":"all","n":1}
+            5: agg/all {"sensor":"all","n":2}
+            11: agg/all {"sensor":"all","n":2}
+        "#]],
+    );
+}
+
+#[test]
+fn stateless_rules_run_beside_windowed_ones() {
+    let rules = format!(
+        "{}[[rule]]\nname = \"plain\"\nsql = 'SELECT payload.v AS v FROM \"x\"'\n[[rule.action]]\ntype = \"forward\"\n",
+        rule("SELECT 'x' AS sensor, count(*) AS n FROM \"x\" GROUP BY TUMBLINGWINDOW(ss, 1)")
+    );
+    expect![[r#"
+        5: x {"v":1}
+        advance: agg/x {"sensor":"x","n":1}
+    "#]]
+    .assert_eq(&run(&rules, "5 x {\"v\":1}\nadvance 1000"));
+    // Without state, a windowed rule is not run.
+    let set = RuleSet::compile(&rules, &TableSources::new()).unwrap();
+    assert_eq!(set.windowed_rules().collect::<Vec<_>>(), ["w"]);
+}
+
+#[test]
+fn an_event_the_window_cannot_read_is_a_dead_letter() {
+    let toml = rule("SELECT topic(2) AS sensor, avg(payload.t) AS t FROM \"s/+/t\" GROUP BY topic(2), TUMBLINGWINDOW(ss, 1)")
+        .replace("[[rule.action]]", "payload = \"json\"\n[[rule.action]]");
+    expect![[r#"
+        1: dead letter s/a/t: payload is not valid JSON: key must be a string at line 1 column 2
+        advance: agg/a {"sensor":"a","t":1.0}
+    "#]]
+    .assert_eq(&run(&toml, "1 s/a/t {not json\n2 s/a/t {\"t\": 1}\nadvance 1000"));
+}
+
+#[test]
+fn state_survives_a_snapshot_and_a_reload_of_the_same_rule() {
+    let toml = rule(
+        "SELECT topic(2) AS sensor, sum(payload.v) AS s FROM \"s/+\" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)",
+    );
+    let rules = RuleSet::compile(&toml, &TableSources::new()).unwrap();
+    let mut state = rules.window_state();
+    let event = |at, payload: &'static str| EventContext {
+        topic: "s/a",
+        payload: payload.as_bytes(),
+        clientid: None,
+        username: None,
+        qos: 1,
+        timestamp_ms: at,
+        event_id: 1,
+        hops: 0,
+    };
+    rules.evaluate_windowed(&event(1, r#"{"v":2}"#), &mut state);
+    let bytes = state.snapshot(&rules);
+    // A reload: the same rule compiled again, plus a changed one that starts empty.
+    let reloaded = RuleSet::compile(&toml, &TableSources::new()).unwrap();
+    let (mut restored, dropped) = crate::window::WindowState::restore(&reloaded, &bytes).unwrap();
+    assert!(dropped.is_empty());
+    reloaded.evaluate_windowed(&event(2, r#"{"v":3}"#), &mut restored);
+    let out = reloaded.advance_windows(&mut restored, 10_000);
+    assert_eq!(out.len(), 1);
+    let Output::Forward { payload, .. } = &out[0] else { panic!("{out:?}") };
+    assert_eq!(String::from_utf8_lossy(payload), r#"{"sensor":"a","s":5}"#);
+
+    let changed = rule(
+        "SELECT topic(2) AS sensor, avg(payload.v) AS s FROM \"s/+\" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)",
+    );
+    let changed = RuleSet::compile(&changed, &TableSources::new()).unwrap();
+    let (_, dropped) = crate::window::WindowState::restore(&changed, &bytes).unwrap();
+    assert_eq!(dropped.len(), 1);
+    assert_eq!(dropped[0].0, "w");
+}
+
+#[test]
+fn windowed_sql_errors_say_what_to_write() {
+    let errors = [
+        "SELECT count(*) AS n FROM \"x\" GROUP BY topic",
+        "SELECT count(*) AS n FROM \"x\" GROUP BY TUMBLINGWINDOW(sec, 10)",
+        "SELECT payload.t AS t FROM \"x\" GROUP BY TUMBLINGWINDOW(ss, 10)",
+        "SELECT * FROM \"x\" GROUP BY TUMBLINGWINDOW(ss, 10)",
+        "SELECT avg(payload.t) AS t FROM \"x\" WHERE avg(payload.t) > 1 GROUP BY TUMBLINGWINDOW(ss, 10)",
+        "SELECT percentile(payload.t, 95) AS p FROM \"x\" GROUP BY TUMBLINGWINDOW(ss, 10)",
+        "SELECT avgg(payload.t) AS t FROM \"x\" GROUP BY TUMBLINGWINDOW(ss, 10)",
+        "SELECT count(*) AS n FROM \"x\" HAVING count(*) > 1",
+        "SELECT sum(avg(payload.t)) AS n FROM \"x\" GROUP BY TUMBLINGWINDOW(ss, 10)",
+        "SELECT count(*) AS n FROM \"x\" GROUP BY TUMBLINGWINDOW(ss, 10), COUNTWINDOW(5)",
+    ];
+    let mut text = String::new();
+    for sql in errors {
+        text.push_str(&run(&rule(sql), ""));
+    }
+    expect![[r#"
+        error: line 3, column 49: rule `w`: GROUP BY needs a window function alongside the group keys, e.g. `GROUP BY topic, TUMBLINGWINDOW(ss, 10)`; one of TUMBLINGWINDOW, HOPPINGWINDOW, SLIDINGWINDOW, SESSIONWINDOW, COUNTWINDOW
+          |
+        3 | SELECT count(*) AS n FROM "x" GROUP BY topic
+          |                                        ^^^^^
+        error: line 3, column 49: rule `w`: TUMBLINGWINDOW: `sec` is not a time unit; use ms, ss, mi, hh or dd (TUMBLINGWINDOW(unit, size), e.g. TUMBLINGWINDOW(ss, 10))
+          |
+        3 | SELECT count(*) AS n FROM "x" GROUP BY TUMBLINGWINDOW(sec, 10)
+          |                                        ^^^^^^^^^^^^^^^^^^^^^^
+        error: line 3, column 17: rule `w`: `payload.t` reads one event, but a window holds many: put it in GROUP BY or inside an aggregate (e.g. last(payload.t))
+          |
+        3 | SELECT payload.t AS t FROM "x" GROUP BY TUMBLINGWINDOW(ss, 10)
+          |        ^^^^^^^
+        error: line 3, column 17: rule `w`: SELECT * has no meaning for a window (many events): select aggregates and group keys
+          |
+        3 | SELECT * FROM "x" GROUP BY TUMBLINGWINDOW(ss, 10)
+          |        ^
+        error: line 3, column 52: rule `w`: WHERE runs on each event before the window: put conditions on aggregates in HAVING
+          |
+        3 | SELECT avg(payload.t) AS t FROM "x" WHERE avg(payload.t) > 1 GROUP BY TUMBLINGWINDOW(ss, 10)
+          |                                           ^^^^^^^^^^^^^^^^^^
+        error: line 3, column 39: rule `w`: percentile(expr, p): p must be a number from 0 to 1, e.g. 0.95, not `95`
+          |
+        3 | SELECT percentile(payload.t, 95) AS p FROM "x" GROUP BY TUMBLINGWINDOW(ss, 10)
+          |                              ^^
+        error: line 3, column 17: rule `w`: unknown function or aggregate `avgg`; did you mean `avg`?
+          |
+        3 | SELECT avgg(payload.t) AS t FROM "x" GROUP BY TUMBLINGWINDOW(ss, 10)
+          |        ^^^^^^^^^^^^^^
+        error: line 3, column 47: rule `w`: HAVING needs a window: add GROUP BY TUMBLINGWINDOW(ss, 10) or another window
+          |
+        3 | SELECT count(*) AS n FROM "x" HAVING count(*) > 1
+          |                                      ^^^^^^^^^^^^
+        error: line 3, column 21: rule `w`: an aggregate cannot hold another aggregate
+          |
+        3 | SELECT sum(avg(payload.t)) AS n FROM "x" GROUP BY TUMBLINGWINDOW(ss, 10)
+          |            ^^^^^^^^^^^^^
+        error: line 3, column 73: rule `w`: GROUP BY takes one window function
+          |
+        3 | SELECT count(*) AS n FROM "x" GROUP BY TUMBLINGWINDOW(ss, 10), COUNTWINDOW(5)
+          |                                                                ^^^^^^^^^^^^^
+    "#]].assert_eq(&text);
+}
+
+#[test]
+fn windowed_rule_config_errors() {
+    let no_topic = "[[rule]]\nname = \"w\"\nsql = 'SELECT count(*) AS n FROM \"x\" GROUP BY TUMBLINGWINDOW(ss, 1)'\npayload = \"raw\"\n[[rule.action]]\ntype = \"forward\"\n";
+    let groups = "[[rule]]\nname = \"p\"\nsql = 'SELECT 1 AS n FROM \"x\"'\nmax_groups = 5\n";
+    expect![[r#"
+        error: rule `w`: a windowed rule cannot use `payload = "raw"`: use auto, json or cbor
+        rule `w`: a windowed rule's forward action needs a `topic` (a window has no one event topic), e.g. topic = "agg/${sensor}"
+        error: rule `p`: no actions; add `[[rule.action]]` with `type = "forward"`, "republish", "drop" or "dead_letter"
+        rule `p`: `max_groups` applies to rules with a window or a stateful function (deadband, lag, ...) only
+    "#]].assert_eq(&(run(no_topic, "") + &run(groups, "")));
+}
+
+#[test]
+fn the_readme_example() {
+    let toml = r#"
+[[rule]]
+name = "avg-10s"
+sql = '''
+SELECT topic(2) AS sensor,
+       avg(payload.temp) AS temp, min(payload.temp) AS low, max(payload.temp) AS high,
+       count(*) AS n, window_start() AS since, window_end() AS until
+FROM "sensors/+/temp"
+GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)
+'''
+[[rule.action]]
+type = "forward"
+topic = "sites/a/avg/${sensor}"
+"#;
+    expect![[r#"
+        1764763210000: sites/a/avg/s1 {"sensor":"s1","temp":20.5,"low":20,"high":21,"n":2,"since":1764763200000,"until":1764763210000}
+    "#]].assert_eq(&run(
+        toml,
+        r#"
+        1764763201000 sensors/s1/temp {"temp": 20}
+        1764763209999 sensors/s1/temp {"temp": 21}
+        1764763210000 sensors/s1/temp {"temp": 30}
+        advance 1764763210000
+        "#,
+    ));
+}
+
+// The model test of `window::tests`, through a compiled rule: outputs parsed back from their
+// JSON, state through `WindowState::snapshot`/`restore`, and the expected windows computed
+// directly from the acknowledged events.
+mod model {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use crate::window::WindowState;
+    use crate::{EventContext, Output, RuleSet, TableSources, Value};
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Event { dt: u64, sensor: u8, value: i8 },
+        Advance { dt: u64 },
+        Checkpoint,
+        Crash,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            6 => (0..300u64, 0..4u8, any::<i8>()).prop_map(|(dt, sensor, value)| Step::Event { dt, sensor, value }),
+            2 => (0..1_500u64).prop_map(|dt| Step::Advance { dt }),
+            2 => Just(Step::Checkpoint),
+            1 => Just(Step::Crash),
+        ]
+    }
+
+    const RULE: &str = "[[rule]]\nname = \"w\"\nsql = '''SELECT topic(2) AS s, count(*) AS n, sum(payload.v) AS total, window_start() AS ws FROM \"s/+\" GROUP BY topic(2), TUMBLINGWINDOW(ms, 1000)'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"agg/${s}\"\n";
+
+    /// (sensor, window start) → (count, sum) of the forwarded windows.
+    fn add(outputs: Vec<Output>, to: &mut Vec<(String, i64, i64, i64)>) {
+        for output in outputs {
+            let Output::Forward { payload, .. } = output else { panic!("{output:?}") };
+            let row = Value::from_json(&payload).unwrap();
+            let int = |k: &str| match row.get(k) {
+                Some(Value::Int(i)) => *i,
+                other => panic!("{k}: {other:?} in {row}"),
+            };
+            let Some(Value::Str(s)) = row.get("s") else { panic!("{row}") };
+            to.push((s.clone(), int("ws"), int("n"), int("total")));
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_acknowledged_reading_is_in_exactly_one_forwarded_average(steps in prop::collection::vec(step(), 1..100)) {
+            let rules = RuleSet::compile(RULE, &TableSources::new()).unwrap();
+            let mut state = rules.window_state();
+            let mut checkpoint = state.snapshot(&rules);
+            let mut now = 1_000u64;
+            let mut pending: Vec<(u8, i8, u64)> = Vec::new();
+            let mut resend: Vec<(u8, i8)> = Vec::new();
+            let mut acked: Vec<(u8, i8, u64)> = Vec::new();
+            let mut since: Vec<(String, i64, i64, i64)> = Vec::new();
+            let mut committed: Vec<(String, i64, i64, i64)> = Vec::new();
+            let push = |state: &mut WindowState, at: u64, sensor: u8, value: i8| {
+                let topic = format!("s/{sensor}");
+                let payload = format!("{{\"v\":{value}}}");
+                let event = EventContext { topic: &topic, payload: payload.as_bytes(), clientid: None, username: None, qos: 1, timestamp_ms: at, event_id: 1, hops: 0 };
+                rules.evaluate_windowed(&event, state)
+            };
+            for step in steps.into_iter().chain([Step::Checkpoint]) {
+                match step {
+                    Step::Event { dt, sensor, value } => {
+                        now += dt;
+                        let (sensor, value) = resend.pop().unwrap_or((sensor, value));
+                        add(push(&mut state, now, sensor, value), &mut since);
+                        pending.push((sensor, value, now));
+                    }
+                    Step::Advance { dt } => {
+                        now += dt;
+                        add(rules.advance_windows(&mut state, now), &mut since);
+                    }
+                    Step::Checkpoint => {
+                        checkpoint = state.snapshot(&rules);
+                        committed.append(&mut since);
+                        acked.append(&mut pending);
+                    }
+                    Step::Crash => {
+                        state = WindowState::restore(&rules, &checkpoint).unwrap().0;
+                        since.clear();
+                        resend.extend(pending.drain(..).map(|(s, v, _)| (s, v)));
+                        now += 5_000;
+                    }
+                }
+            }
+            for (sensor, value) in resend.drain(..) {
+                now += 1;
+                add(push(&mut state, now, sensor, value), &mut since);
+                acked.push((sensor, value, now));
+            }
+            add(rules.flush_windows(&mut state), &mut since);
+            committed.append(&mut since);
+
+            let mut want: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+            for (sensor, value, at) in acked {
+                let e = want.entry((sensor.to_string(), (at - at % 1000) as i64)).or_default();
+                e.0 += 1;
+                e.1 += i64::from(value);
+            }
+            let mut got: BTreeMap<(String, i64), (i64, i64)> = BTreeMap::new();
+            for (sensor, start, n, total) in committed {
+                prop_assert!(got.insert((sensor, start), (n, total)).is_none(), "one output per sensor and window");
+            }
+            prop_assert_eq!(got, want);
+        }
+    }
+}

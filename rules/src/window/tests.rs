@@ -1,0 +1,403 @@
+//! The window engine driven by a hand-moved clock, and a model test with crash points.
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn plan(spec: WindowSpec, aggs: Vec<AggKind>) -> WindowPlan {
+    WindowPlan { spec, aggs, max_groups: DEFAULT_MAX_GROUPS }
+}
+
+fn count_sum(spec: WindowSpec) -> Windows {
+    Windows::new(plan(spec, vec![AggKind::CountAll, AggKind::Sum]))
+}
+
+/// Pushes `value` for `key` at `at`, returning what closed.
+fn push(w: &mut Windows, at: u64, key: &str, value: i64) -> Vec<Closed> {
+    let mut out = Vec::new();
+    assert_eq!(w.push(at, key, &[Value::Int(value), Value::Int(value)], &mut out), Pushed::Accepted);
+    out
+}
+
+/// (key, start, end, count, sum) of each closed window.
+fn brief(closed: &[Closed]) -> Vec<(String, u64, u64, Value, Value)> {
+    closed
+        .iter()
+        .map(|c| (c.key.clone(), c.start_ms, c.end_ms, c.values[0].clone(), c.values[1].clone()))
+        .collect()
+}
+
+fn row(key: &str, start: u64, end: u64, count: i64, sum: i64) -> (String, u64, u64, Value, Value) {
+    (key.to_owned(), start, end, Value::Int(count), Value::Int(sum))
+}
+
+#[test]
+fn tumbling_windows_align_to_the_clock_and_close_at_their_end() {
+    let mut w = count_sum(WindowSpec::Tumbling { size_ms: 10_000 });
+    assert!(push(&mut w, 12_345, "a", 1).is_empty());
+    assert!(push(&mut w, 19_999, "a", 2).is_empty());
+    assert!(push(&mut w, 15_000, "b", 5).is_empty());
+    assert!(w.advance(19_999).is_empty(), "[10 s, 20 s) is still open at 19.999 s");
+    assert_eq!(brief(&w.advance(20_000)), [row("a", 10_000, 20_000, 2, 3), row("b", 10_000, 20_000, 1, 5)]);
+    assert_eq!(w.groups(), 0, "a group with nothing open is dropped");
+    // An event at exactly the boundary opens the next window.
+    assert!(push(&mut w, 20_000, "a", 7).is_empty());
+    assert_eq!(brief(&w.advance(35_000)), [row("a", 20_000, 30_000, 1, 7)]);
+}
+
+#[test]
+fn empty_windows_emit_nothing() {
+    let mut w = count_sum(WindowSpec::Tumbling { size_ms: 1_000 });
+    for now in (0..100_000).step_by(250) {
+        assert!(w.advance(now).is_empty());
+    }
+    push(&mut w, 100_500, "a", 1);
+    assert_eq!(brief(&w.advance(200_000)), [row("a", 100_000, 101_000, 1, 1)], "one window, not 100");
+}
+
+#[test]
+fn an_event_past_its_window_closes_it_without_waiting_for_advance() {
+    let mut w = count_sum(WindowSpec::Tumbling { size_ms: 10 });
+    push(&mut w, 3, "a", 1);
+    assert_eq!(brief(&push(&mut w, 25, "a", 2)), [row("a", 0, 10, 1, 1)]);
+    assert_eq!(brief(&w.advance(30)), [row("a", 20, 30, 1, 2)]);
+}
+
+#[test]
+fn hopping_windows_overlap_and_each_holds_its_events() {
+    let mut w = count_sum(WindowSpec::Hopping { size_ms: 10, hop_ms: 5 });
+    push(&mut w, 7, "a", 1); // in [0, 10) and [5, 15)
+    assert!(w.advance(9).is_empty());
+    // In [5, 15) and [10, 20); past [0, 10), which it closes.
+    assert_eq!(brief(&push(&mut w, 12, "a", 10)), [row("a", 0, 10, 1, 1)]);
+    assert!(w.advance(14).is_empty());
+    assert_eq!(brief(&w.advance(15)), [row("a", 5, 15, 2, 11)]);
+    assert_eq!(brief(&w.advance(100)), [row("a", 10, 20, 1, 10)]);
+    // Hop = size is a tumbling window.
+    let mut w = count_sum(WindowSpec::Hopping { size_ms: 10, hop_ms: 10 });
+    push(&mut w, 7, "a", 1);
+    assert_eq!(brief(&push(&mut w, 12, "a", 2)), [row("a", 0, 10, 1, 1)]);
+    assert_eq!(brief(&w.advance(100)), [row("a", 10, 20, 1, 2)]);
+}
+
+#[test]
+fn hopping_after_an_advance_opens_no_window_that_already_closed() {
+    let mut w = count_sum(WindowSpec::Hopping { size_ms: 10, hop_ms: 5 });
+    push(&mut w, 3, "a", 1);
+    assert_eq!(brief(&w.advance(10)), [row("a", 0, 10, 1, 1)]);
+    // Received at 10 (the watermark) an event at 9 belongs to [5, 15) only: [0, 10) was sent.
+    push(&mut w, 9, "a", 2);
+    assert_eq!(brief(&w.advance(15)), [row("a", 5, 15, 1, 2)]);
+}
+
+#[test]
+fn session_windows_close_on_a_gap_or_at_the_aligned_maximum() {
+    // Maximum 60 s (closes at the next minute boundary), timeout 10 s.
+    let mut w = count_sum(WindowSpec::Session { max_ms: 60_000, timeout_ms: 10_000 });
+    push(&mut w, 1_000, "a", 1);
+    push(&mut w, 9_000, "a", 2);
+    assert!(w.advance(18_999).is_empty());
+    assert_eq!(brief(&w.advance(19_000)), [row("a", 1_000, 19_000, 2, 3)], "10 s after the last event");
+    // A gap of exactly the timeout starts a new session on push.
+    push(&mut w, 20_000, "a", 1);
+    assert_eq!(brief(&push(&mut w, 30_000, "a", 2)), [row("a", 20_000, 30_000, 1, 1)]);
+    // Events every 5 s never time out; the session ends at 60 s, the next starts there.
+    for t in (35_000..80_000).step_by(5_000) {
+        let closed = push(&mut w, t, "a", 1);
+        if t == 60_000 {
+            assert_eq!(brief(&closed), [row("a", 30_000, 60_000, 6, 7)]);
+        } else {
+            assert!(closed.is_empty(), "at {t}: {closed:?}");
+        }
+    }
+    assert_eq!(brief(&w.advance(200_000)), [row("a", 60_000, 85_000, 4, 4)]);
+}
+
+#[test]
+fn count_windows_close_on_their_nth_event() {
+    let mut w = count_sum(WindowSpec::Count { size: 3, step: 3 });
+    let mut closed = Vec::new();
+    for (t, v) in [(1, 1), (2, 2), (3, 3), (4, 4), (5, 5)] {
+        closed.extend(push(&mut w, t, "a", v));
+    }
+    assert_eq!(brief(&closed), [row("a", 1, 3, 3, 6)]);
+    assert!(w.advance(1_000_000).is_empty(), "count windows do not close on time");
+    assert_eq!(brief(&push(&mut w, 6, "a", 6)), [row("a", 4, 6, 3, 15)]);
+}
+
+#[test]
+fn overlapping_count_windows_follow_ekuiper() {
+    // COUNTWINDOW(5, 2): events 2 and 4 do not trigger (fewer than 5), event 6 does with the
+    // latest 5, event 8 with 4..8.
+    let mut w = count_sum(WindowSpec::Count { size: 5, step: 2 });
+    let mut closed = Vec::new();
+    for t in 1..=8 {
+        closed.extend(push(&mut w, t, "a", t as i64));
+    }
+    assert_eq!(brief(&closed), [row("a", 2, 6, 5, 20), row("a", 4, 8, 5, 30)]);
+}
+
+#[test]
+fn sliding_windows_emit_on_every_event_over_the_last_size() {
+    let mut w = count_sum(WindowSpec::Sliding { size_ms: 10 });
+    assert_eq!(brief(&push(&mut w, 100, "a", 1)), [row("a", 90, 100, 1, 1)]);
+    assert_eq!(brief(&push(&mut w, 105, "a", 2)), [row("a", 95, 105, 2, 3)]);
+    // 100 is not in (100, 110].
+    assert_eq!(brief(&push(&mut w, 110, "a", 4)), [row("a", 100, 110, 2, 6)]);
+    assert!(w.advance(1_000).is_empty());
+    assert_eq!(w.groups(), 0, "kept events expire with the window");
+}
+
+#[test]
+fn late_events_are_counted_and_in_no_window() {
+    let mut w = count_sum(WindowSpec::Tumbling { size_ms: 10 });
+    push(&mut w, 5, "a", 1);
+    assert_eq!(w.advance(10).len(), 1);
+    let mut out = Vec::new();
+    assert_eq!(w.push(9, "a", &[Value::Int(1), Value::Int(1)], &mut out), Pushed::Late);
+    assert_eq!(w.counters().late, 1);
+    assert!(w.advance(100).is_empty());
+}
+
+#[test]
+fn a_new_group_beyond_the_limit_closes_the_least_recent_group_early() {
+    let mut w = Windows::new(WindowPlan {
+        spec: WindowSpec::Tumbling { size_ms: 10 },
+        aggs: vec![AggKind::CountAll, AggKind::Sum],
+        max_groups: 2,
+    });
+    push(&mut w, 1, "a", 1);
+    push(&mut w, 2, "b", 2);
+    push(&mut w, 3, "a", 3); // "b" is now the least recently seen
+    let closed = push(&mut w, 4, "c", 4);
+    assert_eq!(brief(&closed), [row("b", 0, 10, 1, 2)]);
+    assert!(closed[0].early);
+    assert_eq!(w.counters().groups_evicted, 1);
+    assert_eq!(w.groups(), 2);
+    let closed = w.advance(10);
+    assert_eq!(brief(&closed), [row("a", 0, 10, 2, 4), row("c", 0, 10, 1, 4)]);
+    assert!(closed.iter().all(|c| !c.early));
+}
+
+#[test]
+fn all_aggregates_in_one_window() {
+    let aggs = vec![
+        AggKind::Count,
+        AggKind::Avg,
+        AggKind::Min,
+        AggKind::Max,
+        AggKind::First,
+        AggKind::Last,
+        AggKind::Stddev,
+        AggKind::Percentile(0.5),
+        AggKind::Collect(2),
+    ];
+    let n = aggs.len();
+    let mut w = Windows::new(plan(WindowSpec::Tumbling { size_ms: 10 }, aggs));
+    let mut out = Vec::new();
+    for (t, v) in [(1, 4), (2, 2), (3, 6)] {
+        w.push(t, "k", &vec![Value::Int(v); n], &mut out);
+    }
+    let closed = w.advance(10);
+    let values = &closed[0].values;
+    assert_eq!(
+        values[..7],
+        [
+            Value::Int(3),
+            Value::Float(4.0),
+            Value::Int(2),
+            Value::Int(6),
+            Value::Int(4),
+            Value::Int(6),
+            Value::Float((8.0f64 / 3.0).sqrt()),
+        ]
+    );
+    assert_eq!(values[8], Value::Array(vec![Value::Int(4), Value::Int(2)]));
+    let Value::Float(median) = values[7] else { panic!("{:?}", values[7]) };
+    assert!((median - 4.0).abs() <= 0.04, "median {median}");
+}
+
+#[test]
+fn snapshot_restores_the_same_state_and_refuses_a_changed_rule() {
+    let mut w = count_sum(WindowSpec::Session { max_ms: 60_000, timeout_ms: 5_000 });
+    push(&mut w, 1_000, "a", 1);
+    push(&mut w, 2_000, "b", 2);
+    w.advance(2_500);
+    let bytes = w.snapshot();
+    let restored = Windows::restore(w.plan(), &bytes).unwrap();
+    assert_eq!(restored, w);
+    let mut changed = w.plan().clone();
+    changed.aggs.pop();
+    assert_eq!(Windows::restore(&changed, &bytes), Err(SnapshotError::PlanChanged));
+    assert!(matches!(Windows::restore(w.plan(), &bytes[..bytes.len() / 2]), Err(SnapshotError::Decode(_))));
+}
+
+// The model test. The gateway's contract: an event is acknowledged to its sensor only once a
+// checkpoint holding it is committed, and the windows closed since the previous checkpoint
+// are committed in that same transaction. A crash loses everything after the last
+// checkpoint: the state (restored from the snapshot), the closed windows not yet committed,
+// and the unacknowledged events, which their sensors send again later (with a new receive
+// time). At the end every event must be in exactly one committed window, and that window
+// must be the one a direct computation over the acknowledged events gives.
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// An event from sensor `key` with `value`, after `dt` ms.
+    Event { dt: u64, key: u8, value: i8 },
+    /// The rules stage's timer.
+    Advance { dt: u64 },
+    /// A group commit.
+    Checkpoint,
+    /// SIGKILL, then a restart from the last checkpoint.
+    Crash,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0..400u64, 0..6u8, any::<i8>()).prop_map(|(dt, key, value)| Step::Event { dt, key, value }),
+        2 => (0..2_000u64).prop_map(|dt| Step::Advance { dt }),
+        2 => Just(Step::Checkpoint),
+        1 => Just(Step::Crash),
+    ]
+}
+
+fn spec() -> impl Strategy<Value = WindowSpec> {
+    prop_oneof![
+        (1..5u64).prop_map(|s| WindowSpec::Tumbling { size_ms: s * 500 }),
+        (1..4u64).prop_map(|s| WindowSpec::Hopping { size_ms: s * 700, hop_ms: s * 700 }),
+        (1..4u64, 1..4u64)
+            .prop_map(|(m, t)| WindowSpec::Session { max_ms: m * 1_000 + t * 300, timeout_ms: t * 300 }),
+        (1..6u64).prop_map(|n| WindowSpec::Count { size: n, step: n }),
+    ]
+}
+
+/// The window an acknowledged event belongs to, computed directly.
+fn tumbling_start(spec: WindowSpec, at: u64) -> Option<u64> {
+    match spec {
+        WindowSpec::Tumbling { size_ms } => Some(at - at % size_ms),
+        WindowSpec::Hopping { size_ms, .. } => Some(at - at % size_ms),
+        _ => None,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_acknowledged_event_is_in_exactly_one_committed_window(
+        spec in spec(),
+        max_groups in 1..8usize,
+        steps in prop::collection::vec(step(), 1..120),
+    ) {
+        // Each event's id travels through `collect`, so the windows say which events they hold.
+        let plan = WindowPlan {
+            spec,
+            aggs: vec![AggKind::Collect(MAX_COLLECT_CAP), AggKind::Sum, AggKind::CountAll],
+            max_groups,
+        };
+        let mut windows = Windows::new(plan.clone());
+        let mut checkpoint = windows.snapshot();
+        let mut now = 1_000u64;
+        let mut next_id = 0i64;
+        // Events pushed since the last checkpoint: (id, key, value); not yet acknowledged.
+        let mut pending: Vec<(i64, u8, i8)> = Vec::new();
+        // Sensors' resends waiting to be pushed again.
+        let mut resend: Vec<(i64, u8, i8)> = Vec::new();
+        // id → (key, value, receive time) of acknowledged events.
+        let mut acked: std::collections::BTreeMap<i64, (u8, i8, u64)> = Default::default();
+        let mut pending_times: std::collections::BTreeMap<i64, u64> = Default::default();
+        let mut closed_since: Vec<Closed> = Vec::new();
+        let mut committed: Vec<Closed> = Vec::new();
+        let do_push = |windows: &mut Windows, at: u64, id: i64, key: u8, value: i8, out: &mut Vec<Closed>| {
+            let inputs = [Value::Int(id), Value::Int(value.into()), Value::Null];
+            windows.push(at, &format!("s{key}"), &inputs, out)
+        };
+        for step in steps.into_iter().chain([Step::Checkpoint]) {
+            match step {
+                Step::Event { dt, key, value } => {
+                    now += dt;
+                    // A resend, if any, goes first: sensors resend before sending new data.
+                    let (id, key, value) = resend.pop().unwrap_or_else(|| {
+                        next_id += 1;
+                        (next_id, key, value)
+                    });
+                    prop_assert_eq!(do_push(&mut windows, now, id, key, value, &mut closed_since), Pushed::Accepted);
+                    pending.push((id, key, value));
+                    pending_times.insert(id, now);
+                }
+                Step::Advance { dt } => {
+                    now += dt;
+                    closed_since.extend(windows.advance(now));
+                }
+                Step::Checkpoint => {
+                    checkpoint = windows.snapshot();
+                    committed.append(&mut closed_since);
+                    for (id, key, value) in pending.drain(..) {
+                        acked.insert(id, (key, value, pending_times[&id]));
+                    }
+                }
+                Step::Crash => {
+                    windows = Windows::restore(&plan, &checkpoint).expect("own snapshot");
+                    closed_since.clear();
+                    resend.append(&mut pending);
+                    now += 5_000; // a restart takes time
+                }
+            }
+        }
+        // Shut down: resend what is left, then close everything and commit.
+        for (id, key, value) in resend.drain(..) {
+            now += 1;
+            do_push(&mut windows, now, id, key, value, &mut closed_since);
+            acked.insert(id, (key, value, now));
+        }
+        closed_since.extend(windows.flush());
+        committed.append(&mut closed_since);
+
+        let mut seen: std::collections::BTreeMap<i64, (String, u64)> = Default::default();
+        for closed in &committed {
+            let Value::Array(ids) = &closed.values[0] else { panic!("collect gives an array") };
+            let mut sum = 0i64;
+            for id in ids {
+                let Value::Int(id) = id else { panic!("ids are ints") };
+                prop_assert!(seen.insert(*id, (closed.key.clone(), closed.start_ms)).is_none(), "event {} in two windows", id);
+                let Some((key, value, at)) = acked.get(id) else {
+                    return Err(TestCaseError::fail(format!("event {id} counted but never acknowledged")));
+                };
+                prop_assert_eq!(&closed.key, &format!("s{key}"));
+                sum += i64::from(*value);
+                if let Some(start) = tumbling_start(spec, *at) {
+                    prop_assert_eq!(closed.start_ms, start, "event {} at {} in the wrong window", id, at);
+                } else if let WindowSpec::Session { .. } = spec {
+                    prop_assert!(closed.start_ms <= *at && *at <= closed.end_ms);
+                }
+            }
+            prop_assert_eq!(closed.values[2].clone(), Value::Int(ids.len() as i64));
+            prop_assert_eq!(closed.events, ids.len() as u64);
+            if !ids.is_empty() {
+                prop_assert_eq!(closed.values[1].clone(), Value::Int(sum));
+            }
+        }
+        let acked_ids: Vec<i64> = acked.keys().copied().collect();
+        let seen_ids: Vec<i64> = seen.keys().copied().collect();
+        prop_assert_eq!(acked_ids, seen_ids, "every acknowledged event counted");
+    }
+}
+
+#[test]
+fn extreme_times_do_not_panic() {
+    for spec in [
+        WindowSpec::Tumbling { size_ms: 10_000 },
+        WindowSpec::Hopping { size_ms: 10_000, hop_ms: 5_000 },
+        WindowSpec::Session { max_ms: 60_000, timeout_ms: 1_000 },
+        WindowSpec::Sliding { size_ms: 10 },
+        WindowSpec::Count { size: 2, step: 1 },
+    ] {
+        let mut w = count_sum(spec);
+        let mut out = Vec::new();
+        for at in [0, u64::MAX - 1, u64::MAX, 5] {
+            w.push(at, "k", &[Value::Int(1), Value::Int(1)], &mut out);
+            out.extend(w.advance(at));
+        }
+        out.extend(w.flush());
+    }
+}
