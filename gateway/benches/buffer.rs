@@ -1134,8 +1134,8 @@ fn drain_default(bench: &Bench) -> anyhow::Result<()> {
                     run.to_string(),
                     fmt_rate(evs),
                     format!("{gw_us:.1} / {mosq_us:.1}"),
-                    "≥ 100k/s with the default".into(),
-                    verdict(window != default || evs >= 100_000.0),
+                    if window == default { "≥ 100k/s".into() } else { "-".into() },
+                    if window == default { verdict(evs >= 100_000.0) } else { String::new() },
                 ]),
                 Err(e) => t.note(format!("window {window} run {run}: failed: {e:#}")),
             }

@@ -555,6 +555,37 @@ fn slow_link_waits_for_the_puback_within_max_ack_delay() {
     });
 }
 
+/// A commit that falls due for deletes alone does not take unsaved events that are not due:
+/// they would be written, acknowledged a moment later and deleted by the next such commit, a
+/// cycle of one commit per `DELETE_INTERVAL` on a healthy slow link.
+#[test]
+fn a_delete_commit_takes_no_event_that_is_not_due() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        h.step(Action::Connect).await;
+        h.step(Action::Accept(5)).await;
+        h.step(Action::Write(WINDOW)).await;
+        h.step(Action::Tick(INTERVAL.as_millis() as u64)).await;
+        let metrics = h.relay.metrics.clone();
+        let c = metrics.counters();
+        assert_eq!(Metrics::get(&c.committed), 1, "outlived the hold unacknowledged");
+        h.step(Action::Ack(0)).await;
+        // The delete of the acked record falls due one second after the ack.
+        h.step(Action::Tick(995)).await;
+        h.step(Action::Accept(5)).await;
+        h.step(Action::Write(WINDOW)).await;
+        let commits = Metrics::get(&c.commits);
+        h.step(Action::Tick(5)).await;
+        assert_eq!(Metrics::get(&c.commits), commits + 1, "the delete commit ran");
+        assert_eq!(Metrics::get(&c.committed), 1, "an event younger than its hold stays in memory");
+        assert_eq!(h.relay.commits.unsaved_len, 1);
+        h.step(Action::Ack(0)).await;
+        h.drain().await;
+        assert_eq!(Metrics::get(&c.committed), 1, "acknowledged before it was due: never written");
+    });
+}
+
 #[test]
 fn outage_commits_everything_and_drains_in_order_after_reconnect() {
     let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
