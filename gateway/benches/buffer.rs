@@ -10,6 +10,9 @@
 //!   each), plus the whole in-memory relay path at full speed with a healthy uplink.
 //! - `drain`: a prefilled buffer (1,000,000 records, then 200,000 per send window size) relayed
 //!   by an in-process gateway to a real mosquitto; time to first delivery and drain rate.
+//! - `drain-default`: a 1,000,000-record backlog drained to a mosquitto with no subscriber,
+//!   twice with the default `upstream.inflight` and twice with the former default of 100
+//!   (issue #18: ≥ 100k events/s with the default config).
 //! - `live`: sensors publishing through the gateway at 10k events/s with a healthy uplink, then
 //!   with the uplink down, then the uplink coming back.
 //!
@@ -52,7 +55,7 @@ const TARGET_FIRST_DELIVERY_S: f64 = 0.5;
 const TARGET_HEALTHY_WRITE_X: f64 = 0.2;
 const TARGET_OUTAGE_WRITE_X: f64 = 3.0;
 
-const SCENARIOS: [&str; 4] = ["ingest", "drain", "live", "rules"];
+const SCENARIOS: [&str; 5] = ["ingest", "drain", "drain-default", "live", "rules"];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -90,6 +93,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("drain") {
         drain(&bench)?;
+    }
+    if run("drain-default") {
+        drain_default(&bench)?;
     }
     if run("live") {
         live(&bench)?;
@@ -1108,6 +1114,36 @@ fn drain_acked(bench: &Bench, backlog: u64, window: u16) -> anyhow::Result<(f64,
         bail!("only {acked} of {backlog} acknowledged within 120 s");
     }
     Ok((ratio(backlog, secs), cpu_gw * 1e6 / backlog as f64, cpu_mosq * 1e6 / backlog as f64))
+}
+
+/// The no-subscriber drain of a 1M backlog with the default send window, against the former
+/// default (100), two runs each, alternating so drift on a shared machine hits both.
+fn drain_default(bench: &Bench) -> anyhow::Result<()> {
+    let default = UpstreamConfig::with_url(UpstreamUrl::plain("127.0.0.1", 1)).inflight;
+    let mut t = Table::new(
+        "drain-default: 1M backlog → gateway → mosquitto (no subscriber), upstream PUBACKs/s",
+        &["window", "run", "drain ev/s", "CPU µs/ev gw / mosq", "target", ""],
+    );
+    for run in 1..=2 {
+        for (window, label) in
+            [(default, format!("{default} (default)")), (100, "100 (former default)".into())]
+        {
+            match drain_acked(bench, 1_000_000, window) {
+                Ok((evs, gw_us, mosq_us)) => t.row(vec![
+                    label,
+                    run.to_string(),
+                    fmt_rate(evs),
+                    format!("{gw_us:.1} / {mosq_us:.1}"),
+                    if window == default { "≥ 100k/s".into() } else { "-".into() },
+                    if window == default { verdict(evs >= 100_000.0) } else { String::new() },
+                ]),
+                Err(e) => t.note(format!("window {window} run {run}: failed: {e:#}")),
+            }
+        }
+    }
+    t.note("cargo bench -p outpost --bench buffer -- drain-default; rate = backlog / (first → last upstream PUBACK)");
+    t.print();
+    Ok(())
 }
 
 fn drain(bench: &Bench) -> anyhow::Result<()> {

@@ -339,9 +339,18 @@ pub struct BufferConfig {
     pub max_bytes: ByteSize,
     #[serde(default)]
     pub overflow: OverflowPolicy,
-    /// An event not acknowledged upstream within this time is committed to disk.
+    /// The shortest time an accepted event waits for its upstream PUBACK before it is
+    /// committed to disk. On a slow link the wait follows the measured upstream round trip
+    /// (twice the smoothed RTT on top of this), up to `max_ack_delay`.
     #[serde(default = "default_commit_interval", with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// The longest an accepted event waits in memory for its upstream PUBACK before it is
+    /// committed, and so the longest a sensor's PUBACK waits (plus one fsync). Longer means
+    /// fewer, larger commits (less flash wear) on slow links and during outages, and a
+    /// longer crash window of events acknowledged to nobody yet. Unset: 250 ms, or
+    /// `commit_interval` if that is longer (see [`BufferConfig::max_ack_delay`]).
+    #[serde(default, with = "humantime_serde")]
+    pub max_ack_delay: Option<Duration>,
     /// A commit starts at once when this many events wait to be written. Together with
     /// `commit_interval` it bounds the events that are accepted but not yet on disk.
     #[serde(default = "default_commit_max_events")]
@@ -538,8 +547,14 @@ fn default_reconnect_max() -> Duration {
 fn default_failback_after() -> Duration {
     Duration::from_secs(60)
 }
+/// The send window must cover rate × round trip, or events queue behind it: at 2k events/s a
+/// 150 ms round trip needs 300 in flight (measured with 100: 650 delivered/s, every event
+/// committed). 1,000 also drains a backlog to a local mosquitto at ≥ 100k events/s where 100
+/// gave 89.5k/s (README "Buffer and relay"). An MQTT 5 upstream's receive maximum still
+/// lowers it; an MQTT 3.1.1 upstream cannot announce one, so set it lower where the upstream
+/// documents a smaller limit.
 fn default_inflight() -> u16 {
-    100
+    1000
 }
 fn default_max_topic_levels() -> usize {
     128
@@ -562,6 +577,13 @@ fn default_max_bytes() -> ByteSize {
 /// uplink nearly every event is acknowledged long before 25 ms and never written.
 fn default_commit_interval() -> Duration {
     Duration::from_millis(25)
+}
+/// Measured (`outpost-sim ingest-bench --wan`, README "Flash wear on a slow uplink"): at 2k
+/// events/s a 150 ms round trip needs a wait above it so that PUBACKs arrive before commits,
+/// and an outage needs commits of a few hundred events to stay near 2× the payload written;
+/// 250 ms gives both while keeping the sensors' PUBACK p99 under 300 ms.
+fn default_max_ack_delay() -> Duration {
+    Duration::from_millis(250)
 }
 fn default_commit_max_events() -> NonZeroUsize {
     NonZeroUsize::new(1000).expect("non-zero literal")
@@ -611,6 +633,7 @@ impl Default for BufferConfig {
             max_bytes: default_max_bytes(),
             overflow: OverflowPolicy::default(),
             commit_interval: default_commit_interval(),
+            max_ack_delay: None,
             commit_max_events: default_commit_max_events(),
         }
     }
@@ -1092,6 +1115,12 @@ impl UpstreamConfig {
 }
 
 impl BufferConfig {
+    /// The longest wait for an upstream PUBACK before a commit: as set, else the default, or
+    /// `commit_interval` when that is longer (a config from before the key keeps its meaning).
+    pub fn max_ack_delay(&self) -> Duration {
+        self.max_ack_delay.unwrap_or_else(|| default_max_ack_delay().max(self.commit_interval))
+    }
+
     /// The checks of `[buffer]` that its types cannot make.
     fn check(&self, invalid: &mut impl FnMut(&str, String, &str)) {
         if self.max_events == 0 {
@@ -1102,6 +1131,17 @@ impl BufferConfig {
                 "buffer.commit_interval",
                 humantime::format_duration(self.commit_interval).to_string(),
                 "must be between 1ms and 10s; it bounds how long an accepted event stays only in memory",
+            );
+        }
+        let max_ack_delay = self.max_ack_delay();
+        if max_ack_delay < self.commit_interval || max_ack_delay > Duration::from_secs(10) {
+            invalid(
+                "buffer.max_ack_delay",
+                humantime::format_duration(max_ack_delay).to_string(),
+                &format!(
+                    "must be between buffer.commit_interval ({}) and 10s; it bounds how long a sensor's PUBACK waits for the event to be safe",
+                    humantime::format_duration(self.commit_interval)
+                ),
             );
         }
     }
@@ -1366,7 +1406,29 @@ mod tests {
         .expect("parses");
         assert_eq!(c.broker.max_payload, ByteSize::kib(64));
         assert_eq!(c.buffer.commit_interval, Duration::from_millis(500));
+        assert_eq!(c.buffer.max_ack_delay(), Duration::from_millis(500), "follows a longer commit_interval");
         assert_eq!(c.buffer.max_bytes, ByteSize::gib(1));
+    }
+
+    #[test]
+    fn max_ack_delay_defaults_and_bounds() {
+        let c = GatewayConfig::parse("", Path::new("x.toml")).expect("parses");
+        assert_eq!(c.buffer.max_ack_delay(), Duration::from_millis(250));
+        let c =
+            GatewayConfig::parse("[buffer]\nmax_ack_delay = \"1s\"\n", Path::new("x.toml")).expect("parses");
+        assert_eq!(c.buffer.max_ack_delay(), Duration::from_secs(1));
+        let err = GatewayConfig::parse(
+            "[buffer]\ncommit_interval = \"100ms\"\nmax_ack_delay = \"50ms\"\n",
+            Path::new("x.toml"),
+        )
+        .expect("parses")
+        .validate("x.toml")
+        .expect_err("shorter than commit_interval");
+        let text = err.to_string();
+        assert!(
+            text.contains("buffer.max_ack_delay") && text.contains("50ms") && text.contains("100ms"),
+            "{text}"
+        );
     }
 
     #[test]

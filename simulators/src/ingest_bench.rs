@@ -16,7 +16,16 @@
 //!    to `window` readings unacknowledged and publishes whenever one is acknowledged, so the
 //!    gateway sets the pace; measured like 2.
 //!
-//! In 2 and 3 a verifier subscribed at the upstream (unless `verify` is off) counts what
+//! 4. **WAN** (`wan`, `wan_outage`), ack mode `after_commit` at `rate`: the gateway's upstream
+//!    is an in-process [`crate::flaky`] link in front of the Mosquitto, adding a one-way latency
+//!    to every chunk (a 25 ms one way is a 50 ms round trip, a good cellular link), or held down
+//!    for the whole phase (an outage; brought up after the window so the verifier can check that
+//!    nothing acknowledged was lost). Besides 2's figures: the bytes the gateway caused to be
+//!    written to storage (`write_bytes` of `/proc/PID/io`) per acknowledged event and as a
+//!    multiple of the payload, and the buffer's fsyncs per second (`outpost_buffer_fsyncs_total`
+//!    from the gateway's `/metrics`: one fsync per commit).
+//!
+//! In 2, 3 and 4 a verifier subscribed at the upstream (unless `verify` is off) counts what
 //! arrived in the window and, after the fleet stopped, checks that every acknowledged event
 //! arrived. A gateway that acknowledges before it has the event (the one before issue #5) can
 //! ack faster than it forwards and drop the rest; only `lost` and `delivered/s` show that.
@@ -104,6 +113,20 @@ pub struct IngestBenchConfig {
     pub drain_timeout: Duration,
     /// Where logs, configs and data go; a temporary directory if unset.
     pub work_dir: Option<PathBuf>,
+    /// One WAN phase per one-way latency of the gateway's upstream link.
+    pub wan: Vec<Duration>,
+    /// A WAN phase with the upstream link down throughout.
+    pub wan_outage: bool,
+}
+
+/// The upstream link of a WAN phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Wan {
+    /// Up, adding this one-way latency, ms.
+    Latency(u64),
+    /// Down for the whole window.
+    Outage,
 }
 
 /// The outcome of one load phase.
@@ -139,6 +162,13 @@ pub struct LoadResult {
     pub lost: Option<u64>,
     /// Gateway resident memory at the end of the window, KiB.
     pub rss_kib: u64,
+    /// WAN phases: the upstream link.
+    pub wan: Option<Wan>,
+    /// WAN phases: bytes the gateway caused to be written to storage in the window, per
+    /// acknowledged reading (`/proc/PID/io` `write_bytes`).
+    pub write_bytes_per_event: Option<f64>,
+    /// WAN phases: buffer fsyncs (commits) per second in the window.
+    pub fsyncs_per_s: Option<f64>,
 }
 
 /// The outcome of the idle-connection phase.
@@ -247,6 +277,10 @@ async fn run_phases(cfg: &IngestBenchConfig, work_dir: &Path) -> anyhow::Result<
     if cfg.saturation {
         phases.push(("saturation".to_string(), AckMode::AfterCommit, None));
     }
+    let mut wans: Vec<Wan> = cfg.wan.iter().map(|d| Wan::Latency(d.as_millis() as u64)).collect();
+    if cfg.wan_outage {
+        wans.push(Wan::Outage);
+    }
     for (phase, mode, rate) in phases {
         eprintln!(
             "== {phase}: {}",
@@ -273,7 +307,115 @@ async fn run_phases(cfg: &IngestBenchConfig, work_dir: &Path) -> anyhow::Result<
         );
         report.loads.push(load);
     }
+    for wan in wans {
+        let phase = match wan {
+            Wan::Latency(ms) => format!("wan-{ms}ms"),
+            Wan::Outage => "wan-outage".to_string(),
+        };
+        eprintln!("== {phase}: {} events/s, after_commit", cfg.rate);
+        let load = run_wan(cfg, work_dir, &upstream, upstream_addr, &phase, wan).await?;
+        eprintln!(
+            "   acked {:.0}/s, {} µs/event, PUBACK p50 {} p99 {} ms, written {} B/event ({}× payload), {} fsyncs/s, lost {}",
+            load.acked_per_s,
+            fmt(load.cpu_us_per_event, 1),
+            fmt(load.puback_ms_p50, 2),
+            fmt(load.puback_ms_p99, 2),
+            fmt(load.write_bytes_per_event, 0),
+            fmt(load.write_bytes_per_event.map(|b| b / cfg.payload_size as f64), 2),
+            fmt(load.fsyncs_per_s, 1),
+            load.lost.map_or_else(|| "not checked".to_string(), |lost| lost.to_string()),
+        );
+        report.loads.push(load);
+    }
     Ok(report)
+}
+
+/// One WAN phase: a fresh gateway whose upstream is a shaped (or downed) link to `upstream`.
+async fn run_wan(
+    cfg: &IngestBenchConfig,
+    work_dir: &Path,
+    upstream: &ChildProcess,
+    upstream_addr: SocketAddr,
+    phase: &str,
+    wan: Wan,
+) -> anyhow::Result<LoadResult> {
+    let link_addr = free_addr()?;
+    let listener = tokio::net::TcpListener::bind(link_addr)
+        .await
+        .with_context(|| format!("cannot listen on {link_addr} for the WAN link"))?;
+    let (switch, up) = tokio::sync::watch::channel(wan != Wan::Outage);
+    let extra_latency = match wan {
+        Wan::Latency(ms) => Duration::from_millis(ms),
+        Wan::Outage => Duration::ZERO,
+    };
+    let shaping = crate::flaky::LinkShaping { extra_latency, bytes_per_sec: None };
+    let link_cancel = CancellationToken::new();
+    let link = tokio::spawn(crate::flaky::run_switched_link(
+        listener,
+        upstream_addr,
+        up,
+        shaping,
+        link_cancel.clone(),
+    ));
+    let _stop_link = link_cancel.clone().drop_guard();
+
+    let metrics = free_addr()?;
+    let ack = cfg.set_ack_key.then_some(AckMode::AfterCommit);
+    let mut gateway = start_gateway_with(cfg, work_dir, phase, link_addr, ack, Some(metrics)).await?;
+    let probe = WanProbe { metrics, switch: &switch, wan };
+    let mut load =
+        run_load_with(cfg, &mut gateway, upstream, upstream_addr, phase, ack, Some(cfg.rate), Some(probe))
+            .await?;
+    load.wan = Some(wan);
+    link_cancel.cancel();
+    link.await.context("the WAN link task panicked")?;
+    Ok(load)
+}
+
+/// What a WAN phase measures besides a load phase's figures.
+struct WanProbe<'a> {
+    /// The gateway's `[http]` listener.
+    metrics: SocketAddr,
+    /// Brings a downed link up after the window.
+    switch: &'a tokio::sync::watch::Sender<bool>,
+    wan: Wan,
+}
+
+/// `write_bytes` from `/proc/PID/io`: bytes this process caused to be sent to storage.
+fn write_bytes(pid: u32) -> anyhow::Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .with_context(|| format!("cannot read /proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|value| value.trim().parse().ok())
+        .with_context(|| format!("no write_bytes in /proc/{pid}/io: {io}"))
+}
+
+/// One counter from the gateway's `/metrics` (an HTTP/1.0 GET, the whole body read).
+async fn scrape_counter(addr: SocketAddr, name: &str) -> anyhow::Result<u64> {
+    let get = async {
+        let mut stream =
+            TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
+        stream
+            .write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+            .await
+            .context("cannot send the request")?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.context("cannot read the response")?;
+        anyhow::Ok(body)
+    };
+    let body = tokio::time::timeout(CONNACK_TIMEOUT, get)
+        .await
+        .with_context(|| format!("no answer from {addr}/metrics within {CONNACK_TIMEOUT:?}"))??;
+    parse_counter(&body, name).with_context(|| format!("no `{name}` in the metrics from {addr}"))
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text exposition.
+fn parse_counter(body: &str, name: &str) -> Option<u64> {
+    body.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?.strip_prefix(' ')?;
+        rest.split_whitespace().next()?.parse::<f64>().ok().map(|v| v as u64)
+    })
 }
 
 /// Starts a fresh gateway in `<work_dir>/<phase>` with the benchmark config.
@@ -284,10 +426,25 @@ async fn start_gateway(
     upstream: SocketAddr,
     ack: Option<AckMode>,
 ) -> anyhow::Result<Gateway> {
+    start_gateway_with(cfg, work_dir, phase, upstream, ack, None).await
+}
+
+/// Like [`start_gateway`], with the `[http]` endpoint on `metrics` if given.
+async fn start_gateway_with(
+    cfg: &IngestBenchConfig,
+    work_dir: &Path,
+    phase: &str,
+    upstream: SocketAddr,
+    ack: Option<AckMode>,
+    metrics: Option<SocketAddr>,
+) -> anyhow::Result<Gateway> {
     let dir = work_dir.join(phase);
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let config_path = dir.join("outpost.toml");
-    let config = gateway_config(upstream, ack, cfg.idle_connections.max(cfg.sensors));
+    let mut config = gateway_config(upstream, ack, cfg.idle_connections.max(cfg.sensors));
+    if let Some(metrics) = metrics {
+        config.push_str(&format!("\n[http]\nlisten = \"{metrics}\"\n"));
+    }
     std::fs::write(&config_path, config)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
     let spec = GatewaySpec {
@@ -332,6 +489,21 @@ async fn run_load(
     ack: Option<AckMode>,
     rate: Option<u32>,
 ) -> anyhow::Result<LoadResult> {
+    run_load_with(cfg, gateway, upstream, upstream_addr, phase, ack, rate, None).await
+}
+
+/// One load phase; with `wan`, also the bytes written and the fsyncs in the window.
+#[allow(clippy::too_many_arguments)]
+async fn run_load_with(
+    cfg: &IngestBenchConfig,
+    gateway: &mut Gateway,
+    upstream: &ChildProcess,
+    upstream_addr: SocketAddr,
+    phase: &str,
+    ack: Option<AckMode>,
+    rate: Option<u32>,
+    wan: Option<WanProbe<'_>>,
+) -> anyhow::Result<LoadResult> {
     let mut subscriber =
         if cfg.verify { Some(start_subscriber(&upstream_addr.to_string(), "#").await?) } else { None };
     let fleet = FleetConfig {
@@ -350,12 +522,33 @@ async fn run_load(
 
     // Pacing the measurement window, not waiting for an event.
     tokio::time::sleep(cfg.warmup).await;
+    let disk = |gateway: &Gateway| {
+        let metrics = wan.as_ref().map(|probe| probe.metrics);
+        let pid = gateway.pid();
+        async move {
+            match metrics {
+                Some(metrics) => anyhow::Ok(Some((
+                    write_bytes(pid?)?,
+                    scrape_counter(metrics, "outpost_buffer_fsyncs_total").await?,
+                ))),
+                None => Ok(None),
+            }
+        }
+    };
+    let disk_start = disk(gateway).await?;
     let start = Snapshot::take(gateway, upstream, &progress, subscriber.as_ref())?;
     tokio::time::sleep(cfg.duration).await;
     let end = Snapshot::take(gateway, upstream, &progress, subscriber.as_ref())?;
+    let disk_end = disk(gateway).await?;
 
     let summary = fleet.await.context("the fleet task panicked")??;
     gateway.check_running()?;
+    if let Some(probe) = &wan {
+        if probe.wan == Wan::Outage {
+            // Up again, so the verifier can see that every acknowledged event survived.
+            probe.switch.send_replace(true);
+        }
+    }
     let lost = match &mut subscriber {
         Some(subscriber) => {
             Some(wait_delivered(subscriber, &summary, cfg.drain_timeout).await.report.missing)
@@ -386,6 +579,14 @@ async fn run_load(
         acked_total: summary.acked,
         lost,
         rss_kib: end.gateway.rss_kib,
+        wan: None,
+        write_bytes_per_event: disk_start
+            .zip(disk_end)
+            .filter(|_| acked > 0)
+            .map(|((bytes, _), (bytes_end, _))| bytes_end.saturating_sub(bytes) as f64 / acked as f64),
+        fsyncs_per_s: disk_start
+            .zip(disk_end)
+            .map(|((_, f), (_, f_end))| f_end.saturating_sub(f) as f64 / secs),
     })
 }
 
@@ -522,6 +723,13 @@ impl IngestBenchReport {
         }
         for load in &self.loads {
             let label = match (load.target_rate, self.ack_key_set) {
+                (Some(rate), _) if load.wan.is_some() => {
+                    let link = match load.wan {
+                        Some(Wan::Latency(ms)) => format!("{} ms RTT", 2 * ms),
+                        _ => "upstream down".to_string(),
+                    };
+                    format!("{} ({link}) at {rate}/s", load.phase)
+                }
                 (Some(rate), _) => format!("{} at {rate}/s", load.phase),
                 (None, true) => format!("saturation (after_commit, {} in flight/sensor)", self.window),
                 (None, false) => format!("saturation ({} in flight/sensor)", self.window),
@@ -554,6 +762,15 @@ impl IngestBenchReport {
                     None => "not checked".to_string(),
                 },
             ));
+            if let Some(per_event) = load.write_bytes_per_event {
+                rows.push((
+                    format!("{label}: bytes written/event (× payload)"),
+                    format!("{per_event:.0} ({:.2}×)", per_event / self.payload_size as f64),
+                ));
+            }
+            if let Some(fsyncs) = load.fsyncs_per_s {
+                rows.push((format!("{label}: buffer fsyncs/s"), format!("{fsyncs:.1}")));
+            }
             rows.push((format!("{label}: gateway RSS MiB"), format!("{:.1}", load.rss_kib as f64 / 1024.0)));
             rows.push((
                 format!("{label}: CPU % core sim / upstream"),
@@ -641,6 +858,9 @@ mod tests {
             acked_total: 220_000,
             lost: Some(0),
             rss_kib: 30_000,
+            wan: None,
+            write_bytes_per_event: None,
+            fsyncs_per_s: None,
         };
         let report = IngestBenchReport {
             command: "outpost-sim ingest-bench".to_string(),
@@ -655,7 +875,14 @@ mod tests {
             idle: Some(IdleResult { connections: 1000, rss_before_kib: 20_480, rss_after_kib: 28_672 }),
             loads: vec![
                 load.clone(),
-                LoadResult { target_rate: None, lost: None, delivered_per_s: None, ..load },
+                LoadResult { target_rate: None, lost: None, delivered_per_s: None, ..load.clone() },
+                LoadResult {
+                    phase: "wan-25ms".to_string(),
+                    wan: Some(Wan::Latency(25)),
+                    write_bytes_per_event: Some(1311.0),
+                    fsyncs_per_s: Some(40.0),
+                    ..load
+                },
             ],
         };
         let table = report.table();
@@ -665,5 +892,18 @@ mod tests {
         assert!(table.contains("8.2 |"), "{table}");
         assert!(table.contains("saturation (100 in flight/sensor): lost (of acked)"), "{table}");
         assert!(table.contains("not checked |"), "{table}");
+        assert!(
+            table.contains("wan-25ms (50 ms RTT) at 10000/s: bytes written/event (× payload)"),
+            "{table}"
+        );
+        assert!(table.contains("1311 (6.55×) |"), "{table}");
+    }
+
+    #[test]
+    fn reads_an_unlabelled_counter() {
+        let body = "HTTP/1.0 200 OK\r\n\r\n# TYPE outpost_buffer_fsyncs_total counter\n\
+                    outpost_buffer_fsyncs_total_x 9\noutpost_buffer_fsyncs_total 1234\n";
+        assert_eq!(parse_counter(body, "outpost_buffer_fsyncs_total"), Some(1234));
+        assert_eq!(parse_counter(body, "outpost_buffer_committed_total"), None);
     }
 }

@@ -163,6 +163,16 @@ struct IngestBenchArgs {
     /// Also write the full report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// WAN phases (after_commit at `--rate`): one per one-way latency of the gateway's
+    /// upstream link, comma-separated, e.g. `0ms,25ms,75ms`; bytes written and fsyncs measured.
+    #[arg(long, value_delimiter = ',', value_parser = humantime::parse_duration)]
+    wan: Vec<Duration>,
+    /// Also a WAN phase with the upstream link down for the whole window.
+    #[arg(long)]
+    wan_outage: bool,
+    /// Run only the WAN phases: no idle, fixed-rate or saturation phase.
+    #[arg(long)]
+    only_wan: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -727,9 +737,10 @@ async fn run_ingest_bench(args: IngestBenchArgs, cancel: CancellationToken) -> a
         command: command_line(),
         outpost,
         mosquitto: args.mosquitto,
-        modes: args
-            .ack_modes
-            .iter()
+        modes: (!args.only_wan)
+            .then_some(args.ack_modes.iter())
+            .into_iter()
+            .flatten()
             .map(|mode| match mode {
                 AckModeArg::AfterCommit => AckMode::AfterCommit,
                 AckModeArg::OnReceipt => AckMode::OnReceipt,
@@ -741,12 +752,14 @@ async fn run_ingest_bench(args: IngestBenchArgs, cancel: CancellationToken) -> a
         rate: args.rate,
         warmup: args.warmup,
         duration: args.duration,
-        saturation: !args.no_saturation,
+        saturation: !args.no_saturation && !args.only_wan,
         window: args.window,
-        idle_connections: args.idle_connections,
+        idle_connections: if args.only_wan { 0 } else { args.idle_connections },
         verify: !args.no_verify,
         drain_timeout: args.drain_timeout,
         work_dir: args.work_dir,
+        wan: args.wan,
+        wan_outage: args.wan_outage,
     };
     let report = ingest_bench::run_ingest_bench(cfg, cancel).await?;
     if let Some(path) = &args.json {

@@ -270,12 +270,17 @@ pub struct SwitchedLink {
 impl SwitchedLink {
     /// Proxies to `upstream`, up.
     pub async fn start(upstream: SocketAddr) -> anyhow::Result<SwitchedLink> {
+        SwitchedLink::start_shaped(upstream, LinkShaping::default()).await
+    }
+
+    /// Proxies to `upstream`, up, with `shaping` (a slow WAN: added latency, a bandwidth cap).
+    pub async fn start_shaped(upstream: SocketAddr, shaping: LinkShaping) -> anyhow::Result<SwitchedLink> {
         let listener =
             tokio::net::TcpListener::bind("127.0.0.1:0").await.context("cannot bind the switched link")?;
         let addr = listener.local_addr()?;
         let (switch, up) = tokio::sync::watch::channel(true);
         let cancel = CancellationToken::new();
-        tokio::spawn(run_switched_link(listener, upstream, up, LinkShaping::default(), cancel.clone()));
+        tokio::spawn(run_switched_link(listener, upstream, up, shaping, cancel.clone()));
         Ok(SwitchedLink { addr, switch, _stop: cancel.drop_guard() })
     }
 

@@ -206,7 +206,9 @@ impl Relay {
         let key = sent.record.key();
         self.isolation_passed(key);
         // Written (encoded into the link's buffer, sent the same turn) → its PUBACK read.
-        self.metrics.histograms().upstream_round_trip.observe_duration(now.duration_since(sent.at));
+        let round_trip = now.duration_since(sent.at);
+        self.metrics.histograms().upstream_round_trip.observe_duration(round_trip);
+        self.commits.rtt.observe(round_trip);
         let counters = self.metrics.counters();
         match rejected {
             None => {

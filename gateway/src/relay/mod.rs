@@ -4,8 +4,10 @@
 //! accepted **and** schedules it for the disk; whichever finishes first decides:
 //! - upstream PUBACK before the event was due for a commit → it is never written (no flash
 //!   wear, no fsync on the latency path);
-//! - the event waited `commit_interval` without a PUBACK (or `commit_max_events` are waiting)
-//!   → it is committed, and deleted from the file once the PUBACK arrives.
+//! - the event waited its hold without a PUBACK (or `commit_max_events` are waiting) → it is
+//!   committed, and deleted from the file once the PUBACK arrives. The hold is
+//!   `commit_interval` on a fast link, follows the measured round trip on a slow one, and is
+//!   `max_ack_delay` without a connection (see `commit.rs`).
 //!
 //! The buffer file is the source of truth for everything older than the commit window: after a
 //! reconnect or a restart the relay resends from it, in order.
@@ -15,7 +17,7 @@
 //!   passed, or the overflow policy dropped it; each is counted.
 //! - **Crash window:** at most `2 × commit_max_events` accepted events are in memory and not
 //!   on disk (one batch being written, at most one batch filling), and none of them has been
-//!   waiting longer than `commit_interval` plus one fsync. When both batches are full, the
+//!   waiting longer than `max_ack_delay` plus one fsync. When both batches are full, the
 //!   relay stops taking input; the bounded channels before it (2 × 1024 events) then fill and
 //!   ingest stops reading the broker link.
 //! - All on-disk records have lower sequence numbers than all in-memory ones of the same
@@ -82,6 +84,8 @@ pub use run::run;
 pub struct RelaySettings {
     pub window: usize,
     pub commit_interval: Duration,
+    /// The longest an unsaved event waits for its PUBACK before it is committed.
+    pub max_ack_delay: Duration,
     pub commit_max_events: usize,
     pub max_events: u64,
     pub max_bytes: u64,
@@ -104,6 +108,7 @@ impl RelaySettings {
         RelaySettings {
             window: upstream.map_or(100, |u| usize::from(u.inflight)),
             commit_interval: buffer.commit_interval,
+            max_ack_delay: buffer.max_ack_delay(),
             commit_max_events: buffer.commit_max_events.get(),
             max_events: buffer.max_events,
             max_bytes: buffer.max_bytes.as_u64(),

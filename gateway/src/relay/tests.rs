@@ -108,6 +108,8 @@ fn settings() -> RelaySettings {
     RelaySettings {
         window: WINDOW,
         commit_interval: INTERVAL,
+        // The model's clock moves in whole intervals; a longer hold is tested on its own.
+        max_ack_delay: INTERVAL,
         commit_max_events: COMMIT_MAX,
         max_events: u64::MAX,
         max_bytes: u64::MAX,
@@ -386,10 +388,19 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 40, ..ProptestConfig::default() })]
 
     #[test]
-    fn relay_delivers_everything_in_order(actions in prop::collection::vec(arb_action(), 1..80)) {
+    fn relay_delivers_everything_in_order(
+        actions in prop::collection::vec(arb_action(), 1..80),
+        long_hold in any::<bool>(),
+    ) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
         rt.block_on(async {
-            let mut h = Harness::new();
+            // A `max_ack_delay` beyond `commit_interval` holds events in memory longer (while
+            // disconnected, or behind a slow round trip); a released ack must still mean safe.
+            let mut h = if long_hold {
+                harness_with(RelaySettings { max_ack_delay: INTERVAL * 5, ..settings() })
+            } else {
+                Harness::new()
+            };
             for action in actions {
                 h.step(action).await;
             }
@@ -449,6 +460,129 @@ fn healthy_link_writes_nothing() {
         let c = h.relay.metrics.counters();
         assert_eq!(Metrics::get(&c.acked_before_commit), 200);
         assert_eq!(Metrics::get(&c.committed), 0, "acked within commit_interval: never written");
+    });
+}
+
+proptest! {
+    #[test]
+    fn hold_stays_between_commit_interval_and_max_ack_delay(
+        interval_ms in 1u64..1000,
+        extra_ms in 0u64..5000,
+        rtt_ms in proptest::option::of(0u64..20_000),
+        connected in any::<bool>(),
+    ) {
+        let interval = Duration::from_millis(interval_ms);
+        let max = interval + Duration::from_millis(extra_ms);
+        let hold = commit::hold(interval, max, connected, rtt_ms.map(Duration::from_millis));
+        prop_assert!(hold >= interval && hold <= max, "{hold:?} outside {interval:?}..={max:?}");
+        if !connected {
+            prop_assert_eq!(hold, max, "no connection: nothing can be acked, so commits are as large as allowed");
+        }
+    }
+
+    #[test]
+    fn smoothed_rtt_stays_within_its_samples(samples in prop::collection::vec(0u64..10_000, 1..200)) {
+        let mut rtt = commit::Rtt::default();
+        for &ms in &samples {
+            rtt.observe(Duration::from_millis(ms));
+        }
+        let (lo, hi) = (samples.iter().min().copied().unwrap_or(0), samples.iter().max().copied().unwrap_or(0));
+        let srtt = rtt.get().expect("observed").as_millis() as u64;
+        prop_assert!(srtt >= lo && srtt <= hi, "{srtt} outside {lo}..={hi}");
+    }
+}
+
+#[test]
+fn hold_follows_the_round_trip() {
+    let (interval, max) = (Duration::from_millis(25), Duration::from_millis(250));
+    assert_eq!(commit::hold(interval, max, true, None), interval, "no sample yet: as before");
+    assert_eq!(commit::hold(interval, max, true, Some(Duration::from_millis(1))), Duration::from_millis(27));
+    assert_eq!(
+        commit::hold(interval, max, true, Some(Duration::from_millis(50))),
+        Duration::from_millis(125)
+    );
+    assert_eq!(commit::hold(interval, max, true, Some(Duration::from_millis(150))), max, "capped");
+    assert_eq!(commit::hold(interval, max, false, Some(Duration::from_millis(1))), max);
+    let mut rtt = commit::Rtt::default();
+    rtt.observe(Duration::from_millis(50));
+    for _ in 0..40 {
+        rtt.observe(Duration::from_millis(150));
+    }
+    let srtt = rtt.get().expect("observed");
+    assert!(srtt > Duration::from_millis(145) && srtt <= Duration::from_millis(150), "{srtt:?}");
+}
+
+/// On a connected slow link an unacknowledged event waits `commit_interval + 2 × SRTT` for its
+/// PUBACK, not `commit_interval`; its sensor's ack is released by whichever comes first.
+#[test]
+fn slow_link_waits_for_the_puback_within_max_ack_delay() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = harness_with(RelaySettings { max_ack_delay: INTERVAL * 10, ..settings() });
+        h.step(Action::Connect).await;
+        // Teach the relay a 3 × INTERVAL round trip: hold = INTERVAL + 6 × INTERVAL.
+        for _ in 0..3 {
+            h.step(Action::Accept(5)).await;
+            h.step(Action::Write(WINDOW)).await;
+            h.step(Action::Tick(3 * INTERVAL.as_millis() as u64)).await;
+            h.step(Action::Ack(0)).await;
+        }
+        assert_eq!(h.relay.hold(), INTERVAL * 7);
+        let metrics = h.relay.metrics.clone();
+        let c = metrics.counters();
+        // The first event outlived the 10 ms hold of a link with no sample yet.
+        let before = Metrics::get(&c.committed);
+        h.step(Action::Accept(5)).await;
+        h.step(Action::Write(WINDOW)).await;
+        h.step(Action::Tick(3 * INTERVAL.as_millis() as u64)).await;
+        h.step(Action::Ack(0)).await;
+        assert_eq!(Metrics::get(&c.committed), before, "acked within the hold: never written");
+        h.step(Action::Accept(5)).await;
+        h.step(Action::Write(WINDOW)).await;
+        h.step(Action::Tick(6 * INTERVAL.as_millis() as u64)).await;
+        assert_eq!(Metrics::get(&c.committed), before, "not due before the hold");
+        h.step(Action::Tick(INTERVAL.as_millis() as u64)).await;
+        assert_eq!(Metrics::get(&c.committed), before + 1, "due once it waited the hold");
+        h.drain().await;
+        // Disconnected: no PUBACK can come, so the hold is max_ack_delay.
+        h.step(Action::Disconnect).await;
+        assert_eq!(h.relay.hold(), INTERVAL * 10);
+        h.step(Action::Accept(5)).await;
+        h.step(Action::Tick(9 * INTERVAL.as_millis() as u64)).await;
+        assert_eq!(Metrics::get(&c.committed), before + 1, "not due before max_ack_delay");
+        h.step(Action::Tick(INTERVAL.as_millis() as u64)).await;
+        assert_eq!(Metrics::get(&c.committed), before + 2, "due at max_ack_delay");
+    });
+}
+
+/// A commit that falls due for deletes alone does not take unsaved events that are not due:
+/// they would be written, acknowledged a moment later and deleted by the next such commit, a
+/// cycle of one commit per `DELETE_INTERVAL` on a healthy slow link.
+#[test]
+fn a_delete_commit_takes_no_event_that_is_not_due() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        h.step(Action::Connect).await;
+        h.step(Action::Accept(5)).await;
+        h.step(Action::Write(WINDOW)).await;
+        h.step(Action::Tick(INTERVAL.as_millis() as u64)).await;
+        let metrics = h.relay.metrics.clone();
+        let c = metrics.counters();
+        assert_eq!(Metrics::get(&c.committed), 1, "outlived the hold unacknowledged");
+        h.step(Action::Ack(0)).await;
+        // The delete of the acked record falls due one second after the ack.
+        h.step(Action::Tick(995)).await;
+        h.step(Action::Accept(5)).await;
+        h.step(Action::Write(WINDOW)).await;
+        let commits = Metrics::get(&c.commits);
+        h.step(Action::Tick(5)).await;
+        assert_eq!(Metrics::get(&c.commits), commits + 1, "the delete commit ran");
+        assert_eq!(Metrics::get(&c.committed), 1, "an event younger than its hold stays in memory");
+        assert_eq!(h.relay.commits.unsaved_len, 1);
+        h.step(Action::Ack(0)).await;
+        h.drain().await;
+        assert_eq!(Metrics::get(&c.committed), 1, "acknowledged before it was due: never written");
     });
 }
 
