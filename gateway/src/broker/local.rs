@@ -786,6 +786,76 @@ mod tests {
         assert!(b.mailbox.is_empty());
     }
 
+    #[tokio::test]
+    async fn no_local_skips_the_publisher_and_overlapping_subscriptions_merge_their_ids() {
+        let l = local(10, 10);
+        let id: Arc<str> = Arc::from("s");
+        let a = l.attach(&id, 1, true, false, None);
+        let opts =
+            |qos, no_local, ids: Vec<usize>| SubOptions { qos, no_local, retain_as_published: false, ids };
+        l.subscribe(&id, "t/#", opts(1, true, vec![3])).expect("subscribe");
+        l.subscribe(&id, "t/x", opts(2, false, vec![5])).expect("subscribe");
+        l.publish("t/x", &publish("t/x", "others"), 2, None, None, true).await;
+        l.publish("t/x", &publish("t/x", "own"), 2, None, Some("s"), true).await;
+        let mut out = Vec::new();
+        a.mailbox.take(|_| true, &mut out);
+        let seen: Vec<(String, u8, Vec<usize>)> = out
+            .into_iter()
+            .map(|m| {
+                let ids = m.properties.map(|p| p.subscription_identifiers).unwrap_or_default();
+                (String::from_utf8_lossy(&m.publish.payload).into_owned(), m.qos, ids)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [("others".to_owned(), 2, vec![3, 5]), ("own".to_owned(), 2, vec![5])],
+            "one copy with both ids; its own publish only through the subscription without no local"
+        );
+    }
+
+    fn will(id: &Arc<str>) -> Will {
+        let access =
+            crate::broker::access::Access::load(&crate::config::BrokerConfig::default()).expect("no files");
+        Will {
+            client_id: Arc::clone(id),
+            will: LastWill {
+                topic: "w".into(),
+                message: "gone".into(),
+                qos: rumqttd::protocol::QoS::AtLeastOnce,
+                retain: false,
+            },
+            properties: None,
+            permissions: access.permissions(None, Arc::clone(id)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delayed_will_waits_for_the_delay_or_the_session_end_and_a_resume_cancels_it() {
+        let l = local(10, 10);
+        let id: Arc<str> = Arc::from("w");
+        let a = l.attach(&id, 1, true, true, Some(Duration::from_secs(60)));
+        let due = l.detach(&id, 1, &a.mailbox, Vec::new(), None, Some((Duration::from_secs(5), will(&id))));
+        assert!(due.is_empty(), "delayed");
+        assert!(l.expire(Instant::now()).1.is_empty());
+        assert_eq!(l.expire(Instant::now() + Duration::from_secs(5)).1.len(), 1, "due at the delay");
+        // Resumed before the delay: never published.
+        let b = l.attach(&id, 2, false, true, Some(Duration::from_secs(60)));
+        l.detach(&id, 2, &b.mailbox, Vec::new(), None, Some((Duration::from_secs(5), will(&id))));
+        let c = l.attach(&id, 3, false, true, Some(Duration::from_secs(2)));
+        assert!(l.expire(Instant::now() + Duration::from_secs(10)).1.is_empty(), "cancelled by the resume");
+        // Session expiry shorter than the delay (2 s): due when the session ends.
+        let due = l.detach(&id, 3, &c.mailbox, Vec::new(), None, Some((Duration::from_secs(30), will(&id))));
+        assert!(due.is_empty());
+        let (ended, wills) = l.expire(Instant::now() + Duration::from_secs(2));
+        assert_eq!((ended, wills.len()), (1, 1));
+        // A session that ends with its connection (DISCONNECT's session expiry 0) hands it back.
+        let d = l.attach(&id, 4, true, true, Some(Duration::from_secs(60)));
+        let due =
+            l.detach(&id, 4, &d.mailbox, Vec::new(), Some(0), Some((Duration::from_secs(30), will(&id))));
+        assert_eq!(due.len(), 1);
+        assert_eq!(lock(&l.state).sessions.len(), 0);
+    }
+
     #[test]
     fn a_session_holds_at_most_max_filters() {
         let l = local(10, 10);
