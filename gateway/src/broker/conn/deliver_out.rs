@@ -12,6 +12,8 @@
 //!   carries the expiry interval that remains. A delivery larger than the client's MQTT 5
 //!   maximum packet size is not sent (`local_too_large`, logged) — MQTT 5 3.1.2.11.4 says
 //!   discard it, as if it had been delivered.
+//! - A topic alias is used without its name only after the client got it with the name, on
+//!   this connection (aliases are not part of the session).
 //! - A packet id is never used twice while in flight. Deliveries left unacknowledged go back
 //!   to the session, in the order they were sent, when the connection ends.
 //! - `$SYS` filters are this connection's alone ([`SysSubscription`]); every other filter is
@@ -44,6 +46,36 @@ use tracing::{info, warn};
 /// the session's queued deliveries wait (and its queue fills); retained replays go at QoS 0.
 const MAX_OUT_INFLIGHT: usize = 1_000;
 
+/// Topic aliases used toward one client, at most (whatever more it accepts): bounds what a
+/// connection keeps per topic.
+const MAX_TOPIC_ALIASES: u16 = 256;
+
+/// Server-to-client topic aliases of one connection. The first topics sent get one each, for
+/// the connection's life; later topics go with their full name (MQTT 5 3.3.2.3.4 leaves the
+/// choice to the sender).
+struct TopicAliases {
+    max: u16,
+    by_topic: HashMap<Bytes, u16>,
+}
+
+#[derive(Clone, Copy)]
+enum Alias {
+    /// Sent before: the topic name may be left out.
+    Known(u16),
+    /// Sent with the name this time, and remembered.
+    New(u16),
+}
+
+impl TopicAliases {
+    fn lookup(&self, topic: &Bytes) -> Option<Alias> {
+        if let Some(n) = self.by_topic.get(topic) {
+            return Some(Alias::Known(*n));
+        }
+        let next = u16::try_from(self.by_topic.len() + 1).ok()?;
+        (next <= self.max).then_some(Alias::New(next))
+    }
+}
+
 pub(super) struct Outbound {
     pub(super) queue: SessionQueue,
     pub(super) sys: SysSubscription,
@@ -56,6 +88,8 @@ pub(super) struct Outbound {
     window: usize,
     /// The largest packet the client accepts (MQTT 5 maximum packet size).
     max_packet: Option<usize>,
+    /// Server-to-client topic aliases, when the MQTT 5 client accepts them.
+    aliases: Option<TopicAliases>,
     sent: u64,
     next_pkid: u16,
     /// What the ACL lets this client read and subscribe to.
@@ -92,13 +126,14 @@ struct Granted {
 }
 
 impl Outbound {
-    /// `receive_max`, `max_packet`: the client's MQTT 5 receive maximum and maximum packet
-    /// size, if it sent them.
+    /// `receive_max`, `max_packet`, `topic_alias_max`: what the client's MQTT 5 CONNECT said
+    /// it accepts, if it did.
     pub(super) fn new(
         attached: Attached,
         permissions: Permissions,
         receive_max: Option<u16>,
         max_packet: Option<u32>,
+        topic_alias_max: Option<u16>,
     ) -> Outbound {
         Outbound {
             permissions,
@@ -107,6 +142,9 @@ impl Outbound {
             inflight: HashMap::new(),
             window: receive_max.map_or(MAX_OUT_INFLIGHT, |r| usize::from(r).clamp(1, MAX_OUT_INFLIGHT)),
             max_packet: max_packet.and_then(|m| usize::try_from(m).ok()),
+            aliases: topic_alias_max
+                .filter(|m| *m > 0)
+                .map(|m| TopicAliases { max: m.min(MAX_TOPIC_ALIASES), by_topic: HashMap::new() }),
             sent: 0,
             next_pkid: 0,
         }
@@ -361,11 +399,29 @@ impl Outbound {
             (_, Some(p)) if !self.inflight.contains_key(&p) && p != 0 => (p, true),
             _ => (self.alloc_pkid(), false),
         };
-        let out = codec::publish_out(&message.publish, message.qos, pkid, message.retain, dup);
-        let properties = if io.v5() { message.properties.clone() } else { None };
+        let mut properties = if io.v5() { message.properties.clone() } else { None };
+        let alias = self.aliases.as_ref().and_then(|a| a.lookup(&message.publish.topic));
+        let out = match alias {
+            Some(Alias::Known(n)) => {
+                properties.get_or_insert_with(Default::default).topic_alias = Some(n);
+                let bare = Publish::new(Bytes::new(), message.publish.payload.clone(), false);
+                codec::publish_out(&bare, message.qos, pkid, message.retain, dup)
+            }
+            Some(Alias::New(n)) => {
+                properties.get_or_insert_with(Default::default).topic_alias = Some(n);
+                codec::publish_out(&message.publish, message.qos, pkid, message.retain, dup)
+            }
+            None => codec::publish_out(&message.publish, message.qos, pkid, message.retain, dup),
+        };
         let before = io.outbuf.len();
         io.write(Packet::Publish(out, properties));
         let size = io.outbuf.len() - before;
+        if self.max_packet.is_none_or(|max| size <= max)
+            && let (Some(Alias::New(n)), Some(aliases)) = (alias, self.aliases.as_mut())
+        {
+            // Only once the client has seen the name with it.
+            aliases.by_topic.insert(message.publish.topic.clone(), n);
+        }
         if self.max_packet.is_some_and(|max| size > max) {
             io.outbuf.truncate(before);
             Metrics::add(&counters.local_too_large, 1);
@@ -401,5 +457,23 @@ impl Outbound {
             expiry,
             will,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_topics_get_aliases_for_good_and_the_rest_go_by_name() {
+        let mut aliases = TopicAliases { max: 2, by_topic: HashMap::new() };
+        let (a, b, c) = (Bytes::from_static(b"a"), Bytes::from_static(b"b"), Bytes::from_static(b"c"));
+        assert!(matches!(aliases.lookup(&a), Some(Alias::New(1))));
+        assert!(matches!(aliases.lookup(&a), Some(Alias::New(1))), "not remembered until it was written");
+        aliases.by_topic.insert(a.clone(), 1);
+        assert!(matches!(aliases.lookup(&a), Some(Alias::Known(1))));
+        aliases.by_topic.insert(b.clone(), 2);
+        assert!(aliases.lookup(&c).is_none(), "all aliases taken: by name");
+        assert!(matches!(aliases.lookup(&b), Some(Alias::Known(2))));
     }
 }

@@ -84,6 +84,7 @@ pub(super) async fn connect(
             outbound_permissions,
             props.as_ref().and_then(|p| p.receive_maximum),
             props.as_ref().and_then(|p| p.max_packet_size),
+            props.as_ref().and_then(|p| p.topic_alias_max),
         ),
         client: Client { shared, id, peer, registration },
         max,
