@@ -313,7 +313,12 @@ impl Connection {
             && end.reason().is_some()
             && !matches!(end, End::Shutdown | End::Takeover | End::Keepalive)
         {
-            self.io.linger(Duration::from_secs(1)).await;
+            // A takeover of the id (the client reconnecting at once) or shutdown cuts it short.
+            let stop = self.client.registration.stop().token().clone();
+            tokio::select! {
+                () = self.io.linger(Duration::from_secs(1)) => {}
+                () = stop.cancelled() => {}
+            }
         }
         let will = if end.publishes_will() { self.inbound.take_will(&self.client) } else { None };
         // A will without a delay goes before the session is handed back, as before; a delayed
