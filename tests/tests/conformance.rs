@@ -1700,3 +1700,94 @@ async fn message_expiry_empties_offline_queues_and_will_delay_waits() {
     };
     conform("expiry and will delay", BrokerSetup::anonymous(), expected, expiry_and_will_delay).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// QoS 2 deliveries to a persistent session are resumed after a reconnect: the PUBREL of one
+// whose PUBREC came, the PUBLISH (DUP, same packet id) of one that got no answer.
+
+/// One packet a raw subscriber got: its kind, DUP flag, payload (PUBLISH) and whether its
+/// packet id is the one the same message had before the reconnect.
+#[derive(Debug, PartialEq)]
+struct Resumed {
+    kind: &'static str,
+    dup: bool,
+    payload: Option<String>,
+    same_packet_id: bool,
+}
+
+/// `(kind, dup, packet id, payload)` of a 3.1.1 packet read raw.
+fn parse4(first_byte: u8, body: &[u8]) -> Option<(&'static str, bool, u16, Option<String>)> {
+    let pkid = |at: usize| Some(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]));
+    match first_byte >> 4 {
+        3 => {
+            let topic_len = usize::from(pkid(0)?);
+            let id = pkid(2 + topic_len)?;
+            let payload = String::from_utf8_lossy(body.get(4 + topic_len..)?).into_owned();
+            Some(("PUBLISH", first_byte & 0x08 != 0, id, Some(payload)))
+        }
+        6 => Some(("PUBREL", false, pkid(0)?, None)),
+        _ => None,
+    }
+}
+
+/// Reads packets until `count` PUBLISH/PUBREL packets came or nothing more within a second.
+async fn read_flow(client: &mut RawClient, count: usize) -> Vec<(&'static str, bool, u16, Option<String>)> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        match client.read(ACK_TIMEOUT).await {
+            RawRead::Packet { first_byte, body } => got.extend(parse4(first_byte, &body)),
+            RawRead::Closed | RawRead::Silent => break,
+        }
+    }
+    got
+}
+
+async fn qos2_resumed(addrs: Addrs) -> Vec<Resumed> {
+    // 3.1.1 CONNECT with clean session 0: the flags byte follows "MQTT" and the level.
+    let mut connect = raw::connect_v311("q2-resume", 30);
+    connect[9] &= !0x02;
+    let Ok(mut subscriber) = RawClient::connect(addrs.v4, "q2-resume", &connect).await else {
+        return Vec::new();
+    };
+    if subscriber.send(&raw::subscribe_v311(1, "rd/#", 2)).await.is_err() {
+        return Vec::new();
+    }
+    subscriber.read(ACK_TIMEOUT).await; // SUBACK
+    if let Ok(mut publisher) = Client4::connect(options4(addrs.v4, "q2-resume-pub")).await {
+        publisher.publish("rd/a", QoS::ExactlyOnce, false, b"one").await;
+        publisher.publish("rd/b", QoS::ExactlyOnce, false, b"two").await;
+        publisher.disconnect().await;
+    }
+    // "one": PUBREC, so its PUBREL comes; "two": no answer. Then the connection drops.
+    let mut before = read_flow(&mut subscriber, 1).await;
+    let Some((_, _, one, _)) = before.first().cloned() else { return Vec::new() };
+    let _ = subscriber.send(&[0x50, 2, (one >> 8) as u8, one as u8]).await;
+    before.extend(read_flow(&mut subscriber, 2).await);
+    drop(subscriber);
+    let Ok(mut back) = RawClient::connect(addrs.v4, "q2-resume", &connect).await else { return Vec::new() };
+    let first_id = |payload: &str| {
+        before.iter().find(|(kind, _, _, p)| *kind == "PUBLISH" && p.as_deref() == Some(payload)).map(|p| p.2)
+    };
+    read_flow(&mut back, 2)
+        .await
+        .into_iter()
+        .map(|(kind, dup, id, payload)| Resumed {
+            kind,
+            dup,
+            same_packet_id: Some(id) == first_id(payload.as_deref().unwrap_or("one")),
+            payload,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_deliveries_to_a_persistent_session_resume_after_a_reconnect() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = vec![
+        Resumed { kind: "PUBREL", dup: false, payload: None, same_packet_id: true },
+        Resumed { kind: "PUBLISH", dup: true, payload: Some("two".to_owned()), same_packet_id: true },
+    ];
+    conform("QoS 2 resumed", BrokerSetup::anonymous(), expected, qos2_resumed).await;
+}
