@@ -393,7 +393,9 @@ impl Local {
             if s.persistent && Arc::ptr_eq(&s.mailbox, mailbox) && !inflight.is_empty() {
                 s.mailbox.set_online(s.owner.is_some(), inflight);
             }
-            due.extend(will.map(|(_, w)| w));
+            // Taken over: a connection to the session came within the will delay, so the
+            // delayed will is not published (MQTT 5, 3.1.3.2.2). (A will without a delay was
+            // published before this call.)
             return due;
         }
         match expiry {
