@@ -1791,3 +1791,28 @@ async fn qos2_deliveries_to_a_persistent_session_resume_after_a_reconnect() {
     ];
     conform("QoS 2 resumed", BrokerSetup::anonymous(), expected, qos2_resumed).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A DISCONNECT may not give a session expiry to a session that asked for none.
+
+async fn disconnect_raises_expiry(addrs: Addrs) -> Answer {
+    let Ok(mut client) =
+        RawClient::connect(addrs.v5, "expiry-raise", &raw::connect_v5("expiry-raise", 30)).await
+    else {
+        return Answer::Closed;
+    };
+    // DISCONNECT, reason 0, properties: session expiry interval (0x11) = 5.
+    if client.send(&[0xE0, 7, 0x00, 5, 0x11, 0, 0, 0, 5]).await.is_err() {
+        return Answer::Closed;
+    }
+    client.answer().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_cannot_raise_a_zero_session_expiry() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = Answer::Disconnect { reason: Code(0x82), then_closed: true };
+    conform("DISCONNECT session expiry", BrokerSetup::anonymous(), expected, disconnect_raises_expiry).await;
+}

@@ -76,6 +76,7 @@ pub(super) async fn connect(
         shared.cfg.max_publish_bytes_rate.map(|r| r.as_u64()),
         Instant::now(),
     );
+    let io_v5 = io.v5();
     let mut connection = Connection {
         io,
         inbound: Inbound::new(will, will_props, inbound_permissions),
@@ -90,6 +91,7 @@ pub(super) async fn connect(
         max,
         keepalive,
         rate,
+        expiry_zero: io_v5 && terms.expiry == Some(Duration::ZERO),
     };
     if connection.io.flush().await.is_err() {
         connection.close(End::Eof).await;

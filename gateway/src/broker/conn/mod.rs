@@ -147,6 +147,8 @@ struct Connection {
     keepalive: Option<Duration>,
     /// `broker.max_publish_rate` / `max_publish_bytes_rate`; `None` without either.
     rate: Option<RateLimit>,
+    /// MQTT 5: the CONNECT asked for session expiry 0, so a DISCONNECT may not raise it.
+    expiry_zero: bool,
 }
 
 impl Connection {
@@ -288,6 +290,11 @@ impl Connection {
             }
             Packet::Disconnect(d, properties) => {
                 let expiry = properties.and_then(|p| p.session_expiry_interval);
+                if self.expiry_zero && expiry.is_some_and(|e| e > 0) {
+                    return Err(End::Protocol(
+                        "DISCONNECT sets a session expiry after CONNECT asked for 0".to_owned(),
+                    ));
+                }
                 Err(if self.io.v5() && d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
                     End::NormalWithWill(expiry)
                 } else {
