@@ -149,6 +149,12 @@ pub struct BrokerConfig {
     /// How long a new TCP connection may take to send its CONNECT.
     #[serde(default = "default_connection_timeout", with = "humantime_serde")]
     pub connection_timeout: Duration,
+    /// The longest keepalive (seconds) an MQTT 5 client may use: one asking for more, or for
+    /// none (0), gets this value as CONNACK's server keep alive and must use it (mosquitto's
+    /// `max_keepalive`). Unset: every client's own keepalive is accepted. MQTT 3.1.1 has no
+    /// way to say it, so 3.1.1 clients keep theirs.
+    #[serde(default)]
+    pub max_keepalive: Option<std::num::NonZeroU16>,
     /// Topics with more levels are refused at ingest (MQTT 5: PUBACK 0x90; 3.1.1: the
     /// connection is closed, as mosquitto does). The default is EMQX's; mosquitto takes 201.
     /// Set it to the upstream broker's limit: a topic it refuses would cost that event.
@@ -616,6 +622,7 @@ impl Default for BrokerConfig {
             max_connections: default_max_connections(),
             max_payload: default_max_payload(),
             connection_timeout: default_connection_timeout(),
+            max_keepalive: None,
             max_topic_levels: default_max_topic_levels(),
             max_topic_length: default_max_topic_length(),
             max_queued_messages: default_max_queued_messages(),

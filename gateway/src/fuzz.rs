@@ -146,10 +146,10 @@ pub fn topic(data: &[u8]) {
     // The broker's trie agrees with the function for what reaches it: valid filters, and
     // names without wildcards or U+0000.
     if valid_filter && mqtt_ok {
-        let mut trie = SubTrie::default();
+        let mut trie: SubTrie<u8, u8> = SubTrie::default();
         trie.subscribe(&1u8, filter, 1);
         let mut out = Vec::new();
-        trie.matches(name, |_| true, &mut out);
+        trie.matches(name, |_| true, |_, _| true, &mut out);
         assert_eq!(!out.is_empty(), filter_matches(split_shared(filter).1, name), "{filter:?} vs {name:?}");
         trie.unsubscribe(&1u8, filter);
         assert_eq!((trie.len(), trie.nodes()), (0, 0));

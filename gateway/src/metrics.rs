@@ -148,6 +148,12 @@ counters! {
     /// Deliveries to local subscribers dropped because the subscriber's queue was full
     /// (`broker.max_queued_messages`): it read too slowly, or was offline.
     local_dropped,
+    /// Deliveries to local subscribers not sent because their MQTT 5 message expiry passed
+    /// while they were queued.
+    local_expired,
+    /// Deliveries to local subscribers not sent because they exceed the maximum packet size
+    /// the subscriber announced in its CONNECT (MQTT 5).
+    local_too_large,
     /// Persistent sessions ended because `broker.max_offline_sessions` were offline already.
     sessions_evicted,
     /// Persistent sessions ended because their MQTT 5 session expiry passed.

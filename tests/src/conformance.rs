@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
+use rumqttc::v5::mqttbytes::v5::{PublishProperties, SubscribeProperties};
 use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use rumqttc::{SubscribeReasonCode, v5};
 use serde_json::Value;
@@ -389,7 +390,8 @@ impl Client4 {
         }
     }
 
-    /// Publishes and waits for the PUBACK (QoS 1) or until the packet is written (QoS 0).
+    /// Publishes and waits for the PUBACK (QoS 1), the PUBCOMP (QoS 2) or until the packet is
+    /// written (QoS 0).
     pub async fn publish(&mut self, topic: &str, qos: QoS, retain: bool, payload: &[u8]) -> PublishOutcome {
         if self.failed || self.client.try_publish(topic, qos, retain, payload.to_vec()).is_err() {
             return PublishOutcome::Closed;
@@ -398,6 +400,9 @@ impl Client4 {
             loop {
                 match self.eventloop.poll().await {
                     Ok(Event::Incoming(Packet::PubAck(_))) if qos == QoS::AtLeastOnce => {
+                        return PublishOutcome::Acked;
+                    }
+                    Ok(Event::Incoming(Packet::PubComp(_))) if qos == QoS::ExactlyOnce => {
                         return PublishOutcome::Acked;
                     }
                     Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
@@ -472,6 +477,49 @@ pub struct Client5 {
     client: v5::AsyncClient,
     eventloop: v5::EventLoop,
     failed: bool,
+    /// Messages received while waiting for something else, for [`Client5::receive`].
+    received: Vec<Received5>,
+}
+
+/// A message as an MQTT 5 subscriber saw it, with the properties the scenarios look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received5 {
+    pub topic: String,
+    pub payload: String,
+    pub qos: u8,
+    pub retain: bool,
+    pub user_properties: Vec<(String, String)>,
+    pub content_type: Option<String>,
+    pub payload_format: Option<u8>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Vec<u8>>,
+    /// Sorted.
+    pub subscription_ids: Vec<usize>,
+    /// The message expiry interval that remained, as sent.
+    pub message_expiry: Option<u32>,
+}
+
+fn received5(publish: &v5::mqttbytes::v5::Publish) -> Received5 {
+    let p = publish.properties.clone().unwrap_or_default();
+    let mut subscription_ids = p.subscription_identifiers;
+    subscription_ids.sort_unstable();
+    Received5 {
+        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+        payload: String::from_utf8_lossy(&publish.payload).into_owned(),
+        qos: match publish.qos {
+            QoS5::AtMostOnce => 0,
+            QoS5::AtLeastOnce => 1,
+            QoS5::ExactlyOnce => 2,
+        },
+        retain: publish.retain,
+        user_properties: p.user_properties,
+        content_type: p.content_type,
+        payload_format: p.payload_format_indicator,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data.map(|d| d.to_vec()),
+        subscription_ids,
+        message_expiry: p.message_expiry_interval,
+    }
 }
 
 impl Client5 {
@@ -481,7 +529,7 @@ impl Client5 {
         let (client, mut eventloop) = v5::AsyncClient::new(options, 16);
         match timeout(CONNACK_TIMEOUT, eventloop.poll()).await {
             Ok(Ok(v5::Event::Incoming(v5::mqttbytes::v5::Packet::ConnAck(_)))) => {
-                Ok(Client5 { client, eventloop, failed: false })
+                Ok(Client5 { client, eventloop, failed: false, received: Vec::new() })
             }
             Ok(Ok(event)) => {
                 eprintln!("client {client_id}: expected a CONNACK, got {event:?}");
@@ -511,12 +559,31 @@ impl Client5 {
     }
 
     /// Publishes and waits for the PUBACK (QoS 1: [`PublishOutcome::Refused`] for a failure
-    /// reason code) or until the packet is written (QoS 0).
+    /// reason code), the PUBCOMP (QoS 2) or until the packet is written (QoS 0).
     pub async fn publish(&mut self, topic: &str, qos: QoS5, retain: bool, payload: &[u8]) -> PublishOutcome {
+        self.publish_with(topic, qos, retain, payload, PublishProperties::default()).await
+    }
+
+    /// [`Client5::publish`] with MQTT 5 properties. Messages that arrive meanwhile are kept
+    /// for [`Client5::receive`].
+    pub async fn publish_with(
+        &mut self,
+        topic: &str,
+        qos: QoS5,
+        retain: bool,
+        payload: &[u8],
+        properties: PublishProperties,
+    ) -> PublishOutcome {
         use v5::mqttbytes::v5::{Packet as P5, PubAckReason};
-        if self.failed || self.client.try_publish(topic, qos, retain, payload.to_vec()).is_err() {
+        if self.failed
+            || self
+                .client
+                .try_publish_with_properties(topic, qos, retain, payload.to_vec(), properties)
+                .is_err()
+        {
             return PublishOutcome::Closed;
         }
+        let received = &mut self.received;
         let answered = timeout(ACK_TIMEOUT, async {
             loop {
                 match self.eventloop.poll().await {
@@ -531,9 +598,13 @@ impl Client5 {
                             _ => PublishOutcome::Refused(Code(0x80)),
                         };
                     }
+                    Ok(v5::Event::Incoming(P5::PubComp(_))) if qos == QoS5::ExactlyOnce => {
+                        return PublishOutcome::Acked;
+                    }
                     Ok(v5::Event::Outgoing(Outgoing::Publish(_))) if qos == QoS5::AtMostOnce => {
                         return PublishOutcome::Sent;
                     }
+                    Ok(v5::Event::Incoming(P5::Publish(publish))) => received.push(received5(&publish)),
                     Ok(_) => {}
                     Err(_) => return PublishOutcome::Closed,
                 }
@@ -547,12 +618,26 @@ impl Client5 {
 
     /// Subscribes and waits for the SUBACK: its reason code (the granted QoS, or a failure such
     /// as 0x87), or `None` if the connection closed or nothing came within [`ACK_TIMEOUT`].
-    /// Messages that arrive before it are not kept.
+    /// Messages that arrive before it are kept for [`Client5::receive`].
     pub async fn subscribe(&mut self, filter: &str, qos: QoS5) -> Option<Code> {
+        self.subscribe_with(v5::mqttbytes::v5::Filter::new(filter, qos), None).await
+    }
+
+    /// [`Client5::subscribe`] with MQTT 5 subscription options and properties (an identifier).
+    pub async fn subscribe_with(
+        &mut self,
+        filter: v5::mqttbytes::v5::Filter,
+        properties: Option<SubscribeProperties>,
+    ) -> Option<Code> {
         use v5::mqttbytes::v5::{Packet as P5, SubscribeReasonCode as R};
-        if self.failed || self.client.try_subscribe(filter, qos).is_err() {
+        let sent = match properties {
+            Some(p) => self.client.try_subscribe_many_with_properties([filter], p),
+            None => self.client.try_subscribe_many([filter]),
+        };
+        if self.failed || sent.is_err() {
             return None;
         }
+        let received = &mut self.received;
         let answered = timeout(ACK_TIMEOUT, async {
             loop {
                 match self.eventloop.poll().await {
@@ -571,6 +656,7 @@ impl Client5 {
                             })
                         });
                     }
+                    Ok(v5::Event::Incoming(P5::Publish(publish))) => received.push(received5(&publish)),
                     Ok(_) => {}
                     Err(_) => return None,
                 }
@@ -580,6 +666,26 @@ impl Client5 {
         .unwrap_or(None);
         self.failed |= answered.is_none();
         answered
+    }
+
+    /// The messages received so far (acknowledged by rumqttc, QoS 2 included), and then
+    /// more, until `done` holds for all of them, the connection ends or `within` passes.
+    pub async fn receive(&mut self, within: Duration, done: impl Fn(&[Received5]) -> bool) -> Vec<Received5> {
+        use v5::mqttbytes::v5::Packet as P5;
+        let received = &mut self.received;
+        let eventloop = &mut self.eventloop;
+        let failed = &mut self.failed;
+        let _ = timeout(within, async {
+            while !*failed && !done(received) {
+                match eventloop.poll().await {
+                    Ok(v5::Event::Incoming(P5::Publish(publish))) => received.push(received5(&publish)),
+                    Ok(_) => {}
+                    Err(_) => *failed = true,
+                }
+            }
+        })
+        .await;
+        std::mem::take(received)
     }
 
     /// Closes the TCP connection without a DISCONNECT, as a sensor that loses power does.

@@ -11,9 +11,15 @@
 //! QoS and retain flag, whether the broker closed a connection), built by the helpers in
 //! `outpost_e2e::conformance`, which turn every misbehaviour into a value rather than a panic.
 //!
-//! One scenario deliberately differs, through `conform_with_deviation`: mosquitto answers a
+//! Two scenarios deliberately differ, through `conform_with_deviation`: mosquitto answers a
 //! wrong password with "not authorized" (5 / 0x87), Outpost with "bad user name or password"
-//! (4 / 0x86); everything else about it must match.
+//! (4 / 0x86); and for overlapping MQTT 5 subscriptions mosquitto sends one copy per
+//! subscription, each with its subscription identifier, Outpost one copy with all of them.
+//! Everything else about them must match.
+//!
+//! The MQTT 5 scenarios of issue #17 (QoS 2 flows, property passthrough, subscription
+//! identifiers, no local, retain as published, retain handling, message expiry in an offline
+//! queue, will delay) use rumqttc's MQTT 5 client through the harness's `Client5`.
 //!
 //! Two scenarios guard against a client hurting the broker for everyone: QoS 0 publishes keep
 //! reaching a QoS 1 subscriber past the first 100 (Outpost once stopped there: deliveries
@@ -30,13 +36,13 @@ use std::time::Duration;
 
 use outpost_e2e::conformance::{
     ACK_TIMEOUT, Addrs, Answer, BrokerSetup, CLOSE_TIMEOUT, Client4, Client5, Code, ConnectOutcome,
-    MAX_PACKET_BYTES, PublishOutcome, RawClient, RawRead, RawV5, Received, Recorder, SubscribeFailure,
-    Target, options4, options5, packet_type, qos_number, raw_connect_outcome,
+    MAX_PACKET_BYTES, PublishOutcome, RawClient, RawRead, RawV5, Received, Received5, Recorder,
+    SubscribeFailure, Target, options4, options5, packet_type, qos_number, raw_connect_outcome,
 };
 use outpost_e2e::{raw, require_mosquitto};
 use rumqttc::QoS;
 use rumqttc::v5::mqttbytes::QoS as QoS5;
-use rumqttc::v5::mqttbytes::v5::LastWill;
+use rumqttc::v5::mqttbytes::v5::{LastWill, PublishProperties, SubscribeProperties};
 
 /// How long a subscriber waits for many messages (the 100 newcomers' publishes).
 const MANY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -1333,4 +1339,480 @@ async fn a_mosquitto_passwd_file_works_unchanged() {
         ..reference
     };
     conform_with_deviation("password file", setup, expected, bad_credentials, password_file_logins).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// QoS 2 both ways, on both protocol versions (issue #17).
+
+#[derive(Debug, PartialEq)]
+struct Qos2Flows {
+    v4_granted: Option<Vec<u8>>,
+    v4_publish: PublishOutcome,
+    v4_received: Vec<Received>,
+    v5_granted: Option<Code>,
+    v5_publish: PublishOutcome,
+    /// Topic and QoS of what the MQTT 5 subscriber received.
+    v5_received: Vec<(String, u8)>,
+}
+
+async fn qos2_flows(addrs: Addrs) -> Qos2Flows {
+    let mut recorder = Recorder::start(addrs.v4, "q2/v4/#", QoS::ExactlyOnce).await;
+    let v4_granted = recorder.as_ref().ok().map(|r| {
+        r.granted()
+            .iter()
+            .map(|code| match code {
+                rumqttc::SubscribeReasonCode::Success(qos) => qos_number(*qos),
+                rumqttc::SubscribeReasonCode::Failure => 0x80,
+            })
+            .collect()
+    });
+    let v4_publish = match Client4::connect(options4(addrs.v4, "q2-pub4")).await {
+        Ok(mut publisher) => {
+            let outcome = publisher.publish("q2/v4/t", QoS::ExactlyOnce, false, b"exactly once").await;
+            publisher.disconnect().await;
+            outcome
+        }
+        Err(_) => PublishOutcome::Closed,
+    };
+    let v4_received = match &mut recorder {
+        Ok(r) => r.wait_until(ACK_TIMEOUT, |m| !m.is_empty()).await,
+        Err(_) => Vec::new(),
+    };
+    let (mut v5_granted, mut v5_publish, mut v5_received) = (None, PublishOutcome::Closed, Vec::new());
+    if let (Ok(mut subscriber), Ok(mut publisher)) = (
+        Client5::connect(options5(addrs.v5, "q2-sub5")).await,
+        Client5::connect(options5(addrs.v5, "q2-pub5")).await,
+    ) {
+        v5_granted = subscriber.subscribe("q2/v5/#", QoS5::ExactlyOnce).await;
+        v5_publish = publisher.publish("q2/v5/t", QoS5::ExactlyOnce, false, b"exactly once").await;
+        v5_received = subscriber
+            .receive(ACK_TIMEOUT, |m| !m.is_empty())
+            .await
+            .into_iter()
+            .map(|m| (m.topic, m.qos))
+            .collect();
+        publisher.disconnect().await;
+        subscriber.disconnect().await;
+    }
+    Qos2Flows { v4_granted, v4_publish, v4_received, v5_granted, v5_publish, v5_received }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_is_granted_taken_and_delivered_exactly_once_on_both_versions() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = Qos2Flows {
+        v4_granted: Some(vec![2]),
+        v4_publish: PublishOutcome::Acked,
+        v4_received: vec![Received::new("q2/v4/t", "exactly once", 2, false)],
+        v5_granted: Some(Code(2)),
+        v5_publish: PublishOutcome::Acked,
+        v5_received: vec![("q2/v5/t".to_owned(), 2)],
+    };
+    conform("QoS 2 flows", BrokerSetup::anonymous(), expected, qos2_flows).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// MQTT 5 properties and subscription identifiers reach local subscribers.
+
+#[derive(Debug, PartialEq)]
+struct PropertyPassthrough {
+    /// What arrived, its message expiry taken out (it counts down).
+    received: Vec<Received5>,
+    /// The expiry each carried was at most what was published and had not run down by more
+    /// than a few seconds.
+    expiry_counted_down: Vec<bool>,
+}
+
+async fn property_passthrough(addrs: Addrs) -> PropertyPassthrough {
+    use rumqttc::v5::mqttbytes::v5::Filter;
+    let mut observed = PropertyPassthrough { received: Vec::new(), expiry_counted_down: Vec::new() };
+    let (Ok(mut subscriber), Ok(mut publisher)) = (
+        Client5::connect(options5(addrs.v5, "props-sub")).await,
+        Client5::connect(options5(addrs.v5, "props-pub")).await,
+    ) else {
+        return observed;
+    };
+    let with_id = |id| Some(SubscribeProperties { id: Some(id), user_properties: Vec::new() });
+    subscriber.subscribe_with(Filter::new("props/#", QoS5::AtLeastOnce), with_id(7)).await;
+    subscriber.subscribe_with(Filter::new("props/x", QoS5::AtLeastOnce), with_id(9)).await;
+    let properties = PublishProperties {
+        payload_format_indicator: Some(1),
+        message_expiry_interval: Some(300),
+        response_topic: Some("reply/1".to_owned()),
+        correlation_data: Some(bytes::Bytes::from_static(b"c-1")),
+        user_properties: vec![("a".to_owned(), "1".to_owned()), ("b".to_owned(), "2".to_owned())],
+        content_type: Some("application/json".to_owned()),
+        ..PublishProperties::default()
+    };
+    publisher.publish_with("props/x", QoS5::AtLeastOnce, false, b"{}", properties).await;
+    publisher.publish("props/y", QoS5::AtLeastOnce, false, b"plain").await;
+    let mut received = subscriber.receive(ACK_TIMEOUT, |m| m.iter().any(|m| m.topic == "props/y")).await;
+    received.sort_by(|a, b| (&a.topic, &a.subscription_ids).cmp(&(&b.topic, &b.subscription_ids)));
+    for mut message in received {
+        observed.expiry_counted_down.push(message.message_expiry.is_none_or(|e| (290..=300).contains(&e)));
+        message.message_expiry = None;
+        observed.received.push(message);
+    }
+    publisher.disconnect().await;
+    subscriber.disconnect().await;
+    observed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_properties_and_subscription_identifiers_reach_local_subscribers() {
+    if !require_mosquitto() {
+        return;
+    }
+    let plain = |topic: &str, payload: &str, ids: Vec<usize>| Received5 {
+        topic: topic.to_owned(),
+        payload: payload.to_owned(),
+        qos: 1,
+        retain: false,
+        user_properties: Vec::new(),
+        content_type: None,
+        payload_format: None,
+        response_topic: None,
+        correlation_data: None,
+        subscription_ids: ids,
+        message_expiry: None,
+    };
+    let with_properties = |ids| Received5 {
+        user_properties: vec![("a".to_owned(), "1".to_owned()), ("b".to_owned(), "2".to_owned())],
+        content_type: Some("application/json".to_owned()),
+        payload_format: Some(1),
+        response_topic: Some("reply/1".to_owned()),
+        correlation_data: Some(b"c-1".to_vec()),
+        ..plain("props/x", "{}", ids)
+    };
+    // Mosquitto 2.0 sends one copy per matching subscription, each with its identifier.
+    let expected = PropertyPassthrough {
+        received: vec![
+            with_properties(vec![7]),
+            with_properties(vec![9]),
+            plain("props/y", "plain", vec![7]),
+        ],
+        expiry_counted_down: vec![true, true, true],
+    };
+    // The deviation: Outpost sends overlapping subscriptions one copy carrying every matching
+    // identifier (MQTT 5 3.3.4 allows either; Paho's test_subscribe_identifiers expects this,
+    // and a subscriber gets each message once).
+    let merged = |_: PropertyPassthrough| PropertyPassthrough {
+        received: vec![with_properties(vec![7, 9]), plain("props/y", "plain", vec![7])],
+        expiry_counted_down: vec![true, true],
+    };
+    conform_with_deviation(
+        "property passthrough",
+        BrokerSetup::anonymous(),
+        expected,
+        merged,
+        property_passthrough,
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Subscription options: no local, retain as published, retain handling.
+
+#[derive(Debug, PartialEq)]
+struct SubscriptionOptions {
+    /// Payloads a no-local subscriber got after it and another client published.
+    no_local: Vec<String>,
+    /// Topic and retain flag of live retained publishes, with and without retain as published.
+    retain_as_published: Vec<(String, bool)>,
+    /// Retained messages replayed per SUBSCRIBE: handling 0 twice, 1 twice, 2.
+    retain_handling: Vec<usize>,
+}
+
+/// Subscribes with `filter`, then publishes a marker to itself; the `retained/t` messages
+/// received before the marker came back.
+async fn replayed(client: &mut Client5, filter: rumqttc::v5::mqttbytes::v5::Filter) -> usize {
+    client.subscribe_with(filter, None).await;
+    client.publish("mark", QoS5::AtLeastOnce, false, b"mark").await;
+    let got = client.receive(ACK_TIMEOUT, |m| m.iter().any(|m| m.topic == "mark")).await;
+    got.iter().filter(|m| m.topic == "rh/t").count()
+}
+
+async fn subscription_options(addrs: Addrs) -> SubscriptionOptions {
+    use rumqttc::v5::mqttbytes::v5::{Filter, RetainForwardRule};
+    let mut observed = SubscriptionOptions {
+        no_local: Vec::new(),
+        retain_as_published: Vec::new(),
+        retain_handling: Vec::new(),
+    };
+    let (Ok(mut a), Ok(mut b)) = (
+        Client5::connect(options5(addrs.v5, "opts-a")).await,
+        Client5::connect(options5(addrs.v5, "opts-b")).await,
+    ) else {
+        return observed;
+    };
+    let mut no_local = Filter::new("nl/t", QoS5::AtLeastOnce);
+    no_local.nolocal = true;
+    a.subscribe_with(no_local, None).await;
+    a.publish("nl/t", QoS5::AtLeastOnce, false, b"own").await;
+    b.publish("nl/t", QoS5::AtLeastOnce, false, b"other").await;
+    observed.no_local = a
+        .receive(ACK_TIMEOUT, |m| m.iter().any(|m| m.payload == "other"))
+        .await
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
+
+    let mut kept = Filter::new("rap/kept", QoS5::AtLeastOnce);
+    kept.preserve_retain = true;
+    a.subscribe_with(kept, None).await;
+    a.subscribe("rap/cleared", QoS5::AtLeastOnce).await;
+    b.publish("rap/kept", QoS5::AtLeastOnce, true, b"r").await;
+    b.publish("rap/cleared", QoS5::AtLeastOnce, true, b"r").await;
+    observed.retain_as_published =
+        a.receive(ACK_TIMEOUT, |m| m.len() >= 2).await.into_iter().map(|m| (m.topic, m.retain)).collect();
+
+    a.subscribe("mark", QoS5::AtLeastOnce).await;
+    b.publish("rh/t", QoS5::AtLeastOnce, true, b"kept").await;
+    let rule = |filter: &str, rule| {
+        let mut f = Filter::new(filter, QoS5::AtLeastOnce);
+        f.retain_forward_rule = rule;
+        f
+    };
+    for filter in [
+        rule("rh/t", RetainForwardRule::OnEverySubscribe),
+        rule("rh/t", RetainForwardRule::OnEverySubscribe),
+        rule("rh/+", RetainForwardRule::OnNewSubscribe),
+        rule("rh/+", RetainForwardRule::OnNewSubscribe),
+        rule("rh/#", RetainForwardRule::Never),
+    ] {
+        observed.retain_handling.push(replayed(&mut a, filter).await);
+    }
+    a.disconnect().await;
+    b.disconnect().await;
+    observed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_local_retain_as_published_and_retain_handling() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = SubscriptionOptions {
+        no_local: vec!["other".to_owned()],
+        retain_as_published: vec![("rap/kept".to_owned(), true), ("rap/cleared".to_owned(), false)],
+        retain_handling: vec![1, 1, 1, 0, 0],
+    };
+    conform("subscription options", BrokerSetup::anonymous(), expected, subscription_options).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Message expiry in an offline queue; will delay, and a reconnect that cancels it.
+
+#[derive(Debug, PartialEq)]
+struct ExpiryAndWillDelay {
+    /// What a persistent session got after 2.5 s offline: topic, and whether the expiry it
+    /// carried had counted down (below 60, above 50).
+    offline_queue: Vec<(String, bool)>,
+    /// Will topics received within 1 s of the connections dropping.
+    wills_at_once: Vec<String>,
+    /// Will topics received by 4 s after.
+    wills_later: Vec<String>,
+}
+
+async fn expiry_and_will_delay(addrs: Addrs) -> ExpiryAndWillDelay {
+    let mut observed =
+        ExpiryAndWillDelay { offline_queue: Vec::new(), wills_at_once: Vec::new(), wills_later: Vec::new() };
+    let mut persistent = options5(addrs.v5, "exp-sub");
+    persistent.set_clean_start(false).set_session_expiry_interval(Some(60));
+    if let Ok(mut s) = Client5::connect(persistent.clone()).await {
+        s.subscribe("exp/#", QoS5::AtLeastOnce).await;
+        s.disconnect().await;
+    }
+    if let Ok(mut p) = Client5::connect(options5(addrs.v5, "exp-pub")).await {
+        for (topic, secs) in [("exp/short", 1), ("exp/long", 60)] {
+            let properties =
+                PublishProperties { message_expiry_interval: Some(secs), ..PublishProperties::default() };
+            p.publish_with(topic, QoS5::AtLeastOnce, false, b"x", properties).await;
+        }
+        p.disconnect().await;
+    }
+    // The stimulus, not a synchronisation: the short message's expiry must pass offline.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    if let Ok(mut s) = Client5::connect(persistent).await {
+        observed.offline_queue = s
+            .receive(ACK_TIMEOUT, |m| m.iter().any(|m| m.topic == "exp/long"))
+            .await
+            .into_iter()
+            .map(|m| (m.topic, m.message_expiry.is_some_and(|e| e < 60 && e > 50)))
+            .collect();
+        s.disconnect().await;
+    }
+
+    let Ok(mut watcher) = Client5::connect(options5(addrs.v5, "will-watch")).await else { return observed };
+    watcher.subscribe("will/#", QoS5::AtLeastOnce).await;
+    let will_client = |name: &str| {
+        let mut o = options5(addrs.v5, name);
+        o.set_session_expiry_interval(Some(10)).set_last_will(LastWill::new(
+            format!("will/{name}"),
+            "gone",
+            QoS5::AtLeastOnce,
+            false,
+            Some(rumqttc::v5::mqttbytes::v5::LastWillProperties {
+                delay_interval: Some(2),
+                payload_format_indicator: None,
+                message_expiry_interval: None,
+                content_type: None,
+                response_topic: None,
+                correlation_data: None,
+                user_properties: Vec::new(),
+            }),
+        ));
+        o
+    };
+    if let (Ok(delayed), Ok(back)) =
+        (Client5::connect(will_client("delayed")).await, Client5::connect(will_client("back")).await)
+    {
+        delayed.drop_connection();
+        back.drop_connection();
+        // `back` returns within its will delay: its will must never be published.
+        let mut returning = will_client("back");
+        returning.set_clean_start(false);
+        let returned = Client5::connect(returning).await;
+        let topics = |m: Vec<Received5>| m.into_iter().map(|m| m.topic).collect::<Vec<_>>();
+        observed.wills_at_once = topics(watcher.receive(Duration::from_secs(1), |m| !m.is_empty()).await);
+        observed.wills_later = topics(
+            watcher.receive(Duration::from_secs(3), |m| m.iter().any(|m| m.topic == "will/back")).await,
+        );
+        if let Ok(r) = returned {
+            r.disconnect().await;
+        }
+    }
+    watcher.disconnect().await;
+    observed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_expiry_empties_offline_queues_and_will_delay_waits() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = ExpiryAndWillDelay {
+        offline_queue: vec![("exp/long".to_owned(), true)],
+        wills_at_once: Vec::new(),
+        wills_later: vec!["will/delayed".to_owned()],
+    };
+    conform("expiry and will delay", BrokerSetup::anonymous(), expected, expiry_and_will_delay).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// QoS 2 deliveries to a persistent session are resumed after a reconnect: the PUBREL of one
+// whose PUBREC came, the PUBLISH (DUP, same packet id) of one that got no answer.
+
+/// One packet a raw subscriber got: its kind, DUP flag, payload (PUBLISH) and whether its
+/// packet id is the one the same message had before the reconnect.
+#[derive(Debug, PartialEq)]
+struct Resumed {
+    kind: &'static str,
+    dup: bool,
+    payload: Option<String>,
+    same_packet_id: bool,
+}
+
+/// `(kind, dup, packet id, payload)` of a 3.1.1 packet read raw.
+fn parse4(first_byte: u8, body: &[u8]) -> Option<(&'static str, bool, u16, Option<String>)> {
+    let pkid = |at: usize| Some(u16::from_be_bytes([*body.get(at)?, *body.get(at + 1)?]));
+    match first_byte >> 4 {
+        3 => {
+            let topic_len = usize::from(pkid(0)?);
+            let id = pkid(2 + topic_len)?;
+            let payload = String::from_utf8_lossy(body.get(4 + topic_len..)?).into_owned();
+            Some(("PUBLISH", first_byte & 0x08 != 0, id, Some(payload)))
+        }
+        6 => Some(("PUBREL", false, pkid(0)?, None)),
+        _ => None,
+    }
+}
+
+/// Reads packets until `count` PUBLISH/PUBREL packets came or nothing more within a second.
+async fn read_flow(client: &mut RawClient, count: usize) -> Vec<(&'static str, bool, u16, Option<String>)> {
+    let mut got = Vec::new();
+    while got.len() < count {
+        match client.read(ACK_TIMEOUT).await {
+            RawRead::Packet { first_byte, body } => got.extend(parse4(first_byte, &body)),
+            RawRead::Closed | RawRead::Silent => break,
+        }
+    }
+    got
+}
+
+async fn qos2_resumed(addrs: Addrs) -> Vec<Resumed> {
+    // 3.1.1 CONNECT with clean session 0: the flags byte follows "MQTT" and the level.
+    let mut connect = raw::connect_v311("q2-resume", 30);
+    connect[9] &= !0x02;
+    let Ok(mut subscriber) = RawClient::connect(addrs.v4, "q2-resume", &connect).await else {
+        return Vec::new();
+    };
+    if subscriber.send(&raw::subscribe_v311(1, "rd/#", 2)).await.is_err() {
+        return Vec::new();
+    }
+    subscriber.read(ACK_TIMEOUT).await; // SUBACK
+    if let Ok(mut publisher) = Client4::connect(options4(addrs.v4, "q2-resume-pub")).await {
+        publisher.publish("rd/a", QoS::ExactlyOnce, false, b"one").await;
+        publisher.publish("rd/b", QoS::ExactlyOnce, false, b"two").await;
+        publisher.disconnect().await;
+    }
+    // "one": PUBREC, so its PUBREL comes; "two": no answer. Then the connection drops.
+    let mut before = read_flow(&mut subscriber, 1).await;
+    let Some((_, _, one, _)) = before.first().cloned() else { return Vec::new() };
+    let _ = subscriber.send(&[0x50, 2, (one >> 8) as u8, one as u8]).await;
+    before.extend(read_flow(&mut subscriber, 2).await);
+    drop(subscriber);
+    let Ok(mut back) = RawClient::connect(addrs.v4, "q2-resume", &connect).await else { return Vec::new() };
+    let first_id = |payload: &str| {
+        before.iter().find(|(kind, _, _, p)| *kind == "PUBLISH" && p.as_deref() == Some(payload)).map(|p| p.2)
+    };
+    read_flow(&mut back, 2)
+        .await
+        .into_iter()
+        .map(|(kind, dup, id, payload)| Resumed {
+            kind,
+            dup,
+            same_packet_id: Some(id) == first_id(payload.as_deref().unwrap_or("one")),
+            payload,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_deliveries_to_a_persistent_session_resume_after_a_reconnect() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = vec![
+        Resumed { kind: "PUBREL", dup: false, payload: None, same_packet_id: true },
+        Resumed { kind: "PUBLISH", dup: true, payload: Some("two".to_owned()), same_packet_id: true },
+    ];
+    conform("QoS 2 resumed", BrokerSetup::anonymous(), expected, qos2_resumed).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A DISCONNECT may not give a session expiry to a session that asked for none.
+
+async fn disconnect_raises_expiry(addrs: Addrs) -> Answer {
+    let Ok(mut client) =
+        RawClient::connect(addrs.v5, "expiry-raise", &raw::connect_v5("expiry-raise", 30)).await
+    else {
+        return Answer::Closed;
+    };
+    // DISCONNECT, reason 0, properties: session expiry interval (0x11) = 5.
+    if client.send(&[0xE0, 7, 0x00, 5, 0x11, 0, 0, 0, 5]).await.is_err() {
+        return Answer::Closed;
+    }
+    client.answer().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_cannot_raise_a_zero_session_expiry() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = Answer::Disconnect { reason: Code(0x82), then_closed: true };
+    conform("DISCONNECT session expiry", BrokerSetup::anonymous(), expected, disconnect_raises_expiry).await;
 }

@@ -83,14 +83,15 @@ impl Commands {
             return Delivery::Denied;
         }
         let qos = qos.min(1);
-        let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload.clone(), false);
+        let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload.clone(), retain);
         if retain {
             let stored = codec::publish_with(&publish, qos, 0, true);
-            shared
-                .retained
-                .retain(topic, super::retained::Retained { publish: stored, qos, properties: None });
+            shared.retained.retain(
+                topic,
+                super::retained::Retained { publish: stored, qos, properties: None, expires: None },
+            );
         }
-        let local = shared.local.publish(topic, &publish, qos, None, true).await;
+        let local = shared.local.publish(topic, &publish, qos, None, None, true).await;
         let mut event = shared.intake.new_event(topic.to_owned(), payload, qos, &self.client_id);
         event.from_upstream = true;
         if !shared.intake.hand_over(event).await {

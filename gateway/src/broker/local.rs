@@ -2,8 +2,10 @@
 //!
 //! Every session (one per client id) has a [`Mailbox`]; a publish is matched against the
 //! [`SubTrie`] once, and a copy (sharing topic and payload bytes) is queued in each matching
-//! session's mailbox at `min(publish QoS, subscription QoS)`. The connection that owns a session
-//! takes from its mailbox as its QoS 1 window allows and writes to its socket.
+//! session's mailbox at `min(publish QoS, subscription QoS)`, with the subscription's options
+//! applied ([`SubOptions`]: no local, retain as published, subscription identifiers). The
+//! connection that owns a session takes from its mailbox as its QoS 1/2 window allows and
+//! writes to its socket.
 //!
 //! # Invariants
 //! - **Every piece of state a client can create is bounded and released.** Per session:
@@ -17,9 +19,15 @@
 //!   up to [`FULL_QUEUE_WAIT`], once per episode (until its queue drains to half), then its
 //!   deliveries are dropped; an offline session's QoS ≥ 1 deliveries beyond its queue are
 //!   dropped. QoS 0 to an offline session is not queued (MQTT allows either; mosquitto's default).
-//! - Deliveries to one session leave in the order they were queued; QoS 1 deliveries left
-//!   unacknowledged when a persistent session's connection ends go back to the front of its
-//!   queue and are sent again with DUP and their packet id.
+//! - Deliveries to one session leave in the order they were queued; QoS 1 and 2 deliveries
+//!   left unacknowledged when a persistent session's connection ends go back to the front of
+//!   its queue and are sent again with DUP and their packet id (a QoS 2 delivery whose PUBREC
+//!   came: its PUBREL).
+//! - A delivery carries its publish's MQTT 5 message expiry as a deadline; one that passed
+//!   it while queued is never sent (see `deliver_out`).
+//! - A will with an MQTT 5 will delay waits in its (persistent) session: published when the
+//!   delay or the session ends, whichever comes first, and never if a connection resumes the
+//!   session before.
 //! - The publisher never holds a lock while it waits, and no lock is held across an `.await`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -32,7 +40,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tracing::warn;
 
-use super::subs::SubTrie;
+use rumqttd::protocol::LastWill;
+
+use super::access::Permissions;
+use super::subs::{Merge, SubTrie};
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottles;
 
@@ -53,8 +64,59 @@ pub struct Message {
     pub qos: u8,
     pub retain: bool,
     pub properties: Option<PublishProperties>,
+    /// When its MQTT 5 message expiry passes: not sent after that.
+    pub expires: Option<Instant>,
     /// A redelivery after a reconnect: the packet id it was first sent with (sent with DUP).
     pub resend: Option<u16>,
+    /// QoS 2: the client's PUBREC came and our PUBREL went; a resend is the PUBREL.
+    pub released: bool,
+}
+
+impl Message {
+    /// A fresh delivery (not a resend).
+    pub fn new(publish: Publish, qos: u8, retain: bool, properties: Option<PublishProperties>) -> Message {
+        let expires = properties
+            .as_ref()
+            .and_then(|p| p.message_expiry_interval)
+            .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
+        Message { publish, qos, retain, properties, expires, resend: None, released: false }
+    }
+}
+
+/// A subscription's options: its QoS and, for MQTT 5, the rest of what SUBSCRIBE can ask.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubOptions {
+    pub qos: u8,
+    /// Not delivered to the session that published it.
+    pub no_local: bool,
+    /// Deliveries keep the publish's retain flag (otherwise it is cleared).
+    pub retain_as_published: bool,
+    /// Subscription identifiers sent with each delivery (one per subscription; merged ones
+    /// carry all of them, as MQTT 5 3.3.4 asks).
+    pub ids: Vec<usize>,
+}
+
+/// Overlapping subscriptions of one session give one delivery: the highest QoS, the retain
+/// flag kept if any asks, every identifier.
+impl Merge for SubOptions {
+    fn merge(&mut self, other: SubOptions) {
+        self.qos = self.qos.max(other.qos);
+        self.retain_as_published |= other.retain_as_published;
+        for id in other.ids {
+            if !self.ids.contains(&id) {
+                self.ids.push(id);
+            }
+        }
+    }
+}
+
+/// A will waiting for its MQTT 5 will delay, or ready to be published.
+pub struct Will {
+    pub client_id: Arc<str>,
+    pub will: LastWill,
+    pub properties: Option<PublishProperties>,
+    /// The ACL of the connection that set it: checked when it is published.
+    pub permissions: Permissions,
 }
 
 #[derive(Debug, Default)]
@@ -181,25 +243,28 @@ struct SessionState {
     /// How long the session outlives its connection; `None`: until evicted.
     expiry: Option<Duration>,
     offline_since: Option<Instant>,
+    /// A delayed will and when it is due (offline only).
+    will: Option<(Instant, Will)>,
 }
 
 #[derive(Default)]
 struct State {
-    trie: SubTrie<Arc<str>>,
+    trie: SubTrie<Arc<str>, SubOptions>,
     sessions: HashMap<Arc<str>, SessionState>,
     offline: usize,
 }
 
 impl State {
-    fn end_session(&mut self, id: &Arc<str>) {
-        if let Some(s) = self.sessions.remove(id) {
-            for f in &s.filters {
-                self.trie.unsubscribe(id, f);
-            }
-            if s.owner.is_none() {
-                self.offline -= 1;
-            }
+    /// Ends a session; returns its delayed will, now due.
+    fn end_session(&mut self, id: &Arc<str>) -> Option<Will> {
+        let s = self.sessions.remove(id)?;
+        for f in &s.filters {
+            self.trie.unsubscribe(id, f);
         }
+        if s.owner.is_none() {
+            self.offline -= 1;
+        }
+        s.will.map(|(_, w)| w)
     }
 }
 
@@ -261,10 +326,12 @@ impl Local {
     ) -> Attached {
         let mut state = lock(&self.state);
         if clean_start {
+            // A will delayed in it is not published: a connection for the session came first.
             state.end_session(id);
         }
         if let Some(s) = state.sessions.get_mut(id) {
             let was_offline = s.owner.is_none();
+            s.will = None;
             s.owner = Some(serial);
             s.persistent = persistent;
             s.expiry = expiry;
@@ -291,6 +358,7 @@ impl Local {
                 persistent,
                 expiry,
                 offline_since: None,
+                will: None,
             },
         );
         self.publish_gauges(&state);
@@ -298,26 +366,56 @@ impl Local {
     }
 
     /// The connection `serial` ends. A clean session ends with it; a persistent one goes
-    /// offline with `inflight` (QoS 1 deliveries not acknowledged, in the order they were sent)
+    /// offline with `inflight` (QoS 1/2 deliveries not completed, in the order they were sent)
     /// back at the front of its queue. A connection that was taken over changes nothing but
     /// hands its unacknowledged deliveries to the session, if it is still the same one.
-    pub fn detach(&self, id: &Arc<str>, serial: u64, mailbox: &Arc<Mailbox>, inflight: Vec<Message>) {
+    ///
+    /// `expiry`: an MQTT 5 DISCONNECT's session expiry, which replaces the CONNECT's (0 ends
+    /// the session now; a session that was not persistent stays so). `will`: a will due after
+    /// `delay`, kept in a persistent session until then. Returns the wills due now: a delayed
+    /// will whose session ended, and the will of a session evicted to make room.
+    pub fn detach(
+        &self,
+        id: &Arc<str>,
+        serial: u64,
+        mailbox: &Arc<Mailbox>,
+        inflight: Vec<Message>,
+        expiry: Option<u32>,
+        will: Option<(Duration, Will)>,
+    ) -> Vec<Will> {
+        let mut due = Vec::new();
         let mut state = lock(&self.state);
-        let Some(s) = state.sessions.get_mut(id) else { return };
+        let Some(s) = state.sessions.get_mut(id) else {
+            due.extend(will.map(|(_, w)| w));
+            return due;
+        };
         if s.owner != Some(serial) {
             if s.persistent && Arc::ptr_eq(&s.mailbox, mailbox) && !inflight.is_empty() {
                 s.mailbox.set_online(s.owner.is_some(), inflight);
             }
-            return;
+            // Taken over: a connection to the session came within the will delay, so the
+            // delayed will is not published (MQTT 5, 3.1.3.2.2). (A will without a delay was
+            // published before this call.)
+            return due;
+        }
+        match expiry {
+            Some(0) => s.persistent = false,
+            Some(u32::MAX) => s.expiry = None,
+            Some(secs) => s.expiry = Some(Duration::from_secs(u64::from(secs))),
+            None => {}
         }
         if !s.persistent {
-            state.end_session(id);
+            due.extend(will.map(|(_, w)| w));
+            due.extend(state.end_session(id));
             self.publish_gauges(&state);
-            return;
+            return due;
         }
+        let now = Instant::now();
         s.owner = None;
-        s.offline_since = Some(Instant::now());
+        s.offline_since = Some(now);
         s.mailbox.set_online(false, inflight);
+        // Due at the delay or the session's end, whichever comes first (MQTT 5, 3.1.3.2.2).
+        s.will = will.map(|(delay, w)| (now + s.expiry.map_or(delay, |e| e.min(delay)), w));
         state.offline += 1;
         if state.offline > self.limits.max_offline {
             let oldest = state
@@ -327,7 +425,7 @@ impl Local {
                 .min()
                 .map(|(_, k)| k);
             if let Some(victim) = oldest {
-                state.end_session(&victim);
+                due.extend(state.end_session(&victim));
                 Metrics::add(&self.metrics.counters().sessions_evicted, 1);
                 if let Some(folded) = self.logs.ready("evicted") {
                     warn!(message = "a persistent session was ended: broker.max_offline_sessions offline sessions are kept already; raise it, or have clients that do not return use clean sessions", client_id = %victim, similar_since_last_log = folded);
@@ -335,11 +433,19 @@ impl Local {
             }
         }
         self.publish_gauges(&state);
+        due
     }
 
-    /// Ends offline sessions whose expiry has passed. Returns how many.
-    pub fn expire(&self, now: Instant) -> usize {
+    /// Ends offline sessions whose expiry has passed, and takes the delayed wills whose time
+    /// came. Returns the sessions ended, and the wills to publish now.
+    pub fn expire(&self, now: Instant) -> (usize, Vec<Will>) {
         let mut state = lock(&self.state);
+        let mut wills = Vec::new();
+        for s in state.sessions.values_mut() {
+            if s.will.as_ref().is_some_and(|(at, _)| *at <= now) {
+                wills.extend(s.will.take().map(|(_, w)| w));
+            }
+        }
         let due: Vec<Arc<str>> = state
             .sessions
             .iter()
@@ -350,29 +456,36 @@ impl Local {
             .map(|(k, _)| Arc::clone(k))
             .collect();
         for id in &due {
-            state.end_session(id);
+            wills.extend(state.end_session(id));
         }
         if !due.is_empty() {
             Metrics::add(&self.metrics.counters().sessions_expired, due.len() as u64);
             self.publish_gauges(&state);
         }
-        due.len()
+        (due.len(), wills)
     }
 
-    /// Adds (or updates the QoS of) a subscription of `id`'s session.
-    pub fn subscribe(&self, id: &Arc<str>, filter: &str, qos: u8) -> Result<(), SubscribeError> {
+    /// Adds (or updates the options of) a subscription of `id`'s session. Returns whether it
+    /// is new (MQTT 5 retain handling 1 replays retained messages only then).
+    pub fn subscribe(
+        &self,
+        id: &Arc<str>,
+        filter: &str,
+        options: SubOptions,
+    ) -> Result<bool, SubscribeError> {
         let mut state = lock(&self.state);
         let State { trie, sessions, .. } = &mut *state;
-        let Some(s) = sessions.get_mut(id) else { return Ok(()) };
-        if !s.filters.contains(filter) {
+        let Some(s) = sessions.get_mut(id) else { return Ok(false) };
+        let new = !s.filters.contains(filter);
+        if new {
             if s.filters.len() >= self.limits.max_filters {
                 return Err(SubscribeError::TooMany);
             }
             s.filters.insert(filter.to_owned());
         }
-        trie.subscribe(id, filter, qos);
+        trie.subscribe(id, filter, options);
         self.publish_gauges(&state);
-        Ok(())
+        Ok(new)
     }
 
     /// Removes a subscription; returns whether there was one.
@@ -398,44 +511,47 @@ impl Local {
         f
     }
 
-    /// The mailboxes `topic` goes to, with the QoS of each delivery.
-    fn targets(&self, topic: &str, qos: u8) -> Vec<(Arc<str>, Arc<Mailbox>, u8)> {
+    /// The mailboxes `topic` goes to, with the options of each delivery. `from`: the
+    /// publishing session (no local).
+    fn targets(&self, topic: &str, from: Option<&str>) -> Vec<(Arc<str>, Arc<Mailbox>, SubOptions)> {
         if self.subscriptions.load(Ordering::Relaxed) == 0 {
             return Vec::new();
         }
         let state = lock(&self.state);
         let State { trie, sessions, .. } = &*state;
         let mut matched = Vec::new();
-        trie.matches(topic, |k| sessions.get(k).is_some_and(|s| s.owner.is_some()), &mut matched);
+        trie.matches(
+            topic,
+            |k| sessions.get(k).is_some_and(|s| s.owner.is_some()),
+            |k, o| !(o.no_local && from == Some(&**k)),
+            &mut matched,
+        );
         matched
             .into_iter()
-            .filter_map(|(k, sub_qos)| {
+            .filter_map(|(k, options)| {
                 let mailbox = Arc::clone(&sessions.get(&k)?.mailbox);
-                Some((k, mailbox, qos.min(sub_qos)))
+                Some((k, mailbox, options))
             })
             .collect()
     }
 
     /// Queues `publish` for every matching session. `wait`: a publisher that may be slowed
     /// down (a sensor connection) waits up to [`FULL_QUEUE_WAIT`] for room in a full queue;
-    /// one that must not (rules' republish) drops at once. Returns deliveries queued.
+    /// one that must not (rules' republish) drops at once. `from`: the publisher's session,
+    /// if it has one. Returns deliveries queued.
     pub async fn publish(
         &self,
         topic: &str,
         publish: &Publish,
         qos: u8,
         properties: Option<&PublishProperties>,
+        from: Option<&str>,
         wait: bool,
     ) -> usize {
         let mut queued = 0;
-        for (id, mailbox, qos) in self.targets(topic, qos) {
-            let mut message = Message {
-                publish: publish.clone(),
-                qos,
-                retain: false,
-                properties: properties.cloned(),
-                resend: None,
-            };
+        let expires = expiry_of(properties);
+        for (id, mailbox, options) in self.targets(topic, from) {
+            let mut message = delivery(publish, qos, properties, expires, options);
             let deadline = Instant::now() + FULL_QUEUE_WAIT;
             loop {
                 // Registered before the offer, so room made in between is not missed.
@@ -473,14 +589,9 @@ impl Local {
         properties: Option<&PublishProperties>,
     ) -> usize {
         let mut queued = 0;
-        for (id, mailbox, qos) in self.targets(topic, 0) {
-            let message = Message {
-                publish: publish.clone(),
-                qos,
-                retain: false,
-                properties: properties.cloned(),
-                resend: None,
-            };
+        let expires = expiry_of(properties);
+        for (id, mailbox, options) in self.targets(topic, None) {
+            let message = delivery(publish, 0, properties, expires, options);
             match mailbox.offer(message) {
                 Offer::Queued => queued += 1,
                 Offer::NotKept => {}
@@ -498,12 +609,45 @@ impl Local {
     }
 }
 
+/// When a publish's MQTT 5 message expiry passes, counted from now.
+fn expiry_of(properties: Option<&PublishProperties>) -> Option<Instant> {
+    let secs = properties?.message_expiry_interval?;
+    Some(Instant::now() + Duration::from_secs(u64::from(secs)))
+}
+
+/// One subscriber's copy of a publish, as its subscription's options make it.
+fn delivery(
+    publish: &Publish,
+    qos: u8,
+    properties: Option<&PublishProperties>,
+    expires: Option<Instant>,
+    options: SubOptions,
+) -> Message {
+    let mut properties = properties.cloned();
+    if !options.ids.is_empty() {
+        properties.get_or_insert_with(PublishProperties::default).subscription_identifiers = options.ids;
+    }
+    Message {
+        publish: publish.clone(),
+        qos: qos.min(options.qos),
+        retain: options.retain_as_published && publish.retain,
+        properties,
+        expires,
+        resend: None,
+        released: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn local(max_queued: usize, max_offline: usize) -> Local {
         Local::new(Limits { max_queued, max_offline, max_filters: 10 }, Metrics::default())
+    }
+
+    fn qos(qos: u8) -> SubOptions {
+        SubOptions { qos, ..SubOptions::default() }
     }
 
     fn publish(topic: &str, payload: &str) -> Publish {
@@ -523,19 +667,19 @@ mod tests {
         let l = local(2, 10);
         let id: Arc<str> = Arc::from("s");
         let a = l.attach(&id, 1, true, false, None);
-        l.subscribe(&id, "t", 1).expect("subscribe");
+        l.subscribe(&id, "t", qos(1)).expect("subscribe");
         for n in 0..2 {
-            assert_eq!(l.publish("t", &publish("t", &n.to_string()), 1, None, true).await, 1);
+            assert_eq!(l.publish("t", &publish("t", &n.to_string()), 1, None, None, true).await, 1);
         }
         let started = Instant::now();
-        assert_eq!(l.publish("t", &publish("t", "2"), 1, None, true).await, 0);
+        assert_eq!(l.publish("t", &publish("t", "2"), 1, None, None, true).await, 0);
         assert!(started.elapsed() >= FULL_QUEUE_WAIT, "waited the bound, then dropped");
         let started = Instant::now();
-        assert_eq!(l.publish("t", &publish("t", "3"), 1, None, true).await, 0);
+        assert_eq!(l.publish("t", &publish("t", "3"), 1, None, None, true).await, 0);
         assert!(started.elapsed() < FULL_QUEUE_WAIT, "lagging: no second wait");
         assert_eq!(Metrics::get(&l.metrics.counters().local_dropped), 2);
         assert_eq!(drain(&a.mailbox), [("0".to_owned(), 1, None), ("1".to_owned(), 1, None)]);
-        assert_eq!(l.publish("t", &publish("t", "4"), 0, None, true).await, 1, "drained: queued again");
+        assert_eq!(l.publish("t", &publish("t", "4"), 0, None, None, true).await, 1, "drained: queued again");
         assert_eq!(drain(&a.mailbox), [("4".to_owned(), 0, None)], "min(publish, subscription) QoS");
     }
 
@@ -544,11 +688,11 @@ mod tests {
         let l = Arc::new(local(1, 10));
         let id: Arc<str> = Arc::from("s");
         let a = l.attach(&id, 1, true, false, None);
-        l.subscribe(&id, "t", 1).expect("subscribe");
-        l.publish("t", &publish("t", "0"), 1, None, true).await;
+        l.subscribe(&id, "t", qos(1)).expect("subscribe");
+        l.publish("t", &publish("t", "0"), 1, None, None, true).await;
         let publisher = {
             let l = Arc::clone(&l);
-            tokio::spawn(async move { l.publish("t", &publish("t", "1"), 1, None, true).await })
+            tokio::spawn(async move { l.publish("t", &publish("t", "1"), 1, None, None, true).await })
         };
         tokio::task::yield_now().await;
         assert_eq!(drain(&a.mailbox), [("0".to_owned(), 1, None)]);
@@ -562,14 +706,18 @@ mod tests {
         let l = local(10, 10);
         let id: Arc<str> = Arc::from("p");
         let a = l.attach(&id, 1, false, true, None);
-        l.subscribe(&id, "$share/g/t", 1).expect("subscribe");
-        l.publish("t", &publish("t", "sent"), 1, None, true).await;
+        l.subscribe(&id, "$share/g/t", qos(1)).expect("subscribe");
+        l.publish("t", &publish("t", "sent"), 1, None, None, true).await;
         let mut inflight = Vec::new();
         a.mailbox.take(|_| true, &mut inflight);
         inflight[0].resend = Some(7);
-        l.detach(&id, 1, &a.mailbox, inflight);
-        assert_eq!(l.publish("t", &publish("t", "q1"), 1, None, true).await, 1, "queued while offline");
-        assert_eq!(l.publish("t", &publish("t", "q0"), 0, None, true).await, 0, "QoS 0 is not kept offline");
+        l.detach(&id, 1, &a.mailbox, inflight, None, None);
+        assert_eq!(l.publish("t", &publish("t", "q1"), 1, None, None, true).await, 1, "queued while offline");
+        assert_eq!(
+            l.publish("t", &publish("t", "q0"), 0, None, None, true).await,
+            0,
+            "QoS 0 is not kept offline"
+        );
         let b = l.attach(&id, 2, false, true, None);
         assert!(b.present);
         assert_eq!(b.filters, ["$share/g/t"]);
@@ -578,8 +726,8 @@ mod tests {
         let c = l.attach(&id, 3, true, false, None);
         assert!(!c.present);
         assert!(l.filters("p").is_empty());
-        assert_eq!(l.publish("t", &publish("t", "x"), 1, None, true).await, 0);
-        l.detach(&id, 3, &c.mailbox, Vec::new());
+        assert_eq!(l.publish("t", &publish("t", "x"), 1, None, None, true).await, 0);
+        l.detach(&id, 3, &c.mailbox, Vec::new(), None, None);
         assert_eq!(lock(&l.state).sessions.len(), 0, "a clean session leaves nothing behind");
         assert_eq!(lock(&l.state).trie.nodes(), 0);
     }
@@ -589,19 +737,19 @@ mod tests {
         let l = local(10, 10);
         let id: Arc<str> = Arc::from("p");
         let a = l.attach(&id, 1, false, true, None);
-        l.subscribe(&id, "old", 1).expect("subscribe");
-        l.detach(&id, 1, &a.mailbox, Vec::new());
+        l.subscribe(&id, "old", qos(1)).expect("subscribe");
+        l.detach(&id, 1, &a.mailbox, Vec::new(), None, None);
         // MQTT 5 clean start 1 with a session expiry: a new session that outlives the connection.
         let b = l.attach(&id, 2, true, true, Some(Duration::from_secs(60)));
         assert!(!b.present);
         assert!(l.filters("p").is_empty(), "the old session's subscriptions are gone");
-        l.subscribe(&id, "new", 1).expect("subscribe");
-        l.detach(&id, 2, &b.mailbox, Vec::new());
+        l.subscribe(&id, "new", qos(1)).expect("subscribe");
+        l.detach(&id, 2, &b.mailbox, Vec::new(), None, None);
         let c = l.attach(&id, 3, false, false, None);
         assert!(c.present);
         assert_eq!(c.filters, ["new"]);
         // Resumed with session expiry 0: it ends with this connection.
-        l.detach(&id, 3, &c.mailbox, Vec::new());
+        l.detach(&id, 3, &c.mailbox, Vec::new(), None, None);
         assert!(l.filters("p").is_empty());
         assert_eq!(lock(&l.state).offline, 0);
     }
@@ -612,13 +760,13 @@ mod tests {
         for (n, expiry) in [(1, None), (2, Some(Duration::from_secs(5))), (3, None)] {
             let id: Arc<str> = Arc::from(format!("p{n}"));
             let a = l.attach(&id, n, false, true, expiry);
-            l.subscribe(&id, "t", 1).expect("subscribe");
-            l.detach(&id, n, &a.mailbox, Vec::new());
+            l.subscribe(&id, "t", qos(1)).expect("subscribe");
+            l.detach(&id, n, &a.mailbox, Vec::new(), None, None);
         }
         assert_eq!(Metrics::get(&l.metrics.counters().sessions_evicted), 1, "p1, offline longest, ended");
         assert!(l.filters("p1").is_empty());
-        assert_eq!(l.expire(Instant::now()), 0);
-        assert_eq!(l.expire(Instant::now() + Duration::from_secs(5)), 1, "p2 expired");
+        assert_eq!(l.expire(Instant::now()).0, 0);
+        assert_eq!(l.expire(Instant::now() + Duration::from_secs(5)).0, 1, "p2 expired");
         assert_eq!(l.filters("p3"), ["t"]);
         assert_eq!(lock(&l.state).offline, 1);
     }
@@ -630,14 +778,84 @@ mod tests {
         let off: Arc<str> = Arc::from("off");
         let a = l.attach(&on, 1, true, false, None);
         let b = l.attach(&off, 2, false, true, None);
-        l.subscribe(&on, "$share/g/t", 1).expect("subscribe");
-        l.subscribe(&off, "$share/g/t", 1).expect("subscribe");
-        l.detach(&off, 2, &b.mailbox, Vec::new());
+        l.subscribe(&on, "$share/g/t", qos(1)).expect("subscribe");
+        l.subscribe(&off, "$share/g/t", qos(1)).expect("subscribe");
+        l.detach(&off, 2, &b.mailbox, Vec::new(), None, None);
         for n in 0..4 {
-            l.publish("t", &publish("t", &n.to_string()), 1, None, true).await;
+            l.publish("t", &publish("t", &n.to_string()), 1, None, None, true).await;
         }
         assert_eq!(drain(&a.mailbox).len(), 4, "the connected member gets every message");
         assert!(b.mailbox.is_empty());
+    }
+
+    #[tokio::test]
+    async fn no_local_skips_the_publisher_and_overlapping_subscriptions_merge_their_ids() {
+        let l = local(10, 10);
+        let id: Arc<str> = Arc::from("s");
+        let a = l.attach(&id, 1, true, false, None);
+        let opts =
+            |qos, no_local, ids: Vec<usize>| SubOptions { qos, no_local, retain_as_published: false, ids };
+        l.subscribe(&id, "t/#", opts(1, true, vec![3])).expect("subscribe");
+        l.subscribe(&id, "t/x", opts(2, false, vec![5])).expect("subscribe");
+        l.publish("t/x", &publish("t/x", "others"), 2, None, None, true).await;
+        l.publish("t/x", &publish("t/x", "own"), 2, None, Some("s"), true).await;
+        let mut out = Vec::new();
+        a.mailbox.take(|_| true, &mut out);
+        let seen: Vec<(String, u8, Vec<usize>)> = out
+            .into_iter()
+            .map(|m| {
+                let ids = m.properties.map(|p| p.subscription_identifiers).unwrap_or_default();
+                (String::from_utf8_lossy(&m.publish.payload).into_owned(), m.qos, ids)
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            [("others".to_owned(), 2, vec![3, 5]), ("own".to_owned(), 2, vec![5])],
+            "one copy with both ids; its own publish only through the subscription without no local"
+        );
+    }
+
+    fn will(id: &Arc<str>) -> Will {
+        let access =
+            crate::broker::access::Access::load(&crate::config::BrokerConfig::default()).expect("no files");
+        Will {
+            client_id: Arc::clone(id),
+            will: LastWill {
+                topic: "w".into(),
+                message: "gone".into(),
+                qos: rumqttd::protocol::QoS::AtLeastOnce,
+                retain: false,
+            },
+            properties: None,
+            permissions: access.permissions(None, Arc::clone(id)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delayed_will_waits_for_the_delay_or_the_session_end_and_a_resume_cancels_it() {
+        let l = local(10, 10);
+        let id: Arc<str> = Arc::from("w");
+        let a = l.attach(&id, 1, true, true, Some(Duration::from_secs(60)));
+        let due = l.detach(&id, 1, &a.mailbox, Vec::new(), None, Some((Duration::from_secs(5), will(&id))));
+        assert!(due.is_empty(), "delayed");
+        assert!(l.expire(Instant::now()).1.is_empty());
+        assert_eq!(l.expire(Instant::now() + Duration::from_secs(5)).1.len(), 1, "due at the delay");
+        // Resumed before the delay: never published.
+        let b = l.attach(&id, 2, false, true, Some(Duration::from_secs(60)));
+        l.detach(&id, 2, &b.mailbox, Vec::new(), None, Some((Duration::from_secs(5), will(&id))));
+        let c = l.attach(&id, 3, false, true, Some(Duration::from_secs(2)));
+        assert!(l.expire(Instant::now() + Duration::from_secs(10)).1.is_empty(), "cancelled by the resume");
+        // Session expiry shorter than the delay (2 s): due when the session ends.
+        let due = l.detach(&id, 3, &c.mailbox, Vec::new(), None, Some((Duration::from_secs(30), will(&id))));
+        assert!(due.is_empty());
+        let (ended, wills) = l.expire(Instant::now() + Duration::from_secs(2));
+        assert_eq!((ended, wills.len()), (1, 1));
+        // A session that ends with its connection (DISCONNECT's session expiry 0) hands it back.
+        let d = l.attach(&id, 4, true, true, Some(Duration::from_secs(60)));
+        let due =
+            l.detach(&id, 4, &d.mailbox, Vec::new(), Some(0), Some((Duration::from_secs(30), will(&id))));
+        assert_eq!(due.len(), 1);
+        assert_eq!(lock(&l.state).sessions.len(), 0);
     }
 
     #[test]
@@ -646,9 +864,9 @@ mod tests {
         let id: Arc<str> = Arc::from("s");
         l.attach(&id, 1, true, false, None);
         for n in 0..10 {
-            l.subscribe(&id, &format!("f/{n}"), 0).expect("within the limit");
+            l.subscribe(&id, &format!("f/{n}"), qos(0)).expect("within the limit");
         }
-        assert_eq!(l.subscribe(&id, "f/x", 0), Err(SubscribeError::TooMany));
-        assert_eq!(l.subscribe(&id, "f/3", 1), Ok(()), "an existing filter may change its QoS");
+        assert_eq!(l.subscribe(&id, "f/x", qos(0)), Err(SubscribeError::TooMany));
+        assert_eq!(l.subscribe(&id, "f/3", qos(1)), Ok(false), "an existing filter may change its QoS");
     }
 }

@@ -44,7 +44,8 @@
 //!   intake is a channel.
 //! - Who calls what: connections call every part; the `Republisher` only
 //!   `Local::publish_now`; `Commands` what a publishing connection calls (access, retained,
-//!   `Local::publish`, the intake); the expiry task only `Local::expire`; the status task only writes
+//!   `Local::publish`, the intake); the expiry task `Local::expire` and, for the delayed wills it
+//!   returns, what a connection's will calls; the status task only writes
 //!   the `watch`.
 //!
 //! # Invariants
@@ -204,7 +205,7 @@ pub async fn start(
         tracker.spawn(access::reload_on_hangup(access, metrics.clone(), cancel.clone()));
     }
     tracker.spawn(sys::refresh(cfg.sys_interval, metrics, status_tx, cancel.clone()));
-    tracker.spawn(expire_sessions(Arc::clone(&local), cancel.clone()));
+    tracker.spawn(expire_sessions(Arc::clone(&shared), cancel.clone()));
     for (listener, which, tls) in listeners {
         let addr = listener.local_addr().unwrap_or(cfg.listen);
         let transport = if tls.is_some() { "TLS" } else { "TCP" };
@@ -214,15 +215,19 @@ pub async fn start(
     Ok(Started { republisher: Republisher::new(local), shared })
 }
 
-/// Ends offline persistent sessions whose MQTT 5 session expiry has passed.
-async fn expire_sessions(local: Arc<Local>, cancel: CancellationToken) {
+/// Ends offline persistent sessions whose MQTT 5 session expiry has passed, and publishes the
+/// delayed wills whose time came (MQTT 5 will delay), to within [`EXPIRY_CHECK`].
+async fn expire_sessions(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(EXPIRY_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tick.tick() => {
-                local.expire(tokio::time::Instant::now());
+                let (_, wills) = shared.local.expire(tokio::time::Instant::now());
+                for will in wills {
+                    conn::publish_will(&shared, will).await;
+                }
             }
         }
     }

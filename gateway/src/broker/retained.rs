@@ -4,6 +4,8 @@
 //! - Bounded: at most `broker.max_retained` topics and `broker.max_retained_bytes` bytes (topic
 //!   plus payload). A message that does not fit is not kept, counted (`retained_refused`) and
 //!   logged; replacing or clearing a topic always succeeds.
+//! - A message whose MQTT 5 message expiry passed is never replayed, and is removed at the
+//!   next replay.
 //! - One lock, held only to read or change the map: nothing else is locked under it and it is
 //!   never held across an `.await`. Callers get copies (sharing the payload bytes).
 
@@ -11,6 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
 use rumqttd::protocol::{Publish, PublishProperties};
+use tokio::time::Instant;
 use tracing::warn;
 
 use crate::metrics::Metrics;
@@ -23,6 +26,8 @@ pub struct Retained {
     pub publish: Publish,
     pub qos: u8,
     pub properties: Option<PublishProperties>,
+    /// When its message expiry passes (`None`: never).
+    pub expires: Option<Instant>,
 }
 
 impl Retained {
@@ -87,8 +92,18 @@ impl RetainedStore {
     /// Retained messages matching `filter` (a shared subscription's filter without its group).
     pub fn matching(&self, filter: &str) -> Vec<Retained> {
         let filter = topic::split_shared(filter).1;
-        self.lock()
-            .by_topic
+        let now = Instant::now();
+        let mut held = self.lock();
+        let mut freed = 0;
+        held.by_topic.retain(|name, r| {
+            let live = r.expires.is_none_or(|at| at > now);
+            if !live {
+                freed += Retained::size(name, &r.publish);
+            }
+            live
+        });
+        held.bytes -= freed;
+        held.by_topic
             .iter()
             .filter(|(name, _)| topic::filter_matches(filter, name))
             .map(|(_, r)| r.clone())
@@ -105,6 +120,7 @@ mod tests {
             publish: Publish::new(topic.to_owned(), payload.to_owned(), true),
             qos: 0,
             properties: None,
+            expires: None,
         }
     }
 

@@ -2,7 +2,8 @@
 //!
 //! One node per filter level; `+` and `#` are children like any other level, so a topic walks
 //! at most three children per level (its own level, `+`, `#`). Plain subscriptions end at a
-//! node as `session → QoS`; shared subscriptions (`$share/group/filter`) end at the node of
+//! node as `session → options` (the QoS, and for MQTT 5 the subscription options; see
+//! [`Merge`]); shared subscriptions (`$share/group/filter`) end at the node of
 //! `filter` as groups, and each matching group yields one member per topic, round robin,
 //! preferring members whose session is connected.
 //!
@@ -23,52 +24,65 @@ use std::hash::Hash;
 
 use crate::mqtt::topic::split_shared;
 
+/// What a subscription holds besides its session, and how overlapping plain subscriptions of
+/// one session combine into the one delivery it gets.
+pub trait Merge {
+    fn merge(&mut self, other: Self);
+}
+
+/// A bare QoS: overlapping subscriptions give the highest (as mosquitto does).
+impl Merge for u8 {
+    fn merge(&mut self, other: u8) {
+        *self = (*self).max(other);
+    }
+}
+
 #[derive(Debug)]
-struct Group<K> {
-    /// Members in subscription order, with their QoS.
-    members: Vec<(K, u8)>,
+struct Group<K, V> {
+    /// Members in subscription order, with their options.
+    members: Vec<(K, V)>,
     /// Index of the member that gets the next message (if it is eligible). A `Cell`, so that
     /// matching reads the trie through `&self` and hands out shared references only.
     next: Cell<usize>,
 }
 
 #[derive(Debug)]
-struct Node<K> {
-    children: HashMap<Box<str>, Node<K>>,
-    plain: HashMap<K, u8>,
-    groups: BTreeMap<Box<str>, Group<K>>,
+struct Node<K, V> {
+    children: HashMap<Box<str>, Node<K, V>>,
+    plain: HashMap<K, V>,
+    groups: BTreeMap<Box<str>, Group<K, V>>,
 }
 
-impl<K> Default for Node<K> {
+impl<K, V> Default for Node<K, V> {
     fn default() -> Self {
         Node { children: HashMap::new(), plain: HashMap::new(), groups: BTreeMap::new() }
     }
 }
 
-impl<K> Node<K> {
+impl<K, V> Node<K, V> {
     fn is_empty(&self) -> bool {
         self.children.is_empty() && self.plain.is_empty() && self.groups.is_empty()
     }
 }
 
-/// A delivery target: the session and the subscription's QoS.
-pub type Target<K> = (K, u8);
+/// A delivery target: the session and the subscription's options.
+pub type Target<K, V = u8> = (K, V);
 
-/// The subscriptions of all local sessions, keyed by session `K`.
+/// The subscriptions of all local sessions, keyed by session `K`, each holding `V`.
 #[derive(Debug)]
-pub struct SubTrie<K> {
-    root: Node<K>,
+pub struct SubTrie<K, V = u8> {
+    root: Node<K, V>,
     subscriptions: usize,
     nodes: usize,
 }
 
-impl<K> Default for SubTrie<K> {
+impl<K, V> Default for SubTrie<K, V> {
     fn default() -> Self {
         SubTrie { root: Node::default(), subscriptions: 0, nodes: 0 }
     }
 }
 
-impl<K: Clone + Eq + Hash> SubTrie<K> {
+impl<K: Clone + Eq + Hash, V: Clone + Merge> SubTrie<K, V> {
     /// Subscriptions held (a session's filter counts once, whatever its QoS).
     pub fn len(&self) -> usize {
         self.subscriptions
@@ -84,8 +98,8 @@ impl<K: Clone + Eq + Hash> SubTrie<K> {
     }
 
     /// Adds or updates `key`'s subscription to `filter` (a valid filter). Returns whether it is
-    /// new (false: only its QoS changed).
-    pub fn subscribe(&mut self, key: &K, filter: &str, qos: u8) -> bool {
+    /// new (false: only its options changed).
+    pub fn subscribe(&mut self, key: &K, filter: &str, qos: V) -> bool {
         let (group, f) = split_shared(filter);
         let mut node = &mut self.root;
         for level in f.split('/') {
@@ -129,30 +143,38 @@ impl<K: Clone + Eq + Hash> SubTrie<K> {
         removed
     }
 
-    /// The sessions `topic` goes to: each plain subscriber once, at the highest QoS of its
-    /// matching subscriptions, then one member per matching shared group (round robin over
-    /// the members `eligible` accepts; over all of them if it accepts none).
-    pub fn matches(&self, topic: &str, eligible: impl Fn(&K) -> bool, out: &mut Vec<Target<K>>) {
+    /// The sessions `topic` goes to: each plain subscriber once, its matching subscriptions
+    /// that `keep` accepts merged ([`Merge`]: the highest QoS), then one member per matching
+    /// shared group (round robin over the members `eligible` accepts; over all of them if it
+    /// accepts none).
+    pub fn matches(
+        &self,
+        topic: &str,
+        eligible: impl Fn(&K) -> bool,
+        keep: impl Fn(&K, &V) -> bool,
+        out: &mut Vec<Target<K, V>>,
+    ) {
         let levels: Vec<&str> = topic.split('/').collect();
         let dollar = topic.starts_with('$');
         let mut groups = Vec::new();
         collect(&self.root, &levels, 0, dollar, out, &mut groups);
-        // Overlapping plain subscriptions of one session: one delivery, the highest QoS.
+        out.retain(|(k, v)| keep(k, v));
+        // Overlapping plain subscriptions of one session: one delivery.
         if out.len() > 1 {
-            let mut best: HashMap<K, u8> = HashMap::with_capacity(out.len());
+            let mut best: HashMap<K, V> = HashMap::with_capacity(out.len());
             let mut order = Vec::with_capacity(out.len());
             for (k, q) in out.drain(..) {
                 match best.get_mut(&k) {
-                    Some(b) => *b = (*b).max(q),
+                    Some(b) => b.merge(q),
                     None => {
                         best.insert(k.clone(), q);
                         order.push(k);
                     }
                 }
             }
-            out.extend(order.into_iter().map(|k| {
-                let q = best[&k];
-                (k, q)
+            out.extend(order.into_iter().filter_map(|k| {
+                let q = best.remove(&k)?;
+                Some((k, q))
             }));
         }
         for group in groups {
@@ -169,21 +191,21 @@ impl<K: Clone + Eq + Hash> SubTrie<K> {
     }
 }
 
-fn collect<'a, K: Clone>(
-    node: &'a Node<K>,
+fn collect<'a, K: Clone, V: Clone>(
+    node: &'a Node<K, V>,
     levels: &[&str],
     depth: usize,
     dollar: bool,
-    out: &mut Vec<Target<K>>,
-    groups: &mut Vec<&'a Group<K>>,
+    out: &mut Vec<Target<K, V>>,
+    groups: &mut Vec<&'a Group<K, V>>,
 ) {
     let Some(level) = levels.get(depth) else {
         // The topic ends here: subscriptions ending at this node, and `…/#` below it (a
         // filter `a/#` matches `a` too).
-        out.extend(node.plain.iter().map(|(k, q)| (k.clone(), *q)));
+        out.extend(node.plain.iter().map(|(k, q)| (k.clone(), q.clone())));
         groups.extend(node.groups.values());
         if let Some(hash) = node.children.get("#") {
-            out.extend(hash.plain.iter().map(|(k, q)| (k.clone(), *q)));
+            out.extend(hash.plain.iter().map(|(k, q)| (k.clone(), q.clone())));
             groups.extend(hash.groups.values());
         }
         return;
@@ -191,7 +213,7 @@ fn collect<'a, K: Clone>(
     // Leading wildcards skip `$` topics.
     if !(dollar && depth == 0) {
         if let Some(hash) = node.children.get("#") {
-            out.extend(hash.plain.iter().map(|(k, q)| (k.clone(), *q)));
+            out.extend(hash.plain.iter().map(|(k, q)| (k.clone(), q.clone())));
             groups.extend(hash.groups.values());
         }
         if let Some(plus) = node.children.get("+") {
@@ -206,8 +228,8 @@ fn collect<'a, K: Clone>(
     }
 }
 
-fn remove<K: Eq + Hash>(
-    node: &mut Node<K>,
+fn remove<K: Eq + Hash, V>(
+    node: &mut Node<K, V>,
     levels: &[&str],
     group: Option<&str>,
     key: &K,
@@ -242,16 +264,16 @@ mod tests {
     use crate::mqtt::topic::filter_matches;
     use proptest::prelude::*;
 
-    fn plain(trie: &SubTrie<u32>, topic: &str) -> Vec<(u32, u8)> {
+    fn plain(trie: &SubTrie<u32, u8>, topic: &str) -> Vec<(u32, u8)> {
         let mut out = Vec::new();
-        trie.matches(topic, |_| true, &mut out);
+        trie.matches(topic, |_| true, |_, _| true, &mut out);
         out.sort_unstable();
         out
     }
 
     #[test]
     fn wildcards_match_like_mqtt_and_dollar_topics_skip_leading_ones() {
-        let mut t = SubTrie::default();
+        let mut t: SubTrie<u32, u8> = SubTrie::default();
         t.subscribe(&1, "#", 0);
         t.subscribe(&2, "a/+", 1);
         t.subscribe(&3, "a/#", 1);
@@ -266,7 +288,7 @@ mod tests {
 
     #[test]
     fn overlapping_subscriptions_give_one_delivery_at_the_highest_qos() {
-        let mut t = SubTrie::default();
+        let mut t: SubTrie<u32, u8> = SubTrie::default();
         t.subscribe(&1, "a/#", 0);
         t.subscribe(&1, "a/b", 1);
         assert_eq!(plain(&t, "a/b"), [(1, 1)]);
@@ -277,7 +299,7 @@ mod tests {
 
     #[test]
     fn unsubscribing_prunes_every_node_it_empties() {
-        let mut t = SubTrie::default();
+        let mut t: SubTrie<u32, u8> = SubTrie::default();
         for n in 0..1_000 {
             t.subscribe(&1, &format!("f/{n}/x/#"), 1);
         }
@@ -297,7 +319,7 @@ mod tests {
 
     #[test]
     fn a_shared_group_delivers_to_one_member_round_robin_preferring_eligible_ones() {
-        let mut t = SubTrie::default();
+        let mut t: SubTrie<u32, u8> = SubTrie::default();
         t.subscribe(&1, "$share/g/s/+", 1);
         t.subscribe(&2, "$share/g/s/#", 1);
         t.subscribe(&3, "$share/g/s/+", 0);
@@ -305,7 +327,7 @@ mod tests {
         let mut picks = Vec::new();
         for _ in 0..4 {
             let mut out = Vec::new();
-            t.matches("s/x", |_| true, &mut out);
+            t.matches("s/x", |_| true, |_, _| true, &mut out);
             out.sort_unstable();
             picks.push(out);
         }
@@ -320,10 +342,10 @@ mod tests {
             ]
         );
         let mut out = Vec::new();
-        t.matches("s/x", |k| *k == 3, &mut out);
+        t.matches("s/x", |k| *k == 3, |_, _| true, &mut out);
         assert!(out.contains(&(3, 0)), "the eligible member is chosen: {out:?}");
         out.clear();
-        t.matches("s/x", |_| false, &mut out);
+        t.matches("s/x", |_| false, |_, _| true, &mut out);
         assert_eq!(out.len(), 3, "nobody eligible: still one member per group");
     }
 
@@ -360,7 +382,7 @@ mod tests {
             unsubs in prop::collection::vec(0usize..24, 0..12),
             topics in prop::collection::vec(topic(), 1..12),
         ) {
-            let mut t = SubTrie::default();
+            let mut t: SubTrie<u32, u8> = SubTrie::default();
             let mut model: HashMap<(u32, String), u8> = HashMap::new();
             for (k, f, q) in &subs {
                 t.subscribe(k, f, *q);

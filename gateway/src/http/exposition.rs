@@ -286,6 +286,13 @@ pub const COUNTERS: &[Mapping] = &[
         "Deliveries to local subscribers dropped because their queue was full.",
     ),
     m(
+        "local_expired",
+        "outpost_local_deliveries_skipped_total",
+        &[("reason", "expired")],
+        "Deliveries to local subscribers not sent, by reason: message expiry passed, or larger than the subscriber's maximum packet size.",
+    ),
+    m("local_too_large", "outpost_local_deliveries_skipped_total", &[("reason", "too_large")], ""),
+    m(
         "sessions_evicted",
         "outpost_sessions_ended_total",
         &[("reason", "evicted")],

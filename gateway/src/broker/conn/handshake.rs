@@ -20,7 +20,7 @@ use tracing::{debug, info};
 
 use super::deliver_out::Outbound;
 use super::io::{Io, Stream};
-use super::publish_in::Inbound;
+use super::publish_in::{self, Inbound};
 use super::{Accepted, Client, Connection, End, rate};
 use crate::broker::Shared;
 use crate::broker::access::Refusal;
@@ -42,7 +42,7 @@ pub(super) async fn connect(
     let Accepted { peer, deadline, identity } = accepted;
     let mut io = Io::new(stream, peer);
     let max = usize::try_from(shared.cfg.max_payload.as_u64()).unwrap_or(usize::MAX) + HEADER_ROOM;
-    let Packet::Connect(connect, props, will, _will_props, login) =
+    let Packet::Connect(connect, props, will, will_props, login) =
         read_connect_in_time(&mut io, deadline, cancel, max).await?
     else {
         debug!(message = "first packet is not CONNECT; closing", %peer);
@@ -61,22 +61,37 @@ pub(super) async fn connect(
     let (inbound_permissions, outbound_permissions) = (permissions(), permissions());
     let attached =
         shared.local.attach(&id, registration.serial(), terms.clean_start, !terms.clean, terms.expiry);
-    io.write(connack(&terms, &id, attached.present, max, io.v5()));
-    let keepalive =
-        (connect.keep_alive > 0).then(|| Duration::from_millis(u64::from(connect.keep_alive) * 1500));
+    // MQTT 5: a keepalive above `broker.max_keepalive` (or none) is replaced by it, and the
+    // CONNACK says so (server keep alive); the client must use it.
+    let server_keep_alive = shared
+        .cfg
+        .max_keepalive
+        .map(std::num::NonZeroU16::get)
+        .filter(|max| io.v5() && (connect.keep_alive == 0 || connect.keep_alive > *max));
+    let keep_alive = server_keep_alive.unwrap_or(connect.keep_alive);
+    io.write(connack(&terms, &id, attached.present, max, io.v5(), server_keep_alive));
+    let keepalive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
     let rate = rate::RateLimit::new(
         shared.cfg.max_publish_rate.map(|r| u64::from(r.get())),
         shared.cfg.max_publish_bytes_rate.map(|r| r.as_u64()),
         Instant::now(),
     );
+    let io_v5 = io.v5();
     let mut connection = Connection {
         io,
-        inbound: Inbound::new(will, inbound_permissions),
-        outbound: Outbound::new(attached, outbound_permissions),
+        inbound: Inbound::new(will, will_props, inbound_permissions),
+        outbound: Outbound::new(
+            attached,
+            outbound_permissions,
+            props.as_ref().and_then(|p| p.receive_maximum),
+            props.as_ref().and_then(|p| p.max_packet_size),
+            props.as_ref().and_then(|p| p.topic_alias_max),
+        ),
         client: Client { shared, id, peer, registration },
         max,
         keepalive,
         rate,
+        expiry_zero: io_v5 && terms.expiry == Some(Duration::ZERO),
     };
     if connection.io.flush().await.is_err() {
         connection.close(End::Eof).await;
@@ -318,16 +333,25 @@ impl Terms {
 }
 
 /// The CONNACK: what Outpost offers an MQTT 5 client is in its properties.
-fn connack(terms: &Terms, id: &str, session_present: bool, max: usize, v5: bool) -> Packet {
+fn connack(
+    terms: &Terms,
+    id: &str,
+    session_present: bool,
+    max: usize,
+    v5: bool,
+    server_keep_alive: Option<u16>,
+) -> Packet {
+    // No Maximum QoS: its absence means QoS 2 (MQTT 5, 3.2.2.3.4 allows only 0 or 1 in it).
     let props = v5.then(|| ConnAckProperties {
-        max_qos: Some(1),
+        receive_max: Some(publish_in::RECEIVE_MAXIMUM),
         retain_available: Some(1),
         max_packet_size: u32::try_from(max).ok(),
         assigned_client_identifier: terms.assigned.then(|| id.to_owned()),
         topic_alias_max: Some(0),
         wildcard_subscription_available: Some(1),
-        subscription_identifiers_available: Some(0),
+        subscription_identifiers_available: Some(1),
         shared_subscription_available: Some(1),
+        server_keep_alive,
         ..ConnAckProperties::default()
     });
     Packet::ConnAck(ConnAck { session_present, code: ConnectReturnCode::Success }, props)

@@ -121,6 +121,22 @@ impl Io {
         let _ = self.wr.shutdown().await;
     }
 
+    /// After `shut_down`: reads and discards what the client still sends, until it closes or
+    /// `wait` passed. Closing a socket with unread input makes the kernel send a reset, which
+    /// can destroy the DISCONNECT just written before the client reads it (a client still
+    /// answering our PUBRECs gets "broken pipe" instead of our reason code).
+    pub(super) async fn linger(&mut self, wait: Duration) {
+        let _ = tokio::time::timeout(wait, async {
+            loop {
+                self.inbuf.clear();
+                if self.read_more().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
     /// Writes all pending output, and meanwhile reads what the client sends (up to
     /// [`READ_WHILE_WRITING`] bytes, kept for later): a live client's PINGREQs still count
     /// while it is slow to read, and a client that sends nothing and reads nothing for its

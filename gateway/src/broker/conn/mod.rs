@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttd::protocol::{self, Disconnect, DisconnectReasonCode, Packet, PingResp};
+use rumqttd::protocol::{self, Disconnect, DisconnectReasonCode, Packet, PingResp, PubRecReason};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tracing::{debug, warn};
@@ -36,6 +36,7 @@ use self::deliver_out::Outbound;
 use self::io::Io;
 pub(super) use self::io::Stream;
 use self::publish_in::Inbound;
+pub(super) use self::publish_in::publish_will;
 use self::rate::RateLimit;
 use super::Shared;
 use super::live::Registration;
@@ -48,10 +49,10 @@ const OUT_HIGH_WATER: usize = 64 * 1024;
 /// Why a connection ended.
 #[derive(Debug)]
 enum End {
-    /// DISCONNECT: no will.
-    Normal,
+    /// DISCONNECT: no will. With the session expiry an MQTT 5 DISCONNECT sets.
+    Normal(Option<u32>),
     /// MQTT 5 DISCONNECT with reason 0x04: publish the will.
-    NormalWithWill,
+    NormalWithWill(Option<u32>),
     Eof,
     Io(std::io::Error),
     Protocol(String),
@@ -59,6 +60,8 @@ enum End {
     Malformed(String),
     Oversize(usize),
     Keepalive,
+    /// An MQTT 5 client sent more unanswered QoS 1/2 publishes than CONNACK's receive maximum.
+    ReceiveMaximum,
     Takeover,
     Shutdown,
     /// 3.1.1 only: the buffer refused an event (`reject_new`) and 3.1.1 has no way to say so.
@@ -67,7 +70,15 @@ enum End {
 
 impl End {
     fn publishes_will(&self) -> bool {
-        !matches!(self, End::Normal | End::Shutdown)
+        !matches!(self, End::Normal(_) | End::Shutdown)
+    }
+
+    /// The session expiry the client's DISCONNECT set, if it did.
+    fn session_expiry(&self) -> Option<u32> {
+        match self {
+            End::Normal(expiry) | End::NormalWithWill(expiry) => *expiry,
+            _ => None,
+        }
     }
 
     fn reason(&self) -> Option<DisconnectReasonCode> {
@@ -76,6 +87,7 @@ impl End {
             End::Malformed(_) => DisconnectReasonCode::MalformedPacket,
             End::Oversize(_) => DisconnectReasonCode::PacketTooLarge,
             End::Keepalive => DisconnectReasonCode::KeepAliveTimeout,
+            End::ReceiveMaximum => DisconnectReasonCode::ReceiveMaximumExceeded,
             End::Takeover => DisconnectReasonCode::SessionTakenOver,
             End::Shutdown => DisconnectReasonCode::ServerShuttingDown,
             End::Rejected => DisconnectReasonCode::QuotaExceeded,
@@ -135,6 +147,8 @@ struct Connection {
     keepalive: Option<Duration>,
     /// `broker.max_publish_rate` / `max_publish_bytes_rate`; `None` without either.
     rate: Option<RateLimit>,
+    /// MQTT 5: the CONNECT asked for session expiry 0, so a DISCONNECT may not raise it.
+    expiry_zero: bool,
 }
 
 impl Connection {
@@ -245,15 +259,25 @@ impl Connection {
                 self.inbound.on_publish(&mut self.io, &self.client, publish, properties, peek).await
             }
             Packet::PubAck(ack, _) => {
-                self.outbound.on_puback(ack.pkid);
+                self.outbound.on_complete(ack.pkid);
+                Ok(())
+            }
+            Packet::PubRec(rec, _) => {
+                let failed =
+                    !matches!(rec.reason, PubRecReason::Success | PubRecReason::NoMatchingSubscribers);
+                self.outbound.on_pubrec(&mut self.io, rec.pkid, failed);
+                Ok(())
+            }
+            Packet::PubComp(comp, _) => {
+                self.outbound.on_complete(comp.pkid);
                 Ok(())
             }
             Packet::PubRel(rel, _) => {
                 self.inbound.on_pubrel(&mut self.io, rel.pkid);
                 Ok(())
             }
-            Packet::Subscribe(subscribe, _) => {
-                self.outbound.on_subscribe(&mut self.io, &self.client, subscribe);
+            Packet::Subscribe(subscribe, properties) => {
+                self.outbound.on_subscribe(&mut self.io, &self.client, subscribe, properties);
                 Ok(())
             }
             Packet::Unsubscribe(unsubscribe, _) => {
@@ -264,16 +288,20 @@ impl Connection {
                 self.io.write(Packet::PingResp(PingResp));
                 Ok(())
             }
-            Packet::Disconnect(d, _) => {
+            Packet::Disconnect(d, properties) => {
+                let expiry = properties.and_then(|p| p.session_expiry_interval);
+                if self.expiry_zero && expiry.is_some_and(|e| e > 0) {
+                    return Err(End::Protocol(
+                        "DISCONNECT sets a session expiry after CONNECT asked for 0".to_owned(),
+                    ));
+                }
                 Err(if self.io.v5() && d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage {
-                    End::NormalWithWill
+                    End::NormalWithWill(expiry)
                 } else {
-                    End::Normal
+                    End::Normal(expiry)
                 })
             }
             Packet::Connect(..) => Err(End::Protocol("a second CONNECT".to_owned())),
-            // QoS 2 deliveries are not offered (maximum QoS 1), so PUBREC/PUBCOMP from a client
-            // answer nothing of ours.
             _ => Ok(()),
         }
     }
@@ -288,10 +316,30 @@ impl Connection {
             self.io.write(Packet::Disconnect(Disconnect { reason_code }, None));
         }
         self.io.shut_down(Duration::from_secs(1)).await;
-        if end.publishes_will() {
-            self.inbound.publish_will(&self.client).await;
+        if self.io.v5()
+            && end.reason().is_some()
+            && !matches!(end, End::Shutdown | End::Takeover | End::Keepalive)
+        {
+            // A takeover of the id (the client reconnecting at once) or shutdown cuts it short.
+            let stop = self.client.registration.stop().token().clone();
+            tokio::select! {
+                () = self.io.linger(Duration::from_secs(1)) => {}
+                () = stop.cancelled() => {}
+            }
         }
-        self.outbound.detach(&self.client);
+        let will = if end.publishes_will() { self.inbound.take_will(&self.client) } else { None };
+        // A will without a delay goes before the session is handed back, as before; a delayed
+        // one waits in the session (`Local::detach`), which hands back what is due now.
+        let (now, delayed) = match will {
+            Some((delay, will)) if delay.is_zero() => (Some(will), None),
+            other => (None, other),
+        };
+        if let Some(will) = now {
+            publish_will(&self.client.shared, will).await;
+        }
+        for will in self.outbound.detach(&self.client, end.session_expiry(), delayed) {
+            publish_will(&self.client.shared, will).await;
+        }
         debug!(message = "sensor disconnected", client_id = %self.client.id, reason = ?end);
     }
 
@@ -305,6 +353,12 @@ impl Connection {
                 Metrics::add(&counters.oversize_disconnects, 1);
                 if let Some(folded) = shared.logs.ready("oversize") {
                     warn!(message = "a sensor sent a packet larger than broker.max_payload and its connection was closed; raise broker.max_payload or fix the sensor", %client_id, %peer, size, similar_since_last_log = folded);
+                }
+            }
+            End::ReceiveMaximum => {
+                Metrics::add(&counters.protocol_errors, 1);
+                if let Some(folded) = shared.logs.ready("protocol") {
+                    warn!(message = "an MQTT 5 sensor sent more unacknowledged QoS 1/2 publishes than the receive maximum Outpost announced, and its connection was closed (0x93); fix the sensor's MQTT client to honour CONNACK's receive maximum", %client_id, %peer, similar_since_last_log = folded);
                 }
             }
             End::Protocol(why) | End::Malformed(why) => {

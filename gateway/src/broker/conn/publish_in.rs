@@ -1,21 +1,26 @@
 //! The publishing side of a connection: publishes from the client into the local fan-out and
 //! the pipeline, their acknowledgements held until the events are safe and written in arrival
-//! order, QoS 2's PUBREC/PUBREL, and the will.
+//! order, QoS 2's PUBREC/PUBREL (both protocol versions), and the will (with its MQTT 5
+//! properties and delay).
 //!
 //! # Invariants
 //! - `held` and the `AckQueue` match one to one: every QoS ≥ 1 publish taken has a slot in
 //!   both, in arrival order, and its answer is written only when the slots before it were.
 //! - A QoS 2 publish is taken once: a resend of a packet id between PUBREC and PUBREL is
 //!   answered again, never handed over again.
+//! - An MQTT 5 client holds at most [`RECEIVE_MAXIMUM`] QoS 1/2 publishes unanswered (QoS 1
+//!   without PUBACK, QoS 2 until PUBREL), as CONNACK announced; one more ends the connection
+//!   with 0x93 (MQTT 5, 3.3.4), so a client that ignores it cannot grow `held` without bound.
 //! - A publish is checked completely (size, topic, properties) before it reaches a subscriber,
 //!   the retained store or the pipeline.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rumqttd::protocol::{
-    LastWill, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason, Publish,
-    PublishProperties,
+    LastWill, LastWillProperties, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
+    Publish, PublishProperties,
 };
 use tracing::warn;
 
@@ -24,11 +29,17 @@ use super::{Client, End};
 use crate::ack::{AckQueue, Outcome};
 use crate::broker::Shared;
 use crate::broker::access::Permissions;
+use crate::broker::local::Will;
 use crate::broker::retained::Retained;
 use crate::event::escape_topic;
 use crate::metrics::Metrics;
 use crate::mqtt::codec;
 use crate::mqtt::topic::{NameError, invalid_topic};
+
+/// The receive maximum announced to MQTT 5 clients: QoS 1/2 publishes a client may have
+/// unanswered. Room for a sensor at thousands of messages per second while acknowledgements
+/// wait for the group commit (25 ms by default).
+pub(super) const RECEIVE_MAXIMUM: u16 = 1_000;
 
 pub(super) struct Inbound {
     acks: Arc<AckQueue>,
@@ -36,16 +47,40 @@ pub(super) struct Inbound {
     /// its answer is "not authorized" whatever its slot says), in arrival order (matches
     /// `acks`).
     held: VecDeque<(u16, u8, bool)>,
+    /// QoS 1 entries of `held` (with `qos2`: the publishes the receive maximum counts).
+    held_qos1: usize,
     /// QoS 2 packet ids acknowledged with PUBREC or waiting for it, until PUBREL.
     qos2: HashSet<u16>,
     will: Option<LastWill>,
+    /// The will's MQTT 5 properties.
+    will_properties: Option<LastWillProperties>,
     /// What the ACL lets this client write.
     permissions: Permissions,
 }
 
 impl Inbound {
-    pub(super) fn new(will: Option<LastWill>, permissions: Permissions) -> Inbound {
-        Inbound { acks: AckQueue::new(), held: VecDeque::new(), qos2: HashSet::new(), will, permissions }
+    pub(super) fn new(
+        will: Option<LastWill>,
+        will_properties: Option<LastWillProperties>,
+        permissions: Permissions,
+    ) -> Inbound {
+        Inbound {
+            acks: AckQueue::new(),
+            held: VecDeque::new(),
+            held_qos1: 0,
+            qos2: HashSet::new(),
+            will,
+            will_properties,
+            permissions,
+        }
+    }
+
+    /// Holds a publish's answer in its turn.
+    fn hold(&mut self, entry: (u16, u8, bool)) {
+        if entry.1 == 1 {
+            self.held_qos1 += 1;
+        }
+        self.held.push_back(entry);
     }
 
     /// The queue whose `ready()` says held acknowledgements may be written.
@@ -65,13 +100,17 @@ impl Inbound {
     ) -> Result<(), End> {
         let shared = &*client.shared;
         let (qos, pkid) = peek.unwrap_or((0, 0));
+        if qos > 0
+            && io.v5()
+            && !(qos == 2 && self.qos2.contains(&pkid))
+            && self.held_qos1 + self.qos2.len() >= usize::from(RECEIVE_MAXIMUM)
+        {
+            return Err(End::ReceiveMaximum);
+        }
         if publish.payload.len() as u64 > shared.cfg.max_payload.as_u64() {
             return Err(End::Oversize(publish.payload.len()));
         }
         let Some(topic) = self.topic(io, client, &publish, qos, pkid)? else { return Ok(()) };
-        if qos == 2 && io.v5() {
-            return Err(End::Protocol("QoS 2 publish after CONNACK announced maximum QoS 1".to_owned()));
-        }
         check_properties(properties.as_ref())?;
         if qos == 2 && self.qos2.contains(&pkid) {
             return self.on_qos2_resend(io, shared, pkid);
@@ -79,9 +118,8 @@ impl Inbound {
         if !self.permissions.may_write(&shared.access, &topic) {
             return self.deny(io, client, &topic, qos, pkid);
         }
-        let local_qos = qos.min(1);
         // A full subscriber queue slows this sensor down for a bounded time at most.
-        fan_out(shared, &topic, &publish, publish.retain, local_qos, properties.as_ref()).await;
+        fan_out(shared, &topic, &publish, publish.retain, qos, properties.as_ref(), Some(&client.id)).await;
         let mut event = shared.intake.new_event(topic, publish.payload, qos, &client.id);
         if qos > 0 {
             if qos == 2 {
@@ -89,7 +127,7 @@ impl Inbound {
             }
             if shared.ack_after_commit() {
                 event.ticket = Some(self.acks.timed_ticket(&shared.metrics));
-                self.held.push_back((pkid, qos, false));
+                self.hold((pkid, qos, false));
             } else {
                 acknowledge(io, &mut self.qos2, pkid, qos, Outcome::Safe)?;
             }
@@ -153,7 +191,7 @@ impl Inbound {
             acknowledge(io, &mut self.qos2, pkid, 1, Outcome::TopicInvalid)?;
         } else if qos == 1 {
             self.acks.answered(Outcome::TopicInvalid);
-            self.held.push_back((pkid, 1, false));
+            self.hold((pkid, 1, false));
         }
         Ok(())
     }
@@ -172,15 +210,15 @@ impl Inbound {
             return Ok(());
         }
         let v5 = io.v5();
-        if qos == 2 {
-            // 3.1.1 (MQTT 5 has no QoS 2 here): the PUBREL that follows gets its PUBCOMP.
+        if qos == 2 && !v5 {
+            // The PUBREL that follows gets its PUBCOMP (MQTT 5's PUBREC 0x87 ends the flow).
             self.qos2.insert(pkid);
         }
         if self.held.is_empty() {
             answer_denied(io, &mut self.qos2, pkid, qos, v5)
         } else {
             self.acks.answered(Outcome::Safe);
-            self.held.push_back((pkid, qos, true));
+            self.hold((pkid, qos, true));
             Ok(())
         }
     }
@@ -191,7 +229,7 @@ impl Inbound {
         if !self.held.iter().any(|&(p, q, _)| p == pkid && q == 2) {
             if shared.ack_after_commit() {
                 drop(self.acks.ticket());
-                self.held.push_back((pkid, 2, false));
+                self.hold((pkid, 2, false));
             } else {
                 acknowledge(io, &mut self.qos2, pkid, 2, Outcome::Safe)?;
             }
@@ -215,6 +253,9 @@ impl Inbound {
         let v5 = io.v5();
         for outcome in outcomes {
             let Some((pkid, qos, denied)) = self.held.pop_front() else { break };
+            if qos == 1 {
+                self.held_qos1 -= 1;
+            }
             if denied {
                 answer_denied(io, &mut self.qos2, pkid, qos, v5)?;
             } else {
@@ -224,26 +265,45 @@ impl Inbound {
         Ok(())
     }
 
-    /// Publishes the will (at most once): locally, retained if asked, and into the pipeline.
-    pub(super) async fn publish_will(&mut self, client: &Client) {
-        let Some(will) = self.will.take() else { return };
-        let shared = &*client.shared;
-        let qos = (will.qos as u8).min(1);
-        let Ok(topic) = std::str::from_utf8(&will.topic).map(str::to_owned) else { return };
-        // Checked now, not at CONNECT, as mosquitto does: the ACL may have been reloaded since.
-        if !self.permissions.may_write(&shared.access, &topic) {
-            Metrics::add(&shared.metrics.counters().acl_will_denied, 1);
-            if let Some(folded) = shared.logs.ready("acl will") {
-                warn!(message = "did not publish a will the ACL does not allow its client to write; grant its topic in broker.acl_file and send SIGHUP, or fix the sensor's will topic", client_id = %client.id, topic = %escape_topic(&topic), similar_since_last_log = folded);
-            }
-            return;
-        }
-        let publish = codec::publish_from(will.topic.clone(), will.message.clone(), qos, false);
-        fan_out(shared, &topic, &publish, will.retain, qos, None).await;
-        Metrics::add(&shared.metrics.counters().wills_published, 1);
-        let event = shared.intake.new_event(topic, will.message, qos, &client.id);
-        shared.intake.hand_over(event).await;
+    /// Takes the will (at most once), with its MQTT 5 will delay.
+    pub(super) fn take_will(&mut self, client: &Client) -> Option<(Duration, Will)> {
+        let will = self.will.take()?;
+        let props = self.will_properties.take();
+        let delay =
+            Duration::from_secs(u64::from(props.as_ref().and_then(|p| p.delay_interval).unwrap_or(0)));
+        let properties = props.map(|p| PublishProperties {
+            payload_format_indicator: p.payload_format_indicator,
+            message_expiry_interval: p.message_expiry_interval,
+            response_topic: p.response_topic,
+            correlation_data: p.correlation_data,
+            user_properties: p.user_properties,
+            content_type: p.content_type,
+            ..PublishProperties::default()
+        });
+        let permissions = client.shared.access.permissions(None, Arc::clone(&client.id));
+        let permissions = std::mem::replace(&mut self.permissions, permissions);
+        Some((delay, Will { client_id: Arc::clone(&client.id), will, properties, permissions }))
     }
+}
+
+/// Publishes a will: locally, retained if asked, and into the pipeline.
+pub(in crate::broker) async fn publish_will(shared: &Shared, will: Will) {
+    let Will { client_id, will, properties, mut permissions } = will;
+    let qos = (will.qos as u8).min(2);
+    let Ok(topic) = std::str::from_utf8(&will.topic).map(str::to_owned) else { return };
+    // Checked now, not at CONNECT, as mosquitto does: the ACL may have been reloaded since.
+    if !permissions.may_write(&shared.access, &topic) {
+        Metrics::add(&shared.metrics.counters().acl_will_denied, 1);
+        if let Some(folded) = shared.logs.ready("acl will") {
+            warn!(message = "did not publish a will the ACL does not allow its client to write; grant its topic in broker.acl_file and send SIGHUP, or fix the sensor's will topic", %client_id, topic = %escape_topic(&topic), similar_since_last_log = folded);
+        }
+        return;
+    }
+    let publish = codec::publish_from(will.topic.clone(), will.message.clone(), qos, will.retain);
+    fan_out(shared, &topic, &publish, will.retain, qos, properties.as_ref(), None).await;
+    Metrics::add(&shared.metrics.counters().wills_published, 1);
+    let event = shared.intake.new_event(topic, will.message, qos, &client_id);
+    shared.intake.hand_over(event).await;
 }
 
 /// MQTT 5 properties a client may not send, given what CONNACK offered.
@@ -261,7 +321,7 @@ fn check_properties(properties: Option<&PublishProperties>) -> Result<(), End> {
 }
 
 /// Keeps the publish if `retain`, and queues it for local subscribers (at `qos`, the most
-/// they get).
+/// they get). `from`: the publishing session (for no local).
 async fn fan_out(
     shared: &Shared,
     topic: &str,
@@ -269,17 +329,24 @@ async fn fan_out(
     retain: bool,
     qos: u8,
     properties: Option<&PublishProperties>,
+    from: Option<&str>,
 ) {
     if retain {
         let stored = codec::publish_with(publish, qos, 0, true);
-        shared.retained.retain(topic, Retained { publish: stored, qos, properties: properties.cloned() });
+        let expires = properties
+            .and_then(|p| p.message_expiry_interval)
+            .map(|secs| tokio::time::Instant::now() + Duration::from_secs(u64::from(secs)));
+        shared
+            .retained
+            .retain(topic, Retained { publish: stored, qos, properties: properties.cloned(), expires });
     }
-    shared.local.publish(topic, publish, qos, properties, true).await;
+    shared.local.publish(topic, publish, qos, properties, from, true).await;
 }
 
 /// Writes the answer to a publish the ACL denied (see `Inbound::deny`).
 fn answer_denied(io: &mut Io, qos2: &mut HashSet<u16>, pkid: u16, qos: u8, v5: bool) -> Result<(), End> {
     match (v5, qos) {
+        (true, 2) => io.write(Packet::PubRec(PubRec { pkid, reason: PubRecReason::NotAuthorized }, None)),
         (true, _) => io.write(Packet::PubAck(PubAck { pkid, reason: PubAckReason::NotAuthorized }, None)),
         (false, 1) => io.write(Packet::PubAck(PubAck { pkid, reason: PubAckReason::Success }, None)),
         (false, _) => acknowledge(io, qos2, pkid, qos, Outcome::Safe)?,
