@@ -1,6 +1,11 @@
 //! Hostile input the other hostile-client tests do not cover: invalid UTF-8 where MQTT demands
-//! UTF-8 (a topic, a client id, a username). Each is refused (the connection closed, never
-//! accepted) and the gateway goes on serving a well-behaved sensor.
+//! UTF-8 (a topic, a client id, a username), refused (the connection closed, never accepted)
+//! while the gateway goes on serving a well-behaved sensor; payloads and files aimed at the
+//! rules: 100,000 levels of JSON nesting (dead-lettered with serde_json's reason, no stack
+//! overflow), a catastrophic-backtracking regex on 50,000 bytes (linear time), an over-large
+//! regex (a compile error), a 10,000-rule file (loads, timed), and enrichment tables that are
+//! not UTF-8, ragged, with duplicate keys or an open quote (refused at reload with file and
+//! line; the table in force stays).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -91,4 +96,180 @@ async fn invalid_utf8_in_a_topic_a_client_id_or_a_username_is_refused_and_others
         "bad-topic and the three ok ones: {counters:?}"
     );
     assert!(counters.get("protocol_errors").copied().unwrap_or(0) >= 1, "{counters:?}");
+}
+
+/// Generous bound for the rule cases; they take about a second when healthy.
+const RULE_WAIT: Duration = Duration::from_secs(30);
+
+const HOSTILE_RULES: &str = r#"
+[[rule]]
+name = "deep"
+payload = "json"
+sql = 'SELECT payload.a AS a FROM "deep/#"'
+[[rule.action]]
+type = "forward"
+
+[[rule]]
+name = "pathological"
+sql = "SELECT payload AS line FROM \"logs/#\" WHERE regex_match(payload, '^(a+)+$')"
+[[rule.action]]
+type = "forward"
+
+[[rule]]
+name = "plain"
+sql = 'SELECT * FROM "ok/#"'
+[[rule.action]]
+type = "forward"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_json_and_a_catastrophic_regex_through_rules_cost_nothing_and_the_gateway_goes_on() {
+    use outpost_e2e::gateway::outpost;
+    use outpost_e2e::mqtt::{Session, Subscriber, publish_qos1};
+    use outpost_e2e::upstream::Mosquitto;
+    if !outpost_e2e::require_mosquitto() {
+        return;
+    }
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let mut subscriber =
+        Subscriber::start(upstream.addr(), "#", Session::Clean).await.expect("subscribe upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, HOSTILE_RULES).expect("write rules");
+    let config =
+        format!("rules = {:?}\n[upstream]\nurl = \"{}\"\n", rules.to_str().expect("utf-8"), upstream.url());
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path()).config_toml(config).start().await.expect("starts");
+    let addr = gateway.listen();
+
+    // 100,000 levels of `[`: serde_json stops at 128 levels instead of recursing on.
+    let deep = "[".repeat(100_000).into_bytes();
+    publish_qos1(addr, "deep", "deep/1", [deep], RULE_WAIT).await.expect("acknowledged");
+
+    // `^(a+)+$` against 50,000 `a`s and a `b`: a backtracking engine tries 2^n splits (n = 30
+    // already takes seconds); the regex crate's automaton is linear in the input.
+    let started = std::time::Instant::now();
+    let mut no_match = "a".repeat(50_000).into_bytes();
+    no_match.push(b'b');
+    let matches = "a".repeat(50_000).into_bytes();
+    publish_qos1(addr, "logs", "logs/1", [no_match, matches], RULE_WAIT).await.expect("acknowledged");
+    let regex_time = started.elapsed();
+    println!("two 50,000-byte payloads through `^(a+)+$`: acknowledged in {regex_time:?}");
+    assert!(regex_time < Duration::from_secs(5), "linear time: {regex_time:?}");
+
+    publish_qos1(addr, "ok", "ok/1", [b"fine".to_vec()], RULE_WAIT).await.expect("still serving");
+    subscriber.wait_for_count(2, RULE_WAIT).await.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    let status = gateway.terminate().await.expect("stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    let received: Vec<String> = subscriber.messages().into_iter().map(|(topic, _)| topic).collect();
+    assert_eq!(received, ["logs/1", "ok/1"], "only the matching line and the plain event go upstream");
+
+    let letters = outpost(&["rules", "dead-letters", "--data-dir", data.path().to_str().expect("utf-8")])
+        .expect("run outpost rules dead-letters");
+    let letters: Vec<serde_json::Value> =
+        letters.stdout.lines().map(|line| serde_json::from_str(line).expect("a JSON line")).collect();
+    let [letter] = letters.as_slice() else { panic!("one dead letter: {letters:#?}") };
+    assert_eq!((&letter["topic"], &letter["rule"]), (&"deep/1".into(), &"deep".into()), "{letter}");
+    let reason = letter["rules"][0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("recursion limit exceeded"), "the reason says why: {reason}");
+}
+
+#[test]
+fn an_over_large_regex_is_a_compile_error_and_a_huge_rules_file_loads_within_a_bound() {
+    use outpost_e2e::gateway::outpost;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[rule]]\nname = \"huge\"\nsql = \"SELECT * FROM \\\"logs/#\\\" WHERE regex_match(payload, 'a{1000}{1000}')\"\n[[rule.action]]\ntype = \"forward\"\n",
+    )
+    .expect("write rules");
+    let out = outpost(&["rules", "check", rules.to_str().expect("utf-8")]).expect("run outpost rules check");
+    assert_ne!(out.code, Some(0), "{out:?}");
+    assert!(out.stderr.contains("rules.toml") && out.stderr.contains("size limit"), "{}", out.stderr);
+
+    // 10,000 rules, 3.6 MB: each with its own filter, a WHERE clause and an action.
+    let mut text = String::new();
+    for i in 0..10_000 {
+        text.push_str(&format!(
+            "[[rule]]\nname = \"rule-{i}\"\nsql = 'SELECT payload.temp AS t, topic(2) AS device FROM \"site/{i}/+/temp\" WHERE payload.temp > {i} AND regex_match(topic, \"^site/[0-9]+/\")'\n[[rule.action]]\ntype = \"forward\"\ntopic = \"out/{i}/${{device}}\"\npayload = '{{\"t\": ${{t}}, \"note\": \"{}\"}}'\n\n",
+            "x".repeat(150)
+        ));
+    }
+    std::fs::write(&rules, &text).expect("write rules");
+    let started = std::time::Instant::now();
+    let out = outpost(&["rules", "check", rules.to_str().expect("utf-8")]).expect("run outpost rules check");
+    let took = started.elapsed();
+    println!("outpost rules check: {} bytes, 10,000 rules, {took:?}", text.len());
+    assert_eq!(out.code, Some(0), "{out:?}");
+    assert!(took < Duration::from_secs(60), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_enrichment_table_at_reload_is_refused_with_its_line_and_the_old_one_stays() {
+    use outpost_e2e::mqtt::{Session, Subscriber, publish_qos1};
+    use outpost_e2e::upstream::Mosquitto;
+    if !outpost_e2e::require_mosquitto() {
+        return;
+    }
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let mut subscriber =
+        Subscriber::start(upstream.addr(), "#", Session::Clean).await.expect("subscribe upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let table = dir.path().join("devices.csv");
+    std::fs::write(&table, "device,site\nd1,plant-a\n").expect("write the table");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(
+        &rules,
+        "[[table]]\nname = \"devices\"\nfile = \"devices.csv\"\n\n[[rule]]\nname = \"site\"\nsql = '''\nSELECT lookup('devices', topic(2), 'site') AS site FROM \"sensors/+/temp\"\n'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"by-site/${site}\"\n",
+    )
+    .expect("write the rules");
+    let config =
+        format!("rules = {:?}\n[upstream]\nurl = \"{}\"\n", rules.to_str().expect("utf-8"), upstream.url());
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path()).config_toml(config).start().await.expect("starts");
+    let addr = gateway.listen();
+    // Signals are handled once the uplink runs; a SIGHUP before that would end the process.
+    gateway.wait_for_message("connected upstream", WAIT).await.expect("the uplink connects");
+
+    let broken: [(&[u8], &str); 4] = [
+        (
+            b"device,site\nd1,plant-b\nd2,K\xf6ln\n",
+            "devices.csv: line 3: not UTF-8 (byte 5 of the line); save the file as UTF-8",
+        ),
+        (b"device,site\nd1,plant-b\nd2\n", "devices.csv:3: 1 fields, but the header has 2"),
+        (b"device,site\nd1,plant-b\nd1,plant-c\n", "duplicate key `d1`; every row needs its own key"),
+        (b"device,site\nd1,\"plant-b\n", "devices.csv:3: unterminated quoted field"),
+    ];
+    for (nth, (text, expected)) in broken.iter().enumerate() {
+        std::fs::write(&table, text).expect("write the broken table");
+        gateway.signal(libc::SIGHUP).expect("SIGHUP");
+        let mut seen = 0;
+        let log = gateway
+            .wait_for_log(&format!("rejection #{}", nth + 1), WAIT, |log| {
+                seen += usize::from(
+                    // The file watcher may reject the same file too; count the signal's answers.
+                    log["message"].as_str().is_some_and(|m| m.starts_with("rules file rejected"))
+                        && log["reason"] == "SIGHUP",
+                );
+                seen == nth + 1
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let error = log["error"].as_str().unwrap_or_default();
+        assert!(error.contains(expected), "{expected:?} in {log}");
+        // The table in force is still the first one: d1 is at plant-a.
+        publish_qos1(addr, "d1", "sensors/d1/temp", [b"21".to_vec()], WAIT).await.expect("acknowledged");
+        subscriber
+            .wait_for_count(nth as u64 + 1, WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    }
+    let topics: Vec<String> = subscriber.messages().into_iter().map(|(topic, _)| topic).collect();
+    assert_eq!(topics, ["by-site/plant-a"; 4]);
+    gateway.terminate().await.expect("stops");
+    let counters = gateway.final_counters().expect("counters");
+    // Four by SIGHUP, and the file watcher's for any change it saw first.
+    assert!(counters.get("rules_reload_failures").copied().unwrap_or(0) >= 4, "{counters:?}");
+    assert_eq!(counters.get("rules_reloads").copied().unwrap_or(0), 0, "{counters:?}");
 }
