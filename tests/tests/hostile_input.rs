@@ -6,7 +6,9 @@
 //! regex (a compile error), a 10,000-rule file (loads, timed), and enrichment tables that are
 //! not UTF-8, ragged, with duplicate keys or an open quote (refused at reload with file and
 //! line; the table in force stays); 10,000 distinct topics from one client (all acknowledged
-//! and forwarded, RSS bounded, no per-topic metric labels).
+//! and forwarded, RSS bounded, no per-topic metric labels); one client opening 1,000
+//! connections (held to `broker.max_connections`, the rest refused with CONNACK 3, counted and
+//! logged once, descriptors bounded, the slots back once it leaves).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -331,4 +333,69 @@ async fn ten_thousand_distinct_topics_from_one_client_are_all_forwarded_with_bou
     );
     let series = scrape.samples.len();
     assert!(series < 1_000, "{series} series after 10,000 topics");
+}
+
+/// Open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|dir| dir.count()).unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_opening_a_thousand_connections_is_held_to_max_connections_counted_and_logged_once() {
+    const LIMIT: usize = 200;
+    const HOSTILE: usize = 1_000;
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path())
+        .config_toml(format!("[broker]\nmax_connections = {LIMIT}\n"))
+        .start()
+        .await
+        .expect("starts");
+    let addr = gateway.listen();
+    still_serving(addr, "before").await;
+    let baseline = open_fds(gateway.pid());
+
+    // One source opens 1,000 connections and keeps every one it can.
+    let mut held = Vec::new();
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..HOSTILE {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(&raw::connect_v311(&format!("hog-{i}"), 60)).await.expect("CONNECT");
+        let (kind, connack) = tokio::time::timeout(WAIT, raw::read_packet(&mut stream))
+            .await
+            .expect("in time")
+            .expect("CONNACK");
+        match (kind >> 4, connack.as_slice()) {
+            (2, [0, 0]) => accepted += 1,
+            // 3.1.1's "server unavailable", then the gateway closes the socket.
+            (2, [0, 3]) => refused += 1,
+            other => panic!("connection {i}: {other:?}"),
+        }
+        held.push(stream);
+    }
+    assert_eq!((accepted, refused), (LIMIT, HOSTILE - LIMIT), "held to broker.max_connections");
+    // Refused sockets are closed by the gateway: its descriptors grow with what it accepted.
+    let fds = open_fds(gateway.pid());
+    println!("gateway fds: {baseline} before, {fds} with {HOSTILE} connections attempted, {LIMIT} held");
+    assert!(fds <= baseline + LIMIT + 20, "{fds} fds (baseline {baseline})");
+
+    drop(held);
+    // Its slots come back as the gateway notices the closed sockets.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(&raw::connect_v311("after", 30)).await.expect("CONNECT");
+        let (_, connack) = raw::read_packet(&mut stream).await.expect("CONNACK");
+        if connack == [0, 0] {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the slots never came back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    still_serving(addr, "after-2").await;
+
+    gateway.terminate().await.expect("stops");
+    let logged = gateway.messages("sensor connection refused");
+    assert_eq!(logged.len(), 1, "logged once for the episode, the rest folded in: {logged:?}");
+    let counters = gateway.final_counters().expect("counters");
+    assert!(counters.get("sensor_refused").copied().unwrap_or(0) >= (HOSTILE - LIMIT) as u64, "{counters:?}");
 }
