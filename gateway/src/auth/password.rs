@@ -73,9 +73,16 @@ impl Hash {
                 Ok(Hash::Sha512 { salt: decode("salt", salt)?, hash })
             }
             ["", "7", iterations, salt, hash] => {
-                let iterations = iterations
-                    .parse::<NonZeroU32>()
-                    .map_err(|_| format!("the iteration count {iterations:?} is not a number from 1 to 4294967295"))?;
+                let iterations = iterations.parse::<NonZeroU32>().map_err(|_| {
+                    // A count has at most 10 digits; a longer field may be a salt or a hash
+                    // from a line whose `$`s went astray, and stays out of the message.
+                    let shown = if iterations.len() <= 10 {
+                        format!("{iterations:?}")
+                    } else {
+                        format!("({} characters)", iterations.chars().count())
+                    };
+                    format!("the iteration count {shown} is not a number from 1 to 4294967295")
+                })?;
                 if iterations.get() > MAX_ITERATIONS {
                     return Err(format!(
                         "{iterations} PBKDF2 iterations is above Outpost's limit of {MAX_ITERATIONS}: every login, \
@@ -171,10 +178,15 @@ impl PasswordFile {
                 continue;
             }
             let Some((username, hash)) = line.split_once(':') else {
+                // A hash whose `username:` was lost: show only what comes before it.
+                let shown = match line.split_once('$') {
+                    Some((before, _)) => format!("{before}$…"),
+                    None => line.to_owned(),
+                };
                 return Err(AuthFileError::line(
                     path,
                     line_no,
-                    line,
+                    &shown,
                     "expected `username:hash`; add users with `outpost passwd FILE USER` or `mosquitto_passwd -b FILE USER PASSWORD`",
                 ));
             };
@@ -424,6 +436,14 @@ mod tests {
         );
         file(&format!("u:{}\n", &MOSQUITTO_7.replacen("$101$", &format!("${MAX_ITERATIONS}$"), 1)))
             .expect("the limit itself is allowed");
+        // Found by the password_file fuzz target: a field in the count's place that is not a
+        // count is not quoted when it could be a salt or a hash.
+        let err = file("u:$7$c2FsdHNhbHRzYWx0$Hd71hnNoKcARd6$YWJj\n").expect_err("no count");
+        assert!(err.contains("the iteration count (16 characters) is not a number"), "{err}");
+        assert!(!err.contains("c2FsdHNhbHRzYWx0"), "{err}");
+        let err = file("u$7$101$c2FsdHNhbHRzYWx0$Hd71hnNoKcARd6\n").expect_err("no colon");
+        assert!(err.starts_with("passwd: line 1: \"u$…\": expected `username:hash`"), "{err}");
+        assert!(!err.contains("c2FsdHNhbHRzYWx0"), "{err}");
         let err = file("u:$7$0$YWJj$YWJj\n").expect_err("zero iterations");
         assert!(err.contains("iteration count \"0\""), "{err}");
         let err = file("u:$7$10$!!$YWJj\n").expect_err("bad base64");
