@@ -110,8 +110,8 @@ pub struct PasswdArgs {
     /// PBKDF2 iterations. 101 is mosquitto_passwd's default: every CONNECT costs this many
     /// rounds, so on a small gateway thousands of sensors reconnecting at once stay cheap.
     /// Raise it where a stolen file is the bigger risk (checks above 200 rounds run on
-    /// worker threads, at most 2 at a time).
-    #[arg(long, default_value_t = crate::auth::password::DEFAULT_ITERATIONS, value_parser = clap::value_parser!(u32).range(1..))]
+    /// worker threads, at most 2 at a time). At most 100000 (`auth::password::MAX_ITERATIONS`).
+    #[arg(long, default_value_t = crate::auth::password::DEFAULT_ITERATIONS, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::auth::password::MAX_ITERATIONS)))]
     pub iterations: u32,
 }
 

@@ -810,6 +810,20 @@ impl GatewayConfig {
                 reason: reason.to_owned(),
             })
         };
+        for (key, value, range) in self.durations() {
+            if !(range.min..=range.max).contains(&value) {
+                invalid(
+                    &key,
+                    humantime::format_duration(value).to_string(),
+                    &format!(
+                        "must be between {} and {}; {}",
+                        humantime::format_duration(range.min),
+                        humantime::format_duration(range.max),
+                        range.why
+                    ),
+                );
+            }
+        }
         self.broker.check(&mut invalid);
         if let Some(upstream) = &self.upstream {
             upstream.check(&mut invalid);
@@ -843,6 +857,129 @@ impl GatewayConfig {
     }
 }
 
+/// The values a duration key may take, and why its bounds are where they are.
+///
+/// Every duration key has one: a duration is added to an `Instant` or turned into a timer, a
+/// protocol field or a file timestamp somewhere, and a value like `"500000000y"` (which
+/// humantime accepts) would overflow there at run time instead of being refused here.
+#[derive(Debug, Clone, Copy)]
+pub struct DurationRange {
+    pub min: Duration,
+    pub max: Duration,
+    /// What the key does, said after the range in the error.
+    pub why: &'static str,
+}
+
+const fn range(min: Duration, max: Duration, why: &'static str) -> DurationRange {
+    DurationRange { min, max, why }
+}
+
+const MS: Duration = Duration::from_millis(1);
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
+
+impl GatewayConfig {
+    /// Every duration key with its value and [`DurationRange`] (`validate` checks them all).
+    pub fn durations(&self) -> Vec<(String, Duration, DurationRange)> {
+        let mut all = vec![
+            (
+                "shutdown_timeout".to_owned(),
+                self.shutdown_timeout,
+                range(
+                    100 * MS,
+                    HOUR,
+                    "how long a graceful stop may wait for upstream acknowledgements; keep it below systemd's TimeoutStopSec",
+                ),
+            ),
+            (
+                "broker.sys_interval".to_owned(),
+                self.broker.sys_interval,
+                range(SECOND, DAY, "how often the $SYS/outpost/… topics are refreshed"),
+            ),
+            (
+                "broker.connection_timeout".to_owned(),
+                self.broker.connection_timeout,
+                range(
+                    100 * MS,
+                    10 * MINUTE,
+                    "how long a new connection may hold a socket before its CONNECT (and TLS handshake); a few seconds is plenty",
+                ),
+            ),
+            (
+                "buffer.commit_interval".to_owned(),
+                self.buffer.commit_interval,
+                range(MS, 10 * SECOND, "it bounds how long an accepted event stays only in memory"),
+            ),
+        ];
+        // Unset, it follows commit_interval, whose range is checked above.
+        if let Some(max_ack_delay) = self.buffer.max_ack_delay {
+            all.push((
+                "buffer.max_ack_delay".to_owned(),
+                max_ack_delay,
+                range(MS, 10 * SECOND, "it bounds how long a sensor's PUBACK waits for the event to be safe"),
+            ));
+        }
+        if let Some(up) = &self.upstream {
+            all.extend([
+                (
+                    "upstream.failback_after".to_owned(),
+                    up.failback_after,
+                    range(
+                        SECOND,
+                        DAY,
+                        "how long the preferred endpoint must answer before the link returns to it",
+                    ),
+                ),
+                (
+                    "upstream.keepalive".to_owned(),
+                    up.keepalive,
+                    range(
+                        SECOND,
+                        Duration::from_secs(u16::MAX as u64),
+                        "MQTT's keep alive is at most 65535 seconds",
+                    ),
+                ),
+                (
+                    "upstream.connect_timeout".to_owned(),
+                    up.connect_timeout,
+                    range(SECOND, 10 * MINUTE, "how long one attempt (TCP, TLS, CONNACK) may take"),
+                ),
+                (
+                    "upstream.reconnect_min".to_owned(),
+                    up.reconnect_min,
+                    range(MS, HOUR, "the first wait after a failed connect"),
+                ),
+                (
+                    "upstream.reconnect_max".to_owned(),
+                    up.reconnect_max,
+                    range(MS, HOUR, "the longest wait between connect attempts"),
+                ),
+                (
+                    "upstream.inbound_session_expiry".to_owned(),
+                    up.inbound_session_expiry,
+                    range(
+                        SECOND,
+                        365 * DAY,
+                        "how long the upstream keeps queued commands while the link is down",
+                    ),
+                ),
+            ]);
+        }
+        for (idx, route) in self.routes.iter().enumerate() {
+            if let Some(ttl) = route.ttl {
+                all.push((
+                    format!("route[{idx}].ttl"),
+                    ttl,
+                    range(SECOND, 3650 * DAY, "events older than this are discarded instead of sent"),
+                ));
+            }
+        }
+        all
+    }
+}
+
 impl BrokerConfig {
     /// The checks of `[broker]` that its types cannot make.
     fn check(&self, invalid: &mut impl FnMut(&str, String, &str)) {
@@ -872,13 +1009,6 @@ impl BrokerConfig {
                 "broker.max_subscriptions",
                 self.max_subscriptions.to_string(),
                 "must be between 1 and 1000000; each filter costs about 200 bytes",
-            );
-        }
-        if self.sys_interval < Duration::from_secs(1) {
-            invalid(
-                "broker.sys_interval",
-                humantime::format_duration(self.sys_interval).to_string(),
-                "must be at least 1s",
             );
         }
         if self.max_topic_levels == 0 || self.max_topic_levels > 32_768 {
@@ -972,13 +1102,6 @@ impl UpstreamConfig {
                 ),
             );
         }
-        if self.failback_after < Duration::from_secs(1) {
-            invalid(
-                "upstream.failback_after",
-                humantime::format_duration(self.failback_after).to_string(),
-                "must be at least 1s (how long the preferred endpoint must answer before the link returns to it)",
-            );
-        }
         if !(1..=100).contains(&self.poison_after) {
             invalid(
                 "upstream.poison_after",
@@ -992,25 +1115,11 @@ impl UpstreamConfig {
         if self.inflight == 0 {
             invalid("upstream.inflight", "0".into(), "must be between 1 and 65535");
         }
-        if self.reconnect_min.is_zero() || self.reconnect_min > self.reconnect_max {
+        if self.reconnect_min > self.reconnect_max {
             invalid(
                 "upstream.reconnect_min",
                 humantime::format_duration(self.reconnect_min).to_string(),
-                "must be above zero and at most upstream.reconnect_max",
-            );
-        }
-        if self.keepalive < Duration::from_secs(1) {
-            invalid(
-                "upstream.keepalive",
-                humantime::format_duration(self.keepalive).to_string(),
-                "must be at least 1s",
-            );
-        }
-        if self.connect_timeout < Duration::from_secs(1) {
-            invalid(
-                "upstream.connect_timeout",
-                humantime::format_duration(self.connect_timeout).to_string(),
-                "must be at least 1s",
+                "must be at most upstream.reconnect_max",
             );
         }
         if let Some(max) = self.max_packet_size {
@@ -1133,20 +1242,14 @@ impl BufferConfig {
         if self.max_events == 0 {
             invalid("buffer.max_events", "0".into(), "must be at least 1");
         }
-        if self.commit_interval.is_zero() || self.commit_interval > Duration::from_secs(10) {
-            invalid(
-                "buffer.commit_interval",
-                humantime::format_duration(self.commit_interval).to_string(),
-                "must be between 1ms and 10s; it bounds how long an accepted event stays only in memory",
-            );
-        }
         let max_ack_delay = self.max_ack_delay();
-        if max_ack_delay < self.commit_interval || max_ack_delay > Duration::from_secs(10) {
+        // Its range is checked with the other durations; this is the part that needs two keys.
+        if max_ack_delay < self.commit_interval {
             invalid(
                 "buffer.max_ack_delay",
                 humantime::format_duration(max_ack_delay).to_string(),
                 &format!(
-                    "must be between buffer.commit_interval ({}) and 10s; it bounds how long a sensor's PUBACK waits for the event to be safe",
+                    "must be at least buffer.commit_interval ({}); it bounds how long a sensor's PUBACK waits for the event to be safe",
                     humantime::format_duration(self.commit_interval)
                 ),
             );
@@ -1567,7 +1670,8 @@ mod tests {
         assert!(err.contains("is listed twice"), "{err}");
         let err = parse_err("[upstream]\nurls = [\"mqtt://a:1\"]\nfailback_after = \"100ms\"\n");
         assert!(
-            err.contains("`upstream.failback_after` = \"100ms\"") && err.contains("at least 1s"),
+            err.contains("`upstream.failback_after` = \"100ms\"")
+                && err.contains("must be between 1s and 1day"),
             "{err}"
         );
     }
@@ -1782,5 +1886,78 @@ local_prefix = "a/#"
             .expect_err("missing file")
             .to_string();
         assert!(err.starts_with("cannot read config file /nonexistent/outpost.toml: No such file"), "{err}");
+    }
+    /// Each duration key, as written in a file, with the text that sets it to `value`.
+    fn duration_key_texts(value: &str) -> Vec<(&'static str, String)> {
+        let up = "[upstream]\nurl = \"mqtt://h:1\"\n";
+        vec![
+            ("shutdown_timeout", format!("shutdown_timeout = \"{value}\"\n")),
+            ("broker.sys_interval", format!("[broker]\nsys_interval = \"{value}\"\n")),
+            ("broker.connection_timeout", format!("[broker]\nconnection_timeout = \"{value}\"\n")),
+            ("buffer.commit_interval", format!("[buffer]\ncommit_interval = \"{value}\"\n")),
+            (
+                "buffer.max_ack_delay",
+                format!("[buffer]\nmax_ack_delay = \"{value}\"\ncommit_interval = \"1ms\"\n"),
+            ),
+            ("upstream.failback_after", format!("{up}failback_after = \"{value}\"\n")),
+            ("upstream.keepalive", format!("{up}keepalive = \"{value}\"\n")),
+            ("upstream.connect_timeout", format!("{up}connect_timeout = \"{value}\"\n")),
+            ("upstream.reconnect_min", format!("{up}reconnect_min = \"{value}\"\nreconnect_max = \"1h\"\n")),
+            ("upstream.reconnect_max", format!("{up}reconnect_max = \"{value}\"\nreconnect_min = \"1ms\"\n")),
+            ("upstream.inbound_session_expiry", format!("{up}inbound_session_expiry = \"{value}\"\n")),
+            ("route[0].ttl", format!("[[route]]\nfilter = \"#\"\nttl = \"{value}\"\n")),
+        ]
+    }
+
+    #[test]
+    fn every_duration_key_has_a_range_and_refuses_an_overflowing_value() {
+        let keys: Vec<&str> = duration_key_texts("1s").iter().map(|(key, _)| *key).collect();
+        let mut config = GatewayConfig::parse(
+            "[buffer]\nmax_ack_delay = \"1s\"\n[upstream]\nurl = \"mqtt://h:1\"\n[[route]]\nfilter = \"#\"\nttl = \"1h\"\n",
+            Path::new("x"),
+        )
+        .expect("parses");
+        config.validate("x").expect("the defaults are in range");
+        let ranged: Vec<String> = config.durations().into_iter().map(|(key, ..)| key).collect();
+        assert_eq!(ranged, keys, "every duration key is listed in durations() and tested here");
+        config.shutdown_timeout = Duration::MAX;
+        let err = config.validate("x").expect_err("refused").to_string();
+        assert!(err.contains("`shutdown_timeout`"), "{err}");
+
+        // 500,000,000 years parses as a Duration; added to an Instant it would panic.
+        for (key, text) in duration_key_texts("500000000y") {
+            let err = parse_err(&text);
+            assert!(
+                err.contains(&format!("outpost.toml: `{key}` = \""))
+                    && err.contains("is invalid: must be between "),
+                "{key}: {err}"
+            );
+            assert_eq!(
+                err.matches("is invalid").count(),
+                err.matches(&format!("`{key}`")).count(),
+                "{key}: only the key itself is refused: {err}"
+            );
+        }
+        for (key, text) in duration_key_texts("0s") {
+            let err = parse_err(&text);
+            assert!(err.contains(&format!("`{key}` = \"0s\" is invalid: must be between ")), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_duration_range_is_inclusive_and_the_message_says_what_the_key_does() {
+        let config = GatewayConfig::parse("shutdown_timeout = \"1h\"\n", Path::new("x")).expect("parses");
+        config.validate("x").expect("the maximum itself is allowed");
+        let err = parse_err("shutdown_timeout = \"1h 1s\"\n");
+        assert_eq!(
+            err,
+            "outpost.toml: `shutdown_timeout` = \"1h 1s\" is invalid: must be between 100ms and 1h; how long a \
+             graceful stop may wait for upstream acknowledgements; keep it below systemd's TimeoutStopSec"
+        );
+        let err = parse_err("[upstream]\nurl = \"mqtt://h:1\"\nkeepalive = \"65536s\"\n");
+        assert!(
+            err.contains("must be between 1s and 18h 12m 15s; MQTT's keep alive is at most 65535 seconds"),
+            "{err}"
+        );
     }
 }

@@ -28,6 +28,10 @@ use crate::metrics::Metrics;
 use crate::route::Routing;
 
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// The largest rules or table file read (64 MiB): a rules file is written by hand and a table
+/// of a site's devices is far smaller, while a file many times that (a wrong path, a log) would
+/// be held in memory twice over while it is compiled, at start-up and at every reload.
+pub const MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -35,6 +39,10 @@ pub enum LoadError {
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot read table file {} (named in {}): {source}", path.display(), rules.display())]
     ReadTable { path: PathBuf, rules: PathBuf, source: std::io::Error },
+    #[error("{}: line {line}: not UTF-8 (byte {byte} of the line); save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`", path.display())]
+    NotUtf8 { path: PathBuf, line: usize, byte: usize },
+    #[error("{}: {size} bytes is over the limit of {MAX_FILE_BYTES} bytes for a rules or table file; split the table, or keep only the rows the rules need", path.display())]
+    TooLarge { path: PathBuf, size: u64 },
     #[error("{}: {source}", path.display())]
     Rules { path: PathBuf, source: RulesError },
     /// The rules compile, but some keep state between events, which the gateway cannot
@@ -66,17 +74,38 @@ fn table_paths(rules_path: &Path, text: &str) -> Result<Vec<(String, PathBuf)>, 
     Ok(names.into_iter().map(|name| (name.clone(), dir.join(name))).collect())
 }
 
+/// Reads a rules or table file: at most [`MAX_FILE_BYTES`], UTF-8 (the error names the line).
+fn read_text(path: &Path) -> Result<Result<String, LoadError>, std::io::Error> {
+    use std::io::Read as _;
+    let file = std::fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    // One byte over the limit is enough to know; a file growing meanwhile cannot get past it.
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        let size = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Ok(Err(LoadError::TooLarge { path: path.to_owned(), size }));
+    }
+    Ok(String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1);
+        LoadError::NotUtf8 {
+            path: path.to_owned(),
+            line: valid.iter().filter(|&&b| b == b'\n').count() + 1,
+            byte: valid.len() - line_start + 1,
+        }
+    }))
+}
+
 /// Reads and compiles a rules file and the table files it names.
 pub fn load(path: &Path) -> Result<RuleSet, LoadError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })?;
+    let text = read_text(path).map_err(|source| LoadError::Read { path: path.to_owned(), source })??;
     let mut sources = TableSources::new();
     for (name, table_path) in table_paths(path, &text)? {
-        let table_text = std::fs::read_to_string(&table_path).map_err(|source| LoadError::ReadTable {
+        let table_text = read_text(&table_path).map_err(|source| LoadError::ReadTable {
             path: table_path.clone(),
             rules: path.to_owned(),
             source,
-        })?;
+        })??;
         sources = sources.with_text(name, table_text);
     }
     let rules = RuleSet::compile(&text, &sources)
@@ -157,5 +186,52 @@ pub async fn watch(
             }
             Err(e) => error!(message = "rules reload task failed", error = %e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).expect("write");
+        path
+    }
+
+    const RULES: &str = "[[table]]\nname = \"devices\"\nfile = \"devices.csv\"\n\n[[rule]]\nname = \"r\"\nsql = 'SELECT * FROM \"t/#\"'\n[[rule.action]]\ntype = \"forward\"\n";
+
+    #[test]
+    fn a_table_that_is_not_utf8_is_refused_naming_the_file_and_the_line() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rules = write(dir.path(), "rules.toml", RULES.as_bytes());
+        let table = write(dir.path(), "devices.csv", b"device,site\nd1,plant-a\nd2,K\xf6ln\n");
+        let err = load(&rules).expect_err("refused").to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: line 3: not UTF-8 (byte 5 of the line); save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`",
+                table.display()
+            )
+        );
+        write(dir.path(), "devices.csv", "device,site\nd1,plant-a\nd2,Köln\n".as_bytes());
+        assert_eq!(load(&rules).expect("loads").len(), 1);
+    }
+
+    #[test]
+    fn a_file_over_the_limit_is_refused_before_it_is_parsed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rules = write(dir.path(), "rules.toml", RULES.as_bytes());
+        let table = dir.path().join("devices.csv");
+        // Sparse: no disk is spent on it.
+        std::fs::File::create(&table).and_then(|f| f.set_len(MAX_FILE_BYTES + 1)).expect("create");
+        let err = load(&rules).expect_err("refused").to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{}: 67108865 bytes is over the limit of 67108864 bytes for a rules or table file; split",
+                table.display()
+            )),
+            "{err}"
+        );
     }
 }

@@ -250,6 +250,54 @@ fn check_refuses_clear_text_passwords_and_names_bad_lines() {
     assert!(stderr.contains("cannot read") && stderr.contains("missing"), "{stderr}");
 }
 
+#[test]
+fn a_password_file_asking_for_too_many_pbkdf2_rounds_is_refused_by_check_and_at_start_up() {
+    use outpost_sim::harness::mosquitto::{MOSQUITTO_PASSWD, write_password_file};
+    if !outpost_e2e::require_tool(MOSQUITTO_PASSWD, "mosquitto") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("passwd");
+    let users = [("sensor-1", "one"), ("sensor-2", "two")].map(|(u, p)| (u.to_owned(), p.to_owned()));
+    write_password_file(&file, &users).expect("mosquitto_passwd");
+    // Every login, and the decoy check for unknown users, would cost 2^32 − 1 rounds: hours.
+    let text = std::fs::read_to_string(&file).expect("read");
+    assert_eq!(text.matches("$7$101$").count(), 2, "{text}");
+    let edited = text.replacen(":$7$101$", &format!(":$7${}$", u32::MAX), 2).replacen(
+        &format!("sensor-1:$7${}$", u32::MAX),
+        "sensor-1:$7$101$",
+        1,
+    );
+    std::fs::write(&file, &edited).expect("write");
+    let config = dir.path().join("outpost.toml");
+    std::fs::write(&config, "data_dir = \"data\"\n[broker]\npassword_file = \"passwd\"\n")
+        .expect("write config");
+
+    let started = std::time::Instant::now();
+    let out = outpost(&["check", "--config", path_str(&config)]).expect("run outpost check");
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "`broker.password_file` = \"{}\" is invalid: {}: line 2: \"sensor-2:…\": 4294967295 PBKDF2 \
+             iterations is above Outpost's limit of 100000",
+            file.display(),
+            file.display()
+        )) && out.stderr.contains("outpost passwd --iterations 101 FILE USER"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("$7$"), "no hash is printed: {}", out.stderr);
+    let out =
+        outpost(&["run", "--config", path_str(&config), "--listen", "127.0.0.1:0"]).expect("run outpost run");
+    assert_eq!(out.code, Some(1), "refused at start-up: {out:?}");
+    assert!(out.stderr.contains("above Outpost's limit of 100000"), "{}", out.stderr);
+    assert!(started.elapsed() < Duration::from_secs(10), "refused without hashing");
+
+    let (code, stderr) = passwd(&["--iterations", "100001", path_str(&file), "sensor-3"], "pw\n");
+    assert_eq!(code, Some(2), "outpost passwd keeps to the limit too: {stderr}");
+    assert!(stderr.contains("100001") && stderr.contains("1..=100000"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_kind_of_denial_is_counted_and_logged_with_its_fix() {
     use outpost_e2e::conformance::{ACK_TIMEOUT, Received, Recorder};
@@ -371,11 +419,11 @@ async fn on_a_terminal_the_password_is_asked_twice_and_never_echoed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_check_that_outlasts_the_connection_timeout_gets_server_unavailable() {
-    // 400,000 PBKDF2 rounds: a fraction of a second of CPU, far past a 100 ms timeout. The hash
-    // never verifies; it only has to be expensive.
+    // 100,000 PBKDF2 rounds (the most a file may ask for): 0.7 s of CPU in a debug build, 0.1 s
+    // in release, past a 100 ms timeout. The hash never verifies; it only has to be expensive.
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("passwd");
-    std::fs::write(&file, format!("slow:$7$400000$AAAAAAAAAAAAAAAA${}==\n", "A".repeat(86))).expect("write");
+    std::fs::write(&file, format!("slow:$7$100000$AAAAAAAAAAAAAAAA${}==\n", "A".repeat(86))).expect("write");
     let data = tempfile::tempdir().expect("tempdir");
     let gateway = GatewaySpec::new(data.path())
         .config_toml(format!(

@@ -363,3 +363,80 @@ fn rules_check_and_test_warn_about_a_ported_emqx_rule() {
     // `s.v > NULL` is never TRUE, so FOREACH keeps no element: what the warning said.
     assert!(outcome.stdout.contains("rule ported: filtered out by WHERE"), "{}", outcome.stdout);
 }
+
+#[test]
+fn an_overflowing_duration_is_refused_by_check_and_at_start_up() {
+    // humantime reads this as a Duration; added to an Instant it would panic at shutdown.
+    let toml = "shutdown_timeout = \"500000000y\"\n";
+    check_refused(
+        toml,
+        &[
+            "line 1, column 20: ",
+            "`shutdown_timeout` = \"500000000years\" is invalid: must be between 100ms and 1h",
+        ],
+    );
+    let (_, path, dir) = check_text(toml);
+    let data_dir = dir.path().join("data");
+    let outcome = outpost(&[
+        "run",
+        "--config",
+        path.to_str().expect("utf-8"),
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data_dir.to_str().expect("utf-8"),
+    ])
+    .expect("run outpost run");
+    assert_eq!(outcome.code, Some(1), "refused before anything starts: {outcome:?}");
+    assert!(
+        outcome.stderr.contains("`shutdown_timeout` = \"500000000years\" is invalid"),
+        "{}",
+        outcome.stderr
+    );
+    assert!(!data_dir.exists(), "nothing was created");
+}
+
+#[test]
+fn wrong_types_and_out_of_range_sizes_name_the_key_the_value_and_the_limit() {
+    check_refused(
+        "shutdown_timeout = 10\n",
+        &["line 1, column 20: ", "shutdown_timeout", "invalid type: integer `10`", "| shutdown_timeout = 10"],
+    );
+    check_refused("[broker]\nmax_payload = \"-5MiB\"\n", &["line 2, column 15: ", "max_payload"]);
+    check_refused(
+        "[broker]\nmax_payload = \"1TiB\"\n",
+        &["`broker.max_payload` = \"1.0 TiB\" is invalid: must be between 16B and 256MiB"],
+    );
+    check_refused(
+        "[broker]\nmax_topic_levels = 0\n",
+        &["`broker.max_topic_levels` = \"0\" is invalid: must be between 1 and 32768"],
+    );
+    check_refused(
+        "[upstream]\nurl = \"mqtt://127.0.0.1:1883\"\ninflight = 70000\n",
+        &["line 3, column 12: ", "inflight", "70000"],
+    );
+    check_refused("[buffer]\nmax_events = -1\n", &["line 2, column 14: ", "max_events", "-1"]);
+}
+
+#[test]
+fn unreadable_paths_are_named_with_the_reason() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A directory where a file belongs cannot be read even by root, who reads any mode.
+    let a_dir = dir.path().display().to_string();
+    check_refused(
+        &format!("[broker]\npassword_file = \"{a_dir}\"\n"),
+        &["`broker.password_file`", &format!("cannot read {a_dir}"), "Is a directory"],
+    );
+    check_refused(
+        &format!("[broker]\nacl_file = \"{a_dir}/missing.acl\"\n"),
+        &["`broker.acl_file`", "missing.acl", "No such file or directory"],
+    );
+    check_refused(
+        &format!("[broker.tls]\ncert_file = \"{a_dir}/none.pem\"\nkey_file = \"{a_dir}/none.key\"\n"),
+        &["cert_file", "none.pem", "No such file or directory"],
+    );
+    check_refused(
+        &format!("[upstream]\nurl = \"mqtt://h:1\"\nusername = \"u\"\npassword_file = \"{a_dir}\"\n"),
+        &["`upstream.password_file`", &a_dir],
+    );
+}

@@ -339,3 +339,57 @@ fn check_refuses_an_endpoint_beyond_loopback_without_a_token() {
     let outcome = outpost(&["check", "--config", path]).expect("run outpost check");
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_probes_the_tls_listener_through_a_handshake() {
+    use outpost_e2e::tls::{Pki, tls_table};
+    let mut pki = Pki::new("site").expect("pki");
+    let server = pki.server(Duration::from_secs(365 * 24 * 3600), false).expect("server certificate");
+    let tls = free_addr();
+    let data = tempfile::tempdir().expect("tempdir");
+    // One handshake at a time, each allowed 10 s: one silent TCP connection takes the slot.
+    let extra =
+        format!("[broker]\nconnection_timeout = \"10s\"\n{}", tls_table(tls, &server, "max_handshakes = 1"));
+    let (gateway, http) = gateway_with_http(data.path(), &extra).await;
+    let (status, ready) = get_json(http, "/health/ready", None).await;
+    assert_eq!(status, 200, "{ready}\n{}", gateway.tail());
+    assert_eq!(ready["listeners"][0]["addr"], gateway.listen().to_string());
+    assert_eq!(ready["listeners"][0].get("tls"), None, "{ready}");
+    assert_eq!(ready["listeners"][1]["addr"], tls.to_string());
+    assert_eq!(
+        (&ready["listeners"][1]["tls"], &ready["listeners"][1]["ok"]),
+        (&Json::Bool(true), &Json::Bool(true))
+    );
+
+    let slowloris = TcpStream::connect(tls).await.expect("connect to the TLS port");
+    let not_ready = eventually("/health/ready = 503", || async {
+        let (status, body) = get_json(http, "/health/ready", None).await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert_eq!(not_ready["listeners"][0]["ok"], true, "the plain listener still answers: {not_ready}");
+    let error = not_ready["listeners"][1]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("TLS handshake failed"), "{not_ready}");
+    drop(slowloris);
+    eventually("/health/ready = 200 again", || async {
+        (get_json(http, "/health/ready", None).await.0 == 200).then_some(())
+    })
+    .await;
+    let metrics = scrape(http, None).await;
+    let handshakes = value(&metrics, "outpost_tls_handshakes_total", &[("result", "ok")]).unwrap_or(0.0);
+    assert!(handshakes >= 2.0, "the probe's handshakes are real ones: {handshakes}");
+    let busy = value(&metrics, "outpost_tls_handshakes_total", &[("result", "busy")]).unwrap_or(0.0);
+    assert!(busy >= 1.0, "the probe was refused while the slot was taken: {busy}");
+    drop(gateway);
+
+    // With client certificates required the probe (which has none) stops after the handshake.
+    let tls = free_addr();
+    let data = tempfile::tempdir().expect("tempdir");
+    let extra = tls_table(tls, &server, &format!("ca_file = \"{}\"", pki.ca_file().display()));
+    let (gateway, http) = gateway_with_http(data.path(), &extra).await;
+    let (status, ready) = get_json(http, "/health/ready", None).await;
+    assert_eq!(status, 200, "{ready}\n{}", gateway.tail());
+    assert_eq!(ready["listeners"][1]["ok"], true, "{ready}");
+    let note = ready["listeners"][1]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("require_certificate"), "{ready}");
+}

@@ -157,6 +157,83 @@ async fn mosquitto_clients_publish_over_tls_on_3_1_1_and_5_and_the_fleet_too() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_over_mutual_tls_writes_only_where_its_certificate_name_may() {
+    if !have_clients() {
+        return;
+    }
+    let mut pki = Pki::new("site").expect("pki");
+    let server = pki.server(YEAR, false).expect("server cert");
+    let (line, reader) =
+        (pki.client("line-1", None).expect("client"), pki.client("dashboard", None).expect("client"));
+    let acl = pki.dir().join("acl");
+    std::fs::write(&acl, "user dashboard\ntopic read plant/#\n\npattern write plant/%u/#\n").expect("acl");
+    let tls = free_addr();
+    let extra =
+        format!("ca_file = \"{}\"\nuse_identity_as_username = \"common_name\"\n", pki.ca_file().display());
+    let data = tempfile::tempdir().expect("tempdir");
+    let gateway = GatewaySpec::new(data.path())
+        .config_toml(format!(
+            "[broker]\nacl_file = \"{}\"\n{}",
+            acl.display(),
+            tls_table(tls, &server, &extra)
+        ))
+        .start()
+        .await
+        .expect("starts");
+    let sub = subscribe(tls, pki.ca_file(), Some(&reader), "fleet-dash", "plant/#").await;
+
+    let fleet = |prefix: &str, template: &str, client: Option<&CertFiles>| FleetConfig {
+        broker: tls.to_string(),
+        mqtt_version: MqttVersion::V5,
+        tls: Some(TlsOptions {
+            ca_file: Some(pki.ca_file().to_owned()),
+            client_auth: client.map(|c| outpost_sim::mqtt::ClientAuth {
+                cert_file: c.cert.clone(),
+                key_file: c.key.clone(),
+            }),
+        }),
+        sensors: 5,
+        rate_per_sensor: 50.0,
+        count_per_sensor: Some(20),
+        client_prefix: prefix.to_owned(),
+        topic_template: template.to_owned(),
+        ..FleetConfig::default()
+    };
+    // `%u` is the certificate's CN: line-1 writes under plant/line-1/ and nowhere else.
+    let run = |config: FleetConfig| async move {
+        tokio::time::timeout(Duration::from_secs(60), run_fleet(config, CancellationToken::new()))
+            .await
+            .expect("the fleet ends within a minute")
+    };
+    let own = run(fleet("own-", "plant/line-1/{id}", Some(&line))).await.expect("the fleet runs");
+    assert_eq!((own.sent, own.acked, own.refused), (100, 100, 0), "{}", gateway.tail());
+    let other = run(fleet("other-", "plant/line-2/{id}", Some(&line))).await.expect("the fleet runs");
+    assert_eq!(
+        (other.sent, other.acked, other.refused),
+        (100, 0, 100),
+        "PUBACK 0x87 each: {}",
+        gateway.tail()
+    );
+    // Without a certificate the handshake is refused: the fleet stops with rustls's reason.
+    let refused = run(fleet("none-", "plant/line-1/{id}", None)).await;
+    assert!(refused.is_err(), "a fleet without a client certificate is refused");
+
+    // Counted here: the predicate runs under the lock `deliveries` takes.
+    let mut seen = 0;
+    sub.wait_for_line("the 100th delivery", WAIT, |line| {
+        seen += usize::from(line.starts_with("plant/"));
+        seen >= 100
+    })
+    .await
+    .expect("delivered");
+    let delivered = deliveries(&sub);
+    assert_eq!(delivered.len(), 100, "{delivered:?}");
+    assert!(delivered.iter().all(|l| l.starts_with("plant/line-1/own-")), "{delivered:?}");
+    let counters = counters(gateway).await;
+    assert_eq!(count(&counters, "acl_publish_denied"), 100, "{counters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_names_the_user_the_acl_knows() {
     if !have_clients() {
         return;

@@ -12,12 +12,24 @@
 //!   store thread one read per second. Each part of a check is bounded by [`CHECK_TIMEOUT`].
 //! - The store is asked through its command queue like the admin socket does, so the read is
 //!   ordered with commits and never races them; one such request is outstanding at most.
+//! - The `[broker.tls]` listener is probed like the plain ones, through a TLS handshake first.
+//!   The probe does not verify the server's certificate (it connects to its own process on
+//!   loopback to see the listener answer; authenticating it would prove nothing and would fail
+//!   for certificates made for other names), but the handshake's signatures are checked. When
+//!   the listener requires client certificates the probe has none: a completed handshake is
+//!   its answer (the listener's certificate check then counts one refused handshake per probe,
+//!   at most one a second), and the body says so.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -33,9 +45,32 @@ pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ListenerCheck {
     pub addr: SocketAddr,
+    /// The `[broker.tls]` listener (probed through a TLS handshake).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub tls: bool,
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// What the probe could not try, when it is ready anyway.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A sensor listener the probe connects to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: ListenerTls,
+}
+
+/// How a listener is reached.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ListenerTls {
+    Plain,
+    /// `[broker.tls]`; `client_certificate_required`: `broker.tls.require_certificate`.
+    Tls {
+        client_certificate_required: bool,
+    },
 }
 
 /// One readiness check.
@@ -56,8 +91,9 @@ impl Check {
 /// would use; the last answer of each part.
 pub struct Checker {
     store: mpsc::Sender<Command>,
-    listeners: Vec<SocketAddr>,
+    listeners: Vec<Listener>,
     connect: Vec<u8>,
+    tls: Result<Arc<rustls::ClientConfig>, String>,
     last_store: Mutex<Option<(Instant, Result<StatsReport, String>)>>,
     last_listeners: Mutex<Option<(Instant, Vec<ListenerCheck>)>>,
 }
@@ -67,13 +103,14 @@ impl Checker {
     /// instead of being counted as refused.
     pub fn new(
         store: mpsc::Sender<Command>,
-        listeners: Vec<SocketAddr>,
+        listeners: Vec<Listener>,
         credentials: Option<(&str, &str)>,
     ) -> Checker {
         Checker {
             store,
             listeners,
             connect: connect_packet(credentials),
+            tls: probe_tls_config(),
             last_store: Mutex::new(None),
             last_listeners: Mutex::new(None),
         }
@@ -97,7 +134,8 @@ impl Checker {
         if let Some((_, answer)) = last.as_ref().filter(|(at, _)| at.elapsed() < CHECK_TTL) {
             return answer.clone();
         }
-        let answer = probe_all(self.listeners.iter().map(|addr| probe(*addr, &self.connect))).await;
+        let answer =
+            probe_all(self.listeners.iter().map(|listener| probe(*listener, &self.connect, &self.tls))).await;
         *last = Some((Instant::now(), answer.clone()));
         answer
     }
@@ -181,46 +219,139 @@ fn reachable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Connects to the listener, sends the CONNECT, reads the CONNACK, disconnects.
-pub async fn probe(addr: SocketAddr, connect: &[u8]) -> ListenerCheck {
-    let target = reachable(addr);
+/// Connects to the listener (through a TLS handshake for `[broker.tls]`), sends the CONNECT,
+/// reads the CONNACK, disconnects.
+pub async fn probe(
+    listener: Listener,
+    connect: &[u8],
+    tls: &Result<Arc<rustls::ClientConfig>, String>,
+) -> ListenerCheck {
+    let target = reachable(listener.addr);
     let attempt = async {
-        let mut stream = TcpStream::connect(target).await.map_err(|e| format!("cannot connect: {e}"))?;
-        stream.write_all(connect).await.map_err(|e| format!("cannot send CONNECT: {e}"))?;
-        let mut connack = [0u8; 4];
-        stream.read_exact(&mut connack).await.map_err(|e| format!("no CONNACK: {e}"))?;
-        if connack[..2] != [0x20, 0x02] {
-            return Err(format!("answered CONNECT with {connack:02x?}, not a CONNACK"));
-        }
-        // Best effort: the broker ends the session on close anyway.
-        let _ = stream.write_all(&[0xE0, 0x00]).await;
-        match connack[3] {
-            // Refused credentials still prove the listener accepts and speaks MQTT; the probe
-            // uses a configured user, so this means the config changed under it.
-            0 | 4 | 5 => Ok(()),
-            3 => Err(
-                "CONNACK 3 (server unavailable): broker.max_connections is reached, new sensors are refused"
-                    .to_owned(),
-            ),
-            code => Err(format!("CONNACK return code {code}")),
+        let stream = TcpStream::connect(target).await.map_err(|e| format!("cannot connect: {e}"))?;
+        match listener.tls {
+            ListenerTls::Plain => mqtt_connect(stream, connect).await.map(|()| None),
+            ListenerTls::Tls { client_certificate_required } => {
+                let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+                let mut stream = tokio_rustls::TlsConnector::from(tls.clone()?)
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| format!("TLS handshake failed: {e}"))?;
+                if client_certificate_required {
+                    let _ = stream.shutdown().await;
+                    return Ok(Some(
+                        "TLS handshake completed; broker.tls.require_certificate is set and the probe has \
+                         no client certificate, so no CONNECT was tried"
+                            .to_owned(),
+                    ));
+                }
+                mqtt_connect(stream, connect).await.map(|()| None)
+            }
         }
     };
+    let tls = listener.tls != ListenerTls::Plain;
+    let addr = listener.addr;
     match tokio::time::timeout(CHECK_TIMEOUT, attempt).await {
-        Ok(Ok(())) => ListenerCheck { addr, ok: true, error: None },
-        Ok(Err(error)) => ListenerCheck { addr, ok: false, error: Some(error) },
+        Ok(Ok(note)) => ListenerCheck { addr, tls, ok: true, error: None, note },
+        Ok(Err(error)) => ListenerCheck { addr, tls, ok: false, error: Some(error), note: None },
         Err(_) => ListenerCheck {
             addr,
+            tls,
             ok: false,
             error: Some(format!(
                 "no CONNACK within {CHECK_TIMEOUT:?}: the port is bound but the broker does not answer"
             )),
+            note: None,
         },
+    }
+}
+
+/// The CONNECT, its CONNACK and a DISCONNECT on an open stream.
+async fn mqtt_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    connect: &[u8],
+) -> Result<(), String> {
+    stream.write_all(connect).await.map_err(|e| format!("cannot send CONNECT: {e}"))?;
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.map_err(|e| format!("no CONNACK: {e}"))?;
+    if connack[..2] != [0x20, 0x02] {
+        return Err(format!("answered CONNECT with {connack:02x?}, not a CONNACK"));
+    }
+    // Best effort: the broker ends the session on close anyway.
+    let _ = stream.write_all(&[0xE0, 0x00]).await;
+    let _ = stream.shutdown().await;
+    match connack[3] {
+        // Refused credentials still prove the listener accepts and speaks MQTT; the probe
+        // uses a configured user, so this means the config changed under it.
+        0 | 4 | 5 => Ok(()),
+        3 => {
+            Err("CONNACK 3 (server unavailable): broker.max_connections is reached, new sensors are refused"
+                .to_owned())
+        }
+        code => Err(format!("CONNACK return code {code}")),
+    }
+}
+
+/// The probe's TLS client: ring, TLS 1.2 and 1.3 like the listener, any server certificate
+/// (see the module's invariants). An error fails the TLS listener's probe with its reason.
+fn probe_tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = Arc::new(OwnListener(provider.clone()));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("cannot set up the probe's TLS client: {e}"))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Accepts the certificate the probe's own listener presents; checks the handshake signatures.
+#[derive(Debug)]
+struct OwnListener(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for OwnListener {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plain(addr: SocketAddr) -> Listener {
+        Listener { addr, tls: ListenerTls::Plain }
+    }
 
     #[test]
     fn connect_packets_are_well_formed() {
@@ -241,11 +372,11 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         // The kernel completes the handshake from the backlog; nobody reads the CONNECT.
-        let check = probe(addr, &connect_packet(None)).await;
+        let check = probe(plain(addr), &connect_packet(None), &probe_tls_config()).await;
         assert!(!check.ok);
         assert!(check.error.as_deref().is_some_and(|e| e.contains("no CONNACK within")), "{check:?}");
         drop(listener);
-        let check = probe(addr, &connect_packet(None)).await;
+        let check = probe(plain(addr), &connect_packet(None), &probe_tls_config()).await;
         assert!(check.error.as_deref().is_some_and(|e| e.starts_with("cannot connect")), "{check:?}");
     }
 
@@ -263,7 +394,7 @@ mod tests {
                 socket.read_exact(&mut disconnect).await.expect("DISCONNECT");
                 (connect, disconnect)
             });
-            let check = probe(addr, &connect_packet(None)).await;
+            let check = probe(plain(addr), &connect_packet(None), &probe_tls_config()).await;
             assert_eq!(check.ok, ok, "code {code}: {check:?}");
             let (connect, disconnect) = server.await.expect("server");
             assert_eq!(connect[0], 0x10);

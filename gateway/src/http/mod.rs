@@ -83,7 +83,7 @@ pub struct Handles {
     /// `buffer.max_events`, `buffer.max_bytes`.
     pub capacity: (u64, u64),
     /// The sensor listeners the readiness probe connects to.
-    pub listeners: Vec<SocketAddr>,
+    pub listeners: Vec<health::Listener>,
     /// A configured sensor user for the probe (the first, by name).
     pub credentials: Option<(String, String)>,
 }
@@ -98,7 +98,14 @@ impl Handles {
                 .as_ref()
                 .and_then(|u| u.endpoints().first().map(ToString::to_string)),
             capacity: (config.buffer.max_events, config.buffer.max_bytes.as_u64()),
-            listeners: std::iter::once(config.broker.listen).chain(config.broker.listen_v5).collect(),
+            listeners: std::iter::once(config.broker.listen)
+                .chain(config.broker.listen_v5)
+                .map(|addr| health::Listener { addr, tls: health::ListenerTls::Plain })
+                .chain(config.broker.tls.as_ref().map(|tls| health::Listener {
+                    addr: tls.listen,
+                    tls: health::ListenerTls::Tls { client_certificate_required: tls.require_certificate() },
+                }))
+                .collect(),
             credentials: config.broker.users.iter().next().map(|(u, p)| (u.clone(), p.clone())),
         }
     }
