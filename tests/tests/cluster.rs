@@ -123,15 +123,29 @@ async fn killing_the_connected_node_loses_nothing_the_gateway_acknowledged() {
     // Sent at once, while the inbound connection is still on (or leaving) the dead node: it
     // waits in the inbound session the cluster replicates, and comes down once the connection
     // moved to a surviving node.
-    publish_qos1(
-        cluster.nodes[subscriber_node].mqtt,
-        &unique_client_id("cloud"),
-        "cmd/valve/1",
-        [b"open".to_vec()],
-        TIMEOUT,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("a command published at a surviving node: {e:#}\n{}", cluster.tail()));
+    // While the stream re-elects its leader a surviving node may close the connection without
+    // a PUBACK (FIELD-NOTES.md); a cloud publisher then resends, and so does this one. At
+    // least once: the actuator may see the command twice, and the test reads the first.
+    let mut attempts = Vec::new();
+    while attempts.len() < 5 {
+        let sent = publish_qos1(
+            cluster.nodes[subscriber_node].mqtt,
+            &unique_client_id("cloud"),
+            "cmd/valve/1",
+            [b"open".to_vec()],
+            TIMEOUT,
+        )
+        .await;
+        match sent {
+            Ok(()) => break,
+            Err(e) => attempts.push(format!("{e:#}")),
+        }
+    }
+    assert!(
+        attempts.len() < 5,
+        "a command published at a surviving node, five attempts: {attempts:?}\n{}",
+        cluster.tail()
+    );
     let on_another = |m: &[Received]| {
         m.last()
             .is_some_and(|m| m.payload.starts_with("connected ") && !m.payload.ends_with(first_url.as_str()))
