@@ -143,6 +143,11 @@ pub struct BrokerConfig {
     pub max_retained_bytes: ByteSize,
     #[serde(default = "default_max_connections")]
     pub max_connections: NonZeroUsize,
+    /// Connections one source address may hold at once. Unset, only `max_connections` bounds
+    /// them; set it where sensors have addresses of their own (not behind one NAT), so that one
+    /// host cannot take every slot.
+    #[serde(default)]
+    pub max_connections_per_address: Option<NonZeroUsize>,
     /// The largest PUBLISH payload a sensor may send; larger packets close the connection.
     #[serde(default = "default_max_payload")]
     pub max_payload: ByteSize,
@@ -620,6 +625,7 @@ impl Default for BrokerConfig {
             max_retained: default_max_retained(),
             max_retained_bytes: default_max_retained_bytes(),
             max_connections: default_max_connections(),
+            max_connections_per_address: None,
             max_payload: default_max_payload(),
             connection_timeout: default_connection_timeout(),
             max_keepalive: None,

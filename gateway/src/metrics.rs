@@ -48,6 +48,8 @@ counters! {
     accepted_tls,
     /// CONNECTs refused with a reason code (credentials, id, server busy).
     sensor_refused,
+    /// Of those, refused at `broker.max_connections_per_address`.
+    sensor_refused_per_address,
     /// Connections closed because the same client id connected again.
     sensor_takeovers,
     /// Connections closed for a malformed packet or a protocol violation.

@@ -58,7 +58,19 @@ async fn answer(addr: SocketAddr, packets: &[Vec<u8>]) -> Vec<u8> {
 
 /// A well-behaved sensor still gets its PUBACK.
 async fn still_serving(addr: SocketAddr, id: &str) {
-    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    still_serving_from(addr, None, id).await;
+}
+
+/// [`still_serving`] from a given source address (anywhere in 127.0.0.0/8 on loopback).
+async fn still_serving_from(addr: SocketAddr, source: Option<std::net::IpAddr>, id: &str) {
+    let mut stream = match source {
+        None => TcpStream::connect(addr).await.expect("connect"),
+        Some(ip) => {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind(SocketAddr::new(ip, 0)).expect("bind the source address");
+            socket.connect(addr).await.expect("connect")
+        }
+    };
     stream.write_all(&raw::connect_v311(id, 30)).await.expect("CONNECT");
     let (kind, connack) = raw::read_packet(&mut stream).await.expect("CONNACK");
     assert_eq!((kind >> 4, connack), (2, vec![0, 0]), "accepted");
@@ -398,4 +410,54 @@ async fn one_client_opening_a_thousand_connections_is_held_to_max_connections_co
     assert_eq!(logged.len(), 1, "logged once for the episode, the rest folded in: {logged:?}");
     let counters = gateway.final_counters().expect("counters");
     assert!(counters.get("sensor_refused").copied().unwrap_or(0) >= (HOSTILE - LIMIT) as u64, "{counters:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_is_held_to_its_share_and_sensors_elsewhere_still_connect() {
+    const PER_ADDRESS: usize = 50;
+    const HOSTILE: usize = 300;
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path())
+        .config_toml(format!(
+            "[broker]\nmax_connections = 200\nmax_connections_per_address = {PER_ADDRESS}\n"
+        ))
+        .start()
+        .await
+        .expect("starts");
+    let addr = gateway.listen();
+
+    // 127.0.0.1 opens 300 connections and keeps every one it can.
+    let mut held = Vec::new();
+    let (mut accepted, mut refused) = (0, 0);
+    for i in 0..HOSTILE {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(&raw::connect_v311(&format!("hog-{i}"), 60)).await.expect("CONNECT");
+        let (_, connack) = tokio::time::timeout(WAIT, raw::read_packet(&mut stream))
+            .await
+            .expect("in time")
+            .expect("CONNACK");
+        match connack.as_slice() {
+            [0, 0] => accepted += 1,
+            [0, 3] => refused += 1,
+            other => panic!("connection {i}: {other:?}"),
+        }
+        held.push(stream);
+    }
+    assert_eq!((accepted, refused), (PER_ADDRESS, HOSTILE - PER_ADDRESS), "held to its share");
+    // Without the per-address limit the hog would hold all 200 slots; other hosts still get in.
+    for (i, source) in ["127.0.0.2", "127.0.0.3"].into_iter().enumerate() {
+        let ip = source.parse().expect("an address");
+        still_serving_from(addr, Some(ip), &format!("elsewhere-{i}")).await;
+    }
+    drop(held);
+
+    gateway.terminate().await.expect("stops");
+    let logged = gateway.messages("sensor connection refused");
+    assert_eq!(logged.len(), 1, "logged once for the episode: {logged:?}");
+    assert!(
+        logged[0]["reason"].as_str().is_some_and(|r| r.contains("max_connections_per_address")),
+        "{logged:?}"
+    );
+    let counters = gateway.final_counters().expect("counters");
+    assert_eq!(counters.get("sensor_refused_per_address").copied(), Some((HOSTILE - PER_ADDRESS) as u64));
 }

@@ -1,15 +1,17 @@
 //! Live connections: the connection limit, and one connection per client id (takeover).
 //!
 //! # Invariants
-//! - At most `broker.max_connections` connections hold a [`Registration`]; the
+//! - At most `broker.max_connections` connections hold a [`Registration`], and at most
+//!   `broker.max_connections_per_address` of them come from one address; the
 //!   `sensors_connected` gauge counts them.
 //! - One connection per client id: a newer one takes over (the older is stopped, and the newer
 //!   waits for it to finish, up to [`TAKEOVER_WAIT`]). A finished connection removes its entry
 //!   only if it is still its own, so a late finisher never removes its successor.
-//! - One lock, for the table of client ids; nothing else is locked under it and it is never
-//!   held across an `.await`.
+//! - Two locks, the table of client ids and the count per address; neither is taken while
+//!   the other is held, nor held across an `.await`.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -72,20 +74,59 @@ pub struct LiveConnections {
     serial: AtomicU64,
     connections: AtomicUsize,
     max: usize,
+    /// Live connections per source address, kept only with a per-address limit.
+    by_address: Mutex<HashMap<IpAddr, usize>>,
+    max_per_address: Option<usize>,
     metrics: Metrics,
 }
 
-/// The broker is at `broker.max_connections`.
-pub struct Full;
+/// Why a connection was not registered.
+pub enum Full {
+    /// `broker.max_connections` connections are live.
+    Broker,
+    /// `broker.max_connections_per_address` connections from this address are live.
+    Address,
+}
 
 impl LiveConnections {
-    pub fn new(max: usize, metrics: Metrics) -> LiveConnections {
+    pub fn new(max: usize, max_per_address: Option<usize>, metrics: Metrics) -> LiveConnections {
         LiveConnections {
             by_id: Mutex::default(),
             serial: AtomicU64::new(0),
             connections: AtomicUsize::new(0),
             max,
+            by_address: Mutex::default(),
+            max_per_address,
             metrics,
+        }
+    }
+
+    fn addresses(&self) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        self.by_address.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counts a connection from `address` against its limit; false when it is reached.
+    fn claim_address(&self, address: IpAddr) -> bool {
+        let Some(max) = self.max_per_address else { return true };
+        let mut by_address = self.addresses();
+        let held = by_address.entry(address).or_default();
+        if *held >= max {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    fn release_address(&self, address: IpAddr) {
+        if self.max_per_address.is_none() {
+            return;
+        }
+        let mut by_address = self.addresses();
+        if let Some(held) = by_address.get_mut(&address) {
+            *held -= 1;
+            if *held == 0 {
+                by_address.remove(&address);
+            }
         }
     }
 
@@ -99,12 +140,17 @@ impl LiveConnections {
     pub fn register(
         self: &Arc<Self>,
         client_id: &str,
+        address: IpAddr,
         cancel: &CancellationToken,
     ) -> Result<(Registration, Option<Previous>), Full> {
         let connections = self.connections.fetch_add(1, Ordering::Relaxed) + 1;
         if connections > self.max {
             self.connections.fetch_sub(1, Ordering::Relaxed);
-            return Err(Full);
+            return Err(Full::Broker);
+        }
+        if !self.claim_address(address) {
+            self.connections.fetch_sub(1, Ordering::Relaxed);
+            return Err(Full::Address);
         }
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
         let stop = Stop { token: cancel.child_token(), taken: Arc::new(AtomicBool::new(false)) };
@@ -112,6 +158,7 @@ impl LiveConnections {
         let registration = Registration {
             live: Arc::clone(self),
             client_id: client_id.to_owned(),
+            address,
             serial,
             stop: stop.clone(),
             finished: finished.clone(),
@@ -121,12 +168,13 @@ impl LiveConnections {
         Ok((registration, previous.map(Previous)))
     }
 
-    fn release(&self, client_id: &str, serial: u64) {
+    fn release(&self, client_id: &str, address: IpAddr, serial: u64) {
         let mut by_id = self.lock();
         if by_id.get(client_id).is_some_and(|h| h.serial == serial) {
             by_id.remove(client_id);
         }
         drop(by_id);
+        self.release_address(address);
         let n = self.connections.fetch_sub(1, Ordering::Relaxed) - 1;
         Metrics::set(&self.metrics.gauges().sensors_connected, n as u64);
     }
@@ -136,6 +184,7 @@ impl LiveConnections {
 pub struct Registration {
     live: Arc<LiveConnections>,
     client_id: String,
+    address: IpAddr,
     serial: u64,
     stop: Stop,
     finished: CancellationToken,
@@ -154,7 +203,7 @@ impl Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.live.release(&self.client_id, self.serial);
+        self.live.release(&self.client_id, self.address, self.serial);
         self.finished.cancel();
     }
 }

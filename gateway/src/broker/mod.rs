@@ -196,7 +196,11 @@ pub async fn start(
         intake: Intake::new(ids, out, metrics.clone(), heartbeat, tap),
         local: Arc::clone(&local),
         retained: RetainedStore::new(cfg.max_retained, cfg.max_retained_bytes.as_u64(), metrics.clone()),
-        live: Arc::new(LiveConnections::new(cfg.max_connections.get(), metrics.clone())),
+        live: Arc::new(LiveConnections::new(
+            cfg.max_connections.get(),
+            cfg.max_connections_per_address.map(std::num::NonZeroUsize::get),
+            metrics.clone(),
+        )),
         status: status_rx,
         access: Arc::clone(&access),
         logs: LogThrottles::default(),

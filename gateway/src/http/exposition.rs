@@ -89,6 +89,12 @@ pub const COUNTERS: &[Mapping] = &[
         "CONNECTs refused with a reason code (credentials, client id, server busy).",
     ),
     m(
+        "sensor_refused_per_address",
+        "outpost_connections_refused_per_address_total",
+        &[],
+        "Of the refused CONNECTs, those refused at broker.max_connections_per_address.",
+    ),
+    m(
         "sensor_takeovers",
         "outpost_connections_taken_over_total",
         &[],

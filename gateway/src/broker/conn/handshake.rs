@@ -180,13 +180,22 @@ async fn register(
     client_id: &str,
     cancel: &CancellationToken,
 ) -> Option<Registration> {
-    let (registration, previous) = match shared.live.register(client_id, cancel) {
+    let (registration, previous) = match shared.live.register(client_id, io.peer().ip(), cancel) {
         Ok(registered) => registered,
-        Err(Full) => {
+        Err(full) => {
+            let (code_v5, why) = match full {
+                Full::Broker => (ConnectReturnCode::ServerBusy, "broker.max_connections reached"),
+                Full::Address => {
+                    Metrics::add(&shared.metrics.counters().sensor_refused_per_address, 1);
+                    (
+                        ConnectReturnCode::QuotaExceeded,
+                        "broker.max_connections_per_address reached for this address: find what on that host opens so many connections, or raise the limit",
+                    )
+                }
+            };
             // 3.1.1 has no "busy"; its "server unavailable" is the closest code.
-            let code =
-                if io.v5() { ConnectReturnCode::ServerBusy } else { ConnectReturnCode::ServiceUnavailable };
-            refuse(io, shared, code, "broker.max_connections reached").await;
+            let code = if io.v5() { code_v5 } else { ConnectReturnCode::ServiceUnavailable };
+            refuse(io, shared, code, why).await;
             return None;
         }
     };
