@@ -46,6 +46,10 @@ fn main() {
         timestamp_ms: 1_708_671_600_123,
         event_id: 7,
         hops: 0,
+        peerhost: None,
+        retain: false,
+        dup: false,
+        pub_props: None,
     };
     assert_eq!(rules.evaluate(&event).len(), 1);
     const EVENTS: u32 = 300_000;

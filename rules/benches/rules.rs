@@ -51,6 +51,10 @@ fn event(payload: &[u8]) -> EventContext<'_> {
         timestamp_ms: 1_708_671_600_123,
         event_id: 7,
         hops: 0,
+        peerhost: None,
+        retain: false,
+        dup: false,
+        pub_props: None,
     }
 }
 

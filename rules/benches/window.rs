@@ -136,6 +136,10 @@ fn main() {
         timestamp_ms: at,
         event_id: 1,
         hops: 0,
+        peerhost: None,
+        retain: false,
+        dup: false,
+        pub_props: None,
     };
     let (mut out_events, mut out_bytes, mut in_bytes) = (0u64, 0u64, 0u64);
     let mut count = |outputs: Vec<Output>| {

@@ -418,6 +418,10 @@ mod tests {
             timestamp_ms: 0,
             event_id: 0,
             hops: 0,
+            peerhost: None,
+            retain: false,
+            dup: false,
+            pub_props: None,
         };
         f(&Env {
             event: &event,

@@ -41,6 +41,10 @@ fn run(expr: &str, payload: &str) -> String {
         timestamp_ms: 1_708_671_600_123,
         event_id: 7,
         hops: 0,
+        peerhost: None,
+        retain: false,
+        dup: false,
+        pub_props: None,
     };
     let outputs = set.evaluate(&event);
     match outputs.as_slice() {
@@ -1306,6 +1310,10 @@ fn run_each(sql: &str, payload: &str, keys: &str) -> String {
         timestamp_ms: 1_708_671_600_123,
         event_id: 7,
         hops: 0,
+        peerhost: None,
+        retain: false,
+        dup: false,
+        pub_props: None,
     };
     let mut rows = Vec::new();
     for output in set.evaluate(&event) {

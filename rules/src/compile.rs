@@ -47,6 +47,9 @@ const FIELDS: &[(&str, Field)] = &[
     ("id", Field::EventId),
     ("event_id", Field::EventId),
     ("hops", Field::Hops),
+    ("peerhost", Field::PeerHost),
+    ("flags", Field::Flags),
+    ("pub_props", Field::PubProps),
 ];
 
 /// The columns `SELECT *` produces, in order.
@@ -379,6 +382,16 @@ pub(crate) fn parser_error(message: &str, sql: &str) -> SqlError {
     SqlError::unplaced(format!("syntax error: {message}"))
 }
 
+/// `flag('retain')`: one publish flag, NULL for a name that is no flag. Apart from
+/// `Compiler::function`, whose stack frame the recursion of deep expressions multiplies.
+#[inline(never)]
+fn flag_of(flag: &ast::Expr) -> Compiled {
+    let Some(name) = string_literal(flag) else {
+        return Err(SqlError::new("flag(name) takes a string literal, e.g. flag('retain')", flag.span()));
+    };
+    Ok(Expr::Get(Box::new(Expr::Field(Field::Flags)), vec![PathSeg::Key(name)]))
+}
+
 /// Unaliased columns are named as EMQX names them: `payload.a.b` nests, a plain field
 /// keeps its name, anything else is named by its SQL text.
 pub(crate) fn column_path(expr: &ast::Expr) -> Vec<PathSeg> {
@@ -553,7 +566,7 @@ impl Compiler<'_> {
                     return Ok(expr.clone());
                 }
                 let root_expr = self.name(root)?;
-                if let Expr::Field(_) = root_expr {
+                if matches!(root_expr, Expr::Field(field) if !field.has_fields()) {
                     return Err(SqlError::new(format!("`{}` has no fields", root.value), expr.span()));
                 }
                 let segs = rest.iter().map(|i| PathSeg::Key(i.value.clone())).collect();
@@ -757,6 +770,9 @@ impl Compiler<'_> {
             ("clientid", []) => return Ok(Expr::Field(Field::ClientId)),
             ("username", []) => return Ok(Expr::Field(Field::Username)),
             ("msgid", []) => return Ok(Expr::Field(Field::EventId)),
+            ("peerhost" | "clientip", []) => return Ok(Expr::Field(Field::PeerHost)),
+            ("flags", []) => return Ok(Expr::Field(Field::Flags)),
+            ("flag", [flag]) => return flag_of(flag),
             ("payload", []) => return Ok(self.payload(Vec::new())),
             // `payload('a.b')`: the dotted path into the payload.
             ("payload", [path]) => {

@@ -56,6 +56,18 @@ pub(crate) enum Field {
     Timestamp,
     EventId,
     Hops,
+    PeerHost,
+    /// `{"retain": bool, "dup": bool}`.
+    Flags,
+    /// EMQX's `pub_props` map.
+    PubProps,
+}
+
+impl Field {
+    /// Whether the field is a map a path can read into (`flags.retain`).
+    pub(crate) fn has_fields(self) -> bool {
+        matches!(self, Field::Flags | Field::PubProps)
+    }
 }
 
 /// In an `AS` target, `[0]`: insert at the head of the array (EMQX's `head`).
@@ -479,7 +491,49 @@ pub(crate) fn field_value(field: Field, event: &crate::EventContext<'_>) -> Valu
         Field::Timestamp => Value::from_meta_u64(event.timestamp_ms),
         Field::EventId => Value::from_meta_u64(event.event_id),
         Field::Hops => Value::Int(i64::from(event.hops)),
+        Field::PeerHost => opt(event.peerhost),
+        Field::Flags => Value::Object(vec![
+            ("retain".to_owned(), Value::Bool(event.retain)),
+            ("dup".to_owned(), Value::Bool(event.dup)),
+        ]),
+        Field::PubProps => event.pub_props.map(pub_props_value).unwrap_or_else(|| Value::Object(Vec::new())),
     }
+}
+
+/// `pub_props` as EMQX shows it to rules: only the properties sent, 'User-Property' as a
+/// map (the last value of a repeated name wins) and 'User-Property-Pairs' as the list sent.
+fn pub_props_value(props: &crate::PubProps) -> Value {
+    let mut map = Vec::new();
+    let text = |s: &str| Value::Str(s.to_owned());
+    if let Some(n) = props.payload_format_indicator {
+        map.push(("Payload-Format-Indicator".to_owned(), Value::Int(i64::from(n))));
+    }
+    if let Some(n) = props.message_expiry_interval {
+        map.push(("Message-Expiry-Interval".to_owned(), Value::Int(i64::from(n))));
+    }
+    if let Some(t) = &props.content_type {
+        map.push(("Content-Type".to_owned(), text(t)));
+    }
+    if let Some(t) = &props.response_topic {
+        map.push(("Response-Topic".to_owned(), text(t)));
+    }
+    if let Some(data) = &props.correlation_data {
+        map.push(("Correlation-Data".to_owned(), Value::Bytes(data.clone())));
+    }
+    if !props.user_properties.is_empty() {
+        let mut users = Value::Object(Vec::new());
+        for (name, value) in &props.user_properties {
+            users.insert(name, text(value));
+        }
+        let pairs = props
+            .user_properties
+            .iter()
+            .map(|(k, v)| Value::Object(vec![("key".to_owned(), text(k)), ("value".to_owned(), text(v))]))
+            .collect();
+        map.push(("User-Property".to_owned(), users));
+        map.push(("User-Property-Pairs".to_owned(), Value::Array(pairs)));
+    }
+    Value::Object(map)
 }
 
 pub(crate) fn walk<'v>(mut value: &'v Value, path: &[PathSeg]) -> Option<&'v Value> {

@@ -115,6 +115,56 @@ pub struct EventContext<'a> {
     /// How many times rules have already republished this event (0 for a sensor's
     /// publish). A republish at `hops >= max_hops` is refused.
     pub hops: u8,
+    /// The publisher's IP address as text (EMQX's `peerhost`); `None` for events the
+    /// gateway made itself.
+    pub peerhost: Option<&'a str>,
+    /// The PUBLISH's retain flag.
+    pub retain: bool,
+    /// The PUBLISH's DUP flag (a QoS 1/2 resend).
+    pub dup: bool,
+    /// The MQTT 5 publish properties, if the publish carried any a rule can read.
+    pub pub_props: Option<&'a PubProps>,
+}
+
+impl<'a> EventContext<'a> {
+    /// An event with only topic and payload set: no client, QoS 0, no flags or properties.
+    pub fn new(topic: &'a str, payload: &'a [u8]) -> EventContext<'a> {
+        EventContext {
+            topic,
+            payload,
+            clientid: None,
+            username: None,
+            qos: 0,
+            timestamp_ms: 0,
+            event_id: 0,
+            hops: 0,
+            peerhost: None,
+            retain: false,
+            dup: false,
+            pub_props: None,
+        }
+    }
+}
+
+/// The MQTT 5 publish properties a rule reads as `pub_props`, under EMQX's names
+/// ('User-Property', 'Content-Type', ...). Topic aliases and subscription identifiers are
+/// left out: they describe one hop of the wire, not the message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PubProps {
+    pub payload_format_indicator: Option<u8>,
+    pub message_expiry_interval: Option<u32>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Vec<u8>>,
+    /// In the order sent; a name may repeat.
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl PubProps {
+    /// Whether there is nothing a rule could read.
+    pub fn is_empty(&self) -> bool {
+        *self == PubProps::default()
+    }
 }
 
 /// What the rules want done with an event. Several per event are normal (several rules,

@@ -516,6 +516,10 @@ mod tests {
             timestamp_ms: at,
             event_id: 1,
             hops: 0,
+            peerhost: None,
+            retain: false,
+            dup: false,
+            pub_props: None,
         }
     }
 

@@ -43,6 +43,10 @@ fn check(rules_toml: &str, topic: &str, payload: &str, expect: Expect) {
         timestamp_ms: 1_708_671_600_123,
         event_id: 42,
         hops,
+        peerhost: None,
+        retain: false,
+        dup: false,
+        pub_props: None,
     };
     let mut text = String::new();
     for output in rules.evaluate(&event) {
@@ -229,6 +233,10 @@ fn event<'a>(topic: &'a str, payload: &'a [u8]) -> EventContext<'a> {
         timestamp_ms: 1_708_671_600_123,
         event_id: 42,
         hops: 0,
+        peerhost: None,
+        retain: false,
+        dup: false,
+        pub_props: None,
     }
 }
 
@@ -2094,5 +2102,101 @@ mod properties {
         fn compile_never_panics_on_sql(sql in "(SELECT|FROM|WHERE|payload|\\.|\\[|\\]|-?[0-9]|'[a-z%]*'|\"[a-z/+#]*\"|[a-z_]+|\\(|\\)|,| |=|<|>|\\+|\\*|/|\\|\\||AND|OR|NOT|CASE|WHEN|THEN|END|IN|LIKE|AS|IS|NULL|=~|~| div | mod |FOREACH|DO|INCASE|\\.\\.|\\[-0\\]|\\[0\\]|AS a\\.b|AS c\\[1\\]\\.d|AS x\\[-1\\]){0,40}") {
             let _ = RuleSet::compile(&one(&sql), &tables());
         }
+    }
+}
+
+/// EMQX's message metadata: `peerhost`, `flags`, `pub_props` (field names and shapes from
+/// emqx_rule_events.erl: `printable_maps` turns 'User-Property' into a map and adds
+/// 'User-Property-Pairs'; the flags map holds `retain` and `dup`).
+mod metadata {
+    use crate::{EventContext, Output, PubProps, RuleSet, TableSources};
+
+    fn forwarded(sql: &str, event: &EventContext<'_>) -> Result<Vec<String>, String> {
+        let toml =
+            format!("[[rule]]\nname = \"r\"\nsql = '''{sql}'''\n[[rule.action]]\ntype = \"forward\"\n");
+        let rules = RuleSet::compile(&toml, &TableSources::new()).map_err(|e| e.to_string())?;
+        Ok(rules
+            .evaluate(event)
+            .into_iter()
+            .map(|o| match o {
+                Output::Forward { payload, .. } => String::from_utf8(payload).unwrap(),
+                other => format!("{other:?}"),
+            })
+            .collect())
+    }
+
+    fn props() -> PubProps {
+        PubProps {
+            content_type: Some("application/json".to_owned()),
+            message_expiry_interval: Some(30),
+            user_properties: vec![
+                ("site".to_owned(), "plant-a".to_owned()),
+                ("line".to_owned(), "1".to_owned()),
+                ("site".to_owned(), "plant-b".to_owned()),
+            ],
+            ..PubProps::default()
+        }
+    }
+
+    #[test]
+    fn peerhost_and_its_function_forms() {
+        let mut event = EventContext::new("t/1", b"{}");
+        event.peerhost = Some("192.0.2.7");
+        let out = forwarded("SELECT peerhost, peerhost() AS p, clientip() AS c FROM \"t/#\"", &event);
+        assert_eq!(out.unwrap(), [r#"{"peerhost":"192.0.2.7","p":"192.0.2.7","c":"192.0.2.7"}"#]);
+        let out = forwarded("SELECT 1 AS one FROM \"t/#\" WHERE peerhost = '192.0.2.8'", &event);
+        assert_eq!(out.unwrap(), Vec::<String>::new());
+        // An event the gateway made itself has no peer.
+        let out = forwarded("SELECT peerhost FROM \"t/#\"", &EventContext::new("t/1", b"{}"));
+        assert_eq!(out.unwrap(), [r#"{"peerhost":null}"#]);
+    }
+
+    #[test]
+    fn flags_as_map_path_and_function() {
+        let mut event = EventContext::new("t/1", b"{}");
+        event.retain = true;
+        let sql = "SELECT flags, flags.retain AS r, flag('dup') AS d, flags() AS f FROM \"t/#\"";
+        assert_eq!(
+            forwarded(sql, &event).unwrap(),
+            [r#"{"flags":{"retain":true,"dup":false},"r":true,"d":false,"f":{"retain":true,"dup":false}}"#]
+        );
+        let out = forwarded("SELECT 1 AS one FROM \"t/#\" WHERE flags.retain = false", &event);
+        assert_eq!(out.unwrap(), Vec::<String>::new());
+        let out = forwarded("SELECT flag('sys') AS s FROM \"t/#\"", &event);
+        assert_eq!(out.unwrap(), [r#"{"s":null}"#]);
+        assert!(
+            forwarded("SELECT flag(topic) AS s FROM \"t/#\"", &event).unwrap_err().contains("flag(name)")
+        );
+    }
+
+    #[test]
+    fn user_properties_as_emqx_shows_them() {
+        let props = props();
+        let mut event = EventContext::new("t/1", b"{}");
+        event.pub_props = Some(&props);
+        let sql = "SELECT pub_props.'User-Property'.site AS site, pub_props.'Content-Type' AS ct, \
+                   pub_props.'Message-Expiry-Interval' AS exp, pub_props.'User-Property-Pairs' AS pairs \
+                   FROM \"t/#\" WHERE pub_props.'User-Property'.line = '1'";
+        assert_eq!(
+            forwarded(sql, &event).unwrap(),
+            [concat!(
+                r#"{"site":"plant-b","ct":"application/json","exp":30,"pairs":"#,
+                r#"[{"key":"site","value":"plant-a"},{"key":"line","value":"1"},{"key":"site","value":"plant-b"}]}"#
+            )]
+        );
+    }
+
+    #[test]
+    fn no_properties_is_an_empty_map() {
+        let event = EventContext::new("t/1", b"{}");
+        let sql = "SELECT pub_props, pub_props.'User-Property'.site AS site FROM \"t/#\"";
+        assert_eq!(forwarded(sql, &event).unwrap(), [r#"{"pub_props":{},"site":null}"#]);
+    }
+
+    #[test]
+    fn plain_fields_still_have_no_paths() {
+        let err =
+            forwarded("SELECT peerhost.x AS x FROM \"t/#\"", &EventContext::new("t/1", b"{}")).unwrap_err();
+        assert!(err.contains("`peerhost` has no fields"), "{err}");
     }
 }

@@ -268,6 +268,10 @@ impl RuleSet {
             timestamp_ms: closed.end_ms,
             event_id: 0,
             hops: 0,
+            peerhost: None,
+            retain: false,
+            dup: false,
+            pub_props: None,
         };
         let decoded = Decoded::new(&payload, self.fields.as_ref());
         self.run(rule, &event, &decoded, out, &[]);
