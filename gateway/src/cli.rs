@@ -647,6 +647,10 @@ fn rules_test(
             client_id: clientid.map(Into::into),
             ticket: None,
             from_upstream: false,
+            peerhost: None,
+            retain: false,
+            dup: false,
+            pub_props: None,
         };
         let run = crate::route::dry_run(&routing, event, &ids, topic_prefix, policy, MAX_CHAIN_EVENTS);
         for step in &run.steps {

@@ -76,6 +76,14 @@ pub struct Event {
     /// A command from the cloud (`[[upstream.subscribe]]`), or an event a rule republished
     /// from one: never sent back upstream, by a bridge route or a rule (no loops).
     pub from_upstream: bool,
+    /// The publisher's IP address as text, shared with its connection (rules' `peerhost`).
+    pub peerhost: Option<Arc<str>>,
+    /// The PUBLISH's retain and DUP flags (rules' `flags`).
+    pub retain: bool,
+    pub dup: bool,
+    /// The MQTT 5 properties rules can read (`pub_props`); `None` when there are none, so a
+    /// 3.1.1 publish costs nothing here.
+    pub pub_props: Option<Arc<outpost_rules::PubProps>>,
 }
 
 /// An event bound upstream, as decided by a route.

@@ -140,6 +140,10 @@ pub fn context(event: &Event, hops: u8) -> EventContext<'_> {
         timestamp_ms: event.received_ms,
         event_id: event.id,
         hops,
+        peerhost: event.peerhost.as_deref(),
+        retain: event.retain,
+        dup: event.dup,
+        pub_props: event.pub_props.as_deref(),
     }
 }
 
@@ -320,6 +324,10 @@ pub fn republished_event(parent: &Event, id: u64, topic: String, payload: Bytes)
         client_id: None,
         ticket: parent.ticket.clone(),
         from_upstream: parent.from_upstream,
+        peerhost: None,
+        retain: false,
+        dup: false,
+        pub_props: None,
     }
 }
 
@@ -673,6 +681,10 @@ mod tests {
             client_id: Some("c1".into()),
             ticket: None,
             from_upstream: false,
+            peerhost: None,
+            retain: false,
+            dup: false,
+            pub_props: None,
         }
     }
 

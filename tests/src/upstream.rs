@@ -304,6 +304,19 @@ pub fn mosquitto_pub(
     qos: u8,
     retain: bool,
 ) -> anyhow::Result<()> {
+    mosquitto_pub_with(broker, topic, message, qos, retain, &[])
+}
+
+/// [`mosquitto_pub`] with more arguments, e.g. `["-V", "mqttv5", "-D", "publish",
+/// "user-property", "site", "plant-a"]` for an MQTT 5 publish with a user property.
+pub fn mosquitto_pub_with(
+    broker: SocketAddr,
+    topic: &str,
+    message: &str,
+    qos: u8,
+    retain: bool,
+    extra: &[&str],
+) -> anyhow::Result<()> {
     let mut command = Command::new(MOSQUITTO_PUB);
     let port = broker.port().to_string();
     let qos = qos.to_string();
@@ -311,6 +324,7 @@ pub fn mosquitto_pub(
     if retain {
         command.arg("-r");
     }
+    command.args(extra);
     let output = run_to_completion(command)?;
     anyhow::ensure!(
         output.status.success(),

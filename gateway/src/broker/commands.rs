@@ -94,6 +94,7 @@ impl Commands {
         let local = shared.local.publish(topic, &publish, qos, None, None, true).await;
         let mut event = shared.intake.new_event(topic.to_owned(), payload, qos, &self.client_id);
         event.from_upstream = true;
+        event.retain = retain;
         if !shared.intake.hand_over(event).await {
             return Delivery::Stopping;
         }

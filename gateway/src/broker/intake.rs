@@ -62,6 +62,10 @@ impl Intake {
             client_id: Some(Arc::clone(client_id)),
             ticket: None,
             from_upstream: false,
+            peerhost: None,
+            retain: false,
+            dup: false,
+            pub_props: None,
         }
     }
 

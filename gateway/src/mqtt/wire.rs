@@ -186,6 +186,11 @@ pub fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
     Some((qos, u16::from_be_bytes([*buf.get(p)?, *buf.get(p + 1)?])))
 }
 
+/// Whether the PUBLISH at the start of `buf` carries the DUP flag (a resend).
+pub fn publish_dup(buf: &[u8]) -> bool {
+    buf.first().is_some_and(|b| b >> 4 == 3 && b & 0b1000 != 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,6 +264,7 @@ mod tests {
             assert_eq!(peek_publish(&buf), Some((1, 4242)), "{version:?}");
             let buf = encode(Packet::Publish(Publish::new("a/b", "xyz", false), None));
             assert_eq!(peek_publish(&buf), Some((0, 0)));
+            assert!(!publish_dup(&buf));
             assert_eq!(peek_publish(&buf[..2]), None, "incomplete header");
         }
     }

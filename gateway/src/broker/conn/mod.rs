@@ -125,6 +125,8 @@ struct Client {
     id: Arc<str>,
     /// The client's address, for log lines about it.
     peer: SocketAddr,
+    /// Its IP address as text, shared by every event of this connection (rules' `peerhost`).
+    peerhost: Arc<str>,
     /// The claim on the client id; dropped last, when the connection has finished.
     registration: Registration,
 }
@@ -173,7 +175,8 @@ impl Connection {
             while !self.io.inbuf.is_empty()
                 && self.rate.as_ref().is_none_or(|r| r.paused_until(Instant::now()).is_none())
             {
-                let peek = wire::peek_publish(&self.io.inbuf);
+                let peek = wire::peek_publish(&self.io.inbuf)
+                    .map(|(qos, pkid)| (qos, pkid, wire::publish_dup(&self.io.inbuf)));
                 match self.io.decode(self.max) {
                     Ok(packet) => {
                         if let Err(end) = self.on_packet(packet, peek).await {
@@ -250,7 +253,7 @@ impl Connection {
         }
     }
 
-    async fn on_packet(&mut self, packet: Packet, peek: Option<(u8, u16)>) -> Result<(), End> {
+    async fn on_packet(&mut self, packet: Packet, peek: Option<(u8, u16, bool)>) -> Result<(), End> {
         match packet {
             Packet::Publish(publish, properties) => {
                 if let Some(rate) = &mut self.rate {

@@ -18,6 +18,7 @@ use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use outpost_rules::PubProps;
 use rumqttd::protocol::{
     LastWill, LastWillProperties, Packet, PubAck, PubAckReason, PubComp, PubCompReason, PubRec, PubRecReason,
     Publish, PublishProperties,
@@ -96,10 +97,10 @@ impl Inbound {
         client: &Client,
         publish: Publish,
         properties: Option<PublishProperties>,
-        peek: Option<(u8, u16)>,
+        peek: Option<(u8, u16, bool)>,
     ) -> Result<(), End> {
         let shared = &*client.shared;
-        let (qos, pkid) = peek.unwrap_or((0, 0));
+        let (qos, pkid, dup) = peek.unwrap_or((0, 0, false));
         if qos > 0
             && io.v5()
             && !(qos == 2 && self.qos2.contains(&pkid))
@@ -121,6 +122,10 @@ impl Inbound {
         // A full subscriber queue slows this sensor down for a bounded time at most.
         fan_out(shared, &topic, &publish, publish.retain, qos, properties.as_ref(), Some(&client.id)).await;
         let mut event = shared.intake.new_event(topic, publish.payload, qos, &client.id);
+        event.peerhost = Some(Arc::clone(&client.peerhost));
+        event.retain = publish.retain;
+        event.dup = dup;
+        event.pub_props = properties.as_ref().and_then(pub_props);
         if qos > 0 {
             if qos == 2 {
                 self.qos2.insert(pkid);
@@ -302,8 +307,24 @@ pub(in crate::broker) async fn publish_will(shared: &Shared, will: Will) {
     let publish = codec::publish_from(will.topic.clone(), will.message.clone(), qos, will.retain);
     fan_out(shared, &topic, &publish, will.retain, qos, properties.as_ref(), None).await;
     Metrics::add(&shared.metrics.counters().wills_published, 1);
-    let event = shared.intake.new_event(topic, will.message, qos, &client_id);
+    let mut event = shared.intake.new_event(topic, will.message, qos, &client_id);
+    event.retain = will.retain;
+    event.pub_props = properties.as_ref().and_then(pub_props);
     shared.intake.hand_over(event).await;
+}
+
+/// What rules may read of a publish's properties (`pub_props`); `None` when nothing, so
+/// a publish without properties allocates nothing for them.
+fn pub_props(p: &PublishProperties) -> Option<Arc<PubProps>> {
+    let props = PubProps {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.as_ref().map(|d| d.to_vec()),
+        user_properties: p.user_properties.clone(),
+    };
+    (!props.is_empty()).then(|| Arc::new(props))
 }
 
 /// MQTT 5 properties a client may not send, given what CONNACK offered.
