@@ -117,6 +117,9 @@ mod tests {
         let buf = encode(Version::V4, Packet::Publish(p, None));
         assert_eq!(buf[0], 0x3a, "PUBLISH, DUP, QoS 1");
         assert_eq!(wire::peek_publish(&buf), Some((1, 9)));
+        assert!(wire::publish_dup(&buf));
+        // The same bit in another packet type (PUBREL's fixed flags) is no DUP.
+        assert!(!wire::publish_dup(&[0x62, 2, 0, 9]));
     }
 
     #[test]

@@ -400,3 +400,31 @@ fn acknowledge(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+
+    #[test]
+    fn rules_see_only_the_properties_that_describe_the_message() {
+        // Wire-only properties (alias, subscription ids) leave nothing for rules: no allocation.
+        let wire_only = PublishProperties {
+            topic_alias: Some(3),
+            subscription_identifiers: vec![1],
+            ..PublishProperties::default()
+        };
+        assert_eq!(pub_props(&wire_only), None);
+        let sent = PublishProperties {
+            content_type: Some("application/json".to_owned()),
+            correlation_data: Some(Bytes::from_static(b"c1")),
+            user_properties: vec![("site".to_owned(), "plant-a".to_owned())],
+            ..PublishProperties::default()
+        };
+        let props = pub_props(&sent).expect("properties a rule can read");
+        assert_eq!(props.content_type.as_deref(), Some("application/json"));
+        assert_eq!(props.correlation_data.as_deref(), Some(&b"c1"[..]));
+        assert_eq!(props.user_properties, [("site".to_owned(), "plant-a".to_owned())]);
+    }
+}
