@@ -13,6 +13,10 @@
 //! - `drain-default`: a 1,000,000-record backlog drained to a mosquitto with no subscriber,
 //!   twice with the default `upstream.inflight` and twice with the former default of 100
 //!   (issue #18: ≥ 100k events/s with the default config).
+//! - `retained`: the broker's retained store in the buffer file: 100,000 topics written, then
+//!   the start-up path timed (open the file, `load_retained`, build the in-memory store), with
+//!   the file size and the resident memory the loaded store takes; and the rate of single
+//!   retained writes (one fsync each, as a retained publish costs).
 //! - `live`: sensors publishing through the gateway at 10k events/s with a healthy uplink, then
 //!   with the uplink down, then the uplink coming back.
 //!
@@ -55,7 +59,7 @@ const TARGET_FIRST_DELIVERY_S: f64 = 0.5;
 const TARGET_HEALTHY_WRITE_X: f64 = 0.2;
 const TARGET_OUTAGE_WRITE_X: f64 = 3.0;
 
-const SCENARIOS: [&str; 5] = ["ingest", "drain", "drain-default", "live", "rules"];
+const SCENARIOS: [&str; 6] = ["ingest", "drain", "drain-default", "live", "rules", "retained"];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -102,6 +106,9 @@ fn main() -> anyhow::Result<()> {
     }
     if run("rules") {
         rules(&bench)?;
+    }
+    if run("retained") {
+        retained(&bench)?;
     }
     println!("\ntotal bench time {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -1536,6 +1543,123 @@ fn rules(bench: &Bench) -> anyhow::Result<()> {
     }
     t.note("delivered/s is paced by the 10k/s publishers; CPU per event shows what the rules cost");
     t.note("the rule engine alone: `cargo bench -p outpost-rules --bench rules`");
+    t.print();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// retained: the broker's retained messages in the buffer file
+// ---------------------------------------------------------------------------------------------
+
+/// Resident memory of this process, in KiB (`/proc/self/statm`, pages of 4 KiB).
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4)
+}
+
+fn retained(bench: &Bench) -> anyhow::Result<()> {
+    use outpost::broker::retained::RetainedStore;
+    use outpost::buffer::StoredRetained;
+    const TOPICS: usize = 100_000;
+    const PAYLOAD: usize = 64;
+    let mut t = Table::new(
+        "retained: 100,000 retained topics in the buffer file, start-up load",
+        &["step", "topics", "secs", "rate", "detail"],
+    );
+    let dir = bench.tempdir("outpost-bench-retained-")?;
+    {
+        let (mut store, _) = Store::open(dir.path()).context("Store::open")?;
+        let started = Instant::now();
+        let mut batch = Vec::with_capacity(1_000);
+        for i in 0..TOPICS {
+            let mut message = StoredRetained {
+                qos: 1,
+                payload: Bytes::from(vec![b'x'; PAYLOAD]),
+                ..StoredRetained::default()
+            };
+            if i % 10 == 0 {
+                // One in ten with MQTT 5 properties and an expiry an hour away.
+                message.content_type = Some("application/json".to_owned());
+                message.user_properties = vec![("site".to_owned(), "north".to_owned())];
+                message.expires_ms = Some(outpost::event::now_ms() + 3_600_000);
+            }
+            batch.push((
+                format!("site/north/building-{}/floor-{}/device-{i}/state", i % 7, i % 13),
+                Some(message),
+            ));
+            if batch.len() == 1_000 {
+                store.apply_retained(&batch).context("apply_retained")?;
+                batch.clear();
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        t.row(vec![
+            "write, 1,000 per commit".into(),
+            TOPICS.to_string(),
+            format!("{secs:.2}"),
+            format!("{}/s", fmt_rate(ratio(TOPICS as u64, secs))),
+            format!("{PAYLOAD} B payloads, topics ~45 B"),
+        ]);
+        // What a retained publish costs: one commit of its own.
+        let started = Instant::now();
+        let mut n = 0u64;
+        while started.elapsed() < Duration::from_secs(2) {
+            let message = StoredRetained {
+                qos: 1,
+                payload: Bytes::from(vec![b'y'; PAYLOAD]),
+                ..StoredRetained::default()
+            };
+            store
+                .apply_retained(&[(format!("single/{}", n % 100), Some(message))])
+                .context("apply_retained")?;
+            n += 1;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        t.row(vec![
+            "write, 1 per commit".into(),
+            n.to_string(),
+            format!("{secs:.2}"),
+            format!("{}/s", fmt_rate(ratio(n, secs))),
+            format!("{:.2} ms per retained publish (one fsync)", secs * 1e3 / n as f64),
+        ]);
+    }
+    let file_bytes = std::fs::metadata(outpost::buffer::file::file_path(dir.path()))?.len();
+    for round in 1..=3 {
+        let rss_before = rss_kib();
+        let started = Instant::now();
+        let (mut store, _) = Store::open(dir.path()).context("Store::open")?;
+        let opened = started.elapsed().as_secs_f64();
+        let load =
+            store.load_retained(outpost::event::now_ms(), 1_000_000, 1 << 30).context("load_retained")?;
+        let loaded = started.elapsed().as_secs_f64();
+        let n = load.messages.len();
+        let (commands, _rx) = tokio::sync::mpsc::channel(1);
+        let in_memory =
+            RetainedStore::durable(1_000_000, 1 << 30, Metrics::default(), commands, load.messages);
+        let secs = started.elapsed().as_secs_f64();
+        let rss = rss_kib().saturating_sub(rss_before);
+        t.row(vec![
+            format!("start-up #{round}"),
+            n.to_string(),
+            format!("{secs:.3}"),
+            format!("{}/s", fmt_rate(ratio(n as u64, secs))),
+            format!(
+                "open {:.0} ms, load_retained {:.0} ms, in-memory store {:.0} ms; RSS +{:.1} MiB",
+                opened * 1e3,
+                (loaded - opened) * 1e3,
+                (secs - loaded) * 1e3,
+                rss as f64 / 1024.0
+            ),
+        ]);
+        drop(in_memory);
+        drop(store);
+    }
+    t.note(format!(
+        "file {:.1} MiB; start-up = Store::open (epoch bump, one fsync) + load_retained (one write transaction, reads every entry) + RetainedStore::durable; RSS deltas after the first round reuse freed memory",
+        file_bytes as f64 / (1024.0 * 1024.0)
+    ));
     t.print();
     Ok(())
 }

@@ -126,9 +126,38 @@ impl Gateway {
         };
         let metrics = Metrics::default();
         let data_dir = config.data_dir.clone();
-        let (store, report) = tokio::task::spawn_blocking(move || Store::open(&data_dir))
-            .await
-            .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
+        let (max_retained, max_retained_bytes) =
+            (config.broker.max_retained, config.broker.max_retained_bytes.as_u64());
+        // The retained messages are read here, before the store thread takes the file: one
+        // read transaction, bounded by the broker's limits (measured in `benches/buffer.rs`,
+        // scenario `retained`).
+        let (store, report, retained) = tokio::task::spawn_blocking(move || {
+            let (mut store, report) = Store::open(&data_dir)?;
+            let started = std::time::Instant::now();
+            let retained = store.load_retained(event::now_ms(), max_retained, max_retained_bytes)?;
+            Ok::<_, buffer::BufferError>((store, report, (retained, started.elapsed())))
+        })
+        .await
+        .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
+        let (retained, took) = retained;
+        info!(
+            message = "retained messages loaded",
+            retained = retained.messages.len(),
+            expired_while_down = retained.expired,
+            took_ms = took.as_millis() as u64
+        );
+        if retained.undecodable > 0 {
+            warn!(
+                message = "retained messages in the buffer file did not decode and were removed; their topics have no retained value until published again",
+                removed = retained.undecodable
+            );
+        }
+        if retained.not_loaded > 0 {
+            warn!(
+                message = "retained messages in the buffer file exceed broker.max_retained or broker.max_retained_bytes and were not loaded (they stay in the file); raise the limits to serve them",
+                not_loaded = retained.not_loaded
+            );
+        }
         if let Some((aside, reason)) = &report.moved_aside {
             Metrics::add(&metrics.counters().buffer_corrupt, 1);
             error!(
@@ -151,6 +180,7 @@ impl Gateway {
         // none of them is stuck.
         let watchdog = std::sync::Arc::new(Watchdog::default());
         let worker = Worker::spawn(store, watchdog.heartbeat(Stage::Store)).map_err(StartError::Thread)?;
+        let retained_commands = worker.commands.clone();
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -223,6 +253,7 @@ impl Gateway {
             &tracker,
             watchdog.heartbeat(Stage::Broker),
             tap.clone(),
+            broker::retained::Durable { commands: retained_commands, loaded: retained.messages },
         )
         .await
         {

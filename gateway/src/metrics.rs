@@ -61,6 +61,9 @@ counters! {
     wills_published,
     /// Retained messages refused because `broker.max_retained` topics are held.
     retained_refused,
+    /// Retained writes the buffer file could not commit (kept in memory only until the
+    /// next successful write of the same topic).
+    retained_unsaved,
     /// Events that matched no route (bridge) or no rule produced anything for (rules).
     unrouted,
     /// Events consumed on purpose by a rule's `drop` action.

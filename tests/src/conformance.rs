@@ -73,6 +73,10 @@ pub struct BrokerSetup {
     /// Outpost's `broker.max_connections`; mosquitto is left unlimited (it would only close the
     /// socket of a client over the limit, with no CONNACK to compare).
     pub max_connections: usize,
+    /// Mosquitto keeps its state in a persistence file (`persistence true`, saved on a
+    /// SIGTERM), so [`Target::restart`] compares what each broker keeps. Outpost always keeps
+    /// its retained messages in its buffer file.
+    pub persistence: bool,
 }
 
 impl BrokerSetup {
@@ -84,7 +88,14 @@ impl BrokerSetup {
             acl: None,
             allow_anonymous: None,
             max_connections: 1000,
+            persistence: false,
         }
+    }
+
+    /// Mosquitto with `persistence true` (see [`BrokerSetup::persistence`]).
+    pub fn with_persistence(mut self) -> BrokerSetup {
+        self.persistence = true;
+        self
     }
 
     /// Outpost gets the users in a `mosquitto_passwd` file too (see [`BrokerSetup::password_file`]).
@@ -176,10 +187,11 @@ impl Target {
             extra.push_str(&format!("allow_anonymous {allow}\n"));
         }
         let config = MosquittoConfig {
-            persistence: false,
+            persistence: setup.persistence,
             max_queued_messages: None,
             users: setup.users.clone(),
-            directory_for_any_user: false,
+            // Mosquitto writes its persistence file as its own user.
+            directory_for_any_user: setup.persistence,
             extra,
         };
         let broker = Mosquitto::start_configured(&config).await?;
@@ -224,20 +236,37 @@ impl Target {
         let data_dir = tempfile::tempdir().context("cannot create a temporary directory")?;
         let mut spec = GatewaySpec::new(data_dir.path()).config_toml(config);
         spec.listen = addrs.v4;
-        let gateway = spec.start().await?;
-        // The readiness line is written per listener; wait for the one naming the v5 address too.
-        let v5 = addrs.v5.to_string();
-        gateway
-            .wait_for_log("the MQTT 5 listener's readiness line", START_TIMEOUT, |log| {
-                message_starts_with(log, READY_MESSAGE) && log.to_string().contains(&v5)
-            })
-            .await?;
+        let gateway = start_outpost(spec, addrs).await?;
         Ok(Target {
             name: "outpost",
             addrs,
             running: Running::Outpost { gateway, _data_dir: data_dir },
             _files: files,
         })
+    }
+
+    /// Stops the broker — gracefully (SIGTERM, mosquitto then saves its persistence file) or
+    /// with SIGKILL — and starts it again on the same addresses with the same data (Outpost's
+    /// data dir, mosquitto's persistence file); returns once it accepts connections.
+    pub async fn restart(&mut self, how: Restart) -> anyhow::Result<()> {
+        let addrs = self.addrs;
+        match &mut self.running {
+            Running::Mosquitto(broker) => {
+                match how {
+                    Restart::Graceful => drop(broker.stop().await?),
+                    Restart::Kill => drop(broker.kill()?),
+                }
+                broker.start_again().await
+            }
+            Running::Outpost { gateway, .. } => {
+                match how {
+                    Restart::Graceful => drop(gateway.terminate().await?),
+                    Restart::Kill => drop(gateway.kill()?),
+                }
+                *gateway = start_outpost(gateway.spec().clone(), addrs).await?;
+                Ok(())
+            }
+        }
     }
 
     /// `mosquitto` or `outpost`, for messages.
@@ -256,6 +285,28 @@ impl Target {
             Running::Outpost { gateway, .. } => gateway.tail(),
         }
     }
+}
+
+/// How [`Target::restart`] stops a broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restart {
+    /// SIGTERM: a clean stop.
+    Graceful,
+    /// SIGKILL: a crash, nothing flushed.
+    Kill,
+}
+
+/// Starts the `outpost` binary and waits until both of its listeners accept connections.
+async fn start_outpost(spec: GatewaySpec, addrs: Addrs) -> anyhow::Result<GatewayProcess> {
+    let gateway = spec.start().await?;
+    // The readiness line is written per listener; wait for the one naming the v5 address too.
+    let v5 = addrs.v5.to_string();
+    gateway
+        .wait_for_log("the MQTT 5 listener's readiness line", START_TIMEOUT, |log| {
+            message_starts_with(log, READY_MESSAGE) && log.to_string().contains(&v5)
+        })
+        .await?;
+    Ok(gateway)
 }
 
 /// A TOML basic string holding `text`.

@@ -172,6 +172,11 @@ impl GatewayProcess {
     }
 
     /// The sensors' MQTT address.
+    /// How it was started, to start it again on the same data dir and ports.
+    pub fn spec(&self) -> &GatewaySpec {
+        &self.spec
+    }
+
     pub fn listen(&self) -> SocketAddr {
         self.spec.listen
     }

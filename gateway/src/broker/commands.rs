@@ -86,10 +86,13 @@ impl Commands {
         let publish = Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload.clone(), retain);
         if retain {
             let stored = codec::publish_with(&publish, qos, 0, true);
-            shared.retained.retain(
-                topic,
-                super::retained::Retained { publish: stored, qos, properties: None, expires: None },
-            );
+            shared
+                .retained
+                .retain(
+                    topic,
+                    super::retained::Retained { publish: stored, qos, properties: None, expires: None },
+                )
+                .await;
         }
         let local = shared.local.publish(topic, &publish, qos, None, None, true).await;
         let mut event = shared.intake.new_event(topic.to_owned(), payload, qos, &self.client_id);

@@ -69,7 +69,7 @@ mod intake;
 mod live;
 pub mod local;
 mod republisher;
-mod retained;
+pub mod retained;
 pub mod subs;
 mod sys;
 mod tls;
@@ -168,6 +168,7 @@ pub async fn start(
     tracker: &TaskTracker,
     heartbeat: Heartbeat,
     tap: crate::tap::Tap,
+    retained: retained::Durable,
 ) -> Result<Started, BrokerError> {
     let access = Arc::new(Access::load(cfg)?);
     let mut listeners = vec![(bind("broker.listen", cfg.listen).await?, Listener::Listen, None)];
@@ -195,7 +196,13 @@ pub async fn start(
         metrics: metrics.clone(),
         intake: Intake::new(ids, out, metrics.clone(), heartbeat, tap),
         local: Arc::clone(&local),
-        retained: RetainedStore::new(cfg.max_retained, cfg.max_retained_bytes.as_u64(), metrics.clone()),
+        retained: RetainedStore::durable(
+            cfg.max_retained,
+            cfg.max_retained_bytes.as_u64(),
+            metrics.clone(),
+            retained.commands,
+            retained.loaded,
+        ),
         live: Arc::new(LiveConnections::new(
             cfg.max_connections.get(),
             cfg.max_connections_per_address.map(std::num::NonZeroUsize::get),

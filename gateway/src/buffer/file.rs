@@ -26,6 +26,9 @@ pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta")
 /// same file again adds nothing. Entries stay after the events are relayed.
 pub(crate) const IMPORTED: TableDefinition<(u64, u64), ()> = TableDefinition::new("imported");
 
+/// The broker's retained messages (format version 3), by topic: a [`StoredRetained`] in CBOR.
+pub(crate) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+
 pub const N_PRIORITIES: usize = 10;
 
 /// The bytes a stored record counts for: its encoded value plus its 9-byte key and
@@ -170,6 +173,34 @@ impl Record {
 
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_ms.is_some_and(|at| at <= now_ms)
+    }
+}
+
+/// A retained message as the file keeps it: the publish's QoS and payload, its MQTT 5
+/// properties a subscriber gets (not the topic alias or subscription identifiers, which are
+/// per connection), and when its message expiry passes, in Unix milliseconds, so the
+/// remaining expiry survives a restart.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct StoredRetained {
+    pub qos: u8,
+    pub payload: Bytes,
+    pub expires_ms: Option<u64>,
+    pub payload_format_indicator: Option<u8>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    pub user_properties: Vec<(String, String)>,
+}
+
+impl StoredRetained {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.payload.len() + 32);
+        ciborium::into_writer(self, &mut out).expect("writing CBOR into a Vec cannot fail");
+        out
+    }
+
+    pub(super) fn decode(bytes: &[u8]) -> Result<StoredRetained, String> {
+        ciborium::from_reader(bytes).map_err(|e| e.to_string())
     }
 }
 

@@ -1,7 +1,7 @@
 //! Stage 3 support: the durable store-and-forward buffer.
 //!
 //! # On-disk layout
-//! One redb file, `<data_dir>/buffer.redb`, with three tables:
+//! One redb file, `<data_dir>/buffer.redb`, with four tables:
 //! - `events`: key `(priority: u8, seq: u64)`, value a CBOR map with `event_id`, `enqueued_ms`,
 //!   `expires_ms`, `topic`, `qos`, `payload` (a byte string). Within one priority, key order
 //!   is arrival order, so reading a key range is FIFO.
@@ -10,12 +10,17 @@
 //!   `bytes.<p>` counters, updated in the same transaction as the records they count.
 //! - `imported`: the fingerprints (`event_id`, content hash) of events `outpost buffer import`
 //!   brought in, so a second import of the same file adds nothing ([`import`]).
+//! - `retained`: the local broker's retained messages, key the topic, value a CBOR map
+//!   ([`StoredRetained`]: QoS, payload, expiry in Unix ms, MQTT 5 properties). Written by
+//!   the store thread ([`worker::Command::Retain`]) in the broker's order, read once at start.
 //!
 //! # Format versions
-//! [`store::FORMAT_VERSION`] is 2. Version 1 is a file without the `format_version` key (every
-//! release before it); opening one adds the key and the `imported` table in the same
-//! transaction as the epoch bump, and leaves the records as they are (tested with
-//! `gateway/tests/fixtures/buffer-v1.redb`, written by that release). A file with a higher
+//! [`store::FORMAT_VERSION`] is 3. Version 1 is a file without the `format_version` key (every
+//! release before it); version 2 added the `imported` table, version 3 the `retained` table.
+//! Opening an older file adds the key and the missing tables in the same transaction as the
+//! epoch bump, and leaves the records as they are (tested with
+//! `gateway/tests/fixtures/buffer-v1.redb`, written by that release, and with a version-2 file
+//! made in the test). Releases that know version 2 refuse a version-3 file (newer format). A file with a higher
 //! version was written by a newer release: it is refused before anything writes to it (a
 //! read-only open reads the version), and the message names both versions. A future change
 //! bumps the version, adds its migration next to the 1 → 2 one, and keeps a fixture of the
@@ -55,5 +60,5 @@ pub mod inspect;
 pub mod store;
 pub mod worker;
 
-pub use file::{BufferError, Key, N_PRIORITIES, Record};
-pub use store::{Batch, DropRequest, LaneStats, OpenReport, Store};
+pub use file::{BufferError, Key, N_PRIORITIES, Record, StoredRetained};
+pub use store::{Batch, DropRequest, LaneStats, OpenReport, RetainedLoad, Store};

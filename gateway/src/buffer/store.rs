@@ -10,14 +10,15 @@ use serde::Serialize;
 
 pub use super::file::file_path;
 use super::file::{
-    BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, Record, db_err, meta_key, stored_size,
+    BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, RETAINED, Record, StoredRetained, db_err,
+    meta_key, stored_size,
 };
 use super::inspect::{self, StatsReport};
 
 /// The buffer file's format, kept in `meta` as `format_version`. 1: no such key (releases up
-/// to commit 568ebea); 2: the key and the `imported` table. A file with a higher version
-/// was written by a newer release and is refused untouched.
-pub const FORMAT_VERSION: u64 = 2;
+/// to commit 568ebea); 2: the key and the `imported` table; 3: the `retained` table. A file
+/// with a higher version was written by a newer release and is refused untouched.
+pub const FORMAT_VERSION: u64 = 3;
 const FORMAT_KEY: &str = "format_version";
 
 /// A drained file larger than this is compacted so the disk space comes back.
@@ -107,6 +108,18 @@ fn write_counters(
     Ok(())
 }
 
+/// What [`Store::load_retained`] found.
+#[derive(Debug, Default)]
+pub struct RetainedLoad {
+    pub messages: Vec<(String, StoredRetained)>,
+    /// Removed: their message expiry passed while the gateway was down.
+    pub expired: usize,
+    /// Removed: their stored value does not decode.
+    pub undecodable: usize,
+    /// Kept in the file but not loaded: over `broker.max_retained` or `max_retained_bytes`.
+    pub not_loaded: usize,
+}
+
 /// The sequence numbers of one offline import (see [`Store::import`]).
 #[derive(Debug, Default)]
 pub struct ImportSeqs {
@@ -176,8 +189,10 @@ impl Store {
                 return Err(BufferError::NewerFormat { path, found: version, supported: FORMAT_VERSION });
             }
             if version < FORMAT_VERSION {
-                // 1 → 2: the `imported` table and the version key; records are unchanged.
+                // 1 → 2: the `imported` table; 2 → 3: the `retained` table. Records are
+                // unchanged; opening a table creates it.
                 txn.open_table(IMPORTED).map_err(|e| db_err(&path, e))?;
+                txn.open_table(RETAINED).map_err(|e| db_err(&path, e))?;
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }
@@ -322,6 +337,96 @@ impl Store {
         self.lanes = lanes;
         applied.lanes = lanes;
         Ok(applied)
+    }
+
+    /// Stores (`Some`) or removes (`None`) retained messages by topic, in one durable
+    /// transaction, in the order given.
+    pub fn apply_retained(&mut self, writes: &[(String, Option<StoredRetained>)]) -> Result<(), BufferError> {
+        let result = self.apply_retained_inner(writes);
+        self.forget_on_io_error(result)
+    }
+
+    fn apply_retained_inner(
+        &mut self,
+        writes: &[(String, Option<StoredRetained>)],
+    ) -> Result<(), BufferError> {
+        let path = self.path.clone();
+        let txn = self.database()?.begin_write().map_err(|e| db_err(&path, e))?;
+        {
+            let mut table = txn.open_table(RETAINED).map_err(|e| db_err(&path, e))?;
+            for (topic, message) in writes {
+                match message {
+                    Some(message) => {
+                        table
+                            .insert(topic.as_str(), message.encode().as_slice())
+                            .map_err(|e| db_err(&path, e))?;
+                    }
+                    None => {
+                        table.remove(topic.as_str()).map_err(|e| db_err(&path, e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| db_err(&path, e))
+    }
+
+    /// The retained messages to load at start-up, at most `max_topics` topics and `max_bytes`
+    /// bytes (topic plus payload) in topic order. Messages whose expiry passed before `now_ms`
+    /// and values that do not decode are removed in the same transaction; messages beyond the
+    /// bounds (which were lowered since they were stored) stay in the file, not loaded.
+    pub fn load_retained(
+        &mut self,
+        now_ms: u64,
+        max_topics: usize,
+        max_bytes: u64,
+    ) -> Result<RetainedLoad, BufferError> {
+        let result = self.load_retained_inner(now_ms, max_topics, max_bytes);
+        self.forget_on_io_error(result)
+    }
+
+    fn load_retained_inner(
+        &mut self,
+        now_ms: u64,
+        max_topics: usize,
+        max_bytes: u64,
+    ) -> Result<RetainedLoad, BufferError> {
+        let path = self.path.clone();
+        let txn = self.database()?.begin_write().map_err(|e| db_err(&path, e))?;
+        let mut load = RetainedLoad::default();
+        {
+            let mut table = txn.open_table(RETAINED).map_err(|e| db_err(&path, e))?;
+            let mut gone = Vec::new();
+            let mut bytes = 0;
+            for entry in table.iter().map_err(|e| db_err(&path, e))? {
+                let (topic, value) = entry.map_err(|e| db_err(&path, e))?;
+                let topic = topic.value();
+                let message = match StoredRetained::decode(value.value()) {
+                    Ok(m) => m,
+                    Err(_) => {
+                        load.undecodable += 1;
+                        gone.push(topic.to_owned());
+                        continue;
+                    }
+                };
+                if message.expires_ms.is_some_and(|at| at <= now_ms) {
+                    load.expired += 1;
+                    gone.push(topic.to_owned());
+                    continue;
+                }
+                let size = (topic.len() + message.payload.len()) as u64;
+                if load.messages.len() >= max_topics || bytes + size > max_bytes {
+                    load.not_loaded += 1;
+                    continue;
+                }
+                bytes += size;
+                load.messages.push((topic.to_owned(), message));
+            }
+            for topic in &gone {
+                table.remove(topic.as_str()).map_err(|e| db_err(&path, e))?;
+            }
+        }
+        txn.commit().map_err(|e| db_err(&path, e))?;
+        Ok(load)
     }
 
     /// Fingerprints (see [`Record::fingerprint`]) of these events that an earlier import

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::file::{BufferError, Key, Record};
+use super::file::{BufferError, Key, Record, StoredRetained};
 use super::inspect::StatsReport;
 use super::store::{Applied, Batch, Store};
 use crate::watchdog::Heartbeat;
@@ -31,6 +31,12 @@ pub enum Command {
     Import {
         request: ImportRequest,
         reply: oneshot::Sender<Result<Vec<bool>, String>>,
+    },
+    /// The broker's retained writes (`None` clears a topic), committed in one durable
+    /// transaction before the reply; applied in the order the broker sent them.
+    Retain {
+        writes: Vec<(String, Option<StoredRetained>)>,
+        reply: oneshot::Sender<Result<(), String>>,
     },
 }
 
@@ -162,6 +168,10 @@ fn execute(store: &mut Store, command: Command, slow_commits: Option<Duration>) 
                 ImportRequest::MarkImported(prints) => store.mark_imported(&prints).map(|()| Vec::new()),
             };
             let _ = reply.send(answer.map_err(|e| e.to_string()));
+            None
+        }
+        Command::Retain { writes, reply } => {
+            let _ = reply.send(store.apply_retained(&writes).map_err(|e| e.to_string()));
             None
         }
         Command::Read { priority, from_seq, limit } => {

@@ -121,6 +121,12 @@ pub const COUNTERS: &[Mapping] = &[
         "Retained messages not kept because broker.max_retained topics are held.",
     ),
     m(
+        "retained_unsaved",
+        "outpost_retained_unsaved_total",
+        &[],
+        "Retained writes the buffer file could not commit; they live in memory only.",
+    ),
+    m(
         "topics_refused_control",
         "outpost_publishes_refused_total",
         &[("reason", "topic_control_character")],

@@ -40,6 +40,7 @@ const STAGE_ERRORS: &[(&str, &[&str])] = &[
             "topics_refused_levels",
             "topics_refused_length",
             "retained_refused",
+            "retained_unsaved",
         ],
     ),
     (

@@ -359,7 +359,8 @@ async fn fan_out(
             .map(|secs| tokio::time::Instant::now() + Duration::from_secs(u64::from(secs)));
         shared
             .retained
-            .retain(topic, Retained { publish: stored, qos, properties: properties.cloned(), expires });
+            .retain(topic, Retained { publish: stored, qos, properties: properties.cloned(), expires })
+            .await;
     }
     shared.local.publish(topic, publish, qos, properties, from, true).await;
 }

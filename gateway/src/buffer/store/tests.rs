@@ -288,3 +288,30 @@ fn imported_records_sort_after_stored_ones_and_before_the_next_start() {
     assert!(keys.iter().all(|&seq| seq < reopened.epoch << 40), "{keys:?} vs epoch {}", reopened.epoch);
     assert_eq!(store.total().events, 4);
 }
+
+#[test]
+fn a_version_2_file_gains_the_retained_table_and_keeps_its_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut store, _) = Store::open(dir.path()).expect("open");
+        store.apply(&Batch { inserts: vec![record(3, 1, 10, None)], ..Batch::default() }).expect("fill");
+    }
+    // Version 2: the version key at 2, no `retained` table.
+    {
+        let db = Database::open(file_path(dir.path())).expect("open");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(META).expect("meta").insert(FORMAT_KEY, 2).expect("version");
+        assert!(txn.delete_table(RETAINED).expect("delete"), "a new file has the table");
+        txn.commit().expect("commit");
+    }
+    let (mut store, report) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(report.migrated_from, Some(2));
+    assert_eq!(store.total().events, 1);
+    assert!(store.load_retained(0, 10, 1_000).expect("load").messages.is_empty());
+    let stored = StoredRetained { payload: Bytes::from_static(b"on"), ..StoredRetained::default() };
+    store.apply_retained(&[("lamp".to_owned(), Some(stored.clone()))]).expect("retain");
+    drop(store);
+    let (mut store, report) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(report.migrated_from, None, "migrated once");
+    assert_eq!(store.load_retained(0, 10, 1_000).expect("load").messages, vec![("lamp".to_owned(), stored)]);
+}
