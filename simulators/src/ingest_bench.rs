@@ -675,7 +675,7 @@ async fn connect_idle(addr: SocketAddr, client_id: String) -> anyhow::Result<Tcp
 }
 
 /// An MQTT 3.1.1 CONNECT packet: clean session, no will, no credentials.
-fn connect_packet(client_id: &str, keepalive_s: u16) -> Vec<u8> {
+pub fn connect_packet(client_id: &str, keepalive_s: u16) -> Vec<u8> {
     let id = client_id.as_bytes();
     // Protocol name, level, flags, keepalive; then the client id with its length.
     let remaining = 10 + 2 + id.len();

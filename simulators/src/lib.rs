@@ -40,6 +40,7 @@ pub mod demo;
 pub mod flaky;
 pub mod fleet;
 pub mod harness;
+pub mod idle_bench;
 pub mod ingest_bench;
 pub mod latency;
 pub mod mqtt;

@@ -18,7 +18,9 @@ use outpost_sim::mqtt::{ClientAuth, MqttVersion, TlsOptions};
 use outpost_sim::payload::PayloadFormat;
 use outpost_sim::systems::GatewayKind;
 use outpost_sim::verify::VerifyReport;
-use outpost_sim::{broker, compare, demo, flaky, fleet, ingest_bench, session_fuzz, systems, verify};
+use outpost_sim::{
+    broker, compare, demo, flaky, fleet, idle_bench, ingest_bench, session_fuzz, systems, verify,
+};
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -53,6 +55,9 @@ enum Command {
     /// Measure the gateway's sensor side: CPU per event and PUBACK latency per ack mode at a
     /// fixed rate, the rate at saturation and memory per idle connection; print one table.
     IngestBench(IngestBenchArgs),
+    /// What an idle fleet costs: CPU, wake-ups and memory per connection of Outpost and a
+    /// Mosquitto bridge with the same idle clients connected; print one table.
+    IdleBench(IdleBenchArgs),
     /// Fuzz MQTT sessions against the real gateway (upstream: mosquitto) and report crashes,
     /// stalls and memory growth with the seed and the packets that led to them.
     SessionFuzz(SessionFuzzArgs),
@@ -220,6 +225,34 @@ struct DemoArgs {
     /// The longest wait for the backlog to drain after publishing stopped.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+}
+
+#[derive(Args)]
+struct IdleBenchArgs {
+    /// The `outpost` executable; default: next to this one.
+    #[arg(long)]
+    outpost: Option<PathBuf>,
+    /// The `mosquitto` executable (edge bridge and upstream).
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    mosquitto: PathBuf,
+    /// Idle clients connected to each system.
+    #[arg(long, default_value_t = 1000)]
+    connections: usize,
+    /// The clients' keepalive in seconds; each sends one PINGREQ per keepalive.
+    #[arg(long, default_value_t = 60)]
+    keepalive: u16,
+    /// Length of each measured window (alone, then with the clients).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Runs per system; the order alternates between runs.
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+    /// Keep logs, configs and data here instead of a temporary directory.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -441,7 +474,11 @@ fn main() -> ExitCode {
     // crash would drown it.
     let default_level = if matches!(
         cli.command,
-        Command::Compare(_) | Command::Demo(_) | Command::IngestBench(_) | Command::SessionFuzz(_)
+        Command::Compare(_)
+            | Command::Demo(_)
+            | Command::IngestBench(_)
+            | Command::IdleBench(_)
+            | Command::SessionFuzz(_)
     ) {
         "error,rumqttd=off"
     } else {
@@ -477,6 +514,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Compare(args) => run_compare(args, cancel).await,
             Command::Demo(args) => run_demo(args, cancel).await,
             Command::IngestBench(args) => run_ingest_bench(args, cancel).await,
+            Command::IdleBench(args) => run_idle_bench(args, cancel).await,
             Command::SessionFuzz(args) => run_session_fuzz(args, cancel).await,
             Command::Broker(_) => Ok(ExitCode::SUCCESS),
         }
@@ -720,6 +758,29 @@ async fn run_compare(args: CompareArgs, cancel: CancellationToken) -> anyhow::Re
         cfg.drain_timeout = Duration::from_secs(30);
     }
     let report = compare::run_compare(cfg, cancel).await?;
+    if let Some(path) = &args.json {
+        let json = serde_json::to_vec_pretty(&report).context("cannot encode the report")?;
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    print!("{}", report.table());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_idle_bench(args: IdleBenchArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
+    let outpost = match args.outpost {
+        Some(path) => path,
+        None => systems::sibling_binary("outpost")?,
+    };
+    let cfg = idle_bench::IdleBenchConfig {
+        outpost,
+        mosquitto: args.mosquitto,
+        connections: args.connections,
+        keepalive_s: args.keepalive,
+        window: args.window,
+        runs: args.runs,
+        work_dir: args.work_dir,
+    };
+    let report = idle_bench::run_idle_bench(cfg, cancel).await?;
     if let Some(path) = &args.json {
         let json = serde_json::to_vec_pretty(&report).context("cannot encode the report")?;
         std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;

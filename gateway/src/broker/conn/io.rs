@@ -3,11 +3,12 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use rumqttd::protocol::{self, Packet};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
@@ -21,6 +22,10 @@ use crate::mqtt::wire::Version;
 /// connection stops reading: TCP slows a client that sends without reading.
 const READ_WHILE_WRITING: usize = 64 * 1024;
 
+/// The most one read into an empty input buffer takes. Such a read goes through a buffer on
+/// the stack, so a connection waiting for its next packet holds no input buffer at all.
+const READ_CHUNK: usize = 4096;
+
 /// An accepted socket: plain, or TLS after its handshake.
 pub(in crate::broker) enum Stream {
     Plain(TcpStream),
@@ -33,9 +38,11 @@ type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 pub(super) struct Io {
     rd: Reader,
     wr: Writer,
-    /// Bytes read and not decoded yet.
+    /// Bytes read and not decoded yet. Empty and unallocated while the connection waits with
+    /// nothing partial in it ([`Io::release_idle`]): most of a fleet's connections are idle
+    /// between publishes, and two 4 KiB buffers each were most of their memory.
     pub(super) inbuf: BytesMut,
-    /// Packets encoded and not written yet.
+    /// Packets encoded and not written yet; unallocated once written, as `inbuf`.
     pub(super) outbuf: BytesMut,
     /// Set from the CONNECT's protocol level; until then a 3.1.1 codec.
     codec: Codec,
@@ -60,8 +67,8 @@ impl Io {
         Io {
             rd,
             wr,
-            inbuf: BytesMut::with_capacity(4096),
-            outbuf: BytesMut::with_capacity(4096),
+            inbuf: BytesMut::new(),
+            outbuf: BytesMut::new(),
             codec: Codec::new(Version::V4),
             version: Version::V4,
             peer,
@@ -98,10 +105,42 @@ impl Io {
     }
 
     pub(super) async fn read_more(&mut self) -> Result<(), End> {
-        match self.rd.read_buf(&mut self.inbuf).await {
+        let read = if self.inbuf.is_empty() {
+            // Nothing partial: wait without a buffer, then copy what arrived into one just
+            // its size (the decoded publishes share it, so it is allocated once per read as
+            // before). The stack buffer lives only inside one poll, never in the future.
+            let (rd, inbuf) = (&mut self.rd, &mut self.inbuf);
+            std::future::poll_fn(|cx| {
+                let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+                let mut buf = ReadBuf::uninit(&mut scratch);
+                match Pin::new(&mut *rd).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) => {
+                        inbuf.extend_from_slice(buf.filled());
+                        Poll::Ready(Ok(buf.filled().len()))
+                    }
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                    Poll::Pending => Poll::Pending,
+                }
+            })
+            .await
+        } else {
+            self.rd.read_buf(&mut self.inbuf).await
+        };
+        match read {
             Ok(0) => Err(End::Eof),
             Ok(_) => Ok(()),
             Err(e) => Err(End::Io(e)),
+        }
+    }
+
+    /// Frees the buffers if they hold nothing: called before the connection waits, so an idle
+    /// connection costs its socket, its session and its task, not its buffers.
+    pub(super) fn release_idle(&mut self) {
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 0 {
+            self.inbuf = BytesMut::new();
+        }
+        if self.outbuf.is_empty() && self.outbuf.capacity() > 0 {
+            self.outbuf = BytesMut::new();
         }
     }
 
