@@ -144,6 +144,7 @@ pub fn context(event: &Event, hops: u8) -> EventContext<'_> {
         retain: event.retain,
         dup: event.dup,
         pub_props: event.pub_props.as_deref(),
+        lifecycle: None,
     }
 }
 

@@ -45,6 +45,7 @@ fn run(expr: &str, payload: &str) -> String {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     };
     let outputs = set.evaluate(&event);
     match outputs.as_slice() {
@@ -1314,6 +1315,7 @@ fn run_each(sql: &str, payload: &str, keys: &str) -> String {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     };
     let mut rows = Vec::new();
     for output in set.evaluate(&event) {
