@@ -40,10 +40,16 @@ pub struct RuleSet {
     /// JSON decoding then builds only these. `None` if some rule reads the payload whole.
     pub(crate) fields: Option<FieldSlots>,
     /// Per [`EventKind`] (by its index in [`EventKind::ALL`]), the rules reading its topic, in
-    /// file order. Events are looked up here, never in `index`.
-    event_rules: Vec<Vec<usize>>,
+    /// file order. Events are looked up here, never in `index`. Boxed: most rule sets have
+    /// none, and the gateway keeps a `RuleSet` by value in an enum.
+    events: Box<EventRules>,
+}
+
+#[derive(Debug, Default)]
+struct EventRules {
+    by_kind: Vec<Vec<usize>>,
     /// The event kinds some rule reads.
-    event_kinds: EventKinds,
+    kinds: EventKinds,
 }
 
 #[derive(Debug)]
@@ -155,7 +161,8 @@ impl RuleSet {
             }
         }
         let fields = number_payload_fields(&mut rules);
-        Ok(RuleSet { rules, index, max_hops: file.max_hops, fields, event_rules, event_kinds })
+        let events = Box::new(EventRules { by_kind: event_rules, kinds: event_kinds });
+        Ok(RuleSet { rules, index, max_hops: file.max_hops, fields, events })
     }
 
     /// The files named by `[[table]] file = ".."` in a rules file: the caller reads them
@@ -194,7 +201,7 @@ impl RuleSet {
     /// The client events (`$events/...`) some rule reads: the gateway's broker reports only
     /// these, so a rule set without them costs the broker nothing.
     pub fn event_kinds(&self) -> EventKinds {
-        self.event_kinds
+        self.events.kinds
     }
 
     /// The rules an event goes to: by its topic for a message, by its kind for a client
@@ -205,7 +212,7 @@ impl RuleSet {
             Some(lifecycle) => {
                 out.clear();
                 let at = EventKind::ALL.iter().position(|k| *k == lifecycle.kind);
-                if let Some(rules) = at.and_then(|at| self.event_rules.get(at)) {
+                if let Some(rules) = at.and_then(|at| self.events.by_kind.get(at)) {
                     out.extend_from_slice(rules);
                 }
             }
