@@ -134,3 +134,61 @@ async fn rules_see_sensors_come_and_go() {
     expected.sort_by_key(|(topic, payload)| (topic.clone(), payload.to_string()));
     assert_eq!(received, expected);
 }
+
+/// A publish the broker drops reaches a rule on `$events/message_dropped` with its topic,
+/// payload and reason: here an MQTT 5 publish whose topic has more levels than
+/// `broker.max_topic_levels` (refused alone with PUBACK 0x90, the connection kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_sees_a_dropped_publish() {
+    if !require_mosquitto() {
+        return;
+    }
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let mut subscriber =
+        Subscriber::start(upstream.addr(), "gw/#", Session::Clean).await.expect("subscribe upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    let rule = r#"
+[[rule]]
+name = "dropped"
+sql = 'SELECT clientid, topic, payload, qos, reason FROM "$events/message_dropped"'
+[[rule.action]]
+type = "forward"
+topic = "gw/dropped/${clientid}"
+"#;
+    std::fs::write(&rules, rule).expect("write rules");
+    let config = format!(
+        "rules = {:?}\n[broker]\nmax_topic_levels = 3\n[upstream]\nurl = \"{}\"\n",
+        rules.to_str().expect("utf-8 path"),
+        upstream.url()
+    );
+    let mut gateway =
+        GatewaySpec::new(dir.path()).config_toml(config).start().await.expect("start the gateway");
+    // mosquitto_pub reports the refusal; what matters here is what the rule saw.
+    let _ = mosquitto_pub_with(
+        gateway.listen(),
+        "a/b/c/d",
+        "too deep",
+        1,
+        false,
+        &["-V", "mqttv5", "-i", "deep"],
+    );
+    subscriber
+        .wait_for_count(1, TIMEOUT)
+        .await
+        .unwrap_or_else(|e| panic!("the dropped event: {e:#}\n{}", gateway.tail()));
+    let status = gateway.terminate().await.expect("the gateway stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    let received: Vec<(String, Value)> = subscriber
+        .messages()
+        .into_iter()
+        .map(|(topic, payload)| (topic, serde_json::from_slice(&payload).expect("the rule wrote JSON")))
+        .collect();
+    assert_eq!(
+        received,
+        [(
+            "gw/dropped/deep".to_owned(),
+            json!({"clientid": "deep", "topic": "a/b/c/d", "payload": "too deep", "qos": 1, "reason": "topic_name_invalid"})
+        )]
+    );
+}
