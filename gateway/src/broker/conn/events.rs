@@ -58,8 +58,10 @@ fn report(client: &Client, info: Lifecycle, message: (String, Bytes, u8)) {
     intake.report(event);
 }
 
-fn no_message() -> (String, Bytes, u8) {
-    (String::new(), Bytes::new(), 0)
+/// An event about the client itself carries its event topic as its topic, so a dead letter
+/// or `outpost tap` names it; rules read its `topic` as NULL, as EMQX gives none.
+fn no_message(kind: EventKind) -> (String, Bytes, u8) {
+    (kind.topic().to_owned(), Bytes::new(), 0)
 }
 
 /// The CONNACK accepted the client: `client_connack` (`success`), then `client_connected`.
@@ -78,7 +80,7 @@ pub(super) fn connected(client: &Client, asked: &Asked) {
         } else {
             info.receive_maximum = asked.receive_maximum;
         }
-        report(client, info, no_message());
+        report(client, info, no_message(kind));
     }
 }
 
@@ -102,7 +104,13 @@ pub(super) fn refused(
     info.proto_ver = Some(if v5 { 5 } else { 4 });
     let id: Arc<str> = Arc::from(client_id);
     let peerhost: Arc<str> = Arc::from(peer.ip().to_canonical().to_string());
-    let event = shared.intake.client_event(info, &id, username.map(Arc::from), &peerhost, no_message());
+    let event = shared.intake.client_event(
+        info,
+        &id,
+        username.map(Arc::from),
+        &peerhost,
+        no_message(EventKind::ClientConnack),
+    );
     shared.intake.report(event);
 }
 
@@ -114,7 +122,7 @@ pub(super) fn disconnected(client: &Client, end: &End) {
     let mut info = lifecycle(EventKind::ClientDisconnected, client);
     info.reason = Some(disconnect_reason(end).to_owned());
     info.disconnected_at = Some(now_ms());
-    report(client, info, no_message());
+    report(client, info, no_message(EventKind::ClientDisconnected));
 }
 
 /// A subscription granted (`session_subscribed`) or removed (`session_unsubscribed`):
