@@ -206,16 +206,22 @@ impl RuleSet {
 
     /// The rules an event goes to: by its topic for a message, by its kind for a client
     /// event. Ascending, without duplicates.
+    #[inline]
     fn candidates(&self, event: &EventContext<'_>, out: &mut Vec<usize>) {
         match event.lifecycle {
             None => self.index.matches(event.topic, out),
-            Some(lifecycle) => {
-                out.clear();
-                let at = EventKind::ALL.iter().position(|k| *k == lifecycle.kind);
-                if let Some(rules) = at.and_then(|at| self.events.by_kind.get(at)) {
-                    out.extend_from_slice(rules);
-                }
-            }
+            Some(lifecycle) => self.event_candidates(lifecycle.kind, out),
+        }
+    }
+
+    /// Out of line: client events are rare next to publishes, whose path stays as it was.
+    #[cold]
+    #[inline(never)]
+    fn event_candidates(&self, kind: EventKind, out: &mut Vec<usize>) {
+        out.clear();
+        let at = EventKind::ALL.iter().position(|k| *k == kind);
+        if let Some(rules) = at.and_then(|at| self.events.by_kind.get(at)) {
+            out.extend_from_slice(rules);
         }
     }
 
