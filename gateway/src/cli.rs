@@ -651,6 +651,7 @@ fn rules_test(
             retain: false,
             dup: false,
             pub_props: None,
+            lifecycle: None,
         };
         let run = crate::route::dry_run(&routing, event, &ids, topic_prefix, policy, MAX_CHAIN_EVENTS);
         for step in &run.steps {

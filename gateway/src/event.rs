@@ -6,7 +6,7 @@
 //! never reused, which is what lets an upstream deduplicate resends.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -84,6 +84,33 @@ pub struct Event {
     /// The MQTT 5 properties rules can read (`pub_props`); `None` when there are none, so a
     /// 3.1.1 publish costs nothing here.
     pub pub_props: Option<Arc<outpost_rules::PubProps>>,
+    /// Set for a client event the broker reported (`$events/client_connected`, ...): only
+    /// rules reading that event see it, and it is never unrouted. `None` for a publish.
+    pub lifecycle: Option<Box<ClientEvent>>,
+}
+
+/// A client event (connected, disconnected, subscribed, a publish dropped) as the broker
+/// reports it to rules: what [`outpost_rules::Lifecycle`] holds, and the client's username,
+/// which rules read as `username`.
+#[derive(Debug, Clone)]
+pub struct ClientEvent {
+    pub info: outpost_rules::Lifecycle,
+    pub username: Option<Arc<str>>,
+}
+
+/// Which client events some rule reads: set where rules are loaded (start-up, each reload),
+/// read by the broker at each event site, so an event no rule reads costs one atomic load.
+#[derive(Debug, Clone, Default)]
+pub struct EventsWanted(Arc<AtomicU8>);
+
+impl EventsWanted {
+    pub fn set(&self, kinds: outpost_rules::EventKinds) {
+        self.0.store(kinds.bits(), Ordering::Relaxed);
+    }
+
+    pub fn wants(&self, kind: outpost_rules::EventKind) -> bool {
+        outpost_rules::EventKinds::from_bits(self.0.load(Ordering::Relaxed)).contains(kind)
+    }
 }
 
 /// An event bound upstream, as decided by a route.

@@ -213,9 +213,21 @@ impl Gateway {
         let (link_tx, link_rx) = mpsc::channel(1);
         let uplink_cancel = CancellationToken::new();
 
+        // Which client events (`$events/...`) the broker reports: those the rules read.
+        let events_wanted = event::EventsWanted::default();
+        if let route::Routing::Rules(rules) = &routing {
+            events_wanted.set(rules.event_kinds());
+        }
         let (routing_tx, routing_rx) = tokio::sync::watch::channel(std::sync::Arc::new(routing));
         if let Some(path) = &config.rules {
-            tracker.spawn(rules::watch(path.clone(), routing_tx, metrics.clone(), cancel.clone()));
+            let watch = rules::watch(
+                path.clone(),
+                routing_tx,
+                events_wanted.clone(),
+                metrics.clone(),
+                cancel.clone(),
+            );
+            tracker.spawn(watch);
         }
         let (dead_tx, dead_rx) = mpsc::channel(deadletter::CHANNEL_CAPACITY);
         let (durable_tx, durable_rx) = mpsc::channel(deadletter::CHANNEL_CAPACITY);
@@ -254,6 +266,7 @@ impl Gateway {
             watchdog.heartbeat(Stage::Broker),
             tap.clone(),
             broker::retained::Durable { commands: retained_commands, loaded: retained.messages },
+            events_wanted,
         )
         .await
         {

@@ -65,7 +65,13 @@ counters! {
     /// next successful write of the same topic).
     retained_unsaved,
     /// Events that matched no route (bridge) or no rule produced anything for (rules).
+    /// Client events (`$events/...`) are never counted here.
     unrouted,
+    /// Client events (`$events/...`) the broker handed to the rules: only those some rule reads.
+    client_events,
+    /// Client events not handed over because the route stage's channel was full: dropped,
+    /// never waited for (a connection is never held up by an event about it).
+    client_events_dropped,
     /// Events consumed on purpose by a rule's `drop` action.
     rules_dropped,
     /// Events sent to the dead-letter store (a rule failed on them, or a `dead_letter` action

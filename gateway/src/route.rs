@@ -135,7 +135,7 @@ pub fn context(event: &Event, hops: u8) -> EventContext<'_> {
         topic: &event.topic,
         payload: &event.payload,
         clientid: event.client_id.as_deref(),
-        username: None,
+        username: event.lifecycle.as_ref().and_then(|l| l.username.as_deref()),
         qos: event.qos.unwrap_or(0),
         timestamp_ms: event.received_ms,
         event_id: event.id,
@@ -144,6 +144,7 @@ pub fn context(event: &Event, hops: u8) -> EventContext<'_> {
         retain: event.retain,
         dup: event.dup,
         pub_props: event.pub_props.as_deref(),
+        lifecycle: event.lifecycle.as_ref().map(|l| &l.info),
     }
 }
 
@@ -179,6 +180,8 @@ fn decide_any(
     policy: &TopicPolicy,
 ) -> Vec<Fate> {
     match routing {
+        // Client events are for rules that read them; a bridge routes publishes only.
+        Routing::Bridge(_) if event.lifecycle.is_some() => Vec::new(),
         Routing::Bridge(bridge) => bridge
             .route(&event.topic)
             .map(|(priority, ttl)| Fate::Forward {
@@ -328,6 +331,7 @@ pub fn republished_event(parent: &Event, id: u64, topic: String, payload: Bytes)
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     }
 }
 
@@ -551,7 +555,9 @@ impl RouteStage {
         logs: &mut Logs,
         now: Instant,
     ) -> Vec<Outbound> {
-        if fates.is_empty() {
+        // A client event is reported only for the rules that read it: whether they produce
+        // anything is theirs to decide (`client_events` counts them apart).
+        if fates.is_empty() && event.lifecycle.is_none() {
             Metrics::add(&self.metrics.counters().unrouted, 1);
         }
         let mut forwards = Vec::new();
@@ -685,6 +691,7 @@ mod tests {
             retain: false,
             dup: false,
             pub_props: None,
+            lifecycle: None,
         }
     }
 
@@ -959,5 +966,62 @@ topic = "t/b"
         let of = |name: &str| rules.iter().find(|r| r.0 == name).map(|r| (r.1, r.2, r.3));
         assert_eq!((of("a"), of("b"), of("c")), (Some((0, 0, 1)), Some((0, 0, 1)), Some((0, 0, 1))));
         assert_eq!(of("copy"), Some((1, 1, 0)), "{rules:?}");
+    }
+
+    /// A client event goes only to the rules that read it, never through a bridge route, and
+    /// is never counted unrouted (even when its rule's WHERE turns it away).
+    #[tokio::test]
+    async fn client_events_reach_their_rules_and_are_never_unrouted() {
+        let client_event = |kind: outpost_rules::EventKind, reason: &str| {
+            let mut info = outpost_rules::Lifecycle::new(kind);
+            info.reason = Some(reason.to_owned());
+            let mut event = event(kind.topic(), "");
+            event.lifecycle = Some(Box::new(crate::event::ClientEvent { info, username: Some("u".into()) }));
+            event
+        };
+        let gone = || client_event(outpost_rules::EventKind::ClientDisconnected, "keepalive_timeout");
+        let bridge = Routing::Bridge(Bridge::new(&[]));
+        assert_eq!(decide(&bridge, &gone(), 0, "", &policy()), []);
+
+        let routing = rules(
+            r#"
+[[rule]]
+name = "gone"
+sql = "SELECT clientid, username, reason FROM \"$events/client_disconnected\" WHERE reason <> 'normal'"
+[[rule.action]]
+type = "forward"
+topic = "gone/${clientid}"
+"#,
+        );
+        let (_routing_tx, routing_rx) = watch::channel(Arc::new(routing));
+        let (dead_tx, _dead_rx) = mpsc::channel(8);
+        let (in_tx, in_rx) = mpsc::channel(8);
+        let (out_tx, mut out_rx) = mpsc::channel(8);
+        let metrics = Metrics::default();
+        let stage = RouteStage {
+            routing: routing_rx,
+            topic_prefix: String::new(),
+            topic_policy: policy(),
+            republisher: None,
+            dead_letters: dead_tx,
+            ids: IdGen::new(1),
+            metrics: metrics.clone(),
+            heartbeat: Heartbeat::unwatched(),
+            tap: crate::tap::Tap::new(metrics.clone()),
+        };
+        let route = tokio::spawn(run(stage, in_rx, out_tx));
+        in_tx.send(client_event(outpost_rules::EventKind::ClientDisconnected, "normal")).await.expect("send");
+        in_tx.send(client_event(outpost_rules::EventKind::ClientConnected, "")).await.expect("send");
+        in_tx.send(gone()).await.expect("send");
+        drop(in_tx);
+        let forwarded = out_rx.recv().await.expect("the forward");
+        assert_eq!(forwarded.topic, "gone/c1");
+        assert_eq!(
+            &forwarded.payload[..],
+            br#"{"clientid":"c1","username":"u","reason":"keepalive_timeout"}"#
+        );
+        route.await.expect("route stage");
+        assert!(out_rx.recv().await.is_none(), "one forward");
+        assert_eq!(Metrics::get(&metrics.counters().unrouted), 0);
     }
 }

@@ -137,6 +137,7 @@ fn fingerprint(path: &Path) -> Vec<(PathBuf, Option<(u64, SystemTime)>)> {
 pub async fn watch(
     path: PathBuf,
     routing: watch::Sender<Arc<Routing>>,
+    events_wanted: crate::event::EventsWanted,
     metrics: Metrics,
     cancel: CancellationToken,
 ) {
@@ -178,6 +179,9 @@ pub async fn watch(
             Ok(Ok(rules)) => {
                 Metrics::add(&counters.rules_reloads, 1);
                 info!(message = "rules reloaded", path = %path.display(), reason, rules = rules.len());
+                // Before the swap: a client event reported in between finds no rule for it
+                // (dropped by the route stage, never unrouted) rather than being missed.
+                events_wanted.set(rules.event_kinds());
                 routing.send_replace(Arc::new(Routing::Rules(rules)));
             }
             Ok(Err(e)) => {

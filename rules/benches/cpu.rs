@@ -50,6 +50,7 @@ fn main() {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     };
     assert_eq!(rules.evaluate(&event).len(), 1);
     const EVENTS: u32 = 300_000;

@@ -55,6 +55,7 @@ fn event(payload: &[u8]) -> EventContext<'_> {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     }
 }
 

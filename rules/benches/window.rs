@@ -140,6 +140,7 @@ fn main() {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     };
     let (mut out_events, mut out_bytes, mut in_bytes) = (0u64, 0u64, 0u64);
     let mut count = |outputs: Vec<Output>| {

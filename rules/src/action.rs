@@ -422,6 +422,7 @@ mod tests {
             retain: false,
             dup: false,
             pub_props: None,
+            lifecycle: None,
         };
         f(&Env {
             event: &event,

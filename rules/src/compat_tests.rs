@@ -6,6 +6,8 @@
 //! - `funcs_SUITE` = `test/emqx_rule_funcs_SUITE.erl`
 //! - `engine_SUITE` = `test/emqx_rule_engine_SUITE.erl`
 //! - `rule_funcs.erl` = `src/emqx_rule_funcs.erl`
+//! - `emqx_rule_events.erl` = `src/emqx_rule_events.erl` (event topics and their fields),
+//!   `emqx_rule_runtime.erl` = `src/emqx_rule_runtime.erl` (`metadata`)
 //! - `variform_bif.erl` = `apps/emqx_utils/src/emqx_variform_bif.erl`
 //! - `utils_conv.erl` = `apps/emqx_utils/src/emqx_utils_conv.erl`
 //! - `utils_calendar.erl` = `apps/emqx_utils/src/emqx_utils_calendar.erl`
@@ -45,6 +47,7 @@ fn run(expr: &str, payload: &str) -> String {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     };
     let outputs = set.evaluate(&event);
     match outputs.as_slice() {
@@ -1314,6 +1317,7 @@ fn run_each(sql: &str, payload: &str, keys: &str) -> String {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     };
     let mut rows = Vec::new();
     for output in set.evaluate(&event) {
@@ -1432,4 +1436,74 @@ fn ranges_and_paths_into_json_text() {
         ("emqx_rule_runtime.erl maybe_decode_payload (bare payload needs no JSON)", "payload", "{broken", r#""{broken""#),
         ("engine_SUITE t_sqlparse_nested_get", r#"SELECT payload AS p, p.a.b AS c FROM "t/#""#, r#"{"a": {"b": 0}}"#, r#"{"p":"{\"a\": {\"b\": 0}}","c":0}"#),
     ]);
+}
+
+/// Runs `sql` (forward to `x`) on one event and renders its row as JSON, or `FILTERED`. With
+/// `kind`, the event is that client event, with `topic` its subscription filter or dropped
+/// publish's topic and `reason` its reason; without, a publish to `topic`.
+fn run_event(sql: &str, kind: Option<crate::EventKind>, topic: &str, reason: Option<&str>) -> String {
+    let rules = format!(
+        "[[rule]]\nname = \"r\"\nsql = '''{sql}'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"x\"\n"
+    );
+    let set = match RuleSet::compile(&rules, &TableSources::new()) {
+        Ok(set) => set,
+        Err(e) => return format!("COMPILE ERROR: {e}"),
+    };
+    let lifecycle = kind.map(|kind| {
+        let mut event = crate::Lifecycle::new(kind);
+        event.reason = reason.map(str::to_owned);
+        event
+    });
+    let event = EventContext {
+        clientid: Some("abc"),
+        qos: 1,
+        lifecycle: lifecycle.as_ref(),
+        ..EventContext::new(topic, b"")
+    };
+    match set.evaluate(&event).as_slice() {
+        [] => "FILTERED".to_owned(),
+        [Output::Forward { payload, .. }] => String::from_utf8_lossy(payload).into_owned(),
+        other => format!("{other:?}"),
+    }
+}
+
+/// (EMQX source, statement, the client event or `None` for a publish, its topic, its reason,
+/// expected row).
+type EventCase =
+    (&'static str, &'static str, Option<crate::EventKind>, &'static str, Option<&'static str>, &'static str);
+
+#[test]
+fn event_topics_and_metadata() {
+    use crate::EventKind::*;
+    #[rustfmt::skip]
+    let cases: &[EventCase] = &[
+        ("engine_SUITE t_sqlparse_event_1", r#"SELECT topic AS tp FROM "$events/session_subscribed""#, Some(SessionSubscribed), "t/tt", None, r#"{"tp":"t/tt"}"#),
+        ("engine_SUITE t_sqlparse_event_2", r#"SELECT clientid FROM "$events/client_connected""#, Some(ClientConnected), "", None, r#"{"clientid":"abc"}"#),
+        ("engine_SUITE t_sqlparse_event_3 (a publish to the topic source)", r#"SELECT clientid, topic AS tp FROM "t/tt", "$events/client_connected""#, None, "t/tt", None, r#"{"clientid":"abc","tp":"t/tt"}"#),
+        ("engine_SUITE t_sqlparse_event_3 (the event source)", r#"SELECT clientid, topic AS tp FROM "t/tt", "$events/client_connected""#, Some(ClientConnected), "", None, r#"{"clientid":"abc","tp":null}"#),
+        ("engine_SUITE t_event_client_disconnected_normal", r#"SELECT reason FROM "$events/client_disconnected""#, Some(ClientDisconnected), "", Some("normal"), r#"{"reason":"normal"}"#),
+        ("engine_SUITE t_event_client_disconnected_takenover", r#"SELECT reason FROM "$events/client_disconnected""#, Some(ClientDisconnected), "", Some("takenover"), r#"{"reason":"takenover"}"#),
+        ("emqx_rule_events.erl event_name (EMQX 5 spelling)", r#"SELECT event FROM "$events/client/connected""#, Some(ClientConnected), "", None, r#"{"event":"client.connected"}"#),
+        ("emqx_rule_events.erl event_name (not that event)", r#"SELECT event FROM "$events/client/connected""#, Some(ClientDisconnected), "", None, "FILTERED"),
+        ("emqx_rule_events.erl eventmsg_dropped", r#"SELECT event, reason, topic, qos FROM "$events/message_dropped""#, Some(MessageDropped), "t/1", Some("not_authorized"), r#"{"event":"message.dropped","reason":"not_authorized","topic":"t/1","qos":1}"#),
+        ("emqx_rule_events.erl eventmsg_connack", r#"SELECT reason_code FROM "$events/client_connack""#, Some(ClientConnack), "", Some("success"), r#"{"reason_code":"success"}"#),
+        ("emqx_rule_events.erl eventmsg_sub_or_unsub (unsubscribed)", r#"SELECT event, topic FROM "$events/session_unsubscribed""#, Some(SessionUnsubscribed), "t/#", None, r#"{"event":"session.unsubscribed","topic":"t/#"}"#),
+        ("emqx_rule_events.erl event topics are not filters", r#"SELECT clientid FROM "$events/client_connected""#, None, "$events/client_connected", None, "FILTERED"),
+        ("engine_SUITE t_sqlparse_select_matadata_1", r#"SELECT payload, metadata FROM "t/#""#, None, "t/a", None, r#"{"payload":"","metadata":{"rule_id":"r"}}"#),
+        ("emqx_rule_runtime.erl add_metadata (rule_id)", r#"SELECT metadata.rule_id AS id FROM "$events/client_connected""#, Some(ClientConnected), "", None, r#"{"id":"r"}"#),
+    ];
+    let mut failures = Vec::new();
+    for (source, sql, kind, topic, reason, expected) in cases {
+        let got = run_event(sql, *kind, topic, *reason);
+        if got != *expected {
+            failures.push(format!("{source}: `{sql}`\n    expected {expected}\n    got      {got}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ from EMQX:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }

@@ -20,6 +20,7 @@ use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Span, Token, TokenWithSpan, Tokenizer, Word};
 
 use crate::error::{SqlError, did_you_mean};
+use crate::events::{EventKind, EventKinds};
 use crate::expr::{ArithOp, CmpOp, Expr, Field, PUT_HEAD, PUT_TAIL, PathSeg};
 use crate::functions::{BUILTINS, NOT_SUPPORTED, find_builtin};
 use crate::table::Table;
@@ -50,6 +51,7 @@ const FIELDS: &[(&str, Field)] = &[
     ("peerhost", Field::PeerHost),
     ("flags", Field::Flags),
     ("pub_props", Field::PubProps),
+    ("metadata", Field::Metadata),
 ];
 
 /// The columns `SELECT *` produces, in order.
@@ -60,6 +62,9 @@ pub(crate) const STAR_COLUMNS: &[&str] =
 #[derive(Debug)]
 pub(crate) struct CompiledSql {
     pub filters: Vec<TopicFilter>,
+    /// The event topics in FROM (`$events/...`), apart from the filters: events never go
+    /// through the topic index.
+    pub events: EventKinds,
     /// `SELECT *` was given: the output starts with [`STAR_COLUMNS`].
     pub star: bool,
     pub columns: Vec<Column>,
@@ -197,7 +202,13 @@ pub(crate) fn compile_sql(
             query.body.span(),
         )]);
     };
-    let mut compiler = Compiler { tables, aliases: HashMap::new(), uses_payload: false, errors: Vec::new() };
+    let mut compiler = Compiler {
+        tables,
+        aliases: HashMap::new(),
+        uses_payload: false,
+        errors: Vec::new(),
+        events: EventKinds::NONE,
+    };
     // Takes GROUP BY and HAVING out of the statement when they make a window.
     // Its errors come alone: the rest of the statement was written for a window.
     let windowed = crate::window::sql::extract(&mut select)?;
@@ -279,6 +290,7 @@ pub(crate) fn compile_sql(
         let layout = RowLayout::new(star, &columns);
         Ok(CompiledSql {
             filters,
+            events: compiler.events,
             star,
             columns,
             condition,
@@ -330,8 +342,13 @@ pub(crate) fn compile_expr(
             next.span,
         )]);
     }
-    let mut compiler =
-        Compiler { tables, aliases: sql.aliases.clone(), uses_payload: false, errors: Vec::new() };
+    let mut compiler = Compiler {
+        tables,
+        aliases: sql.aliases.clone(),
+        uses_payload: false,
+        errors: Vec::new(),
+        events: sql.events,
+    };
     match compiler.expr_or_record(&parsed) {
         Some(expr) if compiler.errors.is_empty() => Ok((expr, compiler.uses_payload)),
         _ => Err(compiler.errors),
@@ -429,6 +446,8 @@ pub(crate) struct Compiler<'t> {
     pub(crate) aliases: HashMap<String, Expr>,
     pub(crate) uses_payload: bool,
     pub(crate) errors: Vec<SqlError>,
+    /// The event topics FROM named so far: their fields are names in this rule.
+    pub(crate) events: EventKinds,
 }
 
 type Compiled = Result<Expr, SqlError>;
@@ -491,6 +510,21 @@ impl Compiler<'_> {
                 ));
                 continue;
             }
+            if ident.value.starts_with("$events/") {
+                match EventKind::from_topic(&ident.value) {
+                    Some(kind) => self.events.insert(kind),
+                    None => self.errors.push(SqlError::new(
+                        format!(
+                            "`{}` is no event topic Outpost reports{}; it reports {}",
+                            ident.value,
+                            did_you_mean(&ident.value, crate::events::topics()),
+                            EventKind::ALL.map(EventKind::topic).join(", ")
+                        ),
+                        ident.span,
+                    )),
+                }
+                continue;
+            }
             match TopicFilter::new(ident.value.clone()) {
                 Ok(filter) => filters.push(filter),
                 Err(e) => self.errors.push(SqlError::new(e.to_string(), ident.span)),
@@ -521,8 +555,16 @@ impl Compiler<'_> {
         if let Some((_, field)) = FIELDS.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
             return Ok(Expr::Field(*field));
         }
-        let candidates =
-            FIELDS.iter().map(|(n, _)| *n).chain(["payload"]).chain(self.aliases.keys().map(String::as_str));
+        if let Some(field) = crate::events::field(name, self.events) {
+            return Ok(Expr::Field(Field::Event(field)));
+        }
+        let event_fields: Vec<&str> = crate::events::field_names(self.events).collect();
+        let candidates = FIELDS
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(["payload"])
+            .chain(event_fields)
+            .chain(self.aliases.keys().map(String::as_str));
         let hint = if ident.quote_style == Some('"') {
             "; EMQX reads a double-quoted word as a field name, not a string: write a string in single quotes ('text')"
         } else {

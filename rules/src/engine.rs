@@ -19,6 +19,7 @@ use crate::action::{Action, Body, Row, Template, TemplateError};
 use crate::compile::{CompiledSql, STAR_COLUMNS, compile_expr, compile_sql};
 use crate::config::{ActionConfig, RulesFile, TableConfig, TableFormat};
 use crate::error::{Problem, RulesError, SqlOrigin};
+use crate::events::{EventKind, EventKinds};
 use crate::expr::{Env, EvalError, Field, NULL, PathSeg, field_value};
 use crate::foreach::Foreach;
 use crate::index::TopicIndex;
@@ -38,6 +39,17 @@ pub struct RuleSet {
     /// The top-level payload fields the rules read, by slot, when that is all they read:
     /// JSON decoding then builds only these. `None` if some rule reads the payload whole.
     pub(crate) fields: Option<FieldSlots>,
+    /// Per [`EventKind`] (by its index in [`EventKind::ALL`]), the rules reading its topic, in
+    /// file order. Events are looked up here, never in `index`. Boxed: most rule sets have
+    /// none, and the gateway keeps a `RuleSet` by value in an enum.
+    events: Box<EventRules>,
+}
+
+#[derive(Debug, Default)]
+struct EventRules {
+    by_kind: Vec<Vec<usize>>,
+    /// The event kinds some rule reads.
+    kinds: EventKinds,
 }
 
 #[derive(Debug)]
@@ -103,7 +115,7 @@ impl RuleSet {
                 }
             };
             let mut templates_read_payload = false;
-            let actions = build_actions(
+            let mut actions = build_actions(
                 &config.action,
                 rules_toml,
                 &sql,
@@ -114,6 +126,12 @@ impl RuleSet {
             );
             sql.uses_payload |= templates_read_payload;
             let name: Arc<str> = Arc::from(config.name.as_str());
+            check_events(config, &sql, &context, &mut problems);
+            let metadata = Value::Object(vec![("rule_id".to_owned(), Value::Str(config.name.clone()))]);
+            let templates = actions.iter_mut().flat_map(Action::templates_mut).flat_map(Template::exprs_mut);
+            for expr in sql.exprs_mut().chain(templates) {
+                expr.resolve_metadata(&metadata);
+            }
             let warnings = crate::warnings::check(&name, &sql);
             check_windowed(config, &mut sql, &context, &mut problems);
             // Only the actions' expressions needed them.
@@ -131,8 +149,20 @@ impl RuleSet {
                 index.insert(filter, rule_idx);
             }
         }
+        let mut event_rules = vec![Vec::new(); EventKind::ALL.len()];
+        let mut event_kinds = EventKinds::NONE;
+        for (rule_idx, rule) in rules.iter().enumerate() {
+            for (kind, rules) in EventKind::ALL.into_iter().zip(event_rules.iter_mut()) {
+                // A stateful rule never runs on `evaluate`; the gateway refuses it anyway.
+                if rule.sql.events.contains(kind) && !rule.sql.is_stateful() {
+                    rules.push(rule_idx);
+                    event_kinds.insert(kind);
+                }
+            }
+        }
         let fields = number_payload_fields(&mut rules);
-        Ok(RuleSet { rules, index, max_hops: file.max_hops, fields })
+        let events = Box::new(EventRules { by_kind: event_rules, kinds: event_kinds });
+        Ok(RuleSet { rules, index, max_hops: file.max_hops, fields, events })
     }
 
     /// The files named by `[[table]] file = ".."` in a rules file: the caller reads them
@@ -168,6 +198,33 @@ impl RuleSet {
         self.rules.iter().flat_map(|r| &r.warnings)
     }
 
+    /// The client events (`$events/...`) some rule reads: the gateway's broker reports only
+    /// these, so a rule set without them costs the broker nothing.
+    pub fn event_kinds(&self) -> EventKinds {
+        self.events.kinds
+    }
+
+    /// The rules an event goes to: by its topic for a message, by its kind for a client
+    /// event. Ascending, without duplicates.
+    #[inline]
+    fn candidates(&self, event: &EventContext<'_>, out: &mut Vec<usize>) {
+        match event.lifecycle {
+            None => self.index.matches(event.topic, out),
+            Some(lifecycle) => self.event_candidates(lifecycle.kind, out),
+        }
+    }
+
+    /// Out of line: client events are rare next to publishes, whose path stays as it was.
+    #[cold]
+    #[inline(never)]
+    fn event_candidates(&self, kind: EventKind, out: &mut Vec<usize>) {
+        out.clear();
+        let at = EventKind::ALL.iter().position(|k| *k == kind);
+        if let Some(rules) = at.and_then(|at| self.events.by_kind.get(at)) {
+            out.extend_from_slice(rules);
+        }
+    }
+
     /// The republish hop limit (`max_hops` in the rules file).
     pub fn max_hops(&self) -> u8 {
         self.max_hops
@@ -178,7 +235,7 @@ impl RuleSet {
     pub fn evaluate(&self, event: &EventContext<'_>) -> Vec<Output> {
         let mut outputs = Vec::new();
         let mut matched = Vec::new();
-        self.index.matches(event.topic, &mut matched);
+        self.candidates(event, &mut matched);
         let decoded = Decoded::new(event.payload, self.fields.as_ref());
         for rule_idx in matched {
             // Stateful rules need their state: `RuleSet::evaluate_windowed`.
@@ -193,7 +250,7 @@ impl RuleSet {
     /// out, the selected row, or the failure. Rules whose FROM does not match are absent.
     pub fn explain(&self, event: &EventContext<'_>) -> Vec<Trace> {
         let mut matched = Vec::new();
-        self.index.matches(event.topic, &mut matched);
+        self.candidates(event, &mut matched);
         let decoded = Decoded::new(event.payload, self.fields.as_ref());
         let mut traces = Vec::new();
         for rule_idx in matched {
@@ -361,6 +418,27 @@ pub(crate) enum Ran<'a> {
     /// A FOREACH rule's rows, one per element kept (never empty).
     Each(Vec<Value>),
     Failed(String),
+}
+
+/// A rule on client events (`$events/...`): its forwards need a `topic`, because an event
+/// topic is no topic to publish to.
+fn check_events(
+    config: &crate::config::RuleConfig,
+    sql: &CompiledSql,
+    context: &str,
+    problems: &mut Vec<Problem>,
+) {
+    if sql.events.is_empty() {
+        return;
+    }
+    for action in &config.action {
+        if let ActionConfig::Forward { topic: None, .. } = action {
+            problems.push(plain(
+                context,
+                "a rule on `$events/...` needs a `topic` on its forward action (an event topic is not one to publish to), e.g. topic = \"gateway/events/${clientid}\"",
+            ));
+        }
+    }
 }
 
 /// A windowed rule's checks that need more than its SQL: its outputs need a topic (a

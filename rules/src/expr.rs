@@ -61,12 +61,17 @@ pub(crate) enum Field {
     Flags,
     /// EMQX's `pub_props` map.
     PubProps,
+    /// A field of a client event (`$events/...`): NULL for a message.
+    Event(crate::events::EventField),
+    /// EMQX's `metadata` (`rule_id`): replaced by the rule's own value once its actions are
+    /// compiled ([`Expr::resolve_metadata`]).
+    Metadata,
 }
 
 impl Field {
     /// Whether the field is a map a path can read into (`flags.retain`).
     pub(crate) fn has_fields(self) -> bool {
-        matches!(self, Field::Flags | Field::PubProps)
+        matches!(self, Field::Flags | Field::PubProps | Field::Metadata)
     }
 }
 
@@ -248,6 +253,18 @@ impl Expr {
                 .chain(otherwise.iter().map(|e| &**e))
                 .collect(),
             Expr::Call { args, .. } | Expr::Array(args) => args.iter().collect(),
+        }
+    }
+
+    /// Puts the rule's `metadata` value where the rule reads it: it is the same for every
+    /// event, so it costs nothing per event.
+    pub(crate) fn resolve_metadata(&mut self, metadata: &Value) {
+        if let Expr::Field(Field::Metadata) = self {
+            *self = Expr::Const(metadata.clone());
+            return;
+        }
+        for child in self.children_mut() {
+            child.resolve_metadata(metadata);
         }
     }
 
@@ -484,6 +501,10 @@ fn tri(b: Option<bool>) -> Value {
 pub(crate) fn field_value(field: Field, event: &crate::EventContext<'_>) -> Value {
     let opt = |s: Option<&str>| s.map(|s| Value::Str(s.to_owned())).unwrap_or(Value::Null);
     match field {
+        // A client event has no topic, QoS or flags (EMQX gives none).
+        Field::Topic | Field::Qos | Field::Flags if crate::events::lacks_message(event.lifecycle) => {
+            Value::Null
+        }
         Field::Topic => Value::Str(event.topic.to_owned()),
         Field::ClientId => opt(event.clientid),
         Field::Username => opt(event.username),
@@ -497,6 +518,8 @@ pub(crate) fn field_value(field: Field, event: &crate::EventContext<'_>) -> Valu
             ("dup".to_owned(), Value::Bool(event.dup)),
         ]),
         Field::PubProps => event.pub_props.map(pub_props_value).unwrap_or_else(|| Value::Object(Vec::new())),
+        Field::Event(field) => crate::events::field_value(field, event.lifecycle),
+        Field::Metadata => Value::Null,
     }
 }
 

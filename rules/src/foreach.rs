@@ -149,8 +149,13 @@ pub(crate) fn compile_foreach(
     let SetExpr::Select(select) = *query.body else {
         return Err(vec![SqlError::new("expected FOREACH ... FROM \"topic/filter\"", parts.foreach)]);
     };
-    let mut compiler =
-        Compiler { tables, aliases: Default::default(), uses_payload: false, errors: Vec::new() };
+    let mut compiler = Compiler {
+        tables,
+        aliases: Default::default(),
+        uses_payload: false,
+        errors: Vec::new(),
+        events: crate::events::EventKinds::NONE,
+    };
     if select.distinct.is_some()
         || !matches!(&select.group_by, GroupByExpr::Expressions(v, m) if v.is_empty() && m.is_empty())
         || select.having.is_some()
@@ -239,6 +244,7 @@ pub(crate) fn compile_foreach(
             let layout = RowLayout::new(star, &columns);
             Ok(CompiledSql {
                 filters,
+                events: compiler.events,
                 star,
                 columns,
                 condition,

@@ -22,7 +22,8 @@
 //! # API
 //! - [`RuleSet::compile`]`(rules_toml, &TableSources) -> Result<RuleSet, RulesError>`;
 //!   [`RuleSet::table_files`] lists the table files the caller must read first.
-//! - [`RuleSet::evaluate`]`(&EventContext) -> Vec<Output>`; [`RuleSet::explain`] returns a
+//! - [`RuleSet::evaluate`]`(&EventContext) -> Vec<Output>` (a client event: an
+//!   [`EventContext`] with its [`Lifecycle`]; [`RuleSet::event_kinds`] says which to report); [`RuleSet::explain`] returns a
 //!   [`Trace`] per matching rule for dry runs (`outpost rules test`).
 //! - [`RuleSet::empty`]: no rules, no outputs (the gateway stays a transparent bridge).
 //! - [`Table`] parsers for CSV and TOML text; [`Value`], the data model.
@@ -43,6 +44,8 @@
 //!   `functions::text` (sprintf, pad, tokens, unescape, ...), `functions::data` (arrays and
 //!   maps) and `functions::bytes` (hashes, compression, bits, base64/hex options).
 //! - `index`: the topic trie that picks candidate rules per event.
+//! - `events`: EMQX's event topics (`$events/client_connected`, ...) as sources, their
+//!   fields, and [`Lifecycle`], the event a broker reports.
 //! - `action`: forward/republish/drop/dead_letter, templates (topic, payload, reason) with
 //!   `${..}` expressions, output rows and their encoding.
 //! - `engine`: [`RuleSet`], running rules on an event, dead letters, hop limit.
@@ -69,6 +72,7 @@ mod compile;
 mod config;
 mod engine;
 mod error;
+mod events;
 pub(crate) mod expr;
 mod foreach;
 mod functions;
@@ -95,6 +99,7 @@ use serde::Deserialize;
 
 pub use engine::{DEFAULT_DEAD_LETTER_REASON, Outcome, RuleSet, Trace};
 pub use error::{Problem, RulesError, SqlLocation, did_you_mean};
+pub use events::{EventKind, EventKinds, Lifecycle};
 pub use outpost_topic::{Topic, TopicError, TopicFilter};
 pub use table::{Table, TableError, TableSources};
 pub use value::Value;
@@ -124,6 +129,10 @@ pub struct EventContext<'a> {
     pub dup: bool,
     /// The MQTT 5 publish properties, if the publish carried any a rule can read.
     pub pub_props: Option<&'a PubProps>,
+    /// Set for a client event (`$events/client_connected`, ...): only rules reading that
+    /// event topic see it, and `topic` is the event topic (for a subscription: its filter;
+    /// for a dropped message: the message's topic).
+    pub lifecycle: Option<&'a Lifecycle>,
 }
 
 impl<'a> EventContext<'a> {
@@ -142,6 +151,7 @@ impl<'a> EventContext<'a> {
             retain: false,
             dup: false,
             pub_props: None,
+            lifecycle: None,
         }
     }
 }

@@ -520,6 +520,7 @@ mod tests {
             retain: false,
             dup: false,
             pub_props: None,
+            lifecycle: None,
         }
     }
 

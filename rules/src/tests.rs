@@ -47,6 +47,7 @@ fn check(rules_toml: &str, topic: &str, payload: &str, expect: Expect) {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     };
     let mut text = String::new();
     for output in rules.evaluate(&event) {
@@ -237,6 +238,7 @@ fn event<'a>(topic: &'a str, payload: &'a [u8]) -> EventContext<'a> {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     }
 }
 

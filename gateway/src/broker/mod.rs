@@ -169,6 +169,7 @@ pub async fn start(
     heartbeat: Heartbeat,
     tap: crate::tap::Tap,
     retained: retained::Durable,
+    events_wanted: crate::event::EventsWanted,
 ) -> Result<Started, BrokerError> {
     let access = Arc::new(Access::load(cfg)?);
     let mut listeners = vec![(bind("broker.listen", cfg.listen).await?, Listener::Listen, None)];
@@ -194,7 +195,7 @@ pub async fn start(
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),
         metrics: metrics.clone(),
-        intake: Intake::new(ids, out, metrics.clone(), heartbeat, tap),
+        intake: Intake::new(ids, out, metrics.clone(), heartbeat, tap, events_wanted),
         local: Arc::clone(&local),
         retained: RetainedStore::durable(
             cfg.max_retained,

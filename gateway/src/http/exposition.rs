@@ -143,6 +143,18 @@ pub const COUNTERS: &[Mapping] = &[
     m("rejected_full", "outpost_publishes_refused_total", &[("reason", "buffer_full")], ""),
     m("unrouted", "outpost_events_unrouted_total", &[], "Events no route or rule produced an output for."),
     m(
+        "client_events",
+        "outpost_client_events_total",
+        &[],
+        "Client events ($events/...) handed to the rules; only those some rule reads are reported.",
+    ),
+    m(
+        "client_events_dropped",
+        "outpost_client_events_dropped_total",
+        &[],
+        "Client events ($events/...) dropped because the route stage's channel was full.",
+    ),
+    m(
         "rules_dropped",
         "outpost_rules_dropped_total",
         &[],

@@ -272,6 +272,7 @@ impl RuleSet {
             retain: false,
             dup: false,
             pub_props: None,
+            lifecycle: None,
         };
         let decoded = Decoded::new(&payload, self.fields.as_ref());
         self.run(rule, &event, &decoded, out, &[]);

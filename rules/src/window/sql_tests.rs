@@ -37,6 +37,7 @@ fn run(rules_toml: &str, script: &str) -> String {
                 retain: false,
                 dup: false,
                 pub_props: None,
+                lifecycle: None,
             };
             rules.evaluate_windowed(&event, &mut state)
         };
@@ -177,6 +178,7 @@ fn state_survives_a_snapshot_and_a_reload_of_the_same_rule() {
         retain: false,
         dup: false,
         pub_props: None,
+        lifecycle: None,
     };
     rules.evaluate_windowed(&event(1, r#"{"v":2}"#), &mut state);
     let bytes = state.snapshot(&rules);
@@ -363,7 +365,7 @@ mod model {
             let push = |state: &mut WindowState, at: u64, sensor: u8, value: i8| {
                 let topic = format!("s/{sensor}");
                 let payload = format!("{{\"v\":{value}}}");
-                let event = EventContext { topic: &topic, payload: payload.as_bytes(), clientid: None, username: None, qos: 1, timestamp_ms: at, event_id: 1, hops: 0 , peerhost: None, retain: false, dup: false, pub_props: None};
+                let event = EventContext { topic: &topic, payload: payload.as_bytes(), clientid: None, username: None, qos: 1, timestamp_ms: at, event_id: 1, hops: 0 , peerhost: None, retain: false, dup: false, pub_props: None, lifecycle: None};
                 rules.evaluate_windowed(&event, state)
             };
             for step in steps.into_iter().chain([Step::Checkpoint]) {

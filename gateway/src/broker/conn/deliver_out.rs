@@ -24,13 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use outpost_rules::EventKind;
 use rumqttd::protocol::{
     Filter, Packet, PubRel, PubRelReason, Publish, RetainForwardRule, SubAck, Subscribe, SubscribeProperties,
     SubscribeReasonCode, UnsubAck, UnsubAckReason, Unsubscribe,
 };
 
-use super::Client;
 use super::io::Io;
+use super::{Client, events};
 use crate::broker::Shared;
 use crate::broker::access::Permissions;
 use crate::broker::local::{Attached, Mailbox, Message, SubOptions, SubscribeError, Will};
@@ -204,7 +205,18 @@ impl Outbound {
         properties: Option<SubscribeProperties>,
     ) {
         let id = properties.and_then(|p| p.id);
+        // Only when a rule reads `$events/session_subscribed`: the filters go into `grant`.
+        let asked: Vec<String> = if events::wanted(client, EventKind::SessionSubscribed) {
+            subscribe.filters.iter().map(|f| f.path.clone()).collect()
+        } else {
+            Vec::new()
+        };
         let granted = self.grant(client, io.v5(), subscribe.filters, id);
+        for (filter, code) in asked.iter().zip(&granted.codes) {
+            if let SubscribeReasonCode::Success(qos) = code {
+                events::subscription(client, EventKind::SessionSubscribed, filter, *qos as u8);
+            }
+        }
         io.write(Packet::SubAck(SubAck { pkid: subscribe.pkid, return_codes: granted.codes }, None));
         self.replay_retained(io, &client.shared, granted.local);
         if !granted.sys.is_empty() {
@@ -332,6 +344,7 @@ impl Outbound {
         for filter in unsubscribe.filters {
             let was_sys = self.sys.remove(&filter);
             if client.shared.local.unsubscribe(&client.id, &filter) || was_sys {
+                events::subscription(client, EventKind::SessionUnsubscribed, &filter, 0);
                 reasons.push(UnsubAckReason::Success);
             } else {
                 reasons.push(UnsubAckReason::NoSubscriptionExisted);

@@ -21,7 +21,7 @@ use tracing::{debug, info};
 use super::deliver_out::Outbound;
 use super::io::{Io, Stream};
 use super::publish_in::{self, Inbound};
-use super::{Accepted, Client, Connection, End, rate};
+use super::{Accepted, Client, Connection, End, events, rate};
 use crate::broker::Shared;
 use crate::broker::access::Refusal;
 use crate::broker::live::{Full, Registration};
@@ -40,6 +40,10 @@ pub(super) async fn connect(
     cancel: &CancellationToken,
 ) -> Option<Connection> {
     let Accepted { peer, deadline, identity } = accepted;
+    let sockname = match &stream {
+        Stream::Plain(tcp) => tcp.local_addr().ok(),
+        Stream::Tls(tls) => tls.get_ref().0.local_addr().ok(),
+    };
     let mut io = Io::new(stream, peer);
     let max = usize::try_from(shared.cfg.max_payload.as_u64()).unwrap_or(usize::MAX) + HEADER_ROOM;
     let Packet::Connect(connect, props, will, will_props, login) =
@@ -93,6 +97,15 @@ pub(super) async fn connect(
             peer,
             peerhost: peer.ip().to_canonical().to_string().into(),
             registration,
+            about: events::About {
+                // The name the ACL knows the client by; else the one it sent, as EMQX shows it.
+                username: username.clone().or_else(|| {
+                    login.as_ref().filter(|l| !l.username.is_empty()).map(|l| Arc::from(l.username.as_str()))
+                }),
+                sockname,
+                proto_ver: if io_v5 { 5 } else { 4 },
+                connected_at: crate::event::now_ms(),
+            },
         },
         max,
         keepalive,
@@ -104,6 +117,13 @@ pub(super) async fn connect(
         return None;
     }
     Metrics::add(&connection.client.shared.metrics.counters().sensor_connects, 1);
+    let asked = events::Asked {
+        keepalive: keep_alive,
+        clean_start: terms.clean_start,
+        expiry_interval: props.as_ref().and_then(|p| p.session_expiry_interval).unwrap_or(0),
+        receive_maximum: props.as_ref().and_then(|p| p.receive_maximum),
+    };
+    events::connected(&connection.client, &asked);
     debug!(message = "sensor connected", client_id = %connection.client.id, %peer, version = ?connection.io.version(), clean = terms.clean);
     Some(connection)
 }
@@ -141,6 +161,8 @@ async fn admit(
         Verdict::Accept => Some(None),
         Verdict::User(username) => Some(Some(username)),
         Verdict::Refuse(code, why) => {
+            let username = login.map(|l| l.username.as_str()).filter(|u| !u.is_empty());
+            events::refused(shared, io.peer(), io.v5(), &connect.client_id, username, code);
             refuse(io, shared, code, why).await;
             None
         }
@@ -201,6 +223,7 @@ async fn register(
             };
             // 3.1.1 has no "busy"; its "server unavailable" is the closest code.
             let code = if io.v5() { code_v5 } else { ConnectReturnCode::ServiceUnavailable };
+            events::refused(shared, io.peer(), io.v5(), client_id, None, code);
             refuse(io, shared, code, why).await;
             return None;
         }

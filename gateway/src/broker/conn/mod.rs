@@ -17,6 +17,7 @@
 //!   full pipeline, on a slow reader.
 
 mod deliver_out;
+mod events;
 mod handshake;
 mod io;
 mod publish_in;
@@ -133,6 +134,8 @@ struct Client {
     peerhost: Arc<str>,
     /// The claim on the client id; dropped last, when the connection has finished.
     registration: Registration,
+    /// What its client events (`$events/...`) say about it.
+    about: events::About,
 }
 
 impl Client {
@@ -322,6 +325,7 @@ impl Connection {
     /// if it is due, and hands the session back. The registration goes last, with `self`.
     async fn close(mut self, end: End) {
         self.count_end(&end);
+        events::disconnected(&self.client, &end);
         if self.io.v5()
             && let Some(reason_code) = end.reason()
         {

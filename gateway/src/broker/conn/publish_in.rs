@@ -26,7 +26,7 @@ use rumqttd::protocol::{
 use tracing::warn;
 
 use super::io::Io;
-use super::{Client, End};
+use super::{Client, End, events};
 use crate::ack::{AckQueue, Outcome};
 use crate::broker::Shared;
 use crate::broker::access::Permissions;
@@ -117,6 +117,7 @@ impl Inbound {
             return self.on_qos2_resend(io, shared, pkid);
         }
         if !self.permissions.may_write(&shared.access, &topic) {
+            events::dropped(client, &topic, &publish.payload, qos, "not_authorized");
             return self.deny(io, client, &topic, qos, pkid);
         }
         // A full subscriber queue slows this sensor down for a bounded time at most.
@@ -176,6 +177,7 @@ impl Inbound {
             // MQTT 3.1.1 cannot refuse one publish: close, as mosquitto 2.0.11 does.
             return Err(End::Protocol(format!("publish topic \"{}\": {why}", escape_topic(t))));
         }
+        events::dropped(client, t, &publish.payload, qos, "topic_name_invalid");
         self.refuse_topic(io, client, t, why, qos, pkid)?;
         Ok(None)
     }
