@@ -76,6 +76,8 @@ pub(crate) struct CompiledSql {
     pub window: Option<WindowSql>,
     /// The report-by-exception calls (`deadband`, `lag`, ...), computed before WHERE.
     pub rbe: Option<crate::rbe::RbeSql>,
+    /// What compiling found worth a warning (unknown names), for [`crate::warnings::check`].
+    pub notes: Vec<String>,
 }
 
 /// The output row of a statement whose columns all have one-level names (`expr AS name`,
@@ -197,7 +199,13 @@ pub(crate) fn compile_sql(
             query.body.span(),
         )]);
     };
-    let mut compiler = Compiler { tables, aliases: HashMap::new(), uses_payload: false, errors: Vec::new() };
+    let mut compiler = Compiler {
+        tables,
+        aliases: HashMap::new(),
+        uses_payload: false,
+        errors: Vec::new(),
+        unknown_names: Some(Vec::new()),
+    };
     // Takes GROUP BY and HAVING out of the statement when they make a window.
     // Its errors come alone: the rest of the statement was written for a window.
     let windowed = crate::window::sql::extract(&mut select)?;
@@ -288,6 +296,7 @@ pub(crate) fn compile_sql(
             foreach: None,
             window,
             rbe,
+            notes: compiler.unknown_names.unwrap_or_default(),
         })
     } else {
         Err(compiler.errors)
@@ -330,8 +339,13 @@ pub(crate) fn compile_expr(
             next.span,
         )]);
     }
-    let mut compiler =
-        Compiler { tables, aliases: sql.aliases.clone(), uses_payload: false, errors: Vec::new() };
+    let mut compiler = Compiler {
+        tables,
+        aliases: sql.aliases.clone(),
+        uses_payload: false,
+        errors: Vec::new(),
+        unknown_names: None,
+    };
     match compiler.expr_or_record(&parsed) {
         Some(expr) if compiler.errors.is_empty() => Ok((expr, compiler.uses_payload)),
         _ => Err(compiler.errors),
@@ -429,6 +443,10 @@ pub(crate) struct Compiler<'t> {
     pub(crate) aliases: HashMap<String, Expr>,
     pub(crate) uses_payload: bool,
     pub(crate) errors: Vec<SqlError>,
+    /// `Some`: an unknown bare name reads as NULL, as EMQX reads it as `undefined`, and its
+    /// warning goes here (the statement). `None`: it is an error (a template's `${..}`,
+    /// whose names are the rule's own columns and fields, all known at load).
+    pub(crate) unknown_names: Option<Vec<String>>,
 }
 
 type Compiled = Result<Expr, SqlError>;
@@ -528,10 +546,17 @@ impl Compiler<'_> {
         } else {
             ""
         };
-        Err(SqlError::new(
-            format!("unknown field `{name}`{}{hint}", did_you_mean(name, candidates)),
-            ident.span,
-        ))
+        let suggestion = did_you_mean(name, candidates);
+        match &mut self.unknown_names {
+            Some(warnings) => {
+                warnings.push(format!(
+                    "unknown field `{name}` reads as NULL on every event, as EMQX reads an unknown name as \
+                     `undefined`{suggestion}{hint}"
+                ));
+                Ok(Expr::Undefined)
+            }
+            None => Err(SqlError::new(format!("unknown field `{name}`{suggestion}{hint}"), ident.span)),
+        }
     }
 
     /// `root.a.b` and `root[1].c`: a payload path, or a path into an alias or a value.

@@ -149,8 +149,13 @@ pub(crate) fn compile_foreach(
     let SetExpr::Select(select) = *query.body else {
         return Err(vec![SqlError::new("expected FOREACH ... FROM \"topic/filter\"", parts.foreach)]);
     };
-    let mut compiler =
-        Compiler { tables, aliases: Default::default(), uses_payload: false, errors: Vec::new() };
+    let mut compiler = Compiler {
+        tables,
+        aliases: Default::default(),
+        uses_payload: false,
+        errors: Vec::new(),
+        unknown_names: Some(Vec::new()),
+    };
     if select.distinct.is_some()
         || !matches!(&select.group_by, GroupByExpr::Expressions(v, m) if v.is_empty() && m.is_empty())
         || select.having.is_some()
@@ -248,6 +253,7 @@ pub(crate) fn compile_foreach(
                 foreach: Some(Box::new(Foreach { collection, bare_payload, incase })),
                 window: None,
                 rbe: None,
+                notes: compiler.unknown_names.unwrap_or_default(),
             })
         }
         _ if compiler.errors.is_empty() => Err(vec![SqlError::new(

@@ -99,12 +99,13 @@ pub(crate) static BUILTINS: &[Builtin] = &[
     n("is_bool", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Bool(_))))),
     n("is_map", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Object(_))))),
     n("is_array", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Array(_))))),
-    // JSON `null` and a missing field are both NULL here, so the `_var` forms agree with
-    // `is_null`/`is_not_null`.
-    n("is_null_var", 1, 1, |a, _| Ok(Value::Bool(arg(a, 0).is_null()))),
-    n("is_not_null_var", 1, 1, |a, _| Ok(Value::Bool(!arg(a, 0).is_null()))),
+    // The `_var` forms also take a JSON null for null (`emqx_rule_funcs:is_null_var`).
+    n("is_null_var", 1, 1, |a, _| Ok(Value::Bool(arg(a, 0).is_null_var()))),
+    n("is_not_null_var", 1, 1, |a, _| Ok(Value::Bool(!arg(a, 0).is_null_var()))),
     n("is_empty", 1, 1, |a, e| match arg(a, 0) {
         Value::Null => Err(EvalError::new("is_empty: the argument is NULL (EMQX: badarg)")),
+        // EMQX's is_empty falls through to map_size(null), which fails.
+        Value::JsonNull => Err(EvalError::new("is_empty: the argument is a JSON null (EMQX: badmap)")),
         _ => data::is_empty(a, e),
     }),
     f("int", 1, 1, int),
@@ -360,10 +361,11 @@ fn fmod(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
     finite(x % y, "fmod")
 }
 
-/// `greatest`/`least`: NULL arguments are skipped (as in PostgreSQL); all NULL gives NULL.
+/// `greatest`/`least`: NULL arguments and JSON nulls are skipped (as PostgreSQL skips
+/// NULL); all NULL gives NULL.
 fn extreme(args: &[Value], want: Ordering) -> Result<Value, EvalError> {
     let mut best: Option<&Value> = None;
-    for value in args.iter().filter(|v| !v.is_null()) {
+    for value in args.iter().filter(|v| !v.is_null_var()) {
         best = match best {
             Some(current) if order(value, current)? != want => Some(current),
             _ => Some(value),
