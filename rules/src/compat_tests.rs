@@ -1278,6 +1278,46 @@ fn undefined_in_functions_and_operators() {
         ("rule_funcs.erl float/2 (float_to_list rounds the exact value)", "float(2.675, 2)", P, "2.67"),
         ("rule_funcs.erl float/2 (Decimals > 0)", "float(1.5, 0)", P, "ERROR"),
         ("rule_funcs.erl is_null/1 of a computed undefined", "is_null(map_get('x', map_new()))", P, "true"),
+        // EMQX's functions have no clause for undefined: their guards refuse it.
+        ("rule_funcs.erl abs/1 (is_integer guard)", "abs(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl sqrt/1 (is_number guard)", "sqrt(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl round/1 (is_number guard)", "round(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl bitand/2 (is_integer guard)", "bitand(payload.missing, 1)", P, "ERROR"),
+        ("utils_conv.erl int/1 (badarg)", "int(payload.missing)", P, "ERROR"),
+        ("utils_conv.erl float/1 (badarg)", "float(payload.missing)", P, "ERROR"),
+        ("utils_conv.erl bool/1 (badarg)", "bool(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl length/1 (is_list guard)", "length(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl nth/2 (is_list guard)", "nth(1, payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl map_keys/1 (map(undefined) badarg)", "map_keys(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl md5/1 (is_binary guard)", "md5(payload.missing)", P, "ERROR"),
+        (
+            "rule_funcs.erl unix_ts_to_rfc3339/2 (is_integer guard)",
+            "unix_ts_to_rfc3339(payload.missing, 'second')",
+            P,
+            "ERROR",
+        ),
+        ("rule_funcs.erl json_decode/1 (jiffy refuses the atom)", "json_decode(payload.missing)", P, "ERROR"),
+        // ...except where the value is only written out or looked for.
+        ("rule_funcs.erl str_utf8/1 (str(undefined))", "str_utf8(payload.missing)", P, r#""undefined""#),
+        (
+            "variform_bif.erl sprintf_s/2 (~s of the atom)",
+            "sprintf('~s', payload.missing)",
+            P,
+            r#""undefined""#,
+        ),
+        (
+            "variform_bif.erl join_to_string/2 (any_to_str)",
+            "join_to_string('-', [1, payload.missing])",
+            P,
+            r#""1-undefined""#,
+        ),
+        (
+            "rule_funcs.erl contains/2 (lists:member)",
+            "contains(payload.missing, [1, payload.other])",
+            P,
+            "true",
+        ),
+        ("rule_funcs.erl contains/2 (lists:member)", "contains(payload.missing, [1])", P, "false"),
     ]);
 }
 

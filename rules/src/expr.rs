@@ -15,7 +15,8 @@
 //!   is list membership (NULL is in a list holding NULL). AND/OR of a bare NULL operand
 //!   (a NULL field used as a condition) are three-valued; WHERE keeps an event only if the
 //!   condition is TRUE.
-//! - Arithmetic, `||` and most functions return NULL if an argument is NULL.
+//! - Arithmetic and most functions fail on a NULL argument, as EMQX's have no clause for
+//!   `undefined`; `||`, `concat`, `str` write it as `undefined`.
 //! - Numbers compare numerically (integer vs float included); a string compared with a
 //!   number is converted to a number first (as in EMQX). If it is not numeric, `=` is
 //!   false, `!=` true, and `<`, `<=`, `>`, `>=` are a type error.
@@ -366,7 +367,11 @@ impl Expr {
                     values.push(arg.eval(env)?.into_owned());
                 }
                 if func.null_in_null_out && values.iter().any(Value::is_null) {
-                    return owned(Value::Null);
+                    return Err(EvalError::new(format!(
+                        "{}: an argument is NULL (EMQX fails here too); guard with coalesce(x, default) or \
+                         WHERE x IS NOT NULL",
+                        func.name
+                    )));
                 }
                 (func.eval)(&values, env).map(Cow::Owned)
             }
