@@ -869,6 +869,44 @@ mod tests {
         assert_eq!(order(&Value::Str("10".into()), &Value::Str("9".into())).unwrap(), Ordering::Less);
     }
 
+    fn arb_scalar() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Value::JsonNull),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            (-1e6f64..1e6).prop_map(Value::Float),
+            prop_oneof![Just("null".to_owned()), Just("nul".to_owned()), "[a-z0-9]{0,5}"]
+                .prop_map(Value::Str),
+            Just(Value::Array(Vec::new())),
+            Just(Value::Object(Vec::new())),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The JSON null's place among values is one order: where it compares, swapping the
+        /// sides reverses the answer, `=` agrees with the order, and `!=` is `=`'s negation.
+        #[test]
+        fn json_null_compares_consistently(other in arb_scalar()) {
+            let null = Value::JsonNull;
+            if let (Ok(ab), Ok(ba)) = (order(&null, &other), order(&other, &null)) {
+                proptest::prop_assert_eq!(ab, ba.reverse());
+                let eq = compare(CmpOp::Eq, &null, &other).unwrap() == Some(true);
+                if !matches!(other, Value::Str(_)) || number(&other).is_none() {
+                    proptest::prop_assert_eq!(eq, ab == Ordering::Equal, "{:?}", other);
+                }
+            }
+            for (a, b) in [(&null, &other), (&other, &null)] {
+                if let (Ok(Some(eq)), Ok(Some(ne))) = (compare(CmpOp::Eq, a, b), compare(CmpOp::NotEq, a, b)) {
+                    proptest::prop_assert_eq!(eq, !ne);
+                }
+                // Against NULL (`undefined`) it is never equal and never ordered.
+                proptest::prop_assert_eq!(compare(CmpOp::Eq, a, &Value::Null).unwrap(), Some(false));
+                proptest::prop_assert_eq!(compare(CmpOp::Gt, &Value::Null, b).unwrap(), Some(false));
+            }
+        }
+    }
+
     #[test]
     fn arithmetic_never_overflows() {
         assert_eq!(
