@@ -1281,6 +1281,169 @@ fn undefined_in_functions_and_operators() {
         ("rule_funcs.erl float/2 (float_to_list rounds the exact value)", "float(2.675, 2)", P, "2.67"),
         ("rule_funcs.erl float/2 (Decimals > 0)", "float(1.5, 0)", P, "ERROR"),
         ("rule_funcs.erl is_null/1 of a computed undefined", "is_null(map_get('x', map_new()))", P, "true"),
+        // EMQX's functions have no clause for undefined: their guards refuse it.
+        ("rule_funcs.erl abs/1 (is_integer guard)", "abs(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl sqrt/1 (is_number guard)", "sqrt(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl round/1 (is_number guard)", "round(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl bitand/2 (is_integer guard)", "bitand(payload.missing, 1)", P, "ERROR"),
+        ("utils_conv.erl int/1 (badarg)", "int(payload.missing)", P, "ERROR"),
+        ("utils_conv.erl float/1 (badarg)", "float(payload.missing)", P, "ERROR"),
+        ("utils_conv.erl bool/1 (badarg)", "bool(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl length/1 (is_list guard)", "length(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl nth/2 (is_list guard)", "nth(1, payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl map_keys/1 (map(undefined) badarg)", "map_keys(payload.missing)", P, "ERROR"),
+        ("rule_funcs.erl md5/1 (is_binary guard)", "md5(payload.missing)", P, "ERROR"),
+        (
+            "rule_funcs.erl unix_ts_to_rfc3339/2 (is_integer guard)",
+            "unix_ts_to_rfc3339(payload.missing, 'second')",
+            P,
+            "ERROR",
+        ),
+        ("rule_funcs.erl json_decode/1 (jiffy refuses the atom)", "json_decode(payload.missing)", P, "ERROR"),
+        // ...except where the value is only written out or looked for.
+        ("rule_funcs.erl str_utf8/1 (str(undefined))", "str_utf8(payload.missing)", P, r#""undefined""#),
+        (
+            "variform_bif.erl sprintf_s/2 (~s of the atom)",
+            "sprintf('~s', payload.missing)",
+            P,
+            r#""undefined""#,
+        ),
+        (
+            "variform_bif.erl join_to_string/2 (any_to_str)",
+            "join_to_string('-', [1, payload.missing])",
+            P,
+            r#""1-undefined""#,
+        ),
+        (
+            "rule_funcs.erl contains/2 (lists:member)",
+            "contains(payload.missing, [1, payload.other])",
+            P,
+            "true",
+        ),
+        ("rule_funcs.erl contains/2 (lists:member)", "contains(payload.missing, [1])", P, "false"),
+    ]);
+}
+
+/// A JSON `null` is EMQX's atom `null` (jiffy decodes it so, `emqx_utils_json:decode/1`
+/// with `return_maps`): a value, not `undefined`. Each family that looks at it.
+#[test]
+fn json_null_is_a_value() {
+    const N: &str = r#"{"x":null,"n":7,"s":"a"}"#;
+    check_all(&[
+        // NULL checks.
+        ("funcs_SUITE t_is_null (is_null(null) is false)", "is_null(payload.x)", N, "false"),
+        ("funcs_SUITE t_is_not_null (not is_null(null))", "is_not_null(payload.x)", N, "true"),
+        ("funcs_SUITE t_is_null_var (is_null_var(null) is true)", "is_null_var(payload.x)", N, "true"),
+        ("funcs_SUITE t_is_not_null_var", "is_not_null_var(payload.x)", N, "false"),
+        ("funcs_SUITE t_is_null_var (a missing field too)", "is_null_var(payload.missing)", N, "true"),
+        ("rule_funcs.erl is_null/1 (IS NULL is is_null)", "payload.x IS NULL", N, "false"),
+        ("rule_funcs.erl is_null/1 (IS NOT NULL)", "payload.x IS NOT NULL", N, "true"),
+        // Type checks: `null` is an atom, none of these types.
+        ("rule_funcs.erl is_str/1", "is_str(payload.x)", N, "false"),
+        ("rule_funcs.erl is_num/1", "is_num(payload.x)", N, "false"),
+        ("rule_funcs.erl is_bool/1", "is_bool(payload.x)", N, "false"),
+        ("rule_funcs.erl is_map/1", "is_map(payload.x)", N, "false"),
+        ("rule_funcs.erl is_array/1", "is_array(payload.x)", N, "false"),
+        ("rule_funcs.erl is_empty/1 (map_size(null) fails)", "is_empty(payload.x)", N, "ERROR"),
+        // coalesce skips only undefined.
+        (
+            "rule_funcs.erl coalesce/1 (null is not undefined)",
+            "coalesce(payload.missing, payload.x, 'd')",
+            N,
+            "null",
+        ),
+        ("rule_funcs.erl coalesce_ne/1 (null is not empty)", "coalesce_ne(payload.x, 'd')", N, "null"),
+        ("rule_funcs.erl coalesce/1 (null, then a value)", "is_null_var(coalesce(payload.x, 1))", N, "true"),
+        // Conversion: `null` is written as its text, numbers and booleans refuse it.
+        ("utils_conv.erl bin/1 (atom_to_binary(null))", "str(payload.x)", N, r#""null""#),
+        ("rule_funcs.erl str_utf8/1", "str_utf8(payload.x)", N, r#""null""#),
+        ("utils_conv.erl int/1 (no clause for null)", "int(payload.x)", N, "ERROR"),
+        ("utils_conv.erl float/1 (no clause for null)", "float(payload.x)", N, "ERROR"),
+        ("utils_conv.erl bool/1 (badarg)", "bool(payload.x)", N, "ERROR"),
+        ("rule_funcs.erl map/1 (badarg)", "map(payload.x)", N, "ERROR"),
+        ("rule_funcs.erl json_encode/1", "json_encode(payload.x)", N, r#""null""#),
+        (
+            "rule_funcs.erl json_encode/1 (inside a map)",
+            "json_encode(json_decode(payload))",
+            r#"{"x":null}"#,
+            r#""{\"x\":null}""#,
+        ),
+        (
+            "rule_funcs.erl json_decode/1 (jiffy: null is the atom)",
+            "is_null(json_decode('null'))",
+            N,
+            "false",
+        ),
+        ("rule_funcs.erl json_decode/1", "is_null_var(json_decode('{\"a\":null}').a)", N, "true"),
+        // Strings: the variform functions refuse null and undefined alike (?IS_NULL).
+        ("variform_bif.erl upper/1 (badarg on null)", "upper(payload.x)", N, "ERROR"),
+        ("variform_bif.erl trim/1 (badarg on null)", "trim(payload.x)", N, "ERROR"),
+        ("variform_bif.erl strlen/1 (badarg on null)", "strlen(payload.x)", N, "ERROR"),
+        ("variform_bif.erl split/2 (badarg on null)", "split(payload.x, ',')", N, "ERROR"),
+        ("variform_bif.erl substr/2 (badarg on null)", "substr(payload.x, 1)", N, "ERROR"),
+        ("variform_bif.erl replace/3 (badarg on null)", "replace(payload.x, 'a', 'b')", N, "ERROR"),
+        ("variform_bif.erl regex_match/2 (badarg on null)", "regex_match(payload.x, 'n')", N, "ERROR"),
+        ("variform_bif.erl pad/2 (badarg on null)", "pad(payload.x, 6)", N, "ERROR"),
+        ("variform_bif.erl concat/1 (any_to_str(null))", "concat('a', payload.x)", N, r#""anull""#),
+        ("variform_bif.erl concat/1 via ||", "payload.s || payload.x", N, r#""anull""#),
+        (
+            "variform_bif.erl join_to_string/2 (any_to_str)",
+            "join_to_string('-', [1, payload.x])",
+            N,
+            r#""1-null""#,
+        ),
+        ("variform_bif.erl sprintf_s/2 (~p of the atom)", "sprintf('~p', payload.x)", N, r#""null""#),
+        // Operators.
+        ("rule_funcs.erl '+'/2 (a string side concatenates)", "'a' + payload.x", N, r#""anull""#),
+        ("rule_funcs.erl '+'/2 (no number clause for null)", "payload.x + 1", N, "ERROR"),
+        ("rule_funcs.erl '*'/2 (no number clause for null)", "payload.x * 2", N, "ERROR"),
+        ("rule_runtime.erl eval({'-', _}) (-null fails)", "-payload.x", N, "ERROR"),
+        ("math functions (is_number guard)", "abs(payload.x)", N, "ERROR"),
+        ("math functions (is_number guard)", "sqrt(payload.x)", N, "ERROR"),
+        ("array functions (is_list guard)", "length(payload.x)", N, "ERROR"),
+        ("rule_funcs.erl contains/2 (lists:member)", "contains(payload.x, [1, payload.x])", N, "true"),
+        // Comparisons: compare/3 has no undefined clause for null.
+        ("rule_runtime.erl compare/3 (null != 1)", "payload.x != 1", N, "true"),
+        ("rule_runtime.erl compare/3 (null = 1)", "payload.x = 1", N, "false"),
+        ("rule_runtime.erl compare/3 (null = undefined is false)", "payload.x = payload.missing", N, "false"),
+        (
+            "rule_runtime.erl compare/3 (undefined != null is false)",
+            "payload.missing != payload.x",
+            N,
+            "false",
+        ),
+        ("rule_runtime.erl compare/3 (null = null)", "payload.x = json_decode('null')", N, "true"),
+        ("rule_runtime.erl compare/3 (atom vs binary: atom_to_binary)", "payload.x = 'null'", N, "true"),
+        ("rule_runtime.erl compare/3 (atom vs binary)", "payload.x > 'a'", N, "true"),
+        ("rule_runtime.erl do_compare (term order: number < atom)", "payload.x > 30", N, "true"),
+        ("rule_runtime.erl do_compare (term order: number < atom)", "payload.x < 30", N, "false"),
+        ("rule_runtime.erl do_compare (atoms by name: false < null)", "payload.x > false", N, "true"),
+        ("rule_runtime.erl do_compare (atoms by name: null < true)", "payload.x < true", N, "true"),
+        ("rule_runtime.erl do_compare (term order: atom < map)", "payload.x < json_decode('{}')", N, "true"),
+        (
+            "rule_runtime.erl match_conditions({in, ..}) (lists:member)",
+            "SELECT 1 AS v FROM \"t/#\" WHERE payload.x IN (1, payload.missing)",
+            N,
+            "FILTERED",
+        ),
+        (
+            "rule_runtime.erl match_conditions({'not', _}) (not a boolean: false)",
+            "SELECT 1 AS v FROM \"t/#\" WHERE NOT payload.x",
+            N,
+            "FILTERED",
+        ),
+        (
+            "rule_runtime.erl match_conditions (a WHERE that keeps a device's null)",
+            "SELECT payload.x AS v FROM \"t/#\" WHERE payload.x != 1",
+            N,
+            r#"{"v":null}"#,
+        ),
+        (
+            "rule_runtime.erl eval_switch_clauses (CASE on null)",
+            "CASE payload.x WHEN 'null' THEN 'atom' ELSE 'other' END",
+            N,
+            r#""atom""#,
+        ),
     ]);
 }
 

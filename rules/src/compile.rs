@@ -81,6 +81,8 @@ pub(crate) struct CompiledSql {
     pub window: Option<WindowSql>,
     /// The report-by-exception calls (`deadband`, `lag`, ...), computed before WHERE.
     pub rbe: Option<crate::rbe::RbeSql>,
+    /// What compiling found worth a warning (unknown names), for [`crate::warnings::check`].
+    pub notes: Vec<String>,
 }
 
 /// The output row of a statement whose columns all have one-level names (`expr AS name`,
@@ -208,6 +210,7 @@ pub(crate) fn compile_sql(
         uses_payload: false,
         errors: Vec::new(),
         events: EventKinds::NONE,
+        unknown_names: Some(Vec::new()),
     };
     // Takes GROUP BY and HAVING out of the statement when they make a window.
     // Its errors come alone: the rest of the statement was written for a window.
@@ -300,6 +303,7 @@ pub(crate) fn compile_sql(
             foreach: None,
             window,
             rbe,
+            notes: compiler.unknown_names.unwrap_or_default(),
         })
     } else {
         Err(compiler.errors)
@@ -348,6 +352,7 @@ pub(crate) fn compile_expr(
         uses_payload: false,
         errors: Vec::new(),
         events: sql.events,
+        unknown_names: None,
     };
     match compiler.expr_or_record(&parsed) {
         Some(expr) if compiler.errors.is_empty() => Ok((expr, compiler.uses_payload)),
@@ -448,6 +453,10 @@ pub(crate) struct Compiler<'t> {
     pub(crate) errors: Vec<SqlError>,
     /// The event topics FROM named so far: their fields are names in this rule.
     pub(crate) events: EventKinds,
+    /// `Some`: an unknown bare name reads as NULL, as EMQX reads it as `undefined`, and its
+    /// warning goes here (the statement). `None`: it is an error (a template's `${..}`,
+    /// whose names are the rule's own columns and fields, all known at load).
+    pub(crate) unknown_names: Option<Vec<String>>,
 }
 
 type Compiled = Result<Expr, SqlError>;
@@ -570,10 +579,17 @@ impl Compiler<'_> {
         } else {
             ""
         };
-        Err(SqlError::new(
-            format!("unknown field `{name}`{}{hint}", did_you_mean(name, candidates)),
-            ident.span,
-        ))
+        let suggestion = did_you_mean(name, candidates);
+        match &mut self.unknown_names {
+            Some(warnings) => {
+                warnings.push(format!(
+                    "unknown field `{name}` reads as NULL on every event, as EMQX reads an unknown name as \
+                     `undefined`{suggestion}{hint}"
+                ));
+                Ok(Expr::Undefined)
+            }
+            None => Err(SqlError::new(format!("unknown field `{name}`{suggestion}{hint}"), ident.span)),
+        }
     }
 
     /// `root.a.b` and `root[1].c`: a payload path, or a path into an alias or a value.

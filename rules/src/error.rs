@@ -212,23 +212,23 @@ mod tests {
 
     #[test]
     fn sql_positions_are_the_rules_files() {
-        let rules = "# a comment\n[[rule]]\nname = \"hot\"\nsql = '''\nSELECT payload.t AS t\nFROM \"t\"\nWHERE tx > 1'''\n[[rule.action]]\ntype = \"drop\"\n";
+        let rules = "# a comment\n[[rule]]\nname = \"hot\"\nsql = '''\nSELECT payload.t AS t\nFROM \"t\"\nWHERE rond(1) > 1'''\n[[rule.action]]\ntype = \"drop\"\n";
         assert_eq!(
             problems(rules, DEVICES),
             [
-                "line 7, column 7: rule `hot`: unknown field `tx`; did you mean `ts`?\n  |\n7 | WHERE tx > 1\n  |       ^^"
+                "line 7, column 7: rule `hot`: unknown function `rond`; did you mean `round`?\n  |\n7 | WHERE rond(1) > 1\n  |       ^^^^"
             ]
         );
         // A "…" string with escapes: the file line is exact, the column is not, so it is left out.
-        let rules = "[[rule]]\nname = \"hot\"\nsql = \"SELECT 1 AS one FROM \\\"t\\\" WHERE tx > 1\"\n[[rule.action]]\ntype = \"drop\"\n";
+        let rules = "[[rule]]\nname = \"hot\"\nsql = \"SELECT 1 AS one FROM \\\"t\\\" WHERE rond(1) > 1\"\n[[rule.action]]\ntype = \"drop\"\n";
         let found = problems(rules, DEVICES);
         assert_eq!(found.len(), 1, "{found:?}");
-        assert!(found[0].starts_with("line 3: rule `hot`: unknown field `tx`"), "{found:?}");
+        assert!(found[0].starts_with("line 3: rule `hot`: unknown function `rond`"), "{found:?}");
         // Without escapes a "…" string is exact too.
-        let rules = "[[rule]]\nname = \"hot\"\nsql = \"SELECT tx AS one FROM 't'\"\n[[rule.action]]\ntype = \"drop\"\n";
+        let rules = "[[rule]]\nname = \"hot\"\nsql = \"SELECT rond(1) AS one FROM 't'\"\n[[rule.action]]\ntype = \"drop\"\n";
         let found = problems(rules, DEVICES);
         assert!(
-            found.iter().any(|p| p.starts_with("line 3, column 15: rule `hot`: unknown field `tx`")),
+            found.iter().any(|p| p.starts_with("line 3, column 15: rule `hot`: unknown function `rond`")),
             "{found:?}"
         );
     }

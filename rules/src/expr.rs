@@ -6,13 +6,17 @@
 //! this tree; the SQL AST is gone after compilation.
 //!
 //! **NULL and type rules** (the README's "Semantics" section is the user-facing copy):
-//! - A missing field, a JSON `null` and an out-of-range index are NULL.
+//! - A missing field and an out-of-range index are NULL (EMQX's `undefined`). A JSON
+//!   `null` is [`Value::JsonNull`], a value (EMQX's atom `null`): not NULL for `is_null` or
+//!   comparisons, written as its text `null` by `str`, `concat` and templates, and ordered
+//!   as Erlang orders the atom (above every number).
 //! - Comparisons follow EMQX (`emqx_rule_runtime:compare`): with one side NULL they are
 //!   FALSE (`!=` too), NULL = NULL is TRUE; `NOT` of anything but TRUE/FALSE is FALSE; IN
 //!   is list membership (NULL is in a list holding NULL). AND/OR of a bare NULL operand
 //!   (a NULL field used as a condition) are three-valued; WHERE keeps an event only if the
 //!   condition is TRUE.
-//! - Arithmetic, `||` and most functions return NULL if an argument is NULL.
+//! - Arithmetic and most functions fail on a NULL argument, as EMQX's have no clause for
+//!   `undefined`; `||`, `concat`, `str` write it as `undefined`.
 //! - Numbers compare numerically (integer vs float included); a string compared with a
 //!   number is converted to a number first (as in EMQX). If it is not numeric, `=` is
 //!   false, `!=` true, and `<`, `<=`, `>`, `>=` are a type error.
@@ -171,6 +175,9 @@ pub(crate) enum Expr {
     /// The element a `FOREACH` statement is at (`item`, or the last FOREACH field's alias),
     /// in its `DO` and `INCASE`.
     Item,
+    /// A bare name that names no field or alias: NULL, as EMQX reads it as `undefined`. Kept
+    /// apart from `Const(Null)` so that warnings name it once, as unknown.
+    Undefined,
 }
 
 /// What an expression can see: the event and the payload decoded for this rule.
@@ -233,6 +240,7 @@ impl Expr {
             | Expr::Payload { .. }
             | Expr::TopicLevel(_)
             | Expr::Item
+            | Expr::Undefined
             | Expr::Local(_) => Vec::new(),
             Expr::Get(e, _)
             | Expr::Slice(e, _, _)
@@ -276,6 +284,7 @@ impl Expr {
             | Expr::Payload { .. }
             | Expr::TopicLevel(_)
             | Expr::Item
+            | Expr::Undefined
             | Expr::Local(_) => Vec::new(),
             Expr::Get(e, _)
             | Expr::Slice(e, _, _)
@@ -303,6 +312,7 @@ impl Expr {
         let owned = |v: Value| Ok(Cow::Owned(v));
         match self {
             Expr::Const(v) => Ok(Cow::Borrowed(v)),
+            Expr::Undefined => Ok(Cow::Borrowed(&NULL)),
             Expr::Item => Ok(Cow::Borrowed(env.item.unwrap_or(&NULL))),
             Expr::Local(i) => Ok(Cow::Borrowed(env.locals.get(*i).unwrap_or(&NULL))),
             Expr::Field(field) => owned(field_value(*field, env.event)),
@@ -374,7 +384,11 @@ impl Expr {
                     values.push(arg.eval(env)?.into_owned());
                 }
                 if func.null_in_null_out && values.iter().any(Value::is_null) {
-                    return owned(Value::Null);
+                    return Err(EvalError::new(format!(
+                        "{}: an argument is NULL (EMQX fails here too); guard with coalesce(x, default) or \
+                         WHERE x IS NOT NULL",
+                        func.name
+                    )));
                 }
                 (func.eval)(&values, env).map(Cow::Owned)
             }
@@ -403,7 +417,8 @@ impl Expr {
             Expr::Lookup { table, key, field } => {
                 let key = key.eval(env)?;
                 let key = match &*key {
-                    Value::Null => return owned(Value::Null),
+                    // A JSON null names no row, as a missing key does.
+                    Value::Null | Value::JsonNull => return owned(Value::Null),
                     Value::Str(s) => Cow::Borrowed(s.as_str()),
                     other => match other.to_text() {
                         Some(text) if !matches!(other, Value::Array(_) | Value::Object(_)) => text,
@@ -451,8 +466,17 @@ impl Expr {
                     _ => None,
                 })
             }
-            // EMQX: `not` of anything that is not a boolean is false.
-            Expr::Not(inner) => Ok(Some(inner.truth(env)? == Some(false))),
+            // EMQX: `not` of anything that is not a boolean is false (a JSON null, a number).
+            Expr::Not(inner) => Ok(Some(match &**inner {
+                Expr::And(..)
+                | Expr::Or(..)
+                | Expr::Not(..)
+                | Expr::IsNull(..)
+                | Expr::Compare(..)
+                | Expr::In { .. }
+                | Expr::Matches { .. } => inner.truth(env)? == Some(false),
+                value => matches!(*value.eval(env)?, Value::Bool(false)),
+            })),
             Expr::IsNull(inner, negated) => Ok(Some(inner.eval(env)?.is_null() != *negated)),
             Expr::Compare(op, left, right) => compare(*op, &*left.eval(env)?, &*right.eval(env)?),
             // EMQX: `lists:member`, so NULL is in a list that holds NULL, and never NULL.
@@ -609,7 +633,9 @@ pub(crate) fn slice(value: &Value, begin: i64, end: i64) -> Result<Value, EvalEr
 /// "string 'abc'", "integer 3", "object" — for error messages; long values are cut.
 pub(crate) fn describe(value: &Value) -> String {
     match value {
-        Value::Null | Value::Array(_) | Value::Object(_) | Value::Bytes(_) => value.type_name().to_owned(),
+        Value::Null | Value::JsonNull | Value::Array(_) | Value::Object(_) | Value::Bytes(_) => {
+            value.type_name().to_owned()
+        }
         other => {
             let mut text = other.to_string();
             if text.len() > 40 {
@@ -687,6 +713,8 @@ pub(crate) fn equal(a: &Value, b: &Value) -> bool {
         (Value::Bool(x), Value::Str(s)) | (Value::Str(s), Value::Bool(x)) => {
             s == if *x { "true" } else { "false" }
         }
+        // EMQX compares an atom with a binary as the atom's text: `null = 'null'` is TRUE.
+        (Value::JsonNull, Value::Str(s)) | (Value::Str(s), Value::JsonNull) => s == "null",
         (Value::Str(_) | Value::Bytes(_), Value::Str(_) | Value::Bytes(_)) => {
             match (text_of(a), text_of(b)) {
                 (Some(x), Some(y)) => x == y,
@@ -701,6 +729,8 @@ pub(crate) fn equal(a: &Value, b: &Value) -> bool {
 pub(crate) fn order(a: &Value, b: &Value) -> Result<Ordering, EvalError> {
     let mismatch = || EvalError::new(format!("cannot compare {} with {}", describe(a), describe(b)));
     match (a, b) {
+        (Value::JsonNull, _) => json_null_order(b).ok_or_else(mismatch),
+        (_, Value::JsonNull) => json_null_order(a).map(Ordering::reverse).ok_or_else(mismatch),
         (Value::Str(x), Value::Str(y)) => Ok(x.cmp(y)),
         (Value::Bool(x), Value::Bool(y)) => Ok(x.cmp(y)),
         (
@@ -712,6 +742,31 @@ pub(crate) fn order(a: &Value, b: &Value) -> Result<Ordering, EvalError> {
         },
         _ => Err(mismatch()),
     }
+}
+
+/// Where EMQX puts its atom `null` relative to `other` (`emqx_rule_runtime:compare`): a
+/// string is compared with the text `null`; otherwise Erlang's term order holds, in which
+/// every number is less than an atom, atoms compare by name (`false < null < true`), and an
+/// atom is less than a map or a list. So `null > 30` is TRUE in EMQX, and here.
+fn json_null_order(other: &Value) -> Option<Ordering> {
+    Some(match other {
+        Value::JsonNull => Ordering::Equal,
+        Value::Int(_) | Value::Float(_) => Ordering::Greater,
+        Value::Bool(b) => {
+            if *b {
+                Ordering::Less
+            } else {
+                Ordering::Greater
+            }
+        }
+        Value::Str(_) | Value::Bytes(_) => b"null".as_slice().cmp(match other {
+            Value::Str(s) => s.as_bytes(),
+            Value::Bytes(b) => b.as_slice(),
+            _ => return None,
+        }),
+        Value::Array(_) | Value::Object(_) => Ordering::Less,
+        Value::Null => return None,
+    })
 }
 
 /// A comparison as EMQX makes it (`emqx_rule_runtime:compare`): with one side undefined
@@ -767,6 +822,14 @@ pub(crate) fn arith(op: ArithOp, a: &Value, b: &Value) -> Result<Value, EvalErro
     }
     if let (ArithOp::Add, Value::Str(x), Value::Str(y)) = (op, a, b) {
         return Ok(Value::Str(format!("{x}{y}")));
+    }
+    // EMQX's `'+'` concatenates when one side is a string, writing the atom `null` as its
+    // text; with a number, `null` has no arithmetic clause and the rule fails below.
+    if let (ArithOp::Add, Value::Str(x), Value::JsonNull) = (op, a, b) {
+        return Ok(Value::Str(format!("{x}null")));
+    }
+    if let (ArithOp::Add, Value::JsonNull, Value::Str(y)) = (op, a, b) {
+        return Ok(Value::Str(format!("null{y}")));
     }
     let (Some(x), Some(y)) = (number(a), number(b)) else {
         let verb = match op {
@@ -827,6 +890,44 @@ mod tests {
         assert!(order(&Value::Int(5), &Value::Str("five".into())).is_err());
         assert_eq!(order(&Value::Str("10".into()), &Value::Int(9)).unwrap(), Ordering::Greater);
         assert_eq!(order(&Value::Str("10".into()), &Value::Str("9".into())).unwrap(), Ordering::Less);
+    }
+
+    fn arb_scalar() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(Value::JsonNull),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::Int),
+            (-1e6f64..1e6).prop_map(Value::Float),
+            prop_oneof![Just("null".to_owned()), Just("nul".to_owned()), "[a-z0-9]{0,5}"]
+                .prop_map(Value::Str),
+            Just(Value::Array(Vec::new())),
+            Just(Value::Object(Vec::new())),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The JSON null's place among values is one order: where it compares, swapping the
+        /// sides reverses the answer, `=` agrees with the order, and `!=` is `=`'s negation.
+        #[test]
+        fn json_null_compares_consistently(other in arb_scalar()) {
+            let null = Value::JsonNull;
+            if let (Ok(ab), Ok(ba)) = (order(&null, &other), order(&other, &null)) {
+                proptest::prop_assert_eq!(ab, ba.reverse());
+                let eq = compare(CmpOp::Eq, &null, &other).unwrap() == Some(true);
+                if !matches!(other, Value::Str(_)) || number(&other).is_none() {
+                    proptest::prop_assert_eq!(eq, ab == Ordering::Equal, "{:?}", other);
+                }
+            }
+            for (a, b) in [(&null, &other), (&other, &null)] {
+                if let (Ok(Some(eq)), Ok(Some(ne))) = (compare(CmpOp::Eq, a, b), compare(CmpOp::NotEq, a, b)) {
+                    proptest::prop_assert_eq!(eq, !ne);
+                }
+                // Against NULL (`undefined`) it is never equal and never ordered.
+                proptest::prop_assert_eq!(compare(CmpOp::Eq, a, &Value::Null).unwrap(), Some(false));
+                proptest::prop_assert_eq!(compare(CmpOp::Gt, &Value::Null, b).unwrap(), Some(false));
+            }
+        }
     }
 
     #[test]

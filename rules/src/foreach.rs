@@ -155,6 +155,7 @@ pub(crate) fn compile_foreach(
         uses_payload: false,
         errors: Vec::new(),
         events: crate::events::EventKinds::NONE,
+        unknown_names: Some(Vec::new()),
     };
     if select.distinct.is_some()
         || !matches!(&select.group_by, GroupByExpr::Expressions(v, m) if v.is_empty() && m.is_empty())
@@ -254,6 +255,7 @@ pub(crate) fn compile_foreach(
                 foreach: Some(Box::new(Foreach { collection, bare_payload, incase })),
                 window: None,
                 rbe: None,
+                notes: compiler.unknown_names.unwrap_or_default(),
             })
         }
         _ if compiler.errors.is_empty() => Err(vec![SqlError::new(

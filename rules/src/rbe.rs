@@ -175,13 +175,13 @@ fn step(kind: &RbeKind, state: &mut CallState, args: &[Value], now: u64) -> Valu
             value.unwrap_or_else(|| default.clone())
         }
         (RbeKind::Latest { default }, CallState::Latest(latest)) => {
-            if !first.is_null() {
+            if !first.is_null_var() {
                 *latest = Some(first);
             }
             latest.clone().unwrap_or_else(|| default.clone())
         }
         (RbeKind::ChangedCol { ignore_null }, CallState::Previous(previous)) => {
-            if *ignore_null && first.is_null() {
+            if *ignore_null && first.is_null_var() {
                 return Value::Null;
             }
             let changed = previous.as_ref().and_then(|p| p.first()) != Some(&first);
@@ -194,7 +194,7 @@ fn step(kind: &RbeKind, state: &mut CallState, args: &[Value], now: u64) -> Valu
             let mut next = Vec::with_capacity(args.len());
             for (i, value) in args.iter().enumerate() {
                 let before = old.get(i).cloned().unwrap_or(Value::Null);
-                if *ignore_null && value.is_null() {
+                if *ignore_null && value.is_null_var() {
                     next.push(before);
                 } else {
                     changed |= *value != before;

@@ -160,7 +160,7 @@ fn where_filters_with_emqx_null_logic() {
         ("NOT (payload.missing > 1)", "NOT of a comparison with NULL (EMQX: the comparison is false)"),
         ("payload.missing > 1 OR payload.n = 7", "NULL OR TRUE"),
         ("payload.missing > 1 AND payload.n = 8", "NULL AND FALSE"),
-        ("payload.nul IS NULL AND payload.missing IS NULL AND payload.n IS NOT NULL", "IS NULL"),
+        ("payload.missing IS NULL AND payload.n IS NOT NULL AND payload.nul IS NOT NULL", "IS NULL"),
         ("payload.n IN (1, 7, 9)", "IN"),
         ("payload.n NOT IN (1, 2)", "NOT IN"),
         ("payload.n IN (1, NULL)", "IN with NULL in the list"),
@@ -177,6 +177,13 @@ fn where_filters_with_emqx_null_logic() {
         ("payload.missing != 1", "NULL != 1 is false (EMQX)"),
         ("payload.missing = payload.other_missing", "NULL = NULL is true (EMQX)"),
         ("payload.missing IN (1, NULL)", "NULL IN a list with NULL (EMQX lists:member)"),
+        ("payload.nul != 1", "JSON null != 1 is true (EMQX's atom null is a value)"),
+        ("payload.nul = 'null'", "JSON null = 'null' (EMQX compares an atom as its text)"),
+        ("payload.nul > 30", "JSON null > 30 (Erlang's term order: numbers < atoms)"),
+        ("payload.nul = payload.missing", "JSON null = NULL is false"),
+        ("payload.nul = payload.nul", "JSON null = JSON null"),
+        ("is_null_var(payload.nul) AND NOT is_null(payload.nul)", "is_null_var, not is_null"),
+        ("NOT payload.nul", "NOT of a JSON null is false (EMQX)"),
     ];
     let mut text = String::new();
     for (condition, label) in cases {
@@ -216,6 +223,13 @@ fn where_filters_with_emqx_null_logic() {
         NULL != 1 is false (EMQX): filtered
         NULL = NULL is true (EMQX): kept
         NULL IN a list with NULL (EMQX lists:member): kept
+        JSON null != 1 is true (EMQX's atom null is a value): kept
+        JSON null = 'null' (EMQX compares an atom as its text): kept
+        JSON null > 30 (Erlang's term order: numbers < atoms): kept
+        JSON null = NULL is false: filtered
+        JSON null = JSON null: kept
+        is_null_var, not is_null: kept
+        NOT of a JSON null is false (EMQX): filtered
     "#]]
     .assert_eq(&text);
 }
@@ -643,8 +657,8 @@ fn conversion_and_type_functions() {
         "coalesce(payload.missing, payload.nul, 'fallback')",
         P,
         expect![[r#"
-        forward[r] t qos=1 prio=5 {"v":"fallback"}
-    "#]],
+            forward[r] t qos=1 prio=5 {"v":null}
+        "#]],
     );
     check_expr(
         "is_null(payload.missing)",
@@ -1505,16 +1519,19 @@ fn compile_errors_point_at_the_sql() {
           |        ^^^^
     "#]],
     );
+    // In a template, whose names are the rule's own columns and fields, an unknown name
+    // stays an error (in the statement it reads as NULL, with a warning).
     check(
-        &one(r#"SELECT topik AS t FROM "t""#),
+        &one(r#"SELECT topic AS t FROM "t""#)
+            .replace("type = \"forward\"\n", "type = \"forward\"\ntopic = \"x/${topik}\"\n"),
         "t",
         "{}",
         expect![[r#"
-        error: line 7, column 17: rule `r`: unknown field `topik`; did you mean `topic`?
-          |
-        7 | SELECT topik AS t FROM "t"
-          |        ^^^^^
-    "#]],
+            error: line 10, column 14: rule `r`: action[0].topic `x/${topik}`: unknown field `topik`; did you mean `topic`?
+               |
+            10 | x/${topik}
+               |     ^^^^^
+        "#]],
     );
     check(
         &one(r##"SELECT 1 AS one FROM "sensors/#/temp""##),
@@ -1597,19 +1614,19 @@ fn compile_errors_point_at_the_sql() {
     "#]],
     );
     check(
-        &one("SELECT payload.a AS a,\n       uper(payload.b) AS b\nFROM \"t\"\nWHERE clientd = 'x'"),
+        &one("SELECT payload.a AS a,\n       uper(payload.b) AS b\nFROM \"t\"\nWHERE lower(clientid, 'x')"),
         "t",
         "{}",
         expect![[r#"
-        error: line 8, column 8: rule `r`: unknown function `uper`; did you mean `upper`?
-          |
-        8 |        uper(payload.b) AS b
-          |        ^^^^
-        line 10, column 7: rule `r`: unknown field `clientd`; did you mean `clientid`?
-           |
-        10 | WHERE clientd = 'x'
-           |       ^^^^^^^
-    "#]],
+            error: line 8, column 8: rule `r`: unknown function `uper`; did you mean `upper`?
+              |
+            8 |        uper(payload.b) AS b
+              |        ^^^^
+            line 10, column 7: rule `r`: `lower` takes 1 argument(s), got 2
+               |
+            10 | WHERE lower(clientid, 'x')
+               |       ^^^^^^^^^^^^^^^^^^^
+        "#]],
     );
 }
 
@@ -1908,12 +1925,19 @@ fn foreach_errors_name_the_clause() {
     for (sql, needle) in [
         (r#"FOREACH payload.s INCASE 1 DO x FROM "t""#, "FOREACH clauses go in this order"),
         (r#"FOREACH payload.s"#, "missing `FROM"),
-        (r#"FOREACH payload.s DO nosuch FROM "t""#, "unknown field `nosuch`"),
         (r#"FOREACH payload.s DO item INCASE item > FROM "t""#, "Expected"),
-        (r#"FOREACH payload.s AS s FROM "t" WHERE item = 1"#, "unknown field `item`"),
     ] {
         let err = RuleSet::compile(&one(sql), &tables()).unwrap_err().to_string();
         assert!(err.contains(needle), "{sql}: {err}");
+    }
+    // An unknown name reads as NULL (EMQX's `undefined`) and is named by a warning.
+    for (sql, needle) in [
+        (r#"FOREACH payload.s DO nosuch FROM "t""#, "unknown field `nosuch`"),
+        (r#"FOREACH payload.s AS s FROM "t" WHERE item = 1"#, "unknown field `item`"),
+    ] {
+        let rules = RuleSet::compile(&one(sql), &tables()).unwrap();
+        let warnings: Vec<String> = rules.warnings().map(|w| w.to_string()).collect();
+        assert!(warnings.iter().any(|w| w.contains(needle)), "{sql}: {warnings:?}");
     }
 }
 
@@ -1924,14 +1948,15 @@ fn warnings_name_never_true_comparisons_and_emqx_differences() {
     };
     assert_eq!(warnings(r#"SELECT payload.t AS t, clientid FROM "s/#" WHERE t > 30"#), Vec::<String>::new());
     let got = warnings(
-        r#"SELECT *, now_timestamp() AS now, unix_ts_to_rfc3339(timestamp) AS at FROM "s/#" WHERE payload.x > NULL AND is_null(payload.y) AND payload.y = NULL AND payload.z + 1 > 'abc'"#,
+        r#"SELECT *, now_timestamp() AS now, unix_ts_to_rfc3339(timestamp) AS at, topik AS t, "celsius" AS c FROM "s/#" WHERE payload.x > NULL AND is_null(payload.y) AND payload.y = NULL AND payload.z + 1 > 'abc'"#,
     );
     let expect = [
+        "unknown field `topik` reads as NULL on every event, as EMQX reads an unknown name as `undefined`; did you mean `topic`?",
+        "unknown field `celsius` reads as NULL on every event, as EMQX reads an unknown name as `undefined`; EMQX reads a double-quoted word as a field name, not a string: write a string in single quotes ('text')",
         "`SELECT *` outputs",
         "`now_timestamp()` is the event's receive time",
         "`unix_ts_to_rfc3339` writes UTC",
         "an ordering comparison with NULL",
-        "`is_null` on a payload field is TRUE for a missing field and for JSON null",
         "`= NULL` / `!= NULL`",
         "comparing a number with the text 'abc'",
     ];
@@ -1944,6 +1969,8 @@ fn warnings_name_never_true_comparisons_and_emqx_differences() {
     assert_eq!(got.len(), expect.len(), "{got:#?}");
     // Once per rule, however often the rule does it.
     assert_eq!(warnings(r#"SELECT payload.a AS a FROM "s" WHERE a > NULL OR a < NULL"#).len(), 1);
+    // An unknown name is not also a comparison with the NULL it reads as.
+    assert_eq!(warnings(r#"SELECT 1 AS one FROM "s" WHERE node = 'n1' AND node > 1"#).len(), 1);
 }
 
 mod properties {
@@ -2201,4 +2228,35 @@ mod metadata {
             forwarded("SELECT peerhost.x AS x FROM \"t/#\"", &EventContext::new("t/1", b"{}")).unwrap_err();
         assert!(err.contains("`peerhost` has no fields"), "{err}");
     }
+}
+
+/// A JSON `null` is a value (EMQX's atom `null`), a missing field NULL (`undefined`); both
+/// are written `null` in JSON output, and a topic template writes the value's text while a
+/// NULL fails the action, as a topic level cannot be empty.
+#[test]
+fn json_null_and_null_in_output_and_templates() {
+    let rules = r#"
+[[rule]]
+name = "r"
+sql = '''SELECT payload.x AS x, payload.missing AS m, is_null(x) AS x_is_null, is_null(m) AS m_is_null FROM "t/#"'''
+[[rule.action]]
+type = "forward"
+[[rule.action]]
+type = "republish"
+topic = "out/${x}"
+payload = '{"x":${x},"m":${m},"text":"${str(x)}/${str(m)}"}'
+[[rule.action]]
+type = "republish"
+topic = "out/${m}"
+"#;
+    check(
+        rules,
+        "t/1",
+        r#"{"x":null}"#,
+        expect![[r#"
+            forward[r] t/1 qos=1 prio=5 {"x":null,"m":null,"x_is_null":false,"m_is_null":true}
+            republish[r] out/null qos=1 hops=1 {"x":null,"m":null,"text":"null/undefined"}
+            dead-letter[r] t/1: topic template: `${m}` is NULL
+        "#]],
+    );
 }

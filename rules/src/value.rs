@@ -16,11 +16,15 @@ use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 
 /// A value in the rule language. `Null` is SQL's NULL and EMQX's `undefined`: a missing
-/// field, a JSON `null`, or the result of an operation on NULL.
+/// field, an out-of-range index, or the result of an operation on NULL. `JsonNull` is a
+/// `null` the payload (or `json_decode`) held: EMQX decodes it to the atom `null`, a value
+/// like any other, so `is_null` is FALSE for it and `payload.x != 1` TRUE.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum Value {
     #[default]
     Null,
+    /// A JSON `null` (or a CBOR null or undefined) from decoded data; written back as `null`.
+    JsonNull,
     Bool(bool),
     Int(i64),
     Float(f64),
@@ -39,6 +43,7 @@ impl Value {
     pub fn type_name(&self) -> &'static str {
         match self {
             Value::Null => "NULL",
+            Value::JsonNull => "JSON null",
             Value::Bool(_) => "boolean",
             Value::Int(_) => "integer",
             Value::Float(_) => "float",
@@ -49,8 +54,14 @@ impl Value {
         }
     }
 
+    /// Whether this is NULL (EMQX's `undefined`); a JSON `null` is not, as in EMQX's `is_null`.
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null)
+    }
+
+    /// Whether this is NULL or a JSON `null`, as EMQX's `is_null_var`.
+    pub fn is_null_var(&self) -> bool {
+        matches!(self, Value::Null | Value::JsonNull)
     }
 
     /// Field `key` of an object (the last one if the payload repeated the key).
@@ -165,10 +176,12 @@ impl Value {
     }
 
     /// The text of a value as `str()` renders it: strings as they are, numbers in decimal,
-    /// arrays and objects as JSON. `None` for NULL and for bytes that are not UTF-8.
+    /// arrays and objects as JSON, a JSON `null` as `null` (EMQX's `atom_to_binary(null)`).
+    /// `None` for NULL and for bytes that are not UTF-8.
     pub fn to_text(&self) -> Option<Cow<'_, str>> {
         match self {
             Value::Null => None,
+            Value::JsonNull => Some(Cow::Borrowed("null")),
             Value::Str(s) => Some(Cow::Borrowed(s)),
             Value::Bytes(b) => std::str::from_utf8(b).ok().map(Cow::Borrowed),
             Value::Bool(b) => Some(Cow::Borrowed(if *b { "true" } else { "false" })),
@@ -244,7 +257,7 @@ impl fmt::Display for Value {
 impl From<serde_json::Value> for Value {
     fn from(json: serde_json::Value) -> Value {
         match json {
-            serde_json::Value::Null => Value::Null,
+            serde_json::Value::Null => Value::JsonNull,
             serde_json::Value::Bool(b) => Value::Bool(b),
             serde_json::Value::Number(n) => match n.as_i64() {
                 Some(i) => Value::Int(i),
@@ -262,7 +275,7 @@ impl From<serde_json::Value> for Value {
 impl Serialize for Value {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match self {
-            Value::Null => serializer.serialize_unit(),
+            Value::Null | Value::JsonNull => serializer.serialize_unit(),
             Value::Bool(b) => serializer.serialize_bool(*b),
             Value::Int(i) => serializer.serialize_i64(*i),
             Value::Float(f) => serializer.serialize_f64(*f),
@@ -343,11 +356,13 @@ impl<'de> Visitor<'de> for ValueVisitor {
     fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Value, E> {
         Ok(Value::Bytes(v))
     }
+    // Decoded data's `null` is a value, not a missing field (EMQX's JSON decoder gives the
+    // atom `null`). ciborium reports CBOR's null and undefined both here.
     fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+        Ok(Value::JsonNull)
     }
     fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+        Ok(Value::JsonNull)
     }
     fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
         Value::deserialize(d)
@@ -389,6 +404,21 @@ mod tests {
         assert_eq!(v.to_json_string(), r#"{"a":[1,2.5,"x",null,true],"b":{"c":-3}}"#);
         assert_eq!(Value::from_cbor(&v.to_cbor()).unwrap(), v);
         assert!(Value::from_cbor(&[0xa0, 0x00]).is_err(), "trailing bytes are refused");
+    }
+
+    #[test]
+    fn json_null_is_a_value_distinct_from_null() {
+        let v = Value::from_json(br#"{"x":null}"#).unwrap();
+        assert_eq!(v.get("x"), Some(&Value::JsonNull));
+        assert_eq!(Value::from(serde_json::json!({"x": null})), v);
+        assert!(!Value::JsonNull.is_null() && Value::JsonNull.is_null_var() && Value::Null.is_null_var());
+        assert_eq!(Value::JsonNull.to_text().as_deref(), Some("null"));
+        assert_eq!(Value::Null.to_text(), None);
+        assert_eq!(Value::Array(vec![Value::JsonNull, Value::Null]).to_json_string(), "[null,null]");
+        // CBOR null (0xf6) and undefined (0xf7) both decode to the JSON null value.
+        assert_eq!(Value::from_cbor(&[0xf6]).unwrap(), Value::JsonNull);
+        assert_eq!(Value::from_cbor(&[0xf7]).unwrap(), Value::JsonNull);
+        assert_eq!(Value::JsonNull.to_cbor(), vec![0xf6]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ impl std::fmt::Display for Warning {
 
 /// The warnings for one compiled statement, each message once, in the order found.
 pub(crate) fn check(rule: &Arc<str>, sql: &CompiledSql) -> Vec<Warning> {
-    let mut messages: Vec<String> = Vec::new();
+    let mut messages: Vec<String> = sql.notes.clone();
     if sql.star && sql.foreach.is_none() {
         messages.push(
             "`SELECT *` outputs id, topic, clientid, username, qos, timestamp and payload; EMQX also \
@@ -56,11 +56,7 @@ pub(crate) fn check(rule: &Arc<str>, sql: &CompiledSql) -> Vec<Warning> {
 fn walk(expr: &Expr, out: &mut Vec<String>) {
     match expr {
         Expr::Compare(op, left, right) => compare(*op, left, right, out),
-        Expr::IsNull(inner, _) if matches!(**inner, Expr::Payload { .. }) => out.push(json_null("IS NULL")),
         Expr::Call { func, args } => match func.name {
-            "is_null" | "is_not_null" if matches!(args.first(), Some(Expr::Payload { .. })) => {
-                out.push(json_null(func.name))
-            }
             "now_timestamp" | "now_rfc3339" => out.push(format!(
                 "`{}()` is the event's receive time here, EMQX's is the clock when the rule runs (they \
                  differ by the processing delay); `timestamp` says the same thing plainly",
@@ -83,14 +79,6 @@ fn walk(expr: &Expr, out: &mut Vec<String>) {
     for child in expr.children() {
         walk(child, out);
     }
-}
-
-fn json_null(what: &str) -> String {
-    format!(
-        "`{what}` on a payload field is TRUE for a missing field and for JSON null alike here; EMQX \
-         decodes JSON null to a value, so there only a missing field is NULL. A device that sends \
-         `\"x\": null` is treated as if it sent nothing"
-    )
 }
 
 fn compare(op: CmpOp, left: &Expr, right: &Expr, out: &mut Vec<String>) {

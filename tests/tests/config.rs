@@ -329,7 +329,7 @@ fn rules_check_and_test_warn_about_a_ported_emqx_rule() {
     let rules = dir.path().join("rules.toml");
     std::fs::write(
         &rules,
-        "[[rule]]\nname = \"ported\"\nsql = '''\nFOREACH payload.sensors AS s\nDO s.name AS name, unix_ts_to_rfc3339(timestamp) AS at\nINCASE s.v > NULL\nFROM \"plc/+\"\n'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"sensors/${s.name}\"\n",
+        "[[rule]]\nname = \"ported\"\nsql = '''\nFOREACH payload.sensors AS s\nDO s.name AS name, unix_ts_to_rfc3339(timestamp) AS at, node AS node\nINCASE s.v > NULL\nFROM \"plc/+\"\n'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"sensors/${s.name}\"\n",
     )
     .expect("write the rules");
     let rules = rules.to_str().expect("utf-8");
@@ -337,13 +337,18 @@ fn rules_check_and_test_warn_about_a_ported_emqx_rule() {
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
     assert!(outcome.stdout.starts_with(&format!("{rules}: ok (1 rules: ported)")), "{outcome:?}");
     let warnings: Vec<&str> = outcome.stderr.lines().filter(|l| l.starts_with("warning: ")).collect();
-    assert_eq!(warnings.len(), 2, "{}", outcome.stderr);
+    assert_eq!(warnings.len(), 3, "{}", outcome.stderr);
+    // EMQX's `node` is not an Outpost field: NULL, as EMQX reads an unknown name, and said.
     assert!(
-        warnings[0].starts_with("warning: rule `ported`: `unix_ts_to_rfc3339` writes UTC"),
+        warnings[0].starts_with("warning: rule `ported`: unknown field `node` reads as NULL on every event"),
         "{warnings:?}"
     );
     assert!(
-        warnings[1].starts_with("warning: rule `ported`: an ordering comparison with NULL"),
+        warnings[1].starts_with("warning: rule `ported`: `unix_ts_to_rfc3339` writes UTC"),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[2].starts_with("warning: rule `ported`: an ordering comparison with NULL"),
         "{warnings:?}"
     );
 
@@ -358,7 +363,7 @@ fn rules_check_and_test_warn_about_a_ported_emqx_rule() {
     ])
     .expect("run outpost rules test");
     assert_eq!(outcome.code, Some(0), "{outcome:?}");
-    assert!(outcome.stderr.starts_with("warning: rule `ported`: `unix_ts_to_rfc3339`"), "{}", outcome.stderr);
+    assert!(outcome.stderr.starts_with("warning: rule `ported`: unknown field `node`"), "{}", outcome.stderr);
     assert!(outcome.stdout.starts_with("event plc/7 "), "{}", outcome.stdout);
     // `s.v > NULL` is never TRUE, so FOREACH keeps no element: what the warning said.
     assert!(outcome.stdout.contains("rule ported: filtered out by WHERE"), "{}", outcome.stdout);

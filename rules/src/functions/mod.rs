@@ -3,7 +3,9 @@
 //!
 //! Names and semantics follow EMQX where EMQX has the function; Outpost's additions and
 //! aliases are marked in the README. Arity is checked at compile time. A function with
-//! `null_in_null_out` returns NULL when any argument is NULL, without being called.
+//! `null_in_null_out` fails on a NULL argument without being called, as EMQX's functions
+//! have no clause for `undefined` (their guards, `is_number` and the like, refuse it); the
+//! others look at NULL themselves.
 //! A wrong argument type or an out-of-domain value is an [`EvalError`] (the rule's dead
 //! letter names the function), never a panic.
 //!
@@ -99,12 +101,13 @@ pub(crate) static BUILTINS: &[Builtin] = &[
     n("is_bool", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Bool(_))))),
     n("is_map", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Object(_))))),
     n("is_array", 1, 1, |a, _| Ok(Value::Bool(matches!(arg(a, 0), Value::Array(_))))),
-    // JSON `null` and a missing field are both NULL here, so the `_var` forms agree with
-    // `is_null`/`is_not_null`.
-    n("is_null_var", 1, 1, |a, _| Ok(Value::Bool(arg(a, 0).is_null()))),
-    n("is_not_null_var", 1, 1, |a, _| Ok(Value::Bool(!arg(a, 0).is_null()))),
+    // The `_var` forms also take a JSON null for null (`emqx_rule_funcs:is_null_var`).
+    n("is_null_var", 1, 1, |a, _| Ok(Value::Bool(arg(a, 0).is_null_var()))),
+    n("is_not_null_var", 1, 1, |a, _| Ok(Value::Bool(!arg(a, 0).is_null_var()))),
     n("is_empty", 1, 1, |a, e| match arg(a, 0) {
         Value::Null => Err(EvalError::new("is_empty: the argument is NULL (EMQX: badarg)")),
+        // EMQX's is_empty falls through to map_size(null), which fails.
+        Value::JsonNull => Err(EvalError::new("is_empty: the argument is a JSON null (EMQX: badmap)")),
         _ => data::is_empty(a, e),
     }),
     f("int", 1, 1, int),
@@ -114,8 +117,8 @@ pub(crate) static BUILTINS: &[Builtin] = &[
         Value::Null => Ok(Value::Str("undefined".to_owned())),
         other => str_of(other, "str").map(Value::Str),
     }),
-    f("str_utf8", 1, 1, bytes::str_utf8),
-    f("str_utf16_le", 1, 1, text::str_utf16_le),
+    n("str_utf8", 1, 1, bytes::str_utf8),
+    n("str_utf16_le", 1, 1, text::str_utf16_le),
     f("float2str", 2, 2, text::float2str),
     f("map", 1, 1, data::map),
     f("bool", 1, 1, bool_fn),
@@ -155,13 +158,20 @@ pub(crate) static BUILTINS: &[Builtin] = &[
     n("rm_prefix", 2, 2, text::rm_prefix),
     n("ascii", 1, 1, text::ascii),
     n("unescape", 1, 1, text::unescape),
-    f("sprintf", 1, MANY, text::sprintf),
+    n("sprintf", 1, MANY, text::sprintf),
     f("join_to_string", 1, 2, text::join_to_string),
     // Arrays.
     f("length", 1, 1, length),
     f("nth", 2, 2, nth),
-    f("contains", 2, 2, |a, _| match arg(a, 1) {
-        Value::Array(items) => Ok(Value::Bool(items.iter().any(|i| !i.is_null() && equal(i, arg(a, 0))))),
+    // EMQX: `lists:member`, so NULL is in a list that holds NULL.
+    n("contains", 2, 2, |a, _| match arg(a, 1) {
+        Value::Array(items) => {
+            Ok(Value::Bool(items.iter().any(|i| match (i.is_null(), arg(a, 0).is_null()) {
+                (true, true) => true,
+                (false, false) => equal(i, arg(a, 0)),
+                _ => false,
+            })))
+        }
         other => Err(EvalError::new(format!("contains: expected an array, got {}", describe(other)))),
     }),
     f("first", 1, 1, data::first),
@@ -360,10 +370,11 @@ fn fmod(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
     finite(x % y, "fmod")
 }
 
-/// `greatest`/`least`: NULL arguments are skipped (as in PostgreSQL); all NULL gives NULL.
+/// `greatest`/`least`: NULL arguments and JSON nulls are skipped (as PostgreSQL skips
+/// NULL); all NULL gives NULL.
 fn extreme(args: &[Value], want: Ordering) -> Result<Value, EvalError> {
     let mut best: Option<&Value> = None;
-    for value in args.iter().filter(|v| !v.is_null()) {
+    for value in args.iter().filter(|v| !v.is_null_var()) {
         best = match best {
             Some(current) if order(value, current)? != want => Some(current),
             _ => Some(value),
@@ -401,7 +412,11 @@ fn float(args: &[Value], _: &Env<'_>) -> Result<Value, EvalError> {
     finite(format!("{value:.decimals$}").parse().unwrap_or(f64::NAN), "float")
 }
 
+/// A value as EMQX's `emqx_utils_conv:bin/1` writes it; NULL is the atom's text, `undefined`.
 fn str_of(value: &Value, name: &str) -> Result<String, EvalError> {
+    if value.is_null() {
+        return Ok("undefined".to_owned());
+    }
     value
         .to_text()
         .map(Cow::into_owned)

@@ -15,6 +15,8 @@ use super::{arg, runtime_regex, want_int, want_str};
 pub(super) fn subject<'v>(args: &'v [Value], name: &str) -> Result<&'v str, EvalError> {
     match arg(args, 0) {
         Value::Null => Err(EvalError::new(format!("{name}: the argument is NULL (EMQX: badarg)"))),
+        // emqx_variform_bif's IS_NULL guard takes `null` and `undefined` alike.
+        Value::JsonNull => Err(EvalError::new(format!("{name}: the argument is a JSON null (EMQX: badarg)"))),
         _ => want_str(args, 0, name),
     }
 }
@@ -331,6 +333,7 @@ fn erlang_exp(f: f64, precision: usize) -> String {
 fn erlang_term(value: &Value) -> String {
     match value {
         Value::Null => "undefined".to_owned(),
+        Value::JsonNull => "null".to_owned(),
         Value::Bool(b) => b.to_string(),
         Value::Int(i) => i.to_string(),
         Value::Float(f) => crate::value::format_float(*f),

@@ -115,7 +115,7 @@ impl AggState {
         match (self, kind) {
             (AggState::Count(n), AggKind::CountAll) => *n += 1,
             (AggState::Count(n), _) => {
-                if !value.is_null() {
+                if !value.is_null_var() {
                     *n += 1;
                 }
             }
@@ -149,7 +149,7 @@ impl AggState {
                 }
             }
             (AggState::One(slot), kind) => {
-                if value.is_null() {
+                if value.is_null_var() {
                     return;
                 }
                 let replace = match (kind, &*slot) {
@@ -185,7 +185,7 @@ impl AggState {
                     AggKind::Collect(cap) => *cap,
                     _ => DEFAULT_COLLECT_CAP,
                 };
-                if value.is_null() {
+                if value.is_null_var() {
                     return;
                 }
                 if items.len() < cap {
