@@ -215,7 +215,7 @@ impl Io {
                         if last_read.elapsed() >= k {
                             return Err(End::Keepalive);
                         }
-                        idle.as_mut().reset(*last_read + k);
+                        idle.as_mut().reset(super::keepalive_check(*last_read + k));
                     }
                 }
             }

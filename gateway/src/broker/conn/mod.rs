@@ -47,6 +47,24 @@ use crate::mqtt::wire;
 /// Output buffered while handling one read, before it is written out.
 const OUT_HIGH_WATER: usize = 64 * 1024;
 
+/// Keepalive checks fall on this grid.
+const KEEPALIVE_GRID: Duration = Duration::from_secs(1);
+
+/// When to check a keepalive due at `due`: `due` rounded up to the next whole
+/// [`KEEPALIVE_GRID`] step. A connection's timer fires every 1.5 × keepalive even when the
+/// client is live (it then moves on), so 1,000 idle sensors at keepalive 60 s fired 11 timers a
+/// second, each a wake-up of its own; on a shared grid the timers due in one step fire in one
+/// turn of the runtime. A dead client is dropped at most one step later.
+fn keepalive_check(due: Instant) -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    let since = due.saturating_duration_since(origin);
+    let step = KEEPALIVE_GRID.as_nanos();
+    let steps = since.as_nanos().div_ceil(step);
+    // u64 nanoseconds last 584 years: the conversion cannot fail for a running process.
+    origin + Duration::from_nanos(u64::try_from(steps * step).unwrap_or(u64::MAX))
+}
+
 /// Why a connection ended.
 #[derive(Debug)]
 enum End {
@@ -169,7 +187,7 @@ impl Connection {
         let mut last_read = Instant::now();
         // One keepalive timer for the connection, moved only when it fires: re-arming it after
         // every read cost a timer-wheel insert and removal per publish.
-        let idle = tokio::time::sleep_until(keepalive.map_or(last_read, |k| last_read + k));
+        let idle = tokio::time::sleep_until(keepalive.map_or(last_read, |k| keepalive_check(last_read + k)));
         tokio::pin!(idle);
         // While the rate limit pauses reading: when it ends.
         let pause = tokio::time::sleep_until(last_read);
@@ -239,7 +257,7 @@ impl Connection {
                         if last_read.elapsed() >= k {
                             return End::Keepalive;
                         }
-                        idle.as_mut().reset(last_read + k);
+                        idle.as_mut().reset(keepalive_check(last_read + k));
                     }
                 }
             }
@@ -392,5 +410,25 @@ impl Connection {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalive_checks_fall_on_a_shared_grid_never_early() {
+        let now = Instant::now();
+        let dues: Vec<Instant> = (0..50).map(|i| now + Duration::from_millis(90_000 + i * 37)).collect();
+        let checks: Vec<Instant> = dues.iter().map(|&due| keepalive_check(due)).collect();
+        for (due, check) in dues.iter().zip(&checks) {
+            assert!(*check >= *due && *check - *due < KEEPALIVE_GRID, "{due:?} -> {check:?}");
+        }
+        // 50 dues over 1.8 s land on at most three steps: the timers fire together.
+        let mut distinct = checks.clone();
+        distinct.dedup();
+        assert!(distinct.len() <= 3, "{} steps", distinct.len());
+        assert!(distinct.windows(2).all(|w| w[1] - w[0] == KEEPALIVE_GRID));
     }
 }
