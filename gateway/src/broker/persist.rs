@@ -351,4 +351,30 @@ mod tests {
         assert!(batch.inserts.is_empty() && batch.deletes.is_empty() && batch.rows.is_empty());
         assert!(log.take().0.is_empty());
     }
+
+    #[tokio::test]
+    async fn a_failed_commit_is_counted_and_still_releases_publishers_and_flushes() {
+        let log = Arc::new(SessionLog::new(0));
+        // The store thread is gone: every commit fails.
+        let (commands, gone) = mpsc::channel(1);
+        drop(gone);
+        let metrics = Metrics::default();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run(Arc::clone(&log), commands, metrics.clone(), cancel.clone()));
+        let acks = crate::ack::AckQueue::new();
+        let ticket = acks.ticket();
+        let id: Arc<str> = Arc::from("p");
+        log.insert(&id, &message("1"), Some(&ticket));
+        drop(ticket);
+        log.flush().await;
+        let mut ready = Vec::new();
+        acks.take_ready(&mut ready);
+        assert_eq!(ready.len(), 1, "the publisher is answered: its event's own safety is what it waits for");
+        assert_eq!(Metrics::get(&metrics.counters().sessions_unsaved), 1);
+        cancel.cancel();
+        task.await.expect("the task ends on cancel");
+        // After the task ended a flush does not wait for a commit that will never come.
+        log.row(&id, StoredSession { expiry_secs: None, offline_since_ms: None, subscriptions: Vec::new() });
+        log.flush().await;
+    }
 }
