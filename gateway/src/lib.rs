@@ -128,18 +128,33 @@ impl Gateway {
         let data_dir = config.data_dir.clone();
         let (max_retained, max_retained_bytes) =
             (config.broker.max_retained, config.broker.max_retained_bytes.as_u64());
+        let (max_offline, max_queued) =
+            (config.broker.max_offline_sessions, config.broker.max_queued_messages.get());
         // The retained messages are read here, before the store thread takes the file: one
         // read transaction, bounded by the broker's limits (measured in `benches/buffer.rs`,
         // scenario `retained`).
-        let (store, report, retained) = tokio::task::spawn_blocking(move || {
+        // The persistent sessions too, in a transaction of their own.
+        let (store, report, retained, sessions) = tokio::task::spawn_blocking(move || {
             let (mut store, report) = Store::open(&data_dir)?;
             let started = std::time::Instant::now();
             let retained = store.load_retained(event::now_ms(), max_retained, max_retained_bytes)?;
-            Ok::<_, buffer::BufferError>((store, report, (retained, started.elapsed())))
+            let took = started.elapsed();
+            let sessions = store.load_sessions(event::now_ms(), max_offline, max_queued)?;
+            Ok::<_, buffer::BufferError>((store, report, (retained, took), sessions))
         })
         .await
         .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
         let (retained, took) = retained;
+        if sessions.expired + sessions.evicted + sessions.deliveries_dropped + sessions.undecodable > 0 {
+            warn!(
+                message = "persistent sessions in the buffer file were not restored whole: expired while the gateway was down, beyond broker.max_offline_sessions or broker.max_queued_messages, or undecodable",
+                sessions_expired = sessions.expired,
+                sessions_evicted = sessions.evicted,
+                deliveries_dropped = sessions.deliveries_dropped,
+                undecodable = sessions.undecodable
+            );
+        }
+        let sessions = broker::persist::Restored { sessions: sessions.sessions, max_seq: sessions.max_seq };
         info!(
             message = "retained messages loaded",
             retained = retained.messages.len(),
@@ -267,6 +282,7 @@ impl Gateway {
             tap.clone(),
             broker::retained::Durable { commands: retained_commands, loaded: retained.messages },
             events_wanted,
+            sessions,
         )
         .await
         {

@@ -64,6 +64,11 @@ counters! {
     /// Retained writes the buffer file could not commit (kept in memory only until the
     /// next successful write of the same topic).
     retained_unsaved,
+    /// Commits of persistent sessions' changes (queued deliveries, subscriptions) that failed:
+    /// those changes live in memory only.
+    sessions_unsaved,
+    /// Persistent sessions restored from the buffer file at start-up.
+    sessions_restored,
     /// Events that matched no route (bridge) or no rule produced anything for (rules).
     /// Client events (`$events/...`) are never counted here.
     unrouted,

@@ -37,6 +37,7 @@
 pub mod broker;
 pub mod compare;
 pub mod demo;
+pub mod fanout_bench;
 pub mod flaky;
 pub mod fleet;
 pub mod harness;

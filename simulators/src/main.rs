@@ -58,6 +58,9 @@ enum Command {
     /// What an idle fleet costs: CPU, wake-ups and memory per connection of Outpost and a
     /// Mosquitto bridge with the same idle clients connected; print one table.
     IdleBench(IdleBenchArgs),
+    /// Local fan-out: one QoS 1 publisher at a fixed rate to N QoS 1 subscribers, Outpost and
+    /// mosquitto in the same run: delivered rate, CPU per delivery, p99, loss.
+    FanoutBench(FanoutBenchArgs),
     /// Fuzz MQTT sessions against the real gateway (upstream: mosquitto) and report crashes,
     /// stalls and memory growth with the seed and the packets that led to them.
     SessionFuzz(SessionFuzzArgs),
@@ -113,6 +116,43 @@ struct SessionFuzzArgs {
     /// Keep logs, configs and data here instead of a temporary directory.
     #[arg(long)]
     work_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct FanoutBenchArgs {
+    /// The `outpost` executable; default: next to this one.
+    #[arg(long)]
+    outpost: Option<PathBuf>,
+    /// Systems to run, comma-separated, in this order.
+    #[arg(long, value_delimiter = ',', default_value = "outpost,mosquitto")]
+    systems: Vec<FanoutSystemArg>,
+    /// Subscribers (each gets every message).
+    #[arg(long, default_value_t = 100)]
+    subscribers: usize,
+    /// Publishes per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u32,
+    /// Payload size in bytes (at least 16).
+    #[arg(long, default_value_t = 64)]
+    payload_size: usize,
+    /// Publishing before the measured window.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// The measured window.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// After publishing: how long every publish may take to be acknowledged and delivered.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// Subscribers keep persistent sessions (clean session 0).
+    #[arg(long)]
+    persistent: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FanoutSystemArg {
+    Outpost,
+    Mosquitto,
 }
 
 #[derive(Args)]
@@ -515,6 +555,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::Demo(args) => run_demo(args, cancel).await,
             Command::IngestBench(args) => run_ingest_bench(args, cancel).await,
             Command::IdleBench(args) => run_idle_bench(args, cancel).await,
+            Command::FanoutBench(args) => run_fanout_bench(args).await,
             Command::SessionFuzz(args) => run_session_fuzz(args, cancel).await,
             Command::Broker(_) => Ok(ExitCode::SUCCESS),
         }
@@ -786,6 +827,34 @@ async fn run_idle_bench(args: IdleBenchArgs, cancel: CancellationToken) -> anyho
         std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
     }
     print!("{}", report.table());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_fanout_bench(args: FanoutBenchArgs) -> anyhow::Result<ExitCode> {
+    use outpost_sim::fanout_bench::{FanoutConfig, System, run};
+    let outpost = match args.outpost {
+        Some(path) => path,
+        None => systems::sibling_binary("outpost")?,
+    };
+    let cfg = FanoutConfig {
+        outpost,
+        systems: args
+            .systems
+            .iter()
+            .map(|s| match s {
+                FanoutSystemArg::Outpost => System::Outpost,
+                FanoutSystemArg::Mosquitto => System::Mosquitto,
+            })
+            .collect(),
+        subscribers: args.subscribers,
+        rate: args.rate,
+        payload_size: args.payload_size,
+        warmup: args.warmup,
+        duration: args.duration,
+        drain: args.drain,
+        persistent: args.persistent,
+    };
+    println!("{}", run(&cfg).await?);
     Ok(ExitCode::SUCCESS)
 }
 

@@ -77,6 +77,9 @@ pub struct BrokerSetup {
     /// SIGTERM), so [`Target::restart`] compares what each broker keeps. Outpost always keeps
     /// its retained messages in its buffer file.
     pub persistence: bool,
+    /// Queued messages per client: Outpost's `broker.max_queued_messages`, mosquitto's
+    /// `max_queued_messages`; `None`: each one's default (1,000 in both).
+    pub max_queued: Option<usize>,
 }
 
 impl BrokerSetup {
@@ -89,7 +92,14 @@ impl BrokerSetup {
             allow_anonymous: None,
             max_connections: 1000,
             persistence: false,
+            max_queued: None,
         }
+    }
+
+    /// Both queue at most `max` messages per client (see [`BrokerSetup::max_queued`]).
+    pub fn with_max_queued(mut self, max: usize) -> BrokerSetup {
+        self.max_queued = Some(max);
+        self
     }
 
     /// Mosquitto with `persistence true` (see [`BrokerSetup::persistence`]).
@@ -188,7 +198,7 @@ impl Target {
         }
         let config = MosquittoConfig {
             persistence: setup.persistence,
-            max_queued_messages: None,
+            max_queued_messages: setup.max_queued.map(|max| max as u64),
             users: setup.users.clone(),
             // Mosquitto writes its persistence file as its own user.
             directory_for_any_user: setup.persistence,
@@ -216,6 +226,9 @@ impl Target {
              max_connections = {}\n",
             addrs.v4, addrs.v5, setup.max_connections
         );
+        if let Some(max) = setup.max_queued {
+            config.push_str(&format!("max_queued_messages = {max}\n"));
+        }
         let files = files_dir()?;
         if let Some(acl) = write_acl(setup, files.path())? {
             config.push_str(&format!("acl_file = {}\n", toml_string(&acl.display().to_string())));

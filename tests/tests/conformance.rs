@@ -21,6 +21,11 @@
 //! identifiers, no local, retain as published, retain handling, message expiry in an offline
 //! queue, will delay) use rumqttc's MQTT 5 client through the harness's `Client5`.
 //!
+//! Shared subscriptions (`$share/g/…`): each message goes to one member, in turn (10 split 5
+//! and 5), to the one left after a member leaves, and the QoS 1 deliveries a member never
+//! acknowledged are lost with its session when it leaves, in both (MQTT 5 only says SHOULD
+//! redeliver them to another member).
+//!
 //! Two scenarios guard against a client hurting the broker for everyone: QoS 0 publishes keep
 //! reaching a QoS 1 subscriber past the first 100 (Outpost once stopped there: deliveries
 //! downgraded to QoS 0 never released the router's in-flight slots), and a publish to a topic
@@ -1815,4 +1820,119 @@ async fn a_disconnect_cannot_raise_a_zero_session_expiry() {
     }
     let expected = Answer::Disconnect { reason: Code(0x82), then_closed: true };
     conform("DISCONNECT session expiry", BrokerSetup::anonymous(), expected, disconnect_raises_expiry).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared subscriptions (`$share/group/filter`): one member per message, a member leaving, and
+// what happens to the QoS 1 messages a leaving member never acknowledged.
+
+/// Every message published for a scenario and then a marker per member: a broker queues a
+/// member's deliveries in order, so a member that has its marker has every earlier delivery.
+const SHARE_MARKER: &str = "share/marker";
+
+#[derive(Debug, PartialEq)]
+struct SharedDistribution {
+    /// Every message delivered to some member, sorted; a message twice is a duplicate.
+    delivered: Vec<String>,
+    /// How many each member got, sorted: round robin splits 10 messages 5 and 5.
+    per_member: Vec<usize>,
+    /// After one member left (DISCONNECT, clean start: its session ended), who got the next 4.
+    after_leaving: Vec<String>,
+}
+
+/// A member of group `g` on `filter`, with a plain subscription to its own marker topic.
+async fn member(addrs: Addrs, name: &str, filter: &str, manual_acks: bool) -> Option<Client5> {
+    let mut options = options5(addrs.v5, name);
+    options.set_manual_acks(manual_acks);
+    let mut client = Client5::connect(options).await.ok()?;
+    client.subscribe(&format!("$share/g/{filter}"), QoS5::AtLeastOnce).await?;
+    client.subscribe(&format!("{SHARE_MARKER}/{name}"), QoS5::AtLeastOnce).await?;
+    Some(client)
+}
+
+/// Publishes each payload to `topic` at QoS 1, then each member's marker.
+async fn publish_then_mark(addrs: Addrs, topic: &str, payloads: &[&str], members: &[&str]) {
+    let Ok(mut publisher) = Client5::connect(options5(addrs.v5, "share-pub")).await else { return };
+    for payload in payloads {
+        publisher.publish(topic, QoS5::AtLeastOnce, false, payload.as_bytes()).await;
+    }
+    for name in members {
+        publisher.publish(&format!("{SHARE_MARKER}/{name}"), QoS5::AtLeastOnce, false, b"m").await;
+    }
+    publisher.disconnect().await;
+}
+
+/// What `client` received before its marker.
+async fn until_marker(client: &mut Client5) -> Vec<String> {
+    let received = client.receive(ACK_TIMEOUT, |m| m.iter().any(|m| m.topic.starts_with(SHARE_MARKER))).await;
+    received.into_iter().take_while(|m| !m.topic.starts_with(SHARE_MARKER)).map(|m| m.payload).collect()
+}
+
+async fn shared_distribution(addrs: Addrs) -> Option<SharedDistribution> {
+    let mut a = member(addrs, "share-a", "share/t", false).await?;
+    let mut b = member(addrs, "share-b", "share/t", false).await?;
+    let ten: Vec<String> = (0..10).map(|n| n.to_string()).collect();
+    let ten: Vec<&str> = ten.iter().map(String::as_str).collect();
+    publish_then_mark(addrs, "share/t", &ten, &["share-a", "share-b"]).await;
+    let (got_a, got_b) = (until_marker(&mut a).await, until_marker(&mut b).await);
+    let mut per_member = vec![got_a.len(), got_b.len()];
+    per_member.sort_unstable();
+    let mut delivered: Vec<String> = got_a.into_iter().chain(got_b).collect();
+    delivered.sort_by_key(|p| p.parse::<u32>().unwrap_or(u32::MAX));
+    b.disconnect().await;
+    publish_then_mark(addrs, "share/t", &["10", "11", "12", "13"], &["share-a"]).await;
+    let after_leaving = until_marker(&mut a).await;
+    a.disconnect().await;
+    Some(SharedDistribution { delivered, per_member, after_leaving })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_subscription_gives_each_message_to_one_member_in_turn() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = Some(SharedDistribution {
+        delivered: (0..10).map(|n| n.to_string()).collect(),
+        per_member: vec![5, 5],
+        after_leaving: (10..14).map(|n| n.to_string()).collect(),
+    });
+    conform("shared distribution", BrokerSetup::anonymous(), expected, shared_distribution).await;
+}
+
+#[derive(Debug, PartialEq)]
+struct SharedUnacknowledged {
+    /// What the member that never acknowledges received (its half).
+    silent_got: usize,
+    /// What the other member received, before and after the silent one left.
+    other_got: Vec<String>,
+}
+
+/// Member "share-quiet" takes its deliveries but never sends a PUBACK, then leaves with a
+/// DISCONNECT (clean start: its session ends with them unacknowledged). MQTT 5 (4.8.2) says a
+/// broker SHOULD then send them to another member; mosquitto 2.0.11 does not (they are lost
+/// with the session), and neither does Outpost: the same observation, and a known limit
+/// (ARCHITECTURE.md). A member with a persistent session gets them again when it returns.
+async fn shared_unacknowledged(addrs: Addrs) -> Option<SharedUnacknowledged> {
+    let mut other = member(addrs, "share-other", "share/u", false).await?;
+    let mut quiet = member(addrs, "share-quiet", "share/u", true).await?;
+    let six = ["0", "1", "2", "3", "4", "5"];
+    publish_then_mark(addrs, "share/u", &six, &["share-other", "share-quiet"]).await;
+    let mut other_got = until_marker(&mut other).await;
+    let silent_got = until_marker(&mut quiet).await.len();
+    quiet.disconnect().await;
+    publish_then_mark(addrs, "share/u", &[], &["share-other"]).await;
+    other_got.extend(until_marker(&mut other).await);
+    other.disconnect().await;
+    other_got.sort();
+    Some(SharedUnacknowledged { silent_got, other_got })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unacknowledged_shared_deliveries_of_a_member_that_left() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected =
+        Some(SharedUnacknowledged { silent_got: 3, other_got: vec!["0".into(), "2".into(), "4".into()] });
+    conform("shared unacknowledged", BrokerSetup::anonymous(), expected, shared_unacknowledged).await;
 }

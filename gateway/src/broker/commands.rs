@@ -94,7 +94,7 @@ impl Commands {
                 )
                 .await;
         }
-        let local = shared.local.publish(topic, &publish, qos, None, None, true).await;
+        let local = shared.local.publish(topic, &publish, qos, None, None, true, None).await;
         let mut event = shared.intake.new_event(topic.to_owned(), payload, qos, &self.client_id);
         event.from_upstream = true;
         event.retain = retain;

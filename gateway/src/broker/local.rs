@@ -30,7 +30,7 @@
 //!   session before.
 //! - The publisher never holds a lock while it waits, and no lock is held across an `.await`.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -43,7 +43,10 @@ use tracing::warn;
 use rumqttd::protocol::LastWill;
 
 use super::access::Permissions;
+use super::persist::{self, SessionLog};
 use super::subs::{Merge, SubTrie};
+use crate::ack::Ticket;
+use crate::buffer::sessions::{LoadedSession, StoredSession, StoredSubscription};
 use crate::metrics::Metrics;
 use crate::telemetry::LogThrottles;
 
@@ -70,6 +73,9 @@ pub struct Message {
     pub resend: Option<u16>,
     /// QoS 2: the client's PUBREC came and our PUBREL went; a resend is the PUBREL.
     pub released: bool,
+    /// Its seq in the buffer file's `session_queue` (a persistent session's QoS 1/2
+    /// delivery): deleted there when it completes (see [`Local::completed`]).
+    pub stored: Option<u64>,
 }
 
 impl Message {
@@ -79,7 +85,7 @@ impl Message {
             .as_ref()
             .and_then(|p| p.message_expiry_interval)
             .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
-        Message { publish, qos, retain, properties, expires, resend: None, released: false }
+        Message { publish, qos, retain, properties, expires, resend: None, released: false, stored: None }
     }
 }
 
@@ -126,6 +132,9 @@ struct Queue {
     /// A wait for room timed out: further deliveries are dropped at once until the queue has
     /// drained to half, so a stalled reader costs each publisher one wait, not one per message.
     lagging: bool,
+    /// The session's client id while it is persistent and durable: its QoS 1/2 deliveries
+    /// are written to the buffer file as they are queued.
+    persist: Option<Arc<str>>,
 }
 
 /// A session's bounded delivery queue.
@@ -153,19 +162,27 @@ enum Offer {
 impl Mailbox {
     fn new(cap: usize, online: bool) -> Mailbox {
         Mailbox {
-            queue: Mutex::new(Queue { items: VecDeque::new(), online, lagging: false }),
+            queue: Mutex::new(Queue { items: VecDeque::new(), online, lagging: false, persist: None }),
             cap,
             ready: Notify::new(),
             space: Notify::new(),
         }
     }
 
-    fn offer(&self, message: Message) -> Offer {
+    /// Queues `message` if there is room; a persistent session's QoS 1/2 delivery is also
+    /// handed to `log` (under this lock, so the file gets a session's deliveries in queue
+    /// order), and `ticket` waits for its commit.
+    fn offer(&self, mut message: Message, log: Option<&SessionLog>, ticket: Option<&Ticket>) -> Offer {
         let mut q = lock(&self.queue);
         if !q.online && message.qos == 0 {
             return Offer::NotKept;
         }
         if q.items.len() < self.cap {
+            if let (Some(id), Some(log)) = (&q.persist, log)
+                && message.qos > 0
+            {
+                message.stored = Some(log.insert(id, &message, ticket));
+            }
             q.items.push_back(message);
             drop(q);
             self.ready.notify_one();
@@ -210,6 +227,10 @@ impl Mailbox {
         self.len() == 0
     }
 
+    fn set_persist(&self, id: Option<Arc<str>>) {
+        lock(&self.queue).persist = id;
+    }
+
     fn set_online(&self, online: bool, mut resend: Vec<Message>) {
         let mut q = lock(&self.queue);
         q.online = online;
@@ -236,7 +257,9 @@ pub enum SubscribeError {
 
 struct SessionState {
     mailbox: Arc<Mailbox>,
-    filters: HashSet<String>,
+    filters: HashMap<String, SubOptions>,
+    /// A row of it may be in the buffer file: ending it deletes that.
+    on_disk: bool,
     /// Serial of the connection holding the session; `None` while offline.
     owner: Option<u64>,
     persistent: bool,
@@ -255,11 +278,14 @@ struct State {
 }
 
 impl State {
-    /// Ends a session; returns its delayed will, now due.
-    fn end_session(&mut self, id: &Arc<str>) -> Option<Will> {
+    /// Ends a session (in the buffer file too); returns its delayed will, now due.
+    fn end_session(&mut self, id: &Arc<str>, log: Option<&SessionLog>) -> Option<Will> {
         let s = self.sessions.remove(id)?;
-        for f in &s.filters {
+        for f in s.filters.keys() {
             self.trie.unsubscribe(id, f);
+        }
+        if let (true, Some(log)) = (s.on_disk, log) {
+            log.end(id);
         }
         if s.owner.is_none() {
             self.offline -= 1;
@@ -270,6 +296,8 @@ impl State {
 
 /// A connection's claim on its session.
 pub struct Attached {
+    /// The session's client id.
+    pub id: Arc<str>,
     pub mailbox: Arc<Mailbox>,
     /// A persistent session was resumed.
     pub present: bool,
@@ -289,6 +317,8 @@ pub struct Limits {
 pub struct Local {
     limits: Limits,
     metrics: Metrics,
+    /// Where persistent sessions are written (`None`: in memory only, as in unit tests).
+    log: Option<Arc<SessionLog>>,
     state: Mutex<State>,
     /// Subscriptions held, readable without the lock (the no-subscriber fast path).
     subscriptions: AtomicUsize,
@@ -300,9 +330,114 @@ impl Local {
         Local {
             limits,
             metrics,
+            log: None,
             state: Mutex::default(),
             subscriptions: AtomicUsize::new(0),
             logs: LogThrottles::default(),
+        }
+    }
+
+    /// Persistent sessions are written to the buffer file through `log`.
+    pub fn with_log(mut self, log: Arc<SessionLog>) -> Local {
+        self.log = Some(log);
+        self
+    }
+
+    /// Brings back the persistent sessions read from the buffer file at start-up, offline
+    /// (already within `broker.max_offline_sessions` and `max_queued_messages`).
+    pub fn restore(&self, loaded: Vec<LoadedSession>) -> usize {
+        let mut state = lock(&self.state);
+        let (now, now_ms) = (Instant::now(), crate::event::now_ms());
+        let n = loaded.len();
+        for session in loaded {
+            let id: Arc<str> = Arc::from(session.client_id.as_str());
+            let mailbox = Arc::new(Mailbox::new(self.limits.max_queued, false));
+            mailbox.set_persist(self.log.as_ref().map(|_| Arc::clone(&id)));
+            {
+                let mut q = lock(&mailbox.queue);
+                for (seq, stored) in session.queue {
+                    q.items.push_back(persist::from_stored(seq, stored, now, now_ms));
+                }
+            }
+            let mut filters = HashMap::new();
+            for sub in session.session.subscriptions {
+                let options = SubOptions {
+                    qos: sub.qos,
+                    no_local: sub.no_local,
+                    retain_as_published: sub.retain_as_published,
+                    ids: sub.ids,
+                };
+                state.trie.subscribe(&id, &sub.filter, options.clone());
+                filters.insert(sub.filter, options);
+            }
+            let away = Duration::from_millis(
+                now_ms.saturating_sub(session.session.offline_since_ms.unwrap_or(now_ms)),
+            );
+            let offline_since = now.checked_sub(away).unwrap_or(now);
+            state.sessions.insert(
+                id,
+                SessionState {
+                    mailbox,
+                    filters,
+                    on_disk: true,
+                    owner: None,
+                    persistent: true,
+                    expiry: session.session.expiry_secs.map(|secs| Duration::from_secs(u64::from(secs))),
+                    offline_since: Some(offline_since),
+                    will: None,
+                },
+            );
+            state.offline += 1;
+        }
+        Metrics::add(&self.metrics.counters().sessions_restored, n as u64);
+        self.publish_gauges(&state);
+        n
+    }
+
+    /// Writes a persistent session's row (subscriptions, expiry, offline since).
+    fn save(log: Option<&SessionLog>, id: &Arc<str>, s: &mut SessionState) {
+        let Some(log) = log.filter(|_| s.persistent) else { return };
+        s.on_disk = true;
+        let now_ms = crate::event::now_ms();
+        let mut subscriptions: Vec<StoredSubscription> = s
+            .filters
+            .iter()
+            .map(|(filter, o)| StoredSubscription {
+                filter: filter.clone(),
+                qos: o.qos,
+                no_local: o.no_local,
+                retain_as_published: o.retain_as_published,
+                ids: o.ids.clone(),
+            })
+            .collect();
+        subscriptions.sort_by(|a, b| a.filter.cmp(&b.filter));
+        log.row(
+            id,
+            StoredSession {
+                expiry_secs: s.expiry.map(|d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX - 1)),
+                offline_since_ms: s.offline_since.map(|since| {
+                    now_ms.saturating_sub(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX))
+                }),
+                subscriptions,
+            },
+        );
+    }
+
+    /// Resolves once `id`'s changes so far are in the buffer file, if it is a persistent
+    /// session (a SUBACK or UNSUBACK waits for it).
+    pub async fn flush(&self, id: &Arc<str>) {
+        let Some(log) = &self.log else { return };
+        let persistent = lock(&self.state).sessions.get(id).is_some_and(|s| s.persistent);
+        if persistent {
+            log.flush().await;
+        }
+    }
+
+    /// A persistent session's delivery completed (PUBACK, PUBCOMP) or was discarded (expired,
+    /// too large, withheld): it leaves the buffer file.
+    pub fn completed(&self, id: &Arc<str>, message: &Message) {
+        if let (Some(seq), Some(log)) = (message.stored, &self.log) {
+            log.delete(id, seq);
         }
     }
 
@@ -325,9 +460,10 @@ impl Local {
         expiry: Option<Duration>,
     ) -> Attached {
         let mut state = lock(&self.state);
+        let log = self.log.as_deref();
         if clean_start {
             // A will delayed in it is not published: a connection for the session came first.
-            state.end_session(id);
+            state.end_session(id, log);
         }
         if let Some(s) = state.sessions.get_mut(id) {
             let was_offline = s.owner.is_none();
@@ -337,10 +473,13 @@ impl Local {
             s.expiry = expiry;
             s.offline_since = None;
             s.mailbox.set_online(true, Vec::new());
+            s.mailbox.set_persist(log.filter(|_| persistent).map(|_| Arc::clone(id)));
+            Local::save(log, id, s);
             let attached = Attached {
+                id: Arc::clone(id),
                 mailbox: Arc::clone(&s.mailbox),
                 present: true,
-                filters: s.filters.iter().cloned().collect(),
+                filters: s.filters.keys().cloned().collect(),
             };
             if was_offline {
                 state.offline -= 1;
@@ -349,20 +488,21 @@ impl Local {
             return attached;
         }
         let mailbox = Arc::new(Mailbox::new(self.limits.max_queued, true));
-        state.sessions.insert(
-            Arc::clone(id),
-            SessionState {
-                mailbox: Arc::clone(&mailbox),
-                filters: HashSet::new(),
-                owner: Some(serial),
-                persistent,
-                expiry,
-                offline_since: None,
-                will: None,
-            },
-        );
+        mailbox.set_persist(log.filter(|_| persistent).map(|_| Arc::clone(id)));
+        let mut session = SessionState {
+            mailbox: Arc::clone(&mailbox),
+            filters: HashMap::new(),
+            on_disk: false,
+            owner: Some(serial),
+            persistent,
+            expiry,
+            offline_since: None,
+            will: None,
+        };
+        Local::save(log, id, &mut session);
+        state.sessions.insert(Arc::clone(id), session);
         self.publish_gauges(&state);
-        Attached { mailbox, present: false, filters: Vec::new() }
+        Attached { id: Arc::clone(id), mailbox, present: false, filters: Vec::new() }
     }
 
     /// The connection `serial` ends. A clean session ends with it; a persistent one goes
@@ -404,9 +544,10 @@ impl Local {
             Some(secs) => s.expiry = Some(Duration::from_secs(u64::from(secs))),
             None => {}
         }
+        let log = self.log.as_deref();
         if !s.persistent {
             due.extend(will.map(|(_, w)| w));
-            due.extend(state.end_session(id));
+            due.extend(state.end_session(id, log));
             self.publish_gauges(&state);
             return due;
         }
@@ -414,6 +555,7 @@ impl Local {
         s.owner = None;
         s.offline_since = Some(now);
         s.mailbox.set_online(false, inflight);
+        Local::save(log, id, s);
         // Due at the delay or the session's end, whichever comes first (MQTT 5, 3.1.3.2.2).
         s.will = will.map(|(delay, w)| (now + s.expiry.map_or(delay, |e| e.min(delay)), w));
         state.offline += 1;
@@ -425,7 +567,7 @@ impl Local {
                 .min()
                 .map(|(_, k)| k);
             if let Some(victim) = oldest {
-                due.extend(state.end_session(&victim));
+                due.extend(state.end_session(&victim, log));
                 Metrics::add(&self.metrics.counters().sessions_evicted, 1);
                 if let Some(folded) = self.logs.ready("evicted") {
                     warn!(message = "a persistent session was ended: broker.max_offline_sessions offline sessions are kept already; raise it, or have clients that do not return use clean sessions", client_id = %victim, similar_since_last_log = folded);
@@ -456,7 +598,7 @@ impl Local {
             .map(|(k, _)| Arc::clone(k))
             .collect();
         for id in &due {
-            wills.extend(state.end_session(id));
+            wills.extend(state.end_session(id, self.log.as_deref()));
         }
         if !due.is_empty() {
             Metrics::add(&self.metrics.counters().sessions_expired, due.len() as u64);
@@ -476,13 +618,12 @@ impl Local {
         let mut state = lock(&self.state);
         let State { trie, sessions, .. } = &mut *state;
         let Some(s) = sessions.get_mut(id) else { return Ok(false) };
-        let new = !s.filters.contains(filter);
-        if new {
-            if s.filters.len() >= self.limits.max_filters {
-                return Err(SubscribeError::TooMany);
-            }
-            s.filters.insert(filter.to_owned());
+        let new = !s.filters.contains_key(filter);
+        if new && s.filters.len() >= self.limits.max_filters {
+            return Err(SubscribeError::TooMany);
         }
+        s.filters.insert(filter.to_owned(), options.clone());
+        Local::save(self.log.as_deref(), id, s);
         trie.subscribe(id, filter, options);
         self.publish_gauges(&state);
         Ok(new)
@@ -493,9 +634,10 @@ impl Local {
         let mut state = lock(&self.state);
         let State { trie, sessions, .. } = &mut *state;
         let Some(s) = sessions.get_mut(id) else { return false };
-        if !s.filters.remove(filter) {
+        if s.filters.remove(filter).is_none() {
             return false;
         }
+        Local::save(self.log.as_deref(), id, s);
         trie.unsubscribe(id, filter);
         self.publish_gauges(&state);
         true
@@ -506,7 +648,7 @@ impl Local {
     fn filters(&self, id: &str) -> Vec<String> {
         let state = lock(&self.state);
         let mut f: Vec<String> =
-            state.sessions.get(id).map(|s| s.filters.iter().cloned().collect()).unwrap_or_default();
+            state.sessions.get(id).map(|s| s.filters.keys().cloned().collect()).unwrap_or_default();
         f.sort();
         f
     }
@@ -538,7 +680,10 @@ impl Local {
     /// Queues `publish` for every matching session. `wait`: a publisher that may be slowed
     /// down (a sensor connection) waits up to [`FULL_QUEUE_WAIT`] for room in a full queue;
     /// one that must not (rules' republish) drops at once. `from`: the publisher's session,
-    /// if it has one. Returns deliveries queued.
+    /// if it has one. `ticket`: the publisher's acknowledgement, held until the copies queued
+    /// for persistent sessions are committed. Returns deliveries queued.
+    // The publish's parts, as a connection holds them: bundling them would copy per publish.
+    #[allow(clippy::too_many_arguments)]
     pub async fn publish(
         &self,
         topic: &str,
@@ -547,8 +692,10 @@ impl Local {
         properties: Option<&PublishProperties>,
         from: Option<&str>,
         wait: bool,
+        ticket: Option<&Ticket>,
     ) -> usize {
         let mut queued = 0;
+        let log = self.log.as_deref();
         let expires = expiry_of(properties);
         for (id, mailbox, options) in self.targets(topic, from) {
             let mut message = delivery(publish, qos, properties, expires, options);
@@ -558,7 +705,7 @@ impl Local {
                 let space = mailbox.space.notified();
                 tokio::pin!(space);
                 space.as_mut().enable();
-                match mailbox.offer(message) {
+                match mailbox.offer(message, log, ticket) {
                     Offer::Queued => {
                         queued += 1;
                         break;
@@ -592,7 +739,7 @@ impl Local {
         let expires = expiry_of(properties);
         for (id, mailbox, options) in self.targets(topic, None) {
             let message = delivery(publish, 0, properties, expires, options);
-            match mailbox.offer(message) {
+            match mailbox.offer(message, self.log.as_deref(), None) {
                 Offer::Queued => queued += 1,
                 Offer::NotKept => {}
                 Offer::Full { .. } => self.dropped(&id, topic),
@@ -635,6 +782,7 @@ fn delivery(
         expires,
         resend: None,
         released: false,
+        stored: None,
     }
 }
 
@@ -669,17 +817,21 @@ mod tests {
         let a = l.attach(&id, 1, true, false, None);
         l.subscribe(&id, "t", qos(1)).expect("subscribe");
         for n in 0..2 {
-            assert_eq!(l.publish("t", &publish("t", &n.to_string()), 1, None, None, true).await, 1);
+            assert_eq!(l.publish("t", &publish("t", &n.to_string()), 1, None, None, true, None).await, 1);
         }
         let started = Instant::now();
-        assert_eq!(l.publish("t", &publish("t", "2"), 1, None, None, true).await, 0);
+        assert_eq!(l.publish("t", &publish("t", "2"), 1, None, None, true, None).await, 0);
         assert!(started.elapsed() >= FULL_QUEUE_WAIT, "waited the bound, then dropped");
         let started = Instant::now();
-        assert_eq!(l.publish("t", &publish("t", "3"), 1, None, None, true).await, 0);
+        assert_eq!(l.publish("t", &publish("t", "3"), 1, None, None, true, None).await, 0);
         assert!(started.elapsed() < FULL_QUEUE_WAIT, "lagging: no second wait");
         assert_eq!(Metrics::get(&l.metrics.counters().local_dropped), 2);
         assert_eq!(drain(&a.mailbox), [("0".to_owned(), 1, None), ("1".to_owned(), 1, None)]);
-        assert_eq!(l.publish("t", &publish("t", "4"), 0, None, None, true).await, 1, "drained: queued again");
+        assert_eq!(
+            l.publish("t", &publish("t", "4"), 0, None, None, true, None).await,
+            1,
+            "drained: queued again"
+        );
         assert_eq!(drain(&a.mailbox), [("4".to_owned(), 0, None)], "min(publish, subscription) QoS");
     }
 
@@ -689,10 +841,10 @@ mod tests {
         let id: Arc<str> = Arc::from("s");
         let a = l.attach(&id, 1, true, false, None);
         l.subscribe(&id, "t", qos(1)).expect("subscribe");
-        l.publish("t", &publish("t", "0"), 1, None, None, true).await;
+        l.publish("t", &publish("t", "0"), 1, None, None, true, None).await;
         let publisher = {
             let l = Arc::clone(&l);
-            tokio::spawn(async move { l.publish("t", &publish("t", "1"), 1, None, None, true).await })
+            tokio::spawn(async move { l.publish("t", &publish("t", "1"), 1, None, None, true, None).await })
         };
         tokio::task::yield_now().await;
         assert_eq!(drain(&a.mailbox), [("0".to_owned(), 1, None)]);
@@ -707,14 +859,18 @@ mod tests {
         let id: Arc<str> = Arc::from("p");
         let a = l.attach(&id, 1, false, true, None);
         l.subscribe(&id, "$share/g/t", qos(1)).expect("subscribe");
-        l.publish("t", &publish("t", "sent"), 1, None, None, true).await;
+        l.publish("t", &publish("t", "sent"), 1, None, None, true, None).await;
         let mut inflight = Vec::new();
         a.mailbox.take(|_| true, &mut inflight);
         inflight[0].resend = Some(7);
         l.detach(&id, 1, &a.mailbox, inflight, None, None);
-        assert_eq!(l.publish("t", &publish("t", "q1"), 1, None, None, true).await, 1, "queued while offline");
         assert_eq!(
-            l.publish("t", &publish("t", "q0"), 0, None, None, true).await,
+            l.publish("t", &publish("t", "q1"), 1, None, None, true, None).await,
+            1,
+            "queued while offline"
+        );
+        assert_eq!(
+            l.publish("t", &publish("t", "q0"), 0, None, None, true, None).await,
             0,
             "QoS 0 is not kept offline"
         );
@@ -726,7 +882,7 @@ mod tests {
         let c = l.attach(&id, 3, true, false, None);
         assert!(!c.present);
         assert!(l.filters("p").is_empty());
-        assert_eq!(l.publish("t", &publish("t", "x"), 1, None, None, true).await, 0);
+        assert_eq!(l.publish("t", &publish("t", "x"), 1, None, None, true, None).await, 0);
         l.detach(&id, 3, &c.mailbox, Vec::new(), None, None);
         assert_eq!(lock(&l.state).sessions.len(), 0, "a clean session leaves nothing behind");
         assert_eq!(lock(&l.state).trie.nodes(), 0);
@@ -782,7 +938,7 @@ mod tests {
         l.subscribe(&off, "$share/g/t", qos(1)).expect("subscribe");
         l.detach(&off, 2, &b.mailbox, Vec::new(), None, None);
         for n in 0..4 {
-            l.publish("t", &publish("t", &n.to_string()), 1, None, None, true).await;
+            l.publish("t", &publish("t", &n.to_string()), 1, None, None, true, None).await;
         }
         assert_eq!(drain(&a.mailbox).len(), 4, "the connected member gets every message");
         assert!(b.mailbox.is_empty());
@@ -797,8 +953,8 @@ mod tests {
             |qos, no_local, ids: Vec<usize>| SubOptions { qos, no_local, retain_as_published: false, ids };
         l.subscribe(&id, "t/#", opts(1, true, vec![3])).expect("subscribe");
         l.subscribe(&id, "t/x", opts(2, false, vec![5])).expect("subscribe");
-        l.publish("t/x", &publish("t/x", "others"), 2, None, None, true).await;
-        l.publish("t/x", &publish("t/x", "own"), 2, None, Some("s"), true).await;
+        l.publish("t/x", &publish("t/x", "others"), 2, None, None, true, None).await;
+        l.publish("t/x", &publish("t/x", "own"), 2, None, Some("s"), true, None).await;
         let mut out = Vec::new();
         a.mailbox.take(|_| true, &mut out);
         let seen: Vec<(String, u8, Vec<usize>)> = out
@@ -856,6 +1012,49 @@ mod tests {
             l.detach(&id, 4, &d.mailbox, Vec::new(), Some(0), Some((Duration::from_secs(30), will(&id))));
         assert_eq!(due.len(), 1);
         assert_eq!(lock(&l.state).sessions.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_persistent_sessions_deliveries_and_subscriptions_go_to_the_log_and_completed_ones_leave() {
+        let log = Arc::new(SessionLog::new(0));
+        let l = local(10, 10).with_log(Arc::clone(&log));
+        let p: Arc<str> = Arc::from("p");
+        let c: Arc<str> = Arc::from("c");
+        let a = l.attach(&p, 1, false, true, Some(Duration::from_secs(60)));
+        let b = l.attach(&c, 2, true, false, None);
+        l.subscribe(&p, "t", qos(2)).expect("subscribe");
+        l.subscribe(&c, "t", qos(1)).expect("subscribe");
+        let acks = crate::ack::AckQueue::new();
+        let ticket = acks.ticket();
+        assert_eq!(l.publish("t", &publish("t", "1"), 1, None, None, true, Some(&ticket)).await, 2);
+        assert_eq!(l.publish("t", &publish("t", "0"), 0, None, None, true, None).await, 2);
+        drop(ticket);
+        let mut ready = Vec::new();
+        acks.take_ready(&mut ready);
+        assert!(ready.is_empty(), "the publisher's acknowledgement waits for the commit");
+        let (batch, tickets, _) = log.take();
+        drop(tickets);
+        acks.take_ready(&mut ready);
+        assert_eq!(ready.len(), 1, "released once its copies are committed");
+        assert_eq!(
+            batch.inserts.iter().map(|(k, d)| (k.clone(), d.qos)).collect::<Vec<_>>(),
+            [(("p".to_owned(), 1), 1)],
+            "only the persistent session's QoS 1 copy"
+        );
+        assert_eq!(batch.rows.len(), 1);
+        assert_eq!(batch.rows[0].1.subscriptions[0].filter, "t");
+        assert_eq!(batch.rows[0].1.expiry_secs, Some(60));
+        let mut out = Vec::new();
+        a.mailbox.take(|_| true, &mut out);
+        assert_eq!(out.iter().map(|m| m.stored).collect::<Vec<_>>(), [Some(1), None]);
+        assert!(drain(&b.mailbox).len() == 2);
+        l.completed(&p, &out[0]);
+        assert_eq!(log.take().0.deletes, [("p".to_owned(), 1)]);
+        // Offline: the row says since when; a clean start ends it on disk too.
+        l.detach(&p, 1, &a.mailbox, Vec::new(), None, None);
+        assert!(log.take().0.rows[0].1.offline_since_ms.is_some());
+        l.attach(&p, 3, true, false, None);
+        assert_eq!(log.take().0.ends, ["p"]);
     }
 
     #[test]

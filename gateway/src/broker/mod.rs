@@ -68,6 +68,7 @@ mod conn;
 mod intake;
 mod live;
 pub mod local;
+pub mod persist;
 mod republisher;
 pub mod retained;
 pub mod subs;
@@ -170,6 +171,7 @@ pub async fn start(
     tap: crate::tap::Tap,
     retained: retained::Durable,
     events_wanted: crate::event::EventsWanted,
+    sessions: persist::Restored,
 ) -> Result<Started, BrokerError> {
     let access = Arc::new(Access::load(cfg)?);
     let mut listeners = vec![(bind("broker.listen", cfg.listen).await?, Listener::Listen, None)];
@@ -190,7 +192,16 @@ pub async fn start(
         max_offline: cfg.max_offline_sessions,
         max_filters: cfg.max_subscriptions.get(),
     };
-    let local = Arc::new(Local::new(limits, metrics.clone()));
+    // Persistent sessions are written through the store thread's queue, as retained messages
+    // are; the log's task commits them (see `persist`).
+    let log = Arc::new(persist::SessionLog::new(sessions.max_seq));
+    let local = Local::new(limits, metrics.clone()).with_log(Arc::clone(&log));
+    let restored = local.restore(sessions.sessions);
+    if restored > 0 {
+        info!(message = "persistent sessions restored from the buffer file", sessions = restored);
+    }
+    let local = Arc::new(local);
+    tracker.spawn(persist::run(log, retained.commands.clone(), metrics.clone(), cancel.clone()));
     let (status_tx, status_rx) = watch::channel(Arc::new(Vec::new()));
     let shared = Arc::new(Shared {
         cfg: cfg.clone(),

@@ -1,7 +1,7 @@
 //! Stage 3 support: the durable store-and-forward buffer.
 //!
 //! # On-disk layout
-//! One redb file, `<data_dir>/buffer.redb`, with four tables:
+//! One redb file, `<data_dir>/buffer.redb`, with six tables:
 //! - `events`: key `(priority: u8, seq: u64)`, value a CBOR map with `event_id`, `enqueued_ms`,
 //!   `expires_ms`, `topic`, `qos`, `payload` (a byte string). Within one priority, key order
 //!   is arrival order, so reading a key range is FIFO.
@@ -13,10 +13,15 @@
 //! - `retained`: the local broker's retained messages, key the topic, value a CBOR map
 //!   ([`StoredRetained`]: QoS, payload, expiry in Unix ms, MQTT 5 properties). Written by
 //!   the store thread ([`worker::Command::Retain`]) in the broker's order, read once at start.
+//! - `sessions` and `session_queue`: the local broker's persistent sessions and their queued
+//!   QoS 1/2 deliveries ([`sessions`]), written by the store thread
+//!   ([`worker::Command::Sessions`]), read once at start.
 //!
 //! # Format versions
-//! [`store::FORMAT_VERSION`] is 3. Version 1 is a file without the `format_version` key (every
-//! release before it); version 2 added the `imported` table, version 3 the `retained` table.
+//! [`store::FORMAT_VERSION`] is 5. Version 1 is a file without the `format_version` key (every
+//! release before it); version 2 added the `imported` table, version 3 the `retained` table,
+//! version 5 the `sessions` and `session_queue` tables (4 is another branch's; each migration
+//! is written as "older than N → add what N added", so they compose).
 //! Opening an older file adds the key and the missing tables in the same transaction as the
 //! epoch bump, and leaves the records as they are (tested with
 //! `gateway/tests/fixtures/buffer-v1.redb`, written by that release, and with a version-2 file
@@ -57,6 +62,7 @@ pub mod access;
 pub mod file;
 pub mod import;
 pub mod inspect;
+pub mod sessions;
 pub mod store;
 pub mod worker;
 

@@ -16,9 +16,10 @@ use super::file::{
 use super::inspect::{self, StatsReport};
 
 /// The buffer file's format, kept in `meta` as `format_version`. 1: no such key (releases up
-/// to commit 568ebea); 2: the key and the `imported` table; 3: the `retained` table. A file
-/// with a higher version was written by a newer release and is refused untouched.
-pub const FORMAT_VERSION: u64 = 3;
+/// to commit 568ebea); 2: the key and the `imported` table; 3: the `retained` table; 5: the
+/// `sessions` and `session_queue` tables ([`super::sessions`]). A file with a higher version was
+/// written by a newer release and is refused untouched.
+pub const FORMAT_VERSION: u64 = 5;
 const FORMAT_KEY: &str = "format_version";
 
 /// A drained file larger than this is compacted so the disk space comes back.
@@ -196,6 +197,11 @@ impl Store {
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }
+            if version < 5 {
+                // Older than 5: the persistent sessions' tables.
+                txn.open_table(super::sessions::SESSIONS).map_err(|e| db_err(&path, e))?;
+                txn.open_table(super::sessions::SESSION_QUEUE).map_err(|e| db_err(&path, e))?;
+            }
             let events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
             epoch = (meta.get("epoch").map_err(|e| db_err(&path, e))?.map_or(0, |v| v.value()) + 1)
                 .max(min_epoch);
@@ -226,7 +232,7 @@ impl Store {
 
     /// The open database, reopening it first if an I/O error closed it. Reopening runs redb's
     /// repair, which restores the last committed state; the counters are reloaded from it.
-    fn database(&mut self) -> Result<&Database, BufferError> {
+    pub(super) fn database(&mut self) -> Result<&Database, BufferError> {
         if self.db.is_none() {
             let db = Store::create(&self.path)?;
             let txn = db.begin_read().map_err(|e| db_err(&self.path, e))?;
@@ -251,7 +257,7 @@ impl Store {
     }
 
     /// Closes the file after an I/O error so the next operation reopens it.
-    fn forget_on_io_error<T>(&mut self, result: Result<T, BufferError>) -> Result<T, BufferError> {
+    pub(super) fn forget_on_io_error<T>(&mut self, result: Result<T, BufferError>) -> Result<T, BufferError> {
         if result.as_ref().is_err_and(BufferError::is_io) {
             self.db = None;
         }

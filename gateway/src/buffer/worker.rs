@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::file::{BufferError, Key, Record, StoredRetained};
 use super::inspect::StatsReport;
+use super::sessions::SessionBatch;
 use super::store::{Applied, Batch, Store};
 use crate::watchdog::Heartbeat;
 
@@ -36,6 +37,12 @@ pub enum Command {
     /// transaction before the reply; applied in the order the broker sent them.
     Retain {
         writes: Vec<(String, Option<StoredRetained>)>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The broker's persistent-session changes, committed in one durable transaction before
+    /// the reply (see [`super::sessions`]).
+    Sessions {
+        batch: SessionBatch,
         reply: oneshot::Sender<Result<(), String>>,
     },
 }
@@ -172,6 +179,10 @@ fn execute(store: &mut Store, command: Command, slow_commits: Option<Duration>) 
         }
         Command::Retain { writes, reply } => {
             let _ = reply.send(store.apply_retained(&writes).map_err(|e| e.to_string()));
+            None
+        }
+        Command::Sessions { batch, reply } => {
+            let _ = reply.send(store.apply_sessions(&batch).map_err(|e| e.to_string()));
             None
         }
         Command::Read { priority, from_seq, limit } => {

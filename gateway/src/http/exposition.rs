@@ -127,6 +127,18 @@ pub const COUNTERS: &[Mapping] = &[
         "Retained writes the buffer file could not commit; they live in memory only.",
     ),
     m(
+        "sessions_unsaved",
+        "outpost_sessions_unsaved_total",
+        &[],
+        "Commits of persistent sessions' changes the buffer file could not take; they live in memory only.",
+    ),
+    m(
+        "sessions_restored",
+        "outpost_sessions_restored_total",
+        &[],
+        "Persistent sessions restored from the buffer file at start-up.",
+    ),
+    m(
         "topics_refused_control",
         "outpost_publishes_refused_total",
         &[("reason", "topic_control_character")],

@@ -95,6 +95,8 @@ pub(super) struct Outbound {
     next_pkid: u16,
     /// What the ACL lets this client read and subscribe to.
     permissions: Permissions,
+    /// The session's client id (its deliveries in the buffer file are kept under it).
+    id: Arc<str>,
 }
 
 /// The session's delivery queue, as the connection waits on it.
@@ -138,6 +140,7 @@ impl Outbound {
     ) -> Outbound {
         Outbound {
             permissions,
+            id: Arc::clone(&attached.id),
             queue: SessionQueue { mailbox: attached.mailbox, listening: attached.present },
             sys: SysSubscription::default(),
             inflight: HashMap::new(),
@@ -152,16 +155,18 @@ impl Outbound {
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2): the delivery is complete.
-    pub(super) fn on_complete(&mut self, pkid: u16) {
-        self.inflight.remove(&pkid);
+    pub(super) fn on_complete(&mut self, shared: &Shared, pkid: u16) {
+        if let Some((_, message)) = self.inflight.remove(&pkid) {
+            shared.local.completed(&self.id, &message);
+        }
     }
 
     /// PUBREC for a QoS 2 delivery: PUBREL, and wait for the PUBCOMP. An MQTT 5 PUBREC with
     /// a failure code ends the delivery there (3.3.4: it is complete).
-    pub(super) fn on_pubrec(&mut self, io: &mut Io, pkid: u16, failed: bool) {
+    pub(super) fn on_pubrec(&mut self, io: &mut Io, shared: &Shared, pkid: u16, failed: bool) {
         let reason = match self.inflight.get_mut(&pkid) {
             Some((_, m)) if m.qos == 2 && failed => {
-                self.inflight.remove(&pkid);
+                self.on_complete(shared, pkid);
                 return;
             }
             Some((_, m)) if m.qos == 2 => {
@@ -197,7 +202,7 @@ impl Outbound {
 
     /// Subscribes, answers with SUBACK, then sends the retained messages and current `$SYS`
     /// status the new filters match.
-    pub(super) fn on_subscribe(
+    pub(super) async fn on_subscribe(
         &mut self,
         io: &mut Io,
         client: &Client,
@@ -212,6 +217,8 @@ impl Outbound {
             Vec::new()
         };
         let granted = self.grant(client, io.v5(), subscribe.filters, id);
+        // A persistent session's subscription is on disk before the client sees it granted.
+        client.shared.local.flush(&client.id).await;
         for (filter, code) in asked.iter().zip(&granted.codes) {
             if let SubscribeReasonCode::Success(qos) = code {
                 events::subscription(client, EventKind::SessionSubscribed, filter, *qos as u8);
@@ -339,7 +346,7 @@ impl Outbound {
         self.deliver(io, shared, Message::new(publish, 0, retained, None));
     }
 
-    pub(super) fn on_unsubscribe(&mut self, io: &mut Io, client: &Client, unsubscribe: Unsubscribe) {
+    pub(super) async fn on_unsubscribe(&mut self, io: &mut Io, client: &Client, unsubscribe: Unsubscribe) {
         let mut reasons = Vec::new();
         for filter in unsubscribe.filters {
             let was_sys = self.sys.remove(&filter);
@@ -350,6 +357,7 @@ impl Outbound {
                 reasons.push(UnsubAckReason::NoSubscriptionExisted);
             }
         }
+        client.shared.local.flush(&client.id).await;
         io.write(Packet::UnsubAck(UnsubAck { pkid: unsubscribe.pkid, reasons }, None));
     }
 
@@ -391,6 +399,7 @@ impl Outbound {
         if let Some(expires) = message.expires {
             if expires <= now {
                 Metrics::add(&counters.local_expired, 1);
+                shared.local.completed(&self.id, &message);
                 return;
             }
             // The interval that remains, rounded up so a live message never says 0.
@@ -405,6 +414,7 @@ impl Outbound {
             if let Some(folded) = shared.logs.ready("acl deliver") {
                 info!(message = "withheld deliveries the ACL does not let their subscriber read (its subscription matches topics it may not read); grant read in broker.acl_file and send SIGHUP if it should get them", topic = %escape_topic(&String::from_utf8_lossy(&message.publish.topic)), similar_since_last_log = folded);
             }
+            shared.local.completed(&self.id, &message);
             return;
         }
         let (pkid, dup) = match (message.qos, message.resend) {
@@ -441,6 +451,7 @@ impl Outbound {
             if let Some(folded) = shared.logs.ready("too large for client") {
                 warn!(message = "a delivery was larger than the maximum packet size its MQTT 5 subscriber announced, and was discarded (local_too_large), as MQTT 5 requires; raise the client's maximum packet size or publish smaller messages", topic = %escape_topic(&String::from_utf8_lossy(&message.publish.topic)), size, similar_since_last_log = folded);
             }
+            shared.local.completed(&self.id, &message);
             return;
         }
         Metrics::add(&counters.local_delivered, 1);

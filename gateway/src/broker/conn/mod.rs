@@ -292,29 +292,31 @@ impl Connection {
                 Box::pin(self.inbound.on_publish(&mut self.io, &self.client, publish, properties, peek)).await
             }
             Packet::PubAck(ack, _) => {
-                self.outbound.on_complete(ack.pkid);
+                self.outbound.on_complete(&self.client.shared, ack.pkid);
                 Ok(())
             }
             Packet::PubRec(rec, _) => {
                 let failed =
                     !matches!(rec.reason, PubRecReason::Success | PubRecReason::NoMatchingSubscribers);
-                self.outbound.on_pubrec(&mut self.io, rec.pkid, failed);
+                self.outbound.on_pubrec(&mut self.io, &self.client.shared, rec.pkid, failed);
                 Ok(())
             }
             Packet::PubComp(comp, _) => {
-                self.outbound.on_complete(comp.pkid);
+                self.outbound.on_complete(&self.client.shared, comp.pkid);
                 Ok(())
             }
             Packet::PubRel(rel, _) => {
                 self.inbound.on_pubrel(&mut self.io, rel.pkid);
                 Ok(())
             }
+            // Boxed like the publish path: a (un)subscribe is rare, and its future (which waits
+            // for a persistent session's write) would otherwise be part of every task.
             Packet::Subscribe(subscribe, properties) => {
-                self.outbound.on_subscribe(&mut self.io, &self.client, subscribe, properties);
+                Box::pin(self.outbound.on_subscribe(&mut self.io, &self.client, subscribe, properties)).await;
                 Ok(())
             }
             Packet::Unsubscribe(unsubscribe, _) => {
-                self.outbound.on_unsubscribe(&mut self.io, &self.client, unsubscribe);
+                Box::pin(self.outbound.on_unsubscribe(&mut self.io, &self.client, unsubscribe)).await;
                 Ok(())
             }
             Packet::PingReq(_) => {

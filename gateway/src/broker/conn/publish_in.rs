@@ -120,8 +120,21 @@ impl Inbound {
             events::dropped(client, &topic, &publish.payload, qos, "not_authorized");
             return self.deny(io, client, &topic, qos, pkid);
         }
+        // Taken before the fan-out: its copies queued for persistent sessions hold it until
+        // they are committed (see `broker::persist`), so the PUBACK waits for them too.
+        let ticket = (qos > 0 && shared.ack_after_commit()).then(|| self.acks.timed_ticket(&shared.metrics));
         // A full subscriber queue slows this sensor down for a bounded time at most.
-        fan_out(shared, &topic, &publish, publish.retain, qos, properties.as_ref(), Some(&client.id)).await;
+        fan_out(
+            shared,
+            &topic,
+            &publish,
+            publish.retain,
+            qos,
+            properties.as_ref(),
+            Some(&client.id),
+            ticket.as_ref(),
+        )
+        .await;
         let mut event = shared.intake.new_event(topic, publish.payload, qos, &client.id);
         event.peerhost = Some(Arc::clone(&client.peerhost));
         event.retain = publish.retain;
@@ -131,8 +144,8 @@ impl Inbound {
             if qos == 2 {
                 self.qos2.insert(pkid);
             }
-            if shared.ack_after_commit() {
-                event.ticket = Some(self.acks.timed_ticket(&shared.metrics));
+            if let Some(ticket) = ticket {
+                event.ticket = Some(ticket);
                 self.hold((pkid, qos, false));
             } else {
                 acknowledge(io, &mut self.qos2, pkid, qos, Outcome::Safe)?;
@@ -307,7 +320,7 @@ pub(in crate::broker) async fn publish_will(shared: &Shared, will: Will) {
         return;
     }
     let publish = codec::publish_from(will.topic.clone(), will.message.clone(), qos, will.retain);
-    fan_out(shared, &topic, &publish, will.retain, qos, properties.as_ref(), None).await;
+    fan_out(shared, &topic, &publish, will.retain, qos, properties.as_ref(), None, None).await;
     Metrics::add(&shared.metrics.counters().wills_published, 1);
     let mut event = shared.intake.new_event(topic, will.message, qos, &client_id);
     event.retain = will.retain;
@@ -344,7 +357,9 @@ fn check_properties(properties: Option<&PublishProperties>) -> Result<(), End> {
 }
 
 /// Keeps the publish if `retain`, and queues it for local subscribers (at `qos`, the most
-/// they get). `from`: the publishing session (for no local).
+/// they get). `from`: the publishing session (for no local). `ticket`: the publisher's
+/// acknowledgement, held until its copies for persistent sessions are committed.
+#[allow(clippy::too_many_arguments)]
 async fn fan_out(
     shared: &Shared,
     topic: &str,
@@ -353,6 +368,7 @@ async fn fan_out(
     qos: u8,
     properties: Option<&PublishProperties>,
     from: Option<&str>,
+    ticket: Option<&crate::ack::Ticket>,
 ) {
     if retain {
         let stored = codec::publish_with(publish, qos, 0, true);
@@ -364,7 +380,7 @@ async fn fan_out(
             .retain(topic, Retained { publish: stored, qos, properties: properties.cloned(), expires })
             .await;
     }
-    shared.local.publish(topic, publish, qos, properties, from, true).await;
+    shared.local.publish(topic, publish, qos, properties, from, true, ticket).await;
 }
 
 /// Writes the answer to a publish the ACL denied (see `Inbound::deny`).
