@@ -610,7 +610,22 @@ impl Compiler<'_> {
         }
     }
 
+    /// Compiles one expression. This is the recursion every nested operator goes through, so
+    /// its frame is kept small: the work is in [`Compiler::expr_node`] and
+    /// [`Compiler::binary`], which are not inlined. As one function, its debug-build frame
+    /// was 17 KiB, and a rule near the operator limit inside nested calls overflowed a 2 MiB
+    /// thread stack (a test thread's, or a blocking-pool thread's).
     fn expr(&mut self, expr: &ast::Expr) -> Compiled {
+        match expr {
+            ast::Expr::BinaryOp { left, op, right } => self.binary(expr, left, op, right),
+            ast::Expr::Nested(inner) => self.expr(inner),
+            ast::Expr::Function(function) => self.function(function),
+            _ => self.expr_node(expr),
+        }
+    }
+
+    #[inline(never)]
+    fn expr_node(&mut self, expr: &ast::Expr) -> Compiled {
         use ast::Expr as E;
         match expr {
             E::Identifier(ident) => self.name(ident),
@@ -674,38 +689,7 @@ impl Compiler<'_> {
                 },
                 other => Err(SqlError::new(format!("operator `{other}` is not supported"), expr.span())),
             },
-            E::BinaryOp { left, op, right } => {
-                let (l, r) = (self.expr(left)?, self.expr(right)?);
-                let (l, r) = (Box::new(l), Box::new(r));
-                Ok(match op {
-                    BinaryOperator::Plus => Expr::Arith(ArithOp::Add, l, r),
-                    BinaryOperator::Minus => Expr::Arith(ArithOp::Sub, l, r),
-                    BinaryOperator::Multiply => Expr::Arith(ArithOp::Mul, l, r),
-                    BinaryOperator::Divide => Expr::Arith(ArithOp::Div, l, r),
-                    BinaryOperator::Modulo => Expr::Arith(ArithOp::Rem, l, r),
-                    // `div` (the token pass turns EMQX's infix `div` into `//`).
-                    BinaryOperator::DuckIntegerDivide | BinaryOperator::MyIntegerDivide => {
-                        builtin_call("div", vec![*l, *r])
-                    }
-                    // `=~` (the token pass turns it into `~`): topic name matches filter.
-                    BinaryOperator::PGRegexMatch => builtin_call("topic_match", vec![*l, *r]),
-                    BinaryOperator::Eq => Expr::Compare(CmpOp::Eq, l, r),
-                    BinaryOperator::NotEq => Expr::Compare(CmpOp::NotEq, l, r),
-                    BinaryOperator::Lt => Expr::Compare(CmpOp::Lt, l, r),
-                    BinaryOperator::LtEq => Expr::Compare(CmpOp::LtEq, l, r),
-                    BinaryOperator::Gt => Expr::Compare(CmpOp::Gt, l, r),
-                    BinaryOperator::GtEq => Expr::Compare(CmpOp::GtEq, l, r),
-                    BinaryOperator::And => Expr::And(l, r),
-                    BinaryOperator::Or => Expr::Or(l, r),
-                    BinaryOperator::StringConcat => builtin_call("concat", vec![*l, *r]),
-                    other => {
-                        return Err(SqlError::new(
-                            format!("operator `{other}` is not supported"),
-                            expr.span(),
-                        ));
-                    }
-                })
-            }
+            E::BinaryOp { left, op, right } => self.binary(expr, left, op, right),
             E::IsNull(inner) => Ok(Expr::IsNull(Box::new(self.expr(inner)?), false)),
             E::IsNotNull(inner) => Ok(Expr::IsNull(Box::new(self.expr(inner)?), true)),
             E::In { expr: inner, target: ast::InTarget::List(list), negated, global: false } => {
@@ -763,6 +747,43 @@ impl Compiler<'_> {
                 other.span(),
             )),
         }
+    }
+
+    #[inline(never)]
+    fn binary(
+        &mut self,
+        expr: &ast::Expr,
+        left: &ast::Expr,
+        op: &BinaryOperator,
+        right: &ast::Expr,
+    ) -> Compiled {
+        let (l, r) = (self.expr(left)?, self.expr(right)?);
+        let (l, r) = (Box::new(l), Box::new(r));
+        Ok(match op {
+            BinaryOperator::Plus => Expr::Arith(ArithOp::Add, l, r),
+            BinaryOperator::Minus => Expr::Arith(ArithOp::Sub, l, r),
+            BinaryOperator::Multiply => Expr::Arith(ArithOp::Mul, l, r),
+            BinaryOperator::Divide => Expr::Arith(ArithOp::Div, l, r),
+            BinaryOperator::Modulo => Expr::Arith(ArithOp::Rem, l, r),
+            // `div` (the token pass turns EMQX's infix `div` into `//`).
+            BinaryOperator::DuckIntegerDivide | BinaryOperator::MyIntegerDivide => {
+                builtin_call("div", vec![*l, *r])
+            }
+            // `=~` (the token pass turns it into `~`): topic name matches filter.
+            BinaryOperator::PGRegexMatch => builtin_call("topic_match", vec![*l, *r]),
+            BinaryOperator::Eq => Expr::Compare(CmpOp::Eq, l, r),
+            BinaryOperator::NotEq => Expr::Compare(CmpOp::NotEq, l, r),
+            BinaryOperator::Lt => Expr::Compare(CmpOp::Lt, l, r),
+            BinaryOperator::LtEq => Expr::Compare(CmpOp::LtEq, l, r),
+            BinaryOperator::Gt => Expr::Compare(CmpOp::Gt, l, r),
+            BinaryOperator::GtEq => Expr::Compare(CmpOp::GtEq, l, r),
+            BinaryOperator::And => Expr::And(l, r),
+            BinaryOperator::Or => Expr::Or(l, r),
+            BinaryOperator::StringConcat => builtin_call("concat", vec![*l, *r]),
+            other => {
+                return Err(SqlError::new(format!("operator `{other}` is not supported"), expr.span()));
+            }
+        })
     }
 
     fn like(
