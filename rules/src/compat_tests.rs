@@ -1670,3 +1670,38 @@ fn event_topics_and_metadata() {
         failures.join("\n")
     );
 }
+
+/// Arithmetic and comparisons where the operands' types differ: EMQX's `'+'`/2 and friends
+/// (`emqx_rule_funcs.erl`: `'+'` adds numbers and otherwise concatenates when either side is
+/// a binary; `'-'`, `'*'`, `'/'` have only `is_number` clauses) and `emqx_rule_runtime:compare`
+/// (numbers against binaries converted, atoms against binaries as text, everything else in
+/// Erlang's term order: number < atom < map < list < binary).
+#[test]
+fn mixed_types_in_operators() {
+    const M: &str = r#"{"n":7,"f":1.5,"s":"12","t":"abc","b":true,"o":{"k":1},"a":[1,2],"e":[]}"#;
+    check_all(&[
+        ("rule_funcs.erl '+'/2 (binary: concat)", "payload.s + 1", M, r#""121""#),
+        ("rule_funcs.erl '+'/2 (binary first)", "1 + payload.s", M, r#""112""#),
+        ("rule_funcs.erl '+'/2 (two binaries)", "payload.t + payload.s", M, r#""abc12""#),
+        ("rule_funcs.erl '+'/2 (binary and bool)", "payload.t + payload.b", M, r#""abctrue""#),
+        ("rule_funcs.erl '+'/2 (numbers)", "payload.n + payload.f", M, "8.5"),
+        ("rule_funcs.erl '-'/2 (is_number only)", "payload.s - 1", M, "ERROR"),
+        ("rule_funcs.erl '*'/2 (is_number only)", "payload.s * 2", M, "ERROR"),
+        ("rule_funcs.erl '/'/2 (is_number only)", "payload.s / 2", M, "ERROR"),
+        ("rule_funcs.erl '+'/2 (no clause for a bool and a number)", "payload.b + 1", M, "ERROR"),
+        ("rule_runtime.erl compare/3 (binary to number)", "payload.s > 11", M, "true"),
+        ("rule_runtime.erl compare/3 (atom as text: 'true' > 'abc')", "payload.b > payload.t", M, "true"),
+        ("rule_runtime.erl compare/3 (atom as text: 'true' < 'x')", "payload.b < 'x'", M, "true"),
+        ("term order: number < atom", "payload.n < payload.b", M, "true"),
+        ("term order: atom < map", "payload.b < payload.o", M, "true"),
+        ("term order: map < list", "payload.o < payload.a", M, "true"),
+        ("term order: list < binary", "payload.a < payload.t", M, "true"),
+        ("term order: number < list", "payload.n > payload.a", M, "false"),
+        ("term order: lists element by element", "payload.a < [1, 3]", M, "true"),
+        ("term order: a prefix first", "payload.e < payload.a", M, "true"),
+        ("term order: inside a list a number is less than a binary", "[1] < ['1']", M, "true"),
+        ("term order: maps by size first", "payload.o < map_put('z', 0, payload.o)", M, "true"),
+        ("Erlang ==: [1] == [1.0]", "[1] = [1.0]", M, "true"),
+        ("Erlang ==: maps compare by value", "payload.o = json_decode('{\"k\":1.0}')", M, "true"),
+    ]);
+}

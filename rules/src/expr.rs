@@ -721,6 +721,10 @@ pub(crate) fn equal(a: &Value, b: &Value) -> bool {
                 _ => a == b,
             }
         }
+        // Erlang's `==` inside lists and maps: `[1] = [1.0]` is TRUE.
+        (Value::Array(_) | Value::Object(_), _) | (_, Value::Array(_) | Value::Object(_)) => {
+            term_order(a, b) == Some(Ordering::Equal)
+        }
         _ => a == b,
     }
 }
@@ -732,7 +736,6 @@ pub(crate) fn order(a: &Value, b: &Value) -> Result<Ordering, EvalError> {
         (Value::JsonNull, _) => json_null_order(b).ok_or_else(mismatch),
         (_, Value::JsonNull) => json_null_order(a).map(Ordering::reverse).ok_or_else(mismatch),
         (Value::Str(x), Value::Str(y)) => Ok(x.cmp(y)),
-        (Value::Bool(x), Value::Bool(y)) => Ok(x.cmp(y)),
         (
             Value::Int(_) | Value::Float(_) | Value::Str(_),
             Value::Int(_) | Value::Float(_) | Value::Str(_),
@@ -740,7 +743,91 @@ pub(crate) fn order(a: &Value, b: &Value) -> Result<Ordering, EvalError> {
             (Some(x), Some(y)) => compare_nums(x, y).ok_or_else(mismatch),
             _ => Err(mismatch()),
         },
-        _ => Err(mismatch()),
+        // EMQX compares an atom with a binary as the atom's text.
+        (Value::Bool(x), Value::Str(_) | Value::Bytes(_)) => Ok(atom_name(*x).as_bytes().cmp(binary(b))),
+        (Value::Str(_) | Value::Bytes(_), Value::Bool(y)) => Ok(binary(a).cmp(atom_name(*y).as_bytes())),
+        // Whatever EMQX's `compare/3` does not convert, Erlang orders by its term order.
+        _ => term_order(a, b).ok_or_else(mismatch),
+    }
+}
+
+fn atom_name(b: bool) -> &'static str {
+    if b { "true" } else { "false" }
+}
+
+/// The bytes of a string or byte string (empty for anything else).
+fn binary(value: &Value) -> &[u8] {
+    match value {
+        Value::Str(s) => s.as_bytes(),
+        Value::Bytes(b) => b,
+        _ => &[],
+    }
+}
+
+/// Erlang's term order, which EMQX's comparisons fall back to: number < atom (`false`,
+/// `null`, `true`, `undefined`, by name) < map < list < binary. Numbers compare by value,
+/// binaries byte by byte, lists element by element (a prefix first), maps by size, then by
+/// their keys in order, then by the values in key order. Inside a list or map nothing is
+/// converted (`[1] < ['1']`: a number is less than a binary). `None` only for NaN, which
+/// rule values do not hold.
+fn term_order(a: &Value, b: &Value) -> Option<Ordering> {
+    fn rank(v: &Value) -> u8 {
+        match v {
+            Value::Int(_) | Value::Float(_) => 0,
+            Value::Null | Value::JsonNull | Value::Bool(_) => 1,
+            Value::Object(_) => 2,
+            Value::Array(_) => 3,
+            Value::Str(_) | Value::Bytes(_) => 4,
+        }
+    }
+    fn atom(v: &Value) -> &'static str {
+        match v {
+            Value::Bool(b) => atom_name(*b),
+            Value::JsonNull => "null",
+            _ => "undefined",
+        }
+    }
+    /// A map's entries by key, the last of a duplicated key winning (as `Value::get`).
+    fn entries(pairs: &[(String, Value)]) -> Vec<(&str, &Value)> {
+        let mut sorted: std::collections::BTreeMap<&str, &Value> = std::collections::BTreeMap::new();
+        for (key, value) in pairs {
+            sorted.insert(key, value);
+        }
+        sorted.into_iter().collect()
+    }
+    match (a, b) {
+        _ if rank(a) != rank(b) => Some(rank(a).cmp(&rank(b))),
+        (Value::Int(_) | Value::Float(_), _) => compare_nums(number(a)?, number(b)?),
+        (Value::Str(_) | Value::Bytes(_), _) => Some(binary(a).cmp(binary(b))),
+        (Value::Array(x), Value::Array(y)) => {
+            for (x, y) in x.iter().zip(y) {
+                match term_order(x, y)? {
+                    Ordering::Equal => {}
+                    other => return Some(other),
+                }
+            }
+            Some(x.len().cmp(&y.len()))
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            let (x, y) = (entries(x), entries(y));
+            if x.len() != y.len() {
+                return Some(x.len().cmp(&y.len()));
+            }
+            for ((kx, _), (ky, _)) in x.iter().zip(&y) {
+                match kx.cmp(ky) {
+                    Ordering::Equal => {}
+                    other => return Some(other),
+                }
+            }
+            for ((_, vx), (_, vy)) in x.iter().zip(&y) {
+                match term_order(vx, vy)? {
+                    Ordering::Equal => {}
+                    other => return Some(other),
+                }
+            }
+            Some(Ordering::Equal)
+        }
+        _ => Some(atom(a).cmp(atom(b))),
     }
 }
 
@@ -801,8 +888,9 @@ pub(crate) fn compare(op: CmpOp, a: &Value, b: &Value) -> Result<Option<bool>, E
 }
 
 /// Arithmetic as EMQX does it: integers stay integers (overflow falls back to float),
-/// `/` always divides as floats, `+` on two strings concatenates, numeric strings count
-/// as numbers. Division or remainder by zero is an error.
+/// `/` always divides as floats, `+` with a string on either side concatenates, and a
+/// string is never a number here (EMQX's `is_number` guards). Division or remainder by zero
+/// is an error.
 pub(crate) fn arith(op: ArithOp, a: &Value, b: &Value) -> Result<Value, EvalError> {
     if a.is_null() || b.is_null() {
         // EMQX's `'+'` concatenates when either side is a string, and writes undefined as
@@ -820,18 +908,19 @@ pub(crate) fn arith(op: ArithOp, a: &Value, b: &Value) -> Result<Value, EvalErro
             describe(b)
         )));
     }
-    if let (ArithOp::Add, Value::Str(x), Value::Str(y)) = (op, a, b) {
-        return Ok(Value::Str(format!("{x}{y}")));
+    let text = |v: &Value| matches!(v, Value::Str(_) | Value::Bytes(_));
+    // EMQX's `'+'` adds two numbers and otherwise, when either side is a string, concatenates
+    // their texts as `str()` writes them: `'1' + 1` is `'11'`, `'a' + null` is `'anull'`.
+    if op == ArithOp::Add && (text(a) || text(b)) && !(num_value(a) && num_value(b)) {
+        return match (a.to_text(), b.to_text()) {
+            (Some(x), Some(y)) => Ok(Value::Str(format!("{x}{y}"))),
+            _ => Err(EvalError::new(format!("cannot concatenate {} and {}", describe(a), describe(b)))),
+        };
     }
-    // EMQX's `'+'` concatenates when one side is a string, writing the atom `null` as its
-    // text; with a number, `null` has no arithmetic clause and the rule fails below.
-    if let (ArithOp::Add, Value::Str(x), Value::JsonNull) = (op, a, b) {
-        return Ok(Value::Str(format!("{x}null")));
-    }
-    if let (ArithOp::Add, Value::JsonNull, Value::Str(y)) = (op, a, b) {
-        return Ok(Value::Str(format!("null{y}")));
-    }
-    let (Some(x), Some(y)) = (number(a), number(b)) else {
+    // Only numbers: EMQX's operators have no clause for a string, even one spelling a number.
+    let (Some(x), Some(y)) =
+        (num_value(a).then(|| number(a)).flatten(), num_value(b).then(|| number(b)).flatten())
+    else {
         let verb = match op {
             ArithOp::Add => "add",
             ArithOp::Sub => "subtract",
@@ -839,7 +928,13 @@ pub(crate) fn arith(op: ArithOp, a: &Value, b: &Value) -> Result<Value, EvalErro
             ArithOp::Div => "divide",
             ArithOp::Rem => "take the remainder of",
         };
-        return Err(EvalError::new(format!("cannot {verb} {} and {}", describe(a), describe(b))));
+        let spells_number = |v: &Value| text(v) && number(v).is_some();
+        let hint = if spells_number(a) || spells_number(b) {
+            " (EMQX fails here too: a string is not a number even when it spells one; convert it with float(x) or int(x))"
+        } else {
+            ""
+        };
+        return Err(EvalError::new(format!("cannot {verb} {} and {}{hint}", describe(a), describe(b))));
     };
     let float = |f: f64| {
         if f.is_finite() {
@@ -865,6 +960,10 @@ pub(crate) fn arith(op: ArithOp, a: &Value, b: &Value) -> Result<Value, EvalErro
         }
         (op, x, y) => arith_float(op, x.as_f64(), y.as_f64()).and_then(float),
     }
+}
+
+fn num_value(value: &Value) -> bool {
+    matches!(value, Value::Int(_) | Value::Float(_))
 }
 
 fn arith_float(op: ArithOp, x: f64, y: f64) -> Result<f64, EvalError> {

@@ -315,12 +315,22 @@ fn arithmetic_and_concatenation() {
         forward[r] t qos=1 prio=5 {"v":3}
     "#]],
     );
+    // EMQX's `'+'/2` (emqx_rule_funcs.erl): numbers add; with a string on either side, even
+    // one spelling a number, the texts concatenate.
     check_expr(
         "payload.num_str + 1",
         P,
         expect![[r#"
-        forward[r] t qos=1 prio=5 {"v":13}
+        forward[r] t qos=1 prio=5 {"v":"121"}
     "#]],
+    );
+    // `'-'`, `'*'`, `'/'` have only `is_number` clauses: a numeric string fails the rule.
+    check_expr(
+        "payload.num_str * 2",
+        P,
+        expect![[r#"
+            dead-letter[r] t: cannot multiply string '12' and integer 2 (EMQX fails here too: a string is not a number even when it spells one; convert it with float(x) or int(x))
+        "#]],
     );
     check_expr(
         "'a' + 'b'",
