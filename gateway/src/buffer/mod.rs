@@ -40,8 +40,9 @@
 //! anything writes to it (a read-only open reads the version), and the message names both
 //! versions. A future change bumps the version, adds its migration next to the others, and
 //! keeps a fixture of the version before it. Note that releases before version 2 do not
-//! check the version: they would open a newer file as if it were theirs, and a version-4
-//! file's packed rows would fail to decode there.
+//! check the version: one of them would find a version-4 file's packed rows undecodable and
+//! move the file aside as corrupt (kept, never deleted; `outpost buffer import` of a release
+//! that reads version 4 brings its events back).
 //!
 //! redb has a file format of its own (3 in redb 4.x, stated in the file's header), separate
 //! from ours. redb supports only its current format: a file in an older one fails to open
