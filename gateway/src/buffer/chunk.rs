@@ -141,6 +141,15 @@ fn is_packed(value: &[u8]) -> bool {
     value.first() == Some(&PACKED_TAG)
 }
 
+/// How many events a stored value holds, from its header alone (`None`: no readable count).
+pub(crate) fn count(value: &[u8]) -> Option<u64> {
+    if !is_packed(value) {
+        return Some(1);
+    }
+    let buf = Bytes::copy_from_slice(&value[..value.len().min(11)]);
+    Reader { buf: &buf, at: 1 }.varint()
+}
+
 /// The events of one stored value, in `seq` order: a packed row, or one old CBOR record.
 pub(crate) fn decode(key: Key, value: &[u8]) -> Result<Vec<Record>, BufferError> {
     if !is_packed(value) {

@@ -238,6 +238,31 @@ impl Store {
                 lane.bytes = get("bytes")?;
                 counted += lane.events;
             }
+            // The counters must agree with the rows, lane by lane: a file whose counters
+            // were damaged is corrupt even when every row still decodes.
+            let mut found = [0u64; N_PRIORITIES];
+            for entry in events.iter().map_err(|e| db_err(&path, e))? {
+                let (k, v) = entry.map_err(|e| db_err(&path, e))?;
+                let key = k.value();
+                let n = chunk::count(v.value()).ok_or_else(|| BufferError::Record {
+                    key,
+                    message: "packed row without a count".into(),
+                })?;
+                if let Some(lane) = found.get_mut(usize::from(key.0)) {
+                    *lane += n;
+                }
+            }
+            for (p, (lane, n)) in self.lanes.iter().zip(found).enumerate() {
+                if lane.events != n {
+                    return Err(BufferError::Record {
+                        key: (p as u8, 0),
+                        message: format!(
+                            "counters say {} events of priority {p} but the rows hold {n}",
+                            lane.events
+                        ),
+                    });
+                }
+            }
             let stored_rows = read_rows(&meta, &path)?;
             if migrated_from.is_some_and(|v| v < 4) && rows != counted {
                 return Err(BufferError::Record {

@@ -489,3 +489,23 @@ fn events_inserted_out_of_order_land_in_their_place() {
     let (store, _) = Store::open(dir.path()).expect("reopen");
     assert_eq!(store.total().events, 202);
 }
+
+#[test]
+fn counters_that_disagree_with_packed_rows_prove_corruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut store, _) = Store::open(dir.path()).expect("open");
+        let inserts: Vec<Record> = (1..=40).map(|seq| record(5, seq, 30, None)).collect();
+        store.apply(&Batch { inserts, ..Batch::default() }).expect("fill");
+    }
+    {
+        let db = Database::open(file_path(dir.path())).expect("open");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(META).expect("meta").insert("events.5", 39).expect("insert");
+        txn.commit().expect("commit");
+    }
+    let (store, report) = Store::open(dir.path()).expect("recovers");
+    let (_, reason) = report.moved_aside.expect("moved aside");
+    assert!(reason.contains("counters say 39 events of priority 5 but the rows hold 40"), "{reason}");
+    assert_eq!(store.total(), LaneStats::default());
+}
