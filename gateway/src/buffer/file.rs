@@ -18,7 +18,8 @@ pub fn file_path(data_dir: &Path) -> PathBuf {
     data_dir.join(FILE_NAME)
 }
 
-/// Records by `(priority, seq)`: per priority, key order is FIFO order.
+/// Rows of events by `(priority, first seq)`: per priority, key order is FIFO order. Since
+/// format 4 a row packs many events ([`super::chunk`]); older rows hold one CBOR record.
 pub(crate) const EVENTS: TableDefinition<(u8, u64), &[u8]> = TableDefinition::new("events");
 /// Counters kept in the same transactions as the records they describe.
 pub(crate) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -31,8 +32,8 @@ pub(crate) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("
 
 pub const N_PRIORITIES: usize = 10;
 
-/// The bytes a stored record counts for: its encoded value plus its 9-byte key and
-/// B-tree entry overhead, rounded to 16.
+/// The bytes a record in a one-record row of formats 1–3 counts for: its encoded value plus
+/// its 9-byte key and B-tree entry overhead, rounded to 16.
 pub fn stored_size(value_len: usize) -> u64 {
     value_len as u64 + 16
 }
@@ -130,12 +131,23 @@ impl Record {
     }
 
     /// What a record counts against `max_bytes` while it is only in memory: payload, topic
-    /// and an estimate of the encoding overhead. On disk the exact [`stored_size`] counts.
+    /// and an estimate of the encoding overhead. On disk [`Record::stored_size`] counts.
     pub fn size(&self) -> u64 {
         (self.payload.len() + self.topic.len() + 48) as u64
     }
 
-    pub(super) fn encode(&self) -> Vec<u8> {
+    /// What a record in a packed row counts for in the `bytes.<p>` counters: its topic and
+    /// payload and at most 16 bytes of header (ids and times as deltas, flags, lengths). A
+    /// repeated topic costs less on disk; it counts the same, so the count depends on the
+    /// record alone.
+    pub fn stored_size(&self) -> u64 {
+        (self.payload.len() + self.topic.len() + 16) as u64
+    }
+
+    /// The CBOR map of formats 1–3: still read ([`Record::decode`]), written only by tests
+    /// that make an old file.
+    #[cfg(test)]
+    pub(crate) fn encode_v3(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.payload.len() + self.topic.len() + 32);
         ciborium::into_writer(self, &mut out).expect("writing CBOR into a Vec cannot fail");
         out

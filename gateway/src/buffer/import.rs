@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use super::chunk;
 use super::file::{BufferError, EVENTS, N_PRIORITIES, ReadDb, Record, is_content_error};
 use super::store::{FORMAT_VERSION, ImportSeqs, Store, file_path, format_version};
 
@@ -199,8 +200,10 @@ fn lane_chunk(db: &ReadDb, path: &Path, priority: u8, from: u64) -> Result<Chunk
             chunk.next = Some(key.1);
             break;
         }
-        match Record::decode(key, v.value()) {
-            Ok(record) => chunk.records.push(record),
+        // A row that does not decode counts as one unreadable event: how many it held is
+        // part of what is lost.
+        match chunk::decode(key, v.value()) {
+            Ok(records) => chunk.records.extend(records),
             Err(_) => chunk.unreadable += 1,
         }
     }

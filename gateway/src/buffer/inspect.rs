@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use redb::ReadTransaction;
 use serde::{Deserialize, Serialize};
 
+use super::chunk;
 use super::file::{
     BufferError, EVENTS, Key, META, N_PRIORITIES, ReadDb, Record, db_err, file_path, meta_key,
 };
@@ -126,8 +127,8 @@ pub(super) fn stats(txn: &ReadTransaction, path: &Path, now_ms: u64) -> Result<S
         let oldest_age_s = match oldest {
             Some(entry) => {
                 let (k, v) = entry.map_err(|e| db_err(path, e))?;
-                let record = Record::decode(k.value(), v.value())?;
-                Some(now_ms.saturating_sub(record.enqueued_ms) as f64 / 1000.0)
+                let records = chunk::decode(k.value(), v.value())?;
+                records.first().map(|r| now_ms.saturating_sub(r.enqueued_ms) as f64 / 1000.0)
             }
             None => None,
         };
@@ -151,20 +152,21 @@ pub(super) fn records_after(
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
         Err(e) => return Err(db_err(path, e)),
     };
-    let range = match after {
-        Some(key) => events.range(key..).map_err(|e| db_err(path, e))?,
-        None => events.range::<Key>(..).map_err(|e| db_err(path, e))?,
+    // The row holding `after` may hold later events too.
+    let start = match after {
+        Some(key) => chunk::owner(&events, key).map_err(|e| db_err(path, e))?.unwrap_or(key),
+        None => (0, 0),
     };
     let mut out = Vec::new();
-    for entry in range {
-        let (k, v) = entry.map_err(|e| db_err(path, e))?;
-        if Some(k.value()) == after {
-            continue;
-        }
+    for entry in events.range(start..).map_err(|e| db_err(path, e))? {
         if out.len() >= limit {
             break;
         }
-        out.push(Record::decode(k.value(), v.value())?);
+        let (k, v) = entry.map_err(|e| db_err(path, e))?;
+        let room = limit - out.len();
+        let later =
+            chunk::decode(k.value(), v.value())?.into_iter().filter(|r| after.is_none_or(|a| r.key() > a));
+        out.extend(later.take(room));
     }
     Ok(out)
 }

@@ -2,12 +2,23 @@
 //!
 //! # On-disk layout
 //! One redb file, `<data_dir>/buffer.redb`, with six tables:
-//! - `events`: key `(priority: u8, seq: u64)`, value a CBOR map with `event_id`, `enqueued_ms`,
-//!   `expires_ms`, `topic`, `qos`, `payload` (a byte string). Within one priority, key order
-//!   is arrival order, so reading a key range is FIFO.
+//! - `events`: key `(priority: u8, seq: u64)`, value a *row* of events of that priority
+//!   ([`chunk`]): since format 4 a packed row of up to ~4,000 bytes (a tag byte, a count, then
+//!   per event its `seq`, `event_id` and `enqueued_ms` as deltas, flags (QoS, expiry, topic
+//!   repeated), `expires_ms`, `topic` (or a reference to an earlier event's equal topic) and
+//!   `payload`); in files from formats 1–3 a CBOR map of one event (`event_id`,
+//!   `enqueued_ms`, `expires_ms`, `topic`, `qos`, `payload`). A row's key is at most its first
+//!   event's `seq`, and its events lie below the next row's key, so within one priority key
+//!   order is arrival order and reading a key range is FIFO. A commit appends to the
+//!   priority's last row until it is full, then starts new rows: about one full 4 KiB page per
+//!   4 KiB of events, where a row per event wrote a CBOR map per event into half-full B-tree
+//!   leaves.
 //! - `meta`: `format_version` (see below), `epoch` (bumped durably at every start; ids are
 //!   `epoch << 40 | n`, so they never repeat across restarts) and per-priority `events.<p>` /
-//!   `bytes.<p>` counters, updated in the same transaction as the records they count.
+//!   `bytes.<p>` counters and (format 4) `rows`, the number of rows in `events`, updated in
+//!   the same transaction as the records they count. An event in a packed row counts its
+//!   topic, its payload and 16 bytes ([`Record::stored_size`]); one in an old row its value
+//!   and 16 bytes, as before.
 //! - `imported`: the fingerprints (`event_id`, content hash) of events `outpost buffer import`
 //!   brought in, so a second import of the same file adds nothing ([`import`]).
 //! - `retained`: the local broker's retained messages, key the topic, value a CBOR map
@@ -20,17 +31,22 @@
 //! # Format versions
 //! [`store::FORMAT_VERSION`] is 5. Version 1 is a file without the `format_version` key (every
 //! release before it); version 2 added the `imported` table, version 3 the `retained` table,
-//! version 5 the `sessions` and `session_queue` tables (4 is another branch's; each migration
-//! is written as "older than N → add what N added", so they compose).
-//! Opening an older file adds the key and the missing tables in the same transaction as the
-//! epoch bump, and leaves the records as they are (tested with
-//! `gateway/tests/fixtures/buffer-v1.redb`, written by that release, and with a version-2 file
-//! made in the test). Releases that know version 2 refuse a version-3 file (newer format). A file with a higher
-//! version was written by a newer release: it is refused before anything writes to it (a
-//! read-only open reads the version), and the message names both versions. A future change
-//! bumps the version, adds its migration next to the 1 → 2 one, and keeps a fixture of the
-//! version before it. Note that releases before version 2 do not check the version: they
-//! open a version-2 file as if it were theirs (which works: version 2 only adds).
+//! version 4 packed rows and the `rows` counter, version 5 the `sessions` and
+//! `session_queue` tables. Opening an older file adds the key, the
+//! missing tables and (older than 4 → 4) the `rows` counter, set to the number of rows, which
+//! is its event count (checked against the counters), in the same transaction as the epoch
+//! bump. Records stay as they are: a row of formats 1–3 is read, sent and deleted as a row of
+//! one event, in key order with the packed ones; a row that changes is written back packed.
+//! Tested with `gateway/tests/fixtures/buffer-v1.redb`, written by that release, and with
+//! version-2 and version-3 files (the latter with retained messages) made in the tests.
+//! Releases that know version 3 refuse a version-4 or -5 file (newer format), which they
+//! could not read. A file with a higher version was written by a newer release: it is refused before
+//! anything writes to it (a read-only open reads the version), and the message names both
+//! versions. A future change bumps the version, adds its migration next to the others, and
+//! keeps a fixture of the version before it. Note that releases before version 2 do not
+//! check the version: one of them would find a version-4 file's packed rows undecodable and
+//! move the file aside as corrupt (kept, never deleted; `outpost buffer import` of a release
+//! that reads version 4 brings its events back).
 //!
 //! redb has a file format of its own (3 in redb 4.x, stated in the file's header), separate
 //! from ours. redb supports only its current format: a file in an older one fails to open
@@ -59,6 +75,7 @@
 //!   message naming the path, its owner and mode, the user running and the fix ([`access`]).
 
 pub mod access;
+pub(crate) mod chunk;
 pub mod file;
 pub mod import;
 pub mod inspect;

@@ -8,19 +8,24 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use serde::Serialize;
 
+use super::chunk::{self, Counted, Editor};
 pub use super::file::file_path;
 use super::file::{
     BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, RETAINED, Record, StoredRetained, db_err,
-    meta_key, stored_size,
+    meta_key,
 };
 use super::inspect::{self, StatsReport};
 
 /// The buffer file's format, kept in `meta` as `format_version`. 1: no such key (releases up
-/// to commit 568ebea); 2: the key and the `imported` table; 3: the `retained` table; 5: the
-/// `sessions` and `session_queue` tables ([`super::sessions`]). A file with a higher version was
-/// written by a newer release and is refused untouched.
+/// to commit 568ebea); 2: the key and the `imported` table; 3: the `retained` table; 4: packed
+/// rows ([`super::chunk`]) and the `rows` counter; 5: the `sessions` and `session_queue`
+/// tables ([`super::sessions`]). A file with a higher version was written by a newer release
+/// and is refused untouched.
 pub const FORMAT_VERSION: u64 = 5;
 const FORMAT_KEY: &str = "format_version";
+/// Rows in `events`, kept with the records: since format 4 a row holds many events, so this,
+/// not the event counters, is what the table's length proves at start.
+const ROWS_KEY: &str = "rows";
 
 /// A drained file larger than this is compacted so the disk space comes back.
 const COMPACT_ABOVE_BYTES: u64 = 8 * 1024 * 1024;
@@ -109,6 +114,20 @@ fn write_counters(
     Ok(())
 }
 
+/// Applies what an [`Editor`] flush changed to the lane counters and the row count.
+fn count(lanes: &mut [LaneStats; N_PRIORITIES], rows: &mut u64, counted: &Counted) {
+    for &(p, events, bytes, events_before, bytes_before) in &counted.lanes {
+        let lane = &mut lanes[usize::from(p)];
+        lane.events = (lane.events + events).saturating_sub(events_before);
+        lane.bytes = (lane.bytes + bytes).saturating_sub(bytes_before);
+    }
+    *rows = rows.saturating_add_signed(counted.rows);
+}
+
+fn read_rows(meta: &impl ReadableTable<&'static str, u64>, path: &Path) -> Result<u64, BufferError> {
+    Ok(meta.get(ROWS_KEY).map_err(|e| db_err(path, e))?.map_or(0, |v| v.value()))
+}
+
 /// What [`Store::load_retained`] found.
 #[derive(Debug, Default)]
 pub struct RetainedLoad {
@@ -189,11 +208,19 @@ impl Store {
                 // needs redb's repair first); the transaction is dropped, not committed.
                 return Err(BufferError::NewerFormat { path, found: version, supported: FORMAT_VERSION });
             }
+            let events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
+            let rows = events.len().map_err(|e| db_err(&path, e))?;
             if version < FORMAT_VERSION {
                 // 1 → 2: the `imported` table; 2 → 3: the `retained` table. Records are
-                // unchanged; opening a table creates it.
+                // unchanged; opening a table creates it. Older than 4 → 4: every row holds one
+                // record in CBOR, read as a row of one ([`chunk::decode`]) and written back
+                // packed when it changes; the row count starts as the event count (checked
+                // below against the counters).
                 txn.open_table(IMPORTED).map_err(|e| db_err(&path, e))?;
                 txn.open_table(RETAINED).map_err(|e| db_err(&path, e))?;
+                if version < 4 {
+                    meta.insert(ROWS_KEY, rows).map_err(|e| db_err(&path, e))?;
+                }
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }
@@ -202,7 +229,6 @@ impl Store {
                 txn.open_table(super::sessions::SESSIONS).map_err(|e| db_err(&path, e))?;
                 txn.open_table(super::sessions::SESSION_QUEUE).map_err(|e| db_err(&path, e))?;
             }
-            let events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
             epoch = (meta.get("epoch").map_err(|e| db_err(&path, e))?.map_or(0, |v| v.value()) + 1)
                 .max(min_epoch);
             meta.insert("epoch", epoch).map_err(|e| db_err(&path, e))?;
@@ -218,11 +244,44 @@ impl Store {
                 lane.bytes = get("bytes")?;
                 counted += lane.events;
             }
-            let actual = events.len().map_err(|e| db_err(&path, e))?;
-            if actual != counted {
+            // The counters must agree with the rows, lane by lane: a file whose counters
+            // were damaged is corrupt even when every row still decodes.
+            let mut found = [0u64; N_PRIORITIES];
+            for entry in events.iter().map_err(|e| db_err(&path, e))? {
+                let (k, v) = entry.map_err(|e| db_err(&path, e))?;
+                let key = k.value();
+                let n = chunk::count(v.value()).ok_or_else(|| BufferError::Record {
+                    key,
+                    message: "packed row without a count".into(),
+                })?;
+                if let Some(lane) = found.get_mut(usize::from(key.0)) {
+                    *lane += n;
+                }
+            }
+            for (p, (lane, n)) in self.lanes.iter().zip(found).enumerate() {
+                if lane.events != n {
+                    return Err(BufferError::Record {
+                        key: (p as u8, 0),
+                        message: format!(
+                            "counters say {} events of priority {p} but the rows hold {n}",
+                            lane.events
+                        ),
+                    });
+                }
+            }
+            let stored_rows = read_rows(&meta, &path)?;
+            if migrated_from.is_some_and(|v| v < 4) && rows != counted {
                 return Err(BufferError::Record {
                     key: (0, 0),
-                    message: format!("counters say {counted} events but the table holds {actual}"),
+                    message: format!("counters say {counted} events but the table holds {rows}"),
+                });
+            }
+            if rows != stored_rows || (rows == 0) != (counted == 0) {
+                return Err(BufferError::Record {
+                    key: (0, 0),
+                    message: format!(
+                        "counters say {stored_rows} rows of {counted} events but the table holds {rows} rows"
+                    ),
                 });
             }
         }
@@ -294,50 +353,33 @@ impl Store {
         let mut lanes = self.lanes;
         {
             let mut events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
+            let mut meta = txn.open_table(META).map_err(|e| db_err(&path, e))?;
+            let mut rows = read_rows(&meta, &path)?;
+            let mut edit = Editor::new(&mut events, &path);
             for record in &batch.inserts {
-                let value = record.encode();
-                let old = events.insert(record.key(), value.as_slice()).map_err(|e| db_err(&path, e))?;
-                let lane = &mut lanes[usize::from(record.priority)];
-                match old {
-                    None => lane.events += 1,
-                    Some(old) => lane.bytes -= stored_size(old.value().len()),
-                }
-                lane.bytes += stored_size(value.len());
+                edit.insert(record.clone())?;
             }
             for key in &batch.deletes {
-                if let Some(old) = events.remove(*key).map_err(|e| db_err(&path, e))? {
-                    let size = stored_size(old.value().len());
-                    let lane = &mut lanes[usize::from(key.0)];
-                    lane.events -= 1;
-                    lane.bytes -= size;
-                }
+                edit.remove(*key)?;
             }
+            count(&mut lanes, &mut rows, &edit.flush()?);
             let DropRequest { events: mut drop_events, bytes: mut drop_bytes } = batch.drop_oldest;
             'lanes: for p in (0..N_PRIORITIES as u8).rev() {
                 while drop_events > 0 || drop_bytes > 0 {
-                    let Some(key) = events
-                        .range((p, 0)..=(p, u64::MAX))
-                        .map_err(|e| db_err(&path, e))?
-                        .next()
-                        .transpose()
-                        .map_err(|e| db_err(&path, e))?
-                        .map(|(k, _)| k.value())
-                    else {
+                    let Some(key) = edit.first(p)? else {
                         continue 'lanes;
                     };
-                    let old = events.remove(key).map_err(|e| db_err(&path, e))?;
-                    let size = old.map_or(0, |old| stored_size(old.value().len()));
-                    let lane = &mut lanes[usize::from(p)];
-                    lane.events -= 1;
-                    lane.bytes -= size;
+                    let size = edit.counted_size(key)?.unwrap_or(0);
+                    edit.remove(key)?;
                     drop_events = drop_events.saturating_sub(1);
                     drop_bytes = drop_bytes.saturating_sub(size);
                     applied.dropped.push(key);
                 }
                 break;
             }
-            let mut meta = txn.open_table(META).map_err(|e| db_err(&path, e))?;
+            count(&mut lanes, &mut rows, &edit.flush()?);
             write_counters(&mut meta, &self.lanes, &lanes, &path)?;
+            meta.insert(ROWS_KEY, rows).map_err(|e| db_err(&path, e))?;
         }
         txn.commit().map_err(|e| db_err(&path, e))?;
         self.lanes = lanes;
@@ -496,6 +538,8 @@ impl Store {
             }
             let mut imported = txn.open_table(IMPORTED).map_err(|e| db_err(&path, e))?;
             let mut events = txn.open_table(EVENTS).map_err(|e| db_err(&path, e))?;
+            let mut rows = read_rows(&meta, &path)?;
+            let mut edit = Editor::new(&mut events, &path);
             for record in records {
                 if imported.insert(record.fingerprint(), ()).map_err(|e| db_err(&path, e))?.is_some() {
                     skipped += 1;
@@ -504,14 +548,12 @@ impl Store {
                 let seq = next.unwrap_or_default();
                 next = Some(seq + 1);
                 let priority = record.priority.min(N_PRIORITIES as u8 - 1);
-                let value = record.encode();
-                events.insert((priority, seq), value.as_slice()).map_err(|e| db_err(&path, e))?;
-                let lane = &mut lanes[usize::from(priority)];
-                lane.events += 1;
-                lane.bytes += stored_size(value.len());
+                edit.insert(Record { priority, seq, ..record.clone() })?;
                 added += 1;
             }
+            count(&mut lanes, &mut rows, &edit.flush()?);
             write_counters(&mut meta, &self.lanes, &lanes, &path)?;
+            meta.insert(ROWS_KEY, rows).map_err(|e| db_err(&path, e))?;
         }
         txn.commit().map_err(|e| db_err(&path, e))?;
         self.lanes = lanes;
@@ -530,15 +572,7 @@ impl Store {
         let path = &path;
         let txn = self.database()?.begin_read().map_err(|e| db_err(path, e))?;
         let events = txn.open_table(EVENTS).map_err(|e| db_err(path, e))?;
-        let mut out = Vec::with_capacity(limit.min(4096));
-        for entry in events.range((priority, from_seq)..=(priority, u64::MAX)).map_err(|e| db_err(path, e))? {
-            if out.len() >= limit {
-                break;
-            }
-            let (k, v) = entry.map_err(|e| db_err(path, e))?;
-            out.push(Record::decode(k.value(), v.value())?);
-        }
-        Ok(out)
+        chunk::read_lane(&events, path, priority, from_seq, limit)
     }
 
     /// Returns the file's disk space once the queue is empty. redb keeps freed pages for

@@ -48,7 +48,7 @@ impl Model {
         for r in self.records.values() {
             let lane = &mut lanes[usize::from(r.priority)];
             lane.events += 1;
-            lane.bytes += stored_size(r.encode().len());
+            lane.bytes += r.stored_size();
         }
         lanes
     }
@@ -62,7 +62,7 @@ impl Model {
                 };
                 let r = self.records.remove(&key).expect("key just found");
                 events = events.saturating_sub(1);
-                bytes = bytes.saturating_sub(stored_size(r.encode().len()));
+                bytes = bytes.saturating_sub(r.stored_size());
                 dropped.push(key);
             }
         }
@@ -314,4 +314,198 @@ fn a_version_2_file_gains_the_retained_table_and_keeps_its_records() {
     let (mut store, report) = Store::open(dir.path()).expect("reopen");
     assert_eq!(report.migrated_from, None, "migrated once");
     assert_eq!(store.load_retained(0, 10, 1_000).expect("load").messages, vec![("lamp".to_owned(), stored)]);
+}
+
+/// Rewrites the file as formats 1–3 kept it: one CBOR record per row, counted by the row's
+/// length, no `rows` key, `format_version` at `version` (removed for 1).
+fn write_old_format(data_dir: &Path, records: &[Record], version: u64) {
+    let db = Database::open(file_path(data_dir)).expect("open");
+    let txn = db.begin_write().expect("txn");
+    {
+        let mut events = txn.open_table(EVENTS).expect("events");
+        let mut meta = txn.open_table(META).expect("meta");
+        let mut lanes = [LaneStats::default(); N_PRIORITIES];
+        for r in records {
+            let value = r.encode_v3();
+            events.insert(r.key(), value.as_slice()).expect("insert");
+            let lane = &mut lanes[usize::from(r.priority)];
+            lane.events += 1;
+            lane.bytes += crate::buffer::file::stored_size(value.len());
+        }
+        write_counters(&mut meta, &[LaneStats::default(); N_PRIORITIES], &lanes, data_dir).expect("counters");
+        meta.remove(ROWS_KEY).expect("rows");
+        if version == 1 {
+            meta.remove(FORMAT_KEY).expect("version");
+        } else {
+            meta.insert(FORMAT_KEY, version).expect("version");
+        }
+    }
+    txn.commit().expect("commit");
+}
+
+fn all_records(store: &mut Store) -> Vec<Record> {
+    (0..N_PRIORITIES as u8).flat_map(|p| store.read(p, 0, usize::MAX).expect("read")).collect()
+}
+
+#[test]
+fn a_version_3_file_is_read_sent_and_deleted_in_order_beside_packed_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old: Vec<Record> =
+        (1..=6).map(|seq| record(if seq % 2 == 0 { 2 } else { 5 }, seq, 40, None)).collect();
+    let retained = StoredRetained { payload: Bytes::from_static(b"21.5"), ..StoredRetained::default() };
+    {
+        let (mut store, _) = Store::open(dir.path()).expect("create");
+        store.apply_retained(&[("site/temp".to_owned(), Some(retained.clone()))]).expect("retain");
+    }
+    write_old_format(dir.path(), &old, 3);
+
+    let (mut store, report) = Store::open(dir.path()).expect("migrate");
+    assert_eq!(report.migrated_from, Some(3));
+    assert_eq!(all_records(&mut store), {
+        let mut want = old.clone();
+        want.sort_by_key(Record::key);
+        want
+    });
+    let old_bytes: u64 = old.iter().map(|r| crate::buffer::file::stored_size(r.encode_v3().len())).sum();
+    assert_eq!(store.total(), LaneStats { events: 6, bytes: old_bytes }, "old rows count as they did");
+
+    // New events queue behind the old ones; acks delete old and new alike.
+    let new: Vec<Record> = (7..=30).map(|seq| record(5, seq, 40, None)).collect();
+    store
+        .apply(&Batch { inserts: new.clone(), deletes: vec![(5, 1), (2, 4)], ..Batch::default() })
+        .expect("apply");
+    let lane5: Vec<u64> = store.read(5, 0, usize::MAX).expect("read").iter().map(|r| r.seq).collect();
+    assert_eq!(lane5, [3, 5].into_iter().chain(7..=30).collect::<Vec<_>>());
+    assert_eq!(
+        store.read(5, 6, 3).expect("read from inside").iter().map(|r| r.seq).collect::<Vec<_>>(),
+        [7, 8, 9]
+    );
+    // Overflow drops the oldest of the least urgent priority first: the two old rows of 5.
+    let applied = store
+        .apply(&Batch { drop_oldest: DropRequest { events: 2, bytes: 0 }, ..Batch::default() })
+        .expect("drop");
+    assert_eq!(applied.dropped, vec![(5, 3), (5, 5)]);
+    drop(store);
+
+    let (mut store, report) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(report.migrated_from, None, "migrated once");
+    let left: Vec<Key> = all_records(&mut store).iter().map(Record::key).collect();
+    let want: Vec<Key> = [(2, 2), (2, 6)].into_iter().chain((7..=30).map(|s| (5, s))).collect();
+    assert_eq!(left, want);
+    let bytes: u64 = old
+        .iter()
+        .filter(|r| r.priority == 2 && r.seq != 4)
+        .map(|r| crate::buffer::file::stored_size(r.encode_v3().len()))
+        .sum::<u64>()
+        + new.iter().map(Record::stored_size).sum::<u64>();
+    assert_eq!(store.total(), LaneStats { events: 26, bytes });
+    assert_eq!(
+        store.load_retained(0, 10, 1_000).expect("load").messages,
+        vec![("site/temp".to_owned(), retained)]
+    );
+    store.apply(&Batch { deletes: left, ..Batch::default() }).expect("drain");
+    assert_eq!(store.total(), LaneStats::default());
+    drop(store);
+    let (store, _) = Store::open(dir.path()).expect("reopen drained");
+    assert_eq!(store.total(), LaneStats::default());
+}
+
+#[test]
+fn the_format_1_fixture_is_migrated_read_and_drained() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/buffer-v1.redb");
+    std::fs::copy(fixture, file_path(dir.path())).expect("copy the fixture");
+    let (mut store, report) = Store::open(dir.path()).expect("open");
+    assert_eq!(report.migrated_from, Some(1));
+    let records = all_records(&mut store);
+    assert_eq!(records.len(), 24);
+    assert_eq!(store.total().events, 24);
+    let export = include_str!("../../../tests/fixtures/buffer-v1.export.jsonl");
+    let topics: Vec<String> = export
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["topic"]
+                .as_str()
+                .expect("topic")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(records.iter().map(|r| r.topic.clone()).collect::<Vec<_>>(), topics);
+    for r in &records {
+        store.apply(&Batch { deletes: vec![r.key()], ..Batch::default() }).expect("ack in order");
+    }
+    assert_eq!(store.total(), LaneStats::default());
+    drop(store);
+    let (store, report) = Store::open(dir.path()).expect("reopen");
+    assert_eq!((report.migrated_from, store.total()), (None, LaneStats::default()));
+}
+
+#[test]
+fn a_commit_packs_its_events_into_rows_of_about_a_page() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, _) = Store::open(dir.path()).expect("open");
+    for commit in 0..4u64 {
+        let inserts: Vec<Record> = (0..500).map(|i| record(5, 1 + commit * 500 + i, 100, None)).collect();
+        store.apply(&Batch { inserts, ..Batch::default() }).expect("commit");
+    }
+    let txn = store.begin_read().expect("read");
+    let events = txn.open_table(EVENTS).expect("events");
+    let mut sizes = Vec::new();
+    for entry in events.iter().expect("iter") {
+        let (_, v) = entry.expect("row");
+        sizes.push(v.value().len());
+    }
+    // 2,000 events of ~120 bytes: ~60 rows when full; each row fits one 4 KiB page.
+    assert!(sizes.len() <= 70, "{} rows", sizes.len());
+    assert!(sizes.iter().all(|&s| s <= 4079), "{sizes:?}");
+    let full = sizes.iter().filter(|&&s| s >= 3950).count();
+    assert!(full + 1 >= sizes.len(), "only the last row is partly filled: {sizes:?}");
+}
+
+#[test]
+fn events_inserted_out_of_order_land_in_their_place() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, _) = Store::open(dir.path()).expect("open");
+    let seqs: Vec<u64> = (0..200).map(|i| (i * 37) % 200 + 10).collect();
+    for chunk in seqs.chunks(30) {
+        let inserts: Vec<Record> = chunk.iter().map(|&s| record(1, s, 150, None)).collect();
+        store.apply(&Batch { inserts, ..Batch::default() }).expect("insert");
+    }
+    // One replaced in place, one below everything, one above.
+    let mut replaced = record(1, 50, 7, None);
+    replaced.topic = "replaced".into();
+    store
+        .apply(&Batch {
+            inserts: vec![replaced.clone(), record(1, 3, 5, None), record(1, 900, 5, None)],
+            ..Batch::default()
+        })
+        .expect("more");
+    let got = store.read(1, 0, usize::MAX).expect("read");
+    let want: Vec<u64> = std::iter::once(3).chain(10..210).chain(std::iter::once(900)).collect();
+    assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), want);
+    assert_eq!(got.iter().find(|r| r.seq == 50), Some(&replaced));
+    assert_eq!(store.total().events, 202);
+    drop(store);
+    let (store, _) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(store.total().events, 202);
+}
+
+#[test]
+fn counters_that_disagree_with_packed_rows_prove_corruption() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    {
+        let (mut store, _) = Store::open(dir.path()).expect("open");
+        let inserts: Vec<Record> = (1..=40).map(|seq| record(5, seq, 30, None)).collect();
+        store.apply(&Batch { inserts, ..Batch::default() }).expect("fill");
+    }
+    {
+        let db = Database::open(file_path(dir.path())).expect("open");
+        let txn = db.begin_write().expect("txn");
+        txn.open_table(META).expect("meta").insert("events.5", 39).expect("insert");
+        txn.commit().expect("commit");
+    }
+    let (store, report) = Store::open(dir.path()).expect("recovers");
+    let (_, reason) = report.moved_aside.expect("moved aside");
+    assert!(reason.contains("counters say 39 events of priority 5 but the rows hold 40"), "{reason}");
+    assert_eq!(store.total(), LaneStats::default());
 }
