@@ -281,6 +281,7 @@ impl Gateway {
             metrics: metrics.clone(),
             heartbeat: watchdog.heartbeat(Stage::Route),
             tap,
+            clock: route::Clock::System,
         };
         tracker.spawn(route::run(stage, event_rx, outbound_tx));
         // Under systemd (Type=notify): `WATCHDOG=1` while the stages turn, `STATUS=` lines.
