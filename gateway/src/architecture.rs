@@ -47,7 +47,7 @@ const BOTTOM: u8 = 0;
 
 /// `buffer/`'s own modules, lowest first: `file` is below everything that opens the file.
 const BUFFER_RANKS: &[(&str, u8)] =
-    &[("access", 0), ("file", 1), ("inspect", 2), ("store", 3), ("import", 4), ("worker", 4)];
+    &[("access", 0), ("file", 1), ("inspect", 2), ("store", 3), ("import", 4), ("windows", 4), ("worker", 4)];
 
 fn rank(table: &[(&str, u8)], module: &str) -> Option<u8> {
     table.iter().find(|(name, _)| *name == module).map(|(_, rank)| *rank)

@@ -131,11 +131,14 @@ impl Gateway {
         // The retained messages are read here, before the store thread takes the file: one
         // read transaction, bounded by the broker's limits (measured in `benches/buffer.rs`,
         // scenario `retained`).
-        let (store, report, retained) = tokio::task::spawn_blocking(move || {
+        let (store, report, retained, windows) = tokio::task::spawn_blocking(move || {
             let (mut store, report) = Store::open(&data_dir)?;
             let started = std::time::Instant::now();
             let retained = store.load_retained(event::now_ms(), max_retained, max_retained_bytes)?;
-            Ok::<_, buffer::BufferError>((store, report, (retained, started.elapsed())))
+            let took = started.elapsed();
+            // The stateful rules' checkpoint: one row, restored by the route stage.
+            let windows = store.load_windows()?;
+            Ok::<_, buffer::BufferError>((store, report, (retained, took), windows))
         })
         .await
         .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
@@ -181,6 +184,7 @@ impl Gateway {
         let watchdog = std::sync::Arc::new(Watchdog::default());
         let worker = Worker::spawn(store, watchdog.heartbeat(Stage::Store)).map_err(StartError::Thread)?;
         let retained_commands = worker.commands.clone();
+        let checkpoint_commands = worker.commands.clone();
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -282,6 +286,11 @@ impl Gateway {
             heartbeat: watchdog.heartbeat(Stage::Route),
             tap,
             clock: route::Clock::System,
+            durable: Some(route::Durable {
+                commands: checkpoint_commands,
+                interval: config.buffer.commit_interval,
+                restored: windows,
+            }),
         };
         tracker.spawn(route::run(stage, event_rx, outbound_tx));
         // Under systemd (Type=notify): `WATCHDOG=1` while the stages turn, `STATUS=` lines.

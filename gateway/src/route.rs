@@ -29,6 +29,8 @@
 //!   record lists each rule and its reason.
 //! - Topics starting with `$` (broker-internal) never match `#` and are not bridged.
 
+pub mod checkpoint;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -38,8 +40,9 @@ use outpost_rules::window::{Marked, WindowOrigin, WindowState};
 use outpost_rules::{EventContext, Output, RuleSet, TopicFilter, Trace};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use self::checkpoint::{Checkpointer, Step};
 use crate::broker::Republisher;
 use crate::config::RouteConfig;
 use crate::deadletter::{DeadLetter, RuleReason};
@@ -429,6 +432,19 @@ pub struct RouteStage {
     pub tap: Tap,
     /// What closes windows (stateful rules only).
     pub clock: Clock,
+    /// Where the stateful rules' state is checkpointed; `None` runs them from memory only
+    /// (unit tests), flushing open windows when the stage stops.
+    pub durable: Option<Durable>,
+}
+
+/// The buffer file's side of the stateful rules.
+pub struct Durable {
+    /// The store thread's command queue (`Command::Checkpoint`).
+    pub commands: mpsc::Sender<crate::buffer::worker::Command>,
+    /// The least time between two checkpoints (`buffer.commit_interval`).
+    pub interval: Duration,
+    /// The checkpoint found in the file at start.
+    pub restored: Option<Vec<u8>>,
 }
 
 /// The route stage's handles on the per-rule counters, looked up once per rule name.
@@ -602,23 +618,84 @@ enum Next {
     Event(Event, u8),
     /// The earliest open window is due.
     Tick,
+    /// The checkpointer asks for a snapshot, or made progress.
+    Checkpoint(Step),
     /// The input closed: the broker stopped.
     Closed,
 }
 
+/// The state found in the buffer file at start, for `routing`: the windows of every rule
+/// whose window and aggregates are unchanged. The others are logged and counted, and so is
+/// a checkpoint that does not decode.
+fn restore_windows(routing: &Routing, bytes: &[u8], metrics: &Metrics) -> Option<WindowState> {
+    let counters = metrics.counters();
+    let Routing::Rules(rules) = routing else {
+        warn!(message = "the buffer file holds window state, but no rules file is in use; it is discarded");
+        Metrics::add(&counters.window_state_dropped, 1);
+        return None;
+    };
+    fresh_windows(routing)?;
+    match WindowState::restore(rules, bytes) {
+        Ok((state, dropped)) => {
+            for (rule, why) in &dropped {
+                Metrics::add(&counters.window_state_dropped, 1);
+                warn!(message = "this rule's window or aggregates changed while the gateway was stopped: its checkpointed open windows are discarded, with the readings they held. Change windowed rules while the gateway runs (a reload closes and sends their windows)", %rule, reason = %why);
+            }
+            info!(
+                message = "window state restored from the buffer file",
+                groups = state.groups(),
+                rules_not_restored = dropped.len()
+            );
+            Some(state)
+        }
+        Err(e) => {
+            Metrics::add(&counters.window_state_dropped, 1);
+            error!(message = "the window state in the buffer file could not be read; the stateful rules start empty", error = %e);
+            None
+        }
+    }
+}
+
+/// Exports the state's own counters (they live in the checkpoint, so they carry across
+/// restarts) as the gateway's.
+fn export_window_counters(routing: &Routing, state: &WindowState, metrics: &Metrics) {
+    let Routing::Rules(rules) = routing else { return };
+    let (mut evicted, mut late) = (0, 0);
+    for (_, c) in state.counters(rules) {
+        evicted += c.groups_evicted;
+        late += c.late;
+    }
+    let counters = metrics.counters();
+    counters.window_groups_evicted.store(evicted, std::sync::atomic::Ordering::Relaxed);
+    counters.window_late.store(late, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Runs until its input closes (the broker stopped), then closes its output so the relay can
 /// finish. It never selects on cancellation itself: stopping upstream of it is what ends it,
-/// so nothing already ingested is dropped on the floor. With stateful rules it also sleeps
-/// until the next window is due (no timer while none is open), and when its input closes
-/// it closes every open window early and sends the outputs (the shutdown policy while
-/// window state is not checkpointed: flush, so no reading a window holds is lost).
+/// so nothing already ingested is dropped on the floor.
+///
+/// With stateful rules it also sleeps until the next window is due (no timer while none is
+/// open) and, with [`Durable`], checkpoints their state ([`checkpoint`]): a reading they take
+/// in is acknowledged once a checkpoint holding it is committed. When its input closes it
+/// writes a last checkpoint, and the open windows go on after the next start (the shutdown
+/// policy); without [`Durable`] it closes them early and sends them instead.
 pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: mpsc::Sender<Outbound>) {
     // Republished events waiting to be evaluated again, with their hop count.
     let mut chain: VecDeque<(Event, u8)> = VecDeque::new();
     let mut logs = Logs::default();
     let mut rule_stats = RuleStats::default();
     let mut routing = stage.routing.borrow_and_update().clone();
-    let mut windows = fresh_windows(&routing);
+    let durable = stage.durable.take();
+    let mut windows = match durable.as_ref().and_then(|d| d.restored.as_deref()) {
+        Some(bytes) => restore_windows(&routing, bytes, &stage.metrics).or_else(|| fresh_windows(&routing)),
+        None => fresh_windows(&routing),
+    };
+    let mut checkpointer = durable.map(|d| Checkpointer::new(d.commands, d.interval, stage.metrics.clone()));
+    if let (Some(ck), true) = (checkpointer.as_mut(), windows.is_some()) {
+        // The restored state (or a fresh one replacing a discarded checkpoint) is written
+        // again, which also clears a checkpoint no rule uses any more.
+        ck.changed();
+    }
     // Its own holder: `carry_out` borrows the whole stage.
     let heartbeat = stage.heartbeat.clone();
     // Every turn ends where the stage waits; the first one begins here.
@@ -631,10 +708,14 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                     .as_ref()
                     .and_then(WindowState::next_close)
                     .map(|at| Duration::from_millis(at.saturating_sub(stage.clock.now_ms())));
+                let room = checkpointer.as_ref().is_none_or(|ck| !ck.full());
                 heartbeat.end();
                 let next = tokio::select! {
                     biased;
-                    received = input.recv() => match received {
+                    step = async { Some(checkpointer.as_mut()?.wait().await) }, if checkpointer.is_some() => {
+                        step.map_or(Next::Checkpoint(Step::Progress), Next::Checkpoint)
+                    }
+                    received = input.recv(), if room => match received {
                         Some(event) => Next::Event(event, 0),
                         None => Next::Closed,
                     },
@@ -648,44 +729,109 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         if stage.routing.has_changed().unwrap_or(false) {
             let new = stage.routing.borrow_and_update().clone();
             let (kept, flushed) = reload_windows(&routing, windows.take(), &new);
-            let outbound =
-                stage.carry_out_windows(&routing, flushed, None, &mut chain, &mut logs, &mut rule_stats);
+            let outbound = stage.carry_out_windows(
+                flushed,
+                None,
+                checkpointer.as_mut(),
+                &mut chain,
+                &mut logs,
+                &mut rule_stats,
+            );
             windows = kept;
             routing = new;
+            if let Some(ck) = checkpointer.as_mut() {
+                ck.changed();
+            }
             if !send_all(&out, outbound, &heartbeat).await {
                 return;
             }
         }
         let now = Instant::now();
         let outbound = match (next, &*routing, windows.as_mut()) {
-            (Next::Closed, Routing::Rules(rules), Some(state)) => {
-                let flushed: Vec<Marked> = rules
-                    .windowed_rules()
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .flat_map(|rule| rules.flush_rule_windows_marked(state, rule))
-                    .collect();
-                if !flushed.is_empty() {
-                    info!(
-                        message = "stopping: open windows closed early and their outputs sent",
-                        outputs = flushed.len()
-                    );
+            (Next::Checkpoint(Step::Progress), ..) => Vec::new(),
+            (Next::Checkpoint(Step::Due), routing_now, state) => {
+                if let Some(ck) = checkpointer.as_mut() {
+                    let snapshot = match (routing_now, state) {
+                        (Routing::Rules(rules), Some(state)) => {
+                            export_window_counters(routing_now, state, &stage.metrics);
+                            Some(state.snapshot(rules))
+                        }
+                        _ => None,
+                    };
+                    ck.take(snapshot);
                 }
-                let outbound =
-                    stage.carry_out_windows(&routing, flushed, None, &mut chain, &mut logs, &mut rule_stats);
-                // Republishes a flush made are not evaluated again: the stage is stopping.
-                let _ = send_all(&out, outbound, &heartbeat).await;
+                Vec::new()
+            }
+            (Next::Closed, routing_now, state) => {
+                if let Some(ck) = checkpointer.as_mut() {
+                    // The shutdown policy: a last checkpoint; the windows go on after the
+                    // next start. Bounded, so a hung disk cannot hold the shutdown.
+                    let snapshot = match (routing_now, state) {
+                        (Routing::Rules(rules), Some(state)) => Some(state.snapshot(rules)),
+                        _ => None,
+                    };
+                    if snapshot.is_some() || !ck.idle() {
+                        ck.take(snapshot);
+                        let last = async {
+                            while !ck.idle() {
+                                ck.wait().await;
+                            }
+                        };
+                        if tokio::time::timeout(SHUTDOWN_CHECKPOINT_WAIT, last).await.is_err() {
+                            error!(
+                                message = "stopping: the last window checkpoint did not commit in time; readings since the previous one were not acknowledged and will be resent by their sensors"
+                            );
+                        } else {
+                            info!(
+                                message = "stopping: window state checkpointed; open windows go on after the next start"
+                            );
+                        }
+                    }
+                    break;
+                }
+                if let (Routing::Rules(rules), Some(state)) = (routing_now, state) {
+                    let flushed: Vec<Marked> = rules
+                        .windowed_rules()
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .flat_map(|rule| rules.flush_rule_windows_marked(state, rule))
+                        .collect();
+                    if !flushed.is_empty() {
+                        info!(
+                            message = "stopping: open windows closed early and their outputs sent",
+                            outputs = flushed.len()
+                        );
+                    }
+                    let outbound =
+                        stage.carry_out_windows(flushed, None, None, &mut chain, &mut logs, &mut rule_stats);
+                    // Republishes a flush made are not evaluated again: the stage is stopping.
+                    let _ = send_all(&out, outbound, &heartbeat).await;
+                }
                 break;
             }
-            (Next::Closed, ..) => break,
             (Next::Tick, Routing::Rules(rules), Some(state)) => {
                 let closed = rules.advance_windows_marked(state, stage.clock.now_ms());
-                stage.carry_out_windows(&routing, closed, None, &mut chain, &mut logs, &mut rule_stats)
+                if let (Some(ck), false) = (checkpointer.as_mut(), closed.is_empty()) {
+                    ck.changed();
+                }
+                stage.carry_out_windows(
+                    closed,
+                    None,
+                    checkpointer.as_mut(),
+                    &mut chain,
+                    &mut logs,
+                    &mut rule_stats,
+                )
             }
             // A tick for state a reload has just replaced: the next turn sleeps afresh.
             (Next::Tick, ..) => Vec::new(),
             (Next::Event(event, hops), Routing::Rules(rules), Some(state)) => {
                 let marked = rules.evaluate_windowed_marked(&context(&event, hops), state);
+                if let Some(ck) = checkpointer.as_mut() {
+                    // Any event may have changed state (and every one waits for the
+                    // checkpoint: which rules took it in is not known here).
+                    ck.hold(event.ticket.clone());
+                }
                 let (own, closed): (Vec<Marked>, Vec<Marked>) =
                     marked.into_iter().partition(|(_, o)| o.is_none());
                 let own = fates(
@@ -698,9 +844,9 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 let mut outbound = stage.carry_out(&event, own, &mut chain, &mut logs, now);
                 let ticket = event.ticket.clone();
                 let windows_out = stage.carry_out_windows(
-                    &routing,
                     closed,
                     ticket.as_ref().map(|t| (t, event.received_ms)),
+                    checkpointer.as_mut(),
                     &mut chain,
                     &mut logs,
                     &mut rule_stats,
@@ -733,6 +879,9 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
     }
     info!(message = "router stopped");
 }
+
+/// How long stopping waits for the last window checkpoint.
+const SHUTDOWN_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 
 /// The route stage's rate-limited warnings.
 #[derive(Default)]
@@ -806,9 +955,9 @@ impl RouteStage {
     /// `from`), and its forwards carry the window's stable id.
     fn carry_out_windows(
         &mut self,
-        routing: &Routing,
         marked: Vec<Marked>,
         from: Option<(&crate::ack::Ticket, u64)>,
+        mut checkpointer: Option<&mut Checkpointer>,
         chain: &mut VecDeque<(Event, u8)>,
         logs: &mut Logs,
         rule_stats: &mut RuleStats,
@@ -839,7 +988,12 @@ impl RouteStage {
                 qos: None,
                 received_ms: from.map_or_else(|| self.clock.now_ms(), |(_, at)| at),
                 client_id: None,
-                ticket: from.map(|(t, _)| t.clone()),
+                // With checkpoints, the window's own ticket: the next checkpoint (which no
+                // longer holds the window's readings) waits until its outputs are safe.
+                ticket: match checkpointer.as_deref_mut() {
+                    Some(ck) => Some(ck.output_ticket()),
+                    None => from.map(|(t, _)| t.clone()),
+                },
                 from_upstream: false,
                 peerhost: None,
                 retain: false,
@@ -848,9 +1002,8 @@ impl RouteStage {
             };
             let outputs = outputs.into_iter().map(|(o, origin)| (o, origin.map(|o| o.fingerprint())));
             let fates = fates_marked(outputs, &self.topic_prefix, &self.topic_policy);
-            if matches!(routing, Routing::Rules(_)) {
-                rule_stats.count(&self.metrics, &fates);
-            }
+            // Only rules have windows.
+            rule_stats.count(&self.metrics, &fates);
             forwards.extend(self.carry_out(&window_event, fates, chain, logs, now));
         }
         forwards
@@ -1207,6 +1360,7 @@ topic = "t/b"
             heartbeat: Heartbeat::unwatched(),
             tap: crate::tap::Tap::new(metrics.clone()),
             clock: Clock::System,
+            durable: None,
         };
         let route = tokio::spawn(run(stage, in_rx, out_tx));
         in_tx.send(event("in/a", "{bad")).await.expect("send");
@@ -1268,6 +1422,7 @@ topic = "raw"
             heartbeat: Heartbeat::unwatched(),
             tap: crate::tap::Tap::new(metrics),
             clock: Clock::tokio_at(base_ms),
+            durable: None,
         };
         Running { routing, input, out, stage: tokio::spawn(run(stage, in_rx, out_tx)) }
     }

@@ -13,10 +13,15 @@
 //! - `retained`: the local broker's retained messages, key the topic, value a CBOR map
 //!   ([`StoredRetained`]: QoS, payload, expiry in Unix ms, MQTT 5 properties). Written by
 //!   the store thread ([`worker::Command::Retain`]) in the broker's order, read once at start.
+//! - `windows`: the route stage's checkpoint of its stateful rules' state (open windows,
+//!   report-by-exception memory), one row `state` holding a CBOR snapshot, replaced whole by
+//!   each checkpoint ([`worker::Command::Checkpoint`]), read once at start ([`windows`]).
 //!
 //! # Format versions
-//! [`store::FORMAT_VERSION`] is 3. Version 1 is a file without the `format_version` key (every
-//! release before it); version 2 added the `imported` table, version 3 the `retained` table.
+//! [`store::FORMAT_VERSION`] is 6. Version 1 is a file without the `format_version` key (every
+//! release before it); version 2 added the `imported` table, version 3 the `retained` table,
+//! version 6 the `windows` table (4 and 5 belong to changes on other branches; each step is
+//! written as "older than N → add what N added", so they compose in any merge order).
 //! Opening an older file adds the key and the missing tables in the same transaction as the
 //! epoch bump, and leaves the records as they are (tested with
 //! `gateway/tests/fixtures/buffer-v1.redb`, written by that release, and with a version-2 file
@@ -58,6 +63,7 @@ pub mod file;
 pub mod import;
 pub mod inspect;
 pub mod store;
+pub mod windows;
 pub mod worker;
 
 pub use file::{BufferError, Key, N_PRIORITIES, Record, StoredRetained};

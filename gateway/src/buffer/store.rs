@@ -10,15 +10,17 @@ use serde::Serialize;
 
 pub use super::file::file_path;
 use super::file::{
-    BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, RETAINED, Record, StoredRetained, db_err,
-    meta_key, stored_size,
+    BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, RETAINED, Record, StoredRetained, WINDOWS,
+    db_err, meta_key, stored_size,
 };
 use super::inspect::{self, StatsReport};
 
 /// The buffer file's format, kept in `meta` as `format_version`. 1: no such key (releases up
 /// to commit 568ebea); 2: the key and the `imported` table; 3: the `retained` table. A file
-/// with a higher version was written by a newer release and is refused untouched.
-pub const FORMAT_VERSION: u64 = 3;
+/// with a higher version was written by a newer release and is refused untouched. 6: the
+/// `windows` table (4 and 5 are taken by other changes; each migration is "older than N →
+/// add what N added", so they compose).
+pub const FORMAT_VERSION: u64 = 6;
 const FORMAT_KEY: &str = "format_version";
 
 /// A drained file larger than this is compacted so the disk space comes back.
@@ -193,6 +195,10 @@ impl Store {
                 // unchanged; opening a table creates it.
                 txn.open_table(IMPORTED).map_err(|e| db_err(&path, e))?;
                 txn.open_table(RETAINED).map_err(|e| db_err(&path, e))?;
+                if version < 6 {
+                    // Older than 6: the `windows` table.
+                    txn.open_table(WINDOWS).map_err(|e| db_err(&path, e))?;
+                }
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }
@@ -226,7 +232,7 @@ impl Store {
 
     /// The open database, reopening it first if an I/O error closed it. Reopening runs redb's
     /// repair, which restores the last committed state; the counters are reloaded from it.
-    fn database(&mut self) -> Result<&Database, BufferError> {
+    pub(super) fn database(&mut self) -> Result<&Database, BufferError> {
         if self.db.is_none() {
             let db = Store::create(&self.path)?;
             let txn = db.begin_read().map_err(|e| db_err(&self.path, e))?;
@@ -251,7 +257,7 @@ impl Store {
     }
 
     /// Closes the file after an I/O error so the next operation reopens it.
-    fn forget_on_io_error<T>(&mut self, result: Result<T, BufferError>) -> Result<T, BufferError> {
+    pub(super) fn forget_on_io_error<T>(&mut self, result: Result<T, BufferError>) -> Result<T, BufferError> {
         if result.as_ref().is_err_and(BufferError::is_io) {
             self.db = None;
         }

@@ -38,6 +38,12 @@ pub enum Command {
         writes: Vec<(String, Option<StoredRetained>)>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// The route stage's checkpoint of its stateful rules (`None` clears it), committed in
+    /// one durable transaction before the reply ([`super::windows`]).
+    Checkpoint {
+        state: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// `outpost buffer import` through the daemon: which events were imported before, and
@@ -172,6 +178,13 @@ fn execute(store: &mut Store, command: Command, slow_commits: Option<Duration>) 
         }
         Command::Retain { writes, reply } => {
             let _ = reply.send(store.apply_retained(&writes).map_err(|e| e.to_string()));
+            None
+        }
+        Command::Checkpoint { state, reply } => {
+            if let Some(delay) = slow_commits {
+                std::thread::sleep(delay);
+            }
+            let _ = reply.send(store.save_windows(state.as_deref()).map_err(|e| e.to_string()));
             None
         }
         Command::Read { priority, from_seq, limit } => {
