@@ -46,8 +46,16 @@ const RANKS: &[(&str, u8)] = &[
 const BOTTOM: u8 = 0;
 
 /// `buffer/`'s own modules, lowest first: `file` is below everything that opens the file.
-const BUFFER_RANKS: &[(&str, u8)] =
-    &[("access", 0), ("file", 1), ("chunk", 2), ("inspect", 3), ("store", 4), ("import", 5), ("worker", 5)];
+const BUFFER_RANKS: &[(&str, u8)] = &[
+    ("access", 0),
+    ("file", 1),
+    ("chunk", 2),
+    ("inspect", 3),
+    ("store", 4),
+    ("import", 5),
+    ("windows", 5),
+    ("worker", 5),
+];
 
 fn rank(table: &[(&str, u8)], module: &str) -> Option<u8> {
     table.iter().find(|(name, _)| *name == module).map(|(_, rank)| *rank)

@@ -732,7 +732,7 @@ fn print_step(out: &mut impl Write, step: &crate::route::DryStep) -> std::io::Re
     }
     for fate in &step.fates {
         match fate {
-            Fate::Forward { rule, topic, payload, qos, priority, ttl } => writeln!(
+            Fate::Forward { rule, topic, payload, qos, priority, ttl, .. } => writeln!(
                 out,
                 "  => forward {topic} qos={qos} priority={priority}{} (rule {}): {}",
                 ttl.map(|t| format!(" ttl={}", humantime::format_duration(t))).unwrap_or_default(),

@@ -134,13 +134,15 @@ impl Gateway {
         // read transaction, bounded by the broker's limits (measured in `benches/buffer.rs`,
         // scenario `retained`).
         // The persistent sessions too, in a transaction of their own.
-        let (store, report, retained, sessions) = tokio::task::spawn_blocking(move || {
+        let (store, report, retained, sessions, windows) = tokio::task::spawn_blocking(move || {
             let (mut store, report) = Store::open(&data_dir)?;
             let started = std::time::Instant::now();
             let retained = store.load_retained(event::now_ms(), max_retained, max_retained_bytes)?;
             let took = started.elapsed();
             let sessions = store.load_sessions(event::now_ms(), max_offline, max_queued)?;
-            Ok::<_, buffer::BufferError>((store, report, (retained, took), sessions))
+            // The stateful rules' checkpoint: one row, restored by the route stage.
+            let windows = store.load_windows()?;
+            Ok::<_, buffer::BufferError>((store, report, (retained, took), sessions, windows))
         })
         .await
         .map_err(|e| StartError::Thread(std::io::Error::other(e)))??;
@@ -196,6 +198,7 @@ impl Gateway {
         let watchdog = std::sync::Arc::new(Watchdog::default());
         let worker = Worker::spawn(store, watchdog.heartbeat(Stage::Store)).map_err(StartError::Thread)?;
         let retained_commands = worker.commands.clone();
+        let checkpoint_commands = worker.commands.clone();
 
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
@@ -310,6 +313,12 @@ impl Gateway {
             metrics: metrics.clone(),
             heartbeat: watchdog.heartbeat(Stage::Route),
             tap,
+            clock: route::Clock::System,
+            durable: Some(route::Durable {
+                commands: checkpoint_commands,
+                interval: config.buffer.commit_interval,
+                restored: windows,
+            }),
         };
         tracker.spawn(route::run(stage, event_rx, outbound_tx));
         // Under systemd (Type=notify): `WATCHDOG=1` while the stages turn, `STATUS=` lines.

@@ -94,6 +94,20 @@ counters! {
     rules_reloads,
     /// Rejected rule reloads; the running rules stayed.
     rules_reload_failures,
+    /// Checkpoints of the stateful rules' state committed to the buffer file.
+    window_checkpoints,
+    /// Bytes of state those checkpoints wrote.
+    window_checkpoint_bytes,
+    /// Checkpoints that failed (retried; the readings they held stay unacknowledged).
+    window_checkpoint_failures,
+    /// Rules whose checkpointed state was not restored at start (their window or aggregates
+    /// changed while the gateway was stopped, or the checkpoint did not decode).
+    window_state_dropped,
+    /// Groups closed early because a rule had `max_groups` open (all rules, since the state
+    /// began: restored from the checkpoint).
+    window_groups_evicted,
+    /// Readings in no window because their window had already closed.
+    window_late,
     /// Events accepted into the store-and-forward path.
     accepted,
     /// Events acknowledged by the upstream broker (PUBACK).

@@ -29,16 +29,20 @@
 //!   record lists each rule and its reason.
 //! - Topics starting with `$` (broker-internal) never match `#` and are not bridged.
 
+pub mod checkpoint;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use outpost_rules::window::{Marked, WindowOrigin, WindowState};
 use outpost_rules::{EventContext, Output, RuleSet, TopicFilter, Trace};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use self::checkpoint::{Checkpointer, Step};
 use crate::broker::Republisher;
 use crate::config::RouteConfig;
 use crate::deadletter::{DeadLetter, RuleReason};
@@ -95,6 +99,10 @@ pub enum Fate {
         qos: u8,
         priority: u8,
         ttl: Option<Duration>,
+        /// For an output of a closed window: the id it travels with, derived from the rule,
+        /// the group key and the window's bounds, so the same window sent again (after a
+        /// restart from a checkpoint) has the same id and an upstream can drop the copy.
+        window_id: Option<u64>,
     },
     /// Into the local broker, and back into the route stage as an event with `hops`.
     Republish { rule: Arc<str>, topic: String, payload: Bytes, qos: u8, hops: u8 },
@@ -158,17 +166,7 @@ pub fn decide(
     topic_prefix: &str,
     policy: &TopicPolicy,
 ) -> Vec<Fate> {
-    let fates = decide_any(routing, event, hops, topic_prefix, policy);
-    if !event.from_upstream {
-        return fates;
-    }
-    fates
-        .into_iter()
-        .map(|fate| match fate {
-            Fate::Forward { rule, topic, .. } => Fate::NotBackUpstream { rule, topic },
-            other => other,
-        })
-        .collect()
+    not_back_upstream(event, decide_any(routing, event, hops, topic_prefix, policy))
 }
 
 /// [`decide`] for an event of any origin.
@@ -191,6 +189,7 @@ fn decide_any(
                 qos: 1,
                 priority,
                 ttl,
+                window_id: None,
             })
             .into_iter()
             .collect(),
@@ -274,7 +273,18 @@ fn describe_fate(fate: &Fate) -> String {
 /// The rule engine's outputs as fates: forward topics get the prefix and are checked,
 /// and every dead letter of the event is folded into one.
 fn fates(outputs: Vec<Output>, topic_prefix: &str, policy: &TopicPolicy) -> Vec<Fate> {
-    let mut fates = Vec::with_capacity(outputs.len());
+    fates_marked(outputs.into_iter().map(|o| (o, None)), topic_prefix, policy)
+}
+
+/// [`fates`] for outputs of which some came from a closed window: their forwards carry the
+/// window's stable id.
+fn fates_marked(
+    outputs: impl IntoIterator<Item = (Output, Option<u64>)>,
+    topic_prefix: &str,
+    policy: &TopicPolicy,
+) -> Vec<Fate> {
+    let outputs = outputs.into_iter();
+    let mut fates = Vec::with_capacity(outputs.size_hint().0);
     let mut dead_letter: Option<usize> = None;
     let mut dead = |fates: &mut Vec<Fate>, entry: DeadEntry| {
         if let Some(Fate::DeadLetter { entries }) = dead_letter.and_then(|idx| fates.get_mut(idx)) {
@@ -284,7 +294,7 @@ fn fates(outputs: Vec<Output>, topic_prefix: &str, policy: &TopicPolicy) -> Vec<
             fates.push(Fate::DeadLetter { entries: vec![entry] });
         }
     };
-    for output in outputs {
+    for (output, window_id) in outputs {
         match output {
             Output::Forward { rule, topic, payload, qos, priority, ttl } => {
                 let topic = format!("{topic_prefix}{topic}");
@@ -296,7 +306,7 @@ fn fates(outputs: Vec<Output>, topic_prefix: &str, policy: &TopicPolicy) -> Vec<
                     continue;
                 }
                 let payload = Bytes::from(payload);
-                fates.push(Fate::Forward { rule: Some(rule), topic, payload, qos, priority, ttl });
+                fates.push(Fate::Forward { rule: Some(rule), topic, payload, qos, priority, ttl, window_id });
             }
             Output::Republish { rule, topic, payload, qos, hops } => {
                 fates.push(Fate::Republish { rule, topic, payload: Bytes::from(payload), qos, hops });
@@ -424,6 +434,21 @@ pub struct RouteStage {
     pub heartbeat: Heartbeat,
     /// Where `outpost tap` sees each rule's verdict.
     pub tap: Tap,
+    /// What closes windows (stateful rules only).
+    pub clock: Clock,
+    /// Where the stateful rules' state is checkpointed; `None` runs them from memory only
+    /// (unit tests), flushing open windows when the stage stops.
+    pub durable: Option<Durable>,
+}
+
+/// The buffer file's side of the stateful rules.
+pub struct Durable {
+    /// The store thread's command queue (`Command::Checkpoint`).
+    pub commands: mpsc::Sender<crate::buffer::worker::Command>,
+    /// The least time between two checkpoints (`buffer.commit_interval`).
+    pub interval: Duration,
+    /// The checkpoint found in the file at start.
+    pub restored: Option<Vec<u8>>,
 }
 
 /// The route stage's handles on the per-rule counters, looked up once per rule name.
@@ -479,63 +504,388 @@ impl RuleStats {
     }
 }
 
+/// Where the route stage reads the time that closes windows: Unix milliseconds, the
+/// timescale of events' `received_ms`.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// The system clock, as the broker stamps events.
+    System,
+    /// `base_ms` at tokio's `base`, then following tokio's clock: tests pause and advance it.
+    Tokio { base_ms: u64, base: Instant },
+}
+
+impl Clock {
+    /// A clock at `base_ms` now that moves with tokio's (paused, in tests) clock.
+    pub fn tokio_at(base_ms: u64) -> Clock {
+        Clock::Tokio { base_ms, base: Instant::now() }
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        match self {
+            Clock::System => crate::event::now_ms(),
+            Clock::Tokio { base_ms, base } => {
+                base_ms.saturating_add(u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX))
+            }
+        }
+    }
+}
+
+/// The state of the stateful rules (windows, report by exception) of the routing in use;
+/// `None` when it has none, so a bridge or stateless rules cost nothing here.
+fn fresh_windows(routing: &Routing) -> Option<WindowState> {
+    match routing {
+        Routing::Rules(rules) if rules.stateful_rules().next().is_some() => Some(rules.window_state()),
+        _ => None,
+    }
+}
+
+/// A reload: what the new routing keeps of the old one's windows, and the outputs of the
+/// windows it does not keep. A rule whose window and aggregates are unchanged (by name)
+/// keeps its open windows (its new SELECT, HAVING and actions apply when they close); the
+/// open windows of a rule that was changed or removed are closed at once under the old
+/// rule and sent (marked early), so no reading they hold is lost. Report-by-exception state
+/// of a changed rule starts again (at most one report too many). Each is logged.
+fn reload_windows(
+    old: &Routing,
+    state: Option<WindowState>,
+    new: &Routing,
+) -> (Option<WindowState>, Vec<Marked>) {
+    let mut fresh = fresh_windows(new);
+    let (Routing::Rules(old_rules), Some(mut state)) = (old, state) else { return (fresh, Vec::new()) };
+    let mut kept: Vec<String> = Vec::new();
+    if let (Routing::Rules(new_rules), Some(_)) = (new, fresh.as_ref()) {
+        match WindowState::restore(new_rules, &state.snapshot(old_rules)) {
+            Ok((restored, dropped)) => {
+                let old_windowed: Vec<&str> = old_rules.windowed_rules().collect();
+                kept = new_rules
+                    .windowed_rules()
+                    .filter(|r| old_windowed.contains(r) && !dropped.iter().any(|(d, _)| d == r))
+                    .map(str::to_owned)
+                    .collect();
+                fresh = Some(restored);
+            }
+            Err(e) => {
+                warn!(message = "the open windows could not be carried over to the reloaded rules; they are closed early and sent instead", error = %e)
+            }
+        }
+    }
+    let mut flushed = Vec::new();
+    for rule in old_rules.windowed_rules() {
+        if kept.iter().any(|k| k == rule) {
+            info!(message = "rules reloaded: this rule's window and aggregates are unchanged, its open windows carry on", %rule);
+            continue;
+        }
+        let outputs = old_rules.flush_rule_windows_marked(&mut state, rule);
+        let windows = outputs.iter().filter_map(|(_, o)| o.as_ref()).filter(|o| o.index == 0).count();
+        info!(message = "rules reloaded: this rule was changed or removed, its open windows were closed early and their outputs sent", %rule, windows);
+        flushed.extend(outputs);
+    }
+    (fresh, flushed)
+}
+
+/// Whether `Forward`s become `NotBackUpstream` for an event from upstream (see [`decide`]).
+fn not_back_upstream(event: &Event, fates: Vec<Fate>) -> Vec<Fate> {
+    if !event.from_upstream {
+        return fates;
+    }
+    fates
+        .into_iter()
+        .map(|fate| match fate {
+            Fate::Forward { rule, topic, .. } => Fate::NotBackUpstream { rule, topic },
+            other => other,
+        })
+        .collect()
+}
+
+/// Hands `outbound` to the relay in order; `false` once the relay has gone.
+async fn send_all(out: &mpsc::Sender<Outbound>, outbound: Vec<Outbound>, heartbeat: &Heartbeat) -> bool {
+    for outbound in outbound {
+        match out.try_send(outbound) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(outbound)) => {
+                // Waiting on the relay, not working: the turn ends until there is room.
+                heartbeat.end();
+                let sent = out.send(outbound).await;
+                heartbeat.begin();
+                if sent.is_err() {
+                    return false;
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        }
+    }
+    true
+}
+
+/// What the stage takes next.
+enum Next {
+    Event(Event, u8),
+    /// The earliest open window is due.
+    Tick,
+    /// The checkpointer asks for a snapshot, or made progress.
+    Checkpoint(Step),
+    /// The input closed: the broker stopped.
+    Closed,
+}
+
+/// The state found in the buffer file at start, for `routing`: the windows of every rule
+/// whose window and aggregates are unchanged. The others are logged and counted, and so is
+/// a checkpoint that does not decode.
+fn restore_windows(routing: &Routing, bytes: &[u8], metrics: &Metrics) -> Option<WindowState> {
+    let counters = metrics.counters();
+    let Routing::Rules(rules) = routing else {
+        warn!(message = "the buffer file holds window state, but no rules file is in use; it is discarded");
+        Metrics::add(&counters.window_state_dropped, 1);
+        return None;
+    };
+    fresh_windows(routing)?;
+    match WindowState::restore(rules, bytes) {
+        Ok((state, dropped)) => {
+            for (rule, why) in &dropped {
+                Metrics::add(&counters.window_state_dropped, 1);
+                warn!(message = "this rule's window or aggregates changed while the gateway was stopped: its checkpointed open windows are discarded, with the readings they held. Change windowed rules while the gateway runs (a reload closes and sends their windows)", %rule, reason = %why);
+            }
+            info!(
+                message = "window state restored from the buffer file",
+                groups = state.groups(),
+                rules_not_restored = dropped.len()
+            );
+            Some(state)
+        }
+        Err(e) => {
+            Metrics::add(&counters.window_state_dropped, 1);
+            error!(message = "the window state in the buffer file could not be read; the stateful rules start empty", error = %e);
+            None
+        }
+    }
+}
+
+/// Exports the state's own counters (they live in the checkpoint, so they carry across
+/// restarts) as the gateway's.
+fn export_window_counters(routing: &Routing, state: &WindowState, metrics: &Metrics) {
+    let Routing::Rules(rules) = routing else { return };
+    let (mut evicted, mut late) = (0, 0);
+    for (_, c) in state.counters(rules) {
+        evicted += c.groups_evicted;
+        late += c.late;
+    }
+    let counters = metrics.counters();
+    counters.window_groups_evicted.store(evicted, std::sync::atomic::Ordering::Relaxed);
+    counters.window_late.store(late, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Runs until its input closes (the broker stopped), then closes its output so the relay can
 /// finish. It never selects on cancellation itself: stopping upstream of it is what ends it,
 /// so nothing already ingested is dropped on the floor.
+///
+/// With stateful rules it also sleeps until the next window is due (no timer while none is
+/// open) and, with [`Durable`], checkpoints their state ([`checkpoint`]): a reading they take
+/// in is acknowledged once a checkpoint holding it is committed. When its input closes it
+/// writes a last checkpoint, and the open windows go on after the next start (the shutdown
+/// policy); without [`Durable`] it closes them early and sends them instead.
 pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: mpsc::Sender<Outbound>) {
     // Republished events waiting to be evaluated again, with their hop count.
     let mut chain: VecDeque<(Event, u8)> = VecDeque::new();
     let mut logs = Logs::default();
     let mut rule_stats = RuleStats::default();
     let mut routing = stage.routing.borrow_and_update().clone();
+    let durable = stage.durable.take();
+    let mut windows = match durable.as_ref().and_then(|d| d.restored.as_deref()) {
+        Some(bytes) => restore_windows(&routing, bytes, &stage.metrics).or_else(|| fresh_windows(&routing)),
+        None => fresh_windows(&routing),
+    };
+    let mut checkpointer = durable.map(|d| Checkpointer::new(d.commands, d.interval, stage.metrics.clone()));
+    if let (Some(ck), true) = (checkpointer.as_mut(), windows.is_some()) {
+        // The restored state (or a fresh one replacing a discarded checkpoint) is written
+        // again, which also clears a checkpoint no rule uses any more.
+        ck.changed();
+    }
     // Its own holder: `carry_out` borrows the whole stage.
     let heartbeat = stage.heartbeat.clone();
     // Every turn ends where the stage waits; the first one begins here.
     heartbeat.begin();
     loop {
-        let (event, hops) = match chain.pop_front() {
-            Some(next) => next,
+        let next = match chain.pop_front() {
+            Some((event, hops)) => Next::Event(event, hops),
             None => {
+                let due_in = windows
+                    .as_ref()
+                    .and_then(WindowState::next_close)
+                    .map(|at| Duration::from_millis(at.saturating_sub(stage.clock.now_ms())));
+                let room = checkpointer.as_ref().is_none_or(|ck| !ck.full());
                 heartbeat.end();
-                let received = input.recv().await;
+                let next = tokio::select! {
+                    biased;
+                    step = async { Some(checkpointer.as_mut()?.wait().await) }, if checkpointer.is_some() => {
+                        step.map_or(Next::Checkpoint(Step::Progress), Next::Checkpoint)
+                    }
+                    received = input.recv(), if room => match received {
+                        Some(event) => Next::Event(event, 0),
+                        None => Next::Closed,
+                    },
+                    () = tokio::time::sleep(due_in.unwrap_or_default()), if due_in.is_some() => Next::Tick,
+                };
                 heartbeat.begin();
-                match received {
-                    Some(event) => (event, 0),
-                    None => break,
-                }
+                next
             }
         };
         heartbeat.wedge_if_asked().await;
         if stage.routing.has_changed().unwrap_or(false) {
-            routing = stage.routing.borrow_and_update().clone();
-        }
-        let fates = if stage.tap.wants(TapStage::Rules) {
-            decide_tapped(&routing, &event, hops, &stage.topic_prefix, &stage.topic_policy, &stage.tap)
-        } else {
-            decide(&routing, &event, hops, &stage.topic_prefix, &stage.topic_policy)
-        };
-        if matches!(*routing, Routing::Rules(_)) {
-            rule_stats.count(&stage.metrics, &fates);
-        }
-        let outbound = stage.carry_out(&event, fates, &mut chain, &mut logs, Instant::now());
-        for outbound in outbound {
-            match out.try_send(outbound) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(outbound)) => {
-                    // Waiting on the relay, not working: the turn ends until there is room.
-                    heartbeat.end();
-                    let sent = out.send(outbound).await;
-                    heartbeat.begin();
-                    if sent.is_err() {
-                        return;
-                    }
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            let new = stage.routing.borrow_and_update().clone();
+            let (kept, flushed) = reload_windows(&routing, windows.take(), &new);
+            let outbound = stage.carry_out_windows(
+                flushed,
+                None,
+                checkpointer.as_mut(),
+                &mut chain,
+                &mut logs,
+                &mut rule_stats,
+            );
+            windows = kept;
+            routing = new;
+            if let Some(ck) = checkpointer.as_mut() {
+                ck.changed();
             }
+            if !send_all(&out, outbound, &heartbeat).await {
+                return;
+            }
+        }
+        let now = Instant::now();
+        let outbound = match (next, &*routing, windows.as_mut()) {
+            (Next::Checkpoint(Step::Progress), ..) => Vec::new(),
+            (Next::Checkpoint(Step::Due), routing_now, state) => {
+                if let Some(ck) = checkpointer.as_mut() {
+                    let snapshot = match (routing_now, state) {
+                        (Routing::Rules(rules), Some(state)) => {
+                            export_window_counters(routing_now, state, &stage.metrics);
+                            Some(state.snapshot(rules))
+                        }
+                        _ => None,
+                    };
+                    ck.take(snapshot);
+                }
+                Vec::new()
+            }
+            (Next::Closed, routing_now, state) => {
+                if let Some(ck) = checkpointer.as_mut() {
+                    // The shutdown policy: a last checkpoint; the windows go on after the
+                    // next start. Bounded, so a hung disk cannot hold the shutdown.
+                    let snapshot = match (routing_now, state) {
+                        (Routing::Rules(rules), Some(state)) => Some(state.snapshot(rules)),
+                        _ => None,
+                    };
+                    if snapshot.is_some() || !ck.idle() {
+                        ck.take(snapshot);
+                        let last = async {
+                            while !ck.idle() {
+                                ck.wait().await;
+                            }
+                        };
+                        if tokio::time::timeout(SHUTDOWN_CHECKPOINT_WAIT, last).await.is_err() {
+                            error!(
+                                message = "stopping: the last window checkpoint did not commit in time; readings since the previous one were not acknowledged and will be resent by their sensors"
+                            );
+                        } else {
+                            info!(
+                                message = "stopping: window state checkpointed; open windows go on after the next start"
+                            );
+                        }
+                    }
+                    break;
+                }
+                if let (Routing::Rules(rules), Some(state)) = (routing_now, state) {
+                    let flushed: Vec<Marked> = rules
+                        .windowed_rules()
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .flat_map(|rule| rules.flush_rule_windows_marked(state, rule))
+                        .collect();
+                    if !flushed.is_empty() {
+                        info!(
+                            message = "stopping: open windows closed early and their outputs sent",
+                            outputs = flushed.len()
+                        );
+                    }
+                    let outbound =
+                        stage.carry_out_windows(flushed, None, None, &mut chain, &mut logs, &mut rule_stats);
+                    // Republishes a flush made are not evaluated again: the stage is stopping.
+                    let _ = send_all(&out, outbound, &heartbeat).await;
+                }
+                break;
+            }
+            (Next::Tick, Routing::Rules(rules), Some(state)) => {
+                let closed = rules.advance_windows_marked(state, stage.clock.now_ms());
+                if let (Some(ck), false) = (checkpointer.as_mut(), closed.is_empty()) {
+                    ck.changed();
+                }
+                stage.carry_out_windows(
+                    closed,
+                    None,
+                    checkpointer.as_mut(),
+                    &mut chain,
+                    &mut logs,
+                    &mut rule_stats,
+                )
+            }
+            // A tick for state a reload has just replaced: the next turn sleeps afresh.
+            (Next::Tick, ..) => Vec::new(),
+            (Next::Event(event, hops), Routing::Rules(rules), Some(state)) => {
+                let marked = rules.evaluate_windowed_marked(&context(&event, hops), state);
+                if let Some(ck) = checkpointer.as_mut() {
+                    // Any event may have changed state (and every one waits for the
+                    // checkpoint: which rules took it in is not known here).
+                    ck.hold(event.ticket.clone());
+                }
+                let (own, closed): (Vec<Marked>, Vec<Marked>) =
+                    marked.into_iter().partition(|(_, o)| o.is_none());
+                let own = fates(
+                    own.into_iter().map(|(o, _)| o).collect(),
+                    &stage.topic_prefix,
+                    &stage.topic_policy,
+                );
+                let own = not_back_upstream(&event, own);
+                rule_stats.count(&stage.metrics, &own);
+                let mut outbound = stage.carry_out(&event, own, &mut chain, &mut logs, now);
+                let ticket = event.ticket.clone();
+                let windows_out = stage.carry_out_windows(
+                    closed,
+                    ticket.as_ref().map(|t| (t, event.received_ms)),
+                    checkpointer.as_mut(),
+                    &mut chain,
+                    &mut logs,
+                    &mut rule_stats,
+                );
+                outbound.extend(windows_out);
+                outbound
+            }
+            (Next::Event(event, hops), ..) => {
+                let fates = if stage.tap.wants(TapStage::Rules) {
+                    decide_tapped(
+                        &routing,
+                        &event,
+                        hops,
+                        &stage.topic_prefix,
+                        &stage.topic_policy,
+                        &stage.tap,
+                    )
+                } else {
+                    decide(&routing, &event, hops, &stage.topic_prefix, &stage.topic_policy)
+                };
+                if matches!(*routing, Routing::Rules(_)) {
+                    rule_stats.count(&stage.metrics, &fates);
+                }
+                stage.carry_out(&event, fates, &mut chain, &mut logs, now)
+            }
+        };
+        if !send_all(&out, outbound, &heartbeat).await {
+            return;
         }
     }
     info!(message = "router stopped");
 }
+
+/// How long stopping waits for the last window checkpoint.
+const SHUTDOWN_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 
 /// The route stage's rate-limited warnings.
 #[derive(Default)]
@@ -563,10 +913,15 @@ impl RouteStage {
         let mut forwards = Vec::new();
         for fate in fates {
             match fate {
-                Fate::Forward { topic, payload, qos, priority, ttl, .. } => {
+                Fate::Forward { topic, payload, qos, priority, ttl, window_id, .. } => {
                     // Each upstream message needs its own id, or deduplication would drop
-                    // legitimate outputs: the first keeps the event's.
-                    let event_id = if forwards.is_empty() { event.id } else { self.ids.next_id() };
+                    // legitimate outputs: the first keeps the event's; a window's output
+                    // has its window's.
+                    let event_id = match window_id {
+                        Some(id) => id,
+                        None if forwards.is_empty() => event.id,
+                        None => self.ids.next_id(),
+                    };
                     forwards.push(Outbound {
                         event_id,
                         topic,
@@ -596,6 +951,67 @@ impl RouteStage {
                     Metrics::add(&self.metrics.counters().inbound_not_forwarded, 1)
                 }
             }
+        }
+        forwards
+    }
+
+    /// Carries out the outputs of closed windows, one window at a time: each window is a
+    /// gateway-made event on `$windows/<rule>` (what its dead letter shows), received now
+    /// (or, for windows an event closed, with that event's time and held acknowledgement,
+    /// `from`), and its forwards carry the window's stable id.
+    fn carry_out_windows(
+        &mut self,
+        marked: Vec<Marked>,
+        from: Option<(&crate::ack::Ticket, u64)>,
+        mut checkpointer: Option<&mut Checkpointer>,
+        chain: &mut VecDeque<(Event, u8)>,
+        logs: &mut Logs,
+        rule_stats: &mut RuleStats,
+    ) -> Vec<Outbound> {
+        let mut forwards = Vec::new();
+        let mut marked = marked.into_iter().peekable();
+        let now = Instant::now();
+        while let Some(first) = marked.next() {
+            let Some(origin) = first.1.clone() else { continue };
+            let same = |o: &Option<WindowOrigin>| {
+                o.as_ref().is_some_and(|o| {
+                    (&o.rule, &o.key, o.start_ms, o.end_ms)
+                        == (&origin.rule, &origin.key, origin.start_ms, origin.end_ms)
+                })
+            };
+            let mut outputs = vec![first];
+            while let Some(next) = marked.next_if(|(_, o)| same(o)) {
+                outputs.push(next);
+            }
+            let payload = outputs.iter().find_map(|(o, _)| match o {
+                Output::DeadLetter { payload, .. } => Some(Bytes::from(payload.clone())),
+                _ => None,
+            });
+            let window_event = Event {
+                id: self.ids.next_id(),
+                topic: format!("$windows/{}", origin.rule),
+                payload: payload.unwrap_or_default(),
+                qos: None,
+                received_ms: from.map_or_else(|| self.clock.now_ms(), |(_, at)| at),
+                client_id: None,
+                // With checkpoints, the window's own ticket: the next checkpoint (which no
+                // longer holds the window's readings) waits until its outputs are safe.
+                ticket: match checkpointer.as_deref_mut() {
+                    Some(ck) => Some(ck.output_ticket()),
+                    None => from.map(|(t, _)| t.clone()),
+                },
+                from_upstream: false,
+                peerhost: None,
+                retain: false,
+                dup: false,
+                pub_props: None,
+                lifecycle: None,
+            };
+            let outputs = outputs.into_iter().map(|(o, origin)| (o, origin.map(|o| o.fingerprint())));
+            let fates = fates_marked(outputs, &self.topic_prefix, &self.topic_policy);
+            // Only rules have windows.
+            rule_stats.count(&self.metrics, &fates);
+            forwards.extend(self.carry_out(&window_event, fates, chain, logs, now));
         }
         forwards
     }
@@ -780,6 +1196,7 @@ reason = "parked"
                 qos: 1,
                 priority: 2,
                 ttl: Some(Duration::from_secs(60)),
+                window_id: None,
             }
         );
         let summary: Vec<(&str, DeadCause)> = entries.iter().map(|e| (&*e.rule, e.cause)).collect();
@@ -950,6 +1367,8 @@ topic = "t/b"
             metrics: metrics.clone(),
             heartbeat: Heartbeat::unwatched(),
             tap: crate::tap::Tap::new(metrics.clone()),
+            clock: Clock::System,
+            durable: None,
         };
         let route = tokio::spawn(run(stage, in_rx, out_tx));
         in_tx.send(event("in/a", "{bad")).await.expect("send");
@@ -966,6 +1385,166 @@ topic = "t/b"
         let of = |name: &str| rules.iter().find(|r| r.0 == name).map(|r| (r.1, r.2, r.3));
         assert_eq!((of("a"), of("b"), of("c")), (Some((0, 0, 1)), Some((0, 0, 1)), Some((0, 0, 1))));
         assert_eq!(of("copy"), Some((1, 1, 0)), "{rules:?}");
+    }
+
+    /// A 10 s tumbling average per sensor, and a plain copy of every reading.
+    const WINDOWED: &str = r#"
+[[rule]]
+name = "avg"
+sql = 'SELECT topic(2) AS sensor, avg(payload.v) AS v, count(*) AS n, window_end() AS until FROM "s/+" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)'
+[[rule.action]]
+type = "forward"
+topic = "avg/${sensor}"
+priority = 3
+ttl = "1h"
+[[rule]]
+name = "copy"
+sql = 'SELECT payload.v AS v FROM "s/+"'
+[[rule.action]]
+type = "forward"
+topic = "raw"
+"#;
+
+    struct Running {
+        routing: watch::Sender<Arc<Routing>>,
+        input: mpsc::Sender<Event>,
+        out: mpsc::Receiver<Outbound>,
+        stage: tokio::task::JoinHandle<()>,
+    }
+
+    /// The stage with its clock at `base_ms`, moving with tokio's (paused) clock.
+    fn start(text: &str, base_ms: u64) -> Running {
+        let (routing, routing_rx) = watch::channel(Arc::new(rules(text)));
+        let (dead_tx, _dead_rx) = mpsc::channel(8);
+        let (input, in_rx) = mpsc::channel(64);
+        let (out_tx, out) = mpsc::channel(64);
+        let metrics = Metrics::default();
+        let stage = RouteStage {
+            routing: routing_rx,
+            topic_prefix: String::new(),
+            topic_policy: policy(),
+            republisher: None,
+            dead_letters: dead_tx,
+            ids: IdGen::new(1),
+            metrics: metrics.clone(),
+            heartbeat: Heartbeat::unwatched(),
+            tap: crate::tap::Tap::new(metrics),
+            clock: Clock::tokio_at(base_ms),
+            durable: None,
+        };
+        Running { routing, input, out, stage: tokio::spawn(run(stage, in_rx, out_tx)) }
+    }
+
+    fn reading(sensor: &str, v: f64, at_ms: u64) -> Event {
+        let mut e = event(&format!("s/{sensor}"), &format!("{{\"v\":{v}}}"));
+        e.received_ms = at_ms;
+        e
+    }
+
+    fn shown(o: &Outbound) -> String {
+        format!("{} {}", o.topic, String::from_utf8_lossy(&o.payload))
+    }
+
+    /// The id a window's output travels with, computed here from its parts.
+    fn window_id(rule: &str, key: &str, start_ms: u64, end_ms: u64) -> u64 {
+        WindowOrigin { rule: rule.into(), key: key.into(), start_ms, end_ms, index: 0 }.fingerprint()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_closes_on_the_timer_with_its_stable_id_priority_and_ttl() {
+        let mut stage = start(WINDOWED, 1_000_000);
+        for (sensor, v, at) in [("a", 1.0, 1_000_100), ("b", 10.0, 1_000_200), ("a", 2.0, 1_009_999)] {
+            stage.input.send(reading(sensor, v, at)).await.expect("send");
+            let copy = stage.out.recv().await.expect("the plain copy");
+            assert_eq!((copy.topic.as_str(), copy.event_id), ("raw", 7), "a stateless rule as before");
+        }
+        // Nothing is due before :10 on the stage's clock.
+        tokio::time::sleep(Duration::from_millis(9_990)).await;
+        assert!(stage.out.try_recv().is_err(), "no output before the window ends");
+        let first = stage.out.recv().await.expect("a window output");
+        let second = stage.out.recv().await.expect("a window output");
+        assert_eq!(shown(&first), r#"avg/a {"sensor":"a","v":1.5,"n":2,"until":1010000}"#);
+        assert_eq!(shown(&second), r#"avg/b {"sensor":"b","v":10.0,"n":1,"until":1010000}"#);
+        assert_eq!(first.event_id, window_id("avg", r#"["a"]"#, 1_000_000, 1_010_000));
+        assert_eq!(second.event_id, window_id("avg", r#"["b"]"#, 1_000_000, 1_010_000));
+        assert_eq!(first.priority, 3);
+        assert_eq!(first.received_ms, 1_010_000, "made when the clock closed it");
+        assert_eq!(first.expires_ms, Some(1_010_000 + 3_600_000));
+        assert!(first.ticket.is_none());
+        // The stage stops when its input closes, with nothing open and so nothing to flush.
+        drop(stage.input);
+        stage.stage.await.expect("stage");
+        assert!(stage.out.recv().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_closes_open_windows_early_and_sends_them() {
+        let mut stage = start(WINDOWED, 2_000_000);
+        stage.input.send(reading("a", 4.0, 2_000_500)).await.expect("send");
+        assert_eq!(stage.out.recv().await.expect("copy").topic, "raw");
+        drop(stage.input);
+        let flushed = stage.out.recv().await.expect("the flushed window");
+        assert_eq!(shown(&flushed), r#"avg/a {"sensor":"a","v":4.0,"n":1,"until":2010000}"#);
+        assert_eq!(flushed.event_id, window_id("avg", r#"["a"]"#, 2_000_000, 2_010_000));
+        stage.stage.await.expect("stage");
+        assert!(stage.out.recv().await.is_none());
+    }
+
+    /// A reload keeps the open windows of a rule whose window and aggregates are unchanged
+    /// (its new actions apply), and closes and sends those of a changed rule at once.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_keeps_unchanged_windows_and_flushes_changed_ones() {
+        let two = format!(
+            "{WINDOWED}[[rule]]\nname = \"peak\"\nsql = 'SELECT topic(2) AS sensor, max(payload.v) AS v FROM \"s/+\" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)'\n[[rule.action]]\ntype = \"forward\"\ntopic = \"peak/${{sensor}}\"\n"
+        );
+        let mut stage = start(&two, 3_000_000);
+        stage.input.send(reading("a", 5.0, 3_000_100)).await.expect("send");
+        assert_eq!(stage.out.recv().await.expect("copy").topic, "raw");
+        // `avg` keeps its plan with a new topic; `peak` becomes a 20 s window.
+        let reloaded = two.replace("avg/${sensor}", "mean/${sensor}").replace(
+            "max(payload.v) AS v FROM \"s/+\" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)",
+            "max(payload.v) AS v FROM \"s/+\" GROUP BY topic(2), TUMBLINGWINDOW(ss, 20)",
+        );
+        stage.routing.send_replace(Arc::new(rules(&reloaded)));
+        stage.input.send(reading("a", 7.0, 3_000_200)).await.expect("send");
+        let peak = stage.out.recv().await.expect("peak's window, closed by the reload");
+        assert_eq!(shown(&peak), r#"peak/a {"sensor":"a","v":5}"#);
+        assert_eq!(peak.event_id, window_id("peak", r#"["a"]"#, 3_000_000, 3_010_000));
+        assert_eq!(stage.out.recv().await.expect("copy").topic, "raw");
+        let mean = stage.out.recv().await.expect("avg's window at :10");
+        assert_eq!(shown(&mean), r#"mean/a {"sensor":"a","v":6.0,"n":2,"until":3010000}"#);
+        let peak = stage.out.recv().await.expect("peak's new window at :20");
+        assert_eq!(shown(&peak), r#"peak/a {"sensor":"a","v":7}"#);
+        drop(stage.input);
+        stage.stage.await.expect("stage");
+    }
+
+    /// An event that closes a window (a count window) lends it its held acknowledgement: the
+    /// sensor is not acknowledged before the output that holds its reading is safe.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_an_event_closes_carries_that_events_ticket() {
+        let text = r#"
+[[rule]]
+name = "pairs"
+sql = 'SELECT sum(payload.v) AS v FROM "s/+" GROUP BY COUNTWINDOW(2)'
+[[rule.action]]
+type = "forward"
+topic = "pairs"
+"#;
+        let mut stage = start(text, 4_000_000);
+        let queue = crate::ack::AckQueue::new();
+        for (v, at) in [(1.0, 4_000_001), (2.0, 4_000_002)] {
+            let mut e = reading("a", v, at);
+            e.ticket = Some(queue.ticket());
+            stage.input.send(e).await.expect("send");
+        }
+        let pair = stage.out.recv().await.expect("the pair");
+        assert_eq!(shown(&pair), r#"pairs {"v":3}"#);
+        assert!(pair.ticket.is_some());
+        assert_eq!(pair.received_ms, 4_000_002);
+        assert_eq!(pair.event_id, window_id("pairs", "[]", 4_000_001, 4_000_002));
+        drop(stage.input);
+        stage.stage.await.expect("stage");
     }
 
     /// A client event goes only to the rules that read it, never through a bridge route, and
@@ -1008,6 +1587,8 @@ topic = "gone/${clientid}"
             metrics: metrics.clone(),
             heartbeat: Heartbeat::unwatched(),
             tap: crate::tap::Tap::new(metrics.clone()),
+            clock: Clock::tokio_at(0),
+            durable: None,
         };
         let route = tokio::spawn(run(stage, in_rx, out_tx));
         in_tx.send(client_event(outpost_rules::EventKind::ClientDisconnected, "normal")).await.expect("send");

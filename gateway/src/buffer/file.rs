@@ -29,6 +29,9 @@ pub(crate) const IMPORTED: TableDefinition<(u64, u64), ()> = TableDefinition::ne
 
 /// The broker's retained messages (format version 3), by topic: a [`StoredRetained`] in CBOR.
 pub(crate) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+/// The route stage's checkpoint of its stateful rules (format version 6): one row, the
+/// CBOR snapshot of `outpost_rules::window::WindowState` (see `buffer::windows`).
+pub(crate) const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
 
 pub const N_PRIORITIES: usize = 10;
 

@@ -1,7 +1,7 @@
 //! Stage 3 support: the durable store-and-forward buffer.
 //!
 //! # On-disk layout
-//! One redb file, `<data_dir>/buffer.redb`, with six tables:
+//! One redb file, `<data_dir>/buffer.redb`, with seven tables:
 //! - `events`: key `(priority: u8, seq: u64)`, value a *row* of events of that priority
 //!   ([`chunk`]): since format 4 a packed row of up to ~4,000 bytes (a tag byte, a count, then
 //!   per event its `seq`, `event_id` and `enqueued_ms` as deltas, flags (QoS, expiry, topic
@@ -27,19 +27,22 @@
 //! - `sessions` and `session_queue`: the local broker's persistent sessions and their queued
 //!   QoS 1/2 deliveries ([`sessions`]), written by the store thread
 //!   ([`worker::Command::Sessions`]), read once at start.
+//! - `windows`: the route stage's checkpoint of its stateful rules' state (open windows,
+//!   report-by-exception memory), one row `state` holding a CBOR snapshot, replaced whole by
+//!   each checkpoint ([`worker::Command::Checkpoint`]), read once at start ([`windows`]).
 //!
 //! # Format versions
-//! [`store::FORMAT_VERSION`] is 5. Version 1 is a file without the `format_version` key (every
+//! [`store::FORMAT_VERSION`] is 6. Version 1 is a file without the `format_version` key (every
 //! release before it); version 2 added the `imported` table, version 3 the `retained` table,
 //! version 4 packed rows and the `rows` counter, version 5 the `sessions` and
-//! `session_queue` tables. Opening an older file adds the key, the
+//! `session_queue` tables, version 6 the `windows` table. Opening an older file adds the key, the
 //! missing tables and (older than 4 → 4) the `rows` counter, set to the number of rows, which
 //! is its event count (checked against the counters), in the same transaction as the epoch
 //! bump. Records stay as they are: a row of formats 1–3 is read, sent and deleted as a row of
 //! one event, in key order with the packed ones; a row that changes is written back packed.
 //! Tested with `gateway/tests/fixtures/buffer-v1.redb`, written by that release, and with
 //! version-2 and version-3 files (the latter with retained messages) made in the tests.
-//! Releases that know version 3 refuse a version-4 or -5 file (newer format), which they
+//! Releases that know version 3 refuse a version-4 or later file (newer format), which they
 //! could not read. A file with a higher version was written by a newer release: it is refused before
 //! anything writes to it (a read-only open reads the version), and the message names both
 //! versions. A future change bumps the version, adds its migration next to the others, and
@@ -81,6 +84,7 @@ pub mod import;
 pub mod inspect;
 pub mod sessions;
 pub mod store;
+pub mod windows;
 pub mod worker;
 
 pub use file::{BufferError, Key, N_PRIORITIES, Record, StoredRetained};

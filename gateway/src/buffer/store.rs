@@ -11,17 +11,17 @@ use serde::Serialize;
 use super::chunk::{self, Counted, Editor};
 pub use super::file::file_path;
 use super::file::{
-    BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, RETAINED, Record, StoredRetained, db_err,
-    meta_key,
+    BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, RETAINED, Record, StoredRetained, WINDOWS,
+    db_err, meta_key,
 };
 use super::inspect::{self, StatsReport};
 
 /// The buffer file's format, kept in `meta` as `format_version`. 1: no such key (releases up
 /// to commit 568ebea); 2: the key and the `imported` table; 3: the `retained` table; 4: packed
 /// rows ([`super::chunk`]) and the `rows` counter; 5: the `sessions` and `session_queue`
-/// tables ([`super::sessions`]). A file with a higher version was written by a newer release
-/// and is refused untouched.
-pub const FORMAT_VERSION: u64 = 5;
+/// tables ([`super::sessions`]); 6: the `windows` table ([`super::windows`]). A file with a
+/// higher version was written by a newer release and is refused untouched.
+pub const FORMAT_VERSION: u64 = 6;
 const FORMAT_KEY: &str = "format_version";
 /// Rows in `events`, kept with the records: since format 4 a row holds many events, so this,
 /// not the event counters, is what the table's length proves at start.
@@ -220,6 +220,10 @@ impl Store {
                 txn.open_table(RETAINED).map_err(|e| db_err(&path, e))?;
                 if version < 4 {
                     meta.insert(ROWS_KEY, rows).map_err(|e| db_err(&path, e))?;
+                }
+                if version < 6 {
+                    // Older than 6: the `windows` table.
+                    txn.open_table(WINDOWS).map_err(|e| db_err(&path, e))?;
                 }
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);

@@ -45,6 +45,12 @@ pub enum Command {
         batch: SessionBatch,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// The route stage's checkpoint of its stateful rules (`None` clears it), committed in
+    /// one durable transaction before the reply ([`super::windows`]).
+    Checkpoint {
+        state: Option<Vec<u8>>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// `outpost buffer import` through the daemon: which events were imported before, and
@@ -183,6 +189,13 @@ fn execute(store: &mut Store, command: Command, slow_commits: Option<Duration>) 
         }
         Command::Sessions { batch, reply } => {
             let _ = reply.send(store.apply_sessions(&batch).map_err(|e| e.to_string()));
+            None
+        }
+        Command::Checkpoint { state, reply } => {
+            if let Some(delay) = slow_commits {
+                std::thread::sleep(delay);
+            }
+            let _ = reply.send(store.save_windows(state.as_deref()).map_err(|e| e.to_string()));
             None
         }
         Command::Read { priority, from_seq, limit } => {

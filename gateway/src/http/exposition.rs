@@ -209,6 +209,37 @@ pub const COUNTERS: &[Mapping] = &[
         &[],
         "Refused rules reloads (the running rules stayed).",
     ),
+    m(
+        "window_checkpoints",
+        "outpost_window_checkpoints_total",
+        &[],
+        "Checkpoints of the stateful rules' state committed to the buffer file.",
+    ),
+    m(
+        "window_checkpoint_bytes",
+        "outpost_window_checkpoint_bytes_total",
+        &[],
+        "Bytes of window state written by checkpoints.",
+    ),
+    m(
+        "window_checkpoint_failures",
+        "outpost_window_checkpoint_failures_total",
+        &[],
+        "Window checkpoints that failed; the readings they hold stay unacknowledged.",
+    ),
+    m(
+        "window_state_dropped",
+        "outpost_window_state_dropped_total",
+        &[],
+        "Rules whose checkpointed window state was not restored at start.",
+    ),
+    m(
+        "window_groups_evicted",
+        "outpost_window_groups_evicted_total",
+        &[],
+        "Window groups closed early because their rule had max_groups open.",
+    ),
+    m("window_late", "outpost_window_late_total", &[], "Readings in no window because it had closed."),
     m("accepted", "outpost_buffer_accepted_total", &[], "Events accepted into the store-and-forward path."),
     m(
         "upstream_acked",

@@ -27,7 +27,7 @@ mod run;
 pub mod spec;
 pub(crate) mod sql;
 
-pub use run::WindowState;
+pub use run::{Marked, WindowOrigin, WindowState};
 
 #[cfg(test)]
 mod sql_tests;
@@ -176,6 +176,12 @@ impl Windows {
     /// Open groups now.
     pub fn groups(&self) -> usize {
         self.groups.len()
+    }
+
+    /// When [`Windows::advance`] next has something to close or release (Unix
+    /// milliseconds); `None` when no clock is needed (nothing open, or count windows only).
+    pub fn next_close(&self) -> Option<u64> {
+        (self.deadline != u64::MAX).then_some(self.deadline)
     }
 
     /// Takes one event: `at_ms` its time (processing time: when it was received), `key` its

@@ -10,6 +10,8 @@
 //! are unchanged and starts the others empty (and says which).
 
 use std::borrow::Cow;
+use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +117,76 @@ impl WindowState {
     pub fn groups(&self) -> usize {
         self.rules.iter().flatten().map(Windows::groups).sum()
     }
+
+    /// The earliest time (Unix milliseconds) at which [`RuleSet::advance_windows`] has
+    /// something to do; `None` while nothing is open that a clock closes (no time window
+    /// open, or only count windows and report-by-exception state). A caller's timer sleeps
+    /// until then, and not at all when this is `None`.
+    pub fn next_close(&self) -> Option<u64> {
+        self.rules.iter().flatten().filter_map(Windows::next_close).min()
+    }
+}
+
+/// Which closed window an output came from: a rule, a group key, the window's bounds, and
+/// the output's place among that window's outputs (a rule with two actions gives two).
+/// The same window gives the same origin after a restart from a checkpoint, so a caller
+/// can give a resent window's output the id it had the first time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowOrigin {
+    pub rule: Arc<str>,
+    pub key: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub index: u32,
+}
+
+impl WindowOrigin {
+    /// A 64-bit FNV-1a hash of the origin, fixed across builds and platforms (unlike
+    /// `std`'s hashers), with each part length-prefixed so two origins cannot run together.
+    pub fn fingerprint(&self) -> u64 {
+        const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+        const PRIME: u64 = 0x0000_0100_0000_01b3;
+        let mut hash = OFFSET;
+        let mut feed = |bytes: &[u8]| {
+            for &b in bytes {
+                hash ^= u64::from(b);
+                hash = hash.wrapping_mul(PRIME);
+            }
+        };
+        for part in [self.rule.as_bytes(), self.key.as_bytes()] {
+            feed(&(part.len() as u64).to_le_bytes());
+            feed(part);
+        }
+        feed(&self.start_ms.to_le_bytes());
+        feed(&self.end_ms.to_le_bytes());
+        feed(&self.index.to_le_bytes());
+        hash
+    }
+}
+
+/// An output, and the closed window it came from (`None` for an output of a single event).
+pub type Marked = (Output, Option<WindowOrigin>);
+
+/// Outputs, and which ranges of them closed windows gave.
+#[derive(Default)]
+struct Emitted {
+    outputs: Vec<Output>,
+    windows: Vec<(Range<usize>, WindowOrigin)>,
+}
+
+impl Emitted {
+    fn marked(self) -> Vec<Marked> {
+        let mut origins: Vec<Option<WindowOrigin>> = vec![None; self.outputs.len()];
+        for (range, origin) in self.windows {
+            for (index, at) in range.enumerate() {
+                if let Some(slot) = origins.get_mut(at) {
+                    let index = u32::try_from(index).unwrap_or(u32::MAX);
+                    *slot = Some(WindowOrigin { index, ..origin.clone() });
+                }
+            }
+        }
+        self.outputs.into_iter().zip(origins).collect()
+    }
 }
 
 impl RuleSet {
@@ -150,7 +222,12 @@ impl RuleSet {
     /// and count windows may close and give outputs here). The event's time is its
     /// `timestamp_ms` (processing time).
     pub fn evaluate_windowed(&self, event: &EventContext<'_>, state: &mut WindowState) -> Vec<Output> {
-        let mut outputs = Vec::new();
+        self.evaluate_windowed_marked(event, state).into_iter().map(|(o, _)| o).collect()
+    }
+
+    /// [`RuleSet::evaluate_windowed`], each output with the window it came from.
+    pub fn evaluate_windowed_marked(&self, event: &EventContext<'_>, state: &mut WindowState) -> Vec<Marked> {
+        let mut emitted = Emitted::default();
         let mut matched = Vec::new();
         self.index.matches(event.topic, &mut matched);
         let decoded = Decoded::new(event.payload, self.fields.as_ref());
@@ -159,52 +236,71 @@ impl RuleSet {
             match (&rule.sql.window, state.rules.get_mut(rule_idx).and_then(Option::as_mut)) {
                 (None, _) => match (&rule.sql.rbe, state.rbe.get_mut(rule_idx).and_then(Option::as_mut)) {
                     (Some(rbe), Some(rbe_state)) => {
-                        self.run_rbe(rule, rbe, rbe_state, event, &decoded, &mut outputs);
+                        self.run_rbe(rule, rbe, rbe_state, event, &decoded, &mut emitted.outputs);
                     }
                     // A state made for another rule set: the caller's bug; nothing to feed.
                     (Some(_), None) => {}
                     (None, _) => {
-                        self.run(rule, event, &decoded, &mut outputs, &[]);
+                        self.run(rule, event, &decoded, &mut emitted.outputs, &[]);
                     }
                 },
                 (Some(window), Some(windows)) => {
                     let mut closed = Vec::new();
-                    push(rule, window, windows, event, &decoded, &mut closed, &mut outputs);
+                    push(rule, window, windows, event, &decoded, &mut closed, &mut emitted.outputs);
                     for c in closed {
-                        self.emit(rule, c, &mut outputs);
+                        self.emit(rule, c, &mut emitted);
                     }
                 }
                 // A state made for another rule set: the caller's bug; nothing to feed.
                 (Some(_), None) => {}
             }
         }
-        outputs
+        emitted.marked()
     }
 
     /// Closes every window due at `now_ms` (Unix milliseconds) and returns the outputs.
     pub fn advance_windows(&self, state: &mut WindowState, now_ms: u64) -> Vec<Output> {
-        let mut outputs = Vec::new();
+        self.advance_windows_marked(state, now_ms).into_iter().map(|(o, _)| o).collect()
+    }
+
+    /// [`RuleSet::advance_windows`], each output with the window it came from.
+    pub fn advance_windows_marked(&self, state: &mut WindowState, now_ms: u64) -> Vec<Marked> {
+        let mut emitted = Emitted::default();
         for (rule, windows) in self.rules.iter().zip(&mut state.rules) {
             if let Some(windows) = windows {
                 for c in windows.advance(now_ms) {
-                    self.emit(rule, c, &mut outputs);
+                    self.emit(rule, c, &mut emitted);
                 }
             }
         }
-        outputs
+        emitted.marked()
     }
 
     /// Closes every open window now, due or not (shutdown with the flush policy).
     pub fn flush_windows(&self, state: &mut WindowState) -> Vec<Output> {
-        let mut outputs = Vec::new();
+        let mut emitted = Emitted::default();
         for (rule, windows) in self.rules.iter().zip(&mut state.rules) {
             if let Some(windows) = windows {
                 for c in windows.flush() {
-                    self.emit(rule, c, &mut outputs);
+                    self.emit(rule, c, &mut emitted);
                 }
             }
         }
-        outputs
+        emitted.outputs
+    }
+
+    /// Closes every open window of the rule named `rule` now, due or not, each output with
+    /// its window: what a reload does with the windows of a rule it changes or removes.
+    pub fn flush_rule_windows_marked(&self, state: &mut WindowState, rule: &str) -> Vec<Marked> {
+        let mut emitted = Emitted::default();
+        for (r, windows) in self.rules.iter().zip(&mut state.rules) {
+            if let (true, Some(windows)) = (&*r.name == rule, windows) {
+                for c in windows.flush() {
+                    self.emit(r, c, &mut emitted);
+                }
+            }
+        }
+        emitted.marked()
     }
 
     /// A rule with report-by-exception calls: they are computed first (and their state
@@ -242,7 +338,14 @@ impl RuleSet {
     }
 
     /// One closed window through the rule's HAVING, SELECT and actions.
-    fn emit(&self, rule: &Rule, closed: Closed, out: &mut Vec<Output>) {
+    fn emit(&self, rule: &Rule, closed: Closed, emitted: &mut Emitted) {
+        let origin = WindowOrigin {
+            rule: rule.name.clone(),
+            key: closed.key.clone(),
+            start_ms: closed.start_ms,
+            end_ms: closed.end_ms,
+            index: 0,
+        };
         let mut row = Value::Object(Vec::new());
         if let Ok(Value::Array(keys)) = Value::from_json(closed.key.as_bytes()) {
             for (i, key) in keys.into_iter().enumerate() {
@@ -275,7 +378,9 @@ impl RuleSet {
             lifecycle: None,
         };
         let decoded = Decoded::new(&payload, self.fields.as_ref());
-        self.run(rule, &event, &decoded, out, &[]);
+        let first = emitted.outputs.len();
+        self.run(rule, &event, &decoded, &mut emitted.outputs, &[]);
+        emitted.windows.push((first..emitted.outputs.len(), origin));
     }
 }
 

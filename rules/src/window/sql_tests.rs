@@ -415,3 +415,54 @@ mod model {
         }
     }
 }
+
+/// Each output of a closed window names its window, and the same window gives the same
+/// origin (and fingerprint) after a snapshot and restore: what a stable upstream id needs.
+#[test]
+fn outputs_name_their_window_the_same_across_a_restore() {
+    let toml = format!(
+        "{}[[rule.action]]\ntype = \"forward\"\ntopic = \"copy/${{sensor}}\"\n[[rule]]\nname = \"plain\"\nsql = 'SELECT 1 AS one FROM \"s/+\"'\n[[rule.action]]\ntype = \"forward\"\ntopic = \"plain\"\n",
+        rule(
+            "SELECT topic(2) AS sensor, sum(payload.v) AS s FROM \"s/+\" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)"
+        )
+    );
+    let rules = RuleSet::compile(&toml, &TableSources::new()).unwrap();
+    let mut state = rules.window_state();
+    assert_eq!(state.next_close(), None, "nothing open, no timer");
+    let event = |payload: &'static str| EventContext {
+        timestamp_ms: 12_345,
+        ..EventContext::new("s/a", payload.as_bytes())
+    };
+    let plain = rules.evaluate_windowed_marked(&event(r#"{"v":2}"#), &mut state);
+    assert!(matches!(plain.as_slice(), [(Output::Forward { .. }, None)]), "{plain:?}");
+    assert_eq!(state.next_close(), Some(20_000));
+    assert!(rules.advance_windows_marked(&mut state, 19_999).is_empty());
+    let bytes = state.snapshot(&rules);
+
+    let closed = rules.advance_windows_marked(&mut state, 20_000);
+    let origins: Vec<_> = closed.iter().map(|(_, o)| o.clone().unwrap()).collect();
+    assert_eq!(origins.len(), 2, "{closed:?}");
+    assert_eq!(
+        (
+            &*origins[0].rule,
+            origins[0].key.as_str(),
+            origins[0].start_ms,
+            origins[0].end_ms,
+            origins[0].index
+        ),
+        ("w", r#"["a"]"#, 10_000, 20_000, 0)
+    );
+    assert_eq!(origins[1].index, 1);
+    assert_ne!(origins[0].fingerprint(), origins[1].fingerprint());
+    assert_eq!(state.next_close(), None);
+
+    let (mut restored, _) = crate::window::WindowState::restore(&rules, &bytes).unwrap();
+    let again = rules.advance_windows_marked(&mut restored, 25_000);
+    assert_eq!(again, closed, "the same window, the same outputs and origins");
+    let flushed = rules.flush_rule_windows_marked(&mut restored, "w");
+    assert!(flushed.is_empty());
+    // A fixed value: the fingerprint must not change between builds.
+    let fixed =
+        crate::window::WindowOrigin { rule: "r".into(), key: "[]".into(), start_ms: 0, end_ms: 1, index: 0 };
+    expect!["2940f920486b04c5"].assert_eq(&format!("{:016x}", fixed.fingerprint()));
+}
