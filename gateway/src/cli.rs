@@ -648,6 +648,7 @@ fn rules_test(
             ticket: None,
             from_upstream: false,
             peerhost: None,
+            username: None,
             retain: false,
             dup: false,
             pub_props: None,

@@ -78,6 +78,9 @@ pub struct Event {
     pub from_upstream: bool,
     /// The publisher's IP address as text, shared with its connection (rules' `peerhost`).
     pub peerhost: Option<Arc<str>>,
+    /// The name the publisher logged in with (the ACL's name for it, else the one it sent),
+    /// shared with its connection (rules' `username`).
+    pub username: Option<Arc<str>>,
     /// The PUBLISH's retain and DUP flags (rules' `flags`).
     pub retain: bool,
     pub dup: bool,
@@ -90,12 +93,10 @@ pub struct Event {
 }
 
 /// A client event (connected, disconnected, subscribed, a publish dropped) as the broker
-/// reports it to rules: what [`outpost_rules::Lifecycle`] holds, and the client's username,
-/// which rules read as `username`.
+/// reports it to rules: what [`outpost_rules::Lifecycle`] holds.
 #[derive(Debug, Clone)]
 pub struct ClientEvent {
     pub info: outpost_rules::Lifecycle,
-    pub username: Option<Arc<str>>,
 }
 
 /// Which client events some rule reads: set where rules are loaded (start-up, each reload),

@@ -143,7 +143,7 @@ pub fn context(event: &Event, hops: u8) -> EventContext<'_> {
         topic: &event.topic,
         payload: &event.payload,
         clientid: event.client_id.as_deref(),
-        username: event.lifecycle.as_ref().and_then(|l| l.username.as_deref()),
+        username: event.username.as_deref(),
         qos: event.qos.unwrap_or(0),
         timestamp_ms: event.received_ms,
         event_id: event.id,
@@ -338,6 +338,7 @@ pub fn republished_event(parent: &Event, id: u64, topic: String, payload: Bytes)
         ticket: parent.ticket.clone(),
         from_upstream: parent.from_upstream,
         peerhost: None,
+        username: None,
         retain: false,
         dup: false,
         pub_props: None,
@@ -1002,6 +1003,7 @@ impl RouteStage {
                 },
                 from_upstream: false,
                 peerhost: None,
+                username: None,
                 retain: false,
                 dup: false,
                 pub_props: None,
@@ -1104,6 +1106,7 @@ mod tests {
             ticket: None,
             from_upstream: false,
             peerhost: None,
+            username: None,
             retain: false,
             dup: false,
             pub_props: None,
@@ -1555,7 +1558,8 @@ topic = "pairs"
             let mut info = outpost_rules::Lifecycle::new(kind);
             info.reason = Some(reason.to_owned());
             let mut event = event(kind.topic(), "");
-            event.lifecycle = Some(Box::new(crate::event::ClientEvent { info, username: Some("u".into()) }));
+            event.username = Some("u".into());
+            event.lifecycle = Some(Box::new(crate::event::ClientEvent { info }));
             event
         };
         let gone = || client_event(outpost_rules::EventKind::ClientDisconnected, "keepalive_timeout");

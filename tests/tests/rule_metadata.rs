@@ -1,6 +1,6 @@
 //! EMQX's message metadata in rules, through the real `outpost` binary to Debian's
-//! mosquitto: a sensor's MQTT 5 publish (mosquitto_pub, with a user property and the retain
-//! flag) reaches a rule that reads `peerhost`, `flags.retain` and
+//! mosquitto: a sensor's MQTT 5 publish (mosquitto_pub, with a username, a user property and
+//! the retain flag) reaches a rule that reads `peerhost`, `username`, `flags.retain` and
 //! `pub_props.'User-Property'`, and the rule's forward arrives upstream with them.
 
 use std::time::Duration;
@@ -17,7 +17,7 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 const RULES: &str = r#"
 [[rule]]
 name = "by-site"
-sql = '''SELECT peerhost, flags.retain AS retain, pub_props.'User-Property'.site AS site, payload.temp AS temp
+sql = '''SELECT peerhost, username, flags.retain AS retain, pub_props.'User-Property'.site AS site, payload.temp AS temp
          FROM "sensors/#" WHERE pub_props.'User-Property'.site IS NOT NULL'''
 [[rule.action]]
 type = "forward"
@@ -25,7 +25,7 @@ topic = "sites/${site}/temp"
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rule_reads_peerhost_flags_and_a_user_property() {
+async fn a_rule_reads_peerhost_username_flags_and_a_user_property() {
     if !require_mosquitto() {
         return;
     }
@@ -47,7 +47,8 @@ async fn a_rule_reads_peerhost_flags_and_a_user_property() {
     // Without the property first: the rule's WHERE must turn it away.
     let v5 = ["-V", "mqttv5"];
     mosquitto_pub_with(listen, "sensors/d0/temp", r#"{"temp":20}"#, 1, false, &v5).expect("publish");
-    let with_site = ["-V", "mqttv5", "-D", "publish", "user-property", "site", "plant-a"];
+    // No password file: the broker takes the name the client sends, and rules read it.
+    let with_site = ["-V", "mqttv5", "-u", "plc-7", "-D", "publish", "user-property", "site", "plant-a"];
     mosquitto_pub_with(listen, "sensors/d1/temp", r#"{"temp":21.5}"#, 1, true, &with_site).expect("publish");
     subscriber.wait_for_count(1, TIMEOUT).await.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
 
@@ -63,7 +64,7 @@ async fn a_rule_reads_peerhost_flags_and_a_user_property() {
         received,
         [(
             "sites/plant-a/temp".to_owned(),
-            json!({"peerhost": peer, "retain": true, "site": "plant-a", "temp": 21.5})
+            json!({"peerhost": peer, "username": "plc-7", "retain": true, "site": "plant-a", "temp": 21.5})
         )]
     );
 }

@@ -86,7 +86,8 @@ impl Intake {
         let (topic, payload, qos) = message;
         let mut event = self.new_event(topic, payload, qos, client_id);
         event.peerhost = Some(Arc::clone(peerhost));
-        event.lifecycle = Some(Box::new(ClientEvent { info, username }));
+        event.username = username;
+        event.lifecycle = Some(Box::new(ClientEvent { info }));
         event
     }
 
@@ -144,6 +145,7 @@ impl Intake {
             ticket: None,
             from_upstream: false,
             peerhost: None,
+            username: None,
             retain: false,
             dup: false,
             pub_props: None,

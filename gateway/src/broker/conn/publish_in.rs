@@ -137,6 +137,7 @@ impl Inbound {
         .await;
         let mut event = shared.intake.new_event(topic, publish.payload, qos, &client.id);
         event.peerhost = Some(Arc::clone(&client.peerhost));
+        event.username = client.about.username.clone();
         event.retain = publish.retain;
         event.dup = dup;
         event.pub_props = properties.as_ref().and_then(pub_props);
