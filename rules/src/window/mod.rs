@@ -85,7 +85,7 @@ pub enum LatePolicy {
     #[default]
     Drop,
     /// To the dead letters, with a reason saying how late it was.
-    #[serde(rename = "deadletter", alias = "dead_letter")]
+    #[serde(rename = "deadletter")]
     DeadLetter,
 }
 

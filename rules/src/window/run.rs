@@ -472,7 +472,14 @@ fn push(
                         windows.watermark()
                     ),
                 };
-                dead_letter(out, rule, event, reason);
+                // Asked for by the rule (`late = "deadletter"`), not a failure of it.
+                out.push(Output::DeadLetter {
+                    rule: rule.name.clone(),
+                    reason,
+                    topic: event.topic.to_owned(),
+                    payload: event.payload.to_vec(),
+                    deliberate: true,
+                });
             }
         }
         Ok(None) => {}
