@@ -3,7 +3,9 @@
 //! The engine is driven by the caller's clock: [`Windows::push`] takes an event's time,
 //! group key and aggregate inputs; [`Windows::advance`]`(now)` closes every window whose end
 //! is at or before `now` and returns it as a [`Closed`]. Nothing here reads a clock or
-//! sleeps, so tests drive time by hand and a restart replays nothing.
+//! sleeps, so tests drive time by hand and a restart replays nothing. With event time
+//! ([`TimeBasis::Event`]) [`Windows::push_event`] takes the event's own time and its
+//! receive time, and windows close on the rule's watermark, not on `now`.
 //!
 //! **Invariants:**
 //! - State is bounded: at most [`WindowPlan::max_groups`] groups; per group at most
@@ -14,7 +16,10 @@
 //!   hop = size) every pushed event is in exactly one [`Closed`] window or still in an open
 //!   one, including across [`Windows::snapshot`] / [`Windows::restore`] and group eviction;
 //!   a late event (its window already closed) is counted in [`WindowCounters::late`] and in
-//!   no window. `window::tests` checks this against a model with random crash points.
+//!   no window. `window::tests` checks this against a model with random crash points, for
+//!   processing and for event time.
+//! - The watermark never moves back, also across a snapshot and restore: a window once
+//!   closed is never reopened.
 //! - Group eviction: a push for a new group when `max_groups` groups are open first closes
 //!   the group seen least recently (its open windows are emitted at once, marked
 //!   [`Closed::early`]) — no event is dropped, but that group's window is split in two.
