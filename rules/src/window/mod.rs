@@ -291,27 +291,44 @@ impl Windows {
             self.counters.late += 1;
             return Pushed::Late;
         }
-        let seq = self.next_seq;
-        self.ensure_group(key, seq, out);
-        let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
-        let GroupState::Open(instances) = &mut group.state else { return Pushed::Accepted };
-        if !push_event_time(&self.plan, self.watermark, instances, event_ms, inputs, &mut self.deadline) {
-            if instances.is_empty() {
-                self.groups.remove(key);
-            }
-            self.counters.ahead += 1;
-            return Pushed::Ahead;
-        }
-        group.seq = seq;
-        self.next_seq += 1;
         // A sensor's clock ahead of the gateway's moves the rule's clock only to the
         // gateway's: otherwise one such sensor would make every other sensor's events late.
         self.event_clock = self.event_clock.max(event_ms.min(now_ms));
         self.last_arrival = self.last_arrival.max(now_ms);
         self.watermark = self.watermark.max(self.event_clock.saturating_sub(tolerance_ms));
+        // Before the event goes in: what its clock closes cannot hold it (the watermark is at
+        // most its time, a window holding it ends after), and the group's windows it no
+        // longer needs must not count against its limit.
         self.close_until(self.watermark, out);
+        let seq = self.next_seq;
+        self.ensure_group(key, seq, out);
+        let result = match self.groups.get_mut(key) {
+            Some(Group { seq: group_seq, state: GroupState::Open(instances) }) => {
+                if push_event_time(
+                    &self.plan,
+                    self.watermark,
+                    instances,
+                    event_ms,
+                    inputs,
+                    &mut self.deadline,
+                ) {
+                    *group_seq = seq;
+                    self.next_seq += 1;
+                    Pushed::Accepted
+                } else {
+                    if instances.is_empty() {
+                        self.groups.remove(key);
+                    }
+                    self.counters.ahead += 1;
+                    Pushed::Ahead
+                }
+            }
+            // Event time is compiled for tumbling and hopping windows only, whose groups
+            // hold open instances.
+            _ => Pushed::Accepted,
+        };
         sort_closed(&mut out[first_out..]);
-        Pushed::Accepted
+        result
     }
 
     /// Makes the group `key` if new, evicting the least recent group if full.

@@ -170,9 +170,9 @@ pub(crate) fn apply_time_options(window: &mut WindowSql, options: &TimeOptions<'
         );
     }
     if let Some((size_ms, hop_ms)) = size_hop {
-        // Every window that may still take an event stays open: those ending in the
-        // tolerance, and the one holding the event clock.
-        let open = tolerance_ms.saturating_add(size_ms).div_ceil(hop_ms).saturating_add(1);
+        // Every window that may still take an event stays open: those starting in
+        // (watermark − size, event clock], an interval of tolerance + size.
+        let open = tolerance_ms.saturating_add(size_ms).div_ceil(hop_ms);
         if open > MAX_OVERLAP {
             problems.push(format!(
                 "`late_tolerance = \"{}\"` would keep {open} windows open per group, at most {MAX_OVERLAP}: shorten late_tolerance or widen the window",

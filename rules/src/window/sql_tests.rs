@@ -526,7 +526,7 @@ fn event_time_option_errors_name_the_rule_key_value_and_fix() {
         error: rule `w`: `event_time = "ts"` is not a payload field path: write it like "payload.ts" or "payload.meta.time" (keys joined by dots, no indexes)
         rule `w`: `late_tolerance = "5 seconds"` is not a duration: write a whole number with a unit, like "5s", "2m", "1h" or "500ms"
         rule `w`: `idle_timeout = "0s"` would run the event clock on the gateway's clock between any two events: give it at least "1s" or leave it out
-        error: rule `w`: `late_tolerance = "1h"` would keep 362 windows open per group, at most 64: shorten late_tolerance or widen the window
+        error: rule `w`: `late_tolerance = "1h"` would keep 361 windows open per group, at most 64: shorten late_tolerance or widen the window
         error: rule `w`: `event_time` works with TUMBLINGWINDOW and HOPPINGWINDOW only (sliding, session and count windows run on processing time): remove `event_time` or use one of those windows
         error: rule `w`: `late` applies to event time only: add `event_time = "payload.ts"` (the payload field holding each event's time) or remove `late`
         error: rule `p`: `event_time`, `late_tolerance`, `idle_timeout` and `late` apply to rules with a time window only: add GROUP BY TUMBLINGWINDOW(ss, 10) or remove them

@@ -358,6 +358,21 @@ fn a_sensor_clock_ahead_of_the_gateway_does_not_make_the_others_late() {
 }
 
 #[test]
+fn the_most_windows_the_compiler_allows_fit_a_group() {
+    // 64 windows hold each time, the most the compiler allows (with no tolerance): events
+    // in order must never be refused as ahead.
+    let mut w = event_time(WindowSpec::Hopping { size_ms: 640, hop_ms: 10 }, 0, 1_000);
+    let mut closed = 0;
+    for now in (1_000..3_000).step_by(3) {
+        let (out, pushed) = push_at(&mut w, now, now, "a", 1);
+        assert_eq!(pushed, Pushed::Accepted, "at {now}");
+        closed += out.len();
+    }
+    assert!(closed > 100);
+    assert_eq!(w.counters().ahead, 0);
+}
+
+#[test]
 fn a_quiet_sensor_closes_on_the_fleet_and_a_quiet_fleet_on_the_idle_timeout() {
     let mut w = event_time(WindowSpec::Tumbling { size_ms: 10_000 }, 2_000, 3_000);
     push_at(&mut w, 1_000, 1_100, "quiet", 1);
