@@ -219,8 +219,9 @@ impl RuleSet {
     }
 
     /// Like [`RuleSet::evaluate`], and windowed rules take the event into `state` (sliding
-    /// and count windows may close and give outputs here). The event's time is its
-    /// `timestamp_ms` (processing time).
+    /// and count windows may close and give outputs here, and with event time any window
+    /// the event's clock passes). The event's time is its `timestamp_ms` (processing time)
+    /// unless the rule names an `event_time`; then `timestamp_ms` is the gateway's clock.
     pub fn evaluate_windowed(&self, event: &EventContext<'_>, state: &mut WindowState) -> Vec<Output> {
         self.evaluate_windowed_marked(event, state).into_iter().map(|(o, _)| o).collect()
     }
