@@ -14,6 +14,10 @@
 //! sql = "SELECT ... FROM \"sensors/+/temp\" WHERE ..."
 //! payload = "auto"                 # auto | json | cbor | raw
 //! max_groups = 10000               # windowed rules: open groups at most
+//! event_time = "payload.ts"        # tumbling/hopping windows: event time (Unix ms or RFC 3339)
+//! late_tolerance = "5s"            # event time: how late an event may be (default 0s)
+//! idle_timeout = "5s"              # event time: quiet this long, the clock runs on (default: late_tolerance, at least 1s)
+//! late = "drop"                    # event time: drop | deadletter (late events are counted either way)
 //! [[rule.action]]
 //! type = "forward"                 # forward | republish | drop | dead_letter
 //! topic = "sites/${site}/alerts"
@@ -84,6 +88,12 @@ pub(crate) struct RuleConfig {
     pub action: Vec<ActionConfig>,
     /// A windowed rule's open groups at most (default `window::DEFAULT_MAX_GROUPS`).
     pub max_groups: Option<std::num::NonZeroUsize>,
+    /// A windowed rule's event time: the payload field path holding it (`payload.ts`).
+    /// Durations below are text (`"5s"`) so that a bad one is reported with its rule.
+    pub event_time: Option<String>,
+    pub late_tolerance: Option<String>,
+    pub idle_timeout: Option<String>,
+    pub late: Option<crate::window::LatePolicy>,
 }
 
 fn default_enabled() -> bool {

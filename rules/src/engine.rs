@@ -456,7 +456,19 @@ fn check_windowed(
             rbe.max_groups = max.get();
         }
     }
+    let time = crate::window::sql::TimeOptions {
+        event_time: config.event_time.as_deref(),
+        late_tolerance: config.late_tolerance.as_deref(),
+        idle_timeout: config.idle_timeout.as_deref(),
+        late: config.late,
+    };
     let Some(window) = &mut sql.window else {
+        if time.any() {
+            problems.push(plain(
+                context,
+                "`event_time`, `late_tolerance`, `idle_timeout` and `late` apply to rules with a time window only: add GROUP BY TUMBLINGWINDOW(ss, 10) or remove them",
+            ));
+        }
         if config.max_groups.is_some() && sql.rbe.is_none() {
             problems.push(plain(
                 context,
@@ -467,6 +479,9 @@ fn check_windowed(
     };
     window.reads_payload = sql.uses_payload;
     sql.uses_payload = true;
+    for message in crate::window::sql::apply_time_options(window, &time) {
+        problems.push(plain(context, message));
+    }
     if let Some(max) = config.max_groups {
         window.plan.max_groups = max.get();
     }

@@ -1712,7 +1712,7 @@ fn rules_file_errors_name_the_rule_and_key() {
           |
         4 | sqll = 1
           | ^^^^
-        unknown field `sqll`, expected one of `name`, `sql`, `enabled`, `payload`, `action`, `max_groups`
+        unknown field `sqll`, expected one of `name`, `sql`, `enabled`, `payload`, `action`, `max_groups`, `event_time`, `late_tolerance`, `idle_timeout`, `late`
     "#]],
     );
     check(

@@ -3,7 +3,9 @@
 //! The engine is driven by the caller's clock: [`Windows::push`] takes an event's time,
 //! group key and aggregate inputs; [`Windows::advance`]`(now)` closes every window whose end
 //! is at or before `now` and returns it as a [`Closed`]. Nothing here reads a clock or
-//! sleeps, so tests drive time by hand and a restart replays nothing.
+//! sleeps, so tests drive time by hand and a restart replays nothing. With event time
+//! ([`TimeBasis::Event`]) [`Windows::push_event`] takes the event's own time and its
+//! receive time, and windows close on the rule's watermark, not on `now`.
 //!
 //! **Invariants:**
 //! - State is bounded: at most [`WindowPlan::max_groups`] groups; per group at most
@@ -14,7 +16,10 @@
 //!   hop = size) every pushed event is in exactly one [`Closed`] window or still in an open
 //!   one, including across [`Windows::snapshot`] / [`Windows::restore`] and group eviction;
 //!   a late event (its window already closed) is counted in [`WindowCounters::late`] and in
-//!   no window. `window::tests` checks this against a model with random crash points.
+//!   no window. `window::tests` checks this against a model with random crash points, for
+//!   processing and for event time.
+//! - The watermark never moves back, also across a snapshot and restore: a window once
+//!   closed is never reopened.
 //! - Group eviction: a push for a new group when `max_groups` groups are open first closes
 //!   the group seen least recently (its open windows are emitted at once, marked
 //!   [`Closed::early`]) — no event is dropped, but that group's window is split in two.
@@ -55,7 +60,44 @@ pub struct WindowPlan {
     pub aggs: Vec<AggKind>,
     /// Open groups at most; see the module doc for eviction.
     pub max_groups: usize,
+    /// Which clock places events in windows and closes them. Snapshots written before
+    /// event time existed have none: processing time.
+    #[serde(default)]
+    pub time: TimeBasis,
 }
+
+/// The clock of a windowed rule.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum TimeBasis {
+    /// An event's time is when the gateway received it; windows close on the gateway's
+    /// clock ([`Windows::advance`]).
+    #[default]
+    Processing,
+    /// An event's time is read from its payload (`field`, as the rule wrote it; the caller
+    /// reads it). The rule's event clock is the latest event time seen, never ahead of the
+    /// gateway's clock; the watermark is that clock minus `tolerance_ms`, and a window
+    /// closes once the watermark reaches its end. After `idle_ms` without an event the
+    /// event clock runs on with the gateway's clock from the last event's time, so a quiet
+    /// rule's windows still close.
+    Event { field: String, tolerance_ms: u64, idle_ms: u64 },
+}
+
+/// What an event-time rule does with an event too late (or too far ahead) for its
+/// windows; it is counted either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatePolicy {
+    #[default]
+    Drop,
+    /// To the dead letters, with a reason saying how late it was.
+    #[serde(rename = "deadletter")]
+    DeadLetter,
+}
+
+/// The idle timeout of an event-time rule that does not set one: its lateness tolerance,
+/// but at least this (a zero tolerance would otherwise tick the clock between any two
+/// events).
+pub const MIN_IDLE_MS: u64 = 1_000;
 
 /// One closed window of one group.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,12 +123,18 @@ pub enum Pushed {
     Accepted,
     /// Its window had already closed: in no window, counted.
     Late,
+    /// Event time only: so far ahead of the watermark that its group would need more than
+    /// [`MAX_OVERLAP`] open windows. In no window, counted.
+    Ahead,
 }
 
 /// Counters a caller exports as metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowCounters {
     pub late: u64,
+    /// Event time only: events refused as [`Pushed::Ahead`].
+    #[serde(default)]
+    pub ahead: u64,
     pub groups_evicted: u64,
     /// Kept events of sliding / overlapping count windows beyond [`MAX_RETAINED`].
     pub retained_dropped: u64,
@@ -99,9 +147,17 @@ pub struct Windows {
     groups: FxHashMap<String, Group>,
     /// Orders groups by last use, for eviction.
     next_seq: u64,
-    /// The latest `now` passed to [`Windows::advance`]: windows ending at or before it are
-    /// closed, and an event that belongs only to them is late.
+    /// Windows ending at or before it are closed, and an event that belongs only to them
+    /// is late. Processing time: the latest `now` passed to [`Windows::advance`]. Event
+    /// time: the event clock minus the tolerance. It never moves back, also across a
+    /// restore, so a restart does not reopen a closed window.
     watermark: u64,
+    /// Event time: the latest event time seen, each capped at its receive time.
+    #[serde(default)]
+    event_clock: u64,
+    /// Event time: the gateway's clock at the latest event (for the idle timeout).
+    #[serde(default)]
+    last_arrival: u64,
     /// No window closes before this; `advance` skips its scan until then.
     deadline: u64,
     counters: WindowCounters,
@@ -160,6 +216,8 @@ impl Windows {
             groups: FxHashMap::default(),
             next_seq: 0,
             watermark: 0,
+            event_clock: 0,
+            last_arrival: 0,
             deadline: u64::MAX,
             counters: WindowCounters::default(),
         }
@@ -179,21 +237,102 @@ impl Windows {
     }
 
     /// When [`Windows::advance`] next has something to close or release (Unix
-    /// milliseconds); `None` when no clock is needed (nothing open, or count windows only).
+    /// milliseconds, the gateway's clock); `None` when no clock is needed (nothing open, or
+    /// count windows only). With event time: when the idle timeout would carry the event
+    /// clock far enough, if no event comes first.
     pub fn next_close(&self) -> Option<u64> {
-        (self.deadline != u64::MAX).then_some(self.deadline)
+        if self.deadline == u64::MAX {
+            return None;
+        }
+        match self.plan.time {
+            TimeBasis::Processing => Some(self.deadline),
+            TimeBasis::Event { tolerance_ms, idle_ms, .. } => {
+                let clock_needed = self.deadline.saturating_add(tolerance_ms);
+                let after = clock_needed.saturating_sub(self.event_clock);
+                Some(self.last_arrival.saturating_add(after.max(idle_ms)))
+            }
+        }
     }
 
-    /// Takes one event: `at_ms` its time (processing time: when it was received), `key` its
-    /// group, `inputs` one value per aggregate (NULL where the aggregate skips it). Sliding
-    /// and count windows close on events, so closed windows may come out here too.
-    pub fn push(&mut self, at_ms: u64, key: &str, inputs: &[Value], out: &mut Vec<Closed>) -> Pushed {
-        if self.is_late(at_ms) {
+    /// The watermark: windows ending at or before it are closed.
+    pub fn watermark(&self) -> u64 {
+        self.watermark
+    }
+
+    /// Event time: moves the watermark by the idle rule for the gateway clock `now_ms`.
+    fn tick(&mut self, now_ms: u64) {
+        if let TimeBasis::Event { tolerance_ms, idle_ms, .. } = self.plan.time {
+            if self.last_arrival != 0 && now_ms >= self.last_arrival.saturating_add(idle_ms) {
+                let clock = self.event_clock.saturating_add(now_ms - self.last_arrival);
+                self.watermark = self.watermark.max(clock.saturating_sub(tolerance_ms));
+            }
+        }
+    }
+
+    /// Takes one event by event time: `event_ms` read from it, `now_ms` the gateway's clock
+    /// (its receive time). Closed windows of every group the event's clock passes come out
+    /// in `out`. With processing time `event_ms` is ignored: [`Windows::push`] at `now_ms`.
+    pub fn push_event(
+        &mut self,
+        event_ms: u64,
+        now_ms: u64,
+        key: &str,
+        inputs: &[Value],
+        out: &mut Vec<Closed>,
+    ) -> Pushed {
+        let TimeBasis::Event { tolerance_ms, .. } = self.plan.time else {
+            return self.push(now_ms, key, inputs, out);
+        };
+        let first_out = out.len();
+        // Silence before this event may already have closed windows: judge it after them.
+        self.tick(now_ms);
+        self.close_until(self.watermark, out);
+        if self.is_late(event_ms) {
             self.counters.late += 1;
             return Pushed::Late;
         }
+        // A sensor's clock ahead of the gateway's moves the rule's clock only to the
+        // gateway's: otherwise one such sensor would make every other sensor's events late.
+        self.event_clock = self.event_clock.max(event_ms.min(now_ms));
+        self.last_arrival = self.last_arrival.max(now_ms);
+        self.watermark = self.watermark.max(self.event_clock.saturating_sub(tolerance_ms));
+        // Before the event goes in: what its clock closes cannot hold it (the watermark is at
+        // most its time, a window holding it ends after), and the group's windows it no
+        // longer needs must not count against its limit.
+        self.close_until(self.watermark, out);
         let seq = self.next_seq;
-        self.next_seq += 1;
+        self.ensure_group(key, seq, out);
+        let result = match self.groups.get_mut(key) {
+            Some(Group { seq: group_seq, state: GroupState::Open(instances) }) => {
+                if push_event_time(
+                    &self.plan,
+                    self.watermark,
+                    instances,
+                    event_ms,
+                    inputs,
+                    &mut self.deadline,
+                ) {
+                    *group_seq = seq;
+                    self.next_seq += 1;
+                    Pushed::Accepted
+                } else {
+                    if instances.is_empty() {
+                        self.groups.remove(key);
+                    }
+                    self.counters.ahead += 1;
+                    Pushed::Ahead
+                }
+            }
+            // Event time is compiled for tumbling and hopping windows only, whose groups
+            // hold open instances.
+            _ => Pushed::Accepted,
+        };
+        sort_closed(&mut out[first_out..]);
+        result
+    }
+
+    /// Makes the group `key` if new, evicting the least recent group if full.
+    fn ensure_group(&mut self, key: &str, seq: u64, out: &mut Vec<Closed>) {
         if !self.groups.contains_key(key) {
             if self.groups.len() >= self.plan.max_groups.max(1) {
                 self.evict_one(out);
@@ -212,6 +351,19 @@ impl Windows {
             };
             self.groups.insert(key.to_owned(), Group { seq, state });
         }
+    }
+
+    /// Takes one event: `at_ms` its time (processing time: when it was received), `key` its
+    /// group, `inputs` one value per aggregate (NULL where the aggregate skips it). Sliding
+    /// and count windows close on events, so closed windows may come out here too.
+    pub fn push(&mut self, at_ms: u64, key: &str, inputs: &[Value], out: &mut Vec<Closed>) -> Pushed {
+        if self.is_late(at_ms) {
+            self.counters.late += 1;
+            return Pushed::Late;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.ensure_group(key, seq, out);
         let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
         group.seq = seq;
         let plan = &self.plan;
@@ -276,12 +428,23 @@ impl Windows {
 
     /// Closes every window ending at or before `now` (Unix milliseconds) and returns them
     /// in order. Groups left with nothing open are dropped. Cheap when nothing is due.
+    /// With event time, what `now` closes follows the idle rule ([`TimeBasis::Event`]).
     pub fn advance(&mut self, now_ms: u64) -> Vec<Closed> {
         let mut out = Vec::new();
-        self.watermark = self.watermark.max(now_ms);
-        if now_ms < self.deadline {
-            return out;
+        match self.plan.time {
+            TimeBasis::Processing => self.watermark = self.watermark.max(now_ms),
+            TimeBasis::Event { .. } => self.tick(now_ms),
         }
+        self.close_until(self.watermark, &mut out);
+        out
+    }
+
+    /// Closes every window ending at or before `now_ms`, into `out` in order.
+    fn close_until(&mut self, now_ms: u64, out: &mut Vec<Closed>) {
+        if now_ms < self.deadline {
+            return;
+        }
+        let first_out = out.len();
         let plan = &self.plan;
         let mut deadline = u64::MAX;
         self.groups.retain(|key, group| match &mut group.state {
@@ -316,8 +479,7 @@ impl Windows {
             }
         });
         self.deadline = deadline;
-        sort_closed(&mut out);
-        out
+        sort_closed(&mut out[first_out..]);
     }
 
     /// Closes every open window now, whatever its end (shutdown with the `flush` policy).
@@ -372,11 +534,21 @@ impl Windows {
             return Err(SnapshotError::Version(snapshot.version));
         }
         let mut windows = snapshot.windows;
-        if windows.plan.spec != plan.spec || windows.plan.aggs != plan.aggs {
+        let field = |time: &TimeBasis| match time {
+            TimeBasis::Processing => None,
+            TimeBasis::Event { field, .. } => Some(field.clone()),
+        };
+        // Windows opened on one clock mean nothing on another.
+        if windows.plan.spec != plan.spec
+            || windows.plan.aggs != plan.aggs
+            || field(&windows.plan.time) != field(&plan.time)
+        {
             return Err(SnapshotError::PlanChanged);
         }
-        // A lowered limit applies from the next new group on.
+        // A lowered limit applies from the next new group on; a new tolerance from the next
+        // event on (the watermark does not move back).
         windows.plan.max_groups = plan.max_groups;
+        windows.plan.time = plan.time.clone();
         Ok(windows)
     }
 }
@@ -491,6 +663,54 @@ fn push_open(
             }
         }
     }
+}
+
+/// Event time, tumbling and hopping windows: `at` joins every window holding it that is
+/// still open (its end after `watermark`), opening those not open yet in start order.
+/// `false`, and nothing changed, when that would keep more than [`MAX_OVERLAP`] windows
+/// open in the group.
+fn push_event_time(
+    plan: &WindowPlan,
+    watermark: u64,
+    instances: &mut VecDeque<Instance>,
+    at: u64,
+    inputs: &[Value],
+    deadline: &mut u64,
+) -> bool {
+    let (size_ms, hop_ms) = match plan.spec {
+        WindowSpec::Tumbling { size_ms } => (size_ms, size_ms),
+        WindowSpec::Hopping { size_ms, hop_ms } => (size_ms, hop_ms),
+        // The rule compiler refuses event time for other windows.
+        _ => return false,
+    };
+    let last_start = aligned_start(at, hop_ms);
+    let mut first_start =
+        at.saturating_add(1).saturating_sub(size_ms).div_ceil(hop_ms).saturating_mul(hop_ms);
+    while first_start.saturating_add(size_ms) <= watermark && first_start < last_start {
+        first_start = first_start.saturating_add(hop_ms);
+    }
+    let starts = || (first_start..=last_start).step_by(hop_ms.max(1) as usize);
+    let missing = starts().filter(|s| !instances.iter().any(|i| i.start == *s)).count();
+    if instances.len() + missing > MAX_OVERLAP as usize {
+        return false;
+    }
+    for start in starts() {
+        let at_index = instances.iter().position(|i| i.start >= start).unwrap_or(instances.len());
+        if instances.get(at_index).is_none_or(|i| i.start != start) {
+            let end = start.saturating_add(size_ms);
+            let states = plan.aggs.iter().map(AggKind::new_state).collect();
+            instances.insert(at_index, Instance { start, end, last: at, events: 0, states });
+        }
+        if let Some(instance) = instances.get_mut(at_index) {
+            instance.last = instance.last.max(at);
+            instance.events += 1;
+            for ((state, kind), value) in instance.states.iter_mut().zip(&plan.aggs).zip(inputs) {
+                state.add(kind, value);
+            }
+            *deadline = (*deadline).min(instance.end);
+        }
+    }
+    true
 }
 
 impl Instance {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::sql::{AGG_PREFIX, KEY_PREFIX, WINDOW_END, WINDOW_START, WindowSql};
-use super::{Closed, SnapshotError, WindowCounters, Windows};
+use super::{Closed, LatePolicy, Pushed, SnapshotError, WindowCounters, Windows};
 use crate::engine::{Rule, RuleSet, dead_letter};
 use crate::expr::{Env, EvalError, NULL};
 use crate::payload::{Decoded, PayloadView};
@@ -219,8 +219,9 @@ impl RuleSet {
     }
 
     /// Like [`RuleSet::evaluate`], and windowed rules take the event into `state` (sliding
-    /// and count windows may close and give outputs here). The event's time is its
-    /// `timestamp_ms` (processing time).
+    /// and count windows may close and give outputs here, and with event time any window
+    /// the event's clock passes). The event's time is its `timestamp_ms` (processing time)
+    /// unless the rule names an `event_time`; then `timestamp_ms` is the gateway's clock.
     pub fn evaluate_windowed(&self, event: &EventContext<'_>, state: &mut WindowState) -> Vec<Output> {
         self.evaluate_windowed_marked(event, state).into_iter().map(|(o, _)| o).collect()
     }
@@ -384,6 +385,27 @@ impl RuleSet {
     }
 }
 
+/// An event time read from a payload: Unix milliseconds (an integer, or a float rounded
+/// down) or RFC 3339 text.
+fn event_time_ms(value: &Value) -> Result<u64, String> {
+    let ms = match value {
+        Value::Int(ms) => Some(*ms),
+        // Out of range saturates, and is refused below with the value.
+        #[allow(clippy::cast_possible_truncation)]
+        Value::Float(ms) if ms.is_finite() => Some(ms.floor() as i64),
+        Value::Str(text) => {
+            crate::time::parse_rfc3339(text).ok().and_then(|dt| dt.to_unix(crate::time::Unit::Millisecond))
+        }
+        _ => None,
+    };
+    ms.and_then(|ms| u64::try_from(ms).ok()).ok_or_else(|| {
+        format!(
+            "{} is not a time: the field must hold Unix milliseconds or RFC 3339 text",
+            value.to_json_string()
+        )
+    })
+}
+
 /// One event into one windowed rule: WHERE, FILTER, group key, aggregate inputs.
 fn push(
     rule: &Rule,
@@ -427,7 +449,39 @@ fn push(
     })();
     match inputs {
         Ok(Some((key, inputs))) => {
-            windows.push(event.timestamp_ms, &key, &inputs, closed);
+            let Some(path) = &window.event_time else {
+                windows.push(event.timestamp_ms, &key, &inputs, closed);
+                return;
+            };
+            let at = match path.eval(&env).map_err(|EvalError(e)| e).and_then(|v| event_time_ms(&v)) {
+                Ok(at) => at,
+                Err(reason) => {
+                    dead_letter(out, rule, event, format!("event time: {reason}"));
+                    return;
+                }
+            };
+            let pushed = windows.push_event(at, event.timestamp_ms, &key, &inputs, closed);
+            if window.late == LatePolicy::DeadLetter {
+                let reason = match pushed {
+                    Pushed::Accepted => return,
+                    Pushed::Late => format!(
+                        "late event: event time {at} ms is at or before the watermark {} ms, in windows already closed; raise the rule's late_tolerance to take events this late",
+                        windows.watermark()
+                    ),
+                    Pushed::Ahead => format!(
+                        "event time {at} ms is too far ahead of the watermark {} ms (more open windows than the group may keep); check the sensor's clock",
+                        windows.watermark()
+                    ),
+                };
+                // Asked for by the rule (`late = "deadletter"`), not a failure of it.
+                out.push(Output::DeadLetter {
+                    rule: rule.name.clone(),
+                    reason,
+                    topic: event.topic.to_owned(),
+                    payload: event.payload.to_vec(),
+                    deliberate: true,
+                });
+            }
         }
         Ok(None) => {}
         Err(EvalError(reason)) => {

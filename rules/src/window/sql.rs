@@ -20,7 +20,10 @@ use sqlparser::ast::{
 };
 
 use super::spec::{WINDOW_NAMES, WindowSpec};
-use super::{AggKind, DEFAULT_COLLECT_CAP, DEFAULT_MAX_GROUPS, MAX_COLLECT_CAP, WindowPlan};
+use super::{
+    AggKind, DEFAULT_COLLECT_CAP, DEFAULT_MAX_GROUPS, LatePolicy, MAX_COLLECT_CAP, MAX_OVERLAP, MIN_IDLE_MS,
+    TimeBasis, WindowPlan,
+};
 use crate::compile::Compiler;
 use crate::error::{SqlError, did_you_mean};
 use crate::expr::{Expr, PathSeg};
@@ -53,6 +56,10 @@ pub(crate) struct WindowSql {
     /// Whether the per-event part reads the payload (the rule's `uses_payload` is set for
     /// the synthetic row read when a window closes).
     pub reads_payload: bool,
+    /// Event time: the payload path holding each event's time (`plan.time` says the rest).
+    pub event_time: Option<Expr>,
+    /// What becomes of an event too late (or too far ahead) for its windows.
+    pub late: LatePolicy,
 }
 
 impl WindowSql {
@@ -62,7 +69,124 @@ impl WindowSql {
             .chain(self.filter.iter_mut())
             .chain(self.keys.iter_mut())
             .chain(self.args.iter_mut().flatten())
+            .chain(self.event_time.iter_mut())
     }
+}
+
+/// The rule options of event time, as written in the rules file.
+pub(crate) struct TimeOptions<'a> {
+    pub event_time: Option<&'a str>,
+    pub late_tolerance: Option<&'a str>,
+    pub idle_timeout: Option<&'a str>,
+    pub late: Option<LatePolicy>,
+}
+
+impl TimeOptions<'_> {
+    pub(crate) fn any(&self) -> bool {
+        self.event_time.is_some()
+            || self.late_tolerance.is_some()
+            || self.idle_timeout.is_some()
+            || self.late.is_some()
+    }
+}
+
+/// `'5s'`, `'2m'`, `'1h'`, `'1d'`, `'250ms'`, or `'0s'`, in milliseconds.
+fn duration_ms(text: &str) -> Option<u64> {
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let unit_ms = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return None,
+    };
+    n.checked_mul(unit_ms)
+}
+
+/// `payload.a.b` as a path of keys; `None` for anything else.
+fn payload_path(text: &str) -> Option<Vec<PathSeg>> {
+    let rest = text.strip_prefix("payload.")?;
+    let keys: Vec<&str> = rest.split('.').collect();
+    let plain = |k: &&str| !k.is_empty() && k.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '-');
+    keys.iter().all(plain).then(|| keys.iter().map(|k| PathSeg::Key((*k).to_owned())).collect())
+}
+
+/// Sets a windowed rule's clock from its options; each problem says the key, the value
+/// and what to write instead.
+pub(crate) fn apply_time_options(window: &mut WindowSql, options: &TimeOptions<'_>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Some(field) = options.event_time else {
+        for (key, set) in [
+            ("late_tolerance", options.late_tolerance.is_some()),
+            ("idle_timeout", options.idle_timeout.is_some()),
+            ("late", options.late.is_some()),
+        ] {
+            if set {
+                problems.push(format!(
+                    "`{key}` applies to event time only: add `event_time = \"payload.ts\"` (the payload field holding each event's time) or remove `{key}`"
+                ));
+            }
+        }
+        return problems;
+    };
+    let size_hop = match window.plan.spec {
+        super::WindowSpec::Tumbling { size_ms } => Some((size_ms, size_ms)),
+        super::WindowSpec::Hopping { size_ms, hop_ms } => Some((size_ms, hop_ms)),
+        _ => None,
+    };
+    if size_hop.is_none() {
+        problems.push(
+            "`event_time` works with TUMBLINGWINDOW and HOPPINGWINDOW only (sliding, session and count windows run on processing time): remove `event_time` or use one of those windows"
+                .to_owned(),
+        );
+    }
+    let path = payload_path(field);
+    if path.is_none() {
+        problems.push(format!(
+            "`event_time = \"{field}\"` is not a payload field path: write it like \"payload.ts\" or \"payload.meta.time\" (keys joined by dots, no indexes)"
+        ));
+    }
+    let duration = |key: &str, text: Option<&str>, default: u64, problems: &mut Vec<String>| {
+        match text {
+        None => default,
+        Some(text) => duration_ms(text.trim()).unwrap_or_else(|| {
+            problems.push(format!(
+                "`{key} = \"{text}\"` is not a duration: write a whole number with a unit, like \"5s\", \"2m\", \"1h\" or \"500ms\""
+            ));
+            default
+        }),
+    }
+    };
+    let tolerance_ms = duration("late_tolerance", options.late_tolerance, 0, &mut problems);
+    let idle_ms =
+        duration("idle_timeout", options.idle_timeout, tolerance_ms.max(MIN_IDLE_MS), &mut problems);
+    if idle_ms == 0 {
+        problems.push(
+            "`idle_timeout = \"0s\"` would run the event clock on the gateway's clock between any two events: give it at least \"1s\" or leave it out"
+                .to_owned(),
+        );
+    }
+    if let Some((size_ms, hop_ms)) = size_hop {
+        // Every window that may still take an event stays open: those starting in
+        // (watermark − size, event clock], an interval of tolerance + size.
+        let open = tolerance_ms.saturating_add(size_ms).div_ceil(hop_ms);
+        if open > MAX_OVERLAP {
+            problems.push(format!(
+                "`late_tolerance = \"{}\"` would keep {open} windows open per group, at most {MAX_OVERLAP}: shorten late_tolerance or widen the window",
+                options.late_tolerance.unwrap_or_default()
+            ));
+        }
+    }
+    if let Some(path) = path {
+        window.event_time = Some(Expr::Payload { path, slot: None });
+        window.reads_payload = true;
+    }
+    window.plan.time = TimeBasis::Event { field: field.to_owned(), tolerance_ms, idle_ms };
+    window.late = options.late.unwrap_or_default();
+    problems
 }
 
 fn function_name(function: &ast::Function) -> String {
@@ -430,11 +554,14 @@ pub(crate) fn compile(window: &WindowAst, select: &ast::Select, compiler: &mut C
             spec: window.spec,
             aggs: window.aggs.iter().map(|(kind, _)| kind.clone()).collect(),
             max_groups: DEFAULT_MAX_GROUPS,
+            time: TimeBasis::Processing,
         },
         where_,
         filter,
         keys,
         args,
         reads_payload: false,
+        event_time: None,
+        late: LatePolicy::default(),
     }
 }

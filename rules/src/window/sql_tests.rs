@@ -466,3 +466,72 @@ fn outputs_name_their_window_the_same_across_a_restore() {
         crate::window::WindowOrigin { rule: "r".into(), key: "[]".into(), start_ms: 0, end_ms: 1, index: 0 };
     expect!["2940f920486b04c5"].assert_eq(&format!("{:016x}", fixed.fingerprint()));
 }
+
+fn event_time_rule(sql: &str, options: &str) -> String {
+    format!(
+        "[[rule]]\nname = \"w\"\nsql = '''{sql}'''\n{options}\n[[rule.action]]\ntype = \"forward\"\ntopic = \"agg/${{sensor}}\"\n"
+    )
+}
+
+const EVENT_TIME_SQL: &str =
+    "SELECT topic(2) AS sensor, count(*) AS n, sum(payload.v) AS v, window_start() AS ws
+     FROM \"s/+\" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)";
+
+#[test]
+fn event_time_from_the_payload_with_late_events_to_the_dead_letters() {
+    let rules = event_time_rule(
+        EVENT_TIME_SQL,
+        "event_time = \"payload.ts\"\nlate_tolerance = \"5s\"\nlate = \"deadletter\"",
+    );
+    let script = r#"
+        11000 s/a {"ts": 11000, "v": 1}
+        11200 s/a {"ts": 8000, "v": 10}
+        11300 s/a {"ts": "1970-01-01T00:00:09.500Z", "v": 100}
+        15100 s/b {"ts": 15000, "v": 5}
+        15200 s/a {"ts": 9000, "v": 1000}
+        15300 s/a {"v": 1}
+        15400 s/a {"ts": "yesterday", "v": 1}
+        advance 21000
+        advance 32000
+    "#;
+    expect![[r#"
+        15100: agg/a {"sensor":"a","n":2,"v":110,"ws":0}
+        15200: dead letter s/a: late event: event time 9000 ms is at or before the watermark 10000 ms, in windows already closed; raise the rule's late_tolerance to take events this late
+        15300: dead letter s/a: event time: null is not a time: the field must hold Unix milliseconds or RFC 3339 text
+        15400: dead letter s/a: event time: "yesterday" is not a time: the field must hold Unix milliseconds or RFC 3339 text
+        advance: agg/a {"sensor":"a","n":1,"v":1,"ws":10000}
+        advance: agg/b {"sensor":"b","n":1,"v":5,"ws":10000}
+    "#]]
+    .assert_eq(&run(&rules, script));
+    // The same events with the default policy: the late one is only counted.
+    let dropped = event_time_rule(EVENT_TIME_SQL, "event_time = \"payload.ts\"\nlate_tolerance = \"5s\"");
+    assert!(!run(&dropped, script).contains("late event"));
+}
+
+#[test]
+fn event_time_option_errors_name_the_rule_key_value_and_fix() {
+    let bad = event_time_rule(
+        EVENT_TIME_SQL,
+        "event_time = \"ts\"\nlate_tolerance = \"5 seconds\"\nidle_timeout = \"0s\"",
+    );
+    let wide = event_time_rule(EVENT_TIME_SQL, "event_time = \"payload.ts\"\nlate_tolerance = \"1h\"");
+    let session = event_time_rule(
+        "SELECT topic(2) AS sensor, count(*) AS n FROM \"s/+\" GROUP BY topic(2), SESSIONWINDOW(mi, 2, 1)",
+        "event_time = \"payload.ts\"",
+    );
+    let without = event_time_rule(EVENT_TIME_SQL, "late = \"deadletter\"");
+    let plain = "[[rule]]\nname = \"p\"\nsql = 'SELECT 1 AS n FROM \"x\"'\nevent_time = \"payload.ts\"\n[[rule.action]]\ntype = \"drop\"\n";
+    let bad_policy = event_time_rule(EVENT_TIME_SQL, "event_time = \"payload.ts\"\nlate = \"keep\"");
+    expect![[r#"
+        error: rule `w`: `event_time = "ts"` is not a payload field path: write it like "payload.ts" or "payload.meta.time" (keys joined by dots, no indexes)
+        rule `w`: `late_tolerance = "5 seconds"` is not a duration: write a whole number with a unit, like "5s", "2m", "1h" or "500ms"
+        rule `w`: `idle_timeout = "0s"` would run the event clock on the gateway's clock between any two events: give it at least "1s" or leave it out
+        error: rule `w`: `late_tolerance = "1h"` would keep 361 windows open per group, at most 64: shorten late_tolerance or widen the window
+        error: rule `w`: `event_time` works with TUMBLINGWINDOW and HOPPINGWINDOW only (sliding, session and count windows run on processing time): remove `event_time` or use one of those windows
+        error: rule `w`: `late` applies to event time only: add `event_time = "payload.ts"` (the payload field holding each event's time) or remove `late`
+        error: rule `p`: `event_time`, `late_tolerance`, `idle_timeout` and `late` apply to rules with a time window only: add GROUP BY TUMBLINGWINDOW(ss, 10) or remove them
+    "#]]
+    .assert_eq(&[bad, wide, session, without, plain.to_owned()].map(|r| run(&r, "")).concat());
+    let policy = run(&bad_policy, "");
+    assert!(policy.contains("unknown variant `keep`, expected `drop` or `deadletter`"), "{policy}");
+}

@@ -5,7 +5,7 @@ use proptest::prelude::*;
 use super::*;
 
 fn plan(spec: WindowSpec, aggs: Vec<AggKind>) -> WindowPlan {
-    WindowPlan { spec, aggs, max_groups: DEFAULT_MAX_GROUPS }
+    WindowPlan { spec, aggs, max_groups: DEFAULT_MAX_GROUPS, time: TimeBasis::Processing }
 }
 
 fn count_sum(spec: WindowSpec) -> Windows {
@@ -165,6 +165,7 @@ fn a_new_group_beyond_the_limit_closes_the_least_recent_group_early() {
         spec: WindowSpec::Tumbling { size_ms: 10 },
         aggs: vec![AggKind::CountAll, AggKind::Sum],
         max_groups: 2,
+        time: TimeBasis::Processing,
     });
     push(&mut w, 1, "a", 1);
     push(&mut w, 2, "b", 2);
@@ -280,6 +281,178 @@ fn tumbling_start(spec: WindowSpec, at: u64) -> Option<u64> {
     }
 }
 
+fn event_time(spec: WindowSpec, tolerance_ms: u64, idle_ms: u64) -> Windows {
+    Windows::new(WindowPlan {
+        time: TimeBasis::Event { field: "payload.ts".to_owned(), tolerance_ms, idle_ms },
+        ..plan(spec, vec![AggKind::CountAll, AggKind::Sum])
+    })
+}
+
+/// Pushes `value` for `key` stamped `at`, received at `now`; what closed, and the fate.
+fn push_at(w: &mut Windows, at: u64, now: u64, key: &str, value: i64) -> (Vec<Closed>, Pushed) {
+    let mut out = Vec::new();
+    let pushed = w.push_event(at, now, key, &[Value::Int(value), Value::Int(value)], &mut out);
+    (out, pushed)
+}
+
+#[test]
+fn event_time_places_out_of_order_events_in_their_own_window() {
+    let mut w = event_time(WindowSpec::Tumbling { size_ms: 10_000 }, 5_000, 5_000);
+    assert_eq!(push_at(&mut w, 11_000, 11_100, "a", 1), (vec![], Pushed::Accepted));
+    // 3 s out of order, within the 5 s tolerance: [0, 10 s), not the window open at 11 s.
+    assert_eq!(push_at(&mut w, 8_000, 11_200, "a", 10), (vec![], Pushed::Accepted));
+    assert_eq!(push_at(&mut w, 14_000, 14_100, "a", 2), (vec![], Pushed::Accepted));
+    // The event clock reaching 15 s puts the watermark at 10 s: [0, 10 s) closes, inside push.
+    let (closed, pushed) = push_at(&mut w, 15_000, 15_050, "b", 5);
+    assert_eq!(pushed, Pushed::Accepted);
+    assert_eq!(brief(&closed), [row("a", 0, 10_000, 1, 10)]);
+    assert_eq!(w.watermark(), 10_000);
+    // The gateway's clock alone does not close [10 s, 20 s) while events keep coming.
+    assert!(w.advance(20_500).is_empty());
+    let (closed, _) = push_at(&mut w, 25_000, 25_000, "a", 3);
+    assert_eq!(brief(&closed), [row("a", 10_000, 20_000, 2, 3), row("b", 10_000, 20_000, 1, 5)]);
+    assert_eq!(w.counters().late, 0);
+}
+
+#[test]
+fn event_time_hopping_takes_an_earlier_event_into_every_window_still_open() {
+    let mut w = event_time(WindowSpec::Hopping { size_ms: 10, hop_ms: 5 }, 10, 1_000);
+    push_at(&mut w, 12, 100, "a", 1); // windows [5, 15) and [10, 20)
+    // Watermark 2: 3 is in [0, 10) only (no window starts before the epoch), opened in
+    // front of the two later ones.
+    push_at(&mut w, 3, 100, "a", 10);
+    let (closed, pushed) = push_at(&mut w, 26, 100, "a", 100); // watermark 16
+    assert_eq!(pushed, Pushed::Accepted);
+    assert_eq!(brief(&closed), [row("a", 0, 10, 1, 10), row("a", 5, 15, 1, 1)]);
+    let (closed, _) = push_at(&mut w, 40, 100, "a", 1_000); // watermark 30
+    assert_eq!(brief(&closed), [row("a", 10, 20, 1, 1), row("a", 20, 30, 1, 100)]);
+}
+
+#[test]
+fn event_time_beyond_the_tolerance_is_late_and_counted() {
+    let mut w = event_time(WindowSpec::Tumbling { size_ms: 10 }, 5, 1_000);
+    push_at(&mut w, 21, 21, "a", 1); // watermark 16: [0, 10) is closed
+    assert_eq!(push_at(&mut w, 9, 22, "a", 1).1, Pushed::Late);
+    assert_eq!(push_at(&mut w, 16, 22, "b", 1).1, Pushed::Accepted, "[10, 20) is open until 25");
+    assert_eq!(w.counters().late, 1);
+    let (closed, _) = push_at(&mut w, 25, 25, "a", 1);
+    assert_eq!(brief(&closed), [row("b", 10, 20, 1, 1)]);
+    assert_eq!(push_at(&mut w, 19, 26, "b", 1).1, Pushed::Late);
+    assert_eq!(w.counters().late, 2);
+}
+
+#[test]
+fn a_sensor_clock_ahead_of_the_gateway_does_not_make_the_others_late() {
+    let mut w = event_time(WindowSpec::Tumbling { size_ms: 10_000 }, 5_000, 5_000);
+    // Stamped an hour ahead: in its own (future) window, but the rule's clock stays at 10 s.
+    assert_eq!(push_at(&mut w, 3_610_000, 10_000, "fast", 1).1, Pushed::Accepted);
+    assert_eq!(w.watermark(), 5_000);
+    assert_eq!(push_at(&mut w, 9_000, 10_100, "b", 1).1, Pushed::Accepted);
+    // A group keeps at most MAX_OVERLAP windows open: a time beyond them is refused.
+    let far = 3_610_000 + MAX_OVERLAP * 10_000;
+    for at in (3_620_000..far).step_by(10_000) {
+        assert_eq!(push_at(&mut w, at, 10_200, "fast", 1).1, Pushed::Accepted);
+    }
+    assert_eq!(push_at(&mut w, far, 10_300, "fast", 1).1, Pushed::Ahead);
+    assert_eq!(w.counters().ahead, 1);
+}
+
+#[test]
+fn the_most_windows_the_compiler_allows_fit_a_group() {
+    // 64 windows hold each time, the most the compiler allows (with no tolerance): events
+    // in order must never be refused as ahead.
+    let mut w = event_time(WindowSpec::Hopping { size_ms: 640, hop_ms: 10 }, 0, 1_000);
+    let mut closed = 0;
+    for now in (1_000..3_000).step_by(3) {
+        let (out, pushed) = push_at(&mut w, now, now, "a", 1);
+        assert_eq!(pushed, Pushed::Accepted, "at {now}");
+        closed += out.len();
+    }
+    assert!(closed > 100);
+    assert_eq!(w.counters().ahead, 0);
+}
+
+#[test]
+fn a_quiet_sensor_closes_on_the_fleet_and_a_quiet_fleet_on_the_idle_timeout() {
+    let mut w = event_time(WindowSpec::Tumbling { size_ms: 10_000 }, 2_000, 3_000);
+    push_at(&mut w, 1_000, 1_100, "quiet", 1);
+    // Only "busy" speaks from now on; its clock closes the quiet sensor's window.
+    push_at(&mut w, 9_000, 9_100, "busy", 1);
+    let (closed, _) = push_at(&mut w, 12_000, 12_100, "busy", 2);
+    assert_eq!(brief(&closed), [row("busy", 0, 10_000, 1, 1), row("quiet", 0, 10_000, 1, 1)]);
+    // Then nobody: [10 s, 20 s) closes when the event clock, running on after 3 s of
+    // silence from 12 s, reaches 22 s: at 12.1 s + 10 s on the gateway's clock.
+    assert_eq!(w.next_close(), Some(22_100));
+    assert!(w.advance(15_000).is_empty(), "silent 2.9 s: the clock waits");
+    assert!(w.advance(22_099).is_empty());
+    assert_eq!(brief(&w.advance(22_100)), [row("busy", 10_000, 20_000, 1, 2)]);
+    assert_eq!(w.next_close(), None);
+    assert_eq!(w.groups(), 0);
+    // The silence moved the clock: an event stamped before it is late.
+    assert_eq!(push_at(&mut w, 19_000, 30_000, "busy", 1).1, Pushed::Late);
+}
+
+#[test]
+fn the_watermark_survives_a_snapshot_so_closed_windows_stay_closed() {
+    let spec = WindowSpec::Tumbling { size_ms: 10 };
+    let mut w = event_time(spec, 5, 1_000);
+    push_at(&mut w, 3, 30, "a", 1);
+    push_at(&mut w, 12, 30, "a", 2);
+    let (closed, _) = push_at(&mut w, 16, 30, "b", 4); // watermark 11: [0, 10) closes
+    assert_eq!(brief(&closed), [row("a", 0, 10, 1, 1)]);
+    let mut back = Windows::restore(w.plan(), &w.snapshot()).expect("own snapshot");
+    assert_eq!(back.watermark(), 11);
+    assert_eq!(push_at(&mut back, 8, 31, "a", 1).1, Pushed::Late, "[0, 10) is not reopened");
+    assert_eq!(push_at(&mut back, 13, 31, "a", 3).1, Pushed::Accepted);
+    let (closed, _) = push_at(&mut back, 25, 31, "b", 8);
+    assert_eq!(brief(&closed), [row("a", 10, 20, 2, 5), row("b", 10, 20, 1, 4)]);
+    // A new tolerance applies on restore; switching the clock is a changed plan.
+    let wider = event_time(spec, 9, 1_000);
+    assert_eq!(Windows::restore(wider.plan(), &back.snapshot()).map(|w| w.watermark()), Ok(20));
+    let processing = count_sum(spec);
+    assert_eq!(Windows::restore(processing.plan(), &back.snapshot()), Err(SnapshotError::PlanChanged));
+}
+
+#[test]
+fn a_snapshot_from_before_event_time_restores_on_processing_time() {
+    let mut w = count_sum(WindowSpec::Tumbling { size_ms: 10 });
+    push(&mut w, 5, "a", 1);
+    assert!(push(&mut w, 15, "a", 2).len() == 1);
+    // The same state as the previous format wrote it: no clock in the plan, no event clock.
+    let mut value: ciborium::Value = ciborium::from_reader(&w.snapshot()[..]).expect("cbor");
+    let strip = |map: &mut ciborium::Value, keys: &[&str]| {
+        if let ciborium::Value::Map(entries) = map {
+            entries.retain(|(k, _)| !keys.iter().any(|key| k.as_text() == Some(*key)));
+        }
+    };
+    let mut removed = 0;
+    if let ciborium::Value::Map(top) = &mut value {
+        for (k, windows) in top.iter_mut() {
+            if k.as_text() == Some("windows") {
+                strip(windows, &["event_clock", "last_arrival"]);
+                if let ciborium::Value::Map(fields) = windows {
+                    for (k, v) in fields.iter_mut() {
+                        if k.as_text() == Some("plan") {
+                            strip(v, &["time"]);
+                            removed += 1;
+                        }
+                        if k.as_text() == Some("counters") {
+                            strip(v, &["ahead"]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(removed, 1, "the snapshot has the shape this test edits");
+    let mut old = Vec::new();
+    ciborium::into_writer(&value, &mut old).expect("cbor");
+    assert!(old.len() < w.snapshot().len());
+    let mut back = Windows::restore(w.plan(), &old).expect("an old snapshot restores");
+    assert_eq!(back, w);
+    assert_eq!(brief(&back.advance(20)), [row("a", 10, 20, 1, 2)]);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -294,6 +467,7 @@ proptest! {
             spec,
             aggs: vec![AggKind::Collect(MAX_COLLECT_CAP), AggKind::Sum, AggKind::CountAll],
             max_groups,
+            time: TimeBasis::Processing,
         };
         let mut windows = Windows::new(plan.clone());
         let mut checkpoint = windows.snapshot();
@@ -399,5 +573,110 @@ fn extreme_times_do_not_panic() {
             out.extend(w.advance(at));
         }
         out.extend(w.flush());
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Event time: each acknowledged event is in exactly one committed window — the one its
+    /// own time says, whatever order events came in — or was refused as late (its window
+    /// had closed) at its last push; no window is emitted twice, across crash points.
+    #[test]
+    fn event_time_counts_each_acknowledged_event_once_or_reports_it_late(
+        size in 1..5u64,
+        tolerance_ms in 0..1_500u64,
+        idle_ms in 1..3_000u64,
+        max_groups in 1..8usize,
+        steps in prop::collection::vec((step(), 0..2_500u64), 1..120),
+    ) {
+        let spec = WindowSpec::Tumbling { size_ms: size * 500 };
+        let plan = WindowPlan {
+            spec,
+            aggs: vec![AggKind::Collect(MAX_COLLECT_CAP), AggKind::CountAll],
+            max_groups,
+            time: TimeBasis::Event { field: "payload.ts".to_owned(), tolerance_ms, idle_ms },
+        };
+        let mut windows = Windows::new(plan.clone());
+        let mut checkpoint = windows.snapshot();
+        let mut now = 10_000u64;
+        let mut next_id = 0i64;
+        // (id, key, event time) pushed since the last checkpoint, and their fate.
+        let mut pending: Vec<(i64, u8, u64, Pushed)> = Vec::new();
+        let mut resend: Vec<(i64, u8, u64)> = Vec::new();
+        // id → (key, event time, fate at its last push) of acknowledged events.
+        let mut acked: std::collections::BTreeMap<i64, (u8, u64, Pushed)> = Default::default();
+        let mut closed_since: Vec<Closed> = Vec::new();
+        let mut committed: Vec<Closed> = Vec::new();
+        let do_push = |windows: &mut Windows, now: u64, id: i64, key: u8, at: u64, out: &mut Vec<Closed>| {
+            let before = windows.watermark();
+            let pushed = windows.push_event(at, now, &format!("s{key}"), &[Value::Int(id), Value::Null], out);
+            let end = at - at % (size * 500) + size * 500;
+            match pushed {
+                Pushed::Late => assert!(end <= windows.watermark(), "late only when its window closed"),
+                _ => assert!(end > before, "accepted into a window the watermark had not passed"),
+            }
+            pushed
+        };
+        for (step, delay) in steps.into_iter().chain([(Step::Checkpoint, 0)]) {
+            match step {
+                Step::Event { dt, key, .. } => {
+                    now += dt;
+                    let (id, key, at) = resend.pop().unwrap_or_else(|| {
+                        next_id += 1;
+                        (next_id, key, now.saturating_sub(delay))
+                    });
+                    let pushed = do_push(&mut windows, now, id, key, at, &mut closed_since);
+                    pending.push((id, key, at, pushed));
+                }
+                Step::Advance { dt } => {
+                    now += dt;
+                    closed_since.extend(windows.advance(now));
+                }
+                Step::Checkpoint => {
+                    checkpoint = windows.snapshot();
+                    committed.append(&mut closed_since);
+                    for (id, key, at, pushed) in pending.drain(..) {
+                        acked.insert(id, (key, at, pushed));
+                    }
+                }
+                Step::Crash => {
+                    windows = Windows::restore(&plan, &checkpoint).expect("own snapshot");
+                    closed_since.clear();
+                    resend.extend(pending.drain(..).map(|(id, key, at, _)| (id, key, at)));
+                    now += 5_000;
+                }
+            }
+        }
+        for (id, key, at) in resend.drain(..) {
+            now += 1;
+            let pushed = do_push(&mut windows, now, id, key, at, &mut closed_since);
+            acked.insert(id, (key, at, pushed));
+        }
+        closed_since.extend(windows.flush());
+        committed.append(&mut closed_since);
+
+        let mut windows_seen = std::collections::BTreeSet::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for closed in &committed {
+            // An evicted group's window is split (module doc): only its early part may repeat.
+            if !closed.early {
+                prop_assert!(windows_seen.insert((closed.key.clone(), closed.start_ms)), "window {:?} emitted twice", (&closed.key, closed.start_ms));
+            }
+            let Value::Array(ids) = &closed.values[0] else { panic!("collect gives an array") };
+            for id in ids {
+                let Value::Int(id) = id else { panic!("ids are ints") };
+                prop_assert!(seen.insert(*id), "event {} in two windows", id);
+                let Some((key, at, pushed)) = acked.get(id) else {
+                    return Err(TestCaseError::fail(format!("event {id} counted but never acknowledged")));
+                };
+                prop_assert_eq!(*pushed, Pushed::Accepted);
+                prop_assert_eq!(&closed.key, &format!("s{key}"));
+                prop_assert_eq!(closed.start_ms, at - at % (size * 500), "event {} at {} in the wrong window", id, at);
+            }
+        }
+        for (id, (_, _, pushed)) in &acked {
+            prop_assert_eq!(seen.contains(id), *pushed == Pushed::Accepted, "event {} ({:?})", id, pushed);
+        }
     }
 }
