@@ -1,7 +1,8 @@
 //! The MQTT 5 upstream path against Debian's mosquitto: the event id travels as a user
-//! property, the upstream's receive maximum and maximum packet size from its CONNACK are
-//! honoured, and a publish the upstream refuses (PUBACK reason ≥ 0x80) is counted and
-//! discarded instead of resent forever.
+//! property, the sensor's MQTT 5 properties travel with its event (through the buffer, with
+//! what remains of its message expiry), the upstream's receive maximum and maximum packet size
+//! from its CONNACK are honoured, and a publish the upstream refuses (PUBACK reason ≥ 0x80) is
+//! counted and discarded instead of resent forever.
 //!
 //! What mosquitto 2.0.11 (Debian) does, checked by hand with a raw MQTT 5 client and
 //! `mosquitto_pub -V mqttv5 -q 1 -d`, and again on the wire by [`WireProbe`] in every run:
@@ -404,6 +405,7 @@ async fn mqtt5_properties_reach_the_upstream_live_after_an_outage_and_across_a_s
     // (published before it) had been dealt with, and it never arrived.
     // At least once: an event acknowledged upstream shortly before the SIGKILL may come again
     // after the restart (its delete was not committed yet); first arrivals are exact.
+    assert!(subscriber.messages().iter().all(|m| m.topic == "sensors/props/x"), "topics are unchanged");
     let payloads: Vec<String> = subscriber.messages().into_iter().map(|m| m.payload).collect();
     let mut seen = HashSet::new();
     let first_arrivals: Vec<&String> = payloads.iter().filter(|p| seen.insert(*p)).collect();
@@ -420,6 +422,48 @@ async fn mqtt5_properties_reach_the_upstream_live_after_an_outage_and_across_a_s
         .unwrap_or_else(|| panic!("no expiry warning\n{}", gateway.tail()));
     assert_eq!(warning["level"], "WARN", "{warning}");
     assert_eq!(buffered_at_stop(&gateway), 0, "nothing is left behind");
+}
+
+/// A rule's forward carries its source event's properties whatever the rule selects: here a
+/// narrow `SELECT` and a new topic and payload (EMQX's republish would drop them unless the
+/// rule selected `pub_props`; README "MQTT 5 properties and the upstream" says why not here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_forward_carries_the_sensors_properties_upstream() {
+    if !require_mosquitto() || !outpost_e2e::require_tool(MOSQUITTO_SUB, "mosquitto-clients") {
+        return;
+    }
+    const RULES: &str = r#"
+[[rule]]
+name = "readings"
+sql = '''SELECT payload AS reading FROM "sensors/#"'''
+[[rule.action]]
+type = "forward"
+topic = "sites/a/reading"
+"#;
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let subscriber = PropsSubscriber::start(upstream.addr(), "sites/#").await.expect("subscribe upstream");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rules = dir.path().join("rules.toml");
+    std::fs::write(&rules, RULES).expect("write rules");
+    let config = format!(
+        "rules = {:?}\n[upstream]\nurl = \"{}\"\nmqtt_version = \"5\"\n",
+        rules.to_str().expect("utf-8 path"),
+        upstream.url()
+    );
+    let mut gateway =
+        GatewaySpec::new(dir.path()).config_toml(config).start().await.expect("start the gateway");
+    sensor_publish(gateway.listen(), "ruled", Some(60)).expect("publish");
+    let forwarded = subscriber
+        .wait_for_with("the rule's forward", TIMEOUT, |m| m.topic == "sites/a/reading")
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    assert_eq!(forwarded.payload, r#"{"reading":"ruled"}"#, "the rule's own payload: {forwarded:?}");
+    // The correlation data names the sensor's payload, not the rule's.
+    let as_sent = PropsMessage { payload: "ruled".to_owned(), ..forwarded.clone() };
+    as_sent.assert_sensor_properties();
+    assert!(forwarded.expiry.is_some_and(|e| (59..=60).contains(&e)), "{forwarded:?}");
+    let status = gateway.terminate().await.expect("the gateway stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
 }
 
 const MOSQUITTO_SUB: &str = "/usr/bin/mosquitto_sub";
@@ -488,7 +532,6 @@ impl PropsMessage {
     /// gateway's own `outpost-event-id`.
     #[track_caller]
     fn assert_sensor_properties(&self) {
-        assert_eq!(self.topic, "sensors/props/x", "{self:?}");
         assert_eq!(
             (self.content_type.as_str(), self.payload_format.as_str(), self.response_topic.as_str()),
             (CONTENT_TYPE, "1", RESPONSE_TOPIC),
@@ -542,11 +585,18 @@ impl PropsSubscriber {
     }
 
     async fn wait_for(&self, payload: &str, timeout: Duration) -> anyhow::Result<PropsMessage> {
+        self.wait_for_with(&format!("the message {payload:?}"), timeout, |m| m.payload == payload).await
+    }
+
+    async fn wait_for_with(
+        &self,
+        what: &str,
+        timeout: Duration,
+        predicate: impl Fn(&PropsMessage) -> bool,
+    ) -> anyhow::Result<PropsMessage> {
         let line = self
             .process
-            .wait_for_line(&format!("the message {payload:?}"), timeout, |line| {
-                PropsMessage::parse(line).is_some_and(|m| m.payload == payload)
-            })
+            .wait_for_line(what, timeout, |line| PropsMessage::parse(line).is_some_and(|m| predicate(&m)))
             .await?;
         PropsMessage::parse(&line).context("parsed above")
     }
