@@ -337,6 +337,7 @@ fn record(epoch: u64, i: u64, payload: &Bytes) -> Record {
         topic: format!("sensors/{}/temp", i % 100),
         qos: 1,
         payload: payload.clone(),
+        props: None,
     }
 }
 

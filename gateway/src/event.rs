@@ -114,6 +114,58 @@ impl EventsWanted {
     }
 }
 
+impl Event {
+    /// The properties this event's upstream copies carry ([`MessageProps`]); `None` for a
+    /// publish without any (every 3.1.1 one).
+    pub fn message_props(&self) -> Option<Arc<MessageProps>> {
+        self.pub_props.as_deref().map(|props| Arc::new(MessageProps::from_publish(props, self.received_ms)))
+    }
+}
+
+/// The MQTT 5 properties that describe a message rather than one hop of the wire, as they
+/// travel upstream with it (through the buffer): user properties, content type, payload
+/// format indicator, response topic, correlation data, and the message expiry as a deadline.
+/// Topic aliases and subscription identifiers are per connection and never carried.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MessageProps {
+    pub payload_format_indicator: Option<u8>,
+    pub content_type: Option<String>,
+    pub response_topic: Option<String>,
+    pub correlation_data: Option<Bytes>,
+    /// In the order sent; a name may repeat.
+    pub user_properties: Vec<(String, String)>,
+    /// When the message expiry passes, in Unix ms: a deadline rather than the interval, so
+    /// what remains of it can be sent after any time in the buffer, a restart included.
+    pub expires_ms: Option<u64>,
+}
+
+impl MessageProps {
+    /// A publish's properties, its message expiry counted from `received_ms`.
+    pub fn from_publish(props: &outpost_rules::PubProps, received_ms: u64) -> MessageProps {
+        MessageProps {
+            payload_format_indicator: props.payload_format_indicator,
+            content_type: props.content_type.clone(),
+            response_topic: props.response_topic.clone(),
+            correlation_data: props.correlation_data.as_deref().map(Bytes::copy_from_slice),
+            user_properties: props.user_properties.clone(),
+            expires_ms: props
+                .message_expiry_interval
+                .map(|secs| received_ms.saturating_add(u64::from(secs) * 1000)),
+        }
+    }
+
+    /// The message expiry interval to send at `now_ms`: what remains, in whole seconds
+    /// rounded up (MQTT 5 §3.3.2.3.3: a server sends the interval minus the time the message
+    /// waited), never 0 — 0 would not be "expired" but a valid interval, and an expired
+    /// message is dropped before it is sent.
+    pub fn remaining_expiry_secs(&self, now_ms: u64) -> Option<u32> {
+        self.expires_ms.map(|at| {
+            let left = at.saturating_sub(now_ms).div_ceil(1000).max(1);
+            u32::try_from(left).unwrap_or(u32::MAX)
+        })
+    }
+}
+
 /// An event bound upstream, as decided by a route.
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -128,11 +180,32 @@ pub struct Outbound {
     pub received_ms: u64,
     /// The source event's held acknowledgement; every copy a rule makes carries a clone.
     pub ticket: Option<Ticket>,
+    /// The source event's MQTT 5 properties, carried unchanged by every forward (see the
+    /// README's upstream section); `None` when it had none.
+    pub props: Option<Arc<MessageProps>>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_remaining_expiry_counts_down_from_the_publish_and_never_reaches_zero() {
+        let published = outpost_rules::PubProps {
+            message_expiry_interval: Some(60),
+            user_properties: vec![("a".into(), "1".into()), ("a".into(), "0".into())],
+            ..Default::default()
+        };
+        let props = MessageProps::from_publish(&published, 1_000_000);
+        assert_eq!(props.expires_ms, Some(1_060_000));
+        assert_eq!(props.user_properties, published.user_properties, "in order, repeats kept");
+        assert_eq!(props.remaining_expiry_secs(1_000_000), Some(60));
+        assert_eq!(props.remaining_expiry_secs(1_003_500), Some(57), "rounded up");
+        assert_eq!(props.remaining_expiry_secs(1_059_999), Some(1));
+        assert_eq!(props.remaining_expiry_secs(1_070_000), Some(1));
+        let none = MessageProps::from_publish(&outpost_rules::PubProps::default(), 5);
+        assert_eq!((none.expires_ms, none.remaining_expiry_secs(5)), (None, None));
+    }
 
     #[test]
     fn log_form_is_escaped_and_short() {

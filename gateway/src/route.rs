@@ -932,6 +932,7 @@ impl RouteStage {
                         expires_ms: expiry(event.received_ms, ttl),
                         received_ms: event.received_ms,
                         ticket: event.ticket.clone(),
+                        props: event.message_props(),
                     });
                 }
                 Fate::Republish { rule, topic, payload, hops, .. } => {

@@ -70,6 +70,7 @@ fn buffer_with_events(data: &Path, n: u64) -> PathBuf {
             topic: format!("sensors/{seq}"),
             qos: 1,
             payload: Bytes::from_static(b"{\"v\":1}"),
+            props: None,
         })
         .collect();
     store.apply(&Batch { inserts, ..Batch::default() }).expect("fill");
@@ -187,6 +188,7 @@ fn a_read_only_file_system_is_named_and_the_file_kept() {
 
 #[test]
 fn a_newer_format_is_refused_by_the_binary_and_left_byte_identical() {
+    const NEWER: u64 = outpost::buffer::store::FORMAT_VERSION + 1;
     let (_dir, data) = shared_tempdir();
     let file = buffer_with_events(&data, 3);
     // What a newer release would have written; the table is the buffer's `meta`.
@@ -194,14 +196,14 @@ fn a_newer_format_is_refused_by_the_binary_and_left_byte_identical() {
         let db = redb::Database::open(&file).expect("open");
         let txn = db.begin_write().expect("txn");
         let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-        txn.open_table(meta).expect("meta").insert("format_version", 7).expect("insert");
+        txn.open_table(meta).expect("meta").insert("format_version", NEWER).expect("insert");
         txn.commit().expect("commit");
     }
     let before = std::fs::read(&file).expect("read");
     let out = run_gateway(&data, None);
     assert_eq!(out.code, Some(2), "refuses to start\n{}", out.stderr);
     let needle = format!(
-        "buffer file {} has format version 7, but this outpost reads versions up to {}",
+        "buffer file {} has format version {NEWER}, but this outpost reads versions up to {}",
         file.display(),
         outpost::buffer::store::FORMAT_VERSION
     );

@@ -26,6 +26,7 @@ fn record(priority: u8, seq: u64, payload: &[u8]) -> Record {
         topic: format!("sensors/{seq}/temp"),
         qos: 1,
         payload: Bytes::copy_from_slice(payload),
+        props: None,
     }
 }
 

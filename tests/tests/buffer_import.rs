@@ -34,6 +34,7 @@ fn stranded_events(n: u64) -> Vec<Record> {
             topic: format!("stranded/{i}"),
             qos: 1,
             payload: Bytes::from(format!("{{\"i\":{i}}}")),
+            props: None,
         })
         .collect()
 }

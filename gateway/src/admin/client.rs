@@ -303,6 +303,7 @@ mod tests {
                     topic: format!("sensors/{seq}"),
                     qos: 1,
                     payload: Bytes::from_static(b"x"),
+                    props: None,
                 })
                 .collect();
             store.apply(&Batch { inserts, ..Batch::default() }).expect("fill");

@@ -22,12 +22,14 @@ pub mod client;
 pub mod server;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::buffer::inspect::hex;
 use crate::buffer::{N_PRIORITIES, Record};
+use crate::event::MessageProps;
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("outpost.sock")
@@ -150,6 +152,10 @@ pub struct WireRecord {
     pub topic: String,
     pub qos: u8,
     pub payload: String,
+    /// The event's MQTT 5 properties; absent when it has none (and in lines from releases
+    /// before format 7).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub props: Option<MessageProps>,
 }
 
 impl WireRecord {
@@ -162,6 +168,7 @@ impl WireRecord {
             topic: record.topic.clone(),
             qos: record.qos,
             payload: hex(&record.payload),
+            props: record.props.as_deref().cloned(),
         }
     }
 
@@ -177,6 +184,7 @@ impl WireRecord {
             topic: self.topic,
             qos: self.qos,
             payload: Bytes::from(payload),
+            props: self.props.map(Arc::new),
         })
     }
 }
@@ -203,12 +211,29 @@ mod tests {
             topic: "sensors/7".into(),
             qos: 1,
             payload: Bytes::from_static(&[0, 1, 0xfe, b'x']),
+            props: None,
         };
         let line = serde_json::to_string(&WireRecord::new(&r)).expect("json");
+        assert!(!line.contains("props"), "no properties, no key: {line}");
         let back: WireRecord = serde_json::from_str(&line).expect("parse");
         let back = back.into_record().expect("valid");
         assert_eq!(back.fingerprint(), r.fingerprint());
-        assert_eq!((back.enqueued_ms, back.payload), (r.enqueued_ms, r.payload));
+        assert_eq!((back.enqueued_ms, &back.payload), (r.enqueued_ms, &r.payload));
+        let with_props = Record {
+            props: Some(Arc::new(MessageProps {
+                content_type: Some("text/plain".into()),
+                correlation_data: Some(Bytes::from_static(&[0, 0xff])),
+                user_properties: vec![("k".into(), "v".into())],
+                expires_ms: Some(1_700_000_060_007),
+                ..MessageProps::default()
+            })),
+            ..r
+        };
+        let line = serde_json::to_string(&WireRecord::new(&with_props)).expect("json");
+        let back: WireRecord = serde_json::from_str(&line).expect("parse");
+        let back = back.into_record().expect("valid");
+        assert_eq!(back.fingerprint(), with_props.fingerprint());
+        assert_eq!(back.props, with_props.props);
         assert!(unhex("abc").is_none() && unhex("zz").is_none());
     }
 

@@ -299,6 +299,7 @@ async fn import_chunk(
             expires_ms: record.expires_ms,
             received_ms: record.enqueued_ms,
             ticket: Some(queue.ticket()),
+            props: record.props,
         };
         tokio::select! {
             sent = handles.relay_input.send(outbound) => sent.map_err(|_| STOPPING.to_owned())?,

@@ -10,16 +10,22 @@
 //! - A value is either a packed row (first byte [`PACKED_TAG`]) or a single event in the
 //!   CBOR map of formats 1–3 (first byte a CBOR map header, 0xa0–0xbf). Old rows are read,
 //!   sent and deleted as they are; a row that changes is written back packed.
+//! - An event's MQTT 5 properties (format 7) are written only when it has some, behind the
+//!   `HAS_PROPS` flag bit: an event without them is stored byte for byte as in format 6.
 //! - What an event counts for in the `bytes.<p>` counters depends on the event alone
 //!   ([`Record::stored_size`]) or, for an old row, on that row's length, so a delete takes
 //!   away exactly what the insert added, whatever else shares its row.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use redb::{ReadableTable, Table};
 
-use super::file::{BufferError, Key, Record, db_err, stored_size};
+use super::file::{
+    BufferError, Key, Reader, Record, db_err, get_props, props_size, put_props, put_varint, stored_size,
+    unzigzag, varint_len, zigzag,
+};
 
 /// The first byte of a packed row. CBOR maps (formats 1–3) start with 0xa0–0xbf.
 pub(crate) const PACKED_TAG: u8 = 0x04;
@@ -32,6 +38,9 @@ const ROW_MAX: usize = 4096 - 4 - 4 - 9;
 const QOS_MASK: u8 = 0b11;
 const HAS_EXPIRY: u8 = 0b100;
 const TOPIC_REF: u8 = 0b1000;
+/// Format 7: MQTT 5 properties follow the expiry ([`super::file::put_props`]). Only set for
+/// an event that has them, so one without costs no byte more than in format 6.
+const HAS_PROPS: u8 = 0b1_0000;
 
 /// The events of one row, and what they counted for when the row was read.
 #[derive(Debug, Default)]
@@ -84,6 +93,7 @@ impl Row {
             + varint_len(zigzag(record.enqueued_ms.wrapping_sub(at)))
             + 1
             + record.expires_ms.map_or(0, |e| varint_len(zigzag(e.wrapping_sub(record.enqueued_ms))))
+            + props_size(&record)
             + topic
             + varint_len(record.payload.len() as u64)
             + record.payload.len();
@@ -179,6 +189,8 @@ pub(crate) fn decode(key: Key, value: &[u8]) -> Result<Vec<Record>, BufferError>
         } else {
             None
         };
+        let props =
+            if flags & HAS_PROPS != 0 { Some(Arc::new(get_props(&mut r, at).map_err(&bad)?)) } else { None };
         let topic = if flags & TOPIC_REF != 0 {
             let j = r.varint().ok_or_else(|| bad("truncated topic reference"))?;
             match usize::try_from(j).ok().filter(|&j| j < i) {
@@ -199,6 +211,7 @@ pub(crate) fn decode(key: Key, value: &[u8]) -> Result<Vec<Record>, BufferError>
             topic,
             qos: flags & QOS_MASK,
             payload,
+            props,
         });
     }
     if r.at != value.len() {
@@ -230,9 +243,15 @@ pub(crate) fn encode(key_seq: u64, records: &[Record]) -> Vec<u8> {
         if earlier.is_some() {
             flags |= TOPIC_REF;
         }
+        if record.props.is_some() {
+            flags |= HAS_PROPS;
+        }
         out.push(flags);
         if let Some(expires) = record.expires_ms {
             put_varint(&mut out, zigzag(expires.wrapping_sub(at)));
+        }
+        if let Some(props) = &record.props {
+            put_props(&mut out, props, at);
         }
         match earlier {
             Some(j) => put_varint(&mut out, j as u64),
@@ -246,61 +265,6 @@ pub(crate) fn encode(key_seq: u64, records: &[Record]) -> Vec<u8> {
         out.extend_from_slice(&record.payload);
     }
     out
-}
-
-fn zigzag(delta: u64) -> u64 {
-    let v = delta as i64;
-    ((v << 1) ^ (v >> 63)) as u64
-}
-
-fn unzigzag(v: u64) -> u64 {
-    (v >> 1) ^ (v & 1).wrapping_neg()
-}
-
-fn varint_len(v: u64) -> usize {
-    (64 - v.leading_zeros() as usize).max(1).div_ceil(7)
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-struct Reader<'a> {
-    buf: &'a Bytes,
-    at: usize,
-}
-
-impl Reader<'_> {
-    fn byte(&mut self) -> Option<u8> {
-        let b = *self.buf.get(self.at)?;
-        self.at += 1;
-        Some(b)
-    }
-
-    fn varint(&mut self) -> Option<u64> {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = self.byte()?;
-            v |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Some(v);
-            }
-        }
-        None
-    }
-
-    /// A length-prefixed slice, sharing the row's buffer.
-    fn bytes(&mut self) -> Option<Bytes> {
-        let len = usize::try_from(self.varint()?).ok()?;
-        let end = self.at.checked_add(len).filter(|&end| end <= self.buf.len())?;
-        let out = self.buf.slice(self.at..end);
-        self.at = end;
-        Some(out)
-    }
 }
 
 /// The key of the row that holds (or would hold) `(p, seq)` in `table`: the last one keyed
@@ -483,6 +447,7 @@ impl<'a, 'txn> Editor<'a, 'txn> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::MessageProps;
 
     fn record(seq: u64, topic: &str, payload: &[u8], expires_ms: Option<u64>) -> Record {
         Record {
@@ -494,6 +459,7 @@ mod tests {
             topic: topic.to_owned(),
             qos: (seq % 3) as u8,
             payload: Bytes::copy_from_slice(payload),
+            props: None,
         }
     }
 
@@ -542,7 +508,11 @@ mod tests {
             let topic = format!("site/{}/temp", seq % 5);
             let expires = (seq % 4 == 0).then_some(1_700_000_000_000 + seq * 1000);
             let payload = vec![b'y'; (seq % 150) as usize];
-            if row.try_append(99, record(seq, &topic, &payload, expires)).is_err() {
+            let mut next = record(seq, &topic, &payload, expires);
+            if seq % 5 == 0 {
+                next.props = Some(Arc::new(all_props(next.enqueued_ms + 60_000)));
+            }
+            if row.try_append(99, next).is_err() {
                 break;
             }
             let size = row.layout.as_ref().expect("layout").size;
@@ -550,6 +520,123 @@ mod tests {
         }
         let full = encode(99, &row.records).len();
         assert!(full <= ROW_MAX && full > ROW_MAX - 200, "{full}");
+    }
+
+    fn all_props(expires_ms: u64) -> MessageProps {
+        MessageProps {
+            payload_format_indicator: Some(1),
+            content_type: Some("application/json".into()),
+            response_topic: Some("replies/7".into()),
+            correlation_data: Some(Bytes::from_static(&[0, 0xff, 7])),
+            user_properties: vec![
+                ("site".into(), "a".into()),
+                ("unit".into(), "°C".into()),
+                ("site".into(), "b".into()),
+            ],
+            expires_ms: Some(expires_ms),
+        }
+    }
+
+    #[test]
+    fn properties_round_trip_beside_events_without_them() {
+        let mut records = vec![
+            record(10, "site/a/temp", b"21.5", None),
+            record(11, "site/a/temp", b"21.6", Some(1_700_000_100_000)),
+            record(12, "site/b/temp", b"", None),
+            record(13, "site/a/temp", b"x", None),
+        ];
+        records[1].props = Some(Arc::new(all_props(1_700_000_060_000)));
+        // A deadline before the enqueue time (a clock step) and a lone user property.
+        records[2].props = Some(Arc::new(MessageProps {
+            expires_ms: Some(5),
+            user_properties: vec![("k".into(), String::new())],
+            ..MessageProps::default()
+        }));
+        records[3].props = Some(Arc::new(MessageProps::default()));
+        let value = encode(9, &records);
+        assert_eq!(decode((4, 9), &value).expect("decode"), records);
+        for r in &records {
+            let alone = encode(r.seq, std::slice::from_ref(r));
+            assert_eq!(decode((4, r.seq), &alone).expect("decode"), std::slice::from_ref(r));
+        }
+    }
+
+    /// Format 7 adds nothing to an event without properties: its bytes are format 6's, field
+    /// by field, and it counts what it counted before.
+    #[test]
+    fn an_event_without_properties_costs_what_it_did_in_format_6() {
+        let r = record(10, "sensors/1/temp", b"{\"t\":21.5}", Some(1_700_000_060_030));
+        let value = encode(9, std::slice::from_ref(&r));
+        let header = varint_len(1) // count
+            + varint_len(1) // seq - key
+            + varint_len(zigzag(r.event_id))
+            + varint_len(zigzag(r.enqueued_ms))
+            + 1 // flags
+            + varint_len(zigzag(60_000)); // expiry
+        let body = 1 + r.topic.len() + 1 + r.payload.len();
+        assert_eq!(value.len(), 1 + header + body);
+        assert_eq!(
+            value[1
+                + varint_len(1)
+                + varint_len(1)
+                + varint_len(zigzag(r.event_id))
+                + varint_len(zigzag(r.enqueued_ms))],
+            0b101,
+            "flags: QoS 1, expiry, nothing else"
+        );
+        assert_eq!(props_size(&r), 0);
+        assert_eq!(r.stored_size(), (r.topic.len() + r.payload.len() + 16) as u64);
+        assert_eq!(r.size(), (r.topic.len() + r.payload.len() + 48) as u64);
+        let with = Record { props: Some(Arc::new(all_props(1))), ..r.clone() };
+        let grown = encode(9, std::slice::from_ref(&with)).len() - value.len();
+        assert_eq!(grown, props_size(&with), "an event with properties pays for them exactly");
+        assert_eq!(with.stored_size() - r.stored_size(), grown as u64);
+    }
+
+    #[test]
+    fn damaged_properties_are_errors_not_panics() {
+        let mut r = record(1, "a", b"p", None);
+        r.props = Some(Arc::new(all_props(1_700_000_000_100)));
+        let value = encode(1, std::slice::from_ref(&r));
+        for cut in 1..value.len() {
+            assert!(decode((4, 1), &value[..cut]).is_err(), "cut at {cut}");
+        }
+        // An unknown property identifier: the first one (payload format 0x01, its value 1,
+        // then the expiry's 0x02) becomes 0x7f.
+        let at =
+            value.windows(3).position(|w| w == [0x01, 0x01, 0x02]).expect("the payload format indicator");
+        let mut unknown = value.clone();
+        unknown[at] = 0x7f;
+        assert!(decode((4, 1), &unknown).is_err());
+    }
+
+    proptest::proptest! {
+        /// Any properties, on any event, come back as they went in.
+        #[test]
+        fn any_properties_round_trip(
+            pfi in proptest::option::of(0u8..2),
+            expires in proptest::option::of(proptest::num::u64::ANY),
+            content_type in proptest::option::of(".{0,20}"),
+            response_topic in proptest::option::of("[a-z/]{0,20}"),
+            correlation in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..20)),
+            user in proptest::collection::vec((".{0,8}", ".{0,8}"), 0..5),
+            with_props: bool,
+            expires_ms in proptest::option::of(proptest::num::u64::ANY),
+        ) {
+            let mut records = vec![record(3, "t", b"before", None), record(4, "t", b"x", expires_ms)];
+            if with_props {
+                records[1].props = Some(Arc::new(MessageProps {
+                    payload_format_indicator: pfi,
+                    content_type,
+                    response_topic,
+                    correlation_data: correlation.map(Bytes::from),
+                    user_properties: user,
+                    expires_ms: expires,
+                }));
+            }
+            let value = encode(2, &records);
+            proptest::prop_assert_eq!(decode((4, 2), &value).expect("decode"), records);
+        }
     }
 
     #[test]

@@ -6,10 +6,13 @@
 //! imports none of them except [`super::access`] (which only describes the file system).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use redb::{ReadTransaction, ReadableDatabase, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+use crate::event::MessageProps;
 
 pub(super) const FILE_NAME: &str = "buffer.redb";
 
@@ -126,6 +129,10 @@ pub struct Record {
     pub topic: String,
     pub qos: u8,
     pub payload: Bytes,
+    /// The event's MQTT 5 properties (format 7), `None` when it has none. Never in the CBOR
+    /// of formats 1–3, which predate them.
+    #[serde(skip)]
+    pub props: Option<Arc<MessageProps>>,
 }
 
 impl Record {
@@ -136,15 +143,15 @@ impl Record {
     /// What a record counts against `max_bytes` while it is only in memory: payload, topic
     /// and an estimate of the encoding overhead. On disk [`Record::stored_size`] counts.
     pub fn size(&self) -> u64 {
-        (self.payload.len() + self.topic.len() + 48) as u64
+        (self.payload.len() + self.topic.len() + 48 + props_size(self)) as u64
     }
 
     /// What a record in a packed row counts for in the `bytes.<p>` counters: its topic and
-    /// payload and at most 16 bytes of header (ids and times as deltas, flags, lengths). A
-    /// repeated topic costs less on disk; it counts the same, so the count depends on the
-    /// record alone.
+    /// payload, at most 16 bytes of header (ids and times as deltas, flags, lengths) and its
+    /// encoded properties, if any. A repeated topic costs less on disk; it counts the same,
+    /// so the count depends on the record alone.
     pub fn stored_size(&self) -> u64 {
-        (self.payload.len() + self.topic.len() + 16) as u64
+        (self.payload.len() + self.topic.len() + 16 + props_size(self)) as u64
     }
 
     /// The CBOR map of formats 1–3: still read ([`Record::decode`]), written only by tests
@@ -183,6 +190,13 @@ impl Record {
         feed(&(self.topic.len() as u64).to_le_bytes());
         feed(self.topic.as_bytes());
         feed(&self.payload);
+        // Only when present, so the fingerprint of an event without properties (stored in
+        // files since format 2) is what it always was.
+        if let Some(props) = &self.props {
+            let mut block = Vec::new();
+            put_props(&mut block, props, 0);
+            feed(&block);
+        }
         (self.event_id, hash)
     }
 
@@ -216,6 +230,157 @@ impl StoredRetained {
 
     pub(super) fn decode(bytes: &[u8]) -> Result<StoredRetained, String> {
         ciborium::from_reader(bytes).map_err(|e| e.to_string())
+    }
+}
+
+// A record's properties (format 7), as the packed rows hold them after the flag
+// `HAS_PROPS`: a varint length, then each property present as its MQTT 5 identifier and its
+// value, in this order — 0x01 payload format indicator (a byte), 0x02 message expiry (the
+// deadline as a zigzag delta from `base`), 0x03 content type, 0x08 response topic, 0x09
+// correlation data (each length-prefixed), then 0x26 per user property (name, value, both
+// length-prefixed), in their order. MQTT's identifiers make a dump readable; varint lengths
+// keep it smaller than MQTT's two-byte ones.
+const PFI: u8 = 0x01;
+const EXPIRY: u8 = 0x02;
+const CONTENT_TYPE: u8 = 0x03;
+const RESPONSE_TOPIC: u8 = 0x08;
+const CORRELATION: u8 = 0x09;
+const USER_PROPERTY: u8 = 0x26;
+
+/// The bytes `props` take in a packed row, length prefix included; 0 without properties.
+pub(crate) fn props_size(record: &Record) -> usize {
+    record.props.as_deref().map_or(0, |props| {
+        let len = props_body_len(props, record.enqueued_ms);
+        varint_len(len as u64) + len
+    })
+}
+
+fn props_body_len(props: &MessageProps, base: u64) -> usize {
+    let field = |len: usize| varint_len(len as u64) + len;
+    props.payload_format_indicator.map_or(0, |_| 2)
+        + props.expires_ms.map_or(0, |at| 1 + varint_len(zigzag(at.wrapping_sub(base))))
+        + props.content_type.as_ref().map_or(0, |t| 1 + field(t.len()))
+        + props.response_topic.as_ref().map_or(0, |t| 1 + field(t.len()))
+        + props.correlation_data.as_ref().map_or(0, |d| 1 + field(d.len()))
+        + props.user_properties.iter().map(|(k, v)| 1 + field(k.len()) + field(v.len())).sum::<usize>()
+}
+
+/// Appends `props` as a packed row holds them, the expiry relative to `base`.
+pub(crate) fn put_props(out: &mut Vec<u8>, props: &MessageProps, base: u64) {
+    let put_field = |out: &mut Vec<u8>, id: u8, bytes: &[u8]| {
+        out.push(id);
+        put_varint(out, bytes.len() as u64);
+        out.extend_from_slice(bytes);
+    };
+    put_varint(out, props_body_len(props, base) as u64);
+    if let Some(indicator) = props.payload_format_indicator {
+        out.extend_from_slice(&[PFI, indicator]);
+    }
+    if let Some(at) = props.expires_ms {
+        out.push(EXPIRY);
+        put_varint(out, zigzag(at.wrapping_sub(base)));
+    }
+    if let Some(t) = &props.content_type {
+        put_field(out, CONTENT_TYPE, t.as_bytes());
+    }
+    if let Some(t) = &props.response_topic {
+        put_field(out, RESPONSE_TOPIC, t.as_bytes());
+    }
+    if let Some(d) = &props.correlation_data {
+        put_field(out, CORRELATION, d);
+    }
+    for (name, value) in &props.user_properties {
+        put_field(out, USER_PROPERTY, name.as_bytes());
+        put_varint(out, value.len() as u64);
+        out.extend_from_slice(value.as_bytes());
+    }
+}
+
+/// Reads what [`put_props`] wrote. `Err` names what is wrong, for the caller's corruption
+/// verdict.
+pub(crate) fn get_props(r: &mut Reader<'_>, base: u64) -> Result<MessageProps, &'static str> {
+    let len =
+        usize::try_from(r.varint().ok_or("truncated properties")?).map_err(|_| "properties too long")?;
+    let end = r.at.checked_add(len).filter(|&end| end <= r.buf.len()).ok_or("truncated properties")?;
+    let text = |bytes: Bytes| String::from_utf8(bytes.to_vec()).map_err(|_| "a property is not UTF-8");
+    let mut props = MessageProps::default();
+    while r.at < end {
+        match r.byte().ok_or("truncated properties")? {
+            PFI => props.payload_format_indicator = Some(r.byte().ok_or("truncated property")?),
+            EXPIRY => {
+                props.expires_ms = Some(base.wrapping_add(unzigzag(r.varint().ok_or("truncated property")?)))
+            }
+            CONTENT_TYPE => props.content_type = Some(text(r.bytes().ok_or("truncated property")?)?),
+            RESPONSE_TOPIC => props.response_topic = Some(text(r.bytes().ok_or("truncated property")?)?),
+            CORRELATION => props.correlation_data = Some(r.bytes().ok_or("truncated property")?),
+            USER_PROPERTY => {
+                let name = text(r.bytes().ok_or("truncated property")?)?;
+                let value = text(r.bytes().ok_or("truncated property")?)?;
+                props.user_properties.push((name, value));
+            }
+            _ => return Err("unknown property"),
+        }
+    }
+    if r.at != end {
+        return Err("properties overrun their length");
+    }
+    Ok(props)
+}
+
+// Varints (LEB128) and zigzag deltas, shared by the packed rows and their properties.
+
+pub(crate) fn zigzag(delta: u64) -> u64 {
+    let v = delta as i64;
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+pub(crate) fn unzigzag(v: u64) -> u64 {
+    (v >> 1) ^ (v & 1).wrapping_neg()
+}
+
+pub(crate) fn varint_len(v: u64) -> usize {
+    (64 - v.leading_zeros() as usize).max(1).div_ceil(7)
+}
+
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+pub(crate) struct Reader<'a> {
+    pub(crate) buf: &'a Bytes,
+    pub(crate) at: usize,
+}
+
+impl Reader<'_> {
+    pub(crate) fn byte(&mut self) -> Option<u8> {
+        let b = *self.buf.get(self.at)?;
+        self.at += 1;
+        Some(b)
+    }
+
+    pub(crate) fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.byte()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// A length-prefixed slice, sharing the row's buffer.
+    pub(crate) fn bytes(&mut self) -> Option<Bytes> {
+        let len = usize::try_from(self.varint()?).ok()?;
+        let end = self.at.checked_add(len).filter(|&end| end <= self.buf.len())?;
+        let out = self.buf.slice(self.at..end);
+        self.at = end;
+        Some(out)
     }
 }
 

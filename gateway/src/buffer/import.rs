@@ -264,6 +264,7 @@ mod tests {
             topic: format!("sensors/{seq}"),
             qos: 1,
             payload: Bytes::copy_from_slice(payload),
+            props: None,
         }
     }
 

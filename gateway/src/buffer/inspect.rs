@@ -186,6 +186,9 @@ struct ExportedRecord<'a> {
     qos: u8,
     payload: String,
     payload_encoding: &'static str,
+    /// The event's MQTT 5 properties (format 7); no key when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    props: Option<&'a crate::event::MessageProps>,
 }
 
 /// Lowercase hex, two digits per byte.
@@ -209,6 +212,45 @@ pub fn export_line(record: &Record) -> String {
         qos: record.qos,
         payload,
         payload_encoding,
+        props: record.props.as_deref(),
     })
     .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::event::MessageProps;
+
+    #[test]
+    fn an_exported_line_shows_properties_only_when_there_are_some() {
+        let record = Record {
+            priority: 5,
+            seq: 1,
+            event_id: 2,
+            enqueued_ms: 3,
+            expires_ms: None,
+            topic: "sensors/1".into(),
+            qos: 1,
+            payload: Bytes::from_static(b"21.5"),
+            props: None,
+        };
+        let line: serde_json::Value = serde_json::from_str(&export_line(&record)).expect("json");
+        assert!(line.get("props").is_none(), "{line}");
+        let props = MessageProps {
+            content_type: Some("text/plain".into()),
+            user_properties: vec![("site".into(), "a".into())],
+            expires_ms: Some(60_003),
+            ..MessageProps::default()
+        };
+        let with = Record { props: Some(Arc::new(props)), ..record };
+        let line: serde_json::Value = serde_json::from_str(&export_line(&with)).expect("json");
+        assert_eq!(line["props"]["content_type"], "text/plain", "{line}");
+        assert_eq!(line["props"]["user_properties"], serde_json::json!([["site", "a"]]), "{line}");
+        assert_eq!(line["props"]["expires_ms"], 60_003, "{line}");
+    }
 }

@@ -5,8 +5,10 @@
 //! - `events`: key `(priority: u8, seq: u64)`, value a *row* of events of that priority
 //!   ([`chunk`]): since format 4 a packed row of up to ~4,000 bytes (a tag byte, a count, then
 //!   per event its `seq`, `event_id` and `enqueued_ms` as deltas, flags (QoS, expiry, topic
-//!   repeated), `expires_ms`, `topic` (or a reference to an earlier event's equal topic) and
-//!   `payload`); in files from formats 1–3 a CBOR map of one event (`event_id`,
+//!   repeated, properties), `expires_ms`, since format 7 the MQTT 5 properties if it has any
+//!   ([`file::put_props`]: user properties in order, content type, payload format indicator,
+//!   response topic, correlation data, the message expiry as a deadline), `topic` (or a
+//!   reference to an earlier event's equal topic) and `payload`); in files from formats 1–3 a CBOR map of one event (`event_id`,
 //!   `enqueued_ms`, `expires_ms`, `topic`, `qos`, `payload`). A row's key is at most its first
 //!   event's `seq`, and its events lie below the next row's key, so within one priority key
 //!   order is arrival order and reading a key range is FIFO. A commit appends to the
@@ -17,8 +19,8 @@
 //!   `epoch << 40 | n`, so they never repeat across restarts) and per-priority `events.<p>` /
 //!   `bytes.<p>` counters and (format 4) `rows`, the number of rows in `events`, updated in
 //!   the same transaction as the records they count. An event in a packed row counts its
-//!   topic, its payload and 16 bytes ([`Record::stored_size`]); one in an old row its value
-//!   and 16 bytes, as before.
+//!   topic, its payload, 16 bytes and its properties' encoding ([`Record::stored_size`]); one
+//!   in an old row its value and 16 bytes, as before.
 //! - `imported`: the fingerprints (`event_id`, content hash) of events `outpost buffer import`
 //!   brought in, so a second import of the same file adds nothing ([`import`]).
 //! - `retained`: the local broker's retained messages, key the topic, value a CBOR map
@@ -32,10 +34,13 @@
 //!   each checkpoint ([`worker::Command::Checkpoint`]), read once at start ([`windows`]).
 //!
 //! # Format versions
-//! [`store::FORMAT_VERSION`] is 6. Version 1 is a file without the `format_version` key (every
+//! [`store::FORMAT_VERSION`] is 7. Version 1 is a file without the `format_version` key (every
 //! release before it); version 2 added the `imported` table, version 3 the `retained` table,
 //! version 4 packed rows and the `rows` counter, version 5 the `sessions` and
-//! `session_queue` tables, version 6 the `windows` table. Opening an older file adds the key, the
+//! `session_queue` tables, version 6 the `windows` table, version 7 events' MQTT 5 properties
+//! in packed rows (a flag bit older releases did not know: nothing to migrate, no old row has
+//! it, but a release that reads 6 must refuse a 7 file rather than find its rows corrupt).
+//! Opening an older file adds the key, the
 //! missing tables and (older than 4 → 4) the `rows` counter, set to the number of rows, which
 //! is its event count (checked against the counters), in the same transaction as the epoch
 //! bump. Records stay as they are: a row of formats 1–3 is read, sent and deleted as a row of

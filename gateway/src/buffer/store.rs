@@ -19,9 +19,11 @@ use super::inspect::{self, StatsReport};
 /// The buffer file's format, kept in `meta` as `format_version`. 1: no such key (releases up
 /// to commit 568ebea); 2: the key and the `imported` table; 3: the `retained` table; 4: packed
 /// rows ([`super::chunk`]) and the `rows` counter; 5: the `sessions` and `session_queue`
-/// tables ([`super::sessions`]); 6: the `windows` table ([`super::windows`]). A file with a
-/// higher version was written by a newer release and is refused untouched.
-pub const FORMAT_VERSION: u64 = 6;
+/// tables ([`super::sessions`]); 6: the `windows` table ([`super::windows`]); 7: events
+/// may carry MQTT 5 properties in their packed row (a flag bit that 6 did not know: a
+/// release that reads 6 would take such a row for corrupt, so it must refuse the file). A
+/// file with a higher version was written by a newer release and is refused untouched.
+pub const FORMAT_VERSION: u64 = 7;
 const FORMAT_KEY: &str = "format_version";
 /// Rows in `events`, kept with the records: since format 4 a row holds many events, so this,
 /// not the event counters, is what the table's length proves at start.
@@ -225,6 +227,9 @@ impl Store {
                     // Older than 6: the `windows` table.
                     txn.open_table(WINDOWS).map_err(|e| db_err(&path, e))?;
                 }
+                // Older than 7: nothing to rewrite. No row written before 7 has the
+                // properties flag, so every old row reads as events without properties;
+                // the new version only keeps releases that know 6 away from new rows.
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }

@@ -15,7 +15,7 @@ use rumqttc::v5::mqttbytes::v5 as mqtt5;
 
 use super::wire::{FixedHeader, MAX_VARINT, describe_reason, fixed_header, put_varint, varint_len};
 use crate::config::{MqttVersion, UpstreamConfig};
-use crate::event::format_event_id;
+use crate::event::{MessageProps, format_event_id};
 
 /// The MQTT 5 user property that carries the stable event id.
 pub const EVENT_ID_PROPERTY: &str = "outpost-event-id";
@@ -57,53 +57,119 @@ pub struct TooLarge {
     pub max: usize,
 }
 
-/// Appends one PUBLISH to `out`. `pkid` is ignored for QoS 0. With MQTT 5 the event id
-/// travels as the `outpost-event-id` user property. Nothing is written when it is too large.
+/// What one upstream PUBLISH carries besides its QoS and packet id.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub event_id: u64,
+    /// The message's MQTT 5 properties: sent to an MQTT 5 upstream, dropped for 3.1.1, which
+    /// has no way to carry them.
+    pub props: Option<&'a MessageProps>,
+    /// Unix ms at sending: what remains of the message expiry is counted from it.
+    pub now_ms: u64,
+}
+
+impl<'a> Message<'a> {
+    /// A message without properties.
+    pub fn new(topic: &'a str, payload: &'a [u8], event_id: u64) -> Message<'a> {
+        Message { topic, payload, event_id, props: None, now_ms: 0 }
+    }
+}
+
+/// Appends one PUBLISH to `out`. `pkid` is ignored for QoS 0. With MQTT 5 the message's
+/// properties go first, in their order, then the event id as the `outpost-event-id` user
+/// property; the message expiry is what remains of it at `message.now_ms`. Nothing is
+/// written when it is too large.
 pub fn encode_publish(
     out: &mut BytesMut,
     params: &LinkParams,
-    topic: &str,
     qos: u8,
     pkid: u16,
-    payload: &[u8],
-    event_id: u64,
+    message: &Message<'_>,
 ) -> Result<(), TooLarge> {
-    let id = match params.version {
-        MqttVersion::V5 => Some(format_event_id(event_id)),
-        MqttVersion::V311 => None,
-    };
-    let properties = id.as_ref().map_or(0, |id| 1 + 2 + EVENT_ID_PROPERTY.len() + 2 + id.len());
+    let Message { topic, payload, event_id, .. } = *message;
+    let v5 = params.version == MqttVersion::V5;
+    let id = v5.then(|| format_event_id(event_id));
+    let props = message.props.filter(|_| v5);
+    let expiry = props.and_then(|p| p.remaining_expiry_secs(message.now_ms));
+    let string = |s: &str| 2 + s.len();
+    let mut properties = id.as_ref().map_or(0, |id| 1 + string(EVENT_ID_PROPERTY) + string(id));
+    // Every string or binary property has a two-byte length: one longer cannot be sent.
+    let mut too_long = false;
+    if let Some(p) = props {
+        let mut field = |len: usize| {
+            too_long |= len > usize::from(u16::MAX);
+            2 + len
+        };
+        properties += p.payload_format_indicator.map_or(0, |_| 2)
+            + expiry.map_or(0, |_| 5)
+            + p.content_type.as_ref().map_or(0, |t| 1 + field(t.len()))
+            + p.response_topic.as_ref().map_or(0, |t| 1 + field(t.len()))
+            + p.correlation_data.as_ref().map_or(0, |d| 1 + field(d.len()))
+            + p.user_properties.iter().map(|(k, v)| 1 + field(k.len()) + field(v.len())).sum::<usize>();
+    }
     let mut remaining = 2 + topic.len() + payload.len();
     if qos > 0 {
         remaining += 2;
     }
-    if id.is_some() {
+    if v5 {
         remaining += varint_len(properties) + properties;
     }
     let size = 1 + varint_len(remaining) + remaining;
     let max = params.max_packet.min(MAX_VARINT + 5);
     // A topic over 65,535 bytes cannot be encoded at all (its prefix made it too long).
-    if remaining > MAX_VARINT || size > max || topic.len() > usize::from(u16::MAX) {
+    if remaining > MAX_VARINT || size > max || topic.len() > usize::from(u16::MAX) || too_long {
         return Err(TooLarge { size, max });
     }
     out.reserve(size);
     out.put_u8(0x30 | (qos.min(1) << 1));
     put_varint(out, remaining);
-    out.put_u16(topic.len() as u16);
-    out.put_slice(topic.as_bytes());
+    put_str(out, topic);
     if qos > 0 {
         out.put_u16(pkid);
     }
     if let Some(id) = &id {
         put_varint(out, properties);
+        if let Some(p) = props {
+            if let Some(indicator) = p.payload_format_indicator {
+                out.put_slice(&[0x01, indicator]);
+            }
+            if let Some(secs) = expiry {
+                out.put_u8(0x02);
+                out.put_u32(secs);
+            }
+            if let Some(t) = &p.content_type {
+                out.put_u8(0x03);
+                put_str(out, t);
+            }
+            if let Some(t) = &p.response_topic {
+                out.put_u8(0x08);
+                put_str(out, t);
+            }
+            if let Some(d) = &p.correlation_data {
+                out.put_u8(0x09);
+                out.put_u16(d.len() as u16);
+                out.put_slice(d);
+            }
+            for (name, value) in &p.user_properties {
+                out.put_u8(0x26);
+                put_str(out, name);
+                put_str(out, value);
+            }
+        }
         out.put_u8(0x26);
-        out.put_u16(EVENT_ID_PROPERTY.len() as u16);
-        out.put_slice(EVENT_ID_PROPERTY.as_bytes());
-        out.put_u16(id.len() as u16);
-        out.put_slice(id.as_bytes());
+        put_str(out, EVENT_ID_PROPERTY);
+        put_str(out, id);
     }
     out.put_slice(payload);
     Ok(())
+}
+
+/// A string with its two-byte length; the caller checked that it fits.
+fn put_str(out: &mut BytesMut, s: &str) {
+    out.put_u16(s.len() as u16);
+    out.put_slice(s.as_bytes());
 }
 
 /// Appends a PINGREQ.
@@ -474,9 +540,16 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             for qos in [0u8, 1] {
                 let mut out = BytesMut::new();
-                encode_publish(&mut out, &params(MqttVersion::V311), "a/b", qos, 7, &payload, 42)
+                encode_publish(
+                    &mut out,
+                    &params(MqttVersion::V311),
+                    qos,
+                    7,
+                    &Message::new("a/b", &payload, 42),
+                )
+                .expect("fits");
+                encode_publish(&mut out, &params(MqttVersion::V311), qos, 8, &Message::new("c", b"x", 43))
                     .expect("fits");
-                encode_publish(&mut out, &params(MqttVersion::V311), "c", qos, 8, b"x", 43).expect("fits");
                 use rumqttc::mqttbytes::v4;
                 let Ok(v4::Packet::Publish(p)) = v4::Packet::read(&mut out, usize::MAX) else {
                     panic!("not a publish")
@@ -490,8 +563,14 @@ mod tests {
                 assert!(out.is_empty());
 
                 let mut out = BytesMut::new();
-                encode_publish(&mut out, &params(MqttVersion::V5), "a/b", qos, 9, &payload, 0xabc)
-                    .expect("fits");
+                encode_publish(
+                    &mut out,
+                    &params(MqttVersion::V5),
+                    qos,
+                    9,
+                    &Message::new("a/b", &payload, 0xabc),
+                )
+                .expect("fits");
                 let Ok(mqtt5::Packet::Publish(p)) = mqtt5::Packet::read(&mut out, None) else {
                     panic!("not a v5 publish")
                 };
@@ -507,15 +586,87 @@ mod tests {
         }
     }
 
+    fn all_props() -> MessageProps {
+        MessageProps {
+            payload_format_indicator: Some(1),
+            content_type: Some("application/json".into()),
+            response_topic: Some("replies/7".into()),
+            correlation_data: Some(bytes::Bytes::from_static(&[0, 1, 0xff])),
+            user_properties: vec![
+                ("site".into(), "a".into()),
+                ("unit".into(), "C".into()),
+                ("site".into(), "b".into()),
+            ],
+            expires_ms: Some(1_000_060_000),
+        }
+    }
+
+    /// An MQTT 5 upstream gets every property, user properties in order and before the
+    /// event id, and the expiry that remains at sending; 3.1.1 gets the same bytes as a
+    /// message without properties.
+    #[test]
+    fn properties_go_to_an_mqtt5_upstream_with_the_remaining_expiry() {
+        let props = all_props();
+        let message = Message {
+            topic: "a/b",
+            payload: b"21.5",
+            event_id: 0xabc,
+            props: Some(&props),
+            now_ms: 1_000_002_500,
+        };
+        let mut out = BytesMut::new();
+        encode_publish(&mut out, &params(MqttVersion::V5), 1, 3, &message).expect("fits");
+        let Ok(mqtt5::Packet::Publish(p)) = mqtt5::Packet::read(&mut out, None) else {
+            panic!("not a v5 publish")
+        };
+        assert!(out.is_empty());
+        assert_eq!((&p.topic[..], &p.payload[..], p.pkid), (&b"a/b"[..], &b"21.5"[..], 3));
+        let got = p.properties.expect("properties");
+        assert_eq!(got.payload_format_indicator, Some(1));
+        assert_eq!(got.message_expiry_interval, Some(58), "60 s less the 2.5 s waited, rounded up");
+        assert_eq!(got.content_type.as_deref(), Some("application/json"));
+        assert_eq!(got.response_topic.as_deref(), Some("replies/7"));
+        assert_eq!(got.correlation_data.as_deref(), Some(&[0, 1, 0xff][..]));
+        let mut expected = props.user_properties.clone();
+        expected.push((EVENT_ID_PROPERTY.to_owned(), format_event_id(0xabc)));
+        assert_eq!(got.user_properties, expected);
+
+        let (mut with, mut without) = (BytesMut::new(), BytesMut::new());
+        encode_publish(&mut with, &params(MqttVersion::V311), 1, 3, &message).expect("fits");
+        encode_publish(&mut without, &params(MqttVersion::V311), 1, 3, &Message::new("a/b", b"21.5", 0xabc))
+            .expect("fits");
+        assert_eq!(with, without, "3.1.1 cannot carry properties: they are left out");
+    }
+
+    /// The properties count against the upstream's maximum packet size, and one longer than
+    /// MQTT's two-byte length is refused, not cut.
+    #[test]
+    fn properties_count_toward_the_size_limits() {
+        let props = all_props();
+        let message = Message { topic: "t", payload: b"x", event_id: 1, props: Some(&props), now_ms: 0 };
+        let mut exact = BytesMut::new();
+        encode_publish(&mut exact, &params(MqttVersion::V5), 1, 1, &message).expect("fits");
+        let mut p = params(MqttVersion::V5);
+        p.max_packet = exact.len() - 1;
+        let mut out = BytesMut::new();
+        let err = encode_publish(&mut out, &p, 1, 1, &message).expect_err("one byte too large");
+        assert_eq!((err.size, out.len()), (exact.len(), 0));
+        let huge = MessageProps { content_type: Some("x".repeat(70_000)), ..MessageProps::default() };
+        let message = Message { props: Some(&huge), ..message };
+        assert!(encode_publish(&mut out, &params(MqttVersion::V5), 1, 1, &message).is_err());
+        assert!(out.is_empty());
+    }
+
     #[test]
     fn publishes_over_the_upstream_maximum_are_refused_unwritten() {
         let mut p = params(MqttVersion::V5);
         p.max_packet = 100;
         let mut out = BytesMut::new();
-        let err = encode_publish(&mut out, &p, "t", 1, 1, &[0; 200], 1).expect_err("too large");
+        let err =
+            encode_publish(&mut out, &p, 1, 1, &Message::new("t", &[0; 200], 1)).expect_err("too large");
         assert!(err.size > 200 && err.max == 100, "{err:?}");
         assert!(out.is_empty());
-        encode_publish(&mut out, &p, "t", 1, 1, &[0; 10], 1).expect("fits");
+        encode_publish(&mut out, &p, 1, 1, &Message::new("t", &[0; 10], 1)).expect("fits");
     }
 
     #[test]
@@ -610,7 +761,7 @@ mod tests {
             event_id: u64,
         ) {
             let mut out = BytesMut::new();
-            encode_publish(&mut out, &params(MqttVersion::V5), &topic, qos, pkid, &payload, event_id).expect("fits");
+            encode_publish(&mut out, &params(MqttVersion::V5), qos, pkid, &Message::new(&topic, &payload, event_id)).expect("fits");
             let Ok(mqtt5::Packet::Publish(p)) = mqtt5::Packet::read(&mut out, None) else {
                 return Err(proptest::test_runner::TestCaseError::fail("not a publish"));
             };

@@ -28,15 +28,23 @@ impl Relay {
     /// Takes one routed event into the buffer.
     pub fn accept(&mut self, mut outbound: Outbound, now: Instant) {
         let ticket = outbound.ticket.take();
+        // An event's life in the buffer ends at its route's TTL or its message expiry,
+        // whichever comes first: after its message expiry no subscriber upstream may get it.
+        let message_expiry = outbound.props.as_ref().and_then(|props| props.expires_ms);
+        let expires_ms = match (outbound.expires_ms, message_expiry) {
+            (Some(ttl), Some(message)) => Some(ttl.min(message)),
+            (ttl, message) => ttl.or(message),
+        };
         let record = Record {
             priority: outbound.priority.min(N_PRIORITIES as u8 - 1),
             seq: self.seqs.next_id(),
             event_id: outbound.event_id,
             enqueued_ms: now_ms(),
-            expires_ms: outbound.expires_ms,
+            expires_ms,
             topic: outbound.topic,
             qos: outbound.qos,
             payload: outbound.payload,
+            props: outbound.props,
         };
         let size = record.size();
         let stored = self.stored();

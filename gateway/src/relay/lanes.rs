@@ -24,6 +24,7 @@ use crate::buffer::{BufferError, N_PRIORITIES, Record};
 use crate::config::EventIdMode;
 use crate::event::{format_event_id, now_ms};
 use crate::metrics::Metrics;
+use crate::mqtt::upstream::Message;
 use crate::tap::{DropReason, RelayAction};
 use crate::uplink::{LinkLoss, LinkParams, OUT_HIGH_WATER, Session};
 
@@ -317,8 +318,18 @@ impl Relay {
         };
         let Some(conn) = self.conn.as_mut() else { return };
         let order = conn.sent + 1;
-        let encoded = conn.session.publish(out, &record.topic, record.qos, payload, record.event_id, || {
-            Sent { record: Arc::clone(&record), order, at: now }
+        let message = Message {
+            topic: &record.topic,
+            payload,
+            event_id: record.event_id,
+            props: record.props.as_deref(),
+            // Read only for a message expiry: most events have none, and this is the hot path.
+            now_ms: if record.props.is_some() { now_ms() } else { 0 },
+        };
+        let encoded = conn.session.publish(out, record.qos, &message, || Sent {
+            record: Arc::clone(&record),
+            order,
+            at: now,
         });
         if let Err(too_large) = encoded {
             // The upstream would drop the connection over it, and it would come first
@@ -432,13 +443,14 @@ impl Relay {
         }
     }
 
-    /// The route's TTL passed before the event could be sent: it is counted and discarded.
+    /// The route's TTL or the message expiry passed before the event could be sent: it is
+    /// counted and discarded.
     fn expire(&mut self, record: &Record, now: Instant) {
         let counters = self.metrics.counters();
         Metrics::add(&counters.expired, 1);
         self.tap(record, RelayAction::Dropped, Some(DropReason::Ttl));
         if let Some(folded) = self.logs.expiry.ready(now) {
-            warn!(message = "discarding events whose route TTL passed before they could be sent", topic = %record.topic, similar_since_last_log = folded, expired_total = Metrics::get(&counters.expired));
+            warn!(message = "discarding events whose route TTL or MQTT 5 message expiry passed before they could be sent; if they are needed upstream, raise the route's ttl or have the sensors publish with a longer message expiry", topic = %record.topic, similar_since_last_log = folded, expired_total = Metrics::get(&counters.expired));
         }
         self.on_acked(record.key(), now);
     }

@@ -613,6 +613,16 @@ fn harness_with(settings: RelaySettings) -> Harness {
 }
 
 fn accept_with(h: &mut Harness, priority: u8, expires_ms: Option<u64>) {
+    accept_with_props(h, priority, expires_ms, None);
+}
+
+/// [`accept_with`] an event carrying MQTT 5 properties.
+fn accept_with_props(
+    h: &mut Harness,
+    priority: u8,
+    expires_ms: Option<u64>,
+    props: Option<std::sync::Arc<crate::event::MessageProps>>,
+) {
     h.next_id += 1;
     let id = h.next_id;
     h.relay.accept(
@@ -625,6 +635,7 @@ fn accept_with(h: &mut Harness, priority: u8, expires_ms: Option<u64>) {
             expires_ms,
             received_ms: 0,
             ticket: Some(h.sensor.ticket()),
+            props,
         },
         h.clock,
     );
@@ -654,6 +665,35 @@ fn expired_events_are_counted_and_never_sent() {
             0,
             "the expired event left the file"
         );
+    });
+}
+
+/// An event's life in the buffer ends at min(route TTL, message expiry): either one passing
+/// drops it, counted as `expired`.
+#[test]
+fn the_message_expiry_bounds_an_event_like_its_ttl() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        let expiring_at = |at: u64| {
+            Some(std::sync::Arc::new(crate::event::MessageProps {
+                expires_ms: Some(at),
+                user_properties: vec![("k".into(), "v".into())],
+                ..Default::default()
+            }))
+        };
+        let later = crate::event::now_ms() + 3_600_000;
+        accept_with_props(&mut h, 5, None, expiring_at(1)); // message expiry passed
+        accept_with_props(&mut h, 5, Some(1), expiring_at(later)); // TTL passed
+        accept_with_props(&mut h, 5, Some(later), expiring_at(later)); // neither
+        accept_with_props(&mut h, 5, None, Some(std::sync::Arc::new(crate::event::MessageProps::default())));
+        h.step(Action::Tick(20)).await; // committed: no uplink
+        h.step(Action::Connect).await;
+        h.step(Action::ServeStore).await;
+        h.step(Action::Write(WINDOW)).await;
+        let sent: Vec<u64> = h.published.iter().map(|(_, _, id)| *id).collect();
+        assert_eq!(sent, vec![3, 4], "the expired events are not sent");
+        assert_eq!(Metrics::get(&h.relay.metrics.counters().expired), 2);
     });
 }
 
@@ -771,6 +811,7 @@ fn output_waiting_for_the_socket_is_bounded_for_qos0() {
                         expires_ms: None,
                         received_ms: 0,
                         ticket: None,
+                        props: None,
                     },
                     h.clock,
                 );

@@ -17,7 +17,8 @@ use tokio::time::Instant;
 
 use super::{LinkLoss, Lost, peer};
 use crate::mqtt::upstream::{
-    Incoming, LinkParams, TooLarge, encode_disconnect, encode_pingreq, encode_publish, parse_incoming,
+    Incoming, LinkParams, Message, TooLarge, encode_disconnect, encode_pingreq, encode_publish,
+    parse_incoming,
 };
 
 /// What the upstream told us, as far as the caller needs to act on it.
@@ -92,17 +93,15 @@ impl<T> Session<T> {
     pub fn publish(
         &mut self,
         out: &mut BytesMut,
-        topic: &str,
         qos: u8,
-        payload: &[u8],
-        event_id: u64,
+        message: &Message<'_>,
         value: impl FnOnce() -> T,
     ) -> Result<(), TooLarge> {
         if qos == 0 {
-            return encode_publish(out, &self.params, topic, 0, 0, payload, event_id);
+            return encode_publish(out, &self.params, 0, 0, message);
         }
         let pkid = self.free_pkid();
-        encode_publish(out, &self.params, topic, qos, pkid, payload, event_id)?;
+        encode_publish(out, &self.params, qos, pkid, message)?;
         self.next_pkid = pkid % u16::MAX + 1;
         self.inflight.insert(pkid, value());
         Ok(())
@@ -199,9 +198,11 @@ mod tests {
         let now = Instant::now();
         let mut session: Session<&str> = Session::new(params(Duration::ZERO), now);
         let mut out = BytesMut::new();
-        session.publish(&mut out, "t", 1, b"a", 1, || "a").expect("fits");
-        session.publish(&mut out, "t", 0, b"q0", 2, || unreachable!("QoS 0 is not tracked")).expect("fits");
-        session.publish(&mut out, "t", 1, b"b", 3, || "b").expect("fits");
+        session.publish(&mut out, 1, &Message::new("t", b"a", 1), || "a").expect("fits");
+        session
+            .publish(&mut out, 0, &Message::new("t", b"q0", 2), || unreachable!("QoS 0 is not tracked"))
+            .expect("fits");
+        session.publish(&mut out, 1, &Message::new("t", b"b", 3), || "b").expect("fits");
         assert_eq!(session.outstanding(), 2);
         let mut pkids = Vec::new();
         while let Ok(rumqttc::Packet::Publish(p)) = rumqttc::mqttbytes::v4::Packet::read(&mut out, usize::MAX)
@@ -220,8 +221,8 @@ mod tests {
 
         // Id 1 is still in use when the search wraps around to it.
         session.next_pkid = u16::MAX;
-        session.publish(&mut out, "t", 1, b"c", 4, || "c").expect("fits");
-        session.publish(&mut out, "t", 1, b"d", 5, || "d").expect("fits");
+        session.publish(&mut out, 1, &Message::new("t", b"c", 4), || "c").expect("fits");
+        session.publish(&mut out, 1, &Message::new("t", b"d", 5), || "d").expect("fits");
         let mut pkids = Vec::new();
         while let Ok(rumqttc::Packet::Publish(p)) = rumqttc::mqttbytes::v4::Packet::read(&mut out, usize::MAX)
         {
@@ -237,9 +238,9 @@ mod tests {
         p.max_packet = 50;
         let mut session: Session<u32> = Session::new(p, Instant::now());
         let mut out = BytesMut::new();
-        assert!(session.publish(&mut out, "t", 1, &[0; 100], 1, || 1).is_err());
+        assert!(session.publish(&mut out, 1, &Message::new("t", &[0; 100], 1), || 1).is_err());
         assert!(out.is_empty() && session.outstanding() == 0);
-        session.publish(&mut out, "t", 1, b"x", 2, || 2).expect("fits");
+        session.publish(&mut out, 1, &Message::new("t", b"x", 2), || 2).expect("fits");
         let Ok(rumqttc::Packet::Publish(p)) = rumqttc::mqttbytes::v4::Packet::read(&mut out, usize::MAX)
         else {
             panic!("a publish")
