@@ -701,6 +701,10 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         // again, which also clears a checkpoint no rule uses any more.
         ck.changed();
     }
+    // The latest time the windows were advanced to: an event taken in later but received
+    // before it (it waited in the stage's queue across a window's end) counts in the window
+    // open now instead of being late, so no acknowledged reading falls out of every window.
+    let mut advanced_to = 0;
     // Its own holder: `carry_out` borrows the whole stage.
     let heartbeat = stage.heartbeat.clone();
     // Every turn ends where the stage waits; the first one begins here.
@@ -749,6 +753,41 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             }
             if !send_all(&out, outbound, &heartbeat).await {
                 return;
+            }
+        }
+        // Windows due (the timer fired, or an event came past the earliest end) close here,
+        // and only from committed state: the readings they hold are first checkpointed, so
+        // after a crash a window restored from the file closes again with exactly the readings
+        // it was sent with (the same id, the same content), and the stage takes no input
+        // meanwhile (one checkpoint per window end).
+        let due_at = match &next {
+            Next::Event(event, _) => Some(event.received_ms.max(advanced_to)),
+            Next::Tick => Some(stage.clock.now_ms()),
+            _ => None,
+        };
+        if let (Some(at), Routing::Rules(rules), Some(state)) = (due_at, &*routing, windows.as_mut()) {
+            if state.next_close().is_some_and(|close| close <= at) {
+                if let Some(ck) = checkpointer.as_mut() {
+                    heartbeat.end();
+                    commit_now(ck, rules, state).await;
+                    heartbeat.begin();
+                }
+                advanced_to = advanced_to.max(stage.clock.now_ms()).max(at);
+                let closed = rules.advance_windows_marked(state, advanced_to);
+                if let (Some(ck), false) = (checkpointer.as_mut(), closed.is_empty()) {
+                    ck.changed();
+                }
+                let outbound = stage.carry_out_windows(
+                    closed,
+                    None,
+                    checkpointer.as_mut(),
+                    &mut chain,
+                    &mut logs,
+                    &mut rule_stats,
+                );
+                if !send_all(&out, outbound, &heartbeat).await {
+                    return;
+                }
             }
         }
         let now = Instant::now();
@@ -814,24 +853,13 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 }
                 break;
             }
-            (Next::Tick, Routing::Rules(rules), Some(state)) => {
-                let closed = rules.advance_windows_marked(state, stage.clock.now_ms());
-                if let (Some(ck), false) = (checkpointer.as_mut(), closed.is_empty()) {
-                    ck.changed();
-                }
-                stage.carry_out_windows(
-                    closed,
-                    None,
-                    checkpointer.as_mut(),
-                    &mut chain,
-                    &mut logs,
-                    &mut rule_stats,
-                )
-            }
-            // A tick for state a reload has just replaced: the next turn sleeps afresh.
+            // Closed above; or a tick for state a reload has just replaced: the next turn
+            // sleeps afresh.
             (Next::Tick, ..) => Vec::new(),
             (Next::Event(event, hops), Routing::Rules(rules), Some(state)) => {
-                let marked = rules.evaluate_windowed_marked(&context(&event, hops), state);
+                let mut ctx = context(&event, hops);
+                ctx.timestamp_ms = ctx.timestamp_ms.max(advanced_to);
+                let marked = rules.evaluate_windowed_marked(&ctx, state);
                 if let Some(ck) = checkpointer.as_mut() {
                     // Any event may have changed state (and every one waits for the
                     // checkpoint: which rules took it in is not known here).
@@ -887,6 +915,22 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
 
 /// How long stopping waits for the last window checkpoint.
 const SHUTDOWN_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
+
+/// Checkpoints `state` now, whatever the interval, and returns once it (and anything before
+/// it) has committed; at once when nothing changed since the last commit. A failing disk
+/// keeps it retrying with the checkpointer's back-off: windows then stay open, and the
+/// sensors whose readings they hold wait for their PUBACKs.
+async fn commit_now(ck: &mut Checkpointer, rules: &RuleSet, state: &WindowState) {
+    if ck.idle() {
+        return;
+    }
+    ck.take(Some(state.snapshot(rules)));
+    while !ck.idle() {
+        if ck.wait().await == Step::Due {
+            ck.take(Some(state.snapshot(rules)));
+        }
+    }
+}
 
 /// The route stage's rate-limited warnings.
 #[derive(Default)]
@@ -1521,6 +1565,94 @@ topic = "raw"
         assert_eq!(shown(&peak), r#"peak/a {"sensor":"a","v":7}"#);
         drop(stage.input);
         stage.stage.await.expect("stage");
+    }
+
+    /// A reading received just before a window's end but taken in after the stage closed that
+    /// window (it waited in the queue) counts in the window open now: it is acknowledged, so
+    /// it must be in some window, never late.
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_queued_across_a_windows_end_counts_in_the_next_window() {
+        let mut stage = start(WINDOWED, 5_000_000);
+        stage.input.send(reading("a", 1.0, 5_000_100)).await.expect("send");
+        assert_eq!(stage.out.recv().await.expect("copy").topic, "raw");
+        tokio::time::sleep(Duration::from_millis(10_000)).await;
+        let first = stage.out.recv().await.expect("the first window");
+        assert_eq!(shown(&first), r#"avg/a {"sensor":"a","v":1.0,"n":1,"until":5010000}"#);
+        stage.input.send(reading("a", 3.0, 5_009_999)).await.expect("send");
+        assert_eq!(stage.out.recv().await.expect("copy").topic, "raw");
+        // Paused time runs on to the deadline when nothing else is due: a reading lost as
+        // late leaves no window to wait for, and this fails instead of hanging.
+        let second = tokio::time::timeout(Duration::from_secs(60), stage.out.recv())
+            .await
+            .expect("the reading is in the next window, not late")
+            .expect("the next window");
+        assert_eq!(shown(&second), r#"avg/a {"sensor":"a","v":3.0,"n":1,"until":5020000}"#);
+        drop(stage.input);
+        stage.stage.await.expect("stage");
+    }
+
+    /// A window closes only once the state holding its readings has committed: after a crash
+    /// it is restored with exactly the readings it was sent with, so it is sent again with
+    /// the same id and the same content.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_closes_only_after_a_checkpoint_holding_its_readings_commits() {
+        let (routing_tx, routing_rx) = watch::channel(Arc::new(rules(WINDOWED)));
+        let (dead_tx, _dead_rx) = mpsc::channel(8);
+        let (input, in_rx) = mpsc::channel(64);
+        let (out_tx, mut out) = mpsc::channel(64);
+        let (commands, mut store) = mpsc::channel(8);
+        let metrics = Metrics::default();
+        let stage = RouteStage {
+            routing: routing_rx,
+            topic_prefix: String::new(),
+            topic_policy: policy(),
+            republisher: None,
+            dead_letters: dead_tx,
+            ids: IdGen::new(1),
+            metrics: metrics.clone(),
+            heartbeat: Heartbeat::unwatched(),
+            tap: crate::tap::Tap::new(metrics),
+            clock: Clock::tokio_at(6_009_000),
+            durable: Some(Durable { commands, interval: Duration::from_millis(25), restored: None }),
+        };
+        let stage = tokio::spawn(run(stage, in_rx, out_tx));
+        let next_write = |store: &mut mpsc::Receiver<crate::buffer::worker::Command>| match store.try_recv() {
+            Ok(crate::buffer::worker::Command::Checkpoint { reply, .. }) => Some(reply),
+            _ => None,
+        };
+        // The empty state at start.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        next_write(&mut store).expect("the first checkpoint").send(Ok(())).expect("reply");
+        let sensor = crate::ack::AckQueue::new();
+        let mut e = reading("a", 2.0, 6_009_990);
+        e.ticket = Some(sensor.ticket());
+        tokio::time::sleep(Duration::from_millis(989)).await;
+        input.send(e).await.expect("send");
+        assert_eq!(out.recv().await.expect("copy").topic, "raw");
+        // Its checkpoint is written, and the disk is slow: not committed by the window's end.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let held = next_write(&mut store).expect("the reading's checkpoint");
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert!(out.try_recv().is_err(), "no window output before its readings are committed");
+        held.send(Ok(())).expect("reply");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(out.try_recv().is_err(), "nor after, before the window's own checkpoint commits");
+        next_write(&mut store).expect("the checkpoint before the close").send(Ok(())).expect("reply");
+        let window = out.recv().await.expect("the window");
+        assert_eq!(shown(&window), r#"avg/a {"sensor":"a","v":2.0,"n":1,"until":6010000}"#);
+        let mut acked = Vec::new();
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 1, "the reading was acknowledged by its commit");
+        drop(input);
+        drop(routing_tx);
+        // The last checkpoint at stopping.
+        let last = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { reply, .. }) = store.recv().await {
+                let _ = reply.send(Ok(()));
+            }
+        });
+        stage.await.expect("stage");
+        last.abort();
     }
 
     /// An event that closes a window (a count window) lends it its held acknowledgement: the

@@ -7,10 +7,10 @@
 //! # Invariants
 //! - A reload that fails (unreadable file, any rule or table error) changes nothing: the
 //!   running rules stay, the error is logged with every problem and counted.
-//! - Rules that keep state between events (a window, `deadband`, `dedupe`, `lag` ...) are
-//!   refused until their state is checkpointed with the buffer (issue #15): a window's
-//!   events would be acknowledged to sensors while held only in memory, and a restart
-//!   would forget what `dedupe` has seen.
+//! - Rules that keep state between events (a window, `deadband`, `dedupe`, `lag` ...) load
+//!   like any other: the route stage checkpoints their state into the buffer file and
+//!   acknowledges a reading they took in only once a checkpoint holding it has committed
+//!   (`route::checkpoint`).
 //! - Reloads happen on SIGHUP and when the rules file or one of its table files changes
 //!   (checked every 2 s by size and modification time: cheap, and works on every file
 //!   system, including the SD cards and overlays edge devices use).
@@ -45,13 +45,6 @@ pub enum LoadError {
     TooLarge { path: PathBuf, size: u64 },
     #[error("{}: {source}", path.display())]
     Rules { path: PathBuf, source: RulesError },
-    /// The rules compile, but some keep state between events, which the gateway cannot
-    /// yet keep safely.
-    #[error(
-        "{}: rule `{rule}` keeps state between events (a window, or deadband, dedupe, lag, latest, changed_col, had_changed): that state needs checkpointing in the buffer file with each group commit, so that a crash neither loses nor double-counts an acknowledged reading; the gateway does not do that yet (issue #15). Remove it from the rule, or test it with the outpost_rules library",
-        path.display()
-    )]
-    Windowed { path: PathBuf, rule: String },
 }
 
 impl LoadError {
@@ -108,14 +101,7 @@ pub fn load(path: &Path) -> Result<RuleSet, LoadError> {
         })??;
         sources = sources.with_text(name, table_text);
     }
-    let rules = RuleSet::compile(&text, &sources)
-        .map_err(|source| LoadError::Rules { path: path.to_owned(), source })?;
-    // Refused rather than run without durable state: a window's events are acknowledged
-    // long before its output exists.
-    if let Some(rule) = rules.stateful_rules().next() {
-        return Err(LoadError::Windowed { path: path.to_owned(), rule: rule.to_owned() });
-    }
-    Ok(rules)
+    RuleSet::compile(&text, &sources).map_err(|source| LoadError::Rules { path: path.to_owned(), source })
 }
 
 /// What identifies the current version of the rules and their tables on disk.

@@ -153,7 +153,7 @@ impl RuleSet {
         let mut event_kinds = EventKinds::NONE;
         for (rule_idx, rule) in rules.iter().enumerate() {
             for (kind, rules) in EventKind::ALL.into_iter().zip(event_rules.iter_mut()) {
-                // A stateful rule never runs on `evaluate`; the gateway refuses it anyway.
+                // A stateful rule never runs on `evaluate`: windows need the state `evaluate_windowed` carries.
                 if rule.sql.events.contains(kind) && !rule.sql.is_stateful() {
                     rules.push(rule_idx);
                     event_kinds.insert(kind);

@@ -19,10 +19,17 @@
 //! - At most [`MAX_HELD`] tickets are held: the stage stops reading its input beyond that
 //!   (sensors slow down, as with a slow buffer), so a failing disk cannot grow memory.
 //!
+//! - The route stage closes a time window only once a snapshot holding every reading in it
+//!   has committed (`route::commit_now`, taken at once whatever the interval), and takes no
+//!   input meanwhile: a window's output never holds a reading the file does not.
+//!
 //! # After a crash
 //! The file holds the last committed snapshot. Readings absorbed after it were not yet
-//! acknowledged and are resent by their sensors; windows closed after it are in it still and
-//! close again, with the same outputs and ids (the upstream sees a duplicate id at most).
+//! acknowledged and are resent by their sensors (counted in the window open at the resend);
+//! windows closed after it are in it still, with exactly the readings they were sent with,
+//! and close again with the same outputs and ids (the upstream sees a duplicate id at most).
+//! Windows that close on events (count and sliding windows, an evicted group) are not held
+//! back this way: resent readings may make them close again with other bounds, so other ids.
 //! A QoS 1 reading can be counted twice in one case only: the snapshot holding it committed
 //! and the crash came before its PUBACK reached the sensor, which then resends it.
 
@@ -138,9 +145,16 @@ impl Checkpointer {
         !self.dirty && self.waiting.is_none() && self.in_flight.is_none()
     }
 
-    /// The snapshot [`Step::Due`] asked for (`None`: no stateful rule runs, clear it).
+    /// The snapshot [`Step::Due`] asked for (`None`: no stateful rule runs, clear it), or one
+    /// taken sooner (a window is about to close, the stage stops). It replaces a snapshot
+    /// still waiting to be written, and takes over that one's readings: the newer state
+    /// holds them too.
     pub fn take(&mut self, state: Option<Vec<u8>>) {
-        let held = std::mem::take(&mut self.held);
+        let mut held = std::mem::take(&mut self.held);
+        if let Some(mut older) = self.waiting.take() {
+            older.held.append(&mut held);
+            held = older.held;
+        }
         self.dirty = false;
         self.waiting = Some(Snapshot { state, held, outputs_upto: self.issued });
     }
@@ -320,6 +334,29 @@ mod tests {
         ck.wait().await;
         assert_eq!(ready(&sensor), vec![Outcome::Safe]);
         assert_eq!(Metrics::get(&metrics.counters().window_checkpoints), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_newer_snapshot_replaces_a_waiting_one_and_keeps_its_readings() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut ck = Checkpointer::new(tx, Duration::from_millis(25), Metrics::default());
+        let sensor = AckQueue::new();
+        let output = ck.output_ticket();
+        ck.hold(Some(sensor.ticket()));
+        assert_eq!(ck.wait().await, Step::Due);
+        ck.take(Some(b"older".to_vec()));
+        assert_eq!(ck.wait().await, Step::Progress, "waits for the output");
+        ck.hold(Some(sensor.ticket()));
+        ck.take(Some(b"newer".to_vec()));
+        assert!(ready(&sensor).is_empty(), "the older snapshot's reading is still held");
+        drop(output);
+        ck.wait().await;
+        let (state, reply) = next_write(&mut rx).await;
+        assert_eq!(state.as_deref(), Some(&b"newer"[..]));
+        reply.send(Ok(())).expect("reply");
+        ck.wait().await;
+        assert_eq!(ready(&sensor), vec![Outcome::Safe, Outcome::Safe]);
+        assert!(ck.idle());
     }
 
     #[test]
