@@ -184,6 +184,12 @@ counters! {
     /// Deliveries to local subscribers not sent because they exceed the maximum packet size
     /// the subscriber announced in its CONNECT (MQTT 5).
     local_too_large,
+    /// Shared-subscription deliveries handed to another member of their group because the
+    /// session they were queued or in flight for ended first (MQTT 5, 4.8.2).
+    shared_redelivered,
+    /// Shared-subscription QoS 1/2 deliveries lost because their session ended first and no
+    /// other member of the group was left to take them (or its queue was full).
+    shared_dropped,
     /// Persistent sessions ended because `broker.max_offline_sessions` were offline already.
     sessions_evicted,
     /// Persistent sessions ended because their MQTT 5 session expiry passed.

@@ -262,6 +262,12 @@ impl Target {
     /// with SIGKILL — and starts it again on the same addresses with the same data (Outpost's
     /// data dir, mosquitto's persistence file); returns once it accepts connections.
     pub async fn restart(&mut self, how: Restart) -> anyhow::Result<()> {
+        self.restart_at(how, std::time::UNIX_EPOCH).await
+    }
+
+    /// [`Target::restart`], starting again only once the wall clock reads `at` or later: for
+    /// what must pass while the broker is down (a session's expiry).
+    pub async fn restart_at(&mut self, how: Restart, at: std::time::SystemTime) -> anyhow::Result<()> {
         let addrs = self.addrs;
         match &mut self.running {
             Running::Mosquitto(broker) => {
@@ -269,6 +275,7 @@ impl Target {
                     Restart::Graceful => drop(broker.stop().await?),
                     Restart::Kill => drop(broker.kill()?),
                 }
+                wall_clock_reaches(at).await;
                 broker.start_again().await
             }
             Running::Outpost { gateway, .. } => {
@@ -276,6 +283,7 @@ impl Target {
                     Restart::Graceful => drop(gateway.terminate().await?),
                     Restart::Kill => drop(gateway.kill()?),
                 }
+                wall_clock_reaches(at).await;
                 *gateway = start_outpost(gateway.spec().clone(), addrs).await?;
                 Ok(())
             }
@@ -307,6 +315,14 @@ pub enum Restart {
     Graceful,
     /// SIGKILL: a crash, nothing flushed.
     Kill,
+}
+
+/// Returns once the wall clock reads `at` or later (the condition a broker that was down must
+/// find passed; there is nothing else to observe while it is down).
+async fn wall_clock_reaches(at: std::time::SystemTime) {
+    while let Ok(left) = at.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+    }
 }
 
 /// Starts the `outpost` binary and waits until both of its listeners accept connections.
@@ -543,6 +559,8 @@ pub struct Client5 {
     failed: bool,
     /// Messages received while waiting for something else, for [`Client5::receive`].
     received: Vec<Received5>,
+    /// The CONNACK's session present flag.
+    session_present: bool,
 }
 
 /// A message as an MQTT 5 subscriber saw it, with the properties the scenarios look at.
@@ -592,9 +610,13 @@ impl Client5 {
         let client_id = options.client_id();
         let (client, mut eventloop) = v5::AsyncClient::new(options, 16);
         match timeout(CONNACK_TIMEOUT, eventloop.poll()).await {
-            Ok(Ok(v5::Event::Incoming(v5::mqttbytes::v5::Packet::ConnAck(_)))) => {
-                Ok(Client5 { client, eventloop, failed: false, received: Vec::new() })
-            }
+            Ok(Ok(v5::Event::Incoming(v5::mqttbytes::v5::Packet::ConnAck(ack)))) => Ok(Client5 {
+                client,
+                eventloop,
+                failed: false,
+                received: Vec::new(),
+                session_present: ack.session_present,
+            }),
             Ok(Ok(event)) => {
                 eprintln!("client {client_id}: expected a CONNACK, got {event:?}");
                 Err(ConnectOutcome::Closed)
@@ -608,6 +630,11 @@ impl Client5 {
                 Err(ConnectOutcome::Closed)
             }
         }
+    }
+
+    /// Whether the broker's CONNACK said it resumed a session.
+    pub fn session_present(&self) -> bool {
+        self.session_present
     }
 
     /// Sends DISCONNECT (reason 0x00, normal disconnection) and waits (up to

@@ -11,20 +11,22 @@
 //! QoS and retain flag, whether the broker closed a connection), built by the helpers in
 //! `outpost_e2e::conformance`, which turn every misbehaviour into a value rather than a panic.
 //!
-//! Two scenarios deliberately differ, through `conform_with_deviation`: mosquitto answers a
-//! wrong password with "not authorized" (5 / 0x87), Outpost with "bad user name or password"
-//! (4 / 0x86); and for overlapping MQTT 5 subscriptions mosquitto sends one copy per
-//! subscription, each with its subscription identifier, Outpost one copy with all of them.
-//! Everything else about them must match.
+//! Some scenarios deliberately differ, through `conform_with_deviation`, each saying why:
+//! mosquitto answers a wrong password with "not authorized" (5 / 0x87), Outpost with "bad user
+//! name or password" (4 / 0x86); for overlapping MQTT 5 subscriptions mosquitto sends one copy
+//! per subscription, each with its subscription identifier, Outpost one copy with all of them;
+//! the two shared-subscription ones below. Everything else about them must match.
 //!
 //! The MQTT 5 scenarios of issue #17 (QoS 2 flows, property passthrough, subscription
 //! identifiers, no local, retain as published, retain handling, message expiry in an offline
 //! queue, will delay) use rumqttc's MQTT 5 client through the harness's `Client5`.
 //!
 //! Shared subscriptions (`$share/g/…`): each message goes to one member, in turn (10 split 5
-//! and 5), to the one left after a member leaves, and the QoS 1 deliveries a member never
-//! acknowledged are lost with its session when it leaves, in both (MQTT 5 only says SHOULD
-//! redeliver them to another member).
+//! and 5), to the one left after a member leaves, in both. The QoS 1 deliveries a member never
+//! acknowledged are lost with its session when it leaves in mosquitto 2.0.11; Outpost gives
+//! them to another member (MQTT 5 4.8.2 SHOULD). No Local on a shared subscription is granted
+//! by mosquitto; Outpost closes the connection with 0x82, the protocol error MQTT 5 3.8.3.1
+//! makes it.
 //!
 //! Two scenarios guard against a client hurting the broker for everyone: QoS 0 publishes keep
 //! reaching a QoS 1 subscriber past the first 100 (Outpost once stopped there: deliveries
@@ -1671,22 +1673,30 @@ async fn expiry_and_will_delay(addrs: Addrs) -> ExpiryAndWillDelay {
         ));
         o
     };
-    if let (Ok(delayed), Ok(back)) =
-        (Client5::connect(will_client("delayed")).await, Client5::connect(will_client("back")).await)
-    {
+    if let (Ok(delayed), Ok(back), Ok(fresh)) = (
+        Client5::connect(will_client("delayed")).await,
+        Client5::connect(will_client("back")).await,
+        Client5::connect(will_client("fresh")).await,
+    ) {
         delayed.drop_connection();
         back.drop_connection();
+        fresh.drop_connection();
         // `back` returns within its will delay: its will must never be published.
         let mut returning = will_client("back");
         returning.set_clean_start(false);
         let returned = Client5::connect(returning).await;
+        // `fresh` returns within its will delay too, with a clean start: its old session ends,
+        // but MQTT 5 3.1.2.5 says the will MUST be published after the delay or the session's
+        // end "unless ... a new Network Connection for the ClientID is opened before the Will
+        // Delay Interval has elapsed", which this is: never published (mosquitto agrees).
+        let fresh_again = Client5::connect(will_client("fresh")).await;
         let topics = |m: Vec<Received5>| m.into_iter().map(|m| m.topic).collect::<Vec<_>>();
         observed.wills_at_once = topics(watcher.receive(Duration::from_secs(1), |m| !m.is_empty()).await);
         observed.wills_later = topics(
             watcher.receive(Duration::from_secs(3), |m| m.iter().any(|m| m.topic == "will/back")).await,
         );
-        if let Ok(r) = returned {
-            r.disconnect().await;
+        for client in [returned, fresh_again].into_iter().flatten() {
+            client.disconnect().await;
         }
     }
     watcher.disconnect().await;
@@ -1909,9 +1919,9 @@ struct SharedUnacknowledged {
 
 /// Member "share-quiet" takes its deliveries but never sends a PUBACK, then leaves with a
 /// DISCONNECT (clean start: its session ends with them unacknowledged). MQTT 5 (4.8.2) says a
-/// broker SHOULD then send them to another member; mosquitto 2.0.11 does not (they are lost
-/// with the session), and neither does Outpost: the same observation, and a known limit
-/// (ARCHITECTURE.md). A member with a persistent session gets them again when it returns.
+/// broker SHOULD then send them to another member: Outpost does (the other member gets all
+/// six), mosquitto 2.0.11 does not (they are lost with the session). A member with a
+/// persistent session that only disconnects keeps them (mosquitto and Outpost alike).
 async fn shared_unacknowledged(addrs: Addrs) -> Option<SharedUnacknowledged> {
     let mut other = member(addrs, "share-other", "share/u", false).await?;
     let mut quiet = member(addrs, "share-quiet", "share/u", true).await?;
@@ -1934,5 +1944,56 @@ async fn unacknowledged_shared_deliveries_of_a_member_that_left() {
     }
     let expected =
         Some(SharedUnacknowledged { silent_got: 3, other_got: vec!["0".into(), "2".into(), "4".into()] });
-    conform("shared unacknowledged", BrokerSetup::anonymous(), expected, shared_unacknowledged).await;
+    // Deliberate deviation, MQTT 5 4.8.2: the three the quiet member left go to the other one.
+    let redelivered = |reference: Option<SharedUnacknowledged>| {
+        reference.map(|r| SharedUnacknowledged {
+            silent_got: r.silent_got,
+            other_got: (0..6).map(|n| n.to_string()).collect(),
+        })
+    };
+    conform_with_deviation(
+        "shared unacknowledged",
+        BrokerSetup::anonymous(),
+        expected,
+        redelivered,
+        shared_unacknowledged,
+    )
+    .await;
+}
+
+/// A SUBSCRIBE asking No Local on a shared subscription: "It is a Protocol Error to set the
+/// No Local bit to 1 on a Shared Subscription" (MQTT 5, 3.8.3.1). Mosquitto 2.0.11 grants it
+/// (SUBACK); Outpost treats it as the protocol error the clause makes it: DISCONNECT 0x82 and
+/// the connection closed, nothing of the SUBSCRIBE applied.
+async fn no_local_on_a_shared_subscription(addrs: Addrs) -> Answer {
+    let Ok(mut client) =
+        RawClient::connect(addrs.v5, "share-nolocal", &raw::connect_v5("share-nolocal", 30)).await
+    else {
+        return Answer::Closed;
+    };
+    // Packet id 1, no properties, the filter, options: QoS 1 | No Local (bit 2).
+    let mut rest = vec![0, 1, 0];
+    raw::put_str(&mut rest, "$share/g/nolocal");
+    rest.push(0x05);
+    if client.send(&raw::packet(0x82, &rest)).await.is_err() {
+        return Answer::Closed;
+    }
+    client.answer().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_local_on_a_shared_subscription_is_a_protocol_error() {
+    if !require_mosquitto() {
+        return;
+    }
+    let expected = Answer::Packet { packet_type: packet_type::SUBACK };
+    let refused = |_| Answer::Disconnect { reason: Code(0x82), then_closed: true };
+    conform_with_deviation(
+        "No Local on $share",
+        BrokerSetup::anonymous(),
+        expected,
+        refused,
+        no_local_on_a_shared_subscription,
+    )
+    .await;
 }

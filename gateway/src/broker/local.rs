@@ -23,6 +23,10 @@
 //!   left unacknowledged when a persistent session's connection ends go back to the front of
 //!   its queue and are sent again with DUP and their packet id (a QoS 2 delivery whose PUBREC
 //!   came: its PUBREL).
+//! - A shared-subscription delivery is never lost to its group by its session ending: what
+//!   the session held unfinished goes to another member ([`Local::hand_over`]), or is counted
+//!   (`shared_dropped`) when no member can take it. A persistent member that only
+//!   disconnects keeps its own (MQTT 5 4.8.2 lets the server wait for it).
 //! - A delivery carries its publish's MQTT 5 message expiry as a deadline; one that passed
 //!   it while queued is never sent (see `deliver_out`).
 //! - A will with an MQTT 5 will delay waits in its (persistent) session: published when the
@@ -48,6 +52,7 @@ use super::subs::{Merge, SubTrie};
 use crate::ack::Ticket;
 use crate::buffer::sessions::{LoadedSession, StoredSession, StoredSubscription};
 use crate::metrics::Metrics;
+use crate::mqtt::topic::split_shared;
 use crate::telemetry::LogThrottles;
 
 /// How long a publisher waits for room in a connected subscriber's full queue before the
@@ -76,6 +81,9 @@ pub struct Message {
     /// Its seq in the buffer file's `session_queue` (a persistent session's QoS 1/2
     /// delivery): deleted there when it completes (see [`Local::completed`]).
     pub stored: Option<u64>,
+    /// The shared subscription (`$share/group/filter`) it was chosen for: if the session
+    /// ends before it completes, another member of the group gets it (MQTT 5, 4.8.2).
+    pub share: Option<Arc<str>>,
 }
 
 impl Message {
@@ -85,7 +93,17 @@ impl Message {
             .as_ref()
             .and_then(|p| p.message_expiry_interval)
             .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
-        Message { publish, qos, retain, properties, expires, resend: None, released: false, stored: None }
+        Message {
+            publish,
+            qos,
+            retain,
+            properties,
+            expires,
+            resend: None,
+            released: false,
+            stored: None,
+            share: None,
+        }
     }
 }
 
@@ -100,6 +118,9 @@ pub struct SubOptions {
     /// Subscription identifiers sent with each delivery (one per subscription; merged ones
     /// carry all of them, as MQTT 5 3.3.4 asks).
     pub ids: Vec<usize>,
+    /// A shared subscription's whole filter (`$share/group/filter`), set by
+    /// [`Local::subscribe`]: its deliveries say which group they belong to.
+    pub share: Option<Arc<str>>,
 }
 
 /// Overlapping subscriptions of one session give one delivery: the highest QoS, the retain
@@ -278,8 +299,15 @@ struct State {
 }
 
 impl State {
-    /// Ends a session (in the buffer file too); returns its delayed will, now due.
-    fn end_session(&mut self, id: &Arc<str>, log: Option<&SessionLog>) -> Option<Will> {
+    /// Ends a session (in the buffer file too); returns its delayed will, now due, and what
+    /// it held undelivered: `inflight` (sent, not completed: its connection's, in the order
+    /// sent) then its queue.
+    fn end_session(
+        &mut self,
+        id: &Arc<str>,
+        log: Option<&SessionLog>,
+        inflight: Vec<Message>,
+    ) -> Option<(Option<Will>, Vec<Message>)> {
         let s = self.sessions.remove(id)?;
         for f in s.filters.keys() {
             self.trie.unsubscribe(id, f);
@@ -290,7 +318,9 @@ impl State {
         if s.owner.is_none() {
             self.offline -= 1;
         }
-        s.will.map(|(_, w)| w)
+        let mut left = inflight;
+        left.extend(lock(&s.mailbox.queue).items.drain(..));
+        Some((s.will.map(|(_, w)| w), left))
     }
 }
 
@@ -366,6 +396,7 @@ impl Local {
                     no_local: sub.no_local,
                     retain_as_published: sub.retain_as_published,
                     ids: sub.ids,
+                    share: share_of(&sub.filter),
                 };
                 state.trie.subscribe(&id, &sub.filter, options.clone());
                 filters.insert(sub.filter, options);
@@ -433,6 +464,61 @@ impl Local {
         }
     }
 
+    /// Ends `id`'s session (see [`State::end_session`]) and hands its unfinished shared
+    /// deliveries to other members of their groups; returns its delayed will, now due.
+    fn end(&self, state: &mut State, id: &Arc<str>, inflight: Vec<Message>) -> Option<Will> {
+        let (will, left) = state.end_session(id, self.log.as_deref(), inflight)?;
+        self.hand_over(state, id, left);
+        will
+    }
+
+    /// MQTT 5, 4.8.2: a shared-subscription delivery whose member's session ended before it
+    /// completed goes to another member of the same group, so the group loses nothing when
+    /// one of its consumers leaves. All of one group's leftovers go to one member, in their
+    /// order, chosen like a message's member (round robin, connected first). A QoS 2 delivery
+    /// the old member acknowledged with PUBREC is its own already (not sent twice); an
+    /// expired one is dropped as it would have been. A QoS 1/2 delivery with no member left
+    /// in its group, or no room in the chosen member's queue, is dropped, counted
+    /// (`shared_dropped`) and logged; QoS 0 ones are redistributed too when a connected
+    /// member takes them, and otherwise dropped uncounted, as QoS 0 to an offline session is.
+    fn hand_over(&self, state: &mut State, from: &Arc<str>, left: Vec<Message>) {
+        let now = Instant::now();
+        let log = self.log.as_deref();
+        let State { trie, sessions, .. } = &mut *state;
+        let mut chosen: HashMap<Arc<str>, Option<(Arc<str>, SubOptions)>> = HashMap::new();
+        let (mut moved, mut lost) = (0u64, 0u64);
+        for message in left {
+            let Some(share) = message.share.clone() else { continue };
+            if message.released || message.expires.is_some_and(|at| at <= now) {
+                continue;
+            }
+            let target = chosen
+                .entry(Arc::clone(&share))
+                .or_insert_with(|| trie.pick(&share, |k| sessions.get(k).is_some_and(|s| s.owner.is_some())));
+            let qos = message.qos;
+            let mailbox = target.as_ref().and_then(|(k, _)| sessions.get(k)).map(|s| &s.mailbox);
+            let offer = match (target, mailbox) {
+                (Some((_, options)), Some(mailbox)) => {
+                    mailbox.offer(handed_over(message, options.clone()), log, None)
+                }
+                _ => Offer::NotKept,
+            };
+            match offer {
+                Offer::Queued => moved += 1,
+                _ if qos == 0 => {}
+                Offer::NotKept | Offer::Full { .. } => lost += 1,
+            }
+        }
+        let counters = self.metrics.counters();
+        Metrics::add(&counters.shared_redelivered, moved);
+        if lost > 0 {
+            Metrics::add(&counters.shared_dropped, lost);
+            if let Some(folded) = self.logs.ready("shared-dropped") {
+                warn!(message = "a shared-subscription member's session ended with QoS 1/2 deliveries unfinished, and no other member of its group could take them (none left, or its queue full): they were dropped and counted (shared_dropped); keep another member subscribed, or give members persistent sessions", client_id = %from, dropped = lost, similar_since_last_log = folded);
+            }
+        }
+    }
+
     /// A persistent session's delivery completed (PUBACK, PUBCOMP) or was discarded (expired,
     /// too large, withheld): it leaves the buffer file.
     pub fn completed(&self, id: &Arc<str>, message: &Message) {
@@ -462,8 +548,9 @@ impl Local {
         let mut state = lock(&self.state);
         let log = self.log.as_deref();
         if clean_start {
-            // A will delayed in it is not published: a connection for the session came first.
-            state.end_session(id, log);
+            // A will delayed in it is not published: a connection for the session came first
+            // (MQTT 5, 3.1.2.5).
+            self.end(&mut state, id, Vec::new());
         }
         if let Some(s) = state.sessions.get_mut(id) {
             let was_offline = s.owner.is_none();
@@ -527,11 +614,18 @@ impl Local {
         let mut state = lock(&self.state);
         let Some(s) = state.sessions.get_mut(id) else {
             due.extend(will.map(|(_, w)| w));
+            self.hand_over(&mut state, id, inflight);
             return due;
         };
         if s.owner != Some(serial) {
-            if s.persistent && Arc::ptr_eq(&s.mailbox, mailbox) && !inflight.is_empty() {
-                s.mailbox.set_online(s.owner.is_some(), inflight);
+            if s.persistent && Arc::ptr_eq(&s.mailbox, mailbox) {
+                if !inflight.is_empty() {
+                    s.mailbox.set_online(s.owner.is_some(), inflight);
+                }
+            } else {
+                // Its session ended while it was being taken over: another member of each
+                // group gets what it left unfinished.
+                self.hand_over(&mut state, id, inflight);
             }
             // Taken over: a connection to the session came within the will delay, so the
             // delayed will is not published (MQTT 5, 3.1.3.2.2). (A will without a delay was
@@ -547,7 +641,7 @@ impl Local {
         let log = self.log.as_deref();
         if !s.persistent {
             due.extend(will.map(|(_, w)| w));
-            due.extend(state.end_session(id, log));
+            due.extend(self.end(&mut state, id, inflight));
             self.publish_gauges(&state);
             return due;
         }
@@ -567,7 +661,7 @@ impl Local {
                 .min()
                 .map(|(_, k)| k);
             if let Some(victim) = oldest {
-                due.extend(state.end_session(&victim, log));
+                due.extend(self.end(&mut state, &victim, Vec::new()));
                 Metrics::add(&self.metrics.counters().sessions_evicted, 1);
                 if let Some(folded) = self.logs.ready("evicted") {
                     warn!(message = "a persistent session was ended: broker.max_offline_sessions offline sessions are kept already; raise it, or have clients that do not return use clean sessions", client_id = %victim, similar_since_last_log = folded);
@@ -598,7 +692,7 @@ impl Local {
             .map(|(k, _)| Arc::clone(k))
             .collect();
         for id in &due {
-            wills.extend(state.end_session(id, self.log.as_deref()));
+            wills.extend(self.end(&mut state, id, Vec::new()));
         }
         if !due.is_empty() {
             Metrics::add(&self.metrics.counters().sessions_expired, due.len() as u64);
@@ -613,8 +707,9 @@ impl Local {
         &self,
         id: &Arc<str>,
         filter: &str,
-        options: SubOptions,
+        mut options: SubOptions,
     ) -> Result<bool, SubscribeError> {
+        options.share = share_of(filter);
         let mut state = lock(&self.state);
         let State { trie, sessions, .. } = &mut *state;
         let Some(s) = sessions.get_mut(id) else { return Ok(false) };
@@ -783,7 +878,33 @@ fn delivery(
         resend: None,
         released: false,
         stored: None,
+        share: options.share,
     }
+}
+
+/// The shared subscription a filter is, if it is one (see [`SubOptions::share`]).
+fn share_of(filter: &str) -> Option<Arc<str>> {
+    split_shared(filter).0.map(|_| Arc::from(filter))
+}
+
+/// A leftover of an ended session, made the delivery `options` asks of another member of its
+/// group: its QoS at most theirs, their retain-as-published and subscription identifiers,
+/// and a fresh delivery (no packet id, not in the file).
+fn handed_over(mut message: Message, options: SubOptions) -> Message {
+    message.qos = message.qos.min(options.qos);
+    // A restored delivery's publish has lost its flag; the delivery's own says it was retained.
+    message.retain = options.retain_as_published && (message.retain || message.publish.retain);
+    if let Some(p) = message.properties.as_mut() {
+        p.subscription_identifiers.clear();
+    }
+    if !options.ids.is_empty() {
+        message.properties.get_or_insert_with(PublishProperties::default).subscription_identifiers =
+            options.ids;
+    }
+    message.resend = None;
+    message.stored = None;
+    message.share = options.share;
+    message
 }
 
 #[cfg(test)]
@@ -949,8 +1070,13 @@ mod tests {
         let l = local(10, 10);
         let id: Arc<str> = Arc::from("s");
         let a = l.attach(&id, 1, true, false, None);
-        let opts =
-            |qos, no_local, ids: Vec<usize>| SubOptions { qos, no_local, retain_as_published: false, ids };
+        let opts = |qos, no_local, ids: Vec<usize>| SubOptions {
+            qos,
+            no_local,
+            retain_as_published: false,
+            ids,
+            share: None,
+        };
         l.subscribe(&id, "t/#", opts(1, true, vec![3])).expect("subscribe");
         l.subscribe(&id, "t/x", opts(2, false, vec![5])).expect("subscribe");
         l.publish("t/x", &publish("t/x", "others"), 2, None, None, true, None).await;
@@ -1055,6 +1181,90 @@ mod tests {
         assert!(log.take().0.rows[0].1.offline_since_ms.is_some());
         l.attach(&p, 3, true, false, None);
         assert_eq!(log.take().0.ends, ["p"]);
+    }
+
+    fn payloads(mailbox: &Mailbox) -> Vec<(String, u8, Vec<usize>)> {
+        let mut out = Vec::new();
+        mailbox.take(|_| true, &mut out);
+        out.into_iter()
+            .map(|m| {
+                let ids = m.properties.map(|p| p.subscription_identifiers).unwrap_or_default();
+                (String::from_utf8_lossy(&m.publish.payload).into_owned(), m.qos, ids)
+            })
+            .collect()
+    }
+
+    fn counter(l: &Local, pick: impl Fn(&crate::metrics::Counters) -> &std::sync::atomic::AtomicU64) -> u64 {
+        Metrics::get(pick(l.metrics.counters()))
+    }
+
+    #[tokio::test]
+    async fn a_shared_members_unfinished_deliveries_go_to_another_member_when_its_session_ends() {
+        let l = local(10, 10);
+        let (a, b, c): (Arc<str>, Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"), Arc::from("c"));
+        let ma = l.attach(&a, 1, true, false, None);
+        let mb = l.attach(&b, 2, true, false, None);
+        let mc = l.attach(&c, 3, true, false, None);
+        let ids = |id| SubOptions { qos: 2, ids: vec![id], ..SubOptions::default() };
+        l.subscribe(&a, "$share/g/t", ids(1)).expect("subscribe");
+        l.subscribe(&b, "$share/g/t", ids(2)).expect("subscribe");
+        l.subscribe(&c, "$share/other/t", ids(3)).expect("subscribe");
+        for n in 0..6 {
+            l.publish("t", &publish("t", &n.to_string()), 2, None, None, true, None).await;
+        }
+        assert_eq!(payloads(&mb.mailbox).len(), 3, "b took its half");
+        assert_eq!(payloads(&mc.mailbox).len(), 6, "the other group is another consumer");
+        // a sent 0 and 2 (2's PUBREC came: the client has it) and left 4 queued.
+        let mut inflight = Vec::new();
+        ma.mailbox.take(|m| m.publish.payload != "4", &mut inflight);
+        assert_eq!(inflight.len(), 2);
+        inflight[0].resend = Some(1);
+        inflight[1].resend = Some(2);
+        inflight[1].released = true;
+        l.detach(&a, 1, &ma.mailbox, inflight, None, None);
+        assert_eq!(
+            payloads(&mb.mailbox),
+            [("0".to_owned(), 2, vec![2]), ("4".to_owned(), 2, vec![2])],
+            "in order, as b's deliveries (its identifier); the released one is not sent twice"
+        );
+        assert!(mc.mailbox.is_empty(), "another group gets nothing again");
+        assert_eq!(counter(&l, |c| &c.shared_redelivered), 2);
+        // The last member leaves: nobody to take them; QoS 1/2 counted, QoS 0 not.
+        l.publish("t", &publish("t", "q2"), 2, None, None, true, None).await;
+        l.publish("t", &publish("t", "q0"), 0, None, None, true, None).await;
+        l.detach(&b, 2, &mb.mailbox, Vec::new(), None, None);
+        assert_eq!(counter(&l, |c| &c.shared_dropped), 1);
+        assert_eq!(counter(&l, |c| &c.shared_redelivered), 2);
+    }
+
+    #[tokio::test]
+    async fn an_expired_or_cleaned_persistent_members_queue_goes_to_the_others() {
+        let l = local(10, 10);
+        let (p, q, on): (Arc<str>, Arc<str>, Arc<str>) = (Arc::from("p"), Arc::from("q"), Arc::from("on"));
+        let mp = l.attach(&p, 1, false, true, Some(Duration::from_secs(5)));
+        let mq = l.attach(&q, 2, false, true, None);
+        l.subscribe(&p, "$share/g/t", qos(1)).expect("subscribe");
+        l.subscribe(&q, "$share/g/t", qos(1)).expect("subscribe");
+        l.detach(&p, 1, &mp.mailbox, Vec::new(), None, None);
+        l.detach(&q, 2, &mq.mailbox, Vec::new(), None, None);
+        // Both offline: the group queues in turn.
+        for n in 0..4 {
+            l.publish("t", &publish("t", &n.to_string()), 1, None, None, true, None).await;
+        }
+        let mo = l.attach(&on, 3, true, false, None);
+        l.subscribe(&on, "$share/g/t", qos(1)).expect("subscribe");
+        assert_eq!(l.expire(Instant::now() + Duration::from_secs(5)).0, 1, "p expired");
+        assert_eq!(
+            payloads(&mo.mailbox),
+            [("0".to_owned(), 1, vec![]), ("2".to_owned(), 1, vec![])],
+            "p's queue, to the connected member"
+        );
+        // q comes back with a clean start: its old session's queue goes to the others too.
+        let back = l.attach(&q, 4, true, false, None);
+        assert_eq!(payloads(&mo.mailbox), [("1".to_owned(), 1, vec![]), ("3".to_owned(), 1, vec![])]);
+        assert!(back.mailbox.is_empty());
+        assert_eq!(counter(&l, |c| &c.shared_redelivered), 4);
+        assert_eq!(counter(&l, |c| &c.shared_dropped), 0);
     }
 
     #[test]

@@ -251,6 +251,7 @@ pub fn to_stored(message: &Message, now: Instant, now_ms: u64) -> StoredDelivery
         correlation_data: p.correlation_data,
         user_properties: p.user_properties,
         subscription_ids: p.subscription_identifiers,
+        group: message.share.as_deref().map(str::to_owned),
     }
 }
 
@@ -280,6 +281,7 @@ pub fn from_stored(seq: u64, stored: StoredDelivery, now: Instant, now_ms: u64) 
         resend: None,
         released: false,
         stored: Some(seq),
+        share: stored.group.map(Arc::from),
     }
 }
 

@@ -178,16 +178,40 @@ impl<K: Clone + Eq + Hash, V: Clone + Merge> SubTrie<K, V> {
             }));
         }
         for group in groups {
-            let n = group.members.len();
-            if n == 0 {
-                continue;
+            if let Some(pick) = group.choose(&eligible) {
+                out.push(group.members[pick].clone());
             }
-            let start = group.next.get() % n;
-            let pick =
-                (0..n).map(|i| (start + i) % n).find(|&i| eligible(&group.members[i].0)).unwrap_or(start);
-            group.next.set((pick + 1) % n);
-            out.push(group.members[pick].clone());
         }
+    }
+}
+
+impl<K: Clone + Eq + Hash, V: Clone> SubTrie<K, V> {
+    /// One member of the shared group `$share/group/filter` (the whole filter), chosen as
+    /// [`SubTrie::matches`] chooses one for a message: round robin, preferring members
+    /// `eligible` accepts. `None`: the group has no member.
+    pub fn pick(&self, shared_filter: &str, eligible: impl Fn(&K) -> bool) -> Option<Target<K, V>> {
+        let (Some(name), f) = split_shared(shared_filter) else { return None };
+        let mut node = &self.root;
+        for level in f.split('/') {
+            node = node.children.get(level)?;
+        }
+        let group = node.groups.get(name)?;
+        Some(group.members[group.choose(eligible)?].clone())
+    }
+}
+
+impl<K, V> Group<K, V> {
+    /// The member that gets the next message, and the round robin moved past it: the next
+    /// one in turn that `eligible` accepts, else the next one in turn. `None`: no member.
+    fn choose(&self, eligible: impl Fn(&K) -> bool) -> Option<usize> {
+        let n = self.members.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.next.get() % n;
+        let pick = (0..n).map(|i| (start + i) % n).find(|&i| eligible(&self.members[i].0)).unwrap_or(start);
+        self.next.set((pick + 1) % n);
+        Some(pick)
     }
 }
 
@@ -347,6 +371,24 @@ mod tests {
         out.clear();
         t.matches("s/x", |_| false, |_, _| true, &mut out);
         assert_eq!(out.len(), 3, "nobody eligible: still one member per group");
+    }
+
+    #[test]
+    fn pick_chooses_one_member_of_the_named_group_in_turn() {
+        let mut t: SubTrie<u32, u8> = SubTrie::default();
+        t.subscribe(&1, "$share/g/s/+", 1);
+        t.subscribe(&2, "$share/g/s/+", 2);
+        t.subscribe(&3, "$share/h/s/+", 1);
+        t.subscribe(&4, "s/+", 1);
+        assert_eq!(t.pick("$share/g/s/+", |_| true), Some((1, 1)));
+        assert_eq!(t.pick("$share/g/s/+", |_| true), Some((2, 2)), "in turn");
+        assert_eq!(t.pick("$share/g/s/+", |k| *k == 2), Some((2, 2)), "an eligible one first");
+        assert_eq!(t.pick("$share/h/s/+", |_| false), Some((3, 1)), "nobody eligible: still a member");
+        assert_eq!(t.pick("$share/x/s/+", |_| true), None, "no such group");
+        assert_eq!(t.pick("$share/g/s/#", |_| true), None, "another filter's group");
+        assert_eq!(t.pick("s/+", |_| true), None, "not a shared filter");
+        t.unsubscribe(&3, "$share/h/s/+");
+        assert_eq!(t.pick("$share/h/s/+", |_| true), None, "the last member left");
     }
 
     fn level() -> impl Strategy<Value = String> {

@@ -75,6 +75,11 @@ pub struct StoredDelivery {
     pub correlation_data: Option<Bytes>,
     pub user_properties: Vec<(String, String)>,
     pub subscription_ids: Vec<usize>,
+    /// The shared subscription (`$share/group/filter`) it was chosen for, so that it can go
+    /// to another member if its session ends first. Absent in rows written before it existed
+    /// (they decode as `None`: such a delivery stays with its session).
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {

@@ -360,6 +360,13 @@ pub const COUNTERS: &[Mapping] = &[
     ),
     m("local_too_large", "outpost_local_deliveries_skipped_total", &[("reason", "too_large")], ""),
     m(
+        "shared_redelivered",
+        "outpost_shared_deliveries_handed_over_total",
+        &[("outcome", "redelivered")],
+        "Shared-subscription deliveries left by a session that ended: given to another member of the group, or dropped with no member to take them.",
+    ),
+    m("shared_dropped", "outpost_shared_deliveries_handed_over_total", &[("outcome", "dropped")], ""),
+    m(
         "sessions_evicted",
         "outpost_sessions_ended_total",
         &[("reason", "evicted")],

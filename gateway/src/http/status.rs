@@ -55,7 +55,7 @@ const STAGE_ERRORS: &[(&str, &[&str])] = &[
     ),
     ("buffer", &["commit_failures", "rejected_full", "dropped_overflow", "expired", "buffer_corrupt"]),
     ("upstream", &["upstream_failures", "upstream_rejected", "upstream_poison"]),
-    ("local", &["local_dropped", "sessions_evicted", "sessions_unsaved"]),
+    ("local", &["local_dropped", "shared_dropped", "sessions_evicted", "sessions_unsaved"]),
 ];
 
 fn is_error(counter: &str) -> bool {

@@ -31,7 +31,7 @@ use rumqttd::protocol::{
 };
 
 use super::io::Io;
-use super::{Client, events};
+use super::{Client, End, events};
 use crate::broker::Shared;
 use crate::broker::access::Permissions;
 use crate::broker::local::{Attached, Mailbox, Message, SubOptions, SubscribeError, Will};
@@ -201,14 +201,23 @@ impl Outbound {
     }
 
     /// Subscribes, answers with SUBACK, then sends the retained messages and current `$SYS`
-    /// status the new filters match.
+    /// status the new filters match. No Local on a shared subscription ends the connection:
+    /// MQTT 5 (3.8.3.1) makes it a protocol error, and nothing of the SUBSCRIBE is applied.
     pub(super) async fn on_subscribe(
         &mut self,
         io: &mut Io,
         client: &Client,
         subscribe: Subscribe,
         properties: Option<SubscribeProperties>,
-    ) {
+    ) -> Result<(), End> {
+        if let Some(f) =
+            subscribe.filters.iter().find(|f| f.nolocal && topic::split_shared(&f.path).0.is_some())
+        {
+            return Err(End::Protocol(format!(
+                "No Local on the shared subscription {} (a protocol error, MQTT 5 3.8.3.1)",
+                escape_topic(&f.path)
+            )));
+        }
         let id = properties.and_then(|p| p.id);
         // Only when a rule reads `$events/session_subscribed`: the filters go into `grant`.
         let asked: Vec<String> = if events::wanted(client, EventKind::SessionSubscribed) {
@@ -229,6 +238,7 @@ impl Outbound {
         if !granted.sys.is_empty() {
             self.start_sys(io, &client.shared, granted.sys);
         }
+        Ok(())
     }
 
     /// Adds each filter to the session (or to this connection's `$SYS` filters), unless it is
@@ -265,13 +275,13 @@ impl Outbound {
                 }
                 granted.codes.push(SubscribeReasonCode::Success(codec::qos(0)));
             } else {
-                let shared_subscription = topic::split_shared(&filter.path).0.is_some();
                 let options = SubOptions {
                     qos,
-                    // Forbidden on a shared subscription (MQTT 5, 3.8.3.1); ignored there.
-                    no_local: v5 && filter.nolocal && !shared_subscription,
+                    // Never on a shared subscription: `on_subscribe` refused that.
+                    no_local: v5 && filter.nolocal,
                     retain_as_published: v5 && filter.preserve_retain,
                     ids: id.into_iter().collect(),
+                    share: None,
                 };
                 match client.shared.local.subscribe(&client.id, &filter.path, options) {
                     Ok(new) => {

@@ -312,8 +312,7 @@ impl Connection {
             // Boxed like the publish path: a (un)subscribe is rare, and its future (which waits
             // for a persistent session's write) would otherwise be part of every task.
             Packet::Subscribe(subscribe, properties) => {
-                Box::pin(self.outbound.on_subscribe(&mut self.io, &self.client, subscribe, properties)).await;
-                Ok(())
+                Box::pin(self.outbound.on_subscribe(&mut self.io, &self.client, subscribe, properties)).await
             }
             Packet::Unsubscribe(unsubscribe, _) => {
                 Box::pin(self.outbound.on_unsubscribe(&mut self.io, &self.client, unsubscribe)).await;
