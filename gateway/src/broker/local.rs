@@ -156,6 +156,10 @@ struct Queue {
     /// The session's client id while it is persistent and durable: its QoS 1/2 deliveries
     /// are written to the buffer file as they are queued.
     persist: Option<Arc<str>>,
+    /// The session ended and its queue was handed over: a publisher that picked this
+    /// mailbox before (or while waiting for room) must not queue into it, or the delivery
+    /// would vanish with nobody counting it.
+    ended: bool,
 }
 
 /// A session's bounded delivery queue.
@@ -178,12 +182,20 @@ enum Offer {
         message: Box<Message>,
         wait: bool,
     },
+    /// The session ended after the publisher chose it.
+    Ended(Box<Message>),
 }
 
 impl Mailbox {
     fn new(cap: usize, online: bool) -> Mailbox {
         Mailbox {
-            queue: Mutex::new(Queue { items: VecDeque::new(), online, lagging: false, persist: None }),
+            queue: Mutex::new(Queue {
+                items: VecDeque::new(),
+                online,
+                lagging: false,
+                persist: None,
+                ended: false,
+            }),
             cap,
             ready: Notify::new(),
             space: Notify::new(),
@@ -195,6 +207,9 @@ impl Mailbox {
     /// order), and `ticket` waits for its commit.
     fn offer(&self, mut message: Message, log: Option<&SessionLog>, ticket: Option<&Ticket>) -> Offer {
         let mut q = lock(&self.queue);
+        if q.ended {
+            return Offer::Ended(Box::new(message));
+        }
         if !q.online && message.qos == 0 {
             return Offer::NotKept;
         }
@@ -319,7 +334,12 @@ impl State {
             self.offline -= 1;
         }
         let mut left = inflight;
-        left.extend(lock(&s.mailbox.queue).items.drain(..));
+        let mut q = lock(&s.mailbox.queue);
+        q.ended = true;
+        left.extend(q.items.drain(..));
+        drop(q);
+        // A publisher waiting for room here gives up now and hands its delivery on.
+        s.mailbox.space.notify_waiters();
         Some((s.will.map(|(_, w)| w), left))
     }
 }
@@ -481,7 +501,8 @@ impl Local {
     /// in its group, or no room in the chosen member's queue, is dropped, counted
     /// (`shared_dropped`) and logged; QoS 0 ones are redistributed too when a connected
     /// member takes them, and otherwise dropped uncounted, as QoS 0 to an offline session is.
-    fn hand_over(&self, state: &mut State, from: &Arc<str>, left: Vec<Message>) {
+    /// Returns how many were queued.
+    fn hand_over(&self, state: &mut State, from: &Arc<str>, left: Vec<Message>) -> u64 {
         let now = Instant::now();
         let log = self.log.as_deref();
         let State { trie, sessions, .. } = &mut *state;
@@ -506,7 +527,7 @@ impl Local {
             match offer {
                 Offer::Queued => moved += 1,
                 _ if qos == 0 => {}
-                Offer::NotKept | Offer::Full { .. } => lost += 1,
+                Offer::NotKept | Offer::Full { .. } | Offer::Ended(_) => lost += 1,
             }
         }
         let counters = self.metrics.counters();
@@ -517,6 +538,7 @@ impl Local {
                 warn!(message = "a shared-subscription member's session ended with QoS 1/2 deliveries unfinished, and no other member of its group could take them (none left, or its queue full): they were dropped and counted (shared_dropped); keep another member subscribed, or give members persistent sessions", client_id = %from, dropped = lost, similar_since_last_log = folded);
             }
         }
+        moved
     }
 
     /// A persistent session's delivery completed (PUBACK, PUBCOMP) or was discarded (expired,
@@ -806,6 +828,10 @@ impl Local {
                         break;
                     }
                     Offer::NotKept => break,
+                    Offer::Ended(m) => {
+                        queued += usize::from(self.chosen_session_ended(&id, *m));
+                        break;
+                    }
                     Offer::Full { message: m, wait: may_wait } => {
                         if wait && may_wait && tokio::time::timeout_at(deadline, space).await.is_ok() {
                             message = *m;
@@ -837,10 +863,23 @@ impl Local {
             match mailbox.offer(message, self.log.as_deref(), None) {
                 Offer::Queued => queued += 1,
                 Offer::NotKept => {}
+                Offer::Ended(m) => queued += usize::from(self.chosen_session_ended(&id, *m)),
                 Offer::Full { .. } => self.dropped(&id, topic),
             }
         }
         queued
+    }
+
+    /// A delivery whose session ended between the publisher choosing it and queueing it:
+    /// a shared group's copy goes to another member as the session's own queue did
+    /// ([`Local::hand_over`]); another copy ends with the session, as its queue did.
+    /// Returns whether it was queued.
+    fn chosen_session_ended(&self, id: &Arc<str>, message: Message) -> bool {
+        if message.share.is_none() {
+            return false;
+        }
+        let mut state = lock(&self.state);
+        self.hand_over(&mut state, id, vec![message]) > 0
     }
 
     fn dropped(&self, id: &str, topic: &str) {
@@ -1235,6 +1274,37 @@ mod tests {
         l.detach(&b, 2, &mb.mailbox, Vec::new(), None, None);
         assert_eq!(counter(&l, |c| &c.shared_dropped), 1);
         assert_eq!(counter(&l, |c| &c.shared_redelivered), 2);
+    }
+
+    #[tokio::test]
+    async fn a_publisher_waiting_on_a_member_that_leaves_hands_its_delivery_on() {
+        let l = local(1, 10);
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let ma = l.attach(&a, 1, true, false, None);
+        let mb = l.attach(&b, 2, true, false, None);
+        l.subscribe(&a, "$share/g/t", qos(1)).expect("subscribe");
+        l.subscribe(&b, "$share/g/t", qos(1)).expect("subscribe");
+        assert_eq!(l.publish("t", &publish("t", "0"), 1, None, None, true, None).await, 1);
+        // Round robin: the member that took "0" is chosen again for "2", its queue full.
+        let (leaving, serial, lm, sm) =
+            if ma.mailbox.len() == 1 { (&a, 1, &ma, &mb) } else { (&b, 2, &mb, &ma) };
+        assert_eq!(l.publish("t", &publish("t", "1"), 1, None, None, true, None).await, 1);
+        let two = publish("t", "2");
+        let publisher = l.publish("t", &two, 1, None, None, true, None);
+        let leave = async {
+            // The publisher is waiting for room in the leaving member's queue now.
+            tokio::task::yield_now().await;
+            assert_eq!(payloads(&sm.mailbox).len(), 1, "the staying member delivers its own");
+            l.detach(leaving, serial, &lm.mailbox, Vec::new(), None, None);
+            // The leaving member's queued "0" came over; delivered, it makes room for "2".
+            assert_eq!(payloads(&sm.mailbox), [("0".to_owned(), 1, vec![])]);
+        };
+        let (queued, ()) = tokio::join!(publisher, leave);
+        assert_eq!(queued, 1, "queued with the other member, not into the ended session");
+        assert_eq!(payloads(&sm.mailbox), [("2".to_owned(), 1, vec![])]);
+        assert_eq!(counter(&l, |c| &c.shared_redelivered), 2);
+        assert_eq!(counter(&l, |c| &c.shared_dropped), 0);
+        assert_eq!(Metrics::get(&l.metrics.counters().local_dropped), 0);
     }
 
     #[tokio::test]
