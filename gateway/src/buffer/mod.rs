@@ -5,10 +5,12 @@
 //! - `events`: key `(priority: u8, seq: u64)`, value a *row* of events of that priority
 //!   ([`chunk`]): since format 4 a packed row of up to ~4,000 bytes (a tag byte, a count, then
 //!   per event its `seq`, `event_id` and `enqueued_ms` as deltas, flags (QoS, expiry, topic
-//!   repeated, properties), `expires_ms`, since format 7 the MQTT 5 properties if it has any
+//!   repeated, properties; since format 8 first, and standing in for deltas of one sequence
+//!   number and id and of no time), `expires_ms`, since format 7 the MQTT 5 properties if it has any
 //!   ([`file::put_props`]: user properties in order, content type, payload format indicator,
 //!   response topic, correlation data, the message expiry as a deadline), `topic` (or a
-//!   reference to an earlier event's equal topic) and `payload`); in files from formats 1–3 a CBOR map of one event (`event_id`,
+//!   reference to an earlier event's equal topic; since format 8 as the lengths of the prefix
+//!   and suffix it shares with the previous event's topic and the bytes in between) and `payload`); in files from formats 1–3 a CBOR map of one event (`event_id`,
 //!   `enqueued_ms`, `expires_ms`, `topic`, `qos`, `payload`). A row's key is at most its first
 //!   event's `seq`, and its events lie below the next row's key, so within one priority key
 //!   order is arrival order and reading a key range is FIFO. A commit appends to the
@@ -34,12 +36,14 @@
 //!   each checkpoint ([`worker::Command::Checkpoint`]), read once at start ([`windows`]).
 //!
 //! # Format versions
-//! [`store::FORMAT_VERSION`] is 7. Version 1 is a file without the `format_version` key (every
+//! [`store::FORMAT_VERSION`] is 8. Version 1 is a file without the `format_version` key (every
 //! release before it); version 2 added the `imported` table, version 3 the `retained` table,
 //! version 4 packed rows and the `rows` counter, version 5 the `sessions` and
 //! `session_queue` tables, version 6 the `windows` table, version 7 events' MQTT 5 properties
 //! in packed rows (a flag bit older releases did not know: nothing to migrate, no old row has
-//! it, but a release that reads 6 must refuse a 7 file rather than find its rows corrupt).
+//! it, but a release that reads 6 must refuse a 7 file rather than find its rows corrupt),
+//! version 8 rows with topics as differences and the flags first (a new tag byte: rows of 4–7
+//! are read as they are and written back in 8 when they change; nothing to migrate).
 //! Opening an older file adds the key, the
 //! missing tables and (older than 4 → 4) the `rows` counter, set to the number of rows, which
 //! is its event count (checked against the counters), in the same transaction as the epoch

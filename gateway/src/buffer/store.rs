@@ -21,9 +21,10 @@ use super::inspect::{self, StatsReport};
 /// rows ([`super::chunk`]) and the `rows` counter; 5: the `sessions` and `session_queue`
 /// tables ([`super::sessions`]); 6: the `windows` table ([`super::windows`]); 7: events
 /// may carry MQTT 5 properties in their packed row (a flag bit that 6 did not know: a
-/// release that reads 6 would take such a row for corrupt, so it must refuse the file). A
+/// release that reads 6 would take such a row for corrupt, so it must refuse the file); 8:
+/// packed rows with a new tag whose topics are differences from the previous event's. A
 /// file with a higher version was written by a newer release and is refused untouched.
-pub const FORMAT_VERSION: u64 = 7;
+pub const FORMAT_VERSION: u64 = 8;
 const FORMAT_KEY: &str = "format_version";
 /// Rows in `events`, kept with the records: since format 4 a row holds many events, so this,
 /// not the event counters, is what the table's length proves at start.
@@ -230,6 +231,10 @@ impl Store {
                 // Older than 7: nothing to rewrite. No row written before 7 has the
                 // properties flag, so every old row reads as events without properties;
                 // the new version only keeps releases that know 6 away from new rows.
+                // Older than 8: nothing to rewrite either. Rows written before 8 keep
+                // `chunk::PACKED_TAG` and are read as they are; a row that changes is written
+                // back in format 8 (`chunk::PACKED_TAG_8`), which releases that know 7
+                // would not read: the new version keeps them away.
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }

@@ -294,6 +294,57 @@ fn a_version_6_file_is_read_as_it_is_and_then_takes_events_with_properties() {
     assert_eq!(store.total().bytes, all.iter().map(Record::stored_size).sum::<u64>());
 }
 
+/// A version-7 file's rows (whole topics, deltas before the flags) open as they are under
+/// format 8; an append rewrites the last one in format 8, a delete another, and everything
+/// reads back and counts as written.
+#[test]
+fn a_version_7_file_is_read_as_it_is_and_its_rows_rewritten_when_they_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old: Vec<Record> = (1..=60).map(|seq| with_props_sometimes(record(3, seq, 90, None))).collect();
+    {
+        let (mut store, _) = Store::open(dir.path()).expect("open");
+        store.apply(&Batch { inserts: old.clone(), ..Batch::default() }).expect("fill");
+    }
+    // Write every row back as format 7 wrote it.
+    {
+        let db = Database::open(file_path(dir.path())).expect("open");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut events = txn.open_table(EVENTS).expect("events");
+            let rows: Vec<(Key, Vec<u8>)> = events
+                .iter()
+                .expect("iter")
+                .map(|e| {
+                    let (k, v) = e.expect("row");
+                    (k.value(), v.value().to_vec())
+                })
+                .collect();
+            assert!(rows.len() >= 2, "{} rows", rows.len());
+            for (key, value) in rows {
+                assert_eq!(value[0], chunk::PACKED_TAG_8);
+                let records = chunk::decode(key, &value).expect("decode");
+                events.insert(key, chunk::encode_v7(key.1, &records).as_slice()).expect("insert");
+            }
+        }
+        txn.open_table(META).expect("meta").insert(FORMAT_KEY, 7).expect("version");
+        txn.commit().expect("commit");
+    }
+    let (mut store, report) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(report.migrated_from, Some(7));
+    assert_eq!(store.read(3, 0, 100).expect("read"), old);
+    let new: Vec<Record> = (61..=70).map(|seq| record(3, seq, 90, None)).collect();
+    store
+        .apply(&Batch { inserts: new.clone(), deletes: vec![(3, 2)], ..Batch::default() })
+        .expect("append and delete");
+    drop(store);
+    let (mut store, report) = Store::open(dir.path()).expect("reopen");
+    assert_eq!(report.migrated_from, None, "migrated once");
+    let all: Vec<Record> = old.into_iter().filter(|r| r.seq != 2).chain(new).collect();
+    assert_eq!(store.read(3, 0, 100).expect("read"), all);
+    assert_eq!(store.total().bytes, all.iter().map(Record::stored_size).sum::<u64>());
+    assert_eq!(store.total().events, all.len() as u64);
+}
+
 #[test]
 fn a_file_moved_aside_does_not_hand_its_ids_to_the_new_one() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -548,4 +599,62 @@ fn counters_that_disagree_with_packed_rows_prove_corruption() {
     let (_, reason) = report.moved_aside.expect("moved aside");
     assert!(reason.contains("counters say 39 events of priority 5 but the rows hold 40"), "{reason}");
     assert_eq!(store.total(), LaneStats::default());
+}
+
+/// Issue #18's outage shape, for measuring: 500 events a commit (2k/s, 4 commits a second)
+/// from 100 sensors with 100-byte payloads. Run by hand:
+/// `cargo test -p outpost --lib -- --ignored --nocapture outage_wear_per_commit`.
+#[test]
+#[ignore = "a measurement, run by hand"]
+fn outage_wear_per_commit() {
+    fn write_bytes() -> u64 {
+        let io = std::fs::read_to_string("/proc/self/io").expect("/proc/self/io");
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))
+            .expect("write_bytes")
+            .trim()
+            .parse()
+            .expect("a number")
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut store, _) = Store::open(dir.path()).expect("open");
+    let per_commit = 500u64;
+    let (mut seq, mut total, mut rows_bytes) = (1u64, 0u64, 0u64);
+    for commit in 0..80u64 {
+        let inserts: Vec<Record> = (0..per_commit)
+            .map(|i| {
+                let s = seq + i;
+                Record {
+                    priority: 0,
+                    seq: s,
+                    event_id: (7 << 40) | s,
+                    enqueued_ms: 1_700_000_000_000 + s / 2,
+                    expires_ms: None,
+                    topic: format!("sensors/sim-{:04}/temp", s % 100),
+                    qos: 1,
+                    payload: Bytes::from(
+                        format!("{{\"seq\":{s:>10},\"t\":{:>14}{:>60}}}", s * 3, "").into_bytes(),
+                    ),
+                    props: None,
+                }
+            })
+            .collect();
+        seq += per_commit;
+        let w0 = write_bytes();
+        store.apply(&Batch { inserts, ..Batch::default() }).expect("apply");
+        let w = write_bytes() - w0;
+        if commit >= 20 {
+            total += w;
+        }
+        if commit == 79 {
+            rows_bytes = store.total().bytes;
+        }
+    }
+    let events = 60 * per_commit;
+    println!(
+        "{per_commit} events/commit: {:.0} B written per commit, {:.1} B/event; rows hold {:.1} B/event",
+        total as f64 / 60.0,
+        total as f64 / events as f64,
+        rows_bytes as f64 / (80 * per_commit) as f64
+    );
 }
