@@ -10,7 +10,8 @@
 //! - `deadband`: `WHERE deadband(payload.value, 0.5)` per device (report by exception on the
 //!   fleet's random walk).
 //!
-//! After `warmup` (at least one whole window, so every group is open and checkpointed), one
+//! After `warmup` (the fleet connected, then at least one whole window, so every group is
+//! open and checkpointed), one
 //! window of `duration` is measured: readings acknowledged (PUBACK) in it, the gateway's CPU
 //! time (`utime + stime`, all threads), bytes it caused to be written to storage (`write_bytes`
 //! of `/proc/PID/io`), its own `outpost_window_checkpoint_bytes_total` and
