@@ -108,6 +108,9 @@ counters! {
     window_groups_evicted,
     /// Readings in no window because their window had already closed.
     window_late,
+    /// Event-time readings in no window because they were too far ahead of the rule's
+    /// watermark (more open windows than a group may keep).
+    window_ahead,
     /// Events accepted into the store-and-forward path.
     accepted,
     /// Events acknowledged by the upstream broker (PUBACK).

@@ -50,7 +50,7 @@ use crate::event::{Event, IdGen, Outbound};
 use crate::metrics::{Metrics, RuleCounters};
 use crate::mqtt::topic::{NameError, TopicPolicy, invalid_topic};
 use crate::tap::{RuleResult, Tap, TapRecord, TapStage, What};
-use crate::telemetry::LogThrottle;
+use crate::telemetry::{Episode, Failure, LogThrottle, readable};
 use crate::watchdog::Heartbeat;
 
 /// What the route stage does with events right now.
@@ -662,17 +662,69 @@ fn restore_windows(routing: &Routing, bytes: &[u8], metrics: &Metrics) -> Option
 }
 
 /// Exports the state's own counters (they live in the checkpoint, so they carry across
-/// restarts) as the gateway's.
-fn export_window_counters(routing: &Routing, state: &WindowState, metrics: &Metrics) {
+/// restarts) as the gateway's, and logs readings event-time rules dropped.
+fn export_window_counters(
+    routing: &Routing,
+    state: &WindowState,
+    metrics: &Metrics,
+    late_log: &mut LateLog,
+    now: Instant,
+) {
     let Routing::Rules(rules) = routing else { return };
-    let (mut evicted, mut late) = (0, 0);
+    let (mut evicted, mut late, mut ahead) = (0, 0, 0);
     for (_, c) in state.counters(rules) {
         evicted += c.groups_evicted;
         late += c.late;
+        ahead += c.ahead;
     }
     let counters = metrics.counters();
     counters.window_groups_evicted.store(evicted, std::sync::atomic::Ordering::Relaxed);
     counters.window_late.store(late, std::sync::atomic::Ordering::Relaxed);
+    counters.window_ahead.store(ahead, std::sync::atomic::Ordering::Relaxed);
+    for (rule, refused) in state.refused_silently(rules) {
+        late_log.observe(rule, refused, now);
+    }
+}
+
+/// Readings an event-time rule with `late = "drop"` refused (too late, or too far ahead):
+/// counted by the rules crate, and logged here once per rule per episode. An episode ends
+/// after [`LATE_QUIET`] without one (looks come with checkpoints, far more often than a
+/// sensor with a wrong clock sends, so one look without news would end it each time).
+#[derive(Default)]
+struct LateLog {
+    /// By rule name: the count at the last look, when it last grew, the episode.
+    rules: std::collections::HashMap<String, (u64, Instant, Episode)>,
+}
+
+/// How long an event-time rule drops nothing before its episode of late readings ends.
+const LATE_QUIET: Duration = Duration::from_secs(60);
+
+impl LateLog {
+    /// Returns what it logged, for tests: `Some(true)` an episode started, `Some(false)` one
+    /// ended.
+    fn observe(&mut self, rule: &str, refused: u64, now: Instant) -> Option<bool> {
+        let Some((seen, grew_at, episode)) = self.rules.get_mut(rule) else {
+            // The first look (a start, a reload): what the checkpoint carried over is no news.
+            self.rules.insert(rule.to_owned(), (refused, now, Episode::default()));
+            return None;
+        };
+        let new = refused.saturating_sub(*seen);
+        *seen = refused;
+        if new > 0 {
+            *grew_at = now;
+            if episode.failed(now) == Failure::Started {
+                warn!(message = "an event-time rule is dropping readings whose event time is outside its open windows (late, or too far ahead); raise the rule's late_tolerance, fix the sensors' clocks, or set late = \"deadletter\" to keep them (counted in window_late and window_ahead; logged again only after a quiet minute)", %rule, dropped = new);
+                return Some(true);
+            }
+            None
+        } else if now.duration_since(*grew_at) < LATE_QUIET {
+            None
+        } else {
+            let (lasted, looks) = episode.ended(now)?;
+            info!(message = "an event-time rule stopped dropping late readings", %rule, lasted = %readable(lasted), looks_with_drops = looks);
+            Some(false)
+        }
+    }
 }
 
 /// Runs until its input closes (the broker stopped), then closes its output so the relay can
@@ -688,6 +740,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
     // Republished events waiting to be evaluated again, with their hop count.
     let mut chain: VecDeque<(Event, u8)> = VecDeque::new();
     let mut logs = Logs::default();
+    let mut late_log = LateLog::default();
     let mut rule_stats = RuleStats::default();
     let mut routing = stage.routing.borrow_and_update().clone();
     let durable = stage.durable.take();
@@ -797,7 +850,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 if let Some(ck) = checkpointer.as_mut() {
                     let snapshot = match (routing_now, state) {
                         (Routing::Rules(rules), Some(state)) => {
-                            export_window_counters(routing_now, state, &stage.metrics);
+                            export_window_counters(routing_now, state, &stage.metrics, &mut late_log, now);
                             Some(state.snapshot(rules))
                         }
                         _ => None,
@@ -1120,6 +1173,23 @@ impl RouteStage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readings_an_event_time_rule_drops_are_logged_once_per_rule_per_episode() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut log = LateLog::default();
+        assert_eq!(log.observe("r", 5, at(0)), None, "counts carried over by a checkpoint are no news");
+        assert_eq!(log.observe("r", 6, at(1)), Some(true), "the first drop starts an episode");
+        assert_eq!(log.observe("r", 6, at(2)), None, "a look without news does not end it");
+        assert_eq!(log.observe("r", 9, at(30)), None, "more drops in the same episode: quiet");
+        assert_eq!(log.observe("s", 0, at(30)), None);
+        assert_eq!(log.observe("s", 1, at(31)), Some(true), "each rule has its own episode");
+        assert_eq!(log.observe("r", 9, at(89)), None, "not yet a quiet minute");
+        assert_eq!(log.observe("r", 9, at(90)), Some(false), "a quiet minute ends it");
+        assert_eq!(log.observe("r", 9, at(200)), None, "ended once");
+        assert_eq!(log.observe("r", 10, at(201)), Some(true), "a new episode is logged again");
+    }
 
     #[test]
     fn first_matching_route_sets_priority_and_ttl() {

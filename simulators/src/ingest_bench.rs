@@ -382,7 +382,7 @@ struct WanProbe<'a> {
 }
 
 /// `write_bytes` from `/proc/PID/io`: bytes this process caused to be sent to storage.
-fn write_bytes(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn write_bytes(pid: u32) -> anyhow::Result<u64> {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
         .with_context(|| format!("cannot read /proc/{pid}/io"))?;
     io.lines()
@@ -392,7 +392,7 @@ fn write_bytes(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// One counter from the gateway's `/metrics` (an HTTP/1.0 GET, the whole body read).
-async fn scrape_counter(addr: SocketAddr, name: &str) -> anyhow::Result<u64> {
+pub(crate) async fn scrape_counter(addr: SocketAddr, name: &str) -> anyhow::Result<u64> {
     let get = async {
         let mut stream =
             TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;

@@ -50,6 +50,7 @@ pub mod process;
 pub mod session_fuzz;
 pub mod systems;
 pub mod verify;
+pub mod window_bench;
 
 /// Splits a `host:port` broker address into its parts.
 ///

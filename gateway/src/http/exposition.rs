@@ -240,6 +240,12 @@ pub const COUNTERS: &[Mapping] = &[
         "Window groups closed early because their rule had max_groups open.",
     ),
     m("window_late", "outpost_window_late_total", &[], "Readings in no window because it had closed."),
+    m(
+        "window_ahead",
+        "outpost_window_ahead_total",
+        &[],
+        "Event-time readings in no window because they were too far ahead of the watermark.",
+    ),
     m("accepted", "outpost_buffer_accepted_total", &[], "Events accepted into the store-and-forward path."),
     m(
         "upstream_acked",

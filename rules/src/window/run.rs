@@ -113,6 +113,17 @@ impl WindowState {
         rules.rules.iter().zip(&self.rules).filter_map(|(r, w)| w.as_ref().map(|w| (&*r.name, w.counters())))
     }
 
+    /// Per event-time rule that drops what its windows cannot take (`late = "drop"`, the
+    /// default): its name and the readings refused so far, late or too far ahead (also
+    /// counted in [`WindowCounters`]). Nothing else reports them, so the caller logs them.
+    pub fn refused_silently<'a>(&'a self, rules: &'a RuleSet) -> impl Iterator<Item = (&'a str, u64)> {
+        rules.rules.iter().zip(&self.rules).filter_map(|(r, w)| {
+            let (window, w) = (r.sql.window.as_ref()?, w.as_ref()?);
+            let silent = window.event_time.is_some() && window.late == LatePolicy::Drop;
+            silent.then(|| (&*r.name, w.counters().late + w.counters().ahead))
+        })
+    }
+
     /// Open groups over all windowed rules.
     pub fn groups(&self) -> usize {
         self.rules.iter().flatten().map(Windows::groups).sum()
