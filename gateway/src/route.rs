@@ -914,9 +914,12 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 ctx.timestamp_ms = ctx.timestamp_ms.max(advanced_to);
                 let marked = rules.evaluate_windowed_marked(&ctx, state);
                 if let Some(ck) = checkpointer.as_mut() {
-                    // Any event may have changed state (and every one waits for the
-                    // checkpoint: which rules took it in is not known here).
-                    ck.hold(event.ticket.clone());
+                    // An event a stateful rule may have taken in waits for the checkpoint
+                    // (whether its WHERE kept it is not known here); one no stateful rule
+                    // reads neither waits nor makes a checkpoint due.
+                    if rules.is_stateful_topic(ctx.topic) {
+                        ck.hold(event.ticket.clone());
+                    }
                 }
                 let (own, closed): (Vec<Marked>, Vec<Marked>) =
                     marked.into_iter().partition(|(_, o)| o.is_none());
@@ -1716,6 +1719,75 @@ topic = "raw"
         drop(input);
         drop(routing_tx);
         // The last checkpoint at stopping.
+        let last = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { reply, .. }) = store.recv().await {
+                let _ = reply.send(Ok(()));
+            }
+        });
+        stage.await.expect("stage");
+        last.abort();
+    }
+
+    /// With a windowed rule loaded, an event no stateful rule reads is acknowledged on its own
+    /// path: its ticket is not held for a checkpoint, and it makes none due.
+    #[tokio::test(start_paused = true)]
+    async fn an_event_no_stateful_rule_reads_does_not_wait_for_a_checkpoint() {
+        let text = format!(
+            "{WINDOWED}[[rule]]\nname = \"other\"\nsql = 'SELECT payload.v AS v FROM \"x/+\"'\n[[rule.action]]\ntype = \"forward\"\ntopic = \"other\"\n"
+        );
+        let (_routing_tx, routing_rx) = watch::channel(Arc::new(rules(&text)));
+        let (dead_tx, _dead_rx) = mpsc::channel(8);
+        let (input, in_rx) = mpsc::channel(64);
+        let (out_tx, mut out) = mpsc::channel(64);
+        let (commands, mut store) = mpsc::channel(8);
+        let metrics = Metrics::default();
+        let stage = RouteStage {
+            routing: routing_rx,
+            topic_prefix: String::new(),
+            topic_policy: policy(),
+            republisher: None,
+            dead_letters: dead_tx,
+            ids: IdGen::new(1),
+            metrics: metrics.clone(),
+            heartbeat: Heartbeat::unwatched(),
+            tap: crate::tap::Tap::new(metrics),
+            clock: Clock::tokio_at(6_001_000),
+            durable: Some(Durable { commands, interval: Duration::from_millis(25), restored: None }),
+        };
+        let stage = tokio::spawn(run(stage, in_rx, out_tx));
+        let next_write = |store: &mut mpsc::Receiver<crate::buffer::worker::Command>| match store.try_recv() {
+            Ok(crate::buffer::worker::Command::Checkpoint { reply, .. }) => Some(reply),
+            _ => None,
+        };
+        // The empty state at start.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        next_write(&mut store).expect("the first checkpoint").send(Ok(())).expect("reply");
+        let sensor = crate::ack::AckQueue::new();
+        let mut e = event("x/1", r#"{"v":1}"#);
+        e.received_ms = 6_001_001;
+        e.ticket = Some(sensor.ticket());
+        input.send(e).await.expect("send");
+        let other = out.recv().await.expect("the stateless forward");
+        assert_eq!(shown(&other), r#"other {"v":1}"#);
+        drop(other);
+        let mut acked = Vec::new();
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 1, "acknowledged once its forward was done with, no checkpoint between");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(next_write(&mut store).is_none(), "no state changed: no checkpoint");
+        // A reading the windowed rule takes in waits for one, as before.
+        let mut r = reading("a", 2.0, 6_001_200);
+        r.ticket = Some(sensor.ticket());
+        input.send(r).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 1, "the reading waits for its checkpoint");
+        next_write(&mut store).expect("the reading's checkpoint").send(Ok(())).expect("reply");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 2, "acknowledged by its commit");
+        drop(input);
         let last = tokio::spawn(async move {
             while let Some(crate::buffer::worker::Command::Checkpoint { reply, .. }) = store.recv().await {
                 let _ = reply.send(Ok(()));

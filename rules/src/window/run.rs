@@ -213,6 +213,15 @@ impl RuleSet {
         self.rules.iter().filter(|r| r.sql.is_stateful()).map(|r| &*r.name)
     }
 
+    /// Whether a stateful rule's FROM matches `topic`: only an event on such a topic can
+    /// change window or report-by-exception state, so only its acknowledgement must wait for
+    /// a checkpoint.
+    pub fn is_stateful_topic(&self, topic: &str) -> bool {
+        let mut matched = Vec::new();
+        self.index.matches(topic, &mut matched);
+        matched.into_iter().any(|i| self.rules.get(i).is_some_and(|r| r.sql.is_stateful()))
+    }
+
     /// Empty windows for every windowed rule of this set.
     pub fn window_state(&self) -> WindowState {
         WindowState {
