@@ -1664,15 +1664,22 @@ topic = "raw"
         stage.stage.await.expect("stage");
     }
 
-    /// A window closes only once the state holding its readings has committed: after a crash
-    /// it is restored with exactly the readings it was sent with, so it is sent again with
-    /// the same id and the same content.
-    #[tokio::test(start_paused = true)]
-    async fn a_window_closes_only_after_a_checkpoint_holding_its_readings_commits() {
-        let (routing_tx, routing_rx) = watch::channel(Arc::new(rules(WINDOWED)));
+    /// A route stage with a durable checkpoint whose store the test answers by hand.
+    struct DurableStage {
+        routing: watch::Sender<Arc<Routing>>,
+        input: mpsc::Sender<Event>,
+        out: mpsc::Receiver<Outbound>,
+        store: mpsc::Receiver<crate::buffer::worker::Command>,
+        stage: tokio::task::JoinHandle<()>,
+    }
+
+    /// Starts a stage on `text` at `now_ms` (paused clock) and commits its first checkpoint,
+    /// the empty state at start.
+    async fn start_durable(text: &str, now_ms: u64) -> DurableStage {
+        let (routing, routing_rx) = watch::channel(Arc::new(rules(text)));
         let (dead_tx, _dead_rx) = mpsc::channel(8);
         let (input, in_rx) = mpsc::channel(64);
-        let (out_tx, mut out) = mpsc::channel(64);
+        let (out_tx, out) = mpsc::channel(64);
         let (commands, mut store) = mpsc::channel(8);
         let metrics = Metrics::default();
         let stage = RouteStage {
@@ -1685,40 +1692,32 @@ topic = "raw"
             metrics: metrics.clone(),
             heartbeat: Heartbeat::unwatched(),
             tap: crate::tap::Tap::new(metrics),
-            clock: Clock::tokio_at(6_009_000),
+            clock: Clock::tokio_at(now_ms),
             durable: Some(Durable { commands, interval: Duration::from_millis(25), restored: None }),
         };
         let stage = tokio::spawn(run(stage, in_rx, out_tx));
-        let next_write = |store: &mut mpsc::Receiver<crate::buffer::worker::Command>| match store.try_recv() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        next_checkpoint(&mut store).expect("the first checkpoint").send(Ok(())).expect("reply");
+        DurableStage { routing, input, out, store, stage }
+    }
+
+    /// The reply of the checkpoint the stage has asked for, if it has.
+    fn next_checkpoint(
+        store: &mut mpsc::Receiver<crate::buffer::worker::Command>,
+    ) -> Option<tokio::sync::oneshot::Sender<Result<(), String>>> {
+        match store.try_recv() {
             Ok(crate::buffer::worker::Command::Checkpoint { reply, .. }) => Some(reply),
             _ => None,
-        };
-        // The empty state at start.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        next_write(&mut store).expect("the first checkpoint").send(Ok(())).expect("reply");
-        let sensor = crate::ack::AckQueue::new();
-        let mut e = reading("a", 2.0, 6_009_990);
-        e.ticket = Some(sensor.ticket());
-        tokio::time::sleep(Duration::from_millis(989)).await;
-        input.send(e).await.expect("send");
-        assert_eq!(out.recv().await.expect("copy").topic, "raw");
-        // Its checkpoint is written, and the disk is slow: not committed by the window's end.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        let held = next_write(&mut store).expect("the reading's checkpoint");
-        tokio::time::sleep(Duration::from_millis(1_000)).await;
-        assert!(out.try_recv().is_err(), "no window output before its readings are committed");
-        held.send(Ok(())).expect("reply");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(out.try_recv().is_err(), "nor after, before the window's own checkpoint commits");
-        next_write(&mut store).expect("the checkpoint before the close").send(Ok(())).expect("reply");
-        let window = out.recv().await.expect("the window");
-        assert_eq!(shown(&window), r#"avg/a {"sensor":"a","v":2.0,"n":1,"until":6010000}"#);
-        let mut acked = Vec::new();
-        sensor.take_ready(&mut acked);
-        assert_eq!(acked.len(), 1, "the reading was acknowledged by its commit");
+        }
+    }
+
+    /// Ends the input and commits checkpoints (the last one, at stopping) until the stage ends.
+    async fn stop_durable(
+        input: mpsc::Sender<Event>,
+        mut store: mpsc::Receiver<crate::buffer::worker::Command>,
+        stage: tokio::task::JoinHandle<()>,
+    ) {
         drop(input);
-        drop(routing_tx);
-        // The last checkpoint at stopping.
         let last = tokio::spawn(async move {
             while let Some(crate::buffer::worker::Command::Checkpoint { reply, .. }) = store.recv().await {
                 let _ = reply.send(Ok(()));
@@ -1728,6 +1727,37 @@ topic = "raw"
         last.abort();
     }
 
+    /// A window closes only once the state holding its readings has committed: after a crash
+    /// it is restored with exactly the readings it was sent with, so it is sent again with
+    /// the same id and the same content.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_closes_only_after_a_checkpoint_holding_its_readings_commits() {
+        let DurableStage { routing: routing_tx, input, mut out, mut store, stage } =
+            start_durable(WINDOWED, 6_009_000).await;
+        let sensor = crate::ack::AckQueue::new();
+        let mut e = reading("a", 2.0, 6_009_990);
+        e.ticket = Some(sensor.ticket());
+        tokio::time::sleep(Duration::from_millis(989)).await;
+        input.send(e).await.expect("send");
+        assert_eq!(out.recv().await.expect("copy").topic, "raw");
+        // Its checkpoint is written, and the disk is slow: not committed by the window's end.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let held = next_checkpoint(&mut store).expect("the reading's checkpoint");
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        assert!(out.try_recv().is_err(), "no window output before its readings are committed");
+        held.send(Ok(())).expect("reply");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(out.try_recv().is_err(), "nor after, before the window's own checkpoint commits");
+        next_checkpoint(&mut store).expect("the checkpoint before the close").send(Ok(())).expect("reply");
+        let window = out.recv().await.expect("the window");
+        assert_eq!(shown(&window), r#"avg/a {"sensor":"a","v":2.0,"n":1,"until":6010000}"#);
+        let mut acked = Vec::new();
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 1, "the reading was acknowledged by its commit");
+        drop(routing_tx);
+        stop_durable(input, store, stage).await;
+    }
+
     /// With a windowed rule loaded, an event no stateful rule reads is acknowledged on its own
     /// path: its ticket is not held for a checkpoint, and it makes none due.
     #[tokio::test(start_paused = true)]
@@ -1735,33 +1765,7 @@ topic = "raw"
         let text = format!(
             "{WINDOWED}[[rule]]\nname = \"other\"\nsql = 'SELECT payload.v AS v FROM \"x/+\"'\n[[rule.action]]\ntype = \"forward\"\ntopic = \"other\"\n"
         );
-        let (_routing_tx, routing_rx) = watch::channel(Arc::new(rules(&text)));
-        let (dead_tx, _dead_rx) = mpsc::channel(8);
-        let (input, in_rx) = mpsc::channel(64);
-        let (out_tx, mut out) = mpsc::channel(64);
-        let (commands, mut store) = mpsc::channel(8);
-        let metrics = Metrics::default();
-        let stage = RouteStage {
-            routing: routing_rx,
-            topic_prefix: String::new(),
-            topic_policy: policy(),
-            republisher: None,
-            dead_letters: dead_tx,
-            ids: IdGen::new(1),
-            metrics: metrics.clone(),
-            heartbeat: Heartbeat::unwatched(),
-            tap: crate::tap::Tap::new(metrics),
-            clock: Clock::tokio_at(6_001_000),
-            durable: Some(Durable { commands, interval: Duration::from_millis(25), restored: None }),
-        };
-        let stage = tokio::spawn(run(stage, in_rx, out_tx));
-        let next_write = |store: &mut mpsc::Receiver<crate::buffer::worker::Command>| match store.try_recv() {
-            Ok(crate::buffer::worker::Command::Checkpoint { reply, .. }) => Some(reply),
-            _ => None,
-        };
-        // The empty state at start.
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        next_write(&mut store).expect("the first checkpoint").send(Ok(())).expect("reply");
+        let DurableStage { input, mut out, mut store, stage, .. } = start_durable(&text, 6_001_000).await;
         let sensor = crate::ack::AckQueue::new();
         let mut e = event("x/1", r#"{"v":1}"#);
         e.received_ms = 6_001_001;
@@ -1774,7 +1778,7 @@ topic = "raw"
         sensor.take_ready(&mut acked);
         assert_eq!(acked.len(), 1, "acknowledged once its forward was done with, no checkpoint between");
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(next_write(&mut store).is_none(), "no state changed: no checkpoint");
+        assert!(next_checkpoint(&mut store).is_none(), "no state changed: no checkpoint");
         // A reading the windowed rule takes in waits for one, as before.
         let mut r = reading("a", 2.0, 6_001_200);
         r.ticket = Some(sensor.ticket());
@@ -1783,18 +1787,11 @@ topic = "raw"
         tokio::time::sleep(Duration::from_millis(30)).await;
         sensor.take_ready(&mut acked);
         assert_eq!(acked.len(), 1, "the reading waits for its checkpoint");
-        next_write(&mut store).expect("the reading's checkpoint").send(Ok(())).expect("reply");
+        next_checkpoint(&mut store).expect("the reading's checkpoint").send(Ok(())).expect("reply");
         tokio::time::sleep(Duration::from_millis(1)).await;
         sensor.take_ready(&mut acked);
         assert_eq!(acked.len(), 2, "acknowledged by its commit");
-        drop(input);
-        let last = tokio::spawn(async move {
-            while let Some(crate::buffer::worker::Command::Checkpoint { reply, .. }) = store.recv().await {
-                let _ = reply.send(Ok(()));
-            }
-        });
-        stage.await.expect("stage");
-        last.abort();
+        stop_durable(input, store, stage).await;
     }
 
     /// An event that closes a window (a count window) lends it its held acknowledgement: the
