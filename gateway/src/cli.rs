@@ -1002,6 +1002,14 @@ fn run(config: GatewayConfig) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async {
+        // SIGHUP's default action ends the process. The reload handlers are installed only once
+        // the rules and the broker are up, so a reload sent by a config manager during start-up
+        // used to kill the gateway. Once tokio has a handler for a signal it keeps it for the
+        // life of the process: from here on an early SIGHUP is dropped (the gateway is loading
+        // the files anyway).
+        if let Err(error) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            tracing::warn!(message = "cannot install the SIGHUP handler; a SIGHUP during start-up ends the gateway", %error);
+        }
         // Polled once here so that the handlers are installed before the broker says it is
         // listening: a SIGTERM from then on stops the gateway gracefully (it used to kill it
         // with the default action until the gateway reached its run loop).

@@ -144,6 +144,10 @@ pub struct Will {
     pub properties: Option<PublishProperties>,
     /// The ACL of the connection that set it: checked when it is published.
     pub permissions: Permissions,
+    /// Its connection's IP address and username, for rules (`peerhost`, `username`): a will
+    /// is that client's last publish.
+    pub peerhost: Arc<str>,
+    pub username: Option<Arc<str>>,
 }
 
 #[derive(Debug, Default)]
@@ -1149,6 +1153,8 @@ mod tests {
             },
             properties: None,
             permissions: access.permissions(None, Arc::clone(id)),
+            peerhost: "192.0.2.9".into(),
+            username: None,
         }
     }
 

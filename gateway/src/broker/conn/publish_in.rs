@@ -303,13 +303,23 @@ impl Inbound {
         });
         let permissions = client.shared.access.permissions(None, Arc::clone(&client.id));
         let permissions = std::mem::replace(&mut self.permissions, permissions);
-        Some((delay, Will { client_id: Arc::clone(&client.id), will, properties, permissions }))
+        Some((
+            delay,
+            Will {
+                client_id: Arc::clone(&client.id),
+                will,
+                properties,
+                permissions,
+                peerhost: Arc::clone(&client.peerhost),
+                username: client.about.username.clone(),
+            },
+        ))
     }
 }
 
 /// Publishes a will: locally, retained if asked, and into the pipeline.
 pub(in crate::broker) async fn publish_will(shared: &Shared, will: Will) {
-    let Will { client_id, will, properties, mut permissions } = will;
+    let Will { client_id, will, properties, mut permissions, peerhost, username } = will;
     let qos = (will.qos as u8).min(2);
     let Ok(topic) = std::str::from_utf8(&will.topic).map(str::to_owned) else { return };
     // Checked now, not at CONNECT, as mosquitto does: the ACL may have been reloaded since.
@@ -324,6 +334,8 @@ pub(in crate::broker) async fn publish_will(shared: &Shared, will: Will) {
     fan_out(shared, &topic, &publish, will.retain, qos, properties.as_ref(), None, None).await;
     Metrics::add(&shared.metrics.counters().wills_published, 1);
     let mut event = shared.intake.new_event(topic, will.message, qos, &client_id);
+    event.peerhost = Some(peerhost);
+    event.username = username;
     event.retain = will.retain;
     event.pub_props = properties.as_ref().and_then(pub_props);
     shared.intake.hand_over(event).await;
