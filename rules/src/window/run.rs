@@ -7,7 +7,9 @@
 //! **Invariant:** [`WindowState`] belongs to the [`RuleSet`] that made it (one slot per
 //! rule, by index); [`WindowState::restore`] matches a snapshot to a rule set by rule name
 //! and plan, so a reload keeps the open windows of every rule whose window and aggregates
-//! are unchanged and starts the others empty (and says which).
+//! are unchanged and starts the others empty (and says which). [`WindowState::restore_log`]
+//! does the same for a snapshot followed by [`WindowState::take_delta`]s, applied by rule
+//! name before the plans are matched.
 
 use std::borrow::Cow;
 use std::ops::Range;
