@@ -42,8 +42,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use self::checkpoint::{Checkpointer, Step};
+use self::checkpoint::{Checkpointer, Kind, Step};
 use crate::broker::Republisher;
+use crate::buffer::windows::{LogWrite, WindowLoad};
 use crate::config::RouteConfig;
 use crate::deadletter::{DeadLetter, RuleReason};
 use crate::event::{Event, IdGen, Outbound};
@@ -448,8 +449,8 @@ pub struct Durable {
     pub commands: mpsc::Sender<crate::buffer::worker::Command>,
     /// The least time between two checkpoints (`buffer.commit_interval`).
     pub interval: Duration,
-    /// The checkpoint found in the file at start.
-    pub restored: Option<Vec<u8>>,
+    /// The checkpoint log found in the file at start.
+    pub restored: WindowLoad,
 }
 
 /// The route stage's handles on the per-rule counters, looked up once per rule name.
@@ -631,16 +632,33 @@ enum Next {
 
 /// The state found in the buffer file at start, for `routing`: the windows of every rule
 /// whose window and aggregates are unchanged. The others are logged and counted, and so is
-/// a checkpoint that does not decode.
-fn restore_windows(routing: &Routing, bytes: &[u8], metrics: &Metrics) -> Option<WindowState> {
+/// a checkpoint log that does not decode or cannot make a state.
+fn restore_windows(routing: &Routing, load: WindowLoad, metrics: &Metrics) -> Option<WindowState> {
     let counters = metrics.counters();
+    let (base, deltas) = match load {
+        WindowLoad::Empty => return None,
+        WindowLoad::Log { base, deltas } => (base, deltas),
+        WindowLoad::Unusable(why) => {
+            Metrics::add(&counters.window_state_dropped, 1);
+            error!(message = "the window-state log in the buffer file cannot be used; the stateful rules start empty, and the readings the log held are lost (the next checkpoint replaces it)", reason = %why);
+            return None;
+        }
+    };
     let Routing::Rules(rules) = routing else {
         warn!(message = "the buffer file holds window state, but no rules file is in use; it is discarded");
         Metrics::add(&counters.window_state_dropped, 1);
         return None;
     };
     fresh_windows(routing)?;
-    match WindowState::restore(rules, bytes) {
+    if !deltas.is_empty() {
+        Metrics::add(&counters.window_state_dropped, 1);
+        error!(
+            message = "the window-state log in the buffer file holds deltas this build cannot apply; the stateful rules start empty",
+            deltas = deltas.len()
+        );
+        return None;
+    }
+    match WindowState::restore(rules, &base) {
         Ok((state, dropped)) => {
             for (rule, why) in &dropped {
                 Metrics::add(&counters.window_state_dropped, 1);
@@ -649,6 +667,7 @@ fn restore_windows(routing: &Routing, bytes: &[u8], metrics: &Metrics) -> Option
             info!(
                 message = "window state restored from the buffer file",
                 groups = state.groups(),
+                deltas = deltas.len(),
                 rules_not_restored = dropped.len()
             );
             Some(state)
@@ -743,15 +762,17 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
     let mut late_log = LateLog::default();
     let mut rule_stats = RuleStats::default();
     let mut routing = stage.routing.borrow_and_update().clone();
-    let durable = stage.durable.take();
-    let mut windows = match durable.as_ref().and_then(|d| d.restored.as_deref()) {
-        Some(bytes) => restore_windows(&routing, bytes, &stage.metrics).or_else(|| fresh_windows(&routing)),
-        None => fresh_windows(&routing),
+    let mut durable = stage.durable.take();
+    let restored = durable.as_mut().map(|d| std::mem::take(&mut d.restored)).unwrap_or_default();
+    let mut windows = match restored {
+        WindowLoad::Empty => fresh_windows(&routing),
+        load => restore_windows(&routing, load, &stage.metrics).or_else(|| fresh_windows(&routing)),
     };
     let mut checkpointer = durable.map(|d| Checkpointer::new(d.commands, d.interval, stage.metrics.clone()));
     if let (Some(ck), true) = (checkpointer.as_mut(), windows.is_some()) {
         // The restored state (or a fresh one replacing a discarded checkpoint) is written
-        // again, which also clears a checkpoint no rule uses any more.
+        // again, in full (the checkpointer's first one always is), which also compacts the
+        // log found and clears a checkpoint no rule uses any more.
         ck.changed();
     }
     // The latest time the windows were advanced to: an event taken in later but received
@@ -802,7 +823,8 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             windows = kept;
             routing = new;
             if let Some(ck) = checkpointer.as_mut() {
-                ck.changed();
+                // Other rules, another state: deltas of the old one would not apply to it.
+                ck.reshaped();
             }
             if !send_all(&out, outbound, &heartbeat).await {
                 return;
@@ -848,14 +870,14 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             (Next::Checkpoint(Step::Progress), ..) => Vec::new(),
             (Next::Checkpoint(Step::Due), routing_now, state) => {
                 if let Some(ck) = checkpointer.as_mut() {
-                    let snapshot = match (routing_now, state) {
+                    let write = match (routing_now, state) {
                         (Routing::Rules(rules), Some(state)) => {
                             export_window_counters(routing_now, state, &stage.metrics, &mut late_log, now);
-                            Some(state.snapshot(rules))
+                            checkpoint_of(ck.wants(), rules, state)
                         }
-                        _ => None,
+                        _ => LogWrite::Clear,
                     };
-                    ck.take(snapshot);
+                    ck.take(write);
                 }
                 Vec::new()
             }
@@ -863,12 +885,12 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 if let Some(ck) = checkpointer.as_mut() {
                     // The shutdown policy: a last checkpoint; the windows go on after the
                     // next start. Bounded, so a hung disk cannot hold the shutdown.
-                    let snapshot = match (routing_now, state) {
-                        (Routing::Rules(rules), Some(state)) => Some(state.snapshot(rules)),
+                    let write = match (routing_now, state) {
+                        (Routing::Rules(rules), Some(state)) => Some(checkpoint_of(ck.wants(), rules, state)),
                         _ => None,
                     };
-                    if snapshot.is_some() || !ck.idle() {
-                        ck.take(snapshot);
+                    if write.is_some() || !ck.idle() {
+                        ck.take(write.unwrap_or(LogWrite::Clear));
                         let last = async {
                             while !ck.idle() {
                                 ck.wait().await;
@@ -976,15 +998,24 @@ const SHUTDOWN_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 /// it) has committed; at once when nothing changed since the last commit. A failing disk
 /// keeps it retrying with the checkpointer's back-off: windows then stay open, and the
 /// sensors whose readings they hold wait for their PUBACKs.
-async fn commit_now(ck: &mut Checkpointer, rules: &RuleSet, state: &WindowState) {
+async fn commit_now(ck: &mut Checkpointer, rules: &RuleSet, state: &mut WindowState) {
     if ck.idle() {
         return;
     }
-    ck.take(Some(state.snapshot(rules)));
+    ck.take(checkpoint_of(ck.wants(), rules, state));
     while !ck.idle() {
         if ck.wait().await == Step::Due {
-            ck.take(Some(state.snapshot(rules)));
+            ck.take(checkpoint_of(ck.wants(), rules, state));
         }
+    }
+}
+
+/// The checkpoint of `state` the checkpointer asked for. Either kind resets the state's
+/// record of changes: the next delta holds what changed after this one.
+fn checkpoint_of(kind: Kind, rules: &RuleSet, state: &WindowState) -> LogWrite {
+    match kind {
+        // Full snapshots only until the rules crate takes deltas.
+        Kind::Full | Kind::Delta => LogWrite::Full(state.snapshot(rules)),
     }
 }
 
@@ -1693,7 +1724,11 @@ topic = "raw"
             heartbeat: Heartbeat::unwatched(),
             tap: crate::tap::Tap::new(metrics),
             clock: Clock::tokio_at(now_ms),
-            durable: Some(Durable { commands, interval: Duration::from_millis(25), restored: None }),
+            durable: Some(Durable {
+                commands,
+                interval: Duration::from_millis(25),
+                restored: WindowLoad::Empty,
+            }),
         };
         let stage = tokio::spawn(run(stage, in_rx, out_tx));
         tokio::time::sleep(Duration::from_millis(1)).await;
