@@ -1707,6 +1707,14 @@ topic = "raw"
     /// Starts a stage on `text` at `now_ms` (paused clock) and commits its first checkpoint,
     /// the empty state at start.
     async fn start_durable(text: &str, now_ms: u64) -> DurableStage {
+        let mut stage = spawn_durable(text, now_ms, WindowLoad::Empty);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        next_checkpoint(&mut stage.store).expect("the first checkpoint").send(Ok(())).expect("reply");
+        stage
+    }
+
+    /// Starts a stage on `text` at `now_ms` (paused clock) from the checkpoint log `restored`.
+    fn spawn_durable(text: &str, now_ms: u64, restored: WindowLoad) -> DurableStage {
         let (routing, routing_rx) = watch::channel(Arc::new(rules(text)));
         let (dead_tx, _dead_rx) = mpsc::channel(8);
         let (input, in_rx) = mpsc::channel(64);
@@ -1724,16 +1732,26 @@ topic = "raw"
             heartbeat: Heartbeat::unwatched(),
             tap: crate::tap::Tap::new(metrics),
             clock: Clock::tokio_at(now_ms),
-            durable: Some(Durable {
-                commands,
-                interval: Duration::from_millis(25),
-                restored: WindowLoad::Empty,
-            }),
+            durable: Some(Durable { commands, interval: Duration::from_millis(25), restored }),
         };
         let stage = tokio::spawn(run(stage, in_rx, out_tx));
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        next_checkpoint(&mut store).expect("the first checkpoint").send(Ok(())).expect("reply");
         DurableStage { routing, input, out, store, stage }
+    }
+
+    /// The store thread's side with a real buffer file: commits the checkpoint the stage has
+    /// asked for, if it has, into `file`, and returns what it wrote.
+    fn commit_into(
+        store: &mut mpsc::Receiver<crate::buffer::worker::Command>,
+        file: &mut crate::buffer::Store,
+    ) -> Option<Vec<LogWrite>> {
+        match store.try_recv() {
+            Ok(crate::buffer::worker::Command::Checkpoint { writes, reply }) => {
+                file.save_windows(&writes).expect("save");
+                reply.send(Ok(())).expect("reply");
+                Some(writes)
+            }
+            _ => None,
+        }
     }
 
     /// The reply of the checkpoint the stage has asked for, if it has.
@@ -1791,6 +1809,64 @@ topic = "raw"
         assert_eq!(acked.len(), 1, "the reading was acknowledged by its commit");
         drop(routing_tx);
         stop_durable(input, store, stage).await;
+    }
+
+    /// A crash after checkpoints of a full snapshot and deltas: the next start restores the
+    /// last full row with the deltas after it, and the windows close with every reading the
+    /// checkpoints held, as if the gateway had not stopped.
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_from_the_checkpoint_log_closes_the_same_windows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("open");
+        let DurableStage { routing: _routing, input, mut out, mut store, stage } =
+            spawn_durable(WINDOWED, 7_000_000, WindowLoad::Empty);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let mut written = commit_into(&mut store, &mut file).expect("the first checkpoint");
+        for (sensor, v) in [("a", 1.0), ("b", 5.0), ("a", 3.0), ("c", 7.0)] {
+            input.send(reading(sensor, v, 7_000_000)).await.expect("send");
+            drop(out.recv().await.expect("the plain copy"));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            written.extend(commit_into(&mut store, &mut file).expect("the reading's checkpoint"));
+        }
+        assert!(
+            matches!(written.first(), Some(LogWrite::Full(_))),
+            "the first in a run is full: {written:?}"
+        );
+        // A SIGKILL: no last checkpoint.
+        stage.abort();
+        let _ = stage.await;
+        drop(file);
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("reopen");
+        let restored = file.load_windows().expect("load");
+        let WindowLoad::Log { deltas, .. } = &restored else { panic!("a log: {restored:?}") };
+        let written_deltas = written.iter().filter(|w| matches!(w, LogWrite::Delta(_))).count();
+        assert!(deltas.len() <= written_deltas, "{} deltas after the base", deltas.len());
+        let DurableStage { routing: _routing, input, mut out, mut store, stage } =
+            spawn_durable(WINDOWED, 7_000_200, restored);
+        let answer = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { writes, reply }) = store.recv().await
+            {
+                file.save_windows(&writes).expect("save");
+                let _ = reply.send(Ok(()));
+            }
+        });
+        let mut windows: Vec<String> = Vec::new();
+        for _ in 0..3 {
+            let window = tokio::time::timeout(Duration::from_secs(20), out.recv()).await;
+            windows.push(shown(&window.expect("the restored windows close at their end").expect("a window")));
+        }
+        windows.sort();
+        assert_eq!(
+            windows,
+            [
+                r#"avg/a {"sensor":"a","v":2.0,"n":2,"until":7010000}"#,
+                r#"avg/b {"sensor":"b","v":5.0,"n":1,"until":7010000}"#,
+                r#"avg/c {"sensor":"c","v":7.0,"n":1,"until":7010000}"#,
+            ]
+        );
+        drop(input);
+        stage.await.expect("stage");
+        answer.await.expect("answers");
     }
 
     /// With a windowed rule loaded, an event no stateful rule reads is acknowledged on its own
