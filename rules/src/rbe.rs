@@ -27,6 +27,7 @@ use crate::compile::Compiler;
 use crate::error::SqlError;
 use crate::expr::{Env, EvalError, Expr};
 use crate::value::Value;
+use crate::window::Changes;
 
 pub const MAX_LAG: usize = 100;
 pub const MAX_DEDUPE_KEYS: usize = 1_000;
@@ -38,9 +39,16 @@ const NAMES: &[&str] =
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub(crate) enum RbeKind {
     /// `lag(expr[, offset[, default]])`: `expr` `offset` events ago in the partition.
-    Lag { offset: usize, default: Value },
+    Lag {
+        offset: usize,
+        #[serde(deserialize_with = "constant")]
+        default: Value,
+    },
     /// `latest(expr[, default])`: the latest non-NULL value, this event's included.
-    Latest { default: Value },
+    Latest {
+        #[serde(deserialize_with = "constant")]
+        default: Value,
+    },
     /// `changed_col(ignore_null, expr)`: `expr` if it differs from the previous value, else NULL.
     ChangedCol { ignore_null: bool },
     /// `had_changed(ignore_null, expr, ...)`: whether any differs from its previous value.
@@ -52,6 +60,16 @@ pub(crate) enum RbeKind {
     Deadband { band: f64, heartbeat_ms: Option<u64> },
     /// `dedupe(key, within)`: TRUE unless the same key was seen within `within_ms`.
     Dedupe { within_ms: u64 },
+}
+
+/// A constant of the SQL read back from a snapshot. CBOR has one null, read back as JSON's;
+/// a constant NULL must stay NULL, or the call would differ from the rule's and its state
+/// be dropped at every restore.
+fn constant<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Value, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::JsonNull => Value::Null,
+        value => value,
+    })
 }
 
 /// One call: its kind, its per-event arguments and its partition.
@@ -81,7 +99,7 @@ impl RbeSql {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-enum CallState {
+pub(crate) enum CallState {
     Lag(VecDeque<Value>),
     Latest(Option<Value>),
     Previous(Option<Vec<Value>>),
@@ -98,7 +116,30 @@ pub struct RbeState {
     next_seq: u64,
     max_groups: usize,
     pub(crate) evicted: u64,
+    /// Which entries changed since the last delta; not state (never serialized, ignored by
+    /// equality). An entry's last use says whether it is listed: every change gives it a
+    /// new one.
+    #[serde(skip)]
+    changes: Changes<(usize, String)>,
 }
+
+/// One rule's delta: its meta whole, its entries upserted and removed. `K` and `E` are
+/// borrowed to write it (no entry is cloned) and owned to read it.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct RbeDelta<K, E> {
+    /// Whole, so that a delta of a rule the snapshot does not have can start it.
+    kinds: K,
+    max_groups: usize,
+    next_seq: u64,
+    evicted: u64,
+    upserted: Vec<E>,
+    removed: Vec<(usize, String)>,
+}
+
+type EntryKey = (usize, String);
+type Entry = (u64, CallState);
+pub(crate) type RbeDeltaOut<'a> = RbeDelta<&'a [RbeKind], (&'a EntryKey, &'a Entry)>;
+pub(crate) type RbeDeltaIn = RbeDelta<Vec<RbeKind>, (EntryKey, Entry)>;
 
 fn number(v: &Value) -> Option<f64> {
     match v {
@@ -116,7 +157,61 @@ impl RbeState {
             next_seq: 0,
             max_groups: max_groups.max(1),
             evicted: 0,
+            changes: Changes::default(),
         }
+    }
+
+    /// This rule's delta, borrowing what it writes; resets the tracking.
+    pub(crate) fn delta(&mut self) -> RbeDeltaOut<'_> {
+        let mut keys = std::mem::take(&mut self.changes.changed);
+        // A key evicted and seen again is listed twice.
+        keys.sort_unstable();
+        keys.dedup();
+        let entries = &self.entries;
+        let removed = self.changes.removed.drain().filter(|key| !entries.contains_key(key)).collect();
+        let upserted = keys.iter().filter_map(|key| entries.get_key_value(key)).collect();
+        // Keeps the list's capacity for the next period.
+        keys.clear();
+        self.changes.changed = keys;
+        self.changes.since_seq = self.next_seq;
+        RbeDelta {
+            kinds: &self.kinds,
+            max_groups: self.max_groups,
+            next_seq: self.next_seq,
+            evicted: self.evicted,
+            upserted,
+            removed,
+        }
+    }
+
+    /// Forgets the change tracking: the state as it is now is what the caller's log says.
+    pub(crate) fn clear_changes(&mut self) {
+        self.changes.changed.clear();
+        self.changes.removed.clear();
+        self.changes.since_seq = self.next_seq;
+    }
+
+    /// Applies a delta to the state it follows; a delta of other calls (the rule changed
+    /// and no snapshot was written) restarts the rule from it.
+    pub(crate) fn apply(&mut self, delta: RbeDeltaIn) {
+        if self.kinds != delta.kinds {
+            *self = RbeState::new(delta.kinds.clone(), delta.max_groups);
+        }
+        self.kinds = delta.kinds;
+        self.max_groups = delta.max_groups.max(1);
+        self.next_seq = delta.next_seq;
+        self.evicted = delta.evicted;
+        for key in delta.removed {
+            self.entries.remove(&key);
+        }
+        self.entries.extend(delta.upserted);
+    }
+
+    /// A rule started from a delta (the snapshot does not have it).
+    pub(crate) fn from_delta(delta: RbeDeltaIn) -> RbeState {
+        let mut state = RbeState::new(delta.kinds.clone(), delta.max_groups);
+        state.apply(delta);
+        state
     }
 
     pub(crate) fn kinds(&self) -> &[RbeKind] {
@@ -137,12 +232,21 @@ impl RbeState {
             let key = (i, partition);
             self.next_seq += 1;
             let seq = self.next_seq;
-            if !self.entries.contains_key(&key) && self.entries.len() >= self.max_groups {
-                // The overflow path: a scan rather than an index kept per event.
-                if let Some(oldest) = self.entries.iter().min_by_key(|(_, (s, _))| *s).map(|(k, _)| k.clone())
-                {
-                    self.entries.remove(&oldest);
-                    self.evicted += 1;
+            match self.entries.get(&key) {
+                Some((last, _)) if *last > self.changes.since_seq => {}
+                Some(_) => self.changes.changed.push(key.clone()),
+                None => {
+                    if self.entries.len() >= self.max_groups {
+                        // The overflow path: a scan rather than an index kept per event.
+                        if let Some(oldest) =
+                            self.entries.iter().min_by_key(|(_, (s, _))| *s).map(|(k, _)| k.clone())
+                        {
+                            self.entries.remove(&oldest);
+                            self.evicted += 1;
+                            self.changes.removed.insert(oldest);
+                        }
+                    }
+                    self.changes.changed.push(key.clone());
                 }
             }
             let entry = self.entries.entry(key).or_insert_with(|| (seq, initial(&call.kind)));
@@ -637,6 +741,20 @@ mod tests {
             "remembered"
         );
         assert_eq!(rules.evaluate_windowed(&event(60_000, "s", r#"{"id":1}"#), &mut restored).len(), 1);
+    }
+
+    #[test]
+    fn lag_keeps_its_state_across_a_snapshot() {
+        let toml = "[[rule]]\nname = \"r\"\nsql = '''SELECT lag(payload.v) AS p, latest(payload.v) AS l FROM \"s\"'''\n[[rule.action]]\ntype = \"forward\"\n";
+        let rules = RuleSet::compile(toml, &TableSources::new()).unwrap();
+        let mut state = rules.window_state();
+        rules.evaluate_windowed(&event(0, "s", r#"{"v":1}"#), &mut state);
+        let (mut restored, dropped) =
+            crate::window::WindowState::restore(&rules, &state.snapshot(&rules)).unwrap();
+        assert!(dropped.is_empty(), "{dropped:?}");
+        let out = rules.evaluate_windowed(&event(1, "s", r#"{"v":2}"#), &mut restored);
+        let [Output::Forward { payload, .. }] = out.as_slice() else { panic!("{out:?}") };
+        assert_eq!(String::from_utf8_lossy(payload), r#"{"p":1,"l":2}"#);
     }
 
     #[test]

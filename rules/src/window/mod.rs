@@ -28,6 +28,7 @@
 //! - Output order is deterministic: by window end, then start, then group key.
 
 mod agg;
+mod delta;
 mod run;
 pub mod spec;
 pub(crate) mod sql;
@@ -46,6 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use agg::AggState;
 pub use agg::{AggKind, DEFAULT_COLLECT_CAP, MAX_COLLECT_CAP, SKETCH_MAX_BUCKETS, SKETCH_RELATIVE_ACCURACY};
+pub(crate) use delta::Changes;
 pub use spec::{MAX_OVERLAP, MAX_RETAINED, WindowSpec};
 
 use crate::value::Value;
@@ -161,12 +163,37 @@ pub struct Windows {
     /// No window closes before this; `advance` skips its scan until then.
     deadline: u64,
     counters: WindowCounters,
+    /// Which groups changed since the last delta ([`WindowState::take_delta`]); not state:
+    /// never serialized, and ignored by equality.
+    #[serde(skip)]
+    changes: Changes<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Group {
     seq: u64,
     state: GroupState,
+    /// Changed since the last delta, and so listed in [`Changes::changed`] (once: listing
+    /// is what costs a key's clone, and it happens once per group per delta).
+    #[serde(skip)]
+    dirty: bool,
+}
+
+/// Change tracking is not state: a group restored from a log equals the live one.
+impl PartialEq for Group {
+    fn eq(&self, other: &Group) -> bool {
+        self.seq == other.seq && self.state == other.state
+    }
+}
+
+impl Group {
+    /// Notes that the group `key` changed since the last delta.
+    fn touch(&mut self, key: &str, changed: &mut Vec<String>) {
+        if !self.dirty {
+            self.dirty = true;
+            changed.push(key.to_owned());
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +247,7 @@ impl Windows {
             last_arrival: 0,
             deadline: u64::MAX,
             counters: WindowCounters::default(),
+            changes: Changes::default(),
         }
     }
 
@@ -303,7 +331,7 @@ impl Windows {
         let seq = self.next_seq;
         self.ensure_group(key, seq, out);
         let result = match self.groups.get_mut(key) {
-            Some(Group { seq: group_seq, state: GroupState::Open(instances) }) => {
+            Some(Group { seq: group_seq, state: GroupState::Open(instances), dirty }) => {
                 if push_event_time(
                     &self.plan,
                     self.watermark,
@@ -313,11 +341,17 @@ impl Windows {
                     &mut self.deadline,
                 ) {
                     *group_seq = seq;
+                    if !*dirty {
+                        *dirty = true;
+                        self.changes.changed.push(key.to_owned());
+                    }
                     self.next_seq += 1;
                     Pushed::Accepted
                 } else {
+                    // Only a group this event made can be empty: nothing else changed.
                     if instances.is_empty() {
                         self.groups.remove(key);
+                        self.changes.removed.insert(key.to_owned());
                     }
                     self.counters.ahead += 1;
                     Pushed::Ahead
@@ -349,7 +383,7 @@ impl Windows {
                 }
                 _ => GroupState::Open(VecDeque::with_capacity(1)),
             };
-            self.groups.insert(key.to_owned(), Group { seq, state });
+            self.groups.insert(key.to_owned(), Group { seq, state, dirty: false });
         }
     }
 
@@ -366,6 +400,7 @@ impl Windows {
         self.ensure_group(key, seq, out);
         let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
         group.seq = seq;
+        group.touch(key, &mut self.changes.changed);
         let plan = &self.plan;
         let mut deadline = self.deadline;
         let first_out = out.len();
@@ -446,37 +481,48 @@ impl Windows {
         }
         let first_out = out.len();
         let plan = &self.plan;
+        let changes = &mut self.changes;
         let mut deadline = u64::MAX;
-        self.groups.retain(|key, group| match &mut group.state {
-            GroupState::Open(instances) => {
-                while let Some(first) = instances.front() {
-                    match close_time(plan.spec, first) {
-                        Some(at) if at <= now_ms => {
-                            if let Some(instance) = instances.pop_front() {
-                                out.push(instance.close(plan, key, at, false));
+        self.groups.retain(|key, group| {
+            let (before, after) = match &mut group.state {
+                GroupState::Open(instances) => {
+                    let before = instances.len();
+                    while let Some(first) = instances.front() {
+                        match close_time(plan.spec, first) {
+                            Some(at) if at <= now_ms => {
+                                if let Some(instance) = instances.pop_front() {
+                                    out.push(instance.close(plan, key, at, false));
+                                }
                             }
+                            _ => break,
                         }
-                        _ => break,
                     }
-                }
-                for instance in instances.iter() {
-                    if let Some(at) = close_time(plan.spec, instance) {
-                        deadline = deadline.min(at);
+                    for instance in instances.iter() {
+                        if let Some(at) = close_time(plan.spec, instance) {
+                            deadline = deadline.min(at);
+                        }
                     }
+                    (before, instances.len())
                 }
-                !instances.is_empty()
+                GroupState::Kept { events, .. } => {
+                    let before = events.len();
+                    if let WindowSpec::Sliding { size_ms } = plan.spec {
+                        while events.front().is_some_and(|(t, _)| t.saturating_add(size_ms) <= now_ms) {
+                            events.pop_front();
+                        }
+                        if let Some((oldest, _)) = events.front() {
+                            deadline = deadline.min(oldest.saturating_add(size_ms));
+                        }
+                    }
+                    (before, events.len())
+                }
+            };
+            if after == 0 {
+                changes.removed.insert(key.clone());
+            } else if after != before {
+                group.touch(key, &mut changes.changed);
             }
-            GroupState::Kept { events, .. } => {
-                if let WindowSpec::Sliding { size_ms } = plan.spec {
-                    while events.front().is_some_and(|(t, _)| t.saturating_add(size_ms) <= now_ms) {
-                        events.pop_front();
-                    }
-                    if let Some((oldest, _)) = events.front() {
-                        deadline = deadline.min(oldest.saturating_add(size_ms));
-                    }
-                }
-                !events.is_empty()
-            }
+            after != 0
         });
         self.deadline = deadline;
         sort_closed(&mut out[first_out..]);
@@ -493,6 +539,7 @@ impl Windows {
                     out.push(instance.close(plan, &key, at, true));
                 }
             }
+            self.changes.removed.insert(key);
         }
         self.deadline = u64::MAX;
         sort_closed(&mut out);
@@ -513,6 +560,7 @@ impl Windows {
                     out.push(instance.close(&self.plan, &oldest, at, true));
                 }
             }
+            self.changes.removed.insert(oldest);
         }
     }
 
@@ -533,24 +581,30 @@ impl Windows {
         if snapshot.version != SNAPSHOT_VERSION {
             return Err(SnapshotError::Version(snapshot.version));
         }
-        let mut windows = snapshot.windows;
-        let field = |time: &TimeBasis| match time {
-            TimeBasis::Processing => None,
-            TimeBasis::Event { field, .. } => Some(field.clone()),
-        };
-        // Windows opened on one clock mean nothing on another.
-        if windows.plan.spec != plan.spec
-            || windows.plan.aggs != plan.aggs
-            || field(&windows.plan.time) != field(&plan.time)
-        {
+        snapshot.windows.fitted(plan)
+    }
+
+    /// These windows for a rule that now has `plan`, if it still computes the same windows.
+    fn fitted(mut self, plan: &WindowPlan) -> Result<Windows, SnapshotError> {
+        if !same_windows(&self.plan, plan) {
             return Err(SnapshotError::PlanChanged);
         }
         // A lowered limit applies from the next new group on; a new tolerance from the next
         // event on (the watermark does not move back).
-        windows.plan.max_groups = plan.max_groups;
-        windows.plan.time = plan.time.clone();
-        Ok(windows)
+        self.plan.max_groups = plan.max_groups;
+        self.plan.time = plan.time.clone();
+        Ok(self)
     }
+}
+
+/// Whether windows opened under plan `a` mean the same under plan `b`: the same window,
+/// aggregates and clock (windows opened on one clock mean nothing on another).
+fn same_windows(a: &WindowPlan, b: &WindowPlan) -> bool {
+    let field = |time: &TimeBasis| match time {
+        TimeBasis::Processing => None,
+        TimeBasis::Event { field, .. } => Some(field.clone()),
+    };
+    a.spec == b.spec && a.aggs == b.aggs && field(&a.time) == field(&b.time)
 }
 
 /// The epoch-aligned start of the `size`-long window holding `t`. Times are the gateway's

@@ -15,12 +15,13 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::delta::{DELTA_VERSION, DeltaIn, DeltaOut};
 use super::sql::{AGG_PREFIX, KEY_PREFIX, WINDOW_END, WINDOW_START, WindowSql};
 use super::{Closed, LatePolicy, Pushed, SnapshotError, WindowCounters, Windows};
 use crate::engine::{Rule, RuleSet, dead_letter};
 use crate::expr::{Env, EvalError, NULL};
 use crate::payload::{Decoded, PayloadView};
-use crate::rbe::{RbeSql, RbeState};
+use crate::rbe::{RbeDeltaIn, RbeDeltaOut, RbeSql, RbeState};
 use crate::value::Value;
 use crate::{EventContext, Output, PayloadFormat};
 
@@ -42,6 +43,33 @@ struct StateSnapshot {
     rules: Vec<(String, Windows)>,
     /// (rule name, its report-by-exception state).
     rbe: Vec<(String, RbeState)>,
+}
+
+/// What changed since the previous delta, per rule by name (every rule with state, changed
+/// or not: its meta is small, and a log then names every rule it restores).
+#[derive(Serialize)]
+struct StateDeltaOut<'a> {
+    version: u32,
+    rules: Vec<(&'a str, DeltaOut<'a>)>,
+    rbe: Vec<(&'a str, RbeDeltaOut<'a>)>,
+}
+
+#[derive(Deserialize)]
+struct StateDeltaIn {
+    version: u32,
+    rules: Vec<(String, DeltaIn)>,
+    rbe: Vec<(String, RbeDeltaIn)>,
+}
+
+impl StateSnapshot {
+    fn decode(bytes: &[u8]) -> Result<StateSnapshot, SnapshotError> {
+        let snapshot: StateSnapshot =
+            ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+        if snapshot.version != STATE_VERSION {
+            return Err(SnapshotError::Version(snapshot.version));
+        }
+        Ok(snapshot)
+    }
 }
 
 impl WindowState {
@@ -70,25 +98,103 @@ impl WindowState {
 
     /// The state a snapshot held, for `rules` (perhaps reloaded since): the windows of each
     /// rule with the same name and plan; the others start empty and are named in the
-    /// second value with the reason.
+    /// second value with the reason. Change tracking starts empty: the first delta is of
+    /// changes after this state.
     pub fn restore(
         rules: &RuleSet,
         bytes: &[u8],
     ) -> Result<(WindowState, Vec<(String, SnapshotError)>), SnapshotError> {
-        let snapshot: StateSnapshot =
-            ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-        if snapshot.version != STATE_VERSION {
-            return Err(SnapshotError::Version(snapshot.version));
+        Ok(WindowState::fitted(rules, StateSnapshot::decode(bytes)?))
+    }
+
+    /// CBOR: everything that changed since the last `take_delta` or `clear_changes` — per
+    /// windowed rule (by name) its meta (next_seq, watermark, event_clock, last_arrival,
+    /// deadline, counters) and the groups upserted and removed (closed, evicted, emptied);
+    /// per report-by-exception rule its meta (next_seq, evicted) and entries
+    /// upserted/removed. Resets the change tracking.
+    ///
+    /// A delta describes changes to the state the caller's log already describes: after
+    /// [`WindowState::restore`] of another rule set (a reload), write a full
+    /// [`WindowState::snapshot`] (and [`WindowState::clear_changes`]) before the next delta.
+    pub fn take_delta(&mut self, rules: &RuleSet) -> Vec<u8> {
+        let delta = StateDeltaOut {
+            version: DELTA_VERSION,
+            rules: rules
+                .rules
+                .iter()
+                .zip(&mut self.rules)
+                .filter_map(|(rule, w)| w.as_mut().map(|w| (&*rule.name, w.delta())))
+                .collect(),
+            rbe: rules
+                .rules
+                .iter()
+                .zip(&mut self.rbe)
+                .filter_map(|(rule, r)| r.as_mut().map(|r| (&*rule.name, r.delta())))
+                .collect(),
+        };
+        let mut bytes = Vec::new();
+        // Writing into a Vec fails only on a serializer bug; restore_log then says so.
+        let _ = ciborium::into_writer(&delta, &mut bytes);
+        bytes
+    }
+
+    /// Forgets the change tracking (the caller just took a full `snapshot`).
+    pub fn clear_changes(&mut self) {
+        self.rules.iter_mut().flatten().for_each(Windows::clear_changes);
+        self.rbe.iter_mut().flatten().for_each(RbeState::clear_changes);
+    }
+
+    /// The state a full snapshot followed by deltas (in the order taken) describes, for
+    /// `rules` (perhaps reloaded since): same matching by rule name and plan as `restore`
+    /// (deltas are applied by rule name to the snapshot's raw state first, then plans are
+    /// matched). A delta of a rule the snapshot does not have, or whose window or calls
+    /// differ from the snapshot's, starts that rule from the delta. A delta that does not
+    /// decode fails the whole restore.
+    pub fn restore_log<'a>(
+        rules: &RuleSet,
+        base: &[u8],
+        deltas: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<(WindowState, Vec<(String, SnapshotError)>), SnapshotError> {
+        let mut snapshot = StateSnapshot::decode(base)?;
+        for bytes in deltas {
+            let delta: StateDeltaIn =
+                ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+            if delta.version != DELTA_VERSION {
+                return Err(SnapshotError::Version(delta.version));
+            }
+            for (name, delta) in delta.rules {
+                match snapshot.rules.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, windows)) => windows.apply(delta),
+                    None => snapshot.rules.push((name, Windows::from_delta(delta))),
+                }
+            }
+            for (name, delta) in delta.rbe {
+                match snapshot.rbe.iter_mut().find(|(n, _)| *n == name) {
+                    Some((_, state)) => state.apply(delta),
+                    None => snapshot.rbe.push((name, RbeState::from_delta(delta))),
+                }
+            }
         }
+        Ok(WindowState::fitted(rules, snapshot))
+    }
+
+    /// A snapshot's state for `rules`: each rule's by name if its plan is unchanged.
+    fn fitted(rules: &RuleSet, snapshot: StateSnapshot) -> (WindowState, Vec<(String, SnapshotError)>) {
         let mut saved: Vec<(String, Option<Windows>)> =
             snapshot.rules.into_iter().map(|(name, w)| (name, Some(w))).collect();
+        let mut saved_rbe: Vec<(String, Option<RbeState>)> =
+            snapshot.rbe.into_iter().map(|(name, r)| (name, Some(r))).collect();
         let mut state = rules.window_state();
         let mut dropped = Vec::new();
         for (rule, slot) in rules.rules.iter().zip(&mut state.rbe) {
             let Some(fresh) = slot.as_mut() else { continue };
-            let Some((_, old)) = snapshot.rbe.iter().find(|(name, _)| **name == *rule.name) else { continue };
+            let Some(old) =
+                saved_rbe.iter_mut().find(|(name, _)| **name == *rule.name).and_then(|(_, r)| r.take())
+            else {
+                continue;
+            };
             if old.kinds() == fresh.kinds() {
-                *fresh = old.clone();
+                *fresh = old;
             } else {
                 dropped.push((rule.name.to_string(), SnapshotError::PlanChanged));
             }
@@ -100,12 +206,15 @@ impl WindowState {
             else {
                 continue;
             };
-            match Windows::restore(&window.plan, &old.snapshot()) {
+            match old.fitted(&window.plan) {
                 Ok(restored) => *fresh = restored,
                 Err(e) => dropped.push((rule.name.to_string(), e)),
             }
         }
-        Ok((state, dropped))
+        // A report-by-exception state read back knows its entries' last uses, not which of
+        // them the caller's log holds: all of them, now.
+        state.clear_changes();
+        (state, dropped)
     }
 
     /// Each windowed rule's counters, by rule name.
@@ -507,5 +616,331 @@ fn push(
         Err(EvalError(reason)) => {
             dead_letter(out, rule, event, reason);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::WindowState;
+    use crate::window::SnapshotError;
+    use crate::{EventContext, RuleSet, TableSources};
+
+    /// Every kind of state a delta carries: each window, eviction (`max_groups`), event time,
+    /// and report-by-exception calls with eviction.
+    const RULES: &str = r#"
+[[rule]]
+name = "tumble"
+max_groups = 3
+sql = '''SELECT count(*) AS n, sum(payload.v) AS t FROM "s/+" GROUP BY topic(2), TUMBLINGWINDOW(ms, 1000)'''
+[[rule.action]]
+type = "forward"
+topic = "out"
+
+[[rule]]
+name = "hop"
+sql = '''SELECT avg(payload.v) AS a FROM "s/+" GROUP BY topic(2), HOPPINGWINDOW(ms, 1000, 500)'''
+[[rule.action]]
+type = "forward"
+topic = "out"
+
+[[rule]]
+name = "slide"
+sql = '''SELECT max(payload.v) AS m FROM "s/+" GROUP BY topic(2), SLIDINGWINDOW(ms, 700)'''
+[[rule.action]]
+type = "forward"
+topic = "out"
+
+[[rule]]
+name = "session"
+sql = '''SELECT collect(payload.v) AS c FROM "s/+" GROUP BY topic(2), SESSIONWINDOW(ms, 2000, 300)'''
+[[rule.action]]
+type = "forward"
+topic = "out"
+
+[[rule]]
+name = "count"
+sql = '''SELECT percentile(payload.v, 0.5) AS p FROM "s/+" GROUP BY topic(2), COUNTWINDOW(3, 2)'''
+[[rule.action]]
+type = "forward"
+topic = "out"
+
+[[rule]]
+name = "event"
+max_groups = 4
+event_time = "payload.ts"
+late_tolerance = "400ms"
+sql = '''SELECT stddev(payload.v) AS d FROM "s/+" GROUP BY topic(2), TUMBLINGWINDOW(ms, 500)'''
+[[rule.action]]
+type = "forward"
+topic = "out"
+
+[[rule]]
+name = "band"
+max_groups = 4
+sql = '''SELECT lag(payload.v) AS l FROM "s/+" WHERE deadband(payload.v, 20) AND dedupe(payload.v, '1s')'''
+[[rule.action]]
+type = "forward"
+"#;
+
+    fn rules() -> RuleSet {
+        RuleSet::compile(RULES, &TableSources::new()).expect("test rules compile")
+    }
+
+    fn feed(rules: &RuleSet, state: &mut WindowState, now: u64, sensor: u8, value: i8, ts: u64) {
+        let topic = format!("s/{sensor}");
+        let payload = format!(r#"{{"v":{value},"ts":{ts}}}"#);
+        let event = EventContext {
+            topic: &topic,
+            payload: payload.as_bytes(),
+            clientid: None,
+            username: None,
+            qos: 1,
+            timestamp_ms: now,
+            event_id: 1,
+            hops: 0,
+            peerhost: None,
+            retain: false,
+            dup: false,
+            pub_props: None,
+            lifecycle: None,
+        };
+        rules.evaluate_windowed(&event, state);
+    }
+
+    /// A durable log: one snapshot and the deltas taken since.
+    struct Log {
+        base: Vec<u8>,
+        deltas: Vec<Vec<u8>>,
+    }
+
+    impl Log {
+        fn new(rules: &RuleSet, state: &mut WindowState) -> Log {
+            let base = state.snapshot(rules);
+            state.clear_changes();
+            Log { base, deltas: Vec::new() }
+        }
+
+        fn restore(&self, rules: &RuleSet) -> (WindowState, Vec<(String, SnapshotError)>) {
+            WindowState::restore_log(rules, &self.base, self.deltas.iter().map(Vec::as_slice))
+                .expect("own log restores")
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// A reading from `sensor`, `dt` ms later, stamped `delay` ms before it arrived.
+        Event {
+            dt: u64,
+            sensor: u8,
+            value: i8,
+            delay: u64,
+        },
+        Advance {
+            dt: u64,
+        },
+        Delta,
+        /// Compaction: a new full snapshot replaces the log.
+        Snapshot,
+        /// Restart from the log.
+        Restore,
+        Flush,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            8 => (0..300u64, 0..6u8, any::<i8>(), 0..600u64)
+                .prop_map(|(dt, sensor, value, delay)| Step::Event { dt, sensor, value, delay }),
+            3 => (0..1_200u64).prop_map(|dt| Step::Advance { dt }),
+            4 => Just(Step::Delta),
+            1 => Just(Step::Snapshot),
+            1 => Just(Step::Restore),
+            1 => Just(Step::Flush),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// A snapshot and the deltas taken since restore the live state, whatever happened
+        /// between them: closing, eviction, removal and re-creation of a group, flushes,
+        /// restarts from the log, compactions.
+        #[test]
+        fn a_snapshot_and_its_deltas_restore_the_live_state(steps in prop::collection::vec(step(), 1..80)) {
+            let rules = rules();
+            let mut state = rules.window_state();
+            let mut log = Log::new(&rules, &mut state);
+            let mut now = 1_000u64;
+            for step in steps.into_iter().chain([Step::Delta]) {
+                match step {
+                    Step::Event { dt, sensor, value, delay } => {
+                        now += dt;
+                        feed(&rules, &mut state, now, sensor, value, now.saturating_sub(delay));
+                    }
+                    Step::Advance { dt } => {
+                        now += dt;
+                        rules.advance_windows(&mut state, now);
+                    }
+                    Step::Delta => {
+                        log.deltas.push(state.take_delta(&rules));
+                        let (restored, dropped) = log.restore(&rules);
+                        prop_assert!(dropped.is_empty());
+                        prop_assert_eq!(&restored, &state);
+                    }
+                    Step::Snapshot => log = Log::new(&rules, &mut state),
+                    Step::Restore => {
+                        // What the last delta did not take is lost, as in a crash.
+                        state = log.restore(&rules).0;
+                    }
+                    Step::Flush => {
+                        rules.flush_windows(&mut state);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_group_removed_and_made_again_is_an_upsert() {
+        let rules = rules();
+        let mut state = rules.window_state();
+        let mut log = Log::new(&rules, &mut state);
+        feed(&rules, &mut state, 100, 1, 5, 100);
+        log.deltas.push(state.take_delta(&rules));
+        // Closed (removed), then the sensor speaks again: the same keys, new windows.
+        rules.advance_windows(&mut state, 5_000);
+        feed(&rules, &mut state, 5_100, 1, 7, 5_100);
+        log.deltas.push(state.take_delta(&rules));
+        assert_eq!(log.restore(&rules).0, state);
+        // Made again, then removed again within one delta: a removal.
+        feed(&rules, &mut state, 5_200, 2, 1, 5_200);
+        rules.advance_windows(&mut state, 9_000);
+        log.deltas.push(state.take_delta(&rules));
+        assert_eq!(log.restore(&rules).0, state);
+    }
+
+    #[test]
+    fn evicted_groups_and_entries_are_removed_by_the_delta() {
+        let rules = rules();
+        let mut state = rules.window_state();
+        let mut log = Log::new(&rules, &mut state);
+        // "tumble" keeps 3 groups, "band" 4 entries (3 calls per topic).
+        for sensor in 0..6 {
+            feed(&rules, &mut state, 100 + u64::from(sensor), sensor, 1, 100);
+        }
+        log.deltas.push(state.take_delta(&rules));
+        for sensor in [0, 1] {
+            feed(&rules, &mut state, 200 + u64::from(sensor), sensor, 100, 200);
+        }
+        log.deltas.push(state.take_delta(&rules));
+        let (restored, _) = log.restore(&rules);
+        assert_eq!(restored, state);
+        let evicted: Vec<(&str, u64)> =
+            restored.counters(&rules).map(|(name, c)| (name, c.groups_evicted)).collect();
+        assert_eq!(evicted[0], ("tumble", 5));
+        // 18 entries into 4 places, then 6 more for the two topics that come back.
+        let band = restored.rbe.iter().flatten().next().expect("band state");
+        assert_eq!(band.evicted, 18 - 4 + 6);
+    }
+
+    #[test]
+    fn a_delta_of_an_unchanged_state_is_its_meta_only() {
+        let rules = rules();
+        let mut state = rules.window_state();
+        for sensor in 0..6 {
+            for at in [100, 150, 190] {
+                feed(&rules, &mut state, at + u64::from(sensor), sensor, 3, at);
+            }
+        }
+        let full = state.snapshot(&rules);
+        let changed = state.take_delta(&rules);
+        let unchanged = state.take_delta(&rules);
+        assert!(changed.len() > full.len() / 2, "{} of {}", changed.len(), full.len());
+        // Per rule its name, plan and clocks (about 200 bytes), and no group or entry.
+        assert!(unchanged.len() < 7 * 250, "{} bytes", unchanged.len());
+        let decoded: ciborium::Value = ciborium::from_reader(unchanged.as_slice()).expect("cbor");
+        let mut lists = 0;
+        for (_, rules) in
+            decoded.as_map().expect("a map").iter().filter(|(k, _)| k.as_text() != Some("version"))
+        {
+            for rule in rules.as_array().expect("rules") {
+                let (_, delta) =
+                    rule.as_array().and_then(|pair| pair.first().zip(pair.get(1))).expect("a pair");
+                for (key, value) in delta.as_map().expect("a delta") {
+                    if matches!(key.as_text(), Some("upserted" | "removed")) {
+                        assert_eq!(value.as_array().map(Vec::len), Some(0), "{key:?}");
+                        lists += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(lists, 7 * 2);
+        let mut log = Log::new(&rules, &mut state);
+        log.deltas.push(unchanged.clone());
+        assert_eq!(log.restore(&rules).0, state);
+        // Taking a snapshot and clearing the tracking leaves nothing to say either.
+        state.clear_changes();
+        assert_eq!(state.take_delta(&rules).len(), unchanged.len());
+    }
+
+    #[test]
+    fn a_rule_changed_since_the_log_is_dropped_as_restore_drops_it() {
+        let rules = rules();
+        let mut state = rules.window_state();
+        let mut log = Log::new(&rules, &mut state);
+        feed(&rules, &mut state, 100, 1, 5, 100);
+        log.deltas.push(state.take_delta(&rules));
+        let edited = RuleSet::compile(
+            &RULES
+                .replace("TUMBLINGWINDOW(ms, 1000)", "TUMBLINGWINDOW(ms, 2000)")
+                .replace("dedupe(payload.v, '1s')", "dedupe(payload.v, '2s')"),
+            &TableSources::new(),
+        )
+        .expect("edited rules compile");
+        let (restored, dropped) = log.restore(&edited);
+        let from_snapshot = WindowState::restore(&edited, &state.snapshot(&rules)).expect("own snapshot");
+        assert_eq!(restored, from_snapshot.0);
+        assert_eq!(dropped, from_snapshot.1);
+        let names: Vec<&str> = dropped.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["band", "tumble"]);
+        assert_eq!(
+            restored.counters(&rules).find(|(n, _)| *n == "hop"),
+            state.counters(&rules).find(|(n, _)| *n == "hop")
+        );
+    }
+
+    #[test]
+    fn a_delta_of_a_rule_the_snapshot_lacks_starts_it() {
+        let rules = rules();
+        let only_hop = RuleSet::compile(
+            &RULES[RULES.find("[[rule]]\nname = \"hop\"").expect("hop rule")
+                ..RULES.find("[[rule]]\nname = \"slide\"").expect("slide rule")],
+            &TableSources::new(),
+        )
+        .expect("one rule compiles");
+        let base = only_hop.window_state().snapshot(&only_hop);
+        let mut state = rules.window_state();
+        feed(&rules, &mut state, 100, 1, 5, 100);
+        let delta = state.take_delta(&rules);
+        let (restored, dropped) = WindowState::restore_log(&rules, &base, [delta.as_slice()]).expect("log");
+        assert!(dropped.is_empty());
+        assert_eq!(restored, state);
+    }
+
+    #[test]
+    fn a_delta_that_does_not_decode_fails_the_restore() {
+        let rules = rules();
+        let mut state = rules.window_state();
+        let base = state.snapshot(&rules);
+        feed(&rules, &mut state, 100, 1, 5, 100);
+        let delta = state.take_delta(&rules);
+        let cut = &delta[..delta.len() - 3];
+        assert!(matches!(WindowState::restore_log(&rules, &base, [cut]), Err(SnapshotError::Decode(_))));
+        // A snapshot is not a delta.
+        assert!(matches!(
+            WindowState::restore_log(&rules, &base, [base.as_slice()]),
+            Err(SnapshotError::Decode(_))
+        ));
     }
 }
