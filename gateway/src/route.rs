@@ -650,15 +650,7 @@ fn restore_windows(routing: &Routing, load: WindowLoad, metrics: &Metrics) -> Op
         return None;
     };
     fresh_windows(routing)?;
-    if !deltas.is_empty() {
-        Metrics::add(&counters.window_state_dropped, 1);
-        error!(
-            message = "the window-state log in the buffer file holds deltas this build cannot apply; the stateful rules start empty",
-            deltas = deltas.len()
-        );
-        return None;
-    }
-    match WindowState::restore(rules, &base) {
+    match WindowState::restore_log(rules, &base, deltas.iter().map(Vec::as_slice)) {
         Ok((state, dropped)) => {
             for (rule, why) in &dropped {
                 Metrics::add(&counters.window_state_dropped, 1);
@@ -1012,10 +1004,14 @@ async fn commit_now(ck: &mut Checkpointer, rules: &RuleSet, state: &mut WindowSt
 
 /// The checkpoint of `state` the checkpointer asked for. Either kind resets the state's
 /// record of changes: the next delta holds what changed after this one.
-fn checkpoint_of(kind: Kind, rules: &RuleSet, state: &WindowState) -> LogWrite {
+fn checkpoint_of(kind: Kind, rules: &RuleSet, state: &mut WindowState) -> LogWrite {
     match kind {
-        // Full snapshots only until the rules crate takes deltas.
-        Kind::Full | Kind::Delta => LogWrite::Full(state.snapshot(rules)),
+        Kind::Full => {
+            let full = state.snapshot(rules);
+            state.clear_changes();
+            LogWrite::Full(full)
+        }
+        Kind::Delta => LogWrite::Delta(state.take_delta(rules)),
     }
 }
 
@@ -1719,7 +1715,7 @@ topic = "raw"
         let (dead_tx, _dead_rx) = mpsc::channel(8);
         let (input, in_rx) = mpsc::channel(64);
         let (out_tx, out) = mpsc::channel(64);
-        let (commands, mut store) = mpsc::channel(8);
+        let (commands, store) = mpsc::channel(8);
         let metrics = Metrics::default();
         let stage = RouteStage {
             routing: routing_rx,
@@ -1839,8 +1835,7 @@ topic = "raw"
         let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("reopen");
         let restored = file.load_windows().expect("load");
         let WindowLoad::Log { deltas, .. } = &restored else { panic!("a log: {restored:?}") };
-        let written_deltas = written.iter().filter(|w| matches!(w, LogWrite::Delta(_))).count();
-        assert!(deltas.len() <= written_deltas, "{} deltas after the base", deltas.len());
+        assert!(!deltas.is_empty(), "the readings after the base are in deltas: {written:?}");
         let DurableStage { routing: _routing, input, mut out, mut store, stage } =
             spawn_durable(WINDOWED, 7_000_200, restored);
         let answer = tokio::spawn(async move {
@@ -1867,6 +1862,44 @@ topic = "raw"
         drop(input);
         stage.await.expect("stage");
         answer.await.expect("answers");
+    }
+
+    /// The writes of the checkpoint the stage has asked for, and their reply.
+    fn next_writes(
+        store: &mut mpsc::Receiver<crate::buffer::worker::Command>,
+    ) -> (Vec<LogWrite>, tokio::sync::oneshot::Sender<Result<(), String>>) {
+        match store.try_recv() {
+            Ok(crate::buffer::worker::Command::Checkpoint { writes, reply }) => (writes, reply),
+            _ => panic!("expected a checkpoint"),
+        }
+    }
+
+    /// After the first full checkpoint, a reading's checkpoint is a delta; after a reload
+    /// (even to the same rules: the state was rebuilt) the next one is full again.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_makes_the_next_checkpoint_full() {
+        let DurableStage { routing, input, mut out, mut store, stage } =
+            start_durable(WINDOWED, 8_000_000).await;
+        let step = |store: &mut mpsc::Receiver<crate::buffer::worker::Command>| {
+            let (writes, reply) = next_writes(store);
+            reply.send(Ok(())).expect("reply");
+            writes
+        };
+        input.send(reading("a", 1.0, 8_000_001)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(matches!(step(&mut store)[..], [LogWrite::Delta(_)]), "a delta after the first full one");
+        routing.send(Arc::new(rules(WINDOWED))).expect("reload");
+        input.send(reading("a", 3.0, 8_000_040)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(matches!(step(&mut store)[..], [LogWrite::Full(_)]), "full after the reload");
+        input.send(reading("a", 5.0, 8_000_080)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(matches!(step(&mut store)[..], [LogWrite::Delta(_)]), "then deltas again");
+        drop(routing);
+        stop_durable(input, store, stage).await;
     }
 
     /// With a windowed rule loaded, an event no stateful rule reads is acknowledged on its own
