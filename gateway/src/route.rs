@@ -1698,6 +1698,7 @@ topic = "raw"
         out: mpsc::Receiver<Outbound>,
         store: mpsc::Receiver<crate::buffer::worker::Command>,
         stage: tokio::task::JoinHandle<()>,
+        metrics: Metrics,
     }
 
     /// Starts a stage on `text` at `now_ms` (paused clock) and commits its first checkpoint,
@@ -1726,12 +1727,12 @@ topic = "raw"
             ids: IdGen::new(1),
             metrics: metrics.clone(),
             heartbeat: Heartbeat::unwatched(),
-            tap: crate::tap::Tap::new(metrics),
+            tap: crate::tap::Tap::new(metrics.clone()),
             clock: Clock::tokio_at(now_ms),
             durable: Some(Durable { commands, interval: Duration::from_millis(25), restored }),
         };
         let stage = tokio::spawn(run(stage, in_rx, out_tx));
-        DurableStage { routing, input, out, store, stage }
+        DurableStage { routing, input, out, store, stage, metrics }
     }
 
     /// The store thread's side with a real buffer file: commits the checkpoint the stage has
@@ -1781,7 +1782,7 @@ topic = "raw"
     /// the same id and the same content.
     #[tokio::test(start_paused = true)]
     async fn a_window_closes_only_after_a_checkpoint_holding_its_readings_commits() {
-        let DurableStage { routing: routing_tx, input, mut out, mut store, stage } =
+        let DurableStage { routing: routing_tx, input, mut out, mut store, stage, .. } =
             start_durable(WINDOWED, 6_009_000).await;
         let sensor = crate::ack::AckQueue::new();
         let mut e = reading("a", 2.0, 6_009_990);
@@ -1814,7 +1815,7 @@ topic = "raw"
     async fn a_restart_from_the_checkpoint_log_closes_the_same_windows() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("open");
-        let DurableStage { routing: _routing, input, mut out, mut store, stage } =
+        let DurableStage { routing: _routing, input, mut out, mut store, stage, .. } =
             spawn_durable(WINDOWED, 7_000_000, WindowLoad::Empty);
         tokio::time::sleep(Duration::from_millis(1)).await;
         let mut written = commit_into(&mut store, &mut file).expect("the first checkpoint");
@@ -1836,7 +1837,7 @@ topic = "raw"
         let restored = file.load_windows().expect("load");
         let WindowLoad::Log { deltas, .. } = &restored else { panic!("a log: {restored:?}") };
         assert!(!deltas.is_empty(), "the readings after the base are in deltas: {written:?}");
-        let DurableStage { routing: _routing, input, mut out, mut store, stage } =
+        let DurableStage { routing: _routing, input, mut out, mut store, stage, .. } =
             spawn_durable(WINDOWED, 7_000_200, restored);
         let answer = tokio::spawn(async move {
             while let Some(crate::buffer::worker::Command::Checkpoint { writes, reply }) = store.recv().await
@@ -1864,6 +1865,33 @@ topic = "raw"
         answer.await.expect("answers");
     }
 
+    /// A log that cannot make a state (deltas without a base) is counted and logged, the
+    /// rules start empty and still work, and the first checkpoint replaces the log in full.
+    #[tokio::test(start_paused = true)]
+    async fn an_unusable_checkpoint_log_starts_empty_and_is_replaced() {
+        let unusable = WindowLoad::Unusable("2 deltas but no full snapshot".into());
+        let DurableStage { input, mut out, mut store, stage, metrics, .. } =
+            spawn_durable(WINDOWED, 9_000_000, unusable);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let (writes, reply) = next_writes(&mut store);
+        assert!(matches!(writes[..], [LogWrite::Full(_)]), "{writes:?}");
+        reply.send(Ok(())).expect("reply");
+        assert_eq!(Metrics::get(&metrics.counters().window_state_dropped), 1);
+        input.send(reading("a", 4.0, 9_000_002)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        let answer = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { reply, .. }) = store.recv().await {
+                let _ = reply.send(Ok(()));
+            }
+        });
+        let window =
+            tokio::time::timeout(Duration::from_secs(20), out.recv()).await.expect("closes").expect("window");
+        assert_eq!(shown(&window), r#"avg/a {"sensor":"a","v":4.0,"n":1,"until":9010000}"#);
+        drop(input);
+        stage.await.expect("stage");
+        answer.await.expect("answers");
+    }
+
     /// The writes of the checkpoint the stage has asked for, and their reply.
     fn next_writes(
         store: &mut mpsc::Receiver<crate::buffer::worker::Command>,
@@ -1878,7 +1906,7 @@ topic = "raw"
     /// (even to the same rules: the state was rebuilt) the next one is full again.
     #[tokio::test(start_paused = true)]
     async fn a_reload_makes_the_next_checkpoint_full() {
-        let DurableStage { routing, input, mut out, mut store, stage } =
+        let DurableStage { routing, input, mut out, mut store, stage, .. } =
             start_durable(WINDOWED, 8_000_000).await;
         let step = |store: &mut mpsc::Receiver<crate::buffer::worker::Command>| {
             let (writes, reply) = next_writes(store);
