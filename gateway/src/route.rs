@@ -1892,6 +1892,60 @@ topic = "raw"
         answer.await.expect("answers");
     }
 
+    /// A delta whose write failed is lost: the next checkpoint is full and holds its
+    /// readings, and a restart from the file counts each reading once.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failed_delta_the_full_checkpoint_holds_its_readings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("open");
+        let DurableStage { input, mut out, mut store, stage, .. } =
+            spawn_durable(WINDOWED, 7_000_000, WindowLoad::Empty);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        commit_into(&mut store, &mut file).expect("the first checkpoint");
+        input.send(reading("a", 1.0, 7_000_001)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let (writes, reply) = next_writes(&mut store);
+        assert!(matches!(writes[..], [LogWrite::Delta(_)]), "{writes:?}");
+        reply.send(Err("disk full".into())).expect("reply");
+        input.send(reading("b", 5.0, 7_000_040)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        // The back-off after a failure is longer than the interval.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let written = commit_into(&mut store, &mut file).expect("the next checkpoint");
+        assert!(matches!(written[..], [LogWrite::Full(_)]), "full after a failure: {written:?}");
+        stage.abort();
+        let _ = stage.await;
+        drop(file);
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("reopen");
+        let restored = file.load_windows().expect("load");
+        let DurableStage { input, mut out, mut store, stage, .. } =
+            spawn_durable(WINDOWED, 7_000_200, restored);
+        let answer = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { writes, reply }) = store.recv().await
+            {
+                file.save_windows(&writes).expect("save");
+                let _ = reply.send(Ok(()));
+            }
+        });
+        let mut windows: Vec<String> = Vec::new();
+        for _ in 0..2 {
+            let window = tokio::time::timeout(Duration::from_secs(20), out.recv()).await;
+            windows.push(shown(&window.expect("the restored windows close").expect("a window")));
+        }
+        windows.sort();
+        assert_eq!(
+            windows,
+            [
+                r#"avg/a {"sensor":"a","v":1.0,"n":1,"until":7010000}"#,
+                r#"avg/b {"sensor":"b","v":5.0,"n":1,"until":7010000}"#,
+            ]
+        );
+        drop(input);
+        stage.await.expect("stage");
+        answer.await.expect("answers");
+    }
+
     /// The writes of the checkpoint the stage has asked for, and their reply.
     fn next_writes(
         store: &mut mpsc::Receiver<crate::buffer::worker::Command>,
