@@ -1,6 +1,7 @@
 //! What windows cost: 10,000 devices × 1 event/s through a 10 s tumbling average. CPU time
 //! per event (this thread's scheduler statistics, best of five, as `benches/cpu.rs`), heap
-//! bytes per open group (a counting allocator), checkpoint size, and the reduction in
+//! bytes per open group (a counting allocator), checkpoint size (full, and deltas taken
+//! every 50 ms with the devices' readings spread over the second), and the reduction in
 //! events and bytes. Linux only (`/proc/thread-self/schedstat`).
 //!
 //! Run: `cargo bench -p outpost-rules --bench window`
@@ -40,6 +41,8 @@ const DEVICES: usize = 10_000;
 const WINDOW_MS: u64 = 10_000;
 /// 10 windows of 10 s.
 const SECONDS: u64 = 100;
+/// The gateway's group commit: a checkpoint every 50 ms (20 per second).
+const CHECKPOINT_MS: u64 = 50;
 
 fn cpu_ns() -> u64 {
     std::fs::read_to_string("/proc/thread-self/schedstat")
@@ -121,12 +124,35 @@ fn main() {
         }
     });
 
-    // 2. Heap per open group, and the checkpoint.
+    // 1c. The same with a delta taken every 50 ms: the devices' readings spread evenly over
+    // each second (500 per period), each period closed by the timer and a checkpoint.
+    let periods = 1_000 / CHECKPOINT_MS;
+    let per_period = DEVICES / periods as usize;
+    let delta_ns = best_of_five(events, || {
+        let mut windows = Windows::new(plan.clone());
+        for second in 0..SECONDS {
+            for period in 0..periods {
+                let now = 1_700_000_000_000 + second * 1_000 + period * CHECKPOINT_MS;
+                let first = period as usize * per_period;
+                for (i, key) in keys.iter().enumerate().skip(first).take(per_period) {
+                    windows.push(now, key, &[Value::Float(20.0 + i as f64 * 0.001)], &mut closed);
+                }
+                black_box(windows.advance(now + CHECKPOINT_MS - 1));
+                black_box(windows.take_delta());
+                closed.clear();
+            }
+        }
+    });
+
+    // 2. Heap per open group (with every group changed since the last delta, and after a
+    // delta), and the checkpoint.
     let mut windows = Windows::new(plan.clone());
     let before = LIVE.load(Ordering::Relaxed);
     for key in &keys {
         windows.push(1_700_000_000_000, key, &[Value::Float(20.5)], &mut closed);
     }
+    let per_group_listed = (LIVE.load(Ordering::Relaxed) - before) as f64 / DEVICES as f64;
+    black_box(windows.take_delta());
     let per_group = (LIVE.load(Ordering::Relaxed) - before) as f64 / DEVICES as f64;
     let snapshot = windows.snapshot();
     // Wall clock: the scheduler's CPU time is only brought up to date at ticks and switches,
@@ -201,13 +227,67 @@ fn main() {
     }
     count(rules.advance_windows(&mut state, 1_700_000_000_000 + SECONDS * 1_000));
 
+    // 4. Deltas as the gateway takes them (`WindowState::take_delta`, the rule's name
+    // included) every 50 ms, readings spread over each second: after a snapshot taken once
+    // every device has a window open, their bytes, encoding time (wall clock, each delta
+    // timed) and the whole path's CPU per event with them.
+    let mut state = rules.window_state();
+    let (mut deltas, mut delta_bytes, mut delta_max, mut encode_ns, mut encode_max) =
+        (0u64, 0u64, 0, 0.0, 0.0f64);
+    let mut base_len = 0;
+    for second in 0..SECONDS {
+        for period in 0..periods {
+            let now = 1_700_000_000_000 + second * 1_000 + period * CHECKPOINT_MS;
+            let first = period as usize * per_period;
+            for i in first..first + per_period {
+                black_box(rules.evaluate_windowed(&event(i, now), &mut state));
+            }
+            black_box(rules.advance_windows(&mut state, now + CHECKPOINT_MS - 1));
+            if second == 0 {
+                if period == periods - 1 {
+                    base_len = state.snapshot(&rules).len();
+                    state.clear_changes();
+                }
+                continue;
+            }
+            let start = std::time::Instant::now();
+            let delta = state.take_delta(&rules);
+            let ns = start.elapsed().as_nanos() as f64;
+            deltas += 1;
+            delta_bytes += delta.len() as u64;
+            delta_max = delta_max.max(delta.len());
+            encode_ns += ns;
+            encode_max = encode_max.max(ns);
+        }
+    }
+    let rule_delta_ns = best_of_five(events, || {
+        let mut state = rules.window_state();
+        for second in 0..SECONDS {
+            for period in 0..periods {
+                let now = 1_700_000_000_000 + second * 1_000 + period * CHECKPOINT_MS;
+                let first = period as usize * per_period;
+                for i in first..first + per_period {
+                    black_box(rules.evaluate_windowed(&event(i, now), &mut state));
+                }
+                black_box(rules.advance_windows(&mut state, now + CHECKPOINT_MS - 1));
+                black_box(state.take_delta(&rules));
+            }
+        }
+    });
+
     println!("{DEVICES} devices x 1 event/s, TUMBLINGWINDOW(ss, 10), avg; {SECONDS} s = {events} events");
     println!("window state (Windows::push + advance): {:.3} µs CPU per event", engine_ns / 1000.0);
     println!(
         "window state with event time (Windows::push_event, 3 s disorder, 5 s tolerance): {:.3} µs CPU per event",
         event_time_ns / 1000.0
     );
-    println!("heap per open group: {per_group:.0} bytes");
+    println!(
+        "window state with a delta every {CHECKPOINT_MS} ms (Windows::push + advance + take_delta, {per_period} events per period): {:.3} µs CPU per event",
+        delta_ns / 1000.0
+    );
+    println!(
+        "heap per open group: {per_group:.0} bytes ({per_group_listed:.0} while every group is listed as changed since the last delta)"
+    );
     println!(
         "checkpoint of {DEVICES} open groups: {} bytes ({:.1} per group), {:.2} ms to encode (wall clock)",
         snapshot.len(),
@@ -215,6 +295,20 @@ fn main() {
         snapshot_ns / 1e6
     );
     println!("windowed rule, whole path: {:.3} µs CPU per event", rule_ns / 1000.0);
+    println!(
+        "windowed rule, whole path with WindowState::take_delta every {CHECKPOINT_MS} ms: {:.3} µs CPU per event",
+        rule_delta_ns / 1000.0
+    );
+    let per_second = 1_000 / CHECKPOINT_MS;
+    println!(
+        "deltas every {CHECKPOINT_MS} ms after a {base_len}-byte snapshot: {deltas} deltas, mean {:.0} bytes ({:.1} per reading since the last), largest {delta_max}; {:.2} MB/s; encode mean {:.3} ms, largest {:.3} ms (wall clock); a full snapshot every {CHECKPOINT_MS} ms instead: {:.1} MB/s",
+        delta_bytes as f64 / deltas.max(1) as f64,
+        delta_bytes as f64 / deltas.max(1) as f64 / per_period as f64,
+        delta_bytes as f64 / deltas.max(1) as f64 * per_second as f64 / 1e6,
+        encode_ns / deltas.max(1) as f64 / 1e6,
+        encode_max / 1e6,
+        base_len as f64 * per_second as f64 / 1e6,
+    );
     println!(
         "the same rule without a window (forwards every event): {:.3} µs CPU per event",
         plain_ns / 1000.0

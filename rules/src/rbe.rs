@@ -129,6 +129,8 @@ pub struct RbeState {
 pub(crate) struct RbeDelta<K, E> {
     /// Whole, so that a delta of a rule the snapshot does not have can start it.
     kinds: K,
+    /// `upserted` is every entry: the others are removed.
+    whole: bool,
     max_groups: usize,
     next_seq: u64,
     evicted: u64,
@@ -161,21 +163,35 @@ impl RbeState {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn changes(&self) -> &Changes<(usize, String)> {
+        &self.changes
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     /// This rule's delta, borrowing what it writes; resets the tracking.
     pub(crate) fn delta(&mut self) -> RbeDeltaOut<'_> {
-        let mut keys = std::mem::take(&mut self.changes.changed);
-        // A key evicted and seen again is listed twice.
-        keys.sort_unstable();
-        keys.dedup();
-        let entries = &self.entries;
-        let removed = self.changes.removed.drain().filter(|key| !entries.contains_key(key)).collect();
-        let upserted = keys.iter().filter_map(|key| entries.get_key_value(key)).collect();
-        // Keeps the list's capacity for the next period.
-        keys.clear();
-        self.changes.changed = keys;
+        let (whole, mut keys, removed) = self.changes.take();
         self.changes.since_seq = self.next_seq;
+        let entries = &self.entries;
+        let (upserted, removed) = if whole {
+            (entries.iter().collect(), Vec::new())
+        } else {
+            // A key evicted and seen again is listed twice.
+            keys.sort_unstable();
+            keys.dedup();
+            (
+                keys.into_iter().filter_map(|key| entries.get_key_value(&key)).collect(),
+                removed.into_iter().filter(|key| !entries.contains_key(key)).collect(),
+            )
+        };
         RbeDelta {
             kinds: &self.kinds,
+            whole,
             max_groups: self.max_groups,
             next_seq: self.next_seq,
             evicted: self.evicted,
@@ -186,8 +202,7 @@ impl RbeState {
 
     /// Forgets the change tracking: the state as it is now is what the caller's log says.
     pub(crate) fn clear_changes(&mut self) {
-        self.changes.changed.clear();
-        self.changes.removed.clear();
+        self.changes.take();
         self.changes.since_seq = self.next_seq;
     }
 
@@ -201,6 +216,9 @@ impl RbeState {
         self.max_groups = delta.max_groups.max(1);
         self.next_seq = delta.next_seq;
         self.evicted = delta.evicted;
+        if delta.whole {
+            self.entries.clear();
+        }
         for key in delta.removed {
             self.entries.remove(&key);
         }
@@ -234,6 +252,7 @@ impl RbeState {
             let seq = self.next_seq;
             match self.entries.get(&key) {
                 Some((last, _)) if *last > self.changes.since_seq => {}
+                Some(_) if self.changes.whole => {}
                 Some(_) => self.changes.changed.push(key.clone()),
                 None => {
                     if self.entries.len() >= self.max_groups {
@@ -243,10 +262,14 @@ impl RbeState {
                         {
                             self.entries.remove(&oldest);
                             self.evicted += 1;
-                            self.changes.removed.insert(oldest);
+                            self.changes.removed(|| oldest);
                         }
                     }
-                    self.changes.changed.push(key.clone());
+                    if !self.changes.whole {
+                        self.changes.changed.push(key.clone());
+                        // A key made again after its eviction is listed again.
+                        self.changes.bound(self.entries.len());
+                    }
                 }
             }
             let entry = self.entries.entry(key).or_insert_with(|| (seq, initial(&call.kind)));

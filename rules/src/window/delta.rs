@@ -11,8 +11,12 @@
 //! removed (closed, evicted, emptied, flushed) goes into a set, and a key removed then made
 //! again is an upsert, not a removal.
 //!
-//! **Invariant:** a snapshot followed by every delta taken since it, in order and none
-//! skipped, gives a state equal to the live one (`window::tests`, `run::tests`).
+//! **Invariants:**
+//! - A snapshot followed by every delta taken since it, in order and none skipped, gives a
+//!   state equal to the live one (`window::tests`, `run::tests`).
+//! - Tracking is bounded by the state, whether or not anyone takes deltas: once the keys
+//!   listed outnumber twice the live groups (plus [`SLACK`]), the lists are dropped and the
+//!   next delta is *whole* (every group, and "remove the rest"), no larger than a snapshot.
 
 use rustc_hash::FxHashSet;
 use serde::{Deserialize, Serialize};
@@ -33,11 +37,48 @@ pub(crate) struct Changes<K> {
     /// Report by exception: the sequence number at the last delta. Every change of an entry
     /// gives it a later one, so an entry last used after it is listed already.
     pub(crate) since_seq: u64,
+    /// The changes outgrew the state: the next delta holds all of it, and nothing is listed
+    /// until then.
+    pub(crate) whole: bool,
 }
+
+/// Listed keys allowed beyond twice the live ones before the next delta goes whole: a
+/// small state then still gets small deltas. Tests' states are small: they go whole
+/// sooner, so that the model tests take both paths.
+pub(crate) const SLACK: usize = if cfg!(test) { 8 } else { 256 };
 
 impl<K> Default for Changes<K> {
     fn default() -> Changes<K> {
-        Changes { changed: Vec::new(), removed: FxHashSet::default(), since_seq: 0 }
+        Changes { changed: Vec::new(), removed: FxHashSet::default(), since_seq: 0, whole: false }
+    }
+}
+
+impl<K> Changes<K> {
+    /// Goes whole if the lists outgrew a state of `live` keys. Called where lists grow by
+    /// more than one per live key (a key made again, a removal), so that they stay bounded.
+    pub(crate) fn bound(&mut self, live: usize) {
+        if !self.whole && self.changed.len() + self.removed.len() > 2 * live + SLACK {
+            self.changed = Vec::new();
+            self.removed = FxHashSet::default();
+            self.whole = true;
+        }
+    }
+
+    /// Notes that `key` was removed (made by `key`, not cloned, while whole).
+    pub(crate) fn removed(&mut self, key: impl FnOnce() -> K)
+    where
+        K: Eq + std::hash::Hash,
+    {
+        if !self.whole {
+            self.removed.insert(key());
+        }
+    }
+
+    /// Takes the lists for a delta, leaving them empty (their capacity with them: a burst
+    /// must not keep its memory).
+    pub(crate) fn take(&mut self) -> (bool, Vec<K>, FxHashSet<K>) {
+        let whole = std::mem::take(&mut self.whole);
+        (whole, std::mem::take(&mut self.changed), std::mem::take(&mut self.removed))
     }
 }
 
@@ -53,6 +94,8 @@ impl<K> PartialEq for Changes<K> {
 pub(super) struct WindowsDelta<P, G> {
     /// Whole, so that a delta of a rule the snapshot does not have can start it.
     plan: P,
+    /// `upserted` is every group: the others are removed.
+    whole: bool,
     next_seq: u64,
     watermark: u64,
     event_clock: u64,
@@ -86,12 +129,15 @@ impl Windows {
 
     /// Forgets the change tracking: the caller just took a full [`Windows::snapshot`].
     pub fn clear_changes(&mut self) {
-        for key in self.changes.changed.drain(..) {
+        let (whole, changed, _) = self.changes.take();
+        if whole {
+            self.groups.values_mut().for_each(|group| group.dirty = false);
+        }
+        for key in changed {
             if let Some(group) = self.groups.get_mut(&key) {
                 group.dirty = false;
             }
         }
-        self.changes.removed.clear();
     }
 
     /// The state a [`Windows::snapshot`] followed by deltas (in the order taken) describes,
@@ -120,7 +166,10 @@ impl Windows {
 
     /// This rule's delta, borrowing what it writes; resets the tracking.
     pub(super) fn delta(&mut self) -> DeltaOut<'_> {
-        let mut keys = std::mem::take(&mut self.changes.changed);
+        let (whole, mut keys, removed) = self.changes.take();
+        if whole {
+            self.groups.values_mut().for_each(|group| group.dirty = false);
+        }
         // The flag goes down at a key's first listing: a repeat (the group was removed and
         // made again) finds it down and is skipped, and so is a key of a removed group.
         keys.retain(|key| match self.groups.get_mut(key) {
@@ -131,17 +180,20 @@ impl Windows {
             _ => false,
         });
         let groups = &self.groups;
-        let removed = self.changes.removed.drain().filter(|key| !groups.contains_key(key)).collect();
-        let upserted = keys
-            .iter()
-            .filter_map(|key| groups.get_key_value(key.as_str()))
-            .map(|(key, group)| (key.as_str(), group))
-            .collect();
-        // Keeps the list's capacity for the next period.
-        keys.clear();
-        self.changes.changed = keys;
+        let (upserted, removed) = if whole {
+            (groups.iter().map(|(key, group)| (key.as_str(), group)).collect(), Vec::new())
+        } else {
+            (
+                keys.iter()
+                    .filter_map(|key| groups.get_key_value(key.as_str()))
+                    .map(|(key, group)| (key.as_str(), group))
+                    .collect(),
+                removed.into_iter().filter(|key| !groups.contains_key(key)).collect(),
+            )
+        };
         WindowsDelta {
             plan: &self.plan,
+            whole,
             next_seq: self.next_seq,
             watermark: self.watermark,
             event_clock: self.event_clock,
@@ -167,6 +219,9 @@ impl Windows {
         self.last_arrival = delta.last_arrival;
         self.deadline = delta.deadline;
         self.counters = delta.counters;
+        if delta.whole {
+            self.groups.clear();
+        }
         for key in delta.removed {
             self.groups.remove(&key);
         }

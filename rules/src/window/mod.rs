@@ -188,10 +188,12 @@ impl PartialEq for Group {
 
 impl Group {
     /// Notes that the group `key` changed since the last delta.
-    fn touch(&mut self, key: &str, changed: &mut Vec<String>) {
+    fn touch(&mut self, key: &str, changes: &mut Changes<String>) {
         if !self.dirty {
             self.dirty = true;
-            changed.push(key.to_owned());
+            if !changes.whole {
+                changes.changed.push(key.to_owned());
+            }
         }
     }
 }
@@ -343,7 +345,9 @@ impl Windows {
                     *group_seq = seq;
                     if !*dirty {
                         *dirty = true;
-                        self.changes.changed.push(key.to_owned());
+                        if !self.changes.whole {
+                            self.changes.changed.push(key.to_owned());
+                        }
                     }
                     self.next_seq += 1;
                     Pushed::Accepted
@@ -351,7 +355,8 @@ impl Windows {
                     // Only a group this event made can be empty: nothing else changed.
                     if instances.is_empty() {
                         self.groups.remove(key);
-                        self.changes.removed.insert(key.to_owned());
+                        self.changes.removed(|| key.to_owned());
+                        self.changes.bound(self.groups.len());
                     }
                     self.counters.ahead += 1;
                     Pushed::Ahead
@@ -384,6 +389,7 @@ impl Windows {
                 _ => GroupState::Open(VecDeque::with_capacity(1)),
             };
             self.groups.insert(key.to_owned(), Group { seq, state, dirty: false });
+            self.changes.bound(self.groups.len());
         }
     }
 
@@ -400,7 +406,7 @@ impl Windows {
         self.ensure_group(key, seq, out);
         let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
         group.seq = seq;
-        group.touch(key, &mut self.changes.changed);
+        group.touch(key, &mut self.changes);
         let plan = &self.plan;
         let mut deadline = self.deadline;
         let first_out = out.len();
@@ -518,12 +524,13 @@ impl Windows {
                 }
             };
             if after == 0 {
-                changes.removed.insert(key.clone());
+                changes.removed(|| key.clone());
             } else if after != before {
-                group.touch(key, &mut changes.changed);
+                group.touch(key, changes);
             }
             after != 0
         });
+        self.changes.bound(self.groups.len());
         self.deadline = deadline;
         sort_closed(&mut out[first_out..]);
     }
@@ -539,8 +546,9 @@ impl Windows {
                     out.push(instance.close(plan, &key, at, true));
                 }
             }
-            self.changes.removed.insert(key);
+            self.changes.removed(|| key);
         }
+        self.changes.bound(0);
         self.deadline = u64::MAX;
         sort_closed(&mut out);
         out
@@ -560,7 +568,7 @@ impl Windows {
                     out.push(instance.close(&self.plan, &oldest, at, true));
                 }
             }
-            self.changes.removed.insert(oldest);
+            self.changes.removed(|| oldest);
         }
     }
 

@@ -7,7 +7,9 @@
 //! **Invariant:** [`WindowState`] belongs to the [`RuleSet`] that made it (one slot per
 //! rule, by index); [`WindowState::restore`] matches a snapshot to a rule set by rule name
 //! and plan, so a reload keeps the open windows of every rule whose window and aggregates
-//! are unchanged and starts the others empty (and says which).
+//! are unchanged and starts the others empty (and says which). [`WindowState::restore_log`]
+//! does the same for a snapshot followed by [`WindowState::take_delta`]s, applied by rule
+//! name before the plans are matched.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -926,6 +928,43 @@ type = "forward"
         let (restored, dropped) = WindowState::restore_log(&rules, &base, [delta.as_slice()]).expect("log");
         assert!(dropped.is_empty());
         assert_eq!(restored, state);
+    }
+
+    #[test]
+    fn tracking_stays_bounded_when_no_delta_is_taken_and_the_next_delta_is_whole() {
+        let rules = rules();
+        let mut state = rules.window_state();
+        let mut log = Log::new(&rules, &mut state);
+        let mut longest = 0;
+        // Groups and entries made, evicted and closed again and again: 200 sensors, 2 s.
+        for at in (0..2_000).step_by(5) {
+            for sensor in 0..2u8 {
+                let topic_sensor = (at / 5 % 100) as u8 * 2 + sensor;
+                feed(&rules, &mut state, 10_000 + at, topic_sensor, 1, 10_000 + at);
+            }
+            rules.advance_windows(&mut state, 10_000 + at);
+            let windows = state
+                .rules
+                .iter()
+                .flatten()
+                .map(|w| (w.changes.changed.len() + w.changes.removed.len(), w.groups.len()));
+            let rbe = state
+                .rbe
+                .iter()
+                .flatten()
+                .map(|r| (r.changes().changed.len() + r.changes().removed.len(), r.len()));
+            for (listed, live) in windows.chain(rbe) {
+                assert!(
+                    listed <= 2 * live + super::super::delta::SLACK + 1,
+                    "{listed} listed, {live} live at {at}"
+                );
+                longest = longest.max(listed);
+            }
+        }
+        assert!(longest > 0);
+        assert!(state.rules.iter().flatten().any(|w| w.changes.whole), "some rule went whole");
+        log.deltas.push(state.take_delta(&rules));
+        assert_eq!(log.restore(&rules).0, state);
     }
 
     #[test]

@@ -305,8 +305,9 @@ topic = "sites/a/avg/${sensor}"
 }
 
 // The model test of `window::tests`, through a compiled rule: outputs parsed back from their
-// JSON, state through `WindowState::snapshot`/`restore`, and the expected windows computed
-// directly from the acknowledged events.
+// JSON, state through a log of `WindowState::snapshot` then `take_delta`s (compacted now and
+// then) read back by `restore_log`, and the expected windows computed directly from the
+// acknowledged events.
 mod model {
     use std::collections::BTreeMap;
 
@@ -317,9 +318,18 @@ mod model {
 
     #[derive(Debug, Clone)]
     enum Step {
-        Event { dt: u64, sensor: u8, value: i8 },
-        Advance { dt: u64 },
-        Checkpoint,
+        Event {
+            dt: u64,
+            sensor: u8,
+            value: i8,
+        },
+        Advance {
+            dt: u64,
+        },
+        /// A delta, or (`full`) a compaction into a new snapshot.
+        Checkpoint {
+            full: bool,
+        },
         Crash,
     }
 
@@ -327,7 +337,7 @@ mod model {
         prop_oneof![
             6 => (0..300u64, 0..4u8, any::<i8>()).prop_map(|(dt, sensor, value)| Step::Event { dt, sensor, value }),
             2 => (0..1_500u64).prop_map(|dt| Step::Advance { dt }),
-            2 => Just(Step::Checkpoint),
+            2 => prop::bool::weighted(0.2).prop_map(|full| Step::Checkpoint { full }),
             1 => Just(Step::Crash),
         ]
     }
@@ -355,7 +365,9 @@ mod model {
         fn every_acknowledged_reading_is_in_exactly_one_forwarded_average(steps in prop::collection::vec(step(), 1..100)) {
             let rules = RuleSet::compile(RULE, &TableSources::new()).unwrap();
             let mut state = rules.window_state();
-            let mut checkpoint = state.snapshot(&rules);
+            let mut base = state.snapshot(&rules);
+            state.clear_changes();
+            let mut deltas: Vec<Vec<u8>> = Vec::new();
             let mut now = 1_000u64;
             let mut pending: Vec<(u8, i8, u64)> = Vec::new();
             let mut resend: Vec<(u8, i8)> = Vec::new();
@@ -368,7 +380,7 @@ mod model {
                 let event = EventContext { topic: &topic, payload: payload.as_bytes(), clientid: None, username: None, qos: 1, timestamp_ms: at, event_id: 1, hops: 0 , peerhost: None, retain: false, dup: false, pub_props: None, lifecycle: None};
                 rules.evaluate_windowed(&event, state)
             };
-            for step in steps.into_iter().chain([Step::Checkpoint]) {
+            for step in steps.into_iter().chain([Step::Checkpoint { full: false }]) {
                 match step {
                     Step::Event { dt, sensor, value } => {
                         now += dt;
@@ -380,13 +392,20 @@ mod model {
                         now += dt;
                         add(rules.advance_windows(&mut state, now), &mut since);
                     }
-                    Step::Checkpoint => {
-                        checkpoint = state.snapshot(&rules);
+                    Step::Checkpoint { full: true } => {
+                        base = state.snapshot(&rules);
+                        state.clear_changes();
+                        deltas.clear();
+                        committed.append(&mut since);
+                        acked.append(&mut pending);
+                    }
+                    Step::Checkpoint { full: false } => {
+                        deltas.push(state.take_delta(&rules));
                         committed.append(&mut since);
                         acked.append(&mut pending);
                     }
                     Step::Crash => {
-                        state = WindowState::restore(&rules, &checkpoint).unwrap().0;
+                        state = WindowState::restore_log(&rules, &base, deltas.iter().map(Vec::as_slice)).unwrap().0;
                         since.clear();
                         resend.extend(pending.drain(..).map(|(s, v, _)| (s, v)));
                         now += 5_000;

@@ -236,10 +236,57 @@ fn snapshot_restores_the_same_state_and_refuses_a_changed_rule() {
 // The model test. The gateway's contract: an event is acknowledged to its sensor only once a
 // checkpoint holding it is committed, and the windows closed since the previous checkpoint
 // are committed in that same transaction. A crash loses everything after the last
-// checkpoint: the state (restored from the snapshot), the closed windows not yet committed,
-// and the unacknowledged events, which their sensors send again later (with a new receive
-// time). At the end every event must be in exactly one committed window, and that window
-// must be the one a direct computation over the acknowledged events gives.
+// checkpoint: the state (restored from the snapshot and the deltas committed since), the
+// closed windows not yet committed, and the unacknowledged events, which their sensors send
+// again later (with a new receive time). At the end every event must be in exactly one
+// committed window, and that window must be the one a direct computation over the
+// acknowledged events gives.
+
+/// The durable window state as the gateway keeps it: a full snapshot, then a delta per
+/// checkpoint, compacted into a new snapshot now and then.
+struct Durable {
+    base: Vec<u8>,
+    deltas: Vec<Vec<u8>>,
+    /// A write failed: what its delta held is in no log, so the next checkpoint must be a
+    /// full snapshot (the caller's rule).
+    need_full: bool,
+}
+
+impl Durable {
+    fn new(windows: &mut Windows) -> Durable {
+        let base = windows.snapshot();
+        windows.clear_changes();
+        Durable { base, deltas: Vec::new(), need_full: false }
+    }
+
+    /// A checkpoint's write: a delta, or a full snapshot when `full` (compaction) or after a
+    /// failed write. `false` when the write fails: nothing is committed.
+    fn checkpoint(&mut self, windows: &mut Windows, full: bool, fails: bool) -> bool {
+        if full || self.need_full {
+            let base = windows.snapshot();
+            windows.clear_changes();
+            if fails {
+                self.need_full = true;
+                return false;
+            }
+            self.base = base;
+            self.deltas.clear();
+            self.need_full = false;
+        } else {
+            let delta = windows.take_delta();
+            if fails {
+                self.need_full = true;
+                return false;
+            }
+            self.deltas.push(delta);
+        }
+        true
+    }
+
+    fn restore(&self, plan: &WindowPlan) -> Windows {
+        Windows::restore_log(plan, &self.base, self.deltas.iter().map(Vec::as_slice)).expect("own log")
+    }
+}
 
 #[derive(Debug, Clone)]
 enum Step {
@@ -247,8 +294,9 @@ enum Step {
     Event { dt: u64, key: u8, value: i8 },
     /// The rules stage's timer.
     Advance { dt: u64 },
-    /// A group commit.
-    Checkpoint,
+    /// A group commit, its state a delta or (`full`) a compaction into a snapshot; the write
+    /// `fails` (nothing committed).
+    Checkpoint { full: bool, fails: bool },
     /// SIGKILL, then a restart from the last checkpoint.
     Crash,
 }
@@ -257,10 +305,14 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         6 => (0..400u64, 0..6u8, any::<i8>()).prop_map(|(dt, key, value)| Step::Event { dt, key, value }),
         2 => (0..2_000u64).prop_map(|dt| Step::Advance { dt }),
-        2 => Just(Step::Checkpoint),
+        2 => (prop::bool::weighted(0.2), prop::bool::weighted(0.1))
+            .prop_map(|(full, fails)| Step::Checkpoint { full, fails }),
         1 => Just(Step::Crash),
     ]
 }
+
+/// The last commit before shutdown, which succeeds.
+const LAST_CHECKPOINT: Step = Step::Checkpoint { full: false, fails: false };
 
 fn spec() -> impl Strategy<Value = WindowSpec> {
     prop_oneof![
@@ -470,7 +522,7 @@ proptest! {
             time: TimeBasis::Processing,
         };
         let mut windows = Windows::new(plan.clone());
-        let mut checkpoint = windows.snapshot();
+        let mut durable = Durable::new(&mut windows);
         let mut now = 1_000u64;
         let mut next_id = 0i64;
         // Events pushed since the last checkpoint: (id, key, value); not yet acknowledged.
@@ -486,7 +538,7 @@ proptest! {
             let inputs = [Value::Int(id), Value::Int(value.into()), Value::Null];
             windows.push(at, &format!("s{key}"), &inputs, out)
         };
-        for step in steps.into_iter().chain([Step::Checkpoint]) {
+        for step in steps.into_iter().chain([LAST_CHECKPOINT]) {
             match step {
                 Step::Event { dt, key, value } => {
                     now += dt;
@@ -503,15 +555,17 @@ proptest! {
                     now += dt;
                     closed_since.extend(windows.advance(now));
                 }
-                Step::Checkpoint => {
-                    checkpoint = windows.snapshot();
-                    committed.append(&mut closed_since);
-                    for (id, key, value) in pending.drain(..) {
-                        acked.insert(id, (key, value, pending_times[&id]));
+                Step::Checkpoint { full, fails } => {
+                    if durable.checkpoint(&mut windows, full, fails) {
+                        prop_assert_eq!(&durable.restore(&plan), &windows);
+                        committed.append(&mut closed_since);
+                        for (id, key, value) in pending.drain(..) {
+                            acked.insert(id, (key, value, pending_times[&id]));
+                        }
                     }
                 }
                 Step::Crash => {
-                    windows = Windows::restore(&plan, &checkpoint).expect("own snapshot");
+                    windows = durable.restore(&plan);
                     closed_since.clear();
                     resend.append(&mut pending);
                     now += 5_000; // a restart takes time
@@ -598,7 +652,7 @@ proptest! {
             time: TimeBasis::Event { field: "payload.ts".to_owned(), tolerance_ms, idle_ms },
         };
         let mut windows = Windows::new(plan.clone());
-        let mut checkpoint = windows.snapshot();
+        let mut durable = Durable::new(&mut windows);
         let mut now = 10_000u64;
         let mut next_id = 0i64;
         // (id, key, event time) pushed since the last checkpoint, and their fate.
@@ -618,7 +672,7 @@ proptest! {
             }
             pushed
         };
-        for (step, delay) in steps.into_iter().chain([(Step::Checkpoint, 0)]) {
+        for (step, delay) in steps.into_iter().chain([(LAST_CHECKPOINT, 0)]) {
             match step {
                 Step::Event { dt, key, .. } => {
                     now += dt;
@@ -633,15 +687,17 @@ proptest! {
                     now += dt;
                     closed_since.extend(windows.advance(now));
                 }
-                Step::Checkpoint => {
-                    checkpoint = windows.snapshot();
-                    committed.append(&mut closed_since);
-                    for (id, key, at, pushed) in pending.drain(..) {
-                        acked.insert(id, (key, at, pushed));
+                Step::Checkpoint { full, fails } => {
+                    if durable.checkpoint(&mut windows, full, fails) {
+                        prop_assert_eq!(&durable.restore(&plan), &windows);
+                        committed.append(&mut closed_since);
+                        for (id, key, at, pushed) in pending.drain(..) {
+                            acked.insert(id, (key, at, pushed));
+                        }
                     }
                 }
                 Step::Crash => {
-                    windows = Windows::restore(&plan, &checkpoint).expect("own snapshot");
+                    windows = durable.restore(&plan);
                     closed_since.clear();
                     resend.extend(pending.drain(..).map(|(id, key, at, _)| (id, key, at)));
                     now += 5_000;
