@@ -140,7 +140,8 @@ impl Gateway {
             let retained = store.load_retained(event::now_ms(), max_retained, max_retained_bytes)?;
             let took = started.elapsed();
             let sessions = store.load_sessions(event::now_ms(), max_offline, max_queued)?;
-            // The stateful rules' checkpoint: one row, restored by the route stage.
+            // The stateful rules' checkpoint log (its last full snapshot and the deltas after
+            // it), restored by the route stage.
             let windows = store.load_windows()?;
             Ok::<_, buffer::BufferError>((store, report, (retained, took), sessions, windows))
         })

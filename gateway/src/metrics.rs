@@ -98,6 +98,10 @@ counters! {
     window_checkpoints,
     /// Bytes of state those checkpoints wrote.
     window_checkpoint_bytes,
+    /// Of those, the ones holding a full snapshot (the others are deltas only).
+    window_checkpoints_full,
+    /// Bytes of the full snapshots among them (the rest of `window_checkpoint_bytes` is deltas).
+    window_checkpoint_full_bytes,
     /// Checkpoints that failed (retried; the readings they held stay unacknowledged).
     window_checkpoint_failures,
     /// Rules whose checkpointed state was not restored at start (their window or aggregates

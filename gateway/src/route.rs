@@ -42,8 +42,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use self::checkpoint::{Checkpointer, Step};
+use self::checkpoint::{Checkpointer, Kind, Step};
 use crate::broker::Republisher;
+use crate::buffer::windows::{LogWrite, WindowLoad};
 use crate::config::RouteConfig;
 use crate::deadletter::{DeadLetter, RuleReason};
 use crate::event::{Event, IdGen, Outbound};
@@ -448,8 +449,8 @@ pub struct Durable {
     pub commands: mpsc::Sender<crate::buffer::worker::Command>,
     /// The least time between two checkpoints (`buffer.commit_interval`).
     pub interval: Duration,
-    /// The checkpoint found in the file at start.
-    pub restored: Option<Vec<u8>>,
+    /// The checkpoint log found in the file at start.
+    pub restored: WindowLoad,
 }
 
 /// The route stage's handles on the per-rule counters, looked up once per rule name.
@@ -631,16 +632,25 @@ enum Next {
 
 /// The state found in the buffer file at start, for `routing`: the windows of every rule
 /// whose window and aggregates are unchanged. The others are logged and counted, and so is
-/// a checkpoint that does not decode.
-fn restore_windows(routing: &Routing, bytes: &[u8], metrics: &Metrics) -> Option<WindowState> {
+/// a checkpoint log that does not decode or cannot make a state.
+fn restore_windows(routing: &Routing, load: WindowLoad, metrics: &Metrics) -> Option<WindowState> {
     let counters = metrics.counters();
+    let (base, deltas) = match load {
+        WindowLoad::Empty => return None,
+        WindowLoad::Log { base, deltas } => (base, deltas),
+        WindowLoad::Unusable(why) => {
+            Metrics::add(&counters.window_state_dropped, 1);
+            error!(message = "the window-state log in the buffer file cannot be used; the stateful rules start empty, and the readings the log held are lost (the next checkpoint replaces it)", reason = %why);
+            return None;
+        }
+    };
     let Routing::Rules(rules) = routing else {
         warn!(message = "the buffer file holds window state, but no rules file is in use; it is discarded");
         Metrics::add(&counters.window_state_dropped, 1);
         return None;
     };
     fresh_windows(routing)?;
-    match WindowState::restore(rules, bytes) {
+    match WindowState::restore_log(rules, &base, deltas.iter().map(Vec::as_slice)) {
         Ok((state, dropped)) => {
             for (rule, why) in &dropped {
                 Metrics::add(&counters.window_state_dropped, 1);
@@ -649,6 +659,7 @@ fn restore_windows(routing: &Routing, bytes: &[u8], metrics: &Metrics) -> Option
             info!(
                 message = "window state restored from the buffer file",
                 groups = state.groups(),
+                deltas = deltas.len(),
                 rules_not_restored = dropped.len()
             );
             Some(state)
@@ -743,15 +754,17 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
     let mut late_log = LateLog::default();
     let mut rule_stats = RuleStats::default();
     let mut routing = stage.routing.borrow_and_update().clone();
-    let durable = stage.durable.take();
-    let mut windows = match durable.as_ref().and_then(|d| d.restored.as_deref()) {
-        Some(bytes) => restore_windows(&routing, bytes, &stage.metrics).or_else(|| fresh_windows(&routing)),
-        None => fresh_windows(&routing),
+    let mut durable = stage.durable.take();
+    let restored = durable.as_mut().map(|d| std::mem::take(&mut d.restored)).unwrap_or_default();
+    let mut windows = match restored {
+        WindowLoad::Empty => fresh_windows(&routing),
+        load => restore_windows(&routing, load, &stage.metrics).or_else(|| fresh_windows(&routing)),
     };
     let mut checkpointer = durable.map(|d| Checkpointer::new(d.commands, d.interval, stage.metrics.clone()));
     if let (Some(ck), true) = (checkpointer.as_mut(), windows.is_some()) {
         // The restored state (or a fresh one replacing a discarded checkpoint) is written
-        // again, which also clears a checkpoint no rule uses any more.
+        // again, in full (the checkpointer's first one always is), which also compacts the
+        // log found and clears a checkpoint no rule uses any more.
         ck.changed();
     }
     // The latest time the windows were advanced to: an event taken in later but received
@@ -802,7 +815,8 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             windows = kept;
             routing = new;
             if let Some(ck) = checkpointer.as_mut() {
-                ck.changed();
+                // Other rules, another state: deltas of the old one would not apply to it.
+                ck.reshaped();
             }
             if !send_all(&out, outbound, &heartbeat).await {
                 return;
@@ -848,14 +862,14 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             (Next::Checkpoint(Step::Progress), ..) => Vec::new(),
             (Next::Checkpoint(Step::Due), routing_now, state) => {
                 if let Some(ck) = checkpointer.as_mut() {
-                    let snapshot = match (routing_now, state) {
+                    let write = match (routing_now, state) {
                         (Routing::Rules(rules), Some(state)) => {
                             export_window_counters(routing_now, state, &stage.metrics, &mut late_log, now);
-                            Some(state.snapshot(rules))
+                            checkpoint_of(ck.wants(), rules, state)
                         }
-                        _ => None,
+                        _ => LogWrite::Clear,
                     };
-                    ck.take(snapshot);
+                    ck.take(write);
                 }
                 Vec::new()
             }
@@ -863,12 +877,12 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 if let Some(ck) = checkpointer.as_mut() {
                     // The shutdown policy: a last checkpoint; the windows go on after the
                     // next start. Bounded, so a hung disk cannot hold the shutdown.
-                    let snapshot = match (routing_now, state) {
-                        (Routing::Rules(rules), Some(state)) => Some(state.snapshot(rules)),
+                    let write = match (routing_now, state) {
+                        (Routing::Rules(rules), Some(state)) => Some(checkpoint_of(ck.wants(), rules, state)),
                         _ => None,
                     };
-                    if snapshot.is_some() || !ck.idle() {
-                        ck.take(snapshot);
+                    if write.is_some() || !ck.idle() {
+                        ck.take(write.unwrap_or(LogWrite::Clear));
                         let last = async {
                             while !ck.idle() {
                                 ck.wait().await;
@@ -976,15 +990,28 @@ const SHUTDOWN_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 /// it) has committed; at once when nothing changed since the last commit. A failing disk
 /// keeps it retrying with the checkpointer's back-off: windows then stay open, and the
 /// sensors whose readings they hold wait for their PUBACKs.
-async fn commit_now(ck: &mut Checkpointer, rules: &RuleSet, state: &WindowState) {
+async fn commit_now(ck: &mut Checkpointer, rules: &RuleSet, state: &mut WindowState) {
     if ck.idle() {
         return;
     }
-    ck.take(Some(state.snapshot(rules)));
+    ck.take(checkpoint_of(ck.wants(), rules, state));
     while !ck.idle() {
         if ck.wait().await == Step::Due {
-            ck.take(Some(state.snapshot(rules)));
+            ck.take(checkpoint_of(ck.wants(), rules, state));
         }
+    }
+}
+
+/// The checkpoint of `state` the checkpointer asked for. Either kind resets the state's
+/// record of changes: the next delta holds what changed after this one.
+fn checkpoint_of(kind: Kind, rules: &RuleSet, state: &mut WindowState) -> LogWrite {
+    match kind {
+        Kind::Full => {
+            let full = state.snapshot(rules);
+            state.clear_changes();
+            LogWrite::Full(full)
+        }
+        Kind::Delta => LogWrite::Delta(state.take_delta(rules)),
     }
 }
 
@@ -1671,16 +1698,25 @@ topic = "raw"
         out: mpsc::Receiver<Outbound>,
         store: mpsc::Receiver<crate::buffer::worker::Command>,
         stage: tokio::task::JoinHandle<()>,
+        metrics: Metrics,
     }
 
     /// Starts a stage on `text` at `now_ms` (paused clock) and commits its first checkpoint,
     /// the empty state at start.
     async fn start_durable(text: &str, now_ms: u64) -> DurableStage {
+        let mut stage = spawn_durable(text, now_ms, WindowLoad::Empty);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        next_checkpoint(&mut stage.store).expect("the first checkpoint").send(Ok(())).expect("reply");
+        stage
+    }
+
+    /// Starts a stage on `text` at `now_ms` (paused clock) from the checkpoint log `restored`.
+    fn spawn_durable(text: &str, now_ms: u64, restored: WindowLoad) -> DurableStage {
         let (routing, routing_rx) = watch::channel(Arc::new(rules(text)));
         let (dead_tx, _dead_rx) = mpsc::channel(8);
         let (input, in_rx) = mpsc::channel(64);
         let (out_tx, out) = mpsc::channel(64);
-        let (commands, mut store) = mpsc::channel(8);
+        let (commands, store) = mpsc::channel(8);
         let metrics = Metrics::default();
         let stage = RouteStage {
             routing: routing_rx,
@@ -1691,14 +1727,28 @@ topic = "raw"
             ids: IdGen::new(1),
             metrics: metrics.clone(),
             heartbeat: Heartbeat::unwatched(),
-            tap: crate::tap::Tap::new(metrics),
+            tap: crate::tap::Tap::new(metrics.clone()),
             clock: Clock::tokio_at(now_ms),
-            durable: Some(Durable { commands, interval: Duration::from_millis(25), restored: None }),
+            durable: Some(Durable { commands, interval: Duration::from_millis(25), restored }),
         };
         let stage = tokio::spawn(run(stage, in_rx, out_tx));
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        next_checkpoint(&mut store).expect("the first checkpoint").send(Ok(())).expect("reply");
-        DurableStage { routing, input, out, store, stage }
+        DurableStage { routing, input, out, store, stage, metrics }
+    }
+
+    /// The store thread's side with a real buffer file: commits the checkpoint the stage has
+    /// asked for, if it has, into `file`, and returns what it wrote.
+    fn commit_into(
+        store: &mut mpsc::Receiver<crate::buffer::worker::Command>,
+        file: &mut crate::buffer::Store,
+    ) -> Option<Vec<LogWrite>> {
+        match store.try_recv() {
+            Ok(crate::buffer::worker::Command::Checkpoint { writes, reply }) => {
+                file.save_windows(&writes).expect("save");
+                reply.send(Ok(())).expect("reply");
+                Some(writes)
+            }
+            _ => None,
+        }
     }
 
     /// The reply of the checkpoint the stage has asked for, if it has.
@@ -1732,7 +1782,7 @@ topic = "raw"
     /// the same id and the same content.
     #[tokio::test(start_paused = true)]
     async fn a_window_closes_only_after_a_checkpoint_holding_its_readings_commits() {
-        let DurableStage { routing: routing_tx, input, mut out, mut store, stage } =
+        let DurableStage { routing: routing_tx, input, mut out, mut store, stage, .. } =
             start_durable(WINDOWED, 6_009_000).await;
         let sensor = crate::ack::AckQueue::new();
         let mut e = reading("a", 2.0, 6_009_990);
@@ -1755,6 +1805,182 @@ topic = "raw"
         sensor.take_ready(&mut acked);
         assert_eq!(acked.len(), 1, "the reading was acknowledged by its commit");
         drop(routing_tx);
+        stop_durable(input, store, stage).await;
+    }
+
+    /// A crash after checkpoints of a full snapshot and deltas: the next start restores the
+    /// last full row with the deltas after it, and the windows close with every reading the
+    /// checkpoints held, as if the gateway had not stopped.
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_from_the_checkpoint_log_closes_the_same_windows() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("open");
+        let DurableStage { routing: _routing, input, mut out, mut store, stage, .. } =
+            spawn_durable(WINDOWED, 7_000_000, WindowLoad::Empty);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let mut written = commit_into(&mut store, &mut file).expect("the first checkpoint");
+        for (sensor, v) in [("a", 1.0), ("b", 5.0), ("a", 3.0), ("c", 7.0)] {
+            input.send(reading(sensor, v, 7_000_000)).await.expect("send");
+            drop(out.recv().await.expect("the plain copy"));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            written.extend(commit_into(&mut store, &mut file).expect("the reading's checkpoint"));
+        }
+        assert!(
+            matches!(written.first(), Some(LogWrite::Full(_))),
+            "the first in a run is full: {written:?}"
+        );
+        // A SIGKILL: no last checkpoint.
+        stage.abort();
+        let _ = stage.await;
+        drop(file);
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("reopen");
+        let restored = file.load_windows().expect("load");
+        let WindowLoad::Log { deltas, .. } = &restored else { panic!("a log: {restored:?}") };
+        assert!(!deltas.is_empty(), "the readings after the base are in deltas: {written:?}");
+        let DurableStage { routing: _routing, input, mut out, mut store, stage, .. } =
+            spawn_durable(WINDOWED, 7_000_200, restored);
+        let answer = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { writes, reply }) = store.recv().await
+            {
+                file.save_windows(&writes).expect("save");
+                let _ = reply.send(Ok(()));
+            }
+        });
+        let mut windows: Vec<String> = Vec::new();
+        for _ in 0..3 {
+            let window = tokio::time::timeout(Duration::from_secs(20), out.recv()).await;
+            windows.push(shown(&window.expect("the restored windows close at their end").expect("a window")));
+        }
+        windows.sort();
+        assert_eq!(
+            windows,
+            [
+                r#"avg/a {"sensor":"a","v":2.0,"n":2,"until":7010000}"#,
+                r#"avg/b {"sensor":"b","v":5.0,"n":1,"until":7010000}"#,
+                r#"avg/c {"sensor":"c","v":7.0,"n":1,"until":7010000}"#,
+            ]
+        );
+        drop(input);
+        stage.await.expect("stage");
+        answer.await.expect("answers");
+    }
+
+    /// A log that cannot make a state (deltas without a base) is counted and logged, the
+    /// rules start empty and still work, and the first checkpoint replaces the log in full.
+    #[tokio::test(start_paused = true)]
+    async fn an_unusable_checkpoint_log_starts_empty_and_is_replaced() {
+        let unusable = WindowLoad::Unusable("2 deltas but no full snapshot".into());
+        let DurableStage { input, mut out, mut store, stage, metrics, .. } =
+            spawn_durable(WINDOWED, 9_000_000, unusable);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let (writes, reply) = next_writes(&mut store);
+        assert!(matches!(writes[..], [LogWrite::Full(_)]), "{writes:?}");
+        reply.send(Ok(())).expect("reply");
+        assert_eq!(Metrics::get(&metrics.counters().window_state_dropped), 1);
+        input.send(reading("a", 4.0, 9_000_002)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        let answer = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { reply, .. }) = store.recv().await {
+                let _ = reply.send(Ok(()));
+            }
+        });
+        let window =
+            tokio::time::timeout(Duration::from_secs(20), out.recv()).await.expect("closes").expect("window");
+        assert_eq!(shown(&window), r#"avg/a {"sensor":"a","v":4.0,"n":1,"until":9010000}"#);
+        drop(input);
+        stage.await.expect("stage");
+        answer.await.expect("answers");
+    }
+
+    /// A delta whose write failed is lost: the next checkpoint is full and holds its
+    /// readings, and a restart from the file counts each reading once.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failed_delta_the_full_checkpoint_holds_its_readings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("open");
+        let DurableStage { input, mut out, mut store, stage, .. } =
+            spawn_durable(WINDOWED, 7_000_000, WindowLoad::Empty);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        commit_into(&mut store, &mut file).expect("the first checkpoint");
+        input.send(reading("a", 1.0, 7_000_001)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let (writes, reply) = next_writes(&mut store);
+        assert!(matches!(writes[..], [LogWrite::Delta(_)]), "{writes:?}");
+        reply.send(Err("disk full".into())).expect("reply");
+        input.send(reading("b", 5.0, 7_000_040)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        // The back-off after a failure is longer than the interval.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let written = commit_into(&mut store, &mut file).expect("the next checkpoint");
+        assert!(matches!(written[..], [LogWrite::Full(_)]), "full after a failure: {written:?}");
+        stage.abort();
+        let _ = stage.await;
+        drop(file);
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("reopen");
+        let restored = file.load_windows().expect("load");
+        let DurableStage { input, mut out, mut store, stage, .. } =
+            spawn_durable(WINDOWED, 7_000_200, restored);
+        let answer = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { writes, reply }) = store.recv().await
+            {
+                file.save_windows(&writes).expect("save");
+                let _ = reply.send(Ok(()));
+            }
+        });
+        let mut windows: Vec<String> = Vec::new();
+        for _ in 0..2 {
+            let window = tokio::time::timeout(Duration::from_secs(20), out.recv()).await;
+            windows.push(shown(&window.expect("the restored windows close").expect("a window")));
+        }
+        windows.sort();
+        assert_eq!(
+            windows,
+            [
+                r#"avg/a {"sensor":"a","v":1.0,"n":1,"until":7010000}"#,
+                r#"avg/b {"sensor":"b","v":5.0,"n":1,"until":7010000}"#,
+            ]
+        );
+        drop(input);
+        stage.await.expect("stage");
+        answer.await.expect("answers");
+    }
+
+    /// The writes of the checkpoint the stage has asked for, and their reply.
+    fn next_writes(
+        store: &mut mpsc::Receiver<crate::buffer::worker::Command>,
+    ) -> (Vec<LogWrite>, tokio::sync::oneshot::Sender<Result<(), String>>) {
+        match store.try_recv() {
+            Ok(crate::buffer::worker::Command::Checkpoint { writes, reply }) => (writes, reply),
+            _ => panic!("expected a checkpoint"),
+        }
+    }
+
+    /// After the first full checkpoint, a reading's checkpoint is a delta; after a reload
+    /// (even to the same rules: the state was rebuilt) the next one is full again.
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_makes_the_next_checkpoint_full() {
+        let DurableStage { routing, input, mut out, mut store, stage, .. } =
+            start_durable(WINDOWED, 8_000_000).await;
+        let step = |store: &mut mpsc::Receiver<crate::buffer::worker::Command>| {
+            let (writes, reply) = next_writes(store);
+            reply.send(Ok(())).expect("reply");
+            writes
+        };
+        input.send(reading("a", 1.0, 8_000_001)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(matches!(step(&mut store)[..], [LogWrite::Delta(_)]), "a delta after the first full one");
+        routing.send(Arc::new(rules(WINDOWED))).expect("reload");
+        input.send(reading("a", 3.0, 8_000_040)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(matches!(step(&mut store)[..], [LogWrite::Full(_)]), "full after the reload");
+        input.send(reading("a", 5.0, 8_000_080)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(matches!(step(&mut store)[..], [LogWrite::Delta(_)]), "then deltas again");
+        drop(routing);
         stop_durable(input, store, stage).await;
     }
 

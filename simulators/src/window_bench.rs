@@ -14,8 +14,9 @@
 //! open and checkpointed), one
 //! window of `duration` is measured: readings acknowledged (PUBACK) in it, the gateway's CPU
 //! time (`utime + stime`, all threads), bytes it caused to be written to storage (`write_bytes`
-//! of `/proc/PID/io`), its own `outpost_window_checkpoint_bytes_total` and
-//! `outpost_window_checkpoints_total`, its RSS at the end, and the messages and bytes (topic +
+//! of `/proc/PID/io`), its own `outpost_window_checkpoint_bytes_total`,
+//! `outpost_window_checkpoints_total` and (since buffer format 9's deltas)
+//! `outpost_window_checkpoints_full_total`, its RSS at the end, and the messages and bytes (topic +
 //! payload) a subscriber at the upstream received. The gateway's RSS beyond the `forward`
 //! phase's, divided by `devices`, is the memory per group (allocator slack included; the rules
 //! crate's `window` bench counts the heap alone).
@@ -108,6 +109,9 @@ pub struct PhaseResult {
     /// The gateway's own `outpost_window_checkpoint_bytes_total`, per second.
     pub checkpoint_bytes_per_s: f64,
     pub checkpoints_per_s: f64,
+    /// Of those, the ones that wrote a full snapshot; `None` from a gateway that writes
+    /// nothing else (it has no such counter).
+    pub full_checkpoints_per_s: Option<f64>,
     pub rss_kib: u64,
     /// Messages and bytes (topic + payload) that reached the upstream subscriber, per second.
     pub upstream_msgs_per_s: f64,
@@ -257,18 +261,20 @@ async fn measure(
         })
     };
     let pid = gateway.pid()?;
-    let (written0, ck_bytes0, cks0) = (
+    let (written0, ck_bytes0, cks0, full0) = (
         write_bytes(pid)?,
         scrape_counter(metrics, "outpost_window_checkpoint_bytes_total").await?,
         scrape_counter(metrics, "outpost_window_checkpoints_total").await?,
+        scrape_counter(metrics, "outpost_window_checkpoints_full_total").await.ok(),
     );
     let start = take()?;
     tokio::time::sleep(cfg.duration).await;
     let end = take()?;
-    let (written1, ck_bytes1, cks1) = (
+    let (written1, ck_bytes1, cks1, full1) = (
         write_bytes(pid)?,
         scrape_counter(metrics, "outpost_window_checkpoint_bytes_total").await?,
         scrape_counter(metrics, "outpost_window_checkpoints_total").await?,
+        scrape_counter(metrics, "outpost_window_checkpoints_full_total").await.ok(),
     );
     fleet.await.context("the fleet task panicked")??;
     gateway.check_running()?;
@@ -289,6 +295,7 @@ async fn measure(
         written_per_s: written1.saturating_sub(written0) as f64 / secs,
         checkpoint_bytes_per_s: ck_bytes1.saturating_sub(ck_bytes0) as f64 / secs,
         checkpoints_per_s: cks1.saturating_sub(cks0) as f64 / secs,
+        full_checkpoints_per_s: full0.zip(full1).map(|(a, b)| b.saturating_sub(a) as f64 / secs),
         rss_kib: end.gateway.rss_kib,
         upstream_msgs_per_s: (end.arrived - start.arrived) as f64 / secs,
         upstream_bytes_per_s: (end.arrived_bytes - start.arrived_bytes) as f64 / secs,
@@ -318,16 +325,18 @@ impl WindowBenchReport {
             "window-bench: {} devices × 1 reading/s, QoS 1, after_commit; measured {:?} per phase\n{}\n`{}`\n\n",
             self.devices, self.duration, self.machine, self.command
         );
-        out.push_str("| phase | acked/s | gateway µs CPU/event | + over forward | written B/s | checkpoint B/s (checkpoints/s) | RSS MiB | RSS over forward per device | upstream msgs/s | reduction msgs / bytes | CPU % gateway / sim / mosquitto |\n");
-        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        out.push_str("| phase | acked/s | gateway µs CPU/event | + over forward | written B/s | checkpoint B/s (checkpoints/s, of them full) | B per checkpoint | RSS MiB | RSS over forward per device | upstream msgs/s | reduction msgs / bytes | CPU % gateway / sim / mosquitto |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         let base = self.phases.iter().find(|p| p.phase == Phase::Forward);
         for p in &self.phases {
             let extra = base.and_then(|b| Some(p.cpu_us_per_event? - b.cpu_us_per_event?));
             let per_device =
                 base.map(|b| (p.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / self.devices as f64);
+            let per_checkpoint =
+                (p.checkpoints_per_s > 0.0).then(|| p.checkpoint_bytes_per_s / p.checkpoints_per_s);
             let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.1}×", a / b) } else { "∞".to_string() };
             out.push_str(&format!(
-                "| {} | {:.0} | {} | {} | {:.0} | {:.0} ({:.1}) | {:.1} | {} | {:.1} | {} / {} | {:.0} / {:.0} / {:.0} |\n",
+                "| {} | {:.0} | {} | {} | {:.0} | {:.0} ({:.1}, {}) | {} | {:.1} | {} | {:.1} | {} / {} | {:.0} / {:.0} / {:.0} |\n",
                 p.phase.name(),
                 p.acked_per_s,
                 fmt(p.cpu_us_per_event, 2),
@@ -335,6 +344,8 @@ impl WindowBenchReport {
                 p.written_per_s,
                 p.checkpoint_bytes_per_s,
                 p.checkpoints_per_s,
+                fmt(p.full_checkpoints_per_s, 1),
+                fmt(per_checkpoint, 0),
                 p.rss_kib as f64 / 1024.0,
                 fmt(per_device.filter(|_| p.phase != Phase::Forward), 0),
                 p.upstream_msgs_per_s,
@@ -364,6 +375,7 @@ mod tests {
             written_per_s: 2_000_000.0,
             checkpoint_bytes_per_s: 1_000_000.0,
             checkpoints_per_s: 25.0,
+            full_checkpoints_per_s: Some(0.5),
             rss_kib,
             upstream_msgs_per_s: msgs,
             upstream_bytes_per_s: bytes,
@@ -391,5 +403,7 @@ mod tests {
         // 2,500 KiB over 10,000 devices: 256 bytes each; 10,000 readings/s to 1,000 messages/s.
         assert!(rows[1].starts_with("| window | 10000 | 27.50 | 1.50 |"), "{}", rows[1]);
         assert!(rows[1].contains("| 256 | 1000.0 | 10.0× / 25.0× |"), "{}", rows[1]);
+        // 1,000,000 B/s in 25 checkpoints/s, one of them full every 2 s.
+        assert!(rows[1].contains("| 1000000 (25.0, 0.5) | 40000 |"), "{}", rows[1]);
     }
 }

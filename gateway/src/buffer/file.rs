@@ -32,11 +32,65 @@ pub(crate) const IMPORTED: TableDefinition<(u64, u64), ()> = TableDefinition::ne
 
 /// The broker's retained messages (format version 3), by topic: a [`StoredRetained`] in CBOR.
 pub(crate) const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
-/// The route stage's checkpoint of its stateful rules (format version 6): one row, the
-/// CBOR snapshot of `outpost_rules::window::WindowState` (see `buffer::windows`).
+/// The route stage's checkpoint of its stateful rules in formats 6–8: one row, the CBOR
+/// snapshot of `outpost_rules::window::WindowState`. Format 9 moves it into
+/// [`WINDOW_LOG`]; only that migration still opens it.
 pub(crate) const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("windows");
+/// The route stage's checkpoint of its stateful rules (format version 9), as a log by
+/// sequence number: a full snapshot, then the deltas taken after it (see `buffer::windows`).
+pub(crate) const WINDOW_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("window_log");
+/// A [`WINDOW_LOG`] row's first byte: the rest is a full snapshot…
+pub(crate) const WINDOW_FULL_TAG: u8 = b'F';
+/// …or the changes since the row before it.
+pub(crate) const WINDOW_DELTA_TAG: u8 = b'D';
+
+/// A [`WINDOW_LOG`] row: `tag`, then the rules crate's bytes.
+pub(crate) fn window_row(tag: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut row = Vec::with_capacity(bytes.len() + 1);
+    row.push(tag);
+    row.extend_from_slice(bytes);
+    row
+}
 
 pub const N_PRIORITIES: usize = 10;
+
+/// One write a window checkpoint makes to [`WINDOW_LOG`] (`buffer::windows`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogWrite {
+    /// No stateful rule runs: every row goes.
+    Clear,
+    /// A full snapshot of the state: every row goes, and this one is the log's new base.
+    Full(Vec<u8>),
+    /// The changes since the row before it: appended after the base and its deltas.
+    Delta(Vec<u8>),
+}
+
+impl LogWrite {
+    /// The state bytes it writes (the row's tag byte not counted).
+    pub fn len(&self) -> usize {
+        match self {
+            LogWrite::Clear => 0,
+            LogWrite::Full(bytes) | LogWrite::Delta(bytes) => bytes.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What [`WINDOW_LOG`] held at start.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub enum WindowLoad {
+    /// No checkpoint.
+    #[default]
+    Empty,
+    /// The last full snapshot and the deltas written after it, oldest first.
+    Log { base: Vec<u8>, deltas: Vec<Vec<u8>> },
+    /// Rows that cannot make a state (deltas without a base, an unknown row kind): the
+    /// stateful rules start empty. Never written by this release; said for the log.
+    Unusable(String),
+}
 
 /// The bytes a record in a one-record row of formats 1–3 counts for: its encoded value plus
 /// its 9-byte key and B-tree entry overhead, rounded to 16.
@@ -81,6 +135,13 @@ pub enum BufferError {
     Database { path: PathBuf, error: redb::Error },
     #[error("buffer record {key:?} is undecodable: {message}")]
     Record { key: Key, message: String },
+    /// A bug, not the file's fault: the route stage's checkpointer writes a full snapshot
+    /// before any delta, and a full one after a failure.
+    #[error(
+        "buffer file {}: a window-state delta was offered to a checkpoint log without a full snapshot; nothing was written, and the next checkpoint must be a full one",
+        path.display()
+    )]
+    DeltaWithoutBase { path: PathBuf },
 }
 
 impl BufferError {

@@ -31,19 +31,24 @@
 //! - `sessions` and `session_queue`: the local broker's persistent sessions and their queued
 //!   QoS 1/2 deliveries ([`sessions`]), written by the store thread
 //!   ([`worker::Command::Sessions`]), read once at start.
-//! - `windows`: the route stage's checkpoint of its stateful rules' state (open windows,
-//!   report-by-exception memory), one row `state` holding a CBOR snapshot, replaced whole by
-//!   each checkpoint ([`worker::Command::Checkpoint`]), read once at start ([`windows`]).
+//! - `window_log`: the route stage's checkpoint of its stateful rules' state (open windows,
+//!   report-by-exception memory) as a log by sequence number: a full snapshot, then the
+//!   deltas taken after it, each row a kind tag and the rules crate's bytes. A checkpoint
+//!   ([`worker::Command::Checkpoint`]) appends deltas, or writes a full snapshot in place of
+//!   every row; read once at start, the last full row and the deltas after it ([`windows`]).
+//!   Formats 6–8 had a `windows` table with one snapshot instead.
 //!
 //! # Format versions
-//! [`store::FORMAT_VERSION`] is 8. Version 1 is a file without the `format_version` key (every
+//! [`store::FORMAT_VERSION`] is 9. Version 1 is a file without the `format_version` key (every
 //! release before it); version 2 added the `imported` table, version 3 the `retained` table,
 //! version 4 packed rows and the `rows` counter, version 5 the `sessions` and
 //! `session_queue` tables, version 6 the `windows` table, version 7 events' MQTT 5 properties
 //! in packed rows (a flag bit older releases did not know: nothing to migrate, no old row has
 //! it, but a release that reads 6 must refuse a 7 file rather than find its rows corrupt),
 //! version 8 rows with topics as differences and the flags first (a new tag byte: rows of 4–7
-//! are read as they are and written back in 8 when they change; nothing to migrate).
+//! are read as they are and written back in 8 when they change; nothing to migrate),
+//! version 9 the `window_log` table in place of `windows` (the start-up transaction moves a
+//! format-8 snapshot into it as its first, full row, and deletes `windows`).
 //! Opening an older file adds the key, the
 //! missing tables and (older than 4 → 4) the `rows` counter, set to the number of rows, which
 //! is its event count (checked against the counters), in the same transaction as the epoch

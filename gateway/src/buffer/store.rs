@@ -11,8 +11,8 @@ use serde::Serialize;
 use super::chunk::{self, Counted, Editor};
 pub use super::file::file_path;
 use super::file::{
-    BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, RETAINED, Record, StoredRetained, WINDOWS,
-    db_err, meta_key,
+    BufferError, EVENTS, IMPORTED, Key, META, N_PRIORITIES, RETAINED, Record, StoredRetained,
+    WINDOW_FULL_TAG, WINDOW_LOG, WINDOWS, db_err, meta_key, window_row,
 };
 use super::inspect::{self, StatsReport};
 
@@ -22,9 +22,10 @@ use super::inspect::{self, StatsReport};
 /// tables ([`super::sessions`]); 6: the `windows` table ([`super::windows`]); 7: events
 /// may carry MQTT 5 properties in their packed row (a flag bit that 6 did not know: a
 /// release that reads 6 would take such a row for corrupt, so it must refuse the file); 8:
-/// packed rows with a new tag whose topics are differences from the previous event's. A
-/// file with a higher version was written by a newer release and is refused untouched.
-pub const FORMAT_VERSION: u64 = 8;
+/// packed rows with a new tag whose topics are differences from the previous event's; 9: the
+/// `window_log` table replaces `windows` ([`super::windows`]). A file with a higher version
+/// was written by a newer release and is refused untouched.
+pub const FORMAT_VERSION: u64 = 9;
 const FORMAT_KEY: &str = "format_version";
 /// Rows in `events`, kept with the records: since format 4 a row holds many events, so this,
 /// not the event counters, is what the table's length proves at start.
@@ -131,6 +132,22 @@ fn read_rows(meta: &impl ReadableTable<&'static str, u64>, path: &Path) -> Resul
     Ok(meta.get(ROWS_KEY).map_err(|e| db_err(path, e))?.map_or(0, |v| v.value()))
 }
 
+/// Older than 9: the `windows` table's one snapshot (formats 6–8) becomes the first, full
+/// row of `window_log`, and `windows` goes, inside the start-up transaction. A file from
+/// before 6 has an empty `windows` table by now (opened above), so it gains an empty log.
+fn migrate_windows_to_log(txn: &redb::WriteTransaction, path: &Path) -> Result<(), BufferError> {
+    let mut log = txn.open_table(WINDOW_LOG).map_err(|e| db_err(path, e))?;
+    {
+        let old = txn.open_table(WINDOWS).map_err(|e| db_err(path, e))?;
+        if let Some(state) = old.get("state").map_err(|e| db_err(path, e))? {
+            let row = window_row(WINDOW_FULL_TAG, state.value());
+            log.insert(0, row.as_slice()).map_err(|e| db_err(path, e))?;
+        }
+    }
+    txn.delete_table(WINDOWS).map_err(|e| db_err(path, e))?;
+    Ok(())
+}
+
 /// What [`Store::load_retained`] found.
 #[derive(Debug, Default)]
 pub struct RetainedLoad {
@@ -235,6 +252,9 @@ impl Store {
                 // `chunk::PACKED_TAG` and are read as they are; a row that changes is written
                 // back in format 8 (`chunk::PACKED_TAG_8`), which releases that know 7
                 // would not read: the new version keeps them away.
+                if version < 9 {
+                    migrate_windows_to_log(&txn, &path)?;
+                }
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use super::file::{BufferError, Key, Record, StoredRetained};
+use super::file::{BufferError, Key, LogWrite, Record, StoredRetained};
 use super::inspect::StatsReport;
 use super::sessions::SessionBatch;
 use super::store::{Applied, Batch, Store};
@@ -45,10 +45,11 @@ pub enum Command {
         batch: SessionBatch,
         reply: oneshot::Sender<Result<(), String>>,
     },
-    /// The route stage's checkpoint of its stateful rules (`None` clears it), committed in
-    /// one durable transaction before the reply ([`super::windows`]).
+    /// The route stage's checkpoint of its stateful rules: writes to its log (a full
+    /// snapshot, deltas, or clearing it), applied in order and committed in one durable
+    /// transaction before the reply (`buffer::windows`).
     Checkpoint {
-        state: Option<Vec<u8>>,
+        writes: Vec<LogWrite>,
         reply: oneshot::Sender<Result<(), String>>,
     },
 }
@@ -191,11 +192,11 @@ fn execute(store: &mut Store, command: Command, slow_commits: Option<Duration>) 
             let _ = reply.send(store.apply_sessions(&batch).map_err(|e| e.to_string()));
             None
         }
-        Command::Checkpoint { state, reply } => {
+        Command::Checkpoint { writes, reply } => {
             if let Some(delay) = slow_commits {
                 std::thread::sleep(delay);
             }
-            let _ = reply.send(store.save_windows(state.as_deref()).map_err(|e| e.to_string()));
+            let _ = reply.send(store.save_windows(&writes).map_err(|e| e.to_string()));
             None
         }
         Command::Read { priority, from_seq, limit } => {

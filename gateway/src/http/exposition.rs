@@ -222,6 +222,18 @@ pub const COUNTERS: &[Mapping] = &[
         "Bytes of window state written by checkpoints.",
     ),
     m(
+        "window_checkpoints_full",
+        "outpost_window_checkpoints_full_total",
+        &[],
+        "Window checkpoints that wrote a full snapshot (the others wrote deltas only).",
+    ),
+    m(
+        "window_checkpoint_full_bytes",
+        "outpost_window_checkpoint_full_bytes_total",
+        &[],
+        "Bytes of full snapshots written by window checkpoints (the rest are deltas).",
+    ),
+    m(
         "window_checkpoint_failures",
         "outpost_window_checkpoint_failures_total",
         &[],

@@ -3,16 +3,30 @@
 //!
 //! An absorbed reading has no upstream copy whose commit or PUBACK could release its sensor's
 //! acknowledgement; its only trace is the rules' state. So the stage holds the reading's
-//! [`Ticket`] here and releases it once a snapshot of the state that includes the reading is
-//! committed to the buffer file (`buffer::windows`, one durable transaction).
+//! [`Ticket`] here and releases it once a checkpoint of the state that includes the reading
+//! is committed to the buffer file (`buffer::windows`, one durable transaction).
+//!
+//! # Full snapshots and deltas
+//! The file keeps a log: a full snapshot, then deltas (what changed since the checkpoint
+//! before). [`Checkpointer::wants`] says which the stage takes next, and the stage takes
+//! that: a **full** one when none has been taken in this run (a start: the state was
+//! restored or is new), after the state's shape changed (a reload), after a failed
+//! checkpoint (its delta is lost, so deltas after it would not apply), and when the deltas
+//! taken since the last full one add up to more than its size, so the log stays within
+//! about twice the state and rewriting it costs no more than the deltas' own bytes;
+//! otherwise a **delta**, whose cost follows what changed rather than the number of groups.
 //!
 //! # Invariants
 //! - A held ticket is dropped (the sensor acknowledged) only after the transaction holding a
-//!   snapshot taken after its reading was absorbed has committed. A failed checkpoint puts
-//!   its tickets back; the next one, of a newer state, takes them.
-//! - A snapshot is written only once every window output emitted before it was taken is
+//!   checkpoint taken after its reading was absorbed has committed. A failed checkpoint puts
+//!   its tickets back, with those of any checkpoint waiting behind it (its deltas build on
+//!   the lost one); the next one, full and of a newer state, takes them.
+//! - A delta is written only on top of the full snapshot and every delta taken between
+//!   them: a waiting delta is written in the same transaction as the writes before it, and
+//!   a failure makes the next checkpoint full.
+//! - A checkpoint is written only once every window output emitted before it was taken is
 //!   safe (committed to the buffer or acknowledged upstream: their tickets, from this
-//!   module's own [`AckQueue`], have dropped). A snapshot no longer holds a closed window's
+//!   module's own [`AckQueue`], have dropped). A checkpoint no longer holds a closed window's
 //!   readings, so writing it before the window's output is safe could lose them in a crash.
 //! - At most one checkpoint is written at a time, and a new one starts no sooner than
 //!   `interval` after the previous one started: the checkpoint is a group commit.
@@ -24,7 +38,8 @@
 //!   input meanwhile: a window's output never holds a reading the file does not.
 //!
 //! # After a crash
-//! The file holds the last committed snapshot. Readings absorbed after it were not yet
+//! The file holds the state of the last committed checkpoint (its full snapshot and the
+//! deltas up to it). Readings absorbed after it were not yet
 //! acknowledged and are resent by their sensors (counted in the window open at the resend);
 //! windows closed after it are in it still, with exactly the readings they were sent with,
 //! and close again with the same outputs and ids (the upstream sees a duplicate id at most).
@@ -41,6 +56,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::ack::{AckQueue, Outcome, Ticket};
+use crate::buffer::windows::LogWrite;
 use crate::buffer::worker::Command;
 use crate::metrics::Metrics;
 use crate::telemetry::{Episode, Failure, readable};
@@ -57,16 +73,28 @@ const OUTPUT_POLL: Duration = Duration::from_millis(50);
 /// What [`Checkpointer::wait`] asks of the stage.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Take a snapshot now and hand it to [`Checkpointer::take`].
+    /// Take a checkpoint now (of the [`Kind`] [`Checkpointer::wants`]) and hand it to
+    /// [`Checkpointer::take`].
     Due,
     /// Something moved (a reply, outputs made safe, a write started); ask again.
     Progress,
 }
 
-struct Snapshot {
-    state: Option<Vec<u8>>,
+/// The checkpoint the stage takes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The whole state (`WindowState::snapshot`, then `clear_changes`).
+    Full,
+    /// What changed since the last one taken (`WindowState::take_delta`).
+    Delta,
+}
+
+/// Checkpoints taken and not yet handed to the store thread.
+struct Pending {
+    /// In the order they were taken: a full one (or a clear) first, if any, then deltas.
+    writes: Vec<LogWrite>,
     held: Vec<Ticket>,
-    /// Outputs issued when it was taken: all must be safe before it is written.
+    /// Outputs issued when the last was taken: all must be safe before they are written.
     outputs_upto: u64,
 }
 
@@ -75,6 +103,8 @@ struct InFlight {
     held: Vec<Ticket>,
     started: Instant,
     bytes: usize,
+    /// The bytes of the full snapshot among its writes, if there is one.
+    full_bytes: Option<usize>,
 }
 
 pub struct Checkpointer {
@@ -84,11 +114,16 @@ pub struct Checkpointer {
     outputs: Arc<AckQueue>,
     issued: u64,
     safe: u64,
-    /// Tickets of readings absorbed since the last snapshot was taken.
+    /// Tickets of readings absorbed since the last checkpoint was taken.
     held: Vec<Ticket>,
-    /// The state changed since the last snapshot was taken.
+    /// The state changed since the last checkpoint was taken.
     dirty: bool,
-    waiting: Option<Snapshot>,
+    waiting: Option<Pending>,
+    /// The next checkpoint must be full (see the module's doc).
+    need_full: bool,
+    /// The size of the last full snapshot taken, and of the deltas taken since.
+    full_bytes: usize,
+    delta_bytes: usize,
     in_flight: Option<InFlight>,
     /// No snapshot is taken before this.
     next_at: Instant,
@@ -108,6 +143,9 @@ impl Checkpointer {
             held: Vec::new(),
             dirty: false,
             waiting: None,
+            need_full: true,
+            full_bytes: 0,
+            delta_bytes: 0,
             in_flight: None,
             next_at: Instant::now(),
             failures_in_row: 0,
@@ -128,9 +166,20 @@ impl Checkpointer {
         self.dirty = true;
     }
 
-    /// The state changed without a reading (windows closed, a reload).
+    /// The state changed without a reading (windows closed).
     pub fn changed(&mut self) {
         self.dirty = true;
+    }
+
+    /// The state was replaced (a reload): the next checkpoint is a full one.
+    pub fn reshaped(&mut self) {
+        self.dirty = true;
+        self.need_full = true;
+    }
+
+    /// The kind of checkpoint the stage must take next.
+    pub fn wants(&self) -> Kind {
+        if self.need_full || self.delta_bytes > self.full_bytes { Kind::Full } else { Kind::Delta }
     }
 
     /// Whether the stage must stop reading input until a checkpoint commits.
@@ -145,18 +194,41 @@ impl Checkpointer {
         !self.dirty && self.waiting.is_none() && self.in_flight.is_none()
     }
 
-    /// The snapshot [`Step::Due`] asked for (`None`: no stateful rule runs, clear it), or one
-    /// taken sooner (a window is about to close, the stage stops). It replaces a snapshot
-    /// still waiting to be written, and takes over that one's readings: the newer state
-    /// holds them too.
-    pub fn take(&mut self, state: Option<Vec<u8>>) {
+    /// The checkpoint [`Step::Due`] asked for, of the kind [`Checkpointer::wants`]
+    /// ([`LogWrite::Clear`]: no stateful rule runs), or one taken sooner (a window is about
+    /// to close, the stage stops). It joins the checkpoints still waiting to be written
+    /// (a full one or a clear replaces them: it holds their changes) and takes over their
+    /// readings: the newer state holds them too.
+    pub fn take(&mut self, write: LogWrite) {
+        match &write {
+            LogWrite::Full(bytes) => {
+                self.need_full = false;
+                self.full_bytes = bytes.len();
+                self.delta_bytes = 0;
+            }
+            LogWrite::Clear => {
+                self.need_full = true;
+                self.full_bytes = 0;
+                self.delta_bytes = 0;
+            }
+            LogWrite::Delta(bytes) => {
+                debug_assert!(!self.need_full, "a delta taken when a full checkpoint was due");
+                self.delta_bytes += bytes.len();
+            }
+        }
         let mut held = std::mem::take(&mut self.held);
+        let mut writes = Vec::new();
         if let Some(mut older) = self.waiting.take() {
             older.held.append(&mut held);
             held = older.held;
+            writes = older.writes;
         }
+        if !matches!(write, LogWrite::Delta(_)) {
+            writes.clear();
+        }
+        writes.push(write);
         self.dirty = false;
-        self.waiting = Some(Snapshot { state, held, outputs_upto: self.issued });
+        self.waiting = Some(Pending { writes, held, outputs_upto: self.issued });
     }
 
     fn refresh(&mut self) {
@@ -176,8 +248,8 @@ impl Checkpointer {
             self.finished(result.unwrap_or_else(|_| Err("the store thread stopped".to_owned())));
             return Step::Progress;
         }
-        if let Some(snapshot) = &self.waiting {
-            if snapshot.outputs_upto > self.safe {
+        if let Some(pending) = &self.waiting {
+            if pending.outputs_upto > self.safe {
                 tokio::select! {
                     () = self.outputs.ready() => {}
                     () = tokio::time::sleep(OUTPUT_POLL) => {}
@@ -188,12 +260,16 @@ impl Checkpointer {
                 // The store thread is gone (shutdown): nothing can be made durable.
                 return std::future::pending().await;
             };
-            let Some(snapshot) = self.waiting.take() else { return Step::Progress };
+            let Some(pending) = self.waiting.take() else { return Step::Progress };
             let (reply, rx) = oneshot::channel();
-            let bytes = snapshot.state.as_ref().map_or(0, Vec::len);
-            permit.send(Command::Checkpoint { state: snapshot.state, reply });
+            let bytes = pending.writes.iter().map(LogWrite::len).sum();
+            let full_bytes = pending.writes.iter().find_map(|w| match w {
+                LogWrite::Full(b) => Some(b.len()),
+                _ => None,
+            });
+            permit.send(Command::Checkpoint { writes: pending.writes, reply });
             self.in_flight =
-                Some(InFlight { reply: rx, held: snapshot.held, started: Instant::now(), bytes });
+                Some(InFlight { reply: rx, held: pending.held, started: Instant::now(), bytes, full_bytes });
             return Step::Progress;
         }
         if self.dirty {
@@ -211,6 +287,10 @@ impl Checkpointer {
             Ok(()) => {
                 Metrics::add(&counters.window_checkpoints, 1);
                 Metrics::add(&counters.window_checkpoint_bytes, flight.bytes as u64);
+                if let Some(full) = flight.full_bytes {
+                    Metrics::add(&counters.window_checkpoints_full, 1);
+                    Metrics::add(&counters.window_checkpoint_full_bytes, full as u64);
+                }
                 // Committed: the readings it holds are safe, their sensors acknowledged.
                 drop(flight.held);
                 self.failures_in_row = 0;
@@ -221,11 +301,17 @@ impl Checkpointer {
             }
             Err(reason) => {
                 Metrics::add(&counters.window_checkpoint_failures, 1);
-                // Not durable: back to the held ones, for the next (newer) snapshot.
+                // Not durable: back to the held ones, for the next (newer) checkpoint. The
+                // deltas waiting behind it build on what was lost: they go too, and the next
+                // checkpoint is a full one, which holds their changes.
                 let mut held = flight.held;
+                if let Some(mut waiting) = self.waiting.take() {
+                    held.append(&mut waiting.held);
+                }
                 held.append(&mut self.held);
                 self.held = held;
                 self.dirty = true;
+                self.need_full = true;
                 self.failures_in_row = self.failures_in_row.saturating_add(1);
                 let backoff = self.interval.saturating_mul(1 << self.failures_in_row.min(8)).min(MAX_BACKOFF);
                 self.next_at = now + backoff;
@@ -256,11 +342,19 @@ mod tests {
     /// The store thread's side, by hand: the next checkpoint command.
     async fn next_write(
         rx: &mut mpsc::Receiver<Command>,
-    ) -> (Option<Vec<u8>>, oneshot::Sender<Result<(), String>>) {
+    ) -> (Vec<LogWrite>, oneshot::Sender<Result<(), String>>) {
         match rx.recv().await {
-            Some(Command::Checkpoint { state, reply }) => (state, reply),
+            Some(Command::Checkpoint { writes, reply }) => (writes, reply),
             _ => panic!("expected a checkpoint"),
         }
+    }
+
+    fn full(bytes: &[u8]) -> LogWrite {
+        LogWrite::Full(bytes.to_vec())
+    }
+
+    fn delta(bytes: &[u8]) -> LogWrite {
+        LogWrite::Delta(bytes.to_vec())
     }
 
     #[tokio::test(start_paused = true)]
@@ -270,11 +364,11 @@ mod tests {
         let sensor = AckQueue::new();
         ck.hold(Some(sensor.ticket()));
         assert_eq!(ck.wait().await, Step::Due);
-        ck.take(Some(b"s1".to_vec()));
+        ck.take(full(b"s1"));
         ck.hold(Some(sensor.ticket()));
         assert_eq!(ck.wait().await, Step::Progress, "the write started");
-        let (state, reply) = next_write(&mut rx).await;
-        assert_eq!(state.as_deref(), Some(&b"s1"[..]));
+        let (writes, reply) = next_write(&mut rx).await;
+        assert_eq!(writes, vec![full(b"s1")]);
         assert!(ready(&sensor).is_empty(), "not before the commit");
         reply.send(Ok(())).expect("reply");
         assert_eq!(ck.wait().await, Step::Progress);
@@ -283,7 +377,7 @@ mod tests {
         let before = Instant::now();
         assert_eq!(ck.wait().await, Step::Due);
         assert!(Instant::now() >= before + Duration::from_millis(20));
-        ck.take(Some(b"s2".to_vec()));
+        ck.take(full(b"s2"));
         ck.wait().await;
         let (_, reply) = next_write(&mut rx).await;
         reply.send(Ok(())).expect("reply");
@@ -299,13 +393,13 @@ mod tests {
         let output = ck.output_ticket();
         ck.changed();
         assert_eq!(ck.wait().await, Step::Due);
-        ck.take(Some(b"after the close".to_vec()));
+        ck.take(full(b"after the close"));
         assert_eq!(ck.wait().await, Step::Progress);
         assert!(rx.try_recv().is_err(), "not written while the output is unsafe");
         drop(output);
         assert_eq!(ck.wait().await, Step::Progress, "the write started");
-        let (state, reply) = next_write(&mut rx).await;
-        assert_eq!(state.as_deref(), Some(&b"after the close"[..]));
+        let (writes, reply) = next_write(&mut rx).await;
+        assert_eq!(writes, vec![full(b"after the close")]);
         reply.send(Ok(())).expect("reply");
         ck.wait().await;
         assert!(ck.idle());
@@ -319,7 +413,7 @@ mod tests {
         let sensor = AckQueue::new();
         ck.hold(Some(sensor.ticket()));
         ck.wait().await;
-        ck.take(Some(b"s".to_vec()));
+        ck.take(full(b"s"));
         ck.wait().await;
         let (_, reply) = next_write(&mut rx).await;
         reply.send(Err("disk full".to_owned())).expect("reply");
@@ -327,7 +421,7 @@ mod tests {
         assert!(ready(&sensor).is_empty(), "a failed write acknowledges nothing");
         assert_eq!(Metrics::get(&metrics.counters().window_checkpoint_failures), 1);
         assert_eq!(ck.wait().await, Step::Due, "tried again");
-        ck.take(Some(b"s".to_vec()));
+        ck.take(full(b"s"));
         ck.wait().await;
         let (_, reply) = next_write(&mut rx).await;
         reply.send(Ok(())).expect("reply");
@@ -344,19 +438,139 @@ mod tests {
         let output = ck.output_ticket();
         ck.hold(Some(sensor.ticket()));
         assert_eq!(ck.wait().await, Step::Due);
-        ck.take(Some(b"older".to_vec()));
+        ck.take(full(b"older"));
         assert_eq!(ck.wait().await, Step::Progress, "waits for the output");
         ck.hold(Some(sensor.ticket()));
-        ck.take(Some(b"newer".to_vec()));
+        ck.take(full(b"newer"));
         assert!(ready(&sensor).is_empty(), "the older snapshot's reading is still held");
         drop(output);
         ck.wait().await;
-        let (state, reply) = next_write(&mut rx).await;
-        assert_eq!(state.as_deref(), Some(&b"newer"[..]));
+        let (writes, reply) = next_write(&mut rx).await;
+        assert_eq!(writes, vec![full(b"newer")]);
         reply.send(Ok(())).expect("reply");
         ck.wait().await;
         assert_eq!(ready(&sensor), vec![Outcome::Safe, Outcome::Safe]);
         assert!(ck.idle());
+    }
+
+    /// Commits the next checkpoint command and returns what it wrote.
+    async fn commit_next(ck: &mut Checkpointer, rx: &mut mpsc::Receiver<Command>) -> Vec<LogWrite> {
+        assert_eq!(ck.wait().await, Step::Progress, "the write started");
+        let (writes, reply) = next_write(rx).await;
+        reply.send(Ok(())).expect("reply");
+        assert_eq!(ck.wait().await, Step::Progress, "the reply");
+        writes
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_is_full_then_deltas_until_they_outgrow_it() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let metrics = Metrics::default();
+        let mut ck = Checkpointer::new(tx, Duration::from_millis(25), metrics.clone());
+        ck.changed();
+        assert_eq!(ck.wants(), Kind::Full, "none in this run yet");
+        assert_eq!(ck.wait().await, Step::Due);
+        ck.take(full(b"0123456789"));
+        assert_eq!(commit_next(&mut ck, &mut rx).await, vec![full(b"0123456789")]);
+        // Deltas up to the full one's size: 4 + 6 = 10 is not more than 10.
+        for d in [&b"abcd"[..], b"efghij"] {
+            ck.changed();
+            assert_eq!(ck.wait().await, Step::Due);
+            assert_eq!(ck.wants(), Kind::Delta);
+            ck.take(delta(d));
+            assert_eq!(commit_next(&mut ck, &mut rx).await, vec![delta(d)]);
+        }
+        ck.changed();
+        assert_eq!(ck.wait().await, Step::Due);
+        assert_eq!(ck.wants(), Kind::Delta);
+        ck.take(delta(b"k"));
+        commit_next(&mut ck, &mut rx).await;
+        ck.changed();
+        assert_eq!(ck.wait().await, Step::Due);
+        assert_eq!(ck.wants(), Kind::Full, "11 bytes of deltas outgrew the 10-byte base: compact");
+        ck.take(full(b"012345"));
+        assert_eq!(commit_next(&mut ck, &mut rx).await, vec![full(b"012345")]);
+        assert_eq!(ck.wants(), Kind::Delta, "a new base, no deltas after it yet");
+        let counters = metrics.counters();
+        assert_eq!(Metrics::get(&counters.window_checkpoints), 5);
+        assert_eq!(Metrics::get(&counters.window_checkpoints_full), 2);
+        assert_eq!(Metrics::get(&counters.window_checkpoint_bytes), 10 + 4 + 6 + 1 + 6);
+        assert_eq!(Metrics::get(&counters.window_checkpoint_full_bytes), 10 + 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_makes_the_next_one_full() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut ck = Checkpointer::new(tx, Duration::from_millis(25), Metrics::default());
+        ck.changed();
+        ck.wait().await;
+        ck.take(full(b"base"));
+        commit_next(&mut ck, &mut rx).await;
+        assert_eq!(ck.wants(), Kind::Delta);
+        ck.reshaped();
+        assert_eq!(ck.wants(), Kind::Full);
+        assert_eq!(ck.wait().await, Step::Due, "a reload is a change");
+        // A clear (no stateful rule left) leaves no base either.
+        ck.take(LogWrite::Clear);
+        assert_eq!(commit_next(&mut ck, &mut rx).await, vec![LogWrite::Clear]);
+        assert_eq!(ck.wants(), Kind::Full);
+    }
+
+    /// A failed write loses its delta, and the deltas waiting behind it build on it: they
+    /// are dropped, their readings kept, and the next checkpoint is a full one.
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failure_the_next_one_is_full_and_takes_every_held_reading() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut ck = Checkpointer::new(tx, Duration::from_millis(25), Metrics::default());
+        let sensor = AckQueue::new();
+        ck.changed();
+        ck.wait().await;
+        ck.take(full(b"base"));
+        commit_next(&mut ck, &mut rx).await;
+        ck.hold(Some(sensor.ticket()));
+        ck.wait().await;
+        ck.take(delta(b"d1"));
+        assert_eq!(ck.wait().await, Step::Progress, "the write started");
+        let (writes, reply) = next_write(&mut rx).await;
+        assert_eq!(writes, vec![delta(b"d1")]);
+        // Another reading and its delta wait behind the one in flight (a window is due).
+        ck.hold(Some(sensor.ticket()));
+        assert_eq!(ck.wants(), Kind::Delta);
+        ck.take(delta(b"d2"));
+        reply.send(Err("disk full".to_owned())).expect("reply");
+        assert_eq!(ck.wait().await, Step::Progress);
+        assert!(ready(&sensor).is_empty());
+        assert_eq!(ck.wants(), Kind::Full, "the lost delta must be rewritten in full");
+        assert_eq!(ck.wait().await, Step::Due, "the waiting delta was dropped, not written");
+        ck.take(full(b"base+d1+d2"));
+        assert_eq!(commit_next(&mut ck, &mut rx).await, vec![full(b"base+d1+d2")]);
+        assert_eq!(ready(&sensor), vec![Outcome::Safe, Outcome::Safe]);
+        assert!(ck.idle());
+    }
+
+    /// Checkpoints taken while others wait (on outputs) are written together: a delta after
+    /// the ones before it, in one transaction; a full one in place of all of them.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_deltas_are_written_together_and_a_full_one_replaces_them() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let mut ck = Checkpointer::new(tx, Duration::from_millis(25), Metrics::default());
+        ck.changed();
+        ck.wait().await;
+        ck.take(full(b"base....."));
+        commit_next(&mut ck, &mut rx).await;
+        let output = ck.output_ticket();
+        ck.take(delta(b"d1"));
+        ck.take(delta(b"d2"));
+        assert_eq!(ck.wait().await, Step::Progress, "waits for the output");
+        drop(output);
+        assert_eq!(commit_next(&mut ck, &mut rx).await, vec![delta(b"d1"), delta(b"d2")]);
+        let output = ck.output_ticket();
+        ck.take(delta(b"d3"));
+        ck.take(full(b"base2"));
+        ck.take(delta(b"d4"));
+        ck.wait().await;
+        drop(output);
+        assert_eq!(commit_next(&mut ck, &mut rx).await, vec![full(b"base2"), delta(b"d4")]);
     }
 
     #[test]
