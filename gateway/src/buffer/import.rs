@@ -368,14 +368,15 @@ mod tests {
             let txn = db.begin_write().expect("txn");
             txn.open_table(crate::buffer::file::META)
                 .expect("meta")
-                .insert("format_version", 9)
+                .insert("format_version", FORMAT_VERSION + 1)
                 .expect("insert");
             txn.commit().expect("commit");
         }
         let err = import(&file_path(&src), &dir.path().join("dst")).expect_err("newer").to_string();
         assert!(
             err.contains(&format!(
-                "has buffer format version 9, but this outpost reads versions up to {FORMAT_VERSION}"
+                "has buffer format version {}, but this outpost reads versions up to {FORMAT_VERSION}",
+                FORMAT_VERSION + 1
             )),
             "{err}"
         );

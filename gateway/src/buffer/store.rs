@@ -22,9 +22,11 @@ use super::inspect::{self, StatsReport};
 /// tables ([`super::sessions`]); 6: the `windows` table ([`super::windows`]); 7: events
 /// may carry MQTT 5 properties in their packed row (a flag bit that 6 did not know: a
 /// release that reads 6 would take such a row for corrupt, so it must refuse the file); 8:
-/// packed rows with a new tag whose topics are differences from the previous event's. A
-/// file with a higher version was written by a newer release and is refused untouched.
-pub const FORMAT_VERSION: u64 = 8;
+/// packed rows with a new tag whose topics are differences from the previous event's; 10:
+/// payloads too may be differences from the previous event's (a flag bit 8 did not know;
+/// 9 is the route's window-checkpoint log). A file with a higher version was written by a
+/// newer release and is refused untouched.
+pub const FORMAT_VERSION: u64 = 10;
 const FORMAT_KEY: &str = "format_version";
 /// Rows in `events`, kept with the records: since format 4 a row holds many events, so this,
 /// not the event counters, is what the table's length proves at start.
@@ -235,6 +237,9 @@ impl Store {
                 // `chunk::PACKED_TAG` and are read as they are; a row that changes is written
                 // back in format 8 (`chunk::PACKED_TAG_8`), which releases that know 7
                 // would not read: the new version keeps them away.
+                // Older than 10: nothing to rewrite. No row written before 10 has the
+                // payload-difference flag, so every old row reads as it is; the new version
+                // keeps releases that know 8 or 9 away from rows that have it.
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }

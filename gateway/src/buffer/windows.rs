@@ -95,7 +95,7 @@ mod tests {
         }
         let (mut store, report) = Store::open(dir.path()).expect("reopen");
         assert_eq!(report.migrated_from, Some(3));
-        assert_eq!(FORMAT_VERSION, 8);
+        assert_eq!(FORMAT_VERSION, 10);
         assert_eq!(store.load_windows().expect("load"), None);
         store.save_windows(Some(b"state")).expect("save");
         drop(store);
