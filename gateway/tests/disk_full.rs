@@ -27,7 +27,13 @@ fn publish(port: u16, n: usize, size: usize, acked: Arc<AtomicU64>) -> tokio::ta
     tokio::spawn(async move {
         let sender = tokio::spawn(async move {
             for i in 0..n {
-                let payload = format!("{{\"seq\":{i},\"pad\":\"{}\"}}", "x".repeat(size.saturating_sub(24)));
+                // A pad unlike the previous message's: the buffer writes a payload as its
+                // difference from the previous one (format 10), and a repeated pad would
+                // shrink the events to a few bytes each and never fill the disk.
+                let pad: String = (0..size.saturating_sub(24))
+                    .map(|j| char::from(b'a' + ((i * 31 + j * 7 + (i * j) % 11) % 26) as u8))
+                    .collect();
+                let payload = format!("{{\"seq\":{i},\"pad\":\"{pad}\"}}");
                 client
                     .publish("sensors/disk/temp", QoS::AtLeastOnce, false, payload)
                     .await

@@ -243,6 +243,8 @@ pub struct DeviceSummary {
 #[derive(Debug, Default)]
 pub struct FleetProgress {
     sent: AtomicU64,
+    /// Payload bytes of the readings handed to the MQTT clients.
+    sent_payload_bytes: AtomicU64,
     acked: AtomicU64,
     /// Acknowledgement latencies in µs (QoS 1 and 2 only).
     ack_latency: AtomicHistogram,
@@ -252,6 +254,12 @@ impl FleetProgress {
     /// Readings handed to the MQTT clients so far.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Payload bytes of the readings handed to the MQTT clients so far: a reading is at least
+    /// `payload_size` long, longer when its fields alone exceed it.
+    pub fn sent_payload_bytes(&self) -> u64 {
+        self.sent_payload_bytes.load(Ordering::Relaxed)
     }
 
     /// Readings acknowledged so far.
@@ -581,13 +589,16 @@ impl Sensor {
             pad: String::new(),
         };
         reading.pad_to_format(self.payload_size, self.format);
-        match client.try_publish(&self.topic, self.qos, reading.encode(self.format)) {
+        let payload = reading.encode(self.format);
+        let payload_len = payload.len() as u64;
+        match client.try_publish(&self.topic, self.qos, payload) {
             Ok(()) => {
                 self.value = state;
                 self.next_seq += 1;
                 self.submitted.push_back(seq);
                 self.summary.sent += 1;
                 self.progress.sent.fetch_add(1, Ordering::Relaxed);
+                self.progress.sent_payload_bytes.fetch_add(payload_len, Ordering::Relaxed);
             }
             Err(error) => {
                 debug!(device = %self.device, %error, "request queue full; reading skipped");

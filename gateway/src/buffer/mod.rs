@@ -10,13 +10,15 @@
 //!   ([`file::put_props`]: user properties in order, content type, payload format indicator,
 //!   response topic, correlation data, the message expiry as a deadline), `topic` (or a
 //!   reference to an earlier event's equal topic; since format 8 as the lengths of the prefix
-//!   and suffix it shares with the previous event's topic and the bytes in between) and `payload`); in files from formats 1–3 a CBOR map of one event (`event_id`,
+//!   and suffix it shares with the previous event's topic and the bytes in between) and `payload`
+//!   (since format 10, where shorter, as the prefix and suffix it shares with the previous
+//!   event's payload and the bytes in between, behind a flag bit)); in files from formats 1–3 a CBOR map of one event (`event_id`,
 //!   `enqueued_ms`, `expires_ms`, `topic`, `qos`, `payload`). A row's key is at most its first
 //!   event's `seq`, and its events lie below the next row's key, so within one priority key
-//!   order is arrival order and reading a key range is FIFO. A commit appends to the
-//!   priority's last row until it is full, then starts new rows: about one full 4 KiB page per
-//!   4 KiB of events, where a row per event wrote a CBOR map per event into half-full B-tree
-//!   leaves.
+//!   order is arrival order and reading a key range is FIFO. A commit starts a new row
+//!   and fills rows one after the other: about one full 4 KiB page per 4 KiB of events, where
+//!   a row per event wrote a CBOR map per event into half-full B-tree leaves. It does not
+//!   append to a row an earlier commit wrote (that would write its page again).
 //! - `meta`: `format_version` (see below), `epoch` (bumped durably at every start; ids are
 //!   `epoch << 40 | n`, so they never repeat across restarts) and per-priority `events.<p>` /
 //!   `bytes.<p>` counters and (format 4) `rows`, the number of rows in `events`, updated in
@@ -39,7 +41,7 @@
 //!   Formats 6–8 had a `windows` table with one snapshot instead.
 //!
 //! # Format versions
-//! [`store::FORMAT_VERSION`] is 9. Version 1 is a file without the `format_version` key (every
+//! [`store::FORMAT_VERSION`] is 10. Version 1 is a file without the `format_version` key (every
 //! release before it); version 2 added the `imported` table, version 3 the `retained` table,
 //! version 4 packed rows and the `rows` counter, version 5 the `sessions` and
 //! `session_queue` tables, version 6 the `windows` table, version 7 events' MQTT 5 properties
@@ -49,6 +51,8 @@
 //! are read as they are and written back in 8 when they change; nothing to migrate),
 //! version 9 the `window_log` table in place of `windows` (the start-up transaction moves a
 //! format-8 snapshot into it as its first, full row, and deletes `windows`).
+//! version 10 payloads as differences from the previous event's (a flag bit that 8 and 9 did
+//! not know, as with 7: nothing to migrate, no old row has it).
 //! Opening an older file adds the key, the
 //! missing tables and (older than 4 → 4) the `rows` counter, set to the number of rows, which
 //! is its event count (checked against the counters), in the same transaction as the epoch

@@ -23,9 +23,10 @@ use super::inspect::{self, StatsReport};
 /// may carry MQTT 5 properties in their packed row (a flag bit that 6 did not know: a
 /// release that reads 6 would take such a row for corrupt, so it must refuse the file); 8:
 /// packed rows with a new tag whose topics are differences from the previous event's; 9: the
-/// `window_log` table replaces `windows` ([`super::windows`]). A file with a higher version
-/// was written by a newer release and is refused untouched.
-pub const FORMAT_VERSION: u64 = 9;
+/// `window_log` table replaces `windows` ([`super::windows`]); 10: payloads too may be
+/// differences from the previous event's (a flag bit 8 and 9 did not know). A file with a
+/// higher version was written by a newer release and is refused untouched.
+pub const FORMAT_VERSION: u64 = 10;
 const FORMAT_KEY: &str = "format_version";
 /// Rows in `events`, kept with the records: since format 4 a row holds many events, so this,
 /// not the event counters, is what the table's length proves at start.
@@ -255,6 +256,9 @@ impl Store {
                 if version < 9 {
                     migrate_windows_to_log(&txn, &path)?;
                 }
+                // Older than 10: nothing to rewrite. No row written before 10 has the
+                // payload-difference flag, so every old row reads as it is; the new version
+                // keeps releases that know 8 or 9 away from rows that have it.
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }

@@ -274,7 +274,7 @@ mod tests {
         make_old(dir.path(), 8, Some(b"snapshot of 8"));
         let (mut store, report) = Store::open(dir.path()).expect("reopen");
         assert_eq!(report.migrated_from, Some(8));
-        assert_eq!(FORMAT_VERSION, 9);
+        assert_eq!(FORMAT_VERSION, 10);
         assert_eq!(store.load_windows().expect("load"), log(b"snapshot of 8", &[]));
         store.save_windows(&[delta(b"d1")]).expect("a delta onto the migrated base");
         drop(store);
