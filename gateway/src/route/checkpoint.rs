@@ -46,7 +46,12 @@
 //! Windows that close on events (count and sliding windows, an evicted group) are not held
 //! back this way: resent readings may make them close again with other bounds, so other ids.
 //! A QoS 1 reading can be counted twice in one case only: the snapshot holding it committed
-//! and the crash came before its PUBACK reached the sensor, which then resends it.
+//! and the crash came before its PUBACK reached the sensor, which then resends it (MQTT
+//! gives the resend nothing that tells it from a reading never received). A QoS 2 reading
+//! cannot: the checkpoint holding it holds its marker too (`outpost_rules::window::marks`),
+//! so the resend (DUP) is recognised and the stage skips it in the stateful rules; its
+//! PUBREL's PUBCOMP is held here like a reading's PUBREC, until the checkpoint without the
+//! marker commits.
 
 use std::sync::Arc;
 use std::time::Duration;
