@@ -5,7 +5,7 @@
 //! (in the same checkpoint), so the resend (DUP) is recognised after the restart and skipped.
 //!
 //! 20 sensors (raw MQTT 3.1.1 clients with persistent sessions, one flow in flight each, a
-//! reading every 50 ms with `seq` 1, 2, 3 … and a value computed from `(sensor, seq)`) go
+//! reading every 100 ms with `seq` 1, 2, 3 … and a value computed from `(sensor, seq)`) go
 //! through the real `outpost` binary and a per-sensor tumbling count and sum to Debian's
 //! mosquitto. `OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT` aborts the gateway right after a window
 //! checkpoint commits and before the acknowledgements it holds are sent: exactly the crash in
@@ -37,10 +37,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 const SENSORS: usize = 20;
-const PERIOD: Duration = Duration::from_millis(50);
+const PERIOD: Duration = Duration::from_millis(100);
 const WINDOW_MS: u64 = 2_000;
 const TIMEOUT: Duration = Duration::from_secs(60);
-/// The checkpoint after which the first gateway aborts: with 400 readings/s and a checkpoint
+/// The checkpoint after which the first gateway aborts: with 200 readings/s and a checkpoint
 /// every 25 ms, each holds readings not yet acknowledged.
 const ABORT_AFTER_CHECKPOINT: u64 = 40;
 
