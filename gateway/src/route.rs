@@ -2060,6 +2060,11 @@ topic = "pairs"
         input.send(qos2(4.0, false)).await.expect("send");
         drop(out.recv().await.expect("copy"));
         commit(&mut store).await;
+        // Marked, and the same id without DUP: a client that lost its session reuses the id
+        // for a new reading, which counts (and is marked afresh).
+        input.send(qos2(6.0, false)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        commit(&mut store).await;
         let answer = tokio::spawn(async move {
             while let Some(crate::buffer::worker::Command::Checkpoint { reply, .. }) = store.recv().await {
                 let _ = reply.send(Ok(()));
@@ -2068,8 +2073,8 @@ topic = "pairs"
         let window = tokio::time::timeout(Duration::from_secs(20), out.recv()).await.expect("the window");
         assert_eq!(
             shown(&window.expect("a window")),
-            r#"avg/a {"sensor":"a","v":3.0,"n":2,"until":8010000}"#,
-            "the first reading and the new one, not the resend"
+            r#"avg/a {"sensor":"a","v":4.0,"n":3,"until":8010000}"#,
+            "the first reading and the two new ones, not the resend"
         );
         drop(input);
         stage.await.expect("stage");
