@@ -54,7 +54,7 @@ pub(super) struct Inbound {
     acks: Arc<AckQueue>,
     /// Held acknowledgements: packet id, QoS and whether the ACL denied the publish (MQTT 5:
     /// its answer is "not authorized" whatever its slot says), in arrival order (matches
-    /// `acks`).
+    /// `acks`). A PUBREL's PUBCOMP has QoS [`PUBREL`] (and the flag: its id was unknown).
     held: VecDeque<(u16, u8, bool)>,
     /// QoS 1 entries of `held` (with `qos2`: the publishes the receive maximum counts).
     held_qos1: usize,
