@@ -653,6 +653,7 @@ fn rules_test(
             dup: false,
             pub_props: None,
             lifecycle: None,
+            qos2: None,
         };
         let run = crate::route::dry_run(&routing, event, &ids, topic_prefix, policy, MAX_CHAIN_EVENTS);
         for step in &run.steps {

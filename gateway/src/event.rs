@@ -90,6 +90,20 @@ pub struct Event {
     /// Set for a client event the broker reported (`$events/client_connected`, ...): only
     /// rules reading that event see it, and it is never unrouted. `None` for a publish.
     pub lifecycle: Option<Box<ClientEvent>>,
+    /// A QoS 2 publish's packet id, or a PUBREL (with acknowledgement held): what lets the
+    /// route stage count a QoS 2 reading in its windows once, across a crash (`route`'s QoS 2
+    /// markers). `None` for anything else, and with `broker.ack = "on_receipt"`.
+    pub qos2: Option<Qos2>,
+}
+
+/// The QoS 2 flow an [`Event`] belongs to (`client_id` is its sender).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Qos2 {
+    /// A QoS 2 publish with this packet id.
+    Publish(u16),
+    /// The PUBREL of this packet id: no reading, nothing to route. Its ticket holds the
+    /// PUBCOMP until the removal of the reading's marker is durable.
+    Release(u16),
 }
 
 /// A client event (connected, disconnected, subscribed, a publish dropped) as the broker

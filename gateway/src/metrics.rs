@@ -115,6 +115,12 @@ counters! {
     /// Event-time readings in no window because they were too far ahead of the rule's
     /// watermark (more open windows than a group may keep).
     window_ahead,
+    /// QoS 2 readings sent again (DUP) whose first copy the stateful rules had taken in (its
+    /// marker was set): not counted again in windows or report by exception.
+    qos2_duplicates,
+    /// QoS 2 markers dropped at the bound (`window::MAX_MARKS`): each may cost one reading
+    /// counted twice after a crash, never one lost.
+    qos2_marks_dropped,
     /// Events accepted into the store-and-forward path.
     accepted,
     /// Events acknowledged by the upstream broker (PUBACK).

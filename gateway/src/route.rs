@@ -47,7 +47,7 @@ use crate::broker::Republisher;
 use crate::buffer::windows::{LogWrite, WindowLoad};
 use crate::config::RouteConfig;
 use crate::deadletter::{DeadLetter, RuleReason};
-use crate::event::{Event, IdGen, Outbound};
+use crate::event::{Event, IdGen, Outbound, Qos2};
 use crate::metrics::{Metrics, RuleCounters};
 use crate::mqtt::topic::{NameError, TopicPolicy, invalid_topic};
 use crate::tap::{RuleResult, Tap, TapRecord, TapStage, What};
@@ -344,6 +344,7 @@ pub fn republished_event(parent: &Event, id: u64, topic: String, payload: Bytes)
         dup: false,
         pub_props: None,
         lifecycle: None,
+        qos2: None,
     }
 }
 
@@ -822,6 +823,14 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 return;
             }
         }
+        // A PUBREL is no reading: it ends a QoS 2 reading's marker, nothing else.
+        let next = match next {
+            Next::Event(event, _) if matches!(event.qos2, Some(Qos2::Release(_))) => {
+                release_qos2(event, windows.as_mut(), checkpointer.as_mut());
+                continue;
+            }
+            other => other,
+        };
         // Windows due (the timer fired, or an event came past the earliest end) close here,
         // and only from committed state: the readings they hold are first checkpointed, so
         // after a crash a window restored from the file closes again with exactly the readings
@@ -926,7 +935,15 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             (Next::Event(event, hops), Routing::Rules(rules), Some(state)) => {
                 let mut ctx = context(&event, hops);
                 ctx.timestamp_ms = ctx.timestamp_ms.max(advanced_to);
-                let marked = rules.evaluate_windowed_marked(&ctx, state);
+                let marked = if checkpointer.is_some()
+                    && qos2_resend(&event, rules, state, &stage.metrics, &mut logs.qos2_marks)
+                {
+                    // Already in the state: the stateless rules alone see it again (their
+                    // forwards are at least once, as for any resend).
+                    rules.evaluate(&ctx).into_iter().map(|o| (o, None)).collect()
+                } else {
+                    rules.evaluate_windowed_marked(&ctx, state)
+                };
                 if let Some(ck) = checkpointer.as_mut() {
                     // An event a stateful rule may have taken in waits for the checkpoint
                     // (whether its WHERE kept it is not known here); one no stateful rule
@@ -1020,6 +1037,55 @@ fn checkpoint_of(kind: Kind, rules: &RuleSet, state: &mut WindowState) -> LogWri
 struct Logs {
     republish: LogThrottle,
     dead: LogThrottle,
+    qos2_marks: LogThrottle,
+}
+
+/// For a QoS 2 reading a stateful rule reads (with checkpoints): whether it is a resend
+/// (DUP) of one the state took in already, whose PUBREL has not come — its marker is in the
+/// state, restored with it after a crash. If not, it is marked, in the state the next
+/// checkpoint (which its PUBREC waits for) holds. A marked packet id without DUP is a new
+/// reading (the client lost its session and reuses the id): marked afresh, counted.
+fn qos2_resend(
+    event: &Event,
+    rules: &RuleSet,
+    state: &mut WindowState,
+    metrics: &Metrics,
+    log: &mut LogThrottle,
+) -> bool {
+    let (Some(Qos2::Publish(packet_id)), Some(client)) = (event.qos2, event.client_id.as_ref()) else {
+        return false;
+    };
+    if !rules.is_stateful_topic(&event.topic) {
+        return false;
+    }
+    let counters = metrics.counters();
+    if event.dup && state.qos2_marked(client, packet_id) {
+        Metrics::add(&counters.qos2_duplicates, 1);
+        return true;
+    }
+    if state.mark_qos2(client, packet_id) {
+        Metrics::add(&counters.qos2_marks_dropped, 1);
+        if let Some(folded) = log.ready(Instant::now()) {
+            warn!(message = "too many QoS 2 readings await their PUBREL: the oldest marker was dropped, and that reading may be counted twice in its window if the gateway crashes before its PUBREL (see qos2_marks_dropped). Fewer QoS 2 sensors in flight into stateful rules, or sensors that complete their QoS 2 flows, avoid it", client_id = %client, similar_since_last_log = folded);
+        }
+    }
+    false
+}
+
+/// A PUBREL ([`Qos2::Release`]): removes its reading's marker, and holds the PUBCOMP (the
+/// event's ticket) until a checkpoint without the marker commits — or one already under way
+/// does, when there was no marker (a PUBREL sent again after a reconnect: its removal may be
+/// in that one). Without checkpoints, or with nothing to wait for, the PUBCOMP goes at once.
+fn release_qos2(event: Event, state: Option<&mut WindowState>, checkpointer: Option<&mut Checkpointer>) {
+    let (Some(Qos2::Release(packet_id)), Some(client), Some(ck)) =
+        (event.qos2, event.client_id.as_ref(), checkpointer)
+    else {
+        return;
+    };
+    let removed = state.is_some_and(|state| state.release_qos2(client, packet_id));
+    if removed || !ck.idle() {
+        ck.hold(event.ticket);
+    }
 }
 
 impl RouteStage {
@@ -1136,6 +1202,7 @@ impl RouteStage {
                 dup: false,
                 pub_props: None,
                 lifecycle: None,
+                qos2: None,
             };
             let outputs = outputs.into_iter().map(|(o, origin)| (o, origin.map(|o| o.fingerprint())));
             let fates = fates_marked(outputs, &self.topic_prefix, &self.topic_policy);
@@ -1256,6 +1323,7 @@ mod tests {
             dup: false,
             pub_props: None,
             lifecycle: None,
+            qos2: None,
         }
     }
 
@@ -2046,6 +2114,86 @@ topic = "pairs"
         assert_eq!(pair.event_id, window_id("pairs", "[]", 4_000_001, 4_000_002));
         drop(stage.input);
         stage.stage.await.expect("stage");
+    }
+
+    /// A QoS 2 reading a window took in is marked; its resend (DUP) is skipped by the window
+    /// (the stateless rule still forwards it) and acknowledged after the next checkpoint; its
+    /// PUBREL removes the marker and its PUBCOMP waits for the checkpoint without it; the
+    /// same packet id, new (no DUP), counts again.
+    #[tokio::test(start_paused = true)]
+    async fn a_qos2_resend_is_counted_once_and_its_pubrel_waits_for_the_markers_removal() {
+        let DurableStage { input, mut out, mut store, stage, .. } = start_durable(WINDOWED, 8_000_000).await;
+        let sensor = crate::ack::AckQueue::new();
+        let client: Arc<str> = Arc::from("c1");
+        let qos2 = |v: f64, dup: bool| {
+            let mut e = reading("a", v, 8_000_100);
+            e.qos = Some(2);
+            e.client_id = Some(Arc::clone(&client));
+            e.dup = dup;
+            e.qos2 = Some(Qos2::Publish(7));
+            e.ticket = Some(sensor.ticket());
+            e
+        };
+        let release = || {
+            let mut e = event("", "");
+            e.client_id = Some(Arc::clone(&client));
+            e.qos2 = Some(Qos2::Release(7));
+            e.ticket = Some(sensor.ticket());
+            e
+        };
+        let mut acked = Vec::new();
+        let commit = async |store: &mut mpsc::Receiver<crate::buffer::worker::Command>| {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            next_checkpoint(store).expect("a checkpoint").send(Ok(())).expect("reply");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        input.send(qos2(2.0, false)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        commit(&mut store).await;
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 1, "PUBREC after its checkpoint");
+        // The crash case: the sensor did not get the PUBREC and sends it again.
+        input.send(qos2(2.0, true)).await.expect("send");
+        assert_eq!(shown(&out.recv().await.expect("the stateless rule's copy")), r#"raw {"v":2}"#);
+        commit(&mut store).await;
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 2, "the resend is answered after the next checkpoint");
+        input.send(release()).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 2, "no PUBCOMP before the marker's removal is committed");
+        commit(&mut store).await;
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 3, "PUBCOMP after it");
+        // The PUBREL again (a reconnect): nothing to remove, nothing under way: at once.
+        input.send(release()).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        sensor.take_ready(&mut acked);
+        assert_eq!(acked.len(), 4);
+        assert!(next_checkpoint(&mut store).is_none(), "no checkpoint for nothing");
+        // The packet id again, a new reading: counted.
+        input.send(qos2(4.0, false)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        commit(&mut store).await;
+        // Marked, and the same id without DUP: a client that lost its session reuses the id
+        // for a new reading, which counts (and is marked afresh).
+        input.send(qos2(6.0, false)).await.expect("send");
+        drop(out.recv().await.expect("copy"));
+        commit(&mut store).await;
+        let answer = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { reply, .. }) = store.recv().await {
+                let _ = reply.send(Ok(()));
+            }
+        });
+        let window = tokio::time::timeout(Duration::from_secs(20), out.recv()).await.expect("the window");
+        assert_eq!(
+            shown(&window.expect("a window")),
+            r#"avg/a {"sensor":"a","v":4.0,"n":3,"until":8010000}"#,
+            "the first reading and the two new ones, not the resend"
+        );
+        drop(input);
+        stage.await.expect("stage");
+        answer.abort();
     }
 
     /// A client event goes only to the rules that read it, never through a bridge route, and

@@ -38,7 +38,7 @@ pub const READY_MESSAGE: &str = "embedded broker listening";
 /// wedge every gateway a test starts, and make unrelated tests fail on timeouts. The same goes
 /// for systemd's `NOTIFY_SOCKET` and `WATCHDOG_USEC` when the tests themselves run under
 /// systemd. A test that wants one sets it with [`GatewaySpec::env`].
-const GATEWAY_ENV: [&str; 13] = [
+const GATEWAY_ENV: [&str; 14] = [
     "OUTPOST_CONFIG",
     "OUTPOST_LISTEN",
     "OUTPOST_UPSTREAM",
@@ -47,6 +47,7 @@ const GATEWAY_ENV: [&str; 13] = [
     "OUTPOST_LOG_FORMAT",
     "OUTPOST_FAULT_COMMIT_DELAY_MS",
     "OUTPOST_FAULT_WEDGE",
+    "OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT",
     "OUTPOST_LOG_REMINDER_MS",
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
@@ -240,6 +241,12 @@ impl GatewayProcess {
     /// Sends SIGTERM and waits for the exit status.
     pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
         self.process.terminate(STOP_TIMEOUT).await
+    }
+
+    /// Waits until the gateway exits on its own (a fault injection that aborts it) and returns
+    /// its status; fails after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+        self.process.wait_exit(timeout).await
     }
 
     /// Kills the gateway with SIGKILL: a crash, with no chance to flush.

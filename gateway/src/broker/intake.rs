@@ -18,7 +18,8 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::event::{ClientEvent, Event, EventsWanted, IdGen, now_ms};
+use crate::ack::Ticket;
+use crate::event::{ClientEvent, Event, EventsWanted, IdGen, Qos2, now_ms};
 use crate::metrics::Metrics;
 use crate::tap::{Tap, TapRecord, TapStage, What};
 use crate::telemetry::{Episode, Failure, LogThrottle, readable};
@@ -150,7 +151,23 @@ impl Intake {
             dup: false,
             pub_props: None,
             lifecycle: None,
+            qos2: None,
         }
+    }
+
+    /// The PUBREL of a QoS 2 publish of `client_id`, for the route stage (see [`Qos2::Release`]):
+    /// `ticket` holds its PUBCOMP. Not a publish: not counted as one, not shown by the tap.
+    pub fn release(&self, client_id: &Arc<str>, packet_id: u16, ticket: Ticket) -> Event {
+        let mut event = self.new_event(String::new(), Bytes::new(), 2, client_id);
+        event.ticket = Some(ticket);
+        event.qos2 = Some(Qos2::Release(packet_id));
+        event
+    }
+
+    /// Hands a [`Intake::release`] to the route stage, waiting while it is full (like a
+    /// publish: the connection does not read meanwhile). `false`: the route stage is gone.
+    pub async fn hand_over_release(&self, event: Event) -> bool {
+        self.events.send(event).await.is_ok()
     }
 
     /// Hands an event to the route stage; waits while it is full, which is what slows the

@@ -258,6 +258,18 @@ pub const COUNTERS: &[Mapping] = &[
         &[],
         "Event-time readings in no window because they were too far ahead of the watermark.",
     ),
+    m(
+        "qos2_duplicates",
+        "outpost_window_resends_skipped_total",
+        &[],
+        "QoS 2 resends (DUP) of readings the stateful rules already took in: not counted again.",
+    ),
+    m(
+        "qos2_marks_dropped",
+        "outpost_window_resend_marks_dropped_total",
+        &[],
+        "QoS 2 markers dropped at their bound; each may cost one double count after a crash.",
+    ),
     m("accepted", "outpost_buffer_accepted_total", &[], "Events accepted into the store-and-forward path."),
     m(
         "upstream_acked",

@@ -46,7 +46,12 @@
 //! Windows that close on events (count and sliding windows, an evicted group) are not held
 //! back this way: resent readings may make them close again with other bounds, so other ids.
 //! A QoS 1 reading can be counted twice in one case only: the snapshot holding it committed
-//! and the crash came before its PUBACK reached the sensor, which then resends it.
+//! and the crash came before its PUBACK reached the sensor, which then resends it (MQTT
+//! gives the resend nothing that tells it from a reading never received). A QoS 2 reading
+//! cannot: the checkpoint holding it holds its marker too (`outpost_rules::window::marks`),
+//! so the resend (DUP) is recognised and the stage skips it in the stateful rules; its
+//! PUBREL's PUBCOMP is held here like a reading's PUBREC, until the checkpoint without the
+//! marker commits.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -130,6 +135,31 @@ pub struct Checkpointer {
     failures_in_row: u32,
     metrics: Metrics,
     episode: Episode,
+    /// `OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT` (see [`fault_exit_after`]).
+    exit_after: Option<u64>,
+}
+
+/// Fault injection for tests: `OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT=<n>` aborts the process
+/// right after the n-th window checkpoint of this run has committed, before the
+/// acknowledgements it holds are released: the crash the QoS 1 double count and the QoS 2
+/// markers are about. Logged loudly when set; ignored (and said so) when not a number.
+pub const EXIT_AFTER_CHECKPOINT_ENV: &str = "OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT";
+
+fn fault_exit_after() -> Option<u64> {
+    let value = std::env::var(EXIT_AFTER_CHECKPOINT_ENV).ok()?;
+    match value.parse::<u64>() {
+        Ok(n) if n > 0 => {
+            warn!(
+                message = "fault injection: the process aborts right after this window checkpoint commits (OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT); unset it outside tests",
+                checkpoint = n
+            );
+            Some(n)
+        }
+        _ => {
+            warn!(message = "OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT ignored: expected a checkpoint number from 1", %value);
+            None
+        }
+    }
 }
 
 impl Checkpointer {
@@ -151,6 +181,7 @@ impl Checkpointer {
             failures_in_row: 0,
             metrics,
             episode: Episode::default(),
+            exit_after: fault_exit_after(),
         }
     }
 
@@ -290,6 +321,13 @@ impl Checkpointer {
                 if let Some(full) = flight.full_bytes {
                     Metrics::add(&counters.window_checkpoints_full, 1);
                     Metrics::add(&counters.window_checkpoint_full_bytes, full as u64);
+                }
+                if self.exit_after.is_some_and(|n| Metrics::get(&counters.window_checkpoints) >= n) {
+                    error!(
+                        message = "fault injection: aborting after a committed window checkpoint, before its acknowledgements (OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT)",
+                        held = flight.held.len()
+                    );
+                    std::process::abort();
                 }
                 // Committed: the readings it holds are safe, their sensors acknowledged.
                 drop(flight.held);

@@ -29,10 +29,12 @@
 
 mod agg;
 mod delta;
+mod marks;
 mod run;
 pub mod spec;
 pub(crate) mod sql;
 
+pub use marks::MAX_MARKS;
 pub use run::{Marked, WindowOrigin, WindowState};
 
 #[cfg(test)]

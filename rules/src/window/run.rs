@@ -18,6 +18,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::delta::{DELTA_VERSION, DeltaIn, DeltaOut};
+use super::marks::{MAX_MARKS, Marks, MarksDelta, MarksSnapshot};
 use super::sql::{AGG_PREFIX, KEY_PREFIX, WINDOW_END, WINDOW_START, WindowSql};
 use super::{Closed, LatePolicy, Pushed, SnapshotError, WindowCounters, Windows};
 use crate::engine::{Rule, RuleSet, dead_letter};
@@ -34,6 +35,8 @@ pub struct WindowState {
     rules: Vec<Option<Windows>>,
     /// By rule index; `None` for rules without report-by-exception functions.
     rbe: Vec<Option<RbeState>>,
+    /// QoS 2 readings taken in whose PUBREL has not been taken (`window::marks`).
+    marks: Marks,
 }
 
 const STATE_VERSION: u32 = 1;
@@ -45,6 +48,9 @@ struct StateSnapshot {
     rules: Vec<(String, Windows)>,
     /// (rule name, its report-by-exception state).
     rbe: Vec<(String, RbeState)>,
+    /// Absent from snapshots written before QoS 2 markers existed.
+    #[serde(default)]
+    marks: MarksSnapshot,
 }
 
 /// What changed since the previous delta, per rule by name (every rule with state, changed
@@ -54,6 +60,7 @@ struct StateDeltaOut<'a> {
     version: u32,
     rules: Vec<(&'a str, DeltaOut<'a>)>,
     rbe: Vec<(&'a str, RbeDeltaOut<'a>)>,
+    marks: MarksDelta,
 }
 
 #[derive(Deserialize)]
@@ -61,6 +68,8 @@ struct StateDeltaIn {
     version: u32,
     rules: Vec<(String, DeltaIn)>,
     rbe: Vec<(String, RbeDeltaIn)>,
+    #[serde(default)]
+    marks: MarksDelta,
 }
 
 impl StateSnapshot {
@@ -91,6 +100,7 @@ impl WindowState {
                 .zip(&self.rbe)
                 .filter_map(|(rule, r)| r.as_ref().map(|r| (rule.name.to_string(), r.clone())))
                 .collect(),
+            marks: self.marks.snapshot(),
         };
         let mut bytes = Vec::new();
         // Writing into a Vec fails only on a serializer bug; restore then says so.
@@ -106,7 +116,9 @@ impl WindowState {
         rules: &RuleSet,
         bytes: &[u8],
     ) -> Result<(WindowState, Vec<(String, SnapshotError)>), SnapshotError> {
-        Ok(WindowState::fitted(rules, StateSnapshot::decode(bytes)?))
+        let mut snapshot = StateSnapshot::decode(bytes)?;
+        let marks = Marks::restore(std::mem::take(&mut snapshot.marks), MAX_MARKS);
+        Ok(WindowState::fitted(rules, snapshot, marks))
     }
 
     /// CBOR: everything that changed since the last `take_delta` or `clear_changes` — per
@@ -133,6 +145,7 @@ impl WindowState {
                 .zip(&mut self.rbe)
                 .filter_map(|(rule, r)| r.as_mut().map(|r| (&*rule.name, r.delta())))
                 .collect(),
+            marks: self.marks.delta(),
         };
         let mut bytes = Vec::new();
         // Writing into a Vec fails only on a serializer bug; restore_log then says so.
@@ -144,6 +157,7 @@ impl WindowState {
     pub fn clear_changes(&mut self) {
         self.rules.iter_mut().flatten().for_each(Windows::clear_changes);
         self.rbe.iter_mut().flatten().for_each(RbeState::clear_changes);
+        self.marks.clear_changes();
     }
 
     /// The state a full snapshot followed by deltas (in the order taken) describes, for
@@ -158,6 +172,7 @@ impl WindowState {
         deltas: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<(WindowState, Vec<(String, SnapshotError)>), SnapshotError> {
         let mut snapshot = StateSnapshot::decode(base)?;
+        let mut marks = Marks::restore(std::mem::take(&mut snapshot.marks), MAX_MARKS);
         for bytes in deltas {
             let delta: StateDeltaIn =
                 ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
@@ -176,17 +191,25 @@ impl WindowState {
                     None => snapshot.rbe.push((name, RbeState::from_delta(delta))),
                 }
             }
+            marks.apply(delta.marks);
         }
-        Ok(WindowState::fitted(rules, snapshot))
+        Ok(WindowState::fitted(rules, snapshot, marks))
     }
 
     /// A snapshot's state for `rules`: each rule's by name if its plan is unchanged.
-    fn fitted(rules: &RuleSet, snapshot: StateSnapshot) -> (WindowState, Vec<(String, SnapshotError)>) {
+    fn fitted(
+        rules: &RuleSet,
+        snapshot: StateSnapshot,
+        marks: Marks,
+    ) -> (WindowState, Vec<(String, SnapshotError)>) {
         let mut saved: Vec<(String, Option<Windows>)> =
             snapshot.rules.into_iter().map(|(name, w)| (name, Some(w))).collect();
         let mut saved_rbe: Vec<(String, Option<RbeState>)> =
             snapshot.rbe.into_iter().map(|(name, r)| (name, Some(r))).collect();
         let mut state = rules.window_state();
+        // The markers belong to no rule: whatever the rules now, a resend of a reading the
+        // restored state holds is still one.
+        state.marks = marks;
         let mut dropped = Vec::new();
         for (rule, slot) in rules.rules.iter().zip(&mut state.rbe) {
             let Some(fresh) = slot.as_mut() else { continue };
@@ -233,6 +256,29 @@ impl WindowState {
             let silent = window.event_time.is_some() && window.late == LatePolicy::Drop;
             silent.then(|| (&*r.name, w.counters().late + w.counters().ahead))
         })
+    }
+
+    /// Whether the QoS 2 reading `packet_id` of `client` was taken in and its PUBREL not yet
+    /// taken: a publish with that id and DUP set is a resend of it.
+    pub fn qos2_marked(&self, client: &Arc<str>, packet_id: u16) -> bool {
+        self.marks.contains(client, packet_id)
+    }
+
+    /// Records that the stateful rules took in the QoS 2 reading `packet_id` of `client`.
+    /// Returns whether the oldest marker was dropped to stay within the bound (a reading that
+    /// may then be counted twice after a crash).
+    pub fn mark_qos2(&mut self, client: &Arc<str>, packet_id: u16) -> bool {
+        self.marks.mark(client, packet_id)
+    }
+
+    /// The PUBREL of `packet_id` of `client`: removes its marker; whether there was one.
+    pub fn release_qos2(&mut self, client: &Arc<str>, packet_id: u16) -> bool {
+        self.marks.unmark(client, packet_id)
+    }
+
+    /// QoS 2 markers held, and dropped at the bound so far.
+    pub fn qos2_marks(&self) -> (usize, u64) {
+        (self.marks.len(), self.marks.dropped())
     }
 
     /// Open groups over all windowed rules.
@@ -346,6 +392,7 @@ impl RuleSet {
                 .iter()
                 .map(|r| r.sql.rbe.as_ref().map(|rbe| RbeState::new(rbe.kinds(), rbe.max_groups)))
                 .collect(),
+            marks: Marks::default(),
         }
     }
 
@@ -748,6 +795,15 @@ type = "forward"
         /// Restart from the log.
         Restore,
         Flush,
+        /// A QoS 2 reading's marker (sensor, packet id), and its release.
+        Mark {
+            sensor: u8,
+            packet_id: u16,
+        },
+        Release {
+            sensor: u8,
+            packet_id: u16,
+        },
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -759,6 +815,8 @@ type = "forward"
             1 => Just(Step::Snapshot),
             1 => Just(Step::Restore),
             1 => Just(Step::Flush),
+            3 => (0..6u8, 1..4u16).prop_map(|(sensor, packet_id)| Step::Mark { sensor, packet_id }),
+            2 => (0..6u8, 1..4u16).prop_map(|(sensor, packet_id)| Step::Release { sensor, packet_id }),
         ]
     }
 
@@ -797,6 +855,12 @@ type = "forward"
                     }
                     Step::Flush => {
                         rules.flush_windows(&mut state);
+                    }
+                    Step::Mark { sensor, packet_id } => {
+                        state.mark_qos2(&std::sync::Arc::from(format!("c{sensor}")), packet_id);
+                    }
+                    Step::Release { sensor, packet_id } => {
+                        state.release_qos2(&std::sync::Arc::from(format!("c{sensor}")), packet_id);
                     }
                 }
             }
@@ -863,8 +927,11 @@ type = "forward"
         assert!(unchanged.len() < 7 * 250, "{} bytes", unchanged.len());
         let decoded: ciborium::Value = ciborium::from_reader(unchanged.as_slice()).expect("cbor");
         let mut lists = 0;
-        for (_, rules) in
-            decoded.as_map().expect("a map").iter().filter(|(k, _)| k.as_text() != Some("version"))
+        for (_, rules) in decoded
+            .as_map()
+            .expect("a map")
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_text(), Some("version" | "marks")))
         {
             for rule in rules.as_array().expect("rules") {
                 let (_, delta) =

@@ -4,7 +4,8 @@
 //! keepalive of 0, a packet over the broker's maximum).
 //!
 //! Only the wire format those clients share lives here: strings, the remaining length, a whole
-//! packet, CONNECT (with or without a will), PUBLISH, SUBSCRIBE, the MQTT 5 properties hostile
+//! packet, CONNECT (with or without a will, clean or persistent), PUBLISH (DUP too), PUBREL,
+//! SUBSCRIBE, the MQTT 5 properties hostile
 //! clients send (topic alias, subscription identifier) and reading one packet back, or the
 //! properties of a CONNACK. Each client builds any other packet from these pieces.
 //!
@@ -119,6 +120,30 @@ pub fn put_binary(buffer: &mut Vec<u8>, data: &[u8]) {
     let length = u16::try_from(data.len()).expect("test payloads are short");
     buffer.extend_from_slice(&length.to_be_bytes());
     buffer.extend_from_slice(data);
+}
+
+/// An MQTT 3.1.1 CONNECT with clean session 0 (a persistent session) and no will or
+/// credentials: what a sensor that resends its unacknowledged QoS 1/2 flows after a reconnect
+/// uses.
+pub fn connect_v311_persistent(client_id: &str, keep_alive_secs: u16) -> Vec<u8> {
+    let mut packet = connect(4, client_id, keep_alive_secs, None);
+    // The flags follow the fixed header, then the protocol name (2 + 4 bytes) and level.
+    let (_, length_bytes) = read_varint(&packet[1..]).expect("a CONNECT made here");
+    packet[1 + length_bytes + 7] &= !CLEAN_SESSION;
+    packet
+}
+
+/// An MQTT 3.1.1 PUBLISH sent again after a reconnect: the DUP flag set (3.3.1.1); QoS 1 or 2.
+pub fn publish_v311_dup(topic: &str, qos: u8, packet_id: u16, payload: &[u8]) -> Vec<u8> {
+    assert!(qos > 0, "only QoS 1 and 2 are sent again");
+    let mut packet = publish(topic, qos, packet_id, false, None, payload);
+    packet[0] |= 0x08;
+    packet
+}
+
+/// A PUBREL (both protocol versions; MQTT 5 without a reason code means success).
+pub fn pubrel(packet_id: u16) -> Vec<u8> {
+    packet(0x62, &packet_id.to_be_bytes())
 }
 
 /// An MQTT 3.1.1 PUBLISH; `packet_id` is written only for QoS 1 and 2.

@@ -305,10 +305,7 @@ impl Connection {
                 self.outbound.on_complete(&self.client.shared, comp.pkid);
                 Ok(())
             }
-            Packet::PubRel(rel, _) => {
-                self.inbound.on_pubrel(&mut self.io, rel.pkid);
-                Ok(())
-            }
+            Packet::PubRel(rel, _) => self.inbound.on_pubrel(&mut self.io, &self.client, rel.pkid).await,
             // Boxed like the publish path: a (un)subscribe is rare, and its future (which waits
             // for a persistent session's write) would otherwise be part of every task.
             Packet::Subscribe(subscribe, properties) => {

@@ -7,7 +7,11 @@
 //! - `held` and the `AckQueue` match one to one: every QoS ≥ 1 publish taken has a slot in
 //!   both, in arrival order, and its answer is written only when the slots before it were.
 //! - A QoS 2 publish is taken once: a resend of a packet id between PUBREC and PUBREL is
-//!   answered again, never handed over again.
+//!   answered again, never handed over again. Across connections (and restarts) the route
+//!   stage tells a resend apart for the stateful rules (its QoS 2 markers): a QoS 2 event
+//!   carries its packet id, and with acknowledgements held (`broker.ack = "after_commit"`) a
+//!   PUBREL goes to the route stage too, its PUBCOMP held in turn like a PUBREC until the
+//!   marker's removal is durable.
 //! - An MQTT 5 client holds at most [`RECEIVE_MAXIMUM`] QoS 1/2 publishes unanswered (QoS 1
 //!   without PUBACK, QoS 2 until PUBREL), as CONNACK announced; one more ends the connection
 //!   with 0x93 (MQTT 5, 3.3.4), so a client that ignores it cannot grow `held` without bound.
@@ -32,7 +36,7 @@ use crate::broker::Shared;
 use crate::broker::access::Permissions;
 use crate::broker::local::Will;
 use crate::broker::retained::Retained;
-use crate::event::escape_topic;
+use crate::event::{Qos2, escape_topic};
 use crate::metrics::Metrics;
 use crate::mqtt::codec;
 use crate::mqtt::topic::{NameError, invalid_topic};
@@ -42,11 +46,15 @@ use crate::mqtt::topic::{NameError, invalid_topic};
 /// wait for the group commit (25 ms by default).
 pub(super) const RECEIVE_MAXIMUM: u16 = 1_000;
 
+/// The QoS slot of a `held` entry that is a PUBREL: its PUBCOMP waits in turn. Its third
+/// field says the packet id was unknown to the connection (MQTT 5: reason 0x92).
+const PUBREL: u8 = 3;
+
 pub(super) struct Inbound {
     acks: Arc<AckQueue>,
     /// Held acknowledgements: packet id, QoS and whether the ACL denied the publish (MQTT 5:
     /// its answer is "not authorized" whatever its slot says), in arrival order (matches
-    /// `acks`).
+    /// `acks`). A PUBREL's PUBCOMP has QoS [`PUBREL`] (and the flag: its id was unknown).
     held: VecDeque<(u16, u8, bool)>,
     /// QoS 1 entries of `held` (with `qos2`: the publishes the receive maximum counts).
     held_qos1: usize,
@@ -144,6 +152,9 @@ impl Inbound {
         if qos > 0 {
             if qos == 2 {
                 self.qos2.insert(pkid);
+                if ticket.is_some() {
+                    event.qos2 = Some(Qos2::Publish(pkid));
+                }
             }
             if let Some(ticket) = ticket {
                 event.ticket = Some(ticket);
@@ -258,13 +269,23 @@ impl Inbound {
         Ok(())
     }
 
-    pub(super) fn on_pubrel(&mut self, io: &mut Io, pkid: u16) {
-        let reason = if self.qos2.remove(&pkid) {
-            PubCompReason::Success
-        } else {
-            PubCompReason::PacketIdentifierNotFound
-        };
-        io.write(Packet::PubComp(PubComp { pkid, reason }, None));
+    /// A PUBREL: the QoS 2 flow of `pkid` ends. With acknowledgements held it goes to the
+    /// route stage, whatever the connection knows of `pkid` (after a restart the reading's
+    /// marker may be there and the connection's state not), and its PUBCOMP waits in turn.
+    pub(super) async fn on_pubrel(&mut self, io: &mut Io, client: &Client, pkid: u16) -> Result<(), End> {
+        let known = self.qos2.remove(&pkid);
+        let shared = &*client.shared;
+        if !shared.ack_after_commit() {
+            io.write(Packet::PubComp(PubComp { pkid, reason: pubcomp_reason(known) }, None));
+            return Ok(());
+        }
+        let release = shared.intake.release(&client.id, pkid, self.acks.ticket());
+        self.hold((pkid, PUBREL, !known));
+        tokio::select! {
+            biased;
+            handed = shared.intake.hand_over_release(release) => if handed { Ok(()) } else { Err(End::Shutdown) },
+            _ = client.registration.stop().token().cancelled() => Err(client.why_stopped()),
+        }
     }
 
     /// Writes the held acknowledgements whose events are safe now, in arrival order.
@@ -277,7 +298,9 @@ impl Inbound {
             if qos == 1 {
                 self.held_qos1 -= 1;
             }
-            if denied {
+            if qos == PUBREL {
+                io.write(Packet::PubComp(PubComp { pkid, reason: pubcomp_reason(!denied) }, None));
+            } else if denied {
                 answer_denied(io, &mut self.qos2, pkid, qos, v5)?;
             } else {
                 acknowledge(io, &mut self.qos2, pkid, qos, outcome)?;
@@ -394,6 +417,10 @@ async fn fan_out(
             .await;
     }
     shared.local.publish(topic, publish, qos, properties, from, true, ticket).await;
+}
+
+fn pubcomp_reason(known: bool) -> PubCompReason {
+    if known { PubCompReason::Success } else { PubCompReason::PacketIdentifierNotFound }
 }
 
 /// Writes the answer to a publish the ACL denied (see `Inbound::deny`).
