@@ -935,6 +935,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             (Next::Event(event, hops), Routing::Rules(rules), Some(state)) => {
                 let mut ctx = context(&event, hops);
                 ctx.timestamp_ms = ctx.timestamp_ms.max(advanced_to);
+                let stateful = rules.is_stateful_topic(ctx.topic);
                 let marked = if checkpointer.is_some()
                     && qos2_resend(&event, rules, state, &stage.metrics, &mut logs.qos2_marks)
                 {
@@ -948,7 +949,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                     // An event a stateful rule may have taken in waits for the checkpoint
                     // (whether its WHERE kept it is not known here); one no stateful rule
                     // reads neither waits nor makes a checkpoint due.
-                    if rules.is_stateful_topic(ctx.topic) {
+                    if stateful {
                         ck.hold(event.ticket.clone());
                     }
                 }
@@ -961,7 +962,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 );
                 let own = not_back_upstream(&event, own);
                 rule_stats.count(&stage.metrics, &own);
-                let mut outbound = stage.carry_out(&event, own, &mut chain, &mut logs, now);
+                let mut outbound = stage.carry_out(&event, own, stateful, &mut chain, &mut logs, now);
                 let ticket = event.ticket.clone();
                 let windows_out = stage.carry_out_windows(
                     closed,
@@ -990,7 +991,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 if matches!(*routing, Routing::Rules(_)) {
                     rule_stats.count(&stage.metrics, &fates);
                 }
-                stage.carry_out(&event, fates, &mut chain, &mut logs, now)
+                stage.carry_out(&event, fates, false, &mut chain, &mut logs, now)
             }
         };
         if !send_all(&out, outbound, &heartbeat).await {
@@ -1095,13 +1096,15 @@ impl RouteStage {
         &mut self,
         event: &Event,
         fates: Vec<Fate>,
+        taken_in: bool,
         chain: &mut VecDeque<(Event, u8)>,
         logs: &mut Logs,
         now: Instant,
     ) -> Vec<Outbound> {
         // A client event is reported only for the rules that read it: whether they produce
-        // anything is theirs to decide (`client_events` counts them apart).
-        if fates.is_empty() && event.lifecycle.is_none() {
+        // anything is theirs to decide (`client_events` counts them apart). A reading a
+        // stateful rule reads is not unrouted either: it went into the rule's state.
+        if fates.is_empty() && event.lifecycle.is_none() && !taken_in {
             Metrics::add(&self.metrics.counters().unrouted, 1);
         }
         let mut forwards = Vec::new();
@@ -1208,7 +1211,7 @@ impl RouteStage {
             let fates = fates_marked(outputs, &self.topic_prefix, &self.topic_policy);
             // Only rules have windows.
             rule_stats.count(&self.metrics, &fates);
-            forwards.extend(self.carry_out(&window_event, fates, chain, logs, now));
+            forwards.extend(self.carry_out(&window_event, fates, false, chain, logs, now));
         }
         forwards
     }
@@ -1626,6 +1629,7 @@ topic = "raw"
         input: mpsc::Sender<Event>,
         out: mpsc::Receiver<Outbound>,
         stage: tokio::task::JoinHandle<()>,
+        metrics: Metrics,
     }
 
     /// The stage with its clock at `base_ms`, moving with tokio's (paused) clock.
@@ -1644,11 +1648,11 @@ topic = "raw"
             ids: IdGen::new(1),
             metrics: metrics.clone(),
             heartbeat: Heartbeat::unwatched(),
-            tap: crate::tap::Tap::new(metrics),
+            tap: crate::tap::Tap::new(metrics.clone()),
             clock: Clock::tokio_at(base_ms),
             durable: None,
         };
-        Running { routing, input, out, stage: tokio::spawn(run(stage, in_rx, out_tx)) }
+        Running { routing, input, out, stage: tokio::spawn(run(stage, in_rx, out_tx)), metrics }
     }
 
     fn reading(sensor: &str, v: f64, at_ms: u64) -> Event {
@@ -1691,6 +1695,21 @@ topic = "raw"
         drop(stage.input);
         stage.stage.await.expect("stage");
         assert!(stage.out.recv().await.is_none());
+    }
+
+    /// A reading a window takes in has gone somewhere: only one no rule reads is unrouted.
+    #[tokio::test(start_paused = true)]
+    async fn a_reading_a_window_takes_in_is_not_unrouted() {
+        let only_window = WINDOWED.split("[[rule]]\nname = \"copy\"").next().expect("the avg rule");
+        let mut stage = start(only_window, 1_000_000);
+        stage.input.send(reading("a", 1.0, 1_000_100)).await.expect("send");
+        stage.input.send(reading("b", 2.0, 1_000_200)).await.expect("send");
+        stage.input.send(event("elsewhere/1", "{}")).await.expect("send");
+        drop(stage.input);
+        stage.stage.await.expect("stage");
+        let flushed = [stage.out.recv().await, stage.out.recv().await];
+        assert!(flushed.iter().all(Option::is_some), "stopping flushed both windows");
+        assert_eq!(Metrics::get(&stage.metrics.counters().unrouted), 1, "only the reading no rule reads");
     }
 
     #[tokio::test(start_paused = true)]
