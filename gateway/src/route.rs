@@ -886,15 +886,23 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                 if let Some(ck) = checkpointer.as_mut() {
                     // The shutdown policy: a last checkpoint; the windows go on after the
                     // next start. Bounded, so a hung disk cannot hold the shutdown.
-                    let write = match (routing_now, state) {
-                        (Routing::Rules(rules), Some(state)) => Some(checkpoint_of(ck.wants(), rules, state)),
-                        _ => None,
+                    let mut state = state;
+                    let has_state = state.is_some();
+                    let mut last_write = |ck: &mut Checkpointer| match (routing_now, state.as_deref_mut()) {
+                        (Routing::Rules(rules), Some(state)) => checkpoint_of(ck.wants(), rules, state),
+                        _ => LogWrite::Clear,
                     };
-                    if write.is_some() || !ck.idle() {
-                        ck.take(write.unwrap_or(LogWrite::Clear));
+                    if has_state || !ck.idle() {
+                        let write = last_write(ck);
+                        ck.take(write);
+                        // A write that fails meanwhile loses the deltas behind it: the
+                        // checkpointer then asks for a full one, which is taken here too.
                         let last = async {
                             while !ck.idle() {
-                                ck.wait().await;
+                                if ck.wait().await == Step::Due {
+                                    let write = last_write(ck);
+                                    ck.take(write);
+                                }
                             }
                         };
                         if tokio::time::timeout(SHUTDOWN_CHECKPOINT_WAIT, last).await.is_err() {
@@ -1846,6 +1854,27 @@ topic = "raw"
             Ok(crate::buffer::worker::Command::Checkpoint { reply, .. }) => Some(reply),
             _ => None,
         }
+    }
+
+    /// The last checkpoint fails as the stage stops: the stage takes a full one at once and
+    /// stops when it commits (it used to spin until the 10 s bound and stop without it).
+    #[tokio::test(start_paused = true)]
+    async fn a_checkpoint_failing_at_stop_is_taken_again_in_full() {
+        use crate::buffer::worker::Command;
+        let mut stage = start_durable(WINDOWED, 1_000_000).await;
+        stage.input.send(reading("a", 1.0, 1_000_100)).await.expect("send");
+        stage.out.recv().await.expect("the plain copy");
+        drop(stage.input);
+        let Some(Command::Checkpoint { writes, reply }) = stage.store.recv().await else {
+            panic!("a checkpoint")
+        };
+        assert!(matches!(writes.as_slice(), [LogWrite::Delta(_)]), "the last checkpoint is a delta");
+        reply.send(Err("disk full".to_owned())).expect("reply");
+        let Some(Command::Checkpoint { writes, reply }) = stage.store.recv().await else { panic!("a retry") };
+        assert!(matches!(writes.as_slice(), [LogWrite::Full(_)]), "its delta is lost: a full one");
+        reply.send(Ok(())).expect("reply");
+        stage.stage.await.expect("the stage stops once it committed");
+        assert!(stage.store.try_recv().is_err(), "nothing more");
     }
 
     /// Ends the input and commits checkpoints (the last one, at stopping) until the stage ends.
