@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use outpost_rules::window::{Marked, WindowOrigin, WindowState};
+use outpost_rules::window::{DueMarks, Marked, WindowOrigin, WindowState};
 use outpost_rules::{EventContext, Output, RuleSet, TopicFilter, Trace};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -768,6 +768,10 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         // log found and clears a checkpoint no rule uses any more.
         ck.changed();
     }
+    hold_if_durable(windows.as_mut(), checkpointer.as_ref());
+    // The last checkpoint taken while windows an event closed were held, and where they
+    // stood: once it committed they go out (see `release_held`).
+    let mut held_at: Option<(u64, DueMarks)> = None;
     // The latest time the windows were advanced to: an event taken in later but received
     // before it (it waited in the stage's queue across a window's end) counts in the window
     // open now instead of being late, so no acknowledged reading falls out of every window.
@@ -815,6 +819,9 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             );
             windows = kept;
             routing = new;
+            hold_if_durable(windows.as_mut(), checkpointer.as_ref());
+            // Marks of the old state's rules: the next checkpoint marks the new one.
+            held_at = None;
             if let Some(ck) = checkpointer.as_mut() {
                 // Other rules, another state: deltas of the old one would not apply to it.
                 ck.reshaped();
@@ -831,6 +838,19 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             }
             other => other,
         };
+        let released = release_held(
+            &mut stage,
+            &routing,
+            windows.as_mut(),
+            checkpointer.as_mut(),
+            &mut held_at,
+            &mut chain,
+            &mut logs,
+            &mut rule_stats,
+        );
+        if !send_all(&out, released, &heartbeat).await {
+            return;
+        }
         // Windows due (the timer fired, or an event came past the earliest end) close here,
         // and only from committed state: the readings they hold are first checkpointed, so
         // after a crash a window restored from the file closes again with exactly the readings
@@ -845,7 +865,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             if state.next_close().is_some_and(|close| close <= at) {
                 if let Some(ck) = checkpointer.as_mut() {
                     heartbeat.end();
-                    commit_now(ck, rules, state).await;
+                    commit_now(ck, rules, state, &mut held_at).await;
                     heartbeat.begin();
                 }
                 advanced_to = advanced_to.max(stage.clock.now_ms()).max(at);
@@ -874,7 +894,9 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                     let write = match (routing_now, state) {
                         (Routing::Rules(rules), Some(state)) => {
                             export_window_counters(routing_now, state, &stage.metrics, &mut late_log, now);
-                            checkpoint_of(ck.wants(), rules, state)
+                            let write = checkpoint_of(ck.wants(), rules, state);
+                            mark_held(ck.taken() + 1, state, &mut held_at);
+                            write
                         }
                         _ => LogWrite::Clear,
                     };
@@ -1016,16 +1038,77 @@ const SHUTDOWN_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 /// it) has committed; at once when nothing changed since the last commit. A failing disk
 /// keeps it retrying with the checkpointer's back-off: windows then stay open, and the
 /// sensors whose readings they hold wait for their PUBACKs.
-async fn commit_now(ck: &mut Checkpointer, rules: &RuleSet, state: &mut WindowState) {
+async fn commit_now(
+    ck: &mut Checkpointer,
+    rules: &RuleSet,
+    state: &mut WindowState,
+    held_at: &mut Option<(u64, DueMarks)>,
+) {
     if ck.idle() {
         return;
     }
+    mark_held(ck.taken() + 1, state, held_at);
     ck.take(checkpoint_of(ck.wants(), rules, state));
     while !ck.idle() {
         if ck.wait().await == Step::Due {
+            mark_held(ck.taken() + 1, state, held_at);
             ck.take(checkpoint_of(ck.wants(), rules, state));
         }
     }
+}
+
+/// With checkpoints, windows an event closes (a count window's last reading, a sliding
+/// window's every reading, an evicted group, an event-time watermark moved by a reading)
+/// are held in the state and sent only once a checkpoint holding them committed
+/// ([`release_held`]): sent at the event, a crash before the checkpoint would restore their
+/// readings into open windows, and the resent closing reading would close them again with
+/// other bounds, so another id, and the upstream would count those readings twice.
+fn hold_if_durable(state: Option<&mut WindowState>, ck: Option<&Checkpointer>) {
+    if let (Some(state), Some(_)) = (state, ck) {
+        state.hold_event_closings();
+    }
+}
+
+/// Notes that checkpoint number `number` (about to be taken of `state`) holds the
+/// closings held now. A later one replaces an earlier one: it holds them too.
+fn mark_held(number: u64, state: &WindowState, held_at: &mut Option<(u64, DueMarks)>) {
+    if state.has_due() {
+        *held_at = Some((number, state.due_marks()));
+    }
+}
+
+/// The outputs of the held closings a committed checkpoint holds ([`hold_if_durable`]).
+/// They are then no longer in the state: the next checkpoint waits until they are safe
+/// (as for any window output), and a crash before it restores them held, to be sent again
+/// with the same ids.
+#[allow(clippy::too_many_arguments)]
+fn release_held(
+    stage: &mut RouteStage,
+    routing: &Routing,
+    state: Option<&mut WindowState>,
+    mut ck: Option<&mut Checkpointer>,
+    held_at: &mut Option<(u64, DueMarks)>,
+    chain: &mut VecDeque<(Event, u8)>,
+    logs: &mut Logs,
+    rule_stats: &mut RuleStats,
+) -> Vec<Outbound> {
+    let (Routing::Rules(rules), Some(state), Some(committed)) =
+        (routing, state, ck.as_ref().map(|c| c.committed()))
+    else {
+        return Vec::new();
+    };
+    if held_at.as_ref().is_none_or(|(number, _)| *number > committed) {
+        return Vec::new();
+    }
+    let Some((_, marks)) = held_at.take() else { return Vec::new() };
+    let released = rules.release_windows_marked(state, &marks);
+    if released.is_empty() {
+        return Vec::new();
+    }
+    if let Some(ck) = ck.as_deref_mut() {
+        ck.changed();
+    }
+    stage.carry_out_windows(released, None, ck, chain, logs, rule_stats)
 }
 
 /// The checkpoint of `state` the checkpointer asked for. Either kind resets the state's
@@ -2057,6 +2140,82 @@ topic = "raw"
                 r#"avg/b {"sensor":"b","v":5.0,"n":1,"until":7010000}"#,
             ]
         );
+        drop(input);
+        stage.await.expect("stage");
+        answer.await.expect("answers");
+    }
+
+    /// A count window of two per sensor, and a plain copy of every reading.
+    const COUNTED: &str = r#"
+[[rule]]
+name = "pairs"
+sql = 'SELECT topic(2) AS sensor, sum(payload.v) AS v, count(*) AS n FROM "s/+" GROUP BY topic(2), COUNTWINDOW(2)'
+[[rule.action]]
+type = "forward"
+topic = "pairs/${sensor}"
+[[rule]]
+name = "copy"
+sql = 'SELECT payload.v AS v FROM "s/+"'
+[[rule.action]]
+type = "forward"
+topic = "raw"
+"#;
+
+    /// A window an event closes is sent only once a checkpoint holding it committed; a crash
+    /// after that commit, before the output is safe upstream, restarts with the window held
+    /// still, and it is sent again with the same id and content (no second window of the
+    /// same readings with other bounds).
+    #[tokio::test(start_paused = true)]
+    async fn a_window_an_event_closes_is_sent_after_its_checkpoint_and_again_the_same_after_a_crash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("open");
+        let DurableStage { routing: _routing, input, mut out, mut store, stage, .. } =
+            spawn_durable(COUNTED, 9_000_000, WindowLoad::Empty);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        commit_into(&mut store, &mut file).expect("the first checkpoint");
+        input.send(reading("a", 1.0, 9_000_010)).await.expect("send");
+        assert_eq!(out.recv().await.expect("copy").topic, "raw");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        commit_into(&mut store, &mut file).expect("the first reading's checkpoint");
+        // The second reading closes the window: held, not sent.
+        input.send(reading("a", 3.0, 9_000_050)).await.expect("send");
+        assert_eq!(out.recv().await.expect("copy").topic, "raw");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(out.try_recv().is_err(), "no output before the checkpoint holding it commits");
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        commit_into(&mut store, &mut file).expect("the closing reading's checkpoint");
+        let first = out.recv().await.expect("the window, once committed");
+        assert_eq!(shown(&first), r#"pairs/a {"sensor":"a","v":4,"n":2}"#);
+        // A SIGKILL before the output is safe: the next checkpoint (which would forget the
+        // held window) is not written.
+        stage.abort();
+        let _ = stage.await;
+        drop(file);
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("reopen");
+        let restored = file.load_windows().expect("load");
+        let DurableStage { routing: _routing, input, mut out, mut store, stage, .. } =
+            spawn_durable(COUNTED, 9_000_200, restored);
+        let answer = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { writes, reply }) = store.recv().await
+            {
+                file.save_windows(&writes).expect("save");
+                let _ = reply.send(Ok(()));
+            }
+        });
+        let again = tokio::time::timeout(Duration::from_secs(5), out.recv())
+            .await
+            .expect("the held window is sent again after the restart")
+            .expect("a window");
+        assert_eq!(
+            (shown(&again), again.event_id),
+            (shown(&first), first.event_id),
+            "the same output with the same id: the upstream dedupes it"
+        );
+        // The readings are in no other window: the next reading opens a new one.
+        input.send(reading("a", 5.0, 9_000_300)).await.expect("send");
+        assert_eq!(out.recv().await.expect("copy").topic, "raw");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(out.try_recv().is_err(), "one reading does not close a window of two");
         drop(input);
         stage.await.expect("stage");
         answer.await.expect("answers");

@@ -43,8 +43,12 @@
 //! acknowledged and are resent by their sensors (counted in the window open at the resend);
 //! windows closed after it are in it still, with exactly the readings they were sent with,
 //! and close again with the same outputs and ids (the upstream sees a duplicate id at most).
-//! Windows that close on events (count and sliding windows, an evicted group) are not held
-//! back this way: resent readings may make them close again with other bounds, so other ids.
+//! Windows that close on an event (count and sliding windows, an evicted group, an
+//! event-time watermark a reading moved) are held in the state with their output computed
+//! at the event, and handed to the relay only once a checkpoint holding them has committed
+//! (`route::release_held`, after the regular checkpoint: no extra commit, no input stall):
+//! a restart finds them held still and sends them again, the same, with the same ids, and a
+//! resent reading cannot close them a second time with other bounds.
 //! A QoS 1 reading can be counted twice in one case only: the snapshot holding it committed
 //! and the crash came before its PUBACK reached the sensor, which then resends it (MQTT
 //! gives the resend nothing that tells it from a reading never received). A QoS 2 reading
@@ -101,6 +105,8 @@ struct Pending {
     held: Vec<Ticket>,
     /// Outputs issued when the last was taken: all must be safe before they are written.
     outputs_upto: u64,
+    /// The number ([`Checkpointer::taken`]) of the last one taken.
+    number: u64,
 }
 
 struct InFlight {
@@ -110,6 +116,7 @@ struct InFlight {
     bytes: usize,
     /// The bytes of the full snapshot among its writes, if there is one.
     full_bytes: Option<usize>,
+    number: u64,
 }
 
 pub struct Checkpointer {
@@ -137,6 +144,10 @@ pub struct Checkpointer {
     episode: Episode,
     /// `OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT` (see [`fault_exit_after`]).
     exit_after: Option<u64>,
+    /// Checkpoints taken in this run, and the number of the last one taken that committed
+    /// (with every one taken before it: a failed one's changes are in the next).
+    taken: u64,
+    committed: u64,
 }
 
 /// Fault injection for tests: `OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT=<n>` aborts the process
@@ -182,7 +193,20 @@ impl Checkpointer {
             metrics,
             episode: Episode::default(),
             exit_after: fault_exit_after(),
+            taken: 0,
+            committed: 0,
         }
+    }
+
+    /// Checkpoints taken so far in this run: the next one taken is number `taken() + 1`.
+    pub fn taken(&self) -> u64 {
+        self.taken
+    }
+
+    /// The number of the last checkpoint committed: the state as it was when that one was
+    /// taken is durable.
+    pub fn committed(&self) -> u64 {
+        self.committed
     }
 
     /// The ticket a closed window's outputs carry upstream (clones for every copy).
@@ -259,7 +283,8 @@ impl Checkpointer {
         }
         writes.push(write);
         self.dirty = false;
-        self.waiting = Some(Pending { writes, held, outputs_upto: self.issued });
+        self.taken += 1;
+        self.waiting = Some(Pending { writes, held, outputs_upto: self.issued, number: self.taken });
     }
 
     fn refresh(&mut self) {
@@ -299,8 +324,14 @@ impl Checkpointer {
                 _ => None,
             });
             permit.send(Command::Checkpoint { writes: pending.writes, reply });
-            self.in_flight =
-                Some(InFlight { reply: rx, held: pending.held, started: Instant::now(), bytes, full_bytes });
+            self.in_flight = Some(InFlight {
+                reply: rx,
+                held: pending.held,
+                started: Instant::now(),
+                bytes,
+                full_bytes,
+                number: pending.number,
+            });
             return Step::Progress;
         }
         if self.dirty {
@@ -331,6 +362,7 @@ impl Checkpointer {
                 }
                 // Committed: the readings it holds are safe, their sensors acknowledged.
                 drop(flight.held);
+                self.committed = flight.number;
                 self.failures_in_row = 0;
                 self.next_at = flight.started + self.interval;
                 if let Some((lasted, attempts)) = self.episode.ended(now) {

@@ -26,6 +26,12 @@
 //!   Kept events of sliding and overlapping count windows (already emitted in earlier
 //!   windows) are dropped with the group.
 //! - Output order is deterministic: by window end, then start, then group key.
+//! - In hold mode ([`Windows::hold_event_closings`], how the gateway runs with checkpoints)
+//!   nothing comes out of [`Windows::push`] or [`Windows::push_event`]: what an event closes
+//!   is kept, computed as it would have come out, in its group's held list (state: in
+//!   snapshots and deltas) until [`Windows::release`], so a caller can send it only once a
+//!   checkpoint holding it is durable, and a restored state gives it again, the same.
+//!   `window::tests` checks that the released closings are exactly those given at once.
 
 mod agg;
 mod delta;
@@ -35,7 +41,7 @@ pub mod spec;
 pub(crate) mod sql;
 
 pub use marks::MAX_MARKS;
-pub use run::{Marked, WindowOrigin, WindowState};
+pub use run::{DueMarks, Marked, WindowOrigin, WindowState};
 
 #[cfg(test)]
 mod sql_tests;
@@ -104,7 +110,7 @@ pub enum LatePolicy {
 pub const MIN_IDLE_MS: u64 = 1_000;
 
 /// One closed window of one group.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Closed {
     pub key: String,
     /// `window_start()`: inclusive, Unix milliseconds. For count and session windows the
@@ -169,12 +175,40 @@ pub struct Windows {
     /// never serialized, and ignored by equality.
     #[serde(skip)]
     changes: Changes<String>,
+    /// The caller's mode ([`Windows::hold_event_closings`]), not state: never serialized,
+    /// and ignored by equality.
+    #[serde(skip)]
+    hold: Hold,
+}
+
+/// Whether windows that close on an event are held in their group ([`Group::due`]) until
+/// [`Windows::release`] instead of coming out at once.
+#[derive(Debug, Clone, Copy, Default)]
+struct Hold(bool);
+
+impl PartialEq for Hold {
+    fn eq(&self, _other: &Hold) -> bool {
+        true
+    }
+}
+
+/// A window an event closed while closings are held: its output, computed at the event,
+/// and the sequence number (`Windows::next_seq`) it was held at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Due {
+    seq: u64,
+    closed: Closed,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Group {
     seq: u64,
     state: GroupState,
+    /// Windows of this group (or of groups its creation evicted) an event closed, held
+    /// until [`Windows::release`]; state like the open windows, so checkpoints hold them.
+    /// Absent from snapshots written before held closings existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    due: Vec<Due>,
     /// Changed since the last delta, and so listed in [`Changes::changed`] (once: listing
     /// is what costs a key's clone, and it happens once per group per delta).
     #[serde(skip)]
@@ -184,11 +218,19 @@ struct Group {
 /// Change tracking is not state: a group restored from a log equals the live one.
 impl PartialEq for Group {
     fn eq(&self, other: &Group) -> bool {
-        self.seq == other.seq && self.state == other.state
+        self.seq == other.seq && self.state == other.state && self.due == other.due
     }
 }
 
 impl Group {
+    /// Whether the group has a window open (or kept events): not only held closings.
+    fn is_open(&self) -> bool {
+        match &self.state {
+            GroupState::Open(instances) => !instances.is_empty(),
+            GroupState::Kept { events, .. } => !events.is_empty(),
+        }
+    }
+
     /// Notes that the group `key` changed since the last delta.
     fn touch(&mut self, key: &str, changes: &mut Changes<String>) {
         if !self.dirty {
@@ -252,7 +294,77 @@ impl Windows {
             deadline: u64::MAX,
             counters: WindowCounters::default(),
             changes: Changes::default(),
+            hold: Hold(false),
         }
+    }
+
+    /// From now on, windows an event closes ([`Windows::push`], [`Windows::push_event`]:
+    /// a count window's last event, a sliding window's every event, a group evicted, an
+    /// event-time watermark moved) are not returned but held in the state, each with its
+    /// output as computed at the event, until [`Windows::release`]. A caller that
+    /// checkpoints the state releases them only once a checkpoint holding them committed,
+    /// so after a crash the restored state gives them again, the same. Not state: a
+    /// restored `Windows` does not hold until told again.
+    pub fn hold_event_closings(&mut self) {
+        self.hold = Hold(true);
+    }
+
+    /// The mark of the closings held so far: [`Windows::release`] with it gives them (and
+    /// none held later).
+    pub fn due_mark(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Gives the held closings older than `mark` ([`Windows::due_mark`]), in output order,
+    /// and forgets them; groups left with nothing open are dropped.
+    pub fn release(&mut self, mark: u64) -> Vec<Closed> {
+        let mut out = Vec::new();
+        let changes = &mut self.changes;
+        self.groups.retain(|key, group| {
+            if group.due.first().is_none_or(|d| d.seq >= mark) {
+                return true;
+            }
+            // Held in order of their sequence numbers.
+            let at = group.due.partition_point(|d| d.seq < mark);
+            out.extend(group.due.drain(..at).map(|d| d.closed));
+            if group.due.is_empty() && !group.is_open() {
+                changes.removed(|| key.clone());
+                return false;
+            }
+            group.touch(key, changes);
+            true
+        });
+        self.changes.bound(self.groups.len());
+        sort_closed(&mut out);
+        out
+    }
+
+    /// Closings held: [`Windows::release`] has something to give.
+    pub fn has_due(&self) -> bool {
+        self.groups.values().any(|g| !g.due.is_empty())
+    }
+
+    /// In hold mode, moves the closings an event made (`out[first_out..]`) into the state,
+    /// each into its own group's held list (made again, with nothing open, if it was
+    /// removed or evicted).
+    fn hold_closed(&mut self, out: &mut Vec<Closed>, first_out: usize) {
+        if !self.hold.0 || out.len() <= first_out {
+            return;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        for closed in out.drain(first_out..) {
+            let key = closed.key.clone();
+            let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
+                seq: 0,
+                state: empty_state(self.plan.spec),
+                due: Vec::new(),
+                dirty: false,
+            });
+            group.due.push(Due { seq, closed });
+            group.touch(&key, &mut self.changes);
+        }
+        self.changes.bound(self.groups.len());
     }
 
     pub fn plan(&self) -> &WindowPlan {
@@ -321,6 +433,7 @@ impl Windows {
         self.close_until(self.watermark, out);
         if self.is_late(event_ms) {
             self.counters.late += 1;
+            self.hold_closed(out, first_out);
             return Pushed::Late;
         }
         // A sensor's clock ahead of the gateway's moves the rule's clock only to the
@@ -335,7 +448,7 @@ impl Windows {
         let seq = self.next_seq;
         self.ensure_group(key, seq, out);
         let result = match self.groups.get_mut(key) {
-            Some(Group { seq: group_seq, state: GroupState::Open(instances), dirty }) => {
+            Some(Group { seq: group_seq, state: GroupState::Open(instances), dirty, due }) => {
                 if push_event_time(
                     &self.plan,
                     self.watermark,
@@ -355,7 +468,7 @@ impl Windows {
                     Pushed::Accepted
                 } else {
                     // Only a group this event made can be empty: nothing else changed.
-                    if instances.is_empty() {
+                    if instances.is_empty() && due.is_empty() {
                         self.groups.remove(key);
                         self.changes.removed(|| key.to_owned());
                         self.changes.bound(self.groups.len());
@@ -369,29 +482,28 @@ impl Windows {
             _ => Pushed::Accepted,
         };
         sort_closed(&mut out[first_out..]);
+        self.hold_closed(out, first_out);
         result
     }
 
-    /// Makes the group `key` if new, evicting the least recent group if full.
+    /// Makes the group `key` if new, evicting the least recent group if full. A group with
+    /// held closings only is as new: it does not count against the limit (it goes at the
+    /// next release), and taking an event it counts again.
     fn ensure_group(&mut self, key: &str, seq: u64, out: &mut Vec<Closed>) {
-        if !self.groups.contains_key(key) {
-            if self.groups.len() >= self.plan.max_groups.max(1) {
-                self.evict_one(out);
+        if self.groups.get(key).is_some_and(Group::is_open) {
+            return;
+        }
+        let limit = self.plan.max_groups.max(1);
+        if self.groups.len() >= limit && self.groups.values().filter(|g| g.is_open()).count() >= limit {
+            self.evict_one(out);
+        }
+        match self.groups.get_mut(key) {
+            Some(group) => group.seq = seq,
+            None => {
+                let state = empty_state(self.plan.spec);
+                self.groups.insert(key.to_owned(), Group { seq, state, due: Vec::new(), dirty: false });
+                self.changes.bound(self.groups.len());
             }
-            let state = match self.plan.spec {
-                WindowSpec::Sliding { .. } => GroupState::Kept { events: VecDeque::new(), since_emit: 0 },
-                WindowSpec::Count { size, step } if size != step => {
-                    GroupState::Kept { events: VecDeque::new(), since_emit: 0 }
-                }
-                // Exactly the instances it can hold: most windows hold one at a time, and a
-                // default VecDeque would reserve four.
-                WindowSpec::Hopping { size_ms, hop_ms } => {
-                    GroupState::Open(VecDeque::with_capacity(size_ms.div_ceil(hop_ms) as usize))
-                }
-                _ => GroupState::Open(VecDeque::with_capacity(1)),
-            };
-            self.groups.insert(key.to_owned(), Group { seq, state, dirty: false });
-            self.changes.bound(self.groups.len());
         }
     }
 
@@ -405,6 +517,7 @@ impl Windows {
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        let first_held = out.len();
         self.ensure_group(key, seq, out);
         let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
         group.seq = seq;
@@ -452,6 +565,7 @@ impl Windows {
         }
         self.deadline = deadline;
         sort_closed(&mut out[first_out..]);
+        self.hold_closed(out, first_held);
         Pushed::Accepted
     }
 
@@ -525,12 +639,13 @@ impl Windows {
                     (before, events.len())
                 }
             };
-            if after == 0 {
+            let keep = after != 0 || !group.due.is_empty();
+            if !keep {
                 changes.removed(|| key.clone());
             } else if after != before {
                 group.touch(key, changes);
             }
-            after != 0
+            keep
         });
         self.changes.bound(self.groups.len());
         self.deadline = deadline;
@@ -542,6 +657,7 @@ impl Windows {
         let mut out = Vec::new();
         let plan = &self.plan;
         for (key, group) in self.groups.drain() {
+            out.extend(group.due.into_iter().map(|d| d.closed));
             if let GroupState::Open(instances) = group.state {
                 for instance in instances {
                     let at = close_time(plan.spec, &instance).unwrap_or(instance.last);
@@ -559,11 +675,20 @@ impl Windows {
     fn evict_one(&mut self, out: &mut Vec<Closed>) {
         // A scan, not an index kept per event: eviction is the overflow path, and an index
         // would cost every event an ordered-map update.
-        let Some(oldest) = self.groups.iter().min_by_key(|(_, g)| g.seq).map(|(k, _)| k.clone()) else {
+        // Held closings only: nothing open to evict (they go at the next release).
+        let Some(oldest) = self
+            .groups
+            .iter()
+            .filter(|(_, g)| g.is_open())
+            .min_by_key(|(_, g)| g.seq)
+            .map(|(k, _)| k.clone())
+        else {
             return;
         };
         if let Some(group) = self.groups.remove(&oldest) {
             self.counters.groups_evicted += 1;
+            // Given again and held again (the caller is in hold mode: they are its).
+            out.extend(group.due.into_iter().map(|d| d.closed));
             if let GroupState::Open(instances) = group.state {
                 for instance in instances {
                     let at = close_time(self.plan.spec, &instance).unwrap_or(instance.last);
@@ -615,6 +740,22 @@ fn same_windows(a: &WindowPlan, b: &WindowPlan) -> bool {
         TimeBasis::Event { field, .. } => Some(field.clone()),
     };
     a.spec == b.spec && a.aggs == b.aggs && field(&a.time) == field(&b.time)
+}
+
+/// A new group's state, nothing open yet.
+fn empty_state(spec: WindowSpec) -> GroupState {
+    match spec {
+        WindowSpec::Sliding { .. } => GroupState::Kept { events: VecDeque::new(), since_emit: 0 },
+        WindowSpec::Count { size, step } if size != step => {
+            GroupState::Kept { events: VecDeque::new(), since_emit: 0 }
+        }
+        // Exactly the instances it can hold: most windows hold one at a time, and a
+        // default VecDeque would reserve four.
+        WindowSpec::Hopping { size_ms, hop_ms } => {
+            GroupState::Open(VecDeque::with_capacity(size_ms.div_ceil(hop_ms) as usize))
+        }
+        _ => GroupState::Open(VecDeque::with_capacity(1)),
+    }
 }
 
 /// The epoch-aligned start of the `size`-long window holding `t`. Times are the gateway's

@@ -295,6 +295,31 @@ impl WindowState {
     }
 }
 
+/// Where the held closings of every windowed rule of one [`WindowState`] stood when it was
+/// taken ([`WindowState::due_marks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueMarks(Vec<Option<u64>>);
+
+impl WindowState {
+    /// From now on windows that close on an event are held in the state until
+    /// [`RuleSet::release_windows_marked`] (see `Windows::hold_event_closings`). Not state:
+    /// a restored or reloaded `WindowState` is told again.
+    pub fn hold_event_closings(&mut self) {
+        self.rules.iter_mut().flatten().for_each(Windows::hold_event_closings);
+    }
+
+    /// The closings held so far: a checkpoint taken now holds them, and once it committed
+    /// [`RuleSet::release_windows_marked`] with these marks gives them.
+    pub fn due_marks(&self) -> DueMarks {
+        DueMarks(self.rules.iter().map(|w| w.as_ref().map(Windows::due_mark)).collect())
+    }
+
+    /// Closings are held ([`RuleSet::release_windows_marked`] has something to give).
+    pub fn has_due(&self) -> bool {
+        self.rules.iter().flatten().any(Windows::has_due)
+    }
+}
+
 /// Which closed window an output came from: a rule, a group key, the window's bounds, and
 /// the output's place among that window's outputs (a rule with two actions gives two).
 /// The same window gives the same origin after a restart from a checkpoint, so a caller
@@ -448,6 +473,21 @@ impl RuleSet {
         for (rule, windows) in self.rules.iter().zip(&mut state.rules) {
             if let Some(windows) = windows {
                 for c in windows.advance(now_ms) {
+                    self.emit(rule, c, &mut emitted);
+                }
+            }
+        }
+        emitted.marked()
+    }
+
+    /// Gives the outputs of the windows an event closed in hold mode
+    /// ([`WindowState::hold_event_closings`]) that were held before `marks`
+    /// ([`WindowState::due_marks`]), each with its window, and forgets them.
+    pub fn release_windows_marked(&self, state: &mut WindowState, marks: &DueMarks) -> Vec<Marked> {
+        let mut emitted = Emitted::default();
+        for ((rule, windows), mark) in self.rules.iter().zip(&mut state.rules).zip(&marks.0) {
+            if let (Some(windows), Some(mark)) = (windows, mark) {
+                for c in windows.release(*mark) {
                     self.emit(rule, c, &mut emitted);
                 }
             }
