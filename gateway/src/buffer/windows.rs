@@ -8,8 +8,8 @@
 //! bytes. A checkpoint is one durable transaction (one fsync) of [`LogWrite`]s: a delta
 //! appends a row; a full snapshot deletes every row and writes itself, which is also how
 //! the log is compacted (the route stage's checkpointer decides when, so the log stays
-//! within about twice the state). The log is read once at start: the last full row and the
-//! deltas after it, in order. Nothing here decodes the state: the rules crate matches it to
+//! within about five times the state: `route::checkpoint::COMPACT_AFTER`). The log is read
+//! once at start: the last full row and the deltas after it, in order. Nothing here decodes the state: the rules crate matches it to
 //! the rules by name and plan on restore.
 //!
 //! Formats 6–8 kept one snapshot in the `windows` table; the start-up transaction that

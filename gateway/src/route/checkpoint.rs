@@ -12,9 +12,10 @@
 //! that: a **full** one when none has been taken in this run (a start: the state was
 //! restored or is new), after the state's shape changed (a reload), after a failed
 //! checkpoint (its delta is lost, so deltas after it would not apply), and when the deltas
-//! taken since the last full one add up to more than its size, so the log stays within
-//! about twice the state and rewriting it costs no more than the deltas' own bytes;
-//! otherwise a **delta**, whose cost follows what changed rather than the number of groups.
+//! taken since the last full one add up to more than [`COMPACT_AFTER`] times its size, so
+//! the log stays within about `1 + COMPACT_AFTER` times the state and rewriting it costs a
+//! `1 / COMPACT_AFTER` share of the deltas' own bytes; otherwise a **delta**, whose cost
+//! follows what changed rather than the number of groups.
 //!
 //! # Invariants
 //! - A held ticket is dropped (the sensor acknowledged) only after the transaction holding a
@@ -72,6 +73,14 @@ use crate::telemetry::{Episode, Failure, readable};
 
 /// Readings held for a checkpoint at most, before the stage stops reading input.
 pub const MAX_HELD: usize = 10_000;
+
+/// A full snapshot replaces the log once the deltas after the last one exceed this many
+/// times its size. Why 4 and not 1: where every group changes each second (window-bench's
+/// 10,000 devices), the deltas outgrow the base within a second, and at 1 the full
+/// snapshots were half of the checkpoint bytes; at 4 they are about a fifth (rules/README.md,
+/// "What windows cost"), for a log read at start of at most about five times the state
+/// (some 6 MB for 10,000 groups).
+pub const COMPACT_AFTER: usize = 4;
 
 /// How long a failed checkpoint waits before the next attempt, at most.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -234,7 +243,11 @@ impl Checkpointer {
 
     /// The kind of checkpoint the stage must take next.
     pub fn wants(&self) -> Kind {
-        if self.need_full || self.delta_bytes > self.full_bytes { Kind::Full } else { Kind::Delta }
+        if self.need_full || self.delta_bytes > self.full_bytes.saturating_mul(COMPACT_AFTER) {
+            Kind::Full
+        } else {
+            Kind::Delta
+        }
     }
 
     /// Whether the stage must stop reading input until a checkpoint commits.
@@ -542,8 +555,10 @@ mod tests {
         assert_eq!(ck.wait().await, Step::Due);
         ck.take(full(b"0123456789"));
         assert_eq!(commit_next(&mut ck, &mut rx).await, vec![full(b"0123456789")]);
-        // Deltas up to the full one's size: 4 + 6 = 10 is not more than 10.
-        for d in [&b"abcd"[..], b"efghij"] {
+        // Deltas up to COMPACT_AFTER times the full one's size: 4 + 6 per round, so 10 ×
+        // COMPACT_AFTER after the last round, is not more than that.
+        let rounds: Vec<&[u8]> = [&b"abcd"[..], b"efghij"].repeat(COMPACT_AFTER);
+        for d in rounds {
             ck.changed();
             assert_eq!(ck.wait().await, Step::Due);
             assert_eq!(ck.wants(), Kind::Delta);
@@ -557,14 +572,18 @@ mod tests {
         commit_next(&mut ck, &mut rx).await;
         ck.changed();
         assert_eq!(ck.wait().await, Step::Due);
-        assert_eq!(ck.wants(), Kind::Full, "11 bytes of deltas outgrew the 10-byte base: compact");
+        assert_eq!(
+            ck.wants(),
+            Kind::Full,
+            "one byte more outgrew COMPACT_AFTER times the 10-byte base: compact"
+        );
         ck.take(full(b"012345"));
         assert_eq!(commit_next(&mut ck, &mut rx).await, vec![full(b"012345")]);
         assert_eq!(ck.wants(), Kind::Delta, "a new base, no deltas after it yet");
         let counters = metrics.counters();
-        assert_eq!(Metrics::get(&counters.window_checkpoints), 5);
+        assert_eq!(Metrics::get(&counters.window_checkpoints), 2 * COMPACT_AFTER as u64 + 3);
         assert_eq!(Metrics::get(&counters.window_checkpoints_full), 2);
-        assert_eq!(Metrics::get(&counters.window_checkpoint_bytes), 10 + 4 + 6 + 1 + 6);
+        assert_eq!(Metrics::get(&counters.window_checkpoint_bytes), 10 + 10 * COMPACT_AFTER as u64 + 1 + 6);
         assert_eq!(Metrics::get(&counters.window_checkpoint_full_bytes), 10 + 6);
     }
 
