@@ -2018,7 +2018,19 @@ topic = "raw"
             spawn_durable(WINDOWED, 7_000_000, WindowLoad::Empty);
         tokio::time::sleep(Duration::from_millis(1)).await;
         let mut written = commit_into(&mut store, &mut file).expect("the first checkpoint");
-        for (sensor, v) in [("a", 1.0), ("b", 5.0), ("a", 3.0), ("c", 7.0)] {
+        // Readings of `d` go on until the last checkpoint is a delta: where the log compacts
+        // depends on the encoded sizes, and the point here is a base with deltas after it.
+        let fixed = [("a", 1.0), ("b", 5.0), ("a", 3.0), ("c", 7.0)];
+        let mut of_d = 0;
+        for i in 0.. {
+            let (sensor, v) = fixed.get(i).copied().unwrap_or(("d", 9.0));
+            if i >= fixed.len() {
+                if matches!(written.last(), Some(LogWrite::Delta(_))) {
+                    break;
+                }
+                assert!(of_d < 8, "the log never ends with a delta: {written:?}");
+                of_d += 1;
+            }
             input.send(reading(sensor, v, 7_000_000)).await.expect("send");
             drop(out.recv().await.expect("the plain copy"));
             tokio::time::sleep(Duration::from_millis(30)).await;
@@ -2045,20 +2057,21 @@ topic = "raw"
                 let _ = reply.send(Ok(()));
             }
         });
+        let mut expected = vec![
+            r#"avg/a {"sensor":"a","v":2.0,"n":2,"until":7010000}"#.to_owned(),
+            r#"avg/b {"sensor":"b","v":5.0,"n":1,"until":7010000}"#.to_owned(),
+            r#"avg/c {"sensor":"c","v":7.0,"n":1,"until":7010000}"#.to_owned(),
+        ];
+        if of_d > 0 {
+            expected.push(format!(r#"avg/d {{"sensor":"d","v":9.0,"n":{of_d},"until":7010000}}"#));
+        }
         let mut windows: Vec<String> = Vec::new();
-        for _ in 0..3 {
+        for _ in 0..expected.len() {
             let window = tokio::time::timeout(Duration::from_secs(20), out.recv()).await;
             windows.push(shown(&window.expect("the restored windows close at their end").expect("a window")));
         }
         windows.sort();
-        assert_eq!(
-            windows,
-            [
-                r#"avg/a {"sensor":"a","v":2.0,"n":2,"until":7010000}"#,
-                r#"avg/b {"sensor":"b","v":5.0,"n":1,"until":7010000}"#,
-                r#"avg/c {"sensor":"c","v":7.0,"n":1,"until":7010000}"#,
-            ]
-        );
+        assert_eq!(windows, expected);
         drop(input);
         stage.await.expect("stage");
         answer.await.expect("answers");
