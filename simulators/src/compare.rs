@@ -96,6 +96,8 @@ pub struct StepResult {
     pub latency_ms_p99: Option<f64>,
     /// Gateway CPU time per delivered reading, in µs (step plus catch-up).
     pub cpu_us_per_event: Option<f64>,
+    /// The kernel's part of `cpu_us_per_event`, in µs.
+    pub sys_us_per_event: Option<f64>,
     /// Gateway CPU use during the step, in % of one core.
     pub cpu_percent: f64,
     /// Gateway resident memory at the end of the step, in KiB.
@@ -256,13 +258,14 @@ async fn run_system(
     for &rate in &cfg.rates {
         let step = run_step(cfg, &mut gateway, upstream_addr, rate).await?;
         eprintln!(
-            "   {:>6}/s: offered {:.0}/s delivered {:.0}/s, p50 {} p99 {} ms, {} µs/event, CPU {:.0} %, RSS {:.1} MiB, missing {}",
+            "   {:>6}/s: offered {:.0}/s delivered {:.0}/s, p50 {} p99 {} ms, {} µs/event ({} in the kernel), CPU {:.0} %, RSS {:.1} MiB, missing {}",
             rate,
             step.offered_per_s,
             step.delivered_per_s,
             fmt_ms(step.latency_ms_p50),
             fmt_ms(step.latency_ms_p99),
             step.cpu_us_per_event.map_or("-".to_string(), |us| format!("{us:.1}")),
+            step.sys_us_per_event.map_or("-".to_string(), |us| format!("{us:.1}")),
             step.cpu_percent,
             step.rss_kib as f64 / 1024.0,
             step.missing,
@@ -333,6 +336,8 @@ async fn run_step(
         latency_ms_p50: report.latency_ms_p50,
         latency_ms_p99: report.latency_ms_p99,
         cpu_us_per_event: cpu_per_event(&before, &after, report.unique),
+        sys_us_per_event: (report.unique > 0)
+            .then(|| after.sys.saturating_sub(before.sys).as_secs_f64() * 1e6 / report.unique as f64),
         cpu_percent: (at_window_end.cpu.saturating_sub(before.cpu)).as_secs_f64() / window * 100.0,
         rss_kib: at_window_end.rss_kib,
     })
@@ -536,6 +541,9 @@ impl CompareReport {
                     )
                 })
             });
+            row(format!("{rate}/s: of which kernel µs/event"), &|s| {
+                step(s).map(|st| st.sys_us_per_event.map_or("-".to_string(), |us| format!("{us:.1}")))
+            });
             row(format!("{rate}/s: RSS MiB"), &|s| {
                 step(s).map(|st| format!("{:.1}", st.rss_kib as f64 / 1024.0))
             });
@@ -616,6 +624,7 @@ mod tests {
             latency_ms_p50: Some(0.5),
             latency_ms_p99: Some(1.5),
             cpu_us_per_event: Some(10.0),
+            sys_us_per_event: Some(6.0),
             cpu_percent: 20.0,
             rss_kib: 20_480,
         }

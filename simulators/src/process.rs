@@ -357,6 +357,8 @@ const TAIL_LINES: usize = 40;
 pub struct ProcessStats {
     /// User plus system CPU time of all its threads, live and exited.
     pub cpu: Duration,
+    /// The system (kernel) part of `cpu`: syscalls, the TCP stack, being woken.
+    pub sys: Duration,
     /// Resident set size now, in KiB (`VmRSS`).
     pub rss_kib: u64,
     /// Peak resident set size, in KiB (`VmHWM`).
@@ -370,9 +372,11 @@ impl ProcessStats {
             .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .with_context(|| format!("cannot read /proc/{pid}/status"))?;
-        let ticks = parse_cpu_ticks(&stat).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))?;
+        let (user, sys) =
+            parse_user_sys_ticks(&stat).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))?;
         Ok(ProcessStats {
-            cpu: ticks_to_duration(ticks),
+            cpu: ticks_to_duration(user + sys),
+            sys: ticks_to_duration(sys),
             rss_kib: parse_status_kib(&status, "VmRSS:").unwrap_or(0),
             peak_rss_kib: parse_status_kib(&status, "VmHWM:").unwrap_or(0),
         })
@@ -402,13 +406,18 @@ fn ticks_to_duration(ticks: u64) -> Duration {
 
 /// `utime + stime` from the text of `/proc/<pid>/stat`, in clock ticks.
 fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    parse_user_sys_ticks(stat).map(|(user, sys)| user + sys)
+}
+
+/// `(utime, stime)` from the text of `/proc/<pid>/stat`, in clock ticks.
+fn parse_user_sys_ticks(stat: &str) -> Option<(u64, u64)> {
     // The command name (field 2) is in parentheses and may contain spaces; fields after it are
     // numbered from 3, so utime (14) and stime (15) are the 12th and 13th after the ')'.
     let (_, rest) = stat.rsplit_once(')')?;
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// The KiB value of a `/proc/<pid>/status` line such as `VmRSS:   1234 kB`.
