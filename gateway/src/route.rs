@@ -674,7 +674,9 @@ fn restore_windows(routing: &Routing, load: WindowLoad, metrics: &Metrics) -> Op
 }
 
 /// Exports the state's own counters (they live in the checkpoint, so they carry across
-/// restarts) as the gateway's, and logs readings event-time rules dropped.
+/// restarts) as the gateway's, and logs readings event-time rules dropped. Called after each
+/// reading a stateful rule reads (where they change), at start and at each checkpoint (where
+/// a quiet episode of late readings can end): a few loads and stores per rule.
 fn export_window_counters(
     routing: &Routing,
     state: &WindowState,
@@ -700,8 +702,8 @@ fn export_window_counters(
 
 /// Readings an event-time rule with `late = "drop"` refused (too late, or too far ahead):
 /// counted by the rules crate, and logged here once per rule per episode. An episode ends
-/// after [`LATE_QUIET`] without one (looks come with checkpoints, far more often than a
-/// sensor with a wrong clock sends, so one look without news would end it each time).
+/// after [`LATE_QUIET`] without one (looks come with readings and checkpoints, far more often
+/// than a sensor with a wrong clock sends, so one look without news would end it each time).
 #[derive(Default)]
 struct LateLog {
     /// By rule name: the count at the last look, when it last grew, the episode.
@@ -769,6 +771,10 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         ck.changed();
     }
     hold_if_durable(windows.as_mut(), checkpointer.as_ref());
+    if let Some(state) = windows.as_ref() {
+        // What the restored state counted before the restart.
+        export_window_counters(&routing, state, &stage.metrics, &mut late_log, Instant::now());
+    }
     // The last checkpoint taken while windows an event closed were held, and where they
     // stood: once it committed they go out (see `release_held`).
     let mut held_at: Option<(u64, DueMarks)> = None;
@@ -982,6 +988,11 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                     if stateful {
                         ck.hold(event.ticket.clone());
                     }
+                }
+                if stateful {
+                    // Evictions, late and ahead readings happen here: the metrics follow at
+                    // once, not only when a checkpoint is taken (nor never, without one).
+                    export_window_counters(&routing, state, &stage.metrics, &mut late_log, now);
                 }
                 let (own, closed): (Vec<Marked>, Vec<Marked>) =
                     marked.into_iter().partition(|(_, o)| o.is_none());
@@ -1790,6 +1801,52 @@ topic = "raw"
     }
 
     /// A reading a window takes in has gone somewhere: only one no rule reads is unrouted.
+    /// The late, ahead and eviction counters are in the metrics text as soon as the reading
+    /// that moved them was taken, not only once a checkpoint is taken (this stage takes none).
+    #[tokio::test(start_paused = true)]
+    async fn window_counters_reach_the_metrics_text_with_the_reading_that_moved_them() {
+        let text = r#"
+[[rule]]
+name = "by_time"
+sql = 'SELECT topic(2) AS sensor, count(*) AS n FROM "s/+" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)'
+event_time = "payload.ts"
+max_groups = 1
+[[rule.action]]
+type = "forward"
+topic = "n/${sensor}"
+[[rule]]
+name = "copy"
+sql = 'SELECT payload.ts AS ts FROM "s/+"'
+[[rule.action]]
+type = "forward"
+topic = "raw"
+"#;
+        let mut stage = start(text, 30_000);
+        let scrape = |metrics: &Metrics| {
+            let text =
+                crate::http::exposition::encode(crate::http::exposition::Scrape::read(metrics, None, (0, 0)))
+                    .expect("metrics text");
+            ["outpost_window_late_total", "outpost_window_groups_evicted_total"].map(|name| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<u64>().ok()))
+                    .unwrap_or_else(|| panic!("{name} in {text}"))
+            })
+        };
+        // `a` opens a window; `b` evicts it (one group at most); `a` again, stamped in the
+        // window already closed, is late.
+        for (sensor, ts, expected) in [("a", 25_000, [0, 0]), ("b", 26_000, [0, 1]), ("a", 5_000, [1, 1])] {
+            let mut e = event(&format!("s/{sensor}"), &format!("{{\"ts\":{ts}}}"));
+            e.received_ms = 30_000;
+            stage.input.send(e).await.expect("send");
+            // The plain copy comes once the windowed rule has taken the reading (an evicted
+            // window's output may come before it).
+            while stage.out.recv().await.expect("the plain copy").topic != "raw" {}
+            assert_eq!(scrape(&stage.metrics), expected, "after {sensor} at {ts}");
+        }
+        drop(stage.input);
+        stage.stage.await.expect("stage");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_reading_a_window_takes_in_is_not_unrouted() {
         let only_window = WINDOWED.split("[[rule]]\nname = \"copy\"").next().expect("the avg rule");
