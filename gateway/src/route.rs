@@ -1231,6 +1231,7 @@ impl RouteStage {
                         received_ms: event.received_ms,
                         ticket: event.ticket.clone(),
                         props: event.message_props(),
+                        dead_letter_if_refused: taken_in || window_id.is_some(),
                     });
                 }
                 Fate::Republish { rule, topic, payload, hops, .. } => {

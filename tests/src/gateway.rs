@@ -308,6 +308,21 @@ pub fn buffered_events(data_dir: &Path) -> anyhow::Result<u64> {
     stats.get("events").and_then(Value::as_u64).with_context(|| format!("no `events` in {stats}"))
 }
 
+/// The letters in the gateway's durable dead-letter file (`dead-letters-upstream.jsonl`: the
+/// relay's poison events and the copies a full buffer refused that no sensor would resend),
+/// oldest first; none when the file does not exist yet. Fails on a line that is not JSON.
+pub fn upstream_dead_letters(data_dir: &Path) -> anyhow::Result<Vec<Value>> {
+    let path = data_dir.join("dead-letters-upstream.jsonl");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .map(|line| serde_json::from_str(line).with_context(|| format!("not a JSON letter: {line}")))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 /// What a one-shot `outpost` command did.
 #[derive(Debug)]
 pub struct CommandOutcome {
