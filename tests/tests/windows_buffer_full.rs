@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use outpost_e2e::gateway::{GatewaySpec, buffered_events, upstream_dead_letters};
+use outpost_e2e::gateway::{GatewaySpec, RulesFile, buffered_events, upstream_dead_letters};
 use outpost_e2e::mqtt::publish_qos1;
 use outpost_e2e::wait_until;
 use serde_json::Value;
@@ -52,13 +52,9 @@ fn window_letters(letters: &[Value]) -> Vec<(String, u64, u64)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_output_the_full_buffer_refuses_goes_to_the_dead_letter_file() {
-    let rules_dir = tempfile::tempdir().expect("tempdir");
-    let rules = rules_dir.path().join("rules.toml");
-    std::fs::write(&rules, RULES).expect("write rules");
-    let config = format!(
-        "rules = {:?}\n[buffer]\nmax_events = {MAX_EVENTS}\noverflow = \"reject_new\"\n",
-        rules.to_str().expect("utf-8 path")
-    );
+    let rules = RulesFile::write(RULES).expect("write rules");
+    let config =
+        format!("{}[buffer]\nmax_events = {MAX_EVENTS}\noverflow = \"reject_new\"\n", rules.config_line());
     let data = tempfile::tempdir().expect("tempdir");
     let mut gateway =
         GatewaySpec::new(data.path()).config_toml(config).start().await.expect("start the gateway");
