@@ -24,6 +24,8 @@ use crate::buffer::{N_PRIORITIES, Record};
 use crate::config::OverflowPolicy;
 use crate::deadletter::DeadLetter;
 use crate::event::{Outbound, now_ms};
+use crate::metrics::Metrics;
+use crate::tap::{DropReason, RelayAction};
 use crate::telemetry::LogThrottle;
 
 /// The dead letter's reason for a copy the full buffer refused.
@@ -40,8 +42,6 @@ pub(super) struct Refused {
     log: LogThrottle,
     failed_log: LogThrottle,
 }
-use crate::metrics::Metrics;
-use crate::tap::{DropReason, RelayAction};
 
 impl Relay {
     /// Whether the relay takes input now: fewer than `commit_max_events` wait for the disk.
