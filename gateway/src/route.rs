@@ -1801,6 +1801,36 @@ topic = "raw"
         assert!(stage.out.recv().await.is_none());
     }
 
+    /// What the relay must not refuse to a sensor under a full buffer is marked: a window's
+    /// output (nobody resends it) and any copy of a reading a stateful rule took in (its
+    /// resend would count again); a copy of a reading no stateful rule reads is not.
+    #[tokio::test(start_paused = true)]
+    async fn copies_no_sensor_would_resend_are_marked_for_the_dead_letters() {
+        let text = format!(
+            "{WINDOWED}[[rule]]\nname = \"other\"\nsql = 'SELECT * FROM \"x/+\"'\n[[rule.action]]\ntype = \"forward\"\n"
+        );
+        let mut stage = start(&text, 1_000_000);
+        stage.input.send(reading("a", 1.0, 1_000_100)).await.expect("send");
+        let copy = stage.out.recv().await.expect("the plain copy");
+        assert_eq!(
+            (copy.topic.as_str(), copy.dead_letter_if_refused),
+            ("raw", true),
+            "the window took it in"
+        );
+        stage.input.send(event("x/a", "{}")).await.expect("send");
+        let other = stage.out.recv().await.expect("the other rule's copy");
+        assert_eq!(
+            (other.topic.as_str(), other.dead_letter_if_refused),
+            ("x/a", false),
+            "its sensor resends it"
+        );
+        tokio::time::sleep(Duration::from_millis(10_000)).await;
+        let window = stage.out.recv().await.expect("a window output");
+        assert_eq!((window.topic.as_str(), window.dead_letter_if_refused), ("avg/a", true));
+        drop(stage.input);
+        stage.stage.await.expect("stage");
+    }
+
     /// The late, ahead and eviction counters are in the metrics as soon as the reading that
     /// moved them was taken, not only once a checkpoint is taken (this stage takes none).
     #[tokio::test(start_paused = true)]
