@@ -208,6 +208,14 @@ struct Due {
     closed: Closed,
 }
 
+impl Due {
+    /// The held closing as it is given out, released or flushed: numbered by its own
+    /// sequence number ([`Closed::seq`]), so it has the same id either way.
+    fn given(self, spec: WindowSpec) -> Closed {
+        Closed { seq: closes_on_events(spec).then_some(self.seq), ..self.closed }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Group {
     seq: u64,
@@ -335,12 +343,7 @@ impl Windows {
             }
             // Held in order of their sequence numbers.
             let at = group.due.partition_point(|d| d.seq < mark);
-            out.extend(
-                group
-                    .due
-                    .drain(..at)
-                    .map(|d| Closed { seq: closes_on_events(spec).then_some(d.seq), ..d.closed }),
-            );
+            out.extend(group.due.drain(..at).map(|d| d.given(spec)));
             if group.due.is_empty() && !group.is_open() {
                 changes.removed(|| key.clone());
                 return false;
@@ -678,7 +681,7 @@ impl Windows {
         let mut out = Vec::new();
         let plan = &self.plan;
         for (key, group) in self.groups.drain() {
-            out.extend(group.due.into_iter().map(|d| d.closed));
+            out.extend(group.due.into_iter().map(|d| d.given(plan.spec)));
             if let GroupState::Open(instances) = group.state {
                 for instance in instances {
                     let at = close_time(plan.spec, &instance).unwrap_or(instance.last);

@@ -532,6 +532,10 @@ fn count_windows_with_equal_bounds_have_their_own_ids() {
     let (mut restored, _) = crate::window::WindowState::restore(&rules, &bytes).unwrap();
     let again = rules.release_windows_marked(&mut restored, &marks);
     assert_eq!(again, released, "the same closings, the same origins after a restore");
+    // Flushed instead of released (a reload of the rule, a stop): the same ids too.
+    let (mut restored, _) = crate::window::WindowState::restore(&rules, &bytes).unwrap();
+    let flushed = rules.flush_rule_windows_marked(&mut restored, "w");
+    assert_eq!(flushed, released, "flushed held closings keep their ids");
 }
 
 fn event_time_rule(sql: &str, options: &str) -> String {
