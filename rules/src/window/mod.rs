@@ -208,14 +208,6 @@ struct Due {
     closed: Closed,
 }
 
-impl Due {
-    /// The held closing as it is given out, released or flushed: numbered by its own
-    /// sequence number ([`Closed::seq`]), so it has the same id either way.
-    fn given(self, spec: WindowSpec) -> Closed {
-        Closed { seq: closes_on_events(spec).then_some(self.seq), ..self.closed }
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Group {
     seq: u64,
@@ -770,6 +762,14 @@ fn same_windows(a: &WindowPlan, b: &WindowPlan) -> bool {
         TimeBasis::Event { field, .. } => Some(field.clone()),
     };
     a.spec == b.spec && a.aggs == b.aggs && field(&a.time) == field(&b.time)
+}
+
+impl Due {
+    /// The held closing as it is given out, released or flushed: numbered by its own
+    /// sequence number ([`Closed::seq`]), so it has the same id either way.
+    fn given(self, spec: WindowSpec) -> Closed {
+        Closed { seq: closes_on_events(spec).then_some(self.seq), ..self.closed }
+    }
 }
 
 /// Whether the windows of `spec` close on an event rather than on the clock: two of one
