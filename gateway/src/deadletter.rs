@@ -1,6 +1,8 @@
 //! The dead-letter store: events rules could not process (or sent here with a
-//! `dead_letter` action), one record per event with every rule and its reason; and events the
-//! upstream refused by closing the link (the relay's poison events, `rule` empty).
+//! `dead_letter` action), one record per event with every rule and its reason; events the
+//! upstream refused by closing the link (the relay's poison events, `rule` empty); and copies
+//! a full buffer refused (`reject_new`) that no sensor would resend — window outputs, copies
+//! of readings a stateful rule took in (reason `buffer_full`, `rule` empty).
 //!
 //! Two JSON-lines files, both read with `outpost rules dead-letters`:
 //! - `<data_dir>/dead-letters.jsonl`, rules' letters, rotated to `dead-letters.jsonl.1` at
@@ -12,8 +14,9 @@
 //!   acknowledged event's buffer record, so it is the event's only copy: answered only once
 //!   written and `fdatasync`ed (and, when the file was just created, its directory synced), and
 //!   this file is **never rotated or truncated** by Outpost. A poison event takes at least
-//!   three upstream disconnects, so the file grows slowly; the operator removes it once the
-//!   events are dealt with (the README says so).
+//!   three upstream disconnects, so it grows slowly from those; refused copies make it grow
+//!   with the windows that close while the buffer is full under `reject_new`. The operator
+//!   removes it once the events are dealt with (the README says so).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -197,6 +197,11 @@ pub struct Outbound {
     /// The source event's MQTT 5 properties, carried unchanged by every forward (see the
     /// README's upstream section); `None` when it had none.
     pub props: Option<Arc<MessageProps>>,
+    /// No sensor can be asked to resend it if the buffer refuses it (`reject_new`): a closed
+    /// window's output (nobody sends it again), or a copy of a reading a stateful rule took
+    /// in (a resend would be counted again). The relay writes such a refused copy to the
+    /// dead-letter file instead of refusing its ticket.
+    pub dead_letter_if_refused: bool,
 }
 
 #[cfg(test)]

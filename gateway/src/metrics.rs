@@ -167,6 +167,13 @@ counters! {
     dropped_overflow,
     /// Events refused because the buffer was full and the policy is reject_new.
     rejected_full,
+    /// Copies no sensor would resend (window outputs, copies of readings a stateful rule
+    /// took in) that the full buffer refused (`reject_new`), written to the dead-letter file
+    /// instead: their readings stay acknowledged, nothing is lost.
+    buffer_full_dead_lettered,
+    /// Of those, letters that could not be written: a window output lost, a reading's sensor
+    /// told to resend it.
+    buffer_full_letters_failed,
     /// Events discarded because their route's TTL passed before they could be sent.
     expired,
     /// Buffer files whose contents were found corrupt at start-up and moved aside.

@@ -674,7 +674,9 @@ fn restore_windows(routing: &Routing, load: WindowLoad, metrics: &Metrics) -> Op
 }
 
 /// Exports the state's own counters (they live in the checkpoint, so they carry across
-/// restarts) as the gateway's, and logs readings event-time rules dropped.
+/// restarts) as the gateway's, and logs readings event-time rules dropped. Called after each
+/// reading a stateful rule reads (where they change), at start and at each checkpoint (where
+/// a quiet episode of late readings can end): a few loads and stores per rule.
 fn export_window_counters(
     routing: &Routing,
     state: &WindowState,
@@ -700,8 +702,8 @@ fn export_window_counters(
 
 /// Readings an event-time rule with `late = "drop"` refused (too late, or too far ahead):
 /// counted by the rules crate, and logged here once per rule per episode. An episode ends
-/// after [`LATE_QUIET`] without one (looks come with checkpoints, far more often than a
-/// sensor with a wrong clock sends, so one look without news would end it each time).
+/// after [`LATE_QUIET`] without one (looks come with readings and checkpoints, far more often
+/// than a sensor with a wrong clock sends, so one look without news would end it each time).
 #[derive(Default)]
 struct LateLog {
     /// By rule name: the count at the last look, when it last grew, the episode.
@@ -769,6 +771,10 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         ck.changed();
     }
     hold_if_durable(windows.as_mut(), checkpointer.as_ref());
+    if let Some(state) = windows.as_ref() {
+        // What the restored state counted before the restart.
+        export_window_counters(&routing, state, &stage.metrics, &mut late_log, Instant::now());
+    }
     // The last checkpoint taken while windows an event closed were held, and where they
     // stood: once it committed they go out (see `release_held`).
     let mut held_at: Option<(u64, DueMarks)> = None;
@@ -982,6 +988,11 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
                     if stateful {
                         ck.hold(event.ticket.clone());
                     }
+                }
+                if stateful {
+                    // Evictions, late and ahead readings happen here: the metrics follow at
+                    // once, not only when a checkpoint is taken (nor never, without one).
+                    export_window_counters(&routing, state, &stage.metrics, &mut late_log, now);
                 }
                 let (own, closed): (Vec<Marked>, Vec<Marked>) =
                     marked.into_iter().partition(|(_, o)| o.is_none());
@@ -1220,6 +1231,7 @@ impl RouteStage {
                         received_ms: event.received_ms,
                         ticket: event.ticket.clone(),
                         props: event.message_props(),
+                        dead_letter_if_refused: taken_in || window_id.is_some(),
                     });
                 }
                 Fate::Republish { rule, topic, payload, hops, .. } => {
@@ -1264,8 +1276,8 @@ impl RouteStage {
             let Some(origin) = first.1.clone() else { continue };
             let same = |o: &Option<WindowOrigin>| {
                 o.as_ref().is_some_and(|o| {
-                    (&o.rule, &o.key, o.start_ms, o.end_ms)
-                        == (&origin.rule, &origin.key, origin.start_ms, origin.end_ms)
+                    (&o.rule, &o.key, o.start_ms, o.end_ms, o.seq)
+                        == (&origin.rule, &origin.key, origin.start_ms, origin.end_ms, origin.seq)
                 })
             };
             let mut outputs = vec![first];
@@ -1758,7 +1770,8 @@ topic = "raw"
 
     /// The id a window's output travels with, computed here from its parts.
     fn window_id(rule: &str, key: &str, start_ms: u64, end_ms: u64) -> u64 {
-        WindowOrigin { rule: rule.into(), key: key.into(), start_ms, end_ms, index: 0 }.fingerprint()
+        WindowOrigin { rule: rule.into(), key: key.into(), start_ms, end_ms, index: 0, seq: None }
+            .fingerprint()
     }
 
     #[tokio::test(start_paused = true)]
@@ -1786,6 +1799,78 @@ topic = "raw"
         drop(stage.input);
         stage.stage.await.expect("stage");
         assert!(stage.out.recv().await.is_none());
+    }
+
+    /// What the relay must not refuse to a sensor under a full buffer is marked: a window's
+    /// output (nobody resends it) and any copy of a reading a stateful rule took in (its
+    /// resend would count again); a copy of a reading no stateful rule reads is not.
+    #[tokio::test(start_paused = true)]
+    async fn copies_no_sensor_would_resend_are_marked_for_the_dead_letters() {
+        let text = format!(
+            "{WINDOWED}[[rule]]\nname = \"other\"\nsql = 'SELECT * FROM \"x/+\"'\n[[rule.action]]\ntype = \"forward\"\n"
+        );
+        let mut stage = start(&text, 1_000_000);
+        stage.input.send(reading("a", 1.0, 1_000_100)).await.expect("send");
+        let copy = stage.out.recv().await.expect("the plain copy");
+        assert_eq!(
+            (copy.topic.as_str(), copy.dead_letter_if_refused),
+            ("raw", true),
+            "the window took it in"
+        );
+        stage.input.send(event("x/a", "{}")).await.expect("send");
+        let other = stage.out.recv().await.expect("the other rule's copy");
+        assert_eq!(
+            (other.topic.as_str(), other.dead_letter_if_refused),
+            ("x/a", false),
+            "its sensor resends it"
+        );
+        tokio::time::sleep(Duration::from_millis(10_000)).await;
+        let window = stage.out.recv().await.expect("a window output");
+        assert_eq!((window.topic.as_str(), window.dead_letter_if_refused), ("avg/a", true));
+        drop(stage.input);
+        stage.stage.await.expect("stage");
+    }
+
+    /// The late, ahead and eviction counters are in the metrics as soon as the reading that
+    /// moved them was taken, not only once a checkpoint is taken (this stage takes none).
+    #[tokio::test(start_paused = true)]
+    async fn window_counters_reach_the_metrics_with_the_reading_that_moved_them() {
+        let text = r#"
+[[rule]]
+name = "by_time"
+sql = 'SELECT topic(2) AS sensor, count(*) AS n FROM "s/+" GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)'
+event_time = "payload.ts"
+max_groups = 1
+[[rule.action]]
+type = "forward"
+topic = "n/${sensor}"
+[[rule]]
+name = "copy"
+sql = 'SELECT payload.ts AS ts FROM "s/+"'
+[[rule.action]]
+type = "forward"
+topic = "raw"
+"#;
+        let mut stage = start(text, 30_000);
+        // What `/metrics` and the status page read (the route stage sits below `http`).
+        let scrape = |metrics: &Metrics| {
+            let counters = metrics.counters().snapshot();
+            ["window_late", "window_groups_evicted"]
+                .map(|name| counters.iter().find(|(n, _)| *n == name).map(|(_, v)| *v).expect("a counter"))
+        };
+        // `a` opens a window; `b` evicts it (one group at most); `a` again, stamped in the
+        // window already closed, is late.
+        for (sensor, ts, expected) in [("a", 25_000, [0, 0]), ("b", 26_000, [0, 1]), ("a", 5_000, [1, 1])] {
+            let mut e = event(&format!("s/{sensor}"), &format!("{{\"ts\":{ts}}}"));
+            e.received_ms = 30_000;
+            stage.input.send(e).await.expect("send");
+            // The plain copy comes once the windowed rule has taken the reading (an evicted
+            // window's output may come before it).
+            while stage.out.recv().await.expect("the plain copy").topic != "raw" {}
+            assert_eq!(scrape(&stage.metrics), expected, "after {sensor} at {ts}");
+        }
+        drop(stage.input);
+        stage.stage.await.expect("stage");
     }
 
     /// A reading a window takes in has gone somewhere: only one no rule reads is unrouted.
@@ -2331,7 +2416,17 @@ topic = "pairs"
         assert_eq!(shown(&pair), r#"pairs {"v":3}"#);
         assert!(pair.ticket.is_some());
         assert_eq!(pair.received_ms, 4_000_002);
-        assert_eq!(pair.event_id, window_id("pairs", "[]", 4_000_001, 4_000_002));
+        // A count window's id also holds the closing's number in its rule (two pushes, then
+        // the closing: 2), so two windows of one group closed in one millisecond differ.
+        let origin = WindowOrigin {
+            rule: "pairs".into(),
+            key: "[]".into(),
+            start_ms: 4_000_001,
+            end_ms: 4_000_002,
+            index: 0,
+            seq: Some(2),
+        };
+        assert_eq!(pair.event_id, origin.fingerprint());
         drop(stage.input);
         stage.stage.await.expect("stage");
     }

@@ -308,6 +308,46 @@ pub fn buffered_events(data_dir: &Path) -> anyhow::Result<u64> {
     stats.get("events").and_then(Value::as_u64).with_context(|| format!("no `events` in {stats}"))
 }
 
+/// A rules file written for a test, in a temporary directory that lives as long as it does.
+pub struct RulesFile {
+    _dir: TempDir,
+    path: PathBuf,
+}
+
+impl RulesFile {
+    /// Writes `rules` (the rules file's TOML) to `rules.toml` in a new temporary directory.
+    pub fn write(rules: &str) -> anyhow::Result<RulesFile> {
+        let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+        let path = dir.path().join("rules.toml");
+        std::fs::write(&path, rules).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(RulesFile { _dir: dir, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The gateway config's line that names it: `rules = "<path>"`.
+    pub fn config_line(&self) -> String {
+        format!("rules = {:?}\n", self.path.display().to_string())
+    }
+}
+
+/// The letters in the gateway's durable dead-letter file (`dead-letters-upstream.jsonl`: the
+/// relay's poison events and the copies a full buffer refused that no sensor would resend),
+/// oldest first; none when the file does not exist yet. Fails on a line that is not JSON.
+pub fn upstream_dead_letters(data_dir: &Path) -> anyhow::Result<Vec<Value>> {
+    let path = data_dir.join("dead-letters-upstream.jsonl");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .map(|line| serde_json::from_str(line).with_context(|| format!("not a JSON letter: {line}")))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
 /// What a one-shot `outpost` command did.
 #[derive(Debug)]
 pub struct CommandOutcome {

@@ -29,6 +29,10 @@
 //!   what the gateway tells its service manager (READY, watchdog pings, STATUS).
 //! - [`tls`]: [`tls::Pki`], certificates made in the test with rcgen (CA, servers valid or
 //!   expired, clients by CN) as PEM files, and the `[broker.tls]` table that uses them.
+//! - [`windows`]: what the windowed-rule tests share: [`windows::Fleet`], raw 3.1.1 sensors
+//!   sending numbered readings one flow at a time (clean or persistent sessions, QoS 1 or 2,
+//!   resending as MQTT says), and [`windows::WindowCheck`], which checks that the windows
+//!   arriving upstream count every acknowledged reading exactly once.
 //! - [`raw`]: `outpost_sim::harness::raw`, re-exported: hand-encoded MQTT packets, for clients
 //!   that do what rumqttc will not.
 //!
@@ -47,6 +51,7 @@ pub mod mqtt;
 pub mod notify;
 pub mod tls;
 pub mod upstream;
+pub mod windows;
 
 pub use outpost_sim::harness::raw;
 pub use outpost_sim::harness::{in_ci, require_tool, wait_until};

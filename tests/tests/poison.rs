@@ -144,11 +144,7 @@ async fn topics_the_upstream_refuses_are_refused_at_ingest_per_protocol() {
 
 /// Reads the dead-letter file.
 fn dead_letters(data_dir: &std::path::Path) -> Vec<Value> {
-    match std::fs::read_to_string(data_dir.join("dead-letters-upstream.jsonl")) {
-        Ok(text) => text.lines().map(|l| serde_json::from_str(l).expect("a JSON letter")).collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => panic!("cannot read the dead letters: {e}"),
-    }
+    outpost_e2e::gateway::upstream_dead_letters(data_dir).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 fn assert_the_poison_letter(data_dir: &std::path::Path, topic: &str) {

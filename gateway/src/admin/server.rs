@@ -300,6 +300,7 @@ async fn import_chunk(
             received_ms: record.enqueued_ms,
             ticket: Some(queue.ticket()),
             props: record.props,
+            dead_letter_if_refused: false,
         };
         tokio::select! {
             sent = handles.relay_input.send(outbound) => sent.map_err(|_| STOPPING.to_owned())?,

@@ -153,6 +153,18 @@ pub const COUNTERS: &[Mapping] = &[
     m("topics_refused_levels", "outpost_publishes_refused_total", &[("reason", "topic_levels")], ""),
     m("topics_refused_length", "outpost_publishes_refused_total", &[("reason", "topic_length")], ""),
     m("rejected_full", "outpost_publishes_refused_total", &[("reason", "buffer_full")], ""),
+    m(
+        "buffer_full_dead_lettered",
+        "outpost_buffer_full_dead_lettered_total",
+        &[],
+        "Window outputs and copies of readings a stateful rule took in that the full buffer refused, written to the dead-letter file instead.",
+    ),
+    m(
+        "buffer_full_letters_failed",
+        "outpost_buffer_full_letters_failed_total",
+        &[],
+        "Of those, letters that could not be written (a window output lost, a reading's sensor told to resend).",
+    ),
     m("unrouted", "outpost_events_unrouted_total", &[], "Events no route or rule produced an output for."),
     m(
         "client_events",

@@ -53,7 +53,17 @@ const STAGE_ERRORS: &[(&str, &[&str])] = &[
             "rules_reload_failures",
         ],
     ),
-    ("buffer", &["commit_failures", "rejected_full", "dropped_overflow", "expired", "buffer_corrupt"]),
+    (
+        "buffer",
+        &[
+            "commit_failures",
+            "rejected_full",
+            "buffer_full_letters_failed",
+            "dropped_overflow",
+            "expired",
+            "buffer_corrupt",
+        ],
+    ),
     ("upstream", &["upstream_failures", "upstream_rejected", "upstream_poison"]),
     ("local", &["local_dropped", "shared_dropped", "sessions_evicted", "sessions_unsaved"]),
 ];

@@ -46,7 +46,8 @@
 //! # Layout
 //! The relay is policy only; [`crate::uplink`] holds the socket and the protocol session, and
 //! the relay task drives both. One job per file, each an `impl Relay` over the part it owns:
-//! - `admission.rs` — taking an `Outbound` in: capacity limits and the overflow policy.
+//! - `admission.rs` — taking an `Outbound` in: capacity limits and the overflow policy, and
+//!   the dead letters of refused copies no sensor would resend.
 //! - `commit.rs` — `Commits`: what is in memory, being written, on disk or to delete; when
 //!   to commit (window, group commit, retries) and what a commit's reply changes.
 //! - `lanes.rs` — the send side: per-priority `Lane`s, weighted round robin, rate limits,
@@ -163,6 +164,8 @@ pub struct Relay {
     pacing: Pacing,
     /// The poison rule's state (see the module docs).
     isolation: Isolation,
+    /// Refused copies no sensor would resend, on their way to the dead-letter file.
+    refused: admission::Refused,
     logs: Logs,
     /// Where `outpost tap` sees events accepted, sent, acknowledged, committed and dropped.
     tap: Tap,
@@ -189,6 +192,7 @@ impl Relay {
             commits: Commits::new(disk),
             conn: None,
             isolation: Isolation::default(),
+            refused: admission::Refused::default(),
             logs: Logs::default(),
             tap: Tap::new(metrics_for_tap),
         }

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::Relay;
+use crate::ack::Ticket;
 use crate::buffer::Key;
 use crate::buffer::worker::Worker;
 use crate::deadletter::DurableLetter;
@@ -28,8 +29,17 @@ use crate::watchdog::Heartbeat;
 /// How many input events are taken per wake-up, to amortise the loop's overhead.
 const ACCEPT_BATCH: usize = 256;
 
-/// Dead-letter writes awaiting their answer, by the blamed event's key.
-type Letters = Vec<(Key, oneshot::Receiver<Result<(), String>>)>;
+/// What a dead-letter write is for.
+#[derive(Debug)]
+enum Letter {
+    /// A blamed event, by its key in the buffer.
+    Poison(Key),
+    /// A copy the full buffer refused and no sensor would resend, with the ticket it holds.
+    Refused(Option<Ticket>),
+}
+
+/// Dead-letter writes awaiting their answer.
+type Letters = Vec<(Letter, oneshot::Receiver<Result<(), String>>)>;
 
 /// Runs the relay until its input closes and everything accepted is on disk or acknowledged
 /// (or `drain_grace` passed), then closes the upstream connection and stops the uplink.
@@ -59,7 +69,8 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
         work(&mut relay, &mut link, &worker, input_open, now);
         hand_letters(&mut relay, &dead_letters, &mut letters, now);
         relay.pacing.clear_elapsed(now);
-        if !input_open && done(&relay, grace_until, now) {
+        // A refused copy's ticket must not be released by stopping before its letter is written.
+        if !input_open && !relay.refused_pending() && done(&relay, grace_until, now) {
             break;
         }
         Metrics::set(&relay.metrics.gauges().buffered_events, relay.stored().events);
@@ -83,8 +94,11 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
                 }
             }
             Some(new) = links.recv() => connected(&mut link, &mut relay, new),
-            (key, result) = std::future::poll_fn(|cx| poll_letters(&mut letters, cx)), if !letters.is_empty() => {
-                relay.on_dead_lettered(key, result, Instant::now());
+            (letter, result) = std::future::poll_fn(|cx| poll_letters(&mut letters, cx)), if !letters.is_empty() => {
+                match letter {
+                    Letter::Poison(key) => relay.on_dead_lettered(key, result, Instant::now()),
+                    Letter::Refused(ticket) => relay.on_refused_lettered(ticket, result, Instant::now()),
+                }
             }
             received = input.recv(), if accept => match received {
                 Some(outbound) => accept_batch(&mut relay, &mut input, outbound),
@@ -125,7 +139,8 @@ fn work<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Hands the letters of newly blamed events to the dead-letter writer.
+/// Hands the letters of newly blamed events, and of refused copies no sensor would resend,
+/// to the dead-letter writer.
 fn hand_letters(
     relay: &mut Relay,
     dead_letters: &mpsc::Sender<DurableLetter>,
@@ -135,9 +150,27 @@ fn hand_letters(
     for (key, letter) in relay.take_poisoned() {
         let (written, answer) = oneshot::channel();
         match dead_letters.try_send(DurableLetter { letter, written }) {
-            Ok(()) => letters.push((key, answer)),
+            Ok(()) => letters.push((Letter::Poison(key), answer)),
             Err(_) => {
                 relay.on_dead_lettered(key, Err("the dead-letter writer is busy or stopped".to_owned()), now);
+            }
+        }
+    }
+    // A window's closing can refuse thousands at once: those beyond the writer's queue wait
+    // for room, which the answers to the letters queued (each wakes this loop) make.
+    while relay.has_refused() {
+        match dead_letters.try_reserve() {
+            Ok(permit) => {
+                let Some((letter, ticket)) = relay.next_refused() else { break };
+                let (written, answer) = oneshot::channel();
+                permit.send(DurableLetter { letter, written });
+                letters.push((Letter::Refused(ticket), answer));
+            }
+            Err(mpsc::error::TrySendError::Full(())) => break,
+            Err(mpsc::error::TrySendError::Closed(())) => {
+                while let Some((_, ticket)) = relay.next_refused() {
+                    relay.on_refused_lettered(ticket, Err("the dead-letter writer stopped".to_owned()), now);
+                }
             }
         }
     }
@@ -214,12 +247,12 @@ fn lose<S: AsyncRead + AsyncWrite + Unpin>(
 }
 
 /// The first dead-letter write that finished, if any.
-fn poll_letters(pending: &mut Letters, cx: &mut Context<'_>) -> Poll<(Key, Result<(), String>)> {
+fn poll_letters(pending: &mut Letters, cx: &mut Context<'_>) -> Poll<(Letter, Result<(), String>)> {
     for i in 0..pending.len() {
         if let Poll::Ready(result) = Pin::new(&mut pending[i].1).poll(cx) {
-            let (key, _) = pending.swap_remove(i);
+            let (letter, _) = pending.swap_remove(i);
             return Poll::Ready((
-                key,
+                letter,
                 result.unwrap_or_else(|_| Err("the dead-letter writer stopped".to_owned())),
             ));
         }

@@ -636,6 +636,7 @@ fn accept_with_props(
             received_ms: 0,
             ticket: Some(h.sensor.ticket()),
             props,
+            dead_letter_if_refused: false,
         },
         h.clock,
     );
@@ -812,6 +813,7 @@ fn output_waiting_for_the_socket_is_bounded_for_qos0() {
                         received_ms: 0,
                         ticket: None,
                         props: None,
+                        dead_letter_if_refused: false,
                     },
                     h.clock,
                 );
@@ -1001,5 +1003,67 @@ fn closes_before_the_pingresp_blame_nothing() {
         assert_eq!(h.relay.isolation.strikes, None);
         h.drain().await;
         assert_eq!(h.acked.len(), 1);
+    });
+}
+
+/// Under `reject_new`, a full buffer refuses a sensor's event by refusing its ticket, but a
+/// copy no sensor would resend (a window's output) goes to the dead-letter writer, its ticket
+/// held until the letter's answer: released (safe) once written, refused if the write failed.
+#[test]
+fn a_refused_copy_no_sensor_resends_waits_for_its_dead_letter() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        h.relay.settings.overflow = OverflowPolicy::RejectNew;
+        h.relay.settings.max_events = 1;
+        accept_with(&mut h, 5, None);
+        let windows = AckQueue::new();
+        let outcomes = |q: &AckQueue| {
+            let mut out = Vec::new();
+            q.take_ready(&mut out);
+            out
+        };
+        let output = |id: u64, dead_letter_if_refused: bool| Outbound {
+            event_id: id,
+            topic: format!("avg/{id}"),
+            payload: bytes::Bytes::from(format!("{{\"n\":{id}}}")),
+            qos: 1,
+            priority: 5,
+            expires_ms: None,
+            received_ms: 0,
+            ticket: Some(windows.ticket()),
+            props: None,
+            dead_letter_if_refused,
+        };
+        let metrics = h.relay.metrics.clone();
+        let c = metrics.counters();
+        // A sensor's own event: refused at once, the sensor is told.
+        h.relay.accept(output(100, false), h.clock);
+        assert_eq!(outcomes(&windows), vec![Outcome::Rejected]);
+        assert_eq!(Metrics::get(&c.rejected_full), 1);
+        assert!(!h.relay.refused_pending());
+        // Window outputs: held, each with its letter.
+        h.relay.accept(output(101, true), h.clock);
+        h.relay.accept(output(102, true), h.clock);
+        assert!(outcomes(&windows).is_empty(), "held until their letters are answered");
+        assert_eq!(Metrics::get(&c.rejected_full), 1, "no sensor was refused");
+        let (letter, written) = h.relay.next_refused().expect("the first letter");
+        assert_eq!(
+            (letter.event_id, letter.topic.as_str(), letter.reason.as_str(), &letter.payload[..]),
+            (101, "avg/101", "buffer_full", &b"{\"n\":101}"[..])
+        );
+        let (second, failed) = h.relay.next_refused().expect("the second letter");
+        assert_eq!(second.event_id, 102);
+        assert!(h.relay.next_refused().is_none());
+        assert!(h.relay.refused_pending(), "two letters being written");
+        h.relay.on_refused_lettered(written, Ok(()), h.clock);
+        assert_eq!(outcomes(&windows), vec![Outcome::Safe], "written: safe");
+        h.relay.on_refused_lettered(failed, Err("disk full".to_owned()), h.clock);
+        assert_eq!(outcomes(&windows), vec![Outcome::Rejected], "not written: refused, not safe");
+        assert!(!h.relay.refused_pending());
+        assert_eq!(
+            (Metrics::get(&c.buffer_full_dead_lettered), Metrics::get(&c.buffer_full_letters_failed)),
+            (1, 1)
+        );
     });
 }

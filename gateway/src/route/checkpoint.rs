@@ -303,9 +303,11 @@ impl Checkpointer {
     fn refresh(&mut self) {
         let mut done = Vec::new();
         self.outputs.take_ready(&mut done);
-        // A refused output (`reject_new` on a full buffer) is not safe upstream; it is
-        // counted by the relay, and the window's readings are in no later snapshot either
-        // way, so waiting longer would not bring it back.
+        // An output the full buffer refused (`reject_new`) comes back safe once the relay has
+        // written it to the dead-letter file; `Rejected` means that write failed too (the
+        // relay counted it, `buffer_full_letters_failed`, and logged it): the output is lost,
+        // and as the window's readings are in no later snapshot, waiting would not bring
+        // it back.
         self.safe += done.iter().filter(|o| matches!(o, Outcome::Safe | Outcome::Rejected)).count() as u64;
     }
 

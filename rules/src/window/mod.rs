@@ -125,6 +125,14 @@ pub struct Closed {
     pub values: Vec<Value>,
     /// Closed before its end because its group was evicted.
     pub early: bool,
+    /// For windows that close on an event (count, sliding): the rule's sequence number of
+    /// that closing, which tells apart two windows of one group closed in the same
+    /// millisecond (same bounds); part of their outputs' id. `None` for windows the clock
+    /// closes, whose bounds alone name them. Not encoded with the closing: [`Windows::release`]
+    /// sets it from the held closing's own sequence number, which the state keeps, so a
+    /// closing given again after a restore has the same.
+    #[serde(skip)]
+    pub seq: Option<u64>,
 }
 
 /// What happened to a pushed event.
@@ -320,13 +328,14 @@ impl Windows {
     pub fn release(&mut self, mark: u64) -> Vec<Closed> {
         let mut out = Vec::new();
         let changes = &mut self.changes;
+        let spec = self.plan.spec;
         self.groups.retain(|key, group| {
             if group.due.first().is_none_or(|d| d.seq >= mark) {
                 return true;
             }
             // Held in order of their sequence numbers.
             let at = group.due.partition_point(|d| d.seq < mark);
-            out.extend(group.due.drain(..at).map(|d| d.closed));
+            out.extend(group.due.drain(..at).map(|d| d.given(spec)));
             if group.due.is_empty() && !group.is_open() {
                 changes.removed(|| key.clone());
                 return false;
@@ -346,13 +355,20 @@ impl Windows {
 
     /// In hold mode, moves the closings an event made (`out[first_out..]`) into the state,
     /// each into its own group's held list (made again, with nothing open, if it was
-    /// removed or evicted).
+    /// removed or evicted). Without hold mode, numbers them the same way instead ([`Closed::seq`]), so a closing
+    /// has the same id whether it was held or not.
     fn hold_closed(&mut self, out: &mut Vec<Closed>, first_out: usize) {
-        if !self.hold.0 || out.len() <= first_out {
+        if out.len() <= first_out {
             return;
         }
         let seq = self.next_seq;
         self.next_seq += 1;
+        if !self.hold.0 {
+            if closes_on_events(self.plan.spec) {
+                out[first_out..].iter_mut().for_each(|closed| closed.seq = Some(seq));
+            }
+            return;
+        }
         for closed in out.drain(first_out..) {
             let key = closed.key.clone();
             let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
@@ -657,7 +673,7 @@ impl Windows {
         let mut out = Vec::new();
         let plan = &self.plan;
         for (key, group) in self.groups.drain() {
-            out.extend(group.due.into_iter().map(|d| d.closed));
+            out.extend(group.due.into_iter().map(|d| d.given(plan.spec)));
             if let GroupState::Open(instances) = group.state {
                 for instance in instances {
                     let at = close_time(plan.spec, &instance).unwrap_or(instance.last);
@@ -685,17 +701,23 @@ impl Windows {
         else {
             return;
         };
-        if let Some(group) = self.groups.remove(&oldest) {
-            self.counters.groups_evicted += 1;
-            // Given again and held again (the caller is in hold mode: they are its).
-            out.extend(group.due.into_iter().map(|d| d.closed));
-            if let GroupState::Open(instances) = group.state {
-                for instance in instances {
-                    let at = close_time(self.plan.spec, &instance).unwrap_or(instance.last);
-                    out.push(instance.close(&self.plan, &oldest, at, true));
-                }
+        let Some(group) = self.groups.get_mut(&oldest) else { return };
+        self.counters.groups_evicted += 1;
+        if let GroupState::Open(instances) = std::mem::replace(&mut group.state, empty_state(self.plan.spec))
+        {
+            for instance in instances {
+                let at = close_time(self.plan.spec, &instance).unwrap_or(instance.last);
+                out.push(instance.close(&self.plan, &oldest, at, true));
             }
+        }
+        // Its held closings stay held where they are, under their own sequence numbers: the
+        // ids of windows that close on events derive from them ([`Closed::seq`]), and one
+        // released before a crash must be given again after it with the same.
+        if group.due.is_empty() {
+            self.groups.remove(&oldest);
             self.changes.removed(|| oldest);
+        } else {
+            group.touch(&oldest, &mut self.changes);
         }
     }
 
@@ -740,6 +762,20 @@ fn same_windows(a: &WindowPlan, b: &WindowPlan) -> bool {
         TimeBasis::Event { field, .. } => Some(field.clone()),
     };
     a.spec == b.spec && a.aggs == b.aggs && field(&a.time) == field(&b.time)
+}
+
+impl Due {
+    /// The held closing as it is given out, released or flushed: numbered by its own
+    /// sequence number ([`Closed::seq`]), so it has the same id either way.
+    fn given(self, spec: WindowSpec) -> Closed {
+        Closed { seq: closes_on_events(spec).then_some(self.seq), ..self.closed }
+    }
+}
+
+/// Whether the windows of `spec` close on an event rather than on the clock: two of one
+/// group can then have the same bounds (a burst within one millisecond).
+fn closes_on_events(spec: WindowSpec) -> bool {
+    matches!(spec, WindowSpec::Count { .. } | WindowSpec::Sliding { .. })
 }
 
 /// A new group's state, nothing open yet.
@@ -931,6 +967,7 @@ impl Instance {
             events: self.events,
             values: self.states.iter().zip(&plan.aggs).map(|(s, k)| s.value(k)).collect(),
             early,
+            seq: None,
         }
     }
 }
@@ -955,6 +992,7 @@ fn fold_kept(
         events: events.len() as u64,
         values: states.iter().zip(&plan.aggs).map(|(s, k)| s.value(k)).collect(),
         early: false,
+        seq: None,
     }
 }
 

@@ -331,6 +331,8 @@ pub struct WindowOrigin {
     pub start_ms: u64,
     pub end_ms: u64,
     pub index: u32,
+    /// [`Closed::seq`]: tells apart windows of one group an event closed with equal bounds.
+    pub seq: Option<u64>,
 }
 
 impl WindowOrigin {
@@ -353,6 +355,10 @@ impl WindowOrigin {
         feed(&self.start_ms.to_le_bytes());
         feed(&self.end_ms.to_le_bytes());
         feed(&self.index.to_le_bytes());
+        // Only when there is one, so the ids of windows the clock closes stay what they were.
+        if let Some(seq) = self.seq {
+            feed(&seq.to_le_bytes());
+        }
         hash
     }
 }
@@ -564,6 +570,7 @@ impl RuleSet {
             start_ms: closed.start_ms,
             end_ms: closed.end_ms,
             index: 0,
+            seq: closed.seq,
         };
         let mut row = Value::Object(Vec::new());
         if let Ok(Value::Array(keys)) = Value::from_json(closed.key.as_bytes()) {

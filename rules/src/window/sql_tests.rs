@@ -481,9 +481,61 @@ fn outputs_name_their_window_the_same_across_a_restore() {
     let flushed = rules.flush_rule_windows_marked(&mut restored, "w");
     assert!(flushed.is_empty());
     // A fixed value: the fingerprint must not change between builds.
-    let fixed =
-        crate::window::WindowOrigin { rule: "r".into(), key: "[]".into(), start_ms: 0, end_ms: 1, index: 0 };
+    let fixed = crate::window::WindowOrigin {
+        rule: "r".into(),
+        key: "[]".into(),
+        start_ms: 0,
+        end_ms: 1,
+        index: 0,
+        seq: None,
+    };
     expect!["2940f920486b04c5"].assert_eq(&format!("{:016x}", fixed.fingerprint()));
+}
+
+/// Two count windows of one group closed in the same millisecond have the same bounds; their
+/// outputs still get different ids, with or without hold mode, and a held one keeps its id
+/// across a snapshot and restore.
+#[test]
+fn count_windows_with_equal_bounds_have_their_own_ids() {
+    let toml =
+        rule("SELECT topic(2) AS sensor, sum(payload.v) AS s FROM \"s/+\" GROUP BY topic(2), COUNTWINDOW(2)");
+    let rules = RuleSet::compile(&toml, &TableSources::new()).unwrap();
+    const READINGS: [&str; 4] = [r#"{"v":1}"#, r#"{"v":2}"#, r#"{"v":3}"#, r#"{"v":4}"#];
+    let event = |payload: &'static str| EventContext {
+        timestamp_ms: 12_345,
+        ..EventContext::new("s/a", payload.as_bytes())
+    };
+    let ids = |marked: &[crate::window::Marked]| -> Vec<u64> {
+        marked.iter().map(|(_, o)| o.as_ref().expect("a window's output").fingerprint()).collect()
+    };
+    let mut state = rules.window_state();
+    let mut closed = Vec::new();
+    for payload in READINGS {
+        closed.extend(rules.evaluate_windowed_marked(&event(payload), &mut state));
+    }
+    let plain = ids(&closed);
+    assert_eq!(plain.len(), 2, "{closed:?}");
+    assert_ne!(plain[0], plain[1], "two windows, two ids: {closed:?}");
+
+    let mut held = rules.window_state();
+    held.hold_event_closings();
+    for payload in READINGS {
+        let out = rules.evaluate_windowed_marked(&event(payload), &mut held);
+        assert!(out.is_empty(), "held: {out:?}");
+    }
+    let marks = held.due_marks();
+    let bytes = held.snapshot(&rules);
+    let released = rules.release_windows_marked(&mut held, &marks);
+    let first = ids(&released);
+    assert_eq!(first.len(), 2, "{released:?}");
+    assert_ne!(first[0], first[1], "held: two windows, two ids: {released:?}");
+    let (mut restored, _) = crate::window::WindowState::restore(&rules, &bytes).unwrap();
+    let again = rules.release_windows_marked(&mut restored, &marks);
+    assert_eq!(again, released, "the same closings, the same origins after a restore");
+    // Flushed instead of released (a reload of the rule, a stop): the same ids too.
+    let (mut restored, _) = crate::window::WindowState::restore(&rules, &bytes).unwrap();
+    let flushed = rules.flush_rule_windows_marked(&mut restored, "w");
+    assert_eq!(flushed, released, "flushed held closings keep their ids");
 }
 
 fn event_time_rule(sql: &str, options: &str) -> String {
