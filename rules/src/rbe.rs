@@ -163,9 +163,21 @@ impl RbeState {
         }
     }
 
+    /// This state under a reloaded rule whose calls are unchanged: the rule's limit now is
+    /// `fresh`'s (a lowered one applies from the next new entry on, as for windows).
+    pub(crate) fn with_limit_of(mut self, fresh: &RbeState) -> RbeState {
+        self.max_groups = fresh.max_groups;
+        self
+    }
+
     #[cfg(test)]
     pub(crate) fn changes(&self) -> &Changes<(usize, String)> {
         &self.changes
+    }
+
+    #[cfg(test)]
+    pub(crate) fn max_groups(&self) -> usize {
+        self.max_groups
     }
 
     #[cfg(test)]

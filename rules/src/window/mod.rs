@@ -34,6 +34,7 @@
 //!   `window::tests` checks that the released closings are exactly those given at once.
 
 mod agg;
+mod codec;
 mod delta;
 mod marks;
 mod run;
@@ -55,6 +56,7 @@ use serde::{Deserialize, Serialize};
 
 use agg::AggState;
 pub use agg::{AggKind, DEFAULT_COLLECT_CAP, MAX_COLLECT_CAP, SKETCH_MAX_BUCKETS, SKETCH_RELATIVE_ACCURACY};
+use codec::{Reader, Writer};
 pub(crate) use delta::Changes;
 pub use spec::{MAX_OVERLAP, MAX_RETAINED, WindowSpec};
 
@@ -150,8 +152,10 @@ pub struct WindowCounters {
     pub retained_dropped: u64,
 }
 
-/// The state of one windowed rule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The state of one windowed rule. Written in format 2 (`codec`); `Deserialize` reads
+/// format 1.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 pub struct Windows {
     plan: WindowPlan,
     groups: FxHashMap<String, Group>,
@@ -194,13 +198,15 @@ impl PartialEq for Hold {
 
 /// A window an event closed while closings are held: its output, computed at the event,
 /// and the sequence number (`Windows::next_seq`) it was held at.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Due {
     seq: u64,
     closed: Closed,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Group {
     seq: u64,
     state: GroupState,
@@ -209,8 +215,7 @@ struct Group {
     /// Absent from snapshots written before held closings existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     due: Vec<Due>,
-    /// Changed since the last delta, and so listed in [`Changes::changed`] (once: listing
-    /// is what costs a key's clone, and it happens once per group per delta).
+    /// Changed since the last delta: the next delta holds it (`delta`'s scan).
     #[serde(skip)]
     dirty: bool,
 }
@@ -231,18 +236,14 @@ impl Group {
         }
     }
 
-    /// Notes that the group `key` changed since the last delta.
-    fn touch(&mut self, key: &str, changes: &mut Changes<String>) {
-        if !self.dirty {
-            self.dirty = true;
-            if !changes.whole {
-                changes.changed.push(key.to_owned());
-            }
-        }
+    /// Notes that the group changed since the last delta.
+    fn touch(&mut self) {
+        self.dirty = true;
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 enum GroupState {
     /// Tumbling (at most one), hopping (at most size / hop), session (at most one), and
     /// disjoint count windows (one): running aggregates.
@@ -252,7 +253,8 @@ enum GroupState {
     Kept { events: VecDeque<(u64, Vec<Value>)>, since_emit: u64 },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Instance {
     start: u64,
     /// Time windows: the end (exclusive). Sessions: the maximum end. Count: unused.
@@ -268,15 +270,17 @@ struct Instance {
 pub enum SnapshotError {
     #[error("window snapshot unreadable: {0}")]
     Decode(String),
-    #[error("window snapshot is of format version {0}, this build reads {SNAPSHOT_VERSION}")]
+    #[error("window snapshot is of format version {0}, this build reads versions 1 and 2")]
     Version(u32),
     #[error("the rule's window or aggregates changed since the snapshot; its open windows are not restored")]
     PlanChanged,
 }
 
-const SNAPSHOT_VERSION: u32 = 1;
+/// Format 1's version of a rule's snapshot (`{"version": 1, "windows": …}`), read only.
+const SNAPSHOT_VERSION_1: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Snapshot<W> {
     version: u32,
     windows: W,
@@ -331,7 +335,7 @@ impl Windows {
                 changes.removed(|| key.clone());
                 return false;
             }
-            group.touch(key, changes);
+            group.touch();
             true
         });
         self.changes.bound(self.groups.len());
@@ -354,17 +358,26 @@ impl Windows {
         let seq = self.next_seq;
         self.next_seq += 1;
         for closed in out.drain(first_out..) {
-            let key = closed.key.clone();
-            let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
+            let group = self.groups.entry(closed.key.clone()).or_insert_with(|| Group {
                 seq: 0,
                 state: empty_state(self.plan.spec),
                 due: Vec::new(),
                 dirty: false,
             });
             group.due.push(Due { seq, closed });
-            group.touch(&key, &mut self.changes);
+            group.touch();
         }
         self.changes.bound(self.groups.len());
+    }
+
+    /// The inputs kept by sliding and overlapping count windows (for tests).
+    #[cfg(test)]
+    pub(crate) fn kept_inputs(&self) -> Vec<&Value> {
+        let kept = self.groups.values().filter_map(|g| match &g.state {
+            GroupState::Kept { events, .. } => Some(events),
+            GroupState::Open(_) => None,
+        });
+        kept.flat_map(|events| events.iter().flat_map(|(_, inputs)| inputs)).collect()
     }
 
     pub fn plan(&self) -> &WindowPlan {
@@ -458,12 +471,7 @@ impl Windows {
                     &mut self.deadline,
                 ) {
                     *group_seq = seq;
-                    if !*dirty {
-                        *dirty = true;
-                        if !self.changes.whole {
-                            self.changes.changed.push(key.to_owned());
-                        }
-                    }
+                    *dirty = true;
                     self.next_seq += 1;
                     Pushed::Accepted
                 } else {
@@ -521,7 +529,7 @@ impl Windows {
         self.ensure_group(key, seq, out);
         let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
         group.seq = seq;
-        group.touch(key, &mut self.changes);
+        group.touch();
         let plan = &self.plan;
         let mut deadline = self.deadline;
         let first_out = out.len();
@@ -643,7 +651,7 @@ impl Windows {
             if !keep {
                 changes.removed(|| key.clone());
             } else if after != before {
-                group.touch(key, changes);
+                group.touch();
             }
             keep
         });
@@ -699,24 +707,46 @@ impl Windows {
         }
     }
 
-    /// The whole state as CBOR, to be written where it survives a crash.
+    /// The whole state as CBOR (`[format, windows]`, `codec`), to be written where it
+    /// survives a crash.
     pub fn snapshot(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.array(2);
+        w.uint(codec::FORMAT);
+        self.encode(&mut w);
+        w.bytes
+    }
+
+    /// The state a [`Windows::snapshot`] held (either format), for a rule that still has
+    /// `plan`. A changed plan (the rule was edited) is refused: the caller starts that rule
+    /// empty.
+    pub fn restore(plan: &WindowPlan, bytes: &[u8]) -> Result<Windows, SnapshotError> {
+        Windows::decode_snapshot(bytes)?.fitted(plan)
+    }
+
+    /// The state as format 1 wrote it (serde's CBOR maps), for tests of reading it.
+    #[cfg(test)]
+    pub(crate) fn snapshot_format_1(&self) -> Vec<u8> {
         let mut bytes = Vec::new();
-        // Writing into a Vec fails only on a serializer bug; an empty snapshot would then
-        // fail to restore and say so.
-        let _ = ciborium::into_writer(&Snapshot { version: SNAPSHOT_VERSION, windows: self }, &mut bytes);
+        ciborium::into_writer(&Snapshot { version: SNAPSHOT_VERSION_1, windows: self }, &mut bytes)
+            .expect("format 1 encodes");
         bytes
     }
 
-    /// The state a [`Windows::snapshot`] held, for a rule that still has `plan`. A changed
-    /// plan (the rule was edited) is refused: the caller starts that rule empty.
-    pub fn restore(plan: &WindowPlan, bytes: &[u8]) -> Result<Windows, SnapshotError> {
-        let snapshot: Snapshot<Windows> =
-            ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-        if snapshot.version != SNAPSHOT_VERSION {
-            return Err(SnapshotError::Version(snapshot.version));
+    fn decode_snapshot(bytes: &[u8]) -> Result<Windows, SnapshotError> {
+        if codec::is_format_1(bytes) {
+            let snapshot: Snapshot<Windows> =
+                ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+            if snapshot.version != SNAPSHOT_VERSION_1 {
+                return Err(SnapshotError::Version(snapshot.version));
+            }
+            return Ok(snapshot.windows);
         }
-        snapshot.windows.fitted(plan)
+        let mut r = Reader::new(bytes);
+        r.record(2)?;
+        let windows = Windows::decode(&mut r)?;
+        r.end()?;
+        Ok(windows)
     }
 
     /// These windows for a rule that now has `plan`, if it still computes the same windows.
