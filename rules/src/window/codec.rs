@@ -52,17 +52,17 @@ const UNDEFINED: u8 = 0xf7;
 const FLOAT64: u8 = 0xfb;
 
 /// Whether `bytes` is a format 1 record (a CBOR map) rather than a format 2 one.
-pub(super) fn is_format_1(bytes: &[u8]) -> bool {
+pub(crate) fn is_format_1(bytes: &[u8]) -> bool {
     bytes.first().is_some_and(|b| b >> 5 == MAP)
 }
 
 /// Appends CBOR items to a buffer.
-pub(super) struct Writer {
-    pub(super) bytes: Vec<u8>,
+pub(crate) struct Writer {
+    pub(crate) bytes: Vec<u8>,
 }
 
 impl Writer {
-    pub(super) fn new() -> Writer {
+    pub(crate) fn new() -> Writer {
         Writer { bytes: Vec::new() }
     }
 
@@ -84,15 +84,15 @@ impl Writer {
         }
     }
 
-    pub(super) fn array(&mut self, len: usize) {
+    pub(crate) fn array(&mut self, len: usize) {
         self.head(ARRAY, len as u64);
     }
 
-    pub(super) fn uint(&mut self, n: u64) {
+    pub(crate) fn uint(&mut self, n: u64) {
         self.head(UINT, n);
     }
 
-    pub(super) fn int(&mut self, i: i64) {
+    pub(crate) fn int(&mut self, i: i64) {
         if i >= 0 {
             self.head(UINT, i as u64);
         } else {
@@ -101,30 +101,30 @@ impl Writer {
         }
     }
 
-    pub(super) fn float(&mut self, f: f64) {
+    pub(crate) fn float(&mut self, f: f64) {
         self.bytes.push(FLOAT64);
         self.bytes.extend_from_slice(&f.to_bits().to_be_bytes());
     }
 
-    pub(super) fn bool(&mut self, b: bool) {
+    pub(crate) fn bool(&mut self, b: bool) {
         self.bytes.push(if b { TRUE } else { FALSE });
     }
 
-    pub(super) fn null(&mut self) {
+    pub(crate) fn null(&mut self) {
         self.bytes.push(NULL);
     }
 
-    pub(super) fn bytes(&mut self, b: &[u8]) {
+    pub(crate) fn bytes(&mut self, b: &[u8]) {
         self.head(BYTES, b.len() as u64);
         self.bytes.extend_from_slice(b);
     }
 
-    pub(super) fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         self.head(TEXT, s.len() as u64);
         self.bytes.extend_from_slice(s.as_bytes());
     }
 
-    pub(super) fn value(&mut self, value: &Value) {
+    pub(crate) fn value(&mut self, value: &Value) {
         match value {
             Value::Null => self.bytes.push(UNDEFINED),
             Value::JsonNull => self.bytes.push(NULL),
@@ -144,7 +144,7 @@ impl Writer {
         }
     }
 
-    pub(super) fn values(&mut self, values: &[Value]) {
+    pub(crate) fn values(&mut self, values: &[Value]) {
         self.array(values.len());
         for value in values {
             self.value(value);
@@ -152,14 +152,14 @@ impl Writer {
     }
 
     /// Something that stays on serde (its CBOR, as ciborium writes it).
-    pub(super) fn serde<T: Serialize + ?Sized>(&mut self, item: &T) {
+    pub(crate) fn serde<T: Serialize + ?Sized>(&mut self, item: &T) {
         // Writing into a Vec fails only on a serializer bug; the reader then says so.
         let _ = ciborium::into_writer(item, &mut self.bytes);
     }
 }
 
 /// Reads CBOR items from a record, in order.
-pub(super) struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
 }
@@ -169,12 +169,12 @@ fn error(what: impl std::fmt::Display) -> SnapshotError {
 }
 
 impl<'a> Reader<'a> {
-    pub(super) fn new(bytes: &'a [u8]) -> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Reader<'a> {
         Reader { bytes, at: 0 }
     }
 
     /// The whole record read: trailing bytes are refused.
-    pub(super) fn end(&self) -> Result<(), SnapshotError> {
+    pub(crate) fn end(&self) -> Result<(), SnapshotError> {
         if self.at == self.bytes.len() {
             Ok(())
         } else {
@@ -217,7 +217,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A record's head: an array of `len` items, the first the format version.
-    pub(super) fn record(&mut self, len: usize) -> Result<(), SnapshotError> {
+    pub(crate) fn record(&mut self, len: usize) -> Result<(), SnapshotError> {
         let n = self.array()?;
         let version = self.uint()?;
         if version != FORMAT {
@@ -231,7 +231,7 @@ impl<'a> Reader<'a> {
 
     /// A definite-length array's length; at most the bytes left (an item takes one at
     /// least), so a caller may reserve it.
-    pub(super) fn array(&mut self) -> Result<usize, SnapshotError> {
+    pub(crate) fn array(&mut self) -> Result<usize, SnapshotError> {
         match self.head()? {
             (ARRAY, Some(n)) if n <= (self.bytes.len() - self.at) as u64 => Ok(n as usize),
             (ARRAY, _) => Err(error("array longer than the record")),
@@ -240,19 +240,19 @@ impl<'a> Reader<'a> {
     }
 
     /// An array of exactly `len` items (a record's fixed fields).
-    pub(super) fn fields(&mut self, len: usize, what: &str) -> Result<(), SnapshotError> {
+    pub(crate) fn fields(&mut self, len: usize, what: &str) -> Result<(), SnapshotError> {
         let n = self.array()?;
         if n == len { Ok(()) } else { Err(error(format!("{what}: {n} fields, expected {len}"))) }
     }
 
-    pub(super) fn uint(&mut self) -> Result<u64, SnapshotError> {
+    pub(crate) fn uint(&mut self) -> Result<u64, SnapshotError> {
         match self.head()? {
             (UINT, Some(n)) => Ok(n),
             (major, _) => Err(error(format!("expected an unsigned integer, found major type {major}"))),
         }
     }
 
-    pub(super) fn int(&mut self) -> Result<i64, SnapshotError> {
+    pub(crate) fn int(&mut self) -> Result<i64, SnapshotError> {
         match self.head()? {
             (UINT, Some(n)) => i64::try_from(n).map_err(error),
             (NINT, Some(n)) => i64::try_from(n).map(|n| -1 - n).map_err(error),
@@ -260,14 +260,14 @@ impl<'a> Reader<'a> {
         }
     }
 
-    pub(super) fn float(&mut self) -> Result<f64, SnapshotError> {
+    pub(crate) fn float(&mut self) -> Result<f64, SnapshotError> {
         match self.byte()? {
             FLOAT64 => Ok(f64::from_bits(u64::from_be_bytes(self.take(8)?.try_into().map_err(error)?))),
             other => Err(error(format!("expected a float, found 0x{other:02x}"))),
         }
     }
 
-    pub(super) fn bool(&mut self) -> Result<bool, SnapshotError> {
+    pub(crate) fn bool(&mut self) -> Result<bool, SnapshotError> {
         match self.byte()? {
             FALSE => Ok(false),
             TRUE => Ok(true),
@@ -276,7 +276,7 @@ impl<'a> Reader<'a> {
     }
 
     /// A CBOR null is next (and is passed over).
-    pub(super) fn null(&mut self) -> bool {
+    pub(crate) fn null(&mut self) -> bool {
         let null = self.peek() == Some(NULL);
         if null {
             self.at += 1;
@@ -284,14 +284,14 @@ impl<'a> Reader<'a> {
         null
     }
 
-    pub(super) fn byte_string(&mut self) -> Result<Vec<u8>, SnapshotError> {
+    pub(crate) fn byte_string(&mut self) -> Result<Vec<u8>, SnapshotError> {
         match self.head()? {
             (BYTES, Some(n)) => self.take(n).map(<[u8]>::to_vec),
             (major, _) => Err(error(format!("expected bytes, found major type {major}"))),
         }
     }
 
-    pub(super) fn string(&mut self) -> Result<String, SnapshotError> {
+    pub(crate) fn string(&mut self) -> Result<String, SnapshotError> {
         match self.head()? {
             (TEXT, Some(n)) => {
                 let bytes = self.take(n)?;
@@ -301,7 +301,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    pub(super) fn value(&mut self) -> Result<Value, SnapshotError> {
+    pub(crate) fn value(&mut self) -> Result<Value, SnapshotError> {
         self.value_at(0)
     }
 
@@ -352,7 +352,7 @@ impl<'a> Reader<'a> {
         }
     }
 
-    pub(super) fn values(&mut self) -> Result<Vec<Value>, SnapshotError> {
+    pub(crate) fn values(&mut self) -> Result<Vec<Value>, SnapshotError> {
         let n = self.array()?;
         let mut values = Vec::with_capacity(n);
         for _ in 0..n {
@@ -406,7 +406,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Something written through serde ([`Writer::serde`]).
-    pub(super) fn serde<T: DeserializeOwned>(&mut self) -> Result<T, SnapshotError> {
+    pub(crate) fn serde<T: DeserializeOwned>(&mut self) -> Result<T, SnapshotError> {
         let bytes = self.skip(0)?;
         ciborium::from_reader(bytes).map_err(error)
     }

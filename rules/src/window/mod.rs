@@ -34,7 +34,7 @@
 //!   `window::tests` checks that the released closings are exactly those given at once.
 
 mod agg;
-mod codec;
+pub(crate) mod codec;
 mod delta;
 mod marks;
 mod run;
