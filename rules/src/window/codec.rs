@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use std::collections::VecDeque;
 
 use super::agg::AggState;
-use super::{Closed, Due, Group, GroupState, Instance, SnapshotError, WindowCounters, Windows};
+use super::{Closed, Due, Group, GroupState, Instance, Kept, SnapshotError, WindowCounters, Windows};
 use crate::value::Value;
 
 /// The format this build writes.
@@ -444,7 +444,7 @@ impl Windows {
         windows.groups.reserve(n);
         for _ in 0..n {
             let (key, group) = Group::decode(r)?;
-            windows.groups.insert(key, group);
+            windows.groups.insert(key.into_boxed_str(), group);
         }
         Ok(windows)
     }
@@ -495,11 +495,11 @@ impl Group {
                     }
                 }
             }
-            GroupState::Kept { events, since_emit } => {
-                w.array(2 + events.len());
+            GroupState::Kept(kept) => {
+                w.array(2 + kept.events.len());
                 w.uint(KEPT);
-                w.uint(*since_emit);
-                for (at, inputs) in events {
+                w.uint(kept.since_emit);
+                for (at, inputs) in &kept.events {
                     // `[time, input…]`
                     w.array(1 + inputs.len());
                     w.uint(*at);
@@ -563,7 +563,7 @@ impl Group {
                     }
                     events.push_back((at, inputs));
                 }
-                GroupState::Kept { events, since_emit }
+                GroupState::Kept(Box::new(Kept { events, since_emit }))
             }
             (_, other) => return Err(SnapshotError::Decode(format!("a group state of kind {other}"))),
         };

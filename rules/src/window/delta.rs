@@ -194,7 +194,7 @@ impl Windows {
             }
         }
         let groups = &self.groups;
-        let removed: Vec<&String> = removed.iter().filter(|key| !groups.contains_key(*key)).collect();
+        let removed: Vec<&String> = removed.iter().filter(|key| !groups.contains_key(key.as_str())).collect();
         w.array(removed.len());
         for key in removed {
             w.str(key);
@@ -219,9 +219,9 @@ impl Windows {
             self.groups.clear();
         }
         for key in delta.removed {
-            self.groups.remove(&key);
+            self.groups.remove(key.as_str());
         }
-        self.groups.extend(delta.upserted);
+        self.groups.extend(delta.upserted.into_iter().map(|(key, group)| (key.into_boxed_str(), group)));
     }
 
     /// A rule started from a delta (the snapshot does not have it).
