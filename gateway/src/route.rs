@@ -546,15 +546,26 @@ fn fresh_windows(routing: &Routing) -> Option<WindowState> {
 /// windows it does not keep. A rule whose window and aggregates are unchanged (by name)
 /// keeps its open windows (its new SELECT, HAVING and actions apply when they close); the
 /// open windows of a rule that was changed or removed are closed at once under the old
-/// rule and sent (marked early), so no reading they hold is lost. Report-by-exception state
-/// of a changed rule starts again (at most one report too many). Each is logged.
+/// rule (marked early), so no reading they hold is lost. Report-by-exception state of a
+/// changed rule starts again (at most one report too many). Each is logged.
+///
+/// With checkpoints (`durable`) and rules to hold them, those outputs (and any an earlier
+/// reload left unsent) are not returned but kept in the new state as pending
+/// (`WindowState::keep_pending`): the readings they hold were acknowledged, and the
+/// restart with the new rules would drop the changed rule's checkpointed windows, so they
+/// go to the relay only once a checkpoint holding them committed ([`release_held`]), and a
+/// crash before their outputs are safe sends them again from the restored state, with the
+/// same ids. Otherwise they are returned, to be sent at once.
 fn reload_windows(
     old: &Routing,
     state: Option<WindowState>,
     new: &Routing,
+    durable: bool,
 ) -> (Option<WindowState>, Vec<Marked>) {
     let mut fresh = fresh_windows(new);
     let (Routing::Rules(old_rules), Some(mut state)) = (old, state) else { return (fresh, Vec::new()) };
+    // An earlier reload's outputs not yet released: they go with this reload's.
+    let mut outputs = state.take_pending();
     let mut kept: Vec<String> = Vec::new();
     if let (Routing::Rules(new_rules), Some(_)) = (new, fresh.as_ref()) {
         match WindowState::restore(new_rules, &state.snapshot(old_rules)) {
@@ -572,18 +583,26 @@ fn reload_windows(
             }
         }
     }
-    let mut flushed = Vec::new();
+    let hold = durable && matches!(new, Routing::Rules(_));
     for rule in old_rules.windowed_rules() {
         if kept.iter().any(|k| k == rule) {
             info!(message = "rules reloaded: this rule's window and aggregates are unchanged, its open windows carry on", %rule);
             continue;
         }
-        let outputs = old_rules.flush_rule_windows_marked(&mut state, rule);
-        let windows = outputs.iter().filter_map(|(_, o)| o.as_ref()).filter(|o| o.index == 0).count();
-        info!(message = "rules reloaded: this rule was changed or removed, its open windows were closed early and their outputs sent", %rule, windows);
-        flushed.extend(outputs);
+        let flushed = old_rules.flush_rule_windows_marked(&mut state, rule);
+        let windows = flushed.iter().filter_map(|(_, o)| o.as_ref()).filter(|o| o.index == 0).count();
+        if hold {
+            info!(message = "rules reloaded: this rule was changed or removed, its open windows were closed early; their outputs are sent once the next checkpoint, which holds them, has committed", %rule, windows);
+        } else {
+            info!(message = "rules reloaded: this rule was changed or removed, its open windows were closed early and their outputs sent", %rule, windows);
+        }
+        outputs.extend(flushed);
     }
-    (fresh, flushed)
+    if let (true, false, Routing::Rules(new_rules)) = (hold, outputs.is_empty(), new) {
+        fresh.get_or_insert_with(|| new_rules.window_state()).keep_pending(outputs);
+        return (fresh, Vec::new());
+    }
+    (fresh, outputs)
 }
 
 /// Whether `Forward`s become `NotBackUpstream` for an event from upstream (see [`decide`]).
@@ -650,8 +669,9 @@ fn restore_windows(routing: &Routing, load: WindowLoad, metrics: &Metrics) -> Op
         Metrics::add(&counters.window_state_dropped, 1);
         return None;
     };
-    fresh_windows(routing)?;
     match WindowState::restore_log(rules, &base, deltas.iter().map(Vec::as_slice)) {
+        // No stateful rule, and no reload's outputs waiting to be sent: nothing to restore.
+        Ok((state, _)) if fresh_windows(routing).is_none() && !state.has_pending() => None,
         Ok((state, dropped)) => {
             for (rule, why) in &dropped {
                 Metrics::add(&counters.window_state_dropped, 1);
@@ -775,9 +795,9 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         // What the restored state counted before the restart.
         export_window_counters(&routing, state, &stage.metrics, &mut late_log, Instant::now());
     }
-    // The last checkpoint taken while windows an event closed were held, and where they
-    // stood: once it committed they go out (see `release_held`).
-    let mut held_at: Option<(u64, DueMarks)> = None;
+    // The last checkpoint taken while windows an event closed, or a reload's outputs, were
+    // held, and where they stood: once it committed they go out (see `release_held`).
+    let mut held_at = HeldAt::default();
     // The latest time the windows were advanced to: an event taken in later but received
     // before it (it waited in the stage's queue across a window's end) counts in the window
     // open now instead of being late, so no acknowledged reading falls out of every window.
@@ -814,7 +834,7 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         heartbeat.wedge_if_asked().await;
         if stage.routing.has_changed().unwrap_or(false) {
             let new = stage.routing.borrow_and_update().clone();
-            let (kept, flushed) = reload_windows(&routing, windows.take(), &new);
+            let (kept, flushed) = reload_windows(&routing, windows.take(), &new, checkpointer.is_some());
             let outbound = stage.carry_out_windows(
                 flushed,
                 None,
@@ -827,10 +847,21 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
             routing = new;
             hold_if_durable(windows.as_mut(), checkpointer.as_ref());
             // Marks of the old state's rules: the next checkpoint marks the new one.
-            held_at = None;
+            held_at = HeldAt::default();
             if let Some(ck) = checkpointer.as_mut() {
                 // Other rules, another state: deltas of the old one would not apply to it.
                 ck.reshaped();
+            }
+            // The outputs of the windows the reload closed rest on memory alone until the
+            // reshaped state holding them commits: commit it now (taking no input meanwhile),
+            // and `release_held` below sends them.
+            if let (Some(ck), Routing::Rules(rules), Some(state)) =
+                (checkpointer.as_mut(), &*routing, windows.as_mut())
+                && state.has_pending()
+            {
+                heartbeat.end();
+                commit_now(ck, rules, state, &mut held_at).await;
+                heartbeat.begin();
             }
             if !send_all(&out, outbound, &heartbeat).await {
                 return;
@@ -856,6 +887,18 @@ pub async fn run(mut stage: RouteStage, mut input: mpsc::Receiver<Event>, out: m
         );
         if !send_all(&out, released, &heartbeat).await {
             return;
+        }
+        // A state kept only for a reload's outputs (the new rules keep none) has done its
+        // part: without it the stateless rules take their usual path, and the next
+        // checkpoint clears the log.
+        if let (Routing::Rules(rules), Some(state)) = (&*routing, windows.as_ref())
+            && !state.has_pending()
+            && rules.stateful_rules().next().is_none()
+        {
+            windows = None;
+            if let Some(ck) = checkpointer.as_mut() {
+                ck.changed();
+            }
         }
         // Windows due (the timer fired, or an event came past the earliest end) close here,
         // and only from committed state: the readings they hold are first checkpointed, so
@@ -1049,12 +1092,7 @@ const SHUTDOWN_CHECKPOINT_WAIT: Duration = Duration::from_secs(10);
 /// it) has committed; at once when nothing changed since the last commit. A failing disk
 /// keeps it retrying with the checkpointer's back-off: windows then stay open, and the
 /// sensors whose readings they hold wait for their PUBACKs.
-async fn commit_now(
-    ck: &mut Checkpointer,
-    rules: &RuleSet,
-    state: &mut WindowState,
-    held_at: &mut Option<(u64, DueMarks)>,
-) {
+async fn commit_now(ck: &mut Checkpointer, rules: &RuleSet, state: &mut WindowState, held_at: &mut HeldAt) {
     if ck.idle() {
         return;
     }
@@ -1080,25 +1118,38 @@ fn hold_if_durable(state: Option<&mut WindowState>, ck: Option<&Checkpointer>) {
     }
 }
 
+/// Where held outputs stood at a checkpoint: the last one taken while windows an event
+/// closed were held (and their marks), and while a reload's outputs were pending.
+#[derive(Default)]
+struct HeldAt {
+    closings: Option<(u64, DueMarks)>,
+    pending: Option<u64>,
+}
+
 /// Notes that checkpoint number `number` (about to be taken of `state`) holds the
-/// closings held now. A later one replaces an earlier one: it holds them too.
-fn mark_held(number: u64, state: &WindowState, held_at: &mut Option<(u64, DueMarks)>) {
+/// closings held now, and the pending outputs of a reload. A later one replaces an earlier
+/// one: it holds them too.
+fn mark_held(number: u64, state: &WindowState, held_at: &mut HeldAt) {
     if state.has_due() {
-        *held_at = Some((number, state.due_marks()));
+        held_at.closings = Some((number, state.due_marks()));
+    }
+    if state.has_pending() {
+        held_at.pending = Some(number);
     }
 }
 
-/// The outputs of the held closings a committed checkpoint holds ([`hold_if_durable`]).
-/// They are then no longer in the state: the next checkpoint waits until they are safe
-/// (as for any window output), and a crash before it restores them held, to be sent again
-/// with the same ids.
+/// The outputs of the held closings a committed checkpoint holds ([`hold_if_durable`]), and
+/// of the windows a reload closed ([`reload_windows`]) once a committed checkpoint holds
+/// them. They are then no longer in the state: the next checkpoint waits until they are
+/// safe (as for any window output), and a crash before it restores them held, to be sent
+/// again with the same ids.
 #[allow(clippy::too_many_arguments)]
 fn release_held(
     stage: &mut RouteStage,
     routing: &Routing,
     state: Option<&mut WindowState>,
     mut ck: Option<&mut Checkpointer>,
-    held_at: &mut Option<(u64, DueMarks)>,
+    held_at: &mut HeldAt,
     chain: &mut VecDeque<(Event, u8)>,
     logs: &mut Logs,
     rule_stats: &mut RuleStats,
@@ -1108,11 +1159,23 @@ fn release_held(
     else {
         return Vec::new();
     };
-    if held_at.as_ref().is_none_or(|(number, _)| *number > committed) {
-        return Vec::new();
+    let mut released = Vec::new();
+    if held_at.pending.is_some_and(|number| number <= committed) {
+        held_at.pending = None;
+        let pending = state.take_pending();
+        if !pending.is_empty() {
+            info!(
+                message = "rules reloaded: the outputs of the windows the reload closed are in a committed checkpoint, and sent",
+                outputs = pending.len()
+            );
+        }
+        released.extend(pending);
     }
-    let Some((_, marks)) = held_at.take() else { return Vec::new() };
-    let released = rules.release_windows_marked(state, &marks);
+    if held_at.closings.as_ref().is_some_and(|(number, _)| *number <= committed)
+        && let Some((_, marks)) = held_at.closings.take()
+    {
+        released.extend(rules.release_windows_marked(state, &marks));
+    }
     if released.is_empty() {
         return Vec::new();
     }
@@ -2569,5 +2632,89 @@ topic = "gone/${clientid}"
         route.await.expect("route stage");
         assert!(out_rx.recv().await.is_none(), "one forward");
         assert_eq!(Metrics::get(&metrics.counters().unrouted), 0);
+    }
+
+    /// A reload that changes a windowed rule closes its open windows early, and their
+    /// outputs are kept in the state: they go out only once the reshaped checkpoint holding
+    /// them has committed. A SIGKILL after that commit and before the outputs are safe
+    /// restarts with the new rules (which drop the changed rule's checkpointed windows) from
+    /// that checkpoint, and the outputs come again, the same, with the same ids: no reading
+    /// the old windows held is lost.
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_after_a_reload_before_its_outputs_are_safe_loses_no_reading() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("open");
+        let DurableStage { routing, input, mut out, mut store, stage, .. } =
+            spawn_durable(WINDOWED, 10_000_000, WindowLoad::Empty);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        commit_into(&mut store, &mut file).expect("the first checkpoint");
+        for (sensor, v) in [("a", 1.0), ("b", 4.0), ("a", 3.0)] {
+            input.send(reading(sensor, v, 10_000_100)).await.expect("send");
+            drop(out.recv().await.expect("the plain copy"));
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        commit_into(&mut store, &mut file).expect("the readings' checkpoint");
+        // `avg` becomes a 20 s window: its open 10 s windows close now.
+        let changed = WINDOWED.replace("TUMBLINGWINDOW(ss, 10)", "TUMBLINGWINDOW(ss, 20)");
+        routing.send(Arc::new(rules(&changed))).expect("reload");
+        // The next reading wakes the stage, which takes the reload first.
+        input.send(reading("c", 9.0, 10_000_200)).await.expect("send");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            out.try_recv().is_err(),
+            "nothing goes out before the checkpoint holding the outputs commits"
+        );
+        let writes = commit_into(&mut store, &mut file).expect("the reload's checkpoint");
+        assert!(matches!(writes[..], [LogWrite::Full(_)]), "the reshaped state in full: {writes:?}");
+        let expected = [
+            (
+                r#"avg/a {"sensor":"a","v":2.0,"n":2,"until":10010000}"#.to_owned(),
+                window_id("avg", r#"["a"]"#, 10_000_000, 10_010_000),
+            ),
+            (
+                r#"avg/b {"sensor":"b","v":4.0,"n":1,"until":10010000}"#.to_owned(),
+                window_id("avg", r#"["b"]"#, 10_000_000, 10_010_000),
+            ),
+        ];
+        let mut sent = Vec::new();
+        for _ in 0..2 {
+            let o = out.recv().await.expect("a closed window's output");
+            sent.push((shown(&o), o.event_id));
+        }
+        assert_eq!(sent, expected);
+        assert_eq!(out.recv().await.expect("c's copy").topic, "raw");
+        // A SIGKILL before the outputs are safe (the next checkpoint waits for that).
+        stage.abort();
+        let _ = stage.await;
+        drop((file, store, routing, input));
+        let (mut file, _) = crate::buffer::Store::open(dir.path()).expect("reopen");
+        let restored = file.load_windows().expect("load");
+        let DurableStage { routing: _routing, input, mut out, mut store, stage, metrics } =
+            spawn_durable(&changed, 10_000_300, restored);
+        let answer = tokio::spawn(async move {
+            while let Some(crate::buffer::worker::Command::Checkpoint { writes, reply }) = store.recv().await
+            {
+                file.save_windows(&writes).expect("save");
+                let _ = reply.send(Ok(()));
+            }
+        });
+        let mut again = Vec::new();
+        for _ in 0..2 {
+            let o = tokio::time::timeout(Duration::from_secs(5), out.recv())
+                .await
+                .expect("the restored outputs are sent once the first checkpoint commits")
+                .expect("an output");
+            again.push((shown(&o), o.event_id));
+        }
+        assert_eq!(again, expected, "the same outputs, with the same ids");
+        assert_eq!(
+            Metrics::get(&metrics.counters().window_state_dropped),
+            0,
+            "the log holds the reloaded state"
+        );
+        drop(input);
+        stage.await.expect("stage");
+        answer.await.expect("answers");
+        assert!(out.recv().await.is_none(), "nothing more");
     }
 }

@@ -260,6 +260,15 @@ fn main() {
             encode_max = encode_max.max(ns);
         }
     }
+    // The gateway's full checkpoint of the same state (every device's group open).
+    let full = state.snapshot(&rules);
+    let full_ns = (0..5)
+        .map(|_| {
+            let start = std::time::Instant::now();
+            black_box(state.snapshot(&rules));
+            start.elapsed().as_nanos() as f64
+        })
+        .fold(f64::MAX, f64::min);
     let rule_delta_ns = best_of_five(events, || {
         let mut state = rules.window_state();
         for second in 0..SECONDS {
@@ -308,6 +317,18 @@ fn main() {
         encode_ns / deltas.max(1) as f64 / 1e6,
         encode_max / 1e6,
         base_len as f64 * per_second as f64 / 1e6,
+    );
+    // Each reading changes its device's group once per second, so a delta lists about one
+    // group per reading since the last.
+    let delta_groups = (deltas * per_period as u64).max(1) as f64;
+    println!(
+        "encoding per group: in a delta {:.3} µs and {:.1} bytes (mean over {deltas} deltas of {per_period} groups); in a full WindowState snapshot {:.3} µs and {:.1} bytes ({} groups, {:.2} ms, best of five, wall clock)",
+        encode_ns / delta_groups / 1000.0,
+        delta_bytes as f64 / delta_groups,
+        full_ns / DEVICES as f64 / 1000.0,
+        full.len() as f64 / DEVICES as f64,
+        DEVICES,
+        full_ns / 1e6,
     );
     println!(
         "the same rule without a window (forwards every event): {:.3} µs CPU per event",

@@ -27,7 +27,8 @@ use crate::compile::Compiler;
 use crate::error::SqlError;
 use crate::expr::{Env, EvalError, Expr};
 use crate::value::Value;
-use crate::window::Changes;
+use crate::window::codec::{Reader, Writer};
+use crate::window::{Changes, SnapshotError};
 
 pub const MAX_LAG: usize = 100;
 pub const MAX_DEDUPE_KEYS: usize = 1_000;
@@ -143,6 +144,88 @@ type Entry = (u64, CallState);
 pub(crate) type RbeDeltaOut<'a> = RbeDelta<&'a [RbeKind], (&'a EntryKey, &'a Entry)>;
 pub(crate) type RbeDeltaIn = RbeDelta<Vec<RbeKind>, (EntryKey, Entry)>;
 
+/// Format 2's call state kinds.
+mod state_tag {
+    pub const LAG: u64 = 0;
+    pub const LATEST: u64 = 1;
+    pub const PREVIOUS: u64 = 2;
+    pub const DEADBAND: u64 = 3;
+    pub const DEDUPE: u64 = 4;
+}
+
+fn count(r: &mut Reader<'_>) -> Result<usize, SnapshotError> {
+    let n = r.uint()?;
+    usize::try_from(n).map_err(|e| SnapshotError::Decode(e.to_string()))
+}
+
+/// `[call, partition, last use, state]`; a state is `[kind, fields…]`: `lag`'s values,
+/// `latest`'s value (none: absent), the previous values (none: absent), the deadband's last
+/// report and its time, `dedupe`'s keys and times (flat).
+fn encode_entry((call, partition): &EntryKey, (seq, state): &Entry, w: &mut Writer) {
+    w.array(4);
+    w.uint(*call as u64);
+    w.str(partition);
+    w.uint(*seq);
+    match state {
+        CallState::Lag(values) => {
+            w.array(1 + values.len());
+            w.uint(state_tag::LAG);
+            values.iter().for_each(|v| w.value(v));
+        }
+        CallState::Latest(value) => {
+            w.array(1 + usize::from(value.is_some()));
+            w.uint(state_tag::LATEST);
+            value.iter().for_each(|v| w.value(v));
+        }
+        CallState::Previous(values) => {
+            w.array(1 + usize::from(values.is_some()));
+            w.uint(state_tag::PREVIOUS);
+            values.iter().for_each(|v| w.values(v));
+        }
+        CallState::Deadband { reported, at } => {
+            w.array(3);
+            w.uint(state_tag::DEADBAND);
+            w.float(*reported);
+            w.uint(*at);
+        }
+        CallState::Dedupe(seen) => {
+            w.array(1 + 2 * seen.len());
+            w.uint(state_tag::DEDUPE);
+            for (key, at) in seen {
+                w.str(key);
+                w.uint(*at);
+            }
+        }
+    }
+}
+
+fn decode_entry(r: &mut Reader<'_>) -> Result<(EntryKey, Entry), SnapshotError> {
+    r.fields(4, "a report-by-exception entry")?;
+    let key = (count(r)?, r.string()?);
+    let seq = r.uint()?;
+    let len = r.array()?;
+    let state = match (r.uint()?, len) {
+        (state_tag::LAG, n @ 1..) => CallState::Lag((1..n).map(|_| r.value()).collect::<Result<_, _>>()?),
+        (state_tag::LATEST, 1) => CallState::Latest(None),
+        (state_tag::LATEST, 2) => CallState::Latest(Some(r.value()?)),
+        (state_tag::PREVIOUS, 1) => CallState::Previous(None),
+        (state_tag::PREVIOUS, 2) => CallState::Previous(Some(r.values()?)),
+        (state_tag::DEADBAND, 3) => CallState::Deadband { reported: r.float()?, at: r.uint()? },
+        (state_tag::DEDUPE, n @ 1..) if n % 2 == 1 => {
+            let mut seen = FxHashMap::default();
+            seen.reserve(n / 2);
+            for _ in 0..n / 2 {
+                seen.insert(r.string()?, r.uint()?);
+            }
+            CallState::Dedupe(seen)
+        }
+        (kind, len) => {
+            return Err(SnapshotError::Decode(format!("a call state of kind {kind} with {len} fields")));
+        }
+    };
+    Ok((key, (seq, state)))
+}
+
 fn number(v: &Value) -> Option<f64> {
     match v {
         Value::Int(i) => Some(*i as f64),
@@ -163,9 +246,29 @@ impl RbeState {
         }
     }
 
+    /// This state under a reloaded rule whose calls are unchanged: the rule's limit now is
+    /// `fresh`'s (a lowered one applies from the next new entry on, as for windows).
+    pub(crate) fn with_limit_of(mut self, fresh: &RbeState) -> RbeState {
+        self.max_groups = fresh.max_groups;
+        self
+    }
+
     #[cfg(test)]
     pub(crate) fn changes(&self) -> &Changes<(usize, String)> {
         &self.changes
+    }
+
+    /// Each entry as text, sorted (for tests: a map's order is no state).
+    #[cfg(test)]
+    pub(crate) fn entries_shown(&self) -> Vec<String> {
+        let mut shown: Vec<String> = self.entries.iter().map(|e| format!("{e:?}")).collect();
+        shown.sort();
+        shown
+    }
+
+    #[cfg(test)]
+    pub(crate) fn max_groups(&self) -> usize {
+        self.max_groups
     }
 
     #[cfg(test)]
@@ -230,6 +333,78 @@ impl RbeState {
         let mut state = RbeState::new(delta.kinds.clone(), delta.max_groups);
         state.apply(delta);
         state
+    }
+
+    /// Format 2 (`window::codec`): `[kinds, max_groups, next_seq, evicted, [entry…]]`, an
+    /// entry `[call, partition, last use, state]`, the kinds as serde writes them. Written
+    /// from the live state.
+    pub(crate) fn encode(&self, w: &mut Writer) {
+        w.array(5);
+        w.serde(&self.kinds);
+        w.uint(self.max_groups as u64);
+        w.uint(self.next_seq);
+        w.uint(self.evicted);
+        w.array(self.entries.len());
+        for (key, entry) in &self.entries {
+            encode_entry(key, entry, w);
+        }
+    }
+
+    pub(crate) fn decode(r: &mut Reader<'_>) -> Result<RbeState, SnapshotError> {
+        r.fields(5, "a report-by-exception state")?;
+        let kinds = r.serde()?;
+        let mut state = RbeState::new(kinds, count(r)?);
+        state.next_seq = r.uint()?;
+        state.evicted = r.uint()?;
+        let n = r.array()?;
+        state.entries.reserve(n);
+        for _ in 0..n {
+            let (key, entry) = decode_entry(r)?;
+            state.entries.insert(key, entry);
+        }
+        Ok(state)
+    }
+
+    /// This rule's delta in format 2, written from the live state; resets the tracking:
+    /// `[kinds, whole, max_groups, next_seq, evicted, [entry…], [[call, partition]…]]`.
+    pub(crate) fn encode_delta(&mut self, w: &mut Writer) {
+        let delta = self.delta();
+        w.array(7);
+        w.serde(delta.kinds);
+        w.bool(delta.whole);
+        w.uint(delta.max_groups as u64);
+        w.uint(delta.next_seq);
+        w.uint(delta.evicted);
+        w.array(delta.upserted.len());
+        for (key, entry) in delta.upserted {
+            encode_entry(key, entry, w);
+        }
+        w.array(delta.removed.len());
+        for (call, partition) in &delta.removed {
+            w.array(2);
+            w.uint(*call as u64);
+            w.str(partition);
+        }
+    }
+
+    /// A delta in format 2 ([`RbeState::encode_delta`]).
+    pub(crate) fn decode_delta(r: &mut Reader<'_>) -> Result<RbeDeltaIn, SnapshotError> {
+        r.fields(7, "a report-by-exception delta")?;
+        let kinds = r.serde()?;
+        let whole = r.bool()?;
+        let (max_groups, next_seq, evicted) = (count(r)?, r.uint()?, r.uint()?);
+        let n = r.array()?;
+        let mut upserted = Vec::with_capacity(n);
+        for _ in 0..n {
+            upserted.push(decode_entry(r)?);
+        }
+        let n = r.array()?;
+        let mut removed = Vec::with_capacity(n);
+        for _ in 0..n {
+            r.fields(2, "a removed entry")?;
+            removed.push((count(r)?, r.string()?));
+        }
+        Ok(RbeDelta { kinds, whole, max_groups, next_seq, evicted, upserted, removed })
     }
 
     pub(crate) fn kinds(&self) -> &[RbeKind] {

@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::SnapshotError;
+use super::codec::{Reader, Writer};
 use crate::value::Value;
 
 /// Which aggregate a column computes. Fixed at compile time.
@@ -56,8 +58,10 @@ impl AggKind {
     }
 }
 
-/// The running state of one aggregate in one window instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The running state of one aggregate in one window instance. Written in format 2
+/// ([`AggState::encode`]); `Deserialize` reads format 1.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 pub enum AggState {
     Count(u64),
     /// Integers add exactly while they fit in an `i64`; the first float (or an overflow)
@@ -224,6 +228,122 @@ impl AggState {
     }
 }
 
+/// Format 2's tags of the states (`window::codec`): each state is an array, its tag first.
+mod tag {
+    pub const COUNT: u64 = 0;
+    pub const SUM: u64 = 1;
+    pub const AVG: u64 = 2;
+    pub const ONE: u64 = 3;
+    pub const STDDEV: u64 = 4;
+    pub const PERCENTILE: u64 = 5;
+    pub const COLLECT: u64 = 6;
+}
+
+impl AggState {
+    /// Format 2: `[tag, fields…]`, positional.
+    pub(super) fn encode(&self, w: &mut Writer) {
+        match self {
+            AggState::Count(n) => {
+                w.array(2);
+                w.uint(tag::COUNT);
+                w.uint(*n);
+            }
+            AggState::Sum { int, float, is_float, n } => {
+                w.array(5);
+                w.uint(tag::SUM);
+                w.int(*int);
+                w.float(*float);
+                w.bool(*is_float);
+                w.uint(*n);
+            }
+            AggState::Avg { sum, n } => {
+                w.array(3);
+                w.uint(tag::AVG);
+                w.float(*sum);
+                w.uint(*n);
+            }
+            AggState::One(slot) => {
+                w.array(if slot.is_some() { 2 } else { 1 });
+                w.uint(tag::ONE);
+                if let Some(value) = slot {
+                    w.value(value);
+                }
+            }
+            AggState::Stddev { n, mean, m2 } => {
+                w.array(4);
+                w.uint(tag::STDDEV);
+                w.uint(*n);
+                w.float(*mean);
+                w.float(*m2);
+            }
+            AggState::Percentile(sketch) => {
+                w.array(7);
+                w.uint(tag::PERCENTILE);
+                for buckets in [&sketch.positive, &sketch.negative] {
+                    // Flat: index, count, index, count …
+                    w.array(buckets.len() * 2);
+                    for (index, count) in buckets {
+                        w.int(i64::from(*index));
+                        w.uint(*count);
+                    }
+                }
+                w.uint(sketch.zeros);
+                w.uint(sketch.n);
+                w.float(sketch.min);
+                w.float(sketch.max);
+            }
+            AggState::Collect { items, dropped } => {
+                w.array(3);
+                w.uint(tag::COLLECT);
+                w.values(items);
+                w.uint(*dropped);
+            }
+        }
+    }
+
+    pub(super) fn decode(r: &mut Reader<'_>) -> Result<AggState, SnapshotError> {
+        let len = r.array()?;
+        let bad = || SnapshotError::Decode(format!("an aggregate state of {len} fields"));
+        let state = match (r.uint()?, len) {
+            (tag::COUNT, 2) => AggState::Count(r.uint()?),
+            (tag::SUM, 5) => {
+                AggState::Sum { int: r.int()?, float: r.float()?, is_float: r.bool()?, n: r.uint()? }
+            }
+            (tag::AVG, 3) => AggState::Avg { sum: r.float()?, n: r.uint()? },
+            (tag::ONE, 1) => AggState::One(None),
+            (tag::ONE, 2) => AggState::One(Some(r.value()?)),
+            (tag::STDDEV, 4) => AggState::Stddev { n: r.uint()?, mean: r.float()?, m2: r.float()? },
+            (tag::PERCENTILE, 7) => {
+                let mut sides = [Vec::new(), Vec::new()];
+                for buckets in &mut sides {
+                    let n = r.array()?;
+                    if n % 2 != 0 || n / 2 > SKETCH_MAX_BUCKETS {
+                        return Err(SnapshotError::Decode(format!("a sketch side of {n} items")));
+                    }
+                    buckets.reserve(n / 2);
+                    for _ in 0..n / 2 {
+                        let index =
+                            i32::try_from(r.int()?).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+                        buckets.push((index, r.uint()?));
+                    }
+                }
+                let [positive, negative] = sides;
+                AggState::Percentile(Box::new(Sketch {
+                    positive,
+                    negative,
+                    zeros: r.uint()?,
+                    n: r.uint()?,
+                    min: r.float()?,
+                    max: r.float()?,
+                }))
+            }
+            (tag::COLLECT, 3) => AggState::Collect { items: r.values()?, dropped: r.uint()? },
+            _ => return Err(bad()),
+        };
+        Ok(state)
+    }
+}
+
 /// The relative accuracy of [`Sketch`]: a percentile it returns is within 1 % of the value
 /// of the rank it stands for (for values of magnitude at least [`SKETCH_MIN_VALUE`]).
 pub const SKETCH_RELATIVE_ACCURACY: f64 = 0.01;
@@ -240,7 +360,8 @@ pub const SKETCH_MIN_VALUE: f64 = 1e-9;
 /// on one side the buckets of the smallest magnitudes are merged, so only the lowest
 /// quantiles of a range wider than γ^1024 (about 10^8.7) lose their accuracy. The extremes
 /// are exact: `percentile(x, 0)` is the minimum and `percentile(x, 1)` the maximum.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 pub struct Sketch {
     /// (bucket index, count), sorted by index: values > 0.
     positive: Vec<(i32, u64)>,

@@ -6,24 +6,26 @@
 //! clocks, sequence and counters (always), and the groups changed and removed since the
 //! previous delta.
 //!
-//! Tracking is paid per group per delta, not per event: a group's `dirty` flag goes up at
-//! its first change since the last delta, and its key is listed then (one clone); a key
-//! removed (closed, evicted, emptied, flushed) goes into a set, and a key removed then made
-//! again is an upsert, not a removal.
+//! Tracking costs no memory per group beyond a flag: a group's `dirty` flag goes up at any
+//! change, and the delta finds the changed groups by a scan of the flags (once a listed
+//! key's copy cost about 50 bytes per changed group until the delta); a key removed
+//! (closed, evicted, emptied, flushed) goes into a set, and a key removed then made again
+//! is an upsert, not a removal. Deltas are written in format 2 (`codec`), straight from the
+//! live groups.
 //!
 //! **Invariants:**
 //! - A snapshot followed by every delta taken since it, in order and none skipped, gives a
 //!   state equal to the live one (`window::tests`, `run::tests`).
 //! - Tracking is bounded by the state, whether or not anyone takes deltas: once the keys
-//!   listed outnumber twice the live groups (plus [`SLACK`]), the lists are dropped and the
-//!   next delta is *whole* (every group, and "remove the rest"), no larger than a snapshot.
+//!   listed (removed keys; report by exception's changed keys) outnumber twice the live
+//!   groups (plus [`SLACK`]), the lists are dropped and the next delta is *whole* (every
+//!   group, and "remove the rest"), no larger than a snapshot.
 
 use rustc_hash::FxHashSet;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::{
-    Group, SNAPSHOT_VERSION, Snapshot, SnapshotError, WindowCounters, WindowPlan, Windows, same_windows,
-};
+use super::codec::{FORMAT, Reader, Writer, decode_counters, encode_counters, is_format_1};
+use super::{Group, SnapshotError, WindowCounters, WindowPlan, Windows, same_windows};
 
 /// Keys of a rule's state that changed, and that were removed, since the last delta. Not
 /// state: equal whatever it holds, so a state restored from a log equals the live one.
@@ -88,9 +90,9 @@ impl<K> PartialEq for Changes<K> {
     }
 }
 
-/// One rule's delta: its meta whole, its groups upserted and removed. `P` and `G` are
-/// borrowed to write it (no group is cloned) and owned to read it.
-#[derive(Serialize, Deserialize)]
+/// One rule's delta as format 1 wrote it (read only): its meta whole, its groups upserted
+/// and removed.
+#[derive(Deserialize)]
 pub(super) struct WindowsDelta<P, G> {
     /// Whole, so that a delta of a rule the snapshot does not have can start it.
     plan: P,
@@ -106,12 +108,12 @@ pub(super) struct WindowsDelta<P, G> {
     removed: Vec<String>,
 }
 
-pub(super) type DeltaOut<'a> = WindowsDelta<&'a WindowPlan, (&'a str, &'a Group)>;
 pub(super) type DeltaIn = WindowsDelta<WindowPlan, (String, Group)>;
 
-pub(super) const DELTA_VERSION: u32 = 1;
+/// Format 1's version of a rule's delta (`{"version": 1, "delta": …}`).
+const DELTA_VERSION_1: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct Delta<D> {
     version: u32,
     delta: D,
@@ -119,89 +121,83 @@ struct Delta<D> {
 
 impl Windows {
     /// What changed since the last [`Windows::take_delta`] or [`Windows::clear_changes`],
-    /// as CBOR; resets the tracking. [`Windows::restore_log`] reads it after a snapshot.
+    /// as CBOR (`[format, delta]`); resets the tracking. [`Windows::restore_log`] reads it
+    /// after a snapshot.
     pub fn take_delta(&mut self) -> Vec<u8> {
-        let mut bytes = Vec::new();
-        // Writing into a Vec fails only on a serializer bug; restore_log then says so.
-        let _ = ciborium::into_writer(&Delta { version: DELTA_VERSION, delta: self.delta() }, &mut bytes);
-        bytes
+        let mut w = Writer::new();
+        w.array(2);
+        w.uint(FORMAT);
+        self.encode_delta(&mut w);
+        w.bytes
     }
 
     /// Forgets the change tracking: the caller just took a full [`Windows::snapshot`].
     pub fn clear_changes(&mut self) {
-        let (whole, changed, _) = self.changes.take();
-        if whole {
-            self.groups.values_mut().for_each(|group| group.dirty = false);
-        }
-        for key in changed {
-            if let Some(group) = self.groups.get_mut(&key) {
-                group.dirty = false;
-            }
-        }
+        self.changes.take();
+        self.groups.values_mut().for_each(|group| group.dirty = false);
     }
 
     /// The state a [`Windows::snapshot`] followed by deltas (in the order taken) describes,
-    /// for a rule that now has `plan` (refused as [`Windows::restore`] refuses).
+    /// for a rule that now has `plan` (refused as [`Windows::restore`] refuses). Either
+    /// format, or both in one log (a log begun before an upgrade).
     pub fn restore_log<'a>(
         plan: &WindowPlan,
         base: &[u8],
         deltas: impl IntoIterator<Item = &'a [u8]>,
     ) -> Result<Windows, SnapshotError> {
-        let snapshot: Snapshot<Windows> =
-            ciborium::from_reader(base).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-        if snapshot.version != SNAPSHOT_VERSION {
-            return Err(SnapshotError::Version(snapshot.version));
-        }
-        let mut windows = snapshot.windows;
+        let mut windows = Windows::decode_snapshot(base)?;
         for bytes in deltas {
-            let delta: Delta<DeltaIn> =
-                ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-            if delta.version != DELTA_VERSION {
-                return Err(SnapshotError::Version(delta.version));
-            }
-            windows.apply(delta.delta);
+            let delta = if is_format_1(bytes) {
+                let delta: Delta<DeltaIn> =
+                    ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+                if delta.version != DELTA_VERSION_1 {
+                    return Err(SnapshotError::Version(delta.version));
+                }
+                delta.delta
+            } else {
+                let mut r = Reader::new(bytes);
+                r.record(2)?;
+                let delta = decode_delta(&mut r)?;
+                r.end()?;
+                delta
+            };
+            windows.apply(delta);
         }
         windows.fitted(plan)
     }
 
-    /// This rule's delta, borrowing what it writes; resets the tracking.
-    pub(super) fn delta(&mut self) -> DeltaOut<'_> {
-        let (whole, mut keys, removed) = self.changes.take();
-        if whole {
-            self.groups.values_mut().for_each(|group| group.dirty = false);
-        }
-        // The flag goes down at a key's first listing: a repeat (the group was removed and
-        // made again) finds it down and is skipped, and so is a key of a removed group.
-        keys.retain(|key| match self.groups.get_mut(key) {
-            Some(group) if group.dirty => {
+    /// This rule's delta in format 2, written from the live state; resets the tracking:
+    /// `[plan, whole, next_seq, watermark, event_clock, last_arrival, deadline, counters,
+    /// [group…], [removed key…]]`, groups as in a snapshot (`window::codec`).
+    ///
+    /// The groups changed are found by a scan for their flag, not from a list: a list
+    /// would hold a copy of each changed key (about 50 bytes per group until the delta),
+    /// and a scan of the groups costs about as much as writing a few of them.
+    pub(super) fn encode_delta(&mut self, w: &mut Writer) {
+        let (whole, _, removed) = self.changes.take();
+        w.array(10);
+        w.serde(&self.plan);
+        w.bool(whole);
+        w.uint(self.next_seq);
+        w.uint(self.watermark);
+        w.uint(self.event_clock);
+        w.uint(self.last_arrival);
+        w.uint(self.deadline);
+        encode_counters(&self.counters, w);
+        let changed =
+            if whole { self.groups.len() } else { self.groups.values().filter(|g| g.dirty).count() };
+        w.array(changed);
+        for (key, group) in &mut self.groups {
+            if whole || group.dirty {
                 group.dirty = false;
-                true
+                group.encode(key, w);
             }
-            _ => false,
-        });
+        }
         let groups = &self.groups;
-        let (upserted, removed) = if whole {
-            (groups.iter().map(|(key, group)| (key.as_str(), group)).collect(), Vec::new())
-        } else {
-            (
-                keys.iter()
-                    .filter_map(|key| groups.get_key_value(key.as_str()))
-                    .map(|(key, group)| (key.as_str(), group))
-                    .collect(),
-                removed.into_iter().filter(|key| !groups.contains_key(key)).collect(),
-            )
-        };
-        WindowsDelta {
-            plan: &self.plan,
-            whole,
-            next_seq: self.next_seq,
-            watermark: self.watermark,
-            event_clock: self.event_clock,
-            last_arrival: self.last_arrival,
-            deadline: self.deadline,
-            counters: self.counters,
-            upserted,
-            removed,
+        let removed: Vec<&String> = removed.iter().filter(|key| !groups.contains_key(key.as_str())).collect();
+        w.array(removed.len());
+        for key in removed {
+            w.str(key);
         }
     }
 
@@ -223,9 +219,9 @@ impl Windows {
             self.groups.clear();
         }
         for key in delta.removed {
-            self.groups.remove(&key);
+            self.groups.remove(key.as_str());
         }
-        self.groups.extend(delta.upserted);
+        self.groups.extend(delta.upserted.into_iter().map(|(key, group)| (key.into_boxed_str(), group)));
     }
 
     /// A rule started from a delta (the snapshot does not have it).
@@ -234,4 +230,36 @@ impl Windows {
         windows.apply(delta);
         windows
     }
+}
+
+/// A rule's delta in format 2 ([`Windows::encode_delta`]).
+pub(super) fn decode_delta(r: &mut Reader<'_>) -> Result<DeltaIn, SnapshotError> {
+    r.fields(10, "a rule's delta")?;
+    let plan = r.serde()?;
+    let whole = r.bool()?;
+    let (next_seq, watermark, event_clock, last_arrival, deadline) =
+        (r.uint()?, r.uint()?, r.uint()?, r.uint()?, r.uint()?);
+    let counters = decode_counters(r)?;
+    let n = r.array()?;
+    let mut upserted = Vec::with_capacity(n);
+    for _ in 0..n {
+        upserted.push(Group::decode(r)?);
+    }
+    let n = r.array()?;
+    let mut removed = Vec::with_capacity(n);
+    for _ in 0..n {
+        removed.push(r.string()?);
+    }
+    Ok(WindowsDelta {
+        plan,
+        whole,
+        next_seq,
+        watermark,
+        event_clock,
+        last_arrival,
+        deadline,
+        counters,
+        upserted,
+        removed,
+    })
 }

@@ -34,6 +34,7 @@
 //!   `window::tests` checks that the released closings are exactly those given at once.
 
 mod agg;
+pub(crate) mod codec;
 mod delta;
 mod marks;
 mod run;
@@ -55,6 +56,7 @@ use serde::{Deserialize, Serialize};
 
 use agg::AggState;
 pub use agg::{AggKind, DEFAULT_COLLECT_CAP, MAX_COLLECT_CAP, SKETCH_MAX_BUCKETS, SKETCH_RELATIVE_ACCURACY};
+use codec::{Reader, Writer};
 pub(crate) use delta::Changes;
 pub use spec::{MAX_OVERLAP, MAX_RETAINED, WindowSpec};
 
@@ -158,11 +160,14 @@ pub struct WindowCounters {
     pub retained_dropped: u64,
 }
 
-/// The state of one windowed rule.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The state of one windowed rule. Written in format 2 (`codec`); `Deserialize` reads
+/// format 1.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 pub struct Windows {
     plan: WindowPlan,
-    groups: FxHashMap<String, Group>,
+    /// Keys as `Box<str>`: 8 bytes less than a `String` in every slot of the table.
+    groups: FxHashMap<Box<str>, Group>,
     /// Orders groups by last use, for eviction.
     next_seq: u64,
     /// Windows ending at or before it are closed, and an event that belongs only to them
@@ -202,13 +207,15 @@ impl PartialEq for Hold {
 
 /// A window an event closed while closings are held: its output, computed at the event,
 /// and the sequence number (`Windows::next_seq`) it was held at.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Due {
     seq: u64,
     closed: Closed,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Group {
     seq: u64,
     state: GroupState,
@@ -217,8 +224,7 @@ struct Group {
     /// Absent from snapshots written before held closings existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     due: Vec<Due>,
-    /// Changed since the last delta, and so listed in [`Changes::changed`] (once: listing
-    /// is what costs a key's clone, and it happens once per group per delta).
+    /// Changed since the last delta: the next delta holds it (`delta`'s scan).
     #[serde(skip)]
     dirty: bool,
 }
@@ -235,32 +241,37 @@ impl Group {
     fn is_open(&self) -> bool {
         match &self.state {
             GroupState::Open(instances) => !instances.is_empty(),
-            GroupState::Kept { events, .. } => !events.is_empty(),
+            GroupState::Kept(kept) => !kept.events.is_empty(),
         }
     }
 
-    /// Notes that the group `key` changed since the last delta.
-    fn touch(&mut self, key: &str, changes: &mut Changes<String>) {
-        if !self.dirty {
-            self.dirty = true;
-            if !changes.whole {
-                changes.changed.push(key.to_owned());
-            }
-        }
+    /// Notes that the group changed since the last delta.
+    fn touch(&mut self) {
+        self.dirty = true;
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 enum GroupState {
     /// Tumbling (at most one), hopping (at most size / hop), session (at most one), and
     /// disjoint count windows (one): running aggregates.
     Open(VecDeque<Instance>),
     /// Sliding and overlapping count windows: the events themselves (time, inputs), and
     /// for count windows the events since the last emission.
-    Kept { events: VecDeque<(u64, Vec<Value>)>, since_emit: u64 },
+    /// Boxed: rare beside `Open`, and the larger, so every group's slot would pay for it.
+    Kept(Box<Kept>),
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
+struct Kept {
+    events: VecDeque<(u64, Vec<Value>)>,
+    since_emit: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Instance {
     start: u64,
     /// Time windows: the end (exclusive). Sessions: the maximum end. Count: unused.
@@ -276,15 +287,17 @@ struct Instance {
 pub enum SnapshotError {
     #[error("window snapshot unreadable: {0}")]
     Decode(String),
-    #[error("window snapshot is of format version {0}, this build reads {SNAPSHOT_VERSION}")]
+    #[error("window snapshot is of format version {0}, this build reads versions 1 and 2")]
     Version(u32),
     #[error("the rule's window or aggregates changed since the snapshot; its open windows are not restored")]
     PlanChanged,
 }
 
-const SNAPSHOT_VERSION: u32 = 1;
+/// Format 1's version of a rule's snapshot (`{"version": 1, "windows": …}`), read only.
+const SNAPSHOT_VERSION_1: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
+#[cfg_attr(test, derive(Serialize))]
 struct Snapshot<W> {
     version: u32,
     windows: W,
@@ -337,10 +350,10 @@ impl Windows {
             let at = group.due.partition_point(|d| d.seq < mark);
             out.extend(group.due.drain(..at).map(|d| d.given(spec)));
             if group.due.is_empty() && !group.is_open() {
-                changes.removed(|| key.clone());
+                changes.removed(|| key.to_string());
                 return false;
             }
-            group.touch(key, changes);
+            group.touch();
             true
         });
         self.changes.bound(self.groups.len());
@@ -370,17 +383,26 @@ impl Windows {
             return;
         }
         for closed in out.drain(first_out..) {
-            let key = closed.key.clone();
-            let group = self.groups.entry(key.clone()).or_insert_with(|| Group {
+            let group = self.groups.entry(closed.key.as_str().into()).or_insert_with(|| Group {
                 seq: 0,
                 state: empty_state(self.plan.spec),
                 due: Vec::new(),
                 dirty: false,
             });
             group.due.push(Due { seq, closed });
-            group.touch(&key, &mut self.changes);
+            group.touch();
         }
         self.changes.bound(self.groups.len());
+    }
+
+    /// The inputs kept by sliding and overlapping count windows (for tests).
+    #[cfg(test)]
+    pub(crate) fn kept_inputs(&self) -> Vec<&Value> {
+        let kept = self.groups.values().filter_map(|g| match &g.state {
+            GroupState::Kept(kept) => Some(&kept.events),
+            GroupState::Open(_) => None,
+        });
+        kept.flat_map(|events| events.iter().flat_map(|(_, inputs)| inputs)).collect()
     }
 
     pub fn plan(&self) -> &WindowPlan {
@@ -474,12 +496,7 @@ impl Windows {
                     &mut self.deadline,
                 ) {
                     *group_seq = seq;
-                    if !*dirty {
-                        *dirty = true;
-                        if !self.changes.whole {
-                            self.changes.changed.push(key.to_owned());
-                        }
-                    }
+                    *dirty = true;
                     self.next_seq += 1;
                     Pushed::Accepted
                 } else {
@@ -517,7 +534,7 @@ impl Windows {
             Some(group) => group.seq = seq,
             None => {
                 let state = empty_state(self.plan.spec);
-                self.groups.insert(key.to_owned(), Group { seq, state, due: Vec::new(), dirty: false });
+                self.groups.insert(key.into(), Group { seq, state, due: Vec::new(), dirty: false });
                 self.changes.bound(self.groups.len());
             }
         }
@@ -537,7 +554,7 @@ impl Windows {
         self.ensure_group(key, seq, out);
         let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
         group.seq = seq;
-        group.touch(key, &mut self.changes);
+        group.touch();
         let plan = &self.plan;
         let mut deadline = self.deadline;
         let first_out = out.len();
@@ -545,7 +562,8 @@ impl Windows {
             GroupState::Open(instances) => {
                 push_open(plan, self.watermark, instances, at_ms, inputs, &mut deadline, key, out);
             }
-            GroupState::Kept { events, since_emit } => {
+            GroupState::Kept(kept) => {
+                let Kept { events, since_emit } = &mut **kept;
                 if events.len() >= MAX_RETAINED {
                     events.pop_front();
                     self.counters.retained_dropped += 1;
@@ -642,7 +660,8 @@ impl Windows {
                     }
                     (before, instances.len())
                 }
-                GroupState::Kept { events, .. } => {
+                GroupState::Kept(kept) => {
+                    let events = &mut kept.events;
                     let before = events.len();
                     if let WindowSpec::Sliding { size_ms } = plan.spec {
                         while events.front().is_some_and(|(t, _)| t.saturating_add(size_ms) <= now_ms) {
@@ -657,9 +676,9 @@ impl Windows {
             };
             let keep = after != 0 || !group.due.is_empty();
             if !keep {
-                changes.removed(|| key.clone());
+                changes.removed(|| key.to_string());
             } else if after != before {
-                group.touch(key, changes);
+                group.touch();
             }
             keep
         });
@@ -680,7 +699,7 @@ impl Windows {
                     out.push(instance.close(plan, &key, at, true));
                 }
             }
-            self.changes.removed(|| key);
+            self.changes.removed(|| key.into_string());
         }
         self.changes.bound(0);
         self.deadline = u64::MAX;
@@ -715,30 +734,52 @@ impl Windows {
         // released before a crash must be given again after it with the same.
         if group.due.is_empty() {
             self.groups.remove(&oldest);
-            self.changes.removed(|| oldest);
+            self.changes.removed(|| oldest.into_string());
         } else {
-            group.touch(&oldest, &mut self.changes);
+            group.touch();
         }
     }
 
-    /// The whole state as CBOR, to be written where it survives a crash.
+    /// The whole state as CBOR (`[format, windows]`, `codec`), to be written where it
+    /// survives a crash.
     pub fn snapshot(&self) -> Vec<u8> {
+        let mut w = Writer::new();
+        w.array(2);
+        w.uint(codec::FORMAT);
+        self.encode(&mut w);
+        w.bytes
+    }
+
+    /// The state a [`Windows::snapshot`] held (either format), for a rule that still has
+    /// `plan`. A changed plan (the rule was edited) is refused: the caller starts that rule
+    /// empty.
+    pub fn restore(plan: &WindowPlan, bytes: &[u8]) -> Result<Windows, SnapshotError> {
+        Windows::decode_snapshot(bytes)?.fitted(plan)
+    }
+
+    /// The state as format 1 wrote it (serde's CBOR maps), for tests of reading it.
+    #[cfg(test)]
+    pub(crate) fn snapshot_format_1(&self) -> Vec<u8> {
         let mut bytes = Vec::new();
-        // Writing into a Vec fails only on a serializer bug; an empty snapshot would then
-        // fail to restore and say so.
-        let _ = ciborium::into_writer(&Snapshot { version: SNAPSHOT_VERSION, windows: self }, &mut bytes);
+        ciborium::into_writer(&Snapshot { version: SNAPSHOT_VERSION_1, windows: self }, &mut bytes)
+            .expect("format 1 encodes");
         bytes
     }
 
-    /// The state a [`Windows::snapshot`] held, for a rule that still has `plan`. A changed
-    /// plan (the rule was edited) is refused: the caller starts that rule empty.
-    pub fn restore(plan: &WindowPlan, bytes: &[u8]) -> Result<Windows, SnapshotError> {
-        let snapshot: Snapshot<Windows> =
-            ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-        if snapshot.version != SNAPSHOT_VERSION {
-            return Err(SnapshotError::Version(snapshot.version));
+    fn decode_snapshot(bytes: &[u8]) -> Result<Windows, SnapshotError> {
+        if codec::is_format_1(bytes) {
+            let snapshot: Snapshot<Windows> =
+                ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+            if snapshot.version != SNAPSHOT_VERSION_1 {
+                return Err(SnapshotError::Version(snapshot.version));
+            }
+            return Ok(snapshot.windows);
         }
-        snapshot.windows.fitted(plan)
+        let mut r = Reader::new(bytes);
+        r.record(2)?;
+        let windows = Windows::decode(&mut r)?;
+        r.end()?;
+        Ok(windows)
     }
 
     /// These windows for a rule that now has `plan`, if it still computes the same windows.
@@ -781,9 +822,11 @@ fn closes_on_events(spec: WindowSpec) -> bool {
 /// A new group's state, nothing open yet.
 fn empty_state(spec: WindowSpec) -> GroupState {
     match spec {
-        WindowSpec::Sliding { .. } => GroupState::Kept { events: VecDeque::new(), since_emit: 0 },
+        WindowSpec::Sliding { .. } => {
+            GroupState::Kept(Box::new(Kept { events: VecDeque::new(), since_emit: 0 }))
+        }
         WindowSpec::Count { size, step } if size != step => {
-            GroupState::Kept { events: VecDeque::new(), since_emit: 0 }
+            GroupState::Kept(Box::new(Kept { events: VecDeque::new(), since_emit: 0 }))
         }
         // Exactly the instances it can hold: most windows hold one at a time, and a
         // default VecDeque would reserve four.

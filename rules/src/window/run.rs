@@ -15,16 +15,17 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-use super::delta::{DELTA_VERSION, DeltaIn, DeltaOut};
+use super::codec::{FORMAT, Reader, Writer, is_format_1};
+use super::delta::{DeltaIn, decode_delta};
 use super::marks::{MAX_MARKS, Marks, MarksDelta, MarksSnapshot};
 use super::sql::{AGG_PREFIX, KEY_PREFIX, WINDOW_END, WINDOW_START, WindowSql};
 use super::{Closed, LatePolicy, Pushed, SnapshotError, WindowCounters, Windows};
 use crate::engine::{Rule, RuleSet, dead_letter};
 use crate::expr::{Env, EvalError, NULL};
 use crate::payload::{Decoded, PayloadView};
-use crate::rbe::{RbeDeltaIn, RbeDeltaOut, RbeSql, RbeState};
+use crate::rbe::{RbeDeltaIn, RbeSql, RbeState};
 use crate::value::Value;
 use crate::{EventContext, Output, PayloadFormat};
 
@@ -37,11 +38,21 @@ pub struct WindowState {
     rbe: Vec<Option<RbeState>>,
     /// QoS 2 readings taken in whose PUBREL has not been taken (`window::marks`).
     marks: Marks,
+    /// Outputs of windows a reload closed early (under the rule it changed or removed, so
+    /// computed then, with their windows for their ids), held until the caller takes them
+    /// ([`WindowState::take_pending`]) once a checkpoint holding them committed. State like
+    /// the windows: after a crash the restored state gives them again, the same. They
+    /// belong to no rule of the set, so a restore under any rules keeps them.
+    pending: Vec<Marked>,
 }
 
-const STATE_VERSION: u32 = 1;
+/// Format 1's version of a state snapshot (read only; format 2 is `window::codec`'s).
+const STATE_VERSION_1: u32 = 1;
+/// Format 1's version of a state delta (read only).
+const DELTA_VERSION_1: u32 = 1;
 
-#[derive(Serialize, Deserialize)]
+/// A state snapshot read back, of either format.
+#[derive(Deserialize)]
 struct StateSnapshot {
     version: u32,
     /// (rule name, its windows).
@@ -51,18 +62,12 @@ struct StateSnapshot {
     /// Absent from snapshots written before QoS 2 markers existed.
     #[serde(default)]
     marks: MarksSnapshot,
+    /// Format 2 only.
+    #[serde(skip)]
+    pending: Vec<Marked>,
 }
 
-/// What changed since the previous delta, per rule by name (every rule with state, changed
-/// or not: its meta is small, and a log then names every rule it restores).
-#[derive(Serialize)]
-struct StateDeltaOut<'a> {
-    version: u32,
-    rules: Vec<(&'a str, DeltaOut<'a>)>,
-    rbe: Vec<(&'a str, RbeDeltaOut<'a>)>,
-    marks: MarksDelta,
-}
-
+/// A state delta read back, of either format.
 #[derive(Deserialize)]
 struct StateDeltaIn {
     version: u32,
@@ -70,42 +75,104 @@ struct StateDeltaIn {
     rbe: Vec<(String, RbeDeltaIn)>,
     #[serde(default)]
     marks: MarksDelta,
+    /// Format 2 only: the whole list (it is short, and empty but for a reload's outputs).
+    #[serde(skip)]
+    pending: Vec<Marked>,
 }
 
 impl StateSnapshot {
+    /// Format 2: `[2, [[rule, windows]…], [[rule, rbe state]…], markers, [pending
+    /// output…]]`, windows as
+    /// `window::codec` writes them, the report-by-exception state and the markers as serde
+    /// writes them.
     fn decode(bytes: &[u8]) -> Result<StateSnapshot, SnapshotError> {
-        let snapshot: StateSnapshot =
-            ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-        if snapshot.version != STATE_VERSION {
-            return Err(SnapshotError::Version(snapshot.version));
+        if is_format_1(bytes) {
+            let snapshot: StateSnapshot =
+                ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+            if snapshot.version != STATE_VERSION_1 {
+                return Err(SnapshotError::Version(snapshot.version));
+            }
+            return Ok(snapshot);
         }
-        Ok(snapshot)
+        let mut r = Reader::new(bytes);
+        r.record(5)?;
+        let n = r.array()?;
+        let mut rules = Vec::with_capacity(n);
+        for _ in 0..n {
+            r.fields(2, "a rule's windows")?;
+            rules.push((r.string()?, Windows::decode(&mut r)?));
+        }
+        let n = r.array()?;
+        let mut rbe = Vec::with_capacity(n);
+        for _ in 0..n {
+            r.fields(2, "a rule's report-by-exception state")?;
+            rbe.push((r.string()?, RbeState::decode(&mut r)?));
+        }
+        let marks = r.serde()?;
+        let pending = decode_pending(&mut r)?;
+        r.end()?;
+        Ok(StateSnapshot { version: FORMAT as u32, rules, rbe, marks, pending })
+    }
+}
+
+impl StateDeltaIn {
+    /// Format 2: `[2, [[rule, windows delta]…], [[rule, rbe delta]…], markers delta,
+    /// [pending output…]]`.
+    fn decode(bytes: &[u8]) -> Result<StateDeltaIn, SnapshotError> {
+        if is_format_1(bytes) {
+            let delta: StateDeltaIn =
+                ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
+            if delta.version != DELTA_VERSION_1 {
+                return Err(SnapshotError::Version(delta.version));
+            }
+            return Ok(delta);
+        }
+        let mut r = Reader::new(bytes);
+        r.record(5)?;
+        let n = r.array()?;
+        let mut rules = Vec::with_capacity(n);
+        for _ in 0..n {
+            r.fields(2, "a rule's delta")?;
+            rules.push((r.string()?, decode_delta(&mut r)?));
+        }
+        let n = r.array()?;
+        let mut rbe = Vec::with_capacity(n);
+        for _ in 0..n {
+            r.fields(2, "a rule's report-by-exception delta")?;
+            rbe.push((r.string()?, RbeState::decode_delta(&mut r)?));
+        }
+        let marks = r.serde()?;
+        let pending = decode_pending(&mut r)?;
+        r.end()?;
+        Ok(StateDeltaIn { version: FORMAT as u32, rules, rbe, marks, pending })
     }
 }
 
 impl WindowState {
-    /// Every windowed rule's state as CBOR, to be written where it survives a crash.
+    /// Every windowed rule's state as CBOR (format 2, see `StateSnapshot::decode`), to be
+    /// written where it survives a crash. Written from the live state: nothing is cloned.
     pub fn snapshot(&self, rules: &RuleSet) -> Vec<u8> {
-        let snapshot = StateSnapshot {
-            version: STATE_VERSION,
-            rules: rules
-                .rules
-                .iter()
-                .zip(&self.rules)
-                .filter_map(|(rule, w)| w.as_ref().map(|w| (rule.name.to_string(), w.clone())))
-                .collect(),
-            rbe: rules
-                .rules
-                .iter()
-                .zip(&self.rbe)
-                .filter_map(|(rule, r)| r.as_ref().map(|r| (rule.name.to_string(), r.clone())))
-                .collect(),
-            marks: self.marks.snapshot(),
-        };
-        let mut bytes = Vec::new();
-        // Writing into a Vec fails only on a serializer bug; restore then says so.
-        let _ = ciborium::into_writer(&snapshot, &mut bytes);
-        bytes
+        let mut w = Writer::new();
+        w.array(5);
+        w.uint(FORMAT);
+        let windowed =
+            || rules.rules.iter().zip(&self.rules).filter_map(|(r, s)| Some((&*r.name, s.as_ref()?)));
+        w.array(windowed().count());
+        for (name, windows) in windowed() {
+            w.array(2);
+            w.str(name);
+            windows.encode(&mut w);
+        }
+        let rbe = || rules.rules.iter().zip(&self.rbe).filter_map(|(r, s)| Some((&*r.name, s.as_ref()?)));
+        w.array(rbe().count());
+        for (name, state) in rbe() {
+            w.array(2);
+            w.str(name);
+            state.encode(&mut w);
+        }
+        w.serde(&self.marks.snapshot());
+        encode_pending(&self.pending, &mut w);
+        w.bytes
     }
 
     /// The state a snapshot held, for `rules` (perhaps reloaded since): the windows of each
@@ -131,26 +198,30 @@ impl WindowState {
     /// [`WindowState::restore`] of another rule set (a reload), write a full
     /// [`WindowState::snapshot`] (and [`WindowState::clear_changes`]) before the next delta.
     pub fn take_delta(&mut self, rules: &RuleSet) -> Vec<u8> {
-        let delta = StateDeltaOut {
-            version: DELTA_VERSION,
-            rules: rules
-                .rules
-                .iter()
-                .zip(&mut self.rules)
-                .filter_map(|(rule, w)| w.as_mut().map(|w| (&*rule.name, w.delta())))
-                .collect(),
-            rbe: rules
-                .rules
-                .iter()
-                .zip(&mut self.rbe)
-                .filter_map(|(rule, r)| r.as_mut().map(|r| (&*rule.name, r.delta())))
-                .collect(),
-            marks: self.marks.delta(),
-        };
-        let mut bytes = Vec::new();
-        // Writing into a Vec fails only on a serializer bug; restore_log then says so.
-        let _ = ciborium::into_writer(&delta, &mut bytes);
-        bytes
+        let mut w = Writer::new();
+        w.array(5);
+        w.uint(FORMAT);
+        let windowed = rules.rules.iter().zip(&self.rules).filter(|(_, s)| s.is_some()).count();
+        w.array(windowed);
+        for (rule, windows) in rules.rules.iter().zip(&mut self.rules) {
+            if let Some(windows) = windows {
+                w.array(2);
+                w.str(&rule.name);
+                windows.encode_delta(&mut w);
+            }
+        }
+        let rbe = rules.rules.iter().zip(&self.rbe).filter(|(_, s)| s.is_some()).count();
+        w.array(rbe);
+        for (rule, state) in rules.rules.iter().zip(&mut self.rbe) {
+            if let Some(state) = state {
+                w.array(2);
+                w.str(&rule.name);
+                state.encode_delta(&mut w);
+            }
+        }
+        w.serde(&self.marks.delta());
+        encode_pending(&self.pending, &mut w);
+        w.bytes
     }
 
     /// Forgets the change tracking (the caller just took a full `snapshot`).
@@ -174,11 +245,7 @@ impl WindowState {
         let mut snapshot = StateSnapshot::decode(base)?;
         let mut marks = Marks::restore(std::mem::take(&mut snapshot.marks), MAX_MARKS);
         for bytes in deltas {
-            let delta: StateDeltaIn =
-                ciborium::from_reader(bytes).map_err(|e| SnapshotError::Decode(e.to_string()))?;
-            if delta.version != DELTA_VERSION {
-                return Err(SnapshotError::Version(delta.version));
-            }
+            let delta = StateDeltaIn::decode(bytes)?;
             for (name, delta) in delta.rules {
                 match snapshot.rules.iter_mut().find(|(n, _)| *n == name) {
                     Some((_, windows)) => windows.apply(delta),
@@ -192,6 +259,7 @@ impl WindowState {
                 }
             }
             marks.apply(delta.marks);
+            snapshot.pending = delta.pending;
         }
         Ok(WindowState::fitted(rules, snapshot, marks))
     }
@@ -210,6 +278,7 @@ impl WindowState {
         // The markers belong to no rule: whatever the rules now, a resend of a reading the
         // restored state holds is still one.
         state.marks = marks;
+        state.pending = snapshot.pending;
         let mut dropped = Vec::new();
         for (rule, slot) in rules.rules.iter().zip(&mut state.rbe) {
             let Some(fresh) = slot.as_mut() else { continue };
@@ -219,7 +288,7 @@ impl WindowState {
                 continue;
             };
             if old.kinds() == fresh.kinds() {
-                *fresh = old;
+                *fresh = old.with_limit_of(fresh);
             } else {
                 dropped.push((rule.name.to_string(), SnapshotError::PlanChanged));
             }
@@ -279,6 +348,24 @@ impl WindowState {
     /// QoS 2 markers held, and dropped at the bound so far.
     pub fn qos2_marks(&self) -> (usize, u64) {
         (self.marks.len(), self.marks.dropped())
+    }
+
+    /// Holds `outputs` (a reload's, of the windows it closed early:
+    /// [`RuleSet::flush_rule_windows_marked`]) in the state until
+    /// [`WindowState::take_pending`]: a caller that checkpoints the state takes them once a
+    /// checkpoint holding them committed, so no reading they hold rests on memory alone.
+    pub fn keep_pending(&mut self, outputs: Vec<Marked>) {
+        self.pending.extend(outputs);
+    }
+
+    /// Outputs are held ([`WindowState::keep_pending`]).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// The held outputs, in the order kept; the state no longer holds them.
+    pub fn take_pending(&mut self) -> Vec<Marked> {
+        std::mem::take(&mut self.pending)
     }
 
     /// Open groups over all windowed rules.
@@ -424,6 +511,7 @@ impl RuleSet {
                 .map(|r| r.sql.rbe.as_ref().map(|rbe| RbeState::new(rbe.kinds(), rbe.max_groups)))
                 .collect(),
             marks: Marks::default(),
+            pending: Vec::new(),
         }
     }
 
@@ -715,11 +803,159 @@ fn push(
     }
 }
 
+/// Format 2's output kinds.
+mod output_tag {
+    pub const FORWARD: u64 = 0;
+    pub const REPUBLISH: u64 = 1;
+    pub const DROPPED: u64 = 2;
+    pub const LOOP_PREVENTED: u64 = 3;
+    pub const DEAD_LETTER: u64 = 4;
+}
+
+/// `[[output, origin or null]…]`; an output is `[kind, fields…]` in [`Output`]'s order (a
+/// TTL as `[seconds, nanoseconds]` or null), an origin `[rule, key, start, end, index]`.
+fn encode_pending(pending: &[Marked], w: &mut Writer) {
+    w.array(pending.len());
+    for (output, origin) in pending {
+        w.array(2);
+        match output {
+            Output::Forward { rule, topic, payload, qos, priority, ttl } => {
+                w.array(7);
+                w.uint(output_tag::FORWARD);
+                w.str(rule);
+                w.str(topic);
+                w.bytes(payload);
+                w.uint(u64::from(*qos));
+                w.uint(u64::from(*priority));
+                match ttl {
+                    Some(ttl) => {
+                        w.array(2);
+                        w.uint(ttl.as_secs());
+                        w.uint(u64::from(ttl.subsec_nanos()));
+                    }
+                    None => w.null(),
+                }
+            }
+            Output::Republish { rule, topic, payload, qos, hops } => {
+                w.array(6);
+                w.uint(output_tag::REPUBLISH);
+                w.str(rule);
+                w.str(topic);
+                w.bytes(payload);
+                w.uint(u64::from(*qos));
+                w.uint(u64::from(*hops));
+            }
+            Output::Dropped { rule } => {
+                w.array(2);
+                w.uint(output_tag::DROPPED);
+                w.str(rule);
+            }
+            Output::LoopPrevented { rule, topic, hops } => {
+                w.array(4);
+                w.uint(output_tag::LOOP_PREVENTED);
+                w.str(rule);
+                w.str(topic);
+                w.uint(u64::from(*hops));
+            }
+            Output::DeadLetter { rule, reason, topic, payload, deliberate } => {
+                w.array(6);
+                w.uint(output_tag::DEAD_LETTER);
+                w.str(rule);
+                w.str(reason);
+                w.str(topic);
+                w.bytes(payload);
+                w.bool(*deliberate);
+            }
+        }
+        match origin {
+            Some(o) => {
+                w.array(6);
+                w.str(&o.rule);
+                w.str(&o.key);
+                w.uint(o.start_ms);
+                w.uint(o.end_ms);
+                w.uint(u64::from(o.index));
+                // A count or sliding window's closing number is part of its id.
+                match o.seq {
+                    Some(seq) => w.uint(seq),
+                    None => w.null(),
+                }
+            }
+            None => w.null(),
+        }
+    }
+}
+
+fn decode_pending(r: &mut Reader<'_>) -> Result<Vec<Marked>, SnapshotError> {
+    fn small<T: TryFrom<u64>>(r: &mut Reader<'_>) -> Result<T, SnapshotError> {
+        let n = r.uint()?;
+        T::try_from(n).map_err(|_| SnapshotError::Decode(format!("{n} is out of range")))
+    }
+    let n = r.array()?;
+    let mut pending = Vec::with_capacity(n);
+    for _ in 0..n {
+        r.fields(2, "a pending output")?;
+        let len = r.array()?;
+        let output = match (r.uint()?, len) {
+            (output_tag::FORWARD, 7) => Output::Forward {
+                rule: Arc::from(r.string()?),
+                topic: r.string()?,
+                payload: r.byte_string()?,
+                qos: small(r)?,
+                priority: small(r)?,
+                ttl: if r.null() {
+                    None
+                } else {
+                    r.fields(2, "a TTL")?;
+                    Some(std::time::Duration::new(r.uint()?, small(r)?))
+                },
+            },
+            (output_tag::REPUBLISH, 6) => Output::Republish {
+                rule: Arc::from(r.string()?),
+                topic: r.string()?,
+                payload: r.byte_string()?,
+                qos: small(r)?,
+                hops: small(r)?,
+            },
+            (output_tag::DROPPED, 2) => Output::Dropped { rule: Arc::from(r.string()?) },
+            (output_tag::LOOP_PREVENTED, 4) => {
+                Output::LoopPrevented { rule: Arc::from(r.string()?), topic: r.string()?, hops: small(r)? }
+            }
+            (output_tag::DEAD_LETTER, 6) => Output::DeadLetter {
+                rule: Arc::from(r.string()?),
+                reason: r.string()?,
+                topic: r.string()?,
+                payload: r.byte_string()?,
+                deliberate: r.bool()?,
+            },
+            (kind, len) => {
+                return Err(SnapshotError::Decode(format!("an output of kind {kind} with {len} fields")));
+            }
+        };
+        let origin = if r.null() {
+            None
+        } else {
+            r.fields(6, "an output's window")?;
+            Some(WindowOrigin {
+                rule: Arc::from(r.string()?),
+                key: r.string()?,
+                start_ms: r.uint()?,
+                end_ms: r.uint()?,
+                index: small(r)?,
+                seq: if r.null() { None } else { Some(r.uint()?) },
+            })
+        };
+        pending.push((output, origin));
+    }
+    Ok(pending)
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
 
     use super::WindowState;
+    use crate::rbe::RbeState;
     use crate::window::SnapshotError;
     use crate::{EventContext, RuleSet, TableSources};
 
@@ -972,23 +1208,27 @@ type = "forward"
         assert!(changed.len() > full.len() / 2, "{} of {}", changed.len(), full.len());
         // Per rule its name, plan and clocks (about 200 bytes), and no group or entry.
         assert!(unchanged.len() < 7 * 250, "{} bytes", unchanged.len());
+        // `[2, [[rule, [plan, whole, clocks…, counters, upserted, removed]]…], [[rule, […,
+        // upserted, removed]]…], markers, pending]`
         let decoded: ciborium::Value = ciborium::from_reader(unchanged.as_slice()).expect("cbor");
+        let top = decoded.as_array().expect("an array");
+        assert_eq!(top[0].as_integer(), Some(2.into()), "format 2");
         let mut lists = 0;
-        for (_, rules) in decoded
-            .as_map()
-            .expect("a map")
-            .iter()
-            .filter(|(k, _)| !matches!(k.as_text(), Some("version" | "marks")))
-        {
-            for rule in rules.as_array().expect("rules") {
-                let (_, delta) =
-                    rule.as_array().and_then(|pair| pair.first().zip(pair.get(1))).expect("a pair");
-                for (key, value) in delta.as_map().expect("a delta") {
-                    if matches!(key.as_text(), Some("upserted" | "removed")) {
-                        assert_eq!(value.as_array().map(Vec::len), Some(0), "{key:?}");
-                        lists += 1;
-                    }
-                }
+        for rule in top[1].as_array().expect("windowed rules") {
+            let delta =
+                rule.as_array().and_then(|pair| pair.get(1)).and_then(|d| d.as_array()).expect("a delta");
+            for list in &delta[8..10] {
+                assert_eq!(list.as_array().map(Vec::len), Some(0), "{list:?}");
+                lists += 1;
+            }
+        }
+        for rule in top[2].as_array().expect("rbe rules") {
+            // `[kinds, whole, max_groups, next_seq, evicted, upserted, removed]`
+            let delta =
+                rule.as_array().and_then(|pair| pair.get(1)).and_then(|d| d.as_array()).expect("a delta");
+            for list in &delta[5..7] {
+                assert_eq!(list.as_array().map(Vec::len), Some(0), "{list:?}");
+                lists += 1;
             }
         }
         assert_eq!(lists, 7 * 2);
@@ -1095,5 +1335,218 @@ type = "forward"
             WindowState::restore_log(&rules, &base, [base.as_slice()]),
             Err(SnapshotError::Decode(_))
         ));
+    }
+
+    /// The steps that made the format 1 fixtures (`testdata/v1-*.hex`, written by the
+    /// gateway's code before format 2): held closings, QoS 2 markers, every window kind,
+    /// report by exception. Returns the live state after each record.
+    fn fixture_steps(rules: &RuleSet) -> Vec<WindowState> {
+        let mut state = rules.window_state();
+        state.hold_event_closings();
+        let mut after = Vec::new();
+        for sensor in 0..5u8 {
+            feed(rules, &mut state, 1_000 + u64::from(sensor) * 7, sensor, sensor as i8 * 3 - 4, 990);
+        }
+        state.mark_qos2(&std::sync::Arc::from("c1"), 7);
+        state.mark_qos2(&std::sync::Arc::from("c2"), 9);
+        after.push(state.clone());
+        state.clear_changes();
+        for sensor in 1..4u8 {
+            feed(rules, &mut state, 1_300 + u64::from(sensor) * 5, sensor, 11 - sensor as i8, 1_250);
+        }
+        state.release_qos2(&std::sync::Arc::from("c1"), 7);
+        after.push(state.clone());
+        state.take_delta(rules);
+        rules.advance_windows(&mut state, 2_100);
+        for sensor in [0u8, 4, 5] {
+            feed(rules, &mut state, 2_200 + u64::from(sensor), sensor, -(sensor as i8), 2_150);
+        }
+        after.push(state);
+        after
+    }
+
+    fn fixture(hex_text: &str) -> Vec<u8> {
+        hex::decode(hex_text.trim()).expect("fixture is hex")
+    }
+
+    #[test]
+    fn a_log_written_in_format_1_still_restores_and_takes_format_2_deltas() {
+        let rules = rules();
+        let mut after = fixture_steps(&rules);
+        let base = fixture(include_str!("testdata/v1-base.hex"));
+        let d1 = fixture(include_str!("testdata/v1-d1.hex"));
+        let d2 = fixture(include_str!("testdata/v1-d2.hex"));
+        assert!(super::is_format_1(&base) && super::is_format_1(&d1));
+        let (restored, dropped) = WindowState::restore(&rules, &base).expect("format 1 snapshot");
+        assert!(dropped.is_empty());
+        assert_eq!(restored, after[0]);
+        let (restored, dropped) =
+            WindowState::restore_log(&rules, &base, [d1.as_slice(), d2.as_slice()]).expect("format 1 log");
+        assert!(dropped.is_empty());
+        assert!(restored.has_due(), "the fixture holds closings");
+        assert_eq!(restored, after[2]);
+        // The gateway upgraded with that log on disk: its next record is a format 2 delta.
+        let mut state = after.pop().expect("last state");
+        state.take_delta(&rules);
+        feed(&rules, &mut state, 2_400, 2, 9, 2_390);
+        let d3 = state.take_delta(&rules);
+        assert!(!super::is_format_1(&d3));
+        let (restored, _) =
+            WindowState::restore_log(&rules, &base, [d1.as_slice(), d2.as_slice(), d3.as_slice()])
+                .expect("mixed log");
+        assert_eq!(restored, state);
+    }
+
+    #[test]
+    fn a_null_kept_in_the_state_comes_back_null() {
+        let rules = rules();
+        let mut state = rules.window_state();
+        let mut log = Log::new(&rules, &mut state);
+        // No `v`: the sliding and count windows keep NULL inputs, the event-time rule's
+        // stddev and the lag see NULL.
+        for (at, payload) in [(100, r#"{"ts":100}"#), (150, r#"{"v":null,"ts":150}"#), (180, r#"{"ts":180}"#)]
+        {
+            let event = EventContext {
+                topic: "s/1",
+                payload: payload.as_bytes(),
+                clientid: None,
+                username: None,
+                qos: 1,
+                timestamp_ms: at,
+                event_id: 1,
+                hops: 0,
+                peerhost: None,
+                retain: false,
+                dup: false,
+                pub_props: None,
+                lifecycle: None,
+            };
+            rules.evaluate_windowed(&event, &mut state);
+        }
+        log.deltas.push(state.take_delta(&rules));
+        let kept: Vec<&crate::Value> = state.rules.iter().flatten().flat_map(|w| w.kept_inputs()).collect();
+        assert!(kept.contains(&&crate::Value::Null) && kept.contains(&&crate::Value::JsonNull), "{kept:?}");
+        // The windows, and `lag`'s NULL (the deadband's NaN report is no value to compare).
+        let (restored, _) = log.restore(&rules);
+        assert_eq!(restored.rules, state.rules);
+        let lag =
+            |s: &WindowState| s.rbe.iter().flatten().flat_map(RbeState::entries_shown).collect::<Vec<_>>();
+        assert!(lag(&state).iter().any(|e| e.contains("Lag([Null])")), "{:?}", lag(&state));
+        assert_eq!(lag(&restored), lag(&state));
+        let (from_snapshot, _) = WindowState::restore(&rules, &state.snapshot(&rules)).expect("own snapshot");
+        assert_eq!(from_snapshot.rules, state.rules);
+        assert_eq!(lag(&from_snapshot), lag(&state));
+    }
+
+    /// Outputs a reload closed are state: a snapshot and its deltas hold them until taken,
+    /// every kind of output and its window, byte for byte.
+    #[test]
+    fn pending_outputs_are_held_by_snapshots_and_deltas_until_taken() {
+        use std::sync::Arc;
+
+        use crate::Output;
+        use crate::window::WindowOrigin;
+        let rules = rules();
+        let mut state = rules.window_state();
+        feed(&rules, &mut state, 100, 1, 5, 100);
+        let mut log = Log::new(&rules, &mut state);
+        let rule: Arc<str> = Arc::from("gone");
+        // Count and sliding windows' origins carry their closing's number; time windows' none.
+        let origin = |index: u32| {
+            Some(WindowOrigin {
+                rule: rule.clone(),
+                key: r#"["1"]"#.into(),
+                start_ms: 0,
+                end_ms: 1_000,
+                index,
+                seq: (index % 2 == 1).then_some(u64::from(index) + 7),
+            })
+        };
+        let outputs = vec![
+            (
+                Output::Forward {
+                    rule: rule.clone(),
+                    topic: "out/1".into(),
+                    payload: vec![0, 159, 255],
+                    qos: 1,
+                    priority: 9,
+                    ttl: Some(std::time::Duration::new(3_600, 5)),
+                },
+                origin(0),
+            ),
+            (
+                Output::Forward {
+                    rule: rule.clone(),
+                    topic: "out/2".into(),
+                    payload: b"{}".to_vec(),
+                    qos: 0,
+                    priority: 0,
+                    ttl: None,
+                },
+                origin(1),
+            ),
+            (
+                Output::Republish {
+                    rule: rule.clone(),
+                    topic: "loc".into(),
+                    payload: vec![],
+                    qos: 2,
+                    hops: 3,
+                },
+                origin(2),
+            ),
+            (Output::Dropped { rule: rule.clone() }, origin(3)),
+            (Output::LoopPrevented { rule: rule.clone(), topic: "loc".into(), hops: 8 }, None),
+            (
+                Output::DeadLetter {
+                    rule: rule.clone(),
+                    reason: "topic template: `${x}` is NULL".into(),
+                    topic: "$windows/gone".into(),
+                    payload: br#"{"n":1}"#.to_vec(),
+                    deliberate: false,
+                },
+                origin(4),
+            ),
+        ];
+        state.keep_pending(outputs.clone());
+        assert!(state.has_pending());
+        log.deltas.push(state.take_delta(&rules));
+        let (restored, _) = log.restore(&rules);
+        assert_eq!(restored, state);
+        let (from_snapshot, _) = WindowState::restore(&rules, &state.snapshot(&rules)).expect("own snapshot");
+        assert_eq!(from_snapshot, state);
+        // Under other rules too: they belong to no rule.
+        let other = RuleSet::compile(
+            &RULES.replace("TUMBLINGWINDOW(ms, 1000)", "TUMBLINGWINDOW(ms, 2000)"),
+            &TableSources::new(),
+        )
+        .expect("edited rules compile");
+        let (mut under_other, _) = log.restore(&other);
+        assert_eq!(under_other.take_pending(), outputs);
+        // Taken: the next delta says none are left.
+        assert_eq!(state.take_pending(), outputs);
+        log.deltas.push(state.take_delta(&rules));
+        assert!(!log.restore(&rules).0.has_pending());
+        assert_eq!(log.restore(&rules).0, state);
+    }
+
+    /// A reloaded rule whose report-by-exception calls are unchanged keeps its state under
+    /// the rule's new `max_groups`.
+    #[test]
+    fn a_restore_takes_the_rules_new_max_groups_for_report_by_exception() {
+        let rules = rules();
+        let mut state = rules.window_state();
+        feed(&rules, &mut state, 100, 1, 5, 100);
+        let bigger = RuleSet::compile(
+            &RULES.replace("max_groups = 4\nsql = '''SELECT lag", "max_groups = 40\nsql = '''SELECT lag"),
+            &TableSources::new(),
+        )
+        .expect("edited rules compile");
+        let (restored, dropped) = WindowState::restore(&bigger, &state.snapshot(&rules)).expect("restores");
+        assert!(dropped.is_empty());
+        let band =
+            |s: &WindowState| s.rbe.iter().flatten().next().map(|r| (r.len(), r.max_groups())).expect("band");
+        assert_eq!(band(&state).1, 4);
+        assert_eq!(band(&restored), (band(&state).0, 40));
     }
 }

@@ -568,7 +568,7 @@ fn a_snapshot_from_before_event_time_restores_on_processing_time() {
     push(&mut w, 5, "a", 1);
     assert!(push(&mut w, 15, "a", 2).len() == 1);
     // The same state as the previous format wrote it: no clock in the plan, no event clock.
-    let mut value: ciborium::Value = ciborium::from_reader(&w.snapshot()[..]).expect("cbor");
+    let mut value: ciborium::Value = ciborium::from_reader(&w.snapshot_format_1()[..]).expect("cbor");
     let strip = |map: &mut ciborium::Value, keys: &[&str]| {
         if let ciborium::Value::Map(entries) = map {
             entries.retain(|(k, _)| !keys.iter().any(|key| k.as_text() == Some(*key)));
@@ -596,7 +596,7 @@ fn a_snapshot_from_before_event_time_restores_on_processing_time() {
     assert_eq!(removed, 1, "the snapshot has the shape this test edits");
     let mut old = Vec::new();
     ciborium::into_writer(&value, &mut old).expect("cbor");
-    assert!(old.len() < w.snapshot().len());
+    assert!(old.len() < w.snapshot_format_1().len());
     let mut back = Windows::restore(w.plan(), &old).expect("an old snapshot restores");
     assert_eq!(back, w);
     assert_eq!(brief(&back.advance(20)), [row("a", 10, 20, 1, 2)]);
