@@ -321,7 +321,8 @@ struct WindowBenchArgs {
     /// The measured window of each phase (whole 10 s windows keep the reduction exact).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Phases, comma-separated: no-rules, forward, window, deadband.
+    /// Phases, comma-separated: no-rules, forward, sample (stateless, one reading in ten, as
+    /// many messages upstream as window), window, deadband.
     #[arg(long, value_delimiter = ',', default_value = "no-rules,forward,window,deadband")]
     phases: Vec<WindowPhaseArg>,
     /// Run the phases this many times (even rounds in reverse order) and pair each phase with
@@ -344,6 +345,7 @@ struct WindowBenchArgs {
 enum WindowPhaseArg {
     NoRules,
     Forward,
+    Sample,
     Window,
     Deadband,
 }
@@ -881,6 +883,7 @@ async fn run_window_bench(args: WindowBenchArgs, cancel: CancellationToken) -> a
             .map(|p| match p {
                 WindowPhaseArg::NoRules => window_bench::Phase::NoRules,
                 WindowPhaseArg::Forward => window_bench::Phase::Forward,
+                WindowPhaseArg::Sample => window_bench::Phase::Sample,
                 WindowPhaseArg::Window => window_bench::Phase::Window,
                 WindowPhaseArg::Deadband => window_bench::Phase::Deadband,
             })

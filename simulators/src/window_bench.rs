@@ -5,6 +5,9 @@
 //! - `no-rules`: no rules file, every reading forwarded by the routes;
 //! - `forward`: `SELECT * FROM "sensors/+/temp"`, forwarded: every reading upstream, the
 //!   baseline;
+//! - `sample`: one reading in ten (`payload.seq % 10 = 0`) forwarded as a message shaped like
+//!   the window's output, stateless: as many messages upstream as `window`, so the difference
+//!   between the two is the window's state and checkpoints, not the relay's traffic;
 //! - `window`: a per-device 10 s tumbling average (`GROUP BY topic(2), TUMBLINGWINDOW(ss,
 //!   10)`);
 //! - `deadband`: `WHERE deadband(payload.value, 0.5)` per device (report by exception on the
@@ -69,17 +72,24 @@ pub enum Phase {
     /// No rules file: the gateway forwards every reading by its routes.
     NoRules,
     Forward,
+    /// Stateless, one reading in ten: the baseline with the window's upstream traffic.
+    Sample,
     Window,
     Deadband,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 4] = [Phase::NoRules, Phase::Forward, Phase::Window, Phase::Deadband];
+    pub const ALL: [Phase; 5] =
+        [Phase::NoRules, Phase::Forward, Phase::Sample, Phase::Window, Phase::Deadband];
+
+    /// The phases the others are paired with, in the report.
+    const BASELINES: [Phase; 2] = [Phase::Forward, Phase::Sample];
 
     pub fn name(self) -> &'static str {
         match self {
             Phase::NoRules => "no-rules",
             Phase::Forward => "forward",
+            Phase::Sample => "sample",
             Phase::Window => "window",
             Phase::Deadband => "deadband",
         }
@@ -91,6 +101,9 @@ impl Phase {
             Phase::NoRules => return None,
             Phase::Forward => {
                 "[[rule]]\nname = \"all\"\nsql = '''SELECT * FROM \"sensors/+/temp\"'''\n[[rule.action]]\ntype = \"forward\"\n"
+            }
+            Phase::Sample => {
+                "[[rule]]\nname = \"sample\"\nsql = '''\nSELECT topic(2) AS device, payload.value AS avg, 1 AS n, payload.ts_ms AS at\nFROM \"sensors/+/temp\"\nWHERE payload.seq % 10 = 0\n'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"avg/${device}\"\n"
             }
             Phase::Window => {
                 "[[rule]]\nname = \"avg\"\nsql = '''\nSELECT topic(2) AS device, avg(payload.value) AS avg, count(*) AS n, window_end() AS at\nFROM \"sensors/+/temp\"\nGROUP BY topic(2), TUMBLINGWINDOW(ss, 10)\n'''\n[[rule.action]]\ntype = \"forward\"\ntopic = \"avg/${device}\"\n"
@@ -487,17 +500,17 @@ fn fmt(value: Option<f64>, decimals: usize) -> String {
 }
 
 impl WindowBenchReport {
-    /// The `forward` phase of `round`, the baseline of the others in it.
-    fn baseline(&self, round: usize) -> Option<&PhaseResult> {
-        self.phases.iter().find(|p| p.round == round && p.phase == Phase::Forward)
+    /// The `baseline` phase of `round`.
+    fn baseline(&self, round: usize, baseline: Phase) -> Option<&PhaseResult> {
+        self.phases.iter().find(|p| p.round == round && p.phase == baseline)
     }
 
-    /// Each round's excess of `phase`'s CPU per reading over that round's `forward`.
-    pub fn paired_excess(&self, phase: Phase) -> Vec<f64> {
+    /// Each round's excess of `phase`'s CPU per reading over that round's `baseline`.
+    pub fn paired_excess(&self, phase: Phase, baseline: Phase) -> Vec<f64> {
         self.phases
             .iter()
             .filter(|p| p.phase == phase)
-            .filter_map(|p| Some(p.cpu_us_per_event? - self.baseline(p.round)?.cpu_us_per_event?))
+            .filter_map(|p| Some(p.cpu_us_per_event? - self.baseline(p.round, baseline)?.cpu_us_per_event?))
             .collect()
     }
 
@@ -509,7 +522,7 @@ impl WindowBenchReport {
         out.push_str("| round | phase | acked/s | gateway µs CPU/event | + over forward | write_bytes B/s | pwrite B/s | syncs/s | pwrite B per sync | checkpoint B/s (checkpoints/s, of them full) | B per checkpoint | RSS MiB | RSS over forward per device | upstream msgs/s | reduction msgs / bytes | CPU % gateway / sim / mosquitto |\n");
         out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for p in &self.phases {
-            let base = self.baseline(p.round).filter(|_| p.phase != Phase::Forward);
+            let base = self.baseline(p.round, Phase::Forward).filter(|_| p.phase != Phase::Forward);
             let extra = base.and_then(|b| Some(p.cpu_us_per_event? - b.cpu_us_per_event?));
             let per_device =
                 base.map(|b| (p.rss_kib as f64 - b.rss_kib as f64) * 1024.0 / self.devices as f64);
@@ -545,36 +558,39 @@ impl WindowBenchReport {
         if let Some(note) = &self.perf_note {
             out.push_str(&format!("\npwrite and syncs: not measured ({note})\n"));
         }
-        let mut phases: Vec<Phase> = Vec::new();
-        for p in &self.phases {
-            if p.phase != Phase::Forward && !phases.contains(&p.phase) {
-                phases.push(p.phase);
+        for baseline in Phase::BASELINES {
+            let mut phases: Vec<Phase> = Vec::new();
+            for p in &self.phases {
+                if p.phase != baseline && p.phase != Phase::NoRules && !phases.contains(&p.phase) {
+                    phases.push(p.phase);
+                }
             }
-        }
-        let forward: Vec<f64> = self
-            .phases
-            .iter()
-            .filter(|p| p.phase == Phase::Forward)
-            .filter_map(|p| p.cpu_us_per_event)
-            .collect();
-        if !forward.is_empty() && !phases.is_empty() {
-            out.push_str("\nµs CPU per reading over `forward` in the same round (paired):\n\n");
+            let own: Vec<f64> = self
+                .phases
+                .iter()
+                .filter(|p| p.phase == baseline)
+                .filter_map(|p| p.cpu_us_per_event)
+                .collect();
+            if own.is_empty() || phases.is_empty() {
+                continue;
+            }
+            let name = baseline.name();
+            out.push_str(&format!("\nµs CPU per reading over `{name}` in the same round (paired):\n\n"));
             out.push_str("| phase | per round | median | spread (max − min) |\n| --- | --- | --- | --- |\n");
-            let row = |name: &str, values: &[f64]| {
+            let row = |label: &str, values: &[f64]| {
                 let listed: Vec<String> = values.iter().map(|v| format!("{v:+.2}")).collect();
                 format!(
-                    "| {name} | {} | {} | {} |\n",
+                    "| {label} | {} | {} | {} |\n",
                     listed.join(", "),
                     fmt(median(values), 2),
                     fmt(spread(values), 2)
                 )
             };
             for &phase in &phases {
-                out.push_str(&row(phase.name(), &self.paired_excess(phase)));
+                out.push_str(&row(phase.name(), &self.paired_excess(phase, baseline)));
             }
             // The baseline's own movement between rounds: the noise the pairing removes.
-            let forward_row = row("`forward` itself (µs, not paired)", &forward).replace('+', "");
-            out.push_str(&forward_row);
+            out.push_str(&row(&format!("`{name}` itself (µs, not paired)"), &own).replace('+', ""));
         }
         out
     }
@@ -673,7 +689,7 @@ mod tests {
             result(Phase::Forward, 3, 30.0, 40_000, 10_000.0, 2_250_000.0),
             result(Phase::Window, 3, 31.2, 42_500, 1_000.0, 90_000.0),
         ]);
-        let excess = report.paired_excess(Phase::Window);
+        let excess = report.paired_excess(Phase::Window, Phase::Forward);
         assert_eq!(excess.len(), 3);
         for (got, want) in excess.iter().zip([1.0, 1.5, 1.2]) {
             assert!((got - want).abs() < 1e-9, "{excess:?}");
@@ -685,6 +701,24 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("| 2 | window | 10000 | 34.50 | 1.50 |"), "{table}");
+    }
+
+    /// With `sample` in the rounds the window is paired with it too, and `sample` with
+    /// `forward`; a phase is never paired with itself.
+    #[test]
+    fn each_baseline_present_gets_its_own_pairing() {
+        let report = report(vec![
+            result(Phase::Forward, 1, 27.0, 40_000, 10_000.0, 2_250_000.0),
+            result(Phase::Sample, 1, 24.0, 40_000, 1_000.0, 90_000.0),
+            result(Phase::Window, 1, 24.5, 42_500, 1_000.0, 90_000.0),
+        ]);
+        assert_eq!(report.paired_excess(Phase::Window, Phase::Sample), vec![0.5]);
+        let table = report.table();
+        assert!(table.contains("over `forward` in the same round"), "{table}");
+        assert!(table.contains("| sample | -3.00 | -3.00 | 0.00 |"), "{table}");
+        assert!(table.contains("over `sample` in the same round"), "{table}");
+        assert!(table.contains("| window | +0.50 | 0.50 | 0.00 |"), "{table}");
+        assert!(!table.contains("| sample | +0.00"), "{table}");
     }
 
     #[test]
