@@ -321,9 +321,21 @@ struct WindowBenchArgs {
     /// The measured window of each phase (whole 10 s windows keep the reduction exact).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     duration: Duration,
-    /// Phases, comma-separated: no-rules, forward, window, deadband.
+    /// Phases, comma-separated: no-rules, forward, sample (stateless, one reading in ten, as
+    /// many messages upstream as window), window, deadband.
     #[arg(long, value_delimiter = ',', default_value = "no-rules,forward,window,deadband")]
     phases: Vec<WindowPhaseArg>,
+    /// Run the phases this many times (even rounds in reverse order) and pair each phase with
+    /// the same round's `forward`: the excess per round, its median and spread (1–99).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=99))]
+    rounds: u8,
+    /// The `perf` executable that records the gateway's pwrite64/fdatasync/fsync calls in the
+    /// measured window (bytes redb writes, syncs); left out when it cannot record them.
+    #[arg(long, default_value = "perf")]
+    perf: PathBuf,
+    /// Do not run `perf`.
+    #[arg(long)]
+    no_perf: bool,
     /// Keep logs, configs and data here instead of a temporary directory.
     #[arg(long)]
     work_dir: Option<PathBuf>,
@@ -333,6 +345,7 @@ struct WindowBenchArgs {
 enum WindowPhaseArg {
     NoRules,
     Forward,
+    Sample,
     Window,
     Deadband,
 }
@@ -870,10 +883,13 @@ async fn run_window_bench(args: WindowBenchArgs, cancel: CancellationToken) -> a
             .map(|p| match p {
                 WindowPhaseArg::NoRules => window_bench::Phase::NoRules,
                 WindowPhaseArg::Forward => window_bench::Phase::Forward,
+                WindowPhaseArg::Sample => window_bench::Phase::Sample,
                 WindowPhaseArg::Window => window_bench::Phase::Window,
                 WindowPhaseArg::Deadband => window_bench::Phase::Deadband,
             })
             .collect(),
+        rounds: usize::from(args.rounds),
+        perf: (!args.no_perf).then_some(args.perf),
         work_dir: args.work_dir,
     };
     let report = window_bench::run_window_bench(cfg, cancel).await?;

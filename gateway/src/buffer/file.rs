@@ -41,8 +41,17 @@ pub(crate) const WINDOWS: TableDefinition<&str, &[u8]> = TableDefinition::new("w
 pub(crate) const WINDOW_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("window_log");
 /// A [`WINDOW_LOG`] row's first byte: the rest is a full snapshot…
 pub(crate) const WINDOW_FULL_TAG: u8 = b'F';
-/// …or the changes since the row before it.
+/// …or the changes since the row before it…
 pub(crate) const WINDOW_DELTA_TAG: u8 = b'D';
+/// …or (since format 11) the next piece of the full snapshot or delta in the row before it.
+pub(crate) const WINDOW_MORE_TAG: u8 = b'M';
+/// The most state bytes in one [`WINDOW_LOG`] row (since format 11): a checkpoint larger than
+/// this is written as a row of its kind followed by [`WINDOW_MORE_TAG`] rows. A row this
+/// size, with its tag, key and the leaf's bookkeeping, fits one of redb's 4 KiB pages; a
+/// larger value gets a page of the next power of two to itself and redb writes all of it,
+/// so a 43 KB delta cost a 64 KiB page and a 1.1 MB snapshot a 2 MiB one (rules/README.md,
+/// "What windows cost"). 8,000-byte pieces measured the same; far smaller ones only add keys.
+pub(crate) const WINDOW_ROW_BYTES: usize = 4000;
 
 /// A [`WINDOW_LOG`] row: `tag`, then the rules crate's bytes.
 pub(crate) fn window_row(tag: u8, bytes: &[u8]) -> Vec<u8> {

@@ -35,13 +35,14 @@
 //!   ([`worker::Command::Sessions`]), read once at start.
 //! - `window_log`: the route stage's checkpoint of its stateful rules' state (open windows,
 //!   report-by-exception memory) as a log by sequence number: a full snapshot, then the
-//!   deltas taken after it, each row a kind tag and the rules crate's bytes. A checkpoint
+//!   deltas taken after it, each row a kind tag and the rules crate's bytes (since format 11
+//!   one longer than 4,000 bytes goes on in "more" rows, so each row fits a 4 KiB page). A checkpoint
 //!   ([`worker::Command::Checkpoint`]) appends deltas, or writes a full snapshot in place of
 //!   every row; read once at start, the last full row and the deltas after it ([`windows`]).
 //!   Formats 6–8 had a `windows` table with one snapshot instead.
 //!
 //! # Format versions
-//! [`store::FORMAT_VERSION`] is 10. Version 1 is a file without the `format_version` key (every
+//! [`store::FORMAT_VERSION`] is 11. Version 1 is a file without the `format_version` key (every
 //! release before it); version 2 added the `imported` table, version 3 the `retained` table,
 //! version 4 packed rows and the `rows` counter, version 5 the `sessions` and
 //! `session_queue` tables, version 6 the `windows` table, version 7 events' MQTT 5 properties
@@ -52,7 +53,10 @@
 //! version 9 the `window_log` table in place of `windows` (the start-up transaction moves a
 //! format-8 snapshot into it as its first, full row, and deletes `windows`).
 //! version 10 payloads as differences from the previous event's (a flag bit that 8 and 9 did
-//! not know, as with 7: nothing to migrate, no old row has it).
+//! not know, as with 7: nothing to migrate, no old row has it),
+//! version 11 window checkpoints in pieces of at most 4,000 bytes, one `window_log` row each
+//! (a "more" tag that 9 and 10 did not know: nothing to migrate, an old row is a checkpoint of
+//! one piece).
 //! Opening an older file adds the key, the
 //! missing tables and (older than 4 → 4) the `rows` counter, set to the number of rows, which
 //! is its event count (checked against the counters), in the same transaction as the epoch

@@ -24,9 +24,10 @@ use super::inspect::{self, StatsReport};
 /// release that reads 6 would take such a row for corrupt, so it must refuse the file); 8:
 /// packed rows with a new tag whose topics are differences from the previous event's; 9: the
 /// `window_log` table replaces `windows` ([`super::windows`]); 10: payloads too may be
-/// differences from the previous event's (a flag bit 8 and 9 did not know). A file with a
-/// higher version was written by a newer release and is refused untouched.
-pub const FORMAT_VERSION: u64 = 10;
+/// differences from the previous event's (a flag bit 8 and 9 did not know); 11: a window
+/// checkpoint may span several `window_log` rows (a row tag 9 and 10 did not know). A file
+/// with a higher version was written by a newer release and is refused untouched.
+pub const FORMAT_VERSION: u64 = 11;
 const FORMAT_KEY: &str = "format_version";
 /// Rows in `events`, kept with the records: since format 4 a row holds many events, so this,
 /// not the event counters, is what the table's length proves at start.
@@ -259,6 +260,11 @@ impl Store {
                 // Older than 10: nothing to rewrite. No row written before 10 has the
                 // payload-difference flag, so every old row reads as it is; the new version
                 // keeps releases that know 8 or 9 away from rows that have it.
+                // Older than 11: nothing to rewrite either. Every `window_log` row of 9 and
+                // 10 holds a whole snapshot or delta, which 11 reads as one of a single
+                // piece; the new version keeps releases that know 9 or 10 away from "more"
+                // rows, which they would take for an unknown kind and start without the
+                // checkpoint (readings acknowledged to sensors, lost).
                 meta.insert(FORMAT_KEY, FORMAT_VERSION).map_err(|e| db_err(&path, e))?;
                 migrated_from = Some(version);
             }
