@@ -71,6 +71,11 @@ pub struct GatewayConfig {
     /// The operations endpoint (`/metrics`, `/health/*`, `/status`); off without the table.
     #[serde(default)]
     pub http: Option<http::HttpConfig>,
+    /// While events arrive often, the runtime thread waits this long before it sleeps, so
+    /// that the events of that interval share one wake-up (interrupt moderation). Zero: off.
+    /// Read at start-up only.
+    #[serde(default, with = "humantime_serde")]
+    pub wakeup_coalescing: Duration,
 }
 
 /// The embedded MQTT broker that sensors connect to.
@@ -670,6 +675,7 @@ impl Default for GatewayConfig {
             log: LogConfig::default(),
             shutdown_timeout: default_shutdown_timeout(),
             http: None,
+            wakeup_coalescing: Duration::ZERO,
         }
     }
 }
@@ -890,6 +896,15 @@ impl GatewayConfig {
     /// Every duration key with its value and [`DurationRange`] (`validate` checks them all).
     pub fn durations(&self) -> Vec<(String, Duration, DurationRange)> {
         let mut all = vec![
+            (
+                "wakeup_coalescing".to_owned(),
+                self.wakeup_coalescing,
+                range(
+                    Duration::ZERO,
+                    50 * MS,
+                    "how long a busy gateway waits before it sleeps, so that events share a wake-up; every PUBACK and delivery may wait this long",
+                ),
+            ),
             (
                 "shutdown_timeout".to_owned(),
                 self.shutdown_timeout,
@@ -1897,6 +1912,7 @@ local_prefix = "a/#"
     fn duration_key_texts(value: &str) -> Vec<(&'static str, String)> {
         let up = "[upstream]\nurl = \"mqtt://h:1\"\n";
         vec![
+            ("wakeup_coalescing", format!("wakeup_coalescing = \"{value}\"\n")),
             ("shutdown_timeout", format!("shutdown_timeout = \"{value}\"\n")),
             ("broker.sys_interval", format!("[broker]\nsys_interval = \"{value}\"\n")),
             ("broker.connection_timeout", format!("[broker]\nconnection_timeout = \"{value}\"\n")),
@@ -1944,7 +1960,11 @@ local_prefix = "a/#"
                 "{key}: only the key itself is refused: {err}"
             );
         }
-        for (key, text) in duration_key_texts("0s") {
+        // Zero is `wakeup_coalescing`'s "off"; every other duration refuses it.
+        let text = "wakeup_coalescing = \"0s\"\n";
+        GatewayConfig::parse(text, Path::new("x")).expect("parses").validate("x").expect("zero is off");
+        for (key, text) in duration_key_texts("0s").into_iter().filter(|(key, _)| *key != "wakeup_coalescing")
+        {
             let err = parse_err(&text);
             assert!(err.contains(&format!("`{key}` = \"0s\" is invalid: must be between ")), "{key}: {err}");
         }

@@ -49,6 +49,35 @@ async fn sensor_publishes_arrive_at_mosquitto_with_the_topic_prefix() {
     assert_eq!(readable(subscriber.messages()), expected, "topics, payloads and order are exact");
 }
 
+/// `wakeup_coalescing` holds the runtime thread before it sleeps while events come often: the
+/// events still all arrive, in order, each acknowledged, and SIGTERM still stops it cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_wakeup_coalescing_every_event_arrives_in_order_and_a_stop_is_clean() {
+    if !require_mosquitto() {
+        return;
+    }
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let mut subscriber =
+        Subscriber::start(upstream.addr(), "#", Session::Clean).await.expect("subscribe upstream");
+    let data = tempfile::tempdir().expect("tempdir");
+    let config = format!("wakeup_coalescing = \"10ms\"\n[upstream]\nurl = \"{}\"\n", upstream.url());
+    let mut gateway =
+        GatewaySpec::new(data.path()).config_toml(config).start().await.expect("start the gateway");
+
+    let payloads: Vec<String> = (1..=300).map(|n| format!("{{\"device\":\"s-2\",\"n\":{n}}}")).collect();
+    let bytes = payloads.iter().map(|p| p.clone().into_bytes());
+    publish_qos1(gateway.listen(), "s-2", "sensors/s-2/temp", bytes, TIMEOUT)
+        .await
+        .expect("the gateway acks");
+    subscriber.wait_for_count(300, TIMEOUT).await.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+
+    let status = gateway.terminate().await.expect("the gateway stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    let expected: Vec<(String, String)> =
+        payloads.into_iter().map(|p| ("sensors/s-2/temp".to_owned(), p)).collect();
+    assert_eq!(readable(subscriber.messages()), expected, "topics, payloads and order are exact");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_pub_reaches_a_rumqttd_upstream() {
     if !require_tool(MOSQUITTO_PUB, "mosquitto-clients") {
