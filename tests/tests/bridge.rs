@@ -22,31 +22,47 @@ fn readable(messages: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Starts mosquitto and a gateway on `config(upstream url)`, publishes `count` readings from
+/// `device` at QoS 1, stops the gateway with SIGTERM, and checks that every reading arrived
+/// upstream on `upstream_topic`, in order, and that the stop was clean.
+async fn relays_in_order_and_stops_cleanly(
+    config: impl FnOnce(&str) -> String,
+    device: &str,
+    count: u64,
+    upstream_topic: &str,
+) {
+    let upstream = Mosquitto::start().await.expect("start mosquitto");
+    let mut subscriber =
+        Subscriber::start(upstream.addr(), "#", Session::Clean).await.expect("subscribe upstream");
+    let data = tempfile::tempdir().expect("tempdir");
+    let mut gateway = GatewaySpec::new(data.path())
+        .config_toml(config(&upstream.url()))
+        .start()
+        .await
+        .expect("start the gateway");
+
+    let payloads: Vec<String> =
+        (1..=count).map(|n| format!("{{\"device\":\"{device}\",\"n\":{n}}}")).collect();
+    let bytes = payloads.iter().map(|p| p.clone().into_bytes());
+    publish_qos1(gateway.listen(), device, &format!("sensors/{device}/temp"), bytes, TIMEOUT)
+        .await
+        .expect("the gateway acks");
+    subscriber.wait_for_count(count, TIMEOUT).await.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+
+    let status = gateway.terminate().await.expect("the gateway stops");
+    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
+    let expected: Vec<(String, String)> =
+        payloads.into_iter().map(|p| (upstream_topic.to_owned(), p)).collect();
+    assert_eq!(readable(subscriber.messages()), expected, "topics, payloads and order are exact");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sensor_publishes_arrive_at_mosquitto_with_the_topic_prefix() {
     if !require_mosquitto() {
         return;
     }
-    let upstream = Mosquitto::start().await.expect("start mosquitto");
-    let mut subscriber =
-        Subscriber::start(upstream.addr(), "#", Session::Clean).await.expect("subscribe upstream");
-    let data = tempfile::tempdir().expect("tempdir");
-    let config = format!("[upstream]\nurl = \"{}\"\ntopic_prefix = \"site-7/\"\n", upstream.url());
-    let mut gateway =
-        GatewaySpec::new(data.path()).config_toml(config).start().await.expect("start the gateway");
-
-    let payloads: Vec<String> = (1..=100).map(|n| format!("{{\"device\":\"s-1\",\"n\":{n}}}")).collect();
-    let bytes = payloads.iter().map(|p| p.clone().into_bytes());
-    publish_qos1(gateway.listen(), "s-1", "sensors/s-1/temp", bytes, TIMEOUT)
-        .await
-        .expect("the gateway acks");
-    subscriber.wait_for_count(100, TIMEOUT).await.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
-
-    let status = gateway.terminate().await.expect("the gateway stops");
-    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
-    let expected: Vec<(String, String)> =
-        payloads.into_iter().map(|p| ("site-7/sensors/s-1/temp".to_owned(), p)).collect();
-    assert_eq!(readable(subscriber.messages()), expected, "topics, payloads and order are exact");
+    let config = |url: &str| format!("[upstream]\nurl = \"{url}\"\ntopic_prefix = \"site-7/\"\n");
+    relays_in_order_and_stops_cleanly(config, "s-1", 100, "site-7/sensors/s-1/temp").await;
 }
 
 /// `wakeup_coalescing` holds the runtime thread before it sleeps while events come often: the
@@ -56,26 +72,8 @@ async fn with_wakeup_coalescing_every_event_arrives_in_order_and_a_stop_is_clean
     if !require_mosquitto() {
         return;
     }
-    let upstream = Mosquitto::start().await.expect("start mosquitto");
-    let mut subscriber =
-        Subscriber::start(upstream.addr(), "#", Session::Clean).await.expect("subscribe upstream");
-    let data = tempfile::tempdir().expect("tempdir");
-    let config = format!("wakeup_coalescing = \"10ms\"\n[upstream]\nurl = \"{}\"\n", upstream.url());
-    let mut gateway =
-        GatewaySpec::new(data.path()).config_toml(config).start().await.expect("start the gateway");
-
-    let payloads: Vec<String> = (1..=300).map(|n| format!("{{\"device\":\"s-2\",\"n\":{n}}}")).collect();
-    let bytes = payloads.iter().map(|p| p.clone().into_bytes());
-    publish_qos1(gateway.listen(), "s-2", "sensors/s-2/temp", bytes, TIMEOUT)
-        .await
-        .expect("the gateway acks");
-    subscriber.wait_for_count(300, TIMEOUT).await.unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
-
-    let status = gateway.terminate().await.expect("the gateway stops");
-    assert!(status.success(), "exit status {status}\n{}", gateway.tail());
-    let expected: Vec<(String, String)> =
-        payloads.into_iter().map(|p| ("sensors/s-2/temp".to_owned(), p)).collect();
-    assert_eq!(readable(subscriber.messages()), expected, "topics, payloads and order are exact");
+    let config = |url: &str| format!("wakeup_coalescing = \"10ms\"\n[upstream]\nurl = \"{url}\"\n");
+    relays_in_order_and_stops_cleanly(config, "s-2", 300, "sensors/s-2/temp").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
