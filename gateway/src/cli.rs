@@ -999,36 +999,54 @@ fn abort_on_panic() {
 /// upstream PUBACK), and a wake-up's fixed cost — the scheduler, `epoll_wait`, the cold state
 /// of every task it touches — outweighs the event's own work several times (README,
 /// "At low rates"). Waiting a few milliseconds before sleeping lets the events of that
-/// interval share one wake-up, one upstream write and one PUBACK read. Only while busy: a
-/// thread that last woke longer ago than twice the interval sleeps at once, so an idle fleet
-/// keeps its few wake-ups and a lone event its latency.
+/// interval share one wake-up, one upstream write and one PUBACK read. Only while busy: when
+/// the thread's last sleep lasted two intervals or more it sleeps at once, so an idle fleet
+/// keeps its few wake-ups and the first event after a quiet spell its latency.
 struct Coalescer {
     interval: std::time::Duration,
-    /// When the thread last woke; a mutex nobody else takes (one runtime thread).
-    woke: std::sync::Mutex<std::time::Instant>,
+    /// When the thread last went to sleep, and how long its last sleep lasted. A mutex nobody
+    /// else takes (one runtime thread).
+    sleep: std::sync::Mutex<(std::time::Instant, std::time::Duration)>,
 }
 
 impl Coalescer {
     fn new(interval: std::time::Duration) -> Coalescer {
-        Coalescer { interval, woke: std::sync::Mutex::new(std::time::Instant::now()) }
+        // Starts as after a long sleep: nothing to coalesce yet.
+        Coalescer {
+            interval,
+            sleep: std::sync::Mutex::new((std::time::Instant::now(), std::time::Duration::MAX)),
+        }
     }
 
-    /// How long to wait before sleeping, `now`.
-    fn wait_before_park(&self, now: std::time::Instant) -> Option<std::time::Duration> {
-        let woke = *self.woke.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        (now.saturating_duration_since(woke) < 2 * self.interval).then_some(self.interval)
+    fn state(&self) -> std::sync::MutexGuard<'_, (std::time::Instant, std::time::Duration)> {
+        self.sleep.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long to wait before sleeping: the interval if the last sleep was short (busy).
+    fn wait_before_park(&self) -> Option<std::time::Duration> {
+        (self.state().1 < 2 * self.interval).then_some(self.interval)
+    }
+
+    fn parked(&self, now: std::time::Instant) {
+        self.state().0 = now;
+    }
+
+    fn woke(&self, now: std::time::Instant) {
+        let mut state = self.state();
+        state.1 = now.saturating_duration_since(state.0);
     }
 
     fn before_park(&self) {
-        if let Some(wait) = self.wait_before_park(std::time::Instant::now()) {
+        if let Some(wait) = self.wait_before_park() {
             // Deliberate: the thread has nothing to run; what arrives meanwhile waits in the
             // sockets' buffers and is taken in one turn.
             std::thread::sleep(wait);
         }
+        self.parked(std::time::Instant::now());
     }
 
     fn after_unpark(&self) {
-        *self.woke.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = std::time::Instant::now();
+        self.woke(std::time::Instant::now());
     }
 }
 
@@ -1126,17 +1144,23 @@ fn buffer(command: BufferCommand) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    /// Waits only while busy: woken within twice the interval; a quiet thread sleeps at once.
+    /// Waits only while busy: after a sleep shorter than two intervals. After a long sleep
+    /// (idle, or the first event after a quiet spell) the thread sleeps at once.
     #[test]
-    fn the_coalescer_waits_only_while_wake_ups_come_often() {
+    fn the_coalescer_waits_only_after_short_sleeps() {
         let interval = std::time::Duration::from_millis(10);
         let coalescer = Coalescer::new(interval);
-        coalescer.after_unpark();
-        let woke = *coalescer.woke.lock().expect("lock");
-        assert_eq!(coalescer.wait_before_park(woke), Some(interval));
-        assert_eq!(coalescer.wait_before_park(woke + interval), Some(interval));
-        assert_eq!(coalescer.wait_before_park(woke + 2 * interval), None, "idle for two intervals");
-        assert_eq!(coalescer.wait_before_park(woke + std::time::Duration::from_secs(60)), None);
+        assert_eq!(coalescer.wait_before_park(), None, "nothing to coalesce at start");
+        let t = std::time::Instant::now();
+        coalescer.parked(t);
+        coalescer.woke(t + std::time::Duration::from_millis(1));
+        assert_eq!(coalescer.wait_before_park(), Some(interval), "woken 1 ms after going to sleep: busy");
+        coalescer.parked(t + std::time::Duration::from_millis(2));
+        coalescer.woke(t + std::time::Duration::from_millis(2) + 2 * interval);
+        assert_eq!(coalescer.wait_before_park(), None, "slept two intervals: idle");
+        coalescer.parked(t + std::time::Duration::from_secs(1));
+        coalescer.woke(t + std::time::Duration::from_secs(61));
+        assert_eq!(coalescer.wait_before_park(), None);
     }
 
     #[test]
