@@ -691,12 +691,21 @@ impl Windows {
     pub fn flush(&mut self) -> Vec<Closed> {
         let mut out = Vec::new();
         let plan = &self.plan;
+        let numbered = closes_on_events(plan.spec);
         for (key, group) in self.groups.drain() {
             out.extend(group.due.into_iter().map(|d| d.given(plan.spec)));
             if let GroupState::Open(instances) = group.state {
                 for instance in instances {
                     let at = close_time(plan.spec, &instance).unwrap_or(instance.last);
-                    out.push(instance.close(plan, &key, at, true));
+                    let mut closed = instance.close(plan, &key, at, true);
+                    // A count or sliding window cut short here has the bounds of its events,
+                    // which an earlier window of the group, closed within the same
+                    // millisecond, can share: its own number keeps their ids apart.
+                    if numbered {
+                        closed.seq = Some(self.next_seq);
+                        self.next_seq += 1;
+                    }
+                    out.push(closed);
                 }
             }
             self.changes.removed(|| key.into_string());

@@ -881,3 +881,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_count_window_cut_short_by_a_flush_is_numbered_apart_from_one_closed_in_the_same_millisecond() {
+    // Three readings in one millisecond: the first window (2 readings) closes, the flush cuts
+    // the second short with the same bounds (5, 5); only their numbers tell their ids apart.
+    let mut w = count_sum(WindowSpec::Count { size: 2, step: 2 });
+    let mut closed = Vec::new();
+    for value in [1, 2, 3] {
+        closed.extend(push(&mut w, 5, "k", value));
+    }
+    closed.extend(w.flush());
+    assert_eq!(brief(&closed).iter().map(|c| (c.1, c.2)).collect::<Vec<_>>(), vec![(5, 5), (5, 5)]);
+    let seqs: Vec<Option<u64>> = closed.iter().map(|c| c.seq).collect();
+    assert!(seqs.iter().all(Option::is_some) && seqs[0] != seqs[1], "{closed:?}");
+}
