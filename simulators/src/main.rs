@@ -280,6 +280,9 @@ struct IdleBenchArgs {
     /// The `mosquitto` executable (edge bridge and upstream).
     #[arg(long, default_value = "/usr/sbin/mosquitto")]
     mosquitto: PathBuf,
+    /// A config file for Outpost instead of the generated one (as `compare --outpost-config`).
+    #[arg(long)]
+    outpost_config: Option<PathBuf>,
     /// Idle clients connected to each system.
     #[arg(long, default_value_t = 1000)]
     connections: usize,
@@ -905,6 +908,7 @@ async fn run_idle_bench(args: IdleBenchArgs, cancel: CancellationToken) -> anyho
     let cfg = idle_bench::IdleBenchConfig {
         outpost,
         mosquitto: args.mosquitto,
+        outpost_config: args.outpost_config,
         connections: args.connections,
         keepalive_s: args.keepalive,
         window: args.window,
