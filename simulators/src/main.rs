@@ -223,6 +223,13 @@ struct IngestBenchArgs {
     /// Run only the WAN phases: no idle, fixed-rate or saturation phase.
     #[arg(long)]
     only_wan: bool,
+    /// The `perf` executable that records the gateway's pwrite64/fdatasync/fsync calls in the
+    /// WAN phases' windows (bytes redb writes, syncs); left out when it cannot record them.
+    #[arg(long, default_value = "perf")]
+    perf: PathBuf,
+    /// Do not run `perf`.
+    #[arg(long)]
+    no_perf: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -984,6 +991,7 @@ async fn run_ingest_bench(args: IngestBenchArgs, cancel: CancellationToken) -> a
         work_dir: args.work_dir,
         wan: args.wan,
         wan_outage: args.wan_outage,
+        perf: (!args.no_perf).then_some(args.perf),
     };
     let report = ingest_bench::run_ingest_bench(cfg, cancel).await?;
     if let Some(path) = &args.json {

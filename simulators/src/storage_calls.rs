@@ -1,0 +1,165 @@
+//! What a gateway hands the kernel for storage, counted from its system calls: the benches'
+//! measure of flash wear (`window-bench`, `ingest-bench`'s WAN phases).
+//!
+//! # Why not `write_bytes`
+//! On kernels whose page cache holds large folios (ext4 since Linux 6.16), `write_bytes` of
+//! `/proc/PID/io` counts a whole folio (up to 2 MiB) each time a write makes a clean folio
+//! dirty, however few bytes the write held: a 4 KiB `pwrite` into a file that was read with
+//! readahead counted 2 MiB, 512 times what was written (measured, rules/README.md "What
+//! windows cost"). So a [`Recording`] runs `perf record` on the gateway's `pwrite64`,
+//! `fdatasync` and `fsync` tracepoints over a measured window and counts the bytes redb handed
+//! the kernel (redb writes its pages with `pwrite64`, nothing else in the gateway does) and
+//! the syncs (one per durable commit). Those bytes still reach the device through the page
+//! cache and the file system (their journal and metadata come on top), but they are what the
+//! gateway chose to write, and they do not depend on the folio size.
+//!
+//! `perf` needs root or `perf_event_paranoid` ≤ 1 with tracefs readable; [`perf_works`] checks
+//! that once, so a bench can say why the columns are missing instead of failing.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::process::{ChildProcess, run_to_completion};
+
+/// The gateway's storage system calls over a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StorageCallCounts {
+    pub pwrites: u64,
+    /// Bytes in the `pwrite64` calls.
+    pub pwrite_bytes: u64,
+    /// `fdatasync` plus `fsync` calls.
+    pub syncs: u64,
+}
+
+impl StorageCallCounts {
+    /// Each count divided by `secs`.
+    pub fn per_second(&self, secs: f64) -> StorageCalls {
+        StorageCalls {
+            pwrite_bytes: self.pwrite_bytes as f64 / secs,
+            pwrites: self.pwrites as f64 / secs,
+            syncs: self.syncs as f64 / secs,
+        }
+    }
+}
+
+/// The gateway's storage system calls in a measured window, per second.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StorageCalls {
+    /// Bytes in `pwrite64` calls.
+    pub pwrite_bytes: f64,
+    pub pwrites: f64,
+    /// `fdatasync` plus `fsync` calls: one per durable redb commit.
+    pub syncs: f64,
+}
+
+/// Checks that `perf` runs and can record a syscall tracepoint, on a short `true`.
+pub async fn perf_works(perf: &Path) -> anyhow::Result<()> {
+    let mut command = std::process::Command::new(perf);
+    command.args(["record", "-q", "-e", "syscalls:sys_enter_fdatasync", "-o", "/dev/null", "--", "true"]);
+    let output =
+        tokio::task::spawn_blocking(move || run_to_completion(command)).await.context("perf panicked")??;
+    anyhow::ensure!(
+        output.status.success(),
+        "{} cannot record syscall tracepoints ({}): {}",
+        perf.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+/// The tracepoints recorded during the measured window.
+const TRACEPOINTS: &str = "syscalls:sys_enter_pwrite64,syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync";
+
+/// A `perf record` of [`TRACEPOINTS`] in process `pid`, until [`Recording::finish`].
+pub struct Recording {
+    perf: PathBuf,
+    child: ChildProcess,
+    data: PathBuf,
+}
+
+impl Recording {
+    /// Starts recording process `pid`; the data goes to `<dir>/storage-calls.perf.data`.
+    pub fn start(perf: &Path, pid: u32, dir: &Path) -> anyhow::Result<Recording> {
+        let data = dir.join("storage-calls.perf.data");
+        let mut command = std::process::Command::new(perf);
+        command.args(["record", "-q", "-e", TRACEPOINTS, "-p", &pid.to_string(), "-o"]).arg(&data);
+        let child = ChildProcess::spawn("perf record", command)?;
+        Ok(Recording { perf: perf.to_owned(), child, data })
+    }
+
+    /// Stops the recording (SIGINT, as perf expects) and counts what it holds.
+    pub async fn finish(mut self) -> anyhow::Result<StorageCallCounts> {
+        self.child.signal(libc::SIGINT)?;
+        let status = self.child.wait_exit(Duration::from_secs(30)).await?;
+        // perf record writes its data on SIGINT, then raises the signal again to exit by it.
+        use std::os::unix::process::ExitStatusExt as _;
+        anyhow::ensure!(
+            status.success() || status.signal() == Some(libc::SIGINT),
+            "perf record failed ({status}): {}",
+            self.child.tail()
+        );
+        let mut command = std::process::Command::new(&self.perf);
+        command.args(["script", "-F", "event,trace", "-i"]).arg(&self.data);
+        let script = tokio::task::spawn_blocking(move || run_to_completion(command))
+            .await
+            .context("perf script panicked")??;
+        anyhow::ensure!(script.status.success(), "perf script failed ({})", script.status);
+        // No calls at all is a figure too: a gateway whose upstream acknowledges in time
+        // commits nothing.
+        Ok(count_storage_calls(&String::from_utf8_lossy(&script.stdout)))
+    }
+}
+
+/// The calls in `perf script -F event,trace` output, whose lines read
+/// `syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x…, count: 0x00001000, pos: 0x…`.
+fn count_storage_calls(script: &str) -> StorageCallCounts {
+    let mut counts = StorageCallCounts::default();
+    for line in script.lines() {
+        if line.contains("sys_enter_pwrite64") {
+            counts.pwrites += 1;
+            let count = line
+                .split_once("count: 0x")
+                .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_hexdigit()).next())
+                .and_then(|hex| u64::from_str_radix(hex, 16).ok());
+            counts.pwrite_bytes += count.unwrap_or(0);
+        } else if line.contains("sys_enter_fdatasync") || line.contains("sys_enter_fsync") {
+            counts.syncs += 1;
+        }
+    }
+    counts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lines `perf script -F event,trace` prints for the three tracepoints.
+    #[test]
+    fn storage_calls_are_counted_from_perf_script() {
+        let script = "\
+            syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb840042d0, count: 0x00000140, pos: 0x00000000
+            syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb7c159e30, count: 0x00010000, pos: 0x00121000
+            syscalls:sys_enter_fdatasync: fd: 0x00000009
+            syscalls:sys_enter_fsync: fd: 0x00000009
+            syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb7c159e30, count: 0x00001000, pos: 0x00002000
+        ";
+        let counts = count_storage_calls(script);
+        assert_eq!(
+            counts,
+            StorageCallCounts { pwrites: 3, pwrite_bytes: 0x140 + 0x10000 + 0x1000, syncs: 2 }
+        );
+        assert_eq!(count_storage_calls(""), StorageCallCounts::default());
+    }
+
+    #[test]
+    fn per_second_divides_every_count() {
+        let counts = StorageCallCounts { pwrites: 30, pwrite_bytes: 120_000, syncs: 6 };
+        assert_eq!(
+            counts.per_second(3.0),
+            StorageCalls { pwrite_bytes: 40_000.0, pwrites: 10.0, syncs: 2.0 }
+        );
+    }
+}
