@@ -58,7 +58,7 @@ use crate::compare::{cpu_per_event, machine_description, wait_delivered};
 use crate::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
 use crate::harness::free_addr;
 use crate::process::{ChildProcess, ProcessStats};
-use crate::storage_calls::Recording;
+use crate::storage_calls::{Recording, monotonic_now};
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, outpost_config, start_upstream_mosquitto};
 use crate::verify::{Subscriber, start_subscriber};
 
@@ -563,6 +563,15 @@ async fn run_load_with(
         ..FleetConfig::default()
     };
     let progress = Arc::new(FleetProgress::default());
+    // Before the load: attaching perf stalls the gateway (`storage_calls` module docs).
+    let recording = match wan.as_ref().and_then(|probe| probe.perf) {
+        Some(perf) => {
+            let mut recording = Recording::start(perf, gateway.pid()?, &gateway.spec().dir)?;
+            recording.ready().await?;
+            Some(recording)
+        }
+        None => None,
+    };
     let fleet = tokio::spawn(run_fleet_with_progress(fleet, CancellationToken::new(), Arc::clone(&progress)));
 
     // Pacing the measurement window, not waiting for an event.
@@ -581,16 +590,14 @@ async fn run_load_with(
         }
     };
     let disk_start = disk(gateway).await?;
-    let recording = match wan.as_ref().and_then(|probe| probe.perf) {
-        Some(perf) => Some(Recording::start(perf, gateway.pid()?, &gateway.spec().dir)?),
-        None => None,
-    };
     let start = Snapshot::take(gateway, upstream, &progress, subscriber.as_ref())?;
+    let window_start = monotonic_now();
     tokio::time::sleep(cfg.duration).await;
     let end = Snapshot::take(gateway, upstream, &progress, subscriber.as_ref())?;
+    let window_end = monotonic_now();
     let disk_end = disk(gateway).await?;
     let calls = match recording {
-        Some(recording) => match recording.finish().await {
+        Some(recording) => match recording.finish(window_start..window_end).await {
             Ok(counts) => Some(counts),
             Err(error) => {
                 eprintln!("   perf: {error:#}");

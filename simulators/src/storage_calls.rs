@@ -15,6 +15,13 @@
 //!
 //! `perf` needs root or `perf_event_paranoid` ≤ 1 with tracefs readable; [`perf_works`] checks
 //! that once, so a bench can say why the columns are missing instead of failing.
+//!
+//! # Start early, count the window
+//! Attaching costs: `perf record` takes about a second to start, and attaching the syscall
+//! tracepoints to a running gateway stalled it for ~2 s (ingest-bench's outage phase: PUBACK
+//! p99 2,130 ms with the recording started at the window, 252 ms without it). So a bench
+//! starts the recording before its load, waits until perf is [`Recording::ready`], and counts
+//! only the calls whose timestamps (`CLOCK_MONOTONIC`, [`monotonic_now`]) fall in the window.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -73,6 +80,22 @@ pub async fn perf_works(perf: &Path) -> anyhow::Result<()> {
 /// The tracepoints recorded during the measured window.
 const TRACEPOINTS: &str = "syscalls:sys_enter_pwrite64,syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync";
 
+/// How long perf may take to start recording.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `CLOCK_MONOTONIC` now, in seconds: the clock of a [`Recording`]'s timestamps (std's
+/// `Instant` reads the same clock but does not show it).
+#[allow(unsafe_code)]
+pub fn monotonic_now() -> f64 {
+    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime(2) writes one timespec into `now`, which lives across the call;
+    // CLOCK_MONOTONIC exists on every Linux, so it cannot fail with EINVAL, and `now` is a
+    // valid address, so not with EFAULT.
+    let result = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    debug_assert_eq!(result, 0);
+    now.tv_sec as f64 + now.tv_nsec as f64 / 1e9
+}
+
 /// A `perf record` of [`TRACEPOINTS`] in process `pid`, until [`Recording::finish`].
 pub struct Recording {
     perf: PathBuf,
@@ -85,13 +108,27 @@ impl Recording {
     pub fn start(perf: &Path, pid: u32, dir: &Path) -> anyhow::Result<Recording> {
         let data = dir.join("storage-calls.perf.data");
         let mut command = std::process::Command::new(perf);
-        command.args(["record", "-q", "-e", TRACEPOINTS, "-p", &pid.to_string(), "-o"]).arg(&data);
+        command
+            .args(["record", "-q", "-k", "CLOCK_MONOTONIC", "-e", TRACEPOINTS, "-p", &pid.to_string(), "-o"])
+            .arg(&data);
         let child = ChildProcess::spawn("perf record", command)?;
         Ok(Recording { perf: perf.to_owned(), child, data })
     }
 
-    /// Stops the recording (SIGINT, as perf expects) and counts what it holds.
-    pub async fn finish(mut self) -> anyhow::Result<StorageCallCounts> {
+    /// Waits until perf has attached: it writes its data file's header once the events are
+    /// open.
+    pub async fn ready(&mut self) -> anyhow::Result<()> {
+        let data = self.data.clone();
+        crate::harness::wait_until("perf record wrote its header", READY_TIMEOUT, || {
+            std::fs::metadata(&data).is_ok_and(|meta| meta.len() > 0)
+        })
+        .await?;
+        self.child.check_running()
+    }
+
+    /// Stops the recording (SIGINT, as perf expects) and counts the calls made between the
+    /// `CLOCK_MONOTONIC` times `window` ([`monotonic_now`]).
+    pub async fn finish(mut self, window: std::ops::Range<f64>) -> anyhow::Result<StorageCallCounts> {
         self.child.signal(libc::SIGINT)?;
         let status = self.child.wait_exit(Duration::from_secs(30)).await?;
         // perf record writes its data on SIGINT, then raises the signal again to exit by it.
@@ -102,22 +139,27 @@ impl Recording {
             self.child.tail()
         );
         let mut command = std::process::Command::new(&self.perf);
-        command.args(["script", "-F", "event,trace", "-i"]).arg(&self.data);
+        command.args(["script", "-F", "time,event,trace", "-i"]).arg(&self.data);
         let script = tokio::task::spawn_blocking(move || run_to_completion(command))
             .await
             .context("perf script panicked")??;
         anyhow::ensure!(script.status.success(), "perf script failed ({})", script.status);
         // No calls at all is a figure too: a gateway whose upstream acknowledges in time
         // commits nothing.
-        Ok(count_storage_calls(&String::from_utf8_lossy(&script.stdout)))
+        Ok(count_storage_calls(&String::from_utf8_lossy(&script.stdout), window))
     }
 }
 
-/// The calls in `perf script -F event,trace` output, whose lines read
-/// `syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x…, count: 0x00001000, pos: 0x…`.
-fn count_storage_calls(script: &str) -> StorageCallCounts {
+/// The calls in `window` in `perf script -F time,event,trace` output, whose lines read
+/// `48859.726803: syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x…, count: 0x00001000,
+/// pos: 0x…` (the time in seconds).
+fn count_storage_calls(script: &str, window: std::ops::Range<f64>) -> StorageCallCounts {
     let mut counts = StorageCallCounts::default();
     for line in script.lines() {
+        let time = line.split_once(':').and_then(|(time, _)| time.trim().parse::<f64>().ok());
+        if !time.is_some_and(|time| window.contains(&time)) {
+            continue;
+        }
         if line.contains("sys_enter_pwrite64") {
             counts.pwrites += 1;
             let count = line
@@ -140,18 +182,30 @@ mod tests {
     #[test]
     fn storage_calls_are_counted_from_perf_script() {
         let script = "\
-            syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb840042d0, count: 0x00000140, pos: 0x00000000
-            syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb7c159e30, count: 0x00010000, pos: 0x00121000
-            syscalls:sys_enter_fdatasync: fd: 0x00000009
+            48858.000001: syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb840042d0, count: 0x00000200, pos: 0x00000000
+            48859.726803: syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb840042d0, count: 0x00000140, pos: 0x00000000
+            48859.726900:  syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb7c159e30, count: 0x00010000, pos: 0x00121000
+            48860.000000: syscalls:sys_enter_fdatasync: fd: 0x00000009
+            48861.5: syscalls:sys_enter_fsync: fd: 0x00000009
+            48862.000000: syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb7c159e30, count: 0x00001000, pos: 0x00002000
             syscalls:sys_enter_fsync: fd: 0x00000009
-            syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb7c159e30, count: 0x00001000, pos: 0x00002000
         ";
-        let counts = count_storage_calls(script);
-        assert_eq!(
-            counts,
-            StorageCallCounts { pwrites: 3, pwrite_bytes: 0x140 + 0x10000 + 0x1000, syncs: 2 }
-        );
-        assert_eq!(count_storage_calls(""), StorageCallCounts::default());
+        // The first and the last call fall outside the window; a line without a time is not
+        // counted.
+        let counts = count_storage_calls(script, 48859.0..48862.0);
+        assert_eq!(counts, StorageCallCounts { pwrites: 2, pwrite_bytes: 0x140 + 0x10000, syncs: 2 });
+        assert_eq!(count_storage_calls(script, 0.0..1e9).pwrites, 4);
+        assert_eq!(count_storage_calls("", 0.0..1e9), StorageCallCounts::default());
+    }
+
+    #[test]
+    fn the_monotonic_clock_counts_seconds_as_instant_does() {
+        let (before, instant) = (monotonic_now(), std::time::Instant::now());
+        // Some work between the two reads, so both clocks move by more than their resolution.
+        let sum: u64 = (0..2_000_000_u64).map(|n| n % 7).sum();
+        let (elapsed, after) = (instant.elapsed().as_secs_f64(), monotonic_now());
+        assert!(sum > 0 && before > 0.0);
+        assert!(((after - before) - elapsed).abs() < 0.001, "{before} {after} {elapsed}");
     }
 
     #[test]

@@ -59,7 +59,7 @@ use crate::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
 use crate::harness::free_addr;
 use crate::ingest_bench::{AckMode, gateway_config, scrape_counter, write_bytes};
 use crate::process::{ChildProcess, ProcessStats};
-use crate::storage_calls::{Recording, StorageCalls, perf_works};
+use crate::storage_calls::{Recording, StorageCalls, monotonic_now, perf_works};
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, start_upstream_mosquitto};
 use crate::verify::{Message, Subscriber, SubscriberOptions};
 
@@ -314,6 +314,16 @@ async fn measure(
         ..FleetConfig::default()
     };
     let progress = Arc::new(FleetProgress::default());
+    let pid = gateway.pid()?;
+    // Before the load: attaching perf stalls the gateway (`storage_calls` module docs).
+    let recording = match perf {
+        Some(perf) => {
+            let mut recording = Recording::start(perf, pid, &dir)?;
+            recording.ready().await?;
+            Some(recording)
+        }
+        None => None,
+    };
     let fleet = tokio::spawn(run_fleet_with_progress(fleet, CancellationToken::new(), Arc::clone(&progress)));
 
     // Pacing the measurement window, not waiting for an event.
@@ -330,19 +340,19 @@ async fn measure(
             arrived_bytes: arrivals.bytes.load(Ordering::Relaxed),
         })
     };
-    let pid = gateway.pid()?;
     let (written0, ck_bytes0, cks0, full0) = (
         write_bytes(pid)?,
         scrape_counter(metrics, "outpost_window_checkpoint_bytes_total").await?,
         scrape_counter(metrics, "outpost_window_checkpoints_total").await?,
         scrape_counter(metrics, "outpost_window_checkpoints_full_total").await.ok(),
     );
-    let recording = perf.map(|perf| Recording::start(perf, pid, &dir)).transpose()?;
     let start = take()?;
+    let window_start = monotonic_now();
     tokio::time::sleep(cfg.duration).await;
     let end = take()?;
+    let window_end = monotonic_now();
     let syscalls = match recording {
-        Some(recording) => match recording.finish().await {
+        Some(recording) => match recording.finish(window_start..window_end).await {
             Ok(counts) => Some(counts.per_second(end.at.duration_since(start.at).as_secs_f64())),
             Err(error) => {
                 eprintln!("   perf: {error:#}");
