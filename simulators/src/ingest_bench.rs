@@ -58,7 +58,7 @@ use crate::compare::{cpu_per_event, machine_description, wait_delivered};
 use crate::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
 use crate::harness::free_addr;
 use crate::process::{ChildProcess, ProcessStats};
-use crate::storage_calls::{Recording, monotonic_now};
+use crate::storage_calls::{Recording, STORE_THREAD, monotonic_now, thread_writes};
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, outpost_config, start_upstream_mosquitto};
 use crate::verify::{Subscriber, start_subscriber};
 
@@ -180,6 +180,9 @@ pub struct LoadResult {
     pub payload_mean_bytes: Option<f64>,
     /// WAN phases: buffer fsyncs (commits) per second in the window.
     pub fsyncs_per_s: Option<f64>,
+    /// WAN phases: bytes the gateway's store thread passed to write system calls in the
+    /// window (its `wchar`: redb's `pwrite64`s, read without perf), per acknowledged reading.
+    pub store_write_bytes_per_event: Option<f64>,
     /// WAN phases, with `perf`: bytes in the gateway's `pwrite64` calls in the window, per
     /// acknowledged reading.
     pub pwrite_bytes_per_event: Option<f64>,
@@ -353,11 +356,13 @@ async fn run_phases(cfg: &IngestBenchConfig, work_dir: &Path) -> anyhow::Result<
         let times_payload =
             |bytes: Option<f64>| fmt(bytes.zip(load.payload_mean_bytes).map(|(b, p)| b / p), 2);
         eprintln!(
-            "   acked {:.0}/s, {} µs/event, PUBACK p50 {} p99 {} ms, pwrite {} B/event ({}× the {} B mean payload), {} syncs/s; write_bytes {} B/event ({}×), {} buffer fsyncs/s, lost {}",
+            "   acked {:.0}/s, {} µs/event, PUBACK p50 {} p99 {} ms, store thread {} B/event ({}×), pwrite {} B/event ({}× the {} B mean payload), {} syncs/s; write_bytes {} B/event ({}×), {} buffer fsyncs/s, lost {}",
             load.acked_per_s,
             fmt(load.cpu_us_per_event, 1),
             fmt(load.puback_ms_p50, 2),
             fmt(load.puback_ms_p99, 2),
+            fmt(load.store_write_bytes_per_event, 0),
+            times_payload(load.store_write_bytes_per_event),
             fmt(load.pwrite_bytes_per_event, 0),
             times_payload(load.pwrite_bytes_per_event),
             fmt(load.payload_mean_bytes, 1),
@@ -581,10 +586,14 @@ async fn run_load_with(
         let pid = gateway.pid();
         async move {
             match metrics {
-                Some(metrics) => anyhow::Ok(Some((
-                    write_bytes(pid?)?,
-                    scrape_counter(metrics, "outpost_buffer_fsyncs_total").await?,
-                ))),
+                Some(metrics) => {
+                    let pid = pid?;
+                    anyhow::Ok(Some((
+                        write_bytes(pid)?,
+                        scrape_counter(metrics, "outpost_buffer_fsyncs_total").await?,
+                        thread_writes(pid, STORE_THREAD)?,
+                    )))
+                }
                 None => Ok(None),
             }
         }
@@ -649,13 +658,18 @@ async fn run_load_with(
         write_bytes_per_event: disk_start
             .zip(disk_end)
             .filter(|_| acked > 0)
-            .map(|((bytes, _), (bytes_end, _))| bytes_end.saturating_sub(bytes) as f64 / acked as f64),
+            .map(|((bytes, _, _), (bytes_end, _, _))| bytes_end.saturating_sub(bytes) as f64 / acked as f64),
+        store_write_bytes_per_event: disk_start.zip(disk_end).filter(|_| acked > 0).map(
+            |((_, _, store), (_, _, store_end))| {
+                store_end.bytes.saturating_sub(store.bytes) as f64 / acked as f64
+            },
+        ),
         payload_mean_bytes: (end.sent > start.sent).then(|| {
             (end.sent_payload_bytes - start.sent_payload_bytes) as f64 / (end.sent - start.sent) as f64
         }),
         fsyncs_per_s: disk_start
             .zip(disk_end)
-            .map(|((_, f), (_, f_end))| f_end.saturating_sub(f) as f64 / secs),
+            .map(|((_, f, _), (_, f_end, _))| f_end.saturating_sub(f) as f64 / secs),
         pwrite_bytes_per_event: calls.filter(|_| acked > 0).map(|c| c.pwrite_bytes as f64 / acked as f64),
         syncs_per_s: calls.map(|c| c.per_second(secs).syncs),
     })
@@ -838,8 +852,17 @@ impl IngestBenchReport {
             let payload = load.payload_mean_bytes.unwrap_or(self.payload_size as f64);
             let bytes =
                 |per_event: f64| format!("{per_event:.0} ({:.2}× {payload:.1} B)", per_event / payload);
+            if let Some(per_event) = load.store_write_bytes_per_event {
+                rows.push((
+                    format!("{label}: redb bytes/event, store thread wchar (× mean payload)"),
+                    bytes(per_event),
+                ));
+            }
             if let Some(per_event) = load.pwrite_bytes_per_event {
-                rows.push((format!("{label}: redb pwrite bytes/event (× mean payload)"), bytes(per_event)));
+                rows.push((
+                    format!("{label}: redb pwrite bytes/event, perf (× mean payload)"),
+                    bytes(per_event),
+                ));
             }
             if let Some(syncs) = load.syncs_per_s {
                 rows.push((format!("{label}: fdatasync+fsync calls/s"), format!("{syncs:.1}")));
@@ -948,6 +971,7 @@ mod tests {
             payload_mean_bytes: None,
             fsyncs_per_s: None,
             pwrite_bytes_per_event: None,
+            store_write_bytes_per_event: None,
             syncs_per_s: None,
         };
         let report = IngestBenchReport {
@@ -971,6 +995,7 @@ mod tests {
                     payload_mean_bytes: Some(126.0),
                     fsyncs_per_s: Some(40.0),
                     pwrite_bytes_per_event: Some(63.0),
+                    store_write_bytes_per_event: Some(64.0),
                     syncs_per_s: Some(4.0),
                     ..load
                 },
@@ -993,9 +1018,11 @@ mod tests {
         // Divided by the payloads actually sent, not by `payload_size`.
         assert!(table.contains("1311 (10.40× 126.0 B) |"), "{table}");
         assert!(
-            table.contains("wan-25ms (50 ms RTT) at 10000/s: redb pwrite bytes/event (× mean payload)"),
+            table.contains("wan-25ms (50 ms RTT) at 10000/s: redb pwrite bytes/event, perf (× mean payload)"),
             "{table}"
         );
+        assert!(table.contains("redb bytes/event, store thread wchar (× mean payload) "), "{table}");
+        assert!(table.contains("64 (0.51× 126.0 B) |"), "{table}");
         assert!(table.contains("63 (0.50× 126.0 B) |"), "{table}");
         assert!(table.contains("wan-25ms (50 ms RTT) at 10000/s: fdatasync+fsync calls/s "), "{table}");
         assert!(!table.contains("not recorded"), "{table}");
