@@ -21,12 +21,14 @@
 //!    to every chunk (a 25 ms one way is a 50 ms round trip, a good cellular link), or held down
 //!    for the whole phase (an outage; brought up after the window so the verifier can check that
 //!    nothing acknowledged was lost). Besides 2's figures, per acknowledged event and as a
-//!    multiple of the mean payload: the bytes redb handed the kernel in `pwrite64` calls and the
-//!    `fdatasync`/`fsync` calls per second, recorded with `perf` ([`crate::storage_calls`]; left
-//!    out, with the reason in the table, when `perf` cannot record), and next to them the bytes
-//!    the gateway caused to be written to storage by `/proc/PID/io` `write_bytes`, which large
-//!    folios inflate (same module's doc), and the buffer's own fsync counter
-//!    (`outpost_buffer_fsyncs_total` from the gateway's `/metrics`: one fsync per commit).
+//!    multiple of the mean payload: the bytes redb handed the kernel (the `outpost-store`
+//!    thread's `wchar`, [`crate::storage_calls`]) and the buffer's fsyncs per second
+//!    (`outpost_buffer_fsyncs_total` from the gateway's `/metrics`: one fsync per commit); next
+//!    to them the bytes the gateway caused to be written to storage by `/proc/PID/io`
+//!    `write_bytes`, which large folios inflate (same module's doc). With `perf` (off by
+//!    default: attaching it stalls the gateway, so it spoils the PUBACK latencies) also the
+//!    bytes in its `pwrite64` calls and its `fdatasync`/`fsync` calls per second, a
+//!    cross-check; the table says why they are missing when they are.
 //!
 //! In 2, 3 and 4 a verifier subscribed at the upstream (unless `verify` is off) counts what
 //! arrived in the window and, after the fleet stopped, checks that every acknowledged event
@@ -122,7 +124,7 @@ pub struct IngestBenchConfig {
     /// A WAN phase with the upstream link down throughout.
     pub wan_outage: bool,
     /// The `perf` executable that records the storage system calls of the WAN phases, or
-    /// `None` to leave them out.
+    /// `None` to leave them out (attaching perf disturbs the latencies, `storage_calls`).
     pub perf: Option<PathBuf>,
 }
 
@@ -306,7 +308,7 @@ async fn run_phases(cfg: &IngestBenchConfig, work_dir: &Path) -> anyhow::Result<
     let perf = match &cfg.perf {
         _ if wans.is_empty() => None,
         None => {
-            report.perf_note = Some("not asked for (--no-perf)".to_string());
+            report.perf_note = Some("not asked for (--perf PATH)".to_string());
             None
         }
         Some(perf) => match crate::storage_calls::perf_works(perf).await {
@@ -1027,8 +1029,8 @@ mod tests {
         assert!(table.contains("wan-25ms (50 ms RTT) at 10000/s: fdatasync+fsync calls/s "), "{table}");
         assert!(!table.contains("not recorded"), "{table}");
         let without =
-            IngestBenchReport { perf_note: Some("not asked for (--no-perf)".to_string()), ..report };
-        assert!(without.table().contains("storage system calls not recorded: not asked for (--no-perf)\n"));
+            IngestBenchReport { perf_note: Some("not asked for (--perf PATH)".to_string()), ..report };
+        assert!(without.table().contains("storage system calls not recorded: not asked for (--perf PATH)\n"));
     }
 
     #[test]

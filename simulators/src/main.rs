@@ -223,13 +223,11 @@ struct IngestBenchArgs {
     /// Run only the WAN phases: no idle, fixed-rate or saturation phase.
     #[arg(long)]
     only_wan: bool,
-    /// The `perf` executable that records the gateway's pwrite64/fdatasync/fsync calls in the
-    /// WAN phases' windows (bytes redb writes, syncs); left out when it cannot record them.
-    #[arg(long, default_value = "perf")]
-    perf: PathBuf,
-    /// Do not run `perf`.
+    /// Also record the gateway's pwrite64/fdatasync/fsync calls in the WAN phases' windows with
+    /// this `perf` executable (a cross-check of the store thread's bytes). Off by default:
+    /// attaching perf stalls the gateway and spoils the PUBACK latencies of those phases.
     #[arg(long)]
-    no_perf: bool,
+    perf: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -991,7 +989,7 @@ async fn run_ingest_bench(args: IngestBenchArgs, cancel: CancellationToken) -> a
         work_dir: args.work_dir,
         wan: args.wan,
         wan_outage: args.wan_outage,
-        perf: (!args.no_perf).then_some(args.perf),
+        perf: args.perf,
     };
     let report = ingest_bench::run_ingest_bench(cfg, cancel).await?;
     if let Some(path) = &args.json {
