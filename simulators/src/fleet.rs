@@ -246,6 +246,8 @@ pub struct FleetProgress {
     /// Payload bytes of the readings handed to the MQTT clients.
     sent_payload_bytes: AtomicU64,
     acked: AtomicU64,
+    /// Sensors connected now (CONNACK seen, connection not lost since).
+    connected: AtomicU64,
     /// Acknowledgement latencies in µs (QoS 1 and 2 only).
     ack_latency: AtomicHistogram,
 }
@@ -265,6 +267,12 @@ impl FleetProgress {
     /// Readings acknowledged so far.
     pub fn acked(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Sensors connected now: a measurement that should not see the fleet connect waits
+    /// until this reaches the fleet's size.
+    pub fn connected(&self) -> u64 {
+        self.connected.load(Ordering::Relaxed)
     }
 
     /// The acknowledgement latencies so far; the difference of two snapshots
@@ -287,6 +295,29 @@ pub async fn run_fleet_with_progress(
     cancel: CancellationToken,
     progress: Arc<FleetProgress>,
 ) -> anyhow::Result<FleetSummary> {
+    run_fleet_inner(cfg, cancel, progress, None).await
+}
+
+/// Like [`run_fleet_with_progress`], but publishing stops when `stop_publishing` fires (or
+/// `duration` elapses, or the count is reached), and each sensor then stays connected,
+/// taking its acknowledgements and keeping its connection alive, until `cancel` fires: a
+/// measurement can end after the last reading arrived and before the fleet disconnects. On
+/// `cancel` the connections are dropped without DISCONNECT.
+pub async fn run_fleet_held(
+    cfg: FleetConfig,
+    cancel: CancellationToken,
+    progress: Arc<FleetProgress>,
+    stop_publishing: CancellationToken,
+) -> anyhow::Result<FleetSummary> {
+    run_fleet_inner(cfg, cancel, progress, Some(stop_publishing)).await
+}
+
+async fn run_fleet_inner(
+    cfg: FleetConfig,
+    cancel: CancellationToken,
+    progress: Arc<FleetProgress>,
+    hold: Option<CancellationToken>,
+) -> anyhow::Result<FleetSummary> {
     cfg.validate()?;
     let (host, port) = crate::parse_broker(&cfg.broker)?;
     let tls = cfg.tls.as_ref().map(TlsOptions::client_config).transpose().context("invalid TLS settings")?;
@@ -308,7 +339,7 @@ pub async fn run_fleet_with_progress(
             request_capacity: REQUEST_CAPACITY,
             max_inflight: MAX_INFLIGHT,
         };
-        sensors.spawn(sensor.run(options, Arc::clone(&cfg), start, cancel.clone()));
+        sensors.spawn(sensor.run(options, Arc::clone(&cfg), start, cancel.clone(), hold.clone()));
     }
     let mut summary = FleetSummary::default();
     while let Some(joined) = sensors.join_next().await {
@@ -426,6 +457,7 @@ impl Sensor {
         cfg: Arc<FleetConfig>,
         start: Instant,
         cancel: CancellationToken,
+        hold: Option<CancellationToken>,
     ) -> anyhow::Result<(String, DeviceSummary)> {
         let (mut client, mut connection) = options.connect();
 
@@ -446,7 +478,7 @@ impl Sensor {
         let mut churn_at = cfg.churn.map(|every| Instant::now() + self.churn_delay(every));
 
         loop {
-            if !publishing && self.outstanding() == 0 {
+            if !publishing && self.outstanding() == 0 && hold.is_none() {
                 break;
             }
             let wake = {
@@ -468,11 +500,15 @@ impl Sensor {
                         () = sleep_until(publish_until), if publishing => {
                             publishing = false;
                             ack_deadline = Instant::now() + ACK_WAIT;
-                            if self.outstanding() == 0 {
+                            if self.outstanding() == 0 && hold.is_none() {
                                 break Wake::Stop;
                             }
                         }
-                        () = tokio::time::sleep_until(ack_deadline), if !publishing => break Wake::Stop,
+                        () = cancelled_or_never(hold.as_ref()), if publishing => {
+                            publishing = false;
+                        }
+                        // A held sensor waits for its acks as long as it is held.
+                        () = tokio::time::sleep_until(ack_deadline), if !publishing && hold.is_none() => break Wake::Stop,
                         () = sleep_until(churn_at), if churn_at.is_some() => break Wake::Churn,
                         wake = &mut next => break wake,
                         _ = ticker.tick(), if publishing && cfg.max_outstanding.is_none() => {
@@ -501,6 +537,7 @@ impl Sensor {
                     debug!(device = %self.device, "churn: reconnecting");
                     if connected {
                         self.disconnect(&client, &mut connection).await;
+                        self.progress.connected.fetch_sub(1, Ordering::Relaxed);
                     }
                     self.on_connection_lost(&mut connection);
                     (client, connection) = options.connect();
@@ -512,6 +549,9 @@ impl Sensor {
                 Wake::Polled(Ok(event)) => {
                     if event == ClientEvent::Connected {
                         debug!(device = %self.device, "connected");
+                        if !connected {
+                            self.progress.connected.fetch_add(1, Ordering::Relaxed);
+                        }
                         connected = true;
                         next_backoff = BACKOFF_MIN;
                     }
@@ -529,6 +569,7 @@ impl Sensor {
                 Wake::Polled(Err(ConnectionFailure { message: error, tls_rejected: false })) => {
                     if connected {
                         warn!(device = %self.device, %error, "connection lost; reconnecting");
+                        self.progress.connected.fetch_sub(1, Ordering::Relaxed);
                         connected = false;
                         self.on_connection_lost(&mut connection);
                     } else {
@@ -542,6 +583,9 @@ impl Sensor {
 
         if connected && !cancel.is_cancelled() {
             self.disconnect(&client, &mut connection).await;
+        }
+        if connected {
+            self.progress.connected.fetch_sub(1, Ordering::Relaxed);
         }
         self.summary.acked_seqs.sort_unstable();
         Ok((self.device, self.summary))
@@ -701,6 +745,14 @@ impl Sensor {
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits until `token` fires, or forever if there is none.
+async fn cancelled_or_never(token: Option<&CancellationToken>) {
+    match token {
+        Some(token) => token.cancelled().await,
         None => std::future::pending().await,
     }
 }

@@ -16,6 +16,10 @@
 //! kernel scheduled the thread). Memory per idle connection is the RSS with the clients
 //! minus the RSS before them, over their count.
 //!
+//! With `outpost_config` the gateway runs with that file as its config, as `compare
+//! --outpost-config` does (the listener, upstream and data directory still come from the
+//! command line, [`Gateway`]); the table's header names the file.
+//!
 //! The systems alternate per run (Outpost, bridge, bridge, Outpost, …) so that a machine that
 //! gets busier during the run does not favour one of them.
 
@@ -39,6 +43,8 @@ use crate::systems::{Gateway, GatewayKind, GatewaySpec, start_upstream_mosquitto
 pub struct IdleBenchConfig {
     pub outpost: PathBuf,
     pub mosquitto: PathBuf,
+    /// A config file for Outpost instead of the generated one.
+    pub outpost_config: Option<PathBuf>,
     /// Idle clients per system.
     pub connections: usize,
     /// The clients' keepalive, in seconds; each sends PINGREQ this often.
@@ -80,6 +86,8 @@ impl IdleRow {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct IdleBenchReport {
+    /// Outpost's config file, when it was not the generated one.
+    pub outpost_config: Option<PathBuf>,
     pub connections: usize,
     pub keepalive_s: u16,
     pub window_s: f64,
@@ -101,6 +109,16 @@ pub async fn run_idle_bench(
     if cfg.connections == 0 || cfg.runs == 0 || cfg.keepalive_s == 0 {
         anyhow::bail!("--connections, --runs and --keepalive must be above 0");
     }
+    // Checked now rather than by the first gateway start, minutes into the run.
+    let outpost_config = cfg
+        .outpost_config
+        .as_deref()
+        .map(|path| {
+            std::fs::canonicalize(path)
+                .with_context(|| format!("--outpost-config {}: cannot read the file", path.display()))
+        })
+        .transpose()?;
+    let cfg = IdleBenchConfig { outpost_config, ..cfg };
     let temp;
     let dir = match &cfg.work_dir {
         Some(dir) => dir.clone(),
@@ -136,6 +154,7 @@ pub async fn run_idle_bench(
         }
     }
     Ok(IdleBenchReport {
+        outpost_config: cfg.outpost_config.clone(),
         connections: cfg.connections,
         keepalive_s: cfg.keepalive_s,
         window_s: cfg.window.as_secs_f64(),
@@ -161,7 +180,7 @@ async fn measure(
         listen: free_addr()?,
         upstream: upstream_addr,
         dir: dir.join("gateway"),
-        outpost_config: None,
+        outpost_config: cfg.outpost_config.clone(),
         rules: None,
         tls_ca: None,
         autosave: Duration::from_secs(1),
@@ -340,6 +359,9 @@ impl IdleBenchReport {
             "idle fleet: {} MQTT 3.1.1 clients, keepalive {} s (one PINGREQ each per keepalive), {:.0} s windows\n\n",
             self.connections, self.keepalive_s, self.window_s
         );
+        if let Some(path) = &self.outpost_config {
+            out.insert_str(0, &format!("outpost config: {}\n", path.display()));
+        }
         out.push_str("| system | run | CPU ms/s alone | wake-ups/s alone | CPU ms/s with clients | wake-ups/s with clients | RSS per connection KiB |\n");
         out.push_str("| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
         for row in &self.rows {
@@ -368,6 +390,20 @@ mod tests {
         assert_eq!(parse_schedstat("123456 7890\n"), None);
         assert_eq!(parse_schedstat("x 1 2"), None);
         assert_eq!(parse_schedstat(""), None);
+    }
+
+    #[test]
+    fn the_table_names_outposts_config_file() {
+        let report = |outpost_config: Option<&str>| IdleBenchReport {
+            outpost_config: outpost_config.map(PathBuf::from),
+            connections: 1000,
+            keepalive_s: 60,
+            window_s: 30.0,
+            rows: Vec::new(),
+        };
+        let with = report(Some("/tmp/coalescing.toml")).table();
+        assert!(with.starts_with("outpost config: /tmp/coalescing.toml\nidle fleet: 1000"), "{with}");
+        assert!(!report(None).table().contains("outpost config"));
     }
 
     #[test]

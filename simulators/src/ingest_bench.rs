@@ -20,10 +20,15 @@
 //!    is an in-process [`crate::flaky`] link in front of the Mosquitto, adding a one-way latency
 //!    to every chunk (a 25 ms one way is a 50 ms round trip, a good cellular link), or held down
 //!    for the whole phase (an outage; brought up after the window so the verifier can check that
-//!    nothing acknowledged was lost). Besides 2's figures: the bytes the gateway caused to be
-//!    written to storage (`write_bytes` of `/proc/PID/io`) per acknowledged event and as a
-//!    multiple of the payload, and the buffer's fsyncs per second (`outpost_buffer_fsyncs_total`
-//!    from the gateway's `/metrics`: one fsync per commit).
+//!    nothing acknowledged was lost). Besides 2's figures, per acknowledged event and as a
+//!    multiple of the mean payload: the bytes redb handed the kernel (the `outpost-store`
+//!    thread's `wchar`, [`crate::storage_calls`]) and the buffer's fsyncs per second
+//!    (`outpost_buffer_fsyncs_total` from the gateway's `/metrics`: one fsync per commit); next
+//!    to them the bytes the gateway caused to be written to storage by `/proc/PID/io`
+//!    `write_bytes`, which large folios inflate (same module's doc). With `perf` (off by
+//!    default: attaching it stalls the gateway, so it spoils the PUBACK latencies) also the
+//!    bytes in its `pwrite64` calls and its `fdatasync`/`fsync` calls per second, a
+//!    cross-check; the table says why they are missing when they are.
 //!
 //! In 2, 3 and 4 a verifier subscribed at the upstream (unless `verify` is off) counts what
 //! arrived in the window and, after the fleet stopped, checks that every acknowledged event
@@ -55,6 +60,7 @@ use crate::compare::{cpu_per_event, machine_description, wait_delivered};
 use crate::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
 use crate::harness::free_addr;
 use crate::process::{ChildProcess, ProcessStats};
+use crate::storage_calls::{Recording, STORE_THREAD, monotonic_now, thread_writes};
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, outpost_config, start_upstream_mosquitto};
 use crate::verify::{Subscriber, start_subscriber};
 
@@ -117,6 +123,9 @@ pub struct IngestBenchConfig {
     pub wan: Vec<Duration>,
     /// A WAN phase with the upstream link down throughout.
     pub wan_outage: bool,
+    /// The `perf` executable that records the storage system calls of the WAN phases, or
+    /// `None` to leave them out (attaching perf disturbs the latencies, `storage_calls`).
+    pub perf: Option<PathBuf>,
 }
 
 /// The upstream link of a WAN phase.
@@ -173,6 +182,14 @@ pub struct LoadResult {
     pub payload_mean_bytes: Option<f64>,
     /// WAN phases: buffer fsyncs (commits) per second in the window.
     pub fsyncs_per_s: Option<f64>,
+    /// WAN phases: bytes the gateway's store thread passed to write system calls in the
+    /// window (its `wchar`: redb's `pwrite64`s, read without perf), per acknowledged reading.
+    pub store_write_bytes_per_event: Option<f64>,
+    /// WAN phases, with `perf`: bytes in the gateway's `pwrite64` calls in the window, per
+    /// acknowledged reading.
+    pub pwrite_bytes_per_event: Option<f64>,
+    /// WAN phases, with `perf`: the gateway's `fdatasync` and `fsync` calls per second.
+    pub syncs_per_s: Option<f64>,
 }
 
 /// The outcome of the idle-connection phase.
@@ -205,6 +222,8 @@ pub struct IngestBenchReport {
     pub window: usize,
     pub idle: Option<IdleResult>,
     pub loads: Vec<LoadResult>,
+    /// Why the WAN phases have no system-call figures, when they have none.
+    pub perf_note: Option<String>,
 }
 
 /// Publishing continues this long after the measured window, so the window never sees the
@@ -259,6 +278,7 @@ async fn run_phases(cfg: &IngestBenchConfig, work_dir: &Path) -> anyhow::Result<
         window: cfg.window,
         idle: None,
         loads: Vec::new(),
+        perf_note: None,
     };
 
     if cfg.idle_connections > 0 {
@@ -285,6 +305,20 @@ async fn run_phases(cfg: &IngestBenchConfig, work_dir: &Path) -> anyhow::Result<
     if cfg.wan_outage {
         wans.push(Wan::Outage);
     }
+    let perf = match &cfg.perf {
+        _ if wans.is_empty() => None,
+        None => {
+            report.perf_note = Some("not asked for (--perf PATH)".to_string());
+            None
+        }
+        Some(perf) => match crate::storage_calls::perf_works(perf).await {
+            Ok(()) => Some(perf.as_path()),
+            Err(error) => {
+                report.perf_note = Some(format!("{error:#}"));
+                None
+            }
+        },
+    };
     for (phase, mode, rate) in phases {
         eprintln!(
             "== {phase}: {}",
@@ -317,16 +351,26 @@ async fn run_phases(cfg: &IngestBenchConfig, work_dir: &Path) -> anyhow::Result<
             Wan::Outage => "wan-outage".to_string(),
         };
         eprintln!("== {phase}: {} events/s, after_commit", cfg.rate);
-        let load = run_wan(cfg, work_dir, &upstream, upstream_addr, &phase, wan).await?;
+        let load = run_wan(cfg, work_dir, &upstream, upstream_addr, &phase, wan, perf).await?;
+        if perf.is_some() && load.pwrite_bytes_per_event.is_none() && report.perf_note.is_none() {
+            report.perf_note = Some(format!("perf failed in {phase} (its error is above)"));
+        }
+        let times_payload =
+            |bytes: Option<f64>| fmt(bytes.zip(load.payload_mean_bytes).map(|(b, p)| b / p), 2);
         eprintln!(
-            "   acked {:.0}/s, {} µs/event, PUBACK p50 {} p99 {} ms, written {} B/event ({}× the {} B mean payload), {} fsyncs/s, lost {}",
+            "   acked {:.0}/s, {} µs/event, PUBACK p50 {} p99 {} ms, store thread {} B/event ({}×), pwrite {} B/event ({}× the {} B mean payload), {} syncs/s; write_bytes {} B/event ({}×), {} buffer fsyncs/s, lost {}",
             load.acked_per_s,
             fmt(load.cpu_us_per_event, 1),
             fmt(load.puback_ms_p50, 2),
             fmt(load.puback_ms_p99, 2),
-            fmt(load.write_bytes_per_event, 0),
-            fmt(load.write_bytes_per_event.zip(load.payload_mean_bytes).map(|(b, p)| b / p), 2),
+            fmt(load.store_write_bytes_per_event, 0),
+            times_payload(load.store_write_bytes_per_event),
+            fmt(load.pwrite_bytes_per_event, 0),
+            times_payload(load.pwrite_bytes_per_event),
             fmt(load.payload_mean_bytes, 1),
+            fmt(load.syncs_per_s, 1),
+            fmt(load.write_bytes_per_event, 0),
+            times_payload(load.write_bytes_per_event),
             fmt(load.fsyncs_per_s, 1),
             load.lost.map_or_else(|| "not checked".to_string(), |lost| lost.to_string()),
         );
@@ -343,6 +387,7 @@ async fn run_wan(
     upstream_addr: SocketAddr,
     phase: &str,
     wan: Wan,
+    perf: Option<&Path>,
 ) -> anyhow::Result<LoadResult> {
     let link_addr = free_addr()?;
     let listener = tokio::net::TcpListener::bind(link_addr)
@@ -367,7 +412,7 @@ async fn run_wan(
     let metrics = free_addr()?;
     let ack = cfg.set_ack_key.then_some(AckMode::AfterCommit);
     let mut gateway = start_gateway_with(cfg, work_dir, phase, link_addr, ack, Some(metrics)).await?;
-    let probe = WanProbe { metrics, switch: &switch, wan };
+    let probe = WanProbe { metrics, switch: &switch, wan, perf };
     let mut load =
         run_load_with(cfg, &mut gateway, upstream, upstream_addr, phase, ack, Some(cfg.rate), Some(probe))
             .await?;
@@ -384,6 +429,8 @@ struct WanProbe<'a> {
     /// Brings a downed link up after the window.
     switch: &'a tokio::sync::watch::Sender<bool>,
     wan: Wan,
+    /// Records the gateway's storage system calls in the window.
+    perf: Option<&'a Path>,
 }
 
 /// `write_bytes` from `/proc/PID/io`: bytes this process caused to be sent to storage.
@@ -523,6 +570,15 @@ async fn run_load_with(
         ..FleetConfig::default()
     };
     let progress = Arc::new(FleetProgress::default());
+    // Before the load: attaching perf stalls the gateway (`storage_calls` module docs).
+    let recording = match wan.as_ref().and_then(|probe| probe.perf) {
+        Some(perf) => {
+            let mut recording = Recording::start(perf, gateway.pid()?, &gateway.spec().dir)?;
+            recording.ready().await?;
+            Some(recording)
+        }
+        None => None,
+    };
     let fleet = tokio::spawn(run_fleet_with_progress(fleet, CancellationToken::new(), Arc::clone(&progress)));
 
     // Pacing the measurement window, not waiting for an event.
@@ -532,19 +588,35 @@ async fn run_load_with(
         let pid = gateway.pid();
         async move {
             match metrics {
-                Some(metrics) => anyhow::Ok(Some((
-                    write_bytes(pid?)?,
-                    scrape_counter(metrics, "outpost_buffer_fsyncs_total").await?,
-                ))),
+                Some(metrics) => {
+                    let pid = pid?;
+                    anyhow::Ok(Some((
+                        write_bytes(pid)?,
+                        scrape_counter(metrics, "outpost_buffer_fsyncs_total").await?,
+                        thread_writes(pid, STORE_THREAD)?,
+                    )))
+                }
                 None => Ok(None),
             }
         }
     };
     let disk_start = disk(gateway).await?;
     let start = Snapshot::take(gateway, upstream, &progress, subscriber.as_ref())?;
+    let window_start = monotonic_now();
     tokio::time::sleep(cfg.duration).await;
     let end = Snapshot::take(gateway, upstream, &progress, subscriber.as_ref())?;
+    let window_end = monotonic_now();
     let disk_end = disk(gateway).await?;
+    let calls = match recording {
+        Some(recording) => match recording.finish(window_start..window_end).await {
+            Ok(counts) => Some(counts),
+            Err(error) => {
+                eprintln!("   perf: {error:#}");
+                None
+            }
+        },
+        None => None,
+    };
 
     let summary = fleet.await.context("the fleet task panicked")??;
     gateway.check_running()?;
@@ -588,13 +660,20 @@ async fn run_load_with(
         write_bytes_per_event: disk_start
             .zip(disk_end)
             .filter(|_| acked > 0)
-            .map(|((bytes, _), (bytes_end, _))| bytes_end.saturating_sub(bytes) as f64 / acked as f64),
+            .map(|((bytes, _, _), (bytes_end, _, _))| bytes_end.saturating_sub(bytes) as f64 / acked as f64),
+        store_write_bytes_per_event: disk_start.zip(disk_end).filter(|_| acked > 0).map(
+            |((_, _, store), (_, _, store_end))| {
+                store_end.bytes.saturating_sub(store.bytes) as f64 / acked as f64
+            },
+        ),
         payload_mean_bytes: (end.sent > start.sent).then(|| {
             (end.sent_payload_bytes - start.sent_payload_bytes) as f64 / (end.sent - start.sent) as f64
         }),
         fsyncs_per_s: disk_start
             .zip(disk_end)
-            .map(|((_, f), (_, f_end))| f_end.saturating_sub(f) as f64 / secs),
+            .map(|((_, f, _), (_, f_end, _))| f_end.saturating_sub(f) as f64 / secs),
+        pwrite_bytes_per_event: calls.filter(|_| acked > 0).map(|c| c.pwrite_bytes as f64 / acked as f64),
+        syncs_per_s: calls.map(|c| c.per_second(secs).syncs),
     })
 }
 
@@ -772,15 +851,32 @@ impl IngestBenchReport {
                     None => "not checked".to_string(),
                 },
             ));
-            if let Some(per_event) = load.write_bytes_per_event {
-                let payload = load.payload_mean_bytes.unwrap_or(self.payload_size as f64);
+            let payload = load.payload_mean_bytes.unwrap_or(self.payload_size as f64);
+            let bytes =
+                |per_event: f64| format!("{per_event:.0} ({:.2}× {payload:.1} B)", per_event / payload);
+            if let Some(per_event) = load.store_write_bytes_per_event {
                 rows.push((
-                    format!("{label}: bytes written/event (× mean payload)"),
-                    format!("{per_event:.0} ({:.2}× {payload:.1} B)", per_event / payload),
+                    format!("{label}: redb bytes/event, store thread wchar (× mean payload)"),
+                    bytes(per_event),
+                ));
+            }
+            if let Some(per_event) = load.pwrite_bytes_per_event {
+                rows.push((
+                    format!("{label}: redb pwrite bytes/event, perf (× mean payload)"),
+                    bytes(per_event),
+                ));
+            }
+            if let Some(syncs) = load.syncs_per_s {
+                rows.push((format!("{label}: fdatasync+fsync calls/s"), format!("{syncs:.1}")));
+            }
+            if let Some(per_event) = load.write_bytes_per_event {
+                rows.push((
+                    format!("{label}: /proc write_bytes/event, folio-inflated (× mean payload)"),
+                    bytes(per_event),
                 ));
             }
             if let Some(fsyncs) = load.fsyncs_per_s {
-                rows.push((format!("{label}: buffer fsyncs/s"), format!("{fsyncs:.1}")));
+                rows.push((format!("{label}: buffer fsyncs/s (its counter)"), format!("{fsyncs:.1}")));
             }
             rows.push((format!("{label}: gateway RSS MiB"), format!("{:.1}", load.rss_kib as f64 / 1024.0)));
             rows.push((
@@ -803,6 +899,9 @@ impl IngestBenchReport {
             "load: {} sensors, QoS 1, {}-byte JSON; each phase measured over {:.0} s after {:.0} s of warm-up\n",
             self.sensors, self.payload_size, self.duration_s, self.warmup_s
         ));
+        if let Some(note) = &self.perf_note {
+            out.push_str(&format!("storage system calls not recorded: {note}\n"));
+        }
         let label_width = rows.iter().map(|(label, _)| label.chars().count()).max().unwrap_or(0);
         let value_width = rows.iter().map(|(_, value)| value.chars().count()).max().unwrap_or(0).max(5);
         let pad_left =
@@ -873,6 +972,9 @@ mod tests {
             write_bytes_per_event: None,
             payload_mean_bytes: None,
             fsyncs_per_s: None,
+            pwrite_bytes_per_event: None,
+            store_write_bytes_per_event: None,
+            syncs_per_s: None,
         };
         let report = IngestBenchReport {
             command: "outpost-sim ingest-bench".to_string(),
@@ -894,9 +996,13 @@ mod tests {
                     write_bytes_per_event: Some(1311.0),
                     payload_mean_bytes: Some(126.0),
                     fsyncs_per_s: Some(40.0),
+                    pwrite_bytes_per_event: Some(63.0),
+                    store_write_bytes_per_event: Some(64.0),
+                    syncs_per_s: Some(4.0),
                     ..load
                 },
             ],
+            perf_note: None,
         };
         let table = report.table();
         let lines: Vec<&str> = table.lines().filter(|line| line.starts_with('|')).collect();
@@ -906,11 +1012,25 @@ mod tests {
         assert!(table.contains("saturation (100 in flight/sensor): lost (of acked)"), "{table}");
         assert!(table.contains("not checked |"), "{table}");
         assert!(
-            table.contains("wan-25ms (50 ms RTT) at 10000/s: bytes written/event (× mean payload)"),
+            table.contains(
+                "wan-25ms (50 ms RTT) at 10000/s: /proc write_bytes/event, folio-inflated (× mean payload)"
+            ),
             "{table}"
         );
         // Divided by the payloads actually sent, not by `payload_size`.
         assert!(table.contains("1311 (10.40× 126.0 B) |"), "{table}");
+        assert!(
+            table.contains("wan-25ms (50 ms RTT) at 10000/s: redb pwrite bytes/event, perf (× mean payload)"),
+            "{table}"
+        );
+        assert!(table.contains("redb bytes/event, store thread wchar (× mean payload) "), "{table}");
+        assert!(table.contains("64 (0.51× 126.0 B) |"), "{table}");
+        assert!(table.contains("63 (0.50× 126.0 B) |"), "{table}");
+        assert!(table.contains("wan-25ms (50 ms RTT) at 10000/s: fdatasync+fsync calls/s "), "{table}");
+        assert!(!table.contains("not recorded"), "{table}");
+        let without =
+            IngestBenchReport { perf_note: Some("not asked for (--perf PATH)".to_string()), ..report };
+        assert!(without.table().contains("storage system calls not recorded: not asked for (--perf PATH)\n"));
     }
 
     #[test]

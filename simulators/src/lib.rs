@@ -23,6 +23,8 @@
 //!   free ports, condition waits.
 //! - [`systems`]: the gateways under test (Outpost, a Mosquitto bridge) and an upstream
 //!   Mosquitto, as child processes.
+//! - [`storage_calls`]: the bytes and syncs a gateway hands the kernel in a window, from
+//!   `perf record` on its system calls (what flash wear is measured by).
 //! - [`compare`]: the same workload through Outpost and a Mosquitto bridge, one table.
 //! - [`ingest_bench`]: the gateway's sensor side alone: CPU per event and PUBACK latency per
 //!   ack mode, saturation rate, memory per idle connection.
@@ -48,6 +50,7 @@ pub mod mqtt;
 pub mod payload;
 pub mod process;
 pub mod session_fuzz;
+pub mod storage_calls;
 pub mod systems;
 pub mod verify;
 pub mod window_bench;

@@ -223,6 +223,11 @@ struct IngestBenchArgs {
     /// Run only the WAN phases: no idle, fixed-rate or saturation phase.
     #[arg(long)]
     only_wan: bool,
+    /// Also record the gateway's pwrite64/fdatasync/fsync calls in the WAN phases' windows with
+    /// this `perf` executable (a cross-check of the store thread's bytes). Off by default:
+    /// attaching perf stalls the gateway and spoils the PUBACK latencies of those phases.
+    #[arg(long)]
+    perf: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -280,6 +285,9 @@ struct IdleBenchArgs {
     /// The `mosquitto` executable (edge bridge and upstream).
     #[arg(long, default_value = "/usr/sbin/mosquitto")]
     mosquitto: PathBuf,
+    /// A config file for Outpost instead of the generated one (as `compare --outpost-config`).
+    #[arg(long)]
+    outpost_config: Option<PathBuf>,
     /// Idle clients connected to each system.
     #[arg(long, default_value_t = 1000)]
     connections: usize,
@@ -905,6 +913,7 @@ async fn run_idle_bench(args: IdleBenchArgs, cancel: CancellationToken) -> anyho
     let cfg = idle_bench::IdleBenchConfig {
         outpost,
         mosquitto: args.mosquitto,
+        outpost_config: args.outpost_config,
         connections: args.connections,
         keepalive_s: args.keepalive,
         window: args.window,
@@ -980,6 +989,7 @@ async fn run_ingest_bench(args: IngestBenchArgs, cancel: CancellationToken) -> a
         work_dir: args.work_dir,
         wan: args.wan,
         wan_outage: args.wan_outage,
+        perf: args.perf,
     };
     let report = ingest_bench::run_ingest_bench(cfg, cancel).await?;
     if let Some(path) = &args.json {

@@ -121,6 +121,19 @@ impl Verifier {
         self.devices.get(device).is_some_and(|seen| seen.seqs.contains(&seq))
     }
 
+    /// The p50 and p99 latency, ms, of the distinct readings that arrived `arrivals`-th
+    /// (from 0, in arrival order, as [`Verifier::unique`] counted them): a measurement window's
+    /// readings are those between its two counts.
+    pub fn latency_ms_of(&self, arrivals: std::ops::Range<u64>) -> (Option<f64>, Option<f64>) {
+        let len = self.latencies_us.len();
+        let at = |index: u64| usize::try_from(index).map_or(len, |index| index.min(len));
+        let mut latencies =
+            self.latencies_us[at(arrivals.start)..at(arrivals.end).max(at(arrivals.start))].to_vec();
+        latencies.sort_unstable();
+        let ms = |us: u64| us as f64 / 1000.0;
+        (percentile(&latencies, 0.50).map(ms), percentile(&latencies, 0.99).map(ms))
+    }
+
     /// Summarises what arrived and, given the fleet's summary, what is missing.
     pub fn report(&self, expected: Option<&FleetSummary>) -> VerifyReport {
         let mut missing = 0;
@@ -468,6 +481,11 @@ impl Subscriber {
         self.lock().verifier.unique()
     }
 
+    /// See [`Verifier::latency_ms_of`].
+    pub fn latency_ms_of(&self, arrivals: std::ops::Range<u64>) -> (Option<f64>, Option<f64>) {
+        self.lock().verifier.latency_ms_of(arrivals)
+    }
+
     /// The kept messages as `(topic, payload)`, in arrival order.
     pub fn messages(&self) -> Vec<(String, Vec<u8>)> {
         self.lock().messages.iter().map(|m| (m.topic.clone(), m.payload.clone())).collect()
@@ -770,6 +788,25 @@ mod tests {
         assert_eq!(report.latency_ms_p99, Some(99.0));
         assert_eq!(report.latency_ms_max, Some(100.0));
         assert_eq!(Verifier::new().report(None).latency_ms_p50, None);
+    }
+
+    #[test]
+    fn latency_of_a_range_of_arrivals() {
+        let mut verifier = Verifier::new();
+        // Readings 1–10 took 500 ms (a fleet connecting), 11–110 took 1–100 ms.
+        for seq in 1..=10 {
+            verifier.record("t", &reading("a", seq, 1_000), 1_500);
+        }
+        for seq in 11..=110 {
+            verifier.record("t", &reading("a", seq, 1_000), 1_000 + seq - 10);
+        }
+        assert_eq!(verifier.latency_ms_of(10..110), (Some(50.0), Some(99.0)));
+        assert_eq!(verifier.latency_ms_of(0..110).1, Some(500.0));
+        assert_eq!(verifier.latency_ms_of(105..500), (Some(98.0), Some(100.0)));
+        assert_eq!(verifier.latency_ms_of(200..300), (None, None));
+        // A window whose end was read before its start (never in the benches) is empty.
+        let (start, end) = (50, 40);
+        assert_eq!(verifier.latency_ms_of(start..end), (None, None));
     }
 
     #[test]

@@ -36,14 +36,10 @@
 //! round's difference, their median and their spread.
 //!
 //! # Storage: `write_bytes` is not what reaches the disk
-//! On kernels whose page cache holds large folios (ext4 since Linux 6.16), `write_bytes`
-//! counts a whole folio (up to 2 MiB) each time a write makes a clean folio dirty, however
-//! few bytes the write held: a 4 KiB `pwrite` into a file that was read with readahead
-//! counted 2 MiB, 512 times what was written (measured, rules/README.md "What windows
-//! cost"). So with `perf` at hand the bench also records the gateway's `pwrite64`,
-//! `fdatasync` and `fsync` system calls during the measured window (tracepoints, `perf record
-//! -p`), and reports the bytes redb handed the kernel, the syncs (one per durable commit) and
-//! their ratio: the bytes per commit. `perf stat`'s instruction count would be the least noisy
+//! With `perf` at hand the bench also records the gateway's storage system calls during the
+//! measured window ([`crate::storage_calls`], which says why `write_bytes` overstates) and
+//! reports the bytes redb handed the kernel, the syncs (one per durable commit) and their
+//! ratio: the bytes per commit. `perf stat`'s instruction count would be the least noisy
 //! CPU figure, but virtual machines often have no hardware counters (this one reports `<not
 //! supported>`), so the bench does not depend on it.
 
@@ -62,7 +58,8 @@ use crate::compare::{cpu_per_event, machine_description};
 use crate::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
 use crate::harness::free_addr;
 use crate::ingest_bench::{AckMode, gateway_config, scrape_counter, write_bytes};
-use crate::process::{ChildProcess, ProcessStats, run_to_completion};
+use crate::process::{ChildProcess, ProcessStats};
+use crate::storage_calls::{Recording, StorageCalls, monotonic_now, perf_works};
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, start_upstream_mosquitto};
 use crate::verify::{Message, Subscriber, SubscriberOptions};
 
@@ -161,16 +158,6 @@ pub struct PhaseResult {
     pub offered_bytes_per_s: f64,
 }
 
-/// The gateway's storage system calls in the measured window, per second.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StorageCalls {
-    /// Bytes in `pwrite64` calls (redb writes its pages with them, nothing else does).
-    pub pwrite_bytes: f64,
-    pub pwrites: f64,
-    /// `fdatasync` plus `fsync` calls: one per durable redb commit.
-    pub syncs: f64,
-}
-
 pub struct WindowBenchReport {
     pub command: String,
     pub machine: String,
@@ -265,90 +252,6 @@ fn round_order(phases: &[Phase], round: usize) -> Vec<Phase> {
     order
 }
 
-/// Checks that `perf` runs and can record a syscall tracepoint (root or
-/// `perf_event_paranoid` ≤ 1 with tracefs readable), on a short `true`.
-async fn perf_works(perf: &Path) -> anyhow::Result<()> {
-    let mut command = std::process::Command::new(perf);
-    command.args(["record", "-q", "-e", "syscalls:sys_enter_fdatasync", "-o", "/dev/null", "--", "true"]);
-    let output =
-        tokio::task::spawn_blocking(move || run_to_completion(command)).await.context("perf panicked")??;
-    anyhow::ensure!(
-        output.status.success(),
-        "{} cannot record syscall tracepoints ({}): {}",
-        perf.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    Ok(())
-}
-
-/// The tracepoints recorded during the measured window.
-const TRACEPOINTS: &str = "syscalls:sys_enter_pwrite64,syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync";
-
-/// A `perf record` of [`TRACEPOINTS`] in process `pid`, until [`Recording::finish`].
-struct Recording {
-    perf: PathBuf,
-    child: ChildProcess,
-    data: PathBuf,
-}
-
-impl Recording {
-    fn start(perf: &Path, pid: u32, dir: &Path) -> anyhow::Result<Recording> {
-        let data = dir.join("storage-calls.perf.data");
-        let mut command = std::process::Command::new(perf);
-        command.args(["record", "-q", "-e", TRACEPOINTS, "-p", &pid.to_string(), "-o"]).arg(&data);
-        let child = ChildProcess::spawn("perf record", command)?;
-        Ok(Recording { perf: perf.to_owned(), child, data })
-    }
-
-    /// Stops the recording (SIGINT, as perf expects) and counts what it holds, per `secs`.
-    async fn finish(mut self, secs: f64) -> anyhow::Result<StorageCalls> {
-        self.child.signal(libc::SIGINT)?;
-        let status = self.child.wait_exit(Duration::from_secs(30)).await?;
-        // perf record writes its data on SIGINT, then raises the signal again to exit by it.
-        use std::os::unix::process::ExitStatusExt as _;
-        anyhow::ensure!(
-            status.success() || status.signal() == Some(libc::SIGINT),
-            "perf record failed ({status}): {}",
-            self.child.tail()
-        );
-        let mut command = std::process::Command::new(&self.perf);
-        command.args(["script", "-F", "event,trace", "-i"]).arg(&self.data);
-        let script = tokio::task::spawn_blocking(move || run_to_completion(command))
-            .await
-            .context("perf script panicked")??;
-        let text = String::from_utf8_lossy(&script.stdout);
-        let (pwrites, pwrite_bytes, syncs) = count_storage_calls(&text);
-        // None is a figure too: `forward` commits nothing while the upstream acknowledges.
-        anyhow::ensure!(script.status.success(), "perf script failed ({})", script.status);
-        Ok(StorageCalls {
-            pwrite_bytes: pwrite_bytes as f64 / secs,
-            pwrites: pwrites as f64 / secs,
-            syncs: syncs as f64 / secs,
-        })
-    }
-}
-
-/// `(pwrites, bytes in them, fdatasyncs + fsyncs)` in `perf script -F event,trace` output,
-/// whose lines read `syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x…, count:
-/// 0x00001000, pos: 0x…`.
-fn count_storage_calls(script: &str) -> (u64, u64, u64) {
-    let (mut pwrites, mut bytes, mut syncs) = (0, 0, 0);
-    for line in script.lines() {
-        if line.contains("sys_enter_pwrite64") {
-            pwrites += 1;
-            let count = line
-                .split_once("count: 0x")
-                .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_hexdigit()).next())
-                .and_then(|hex| u64::from_str_radix(hex, 16).ok());
-            bytes += count.unwrap_or(0);
-        } else if line.contains("sys_enter_fdatasync") || line.contains("sys_enter_fsync") {
-            syncs += 1;
-        }
-    }
-    (pwrites, bytes, syncs)
-}
-
 async fn measure(
     cfg: &WindowBenchConfig,
     phase: Phase,
@@ -411,6 +314,16 @@ async fn measure(
         ..FleetConfig::default()
     };
     let progress = Arc::new(FleetProgress::default());
+    let pid = gateway.pid()?;
+    // Before the load: attaching perf stalls the gateway (`storage_calls` module docs).
+    let recording = match perf {
+        Some(perf) => {
+            let mut recording = Recording::start(perf, pid, &dir)?;
+            recording.ready().await?;
+            Some(recording)
+        }
+        None => None,
+    };
     let fleet = tokio::spawn(run_fleet_with_progress(fleet, CancellationToken::new(), Arc::clone(&progress)));
 
     // Pacing the measurement window, not waiting for an event.
@@ -427,20 +340,20 @@ async fn measure(
             arrived_bytes: arrivals.bytes.load(Ordering::Relaxed),
         })
     };
-    let pid = gateway.pid()?;
     let (written0, ck_bytes0, cks0, full0) = (
         write_bytes(pid)?,
         scrape_counter(metrics, "outpost_window_checkpoint_bytes_total").await?,
         scrape_counter(metrics, "outpost_window_checkpoints_total").await?,
         scrape_counter(metrics, "outpost_window_checkpoints_full_total").await.ok(),
     );
-    let recording = perf.map(|perf| Recording::start(perf, pid, &dir)).transpose()?;
     let start = take()?;
+    let window_start = monotonic_now();
     tokio::time::sleep(cfg.duration).await;
     let end = take()?;
+    let window_end = monotonic_now();
     let syscalls = match recording {
-        Some(recording) => match recording.finish(end.at.duration_since(start.at).as_secs_f64()).await {
-            Ok(calls) => Some(calls),
+        Some(recording) => match recording.finish(window_start..window_end).await {
+            Ok(counts) => Some(counts.per_second(end.at.duration_since(start.at).as_secs_f64())),
             Err(error) => {
                 eprintln!("   perf: {error:#}");
                 None
@@ -734,19 +647,5 @@ mod tests {
         assert_eq!(median(&[]), None);
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
-    }
-
-    /// The lines `perf script -F event,trace` prints for the three tracepoints.
-    #[test]
-    fn storage_calls_are_counted_from_perf_script() {
-        let script = "\
-            syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb840042d0, count: 0x00000140, pos: 0x00000000
-            syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb7c159e30, count: 0x00010000, pos: 0x00121000
-            syscalls:sys_enter_fdatasync: fd: 0x00000009
-            syscalls:sys_enter_fsync: fd: 0x00000009
-            syscalls:sys_enter_pwrite64: fd: 0x00000009, buf: 0x7fcb7c159e30, count: 0x00001000, pos: 0x00002000
-        ";
-        assert_eq!(count_storage_calls(script), (3, 0x140 + 0x10000 + 0x1000, 2));
-        assert_eq!(count_storage_calls(""), (0, 0, 0));
     }
 }

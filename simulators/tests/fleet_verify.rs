@@ -181,3 +181,43 @@ async fn acked_readings_survive_connection_churn() {
         subscriber.wait_for_expected(&summary, Duration::from_secs(10)).await.expect("all acked arrive");
     assert_eq!(report.malformed, 0);
 }
+
+/// A held fleet counts its connections, stops publishing on its token and stays connected
+/// (all acknowledged, no more sent) until it is cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_fleet_stays_connected_until_cancelled() {
+    use std::sync::Arc;
+
+    use outpost_sim::fleet::{FleetProgress, run_fleet_held};
+    use outpost_sim::harness::wait_until;
+
+    let broker = start_broker();
+    let cfg = FleetConfig {
+        broker: broker.to_string(),
+        sensors: 4,
+        rate_per_sensor: 100.0,
+        client_prefix: "held-".to_string(),
+        ..FleetConfig::default()
+    };
+    let progress = Arc::new(FleetProgress::default());
+    let (cancel, stop_publishing) = (CancellationToken::new(), CancellationToken::new());
+    let fleet =
+        tokio::spawn(run_fleet_held(cfg, cancel.clone(), Arc::clone(&progress), stop_publishing.clone()));
+    let timeout = Duration::from_secs(10);
+    wait_until("4 sensors connected", timeout, || progress.connected() == 4).await.expect("connect");
+    wait_until("some readings acknowledged", timeout, || progress.acked() >= 20).await.expect("publish");
+    stop_publishing.cancel();
+    wait_until("every reading acknowledged", timeout, || progress.acked() == progress.sent())
+        .await
+        .expect("acks");
+    let sent = progress.sent();
+    // An observation window, not a synchronisation: a sensor that is not held leaves as soon
+    // as its last reading is acknowledged, which was already the case.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!fleet.is_finished(), "a held fleet ended before it was cancelled");
+    assert_eq!((progress.sent(), progress.connected()), (sent, 4), "held sensors neither publish nor leave");
+    cancel.cancel();
+    let summary = fleet.await.expect("the fleet task").expect("run the fleet");
+    assert_eq!((summary.sent, summary.acked), (sent, sent));
+    assert_eq!(progress.connected(), 0);
+}
