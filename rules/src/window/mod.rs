@@ -192,6 +192,33 @@ pub struct Windows {
     /// and ignored by equality.
     #[serde(skip)]
     hold: Hold,
+    /// Groups whose held list ([`Group::due`]) is not empty, so that [`Windows::has_due`]
+    /// (asked at every checkpoint) is not a scan of every group. Kept where a held list
+    /// changes, counted again where groups are decoded or replaced; equal in a state
+    /// restored from a log and the live one (the model tests compare them).
+    #[serde(skip)]
+    due_groups: usize,
+    /// Buffers the per-event path (`run::push`) reuses, so an event allocates none for its
+    /// group key's text or its aggregate inputs. Not state.
+    #[serde(skip)]
+    pub(crate) scratch: Scratch,
+}
+
+/// See [`Windows::scratch`]: emptied before each use, only the capacity is kept.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Scratch {
+    /// The group key's values, then its text (JSON, as `Value::to_json_string` writes an
+    /// array of them).
+    pub(crate) keys: Vec<Value>,
+    pub(crate) key: Vec<u8>,
+    /// One value per aggregate.
+    pub(crate) inputs: Vec<Value>,
+}
+
+impl PartialEq for Scratch {
+    fn eq(&self, _other: &Scratch) -> bool {
+        true
+    }
 }
 
 /// Whether windows that close on an event are held in their group ([`Group::due`]) until
@@ -316,7 +343,15 @@ impl Windows {
             counters: WindowCounters::default(),
             changes: Changes::default(),
             hold: Hold(false),
+            due_groups: 0,
+            scratch: Scratch::default(),
         }
+    }
+
+    /// Counts the groups with held closings again: after groups were decoded or replaced
+    /// wholesale (a restore, a delta applied).
+    fn count_due(&mut self) {
+        self.due_groups = self.groups.values().filter(|g| !g.due.is_empty()).count();
     }
 
     /// From now on, windows an event closes ([`Windows::push`], [`Windows::push_event`]:
@@ -340,8 +375,12 @@ impl Windows {
     /// and forgets them; groups left with nothing open are dropped.
     pub fn release(&mut self, mark: u64) -> Vec<Closed> {
         let mut out = Vec::new();
+        if self.due_groups == 0 {
+            return out;
+        }
         let changes = &mut self.changes;
         let spec = self.plan.spec;
+        let due_groups = &mut self.due_groups;
         self.groups.retain(|key, group| {
             if group.due.first().is_none_or(|d| d.seq >= mark) {
                 return true;
@@ -349,6 +388,9 @@ impl Windows {
             // Held in order of their sequence numbers.
             let at = group.due.partition_point(|d| d.seq < mark);
             out.extend(group.due.drain(..at).map(|d| d.given(spec)));
+            if group.due.is_empty() {
+                *due_groups -= 1;
+            }
             if group.due.is_empty() && !group.is_open() {
                 changes.removed(|| key.to_string());
                 return false;
@@ -363,7 +405,7 @@ impl Windows {
 
     /// Closings held: [`Windows::release`] has something to give.
     pub fn has_due(&self) -> bool {
-        self.groups.values().any(|g| !g.due.is_empty())
+        self.due_groups != 0
     }
 
     /// In hold mode, moves the closings an event made (`out[first_out..]`) into the state,
@@ -389,6 +431,9 @@ impl Windows {
                 due: Vec::new(),
                 dirty: false,
             });
+            if group.due.is_empty() {
+                self.due_groups += 1;
+            }
             group.due.push(Due { seq, closed });
             group.touch();
         }
@@ -551,8 +596,16 @@ impl Windows {
         let seq = self.next_seq;
         self.next_seq += 1;
         let first_held = out.len();
-        self.ensure_group(key, seq, out);
-        let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
+        // One lookup for a group with a window open (nearly every event); a new group, or
+        // one with held closings only, takes the path that may evict, then a second.
+        let group = match self.groups.get_mut(key) {
+            Some(group) if group.is_open() => group,
+            _ => {
+                self.ensure_group(key, seq, out);
+                let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
+                group
+            }
+        };
         group.seq = seq;
         group.touch();
         let plan = &self.plan;
@@ -703,6 +756,7 @@ impl Windows {
         }
         self.changes.bound(0);
         self.deadline = u64::MAX;
+        self.due_groups = 0;
         sort_closed(&mut out);
         out
     }
@@ -791,6 +845,7 @@ impl Windows {
         // event on (the watermark does not move back).
         self.plan.max_groups = plan.max_groups;
         self.plan.time = plan.time.clone();
+        self.count_due();
         Ok(self)
     }
 }
