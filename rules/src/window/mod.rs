@@ -251,7 +251,7 @@ struct Group {
     /// Absent from snapshots written before held closings existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     due: Vec<Due>,
-    /// Changed since the last delta: the next delta holds it (`delta`'s scan).
+    /// Changed since the last delta (its key then listed): the next delta holds it (`delta`).
     #[serde(skip)]
     dirty: bool,
 }
@@ -272,9 +272,13 @@ impl Group {
         }
     }
 
-    /// Notes that the group changed since the last delta.
-    fn touch(&mut self) {
-        self.dirty = true;
+    /// Notes that the group `key` changed since the last delta: its flag goes up, and the
+    /// first time since the last delta its key is listed for the delta (`delta`).
+    fn touch(&mut self, key: &str, changes: &mut Changes<String>) {
+        if !self.dirty {
+            self.dirty = true;
+            changes.changed_key(key);
+        }
     }
 }
 
@@ -395,7 +399,7 @@ impl Windows {
                 changes.removed(|| key.to_string());
                 return false;
             }
-            group.touch();
+            group.touch(key, changes);
             true
         });
         self.changes.bound(self.groups.len());
@@ -434,8 +438,8 @@ impl Windows {
             if group.due.is_empty() {
                 self.due_groups += 1;
             }
+            group.touch(&closed.key, &mut self.changes);
             group.due.push(Due { seq, closed });
-            group.touch();
         }
         self.changes.bound(self.groups.len());
     }
@@ -541,7 +545,10 @@ impl Windows {
                     &mut self.deadline,
                 ) {
                     *group_seq = seq;
-                    *dirty = true;
+                    if !*dirty {
+                        *dirty = true;
+                        self.changes.changed_key(key);
+                    }
                     self.next_seq += 1;
                     Pushed::Accepted
                 } else {
@@ -607,7 +614,7 @@ impl Windows {
             }
         };
         group.seq = seq;
-        group.touch();
+        group.touch(key, &mut self.changes);
         let plan = &self.plan;
         let mut deadline = self.deadline;
         let first_out = out.len();
@@ -731,7 +738,7 @@ impl Windows {
             if !keep {
                 changes.removed(|| key.to_string());
             } else if after != before {
-                group.touch();
+                group.touch(key, changes);
             }
             keep
         });
@@ -790,7 +797,7 @@ impl Windows {
             self.groups.remove(&oldest);
             self.changes.removed(|| oldest.into_string());
         } else {
-            group.touch();
+            group.touch(&oldest, &mut self.changes);
         }
     }
 
