@@ -15,7 +15,8 @@
 //!
 //! A sensor's ticket ([`AckQueue::timed_ticket`]) also measures how long the PUBACK was held:
 //! from the publish read to its last copy dropped, observed into `outpost_puback_hold_seconds`
-//! (wait-free: two clock reads and the histogram's atomics, no lock).
+//! (wait-free: two clock reads and the histogram's atomics, no lock). A checkpoint's commit
+//! releases its tickets with [`release_all`]: one clock read for the whole batch.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,6 +161,22 @@ impl Drop for TicketInner {
 #[derive(Debug, Clone)]
 pub struct Ticket(Arc<TicketInner>);
 
+/// Drops a batch of tickets made safe at one instant `now` (a checkpoint's commit: some
+/// hundreds at a time), each as a drop would, but with one clock read for the batch
+/// instead of one per ticket: a timed ticket whose last copy this is observes its own hold,
+/// `now` minus its receive time. A ticket with copies held elsewhere is only dropped here.
+pub fn release_all(tickets: Vec<Ticket>, now: Instant) {
+    for ticket in tickets {
+        if let Some(mut inner) = Arc::into_inner(ticket.0) {
+            if let (Some(received), Some(metrics)) = (inner.received.take(), inner.queue.metrics.get()) {
+                metrics.histograms().puback_hold.observe_duration(now.saturating_duration_since(received));
+            }
+            // Its drop completes the slot (and, its receive time taken, reads no clock).
+            drop(inner);
+        }
+    }
+}
+
 impl Ticket {
     /// Marks the publish as refused: the sensor gets a failure instead of a PUBACK.
     pub fn reject(&self) {
@@ -229,6 +246,22 @@ mod tests {
         drop(q.ticket());
         assert_eq!(metrics.histograms().puback_hold.snapshot().count, 1, "untimed tickets are not observed");
         assert_eq!(ready(&q), vec![Outcome::Safe, Outcome::Safe]);
+    }
+
+    #[test]
+    fn a_batch_release_acknowledges_in_order_and_observes_each_last_copy_once() {
+        let metrics = Metrics::default();
+        let q = AckQueue::new();
+        let held_elsewhere = q.timed_ticket(&metrics);
+        let copy = held_elsewhere.clone();
+        let batch = vec![held_elsewhere, q.timed_ticket(&metrics), q.timed_ticket(&metrics)];
+        let now = Instant::now();
+        release_all(batch, now);
+        assert_eq!(metrics.histograms().puback_hold.snapshot().count, 2, "the two last copies");
+        assert!(ready(&q).is_empty(), "the first publish has a copy held elsewhere: all wait for it");
+        drop(copy);
+        assert_eq!(metrics.histograms().puback_hold.snapshot().count, 3, "observed once, at its last drop");
+        assert_eq!(ready(&q), vec![Outcome::Safe, Outcome::Safe, Outcome::Safe]);
     }
 
     #[tokio::test]

@@ -66,6 +66,32 @@ impl Writer {
         Writer { bytes: Vec::new() }
     }
 
+    /// A writer whose buffer starts with room for `capacity` bytes: a caller that knows
+    /// about how large the record will be (the last one's size) spares the buffer's
+    /// regrowth, a copy of everything written so far each time it doubles.
+    pub(crate) fn with_capacity(capacity: usize) -> Writer {
+        Writer { bytes: Vec::with_capacity(capacity) }
+    }
+
+    /// Starts an array whose length is not known yet: its head is written in the 5-byte
+    /// form (lengths up to `u32::MAX`; CBOR allows a longer form than needed, and
+    /// [`Reader`] reads any), to be filled in by [`Writer::close_array`] with the position
+    /// returned. Spares a caller a count before it writes the items.
+    pub(crate) fn open_array(&mut self) -> usize {
+        let at = self.bytes.len();
+        self.bytes.extend_from_slice(&[(ARRAY << 5) | 26, 0, 0, 0, 0]);
+        at
+    }
+
+    /// Sets the length of the array [`Writer::open_array`] started at `at`. A length
+    /// beyond `u32::MAX` (more items than memory holds groups) is written as `u32::MAX`.
+    pub(crate) fn close_array(&mut self, at: usize, len: usize) {
+        let len = u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes();
+        if let Some(head) = self.bytes.get_mut(at + 1..at + 5) {
+            head.copy_from_slice(&len);
+        }
+    }
+
     fn head(&mut self, major: u8, n: u64) {
         let major = major << 5;
         if n < 24 {
@@ -446,6 +472,7 @@ impl Windows {
             let (key, group) = Group::decode(r)?;
             windows.groups.insert(key.into_boxed_str(), group);
         }
+        windows.count_due();
         Ok(windows)
     }
 }

@@ -192,6 +192,33 @@ pub struct Windows {
     /// and ignored by equality.
     #[serde(skip)]
     hold: Hold,
+    /// Groups whose held list ([`Group::due`]) is not empty, so that [`Windows::has_due`]
+    /// (asked at every checkpoint) is not a scan of every group. Kept where a held list
+    /// changes, counted again where groups are decoded or replaced; equal in a state
+    /// restored from a log and the live one (the model tests compare them).
+    #[serde(skip)]
+    due_groups: usize,
+    /// Buffers the per-event path (`run::push`) reuses, so an event allocates none for its
+    /// group key's text or its aggregate inputs. Not state.
+    #[serde(skip)]
+    pub(crate) scratch: Scratch,
+}
+
+/// See [`Windows::scratch`]: emptied before each use, only the capacity is kept.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Scratch {
+    /// The group key's values, then its text (JSON, as `Value::to_json_string` writes an
+    /// array of them).
+    pub(crate) keys: Vec<Value>,
+    pub(crate) key: Vec<u8>,
+    /// One value per aggregate.
+    pub(crate) inputs: Vec<Value>,
+}
+
+impl PartialEq for Scratch {
+    fn eq(&self, _other: &Scratch) -> bool {
+        true
+    }
 }
 
 /// Whether windows that close on an event are held in their group ([`Group::due`]) until
@@ -224,7 +251,7 @@ struct Group {
     /// Absent from snapshots written before held closings existed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     due: Vec<Due>,
-    /// Changed since the last delta: the next delta holds it (`delta`'s scan).
+    /// Changed since the last delta (its key then listed): the next delta holds it (`delta`).
     #[serde(skip)]
     dirty: bool,
 }
@@ -245,9 +272,13 @@ impl Group {
         }
     }
 
-    /// Notes that the group changed since the last delta.
-    fn touch(&mut self) {
-        self.dirty = true;
+    /// Notes that the group `key` changed since the last delta: its flag goes up, and the
+    /// first time since the last delta its key is listed for the delta (`delta`).
+    fn touch(&mut self, key: &str, changes: &mut Changes<String>) {
+        if !self.dirty {
+            self.dirty = true;
+            changes.changed_key(key);
+        }
     }
 }
 
@@ -316,7 +347,15 @@ impl Windows {
             counters: WindowCounters::default(),
             changes: Changes::default(),
             hold: Hold(false),
+            due_groups: 0,
+            scratch: Scratch::default(),
         }
+    }
+
+    /// Counts the groups with held closings again: after groups were decoded or replaced
+    /// wholesale (a restore, a delta applied).
+    fn count_due(&mut self) {
+        self.due_groups = self.groups.values().filter(|g| !g.due.is_empty()).count();
     }
 
     /// From now on, windows an event closes ([`Windows::push`], [`Windows::push_event`]:
@@ -340,8 +379,12 @@ impl Windows {
     /// and forgets them; groups left with nothing open are dropped.
     pub fn release(&mut self, mark: u64) -> Vec<Closed> {
         let mut out = Vec::new();
+        if self.due_groups == 0 {
+            return out;
+        }
         let changes = &mut self.changes;
         let spec = self.plan.spec;
+        let due_groups = &mut self.due_groups;
         self.groups.retain(|key, group| {
             if group.due.first().is_none_or(|d| d.seq >= mark) {
                 return true;
@@ -349,11 +392,14 @@ impl Windows {
             // Held in order of their sequence numbers.
             let at = group.due.partition_point(|d| d.seq < mark);
             out.extend(group.due.drain(..at).map(|d| d.given(spec)));
+            if group.due.is_empty() {
+                *due_groups -= 1;
+            }
             if group.due.is_empty() && !group.is_open() {
                 changes.removed(|| key.to_string());
                 return false;
             }
-            group.touch();
+            group.touch(key, changes);
             true
         });
         self.changes.bound(self.groups.len());
@@ -363,7 +409,7 @@ impl Windows {
 
     /// Closings held: [`Windows::release`] has something to give.
     pub fn has_due(&self) -> bool {
-        self.groups.values().any(|g| !g.due.is_empty())
+        self.due_groups != 0
     }
 
     /// In hold mode, moves the closings an event made (`out[first_out..]`) into the state,
@@ -389,8 +435,11 @@ impl Windows {
                 due: Vec::new(),
                 dirty: false,
             });
+            if group.due.is_empty() {
+                self.due_groups += 1;
+            }
+            group.touch(&closed.key, &mut self.changes);
             group.due.push(Due { seq, closed });
-            group.touch();
         }
         self.changes.bound(self.groups.len());
     }
@@ -496,7 +545,10 @@ impl Windows {
                     &mut self.deadline,
                 ) {
                     *group_seq = seq;
-                    *dirty = true;
+                    if !*dirty {
+                        *dirty = true;
+                        self.changes.changed_key(key);
+                    }
                     self.next_seq += 1;
                     Pushed::Accepted
                 } else {
@@ -551,10 +603,18 @@ impl Windows {
         let seq = self.next_seq;
         self.next_seq += 1;
         let first_held = out.len();
-        self.ensure_group(key, seq, out);
-        let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
+        // One lookup for a group with a window open (nearly every event); a new group, or
+        // one with held closings only, takes the path that may evict, then a second.
+        let group = match self.groups.get_mut(key) {
+            Some(group) if group.is_open() => group,
+            _ => {
+                self.ensure_group(key, seq, out);
+                let Some(group) = self.groups.get_mut(key) else { return Pushed::Accepted };
+                group
+            }
+        };
         group.seq = seq;
-        group.touch();
+        group.touch(key, &mut self.changes);
         let plan = &self.plan;
         let mut deadline = self.deadline;
         let first_out = out.len();
@@ -678,7 +738,7 @@ impl Windows {
             if !keep {
                 changes.removed(|| key.to_string());
             } else if after != before {
-                group.touch();
+                group.touch(key, changes);
             }
             keep
         });
@@ -712,6 +772,7 @@ impl Windows {
         }
         self.changes.bound(0);
         self.deadline = u64::MAX;
+        self.due_groups = 0;
         sort_closed(&mut out);
         out
     }
@@ -745,7 +806,7 @@ impl Windows {
             self.groups.remove(&oldest);
             self.changes.removed(|| oldest.into_string());
         } else {
-            group.touch();
+            group.touch(&oldest, &mut self.changes);
         }
     }
 
@@ -800,6 +861,7 @@ impl Windows {
         // event on (the watermark does not move back).
         self.plan.max_groups = plan.max_groups;
         self.plan.time = plan.time.clone();
+        self.count_due();
         Ok(self)
     }
 }

@@ -11,7 +11,6 @@
 //! does the same for a snapshot followed by [`WindowState::take_delta`]s, applied by rule
 //! name before the plans are matched.
 
-use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -44,6 +43,20 @@ pub struct WindowState {
     /// the windows: after a crash the restored state gives them again, the same. They
     /// belong to no rule of the set, so a restore under any rules keeps them.
     pending: Vec<Marked>,
+    /// The size of the last delta taken, the room the next one's buffer starts with. Not
+    /// state.
+    last_delta: SizeHint,
+}
+
+/// A buffer size remembered between records (see [`WindowState::last_delta`]); equal
+/// whatever it holds, as it is not state.
+#[derive(Debug, Clone, Copy, Default)]
+struct SizeHint(usize);
+
+impl PartialEq for SizeHint {
+    fn eq(&self, _other: &SizeHint) -> bool {
+        true
+    }
 }
 
 /// Format 1's version of a state snapshot (read only; format 2 is `window::codec`'s).
@@ -198,7 +211,9 @@ impl WindowState {
     /// [`WindowState::restore`] of another rule set (a reload), write a full
     /// [`WindowState::snapshot`] (and [`WindowState::clear_changes`]) before the next delta.
     pub fn take_delta(&mut self, rules: &RuleSet) -> Vec<u8> {
-        let mut w = Writer::new();
+        // Deltas of a steady load are of about one size: start at the last one's, with a
+        // little more, so that the buffer is not regrown (and copied) as it fills.
+        let mut w = Writer::with_capacity(self.last_delta.0 + self.last_delta.0 / 8 + 64);
         w.array(5);
         w.uint(FORMAT);
         let windowed = rules.rules.iter().zip(&self.rules).filter(|(_, s)| s.is_some()).count();
@@ -221,6 +236,7 @@ impl WindowState {
         }
         w.serde(&self.marks.delta());
         encode_pending(&self.pending, &mut w);
+        self.last_delta = SizeHint(w.bytes.len());
         w.bytes
     }
 
@@ -512,6 +528,7 @@ impl RuleSet {
                 .collect(),
             marks: Marks::default(),
             pending: Vec::new(),
+            last_delta: SizeHint::default(),
         }
     }
 
@@ -742,38 +759,55 @@ fn push(
     };
     let text = (!decoded.is_cbor(rule.payload)).then_some(decoded);
     let env = Env { event, payload, text, item: None, locals: &[] };
-    let inputs = (|| -> Result<Option<(String, Vec<Value>)>, EvalError> {
+    // The key's text and the inputs go into buffers kept between events (taken out of
+    // `windows` while it is borrowed, and put back).
+    let mut scratch = std::mem::take(&mut windows.scratch);
+    let taken = (|| -> Result<bool, EvalError> {
         for condition in window.where_.iter().chain(&window.filter) {
             if condition.truth(&env)? != Some(true) {
-                return Ok(None);
+                return Ok(false);
             }
         }
-        let keys = window.keys.iter().map(|k| k.eval(&env).map(Cow::into_owned)).collect::<Result<_, _>>()?;
-        let inputs = window
-            .args
-            .iter()
-            .map(|arg| match arg {
+        scratch.keys.clear();
+        for key in &window.keys {
+            scratch.keys.push(key.eval(&env)?.into_owned());
+        }
+        scratch.inputs.clear();
+        for arg in &window.args {
+            scratch.inputs.push(match arg {
                 // count(*): every event counts.
-                None => Ok(Value::Bool(true)),
-                Some(e) => e.eval(&env).map(Cow::into_owned),
-            })
-            .collect::<Result<_, _>>()?;
-        Ok(Some((Value::Array(keys).to_json_string(), inputs)))
+                None => Value::Bool(true),
+                Some(e) => e.eval(&env)?.into_owned(),
+            });
+        }
+        scratch.key.clear();
+        // The same text as `Value::Array(keys).to_json_string()`, which the state's keys
+        // have always been (an error, which serde_json's writer of values does not give,
+        // gives "" there too).
+        if serde_json::to_writer(&mut scratch.key, &scratch.keys[..]).is_err() {
+            scratch.key.clear();
+        }
+        Ok(true)
     })();
-    match inputs {
-        Ok(Some((key, inputs))) => {
+    match taken {
+        Ok(true) => {
+            let key = std::str::from_utf8(&scratch.key).unwrap_or_default();
+            let inputs = &scratch.inputs;
             let Some(path) = &window.event_time else {
-                windows.push(event.timestamp_ms, &key, &inputs, closed);
+                windows.push(event.timestamp_ms, key, inputs, closed);
+                windows.scratch = scratch;
                 return;
             };
             let at = match path.eval(&env).map_err(|EvalError(e)| e).and_then(|v| event_time_ms(&v)) {
                 Ok(at) => at,
                 Err(reason) => {
+                    windows.scratch = scratch;
                     dead_letter(out, rule, event, format!("event time: {reason}"));
                     return;
                 }
             };
-            let pushed = windows.push_event(at, event.timestamp_ms, &key, &inputs, closed);
+            let pushed = windows.push_event(at, event.timestamp_ms, key, inputs, closed);
+            windows.scratch = scratch;
             if window.late == LatePolicy::DeadLetter {
                 let reason = match pushed {
                     Pushed::Accepted => return,
@@ -796,8 +830,9 @@ fn push(
                 });
             }
         }
-        Ok(None) => {}
+        Ok(false) => windows.scratch = scratch,
         Err(EvalError(reason)) => {
+            windows.scratch = scratch;
             dead_letter(out, rule, event, reason);
         }
     }

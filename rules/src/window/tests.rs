@@ -260,12 +260,17 @@ proptest! {
             let mut out = Vec::new();
             held.push(now, &key, &inputs, &mut out);
             prop_assert!(out.is_empty(), "nothing comes out of a push while held");
+            // `has_due` keeps a count, not a scan: it must agree with one at every step.
+            let scanned = |w: &Windows| w.groups.values().any(|g| !g.due.is_empty());
+            prop_assert_eq!(held.has_due(), scanned(&held));
             if crash {
                 held = Windows::restore(&plan, &held.snapshot()).expect("own snapshot");
                 held.hold_event_closings();
             }
             if release || i == last {
                 let released = held.release(held.due_mark());
+                prop_assert!(!held.has_due(), "everything held was released");
+                prop_assert_eq!(held.has_due(), scanned(&held));
                 prop_assert_eq!(shown(&released), shown(&expected));
                 expected.clear();
                 // Open groups: a group whose count window just closed is kept empty at
