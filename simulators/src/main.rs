@@ -347,6 +347,10 @@ struct WindowBenchArgs {
     /// Keep logs, configs and data here instead of a temporary directory.
     #[arg(long)]
     work_dir: Option<PathBuf>,
+    /// The gateway's `buffer.commit_interval`, which is also the least time between two
+    /// checkpoints of the rules' state (default: the gateway's, 25 ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    commit_interval: Option<Duration>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -899,6 +903,7 @@ async fn run_window_bench(args: WindowBenchArgs, cancel: CancellationToken) -> a
         rounds: usize::from(args.rounds),
         perf: (!args.no_perf).then_some(args.perf),
         work_dir: args.work_dir,
+        commit_interval: args.commit_interval,
     };
     let report = window_bench::run_window_bench(cfg, cancel).await?;
     print!("{}", report.table());

@@ -127,6 +127,9 @@ pub struct WindowBenchConfig {
     /// The `perf` executable for the storage system calls, or `None` to leave them out.
     pub perf: Option<PathBuf>,
     pub work_dir: Option<PathBuf>,
+    /// The gateway's `buffer.commit_interval` (the least time between two checkpoints), or
+    /// `None` for its default.
+    pub commit_interval: Option<Duration>,
 }
 
 /// One measured phase.
@@ -266,6 +269,9 @@ async fn measure(
     let metrics = free_addr()?;
     let mut config = gateway_config(upstream_addr, Some(AckMode::AfterCommit), cfg.devices);
     config.push_str(&format!("\n[http]\nlisten = \"{metrics}\"\n"));
+    if let Some(interval) = cfg.commit_interval {
+        config.push_str(&format!("\n[buffer]\ncommit_interval = \"{}ms\"\n", interval.as_millis()));
+    }
     let config_path = dir.join("outpost.toml");
     std::fs::write(&config_path, config)
         .with_context(|| format!("cannot write {}", config_path.display()))?;
