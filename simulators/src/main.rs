@@ -347,10 +347,13 @@ struct WindowBenchArgs {
     /// Keep logs, configs and data here instead of a temporary directory.
     #[arg(long)]
     work_dir: Option<PathBuf>,
-    /// The gateway's `buffer.commit_interval`, which is also the least time between two
-    /// checkpoints of the rules' state (default: the gateway's, 25 ms).
+    /// The gateway's `buffer.commit_interval` (default: the gateway's, 25 ms).
     #[arg(long, value_parser = humantime::parse_duration)]
     commit_interval: Option<Duration>,
+    /// The gateway's `buffer.max_ack_delay`, which is also the least time between two
+    /// checkpoints of the rules' state (default: the gateway's, 250 ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_ack_delay: Option<Duration>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -904,6 +907,7 @@ async fn run_window_bench(args: WindowBenchArgs, cancel: CancellationToken) -> a
         perf: (!args.no_perf).then_some(args.perf),
         work_dir: args.work_dir,
         commit_interval: args.commit_interval,
+        max_ack_delay: args.max_ack_delay,
     };
     let report = window_bench::run_window_bench(cfg, cancel).await?;
     print!("{}", report.table());

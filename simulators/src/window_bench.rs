@@ -127,9 +127,11 @@ pub struct WindowBenchConfig {
     /// The `perf` executable for the storage system calls, or `None` to leave them out.
     pub perf: Option<PathBuf>,
     pub work_dir: Option<PathBuf>,
-    /// The gateway's `buffer.commit_interval` (the least time between two checkpoints), or
-    /// `None` for its default.
+    /// The gateway's `buffer.commit_interval`, or `None` for its default.
     pub commit_interval: Option<Duration>,
+    /// The gateway's `buffer.max_ack_delay` (the least time between two checkpoints), or
+    /// `None` for its default.
+    pub max_ack_delay: Option<Duration>,
 }
 
 /// One measured phase.
@@ -269,8 +271,13 @@ async fn measure(
     let metrics = free_addr()?;
     let mut config = gateway_config(upstream_addr, Some(AckMode::AfterCommit), cfg.devices);
     config.push_str(&format!("\n[http]\nlisten = \"{metrics}\"\n"));
-    if let Some(interval) = cfg.commit_interval {
-        config.push_str(&format!("\n[buffer]\ncommit_interval = \"{}ms\"\n", interval.as_millis()));
+    if cfg.commit_interval.is_some() || cfg.max_ack_delay.is_some() {
+        config.push_str("\n[buffer]\n");
+    }
+    for (key, value) in [("commit_interval", cfg.commit_interval), ("max_ack_delay", cfg.max_ack_delay)] {
+        if let Some(value) = value {
+            config.push_str(&format!("{key} = \"{}ms\"\n", value.as_millis()));
+        }
     }
     let config_path = dir.join("outpost.toml");
     std::fs::write(&config_path, config)
