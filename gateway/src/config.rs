@@ -365,6 +365,9 @@ pub struct BufferConfig {
     /// fewer, larger commits (less flash wear) on slow links and during outages, and a
     /// longer crash window of events acknowledged to nobody yet. Unset: 250 ms, or
     /// `commit_interval` if that is longer (see [`BufferConfig::max_ack_delay`]).
+    /// It is also the least time between two checkpoints of the rules' window and
+    /// report-by-exception state, so a reading a stateful rule took in is acknowledged
+    /// within about this plus one fsync too.
     #[serde(default, with = "humantime_serde")]
     pub max_ack_delay: Option<Duration>,
     /// A commit starts at once when this many events wait to be written. Together with

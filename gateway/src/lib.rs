@@ -317,7 +317,7 @@ impl Gateway {
             clock: route::Clock::System,
             durable: Some(route::Durable {
                 commands: checkpoint_commands,
-                interval: config.buffer.commit_interval,
+                interval: config.buffer.max_ack_delay(),
                 restored: windows,
             }),
         };

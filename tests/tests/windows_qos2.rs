@@ -34,6 +34,12 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// The checkpoint after which the first gateway aborts: with 200 readings/s and a checkpoint
 /// every 25 ms, each holds readings not yet acknowledged.
 const ABORT_AFTER_CHECKPOINT: u64 = 40;
+/// Checkpoints every 25 ms (`buffer.max_ack_delay`; 250 ms by default). One flow in flight
+/// per sensor, and a checkpoint releases the PUBRECs and PUBCOMPs it holds together: at 250
+/// ms, four times the sensors' 100 ms period, the sensors fall into step (all waiting for a
+/// PUBREC at one checkpoint, all for a PUBCOMP at the next), and the crash then leaves only
+/// one kind of flow to complete. At 25 ms their spread keeps both kinds in every checkpoint.
+const CHECKPOINT_EVERY: &str = "[buffer]\nmax_ack_delay = \"25ms\"\n";
 
 const RULES: &str = r#"
 [[rule]]
@@ -68,7 +74,8 @@ const CHECK: WindowCheck =
 async fn crash_run(qos: u8) -> (Verdict, BTreeMap<String, u64>) {
     let upstream = Mosquitto::start().await.expect("start mosquitto");
     let mut subscriber = subscribe(upstream.addr(), "total/#").await;
-    let setup = Setup::new(RULES, &upstream.url());
+    let mut setup = Setup::new(RULES, &upstream.url());
+    setup.config.push_str(CHECKPOINT_EVERY);
     let mut first = GatewaySpec::new(setup.data.path())
         .config_toml(setup.config.clone())
         .env("OUTPOST_FAULT_EXIT_AFTER_CHECKPOINT", ABORT_AFTER_CHECKPOINT.to_string())

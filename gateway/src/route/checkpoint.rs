@@ -30,7 +30,8 @@
 //!   module's own [`AckQueue`], have dropped). A checkpoint no longer holds a closed window's
 //!   readings, so writing it before the window's output is safe could lose them in a crash.
 //! - At most one checkpoint is written at a time, and a new one starts no sooner than
-//!   `interval` after the previous one started: the checkpoint is a group commit.
+//!   `interval` after the previous one started, unless [`EARLY_AT`] readings wait for it:
+//!   the checkpoint is a group commit.
 //! - At most [`MAX_HELD`] tickets are held: the stage stops reading its input beyond that
 //!   (sensors slow down, as with a slow buffer), so a failing disk cannot grow memory.
 //!
@@ -73,6 +74,12 @@ use crate::telemetry::{Episode, Failure, readable};
 
 /// Readings held for a checkpoint at most, before the stage stops reading input.
 pub const MAX_HELD: usize = 10_000;
+
+/// A checkpoint is due at once, whatever the interval, when this many readings wait for it:
+/// at the default interval (250 ms) from 20,000 readings a second. Without it the held
+/// readings would reach [`MAX_HELD`] within one interval from 40,000 a second, and the
+/// stage would stop reading until the interval ended.
+pub const EARLY_AT: usize = MAX_HELD / 2;
 
 /// A full snapshot replaces the log once the deltas after the last one exceed this many
 /// times its size. Why 4 and not 1: where every group changes each second (window-bench's
@@ -350,7 +357,9 @@ impl Checkpointer {
             return Step::Progress;
         }
         if self.dirty {
-            tokio::time::sleep_until(self.next_at).await;
+            if self.held.len() < EARLY_AT {
+                tokio::time::sleep_until(self.next_at).await;
+            }
             return Step::Due;
         }
         std::future::pending().await
@@ -470,6 +479,31 @@ mod tests {
         ck.wait().await;
         assert_eq!(ready(&sensor), vec![Outcome::Safe]);
         assert!(ck.idle());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn enough_waiting_readings_make_a_checkpoint_due_before_the_interval() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let interval = Duration::from_millis(250);
+        let mut ck = Checkpointer::new(tx, interval, Metrics::default());
+        let sensor = AckQueue::new();
+        ck.hold(Some(sensor.ticket()));
+        assert_eq!(ck.wait().await, Step::Due);
+        ck.take(full(b"s1"));
+        ck.wait().await;
+        let (_, reply) = next_write(&mut rx).await;
+        reply.send(Ok(())).expect("reply");
+        ck.wait().await;
+        // A few readings wait for the interval; EARLY_AT of them do not.
+        let started = Instant::now();
+        for _ in 1..EARLY_AT {
+            ck.hold(Some(sensor.ticket()));
+        }
+        let early = tokio::time::timeout(Duration::from_millis(10), ck.wait()).await;
+        assert!(early.is_err(), "one reading short of EARLY_AT: the interval holds");
+        ck.hold(Some(sensor.ticket()));
+        assert_eq!(ck.wait().await, Step::Due);
+        assert!(Instant::now() < started + interval, "due before the interval ended");
     }
 
     #[tokio::test(start_paused = true)]
