@@ -36,9 +36,10 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 const ABORT_AFTER_CHECKPOINT: u64 = 40;
 /// Checkpoints every 25 ms (`buffer.max_ack_delay`; 250 ms by default). One flow in flight
 /// per sensor, and a checkpoint releases the PUBRECs and PUBCOMPs it holds together: at 250
-/// ms, four times the sensors' 100 ms period, the sensors fall into step (all waiting for a
-/// PUBREC at one checkpoint, all for a PUBCOMP at the next), and the crash then leaves only
-/// one kind of flow to complete. At 25 ms their spread keeps both kinds in every checkpoint.
+/// ms, two and a half times the sensors' 100 ms period, the sensors fall into step (all
+/// waiting for a PUBREC at one checkpoint, all for a PUBCOMP at the next), and the crash then
+/// leaves only one kind of flow to complete. At 25 ms their spread keeps both kinds in every
+/// checkpoint.
 const CHECKPOINT_EVERY: &str = "[buffer]\nmax_ack_delay = \"25ms\"\n";
 
 const RULES: &str = r#"
