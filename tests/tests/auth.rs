@@ -24,7 +24,11 @@ fn passwd(args: &[&str], stdin: &str) -> (Option<i32>, String) {
     let mut command = outpost_command().expect("the outpost binary");
     command.arg("passwd").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = command.spawn().expect("spawn outpost passwd");
-    child.stdin.take().expect("stdin").write_all(stdin.as_bytes()).expect("write the password");
+    // A command that refuses its arguments may exit before it reads its input: the write
+    // then fails with a broken pipe, and its exit code and stderr say what happened.
+    if let Err(e) = child.stdin.take().expect("stdin").write_all(stdin.as_bytes()) {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "write the password: {e}");
+    }
     let output = child.wait_with_output().expect("outpost passwd ends");
     (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
 }
