@@ -445,6 +445,69 @@ pub(crate) fn write_bytes(pid: u32) -> anyhow::Result<u64> {
 
 /// One counter from the gateway's `/metrics` (an HTTP/1.0 GET, the whole body read).
 pub(crate) async fn scrape_counter(addr: SocketAddr, name: &str) -> anyhow::Result<u64> {
+    let body = scrape_metrics(addr).await?;
+    parse_counter(&body, name).with_context(|| format!("no `{name}` in the metrics from {addr}"))
+}
+
+/// The histogram `name` (its `_bucket`, `_sum` and `_count` samples) at `addr`'s `/metrics`.
+pub(crate) async fn scrape_histogram(addr: SocketAddr, name: &str) -> anyhow::Result<Histogram> {
+    let body = scrape_metrics(addr).await?;
+    Histogram::parse(&body, name).with_context(|| format!("no histogram `{name}` in the metrics from {addr}"))
+}
+
+/// A Prometheus histogram as exposed: cumulative counts per upper bound (`le`), in order.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Histogram {
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    fn parse(body: &str, name: &str) -> Option<Histogram> {
+        let bucket = format!("{name}_bucket{{le=\"");
+        let mut buckets = Vec::new();
+        for line in body.lines() {
+            let Some(rest) = line.strip_prefix(&bucket) else { continue };
+            let (le, value) = rest.split_once("\"}")?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            buckets.push((le, value.trim().parse::<f64>().ok()? as u64));
+        }
+        let sample = |suffix: &str| {
+            let prefix = format!("{name}_{suffix} ");
+            body.lines().find_map(|line| line.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+        };
+        (!buckets.is_empty()).then_some(())?;
+        Some(Histogram { buckets, sum: sample("sum")?, count: sample("count")? as u64 })
+    }
+
+    /// What was observed after `earlier` (a scrape of the same histogram before this one).
+    pub fn since(&self, earlier: &Histogram) -> Histogram {
+        let buckets = self
+            .buckets
+            .iter()
+            .zip(&earlier.buckets)
+            .map(|(&(le, now), &(_, before))| (le, now.saturating_sub(before)))
+            .collect();
+        Histogram { buckets, sum: self.sum - earlier.sum, count: self.count.saturating_sub(earlier.count) }
+    }
+
+    /// The mean observation; `None` without any.
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+
+    /// The smallest bucket bound that at least the share `q` of the observations is under:
+    /// the `q` quantile, rounded up to the bucket it falls in.
+    pub fn quantile_bound(&self, q: f64) -> Option<f64> {
+        let need = (q * self.count as f64).ceil() as u64;
+        (self.count > 0).then_some(())?;
+        self.buckets.iter().find(|(_, n)| *n >= need).map(|(le, _)| *le)
+    }
+}
+
+/// The body of `addr`'s `/metrics`.
+async fn scrape_metrics(addr: SocketAddr) -> anyhow::Result<String> {
     let get = async {
         let mut stream =
             TcpStream::connect(addr).await.with_context(|| format!("cannot connect to {addr}"))?;
@@ -456,10 +519,9 @@ pub(crate) async fn scrape_counter(addr: SocketAddr, name: &str) -> anyhow::Resu
         stream.read_to_string(&mut body).await.context("cannot read the response")?;
         anyhow::Ok(body)
     };
-    let body = tokio::time::timeout(CONNACK_TIMEOUT, get)
+    tokio::time::timeout(CONNACK_TIMEOUT, get)
         .await
-        .with_context(|| format!("no answer from {addr}/metrics within {CONNACK_TIMEOUT:?}"))??;
-    parse_counter(&body, name).with_context(|| format!("no `{name}` in the metrics from {addr}"))
+        .with_context(|| format!("no answer from {addr}/metrics within {CONNACK_TIMEOUT:?}"))?
 }
 
 /// The value of the unlabelled sample `name` in a Prometheus text exposition.
@@ -924,6 +986,40 @@ impl IngestBenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The gateway's exposition of a histogram, as `/metrics` writes it.
+    fn exposition(buckets: &[(&str, u64)], sum: f64, count: u64) -> String {
+        let mut body =
+            "# HELP outpost_puback_hold_seconds x\n# TYPE outpost_puback_hold_seconds histogram\n".to_owned();
+        for (le, n) in buckets {
+            body.push_str(&format!("outpost_puback_hold_seconds_bucket{{le=\"{le}\"}} {n}\n"));
+        }
+        body.push_str(&format!(
+            "outpost_puback_hold_seconds_sum {sum}\noutpost_puback_hold_seconds_count {count}\n"
+        ));
+        body.push_str("outpost_other_total 7\n");
+        body
+    }
+
+    #[test]
+    fn a_histogram_difference_gives_mean_and_quantile_bounds() {
+        let name = "outpost_puback_hold_seconds";
+        let before = Histogram::parse(&exposition(&[("0.1", 5), ("0.25", 10), ("+Inf", 10)], 1.0, 10), name)
+            .expect("parses");
+        let after =
+            Histogram::parse(&exposition(&[("0.1", 45), ("0.25", 108), ("+Inf", 110)], 13.0, 110), name)
+                .expect("parses");
+        assert_eq!(after.buckets.last(), Some(&(f64::INFINITY, 110)));
+        let window = after.since(&before);
+        assert_eq!(window.count, 100);
+        assert_eq!(window.buckets, vec![(0.1, 40), (0.25, 98), (f64::INFINITY, 100)]);
+        assert_eq!(window.mean(), Some(0.12));
+        assert_eq!(window.quantile_bound(0.4), Some(0.1));
+        assert_eq!(window.quantile_bound(0.5), Some(0.25));
+        assert_eq!(window.quantile_bound(0.99), Some(f64::INFINITY));
+        assert_eq!(before.since(&before).mean(), None);
+        assert!(Histogram::parse("outpost_other_total 7\n", name).is_none());
+    }
 
     #[test]
     fn encodes_connect() {

@@ -57,7 +57,7 @@ use tokio_util::sync::CancellationToken;
 use crate::compare::{cpu_per_event, machine_description};
 use crate::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
 use crate::harness::free_addr;
-use crate::ingest_bench::{AckMode, gateway_config, scrape_counter, write_bytes};
+use crate::ingest_bench::{AckMode, gateway_config, scrape_counter, scrape_histogram, write_bytes};
 use crate::process::{ChildProcess, ProcessStats};
 use crate::storage_calls::{Recording, StorageCalls, monotonic_now, perf_works};
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, start_upstream_mosquitto};
@@ -161,6 +161,32 @@ pub struct PhaseResult {
     pub upstream_bytes_per_s: f64,
     /// Readings (topic + payload bytes) the fleet offered, per second.
     pub offered_bytes_per_s: f64,
+    /// How long the gateway held the PUBACKs it sent in the window, from its own histogram;
+    /// `None` from a gateway without one.
+    pub puback_hold: Option<Hold>,
+}
+
+/// PUBACK hold times in a measured window (`outpost_puback_hold_seconds`), in milliseconds.
+/// The quantiles are bucket bounds: the bucket the quantile falls in (0.1, 0.25, 0.5 s …).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hold {
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl Hold {
+    fn cell(hold: Option<Hold>) -> String {
+        hold.map_or_else(
+            || "-".to_owned(),
+            |h| format!("{:.1} / ≤ {} / ≤ {}", h.mean_ms, bound(h.p50_ms), bound(h.p99_ms)),
+        )
+    }
+}
+
+/// A bucket bound in milliseconds: `+Inf` as `∞`.
+fn bound(ms: f64) -> String {
+    if ms.is_finite() { format!("{ms}") } else { "∞".to_owned() }
 }
 
 pub struct WindowBenchReport {
@@ -353,6 +379,8 @@ async fn measure(
             arrived_bytes: arrivals.bytes.load(Ordering::Relaxed),
         })
     };
+    const HOLD: &str = "outpost_puback_hold_seconds";
+    let hold0 = scrape_histogram(metrics, HOLD).await.ok();
     let (written0, ck_bytes0, cks0, full0) = (
         write_bytes(pid)?,
         scrape_counter(metrics, "outpost_window_checkpoint_bytes_total").await?,
@@ -374,6 +402,7 @@ async fn measure(
         },
         None => None,
     };
+    let hold1 = scrape_histogram(metrics, HOLD).await.ok();
     let (written1, ck_bytes1, cks1, full1) = (
         write_bytes(pid)?,
         scrape_counter(metrics, "outpost_window_checkpoint_bytes_total").await?,
@@ -406,6 +435,14 @@ async fn measure(
         upstream_msgs_per_s: (end.arrived - start.arrived) as f64 / secs,
         upstream_bytes_per_s: (end.arrived_bytes - start.arrived_bytes) as f64 / secs,
         offered_bytes_per_s: (end.sent - start.sent) as f64 * (topic_len + cfg.payload_size) as f64 / secs,
+        puback_hold: hold0.zip(hold1).and_then(|(a, b)| {
+            let window = b.since(&a);
+            Some(Hold {
+                mean_ms: window.mean()? * 1e3,
+                p50_ms: window.quantile_bound(0.5)? * 1e3,
+                p99_ms: window.quantile_bound(0.99)? * 1e3,
+            })
+        }),
     })
 }
 
@@ -445,8 +482,8 @@ impl WindowBenchReport {
             "window-bench: {} devices × 1 reading/s, QoS 1, after_commit; measured {:?} per phase, {} round(s)\n{}\n`{}`\n\n",
             self.devices, self.duration, self.rounds, self.machine, self.command
         );
-        out.push_str("| round | phase | acked/s | gateway µs CPU/event | + over forward | write_bytes B/s | pwrite B/s | syncs/s | pwrite B per sync | checkpoint B/s (checkpoints/s, of them full) | B per checkpoint | RSS MiB | RSS over forward per device | upstream msgs/s | reduction msgs / bytes | CPU % gateway / sim / mosquitto |\n");
-        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        out.push_str("| round | phase | acked/s | gateway µs CPU/event | + over forward | write_bytes B/s | pwrite B/s | syncs/s | pwrite B per sync | checkpoint B/s (checkpoints/s, of them full) | B per checkpoint | RSS MiB | RSS over forward per device | upstream msgs/s | reduction msgs / bytes | CPU % gateway / sim / mosquitto | PUBACK hold ms mean / p50 / p99 |\n");
+        out.push_str("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
         for p in &self.phases {
             let base = self.baseline(p.round, Phase::Forward).filter(|_| p.phase != Phase::Forward);
             let extra = base.and_then(|b| Some(p.cpu_us_per_event? - b.cpu_us_per_event?));
@@ -457,7 +494,7 @@ impl WindowBenchReport {
             let per_sync = p.syscalls.filter(|c| c.syncs > 0.0).map(|c| c.pwrite_bytes / c.syncs);
             let ratio = |a: f64, b: f64| if b > 0.0 { format!("{:.1}×", a / b) } else { "∞".to_string() };
             out.push_str(&format!(
-                "| {} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {:.0} ({:.1}, {}) | {} | {:.1} | {} | {:.1} | {} / {} | {:.0} / {:.0} / {:.0} |\n",
+                "| {} | {} | {:.0} | {} | {} | {:.0} | {} | {} | {} | {:.0} ({:.1}, {}) | {} | {:.1} | {} | {:.1} | {} / {} | {:.0} / {:.0} / {:.0} | {} |\n",
                 p.round,
                 p.phase.name(),
                 p.acked_per_s,
@@ -479,6 +516,7 @@ impl WindowBenchReport {
                 p.gateway_cpu_percent,
                 p.sim_cpu_percent,
                 p.upstream_cpu_percent,
+                Hold::cell(p.puback_hold),
             ));
         }
         if let Some(note) = &self.perf_note {
@@ -563,6 +601,7 @@ mod tests {
             upstream_msgs_per_s: msgs,
             upstream_bytes_per_s: bytes,
             offered_bytes_per_s: 2_250_000.0,
+            puback_hold: Some(Hold { mean_ms: 128.2, p50_ms: 250.0, p99_ms: 500.0 }),
         }
     }
 
@@ -601,6 +640,12 @@ mod tests {
             "{}",
             rows[1]
         );
+        // The PUBACK hold: the mean, then the bucket bounds p50 and p99 fall under.
+        assert!(rows[1].ends_with("| 30 / 20 / 5 | 128.2 / ≤ 250 / ≤ 500 |"), "{}", rows[1]);
+        let mut no_histogram = result(Phase::Window, 1, 27.5, 42_500, 1_000.0, 90_000.0);
+        no_histogram.puback_hold = None;
+        let without = WindowBenchReport { phases: vec![no_histogram], ..report };
+        assert!(without.table().contains("| 30 / 20 / 5 | - |"), "{}", without.table());
     }
 
     /// Each round's window is compared with that round's forward, not with another round's:
