@@ -16,7 +16,8 @@
 //!   this file is **never rotated or truncated** by Outpost. A poison event takes at least
 //!   three upstream disconnects, so it grows slowly from those; refused copies make it grow
 //!   with the windows that close while the buffer is full under `reject_new`. The operator
-//!   removes it once the events are dealt with (the README says so).
+//!   removes it once the events are dealt with (the README says so); its size is served as
+//!   `outpost_dead_letters_upstream_bytes` ([`durable_file_bytes`]) for a fleet to alert on.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -38,6 +39,17 @@ pub fn file_path(data_dir: &Path) -> PathBuf {
 /// Where the relay's durable letters go (never rotated: see the module docs).
 pub fn durable_file_path(data_dir: &Path) -> PathBuf {
     data_dir.join("dead-letters-upstream.jsonl")
+}
+
+/// The size of the durable letters' file, 0 when there is none: served as
+/// `outpost_dead_letters_upstream_bytes`, since Outpost never shrinks the file and only the
+/// operator (deleting it) does.
+pub fn durable_file_bytes(data_dir: &Path) -> std::io::Result<u64> {
+    match std::fs::metadata(durable_file_path(data_dir)) {
+        Ok(meta) => Ok(meta.len()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(e),
+    }
 }
 
 /// One event that rules failed on or sent here on purpose: one record per event.
@@ -256,11 +268,17 @@ mod durable_tests {
             payload: b"{}".to_vec(),
             rules: Vec::new(),
         };
+        assert_eq!(durable_file_bytes(dir.path()).expect("size"), 0, "no file yet: nothing held");
         let (written, answer) = oneshot::channel();
         durable_tx.send(DurableLetter { letter: letter.clone(), written }).await.expect("send");
         assert_eq!(answer.await.expect("answered"), Ok(()));
         let lines = tail(dir.path(), 5).expect("tail");
         assert_eq!(lines.len(), 1, "the letter is in the file when the answer comes");
+        assert_eq!(
+            durable_file_bytes(dir.path()).expect("size"),
+            lines[0].len() as u64 + 1,
+            "the gauge is the file's size: the letter and its newline"
+        );
         // A data directory that is gone: the write fails and says so.
         std::fs::remove_dir_all(dir.path()).expect("rm");
         let (written, answer) = oneshot::channel();

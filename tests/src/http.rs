@@ -62,3 +62,38 @@ pub fn series_names(scrape: &Scrape) -> BTreeSet<String> {
     }
     names
 }
+
+/// The value of the counter, gauge or untyped sample `name{labels}`; `None` if absent.
+pub fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let found = scrape
+        .samples
+        .iter()
+        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))?;
+    match found.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+        _ => None,
+    }
+}
+
+/// Scrapes `/metrics` (no token) until `condition` holds, and returns that scrape; fails after
+/// `timeout`, naming `what` it waited for.
+pub async fn scrape_until(
+    addr: SocketAddr,
+    what: &str,
+    timeout: Duration,
+    condition: impl Fn(&Scrape) -> bool,
+) -> anyhow::Result<Scrape> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let (_, parsed) = scrape(addr, None).await?;
+        if condition(&parsed) {
+            return Ok(parsed);
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no scrape of {addr} showed {what} within {timeout:?}"
+        );
+        // Polling what the gateway serves: there is nothing to be woken by.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use outpost_e2e::gateway::{GatewaySpec, buffered_events, message_starts_with};
+use outpost_e2e::http::{Scrape, sample, scrape_until};
 use outpost_e2e::mqtt::{Session, Subscriber, publish_qos1};
 use outpost_e2e::raw::{connect_v5, connect_v311, publish_v5, publish_v311, read_packet};
 use outpost_e2e::require_mosquitto;
@@ -169,11 +170,17 @@ async fn a_poison_event_is_dead_lettered_and_every_event_behind_it_arrives() {
     let mut subscriber =
         Subscriber::start(upstream.addr(), "good/#", Session::Clean).await.expect("subscribe");
     let data = tempfile::tempdir().expect("tempdir");
+    let http = outpost_e2e::free_addr();
     let config = format!(
-        "[broker]\nmax_topic_levels = 1000\n[upstream]\nurl = \"{}\"\nreconnect_max = \"200ms\"\n",
+        "[broker]\nmax_topic_levels = 1000\n[http]\nlisten = \"{http}\"\n[upstream]\nurl = \"{}\"\nreconnect_max = \"200ms\"\n",
         upstream.url()
     );
     let mut gateway = GatewaySpec::new(data.path()).config_toml(config).start().await.expect("start");
+    let gauge = |scrape: &Scrape| sample(scrape, "outpost_dead_letters_upstream_bytes", &[]);
+    let before = scrape_until(http, "the dead letters' gauge", TIMEOUT, |s| gauge(s).is_some())
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    assert_eq!(gauge(&before), Some(0.0), "no file yet");
 
     let poison = too_deep();
     publish_qos1(gateway.listen(), "poisoner", &poison, [b"poison".to_vec()], TIMEOUT)
@@ -193,6 +200,20 @@ async fn a_poison_event_is_dead_lettered_and_every_event_behind_it_arrives() {
         .await
         .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
     assert_eq!(warning["closes_in_row"], 3, "{warning}");
+    // The letter is the event's only copy, and the file is never shrunk by the gateway: its
+    // size is served for the fleet to alert on, and follows the operator deleting it.
+    let path = data.path().join("dead-letters-upstream.jsonl");
+    let held = scrape_until(http, "the letter's bytes", TIMEOUT, |s| gauge(s).is_some_and(|b| b > 0.0))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    let on_disk = std::fs::metadata(&path).expect("the durable dead-letter file").len();
+    assert_eq!(gauge(&held), Some(on_disk as f64), "the gauge is the file's size");
+    let kept = std::fs::read(&path).expect("read the letters");
+    std::fs::remove_file(&path).expect("the operator deletes the file");
+    scrape_until(http, "the gauge back at 0", TIMEOUT, |s| gauge(s) == Some(0.0))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", gateway.tail()));
+    std::fs::write(&path, kept).expect("put the letters back for the checks below");
     println!(
         "poison dead-lettered after {} upstream outage warnings (quick losses fold into one); {} good events arrived",
         gateway.messages("upstream connection lost").len(),

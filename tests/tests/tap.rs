@@ -12,7 +12,7 @@ use std::io::{BufRead as _, BufReader, Write as _};
 use std::time::Duration;
 
 use outpost_e2e::gateway::{GatewayProcess, GatewaySpec, outpost};
-use outpost_e2e::http::{Scrape, Value as Sample, scrape};
+use outpost_e2e::http::{Scrape, sample, scrape};
 use outpost_e2e::mqtt::{Message, Session, Subscriber, publish_qos1, unique_client_id};
 use outpost_e2e::upstream::Mosquitto;
 use outpost_e2e::{free_addr, require_mosquitto};
@@ -45,29 +45,9 @@ sql = 'SELECT 1 AS one FROM "elsewhere/#"'
 type = "forward"
 "#;
 
-/// The value of the sample `name{labels}`, if present.
-fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let found = scrape
-        .samples
-        .iter()
-        .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))?;
-    match found.value {
-        Sample::Counter(v) | Sample::Gauge(v) | Sample::Untyped(v) => Some(v),
-        _ => None,
-    }
-}
-
 /// Polls `/metrics` until `condition` holds, and returns that scrape.
 async fn scrape_until(http: std::net::SocketAddr, what: &str, condition: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        let (_, parsed) = scrape(http, None).await.unwrap_or_else(|e| panic!("scrape: {e:#}"));
-        if condition(&parsed) {
-            return parsed;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(POLL).await;
-    }
+    outpost_e2e::http::scrape_until(http, what, TIMEOUT, condition).await.unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The tap's JSON records so far (its stderr lines and anything else left out).

@@ -531,6 +531,8 @@ pub struct Scrape {
     pub store: Option<StatsReport>,
     pub capacity_events: u64,
     pub capacity_bytes: u64,
+    /// The size of `dead-letters-upstream.jsonl`, when it could be read.
+    pub dead_letters_upstream_bytes: Option<u64>,
     pub histograms: [(&'static str, &'static str, HistogramSnapshot); 3],
     pub process: ProcessStats,
     /// The endpoint's own counters: requests, 401s, connections refused at the limit.
@@ -539,7 +541,12 @@ pub struct Scrape {
 }
 
 impl Scrape {
-    pub fn read(metrics: &Metrics, store: Option<StatsReport>, capacity: (u64, u64)) -> Scrape {
+    pub fn read(
+        metrics: &Metrics,
+        store: Option<StatsReport>,
+        capacity: (u64, u64),
+        dead_letters_upstream_bytes: Option<u64>,
+    ) -> Scrape {
         let g = metrics.gauges();
         let h = metrics.histograms();
         Scrape {
@@ -557,6 +564,7 @@ impl Scrape {
             store,
             capacity_events: capacity.0,
             capacity_bytes: capacity.1,
+            dead_letters_upstream_bytes,
             histograms: [
                 (
                     "outpost_puback_hold_seconds",
@@ -781,6 +789,14 @@ impl Collector for Scrape {
         )?;
         gauge(e, "outpost_buffer_capacity_events", "buffer.max_events.", self.capacity_events as f64)?;
         gauge(e, "outpost_buffer_capacity_bytes", "buffer.max_bytes.", self.capacity_bytes as f64)?;
+        if let Some(bytes) = self.dead_letters_upstream_bytes {
+            gauge(
+                e,
+                "outpost_dead_letters_upstream_bytes",
+                "Size of dead-letters-upstream.jsonl (poison events, outputs a full buffer refused): each line is its event's only copy; Outpost never shrinks it, delete it once dealt with.",
+                bytes as f64,
+            )?;
+        }
         gauge(
             e,
             "outpost_buffer_store_up",
@@ -925,7 +941,7 @@ mod tests {
             file_bytes: 4096,
             priorities: vec![PriorityStats { priority: 2, events: 5, bytes: 500, oldest_age_s: Some(1.5) }],
         };
-        Scrape::read(&metrics, Some(store), (1000, 2048))
+        Scrape::read(&metrics, Some(store), (1000, 2048), Some(345))
     }
 
     #[test]

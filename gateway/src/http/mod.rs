@@ -82,6 +82,8 @@ pub struct Handles {
     pub upstream_endpoint: Option<String>,
     /// `buffer.max_events`, `buffer.max_bytes`.
     pub capacity: (u64, u64),
+    /// Where `dead-letters-upstream.jsonl` is, for its size.
+    pub data_dir: std::path::PathBuf,
     /// The sensor listeners the readiness probe connects to.
     pub listeners: Vec<health::Listener>,
     /// A configured sensor user for the probe (the first, by name).
@@ -98,6 +100,7 @@ impl Handles {
                 .as_ref()
                 .and_then(|u| u.endpoints().first().map(ToString::to_string)),
             capacity: (config.buffer.max_events, config.buffer.max_bytes.as_u64()),
+            data_dir: config.data_dir.clone(),
             listeners: std::iter::once(config.broker.listen)
                 .chain(config.broker.listen_v5)
                 .map(|addr| health::Listener { addr, tls: health::ListenerTls::Plain })
@@ -119,10 +122,12 @@ struct State {
     started: Instant,
     upstream_endpoint: Option<String>,
     capacity: (u64, u64),
+    data_dir: std::path::PathBuf,
     /// Refused connections and requests are logged the first time, then at most every
     /// `telemetry::reminder_every` (10 min).
     refused_log: Mutex<LogThrottle>,
     unauthorized_log: Mutex<LogThrottle>,
+    dead_letters_log: Mutex<LogThrottle>,
 }
 
 /// Binds `cfg.listen` and serves until `cancel`. Returns the bound address.
@@ -148,8 +153,10 @@ pub async fn start(
         started: Instant::now(),
         upstream_endpoint: handles.upstream_endpoint,
         capacity: handles.capacity,
+        data_dir: handles.data_dir,
         refused_log: Mutex::new(LogThrottle::default()),
         unauthorized_log: Mutex::new(LogThrottle::default()),
+        dead_letters_log: Mutex::new(LogThrottle::default()),
     });
     info!(
         message = "http endpoint listening: /metrics, /health/live, /health/ready, /status",
@@ -327,7 +334,24 @@ async fn status(state: &State) -> Response<Full<Bytes>> {
 
 async fn metrics(state: &State) -> Response<Full<Bytes>> {
     let store = state.checker.store().await.ok();
-    let scrape = exposition::Scrape::read(&state.metrics, store, state.capacity);
+    // A stat of a file the gateway owns, off the runtime thread all the same (an SD card can
+    // stall metadata reads); unreadable, the gauge is left out and the failure is in the log.
+    let data_dir = state.data_dir.clone();
+    let dead_letters = match tokio::task::spawn_blocking(move || {
+        crate::deadletter::durable_file_bytes(&data_dir)
+    })
+    .await
+    {
+        Ok(Ok(bytes)) => Some(bytes),
+        Ok(Err(error)) => {
+            if let Some(folded) = log_ready(&state.dead_letters_log) {
+                warn!(message = "cannot read the size of dead-letters-upstream.jsonl; outpost_dead_letters_upstream_bytes is left out of /metrics. Check the data directory's permissions", %error, similar_since_last_log = folded);
+            }
+            None
+        }
+        Err(_) => None,
+    };
+    let scrape = exposition::Scrape::read(&state.metrics, store, state.capacity, dead_letters);
     match exposition::encode(scrape) {
         Ok(text) => reply(StatusCode::OK, exposition::CONTENT_TYPE, text),
         Err(error) => reply(
@@ -354,6 +378,8 @@ mod tests {
             store,
             upstream_endpoint: None,
             capacity: (1, 1),
+            // No such directory: the dead letters' gauge reads 0.
+            data_dir: std::path::PathBuf::from("/nonexistent/outpost-http-test"),
             listeners: Vec::new(),
             credentials: None,
         };
