@@ -133,7 +133,9 @@ pub enum RulesCommand {
         #[arg(long)]
         clientid: Option<String>,
         /// Replay recorded events: JSON lines with "topic", "payload" (a JSON value, or a
-        /// string used as is) and optionally "clientid".
+        /// string used as is) and optionally "clientid" and "ts_ms" (receive time, Unix
+        /// milliseconds: windows close at the events' times, and the ones still open are
+        /// shown closed at the end).
         #[arg(long, conflicts_with = "topic")]
         events: Option<PathBuf>,
         /// Gateway config whose `upstream.topic_prefix` forwarded topics get, as in `run`.
@@ -599,6 +601,9 @@ struct RecordedEvent {
     payload: serde_json::Value,
     #[serde(default)]
     clientid: Option<String>,
+    /// When it was received, Unix milliseconds (default: now): the time windows see.
+    #[serde(default)]
+    ts_ms: Option<u64>,
 }
 
 /// How many events one input may lead to through republish chains before the dry run stops
@@ -606,8 +611,8 @@ struct RecordedEvent {
 /// the count at every hop).
 const MAX_CHAIN_EVENTS: usize = 100;
 
-/// One test event for `rules test`: topic, payload, client id.
-type Case = (String, Vec<u8>, Option<String>);
+/// One test event for `rules test`: topic, payload, client id, receive time (Unix ms).
+type Case = (String, Vec<u8>, Option<String>, Option<u64>);
 
 fn rules_test(
     rules: outpost_rules::RuleSet,
@@ -625,7 +630,7 @@ fn rules_test(
                     "--topic {topic:?}: {why}; the gateway refuses such a publish, so no rule ever sees it"
                 );
             }
-            vec![(topic, payload.into_bytes(), clientid)]
+            vec![(topic, payload.into_bytes(), clientid, None)]
         }
         (None, Some(path)) => recorded_cases(&path, policy)?,
         (None, None) => anyhow::bail!("give --topic (and --payload) or --events FILE"),
@@ -637,37 +642,56 @@ fn rules_test(
     let mut out = std::io::stdout().lock();
     let routing = crate::route::Routing::Rules(rules);
     let ids = crate::event::IdGen::new(0);
-    for (topic, payload, clientid) in cases {
+    // Windows and report-by-exception state across the events, in their order.
+    let mut state = crate::route::DryState::new(&routing);
+    let dry = crate::route::Dry {
+        routing: &routing,
+        ids: &ids,
+        topic_prefix,
+        policy,
+        max_events: MAX_CHAIN_EVENTS,
+    };
+    let mut last_ms = None;
+    for (topic, payload, clientid, ts_ms) in cases {
+        let received_ms = ts_ms.unwrap_or_else(now_ms);
+        last_ms = Some(received_ms);
         let event = crate::event::Event {
-            id: ids.next_id(),
-            topic,
-            payload: payload.into(),
             qos: Some(1),
-            received_ms: now_ms(),
             client_id: clientid.map(Into::into),
-            ticket: None,
-            from_upstream: false,
-            peerhost: None,
-            username: None,
-            retain: false,
-            dup: false,
-            pub_props: None,
-            lifecycle: None,
-            qos2: None,
+            ..crate::event::Event::made(ids.next_id(), topic, payload.into(), received_ms)
         };
-        let run = crate::route::dry_run(&routing, event, &ids, topic_prefix, policy, MAX_CHAIN_EVENTS);
-        for step in &run.steps {
-            print_step(&mut out, step)?;
-        }
-        if run.waiting > 0 {
+        print_run(&mut out, &dry.run(event, state.as_mut()))?;
+    }
+    if let (Some(state), Some(at)) = (state.as_mut(), last_ms) {
+        let run = dry.close_all(state, at);
+        if !run.steps.is_empty() {
             writeln!(
                 out,
-                "  … republish chain cut after {MAX_CHAIN_EVENTS} events ({} more waiting)",
-                run.waiting
+                "end of the events: the windows still open are closed now to show what they hold (the gateway keeps them open until their end)"
             )?;
         }
+        print_run(&mut out, &run)?;
     }
     Ok(())
+}
+
+fn print_run(out: &mut impl Write, run: &crate::route::DryRun) -> std::io::Result<()> {
+    for step in &run.steps {
+        print_step(out, step)?;
+    }
+    if run.waiting > 0 {
+        writeln!(
+            out,
+            "  … republish chain cut after {MAX_CHAIN_EVENTS} events ({} more waiting)",
+            run.waiting
+        )?;
+    }
+    Ok(())
+}
+
+/// Unix milliseconds as RFC 3339 UTC, for the windows a dry run closes.
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)).to_string()
 }
 
 /// The events of a `--events` file: JSON lines with "topic", "payload" and "clientid".
@@ -691,7 +715,7 @@ fn recorded_cases(path: &Path, policy: &crate::mqtt::topic::TopicPolicy) -> anyh
             serde_json::Value::Null => Vec::new(),
             other => serde_json::to_vec(&other)?,
         };
-        cases.push((e.topic, payload, e.clientid));
+        cases.push((e.topic, payload, e.clientid, e.ts_ms));
     }
     Ok(cases)
 }
@@ -705,16 +729,31 @@ fn print_step(out: &mut impl Write, step: &crate::route::DryStep) -> std::io::Re
     } else {
         String::from_utf8_lossy(&event.payload)
     };
-    match &step.via {
-        None => writeln!(out, "event {} {payload_text}", event.topic)?,
-        Some(rule) => writeln!(
+    match (&step.via, &step.window) {
+        (_, Some(window)) => writeln!(
+            out,
+            "window of rule {} closed{}: [{}, {})",
+            window.rule,
+            if matches!(window.key.as_str(), "" | "[]") {
+                String::new()
+            } else {
+                format!(" for group {}", window.key)
+            },
+            rfc3339_ms(window.start_ms),
+            rfc3339_ms(window.end_ms)
+        )?,
+        (None, None) => writeln!(out, "event {} {payload_text}", event.topic)?,
+        (Some(rule), None) => writeln!(
             out,
             "event {} {payload_text} (republished by rule {rule}, hop {})",
             event.topic, step.hops
         )?,
     }
-    if step.traces.is_empty() {
+    if step.traces.is_empty() && step.stateful.is_empty() && step.window.is_none() {
         writeln!(out, "  no rule's FROM matches this topic")?;
+    }
+    for rule in &step.stateful {
+        writeln!(out, "  rule {rule}: took the event into its state (a window, or report by exception)")?;
     }
     for trace in &step.traces {
         match &trace.outcome {
@@ -729,8 +768,10 @@ fn print_step(out: &mut impl Write, step: &crate::route::DryStep) -> std::io::Re
             }
         }
     }
-    if step.fates.is_empty() {
+    if step.fates.is_empty() && step.stateful.is_empty() && step.window.is_none() {
         writeln!(out, "  => unrouted: nothing goes upstream (counted as unrouted)")?;
+    } else if step.fates.is_empty() {
+        writeln!(out, "  => nothing goes out now")?;
     }
     for fate in &step.fates {
         match fate {

@@ -129,6 +129,28 @@ impl EventsWanted {
 }
 
 impl Event {
+    /// An event with nothing but its id, topic, payload and receive time: what the gateway
+    /// makes itself (a closed window's, a republish's) before it sets what else applies.
+    pub fn made(id: u64, topic: String, payload: Bytes, received_ms: u64) -> Event {
+        Event {
+            id,
+            topic,
+            payload,
+            qos: None,
+            received_ms,
+            client_id: None,
+            ticket: None,
+            from_upstream: false,
+            peerhost: None,
+            username: None,
+            retain: false,
+            dup: false,
+            pub_props: None,
+            lifecycle: None,
+            qos2: None,
+        }
+    }
+
     /// The properties this event's upstream copies carry ([`MessageProps`]); `None` for a
     /// publish without any (every 3.1.1 one).
     pub fn message_props(&self) -> Option<Arc<MessageProps>> {

@@ -9,7 +9,7 @@
 //!
 //! The decision and its effects are apart: [`decide`] turns an event into its [`Fate`]s
 //! and touches nothing; [`run`] carries them out (relay channel, local broker, dead-letter
-//! store, counters, logs). `outpost rules test` prints what [`dry_run`] makes of [`decide`],
+//! store, counters, logs). `outpost rules test` prints what a [`Dry`] run makes of [`decide`],
 //! so the dry run cannot drift from what the gateway does.
 //!
 //! The mode can change while running: the rules watcher ([`crate::rules`]) replaces the
@@ -330,26 +330,15 @@ fn fates_marked(
 /// part of what the sensor is acknowledged for), no publisher.
 pub fn republished_event(parent: &Event, id: u64, topic: String, payload: Bytes) -> Event {
     Event {
-        id,
-        topic,
-        payload,
-        qos: None,
-        received_ms: parent.received_ms,
-        client_id: None,
         ticket: parent.ticket.clone(),
         from_upstream: parent.from_upstream,
-        peerhost: None,
-        username: None,
-        retain: false,
-        dup: false,
-        pub_props: None,
-        lifecycle: None,
-        qos2: None,
+        ..Event::made(id, topic, payload, parent.received_ms)
     }
 }
 
-/// One event of a [`dry_run`]: the event (the input, or one a republish fed back), each
-/// matching rule's verdict, and its fates.
+/// One event of a [`Dry`] run: the event (the input, one a republish fed back, or a closed
+/// window's, on `$windows/<rule>` as in the stage), each matching stateless rule's verdict,
+/// the stateful rules that took it in, and its fates.
 #[derive(Debug)]
 pub struct DryStep {
     pub event: Event,
@@ -357,45 +346,199 @@ pub struct DryStep {
     /// The rule whose republish produced this event; `None` for the input.
     pub via: Option<Arc<str>>,
     pub traces: Vec<Trace>,
+    /// Stateful rules (windows, report by exception) whose FROM matches the event: it went
+    /// into their state.
+    pub stateful: Vec<String>,
+    /// For a window's step: the window that closed.
+    pub window: Option<DryWindow>,
     pub fates: Vec<Fate>,
 }
 
-/// What [`dry_run`] saw.
-#[derive(Debug)]
+/// A window that closed in a dry run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DryWindow {
+    pub rule: Arc<str>,
+    /// The group's key values, as a JSON array (`[]` without GROUP BY keys).
+    pub key: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+}
+
+/// What a [`Dry`] run saw.
+#[derive(Debug, Default)]
 pub struct DryRun {
     pub steps: Vec<DryStep>,
     /// Events of republish chains not shown because `max_events` were reached.
     pub waiting: usize,
 }
 
-/// Follows `event` through `routing` as the route stage would, republish chains included and
-/// in the stage's order, doing nothing (`outpost rules test`). Shows at most `max_events`
-/// events: a rule that republishes twice doubles the events at every hop.
-pub fn dry_run(
-    routing: &Routing,
-    event: Event,
-    ids: &IdGen,
-    topic_prefix: &str,
-    policy: &TopicPolicy,
-    max_events: usize,
-) -> DryRun {
-    let mut queue = VecDeque::from([(event, 0u8, None)]);
-    let mut steps = Vec::new();
-    while let Some((event, hops, via)) = queue.pop_front() {
-        if steps.len() == max_events {
-            return DryRun { steps, waiting: queue.len() + 1 };
-        }
-        let traces = explain(routing, &event, hops);
-        let fates = decide(routing, &event, hops, topic_prefix, policy);
-        for fate in &fates {
-            if let Fate::Republish { rule, topic, payload, hops, .. } = fate {
-                let next = republished_event(&event, ids.next_id(), topic.clone(), payload.clone());
-                queue.push_back((next, *hops, Some(rule.clone())));
+/// The stateful rules' state across one dry run's events: windows and report-by-exception
+/// state as the route stage keeps them, fed the events in order. Time is the events' own
+/// (`received_ms`): before an event is taken in, the windows that ended by its time close,
+/// as the stage's timer would have closed them.
+pub struct DryState {
+    state: outpost_rules::window::WindowState,
+}
+
+impl DryState {
+    /// `None` when no rule keeps state (a bridge, or stateless rules only).
+    pub fn new(routing: &Routing) -> Option<DryState> {
+        match routing {
+            Routing::Rules(rules) if rules.stateful_rules().next().is_some() => {
+                Some(DryState { state: rules.window_state() })
             }
+            _ => None,
         }
-        steps.push(DryStep { event, hops, via, traces, fates });
     }
-    DryRun { steps, waiting: 0 }
+}
+
+/// An event still to show in a dry run, or a closed window's step already decided.
+enum DryNext {
+    Event { event: Event, hops: u8, via: Option<Arc<str>> },
+    Window { event: Event, window: DryWindow, fates: Vec<Fate> },
+}
+
+/// A dry run (`outpost rules test`): follows events through `routing` as the route stage
+/// would, republish chains included and in the stage's order, doing nothing.
+pub struct Dry<'a> {
+    pub routing: &'a Routing,
+    /// The ids the events a dry run makes get (republished, windows').
+    pub ids: &'a IdGen,
+    pub topic_prefix: &'a str,
+    pub policy: &'a TopicPolicy,
+    /// Events shown per [`Dry::run`] at most: a rule that republishes twice doubles the
+    /// events at every hop.
+    pub max_events: usize,
+}
+
+impl Dry<'_> {
+    /// Follows `event`. With `state`, the stateful rules take it in too, and the windows that
+    /// ended by its time close first, each a step of its own.
+    pub fn run(&self, event: Event, mut state: Option<&mut DryState>) -> DryRun {
+        let mut queue = VecDeque::new();
+        if let (Routing::Rules(rules), Some(dry)) = (self.routing, state.as_deref_mut()) {
+            let closed = rules.advance_windows_marked(&mut dry.state, event.received_ms);
+            queue.extend(self.windows(closed, event.received_ms));
+        }
+        queue.push_back(DryNext::Event { event, hops: 0, via: None });
+        self.follow(queue, state)
+    }
+
+    /// The end of a dry run: every window still open closes at `at_ms`, due or not, with the
+    /// chains their republishes start. Not what the gateway does at a stop (it keeps them
+    /// open, checkpointed, until their end): what they hold so far, shown.
+    pub fn close_all(&self, state: &mut DryState, at_ms: u64) -> DryRun {
+        let Routing::Rules(rules) = self.routing else { return DryRun::default() };
+        let names: Vec<String> = rules.stateful_rules().map(str::to_owned).collect();
+        let mut closed = Vec::new();
+        for name in &names {
+            closed.extend(rules.flush_rule_windows_marked(&mut state.state, name));
+        }
+        let queue = self.windows(closed, at_ms).into();
+        self.follow(queue, Some(state))
+    }
+
+    /// Shows the queued events and windows, and every event their republishes feed back.
+    fn follow(&self, mut queue: VecDeque<DryNext>, mut state: Option<&mut DryState>) -> DryRun {
+        let (routing, prefix, policy) = (self.routing, self.topic_prefix, self.policy);
+        let mut run = DryRun::default();
+        while let Some(next) = queue.pop_front() {
+            if run.steps.len() == self.max_events {
+                run.waiting = queue.len() + 1;
+                return run;
+            }
+            let step = match next {
+                DryNext::Window { event, window, fates } => DryStep {
+                    event,
+                    hops: 0,
+                    via: None,
+                    traces: Vec::new(),
+                    stateful: Vec::new(),
+                    window: Some(window),
+                    fates,
+                },
+                DryNext::Event { event, hops, via } => {
+                    let traces = explain(routing, &event, hops);
+                    let (stateful, fates) = match (routing, state.as_deref_mut()) {
+                        (Routing::Rules(rules), Some(dry)) if rules.is_stateful_topic(&event.topic) => {
+                            let names = rules
+                                .stateful_rules_for(&event.topic)
+                                .into_iter()
+                                .map(str::to_owned)
+                                .collect();
+                            // Own outputs (stateless rules, report by exception), then the
+                            // windows the event itself closed (count and sliding windows, an
+                            // evicted group).
+                            let (own, closed): (Vec<Marked>, Vec<Marked>) = rules
+                                .evaluate_windowed_marked(&context(&event, hops), &mut dry.state)
+                                .into_iter()
+                                .partition(|(_, origin)| origin.is_none());
+                            let own = fates(own.into_iter().map(|(o, _)| o).collect(), prefix, policy);
+                            queue.extend(self.windows(closed, event.received_ms));
+                            (names, not_back_upstream(&event, own))
+                        }
+                        _ => (Vec::new(), decide(routing, &event, hops, prefix, policy)),
+                    };
+                    DryStep { event, hops, via, traces, stateful, window: None, fates }
+                }
+            };
+            for fate in &step.fates {
+                if let Fate::Republish { rule, topic, payload, hops, .. } = fate {
+                    let next =
+                        republished_event(&step.event, self.ids.next_id(), topic.clone(), payload.clone());
+                    queue.push_back(DryNext::Event { event: next, hops: *hops, via: Some(rule.clone()) });
+                }
+            }
+            run.steps.push(step);
+        }
+        run
+    }
+
+    /// Closed windows' outputs as steps, one per window (grouped as the stage groups them),
+    /// each on a `$windows/<rule>` event at `at_ms` whose fates carry the window's id.
+    fn windows(&self, marked: Vec<Marked>, at_ms: u64) -> Vec<DryNext> {
+        let mut steps = Vec::new();
+        for (origin, outputs) in by_window(marked) {
+            let event =
+                Event::made(self.ids.next_id(), format!("$windows/{}", origin.rule), Bytes::new(), at_ms);
+            let window = DryWindow {
+                rule: origin.rule.clone(),
+                key: origin.key.clone(),
+                start_ms: origin.start_ms,
+                end_ms: origin.end_ms,
+            };
+            let fates = fates_marked(
+                outputs.into_iter().map(|(o, origin)| (o, origin.map(|o| o.fingerprint()))),
+                self.topic_prefix,
+                self.policy,
+            );
+            steps.push(DryNext::Window { event, window, fates });
+        }
+        steps
+    }
+}
+
+/// Closed windows' outputs, one entry per window with its outputs in order (a window's
+/// outputs are adjacent, each with its own `index`); outputs of no window are left out.
+fn by_window(marked: Vec<Marked>) -> Vec<(WindowOrigin, Vec<Marked>)> {
+    let same = |a: &WindowOrigin, b: &WindowOrigin| {
+        (&a.rule, &a.key, a.start_ms, a.end_ms, a.seq) == (&b.rule, &b.key, b.start_ms, b.end_ms, b.seq)
+    };
+    let mut windows: Vec<(WindowOrigin, Vec<Marked>)> = Vec::new();
+    // An output of no window between two of one window parts them, as it always has.
+    let mut parted = true;
+    for (output, origin) in marked {
+        let Some(this) = origin.clone() else {
+            parted = true;
+            continue;
+        };
+        match windows.last_mut() {
+            Some((last, outputs)) if !parted && same(last, &this) => outputs.push((output, origin)),
+            _ => windows.push((this, vec![(output, origin)])),
+        }
+        parted = false;
+    }
+    windows
 }
 
 /// The dead-letter record of an event.
@@ -1339,45 +1482,25 @@ impl RouteStage {
         rule_stats: &mut RuleStats,
     ) -> Vec<Outbound> {
         let mut forwards = Vec::new();
-        let mut marked = marked.into_iter().peekable();
         let now = Instant::now();
-        while let Some(first) = marked.next() {
-            let Some(origin) = first.1.clone() else { continue };
-            let same = |o: &Option<WindowOrigin>| {
-                o.as_ref().is_some_and(|o| {
-                    (&o.rule, &o.key, o.start_ms, o.end_ms, o.seq)
-                        == (&origin.rule, &origin.key, origin.start_ms, origin.end_ms, origin.seq)
-                })
-            };
-            let mut outputs = vec![first];
-            while let Some(next) = marked.next_if(|(_, o)| same(o)) {
-                outputs.push(next);
-            }
+        for (origin, outputs) in by_window(marked) {
             let payload = outputs.iter().find_map(|(o, _)| match o {
                 Output::DeadLetter { payload, .. } => Some(Bytes::from(payload.clone())),
                 _ => None,
             });
             let window_event = Event {
-                id: self.ids.next_id(),
-                topic: format!("$windows/{}", origin.rule),
-                payload: payload.unwrap_or_default(),
-                qos: None,
-                received_ms: from.map_or_else(|| self.clock.now_ms(), |(_, at)| at),
-                client_id: None,
                 // With checkpoints, the window's own ticket: the next checkpoint (which no
                 // longer holds the window's readings) waits until its outputs are safe.
                 ticket: match checkpointer.as_deref_mut() {
                     Some(ck) => Some(ck.output_ticket()),
                     None => from.map(|(t, _)| t.clone()),
                 },
-                from_upstream: false,
-                peerhost: None,
-                username: None,
-                retain: false,
-                dup: false,
-                pub_props: None,
-                lifecycle: None,
-                qos2: None,
+                ..Event::made(
+                    self.ids.next_id(),
+                    format!("$windows/{}", origin.rule),
+                    payload.unwrap_or_default(),
+                    from.map_or_else(|| self.clock.now_ms(), |(_, at)| at),
+                )
             };
             let outputs = outputs.into_iter().map(|(o, origin)| (o, origin.map(|o| o.fingerprint())));
             let fates = fates_marked(outputs, &self.topic_prefix, &self.topic_policy);
@@ -1484,21 +1607,9 @@ mod tests {
 
     fn event(topic: &str, payload: &str) -> Event {
         Event {
-            id: 7,
-            topic: topic.to_owned(),
-            payload: Bytes::copy_from_slice(payload.as_bytes()),
             qos: Some(1),
-            received_ms: 1_000,
             client_id: Some("c1".into()),
-            ticket: None,
-            from_upstream: false,
-            peerhost: None,
-            username: None,
-            retain: false,
-            dup: false,
-            pub_props: None,
-            lifecycle: None,
-            qos2: None,
+            ..Event::made(7, topic.to_owned(), Bytes::copy_from_slice(payload.as_bytes()), 1_000)
         }
     }
 
@@ -1719,7 +1830,10 @@ topic = "t/b"
 "#,
         );
         let ids = IdGen::new(1);
-        let run = dry_run(&routing, event("t/x", "1"), &ids, "", &policy(), 7);
+        let policy = policy();
+        let dry =
+            |max_events| Dry { routing: &routing, ids: &ids, topic_prefix: "", policy: &policy, max_events };
+        let run = dry(7).run(event("t/x", "1"), None);
         let shown: Vec<(&str, u8, Option<&str>)> =
             run.steps.iter().map(|s| (s.event.topic.as_str(), s.hops, s.via.as_deref())).collect();
         assert_eq!(
@@ -1737,8 +1851,79 @@ topic = "t/b"
         // Each of the four hop-2 events shown queued two more.
         assert_eq!(run.waiting, 8);
 
-        let whole = dry_run(&routing, event("t/x", "1"), &ids, "", &policy(), 1000);
+        let whole = dry(1000).run(event("t/x", "1"), None);
         assert_eq!((whole.steps.len(), whole.waiting), ((1 << 9) - 1, 0), "hop limit 8 ends every chain");
+    }
+
+    #[test]
+    fn a_dry_run_closes_windows_at_the_events_times_and_names_the_stateful_rules() {
+        let routing = rules(
+            r#"
+[[rule]]
+name = "avg"
+sql = '''
+SELECT topic(2) AS device, avg(payload.t) AS t, count(*) AS n
+FROM "s/+/t"
+GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)
+'''
+[[rule.action]]
+type = "forward"
+topic = "avg/${device}"
+[[rule.action]]
+type = "republish"
+topic = "local/avg/${device}"
+
+[[rule]]
+name = "all"
+sql = 'SELECT * FROM "local/#"'
+[[rule.action]]
+type = "forward"
+topic = "seen"
+"#,
+        );
+        let (ids, mut state) = (IdGen::new(1), DryState::new(&routing).expect("stateful rules"));
+        let at = |ms, t: &str| Event { received_ms: ms, ..event("s/d1/t", &format!("{{\"t\":{t}}}")) };
+        let policy = policy();
+        let dry = Dry { routing: &routing, ids: &ids, topic_prefix: "", policy: &policy, max_events: 100 };
+        let mut run = |e: Event| dry.run(e, Some(&mut state));
+        let first = run(at(1_000, "20"));
+        assert_eq!(first.steps.len(), 1);
+        assert_eq!(first.steps[0].stateful, ["avg"]);
+        assert!(first.steps[0].fates.is_empty(), "the window holds it: {:?}", first.steps[0].fates);
+        assert!(run(at(9_999, "22")).steps[0].fates.is_empty());
+        // The next window's event closes [0, 10 s) first: its forward, its republish, and the
+        // republished event through the stateless rule.
+        let third = run(at(10_000, "30"));
+        let shown: Vec<(&str, Option<(u64, u64)>)> = third
+            .steps
+            .iter()
+            .map(|s| (s.event.topic.as_str(), s.window.as_ref().map(|w| (w.start_ms, w.end_ms))))
+            .collect();
+        assert_eq!(shown, [("$windows/avg", Some((0, 10_000))), ("s/d1/t", None), ("local/avg/d1", None)]);
+        let window = &third.steps[0];
+        assert_eq!(window.window.as_ref().map(|w| w.key.as_str()), Some(r#"["d1"]"#), "the group's keys");
+        let forwarded: Vec<String> = window
+            .fates
+            .iter()
+            .filter_map(|f| match f {
+                Fate::Forward { topic, payload, window_id, .. } => {
+                    assert!(window_id.is_some(), "a window's forward carries its id");
+                    Some(format!("{topic} {}", String::from_utf8_lossy(payload)))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(forwarded, [r#"avg/d1 {"device":"d1","t":21.0,"n":2}"#]);
+        assert!(matches!(third.steps[2].fates.as_slice(), [Fate::Forward { topic, .. }] if topic == "seen"));
+
+        // The end of the replay: the open window closes with what it holds.
+        let end = dry.close_all(&mut state, 12_000);
+        let last: Vec<(&str, Option<(u64, u64)>)> = end
+            .steps
+            .iter()
+            .map(|s| (s.event.topic.as_str(), s.window.as_ref().map(|w| (w.start_ms, w.end_ms))))
+            .collect();
+        assert_eq!(last, [("$windows/avg", Some((10_000, 20_000))), ("local/avg/d1", None)]);
     }
 
     #[tokio::test]

@@ -254,8 +254,13 @@ type = "drop"
 /// `outpost rules test ARGS…` in a directory holding `rules.toml` (with `devices.csv`),
 /// `outpost.toml` (`topic_prefix = "site-7/"`) and `events.jsonl`: (exit code, stdout, stderr).
 fn dry_run(events: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    dry_run_of(DRY_RUN_RULES, events, args)
+}
+
+/// [`dry_run`] of other rules.
+fn dry_run_of(rules: &str, events: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("rules.toml"), DRY_RUN_RULES).expect("write rules");
+    std::fs::write(dir.path().join("rules.toml"), rules).expect("write rules");
     std::fs::write(dir.path().join("devices.csv"), "device,site,max_temp\nd1,plant-a,30\n")
         .expect("write table");
     std::fs::write(
@@ -351,4 +356,79 @@ fn the_dry_run_refuses_a_topic_no_sensor_can_publish_to() {
         dry_run("{\"topic\":\"ok\"}\n{\"topic\":\"a/#\"}\n", &["--events", "events.jsonl"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains(r#"events.jsonl:2: topic "a/#": wildcards are not allowed"#), "{stderr}");
+}
+
+/// Windows and report by exception in the dry run: the events' `ts_ms` is the time windows
+/// see, a window closes when an event comes past its end (with its own step, before that
+/// event), and what is still open at the end is shown closed.
+#[test]
+fn the_dry_run_closes_windows_at_the_recorded_times_and_shows_report_by_exception() {
+    let rules = r#"
+[[rule]]
+name = "avg"
+sql = '''
+SELECT topic(2) AS device, avg(payload.temp) AS avg, count(*) AS n
+FROM "sensors/+/temp"
+GROUP BY topic(2), TUMBLINGWINDOW(ss, 10)
+'''
+[[rule.action]]
+type = "forward"
+topic = "avg/${device}"
+
+[[rule]]
+name = "changes"
+sql = "SELECT topic(2) AS device, payload.temp AS temp FROM \"sensors/+/temp\" WHERE deadband(payload.temp, 1)"
+[[rule.action]]
+type = "republish"
+topic = "local/changes/${device}"
+"#;
+    // 2025-12-05 12:00:01, :04, :08.5 and :12 UTC.
+    let events = concat!(
+        r#"{"topic":"sensors/d1/temp","payload":{"temp":20.5},"ts_ms":1764936001000}"#,
+        "\n",
+        r#"{"topic":"sensors/d2/temp","payload":{"temp":18.0},"ts_ms":1764936004000}"#,
+        "\n",
+        r#"{"topic":"sensors/d1/temp","payload":{"temp":21.0},"ts_ms":1764936008500}"#,
+        "\n",
+        r#"{"topic":"sensors/d1/temp","payload":{"temp":23.0},"ts_ms":1764936012000}"#,
+        "\n"
+    );
+    let (code, stdout, stderr) = dry_run_of(rules, events, &["--events", "events.jsonl"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        stdout,
+        r#"event sensors/d1/temp {"temp":20.5}
+  rule avg: took the event into its state (a window, or report by exception)
+  rule changes: took the event into its state (a window, or report by exception)
+  => republish local/changes/d1 qos=1 hops=1 (rule changes): {"device":"d1","temp":20.5}
+event local/changes/d1 {"device":"d1","temp":20.5} (republished by rule changes, hop 1)
+  no rule's FROM matches this topic
+  => unrouted: nothing goes upstream (counted as unrouted)
+event sensors/d2/temp {"temp":18.0}
+  rule avg: took the event into its state (a window, or report by exception)
+  rule changes: took the event into its state (a window, or report by exception)
+  => republish local/changes/d2 qos=1 hops=1 (rule changes): {"device":"d2","temp":18.0}
+event local/changes/d2 {"device":"d2","temp":18.0} (republished by rule changes, hop 1)
+  no rule's FROM matches this topic
+  => unrouted: nothing goes upstream (counted as unrouted)
+event sensors/d1/temp {"temp":21.0}
+  rule avg: took the event into its state (a window, or report by exception)
+  rule changes: took the event into its state (a window, or report by exception)
+  => nothing goes out now
+window of rule avg closed for group ["d1"]: [2025-12-05T12:00:00.000Z, 2025-12-05T12:00:10.000Z)
+  => forward avg/d1 qos=1 priority=5 (rule avg): {"device":"d1","avg":20.75,"n":2}
+window of rule avg closed for group ["d2"]: [2025-12-05T12:00:00.000Z, 2025-12-05T12:00:10.000Z)
+  => forward avg/d2 qos=1 priority=5 (rule avg): {"device":"d2","avg":18.0,"n":1}
+event sensors/d1/temp {"temp":23.0}
+  rule avg: took the event into its state (a window, or report by exception)
+  rule changes: took the event into its state (a window, or report by exception)
+  => republish local/changes/d1 qos=1 hops=1 (rule changes): {"device":"d1","temp":23.0}
+event local/changes/d1 {"device":"d1","temp":23.0} (republished by rule changes, hop 1)
+  no rule's FROM matches this topic
+  => unrouted: nothing goes upstream (counted as unrouted)
+end of the events: the windows still open are closed now to show what they hold (the gateway keeps them open until their end)
+window of rule avg closed for group ["d1"]: [2025-12-05T12:00:10.000Z, 2025-12-05T12:00:20.000Z)
+  => forward avg/d1 qos=1 priority=5 (rule avg): {"device":"d1","avg":23.0,"n":1}
+"#
+    );
 }

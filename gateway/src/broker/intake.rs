@@ -137,21 +137,9 @@ impl Intake {
     /// An event for a publish of `client_id`, with a new id, received now.
     pub fn new_event(&self, topic: String, payload: Bytes, qos: u8, client_id: &Arc<str>) -> Event {
         Event {
-            id: self.ids.next_id(),
-            topic,
-            payload,
             qos: Some(qos),
-            received_ms: now_ms(),
             client_id: Some(Arc::clone(client_id)),
-            ticket: None,
-            from_upstream: false,
-            peerhost: None,
-            username: None,
-            retain: false,
-            dup: false,
-            pub_props: None,
-            lifecycle: None,
-            qos2: None,
+            ..Event::made(self.ids.next_id(), topic, payload, now_ms())
         }
     }
 

@@ -513,6 +513,21 @@ impl RuleSet {
         matched.into_iter().any(|i| self.rules.get(i).is_some_and(|r| r.sql.is_stateful()))
     }
 
+    /// The stateful rules whose FROM matches `topic`, in rule order (what `outpost rules test`
+    /// names as taking an event in).
+    pub fn stateful_rules_for(&self, topic: &str) -> Vec<&str> {
+        let mut matched = Vec::new();
+        self.index.matches(topic, &mut matched);
+        matched.sort_unstable();
+        matched.dedup();
+        matched
+            .into_iter()
+            .filter_map(|i| self.rules.get(i))
+            .filter(|r| r.sql.is_stateful())
+            .map(|r| &*r.name)
+            .collect()
+    }
+
     /// Empty windows for every windowed rule of this set.
     pub fn window_state(&self) -> WindowState {
         WindowState {

@@ -606,3 +606,36 @@ fn event_time_option_errors_name_the_rule_key_value_and_fix() {
     let policy = run(&bad_policy, "");
     assert!(policy.contains("unknown variant `keep`, expected `drop` or `deadletter`"), "{policy}");
 }
+
+#[test]
+fn the_stateful_rules_reading_a_topic_are_named_in_rule_order() {
+    let rules = RuleSet::compile(
+        r#"
+[[rule]]
+name = "plain"
+sql = "SELECT * FROM \"sensors/#\""
+[[rule.action]]
+type = "forward"
+topic = "x"
+
+[[rule]]
+name = "avg"
+sql = "SELECT avg(payload.t) AS t FROM \"sensors/+/temp\" GROUP BY TUMBLINGWINDOW(ss, 10)"
+[[rule.action]]
+type = "forward"
+topic = "y"
+
+[[rule]]
+name = "changes"
+sql = "SELECT payload.t AS t FROM \"sensors/#\" WHERE deadband(payload.t, 1)"
+[[rule.action]]
+type = "forward"
+topic = "z"
+"#,
+        &TableSources::new(),
+    )
+    .expect("compiles");
+    assert_eq!(rules.stateful_rules_for("sensors/a/temp"), ["avg", "changes"]);
+    assert_eq!(rules.stateful_rules_for("sensors/a/humidity"), ["changes"]);
+    assert!(rules.stateful_rules_for("other").is_empty());
+}
