@@ -753,7 +753,10 @@ fn print_step(out: &mut impl Write, step: &crate::route::DryStep) -> std::io::Re
         writeln!(out, "  no rule's FROM matches this topic")?;
     }
     for rule in &step.stateful {
-        writeln!(out, "  rule {rule}: took the event into its state (a window, or report by exception)")?;
+        writeln!(
+            out,
+            "  rule {rule}: stateful (a window, or report by exception), evaluated with its state"
+        )?;
     }
     for trace in &step.traces {
         match &trace.outcome {

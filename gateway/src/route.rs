@@ -346,8 +346,8 @@ pub struct DryStep {
     /// The rule whose republish produced this event; `None` for the input.
     pub via: Option<Arc<str>>,
     pub traces: Vec<Trace>,
-    /// Stateful rules (windows, report by exception) whose FROM matches the event: it went
-    /// into their state.
+    /// Stateful rules (windows, report by exception) whose FROM matches the event: they
+    /// evaluated it with their state (their WHERE and FILTER decide whether it counted).
     pub stateful: Vec<String>,
     /// For a window's step: the window that closed.
     pub window: Option<DryWindow>,

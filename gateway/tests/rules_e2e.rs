@@ -398,30 +398,30 @@ topic = "local/changes/${device}"
     assert_eq!(
         stdout,
         r#"event sensors/d1/temp {"temp":20.5}
-  rule avg: took the event into its state (a window, or report by exception)
-  rule changes: took the event into its state (a window, or report by exception)
+  rule avg: stateful (a window, or report by exception), evaluated with its state
+  rule changes: stateful (a window, or report by exception), evaluated with its state
   => republish local/changes/d1 qos=1 hops=1 (rule changes): {"device":"d1","temp":20.5}
 event local/changes/d1 {"device":"d1","temp":20.5} (republished by rule changes, hop 1)
   no rule's FROM matches this topic
   => unrouted: nothing goes upstream (counted as unrouted)
 event sensors/d2/temp {"temp":18.0}
-  rule avg: took the event into its state (a window, or report by exception)
-  rule changes: took the event into its state (a window, or report by exception)
+  rule avg: stateful (a window, or report by exception), evaluated with its state
+  rule changes: stateful (a window, or report by exception), evaluated with its state
   => republish local/changes/d2 qos=1 hops=1 (rule changes): {"device":"d2","temp":18.0}
 event local/changes/d2 {"device":"d2","temp":18.0} (republished by rule changes, hop 1)
   no rule's FROM matches this topic
   => unrouted: nothing goes upstream (counted as unrouted)
 event sensors/d1/temp {"temp":21.0}
-  rule avg: took the event into its state (a window, or report by exception)
-  rule changes: took the event into its state (a window, or report by exception)
+  rule avg: stateful (a window, or report by exception), evaluated with its state
+  rule changes: stateful (a window, or report by exception), evaluated with its state
   => nothing goes out now
 window of rule avg closed for group ["d1"]: [2025-12-05T12:00:00.000Z, 2025-12-05T12:00:10.000Z)
   => forward avg/d1 qos=1 priority=5 (rule avg): {"device":"d1","avg":20.75,"n":2}
 window of rule avg closed for group ["d2"]: [2025-12-05T12:00:00.000Z, 2025-12-05T12:00:10.000Z)
   => forward avg/d2 qos=1 priority=5 (rule avg): {"device":"d2","avg":18.0,"n":1}
 event sensors/d1/temp {"temp":23.0}
-  rule avg: took the event into its state (a window, or report by exception)
-  rule changes: took the event into its state (a window, or report by exception)
+  rule avg: stateful (a window, or report by exception), evaluated with its state
+  rule changes: stateful (a window, or report by exception), evaluated with its state
   => republish local/changes/d1 qos=1 hops=1 (rule changes): {"device":"d1","temp":23.0}
 event local/changes/d1 {"device":"d1","temp":23.0} (republished by rule changes, hop 1)
   no rule's FROM matches this topic
