@@ -20,6 +20,8 @@ const RANKS: &[(&str, u8)] = &[
     ("shutdown", BOTTOM),
     ("tls", BOTTOM),
     ("telemetry", 1),
+    // The runtime thread's interrupt moderation: pure, fed counts by `cli`.
+    ("coalesce", 1),
     // The stages' heartbeats and the systemd watchdog: every stage holds a heartbeat.
     ("watchdog", 1),
     // The tap's hub: every stage publishes into it, the admin socket attaches its viewers.

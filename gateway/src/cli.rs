@@ -1038,59 +1038,50 @@ fn abort_on_panic() {
     }));
 }
 
-/// Interrupt moderation for the runtime thread (`wakeup_coalescing`). At a few thousand
-/// events a second each event would otherwise get wake-ups of its own (its publish, then its
-/// upstream PUBACK), and a wake-up's fixed cost — the scheduler, `epoll_wait`, the cold state
-/// of every task it touches — outweighs the event's own work several times (README,
-/// "At low rates"). Waiting a few milliseconds before sleeping lets the events of that
-/// interval share one wake-up, one upstream write and one PUBACK read. Only while busy: when
-/// the thread's last sleep lasted two intervals or more it sleeps at once, so an idle fleet
-/// keeps its few wake-ups and the first event after a quiet spell its latency.
+/// [`Moderation`](crate::coalesce::Moderation) on the runtime thread's park hooks. The
+/// publish count comes from the gateway's counters once it has started; until then nothing
+/// is counted and nothing probed decides anything.
 struct Coalescer {
-    interval: std::time::Duration,
-    /// When the thread last went to sleep, and how long its last sleep lasted. A mutex nobody
-    /// else takes (one runtime thread).
-    sleep: std::sync::Mutex<(std::time::Instant, std::time::Duration)>,
+    moderation: std::sync::Mutex<crate::coalesce::Moderation>,
+    metrics: std::sync::OnceLock<crate::metrics::Metrics>,
 }
 
 impl Coalescer {
     fn new(interval: std::time::Duration) -> Coalescer {
-        // Starts as after a long sleep: nothing to coalesce yet.
         Coalescer {
-            interval,
-            sleep: std::sync::Mutex::new((std::time::Instant::now(), std::time::Duration::MAX)),
+            moderation: std::sync::Mutex::new(crate::coalesce::Moderation::new(
+                interval,
+                std::time::Instant::now(),
+            )),
+            metrics: std::sync::OnceLock::new(),
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, (std::time::Instant, std::time::Duration)> {
-        self.sleep.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// How long to wait before sleeping: the interval if the last sleep was short (busy).
-    fn wait_before_park(&self) -> Option<std::time::Duration> {
-        (self.state().1 < 2 * self.interval).then_some(self.interval)
-    }
-
-    fn parked(&self, now: std::time::Instant) {
-        self.state().0 = now;
-    }
-
-    fn woke(&self, now: std::time::Instant) {
-        let mut state = self.state();
-        state.1 = now.saturating_duration_since(state.0);
+    /// A mutex nobody else takes (one runtime thread).
+    fn moderation(&self) -> std::sync::MutexGuard<'_, crate::coalesce::Moderation> {
+        self.moderation.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn before_park(&self) {
-        if let Some(wait) = self.wait_before_park() {
+        let published =
+            self.metrics.get().map_or(0, |m| crate::metrics::Metrics::get(&m.counters().ingested));
+        let (wait, waits) = {
+            let mut moderation = self.moderation();
+            (moderation.before_park(std::time::Instant::now(), published), moderation.waits())
+        };
+        if let Some(metrics) = self.metrics.get() {
+            crate::metrics::Metrics::set(&metrics.gauges().wakeup_coalescing_active, u64::from(waits));
+        }
+        if let Some(wait) = wait {
             // Deliberate: the thread has nothing to run; what arrives meanwhile waits in the
             // sockets' buffers and is taken in one turn.
             std::thread::sleep(wait);
         }
-        self.parked(std::time::Instant::now());
+        self.moderation().parked(std::time::Instant::now());
     }
 
     fn after_unpark(&self) {
-        self.woke(std::time::Instant::now());
+        self.moderation().woke(std::time::Instant::now());
     }
 }
 
@@ -1100,10 +1091,11 @@ fn run(config: GatewayConfig) -> anyhow::Result<()> {
     // cores (less CPU per event, better p99). redb runs on a thread of its own (the store thread).
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all();
-    if !config.wakeup_coalescing.is_zero() {
-        let coalescer = std::sync::Arc::new(Coalescer::new(config.wakeup_coalescing));
-        let woke = std::sync::Arc::clone(&coalescer);
-        builder.on_thread_park(move || coalescer.before_park()).on_thread_unpark(move || woke.after_unpark());
+    let coalescer = (!config.wakeup_coalescing.is_zero())
+        .then(|| std::sync::Arc::new(Coalescer::new(config.wakeup_coalescing)));
+    if let Some(coalescer) = &coalescer {
+        let (parks, woke) = (std::sync::Arc::clone(coalescer), std::sync::Arc::clone(coalescer));
+        builder.on_thread_park(move || parks.before_park()).on_thread_unpark(move || woke.after_unpark());
     }
     let runtime = builder.build().context("cannot start the async runtime")?;
     runtime.block_on(async {
@@ -1126,6 +1118,9 @@ fn run(config: GatewayConfig) -> anyhow::Result<()> {
             () = std::future::ready(()) => {}
         }
         let gateway = crate::Gateway::start(config).await.context("cannot start the gateway")?;
+        if let Some(coalescer) = &coalescer {
+            let _ = coalescer.metrics.set(gateway.metrics().clone());
+        }
         // Type=notify units start dependants only once the broker accepts sensors. Outside
         // systemd NOTIFY_SOCKET is unset and this does nothing.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -1187,25 +1182,6 @@ fn buffer(command: BufferCommand) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Waits only while busy: after a sleep shorter than two intervals. After a long sleep
-    /// (idle, or the first event after a quiet spell) the thread sleeps at once.
-    #[test]
-    fn the_coalescer_waits_only_after_short_sleeps() {
-        let interval = std::time::Duration::from_millis(10);
-        let coalescer = Coalescer::new(interval);
-        assert_eq!(coalescer.wait_before_park(), None, "nothing to coalesce at start");
-        let t = std::time::Instant::now();
-        coalescer.parked(t);
-        coalescer.woke(t + std::time::Duration::from_millis(1));
-        assert_eq!(coalescer.wait_before_park(), Some(interval), "woken 1 ms after going to sleep: busy");
-        coalescer.parked(t + std::time::Duration::from_millis(2));
-        coalescer.woke(t + std::time::Duration::from_millis(2) + 2 * interval);
-        assert_eq!(coalescer.wait_before_park(), None, "slept two intervals: idle");
-        coalescer.parked(t + std::time::Duration::from_secs(1));
-        coalescer.woke(t + std::time::Duration::from_secs(61));
-        assert_eq!(coalescer.wait_before_park(), None);
-    }
 
     #[test]
     fn cli_parses_overrides() {

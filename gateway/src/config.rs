@@ -72,9 +72,9 @@ pub struct GatewayConfig {
     #[serde(default)]
     pub http: Option<http::HttpConfig>,
     /// While events arrive often, the runtime thread waits this long before it sleeps, so
-    /// that the events of that interval share one wake-up (interrupt moderation). Zero: off.
-    /// Read at start-up only.
-    #[serde(default, with = "humantime_serde")]
+    /// that the events of that interval share one wake-up (interrupt moderation), unless
+    /// waiting is measured to slow a client down (`coalesce`). Zero: off. Read at start-up only.
+    #[serde(default = "default_wakeup_coalescing", with = "humantime_serde")]
     pub wakeup_coalescing: Duration,
 }
 
@@ -505,6 +505,11 @@ fn default_data_dir() -> PathBuf {
 fn default_shutdown_timeout() -> Duration {
     Duration::from_secs(10)
 }
+/// Measured at 1k, 2k and 10k events/s from 100 and 1,000 sensors: 10 ms halves the CPU per
+/// event at 1-2k/s (README, "At low rates"); 2 ms saved too little, longer adds latency.
+fn default_wakeup_coalescing() -> Duration {
+    Duration::from_millis(10)
+}
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 1883))
 }
@@ -678,7 +683,7 @@ impl Default for GatewayConfig {
             log: LogConfig::default(),
             shutdown_timeout: default_shutdown_timeout(),
             http: None,
-            wakeup_coalescing: Duration::ZERO,
+            wakeup_coalescing: default_wakeup_coalescing(),
         }
     }
 }

@@ -50,6 +50,7 @@ pub mod auth;
 pub mod broker;
 pub mod buffer;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod deadletter;
 pub mod event;

@@ -308,6 +308,10 @@ pub struct Gauges {
     pub tls_handshakes_in_progress: AtomicU64,
     /// Viewers attached to the tap (`outpost tap`).
     pub tap_viewers: AtomicU64,
+    /// 1 while the runtime thread waits `wakeup_coalescing` before it sleeps when busy (the
+    /// publishes arrive on the sensors' own clock); 0 while it does not (off, or waiting
+    /// would slow a client that publishes once per PUBACK).
+    pub wakeup_coalescing_active: AtomicU64,
     /// Signalled whenever `upstream_connected` changes, so `$SYS/outpost/upstream` follows at
     /// once instead of at the next `broker.sys_interval`.
     pub upstream_changed: tokio::sync::Notify,

@@ -525,6 +525,7 @@ pub struct Scrape {
     pub inbound_connected: u64,
     pub tls_handshakes_in_progress: u64,
     pub tap_viewers: u64,
+    pub wakeup_coalescing_active: u64,
     /// Per rule name: matched, outputs, errors.
     pub rules: Vec<(String, u64, u64, u64)>,
     /// The committed part of the buffer, when the store thread answered.
@@ -560,6 +561,7 @@ impl Scrape {
             inbound_connected: Metrics::get(&g.inbound_connected),
             tls_handshakes_in_progress: Metrics::get(&g.tls_handshakes_in_progress),
             tap_viewers: Metrics::get(&g.tap_viewers),
+            wakeup_coalescing_active: Metrics::get(&g.wakeup_coalescing_active),
             rules: metrics.rules().snapshot(),
             store,
             capacity_events: capacity.0,
@@ -750,6 +752,12 @@ impl Collector for Scrape {
             "outpost_tap_viewers",
             "Viewers attached to the tap (outpost tap).",
             self.tap_viewers as f64,
+        )?;
+        gauge(
+            e,
+            "outpost_wakeup_coalescing_active",
+            "1 while the runtime thread waits wakeup_coalescing before it sleeps when busy; 0 while it does not (off, or waiting would slow a client that publishes once per PUBACK).",
+            self.wakeup_coalescing_active as f64,
         )?;
         let connected: Vec<(Labels<'_>, f64)> = if self.upstream_endpoints.is_empty() {
             vec![(vec![("endpoint", "none")], self.upstream_connected as f64)]
@@ -959,6 +967,7 @@ mod tests {
             "outpost_rule_errors_total{rule=\"to_cloud\"} 4",
             "outpost_rule_matched_total{rule=\"to_cloud\"} 0",
             "outpost_tap_viewers 0.0",
+            "outpost_wakeup_coalescing_active 0.0",
             "# TYPE outpost_upstream_connected gauge",
             "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.5:1883\"} 1.0",
             "outpost_upstream_connected{endpoint=\"mqtt://10.0.0.6:1883\"} 0.0",
