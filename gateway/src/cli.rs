@@ -1063,11 +1063,13 @@ impl Coalescer {
     }
 
     fn before_park(&self) {
-        let published =
-            self.metrics.get().map_or(0, |m| crate::metrics::Metrics::get(&m.counters().ingested));
+        let metrics = self.metrics.get();
+        let published = metrics.map_or(0, |m| crate::metrics::Metrics::get(&m.counters().ingested));
+        let window_full =
+            metrics.is_some_and(|m| crate::metrics::Metrics::get(&m.gauges().upstream_window_full) == 1);
         let (wait, waits) = {
             let mut moderation = self.moderation();
-            (moderation.before_park(std::time::Instant::now(), published), moderation.waits())
+            (moderation.before_park(std::time::Instant::now(), published, window_full), moderation.waits())
         };
         if let Some(metrics) = self.metrics.get() {
             crate::metrics::Metrics::set(&metrics.gauges().wakeup_coalescing_active, u64::from(waits));

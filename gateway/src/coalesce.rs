@@ -97,14 +97,18 @@ impl Moderation {
     }
 
     /// The thread is about to sleep, `published` publishes read since start-up: how long to
-    /// wait first. The caller waits, then calls [`Moderation::parked`].
-    pub fn before_park(&mut self, now: Instant, published: u64) -> Option<Duration> {
+    /// wait first. The caller waits, then calls [`Moderation::parked`]. Never while
+    /// `window_full` (the relay's upstream send window is full): a relay that waits for
+    /// PUBACKs to send more would only get them later, so a wait would cap a drain or a burst
+    /// at one window per interval.
+    pub fn before_park(&mut self, now: Instant, published: u64, window_full: bool) -> Option<Duration> {
         self.advance(now, published);
         let waiting = match self.phase {
             Phase::Probe { .. } => !self.waits,
             Phase::Steady | Phase::Before | Phase::After { .. } => self.waits,
         };
-        (waiting && self.last_sleep < self.interval.saturating_mul(2)).then_some(self.interval)
+        (waiting && !window_full && self.last_sleep < self.interval.saturating_mul(2))
+            .then_some(self.interval)
     }
 
     pub fn parked(&mut self, now: Instant) {
@@ -174,17 +178,18 @@ mod tests {
         let t = Instant::now();
         let mut m = Moderation::new(INTERVAL, t);
         m.waits = true;
-        assert_eq!(m.before_park(t, 0), None, "nothing to coalesce at start");
+        assert_eq!(m.before_park(t, 0, false), None, "nothing to coalesce at start");
         m.parked(t);
         m.woke(t + Duration::from_millis(1));
         assert_eq!(
-            m.before_park(t + Duration::from_millis(1), 0),
+            m.before_park(t + Duration::from_millis(1), 0, false),
             Some(INTERVAL),
             "woken 1 ms after sleeping: busy"
         );
+        assert_eq!(m.before_park(t + Duration::from_millis(1), 0, true), None, "the upstream window is full");
         m.parked(t + Duration::from_millis(2));
         m.woke(t + Duration::from_millis(2) + 2 * INTERVAL);
-        assert_eq!(m.before_park(t + Duration::from_millis(30), 0), None, "slept two intervals: idle");
+        assert_eq!(m.before_park(t + Duration::from_millis(30), 0, false), None, "slept two intervals: idle");
     }
 
     /// What drives the publishes, as a model: sensors on their own clock, or clients that
@@ -212,7 +217,7 @@ mod tests {
             let (phase_start, phase_published, end) = (now, published, now + Duration::from_secs(seconds));
             waits = 0;
             while now < end {
-                let wait = m.before_park(now, published);
+                let wait = m.before_park(now, published, false);
                 waits += u64::from(wait.is_some());
                 // While the thread waits, open-loop publishes keep arriving; a closed-loop
                 // client's next publish needs the PUBACK this turn sent, one round trip after
@@ -297,7 +302,7 @@ mod tests {
                 now += Duration::from_micros(awake_us);
                 published += arrived;
                 let busy = m.last_sleep < 2 * INTERVAL;
-                let wait = m.before_park(now, published);
+                let wait = m.before_park(now, published, false);
                 prop_assert!(wait.is_none() || (wait == Some(INTERVAL) && busy));
                 now += wait.unwrap_or_default();
                 m.parked(now);

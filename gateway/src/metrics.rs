@@ -312,6 +312,9 @@ pub struct Gauges {
     /// publishes arrive on the sensors' own clock); 0 while it does not (off, or waiting
     /// would slow a client that publishes once per PUBACK).
     pub wakeup_coalescing_active: AtomicU64,
+    /// 1 while the relay's last turn left its upstream send window full (it waits for PUBACKs
+    /// to send more): the runtime thread then sleeps without waiting (`coalesce`). Not exported.
+    pub upstream_window_full: AtomicU64,
     /// Signalled whenever `upstream_connected` changes, so `$SYS/outpost/upstream` follows at
     /// once instead of at the next `broker.sys_interval`.
     pub upstream_changed: tokio::sync::Notify,

@@ -263,6 +263,11 @@ impl Relay {
         })
     }
 
+    /// Whether the send window is full: nothing more goes upstream until PUBACKs arrive.
+    pub(super) fn window_full(&self) -> bool {
+        self.conn.as_ref().is_some_and(|c| c.session.outstanding() >= self.window())
+    }
+
     /// Fills the send window: encodes publishes into `out`, which the run loop writes to the
     /// socket.
     pub(super) fn pump(&mut self, commands: &mpsc::Sender<Command>, now: Instant, out: &mut BytesMut) {

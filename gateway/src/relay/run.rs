@@ -74,6 +74,7 @@ pub async fn run<S: AsyncRead + AsyncWrite + Unpin>(
             break;
         }
         Metrics::set(&relay.metrics.gauges().buffered_events, relay.stored().events);
+        Metrics::set(&relay.metrics.gauges().upstream_window_full, u64::from(relay.window_full()));
         let ping = relay.session().and_then(|s| s.next_ping());
         // A grace period that ended while a commit still runs is waited out by the commit's
         // reply, not by a timer that is always due.

@@ -605,6 +605,30 @@ fn outage_commits_everything_and_drains_in_order_after_reconnect() {
     });
 }
 
+/// The runtime thread must not wait before sleeping while the relay waits for PUBACKs to
+/// send more (`coalesce`): the window is full exactly while `window` publishes are unanswered.
+#[test]
+fn the_window_is_full_until_a_puback_opens_it() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    rt.block_on(async {
+        let mut h = Harness::new();
+        h.step(Action::Accept(5)).await;
+        assert!(!h.relay.window_full(), "no connection: nothing in flight");
+        h.step(Action::Connect).await;
+        for _ in 1..WINDOW {
+            h.step(Action::Accept(5)).await;
+        }
+        assert!(h.relay.window_full(), "{WINDOW} sent, none answered");
+        h.step(Action::Write(WINDOW)).await;
+        h.step(Action::Ack(0)).await;
+        assert!(!h.relay.window_full(), "one answered, nothing else to send");
+        for _ in 0..3 {
+            h.step(Action::Accept(5)).await;
+        }
+        assert!(h.relay.window_full(), "more waiting than the window holds");
+    });
+}
+
 /// A harness with custom settings, for policy tests.
 fn harness_with(settings: RelaySettings) -> Harness {
     let mut h = Harness::new();
