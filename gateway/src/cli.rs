@@ -1071,7 +1071,7 @@ impl Coalescer {
             let mut moderation = self.moderation();
             (moderation.before_park(std::time::Instant::now(), published, window_full), moderation.waits())
         };
-        if let Some(metrics) = self.metrics.get() {
+        if let Some(metrics) = metrics {
             crate::metrics::Metrics::set(&metrics.gauges().wakeup_coalescing_active, u64::from(waits));
         }
         if let Some(wait) = wait {
