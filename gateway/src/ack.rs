@@ -19,16 +19,13 @@
 //! releases its tickets with [`release_all`]: one clock read for the whole batch.
 
 use std::collections::VecDeque;
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
-use bytes::BytesMut;
 use tokio::sync::Notify;
 
 use crate::metrics::Metrics;
-use crate::mqtt::wire;
 
 /// What became of one held publish.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,123 +38,11 @@ pub enum Outcome {
     TopicInvalid,
 }
 
-/// What a held slot answers on the wire, as its connection recorded it: the packet id, what
-/// kind of answer (a connection's own numbering: QoS 1 is a PUBACK) and whether the ACL
-/// denied the publish. Queues that are not a connection's leave it at the default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Answer {
-    pub pkid: u16,
-    pub kind: u8,
-    pub denied: bool,
-}
-
-impl Answer {
-    /// The answer a PUBACK with reason Success gives, written without the connection's task
-    /// when it is the outcome.
-    fn plain_puback(&self) -> bool {
-        self.kind == 1 && !self.denied
-    }
-}
-
-/// Where a connection's PUBACKs may be written while its task waits: a plain TCP socket
-/// that takes bytes without blocking (`WouldBlock` when its send buffer is full).
-pub trait DirectWrite: Send + Sync {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
-}
-
-#[derive(Debug)]
-struct Slot {
-    answer: Answer,
-    outcome: Option<Outcome>,
-}
-
-/// The PUBACK fast path of one connection (see [`AckQueue::attach`]).
-struct Direct {
-    writer: Weak<dyn DirectWrite>,
-    /// The connection's task is running a turn (it writes the socket itself), or bytes
-    /// wait in `pending`: nothing is written directly.
-    busy: bool,
-    /// The tail of a direct write the socket did not take, for the task to write first.
-    pending: Vec<u8>,
-}
-
-impl std::fmt::Debug for Direct {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Direct").field("busy", &self.busy).field("pending", &self.pending.len()).finish()
-    }
-}
-
 #[derive(Debug, Default)]
 struct Slots {
     /// Ticket number of `slots[0]`.
     base: u64,
-    slots: VecDeque<Slot>,
-    /// Slots whose answer is a QoS 1 acknowledgement (the receive maximum counts them).
-    qos1: usize,
-    direct: Option<Direct>,
-}
-
-impl Slots {
-    fn push(&mut self, answer: Answer, outcome: Option<Outcome>) -> u64 {
-        if answer.kind == 1 {
-            self.qos1 += 1;
-        }
-        self.slots.push_back(Slot { answer, outcome });
-        self.base + self.slots.len() as u64 - 1
-    }
-
-    fn pop_front(&mut self) -> Option<(Answer, Outcome)> {
-        let outcome = self.slots.front()?.outcome?;
-        let slot = self.slots.pop_front()?;
-        self.base += 1;
-        if slot.answer.kind == 1 {
-            self.qos1 -= 1;
-        }
-        Some((slot.answer, outcome))
-    }
-
-    /// Writes the plain PUBACKs at the front straight to the socket, if the connection's task
-    /// is waiting. Returns whether the task must still be woken: an answer at the front only
-    /// it can write (a refusal, a PUBREC, a denied publish), or bytes the socket did not take.
-    fn write_direct(&mut self) -> bool {
-        let front_ready = |s: &Slots| s.slots.front().is_some_and(|slot| slot.outcome.is_some());
-        let Some(direct) = self.direct.as_ref().filter(|d| !d.busy) else { return front_ready(self) };
-        let Some(writer) = direct.writer.upgrade() else {
-            // The connection is gone; nobody reads these answers.
-            self.direct = None;
-            return front_ready(self);
-        };
-        // Up to 64 acknowledgements per write, on the stack: a waiting connection holds no
-        // buffer.
-        let mut buf = [0u8; 256];
-        loop {
-            let mut len = 0;
-            while len < buf.len()
-                && let Some(slot) = self.slots.front()
-                && slot.outcome == Some(Outcome::Safe)
-                && slot.answer.plain_puback()
-            {
-                buf[len..len + 4].copy_from_slice(&wire::puback_success(slot.answer.pkid));
-                len += 4;
-                let _ = self.pop_front();
-            }
-            if len == 0 {
-                return front_ready(self);
-            }
-            let written = match writer.try_write(&buf[..len]) {
-                Ok(n) => n.min(len),
-                // The task's own write finds the error (or the room) again.
-                Err(_) => 0,
-            };
-            if written < len {
-                if let Some(direct) = self.direct.as_mut() {
-                    direct.pending.extend_from_slice(&buf[written..len]);
-                    direct.busy = true;
-                }
-                return true;
-            }
-        }
-    }
+    slots: VecDeque<Option<Outcome>>,
 }
 
 /// One connection's held acknowledgements, in arrival order.
@@ -181,23 +66,22 @@ impl AckQueue {
 
     /// Issues the ticket for the next held publish.
     pub fn ticket(self: &Arc<AckQueue>) -> Ticket {
-        self.issue(Answer::default(), None)
-    }
-
-    /// Issues the ticket for the next held answer of a connection, `answer` its wire form.
-    pub fn answer_ticket(self: &Arc<AckQueue>, answer: Answer) -> Ticket {
-        self.issue(answer, None)
+        self.issue(None)
     }
 
     /// Issues the ticket for a sensor's publish read just now: when its last copy drops, the
     /// time it was held is observed into `metrics`' `puback_hold` histogram.
-    pub fn timed_ticket(self: &Arc<AckQueue>, metrics: &Metrics, answer: Answer) -> Ticket {
+    pub fn timed_ticket(self: &Arc<AckQueue>, metrics: &Metrics) -> Ticket {
         self.metrics.get_or_init(|| metrics.clone());
-        self.issue(answer, Some(Instant::now()))
+        self.issue(Some(Instant::now()))
     }
 
-    fn issue(self: &Arc<AckQueue>, answer: Answer, received: Option<Instant>) -> Ticket {
-        let n = self.lock().push(answer, None);
+    fn issue(self: &Arc<AckQueue>, received: Option<Instant>) -> Ticket {
+        let n = {
+            let mut s = self.lock();
+            s.slots.push_back(None);
+            s.base + s.slots.len() as u64 - 1
+        };
         Ticket(Arc::new(TicketInner {
             queue: Arc::clone(self),
             n,
@@ -208,11 +92,11 @@ impl AckQueue {
 
     /// A publish answered without entering the pipeline: its answer waits behind the ones
     /// still held, so acknowledgements keep their arrival order.
-    pub fn answered(&self, outcome: Outcome, answer: Answer) {
+    pub fn answered(&self, outcome: Outcome) {
         let wake = {
             let mut s = self.lock();
-            s.push(answer, Some(outcome));
-            s.slots.len() == 1 && s.write_direct()
+            s.slots.push_back(Some(outcome));
+            s.slots.len() == 1
         };
         if wake {
             self.ready.notify_one();
@@ -224,15 +108,15 @@ impl AckQueue {
             let mut s = self.lock();
             let Some(i) = n.checked_sub(s.base) else { return };
             let Some(slot) = s.slots.get_mut(i as usize) else { return };
-            slot.outcome = Some(outcome);
-            i == 0 && s.write_direct()
+            *slot = Some(outcome);
+            i == 0
         };
         if wake {
             self.ready.notify_one();
         }
     }
 
-    /// Resolves once the oldest held publish has an outcome the connection must write itself.
+    /// Resolves once the oldest held publish has an outcome.
     pub async fn ready(&self) {
         self.ready.notified().await;
     }
@@ -240,90 +124,17 @@ impl AckQueue {
     /// Takes the outcomes that can be acknowledged now: the completed prefix, in order.
     pub fn take_ready(&self, out: &mut Vec<Outcome>) {
         let mut s = self.lock();
-        while let Some((_, outcome)) = s.pop_front() {
-            out.push(outcome);
+        while let Some(Some(outcome)) = s.slots.front() {
+            out.push(*outcome);
+            s.slots.pop_front();
+            s.base += 1;
         }
     }
 
-    /// Takes the answers that can be written now, with their outcomes: the completed prefix,
-    /// in order.
-    pub fn take_answers(&self, out: &mut Vec<(Answer, Outcome)>) {
-        let mut s = self.lock();
-        while let Some(ready) = s.pop_front() {
-            out.push(ready);
-        }
-    }
-
-    /// Whether no answer is held.
-    pub fn is_empty(&self) -> bool {
-        self.lock().slots.is_empty()
-    }
-
-    /// Held answers that are QoS 1 acknowledgements.
-    pub fn held_qos1(&self) -> usize {
-        self.lock().qos1
-    }
-
-    /// Whether an answer of `kind` for `pkid` is held.
-    pub fn holds(&self, pkid: u16, kind: u8) -> bool {
-        self.lock().slots.iter().any(|s| s.answer.pkid == pkid && s.answer.kind == kind)
-    }
-
-    /// Lets PUBACKs with reason Success be written to `writer` by whoever makes them ready
-    /// (the relay, the route stage, the store's commit) while the connection's task waits
-    /// between turns, instead of waking the task to write four bytes: at a thousand sensors
-    /// a wake-up and a turn of a connection's task per event cost more than the event's
-    /// own work. The order of the answers is the queue's either way. The connection starts
-    /// inside a turn ([`AckQueue::end_turn`] opens the path); `writer` is weak so that a
-    /// closed connection's socket is never written (its descriptor may be reused).
-    pub fn attach(&self, writer: Weak<dyn DirectWrite>) {
-        self.lock().direct = Some(Direct { writer, busy: true, pending: Vec::new() });
-    }
-
-    /// The connection's task starts a turn in which it writes the socket: nothing is
-    /// written directly until it ends. What a direct write left over goes to the front of
-    /// `out`, which is then written before anything the turn adds.
-    pub fn begin_turn(&self, out: &mut BytesMut) {
-        let mut s = self.lock();
-        if let Some(direct) = s.direct.as_mut() {
-            direct.busy = true;
-            take_pending(direct, out);
-        }
-    }
-
-    /// The connection's task has written everything and waits: PUBACKs ready from now on
-    /// (or already) are written directly.
-    pub fn end_turn(&self) {
-        let wake = {
-            let mut s = self.lock();
-            match s.direct.as_mut() {
-                Some(direct) if direct.pending.is_empty() => {
-                    direct.busy = false;
-                    s.write_direct()
-                }
-                _ => false,
-            }
-        };
-        if wake {
-            self.ready.notify_one();
-        }
-    }
-
-    /// The connection closes: no more direct writes, and what one left over goes to the
-    /// front of `out`.
-    pub fn detach(&self, out: &mut BytesMut) {
-        if let Some(mut direct) = self.lock().direct.take() {
-            take_pending(&mut direct, out);
-        }
-    }
-}
-
-fn take_pending(direct: &mut Direct, out: &mut BytesMut) {
-    if !direct.pending.is_empty() {
-        let mut front = BytesMut::from(&direct.pending[..]);
-        front.extend_from_slice(out);
-        *out = front;
-        direct.pending = Vec::new();
+    /// Publishes still waiting to be acknowledged.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.lock().slots.len()
     }
 }
 
@@ -396,18 +207,18 @@ mod tests {
         b.reject();
         drop(b);
         assert_eq!(ready(&q), vec![Outcome::Rejected, Outcome::Safe]);
-        assert!(q.is_empty());
+        assert_eq!(q.held(), 0);
     }
 
     #[test]
     fn an_answered_publish_waits_behind_held_ones() {
         let q = AckQueue::new();
         let a = q.ticket();
-        q.answered(Outcome::TopicInvalid, Answer::default());
+        q.answered(Outcome::TopicInvalid);
         assert!(ready(&q).is_empty(), "the refusal waits for a");
         drop(a);
         assert_eq!(ready(&q), vec![Outcome::Safe, Outcome::TopicInvalid]);
-        q.answered(Outcome::TopicInvalid, Answer::default());
+        q.answered(Outcome::TopicInvalid);
         assert_eq!(ready(&q), vec![Outcome::TopicInvalid]);
     }
 
@@ -426,7 +237,7 @@ mod tests {
     fn a_timed_ticket_observes_its_hold_time_when_its_last_copy_drops() {
         let metrics = Metrics::default();
         let q = AckQueue::new();
-        let t = q.timed_ticket(&metrics, Answer::default());
+        let t = q.timed_ticket(&metrics);
         let copy = t.clone();
         drop(t);
         assert_eq!(metrics.histograms().puback_hold.snapshot().count, 0, "a copy is still held");
@@ -441,13 +252,9 @@ mod tests {
     fn a_batch_release_acknowledges_in_order_and_observes_each_last_copy_once() {
         let metrics = Metrics::default();
         let q = AckQueue::new();
-        let held_elsewhere = q.timed_ticket(&metrics, Answer::default());
+        let held_elsewhere = q.timed_ticket(&metrics);
         let copy = held_elsewhere.clone();
-        let batch = vec![
-            held_elsewhere,
-            q.timed_ticket(&metrics, Answer::default()),
-            q.timed_ticket(&metrics, Answer::default()),
-        ];
+        let batch = vec![held_elsewhere, q.timed_ticket(&metrics), q.timed_ticket(&metrics)];
         let now = Instant::now();
         release_all(batch, now);
         assert_eq!(metrics.histograms().puback_hold.snapshot().count, 2, "the two last copies");
@@ -468,259 +275,5 @@ mod tests {
         drop(t);
         tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.expect("woken").expect("task");
         assert_eq!(ready(&q), vec![Outcome::Safe]);
-    }
-
-    /// A socket that takes `room` more bytes, then says `WouldBlock`.
-    #[derive(Default)]
-    struct Socket {
-        bytes: Mutex<Vec<u8>>,
-        room: Mutex<usize>,
-    }
-
-    impl Socket {
-        fn with_room(room: usize) -> Arc<Socket> {
-            Arc::new(Socket { bytes: Mutex::default(), room: Mutex::new(room) })
-        }
-
-        fn taken(&self) -> Vec<u8> {
-            self.bytes.lock().expect("lock").clone()
-        }
-
-        /// What the connection's task writes: everything, as an awaited write does.
-        fn write_all(&self, buf: &[u8]) {
-            self.bytes.lock().expect("lock").extend_from_slice(buf);
-        }
-    }
-
-    impl DirectWrite for Socket {
-        fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-            let mut room = self.room.lock().expect("lock");
-            if *room == 0 {
-                return Err(io::ErrorKind::WouldBlock.into());
-            }
-            let n = buf.len().min(*room);
-            *room -= n;
-            self.bytes.lock().expect("lock").extend_from_slice(&buf[..n]);
-            Ok(n)
-        }
-    }
-
-    fn attached(socket: &Arc<Socket>) -> Arc<AckQueue> {
-        let q = AckQueue::new();
-        let writer: Arc<dyn DirectWrite> = socket.clone();
-        q.attach(Arc::downgrade(&writer));
-        q
-    }
-
-    fn puback(pkid: u16) -> Answer {
-        Answer { pkid, kind: 1, denied: false }
-    }
-
-    fn pubacks(pkids: &[u16]) -> Vec<u8> {
-        pkids.iter().flat_map(|&p| wire::puback_success(p)).collect()
-    }
-
-    /// Whether the connection's task was woken (consumes the wake-up).
-    fn woken(q: &AckQueue) -> bool {
-        let mut ready = std::pin::pin!(q.ready());
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        ready.as_mut().poll(&mut cx).is_ready()
-    }
-
-    #[test]
-    fn pubacks_are_written_in_order_without_waking_a_waiting_connection() {
-        let socket = Socket::with_room(usize::MAX);
-        let q = attached(&socket);
-        q.end_turn();
-        let (a, b) = (q.answer_ticket(puback(1)), q.answer_ticket(puback(2)));
-        drop(b);
-        assert!(socket.taken().is_empty(), "2 waits for 1");
-        drop(a);
-        assert_eq!(socket.taken(), pubacks(&[1, 2]));
-        assert!(!woken(&q), "nothing was left for the task");
-        assert!(q.is_empty());
-        assert_eq!(q.held_qos1(), 0);
-    }
-
-    #[test]
-    fn inside_a_turn_the_task_writes_its_answers_itself() {
-        let socket = Socket::with_room(usize::MAX);
-        let q = attached(&socket);
-        // Attached inside a turn: nothing is written before the first one ends.
-        drop(q.answer_ticket(puback(1)));
-        assert!(socket.taken().is_empty());
-        assert!(woken(&q));
-        let mut out = Vec::new();
-        q.take_answers(&mut out);
-        assert_eq!(out, vec![(puback(1), Outcome::Safe)]);
-        q.end_turn();
-        drop(q.answer_ticket(puback(2)));
-        assert_eq!(socket.taken(), pubacks(&[2]));
-        q.begin_turn(&mut BytesMut::new());
-        drop(q.answer_ticket(puback(3)));
-        assert_eq!(socket.taken(), pubacks(&[2]), "3 waits for the task");
-        assert!(woken(&q));
-    }
-
-    #[test]
-    fn a_turn_that_ends_with_answers_ready_writes_them() {
-        let socket = Socket::with_room(usize::MAX);
-        let q = attached(&socket);
-        drop(q.answer_ticket(puback(7)));
-        let _ = woken(&q);
-        q.end_turn();
-        assert_eq!(socket.taken(), pubacks(&[7]));
-        assert!(!woken(&q));
-    }
-
-    #[test]
-    fn what_the_socket_does_not_take_goes_first_in_the_next_turn() {
-        let socket = Socket::with_room(6);
-        let q = attached(&socket);
-        q.end_turn();
-        // One at a time, as the relay drops them: 1 whole, 2 in part, 3 left for the task.
-        let tickets: Vec<Ticket> = (1..=3).map(|p| q.answer_ticket(puback(p))).collect();
-        drop(tickets);
-        assert_eq!(socket.taken(), pubacks(&[1, 2])[..6].to_vec());
-        assert!(woken(&q), "the task writes the rest");
-        drop(q.answer_ticket(puback(4)));
-        assert_eq!(socket.taken().len(), 6, "nothing more is written directly meanwhile");
-        let mut out = BytesMut::from(&b"PING"[..]);
-        q.begin_turn(&mut out);
-        let mut ready = Vec::new();
-        q.take_answers(&mut ready);
-        assert_eq!(ready, vec![(puback(3), Outcome::Safe), (puback(4), Outcome::Safe)]);
-        assert_eq!(&out[..], [&pubacks(&[1, 2])[6..], b"PING"].concat());
-        q.end_turn();
-        *socket.room.lock().expect("lock") = usize::MAX;
-        drop(q.answer_ticket(puback(5)));
-        assert_eq!(&socket.taken()[6..], &pubacks(&[5])[..], "open again after a turn");
-    }
-
-    #[test]
-    fn answers_only_the_task_can_write_wake_it_and_hold_back_the_ones_behind() {
-        let socket = Socket::with_room(usize::MAX);
-        let q = attached(&socket);
-        q.end_turn();
-        let denied = Answer { pkid: 1, kind: 1, denied: true };
-        let pubrec = Answer { pkid: 2, kind: 2, denied: false };
-        let (a, b, c, d) = (
-            q.answer_ticket(puback(9)),
-            q.answer_ticket(denied),
-            q.answer_ticket(pubrec),
-            q.answer_ticket(puback(3)),
-        );
-        drop(d);
-        drop(c);
-        drop(b);
-        drop(a);
-        assert_eq!(socket.taken(), pubacks(&[9]), "the plain one before them only");
-        assert!(woken(&q));
-        let mut out = Vec::new();
-        q.take_answers(&mut out);
-        assert_eq!(out.iter().map(|(a, _)| a.pkid).collect::<Vec<_>>(), vec![1, 2, 3]);
-        let rejected = q.answer_ticket(puback(4));
-        rejected.reject();
-        drop(rejected);
-        assert!(woken(&q), "a refusal is the task's to write");
-        assert_eq!(socket.taken(), pubacks(&[9]));
-    }
-
-    #[test]
-    fn a_closed_connection_is_never_written() {
-        let socket = Socket::with_room(usize::MAX);
-        let q = AckQueue::new();
-        {
-            let writer: Arc<dyn DirectWrite> = Arc::new(Socket::default());
-            q.attach(Arc::downgrade(&writer));
-        }
-        q.end_turn();
-        drop(q.answer_ticket(puback(1)));
-        assert!(woken(&q));
-        assert!(socket.taken().is_empty());
-        let q = attached(&socket);
-        q.end_turn();
-        q.detach(&mut BytesMut::new());
-        drop(q.answer_ticket(puback(2)));
-        assert!(socket.taken().is_empty(), "detached");
-        assert!(woken(&q));
-    }
-
-    #[derive(Debug, Clone)]
-    enum Op {
-        /// A publish read: a plain PUBACK or an answer only the task writes.
-        Issue { plain: bool },
-        /// The last copy of the i-th held ticket (modulo) is dropped.
-        Release(usize),
-        /// A turn of the connection's task: it writes every ready answer itself.
-        Turn,
-        /// The socket's send buffer drains by this much.
-        Drain(usize),
-    }
-
-    fn op() -> impl Strategy<Value = Op> {
-        prop_oneof![
-            any::<bool>().prop_map(|plain| Op::Issue { plain }),
-            any::<usize>().prop_map(Op::Release),
-            Just(Op::Turn),
-            (0usize..20).prop_map(Op::Drain),
-        ]
-    }
-
-    use proptest::prelude::*;
-
-    proptest! {
-        /// Whoever writes them, the answers reach the socket exactly once each, whole and in
-        /// arrival order, and a connection is woken whenever something is left for it.
-        #[test]
-        fn answers_reach_the_socket_once_and_in_order(ops in proptest::collection::vec(op(), 1..80)) {
-            let socket = Socket::with_room(0);
-            let q = attached(&socket);
-            q.end_turn();
-            let mut held: Vec<Ticket> = Vec::new();
-            let mut issued: Vec<Answer> = Vec::new();
-            let task_turn = |q: &AckQueue| {
-                let mut out = BytesMut::new();
-                q.begin_turn(&mut out);
-                let mut ready = Vec::new();
-                q.take_answers(&mut ready);
-                for (answer, _) in ready {
-                    let [hi, lo] = answer.pkid.to_be_bytes();
-                    out.extend_from_slice(&[if answer.plain_puback() { 0x40 } else { 0x50 }, 2, hi, lo]);
-                }
-                socket.write_all(&out);
-                q.end_turn();
-            };
-            for op in ops {
-                match op {
-                    Op::Issue { plain } => {
-                        let answer = Answer { pkid: issued.len() as u16, kind: if plain { 1 } else { 2 }, denied: false };
-                        issued.push(answer);
-                        held.push(q.answer_ticket(answer));
-                    }
-                    Op::Release(i) if !held.is_empty() => drop(held.remove(i % held.len())),
-                    Op::Release(_) => {}
-                    Op::Turn => task_turn(&q),
-                    Op::Drain(n) => *socket.room.lock().expect("lock") += n,
-                }
-                // The runtime runs a woken task.
-                if woken(&q) {
-                    task_turn(&q);
-                }
-            }
-            drop(held);
-            while woken(&q) {
-                task_turn(&q);
-            }
-            let want: Vec<u8> = issued
-                .iter()
-                .flat_map(|a| {
-                    let [hi, lo] = a.pkid.to_be_bytes();
-                    [if a.plain_puback() { 0x40 } else { 0x50 }, 2, hi, lo]
-                })
-                .collect();
-            prop_assert_eq!(socket.taken(), want);
-            prop_assert!(q.is_empty());
-        }
     }
 }

@@ -186,13 +186,6 @@ pub fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
     Some((qos, u16::from_be_bytes([*buf.get(p)?, *buf.get(p + 1)?])))
 }
 
-/// A PUBACK with reason Success: the same four bytes in 3.1.1 and 5 (MQTT 5 3.4.2.1 lets
-/// the reason code and properties be left out when the reason is Success and there are none).
-pub fn puback_success(pkid: u16) -> [u8; 4] {
-    let [hi, lo] = pkid.to_be_bytes();
-    [0x40, 0x02, hi, lo]
-}
-
 /// Whether the PUBLISH at the start of `buf` carries the DUP flag (a resend).
 pub fn publish_dup(buf: &[u8]) -> bool {
     buf.first().is_some_and(|b| b >> 4 == 3 && b & 0b1000 != 0)
@@ -208,28 +201,6 @@ mod tests {
         let mut out = BytesMut::new();
         put_varint(&mut out, n);
         out.to_vec()
-    }
-
-    #[test]
-    fn a_success_puback_is_what_both_codecs_read_as_one() {
-        use rumqttd::protocol::{PubAck, PubAckReason};
-        for version in [Version::V4, Version::V5] {
-            for pkid in [1, 0x1234, u16::MAX] {
-                let mut buf = BytesMut::from(&puback_success(pkid)[..]);
-                match Codec::new(version).read(&mut buf, 1024) {
-                    Ok(Packet::PubAck(PubAck { pkid: read, reason: PubAckReason::Success }, None)) => {
-                        assert_eq!(read, pkid);
-                    }
-                    other => panic!("{version:?}: {other:?}"),
-                }
-                assert!(buf.is_empty());
-            }
-        }
-        let mut v4 = BytesMut::new();
-        Codec::new(Version::V4)
-            .write(Packet::PubAck(PubAck { pkid: 0x1234, reason: PubAckReason::Success }, None), &mut v4)
-            .expect("encode");
-        assert_eq!(&v4[..], puback_success(0x1234), "the bytes the connection writes itself");
     }
 
     #[test]

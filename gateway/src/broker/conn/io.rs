@@ -3,20 +3,18 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
-use std::task::{Context, Poll, ready};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use rumqttd::protocol::{self, Packet};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tracing::warn;
 
 use super::End;
-use crate::ack::DirectWrite;
 use crate::mqtt::codec::Codec;
 use crate::mqtt::wire::Version;
 
@@ -40,8 +38,6 @@ type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 pub(super) struct Io {
     rd: Reader,
     wr: Writer,
-    /// A plain socket, for PUBACKs written while the connection waits (`AckQueue::attach`).
-    direct: Option<Weak<dyn DirectWrite>>,
     /// Bytes read and not decoded yet. Empty and unallocated while the connection waits with
     /// nothing partial in it ([`Io::release_idle`]): most of a fleet's connections are idle
     /// between publishes, and two 4 KiB buffers each were most of their memory.
@@ -57,23 +53,20 @@ pub(super) struct Io {
 impl Io {
     pub(super) fn new(stream: Stream, peer: SocketAddr) -> Io {
         // One virtual call per read or write buys one connection loop for both kinds.
-        let (rd, wr, direct): (Reader, Writer, _) = match stream {
+        let (rd, wr): (Reader, Writer) = match stream {
             Stream::Plain(stream) => {
                 let _ = stream.set_nodelay(true);
-                let stream = Arc::new(stream);
-                let direct: Arc<dyn DirectWrite> = stream.clone();
-                let direct = Arc::downgrade(&direct);
-                (Box::new(Plain(stream.clone())), Box::new(Plain(stream)), Some(direct))
+                let (rd, wr) = stream.into_split();
+                (Box::new(rd), Box::new(wr))
             }
             Stream::Tls(stream) => {
                 let (rd, wr) = tokio::io::split(*stream);
-                (Box::new(rd), Box::new(wr), None)
+                (Box::new(rd), Box::new(wr))
             }
         };
         Io {
             rd,
             wr,
-            direct,
             inbuf: BytesMut::new(),
             outbuf: BytesMut::new(),
             codec: Codec::new(Version::V4),
@@ -97,12 +90,6 @@ impl Io {
 
     pub(super) fn v5(&self) -> bool {
         self.version == Version::V5
-    }
-
-    /// The socket PUBACKs may be written to directly: a plain one (TLS keeps state no other
-    /// writer may touch).
-    pub(super) fn direct(&self) -> Option<Weak<dyn DirectWrite>> {
-        self.direct.clone()
     }
 
     /// The next complete packet in the input buffer (`InsufficientBytes`: none yet).
@@ -234,67 +221,6 @@ impl Io {
             }
         }
         Ok(())
-    }
-}
-
-/// One half of a plain socket. Both halves and the `AckQueue`'s direct writer share the
-/// stream, which tokio's owned halves do not allow; the socket closes when the connection's
-/// two halves are gone (the direct writer only holds it weakly).
-struct Plain(Arc<TcpStream>);
-
-impl AsyncRead for Plain {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        loop {
-            ready!(self.0.poll_read_ready(cx))?;
-            let room = buf.remaining();
-            let mut read = false;
-            let r = self.0.try_io(Interest::READABLE, || {
-                let n = self.0.try_read_buf(buf)?;
-                read = true;
-                // A read that did not fill the buffer emptied the socket: its readiness is
-                // cleared, as tokio's own reader does, so the next read waits for epoll's
-                // next edge instead of costing a `recvfrom` that finds nothing.
-                if n > 0 && n < room { Err(std::io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
-            });
-            match r {
-                _ if read => return Poll::Ready(Ok(())),
-                // Nothing there after all; readiness was cleared, so the next poll waits.
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
-    }
-}
-
-impl AsyncWrite for Plain {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        loop {
-            ready!(self.0.poll_write_ready(cx))?;
-            match self.0.try_write(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(
-            rustix::net::shutdown(&*self.0, rustix::net::Shutdown::Write).map_err(std::io::Error::from),
-        )
-    }
-}
-
-impl DirectWrite for TcpStream {
-    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
-        TcpStream::try_write(self, buf)
     }
 }
 

@@ -10,10 +10,6 @@
 //! - Nothing of a connection is shared but its `AckQueue` (with the tickets of its events)
 //!   and its session's `Mailbox` (with publishers); the sides touch the broker's shared state
 //!   only through its parts' methods.
-//! - The socket is written in the task's turns (`AckQueue::begin_turn` to `end_turn`, which
-//!   ends only with the output written) and, between them, by no one but the `AckQueue`
-//!   writing PUBACKs with reason Success on a plain socket (what it could not write comes
-//!   first in the next turn); `close` detaches it before writing anything.
 //! - Input is decoded completely before the loop waits again; output from one read is
 //!   written before the next wait, and while it is written the client is still read (up to a
 //!   bound) so its keepalive counts.
@@ -166,15 +162,6 @@ impl Client {
     }
 }
 
-/// What woke a waiting connection, acted on once its turn has begun (nothing is written to
-/// the socket outside a turn but direct PUBACKs).
-#[derive(Clone, Copy)]
-enum Woke {
-    Queue,
-    Status,
-    Other,
-}
-
 /// A connection past its CONNACK.
 struct Connection {
     io: Io,
@@ -206,19 +193,7 @@ impl Connection {
         let pause = tokio::time::sleep_until(last_read);
         tokio::pin!(pause);
         let mut paused_until = None;
-        // PUBACKs with reason Success are written by whoever makes them ready while this
-        // task waits between turns, not by a wake-up of this task (see `AckQueue::attach`).
-        if let Some(direct) = self.io.direct() {
-            acks.attach(direct);
-        }
-        let mut woke = Woke::Other;
         loop {
-            acks.begin_turn(&mut self.io.outbuf);
-            match woke {
-                Woke::Queue => self.outbound.pull(&mut self.io, &self.client.shared),
-                Woke::Status => self.outbound.on_status(&mut self.io, &self.client.shared),
-                Woke::Other => {}
-            }
             // Everything complete in the input buffer first, unless the rate limit says wait:
             // then what was read stays in the buffer, so a burst read at once costs no more
             // than the limit allows.
@@ -266,23 +241,17 @@ impl Connection {
             paused_until = until;
             let paused = until.is_some();
             self.io.release_idle();
-            // Everything is written: until the next turn begins, the socket is free for
-            // PUBACKs written directly.
-            acks.end_turn();
-            woke = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = &mut stopped => return self.client.why_stopped(),
-                _ = acks.ready() => Woke::Other,
-                () = self.outbound.queue.ready() => Woke::Queue,
-                () = self.outbound.sys.changed() => Woke::Status,
+                _ = acks.ready() => {}
+                () = self.outbound.queue.ready() => self.outbound.pull(&mut self.io, &self.client.shared),
+                () = self.outbound.sys.changed() => self.outbound.on_status(&mut self.io, &self.client.shared),
                 r = self.io.read_more(), if !paused => match r {
-                    Ok(()) => {
-                        last_read = Instant::now();
-                        Woke::Other
-                    }
+                    Ok(()) => last_read = Instant::now(),
                     Err(end) => return end,
                 },
-                () = &mut pause, if paused => Woke::Other,
+                () = &mut pause, if paused => {}
                 () = &mut idle, if keepalive.is_some() => {
                     if let Some(k) = keepalive {
                         if last_read.elapsed() >= k {
@@ -290,9 +259,8 @@ impl Connection {
                         }
                         idle.as_mut().reset(keepalive_check(last_read + k));
                     }
-                    Woke::Other
                 }
-            };
+            }
         }
     }
 
@@ -372,9 +340,6 @@ impl Connection {
     /// Ends the connection: counts and logs why, tells an MQTT 5 client why, publishes the will
     /// if it is due, and hands the session back. The registration goes last, with `self`.
     async fn close(mut self, end: End) {
-        // Before anything more is written: no PUBACK may follow a DISCONNECT, or land inside
-        // one.
-        self.inbound.acks().detach(&mut self.io.outbuf);
         self.count_end(&end);
         events::disconnected(&self.client, &end);
         if self.io.v5()

@@ -4,10 +4,8 @@
 //! properties and delay).
 //!
 //! # Invariants
-//! - Every QoS ≥ 1 publish taken has a slot in the `AckQueue`, in arrival order, with its
-//!   wire answer (`Answer`), and its answer is written only when the slots before it were:
-//!   by this connection in its turn, or — a PUBACK with reason Success while the connection
-//!   waits — by whoever made it ready (`AckQueue::attach`).
+//! - `held` and the `AckQueue` match one to one: every QoS ≥ 1 publish taken has a slot in
+//!   both, in arrival order, and its answer is written only when the slots before it were.
 //! - A QoS 2 publish is taken once: a resend of a packet id between PUBREC and PUBREL is
 //!   answered again, never handed over again. Across connections (and restarts) the route
 //!   stage tells a resend apart for the stateful rules (its QoS 2 markers): a QoS 2 event
@@ -16,11 +14,11 @@
 //!   marker's removal is durable.
 //! - An MQTT 5 client holds at most [`RECEIVE_MAXIMUM`] QoS 1/2 publishes unanswered (QoS 1
 //!   without PUBACK, QoS 2 until PUBREL), as CONNACK announced; one more ends the connection
-//!   with 0x93 (MQTT 5, 3.3.4), so a client that ignores it cannot grow its held answers without bound.
+//!   with 0x93 (MQTT 5, 3.3.4), so a client that ignores it cannot grow `held` without bound.
 //! - A publish is checked completely (size, topic, properties) before it reaches a subscriber,
 //!   the retained store or the pipeline.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,7 +31,7 @@ use tracing::warn;
 
 use super::io::Io;
 use super::{Client, End, events};
-use crate::ack::{AckQueue, Answer, Outcome};
+use crate::ack::{AckQueue, Outcome};
 use crate::broker::Shared;
 use crate::broker::access::Permissions;
 use crate::broker::local::Will;
@@ -48,15 +46,18 @@ use crate::mqtt::topic::{NameError, invalid_topic};
 /// wait for the group commit (25 ms by default).
 pub(super) const RECEIVE_MAXIMUM: u16 = 1_000;
 
-/// The kind of a held `Answer` that is a PUBREL's: its PUBCOMP waits in turn. Its `denied`
-/// says the packet id was unknown to the connection (MQTT 5: reason 0x92).
+/// The QoS slot of a `held` entry that is a PUBREL: its PUBCOMP waits in turn. Its third
+/// field says the packet id was unknown to the connection (MQTT 5: reason 0x92).
 const PUBREL: u8 = 3;
 
 pub(super) struct Inbound {
-    /// Held answers, in arrival order, each with its packet id, QoS (a PUBREL's PUBCOMP:
-    /// [`PUBREL`]) and whether the ACL denied the publish (MQTT 5: its answer is "not
-    /// authorized" whatever its outcome says).
     acks: Arc<AckQueue>,
+    /// Held acknowledgements: packet id, QoS and whether the ACL denied the publish (MQTT 5:
+    /// its answer is "not authorized" whatever its slot says), in arrival order (matches
+    /// `acks`). A PUBREL's PUBCOMP has QoS [`PUBREL`] (and the flag: its id was unknown).
+    held: VecDeque<(u16, u8, bool)>,
+    /// QoS 1 entries of `held` (with `qos2`: the publishes the receive maximum counts).
+    held_qos1: usize,
     /// QoS 2 packet ids acknowledged with PUBREC or waiting for it, until PUBREL.
     qos2: HashSet<u16>,
     will: Option<LastWill>,
@@ -72,7 +73,23 @@ impl Inbound {
         will_properties: Option<LastWillProperties>,
         permissions: Permissions,
     ) -> Inbound {
-        Inbound { acks: AckQueue::new(), qos2: HashSet::new(), will, will_properties, permissions }
+        Inbound {
+            acks: AckQueue::new(),
+            held: VecDeque::new(),
+            held_qos1: 0,
+            qos2: HashSet::new(),
+            will,
+            will_properties,
+            permissions,
+        }
+    }
+
+    /// Holds a publish's answer in its turn.
+    fn hold(&mut self, entry: (u16, u8, bool)) {
+        if entry.1 == 1 {
+            self.held_qos1 += 1;
+        }
+        self.held.push_back(entry);
     }
 
     /// The queue whose `ready()` says held acknowledgements may be written.
@@ -95,7 +112,7 @@ impl Inbound {
         if qos > 0
             && io.v5()
             && !(qos == 2 && self.qos2.contains(&pkid))
-            && self.acks.held_qos1() + self.qos2.len() >= usize::from(RECEIVE_MAXIMUM)
+            && self.held_qos1 + self.qos2.len() >= usize::from(RECEIVE_MAXIMUM)
         {
             return Err(End::ReceiveMaximum);
         }
@@ -113,8 +130,7 @@ impl Inbound {
         }
         // Taken before the fan-out: its copies queued for persistent sessions hold it until
         // they are committed (see `broker::persist`), so the PUBACK waits for them too.
-        let ticket = (qos > 0 && shared.ack_after_commit())
-            .then(|| self.acks.timed_ticket(&shared.metrics, Answer { pkid, kind: qos, denied: false }));
+        let ticket = (qos > 0 && shared.ack_after_commit()).then(|| self.acks.timed_ticket(&shared.metrics));
         // A full subscriber queue slows this sensor down for a bounded time at most.
         fan_out(
             shared,
@@ -142,6 +158,7 @@ impl Inbound {
             }
             if let Some(ticket) = ticket {
                 event.ticket = Some(ticket);
+                self.hold((pkid, qos, false));
             } else {
                 acknowledge(io, &mut self.qos2, pkid, qos, Outcome::Safe)?;
             }
@@ -202,10 +219,11 @@ impl Inbound {
         if let Some(folded) = client.shared.logs.ready("topic") {
             warn!(message = "refused a publish whose topic the upstream brokers refuse (MQTT 5 PUBACK 0x90 for QoS 1, QoS 0 discarded); fix the sensor's topic, or raise broker.max_topic_levels/max_topic_length if the upstream accepts it", client_id = %client.id, topic = %escape_topic(topic), reason = %why, similar_since_last_log = folded);
         }
-        if qos == 1 && self.acks.is_empty() {
+        if qos == 1 && self.held.is_empty() {
             acknowledge(io, &mut self.qos2, pkid, 1, Outcome::TopicInvalid)?;
         } else if qos == 1 {
-            self.acks.answered(Outcome::TopicInvalid, Answer { pkid, kind: 1, denied: false });
+            self.acks.answered(Outcome::TopicInvalid);
+            self.hold((pkid, 1, false));
         }
         Ok(())
     }
@@ -228,10 +246,11 @@ impl Inbound {
             // The PUBREL that follows gets its PUBCOMP (MQTT 5's PUBREC 0x87 ends the flow).
             self.qos2.insert(pkid);
         }
-        if self.acks.is_empty() {
+        if self.held.is_empty() {
             answer_denied(io, &mut self.qos2, pkid, qos, v5)
         } else {
-            self.acks.answered(Outcome::Safe, Answer { pkid, kind: qos, denied: true });
+            self.acks.answered(Outcome::Safe);
+            self.hold((pkid, qos, true));
             Ok(())
         }
     }
@@ -239,9 +258,10 @@ impl Inbound {
     /// A resend of a QoS 2 publish already taken: answered again, never taken twice. If its
     /// PUBREC is still held, that one answer covers the resend too.
     fn on_qos2_resend(&mut self, io: &mut Io, shared: &Shared, pkid: u16) -> Result<(), End> {
-        if !self.acks.holds(pkid, 2) {
+        if !self.held.iter().any(|&(p, q, _)| p == pkid && q == 2) {
             if shared.ack_after_commit() {
-                drop(self.acks.answer_ticket(Answer { pkid, kind: 2, denied: false }));
+                drop(self.acks.ticket());
+                self.hold((pkid, 2, false));
             } else {
                 acknowledge(io, &mut self.qos2, pkid, 2, Outcome::Safe)?;
             }
@@ -259,8 +279,8 @@ impl Inbound {
             io.write(Packet::PubComp(PubComp { pkid, reason: pubcomp_reason(known) }, None));
             return Ok(());
         }
-        let ticket = self.acks.answer_ticket(Answer { pkid, kind: PUBREL, denied: !known });
-        let release = shared.intake.release(&client.id, pkid, ticket);
+        let release = shared.intake.release(&client.id, pkid, self.acks.ticket());
+        self.hold((pkid, PUBREL, !known));
         tokio::select! {
             biased;
             handed = shared.intake.hand_over_release(release) => if handed { Ok(()) } else { Err(End::Shutdown) },
@@ -270,10 +290,14 @@ impl Inbound {
 
     /// Writes the held acknowledgements whose events are safe now, in arrival order.
     pub(super) fn on_acks_ready(&mut self, io: &mut Io) -> Result<(), End> {
-        let mut ready = Vec::new();
-        self.acks.take_answers(&mut ready);
+        let mut outcomes = Vec::new();
+        self.acks.take_ready(&mut outcomes);
         let v5 = io.v5();
-        for (Answer { pkid, kind: qos, denied }, outcome) in ready {
+        for outcome in outcomes {
+            let Some((pkid, qos, denied)) = self.held.pop_front() else { break };
+            if qos == 1 {
+                self.held_qos1 -= 1;
+            }
             if qos == PUBREL {
                 io.write(Packet::PubComp(PubComp { pkid, reason: pubcomp_reason(!denied) }, None));
             } else if denied {
