@@ -229,6 +229,7 @@ pub async fn start(
     }
     tracker.spawn(sys::refresh(cfg.sys_interval, metrics, status_tx, cancel.clone()));
     tracker.spawn(expire_sessions(Arc::clone(&shared), cancel.clone()));
+    tracker.spawn(Arc::clone(&shared.live).shut_down_on(cancel.clone()));
     for (listener, which, tls) in listeners {
         let addr = listener.local_addr().unwrap_or(cfg.listen);
         let transport = if tls.is_some() { "TLS" } else { "TCP" };

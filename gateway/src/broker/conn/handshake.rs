@@ -59,7 +59,7 @@ pub(super) async fn connect(
     } else {
         connect.client_id.clone()
     };
-    let registration = register(&mut io, &shared, &client_id, cancel).await?;
+    let registration = register(&mut io, &shared, &client_id).await?;
     let id: Arc<str> = Arc::from(client_id);
     let permissions = || shared.access.permissions(username.clone(), Arc::clone(&id));
     let (inbound_permissions, outbound_permissions) = (permissions(), permissions());
@@ -202,13 +202,8 @@ async fn credentials(shared: &Shared, login: Option<&Login>) -> Verdict {
 
 /// Registers the connection as `client_id`'s live one, once the connection it takes over (if
 /// any) finished; `None`: refused at `broker.max_connections`.
-async fn register(
-    io: &mut Io,
-    shared: &Shared,
-    client_id: &str,
-    cancel: &CancellationToken,
-) -> Option<Registration> {
-    let (registration, previous) = match shared.live.register(client_id, io.peer().ip(), cancel) {
+async fn register(io: &mut Io, shared: &Shared, client_id: &str) -> Option<Registration> {
+    let (registration, previous) = match shared.live.register(client_id, io.peer().ip()) {
         Ok(registered) => registered,
         Err(full) => {
             let (code_v5, why) = match full {

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use rumqttd::protocol::{self, Disconnect, DisconnectReasonCode, Packet, PingResp, PubRecReason};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use self::deliver_out::Outbound;
@@ -40,7 +40,7 @@ use self::publish_in::Inbound;
 pub(super) use self::publish_in::publish_will;
 use self::rate::RateLimit;
 use super::Shared;
-use super::live::Registration;
+use super::live::{Registration, Stopped};
 use crate::metrics::Metrics;
 use crate::mqtt::wire;
 
@@ -181,8 +181,8 @@ struct Connection {
 impl Connection {
     async fn run(&mut self) -> End {
         let acks = self.inbound.acks();
-        let stopped = self.client.registration.stop().token().clone().cancelled_owned();
-        tokio::pin!(stopped);
+        let stop = self.client.registration.stop().clone();
+        let mut stopped = stop.stopped();
         let keepalive = self.keepalive;
         let mut last_read = Instant::now();
         // One keepalive timer for the connection, moved only when it fires: re-arming it after
@@ -210,8 +210,7 @@ impl Connection {
                         // Many packets in one read (SUBSCRIBEs replaying retained messages)
                         // must not pile up output without bound.
                         if self.io.outbuf.len() > OUT_HIGH_WATER
-                            && let Err(end) =
-                                self.flush(idle.as_mut(), &mut last_read, stopped.as_mut()).await
+                            && let Err(end) = self.flush(idle.as_mut(), &mut last_read, &mut stopped).await
                         {
                             return end;
                         }
@@ -226,7 +225,7 @@ impl Connection {
             }
             // PUBACKs just read may have opened the QoS 1 window.
             self.outbound.pull(&mut self.io, &self.client.shared);
-            if let Err(end) = self.flush(idle.as_mut(), &mut last_read, stopped.as_mut()).await {
+            if let Err(end) = self.flush(idle.as_mut(), &mut last_read, &mut stopped).await {
                 return end;
             }
             let until = self.rate.as_ref().and_then(|r| r.paused_until(Instant::now()));
@@ -270,7 +269,7 @@ impl Connection {
         &mut self,
         idle: Pin<&mut Sleep>,
         last_read: &mut Instant,
-        stopped: Pin<&mut WaitForCancellationFutureOwned>,
+        stopped: &mut Stopped<'_>,
     ) -> Result<(), End> {
         tokio::select! {
             biased;
@@ -353,10 +352,10 @@ impl Connection {
             && !matches!(end, End::Shutdown | End::Takeover | End::Keepalive)
         {
             // A takeover of the id (the client reconnecting at once) or shutdown cuts it short.
-            let stop = self.client.registration.stop().token().clone();
+            let stop = self.client.registration.stop().clone();
             tokio::select! {
                 () = self.io.linger(Duration::from_secs(1)) => {}
-                () = stop.cancelled() => {}
+                () = stop.stopped() => {}
             }
         }
         let will = if end.publishes_will() { self.inbound.take_will(&self.client) } else { None };

@@ -170,7 +170,7 @@ impl Inbound {
         tokio::select! {
             biased;
             handed = shared.intake.hand_over(event) => if handed { Ok(()) } else { Err(End::Shutdown) },
-            _ = client.registration.stop().token().cancelled() => Err(client.why_stopped()),
+            () = client.registration.stop().stopped() => Err(client.why_stopped()),
         }
     }
 
@@ -284,7 +284,7 @@ impl Inbound {
         tokio::select! {
             biased;
             handed = shared.intake.hand_over_release(release) => if handed { Ok(()) } else { Err(End::Shutdown) },
-            _ = client.registration.stop().token().cancelled() => Err(client.why_stopped()),
+            () = client.registration.stop().stopped() => Err(client.why_stopped()),
         }
     }
 
