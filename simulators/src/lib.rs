@@ -42,6 +42,7 @@ pub mod demo;
 pub mod fanout_bench;
 pub mod flaky;
 pub mod fleet;
+pub mod floor_bench;
 pub mod harness;
 pub mod idle_bench;
 pub mod ingest_bench;

@@ -19,8 +19,8 @@ use outpost_sim::payload::PayloadFormat;
 use outpost_sim::systems::GatewayKind;
 use outpost_sim::verify::VerifyReport;
 use outpost_sim::{
-    broker, compare, demo, flaky, fleet, idle_bench, ingest_bench, session_fuzz, systems, verify,
-    window_bench,
+    broker, compare, demo, flaky, fleet, floor_bench, idle_bench, ingest_bench, session_fuzz, systems,
+    verify, window_bench,
 };
 use rumqttc::QoS;
 use tokio_util::sync::CancellationToken;
@@ -69,6 +69,44 @@ enum Command {
     /// Fuzz MQTT sessions against the real gateway (upstream: mosquitto) and report crashes,
     /// stalls and memory growth with the seed and the packets that led to them.
     SessionFuzz(SessionFuzzArgs),
+    /// Where the floor is: CPU per event of a bare tokio server that only answers each QoS 1
+    /// publish with its PUBACK, next to Outpost and a Mosquitto bridge under the same fleet.
+    FloorBench(FloorBenchArgs),
+    /// The floor-bench's server: answers CONNECT, QoS 1 PUBLISH and PINGREQ, keeps nothing.
+    #[command(hide = true)]
+    PubackFloor(PubackFloorArgs),
+}
+
+#[derive(Args)]
+struct FloorBenchArgs {
+    /// The `outpost` executable; default: next to this one.
+    #[arg(long)]
+    outpost: Option<PathBuf>,
+    /// The `mosquitto` executable (edge bridge and upstream).
+    #[arg(long, default_value = "/usr/sbin/mosquitto")]
+    mosquitto: PathBuf,
+    /// Sensors (MQTT 3.1.1 connections), publishing evenly.
+    #[arg(long, default_value_t = 1000)]
+    sensors: usize,
+    /// Publishes per second in all, one measurement each, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "2000,10000")]
+    rates: Vec<u32>,
+    /// Payload bytes per publish.
+    #[arg(long, default_value_t = 100)]
+    payload_size: usize,
+    /// Length of each measured window.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    window: Duration,
+    /// Runs per system; the order reverses between runs.
+    #[arg(long, default_value_t = 2)]
+    runs: usize,
+}
+
+#[derive(Args)]
+struct PubackFloorArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: SocketAddr,
 }
 
 #[derive(Args)]
@@ -588,6 +626,7 @@ fn main() -> ExitCode {
             | Command::Demo(_)
             | Command::IngestBench(_)
             | Command::IdleBench(_)
+            | Command::FloorBench(_)
             | Command::WindowBench(_)
             | Command::SessionFuzz(_)
     ) {
@@ -614,6 +653,23 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         broker::run_broker(args.listen, args.listen_v5)?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::PubackFloor(args) = &cli.command {
+        // One thread, as Outpost's broker runs its connections.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")?;
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind(args.listen)
+                .await
+                .with_context(|| format!("cannot listen on {}", args.listen))?;
+            let cancel = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(cancel.clone()));
+            floor_bench::serve_floor(listener, cancel).await;
+            anyhow::Ok(())
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let cancel = CancellationToken::new();
@@ -629,7 +685,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Command::WindowBench(args) => run_window_bench(args, cancel).await,
             Command::FanoutBench(args) => run_fanout_bench(args).await,
             Command::SessionFuzz(args) => run_session_fuzz(args, cancel).await,
-            Command::Broker(_) => Ok(ExitCode::SUCCESS),
+            Command::FloorBench(args) => run_floor_bench(args, cancel).await,
+            Command::Broker(_) | Command::PubackFloor(_) => Ok(ExitCode::SUCCESS),
         }
     })
 }
@@ -911,6 +968,25 @@ async fn run_window_bench(args: WindowBenchArgs, cancel: CancellationToken) -> a
     };
     let report = window_bench::run_window_bench(cfg, cancel).await?;
     print!("{}", report.table());
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_floor_bench(args: FloorBenchArgs, cancel: CancellationToken) -> anyhow::Result<ExitCode> {
+    let outpost = match args.outpost {
+        Some(path) => path,
+        None => systems::sibling_binary("outpost")?,
+    };
+    let cfg = floor_bench::FloorBenchConfig {
+        outpost,
+        mosquitto: args.mosquitto,
+        sensors: args.sensors,
+        rates: args.rates,
+        payload_size: args.payload_size,
+        window: args.window,
+        runs: args.runs,
+    };
+    let rows = floor_bench::run_floor_bench(cfg.clone(), cancel).await?;
+    print!("{}", floor_bench::table(&cfg, &rows));
     Ok(ExitCode::SUCCESS)
 }
 
