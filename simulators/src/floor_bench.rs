@@ -252,10 +252,12 @@ async fn measure(
         if fleet.is_finished() || Instant::now() > deadline {
             anyhow::bail!("{}: {} of {} sensors connected", system.name(), progress.connected(), cfg.sensors);
         }
+        // A poll interval while the fleet connects, against the deadline above.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(SETTLE).await;
     let (before, acked_before, started) = (ProcessStats::read(pid)?, progress.acked(), Instant::now());
+    // The measured window itself.
     tokio::time::sleep(cfg.window).await;
     let (after, acked_after, elapsed) = (ProcessStats::read(pid)?, progress.acked(), started.elapsed());
     stop.cancel();
