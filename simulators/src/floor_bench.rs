@@ -29,8 +29,9 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+use crate::compare::cpu_per_event;
 use crate::fleet::{FleetConfig, FleetProgress, run_fleet_with_progress};
-use crate::harness::free_addr;
+use crate::harness::{free_addr, wait_until};
 use crate::process::{ChildProcess, ProcessStats};
 use crate::systems::{Gateway, GatewayKind, GatewaySpec, start_upstream_mosquitto};
 
@@ -247,13 +248,13 @@ async fn measure(
         ..FleetConfig::default()
     };
     let fleet = tokio::spawn(run_fleet_with_progress(fleet, stop.clone(), Arc::clone(&progress)));
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
-    while progress.connected() < cfg.sensors as u64 {
-        if fleet.is_finished() || Instant::now() > deadline {
-            anyhow::bail!("{}: {} of {} sensors connected", system.name(), progress.connected(), cfg.sensors);
-        }
-        // A poll interval while the fleet connects, against the deadline above.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let sensors = cfg.sensors as u64;
+    let connected = wait_until("the fleet connected", CONNECT_TIMEOUT, || {
+        progress.connected() >= sensors || fleet.is_finished()
+    })
+    .await;
+    if connected.is_err() || progress.connected() < sensors {
+        anyhow::bail!("{}: {} of {sensors} sensors connected", system.name(), progress.connected());
     }
     tokio::time::sleep(SETTLE).await;
     let (before, acked_before, started) = (ProcessStats::read(pid)?, progress.acked(), Instant::now());
@@ -263,14 +264,15 @@ async fn measure(
     stop.cancel();
     let _ = fleet.await;
     let acked = acked_after.saturating_sub(acked_before);
-    let per_event = |d: Duration| (acked > 0).then(|| d.as_secs_f64() * 1e6 / acked as f64);
+    // `compare`'s measure; its kernel part is the same over the `sys` times.
+    let kernel = |stats: ProcessStats| ProcessStats { cpu: stats.sys, ..stats };
     Ok(FloorRow {
         system: system.name(),
         run,
         rate,
         acked_per_s: acked as f64 / elapsed.as_secs_f64(),
-        cpu_us: per_event(after.cpu.saturating_sub(before.cpu)),
-        kernel_us: per_event(after.sys.saturating_sub(before.sys)),
+        cpu_us: cpu_per_event(&before, &after, acked),
+        kernel_us: cpu_per_event(&kernel(before), &kernel(after), acked),
     })
 }
 
